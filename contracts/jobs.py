@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from contracts.artifacts import ArtifactRef
+from contracts.ids import JobId, Token
+from contracts.version import SCHEMA_VERSION
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobSpec(BaseModel):
+    """What a user asks for. Published inside JobSubmitted; kept in JobState."""
+
+    schema_version: str = SCHEMA_VERSION
+    job_id: JobId
+    workflow: Token = "transcribe"
+    input: ArtifactRef
+    source_language: str | None = Field(default=None, description="ISO 639-1; None = detect")
+    target_languages: list[str] = Field(default_factory=list)
+    # Switches for optional stages and stage parameters, e.g. {"asr": {"model": "base"}}.
+    options: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+
+class JobStatus(str, Enum):
+    pending = "pending"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+class NodeStatus(str, Enum):
+    waiting = "waiting"  # dependencies not done
+    requested = "requested"  # request published, no result yet
+    retry_wait = "retry_wait"  # failed retryably, will be requested again at next_attempt_at
+    completed = "completed"
+    failed = "failed"
+    skipped = "skipped"  # optional stage switched off
+    cancelled = "cancelled"
+
+
+class NodeState(BaseModel):
+    stage: Token
+    status: NodeStatus = NodeStatus.waiting
+    attempt: int = 0
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    progress: float = 0.0
+    error: str | None = None
+    worker: dict[str, str] = Field(default_factory=dict, description="who ran the last attempt")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
+
+
+class JobState(BaseModel):
+    """The coordinator's record of one job: the value of its KV key."""
+
+    schema_version: str = SCHEMA_VERSION
+    spec: JobSpec
+    status: JobStatus = JobStatus.pending
+    nodes: dict[Token, NodeState] = Field(default_factory=dict)
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    # Event ids already applied: the last line of defence against duplicates.
+    applied: list[str] = Field(default_factory=list)
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id

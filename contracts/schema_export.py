@@ -1,0 +1,64 @@
+"""Export JSON Schema for every contract: `python -m contracts.schema_export [--check]`.
+
+Non-Python consumers (dashboards, other languages) read contracts/schema/*.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, TypeAdapter
+
+from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo
+from contracts.events import JobEvent
+from contracts.version import SCHEMA_VERSION
+
+SCHEMA_DIR = Path(__file__).parent / "schema"
+
+MODELS: dict[str, object] = {
+    "artifact_ref": ArtifactRef,
+    "job_spec": JobSpec,
+    "job_state": JobState,
+    "stage_request": StageRequest,
+    "worker_info": WorkerInfo,
+    "job_event": JobEvent,
+}
+
+
+def render() -> dict[str, str]:
+    out = {}
+    for name, model in MODELS.items():
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            schema = model.model_json_schema()
+        else:
+            schema = TypeAdapter(model).json_schema()
+        schema["$id"] = f"https://captionbus.dev/schema/v{SCHEMA_VERSION}/{name}.json"
+        out[f"{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def stale_files() -> list[str]:
+    return [
+        name
+        for name, text in render().items()
+        if not (SCHEMA_DIR / name).exists() or (SCHEMA_DIR / name).read_text() != text
+    ]
+
+
+def main(argv: list[str]) -> int:
+    if "--check" in argv:
+        stale = stale_files()
+        if stale:
+            print(f"stale JSON Schema: {', '.join(stale)}; run python -m contracts.schema_export")
+            return 1
+        return 0
+    SCHEMA_DIR.mkdir(exist_ok=True)
+    for name, text in render().items():
+        (SCHEMA_DIR / name).write_text(text)
+    print(f"wrote {len(MODELS)} schemas to {SCHEMA_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

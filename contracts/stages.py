@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from contracts.artifacts import ArtifactRef
+from contracts.ids import JobId, NodeId, StageName
+from contracts.version import SCHEMA_VERSION
+
+
+class StageRequest(BaseModel):
+    """Published by the coordinator on `subjects.stage_request(stage)`.
+
+    (job_id, node, attempt) identifies one try; `key` is its idempotency key and the
+    Nats-Msg-Id of the publish.
+    """
+
+    schema_version: str = SCHEMA_VERSION
+    job_id: JobId
+    stage: StageName
+    node: NodeId
+    attempt: int = Field(ge=1)
+    inputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    # Several artifacts under one name (e.g. one subtitle track per language for mux).
+    input_lists: dict[str, list[ArtifactRef]] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    deadline_s: float | None = Field(default=None, description="the coordinator gives up after this")
+
+    @property
+    def key(self) -> str:
+        return f"{self.job_id}.{self.node}.{self.attempt}"
