@@ -12,6 +12,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo
 from contracts.events import JobEvent
+from contracts.transcript import Transcript
 from contracts.version import SCHEMA_VERSION
 
 SCHEMA_DIR = Path(__file__).parent / "schema"
@@ -23,6 +24,7 @@ MODELS: dict[str, object] = {
     "stage_request": StageRequest,
     "worker_info": WorkerInfo,
     "job_event": JobEvent,
+    "transcript": Transcript,
 }
 
 

@@ -1,0 +1,35 @@
+"""The transcript artifact passed from asr (and later alignment) to subtitle_gen: JSON of `Transcript`."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from contracts.version import SCHEMA_VERSION
+
+
+class Word(BaseModel):
+    text: str
+    start: float | None = Field(default=None, description="seconds; None when the recogniser gave none")
+    end: float | None = None
+    score: float | None = None
+
+
+class Segment(BaseModel):
+    start: float
+    end: float
+    text: str
+    words: list[Word] = Field(default_factory=list)
+    speaker: str | None = None
+    flags: list[str] = Field(default_factory=list, description="e.g. 'lyrics', 'hallucination-suspect'")
+
+
+class Transcript(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    language: str
+    language_probability: float | None = None
+    duration: float | None = None
+    model: str | None = None
+    segments: list[Segment] = Field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments).strip()
