@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import StringConstraints
 
-TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # fullmatch: "$" alone allows a trailing newline
 JOB_ID_PATTERN = TOKEN_PATTERN
 _TOKEN_RE = re.compile(TOKEN_PATTERN)
 
@@ -24,7 +24,7 @@ NodeId = Token
 
 
 def validate_token(value: str, what: str = "identifier") -> str:
-    if not isinstance(value, str) or not _TOKEN_RE.match(value):
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
         raise ValueError(
             f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -"
         )
