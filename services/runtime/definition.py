@@ -1,0 +1,60 @@
+"""What a stage author writes: one handler function with a typed body, plus optional setup."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import structlog
+
+from contracts import StageRequest
+
+
+class StageContext(Protocol):
+    """Handed to a handler for one request. Handlers run in a worker thread; every method here
+    is safe to call from it."""
+
+    request: StageRequest
+    work_dir: Path  # private to this (job, node, attempt); removed afterwards
+    resources: Any  # whatever setup() returned: the warm model
+    log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
+    metrics: dict[str, float]  # filled by the handler, published with the result
+
+    def input_path(self, name: str) -> Path:
+        """A local file with the bytes of request.inputs[name] (fetched over the bus if needed)."""
+
+    def input_paths(self, name: str) -> list[Path]:
+        """Local files for request.input_lists[name], in order."""
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress 0..1; rate-limited, never blocks the handler for long."""
+
+    def warn(self, message: str) -> None:
+        """Publish a StageWarning event (e.g. a fallback was taken)."""
+
+
+@dataclass
+class SetupContext:
+    stage: str
+    env: str
+    models_dir: Path
+    log: Any
+    options: dict[str, Any] = field(default_factory=dict)  # from `serve --option k=v` / env vars
+
+
+# handler(request, ctx) -> {output name: local file}. The runtime stores each file as an
+# artifact and publishes StageCompleted; raising BadInput / Retryable / anything else decides
+# between term, nak-with-delay and (after max_deliver) a failed job.
+Handler = Callable[[StageRequest, StageContext], dict[str, Path]]
+
+
+@dataclass
+class StageDefinition:
+    name: str
+    handle: Handler
+    setup: Callable[[SetupContext], Any] | None = None
+    # Package versions to report in worker info ($SRV metadata); importlib.metadata names.
+    report_packages: tuple[str, ...] = ()
+    # Describes the loaded model for worker info, given what setup() returned.
+    describe_model: Callable[[Any], str | None] | None = None
+    slots: int = 1  # requests one process works on at once
