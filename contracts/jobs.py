@@ -55,6 +55,8 @@ class NodeState(BaseModel):
     stage: Token
     status: NodeStatus = NodeStatus.waiting
     attempt: int = 0
+    # A manual retry gives a node a fresh automatic-retry budget: attempts counted from here.
+    retry_base: int = Field(default=0, ge=0, description="attempts made before the last manual retry")
     requested_at: datetime | None = None
     deadline_at: datetime | None = None
     next_attempt_at: datetime | None = None
