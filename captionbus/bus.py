@@ -215,8 +215,11 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     await js.update_stream(config)
 
 
-async def provision(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create streams, KV bucket and object store; safe to call from every process."""
+async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create streams, KV bucket and object store; safe to call from every process.
+
+    In a cluster set CAPTIONBUS_REPLICAS=3 (see deploy/): job state must survive a node."""
+    replicas = replicas or int(os.environ.get("CAPTIONBUS_REPLICAS", "1"))
     await _ensure_stream(js, StreamConfig(
         name=subjects.REQUESTS_STREAM,
         subjects=[subjects.REQUESTS_WILDCARD],
