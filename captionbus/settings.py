@@ -4,6 +4,7 @@ CAPTIONBUS_HOME   data dir: embedded NATS data, env venvs, artifacts, models (de
 NATS_URL          join this server/cluster instead of starting the embedded one
 CAPTIONBUS_ARTIFACTS  auto | local | object  (auto: local with the embedded bus, object with NATS_URL)
 CAPTIONBUS_MODELS model cache dir (default $CAPTIONBUS_HOME/models)
+CAPTIONBUS_ENVS   stage environment venvs (default $CAPTIONBUS_HOME/envs)
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Settings:
 
     @property
     def envs_dir(self) -> Path:
-        return self.home / "envs"
+        # Separate override: venvs are gigabytes, and tests want a fresh home but shared venvs.
+        return Path(os.environ.get("CAPTIONBUS_ENVS", self.home / "envs")).expanduser()
 
     @property
     def artifacts_dir(self) -> Path:
