@@ -1,0 +1,392 @@
+"""The coordinator's decisions: a pure function of (job state, event, graph, time, policy).
+
+No I/O and no clocks here: `decide` returns the next state and the messages to publish, and
+the adapter (`coordinator.service`) does the publishing and the state write. Every id it
+emits is derived from the state transition (request key, trigger event id), so deciding the
+same thing twice publishes the same message ids and JetStream dedup swallows the repeat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Union
+
+from contracts import (
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobFailed,
+    JobRetryRequested,
+    JobStarted,
+    JobState,
+    JobStatus,
+    JobSubmitted,
+    NodeState,
+    NodeStatus,
+    StageCompleted,
+    StageFailed,
+    StageRequest,
+    StageRequested,
+)
+from contracts.artifacts import ArtifactRef
+from contracts.events import JobEvent
+from coordinator.graph import JobPlan, PlannedNode, Source, Workflow
+
+APPLIED_KEPT = 500  # event ids remembered per job; older duplicates are caught by attempt checks
+REASON_MAX = 300
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: deadlines and retry backoffs may have come due."""
+
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_attempts: int = 3  # per node, automatic; a manual retry grants as many again
+    backoff_initial_s: float = 2.0
+    backoff_multiplier: float = 2.0
+    backoff_max_s: float = 120.0
+    stage_deadline_s: float = 3600.0  # when the workflow node sets none
+
+    def backoff(self, failures: int) -> timedelta:
+        """Wait after the `failures`-th failed attempt (1-based): initial * multiplier^(n-1)."""
+        seconds = self.backoff_initial_s * self.backoff_multiplier ** max(failures - 1, 0)
+        return timedelta(seconds=min(seconds, self.backoff_max_s))
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    request: StageRequest
+
+
+@dataclass(frozen=True)
+class PublishEvent:
+    event: JobEvent
+
+
+Action = Union[PublishRequest, PublishEvent]
+Trigger = Union[
+    JobSubmitted, StageCompleted, StageFailed, JobCancelRequested, JobRetryRequested, Tick
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: JobState | None  # the state to write; the input object itself when nothing changed
+    actions: tuple[Action, ...] = ()
+    changed: bool = False
+    note: str | None = None  # why an event was ignored, for the log
+
+    @property
+    def requests(self) -> list[StageRequest]:
+        return [a.request for a in self.actions if isinstance(a, PublishRequest)]
+
+    @property
+    def events(self) -> list[JobEvent]:
+        return [a.event for a in self.actions if isinstance(a, PublishEvent)]
+
+
+def decide(
+    state: JobState | None,
+    event: Trigger,
+    graph: Workflow | None,
+    now: datetime,
+    policy: Policy = Policy(),
+) -> Decision:
+    """The next job state and what to publish, given one event (or a Tick)."""
+    if isinstance(event, JobSubmitted):
+        if state is not None:
+            return _ignored(state, "job already submitted")
+        return _Step(None, graph, now, policy).submit(event)
+    if state is None:
+        return _ignored(None, f"no job {getattr(event, 'job_id', '')!r}: {type(event).__name__} ignored")
+    if not isinstance(event, Tick) and event.event_id in state.applied:
+        return _ignored(state, "duplicate event, already applied")
+    if isinstance(event, Tick):
+        if state.status.finished:
+            return _ignored(state, "job finished")
+        return _Step(state, graph, now, policy).tick()
+    if isinstance(event, (StageCompleted, StageFailed)):
+        return _Step(state, graph, now, policy).stage_result(event)
+    if isinstance(event, JobCancelRequested):
+        return _Step(state, graph, now, policy).cancel(event)
+    if isinstance(event, JobRetryRequested):
+        return _Step(state, graph, now, policy).retry(event)
+    return _ignored(state, f"{type(event).__name__} is not for the coordinator")
+
+
+def _ignored(state: JobState | None, note: str) -> Decision:
+    return Decision(state, (), False, note)
+
+
+def one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= REASON_MAX else line[: REASON_MAX - 1] + "…"
+
+
+class _Step:
+    """One decision in progress: works on a copy of the state, collects actions."""
+
+    def __init__(self, state: JobState | None, graph: Workflow | None, now: datetime, policy: Policy):
+        self.original = state
+        self.state = state.model_copy(deep=True) if state is not None else None
+        self.graph = graph
+        self.now = now
+        self.policy = policy
+        self.actions: list[Action] = []
+        self._plan: JobPlan | None = None
+
+    # ------------------------------------------------------------ entry points
+
+    def submit(self, event: JobSubmitted) -> Decision:
+        spec = event.spec
+        self.state = JobState(spec=spec, created_at=self.now, updated_at=self.now)
+        self._mark_applied(event)
+        if self.graph is None:
+            return self._fail_job(f"unknown workflow {spec.workflow!r}: no config/workflows/{spec.workflow}.yaml")
+        plan = self.plan
+        for planned in plan.nodes.values():
+            self.state.nodes[planned.id] = NodeState(
+                stage=planned.stage,
+                status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
+                params=dict(planned.branch),
+            )
+        if plan.errors:
+            return self._fail_job(one_line("; ".join(plan.errors)))
+        self.state.status = JobStatus.running
+        self._emit(JobStarted(
+            event_id=f"{spec.job_id}.started", job_id=spec.job_id, time=self.now,
+            workflow=spec.workflow, nodes=[n.id for n in plan.active()],
+        ))
+        return self._advance()
+
+    def stage_result(self, event: StageCompleted | StageFailed) -> Decision:
+        state = self.state
+        if state.status.finished:
+            return _ignored(self.original, f"job {state.status.value}; late {event.kind} ignored")
+        node = state.nodes.get(event.node)
+        if node is None:
+            return _ignored(self.original, f"no node {event.node!r} in this job")
+        if node.status != NodeStatus.requested or node.attempt != event.attempt:
+            return _ignored(
+                self.original,
+                f"stale: {event.node} is {node.status.value} at attempt {node.attempt}, "
+                f"event is for attempt {event.attempt}",
+            )
+        self._mark_applied(event)
+        node.worker = dict(event.worker)
+        if isinstance(event, StageCompleted):
+            node.status = NodeStatus.completed
+            node.outputs = dict(event.outputs)
+            node.metrics = dict(event.metrics)
+            node.finished_at = self.now
+            node.progress = 1.0
+            node.deadline_at = None
+            return self._advance()
+        return self._attempt_failed(event.node, one_line(event.reason), event.retryable)
+
+    def tick(self) -> Decision:
+        for node_id, node in list(self.state.nodes.items()):
+            if self.state.status.finished:
+                break
+            if node.status == NodeStatus.requested and node.deadline_at and self.now >= node.deadline_at:
+                seconds = (node.deadline_at - node.requested_at).total_seconds() if node.requested_at else 0
+                self._attempt_failed(
+                    node_id,
+                    f"stage {node.stage} gave no result within {seconds:g} s (attempt {node.attempt})",
+                    retryable=True,
+                )
+            elif node.status == NodeStatus.retry_wait and node.next_attempt_at and self.now >= node.next_attempt_at:
+                self._request(node_id)
+        if self.state.status.finished:
+            return self._decision()
+        return self._advance()
+
+    def cancel(self, event: JobCancelRequested) -> Decision:
+        if self.state.status.finished:
+            return _ignored(self.original, f"job already {self.state.status.value}")
+        self._mark_applied(event)
+        self._stop_open_nodes()
+        self.state.status = JobStatus.cancelled
+        self.state.error = "cancelled on request"
+        self._emit(JobCancelled(
+            event_id=f"{self.state.job_id}.cancelled.{event.event_id}",
+            job_id=self.state.job_id, time=self.now,
+        ))
+        return self._decision()
+
+    def retry(self, event: JobRetryRequested) -> Decision:
+        state = self.state
+        if state.status not in (JobStatus.failed, JobStatus.cancelled):
+            return _ignored(self.original, f"job is {state.status.value}; only failed or cancelled jobs retry")
+        if self.graph is None:
+            return _ignored(self.original, f"unknown workflow {state.spec.workflow!r}; cannot retry")
+        self._mark_applied(event)
+        for planned in self.plan.nodes.values():  # the graph may have gained nodes since
+            state.nodes.setdefault(planned.id, NodeState(
+                stage=planned.stage,
+                status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
+                params=dict(planned.branch),
+            ))
+        if self.plan.errors:
+            return _ignored(self.original, one_line("; ".join(self.plan.errors)))
+        for node in state.nodes.values():
+            if node.status in (NodeStatus.failed, NodeStatus.cancelled):
+                node.status = NodeStatus.waiting
+                node.retry_base = node.attempt  # a fresh automatic-retry budget
+                node.deadline_at = node.next_attempt_at = node.finished_at = None
+                node.error = None
+        state.status = JobStatus.running
+        state.error = None
+        state.outputs = {}
+        self._emit(JobStarted(
+            event_id=f"{state.job_id}.restarted.{event.event_id}", job_id=state.job_id, time=self.now,
+            workflow=state.spec.workflow, nodes=[n.id for n in self.plan.active()],
+        ))
+        return self._advance()
+
+    # ------------------------------------------------------------ the work
+
+    @property
+    def plan(self) -> JobPlan:
+        if self._plan is None:
+            self._plan = self.graph.expand(self.state.spec)
+        return self._plan
+
+    def _advance(self) -> Decision:
+        """Request every node whose dependencies are done; finish the job when all are."""
+        if self.graph is None:
+            return self._fail_job(f"unknown workflow {self.state.spec.workflow!r}")
+        nodes = self.state.nodes
+        for planned in self.plan.nodes.values():
+            if self.state.status.finished:
+                return self._decision()
+            node = nodes.get(planned.id)
+            if node is None or node.status != NodeStatus.waiting:
+                continue
+            if all(nodes[d].status == NodeStatus.completed for d in planned.depends_on if d in nodes):
+                self._request(planned.id)
+        if self.state.status.finished:
+            return self._decision()
+        required = [nodes[p.id] for p in self.plan.active() if p.id in nodes]
+        if all(n.status == NodeStatus.completed for n in required):
+            self._complete_job()
+        return self._decision()
+
+    def _request(self, node_id: str) -> None:
+        planned = self.plan.nodes[node_id]
+        node = self.state.nodes[node_id]
+        try:
+            inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()}
+            input_lists = {
+                name: [self._artifact(src, node_id) for src in sources]
+                for name, sources in planned.input_lists.items()
+            }
+        except _MissingArtifact as missing:
+            node.status = NodeStatus.failed
+            node.error = str(missing)
+            self._fail_job(str(missing), node_id)
+            return
+        deadline_s = planned.deadline_s or self.policy.stage_deadline_s
+        node.attempt += 1
+        node.status = NodeStatus.requested
+        node.requested_at = self.now
+        node.deadline_at = self.now + timedelta(seconds=deadline_s)
+        node.next_attempt_at = None
+        node.finished_at = None
+        node.progress = 0.0
+        request = StageRequest(
+            job_id=self.state.job_id, stage=planned.stage, node=node_id, attempt=node.attempt,
+            inputs=inputs, input_lists=input_lists, params=dict(planned.params), deadline_s=deadline_s,
+        )
+        self.actions.append(PublishRequest(request))
+        self._emit(StageRequested(
+            event_id=f"{request.key}.requested", job_id=request.job_id, time=self.now,
+            stage=request.stage, node=node_id, attempt=request.attempt,
+        ))
+
+    def _artifact(self, source: Source, needed_by: str) -> ArtifactRef:
+        if source.node_id is None:
+            return self.state.spec.input
+        produced = self.state.nodes[source.node_id].outputs
+        if source.output not in produced:
+            raise _MissingArtifact(
+                f"{source.node_id} finished without its {source.output!r} output, which {needed_by} needs"
+                f" (it produced: {', '.join(produced) or 'nothing'})"
+            )
+        return produced[source.output]
+
+    def _attempt_failed(self, node_id: str, reason: str, retryable: bool) -> Decision:
+        node = self.state.nodes[node_id]
+        planned = self.plan.nodes.get(node_id) if self.graph is not None else None
+        max_attempts = (planned.max_attempts if planned else None) or self.policy.max_attempts
+        used = node.attempt - node.retry_base
+        node.error = reason
+        node.deadline_at = None
+        if retryable and used < max_attempts:
+            node.status = NodeStatus.retry_wait
+            node.next_attempt_at = self.now + self.policy.backoff(used)
+            return self._decision()
+        node.status = NodeStatus.failed
+        node.finished_at = self.now
+        if retryable:
+            reason = f"stage {node.stage} ({node_id}) failed {used} times; last error: {reason}"
+        else:
+            reason = f"stage {node.stage} ({node_id}) failed: {reason}"
+        return self._fail_job(one_line(reason), node_id)
+
+    def _fail_job(self, reason: str, node_id: str | None = None) -> Decision:
+        """Fan-out branches included: any failed node fails the job, and the reason names it."""
+        state = self.state
+        self._stop_open_nodes()
+        state.status = JobStatus.failed
+        state.error = reason
+        attempt = state.nodes[node_id].attempt if node_id in state.nodes else 0
+        trigger = f"{node_id}.{attempt}" if node_id else "plan"
+        self._emit(JobFailed(
+            event_id=f"{state.job_id}.failed.{trigger}", job_id=state.job_id, time=self.now,
+            reason=reason, node=node_id,
+        ))
+        return self._decision()
+
+    def _complete_job(self) -> None:
+        state = self.state
+        outputs = {}
+        for name, source in self.plan.outputs.items():
+            if source.node_id is None:
+                outputs[name] = state.spec.input
+            elif source.output in state.nodes[source.node_id].outputs:
+                outputs[name] = state.nodes[source.node_id].outputs[source.output]
+        state.status = JobStatus.completed
+        state.outputs = outputs
+        self._emit(JobCompleted(
+            event_id=f"{state.job_id}.completed", job_id=state.job_id, time=self.now, outputs=outputs,
+        ))
+
+    def _stop_open_nodes(self) -> None:
+        # In-flight attempts become cancelled: their late results are ignored, a retry reruns them.
+        for node in self.state.nodes.values():
+            if node.status in (NodeStatus.requested, NodeStatus.retry_wait):
+                node.status = NodeStatus.cancelled
+                node.deadline_at = node.next_attempt_at = None
+
+    def _mark_applied(self, event) -> None:
+        applied = self.state.applied
+        applied.append(event.event_id)
+        del applied[:-APPLIED_KEPT]
+
+    def _emit(self, event) -> None:
+        self.actions.append(PublishEvent(event))
+
+    def _decision(self) -> Decision:
+        if not self.actions and self.state == self.original:
+            return _ignored(self.original, "nothing due")
+        self.state.updated_at = self.now
+        return Decision(self.state, tuple(self.actions), True)
+
+
+class _MissingArtifact(Exception):
+    pass

@@ -1,0 +1,413 @@
+"""Workflow graphs as data: `config/workflows/<name>.yaml` → a validated `Workflow`.
+
+A workflow names its nodes; each node runs one stage. References between nodes are strings:
+
+    job.input                 the job's input artifact
+    demux.audio               output `audio` of node `demux`
+    [a.vocals, demux.audio]   (in `inputs`) fallbacks: the first whose node runs for this job
+
+Optional nodes carry `when:` (a condition on the job spec, see `Condition`); fan-out nodes carry
+`for_each: target_languages` and become one node per language (`translation-ta`). A fan-out node
+that references another fan-out node gets the same language's branch; a plain node collects all
+branches through `input_lists`. `Workflow.expand(spec)` turns the graph into the concrete nodes of
+one job (`JobPlan`), which is all the decision function needs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from contracts import JobSpec
+
+JOB = "job"  # the reserved node name of the job itself; `job.input` is its only output
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")  # no '-': it separates a fan-out branch
+# What a node may fan out over, and the parameter each branch receives.
+FAN_OUT_SOURCES = {"target_languages": "target_language"}
+DEFAULT_WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "config" / "workflows"
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be used, with a message that says where and why."""
+
+
+# ---------------------------------------------------------------- references and conditions
+
+
+@dataclass(frozen=True)
+class Ref:
+    """`node.output`; node == JOB for the job input."""
+
+    node: str
+    output: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Ref":
+        if not isinstance(text, str) or text.count(".") != 1:
+            raise ValueError(f"reference {text!r} is not of the form node.output (or job.input)")
+        node, output = text.split(".")
+        if not node or not output:
+            raise ValueError(f"reference {text!r} is not of the form node.output (or job.input)")
+        if node == JOB and output != "input":
+            raise ValueError(f"reference {text!r}: the job has one artifact, job.input")
+        return cls(node, output)
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.output}"
+
+
+_CONDITION_RE = re.compile(
+    r"^(?P<negate>not\s+)?(?P<path>(options(\.[A-Za-z0-9_-]+)+)|target_languages|source_language)"
+    r"(\s*(?P<op>==|!=)\s*(?P<value>\S.*))?$"
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`when:` — `options.separate_sources`, `not options.x`, `options.vad == silero`,
+    `target_languages` (non-empty), `source_language` (given)."""
+
+    text: str
+    path: tuple[str, ...]
+    negate: bool = False
+    op: str | None = None
+    value: Any = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Condition":
+        match = _CONDITION_RE.match(str(text).strip())
+        if not match:
+            raise ValueError(
+                f"condition {text!r} not understood; use options.<key>, not options.<key>, "
+                "options.<key> == <value>, target_languages or source_language"
+            )
+        value = match["value"]
+        if value is not None:
+            value = yaml.safe_load(value)  # `== true`, `== 2`, `== silero` read as YAML scalars
+        return cls(str(text), tuple(match["path"].split(".")), bool(match["negate"]), match["op"], value)
+
+    def holds(self, spec: JobSpec) -> bool:
+        current: Any = {
+            "options": spec.options,
+            "target_languages": spec.target_languages,
+            "source_language": spec.source_language,
+        }
+        for part in self.path:
+            current = current.get(part) if isinstance(current, dict) else None
+        if self.op == "==":
+            result = current == self.value
+        elif self.op == "!=":
+            result = current != self.value
+        else:
+            result = bool(current)
+        return result != self.negate
+
+
+# ---------------------------------------------------------------- the file format
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+class NodeSpec(BaseModel):
+    """One node of a workflow file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str | None = Field(default=None, description="stage to run; defaults to the node name")
+    inputs: dict[str, list[str]] = Field(
+        default_factory=dict, description="name -> reference, or a list of fallbacks (first that runs)"
+    )
+    input_lists: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> references whose artifacts are all collected (every branch of a fan-out)",
+    )
+    outputs: list[str] = Field(min_length=1, description="artifact names the stage produces")
+    params: dict[str, Any] = Field(default_factory=dict)
+    when: str | None = None
+    for_each: str | None = None
+    deadline_s: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
+
+    @field_validator("inputs", "input_lists", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: _as_list(refs) for name, refs in value.items()}
+        return value
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, value: str | None) -> str | None:
+        if value is not None:
+            Condition.parse(value)
+        return value
+
+    @field_validator("for_each")
+    @classmethod
+    def _for_each(cls, value: str | None) -> str | None:
+        if value is not None and value not in FAN_OUT_SOURCES:
+            raise ValueError(f"for_each {value!r} unknown; known: {', '.join(FAN_OUT_SOURCES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> "NodeSpec":
+        if not self.inputs and not self.input_lists:
+            raise ValueError("a node needs inputs (at least job.input)")
+        for name, refs in {**self.inputs, **self.input_lists}.items():
+            if not refs:
+                raise ValueError(f"input {name!r} has no reference")
+            for ref in refs:
+                Ref.parse(ref)
+        return self
+
+    def stage_name(self, node: str) -> str:
+        return self.stage or node
+
+    def condition(self) -> Condition | None:
+        return Condition.parse(self.when) if self.when else None
+
+
+class Workflow(BaseModel):
+    """A validated workflow graph. Build with `load_workflow` / `Workflow.from_dict`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NODE_NAME_RE.pattern)
+    description: str = ""
+    nodes: dict[str, NodeSpec] = Field(min_length=1)
+    outputs: dict[str, str] = Field(default_factory=dict, description="job output name -> reference")
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> "Workflow":
+        for name in self.nodes:
+            if name == JOB or not NODE_NAME_RE.match(name):
+                raise ValueError(f"node name {name!r}: use letters, digits and '_' (not 'job')")
+        for name, node in self.nodes.items():
+            for kind, table in (("inputs", node.inputs), ("input_lists", node.input_lists)):
+                for input_name, refs in table.items():
+                    for text in refs:
+                        self._check_ref(f"node {name} {kind}.{input_name}", Ref.parse(text))
+                        if kind == "inputs":
+                            self._check_branch(name, input_name, Ref.parse(text))
+        for output_name, text in self.outputs.items():
+            try:
+                ref = Ref.parse(text)
+            except ValueError as e:
+                raise ValueError(f"outputs.{output_name}: {e}") from None
+            self._check_ref(f"outputs.{output_name}", ref)
+        self.topological_order()  # raises on a cycle
+        return self
+
+    def _check_ref(self, where: str, ref: Ref) -> None:
+        if ref.node == JOB:
+            return
+        if ref.node not in self.nodes:
+            raise ValueError(
+                f"{where} refers to unknown node {ref.node!r} (nodes: {', '.join(self.nodes)})"
+            )
+        declared = self.nodes[ref.node].outputs
+        if ref.output not in declared:
+            raise ValueError(
+                f"{where} refers to {ref}, but {ref.node} declares outputs [{', '.join(declared)}]"
+            )
+
+    def _check_branch(self, name: str, input_name: str, ref: Ref) -> None:
+        if ref.node == JOB:
+            return
+        source, target = self.nodes[ref.node], self.nodes[name]
+        if source.for_each and source.for_each != target.for_each:
+            raise ValueError(
+                f"node {name} inputs.{input_name} takes {ref} from fan-out node {ref.node}: "
+                "one artifact cannot come from many branches; collect them with input_lists"
+            )
+
+    def dependencies(self, name: str) -> list[str]:
+        node = self.nodes[name]
+        refs = [r for refs in (*node.inputs.values(), *node.input_lists.values()) for r in refs]
+        return list(dict.fromkeys(Ref.parse(r).node for r in refs if Ref.parse(r).node != JOB))
+
+    def topological_order(self) -> list[str]:
+        """Node names, dependencies first (file order among equals). Raises on a cycle."""
+        order: list[str] = []
+        state: dict[str, str] = {}  # "visiting" | "done"
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                cycle = path[path.index(name):] + [name]
+                raise ValueError(f"workflow {self.name} has a cycle: {' -> '.join(cycle)}")
+            state[name] = "visiting"
+            for dep in self.dependencies(name):
+                visit(dep, path + [name])
+            state[name] = "done"
+            order.append(name)
+
+        for name in self.nodes:
+            visit(name, [])
+        return order
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<workflow>") -> "Workflow":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise WorkflowError(f"{source}: {_readable(e)}") from None
+
+    def expand(self, spec: JobSpec) -> "JobPlan":
+        return _expand(self, spec)
+
+
+def _readable(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise WorkflowError(f"{path}: cannot read: {e}") from None
+    workflow = Workflow.from_dict(data, str(path))
+    if workflow.name != path.stem:
+        raise WorkflowError(f"{path}: name {workflow.name!r} must match the file name {path.stem!r}")
+    return workflow
+
+
+def load_workflows(directory: str | Path = DEFAULT_WORKFLOWS_DIR) -> dict[str, Workflow]:
+    """Every `*.yaml` in `directory`, by name. One bad file fails the lot, loudly."""
+    return {wf.name: wf for wf in map(load_workflow, sorted(Path(directory).glob("*.yaml")))}
+
+
+# ---------------------------------------------------------------- one job's concrete nodes
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one input artifact comes from in a job: a node id's output, or the job input."""
+
+    node_id: str | None  # None: the job input
+    output: str
+
+
+@dataclass
+class PlannedNode:
+    id: str  # "asr", or "translation-ta" for a fan-out branch
+    name: str  # the workflow node
+    stage: str
+    active: bool  # False: its `when` is off for this job (state: skipped)
+    branch: dict[str, str] = field(default_factory=dict)  # e.g. {"target_language": "ta"}
+    inputs: dict[str, Source] = field(default_factory=dict)
+    input_lists: dict[str, list[Source]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    deadline_s: float | None = None
+    max_attempts: int | None = None
+
+    @property
+    def depends_on(self) -> list[str]:
+        sources = [*self.inputs.values(), *(s for lst in self.input_lists.values() for s in lst)]
+        return list(dict.fromkeys(s.node_id for s in sources if s.node_id is not None))
+
+
+@dataclass
+class JobPlan:
+    workflow: str
+    nodes: dict[str, PlannedNode]  # dependencies first
+    outputs: dict[str, Source]
+    errors: list[str]  # why this job cannot run (e.g. an input none of whose sources runs)
+
+    def active(self) -> list[PlannedNode]:
+        return [n for n in self.nodes.values() if n.active]
+
+
+def _branch_ids(workflow: Workflow, spec: JobSpec, name: str) -> list[tuple[str, dict[str, str]]]:
+    node = workflow.nodes[name]
+    if not node.for_each:
+        return [(name, {})]
+    items = getattr(spec, node.for_each)
+    param = FAN_OUT_SOURCES[node.for_each]
+    return [(f"{name}-{item}", {param: item}) for item in dict.fromkeys(items)]
+
+
+def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
+    nodes: dict[str, PlannedNode] = {}
+    ids_of: dict[str, list[str]] = {}
+    errors: list[str] = []
+
+    def candidates(ref: Ref, branch_of: str | None) -> list[Source]:
+        """Sources a reference stands for: one for a plain or same-branch node, all branches else."""
+        if ref.node == JOB:
+            return [Source(None, "input")]
+        if branch_of is not None and workflow.nodes[ref.node].for_each:
+            ids = [f"{ref.node}-{branch_of}"]
+        else:
+            ids = ids_of[ref.node]
+        return [Source(i, ref.output) for i in ids if nodes[i].active]
+
+    for name in workflow.topological_order():
+        spec_node = workflow.nodes[name]
+        condition = spec_node.condition()
+        active = condition.holds(spec) if condition else True
+        ids_of[name] = []
+        for node_id, branch in _branch_ids(workflow, spec, name):
+            ids_of[name].append(node_id)
+            branch_item = next(iter(branch.values()), None)
+            planned = PlannedNode(
+                id=node_id, name=name, stage=spec_node.stage_name(name), active=active, branch=branch,
+                deadline_s=spec_node.deadline_s, max_attempts=spec_node.max_attempts,
+            )
+            nodes[node_id] = planned
+            if not active:
+                continue
+            for input_name, refs in spec_node.inputs.items():
+                found = [s for r in refs for s in candidates(Ref.parse(r), branch_item)]
+                if found:
+                    planned.inputs[input_name] = found[0]
+                else:
+                    errors.append(
+                        f"{node_id} needs input {input_name!r} from {' or '.join(refs)}, "
+                        "and none of those stages runs for this job"
+                    )
+            for input_name, refs in spec_node.input_lists.items():
+                planned.input_lists[input_name] = [
+                    s for r in refs for s in candidates(Ref.parse(r), branch_item)
+                ]
+            planned.params = _params(spec_node, name, planned.stage, spec, branch)
+
+    outputs: dict[str, Source] = {}
+    for output_name, text in workflow.outputs.items():
+        ref = Ref.parse(text)
+        if ref.node == JOB:
+            outputs[output_name] = Source(None, "input")
+            continue
+        fan_out = bool(workflow.nodes[ref.node].for_each)
+        for node_id in ids_of[ref.node]:
+            if nodes[node_id].active:
+                suffix = node_id[len(ref.node):] if fan_out else ""  # "srt-ta" for a branch
+                outputs[f"{output_name}{suffix}"] = Source(node_id, ref.output)
+    return JobPlan(workflow.name, nodes, outputs, errors)
+
+
+def _params(
+    node: NodeSpec, name: str, stage: str, spec: JobSpec, branch: dict[str, str]
+) -> dict[str, Any]:
+    """Graph params < job languages < the job's options for this stage (then node) < branch."""
+    params: dict[str, Any] = dict(node.params)
+    params["source_language"] = spec.source_language
+    params["target_languages"] = list(spec.target_languages)
+    for key in dict.fromkeys((stage, name)):
+        if isinstance(spec.options.get(key), dict):
+            params.update(spec.options[key])
+    params.update(branch)
+    return params

@@ -1,0 +1,272 @@
+"""The decision function, with no server: events in, (state, actions) out."""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from contracts import (
+    ArtifactRef,
+    JobCancelRequested,
+    JobRetryRequested,
+    JobSpec,
+    JobStatus,
+    JobSubmitted,
+    NodeStatus,
+    StageCompleted,
+    StageFailed,
+)
+from coordinator.decide import Decision, Policy, Tick, decide
+from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
+FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
+POLICY = Policy(max_attempts=3, backoff_initial_s=2, backoff_multiplier=2, stage_deadline_s=60)
+INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
+OUTPUTS = {"demux": ["audio"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
+           "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
+
+
+def artifact(name: str) -> ArtifactRef:
+    return ArtifactRef(key=hashlib.sha256(name.encode()).hexdigest(), name=name, size=1)
+
+
+def submit(graph=TRANSCRIBE, **kw) -> Decision:
+    spec = JobSpec(job_id="j1", input=INPUT, workflow=graph.name, **kw)
+    return decide(None, JobSubmitted(job_id="j1", spec=spec), graph, T0, POLICY)
+
+
+def completed(node: str, attempt: int = 1, stage: str | None = None, **kw) -> StageCompleted:
+    stage = stage or node.split("-")[0]
+    outputs = {o: artifact(f"{node}.{o}") for o in OUTPUTS[stage]}
+    return StageCompleted(job_id="j1", stage=stage, node=node, attempt=attempt, outputs=outputs, **kw)
+
+
+def failed(node: str, attempt: int = 1, retryable: bool = False, reason: str = "boom") -> StageFailed:
+    return StageFailed(job_id="j1", stage=node.split("-")[0], node=node, attempt=attempt,
+                       reason=reason, retryable=retryable)
+
+
+def step(d: Decision, event, graph=TRANSCRIBE, now=T0) -> Decision:
+    return decide(d.state, event, graph, now, POLICY)
+
+
+def requested(d: Decision) -> list[str]:
+    return [r.node for r in d.requests]
+
+
+def kinds(d: Decision) -> list[str]:
+    return [e.kind for e in d.events]
+
+
+def test_happy_path_transcribe():
+    d = submit()
+    assert d.state.status == JobStatus.running
+    assert kinds(d) == ["started", "stage_requested"]
+    assert requested(d) == ["demux"]
+    demux_request = d.requests[0]
+    assert demux_request.inputs == {"media": INPUT}
+    assert demux_request.key == "j1.demux.1"
+    assert d.events[1].event_id == "j1.demux.1.requested"  # derived, so a re-publish dedups
+
+    d = step(d, completed("demux"))
+    assert requested(d) == ["asr"] and d.requests[0].inputs == {"audio": artifact("demux.audio")}
+    d = step(d, completed("asr"))
+    assert requested(d) == ["subtitle_gen"]
+    assert d.requests[0].params["formats"] == ["srt", "vtt"]
+    d = step(d, completed("subtitle_gen"))
+    mux = d.requests[0]
+    assert mux.inputs == {"media": INPUT} and mux.input_lists == {"subtitles": [artifact("subtitle_gen.srt")]}
+    d = step(d, completed("mux"))
+    assert d.state.status == JobStatus.completed
+    assert kinds(d) == ["completed"]
+    assert d.events[0].outputs == {
+        "srt": artifact("subtitle_gen.srt"), "vtt": artifact("subtitle_gen.vtt"),
+        "mp4": artifact("mux.mp4"), "mkv": artifact("mux.mkv"),
+    }
+    assert d.state.outputs == d.events[0].outputs
+
+
+def test_duplicate_completion_is_applied_once():
+    d = step(submit(), completed("demux"))
+    event = completed("asr")
+    once = step(d, event)
+    twice = step(once, event)
+    assert requested(once) == ["subtitle_gen"]
+    assert twice.changed is False and twice.actions == () and twice.state is once.state
+    assert "duplicate" in twice.note
+    # The same completion redelivered with a new event id (a second worker) is stale by attempt/status.
+    again = step(once, completed("asr"))
+    assert again.changed is False and "stale" in again.note
+
+
+def test_stale_attempt_is_ignored():
+    d = step(submit(), failed("demux", retryable=True))
+    d = step(d, Tick(T0), now=T0 + timedelta(seconds=2))
+    assert requested(d) == ["demux"] and d.requests[0].attempt == 2
+    late = step(d, completed("demux", attempt=1))
+    assert late.changed is False and "attempt 1" in late.note
+    d = step(d, completed("demux", attempt=2))
+    assert requested(d) == ["asr"]
+
+
+def test_retry_with_exponential_backoff_and_deadline():
+    d = submit(FANOUT, target_languages=["ta"])  # fanout.yaml sets no deadline_s: the policy's 60 s applies
+
+    def tick(d, seconds):
+        return step(d, Tick(T0 + timedelta(seconds=seconds)), FANOUT, now=T0 + timedelta(seconds=seconds))
+
+    # attempt 1 times out: its deadline passes with no result
+    assert tick(d, 59).changed is False
+    d = tick(d, 60)
+    node = d.state.nodes["demux"]
+    assert node.status == NodeStatus.retry_wait and "within 60 s" in node.error
+    assert node.next_attempt_at == T0 + timedelta(seconds=62)  # backoff 2 s after the 1st failure
+    assert d.requests == []
+    assert tick(d, 61).changed is False
+    d = tick(d, 62)
+    assert requested(d) == ["demux"] and d.requests[0].attempt == 2
+    assert d.requests[0].deadline_s == 60
+    # attempt 2 fails retryably: backoff doubles
+    now = T0 + timedelta(seconds=70)
+    d = step(d, failed("demux", attempt=2, retryable=True), FANOUT, now=now)
+    assert d.state.nodes["demux"].next_attempt_at == now + timedelta(seconds=4)
+
+
+def test_workflow_deadline_overrides_policy():
+    d = submit()  # transcribe.yaml: demux deadline_s 1800
+    assert d.requests[0].deadline_s == 1800
+    assert step(d, Tick(T0), now=T0 + timedelta(seconds=1799)).changed is False
+    assert step(d, Tick(T0), now=T0 + timedelta(seconds=1800)).state.nodes["demux"].status == NodeStatus.retry_wait
+
+
+def test_exhausted_retries_fail_the_job_naming_the_stage():
+    d = submit()
+    now = T0
+    for attempt in (1, 2):
+        d = step(d, failed("demux", attempt, retryable=True, reason="disk full"), now=now)
+        now += timedelta(minutes=5)
+        d = step(d, Tick(now), now=now)
+        assert d.requests[0].attempt == attempt + 1
+    d = step(d, failed("demux", 3, retryable=True, reason="disk\nfull"), now=now)
+    assert d.state.status == JobStatus.failed
+    assert d.state.error == "stage demux (demux) failed 3 times; last error: disk full"
+    assert kinds(d) == ["failed"] and d.events[0].node == "demux"
+
+
+def test_node_max_attempts_overrides_policy():
+    d = submit(FANOUT)
+    d = step(d, completed("demux"), FANOUT)
+    d = step(d, failed("asr", 1, retryable=True), FANOUT)
+    d = step(d, Tick(T0), FANOUT, now=T0 + timedelta(minutes=1))
+    d = step(d, failed("asr", 2, retryable=True), FANOUT)
+    assert d.state.status == JobStatus.failed  # fanout.yaml: asr max_attempts 2
+
+
+def test_permanent_failure_fails_at_once_with_the_stage_reason():
+    d = step(submit(), failed("demux", reason="input has no audio stream"))
+    assert d.state.status == JobStatus.failed
+    assert d.state.error == "stage demux (demux) failed: input has no audio stream"
+    assert d.events[0].reason == d.state.error
+
+
+def test_cancel_stops_the_job_and_ignores_late_results():
+    d = submit()
+    d = step(d, JobCancelRequested(job_id="j1"))
+    assert d.state.status == JobStatus.cancelled and kinds(d) == ["cancelled"]
+    assert d.state.nodes["demux"].status == NodeStatus.cancelled
+    assert step(d, completed("demux")).changed is False
+    assert step(d, Tick(T0), now=T0 + timedelta(hours=1)).changed is False
+    assert step(d, JobCancelRequested(job_id="j1")).changed is False
+
+
+def test_retry_reruns_failed_nodes_with_a_fresh_budget():
+    d = step(submit(), completed("demux"))
+    d = step(d, failed("asr", reason="model missing"))
+    assert d.state.status == JobStatus.failed
+    d = step(d, JobRetryRequested(job_id="j1"))
+    assert d.state.status == JobStatus.running and d.state.error is None
+    assert requested(d) == ["asr"] and d.requests[0].attempt == 2  # demux is not rerun
+    assert d.state.nodes["asr"].retry_base == 1
+    # the fresh budget: three more automatic attempts
+    d = step(d, failed("asr", 2, retryable=True))
+    assert d.state.nodes["asr"].status == NodeStatus.retry_wait
+    # a retry of a running job is a no-op
+    assert step(d, JobRetryRequested(job_id="j1")).changed is False
+
+
+def test_retry_after_cancel_rerequests_the_cancelled_node():
+    d = step(submit(), JobCancelRequested(job_id="j1"))
+    d = step(d, JobRetryRequested(job_id="j1"))
+    assert requested(d) == ["demux"] and d.requests[0].attempt == 2
+
+
+def test_optional_stage_skipped_and_fallback_input_chosen():
+    d = submit(FANOUT)
+    assert d.state.nodes["source_separation"].status == NodeStatus.skipped
+    d = step(d, completed("demux"), FANOUT)
+    assert requested(d) == ["asr"] and d.requests[0].inputs == {"audio": artifact("demux.audio")}
+
+    d = submit(FANOUT, options={"separate_sources": True})
+    d = step(d, completed("demux"), FANOUT)
+    assert requested(d) == ["source_separation"]
+    d = step(d, completed("source_separation"), FANOUT)
+    assert requested(d) == ["asr"] and d.requests[0].inputs == {"audio": artifact("source_separation.vocals")}
+
+
+def test_fan_out_per_language_and_join():
+    d = submit(FANOUT, target_languages=["ta", "hi"], source_language="en")
+    for node in ("demux", "asr"):
+        d = step(d, completed(node), FANOUT)
+    assert requested(d) == ["translation-ta", "translation-hi"]
+    assert [r.params["target_language"] for r in d.requests] == ["ta", "hi"]
+    assert d.requests[0].params["source_language"] == "en" and d.requests[0].stage == "translation"
+    d = step(d, completed("translation-hi"), FANOUT)
+    assert requested(d) == ["subtitle_gen-hi"]
+    assert d.requests[0].inputs == {"transcript": artifact("translation-hi.transcript")}
+    d = step(d, completed("subtitle_gen-hi"), FANOUT)
+    assert requested(d) == []  # mux waits for every branch
+    d = step(d, completed("translation-ta"), FANOUT)
+    d = step(d, completed("subtitle_gen-ta"), FANOUT)
+    assert requested(d) == ["mux"]
+    assert d.requests[0].input_lists == {
+        "subtitles": [artifact("subtitle_gen-ta.srt"), artifact("subtitle_gen-hi.srt")]
+    }
+    d = step(d, completed("mux"), FANOUT)
+    assert d.state.status == JobStatus.completed
+    assert set(d.state.outputs) == {"srt-ta", "srt-hi", "mp4"}
+
+
+def test_fan_out_branch_failure_fails_the_job_naming_the_branch():
+    d = submit(FANOUT, target_languages=["ta", "hi"])
+    for node in ("demux", "asr"):
+        d = step(d, completed(node), FANOUT)
+    d = step(d, failed("translation-ta", reason="no model for en->ta"), FANOUT)
+    assert d.state.status == JobStatus.failed
+    assert "translation-ta" in d.state.error and d.events[0].node == "translation-ta"
+    assert d.state.nodes["translation-hi"].status == NodeStatus.cancelled
+
+
+def test_completion_missing_a_needed_output_fails_clearly():
+    d = submit()
+    d = step(d, StageCompleted(job_id="j1", stage="demux", node="demux", attempt=1, outputs={}))
+    assert d.state.status == JobStatus.failed
+    assert d.state.error == "demux finished without its 'audio' output, which asr needs (it produced: nothing)"
+
+
+def test_unknown_workflow_and_unknown_job():
+    d = decide(None, JobSubmitted(job_id="j1", spec=JobSpec(job_id="j1", input=INPUT, workflow="nope")),
+               None, T0, POLICY)
+    assert d.state.status == JobStatus.failed and "unknown workflow 'nope'" in d.state.error
+    assert decide(None, completed("demux"), TRANSCRIBE, T0, POLICY).state is None
+
+
+def test_decide_is_pure():
+    d = submit()
+    before = d.state.model_dump()
+    step(d, completed("demux"))
+    step(d, JobCancelRequested(job_id="j1"))
+    assert d.state.model_dump() == before
+    again = submit()
+    assert [e.event_id for e in again.events] == [e.event_id for e in d.events]

@@ -1,0 +1,128 @@
+"""Workflow files: loading, validation errors a person can act on, expansion for one job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contracts import ArtifactRef, JobSpec
+from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Source, Workflow, WorkflowError, load_workflow, load_workflows
+
+FANOUT = Path(__file__).parent / "fanout.yaml"
+INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
+
+
+def spec(**kw) -> JobSpec:
+    return JobSpec(job_id="j1", input=INPUT, **kw)
+
+
+def wf(nodes: dict, outputs: dict | None = None) -> Workflow:
+    return Workflow.from_dict({"name": "t", "nodes": nodes, "outputs": outputs or {}}, "t.yaml")
+
+
+def test_transcribe_is_demux_asr_subtitle_gen_mux():
+    transcribe = load_workflows(DEFAULT_WORKFLOWS_DIR)["transcribe"]
+    assert transcribe.topological_order() == ["demux", "asr", "subtitle_gen", "mux"]
+    plan = transcribe.expand(spec(source_language="en", options={"asr": {"model": "base"}}))
+    assert plan.errors == []
+    assert plan.nodes["asr"].inputs == {"audio": Source("demux", "audio")}
+    assert plan.nodes["asr"].params["model"] == "base"
+    assert plan.nodes["asr"].params["source_language"] == "en"
+    assert plan.nodes["subtitle_gen"].params["formats"] == ["srt", "vtt"]
+    assert plan.nodes["mux"].inputs == {"media": Source(None, "input")}
+    assert plan.nodes["mux"].input_lists == {"subtitles": [Source("subtitle_gen", "srt")]}
+    assert set(plan.outputs) == {"srt", "vtt", "mp4", "mkv"}
+
+
+def test_unknown_node_reference_is_named():
+    with pytest.raises(WorkflowError, match=r"t.yaml: .*node asr inputs.audio refers to unknown node 'demx'"):
+        wf({"asr": {"inputs": {"audio": "demx.audio"}, "outputs": ["transcript"]}})
+
+
+def test_unknown_output_lists_the_declared_ones():
+    with pytest.raises(WorkflowError, match=r"refers to demux.sound, but demux declares outputs \[audio\]"):
+        wf({
+            "demux": {"inputs": {"media": "job.input"}, "outputs": ["audio"]},
+            "asr": {"inputs": {"audio": "demux.sound"}, "outputs": ["transcript"]},
+        })
+
+
+def test_cycle_is_reported_with_its_path():
+    with pytest.raises(WorkflowError, match=r"cycle: (a -> b -> a|b -> a -> b)"):
+        wf({
+            "a": {"inputs": {"x": "b.out"}, "outputs": ["out"]},
+            "b": {"inputs": {"x": "a.out"}, "outputs": ["out"]},
+        })
+
+
+def test_node_without_inputs_is_refused():
+    with pytest.raises(WorkflowError, match="needs inputs"):
+        wf({"demux": {"outputs": ["audio"]}})
+
+
+def test_misspelt_key_and_bad_condition_are_refused():
+    with pytest.raises(WorkflowError, match="input"):
+        wf({"demux": {"input": {"media": "job.input"}, "outputs": ["audio"]}})
+    with pytest.raises(WorkflowError, match="condition 'options\\.x or y' not understood"):
+        wf({"demux": {"inputs": {"media": "job.input"}, "outputs": ["a"], "when": "options.x or y"}})
+    with pytest.raises(WorkflowError, match="for_each 'speakers' unknown"):
+        wf({"demux": {"inputs": {"media": "job.input"}, "outputs": ["a"], "for_each": "speakers"}})
+
+
+def test_plain_input_from_a_fan_out_must_use_input_lists():
+    with pytest.raises(WorkflowError, match="collect them with input_lists"):
+        wf({
+            "t": {"inputs": {"x": "job.input"}, "outputs": ["o"], "for_each": "target_languages"},
+            "m": {"inputs": {"x": "t.o"}, "outputs": ["o"]},
+        })
+
+
+def test_file_name_must_match_workflow_name(tmp_path):
+    (tmp_path / "other.yaml").write_text(FANOUT.read_text())
+    with pytest.raises(WorkflowError, match="must match the file name"):
+        load_workflow(tmp_path / "other.yaml")
+
+
+def test_optional_stage_off_and_fallback_input():
+    fanout = load_workflow(FANOUT)
+    plan = fanout.expand(spec())
+    assert plan.nodes["source_separation"].active is False
+    assert plan.nodes["asr"].inputs["audio"] == Source("demux", "audio")
+    on = fanout.expand(spec(options={"separate_sources": True}))
+    assert on.nodes["source_separation"].active is True
+    assert on.nodes["asr"].inputs["audio"] == Source("source_separation", "vocals")
+
+
+def test_fan_out_branches_reference_their_own_branch_and_join_collects_all():
+    plan = load_workflow(FANOUT).expand(spec(target_languages=["ta", "hi"], options={"translation": {"beam_size": 8}}))
+    assert list(plan.nodes) == [
+        "demux", "source_separation", "asr", "translation-ta", "translation-hi",
+        "subtitle_gen-ta", "subtitle_gen-hi", "mux",
+    ]
+    assert plan.nodes["translation-hi"].params["target_language"] == "hi"
+    assert plan.nodes["translation-hi"].params["beam_size"] == 8  # job options beat graph params
+    assert plan.nodes["subtitle_gen-ta"].inputs == {"transcript": Source("translation-ta", "transcript")}
+    assert plan.nodes["mux"].input_lists["subtitles"] == [
+        Source("subtitle_gen-ta", "srt"), Source("subtitle_gen-hi", "srt"),
+    ]
+    assert set(plan.outputs) == {"srt-ta", "srt-hi", "mp4"}
+
+
+def test_input_with_no_running_source_is_a_plan_error():
+    w = wf({
+        "sep": {"inputs": {"m": "job.input"}, "outputs": ["v"], "when": "options.sep"},
+        "asr": {"inputs": {"a": "sep.v"}, "outputs": ["t"]},
+    })
+    assert w.expand(spec()).errors == [
+        "asr needs input 'a' from sep.v, and none of those stages runs for this job"
+    ]
+
+
+def test_conditions():
+    w = wf({
+        "a": {"inputs": {"m": "job.input"}, "outputs": ["o"], "when": "options.vad == silero"},
+        "b": {"inputs": {"m": "job.input"}, "outputs": ["o"], "when": "not options.fast"},
+        "c": {"inputs": {"m": "job.input"}, "outputs": ["o"], "when": "target_languages"},
+    })
+    plan = w.expand(spec(options={"vad": "silero", "fast": True}))
+    assert [n.active for n in plan.nodes.values()] == [True, False, False]
