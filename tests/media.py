@@ -1,0 +1,105 @@
+"""Test media made on the spot: espeak-ng speech, ffmpeg lavfi video, and the bad inputs a
+person might hand us. Every helper returns the path it wrote (speech helpers also the text)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+ENGLISH_SENTENCE = (
+    "The quick brown fox jumps over the lazy dog while seven friendly sailors "
+    "watch the golden sunset from the quiet harbour"
+)
+
+
+def tools_available() -> bool:
+    return all(shutil.which(tool) for tool in ("ffmpeg", "ffprobe", "espeak-ng"))
+
+
+def _run(args: list[str]) -> None:
+    subprocess.run(args, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+
+
+def speech_wav(path: Path, text: str = ENGLISH_SENTENCE, voice: str = "en", words_per_minute: int = 150) -> tuple[Path, str]:
+    """espeak-ng speech as a WAV (22.05 kHz mono, espeak's native rate)."""
+    _run(["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-w", str(path), "--", text])
+    return path, text
+
+
+def speech_video(
+    path: Path,
+    text: str = ENGLISH_SENTENCE,
+    voice: str = "en",
+    lead_in_s: float = 0.5,
+    size: str = "320x240",
+    fps: int = 25,
+) -> tuple[Path, str]:
+    """A test-pattern video with the spoken text as AAC audio; `lead_in_s` of silence first so
+    the speech does not start on frame one (closer to real footage)."""
+    wav, _ = speech_wav(path.with_suffix(".speech.wav"), text, voice)
+    _run([
+        "ffmpeg", "-nostdin", "-y", "-loglevel", "error",
+        "-f", "lavfi", "-i", f"testsrc=size={size}:rate={fps}",
+        "-i", str(wav),
+        "-filter_complex", f"[1:a]adelay={int(lead_in_s * 1000)}:all=1,apad=pad_dur=0.5[a]",
+        "-map", "0:v", "-map", "[a]", "-shortest",
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "64k", "-ar", "44100",
+        str(path),
+    ])
+    wav.unlink()
+    return path, text
+
+
+def speech_audio_only(path: Path, text: str = ENGLISH_SENTENCE, voice: str = "en") -> tuple[Path, str]:
+    """Speech in an audio-only container (e.g. .m4a): a podcast rather than a film."""
+    wav, _ = speech_wav(path.with_suffix(".speech.wav"), text, voice)
+    _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(wav), "-c:a", "aac", "-b:a", "64k", str(path)])
+    wav.unlink()
+    return path, text
+
+
+def video_without_audio(path: Path, seconds: float = 2.0) -> Path:
+    _run([
+        "ffmpeg", "-nostdin", "-y", "-loglevel", "error",
+        "-f", "lavfi", "-i", f"testsrc=size=160x120:rate=25:duration={seconds}",
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path),
+    ])
+    return path
+
+
+def empty_file(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def text_named_mp4(path: Path) -> Path:
+    path.write_text("This is a shopping list, not a film.\nmilk\neggs\n")
+    return path
+
+
+def truncated_copy(source: Path, path: Path, keep_fraction: float = 0.3) -> Path:
+    """The first part of a real file, as after an interrupted download."""
+    data = source.read_bytes()
+    path.write_bytes(data[: max(1, int(len(data) * keep_fraction))])
+    return path
+
+
+def hls_playlist(path: Path, target: Path) -> Path:
+    """An HLS playlist whose only segment is a local file: ffmpeg would happily follow it (and a
+    crafted one could point at any file or URL), so demux must refuse it."""
+    path.write_text(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n"
+        f"#EXTINF:10.0,\nfile://{target.resolve()}\n#EXT-X-ENDLIST\n"
+    )
+    return path
+
+
+def ffprobe_json(path: Path) -> dict:
+    import json
+
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return json.loads(out.stdout)
