@@ -28,3 +28,10 @@ def captionbus_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("CAPTIONBUS_HOME", str(home))
     monkeypatch.delenv("NATS_URL", raising=False)
     return home
+
+
+# Stage venvs and models are expensive (whisperx's env is ~4 GB): every test shares the
+# real ones, while each test gets its own data dir (CAPTIONBUS_HOME) for bus data and artifacts.
+_REAL_HOME = Path(os.environ.get("CAPTIONBUS_HOME", Path.home() / ".captionbus")).expanduser()
+os.environ.setdefault("CAPTIONBUS_ENVS", str(_REAL_HOME / "envs"))
+os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))

@@ -1,0 +1,3 @@
+from captionbus.cli import main
+
+main()

@@ -1,0 +1,367 @@
+"""`captionbus`: one command for one machine (`run`), and the fleet parts one by one."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from captionbus.settings import Settings, load
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+class UserError(click.ClickException):
+    """An error a person can act on: one line, no traceback, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        console.print(f"[bold red]error:[/] {self.message}", highlight=False)
+
+
+def _friendly_errors(fn):
+    """Known failures become one line; anything else says where the details went."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from captionbus.bus import BusError
+        from captionbus.client import SubmitError
+        from captionbus.runner import JobFailedError
+        from captionbus.stack import ServiceStartError
+
+        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError)
+        with contextlib.suppress(ImportError):
+            from captionbus.envs import EnvsMissing
+
+            known += (EnvsMissing,)
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            sys.exit(130)
+        except known as e:
+            raise UserError(str(e)) from None
+        except Exception as e:
+            if os.environ.get("CAPTIONBUS_DEBUG"):
+                raise
+            raise UserError(f"internal error: {type(e).__name__}: {e} (set CAPTIONBUS_DEBUG=1 for the traceback)") from None
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="captionbus")
+def main(verbose: int) -> None:
+    """Films and videos to subtitles, as stage services on NATS."""
+    from captionbus.logging import configure_logging
+
+    level = {0: "WARNING", 1: "INFO"}.get(verbose, "DEBUG")
+    configure_logging(level=level)
+
+
+def _split_languages(value: str | None) -> list[str]:
+    return [code.strip() for code in (value or "").split(",") if code.strip()]
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """`-o asr.model=/models/x -o subtitle_gen.profile=fast` → {"asr": {"model": ...}, ...}."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"option {pair!r} is not KEY=VALUE (e.g. asr.model=base)")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        target = options
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return options
+
+
+job_options = [
+    click.option("-w", "--workflow", default="transcribe", show_default=True, help="Workflow graph in config/workflows."),
+    click.option("-s", "--source-language", "source", default=None, help="Spoken language (ISO 639-1); default: detect."),
+    click.option("-t", "--target-languages", "targets", default=None, help="Comma-separated languages to translate into."),
+    click.option("-o", "--option", "options", multiple=True, help="Stage option STAGE.KEY=VALUE (repeatable)."),
+]
+
+
+def _with_job_options(fn):
+    for option in reversed(job_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("media", type=click.Path(path_type=Path))
+@_with_job_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: ./<name>.subs).")
+@click.option("--attach", is_flag=True, help="Use the coordinator and services already on the bus instead of starting them.")
+@_friendly_errors
+def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None, attach: bool) -> None:
+    """Run a job on this machine: bus, coordinator and services included; prints output paths."""
+    from captionbus.bus import server_for
+    from captionbus.runner import run_job
+
+    settings = load()
+    out_dir = out_dir or Path(f"{media.stem}.subs")
+    with server_for(settings) as url:
+        outputs = asyncio.run(run_job(
+            settings, url, media,
+            workflow=workflow, source_language=source, target_languages=_split_languages(targets),
+            options=_parse_options(options), out_dir=out_dir, start_stack=not attach, console=console,
+        ))
+    for path in outputs.values():
+        stdout.print(str(path), highlight=False)
+
+
+@main.command()
+@click.option("--stages", default=None, help="Comma-separated stages to serve (default: every stage whose env exists).")
+@_friendly_errors
+def up(stages: str | None) -> None:
+    """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services."""
+    from captionbus.bus import server_for
+    from captionbus.runner import run_stack
+
+    settings = load()
+    with server_for(settings) as url:
+        console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
+        asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console))
+
+
+@main.command()
+@_friendly_errors
+def coordinator() -> None:
+    """Run the coordinator against NATS_URL or the local `up` server."""
+    from captionbus.bus import resolve_url
+    from captionbus.runner import run_coordinator_forever
+
+    settings = load()
+    asyncio.run(run_coordinator_forever(resolve_url(settings)))
+
+
+@main.command()
+@click.argument("stage")
+@click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
+@_friendly_errors
+def serve(stage: str, replicas: int) -> None:
+    """Serve one stage with its environment's interpreter."""
+    from captionbus.bus import resolve_url
+    from captionbus.envs import env_for_stage, interpreter_for_stage
+    from captionbus.stack import start_service, stop_services
+
+    settings = load()
+    url = resolve_url(settings)
+    env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
+    if replicas == 1:
+        # Become the service: its logs on this terminal, signals straight to it.
+        os.environ.update(NATS_URL=url, CAPTIONBUS_ENV=env, CAPTIONBUS_HOME=str(settings.home))
+        os.execv(str(interpreter), [str(interpreter), "-m", "services", "serve", stage])
+    procs = [start_service(stage, env, interpreter, url, settings, replica=i) for i in range(replicas)]
+    console.print(f"{replicas} replicas of {stage} (env {env}); logs in {settings.home / 'logs'}")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        stop_services(procs)
+
+
+async def _bus(settings: Settings, name: str):
+    from captionbus.bus import connect, provision, resolve_url
+
+    nc = await connect(resolve_url(settings), name)
+    js = nc.jetstream()
+    await provision(js)
+    return nc, js
+
+
+@main.command()
+@click.argument("media", type=click.Path(path_type=Path))
+@_with_job_options
+@click.option("--wait", is_flag=True, help="Follow the job and fetch its outputs.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None)
+@_friendly_errors
+def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool, out_dir: Path | None) -> None:
+    """Submit a job to a running stack; prints the job id."""
+    from captionbus.runner import run_job
+    from captionbus.bus import resolve_url
+
+    settings = load()
+    if wait:
+        outputs = asyncio.run(run_job(
+            settings, resolve_url(settings), media, workflow=workflow, source_language=source,
+            target_languages=_split_languages(targets), options=_parse_options(options),
+            out_dir=out_dir or Path(f"{media.stem}.subs"), start_stack=False, console=console,
+        ))
+        for path in outputs.values():
+            stdout.print(str(path), highlight=False)
+        return
+
+    async def go():
+        from captionbus.artifacts import ArtifactStore
+        from captionbus.client import submit as submit_job
+        from captionbus.runner import validate_job
+
+        validate_job(workflow, source, _split_languages(targets))
+        nc, js = await _bus(settings, "captionbus-submit")
+        try:
+            spec = await submit_job(
+                js, ArtifactStore(settings, js), media, workflow=workflow, source_language=source,
+                target_languages=_split_languages(targets), options=_parse_options(options),
+            )
+            stdout.print(spec.job_id)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly_errors
+def status(job_id: str, as_json: bool) -> None:
+    """One job's state, stage by stage."""
+    from captionbus.client import job_state
+
+    async def go():
+        nc, js = await _bus(load(), "captionbus-status")
+        try:
+            return await job_state(js, job_id)
+        finally:
+            await nc.close()
+
+    state = asyncio.run(go())
+    if state is None:
+        raise UserError(f"no job {job_id!r}")
+    if as_json:
+        stdout.print_json(state.model_dump_json())
+        return
+    table = Table(title=f"{job_id}  {state.spec.workflow}  [bold]{state.status.value}[/]")
+    for column in ("node", "stage", "status", "attempt", "worker", "error"):
+        table.add_column(column)
+    for node_id, node in state.nodes.items():
+        table.add_row(node_id, node.stage, node.status.value, str(node.attempt),
+                      node.worker.get("env", ""), node.error or "")
+    stdout.print(table)
+    if state.error:
+        stdout.print(f"reason: {state.error}", highlight=False)
+
+
+@main.command()
+@_friendly_errors
+def jobs() -> None:
+    """All jobs the bus knows."""
+    from captionbus.client import list_jobs
+
+    async def go():
+        nc, js = await _bus(load(), "captionbus-jobs")
+        try:
+            return await list_jobs(js)
+        finally:
+            await nc.close()
+
+    table = Table()
+    for column in ("job", "workflow", "status", "created", "input", "reason"):
+        table.add_column(column)
+    for state in asyncio.run(go()):
+        table.add_row(state.job_id, state.spec.workflow, state.status.value,
+                      state.created_at.strftime("%Y-%m-%d %H:%M:%S"), state.spec.input.name, state.error or "")
+    stdout.print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@_friendly_errors
+def workers(as_json: bool) -> None:
+    """Every stage service on the bus: stage, env, interpreter, versions, hardware, model."""
+    from captionbus.client import workers as list_workers
+
+    async def go():
+        nc, _ = await _bus(load(), "captionbus-workers")
+        try:
+            return await list_workers(nc)
+        finally:
+            await nc.close()
+
+    infos = asyncio.run(go())
+    if as_json:
+        stdout.print_json(json.dumps(infos))
+        return
+    table = Table()
+    for column in ("stage", "env", "host", "pid", "interpreter", "model", "packages"):
+        table.add_column(column)
+    for info in sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", "")):
+        meta = info.get("metadata", {})
+        packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
+        table.add_row(meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), meta.get("pid", ""),
+                      meta.get("interpreter", ""), meta.get("model", ""), packages)
+    stdout.print(table)
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--follow", is_flag=True, help="Keep printing new events.")
+@_friendly_errors
+def events(job_id: str | None, follow: bool) -> None:
+    """Job events as JSON lines (all jobs, or one)."""
+    from captionbus.client import follow as follow_events
+
+    async def go():
+        nc, js = await _bus(load(), "captionbus-events")
+        try:
+            stream = follow_events(js, job_id, stop_at_end=not follow)
+            if follow:
+                async for event in stream:
+                    print(event.model_dump_json(), flush=True)
+            else:
+                # Replay what is stored, then stop once the stream goes quiet.
+                while True:
+                    try:
+                        event = await asyncio.wait_for(anext(stream), 1.0)
+                    except (asyncio.TimeoutError, StopAsyncIteration):
+                        break
+                    print(event.model_dump_json(), flush=True)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def _job_command(action: str):
+    @_friendly_errors
+    def command(job_id: str) -> None:
+        from captionbus import client
+
+        async def go():
+            nc, js = await _bus(load(), f"captionbus-{action}")
+            try:
+                if await client.job_state(js, job_id) is None:
+                    raise UserError(f"no job {job_id!r}")
+                await getattr(client, action)(js, job_id)
+            finally:
+                await nc.close()
+
+        asyncio.run(go())
+        stdout.print(f"{action} requested for {job_id}")
+
+    return command
+
+
+main.command(name="cancel", help="Cancel a job.")(click.argument("job_id")(_job_command("cancel")))
+main.command(name="retry", help="Retry a failed or cancelled job from its failed stages.")(click.argument("job_id")(_job_command("retry")))

@@ -1,0 +1,176 @@
+"""What a user-side process does on the bus: submit a job, follow its events, fetch outputs.
+
+Used by the CLI; also the small API for people who drive captionbus from their own code.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import AsyncIterator
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from captionbus.artifacts import ArtifactStore
+from captionbus.settings import Settings
+from contracts import (
+    ArtifactRef,
+    JobCancelRequested,
+    JobRetryRequested,
+    JobSpec,
+    JobState,
+    JobSubmitted,
+    new_job_id,
+    parse_event,
+    subjects,
+)
+from contracts.events import TERMINAL_KINDS
+
+
+class SubmitError(ValueError):
+    """The job was refused before anything ran; the message says how to fix it."""
+
+
+def check_input_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise SubmitError(f"{path}: no such file")
+    if not path.is_file():
+        raise SubmitError(f"{path}: not a regular file")
+    return path.resolve()
+
+
+async def publish_event(js: JetStreamContext, event) -> None:
+    await js.publish(
+        subjects.job_event(event.job_id, event.kind),
+        event.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": event.event_id},
+    )
+
+
+async def submit(
+    js: JetStreamContext,
+    store: ArtifactStore,
+    media: Path,
+    *,
+    workflow: str = "transcribe",
+    source_language: str | None = None,
+    target_languages: list[str] | None = None,
+    options: dict | None = None,
+    job_id: str | None = None,
+) -> JobSpec:
+    media = check_input_file(media)
+    ref = await store.put(media, name=media.name)
+    spec = JobSpec(
+        job_id=job_id or new_job_id(),
+        workflow=workflow,
+        input=ref,
+        source_language=source_language,
+        target_languages=target_languages or [],
+        options=options or {},
+    )
+    await publish_event(js, JobSubmitted(job_id=spec.job_id, spec=spec))
+    return spec
+
+
+async def cancel(js: JetStreamContext, job_id: str) -> None:
+    await publish_event(js, JobCancelRequested(job_id=job_id))
+
+
+async def retry(js: JetStreamContext, job_id: str) -> None:
+    await publish_event(js, JobRetryRequested(job_id=job_id))
+
+
+async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    try:
+        entry = await kv.get(job_id)
+    except Exception:  # nats raises KeyNotFoundError/KeyDeletedError; both mean "no such job"
+        return None
+    return JobState.model_validate_json(entry.value) if entry and entry.value else None
+
+
+async def list_jobs(js: JetStreamContext) -> list[JobState]:
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    try:
+        keys = await kv.keys()
+    except Exception:  # NoKeysError when the bucket is empty
+        return []
+    states = []
+    for key in keys:
+        state = await job_state(js, key)
+        if state:
+            states.append(state)
+    return sorted(states, key=lambda s: s.created_at)
+
+
+async def follow(
+    js: JetStreamContext, job_id: str | None = None, *, stop_at_end: bool = True
+) -> AsyncIterator:
+    """Job events from the start of the stream (replay) and then live, in order."""
+    subject = subjects.job_events(job_id) if job_id else subjects.EVENTS_WILDCARD
+    sub = await js.subscribe(
+        subject,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        async for msg in sub.messages:
+            try:
+                event = parse_event(msg.data)
+            except ValueError:
+                continue  # a newer schema or foreign publisher: not ours to interpret
+            yield event
+            if stop_at_end and job_id and event.kind in TERMINAL_KINDS:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def output_filename(stem: str, key: str, ref: ArtifactRef) -> str:
+    """subtitle_gen.srt → clip.srt; srt-ta → clip.ta.srt; mp4 → clip.subtitled.mp4."""
+    ext = Path(ref.name).suffix.lstrip(".") or "bin"
+    label = key.replace(ext, "").strip("-_.")
+    if ext in ("mp4", "mkv", "mov"):
+        label = f"subtitled.{label}" if label else "subtitled"
+    return f"{stem}.{label}.{ext}" if label else f"{stem}.{ext}"
+
+
+async def fetch_outputs(
+    store: ArtifactStore, outputs: dict[str, ArtifactRef], out_dir: Path, stem: str
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for key, ref in sorted(outputs.items()):
+        local = await store.get(ref, out_dir / ".fetch")
+        target = out_dir / output_filename(stem, key, ref)
+        shutil.copyfile(local, target)
+        written[key] = target
+    shutil.rmtree(out_dir / ".fetch", ignore_errors=True)
+    return written
+
+
+async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[dict]:
+    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*)."""
+    replies: list[dict] = []
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, b"", reply=inbox)
+    with contextlib.suppress(asyncio.TimeoutError):
+        async with asyncio.timeout(timeout):
+            async for msg in sub.messages:
+                with contextlib.suppress(ValueError):
+                    replies.append(json.loads(msg.data))
+    await sub.unsubscribe()
+    return replies
+
+
+async def workers(nc: NATS, timeout: float = 1.0) -> list[dict]:
+    """Every captionbus stage service's $SRV.INFO reply."""
+    replies = await collect_replies(nc, "$SRV.INFO", timeout)
+    return [r for r in replies if str(r.get("name", "")).startswith("captionbus-")]

@@ -1,0 +1,176 @@
+"""`captionbus run` / `up`: the whole stack on this host, and following one job to its end."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from captionbus.artifacts import ArtifactStore
+from captionbus.bus import connect, provision
+from captionbus.client import SubmitError, check_input_file, fetch_outputs, follow, job_state, submit
+from captionbus.settings import CONFIG_DIR, Settings
+from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
+
+log = structlog.get_logger("captionbus.runner")
+
+
+class JobFailedError(RuntimeError):
+    """The job ended failed or cancelled; the message is its reason."""
+
+
+def validate_job(workflow: str, source_language: str | None, target_languages: list[str]) -> list[str]:
+    """Refuse before anything runs: unknown workflow or language, missing environments.
+    Returns the stages the workflow needs."""
+    from captionbus.envs import require_envs, workflow_stages
+    from contracts.languages import check_language
+
+    if not (CONFIG_DIR / "workflows" / f"{workflow}.yaml").exists():
+        known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "workflows").glob("*.yaml")))
+        raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
+    for code in ([source_language] if source_language else []) + target_languages:
+        check_language(code)
+    stages = workflow_stages(workflow)
+    require_envs(stages)
+    return stages
+
+
+def start_stage_services(settings: Settings, url: str, stages: list[str]) -> list[ServiceProcess]:
+    from captionbus.envs import env_for_stage, interpreter_for_stage
+
+    return [
+        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings)
+        for stage in dict.fromkeys(stages)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def coordinator_task(nc):
+    from coordinator.service import run_coordinator
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_coordinator(nc, stop_event=stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 10)
+
+
+async def run_job(
+    settings: Settings,
+    url: str,
+    media: Path,
+    *,
+    workflow: str,
+    source_language: str | None,
+    target_languages: list[str],
+    options: dict,
+    out_dir: Path,
+    start_stack: bool,
+    console: Console,
+) -> dict[str, Path]:
+    media = check_input_file(media)
+    stages = validate_job(workflow, source_language, target_languages)
+    nc = await connect(url, "captionbus-run")
+    services: list[ServiceProcess] = []
+    try:
+        js = nc.jetstream()
+        await provision(js)
+        async with contextlib.AsyncExitStack() as stack:
+            if start_stack:
+                await stack.enter_async_context(coordinator_task(nc))
+                services = start_stage_services(settings, url, stages)
+                with console.status(f"starting {len(services)} stage services in their environments"):
+                    await wait_ready(nc, services)
+            store = ArtifactStore(settings, js)
+            spec = await submit(
+                js, store, media, workflow=workflow, source_language=source_language,
+                target_languages=target_languages, options=options,
+            )
+            console.print(f"job [bold]{spec.job_id}[/] ({workflow}) submitted", highlight=False)
+            final = await _follow_with_progress(js, spec.job_id, console)
+            if final.kind != "completed":
+                reason = getattr(final, "reason", None) or "cancelled"
+                raise JobFailedError(f"job {spec.job_id} {final.kind}: {reason}")
+            written = await fetch_outputs(store, final.outputs, out_dir, media.stem)
+            # Which worker/env/interpreter ran each stage, attempts, timings: the job's record.
+            state = await job_state(js, spec.job_id)
+            if state is not None:
+                record = out_dir / f"{media.stem}.job.json"
+                record.write_text(state.model_dump_json(indent=2))
+                written["job"] = record
+            return written
+    finally:
+        stop_services(services)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5)
+
+
+async def _follow_with_progress(js, job_id: str, console: Console):
+    bars: dict[str, int] = {}
+    columns = (SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        async for event in follow(js, job_id):
+            node = getattr(event, "node", None)
+            if node and node not in bars and event.kind in ("stage_requested", "stage_progress", "stage_completed"):
+                bars[node] = progress.add_task(node, total=1.0, note="")
+            if event.kind == "stage_requested" and event.attempt > 1:
+                progress.update(bars[node], completed=0, note=f"attempt {event.attempt}")
+            elif event.kind == "stage_progress":
+                progress.update(bars[node], completed=event.fraction, note=event.message[:40])
+            elif event.kind == "stage_completed":
+                progress.update(bars[node], completed=1.0, note=event.worker.get("env", ""))
+            elif event.kind == "stage_warning":
+                console.print(f"[yellow]warning[/] {event.node}: {event.message}", highlight=False)
+            elif event.kind in ("completed", "failed", "cancelled"):
+                return event
+    raise JobFailedError(f"lost the event stream of job {job_id}")
+
+
+async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console) -> None:
+    """Coordinator + services until SIGINT/SIGTERM. Stages default to all whose env is built."""
+    from captionbus.envs import env_for_stage, is_built, load_stage_map
+
+    if stages is None:
+        stages = [s for s in load_stage_map() if _env_ready(env_for_stage, is_built, s)]
+    nc = await connect(url, "captionbus-up")
+    await provision(nc.jetstream())
+    services = start_stage_services(settings, url, stages)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with coordinator_task(nc):
+            await wait_ready(nc, services)
+            console.print(f"serving: {', '.join(stages) or 'no stages'}; Ctrl-C stops")
+            await stop.wait()
+    finally:
+        stop_services(services)
+        await nc.drain()
+
+
+def _env_ready(env_for_stage, is_built, stage: str) -> bool:
+    try:
+        return is_built(env_for_stage(stage))
+    except Exception:  # a stage routed to an env with no spec here: not ours to serve
+        return False
+
+
+async def run_coordinator_forever(url: str) -> None:
+    nc = await connect(url, "captionbus-coordinator")
+    await provision(nc.jetstream())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with coordinator_task(nc):
+        await stop.wait()
+    await nc.drain()

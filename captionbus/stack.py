@@ -1,0 +1,123 @@
+"""Starting the parts of captionbus on this host: stage services in their own interpreters,
+and the coordinator in-process. Used by `run` and `up`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from captionbus.settings import PROJECT_ROOT, Settings
+from contracts import subjects
+
+log = structlog.get_logger("captionbus.stack")
+
+
+class ServiceStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class ServiceProcess:
+    stage: str
+    env: str
+    interpreter: Path
+    log_path: Path
+    process: subprocess.Popen
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def start_service(
+    stage: str,
+    env: str,
+    interpreter: Path,
+    nats_url: str,
+    settings: Settings,
+    *,
+    replica: int = 0,
+    extra_env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """One stage service, launched with its environment's interpreter (never a shell)."""
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{stage}-{replica}.log"
+    child_env = {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "CAPTIONBUS_HOME": str(settings.home),
+        "CAPTIONBUS_ENV": env,
+        "CAPTIONBUS_HOST_ID": settings.host_id,
+        "CAPTIONBUS_ARTIFACTS": "object" if settings.use_object_store() else "local",
+        # The env has captionbus installed too; this keeps a dev checkout authoritative.
+        "PYTHONPATH": str(PROJECT_ROOT),
+        **(extra_env or {}),
+    }
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [str(interpreter), "-m", "services", "serve", stage, "--replica-id", str(replica)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+            cwd=str(settings.home),
+            start_new_session=True,  # a terminal Ctrl-C goes to us; we stop services in order
+        )
+    log.info("service started", stage=stage, env=env, interpreter=str(interpreter), pid=process.pid)
+    return ServiceProcess(stage, env, interpreter, log_path, process, extra_env or {})
+
+
+async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0) -> None:
+    """Until every service process answers $SRV.PING (its model is loaded), or fail with its log."""
+    from captionbus.client import collect_replies
+
+    deadline = time.monotonic() + timeout
+    pending = list(services)
+    while pending:
+        for svc in pending:
+            if not svc.alive():
+                raise ServiceStartError(
+                    f"stage service {svc.stage!r} (env {svc.env}) exited with code "
+                    f"{svc.process.returncode}; its log {svc.log_path} ends with:\n{svc.log_tail()}"
+                )
+        stages = {svc.stage for svc in pending}
+        ready_pids: set[str] = set()
+        for stage in stages:
+            for reply in await collect_replies(nc, f"$SRV.PING.{subjects.micro_service_name(stage)}", 0.3):
+                ready_pids.add(str((reply.get("metadata") or {}).get("pid")))
+        pending = [svc for svc in pending if str(svc.process.pid) not in ready_pids]
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.stage for s in pending)
+            raise ServiceStartError(f"stage services did not become ready in {timeout:.0f}s: {names}")
+        if pending:
+            await asyncio.sleep(0.2)
+
+
+def stop_services(services: list[ServiceProcess], grace: float = 15.0) -> None:
+    for svc in services:
+        if svc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                svc.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for svc in services:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            svc.process.wait(remaining)
+        except subprocess.TimeoutExpired:
+            svc.process.kill()
+            svc.process.wait()

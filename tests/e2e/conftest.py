@@ -1,0 +1,201 @@
+"""End to end on real parts: a real nats-server, the stage services in their own venvs (whisperx
+with torch 2.8 for asr, common for the rest), the real Whisper base model, real ffmpeg.
+
+The environments and the model are built on first use (minutes; CI does it once per run)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from captionbus.bus import EmbeddedServer, connect, provision
+from captionbus.settings import Settings
+from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
+from contracts.events import TERMINAL_KINDS
+
+TRANSCRIBE_STAGES = ["demux", "asr", "subtitle_gen", "mux"]
+
+
+@pytest.fixture(scope="session")
+def stage_envs() -> None:
+    """The environments the transcribe workflow needs, built with uv when missing or stale."""
+    from captionbus.envs import create, envs_for_stages, get_spec
+
+    for name in envs_for_stages(TRANSCRIBE_STAGES):
+        create(get_spec(name))
+
+
+@pytest.fixture(scope="session")
+def whisper_model() -> Path:
+    from captionbus.models import ensure_whisper_base
+
+    return ensure_whisper_base()
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+@dataclass
+class Stack:
+    """A fleet in miniature: one bus, a coordinator process, stage service processes whose data
+    dir is not the client's (so every artifact crosses the bus, as between hosts)."""
+
+    root: Path
+    server: EmbeddedServer
+    env: dict[str, str]
+    services: list[ServiceProcess] = field(default_factory=list)
+    coordinator: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def settings(self, who: str) -> Settings:
+        return Settings(home=self.root / who, nats_url=self.url, artifacts_mode="object", host_id=who)
+
+    def start_coordinator(self) -> None:
+        log = open(self.root / "coordinator.log", "ab")
+        self.coordinator = subprocess.Popen(
+            [sys.executable, "-m", "captionbus", "-v", "coordinator"],
+            env={**self.env, "CAPTIONBUS_HOME": str(self.root / "coordinator")},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    def stop_coordinator(self, sig=signal.SIGTERM) -> None:
+        if self.coordinator and self.coordinator.poll() is None:
+            self.coordinator.send_signal(sig)
+            self.coordinator.wait(20)
+
+    def start_stage(self, stage: str, replica: int = 0) -> ServiceProcess:
+        from captionbus.envs import env_for_stage, interpreter_for_stage
+
+        svc = start_service(
+            stage, env_for_stage(stage), interpreter_for_stage(stage), self.url,
+            self.settings(f"worker-{stage}-{replica}"), replica=replica, extra_env=self.env,
+        )
+        self.services.append(svc)
+        return svc
+
+    def wait_ready(self, services: list[ServiceProcess]) -> None:
+        async def go():
+            nc = await connect(self.url, "test-ready")
+            try:
+                await wait_ready(nc, services)
+            finally:
+                await nc.close()
+
+        run_async(go())
+
+    def submit(self, media: Path, **kwargs) -> str:
+        from captionbus.artifacts import ArtifactStore
+        from captionbus.client import submit
+
+        async def go():
+            nc = await connect(self.url, "test-submit")
+            try:
+                js = nc.jetstream()
+                spec = await submit(js, ArtifactStore(self.settings("client"), js), media, **kwargs)
+                return spec.job_id
+            finally:
+                await nc.close()
+
+        return run_async(go())
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 240.0) -> list:
+        """Job events until `predicate(event)` is true; fails the test at timeout."""
+        from captionbus.client import follow
+
+        async def go():
+            nc = await connect(self.url, "test-follow")
+            seen = []
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in follow(nc.jetstream(), job_id, stop_at_end=False):
+                        seen.append(event)
+                        if predicate(event):
+                            return seen
+            except TimeoutError:
+                kinds = [f"{e.kind}:{getattr(e, 'node', '')}" for e in seen]
+                pytest.fail(f"job {job_id} timed out after {timeout}s; events: {kinds}")
+            finally:
+                await nc.close()
+
+        return run_async(go())
+
+    def wait_end(self, job_id: str, timeout: float = 240.0) -> list:
+        return self.wait_for(job_id, lambda e: e.kind in TERMINAL_KINDS, timeout)
+
+    def fetch(self, outputs: dict, out_dir: Path) -> dict[str, Path]:
+        from captionbus.artifacts import ArtifactStore
+        from captionbus.client import fetch_outputs
+
+        async def go():
+            nc = await connect(self.url, "test-fetch")
+            try:
+                js = nc.jetstream()
+                return await fetch_outputs(ArtifactStore(self.settings("client"), js), outputs, out_dir, "clip")
+            finally:
+                await nc.close()
+
+        return run_async(go())
+
+    def job_state(self, job_id: str):
+        from captionbus.client import job_state
+
+        async def go():
+            nc = await connect(self.url, "test-state")
+            try:
+                return await job_state(nc.jetstream(), job_id)
+            finally:
+                await nc.close()
+
+        return run_async(go())
+
+    def close(self) -> None:
+        stop_services(self.services)
+        self.stop_coordinator()
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
+    root = tmp_path_factory.mktemp("stack")
+    server = EmbeddedServer(root / "nats")
+    server.start()
+    env = {
+        **os.environ,
+        "NATS_URL": server.url,
+        "CAPTIONBUS_ACK_WAIT": "6",  # a killed worker's request comes back within seconds
+        "CAPTIONBUS_MAX_DELIVER": "4",
+    }
+    s = Stack(root=root, server=server, env=env)
+
+    async def prepare():
+        nc = await connect(server.url, "test-provision")
+        await provision(nc.jetstream())
+        await nc.close()
+
+    run_async(prepare())
+    try:
+        s.start_coordinator()
+        s.wait_ready([s.start_stage(stage) for stage in TRANSCRIBE_STAGES])
+        yield s
+    finally:
+        s.close()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")

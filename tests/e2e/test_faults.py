@@ -1,0 +1,125 @@
+"""Faults on a running fleet in miniature (see conftest.Stack): bad input, crashed workers,
+a restarted coordinator, concurrent jobs, duplicate completions."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import pysubs2
+import pytest
+
+from captionbus.bus import connect
+from captionbus.client import publish_event
+from contracts import StageCompleted
+from tests.e2e.conftest import run_async, wait_until
+from tests.media import (
+    ENGLISH_SENTENCE,
+    empty_file,
+    hls_playlist,
+    speech_video,
+    text_named_mp4,
+    video_without_audio,
+)
+
+OTHER_SENTENCE = "Rivers carry cold water from the northern mountains down to the wide green valley"
+LONG_TEXT = " ".join([ENGLISH_SENTENCE, OTHER_SENTENCE] * 3)
+
+
+def words_of(text: str) -> set[str]:
+    return set(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def srt_text(path) -> str:
+    return " ".join(e.plaintext.replace("\n", " ") for e in pysubs2.load(str(path)))
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: empty_file(d / "empty.mp4"), r"empty"),
+        (lambda d: text_named_mp4(d / "notes.mp4"), r"not a media file"),
+        (lambda d: video_without_audio(d / "silent.mp4"), r"no audio"),
+        (lambda d: hls_playlist(d / "list.m3u8", speech_video(d / "target.mp4")[0]), r"playlist|not allowed|refus"),
+    ],
+    ids=["empty", "text-as-mp4", "no-audio", "hls-playlist"],
+)
+def test_bad_input_fails_fast_with_a_clear_reason_and_services_stay_up(stack, tmp_path, make, reason):
+    media = make(tmp_path)
+    started = time.monotonic()
+    job_id = stack.submit(media)
+    final = stack.wait_end(job_id, timeout=30)[-1]
+    assert time.monotonic() - started < 30
+    assert final.kind == "failed"
+    assert re.search(reason, final.reason, re.I), final.reason
+    assert "Traceback" not in final.reason and "\n" not in final.reason
+    assert all(svc.alive() for svc in stack.services)
+
+
+def test_concurrent_jobs_never_mix_outputs(stack, tmp_path):
+    first, text_a = speech_video(tmp_path / "a.mp4", ENGLISH_SENTENCE)
+    second, text_b = speech_video(tmp_path / "b.mp4", OTHER_SENTENCE)
+    job_a, job_b = stack.submit(first, source_language="en"), stack.submit(second, source_language="en")
+    results = {}
+    for job_id, text in ((job_a, text_a), (job_b, text_b)):
+        final = stack.wait_end(job_id)[-1]
+        assert final.kind == "completed", getattr(final, "reason", "")
+        files = stack.fetch(final.outputs, tmp_path / job_id)
+        results[job_id] = words_of(srt_text(files["srt"]))
+    own_a, own_b = words_of(text_a) - words_of(text_b), words_of(text_b) - words_of(text_a)
+    assert len(results[job_a] & own_a) > len(own_a) / 2 and not results[job_a] & own_b
+    assert len(results[job_b] & own_b) > len(own_b) / 2 and not results[job_b] & own_a
+
+
+def test_asr_worker_killed_mid_job_the_request_is_redelivered(stack, tmp_path):
+    video, _ = speech_video(tmp_path / "long.mp4", LONG_TEXT)
+    asr = next(s for s in stack.services if s.stage == "asr")
+    job_id = stack.submit(video, source_language="en")
+    stack.wait_for(job_id, lambda e: e.kind == "stage_progress" and e.node == "asr"
+                   or e.kind == "stage_requested" and e.node == "asr", timeout=120)
+    time.sleep(1.0)  # into the transcription
+    os.kill(asr.process.pid, signal.SIGKILL)
+    asr.process.wait(10)
+    replacement = stack.start_stage("asr", replica=1)
+    stack.wait_ready([replacement])
+    events = stack.wait_end(job_id)
+    assert events[-1].kind == "completed", getattr(events[-1], "reason", "")
+    completed = [e for e in events if e.kind == "stage_completed" and e.node == "asr"]
+    assert completed and completed[-1].worker.get("pid", str(replacement.process.pid)) == str(replacement.process.pid)
+
+
+def test_coordinator_restarted_mid_job_the_job_completes(stack, tmp_path):
+    video, _ = speech_video(tmp_path / "c.mp4", ENGLISH_SENTENCE)
+    job_id = stack.submit(video, source_language="en")
+    stack.wait_for(job_id, lambda e: e.kind == "stage_completed" and e.node == "demux", timeout=60)
+    stack.stop_coordinator(signal.SIGKILL)
+    time.sleep(1.0)
+    stack.start_coordinator()
+    final = stack.wait_end(job_id)[-1]
+    assert final.kind == "completed", getattr(final, "reason", "")
+
+
+def test_a_duplicate_completion_is_applied_once(stack, tmp_path):
+    video, _ = speech_video(tmp_path / "d.mp4", ENGLISH_SENTENCE)
+    job_id = stack.submit(video, source_language="en")
+    events = stack.wait_end(job_id)
+    assert events[-1].kind == "completed"
+    original = next(e for e in events if e.kind == "stage_completed" and e.node == "subtitle_gen")
+    before = stack.job_state(job_id)
+
+    async def replay():
+        nc = await connect(stack.url, "test-duplicate")
+        js = nc.jetstream()
+        # A late copy of the same completion (a redelivered message answered twice).
+        await publish_event(js, original.model_copy(update={"event_id": "late-copy"}))
+        await nc.close()
+
+    run_async(replay())
+    time.sleep(2.0)
+    after = stack.job_state(job_id)
+    assert after.status == before.status and after.nodes == before.nodes
+    events = stack.wait_for(job_id, lambda e: e.event_id == "late-copy", timeout=10)
+    assert [e.kind for e in events].count("completed") == 1
+    assert [e.kind for e in events].count("stage_requested") == len(before.nodes)

@@ -1,0 +1,61 @@
+"""The main job, as a user runs it: `captionbus run video.mp4` on the embedded default."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import pysubs2
+
+from tests.media import ENGLISH_SENTENCE, ffprobe_json, speech_video
+
+
+def words_of(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def test_run_transcribes_a_video_into_subtitles_and_muxed_videos(tmp_path, stage_envs, whisper_model):
+    video, spoken = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    out = tmp_path / "out"
+    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
+    env.pop("NATS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "captionbus", "run", str(video), "-s", "en", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [Path(line) for line in done.stdout.split() if line.strip()]
+    assert all(p.exists() for p in printed)
+
+    srt, vtt = out / "talk.srt", out / "talk.vtt"
+    mp4, mkv = out / "talk.subtitled.mp4", out / "talk.subtitled.mkv"
+    for path in (srt, vtt, mp4, mkv):
+        assert path.exists() and path.stat().st_size > 0, f"missing {path.name}; have {sorted(os.listdir(out))}"
+
+    subs = pysubs2.load(str(srt))
+    heard = " ".join(event.plaintext.replace("\n", " ") for event in subs)
+    wer = jiwer.wer(words_of(spoken), words_of(heard))
+    assert wer <= 0.25, f"WER {wer:.2f}: heard {heard!r}"
+    assert pysubs2.load(str(vtt))[0].start == subs[0].start
+
+    source = ffprobe_json(video)
+    for muxed, codec in ((mp4, "mov_text"), (mkv, "subrip")):
+        streams = ffprobe_json(muxed)["streams"]
+        subtitle = [s for s in streams if s["codec_type"] == "subtitle"]
+        assert len(subtitle) == 1 and subtitle[0]["codec_name"] == codec
+        assert subtitle[0]["tags"]["language"] == "eng"
+        # Copied, not re-encoded: same codecs as the source.
+        for kind in ("video", "audio"):
+            before = [s["codec_name"] for s in source["streams"] if s["codec_type"] == kind]
+            after = [s["codec_name"] for s in streams if s["codec_type"] == kind]
+            assert before == after
+
+    record = json.loads((out / "talk.job.json").read_text())
+    assert record["status"] == "completed"
+    asr_worker, demux_worker = record["nodes"]["asr"]["worker"], record["nodes"]["demux"]["worker"]
+    assert asr_worker["env"] == "whisperx" and demux_worker["env"] == "common"
+    assert asr_worker["interpreter"] != demux_worker["interpreter"] != sys.executable
