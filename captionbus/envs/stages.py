@@ -1,0 +1,179 @@
+"""Stage -> environment map (`config/stages.yaml`) and the submit-time environment gate."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from captionbus import settings
+from captionbus.envs.spec import SpecError, load_specs
+
+
+class EnvsMissing(RuntimeError):
+    """Raised when stages need environments that are not built.
+
+    `str(err)` is exactly the command that fixes it, e.g. `captionbus envs create whisperx`, so the
+    CLI can print it as-is. `err.envs` lists the environment names.
+    """
+
+    def __init__(self, envs: list[str]):
+        self.envs = list(envs)
+        super().__init__(create_command(self.envs))
+
+
+def create_command(envs: Iterable[str]) -> str:
+    return "captionbus envs create " + " ".join(envs)
+
+
+@dataclass(frozen=True)
+class StageRoute:
+    env: str
+    backends: dict[str, str] = field(default_factory=dict)  # hardware kind -> env
+
+
+def stages_config_path() -> Path:
+    return settings.CONFIG_DIR / "stages.yaml"
+
+
+def load_stage_map(path: Path | None = None) -> dict[str, StageRoute]:
+    path = path or stages_config_path()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise SpecError(f"cannot read the stage map {path}: {e}") from e
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        raise SpecError(f"{path}: needs a top-level `stages:` mapping of stage -> {{env: NAME}}")
+    routes = {}
+    for stage, entry in stages.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("env"), str):
+            raise SpecError(f"{path}: stage {stage!r} needs `env: <name>`")
+        backends = entry.get("backends") or {}
+        if not isinstance(backends, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in backends.items()
+        ):
+            raise SpecError(f"{path}: stage {stage!r}: `backends` must map hardware kind -> env name")
+        routes[str(stage)] = StageRoute(env=entry["env"], backends=dict(backends))
+    return routes
+
+
+def validate_config(stage_map=None, specs=None) -> list[str]:
+    """Disagreements between config/stages.yaml and envs/*.toml (empty when consistent).
+
+    The map is what routing uses; a spec's `stages` says what its env is built for. A default env
+    must have a spec that lists the stage; a backend env, once it has a spec, must list it too.
+    """
+    stage_map = stage_map if stage_map is not None else load_stage_map()
+    specs = specs if specs is not None else load_specs()
+    problems = []
+    for stage, route in stage_map.items():
+        if route.env not in specs:
+            problems.append(f"stage {stage!r} -> env {route.env!r}, which has no envs/{route.env}.toml")
+        for env in [route.env, *route.backends.values()]:
+            if env in specs and stage not in specs[env].stages:
+                problems.append(f"stage {stage!r} -> env {env!r}, but envs/{env}.toml does not list it")
+    for spec in specs.values():
+        for stage in spec.stages:
+            if stage not in stage_map:
+                problems.append(f"envs/{spec.name}.toml serves {stage!r}, missing from stages.yaml")
+    return problems
+
+
+def _hardware_kinds(hardware) -> list[str]:
+    if hardware is None:
+        from captionbus import hardware as hw
+
+        return hw.load().kinds()
+    if isinstance(hardware, str):
+        return [hardware, "cpu"]
+    return list(hardware.kinds())
+
+
+def env_for_stage(stage: str, hardware=None, *, stage_map=None, specs=None) -> str:
+    """The environment that runs `stage` on `hardware`.
+
+    `hardware` is a `captionbus.hardware.Hardware`, a kind ("cuda", "mlx", "mps", "cpu"), or None
+    for this host (cached detection). A backend entry wins only when its env has a spec, so a
+    backend can be listed in config before its environment exists.
+    """
+    stage_map = stage_map if stage_map is not None else load_stage_map()
+    if stage not in stage_map:
+        raise SpecError(
+            f"stage {stage!r} has no environment in {stages_config_path()} "
+            f"(known stages: {', '.join(sorted(stage_map))})"
+        )
+    route = stage_map[stage]
+    if route.backends:
+        specs = specs if specs is not None else load_specs()
+        for kind in _hardware_kinds(hardware):
+            env = route.backends.get(kind)
+            if env and env in specs:
+                return env
+    return route.env
+
+
+def env_dir(env: str) -> Path:
+    return settings.load().envs_dir / env
+
+
+def env_python(env: str) -> Path:
+    """The interpreter of an environment (whether or not it is built yet)."""
+    if sys.platform == "win32":
+        return env_dir(env) / "Scripts" / "python.exe"
+    return env_dir(env) / "bin" / "python"
+
+
+def interpreter_for_stage(stage: str, hardware=None) -> Path:
+    """Where `<python> -m services serve <stage>` runs from on this host."""
+    return env_python(env_for_stage(stage, hardware))
+
+
+def envs_for_stages(stages: Iterable[str], hardware=None) -> list[str]:
+    """Distinct environments the stages need, in first-use order."""
+    stage_map, specs = load_stage_map(), load_specs()
+    out: list[str] = []
+    for stage in stages:
+        env = env_for_stage(stage, hardware, stage_map=stage_map, specs=specs)
+        if env not in out:
+            out.append(env)
+    return out
+
+
+def workflow_stages(workflow: str) -> list[str]:
+    """Stages of `config/workflows/<workflow>.yaml`, in node order, without repeats.
+
+    All nodes count, optional ones (`when:`) too: an env is needed before the job's options are
+    known. Callers that know the job can pass its active stages to `require_envs` instead.
+    """
+    from coordinator.graph import WorkflowError, load_workflow
+
+    path = settings.CONFIG_DIR / "workflows" / f"{workflow}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SpecError(f"no workflow {workflow!r} ({path} missing; known: {', '.join(known) or 'none'})")
+    try:
+        graph = load_workflow(path)
+    except WorkflowError as e:
+        raise SpecError(str(e)) from None
+    return list(dict.fromkeys(node.stage_name(name) for name, node in graph.nodes.items()))
+
+
+def missing_envs_for_workflow(workflow_stages: list[str], hardware=None) -> list[str]:
+    """Environments the stages need that are not built (or not usable) on this host.
+
+    A cheap filesystem check (interpreter and manifest present), fit for every submit;
+    `captionbus envs check` does the thorough import check.
+    """
+    from captionbus.envs.manager import is_built
+
+    return [env for env in envs_for_stages(workflow_stages, hardware) if not is_built(env)]
+
+
+def require_envs(stages: list[str], hardware=None) -> None:
+    """Raise EnvsMissing (message: the fixing command) unless every needed env is built."""
+    missing = missing_envs_for_workflow(stages, hardware)
+    if missing:
+        raise EnvsMissing(missing)
