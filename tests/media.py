@@ -103,3 +103,13 @@ def ffprobe_json(path: Path) -> dict:
         check=True, capture_output=True, timeout=60,
     )
     return json.loads(out.stdout)
+
+
+def packet_hash(path: Path, stream: str) -> str:
+    """Hash of the compressed packets of one stream (e.g. "v:0", "a:0"): equal hashes mean the
+    stream was copied, not re-encoded."""
+    out = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-c", "copy", "-f", "hash", "-hash", "sha256", "-"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )
+    return out.stdout.strip()

@@ -1,0 +1,96 @@
+"""mux: the original media + SRT tracks -> soft-subtitled mp4 (mov_text) and mkv (srt).
+
+Inputs: `media` (the original), input list `subtitles` (SRT files).
+Params: `languages` (ISO 639-1 codes, same order as `subtitles`).
+Outputs: `mp4`, `mkv`.
+
+Video and audio are stream-copied (-c copy), never re-encoded. Each subtitle track is tagged
+with its ISO 639-2 code and a title; the first is marked default so players show it.
+
+Audio-only input (a podcast, an .m4a): both outputs are still written, holding the audio and
+the subtitle tracks; an mp4 without video is a valid "audio with captions" file and keeps the
+workflow's outputs uniform. Source codecs mp4 cannot hold (e.g. PCM audio, or any codec in
+an mkv/avi source that has no mp4 mapping) make the mp4 a BadInput naming the codec -- the
+mkv, which takes any codec, is the file to use then; we never re-encode silently.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from contracts import StageRequest
+from contracts.languages import LANGUAGES, UnknownLanguage, check_language
+from services import media
+from services.runtime import BadInput, StageContext, StageDefinition
+
+# Which subtitle codec each container gets.
+CONTAINERS = {"mp4": ("mp4", "mov_text"), "mkv": ("matroska", "srt")}
+
+
+def subtitle_languages(languages, count: int) -> list[str]:
+    if isinstance(languages, str):
+        languages = [languages]
+    languages = list(languages or [])
+    if len(languages) != count:
+        raise BadInput(f"mux got {count} subtitle file(s) but {len(languages)} language(s): {languages}")
+    try:
+        return [check_language(code) for code in languages]
+    except UnknownLanguage as unknown:
+        raise BadInput(str(unknown))
+
+
+def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[str], container: str, out: Path) -> list[str]:
+    muxer, subtitle_codec = CONTAINERS[container]
+    args = [*media.guarded_input(probed)]
+    for srt in subtitles:
+        args += media.plain_input(srt, "srt")
+    # 0:V = video that is not cover art; '?' keeps audio-only (or video-only) sources working.
+    args += ["-map", "0:V?", "-map", "0:a?"]
+    for i in range(len(subtitles)):
+        args += ["-map", f"{i + 1}:s:0"]
+    args += ["-c:v", "copy", "-c:a", "copy", "-c:s", subtitle_codec]
+    args += ["-map_metadata", "0", "-map_chapters", "0"]
+    for i, code in enumerate(languages):
+        iso639_2, name = LANGUAGES[code]
+        args += [f"-metadata:s:s:{i}", f"language={iso639_2}", f"-metadata:s:s:{i}", f"title={name}"]
+        args += [f"-disposition:s:{i}", "default" if i == 0 else "0"]
+    if container == "mp4":
+        args += ["-movflags", "+faststart"]
+    args += ["-f", muxer, media.file_url(out)]
+    return args
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    source = ctx.input_path("media")
+    name = request.inputs["media"].name
+    subtitles = ctx.input_paths("subtitles")
+    languages = subtitle_languages(request.params.get("languages"), len(subtitles))
+    probed = media.probe(source, display_name=name)
+    if not probed.video_streams and not probed.audio_streams:
+        raise BadInput(f"{name} has neither video nor audio to put subtitles on")
+    if not probed.video_streams:
+        ctx.warn(f"{name} has no video stream; the mp4 and mkv hold audio and subtitles only")
+
+    outputs: dict[str, Path] = {}
+    containers = list(CONTAINERS)
+    for n, container in enumerate(containers):
+        out = ctx.work_dir / f"subtitled.{container}"
+        try:
+            media.run_ffmpeg(
+                mux_args(probed, subtitles, languages, container, out),
+                duration=probed.duration,
+                timeout_s=media.timeout_for(probed.duration, realtime_fraction=0.1),
+                on_progress=lambda f, n=n, c=container: ctx.progress((n + f) / len(containers), f"writing {c}"),
+            )
+        except media.FfmpegFailed as failed:
+            reason = failed.last_line
+            if "codec not currently supported in container" in failed.stderr or "Could not find tag for codec" in failed.stderr:
+                raise BadInput(f"{name}: a stream cannot be copied into {container} ({reason}); use a source whose codecs {container} supports")
+            if "Invalid data found" in failed.stderr and "srt" in failed.stderr.lower():
+                raise BadInput(f"a subtitle file is not valid SRT ({reason})")
+            raise
+        outputs[container] = out
+    ctx.metrics["subtitle_tracks"] = float(len(subtitles))
+    return outputs
+
+
+STAGE = StageDefinition(name="mux", handle=handle, report_packages=("pydantic",))
