@@ -1,0 +1,58 @@
+"""`captionbus subs check FILE` and `captionbus subs fix FILE`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from captionbus.subtitles.check import check_file, fix_file
+from captionbus.subtitles.formats import FORMATS
+from captionbus.subtitles.rules import load_rules
+
+_rule_options = [
+    click.option("--profile", default="default", show_default=True, help="profile in config/subtitles.yaml"),
+    click.option("--language", "-l", default=None, help="language code for per-language rules (e.g. hi)"),
+    click.option("--fps", type=float, default=None, help="video frame rate for the gap rule (default 24)"),
+]
+
+
+def _with_rule_options(f):
+    for option in reversed(_rule_options):
+        f = option(f)
+    return f
+
+
+@click.group("subs")
+def subs() -> None:
+    """Check and re-flow subtitle files against the readability rules."""
+
+
+@subs.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_with_rule_options
+@click.option("--examples", default=5, show_default=True, help="violations to list")
+def check_cmd(file: Path, profile: str, language: str | None, fps: float | None, examples: int) -> None:
+    """Count rule violations per rule and show the reading-speed distribution. Exit 1 if any."""
+    rules = load_rules(profile, language)
+    report = check_file(file, rules, fps)
+    click.echo(report.render(max_examples=examples))
+    sys.exit(0 if report.ok else 1)
+
+
+@subs.command("fix")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="where to write (default: FILE.fixed.EXT); the format follows the suffix")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="output format")
+@_with_rule_options
+def fix_cmd(file: Path, output: Path | None, fmt: str | None, profile: str, language: str | None,
+            fps: float | None) -> None:
+    """Re-flow FILE: new cue boundaries, line breaks and times that meet the rules."""
+    rules = load_rules(profile, language)
+    out = output or file.with_name(f"{file.stem}.fixed{file.suffix}")
+    result = fix_file(file, out, rules, fps, fmt)
+    click.echo(f"wrote {out}: {len(result.cues)} cues, {len(result.problems)} problems left")
+    for p in result.problems[:20]:
+        click.echo(f"  cue {p.cue + 1 if p.cue is not None else '-'}: {p.rule}: {p.message}")
+
