@@ -1,0 +1,208 @@
+"""Artifacts across hosts through a real nats-server's object store.
+
+Two ArtifactStores with different data dirs stand for two hosts: the consumer never sees
+the producer's files, only the bus.
+"""
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from nats.js import api
+
+from captionbus import artifacts
+from captionbus.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore
+from captionbus.bus import connect, provision
+from captionbus.settings import Settings
+from contracts import subjects
+
+CHUNK = artifacts.CHUNK_SIZE
+
+
+def _random_file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    return path
+
+
+def run(url: str, tmp_path: Path, body):
+    """Run body(js, producer, consumer) on a fresh connection; two hosts, one server."""
+
+    async def main():
+        nc = await connect(url, "test-artifacts")
+        js = nc.jetstream()
+        await provision(js)
+        producer = ArtifactStore(Settings(home=tmp_path / "host-a", host_id="host-a"), js, use_object_store=True)
+        consumer = ArtifactStore(Settings(home=tmp_path / "host-b", host_id="host-b"), js, use_object_store=True)
+        try:
+            return await body(js, producer, consumer)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * 1000 * 1000])
+def test_round_trip_across_hosts(nats_server, tmp_path, size):
+    src = _random_file(tmp_path / "input" / "clip.wav", size)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        assert ref.in_object_store and ref.origin_host == "host-a" and ref.size == size
+        got = await consumer.get(ref)
+        assert got == consumer.root / ref.key[:2] / ref.key  # landed in host-b's root
+        assert got.read_bytes() == src.read_bytes()
+        # The next get is local: a store with no bus at all finds it.
+        offline = ArtifactStore(consumer.settings, None, use_object_store=False)
+        assert await offline.get(ref) == got
+        # Objects we write are ordinary object-store objects: nats-py reads them back.
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        assert (await obj.get(ref.key)).data == src.read_bytes()
+        assert not any((consumer.root / ".tmp").iterdir())
+
+    run(nats_server, tmp_path, body)
+
+
+def test_put_skips_an_upload_that_is_already_there(nats_server, tmp_path):
+    src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK)
+    again = tmp_path / "input" / "b.bin"
+    again.write_bytes(src.read_bytes())
+
+    async def body(js, producer, consumer):
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        ref = await producer.put(src)
+        nuid = (await obj.get_info(ref.key)).nuid
+        ref2 = await consumer.put(again)  # another host, same bytes
+        assert ref2.key == ref.key and ref2.name == "b.bin" and ref2.origin_host == "host-b"
+        assert (await obj.get_info(ref.key)).nuid == nuid  # not uploaded again
+
+    run(nats_server, tmp_path, body)
+
+
+def test_reads_objects_written_by_nats_py(nats_server, tmp_path):
+    data = os.urandom(2 * CHUNK + 5)
+    key = hashlib.sha256(data).hexdigest()
+
+    async def body(js, producer, consumer):
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        await obj.put(key, data)
+        ref = artifacts.ArtifactRef(key=key, name="x.bin", size=len(data), in_object_store=True)
+        assert (await consumer.get(ref)).read_bytes() == data
+
+    run(nats_server, tmp_path, body)
+
+
+def test_other_bytes_under_the_key_are_refused(nats_server, tmp_path):
+    src = _random_file(tmp_path / "input" / "a.bin", 2 * CHUNK)
+
+    async def body(js, producer, consumer):
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        ref = await producer.put(src)
+        await obj.put(ref.key, os.urandom(ref.size))  # same size, other bytes: digest differs
+        with pytest.raises(ArtifactCorrupt, match="other bytes"):
+            await consumer.get(ref)
+        assert consumer.local_path(ref) is None
+
+    run(nats_server, tmp_path, body)
+
+
+def test_corrupt_chunks_are_caught_while_streaming(nats_server, tmp_path):
+    """The meta message claims the right digest, the chunks are other bytes: only hashing
+    what was written can tell, and nothing may land in the root."""
+    src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 7)
+
+    async def body(js, producer, consumer):
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        ref = await producer.put(src)
+        good = await obj.get_info(ref.key)
+        forged_nuid = "FORGED" + good.nuid[6:]
+        data = bytearray(src.read_bytes())
+        data[CHUNK + 3] ^= 0xFF  # one flipped bit-pattern in the second chunk
+        for i in range(0, len(data), CHUNK):
+            await js.publish(f"$O.{subjects.ARTIFACTS_BUCKET}.C.{forged_nuid}", bytes(data[i:i + CHUNK]))
+        forged = {**good.as_dict(), "nuid": forged_nuid}
+        meta_subj = f"$O.{subjects.ARTIFACTS_BUCKET}.M.{base64.urlsafe_b64encode(ref.key.encode()).decode()}"
+        await js.publish(meta_subj, json.dumps(forged).encode(), headers={api.Header.ROLLUP: "sub"})
+        with pytest.raises(ArtifactCorrupt, match="hash to"):
+            await consumer.get(ref)
+        assert consumer.local_path(ref) is None
+        assert not any((consumer.root / ".tmp").iterdir())
+
+    run(nats_server, tmp_path, body)
+
+
+def test_missing_from_the_object_store_names_the_artifact(nats_server, tmp_path):
+    async def body(js, producer, consumer):
+        ref = artifacts.ArtifactRef(key="ab" * 32, name="speech.wav", size=10, in_object_store=True)
+        with pytest.raises(ArtifactMissing) as e:
+            await consumer.get(ref)
+        assert "speech.wav" in str(e.value) and "abababababab" in str(e.value)
+
+    run(nats_server, tmp_path, body)
+
+
+def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeypatch):
+    src = _random_file(tmp_path / "input" / "a.bin", 10 * CHUNK)
+    original = artifacts._ChunkReader._on_msg
+    dropped = []
+
+    async def lossy(self, msg):
+        # Lose the 4th chunk once, as a nats-py slow-consumer drop would.
+        if msg.data and not dropped and self.expect_dseq == 4:
+            dropped.append(msg.metadata.sequence.stream)
+            return
+        await original(self, msg)
+
+    monkeypatch.setattr(artifacts._ChunkReader, "_on_msg", lossy)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
+        assert dropped
+
+    run(nats_server, tmp_path, body)
+
+
+def test_concurrent_gets_of_one_artifact(nats_server, tmp_path):
+    src = _random_file(tmp_path / "input" / "a.bin", 20 * CHUNK)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        paths = await asyncio.gather(*(consumer.get(ref) for _ in range(3)))
+        assert len(set(paths)) == 1 and paths[0].read_bytes() == src.read_bytes()
+
+    run(nats_server, tmp_path, body)
+
+
+def test_large_file_is_streamed_not_held_in_memory(nats_server, tmp_path):
+    size = 64 * 1024 * 1024
+    src = _random_file(tmp_path / "input" / "film.wav", size)
+    peaks = {}
+
+    async def body(js, producer, consumer):
+        # tracemalloc sees every Python allocation, including nats-py's message buffers.
+        tracemalloc.start()
+        try:
+            ref = await producer.put(src)
+            peaks["put"] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            got = await consumer.get(ref)
+            peaks["get"] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert artifacts.hash_file(got) == (ref.key, size)
+
+    run(nats_server, tmp_path, body)
+    print("traced peak bytes", peaks)
+    # A small multiple of the flow-control window / publish window, nowhere near 64 MB.
+    assert peaks["put"] < 16 * 1024 * 1024, peaks
+    assert peaks["get"] < 16 * 1024 * 1024, peaks
