@@ -220,7 +220,7 @@ def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[flo
                 problems.append(Problem("long_word", k, f"{t.text!r} is {t.length} chars, longer than a line"))
         s, e = cues[k].start_ms, cues[k].end_ms
         speech_start, speech_end = tokens[i].start, tokens[j - 1].end
-        if s < speech_start - rules.max_lead * 1000 - 1 or s > speech_start + rules.max_lead * 1000 + 1:
+        if s < speech_start - rules.max_lead * 1000 - 1 or s > speech_start + rules.max_start_delay * 1000 + 1:
             problems.append(Problem("sync", k, f"starts {(s - speech_start) / 1000:+.2f} s from its speech"))
         elif e > speech_end + rules.max_lag * 1000 + 1 or e < speech_end - rules.max_lead * 1000 - 1:
             problems.append(Problem("sync", k, f"ends {(e - speech_end) / 1000:+.2f} s from its speech"))

@@ -23,6 +23,7 @@ class Rules:
     default_fps: float = 24.0
     max_lead: float = 0.5
     max_lag: float = 1.5
+    max_start_delay: float = 0.3
     hard_pause: float = 2.0
     soft_pause: float = 0.4
     time_quantum_ms: int = 10

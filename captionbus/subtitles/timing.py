@@ -23,6 +23,7 @@ def place_cues(spans: Sequence[tuple[int, int]], chars: Sequence[int], rules: Ru
     """spans[k]: (first word start, last word end) of cue k in ms, in order; returns (start, end) per cue."""
     gap, max_d = rules.min_gap_ms(fps), rules.max_duration_ms
     lead, lag = rules._down(rules.max_lead * 1000), rules._down(rules.max_lag * 1000)
+    delay = rules._down(rules.max_start_delay * 1000)
     out: list[tuple[int, int]] = []
     prev_end: int | None = None
     for k, (speech_start, speech_end) in enumerate(spans):
@@ -37,6 +38,8 @@ def place_cues(spans: Sequence[tuple[int, int]], chars: Sequence[int], rules: Ru
         end = min(max(speech_end, start + need), latest)
         if end - start < need:  # too short to read: show it earlier, within the lead
             start = max(earliest, end - need)
+        if end - start < need:  # still too short: hold it a little into the next cue's speech
+            end = max(end, min(start + need, speech_end + lag, next_speech + delay - gap))
         if end - start < rules.min_duration_ms:  # no room at all: keep the rules, lose sync
             end = start + rules.min_duration_ms
         out.append((int(start), int(end)))
