@@ -19,6 +19,7 @@ class StageContext(Protocol):
     resources: Any  # whatever setup() returned: the warm model
     log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
     metrics: dict[str, float]  # filled by the handler, published with the result
+    delivery: int  # 1 on the first delivery of this request, 2 on its first redelivery ...
 
     def input_path(self, name: str) -> Path:
         """A local file with the bytes of request.inputs[name] (fetched over the bus if needed)."""

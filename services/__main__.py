@@ -1,0 +1,5 @@
+import sys
+
+from services.runtime.main import main
+
+sys.exit(main())

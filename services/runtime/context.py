@@ -1,0 +1,105 @@
+"""The StageContext a handler gets: it runs in a worker thread and reaches the event loop
+(artifact fetches, events) through run_coroutine_threadsafe."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
+from contracts.ids import validate_token
+from services.runtime.errors import BadInput
+
+# At most this many progress events per second per request (dashboards need no more).
+PROGRESS_INTERVAL_S = 0.25
+
+
+class RequestContext:
+    def __init__(
+        self,
+        request: StageRequest,
+        *,
+        work_dir: Path,
+        resources: Any,
+        log: Any,
+        delivery: int,
+        loop: asyncio.AbstractEventLoop,
+        fetch: Callable[[ArtifactRef, Path], Awaitable[Path]],
+        emit: Callable[[Any], Awaitable[None]],
+    ):
+        self.request = request
+        self.work_dir = work_dir
+        self.resources = resources
+        self.log = log
+        self.metrics: dict[str, float] = {}
+        self.delivery = delivery  # 1 on the first try of this request, 2 on a redelivery ...
+        self._loop = loop
+        self._fetch = fetch
+        self._emit = emit
+        self._fetched: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self._last_progress = 0.0
+
+    # -- inputs -------------------------------------------------------------------------------
+    def input_path(self, name: str) -> Path:
+        ref = self.request.inputs.get(name)
+        if ref is None:
+            raise BadInput(f"stage {self.request.stage} needs input {name!r}; the request has {sorted(self.request.inputs)}")
+        return self._get(name, ref)
+
+    def input_paths(self, name: str) -> list[Path]:
+        refs = self.request.input_lists.get(name)
+        if refs is None:
+            raise BadInput(f"stage {self.request.stage} needs input list {name!r}; the request has {sorted(self.request.input_lists)}")
+        return [self._get(f"{name}-{i}", ref) for i, ref in enumerate(refs)]
+
+    def _get(self, slot: str, ref: ArtifactRef) -> Path:
+        with self._lock:
+            if slot in self._fetched:
+                return self._fetched[slot]
+        validate_token(slot, "input name")  # it becomes a directory name
+        # One directory per input: two inputs may carry the same file name.
+        dest = self.work_dir / "in" / slot
+        dest.mkdir(parents=True, exist_ok=True)
+        if _running_loop() is self._loop:
+            raise RuntimeError("StageContext input methods block; call them from the handler thread")
+        path = asyncio.run_coroutine_threadsafe(self._fetch(ref, dest), self._loop).result()
+        with self._lock:
+            self._fetched[slot] = path
+        return path
+
+    # -- events -------------------------------------------------------------------------------
+    def progress(self, fraction: float, message: str = "") -> None:
+        fraction = min(1.0, max(0.0, float(fraction)))
+        now = time.monotonic()
+        with self._lock:
+            if fraction < 1.0 and now - self._last_progress < PROGRESS_INTERVAL_S:
+                return
+            self._last_progress = now
+        self._post(StageProgress(**self._ids(), fraction=fraction, message=message[:200]))
+
+    def warn(self, message: str) -> None:
+        self.log.warning("stage warning", message=message)
+        self._post(StageWarning(**self._ids(), message=message))
+
+    def _ids(self) -> dict[str, Any]:
+        r = self.request
+        return {"job_id": r.job_id, "stage": r.stage, "node": r.node, "attempt": r.attempt}
+
+    def _post(self, event: Any) -> None:
+        # Fire and forget: a slow bus must not stall the handler.
+        future = asyncio.run_coroutine_threadsafe(self._emit(event), self._loop)
+        future.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.log.warning("event publish failed", error=str(future.exception()))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

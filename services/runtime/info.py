@@ -1,0 +1,87 @@
+"""Who is running a stage: interpreter, env, packages, hardware, model (WorkerInfo)."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+from importlib import metadata
+from typing import Any, Iterable
+
+from contracts import WorkerInfo
+
+# Reported by every worker; stages add their own (torch, whisperx ...) via report_packages.
+BASE_PACKAGES = ("captionbus", "pydantic", "nats-py")
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for name in dict.fromkeys(names):  # ordered, no duplicates
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def hardware_summary() -> dict[str, str]:
+    try:
+        from captionbus import hardware
+    except ImportError:  # older checkout without the hardware probe
+        return {"cpu_count": str(os.cpu_count() or 0), "platform": f"{platform.system()}-{platform.machine()}"}
+    try:
+        return hardware.load().summary()
+    except Exception as e:  # a broken probe must not keep a worker from starting
+        return {"cpu_count": str(os.cpu_count() or 0), "error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def worker_info(
+    stage: str,
+    env: str,
+    *,
+    worker_id: str | None = None,
+    packages: Iterable[str] = (),
+    hardware: dict[str, str] | None = None,
+    model: str | None = None,
+    backend: str | None = None,
+) -> WorkerInfo:
+    host = socket.gethostname()
+    return WorkerInfo(
+        stage=stage,
+        env=env,
+        interpreter=sys.executable,
+        python_version=platform.python_version(),
+        host=host,
+        pid=os.getpid(),
+        worker_id=worker_id or f"{host}-{os.getpid()}",
+        packages=package_versions([*BASE_PACKAGES, *packages]),
+        hardware=hardware_summary() if hardware is None else hardware,
+        model=model,
+        backend=backend,
+    )
+
+
+def flat_metadata(info: WorkerInfo) -> dict[str, str]:
+    """$SRV metadata must be dict[str, str]: nested maps become `pkg.<name>` / `hw.<key>`."""
+    out: dict[str, str] = {}
+    for key, value in info.model_dump().items():
+        if isinstance(value, dict):
+            prefix = {"packages": "pkg", "hardware": "hw"}.get(key, key)
+            out.update({f"{prefix}.{k}": str(v) for k, v in value.items()})
+        elif value is not None:
+            out[key] = str(value)
+    return out
+
+
+def worker_summary(info: WorkerInfo) -> dict[str, str]:
+    """The short form carried on every StageCompleted / StageFailed."""
+    return {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter, "host": info.host}
+
+
+def describe(definition: Any, resources: Any) -> str | None:
+    if definition.describe_model is None:
+        return None
+    try:
+        return definition.describe_model(resources)
+    except Exception as e:
+        return f"unknown ({type(e).__name__})"

@@ -1,0 +1,104 @@
+"""`python -m services serve STAGE` / `python -m services info [STAGE]`: the entry point every
+stage environment's interpreter runs (launchers set CAPTIONBUS_ENV and NATS_URL)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+import structlog
+
+from captionbus import settings as settings_mod
+from captionbus.logging import configure_logging
+from services.runtime.definition import StageDefinition
+
+OPTION_ENV_PREFIX = "CAPTIONBUS_OPTION_"  # CAPTIONBUS_OPTION_MODEL=base == --option model=base
+
+
+def env_name() -> str:
+    return os.environ.get("CAPTIONBUS_ENV") or "unknown"
+
+
+def load_stage(stage: str) -> StageDefinition:
+    from services import STAGE_MODULES
+
+    if stage not in STAGE_MODULES:
+        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGE_MODULES))}")
+    # Imported only now: each environment has the libraries of its own stages only.
+    return importlib.import_module(STAGE_MODULES[stage]).STAGE
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """k=v pairs (env vars first, command line wins); values are JSON when they parse as JSON."""
+    raw = {k[len(OPTION_ENV_PREFIX):].lower(): v for k, v in os.environ.items() if k.startswith(OPTION_ENV_PREFIX)}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option wants key=value, got {pair!r}")
+        raw[key.strip()] = value
+    options = {}
+    for key, value in raw.items():
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services", description="captionbus stage services")
+    parser.add_argument("--log-level", default=os.environ.get("CAPTIONBUS_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run one stage service (a replica) until SIGTERM")
+    serve.add_argument("stage")
+    serve.add_argument("--replica-id", default=None, help="names this replica in worker info")
+    serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="setup option for the stage (repeatable); also CAPTIONBUS_OPTION_<KEY>")
+    serve.add_argument("--grace", type=float, default=float(os.environ.get("CAPTIONBUS_GRACE_S", 30)),
+                       help="seconds a running request may finish after SIGTERM")
+    info = commands.add_parser("info", help="print this interpreter's WorkerInfo as JSON")
+    info.add_argument("stage", nargs="?", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        from services.runtime.info import worker_info
+
+        definition = load_stage(args.stage) if args.stage else None
+        info = worker_info(args.stage or "", env_name(),
+                           packages=definition.report_packages if definition else ())
+        print(info.model_dump_json(indent=2))
+        return 0
+
+    configure_logging(args.log_level)
+    log = structlog.get_logger("captionbus.stage").bind(stage=args.stage, env=env_name())
+    try:
+        from captionbus.bus import BusError, StagePolicy, resolve_url
+        from services.runtime.serve import serve
+
+        settings = settings_mod.load()
+        definition = load_stage(args.stage)
+        url = resolve_url(settings)
+        asyncio.run(serve(
+            definition, settings, url, env_name=env_name(), policy=StagePolicy.from_env(),
+            stop=None, options=parse_options(args.option), replica_id=args.replica_id, grace_s=args.grace,
+        ))
+    except BusError as e:
+        log.error("stage service cannot start", error=str(e))
+        return 2
+    except Exception:
+        log.exception("stage service crashed")
+        return 1
+    if threading.active_count() > 1:
+        # A handler abandoned at the end of the grace period still holds a thread; its request
+        # was nak'ed already, so exit without waiting for it.
+        sys.stderr.flush()
+        os._exit(0)
+    return 0

@@ -1,0 +1,413 @@
+"""One loop for every stage service: fetch a request, run the handler in a thread with
+heartbeats, store outputs, publish the outcome, then ack / nak / term.
+
+Delivery rules (JetStream work queue, one durable pull consumer per stage, replicas compete):
+- success: outputs stored, StageCompleted published (Nats-Msg-Id = key.completed), then ack;
+- BadInput or an unreadable request: StageFailed(retryable=False), then term (never redelivered);
+- Retryable or any other exception: nak with backoff, until delivery max_deliver, which publishes
+  StageFailed "failed on all N attempts" and terms: the runtime never loops forever.
+A request whose job is already finished (cancelled, failed) is acked and dropped unrun.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+import mimetypes
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.micro
+import structlog
+from nats.js.errors import FetchTimeoutError, KeyNotFoundError
+from pydantic import ValidationError
+
+import captionbus
+from captionbus.bus import StagePolicy, connect, ensure_stage_consumer, provision
+from captionbus.settings import Settings
+from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, WorkerInfo, subjects
+from services.runtime.context import RequestContext
+from services.runtime.definition import SetupContext, StageDefinition
+from services.runtime.errors import BadInput, Retryable
+from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
+
+FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
+MAX_RETRY_DELAY_S = 60.0
+_FINISHED = {s.value for s in JobStatus if s.finished}
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, for events a person reads; tracebacks stay in the log."""
+    if isinstance(error, ValidationError):
+        text = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()[:3]
+        )
+        text = f"invalid stage request: {text}"
+    elif isinstance(error, (BadInput, Retryable)):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def retry_delay(delivery: int, base: float) -> float:
+    return min(base * 2 ** (delivery - 1), MAX_RETRY_DELAY_S)
+
+
+class StageWorker:
+    """The consume loop of one stage service process (a replica)."""
+
+    def __init__(
+        self,
+        definition: StageDefinition,
+        settings: Settings,
+        js: Any,
+        store: Any,
+        *,
+        info: WorkerInfo,
+        policy: StagePolicy,
+        resources: Any,
+        log: Any,
+        retry_delay_s: float = 1.0,
+        grace_s: float = 30.0,
+    ):
+        self.definition = definition
+        self.settings = settings
+        self.js = js
+        self.store = store
+        self.info = info
+        self.policy = policy
+        self.resources = resources
+        self.log = log
+        self.retry_delay_s = retry_delay_s
+        self.grace_s = grace_s
+        self.summary = worker_summary(info)
+        self._jobs_kv = None
+        self._running: set[asyncio.Task] = set()
+        # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
+        # exit, which would wait for a handler we gave up on at the end of the grace period.
+        self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
+
+    async def run(self, sub: Any, stop: asyncio.Event) -> None:
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if len(self._running) >= self.definition.slots:
+                    await asyncio.wait({*self._running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                msg = await self._fetch(sub)
+                if msg is None:
+                    continue
+                if stop.is_set():  # arrived while we were stopping: let another replica have it now
+                    await msg.nak()
+                    break
+                task = asyncio.create_task(self._process(msg))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            stopping.cancel()
+            await self._finish_running()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _fetch(self, sub: Any) -> Any | None:
+        try:
+            return (await sub.fetch(1, timeout=FETCH_TIMEOUT_S))[0]
+        except (nats.errors.TimeoutError, asyncio.TimeoutError, FetchTimeoutError):
+            return None
+        except Exception as e:  # reconnecting, server restart: keep going, slowly
+            self.log.warning("fetch failed", error=one_line(e))
+            await asyncio.sleep(0.5)
+            return None
+
+    async def _finish_running(self) -> None:
+        if not self._running:
+            return
+        self.log.info("waiting for running requests", count=len(self._running), grace_s=self.grace_s)
+        _, pending = await asyncio.wait(set(self._running), timeout=self.grace_s)
+        for task in pending:
+            task.cancel()  # _process naks it, so another replica starts at once
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- one message ----------------------------------------------------------------------------
+    async def _process(self, msg: Any) -> None:
+        delivery = msg.metadata.num_delivered
+        try:
+            request = StageRequest.model_validate_json(msg.data)
+            if request.stage != self.definition.name:
+                raise BadInput(f"request for stage {request.stage!r} reached {self.definition.name!r}")
+        except (ValidationError, ValueError, BadInput) as e:
+            await self._reject(msg, e, delivery)
+            return
+
+        log = self.log.bind(job_id=request.job_id, node=request.node, attempt=request.attempt, delivery=delivery)
+        if await self._job_finished(request.job_id, log):
+            await msg.ack()
+            return
+
+        log.info("stage request started")
+        heartbeat = asyncio.create_task(self._heartbeat(msg, log))
+        job_dir = self.settings.work_dir / request.job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        # Unique per delivery: a redelivery on the same host never sees a half-written dir.
+        work_dir = Path(tempfile.mkdtemp(prefix=f"{request.node}-{request.attempt}-", dir=job_dir))
+        try:
+            await self._run(msg, request, work_dir, delivery, log)
+        except asyncio.CancelledError:
+            # Shutdown grace ran out: release the request now instead of after ack_wait.
+            log.warning("stage request abandoned at shutdown; released for another replica")
+            with suppress(Exception):
+                await msg.nak()
+            raise
+        except BadInput as e:
+            log.warning("bad input; request terminated", error=one_line(e))
+            await self._fail(request, one_line(e), "bad_input")
+            await msg.term()
+        except Exception as e:
+            await self._retry_or_fail(msg, request, e, delivery, log)
+        finally:
+            heartbeat.cancel()
+            shutil.rmtree(work_dir, ignore_errors=True)
+            with suppress(OSError):
+                job_dir.rmdir()  # only if no other request of this job is using it
+
+    async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any) -> None:
+        ctx = RequestContext(
+            request, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
+            loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish,
+        )
+        started = time.perf_counter()
+        call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
+        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        handled = time.perf_counter()
+        refs = {}
+        for name, path in _check_outputs(outputs).items():
+            media_type = mimetypes.guess_type(path.name)[0]
+            refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
+        metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
+                   "delivery": float(delivery)}
+        await self._publish(
+            StageCompleted(**_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+            msg_id=f"{request.key}.completed",
+        )
+        # Ack only after the completion is on the bus: a crash in between means a redelivery
+        # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
+        await msg.ack_sync()
+        log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
+
+    async def _retry_or_fail(self, msg: Any, request: StageRequest, error: Exception, delivery: int, log: Any) -> None:
+        reason = one_line(error)
+        if not isinstance(error, Retryable):
+            log.error("stage handler raised", exc_info=error)
+        if delivery >= self.policy.max_deliver:
+            log.error("stage request failed on every delivery; terminated", deliveries=delivery, error=reason)
+            await self._fail(request, f"{request.stage} failed on all {delivery} attempts: {reason}", "exhausted")
+            await msg.term()
+            return
+        delay = retry_delay(delivery, self.retry_delay_s)
+        log.warning("stage request will be retried", error=reason, retry_in_s=delay)
+        await msg.nak(delay=delay)
+
+    async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
+        """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
+        reason = one_line(error)
+        self.log.error("unreadable stage request; terminated", error=reason, subject=msg.subject,
+                       size=len(msg.data), delivery=delivery)
+        ids = _salvage_ids(msg.data)
+        if ids is not None:
+            with suppress(Exception):
+                await self._publish(StageFailed(**ids, reason=reason, error_type="bad_request", worker=self.summary))
+        await msg.term()
+
+    async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
+        await self._publish(
+            StageFailed(**_ids(request), reason=reason, error_type=error_type, retryable=False, worker=self.summary),
+            msg_id=f"{request.key}.failed",
+        )
+
+    async def _publish(self, event: Any, msg_id: str | None = None) -> None:
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self.js.publish(
+            subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(), headers=headers
+        )
+
+    async def _heartbeat(self, msg: Any, log: Any) -> None:
+        # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
+        interval = max(self.policy.ack_wait / 3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception as e:
+                log.warning("heartbeat failed", error=one_line(e))
+
+    async def _job_finished(self, job_id: str, log: Any) -> bool:
+        """One KV read per request; a missing or unreadable state means run it."""
+        try:
+            if self._jobs_kv is None:
+                self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)
+            entry = await self._jobs_kv.get(job_id)
+            status = json.loads(entry.value).get("status")
+        except KeyNotFoundError:
+            return False
+        except Exception as e:
+            log.debug("job state unreadable; running the request", error=one_line(e))
+            return False
+        if status in _FINISHED:
+            log.info("job already finished; request dropped", job_status=status)
+            return True
+        return False
+
+
+def _ids(request: StageRequest) -> dict[str, Any]:
+    return {"job_id": request.job_id, "stage": request.stage, "node": request.node, "attempt": request.attempt}
+
+
+def _salvage_ids(data: bytes) -> dict[str, Any] | None:
+    """The event ids of a request that failed validation, when its envelope is intact."""
+    try:
+        body = json.loads(data)
+        ids = {k: body[k] for k in ("job_id", "stage", "node", "attempt")}
+        StageFailed(**ids, reason="-")  # validates the ids
+        return ids
+    except Exception:
+        return None
+
+
+def _check_outputs(outputs: Any) -> dict[str, Path]:
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise TypeError(f"handler returned {type(outputs).__name__}, expected dict of output name -> file")
+    checked = {}
+    for name, path in outputs.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"handler output {name!r} is not a file: {path}")
+        checked[str(name)] = path
+    return checked
+
+
+def _make_store(settings: Settings, js: Any) -> Any:
+    from captionbus.artifacts import ArtifactStore  # lands separately; imported late on purpose
+
+    return ArtifactStore(settings, js)
+
+
+async def serve(
+    definition: StageDefinition,
+    settings: Settings,
+    nats_url: str,
+    *,
+    env_name: str = "unknown",
+    policy: StagePolicy | None = None,
+    stop: asyncio.Event | None = None,
+    options: dict[str, Any] | None = None,
+    replica_id: str | None = None,
+    grace_s: float = 30.0,
+    retry_delay_s: float = 1.0,
+    store: Any = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run one replica of a stage service until `stop` is set (or SIGTERM/SIGINT when stop is None).
+
+    setup() runs once, before the first request; requests then run `definition.slots` at a time.
+    `ready` is set once the service is consuming (tests and launchers wait on it).
+    """
+    policy = policy or StagePolicy.from_env()
+    log = structlog.get_logger("captionbus.stage").bind(stage=definition.name, env=env_name)
+    log.info("stage service starting", interpreter=sys.executable, replica_id=replica_id,
+             ack_wait=policy.ack_wait, max_deliver=policy.max_deliver, slots=definition.slots)
+
+    resources = None
+    if definition.setup is not None:
+        started = time.perf_counter()
+        setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
+                                 log=log, options=dict(options or {}))
+        resources = await asyncio.to_thread(definition.setup, setup_ctx)
+        log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
+
+    host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
+    info = await asyncio.to_thread(
+        worker_info, definition.name, env_name, worker_id=host_worker,
+        packages=definition.report_packages, model=describe(definition, resources),
+    )
+    log = log.bind(worker_id=info.worker_id)
+
+    if stop is None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop, log)
+
+    nc = await connect(nats_url, f"stage-{definition.name}-{info.worker_id}")
+    service = None
+    try:
+        js = nc.jetstream()
+        await provision(js)
+        durable = await ensure_stage_consumer(js, definition.name, policy)
+        sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
+        service = await _register(nc, info)
+        worker = StageWorker(
+            definition, settings, js, store if store is not None else _make_store(settings, js),
+            info=info, policy=policy, resources=resources, log=log,
+            retry_delay_s=retry_delay_s, grace_s=grace_s,
+        )
+        log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name))
+        if ready is not None:
+            ready.set()
+        await worker.run(sub, stop)
+        log.info("stage service stopping")
+        # Before drain: drain would wait forever on the pull inbox's unconsumed status messages.
+        with suppress(Exception):
+            await sub.unsubscribe()
+    finally:
+        if service is not None:
+            with suppress(Exception):
+                await service.stop()
+        with suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5)
+        if not nc.is_closed:
+            with suppress(Exception):
+                await nc.close()
+    log.info("stage service stopped")
+
+
+def info_subject(stage: str) -> str:
+    """Request/reply endpoint answering with this stage's WorkerInfo JSON (one replica answers)."""
+    return f"{subjects.micro_service_name(stage)}.info"
+
+
+async def _register(nc: Any, info: WorkerInfo) -> Any:
+    service = await nats.micro.add_service(
+        nc, name=subjects.micro_service_name(info.stage), version=captionbus.__version__,
+        description=f"captionbus stage service: {info.stage}", metadata=flat_metadata(info),
+    )
+    body = info.model_dump_json().encode()
+
+    async def on_info(request: Any) -> None:
+        await request.respond(body)
+
+    await service.add_endpoint(name="info", subject=info_subject(info.stage), handler=on_info)
+    return service
+
+
+def _stop_on_signals(stop: asyncio.Event, log: Any) -> None:
+    loop = asyncio.get_running_loop()
+
+    def _on_signal(signum: int) -> None:
+        if stop.is_set():
+            return
+        log.info("signal received; finishing running requests", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
+            loop.add_signal_handler(signum, _on_signal, signum)

@@ -1,0 +1,350 @@
+"""The stage runtime against a real nats-server: ack / nak / term, heartbeats, max_deliver,
+poison messages, cancel, $SRV info, graceful stop, and kill -9 of a service process."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from captionbus.artifacts import ArtifactStore
+from captionbus.bus import StagePolicy, connect, provision
+from captionbus.settings import PROJECT_ROOT, Settings
+from contracts import StageRequest, WorkerInfo, parse_event, subjects
+from services.noop.stage import STAGE as NOOP
+from services.runtime import StageDefinition
+from services.runtime.serve import info_subject, serve
+
+
+def counting(definition: StageDefinition = NOOP, name: str = "probe") -> tuple[StageDefinition, list]:
+    """`definition` renamed, recording (job_id, delivery) for every handler call."""
+    calls: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def handle(request, ctx):
+        with lock:
+            calls.append((request.job_id, ctx.delivery))
+        return definition.handle(request, ctx)
+
+    return StageDefinition(name=name, handle=handle, setup=definition.setup,
+                           describe_model=definition.describe_model, slots=definition.slots), calls
+
+
+class Bus:
+    def __init__(self, url: str, home: Path):
+        self.url = url
+        self.settings = Settings(home=home, nats_url=None, artifacts_mode="local", host_id="testhost")
+        self.events: list[Any] = []
+        self._services: list[tuple[asyncio.Task, asyncio.Event]] = []
+
+    async def __aenter__(self) -> "Bus":
+        self.nc = await connect(self.url, "test")
+        self.js = self.nc.jetstream()
+        await provision(self.js)
+        self.store = ArtifactStore(self.settings, self.js)
+        self._events_sub = await self.js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,
+                                                   cb=self._on_event)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for task, stop in self._services:
+            stop.set()
+        for task, _ in self._services:
+            try:
+                await asyncio.wait_for(task, 15)
+            except Exception:
+                task.cancel()
+        await self.nc.close()
+
+    async def _on_event(self, msg) -> None:
+        self.events.append(parse_event(msg.data))
+
+    async def start(self, definition: StageDefinition = NOOP, *, ack_wait: float = 2.0, max_deliver: int = 3,
+                    **kwargs) -> tuple[asyncio.Task, asyncio.Event]:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        kwargs.setdefault("retry_delay_s", 0.1)
+        task = asyncio.create_task(serve(
+            definition, self.settings, self.url, env_name="test", stop=stop, ready=ready,
+            policy=StagePolicy(ack_wait=ack_wait, max_deliver=max_deliver), **kwargs,
+        ))
+        await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, timeout=20,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what serve() raised
+        assert ready.is_set(), "service did not become ready"
+        self._services.append((task, stop))
+        return task, stop
+
+    async def request(self, job_id: str, stage: str = "noop", *, node: str | None = None, attempt: int = 1,
+                      **fields) -> StageRequest:
+        request = StageRequest(job_id=job_id, stage=stage, node=node or stage, attempt=attempt, **fields)
+        await self.js.publish(subjects.stage_request(stage), request.model_dump_json().encode(),
+                              headers={"Nats-Msg-Id": request.key})
+        return request
+
+    async def wait_for(self, kind: str, job_id: str | None = None, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events:
+                if event.kind == kind and (job_id is None or event.job_id == job_id):
+                    return event
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {kind} event for {job_id} in {timeout}s; saw {[e.kind for e in self.events]}")
+
+    def of_kind(self, kind: str, job_id: str | None = None) -> list[Any]:
+        return [e for e in self.events if e.kind == kind and (job_id is None or e.job_id == job_id)]
+
+    async def pending_requests(self) -> int:
+        return (await self.js.stream_info(subjects.REQUESTS_STREAM)).state.messages
+
+    async def consumer(self, stage: str) -> Any:
+        return await self.js.consumer_info(subjects.REQUESTS_STREAM, subjects.stage_consumer(stage))
+
+    async def srv(self, verb: str, stage: str) -> dict:
+        reply = await self.nc.request(f"$SRV.{verb}.{subjects.micro_service_name(stage)}", b"", timeout=2)
+        return json.loads(reply.data)
+
+
+def run(url: str, home: Path, body, timeout: float = 60):
+    async def main():
+        async with Bus(url, home) as bus:
+            await asyncio.wait_for(body(bus), timeout)
+
+    asyncio.run(main())
+
+
+def test_success_publishes_completion_then_acks(nats_server, tmp_path):
+    async def body(bus: Bus):
+        await bus.start()
+        request = await bus.request("job1", params={"sleep_s": 0.8, "warn": "took a shortcut"})
+        done = await bus.wait_for("stage_completed", "job1")
+        assert (done.stage, done.node, done.attempt) == ("noop", "noop", 1)
+        assert set(done.worker) == {"worker_id", "env", "interpreter", "host"}
+        assert done.worker["env"] == "test" and done.metrics["delivery"] == 1.0
+        out = await bus.store.get(done.outputs["out"])
+        assert out.read_text() == f"{request.key}\n"
+        progress = bus.of_kind("stage_progress", "job1")
+        assert 1 <= len(progress) <= 6  # rate-limited: ~4/s over 0.8 s
+        assert bus.of_kind("stage_warning", "job1")[0].message == "took a shortcut"
+        await asyncio.sleep(0.2)
+        assert await bus.pending_requests() == 0  # acked: the work-queue message is gone
+        assert not list((bus.settings.work_dir).glob("job1/*"))  # work dir cleaned
+
+    run(nats_server, tmp_path, body)
+
+
+def test_inputs_are_fetched_and_passed_through(nats_server, tmp_path):
+    async def body(bus: Bus):
+        await bus.start()
+        src = tmp_path / "speech.wav"
+        src.write_bytes(b"RIFF" + bytes(1000))
+        ref = await bus.store.put(src, name="speech.wav")
+        await bus.request("job2", inputs={"audio": ref})
+        done = await bus.wait_for("stage_completed", "job2")
+        assert done.outputs["audio"].key == ref.key
+
+    run(nats_server, tmp_path, body)
+
+
+def test_bad_input_fails_once_and_is_terminated(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe)
+        await bus.request("job3", "probe", params={"fail": "bad_input"})
+        failed = await bus.wait_for("stage_failed", "job3")
+        assert failed.retryable is False and failed.error_type == "bad_input"
+        assert failed.reason == "noop was asked to fail: bad input"
+        await asyncio.sleep(2.5)  # longer than ack_wait: a redelivery would have happened
+        assert calls == [("job3", 1)]
+        assert await bus.pending_requests() == 0
+        assert len(bus.of_kind("stage_failed", "job3")) == 1
+
+    run(nats_server, tmp_path, body)
+
+
+def test_retryable_error_is_redelivered_and_succeeds(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe)
+        await bus.request("job4", "probe", params={"fail": "retryable", "fail_times": 1})
+        done = await bus.wait_for("stage_completed", "job4")
+        assert done.metrics["delivery"] == 2.0
+        assert calls == [("job4", 1), ("job4", 2)]
+        assert not bus.of_kind("stage_failed", "job4")
+
+    run(nats_server, tmp_path, body)
+
+
+def test_always_failing_request_stops_after_max_deliver(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe, max_deliver=3)
+        await bus.request("job5", "probe", params={"fail": "crash"})
+        failed = await bus.wait_for("stage_failed", "job5")
+        assert failed.reason == "probe failed on all 3 attempts: RuntimeError: noop was asked to crash"
+        assert "Traceback" not in failed.reason and failed.retryable is False
+        await asyncio.sleep(2.5)
+        assert calls == [("job5", 1), ("job5", 2), ("job5", 3)]
+        assert len(bus.of_kind("stage_failed", "job5")) == 1
+        assert await bus.pending_requests() == 0
+
+    run(nats_server, tmp_path, body)
+
+
+def test_heartbeats_keep_a_slow_handler_from_being_redelivered(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe, ack_wait=1.0)
+        await bus.request("job6", "probe", params={"sleep_s": 3.5})  # 3.5x ack_wait
+        done = await bus.wait_for("stage_completed", "job6", timeout=15)
+        assert done.metrics["delivery"] == 1.0
+        assert calls == [("job6", 1)]
+        assert (await bus.consumer("probe")).num_redelivered == 0
+
+    run(nats_server, tmp_path, body)
+
+
+def test_poison_messages_are_terminated_once(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe)
+        await bus.js.publish(subjects.stage_request("probe"), b"\x00not json")
+        # Readable ids, invalid body: the job hears about it.
+        bad = {"job_id": "job7", "stage": "probe", "node": "probe", "attempt": 1, "params": "nope"}
+        await bus.js.publish(subjects.stage_request("probe"), json.dumps(bad).encode())
+        failed = await bus.wait_for("stage_failed", "job7")
+        assert failed.error_type == "bad_request" and "params" in failed.reason
+        await asyncio.sleep(2.5)
+        info = await bus.consumer("probe")
+        assert info.num_redelivered == 0 and info.num_ack_pending == 0
+        assert await bus.pending_requests() == 0
+        assert calls == []
+
+    run(nats_server, tmp_path, body)
+
+
+def test_requests_of_finished_jobs_are_dropped(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        kv = await bus.js.key_value(subjects.JOBS_BUCKET)
+        await kv.put("job8", json.dumps({"status": "cancelled"}).encode())
+        await bus.start(probe)
+        await bus.request("job8", "probe")
+        await bus.request("job9", "probe")  # no state at all: runs
+        await bus.wait_for("stage_completed", "job9")
+        assert calls == [("job9", 1)]
+        assert not bus.of_kind("stage_completed", "job8")
+        assert await bus.pending_requests() == 0
+
+    run(nats_server, tmp_path, body)
+
+
+def test_worker_info_over_srv_and_info_endpoint(nats_server, tmp_path):
+    async def body(bus: Bus):
+        await bus.start(replica_id="r1")
+        info = await bus.srv("INFO", "noop")
+        meta = info["metadata"]
+        assert info["name"] == "captionbus-noop"
+        assert meta["stage"] == "noop" and meta["env"] == "test"
+        assert meta["interpreter"] == sys.executable and meta["pid"] == str(os.getpid())
+        assert meta["worker_id"] == "testhost-r1" and meta["model"] == "none"
+        assert meta["pkg.pydantic"] and meta["pkg.nats-py"] == "2.16.0"
+        assert any(k.startswith("hw.") for k in meta)
+        reply = await bus.nc.request(info_subject("noop"), b"", timeout=2)
+        assert WorkerInfo.model_validate_json(reply.data).worker_id == "testhost-r1"
+
+    run(nats_server, tmp_path, body)
+
+
+def test_stop_finishes_running_request_and_abandons_after_grace(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        # Within the grace period: the running request completes before serve() returns.
+        task, stop = await bus.start(probe, ack_wait=30)
+        await bus.request("job10", "probe", params={"sleep_s": 0.8})
+        await bus.wait_for("stage_progress", "job10")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert bus.of_kind("stage_completed", "job10")
+
+        # Past it: the request is nak'ed, so the next replica gets it now, not after ack_wait.
+        task, stop = await bus.start(probe, ack_wait=30, grace_s=0.3)
+        await bus.request("job11", "probe", params={"sleep_s": 3})
+        await bus.wait_for("stage_progress", "job11")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        started = time.monotonic()
+        await bus.start(probe, ack_wait=30)
+        done = await bus.wait_for("stage_completed", "job11", timeout=10)
+        assert done.metrics["delivery"] == 2.0 and time.monotonic() - started < 8
+
+    run(nats_server, tmp_path, body)
+
+
+def _service_process(url: str, home: Path, replica: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ENV": "proc",
+           "CAPTIONBUS_ARTIFACTS": "local", "CAPTIONBUS_ACK_WAIT": "2", "CAPTIONBUS_HOST_ID": "testhost",
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "services", "serve", "noop", "--replica-id", replica],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(home))
+
+
+async def _until_pinged(bus: Bus, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "service process exited"
+        with suppress(Exception):
+            ping = await bus.srv("PING", "noop")
+            if ping["metadata"]["pid"] == str(proc.pid):
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError("service process never answered $SRV.PING")
+
+
+def test_kill_9_mid_request_is_redelivered_to_another_process(nats_server, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    async def body(bus: Bus):
+        first = _service_process(nats_server, home, "a", tmp_path / "a.log")
+        procs.append(first)
+        await _until_pinged(bus, first)
+        await bus.request("job12", params={"sleep_s": 2})
+        await bus.wait_for("stage_progress", "job12", timeout=10)
+        first.kill()  # SIGKILL mid-request: no nak, no goodbye
+        first.wait()
+        killed_at = time.monotonic()
+
+        second = _service_process(nats_server, home, "b", tmp_path / "b.log")
+        procs.append(second)
+        done = await bus.wait_for("stage_completed", "job12", timeout=20)
+        assert done.worker["worker_id"] == "testhost-b" and done.worker["env"] == "proc"
+        assert done.metrics["delivery"] == 2.0
+        assert time.monotonic() - killed_at >= 1.5  # it waited for ack_wait (2 s) to expire
+
+        second.send_signal(signal.SIGTERM)  # graceful stop: exits 0
+        assert await asyncio.to_thread(second.wait, 15) == 0
+        assert b'"interpreter"' in (tmp_path / "b.log").read_bytes()
+
+    try:
+        run(nats_server, home, body, timeout=90)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
