@@ -1,0 +1,359 @@
+"""The coordinator process: a thin NATS adapter around the pure `decide`.
+
+For each job event (durable pull consumer `coordinator` on the events stream):
+    read JobState from KV → decide → publish the actions → write the state with the
+    revision read → ack the event.
+
+Why publishing *before* the state write is safe (at-least-once, no double effects):
+  * If we crash after publishing and before the write, the event is redelivered (not acked)
+    and decided again from the old state. The same decision yields the same ids: stage
+    requests carry `Nats-Msg-Id: <job>.<node>.<attempt>` and events ids derived from the
+    transition, so JetStream drops the repeats inside its duplicate window (2 min). Past the
+    window a repeated request may run twice; its second completion finds the node already
+    completed (or at another attempt) and is ignored.
+  * If the write loses a revision race (another decision for the same job landed first), we
+    re-read and re-decide. Anything the losing decision published refers to a (node, attempt)
+    the winning state either also requested (same id, deduplicated) or never will; a result
+    for such an attempt fails the attempt check in `decide` and is ignored — wasted work at
+    worst, never a wrong state.
+  * Acking only after the write means a crash never loses an event.
+
+A tick loop applies `Tick` to running jobs every second (stage deadlines, retry backoff), and
+a subscription to the max-deliveries advisory turns a request that every delivery crashed on
+into a permanent StageFailed, so a poison request fails its job instead of hanging it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import (
+    BadRequestError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
+from pydantic import ValidationError
+
+from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
+from coordinator.decide import Decision, Policy, PublishEvent, PublishRequest, Tick, decide
+from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflows
+
+log = structlog.get_logger("captionbus.coordinator")
+
+MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
+EVENT_ACK_WAIT_S = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StateConflict(RuntimeError):
+    pass
+
+
+class Coordinator:
+    """Owns job state. In-process use:
+
+        coordinator = Coordinator(nc)            # graphs from config/workflows
+        await coordinator.start()                # provisions, binds the consumer, starts loops
+        ...
+        await coordinator.stop()
+
+    or `async with Coordinator(nc) as coordinator: ...`.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        graphs: Mapping[str, Workflow] | None = None,
+        graphs_dir: str | Path = DEFAULT_WORKFLOWS_DIR,
+        policy: Policy = Policy(),
+        tick_interval_s: float = 1.0,
+        fetch_batch: int = 32,
+        clock: Callable[[], datetime] = utcnow,
+        provision_bus: bool = True,
+    ):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.graphs = dict(graphs) if graphs is not None else load_workflows(graphs_dir)
+        self.policy = policy
+        self.tick_interval_s = tick_interval_s
+        self.fetch_batch = fetch_batch
+        self.clock = clock
+        self.provision_bus = provision_bus
+        self.kv: Any = None
+        self._sub: Any = None
+        self._advisory_sub: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+        self._finished: set[str] = set()  # job ids the tick loop need not read again
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.provision_bus:
+            from captionbus.bus import provision  # idempotent; the lead's bus module owns the layout
+
+            await provision(self.js)
+        self.kv = await self.js.key_value(subjects.JOBS_BUCKET)
+        await self._ensure_consumer()
+        self._sub = await self.js.pull_subscribe_bind(
+            durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
+        )
+        self._advisory_sub = await self.nc.subscribe(
+            subjects.MAX_DELIVERIES_ADVISORY, cb=self._on_max_deliveries
+        )
+        self._stopping.clear()
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="coordinator-events"),
+            asyncio.create_task(self._tick_loop(), name="coordinator-ticks"),
+        ]
+        log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
+
+    async def stop(self) -> None:
+        """Finish the event in hand, then stop; unacked events go to the next coordinator."""
+        self._stopping.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+        self._tasks = []
+        for sub in (self._advisory_sub, self._sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._advisory_sub = None
+        log.info("coordinator stopped")
+
+    async def __aenter__(self) -> "Coordinator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _ensure_consumer(self) -> None:
+        config = ConsumerConfig(
+            durable_name=subjects.COORDINATOR_CONSUMER,
+            filter_subjects=subjects.coordinator_filters(),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=EVENT_ACK_WAIT_S,
+            max_ack_pending=1024,
+        )
+        try:
+            await self.js.add_consumer(subjects.EVENTS_STREAM, config)
+        except BadRequestError as e:
+            # It exists with another config (an older version of us): use it as it is.
+            log.warning("coordinator consumer exists with another config; binding to it", error=str(e))
+
+    # ------------------------------------------------------------ events
+
+    async def _event_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(batch=self.fetch_batch, timeout=1.0)
+            except asyncio.TimeoutError:  # nats raises its own subclass, or asyncio's, when idle
+                continue
+            except Exception as e:  # reconnecting, server restarting: try again shortly
+                log.warning("fetching events failed", error=repr(e))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._on_event_message(msg)
+
+    async def _on_event_message(self, msg: Any) -> None:
+        try:
+            event = parse_event(msg.data)
+        except ValidationError as e:
+            log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
+            await msg.term()
+            return
+        try:
+            await self.apply(event)
+        except Exception as e:
+            log.exception("applying event failed; will be redelivered", job_id=event.job_id,
+                          kind=event.kind, error=str(e))
+            await msg.nak(delay=1.0)
+            return
+        await msg.ack()
+
+    async def apply(self, event: Any) -> Decision:
+        """Apply one event (or Tick) to its job: read, decide, publish, write; re-decide on conflict."""
+        job_id = event.job_id
+        jlog = log.bind(job_id=job_id, kind=getattr(event, "kind", "tick"))
+        for _ in range(MAX_WRITE_CONFLICTS):
+            state, revision = await self.read_state(job_id)
+            workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
+            decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy)
+            if not decision.changed:
+                jlog.debug("event ignored", note=decision.note)
+                return decision
+            await self._publish(decision, jlog)
+            try:
+                await self._write_state(job_id, decision.state, revision)
+            except KeyWrongLastSequenceError:
+                jlog.info("job state changed under us; deciding again")
+                continue
+            self._log_decision(decision, jlog)
+            return decision
+        raise StateConflict(f"job {job_id}: state kept changing; gave up after {MAX_WRITE_CONFLICTS} tries")
+
+    async def read_state(self, job_id: str) -> tuple[JobState | None, int | None]:
+        try:
+            entry = await self.kv.get(job_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None, None
+        return JobState.model_validate_json(entry.value), entry.revision
+
+    async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> None:
+        value = state.model_dump_json().encode()
+        if revision is None:
+            await self.kv.create(job_id, value)
+        else:
+            await self.kv.update(job_id, value, last=revision)
+        if state.status.finished:
+            self._finished.add(job_id)
+        else:
+            self._finished.discard(job_id)
+
+    async def _publish(self, decision: Decision, jlog: Any) -> None:
+        for action in decision.actions:
+            if isinstance(action, PublishRequest):
+                request = action.request
+                await self.js.publish(
+                    subjects.stage_request(request.stage),
+                    request.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": request.key},
+                )
+            elif isinstance(action, PublishEvent):
+                event = action.event
+                await self.js.publish(
+                    subjects.job_event(event.job_id, event.kind),
+                    event.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": event.event_id},
+                )
+
+    @staticmethod
+    def _log_decision(decision: Decision, jlog: Any) -> None:
+        state = decision.state
+        for request in decision.requests:
+            jlog.info("stage requested", stage=request.stage, node=request.node, attempt=request.attempt)
+        for event in decision.events:
+            if event.kind == "failed":
+                jlog.warning("job failed", reason=event.reason, node=event.node)
+            elif event.kind in ("completed", "cancelled", "started"):
+                jlog.info(f"job {event.kind}", status=state.status.value)
+        waiting = [n for n, s in state.nodes.items() if s.status.value == "retry_wait"]
+        if waiting:
+            jlog.info("waiting to retry", nodes=waiting)
+
+    # ------------------------------------------------------------ timers
+
+    async def _tick_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.tick_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.tick_once()
+            except Exception as e:
+                log.warning("tick failed", error=str(e))
+
+    async def tick_once(self) -> None:
+        """Apply Tick to every running job (deadlines, backoffs). Conflicts wait for the next tick."""
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return
+        now = self.clock()
+        for job_id in keys:
+            if job_id in self._finished or self._stopping.is_set():
+                continue
+            state, revision = await self.read_state(job_id)
+            if state is None:
+                continue
+            if state.status.finished:
+                self._finished.add(job_id)
+                continue
+            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
+            if not decision.changed:
+                continue
+            jlog = log.bind(job_id=job_id, kind="tick")
+            await self._publish(decision, jlog)
+            try:
+                await self._write_state(job_id, decision.state, revision)
+            except KeyWrongLastSequenceError:
+                continue  # an event got there first; the next tick sees its state
+            self._log_decision(decision, jlog)
+
+    # ------------------------------------------------------------ poison requests
+
+    async def _on_max_deliveries(self, msg: Any) -> None:
+        """A request every delivery of which crashed or timed out: fail it for good.
+
+        The advisory is core NATS (not stored), so we publish the failure as a StageFailed
+        *event*: durable, visible to dashboards, applied by our own consumer like any other.
+        Its id is derived from the request key, so a repeated advisory is applied once.
+        """
+        log.debug("max-deliveries advisory", subject=msg.subject)
+        try:
+            advisory = json.loads(msg.data)
+            stream = advisory.get("stream") or subjects.REQUESTS_STREAM
+            seq = int(advisory["stream_seq"])
+            deliveries = advisory.get("deliveries")
+            raw = await self.js.get_msg(stream, seq)
+            request = StageRequest.model_validate_json(raw.data)
+        except NotFoundError:
+            return  # already removed: handled before
+        except Exception as e:
+            log.warning("max-deliveries advisory not understood", error=str(e), subject=msg.subject)
+            return
+        times = f"every one of {deliveries}" if deliveries else "every one of its"
+        failure = StageFailed(
+            event_id=f"{request.key}.max_deliveries",
+            job_id=request.job_id, stage=request.stage, node=request.node, attempt=request.attempt,
+            reason=f"stage {request.stage} crashed or timed out on {times} deliveries",
+            error_type="max_deliveries", retryable=False,
+        )
+        log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
+                    node=request.node, attempt=request.attempt, deliveries=deliveries)
+        try:
+            await self.js.publish(
+                subjects.job_event(failure.job_id, failure.kind),
+                failure.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": failure.event_id},
+            )
+            # The work queue keeps a message that hit max_deliver; it will never be delivered again.
+            await self.js.delete_msg(stream, seq)
+        except Exception as e:
+            log.warning("could not record the exhausted request", job_id=request.job_id, error=str(e))
+
+
+async def run_coordinator(
+    nc: NATS,
+    graphs_dir: str | Path = DEFAULT_WORKFLOWS_DIR,
+    policy: Policy = Policy(),
+    stop_event: asyncio.Event | None = None,
+    **options: Any,
+) -> None:
+    """Run until `stop_event` is set (forever without one). Options go to `Coordinator`."""
+    coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
+    await coordinator.start()
+    try:
+        await (stop_event.wait() if stop_event is not None else asyncio.Event().wait())
+    finally:
+        await coordinator.stop()
