@@ -22,6 +22,7 @@ from captionbus.envs.stages import (
     EnvsMissing,
     env_for_stage,
     env_python,
+    env_states,
     envs_for_stages,
     interpreter_for_stage,
     load_stage_map,
@@ -34,7 +35,7 @@ from captionbus.envs.stages import (
 __all__ = [
     "BROKEN", "MISSING", "OK", "STALE",
     "EnvCreateError", "EnvSpec", "EnvStatus", "EnvsMissing", "SpecError",
-    "check", "create", "env_for_stage", "env_python", "envs_for_stages", "get_spec",
+    "check", "create", "env_for_stage", "env_python", "env_states", "envs_for_stages", "get_spec",
     "interpreter_for_stage", "is_built", "load_specs", "load_stage_map",
     "missing_envs_for_workflow", "quick_state", "read_manifest", "require_envs",
     "report_packages", "current_env", "validate_config", "workflow_stages",

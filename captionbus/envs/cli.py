@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from captionbus import hardware as hw
 from captionbus.envs import manager, stages
@@ -124,15 +123,13 @@ def list_cmd() -> None:
     except SpecError as e:
         _fail(str(e))
     host = hw.load()
-    table = Table("env", "stages", "state", box=None, pad_edge=False)
-    table.add_column("interpreter", overflow="fold")
+    console = _console()
+    width = max(len(n) for n in specs) + len(" (optional)")
     for spec in specs.values():
         state = manager.quick_state(spec)
-        style = _STATE_STYLE.get(state, "white")
-        table.add_row(spec.name + (" (optional)" if spec.optional else ""), ", ".join(spec.stages),
-                      f"[{style}]{state}[/]", str(stages.env_python(spec.name)))
-    console = _console()
-    console.print(table)
+        name = spec.name + (" (optional)" if spec.optional else "")
+        console.print(f"[{_STATE_STYLE.get(state, 'white')}]{state:8}[/] {name:{width}} "
+                      f"{', '.join(spec.stages):28} {stages.env_python(spec.name)}")
     routes = ", ".join(
         f"{s}→{stages.env_for_stage(s, host, stage_map=stage_map, specs=specs)}" for s in stage_map
     )

@@ -13,6 +13,8 @@ Every state but ok is fixed by `captionbus envs create <name>` (it rebuilds from
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -236,14 +238,36 @@ def _report_versions(spec: EnvSpec) -> list[str]:
 
 # ---------------------------------------------------------------- create / check
 
+@contextlib.contextmanager
+def _build_lock(name: str, console):
+    """One build per env at a time (two shells, parallel CI jobs); the second waits, then
+    usually finds the env up to date."""
+    lock = env_dir(name).parent / f".{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(console, f"{name}: another build of this env is running; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's close
+
+
 def create(spec: EnvSpec, *, force: bool = False, console=None) -> EnvStatus:
-    """Build `spec`'s environment with uv unless it is already ok (or `force`)."""
-    if not force and quick_state(spec) == OK:
-        _say(console, f"[green]{spec.name}[/]: up to date ({env_dir(spec.name)})")
-        return check(spec)
+    """Build `spec`'s environment with uv unless it is already ok (or `force`).
+
+    Rebuilds in place: services running from this env should be stopped first.
+    """
+    with _build_lock(spec.name, console):
+        if not force and quick_state(spec) == OK:
+            _say(console, f"[green]{spec.name}[/]: up to date ({env_dir(spec.name)})")
+            return check(spec)
+        return _build(spec, console)
+
+
+def _build(spec: EnvSpec, console) -> EnvStatus:
     uv = uv_binary()
     target, python = env_dir(spec.name), env_python(spec.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     _say(console, f"[bold]{spec.name}[/]: creating {target} (python {spec.python})")
     # From scratch every time: a stale env may hold packages the new spec dropped.

@@ -13,14 +13,16 @@ from captionbus.envs.spec import SpecError, load_specs
 
 
 class EnvsMissing(RuntimeError):
-    """Raised when stages need environments that are not built.
+    """Raised when stages need environments that are not built, or not built from today's spec.
 
     `str(err)` is exactly the command that fixes it, e.g. `captionbus envs create whisperx`, so the
-    CLI can print it as-is. `err.envs` lists the environment names.
+    CLI can print it as-is. `err.envs` lists the environment names, `err.states` their states
+    (missing / broken / stale).
     """
 
-    def __init__(self, envs: list[str]):
+    def __init__(self, envs: list[str], states: dict[str, str] | None = None):
         self.envs = list(envs)
+        self.states = dict(states or {})
         super().__init__(create_command(self.envs))
 
 
@@ -161,19 +163,29 @@ def workflow_stages(workflow: str) -> list[str]:
     return list(dict.fromkeys(node.stage_name(name) for name, node in graph.nodes.items()))
 
 
+def env_states(stages: list[str], hardware=None) -> dict[str, str]:
+    """State (ok / stale / broken / missing) of each environment the stages need, from files only."""
+    from captionbus.envs.manager import quick_state
+
+    specs = load_specs()
+    return {env: quick_state(specs[env]) if env in specs else "missing"
+            for env in envs_for_stages(stages, hardware)}
+
+
 def missing_envs_for_workflow(workflow_stages: list[str], hardware=None) -> list[str]:
-    """Environments the stages need that are not built (or not usable) on this host.
+    """Environments the stages need that are not ready on this host: missing, broken (a build
+    that never finished) or stale (built from an older spec or project dependency list; its
+    packages may not import today's code).
 
-    A cheap filesystem check (interpreter and manifest present), fit for every submit;
-    `captionbus envs check` does the thorough import check.
+    A cheap filesystem check, fit for every submit; `captionbus envs check` does the thorough
+    import check.
     """
-    from captionbus.envs.manager import is_built
-
-    return [env for env in envs_for_stages(workflow_stages, hardware) if not is_built(env)]
+    return [env for env, state in env_states(workflow_stages, hardware).items() if state != "ok"]
 
 
 def require_envs(stages: list[str], hardware=None) -> None:
-    """Raise EnvsMissing (message: the fixing command) unless every needed env is built."""
-    missing = missing_envs_for_workflow(stages, hardware)
+    """Raise EnvsMissing (message: the fixing command) unless every needed env is ready."""
+    states = env_states(stages, hardware)
+    missing = [env for env, state in states.items() if state != "ok"]
     if missing:
-        raise EnvsMissing(missing)
+        raise EnvsMissing(missing, {env: states[env] for env in missing})

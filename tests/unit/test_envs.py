@@ -165,7 +165,14 @@ def test_require_envs_refuses_with_the_fixing_command(home: Path):
         envs.require_envs(["asr", "mux"], "cpu")
     assert str(err.value) == "captionbus envs create whisperx"
 
-    fake_build("whisperx", "an old hash")  # stale still runs: refusing would stop every job on a pin bump
+    # Stale is refused too: its packages may not import today's code (a new project dependency).
+    fake_build("whisperx", "an old hash")
+    with pytest.raises(envs.EnvsMissing) as err:
+        envs.require_envs(["asr", "mux"], "cpu")
+    assert str(err.value) == "captionbus envs create whisperx" and err.value.states == {"whisperx": "stale"}
+
+    (home / "envs" / "whisperx" / manager.MANIFEST).write_text(
+        json.dumps({"spec_hash": envs.get_spec("whisperx").spec_hash()}))
     envs.require_envs(["demux", "asr", "subtitle_gen", "mux"], "cpu")
 
 
