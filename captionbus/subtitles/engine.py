@@ -174,7 +174,7 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
                                               [0.0, *bcost[i + 1:j]], rules, sep_len)
                 if found is None:
                     if not single:
-                        continue
+                        break  # more words won't fit either
                     cost += 100.0  # a lone word longer than the lines: allowed, reported
                 else:
                     cost += found[0]
