@@ -7,7 +7,7 @@ same thing twice publishes the same message ids and JetStream dedup swallows the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Union
 
@@ -30,7 +30,7 @@ from contracts import (
 )
 from contracts.artifacts import ArtifactRef
 from contracts.events import JobEvent
-from coordinator.graph import JobPlan, PlannedNode, Source, Workflow
+from coordinator.graph import JobPlan, Source, Workflow
 
 APPLIED_KEPT = 500  # event ids remembered per job; older duplicates are caught by attempt checks
 REASON_MAX = 300
@@ -38,7 +38,11 @@ REASON_MAX = 300
 
 @dataclass(frozen=True)
 class Tick:
-    """Time passed: deadlines and retry backoffs may have come due."""
+    """Time passed: deadlines and retry backoffs may have come due.
+
+    `decide` reads the time from its `now` argument for every event; `now` here says when the
+    tick was made, for logs.
+    """
 
     now: datetime
 

@@ -24,6 +24,7 @@ from contracts import (
     subjects,
 )
 from coordinator.decide import Policy
+from coordinator.graph import load_workflows
 from coordinator.service import Coordinator
 
 STAGE_OUTPUTS = {"demux": ["audio"], "asr": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
@@ -36,7 +37,7 @@ def artifact(name: str) -> ArtifactRef:
 
 
 def completion_for(request: StageRequest) -> StageCompleted:
-    outputs = {o: artifact(f"{request.job_id}.{request.node}.{o}") for o in STAGE_OUTPUTS[request.stage]}
+    outputs = {o: artifact(f"{request.job_id}.{request.node}.{request.attempt}.{o}") for o in STAGE_OUTPUTS[request.stage]}
     return StageCompleted(job_id=request.job_id, stage=request.stage, node=request.node,
                           attempt=request.attempt, outputs=outputs, worker={"name": "fake"})
 
@@ -148,10 +149,10 @@ def test_transcribe_job_completes_with_fake_workers(nats_server):
             [mux] = await bus.answer("mux")
             state = await bus.finished("job1")
         assert mux.inputs == {"media": INPUT}
-        assert mux.input_lists == {"subtitles": [artifact("job1.subtitle_gen.srt")]}
+        assert mux.input_lists == {"subtitles": [artifact("job1.subtitle_gen.1.srt")]}
         assert state.status == JobStatus.completed
-        assert state.outputs["mkv"] == artifact("job1.mux.mkv")
-        assert state.outputs["srt"] == artifact("job1.subtitle_gen.srt")
+        assert state.outputs["mkv"] == artifact("job1.mux.1.mkv")
+        assert state.outputs["srt"] == artifact("job1.subtitle_gen.1.srt")
         kinds = [e.kind for e in await bus.events("job1")]
         assert kinds.count("stage_requested") == 4 and kinds[-1] == "completed"
 
@@ -227,5 +228,25 @@ def test_cancel_over_the_bus(nats_server):
             await publish_event(bus.js, JobCancelRequested(job_id="job5"))
             state = await bus.finished("job5")
         assert state.status == JobStatus.cancelled
+
+    on_bus(nats_server, scenario)
+
+
+def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
+    quick = load_workflows()["transcribe"].model_copy(deep=True)
+    quick.nodes["demux"].deadline_s = 0.5
+
+    async def scenario(bus: Bus):
+        async with Coordinator(bus.nc, graphs={"transcribe": quick}, policy=POLICY, tick_interval_s=0.1):
+            await submit(bus.js, "job6")
+            [silent] = await FakeWorker(bus.js, "demux").answer(ack=False)  # takes it, never answers
+            [second] = await bus.answer("demux")  # re-requested after deadline 0.5 s + backoff 0.2 s
+            await publish_event(bus.js, completion_for(silent))  # the first one wakes up: too late
+            await bus.answer("asr", "subtitle_gen", "mux")
+            state = await bus.finished("job6")
+        assert (silent.attempt, second.attempt) == (1, 2)
+        assert state.status == JobStatus.completed
+        assert state.nodes["demux"].attempt == 2
+        assert state.nodes["demux"].outputs["audio"] == artifact("job6.demux.2.audio")
 
     on_bus(nats_server, scenario)

@@ -238,6 +238,13 @@ def test_fan_out_per_language_and_join():
     assert set(d.state.outputs) == {"srt-ta", "srt-hi", "mp4"}
 
 
+def test_fan_out_with_no_languages_joins_an_empty_list():
+    d = submit(FANOUT)
+    assert requested(d) == ["demux", "mux"]  # fanout.yaml's mux needs only the job input and the list
+    assert d.requests[1].input_lists == {"subtitles": []}
+    assert not any(n.startswith("translation") for n in d.state.nodes)
+
+
 def test_fan_out_branch_failure_fails_the_job_naming_the_branch():
     d = submit(FANOUT, target_languages=["ta", "hi"])
     for node in ("demux", "asr"):
