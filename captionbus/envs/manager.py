@@ -104,7 +104,8 @@ def read_manifest(name: str) -> dict | None:
 
 
 def is_built(name: str) -> bool:
-    """Cheap check for submit time: interpreter and manifest present (no subprocess)."""
+    """Built at all: interpreter and manifest present (no subprocess). Says nothing about
+    staleness; `quick_state` does, and `require_envs` refuses anything but ok."""
     return env_python(name).exists() and read_manifest(name) is not None
 
 
@@ -225,7 +226,10 @@ def probe(python: Path, imports: list[str], versions: list[str], timeout: float 
     if proc.returncode != 0:
         raise RuntimeError(f"{python} failed to run (exit {proc.returncode}): "
                            f"{proc.stderr.strip()[-800:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{python} printed no probe result: {proc.stderr.strip()[-800:]}")
+    return json.loads(lines[-1])
 
 
 def _check_imports(spec: EnvSpec) -> list[str]:
