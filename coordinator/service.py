@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,7 @@ from nats.js.errors import (
 )
 from pydantic import ValidationError
 
+from captionbus.bus import provision
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
 from coordinator.decide import Decision, Policy, PublishEvent, PublishRequest, Tick, decide
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflows
@@ -85,6 +87,7 @@ class Coordinator:
         fetch_batch: int = 32,
         clock: Callable[[], datetime] = utcnow,
         provision_bus: bool = True,
+        rescan_interval_s: float = 30.0,
     ):
         self.nc = nc
         self.js = nc.jetstream()
@@ -94,20 +97,23 @@ class Coordinator:
         self.fetch_batch = fetch_batch
         self.clock = clock
         self.provision_bus = provision_bus
+        self.rescan_interval_s = rescan_interval_s
         self.kv: Any = None
         self._sub: Any = None
         self._advisory_sub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
-        self._finished: set[str] = set()  # job ids the tick loop need not read again
+        # The tick loop reads only jobs it believes running: those we wrote as running, plus
+        # whatever a full key scan finds (at start, then now and then for other replicas' jobs).
+        self._running: set[str] = set()
+        self._finished: set[str] = set()
+        self._last_scan = float("-inf")
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         if self.provision_bus:
-            from captionbus.bus import provision  # idempotent; the lead's bus module owns the layout
-
-            await provision(self.js)
+            await provision(self.js)  # idempotent: streams, KV, object store
         self.kv = await self.js.key_value(subjects.JOBS_BUCKET)
         await self._ensure_consumer()
         self._sub = await self.js.pull_subscribe_bind(
@@ -224,10 +230,15 @@ class Coordinator:
             await self.kv.create(job_id, value)
         else:
             await self.kv.update(job_id, value, last=revision)
+        self._note_status(job_id, state)
+
+    def _note_status(self, job_id: str, state: JobState) -> None:
         if state.status.finished:
             self._finished.add(job_id)
+            self._running.discard(job_id)
         else:
             self._finished.discard(job_id)
+            self._running.add(job_id)
 
     async def _publish(self, decision: Decision, jlog: Any) -> None:
         for action in decision.actions:
@@ -275,19 +286,18 @@ class Coordinator:
 
     async def tick_once(self) -> None:
         """Apply Tick to every running job (deadlines, backoffs). Conflicts wait for the next tick."""
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return
+        if time.monotonic() - self._last_scan >= self.rescan_interval_s:
+            await self._scan_keys()
         now = self.clock()
-        for job_id in keys:
-            if job_id in self._finished or self._stopping.is_set():
-                continue
+        for job_id in sorted(self._running):
+            if self._stopping.is_set():
+                return
             state, revision = await self.read_state(job_id)
             if state is None:
+                self._running.discard(job_id)
                 continue
+            self._note_status(job_id, state)
             if state.status.finished:
-                self._finished.add(job_id)
                 continue
             decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
             if not decision.changed:
@@ -299,6 +309,14 @@ class Coordinator:
             except KeyWrongLastSequenceError:
                 continue  # an event got there first; the next tick sees its state
             self._log_decision(decision, jlog)
+
+    async def _scan_keys(self) -> None:
+        self._last_scan = time.monotonic()
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return
+        self._running.update(k for k in keys if k not in self._finished)
 
     # ------------------------------------------------------------ poison requests
 
