@@ -1,53 +1,14 @@
-"""A stand-in for the runtime's StageContext, so stage handlers can be called directly.
-
-This is not the bus: just the argument a handler receives, with inputs mapped straight to
-local files, progress and warnings recorded for assertions."""
+"""Fixtures for calling stage handlers directly with a fake StageContext (not the bus)."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-import structlog
 
-from contracts import ArtifactRef, StageRequest
 from tests import media as test_media
+from tests.unit.stages.fake_context import FakeStageContext, make_fake_context
 
-
-@dataclass
-class FakeStageContext:
-    request: StageRequest
-    work_dir: Path
-    files: dict[str, Path]
-    file_lists: dict[str, list[Path]] = field(default_factory=dict)
-    resources: Any = None
-    log: Any = field(default_factory=lambda: structlog.get_logger("test-stage"))
-    metrics: dict[str, float] = field(default_factory=dict)
-    progress_events: list[tuple[float, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def input_path(self, name: str) -> Path:
-        return self.files[name]
-
-    def input_paths(self, name: str) -> list[Path]:
-        return self.file_lists[name]
-
-    def progress(self, fraction: float, message: str = "") -> None:
-        assert 0.0 <= fraction <= 1.0, fraction
-        self.progress_events.append((fraction, message))
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-
-def artifact_ref(path: Path, name: str | None = None) -> ArtifactRef:
-    return ArtifactRef(
-        key=hashlib.sha256(path.read_bytes()).hexdigest(),
-        name=name or path.name,
-        size=path.stat().st_size,
-    )
+__all__ = ["FakeStageContext"]
 
 
 @pytest.fixture
@@ -55,29 +16,8 @@ def make_context(tmp_path: Path):
     """make_context(stage, inputs={name: path}, input_lists={name: [paths]}, params={...})."""
     counter = iter(range(1_000_000))
 
-    def make(
-        stage: str,
-        inputs: dict[str, Path] | None = None,
-        input_lists: dict[str, list[Path]] | None = None,
-        params: dict[str, Any] | None = None,
-        resources: Any = None,
-    ) -> FakeStageContext:
-        inputs = inputs or {}
-        input_lists = input_lists or {}
-        request = StageRequest(
-            job_id="jtest-0001",
-            stage=stage,
-            node=stage,
-            attempt=1,
-            inputs={k: artifact_ref(p) for k, p in inputs.items()},
-            input_lists={k: [artifact_ref(p) for p in ps] for k, ps in input_lists.items()},
-            params=params or {},
-        )
-        work_dir = tmp_path / f"work-{stage}-{next(counter)}"
-        work_dir.mkdir()
-        return FakeStageContext(
-            request=request, work_dir=work_dir, files=dict(inputs), file_lists=dict(input_lists), resources=resources
-        )
+    def make(stage: str, **kwargs) -> FakeStageContext:
+        return make_fake_context(tmp_path / f"work-{stage}-{next(counter)}", stage, **kwargs)
 
     return make
 

@@ -1,0 +1,74 @@
+"""A stand-in for the runtime's StageContext, so stage handlers can be called directly (also
+from another interpreter, e.g. the whisperx env in the asr test).
+
+This is not the bus: just the argument a handler receives, with inputs mapped straight to
+local files, progress and warnings recorded for assertions."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from contracts import ArtifactRef, StageRequest
+
+
+@dataclass
+class FakeStageContext:
+    request: StageRequest
+    work_dir: Path
+    files: dict[str, Path]
+    file_lists: dict[str, list[Path]] = field(default_factory=dict)
+    resources: Any = None
+    log: Any = field(default_factory=lambda: structlog.get_logger("test-stage"))
+    metrics: dict[str, float] = field(default_factory=dict)
+    progress_events: list[tuple[float, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def input_path(self, name: str) -> Path:
+        return self.files[name]
+
+    def input_paths(self, name: str) -> list[Path]:
+        return self.file_lists[name]
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        assert 0.0 <= fraction <= 1.0, fraction
+        self.progress_events.append((fraction, message))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def artifact_ref(path: Path, name: str | None = None) -> ArtifactRef:
+    return ArtifactRef(
+        key=hashlib.sha256(path.read_bytes()).hexdigest(),
+        name=name or path.name,
+        size=path.stat().st_size,
+    )
+
+
+def make_fake_context(
+    work_dir: Path,
+    stage: str,
+    inputs: dict[str, Path] | None = None,
+    input_lists: dict[str, list[Path]] | None = None,
+    params: dict[str, Any] | None = None,
+    resources: Any = None,
+) -> FakeStageContext:
+    inputs = inputs or {}
+    input_lists = input_lists or {}
+    request = StageRequest(
+        job_id="jtest-0001",
+        stage=stage,
+        node=stage,
+        attempt=1,
+        inputs={k: artifact_ref(p) for k, p in inputs.items()},
+        input_lists={k: [artifact_ref(p) for p in ps] for k, ps in input_lists.items()},
+        params=params or {},
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return FakeStageContext(
+        request=request, work_dir=work_dir, files=dict(inputs), file_lists=dict(input_lists), resources=resources
+    )
