@@ -27,7 +27,8 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        console.print(f"[bold red]error:[/] {self.message}", highlight=False)
+        # soft_wrap: a command to copy must not be broken across lines
+        console.print(f"[bold red]error:[/] {self.message}", highlight=False, soft_wrap=True)
 
 
 def _friendly_errors(fn):
@@ -53,6 +54,10 @@ def _friendly_errors(fn):
             console.print("interrupted")
             sys.exit(130)
         except known as e:
+            if hasattr(e, "envs"):  # EnvsMissing: its message is the exact fixing command
+                states = getattr(e, "states", {}) or {}
+                which = ", ".join(f"{env} ({states.get(env, 'missing')})" for env in e.envs)
+                raise UserError(f"stage environments not ready: {which}; run: {e}") from None
             raise UserError(str(e)) from None
         except Exception as e:
             if os.environ.get("CAPTIONBUS_DEBUG"):
@@ -365,3 +370,9 @@ def _job_command(action: str):
 
 main.command(name="cancel", help="Cancel a job.")(click.argument("job_id")(_job_command("cancel")))
 main.command(name="retry", help="Retry a failed or cancelled job from its failed stages.")(click.argument("job_id")(_job_command("retry")))
+
+from captionbus.envs.cli import envs as _envs_group, models as _models_group  # noqa: E402
+from captionbus.subtitles.cli import subs as _subs_group  # noqa: E402
+
+for _group in (_envs_group, _models_group, _subs_group):
+    main.add_command(_group)
