@@ -1,30 +1,25 @@
-"""Fixtures for calling stage handlers directly with a fake StageContext (not the bus)."""
+"""Fixtures for calling stage handlers directly with a fake StageContext (not the bus).
+
+Helpers are imported inside the fixtures: a conftest that fails to import stops the whole
+pytest session, a fixture that fails stops only its tests."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from tests import media as test_media
-from tests.unit.stages.fake_context import FakeStageContext, make_fake_context
-
-__all__ = ["FakeStageContext"]
-
 
 @pytest.fixture
 def make_context(tmp_path: Path):
     """make_context(stage, inputs={name: path}, input_lists={name: [paths]}, params={...})."""
+    from tests.unit.stages.fake_context import make_fake_context
+
     counter = iter(range(1_000_000))
 
-    def make(stage: str, **kwargs) -> FakeStageContext:
+    def make(stage: str, **kwargs):
         return make_fake_context(tmp_path / f"work-{stage}-{next(counter)}", stage, **kwargs)
 
     return make
-
-
-needs_media_tools = pytest.mark.skipif(
-    not test_media.tools_available(), reason="ffmpeg, ffprobe and espeak-ng are needed to make test media"
-)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +30,8 @@ def media_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def speech_clip(media_dir: Path) -> tuple[Path, str]:
     """An mp4 (h264 + AAC) with espeak-ng English speech, made once per test session."""
+    from tests import media as test_media
+
     if not test_media.tools_available():
         pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
     return test_media.speech_video(media_dir / "speech.mp4")
