@@ -46,6 +46,8 @@ SENTENCE_END = (".", "?", "!", "。", "？", "！", "।")
 SEGMENT_BREAK_PAUSE_S = 1.5
 # Share of the progress bar given to decoding; word timing takes the rest.
 DECODE_SHARE = 0.8
+# Language detection looks for speech in this much audio from the start.
+DETECT_WINDOW_S = 600
 
 
 @dataclass
@@ -173,8 +175,10 @@ def check_model(request: StageRequest, model: AsrModel) -> None:
 
 def detect_language(model: AsrModel, audio: np.ndarray) -> tuple[str, float]:
     """Detect on the first 30 s of *speech* (faster-whisper's bundled Silero ONNX VAD), not the
-    first 30 s of the file, which in films is often music or silence."""
-    language, probability, _ = model.whisper.detect_language(audio=audio, vad_filter=True)
+    first 30 s of the file, which in films is often music or silence. The VAD only looks at
+    the first DETECT_WINDOW_S so a feature film does not pay for a VAD pass over all of it."""
+    window = audio[: int(DETECT_WINDOW_S * SAMPLE_RATE)]
+    language, probability, _ = model.whisper.detect_language(audio=window, vad_filter=True)
     return language, float(probability)
 
 
