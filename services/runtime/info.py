@@ -24,6 +24,18 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def env_packages() -> list[str]:
+    """Distributions the managed env's spec asks to report (its manifest), if any."""
+    try:
+        from captionbus.envs.runtime import report_packages
+    except ImportError:
+        return []
+    try:
+        return report_packages()
+    except Exception:
+        return []
+
+
 def hardware_summary() -> dict[str, str]:
     try:
         from captionbus import hardware
@@ -54,7 +66,7 @@ def worker_info(
         host=host,
         pid=os.getpid(),
         worker_id=worker_id or f"{host}-{os.getpid()}",
-        packages=package_versions([*BASE_PACKAGES, *packages]),
+        packages=package_versions([*BASE_PACKAGES, *env_packages(), *packages]),
         hardware=hardware_summary() if hardware is None else hardware,
         model=model,
         backend=backend,

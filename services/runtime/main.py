@@ -21,7 +21,14 @@ OPTION_ENV_PREFIX = "CAPTIONBUS_OPTION_"  # CAPTIONBUS_OPTION_MODEL=base == --op
 
 
 def env_name() -> str:
-    return os.environ.get("CAPTIONBUS_ENV") or "unknown"
+    """The launcher's CAPTIONBUS_ENV, else the managed env this interpreter belongs to."""
+    if os.environ.get("CAPTIONBUS_ENV"):
+        return os.environ["CAPTIONBUS_ENV"]
+    try:
+        from captionbus.envs.runtime import current_env
+    except ImportError:
+        return "unknown"
+    return current_env()
 
 
 def load_stage(stage: str) -> StageDefinition:

@@ -94,6 +94,9 @@ class StageWorker:
         self.summary = worker_summary(info)
         self._jobs_kv = None
         self._running: set[asyncio.Task] = set()
+        # A slot is held while a handler runs, not while its outputs upload and the completion
+        # is published: the next fetch overlaps that tail, which keeps hops short.
+        self._slots = asyncio.Semaphore(definition.slots)
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
         self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
@@ -101,23 +104,40 @@ class StageWorker:
     async def run(self, sub: Any, stop: asyncio.Event) -> None:
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            while not stop.is_set():
-                if len(self._running) >= self.definition.slots:
-                    await asyncio.wait({*self._running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    continue
+            while await self._take_slot(stopping):
+                slot = _Slot(self._slots)
                 msg = await self._fetch(sub)
                 if msg is None:
+                    slot.release()
                     continue
                 if stop.is_set():  # arrived while we were stopping: let another replica have it now
+                    slot.release()
                     await msg.nak()
                     break
-                task = asyncio.create_task(self._process(msg))
+                task = asyncio.create_task(self._process(msg, slot))
                 self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                task.add_done_callback(self._done)
         finally:
             stopping.cancel()
             await self._finish_running()
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _take_slot(self, stopping: asyncio.Future) -> bool:
+        if stopping.done():
+            return False
+        take = asyncio.ensure_future(self._slots.acquire())
+        await asyncio.wait({take, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            if not take.cancel():  # acquired in the same instant: give it back
+                self._slots.release()
+            return False
+        return True
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Only bus failures get here (ack/term lost); JetStream redelivers after ack_wait.
+            self.log.error("request handling failed", exc_info=task.exception())
 
     async def _fetch(self, sub: Any) -> Any | None:
         try:
@@ -139,7 +159,13 @@ class StageWorker:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # -- one message ----------------------------------------------------------------------------
-    async def _process(self, msg: Any) -> None:
+    async def _process(self, msg: Any, slot: "_Slot") -> None:
+        try:
+            await self._process_one(msg, slot)
+        finally:
+            slot.release()
+
+    async def _process_one(self, msg: Any, slot: "_Slot") -> None:
         delivery = msg.metadata.num_delivered
         try:
             request = StageRequest.model_validate_json(msg.data)
@@ -156,12 +182,10 @@ class StageWorker:
 
         log.info("stage request started")
         heartbeat = asyncio.create_task(self._heartbeat(msg, log))
-        job_dir = self.settings.work_dir / request.job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
-        # Unique per delivery: a redelivery on the same host never sees a half-written dir.
-        work_dir = Path(tempfile.mkdtemp(prefix=f"{request.node}-{request.attempt}-", dir=job_dir))
+        work_dir = None
         try:
-            await self._run(msg, request, work_dir, delivery, log)
+            work_dir = self._make_work_dir(request)
+            await self._run(msg, request, work_dir, delivery, log, slot)
         except asyncio.CancelledError:
             # Shutdown grace ran out: release the request now instead of after ack_wait.
             log.warning("stage request abandoned at shutdown; released for another replica")
@@ -176,11 +200,22 @@ class StageWorker:
             await self._retry_or_fail(msg, request, e, delivery, log)
         finally:
             heartbeat.cancel()
-            shutil.rmtree(work_dir, ignore_errors=True)
-            with suppress(OSError):
-                job_dir.rmdir()  # only if no other request of this job is using it
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+                with suppress(OSError):
+                    work_dir.parent.rmdir()  # only if no other request of this job uses it
 
-    async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any) -> None:
+    def _make_work_dir(self, request: StageRequest) -> Path:
+        job_dir = self.settings.work_dir / request.job_id
+        for _ in range(5):  # another request of the job may remove job_dir between the two calls
+            job_dir.mkdir(parents=True, exist_ok=True)
+            with suppress(FileNotFoundError):
+                # Unique per delivery: a redelivery on this host never sees a half-written dir.
+                return Path(tempfile.mkdtemp(prefix=f"{request.node}-{request.attempt}-", dir=job_dir))
+        raise OSError(f"cannot create a work dir under {job_dir}")
+
+    async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
+                   slot: "_Slot") -> None:
         ctx = RequestContext(
             request, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish,
@@ -189,6 +224,7 @@ class StageWorker:
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
         handled = time.perf_counter()
+        slot.release()
         refs = {}
         for name, path in _check_outputs(outputs).items():
             media_type = mimetypes.guess_type(path.name)[0]
@@ -266,6 +302,18 @@ class StageWorker:
             log.info("job already finished; request dropped", job_status=status)
             return True
         return False
+
+
+class _Slot:
+    """One unit of the worker's concurrency, released exactly once."""
+
+    def __init__(self, semaphore: asyncio.Semaphore):
+        self._semaphore: asyncio.Semaphore | None = semaphore
+
+    def release(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+            self._semaphore = None
 
 
 def _ids(request: StageRequest) -> dict[str, Any]:
