@@ -93,6 +93,7 @@ class StageWorker:
         self.grace_s = grace_s
         self.summary = worker_summary(info)
         self._jobs_kv = None
+        self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
         self._running: set[asyncio.Task] = set()
         # A slot is held while a handler runs, not while its outputs upload and the completion
         # is published: the next fetch overlaps that tail, which keeps hops short.
@@ -153,7 +154,12 @@ class StageWorker:
         if not self._running:
             return
         self.log.info("waiting for running requests", count=len(self._running), grace_s=self.grace_s)
-        _, pending = await asyncio.wait(set(self._running), timeout=self.grace_s)
+        forced = asyncio.ensure_future(self.force.wait())
+        deadline = time.monotonic() + self.grace_s
+        while self._running and not forced.done() and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait({*self._running, forced}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        pending = set(self._running)
         for task in pending:
             task.cancel()  # _process naks it, so another replica starts at once
         await asyncio.gather(*pending, return_exceptions=True)
@@ -391,9 +397,8 @@ async def serve(
     )
     log = log.bind(worker_id=info.worker_id)
 
-    if stop is None:
-        stop = asyncio.Event()
-        _stop_on_signals(stop, log)
+    signals = stop is None
+    stop = stop or asyncio.Event()
 
     nc = await connect(nats_url, f"stage-{definition.name}-{info.worker_id}")
     service = None
@@ -408,6 +413,8 @@ async def serve(
             info=info, policy=policy, resources=resources, log=log,
             retry_delay_s=retry_delay_s, grace_s=grace_s,
         )
+        if signals:
+            _stop_on_signals(stop, worker.force, log)
         log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name))
         if ready is not None:
             ready.set()
@@ -447,13 +454,17 @@ async def _register(nc: Any, info: WorkerInfo) -> Any:
     return service
 
 
-def _stop_on_signals(stop: asyncio.Event, log: Any) -> None:
+def _stop_on_signals(stop: asyncio.Event, force: asyncio.Event, log: Any) -> None:
+    """First SIGTERM/SIGINT: stop fetching, finish running requests. Second: release them now."""
     loop = asyncio.get_running_loop()
 
     def _on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
+            log.warning("second signal; releasing running requests", signal=name)
+            force.set()
             return
-        log.info("signal received; finishing running requests", signal=signal.Signals(signum).name)
+        log.info("signal received; finishing running requests", signal=name)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -252,6 +252,23 @@ def test_requests_of_finished_jobs_are_dropped(nats_server, tmp_path):
     run(nats_server, tmp_path, body)
 
 
+def test_slots_bound_concurrent_handlers(nats_server, tmp_path):
+    probe, calls = counting()
+    probe.slots = 2
+
+    async def body(bus: Bus):
+        await bus.start(probe)
+        started = time.monotonic()
+        for n in range(4):
+            await bus.request(f"job-s{n}", "probe", params={"sleep_s": 1})
+        for n in range(4):
+            await bus.wait_for("stage_completed", f"job-s{n}")
+        elapsed = time.monotonic() - started
+        assert 1.9 < elapsed < 3.5  # two at a time: two rounds of one second
+
+    run(nats_server, tmp_path, body)
+
+
 def test_worker_info_over_srv_and_info_endpoint(nats_server, tmp_path):
     async def body(bus: Bus):
         await bus.start(replica_id="r1")
