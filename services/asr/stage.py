@@ -1,8 +1,8 @@
 """asr: 16 kHz mono WAV -> transcript JSON (contracts.transcript.Transcript) with segment and
 word timestamps, using whisperx (faster-whisper / CTranslate2 + pyannote VAD).
 
-Params: `language` (ISO 639-1 Whisper code; unset or "auto" = detect), `model` (optional; must
-name the model this service loaded).
+Params: `language` or the job's `source_language` (ISO 639-1 Whisper code; unset or "auto" =
+detect), `model` (optional; must name the model this service loaded).
 Outputs: `transcript` (transcript.json).
 
 Service options (`serve asr --option k=v`, or the env var in brackets):
@@ -152,7 +152,8 @@ def read_wav(path: Path) -> np.ndarray:
 
 
 def requested_language(request: StageRequest, model: AsrModel) -> str | None:
-    language = request.params.get("language")
+    # `source_language` is what the coordinator passes every stage (the job's -s option).
+    language = request.params.get("language") or request.params.get("source_language")
     if language in (None, "", "auto"):
         return None
     language = str(language).strip().lower()

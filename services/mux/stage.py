@@ -1,7 +1,8 @@
 """mux: the original media + SRT tracks -> soft-subtitled mp4 (mov_text) and mkv (srt).
 
 Inputs: `media` (the original), input list `subtitles` (SRT files).
-Params: `languages` (ISO 639-1 codes, same order as `subtitles`).
+Params: `languages` (ISO 639-1 codes, same order as `subtitles`); when absent, each file's
+language comes from its name as subtitle_gen writes it (subtitles.<lang>.srt).
 Outputs: `mp4`, `mkv`.
 
 Video and audio are stream-copied (-c copy), never re-encoded. Each subtitle track is tagged
@@ -15,6 +16,7 @@ mkv, which takes any codec, is the file to use then; we never re-encode silently
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from contracts import StageRequest
@@ -22,16 +24,28 @@ from contracts.languages import LANGUAGES, UnknownLanguage, check_language
 from services import media
 from services.runtime import BadInput, StageContext, StageDefinition
 
+SUBTITLE_NAME = re.compile(r"^.*\.(?P<lang>[A-Za-z]{2,3})\.srt$")
 # Which subtitle codec each container gets.
 CONTAINERS = {"mp4": ("mp4", "mov_text"), "mkv": ("matroska", "srt")}
 
 
-def subtitle_languages(languages, count: int) -> list[str]:
+def subtitle_languages(request: StageRequest) -> list[str]:
+    """One language per subtitle file: the `languages` param when given, else the code in each
+    file's artifact name as subtitle_gen writes it (subtitles.<lang>.srt), so the transcribe
+    graph need not know the detected language. Every code is validated either way."""
+    refs = request.input_lists.get("subtitles", [])
+    languages = request.params.get("languages")
     if isinstance(languages, str):
         languages = [languages]
-    languages = list(languages or [])
-    if len(languages) != count:
-        raise BadInput(f"mux got {count} subtitle file(s) but {len(languages)} language(s): {languages}")
+    if not languages:
+        languages = []
+        for ref in refs:
+            named = SUBTITLE_NAME.match(ref.name)
+            if not named:
+                raise BadInput(f"cannot tell the language of subtitle file {ref.name!r}; pass the mux param languages")
+            languages.append(named.group("lang"))
+    if len(languages) != len(refs):
+        raise BadInput(f"mux got {len(refs)} subtitle file(s) but {len(languages)} language(s): {list(languages)}")
     try:
         return [check_language(code) for code in languages]
     except UnknownLanguage as unknown:
@@ -63,7 +77,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     source = ctx.input_path("media")
     name = request.inputs["media"].name
     subtitles = ctx.input_paths("subtitles")
-    languages = subtitle_languages(request.params.get("languages"), len(subtitles))
+    languages = subtitle_languages(request)
     probed = media.probe(source, display_name=name)
     if not probed.video_streams and not probed.audio_streams:
         raise BadInput(f"{name} has neither video nor audio to put subtitles on")

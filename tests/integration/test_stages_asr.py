@@ -101,7 +101,7 @@ def asr_runs(tmp_path_factory):
                     "-c:a", "pcm_s16le", str(silence)], check=True, timeout=60)
     jobs = [
         f"{audio}|{json.dumps({})}",  # language detected
-        f"{audio}|{json.dumps({'language': 'en'})}",
+        f"{audio}|{json.dumps({'source_language': 'en', 'target_languages': []})}",  # as the coordinator sends it
         f"{audio}|{json.dumps({'language': 'xx'})}",
         f"{audio}|{json.dumps({'model': 'whisper-large-v3'})}",
         f"{silence}|{json.dumps({'language': 'en'})}",

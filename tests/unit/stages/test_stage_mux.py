@@ -104,3 +104,15 @@ def test_playlist_as_media_is_refused(make_context, tmp_path, speech_clip):
     ctx = make_context("mux", inputs={"media": playlist}, input_lists={"subtitles": [_srt(tmp_path / "en.srt")]}, params={"languages": ["en"]})
     with pytest.raises(BadInput, match="playlist"):
         STAGE.handle(ctx.request, ctx)
+
+
+def test_languages_come_from_subtitle_gen_file_names_when_not_given(speech_clip, make_context, tmp_path):
+    tamil, hindi = _srt(tmp_path / "subtitles.ta.srt"), _srt(tmp_path / "subtitles.hi.srt")
+    ctx = make_context("mux", inputs={"media": speech_clip[0]}, input_lists={"subtitles": [tamil, hindi]}, params={"source_language": None})
+    outputs = STAGE.handle(ctx.request, ctx)
+    streams = test_media.ffprobe_json(outputs["mkv"])["streams"]
+    assert [s["tags"]["language"] for s in streams if s["codec_type"] == "subtitle"] == ["tam", "hin"]
+
+    unnamed = make_context("mux", inputs={"media": speech_clip[0]}, input_lists={"subtitles": [_srt(tmp_path / "track.srt")]})
+    with pytest.raises(BadInput, match="cannot tell the language of subtitle file 'track.srt'"):
+        STAGE.handle(unnamed.request, unnamed)
