@@ -143,3 +143,18 @@ def test_object_store_needs_a_bus(tmp_path):
 def test_put_refuses_non_files(tmp_path):
     with pytest.raises(ArtifactError):
         asyncio.run(_store(tmp_path).put(tmp_path))
+
+
+def test_put_from_another_filesystem_copies(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a writable /dev/shm on another filesystem")
+    src = shm / f"captionbus-test-{os.getpid()}.bin"
+    try:
+        _file(src, os.urandom(100_000))
+        store = _store(tmp_path)
+        ref = asyncio.run(store.put(src))
+        local = store.local_path(ref)
+        assert local.read_bytes() == src.read_bytes() and not os.path.samefile(local, src)
+    finally:
+        src.unlink(missing_ok=True)
