@@ -10,6 +10,9 @@ coordinator does between stages, minus its KV write).
 
   latency     one chain at a time, `--chains` chains of `--hops` hops: per-hop p50 / p95
   throughput  `--concurrency` chains in flight across `--services` replicas: hops/s
+  coordinator the same chain as a workflow graph run by the real coordinator (in-process):
+              job submitted -> K noop nodes -> job completed; per hop = job time / K. Adds the
+              coordinator's event consumer and its revision-checked KV write per step.
   raw NATS    core request/reply round trip, and a JetStream publish (ack) round trip, for scale
 
 Services are `python -m services serve noop` subprocesses (default; what production runs) or
@@ -75,6 +78,52 @@ class Driver:
             times.append(seconds)
             inputs = outputs
         return times
+
+
+def hops_workflow(hops: int):
+    from coordinator.graph import Workflow
+
+    nodes = {f"hop{n}": {"stage": "noop", "inputs": {"input": "job.input" if n == 0 else f"hop{n - 1}.input"},
+                         "outputs": ["input"]} for n in range(hops)}
+    return Workflow.from_dict({"name": "hops", "nodes": nodes, "outputs": {"out": f"hop{hops - 1}.input"}})
+
+
+async def coordinated(nc, js, first_ref, hops: int, chains: int, concurrency: int) -> tuple[list[float], float]:
+    """Per-job seconds for `chains` sequential jobs, and hops/s with `concurrency` jobs in flight."""
+    from contracts import JobSpec, JobSubmitted, new_job_id
+    from coordinator.service import Coordinator
+
+    finished: dict[str, asyncio.Future] = {}
+
+    async def on_terminal(msg) -> None:
+        event = parse_event(msg.data)
+        future = finished.pop(event.job_id, None)
+        if future is not None and not future.done():
+            future.set_result(event)
+
+    async def job() -> float:
+        spec = JobSpec(job_id=new_job_id(), workflow="hops", input=first_ref)
+        finished[spec.job_id] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        event = JobSubmitted(job_id=spec.job_id, spec=spec)
+        await js.publish(subjects.job_event(spec.job_id, "submitted"), event.model_dump_json().encode(),
+                         headers={"Nats-Msg-Id": event.event_id})
+        result = await asyncio.wait_for(finished[spec.job_id], 60)
+        if result.kind != "completed":
+            raise RuntimeError(f"job {spec.job_id} {result.kind}: {getattr(result, 'reason', '')}")
+        return time.perf_counter() - started
+
+    for kind in ("completed", "failed"):
+        await nc.subscribe(f"{subjects.PREFIX}.job.*.{kind}", cb=on_terminal)
+    async with Coordinator(nc, graphs={"hops": hops_workflow(hops)}):
+        await job()  # warm-up
+        per_job = [await job() for _ in range(chains)]
+        rounds = max(1, chains // concurrency)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await asyncio.gather(*(job() for _ in range(concurrency)))
+        hops_per_s = rounds * concurrency * hops / (time.perf_counter() - started)
+    return per_job, hops_per_s
 
 
 async def raw_nats(nc, js, n: int = 500) -> dict[str, list[float]]:
@@ -147,14 +196,15 @@ async def bench(args, url: str, home: Path) -> None:
         for c in range(args.chains):
             latencies += await driver.chain(f"lat{c}", args.hops, first)
 
-        total = args.concurrency * args.hops * max(1, args.chains // args.concurrency)
-        rounds = total // (args.concurrency * args.hops)
+        rounds = max(1, args.chains // args.concurrency)
         started = time.perf_counter()
         for r in range(rounds):
             await asyncio.gather(*(driver.chain(f"thr{r}-{c}", args.hops, first) for c in range(args.concurrency)))
         wall = time.perf_counter() - started
         hops_per_s = rounds * args.concurrency * args.hops / wall
 
+        coord_jobs, coord_hops_per_s = await coordinated(
+            nc, js, first["input"], args.hops, args.chains, args.concurrency)
         raw = await raw_nats(nc, js)
     finally:
         stop.set()
@@ -174,12 +224,17 @@ async def bench(args, url: str, home: Path) -> None:
     p50 = pct(latencies, 0.5)
     print(f"{'stage hop (sequential)':28}{p50 * 1e3:10.2f}{pct(latencies, 0.95) * 1e3:10.2f}{1 / p50:10.0f}")
     print(f"{'stage hops (concurrent)':28}{'':10}{'':10}{hops_per_s:10.0f}")
+    coord_hops = [t / args.hops for t in coord_jobs]
+    c50 = pct(coord_hops, 0.5)
+    print(f"{'hop via coordinator (seq)':28}{c50 * 1e3:10.2f}{pct(coord_hops, 0.95) * 1e3:10.2f}{1 / c50:10.0f}")
+    print(f"{'hops via coordinator (conc)':28}{'':10}{'':10}{coord_hops_per_s:10.0f}")
     for name, values in raw.items():
         m = pct(values, 0.5)
         print(f"{name:28}{m * 1e3:10.2f}{pct(values, 0.95) * 1e3:10.2f}{1 / m:10.0f}")
     print(f"stage hop p50 / core request-reply p50 = {p50 / pct(raw['core request/reply'], 0.5):.0f}x")
     print(json.dumps({"hop_p50_ms": round(p50 * 1e3, 2), "hop_p95_ms": round(pct(latencies, 0.95) * 1e3, 2),
                       "hops_per_s": round(hops_per_s, 1),
+                      "coord_hop_p50_ms": round(c50 * 1e3, 2), "coord_hops_per_s": round(coord_hops_per_s, 1),
                       "raw_rr_p50_ms": round(pct(raw["core request/reply"], 0.5) * 1e3, 3),
                       "js_pub_p50_ms": round(pct(raw["JetStream publish+ack"], 0.5) * 1e3, 3)}))
 
