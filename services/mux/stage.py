@@ -10,9 +10,9 @@ with its ISO 639-2 code and a title; the first is marked default so players show
 
 Audio-only input (a podcast, an .m4a): both outputs are still written, holding the audio and
 the subtitle tracks; an mp4 without video is a valid "audio with captions" file and keeps the
-workflow's outputs uniform. Source codecs mp4 cannot hold (e.g. PCM audio, or any codec in
-an mkv/avi source that has no mp4 mapping) make the mp4 a BadInput naming the codec -- the
-mkv, which takes any codec, is the file to use then; we never re-encode silently.
+workflow's outputs uniform. Audio codecs mp4 cannot hold (PCM, Vorbis, TrueHD...) are
+re-encoded to AAC in the mp4 only, with a warning event (the mkv keeps the original); a
+video codec mp4 cannot hold is a BadInput naming it.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def subtitle_languages(request: StageRequest) -> list[str]:
         raise BadInput(str(unknown))
 
 
-def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[str], container: str, out: Path) -> list[str]:
+def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[str], container: str, out: Path,
+             audio_codec: str = "copy") -> list[str]:
     muxer, subtitle_codec = CONTAINERS[container]
     args = [*media.guarded_input(probed)]
     for srt in subtitles:
@@ -61,7 +62,9 @@ def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[s
     args += ["-map", "0:V?", "-map", "0:a?"]
     for i in range(len(subtitles)):
         args += ["-map", f"{i + 1}:s:0"]
-    args += ["-c:v", "copy", "-c:a", "copy", "-c:s", subtitle_codec]
+    args += ["-c:v", "copy", "-c:a", audio_codec, "-c:s", subtitle_codec]
+    if audio_codec != "copy":
+        args += ["-b:a", "192k"]
     args += ["-map_metadata", "0", "-map_chapters", "0"]
     for i, code in enumerate(languages):
         iso639_2, name = LANGUAGES[code]
@@ -71,6 +74,41 @@ def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[s
         args += ["-movflags", "+faststart"]
     args += ["-f", muxer, media.file_url(out)]
     return args
+
+
+def _cannot_hold(failed: media.FfmpegFailed) -> bool:
+    return "codec not currently supported in container" in failed.stderr or "Could not find tag for codec" in failed.stderr
+
+
+def _refused_codec(failed: media.FfmpegFailed) -> str | None:
+    """The codec a muxer refused ("Could not find tag for codec pcm_s16le in stream #1 ...")."""
+    found = re.search(r"(?:tag for codec|codec) (\w+) in stream", failed.stderr)
+    return found.group(1) if found else None
+
+
+def write_container(ctx: StageContext, probed: media.ProbeResult, subtitles: list[Path], languages: list[str],
+                    container: str, report_progress) -> Path:
+    out = ctx.work_dir / f"subtitled.{container}"
+
+    def run(audio_codec: str) -> None:
+        media.run_ffmpeg(
+            mux_args(probed, subtitles, languages, container, out, audio_codec),
+            duration=probed.duration,
+            timeout_s=media.timeout_for(probed.duration, realtime_fraction=0.1),
+            on_progress=report_progress,
+        )
+
+    try:
+        run("copy")
+    except media.FfmpegFailed as failed:
+        audio_codecs = {s.get("codec_name") for s in probed.audio_streams}
+        if not (container == "mp4" and _cannot_hold(failed) and _refused_codec(failed) in audio_codecs):
+            raise
+        # mp4 cannot hold some audio codecs (PCM, Vorbis, TrueHD...). Rather than fail a job
+        # whose transcription is done, the mp4 alone gets AAC audio; the mkv keeps the original.
+        ctx.warn(f"mp4 cannot hold {_refused_codec(failed)} audio: re-encoded to AAC in the mp4 only; the mkv has the original audio")
+        run("aac")
+    return out
 
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
@@ -87,22 +125,15 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     outputs: dict[str, Path] = {}
     containers = list(CONTAINERS)
     for n, container in enumerate(containers):
-        out = ctx.work_dir / f"subtitled.{container}"
+        report = lambda f, n=n, c=container: ctx.progress((n + f) / len(containers), f"writing {c}")  # noqa: E731
         try:
-            media.run_ffmpeg(
-                mux_args(probed, subtitles, languages, container, out),
-                duration=probed.duration,
-                timeout_s=media.timeout_for(probed.duration, realtime_fraction=0.1),
-                on_progress=lambda f, n=n, c=container: ctx.progress((n + f) / len(containers), f"writing {c}"),
-            )
+            outputs[container] = write_container(ctx, probed, subtitles, languages, container, report)
         except media.FfmpegFailed as failed:
-            reason = failed.last_line
-            if "codec not currently supported in container" in failed.stderr or "Could not find tag for codec" in failed.stderr:
-                raise BadInput(f"{name}: a stream cannot be copied into {container} ({reason}); use a source whose codecs {container} supports")
-            if "Invalid data found" in failed.stderr and "srt" in failed.stderr.lower():
-                raise BadInput(f"a subtitle file is not valid SRT ({reason})")
+            if _cannot_hold(failed):
+                raise BadInput(f"{name}: a stream cannot be copied into {container} ({failed.last_line}); the mkv takes any codec")
+            if "srt" in failed.stderr.lower():
+                raise BadInput(f"a subtitle file is not valid SRT ({failed.last_line})")
             raise
-        outputs[container] = out
     ctx.metrics["subtitle_tracks"] = float(len(subtitles))
     return outputs
 

@@ -88,3 +88,12 @@ def test_audio_track_out_of_range_is_bad_input(speech_clip, make_context):
     ctx = make_context("demux", inputs={"media": speech_clip[0]}, params={"audio_track": 3})
     with pytest.raises(BadInput, match="audio_track=3"):
         STAGE.handle(ctx.request, ctx)
+
+
+def test_audio_only_input_is_fine_and_says_it_has_no_video(make_context, tmp_path):
+    audio, _ = test_media.speech_audio_only(tmp_path / "podcast.m4a")
+    ctx = make_context("demux", inputs={"media": audio})
+    outputs = STAGE.handle(ctx.request, ctx)
+    probe = json.loads(outputs["probe"].read_text())
+    assert probe["has_video"] is False and probe["fps"] is None and probe["audio_codecs"] == ["aac"]
+    assert ctx.metrics["audio_duration_s"] > 5

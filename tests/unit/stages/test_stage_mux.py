@@ -116,3 +116,19 @@ def test_languages_come_from_subtitle_gen_file_names_when_not_given(speech_clip,
     unnamed = make_context("mux", inputs={"media": speech_clip[0]}, input_lists={"subtitles": [_srt(tmp_path / "track.srt")]})
     with pytest.raises(BadInput, match="cannot tell the language of subtitle file 'track.srt'"):
         STAGE.handle(unnamed.request, unnamed)
+
+
+def test_audio_mp4_cannot_hold_is_aac_in_the_mp4_only(make_context, tmp_path):
+    speech, _ = test_media.speech_wav(tmp_path / "speech.wav")
+    source = tmp_path / "pcm.mkv"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-i", str(speech),
+         "-shortest", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "pcm_s16le", str(source)],
+        check=True, timeout=60,
+    )
+    ctx = make_context("mux", inputs={"media": source}, input_lists={"subtitles": [_srt(tmp_path / "subtitles.en.srt")]})
+    outputs = STAGE.handle(ctx.request, ctx)
+    codecs = {c: [s["codec_name"] for s in test_media.ffprobe_json(outputs[c])["streams"]] for c in ("mp4", "mkv")}
+    assert codecs == {"mp4": ["h264", "aac", "mov_text"], "mkv": ["h264", "pcm_s16le", "subrip"]}
+    assert test_media.packet_hash(outputs["mp4"], "v:0") == test_media.packet_hash(source, "v:0")
+    assert any("pcm_s16le" in w and "mkv has the original" in w for w in ctx.warnings)
