@@ -150,6 +150,7 @@ class ArtifactStore:
         # How long a fetch may go without receiving a chunk before it is retried/fails.
         self.stall_timeout = 10.0
         self.ack_timeout = 10.0
+        self._sweep_tmp()
 
     # ---- local root -------------------------------------------------------------------
 
@@ -158,6 +159,15 @@ class ArtifactStore:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ArtifactError(f"not a sha256 key: {key!r}")
         return self.root / key[:2] / key
+
+    def _sweep_tmp(self, max_age_s: float = 24 * 3600) -> None:
+        """Remove temp files a crashed process left behind (old enough to be nobody's)."""
+        cutoff = time.time() - max_age_s
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root / ".tmp"):
+                with contextlib.suppress(OSError):
+                    if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def _tmp_path(self, key: str) -> Path:
         # Temp files live under the root so os.replace into place is atomic (same filesystem).

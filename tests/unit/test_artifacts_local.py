@@ -158,3 +158,15 @@ def test_put_from_another_filesystem_copies(tmp_path):
         assert local.read_bytes() == src.read_bytes() and not os.path.samefile(local, src)
     finally:
         src.unlink(missing_ok=True)
+
+
+def test_old_temp_files_are_swept(tmp_path):
+    store = _store(tmp_path)
+    tmp_dir = store.root / ".tmp"
+    tmp_dir.mkdir(parents=True)
+    old, fresh = tmp_dir / "old.part", tmp_dir / "fresh.part"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    _store(tmp_path)  # a new process on this host
+    assert not old.exists() and fresh.exists()
