@@ -483,6 +483,10 @@ class _ChunkReader:
                 raise ArtifactCorrupt(f"object {self.info.name} has more than its {self.info.size} bytes")
             if self.written == self.info.size:
                 self._finish()
+            elif meta.num_pending == 0:  # the last chunk, and short: fail now, not after stalls
+                raise ArtifactCorrupt(
+                    f"object {self.info.name} ends after {self.written} of its {self.info.size} bytes"
+                )
         except BaseException as e:  # nats-py would swallow it; the fetch must see it
             self._finish(e)
 

@@ -116,27 +116,45 @@ def test_other_bytes_under_the_key_are_refused(nats_server, tmp_path):
     run(nats_server, tmp_path, body)
 
 
+async def _forge(js, ref, data: bytes) -> None:
+    """Replace the object under ref.key with `data` as chunks, behind a meta message that
+    still claims ref's size and digest: only checks made while streaming can tell."""
+    obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+    good = await obj.get_info(ref.key)
+    nuid = "FORGED" + good.nuid[6:]
+    for i in range(0, len(data), CHUNK):
+        await js.publish(f"$O.{subjects.ARTIFACTS_BUCKET}.C.{nuid}", data[i:i + CHUNK])
+    forged = {**good.as_dict(), "nuid": nuid}
+    meta_subj = f"$O.{subjects.ARTIFACTS_BUCKET}.M.{base64.urlsafe_b64encode(ref.key.encode()).decode()}"
+    await js.publish(meta_subj, json.dumps(forged).encode(), headers={api.Header.ROLLUP: "sub"})
+
+
 def test_corrupt_chunks_are_caught_while_streaming(nats_server, tmp_path):
-    """The meta message claims the right digest, the chunks are other bytes: only hashing
-    what was written can tell, and nothing may land in the root."""
     src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 7)
 
     async def body(js, producer, consumer):
-        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
         ref = await producer.put(src)
-        good = await obj.get_info(ref.key)
-        forged_nuid = "FORGED" + good.nuid[6:]
         data = bytearray(src.read_bytes())
-        data[CHUNK + 3] ^= 0xFF  # one flipped bit-pattern in the second chunk
-        for i in range(0, len(data), CHUNK):
-            await js.publish(f"$O.{subjects.ARTIFACTS_BUCKET}.C.{forged_nuid}", bytes(data[i:i + CHUNK]))
-        forged = {**good.as_dict(), "nuid": forged_nuid}
-        meta_subj = f"$O.{subjects.ARTIFACTS_BUCKET}.M.{base64.urlsafe_b64encode(ref.key.encode()).decode()}"
-        await js.publish(meta_subj, json.dumps(forged).encode(), headers={api.Header.ROLLUP: "sub"})
+        data[CHUNK + 3] ^= 0xFF  # one byte changed, in the second chunk
+        await _forge(js, ref, bytes(data))
         with pytest.raises(ArtifactCorrupt, match="hash to"):
             await consumer.get(ref)
         assert consumer.local_path(ref) is None
         assert not any((consumer.root / ".tmp").iterdir())
+
+    run(nats_server, tmp_path, body)
+
+
+def test_short_object_fails_at_its_last_chunk(nats_server, tmp_path):
+    src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        await _forge(js, ref, src.read_bytes()[: 2 * CHUNK])  # a chunk lost, meta unchanged
+        t0 = time.perf_counter()
+        with pytest.raises(ArtifactCorrupt, match="ends after"):
+            await consumer.get(ref)
+        assert time.perf_counter() - t0 < consumer.stall_timeout  # no waiting for a stall
 
     run(nats_server, tmp_path, body)
 
