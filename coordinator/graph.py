@@ -22,13 +22,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from captionbus.settings import CONFIG_DIR
 from contracts import JobSpec
 
 JOB = "job"  # the reserved node name of the job itself; `job.input` is its only output
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")  # no '-': it separates a fan-out branch
 # What a node may fan out over, and the parameter each branch receives.
 FAN_OUT_SOURCES = {"target_languages": "target_language"}
-DEFAULT_WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "config" / "workflows"
+DEFAULT_WORKFLOWS_DIR = CONFIG_DIR / "workflows"  # CAPTIONBUS_CONFIG moves it
 
 
 class WorkflowError(ValueError):
@@ -329,6 +330,10 @@ class JobPlan:
 
     def active(self) -> list[PlannedNode]:
         return [n for n in self.nodes.values() if n.active]
+
+    def stages(self) -> list[str]:
+        """Stages this job will run, in order, without repeats (to check their environments)."""
+        return list(dict.fromkeys(n.stage for n in self.active()))
 
 
 def _branch_ids(workflow: Workflow, spec: JobSpec, name: str) -> list[tuple[str, dict[str, str]]]:

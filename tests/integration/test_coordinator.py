@@ -234,13 +234,14 @@ def test_cancel_over_the_bus(nats_server):
 
 def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
     quick = load_workflows()["transcribe"].model_copy(deep=True)
-    quick.nodes["demux"].deadline_s = 0.5
+    quick.nodes["demux"].deadline_s = 1.5  # long enough for attempt 2 to finish on a busy machine
 
     async def scenario(bus: Bus):
-        async with Coordinator(bus.nc, graphs={"transcribe": quick}, policy=POLICY, tick_interval_s=0.1):
+        policy = Policy(max_attempts=3, backoff_initial_s=0.2)
+        async with Coordinator(bus.nc, graphs={"transcribe": quick}, policy=policy, tick_interval_s=0.1):
             await submit(bus.js, "job6")
             [silent] = await FakeWorker(bus.js, "demux").answer(ack=False)  # takes it, never answers
-            [second] = await bus.answer("demux")  # re-requested after deadline 0.5 s + backoff 0.2 s
+            [second] = await bus.answer("demux")  # re-requested after deadline 1.5 s + backoff 0.2 s
             await publish_event(bus.js, completion_for(silent))  # the first one wakes up: too late
             await bus.answer("asr", "subtitle_gen", "mux")
             state = await bus.finished("job6")

@@ -106,6 +106,7 @@ def test_fan_out_branches_reference_their_own_branch_and_join_collects_all():
         Source("subtitle_gen-ta", "srt"), Source("subtitle_gen-hi", "srt"),
     ]
     assert set(plan.outputs) == {"srt-ta", "srt-hi", "mp4"}
+    assert plan.stages() == ["demux", "asr", "translation", "subtitle_gen", "mux"]
 
 
 def test_input_with_no_running_source_is_a_plan_error():
