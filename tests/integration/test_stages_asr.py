@@ -115,6 +115,7 @@ def asr_runs(tmp_path_factory):
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])
     results["spoken"] = spoken
+    results["video"] = str(video)
     return results
 
 
@@ -157,3 +158,27 @@ def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
 def test_silence_gives_an_empty_transcript_and_a_warning(asr_runs):
     run = asr_runs["runs"][4]
     assert run["transcript"]["segments"] == [] and run["warnings"]
+
+
+def test_asr_transcript_through_subtitle_gen_and_mux_keeps_words_and_timing(asr_runs, tmp_path):
+    """The rest of the transcribe chain in-process on the real transcript: the subtitle track
+    read back from the muxed mp4 still says what was spoken, starting when the speech does."""
+    import pysubs2
+
+    from contracts.transcript import Transcript
+    from services.mux.stage import STAGE as MUX
+    from services.subtitle_gen.stage import STAGE as SUBTITLE_GEN
+
+    transcript_path = tmp_path / "transcript.json"
+    transcript_path.write_text(Transcript.model_validate(asr_runs["runs"][0]["transcript"]).model_dump_json())
+    ctx = make_fake_context(tmp_path / "subs", "subtitle_gen", inputs={"transcript": transcript_path})
+    srt = SUBTITLE_GEN.handle(ctx.request, ctx)["srt"]
+    ctx = make_fake_context(tmp_path / "mux", "mux", inputs={"media": Path(asr_runs["video"])}, input_lists={"subtitles": [srt]})
+    mp4 = MUX.handle(ctx.request, ctx)["mp4"]
+
+    track = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(mp4), "-map", "0:s:0", "-f", "srt", "-"],
+                           check=True, capture_output=True, text=True, timeout=60).stdout
+    cues = pysubs2.SSAFile.from_string(track, format_="srt")
+    heard = " ".join(cue.plaintext.replace("\n", " ") for cue in cues)
+    assert jiwer.wer(words_of(asr_runs["spoken"]), words_of(heard)) <= 0.25, heard
+    assert 300 <= cues[0].start <= 800, cues[0]  # speech starts 0.5 s in

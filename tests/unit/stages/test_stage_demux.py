@@ -50,10 +50,16 @@ def _bad_inputs(tmp_path: Path, speech: Path) -> dict[str, tuple[Path, str]]:
         "hls": (test_media.hls_playlist(tmp_path / "list.m3u8", secret), "playlist"),
         "hls_named_mp4": (test_media.hls_playlist(tmp_path / "list.mp4", secret), "playlist"),
         "truncated": (test_media.truncated_copy(speech, tmp_path / "cut.mp4"), "truncated or corrupt"),
+        "concat": (_concat_list(tmp_path / "list.mp4", secret), "playlist"),
     }
 
 
-@pytest.mark.parametrize("kind", ["empty", "text", "no_audio", "hls", "hls_named_mp4", "truncated"])
+def _concat_list(path: Path, target: Path) -> Path:
+    path.write_text(f"ffconcat version 1.0\nfile '{target}'\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "no_audio", "hls", "hls_named_mp4", "truncated", "concat"])
 def test_bad_input_fails_fast_with_one_clear_line(kind, speech_clip, make_context, tmp_path):
     path, expected = _bad_inputs(tmp_path, speech_clip[0])[kind]
     ctx = make_context("demux", inputs={"media": path})
