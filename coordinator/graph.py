@@ -270,6 +270,8 @@ def _readable(error: ValidationError) -> str:
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
         lines.append(f"{where}: {message}" if where else message)
     return "; ".join(lines)
 

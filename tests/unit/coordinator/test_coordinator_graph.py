@@ -61,7 +61,7 @@ def test_node_without_inputs_is_refused():
 
 
 def test_misspelt_key_and_bad_condition_are_refused():
-    with pytest.raises(WorkflowError, match="input"):
+    with pytest.raises(WorkflowError, match=r"nodes\.demux\.input: unknown key"):
         wf({"demux": {"input": {"media": "job.input"}, "outputs": ["audio"]}})
     with pytest.raises(WorkflowError, match="condition 'options\\.x or y' not understood"):
         wf({"demux": {"inputs": {"media": "job.input"}, "outputs": ["a"], "when": "options.x or y"}})
