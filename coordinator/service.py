@@ -55,6 +55,7 @@ log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
 EVENT_ACK_WAIT_S = 30.0
+EVENT_MAX_TRIES = 5  # an event that fails to apply this often is logged and dropped
 
 
 def utcnow() -> datetime:
@@ -190,9 +191,16 @@ class Coordinator:
         try:
             await self.apply(event)
         except Exception as e:
-            log.exception("applying event failed; will be redelivered", job_id=event.job_id,
-                          kind=event.kind, error=str(e))
-            await msg.nak(delay=1.0)
+            deliveries = msg.metadata.num_delivered if msg.metadata else 1
+            if deliveries >= EVENT_MAX_TRIES:
+                # A bug or a broken state, not a blip: stop the hot loop, keep the evidence in the log.
+                log.exception("applying event failed on every try; dropped", job_id=event.job_id,
+                              kind=event.kind, event_id=event.event_id, tries=deliveries, error=str(e))
+                await msg.term()
+                return
+            log.warning("applying event failed; will be redelivered", job_id=event.job_id,
+                        kind=event.kind, error=str(e), tries=deliveries)
+            await msg.nak(delay=1.0 * deliveries)
             return
         await msg.ack()
 
@@ -292,23 +300,29 @@ class Coordinator:
         for job_id in sorted(self._running):
             if self._stopping.is_set():
                 return
-            state, revision = await self.read_state(job_id)
-            if state is None:
-                self._running.discard(job_id)
-                continue
-            self._note_status(job_id, state)
-            if state.status.finished:
-                continue
-            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
-            if not decision.changed:
-                continue
-            jlog = log.bind(job_id=job_id, kind="tick")
-            await self._publish(decision, jlog)
             try:
-                await self._write_state(job_id, decision.state, revision)
-            except KeyWrongLastSequenceError:
-                continue  # an event got there first; the next tick sees its state
-            self._log_decision(decision, jlog)
+                await self._tick_job(job_id, now)
+            except Exception as e:  # one broken job must not stop the clock for the others
+                log.warning("tick failed", job_id=job_id, error=str(e))
+
+    async def _tick_job(self, job_id: str, now: datetime) -> None:
+        state, revision = await self.read_state(job_id)
+        if state is None:
+            self._running.discard(job_id)
+            return
+        self._note_status(job_id, state)
+        if state.status.finished:
+            return
+        decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
+        if not decision.changed:
+            return
+        jlog = log.bind(job_id=job_id, kind="tick")
+        await self._publish(decision, jlog)
+        try:
+            await self._write_state(job_id, decision.state, revision)
+        except KeyWrongLastSequenceError:
+            return  # an event got there first; the next tick sees its state
+        self._log_decision(decision, jlog)
 
     async def _scan_keys(self) -> None:
         self._last_scan = time.monotonic()
