@@ -30,7 +30,7 @@ from contracts import (
 )
 from contracts.artifacts import ArtifactRef
 from contracts.events import JobEvent
-from coordinator.graph import JobPlan, Source, Workflow
+from coordinator.graph import JobPlan, PlannedNode, Source, Workflow
 
 APPLIED_KEPT = 500  # event ids remembered per job; older duplicates are caught by attempt checks
 REASON_MAX = 300
@@ -153,11 +153,7 @@ class _Step:
             return self._fail_job(f"unknown workflow {spec.workflow!r}: no config/workflows/{spec.workflow}.yaml")
         plan = self.plan
         for planned in plan.nodes.values():
-            self.state.nodes[planned.id] = NodeState(
-                stage=planned.stage,
-                status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
-                params=dict(planned.branch),
-            )
+            self.state.nodes[planned.id] = _new_node(planned)
         if plan.errors:
             return self._fail_job(one_line("; ".join(plan.errors)))
         self.state.status = JobStatus.running
@@ -230,11 +226,7 @@ class _Step:
             return _ignored(self.original, f"unknown workflow {state.spec.workflow!r}; cannot retry")
         self._mark_applied(event)
         for planned in self.plan.nodes.values():  # the graph may have gained nodes since
-            state.nodes.setdefault(planned.id, NodeState(
-                stage=planned.stage,
-                status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
-                params=dict(planned.branch),
-            ))
+            state.nodes.setdefault(planned.id, _new_node(planned))
         if self.plan.errors:
             return _ignored(self.original, one_line("; ".join(self.plan.errors)))
         for node in state.nodes.values():
@@ -394,3 +386,11 @@ class _Step:
 
 class _MissingArtifact(Exception):
     pass
+
+
+def _new_node(planned: PlannedNode) -> NodeState:
+    return NodeState(
+        stage=planned.stage,
+        status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
+        params=dict(planned.branch),
+    )
