@@ -436,8 +436,10 @@ async def serve(
 
 
 def info_subject(stage: str) -> str:
-    """Request/reply endpoint answering with this stage's WorkerInfo JSON (one replica answers)."""
-    return f"{subjects.micro_service_name(stage)}.info"
+    """Request/reply endpoint answering with this stage's WorkerInfo JSON (one replica answers).
+
+    Under $SRV, which deploy/nats/accounts.conf already lets workers serve and readers ask."""
+    return f"$SRV.WORKER.{subjects.micro_service_name(stage)}"
 
 
 async def _register(nc: Any, info: WorkerInfo) -> Any:
@@ -451,6 +453,7 @@ async def _register(nc: Any, info: WorkerInfo) -> Any:
         await request.respond(body)
 
     await service.add_endpoint(name="info", subject=info_subject(info.stage), handler=on_info)
+    await nc.flush()  # "ready" must mean the server routes $SRV requests to us
     return service
 
 
