@@ -11,6 +11,9 @@ ENGLISH_SENTENCE = (
     "watch the golden sunset from the quiet harbour"
 )
 
+# Whisper base recognises espeak-ng Hindi poorly (FACTS.md): good for plumbing, not for WER.
+HINDI_SENTENCE = "नमस्ते, आज मौसम बहुत अच्छा है और हम बाज़ार जा रहे हैं"
+
 
 def tools_available() -> bool:
     return all(shutil.which(tool) for tool in ("ffmpeg", "ffprobe", "espeak-ng"))
