@@ -48,6 +48,7 @@ SEGMENT_BREAK_PAUSE_S = 1.5
 DECODE_SHARE = 0.8
 # Language detection looks for speech in this much audio from the start.
 DETECT_WINDOW_S = 600
+MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
 
 
 @dataclass
@@ -252,6 +253,24 @@ def split_into_segments(words: list[Word], fallback: Segment) -> list[Segment]:
     return segments
 
 
+def timed_segments(model: AsrModel, audio: np.ndarray, chunk: dict, language: str) -> list[Segment]:
+    """One whisperx chunk ({start, end, text}) -> transcript segments with word times."""
+    start, end = float(chunk["start"]), float(chunk["end"])
+    if not chunk["text"].strip():
+        return []
+    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language)
+    words = [
+        Word(
+            text=w["word"].strip(),
+            start=round(min(start + float(w["start"]), end), 3),
+            end=round(min(start + float(w["end"]), end), 3),
+            score=round(float(w["probability"]), 3),
+        )
+        for w in timed
+    ]
+    return split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: AsrModel = ctx.resources
     check_model(request, model)
@@ -262,35 +281,23 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
     with model.lock:  # the pipeline keeps per-call state (its tokenizer)
         language_probability = None
-        if language is None:
-            language, language_probability = detect_language(model, audio)
-            ctx.log.info("language detected", language=language, probability=round(language_probability, 3))
-        ctx.progress(0.02, f"language {language}")
-
-        decoded = model.pipeline.transcribe(
-            audio,
-            batch_size=model.batch_size,
-            language=language,
-            task="transcribe",
-            progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
-        )
-        chunks = decoded["segments"]
+        if len(audio) < MIN_AUDIO_SAMPLES:
+            language, chunks = language or "en", []  # pyannote rejects an empty waveform; nothing to hear
+        else:
+            if language is None:
+                language, language_probability = detect_language(model, audio)
+                ctx.log.info("language detected", language=language, probability=round(language_probability, 3))
+            ctx.progress(0.02, f"language {language}")
+            chunks = model.pipeline.transcribe(
+                audio,
+                batch_size=model.batch_size,
+                language=language,
+                task="transcribe",
+                progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+            )["segments"]
         segments: list[Segment] = []
         for n, chunk in enumerate(chunks):
-            offset = float(chunk["start"])
-            chunk_audio = audio[int(offset * SAMPLE_RATE) : int(float(chunk["end"]) * SAMPLE_RATE)]
-            timed = time_words(model, chunk_audio, chunk["text"], language)
-            words = [
-                Word(
-                    text=w["word"].strip(),
-                    start=round(min(offset + float(w["start"]), chunk["end"]), 3),
-                    end=round(min(offset + float(w["end"]), chunk["end"]), 3),
-                    score=round(float(w["probability"]), 3),
-                )
-                for w in timed
-            ]
-            fallback = Segment(start=offset, end=float(chunk["end"]), text=chunk["text"].strip())
-            segments.extend(split_into_segments(words, fallback))
+            segments.extend(timed_segments(model, audio, chunk, language))
             ctx.progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
 
     seconds = time.monotonic() - started

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import wave
 from pathlib import Path
 
 import jiwer
@@ -99,6 +100,9 @@ def asr_runs(tmp_path_factory):
     hindi_video, _ = test_media.speech_video(tmp / "hindi.mp4", test_media.HINDI_SENTENCE, voice="hi")
     ctx = make_fake_context(tmp / "demux-hi", "demux", inputs={"media": hindi_video})
     hindi_audio = DEMUX.handle(ctx.request, ctx)["audio"]
+    empty_wav = tmp / "empty.wav"
+    with wave.open(str(empty_wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
     silence = tmp / "silence.wav"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "3",
                     "-c:a", "pcm_s16le", str(silence)], check=True, timeout=60)
@@ -109,6 +113,7 @@ def asr_runs(tmp_path_factory):
         f"{audio}|{json.dumps({'model': 'whisper-large-v3'})}",
         f"{silence}|{json.dumps({'language': 'en'})}",
         f"{hindi_audio}|{json.dumps({'language': 'hi'})}",
+        f"{empty_wav}|{json.dumps({})}",
     ]
     done = subprocess.run(
         [str(python), "-c", RUNNER, str(model), str(tmp / "work"), *jobs],
@@ -159,8 +164,9 @@ def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
     assert "not 'whisper-large-v3'" in asr_runs["runs"][3]["bad_input"]
 
 
-def test_silence_gives_an_empty_transcript_and_a_warning(asr_runs):
-    run = asr_runs["runs"][4]
+@pytest.mark.parametrize("run_index", [4, 6], ids=["silence", "zero-length"])
+def test_silence_gives_an_empty_transcript_and_a_warning(asr_runs, run_index):
+    run = asr_runs["runs"][run_index]
     assert run["transcript"]["segments"] == [] and run["warnings"]
 
 
