@@ -5,9 +5,9 @@ written through pysubs2).
 Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the minimum gap of
 two frames).
 Params: `language` (ISO 639-1; picks the language's rules and names the files
-subtitles.<lang>.srt/.vtt; default: the transcript's language), `profile` (a profile of
-config/subtitles.yaml; default "default").
-Outputs: `srt`, `vtt`.
+subtitles.<lang>.<format>; default: the transcript's language), `profile` (a profile of
+config/subtitles.yaml; default "default"), `formats` (default [srt, vtt]; also ass, json, txt).
+Outputs: one per format, named after it: `srt`, `vtt` by default.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydantic
 
-from captionbus.subtitles import build_cues, load_rules, write_subtitles
+from captionbus.subtitles import FORMATS, build_cues, load_rules, write_subtitles
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Transcript
@@ -40,6 +40,16 @@ def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
     return float(fps) if fps else None
 
 
+def requested_formats(request: StageRequest) -> list[str]:
+    formats = request.params.get("formats") or ["srt", "vtt"]
+    if isinstance(formats, str):
+        formats = [formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise BadInput(f"unknown subtitle format(s) {unknown}; use {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     transcript = read_transcript(ctx.input_path("transcript"))
     try:
@@ -51,6 +61,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     except ValueError as bad_profile:
         raise BadInput(str(bad_profile))
 
+    formats = requested_formats(request)
     result = build_cues(transcript, rules, fps=video_fps(request, ctx))
     if not result.cues:
         ctx.warn("the transcript has no speech; the subtitle files have no cues")
@@ -59,12 +70,11 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         rules_broken = sorted({p.rule for p in result.problems})
         ctx.warn(f"{len(result.problems)} cue(s) could not meet every rule ({', '.join(rules_broken)})")
 
-    srt_path = write_subtitles(result.cues, ctx.work_dir / f"subtitles.{language}.srt", "srt")
-    vtt_path = write_subtitles(result.cues, ctx.work_dir / f"subtitles.{language}.vtt", "vtt")
+    outputs = {fmt: write_subtitles(result.cues, ctx.work_dir / f"subtitles.{language}.{fmt}", fmt) for fmt in formats}
     ctx.metrics["cues"] = float(len(result.cues))
     ctx.metrics["rule_problems"] = float(len(result.problems))
     ctx.progress(1.0, f"{len(result.cues)} cues")
-    return {"srt": srt_path, "vtt": vtt_path}
+    return outputs
 
 
 STAGE = StageDefinition(name="subtitle_gen", handle=handle, report_packages=("pysubs2", "pydantic", "PyYAML"))

@@ -76,6 +76,7 @@ def test_empty_transcript_gives_empty_files_and_a_warning(tmp_path, make_context
         ({}, '{"segments": "nope"}', "not valid transcript JSON"),
         ({"language": "xx"}, None, "unknown language code 'xx'"),
         ({"profile": "nosuch"}, None, "unknown subtitle profile 'nosuch'"),
+        ({"formats": ["srt", "docx"]}, None, "unknown subtitle format(s) ['docx']"),
     ],
 )
 def test_bad_requests_are_bad_input(params, content, expected, tmp_path, make_context):
@@ -86,3 +87,10 @@ def test_bad_requests_are_bad_input(params, content, expected, tmp_path, make_co
     with pytest.raises(BadInput) as caught:
         STAGE.handle(ctx.request, ctx)
     assert expected in str(caught.value)
+
+
+def test_formats_param_picks_the_outputs(tmp_path, make_context):
+    ctx = make_context("subtitle_gen", inputs={"transcript": _transcript(tmp_path, _segments())}, params={"formats": ["srt", "ass"]})
+    outputs = STAGE.handle(ctx.request, ctx)
+    assert sorted(outputs) == ["ass", "srt"] and outputs["ass"].name == "subtitles.en.ass"
+    assert len(pysubs2.load(str(outputs["ass"]))) == len(pysubs2.load(str(outputs["srt"])))
