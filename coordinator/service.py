@@ -85,7 +85,7 @@ class Coordinator:
         graphs_dir: str | Path = DEFAULT_WORKFLOWS_DIR,
         policy: Policy = Policy(),
         tick_interval_s: float = 1.0,
-        fetch_batch: int = 32,
+        fetch_batch: int = 1,
         clock: Callable[[], datetime] = utcnow,
         provision_bus: bool = True,
         rescan_interval_s: float = 30.0,
@@ -171,6 +171,10 @@ class Coordinator:
     async def _event_loop(self) -> None:
         while not self._stopping.is_set():
             try:
+                # batch=1 on purpose: nats-py's fetch, once a first message arrives on a waiting
+                # pull, waits out the whole timeout for the rest of the batch — a second of
+                # latency per stage hop. One message per fetch returns at once; in a burst the
+                # no-wait probe hands over what is queued, so throughput stays fine.
                 msgs = await self._sub.fetch(batch=self.fetch_batch, timeout=1.0)
             except asyncio.TimeoutError:  # nats raises its own subclass, or asyncio's, when idle
                 continue

@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import nats
@@ -24,7 +25,6 @@ from contracts import (
     subjects,
 )
 from coordinator.decide import Policy
-from coordinator.graph import load_workflows
 from coordinator.service import Coordinator
 
 STAGE_OUTPUTS = {"demux": ["audio"], "asr": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
@@ -233,21 +233,23 @@ def test_cancel_over_the_bus(nats_server):
 
 
 def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
-    quick = load_workflows()["transcribe"].model_copy(deep=True)
-    quick.nodes["demux"].deadline_s = 1.5  # long enough for attempt 2 to finish on a busy machine
+    clock = [datetime.now(timezone.utc)]  # the coordinator's time, moved by the test: no sleeping
 
     async def scenario(bus: Bus):
-        policy = Policy(max_attempts=3, backoff_initial_s=0.2)
-        async with Coordinator(bus.nc, graphs={"transcribe": quick}, policy=policy, tick_interval_s=0.1):
+        async with Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.1, clock=lambda: clock[0]):
             await submit(bus.js, "job6")
             [silent] = await FakeWorker(bus.js, "demux").answer(ack=False)  # takes it, never answers
-            [second] = await bus.answer("demux")  # re-requested after deadline 1.5 s + backoff 0.2 s
+            clock[0] += timedelta(seconds=1800)  # transcribe.yaml: demux deadline_s 1800
+            await bus.state_when("job6", lambda s: s.nodes["demux"].status.value == "retry_wait")
+            clock[0] += timedelta(seconds=POLICY.backoff_initial_s)
+            [second] = await bus.answer("demux")
             await publish_event(bus.js, completion_for(silent))  # the first one wakes up: too late
             await bus.answer("asr", "subtitle_gen", "mux")
             state = await bus.finished("job6")
         assert (silent.attempt, second.attempt) == (1, 2)
         assert state.status == JobStatus.completed
         assert state.nodes["demux"].attempt == 2
+        assert state.nodes["demux"].error == "stage demux gave no result within 1800 s (attempt 1)"
         assert state.nodes["demux"].outputs["audio"] == artifact("job6.demux.2.audio")
 
     on_bus(nats_server, scenario)
