@@ -133,7 +133,7 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
             options=_parse_options(options), out_dir=out_dir, start_stack=not attach, console=console,
         ))
     for path in outputs.values():
-        stdout.print(str(path), highlight=False)
+        click.echo(str(path))
 
 
 @main.command()
@@ -214,7 +214,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
             out_dir=out_dir or Path(f"{media.stem}.subs"), start_stack=False, console=console,
         ))
         for path in outputs.values():
-            stdout.print(str(path), highlight=False)
+            click.echo(str(path))
         return
 
     async def go():
@@ -229,7 +229,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                 js, ArtifactStore(settings, js), media, workflow=workflow, source_language=source,
                 target_languages=_split_languages(targets), options=_parse_options(options),
             )
-            stdout.print(spec.job_id)
+            click.echo(spec.job_id)
         finally:
             await nc.close()
 
