@@ -74,8 +74,17 @@ def main(verbose: int) -> None:
     """Films and videos to subtitles, as stage services on NATS."""
     from captionbus.logging import configure_logging
 
-    level = {0: "WARNING", 1: "INFO"}.get(verbose, "DEBUG")
+    # Interactive commands speak through their own output; job failures arrive as one line.
+    # Long-running parts (up, coordinator) log at INFO: they are services.
+    level = {0: "ERROR", 1: "INFO"}.get(verbose, "DEBUG")
     configure_logging(level=level)
+
+
+def _service_logging() -> None:
+    from captionbus.logging import configure_logging
+
+    if click.get_current_context().find_root().params.get("verbose", 0) == 0:
+        configure_logging(level="INFO")
 
 
 def _split_languages(value: str | None) -> list[str]:
@@ -144,6 +153,7 @@ def up(stages: str | None) -> None:
     from captionbus.bus import server_for
     from captionbus.runner import run_stack
 
+    _service_logging()
     settings = load()
     with server_for(settings) as url:
         console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
@@ -157,6 +167,7 @@ def coordinator() -> None:
     from captionbus.bus import resolve_url
     from captionbus.runner import run_coordinator_forever
 
+    _service_logging()
     settings = load()
     asyncio.run(run_coordinator_forever(resolve_url(settings)))
 

@@ -25,9 +25,14 @@ from contracts import (
     subjects,
 )
 from coordinator.decide import Policy
+from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
 from coordinator.service import Coordinator
 
-STAGE_OUTPUTS = {"demux": ["audio"], "asr": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
+# The fake workers produce exactly what the real graph declares.
+STAGE_OUTPUTS = {
+    node.stage_name(name): node.outputs
+    for name, node in load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml").nodes.items()
+}
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
 POLICY = Policy(max_attempts=2, backoff_initial_s=0.2)
 

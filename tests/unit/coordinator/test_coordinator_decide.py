@@ -24,7 +24,7 @@ TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
 POLICY = Policy(max_attempts=3, backoff_initial_s=2, backoff_multiplier=2, stage_deadline_s=60)
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
-OUTPUTS = {"demux": ["audio"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
+OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
            "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
 
 

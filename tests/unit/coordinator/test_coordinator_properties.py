@@ -2,6 +2,8 @@
 the same (node, attempt) twice, never changes a completed node, and finishes the job."""
 from __future__ import annotations
 
+import re
+
 import hashlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +16,7 @@ from coordinator.decide import Policy, Tick, decide
 from coordinator.graph import load_workflow
 
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
-OUTPUTS = {"demux": ["audio"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
+OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
            "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
 POLICY = Policy(max_attempts=4, backoff_initial_s=1, stage_deadline_s=30)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -89,7 +91,8 @@ def test_any_interleaving_finishes_the_job_once(separate, languages, moves):
         absorb(decide(d.state, Tick(now), FANOUT, now, POLICY))
     assert d.state.status in (JobStatus.completed, JobStatus.failed)
     if d.state.status == JobStatus.failed:
-        assert "failed 4 times" in d.state.error  # only exhausted retries may fail this job
+        # Only exhausted retries may fail this job (fanout.yaml gives asr max_attempts 2).
+        assert re.search(r"failed (4|2) times", d.state.error), d.state.error
     else:
         expected = {"mp4", *(f"srt-{lang}" for lang in languages)}
         assert set(d.state.outputs) == expected
