@@ -87,7 +87,8 @@ def flat_metadata(info: WorkerInfo) -> dict[str, str]:
 
 def worker_summary(info: WorkerInfo) -> dict[str, str]:
     """The short form carried on every StageCompleted / StageFailed."""
-    return {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter, "host": info.host}
+    return {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter,
+            "host": info.host, "pid": str(info.pid)}
 
 
 def describe(definition: Any, resources: Any) -> str | None:

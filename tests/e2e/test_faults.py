@@ -2,7 +2,6 @@
 a restarted coordinator, concurrent jobs, duplicate completions."""
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -13,7 +12,6 @@ import pytest
 
 from captionbus.bus import connect
 from captionbus.client import publish_event
-from contracts import StageCompleted
 from tests.e2e.conftest import run_async, wait_until
 from tests.media import (
     ENGLISH_SENTENCE,
@@ -87,7 +85,8 @@ def test_asr_worker_killed_mid_job_the_request_is_redelivered(stack, tmp_path):
     events = stack.wait_end(job_id)
     assert events[-1].kind == "completed", getattr(events[-1], "reason", "")
     completed = [e for e in events if e.kind == "stage_completed" and e.node == "asr"]
-    assert completed and completed[-1].worker.get("pid", str(replacement.process.pid)) == str(replacement.process.pid)
+    # The replacement finished it: the killed worker's request came back, nothing was lost.
+    assert completed and completed[-1].worker["pid"] == str(replacement.process.pid)
 
 
 def test_coordinator_restarted_mid_job_the_job_completes(stack, tmp_path):
