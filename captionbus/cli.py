@@ -22,9 +22,13 @@ stdout = Console()
 
 
 class UserError(click.ClickException):
-    """An error a person can act on: one line, no traceback, exit code 2."""
+    """An error a person can act on: one line, no traceback, exit code 2 (1: the job failed)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:
         # soft_wrap: a command to copy must not be broken across lines
@@ -58,7 +62,7 @@ def _friendly_errors(fn):
                 states = getattr(e, "states", {}) or {}
                 which = ", ".join(f"{env} ({states.get(env, 'missing')})" for env in e.envs)
                 raise UserError(f"stage environments not ready: {which}; run: {e}") from None
-            raise UserError(str(e)) from None
+            raise UserError(str(e), exit_code=1 if isinstance(e, JobFailedError) else 2) from None
         except Exception as e:
             if os.environ.get("CAPTIONBUS_DEBUG"):
                 raise

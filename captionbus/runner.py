@@ -14,7 +14,7 @@ from captionbus.artifacts import ArtifactStore
 from captionbus.bus import connect, provision
 from captionbus.client import SubmitError, check_input_file, fetch_outputs, follow, job_state, submit
 from captionbus.settings import CONFIG_DIR, Settings
-from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
+from captionbus.stack import ServiceProcess, ServiceStartError, start_service, stop_services, wait_ready
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -85,16 +85,18 @@ async def run_job(
         async with contextlib.AsyncExitStack() as stack:
             if start_stack:
                 await stack.enter_async_context(coordinator_task(nc))
+                # No waiting for every model to load: requests queue until their stage is up, and
+                # a bad input fails at demux while asr is still loading.
                 services = start_stage_services(settings, url, stages)
-                with console.status(f"starting {len(services)} stage services in their environments"):
-                    await wait_ready(nc, services)
             store = ArtifactStore(settings, js)
             spec = await submit(
                 js, store, media, workflow=workflow, source_language=source_language,
                 target_languages=target_languages, options=options,
             )
             console.print(f"job [bold]{spec.job_id}[/] ({workflow}) submitted", highlight=False)
-            final = await _follow_with_progress(js, spec.job_id, console)
+            final = await _until_first(
+                _follow_with_progress(js, spec.job_id, console), _watch(services)
+            )
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or "cancelled"
                 raise JobFailedError(f"job {spec.job_id} {final.kind}: {reason}")
@@ -110,6 +112,29 @@ async def run_job(
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def _watch(services: list[ServiceProcess]) -> None:
+    """Fail the run when a service dies (a broken env, a model that does not load)."""
+    while True:
+        for svc in services:
+            if not svc.alive():
+                raise ServiceStartError(
+                    f"stage service {svc.stage!r} (env {svc.env}) exited with code "
+                    f"{svc.process.returncode}; its log {svc.log_path} ends with:\n{svc.log_tail()}"
+                )
+        await asyncio.sleep(0.5)
+
+
+async def _until_first(main, watchdog):
+    """main's result, unless watchdog raises first."""
+    main_task, watch_task = asyncio.create_task(main), asyncio.create_task(watchdog)
+    try:
+        done, _ = await asyncio.wait({main_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        return (main_task if main_task in done else watch_task).result()
+    finally:
+        for task in (main_task, watch_task):
+            task.cancel()
 
 
 async def _follow_with_progress(js, job_id: str, console: Console):

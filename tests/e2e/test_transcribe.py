@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jiwer
@@ -59,3 +60,18 @@ def test_run_transcribes_a_video_into_subtitles_and_muxed_videos(tmp_path, stage
     asr_worker, demux_worker = record["nodes"]["asr"]["worker"], record["nodes"]["demux"]["worker"]
     assert asr_worker["env"] == "whisperx" and demux_worker["env"] == "common"
     assert asr_worker["interpreter"] != demux_worker["interpreter"] != sys.executable
+
+
+def test_run_on_bad_input_fails_fast_with_one_line(tmp_path, stage_envs, whisper_model):
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("these are my meeting notes, not a video\n")
+    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
+    env.pop("NATS_URL", None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(notes)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not a media file" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
