@@ -284,8 +284,9 @@ def status(job_id: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JobState JSON object per line.")
 @_friendly_errors
-def jobs() -> None:
+def jobs(as_json: bool) -> None:
     """All jobs the bus knows."""
     from captionbus.client import list_jobs
 
@@ -296,10 +297,16 @@ def jobs() -> None:
         finally:
             await nc.close()
 
+    states = asyncio.run(go())
+    if as_json:
+        for state in states:
+            click.echo(state.model_dump_json())
+        return
     table = Table()
-    for column in ("job", "workflow", "status", "created", "input", "reason"):
+    table.add_column("job", no_wrap=True)
+    for column in ("workflow", "status", "created", "input", "reason"):
         table.add_column(column)
-    for state in asyncio.run(go()):
+    for state in states:
         table.add_row(state.job_id, state.spec.workflow, state.status.value,
                       state.created_at.strftime("%Y-%m-%d %H:%M:%S"), state.spec.input.name, state.error or "")
     stdout.print(table)
@@ -345,7 +352,8 @@ def events(job_id: str | None, follow: bool) -> None:
     async def go():
         nc, js = await _bus(load(), "captionbus-events")
         try:
-            stream = follow_events(js, job_id, stop_at_end=not follow)
+            # A retried job has several terminal events: replay all that is stored.
+            stream = follow_events(js, job_id, stop_at_end=False)
             if follow:
                 async for event in stream:
                     print(event.model_dump_json(), flush=True)

@@ -165,7 +165,7 @@ class Stack:
         self.server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     root = tmp_path_factory.mktemp("stack")
     server = EmbeddedServer(root / "nats")
