@@ -1,0 +1,40 @@
+"""`captionbus up` on the embedded default: other commands on this host find it without NATS_URL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.e2e.conftest import wait_until
+from tests.media import ENGLISH_SENTENCE, speech_video
+
+
+def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_envs, whisper_model):
+    home = tmp_path / "home"
+    env = {**os.environ, "CAPTIONBUS_HOME": str(home)}
+    env.pop("NATS_URL", None)
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url_file = home / "nats" / "url"
+        wait_until(url_file.exists, 30, "the embedded server's url file")
+
+        def stages_up() -> set[str]:
+            done = subprocess.run([sys.executable, "-m", "captionbus", "workers", "--json"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            return {w["metadata"]["stage"] for w in json.loads(done.stdout or "[]")} if done.returncode == 0 else set()
+
+        wait_until(lambda: {"demux", "asr", "subtitle_gen", "mux"} <= stages_up(), 180, "all four stages")
+        video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+        done = subprocess.run([sys.executable, "-m", "captionbus", "submit", str(video), "-s", "en", "--wait",
+                               "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "out" / "talk.srt").read_text().strip()
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-2000:]
+    assert not (home / "nats" / "url").exists()
