@@ -99,8 +99,7 @@ def model_source(ctx: SetupContext) -> str:
         return str(default)
     raise RuntimeError(
         f"no ASR model: set CAPTIONBUS_ASR_MODEL (a CTranslate2 dir or a Hugging Face id) "
-        f"or run `python -c 'from captionbus.models import ensure_whisper_base; ensure_whisper_base()'` "
-        f"to put Whisper base in {default}"
+        f"or run `captionbus models fetch-test` to put Whisper base in {default}"
     )
 
 
