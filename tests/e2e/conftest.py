@@ -19,24 +19,7 @@ from captionbus.bus import EmbeddedServer, connect, provision
 from captionbus.settings import Settings
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
 from contracts.events import TERMINAL_KINDS
-
-TRANSCRIBE_STAGES = ["demux", "asr", "subtitle_gen", "mux"]
-
-
-@pytest.fixture(scope="session")
-def stage_envs() -> None:
-    """The environments the transcribe workflow needs, built with uv when missing or stale."""
-    from captionbus.envs import create, envs_for_stages, get_spec
-
-    for name in envs_for_stages(TRANSCRIBE_STAGES):
-        create(get_spec(name))
-
-
-@pytest.fixture(scope="session")
-def whisper_model() -> Path:
-    from captionbus.models import ensure_whisper_base
-
-    return ensure_whisper_base()
+from tests.conftest import TRANSCRIBE_STAGES
 
 
 def run_async(coro):

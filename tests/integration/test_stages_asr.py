@@ -1,7 +1,7 @@
 """asr for real: the whisperx env's interpreter runs the stage's setup() once and handle()
 on espeak-ng English speech (through demux first, as in a job); WER, timestamps and timing
-are checked here. Skipped, saying why, where the whisperx env or the Whisper model is missing
-(the e2e suite builds both and covers asr over the bus)."""
+are checked here. The whisperx env and the Whisper model are real
+(built on first use by the session fixtures; the e2e suite covers asr over the bus)."""
 from __future__ import annotations
 
 import json
@@ -47,34 +47,13 @@ print("RESULT " + json.dumps(results))
 """
 
 
-def whisperx_python() -> Path | None:
+def whisperx_python() -> Path:
     configured = os.environ.get("CAPTIONBUS_TEST_WHISPERX_PYTHON")
     if configured:
         return Path(configured)
-    try:
-        from captionbus.envs import env_python
+    from captionbus.envs import env_python
 
-        python = Path(env_python("whisperx"))
-    except Exception:
-        return None
-    if not python.exists():
-        return None
-    # Cheap check (no torch import): the env may exist while it is still being built.
-    has_whisperx = subprocess.run(
-        [str(python), "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('whisperx') is None)"],
-        capture_output=True, timeout=60,
-    )
-    return python if has_whisperx.returncode == 0 else None
-
-
-def whisper_model_dir() -> Path | None:
-    configured = os.environ.get("CAPTIONBUS_ASR_MODEL")
-    if configured:
-        return Path(configured)
-    from captionbus.models import default_whisper_base_dir, whisper_base_ready
-
-    model = default_whisper_base_dir()
-    return model if whisper_base_ready(model) else None
+    return Path(env_python("whisperx"))
 
 
 def words_of(text: str) -> str:
@@ -82,14 +61,9 @@ def words_of(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def asr_runs(tmp_path_factory):
-    python, model = whisperx_python(), whisper_model_dir()
-    if python is None:
-        pytest.skip("no whisperx env with whisperx installed: `captionbus envs create whisperx` (or set CAPTIONBUS_TEST_WHISPERX_PYTHON)")
-    if model is None:
-        pytest.skip("no Whisper model: ensure_whisper_base() from captionbus.models, or set CAPTIONBUS_ASR_MODEL")
-    if not test_media.tools_available():
-        pytest.skip("needs ffmpeg, ffprobe, espeak-ng")
+def asr_runs(tmp_path_factory, stage_envs, whisper_model):
+    python = whisperx_python()
+    model = Path(os.environ.get("CAPTIONBUS_ASR_MODEL") or whisper_model)
     tmp = tmp_path_factory.mktemp("asr")
     video, spoken = test_media.speech_video(tmp / "speech.mp4")
 
