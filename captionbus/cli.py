@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from captionbus.settings import Settings, load
+from captionbus.settings import load
 
 console = Console(stderr=True)
 stdout = Console()
@@ -91,6 +91,15 @@ def _service_logging() -> None:
         configure_logging(level="INFO")
 
 
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (a `kill`, a CI timeout) cleans up like Ctrl-C: services and server stop."""
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def _split_languages(value: str | None) -> list[str]:
     return [code.strip() for code in (value or "").split(",") if code.strip()]
 
@@ -134,12 +143,13 @@ def _with_job_options(fn):
 @_friendly_errors
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None, attach: bool) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths."""
-    from captionbus.bus import server_for
     from captionbus.runner import run_job
+    from captionbus.stack import server_for_run
 
+    _terminate_like_ctrl_c()
     settings = load()
     out_dir = out_dir or Path(f"{media.stem}.subs")
-    with server_for(settings) as url:
+    with server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,
             workflow=workflow, source_language=source, target_languages=_split_languages(targets),
@@ -154,12 +164,12 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
 @_friendly_errors
 def up(stages: str | None) -> None:
     """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services."""
-    from captionbus.bus import server_for
     from captionbus.runner import run_stack
+    from captionbus.stack import server_for_up
 
     _service_logging()
     settings = load()
-    with server_for(settings) as url:
+    with server_for_up(settings) as url:
         console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
         asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console))
 
@@ -184,15 +194,17 @@ def serve(stage: str, replicas: int) -> None:
     """Serve one stage with its environment's interpreter."""
     from captionbus.bus import resolve_url
     from captionbus.envs import env_for_stage, interpreter_for_stage
-    from captionbus.stack import start_service, stop_services
+    from captionbus.stack import service_env, start_service, stop_services
 
     settings = load()
     url = resolve_url(settings)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.
-        os.environ.update(NATS_URL=url, CAPTIONBUS_ENV=env, CAPTIONBUS_HOME=str(settings.home))
-        os.execv(str(interpreter), [str(interpreter), "-m", "services", "serve", stage])
+        os.execve(str(interpreter), [str(interpreter), "-m", "services", "serve", stage],
+                  service_env(settings, env, url))
+    # Blocked first, or the default handlers would kill us before sigwait returns.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     procs = [start_service(stage, env, interpreter, url, settings, replica=i) for i in range(replicas)]
     console.print(f"{replicas} replicas of {stage} (env {env}); logs in {settings.home / 'logs'}")
     try:
@@ -201,13 +213,18 @@ def serve(stage: str, replicas: int) -> None:
         stop_services(procs)
 
 
-async def _bus(settings: Settings, name: str):
-    from captionbus.bus import connect, provision, resolve_url
+def _on_bus(name: str, action):
+    """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect."""
+    from captionbus.bus import connect, resolve_url
 
-    nc = await connect(resolve_url(settings), name)
-    js = nc.jetstream()
-    await provision(js)
-    return nc, js
+    async def go():
+        nc = await connect(resolve_url(load()), name)
+        try:
+            return await action(nc, nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
 
 
 @main.command()
@@ -232,23 +249,20 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
             click.echo(str(path))
         return
 
-    async def go():
-        from captionbus.artifacts import ArtifactStore
-        from captionbus.client import submit as submit_job
-        from captionbus.runner import validate_job
+    from captionbus.artifacts import ArtifactStore
+    from captionbus.client import submit as submit_job
+    from captionbus.runner import validate_job, warn_about_unserved_stages
 
-        validate_job(workflow, source, _split_languages(targets))
-        nc, js = await _bus(settings, "captionbus-submit")
-        try:
-            spec = await submit_job(
-                js, ArtifactStore(settings, js), media, workflow=workflow, source_language=source,
-                target_languages=_split_languages(targets), options=_parse_options(options),
-            )
-            click.echo(spec.job_id)
-        finally:
-            await nc.close()
+    stages = validate_job(workflow, source, _split_languages(targets), local_stack=False)
 
-    asyncio.run(go())
+    async def go(nc, js):
+        await warn_about_unserved_stages(nc, stages, console)
+        return await submit_job(
+            js, ArtifactStore(settings, js), media, workflow=workflow, source_language=source,
+            target_languages=_split_languages(targets), options=_parse_options(options),
+        )
+
+    click.echo(_on_bus("captionbus-submit", go).job_id)
 
 
 @main.command()
@@ -259,14 +273,7 @@ def status(job_id: str, as_json: bool) -> None:
     """One job's state, stage by stage."""
     from captionbus.client import job_state
 
-    async def go():
-        nc, js = await _bus(load(), "captionbus-status")
-        try:
-            return await job_state(js, job_id)
-        finally:
-            await nc.close()
-
-    state = asyncio.run(go())
+    state = _on_bus("captionbus-status", lambda nc, js: job_state(js, job_id))
     if state is None:
         raise UserError(f"no job {job_id!r}")
     if as_json:
@@ -290,14 +297,7 @@ def jobs(as_json: bool) -> None:
     """All jobs the bus knows."""
     from captionbus.client import list_jobs
 
-    async def go():
-        nc, js = await _bus(load(), "captionbus-jobs")
-        try:
-            return await list_jobs(js)
-        finally:
-            await nc.close()
-
-    states = asyncio.run(go())
+    states = _on_bus("captionbus-jobs", lambda nc, js: list_jobs(js))
     if as_json:
         for state in states:
             click.echo(state.model_dump_json())
@@ -319,14 +319,7 @@ def workers(as_json: bool) -> None:
     """Every stage service on the bus: stage, env, interpreter, versions, hardware, model."""
     from captionbus.client import workers as list_workers
 
-    async def go():
-        nc, _ = await _bus(load(), "captionbus-workers")
-        try:
-            return await list_workers(nc)
-        finally:
-            await nc.close()
-
-    infos = asyncio.run(go())
+    infos = _on_bus("captionbus-workers", lambda nc, js: list_workers(nc))
     if as_json:
         stdout.print_json(json.dumps(infos))
         return
@@ -349,26 +342,22 @@ def events(job_id: str | None, follow: bool) -> None:
     """Job events as JSON lines (all jobs, or one)."""
     from captionbus.client import follow as follow_events
 
-    async def go():
-        nc, js = await _bus(load(), "captionbus-events")
-        try:
-            # A retried job has several terminal events: replay all that is stored.
-            stream = follow_events(js, job_id, stop_at_end=False)
-            if follow:
-                async for event in stream:
-                    print(event.model_dump_json(), flush=True)
-            else:
-                # Replay what is stored, then stop once the stream goes quiet.
-                while True:
-                    try:
-                        event = await asyncio.wait_for(anext(stream), 1.0)
-                    except (asyncio.TimeoutError, StopAsyncIteration):
-                        break
-                    print(event.model_dump_json(), flush=True)
-        finally:
-            await nc.close()
+    async def go(nc, js):
+        # A retried job has several terminal events: replay all that is stored.
+        stream = follow_events(js, job_id, stop_at_end=False)
+        if follow:
+            async for event in stream:
+                print(event.model_dump_json(), flush=True)
+            return
+        # Replay what is stored, then stop once the stream goes quiet.
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(stream), 1.0)
+            except (asyncio.TimeoutError, StopAsyncIteration):
+                return
+            print(event.model_dump_json(), flush=True)
 
-    asyncio.run(go())
+    _on_bus("captionbus-events", go)
 
 
 def _job_command(action: str):
@@ -376,16 +365,12 @@ def _job_command(action: str):
     def command(job_id: str) -> None:
         from captionbus import client
 
-        async def go():
-            nc, js = await _bus(load(), f"captionbus-{action}")
-            try:
-                if await client.job_state(js, job_id) is None:
-                    raise UserError(f"no job {job_id!r}")
-                await getattr(client, action)(js, job_id)
-            finally:
-                await nc.close()
+        async def go(nc, js):
+            if await client.job_state(js, job_id) is None:
+                raise UserError(f"no job {job_id!r}")
+            await getattr(client, action)(js, job_id)
 
-        asyncio.run(go())
+        _on_bus(f"captionbus-{action}", go)
         stdout.print(f"{action} requested for {job_id}")
 
     return command

@@ -147,11 +147,10 @@ async def fetch_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for key, ref in sorted(outputs.items()):
-        local = await store.get(ref, out_dir / ".fetch")
+        local = await store.get(ref)  # the store's own (read-only) copy: one copy out, no more
         target = out_dir / output_filename(stem, key, ref)
         shutil.copyfile(local, target)
         written[key] = target
-    shutil.rmtree(out_dir / ".fetch", ignore_errors=True)
     return written
 
 

@@ -23,20 +23,38 @@ class JobFailedError(RuntimeError):
     """The job ended failed or cancelled; the message is its reason."""
 
 
-def validate_job(workflow: str, source_language: str | None, target_languages: list[str]) -> list[str]:
-    """Refuse before anything runs: unknown workflow or language, missing environments.
-    Returns the stages the workflow needs."""
+def validate_job(
+    workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True
+) -> list[str]:
+    """Refuse before anything runs: unknown workflow or language, and — when this host will run
+    the stages itself — missing environments. Returns the stages the workflow needs."""
     from captionbus.envs import require_envs, workflow_stages
+    from contracts.ids import validate_token
     from contracts.languages import check_language
 
+    validate_token(workflow, "workflow name")
     if not (CONFIG_DIR / "workflows" / f"{workflow}.yaml").exists():
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "workflows").glob("*.yaml")))
         raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
     for code in ([source_language] if source_language else []) + target_languages:
         check_language(code)
     stages = workflow_stages(workflow)
-    require_envs(stages)
+    if local_stack:
+        require_envs(stages)
     return stages
+
+
+async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:
+    """A fleet submit needs no local envs, but a stage nobody serves means a job that waits."""
+    from captionbus.client import collect_replies
+    from contracts import subjects
+
+    replies = await collect_replies(nc, "$SRV.PING", 0.5)
+    served = {str(r.get("name", "")) for r in replies}
+    missing = [s for s in dict.fromkeys(stages) if subjects.micro_service_name(s) not in served]
+    if missing:
+        console.print(f"[yellow]warning:[/] no worker serves {', '.join(missing)} right now; "
+                      "the job waits in the queue until one starts", highlight=False)
 
 
 def start_stage_services(settings: Settings, url: str, stages: list[str]) -> list[ServiceProcess]:
@@ -76,18 +94,21 @@ async def run_job(
     console: Console,
 ) -> dict[str, Path]:
     media = check_input_file(media)
-    stages = validate_job(workflow, source_language, target_languages)
+    stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack)
     nc = await connect(url, "captionbus-run")
     services: list[ServiceProcess] = []
     try:
         js = nc.jetstream()
         await provision(js)
         async with contextlib.AsyncExitStack() as stack:
+            watched: list = []
             if start_stack:
-                await stack.enter_async_context(coordinator_task(nc))
+                watched.append(await stack.enter_async_context(coordinator_task(nc)))
                 # No waiting for every model to load: requests queue until their stage is up, and
                 # a bad input fails at demux while asr is still loading.
                 services = start_stage_services(settings, url, stages)
+            else:
+                await warn_about_unserved_stages(nc, stages, console)
             store = ArtifactStore(settings, js)
             spec = await submit(
                 js, store, media, workflow=workflow, source_language=source_language,
@@ -95,7 +116,7 @@ async def run_job(
             )
             console.print(f"job [bold]{spec.job_id}[/] ({workflow}) submitted", highlight=False)
             final = await _until_first(
-                _follow_with_progress(js, spec.job_id, console), _watch(services)
+                _follow_with_progress(js, spec.job_id, console), _watch(services, watched)
             )
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or "cancelled"
@@ -114,15 +135,16 @@ async def run_job(
             await asyncio.wait_for(nc.drain(), 5)
 
 
-async def _watch(services: list[ServiceProcess]) -> None:
-    """Fail the run when a service dies (a broken env, a model that does not load)."""
+async def _watch(services: list[ServiceProcess], tasks: list[asyncio.Task]) -> None:
+    """Fail the run when a service dies (a broken env, a model that does not load) or the
+    in-process coordinator stops."""
     while True:
         for svc in services:
-            if not svc.alive():
-                raise ServiceStartError(
-                    f"stage service {svc.stage!r} (env {svc.env}) exited with code "
-                    f"{svc.process.returncode}; its log {svc.log_path} ends with:\n{svc.log_tail()}"
-                )
+            svc.raise_if_dead()
+        for task in tasks:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                raise ServiceStartError(f"the coordinator stopped: {error or 'no reason given'}")
         await asyncio.sleep(0.5)
 
 
@@ -161,10 +183,8 @@ async def _follow_with_progress(js, job_id: str, console: Console):
 
 async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console) -> None:
     """Coordinator + services until SIGINT/SIGTERM. Stages default to all whose env is built."""
-    from captionbus.envs import env_for_stage, is_built, load_stage_map
-
     if stages is None:
-        stages = [s for s in load_stage_map() if _env_ready(env_for_stage, is_built, s)]
+        stages = [s for s in _stage_names() if _env_ready(s)]
     nc = await connect(url, "captionbus-up")
     await provision(nc.jetstream())
     services = start_stage_services(settings, url, stages)
@@ -182,9 +202,18 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
         await nc.drain()
 
 
-def _env_ready(env_for_stage, is_built, stage: str) -> bool:
+def _stage_names() -> list[str]:
+    from captionbus.envs import load_stage_map
+
+    return list(load_stage_map())
+
+
+def _env_ready(stage: str) -> bool:
+    """Serve a stage only from an env `run` would accept (built and not stale)."""
+    from captionbus.envs import OK, env_for_stage, get_spec, quick_state
+
     try:
-        return is_built(env_for_stage(stage))
+        return quick_state(get_spec(env_for_stage(stage))) == OK
     except Exception:  # a stage routed to an env with no spec here: not ours to serve
         return False
 

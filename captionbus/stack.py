@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 
+from captionbus.bus import BusError, EmbeddedServer, running_embedded_url
 from captionbus.settings import PROJECT_ROOT, Settings
 from contracts import subjects
 
@@ -22,6 +26,58 @@ log = structlog.get_logger("captionbus.stack")
 
 class ServiceStartError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: children get SIGTERM when the process that started them dies, even by
+    kill -9, so a killed `run` never leaves a model-holding service or a server behind."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def server_for_run(settings: Settings):
+    """A NATS URL for one `captionbus run`: NATS_URL, the local `up` stack, or a private embedded
+    server whose data is removed afterwards (two runs never share or stop each other's server)."""
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    url = running_embedded_url(settings)
+    if url:
+        yield url
+        return
+    private = settings.nats_dir / f"run-{os.getpid()}"
+    server = EmbeddedServer(private, preexec_fn=_die_with_parent)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def server_for_up(settings: Settings):
+    """The long-running local bus: NATS_URL, or the embedded server with persistent data whose
+    URL other commands on this host find in the data dir."""
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    url = running_embedded_url(settings)
+    if url:
+        raise BusError(f"captionbus up is already running here (NATS at {url}); stop it first")
+    server = EmbeddedServer(settings.nats_dir / "up", preexec_fn=_die_with_parent)
+    server.start()
+    settings.embedded_url_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.embedded_url_file.write_text(server.url)
+    try:
+        yield server.url
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if settings.embedded_url_file.read_text().strip() == server.url:
+                settings.embedded_url_file.unlink()
+        server.stop()
 
 
 @dataclass
@@ -36,11 +92,33 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def raise_if_dead(self) -> None:
+        if not self.alive():
+            raise ServiceStartError(
+                f"stage service {self.stage!r} (env {self.env}) exited with code "
+                f"{self.process.returncode}; its log {self.log_path} ends with:\n{self.log_tail()}"
+            )
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a stage service process starts with, however it is launched."""
+    return {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "CAPTIONBUS_HOME": str(settings.home),
+        "CAPTIONBUS_ENV": env,
+        "CAPTIONBUS_HOST_ID": settings.host_id,
+        "CAPTIONBUS_ARTIFACTS": "object" if settings.use_object_store() else "local",
+        # The env has captionbus installed too; this keeps a dev checkout authoritative.
+        "PYTHONPATH": str(PROJECT_ROOT),
+        **(extra or {}),
+    }
 
 
 def start_service(
@@ -57,17 +135,7 @@ def start_service(
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{stage}-{replica}.log"
-    child_env = {
-        **os.environ,
-        "NATS_URL": nats_url,
-        "CAPTIONBUS_HOME": str(settings.home),
-        "CAPTIONBUS_ENV": env,
-        "CAPTIONBUS_HOST_ID": settings.host_id,
-        "CAPTIONBUS_ARTIFACTS": "object" if settings.use_object_store() else "local",
-        # The env has captionbus installed too; this keeps a dev checkout authoritative.
-        "PYTHONPATH": str(PROJECT_ROOT),
-        **(extra_env or {}),
-    }
+    child_env = service_env(settings, env, nats_url, extra_env)
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [str(interpreter), "-m", "services", "serve", stage, "--replica-id", str(replica)],
@@ -77,6 +145,7 @@ def start_service(
             env=child_env,
             cwd=str(settings.home),
             start_new_session=True,  # a terminal Ctrl-C goes to us; we stop services in order
+            preexec_fn=_die_with_parent,
         )
     log.info("service started", stage=stage, env=env, interpreter=str(interpreter), pid=process.pid)
     return ServiceProcess(stage, env, interpreter, log_path, process, extra_env or {})
@@ -90,11 +159,7 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
     pending = list(services)
     while pending:
         for svc in pending:
-            if not svc.alive():
-                raise ServiceStartError(
-                    f"stage service {svc.stage!r} (env {svc.env}) exited with code "
-                    f"{svc.process.returncode}; its log {svc.log_path} ends with:\n{svc.log_tail()}"
-                )
+            svc.raise_if_dead()
         stages = {svc.stage for svc in pending}
         ready_pids: set[str] = set()
         for stage in stages:

@@ -75,3 +75,38 @@ def test_run_on_bad_input_fails_fast_with_one_line(tmp_path, stage_envs, whisper
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not a media file" in errors[0], done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def processes_using(home: Path) -> list[int]:
+    """Pids whose working dir or command line is inside `home` (our services and server)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(home)) or str(home) in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def test_killing_run_leaves_no_services_or_server_behind(tmp_path, stage_envs, whisper_model):
+    video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    home = tmp_path / "home"
+    env = {**os.environ, "CAPTIONBUS_HOME": str(home)}
+    env.pop("NATS_URL", None)
+    run = subprocess.Popen([sys.executable, "-m", "captionbus", "run", str(video), "--out", str(tmp_path / "o")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(processes_using(home)) < 5 and time.monotonic() < deadline:  # server + 4 services
+        time.sleep(0.2)
+    assert len(processes_using(home)) >= 5
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 30
+    while processes_using(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_using(home) == []
