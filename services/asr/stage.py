@@ -8,7 +8,7 @@ Outputs: `transcript` (transcript.json).
 Service options (`serve asr --option k=v`, or the env var in brackets):
   model (CAPTIONBUS_ASR_MODEL)   local CTranslate2 dir or Hugging Face id;
                                  default <models_dir>/whisper-base-ct2
-  device (CAPTIONBUS_ASR_DEVICE) cpu | cuda; default cpu
+  device (CAPTIONBUS_ASR_DEVICE) cpu | cuda; default cuda where the hardware cache has a GPU
   compute_type (CAPTIONBUS_ASR_COMPUTE_TYPE)  default int8 on cpu, float16 on cuda
   threads (CAPTIONBUS_ASR_THREADS)            default: all cores
   batch_size (CAPTIONBUS_ASR_BATCH_SIZE)      speech chunks decoded together; default 4
@@ -103,12 +103,18 @@ def model_source(ctx: SetupContext) -> str:
     )
 
 
+def _default_device() -> str:
+    from captionbus import hardware
+
+    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
+
+
 def setup(ctx: SetupContext) -> AsrModel:
     import torch
     import whisperx  # heavy (torch, pyannote): only in the asr process, only here
 
     source = model_source(ctx)
-    device = str(_option(ctx, "device", "cpu"))
+    device = str(_option(ctx, "device", _default_device()))
     compute_type = str(_option(ctx, "compute_type", "int8" if device == "cpu" else "float16"))
     threads = int(_option(ctx, "threads", os.cpu_count() or 1))
     batch_size = int(_option(ctx, "batch_size", 4))
