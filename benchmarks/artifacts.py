@@ -8,10 +8,15 @@ Compares, for each size (MB of random bytes):
   put (object)      ArtifactStore.put with the object store: hash + hardlink + upload
   nats-py put       ObjectStore.put from an open file
   get (object)      ArtifactStore.get on another "host": fetch, hash, write to its root
-  get: wire only    the same chunk reader writing nowhere: the bus + client-library ceiling
+                    (the direct reader: its own connection, read in a thread)
+  get (via nats-py) the same, with direct_fetch off: our chunk reader on nats-py's connection
+                    (the path for TLS / nkeys / JWT connections)
+  get: wire only    the direct reader writing nowhere: the bus + reader ceiling
+  wire via nats-py  the nats-py-connection reader writing nowhere
   nats-py get       ObjectStore.get(writeinto=file): its streaming variant
   nats-py get mem   ObjectStore.get() into memory (--nats-py-in-memory, sizes <= 50 MB; slow)
-Starts its own nats-server (captionbus.bus.EmbeddedServer) in a temp dir.
+Starts its own nats-server (captionbus.bus.EmbeddedServer) in a temp dir. Every timed step
+starts after os.sync(), so no step pays for the previous one's dirty pages.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from captionbus.artifacts import ArtifactStore, _ChunkReader  # noqa: E402
+from captionbus.artifacts import ArtifactStore, _ChunkReader, _DirectReader  # noqa: E402
 from captionbus.bus import EmbeddedServer, connect, provision  # noqa: E402
 from captionbus.settings import Settings  # noqa: E402
 from contracts import subjects  # noqa: E402
@@ -39,7 +44,7 @@ MB = 1024 * 1024
 
 
 class _Discard:
-    def write(self, data: bytes) -> None:
+    def write(self, data) -> None:
         pass
 
 
@@ -51,6 +56,7 @@ def make_file(path: Path, size_mb: int) -> Path:
 
 
 async def timed(fn) -> float:
+    await asyncio.to_thread(os.sync)
     t0 = time.perf_counter()
     await fn()
     return time.perf_counter() - t0
@@ -64,6 +70,17 @@ async def bench_size(js, work: Path, size_mb: int, repeat: int, in_memory: bool)
 
     def record(name: str, seconds: float) -> None:
         secs.setdefault(name, []).append(seconds)
+
+    # The first large fetch of a run measured 2-3x slower than every later one here (cause
+    # not pinned down: not per object, not cured by sleeping): one untimed round trip first.
+    warm_a, warm_b = (
+        ArtifactStore(Settings(home=work / f"warm-{h}", host_id=h), js, use_object_store=True) for h in "ab"
+    )
+    warm_ref = await warm_a.put(src)
+    await warm_b.get(warm_ref)
+    await obj.delete(warm_ref.key)  # so the first timed put is not skipped as already present
+    shutil.rmtree(warm_a.root)
+    shutil.rmtree(warm_b.root)
 
     for i in range(repeat):
         copy = work / "copy.bin"
@@ -92,6 +109,11 @@ async def bench_size(js, work: Path, size_mb: int, repeat: int, in_memory: bool)
         record("get (object)", await timed(lambda: consumer.get(ref)))
         shutil.rmtree(consumer.root)
 
+        via = ArtifactStore(Settings(home=work / f"c-{i}", host_id="c"), js, use_object_store=True)
+        via.direct_fetch = False
+        record("get (via nats-py)", await timed(lambda: via.get(ref)))
+        shutil.rmtree(via.root)
+
         out = work / "np-get.bin"
         with open(out, "wb") as f:
             record("nats-py get", await timed(lambda: obj.get(f"np-{size_mb}", writeinto=f)))
@@ -99,8 +121,8 @@ async def bench_size(js, work: Path, size_mb: int, repeat: int, in_memory: bool)
 
         # The same reader with the disk taken out: what the bus and client library allow.
         info = await obj.get_info(ref.key)
-        reader = _ChunkReader(consumer, info, _Discard(), 0, 0)
-        record("get: wire only", await timed(reader.run))
+        record("get: wire only", await timed(_DirectReader(consumer, info, _Discard(), 0, 0).run))
+        record("wire via nats-py", await timed(_ChunkReader(consumer, info, _Discard(), 0, 0).run))
 
         if in_memory and i == 0 and size_mb <= 50:
             record("nats-py get mem", await timed(lambda: obj.get(f"np-{size_mb}")))
@@ -113,7 +135,7 @@ def report(size_mb: int, secs: dict[str, list[float]]) -> None:
     median = {name: size_mb / statistics.median(s) for name, s in secs.items()}
     print(f"\n{size_mb} MB (MB/s = MiB/s; best and median of {len(secs['copyfile'])})")
     print(f"{'':18}{'best':>9}{'median':>9}{'vs copyfile':>13}{'vs nats-py':>12}")
-    peers = {"put (object)": "nats-py put", "get (object)": "nats-py get"}
+    peers = {"put (object)": "nats-py put", "get (object)": "nats-py get", "get (via nats-py)": "nats-py get"}
     for name in secs:
         vs_copy = rate[name] / rate["copyfile"]
         peer = peers.get(name)

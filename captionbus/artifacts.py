@@ -12,9 +12,13 @@ Why `get` does not use nats-py's `ObjectStore.get`: it measured ~6 MB/s here. It
 consumer answers the server's flow-control requests from a task that polls every 0.25 s,
 and without `writeinto` it concatenates bytes (quadratic). We read the chunk subject
 `$O.<bucket>.C.<nuid>` with our own ephemeral push consumer, answer flow control as soon
-as the data before it is on disk, and hash while writing. The upload side follows the same
-object store protocol as nats-py (chunks on the chunk subject, then a rollup meta message),
-but pipelines the chunk publishes instead of waiting for each ack in turn.
+as the data before it is on disk, and hash while writing. Even so, nats-py's receive path
+(five copies of every byte, all on the event loop) capped that at ~250 MB/s, so by default
+the chunks are read by `_DirectReader`: a plain NATS connection of its own, parsed in a
+thread that hashes and writes slices of its receive buffer (see benchmarks/artifacts.py).
+The upload side follows the same object store protocol as nats-py (chunks on the chunk
+subject, then a rollup meta message) with 1 MiB chunks instead of 128 KiB, and pipelines
+the chunk publishes instead of waiting for each ack in turn.
 
 Nothing here ever holds a whole file in memory: hashing, copying, uploading and fetching
 all go through fixed-size buffers.
@@ -30,6 +34,8 @@ import mimetypes
 import os
 import secrets
 import shutil
+import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,10 +52,14 @@ from contracts.subjects import ARTIFACTS_BUCKET
 
 log = structlog.get_logger("captionbus.artifacts")
 
-# nats-py's default, so objects we write read back with any client (and theirs with ours).
-CHUNK_SIZE = 128 * 1024
+# Upload chunk size, capped by the server's max_payload. nats-py writes 128 KiB chunks;
+# chunk size is per object (readers just concatenate), so any client reads ours and we
+# read theirs. 8x fewer messages than 128 KiB: reading through nats-py's connection went
+# from ~300 to ~400 MB/s wire-only; the direct reader is ~800 MB/s either way.
+CHUNK_SIZE = 1024 * 1024
 IO_BUFFER = 1024 * 1024  # local hashing/copying
-UPLOAD_BLOCK = 8 * CHUNK_SIZE  # read per thread hop when uploading
+UPLOAD_BLOCK = 4 * 1024 * 1024  # read per thread hop when uploading
+UPLOAD_WINDOW_BYTES = 8 * 1024 * 1024  # chunk bytes published but not yet acknowledged
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NAME_MAX = 200  # ArtifactRef.name limit
 
@@ -150,6 +160,9 @@ class ArtifactStore:
         # How long a fetch may go without receiving a chunk before it is retried/fails.
         self.stall_timeout = 10.0
         self.ack_timeout = 10.0
+        # Fetch over a connection of our own in a thread (_DirectReader); False, or a
+        # connection it cannot speak (TLS, nkeys/JWT), reads through nats-py (_ChunkReader).
+        self.direct_fetch = True
         self._sweep_tmp()
 
     # ---- local root -------------------------------------------------------------------
@@ -261,6 +274,14 @@ class ArtifactStore:
         info = api.ObjectInfo.from_response(json.loads(msg.data))
         return None if info.deleted else info
 
+    def _chunk_size(self) -> int:
+        max_payload = self.js._nc.max_payload or CHUNK_SIZE
+        # UPLOAD_BLOCK must split into whole chunks: a power of two no larger than max_payload.
+        size = CHUNK_SIZE
+        while size > max_payload and size > 1024:
+            size //= 2
+        return size
+
     async def _acked(self, fut: asyncio.Future) -> None:
         # nats-py's publish_async futures never time out on their own (a lost ack would hang).
         try:
@@ -273,6 +294,8 @@ class ArtifactStore:
         if existing is not None and existing.size == ref.size and _digest_hex(existing) == ref.key:
             return  # content addressing: an object under this key is these bytes
         nuid = self.js._nc._nuid.next().decode()  # nats-py's own nuid source, as its put does
+        chunk_size = self._chunk_size()
+        window_len = max(1, UPLOAD_WINDOW_BYTES // chunk_size)
         chunk_subj = f"$O.{self.bucket}.C.{nuid}"
         h = hashlib.sha256()
         chunks = 0
@@ -292,12 +315,12 @@ class ArtifactStore:
                     block = await loop.run_in_executor(None, read_block)
                     if not block:
                         break
-                    for i in range(0, len(block), CHUNK_SIZE):
+                    for i in range(0, len(block), chunk_size):
                         # publish_async pipelines: acks come back while we send on. The
-                        # window bounds memory (chunks in flight) to 64 × 128 KiB.
-                        window.append(await self.js.publish_async(chunk_subj, block[i:i + CHUNK_SIZE]))
+                        # window bounds what is in flight to UPLOAD_WINDOW_BYTES.
+                        window.append(await self.js.publish_async(chunk_subj, block[i:i + chunk_size]))
                         chunks += 1
-                        if len(window) >= 64:
+                        if len(window) >= window_len:
                             await self._acked(window.pop(0))
             while window:
                 await self._acked(window.pop(0))
@@ -311,7 +334,7 @@ class ArtifactStore:
                 chunks=chunks,
                 mtime=datetime.now(timezone.utc).isoformat(),
                 digest="SHA-256=" + base64.urlsafe_b64encode(h.digest()).decode(),
-                options=api.ObjectMetaOptions(max_chunk_size=CHUNK_SIZE),
+                options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
             )
             meta_subj = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(ref.key.encode()).decode()}"
             await self.js.publish(
@@ -393,36 +416,73 @@ class ArtifactStore:
         with _DiskSink(tmp) as sink:
             if info.size == 0:
                 return sink.finish()
+            direct = self.direct_fetch
             for attempt in range(5):
-                reader = _ChunkReader(self, info, sink, written, last_sseq)
+                reader = None
+                if direct:
+                    try:
+                        reader = _DirectReader(self, info, sink, written, last_sseq)
+                    except _DirectUnavailable as e:
+                        log.debug("direct fetch not possible; reading through nats-py", reason=str(e))
+                        direct = False
+                if reader is None:
+                    reader = _ChunkReader(self, info, sink, written, last_sseq)
                 try:
                     await reader.run()
                     return sink.finish()
+                except _DirectUnavailable as e:
+                    log.debug("direct fetch not possible; reading through nats-py", reason=str(e))
+                    direct = False
+                    written, last_sseq = reader.written, reader.last_sseq
                 except _Resume as r:
                     written, last_sseq = reader.written, reader.last_sseq
                     log.warning("artifact fetch resuming", key=ref.key, at=written, reason=str(r), attempt=attempt)
         raise ArtifactError(f"{describe(ref)}: fetch from the object store kept stalling; giving up")
 
 
-class _DiskSink:
-    """Hash and write fetched chunks, inline on the event loop.
+def _consumer_config(store: ArtifactStore, info: api.ObjectInfo, inbox: str, last_sseq: int) -> api.ConsumerConfig:
+    """An ephemeral flow-controlled push consumer on the object's chunks, from last_sseq on."""
+    config = api.ConsumerConfig(
+        deliver_subject=inbox,
+        filter_subject=f"$O.{store.bucket}.C.{info.nuid}",
+        ack_policy=api.AckPolicy.NONE,
+        max_deliver=1,
+        flow_control=True,
+        idle_heartbeat=1.0,
+        mem_storage=True,
+        num_replicas=1,
+        inactive_threshold=30.0,  # the server cleans up if we vanish
+    )
+    if last_sseq:
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = last_sseq + 1
+    else:
+        config.deliver_policy = api.DeliverPolicy.ALL
+    return config
 
-    Measured on 2 cores shared with nats-server: handing each chunk to a writer thread
-    made `get` 2-3x slower (GIL hand-offs), and handing 4 MiB blocks to a thread was
-    still ~1.5x slower than this. A 128 KiB write plus hash is ~0.15 ms, so the loop
-    stays responsive. Worth re-measuring on a box with idle cores.
+
+class _DiskSink:
+    """Hash and write fetched chunks in the caller's thread: `_DirectReader`'s own thread,
+    or inline on the event loop for `_ChunkReader` (a 1 MiB chunk is ~1.5 ms there).
+
+    Measured on 2 cores shared with nats-server: handing each chunk from the event loop to
+    a writer thread made `get` 2-3x slower (GIL hand-offs), and 4 MiB blocks were still
+    ~1.5x slower than writing inline; the direct reader avoids the hand-off altogether.
     """
 
     def __init__(self, path: Path):
         self.h = hashlib.sha256()
-        self.file = open(path, "wb")  # buffered: write() never returns short
+        # Unbuffered: writes come in chunk-sized pieces (often memoryviews of a reader's
+        # receive buffer) that a buffer would only copy once more.
+        self.file = open(path, "wb", buffering=0)
 
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
+    def write(self, data) -> None:
         self.h.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[self.file.write(view):]
 
     def finish(self) -> str:
-        self.file.flush()
         return self.h.hexdigest()
 
     def __enter__(self) -> "_DiskSink":
@@ -499,22 +559,7 @@ class _ChunkReader:
         )
         consumer = None
         try:
-            config = api.ConsumerConfig(
-                deliver_subject=inbox,
-                filter_subject=f"$O.{self.store.bucket}.C.{self.info.nuid}",
-                ack_policy=api.AckPolicy.NONE,
-                max_deliver=1,
-                flow_control=True,
-                idle_heartbeat=1.0,
-                mem_storage=True,
-                num_replicas=1,
-                inactive_threshold=30.0,  # the server cleans up if we vanish
-            )
-            if self.last_sseq:
-                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = self.last_sseq + 1
-            else:
-                config.deliver_policy = api.DeliverPolicy.ALL
+            config = _consumer_config(self.store, self.info, inbox, self.last_sseq)
             consumer = (await self.js.add_consumer(self.store.stream, config)).name
             while True:
                 seen = self.progress
@@ -535,3 +580,258 @@ class _ChunkReader:
             if consumer:
                 with contextlib.suppress(Exception):
                     await self.js.delete_consumer(self.store.stream, consumer)
+
+
+class _DirectUnavailable(Exception):
+    """This connection's options are beyond the direct reader (TLS, nkeys/JWT, websocket)."""
+
+
+def _direct_endpoint(nc) -> tuple[str, int, bytes]:
+    """Host, port and CONNECT line for a second plain-TCP connection like `nc`'s."""
+    uri = nc.connected_url
+    if uri is None or uri.scheme not in ("nats", ""):
+        raise _DirectUnavailable(f"scheme {getattr(uri, 'scheme', None)!r}")
+    info = getattr(nc, "_server_info", {}) or {}
+    if nc.options.get("tls") is not None or info.get("tls_required") or info.get("tls_available") and uri.scheme == "tls":
+        raise _DirectUnavailable("TLS")
+    if getattr(nc, "_signature_cb", None) is not None or getattr(nc, "_user_jwt_cb", None) is not None:
+        raise _DirectUnavailable("nkey/JWT auth")
+    # nats-py's own CONNECT line: same user/password/token, no signature (none configured).
+    connect_line = nc._connect_command()
+    return uri.hostname or "127.0.0.1", uri.port or 4222, connect_line
+
+
+class _DirectReader:
+    """One consumer's worth of a fetch over a connection of its own, read in a thread.
+
+    Why: through nats-py each byte is copied five times before our callback sees it
+    (StreamReader buffer, 32 KiB reads, the parser's bytearray, a slice, bytes()), all on
+    the event loop with the hashing and the write. Here one thread `recv_into`s a fixed
+    buffer, parses the few protocol lines itself, and hashes and writes memoryview slices
+    of that buffer: hashlib and file writes release the GIL, so the event loop (heartbeats,
+    other fetches) keeps running, and the copies are the kernel's. Same consumer, same
+    checks and resume points as `_ChunkReader`, which stays the fallback for connections
+    this reader does not speak (TLS, nkeys/JWT, websocket).
+    """
+
+    # Tests set this to a method (self, reply) -> bool: True loses that data message, as a
+    # dropped message would be lost.
+    _drop_hook = None
+
+    def __init__(self, store: ArtifactStore, info: api.ObjectInfo, sink: "_DiskSink", written: int, last_sseq: int):
+        self.store = store
+        self.js = store.js
+        self.nc = store.js._nc
+        self.host, self.port, self.connect_line = _direct_endpoint(self.nc)
+        self.info = info
+        self.sink = sink
+        self.written = written
+        self.last_sseq = last_sseq
+        self.expect_dseq = 1
+        self.stop = False
+        self.sock: socket.socket | None = None
+        # Room for the largest message the server may send, and a few more behind it.
+        self.bufsize = max(4 * 1024 * 1024, 2 * (self.nc.max_payload or 0) + 64 * 1024)
+
+    async def run(self) -> None:
+        inbox = self.nc.new_inbox()
+        ready = asyncio.get_running_loop().create_future()
+        consumer = None
+        loop = asyncio.get_running_loop()
+        # A thread of its own, not the default executor: a long fetch must not hold a pool
+        # worker that put's hashing (asyncio.to_thread) and others wait for.
+        task = loop.create_future()
+        threading.Thread(
+            target=self._thread, args=(inbox, ready, task, loop), name="artifact-fetch", daemon=True
+        ).start()
+        try:
+            await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                await task  # connect failed: raises
+            config = _consumer_config(self.store, self.info, inbox, self.last_sseq)
+            consumer = (await self.js.add_consumer(self.store.stream, config)).name
+            await asyncio.shield(task)
+        finally:
+            self.stop = True
+            sock = self.sock
+            if sock is not None and not task.done():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            # The thread writes into the sink: it must be done before anyone closes it.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+            if consumer:
+                with contextlib.suppress(Exception):
+                    await self.js.delete_consumer(self.store.stream, consumer)
+
+    # ---- the thread -----------------------------------------------------------------
+
+    def _thread(self, inbox: str, ready: asyncio.Future, task: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        def signal_ready() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        def settle(exc: BaseException | None) -> None:
+            if not task.done():
+                task.set_result(None) if exc is None else task.set_exception(exc)
+
+        def call(fn, *args) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(fn, *args)
+
+        try:
+            self._connect_and_read(inbox, lambda: call(signal_ready))
+        except BaseException as e:  # handed to the awaiting coroutine
+            call(settle, e)
+        else:
+            call(settle, None)
+
+    def _connect_and_read(self, inbox: str, on_subscribed) -> None:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.store.stall_timeout)
+        except OSError as e:
+            raise _DirectUnavailable(f"cannot connect to {self.host}:{self.port}: {e}") from e
+        self.sock = sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            self._loop(sock, inbox, on_subscribed)
+        finally:
+            self.sock = None
+            sock.close()
+
+    def _loop(self, sock: socket.socket, inbox: str, on_subscribed) -> None:
+        buf = bytearray(self.bufsize)
+        view = memoryview(buf)
+        start = end = 0  # unparsed bytes are buf[start:end]
+        handshake = 0  # 0: want INFO, 1: want PONG to CONNECT, 2: want PONG to SUB, 3: streaming
+        size = self.info.size
+        sink = self.sink
+        stall = self.store.stall_timeout
+        last_progress = time.monotonic()
+        sock.settimeout(min(1.0, stall))
+        while True:
+            # Parse every complete protocol line / message in buf[start:end].
+            while True:
+                nl = buf.find(b"\r\n", start, end)
+                if nl < 0:
+                    if end - start > 64 * 1024:  # INFO lines can be long; nothing else is
+                        raise ArtifactError("NATS protocol: control line too long")
+                    break
+                line = bytes(view[start:nl])
+                if line.startswith(b"MSG ") or line.startswith(b"HMSG "):
+                    parts = line.split()
+                    if parts[0] == b"MSG":
+                        hsize, total = 0, int(parts[-1])
+                    else:
+                        hsize, total = int(parts[-2]), int(parts[-1])
+                    reply = parts[3] if len(parts) == (5 if parts[0] == b"MSG" else 6) else b""
+                    body = nl + 2
+                    if body + total + 2 > end:
+                        break  # the rest of it is not here yet
+                    start = body + total + 2
+                    if hsize:
+                        headers = bytes(view[body:body + hsize])
+                        if headers.startswith(b"NATS/1.0 100"):
+                            # Flow control (reply set) or idle heartbeat (maybe naming a
+                            # stalled FC reply). Everything before it is written already,
+                            # so a slow disk slows the server down, not our memory.
+                            target = reply or _header(headers, b"Nats-Consumer-Stalled")
+                            if target:
+                                sock.sendall(b"PUB " + target + b" 0\r\n\r\n")
+                            continue
+                        if headers.startswith(b"NATS/1.0 "):
+                            continue  # other status (e.g. 409 consumer deleted): ignore; stall logic decides
+                    if not reply.startswith(b"$JS.ACK."):
+                        continue
+                    tokens = reply.split(b".")
+                    if len(tokens) == 9:
+                        sseq, dseq, pending = int(tokens[5]), int(tokens[6]), int(tokens[8])
+                    elif len(tokens) >= 11:
+                        sseq, dseq, pending = int(tokens[7]), int(tokens[8]), int(tokens[10])
+                    else:
+                        raise ArtifactError(f"NATS protocol: unexpected reply subject {reply[:80]!r}")
+                    if self._drop_hook is not None and self._drop_hook(reply):
+                        continue
+                    if dseq != self.expect_dseq:
+                        raise _Resume(f"expected chunk {self.expect_dseq}, got {dseq}")
+                    self.expect_dseq += 1
+                    n = total - hsize
+                    if self.written + n > size:
+                        raise ArtifactCorrupt(f"object {self.info.name} has more than its {size} bytes")
+                    if n:
+                        sink.write(view[body + hsize:body + total])
+                    self.written += n
+                    self.last_sseq = sseq
+                    last_progress = time.monotonic()
+                    if self.written == size:
+                        return
+                    if pending == 0:  # the last chunk, and short: fail now, not after stalls
+                        raise ArtifactCorrupt(
+                            f"object {self.info.name} ends after {self.written} of its {size} bytes"
+                        )
+                    continue
+                start = nl + 2
+                if line.startswith(b"PING"):
+                    sock.sendall(b"PONG\r\n")
+                elif line.startswith(b"INFO "):
+                    if handshake == 0:
+                        info = json.loads(line[5:])
+                        if info.get("tls_required"):
+                            raise _DirectUnavailable("server requires TLS")
+                        sock.sendall(self.connect_line + b"PING\r\n")
+                        handshake = 1
+                elif line.startswith(b"PONG"):
+                    if handshake == 1:
+                        sock.sendall(f"SUB {inbox} 1\r\nPING\r\n".encode())
+                        handshake = 2
+                    elif handshake == 2:
+                        handshake = 3  # the server has our SUB: the consumer may start
+                        last_progress = time.monotonic()
+                        on_subscribed()
+                elif line.startswith(b"-ERR"):
+                    raise ArtifactError(f"NATS server refused the fetch connection: {line.decode(errors='replace')}")
+                # +OK and anything else: ignore
+            # Need more bytes: make room, then read.
+            if start == end:
+                start = end = 0
+            elif len(buf) - end < 64 * 1024:
+                pending_len = end - start
+                view[:pending_len] = bytes(view[start:end])  # at most one message; may overlap
+                start, end = 0, pending_len
+            if end == len(buf):
+                raise ArtifactError("NATS protocol: message larger than the read buffer")
+            try:
+                n = sock.recv_into(view[end:])
+            except TimeoutError:
+                n = None
+            except OSError:
+                if self.stop:
+                    return
+                raise
+            if self.stop:
+                return
+            if n == 0:
+                if self.stop:
+                    return
+                raise _Resume("the server closed the fetch connection")
+            if n:
+                end += n
+            elif time.monotonic() - last_progress > stall:
+                if handshake < 3:
+                    raise ArtifactError(f"no answer from the NATS server at {self.host}:{self.port} within {stall}s")
+                if self.written == 0 and self.last_sseq == 0:
+                    raise ArtifactMissing(
+                        f"object {self.info.name}: no chunks arrived within {stall}s "
+                        "(deleted or replaced while reading?)"
+                    )
+                raise _Resume(f"no chunk for {stall}s")
+
+
+def _header(block: bytes, name: bytes) -> bytes:
+    for line in block.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name.lower():
+            return value.strip()
+    return b""

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_missing_from_the_object_store_names_the_artifact(nats_server, tmp_path)
     run(nats_server, tmp_path, body)
 
 
-def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py"])
+def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeypatch, direct):
     src = _random_file(tmp_path / "input" / "a.bin", 10 * CHUNK)
     original = artifacts._ChunkReader._on_msg
     dropped = []
@@ -181,9 +183,17 @@ def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeyp
             return
         await original(self, msg)
 
+    def lossy_direct(self, reply):
+        if not dropped and self.expect_dseq == 4:
+            dropped.append(reply)
+            return True
+        return False
+
     monkeypatch.setattr(artifacts._ChunkReader, "_on_msg", lossy)
+    monkeypatch.setattr(artifacts._DirectReader, "_drop_hook", lossy_direct)
 
     async def body(js, producer, consumer):
+        consumer.direct_fetch = direct
         ref = await producer.put(src)
         assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
         assert dropped
@@ -243,5 +253,84 @@ def test_get_outpaces_nats_py(nats_server, tmp_path):
             await obj.get(ref.key, writeinto=f)
         theirs = time.perf_counter() - t0
         assert ours * 1.5 < theirs, (ours, theirs)
+
+    run(nats_server, tmp_path, body)
+
+
+def test_falls_back_to_nats_py_when_the_direct_reader_cannot_connect(nats_server, tmp_path, monkeypatch):
+    """TLS, nkeys/JWT or websocket connections are read through nats-py (_ChunkReader)."""
+    src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 11)
+    used = []
+    original = artifacts._ChunkReader.run
+
+    async def spy(self):
+        used.append(self)
+        await original(self)
+
+    def unavailable(nc):
+        raise artifacts._DirectUnavailable("TLS")
+
+    monkeypatch.setattr(artifacts._ChunkReader, "run", spy)
+    monkeypatch.setattr(artifacts, "_direct_endpoint", unavailable)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
+        assert used
+
+    run(nats_server, tmp_path, body)
+
+
+def test_upload_chunks_fit_the_servers_max_payload(nats_server, tmp_path):
+    src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 1)
+
+    async def body(js, producer, consumer):
+        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
+        assert producer._chunk_size() == min(CHUNK, js._nc.max_payload)
+        ref = await producer.put(src)
+        info = await obj.get_info(ref.key)
+        assert info.chunks == 4 and info.options.max_chunk_size == CHUNK
+        js._nc._max_payload = 300_000  # a server configured with a smaller max_payload
+        assert producer._chunk_size() == 256 * 1024
+
+    run(nats_server, tmp_path, body)
+
+
+def test_get_keeps_the_event_loop_free_and_cancels_cleanly(nats_server, tmp_path):
+    """The direct reader hashes and writes in a thread: heartbeats keep running meanwhile,
+    and a cancelled fetch leaves no temp file and no thread writing behind it."""
+    src = _random_file(tmp_path / "input" / "a.bin", 48 * 1024 * 1024)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        gaps = []
+
+        async def ticker():
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        try:
+            await consumer.get(ref)
+        finally:
+            tick.cancel()
+        assert gaps and max(gaps) < 0.25, max(gaps)
+
+        other = ArtifactStore(Settings(home=tmp_path / "host-c", host_id="host-c"), js, use_object_store=True)
+        fetch = asyncio.create_task(other.get(ref))
+        await asyncio.sleep(0.05)
+        fetch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fetch
+        assert other.local_path(ref) is None
+        assert not any((other.root / ".tmp").iterdir())
+        for t in threading.enumerate():  # done with the file; at most returning now
+            if t.name == "artifact-fetch":
+                t.join(timeout=1.0)
+                assert not t.is_alive()
 
     run(nats_server, tmp_path, body)
