@@ -122,6 +122,29 @@ def decide(
     return _ignored(state, f"{type(event).__name__} is not for the coordinator")
 
 
+def give_up(state: JobState | None, job_id: str, event_id: str, reason: str, now: datetime) -> Decision:
+    """The adapter could not apply event `event_id` however often it tried: fail the job, so
+    its clients stop waiting. `JobFailed` has the id `<job>.failed.internal.<event_id>`; the
+    job's open attempts become `cancelled` (a retry reruns them) and the event counts as
+    applied. Without a state (a `submitted` that never applied) only the event is returned;
+    a finished job is left alone.
+    """
+    failed = JobFailed(
+        event_id=f"{job_id}.failed.internal.{event_id}", job_id=job_id, time=now, reason=one_line(reason)
+    )
+    if state is None:
+        return Decision(None, (PublishEvent(failed),), True)
+    if state.status.finished:
+        return _ignored(state, f"job already {state.status.value}")
+    step = _Step(state, None, now, Policy())
+    step._stop_open_nodes()
+    step._mark_applied(event_id)
+    step.state.status = JobStatus.failed
+    step.state.error = failed.reason
+    step._emit(failed)
+    return step._decision()
+
+
 def _ignored(state: JobState | None, note: str) -> Decision:
     return Decision(state, (), False, note)
 
@@ -148,7 +171,7 @@ class _Step:
     def submit(self, event: JobSubmitted) -> Decision:
         spec = event.spec
         self.state = JobState(spec=spec, created_at=self.now, updated_at=self.now)
-        self._mark_applied(event)
+        self._mark_applied(event.event_id)
         if self.graph is None:
             return self._fail_job(f"unknown workflow {spec.workflow!r}: no config/workflows/{spec.workflow}.yaml")
         plan = self.plan
@@ -176,7 +199,7 @@ class _Step:
                 f"stale: {event.node} is {node.status.value} at attempt {node.attempt}, "
                 f"event is for attempt {event.attempt}",
             )
-        self._mark_applied(event)
+        self._mark_applied(event.event_id)
         node.worker = dict(event.worker)
         if isinstance(event, StageCompleted):
             node.status = NodeStatus.completed
@@ -208,7 +231,7 @@ class _Step:
     def cancel(self, event: JobCancelRequested) -> Decision:
         if self.state.status.finished:
             return _ignored(self.original, f"job already {self.state.status.value}")
-        self._mark_applied(event)
+        self._mark_applied(event.event_id)
         self._stop_open_nodes()
         self.state.status = JobStatus.cancelled
         self.state.error = "cancelled on request"
@@ -224,7 +247,7 @@ class _Step:
             return _ignored(self.original, f"job is {state.status.value}; only failed or cancelled jobs retry")
         if self.graph is None:
             return _ignored(self.original, f"unknown workflow {state.spec.workflow!r}; cannot retry")
-        self._mark_applied(event)
+        self._mark_applied(event.event_id)
         for planned in self.plan.nodes.values():  # the graph may have gained nodes since
             state.nodes.setdefault(planned.id, _new_node(planned))
         if self.plan.errors:
@@ -369,9 +392,9 @@ class _Step:
                 node.status = NodeStatus.cancelled
                 node.deadline_at = node.next_attempt_at = None
 
-    def _mark_applied(self, event) -> None:
+    def _mark_applied(self, event_id: str) -> None:
         applied = self.state.applied
-        applied.append(event.event_id)
+        applied.append(event_id)
         del applied[:-APPLIED_KEPT]
 
     def _emit(self, event) -> None:

@@ -1,22 +1,35 @@
 """The coordinator process: a thin NATS adapter around the pure `decide`.
 
 For each job event (durable pull consumer `coordinator` on the events stream):
-    read JobState from KV → decide → publish the actions → write the state with the
-    revision read → ack the event.
+    read JobState from KV → decide → publish the stage requests → write the state, with the
+    decided job events in its `outbox`, against the revision read → publish the outbox and
+    clear it → ack the event.
 
-Why publishing *before* the state write is safe (at-least-once, no double effects):
+Stage requests go out *before* the write; that is safe (at-least-once, no double effects):
   * If we crash after publishing and before the write, the event is redelivered (not acked)
     and decided again from the old state. The same decision yields the same ids: stage
-    requests carry `Nats-Msg-Id: <job>.<node>.<attempt>` and events ids derived from the
-    transition, so JetStream drops the repeats inside its duplicate window (2 min). Past the
-    window a repeated request may run twice; its second completion finds the node already
-    completed (or at another attempt) and is ignored.
+    requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
+    inside its duplicate window (2 min). Past the window a repeated request may run twice;
+    its second completion finds the node already completed (or at another attempt) and is
+    ignored.
   * If the write loses a revision race (another decision for the same job landed first), we
-    re-read and re-decide. Anything the losing decision published refers to a (node, attempt)
+    re-read and re-decide. A request the losing decision published refers to a (node, attempt)
     the winning state either also requested (same id, deduplicated) or never will; a result
     for such an attempt fails the attempt check in `decide` and is ignored — wasted work at
     worst, never a wrong state.
-  * Acking only after the write means a crash never loses an event.
+Job events go out only *after* the write: clients stop at the first terminal event, so a
+`failed` from a decision that lost the race (a deadline tick against a completion) would
+report a failure that did not happen. They travel in the state's `outbox`: written with the
+decision, published once the write succeeded, then cleared. A coordinator that dies in
+between leaves them in the state; the tick loop (which scans every job at start) publishes
+them. Their ids are derived from the transition, so a repeat is dropped by JetStream.
+  * Acking only after the write means a crash never loses an event. An event that fails to
+    apply `event_max_tries` times is dropped and its job failed (`JobFailed` with the id
+    `<job>.failed.internal.<event id>`), so no client waits forever on it.
+
+The background tasks (events, ticks) survive any one message or tick failing; should one end
+anyway, `Coordinator.failed` / `wait_failed()` report it, and `run_coordinator` raises
+`CoordinatorTaskDied` instead of running on with nothing advancing.
 
 A tick loop applies `Tick` to running jobs every second (stage deadlines, retry backoff), and
 a subscription to the max-deliveries advisory turns a request that every delivery crashed on
@@ -48,14 +61,16 @@ from pydantic import ValidationError
 
 from captionbus.bus import provision
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
-from coordinator.decide import Decision, Policy, PublishEvent, PublishRequest, Tick, decide
+from contracts.events import JobEvent
+from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflows
 
 log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
 EVENT_ACK_WAIT_S = 30.0
-EVENT_MAX_TRIES = 5  # an event that fails to apply this often is logged and dropped
+EVENT_MAX_TRIES = 5  # an event that fails to apply this often is dropped and its job failed
+EVENT_RETRY_DELAY_S = 1.0  # redelivery delay after a failed apply, times the deliveries so far
 
 
 def utcnow() -> datetime:
@@ -64,6 +79,11 @@ def utcnow() -> datetime:
 
 class StateConflict(RuntimeError):
     pass
+
+
+class CoordinatorTaskDied(RuntimeError):
+    """A coordinator background task (events or ticks) ended while the coordinator ran:
+    nothing advances any more. Raised by `Coordinator.wait_failed()` and `run_coordinator`."""
 
 
 class Coordinator:
@@ -89,6 +109,8 @@ class Coordinator:
         clock: Callable[[], datetime] = utcnow,
         provision_bus: bool = True,
         rescan_interval_s: float = 30.0,
+        event_max_tries: int = EVENT_MAX_TRIES,
+        event_retry_delay_s: float = EVENT_RETRY_DELAY_S,
     ):
         self.nc = nc
         self.js = nc.jetstream()
@@ -99,11 +121,14 @@ class Coordinator:
         self.clock = clock
         self.provision_bus = provision_bus
         self.rescan_interval_s = rescan_interval_s
+        self.event_max_tries = event_max_tries
+        self.event_retry_delay_s = event_retry_delay_s
         self.kv: Any = None
         self._sub: Any = None
         self._advisory_sub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
+        self._failed: asyncio.Future | None = None
         # The tick loop reads only jobs it believes running: those we wrote as running, plus
         # whatever a full key scan finds (at start, then now and then for other replicas' jobs).
         self._running: set[str] = set()
@@ -124,10 +149,13 @@ class Coordinator:
             subjects.MAX_DELIVERIES_ADVISORY, cb=self._on_max_deliveries
         )
         self._stopping.clear()
+        self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="coordinator-events"),
             asyncio.create_task(self._tick_loop(), name="coordinator-ticks"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
         log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
 
     async def stop(self) -> None:
@@ -137,12 +165,46 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks = []
+        if self._failed is not None:
+            if not self._failed.done():
+                self._failed.set_result(None)
+            elif not self._failed.cancelled() and self._failed.exception() is not None:
+                # Already logged when it happened, and raised to whoever waits on wait_failed().
+                log.error("coordinator stopped after a background task died", error=str(self._failed.exception()))
         for sub in (self._advisory_sub, self._sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         self._sub = self._advisory_sub = None
         log.info("coordinator stopped")
+
+    @property
+    def failed(self) -> asyncio.Future:
+        """Done when the coordinator stops: with `CoordinatorTaskDied` set as its exception when
+        a background task died while it ran, with None after a plain `stop()`."""
+        if self._failed is None:
+            raise RuntimeError("the coordinator has not been started")
+        return self._failed
+
+    async def wait_failed(self) -> None:
+        """Raise `CoordinatorTaskDied` as soon as a background task dies; return None once
+        `stop()` ran without that. Cancelling the wait leaves `failed` as it is."""
+        await asyncio.shield(self.failed)
+
+    def _on_task_done(self, task: asyncio.Task) -> None:
+        if self._stopping.is_set() or self._failed is None or self._failed.done():
+            return
+        if task.cancelled():
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} was cancelled")
+        elif task.exception() is not None:
+            cause = task.exception()
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} died: {cause!r}")
+            error.__cause__ = cause
+        else:
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} returned while running")
+        log.error("coordinator task died; no job advances until the coordinator is restarted",
+                  task=task.get_name(), error=str(error), exc_info=error.__cause__)
+        self._failed.set_exception(error)
 
     async def __aenter__(self) -> "Coordinator":
         await self.start()
@@ -183,7 +245,11 @@ class Coordinator:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self._on_event_message(msg)
+                try:
+                    await self._on_event_message(msg)
+                except Exception as e:  # e.g. an ack or nak lost in a reconnect: the server redelivers
+                    log.exception("handling a job event failed; it will be redelivered",
+                                  subject=getattr(msg, "subject", None), error=repr(e))
 
     async def _on_event_message(self, msg: Any) -> None:
         try:
@@ -196,17 +262,50 @@ class Coordinator:
             await self.apply(event)
         except Exception as e:
             deliveries = msg.metadata.num_delivered if msg.metadata else 1
-            if deliveries >= EVENT_MAX_TRIES:
-                # A bug or a broken state, not a blip: stop the hot loop, keep the evidence in the log.
-                log.exception("applying event failed on every try; dropped", job_id=event.job_id,
+            if deliveries >= self.event_max_tries:
+                # A bug or a broken state, not a blip: stop the hot loop, keep the evidence in the
+                # log, and fail the job so that nobody waits for it forever.
+                log.exception("applying event failed on every try; dropped, job failed", job_id=event.job_id,
                               kind=event.kind, event_id=event.event_id, tries=deliveries, error=str(e))
+                await self._give_up(event, e, deliveries)
                 await msg.term()
                 return
             log.warning("applying event failed; will be redelivered", job_id=event.job_id,
                         kind=event.kind, error=str(e), tries=deliveries)
-            await msg.nak(delay=1.0 * deliveries)
+            await msg.nak(delay=self.event_retry_delay_s * deliveries)
             return
         await msg.ack()
+
+    async def _give_up(self, event: Any, error: Exception, tries: int) -> None:
+        """Fail the job of an event that could not be applied: mark its state failed (best
+        effort: the state may be what is broken) and publish `JobFailed` in any case."""
+        job_id = event.job_id
+        jlog = log.bind(job_id=job_id, kind=event.kind)
+        then = "submit the job again" if event.kind == "submitted" else f"`captionbus retry {job_id}`"
+        reason = (
+            f"coordinator error: could not apply the {event.kind} event {event.event_id} after {tries} tries "
+            f"({type(error).__name__}: {error}); see the coordinator log, fix the cause, then {then}"
+        )
+        state = revision = None
+        try:
+            state, revision = await self.read_state(job_id)
+        except Exception as e:
+            jlog.warning("could not read the job's state to fail it", error=repr(e))
+        decision = give_up(state, job_id, event.event_id, reason, self.clock())
+        if not decision.changed:
+            jlog.warning("event dropped; the job had already finished", note=decision.note)
+            return
+        if decision.state is not None:
+            try:
+                await self._commit(job_id, decision, revision, jlog)
+            except Exception as e:
+                jlog.warning("could not mark the job failed in its state", error=repr(e))
+        for failed in decision.events:  # already out through the outbox, or not: same id, deduplicated
+            try:
+                await self._publish_event(failed)
+            except Exception as e:
+                jlog.error("could not publish the job's failure", error=repr(e))
+        jlog.warning("job failed", reason=reason)
 
     async def apply(self, event: Any) -> Decision:
         """Apply one event (or Tick) to its job: read, decide, publish, write; re-decide on conflict."""
@@ -218,10 +317,11 @@ class Coordinator:
             decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy)
             if not decision.changed:
                 jlog.debug("event ignored", note=decision.note)
+                if state is not None:
+                    await self._flush_outbox(job_id, state, revision, jlog)
                 return decision
-            await self._publish(decision, jlog)
             try:
-                await self._write_state(job_id, decision.state, revision)
+                await self._commit(job_id, decision, revision, jlog)
             except KeyWrongLastSequenceError:
                 jlog.info("job state changed under us; deciding again")
                 continue
@@ -236,23 +336,31 @@ class Coordinator:
             return None, None
         return JobState.model_validate_json(entry.value), entry.revision
 
-    async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> None:
+    async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
         value = state.model_dump_json().encode()
         if revision is None:
-            await self.kv.create(job_id, value)
+            written = await self.kv.create(job_id, value)
         else:
-            await self.kv.update(job_id, value, last=revision)
+            written = await self.kv.update(job_id, value, last=revision)
         self._note_status(job_id, state)
+        return written
 
     def _note_status(self, job_id: str, state: JobState) -> None:
-        if state.status.finished:
+        # A finished job whose events are still in its outbox stays on the tick loop's list.
+        if state.status.finished and not state.outbox:
             self._finished.add(job_id)
             self._running.discard(job_id)
         else:
             self._finished.discard(job_id)
             self._running.add(job_id)
 
-    async def _publish(self, decision: Decision, jlog: Any) -> None:
+    async def _commit(self, job_id: str, decision: Decision, revision: int | None, jlog: Any) -> None:
+        """Carry out a decision: stage requests, then the state write (raises
+        KeyWrongLastSequenceError when it loses the race), then the job events.
+
+        The events are written into the state's outbox with the decision and published only
+        once that write succeeded, so a decision that lost the race never announces anything.
+        """
         for action in decision.actions:
             if isinstance(action, PublishRequest):
                 request = action.request
@@ -261,13 +369,40 @@ class Coordinator:
                     request.model_dump_json().encode(),
                     headers={"Nats-Msg-Id": request.key},
                 )
-            elif isinstance(action, PublishEvent):
-                event = action.event
-                await self.js.publish(
-                    subjects.job_event(event.job_id, event.kind),
-                    event.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": event.event_id},
-                )
+        state = decision.state
+        outbox = [*state.outbox, *(event.model_dump(mode="json") for event in decision.events)]
+        state = state.model_copy(update={"outbox": outbox})
+        written = await self._write_state(job_id, state, revision)
+        await self._flush_outbox(job_id, state, written, jlog)
+
+    async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any) -> None:
+        """Publish the events waiting in `state`'s outbox, then clear it. Never raises: what
+        is not published stays in the state, and the tick loop tries again."""
+        if not state.outbox:
+            return
+        try:
+            for raw in state.outbox:
+                try:
+                    event = parse_event(raw)
+                except ValidationError as e:
+                    jlog.error("unreadable event in the job's outbox dropped", error=str(e).splitlines()[0])
+                    continue
+                await self._publish_event(event)
+            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+        except KeyWrongLastSequenceError:
+            # The state moved on; its writer carried these events along and publishes them too
+            # (same ids: JetStream drops the repeats).
+            jlog.debug("outbox published; the state changed before it was cleared")
+        except Exception as e:
+            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
+            self._running.add(job_id)
+
+    async def _publish_event(self, event: JobEvent) -> None:
+        await self.js.publish(
+            subjects.job_event(event.job_id, event.kind),
+            event.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": event.event_id},
+        )
 
     @staticmethod
     def _log_decision(decision: Decision, jlog: Any) -> None:
@@ -315,15 +450,16 @@ class Coordinator:
             self._running.discard(job_id)
             return
         self._note_status(job_id, state)
-        if state.status.finished:
-            return
-        decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
-        if not decision.changed:
-            return
         jlog = log.bind(job_id=job_id, kind="tick")
-        await self._publish(decision, jlog)
+        decision = None
+        if not state.status.finished:
+            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
+        if decision is None or not decision.changed:
+            # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
+            await self._flush_outbox(job_id, state, revision, jlog)
+            return
         try:
-            await self._write_state(job_id, decision.state, revision)
+            await self._commit(job_id, decision, revision, jlog)
         except KeyWrongLastSequenceError:
             return  # an event got there first; the next tick sees its state
         self._log_decision(decision, jlog)
@@ -368,11 +504,7 @@ class Coordinator:
         log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
                     node=request.node, attempt=request.attempt, deliveries=deliveries)
         try:
-            await self.js.publish(
-                subjects.job_event(failure.job_id, failure.kind),
-                failure.model_dump_json().encode(),
-                headers={"Nats-Msg-Id": failure.event_id},
-            )
+            await self._publish_event(failure)
             # The work queue keeps a message that hit max_deliver; it will never be delivered again.
             await self.js.delete_msg(stream, seq)
         except Exception as e:
@@ -386,10 +518,22 @@ async def run_coordinator(
     stop_event: asyncio.Event | None = None,
     **options: Any,
 ) -> None:
-    """Run until `stop_event` is set (forever without one). Options go to `Coordinator`."""
+    """Run until `stop_event` is set (forever without one). Options go to `Coordinator`.
+
+    Raises `CoordinatorTaskDied` (after stopping the coordinator) as soon as one of its
+    background tasks dies, so whoever awaits this notices instead of waiting on a coordinator
+    that no longer advances anything.
+    """
     coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
     await coordinator.start()
+    waits = [asyncio.ensure_future(coordinator.wait_failed())]
+    if stop_event is not None:
+        waits.append(asyncio.ensure_future(stop_event.wait()))
     try:
-        await (stop_event.wait() if stop_event is not None else asyncio.Event().wait())
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            finished.result()  # CoordinatorTaskDied from wait_failed
     finally:
+        for wait in waits:
+            wait.cancel()
         await coordinator.stop()

@@ -15,6 +15,7 @@ from captionbus.bus import StagePolicy, ensure_stage_consumer, provision
 from contracts import (
     ArtifactRef,
     JobCancelRequested,
+    JobCompleted,
     JobSpec,
     JobState,
     JobStatus,
@@ -256,5 +257,185 @@ def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
         assert state.nodes["demux"].attempt == 2
         assert state.nodes["demux"].error == "stage demux gave no result within 1800 s (attempt 1)"
         assert state.nodes["demux"].outputs["audio"] == artifact("job6.demux.2.audio")
+
+    on_bus(nats_server, scenario)
+
+
+async def event_when(js, job_id: str, kind: str, timeout: float = 15.0):
+    """The first event of `kind` in the job's history, waiting for it to be published."""
+    sub = await js.subscribe(subjects.job_events(job_id), ordered_consumer=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                event = parse_event((await sub.next_msg(timeout=0.2)).data)
+                if event.kind == kind:
+                    return event
+    finally:
+        await sub.unsubscribe()
+    raise AssertionError(f"no {kind} event for job {job_id}")
+
+
+def test_a_failed_ack_does_not_stop_the_event_loop(nats_server, monkeypatch):
+    from nats.aio.msg import Msg
+
+    real_ack = Msg.ack
+    failed_acks: list[str] = []
+
+    async def ack(msg):
+        if msg.subject.startswith(f"{subjects.PREFIX}.job.") and not failed_acks:
+            failed_acks.append(msg.subject)  # the coordinator's first ack is lost in a reconnect
+            raise nats.errors.ConnectionReconnectingError()
+        return await real_ack(msg)
+
+    monkeypatch.setattr(Msg, "ack", ack)
+
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        async with coordinator:
+            await submit(bus.js, "job7")
+            await bus.answer("demux", "asr", "subtitle_gen", "mux")
+            state = await bus.finished("job7")
+            assert not coordinator.failed.done()
+        assert failed_acks == [subjects.job_event("job7", "submitted")]
+        assert state.status == JobStatus.completed
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_dead_task_is_reported_and_run_coordinator_raises(nats_server, monkeypatch):
+    from coordinator.service import CoordinatorTaskDied, run_coordinator
+
+    async def broken_event_loop(self):
+        raise RuntimeError("bug in the event loop")
+
+    monkeypatch.setattr(Coordinator, "_event_loop", broken_event_loop)
+
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        async with coordinator:
+            try:
+                await asyncio.wait_for(coordinator.wait_failed(), 5)
+            except CoordinatorTaskDied as e:
+                assert "coordinator-events died: RuntimeError('bug in the event loop')" in str(e)
+            else:
+                raise AssertionError("wait_failed returned while the coordinator ran")
+            assert coordinator.failed.done()
+
+        # The runner awaits run_coordinator: it must end, not hang with nothing advancing.
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_coordinator(bus.nc, stop_event=stop, policy=POLICY))
+        done, _ = await asyncio.wait({task}, timeout=5)
+        stop.set()
+        assert done, "run_coordinator kept running after its event loop died"
+        assert isinstance(task.exception(), CoordinatorTaskDied)
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_clean_stop_resolves_failed_with_none(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        async with coordinator:
+            waiting = asyncio.create_task(coordinator.wait_failed())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+        assert await asyncio.wait_for(waiting, 5) is None
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_deadline_failure_that_loses_the_write_is_never_announced(nats_server):
+    """A tick decides `failed` (deadline, no attempts left) while the completion lands first:
+    the tick's write loses the race, so its `failed` must not reach the events stream."""
+    clock = [datetime.now(timezone.utc)]
+    policy = Policy(max_attempts=1, backoff_initial_s=0.2)
+
+    async def scenario(bus: Bus):
+        coordinator = Coordinator(bus.nc, policy=policy, tick_interval_s=3600, clock=lambda: clock[0])
+        async with coordinator:
+            await submit(bus.js, "job8")
+            [late] = await FakeWorker(bus.js, "demux").answer(ack=False)
+            await bus.state_when("job8", lambda s: not getattr(s, "outbox", []))
+            real_update = coordinator.kv.update
+            raced: list[str] = []
+
+            async def update(key, value, last=None, **kw):
+                if JobState.model_validate_json(value).status == JobStatus.failed and not raced:
+                    raced.append(key)  # the completion gets in between the tick's read and write
+                    await publish_event(bus.js, completion_for(late))
+                    await bus.state_when("job8", lambda s: s.nodes["demux"].status.value == "completed")
+                return await real_update(key, value, last=last, **kw)
+
+            coordinator.kv.update = update
+            clock[0] += timedelta(seconds=1800)  # demux's deadline
+            await coordinator.tick_once()
+            assert raced == ["job8"]
+            await bus.answer("asr", "subtitle_gen", "mux")
+            state = await bus.finished("job8")
+        assert state.status == JobStatus.completed
+        kinds = [e.kind for e in await bus.events("job8")]
+        assert "failed" not in kinds and kinds[-1] == "completed"
+
+    on_bus(nats_server, scenario)
+
+
+def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_server):
+    async def scenario(bus: Bus):
+        # A coordinator wrote the completed state and died before publishing `completed`.
+        spec = JobSpec(job_id="job9", input=INPUT, source_language="en")
+        done = JobCompleted(event_id="job9.completed", job_id="job9", outputs={"srt": artifact("srt")})
+        state = JobState(spec=spec, status=JobStatus.completed, outputs=done.outputs,
+                         outbox=[done.model_dump(mode="json")])
+        await bus.kv.create("job9", state.model_dump_json().encode())
+        async with bus.coordinator():
+            published = await event_when(bus.js, "job9", "completed")
+            cleared = await bus.state_when("job9", lambda s: not getattr(s, "outbox", ["?"]))
+        assert published.event_id == "job9.completed" and published.outputs == done.outputs
+        assert cleared.status == JobStatus.completed
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
+                                  event_max_tries=3, event_retry_delay_s=0.05)
+
+        async def broken_apply(event):
+            raise RuntimeError("state store broken")
+
+        coordinator.apply = broken_apply
+        async with coordinator:
+            await submit(bus.js, "job10")
+            failed = await event_when(bus.js, "job10", "failed")
+        assert failed.event_id.startswith("job10.failed.internal.")
+        assert failed.reason.startswith("coordinator error: could not apply the submitted event ")
+        assert "after 3 tries (RuntimeError: state store broken)" in failed.reason
+        assert failed.reason.endswith("see the coordinator log, fix the cause, then submit the job again")
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_completion_that_never_applies_fails_the_job_and_its_state(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
+                                  event_max_tries=2, event_retry_delay_s=0.05)
+        apply = coordinator.apply
+
+        async def apply_but_completions(event):
+            if event.kind == "stage_completed":
+                raise ValueError("cannot apply this completion")
+            return await apply(event)
+
+        coordinator.apply = apply_but_completions
+        async with coordinator:
+            await submit(bus.js, "job11")
+            await bus.answer("demux")
+            failed = await event_when(bus.js, "job11", "failed")
+            state = await bus.finished("job11")
+        assert state.status == JobStatus.failed and state.error == failed.reason
+        assert state.nodes["demux"].status.value == "cancelled"  # `captionbus retry` reruns it
+        assert failed.reason.endswith("fix the cause, then `captionbus retry job11`")
 
     on_bus(nats_server, scenario)

@@ -16,7 +16,7 @@ from contracts import (
     StageCompleted,
     StageFailed,
 )
-from coordinator.decide import Decision, Policy, Tick, decide
+from coordinator.decide import Decision, Policy, Tick, decide, give_up
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -277,3 +277,35 @@ def test_decide_is_pure():
     assert d.state.model_dump() == before
     again = submit()
     assert [e.event_id for e in again.events] == [e.event_id for e in d.events]
+
+
+def test_give_up_fails_a_running_job_and_cancels_its_open_attempts():
+    d = step(submit(), completed("demux"))  # asr requested
+    event = completed("asr")
+    g = give_up(d.state, "j1", event.event_id, "coordinator error:\n  boom", T0)
+    assert g.changed and g.state.status == JobStatus.failed
+    assert g.state.error == "coordinator error: boom"  # one line
+    assert g.state.nodes["asr"].status == NodeStatus.cancelled  # a retry reruns it
+    assert g.state.nodes["demux"].status == NodeStatus.completed
+    assert event.event_id in g.state.applied
+    [failed] = g.events
+    assert (failed.kind, failed.event_id, failed.reason) == (
+        "failed", f"j1.failed.internal.{event.event_id}", "coordinator error: boom")
+    assert g.requests == []
+    assert d.state.status == JobStatus.running  # pure: the input state is untouched
+    assert step(g, JobRetryRequested(job_id="j1")).requests[0].node == "asr"
+
+
+def test_give_up_without_a_state_only_announces_and_leaves_finished_jobs_alone():
+    g = give_up(None, "j1", "e1", "boom", T0)
+    assert g.changed and g.state is None and [e.event_id for e in g.events] == ["j1.failed.internal.e1"]
+    d = step(submit(), JobCancelRequested(job_id="j1"))
+    assert not give_up(d.state, "j1", "e2", "boom", T0).changed
+
+
+def test_decide_carries_the_outbox_along():
+    d = submit()
+    pending = [{"kind": "started", "event_id": "j1.started"}]
+    state = d.state.model_copy(update={"outbox": pending})
+    assert step(Decision(state), completed("demux")).state.outbox == pending
+    assert state.outbox == pending and submit().state.outbox == []
