@@ -201,12 +201,14 @@ class ArtifactStore:
         _unlink(path)
         return None
 
-    def _ingest(self, src: Path) -> tuple[str, int, Path]:
-        """Bring `src` into the local root: hardlink if we can, else copy; hash on the way."""
+    def _ingest(self, src: Path, copy: bool = False) -> tuple[str, int, Path]:
+        """Bring `src` into the local root: hardlink if we can (and may), else copy; hash on the way."""
         src_stat = os.stat(src)
         tmp = self._tmp_path(f"{src_stat.st_ino:016x}")
         try:
             try:
+                if copy:
+                    raise OSError("a copy was asked for")
                 os.link(src, tmp)  # same inode, no bytes copied
                 key, size = hash_file(tmp)
             except OSError as e:
@@ -244,14 +246,17 @@ class ArtifactStore:
     # ---- put ----------------------------------------------------------------------------
 
     async def put(
-        self, path: Path, *, name: str | None = None, media_type: str | None = None
+        self, path: Path, *, name: str | None = None, media_type: str | None = None, copy: bool = False
     ) -> ArtifactRef:
+        """Store `path`. `copy=True` for files someone else owns (a user's input may be edited
+        in place later; a hardlinked root file would change with it). Stage outputs in a work
+        dir that is deleted afterwards can be linked."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"cannot store {path}: not a regular file")
         name = safe_name(name or path.name)
         # Hashing a film takes seconds: keep the event loop (heartbeats) free meanwhile.
-        key, size, local = await asyncio.to_thread(self._ingest, path)
+        key, size, local = await asyncio.to_thread(self._ingest, path, copy)
         ref = ArtifactRef(
             key=key,
             name=name,

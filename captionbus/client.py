@@ -64,7 +64,7 @@ async def submit(
     job_id: str | None = None,
 ) -> JobSpec:
     media = check_input_file(media)
-    ref = await store.put(media, name=media.name)
+    ref = await store.put(media, name=media.name, copy=True)
     spec = JobSpec(
         job_id=job_id or new_job_id(),
         workflow=workflow,

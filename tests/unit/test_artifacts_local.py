@@ -170,3 +170,19 @@ def test_old_temp_files_are_swept(tmp_path):
     os.utime(old, (0, 0))
     _store(tmp_path)  # a new process on this host
     assert not old.exists() and fresh.exists()
+
+
+def test_put_with_copy_keeps_the_store_independent_of_the_source(tmp_path):
+    import asyncio
+
+    from captionbus.artifacts import ArtifactStore
+    from captionbus.settings import Settings
+
+    store = ArtifactStore(Settings(home=tmp_path / "home", nats_url=None, artifacts_mode="local", host_id="h"), None)
+    source = tmp_path / "film.mp4"
+    source.write_bytes(b"original bytes")
+    ref = asyncio.run(store.put(source, copy=True))
+    with open(source, "r+b") as f:  # the user edits their file in place after submitting
+        f.write(b"EDITED")
+    assert store.local_path(ref).read_bytes() == b"original bytes"
+    assert not os.path.samefile(source, store.local_path(ref))
