@@ -452,7 +452,7 @@ async def serve(
 def info_subject(stage: str) -> str:
     """Request/reply endpoint answering with this stage's WorkerInfo JSON (one replica answers).
 
-    Under $SRV, which deploy/nats/accounts.conf already lets workers serve and readers ask."""
+    Under $SRV, which deploy/nats/roles.conf lets workers serve and readers ask."""
     return f"$SRV.WORKER.{subjects.micro_service_name(stage)}"
 
 

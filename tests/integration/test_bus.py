@@ -1,8 +1,9 @@
 import asyncio
 import os
+import shutil
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
@@ -161,3 +162,174 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# ---- deploy/nats: the role permissions, parsed and exercised by the real code paths ------------
+
+NATS_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+ROLES = ("coordinator", "worker", "client", "dashboard")
+
+
+def _copy_nats_deploy(dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for conf in NATS_DEPLOY.glob("*.conf"):
+        shutil.copy(conf, dest / conf.name)
+
+
+def test_deploy_accounts_conf_parses(tmp_path):
+    """accounts.conf (+ roles.conf) as a loopback server without cluster/TLS would load it."""
+    _copy_nats_deploy(tmp_path)
+    (tmp_path / "test.conf").write_text(
+        f'listen: 127.0.0.1:{_free_port()}\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        "include ./accounts.conf\n"
+    )
+    checked = subprocess.run([nats_server_binary(), "-t", "-c", str(tmp_path / "test.conf")],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.fixture
+def acl_server(tmp_path):
+    """A server whose users have exactly the deploy/nats/roles.conf permissions (test passwords).
+    Yields {role: url} and the server log, where violations are recorded."""
+    conf_dir = tmp_path / "conf"
+    _copy_nats_deploy(conf_dir)
+    port = _free_port()
+    users = "\n".join(f'    {{user: {r}, password: "pw-{r}", permissions: ${r.upper()}}}' for r in ROLES)
+    log = tmp_path / "server.log"
+    (conf_dir / "test.conf").write_text(
+        f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f"include ./roles.conf\nauthorization {{\n  users: [\n{users}\n  ]\n}}\n"
+    )
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf_dir / "test.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (log.exists() and "Server is ready" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield {r: f"nats://{r}:pw-{r}@127.0.0.1:{port}" for r in ROLES}, log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _denied(call, timeout: float = 0.75) -> bool:
+    try:
+        await asyncio.wait_for(call, timeout)
+    except Exception:
+        return True
+    return False
+
+
+def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
+    from captionbus.artifacts import ArtifactStore
+    from captionbus.client import follow, job_state, list_jobs, submit, workers
+    from captionbus.settings import Settings
+    from contracts import StageCompleted, StageRequest
+    from coordinator.service import Coordinator
+    from services.noop.stage import STAGE as NOOP
+    from services.runtime.serve import serve
+
+    urls, server_log = acl_server
+
+    def settings(role: str) -> Settings:
+        return Settings(home=tmp_path / role, nats_url=urls[role], artifacts_mode="object", host_id=role)
+
+    async def main():
+        nc = {r: await connect(urls[r], f"acl-{r}") for r in ROLES}
+        js = {r: c.jetstream() for r, c in nc.items()}
+
+        # Nobody but the coordinator may create the bus; the others only find it missing.
+        with pytest.raises(BusError, match="stream CB_REQUESTS missing"):
+            await require_provisioned(js["worker"])
+        assert await _denied(js["worker"].add_stream(StreamConfig(name="CB_REQUESTS", subjects=["x"])))
+        await asyncio.sleep(0.2)
+        denied_before = len(_violations(server_log))
+        await provision(js["coordinator"])
+        for role in ROLES:
+            await require_provisioned(js[role])
+
+        async with Coordinator(nc["coordinator"], tick_interval_s=0.2):
+            stop, ready = asyncio.Event(), asyncio.Event()
+            worker = asyncio.create_task(serve(
+                NOOP, settings("worker"), urls["worker"], env_name="acl", stop=stop, ready=ready,
+                policy=StagePolicy(ack_wait=1.0, max_deliver=3),
+            ))
+            await asyncio.wait({worker, asyncio.ensure_future(ready.wait())}, timeout=20,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if worker.done():
+                worker.result()
+
+            # Client: upload + submit, read state, list jobs and workers.
+            media = tmp_path / "in.wav"
+            media.write_bytes(b"RIFF" + os.urandom(300_000))
+            client_store = ArtifactStore(settings("client"), js["client"])
+            spec = await submit(js["client"], client_store, media, job_id="job-acl", source_language="en")
+            deadline = time.monotonic() + 10
+            while (state := await job_state(js["client"], "job-acl")) is None or state.status.value != "running":
+                assert time.monotonic() < deadline, state
+                await asyncio.sleep(0.1)
+            assert "job-acl" in [s.job_id for s in await list_jobs(js["client"])]
+            assert "captionbus-noop" in [w["name"] for w in await workers(nc["client"])]
+
+            # Worker: a request (published by the coordinator's role) with an object-store input,
+            # long enough to need heartbeats; output stored, completion published, acked.
+            request = StageRequest(job_id="job-acl", stage="noop", node="noop", attempt=1,
+                                   inputs={"media": spec.input}, params={"sleep_s": 2.5})
+            await js["coordinator"].publish(subjects.stage_request("noop"), request.model_dump_json().encode())
+            done = None
+            async for event in follow(js["dashboard"], "job-acl", stop_at_end=False):
+                if isinstance(event, StageCompleted) and event.stage == "noop":
+                    done = event
+                    break
+            assert done.metrics["delivery"] == 1.0
+            fetched = await client_store.get(done.outputs["media"], dest_dir=tmp_path / "out")
+            assert fetched.read_bytes() == media.read_bytes()
+            consumer = await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")
+            assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0
+
+            # Dashboard: reads state, jobs and workers.
+            assert (await job_state(js["dashboard"], "job-acl")).job_id == "job-acl"
+            assert [s.job_id for s in await list_jobs(js["dashboard"])] == ["job-acl"]
+            assert "captionbus-noop" in [w["name"] for w in await workers(nc["dashboard"])]
+
+            allowed_so_far = _violations(server_log)[denied_before:]
+
+            # What each role must not do.
+            event = b"{}"
+            assert await _denied(js["worker"].publish("captionbus.job.job-acl.submitted", event))
+            assert await _denied(js["worker"].publish("captionbus.job.job-x.cancel_requested", event))
+            assert await _denied(js["client"].publish("captionbus.job.job-acl.stage_completed", event))
+            assert await _denied(js["client"].publish(subjects.stage_request("noop"), event))
+            assert await _denied(js["dashboard"].publish("captionbus.job.job-acl.cancel_requested", event))
+            assert await _denied(js["dashboard"].delete_consumer(subjects.REQUESTS_STREAM, "stage-noop"))
+            assert await _denied(js["dashboard"].delete_consumer(subjects.EVENTS_STREAM, "coordinator"))
+            assert await _denied(js["dashboard"].add_consumer(
+                subjects.EVENTS_STREAM, durable_name="coordinator", name="coordinator", ack_wait=1.0))
+            assert await _denied(js["client"].delete_stream(subjects.EVENTS_STREAM))
+            assert await _denied(js["coordinator"].delete_stream(subjects.EVENTS_STREAM))
+            assert await _denied(js["worker"].purge_stream(subjects.REQUESTS_STREAM))
+            await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")  # still there
+            stop.set()
+            await asyncio.wait_for(worker, 15)
+
+        for c in nc.values():
+            await c.close()
+        return allowed_so_far
+
+    allowed_so_far = asyncio.run(asyncio.wait_for(main(), 90))
+    assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
+    denied = _violations(server_log)
+    assert len(set(denied)) == 12 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
+
+
+def _violations(log: Path) -> list[tuple[str, str]]:
+    """(user, subject) of every permission violation the server logged."""
+    found = []
+    for line in log.read_text().splitlines():
+        if "Violation" in line:
+            user = line.split('user:', 1)[1].split('"', 1)[0] if 'user:' in line else "?"
+            subject = line.split('Subject "', 1)[1].split('"', 1)[0] if 'Subject "' in line else line
+            found.append((user, subject))
+    return found
