@@ -215,11 +215,12 @@ def serve(stage: str, replicas: int) -> None:
 
 def _on_bus(name: str, action):
     """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect."""
-    from captionbus.bus import connect, resolve_url
+    from captionbus.bus import connect, require_provisioned, resolve_url
 
     async def go():
         nc = await connect(resolve_url(load()), name)
         try:
+            await require_provisioned(nc.jetstream())
             return await action(nc, nc.jetstream())
         finally:
             await nc.close()

@@ -193,13 +193,35 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with coordinator_task(nc):
+        async with coordinator_task(nc) as coordinator:
             await wait_ready(nc, services)
             console.print(f"serving: {', '.join(stages) or 'no stages'}; Ctrl-C stops")
-            await stop.wait()
+            await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
     finally:
         stop_services(services)
         await nc.drain()
+
+
+async def _supervise(settings: Settings, url: str, services: list[ServiceProcess], coordinator: asyncio.Task,
+                     max_restarts: int = 5) -> None:
+    """Restart a service that dies (a crash, an OOM kill): its request comes back to the new
+    one. A stage that keeps dying, or a dead coordinator, ends `up` with the reason."""
+    restarts: dict[str, int] = {}
+    while True:
+        if coordinator.done():
+            error = None if coordinator.cancelled() else coordinator.exception()
+            raise ServiceStartError(f"the coordinator stopped: {error or 'no reason given'}")
+        for n, svc in enumerate(services):
+            if svc.alive():
+                continue
+            restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
+            if restarts[svc.stage] > max_restarts:
+                svc.raise_if_dead()
+            log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
+                        restart=restarts[svc.stage], log_tail=svc.log_tail(5))
+            await asyncio.sleep(min(2 ** restarts[svc.stage], 30))
+            services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
+        await asyncio.sleep(1.0)
 
 
 def _stage_names() -> list[str]:
@@ -219,12 +241,16 @@ def _env_ready(stage: str) -> bool:
 
 
 async def run_coordinator_forever(url: str) -> None:
+    from coordinator.service import run_coordinator
+
     nc = await connect(url, "captionbus-coordinator")
     await provision(nc.jetstream())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with coordinator_task(nc):
-        await stop.wait()
-    await nc.drain()
+    try:
+        # Raises when the coordinator dies, so a supervisor (systemd) restarts the process.
+        await run_coordinator(nc, stop_event=stop)
+    finally:
+        await nc.drain()

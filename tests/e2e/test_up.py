@@ -21,12 +21,17 @@ def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_env
         url_file = home / "nats" / "url"
         wait_until(url_file.exists, 30, "the embedded server's url file")
 
-        def stages_up() -> set[str]:
+        def pids() -> dict[str, str]:
             done = subprocess.run([sys.executable, "-m", "captionbus", "workers", "--json"], env=env,
                                   capture_output=True, text=True, timeout=60)
-            return {w["metadata"]["stage"] for w in json.loads(done.stdout or "[]")} if done.returncode == 0 else set()
+            workers = json.loads(done.stdout or "[]") if done.returncode == 0 else []
+            return {w["metadata"]["stage"]: w["metadata"]["pid"] for w in workers}
 
-        wait_until(lambda: {"demux", "asr", "subtitle_gen", "mux"} <= stages_up(), 180, "all four stages")
+        wait_until(lambda: {"demux", "asr", "subtitle_gen", "mux"} <= set(pids()), 180, "all four stages")
+        # A crashed service is restarted by `up`.
+        crashed = pids()["asr"]
+        os.kill(int(crashed), signal.SIGKILL)
+        wait_until(lambda: pids().get("asr", crashed) != crashed, 180, "asr restarted")
         video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
         done = subprocess.run([sys.executable, "-m", "captionbus", "submit", str(video), "-s", "en", "--wait",
                                "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
