@@ -152,28 +152,6 @@ def running_embedded_url(settings: Settings) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def server_for(settings: Settings):
-    """Yield a NATS URL: NATS_URL, a running `up` server, or a fresh embedded one we own."""
-    if settings.nats_url:
-        yield settings.nats_url
-        return
-    url = running_embedded_url(settings)
-    if url:
-        yield url
-        return
-    server = EmbeddedServer(settings.nats_dir)
-    server.start()
-    settings.embedded_url_file.write_text(server.url)
-    try:
-        yield server.url
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if settings.embedded_url_file.read_text().strip() == server.url:
-                settings.embedded_url_file.unlink()
-        server.stop()
-
-
 def resolve_url(settings: Settings) -> str:
     """For commands that need a server already running (submit, status, serve ...)."""
     if settings.nats_url:
