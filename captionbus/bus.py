@@ -164,6 +164,15 @@ def resolve_url(settings: Settings) -> str:
     )
 
 
+async def publish_event(js: JetStreamContext, event, msg_id: str | None = None) -> None:
+    """A job event on its subject, deduplicated by JetStream on `msg_id` (default: its event id)."""
+    await js.publish(
+        subjects.job_event(event.job_id, event.kind),
+        event.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": msg_id or event.event_id},
+    )
+
+
 async def connect(url: str, name: str, **kwargs) -> NATS:
     async def _error_cb(e: Exception) -> None:
         log.warning("nats error", error=str(e), client=name)

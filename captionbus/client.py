@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from captionbus.artifacts import ArtifactStore
-from captionbus.settings import Settings
+from captionbus.bus import publish_event
 from contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -42,14 +42,6 @@ def check_input_file(path: Path) -> Path:
     if not path.is_file():
         raise SubmitError(f"{path}: not a regular file")
     return path.resolve()
-
-
-async def publish_event(js: JetStreamContext, event) -> None:
-    await js.publish(
-        subjects.job_event(event.job_id, event.kind),
-        event.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": event.event_id},
-    )
 
 
 async def submit(

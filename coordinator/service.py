@@ -59,7 +59,7 @@ from nats.js.errors import (
 )
 from pydantic import ValidationError
 
-from captionbus.bus import provision
+from captionbus.bus import provision, publish_event
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
 from contracts.events import JobEvent
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
@@ -398,11 +398,7 @@ class Coordinator:
             self._running.add(job_id)
 
     async def _publish_event(self, event: JobEvent) -> None:
-        await self.js.publish(
-            subjects.job_event(event.job_id, event.kind),
-            event.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": event.event_id},
-        )
+        await publish_event(self.js, event)
 
     @staticmethod
     def _log_decision(decision: Decision, jlog: Any) -> None:

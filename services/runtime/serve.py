@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 import captionbus
 from captionbus.bus import (
+    publish_event,
     StagePolicy,
     connect,
     effective_policy,
@@ -284,10 +285,7 @@ class StageWorker:
         )
 
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        await self.js.publish(
-            subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(), headers=headers
-        )
+        await publish_event(self.js, event, msg_id)
 
     async def _heartbeat(self, msg: Any, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
@@ -359,7 +357,7 @@ def _check_outputs(outputs: Any) -> dict[str, Path]:
 
 
 def _make_store(settings: Settings, js: Any) -> Any:
-    from captionbus.artifacts import ArtifactStore  # lands separately; imported late on purpose
+    from captionbus.artifacts import ArtifactStore
 
     return ArtifactStore(settings, js)
 

@@ -12,7 +12,7 @@ import pytest
 
 from captionbus.bus import connect
 from captionbus.client import publish_event
-from tests.e2e.conftest import run_async, wait_until
+from tests.e2e.conftest import run_async
 from tests.media import (
     ENGLISH_SENTENCE,
     empty_file,

@@ -10,7 +10,6 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 
 from captionbus.bus import (
     BusError,
-    EmbeddedServer,
     StagePolicy,
     _free_port,
     connect,
