@@ -38,10 +38,19 @@ def validate_job(
         raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
     for code in ([source_language] if source_language else []) + target_languages:
         check_language(code)
+    if target_languages and not _fans_out(workflow):
+        raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
     stages = workflow_stages(workflow)
     if local_stack:
         require_envs(stages)
     return stages
+
+
+def _fans_out(workflow: str) -> bool:
+    from coordinator.graph import load_workflow
+
+    graph = load_workflow(CONFIG_DIR / "workflows" / f"{workflow}.yaml")
+    return any(node.for_each == "target_languages" for node in graph.nodes.values())
 
 
 async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:

@@ -43,6 +43,8 @@ def test_run_refuses_missing_environments_with_the_fixing_command(cli_env, some_
     [
         (["-s", "xx"], "unknown language code 'xx'"),
         (["-w", "nosuch"], "unknown workflow 'nosuch'"),
+        (["-w", "../../etc/passwd"], "invalid workflow name"),
+        (["-t", "ta"], "workflow 'transcribe' does not translate"),
     ],
 )
 def test_run_refuses_bad_job_options(cli_env, some_file, args, message):
