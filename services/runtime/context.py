@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
 from contracts.ids import validate_token
-from services.runtime.errors import BadInput
+from services.runtime.errors import BadInput, Cancelled
 
 # At most this many progress events per second per request (dashboards need no more).
 PROGRESS_INTERVAL_S = 0.25
@@ -28,6 +28,7 @@ class RequestContext:
         loop: asyncio.AbstractEventLoop,
         fetch: Callable[[ArtifactRef, Path], Awaitable[Path]],
         emit: Callable[[Any], Awaitable[None]],
+        cancelled: threading.Event | None = None,
     ):
         self.request = request
         self.work_dir = work_dir
@@ -41,6 +42,7 @@ class RequestContext:
         self._fetched: dict[str, Path] = {}
         self._lock = threading.Lock()
         self._last_progress = 0.0
+        self.cancelled = cancelled or threading.Event()  # set by the worker when the job ends
 
     # -- inputs -------------------------------------------------------------------------------
     def input_path(self, name: str) -> Path:
@@ -71,7 +73,12 @@ class RequestContext:
         return path
 
     # -- events -------------------------------------------------------------------------------
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"job {self.request.job_id} ended while {self.request.stage} ran")
+
     def progress(self, fraction: float, message: str = "") -> None:
+        self.check_cancelled()
         fraction = min(1.0, max(0.0, float(fraction)))
         now = time.monotonic()
         with self._lock:

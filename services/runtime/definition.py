@@ -28,7 +28,11 @@ class StageContext(Protocol):
         """Local files for request.input_lists[name], in order."""
 
     def progress(self, fraction: float, message: str = "") -> None:
-        """Report progress 0..1; rate-limited, never blocks the handler for long."""
+        """Report progress 0..1; rate-limited, never blocks the handler for long.
+        Raises Cancelled once the job has ended, so long work stops at its next report."""
+
+    def check_cancelled(self) -> None:
+        """Raise Cancelled if the job has ended (for loops that report no progress)."""
 
     def warn(self, message: str) -> None:
         """Publish a StageWarning event (e.g. a fallback was taken)."""

@@ -11,3 +11,8 @@ class BadInput(StageError):
 class Retryable(StageError):
     """Transient: try again later (a resource is busy, a peer is down). Nak'ed with delay;
     after max_deliver tries the job fails."""
+
+
+class Cancelled(StageError):
+    """The job ended (cancelled, or failed elsewhere) while this request ran. Raised from
+    ctx.progress()/ctx.check_cancelled() in the handler; the request is dropped quietly."""

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -45,7 +46,7 @@ from captionbus.settings import Settings
 from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, WorkerInfo, subjects
 from services.runtime.context import RequestContext
 from services.runtime.definition import SetupContext, StageDefinition
-from services.runtime.errors import BadInput, Retryable
+from services.runtime.errors import BadInput, Cancelled, Retryable
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
@@ -195,17 +196,21 @@ class StageWorker:
             return
 
         log.info("stage request started")
-        heartbeat = asyncio.create_task(self._heartbeat(msg, log))
+        cancelled = threading.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(msg, request.job_id, cancelled, log))
         work_dir = None
         try:
             work_dir = self._make_work_dir(request)
-            await self._run(msg, request, work_dir, delivery, log, slot)
+            await self._run(msg, request, work_dir, delivery, log, slot, cancelled)
         except asyncio.CancelledError:
             # Shutdown grace ran out: release the request now instead of after ack_wait.
             log.warning("stage request abandoned at shutdown; released for another replica")
             with suppress(Exception):
                 await msg.nak()
             raise
+        except Cancelled:
+            log.info("job ended while its stage ran; request dropped")
+            await msg.ack()
         except BadInput as e:
             log.warning("bad input; request terminated", error=one_line(e))
             await self._fail(request, one_line(e), "bad_input")
@@ -229,10 +234,10 @@ class StageWorker:
         raise OSError(f"cannot create a work dir under {job_dir}")
 
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
-                   slot: "_Slot") -> None:
+                   slot: "_Slot", cancelled: threading.Event) -> None:
         ctx = RequestContext(
             request, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
-            loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish,
+            loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
         )
         started = time.perf_counter()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
@@ -287,8 +292,9 @@ class StageWorker:
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
         await publish_event(self.js, event, msg_id)
 
-    async def _heartbeat(self, msg: Any, log: Any) -> None:
+    async def _heartbeat(self, msg: Any, job_id: str, cancelled: threading.Event, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
+        # The same beat reads the job's state, so a cancel stops a film's ASR within seconds.
         interval = max(self.policy.ack_wait / 3, 0.1)
         while True:
             await asyncio.sleep(interval)
@@ -296,9 +302,11 @@ class StageWorker:
                 await msg.in_progress()
             except Exception as e:
                 log.warning("heartbeat failed", error=one_line(e))
+            if not cancelled.is_set() and await self._job_finished(job_id, log):
+                cancelled.set()
 
     async def _job_finished(self, job_id: str, log: Any) -> bool:
-        """One KV read per request; a missing or unreadable state means run it."""
+        """One KV read per request and per heartbeat; a missing or unreadable state means run it."""
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)

@@ -252,6 +252,26 @@ def test_requests_of_finished_jobs_are_dropped(nats_server, tmp_path):
     run(nats_server, tmp_path, body)
 
 
+def test_a_job_cancelled_mid_request_stops_its_running_handler(nats_server, tmp_path):
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe, ack_wait=1.0)
+        await bus.request("job10", "probe", params={"sleep_s": 30})
+        await bus.wait_for("stage_progress", "job10")
+        kv = await bus.js.key_value(subjects.JOBS_BUCKET)
+        await kv.put("job10", json.dumps({"status": "cancelled"}).encode())
+        started = time.monotonic()
+        while await bus.pending_requests() and time.monotonic() - started < 10:
+            await asyncio.sleep(0.1)
+        assert await bus.pending_requests() == 0
+        assert time.monotonic() - started < 5  # a heartbeat or two, not the 30 s of work
+        assert not bus.of_kind("stage_completed", "job10") and not bus.of_kind("stage_failed", "job10")
+        assert calls == [("job10", 1)] and (await bus.consumer("probe")).num_redelivered == 0
+
+    run(nats_server, tmp_path, body)
+
+
 def test_slots_bound_concurrent_handlers(nats_server, tmp_path):
     probe, calls = counting()
     probe.slots = 2

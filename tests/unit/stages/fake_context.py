@@ -40,6 +40,9 @@ class FakeStageContext:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
+    def check_cancelled(self) -> None:
+        pass  # a test's job is never cancelled
+
 
 def artifact_ref(path: Path, name: str | None = None) -> ArtifactRef:
     return ArtifactRef(
