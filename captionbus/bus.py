@@ -212,6 +212,8 @@ def _stream_configs(replicas: int) -> list[StreamConfig]:
                      retention=RetentionPolicy.WORK_QUEUE, **common),
         StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_WILDCARD],
                      retention=RetentionPolicy.LIMITS, max_age=30 * 24 * 3600.0, **common),
+        StreamConfig(name=subjects.ADVISORIES_STREAM, subjects=[subjects.MAX_DELIVERIES_ADVISORY],
+                     retention=RetentionPolicy.LIMITS, max_age=7 * 24 * 3600.0, **common),
     ]
 
 

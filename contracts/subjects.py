@@ -24,6 +24,10 @@ COORDINATOR_KINDS = (
 )
 
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{REQUESTS_STREAM}.*"
+# Advisories are core NATS messages; this stream keeps them so that one published while no
+# coordinator runs is still handled when one starts.
+ADVISORIES_STREAM = "CB_ADVISORIES"
+COORDINATOR_ADVISORY_CONSUMER = "coordinator-advisories"
 
 
 def stage_request(stage: str) -> str:

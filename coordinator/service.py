@@ -32,8 +32,8 @@ anyway, `Coordinator.failed` / `wait_failed()` report it, and `run_coordinator` 
 `CoordinatorTaskDied` instead of running on with nothing advancing.
 
 A tick loop applies `Tick` to running jobs every second (stage deadlines, retry backoff), and
-a subscription to the max-deliveries advisory turns a request that every delivery crashed on
-into a permanent StageFailed, so a poison request fails its job instead of hanging it.
+a durable consumer on the stored max-deliveries advisories (stream CB_ADVISORIES) turns a request
+that every delivery crashed on into a permanent StageFailed, so a poison request fails its job instead of hanging it.
 """
 from __future__ import annotations
 
@@ -145,13 +145,15 @@ class Coordinator:
         self._sub = await self.js.pull_subscribe_bind(
             durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
         )
-        self._advisory_sub = await self.nc.subscribe(
-            subjects.MAX_DELIVERIES_ADVISORY, cb=self._on_max_deliveries
-        )
+        self._advisory_sub = await self._bind_advisories()
         self._stopping.clear()
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="coordinator-events"),
+            asyncio.create_task(
+                self._pull_loop(self._advisory_sub, self._on_advisory_message, "advisories"),
+                name="coordinator-advisories",
+            ),
             asyncio.create_task(self._tick_loop(), name="coordinator-ticks"),
         ]
         for task in self._tasks:
@@ -230,25 +232,49 @@ class Coordinator:
 
     # ------------------------------------------------------------ events
 
+    async def _bind_advisories(self) -> Any:
+        """A durable consumer on the stream that stores max-deliveries advisories."""
+        config = ConsumerConfig(
+            durable_name=subjects.COORDINATOR_ADVISORY_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=EVENT_ACK_WAIT_S,
+            max_deliver=10,  # an advisory we can never handle must not loop forever
+        )
+        try:
+            await self.js.add_consumer(subjects.ADVISORIES_STREAM, config)
+        except BadRequestError as e:
+            log.warning("advisory consumer exists with another config; binding to it", error=str(e))
+        return await self.js.pull_subscribe_bind(
+            durable=subjects.COORDINATOR_ADVISORY_CONSUMER, stream=subjects.ADVISORIES_STREAM
+        )
+
+    async def _on_advisory_message(self, msg: Any) -> None:
+        await self._on_max_deliveries(msg)
+        await msg.ack()
+
     async def _event_loop(self) -> None:
+        await self._pull_loop(self._sub, self._on_event_message, "events")
+
+    async def _pull_loop(self, sub: Any, handle, what: str) -> None:
         while not self._stopping.is_set():
             try:
                 # batch=1 on purpose: nats-py's fetch, once a first message arrives on a waiting
                 # pull, waits out the whole timeout for the rest of the batch — a second of
                 # latency per stage hop. One message per fetch returns at once; in a burst the
                 # no-wait probe hands over what is queued, so throughput stays fine.
-                msgs = await self._sub.fetch(batch=self.fetch_batch, timeout=1.0)
+                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)
             except asyncio.TimeoutError:  # nats raises its own subclass, or asyncio's, when idle
                 continue
             except Exception as e:  # reconnecting, server restarting: try again shortly
-                log.warning("fetching events failed", error=repr(e))
+                log.warning(f"fetching {what} failed", error=repr(e))
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
                 try:
-                    await self._on_event_message(msg)
+                    await handle(msg)
                 except Exception as e:  # e.g. an ack or nak lost in a reconnect: the server redelivers
-                    log.exception("handling a job event failed; it will be redelivered",
+                    log.exception(f"handling one of the {what} failed; it will be redelivered",
                                   subject=getattr(msg, "subject", None), error=repr(e))
 
     async def _on_event_message(self, msg: Any) -> None:
@@ -473,8 +499,9 @@ class Coordinator:
     async def _on_max_deliveries(self, msg: Any) -> None:
         """A request every delivery of which crashed or timed out: fail it for good.
 
-        The advisory is core NATS (not stored), so we publish the failure as a StageFailed
-        *event*: durable, visible to dashboards, applied by our own consumer like any other.
+        Advisories reach us through the CB_ADVISORIES stream (kept while no coordinator runs). We
+        publish the failure as a StageFailed *event*: durable, visible to dashboards, applied by
+        our own consumer like any other.
         Its id is derived from the request key, so a repeated advisory is applied once.
         """
         log.debug("max-deliveries advisory", subject=msg.subject)
@@ -499,12 +526,10 @@ class Coordinator:
         )
         log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
                     node=request.node, attempt=request.attempt, deliveries=deliveries)
-        try:
-            await self._publish_event(failure)
-            # The work queue keeps a message that hit max_deliver; it will never be delivered again.
-            await self.js.delete_msg(stream, seq)
-        except Exception as e:
-            log.warning("could not record the exhausted request", job_id=request.job_id, error=str(e))
+        # Errors propagate: the advisory is not acked and comes back (the event id dedups).
+        await self._publish_event(failure)
+        # The work queue keeps a message that hit max_deliver; it will never be delivered again.
+        await self.js.delete_msg(stream, seq)
 
 
 async def run_coordinator(

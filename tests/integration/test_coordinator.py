@@ -226,6 +226,25 @@ def test_request_that_exhausts_its_deliveries_fails_the_job(nats_server):
     on_bus(nats_server, scenario)
 
 
+def test_deliveries_exhausted_while_no_coordinator_runs_still_fail_the_job(nats_server):
+    async def scenario(bus: Bus):
+        async with bus.coordinator():
+            await submit(bus.js, "job4b")
+            await bus.state_when("job4b", lambda s: s.nodes["demux"].status.value == "requested")
+        # The coordinator is down while every delivery of the request crashes.
+        crashing = FakeWorker(bus.js, "demux", StagePolicy(ack_wait=0.5, max_deliver=2))
+        await crashing.answer(count=2, ack=False, linger_s=2.0)
+        stored = await bus.js.stream_info(subjects.ADVISORIES_STREAM)
+        assert stored.state.messages >= 1  # the advisory was kept for whoever comes next
+        async with bus.coordinator():
+            state = await bus.finished("job4b")
+        assert state.status == JobStatus.failed
+        assert "crashed or timed out on every one of 2 deliveries" in state.error
+        assert (await bus.js.stream_info(subjects.REQUESTS_STREAM)).state.messages == 0
+
+    on_bus(nats_server, scenario)
+
+
 def test_cancel_over_the_bus(nats_server):
     async def scenario(bus: Bus):
         async with bus.coordinator():
