@@ -83,6 +83,9 @@ class Decision:
     actions: tuple[Action, ...] = ()
     changed: bool = False
     note: str | None = None  # why an event was ignored, for the log
+    # The event cannot be explained by this state yet but may be later: apply it again after a
+    # delay instead of dropping it (see _Step.stage_result).
+    retry_later: bool = False
 
     @property
     def requests(self) -> list[StageRequest]:
@@ -193,6 +196,12 @@ class _Step:
         node = state.nodes.get(event.node)
         if node is None:
             return _ignored(self.original, f"no node {event.node!r} in this job")
+        if node.status == NodeStatus.waiting and event.attempt == node.attempt + 1:
+            # A result for the next attempt of a node this state has not requested: the adapter
+            # publishes requests before writing state, so a coordinator that died in between
+            # left a request out whose triggering event comes back later. Dropping the result
+            # would strand the job (the re-sent request dedups on its Nats-Msg-Id); keep it.
+            return Decision(self.original, (), False, f"early: {event.node} not requested yet", retry_later=True)
         if node.status != NodeStatus.requested or node.attempt != event.attempt:
             return _ignored(
                 self.original,

@@ -69,6 +69,9 @@ log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
 EVENT_ACK_WAIT_S = 30.0
+# An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
+EARLY_RESULT_RETRY_S = 2.0
+EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
 EVENT_MAX_TRIES = 5  # an event that fails to apply this often is dropped and its job failed
 EVENT_RETRY_DELAY_S = 1.0  # redelivery delay after a failed apply, times the deliveries so far
 
@@ -277,6 +280,17 @@ class Coordinator:
                     log.exception(f"handling one of the {what} failed; it will be redelivered",
                                   subject=getattr(msg, "subject", None), error=repr(e))
 
+    async def _later(self, msg: Any, event: Any) -> bool:
+        """Put an early result back for a while (its triggering event is being redelivered);
+        give up on it after EARLY_RESULT_PATIENCE_S so a stray one cannot circle forever."""
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        if deliveries * EARLY_RESULT_RETRY_S > EARLY_RESULT_PATIENCE_S:
+            log.warning("early stage result never became applicable; dropped", job_id=event.job_id,
+                        node=getattr(event, "node", None), attempt=getattr(event, "attempt", None))
+            return False
+        await msg.nak(delay=EARLY_RESULT_RETRY_S)
+        return True
+
     async def _on_event_message(self, msg: Any) -> None:
         try:
             event = parse_event(msg.data)
@@ -285,7 +299,9 @@ class Coordinator:
             await msg.term()
             return
         try:
-            await self.apply(event)
+            decision = await self.apply(event)
+            if decision.retry_later and await self._later(msg, event):
+                return
         except Exception as e:
             deliveries = msg.metadata.num_delivered if msg.metadata else 1
             if deliveries >= self.event_max_tries:

@@ -151,7 +151,9 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
 
     async def main():
         nc = await connect(nats_cluster, "test")
-        js = nc.jetstream()
+        # R3 creates need a raft round across three servers; on a loaded 2-core box that can
+        # take longer than the 5 s default API timeout.
+        js = nc.jetstream(timeout=30)
         await _until_meta_leader(js)
         await provision(js, replicas=3)  # the first coordinator, set up as deploy/ says
         await provision(js)  # any other process: CAPTIONBUS_REPLICAS unset, default 1

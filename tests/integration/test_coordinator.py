@@ -245,6 +245,26 @@ def test_deliveries_exhausted_while_no_coordinator_runs_still_fail_the_job(nats_
     on_bus(nats_server, scenario)
 
 
+def test_a_stage_result_that_overtakes_its_trigger_is_applied_later(nats_server, monkeypatch):
+    monkeypatch.setattr("coordinator.service.EARLY_RESULT_RETRY_S", 0.3)
+
+    async def scenario(bus: Bus):
+        async with bus.coordinator():
+            await submit(bus.js, "job4c")
+            await bus.state_when("job4c", lambda s: s.nodes["demux"].status.value == "requested")
+            # asr's result arrives while this state has not requested asr yet (its request went
+            # out from a coordinator that died before writing; the demux completion is late).
+            outputs = {o: artifact(f"job4c.asr.1.{o}") for o in STAGE_OUTPUTS["asr"]}
+            await publish_event(bus.js, StageCompleted(job_id="job4c", stage="asr", node="asr", attempt=1,
+                                                      outputs=outputs))
+            await asyncio.sleep(1.0)
+            await bus.answer("demux")
+            state = await bus.state_when("job4c", lambda s: s.nodes["asr"].status.value == "completed")
+        assert state.nodes["asr"].attempt == 1 and state.nodes["asr"].outputs == outputs
+
+    on_bus(nats_server, scenario)
+
+
 def test_cancel_over_the_bus(nats_server):
     async def scenario(bus: Bus):
         async with bus.coordinator():

@@ -111,6 +111,20 @@ def test_stale_attempt_is_ignored():
     assert requested(d) == ["asr"]
 
 
+def test_a_result_that_arrives_before_its_request_is_kept_for_later():
+    # A coordinator published asr's request, then died before writing state; asr finished
+    # before demux's completion came back to the next coordinator.
+    d = submit()
+    early = step(d, completed("asr"))
+    assert early.retry_later and not early.changed and early.state is d.state and early.actions == ()
+    d = step(d, completed("demux"))
+    assert requested(d) == ["asr"] and d.requests[0].key == "j1.asr.1"  # same Nats-Msg-Id as the lost one
+    d = step(d, completed("asr"))
+    assert requested(d) == ["subtitle_gen"]
+    # Only the next attempt of a waiting node is "early"; anything else stays stale.
+    assert not step(submit(), completed("asr", attempt=2)).retry_later
+
+
 def test_retry_with_exponential_backoff_and_deadline():
     d = submit(FANOUT, target_languages=["ta"])  # fanout.yaml sets no deadline_s: the policy's 60 s applies
 
