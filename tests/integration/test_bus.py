@@ -1,6 +1,7 @@
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -110,7 +111,14 @@ def test_stage_consumer_is_created_once_and_never_updated(nats_server):
 @pytest.fixture
 def nats_cluster(tmp_path):
     """Three JetStream nodes on loopback; yields the client URL of the first."""
-    ports = [(_free_port(), _free_port()) for _ in range(3)]
+    # Six distinct ports: hold all the sockets open while picking, or two picks may coincide.
+    held = [socket.socket() for _ in range(6)]
+    for sock in held:
+        sock.bind(("127.0.0.1", 0))
+    numbers = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    ports = list(zip(numbers[:3], numbers[3:]))
     routes = ",".join(f"nats://127.0.0.1:{c}" for _, c in ports)
     procs = []
     for i, (port, cport) in enumerate(ports):
@@ -122,6 +130,16 @@ def nats_cluster(tmp_path):
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         ))
     try:
+        deadline = time.monotonic() + 30
+        for i, ((port, _), proc) in enumerate(zip(ports, procs)):
+            while True:
+                assert proc.poll() is None, (tmp_path / f"n{i}.log").read_text()[-2000:]
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"cluster node n{i} never listened"
+                    time.sleep(0.1)
         yield f"nats://127.0.0.1:{ports[0][0]}"
     finally:
         for proc in procs:
@@ -151,10 +169,11 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
 
     async def main():
         nc = await connect(nats_cluster, "test")
-        # R3 creates need a raft round across three servers; on a loaded 2-core box that can
-        # take longer than the 5 s default API timeout.
+        # The cluster elects its meta leader and R3 creates need raft rounds across three
+        # servers: on a loaded 2-core box both take a while. Probe with short requests, then
+        # give the creates a long API timeout.
+        await _until_meta_leader(nc.jetstream(timeout=5), timeout=90)
         js = nc.jetstream(timeout=30)
-        await _until_meta_leader(js)
         await provision(js, replicas=3)  # the first coordinator, set up as deploy/ says
         await provision(js)  # any other process: CAPTIONBUS_REPLICAS unset, default 1
         for name in ("CB_REQUESTS", "CB_EVENTS", f"KV_{subjects.JOBS_BUCKET}", f"OBJ_{subjects.ARTIFACTS_BUCKET}"):
@@ -162,7 +181,7 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
         await require_provisioned(js)
         await nc.close()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    asyncio.run(asyncio.wait_for(main(), 240))
 
 
 # ---- deploy/nats: the role permissions, parsed and exercised by the real code paths ------------
