@@ -12,6 +12,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo
 from contracts.events import JobEvent
+from contracts.speech import SpeechRegions
 from contracts.transcript import Transcript
 from contracts.version import SCHEMA_VERSION
 
@@ -25,6 +26,7 @@ MODELS: dict[str, object] = {
     "worker_info": WorkerInfo,
     "job_event": JobEvent,
     "transcript": Transcript,
+    "speech_regions": SpeechRegions,
 }
 
 

@@ -28,6 +28,8 @@ class Transcript(BaseModel):
     language_probability: float | None = None
     duration: float | None = None
     model: str | None = None
+    translated_from: str | None = Field(default=None, description="source language when this is a translation")
+    aligned: bool = Field(default=False, description="word times come from forced alignment (not ASR)")
     segments: list[Segment] = Field(default_factory=list)
 
     @property

@@ -6,7 +6,13 @@ and only inside the stage that needs them."""
 # the libraries of the stages it serves.
 STAGE_MODULES = {
     "demux": "services.demux.stage",
+    "source_separation": "services.source_separation.stage",
+    "vad": "services.vad.stage",
+    "vad_pyannote": "services.vad.pyannote_stage",
     "asr": "services.asr.stage",
+    "alignment": "services.alignment.stage",
+    "translation_indictrans2": "services.translation.indictrans2_stage",
+    "translation_nllb": "services.translation.nllb_stage",
     "subtitle_gen": "services.subtitle_gen.stage",
     "mux": "services.mux.stage",
     "noop": "services.noop.stage",
