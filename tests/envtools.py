@@ -1,0 +1,49 @@
+"""Run test code inside a stage environment's interpreter.
+
+Stage libraries (torch, transformers, demucs, mlx ...) live only in their env, so tests that
+exercise them start that env's python on a small script and read one JSON line back. Envs are
+built with uv on first use (the real `captionbus.envs.create`, locked per env) and shared
+between tests and sessions (tests/conftest.py points CAPTIONBUS_ENVS at the real one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "RESULT "
+
+
+@lru_cache(maxsize=None)
+def built_env(name: str) -> Path:
+    """The interpreter of env `name`, built (or rebuilt when stale) first."""
+    from captionbus.envs import create, env_python, get_spec
+
+    status = create(get_spec(name))
+    assert status.ok, f"env {name} is {status.state}: {status.detail}"
+    return Path(env_python(name))
+
+
+def run_in_env(env: str, script: str, *args: str, timeout: float = 900, extra_env: dict[str, str] | None = None) -> dict:
+    """Run `script` (python source) with `args` in env `env`; it must print one line
+    `RESULT <json>`, which is returned. A non-zero exit fails with the script's stderr."""
+    python = built_env(env)
+    done = subprocess.run(
+        [str(python), "-c", script, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})},
+    )
+    assert done.returncode == 0, f"{env} script failed (rc {done.returncode}):\n{done.stderr[-6000:]}"
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    assert lines, f"{env} script printed no RESULT line:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def test_models_root() -> Path:
+    """Where locally built test models are kept between runs (they take seconds to minutes)."""
+    root = Path(os.environ.get("CAPTIONBUS_MODELS", Path.home() / ".captionbus" / "models")) / "test-built"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
