@@ -1,0 +1,245 @@
+"""The translation stage, written once for every backend (IndicTrans2, NLLB): a backend supplies
+only a `Translator` (batch of texts in, batch out) and a loader for it.
+
+Input: `transcript` (Transcript JSON in the source language, from asr/alignment).
+Params:
+  target_language   ISO 639-1 code to translate into (the coordinator's fan-out branch)
+  source_language   the job's -s; default: the transcript's language
+  glossary          terms to keep or map: [[source, target], ...] or TSV text (services.translation.glossary)
+  batch_size        sentence units per model call (default 16)
+  context           true (default): join segments into sentence units before translating;
+                    false: each segment alone; a number: at most that many segments per unit
+Output: `transcript` (transcript.<target>.json): language=target, translated_from=source, one
+segment per source segment with the same start/end, speaker and flags, the translated text,
+no word times.
+Service options (`serve <stage> --option k=v`, or the env var in brackets):
+  glossary (CAPTIONBUS_TRANSLATION_GLOSSARY)     TSV file applied to every job (a job's terms win)
+  batch_size (CAPTIONBUS_TRANSLATION_BATCH_SIZE) default for the param
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import pydantic
+
+from captionbus.subtitles import load_rules
+from captionbus.translation_routes import Backend, backend_for_stage
+from contracts import StageRequest
+from contracts.languages import UnknownLanguage, check_language
+from contracts.transcript import Segment, Transcript
+from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.translation.glossary import Glossary, GlossaryError, Term, parse_glossary, read_glossary_file, restore
+from services.translation.units import MAX_UNIT_SEGMENTS, SegmentText, group_units, split_translation
+
+DEFAULT_BATCH_SIZE = 16
+MAX_BATCH_SIZE = 1024
+UNTRANSLATED_FLAG = "untranslated"
+
+
+class Translator(Protocol):
+    def translate(self, texts: list[str], source: str, target: str) -> list[str]:
+        """One output per input, same order. source/target are ISO 639-1 codes; the backend maps
+        them to FLORES codes itself (captionbus.translation_routes). Called with batches."""
+
+    def describe(self) -> str:
+        """The loaded model for worker info, e.g. "facebook/nllb-200-distilled-600M (cpu)"."""
+
+
+def option(ctx: SetupContext, key: str, env_var: str, default: Any = None) -> Any:
+    """A service option: `--option key=value`, else the env var, else the default."""
+    value = ctx.options.get(key)
+    if value in (None, ""):
+        value = os.environ.get(env_var)
+    return default if value in (None, "") else value
+
+
+def default_device() -> str:
+    """cuda where the host's hardware cache has a GPU, else cpu (as the asr stage decides)."""
+    from captionbus import hardware
+
+    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
+
+
+@dataclass
+class TranslationService:
+    """What setup() returns: the warm translator and what every job shares."""
+
+    translator: Translator
+    backend: Backend
+    glossary: list[Term]
+    batch_size: int
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def read_transcript(path: Path) -> Transcript:
+    try:
+        return Transcript.model_validate_json(path.read_bytes())
+    except pydantic.ValidationError as invalid:
+        raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
+
+
+def language_pair(request: StageRequest, transcript: Transcript, backend: Backend) -> tuple[str, str]:
+    target = request.params.get("target_language")
+    if not target:
+        raise BadInput("no target_language given: say which language to translate into (-t)")
+    source = request.params.get("source_language")
+    if source in (None, "", "auto"):
+        source = transcript.language
+    try:
+        source, target = check_language(str(source)), check_language(str(target))
+    except UnknownLanguage as unknown:
+        raise BadInput(str(unknown))
+    if source == target:
+        raise BadInput(f"source and target language are both {source!r}: nothing to translate")
+    if not backend.knows(source, target):
+        missing = [code for code in (source, target) if code not in backend.languages]
+        why = f"it has no {', '.join(missing)}" if missing else "config/translation.yaml routes this pair elsewhere"
+        raise BadInput(
+            f"{backend.stage} does not translate {source} -> {target} ({why}); "
+            f"it knows {', '.join(sorted(backend.languages))}"
+        )
+    return source, target
+
+
+def _positive_int(value: Any, name: str, default: int, most: int) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or not 1 <= number <= most or str(number) != str(value).strip():
+        raise BadInput(f"{name} must be a whole number from 1 to {most}, got {value!r}")
+    return number
+
+
+def segments_per_unit(value: Any) -> int:
+    """The `context` param as the most segments one unit may join."""
+    if value is None or value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on", "")):
+        return MAX_UNIT_SEGMENTS
+    if value is False or (isinstance(value, str) and value.lower() in ("false", "no", "off", "0")) or value == 0:
+        return 1
+    return _positive_int(value, "context", MAX_UNIT_SEGMENTS, 100)
+
+
+def setup_service(ctx: SetupContext, load: Callable[[SetupContext], Translator]) -> TranslationService:
+    glossary_file = option(ctx, "glossary", "CAPTIONBUS_TRANSLATION_GLOSSARY")
+    # A broken service-wide glossary is the operator's error: fail at start, not per job.
+    glossary = read_glossary_file(glossary_file) if glossary_file else []
+    batch_size = int(option(ctx, "batch_size", "CAPTIONBUS_TRANSLATION_BATCH_SIZE", DEFAULT_BATCH_SIZE))
+    started = time.monotonic()
+    translator = load(ctx)
+    load_seconds = time.monotonic() - started
+    ctx.log.info("translator loaded", model=translator.describe(), seconds=round(load_seconds, 2),
+                 glossary_terms=len(glossary))
+    return TranslationService(translator, backend_for_stage(ctx.stage), glossary, batch_size, load_seconds)
+
+
+def translate_transcript(service: TranslationService, transcript: Transcript, source: str, target: str,
+                         glossary: Glossary, batch_size: int, max_segments: int,
+                         ctx: StageContext) -> tuple[list[Segment], dict[str, float]]:
+    """The translated segments (same count and times as the source) and the stage's metrics."""
+    source_separator = load_rules(language=source).word_separator
+    target_separator = load_rules(language=target).word_separator
+    segments = transcript.segments
+    units = group_units(
+        [SegmentText(s.text, s.start, s.end, s.speaker) for s in segments],
+        max_segments=max_segments, separator=source_separator,
+    )
+    protected = [glossary.protect(unit.text) for unit in units]
+    texts: list[str] = ["" for _ in segments]
+    untranslated: set[int] = set()
+    lost_terms = 0
+    started = time.monotonic()
+    batches = [range(i, min(i + batch_size, len(units))) for i in range(0, len(units), batch_size)]
+    for b, batch in enumerate(batches):
+        ctx.progress(b / len(batches), f"translating {source} -> {target}: batch {b + 1}/{len(batches)}")
+        with service.lock:
+            outputs = service.translator.translate([protected[i].text for i in batch], source, target)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"translator returned {len(outputs)} texts for {len(batch)}")
+        for i, output in zip(batch, outputs):
+            unit = units[i]
+            output, lost = restore(protected[i], output or "", target_separator)
+            lost_terms += lost
+            if not output.strip():
+                untranslated.update(unit.indices)  # keep the source words rather than show nothing
+                parts = [segments[k].text.strip() for k in unit.indices]
+            else:
+                parts = split_translation(output, [segments[k].text for k in unit.indices], target_separator)
+            for k, part in zip(unit.indices, parts):
+                texts[k] = part
+    seconds = time.monotonic() - started
+
+    translated = [
+        Segment(start=s.start, end=s.end, text=texts[k], words=[], speaker=s.speaker,
+                flags=list(s.flags) + ([UNTRANSLATED_FLAG] if k in untranslated and UNTRANSLATED_FLAG not in s.flags else []))
+        for k, s in enumerate(segments)
+    ]
+    if untranslated:
+        ctx.warn(f"{len(untranslated)} segment(s) came back empty from the model and keep their source text "
+                 f"(flagged {UNTRANSLATED_FLAG!r})")
+    if lost_terms:
+        ctx.warn(f"the model dropped {lost_terms} glossary placeholder(s); those terms were put back at about "
+                 "their source position")
+    metrics = {
+        "translation_s": seconds,
+        "units": float(len(units)),
+        "segments": float(len(segments)),
+        "batches": float(len(batches)),
+        "chars_in": float(sum(len(u.text) for u in units)),
+        "chars_out": float(sum(len(t) for t in texts)),
+        "glossary_terms_protected": float(sum(len(p.replacements) for p in protected)),
+        "glossary_placeholders_lost": float(lost_terms),
+    }
+    return translated, metrics
+
+
+def translation_stage(name: str, load: Callable[[SetupContext], Translator],
+                      report_packages: tuple[str, ...]) -> StageDefinition:
+    """The StageDefinition of a translation backend's service (`name` = its stage name in
+    config/translation.yaml); `load` builds the Translator once per process."""
+
+    def setup(ctx: SetupContext) -> TranslationService:
+        return setup_service(ctx, load)
+
+    def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+        service: TranslationService = ctx.resources
+        transcript = read_transcript(ctx.input_path("transcript"))
+        source, target = language_pair(request, transcript, service.backend)
+        try:
+            job_terms = parse_glossary(request.params.get("glossary"))
+        except GlossaryError as bad:
+            raise BadInput(str(bad))
+        glossary = Glossary.for_target(service.glossary + job_terms, target)
+        batch_size = _positive_int(request.params.get("batch_size"), "batch_size", service.batch_size, MAX_BATCH_SIZE)
+        max_segments = segments_per_unit(request.params.get("context"))
+
+        segments, metrics = translate_transcript(service, transcript, source, target, glossary, batch_size,
+                                                 max_segments, ctx)
+        if not any(s.text.strip() for s in transcript.segments):
+            ctx.warn("the transcript has no text; the translation is empty too")
+        result = Transcript(
+            language=target,
+            duration=transcript.duration,
+            model=service.translator.describe(),
+            translated_from=source,
+            segments=segments,
+        )
+        out = ctx.work_dir / f"transcript.{target}.json"
+        out.write_text(result.model_dump_json(indent=1))
+        ctx.metrics.update(model_load_s=service.load_seconds, **metrics)
+        ctx.progress(1.0, f"{len(segments)} segments translated into {target}")
+        return {"transcript": out}
+
+    def describe_model(resources: TranslationService | None) -> str | None:
+        return resources.translator.describe() if resources is not None else None
+
+    return StageDefinition(name=name, handle=handle, setup=setup, report_packages=report_packages,
+                           describe_model=describe_model)
