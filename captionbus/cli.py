@@ -253,7 +253,8 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
     from captionbus.client import submit as submit_job
     from captionbus.runner import validate_job, warn_about_unserved_stages
 
-    stages = validate_job(workflow, source, _split_languages(targets), local_stack=False)
+    stages = validate_job(workflow, source, _split_languages(targets), local_stack=False,
+                          options=_parse_options(options))
 
     async def go(nc, js):
         await warn_about_unserved_stages(nc, stages, console)

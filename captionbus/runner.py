@@ -24,33 +24,40 @@ class JobFailedError(RuntimeError):
 
 
 def validate_job(
-    workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True
+    workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
+    options: dict | None = None,
 ) -> list[str]:
-    """Refuse before anything runs: unknown workflow or language, and — when this host will run
-    the stages itself — missing environments. Returns the stages the workflow needs."""
-    from captionbus.envs import require_envs, workflow_stages
+    """Refuse before anything runs: unknown workflow or language, a job the graph cannot plan
+    (e.g. a language pair no translation backend serves) and — when this host will run the
+    stages itself — missing environments. Returns the stages this job will run."""
+    from captionbus.envs import require_envs
+    from contracts import ArtifactRef, JobSpec
     from contracts.ids import validate_token
     from contracts.languages import check_language
+    from coordinator.graph import load_workflow
 
     validate_token(workflow, "workflow name")
-    if not (CONFIG_DIR / "workflows" / f"{workflow}.yaml").exists():
+    path = CONFIG_DIR / "workflows" / f"{workflow}.yaml"
+    if not path.exists():
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "workflows").glob("*.yaml")))
         raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
-    for code in ([source_language] if source_language else []) + target_languages:
-        check_language(code)
-    if target_languages and not _fans_out(workflow):
+    source_language = check_language(source_language) if source_language else None
+    target_languages = [check_language(code) for code in target_languages]
+    graph = load_workflow(path)
+    if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
-    stages = workflow_stages(workflow)
+    # The plan of a job like this one (the input is not read yet): what the coordinator will run.
+    spec = JobSpec(
+        job_id="jvalidate", workflow=workflow, input=ArtifactRef(key="0" * 64, name="input", size=0),
+        source_language=source_language, target_languages=target_languages, options=options or {},
+    )
+    plan = graph.expand(spec)
+    if plan.errors:
+        raise SubmitError("; ".join(plan.errors))
+    stages = plan.stages()
     if local_stack:
         require_envs(stages)
     return stages
-
-
-def _fans_out(workflow: str) -> bool:
-    from coordinator.graph import load_workflow
-
-    graph = load_workflow(CONFIG_DIR / "workflows" / f"{workflow}.yaml")
-    return any(node.for_each == "target_languages" for node in graph.nodes.values())
 
 
 async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:
@@ -103,7 +110,7 @@ async def run_job(
     console: Console,
 ) -> dict[str, Path]:
     media = check_input_file(media)
-    stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack)
+    stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
     nc = await connect(url, "captionbus-run")
     services: list[ServiceProcess] = []
     try:

@@ -70,9 +70,21 @@ class StageWarning(_StageEvent):
     message: str
 
 
+class BranchFailed(_Event):
+    """One fan-out branch (a target language) failed; the rest of the job goes on."""
+
+    kind: Literal["branch_failed"] = "branch_failed"
+    branch: str = Field(description="the branch item, e.g. the target language 'ta'")
+    node: NodeId
+    reason: str
+
+
 class JobCompleted(_Event):
     kind: Literal["completed"] = "completed"
     outputs: dict[str, ArtifactRef]
+    failed_branches: dict[str, str] = Field(
+        default_factory=dict, description="branch (target language) -> why it failed; its outputs are missing"
+    )
 
 
 class JobFailed(_Event):
@@ -102,6 +114,7 @@ JobEvent = Annotated[
         StageCompleted,
         StageFailed,
         StageWarning,
+        BranchFailed,
         JobCompleted,
         JobFailed,
         JobCancelRequested,

@@ -49,6 +49,7 @@ class NodeStatus(str, Enum):
     failed = "failed"
     skipped = "skipped"  # optional stage switched off
     cancelled = "cancelled"
+    abandoned = "abandoned"  # its fan-out branch failed elsewhere; a retry runs it again
 
 
 class NodeState(BaseModel):
@@ -78,6 +79,8 @@ class JobState(BaseModel):
     nodes: dict[Token, NodeState] = Field(default_factory=dict)
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     error: str | None = None
+    # Fan-out branches (target languages) that failed while the rest of the job went on.
+    failed_branches: dict[str, str] = Field(default_factory=dict, description="branch -> reason")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     # Event ids already applied: the last line of defence against duplicates.

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Union
 
 from contracts import (
+    BranchFailed,
     JobCancelled,
     JobCancelRequested,
     JobCompleted,
@@ -262,7 +263,7 @@ class _Step:
         if self.plan.errors:
             return _ignored(self.original, one_line("; ".join(self.plan.errors)))
         for node in state.nodes.values():
-            if node.status in (NodeStatus.failed, NodeStatus.cancelled):
+            if node.status in (NodeStatus.failed, NodeStatus.cancelled, NodeStatus.abandoned):
                 node.status = NodeStatus.waiting
                 node.retry_base = node.attempt  # a fresh automatic-retry budget
                 node.deadline_at = node.next_attempt_at = node.finished_at = None
@@ -270,6 +271,7 @@ class _Step:
         state.status = JobStatus.running
         state.error = None
         state.outputs = {}
+        state.failed_branches = {}
         self._emit(JobStarted(
             event_id=f"{state.job_id}.restarted.{event.event_id}", job_id=state.job_id, time=self.now,
             workflow=state.spec.workflow, nodes=[n.id for n in self.plan.active()],
@@ -295,14 +297,25 @@ class _Step:
             node = nodes.get(planned.id)
             if node is None or node.status != NodeStatus.waiting:
                 continue
-            if all(nodes[d].status == NodeStatus.completed for d in planned.depends_on if d in nodes):
+            if all(self._settled(d) for d in planned.depends_on if d in nodes):
                 self._request(planned.id)
         if self.state.status.finished:
             return self._decision()
-        required = [nodes[p.id] for p in self.plan.active() if p.id in nodes]
-        if all(n.status == NodeStatus.completed for n in required):
+        if all(self._settled(p.id) for p in self.plan.active() if p.id in nodes):
             self._complete_job()
         return self._decision()
+
+    def _branch_of(self, node_id: str) -> str | None:
+        planned = self.plan.nodes.get(node_id)
+        return next(iter(planned.branch.values()), None) if planned is not None else None
+
+    def _settled(self, node_id: str) -> bool:
+        """Done as far as the rest of the job is concerned: completed, or part of a failed branch
+        (whose artifacts the nodes that collect every branch then go without)."""
+        node = self.state.nodes[node_id]
+        if node.status == NodeStatus.completed:
+            return True
+        return self._branch_of(node_id) in self.state.failed_branches
 
     def _request(self, node_id: str) -> None:
         planned = self.plan.nodes[node_id]
@@ -310,13 +323,13 @@ class _Step:
         try:
             inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()}
             input_lists = {
-                name: [self._artifact(src, node_id) for src in sources]
+                name: [self._artifact(src, node_id) for src in sources if not self._lost_branch(src)]
                 for name, sources in planned.input_lists.items()
             }
         except _MissingArtifact as missing:
             node.status = NodeStatus.failed
             node.error = str(missing)
-            self._fail_job(str(missing), node_id)
+            self._fail_node(node_id, str(missing))
             return
         deadline_s = planned.deadline_s or self.policy.stage_deadline_s
         node.attempt += 1
@@ -335,6 +348,13 @@ class _Step:
             event_id=f"{request.key}.requested", job_id=request.job_id, time=self.now,
             stage=request.stage, node=node_id, attempt=request.attempt,
         ))
+
+    def _lost_branch(self, source: Source) -> bool:
+        return (
+            source.node_id is not None
+            and self.state.nodes[source.node_id].status != NodeStatus.completed
+            and self._branch_of(source.node_id) in self.state.failed_branches
+        )
 
     def _artifact(self, source: Source, needed_by: str) -> ArtifactRef:
         if source.node_id is None:
@@ -364,10 +384,42 @@ class _Step:
             reason = f"stage {node.stage} ({node_id}) failed {used} times; last error: {reason}"
         else:
             reason = f"stage {node.stage} ({node_id}) failed: {reason}"
-        return self._fail_job(one_line(reason), node_id)
+        return self._fail_node(node_id, one_line(reason))
+
+    def _fail_node(self, node_id: str, reason: str) -> Decision:
+        """A failed node of a fan-out branch fails that branch only; any other fails the job."""
+        branch = self._branch_of(node_id) if self.graph is not None else None
+        if branch is None:
+            return self._fail_job(reason, node_id)
+        return self._fail_branch(branch, node_id, reason)
+
+    def _fail_branch(self, branch: str, node_id: str, reason: str) -> Decision:
+        """The other nodes of the branch are abandoned (their inputs will never come), the job
+        says which branch failed and why, and goes on with the rest. When every branch of the job
+        has failed there is nothing left worth finishing: the job fails."""
+        state = self.state
+        state.failed_branches[branch] = reason
+        for other_id in self.plan.nodes:
+            other = state.nodes.get(other_id)
+            if other_id == node_id or other is None or self._branch_of(other_id) != branch:
+                continue
+            if other.status in (NodeStatus.waiting, NodeStatus.requested, NodeStatus.retry_wait):
+                other.status = NodeStatus.abandoned
+                other.deadline_at = other.next_attempt_at = None
+                other.error = f"branch {branch} failed at {node_id}"
+        attempt = state.nodes[node_id].attempt
+        self._emit(BranchFailed(
+            event_id=f"{state.job_id}.branch_failed.{node_id}.{attempt}", job_id=state.job_id, time=self.now,
+            branch=branch, node=node_id, reason=reason,
+        ))
+        branches = {b for p in self.plan.active() if (b := self._branch_of(p.id)) is not None}
+        if branches <= set(state.failed_branches):
+            summary = "; ".join(f"{b}: {r}" for b, r in sorted(state.failed_branches.items()))
+            return self._fail_job(one_line(f"every branch failed ({summary})"), node_id)
+        return self._advance()
 
     def _fail_job(self, reason: str, node_id: str | None = None) -> Decision:
-        """Fan-out branches included: any failed node fails the job, and the reason names it."""
+        """Any failed node outside a fan-out branch fails the job, and the reason names it."""
         state = self.state
         self._stop_open_nodes()
         state.status = JobStatus.failed
@@ -392,6 +444,7 @@ class _Step:
         state.outputs = outputs
         self._emit(JobCompleted(
             event_id=f"{state.job_id}.completed", job_id=state.job_id, time=self.now, outputs=outputs,
+            failed_branches=dict(state.failed_branches),
         ))
 
     def _stop_open_nodes(self) -> None:

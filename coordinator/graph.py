@@ -8,6 +8,9 @@ A workflow names its nodes; each node runs one stage. References between nodes a
 
 Optional nodes carry `when:` (a condition on the job spec, see `Condition`); fan-out nodes carry
 `for_each: target_languages` and become one node per language (`translation-ta`). A fan-out node
+with `route:` gets its stage per branch from a router (`ROUTERS`): `route: translation` picks the
+translation backend for (source language, branch language) from config/translation.yaml, and a
+pair no backend serves is a plan error, so the job is refused at submit. A fan-out node
 that references another fan-out node gets the same language's branch; a plain node collects all
 branches through `input_lists`. `Workflow.expand(spec)` turns the graph into the concrete nodes of
 one job (`JobPlan`), which is all the decision function needs.
@@ -30,6 +33,22 @@ NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")  # no '-': it separates a fan
 # What a node may fan out over, and the parameter each branch receives.
 FAN_OUT_SOURCES = {"target_languages": "target_language"}
 DEFAULT_WORKFLOWS_DIR = CONFIG_DIR / "workflows"  # CAPTIONBUS_CONFIG moves it
+
+
+def _translation_stage(spec: JobSpec, branch: dict[str, str]) -> str:
+    from captionbus.translation_routes import load_routes
+
+    return load_routes().route(spec.source_language, branch["target_language"]).stage
+
+
+def _translation_stages() -> list[str]:
+    from captionbus.translation_routes import load_routes
+
+    return list(dict.fromkeys(b.stage for b in load_routes().backends.values()))
+
+
+# route name -> (stage for one job's branch (raises ValueError when none), every stage it may pick)
+ROUTERS = {"translation": (_translation_stage, _translation_stages)}
 
 
 class WorkflowError(ValueError):
@@ -132,6 +151,7 @@ class NodeSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     when: str | None = None
     for_each: str | None = None
+    route: str | None = Field(default=None, description="pick the stage per branch (ROUTERS)")
     deadline_s: float | None = Field(default=None, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
 
@@ -156,8 +176,17 @@ class NodeSpec(BaseModel):
             raise ValueError(f"for_each {value!r} unknown; known: {', '.join(FAN_OUT_SOURCES)}")
         return value
 
+    @field_validator("route")
+    @classmethod
+    def _route(cls, value: str | None) -> str | None:
+        if value is not None and value not in ROUTERS:
+            raise ValueError(f"route {value!r} unknown; known: {', '.join(ROUTERS)}")
+        return value
+
     @model_validator(mode="after")
     def _has_inputs(self) -> "NodeSpec":
+        if self.route and not self.for_each:
+            raise ValueError("route picks a stage per branch: the node needs for_each")
         if not self.inputs and not self.input_lists:
             raise ValueError("a node needs inputs (at least job.input)")
         for name, refs in {**self.inputs, **self.input_lists}.items():
@@ -169,6 +198,12 @@ class NodeSpec(BaseModel):
 
     def stage_name(self, node: str) -> str:
         return self.stage or node
+
+    def possible_stages(self, node: str) -> list[str]:
+        """Every stage this node may run (a routed node: each its router can pick)."""
+        if self.route:
+            return ROUTERS[self.route][1]()
+        return [self.stage_name(node)]
 
     def condition(self) -> Condition | None:
         return Condition.parse(self.when) if self.when else None
@@ -370,8 +405,14 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
         for node_id, branch in _branch_ids(workflow, spec, name):
             ids_of[name].append(node_id)
             branch_item = next(iter(branch.values()), None)
+            stage = spec_node.stage_name(name)
+            if active and spec_node.route:
+                try:
+                    stage = ROUTERS[spec_node.route][0](spec, branch)
+                except ValueError as e:
+                    errors.append(f"{node_id}: {e}")
             planned = PlannedNode(
-                id=node_id, name=name, stage=spec_node.stage_name(name), active=active, branch=branch,
+                id=node_id, name=name, stage=stage, active=active, branch=branch,
                 deadline_s=spec_node.deadline_s, max_attempts=spec_node.max_attempts,
             )
             nodes[node_id] = planned

@@ -160,7 +160,7 @@ def workflow_stages(workflow: str) -> list[str]:
         graph = load_workflow(path)
     except WorkflowError as e:
         raise SpecError(str(e)) from None
-    return list(dict.fromkeys(node.stage_name(name) for name, node in graph.nodes.items()))
+    return list(dict.fromkeys(s for name, node in graph.nodes.items() for s in node.possible_stages(name)))
 
 
 def env_states(stages: list[str], hardware=None) -> dict[str, str]:

@@ -259,14 +259,59 @@ def test_fan_out_with_no_languages_joins_an_empty_list():
     assert not any(n.startswith("translation") for n in d.state.nodes)
 
 
-def test_fan_out_branch_failure_fails_the_job_naming_the_branch():
+def test_fan_out_branch_failure_fails_only_that_branch():
     d = submit(FANOUT, target_languages=["ta", "hi"])
     for node in ("demux", "asr"):
         d = step(d, completed(node), FANOUT)
     d = step(d, failed("translation-ta", reason="no model for en->ta"), FANOUT)
+    assert d.state.status == JobStatus.running
+    assert d.state.failed_branches == {"ta": "stage translation (translation-ta) failed: no model for en->ta"}
+    assert d.state.nodes["subtitle_gen-ta"].status == NodeStatus.abandoned
+    assert d.state.nodes["translation-hi"].status == NodeStatus.requested  # the other branch goes on
+    branch_failed = [e for e in d.events if e.kind == "branch_failed"]
+    assert [(e.branch, e.node) for e in branch_failed] == [("ta", "translation-ta")]
+
+    d = step(d, completed("translation-hi"), FANOUT)
+    d = step(d, completed("subtitle_gen-hi"), FANOUT)
+    mux = d.requests[-1]
+    assert mux.node == "mux" and [r.name for r in mux.input_lists["subtitles"]] == ["subtitle_gen-hi.srt"]
+    d = step(d, completed("mux"), FANOUT)
+    assert d.state.status == JobStatus.completed
+    assert set(d.state.outputs) == {"srt-hi", "mp4"}  # no srt-ta: its branch failed
+    assert d.events[-1].kind == "completed" and set(d.events[-1].failed_branches) == {"ta"}
+
+
+def test_a_failed_branch_while_the_join_waits_lets_the_join_run():
+    d = submit(FANOUT, target_languages=["ta", "hi"])
+    for node in ("demux", "asr", "translation-hi", "subtitle_gen-hi"):
+        d = step(d, completed(node), FANOUT)
+    assert "mux" not in requested(d)
+    d = step(d, completed("translation-ta"), FANOUT)
+    d = step(d, failed("subtitle_gen-ta", reason="cannot lay out"), FANOUT)
+    assert requested(d) == ["mux"] and d.state.failed_branches.keys() == {"ta"}
+
+
+def test_every_branch_failing_fails_the_job_and_retry_reruns_them():
+    d = submit(FANOUT, target_languages=["ta", "hi"])
+    for node in ("demux", "asr"):
+        d = step(d, completed(node), FANOUT)
+    d = step(d, failed("translation-ta", reason="ta broke"), FANOUT)
+    d = step(d, failed("translation-hi", reason="hi broke"), FANOUT)
     assert d.state.status == JobStatus.failed
-    assert "translation-ta" in d.state.error and d.events[0].node == "translation-ta"
-    assert d.state.nodes["translation-hi"].status == NodeStatus.cancelled
+    assert "every branch failed" in d.state.error and "ta broke" in d.state.error and "hi broke" in d.state.error
+    assert d.state.nodes["subtitle_gen-hi"].status == NodeStatus.abandoned
+
+    d = step(d, JobRetryRequested(job_id="j1"), FANOUT)
+    assert d.state.status == JobStatus.running and d.state.failed_branches == {}
+    assert sorted(requested(d)) == ["translation-hi", "translation-ta"]
+    assert d.state.nodes["subtitle_gen-ta"].status == NodeStatus.waiting
+
+
+def test_a_failure_outside_the_branches_still_fails_the_job():
+    d = submit(FANOUT, target_languages=["ta"])
+    d = step(d, completed("demux"), FANOUT)
+    d = step(d, failed("asr", reason="no speech model"), FANOUT)
+    assert d.state.status == JobStatus.failed and d.state.failed_branches == {}
 
 
 def test_completion_missing_a_needed_output_fails_clearly():
