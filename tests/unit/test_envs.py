@@ -110,7 +110,8 @@ def test_stage_map():
 
 
 def test_backend_counts_only_once_its_env_has_a_spec(spec_dir: Path):
-    # config/stages.yaml lists asr on mlx -> env mlx before envs/mlx.toml exists.
+    # config/stages.yaml lists asr on mlx -> env mlx; without envs/mlx.toml that backend is ignored.
+    (spec_dir / "mlx.toml").unlink(missing_ok=True)
     assert envs.env_for_stage("asr", "mlx") == "whisperx"
     (spec_dir / "mlx.toml").write_text(
         'name = "mlx"\npython = "3.11"\nrequirements = ["mlx-whisper==0.4.3"]\nstages = ["asr"]\n')
