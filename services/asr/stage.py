@@ -1,17 +1,22 @@
 """asr: 16 kHz mono WAV -> transcript JSON (contracts.transcript.Transcript) with segment and
-word timestamps, using whisperx (faster-whisper / CTranslate2 + pyannote VAD).
+word timestamps, using whisperx (faster-whisper / CTranslate2 + pyannote VAD), or mlx-whisper
+on Apple silicon (services/asr/mlx_backend.py).
 
 Params: `language` or the job's `source_language` (ISO 639-1 Whisper code; unset or "auto" =
 detect), `model` (optional; must name the model this service loaded).
 Outputs: `transcript` (transcript.json).
 
 Service options (`serve asr --option k=v`, or the env var in brackets):
-  model (CAPTIONBUS_ASR_MODEL)   local CTranslate2 dir or Hugging Face id;
-                                 default <models_dir>/whisper-base-ct2
+  backend (CAPTIONBUS_ASR_BACKEND)  whisperx | mlx; default whisperx where it is installed,
+                                 else mlx where mlx_whisper is (the mlx env)
+  model (CAPTIONBUS_ASR_MODEL)   whisperx: local CTranslate2 dir or Hugging Face id, default
+                                 <models_dir>/whisper-base-ct2; mlx: local MLX Whisper dir,
+                                 default <models_dir>/whisper-base-mlx
   device (CAPTIONBUS_ASR_DEVICE) cpu | cuda; default cuda where the hardware cache has a GPU
   compute_type (CAPTIONBUS_ASR_COMPUTE_TYPE)  default int8 on cpu, float16 on cuda
   threads (CAPTIONBUS_ASR_THREADS)            default: all cores
   batch_size (CAPTIONBUS_ASR_BATCH_SIZE)      speech chunks decoded together; default 4
+  (device, compute_type and batch_size apply to whisperx only)
 
 Where word times come from. whisperx's FasterWhisperPipeline decodes each VAD speech chunk
 (up to 30 s) in batches with `without_timestamps=True` and returns one text per chunk, no word
@@ -26,6 +31,7 @@ from: one extra encoder pass per chunk, same model, same process.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -51,11 +57,15 @@ DETECT_WINDOW_S = 600
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
 
 
+BACKENDS = ("whisperx", "mlx")
+
+
 @dataclass
 class AsrModel:
     """What setup() loads once per process and every request reuses."""
 
-    pipeline: Any  # whisperx FasterWhisperPipeline
+    backend: str  # "whisperx" | "mlx"
+    engine: Any  # whisperx: FasterWhisperPipeline; mlx: whatever mlx_backend.load() returned
     source: str
     device: str
     compute_type: str
@@ -65,9 +75,21 @@ class AsrModel:
     tokenizers: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def pipeline(self):
+        """whisperx's FasterWhisperPipeline (whisperx backend only)."""
+        return self.engine
+
+    @property
     def whisper(self):
         """The faster-whisper WhisperModel inside the pipeline (whisperx subclasses it)."""
-        return self.pipeline.model
+        return self.engine.model
+
+    def supported_languages(self) -> list[str]:
+        if self.backend == "mlx":
+            from services.asr import mlx_backend
+
+            return list(mlx_backend.supported_languages(self.engine))
+        return list(self.whisper.supported_languages)
 
     def names(self) -> set[str]:
         source = Path(self.source)
@@ -90,10 +112,40 @@ def _option(ctx: SetupContext, key: str, default=None):
     return default if value in (None, "") else value
 
 
-def model_source(ctx: SetupContext) -> str:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_backend(ctx: SetupContext) -> str:
+    """The `backend` option, else whichever library this env has (whisperx first)."""
+    configured = _option(ctx, "backend")
+    if configured:
+        backend = str(configured).strip().lower()
+        if backend not in BACKENDS:
+            raise RuntimeError(f"asr backend {configured!r} is unknown; use one of {', '.join(BACKENDS)}")
+        return backend
+    if _installed("whisperx"):
+        return "whisperx"
+    if _installed("mlx_whisper"):
+        return "mlx"
+    raise RuntimeError("asr needs whisperx or mlx-whisper: run it in the whisperx or mlx env (captionbus envs create)")
+
+
+def model_source(ctx: SetupContext, backend: str = "whisperx") -> str:
     configured = _option(ctx, "model")
     if configured:
         return str(configured)
+    if backend == "mlx":
+        default = Path(ctx.models_dir) / "whisper-base-mlx"
+        if default.is_dir():
+            return str(default)
+        raise RuntimeError(
+            f"no MLX Whisper model: set CAPTIONBUS_ASR_MODEL to a folder with an MLX Whisper model "
+            f"(config.json + weights.npz or weights.safetensors) or put one in {default}"
+        )
     default = Path(ctx.models_dir) / "whisper-base-ct2"
     if (default / "model.bin").exists():
         return str(default)
@@ -110,10 +162,20 @@ def _default_device() -> str:
 
 
 def setup(ctx: SetupContext) -> AsrModel:
+    backend = choose_backend(ctx)
+    source = model_source(ctx, backend)
+    if backend == "mlx":
+        from services.asr import mlx_backend
+
+        started = time.monotonic()
+        engine = mlx_backend.load(source, ctx.log)
+        load_seconds = time.monotonic() - started
+        ctx.log.info("asr model loaded", backend="mlx", model=source, seconds=round(load_seconds, 2))
+        return AsrModel("mlx", engine, source, "mlx", "mlx", 1, load_seconds)
+
     import torch
     import whisperx  # heavy (torch, pyannote): only in the asr process, only here
 
-    source = model_source(ctx)
     device = str(_option(ctx, "device", _default_device()))
     compute_type = str(_option(ctx, "compute_type", "int8" if device == "cpu" else "float16"))
     threads = int(_option(ctx, "threads", os.cpu_count() or 1))
@@ -131,13 +193,18 @@ def setup(ctx: SetupContext) -> AsrModel:
         local_files_only=Path(source).is_dir(),
     )
     load_seconds = time.monotonic() - started
-    ctx.log.info("asr model loaded", model=source, device=device, compute_type=compute_type, seconds=round(load_seconds, 2))
-    return AsrModel(pipeline, source, device, compute_type, batch_size, load_seconds)
+    ctx.log.info("asr model loaded", backend="whisperx", model=source, device=device, compute_type=compute_type,
+                 seconds=round(load_seconds, 2))
+    return AsrModel("whisperx", pipeline, source, device, compute_type, batch_size, load_seconds)
 
 
 def describe_model(resources: AsrModel | None) -> str | None:
     if resources is None:
         return None
+    if resources.backend == "mlx":
+        from services.asr import mlx_backend
+
+        return mlx_backend.describe(resources.engine)
     return f"{resources.source} ({resources.compute_type}, {resources.device})"
 
 
@@ -163,7 +230,7 @@ def requested_language(request: StageRequest, model: AsrModel) -> str | None:
     if language in (None, "", "auto"):
         return None
     language = str(language).strip().lower()
-    supported = model.whisper.supported_languages
+    supported = model.supported_languages()
     if language not in supported:
         if supported == ["en"]:
             raise BadInput(f"language {language!r}: the loaded model ({Path(model.source).name}) is English-only")
@@ -276,6 +343,43 @@ def timed_segments(model: AsrModel, audio: np.ndarray, chunk: dict, language: st
     return split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
 
 
+def transcribe_whisperx(model: AsrModel, audio: np.ndarray, language: str | None, ctx: StageContext) -> tuple[str, float | None, list[Segment]]:
+    """whisperx: detect the language if not given, decode speech chunks in batches, time words."""
+    language_probability = None
+    if len(audio) < MIN_AUDIO_SAMPLES:
+        return language or "en", None, []  # pyannote rejects an empty waveform; nothing to hear
+    if language is None:
+        language, language_probability = detect_language(model, audio)
+        ctx.log.info("language detected", language=language, probability=round(language_probability, 3))
+    ctx.progress(0.02, f"language {language}")
+    chunks = model.pipeline.transcribe(
+        audio,
+        batch_size=model.batch_size,
+        language=language,
+        task="transcribe",
+        progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+    )["segments"]
+    segments: list[Segment] = []
+    for n, chunk in enumerate(chunks):
+        segments.extend(timed_segments(model, audio, chunk, language))
+        ctx.progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
+    return language, language_probability, segments
+
+
+def transcribe_mlx(model: AsrModel, audio: np.ndarray, language: str | None, regions, ctx: StageContext) -> tuple[str, float | None, list[Segment]]:
+    """mlx-whisper via services/asr/mlx_backend.py: transcribe(model, audio, language, regions,
+    progress) -> (language, language_probability, segments); regions are (start, end) seconds
+    or None for the whole audio; progress(fraction 0..1, message)."""
+    from services.asr import mlx_backend
+
+    def progress(fraction: float, message: str = "transcribing speech") -> None:
+        ctx.progress(min(1.0, max(0.0, 0.02 + 0.96 * float(fraction))), message)
+
+    language, probability, segments = mlx_backend.transcribe(model.engine, audio, language, regions, progress)
+    segments = [s if isinstance(s, Segment) else Segment.model_validate(s) for s in segments]
+    return language, (None if probability is None else float(probability)), segments
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: AsrModel = ctx.resources
     check_model(request, model)
@@ -285,25 +389,10 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     started = time.monotonic()
 
     with model.lock:  # the pipeline keeps per-call state (its tokenizer)
-        language_probability = None
-        if len(audio) < MIN_AUDIO_SAMPLES:
-            language, chunks = language or "en", []  # pyannote rejects an empty waveform; nothing to hear
+        if model.backend == "mlx":
+            language, language_probability, segments = transcribe_mlx(model, audio, language, None, ctx)
         else:
-            if language is None:
-                language, language_probability = detect_language(model, audio)
-                ctx.log.info("language detected", language=language, probability=round(language_probability, 3))
-            ctx.progress(0.02, f"language {language}")
-            chunks = model.pipeline.transcribe(
-                audio,
-                batch_size=model.batch_size,
-                language=language,
-                task="transcribe",
-                progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
-            )["segments"]
-        segments: list[Segment] = []
-        for n, chunk in enumerate(chunks):
-            segments.extend(timed_segments(model, audio, chunk, language))
-            ctx.progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
+            language, language_probability, segments = transcribe_whisperx(model, audio, language, ctx)
 
     seconds = time.monotonic() - started
     transcript = Transcript(
@@ -333,6 +422,7 @@ STAGE = StageDefinition(
     name="asr",
     handle=handle,
     setup=setup,
-    report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch"),
+    # whichever backend this env lacks is reported as "missing"
+    report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,
 )
