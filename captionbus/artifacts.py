@@ -201,6 +201,15 @@ class ArtifactStore:
         _unlink(path)
         return None
 
+    async def exists(self, ref: ArtifactRef) -> bool:
+        """Whether `get(ref)` can succeed from here: on this host's root, or in the object store."""
+        if self.local_path(ref) is not None:
+            return True
+        if self.js is None:
+            return False
+        info = await self._object_info(ref.key)
+        return info is not None and info.size == ref.size
+
     def _ingest(self, src: Path, copy: bool = False) -> tuple[str, int, Path]:
         """Bring `src` into the local root: hardlink if we can (and may), else copy; hash on the way."""
         src_stat = os.stat(src)

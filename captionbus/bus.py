@@ -286,12 +286,18 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     for config in _stream_configs(replicas):
         await _ensure_stream(js, config)
     kv, obj = _provisioned_streams()[2:]
+    # The stage cache is optional for workers (a miss when absent), so require_provisioned
+    # does not check it and clients need no permission on it.
+    cache = f"KV_{subjects.STAGE_CACHE_BUCKET}"
     await _ensure_bucket(js, kv, lambda: js.create_key_value(KeyValueConfig(
         bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas,
     )), replicas)
     await _ensure_bucket(js, obj, lambda: js.create_object_store(
         subjects.ARTIFACTS_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
     ), replicas)
+    await _ensure_bucket(js, cache, lambda: js.create_key_value(KeyValueConfig(
+        bucket=subjects.STAGE_CACHE_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
+    )), replicas)
 
 
 async def require_provisioned(js: JetStreamContext) -> None:

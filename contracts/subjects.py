@@ -9,6 +9,7 @@ REQUESTS_STREAM = "CB_REQUESTS"  # work-queue retention: one delivery per stage 
 EVENTS_STREAM = "CB_EVENTS"  # limits retention: replayable job history
 JOBS_BUCKET = "cb_jobs"  # KV: job id -> JobState
 ARTIFACTS_BUCKET = "cb_artifacts"  # object store: sha256 -> bytes
+STAGE_CACHE_BUCKET = "cb_stage_cache"  # KV: hash(stage, inputs, params, model, env) -> outputs
 
 REQUESTS_WILDCARD = f"{PREFIX}.req.*"
 EVENTS_WILDCARD = f"{PREFIX}.job.>"

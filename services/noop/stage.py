@@ -51,4 +51,5 @@ STAGE = StageDefinition(
     handle=handle,
     setup=setup,
     describe_model=lambda resources: "none",
+    cacheable=False,  # its params script faults (sleep, crash): every request must really run
 )

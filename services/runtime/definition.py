@@ -63,3 +63,7 @@ class StageDefinition:
     # Describes the loaded model for worker info, given what setup() returned.
     describe_model: Callable[[Any], str | None] | None = None
     slots: int = 1  # requests one process works on at once
+    # Reuse outputs of an identical earlier request (services/runtime/cache.py). Bump
+    # cache_version when a code change alters what the stage produces for the same inputs.
+    cacheable: bool = True
+    cache_version: str = "1"

@@ -47,6 +47,7 @@ from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, Work
 from services.runtime.context import RequestContext
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
+from services.runtime.cache import StageCache, cache_enabled_for, cache_key, worker_cache_enabled
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
@@ -102,6 +103,7 @@ class StageWorker:
         self.grace_s = grace_s
         self.summary = worker_summary(info)
         self._jobs_kv = None
+        self.cache = StageCache(js, store, log) if definition.cacheable and worker_cache_enabled() else None
         self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
         self._running: set[asyncio.Task] = set()
         # A slot is held while a handler runs, not while its outputs upload and the completion
@@ -235,6 +237,13 @@ class StageWorker:
 
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
                    slot: "_Slot", cancelled: threading.Event) -> None:
+        key = None
+        if self.cache is not None and cache_enabled_for(request):
+            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info)
+            hit = await self.cache.lookup(key)
+            if hit is not None:
+                await self._complete_from_cache(msg, request, hit, delivery, log)
+                return
         ctx = RequestContext(
             request, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
@@ -258,6 +267,19 @@ class StageWorker:
         # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
         await msg.ack_sync()
         log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
+        if key is not None:
+            await self.cache.record(key, refs, metrics)
+
+    async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
+        outputs, cached_metrics = hit
+        metrics = {k: v for k, v in cached_metrics.items() if k not in ("delivery", "cache_hit")}
+        metrics.update(cache_hit=1.0, delivery=float(delivery))
+        await self._publish(
+            StageCompleted(**_ids(request), outputs=outputs, metrics=metrics, worker={**self.summary, "cache": "hit"}),
+            msg_id=f"{request.key}.completed",
+        )
+        await msg.ack_sync()
+        log.info("stage request completed from the stage cache", outputs=sorted(outputs))
 
     async def _retry_or_fail(self, msg: Any, request: StageRequest, error: Exception, delivery: int, log: Any) -> None:
         reason = one_line(error)

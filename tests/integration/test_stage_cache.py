@@ -1,0 +1,79 @@
+"""The stage output cache against a real nats-server: an identical request (same input bytes,
+params, model, env) completes from the cache without running the handler; anything that
+changes the result runs it again."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from contracts import StageRequest
+from services.runtime import StageDefinition
+from tests.integration.test_runtime import run
+
+CALLS: list[str] = []
+_lock = threading.Lock()
+
+
+def _upper(request: StageRequest, ctx) -> dict[str, Path]:
+    with _lock:
+        CALLS.append(request.job_id)
+    text = ctx.input_path("text").read_text()
+    out = ctx.work_dir / f"upper.{request.params.get('suffix', 'txt')}"
+    out.write_text(text.upper())
+    ctx.metrics["chars"] = float(len(text))
+    return {"upper": out}
+
+
+UPPER = StageDefinition(name="upper", handle=_upper, describe_model=lambda _: "upper-v1")
+
+
+def test_identical_request_completes_from_cache(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("namaste world")
+
+    async def body(bus):
+        await bus.start(UPPER)
+        ref = await bus.store.put(source, name="in.txt")
+
+        await bus.request("j0001", "upper", inputs={"text": ref}, params={"source_language": "hi", "target_languages": ["en"]})
+        first = await bus.wait_for("stage_completed", "j0001")
+        # Another job, same input and params (the job-wide target list may differ: not a stage input).
+        await bus.request("j0002", "upper", inputs={"text": ref}, params={"source_language": "hi", "target_languages": ["ta"]})
+        second = await bus.wait_for("stage_completed", "j0002")
+        assert CALLS == ["j0001"], "the second request ran the handler"
+        assert second.outputs == first.outputs
+        assert second.metrics["cache_hit"] == 1.0 and second.metrics["chars"] == 13.0
+        assert "cache_hit" not in first.metrics and second.worker["cache"] == "hit"
+        assert (await bus.store.get(second.outputs["upper"])).read_text() == "NAMASTE WORLD"
+
+        # Different params, different input bytes, or cache switched off: the handler runs.
+        await bus.request("j0003", "upper", inputs={"text": ref}, params={"suffix": "md"})
+        await bus.wait_for("stage_completed", "j0003")
+        other = tmp_path / "other.txt"
+        other.write_text("namaste world!")
+        await bus.request("j0004", "upper", inputs={"text": await bus.store.put(other, name="in.txt")})
+        await bus.wait_for("stage_completed", "j0004")
+        await bus.request("j0005", "upper", inputs={"text": ref}, params={"source_language": "hi", "cache": "false"})
+        await bus.wait_for("stage_completed", "j0005")
+        assert CALLS == ["j0001", "j0003", "j0004", "j0005"]
+
+    run(nats_server, captionbus_home, body)
+
+
+def test_cache_entry_whose_artifact_vanished_runs_again(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+
+    async def body(bus):
+        await bus.start(UPPER)
+        ref = await bus.store.put(source, name="in.txt")
+        await bus.request("j0001", "upper", inputs={"text": ref})
+        first = await bus.wait_for("stage_completed", "j0001")
+        bus.store.local_path(first.outputs["upper"]).unlink()  # e.g. a cleaned-up artifact root
+        await bus.request("j0002", "upper", inputs={"text": ref})
+        second = await bus.wait_for("stage_completed", "j0002")
+        assert CALLS == ["j0001", "j0002"] and "cache_hit" not in second.metrics
+
+    run(nats_server, captionbus_home, body)
