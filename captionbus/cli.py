@@ -121,17 +121,39 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 
 
 job_options = [
-    click.option("-w", "--workflow", default="transcribe", show_default=True, help="Workflow graph in config/workflows."),
-    click.option("-s", "--source-language", "source", default=None, help="Spoken language (ISO 639-1); default: detect."),
+    click.option("-w", "--workflow", default="transcribe", show_default=True,
+                 help="Workflow graph in config/workflows: transcribe, translate, subtitle."),
+    click.option("-s", "--source-language", "source", default=None,
+                 help="Spoken language (ISO 639-1); default: detect (translate/subtitle need it)."),
     click.option("-t", "--target-languages", "targets", default=None, help="Comma-separated languages to translate into."),
     click.option("-o", "--option", "options", multiple=True, help="Stage option STAGE.KEY=VALUE (repeatable)."),
+    click.option("--separate-sources", is_flag=True, default=False,
+                 help="Separate vocals from music/effects (htdemucs) before VAD and ASR."),
+    click.option("--vad", "vad", type=click.Choice(["silero", "pyannote"]), default=None,
+                 help="Voice activity detection backend (default silero)."),
+    click.option("--glossary", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                 help="TSV of terms to keep or map in translation (source<TAB>target)."),
 ]
 
 
 def _with_job_options(fn):
+    """The shared job flags; the convenience ones become `-o` options the graph and stages read."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, separate_sources: bool, vad: str | None, glossary: Path | None, options=(), **kwargs):
+        extra = []
+        if separate_sources:
+            extra.append("separate_sources=true")
+        if vad:
+            extra.append(f"vad={json.dumps(vad)}")
+        if glossary is not None:
+            # Inline text, not a path: the translation service may run on another host.
+            extra.append(f"translation.glossary={json.dumps(glossary.read_text(encoding='utf-8'))}")
+        return fn(*args, options=tuple(options) + tuple(extra), **kwargs)
+
     for option in reversed(job_options):
-        fn = option(fn)
-    return fn
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @main.command()
@@ -156,6 +178,15 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
         ))
     for path in outputs.values():
         click.echo(str(path))
+    _exit_if_partial(outputs)
+
+
+def _exit_if_partial(outputs) -> None:
+    """Exit 3 when the job completed without some target languages (their reasons are printed)."""
+    failed = getattr(outputs, "failed_branches", None)
+    if failed:
+        console.print(f"job completed without: {', '.join(sorted(failed))}", highlight=False)
+        sys.exit(3)
 
 
 @main.command()
@@ -247,6 +278,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
         ))
         for path in outputs.values():
             click.echo(str(path))
+        _exit_if_partial(outputs)
         return
 
     from captionbus.artifacts import ArtifactStore
@@ -289,6 +321,8 @@ def status(job_id: str, as_json: bool) -> None:
     stdout.print(table)
     if state.error:
         stdout.print(f"reason: {state.error}", highlight=False)
+    for branch, reason in sorted(state.failed_branches.items()):
+        stdout.print(f"branch {branch} failed: {reason}", highlight=False)
 
 
 @main.command()

@@ -23,6 +23,17 @@ class JobFailedError(RuntimeError):
     """The job ended failed or cancelled; the message is its reason."""
 
 
+class JobOutputs(dict):
+    """Output name -> local file, plus the fan-out branches (target languages) that failed
+    while the rest of the job completed; the CLI exits 3 when there are any."""
+
+    failed_branches: dict[str, str]
+
+    def __init__(self, files: dict, failed_branches: dict[str, str] | None = None):
+        super().__init__(files)
+        self.failed_branches = dict(failed_branches or {})
+
+
 def validate_job(
     workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
     options: dict | None = None,
@@ -137,7 +148,10 @@ async def run_job(
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or "cancelled"
                 raise JobFailedError(f"job {spec.job_id} {final.kind}: {reason}")
-            written = await fetch_outputs(store, final.outputs, out_dir, media.stem)
+            written = JobOutputs(await fetch_outputs(store, final.outputs, out_dir, media.stem),
+                                 final.failed_branches)
+            for branch, reason in sorted(final.failed_branches.items()):
+                console.print(f"[red]branch {branch} failed[/]: {reason}", highlight=False)
             # Which worker/env/interpreter ran each stage, attempts, timings: the job's record.
             state = await job_state(js, spec.job_id)
             if state is not None:
@@ -189,9 +203,13 @@ async def _follow_with_progress(js, job_id: str, console: Console):
             elif event.kind == "stage_progress":
                 progress.update(bars[node], completed=event.fraction, note=event.message[:40])
             elif event.kind == "stage_completed":
-                progress.update(bars[node], completed=1.0, note=event.worker.get("env", ""))
+                cached = " (cached)" if event.worker.get("cache") == "hit" else ""
+                progress.update(bars[node], completed=1.0, note=event.worker.get("env", "") + cached)
             elif event.kind == "stage_warning":
                 console.print(f"[yellow]warning[/] {event.node}: {event.message}", highlight=False)
+            elif event.kind == "branch_failed":
+                console.print(f"[red]branch {event.branch} failed[/] at {event.node}; the other languages go on",
+                              highlight=False)
             elif event.kind in ("completed", "failed", "cancelled"):
                 return event
     raise JobFailedError(f"lost the event stream of job {job_id}")

@@ -127,3 +127,49 @@ def test_conditions():
     })
     plan = w.expand(spec(options={"vad": "silero", "fast": True}))
     assert [n.active for n in plan.nodes.values()] == [True, False, False]
+
+
+def test_translation_branches_route_by_language_pair():
+    workflows = load_workflows(DEFAULT_WORKFLOWS_DIR)
+    for name in ("translate", "subtitle"):
+        plan = workflows[name].expand(spec(workflow=name, source_language="hi", target_languages=["en", "ta", "fr"]))
+        assert plan.errors == []
+        stages = {n.id: n.stage for n in plan.active() if n.name == "translation"}
+        assert stages == {"translation-en": "translation_indictrans2", "translation-ta": "translation_indictrans2",
+                          "translation-fr": "translation_nllb"}
+        assert plan.nodes["translation-fr"].params["target_language"] == "fr"
+    assert workflows["translate"].nodes["translation"].possible_stages("translation") == [
+        "translation_indictrans2", "translation_nllb"]
+
+
+def test_unsupported_pair_and_missing_source_are_plan_errors():
+    subtitle = load_workflows(DEFAULT_WORKFLOWS_DIR)["subtitle"]
+    errors = subtitle.expand(spec(workflow="subtitle", source_language="hi", target_languages=["en", "xx"])).errors
+    assert len(errors) == 1 and errors[0].startswith("translation-xx: no translation backend for hi -> xx")
+    assert "needs the source language" in subtitle.expand(spec(workflow="subtitle", target_languages=["en"])).errors[0]
+    assert "nothing to translate" in subtitle.expand(
+        spec(workflow="subtitle", source_language="en", target_languages=["en"])).errors[0]
+
+
+def test_subtitle_graph_options_switch_separation_and_vad_backend():
+    subtitle = load_workflows(DEFAULT_WORKFLOWS_DIR)["subtitle"]
+    plain = subtitle.expand(spec(workflow="subtitle", source_language="en", target_languages=["hi"]))
+    assert plain.nodes["asr"].inputs["audio"] == Source("demux", "audio")
+    assert plain.nodes["asr"].inputs["regions"] == Source("vad", "regions")
+    assert not plain.nodes["source_separation"].active and not plain.nodes["vad_pyannote"].active
+    assert [s.node_id for s in plain.nodes["mux"].input_lists["subtitles"]] == ["subtitle_gen", "subtitle_gen_translated-hi"]
+    full = subtitle.expand(spec(workflow="subtitle", source_language="en", target_languages=["hi"],
+                                options={"separate_sources": True, "vad": "pyannote"}))
+    assert full.nodes["asr"].inputs == {"audio": Source("source_separation", "vocals"),
+                                       "regions": Source("vad_pyannote", "regions")}
+    assert full.nodes["alignment"].inputs["audio"] == Source("source_separation", "vocals")
+    assert not full.nodes["vad"].active
+
+
+def test_route_needs_a_fan_out_and_a_known_router():
+    base = {"name": "w", "nodes": {"t": {"inputs": {"x": "job.input"}, "outputs": ["y"], "route": "translation"}}}
+    with pytest.raises(WorkflowError, match="needs for_each"):
+        Workflow.from_dict(base)
+    base["nodes"]["t"].update(for_each="target_languages", route="weather")
+    with pytest.raises(WorkflowError, match="route 'weather' unknown"):
+        Workflow.from_dict(base)
