@@ -144,7 +144,9 @@ class Glossary:
             term = self._term_for(match.group(0))
             pieces += [text[last : match.start()], PLACEHOLDER.format(n=n)]
             protected.replacements[n] = match.group(0) if term.keep else term.target
-            protected.positions[n] = match.start() / max(len(text), 1)
+            # where the term sat in the text around it (its own length left out: the translation
+            # it may have to be put back into does not have it)
+            protected.positions[n] = match.start() / max(len(text) - len(match.group(0)), 1)
             last = match.end()
         pieces.append(text[last:])
         protected.text = "".join(pieces)
