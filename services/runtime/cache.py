@@ -5,9 +5,13 @@ went in and the settings it ran with. The key is a sha256 over: stage name and i
 `cache_version`, the worker's env and package versions, the loaded model (describe_model), the
 input artifacts (content hash and name: mux reads languages from names) and the request
 params except `target_languages` (the job-wide list every node receives; branch nodes get
-their own `target_language`). Entries live in the KV bucket `cb_stage_cache`
-(subjects.STAGE_CACHE_BUCKET) as {outputs, metrics}; a hit is used only while every output
-artifact can still be read. Only completions are cached, never failures.
+their own `target_language`). An entry is {outputs, metrics}; a hit is used only while every
+output artifact can still be read. Only completions are cached, never failures.
+
+Where entries live follows where artifacts live: with the object store (a fleet) in the KV
+bucket `cb_stage_cache` (subjects.STAGE_CACHE_BUCKET); with local artifacts (one host) as files
+under `$CAPTIONBUS_HOME/stage-cache/`, next to the artifacts, so they outlive the private bus
+of one `captionbus run` and the next run of the same job reuses them.
 
 Off per request with the param `cache: false` (`-o asr.cache=false`), per worker with
 CAPTIONBUS_STAGE_CACHE=off, per stage with StageDefinition(cacheable=False).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
@@ -54,10 +59,11 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo) ->
 class StageCache:
     """KV-backed lookups and records; every failure here is a miss, never a failed request."""
 
-    def __init__(self, js: Any, store: Any, log: Any):
+    def __init__(self, js: Any, store: Any, log: Any, local_dir: Path | None = None):
         self.js = js
         self.store = store
         self.log = log
+        self.local_dir = local_dir  # None: the KV bucket
         self._kv = None
 
     async def _bucket(self):
@@ -65,13 +71,26 @@ class StageCache:
             self._kv = await self.js.key_value(subjects.STAGE_CACHE_BUCKET)
         return self._kv
 
+    async def _read(self, key: str) -> bytes:
+        if self.local_dir is not None:
+            return (self.local_dir / f"{key}.json").read_bytes()
+        return (await (await self._bucket()).get(key)).value
+
+    async def _write(self, key: str, value: bytes) -> None:
+        if self.local_dir is None:
+            await (await self._bucket()).put(key, value)
+            return
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.local_dir / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(value)
+        os.replace(tmp, self.local_dir / f"{key}.json")  # readers never see half an entry
+
     async def lookup(self, key: str) -> tuple[dict[str, ArtifactRef], dict[str, float]] | None:
         try:
-            entry = await (await self._bucket()).get(key)
-            data = json.loads(entry.value)
+            data = json.loads(await self._read(key))
             outputs = {name: ArtifactRef.model_validate(ref) for name, ref in data["outputs"].items()}
         except Exception as e:  # missing key, missing bucket (older bus), unreadable entry
-            if type(e).__name__ not in ("KeyNotFoundError", "KeyDeletedError"):
+            if type(e).__name__ not in ("KeyNotFoundError", "KeyDeletedError", "FileNotFoundError"):
                 self.log.debug("stage cache lookup failed; running the stage", error=str(e)[:200])
             return None
         for ref in outputs.values():
@@ -83,6 +102,6 @@ class StageCache:
     async def record(self, key: str, outputs: dict[str, ArtifactRef], metrics: dict[str, float]) -> None:
         value = json.dumps({"outputs": {n: r.model_dump(mode="json") for n, r in outputs.items()}, "metrics": metrics})
         try:
-            await (await self._bucket()).put(key, value.encode())
+            await self._write(key, value.encode())
         except Exception as e:
             self.log.warning("stage cache record failed", error=str(e)[:200])

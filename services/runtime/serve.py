@@ -103,7 +103,10 @@ class StageWorker:
         self.grace_s = grace_s
         self.summary = worker_summary(info)
         self._jobs_kv = None
-        self.cache = StageCache(js, store, log) if definition.cacheable and worker_cache_enabled() else None
+        self.cache = None
+        if definition.cacheable and worker_cache_enabled():
+            local = None if getattr(store, "use_object_store", True) else settings.home / "stage-cache"
+            self.cache = StageCache(js, store, log, local_dir=local)
         self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
         self._running: set[asyncio.Task] = set()
         # A slot is held while a handler runs, not while its outputs upload and the completion

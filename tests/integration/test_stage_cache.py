@@ -77,3 +77,54 @@ def test_cache_entry_whose_artifact_vanished_runs_again(nats_server: str, captio
         assert CALLS == ["j0001", "j0002"] and "cache_hit" not in second.metrics
 
     run(nats_server, captionbus_home, body)
+
+
+def test_local_cache_outlives_the_bus(tmp_path: Path, captionbus_home: Path):
+    """`captionbus run` starts a private server per run: with local artifacts the cache is kept
+    on disk, so a second server (the next run) still finds it."""
+    from captionbus.bus import EmbeddedServer
+
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("again")
+    outputs = []
+    for n in range(2):
+        server = EmbeddedServer(tmp_path / f"nats{n}")
+        server.start()
+        try:
+            async def body(bus, n=n):
+                await bus.start(UPPER)
+                ref = await bus.store.put(source, name="in.txt")
+                await bus.request(f"j000{n}", "upper", inputs={"text": ref})
+                outputs.append(await bus.wait_for("stage_completed", f"j000{n}"))
+
+            run(server.url, captionbus_home, body)
+        finally:
+            server.stop()
+    assert CALLS == ["j0000"] and outputs[1].metrics["cache_hit"] == 1.0
+    assert list((captionbus_home / "stage-cache").glob("*.json"))
+
+
+def test_fleet_cache_lives_in_the_kv_bucket(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """With the object store (hosts share nothing but the bus) entries go to KV cb_stage_cache."""
+    from captionbus.artifacts import ArtifactStore
+    from contracts import subjects
+
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("fleet")
+
+    async def body(bus):
+        bus.settings.artifacts_mode = "object"
+        bus.store = ArtifactStore(bus.settings, bus.js)
+        await bus.start(UPPER)
+        ref = await bus.store.put(source, name="in.txt")
+        for job in ("j0001", "j0002"):
+            await bus.request(job, "upper", inputs={"text": ref})
+            await bus.wait_for("stage_completed", job)
+        kv = await bus.js.key_value(subjects.STAGE_CACHE_BUCKET)
+        assert len(await kv.keys()) == 1
+        assert bus.of_kind("stage_completed", "j0002")[0].metrics["cache_hit"] == 1.0
+
+    run(nats_server, captionbus_home, body)
+    assert CALLS == ["j0001"] and not (captionbus_home / "stage-cache").exists()
