@@ -86,9 +86,12 @@ def flat_metadata(info: WorkerInfo) -> dict[str, str]:
 
 
 def worker_summary(info: WorkerInfo) -> dict[str, str]:
-    """The short form carried on every StageCompleted / StageFailed."""
-    return {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter,
-            "host": info.host, "pid": str(info.pid)}
+    """The short form carried on every StageCompleted / StageFailed: who ran it, where, and with
+    which key package versions (`pkg.<name>`), so a job's record says what ran where."""
+    summary = {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter,
+               "python": info.python_version, "host": info.host, "pid": str(info.pid)}
+    summary.update({f"pkg.{name}": version for name, version in info.packages.items() if version != "missing"})
+    return summary
 
 
 def describe(definition: Any, resources: Any) -> str | None:
