@@ -431,7 +431,7 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
                 planned.input_lists[input_name] = [
                     s for r in refs for s in candidates(Ref.parse(r), branch_item)
                 ]
-            planned.params = _params(spec_node, name, planned.stage, spec, branch)
+            planned.params = _params(spec_node, name, node_id, planned.stage, spec, branch)
 
     outputs: dict[str, Source] = {}
     for output_name, text in workflow.outputs.items():
@@ -448,13 +448,14 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
 
 
 def _params(
-    node: NodeSpec, name: str, stage: str, spec: JobSpec, branch: dict[str, str]
+    node: NodeSpec, name: str, node_id: str, stage: str, spec: JobSpec, branch: dict[str, str]
 ) -> dict[str, Any]:
-    """Graph params < job languages < the job's options for this stage (then node) < branch."""
+    """Graph params < job languages < the job's options for this stage, then node, then branch
+    node (`-o translation-ta.glossary=...` for one language only) < the branch parameter."""
     params: dict[str, Any] = dict(node.params)
     params["source_language"] = spec.source_language
     params["target_languages"] = list(spec.target_languages)
-    for key in dict.fromkeys((stage, name)):
+    for key in dict.fromkeys((stage, name, node_id)):
         if isinstance(spec.options.get(key), dict):
             params.update(spec.options[key])
     params.update(branch)

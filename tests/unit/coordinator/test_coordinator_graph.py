@@ -173,3 +173,11 @@ def test_route_needs_a_fan_out_and_a_known_router():
     base["nodes"]["t"].update(for_each="target_languages", route="weather")
     with pytest.raises(WorkflowError, match="route 'weather' unknown"):
         Workflow.from_dict(base)
+
+
+def test_options_for_one_branch_override_the_node_options():
+    translate = load_workflows(DEFAULT_WORKFLOWS_DIR)["translate"]
+    options = {"translation": {"num_beams": 2, "glossary": "a\tb"}, "translation-ta": {"glossary": "x\ty"}}
+    plan = translate.expand(spec(workflow="translate", source_language="en", target_languages=["hi", "ta"], options=options))
+    assert plan.nodes["translation-hi"].params["glossary"] == "a\tb"
+    assert plan.nodes["translation-ta"].params["glossary"] == "x\ty" and plan.nodes["translation-ta"].params["num_beams"] == 2
