@@ -17,6 +17,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from captionbus.artifacts import ArtifactStore
 from captionbus.bus import publish_event
+from contracts.languages import LANGUAGES
 from contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -125,12 +126,16 @@ async def follow(
 
 
 def output_filename(stem: str, key: str, ref: ArtifactRef) -> str:
-    """subtitle_gen.srt → clip.srt; srt-ta → clip.ta.srt; mp4 → clip.subtitled.mp4."""
+    """subtitle_gen.srt → clip.srt; srt-ta and srt_translated-ta → clip.ta.srt;
+    translation-ta (json) → clip.translation.ta.json; mp4 → clip.subtitled.mp4."""
     ext = Path(ref.name).suffix.lstrip(".") or "bin"
-    label = key.replace(ext, "").strip("-_.")
+    base, _, language = key.rpartition("-")
+    if not base or language not in LANGUAGES:
+        base, language = key, ""
+    label = base.replace(ext, "").replace("translated", "").strip("-_.")
     if ext in ("mp4", "mkv", "mov"):
         label = f"subtitled.{label}" if label else "subtitled"
-    return f"{stem}.{label}.{ext}" if label else f"{stem}.{ext}"
+    return ".".join(part for part in (stem, label, language, ext) if part)
 
 
 async def fetch_outputs(

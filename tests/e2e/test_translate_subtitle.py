@@ -1,0 +1,168 @@
+"""The translate and subtitle workflows as a user runs them (`captionbus run -w subtitle -s hi
+-t en,fr`), on an espeak-ng Hindi clip, with every stage in its own environment and the locally
+built models (tests/model_factory): VAD (Silero), ASR (whisperx, Whisper base), alignment
+(tiny wav2vec2), translation hi->en (IndicTrans2 backend, transformers 4.x) and hi->fr (NLLB
+backend, transformers 5.x), subtitles for every language and one mux with all tracks.
+
+What a random translation model writes is gibberish; these tests check the plumbing: that
+each language's text reaches its track with its timing and language tag, that the stages ran
+in different interpreters with different library versions, that re-running reuses finished
+stages, and that one language's failure fails only its branch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pysubs2
+import pytest
+
+from tests.envtools import built_env, test_models_root
+from tests.media import HINDI_SENTENCE, ENGLISH_SENTENCE, ffprobe_json, speech_video
+
+SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
+
+
+@pytest.fixture(scope="module")
+def model_env(whisper_model) -> dict[str, str]:
+    """Env vars pointing the services at locally built models; builds the envs they need."""
+    from captionbus.models import ensure_silero_vad
+    from tests.model_factory.indictrans2 import ensure_indictrans2
+    from tests.model_factory.nllb import ensure_nllb
+    from tests.model_factory.wav2vec2 import ensure_wav2vec2
+
+    for env in SUBTITLE_ENVS:
+        built_env(env)
+    root = test_models_root()
+    ensure_silero_vad()
+    indictrans2 = ensure_indictrans2(root)
+    return {
+        "CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL": str(indictrans2["en-indic"]),
+        "CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL": str(indictrans2["indic-en"]),
+        "CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL": str(indictrans2["indic-indic"]),
+        "CAPTIONBUS_NLLB_MODEL": str(ensure_nllb(root)),
+        "CAPTIONBUS_ALIGN_MODEL_HI": str(ensure_wav2vec2(root, "hi")),
+        "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(root, "en")),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def captionbus(args: list[str], home: Path, extra_env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, **extra_env, "CAPTIONBUS_HOME": str(home)}
+    env.pop("NATS_URL", None)
+    return subprocess.run([sys.executable, "-m", "captionbus", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hindi_runs(tmp_path_factory, model_env):
+    """One subtitle job with three target languages, run twice in the same data dir. The
+    French subtitles are given a profile that does not exist (`-o subtitle_gen_translated-fr...`),
+    so that branch fails at subtitle_gen while en and ta complete."""
+    tmp = tmp_path_factory.mktemp("subtitle")
+    video, _ = speech_video(tmp / "khabar.mp4", HINDI_SENTENCE, voice="hi")
+    home = tmp / "home"
+    args = ["run", str(video), "-w", "subtitle", "-s", "hi", "-t", "en,fr,ta",
+            "-o", "subtitle_gen_translated-fr.profile=no-such-profile"]
+    first = captionbus([*args, "--out", str(tmp / "out1")], home, model_env)
+    second = captionbus([*args, "--out", str(tmp / "out2")], home, model_env)
+    return {"video": video, "first": first, "second": second, "out1": tmp / "out1", "out2": tmp / "out2"}
+
+
+def record_of(out: Path) -> dict:
+    return json.loads((out / "khabar.job.json").read_text())
+
+
+def test_subtitle_job_completes_without_the_failed_language_and_says_why(hindi_runs):
+    done = hindi_runs["first"]
+    assert done.returncode == 3, done.stderr[-4000:]
+    assert "branch fr failed" in done.stderr + done.stdout and "no-such-profile" in done.stderr + done.stdout
+    record = record_of(hindi_runs["out1"])
+    assert record["status"] == "completed"
+    assert set(record["failed_branches"]) == {"fr"} and "subtitle_gen_translated-fr" in record["failed_branches"]["fr"]
+    assert record["nodes"]["translation-fr"]["status"] == "completed"  # only its subtitles failed
+    assert record["nodes"]["subtitle_gen_translated-fr"]["status"] == "failed"
+
+
+def test_every_language_gets_its_track_with_its_tag_and_timing(hindi_runs):
+    out = hindi_runs["out1"]
+    names = sorted(os.listdir(out))
+    source_srt = out / "khabar.srt"
+    assert source_srt.exists(), names
+    source = pysubs2.load(str(source_srt))
+    assert source and all(e.end > e.start for e in source)
+    speech_start, speech_end = source[0].start, source[-1].end
+    for lang in ("en", "ta"):
+        assert (out / f"khabar.{lang}.vtt").exists() and (out / f"khabar.translation.{lang}.json").exists(), names
+        cues = pysubs2.load(str(out / f"khabar.{lang}.srt"))
+        assert cues and all(c.plaintext.strip() for c in cues)
+        # Timings come from the source segments, not from the (random) model.
+        assert speech_start - 50 <= cues[0].start and cues[-1].end <= speech_end + 50
+    assert not (out / "khabar.fr.srt").exists()  # its branch failed
+    assert (out / "khabar.translation.fr.json").exists()  # but its translation was done
+
+    for container, codec in (("mp4", "mov_text"), ("mkv", "subrip")):
+        muxed = next(out.glob(f"*.{container}"))
+        tracks = [s for s in ffprobe_json(muxed)["streams"] if s["codec_type"] == "subtitle"]
+        assert [s["tags"]["language"] for s in tracks] == ["hin", "eng", "tam"], tracks
+        assert {s["codec_name"] for s in tracks} == {codec}
+
+
+def test_stages_ran_in_isolated_environments_with_different_versions(hindi_runs):
+    """The isolation claim, from the job's own record: every stage result carries the worker's
+    env, interpreter and key package versions."""
+    nodes = record_of(hindi_runs["out1"])["nodes"]
+    workers = {node_id: n["worker"] for node_id, n in nodes.items() if n["worker"]}
+    by_env = {w["env"]: w for w in workers.values()}
+    assert {"common", "whisperx", "indictrans2", "nllb"} <= set(by_env)
+    assert nodes["translation-en"]["worker"]["env"] == "indictrans2"
+    assert nodes["translation-fr"]["worker"]["env"] == "nllb"
+    assert nodes["alignment"]["worker"]["env"] == "whisperx" and nodes["vad"]["worker"]["env"] == "common"
+    interpreters = {w["interpreter"] for w in by_env.values()}
+    assert len(interpreters) == len(by_env) >= 4 and sys.executable not in interpreters
+
+    def version(env: str, package: str) -> str | None:
+        return by_env[env].get(f"pkg.{package}")
+
+    assert version("common", "torch") is None  # no torch at all in the light env
+    torches = {version(env, "torch") for env in ("whisperx", "indictrans2", "nllb")}
+    transformers = {version(env, "transformers") for env in ("whisperx", "indictrans2", "nllb")}
+    assert None not in torches and None not in transformers
+    assert version("whisperx", "torch").startswith("2.8") and not version("nllb", "torch").startswith("2.8")
+    assert version("indictrans2", "transformers").startswith("4.") and version("nllb", "transformers").startswith("5.")
+    print("what ran where:")
+    for node_id, n in nodes.items():
+        w = n["worker"]
+        if w:
+            took = n["metrics"].get("handle_s", 0.0)
+            print(f"  {node_id:28s} {w['env']:12s} {took:7.2f} s  torch={w.get('pkg.torch', '-'):14s} "
+                  f"transformers={w.get('pkg.transformers', '-'):8s} numpy={w.get('pkg.numpy', '-'):7s} {w['interpreter']}")
+
+
+def test_rerunning_the_job_reuses_every_finished_stage(hindi_runs):
+    done = hindi_runs["second"]
+    assert done.returncode == 3, done.stderr[-4000:]
+    nodes = record_of(hindi_runs["out2"])["nodes"]
+    ran = {node_id: n for node_id, n in nodes.items() if n["status"] == "completed"}
+    assert len(ran) >= 10
+    assert all(n["worker"].get("cache") == "hit" for n in ran.values()), {
+        node_id: n["worker"].get("cache") for node_id, n in ran.items()}
+    # Same bytes out: the cached artifacts are the first run's.
+    first = record_of(hindi_runs["out1"])["outputs"]
+    assert record_of(hindi_runs["out2"])["outputs"] == first
+    # The failure is not cached: the French subtitles were tried again and failed the same way.
+    assert nodes["subtitle_gen_translated-fr"]["status"] == "failed"
+
+
+def test_unsupported_pair_is_refused_at_submit(tmp_path, model_env):
+    video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    done = captionbus(["run", str(video), "-w", "translate", "-s", "hi", "-t", "en,la"], tmp_path / "home", model_env,
+                      timeout=60)
+    assert done.returncode == 2
+    assert "no translation backend for hi -> la" in done.stderr and "Traceback" not in done.stderr
+    done = captionbus(["run", str(video), "-w", "translate", "-t", "hi"], tmp_path / "home", model_env, timeout=60)
+    assert done.returncode == 2 and "needs the source language" in done.stderr
