@@ -1,0 +1,110 @@
+"""translation_nllb: transcript -> translated transcript with NLLB-200 (Meta's No Language Left
+Behind, an M2M100 encoder-decoder) through transformers, for every pair config/translation.yaml
+routes to NLLB (IndicTrans2 takes English <-> Indic and Indic <-> Indic).
+
+Params, input and output: services.translation.core (the stage every backend shares).
+Service options (`serve translation_nllb --option k=v`, or the env var in brackets):
+  model (CAPTIONBUS_NLLB_MODEL)        Hugging Face id or local dir; default from
+                                       config/translation.yaml (facebook/nllb-200-distilled-600M)
+  device (CAPTIONBUS_NLLB_DEVICE)      cpu | cuda; default cuda where the hardware cache has a GPU
+                                       and torch can use it
+  num_beams (CAPTIONBUS_NLLB_NUM_BEAMS)  beam search width; default 4
+  threads (CAPTIONBUS_NLLB_THREADS)    torch CPU threads; default: all cores
+  glossary, batch_size                 see services.translation.core
+
+The tokenizer is told the source language (`src_lang`, which sets the language-code token it
+puts before the text) and generation is forced to start with the target language's code token
+(`forced_bos_token_id`): that is how one NLLB model knows which way to translate.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from captionbus.translation_routes import Backend, backend_for_stage
+from services.runtime import BadInput, SetupContext
+from services.translation.core import default_device, option, translation_stage
+
+STAGE_NAME = "translation_nllb"
+DEFAULT_NUM_BEAMS = 4
+# A translation is rarely more than twice as many tokens as its source; the fixed slack covers
+# very short inputs. Bounded, so a degenerate model cannot loop to the position limit.
+NEW_TOKENS_PER_INPUT_TOKEN = 2.0
+NEW_TOKENS_SLACK = 16
+
+
+@dataclass
+class NllbTranslator:
+    model: Any  # transformers M2M100ForConditionalGeneration
+    tokenizer: Any  # transformers NllbTokenizer
+    backend: Backend
+    source: str  # what was loaded: HF id or local dir
+    device: str
+    num_beams: int
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.device})"
+
+    def language_token(self, code: str) -> tuple[str, int]:
+        flores = self.backend.flores(code)
+        token_id = self.tokenizer.convert_tokens_to_ids(flores)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise BadInput(f"the loaded NLLB model ({self.describe()}) has no language token {flores} for {code!r}")
+        return flores, token_id
+
+    def translate(self, texts: list[str], source: str, target: str) -> list[str]:
+        import torch
+
+        if not texts:
+            return []
+        source_code, _ = self.language_token(source)
+        _, target_id = self.language_token(target)
+        self.tokenizer.src_lang = source_code  # the code token the encoder input starts with
+        max_positions = int(getattr(self.model.config, "max_position_embeddings", 1024))
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                max_length=min(self.tokenizer.model_max_length, max_positions)).to(self.device)
+        input_tokens = int(inputs["input_ids"].shape[1])
+        max_new_tokens = min(int(input_tokens * NEW_TOKENS_PER_INPUT_TOKEN) + NEW_TOKENS_SLACK, max_positions - 2)
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs,
+                forced_bos_token_id=target_id,
+                num_beams=self.num_beams,
+                max_new_tokens=max_new_tokens,
+            )
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def load_nllb(ctx: SetupContext) -> NllbTranslator:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    backend = backend_for_stage(STAGE_NAME)
+    slot = backend.models["any"]
+    source = str(option(ctx, "model", slot.model_env or "CAPTIONBUS_NLLB_MODEL", slot.model))
+    device = str(option(ctx, "device", "CAPTIONBUS_NLLB_DEVICE", default_device()))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
+        device = "cpu"
+    num_beams = int(option(ctx, "num_beams", "CAPTIONBUS_NLLB_NUM_BEAMS", DEFAULT_NUM_BEAMS))
+    if device == "cpu":
+        torch.set_num_threads(int(option(ctx, "threads", "CAPTIONBUS_NLLB_THREADS", os.cpu_count() or 1)))
+
+    local = Path(source).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            source, local_files_only=local, dtype=torch.float16 if device.startswith("cuda") else torch.float32
+        )
+    except OSError as err:
+        raise RuntimeError(
+            f"cannot load the NLLB model {source!r} ({err}); set {slot.model_env} (or --option model=) to a "
+            "local folder saved with save_pretrained, or a Hugging Face id in the local cache"
+        ) from err
+    model.to(device).eval()
+    return NllbTranslator(model, tokenizer, backend, source, device, num_beams)
+
+
+STAGE = translation_stage(STAGE_NAME, load_nllb, report_packages=("transformers", "torch", "tokenizers", "sentencepiece"))
