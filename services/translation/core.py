@@ -162,6 +162,7 @@ def translate_transcript(service: TranslationService, transcript: Transcript, so
         ctx.progress(b / len(batches), f"translating {source} -> {target}: batch {b + 1}/{len(batches)}")
         with service.lock:
             outputs = service.translator.translate([protected[i].text for i in batch], source, target)
+        ctx.check_cancelled()  # a batch can take a while on cpu; stop before the next one
         if len(outputs) != len(batch):
             raise RuntimeError(f"translator returned {len(outputs)} texts for {len(batch)}")
         for i, output in zip(batch, outputs):

@@ -16,6 +16,7 @@ from contracts.transcript import Segment, Transcript
 from tests import envtools  # not `import test_models_root`: pytest would collect it as a test
 from tests.model_factory.nllb import ensure_nllb
 
+FLORES = {"fr": "fra_Latn", "hi": "hin_Deva"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # Runs inside the nllb env: setup once, then one request per job given.
@@ -44,7 +45,17 @@ results["round_trip"] = {"protected": protected, "decoded": tokenizer.decode(ids
 import transformers, torch, numpy
 results["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
 
+# Watch the real generate() calls: which token each output starts with after the decoder start.
+generated_starts = []
+generate = service.translator.model.generate
+def watched_generate(*args, **kwargs):
+    out = generate(*args, **kwargs)
+    generated_starts.extend(tokenizer.convert_ids_to_tokens(row[1]) for row in out.tolist())
+    return out
+service.translator.model.generate = watched_generate
+
 for n, job in enumerate(jobs):
+    generated_starts.clear()
     ctx = make_fake_context(work / f"run{n}", "translation_nllb", inputs={"transcript": Path(job["transcript"])},
                             params=job["params"], resources=service)
     started = time.monotonic()
@@ -52,7 +63,7 @@ for n, job in enumerate(jobs):
         out = STAGE.handle(ctx.request, ctx)
         results["runs"].append({"file": out["transcript"].name, "transcript": json.loads(out["transcript"].read_text()),
                                 "metrics": ctx.metrics, "progress": ctx.progress_events, "warnings": ctx.warnings,
-                                "seconds": time.monotonic() - started})
+                                "seconds": time.monotonic() - started, "generated_starts": list(generated_starts)})
     except BadInput as bad:
         results["runs"].append({"bad_input": str(bad)})
 print("RESULT " + json.dumps(results, ensure_ascii=False))
@@ -102,6 +113,8 @@ def check_translation(run: dict, source: Transcript, target: str) -> None:
     assert metrics["segments"] == len(source.segments) and metrics["translation_s"] > 0
     assert metrics["chars_out"] > 0 and metrics["model_load_s"] > 0
     assert run["progress"][-1][0] == 1.0
+    # forced_bos_token_id: every generated text starts with the target language's code token
+    assert run["generated_starts"] == [FLORES[target]] * int(metrics["units"])
 
 
 def test_hindi_to_french_keeps_cue_times_and_glossary_terms(nllb_runs):
