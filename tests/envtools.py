@@ -47,3 +47,6 @@ def test_models_root() -> Path:
     root = Path(os.environ.get("CAPTIONBUS_MODELS", Path.home() / ".captionbus" / "models")) / "test-built"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+test_models_root.__test__ = False  # a helper, not a test, when a test module imports it by name
