@@ -69,7 +69,7 @@ def direction(source: str, target: str) -> str:
     return "indic-indic"
 
 
-def _env_option(direction_name: str) -> str:
+def _option_key(direction_name: str) -> str:
     return "model_" + direction_name.replace("-", "_")
 
 
@@ -173,7 +173,7 @@ def load_model(source: str, name: str, device: str, dtype: Any) -> LoadedModel:
         slot_env = backend_for_stage(STAGE_NAME).models[name].model_env
         raise RuntimeError(
             f"cannot load the IndicTrans2 {name} model {source!r} ({err}); set {slot_env} (or --option "
-            f"{_env_option(name)}=) to a local folder saved with save_pretrained, or a Hugging Face id in the local cache"
+            f"{_option_key(name)}=) to a local folder saved with save_pretrained, or a Hugging Face id in the local cache"
         ) from err
     model.to(device).eval()
     return LoadedModel(source, tokenizer, model, time.monotonic() - started)
@@ -218,7 +218,7 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
     sources = {}
     for name in DIRECTIONS:
         slot = backend.models[name]
-        sources[name] = str(option(ctx, _env_option(name), slot.model_env or "", slot.model))
+        sources[name] = str(option(ctx, _option_key(name), slot.model_env or "", slot.model))
     device = str(option(ctx, "device", "CAPTIONBUS_INDICTRANS2_DEVICE", default_device()))
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
