@@ -229,7 +229,7 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator],
         result = Transcript(
             language=target,
             duration=transcript.duration,
-            model=service.translator.describe(),
+            model=_model_for_pair(service.translator, source, target),
             translated_from=source,
             segments=segments,
         )
@@ -244,3 +244,10 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator],
 
     return StageDefinition(name=name, handle=handle, setup=setup, report_packages=report_packages,
                            describe_model=describe_model)
+
+
+def _model_for_pair(translator: Translator, source: str, target: str) -> str:
+    """The model that translated this pair (a backend with one model per direction says which);
+    describe() names them all, which keeps worker info and cache keys stable."""
+    describe_pair = getattr(translator, "describe_pair", None)
+    return describe_pair(source, target) if describe_pair is not None else translator.describe()
