@@ -2,9 +2,14 @@
 word timestamps, using whisperx (faster-whisper / CTranslate2 + pyannote VAD), or mlx-whisper
 on Apple silicon (services/asr/mlx_backend.py).
 
+Inputs: `audio` (the demux WAV); optional `regions` (contracts.speech.SpeechRegions JSON from
+the vad stage). With regions only they are decoded (audio outside them, beyond a
+REGION_MARGIN_S margin, is silenced; whisperx's own pyannote VAD does not run), language
+detection listens to them, and an empty region list means no speech: an empty transcript.
 Params: `language` or the job's `source_language` (ISO 639-1 Whisper code; unset or "auto" =
 detect), `model` (optional; must name the model this service loaded).
-Outputs: `transcript` (transcript.json).
+Outputs: `transcript` (transcript.json), cleaned by services/asr/hallucination.py (loops,
+text outside speech, phantom phrases dropped; "lyrics" / "hallucination-suspect" flags).
 
 Service options (`serve asr --option k=v`, or the env var in brackets):
   backend (CAPTIONBUS_ASR_BACKEND)  whisperx | mlx; default whisperx where it is installed,
@@ -42,8 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from pydantic import ValidationError
+
 from contracts import StageRequest
+from contracts.speech import SpeechRegions
 from contracts.transcript import Segment, Transcript, Word
+from services.asr import hallucination
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 
 SAMPLE_RATE = 16000
@@ -55,6 +64,14 @@ DECODE_SHARE = 0.8
 # Language detection looks for speech in this much audio from the start.
 DETECT_WINDOW_S = 600
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
+# Whisper's window: whisperx decodes speech chunks of at most this length.
+CHUNK_S = 30
+# Audio kept on each side of a speech region when decoding: VAD edges clip soft word edges.
+REGION_MARGIN_S = 0.1
+# Regions made for another audio (a different length) are refused beyond this difference.
+REGION_DURATION_TOLERANCE_S = 0.5
+
+Regions = list[tuple[float, float]]
 
 
 BACKENDS = ("whisperx", "mlx")
@@ -256,6 +273,142 @@ def detect_language(model: AsrModel, audio: np.ndarray) -> tuple[str, float]:
     return language, float(probability)
 
 
+# ---------------------------------------------------------------- speech regions (vad stage)
+
+def read_regions(request: StageRequest, ctx: StageContext, duration: float) -> Regions | None:
+    """The `regions` input as sorted, non-overlapping (start, end) seconds inside the audio, or
+    None when the job has no vad stage (the transcribe workflow)."""
+    if "regions" not in request.inputs:
+        return None
+    try:
+        parsed = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
+        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    if abs(parsed.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
+        raise BadInput(
+            f"speech regions were found in {parsed.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
+            f"they belong to another file"
+        )
+    return merge_regions([(r.start, r.end) for r in parsed.regions], duration)
+
+
+def merge_regions(regions: Regions, duration: float, margin: float = 0.0) -> Regions:
+    """Sorted, widened by `margin`, clipped to [0, duration], overlaps merged, empties dropped."""
+    merged: Regions = []
+    for start, end in sorted(regions):
+        if end <= start:
+            continue  # an empty region holds no speech, however wide the margin
+        start, end = max(0.0, start - margin), min(duration, end + margin)
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def split_long_regions(regions: Regions, audio: np.ndarray, max_s: float = CHUNK_S) -> Regions:
+    """Regions longer than Whisper's window cut into pieces of at most `max_s`, each cut at the
+    quietest 10 ms frame of the second half of the window (what whisperx's Binarize does with
+    max_duration, on VAD scores; we have the audio)."""
+    frame = SAMPLE_RATE // 100
+    out: Regions = []
+    for start, end in regions:
+        while end - start > max_s:
+            first, last = int((start + max_s / 2) * SAMPLE_RATE), int((start + max_s) * SAMPLE_RATE)
+            window = audio[first:last]
+            usable = len(window) // frame * frame
+            if usable:
+                energy = np.mean(window[:usable].reshape(-1, frame) ** 2, axis=1)
+                cut = start + max_s / 2 + (int(np.argmin(energy)) + 0.5) * frame / SAMPLE_RATE
+            else:
+                cut = start + max_s
+            out.append((start, cut))
+            start = cut
+        out.append((start, end))
+    return out
+
+
+def speech_only(audio: np.ndarray, regions: Regions) -> np.ndarray:
+    """A copy of the audio silent outside the regions, same length so times do not move."""
+    kept = np.zeros_like(audio)
+    for start, end in regions:
+        a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+        kept[a:b] = audio[a:b]
+    return kept
+
+
+def speech_sample(audio: np.ndarray, regions: Regions, seconds: float = CHUNK_S) -> np.ndarray:
+    """The first `seconds` of speech, regions back to back (what language detection hears)."""
+    pieces, total = [], 0
+    for start, end in regions:
+        piece = audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)][: int(seconds * SAMPLE_RATE) - total]
+        pieces.append(piece)
+        total += len(piece)
+        if total >= seconds * SAMPLE_RATE:
+            break
+    return np.concatenate(pieces) if pieces else audio[:0]
+
+
+def _given_chunks_vad(chunks: list[dict]):
+    """A whisperx Vad that 'finds' exactly our chunks, so FasterWhisperPipeline.transcribe runs
+    its own batched decoding (data generator -> __call__ -> generate_segment_batched) on them."""
+    from whisperx.vads import Vad
+
+    class GivenChunks(Vad):
+        def __init__(self):
+            super().__init__(0.5)
+
+        def __call__(self, audio, **kwargs):
+            return chunks
+
+        @staticmethod
+        def preprocess_audio(audio):
+            return audio  # nothing to prepare: no VAD model runs
+
+        @staticmethod
+        def merge_chunks(segments, chunk_size, onset=None, offset=None):
+            return segments  # already merged (speech_chunks)
+
+    return GivenChunks()
+
+
+def speech_chunks(regions: Regions) -> list[dict]:
+    """Neighbouring regions merged into chunks of at most CHUNK_S by whisperx's own
+    Vad.merge_chunks (regions must be split to CHUNK_S first); [{start, end, segments}]."""
+    from collections import namedtuple
+
+    from whisperx.vads import Vad
+
+    if not regions:
+        return []
+    span = namedtuple("span", "start end speaker")
+    return Vad.merge_chunks([span(a, b, None) for a, b in regions], CHUNK_S, onset=0.5, offset=None)
+
+
+def decode_regions(model: AsrModel, audio: np.ndarray, regions: Regions, language: str, ctx: StageContext) -> list[dict]:
+    """whisperx's batched decoding on chunks built from our regions instead of its pyannote VAD:
+    the pipeline's VAD is swapped for one that returns our chunks, for this call only (callers
+    hold model.lock)."""
+    pipeline = model.pipeline
+    original = pipeline.vad_model
+    pipeline.vad_model = _given_chunks_vad(speech_chunks(regions))
+    try:
+        return pipeline.transcribe(
+            audio,
+            batch_size=model.batch_size,
+            language=language,
+            task="transcribe",
+            chunk_size=CHUNK_S,
+            progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+        )["segments"]
+    finally:
+        pipeline.vad_model = original
+
+
 def time_words(model: AsrModel, chunk: np.ndarray, text: str, language: str) -> list[dict]:
     """Word start/end (seconds from the chunk start) for `text` decoded from `chunk`, by
     Whisper cross-attention alignment on the same features the decoder saw."""
@@ -343,22 +496,35 @@ def timed_segments(model: AsrModel, audio: np.ndarray, chunk: dict, language: st
     return split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
 
 
-def transcribe_whisperx(model: AsrModel, audio: np.ndarray, language: str | None, ctx: StageContext) -> tuple[str, float | None, list[Segment]]:
-    """whisperx: detect the language if not given, decode speech chunks in batches, time words."""
+def transcribe_whisperx(
+    model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext
+) -> tuple[str, float | None, list[Segment]]:
+    """whisperx: detect the language if not given, decode speech chunks in batches (ours from
+    `regions`, else whisperx's pyannote VAD), time words per chunk."""
     language_probability = None
-    if len(audio) < MIN_AUDIO_SAMPLES:
+    if len(audio) < MIN_AUDIO_SAMPLES or regions == []:
         return language or "en", None, []  # pyannote rejects an empty waveform; nothing to hear
+    if regions is not None:
+        regions = split_long_regions(merge_regions(regions, len(audio) / SAMPLE_RATE, REGION_MARGIN_S), audio)
+        audio = speech_only(audio, regions)
     if language is None:
-        language, language_probability = detect_language(model, audio)
+        if regions is not None:
+            language, language_probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
+            language_probability = float(language_probability)
+        else:
+            language, language_probability = detect_language(model, audio)
         ctx.log.info("language detected", language=language, probability=round(language_probability, 3))
     ctx.progress(0.02, f"language {language}")
-    chunks = model.pipeline.transcribe(
-        audio,
-        batch_size=model.batch_size,
-        language=language,
-        task="transcribe",
-        progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
-    )["segments"]
+    if regions is not None:
+        chunks = decode_regions(model, audio, regions, language, ctx)
+    else:
+        chunks = model.pipeline.transcribe(
+            audio,
+            batch_size=model.batch_size,
+            language=language,
+            task="transcribe",
+            progress_callback=lambda percent: ctx.progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+        )["segments"]
     segments: list[Segment] = []
     for n, chunk in enumerate(chunks):
         segments.extend(timed_segments(model, audio, chunk, language))
@@ -366,11 +532,20 @@ def transcribe_whisperx(model: AsrModel, audio: np.ndarray, language: str | None
     return language, language_probability, segments
 
 
-def transcribe_mlx(model: AsrModel, audio: np.ndarray, language: str | None, regions, ctx: StageContext) -> tuple[str, float | None, list[Segment]]:
+def transcribe_mlx(
+    model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext
+) -> tuple[str, float | None, list[Segment]]:
     """mlx-whisper via services/asr/mlx_backend.py: transcribe(model, audio, language, regions,
-    progress) -> (language, language_probability, segments); regions are (start, end) seconds
-    or None for the whole audio; progress(fraction 0..1, message)."""
+    progress) -> (language, language_probability, segments). audio: float32 16 kHz mono (silent
+    outside the regions when there are any); language: code or None to detect; regions: sorted
+    (start, end) seconds or None for the whole audio; progress(fraction 0..1, message)."""
     from services.asr import mlx_backend
+
+    if regions == []:
+        return language or "en", None, []
+    if regions is not None:
+        regions = merge_regions(regions, len(audio) / SAMPLE_RATE, REGION_MARGIN_S)
+        audio = speech_only(audio, regions)
 
     def progress(fraction: float, message: str = "transcribing speech") -> None:
         ctx.progress(min(1.0, max(0.0, 0.02 + 0.96 * float(fraction))), message)
@@ -380,19 +555,31 @@ def transcribe_mlx(model: AsrModel, audio: np.ndarray, language: str | None, reg
     return language, (None if probability is None else float(probability)), segments
 
 
+def drop_hallucinations(segments: list[Segment], regions: Regions | None, duration: float, ctx: StageContext) -> list[Segment]:
+    """services/asr/hallucination.py on the decoded segments; every drop logged and counted,
+    one warning per request when anything went."""
+    cleaned, report = hallucination.clean_segments(segments, regions, duration)
+    for dropped in report.dropped:
+        ctx.log.info("hallucination dropped", reason=dropped.reason, start=dropped.start, end=dropped.end, text=dropped.text)
+    ctx.metrics.update(report.metrics())
+    if report.anything_dropped:
+        ctx.warn(f"dropped likely hallucinated text: {report.summary()}")
+    return cleaned
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: AsrModel = ctx.resources
     check_model(request, model)
     language = requested_language(request, model)
     audio = read_wav(ctx.input_path("audio"))
     duration = len(audio) / SAMPLE_RATE
+    regions = read_regions(request, ctx, duration)
     started = time.monotonic()
 
-    with model.lock:  # the pipeline keeps per-call state (its tokenizer)
-        if model.backend == "mlx":
-            language, language_probability, segments = transcribe_mlx(model, audio, language, None, ctx)
-        else:
-            language, language_probability, segments = transcribe_whisperx(model, audio, language, ctx)
+    with model.lock:  # the pipeline keeps per-call state (its tokenizer, our swapped VAD)
+        transcribe = transcribe_mlx if model.backend == "mlx" else transcribe_whisperx
+        language, language_probability, segments = transcribe(model, audio, language, regions, ctx)
+    segments = drop_hallucinations(segments, regions, duration, ctx)
 
     seconds = time.monotonic() - started
     transcript = Transcript(
@@ -412,7 +599,11 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         realtime_factor=seconds / duration if duration else 0.0,
         segments=float(len(segments)),
     )
-    if not segments:
+    if regions is not None:
+        ctx.metrics["speech_region_s"] = float(sum(end - start for start, end in regions))
+    if regions == []:
+        ctx.warn("the vad stage found no speech in the audio: empty transcript")
+    elif not segments:
         ctx.warn("no speech found in the audio")
     ctx.progress(1.0, f"{len(segments)} segments")
     return {"transcript": out}

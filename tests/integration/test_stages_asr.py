@@ -1,7 +1,9 @@
 """asr for real: the whisperx env's interpreter runs the stage's setup() once and handle()
 on espeak-ng English speech (through demux first, as in a job); WER, timestamps and timing
-are checked here. The whisperx env and the Whisper model are real
-(built on first use by the session fixtures; the e2e suite covers asr over the bus)."""
+are checked here, with and without speech regions from a vad stage (made here from the
+audio's loudness, so they do not depend on the vad stage's model). The whisperx env and the
+Whisper model are real (built on first use by the session fixtures; the e2e suite covers asr
+over the bus)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,10 @@ import wave
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import pytest
+
+from contracts.speech import SpeechRegion, SpeechRegions
 
 from tests import media as test_media
 from tests.unit.stages.fake_context import make_fake_context
@@ -34,13 +39,15 @@ resources = STAGE.setup(SetupContext(stage="asr", env="whisperx", models_dir=Pat
                                      log=structlog.get_logger(), options={"model": model_dir}))
 results = {"setup_s": time.monotonic() - started, "describe": STAGE.describe_model(resources), "runs": []}
 for n, job in enumerate(jobs):
-    audio, params = job.split("|", 1)
-    ctx = make_fake_context(Path(work) / f"run{n}", "asr", inputs={"audio": Path(audio)},
-                            params=json.loads(params), resources=resources)
+    audio, params, regions = (job.split("|") + [""])[:3]
+    inputs = {"audio": Path(audio), **({"regions": Path(regions)} if regions else {})}
+    ctx = make_fake_context(Path(work) / f"run{n}", "asr", inputs=inputs, params=json.loads(params), resources=resources)
+    started = time.monotonic()
     try:
         out = STAGE.handle(ctx.request, ctx)
         results["runs"].append({"transcript": json.loads(out["transcript"].read_text()), "metrics": ctx.metrics,
-                                "progress": ctx.progress_events, "warnings": ctx.warnings})
+                                "progress": ctx.progress_events, "warnings": ctx.warnings,
+                                "seconds": time.monotonic() - started})
     except BadInput as bad:
         results["runs"].append({"bad_input": str(bad)})
 print("RESULT " + json.dumps(results))
@@ -58,6 +65,69 @@ def whisperx_python() -> Path:
 
 def words_of(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def read_samples(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0, w.getframerate()
+
+
+def loudness_regions(path: Path, floor_db: float = -45.0, bridge_s: float = 0.3, pad_s: float = 0.1) -> list[tuple[float, float]]:
+    """Speech regions as a simple VAD would give them for clean espeak speech: 10 ms frames
+    louder than `floor_db` (full scale), gaps under `bridge_s` bridged, `pad_s` each side."""
+    samples, rate = read_samples(path)
+    frame = rate // 100
+    rms = np.sqrt(np.mean(samples[: len(samples) // frame * frame].reshape(-1, frame) ** 2, axis=1))
+    loud = np.flatnonzero(20 * np.log10(rms + 1e-9) > floor_db)
+    regions: list[list[float]] = []
+    for index in loud:
+        t = float(index) / 100
+        if regions and t - regions[-1][1] <= bridge_s:
+            regions[-1][1] = t + 0.01
+        else:
+            regions.append([t, t + 0.01])
+    duration = len(samples) / rate
+    padded: list[tuple[float, float]] = []
+    for a, b in regions:  # sorted and not overlapping, as the SpeechRegions contract says
+        a, b = max(0.0, a - pad_s), min(duration, b + pad_s)
+        if padded and a <= padded[-1][1]:
+            padded[-1] = (padded[-1][0], b)
+        else:
+            padded.append((a, b))
+    return padded
+
+
+def write_regions(path: Path, regions: list[tuple[float, float]], duration: float) -> Path:
+    path.write_text(SpeechRegions(backend="test-loudness", duration=duration,
+                                  regions=[SpeechRegion(start=a, end=b) for a, b in regions]).model_dump_json())
+    return path
+
+
+def speech_silence_noise_speech(tmp: Path) -> tuple[Path, str, str, tuple[float, float], list[tuple[float, float]]]:
+    """16 kHz mono WAV: sentence one, 6 s silence, 8 s loud pink noise, sentence two. Returns the
+    path, both sentences, the (start, end) of the silence + noise stretch and speech regions
+    that leave it out (the loudness of each sentence on its own)."""
+    first, second = "Please open the window before the meeting starts", "The train to the city leaves at nine"
+    parts = []
+    for n, text in enumerate((first, second)):
+        wav = tmp / f"part{n}.wav"
+        subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(wav), "--", text], check=True, timeout=60)
+        parts.append(wav)
+    out = tmp / "speech_noise.wav"
+    subprocess.run([
+        "ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(parts[0]), "-i", str(parts[1]),
+        "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono:d=6",
+        "-f", "lavfi", "-i", "anoisesrc=r=16000:color=pink:amplitude=0.4:d=8:seed=7",
+        "-filter_complex",
+        "[0:a]aresample=16000,aformat=channel_layouts=mono[a];[1:a]aresample=16000,aformat=channel_layouts=mono[b];"
+        "[a][2:a][3:a][b]concat=n=4:v=0:a=1[out]",
+        "-map", "[out]", "-c:a", "pcm_s16le", "-ar", "16000", "-ac", "1", str(out),
+    ], check=True, timeout=60)
+    samples, rate = read_samples(parts[0])
+    first_seconds = len(samples) / rate
+    gap = (first_seconds, first_seconds + 14.0)
+    regions = loudness_regions(parts[0]) + [(a + gap[1], b + gap[1]) for a, b in loudness_regions(parts[1])]
+    return out, first, second, gap, regions
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +150,17 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
     silence = tmp / "silence.wav"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "3",
                     "-c:a", "pcm_s16le", str(silence)], check=True, timeout=60)
+    samples, rate = read_samples(audio)
+    duration = len(samples) / rate
+    speech_regions = loudness_regions(audio, floor_db=-25, bridge_s=0.15)  # ~5 regions, as a VAD splits at pauses
+    covering = write_regions(tmp / "regions.json", speech_regions, duration)
+    no_regions = write_regions(tmp / "no_regions.json", [], duration)
+    corrupt = tmp / "corrupt_regions.json"
+    corrupt.write_text('{"backend": "silero", "duration": 7.5, "regions": [{"start": 3.0, "end": 1.0}')
+    elsewhere = write_regions(tmp / "other_file_regions.json", [(1.0, 2.0)], duration + 60)
+    noisy, first, second, gap, noisy_regions = speech_silence_noise_speech(tmp)
+    noisy_samples, _ = read_samples(noisy)
+    noisy_regions_path = write_regions(tmp / "noisy_regions.json", noisy_regions, len(noisy_samples) / 16000)
     jobs = [
         f"{audio}|{json.dumps({})}",  # language detected
         f"{audio}|{json.dumps({'source_language': 'en', 'target_languages': []})}",  # as the coordinator sends it
@@ -88,6 +169,12 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
         f"{silence}|{json.dumps({'language': 'en'})}",
         f"{hindi_audio}|{json.dumps({'language': 'hi'})}",
         f"{empty_wav}|{json.dumps({})}",
+        f"{audio}|{json.dumps({})}|{covering}",  # 7: regions from a vad stage, language detected on them
+        f"{audio}|{json.dumps({'language': 'en'})}|{no_regions}",  # 8
+        f"{audio}|{json.dumps({})}|{corrupt}",  # 9
+        f"{audio}|{json.dumps({})}|{elsewhere}",  # 10
+        f"{noisy}|{json.dumps({'language': 'en'})}|{noisy_regions_path}",  # 11
+        f"{noisy}|{json.dumps({'language': 'en'})}",  # 12: the same without regions, for comparison
     ]
     done = subprocess.run(
         [str(python), "-c", RUNNER, str(model), str(tmp / "work"), *jobs],
@@ -99,6 +186,8 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
     results = json.loads(line[len("RESULT "):])
     results["spoken"] = spoken
     results["video"] = str(video)
+    results["speech_regions"] = speech_regions
+    results["noisy"] = {"first": first, "second": second, "gap": gap, "regions": noisy_regions}
     return results
 
 
@@ -175,3 +264,74 @@ def test_hindi_request_runs_in_hindi_with_word_times(asr_runs):
     words = [w for s in transcript["segments"] for w in s["words"]]
     assert words and all(w["start"] is not None and w["end"] >= w["start"] for w in words)
     print("hindi heard:", " ".join(s["text"] for s in transcript["segments"]))
+
+
+def _words(transcript: dict) -> list[dict]:
+    return [w for s in transcript["segments"] for w in s["words"]]
+
+
+def test_regions_from_vad_give_the_same_quality_and_no_words_outside_them(asr_runs):
+    plain, with_regions = asr_runs["runs"][0], asr_runs["runs"][7]
+    transcript = with_regions["transcript"]
+    heard = " ".join(s["text"] for s in transcript["segments"])
+    wer = jiwer.wer(words_of(asr_runs["spoken"]), words_of(heard))
+    plain_wer = jiwer.wer(words_of(asr_runs["spoken"]), words_of(" ".join(s["text"] for s in plain["transcript"]["segments"])))
+    print(f"regions {asr_runs['speech_regions']}")
+    print(f"WER with regions {wer:.3f} ({with_regions['seconds']:.2f} s), without {plain_wer:.3f} ({plain['seconds']:.2f} s)")
+    assert wer <= 0.25, heard
+    assert transcript["language"] == "en" and transcript["language_probability"] > 0.5  # detected on the regions
+    assert len(asr_runs["speech_regions"]) >= 3 and with_regions["metrics"]["speech_region_s"] > 5
+    words = _words(transcript)
+    assert len(words) >= 0.8 * len(asr_runs["spoken"].split())
+    tolerance = 0.25  # REGION_TOLERANCE_S plus rounding: word edges from cross-attention
+    for word in words:
+        assert any(a - tolerance <= word["start"] and word["end"] <= b + tolerance for a, b in asr_runs["speech_regions"]), word
+
+
+def test_empty_regions_mean_no_speech(asr_runs):
+    run = asr_runs["runs"][8]
+    assert run["transcript"]["segments"] == [] and run["transcript"]["language"] == "en"
+    assert any("vad stage found no speech" in w for w in run["warnings"])
+    assert run["metrics"]["speech_region_s"] == 0
+
+
+def test_corrupt_or_foreign_regions_are_bad_input(asr_runs):
+    assert "speech regions input is not valid SpeechRegions JSON" in asr_runs["runs"][9]["bad_input"]
+    assert "belong to another file" in asr_runs["runs"][10]["bad_input"]
+
+
+def test_no_text_where_the_regions_exclude_silence_and_noise(asr_runs):
+    noisy = asr_runs["noisy"]
+    gap_start, gap_end = noisy["gap"]
+    for index, label in ((11, "with regions"), (12, "without regions")):
+        transcript = asr_runs["runs"][index]["transcript"]
+        heard = " ".join(s["text"] for s in transcript["segments"])
+        inside = [w for w in _words(transcript) if w["end"] > gap_start + 0.3 and w["start"] < gap_end - 0.3]
+        print(f"{label}: {asr_runs['runs'][index]['seconds']:.2f} s; heard {heard!r}; words in the gap {inside}")
+    print("regions", noisy["regions"], "gap", noisy["gap"])
+    transcript = asr_runs["runs"][11]["transcript"]
+    assert not [s for s in transcript["segments"] if s["end"] > gap_start + 0.3 and s["start"] < gap_end - 0.3]
+    assert not [w for w in _words(transcript) if w["end"] > gap_start + 0.3 and w["start"] < gap_end - 0.3]
+    expected = words_of(noisy["first"] + " " + noisy["second"])
+    heard = words_of(" ".join(s["text"] for s in transcript["segments"]))
+    assert jiwer.wer(expected, heard) <= 0.3, heard
+
+
+# ---------------------------------------------------------------- pure region helpers (no env)
+
+def test_region_helpers_merge_split_and_silence():
+    from services.asr import stage
+
+    assert stage.merge_regions([(5.0, 6.0), (0.5, 1.0), (0.9, 2.0), (9.5, 12.0), (3.0, 3.0)], duration=10.0, margin=0.1) == [
+        (0.4, 2.1), (4.9, 6.1), (9.4, 10.0)]
+    rate = stage.SAMPLE_RATE
+    audio = np.full(70 * rate, 0.5, dtype=np.float32)
+    audio[int(21.0 * rate) : int(21.2 * rate)] = 0.0  # the only quiet spot in 15..30 s
+    pieces = stage.split_long_regions([(1.0, 68.0)], audio)
+    assert all(b - a <= stage.CHUNK_S for a, b in pieces) and pieces[0][0] == 1.0 and pieces[-1][1] == 68.0
+    assert 21.0 <= pieces[0][1] <= 21.2
+    assert all(pieces[i][1] == pieces[i + 1][0] for i in range(len(pieces) - 1))
+    silenced = stage.speech_only(audio, [(2.0, 3.0)])
+    assert silenced[: 2 * rate].max() == 0 and silenced[2 * rate : 3 * rate].min() == 0.5 and silenced[3 * rate :].max() == 0
+    sample = stage.speech_sample(audio, [(0.0, 20.0), (30.0, 50.0)])
+    assert len(sample) == stage.CHUNK_S * rate
