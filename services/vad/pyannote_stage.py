@@ -1,0 +1,171 @@
+"""vad_pyannote: 16 kHz mono WAV -> where someone speaks (regions.json, contracts.speech.SpeechRegions,
+backend "pyannote"), with pyannote.audio and the segmentation model whisperx ships (env `pyannote`).
+
+As whisperx's own pyannote VAD does: `Model.from_pretrained` on the local checkpoint, a sliding
+`Inference` whose per-chunk scores are reduced to "anyone speaking" (max over the model's
+speaker outputs, as pyannote's VoiceActivityDetection pipeline does) and aggregated per frame
+(~17 ms). The audio goes to pyannote in memory ({"waveform", "sample_rate"}), in blocks of
+BLOCK_S with one model window of extra audio on each side, so a film is never decoded whole and
+block edges see the same context as the middle. Frames become regions with the shared
+post-processing in services/vad/regions.py.
+
+Params (all optional, as for `vad`): `threshold` (speech probability, default 0.5; speech ends
+below threshold - 0.15), `min_speech_s` (0.25), `min_silence_s` (0.3), `pad_s` (0.15),
+`max_region_s` (30). Outputs: `regions` (regions.json). Zero-length audio gives an empty list
+and a warning; a corrupt file or another format is BadInput.
+
+Service options (`serve vad_pyannote --option k=v`, or the env var in brackets):
+  model (CAPTIONBUS_PYANNOTE_SEGMENTATION)  the segmentation checkpoint (pytorch_model.bin);
+        default <models_dir>/pyannote-segmentation/pytorch_model.bin (`captionbus models fetch-test`)
+  device (CAPTIONBUS_VAD_PYANNOTE_DEVICE)   cpu | cuda; default cuda where the hardware cache has a GPU
+  threads (CAPTIONBUS_VAD_PYANNOTE_THREADS) torch threads; default 1: the model is small, and on a
+        busy 2-core host 2 threads ran ~20x slower than 1 (OpenMP threads waiting on each other)
+  step (CAPTIONBUS_VAD_PYANNOTE_STEP)       seconds between model windows (5 s long); default 0.5,
+        pyannote's and whisperx's choice; larger is proportionally faster and coarser
+  batch_size (CAPTIONBUS_VAD_PYANNOTE_BATCH_SIZE)  windows per forward pass; default 32
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contracts import StageRequest
+from services.runtime import SetupContext, StageContext, StageDefinition
+from services.vad import audio as wav
+from services.vad.regions import FrameScores, parse_params, speech_regions
+from services.vad.stage import report, write_regions
+
+BLOCK_S = 300.0  # audio scored per Inference call (plus one window of context each side)
+
+
+@dataclass
+class PyannoteModel:
+    inference: Any  # pyannote.audio.Inference
+    path: Path
+    device: str
+    window_s: float
+    frame_s: float  # the model's output frame step
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _option(ctx: SetupContext, key: str, default=None):
+    value = ctx.options.get(key)
+    if value in (None, ""):
+        value = os.environ.get(f"CAPTIONBUS_VAD_PYANNOTE_{key.upper()}")
+    return default if value in (None, "") else value
+
+
+def model_path(ctx: SetupContext) -> Path:
+    configured = ctx.options.get("model") or os.environ.get("CAPTIONBUS_PYANNOTE_SEGMENTATION")
+    path = Path(configured) if configured else Path(ctx.models_dir) / "pyannote-segmentation" / "pytorch_model.bin"
+    if not path.is_file():
+        raise RuntimeError(
+            f"no pyannote segmentation model at {path}: run `captionbus models fetch-test` "
+            f"(or point CAPTIONBUS_PYANNOTE_SEGMENTATION at a pyannote segmentation checkpoint)"
+        )
+    return path
+
+
+def _default_device() -> str:
+    from captionbus import hardware
+
+    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
+
+
+def setup(ctx: SetupContext) -> PyannoteModel:
+    import torch
+    from pyannote.audio import Inference, Model  # heavy: only in this stage's process
+
+    path = model_path(ctx)
+    device = str(_option(ctx, "device", _default_device()))
+    torch.set_num_threads(int(_option(ctx, "threads", 1)))
+    started = time.monotonic()
+    model = Model.from_pretrained(path)  # a local checkpoint: no hub, no token
+    if model is None:
+        raise RuntimeError(f"pyannote could not load a model from {path}")
+    window_s = float(model.specifications.duration)
+    inference = Inference(
+        model,
+        window="sliding",
+        duration=window_s,
+        step=float(_option(ctx, "step", window_s / 10)),
+        batch_size=int(_option(ctx, "batch_size", 32)),
+        device=torch.device(device),
+        # "anyone speaking": the most active of the model's speaker outputs, per frame
+        pre_aggregation_hook=lambda scores: np.max(scores, axis=-1, keepdims=True),
+    )
+    load_seconds = time.monotonic() - started
+    frame_s = float(model.receptive_field.step)
+    ctx.log.info("pyannote vad loaded", model=str(path), device=device, seconds=round(load_seconds, 2))
+    return PyannoteModel(inference, path, device, window_s, frame_s, load_seconds)
+
+
+def describe_model(resources: PyannoteModel | None) -> str | None:
+    return None if resources is None else f"pyannote segmentation ({resources.path.name}, {resources.device})"
+
+
+def score_block(model: PyannoteModel, samples: np.ndarray, hook) -> tuple[np.ndarray, np.ndarray]:
+    """(frame middle times relative to the block start, speech probability) for one block."""
+    import torch
+
+    waveform = torch.from_numpy(samples).unsqueeze(0)  # (channel, sample)
+    scores = model.inference({"waveform": waveform, "sample_rate": wav.SAMPLE_RATE}, hook=hook)
+    window = scores.sliding_window
+    middles = window.start + window.duration / 2 + window.step * np.arange(len(scores.data))
+    return middles, np.asarray(scores.data[:, 0], dtype=np.float32)
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    model: PyannoteModel = ctx.resources
+    params = parse_params(request.params)
+    started = time.monotonic()
+    frame_s = model.frame_s
+    block = int(BLOCK_S * wav.SAMPLE_RATE)
+    margin = int(model.window_s * wav.SAMPLE_RATE)
+    parts: list[np.ndarray] = []
+    with wav.open_wav(ctx.input_path("audio")) as reader, model.lock:
+        total_samples = reader.getnframes()
+        core_start = 0
+        while core_start < total_samples:
+            read_from = max(0, core_start - margin)
+            samples = wav.read_samples(reader, read_from, core_start + block + margin - read_from)
+            core_end = min(core_start + block, read_from + len(samples))
+            if core_end <= core_start:
+                break  # the header promised more samples than the file holds
+            done, share = core_start / total_samples, (core_end - core_start) / total_samples
+
+            def hook(completed=0, total=1, **_):  # pyannote's: model windows done / in this block
+                ctx.progress(min(0.99, done + share * min(completed, total) / max(total, 1)), "scoring speech")
+
+            middles, probs = score_block(model, samples, hook)
+            middles = middles + read_from / wav.SAMPLE_RATE
+            # This block's share of the global frame grid (frame k centred at (k + 0.5) * frame_s):
+            # each frame takes the score of the block frame nearest to its centre.
+            first = int(np.ceil(core_start / wav.SAMPLE_RATE / frame_s - 0.5))
+            last = int(np.ceil(core_end / wav.SAMPLE_RATE / frame_s - 0.5))
+            centres = (np.arange(first, last) + 0.5) * frame_s
+            nearest = np.clip(np.rint((centres - middles[0]) / frame_s).astype(int), 0, len(probs) - 1)
+            parts.append(probs[nearest])
+            core_start = core_end
+        duration = core_start / wav.SAMPLE_RATE
+    probs = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    regions = speech_regions(FrameScores(probs, frame_s), duration, params)
+    out = write_regions(ctx, "pyannote", duration, regions)
+    report(ctx, duration, regions, time.monotonic() - started, model.load_seconds)
+    return {"regions": out}
+
+
+STAGE = StageDefinition(
+    name="vad_pyannote",
+    handle=handle,
+    setup=setup,
+    report_packages=("pyannote-audio", "torch"),
+    describe_model=describe_model,
+)

@@ -1,0 +1,115 @@
+"""The VAD post-processing shared by both backends (services/vad/regions.py): pure functions,
+checked on hand-made probability sequences."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.runtime.errors import BadInput
+from services.vad.regions import (
+    FrameScores,
+    VadParams,
+    binarize,
+    bridge_short_gaps,
+    drop_short,
+    pad,
+    parse_params,
+    speech_regions,
+    split_long,
+)
+
+FRAME = 0.1  # seconds per frame in these hand-made sequences
+
+
+def scores(*probs: float, t0: float = 0.0) -> FrameScores:
+    return FrameScores(np.array(probs, dtype=np.float32), FRAME, t0)
+
+
+def approx(regions):
+    return [pytest.approx(r, abs=1e-6) for r in regions]
+
+
+def test_binarize_uses_hysteresis():
+    # starts at >= 0.5; a dip to 0.4 (above 0.35) does not end it; 0.2 does
+    s = scores(0.1, 0.6, 0.4, 0.7, 0.2, 0.1, 0.9, 0.9)
+    assert binarize(s, onset=0.5, offset=0.35) == approx([(0.1, 0.4), (0.6, 0.8)])
+    # a frame between offset and onset alone never starts speech
+    assert binarize(scores(0.1, 0.45, 0.1), 0.5, 0.35) == []
+    assert binarize(scores(), 0.5, 0.35) == []
+    assert binarize(scores(0.9, 0.9, t0=2.0), 0.5, 0.35) == approx([(2.0, 2.2)])
+
+
+def test_short_pauses_are_bridged_and_short_blips_dropped():
+    regions = [(0.0, 1.0), (1.2, 2.0), (3.0, 3.1), (5.0, 6.0)]
+    assert bridge_short_gaps(regions, 0.3) == [(0.0, 2.0), (3.0, 3.1), (5.0, 6.0)]
+    assert bridge_short_gaps(regions, 0.0) == regions  # nothing overlaps: nothing merges
+    assert drop_short(bridge_short_gaps(regions, 0.3), 0.25) == [(0.0, 2.0), (5.0, 6.0)]
+
+
+def test_padding_is_clipped_to_the_audio_and_merges_overlaps():
+    assert pad([(0.05, 1.0), (1.3, 2.0), (4.0, 4.95)], 0.2, 5.0) == approx([(0.0, 2.2), (3.8, 5.0)])
+    assert pad([(1.0, 2.0)], 0.0, 5.0) == [(1.0, 2.0)]
+
+
+def test_long_regions_split_at_the_least_speech_like_frame():
+    # 10 frames of 0.1 s = 1 s of speech; the dip at frame 7 (0.7..0.8 s) is the best cut
+    probs = [0.9] * 10
+    probs[7] = 0.55
+    probs[2] = 0.5  # lower, but in the first half of the window: cutting there leaves a tiny piece
+    s = FrameScores(np.array(probs, np.float32), FRAME)
+    assert split_long([(0.0, 1.0)], 0.8, s) == approx([(0.0, 0.75), (0.75, 1.0)])
+    # without scores: even pieces
+    assert split_long([(0.0, 10.0)], 3.0) == approx([(0.0, 2.5), (2.5, 5.0), (5.0, 7.5), (7.5, 10.0)])
+    assert split_long([(0.0, 3.0)], 3.0) == [(0.0, 3.0)]
+
+
+def test_speech_regions_runs_the_whole_chain():
+    # 0.1 s frames: blip at 0.5 s (dropped), speech 1.0-2.0 with a 0.2 s pause, speech 3.0-3.5
+    probs = np.zeros(40, np.float32)
+    probs[5] = 0.9
+    probs[10:14] = 0.9
+    probs[16:20] = 0.9
+    probs[30:35] = 0.9
+    params = VadParams(threshold=0.5, min_speech_s=0.25, min_silence_s=0.3, pad_s=0.1, max_region_s=30)
+    assert speech_regions(FrameScores(probs, FRAME), 4.0, params) == approx([(0.9, 2.1), (2.9, 3.6)])
+    # the audio ends mid-frame: the last region ends at the audio's end, not the frame's
+    probs = np.array([0.0, 0.9, 0.9, 0.9], np.float32)
+    assert speech_regions(FrameScores(probs, FRAME), 0.35, VadParams(pad_s=0.5, min_speech_s=0)) == [(0.0, 0.35)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    probs=st.lists(st.floats(0, 1), max_size=400),
+    pad_s=st.sampled_from([0.0, 0.05, 0.3]),
+    max_region_s=st.sampled_from([1.0, 2.5, 30.0]),
+    min_silence_s=st.sampled_from([0.0, 0.2, 1.0]),
+)
+def test_regions_are_sorted_disjoint_bounded_and_inside_the_audio(probs, pad_s, max_region_s, min_silence_s):
+    duration = len(probs) * 0.032 - 0.01 if probs else 0.0
+    params = VadParams(pad_s=pad_s, max_region_s=max_region_s, min_silence_s=min_silence_s)
+    regions = speech_regions(FrameScores(np.array(probs, np.float32), 0.032), max(duration, 0.0), params)
+    for start, end in regions:
+        assert 0.0 <= start < end <= max(duration, 0.0) + 1e-9
+        assert end - start <= max_region_s + 1e-3
+    assert all(a[1] <= b[0] for a, b in zip(regions, regions[1:]))
+
+
+def test_params_are_parsed_and_checked():
+    assert parse_params({}) == VadParams()
+    got = parse_params({"threshold": "0.6", "pad_s": 0, "max_region_s": 12, "source_language": "hi"})
+    assert (got.threshold, got.pad_s, got.max_region_s) == (0.6, 0.0, 12.0)
+    assert got.offset_threshold == pytest.approx(0.45)
+    assert parse_params({"threshold": 0.1}).offset_threshold == pytest.approx(0.01)
+    for bad, message in [
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": 1}, "threshold"),
+        ({"threshold": True}, "must be a number"),
+        ({"pad_s": -0.1}, "pad_s=-0.1 is out of range"),
+        ({"max_region_s": 0.5}, "max_region_s"),
+        ({"min_speech_s": "nan"}, "min_speech_s"),
+        ({"min_silence_s": [1]}, "must be a number"),
+    ]:
+        with pytest.raises(BadInput, match=message):
+            parse_params(bad)
