@@ -245,11 +245,12 @@ class Aligner:
         try:
             loaded = self._load(language, configured)
         except Exception as err:  # any load error is a fallback, not a crash (module docstring)
-            cause = err.__context__ or err.__cause__  # whisperx re-raises a generic ValueError
-            detail = f"{err}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
-            reason = f"alignment model for {language} ({configured}) failed to load: {detail[:500]}"
+            # whisperx replaces the real error with a generic "could not be found in huggingface"
+            cause = err.__cause__ or err.__context__ or err
+            detail = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+            reason = f"alignment model for {language} ({configured}) failed to load ({detail[:300]})"
             self.failed[language] = (reason, time.monotonic())
-            log.warning("alignment model failed to load", language=language, model=configured, error=detail[:2000])
+            log.warning("alignment model failed to load", language=language, model=configured, error=detail[:2000], whisperx=str(err))
             return None, reason, 0.0
         seconds = time.monotonic() - started
         loaded.load_seconds = seconds
