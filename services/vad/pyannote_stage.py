@@ -14,6 +14,8 @@ below threshold - 0.15), `min_speech_s` (0.25), `min_silence_s` (0.3), `pad_s` (
 `max_region_s` (30). Outputs: `regions` (regions.json). Zero-length audio gives an empty list
 and a warning; a corrupt file or another format is BadInput.
 
+pyannote's usage telemetry is switched off (PYANNOTE_METRICS_ENABLED=false unless set).
+
 Service options (`serve vad_pyannote --option k=v`, or the env var in brackets):
   model (CAPTIONBUS_PYANNOTE_SEGMENTATION)  the segmentation checkpoint (pytorch_model.bin);
         default <models_dir>/pyannote-segmentation/pytorch_model.bin (`captionbus models fetch-test`)
@@ -80,6 +82,9 @@ def _default_device() -> str:
 
 
 def setup(ctx: SetupContext) -> PyannoteModel:
+    # pyannote.audio 4 sends usage telemetry (OpenTelemetry, to pyannote's servers) on each model
+    # load unless told not to; it is read at import. An operator may still opt in explicitly.
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
     import torch
     from pyannote.audio import Inference, Model  # heavy: only in this stage's process
 
@@ -155,6 +160,8 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
             parts.append(probs[nearest])
             core_start = core_end
         duration = core_start / wav.SAMPLE_RATE
+    if warning := wav.truncation_warning(total_samples, core_start):
+        ctx.warn(warning)
     probs = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     regions = speech_regions(FrameScores(probs, frame_s), duration, params)
     out = write_regions(ctx, "pyannote", duration, regions)

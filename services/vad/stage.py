@@ -141,11 +141,13 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     blocks: list[np.ndarray] = []
     samples = 0
     with wav.open_wav(ctx.input_path("audio")) as reader:
-        expected = max(reader.getnframes(), 1)
+        expected = reader.getnframes()
         for block in wav.iter_blocks(reader, BLOCK_FRAMES * FRAME_SAMPLES):
             blocks.append(stream.probabilities(block))
             samples += len(block)
-            ctx.progress(min(samples / expected, 1.0) * 0.99, f"{samples / wav.SAMPLE_RATE:.0f} s scanned")
+            ctx.progress(min(samples / max(expected, 1), 1.0) * 0.99, f"{samples / wav.SAMPLE_RATE:.0f} s scanned")
+    if warning := wav.truncation_warning(expected, samples):
+        ctx.warn(warning)
     duration = samples / wav.SAMPLE_RATE
     probs = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     regions = speech_regions(FrameScores(probs, FRAME_S), duration, params)

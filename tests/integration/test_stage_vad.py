@@ -40,6 +40,9 @@ started = time.monotonic()
 resources = STAGE.setup(SetupContext(stage=stage, env=env, models_dir=Path(work), log=structlog.get_logger(),
                                      options={"model": model, "device": "cpu"}))
 results = {"setup_s": time.monotonic() - started, "describe": STAGE.describe_model(resources), "runs": []}
+if "pyannote.audio" in sys.modules:
+    from pyannote.audio.telemetry.metrics import is_metrics_enabled
+    results["pyannote_telemetry"] = is_metrics_enabled()
 module = import_module(module)
 for n, job in enumerate(jobs):
     audio, params, blocks = job.split("|", 2)
@@ -129,8 +132,10 @@ def clips(tmp_path_factory) -> dict:
     stereo = tmp / "stereo44k.wav"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(speech["en"]), "-ar", "44100", "-ac", "2",
                     "-c:a", "pcm_s16le", str(stereo)], check=True, timeout=60)
+    speech_wav = write_wav(tmp / "speech_noise.wav", noisy)
     return {
-        "speech": write_wav(tmp / "speech_noise.wav", noisy),
+        "speech": speech_wav,
+        "truncated": test_media.truncated_copy(speech_wav, tmp / "truncated.wav", keep_fraction=0.6),
         "duration": len(noisy) / SR,
         "truth": truth,
         "silence": write_wav(tmp / "noise_only.wav", noise[: 4 * SR]),
@@ -148,6 +153,7 @@ JOBS = [
     ("speech", {**EXACT, "max_region_s": 2.0, "source_language": "en"}),  # coordinator params are ignored
     ("silence", {}),
     ("zero", {}),
+    ("truncated", EXACT),
     ("empty_file", {}),
     ("corrupt", {}),
     ("stereo", {}),
@@ -197,6 +203,13 @@ def test_regions_match_where_speech_really_is(backend_runs, clips):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
+def test_model_is_described_and_pyannote_sends_no_telemetry(backend_runs):
+    everything = backend_runs["_all"]
+    assert everything["describe"].startswith({"silero": "silero-vad", "pyannote": "pyannote segmentation"}[everything["backend"]])
+    if everything["backend"] == "pyannote":
+        assert everything["pyannote_telemetry"] is False
+
+
 def test_default_padding_widens_regions_within_the_audio(backend_runs, clips):
     exact = [(r["start"], r["end"]) for r in run_of(backend_runs, "speech", EXACT)["regions"]["regions"]]
     padded = [(r["start"], r["end"]) for r in run_of(backend_runs, "speech", {})["regions"]["regions"]]
@@ -235,6 +248,15 @@ def test_noise_only_and_zero_length_give_no_regions_and_a_warning(backend_runs):
     zero = run_of(backend_runs, "zero", {})
     assert zero["regions"]["regions"] == [] and zero["regions"]["duration"] == 0
     assert zero["warnings"] and "empty" in zero["warnings"][0]
+
+
+def test_a_truncated_file_gives_the_regions_it_holds_and_a_warning(backend_runs, clips):
+    run = run_of(backend_runs, "truncated", EXACT)
+    assert run["regions"]["duration"] == pytest.approx(clips["duration"] * 0.6, abs=0.01)
+    assert len(run["warnings"]) == 1 and "ends early" in run["warnings"][0]
+    # the English sentence is whole in the first 60 %: the same region as in the full file
+    whole = run_of(backend_runs, "speech", EXACT)["regions"]["regions"][0]
+    assert run["regions"]["regions"][0] == pytest.approx(whole, abs=0.05)
 
 
 @pytest.mark.parametrize("name, params, message", [
