@@ -19,6 +19,10 @@ from services.runtime.definition import StageDefinition
 
 OPTION_ENV_PREFIX = "CAPTIONBUS_OPTION_"  # CAPTIONBUS_OPTION_MODEL=base == --option model=base
 
+# Stage processes phone nobody by default: pyannote.audio 4 sends usage telemetry on every
+# model load (whisperx imports it too) unless this is off. A user may still turn it on.
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
 
 def env_name() -> str:
     """The launcher's CAPTIONBUS_ENV, else the managed env this interpreter belongs to."""
