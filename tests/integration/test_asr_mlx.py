@@ -1,0 +1,174 @@
+"""The asr stage's MLX backend for real: the mlx env (mlx[cpu] on Linux) loads Whisper base,
+converted from the CTranslate2 model to the MLX layout (tests/model_factory/whisper_mlx.py),
+through services/asr/mlx_backend.py, and transcribes espeak-ng English.
+
+Audio (16 kHz): a short greeting, a pause, then the test sentence in two parts with a pause
+between. Two decodes (the MLX CPU backend is slow even on OpenBLAS: ~8 s per encoder pass,
+three passes per 30 s window with language detection and word timing):
+1. no language, no regions: language detection says English, the whole text comes back
+   (WER), word times are ordered and inside the audio, progress reaches 1;
+2. language "en", regions around the two sentence parts only, grouped one region per group
+   (GROUP_MAX_S lowered), so each part is decoded from its own clip: the greeting outside the
+   regions is not transcribed, and word times are absolute (the second part's first word
+   starts where that part was placed, not near 0).
+Cheap checks in the same process: an unknown language is BadInput; empty regions give nothing.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import wave
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+
+from tests import media as test_media
+from tests.envtools import run_in_env, test_models_root
+from tests.model_factory.whisper_mlx import ensure_whisper_mlx
+
+RATE = 16000
+GREETING = "Good morning everyone"
+PART_ONE = "The quick brown fox jumps over the lazy dog"
+PART_TWO = "while seven friendly sailors watch the golden sunset from the quiet harbour"
+
+RUNNER = r"""
+import json, sys, time, wave
+import numpy as np
+import structlog
+from services.asr import mlx_backend
+from services.runtime import BadInput
+
+model_dir, wav_path, regions = sys.argv[1], sys.argv[2], [tuple(r) for r in json.loads(sys.argv[3])]
+with wave.open(wav_path, "rb") as w:
+    audio = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+started = time.monotonic()
+model = mlx_backend.load(model_dir, structlog.get_logger())
+out = {"load_s": time.monotonic() - started, "describe": mlx_backend.describe(model),
+       "languages": mlx_backend.supported_languages(model), "runs": []}
+
+def run(language, regions):
+    events = []
+    started = time.monotonic()
+    lang, probability, segments = mlx_backend.transcribe(model, audio, language, regions,
+                                                         lambda f, m: events.append([f, m]))
+    out["runs"].append({"language": lang, "probability": probability, "seconds": time.monotonic() - started,
+                        "segments": [s.model_dump() for s in segments], "progress": events})
+
+run(None, None)
+mlx_backend.GROUP_MAX_S = 5.0  # one group per sentence part: each decoded from its own clip
+run("en", regions)
+try:
+    mlx_backend.transcribe(model, audio, "xx", None, lambda f, m: None)
+    out["bad_language"] = None
+except BadInput as bad:
+    out["bad_language"] = str(bad)
+out["no_regions"] = list(mlx_backend.transcribe(model, audio, "en", [], lambda f, m: None))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def words_of(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def spoken_16k(tmp: Path, name: str, text: str) -> np.ndarray:
+    wav, _ = test_media.speech_wav(tmp / f"{name}.wav", text)
+    raw = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(wav), "-ac", "1", "-ar", str(RATE), "-f", "s16le", "-"],
+        check=True, capture_output=True, timeout=60,
+    ).stdout
+    return np.frombuffer(raw, dtype="<i2")
+
+
+@pytest.fixture(scope="module")
+def mlx_runs(tmp_path_factory, whisper_model):
+    if not test_media.tools_available():
+        pytest.skip("needs ffmpeg and espeak-ng")
+    tmp = tmp_path_factory.mktemp("asr-mlx")
+    model_dir = ensure_whisper_mlx(test_models_root(), whisper_model)
+
+    def silence(seconds: float) -> np.ndarray:
+        return np.zeros(int(seconds * RATE), dtype="<i2")
+
+    pieces = [silence(0.5), spoken_16k(tmp, "greeting", GREETING), silence(1.5)]
+    placed = {}
+    for name, text in (("one", PART_ONE), ("two", PART_TWO)):
+        start = sum(len(p) for p in pieces) / RATE
+        pieces.append(spoken_16k(tmp, name, text))
+        placed[name] = (start, sum(len(p) for p in pieces) / RATE)
+        pieces.append(silence(1.2))
+    audio = np.concatenate(pieces)
+    path = tmp / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(RATE)
+        w.writeframes(audio.tobytes())
+    regions = [placed["one"], placed["two"]]
+    result = run_in_env("mlx", RUNNER, str(model_dir), str(path), json.dumps(regions), timeout=1200,
+                        extra_env={"HF_HUB_OFFLINE": "1"})
+    result.update(duration=len(audio) / RATE, placed=placed)
+    for run in result["runs"]:
+        print(f"mlx asr: {run['seconds']:.1f} s for {result['duration']:.1f} s of audio "
+              f"(regions {'no' if run['probability'] is not None else 'yes'}); load {result['load_s']:.1f} s")
+    return result
+
+
+def all_words(run: dict) -> list[dict]:
+    return [w for s in run["segments"] for w in s["words"]]
+
+
+def text_of(run: dict) -> str:
+    return " ".join(s["text"] for s in run["segments"])
+
+
+def test_model_loads_and_describes_itself(mlx_runs):
+    assert mlx_runs["describe"].startswith("whisper-base-mlx") and "(mlx, " in mlx_runs["describe"]
+    assert len(mlx_runs["languages"]) == 99 and {"en", "hi", "ta"} <= set(mlx_runs["languages"])
+
+
+def test_detected_english_whole_audio_has_low_wer_and_ordered_word_times(mlx_runs):
+    run = mlx_runs["runs"][0]
+    assert run["language"] == "en" and run["probability"] > 0.5
+    spoken = words_of(f"{GREETING} {PART_ONE} {PART_TWO}")
+    error = jiwer.wer(spoken, words_of(text_of(run)))
+    assert error <= 0.3, (error, text_of(run))
+    words = all_words(run)
+    assert len(words) >= 0.8 * len(spoken.split())
+    starts = [w["start"] for w in words]
+    assert starts == sorted(starts)
+    assert all(0 <= w["start"] <= w["end"] <= mlx_runs["duration"] + 0.01 for w in words)
+    assert all(s["start"] <= s["end"] for s in run["segments"])
+    fractions = [f for f, _ in run["progress"]]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0) and len(fractions) >= 2
+
+
+def test_regions_decode_only_speech_inside_them_with_absolute_times(mlx_runs):
+    run = mlx_runs["runs"][1]
+    (one_start, one_end), (two_start, two_end) = mlx_runs["placed"]["one"], mlx_runs["placed"]["two"]
+    assert run["language"] == "en" and run["probability"] is None
+    text = words_of(text_of(run))
+    assert "morning" not in text  # the greeting lies outside the regions
+    error = jiwer.wer(words_of(f"{PART_ONE} {PART_TWO}"), text)
+    assert error <= 0.3, (error, text)
+    words = all_words(run)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    # Every word inside one of the two regions, none in the pause between them.
+    def inside(w: dict, start: float, end: float) -> bool:  # times are rounded to ms
+        return start - 0.001 <= w["start"] <= w["end"] <= end + 0.001
+
+    for w in words:
+        assert inside(w, one_start, one_end) or inside(w, two_start, two_end), w
+    # Absolute times: each part's first word starts where that part was placed (espeak-ng
+    # starts speaking within a few hundred ms), the second part from its own clip.
+    assert abs(words[0]["start"] - one_start) < 0.6, words[0]
+    second = next(w for w in words if w["start"] >= one_end)
+    assert words_of(second["text"]) == "while" and abs(second["start"] - two_start) < 0.6, second
+    assert any("2/2" in message for _, message in run["progress"])
+
+
+def test_unknown_language_is_bad_input_and_no_regions_give_no_segments(mlx_runs):
+    assert "'xx'" in mlx_runs["bad_language"] and "leave it unset" in mlx_runs["bad_language"]
+    assert mlx_runs["no_regions"] == ["en", None, []]
