@@ -1,0 +1,1 @@
+"""source_separation: isolate the vocals of a film's soundtrack (htdemucs) before ASR."""
