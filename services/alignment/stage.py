@@ -49,7 +49,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import wave
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,9 @@ import pydantic
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Segment, Transcript, Word
+from services.audio import read_wav
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.options import default_device, option
 
 SAMPLE_RATE = 16000
 RETRY_FAILED_LOAD_S = 600.0
@@ -282,16 +283,7 @@ class Aligner:
 
 
 def _option(ctx: SetupContext, key: str, default=None):
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(f"CAPTIONBUS_ALIGN_{key.upper()}")
-    return default if value in (None, "") else value
-
-
-def _default_device() -> str:
-    from captionbus import hardware
-
-    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
+    return option(ctx, key, f"CAPTIONBUS_ALIGN_{key.upper()}", default)
 
 
 def parameter_free_punkt(languages: set[str]) -> Path:
@@ -326,7 +318,7 @@ def setup(ctx: SetupContext) -> Aligner:
     aligner = Aligner(
         sources=sources,
         models_dir=Path(ctx.models_dir),
-        device=str(_option(ctx, "device", _default_device())),
+        device=str(_option(ctx, "device", default_device())),
         cache_size=max(1, int(_option(ctx, "cache_size", 2))),
         cache_dir=str(cache_dir) if cache_dir else None,
         punkt_dir=punkt_dir,
@@ -352,24 +344,6 @@ def read_transcript(path: Path) -> Transcript:
         error = invalid.errors()[0]
         where = ".".join(str(p) for p in error.get("loc", ())) or "document"
         raise BadInput(f"transcript is not valid transcript JSON ({where}: {error['msg']})")
-
-
-def read_wav(path: Path):
-    """The demux output as float32 samples in -1..1."""
-    import numpy as np
-
-    try:
-        with wave.open(str(path), "rb") as w:
-            shape = (w.getframerate(), w.getnchannels(), w.getsampwidth())
-            if shape != (SAMPLE_RATE, 1, 2):
-                raise BadInput(
-                    f"audio must be 16 kHz mono 16-bit PCM WAV (the demux output); got {shape[0]} Hz, "
-                    f"{shape[1]} channel(s), {8 * shape[2]}-bit"
-                )
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise BadInput(f"audio is not a readable PCM WAV file ({err})")
-    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
 
 
 def transcript_language(request: StageRequest, transcript: Transcript) -> str:

@@ -40,7 +40,6 @@ import importlib.util
 import os
 import threading
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,9 @@ from contracts import StageRequest
 from contracts.speech import SpeechRegions
 from contracts.transcript import Segment, Transcript, Word
 from services.asr import hallucination
+from services.audio import read_wav
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.options import default_device, option
 
 SAMPLE_RATE = 16000
 SENTENCE_END = (".", "?", "!", "。", "？", "！", "।")
@@ -123,10 +124,7 @@ class AsrModel:
 
 
 def _option(ctx: SetupContext, key: str, default=None):
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(f"CAPTIONBUS_ASR_{key.upper()}")
-    return default if value in (None, "") else value
+    return option(ctx, key, f"CAPTIONBUS_ASR_{key.upper()}", default)
 
 
 def _installed(module: str) -> bool:
@@ -172,12 +170,6 @@ def model_source(ctx: SetupContext, backend: str = "whisperx") -> str:
     )
 
 
-def _default_device() -> str:
-    from captionbus import hardware
-
-    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
-
-
 def setup(ctx: SetupContext) -> AsrModel:
     backend = choose_backend(ctx)
     source = model_source(ctx, backend)
@@ -193,7 +185,7 @@ def setup(ctx: SetupContext) -> AsrModel:
     import torch
     import whisperx  # heavy (torch, pyannote): only in the asr process, only here
 
-    device = str(_option(ctx, "device", _default_device()))
+    device = str(_option(ctx, "device", default_device()))
     compute_type = str(_option(ctx, "compute_type", "int8" if device == "cpu" else "float16"))
     threads = int(_option(ctx, "threads", os.cpu_count() or 1))
     batch_size = int(_option(ctx, "batch_size", 4))
@@ -223,22 +215,6 @@ def describe_model(resources: AsrModel | None) -> str | None:
 
         return mlx_backend.describe(resources.engine)
     return f"{resources.source} ({resources.compute_type}, {resources.device})"
-
-
-def read_wav(path: Path) -> np.ndarray:
-    """The demux output as float32 samples in -1..1."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            shape = (w.getframerate(), w.getnchannels(), w.getsampwidth())
-            if shape != (SAMPLE_RATE, 1, 2):
-                raise BadInput(
-                    f"audio must be 16 kHz mono 16-bit PCM WAV (the demux output); got {shape[0]} Hz, "
-                    f"{shape[1]} channel(s), {8 * shape[2]}-bit"
-                )
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise BadInput(f"audio is not a readable PCM WAV file ({err})")
-    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
 
 
 def requested_language(request: StageRequest, model: AsrModel) -> str | None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from contracts import StageRequest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.options import default_device, option
 from services.source_separation.streaming import SAMPLE_RATE, plan_windows, scan, stream_windows
 
 DEFAULT_MODEL = "htdemucs"
@@ -85,19 +86,7 @@ class DemucsModel:
 
 
 def _option(ctx: SetupContext, key: str, default=None):
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(f"CAPTIONBUS_DEMUCS_{key.upper()}")
-    return default if value in (None, "") else value
-
-
-def _default_device() -> str:
-    import torch
-
-    from captionbus import hardware
-
-    # The demucs env ships the CPU torch wheel; a GPU host needs a CUDA torch to use it.
-    return "cuda" if "cuda" in hardware.load().kinds() and torch.cuda.is_available() else "cpu"
+    return option(ctx, key, f"CAPTIONBUS_DEMUCS_{key.upper()}", default)
 
 
 def load_model(name: str, repo: str | None):
@@ -130,7 +119,7 @@ def setup(ctx: SetupContext) -> DemucsModel:
     name = str(_option(ctx, "model", DEFAULT_MODEL))
     repo = _option(ctx, "repo")
     repo = str(repo) if repo else None
-    device = str(_option(ctx, "device") or _default_device())
+    device = str(_option(ctx, "device") or default_device())
     torch.set_num_threads(int(_option(ctx, "threads", os.cpu_count() or 1)))
 
     started = time.monotonic()

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.audio import WAV_HEADER_ERRORS
 from services.runtime import BadInput
 
 SAMPLE_RATE = 16000
@@ -38,8 +39,8 @@ class AudioStats:
 def _open(path: Path, name: str) -> wave.Wave_read:
     try:
         reader = wave.open(str(path), "rb")
-    except (wave.Error, EOFError) as err:
-        raise BadInput(f"{name} is not a readable PCM WAV file ({err}); separation needs the demux output") from None
+    except WAV_HEADER_ERRORS as err:
+        raise BadInput(f"{name} is not a readable PCM WAV file ({err or 'its header is damaged'}); separation needs the demux output") from None
     shape = (reader.getframerate(), reader.getnchannels(), reader.getsampwidth())
     if shape != (SAMPLE_RATE, 1, SAMPLE_WIDTH):
         reader.close()

@@ -18,7 +18,6 @@ Service options (`serve <stage> --option k=v`, or the env var in brackets):
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Segment, Transcript
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.options import option
 from services.translation.glossary import Glossary, GlossaryError, Term, parse_glossary, read_glossary_file, restore
 from services.translation.units import MAX_UNIT_SEGMENTS, SegmentText, group_units, split_translation
 
@@ -48,21 +48,6 @@ class Translator(Protocol):
 
     def describe(self) -> str:
         """The loaded model for worker info, e.g. "facebook/nllb-200-distilled-600M (cpu)"."""
-
-
-def option(ctx: SetupContext, key: str, env_var: str, default: Any = None) -> Any:
-    """A service option: `--option key=value`, else the env var, else the default."""
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(env_var)
-    return default if value in (None, "") else value
-
-
-def default_device() -> str:
-    """cuda where the host's hardware cache has a GPU, else cpu (as the asr stage decides)."""
-    from captionbus import hardware
-
-    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
 
 
 @dataclass

@@ -44,7 +44,8 @@ from typing import Any
 
 from captionbus.translation_routes import Backend, backend_for_stage
 from services.runtime import SetupContext
-from services.translation.core import default_device, option, translation_stage
+from services.runtime.options import default_device, option
+from services.translation.core import translation_stage
 
 STAGE_NAME = "translation_indictrans2"
 DIRECTIONS = ("en-indic", "indic-en", "indic-indic")

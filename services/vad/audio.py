@@ -1,41 +1,19 @@
 """Reading the demux output (16 kHz mono 16-bit PCM WAV) in blocks, so a feature film is never
-held in memory whole. Shared by both VAD backends; numpy only."""
+held in memory whole. Shared by both VAD backends; numpy only. Opening and checking the file is
+services/audio.py's `open_wav`, re-exported here."""
 from __future__ import annotations
 
-import struct
 import wave
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from services.runtime.errors import BadInput
+from services.audio import SAMPLE_RATE, open_wav
 
-SAMPLE_RATE = 16000
+__all__ = ["SAMPLE_RATE", "open_wav", "read_samples", "iter_blocks", "truncation_warning"]
 # How wave reports reading or seeking past the data a damaged/truncated file really holds: that is
 # where the audio ends (the truncation warning tells the user).
 _PAST_THE_END = (wave.Error, RuntimeError, EOFError)
-
-
-@contextmanager
-def open_wav(path: Path) -> Iterator[wave.Wave_read]:
-    """The WAV, checked to be what demux writes; BadInput (one line) otherwise."""
-    try:
-        reader = wave.open(str(path), "rb")
-    # what Python's wave raises on a damaged header (RuntimeError: a chunk size past the end)
-    except (wave.Error, EOFError, RuntimeError, ValueError, struct.error) as err:
-        raise BadInput(f"audio is not a readable PCM WAV file ({err or 'its header is damaged or cut short'})") from None
-    try:
-        shape = (reader.getframerate(), reader.getnchannels(), reader.getsampwidth())
-        if shape != (SAMPLE_RATE, 1, 2):
-            raise BadInput(
-                f"audio must be 16 kHz mono 16-bit PCM WAV (the demux output); got {shape[0]} Hz, "
-                f"{shape[1]} channel(s), {8 * shape[2]}-bit"
-            )
-        yield reader
-    finally:
-        reader.close()
 
 
 def read_samples(reader: wave.Wave_read, start: int, count: int) -> np.ndarray:

@@ -39,6 +39,7 @@ import numpy as np
 
 from contracts import StageRequest
 from services.runtime import SetupContext, StageContext, StageDefinition
+from services.runtime.options import default_device, option
 from services.vad import audio as wav
 from services.vad.regions import FrameScores, parse_params, speech_regions
 from services.vad.stage import report, write_regions
@@ -58,10 +59,7 @@ class PyannoteModel:
 
 
 def _option(ctx: SetupContext, key: str, default=None):
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(f"CAPTIONBUS_VAD_PYANNOTE_{key.upper()}")
-    return default if value in (None, "") else value
+    return option(ctx, key, f"CAPTIONBUS_VAD_PYANNOTE_{key.upper()}", default)
 
 
 def model_path(ctx: SetupContext) -> Path:
@@ -75,12 +73,6 @@ def model_path(ctx: SetupContext) -> Path:
     return path
 
 
-def _default_device() -> str:
-    from captionbus import hardware
-
-    return "cuda" if "cuda" in hardware.load().kinds() else "cpu"
-
-
 def setup(ctx: SetupContext) -> PyannoteModel:
     # pyannote.audio 4 sends usage telemetry (OpenTelemetry, to pyannote's servers) on each model
     # load unless told not to; it is read at import. An operator may still opt in explicitly.
@@ -89,7 +81,7 @@ def setup(ctx: SetupContext) -> PyannoteModel:
     from pyannote.audio import Inference, Model  # heavy: only in this stage's process
 
     path = model_path(ctx)
-    device = str(_option(ctx, "device", _default_device()))
+    device = str(_option(ctx, "device", default_device()))
     torch.set_num_threads(int(_option(ctx, "threads", 1)))
     started = time.monotonic()
     model = Model.from_pretrained(path)  # a local checkpoint: no hub, no token

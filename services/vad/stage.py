@@ -21,7 +21,6 @@ Service options (`serve vad --option k=v`, or the env var in brackets):
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from contracts import StageRequest
 from contracts.speech import SpeechRegion, SpeechRegions
 from services.runtime import SetupContext, StageContext, StageDefinition
+from services.runtime.options import option
 from services.vad import audio as wav
 from services.vad.regions import FrameScores, parse_params, speech_regions
 
@@ -49,10 +49,7 @@ class SileroModel:
 
 
 def _option(ctx: SetupContext, key: str, default=None):
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(f"CAPTIONBUS_VAD_{key.upper()}")
-    return default if value in (None, "") else value
+    return option(ctx, key, f"CAPTIONBUS_VAD_{key.upper()}", default)
 
 
 def model_path(ctx: SetupContext) -> Path:
