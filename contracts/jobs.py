@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from contracts.artifacts import ArtifactRef
 from contracts.ids import JobId, Token
@@ -27,6 +27,17 @@ class JobSpec(BaseModel):
     # Switches for optional stages and stage parameters, e.g. {"asr": {"model": "base"}}.
     options: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("source_language")
+    @classmethod
+    def _normal_source(cls, code: str | None) -> str | None:
+        # "HI " and "hi" are one language everywhere downstream (routes, file names, track tags).
+        return code.strip().lower() or None if isinstance(code, str) else code
+
+    @field_validator("target_languages")
+    @classmethod
+    def _normal_targets(cls, codes: list[str]) -> list[str]:
+        return list(dict.fromkeys(c.strip().lower() for c in codes if c.strip()))
 
 
 class JobStatus(str, Enum):

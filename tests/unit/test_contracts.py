@@ -50,3 +50,11 @@ def test_request_key_names_the_try():
     req = StageRequest(job_id="j1", stage="asr", node="asr", attempt=3)
     assert req.key == "j1.asr.3"
     assert subjects.stage_request("asr") == "captionbus.req.asr"
+
+
+def test_job_languages_are_normalised_where_the_spec_is_made():
+    from contracts import ArtifactRef, JobSpec
+
+    spec = JobSpec(job_id="j1", input=ArtifactRef(key="0" * 64, name="a.mp4", size=1),
+                   source_language=" HI", target_languages=["EN", "en", " Ta "])
+    assert spec.source_language == "hi" and spec.target_languages == ["en", "ta"]
