@@ -405,6 +405,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     def keep_input(reason: str | None) -> dict[str, Path]:
         if reason:
             ctx.warn(f"{reason}: kept ASR word times")
+            ctx.skip_cache(reason)  # a model configured or loadable later should get its chance
         out.write_text(transcript.model_dump_json(indent=1))
         ctx.metrics.update(alignment_s=time.monotonic() - started, words=float(total_words), words_aligned=0.0,
                            fallback=1.0 if reason else 0.0, segments=float(len(transcript.segments)))

@@ -3,10 +3,15 @@
 Artifacts are content-addressed, so a finished stage is fully described by the hashes of what
 went in and the settings it ran with. The key is a sha256 over: stage name and its
 `cache_version`, the worker's env and package versions, the loaded model (describe_model), the
-input artifacts (content hash and name: mux reads languages from names) and the request
+worker's fingerprint (`worker_fingerprint`: its service options and CAPTIONBUS_* settings, a
+size/mtime stamp of every file or folder they name — model folders, glossaries —, the config
+files and the source of every project module the process loaded, so a code fix is a miss),
+the input artifacts (content hash and name: mux reads languages from names) and the request
 params except `target_languages` (the job-wide list every node receives; branch nodes get
-their own `target_language`). An entry is {outputs, metrics}; a hit is used only while every
-output artifact can still be read. Only completions are cached, never failures.
+their own `target_language`). An entry is {outputs, metrics, warnings}; a hit is used only
+while every output artifact can still be read, and its warnings are published again. Only
+completions are cached, never failures, nor results a stage marked with `ctx.skip_cache()`
+(fallbacks a rerun may improve).
 
 Where entries live follows where artifacts live: with the object store (a fleet) in the KV
 bucket `cb_stage_cache` (subjects.STAGE_CACHE_BUCKET); with local artifacts (one host) as files
@@ -21,12 +26,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
+# Settings that say where this host keeps things or how it talks to the bus, not what a stage computes.
+HOST_SETTINGS = frozenset({
+    "CAPTIONBUS_HOME", "CAPTIONBUS_ENVS", "CAPTIONBUS_ENV", "CAPTIONBUS_HOST_ID", "CAPTIONBUS_ARTIFACTS",
+    "CAPTIONBUS_ACK_WAIT", "CAPTIONBUS_MAX_DELIVER", "CAPTIONBUS_REPLICAS", "CAPTIONBUS_STAGE_CACHE",
+})
+MAX_STAMPED_FILES = 5000
 _FALSE = {"false", "0", "no", "off"}
 
 
@@ -39,10 +51,55 @@ def worker_cache_enabled() -> bool:
     return os.environ.get("CAPTIONBUS_STAGE_CACHE", "on").strip().lower() not in _FALSE
 
 
-def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo) -> str:
+def _stamp(path: Path) -> list:
+    """Size and modification time of a file, or of every file under a folder (not their bytes:
+    model folders are gigabytes). A rebuilt model at the same path changes its stamp."""
+    if path.is_file():
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    stamps = []
+    for n, file in enumerate(sorted(p for p in path.rglob("*") if p.is_file())):
+        if n >= MAX_STAMPED_FILES:
+            break
+        st = file.stat()
+        stamps.append([str(file.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def _existing_path(value: str) -> Path | None:
+    if not value or len(value) > 4096 or "\n" in value:
+        return None
+    try:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() and path.exists() else None
+    except OSError:
+        return None
+
+
+def worker_fingerprint(options: dict[str, Any], config_dir: Path, project_root: Path) -> str:
+    """What this worker process computes with beyond its model description: call after setup()."""
+    settings = {k: v for k, v in os.environ.items() if k.startswith("CAPTIONBUS_") and k not in HOST_SETTINGS}
+    settings.update({f"option:{k}": str(v) for k, v in options.items()})
+    paths = {v: _stamp(p) for v in settings.values() if (p := _existing_path(v)) is not None}
+    digest = hashlib.sha256()
+    for file in sorted(config_dir.glob("*.yaml")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    sources = sorted({
+        Path(module.__file__) for module in list(sys.modules.values())
+        if getattr(module, "__file__", None) and Path(module.__file__).is_relative_to(project_root)
+        and Path(module.__file__).suffix == ".py"
+    })
+    for file in sources:
+        digest.update(str(file.relative_to(project_root)).encode() + b"\0" + file.read_bytes())
+    blob = json.dumps({"settings": settings, "paths": paths, "files": digest.hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fingerprint: str = "") -> str:
     material = {
         "stage": request.stage,
         "cache_version": cache_version,
+        "worker": fingerprint,
         "env": info.env,
         "packages": info.packages,
         "model": info.model,
@@ -57,7 +114,7 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo) ->
 
 
 class StageCache:
-    """KV-backed lookups and records; every failure here is a miss, never a failed request."""
+    """Lookups and records (KV or local files); every failure here is a miss, never a failed request."""
 
     def __init__(self, js: Any, store: Any, log: Any, local_dir: Path | None = None):
         self.js = js
@@ -85,7 +142,7 @@ class StageCache:
         tmp.write_bytes(value)
         os.replace(tmp, self.local_dir / f"{key}.json")  # readers never see half an entry
 
-    async def lookup(self, key: str) -> tuple[dict[str, ArtifactRef], dict[str, float]] | None:
+    async def lookup(self, key: str) -> tuple[dict[str, ArtifactRef], dict[str, float], list[str]] | None:
         try:
             data = json.loads(await self._read(key))
             outputs = {name: ArtifactRef.model_validate(ref) for name, ref in data["outputs"].items()}
@@ -97,10 +154,12 @@ class StageCache:
             if not await self.store.exists(ref):
                 self.log.info("stage cache entry's artifact is gone; running the stage", artifact=ref.key[:16])
                 return None
-        return outputs, {k: float(v) for k, v in data.get("metrics", {}).items()}
+        return outputs, {k: float(v) for k, v in data.get("metrics", {}).items()}, list(data.get("warnings", []))
 
-    async def record(self, key: str, outputs: dict[str, ArtifactRef], metrics: dict[str, float]) -> None:
-        value = json.dumps({"outputs": {n: r.model_dump(mode="json") for n, r in outputs.items()}, "metrics": metrics})
+    async def record(self, key: str, outputs: dict[str, ArtifactRef], metrics: dict[str, float],
+                     warnings: list[str]) -> None:
+        value = json.dumps({"outputs": {n: r.model_dump(mode="json") for n, r in outputs.items()},
+                            "metrics": metrics, "warnings": warnings})
         try:
             await self._write(key, value.encode())
         except Exception as e:

@@ -43,6 +43,8 @@ class RequestContext:
         self._lock = threading.Lock()
         self._last_progress = 0.0
         self.cancelled = cancelled or threading.Event()  # set by the worker when the job ends
+        self.warnings: list[str] = []  # kept with a cached result and published again on a hit
+        self.cache_blockers: list[str] = []  # why this result must not be cached (skip_cache)
 
     # -- inputs -------------------------------------------------------------------------------
     def input_path(self, name: str) -> Path:
@@ -89,7 +91,12 @@ class RequestContext:
 
     def warn(self, message: str) -> None:
         self.log.warning("stage warning", message=message)
+        self.warnings.append(message)
         self._post(StageWarning(**self._ids(), message=message))
+
+    def skip_cache(self, reason: str) -> None:
+        self.log.info("result will not be cached", reason=reason)
+        self.cache_blockers.append(reason)
 
     def _ids(self) -> dict[str, Any]:
         r = self.request

@@ -37,6 +37,10 @@ class StageContext(Protocol):
     def warn(self, message: str) -> None:
         """Publish a StageWarning event (e.g. a fallback was taken)."""
 
+    def skip_cache(self, reason: str) -> None:
+        """Keep this result out of the stage cache: it is a fallback that a rerun may improve
+        (e.g. a model that failed to load this time)."""
+
 
 @dataclass
 class SetupContext:

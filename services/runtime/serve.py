@@ -42,12 +42,12 @@ from captionbus.bus import (
     ensure_stage_consumer_info,
     require_provisioned,
 )
-from captionbus.settings import Settings
-from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, WorkerInfo, subjects
+from captionbus.settings import CONFIG_DIR, PROJECT_ROOT, Settings
+from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, StageWarning, WorkerInfo, subjects
 from services.runtime.context import RequestContext
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
-from services.runtime.cache import StageCache, cache_enabled_for, cache_key, worker_cache_enabled
+from services.runtime.cache import StageCache, cache_enabled_for, cache_key, worker_cache_enabled, worker_fingerprint
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
@@ -90,8 +90,10 @@ class StageWorker:
         log: Any,
         retry_delay_s: float = 1.0,
         grace_s: float = 30.0,
+        cache_fingerprint: str = "",
     ):
         self.definition = definition
+        self.cache_fingerprint = cache_fingerprint
         self.settings = settings
         self.js = js
         self.store = store
@@ -242,7 +244,8 @@ class StageWorker:
                    slot: "_Slot", cancelled: threading.Event) -> None:
         key = None
         if self.cache is not None and cache_enabled_for(request):
-            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info)
+            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
+                            fingerprint=self.cache_fingerprint)
             hit = await self.cache.lookup(key)
             if hit is not None:
                 await self._complete_from_cache(msg, request, hit, delivery, log)
@@ -270,13 +273,15 @@ class StageWorker:
         # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
         await msg.ack_sync()
         log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
-        if key is not None:
-            await self.cache.record(key, refs, metrics)
+        if key is not None and not ctx.cache_blockers:
+            await self.cache.record(key, refs, metrics, ctx.warnings)
 
     async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
-        outputs, cached_metrics = hit
+        outputs, cached_metrics, warnings = hit
         metrics = {k: v for k, v in cached_metrics.items() if k not in ("delivery", "cache_hit")}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
+        for message in warnings:  # what the first run said still holds for these outputs
+            await self._publish(StageWarning(**_ids(request), message=message))
         await self._publish(
             StageCompleted(**_ids(request), outputs=outputs, metrics=metrics, worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
@@ -452,10 +457,11 @@ async def serve(
         policy = effective_policy(consumer)
         sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
         service = await _register(nc, info)
+        fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), CONFIG_DIR, PROJECT_ROOT)
         worker = StageWorker(
             definition, settings, js, store if store is not None else _make_store(settings, js),
             info=info, policy=policy, resources=resources, log=log,
-            retry_delay_s=retry_delay_s, grace_s=grace_s,
+            retry_delay_s=retry_delay_s, grace_s=grace_s, cache_fingerprint=fingerprint,
         )
         if signals:
             _stop_on_signals(stop, worker.force, log)

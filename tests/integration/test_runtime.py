@@ -34,7 +34,8 @@ def counting(definition: StageDefinition = NOOP, name: str = "probe") -> tuple[S
         return definition.handle(request, ctx)
 
     return StageDefinition(name=name, handle=handle, setup=definition.setup,
-                           describe_model=definition.describe_model, slots=definition.slots), calls
+                           describe_model=definition.describe_model, slots=definition.slots,
+                           cacheable=definition.cacheable), calls
 
 
 class Bus:
@@ -126,7 +127,7 @@ def test_success_publishes_completion_then_acks(nats_server, tmp_path):
         request = await bus.request("job1", params={"sleep_s": 0.8, "warn": "took a shortcut"})
         done = await bus.wait_for("stage_completed", "job1")
         assert (done.stage, done.node, done.attempt) == ("noop", "noop", 1)
-        assert set(done.worker) == {"worker_id", "env", "interpreter", "host", "pid"}
+        assert {"worker_id", "env", "interpreter", "python", "host", "pid", "pkg.pydantic"} <= set(done.worker)
         assert done.worker["env"] == "test" and done.metrics["delivery"] == 1.0
         out = await bus.store.get(done.outputs["out"])
         assert out.read_text() == f"{request.key}\n"

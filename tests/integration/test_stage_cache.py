@@ -128,3 +128,60 @@ def test_fleet_cache_lives_in_the_kv_bucket(nats_server: str, captionbus_home: P
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001"] and not (captionbus_home / "stage-cache").exists()
+
+
+def _warning_upper(request: StageRequest, ctx) -> dict[str, Path]:
+    outputs = _upper(request, ctx)
+    ctx.warn("shouted on purpose")
+    if request.params.get("fallback"):
+        ctx.skip_cache("a fallback a rerun may improve")
+    return outputs
+
+
+WARNING_UPPER = StageDefinition(name="upper", handle=_warning_upper, describe_model=lambda _: "upper-v1")
+
+
+def test_hits_repeat_warnings_and_fallbacks_are_not_cached(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("warn me")
+
+    async def body(bus):
+        await bus.start(WARNING_UPPER)
+        ref = await bus.store.put(source, name="in.txt")
+        for job in ("j0001", "j0002"):
+            await bus.request(job, "upper", inputs={"text": ref})
+            await bus.wait_for("stage_completed", job)
+        assert [w.message for w in bus.of_kind("stage_warning", "j0002")] == ["shouted on purpose"]
+        for job in ("j0003", "j0004"):
+            await bus.request(job, "upper", inputs={"text": ref}, params={"fallback": True})
+            await bus.wait_for("stage_completed", job)
+
+    run(nats_server, captionbus_home, body)
+    assert CALLS == ["j0001", "j0003", "j0004"]
+
+
+def test_worker_settings_and_the_files_they_name_are_in_the_key(tmp_path: Path, monkeypatch):
+    """A model folder rebuilt in place, a changed setting or a code change is a different worker."""
+    import os
+
+    from services.runtime.cache import worker_fingerprint
+
+    config, code = tmp_path / "config", tmp_path / "code"
+    config.mkdir(), code.mkdir()
+    (config / "translation.yaml").write_text("a: 1\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"x" * 10)
+    monkeypatch.setenv("CAPTIONBUS_NLLB_MODEL", str(model))
+    monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home-a"))
+    base = worker_fingerprint({}, config, code)
+    monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home-b"))
+    assert worker_fingerprint({}, config, code) == base  # where data lives is not what is computed
+    (model / "weights.bin").write_bytes(b"y" * 11)
+    changed_model = worker_fingerprint({}, config, code)
+    assert changed_model != base
+    assert worker_fingerprint({"num_beams": 2}, config, code) != changed_model
+    (config / "translation.yaml").write_text("a: 2\n")
+    assert worker_fingerprint({}, config, code) != changed_model
+    os.utime(model)  # touching the folder itself changes nothing; its files count

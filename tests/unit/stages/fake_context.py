@@ -26,6 +26,7 @@ class FakeStageContext:
     metrics: dict[str, float] = field(default_factory=dict)
     progress_events: list[tuple[float, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    cache_blockers: list[str] = field(default_factory=list)
 
     def input_path(self, name: str) -> Path:
         return self.files[name]
@@ -39,6 +40,9 @@ class FakeStageContext:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    def skip_cache(self, reason: str) -> None:
+        self.cache_blockers.append(reason)
 
     def check_cancelled(self) -> None:
         pass  # a test's job is never cancelled
