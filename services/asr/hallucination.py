@@ -236,17 +236,22 @@ def _strip_tags(segment: Segment, report: FilterReport) -> Segment | None:
         text, music = strip_sound_tags(segment.text)
         cleaned = segment.model_copy(update={"text": text})
     else:
-        # Tags can span several words ("[Music", "playing]"): strip on the joined text, then keep
-        # the words whose characters survive, in order.
-        text, music = strip_sound_tags(" ".join(w.text for w in segment.words))
-        surviving = text.split()
-        kept: list[Word] = []
+        # Tags can span several words ("[Music", "playing]"): find them in the joined text and
+        # drop the words that lie inside one; every other word stays (minus notes on its own).
+        joined, spans = "", []
         for word in segment.words:
-            candidate, _ = strip_sound_tags(word.text)
-            candidate = candidate.strip(" [](){}*")
-            if surviving and candidate and candidate == surviving[0]:
-                kept.append(word.model_copy(update={"text": candidate}))
-                surviving.pop(0)
+            start = len(joined) + (1 if joined else 0)
+            joined = f"{joined} {word.text}" if joined else word.text
+            spans.append((start, start + len(word.text)))
+        _, music = strip_sound_tags(joined)
+        tags = [(m.start(), m.end()) for m in SOUND_TAG.finditer(joined)]
+        kept: list[Word] = []
+        for word, (start, end) in zip(segment.words, spans):
+            if any(tag_start <= start and end <= tag_end for tag_start, tag_end in tags):
+                continue
+            text, _ = strip_sound_tags(word.text)
+            if text:
+                kept.append(word.model_copy(update={"text": text}))
         cleaned = _rebuilt(segment, kept)
     if not normalise(cleaned.text):
         report.dropped.append(Dropped("sound_tag", segment.start, segment.end, segment.text))

@@ -25,14 +25,15 @@ Service options (`serve asr --option k=v`, or the env var in brackets):
 
 Where word times come from. whisperx's FasterWhisperPipeline decodes each VAD speech chunk
 (up to 30 s) in batches with `without_timestamps=True` and returns one text per chunk, no word
-times: whisperx gets those from its separate wav2vec2 alignment step, which needs weights that
-are not available here (and is a stage of its own later). Running faster-whisper's own
+times: whisperx gets those from its separate wav2vec2 alignment step, which here is the
+`alignment` stage of the translate/subtitle workflows (services/alignment). Running faster-whisper's own
 `transcribe(word_timestamps=True)` on the same chunks was measured worse on the test clip
 (WER 0.21 vs 0.0: it pads the mel spectrogram instead of the audio and decodes with
 timestamp tokens). So we keep whisperx's text and time its words with Whisper's cross-attention
 alignment (faster-whisper's `find_alignment`, i.e. CTranslate2 `Whisper.align`, the mechanism
 behind faster-whisper's word timestamps) on the very chunk and features the text was decoded
-from: one extra encoder pass per chunk, same model, same process.
+from: one extra encoder pass per chunk, same model, same process. These times are what the
+transcribe workflow uses, and what alignment falls back to for a language without an aligner.
 """
 from __future__ import annotations
 

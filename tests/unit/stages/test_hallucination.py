@@ -210,3 +210,11 @@ def test_clean_transcript_passes_unchanged():
     cleaned, report = clean_segments(segments, regions=[(0.3, 8.0)], duration=9)
     assert cleaned == segments and not report.anything_dropped and report.summary() == ""
     assert report.metrics()["hallucinations_dropped"] == 0
+
+
+def test_a_tag_keeps_every_word_around_it():
+    """A parenthesis that is not a tag ("2)") must not make the words after it disappear."""
+    segment = timed("we have (1) apples and 2) pears too.", start=0)
+    [cleaned], report = clean_segments([segment])
+    assert [w.text for w in cleaned.words] == ["we", "have", "apples", "and", "2)", "pears", "too."]
+    assert not report.dropped
