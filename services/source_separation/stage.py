@@ -9,7 +9,7 @@ model's own segments), the `vocals` source downmixed and resampled back to 16 kH
 cross-faded into the previous window's overlap and appended to the output WAV. Memory is one
 window's worth whatever the film's length.
 
-Params: `chunk_s` (longest window, seconds; default 60), `overlap_s` (default 3; at most a third
+Params: `chunk_s` (longest window, seconds; default 60, at most 600), `overlap_s` (default 3; at most a third
 of chunk_s). Windows are made equally long, so a film is cut into ceil(duration / 57 s) of them.
 Outputs: `vocals` (vocals.wav: 16 kHz mono 16-bit PCM, exactly as long as the input).
 Metrics: separation_s, audio_duration_s, realtime_factor, windows, model_load_s.
@@ -46,6 +46,7 @@ DEFAULT_MODEL = "htdemucs"
 DEFAULT_CHUNK_S = 60.0
 DEFAULT_OVERLAP_S = 3.0
 MIN_CHUNK_S = 1.0
+MAX_CHUNK_S = 600.0  # a window's separated stems are held in memory (~4 stems x 2 ch x 44.1 kHz)
 VOCALS = "vocals"
 SEGMENT_OVERLAP = 0.25  # apply_model's own overlap between the model's segments (its default)
 
@@ -148,8 +149,9 @@ def window_params(request: StageRequest) -> tuple[float, float]:
         overlap_s = float(request.params.get("overlap_s", min(DEFAULT_OVERLAP_S, chunk_s / 3)))
     except (TypeError, ValueError):
         raise BadInput("source_separation.chunk_s and overlap_s must be numbers of seconds") from None
-    if not chunk_s >= MIN_CHUNK_S:
-        raise BadInput(f"source_separation.chunk_s must be at least {MIN_CHUNK_S:g} s, not {chunk_s:g}")
+    if not MIN_CHUNK_S <= chunk_s <= MAX_CHUNK_S:  # also refuses inf and nan
+        raise BadInput(f"source_separation.chunk_s must be between {MIN_CHUNK_S:g} and {MAX_CHUNK_S:g} s "
+                       f"(memory grows with it), not {chunk_s:g}")
     if not 0 <= overlap_s <= chunk_s / 3:
         raise BadInput(f"source_separation.overlap_s must be between 0 and a third of chunk_s ({chunk_s / 3:g} s), not {overlap_s:g}")
     return chunk_s, overlap_s

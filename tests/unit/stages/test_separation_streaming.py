@@ -164,7 +164,8 @@ def test_bad_audio_is_bad_input_with_a_reason(tmp_path, make, message):
 
 @pytest.mark.parametrize(
     "params, message",
-    [({"chunk_s": "soon"}, "numbers of seconds"), ({"chunk_s": 0.5}, "at least 1 s"),
+    [({"chunk_s": "soon"}, "numbers of seconds"), ({"chunk_s": 0.5}, "between 1 and 600 s"),
+     ({"chunk_s": float("inf")}, "between 1 and 600 s"), ({"chunk_s": 1e6}, "memory grows"),
      ({"chunk_s": 10, "overlap_s": 4}, "a third of chunk_s"), ({"overlap_s": -1}, "between 0")],
 )
 def test_bad_window_params_are_bad_input(tmp_path, params, message):
