@@ -55,6 +55,9 @@ def validate_job(
     source_language = check_language(source_language) if source_language else None
     target_languages = [check_language(code) for code in target_languages]
     graph = load_workflow(path)
+    vad = (options or {}).get("vad")
+    if vad not in (None, "silero", "pyannote"):  # the graphs test `options.vad == pyannote`: a typo would pick silero
+        raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
     # The plan of a job like this one (the input is not read yet): what the coordinator will run.

@@ -37,7 +37,7 @@ from services.translation.glossary import Glossary, GlossaryError, Term, parse_g
 from services.translation.units import MAX_UNIT_SEGMENTS, SegmentText, group_units, split_translation
 
 DEFAULT_BATCH_SIZE = 16
-MAX_BATCH_SIZE = 1024
+MAX_BATCH_SIZE = 64  # units per generate() call: beams x batch x length is what memory holds
 UNTRANSLATED_FLAG = "untranslated"
 
 

@@ -24,7 +24,10 @@ import regex
 PLACEHOLDER = "[{n}]"
 # What a model may have made of a placeholder: spaces inside the brackets, native digits
 # (\d is any Unicode digit here), full-width brackets.
-_PLACEHOLDER_FOUND = regex.compile(r"[\[［]\s*(\d{1,4})\s*[\]］]")
+_PLACEHOLDER_FOUND = regex.compile(r"[\[［]\s*(\d{1,7})\s*[\]］]")
+# A job's glossary travels in its request: bounded so it cannot make every unit slow.
+MAX_TERMS = 5000
+MAX_TERM_CHARS = 200
 _WORD_CHAR = r"[\p{L}\p{M}\p{N}_]"
 
 
@@ -54,6 +57,16 @@ class Protected:
 
 def parse_glossary(value: Any, where: str = "glossary") -> list[Term]:
     """Terms from a job param or file content (formats in the module docstring)."""
+    terms = _parse_glossary(value, where)
+    if len(terms) > MAX_TERMS:
+        raise GlossaryError(f"{where}: {len(terms)} terms; at most {MAX_TERMS} are allowed")
+    long = next((t for t in terms if max(len(t.source), len(t.target)) > MAX_TERM_CHARS), None)
+    if long is not None:
+        raise GlossaryError(f"{where}: term {long.source[:40]!r}… is longer than {MAX_TERM_CHARS} characters")
+    return terms
+
+
+def _parse_glossary(value: Any, where: str) -> list[Term]:
     if value is None or value == "" or value == []:
         return []
     if isinstance(value, str):

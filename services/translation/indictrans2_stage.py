@@ -219,7 +219,8 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
     sources = {}
     for name in DIRECTIONS:
         slot = backend.models[name]
-        sources[name] = str(option(ctx, _option_key(name), slot.model_env or "", slot.model))
+        source = str(option(ctx, _option_key(name), slot.model_env or "", slot.model))
+        sources[name] = str(Path(source).expanduser()) if source.startswith("~") else source
     device = str(option(ctx, "device", "CAPTIONBUS_INDICTRANS2_DEVICE", default_device()))
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)

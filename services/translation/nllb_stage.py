@@ -99,7 +99,7 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
         model = AutoModelForSeq2SeqLM.from_pretrained(
             source, local_files_only=local, dtype=torch.float16 if device.startswith("cuda") else torch.float32
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a malformed id or path (HFValidationError)
         raise RuntimeError(
             f"cannot load the NLLB model {source!r} ({err}); set {slot.model_env} (or --option model=) to a "
             "local folder saved with save_pretrained, or a Hugging Face id in the local cache"

@@ -181,3 +181,15 @@ def test_options_for_one_branch_override_the_node_options():
     plan = translate.expand(spec(workflow="translate", source_language="en", target_languages=["hi", "ta"], options=options))
     assert plan.nodes["translation-hi"].params["glossary"] == "a\tb"
     assert plan.nodes["translation-ta"].params["glossary"] == "x\ty" and plan.nodes["translation-ta"].params["num_beams"] == 2
+
+
+def test_submit_refuses_unknown_vad_backend_and_unsupported_pairs():
+    from captionbus.client import SubmitError
+    from captionbus.runner import validate_job
+
+    with pytest.raises(SubmitError, match="vad='pyanote' unknown"):
+        validate_job("translate", "en", ["hi"], local_stack=False, options={"vad": "pyanote"})
+    with pytest.raises(SubmitError, match="no translation backend for hi -> la"):
+        validate_job("subtitle", "HI", ["EN", "la"], local_stack=False)
+    stages = validate_job("subtitle", "HI", ["EN", "fr"], local_stack=False, options={"vad": "pyannote"})
+    assert {"vad_pyannote", "translation_indictrans2", "translation_nllb"} <= set(stages) and "vad" not in stages

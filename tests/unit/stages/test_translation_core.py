@@ -312,3 +312,16 @@ def test_describe_model_and_definition_shape():
     definition, service = make_service(ReverseWords())
     assert definition.name == "translation_nllb" and definition.report_packages == ("pydantic",)
     assert definition.describe_model(service) == "reverse-words (test)" and definition.describe_model(None) is None
+
+
+def test_glossary_size_and_placeholder_numbers_are_bounded():
+    from services.translation.glossary import MAX_TERMS, Glossary, GlossaryError, parse_glossary, restore
+
+    with pytest.raises(GlossaryError, match=f"at most {MAX_TERMS}"):
+        parse_glossary([[f"term{n}", ""] for n in range(MAX_TERMS + 1)])
+    with pytest.raises(GlossaryError, match="longer than"):
+        parse_glossary([["x" * 300, ""]])
+    protected = Glossary(parse_glossary([["Bollywood", ""]])).protect("see [9999] and Bollywood")
+    assert "[10000]" in protected.text
+    restored, lost = restore(protected, protected.text)
+    assert restored == "see [9999] and Bollywood" and lost == 0
