@@ -162,7 +162,10 @@ def transcribe(
         segments: list[Segment] = []
         for n, group in enumerate(groups):
             start, end = group[0][0], group[-1][1]
-            clip = _silenced_outside(audio, group)[int(start * SAMPLE_RATE) : int(round(end * SAMPLE_RATE))]
+            first = int(start * SAMPLE_RATE)
+            # Slice first, then silence the gaps inside this clip: never a copy of the whole film.
+            clip = _silenced_outside(audio[first : int(round(end * SAMPLE_RATE))],
+                                     [(a - start, b - start) for a, b in group])
             label = "transcribing speech" if len(groups) == 1 else f"transcribing speech {n + 1}/{len(groups)}"
 
             def report(fraction: float, _done=done, _span=end - start, _label=label) -> None:
