@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
@@ -50,3 +52,15 @@ def test_models_root() -> Path:
 
 
 test_models_root.__test__ = False  # a helper, not a test, when a test module imports it by name
+
+
+def publish_build(building: Path, folder: Path, complete: Callable[[Path], bool]) -> Path:
+    """Give a model built in `building` its final name `folder`, so only a complete build is ever
+    found there. Another process that finished the same build first wins; ours is dropped."""
+    try:
+        building.rename(folder)
+    except OSError:
+        if not complete(folder):
+            raise
+        shutil.rmtree(building, ignore_errors=True)
+    return folder

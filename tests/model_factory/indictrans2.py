@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.envtools import run_in_env
+from tests.envtools import publish_build, run_in_env
 
 BUILD_VERSION = 4  # bump to rebuild cached models after a change here
 DIRECTIONS = ("en-indic", "indic-en", "indic-indic")
@@ -187,10 +187,5 @@ def ensure_indictrans2(root: Path) -> dict[str, Path]:
         "indictrans2", BUILD, str(building), json.dumps(corpus, ensure_ascii=False), json.dumps(flores_tags()),
         timeout=600, extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
-    try:
-        building.rename(folder)  # only a complete set gets the final name
-    except OSError:
-        if not all((folder / d / "config.json").exists() for d in DIRECTIONS):  # not another process finishing first
-            raise
-        shutil.rmtree(building, ignore_errors=True)
+    publish_build(building, folder, lambda done: all((done / d / "config.json").exists() for d in DIRECTIONS))
     return {d: folder / d for d in DIRECTIONS}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.envtools import run_in_env
+from tests.envtools import publish_build, run_in_env
 
 BUILD_VERSION = 1  # bump to rebuild cached models after a change here
 
@@ -110,10 +110,5 @@ def ensure_nllb(root: Path) -> Path:
         extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     shutil.rmtree(building.with_name(building.name + ".spm"), ignore_errors=True)
-    try:
-        building.rename(folder)  # only a complete model gets the final name
-    except OSError:
-        if not (folder / "config.json").exists():  # not just another process finishing first
-            raise
-        shutil.rmtree(building, ignore_errors=True)
+    publish_build(building, folder, lambda done: (done / "config.json").exists())
     return folder

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.envtools import run_in_env
+from tests.envtools import publish_build, run_in_env
 
 # The characters each test language's vocabulary holds, besides <pad>, <unk> and "|".
 SCRIPTS = {
@@ -70,10 +70,5 @@ def ensure_wav2vec2(root: Path, language: str) -> Path:
         "whisperx", BUILD, str(building), json.dumps(SCRIPTS[language]), timeout=600,
         extra_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
-    try:
-        building.rename(folder)  # only a complete model gets the final name
-    except OSError:
-        if not (folder / "config.json").exists():  # not just another process finishing first
-            raise
-        shutil.rmtree(building, ignore_errors=True)
+    publish_build(building, folder, lambda done: (done / "config.json").exists())
     return folder

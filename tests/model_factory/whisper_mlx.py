@@ -283,7 +283,7 @@ def ensure_whisper_mlx(root: Path, source: Path | None = None) -> Path:
     """The MLX Whisper base folder under `root`, converted once (inside the mlx env) from the
     CTranslate2 Whisper base model (`source`, default: installed by `captionbus models
     fetch-test`), then reused."""
-    from tests.envtools import run_in_env
+    from tests.envtools import publish_build, run_in_env
 
     if source is None:
         from captionbus.models import ensure_whisper_base
@@ -295,10 +295,5 @@ def ensure_whisper_mlx(root: Path, source: Path | None = None) -> Path:
     building = folder.with_name(folder.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     run_in_env("mlx", CONVERT, str(source), str(building), timeout=600)
-    try:
-        building.rename(folder)  # only a complete model gets the final name
-    except OSError:
-        if not (folder / "config.json").exists():  # not just another process finishing first
-            raise
-        shutil.rmtree(building, ignore_errors=True)
+    publish_build(building, folder, lambda done: (done / "config.json").exists())
     return folder
