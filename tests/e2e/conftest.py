@@ -20,6 +20,7 @@ from captionbus.settings import Settings
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
 from contracts.events import TERMINAL_KINDS
 from tests.conftest import TRANSCRIBE_STAGES
+from tests.envtools import built_env, test_models_root
 
 
 def run_async(coro):
@@ -182,3 +183,32 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
+
+
+# The translate/subtitle workflows' envs and the locally built models their services load.
+SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
+
+
+@pytest.fixture(scope="session")
+def model_env(whisper_model) -> dict[str, str]:
+    """Env vars pointing the services at locally built models; builds the envs they need."""
+    from captionbus.models import ensure_silero_vad
+    from tests.model_factory.indictrans2 import ensure_indictrans2
+    from tests.model_factory.nllb import ensure_nllb
+    from tests.model_factory.wav2vec2 import ensure_wav2vec2
+
+    for env in SUBTITLE_ENVS:
+        built_env(env)
+    root = test_models_root()
+    ensure_silero_vad()
+    indictrans2 = ensure_indictrans2(root)
+    return {
+        "CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL": str(indictrans2["en-indic"]),
+        "CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL": str(indictrans2["indic-en"]),
+        "CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL": str(indictrans2["indic-indic"]),
+        "CAPTIONBUS_NLLB_MODEL": str(ensure_nllb(root)),
+        "CAPTIONBUS_ALIGN_MODEL_HI": str(ensure_wav2vec2(root, "hi")),
+        "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(root, "en")),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }

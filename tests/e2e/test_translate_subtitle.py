@@ -21,36 +21,7 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from tests.envtools import built_env, test_models_root
 from tests.media import HINDI_SENTENCE, ENGLISH_SENTENCE, ffprobe_json, speech_video
-
-SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
-
-
-@pytest.fixture(scope="module")
-def model_env(whisper_model) -> dict[str, str]:
-    """Env vars pointing the services at locally built models; builds the envs they need."""
-    from captionbus.models import ensure_silero_vad
-    from tests.model_factory.indictrans2 import ensure_indictrans2
-    from tests.model_factory.nllb import ensure_nllb
-    from tests.model_factory.wav2vec2 import ensure_wav2vec2
-
-    for env in SUBTITLE_ENVS:
-        built_env(env)
-    root = test_models_root()
-    ensure_silero_vad()
-    indictrans2 = ensure_indictrans2(root)
-    return {
-        "CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL": str(indictrans2["en-indic"]),
-        "CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL": str(indictrans2["indic-en"]),
-        "CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL": str(indictrans2["indic-indic"]),
-        "CAPTIONBUS_NLLB_MODEL": str(ensure_nllb(root)),
-        "CAPTIONBUS_ALIGN_MODEL_HI": str(ensure_wav2vec2(root, "hi")),
-        "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(root, "en")),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-
 
 def captionbus(args: list[str], home: Path, extra_env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, **extra_env, "CAPTIONBUS_HOME": str(home)}

@@ -12,14 +12,13 @@ import subprocess
 import sys
 
 from tests.e2e.conftest import wait_until
-from tests.e2e.test_translate_subtitle import model_env  # noqa: F401  (module fixture: envs + models)
 from tests.envtools import built_env, test_models_root
 from tests.media import ENGLISH_SENTENCE, speech_video
 
 STAGES = {"demux", "source_separation", "vad_pyannote", "asr", "alignment", "translation_indictrans2"}
 
 
-def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_path, model_env):  # noqa: F811
+def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_path, model_env):
     from captionbus.models import ensure_pyannote_segmentation
     from tests.model_factory.demucs import demucs_service_env, ensure_demucs
 
