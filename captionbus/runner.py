@@ -231,8 +231,14 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
         loop.add_signal_handler(sig, stop.set)
     try:
         async with coordinator_task(nc) as coordinator:
-            await wait_ready(nc, services)
-            console.print(f"serving: {', '.join(stages) or 'no stages'}; Ctrl-C stops")
+            # One stage that cannot start (a model not configured on this host) must not take the
+            # others down: report it, and let the supervisor retry it with backoff.
+            dead = await wait_ready(nc, services, tolerate_dead=True)
+            for svc in dead:
+                console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) did not start; retrying with backoff. "
+                              f"Its log: {svc.log_path}", highlight=False)
+            serving = [s for s in stages if s not in {svc.stage for svc in dead}]
+            console.print(f"serving: {', '.join(serving) or 'no stages'}; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
     finally:
         stop_services(services)
@@ -242,18 +248,23 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
 async def _supervise(settings: Settings, url: str, services: list[ServiceProcess], coordinator: asyncio.Task,
                      max_restarts: int = 5) -> None:
     """Restart a service that dies (a crash, an OOM kill): its request comes back to the new
-    one. A stage that keeps dying, or a dead coordinator, ends `up` with the reason."""
+    one. A stage that keeps dying is given up (logged with its reason; its requests wait in the
+    queue for a worker elsewhere) while the others go on; a dead coordinator ends `up`."""
     restarts: dict[str, int] = {}
+    given_up: set[str] = set()
     while True:
         if coordinator.done():
             error = None if coordinator.cancelled() else coordinator.exception()
             raise ServiceStartError(f"the coordinator stopped: {error or 'no reason given'}")
         for n, svc in enumerate(services):
-            if svc.alive():
+            if svc.alive() or svc.stage in given_up:
                 continue
             restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
             if restarts[svc.stage] > max_restarts:
-                svc.raise_if_dead()
+                given_up.add(svc.stage)
+                log.error("stage service keeps dying; no longer restarted", stage=svc.stage, env=svc.env,
+                          restarts=max_restarts, log_tail=svc.log_tail(5))
+                continue
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
                         restart=restarts[svc.stage], log_tail=svc.log_tail(5))
             await asyncio.sleep(min(2 ** restarts[svc.stage], 30))

@@ -151,14 +151,21 @@ def start_service(
     return ServiceProcess(stage, env, interpreter, log_path, process, extra_env or {})
 
 
-async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0) -> None:
-    """Until every service process answers $SRV.PING (its model is loaded), or fail with its log."""
+async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0,
+                     tolerate_dead: bool = False) -> list[ServiceProcess]:
+    """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
+    With tolerate_dead a service that exits is left out instead, and the dead ones are returned."""
     from captionbus.client import collect_replies
 
     deadline = time.monotonic() + timeout
     pending = list(services)
+    dead: list[ServiceProcess] = []
     while pending:
-        for svc in pending:
+        for svc in list(pending):
+            if tolerate_dead and not svc.alive():
+                pending.remove(svc)
+                dead.append(svc)
+                continue
             svc.raise_if_dead()
         stages = {svc.stage for svc in pending}
         ready_pids: set[str] = set()
@@ -171,6 +178,7 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
             raise ServiceStartError(f"stage services did not become ready in {timeout:.0f}s: {names}")
         if pending:
             await asyncio.sleep(0.2)
+    return dead
 
 
 def stop_services(services: list[ServiceProcess], grace: float = 15.0) -> None:
