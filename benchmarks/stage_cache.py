@@ -48,7 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the spoken clip (repeats the sentence)")
     args = parser.parse_args()
-    env = {**os.environ, **model_env()}
+    from captionbus.settings import Settings
+
+    real = Settings()  # envs and models are shared with the real data dir; the bus data is not
+    env = {"CAPTIONBUS_ENVS": str(real.envs_dir), "CAPTIONBUS_MODELS": str(real.models_dir),
+           **os.environ, **model_env()}
     env.pop("NATS_URL", None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -70,6 +74,8 @@ def main() -> None:
     print(f"{'node':28s} {'first run':>10s} {'rerun':>10s}")
     for node_id, node in first["nodes"].items():
         again = second["nodes"][node_id]
+        if node["status"] == "skipped":
+            continue  # an optional stage this job does not use
         cached = "cache hit" if again["worker"].get("cache") == "hit" else f"{again['metrics'].get('handle_s', 0):.2f} s"
         print(f"{node_id:28s} {node['metrics'].get('handle_s', 0):9.2f}s {cached:>10s}")
     print(f"whole run (incl. starting the bus and {len(first['nodes'])} nodes' services): first {first_s:.1f} s, "
