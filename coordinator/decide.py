@@ -350,11 +350,9 @@ class _Step:
         ))
 
     def _lost_branch(self, source: Source) -> bool:
-        return (
-            source.node_id is not None
-            and self.state.nodes[source.node_id].status != NodeStatus.completed
-            and self._branch_of(source.node_id) in self.state.failed_branches
-        )
+        """A source from a failed branch, even one of its nodes that completed: a join gets a
+        branch whole or not at all (no translation whose subtitles failed, or the reverse)."""
+        return source.node_id is not None and self._branch_of(source.node_id) in self.state.failed_branches
 
     def _artifact(self, source: Source, needed_by: str) -> ArtifactRef:
         if source.node_id is None:
