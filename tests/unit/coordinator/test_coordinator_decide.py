@@ -17,7 +17,7 @@ from contracts import (
     StageFailed,
 )
 from coordinator.decide import Decision, Policy, Tick, decide, give_up
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
@@ -368,3 +368,25 @@ def test_decide_carries_the_outbox_along():
     state = d.state.model_copy(update={"outbox": pending})
     assert step(Decision(state), completed("demux")).state.outbox == pending
     assert state.outbox == pending and submit().state.outbox == []
+
+
+def test_a_join_takes_a_failed_branch_whole_or_not_at_all():
+    """mux collecting translations and subtitles: fr's translation completed but its subtitles
+    failed, so neither of fr's artifacts reaches mux."""
+    graph = Workflow.from_dict({"name": "joined", "nodes": {
+        "translation": {"for_each": "target_languages", "inputs": {"media": "job.input"}, "outputs": ["transcript"]},
+        "subtitle_gen": {"for_each": "target_languages", "inputs": {"transcript": "translation.transcript"},
+                         "outputs": ["srt", "vtt"]},
+        "mux": {"inputs": {"media": "job.input"},
+                "input_lists": {"subtitles": ["subtitle_gen.srt"], "transcripts": ["translation.transcript"]},
+                "outputs": ["mp4", "mkv"]},
+    }})
+    spec = JobSpec(job_id="j1", input=INPUT, workflow="joined", target_languages=["hi", "fr"])
+    d = decide(None, JobSubmitted(job_id="j1", spec=spec), graph, T0, POLICY)
+    for node in ("translation-hi", "translation-fr", "subtitle_gen-hi"):
+        d = step(d, completed(node), graph)
+    d = step(d, failed("subtitle_gen-fr", reason="no font"), graph)
+    mux = d.requests[-1]
+    assert mux.node == "mux"
+    assert [r.name for r in mux.input_lists["subtitles"]] == ["subtitle_gen-hi.srt"]
+    assert [r.name for r in mux.input_lists["transcripts"]] == ["translation-hi.transcript"]
