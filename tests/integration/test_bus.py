@@ -314,6 +314,15 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             assert [s.job_id for s in await list_jobs(js["dashboard"])] == ["job-acl"]
             assert "captionbus-noop" in [w["name"] for w in await workers(nc["dashboard"])]
 
+            # Worker: the stage cache (KV cb_stage_cache) round trip under its own rights.
+            import structlog
+
+            from services.runtime.cache import StageCache
+
+            cache = StageCache(js["worker"], ArtifactStore(settings("worker"), js["worker"]), structlog.get_logger())
+            await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
+            assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
+
             allowed_so_far = _violations(server_log)[denied_before:]
 
             # What each role must not do.
