@@ -185,3 +185,21 @@ def test_worker_settings_and_the_files_they_name_are_in_the_key(tmp_path: Path, 
     (config / "translation.yaml").write_text("a: 2\n")
     assert worker_fingerprint({}, config, code) != changed_model
     os.utime(model)  # touching the folder itself changes nothing; its files count
+
+
+def test_a_worker_with_the_cache_off_runs_everything(nats_server: str, captionbus_home: Path, tmp_path: Path,
+                                                      monkeypatch):
+    monkeypatch.setenv("CAPTIONBUS_STAGE_CACHE", "off")
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("again and again")
+
+    async def body(bus):
+        await bus.start(UPPER)
+        ref = await bus.store.put(source, name="in.txt")
+        for job in ("j0001", "j0002"):
+            await bus.request(job, "upper", inputs={"text": ref})
+            await bus.wait_for("stage_completed", job)
+
+    run(nats_server, captionbus_home, body)
+    assert CALLS == ["j0001", "j0002"] and not (captionbus_home / "stage-cache").exists()
