@@ -71,3 +71,29 @@ def test_cancel_then_retry(stack, tmp_path):
 def test_unknown_job_is_a_clear_error(stack, tmp_path):
     done = cli(stack, tmp_path, "status", "no-such-job")
     assert done.returncode == 2 and "no job 'no-such-job'" in done.stderr
+
+
+def test_serve_replicas_share_one_queue_and_stop_on_sigint(stack, tmp_path):
+    """`captionbus serve STAGE --replicas 2`: two more worker processes of the stage in its env,
+    both registered for discovery; Ctrl-C stops them all and the command exits cleanly."""
+    import signal
+
+    def subtitle_gen_pids() -> set[str]:
+        listed = json.loads(cli(stack, tmp_path, "workers", "--json").stdout or "[]")
+        return {w["metadata"]["pid"] for w in listed if w["metadata"]["stage"] == "subtitle_gen"}
+
+    before = subtitle_gen_pids()
+    env = {**os.environ, "NATS_URL": stack.url, "CAPTIONBUS_HOME": str(tmp_path / "serve-home")}
+    serving = subprocess.Popen([sys.executable, "-m", "captionbus", "serve", "subtitle_gen", "--replicas", "2"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(subtitle_gen_pids() - before) == 2, 120, "two more subtitle_gen workers")
+        workers = json.loads(cli(stack, tmp_path, "workers", "--json").stdout)
+        added = [w["metadata"] for w in workers if w["metadata"]["pid"] in subtitle_gen_pids() - before]
+        assert {m["env"] for m in added} == {"common"} and len({m["worker_id"] for m in added}) == 2
+    finally:
+        serving.send_signal(signal.SIGINT)
+        out, err = serving.communicate(timeout=60)
+    assert serving.returncode == 0, err[-2000:]
+    assert "2 replicas of subtitle_gen (env common)" in out + err
+    wait_until(lambda: subtitle_gen_pids() == before, 30, "the replicas to leave")
