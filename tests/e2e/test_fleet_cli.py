@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.e2e.conftest import wait_until
@@ -97,3 +98,38 @@ def test_serve_replicas_share_one_queue_and_stop_on_sigint(stack, tmp_path):
     assert serving.returncode == 0, err[-2000:]
     assert "2 replicas of subtitle_gen (env common)" in out + err
     wait_until(lambda: subtitle_gen_pids() == before, 30, "the replicas to leave")
+
+
+def test_events_follow_streams_a_job_live_until_ctrl_c(stack, tmp_path):
+    """An integration's view: `events --follow` started before the job prints its events as
+    they happen (JSON lines, schema contracts/schema/job_event.json) and keeps going."""
+    import queue
+    import signal
+    import threading
+
+    env = {**os.environ, "NATS_URL": stack.url, "CAPTIONBUS_HOME": str(tmp_path)}
+    follower = subprocess.Popen([sys.executable, "-m", "captionbus", "events", "--follow"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
+    try:
+        time.sleep(2)  # subscribed before the job exists
+        video, _ = speech_video(tmp_path / "live.mp4", ENGLISH_SENTENCE)
+        done = cli(stack, tmp_path, "submit", str(video), "-s", "en")
+        assert done.returncode == 0, done.stderr
+        job_id = done.stdout.strip()
+        kinds: list[str] = []
+        deadline = time.monotonic() + 300
+        while "completed" not in kinds and time.monotonic() < deadline:
+            try:
+                event = json.loads(lines.get(timeout=5))
+            except queue.Empty:
+                continue
+            if event["job_id"] == job_id:
+                kinds.append(event["kind"])
+        assert kinds[0] == "submitted" and kinds[-1] == "completed", kinds
+        assert kinds.count("stage_completed") == 4 and "stage_progress" in kinds
+        assert follower.poll() is None  # still following after the job ended
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
