@@ -92,4 +92,5 @@ STAGE = StageDefinition(
     name="demux",
     handle=handle,
     report_packages=("pydantic",),
+    cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

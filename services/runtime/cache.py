@@ -95,7 +95,8 @@ def worker_fingerprint(options: dict[str, Any], config_dir: Path, project_root: 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fingerprint: str = "") -> str:
+def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fingerprint: str = "",
+              ignores: tuple[str, ...] = ()) -> str:
     material = {
         "stage": request.stage,
         "cache_version": cache_version,
@@ -107,7 +108,7 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fi
         "input_lists": {
             name: [[ref.key, ref.name] for ref in refs] for name, refs in sorted(request.input_lists.items())
         },
-        "params": {k: v for k, v in sorted(request.params.items()) if k not in IGNORED_PARAMS},
+        "params": {k: v for k, v in sorted(request.params.items()) if k not in IGNORED_PARAMS and k not in ignores},
     }
     blob = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

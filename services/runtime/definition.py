@@ -71,3 +71,7 @@ class StageDefinition:
     # cache_version when a code change alters what the stage produces for the same inputs.
     cacheable: bool = True
     cache_version: str = "1"
+    # Request params this stage never reads (e.g. the job's source_language for demux): left out
+    # of the cache key so a job that differs only there reuses the output. List only what is
+    # certainly unread: a param wrongly listed here serves stale results.
+    cache_ignores: tuple[str, ...] = ()

@@ -245,7 +245,7 @@ class StageWorker:
         key = None
         if self.cache is not None and cache_enabled_for(request):
             key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
-                            fingerprint=self.cache_fingerprint)
+                            fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores)
             hit = await self.cache.lookup(key)
             if hit is not None:
                 await self._complete_from_cache(msg, request, hit, delivery, log)

@@ -241,4 +241,5 @@ STAGE = StageDefinition(
     setup=setup,
     report_packages=("demucs", "torch", "julius", "numpy"),
     describe_model=describe_model,
+    cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

@@ -167,4 +167,5 @@ STAGE = StageDefinition(
     setup=setup,
     report_packages=("pyannote-audio", "torch"),
     describe_model=describe_model,
+    cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

@@ -159,4 +159,5 @@ STAGE = StageDefinition(
     setup=setup,
     report_packages=("onnxruntime", "numpy"),
     describe_model=describe_model,
+    cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

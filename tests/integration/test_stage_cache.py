@@ -203,3 +203,22 @@ def test_a_worker_with_the_cache_off_runs_everything(nats_server: str, captionbu
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001", "j0002"] and not (captionbus_home / "stage-cache").exists()
+
+
+def test_params_a_stage_never_reads_do_not_split_the_cache(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """demux-like stages ignore the job's source language: -s hi and -s en share their output."""
+    CALLS.clear()
+    blind = StageDefinition(name="upper", handle=_upper, describe_model=lambda _: "upper-v1",
+                            cache_ignores=("source_language",))
+    source = tmp_path / "in.txt"
+    source.write_text("same bytes")
+
+    async def body(bus):
+        await bus.start(blind)
+        ref = await bus.store.put(source, name="in.txt")
+        for job, language in (("j0001", "hi"), ("j0002", "en")):
+            await bus.request(job, "upper", inputs={"text": ref}, params={"source_language": language})
+            await bus.wait_for("stage_completed", job)
+
+    run(nats_server, captionbus_home, body)
+    assert CALLS == ["j0001"]
