@@ -41,8 +41,8 @@ from contracts import StageRequest
 from services.runtime import SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device, option
 from services.vad import audio as wav
-from services.vad.regions import FrameScores, parse_params, speech_regions
-from services.vad.stage import report, write_regions
+from services.vad.regions import parse_params
+from services.vad.stage import finish
 
 BLOCK_S = 300.0  # audio scored per Inference call (plus one window of context each side)
 
@@ -151,14 +151,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
             nearest = np.clip(np.rint((centres - middles[0]) / frame_s).astype(int), 0, len(probs) - 1)
             parts.append(probs[nearest])
             core_start = core_end
-        duration = core_start / wav.SAMPLE_RATE
-    if warning := wav.truncation_warning(total_samples, core_start):
-        ctx.warn(warning)
-    probs = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-    regions = speech_regions(FrameScores(probs, frame_s), duration, params)
-    out = write_regions(ctx, "pyannote", duration, regions)
-    report(ctx, duration, regions, time.monotonic() - started, model.load_seconds)
-    return {"regions": out}
+    return finish(ctx, "pyannote", parts, frame_s, total_samples, core_start, params, started, model.load_seconds)
 
 
 STAGE = StageDefinition(

@@ -104,6 +104,20 @@ class SileroStream:
         return out
 
 
+def finish(ctx: StageContext, backend: str, scores: list[np.ndarray], frame_s: float, header_samples: int,
+           samples: int, params, started: float, load_s: float) -> dict[str, Path]:
+    """Both backends end alike: per-frame speech scores of the `samples` read -> regions.json,
+    metrics and warnings (a file shorter than its header says, no speech)."""
+    if warning := wav.truncation_warning(header_samples, samples):
+        ctx.warn(warning)
+    duration = samples / wav.SAMPLE_RATE
+    probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    regions = speech_regions(FrameScores(probs, frame_s), duration, params)
+    out = write_regions(ctx, backend, duration, regions)
+    report(ctx, duration, regions, time.monotonic() - started, load_s)
+    return {"regions": out}
+
+
 def write_regions(ctx: StageContext, backend: str, duration: float, regions: list[tuple[float, float]]) -> Path:
     result = SpeechRegions(
         backend=backend, duration=round(duration, 3), regions=[SpeechRegion(start=s, end=e) for s, e in regions]
@@ -143,14 +157,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
             blocks.append(stream.probabilities(block))
             samples += len(block)
             ctx.progress(min(samples / max(expected, 1), 1.0) * 0.99, f"{samples / wav.SAMPLE_RATE:.0f} s scanned")
-    if warning := wav.truncation_warning(expected, samples):
-        ctx.warn(warning)
-    duration = samples / wav.SAMPLE_RATE
-    probs = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    regions = speech_regions(FrameScores(probs, FRAME_S), duration, params)
-    out = write_regions(ctx, "silero", duration, regions)
-    report(ctx, duration, regions, time.monotonic() - started, model.load_seconds)
-    return {"regions": out}
+    return finish(ctx, "silero", blocks, FRAME_S, expected, samples, params, started, model.load_seconds)
 
 
 STAGE = StageDefinition(
