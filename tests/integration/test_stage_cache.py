@@ -27,6 +27,12 @@ def _upper(request: StageRequest, ctx) -> dict[str, Path]:
 UPPER = StageDefinition(name="upper", handle=_upper, describe_model=lambda _: "upper-v1")
 
 
+async def complete(bus, job_id: str, ref, params: dict | None = None):
+    """Request `upper` on `ref` for a new job; its StageCompleted."""
+    await bus.request(job_id, "upper", inputs={"text": ref}, params=params or {})
+    return await bus.wait_for("stage_completed", job_id)
+
+
 def test_identical_request_completes_from_cache(nats_server: str, captionbus_home: Path, tmp_path: Path):
     CALLS.clear()
     source = tmp_path / "in.txt"
@@ -36,11 +42,9 @@ def test_identical_request_completes_from_cache(nats_server: str, captionbus_hom
         await bus.start(UPPER)
         ref = await bus.store.put(source, name="in.txt")
 
-        await bus.request("j0001", "upper", inputs={"text": ref}, params={"source_language": "hi", "target_languages": ["en"]})
-        first = await bus.wait_for("stage_completed", "j0001")
+        first = await complete(bus, "j0001", ref, {"source_language": "hi", "target_languages": ["en"]})
         # Another job, same input and params (the job-wide target list may differ: not a stage input).
-        await bus.request("j0002", "upper", inputs={"text": ref}, params={"source_language": "hi", "target_languages": ["ta"]})
-        second = await bus.wait_for("stage_completed", "j0002")
+        second = await complete(bus, "j0002", ref, {"source_language": "hi", "target_languages": ["ta"]})
         assert CALLS == ["j0001"], "the second request ran the handler"
         assert second.outputs == first.outputs
         assert second.metrics["cache_hit"] == 1.0 and second.metrics["chars"] == 13.0
@@ -48,14 +52,11 @@ def test_identical_request_completes_from_cache(nats_server: str, captionbus_hom
         assert (await bus.store.get(second.outputs["upper"])).read_text() == "NAMASTE WORLD"
 
         # Different params, different input bytes, or cache switched off: the handler runs.
-        await bus.request("j0003", "upper", inputs={"text": ref}, params={"suffix": "md"})
-        await bus.wait_for("stage_completed", "j0003")
+        await complete(bus, "j0003", ref, {"suffix": "md"})
         other = tmp_path / "other.txt"
         other.write_text("namaste world!")
-        await bus.request("j0004", "upper", inputs={"text": await bus.store.put(other, name="in.txt")})
-        await bus.wait_for("stage_completed", "j0004")
-        await bus.request("j0005", "upper", inputs={"text": ref}, params={"source_language": "hi", "cache": "false"})
-        await bus.wait_for("stage_completed", "j0005")
+        await complete(bus, "j0004", await bus.store.put(other, name="in.txt"))
+        await complete(bus, "j0005", ref, {"source_language": "hi", "cache": "false"})
         assert CALLS == ["j0001", "j0003", "j0004", "j0005"]
 
     run(nats_server, captionbus_home, body)
@@ -69,11 +70,9 @@ def test_cache_entry_whose_artifact_vanished_runs_again(nats_server: str, captio
     async def body(bus):
         await bus.start(UPPER)
         ref = await bus.store.put(source, name="in.txt")
-        await bus.request("j0001", "upper", inputs={"text": ref})
-        first = await bus.wait_for("stage_completed", "j0001")
+        first = await complete(bus, "j0001", ref)
         bus.store.local_path(first.outputs["upper"]).unlink()  # e.g. a cleaned-up artifact root
-        await bus.request("j0002", "upper", inputs={"text": ref})
-        second = await bus.wait_for("stage_completed", "j0002")
+        second = await complete(bus, "j0002", ref)
         assert CALLS == ["j0001", "j0002"] and "cache_hit" not in second.metrics
 
     run(nats_server, captionbus_home, body)
@@ -95,8 +94,7 @@ def test_local_cache_outlives_the_bus(tmp_path: Path, captionbus_home: Path):
             async def body(bus, n=n):
                 await bus.start(UPPER)
                 ref = await bus.store.put(source, name="in.txt")
-                await bus.request(f"j000{n}", "upper", inputs={"text": ref})
-                outputs.append(await bus.wait_for("stage_completed", f"j000{n}"))
+                outputs.append(await complete(bus, f"j000{n}", ref))
 
             run(server.url, captionbus_home, body)
         finally:
@@ -120,8 +118,7 @@ def test_fleet_cache_lives_in_the_kv_bucket(nats_server: str, captionbus_home: P
         await bus.start(UPPER)
         ref = await bus.store.put(source, name="in.txt")
         for job in ("j0001", "j0002"):
-            await bus.request(job, "upper", inputs={"text": ref})
-            await bus.wait_for("stage_completed", job)
+            await complete(bus, job, ref)
         kv = await bus.js.key_value(subjects.STAGE_CACHE_BUCKET)
         assert len(await kv.keys()) == 1
         assert bus.of_kind("stage_completed", "j0002")[0].metrics["cache_hit"] == 1.0
@@ -150,12 +147,10 @@ def test_hits_repeat_warnings_and_fallbacks_are_not_cached(nats_server: str, cap
         await bus.start(WARNING_UPPER)
         ref = await bus.store.put(source, name="in.txt")
         for job in ("j0001", "j0002"):
-            await bus.request(job, "upper", inputs={"text": ref})
-            await bus.wait_for("stage_completed", job)
+            await complete(bus, job, ref)
         assert [w.message for w in bus.of_kind("stage_warning", "j0002")] == ["shouted on purpose"]
         for job in ("j0003", "j0004"):
-            await bus.request(job, "upper", inputs={"text": ref}, params={"fallback": True})
-            await bus.wait_for("stage_completed", job)
+            await complete(bus, job, ref, {"fallback": True})
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001", "j0003", "j0004"]
@@ -198,8 +193,7 @@ def test_a_worker_with_the_cache_off_runs_everything(nats_server: str, captionbu
         await bus.start(UPPER)
         ref = await bus.store.put(source, name="in.txt")
         for job in ("j0001", "j0002"):
-            await bus.request(job, "upper", inputs={"text": ref})
-            await bus.wait_for("stage_completed", job)
+            await complete(bus, job, ref)
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001", "j0002"] and not (captionbus_home / "stage-cache").exists()
@@ -217,8 +211,7 @@ def test_params_a_stage_never_reads_do_not_split_the_cache(nats_server: str, cap
         await bus.start(blind)
         ref = await bus.store.put(source, name="in.txt")
         for job, language in (("j0001", "hi"), ("j0002", "en")):
-            await bus.request(job, "upper", inputs={"text": ref}, params={"source_language": language})
-            await bus.wait_for("stage_completed", job)
+            await complete(bus, job, ref, {"source_language": language})
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001"]
