@@ -15,7 +15,7 @@ Compares, for each size (MB of random bytes):
   wire via nats-py  the nats-py-connection reader writing nowhere
   nats-py get       ObjectStore.get(writeinto=file): its streaming variant
   nats-py get mem   ObjectStore.get() into memory (--nats-py-in-memory, sizes <= 50 MB; slow)
-Starts its own nats-server (captionbus.bus.EmbeddedServer) in a temp dir. Every timed step
+Starts its own nats-server (captionbus.server.EmbeddedServer) in a temp dir. Every timed step
 starts after os.sync(), so no step pays for the previous one's dirty pages.
 """
 from __future__ import annotations
@@ -35,10 +35,11 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from captionbus.artifacts import ArtifactStore, _ChunkReader, _DirectReader  # noqa: E402
-from captionbus.bus import EmbeddedServer, connect, provision  # noqa: E402
-from captionbus.settings import Settings  # noqa: E402
+from captionbus.server import EmbeddedServer  # noqa: E402
 from contracts import subjects  # noqa: E402
+from core.artifacts import ArtifactStore, _ChunkReader, _DirectReader  # noqa: E402
+from core.bus import connect, provision  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the spoken clip (repeats the sentence)")
     args = parser.parse_args()
-    from captionbus.settings import Settings
+    from core.settings import Settings
 
     real = Settings()  # envs and models are shared with the real data dir; the bus data is not
     env = {"CAPTIONBUS_ENVS": str(real.envs_dir), "CAPTIONBUS_MODELS": str(real.models_dir),

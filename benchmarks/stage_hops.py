@@ -32,11 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from captionbus.artifacts import ArtifactStore  # noqa: E402
-from captionbus.bus import EmbeddedServer, StagePolicy, connect, provision  # noqa: E402
-from captionbus.logging import configure_logging  # noqa: E402
-from captionbus.settings import PROJECT_ROOT, Settings  # noqa: E402
+from captionbus.server import EmbeddedServer  # noqa: E402
 from contracts import StageRequest, parse_event, subjects  # noqa: E402
+from core.artifacts import ArtifactStore  # noqa: E402
+from core.bus import StagePolicy, connect, provision  # noqa: E402
+from core.logging import configure_logging  # noqa: E402
+from core.settings import PROJECT_ROOT, Settings  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

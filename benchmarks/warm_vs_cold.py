@@ -19,14 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from captionbus.artifacts import ArtifactStore  # noqa: E402
-from captionbus.bus import EmbeddedServer, connect, provision  # noqa: E402
 from captionbus.client import follow, submit  # noqa: E402
 from captionbus.envs import interpreter_for_stage  # noqa: E402
 from captionbus.runner import coordinator_task, start_stage_services  # noqa: E402
-from captionbus.settings import Settings, load  # noqa: E402
+from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
 from contracts.events import TERMINAL_KINDS  # noqa: E402
+from core.artifacts import ArtifactStore  # noqa: E402
+from core.bus import connect, provision  # noqa: E402
+from core.settings import Settings, load  # noqa: E402
 from tests.media import speech_video  # noqa: E402
 
 SENTENCES = [

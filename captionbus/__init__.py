@@ -1,2 +1,8 @@
-"""captionbus: films and videos to subtitles, as stage services on NATS."""
-__version__ = "0.1.0"
+"""captionbus: films and videos to subtitles, as stage services on NATS.
+
+This package is the launcher (CLI, runner, stack, env manager, model fetcher, embedded
+nats-server): the top layer. The library every process shares is `core` (see core/__init__.py).
+"""
+from core import __version__
+
+__all__ = ["__version__"]

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from captionbus.settings import load
+from core.settings import load
 
 console = Console(stderr=True)
 stdout = Console()
@@ -39,10 +39,10 @@ def _friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from captionbus.bus import BusError
         from captionbus.client import SubmitError
         from captionbus.runner import JobFailedError
         from captionbus.stack import ServiceStartError
+        from core.bus import BusError
 
         known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError)
         with contextlib.suppress(ImportError):
@@ -75,7 +75,7 @@ def _friendly_errors(fn):
 @click.version_option(package_name="captionbus")
 def main(verbose: int) -> None:
     """Films and videos to subtitles, as stage services on NATS."""
-    from captionbus.logging import configure_logging
+    from core.logging import configure_logging
 
     # Interactive commands speak through their own output; job failures arrive as one line.
     # Long-running parts (up, coordinator) log at INFO: they are services.
@@ -84,7 +84,7 @@ def main(verbose: int) -> None:
 
 
 def _service_logging() -> None:
-    from captionbus.logging import configure_logging
+    from core.logging import configure_logging
 
     if click.get_current_context().find_root().params.get("verbose", 0) == 0:
         configure_logging(level="INFO")
@@ -208,8 +208,8 @@ def up(stages: str | None) -> None:
 @_friendly_errors
 def coordinator() -> None:
     """Run the coordinator against NATS_URL or the local `up` server."""
-    from captionbus.bus import resolve_url
     from captionbus.runner import run_coordinator_forever
+    from core.bus import resolve_url
 
     _service_logging()
     settings = load()
@@ -222,9 +222,9 @@ def coordinator() -> None:
 @_friendly_errors
 def serve(stage: str, replicas: int) -> None:
     """Serve one stage with its environment's interpreter."""
-    from captionbus.bus import resolve_url
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.stack import service_env, start_service, stop_services
+    from core.bus import resolve_url
 
     settings = load()
     url = resolve_url(settings)
@@ -245,7 +245,7 @@ def serve(stage: str, replicas: int) -> None:
 
 def _on_bus(name: str, action):
     """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect."""
-    from captionbus.bus import connect, require_provisioned, resolve_url
+    from core.bus import connect, require_provisioned, resolve_url
 
     async def go():
         nc = await connect(resolve_url(load()), name)
@@ -267,7 +267,7 @@ def _on_bus(name: str, action):
 def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool, out_dir: Path | None) -> None:
     """Submit a job to a running stack; prints the job id."""
     from captionbus.runner import run_job
-    from captionbus.bus import resolve_url
+    from core.bus import resolve_url
 
     settings = load()
     if wait:
@@ -281,9 +281,9 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
         _exit_if_partial(outputs)
         return
 
-    from captionbus.artifacts import ArtifactStore
     from captionbus.client import submit as submit_job
     from captionbus.runner import validate_job, warn_about_unserved_stages
+    from core.artifacts import ArtifactStore
 
     stages = validate_job(workflow, source, _split_languages(targets), local_stack=False,
                           options=_parse_options(options))
@@ -414,8 +414,9 @@ def _job_command(action: str):
 main.command(name="cancel", help="Cancel a job.")(click.argument("job_id")(_job_command("cancel")))
 main.command(name="retry", help="Retry a failed or cancelled job from its failed stages.")(click.argument("job_id")(_job_command("retry")))
 
-from captionbus.envs.cli import envs as _envs_group, models as _models_group  # noqa: E402
-from captionbus.subtitles.cli import subs as _subs_group  # noqa: E402
+from captionbus.envs.cli import envs as _envs_group  # noqa: E402
+from captionbus.envs.cli import models as _models_group
+from captionbus.subs_cli import subs as _subs_group  # noqa: E402
 
 for _group in (_envs_group, _models_group, _subs_group):
     main.add_command(_group)

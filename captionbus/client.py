@@ -15,9 +15,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from captionbus.artifacts import ArtifactStore
-from captionbus.bus import publish_event
-from contracts.languages import LANGUAGES
 from contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -30,6 +27,9 @@ from contracts import (
     subjects,
 )
 from contracts.events import TERMINAL_KINDS
+from contracts.languages import LANGUAGES
+from core.artifacts import ArtifactStore
+from core.bus import publish_event
 
 
 class SubmitError(ValueError):

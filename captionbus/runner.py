@@ -8,13 +8,47 @@ from pathlib import Path
 
 import structlog
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from captionbus.artifacts import ArtifactStore
-from captionbus.bus import connect, provision
-from captionbus.client import SubmitError, check_input_file, fetch_outputs, follow, job_state, submit
-from captionbus.settings import CONFIG_DIR, Settings
-from captionbus.stack import ServiceProcess, ServiceStartError, start_service, stop_services, wait_ready
+from captionbus.client import (
+    SubmitError,
+    check_input_file,
+    collect_replies,
+    fetch_outputs,
+    follow,
+    job_state,
+    submit,
+)
+from captionbus.envs import (
+    OK,
+    env_for_stage,
+    get_spec,
+    interpreter_for_stage,
+    load_stage_map,
+    quick_state,
+    require_envs,
+)
+from captionbus.stack import (
+    ServiceProcess,
+    ServiceStartError,
+    start_service,
+    stop_services,
+    wait_ready,
+)
+from contracts import ArtifactRef, JobSpec, subjects
+from contracts.ids import validate_token
+from contracts.languages import check_language
+from coordinator.graph import load_workflow
+from coordinator.service import run_coordinator
+from core.artifacts import ArtifactStore
+from core.bus import connect, provision
+from core.settings import CONFIG_DIR, Settings
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -41,12 +75,6 @@ def validate_job(
     """Refuse before anything runs: unknown workflow or language, a job the graph cannot plan
     (e.g. a language pair no translation backend serves) and — when this host will run the
     stages itself — missing environments. Returns the stages this job will run."""
-    from captionbus.envs import require_envs
-    from contracts import ArtifactRef, JobSpec
-    from contracts.ids import validate_token
-    from contracts.languages import check_language
-    from coordinator.graph import load_workflow
-
     validate_token(workflow, "workflow name")
     path = CONFIG_DIR / "workflows" / f"{workflow}.yaml"
     if not path.exists():
@@ -76,9 +104,6 @@ def validate_job(
 
 async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:
     """A fleet submit needs no local envs, but a stage nobody serves means a job that waits."""
-    from captionbus.client import collect_replies
-    from contracts import subjects
-
     replies = await collect_replies(nc, "$SRV.PING", 0.5)
     served = {str(r.get("name", "")) for r in replies}
     missing = [s for s in dict.fromkeys(stages) if subjects.micro_service_name(s) not in served]
@@ -88,8 +113,6 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
 
 
 def start_stage_services(settings: Settings, url: str, stages: list[str]) -> list[ServiceProcess]:
-    from captionbus.envs import env_for_stage, interpreter_for_stage
-
     return [
         start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings)
         for stage in dict.fromkeys(stages)
@@ -98,8 +121,6 @@ def start_stage_services(settings: Settings, url: str, stages: list[str]) -> lis
 
 @contextlib.asynccontextmanager
 async def coordinator_task(nc):
-    from coordinator.service import run_coordinator
-
     stop = asyncio.Event()
     task = asyncio.create_task(run_coordinator(nc, stop_event=stop))
     try:
@@ -273,15 +294,11 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
 
 
 def _stage_names() -> list[str]:
-    from captionbus.envs import load_stage_map
-
     return list(load_stage_map())
 
 
 def _env_ready(stage: str) -> bool:
     """Serve a stage only from an env `run` would accept (built and not stale)."""
-    from captionbus.envs import OK, env_for_stage, get_spec, quick_state
-
     try:
         return quick_state(get_spec(env_for_stage(stage))) == OK
     except Exception:  # a stage routed to an env with no spec here: not ours to serve
@@ -289,8 +306,6 @@ def _env_ready(stage: str) -> bool:
 
 
 async def run_coordinator_forever(url: str) -> None:
-    from coordinator.service import run_coordinator
-
     nc = await connect(url, "captionbus-coordinator")
     await provision(nc.jetstream())
     stop = asyncio.Event()

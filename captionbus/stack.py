@@ -17,9 +17,11 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 
-from captionbus.bus import BusError, EmbeddedServer, running_embedded_url
-from captionbus.settings import PROJECT_ROOT, Settings
+from captionbus.client import collect_replies
+from captionbus.server import EmbeddedServer
 from contracts import subjects
+from core.bus import BusError, running_embedded_url
+from core.settings import PROJECT_ROOT, Settings
 
 log = structlog.get_logger("captionbus.stack")
 
@@ -155,8 +157,6 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
                      tolerate_dead: bool = False) -> list[ServiceProcess]:
     """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
     With tolerate_dead a service that exits is left out instead, and the dead ones are returned."""
-    from captionbus.client import collect_replies
-
     deadline = time.monotonic() + timeout
     pending = list(services)
     dead: list[ServiceProcess] = []

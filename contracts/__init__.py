@@ -2,30 +2,30 @@
 
 Depends on pydantic alone so that every stage environment can install it.
 """
+from contracts import subjects
 from contracts.artifacts import ArtifactRef
-from contracts.ids import JOB_ID_PATTERN, TOKEN_PATTERN, new_job_id, validate_token
-from contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
 from contracts.events import (
+    BranchFailed,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
     JobEvent,
-    JobSubmitted,
+    JobFailed,
+    JobRetryRequested,
     JobStarted,
-    StageRequested,
-    StageProgress,
+    JobSubmitted,
     StageCompleted,
     StageFailed,
+    StageProgress,
+    StageRequested,
     StageWarning,
-    BranchFailed,
-    JobCompleted,
-    JobFailed,
-    JobCancelRequested,
-    JobCancelled,
-    JobRetryRequested,
     parse_event,
 )
+from contracts.ids import JOB_ID_PATTERN, TOKEN_PATTERN, new_job_id, validate_token
+from contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
 from contracts.stages import StageRequest
-from contracts.workers import WorkerInfo
 from contracts.version import SCHEMA_VERSION
-from contracts import subjects
+from contracts.workers import WorkerInfo
 
 __all__ = [
     "ArtifactRef",

@@ -3,7 +3,15 @@
 `graph` loads workflows from config/workflows, `decide` is the pure decision function,
 `service` is the thin NATS adapter (`Coordinator`, `run_coordinator`).
 """
-from coordinator.decide import Action, Decision, Policy, PublishEvent, PublishRequest, Tick, decide
+from coordinator.decide import (
+    Action,
+    Decision,
+    Policy,
+    PublishEvent,
+    PublishRequest,
+    Tick,
+    decide,
+)
 from coordinator.graph import Workflow, WorkflowError, load_workflow, load_workflows
 
 __all__ = [

@@ -23,10 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from captionbus.settings import CONFIG_DIR
 from contracts import JobSpec
+from core.settings import CONFIG_DIR
+from core.translation_routes import load_routes
 
 JOB = "job"  # the reserved node name of the job itself; `job.input` is its only output
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")  # no '-': it separates a fan-out branch
@@ -36,14 +44,10 @@ DEFAULT_WORKFLOWS_DIR = CONFIG_DIR / "workflows"  # CAPTIONBUS_CONFIG moves it
 
 
 def _translation_stage(spec: JobSpec, branch: dict[str, str]) -> str:
-    from captionbus.translation_routes import load_routes
-
     return load_routes().route(spec.source_language, branch["target_language"]).stage
 
 
 def _translation_stages() -> list[str]:
-    from captionbus.translation_routes import load_routes
-
     return list(dict.fromkeys(b.stage for b in load_routes().backends.values()))
 
 

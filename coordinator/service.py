@@ -59,11 +59,11 @@ from nats.js.errors import (
 )
 from pydantic import ValidationError
 
-from captionbus.bus import provision, publish_event
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
 from contracts.events import JobEvent
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflows
+from core.bus import provision, publish_event
 
 log = structlog.get_logger("captionbus.coordinator")
 

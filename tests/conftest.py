@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from captionbus.bus import EmbeddedServer
+from captionbus.server import EmbeddedServer
 
 
 @pytest.fixture

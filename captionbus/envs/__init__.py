@@ -16,7 +16,6 @@ from captionbus.envs.manager import (
     quick_state,
     read_manifest,
 )
-from captionbus.envs.runtime import current_env, report_packages
 from captionbus.envs.spec import EnvSpec, SpecError, get_spec, load_specs
 from captionbus.envs.stages import (
     EnvsMissing,
@@ -31,6 +30,7 @@ from captionbus.envs.stages import (
     validate_config,
     workflow_stages,
 )
+from core.envinfo import current_env, report_packages
 
 __all__ = [
     "BROKEN", "MISSING", "OK", "STALE",

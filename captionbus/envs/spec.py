@@ -18,7 +18,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from captionbus import __version__, settings
+from captionbus import __version__
+from core import settings
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _PYTHON_RE = re.compile(r"^3\.\d+$")

@@ -1,15 +1,18 @@
 """Stage -> environment map (`config/stages.yaml`) and the submit-time environment gate."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from captionbus import settings
+from captionbus.envs.manager import quick_state
+from captionbus.envs.paths import create_command, env_python
 from captionbus.envs.spec import SpecError, load_specs
+from coordinator.graph import WorkflowError, load_workflow
+from core import hardware as hw
+from core import settings
 
 
 class EnvsMissing(RuntimeError):
@@ -25,9 +28,6 @@ class EnvsMissing(RuntimeError):
         self.states = dict(states or {})
         super().__init__(create_command(self.envs))
 
-
-def create_command(envs: Iterable[str]) -> str:
-    return "captionbus envs create " + " ".join(envs)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,6 @@ def validate_config(stage_map=None, specs=None) -> list[str]:
 
 def _hardware_kinds(hardware) -> list[str]:
     if hardware is None:
-        from captionbus import hardware as hw
-
         return hw.load().kinds()
     if isinstance(hardware, str):
         return [hardware, "cpu"]
@@ -97,7 +95,7 @@ def _hardware_kinds(hardware) -> list[str]:
 def env_for_stage(stage: str, hardware=None, *, stage_map=None, specs=None) -> str:
     """The environment that runs `stage` on `hardware`.
 
-    `hardware` is a `captionbus.hardware.Hardware`, a kind ("cuda", "mlx", "mps", "cpu"), or None
+    `hardware` is a `core.hardware.Hardware`, a kind ("cuda", "mlx", "mps", "cpu"), or None
     for this host (cached detection). A backend entry wins only when its env has a spec, so a
     backend can be listed in config before its environment exists.
     """
@@ -115,17 +113,6 @@ def env_for_stage(stage: str, hardware=None, *, stage_map=None, specs=None) -> s
             if env and env in specs:
                 return env
     return route.env
-
-
-def env_dir(env: str) -> Path:
-    return settings.load().envs_dir / env
-
-
-def env_python(env: str) -> Path:
-    """The interpreter of an environment (whether or not it is built yet)."""
-    if sys.platform == "win32":
-        return env_dir(env) / "Scripts" / "python.exe"
-    return env_dir(env) / "bin" / "python"
 
 
 def interpreter_for_stage(stage: str, hardware=None) -> Path:
@@ -150,8 +137,6 @@ def workflow_stages(workflow: str) -> list[str]:
     All nodes count, optional ones (`when:`) too: an env is needed before the job's options are
     known. Callers that know the job can pass its active stages to `require_envs` instead.
     """
-    from coordinator.graph import WorkflowError, load_workflow
-
     path = settings.CONFIG_DIR / "workflows" / f"{workflow}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -165,8 +150,6 @@ def workflow_stages(workflow: str) -> list[str]:
 
 def env_states(stages: list[str], hardware=None) -> dict[str, str]:
     """State (ok / stale / broken / missing) of each environment the stages need, from files only."""
-    from captionbus.envs.manager import quick_state
-
     specs = load_specs()
     return {env: quick_state(specs[env]) if env in specs else "missing"
             for env in envs_for_stages(stages, hardware)}

@@ -59,6 +59,7 @@ import pydantic
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Segment, Transcript, Word
+from core.settings import CONFIG_DIR
 from services.audio import read_wav
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device, option
@@ -306,8 +307,6 @@ def setup(ctx: SetupContext) -> Aligner:
     import nltk
     import torch
     from whisperx.utils import PUNKT_LANGUAGES
-
-    from captionbus.settings import CONFIG_DIR
 
     config_path = Path(_option(ctx, "config", CONFIG_DIR / "alignment.yaml"))
     sources = configured_models(ctx.options, dict(os.environ), config_path)

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from pydantic import ValidationError
 
 from contracts import StageRequest

@@ -12,7 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from services.runtime import BadInput, Retryable, SetupContext, StageContext, StageDefinition
+from services.runtime import (
+    BadInput,
+    Retryable,
+    SetupContext,
+    StageContext,
+    StageDefinition,
+)
 
 _FAILURES = {
     "bad_input": lambda: BadInput("noop was asked to fail: bad input"),

@@ -9,6 +9,8 @@ from importlib import metadata
 from typing import Any, Iterable
 
 from contracts import WorkerInfo
+from core import hardware
+from core.envinfo import report_packages
 
 # Reported by every worker; stages add their own (torch, whisperx ...) via report_packages.
 BASE_PACKAGES = ("captionbus", "pydantic", "nats-py")
@@ -27,20 +29,12 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
 def env_packages() -> list[str]:
     """Distributions the managed env's spec asks to report (its manifest), if any."""
     try:
-        from captionbus.envs.runtime import report_packages
-    except ImportError:
-        return []
-    try:
         return report_packages()
     except Exception:
         return []
 
 
 def hardware_summary() -> dict[str, str]:
-    try:
-        from captionbus import hardware
-    except ImportError:  # older checkout without the hardware probe
-        return {"cpu_count": str(os.cpu_count() or 0), "platform": f"{platform.system()}-{platform.machine()}"}
     try:
         return hardware.load().summary()
     except Exception as e:  # a broken probe must not keep a worker from starting

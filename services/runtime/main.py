@@ -13,9 +13,14 @@ from typing import Any
 
 import structlog
 
-from captionbus import settings as settings_mod
-from captionbus.logging import configure_logging
+from core import settings as settings_mod
+from core.bus import BusError, StagePolicy, resolve_url
+from core.envinfo import current_env
+from core.logging import configure_logging
+from services import STAGE_MODULES
 from services.runtime.definition import StageDefinition
+from services.runtime.info import worker_info
+from services.runtime.serve import serve
 
 OPTION_ENV_PREFIX = "CAPTIONBUS_OPTION_"  # CAPTIONBUS_OPTION_MODEL=base == --option model=base
 
@@ -28,16 +33,10 @@ def env_name() -> str:
     """The launcher's CAPTIONBUS_ENV, else the managed env this interpreter belongs to."""
     if os.environ.get("CAPTIONBUS_ENV"):
         return os.environ["CAPTIONBUS_ENV"]
-    try:
-        from captionbus.envs.runtime import current_env
-    except ImportError:
-        return "unknown"
     return current_env()
 
 
 def load_stage(stage: str) -> StageDefinition:
-    from services import STAGE_MODULES
-
     if stage not in STAGE_MODULES:
         raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGE_MODULES))}")
     # Imported only now: each environment has the libraries of its own stages only.
@@ -80,8 +79,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
-        from services.runtime.info import worker_info
-
         definition = load_stage(args.stage) if args.stage else None
         info = worker_info(args.stage or "", env_name(),
                            packages=definition.report_packages if definition else ())
@@ -91,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     log = structlog.get_logger("captionbus.stage").bind(stage=args.stage, env=env_name())
     try:
-        from captionbus.bus import BusError, StagePolicy, resolve_url
-        from services.runtime.serve import serve
-
         settings = settings_mod.load()
         definition = load_stage(args.stage)
         url = resolve_url(settings)

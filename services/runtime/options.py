@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from core import hardware
 from services.runtime.definition import SetupContext
 
 
@@ -18,8 +19,6 @@ def option(ctx: SetupContext, key: str, env_var: str, default: Any = None) -> An
 def default_device() -> str:
     """cuda where the host's hardware cache found a GPU *and* this env's torch can use it (a
     CPU torch wheel on a GPU host cannot), else cpu. Call from setup() of a torch stage."""
-    from captionbus import hardware
-
     if "cuda" not in hardware.load().kinds():
         return "cpu"
     try:

@@ -33,21 +33,36 @@ import structlog
 from nats.js.errors import FetchTimeoutError, KeyNotFoundError
 from pydantic import ValidationError
 
-import captionbus
-from captionbus.bus import (
-    publish_event,
+import core
+from contracts import (
+    JobStatus,
+    StageCompleted,
+    StageFailed,
+    StageRequest,
+    StageWarning,
+    WorkerInfo,
+    subjects,
+)
+from core.artifacts import ArtifactStore
+from core.bus import (
     StagePolicy,
     connect,
     effective_policy,
     ensure_stage_consumer_info,
+    publish_event,
     require_provisioned,
 )
-from captionbus.settings import CONFIG_DIR, PROJECT_ROOT, Settings
-from contracts import JobStatus, StageCompleted, StageFailed, StageRequest, StageWarning, WorkerInfo, subjects
+from core.settings import CONFIG_DIR, PROJECT_ROOT, Settings
+from services.runtime.cache import (
+    StageCache,
+    cache_enabled_for,
+    cache_key,
+    worker_cache_enabled,
+    worker_fingerprint,
+)
 from services.runtime.context import RequestContext
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
-from services.runtime.cache import StageCache, cache_enabled_for, cache_key, worker_cache_enabled, worker_fingerprint
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
@@ -395,8 +410,6 @@ def _check_outputs(outputs: Any) -> dict[str, Path]:
 
 
 def _make_store(settings: Settings, js: Any) -> Any:
-    from captionbus.artifacts import ArtifactStore
-
     return ArtifactStore(settings, js)
 
 
@@ -495,7 +508,7 @@ def info_subject(stage: str) -> str:
 
 async def _register(nc: Any, info: WorkerInfo) -> Any:
     service = await nats.micro.add_service(
-        nc, name=subjects.micro_service_name(info.stage), version=captionbus.__version__,
+        nc, name=subjects.micro_service_name(info.stage), version=core.__version__,
         description=f"captionbus stage service: {info.stage}", metadata=flat_metadata(info),
     )
     body = info.model_dump_json().encode()

@@ -40,7 +40,12 @@ import numpy as np
 from contracts import StageRequest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device, option
-from services.source_separation.streaming import SAMPLE_RATE, plan_windows, scan, stream_windows
+from services.source_separation.streaming import (
+    SAMPLE_RATE,
+    plan_windows,
+    scan,
+    stream_windows,
+)
 
 DEFAULT_MODEL = "htdemucs"
 DEFAULT_CHUNK_S = 60.0

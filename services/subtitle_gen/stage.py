@@ -1,5 +1,5 @@
 """subtitle_gen: transcript JSON -> SRT and WebVTT, laid out by the subtitle rule engine
-(captionbus.subtitles: line length, line count, reading speed, min/max duration, gaps, sync;
+(core.subtitles: line length, line count, reading speed, min/max duration, gaps, sync;
 written through pysubs2).
 
 Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the minimum gap of
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pydantic
 
-from captionbus.subtitles import FORMATS, build_cues, load_rules, write_subtitles
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Transcript
+from core.subtitles import FORMATS, build_cues, load_rules, write_subtitles
 from services.runtime import BadInput, StageContext, StageDefinition
 
 

@@ -26,15 +26,27 @@ from typing import Any, Callable, Protocol
 
 import pydantic
 
-from captionbus.subtitles import load_rules
-from captionbus.translation_routes import Backend, backend_for_stage
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Segment, Transcript
+from core.subtitles import load_rules
+from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import option
-from services.translation.glossary import Glossary, GlossaryError, Term, parse_glossary, read_glossary_file, restore
-from services.translation.units import MAX_UNIT_SEGMENTS, SegmentText, group_units, split_translation
+from services.translation.glossary import (
+    Glossary,
+    GlossaryError,
+    Term,
+    parse_glossary,
+    read_glossary_file,
+    restore,
+)
+from services.translation.units import (
+    MAX_UNIT_SEGMENTS,
+    SegmentText,
+    group_units,
+    split_translation,
+)
 
 DEFAULT_BATCH_SIZE = 16
 MAX_BATCH_SIZE = 64  # units per generate() call: beams x batch x length is what memory holds
@@ -44,7 +56,7 @@ UNTRANSLATED_FLAG = "untranslated"
 class Translator(Protocol):
     def translate(self, texts: list[str], source: str, target: str) -> list[str]:
         """One output per input, same order. source/target are ISO 639-1 codes; the backend maps
-        them to FLORES codes itself (captionbus.translation_routes). Called with batches."""
+        them to FLORES codes itself (core.translation_routes). Called with batches."""
 
     def describe(self) -> str:
         """The loaded model for worker info, e.g. "facebook/nllb-200-distilled-600M (cpu)"."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionbus.translation_routes import Backend, backend_for_stage
+from core.translation_routes import Backend, backend_for_stage
 from services.runtime import SetupContext
 from services.runtime.options import default_device, option
 from services.translation.core import translation_stage

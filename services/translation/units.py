@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from captionbus.subtitles.graphemes import clusters, display_len
+from core.subtitles.graphemes import clusters, display_len
 
 # Sentence-final marks across the scripts we serve: Latin, Devanagari danda/double danda,
 # CJK full-width, Arabic/Urdu question mark and full stop, ellipsis.

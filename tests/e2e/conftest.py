@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from captionbus.bus import EmbeddedServer, connect, provision
-from captionbus.settings import Settings
+from captionbus.server import EmbeddedServer
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
 from contracts.events import TERMINAL_KINDS
+from core.bus import connect, provision
+from core.settings import Settings
 from tests.conftest import TRANSCRIBE_STAGES
 from tests.envtools import built_env, test_models_root
 
@@ -79,8 +80,8 @@ class Stack:
         run_async(go())
 
     def submit(self, media: Path, **kwargs) -> str:
-        from captionbus.artifacts import ArtifactStore
         from captionbus.client import submit
+        from core.artifacts import ArtifactStore
 
         async def go():
             nc = await connect(self.url, "test-submit")
@@ -118,8 +119,8 @@ class Stack:
         return self.wait_for(job_id, lambda e: e.kind in TERMINAL_KINDS, timeout)
 
     def fetch(self, outputs: dict, out_dir: Path) -> dict[str, Path]:
-        from captionbus.artifacts import ArtifactStore
         from captionbus.client import fetch_outputs
+        from core.artifacts import ArtifactStore
 
         async def go():
             nc = await connect(self.url, "test-fetch")

@@ -10,8 +10,8 @@ import time
 import pysubs2
 import pytest
 
-from captionbus.bus import connect
 from captionbus.client import publish_event
+from core.bus import connect
 from tests.e2e.conftest import run_async
 from tests.media import (
     ENGLISH_SENTENCE,

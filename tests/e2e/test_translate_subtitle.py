@@ -21,7 +21,8 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from tests.media import HINDI_SENTENCE, ENGLISH_SENTENCE, ffprobe_json, speech_video
+from tests.media import ENGLISH_SENTENCE, HINDI_SENTENCE, ffprobe_json, speech_video
+
 
 def captionbus(args: list[str], home: Path, extra_env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, **extra_env, "CAPTIONBUS_HOME": str(home)}

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from nats.js import api
 
-from captionbus import artifacts
-from captionbus.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore
-from captionbus.bus import connect, provision
-from captionbus.settings import Settings
 from contracts import subjects
+from core import artifacts
+from core.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore
+from core.bus import connect, provision
+from core.settings import Settings
 
 CHUNK = artifacts.CHUNK_SIZE
 

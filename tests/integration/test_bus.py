@@ -9,19 +9,18 @@ from pathlib import Path
 import pytest
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
-from captionbus.bus import (
+from captionbus.server import _free_port, nats_server_binary
+from contracts import subjects
+from core.bus import (
     BusError,
     StagePolicy,
-    _free_port,
     connect,
     effective_policy,
     ensure_stage_consumer,
     ensure_stage_consumer_info,
-    nats_server_binary,
     provision,
     require_provisioned,
 )
-from contracts import subjects
 
 
 def test_provision_is_idempotent_and_creates_everything(nats_server):
@@ -243,11 +242,11 @@ async def _denied(call, timeout: float = 0.75) -> bool:
 
 
 def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
-    from captionbus.artifacts import ArtifactStore
     from captionbus.client import follow, job_state, list_jobs, submit, workers
-    from captionbus.settings import Settings
     from contracts import StageCompleted, StageRequest
     from coordinator.service import Coordinator
+    from core.artifacts import ArtifactStore
+    from core.settings import Settings
     from services.noop.stage import STAGE as NOOP
     from services.runtime.serve import serve
 

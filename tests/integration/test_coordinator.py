@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import nats
-from captionbus.bus import StagePolicy, ensure_stage_consumer, provision
+
 from contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -28,6 +28,7 @@ from contracts import (
 from coordinator.decide import Policy
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
 from coordinator.service import Coordinator
+from core.bus import StagePolicy, ensure_stage_consumer, provision
 
 # The fake workers produce exactly what the real graph declares.
 STAGE_OUTPUTS = {

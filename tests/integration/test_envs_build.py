@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from captionbus import envs, settings
+from captionbus import envs
 from captionbus.envs import manager
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.cli import models as models_cli
 from captionbus.models import WHISPER_BASE_SIZE, ensure_whisper_base
+from core import settings
 
 
 @pytest.fixture

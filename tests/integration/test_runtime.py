@@ -14,10 +14,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from captionbus.artifacts import ArtifactStore
-from captionbus.bus import BusError, StagePolicy, connect, provision
-from captionbus.settings import PROJECT_ROOT, Settings
 from contracts import StageRequest, WorkerInfo, parse_event, subjects
+from core.artifacts import ArtifactStore
+from core.bus import BusError, StagePolicy, connect, provision
+from core.settings import PROJECT_ROOT, Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime import StageDefinition
 from services.runtime.serve import info_subject, serve

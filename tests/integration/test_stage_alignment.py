@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from contracts.transcript import Segment, Transcript, Word
-from tests import media as test_media
 from tests import envtools
+from tests import media as test_media
 from tests.model_factory.wav2vec2 import ensure_wav2vec2
 from tests.unit.stages.fake_context import make_fake_context
 

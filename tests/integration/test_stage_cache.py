@@ -81,7 +81,7 @@ def test_cache_entry_whose_artifact_vanished_runs_again(nats_server: str, captio
 def test_local_cache_outlives_the_bus(tmp_path: Path, captionbus_home: Path):
     """`captionbus run` starts a private server per run: with local artifacts the cache is kept
     on disk, so a second server (the next run) still finds it."""
-    from captionbus.bus import EmbeddedServer
+    from captionbus.server import EmbeddedServer
 
     CALLS.clear()
     source = tmp_path / "in.txt"
@@ -105,8 +105,8 @@ def test_local_cache_outlives_the_bus(tmp_path: Path, captionbus_home: Path):
 
 def test_fleet_cache_lives_in_the_kv_bucket(nats_server: str, captionbus_home: Path, tmp_path: Path):
     """With the object store (hosts share nothing but the bus) entries go to KV cb_stage_cache."""
-    from captionbus.artifacts import ArtifactStore
     from contracts import subjects
+    from core.artifacts import ArtifactStore
 
     CALLS.clear()
     source = tmp_path / "in.txt"

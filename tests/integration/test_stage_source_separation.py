@@ -19,7 +19,11 @@ import pytest
 
 from tests import media as test_media
 from tests.envtools import run_in_env
-from tests.model_factory.demucs import DEMUCS_TEST_MODEL, demucs_service_env, ensure_demucs
+from tests.model_factory.demucs import (
+    DEMUCS_TEST_MODEL,
+    demucs_service_env,
+    ensure_demucs,
+)
 
 RATE = 16000
 LEAD_S, SPEECH_S, TAIL_S = 1.0, 8.0, 1.0  # silence, speech + noise, silence

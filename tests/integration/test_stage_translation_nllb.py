@@ -13,7 +13,9 @@ import json
 import pytest
 
 from contracts.transcript import Segment, Transcript
-from tests import envtools  # not `import test_models_root`: pytest would collect it as a test
+from tests import (
+    envtools,  # not `import test_models_root`: pytest would collect it as a test
+)
 from tests.model_factory.nllb import ensure_nllb
 
 FLORES = {"fr": "fra_Latn", "hi": "hin_Deva"}

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from contracts.speech import SpeechRegion, SpeechRegions
-
 from tests import media as test_media
 from tests.unit.stages.fake_context import make_fake_context
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from captionbus import envs, settings
+from captionbus import envs
 from captionbus.envs import manager
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.spec import SpecError, load_spec_file, parse_spec
+from core import settings
 
 GOOD = {
     "name": "demo",

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from contracts import ArtifactRef, JobSpec
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Source, Workflow, WorkflowError, load_workflow, load_workflows
+from coordinator.graph import (
+    DEFAULT_WORKFLOWS_DIR,
+    Source,
+    Workflow,
+    WorkflowError,
+    load_workflow,
+    load_workflows,
+)
 
 FANOUT = Path(__file__).parent / "fanout.yaml"
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)

@@ -2,16 +2,23 @@
 the same (node, attempt) twice, never changes a completed node, and finishes the job."""
 from __future__ import annotations
 
-import re
-
 import hashlib
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import ArtifactRef, JobSpec, JobStatus, JobSubmitted, NodeStatus, StageCompleted, StageFailed
+from contracts import (
+    ArtifactRef,
+    JobSpec,
+    JobStatus,
+    JobSubmitted,
+    NodeStatus,
+    StageCompleted,
+    StageFailed,
+)
 from coordinator.decide import Policy, Tick, decide
 from coordinator.graph import load_workflow
 

@@ -145,7 +145,7 @@ def test_unquoted_no_key_is_refused_with_a_hint(tmp_path: Path):
 
 
 def test_the_shipped_config_has_whisperx_defaults_for_english_and_hindi():
-    from captionbus.settings import CONFIG_DIR
+    from core.settings import CONFIG_DIR
 
     table = configured_models({}, {}, CONFIG_DIR / "alignment.yaml")
     assert table["en"] == "WAV2VEC2_ASR_BASE_960H" and table["hi"] == "theainerd/Wav2Vec2-large-xlsr-hindi"

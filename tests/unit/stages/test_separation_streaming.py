@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.runtime import BadInput
-from services.source_separation.streaming import SAMPLE_RATE, fade_in, plan_windows, scan, stream_windows
+from services.source_separation.streaming import (
+    SAMPLE_RATE,
+    fade_in,
+    plan_windows,
+    scan,
+    stream_windows,
+)
 from tests.unit.stages.fake_context import make_fake_context
 
 

@@ -1,5 +1,5 @@
 """subtitle_gen: transcript JSON -> SRT + VTT that pysubs2 reads back, laid out by the rule
-engine (captionbus.subtitles) and passing its checker."""
+engine (core.subtitles) and passing its checker."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from captionbus.subtitles import check_file, load_rules
 from contracts.transcript import Segment, Transcript, Word
+from core.subtitles import check_file, load_rules
 from services.runtime import BadInput
 from services.subtitle_gen.stage import STAGE
 

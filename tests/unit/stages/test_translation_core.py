@@ -13,9 +13,19 @@ import structlog
 from contracts.transcript import Segment, Transcript, Word
 from services.runtime import BadInput, SetupContext
 from services.translation.core import translation_stage
-from services.translation.glossary import Glossary, GlossaryError, Term, parse_glossary, restore
-from services.translation.units import SegmentText, ends_sentence, group_units, split_translation
-
+from services.translation.glossary import (
+    Glossary,
+    GlossaryError,
+    Term,
+    parse_glossary,
+    restore,
+)
+from services.translation.units import (
+    SegmentText,
+    ends_sentence,
+    group_units,
+    split_translation,
+)
 
 # ---------------------------------------------------------------- sentence units
 
@@ -315,7 +325,13 @@ def test_describe_model_and_definition_shape():
 
 
 def test_glossary_size_and_placeholder_numbers_are_bounded():
-    from services.translation.glossary import MAX_TERMS, Glossary, GlossaryError, parse_glossary, restore
+    from services.translation.glossary import (
+        MAX_TERMS,
+        Glossary,
+        GlossaryError,
+        parse_glossary,
+        restore,
+    )
 
     with pytest.raises(GlossaryError, match=f"at most {MAX_TERMS}"):
         parse_glossary([[f"term{n}", ""] for n in range(MAX_TERMS + 1)])

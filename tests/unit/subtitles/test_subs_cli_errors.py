@@ -1,7 +1,7 @@
 """`subs check` on something that is not a subtitle file says so in one line."""
 from click.testing import CliRunner
 
-from captionbus.subtitles.cli import subs
+from captionbus.subs_cli import subs
 
 
 def test_binary_file_is_one_line_error(tmp_path):

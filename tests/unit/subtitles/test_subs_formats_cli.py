@@ -6,10 +6,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from captionbus.subtitles import (build_cues, check_cues, check_file, fix_file, load_rules, read_subtitles,
-                                  write_subtitles)
-from captionbus.subtitles.cli import subs
-from captionbus.subtitles.samples import synthetic_transcript
+from captionbus.subs_cli import subs
+from core.subtitles import (
+    build_cues,
+    check_cues,
+    check_file,
+    fix_file,
+    load_rules,
+    read_subtitles,
+    write_subtitles,
+)
+from core.subtitles.samples import synthetic_transcript
 
 RULES = load_rules()
 

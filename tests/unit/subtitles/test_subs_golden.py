@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
+from subtitle_invariants import assert_valid
 
 from contracts.transcript import Transcript
-from captionbus.subtitles import build_cues, check_cues, load_rules
-from captionbus.subtitles.formats import render
-from subtitle_invariants import assert_valid
+from core.subtitles import build_cues, check_cues, load_rules
+from core.subtitles.formats import render
 
 GOLDEN = Path(__file__).parent / "golden"
 

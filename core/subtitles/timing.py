@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from captionbus.subtitles.rules import Rules
+from core.subtitles.rules import Rules
 
 
 def reading_need_ms(chars: int, rules: Rules) -> int:

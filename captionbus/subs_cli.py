@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from captionbus.subtitles.check import check_file, fix_file
-from captionbus.subtitles.formats import FORMATS
-from captionbus.subtitles.rules import load_rules
+from core.subtitles import check_file, fix_file
+from core.subtitles.formats import FORMATS
+from core.subtitles.rules import load_rules
 
 _rule_options = [
     click.option("--profile", default="default", show_default=True, help="profile in config/subtitles.yaml"),

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from captionbus.subtitles.rules import Rules
+from core.subtitles.graphemes import display_len
+from core.subtitles.rules import Rules
 
 SENTENCE = 0.0   # after . ? ! ।
 CLAUSE = 0.5     # after , ; : –
@@ -116,8 +117,6 @@ def join_lines(texts: Sequence[str], breaks: Sequence[int], sep: str) -> list[st
 
 def break_text(texts: Sequence[str], rules: Rules) -> list[str]:
     """Lines for a known set of words (used on re-flow); over-long input stays on its lines, unbroken."""
-    from captionbus.subtitles.graphemes import display_len
-
     sep = rules.word_separator
     lengths = [display_len(t) for t in texts]
     costs = [0.0] + [text_break_cost(texts[k - 1], texts[k], rules) for k in range(1, len(texts))]

@@ -6,9 +6,10 @@ from pathlib import Path
 from statistics import median
 from typing import Sequence
 
-from captionbus.subtitles.cues import Cue
-from captionbus.subtitles.graphemes import display_len
-from captionbus.subtitles.rules import Rules
+from core.subtitles.cues import Cue
+from core.subtitles.formats import read_subtitles
+from core.subtitles.graphemes import display_len
+from core.subtitles.rules import Rules
 
 # Every rule a file can break, in report order. `sync` needs word times, so only the engine checks it.
 RULE_NAMES = ("line_length", "line_count", "min_duration", "max_duration", "reading_speed",
@@ -119,20 +120,4 @@ def check(cues: Sequence[Cue], rules: Rules, fps: float | None = None, path: str
 
 
 def check_file(path: str | Path, rules: Rules, fps: float | None = None) -> Report:
-    from captionbus.subtitles.formats import read_subtitles
-
     return check(read_subtitles(path), rules, fps, str(path))
-
-
-def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,
-             fmt: str | None = None):
-    """Re-flow a subtitle file with `rules` and write it to `out` (format from fmt or out's suffix).
-
-    Returns the engine's CueResult: the new cues and any problems it could not avoid.
-    """
-    from captionbus.subtitles.engine import reflow
-    from captionbus.subtitles.formats import read_subtitles, write_subtitles
-
-    result = reflow(read_subtitles(path), rules, fps)
-    write_subtitles(result.cues, out, fmt)
-    return result

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from captionbus import settings
+from core import settings
 
 
 @dataclass(frozen=True)

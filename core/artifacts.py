@@ -46,9 +46,9 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT
 
-from captionbus.settings import Settings
 from contracts.artifacts import ArtifactRef
 from contracts.subjects import ARTIFACTS_BUCKET
+from core.settings import Settings
 
 log = structlog.get_logger("captionbus.artifacts")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from captionbus.settings import CONFIG_DIR
+from core.settings import CONFIG_DIR
 
 
 class UnsupportedPair(ValueError):

@@ -1,7 +1,7 @@
 """Which managed environment this interpreter is (for worker info and log lines).
 
 Runs inside stage environments, so stdlib only. The facts come from the manifest that
-`captionbus envs create` wrote into the venv; package versions are read by
+`captionbus envs create` wrote into the venv (the launcher imports MANIFEST from here); package versions are read by
 services/runtime/info.py from the names given here.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from captionbus.envs.manager import MANIFEST
+# Written by `captionbus envs create` into each venv it builds, last, so it means "built".
+MANIFEST = "captionbus-env.json"
 
 
 def current_manifest() -> dict:

@@ -14,7 +14,7 @@ from typing import Sequence
 import pysubs2
 
 from contracts.transcript import Word
-from captionbus.subtitles.cues import Cue
+from core.subtitles.cues import Cue
 
 FORMATS = ("srt", "vtt", "ass", "json", "txt")
 _SUFFIX = {".srt": "srt", ".vtt": "vtt", ".ass": "ass", ".ssa": "ass", ".json": "json", ".txt": "txt"}

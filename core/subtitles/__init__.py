@@ -5,7 +5,7 @@ A plain library (no bus, no ML): the `subtitle_gen` stage and `captionbus subs` 
 Public API (stable; everything else in this package is internal)::
 
     rules = load_rules(profile="default", language=None, path=None, **overrides) -> Rules
-        # config/subtitles.yaml under captionbus.settings.CONFIG_DIR:
+        # config/subtitles.yaml under core.settings.CONFIG_DIR:
         # defaults <- languages[lang] <- profiles[profile] <- profiles[profile].languages[lang] <- overrides
     build_cues(transcript: contracts.transcript.Transcript, rules: Rules, fps: float | None = None) -> CueResult
     distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequence[str], rules: Rules,
@@ -32,12 +32,12 @@ Guarantees of build_cues / distribute_translation / reflow:
   reported as `long_word` and left whole, on its own cue).
 Lengths are grapheme clusters (what the eye sees), so Devanagari conjuncts count once.
 """
-from captionbus.subtitles.check import Report, Violation, check_cues, check_file, fix_file
-from captionbus.subtitles.cues import Cue, CueResult, Problem
-from captionbus.subtitles.engine import build_cues, distribute_translation, reflow
-from captionbus.subtitles.formats import FORMATS, read_subtitles, write_subtitles
-from captionbus.subtitles.graphemes import display_len
-from captionbus.subtitles.rules import Rules, load_rules
+from core.subtitles.check import Report, Violation, check_cues, check_file
+from core.subtitles.cues import Cue, CueResult, Problem
+from core.subtitles.engine import build_cues, distribute_translation, fix_file, reflow
+from core.subtitles.formats import FORMATS, read_subtitles, write_subtitles
+from core.subtitles.graphemes import display_len
+from core.subtitles.rules import Rules, load_rules
 
 __all__ = [
     "FORMATS", "Cue", "CueResult", "Problem", "Report", "Rules", "Violation", "build_cues",
