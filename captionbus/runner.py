@@ -48,7 +48,7 @@ from coordinator.graph import load_workflow
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
 from core.bus import connect, provision
-from core.settings import CONFIG_DIR, Settings
+from core.settings import Settings, config_files
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -76,9 +76,10 @@ def validate_job(
     (e.g. a language pair no translation backend serves) and — when this host will run the
     stages itself — missing environments. Returns the stages this job will run."""
     validate_token(workflow, "workflow name")
-    path = CONFIG_DIR / "workflows" / f"{workflow}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "workflows").glob("*.yaml")))
+    workflows = config_files("workflows")
+    path = workflows.get(workflow)
+    if path is None:
+        known = ", ".join(workflows)
         raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
     source_language = check_language(source_language) if source_language else None
     target_languages = [check_language(code) for code in target_languages]

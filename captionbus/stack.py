@@ -18,10 +18,11 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from captionbus.client import collect_replies
+from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
 from contracts import subjects
 from core.bus import BusError, running_embedded_url
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import Settings
 
 log = structlog.get_logger("captionbus.stack")
 
@@ -117,8 +118,8 @@ def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, st
         "CAPTIONBUS_ENV": env,
         "CAPTIONBUS_HOST_ID": settings.host_id,
         "CAPTIONBUS_ARTIFACTS": "object" if settings.use_object_store() else "local",
-        # The env has captionbus installed too; this keeps a dev checkout authoritative.
-        "PYTHONPATH": str(PROJECT_ROOT),
+        # The launcher lends the stage its own contracts/core/services (captionbus/envs/code.py).
+        "PYTHONPATH": str(code_dir()),
         **(extra or {}),
     }
 

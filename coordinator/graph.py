@@ -33,14 +33,14 @@ from pydantic import (
 )
 
 from contracts import JobSpec
-from core.settings import CONFIG_DIR
+from core.settings import DEFAULT_CONFIG_DIR, config_files
 from core.translation_routes import load_routes
 
 JOB = "job"  # the reserved node name of the job itself; `job.input` is its only output
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")  # no '-': it separates a fan-out branch
 # What a node may fan out over, and the parameter each branch receives.
 FAN_OUT_SOURCES = {"target_languages": "target_language"}
-DEFAULT_WORKFLOWS_DIR = CONFIG_DIR / "workflows"  # CAPTIONBUS_CONFIG moves it
+DEFAULT_WORKFLOWS_DIR = DEFAULT_CONFIG_DIR / "workflows"  # the packaged ones
 
 
 def _translation_stage(spec: JobSpec, branch: dict[str, str]) -> str:
@@ -327,9 +327,12 @@ def load_workflow(path: str | Path) -> Workflow:
     return workflow
 
 
-def load_workflows(directory: str | Path = DEFAULT_WORKFLOWS_DIR) -> dict[str, Workflow]:
-    """Every `*.yaml` in `directory`, by name. One bad file fails the lot, loudly."""
-    return {wf.name: wf for wf in map(load_workflow, sorted(Path(directory).glob("*.yaml")))}
+def load_workflows(directory: str | Path | None = None) -> dict[str, Workflow]:
+    """Every `*.yaml` in `directory`, by name; by default the packaged workflows plus the user's
+    (CAPTIONBUS_CONFIG/workflows, a file there replaces the packaged one of the same name).
+    One bad file fails the lot, loudly."""
+    paths = sorted(Path(directory).glob("*.yaml")) if directory is not None else config_files("workflows").values()
+    return {wf.name: wf for wf in map(load_workflow, paths)}
 
 
 # ---------------------------------------------------------------- one job's concrete nodes

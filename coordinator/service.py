@@ -62,7 +62,7 @@ from pydantic import ValidationError
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
 from contracts.events import JobEvent
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflows
+from coordinator.graph import Workflow, load_workflows
 from core.bus import provision, publish_event
 
 log = structlog.get_logger("captionbus.coordinator")
@@ -105,7 +105,7 @@ class Coordinator:
         nc: NATS,
         *,
         graphs: Mapping[str, Workflow] | None = None,
-        graphs_dir: str | Path = DEFAULT_WORKFLOWS_DIR,
+        graphs_dir: str | Path | None = None,
         policy: Policy = Policy(),
         tick_interval_s: float = 1.0,
         fetch_batch: int = 1,
@@ -550,7 +550,7 @@ class Coordinator:
 
 async def run_coordinator(
     nc: NATS,
-    graphs_dir: str | Path = DEFAULT_WORKFLOWS_DIR,
+    graphs_dir: str | Path | None = None,
     policy: Policy = Policy(),
     stop_event: asyncio.Event | None = None,
     **options: Any,

@@ -1,39 +1,101 @@
-"""Where things live and which bus to use. Environment variables override defaults.
+"""Where things live and which bus to use: one typed model, read from environment variables.
 
-CAPTIONBUS_HOME   data dir: embedded NATS data, env venvs, artifacts, models (default ~/.captionbus)
-NATS_URL          join this server/cluster instead of starting the embedded one
-CAPTIONBUS_ARTIFACTS  auto | local | object  (auto: local with the embedded bus, object with NATS_URL)
-CAPTIONBUS_MODELS model cache dir (default $CAPTIONBUS_HOME/models)
-CAPTIONBUS_ENVS   stage environment venvs (default $CAPTIONBUS_HOME/envs)
+Every process builds its `Settings` with `load()`; a bad value (e.g. `CAPTIONBUS_ARTIFACTS=objet`)
+is refused with one line naming the variable and the allowed values (`SettingsError`, a
+ValueError, which the CLI prints and exits 2 on) instead of silently meaning something else.
+`captionbus stages` / README list the variables; the model below is the source.
+
+Config files (workflows, the stage map, translation routes, subtitle rules, aligners) ship as
+package data inside `core` (`core/_data/config`, a link to the checkout's top-level `config/`
+that the wheel build copies in), read with `importlib.resources`, so a non-editable install on a
+fleet host has them. `CAPTIONBUS_CONFIG=DIR` points at a user's own config dir: a file there
+overrides the packaged file of the same name (`config_path`), and the user's workflows are
+listed beside the packaged ones.
 """
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The directory holding the project's packages (a checkout's root, or site-packages).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(os.environ.get("CAPTIONBUS_CONFIG", PROJECT_ROOT / "config"))
-ENVS_SPEC_DIR = PROJECT_ROOT / "envs"
+# The packaged defaults (a Path: `core` is a regular package on the file system).
+DEFAULT_CONFIG_DIR = Path(str(resources.files("core").joinpath("_data", "config")))
+# The user's own config dir, whose files override the packaged ones; None when not set.
+USER_CONFIG_DIR: Path | None = (
+    Path(os.environ["CAPTIONBUS_CONFIG"]).expanduser() if os.environ.get("CAPTIONBUS_CONFIG") else None
+)
 
 
-def _host_id() -> str:
-    raw = os.environ.get("CAPTIONBUS_HOST_ID") or socket.gethostname()
+def config_path(relative: str) -> Path:
+    """The config file `relative` (e.g. "translation.yaml", "workflows/subtitle.yaml"): the user's
+    copy when CAPTIONBUS_CONFIG has one, else the packaged default (which may not exist)."""
+    if USER_CONFIG_DIR is not None:
+        mine = USER_CONFIG_DIR / relative
+        if mine.exists():
+            return mine
+    return DEFAULT_CONFIG_DIR / relative
+
+
+def config_files(subdir: str, pattern: str = "*.yaml") -> dict[str, Path]:
+    """Config files in `subdir` by stem, packaged ones overridden by the user's of the same name."""
+    found = {p.stem: p for p in sorted((DEFAULT_CONFIG_DIR / subdir).glob(pattern))}
+    if USER_CONFIG_DIR is not None:
+        found.update({p.stem: p for p in sorted((USER_CONFIG_DIR / subdir).glob(pattern))})
+    return dict(sorted(found.items()))
+
+
+def config_dirs() -> list[Path]:
+    """Every directory config is read from, defaults first (for fingerprints of what a worker read)."""
+    return [DEFAULT_CONFIG_DIR, *([USER_CONFIG_DIR] if USER_CONFIG_DIR is not None else [])]
+
+
+class SettingsError(ValueError):
+    """A setting has a value captionbus cannot use; the message names the variable and the fix."""
+
+
+def _host_token(raw: str) -> str:
     token = "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)[:64]
     return token or "host"
 
 
-@dataclass
-class Settings:
-    home: Path = field(
-        default_factory=lambda: Path(
-            os.environ.get("CAPTIONBUS_HOME", Path.home() / ".captionbus")
-        ).expanduser()
-    )
-    nats_url: str | None = field(default_factory=lambda: os.environ.get("NATS_URL") or None)
-    artifacts_mode: str = field(default_factory=lambda: os.environ.get("CAPTIONBUS_ARTIFACTS", "auto"))
-    host_id: str = field(default_factory=_host_id)
+class Settings(BaseSettings):
+    """The settings every process shares. Field names map to `CAPTIONBUS_<NAME>` variables, except
+    `nats_url` (NATS_URL, the convention of NATS tools)."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPTIONBUS_", extra="ignore", validate_default=True)
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".captionbus",
+                       description="data dir: embedded NATS data, artifacts, logs, hardware cache")
+    nats_url: str | None = Field(default=None, validation_alias="NATS_URL",
+                                 description="join this server or cluster instead of starting the embedded one")
+    artifacts_mode: Literal["auto", "local", "object"] = Field(
+        default="auto", validation_alias="CAPTIONBUS_ARTIFACTS",
+        description="auto: local files with the embedded bus, the object store with NATS_URL")
+    host_id: str = Field(default_factory=socket.gethostname, description="names this host in worker info and artifacts")
+    envs: Path | None = Field(default=None, description="stage environment venvs (default HOME/envs)")
+    models: Path | None = Field(default=None, description="model cache (default HOME/models)")
+
+    @field_validator("home", "envs", "models", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("nats_url", mode="after")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("host_id", mode="after")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return _host_token(value)
 
     @property
     def nats_dir(self) -> Path:
@@ -42,7 +104,7 @@ class Settings:
     @property
     def envs_dir(self) -> Path:
         # Separate override: venvs are gigabytes, and tests want a fresh home but shared venvs.
-        return Path(os.environ.get("CAPTIONBUS_ENVS", self.home / "envs")).expanduser()
+        return self.envs or self.home / "envs"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -54,7 +116,7 @@ class Settings:
 
     @property
     def models_dir(self) -> Path:
-        return Path(os.environ.get("CAPTIONBUS_MODELS", self.home / "models")).expanduser()
+        return self.models or self.home / "models"
 
     @property
     def hardware_cache(self) -> Path:
@@ -73,5 +135,27 @@ class Settings:
         return self.nats_url is not None
 
 
+def _variable(model: type[BaseSettings], field: str) -> str:
+    info = model.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    return f"{model.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def describe_error(model: type[BaseSettings], error: ValidationError) -> str:
+    """One line for the first problem: which variable, what it holds, what it may hold."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    name = _variable(model, field) if field in model.model_fields else field
+    value = first.get("input")
+    expected = first.get("ctx", {}).get("expected")
+    allowed = f"; allowed: {expected}" if expected else f" ({first['msg']})"
+    return f"{name}={value!r} is not a valid setting{allowed}"
+
+
 def load() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError(describe_error(Settings, e)) from None

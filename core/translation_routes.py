@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from core.settings import CONFIG_DIR
+from core.settings import config_path
 
 
 class UnsupportedPair(ValueError):
@@ -71,7 +71,7 @@ class RouteTable:
 
 
 def load_routes(path: Path | None = None) -> RouteTable:
-    path = path or CONFIG_DIR / "translation.yaml"
+    path = path or config_path("translation.yaml")
     return _load(str(path))
 
 

@@ -10,10 +10,10 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from captionbus import models as model_store
 from captionbus.envs import manager, stages
 from captionbus.envs.spec import SpecError, load_specs
 from core import hardware as hw
-from captionbus import models as model_store
 
 _STATE_STYLE = {"ok": "green", "stale": "yellow", "broken": "red", "missing": "red"}
 

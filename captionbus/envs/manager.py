@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from captionbus.envs.code import code_dir
 from captionbus.envs.paths import create_command, env_dir, env_python
 from captionbus.envs.spec import EnvSpec, project_modules
 from core.envinfo import MANIFEST
@@ -221,8 +222,10 @@ def _stream(cmd: list[str], label: str, console, heartbeat_s: float = 30) -> Non
 def probe(python: Path, imports: list[str], versions: list[str], timeout: float = 600) -> dict:
     """Import modules and read package versions inside another interpreter (one subprocess)."""
     args = json.dumps({"imports": imports, "versions": versions})
+    # The project's packages come from the launcher, as when it starts a stage (envs/code.py).
+    env = {**os.environ, "PYTHONPATH": str(code_dir())}
     proc = subprocess.run([str(python), "-c", _PROBE, args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{python} failed to run (exit {proc.returncode}): "
                            f"{proc.stderr.strip()[-800:]}")
@@ -237,7 +240,7 @@ def _check_imports(spec: EnvSpec) -> list[str]:
 
 
 def _report_versions(spec: EnvSpec) -> list[str]:
-    return ["captionbus", *spec.report_versions]
+    return list(spec.report_versions)
 
 
 # ---------------------------------------------------------------- create / check
@@ -281,7 +284,7 @@ def _build(spec: EnvSpec, console) -> EnvStatus:
     for link in pip_find_links():
         cmd += ["--find-links", link]
     cmd += spec.install_requirements()
-    _stream(cmd, f"{spec.name}: installing {len(spec.requirements)} pinned + captionbus", console)
+    _stream(cmd, f"{spec.name}: installing {len(spec.requirements)} pinned + the core library's dependencies", console)
     try:
         result = probe(python, _check_imports(spec), _report_versions(spec))
     except (RuntimeError, subprocess.SubprocessError, ValueError) as e:

@@ -1,9 +1,9 @@
 """Environment specs: `envs/<name>.toml`, one per Python environment.
 
 A spec says what to install (pinned requirements, a Python version), which stages the environment
-serves, and what `captionbus envs check` imports and reports. Every environment also gets the
-captionbus project itself (see `project_requirement`), so `contracts`, `services` and the stage
-runtime import there.
+serves, and what `captionbus envs check` imports and reports. Every environment also gets the core
+library's dependencies; the project's own code (`contracts`, `core`, `services`) is lent by the
+launcher when it starts a stage process (captionbus/envs/code.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 try:
@@ -18,8 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from captionbus import __version__
-from core import settings
+from captionbus.envs.code import STAGE_PACKAGES, core_requirements
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _PYTHON_RE = re.compile(r"^3\.\d+$")
@@ -29,8 +29,10 @@ _KNOWN_KEYS = {
     "name", "description", "python", "stages", "optional",
     "requirements", "check_imports", "report_versions",
 }
-# Modules of this project that every environment must import (the ones that exist).
-PROJECT_MODULES = ("captionbus", "contracts", "services")
+# How the project's code reaches an env; a change here makes every built env stale.
+CODE_SCHEME = "lent-by-launcher-1"
+# The env specs: package data of the launcher (captionbus/_data/envs links to the checkout's envs/).
+SPEC_DIR = Path(str(resources.files("captionbus").joinpath("_data", "envs")))
 
 
 class SpecError(ValueError):
@@ -50,52 +52,31 @@ class EnvSpec:
     path: Path | None = field(default=None, compare=False)
 
     def install_requirements(self) -> list[str]:
-        """What `uv pip install` gets: the spec's pins plus the project itself."""
-        return [*self.requirements, *project_requirement()]
+        """What `uv pip install` gets: the spec's pins plus the core library's dependencies.
+        The project's code is not installed: the launcher lends it (captionbus/envs/code.py)."""
+        return [*self.requirements, *core_requirements()]
 
     def spec_hash(self) -> str:
         """Hash of everything that changes what gets installed.
 
         Description, stages and check lists are left out: editing them does not make a built
-        environment stale. The project's own dependency list is in: a new dependency in
-        pyproject.toml must reach every environment.
+        environment stale. The core library's dependency list is in: a new dependency in
+        core/requirements.txt must reach every environment.
         """
         payload = {
             "python": self.python,
             "requirements": sorted(self.requirements),
-            "project": project_requirement(),
-            "project_dependencies": sorted(_project_dependencies()),
+            "project": CODE_SCHEME,
+            "core_dependencies": sorted(core_requirements()),
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def project_requirement() -> list[str]:
-    """How the captionbus project gets into an environment.
-
-    From a checkout (PROJECT_ROOT has pyproject.toml): editable, so code edits show up in every env
-    without a rebuild. From an installed wheel: the same released version from the index.
-    """
-    root = settings.PROJECT_ROOT
-    if (root / "pyproject.toml").is_file():
-        return ["-e", str(root)]
-    return [f"captionbus=={__version__}"]
-
-
-def _project_dependencies() -> list[str]:
-    pyproject = settings.PROJECT_ROOT / "pyproject.toml"
-    if not pyproject.is_file():
-        return []
-    with pyproject.open("rb") as f:
-        return list(tomllib.load(f).get("project", {}).get("dependencies", []))
-
-
 def project_modules() -> list[str]:
-    """The project's top-level packages an environment must be able to import."""
-    root = settings.PROJECT_ROOT
-    if (root / "pyproject.toml").is_file():
-        return [m for m in PROJECT_MODULES if (root / m / "__init__.py").is_file()]
-    return list(PROJECT_MODULES)
+    """The project's top-level packages a stage process must be able to import (lent to it by
+    the launcher, see captionbus/envs/code.py)."""
+    return list(STAGE_PACKAGES)
 
 
 def _str_list(data: dict, key: str, where: str) -> tuple[str, ...]:
@@ -152,7 +133,7 @@ def load_spec_file(path: Path) -> EnvSpec:
 
 def load_specs(spec_dir: Path | None = None) -> dict[str, EnvSpec]:
     """All specs in `envs/`, by name. Raises SpecError on the first bad file."""
-    spec_dir = spec_dir or settings.ENVS_SPEC_DIR
+    spec_dir = spec_dir or SPEC_DIR
     specs: dict[str, EnvSpec] = {}
     for path in sorted(spec_dir.glob("*.toml")):
         spec = load_spec_file(path)

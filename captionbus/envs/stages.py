@@ -37,7 +37,7 @@ class StageRoute:
 
 
 def stages_config_path() -> Path:
-    return settings.CONFIG_DIR / "stages.yaml"
+    return settings.config_path("stages.yaml")
 
 
 def load_stage_map(path: Path | None = None) -> dict[str, StageRoute]:
@@ -137,9 +137,9 @@ def workflow_stages(workflow: str) -> list[str]:
     All nodes count, optional ones (`when:`) too: an env is needed before the job's options are
     known. Callers that know the job can pass its active stages to `require_envs` instead.
     """
-    path = settings.CONFIG_DIR / "workflows" / f"{workflow}.yaml"
+    path = settings.config_path(f"workflows/{workflow}.yaml")
     if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        known = list(settings.config_files("workflows"))
         raise SpecError(f"no workflow {workflow!r} ({path} missing; known: {', '.join(known) or 'none'})")
     try:
         graph = load_workflow(path)

@@ -5,7 +5,7 @@ A plain library (no bus, no ML): the `subtitle_gen` stage and `captionbus subs` 
 Public API (stable; everything else in this package is internal)::
 
     rules = load_rules(profile="default", language=None, path=None, **overrides) -> Rules
-        # config/subtitles.yaml under core.settings.CONFIG_DIR:
+        # config/subtitles.yaml (core.settings.config_path: packaged, or CAPTIONBUS_CONFIG's):
         # defaults <- languages[lang] <- profiles[profile] <- profiles[profile].languages[lang] <- overrides
     build_cues(transcript: contracts.transcript.Transcript, rules: Rules, fps: float | None = None) -> CueResult
     distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequence[str], rules: Rules,

@@ -79,7 +79,7 @@ _FIELDS = {f.name for f in dataclasses.fields(Rules)} - {"profile", "language"}
 
 
 def default_config_path() -> Path:
-    return settings.CONFIG_DIR / "subtitles.yaml"
+    return settings.config_path("subtitles.yaml")
 
 
 def _apply(values: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> None:

@@ -59,7 +59,7 @@ import pydantic
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.transcript import Segment, Transcript, Word
-from core.settings import CONFIG_DIR
+from core import settings as core_settings
 from services.audio import read_wav
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device, option
@@ -308,8 +308,8 @@ def setup(ctx: SetupContext) -> Aligner:
     import torch
     from whisperx.utils import PUNKT_LANGUAGES
 
-    config_path = Path(_option(ctx, "config", CONFIG_DIR / "alignment.yaml"))
-    sources = configured_models(ctx.options, dict(os.environ), config_path)
+    config_file = Path(_option(ctx, "config", core_settings.config_path("alignment.yaml")))
+    sources = configured_models(ctx.options, dict(os.environ), config_file)
     torch.set_num_threads(int(_option(ctx, "threads", os.cpu_count() or 1)))
     punkt_dir = parameter_free_punkt(set(PUNKT_LANGUAGES.values()) | {"english"})
     nltk.data.path.insert(0, str(punkt_dir))

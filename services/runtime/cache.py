@@ -76,18 +76,21 @@ def _existing_path(value: str) -> Path | None:
         return None
 
 
-def worker_fingerprint(options: dict[str, Any], config_dir: Path, project_root: Path) -> str:
+def worker_fingerprint(options: dict[str, Any], config_dirs: list[Path], project_root: Path) -> str:
     """What this worker process computes with beyond its model description: call after setup()."""
     settings = {k: v for k, v in os.environ.items() if k.startswith("CAPTIONBUS_") and k not in HOST_SETTINGS}
     settings.update({f"option:{k}": str(v) for k, v in options.items()})
     paths = {v: _stamp(p) for v in settings.values() if (p := _existing_path(v)) is not None}
     digest = hashlib.sha256()
-    for file in sorted(config_dir.glob("*.yaml")):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    for config_dir in config_dirs:
+        for file in sorted(config_dir.glob("*.yaml")):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    # Resolved: stage environments import the project through links (captionbus/envs/code.py).
+    project_root = project_root.resolve()
     sources = sorted({
-        Path(module.__file__) for module in list(sys.modules.values())
-        if getattr(module, "__file__", None) and Path(module.__file__).is_relative_to(project_root)
-        and Path(module.__file__).suffix == ".py"
+        Path(module.__file__).resolve() for module in list(sys.modules.values())
+        if getattr(module, "__file__", None) and Path(module.__file__).suffix == ".py"
+        and Path(module.__file__).resolve().is_relative_to(project_root)
     })
     for file in sources:
         digest.update(str(file.relative_to(project_root)).encode() + b"\0" + file.read_bytes())

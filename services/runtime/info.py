@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 from typing import Any, Iterable
 
+import core
 from contracts import WorkerInfo
 from core import hardware
 from core.envinfo import report_packages
@@ -19,6 +20,9 @@ BASE_PACKAGES = ("captionbus", "pydantic", "nats-py")
 def package_versions(names: Iterable[str]) -> dict[str, str]:
     out = {}
     for name in dict.fromkeys(names):  # ordered, no duplicates
+        if name == "captionbus":  # not installed in a stage env: its code is lent by the launcher
+            out[name] = core.__version__
+            continue
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -52,7 +52,7 @@ from core.bus import (
     publish_event,
     require_provisioned,
 )
-from core.settings import CONFIG_DIR, PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings, config_dirs
 from services.runtime.cache import (
     StageCache,
     cache_enabled_for,
@@ -470,7 +470,7 @@ async def serve(
         policy = effective_policy(consumer)
         sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
         service = await _register(nc, info)
-        fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), CONFIG_DIR, PROJECT_ROOT)
+        fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), config_dirs(), PROJECT_ROOT)
         worker = StageWorker(
             definition, settings, js, store if store is not None else _make_store(settings, js),
             info=info, policy=policy, resources=resources, log=log,

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from captionbus import envs
 from captionbus.envs import manager
+from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.cli import models as models_cli
 from captionbus.models import WHISPER_BASE_SIZE, ensure_whisper_base
@@ -66,9 +67,9 @@ def test_create_and_check_common(home: Path, tmp_path: Path, monkeypatch: pytest
     # Change the spec's pins: the built env turns stale, with the fixing command.
     spec_dir = tmp_path / "envs-specs"
     spec_dir.mkdir()
-    for p in settings.ENVS_SPEC_DIR.glob("*.toml"):
+    for p in spec_mod.SPEC_DIR.glob("*.toml"):
         (spec_dir / p.name).write_text(p.read_text().replace('"pysubs2==1.8.1",', '"pysubs2==1.8.1", "six==1.17.0",'))
-    monkeypatch.setattr(settings, "ENVS_SPEC_DIR", spec_dir)
+    monkeypatch.setattr(spec_mod, "SPEC_DIR", spec_dir)
     result = runner.invoke(envs_cli, ["check", "common"])
     assert result.exit_code == 1
     assert "stale" in result.output and "fix: captionbus envs create common" in result.output

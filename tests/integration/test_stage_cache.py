@@ -170,15 +170,15 @@ def test_worker_settings_and_the_files_they_name_are_in_the_key(tmp_path: Path, 
     (model / "weights.bin").write_bytes(b"x" * 10)
     monkeypatch.setenv("CAPTIONBUS_NLLB_MODEL", str(model))
     monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home-a"))
-    base = worker_fingerprint({}, config, code)
+    base = worker_fingerprint({}, [config], code)
     monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home-b"))
-    assert worker_fingerprint({}, config, code) == base  # where data lives is not what is computed
+    assert worker_fingerprint({}, [config], code) == base  # where data lives is not what is computed
     (model / "weights.bin").write_bytes(b"y" * 11)
-    changed_model = worker_fingerprint({}, config, code)
+    changed_model = worker_fingerprint({}, [config], code)
     assert changed_model != base
-    assert worker_fingerprint({"num_beams": 2}, config, code) != changed_model
+    assert worker_fingerprint({"num_beams": 2}, [config], code) != changed_model
     (config / "translation.yaml").write_text("a: 2\n")
-    assert worker_fingerprint({}, config, code) != changed_model
+    assert worker_fingerprint({}, [config], code) != changed_model
     os.utime(model)  # touching the folder itself changes nothing; its files count
 
 

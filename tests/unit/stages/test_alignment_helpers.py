@@ -145,9 +145,9 @@ def test_unquoted_no_key_is_refused_with_a_hint(tmp_path: Path):
 
 
 def test_the_shipped_config_has_whisperx_defaults_for_english_and_hindi():
-    from core.settings import CONFIG_DIR
+    from core.settings import config_path
 
-    table = configured_models({}, {}, CONFIG_DIR / "alignment.yaml")
+    table = configured_models({}, {}, config_path("alignment.yaml"))
     assert table["en"] == "WAV2VEC2_ASR_BASE_960H" and table["hi"] == "theainerd/Wav2Vec2-large-xlsr-hindi"
     assert table["no"] and "ta" not in table
 

@@ -35,7 +35,7 @@ def test_rules_defaults_profiles_and_languages():
 def test_rules_come_from_config_dir(tmp_path: Path, monkeypatch):
     (tmp_path / "subtitles.yaml").write_text("defaults: {max_cps: 11}\nprofiles: {default: {}}\n")
     from core import settings
-    monkeypatch.setattr(settings, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
     assert load_rules().max_cps == 11
 
 

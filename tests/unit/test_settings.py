@@ -1,0 +1,69 @@
+"""Global settings are one typed model; config files are package data a user's dir can override."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.graph import load_workflows
+from core import settings
+from core.settings import Settings, SettingsError, config_files, config_path, load
+
+
+def test_settings_come_from_the_environment(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("NATS_URL", "nats://10.0.0.5:4222")
+    monkeypatch.setenv("CAPTIONBUS_HOST_ID", "gpu box/1")
+    monkeypatch.setenv("CAPTIONBUS_MODELS", str(tmp_path / "m"))
+    monkeypatch.delenv("CAPTIONBUS_ARTIFACTS", raising=False)
+    monkeypatch.delenv("CAPTIONBUS_ENVS", raising=False)
+    s = load()
+    assert s.home == tmp_path / "h" and s.nats_url == "nats://10.0.0.5:4222"
+    assert s.host_id == "gpu-box-1"  # a token: it names subjects and folders
+    assert s.models_dir == tmp_path / "m" and s.envs_dir == tmp_path / "h" / "envs"
+    assert s.artifacts_mode == "auto" and s.use_object_store()  # auto + NATS_URL -> object store
+
+
+def test_a_bad_enum_value_is_refused_with_the_allowed_values(monkeypatch):
+    monkeypatch.setenv("CAPTIONBUS_ARTIFACTS", "objet")
+    with pytest.raises(SettingsError) as err:
+        load()
+    message = str(err.value)
+    assert "CAPTIONBUS_ARTIFACTS='objet'" in message
+    assert "'auto', 'local' or 'object'" in message
+    assert "\n" not in message
+
+
+def test_the_cli_refuses_a_bad_setting_in_one_line(tmp_path: Path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CAPTIONBUS_ARTIFACTS": "objet"}
+    done = subprocess.run([sys.executable, "-m", "captionbus", "jobs"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "CAPTIONBUS_ARTIFACTS" in lines[0] and "object" in lines[0], lines
+
+
+def test_settings_built_by_name_keep_working(tmp_path: Path):
+    s = Settings(home=tmp_path, nats_url=None, artifacts_mode="local", host_id="h")
+    assert s.artifacts_dir == tmp_path / "artifacts" and not s.use_object_store()
+
+
+def test_config_is_package_data():
+    # The packaged config is found through importlib.resources, not relative to a checkout.
+    assert config_path("stages.yaml").is_file()
+    assert {"transcribe", "translate", "subtitle"} <= set(config_files("workflows"))
+    assert "core" in config_path("stages.yaml").parts
+
+
+def test_a_users_config_dir_overrides_file_by_file(tmp_path: Path, monkeypatch):
+    (tmp_path / "workflows").mkdir()
+    packaged = config_files("workflows")["transcribe"].read_text()
+    (tmp_path / "workflows" / "quick.yaml").write_text(packaged.replace("name: transcribe", "name: quick"))
+    (tmp_path / "translation.yaml").write_text("x: 1\n")
+    monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
+    assert config_path("translation.yaml") == tmp_path / "translation.yaml"
+    assert config_path("stages.yaml") == settings.DEFAULT_CONFIG_DIR / "stages.yaml"  # not overridden
+    workflows = load_workflows()
+    assert {"quick", "transcribe", "translate", "subtitle"} <= set(workflows)
