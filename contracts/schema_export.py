@@ -1,6 +1,7 @@
 """Export JSON Schema for every contract: `python -m contracts.schema_export [--check]`.
 
-Non-Python consumers (dashboards, other languages) read contracts/schema/*.json.
+Non-Python consumers (dashboards, other languages) read contracts/schema/*.json; each stage's
+request params are in `params_<stage>.json` (contracts.stage_specs.STAGES).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo
 from contracts.events import JobEvent
 from contracts.speech import SpeechRegions
+from contracts.stage_specs import STAGES
 from contracts.transcript import Transcript
 from contracts.version import SCHEMA_VERSION
 
@@ -27,6 +29,7 @@ MODELS: dict[str, object] = {
     "job_event": JobEvent,
     "transcript": Transcript,
     "speech_regions": SpeechRegions,
+    **{f"params_{name}": spec.params for name, spec in STAGES.items()},
 }
 
 

@@ -3,8 +3,8 @@ model for the transcript's language (whisperx.load_align_model + whisperx.align)
 
 Inputs: `audio` (16 kHz mono 16-bit WAV, the demux output), `transcript` (transcript JSON from
 asr, contracts.transcript.Transcript).
-Params: `language` or the job's `source_language` (optional; when given it must be the
-transcript's language).
+Params: contracts.stage_params.AlignmentParams: `language` or the job's `source_language`
+(optional; when given it must be the transcript's language).
 Outputs: `transcript` (transcript.json): the same segments with the same text, speakers and
 flags; words re-timed and `aligned=True`. Segment start/end only move inwards, to their first
 word's start and last word's end.
@@ -21,14 +21,9 @@ fleet with one bad model folder should still deliver subtitles. A failed load is
 RETRY_FAILED_LOAD_S, so a fixed folder is picked up without a restart.
 
 Models: `config/alignment.yaml` maps language -> local folder, Hugging Face id or torchaudio
-pipeline name (whisperx's defaults). Service options (`serve alignment --option k=v`, or the
-env var in brackets):
-  model_<lang> (CAPTIONBUS_ALIGN_MODEL_<LANG>)  overrides one language, e.g. model_hi=/models/w2v-hi
-  config (CAPTIONBUS_ALIGN_CONFIG)              another models file; default config/alignment.yaml
-  device (CAPTIONBUS_ALIGN_DEVICE)              cpu | cuda; default cuda where the hardware cache has a GPU
-  threads (CAPTIONBUS_ALIGN_THREADS)            torch threads; default all cores
-  cache_size (CAPTIONBUS_ALIGN_CACHE_SIZE)      languages kept loaded (least recently used goes); default 2
-  cache_dir (CAPTIONBUS_ALIGN_CACHE_DIR)        download dir for hub models; default the libraries' own
+pipeline name (whisperx's defaults); the service option model_<lang> (or
+CAPTIONBUS_ALIGN_MODEL_<LANG>) overrides one language. Service options:
+contracts.stage_options.AlignmentOptions (`captionbus stages alignment`).
 Models load on first use of their language and stay warm. Local folders load with
 `local_files_only` (the per-call form of HF_HUB_OFFLINE: no hub request at all); with
 HF_HUB_OFFLINE=1 set, hub ids load only from the local Hugging Face cache and torchaudio
@@ -58,11 +53,13 @@ import pydantic
 
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
+from contracts.stage_options import AlignmentOptions
+from contracts.stage_params import AlignmentParams
 from contracts.transcript import Segment, Transcript, Word
 from core import settings as core_settings
 from services.audio import read_wav
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
-from services.runtime.options import default_device, option
+from services.runtime.options import default_device
 
 SAMPLE_RATE = 16000
 RETRY_FAILED_LOAD_S = 600.0
@@ -283,10 +280,6 @@ class Aligner:
         return LoadedModel(model, metadata, source, 0.0)
 
 
-def _option(ctx: SetupContext, key: str, default=None):
-    return option(ctx, key, f"CAPTIONBUS_ALIGN_{key.upper()}", default)
-
-
 def parameter_free_punkt(languages: set[str]) -> Path:
     """A private NLTK data dir with an untrained Punkt model per language (module docstring)."""
     import atexit
@@ -308,18 +301,19 @@ def setup(ctx: SetupContext) -> Aligner:
     import torch
     from whisperx.utils import PUNKT_LANGUAGES
 
-    config_file = Path(_option(ctx, "config", core_settings.config_path("alignment.yaml")))
-    sources = configured_models(ctx.options, dict(os.environ), config_file)
-    torch.set_num_threads(int(_option(ctx, "threads", os.cpu_count() or 1)))
+    options: AlignmentOptions = ctx.options
+    config_file = Path(options.config) if options.config else core_settings.config_path("alignment.yaml")
+    overrides = {f"model_{language}": model for language, model in options.models.items()}
+    sources = configured_models(overrides, {}, config_file)  # options.models holds CAPTIONBUS_ALIGN_MODEL_* too
+    torch.set_num_threads(options.threads or os.cpu_count() or 1)
     punkt_dir = parameter_free_punkt(set(PUNKT_LANGUAGES.values()) | {"english"})
     nltk.data.path.insert(0, str(punkt_dir))
-    cache_dir = _option(ctx, "cache_dir")
     aligner = Aligner(
         sources=sources,
         models_dir=Path(ctx.models_dir),
-        device=str(_option(ctx, "device", default_device())),
-        cache_size=max(1, int(_option(ctx, "cache_size", 2))),
-        cache_dir=str(cache_dir) if cache_dir else None,
+        device=options.device or default_device(),
+        cache_size=options.cache_size,
+        cache_dir=options.cache_dir,
         punkt_dir=punkt_dir,
     )
     ctx.log.info("alignment ready", languages=sorted(k for k, v in sources.items() if v), device=aligner.device)
@@ -345,7 +339,7 @@ def read_transcript(path: Path) -> Transcript:
         raise BadInput(f"transcript is not valid transcript JSON ({where}: {error['msg']})")
 
 
-def transcript_language(request: StageRequest, transcript: Transcript) -> str:
+def transcript_language(params: AlignmentParams, transcript: Transcript) -> str:
     try:
         language = check_language(transcript.language)
     except UnknownLanguage as unknown:
@@ -355,12 +349,8 @@ def transcript_language(request: StageRequest, transcript: Transcript) -> str:
             f"the transcript is a translation ({transcript.translated_from} -> {language}); "
             f"alignment needs the transcript of what is spoken in the audio"
         )
-    wanted = request.params.get("language") or request.params.get("source_language")
-    if wanted not in (None, "", "auto"):
-        try:
-            wanted = check_language(str(wanted))
-        except UnknownLanguage as unknown:
-            raise BadInput(str(unknown))
+    wanted = params.language or params.source_language  # checked codes (contracts.stage_params)
+    if wanted is not None:
         if wanted != language:
             raise BadInput(
                 f"the job says the audio is in {wanted!r} but the transcript is in {language!r}; "
@@ -395,7 +385,7 @@ def align_segment(aligner: Aligner, model: LoadedModel, audio, segment: Segment,
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     aligner: Aligner = ctx.resources
     transcript = read_transcript(ctx.input_path("transcript"))
-    language = transcript_language(request, transcript)
+    language = transcript_language(ctx.params, transcript)
     audio = read_wav(ctx.input_path("audio"))
     started = time.monotonic()
     out = ctx.work_dir / "transcript.json"
@@ -454,6 +444,9 @@ STAGE = StageDefinition(
     name="alignment",
     handle=handle,
     setup=setup,
+    params=AlignmentParams,
+    outputs=("transcript",),
+    options=AlignmentOptions,
     report_packages=("whisperx", "torch", "transformers", "nltk"),
     describe_model=describe_model,
 )

@@ -1,7 +1,6 @@
 """demux: any media file -> 16 kHz mono PCM WAV for ASR (plus the probed facts as JSON).
 
-Params: `audio_track` (optional, 0-based index among the audio streams; default: the stream
-marked default, else the first).
+Params: contracts.stage_params.DemuxParams (`captionbus stages demux`).
 Outputs: `audio` (audio.wav), `probe` (probe.json: duration, fps, codecs, has_video).
 """
 from __future__ import annotations
@@ -10,6 +9,7 @@ import json
 from pathlib import Path
 
 from contracts import StageRequest
+from contracts.stage_params import DemuxParams
 from services import media
 from services.runtime import BadInput, StageContext, StageDefinition
 
@@ -38,20 +38,12 @@ def expected_audio_seconds(probed: media.ProbeResult, stream: dict) -> float | N
     return media.to_float(stream.get("duration")) or probed.duration
 
 
-def _audio_track(value) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadInput(f"option demux.audio_track must be an audio stream number (0, 1, ...), not {value!r}") from None
-
-
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     source = ctx.input_path("media")
     name = request.inputs["media"].name
     probed = media.probe(source, display_name=name)
-    stream = choose_audio_stream(probed, _audio_track(request.params.get("audio_track")), name)
+    params: DemuxParams = ctx.params
+    stream = choose_audio_stream(probed, params.audio_track, name)
     expected = expected_audio_seconds(probed, stream)
     ctx.log.info("probed", format=probed.format_name, duration=probed.duration, audio_stream=stream.get("index"))
 
@@ -91,6 +83,8 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 STAGE = StageDefinition(
     name="demux",
     handle=handle,
+    params=DemuxParams,
+    outputs=("audio", "probe"),
     report_packages=("pydantic",),
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

@@ -1,8 +1,9 @@
 """mux: the original media + SRT tracks -> soft-subtitled mp4 (mov_text) and mkv (srt).
 
 Inputs: `media` (the original), input list `subtitles` (SRT files).
-Params: `languages` (ISO 639-1 codes, same order as `subtitles`); when absent, each file's
-language comes from its name as subtitle_gen writes it (subtitles.<lang>.srt).
+Params: contracts.stage_params.MuxParams: `languages` (ISO 639-1 codes, same order as
+`subtitles`); when absent, each file's language comes from its name as subtitle_gen writes it
+(subtitles.<lang>.srt).
 Outputs: `mp4`, `mkv`.
 
 Video and audio are stream-copied (-c copy), never re-encoded. Each subtitle track is tagged
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from contracts import StageRequest
 from contracts.languages import LANGUAGES, UnknownLanguage, check_language
+from contracts.stage_params import MuxParams
 from services import media
 from services.runtime import BadInput, StageContext, StageDefinition
 
@@ -29,14 +31,12 @@ SUBTITLE_NAME = re.compile(r"^.*\.(?P<lang>[A-Za-z]{2,3})\.srt$")
 CONTAINERS = {"mp4": ("mp4", "mov_text"), "mkv": ("matroska", "srt")}
 
 
-def subtitle_languages(request: StageRequest) -> list[str]:
+def subtitle_languages(request: StageRequest, params: MuxParams) -> list[str]:
     """One language per subtitle file: the `languages` param when given, else the code in each
     file's artifact name as subtitle_gen writes it (subtitles.<lang>.srt), so the transcribe
     graph need not know the detected language. Every code is validated either way."""
     refs = request.input_lists.get("subtitles", [])
-    languages = request.params.get("languages")
-    if isinstance(languages, str):
-        languages = [languages]
+    languages = params.languages
     if not languages:
         languages = []
         for ref in refs:
@@ -125,7 +125,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     source = ctx.input_path("media")
     name = request.inputs["media"].name
     subtitles = ctx.input_paths("subtitles")
-    languages = subtitle_languages(request)
+    languages = subtitle_languages(request, ctx.params)
     for ref, path in zip(request.input_lists.get("subtitles", []), subtitles):
         _require_srt(path, ref.name)
     probed = media.probe(source, display_name=name)
@@ -148,4 +148,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="mux", handle=handle, report_packages=("pydantic",))
+STAGE = StageDefinition(name="mux", handle=handle, params=MuxParams, outputs=("mp4", "mkv"), report_packages=("pydantic",))

@@ -1,17 +1,16 @@
 """A stage that does nothing on purpose: for runtime tests and the hop benchmark.
 
-params:
-  sleep_s: float       work this long (in small steps, reporting progress)
-  fail: bad_input | retryable | crash   raise that kind of error ...
-  fail_times: int      ... on the first N deliveries only (default: every delivery)
-  warn: str            publish this StageWarning first
-Inputs are passed through under their own names; with no inputs it writes `out.txt`.
+Params: contracts.stage_params.NoopParams (sleep_s, fail, fail_times, warn).
+Inputs are passed through under their own names (so it declares no outputs to check); with no
+inputs it writes `out.txt` (output `out`).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from contracts.stage_options import NoopOptions
+from contracts.stage_params import NoopParams
 from services.runtime import (
     BadInput,
     Retryable,
@@ -32,15 +31,13 @@ def setup(ctx: SetupContext) -> dict:
 
 
 def handle(request, ctx: StageContext) -> dict[str, Path]:
-    p = request.params
-    if p.get("warn"):
-        ctx.warn(str(p["warn"]))
-    if p.get("fail"):
-        if p["fail"] not in _FAILURES:
-            raise BadInput(f"noop: unknown fail mode {p['fail']!r}; use {', '.join(_FAILURES)}")
-        if ctx.delivery <= int(p.get("fail_times", 1 << 30)):
-            raise _FAILURES[p["fail"]]()
-    sleep_s = float(p.get("sleep_s", 0))
+    p: NoopParams = ctx.params
+    if p.warn:
+        ctx.warn(p.warn)
+    if p.fail:
+        if ctx.delivery <= (p.fail_times if p.fail_times is not None else 1 << 30):
+            raise _FAILURES[p.fail]()
+    sleep_s = p.sleep_s
     deadline = time.monotonic() + sleep_s
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.05))
@@ -56,6 +53,9 @@ STAGE = StageDefinition(
     name="noop",
     handle=handle,
     setup=setup,
+    params=NoopParams,
+    outputs=(),  # its inputs' names, or "out"
+    options=NoopOptions,
     describe_model=lambda resources: "none",
     cacheable=False,  # its params script faults (sleep, crash): every request must really run
 )

@@ -21,6 +21,7 @@ class RequestContext:
         self,
         request: StageRequest,
         *,
+        params: Any = None,
         work_dir: Path,
         resources: Any,
         log: Any,
@@ -31,6 +32,7 @@ class RequestContext:
         cancelled: threading.Event | None = None,
     ):
         self.request = request
+        self.params = params  # request.params parsed with the stage's model
         self.work_dir = work_dir
         self.resources = resources
         self.log = log

@@ -1,13 +1,51 @@
-"""What a stage author writes: one handler function with a typed body, plus optional setup."""
+"""What a stage author writes: one handler function with a typed body, plus optional setup.
+
+A stage's params model, outputs and service options are declared in contracts
+(contracts.stage_specs.STAGES, so the coordinator and the CLI can check them without the stage);
+its StageDefinition names the same ones. The runtime validates every request's params against
+`params` before the handler runs (a bad one is BadInput) and hands the parsed model over as
+`ctx.params`; setup() gets the parsed service options as `SetupContext.options`.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from contracts import StageRequest
+from contracts.stage_options import ServiceOptions
+from contracts.stage_specs import STAGES, explain
+from services.runtime.errors import BadInput
+
+
+class OpenParams(BaseModel):
+    """Params of a stage that declares none (ad-hoc test stages): anything goes, unchecked."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class OpenOptions(ServiceOptions):
+    """Service options of a stage that declares none: kept as given."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def parse_params(model: type[BaseModel], raw: Mapping[str, Any], stage: str) -> Any:
+    """`raw` request params as `model`, or BadInput with one line naming the stage's keys."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        keys = model.own_fields() if hasattr(model, "own_fields") else sorted(model.model_fields)
+        raise BadInput(f"bad {stage} params: {explain(error)} ({stage} params: {', '.join(keys)})") from None
+
+
+def options_model(stage: str) -> type[ServiceOptions]:
+    spec = STAGES.get(stage)
+    return spec.options if spec is not None else OpenOptions
 
 
 class StageContext(Protocol):
@@ -15,6 +53,7 @@ class StageContext(Protocol):
     is safe to call from it."""
 
     request: StageRequest
+    params: Any  # request.params parsed with the stage's params model (StageDefinition.params)
     work_dir: Path  # private to this (job, node, attempt); removed afterwards
     resources: Any  # whatever setup() returned: the warm model
     log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
@@ -48,7 +87,14 @@ class SetupContext:
     env: str
     models_dir: Path
     log: Any
-    options: dict[str, Any] = field(default_factory=dict)  # from `serve --option k=v` / env vars
+    # The stage's ServiceOptions (contracts.stage_options). Given a dict (`serve --option k=v`),
+    # it is parsed here with the stage's model, the stage's environment variables filling in
+    # what the dict leaves unset; raises pydantic.ValidationError on a bad one.
+    options: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, BaseModel):
+            self.options = options_model(self.stage).load(self.options or {}, os.environ)
 
 
 # handler(request, ctx) -> {output name: local file}. The runtime stores each file as an
@@ -62,6 +108,12 @@ class StageDefinition:
     name: str
     handle: Handler
     setup: Callable[[SetupContext], Any] | None = None
+    # What the stage declares in contracts.stage_specs.STAGES (a unit test holds them equal):
+    # its request params model, the outputs its handler may return (empty: not checked, e.g.
+    # noop returns its inputs) and its service options model.
+    params: type[BaseModel] = OpenParams
+    outputs: tuple[str, ...] = ()
+    options: type[ServiceOptions] = OpenOptions
     # Package versions to report in worker info ($SRV metadata); importlib.metadata names.
     report_packages: tuple[str, ...] = ()
     # Describes the loaded model for worker info, given what setup() returned.
@@ -75,3 +127,7 @@ class StageDefinition:
     # of the cache key so a job that differs only there reuses the output. List only what is
     # certainly unread: a param wrongly listed here serves stale results.
     cache_ignores: tuple[str, ...] = ()
+
+    def parse_params(self, raw: Mapping[str, Any]) -> Any:
+        """The request params as this stage's model; BadInput when they do not fit it."""
+        return parse_params(self.params, raw, self.name)

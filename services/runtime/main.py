@@ -12,7 +12,10 @@ import threading
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
+from contracts.stage_options import ServiceOptions
+from contracts.stage_specs import explain
 from core import settings as settings_mod
 from core.bus import BusError, StagePolicy, resolve_url
 from core.envinfo import current_env
@@ -43,9 +46,15 @@ def load_stage(stage: str) -> StageDefinition:
     return importlib.import_module(STAGE_MODULES[stage]).STAGE
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """k=v pairs (env vars first, command line wins); values are JSON when they parse as JSON."""
+def parse_options(pairs: list[str], model: type[ServiceOptions] | None = None) -> dict[str, Any]:
+    """k=v pairs (env vars first, command line wins); values are JSON when they parse as JSON.
+
+    CAPTIONBUS_OPTION_<KEY> variables are ambient (`up` hands them to every stage), so only the
+    keys `model` knows are taken from them; a command-line key the stage lacks is refused later,
+    when the options are validated."""
     raw = {k[len(OPTION_ENV_PREFIX):].lower(): v for k, v in os.environ.items() if k.startswith(OPTION_ENV_PREFIX)}
+    if model is not None and model.model_config.get("extra") == "forbid":
+        raw = {k: v for k, v in raw.items() if k in model.model_fields or (k.startswith("model_") and "models" in model.model_fields)}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -90,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_mod.load()
         definition = load_stage(args.stage)
+        options = parse_options(args.option, definition.options)
+        try:
+            definition.options.load(options, os.environ)
+        except ValidationError as e:  # before connecting: a typo must not wait for the bus
+            log.error("bad service options", error=f"{args.stage} service options: {explain(e, 'option')}")
+            return 2
         url = resolve_url(settings)
         asyncio.run(serve(
             definition, settings, url, env_name=env_name(), policy=StagePolicy.from_env(),
-            stop=None, options=parse_options(args.option), replica_id=args.replica_id, grace_s=args.grace,
+            stop=None, options=options, replica_id=args.replica_id, grace_s=args.grace,
         ))
     except BusError as e:
         log.error("stage service cannot start", error=str(e))

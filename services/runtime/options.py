@@ -1,19 +1,8 @@
-"""Service options and device choice, the same way for every stage's setup()."""
+"""Device choice, the same way for every stage's setup(). (Service options themselves are typed
+models in contracts.stage_options, parsed into SetupContext.options.)"""
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from core import hardware
-from services.runtime.definition import SetupContext
-
-
-def option(ctx: SetupContext, key: str, env_var: str, default: Any = None) -> Any:
-    """`serve STAGE --option key=value`, else the env var, else the default (empty = unset)."""
-    value = ctx.options.get(key)
-    if value in (None, ""):
-        value = os.environ.get(env_var)
-    return default if value in (None, "") else value
 
 
 def default_device() -> str:

@@ -257,6 +257,7 @@ class StageWorker:
 
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
                    slot: "_Slot", cancelled: threading.Event) -> None:
+        params = self.definition.parse_params(request.params)  # BadInput: the job fails at once
         key = None
         if self.cache is not None and cache_enabled_for(request):
             key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
@@ -266,7 +267,7 @@ class StageWorker:
                 await self._complete_from_cache(msg, request, hit, delivery, log)
                 return
         ctx = RequestContext(
-            request, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
+            request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
         )
         started = time.perf_counter()
@@ -275,7 +276,7 @@ class StageWorker:
         handled = time.perf_counter()
         slot.release()
         refs = {}
-        for name, path in _check_outputs(outputs).items():
+        for name, path in _check_outputs(outputs, self.definition).items():
             media_type = mimetypes.guess_type(path.name)[0]
             refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
         metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
@@ -395,11 +396,15 @@ def _salvage_ids(data: bytes) -> dict[str, Any] | None:
         return None
 
 
-def _check_outputs(outputs: Any) -> dict[str, Path]:
+def _check_outputs(outputs: Any, definition: StageDefinition) -> dict[str, Path]:
     if outputs is None:
         return {}
     if not isinstance(outputs, dict):
         raise TypeError(f"handler returned {type(outputs).__name__}, expected dict of output name -> file")
+    undeclared = sorted(str(name) for name in outputs if definition.outputs and name not in definition.outputs)
+    if undeclared:
+        raise TypeError(f"handler returned output(s) {', '.join(undeclared)} that stage {definition.name} does not "
+                        f"declare (its outputs: {', '.join(definition.outputs)})")
     checked = {}
     for name, path in outputs.items():
         path = Path(path)
@@ -454,7 +459,7 @@ async def serve(
         if definition.setup is not None:
             started = time.perf_counter()
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                     log=log, options=dict(options or {}))
+                                     log=log, options=definition.options.load(options or {}, os.environ))
             resources = await asyncio.to_thread(definition.setup, setup_ctx)
             log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
 

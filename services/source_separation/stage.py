@@ -9,22 +9,12 @@ model's own segments), the `vocals` source downmixed and resampled back to 16 kH
 cross-faded into the previous window's overlap and appended to the output WAV. Memory is one
 window's worth whatever the film's length.
 
-Params: `chunk_s` (longest window, seconds; default 60, at most 600), `overlap_s` (default 3; at most a third
-of chunk_s). Windows are made equally long, so a film is cut into ceil(duration / 57 s) of them.
+Params: contracts.stage_params.SourceSeparationParams: `chunk_s` (longest window, seconds;
+default 60, at most 600), `overlap_s` (default 3; at most a third of chunk_s). Windows are made
+equally long, so a film is cut into ceil(duration / 57 s) of them. Service options:
+contracts.stage_options.SourceSeparationOptions (`captionbus stages source_separation`).
 Outputs: `vocals` (vocals.wav: 16 kHz mono 16-bit PCM, exactly as long as the input).
 Metrics: separation_s, audio_duration_s, realtime_factor, windows, model_load_s.
-
-Service options (`serve source_separation --option k=v`, or the env var in brackets):
-  model (CAPTIONBUS_DEMUCS_MODEL)  demucs model name or signature; default htdemucs
-  repo (CAPTIONBUS_DEMUCS_REPO)    local demucs model folder (`<sig>.th` files and `<name>.yaml`
-                                   bags, as `demucs --repo` takes); unset: demucs fetches its
-                                   pretrained weights the usual way (Hugging Face, then its
-                                   legacy download site) into the torch/HF caches
-  device (CAPTIONBUS_DEMUCS_DEVICE) cpu | cuda; default cuda where the hardware cache has a GPU
-                                   and torch can use it
-  threads (CAPTIONBUS_DEMUCS_THREADS) torch CPU threads; default all cores
-  shifts (CAPTIONBUS_DEMUCS_SHIFTS) demucs random-shift passes; default 0 (each one costs a
-                                   full extra pass for ~0.2 dB)
 """
 from __future__ import annotations
 
@@ -38,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from contracts import StageRequest
-from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
-from services.runtime.options import default_device, option
+from contracts.stage_options import SourceSeparationOptions
+from contracts.stage_params import SourceSeparationParams
+from services.runtime import SetupContext, StageContext, StageDefinition
+from services.runtime.options import default_device
 from services.source_separation.streaming import (
     SAMPLE_RATE,
     plan_windows,
@@ -47,11 +39,6 @@ from services.source_separation.streaming import (
     stream_windows,
 )
 
-DEFAULT_MODEL = "htdemucs"
-DEFAULT_CHUNK_S = 60.0
-DEFAULT_OVERLAP_S = 3.0
-MIN_CHUNK_S = 1.0
-MAX_CHUNK_S = 600.0  # a window's separated stems are held in memory (~4 stems x 2 ch x 44.1 kHz)
 VOCALS = "vocals"
 SEGMENT_OVERLAP = 0.25  # apply_model's own overlap between the model's segments (its default)
 
@@ -91,10 +78,6 @@ class DemucsModel:
                            device=self.device, progress=False, callback=on_segment)
 
 
-def _option(ctx: SetupContext, key: str, default=None):
-    return option(ctx, key, f"CAPTIONBUS_DEMUCS_{key.upper()}", default)
-
-
 def load_model(name: str, repo: str | None):
     """demucs's own loader: a name or signature, from `repo` or demucs's pretrained sources."""
     from demucs.pretrained import get_model
@@ -122,11 +105,10 @@ def setup(ctx: SetupContext) -> DemucsModel:
     import julius
     import torch
 
-    name = str(_option(ctx, "model", DEFAULT_MODEL))
-    repo = _option(ctx, "repo")
-    repo = str(repo) if repo else None
-    device = str(_option(ctx, "device") or default_device())
-    torch.set_num_threads(int(_option(ctx, "threads", os.cpu_count() or 1)))
+    options: SourceSeparationOptions = ctx.options
+    name, repo = options.model, options.repo
+    device = options.device or default_device()
+    torch.set_num_threads(options.threads or os.cpu_count() or 1)
 
     started = time.monotonic()
     model = load_model(name, repo).to(device)
@@ -136,7 +118,7 @@ def setup(ctx: SetupContext) -> DemucsModel:
     resample_out = julius.ResampleFrac(rate, SAMPLE_RATE).to(device) if rate != SAMPLE_RATE else None
     ctx.log.info("demucs model loaded", model=name, repo=repo, device=device, samplerate=rate,
                  sources=list(model.sources), seconds=round(load_seconds, 2))
-    return DemucsModel(model, name, repo, device, int(_option(ctx, "shifts", 0)), load_seconds,
+    return DemucsModel(model, name, repo, device, options.shifts, load_seconds,
                        resample_in, resample_out)
 
 
@@ -145,21 +127,6 @@ def describe_model(resources: DemucsModel | None) -> str | None:
         return None
     where = resources.repo or "pretrained"
     return f"demucs {resources.name} ({where}, {resources.samplerate} Hz, {resources.device})"
-
-
-def window_params(request: StageRequest) -> tuple[float, float]:
-    """chunk_s / overlap_s from the request, checked."""
-    try:
-        chunk_s = float(request.params.get("chunk_s", DEFAULT_CHUNK_S))
-        overlap_s = float(request.params.get("overlap_s", min(DEFAULT_OVERLAP_S, chunk_s / 3)))
-    except (TypeError, ValueError):
-        raise BadInput("source_separation.chunk_s and overlap_s must be numbers of seconds") from None
-    if not MIN_CHUNK_S <= chunk_s <= MAX_CHUNK_S:  # also refuses inf and nan
-        raise BadInput(f"source_separation.chunk_s must be between {MIN_CHUNK_S:g} and {MAX_CHUNK_S:g} s "
-                       f"(memory grows with it), not {chunk_s:g}")
-    if not 0 <= overlap_s <= chunk_s / 3:
-        raise BadInput(f"source_separation.overlap_s must be between 0 and a third of chunk_s ({chunk_s / 3:g} s), not {overlap_s:g}")
-    return chunk_s, overlap_s
 
 
 def separate_window(model: DemucsModel, samples: np.ndarray, mean: float, std: float, on_segment=None) -> np.ndarray:
@@ -210,7 +177,8 @@ class WindowProgress:
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: DemucsModel = ctx.resources
-    chunk_s, overlap_s = window_params(request)
+    params: SourceSeparationParams = ctx.params
+    chunk_s, overlap_s = params.chunk_s, params.window_overlap_s
     source = ctx.input_path("audio")
     stats = scan(source)  # BadInput for anything but non-empty, intact 16 kHz mono 16-bit PCM
     windows = plan_windows(stats.frames, int(chunk_s * SAMPLE_RATE), int(overlap_s * SAMPLE_RATE))
@@ -244,6 +212,9 @@ STAGE = StageDefinition(
     name="source_separation",
     handle=handle,
     setup=setup,
+    params=SourceSeparationParams,
+    outputs=("vocals",),
+    options=SourceSeparationOptions,
     report_packages=("demucs", "torch", "julius", "numpy"),
     describe_model=describe_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here

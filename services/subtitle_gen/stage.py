@@ -4,9 +4,9 @@ written through pysubs2).
 
 Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the minimum gap of
 two frames).
-Params: `language` (ISO 639-1; picks the language's rules and names the files
-subtitles.<lang>.<format>; default: the transcript's language), `profile` (a profile of
-config/subtitles.yaml; default "default"), `formats` (default [srt, vtt]; also ass, json, txt).
+Params: contracts.stage_params.SubtitleGenParams: `language` (picks the language's rules and
+names the files subtitles.<lang>.<format>; default: the transcript's language), `profile` (a
+profile of config/subtitles.yaml), `formats` (default [srt, vtt]; also ass, json, txt).
 Outputs: one per format, named after it: `srt`, `vtt` by default.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pydantic
 
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
+from contracts.stage_params import SUBTITLE_FORMATS, SubtitleGenParams
 from contracts.transcript import Transcript
-from core.subtitles import FORMATS, build_cues, load_rules, write_subtitles
+from core.subtitles import build_cues, load_rules, write_subtitles
 from services.runtime import BadInput, StageContext, StageDefinition
 
 
@@ -40,28 +41,19 @@ def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
     return float(fps) if fps else None
 
 
-def requested_formats(request: StageRequest) -> list[str]:
-    formats = request.params.get("formats") or ["srt", "vtt"]
-    if isinstance(formats, str):
-        formats = [formats]
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise BadInput(f"unknown subtitle format(s) {unknown}; use {', '.join(FORMATS)}")
-    return list(dict.fromkeys(formats))
-
-
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    params: SubtitleGenParams = ctx.params
     transcript = read_transcript(ctx.input_path("transcript"))
     try:
-        language = check_language(request.params.get("language") or transcript.language)
+        language = check_language(params.language or transcript.language)
     except UnknownLanguage as unknown:
         raise BadInput(str(unknown))
     try:
-        rules = load_rules(profile=request.params.get("profile") or "default", language=language)
+        rules = load_rules(profile=params.profile, language=language)
     except ValueError as bad_profile:
         raise BadInput(str(bad_profile))
 
-    formats = requested_formats(request)
+    formats = list(dict.fromkeys(params.formats))
     result = build_cues(transcript, rules, fps=video_fps(request, ctx))
     if not result.cues:
         ctx.warn("the transcript has no speech; the subtitle files have no cues")
@@ -77,4 +69,5 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="subtitle_gen", handle=handle, report_packages=("pysubs2", "pydantic", "PyYAML"))
+STAGE = StageDefinition(name="subtitle_gen", handle=handle, params=SubtitleGenParams, outputs=SUBTITLE_FORMATS,
+                        report_packages=("pysubs2", "pydantic", "PyYAML"))

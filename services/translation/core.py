@@ -2,19 +2,13 @@
 only a `Translator` (batch of texts in, batch out) and a loader for it.
 
 Input: `transcript` (Transcript JSON in the source language, from asr/alignment).
-Params:
-  target_language   ISO 639-1 code to translate into (the coordinator's fan-out branch)
-  source_language   the job's -s; default: the transcript's language
-  glossary          terms to keep or map: [[source, target], ...] or TSV text (services.translation.glossary)
-  batch_size        sentence units per model call (default 16)
-  context           true (default): join segments into sentence units before translating;
-                    false: each segment alone; a number: at most that many segments per unit
+Params: contracts.stage_params.TranslationParams (`target_language` from the coordinator's
+fan-out branch, `source_language` (default: the transcript's), `glossary`, `batch_size`,
+`context`); service options: contracts.stage_options.TranslationOptions and each backend's
+subclass (`captionbus stages translation_nllb`).
 Output: `transcript` (transcript.<target>.json): language=target, translated_from=source, one
 segment per source segment with the same start/end, speaker and flags, the translated text,
 no word times.
-Service options (`serve <stage> --option k=v`, or the env var in brackets):
-  glossary (CAPTIONBUS_TRANSLATION_GLOSSARY)     TSV file applied to every job (a job's terms win)
-  batch_size (CAPTIONBUS_TRANSLATION_BATCH_SIZE) default for the param
 """
 from __future__ import annotations
 
@@ -22,17 +16,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import pydantic
 
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
+from contracts.stage_options import TranslationOptions
+from contracts.stage_params import TranslationParams
 from contracts.transcript import Segment, Transcript
 from core.subtitles import load_rules
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
-from services.runtime.options import option
 from services.translation.glossary import (
     Glossary,
     GlossaryError,
@@ -48,8 +43,6 @@ from services.translation.units import (
     split_translation,
 )
 
-DEFAULT_BATCH_SIZE = 16
-MAX_BATCH_SIZE = 64  # units per generate() call: beams x batch x length is what memory holds
 UNTRANSLATED_FLAG = "untranslated"
 
 
@@ -81,13 +74,11 @@ def read_transcript(path: Path) -> Transcript:
         raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
 
 
-def language_pair(request: StageRequest, transcript: Transcript, backend: Backend) -> tuple[str, str]:
-    target = request.params.get("target_language")
+def language_pair(params: TranslationParams, transcript: Transcript, backend: Backend) -> tuple[str, str]:
+    target = params.target_language
     if not target:
         raise BadInput("no target_language given: say which language to translate into (-t)")
-    source = request.params.get("source_language")
-    if source in (None, "", "auto"):
-        source = transcript.language
+    source = params.source_language or transcript.language
     try:
         source, target = check_language(str(source)), check_language(str(target))
     except UnknownLanguage as unknown:
@@ -104,32 +95,20 @@ def language_pair(request: StageRequest, transcript: Transcript, backend: Backen
     return source, target
 
 
-def _positive_int(value: Any, name: str, default: int, most: int) -> int:
-    if value in (None, ""):
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or not 1 <= number <= most or str(number) != str(value).strip():
-        raise BadInput(f"{name} must be a whole number from 1 to {most}, got {value!r}")
-    return number
-
-
-def segments_per_unit(value: Any) -> int:
+def segments_per_unit(context: bool | int) -> int:
     """The `context` param as the most segments one unit may join."""
-    if value is None or value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on", "")):
+    if context is True:
         return MAX_UNIT_SEGMENTS
-    if value is False or (isinstance(value, str) and value.lower() in ("false", "no", "off", "0")) or value == 0:
+    if context is False:
         return 1
-    return _positive_int(value, "context", MAX_UNIT_SEGMENTS, 100)
+    return context
 
 
 def setup_service(ctx: SetupContext, load: Callable[[SetupContext], Translator]) -> TranslationService:
-    glossary_file = option(ctx, "glossary", "CAPTIONBUS_TRANSLATION_GLOSSARY")
+    options: TranslationOptions = ctx.options
     # A broken service-wide glossary is the operator's error: fail at start, not per job.
-    glossary = read_glossary_file(glossary_file) if glossary_file else []
-    batch_size = int(option(ctx, "batch_size", "CAPTIONBUS_TRANSLATION_BATCH_SIZE", DEFAULT_BATCH_SIZE))
+    glossary = read_glossary_file(options.glossary) if options.glossary else []
+    batch_size = options.batch_size
     started = time.monotonic()
     translator = load(ctx)
     load_seconds = time.monotonic() - started
@@ -199,10 +178,11 @@ def translate_transcript(service: TranslationService, transcript: Transcript, so
     return translated, metrics
 
 
-def translation_stage(name: str, load: Callable[[SetupContext], Translator],
-                      report_packages: tuple[str, ...]) -> StageDefinition:
+def translation_stage(name: str, load: Callable[[SetupContext], Translator], report_packages: tuple[str, ...],
+                      options: type[TranslationOptions] = TranslationOptions) -> StageDefinition:
     """The StageDefinition of a translation backend's service (`name` = its stage name in
-    config/translation.yaml); `load` builds the Translator once per process."""
+    config/translation.yaml); `load` builds the Translator once per process; `options` is the
+    backend's service options model (contracts.stage_options)."""
 
     def setup(ctx: SetupContext) -> TranslationService:
         return setup_service(ctx, load)
@@ -210,14 +190,15 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator],
     def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         service: TranslationService = ctx.resources
         transcript = read_transcript(ctx.input_path("transcript"))
-        source, target = language_pair(request, transcript, service.backend)
+        params: TranslationParams = ctx.params
+        source, target = language_pair(params, transcript, service.backend)
         try:
-            job_terms = parse_glossary(request.params.get("glossary"))
+            job_terms = parse_glossary(params.glossary)
         except GlossaryError as bad:
             raise BadInput(str(bad))
         glossary = Glossary.for_target(service.glossary + job_terms, target)
-        batch_size = _positive_int(request.params.get("batch_size"), "batch_size", service.batch_size, MAX_BATCH_SIZE)
-        max_segments = segments_per_unit(request.params.get("context"))
+        batch_size = params.batch_size or service.batch_size
+        max_segments = segments_per_unit(params.context)
 
         segments, metrics = translate_transcript(service, transcript, source, target, glossary, batch_size,
                                                  max_segments, ctx)
@@ -239,7 +220,8 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator],
     def describe_model(resources: TranslationService | None) -> str | None:
         return resources.translator.describe() if resources is not None else None
 
-    return StageDefinition(name=name, handle=handle, setup=setup, report_packages=report_packages,
+    return StageDefinition(name=name, handle=handle, setup=setup, params=TranslationParams,
+                           outputs=("transcript",), options=options, report_packages=report_packages,
                            describe_model=describe_model)
 
 

@@ -21,13 +21,15 @@ from typing import Any
 
 import regex
 
+from contracts.stage_params import MAX_GLOSSARY_TERMS, MAX_TERM_CHARS
+
 PLACEHOLDER = "[{n}]"
 # What a model may have made of a placeholder: spaces inside the brackets, native digits
 # (\d is any Unicode digit here), full-width brackets.
 _PLACEHOLDER_FOUND = regex.compile(r"[\[［]\s*(\d{1,7})\s*[\]］]")
-# A job's glossary travels in its request: bounded so it cannot make every unit slow.
-MAX_TERMS = 5000
-MAX_TERM_CHARS = 200
+# A job's glossary travels in its request: bounded so it cannot make every unit slow (the same
+# bounds the params model holds the request to; a service's glossary file too).
+MAX_TERMS = MAX_GLOSSARY_TERMS
 _WORD_CHAR = r"[\p{L}\p{M}\p{N}_]"
 
 

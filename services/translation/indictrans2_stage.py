@@ -3,20 +3,8 @@ English <-> Indic and Indic <-> Indic pairs (config/translation.yaml routes them
 the rest).
 
 Params, input and output: services.translation.core (the stage every backend shares).
-Service options (`serve translation_indictrans2 --option k=v`, or the env var in brackets):
-  model_en_indic (CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL)        Hugging Face id or local dir per
-  model_indic_en (CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL)        direction; defaults from
-  model_indic_indic (CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL)  config/translation.yaml (the 1B models)
-  device (CAPTIONBUS_INDICTRANS2_DEVICE)   cpu | cuda; default cuda where the hardware cache has a
-                                           GPU and torch can use it (float16 there, float32 on cpu)
-  num_beams (CAPTIONBUS_INDICTRANS2_NUM_BEAMS)        beam search width; default 5 (IndicTrans2's own)
-  max_new_tokens (CAPTIONBUS_INDICTRANS2_MAX_NEW_TOKENS)  cap per output; default 256
-  warm_models (CAPTIONBUS_INDICTRANS2_WARM_MODELS)    direction models kept loaded; default 2
-                                                      (a 1B model is ~4 GB in float32)
-  preload (CAPTIONBUS_INDICTRANS2_PRELOAD)            directions loaded at start, comma-separated
-                                                      (en-indic,indic-en,indic-indic); default none
-  threads (CAPTIONBUS_INDICTRANS2_THREADS)            torch CPU threads; default: all cores
-  glossary, batch_size                                see services.translation.core
+Service options: contracts.stage_options.IndicTrans2Options (`captionbus stages
+translation_indictrans2`): a model per direction, device, beams, warm models, preloads.
 
 How a batch is translated (IndicTrans2's documented inference path): IndicTransToolkit's
 IndicProcessor normalises each text, puts numbers/URLs/e-mails behind `<ID n>` placeholders,
@@ -42,17 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts.stage_options import IndicTrans2Options
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import SetupContext
-from services.runtime.options import default_device, option
+from services.runtime.options import default_device
 from services.translation.core import translation_stage
 
 STAGE_NAME = "translation_indictrans2"
 DIRECTIONS = ("en-indic", "indic-en", "indic-indic")
 ENGLISH = "en"
-DEFAULT_NUM_BEAMS = 5
-DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_WARM_MODELS = 2
 # IndicTrans2 models have 256 source positions; longer inputs are cut (and logged).
 MAX_INPUT_TOKENS = 256
 # Outputs are bounded by the input's length too, so a degenerate model cannot loop to the cap:
@@ -215,23 +201,23 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
     import torch
     from IndicTransToolkit import IndicProcessor
 
+    options: IndicTrans2Options = ctx.options
     backend = backend_for_stage(STAGE_NAME)
     sources = {}
     for name in DIRECTIONS:
         slot = backend.models[name]
-        source = str(option(ctx, _option_key(name), slot.model_env or "", slot.model))
+        # config/translation.yaml names the env var that overrides each model
+        source = (getattr(options, _option_key(name))
+                  or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model)
         sources[name] = str(Path(source).expanduser()) if source.startswith("~") else source
-    device = str(option(ctx, "device", "CAPTIONBUS_INDICTRANS2_DEVICE", default_device()))
+    device = options.device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
         device = "cpu"
     if device == "cpu":
-        torch.set_num_threads(int(option(ctx, "threads", "CAPTIONBUS_INDICTRANS2_THREADS", os.cpu_count() or 1)))
-    warm_models = max(1, int(option(ctx, "warm_models", "CAPTIONBUS_INDICTRANS2_WARM_MODELS", DEFAULT_WARM_MODELS)))
-    preload = [d.strip() for d in str(option(ctx, "preload", "CAPTIONBUS_INDICTRANS2_PRELOAD", "")).split(",") if d.strip()]
-    unknown = [d for d in preload if d not in DIRECTIONS]
-    if unknown:
-        raise ValueError(f"preload names unknown directions {unknown}; known: {', '.join(DIRECTIONS)}")
+        torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    warm_models = options.warm_models
+    preload = list(options.preload)  # directions, checked by the options model
     missing = [f"{d}: {s}" for d, s in sources.items() if s.startswith((".", "/", "~")) and not Path(s).is_dir()]
     if missing:
         raise RuntimeError(f"IndicTrans2 model folders not found ({'; '.join(missing)})")
@@ -242,8 +228,8 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
         sources=sources,
         device=device,
         dtype=torch.float16 if device.startswith("cuda") else torch.float32,
-        num_beams=int(option(ctx, "num_beams", "CAPTIONBUS_INDICTRANS2_NUM_BEAMS", DEFAULT_NUM_BEAMS)),
-        max_new_tokens=int(option(ctx, "max_new_tokens", "CAPTIONBUS_INDICTRANS2_MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)),
+        num_beams=options.num_beams,
+        max_new_tokens=options.max_new_tokens,
         warm_models=max(warm_models, len(preload)),
         log=ctx.log,
         processor=IndicProcessor(inference=True),
@@ -257,4 +243,5 @@ STAGE = translation_stage(
     STAGE_NAME,
     load_indictrans2,
     report_packages=("IndicTransToolkit", "transformers", "torch", "sentencepiece", "indic-nlp-library-itt"),
+    options=IndicTrans2Options,
 )

@@ -3,14 +3,7 @@ Behind, an M2M100 encoder-decoder) through transformers, for every pair config/t
 routes to NLLB (IndicTrans2 takes English <-> Indic and Indic <-> Indic).
 
 Params, input and output: services.translation.core (the stage every backend shares).
-Service options (`serve translation_nllb --option k=v`, or the env var in brackets):
-  model (CAPTIONBUS_NLLB_MODEL)        Hugging Face id or local dir; default from
-                                       config/translation.yaml (facebook/nllb-200-distilled-600M)
-  device (CAPTIONBUS_NLLB_DEVICE)      cpu | cuda; default cuda where the hardware cache has a GPU
-                                       and torch can use it
-  num_beams (CAPTIONBUS_NLLB_NUM_BEAMS)  beam search width; default 4
-  threads (CAPTIONBUS_NLLB_THREADS)    torch CPU threads; default: all cores
-  glossary, batch_size                 see services.translation.core
+Service options: contracts.stage_options.NllbOptions (`captionbus stages translation_nllb`).
 
 The tokenizer is told the source language (`src_lang`, which sets the language-code token it
 puts before the text) and generation is forced to start with the target language's code token
@@ -23,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contracts.stage_options import NllbOptions
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext
-from services.runtime.options import default_device, option
+from services.runtime.options import default_device
 from services.translation.core import translation_stage
 
 STAGE_NAME = "translation_nllb"
-DEFAULT_NUM_BEAMS = 4
 # A translation is rarely more than twice as many tokens as its source; the fixed slack covers
 # very short inputs. Bounded, so a degenerate model cannot loop to the position limit.
 NEW_TOKENS_PER_INPUT_TOKEN = 2.0
@@ -84,14 +77,16 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
 
     backend = backend_for_stage(STAGE_NAME)
     slot = backend.models["any"]
-    source = str(option(ctx, "model", slot.model_env or "CAPTIONBUS_NLLB_MODEL", slot.model))
-    device = str(option(ctx, "device", "CAPTIONBUS_NLLB_DEVICE", default_device()))
+    options: NllbOptions = ctx.options
+    # config/translation.yaml names the env var that overrides its model (CAPTIONBUS_NLLB_MODEL)
+    source = options.model or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model
+    device = options.device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
         device = "cpu"
-    num_beams = int(option(ctx, "num_beams", "CAPTIONBUS_NLLB_NUM_BEAMS", DEFAULT_NUM_BEAMS))
+    num_beams = options.num_beams
     if device == "cpu":
-        torch.set_num_threads(int(option(ctx, "threads", "CAPTIONBUS_NLLB_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(options.threads or os.cpu_count() or 1)
 
     local = Path(source).is_dir()
     try:
@@ -108,4 +103,5 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
     return NllbTranslator(model, tokenizer, backend, source, device, num_beams)
 
 
-STAGE = translation_stage(STAGE_NAME, load_nllb, report_packages=("transformers", "torch", "tokenizers", "sentencepiece"))
+STAGE = translation_stage(STAGE_NAME, load_nllb, report_packages=("transformers", "torch", "tokenizers", "sentencepiece"),
+                          options=NllbOptions)

@@ -9,22 +9,12 @@ BLOCK_S with one model window of extra audio on each side, so a film is never de
 block edges see the same context as the middle. Frames become regions with the shared
 post-processing in services/vad/regions.py.
 
-Params (all optional, as for `vad`): `threshold` (speech probability, default 0.5; speech ends
-below threshold - 0.15), `min_speech_s` (0.25), `min_silence_s` (0.3), `pad_s` (0.15),
-`max_region_s` (30). Outputs: `regions` (regions.json). Zero-length audio gives an empty list
-and a warning; a corrupt file or another format is BadInput.
+Params: as for `vad` (contracts.stage_params.VadParams); service options:
+contracts.stage_options.VadPyannoteOptions (`captionbus stages vad_pyannote`).
+Outputs: `regions` (regions.json). Zero-length audio gives an empty list and a warning; a
+corrupt file or another format is BadInput.
 
 pyannote's usage telemetry is switched off (PYANNOTE_METRICS_ENABLED=false unless set).
-
-Service options (`serve vad_pyannote --option k=v`, or the env var in brackets):
-  model (CAPTIONBUS_PYANNOTE_SEGMENTATION)  the segmentation checkpoint (pytorch_model.bin);
-        default <models_dir>/pyannote-segmentation/pytorch_model.bin (`captionbus models fetch-test`)
-  device (CAPTIONBUS_VAD_PYANNOTE_DEVICE)   cpu | cuda; default cuda where the hardware cache has a GPU
-  threads (CAPTIONBUS_VAD_PYANNOTE_THREADS) torch threads; default 1: the model is small, and on a
-        busy 2-core host 2 threads ran ~20x slower than 1 (OpenMP threads waiting on each other)
-  step (CAPTIONBUS_VAD_PYANNOTE_STEP)       seconds between model windows (5 s long); default 0.5,
-        pyannote's and whisperx's choice; larger is proportionally faster and coarser
-  batch_size (CAPTIONBUS_VAD_PYANNOTE_BATCH_SIZE)  windows per forward pass; default 32
 """
 from __future__ import annotations
 
@@ -38,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from contracts import StageRequest
+from contracts.stage_options import VadPyannoteOptions
+from contracts.stage_params import VadParams
 from services.runtime import SetupContext, StageContext, StageDefinition
-from services.runtime.options import default_device, option
+from services.runtime.options import default_device
 from services.vad import audio as wav
-from services.vad.regions import parse_params
 from services.vad.stage import finish
 
 BLOCK_S = 300.0  # audio scored per Inference call (plus one window of context each side)
@@ -58,12 +49,8 @@ class PyannoteModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _option(ctx: SetupContext, key: str, default=None):
-    return option(ctx, key, f"CAPTIONBUS_VAD_PYANNOTE_{key.upper()}", default)
-
-
 def model_path(ctx: SetupContext) -> Path:
-    configured = ctx.options.get("model") or os.environ.get("CAPTIONBUS_PYANNOTE_SEGMENTATION")
+    configured = ctx.options.model  # or CAPTIONBUS_PYANNOTE_SEGMENTATION
     path = Path(configured) if configured else Path(ctx.models_dir) / "pyannote-segmentation" / "pytorch_model.bin"
     if not path.is_file():
         raise RuntimeError(
@@ -80,9 +67,10 @@ def setup(ctx: SetupContext) -> PyannoteModel:
     import torch
     from pyannote.audio import Inference, Model  # heavy: only in this stage's process
 
+    options: VadPyannoteOptions = ctx.options
     path = model_path(ctx)
-    device = str(_option(ctx, "device", default_device()))
-    torch.set_num_threads(int(_option(ctx, "threads", 1)))
+    device = options.device or default_device()
+    torch.set_num_threads(options.threads)
     started = time.monotonic()
     model = Model.from_pretrained(path)  # a local checkpoint: no hub, no token
     if model is None:
@@ -92,8 +80,8 @@ def setup(ctx: SetupContext) -> PyannoteModel:
         model,
         window="sliding",
         duration=window_s,
-        step=float(_option(ctx, "step", window_s / 10)),
-        batch_size=int(_option(ctx, "batch_size", 32)),
+        step=options.step or window_s / 10,
+        batch_size=options.batch_size,
         device=torch.device(device),
         # "anyone speaking": the most active of the model's speaker outputs, per frame
         pre_aggregation_hook=lambda scores: np.max(scores, axis=-1, keepdims=True),
@@ -121,7 +109,7 @@ def score_block(model: PyannoteModel, samples: np.ndarray, hook) -> tuple[np.nda
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: PyannoteModel = ctx.resources
-    params = parse_params(request.params)
+    params: VadParams = ctx.params
     started = time.monotonic()
     frame_s = model.frame_s
     block = int(BLOCK_S * wav.SAMPLE_RATE)
@@ -158,6 +146,9 @@ STAGE = StageDefinition(
     name="vad_pyannote",
     handle=handle,
     setup=setup,
+    params=VadParams,
+    outputs=("regions",),
+    options=VadPyannoteOptions,
     report_packages=("pyannote-audio", "torch"),
     describe_model=describe_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here

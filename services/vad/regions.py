@@ -1,7 +1,8 @@
 """Per-frame speech probabilities -> speech regions: the post-processing both VAD backends share.
 
 Pure functions over lists of (start, end) seconds, no ML library, so they are unit-tested in the
-plain interpreter. The order in `speech_regions` is deliberate:
+plain interpreter. The params (and their bounds) are contracts.stage_params.VadParams. The order
+in `speech_regions` is deliberate:
   1. hysteresis thresholding: speech starts on a frame >= threshold and lasts until a frame drops
      below threshold - 0.15 (Silero's and pyannote's rule), so a wobbling score near the
      threshold does not chop a word into pieces;
@@ -15,65 +16,14 @@ plain interpreter. The order in `speech_regions` is deliberate:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from services.runtime.errors import BadInput
+from contracts.stage_params import VadParams
 
 Region = tuple[float, float]
-
-# Speech ends when the probability falls this far below the start threshold (hysteresis).
-HYSTERESIS = 0.15
-
-
-@dataclass(frozen=True)
-class VadParams:
-    threshold: float = 0.5  # speech probability a frame needs to start a region
-    min_speech_s: float = 0.25  # shorter regions are dropped
-    min_silence_s: float = 0.3  # shorter pauses do not end a region
-    pad_s: float = 0.15  # added before and after each region
-    max_region_s: float = 30.0  # longer regions are split
-
-    @property
-    def offset_threshold(self) -> float:
-        return max(self.threshold - HYSTERESIS, 0.01)
-
-
-# name -> (lowest allowed, highest allowed, whether the lowest itself is allowed)
-_LIMITS = {
-    "threshold": (0.0, 1.0, False),
-    "min_speech_s": (0.0, 60.0, True),
-    "min_silence_s": (0.0, 60.0, True),
-    "pad_s": (0.0, 5.0, True),
-    "max_region_s": (1.0, 3600.0, True),
-}
-
-
-def parse_params(params: dict[str, Any], defaults: VadParams = VadParams()) -> VadParams:
-    """The VAD params of a request (other keys, e.g. source_language, are not ours and are
-    ignored). Numbers or numeric strings; anything else is BadInput naming the param."""
-    values = {}
-    for name, (low, high, low_allowed) in _LIMITS.items():
-        raw = params.get(name)
-        if raw is None or raw == "":
-            continue
-        try:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise BadInput(f"vad param {name} must be a number, not {raw!r}") from None
-        too_low = value < low or (value == low and not low_allowed)
-        if not math.isfinite(value) or too_low or value > high:
-            bounds = f"{'from' if low_allowed else 'above'} {low:g} up to {high:g}"
-            raise BadInput(f"vad param {name}={raw!r} is out of range ({bounds})")
-        values[name] = value
-    merged = replace(defaults, **values)
-    if merged.threshold >= 1.0:
-        raise BadInput(f"vad param threshold={merged.threshold} must be below 1 (a speech probability)")
-    return merged
 
 
 @dataclass

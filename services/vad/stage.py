@@ -6,18 +6,11 @@ fed with the previous frame's last 64 samples as context and the recurrent state
 as silero-vad's own OnnxWrapper does); only one float per frame is kept. Frames become regions
 with the shared post-processing in services/vad/regions.py.
 
-Params (all optional): `threshold` (speech probability, default 0.5), `min_speech_s` (0.25),
-`min_silence_s` (0.3), `pad_s` (0.15, clipped to the audio), `max_region_s` (30: longer regions
-are split at their quietest frame).
+Params (contracts.stage_params.VadParams) and service options (contracts.stage_options.VadOptions):
+`captionbus stages vad`.
 Outputs: `regions` (regions.json). Audio of zero length gives an empty region list and a
 warning (as asr gives an empty transcript), not an error; a corrupt file or another format
 (not 16 kHz mono 16-bit PCM) is BadInput.
-
-Service options (`serve vad --option k=v`, or the env var in brackets):
-  model (CAPTIONBUS_VAD_MODEL)      silero_vad.onnx; default <models_dir>/silero-vad/silero_vad.onnx
-                                    (`captionbus models fetch-test` puts it there)
-  threads (CAPTIONBUS_VAD_THREADS)  onnxruntime intra-op threads; default 1 (a frame is tiny:
-                                    more threads only add overhead)
 """
 from __future__ import annotations
 
@@ -30,10 +23,11 @@ import numpy as np
 
 from contracts import StageRequest
 from contracts.speech import SpeechRegion, SpeechRegions
+from contracts.stage_options import VadOptions
+from contracts.stage_params import VadParams
 from services.runtime import SetupContext, StageContext, StageDefinition
-from services.runtime.options import option
 from services.vad import audio as wav
-from services.vad.regions import FrameScores, parse_params, speech_regions
+from services.vad.regions import FrameScores, speech_regions
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz
 CONTEXT_SAMPLES = 64  # samples of the previous frame it sees with each frame
@@ -48,12 +42,8 @@ class SileroModel:
     load_seconds: float
 
 
-def _option(ctx: SetupContext, key: str, default=None):
-    return option(ctx, key, f"CAPTIONBUS_VAD_{key.upper()}", default)
-
-
 def model_path(ctx: SetupContext) -> Path:
-    configured = _option(ctx, "model")
+    configured = ctx.options.model
     path = Path(configured) if configured else Path(ctx.models_dir) / "silero-vad" / "silero_vad.onnx"
     if not path.is_file():
         raise RuntimeError(
@@ -68,7 +58,7 @@ def setup(ctx: SetupContext) -> SileroModel:
 
     path = model_path(ctx)
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = int(_option(ctx, "threads", 1))
+    options.intra_op_num_threads = ctx.options.threads
     options.inter_op_num_threads = 1
     started = time.monotonic()
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -105,7 +95,7 @@ class SileroStream:
 
 
 def finish(ctx: StageContext, backend: str, scores: list[np.ndarray], frame_s: float, header_samples: int,
-           samples: int, params, started: float, load_s: float) -> dict[str, Path]:
+           samples: int, params: VadParams, started: float, load_s: float) -> dict[str, Path]:
     """Both backends end alike: per-frame speech scores of the `samples` read -> regions.json,
     metrics and warnings (a file shorter than its header says, no speech)."""
     if warning := wav.truncation_warning(header_samples, samples):
@@ -146,7 +136,7 @@ def report(ctx: StageContext, duration: float, regions: list[tuple[float, float]
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: SileroModel = ctx.resources
-    params = parse_params(request.params)
+    params: VadParams = ctx.params
     started = time.monotonic()
     stream = SileroStream(model.session)
     blocks: list[np.ndarray] = []
@@ -164,6 +154,9 @@ STAGE = StageDefinition(
     name="vad",
     handle=handle,
     setup=setup,
+    params=VadParams,
+    outputs=("regions",),
+    options=VadOptions,
     report_packages=("onnxruntime", "numpy"),
     describe_model=describe_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here

@@ -222,7 +222,8 @@ def test_metrics_progress_and_model_description(asr_runs):
 
 
 def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
-    assert "'xx' is not a Whisper language code" in asr_runs["runs"][2]["bad_input"]
+    # refused by the params model (contracts.stage_params.AsrParams) before the handler runs
+    assert "bad asr params: language='xx': unknown language code" in asr_runs["runs"][2]["bad_input"]
     assert "not 'whisper-large-v3'" in asr_runs["runs"][3]["bad_input"]
 
 
@@ -319,18 +320,18 @@ def test_no_text_where_the_regions_exclude_silence_and_noise(asr_runs):
 # ---------------------------------------------------------------- pure region helpers (no env)
 
 def test_region_helpers_merge_split_and_silence():
-    from services.asr import stage
+    from services.asr import stage, whisperx_backend
 
     assert stage.merge_regions([(5.0, 6.0), (0.5, 1.0), (0.9, 2.0), (9.5, 12.0), (3.0, 3.0)], duration=10.0, margin=0.1) == [
         (0.4, 2.1), (4.9, 6.1), (9.4, 10.0)]
     rate = stage.SAMPLE_RATE
     audio = np.full(70 * rate, 0.5, dtype=np.float32)
     audio[int(21.0 * rate) : int(21.2 * rate)] = 0.0  # the only quiet spot in 15..30 s
-    pieces = stage.split_long_regions([(1.0, 68.0)], audio)
-    assert all(b - a <= stage.CHUNK_S for a, b in pieces) and pieces[0][0] == 1.0 and pieces[-1][1] == 68.0
+    pieces = whisperx_backend.split_long_regions([(1.0, 68.0)], audio)
+    assert all(b - a <= whisperx_backend.CHUNK_S for a, b in pieces) and pieces[0][0] == 1.0 and pieces[-1][1] == 68.0
     assert 21.0 <= pieces[0][1] <= 21.2
     assert all(pieces[i][1] == pieces[i + 1][0] for i in range(len(pieces) - 1))
     silenced = stage.speech_only(audio, [(2.0, 3.0)])
     assert silenced[: 2 * rate].max() == 0 and silenced[2 * rate : 3 * rate].min() == 0.5 and silenced[3 * rate :].max() == 0
-    sample = stage.speech_sample(audio, [(0.0, 20.0), (30.0, 50.0)])
-    assert len(sample) == stage.CHUNK_S * rate
+    sample = whisperx_backend.speech_sample(audio, [(0.0, 20.0), (30.0, 50.0)])
+    assert len(sample) == whisperx_backend.CHUNK_S * rate

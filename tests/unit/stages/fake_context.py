@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 
 from contracts import ArtifactRef, StageRequest
+from contracts.stage_specs import STAGES
+from services.runtime.definition import OpenParams, parse_params
 
 
 @dataclass
@@ -27,6 +29,13 @@ class FakeStageContext:
     progress_events: list[tuple[float, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     cache_blockers: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> Any:
+        """request.params parsed with the stage's model, as the runtime hands them over
+        (BadInput when they do not fit it)."""
+        spec = STAGES.get(self.request.stage)
+        return parse_params(spec.params if spec else OpenParams, self.request.params, self.request.stage)
 
     def input_path(self, name: str) -> Path:
         return self.files[name]

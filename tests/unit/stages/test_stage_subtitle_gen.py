@@ -76,7 +76,7 @@ def test_empty_transcript_gives_empty_files_and_a_warning(tmp_path, make_context
         ({}, '{"segments": "nope"}', "not valid transcript JSON"),
         ({"language": "xx"}, None, "unknown language code 'xx'"),
         ({"profile": "nosuch"}, None, "unknown subtitle profile 'nosuch'"),
-        ({"formats": ["srt", "docx"]}, None, "unknown subtitle format(s) ['docx']"),
+        ({"formats": ["srt", "docx"]}, None, "formats.1='docx': Input should be 'srt', 'vtt', 'ass', 'json' or 'txt'"),
     ],
 )
 def test_bad_requests_are_bad_input(params, content, expected, tmp_path, make_context):

@@ -7,15 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contracts.stage_params import VadParams
+from services.runtime.definition import parse_params as parse
 from services.runtime.errors import BadInput
 from services.vad.regions import (
     FrameScores,
-    VadParams,
     binarize,
     bridge_short_gaps,
     drop_short,
     pad,
-    parse_params,
     speech_regions,
     split_long,
 )
@@ -96,6 +96,10 @@ def test_regions_are_sorted_disjoint_bounded_and_inside_the_audio(probs, pad_s, 
     assert all(a[1] <= b[0] for a, b in zip(regions, regions[1:]))
 
 
+def parse_params(params: dict) -> VadParams:
+    return parse(VadParams, params, "vad")
+
+
 def test_params_are_parsed_and_checked():
     assert parse_params({}) == VadParams()
     got = parse_params({"threshold": "0.6", "pad_s": 0, "max_region_s": 12, "source_language": "hi"})
@@ -103,16 +107,18 @@ def test_params_are_parsed_and_checked():
     assert got.offset_threshold == pytest.approx(0.45)
     assert parse_params({"threshold": 0.1}).offset_threshold == pytest.approx(0.01)
     for bad, message in [
-        ({"threshold": 0}, "threshold"),
-        ({"threshold": 1}, "threshold"),
-        ({"threshold": True}, "must be a number"),
-        ({"pad_s": -0.1}, "pad_s=-0.1 is out of range"),
+        ({"threshold": 0}, "threshold=0: Input should be greater than 0"),
+        ({"threshold": 1}, "threshold=1: Input should be less than 1"),
+        ({"threshold": True}, "a number is needed, not true/false"),
+        ({"pad_s": -0.1}, "pad_s=-0.1: Input should be greater than or equal to 0"),
         ({"max_region_s": 0.5}, "max_region_s"),
         ({"min_speech_s": "nan"}, "min_speech_s"),
-        ({"min_silence_s": [1]}, "must be a number"),
+        ({"min_silence_s": [1]}, "Input should be a valid number"),
+        ({"threshhold": 0.4}, "unknown param 'threshhold' (vad params: threshold, min_speech_s"),
     ]:
-        with pytest.raises(BadInput, match=message):
+        with pytest.raises(BadInput) as refused:
             parse_params(bad)
+        assert message in str(refused.value)
 
 
 # ---------------------------------------------------------------- reading the WAV (services/vad/audio.py)
