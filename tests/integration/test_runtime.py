@@ -3,6 +3,7 @@ poison messages, cancel, $SRV info, graceful stop, and kill -9 of a service proc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -33,9 +34,7 @@ def counting(definition: StageDefinition = NOOP, name: str = "probe") -> tuple[S
             calls.append((request.job_id, ctx.delivery))
         return definition.handle(request, ctx)
 
-    return StageDefinition(name=name, handle=handle, setup=definition.setup,
-                           describe_model=definition.describe_model, slots=definition.slots,
-                           cacheable=definition.cacheable), calls
+    return dataclasses.replace(definition, name=name, handle=handle), calls
 
 
 class Bus:
@@ -167,6 +166,52 @@ def test_bad_input_fails_once_and_is_terminated(nats_server, tmp_path):
         assert calls == [("job3", 1)]
         assert await bus.pending_requests() == 0
         assert len(bus.of_kind("stage_failed", "job3")) == 1
+
+    run(nats_server, tmp_path, body)
+
+
+def test_params_outside_the_stage_model_are_bad_input_before_the_handler(nats_server, tmp_path):
+    """The runtime validates request params against StageDefinition.params (a model in
+    contracts.stage_params): an unknown key or a wrong value fails the request once, with one
+    line naming the stage's keys, and the handler never runs."""
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        await bus.start(probe)
+        await bus.request("job3a", "probe", params={"sleep_s": "banana"})
+        await bus.request("job3b", "probe", params={"sleep": 1, "source_language": "en"})
+        await bus.request("job3c", "probe", params={"sleep_s": 0.1, "source_language": "en", "cache": False})
+        bad_value = await bus.wait_for("stage_failed", "job3a")
+        unknown = await bus.wait_for("stage_failed", "job3b")
+        await bus.wait_for("stage_completed", "job3c")  # the coordinator's params are the model's too
+        for failed in (bad_value, unknown):
+            assert failed.retryable is False and failed.error_type == "bad_input"
+            assert "\n" not in failed.reason and "(probe params: sleep_s, fail, fail_times, warn, cache)" in failed.reason
+        assert bad_value.reason.startswith("bad probe params: sleep_s='banana': Input should be a valid number")
+        assert unknown.reason.startswith("bad probe params: unknown param 'sleep'")
+        await asyncio.sleep(0.5)
+        assert calls == [("job3c", 1)]
+        assert await bus.pending_requests() == 0
+
+    run(nats_server, tmp_path, body)
+
+
+def test_an_output_the_stage_does_not_declare_fails_the_request(nats_server, tmp_path):
+    """StageDefinition.outputs holds the handler to its declaration: returning another name is a
+    stage bug, retried and then failed like any crash, never published as a completion."""
+    def handle(request, ctx):
+        out = ctx.work_dir / "x.txt"
+        out.write_text("x")
+        return {"surprise": out}
+
+    declared = dataclasses.replace(NOOP, name="declared", handle=handle, outputs=("out",))
+
+    async def body(bus: Bus):
+        await bus.start(declared, max_deliver=2)
+        await bus.request("job3d", "declared")
+        failed = await bus.wait_for("stage_failed", "job3d")
+        assert "returned output(s) surprise that stage declared does not declare (its outputs: out)" in failed.reason
+        assert not bus.of_kind("stage_completed", "job3d")
 
     run(nats_server, tmp_path, body)
 
