@@ -116,6 +116,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):  # e.g. --vad silero -o vad.threshold=0.6
+                raise UserError(f"option {part} is given both as a value and as {part}.KEY=VALUE")
+        if isinstance(target.get(leaf), dict):
+            raise UserError(f"option {key} is given both as a value and as {key}.KEY=VALUE")
         target[leaf] = value
     return options
 
@@ -164,12 +168,14 @@ def _with_job_options(fn):
 @_friendly_errors
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None, attach: bool) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths."""
-    from captionbus.runner import run_job
+    from captionbus.runner import run_job, validate_job
     from captionbus.stack import server_for_run
 
     _terminate_like_ctrl_c()
     settings = load()
     out_dir = out_dir or Path(f"{media.stem}.subs")
+    # Before the server starts: a bad option (-o asr.nosuchkey=1) costs nothing to refuse.
+    validate_job(workflow, source, _split_languages(targets), local_stack=not attach, options=_parse_options(options))
     with server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,

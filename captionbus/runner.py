@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from pathlib import Path
 
 import structlog
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -44,7 +46,8 @@ from captionbus.stack import (
 from contracts import ArtifactRef, JobSpec, subjects
 from contracts.ids import validate_token
 from contracts.languages import check_language
-from coordinator.graph import load_workflow
+from contracts.stage_specs import STAGES, explain
+from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
 from core.bus import connect, provision
@@ -85,7 +88,7 @@ def validate_job(
     target_languages = [check_language(code) for code in target_languages]
     graph = load_workflow(path)
     vad = (options or {}).get("vad")
-    if vad not in (None, "silero", "pyannote"):  # the graphs test `options.vad == pyannote`: a typo would pick silero
+    if not isinstance(vad, dict) and vad not in (None, "silero", "pyannote"):  # a dict: the vad stage's params  # the graphs test `options.vad == pyannote`: a typo would pick silero
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
@@ -94,13 +97,26 @@ def validate_job(
         job_id="jvalidate", workflow=workflow, input=ArtifactRef(key="0" * 64, name="input", size=0),
         source_language=source_language, target_languages=target_languages, options=options or {},
     )
-    plan = graph.expand(spec)
-    if plan.errors:
-        raise SubmitError("; ".join(plan.errors))
-    stages = plan.stages()
+    # Each -o group against the params model of the stages it reaches (contracts.stage_specs),
+    # then every node's final params in the plan.
+    errors = option_errors(graph, spec) or graph.expand(spec).errors
+    if errors:
+        raise SubmitError("; ".join(errors))
+    stages = graph.expand(spec).stages()
     if local_stack:
+        check_service_options(stages)
         require_envs(stages)
     return stages
+
+
+def check_service_options(stages: list[str]) -> None:
+    """The stage services this host starts read their options from this environment
+    (CAPTIONBUS_ASR_MODEL, ...): a bad value is refused now, not in a service log later."""
+    for stage in dict.fromkeys(stages):
+        try:
+            STAGES[stage].options.load({}, os.environ)
+        except ValidationError as e:
+            raise SubmitError(f"{stage} service options from the environment: {explain(e, 'option')}") from None
 
 
 async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:

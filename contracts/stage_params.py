@@ -81,9 +81,11 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cache: bool = Field(True, description="false: run the stage even when the stage cache holds this result")
-    source_language: LanguageCode | None = Field(
+    # What the coordinator sets comes from the job spec, whose languages are checked at submit;
+    # a stage checks a code where it uses one (its messages say what the model can do).
+    source_language: str | None = Field(
         None, description="the job's spoken language (-s); unset: detect", json_schema_extra=COORDINATOR)
-    target_languages: list[LanguageCode] = Field(
+    target_languages: list[str] = Field(
         default_factory=list, description="the job's target languages (-t)", json_schema_extra=COORDINATOR)
 
     @classmethod
@@ -97,7 +99,7 @@ class StageParams(BaseModel):
 class BranchParams(StageParams):
     """Params of a stage a workflow may fan out by target language (`for_each: target_languages`)."""
 
-    target_language: LanguageCode | None = Field(
+    target_language: str | None = Field(
         None, description="this branch's language (fan-out nodes)", json_schema_extra=COORDINATOR)
 
 

@@ -14,6 +14,12 @@ pair no backend serves is a plan error, so the job is refused at submit. A fan-o
 that references another fan-out node gets the same language's branch; a plain node collects all
 branches through `input_lists`. `Workflow.expand(spec)` turns the graph into the concrete nodes of
 one job (`JobPlan`), which is all the decision function needs.
+
+Nodes are checked against their stage's declaration (contracts.stage_specs.STAGES) when a file
+loads (`check_stages`): a known stage, the outputs it produces, the inputs it reads, a fan-out
+only of a stage that takes `target_language`, and node `params` valid for its params model. A
+job's options are checked against the same models at submit (`option_errors`), and every
+active node's final params when the job is planned (plan errors).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from pydantic import (
 )
 
 from contracts import JobSpec
+from contracts.stage_specs import STAGES
 from core.settings import DEFAULT_CONFIG_DIR, config_files
 from core.translation_routes import load_routes
 
@@ -324,7 +331,102 @@ def load_workflow(path: str | Path) -> Workflow:
     workflow = Workflow.from_dict(data, str(path))
     if workflow.name != path.stem:
         raise WorkflowError(f"{path}: name {workflow.name!r} must match the file name {path.stem!r}")
+    check_stages(workflow, str(path))
     return workflow
+
+
+def check_stages(workflow: Workflow, source: str = "<workflow>") -> None:
+    """Each node against the declaration of every stage it may run (WorkflowError naming the
+    file and node): the stage exists, produces the node's outputs, reads its inputs (and gets
+    the ones it needs), takes `target_language` when the node fans out, accepts its params."""
+    problems = []
+    for name, node in workflow.nodes.items():
+        checked: set[type] = set()  # a routed node's stages may share one params model: say it once
+        for stage in node.possible_stages(name):
+            problems += [f"node {name}: {p}" for p in _stage_problems(node, stage, checked)]
+    if problems:
+        raise WorkflowError(f"{source}: {'; '.join(dict.fromkeys(problems))}")
+
+
+def _stage_problems(node: NodeSpec, stage: str, checked: set[type]) -> list[str]:
+    spec = STAGES.get(stage)
+    if spec is None:
+        return [f"unknown stage {stage!r} (stages: {', '.join(STAGES)})"]
+    problems = []
+    if not spec.passthrough:
+        extra = [o for o in node.outputs if o not in spec.outputs]
+        if extra:
+            problems.append(f"stage {stage} does not produce {', '.join(extra)} (its outputs: {', '.join(spec.outputs)})")
+        readable = (*spec.inputs, *spec.optional_inputs)
+        for kind, given, known, needed in (("input", node.inputs, readable, spec.inputs),
+                                           ("input list", node.input_lists, spec.input_lists, spec.input_lists)):
+            unknown = [n for n in given if n not in known]
+            if unknown:
+                problems.append(f"stage {stage} reads no {kind} {', '.join(unknown)} "
+                                f"(its {kind}s: {', '.join(known) or 'none'})")
+            missing = [n for n in needed if n not in given]
+            if missing:
+                problems.append(f"stage {stage} needs {kind} {', '.join(missing)}")
+    if node.for_each and not spec.fans_out:
+        problems.append(f"stage {stage} cannot run per {FAN_OUT_SOURCES[node.for_each]}: it takes no such param")
+    error = spec.check_params(node.params) if spec.params not in checked else None
+    checked.add(spec.params)
+    if error:
+        problems.append(f"params: {error}")
+    return problems
+
+
+def option_errors(workflow: Workflow, spec: JobSpec) -> list[str]:
+    """The job's options checked against the stages they reach, before anything runs.
+
+    `options[KEY]` as a mapping is a group of stage params (`-o KEY.param=value`); KEY must be a
+    node of the workflow, a branch of a fan-out node for one of this job's items
+    (`translation-ta`) or a stage one of its nodes runs, and each group, over the node's own
+    params, must fit the params model of every stage it reaches. Any other KEY must be a switch
+    the workflow's `when:` conditions read (`separate_sources`, `vad`)."""
+    switches = {c.path[1] for n in workflow.nodes.values() if (c := n.condition()) and c.path[0] == "options"}
+    errors = []
+    for key, value in spec.options.items():
+        targets = _option_targets(workflow, spec, key)
+        if isinstance(targets, str):
+            if key in switches:
+                continue
+            errors.append(targets)
+            continue
+        if not isinstance(value, dict):
+            if key not in switches:
+                errors.append(f"option {key}={value!r}: stage options are {key}.KEY=VALUE")
+            continue
+        checked: set[tuple[str, type]] = set()
+        for name, stage in targets:
+            if (name, STAGES[stage].params) in checked:
+                continue  # a routed node's stages may share one params model: say it once
+            checked.add((name, STAGES[stage].params))
+            error = STAGES[stage].check_params({**workflow.nodes[name].params, **value})
+            if error:
+                errors.append(f"option {key}: {error}")
+    return list(dict.fromkeys(errors))
+
+
+def _option_targets(workflow: Workflow, spec: JobSpec, key: str) -> list[tuple[str, str]] | str:
+    """(node, stage) pairs a job option group reaches, or why it reaches none."""
+    nodes = workflow.nodes
+    if key in nodes:
+        return [(key, stage) for stage in nodes[key].possible_stages(key) if stage in STAGES]
+    name, dash, item = key.partition("-")
+    if dash and name in nodes and nodes[name].for_each:
+        items = list(getattr(spec, nodes[name].for_each))
+        if item not in items:
+            return (f"option {key}: {item!r} is not one of this job's {nodes[name].for_each} "
+                    f"({', '.join(items) or 'none'})")
+        return [(name, stage) for stage in nodes[name].possible_stages(name) if stage in STAGES]
+    reached = [(n, key) for n, node in nodes.items() if key in node.possible_stages(n)]
+    if reached and key in STAGES:
+        return reached
+    valid = list(dict.fromkeys([*nodes, *(s for n, node in nodes.items() for s in node.possible_stages(n))]))
+    branches = [f"{n}-<{FAN_OUT_SOURCES[node.for_each]}>" for n, node in nodes.items() if node.for_each]
+    return (f"option {key}: workflow {workflow.name} has no stage or node {key!r} "
+            f"(valid: {', '.join(valid + branches)})")
 
 
 def load_workflows(directory: str | Path | None = None) -> dict[str, Workflow]:
@@ -439,6 +541,9 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
                     s for r in refs for s in candidates(Ref.parse(r), branch_item)
                 ]
             planned.params = _params(spec_node, name, node_id, planned.stage, spec, branch)
+            stage_spec = STAGES.get(planned.stage)
+            if stage_spec is not None and (error := stage_spec.check_params(planned.params)):
+                errors.append(f"{node_id}: {error}")
 
     outputs: dict[str, Source] = {}
     for output_name, text in workflow.outputs.items():

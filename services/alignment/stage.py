@@ -349,8 +349,12 @@ def transcript_language(params: AlignmentParams, transcript: Transcript) -> str:
             f"the transcript is a translation ({transcript.translated_from} -> {language}); "
             f"alignment needs the transcript of what is spoken in the audio"
         )
-    wanted = params.language or params.source_language  # checked codes (contracts.stage_params)
-    if wanted is not None:
+    wanted = params.language or params.source_language
+    if wanted not in (None, "", "auto"):
+        try:
+            wanted = check_language(wanted)
+        except UnknownLanguage as unknown:
+            raise BadInput(str(unknown))
         if wanted != language:
             raise BadInput(
                 f"the job says the audio is in {wanted!r} but the transcript is in {language!r}; "

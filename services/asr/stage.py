@@ -135,8 +135,9 @@ def describe_model(resources: AsrModel | None) -> str | None:
 def requested_language(params: AsrParams, model: AsrModel) -> str | None:
     # `source_language` is what the coordinator passes every stage (the job's -s option).
     language = params.language or params.source_language
-    if language is None:
+    if language in (None, "", "auto"):
         return None
+    language = language.strip().lower()
     supported = model.supported_languages()
     if language not in supported:
         if supported == ["en"]:

@@ -152,8 +152,8 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
         "name: demo\nnodes:\n"
         "  demux: {inputs: {media: job.input}, outputs: [audio]}\n"
         "  recognise: {stage: asr, inputs: {audio: demux.audio}, outputs: [transcript]}\n"
-        "  srt: {stage: subtitle_gen, inputs: {t: recognise.transcript}, outputs: [srt]}\n"
-        "  vtt: {stage: subtitle_gen, inputs: {t: recognise.transcript}, outputs: [vtt]}\n")
+        "  srt: {stage: subtitle_gen, inputs: {transcript: recognise.transcript}, outputs: [srt]}\n"
+        "  vtt: {stage: subtitle_gen, inputs: {transcript: recognise.transcript}, outputs: [vtt]}\n")
     monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
     # `stage:` defaults to the node name; repeated stages count once.
     assert envs.workflow_stages("demo") == ["demux", "asr", "subtitle_gen"]

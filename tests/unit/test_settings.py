@@ -61,7 +61,8 @@ def test_a_users_config_dir_overrides_file_by_file(tmp_path: Path, monkeypatch):
     (tmp_path / "workflows").mkdir()
     packaged = config_files("workflows")["transcribe"].read_text()
     (tmp_path / "workflows" / "quick.yaml").write_text(packaged.replace("name: transcribe", "name: quick"))
-    (tmp_path / "translation.yaml").write_text("x: 1\n")
+    # (a valid file: workflows that route by language pair are checked against its stages at load)
+    (tmp_path / "translation.yaml").write_text(config_path("translation.yaml").read_text() + "# mine\n")
     monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
     assert config_path("translation.yaml") == tmp_path / "translation.yaml"
     assert config_path("stages.yaml") == settings.DEFAULT_CONFIG_DIR / "stages.yaml"  # not overridden

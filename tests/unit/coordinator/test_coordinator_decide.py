@@ -24,7 +24,7 @@ TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
 POLICY = Policy(max_attempts=3, backoff_initial_s=2, backoff_multiplier=2, stage_deadline_s=60)
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
-OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
+OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals"], "asr": ["transcript"],
            "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
 
 
@@ -235,7 +235,7 @@ def test_fan_out_per_language_and_join():
         d = step(d, completed(node), FANOUT)
     assert requested(d) == ["translation-ta", "translation-hi"]
     assert [r.params["target_language"] for r in d.requests] == ["ta", "hi"]
-    assert d.requests[0].params["source_language"] == "en" and d.requests[0].stage == "translation"
+    assert d.requests[0].params["source_language"] == "en" and d.requests[0].stage == "translation_nllb"
     d = step(d, completed("translation-hi"), FANOUT)
     assert requested(d) == ["subtitle_gen-hi"]
     assert d.requests[0].inputs == {"transcript": artifact("translation-hi.transcript")}
@@ -265,7 +265,7 @@ def test_fan_out_branch_failure_fails_only_that_branch():
         d = step(d, completed(node), FANOUT)
     d = step(d, failed("translation-ta", reason="no model for en->ta"), FANOUT)
     assert d.state.status == JobStatus.running
-    assert d.state.failed_branches == {"ta": "stage translation (translation-ta) failed: no model for en->ta"}
+    assert d.state.failed_branches == {"ta": "stage translation_nllb (translation-ta) failed: no model for en->ta"}
     assert d.state.nodes["subtitle_gen-ta"].status == NodeStatus.abandoned
     assert d.state.nodes["translation-hi"].status == NodeStatus.requested  # the other branch goes on
     branch_failed = [e for e in d.events if e.kind == "branch_failed"]

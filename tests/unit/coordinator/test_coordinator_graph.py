@@ -101,19 +101,20 @@ def test_optional_stage_off_and_fallback_input():
 
 
 def test_fan_out_branches_reference_their_own_branch_and_join_collects_all():
-    plan = load_workflow(FANOUT).expand(spec(target_languages=["ta", "hi"], options={"translation": {"beam_size": 8}}))
+    plan = load_workflow(FANOUT).expand(spec(target_languages=["ta", "hi"], options={"translation": {"batch_size": 8}}))
     assert list(plan.nodes) == [
         "demux", "source_separation", "asr", "translation-ta", "translation-hi",
         "subtitle_gen-ta", "subtitle_gen-hi", "mux",
     ]
     assert plan.nodes["translation-hi"].params["target_language"] == "hi"
-    assert plan.nodes["translation-hi"].params["beam_size"] == 8  # job options beat graph params
+    assert plan.nodes["translation-hi"].params["batch_size"] == 8  # job options beat graph params
+    assert plan.errors == []
     assert plan.nodes["subtitle_gen-ta"].inputs == {"transcript": Source("translation-ta", "transcript")}
     assert plan.nodes["mux"].input_lists["subtitles"] == [
         Source("subtitle_gen-ta", "srt"), Source("subtitle_gen-hi", "srt"),
     ]
     assert set(plan.outputs) == {"srt-ta", "srt-hi", "mp4"}
-    assert plan.stages() == ["demux", "asr", "translation", "subtitle_gen", "mux"]
+    assert plan.stages() == ["demux", "asr", "translation_nllb", "subtitle_gen", "mux"]
 
 
 def test_input_with_no_running_source_is_a_plan_error():
@@ -184,10 +185,11 @@ def test_route_needs_a_fan_out_and_a_known_router():
 
 def test_options_for_one_branch_override_the_node_options():
     translate = load_workflows(DEFAULT_WORKFLOWS_DIR)["translate"]
-    options = {"translation": {"num_beams": 2, "glossary": "a\tb"}, "translation-ta": {"glossary": "x\ty"}}
+    options = {"translation": {"batch_size": 2, "glossary": "a\tb"}, "translation-ta": {"glossary": "x\ty"}}
     plan = translate.expand(spec(workflow="translate", source_language="en", target_languages=["hi", "ta"], options=options))
+    assert plan.errors == []
     assert plan.nodes["translation-hi"].params["glossary"] == "a\tb"
-    assert plan.nodes["translation-ta"].params["glossary"] == "x\ty" and plan.nodes["translation-ta"].params["num_beams"] == 2
+    assert plan.nodes["translation-ta"].params["glossary"] == "x\ty" and plan.nodes["translation-ta"].params["batch_size"] == 2
 
 
 def test_submit_refuses_unknown_vad_backend_and_unsupported_pairs():

@@ -23,8 +23,8 @@ from coordinator.decide import Policy, Tick, decide
 from coordinator.graph import load_workflow
 
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
-OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals", "accompaniment"], "asr": ["transcript"],
-           "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
+OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals"], "asr": ["transcript"],
+           "translation_nllb": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
 POLICY = Policy(max_attempts=4, backoff_initial_s=1, stage_deadline_s=30)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
