@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from contracts import StageRequest
+from contracts.stage_options import NoOptions
 from contracts.stage_params import DemuxParams
 from services import media
 from services.runtime import BadInput, StageContext, StageDefinition
@@ -85,6 +86,7 @@ STAGE = StageDefinition(
     handle=handle,
     params=DemuxParams,
     outputs=("audio", "probe"),
+    options=NoOptions,
     report_packages=("pydantic",),
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

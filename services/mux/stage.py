@@ -22,6 +22,7 @@ from pathlib import Path
 
 from contracts import StageRequest
 from contracts.languages import LANGUAGES, UnknownLanguage, check_language
+from contracts.stage_options import NoOptions
 from contracts.stage_params import MuxParams
 from services import media
 from services.runtime import BadInput, StageContext, StageDefinition
@@ -148,4 +149,5 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="mux", handle=handle, params=MuxParams, outputs=("mp4", "mkv"), report_packages=("pydantic",))
+STAGE = StageDefinition(name="mux", handle=handle, params=MuxParams, outputs=("mp4", "mkv"), options=NoOptions,
+                        report_packages=("pydantic",))

@@ -18,6 +18,7 @@ import pydantic
 
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
+from contracts.stage_options import NoOptions
 from contracts.stage_params import SUBTITLE_FORMATS, SubtitleGenParams
 from contracts.transcript import Transcript
 from core.subtitles import build_cues, load_rules, write_subtitles
@@ -70,4 +71,5 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(name="subtitle_gen", handle=handle, params=SubtitleGenParams, outputs=SUBTITLE_FORMATS,
+                        options=NoOptions,
                         report_packages=("pysubs2", "pydantic", "PyYAML"))
