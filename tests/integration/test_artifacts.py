@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from nats.js import api
 
-from contracts import subjects
+from contracts import ArtifactRef, subjects
 from core import artifacts
-from core.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore
+from core.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore, direct, transfer
 from core.bus import connect, provision
 from core.settings import Settings
 
@@ -97,7 +97,7 @@ def test_reads_objects_written_by_nats_py(nats_server, tmp_path):
     async def body(js, producer, consumer):
         obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
         await obj.put(key, data)
-        ref = artifacts.ArtifactRef(key=key, name="x.bin", size=len(data), in_object_store=True)
+        ref = ArtifactRef(key=key, name="x.bin", size=len(data), in_object_store=True)
         assert (await consumer.get(ref)).read_bytes() == data
 
     run(nats_server, tmp_path, body)
@@ -155,14 +155,14 @@ def test_short_object_fails_at_its_last_chunk(nats_server, tmp_path):
         t0 = time.perf_counter()
         with pytest.raises(ArtifactCorrupt, match="ends after"):
             await consumer.get(ref)
-        assert time.perf_counter() - t0 < consumer.stall_timeout  # no waiting for a stall
+        assert time.perf_counter() - t0 < consumer.objects.stall_timeout  # no waiting for a stall
 
     run(nats_server, tmp_path, body)
 
 
 def test_missing_from_the_object_store_names_the_artifact(nats_server, tmp_path):
     async def body(js, producer, consumer):
-        ref = artifacts.ArtifactRef(key="ab" * 32, name="speech.wav", size=10, in_object_store=True)
+        ref = ArtifactRef(key="ab" * 32, name="speech.wav", size=10, in_object_store=True)
         with pytest.raises(ArtifactMissing) as e:
             await consumer.get(ref)
         assert "speech.wav" in str(e.value) and "abababababab" in str(e.value)
@@ -170,10 +170,10 @@ def test_missing_from_the_object_store_names_the_artifact(nats_server, tmp_path)
     run(nats_server, tmp_path, body)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py"])
-def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("use_direct", [True, False], ids=["direct", "nats-py"])
+def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeypatch, use_direct):
     src = _random_file(tmp_path / "input" / "a.bin", 10 * CHUNK)
-    original = artifacts._ChunkReader._on_msg
+    original = transfer.ChunkReader._on_msg
     dropped = []
 
     async def lossy(self, msg):
@@ -189,11 +189,11 @@ def test_a_dropped_chunk_resumes_where_it_stopped(nats_server, tmp_path, monkeyp
             return True
         return False
 
-    monkeypatch.setattr(artifacts._ChunkReader, "_on_msg", lossy)
-    monkeypatch.setattr(artifacts._DirectReader, "_drop_hook", lossy_direct)
+    monkeypatch.setattr(transfer.ChunkReader, "_on_msg", lossy)
+    monkeypatch.setattr(direct.DirectReader, "_drop_hook", lossy_direct)
 
     async def body(js, producer, consumer):
-        consumer.direct_fetch = direct
+        consumer.direct_fetch = use_direct
         ref = await producer.put(src)
         assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
         assert dropped
@@ -257,21 +257,17 @@ def test_get_outpaces_nats_py(nats_server, tmp_path):
     run(nats_server, tmp_path, body)
 
 
-def test_falls_back_to_nats_py_when_the_direct_reader_cannot_connect(nats_server, tmp_path, monkeypatch):
-    """TLS, nkeys/JWT or websocket connections are read through nats-py (_ChunkReader)."""
+def _read_through_nats_py(nats_server, tmp_path, monkeypatch) -> None:
+    """A round trip that must go through transfer.ChunkReader (the direct reader is unavailable)."""
     src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 11)
     used = []
-    original = artifacts._ChunkReader.run
+    original = transfer.ChunkReader.run
 
     async def spy(self):
         used.append(self)
         await original(self)
 
-    def unavailable(nc):
-        raise artifacts._DirectUnavailable("TLS")
-
-    monkeypatch.setattr(artifacts._ChunkReader, "run", spy)
-    monkeypatch.setattr(artifacts, "_direct_endpoint", unavailable)
+    monkeypatch.setattr(transfer.ChunkReader, "run", spy)
 
     async def body(js, producer, consumer):
         ref = await producer.put(src)
@@ -281,17 +277,38 @@ def test_falls_back_to_nats_py_when_the_direct_reader_cannot_connect(nats_server
     run(nats_server, tmp_path, body)
 
 
+def test_falls_back_to_nats_py_when_the_direct_reader_cannot_connect(nats_server, tmp_path, monkeypatch):
+    """TLS, nkeys/JWT or websocket connections are read through nats-py (transfer.ChunkReader)."""
+
+    def unavailable(nc):
+        raise direct.DirectUnavailable("TLS")
+
+    monkeypatch.setattr(direct, "direct_endpoint", unavailable)
+    _read_through_nats_py(nats_server, tmp_path, monkeypatch)
+
+
+def test_the_direct_reader_is_off_for_another_nats_py(nats_server, tmp_path, monkeypatch):
+    """It reads private nats-py attributes: any version but the one it was written for
+    (checked at import) reads through nats-py instead."""
+    assert direct.AVAILABLE == (direct.NATS_PY_VERSION == direct.WRITTEN_FOR)
+    monkeypatch.setattr(direct, "AVAILABLE", False)
+    monkeypatch.setattr(direct, "NATS_PY_VERSION", "2.99.0")
+    with pytest.raises(direct.DirectUnavailable, match="2.99.0"):
+        direct.DirectReader(None, None, None, 0, 0)
+    _read_through_nats_py(nats_server, tmp_path, monkeypatch)
+
+
 def test_upload_chunks_fit_the_servers_max_payload(nats_server, tmp_path):
     src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 1)
 
     async def body(js, producer, consumer):
         obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
-        assert producer._chunk_size() == min(CHUNK, js._nc.max_payload)
+        assert producer.objects.chunk_size() == min(CHUNK, js._nc.max_payload)
         ref = await producer.put(src)
         info = await obj.get_info(ref.key)
         assert info.chunks == 4 and info.options.max_chunk_size == CHUNK
         js._nc._max_payload = 300_000  # a server configured with a smaller max_payload
-        assert producer._chunk_size() == 256 * 1024
+        assert producer.objects.chunk_size() == 256 * 1024
 
     run(nats_server, tmp_path, body)
 

@@ -44,7 +44,7 @@ def test_put_copies_when_hardlinks_fail(tmp_path, monkeypatch):
     def no_link(*_a, **_k):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(artifacts.os, "link", no_link)
+    monkeypatch.setattr(os, "link", no_link)
     ref = asyncio.run(store.put(src))
     local = store.local_path(ref)
     assert not os.path.samefile(local, src)
