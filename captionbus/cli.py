@@ -376,6 +376,52 @@ def workers(as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("stage", required=False)
+@click.option("--json", "as_json", is_flag=True, help="The JSON Schema of each stage's params and service options.")
+@_friendly_errors
+def stages(stage: str | None, as_json: bool) -> None:
+    """Every stage's params (-o STAGE.KEY=VALUE) and service options (serve --option KEY=VALUE or
+    the env var), from their models in contracts/."""
+    from rich.markup import escape
+
+    from contracts.stage_specs import STAGES, describe_model, stage_spec
+
+    specs = [stage_spec(stage)] if stage else list(STAGES.values())
+    if as_json:
+        stdout.print_json(json.dumps({s.name: {"params": s.params.model_json_schema(),
+                                               "options": s.options.model_json_schema()} for s in specs}))
+        return
+    for spec in specs:
+        inputs = [*spec.inputs, *(f"{n} (optional)" for n in spec.optional_inputs),
+                  *(f"{n} (list)" for n in spec.input_lists)]
+        stdout.print(f"[bold]{spec.name}[/]: {spec.summary}", highlight=False)
+        stdout.print(f"  inputs: {', '.join(inputs) or 'any (passed through)'}; "
+                     f"outputs: {', '.join(spec.outputs) or 'its inputs, or out'}", highlight=False)
+        params = Table(title=f"{spec.name} params (-o {spec.name}.KEY=VALUE)", title_justify="left")
+        for column in ("param", "type", "default", "description"):
+            params.add_column(column, overflow="fold")
+        rows = {row["name"]: row for row in describe_model(spec.params)}
+        for name in [*spec.params.own_fields(), *(n for n in rows if n not in spec.params.own_fields())]:
+            row = rows[name]
+            note = " (set by the coordinator)" if row["set_by"] == "coordinator" else ""
+            params.add_row(*map(escape, (name, row["type"], row["default"], row["description"] + note)))
+        stdout.print(params)
+        options = describe_model(spec.options)
+        if options:
+            table = Table(title=f"{spec.name} service options (serve {spec.name} --option KEY=VALUE, or the env var)",
+                          title_justify="left")
+            for column in ("option", "env var", "type", "default", "description"):
+                table.add_column(column, overflow="fold")
+            for row in options:
+                table.add_row(*map(escape, (row["name"], spec.options.env_var(row["field"]) or "", row["type"],
+                                            row["default"], row["description"])))
+            stdout.print(table)
+        else:
+            stdout.print(f"  {spec.name} has no service options", highlight=False)
+        stdout.print()
+
+
+@main.command()
 @click.argument("job_id", required=False)
 @click.option("--follow", is_flag=True, help="Keep printing new events.")
 @_friendly_errors

@@ -109,7 +109,7 @@ class AlignmentOptions(ServiceOptions):
 
     config: str | None = Field(None, description="language -> model file; unset: config/alignment.yaml")
     models: dict[str, str | None] = Field(
-        default_factory=dict, json_schema_extra={"env": "CAPTIONBUS_ALIGN_MODEL_<LANG>"},
+        default_factory=dict, json_schema_extra={"env": "CAPTIONBUS_ALIGN_MODEL_<LANG>", "option": "model_<lang>"},
         description="model_<lang>=folder|id overrides one language (empty: no alignment for it)")
     device: Device | None = Field(None, description=DEVICE)
     threads: int | None = Field(None, ge=1, description=THREADS)

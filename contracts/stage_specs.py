@@ -94,9 +94,8 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
 )}
 
 
-class UnknownStage(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownStage(ValueError):
+    pass
 
 
 def stage_spec(name: str) -> StageSpec:
@@ -158,7 +157,8 @@ def describe_model(model: type[BaseModel]) -> list[dict[str, str]]:
         else:
             default = "" if field.default is None else repr(field.default)
         rows.append({
-            "name": name,
+            "name": str(extra.get("option", name)),  # what a person types (alignment: model_<lang>)
+            "field": name,
             "type": _type_text(schema),
             "default": default,
             "description": field.description or "",
