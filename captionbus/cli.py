@@ -229,9 +229,13 @@ def coordinator() -> None:
 def serve(stage: str, replicas: int) -> None:
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
+    from captionbus.runner import check_service_options
     from captionbus.stack import service_env, start_service, stop_services
+    from contracts.stage_specs import stage_spec
     from core.bus import resolve_url
 
+    stage_spec(stage)  # an unknown stage: one line listing the known ones
+    check_service_options([stage])  # CAPTIONBUS_<STAGE>_* typos: refused here, not in the service log
     settings = load()
     url = resolve_url(settings)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)

@@ -78,3 +78,30 @@ def test_stages_prints_params_and_service_options_from_the_models(tmp_path):
     assert "model_<lang>" in everything.stdout and "CAPTIONBUS_PYANNOTE_SEGMENTATION" in everything.stdout
     unknown, _ = captionbus(tmp_path, "stages", "karaoke")
     assert unknown.returncode == 2 and "unknown stage 'karaoke'; stages: demux, " in unknown.stderr
+
+
+def test_a_stage_service_refuses_bad_options_before_touching_the_bus(tmp_path):
+    """`python -m services serve STAGE --option k=v` (what every launcher runs): an unknown option
+    or a bad value exits 2 with one log line; an ambient CAPTIONBUS_OPTION_<KEY> the stage lacks
+    (`up` hands them to every stage) is left alone."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONBUS_") and k != "NATS_URL"}
+    environ.update(CAPTIONBUS_HOME=str(tmp_path / "home"))  # no `up` there: no bus to find
+
+    def serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services", "serve", "vad", *args], capture_output=True,
+                              text=True, timeout=30, cwd=ROOT, env={**environ, **env})
+
+    done = serve("--option", "device=cuda")
+    assert done.returncode == 2 and "vad service options: unknown option 'device'" in done.stderr
+    done = serve(CAPTIONBUS_VAD_THREADS="zero")
+    assert done.returncode == 2 and "threads='zero': Input should be a valid integer" in done.stderr
+    done = serve(CAPTIONBUS_OPTION_DEVICE="cuda")  # not vad's: ignored; the service goes on to the bus
+    assert "bad service options" not in done.stderr and "no NATS server" in done.stderr
+
+
+def test_serve_checks_the_stage_and_its_environment_first(tmp_path):
+    done, _ = captionbus(tmp_path, "serve", "asr", env={"CAPTIONBUS_ASR_DEVICE": "gpu"})
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: asr service options from the environment: device='gpu': Input should be 'cpu' or 'cuda'"
+    done, _ = captionbus(tmp_path, "serve", "asrr")
+    assert done.returncode == 2 and "unknown stage 'asrr'; stages: demux, " in done.stderr
