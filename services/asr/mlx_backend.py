@@ -14,7 +14,8 @@ on the encoder's matrix products (measured: 1500x512x2048 sgemm 0.66 s vs 0.03 s
 first imported we load OpenBLAS from the cmeel-openblas wheel (the mlx env pins it on Linux)
 with RTLD_GLOBAL, so MLX's cblas_sgemm / LAPACK calls resolve to it. It needs the system's
 libgfortran.so.5 (Debian libgfortran5, which ffmpeg's dependencies bring); if it cannot be loaded
-we log a warning and run on the reference BLAS. CAPTIONBUS_MLX_OPENBLAS=0 turns this off.
+we log a warning and run on the reference BLAS. The asr service option mlx_openblas=false
+(CAPTIONBUS_MLX_OPENBLAS=0) turns this off.
 
 Decoding is `mlx_whisper.transcribe(word_timestamps=True)`, i.e. Whisper's own timestamp-token
 decoding with word times from the alignment heads' cross-attention. With speech regions (the
@@ -72,7 +73,7 @@ class MlxWhisper:
 def _preload_openblas(log) -> str | None:
     """Load OpenBLAS globally before mlx (Linux only; see the module docstring). Returns the
     library's path when it took effect."""
-    if not sys.platform.startswith("linux") or os.environ.get("CAPTIONBUS_MLX_OPENBLAS", "1") == "0":
+    if not sys.platform.startswith("linux"):
         return None
     if "mlx.core" in sys.modules:  # too late: mlx already bound its BLAS symbols
         log.warning("mlx was imported before the asr backend; it keeps the reference BLAS (slow)")
@@ -88,9 +89,10 @@ def _preload_openblas(log) -> str | None:
     return str(library)
 
 
-def load(source: str, log) -> MlxWhisper:
-    """Load the MLX Whisper model from a local folder or Hugging Face repo id."""
-    blas = _preload_openblas(log)
+def load(source: str, log, *, openblas: bool = True) -> MlxWhisper:
+    """Load the MLX Whisper model from a local folder or Hugging Face repo id (`openblas`: load
+    OpenBLAS before mlx on Linux, see the module docstring)."""
+    blas = _preload_openblas(log) if openblas else None
     import mlx.core as mx
     from mlx.utils import tree_map
     from mlx_whisper.load_models import load_model
