@@ -24,7 +24,11 @@ class StageRequest(BaseModel):
     inputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     # Several artifacts under one name (e.g. one subtitle track per language for mux).
     input_lists: dict[str, list[ArtifactRef]] = Field(default_factory=dict)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the stage's params; their model is contracts.stage_specs.STAGES[stage].params "
+                    "(JSON Schema: params_<stage>.json), checked at submit and again by the stage",
+    )
     deadline_s: float | None = Field(default=None, description="the coordinator gives up after this")
 
     @property
