@@ -51,9 +51,13 @@ from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
 from core.bus import connect, provision
+from core.retry import RetryPolicy
 from core.settings import Settings, config_files
 
 log = structlog.get_logger("captionbus.runner")
+
+# A stage service that died is restarted after 2, 4, 8, 16, 30 s; after 5 restarts it is given up.
+RESTART_RETRY = RetryPolicy(initial_s=2.0, multiplier=2.0, max_s=30.0, max_attempts=5)
 
 
 class JobFailedError(RuntimeError):
@@ -284,7 +288,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
 
 
 async def _supervise(settings: Settings, url: str, services: list[ServiceProcess], coordinator: asyncio.Task,
-                     max_restarts: int = 5) -> None:
+                     policy: RetryPolicy = RESTART_RETRY) -> None:
     """Restart a service that dies (a crash, an OOM kill): its request comes back to the new
     one. A stage that keeps dying is given up (logged with its reason; its requests wait in the
     queue for a worker elsewhere) while the others go on; a dead coordinator ends `up`."""
@@ -297,15 +301,15 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
         for n, svc in enumerate(services):
             if svc.alive() or svc.stage in given_up:
                 continue
-            restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
-            if restarts[svc.stage] > max_restarts:
+            if policy.exhausted(restarts.get(svc.stage, 0)):
                 given_up.add(svc.stage)
                 log.error("stage service keeps dying; no longer restarted", stage=svc.stage, env=svc.env,
-                          restarts=max_restarts, log_tail=svc.log_tail(5))
+                          restarts=policy.max_attempts, log_tail=svc.log_tail(5))
                 continue
+            restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
                         restart=restarts[svc.stage], log_tail=svc.log_tail(5))
-            await asyncio.sleep(min(2 ** restarts[svc.stage], 30))
+            await asyncio.sleep(policy.delay(restarts[svc.stage]))
             services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
         await asyncio.sleep(1.0)
 

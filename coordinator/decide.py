@@ -32,9 +32,13 @@ from contracts import (
 from contracts.artifacts import ArtifactRef
 from contracts.events import JobEvent
 from coordinator.graph import JobPlan, PlannedNode, Source, Workflow
+from core.retry import RetryPolicy
+from core.text import one_line
 
 APPLIED_KEPT = 500  # event ids remembered per job; older duplicates are caught by attempt checks
-REASON_MAX = 300
+# Automatic retries of a failed node: 3 attempts (a manual retry grants as many again; a node's
+# own max_attempts wins), waiting 2 s after the first failure, doubling, at most 2 minutes.
+NODE_RETRY = RetryPolicy(initial_s=2.0, multiplier=2.0, max_s=120.0, max_attempts=3)
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,12 @@ class Tick:
 
 @dataclass(frozen=True)
 class Policy:
-    max_attempts: int = 3  # per node, automatic; a manual retry grants as many again
-    backoff_initial_s: float = 2.0
-    backoff_multiplier: float = 2.0
-    backoff_max_s: float = 120.0
+    retry: RetryPolicy = NODE_RETRY  # per node; needs max_attempts
     stage_deadline_s: float = 3600.0  # when the workflow node sets none
 
-    def backoff(self, failures: int) -> timedelta:
-        """Wait after the `failures`-th failed attempt (1-based): initial * multiplier^(n-1)."""
-        seconds = self.backoff_initial_s * self.backoff_multiplier ** max(failures - 1, 0)
-        return timedelta(seconds=min(seconds, self.backoff_max_s))
+    def __post_init__(self) -> None:
+        if self.retry.max_attempts is None:
+            raise ValueError("Policy.retry needs max_attempts: a node cannot be retried forever")
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,6 @@ def give_up(state: JobState | None, job_id: str, event_id: str, reason: str, now
 
 def _ignored(state: JobState | None, note: str) -> Decision:
     return Decision(state, (), False, note)
-
-
-def one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= REASON_MAX else line[: REASON_MAX - 1] + "…"
 
 
 class _Step:
@@ -368,13 +363,13 @@ class _Step:
     def _attempt_failed(self, node_id: str, reason: str, retryable: bool) -> Decision:
         node = self.state.nodes[node_id]
         planned = self.plan.nodes.get(node_id) if self.graph is not None else None
-        max_attempts = (planned.max_attempts if planned else None) or self.policy.max_attempts
+        max_attempts = (planned.max_attempts if planned else None) or self.policy.retry.max_attempts
         used = node.attempt - node.retry_base
         node.error = reason
         node.deadline_at = None
         if retryable and used < max_attempts:
             node.status = NodeStatus.retry_wait
-            node.next_attempt_at = self.now + self.policy.backoff(used)
+            node.next_attempt_at = self.now + timedelta(seconds=self.policy.retry.delay(used))
             return self._decision()
         node.status = NodeStatus.failed
         node.finished_at = self.now

@@ -24,7 +24,7 @@ decision, published once the write succeeded, then cleared. A coordinator that d
 between leaves them in the state; the tick loop (which scans every job at start) publishes
 them. Their ids are derived from the transition, so a repeat is dropped by JetStream.
   * Acking only after the write means a crash never loses an event. An event that fails to
-    apply `event_max_tries` times is dropped and its job failed (`JobFailed` with the id
+    apply `event_retry.max_attempts` times is dropped and its job failed (`JobFailed` with the id
     `<job>.failed.internal.<event id>`), so no client waits forever on it.
 
 The background tasks (events, ticks) survive any one message or tick failing; should one end
@@ -42,7 +42,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,11 @@ from pydantic import ValidationError
 
 from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
 from contracts.events import JobEvent
+from contracts.jobs import utcnow
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
 from coordinator.graph import Workflow, load_workflows
 from core.bus import provision, publish_event
+from core.retry import RetryPolicy
 
 log = structlog.get_logger("captionbus.coordinator")
 
@@ -72,12 +74,9 @@ EVENT_ACK_WAIT_S = 30.0
 # An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
 EARLY_RESULT_RETRY_S = 2.0
 EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
-EVENT_MAX_TRIES = 5  # an event that fails to apply this often is dropped and its job failed
-EVENT_RETRY_DELAY_S = 1.0  # redelivery delay after a failed apply, times the deliveries so far
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+# An event that fails to apply is redelivered after 1 s times the deliveries so far; one that
+# failed 5 times is dropped and its job failed.
+EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
 
 
 class StateConflict(RuntimeError):
@@ -112,8 +111,7 @@ class Coordinator:
         clock: Callable[[], datetime] = utcnow,
         provision_bus: bool = True,
         rescan_interval_s: float = 30.0,
-        event_max_tries: int = EVENT_MAX_TRIES,
-        event_retry_delay_s: float = EVENT_RETRY_DELAY_S,
+        event_retry: RetryPolicy = EVENT_RETRY,
     ):
         self.nc = nc
         self.js = nc.jetstream()
@@ -124,8 +122,7 @@ class Coordinator:
         self.clock = clock
         self.provision_bus = provision_bus
         self.rescan_interval_s = rescan_interval_s
-        self.event_max_tries = event_max_tries
-        self.event_retry_delay_s = event_retry_delay_s
+        self.event_retry = event_retry
         self.kv: Any = None
         self._sub: Any = None
         self._advisory_sub: Any = None
@@ -304,7 +301,7 @@ class Coordinator:
                 return
         except Exception as e:
             deliveries = msg.metadata.num_delivered if msg.metadata else 1
-            if deliveries >= self.event_max_tries:
+            if self.event_retry.exhausted(deliveries):
                 # A bug or a broken state, not a blip: stop the hot loop, keep the evidence in the
                 # log, and fail the job so that nobody waits for it forever.
                 log.exception("applying event failed on every try; dropped, job failed", job_id=event.job_id,
@@ -314,7 +311,7 @@ class Coordinator:
                 return
             log.warning("applying event failed; will be redelivered", job_id=event.job_id,
                         kind=event.kind, error=str(e), tries=deliveries)
-            await msg.nak(delay=self.event_retry_delay_s * deliveries)
+            await msg.nak(delay=self.event_retry.delay(deliveries))
             return
         await msg.ack()
 

@@ -14,6 +14,13 @@ from services.runtime.errors import BadInput, Cancelled
 
 # At most this many progress events per second per request (dashboards need no more).
 PROGRESS_INTERVAL_S = 0.25
+# The fields a stage event shares with the request it answers.
+EVENT_ID_FIELDS = ("job_id", "stage", "node", "attempt")
+
+
+def event_ids(request: StageRequest) -> dict[str, Any]:
+    """The ids of a stage event about `request` (progress, warning, completed, failed)."""
+    return {field: getattr(request, field) for field in EVENT_ID_FIELDS}
 
 
 class RequestContext:
@@ -89,20 +96,16 @@ class RequestContext:
             if fraction < 1.0 and now - self._last_progress < PROGRESS_INTERVAL_S:
                 return
             self._last_progress = now
-        self._post(StageProgress(**self._ids(), fraction=fraction, message=message[:200]))
+        self._post(StageProgress(**event_ids(self.request), fraction=fraction, message=message[:200]))
 
     def warn(self, message: str) -> None:
         self.log.warning("stage warning", message=message)
         self.warnings.append(message)
-        self._post(StageWarning(**self._ids(), message=message))
+        self._post(StageWarning(**event_ids(self.request), message=message))
 
     def skip_cache(self, reason: str) -> None:
         self.log.info("result will not be cached", reason=reason)
         self.cache_blockers.append(reason)
-
-    def _ids(self) -> dict[str, Any]:
-        r = self.request
-        return {"job_id": r.job_id, "stage": r.stage, "node": r.node, "attempt": r.attempt}
 
     def _post(self, event: Any) -> None:
         # Fire and forget: a slow bus must not stall the handler.

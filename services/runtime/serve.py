@@ -52,7 +52,9 @@ from core.bus import (
     publish_event,
     require_provisioned,
 )
+from core.retry import RetryPolicy
 from core.settings import PROJECT_ROOT, Settings, config_dirs
+from core.text import one_line
 from services.runtime.cache import (
     StageCache,
     cache_enabled_for,
@@ -60,7 +62,7 @@ from services.runtime.cache import (
     worker_cache_enabled,
     worker_fingerprint,
 )
-from services.runtime.context import RequestContext
+from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
@@ -70,7 +72,7 @@ MAX_RETRY_DELAY_S = 60.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
+def error_line(error: BaseException) -> str:
     """`Type: message` on one line, for events a person reads; tracebacks stay in the log."""
     if isinstance(error, ValidationError):
         text = "; ".join(
@@ -81,12 +83,13 @@ def one_line(error: BaseException, limit: int = 300) -> str:
         text = str(error)
     else:
         text = f"{type(error).__name__}: {error}"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return one_line(text)
 
 
-def retry_delay(delivery: int, base: float) -> float:
-    return min(base * 2 ** (delivery - 1), MAX_RETRY_DELAY_S)
+def retry_policy(retry_delay_s: float) -> RetryPolicy:
+    """Nak delays of a failed request: retry_delay_s, doubling per delivery, at most a minute.
+    How many deliveries there are is the consumer's max_deliver (StagePolicy), kept by the server."""
+    return RetryPolicy(initial_s=retry_delay_s, multiplier=2.0, max_s=MAX_RETRY_DELAY_S)
 
 
 class StageWorker:
@@ -116,7 +119,7 @@ class StageWorker:
         self.policy = policy
         self.resources = resources
         self.log = log
-        self.retry_delay_s = retry_delay_s
+        self.retry = retry_policy(retry_delay_s)
         self.grace_s = grace_s
         self.summary = worker_summary(info)
         self._jobs_kv = None
@@ -177,7 +180,7 @@ class StageWorker:
         except (nats.errors.TimeoutError, asyncio.TimeoutError, FetchTimeoutError):
             return None
         except Exception as e:  # reconnecting, server restart: keep going, slowly
-            self.log.warning("fetch failed", error=one_line(e))
+            self.log.warning("fetch failed", error=error_line(e))
             await asyncio.sleep(0.5)
             return None
 
@@ -234,8 +237,8 @@ class StageWorker:
             log.info("job ended while its stage ran; request dropped")
             await msg.ack()
         except BadInput as e:
-            log.warning("bad input; request terminated", error=one_line(e))
-            await self._fail(request, one_line(e), "bad_input")
+            log.warning("bad input; request terminated", error=error_line(e))
+            await self._fail(request, error_line(e), "bad_input")
             await msg.term()
         except Exception as e:
             await self._retry_or_fail(msg, request, e, delivery, log)
@@ -282,7 +285,7 @@ class StageWorker:
         metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
                    "delivery": float(delivery)}
         await self._publish(
-            StageCompleted(**_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+            StageCompleted(**event_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
             msg_id=f"{request.key}.completed",
         )
         # Ack only after the completion is on the bus: a crash in between means a redelivery
@@ -297,16 +300,17 @@ class StageWorker:
         metrics = {k: v for k, v in cached_metrics.items() if k not in ("delivery", "cache_hit")}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
         for message in warnings:  # what the first run said still holds for these outputs
-            await self._publish(StageWarning(**_ids(request), message=message))
+            await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
-            StageCompleted(**_ids(request), outputs=outputs, metrics=metrics, worker={**self.summary, "cache": "hit"}),
+            StageCompleted(**event_ids(request), outputs=outputs, metrics=metrics,
+                           worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )
         await msg.ack_sync()
         log.info("stage request completed from the stage cache", outputs=sorted(outputs))
 
     async def _retry_or_fail(self, msg: Any, request: StageRequest, error: Exception, delivery: int, log: Any) -> None:
-        reason = one_line(error)
+        reason = error_line(error)
         if not isinstance(error, Retryable):
             log.error("stage handler raised", exc_info=error)
         if delivery >= self.policy.max_deliver:
@@ -314,13 +318,13 @@ class StageWorker:
             await self._fail(request, f"{request.stage} failed on all {delivery} attempts: {reason}", "exhausted")
             await msg.term()
             return
-        delay = retry_delay(delivery, self.retry_delay_s)
+        delay = self.retry.delay(delivery)
         log.warning("stage request will be retried", error=reason, retry_in_s=delay)
         await msg.nak(delay=delay)
 
     async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
         """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
-        reason = one_line(error)
+        reason = error_line(error)
         self.log.error("unreadable stage request; terminated", error=reason, subject=msg.subject,
                        size=len(msg.data), delivery=delivery)
         ids = _salvage_ids(msg.data)
@@ -331,7 +335,8 @@ class StageWorker:
 
     async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
         await self._publish(
-            StageFailed(**_ids(request), reason=reason, error_type=error_type, retryable=False, worker=self.summary),
+            StageFailed(**event_ids(request), reason=reason, error_type=error_type, retryable=False,
+                        worker=self.summary),
             msg_id=f"{request.key}.failed",
         )
 
@@ -347,7 +352,7 @@ class StageWorker:
             try:
                 await msg.in_progress()
             except Exception as e:
-                log.warning("heartbeat failed", error=one_line(e))
+                log.warning("heartbeat failed", error=error_line(e))
             if not cancelled.is_set() and await self._job_finished(job_id, log):
                 cancelled.set()
 
@@ -361,7 +366,7 @@ class StageWorker:
         except KeyNotFoundError:
             return False
         except Exception as e:
-            log.debug("job state unreadable; running the request", error=one_line(e))
+            log.debug("job state unreadable; running the request", error=error_line(e))
             return False
         if status in _FINISHED:
             log.info("job already finished; request dropped", job_status=status)
@@ -381,15 +386,11 @@ class _Slot:
             self._semaphore = None
 
 
-def _ids(request: StageRequest) -> dict[str, Any]:
-    return {"job_id": request.job_id, "stage": request.stage, "node": request.node, "attempt": request.attempt}
-
-
 def _salvage_ids(data: bytes) -> dict[str, Any] | None:
     """The event ids of a request that failed validation, when its envelope is intact."""
     try:
         body = json.loads(data)
-        ids = {k: body[k] for k in ("job_id", "stage", "node", "attempt")}
+        ids = {k: body[k] for k in EVENT_ID_FIELDS}
         StageFailed(**ids, reason="-")  # validates the ids
         return ids
     except Exception:

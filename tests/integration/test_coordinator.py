@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -25,9 +25,9 @@ from contracts import (
     parse_event,
     subjects,
 )
-from coordinator.decide import Policy
+from coordinator.decide import NODE_RETRY, Policy
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
-from coordinator.service import Coordinator
+from coordinator.service import EVENT_RETRY, Coordinator
 from core.bus import StagePolicy, ensure_stage_consumer, provision
 
 # The fake workers produce exactly what the real graph declares.
@@ -36,7 +36,7 @@ STAGE_OUTPUTS = {
     for name, node in load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml").nodes.items()
 }
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
-POLICY = Policy(max_attempts=2, backoff_initial_s=0.2)
+POLICY = Policy(retry=replace(NODE_RETRY, max_attempts=2, initial_s=0.2))
 
 
 def artifact(name: str) -> ArtifactRef:
@@ -287,7 +287,7 @@ def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
             [silent] = await FakeWorker(bus.js, "demux").answer(ack=False)  # takes it, never answers
             clock[0] += timedelta(seconds=1800)  # transcribe.yaml: demux deadline_s 1800
             await bus.state_when("job6", lambda s: s.nodes["demux"].status.value == "retry_wait")
-            clock[0] += timedelta(seconds=POLICY.backoff_initial_s)
+            clock[0] += timedelta(seconds=POLICY.retry.initial_s)
             [second] = await bus.answer("demux")
             await publish_event(bus.js, completion_for(silent))  # the first one wakes up: too late
             await bus.answer("asr", "subtitle_gen", "mux")
@@ -389,7 +389,7 @@ def test_a_deadline_failure_that_loses_the_write_is_never_announced(nats_server)
     """A tick decides `failed` (deadline, no attempts left) while the completion lands first:
     the tick's write loses the race, so its `failed` must not reach the events stream."""
     clock = [datetime.now(timezone.utc)]
-    policy = Policy(max_attempts=1, backoff_initial_s=0.2)
+    policy = Policy(retry=replace(NODE_RETRY, max_attempts=1, initial_s=0.2))
 
     async def scenario(bus: Bus):
         coordinator = Coordinator(bus.nc, policy=policy, tick_interval_s=3600, clock=lambda: clock[0])
@@ -440,7 +440,7 @@ def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_se
 def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
     async def scenario(bus: Bus):
         coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
-                                  event_max_tries=3, event_retry_delay_s=0.05)
+                                  event_retry=replace(EVENT_RETRY, initial_s=0.05, max_attempts=3))
 
         async def broken_apply(event):
             raise RuntimeError("state store broken")
@@ -460,7 +460,7 @@ def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
 def test_a_completion_that_never_applies_fails_the_job_and_its_state(nats_server):
     async def scenario(bus: Bus):
         coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
-                                  event_max_tries=2, event_retry_delay_s=0.05)
+                                  event_retry=replace(EVENT_RETRY, initial_s=0.05, max_attempts=2))
         apply = coordinator.apply
 
         async def apply_but_completions(event):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,13 +17,13 @@ from contracts import (
     StageCompleted,
     StageFailed,
 )
-from coordinator.decide import Decision, Policy, Tick, decide, give_up
+from coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_up
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
-POLICY = Policy(max_attempts=3, backoff_initial_s=2, backoff_multiplier=2, stage_deadline_s=60)
+POLICY = Policy(retry=replace(NODE_RETRY, max_attempts=3, initial_s=2, multiplier=2), stage_deadline_s=60)
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
 OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals"], "asr": ["transcript"],
            "translation": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}

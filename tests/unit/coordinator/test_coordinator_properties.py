@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,13 +20,13 @@ from contracts import (
     StageCompleted,
     StageFailed,
 )
-from coordinator.decide import Policy, Tick, decide
+from coordinator.decide import NODE_RETRY, Policy, Tick, decide
 from coordinator.graph import load_workflow
 
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
 OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals"], "asr": ["transcript"],
            "translation_nllb": ["transcript"], "subtitle_gen": ["srt", "vtt"], "mux": ["mp4", "mkv"]}
-POLICY = Policy(max_attempts=4, backoff_initial_s=1, stage_deadline_s=30)
+POLICY = Policy(retry=replace(NODE_RETRY, max_attempts=4, initial_s=1), stage_deadline_s=30)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
