@@ -257,7 +257,7 @@ def test_silence_gives_silence_and_a_warning(runs):
 @pytest.mark.parametrize(
     "index, message",
     [(4, "no samples"), (5, "got 44100 Hz, 2 channel(s)"), (6, "not a readable PCM WAV"), (7, "cut short"),
-     (8, "chunk_s must be between 1 and 600 s")],
+     (8, "bad source_separation params: chunk_s=0.2: Input should be greater than or equal to 1")],
     ids=["zero-length", "stereo-44k", "mp3-named-wav", "truncated", "tiny-chunk"],
 )
 def test_bad_input_fails_with_a_reason(runs, index, message):
