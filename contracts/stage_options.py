@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 Device = Literal["cpu", "cuda"]
 DEVICE = "cpu | cuda; unset: cuda where the hardware cache found a GPU this env's torch can use"
 THREADS = "CPU threads; unset: all cores"
