@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     """The settings every process shares. Field names map to `CAPTIONBUS_<NAME>` variables, except
     `nats_url` (NATS_URL, the convention of NATS tools)."""
 
-    model_config = SettingsConfigDict(env_prefix="CAPTIONBUS_", extra="ignore", validate_default=True)
+    # populate_by_name: code builds Settings(nats_url=..., artifacts_mode=...) by field name.
+    model_config = SettingsConfigDict(env_prefix="CAPTIONBUS_", extra="ignore", validate_default=True,
+                                      populate_by_name=True)
 
     home: Path = Field(default_factory=lambda: Path.home() / ".captionbus",
                        description="data dir: embedded NATS data, artifacts, logs, hardware cache")

@@ -45,9 +45,14 @@ def test_the_cli_refuses_a_bad_setting_in_one_line(tmp_path: Path):
     assert len(lines) == 1 and "CAPTIONBUS_ARTIFACTS" in lines[0] and "object" in lines[0], lines
 
 
-def test_settings_built_by_name_keep_working(tmp_path: Path):
+def test_settings_built_by_name_keep_working(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("NATS_URL", "nats://elsewhere:4222")
+    monkeypatch.setenv("CAPTIONBUS_ARTIFACTS", "local")
     s = Settings(home=tmp_path, nats_url=None, artifacts_mode="local", host_id="h")
     assert s.artifacts_dir == tmp_path / "artifacts" and not s.use_object_store()
+    assert s.nats_url is None  # an argument wins over the environment
+    s = Settings(home=tmp_path, nats_url="nats://a:4222", artifacts_mode="object", host_id="h")
+    assert (s.nats_url, s.artifacts_mode, s.use_object_store()) == ("nats://a:4222", "object", True)
 
 
 def test_config_is_package_data():
