@@ -15,7 +15,10 @@ first imported we load OpenBLAS from the cmeel-openblas wheel (the mlx env pins 
 with RTLD_GLOBAL, so MLX's cblas_sgemm / LAPACK calls resolve to it. It needs the system's
 libgfortran.so.5 (Debian libgfortran5, which ffmpeg's dependencies bring); if it cannot be loaded
 we log a warning and run on the reference BLAS. The asr service option mlx_openblas=false
-(CAPTIONBUS_MLX_OPENBLAS=0) turns this off.
+(CAPTIONBUS_MLX_OPENBLAS=0) turns this off. The pairing is first tried in a child interpreter
+(`_openblas_works`, ~1 s): on an AMD EPYC without AVX-512 (December 2026) MLX's first matrix
+product after this preload died with SIGILL, which in-process would kill the worker on every
+model load; there we keep the reference BLAS and say so.
 
 Decoding is `mlx_whisper.transcribe(word_timestamps=True)`, i.e. Whisper's own timestamp-token
 decoding with word times from the alignment heads' cross-attention. With speech regions (the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -82,11 +86,43 @@ def _preload_openblas(log) -> str | None:
 
     try:
         library = Path(metadata.distribution("cmeel-openblas").locate_file("cmeel.prefix/lib/libopenblas.so.0"))
+    except metadata.PackageNotFoundError as err:
+        log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=str(err))
+        return None
+    problem = _openblas_works(library)
+    if problem:
+        log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=problem)
+        return None
+    try:
         ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
-    except (metadata.PackageNotFoundError, OSError) as err:
+    except OSError as err:
         log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=str(err))
         return None
     return str(library)
+
+
+_PROBE = """
+import ctypes, os, sys
+ctypes.CDLL(sys.argv[1], mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+import mlx.core as mx
+a = mx.ones((64, 64))
+mx.eval(a @ a)
+"""
+
+
+def _openblas_works(library: Path) -> str | None:
+    """None when MLX multiplies matrices with `library` preloaded, in a child interpreter (a bad
+    pairing dies with SIGILL, which must not take the worker down); else why not."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(library)], capture_output=True, text=True,
+                              timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"probe failed: {err}"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"MLX with this OpenBLAS dies with signal {-done.returncode} on this CPU"
+    return f"probe exited {done.returncode}: {done.stderr.strip()[-300:]}"
 
 
 def load(source: str, log, *, openblas: bool = True) -> MlxWhisper:
