@@ -223,6 +223,22 @@ def coordinator() -> None:
 
 
 @main.command()
+@click.option("--listen", default="127.0.0.1:8765", show_default=True,
+              help="HOST:PORT. Off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE.")
+@_friendly_errors
+def dashboard(listen: str) -> None:
+    """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
+    from captionbus.dashboard.serve import serve, token_from_env
+    from core.bus import resolve_url
+
+    _service_logging()
+    token = token_from_env()
+    url = resolve_url(load())
+    click.echo(f"dashboard on http://{listen}/", err=True)
+    asyncio.run(serve(url, listen, token))
+
+
+@main.command()
 @click.argument("stage")
 @click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
 @_friendly_errors
