@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import secrets
 from importlib import resources
 from typing import Any
@@ -23,32 +22,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from captionbus.dashboard.auth import OPEN_PATHS
 from captionbus.dashboard.board import Board, job_detail, matches
 from contracts import subjects
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50
 SSE_KEEPALIVE_S = 15.0
-OPEN_PATHS = ("/healthz", "/readyz")  # probes learn nothing but "up" and "ready"
-
-
-class AuthError(ValueError):
-    """The dashboard refuses to start: the message says what to set."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, token: str | None) -> None:
-    if not token and not is_loopback(host):
-        raise AuthError(f"refusing to serve the dashboard on {host} without auth: set "
-                        "CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE, or listen on 127.0.0.1")
 
 
 class TokenAuth:
@@ -125,7 +105,7 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
                 while True:
                     try:
                         kind, data = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
                     yield f"event: {kind}\ndata: {data}\n\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionbus.client import submit
-from captionbus.dashboard.app import AuthError, check_bind
+from captionbus.dashboard.auth import AuthError, check_bind
 from captionbus.dashboard.serve import serve as serve_dashboard
 from coordinator.graph import Workflow
 from coordinator.service import Coordinator
@@ -161,6 +162,11 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 durations = [v for (name, labels), v in samples.items() if name == "captionbus_stage_duration_seconds_count"
                              and ("stage", "noop") in labels and ("env", "dash-test") in labels]
                 assert durations == [2.0]  # job-ok's and job-stuck's noop nodes
+                # Every metric the Grafana board in deploy/ queries is one the dashboard exports.
+                families = {f.name for f in text_string_to_metric_families(text)}
+                board = (Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "captionbus.json").read_text()
+                queried = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in re.findall(r"captionbus_\w+", board)}
+                assert queried and queried <= families, queried - families
                 assert (await http.get("/healthz")).text == "ok"
                 assert (await http.get("/static/alpine-3.14.9.min.js")).status_code == 200
 
