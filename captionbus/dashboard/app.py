@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from captionbus.dashboard.auth import OPEN_PATHS
-from captionbus.dashboard.board import Board, job_detail, matches
+from captionbus.dashboard.board import Board, job_detail, matches, parse_time
 from contracts import subjects
 
 STATIC = resources.files("captionbus.dashboard") / "static"
@@ -67,9 +67,13 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
 
     async def jobs(request: Request) -> Response:
         q = request.query_params
-        filters = {k: q.get(k, "").strip() for k in ("status", "workflow", "language", "text", "since", "until")}
+        filters: dict[str, Any] = {k: q.get(k, "").strip() for k in ("status", "workflow", "language", "text")}
+        try:
+            filters.update(since=parse_time(q.get("since", "")), until=parse_time(q.get("until", "")))
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
         rows = [s for s in board.summaries.values() if matches(s, **filters)]
-        rows.sort(key=lambda s: s["created_at"] or "", reverse=True)
+        rows.sort(key=lambda s: s["created_ts"], reverse=True)
         try:
             page = max(int(q.get("page", "1")), 1)
         except ValueError:
@@ -124,8 +128,7 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
     async def readyz(request: Request) -> Response:
         if board.ready:
             return PlainTextResponse("ready")
-        reason = "not connected to NATS" if not board.nc.is_connected else "loading job states"
-        return PlainTextResponse(reason, status_code=503)
+        return PlainTextResponse(board.not_ready_reason(), status_code=503)
 
     routes = [
         Route("/", index), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),

@@ -83,6 +83,7 @@ def job_summary(state: JobState) -> dict[str, Any]:
         "source_language": spec.source_language,
         "target_languages": spec.target_languages,
         "created_at": _iso(state.created_at),
+        "created_ts": state.created_at.timestamp(),
         "updated_at": _iso(state.updated_at),
         "error": state.error,
         "failed_branches": state.failed_branches,
@@ -109,8 +110,20 @@ def realtime_factor(state: JobState, node_name: str) -> float | None:
     return float(handled) / duration if duration and handled is not None else None
 
 
+def parse_time(value: str) -> float | None:
+    """An ISO 8601 time from a filter (`2026-01-31T10:00:00Z`, a date, or with an offset) as a
+    timestamp; without a zone it is UTC. Empty: None. Raises ValueError with the bad value."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {value!r}") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def matches(summary: dict[str, Any], *, status: str = "", workflow: str = "", language: str = "",
-            text: str = "", since: str = "", until: str = "") -> bool:
+            text: str = "", since: float | None = None, until: float | None = None) -> bool:
     if status and summary["status"] != status:
         return False
     if workflow and summary["workflow"] != workflow:
@@ -119,12 +132,9 @@ def matches(summary: dict[str, Any], *, status: str = "", workflow: str = "", la
         return False
     if text and text.lower() not in f"{summary['job_id']} {summary['input']}".lower():
         return False
-    created = summary["created_at"] or ""
-    if since and created < since:
+    if since is not None and summary["created_ts"] < since:
         return False
-    if until and created > until:
-        return False
-    return True
+    return until is None or summary["created_ts"] <= until
 
 
 class Board:
@@ -143,12 +153,26 @@ class Board:
             metrics.board = self
         self.jobs_loaded = asyncio.Event()
         self.events_seen = 0
+        self.failing: dict[str, str] = {}  # watcher -> why it is restarting
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(coro) for coro in
-                       (self._watch_jobs(), self._watch_events(), self._poll())]
+        self._tasks = [asyncio.create_task(self._forever(name, fn)) for name, fn in
+                       (("job states", self._watch_jobs), ("job events", self._watch_events), ("polls", self._poll))]
+
+    async def _forever(self, name: str, fn) -> None:
+        """A watcher that fails (the bus went away for longer than the client's reconnects cover)
+        starts again: the job-state replay is idempotent (metrics compare with the last state)."""
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # nats raises many unrelated types; the reason goes to the log and /readyz
+                self.failing[name] = f"{name}: {type(e).__name__}: {e}"
+                log.warning("dashboard watcher failed; restarting", watcher=name, error=str(e))
+            await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -159,7 +183,14 @@ class Board:
 
     @property
     def ready(self) -> bool:
-        return self.nc.is_connected and self.jobs_loaded.is_set()
+        return self.nc.is_connected and self.jobs_loaded.is_set() and not self.failing
+
+    def not_ready_reason(self) -> str:
+        if not self.nc.is_connected:
+            return "not connected to NATS"
+        if self.failing:
+            return "; ".join(self.failing.values())
+        return "loading job states"
 
     # -- job state (KV) ----------------------------------------------------------------------
     async def _watch_jobs(self) -> None:
@@ -167,6 +198,7 @@ class Board:
         watcher = await kv.watchall()
         async for entry in watcher:
             if entry is None:  # the end of the initial values
+                self.failing.pop("job states", None)
                 self.jobs_loaded.set()
                 log.info("job states loaded", jobs=len(self.jobs))
                 continue
@@ -194,6 +226,7 @@ class Board:
     async def _watch_events(self) -> None:
         sub = await self.js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,
                                       config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+        self.failing.pop("job events", None)
         async for msg in sub.messages:
             try:
                 event = parse_event(msg.data)
