@@ -38,7 +38,8 @@ log = structlog.get_logger("captionbus.dashboard")
 WORKER_POLL_S = 2.0  # $SRV.INFO and queue polls; a worker unseen for LOST_AFTER_S is "lost"
 LOST_AFTER_S = 10.0
 THROUGHPUT_WINDOW_S = 300.0
-JOB_EVENTS_LIMIT = 2000  # a job page replays at most this many events
+JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
+PAGE_KINDS = ("stage_requested", "stage_completed", "stage_failed", "stage_warning")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -242,32 +243,40 @@ class Board:
                     data[key] = getattr(event, key)
             self.fanout.publish("event", data)
 
-    async def job_events(self, job_id: str, timeout: float = 2.0) -> list[dict[str, Any]]:
-        """A job's history from the events stream (an ephemeral ordered consumer, read once)."""
-        subject = subjects.job_events(job_id)
+    async def job_events(self, job_id: str, timeout: float = 3.0) -> list[dict[str, Any]]:
+        """The events a job page needs, from the events stream, oldest first.
+
+        One ephemeral ordered consumer per kind (requested, completed, failed, warning), each
+        reading exactly as many messages as stream info counts on its subject: a long job's
+        thousands of progress events are never read (a 1-hour asr reports ~14,000)."""
         try:
-            info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subject)
+            info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.job_events(job_id))
         except NotFoundError:
             return []
-        total = min(sum((info.state.subjects or {}).values()), JOB_EVENTS_LIMIT)
-        events: list[dict[str, Any]] = []
-        if not total:
-            return events
+        counts = info.state.subjects or {}
+        wanted = {subjects.job_event(job_id, kind): min(counts.get(subjects.job_event(job_id, kind), 0), JOB_EVENTS_LIMIT)
+                  for kind in PAGE_KINDS}
+        read = await asyncio.gather(*(self._read(subject, n, timeout) for subject, n in wanted.items() if n))
+        return [event for _, event in sorted(item for batch in read for item in batch)]
+
+    async def _read(self, subject: str, count: int, timeout: float) -> list[tuple[int, dict[str, Any]]]:
+        out: list[tuple[int, dict[str, Any]]] = []
         sub = await self.js.subscribe(subject, ordered_consumer=True,
                                       config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         try:
             async with asyncio.timeout(timeout):
                 async for msg in sub.messages:
                     with contextlib.suppress(ValueError):
-                        events.append(json.loads(parse_event(msg.data).model_dump_json()))
-                    if len(events) >= total or msg.metadata.num_pending == 0:
+                        event = json.loads(parse_event(msg.data).model_dump_json())
+                        out.append((msg.metadata.sequence.stream, event))
+                    if len(out) >= count or msg.metadata.num_pending == 0:
                         break
         except TimeoutError:
-            pass
+            log.warning("job events read timed out", subject=subject, read=len(out), expected=count)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        return events
+        return out
 
     # -- workers and queues --------------------------------------------------------------------
     async def _poll(self) -> None:

@@ -234,3 +234,58 @@ def test_non_loopback_bind_needs_a_token_and_refuses_requests_without_it(nats_se
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+def test_dashboard_survives_a_nats_server_restart(tmp_path):
+    """The bus goes away and comes back (same port and store): /readyz says so meanwhile, and job
+    states written after the restart reach the page without restarting the dashboard."""
+    from captionbus.server import EmbeddedServer
+    from contracts import ArtifactRef, JobSpec, JobState, subjects
+
+    server = EmbeddedServer(tmp_path / "nats")
+    server.start()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def job(job_id: str) -> bytes:
+        spec = JobSpec(job_id=job_id, input=ArtifactRef(key="0" * 64, name=f"{job_id}.mp4", size=1))
+        return JobState(spec=spec).model_dump_json().encode()
+
+    async def main():
+        nc = await connect(server.url, "t-writer")
+        await provision(nc.jetstream())
+        kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+        await kv.put("job-before", job("job-before"))
+        ready = asyncio.Event()
+        dashboard = asyncio.create_task(serve_dashboard(server.url, f"127.0.0.1:{port}", None, ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            async def total():
+                return (await http.get("/api/jobs")).json()["total"]
+            await _until(lambda: _ok(http, "/readyz"), 10, "ready")
+            assert await total() == 1
+            await nc.close()
+            server.stop()
+
+            async def not_ready():
+                response = await http.get("/readyz")
+                return response.status_code == 503 and response.text
+            assert "NATS" in await _until(not_ready, 20, "/readyz to report the lost bus")
+            server.start()
+            await _until(lambda: _ok(http, "/readyz"), 30, "ready again")
+            nc2 = await connect(server.url, "t-writer-2")
+            kv2 = await nc2.jetstream().key_value(subjects.JOBS_BUCKET)
+            await kv2.put("job-after", job("job-after"))
+
+            async def both():
+                return await total() == 2
+            await _until(both, 30, "the job written after the restart")
+            await nc2.close()
+        dashboard.cancel()
+        with pytest.raises(BaseException):
+            await dashboard
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        server.stop()
