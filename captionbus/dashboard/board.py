@@ -376,7 +376,9 @@ class Board:
                           and time.monotonic() - w["last_seen"] < LOST_AFTER_S)
             problem = None
             if (row["waiting"] or row["in_flight"]) and stage not in live:
-                problem = f"{row['waiting']} request(s) waiting and no live {stage} worker: start one (`captionbus serve {stage}`)"
+                held = f" ({row['in_flight']} in flight, held by a lost worker until ack_wait)" if row["in_flight"] else ""
+                problem = (f"{row['waiting']} request(s) waiting{held} and no live {stage} worker: "
+                           f"start one (`captionbus serve {stage}`)")
             rows.append({**row, "workers": workers, "problem": problem})
         return rows
 

@@ -230,6 +230,13 @@ def test_non_loopback_bind_needs_a_token_and_refuses_requests_without_it(nats_se
         assert httpx.get(base + "/api/jobs", auth=("ops", "s3cret-token"), timeout=5).json()["total"] == 0
         metrics = httpx.get(base + "/metrics", headers={"Authorization": "Bearer s3cret-token"}, timeout=5)
         assert metrics.status_code == 200 and "captionbus_jobs" in metrics.text
+        # An open page (an SSE stream) does not hold a stop up: SIGTERM ends it in seconds, exit 0.
+        with httpx.stream("GET", base + "/api/stream", auth=("ops", "s3cret-token"), timeout=5) as stream:
+            assert stream.status_code == 200
+            proc.terminate()
+            started = time.monotonic()
+            assert proc.wait(15) == 0
+            assert time.monotonic() - started < 10
     finally:
         proc.terminate()
         proc.wait(20)
