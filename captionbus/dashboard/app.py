@@ -130,8 +130,11 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
             return PlainTextResponse("ready")
         return PlainTextResponse(board.not_ready_reason(), status_code=503)
 
+    async def favicon(request: Request) -> Response:
+        return Response(status_code=204)
+
     routes = [
-        Route("/", index), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),
+        Route("/", index), Route("/favicon.ico", favicon), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),
         Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
         Route("/metrics", prometheus), Route("/healthz", healthz), Route("/readyz", readyz),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),

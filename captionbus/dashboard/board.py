@@ -416,6 +416,15 @@ def job_detail(state: JobState, events: list[dict[str, Any]]) -> dict[str, Any]:
                 retries.append({"node": node, "attempt": event.get("attempt"), "reason": event.get("reason")})
         elif kind == "stage_warning":
             warnings.append({"node": node, "message": event.get("message"), "time": event["time"]})
+    # Nodes with no events (the events stream keeps 30 days; job state stays): their last
+    # attempt from the job state, so the timeline still shows where the time went.
+    seen_nodes = {node for node, _ in attempts}
+    for name, node in state.nodes.items():
+        if name not in seen_nodes and node.requested_at:
+            attempts[(name, node.attempt)] = {
+                "node": name, "stage": node.stage, "attempt": node.attempt, "start": _iso(node.requested_at),
+                "end": _iso(node.finished_at), "status": node.status.value, "worker": node.worker,
+                "delivery": node.metrics.get("delivery"), "cache_hit": bool(node.metrics.get("cache_hit"))}
     timeline = sorted(attempts.values(), key=lambda a: a["start"])
     for row in timeline:
         if row["start"] and row["end"]:

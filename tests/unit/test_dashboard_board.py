@@ -77,6 +77,12 @@ def test_job_detail_timeline_warnings_retries_and_outputs():
     json.dumps(detail)  # what the endpoint sends
 
 
+def test_job_detail_without_events_takes_the_timeline_from_job_state():
+    detail = job_detail(state(), [])
+    assert [(a["node"], a["attempt"], a["status"], a["duration_s"]) for a in detail["timeline"]] == [
+        ("demux", 1, "completed", 2.0), ("asr", 2, "completed", 50.0)]  # translation-ta was never requested
+
+
 def test_fanout_drops_the_oldest_for_a_slow_page_only():
     async def main():
         fanout = Fanout(depth=3)
