@@ -12,6 +12,11 @@ the bus already carries everything an operator asks about. So one process with t
 
 and derives pages, Server-Sent Events and Prometheus metrics from them. A browser never talks to
 the bus; N open pages cost one subscription (see Fanout).
+
+Measured with benchmarks/dashboard.py (10,000 jobs in KV, 50 messages/s for 600 s, on a shared
+2-core machine at load 10+, so upper bounds): first page 0.11 s, the page 0.23 s, a job page
+0.31 s; event -> SSE client p50 0.007 s, p95 0.47 s; RSS 201 -> 202 MB over the 10 minutes;
+all 27,000 events arrived. Loading the 10,000 job states took 10-32 s (pydantic parsing).
 """
 from __future__ import annotations
 
