@@ -197,9 +197,12 @@ def _exit_if_partial(outputs) -> None:
 
 @main.command()
 @click.option("--stages", default=None, help="Comma-separated stages to serve (default: every stage whose env exists).")
+@click.option("--dashboard", "dashboard", default="127.0.0.1:8765", show_default=True,
+              help="HOST:PORT of the web dashboard (off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN[_FILE]).")
+@click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
 @_friendly_errors
-def up(stages: str | None) -> None:
-    """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services."""
+def up(stages: str | None, dashboard: str, no_dashboard: bool) -> None:
+    """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services, dashboard."""
     from captionbus.runner import run_stack
     from captionbus.stack import server_for_up
 
@@ -207,7 +210,8 @@ def up(stages: str | None) -> None:
     settings = load()
     with server_for_up(settings) as url:
         console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
-        asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console))
+        asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console,
+                              dashboard=None if no_dashboard else dashboard))
 
 
 @main.command()
@@ -220,6 +224,23 @@ def coordinator() -> None:
     _service_logging()
     settings = load()
     asyncio.run(run_coordinator_forever(resolve_url(settings)))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8765", show_default=True,
+              help="HOST:PORT. Off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE.")
+@_friendly_errors
+def dashboard(listen: str) -> None:
+    """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
+    from captionbus.dashboard.auth import token_from_env
+    from captionbus.dashboard.serve import serve
+    from core.bus import resolve_url
+
+    _service_logging()
+    token = token_from_env()
+    url = resolve_url(load())
+    click.echo(f"dashboard on http://{listen}/", err=True)
+    asyncio.run(serve(url, listen, token))
 
 
 @main.command()

@@ -27,6 +27,7 @@ from captionbus.client import (
     job_state,
     submit,
 )
+from captionbus.dashboard.process import start_dashboard_process, stop_dashboard_process
 from captionbus.envs import (
     OK,
     env_for_stage,
@@ -260,12 +261,15 @@ async def _follow_with_progress(js, job_id: str, console: Console):
     raise JobFailedError(f"lost the event stream of job {job_id}")
 
 
-async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console) -> None:
-    """Coordinator + services until SIGINT/SIGTERM. Stages default to all whose env is built."""
+async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console,
+                    dashboard: str | None = None) -> None:
+    """Coordinator + services (+ the dashboard on `dashboard` HOST:PORT) until SIGINT/SIGTERM.
+    Stages default to all whose env is built."""
     if stages is None:
         stages = [s for s in _stage_names() if _env_ready(s)]
     nc = await connect(url, "captionbus-up")
     await provision(nc.jetstream())
+    web = start_dashboard_process(settings, url, dashboard) if dashboard else None
     services = start_stage_services(settings, url, stages)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -280,10 +284,13 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
                 console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) did not start; retrying with backoff. "
                               f"Its log: {svc.log_path}", highlight=False)
             serving = [s for s in stages if s not in {svc.stage for svc in dead}]
-            console.print(f"serving: {', '.join(serving) or 'no stages'}; Ctrl-C stops")
+            console.print(f"serving: {', '.join(serving) or 'no stages'}"
+                          + (f"; dashboard on http://{dashboard}/" if dashboard else "") + "; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
     finally:
         stop_services(services)
+        if web is not None:
+            stop_dashboard_process(web)
         await nc.drain()
 
 

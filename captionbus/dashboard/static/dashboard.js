@@ -1,0 +1,91 @@
+// The dashboard page: one EventSource on /api/stream; JSON from /api/* when a view needs more.
+document.addEventListener('alpine:init', () => {
+  Alpine.data('dashboard', () => ({
+    view: 'jobs', jobId: null, page: 1, pageSize: 50, total: 0,
+    filters: {status: '', workflow: '', language: '', text: '', since: '', until: ''},
+    jobs: [], workflows: [], job: null, jobError: '', workers: [], queues: [], connected: false,
+    _timers: {},
+
+    init() {
+      window.addEventListener('hashchange', () => this.route());
+      this.route();
+      this.loadJobs();
+      this.get('/api/workers').then(w => { this.workers = w; });
+      this.get('/api/queues').then(q => { this.queues = q; });
+      this.connect();
+    },
+    async get(url) {
+      const response = await fetch(url, {credentials: 'same-origin'});
+      if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error || response.statusText);
+      return response.json();
+    },
+    route() {
+      const [, view, id] = (location.hash || '#/jobs').split('/');
+      this.view = view || 'jobs';
+      if (this.view === 'job') { this.jobId = id; this.job = null; this.loadJob(); }
+    },
+    connect() {
+      const source = new EventSource('/api/stream');
+      source.onopen = () => { this.connected = true; };
+      source.onerror = () => { this.connected = false; };  // EventSource reconnects by itself
+      source.addEventListener('job', e => this.onJob(JSON.parse(e.data)));
+      source.addEventListener('event', e => this.onEvent(JSON.parse(e.data)));
+      source.addEventListener('workers', e => { this.workers = JSON.parse(e.data); });
+      source.addEventListener('queues', e => { this.queues = JSON.parse(e.data); });
+    },
+    later(name, fn, ms = 150) {  // coalesce bursts of updates into one request
+      clearTimeout(this._timers[name]);
+      this._timers[name] = setTimeout(fn, ms);
+    },
+    onJob(summary) {
+      const i = this.jobs.findIndex(j => j.job_id === summary.job_id);
+      const filtered = Object.values(this.filters).some(v => v);
+      if (i >= 0 && !filtered) this.jobs[i] = summary;
+      else if (i >= 0 || this.page === 1) this.later('jobs', () => this.loadJobs());
+      if (this.view === 'job' && summary.job_id === this.jobId) this.later('job', () => this.loadJob());
+    },
+    onEvent(event) {
+      if (event.kind === 'stage_progress') {
+        const row = this.jobs.find(j => j.job_id === event.job_id);
+        const node = row && row.nodes.find(n => n.node === event.node);
+        if (node) node.progress = event.fraction;
+      }
+      if (this.view === 'job' && event.job_id === this.jobId) this.later('job', () => this.loadJob(), 300);
+    },
+    async loadJobs() {
+      const params = new URLSearchParams({page: this.page});
+      for (const [key, value] of Object.entries(this.filters)) {
+        if (!value) continue;
+        params.set(key, (key === 'since' || key === 'until') ? new Date(value).toISOString() : value);
+      }
+      const data = await this.get('/api/jobs?' + params);
+      Object.assign(this, {jobs: data.jobs, total: data.total, pageSize: data.page_size, workflows: data.workflows});
+    },
+    async loadJob() {
+      if (!this.jobId) return;
+      try { this.job = await this.get('/api/jobs/' + encodeURIComponent(this.jobId)); this.jobError = ''; }
+      catch (e) { this.job = null; this.jobError = e.message; }
+    },
+    problems() { return this.queues.filter(q => q.problem); },
+    languages(j) {
+      return (j.source_language || 'auto') + (j.target_languages.length ? ' → ' + j.target_languages.join(', ') : '');
+    },
+    when(iso) { return iso ? new Date(iso).toLocaleString() : ''; },
+    size(bytes) {
+      if (bytes == null) return '';
+      const units = ['B', 'KB', 'MB', 'GB'];
+      let i = 0;
+      while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+      return bytes.toFixed(i ? 1 : 0) + ' ' + units[i];
+    },
+    packages(worker) {
+      return Object.entries(worker).filter(([k]) => k.startsWith('pkg.')).map(([k, v]) => k.slice(4) + ' ' + v).join(', ');
+    },
+    bar(a) {  // a Gantt bar, as a share of the job's whole span
+      const times = this.job.timeline.flatMap(t => [t.start, t.end].filter(Boolean)).map(t => Date.parse(t));
+      const t0 = Math.min(...times), t1 = Math.max(...times, Date.now() * (this.job.status === 'running'));
+      const span = Math.max(t1 - t0, 1), start = Date.parse(a.start), end = a.end ? Date.parse(a.end) : t1;
+      return `left:${(100 * (start - t0) / span).toFixed(2)}%;width:${Math.max(0.5, 100 * (end - start) / span).toFixed(2)}%`;
+    },
+  }));
+});

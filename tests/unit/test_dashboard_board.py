@@ -1,0 +1,117 @@
+"""The dashboard's pure parts: job summaries and filters, the job page's timeline, the fan-out."""
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from captionbus.dashboard.auth import AuthError, check_bind, parse_listen, token_from_env
+from captionbus.dashboard.board import Fanout, job_detail, job_summary, matches, parse_time, realtime_factor
+from contracts import ArtifactRef, JobSpec, JobState
+from contracts.jobs import JobStatus, NodeState, NodeStatus
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def state() -> JobState:
+    spec = JobSpec(job_id="job-abc", workflow="translate", source_language="hi", target_languages=["en", "ta"],
+                   input=ArtifactRef(key="0" * 64, name="Film Night.mp4", size=5))
+    nodes = {
+        "demux": NodeState(stage="demux", status=NodeStatus.completed, attempt=1, requested_at=T0,
+                           finished_at=T0 + timedelta(seconds=2), metrics={"media_duration_s": 100.0, "handle_s": 1.5},
+                           worker={"worker_id": "w1", "env": "common", "interpreter": "/e/common/bin/python"}),
+        "asr": NodeState(stage="asr", status=NodeStatus.completed, attempt=2, requested_at=T0 + timedelta(seconds=2),
+                         finished_at=T0 + timedelta(seconds=52), metrics={"handle_s": 40.0, "delivery": 2.0}),
+        "translation-ta": NodeState(stage="translation_nllb", status=NodeStatus.failed, attempt=1,
+                                    error="no route", metrics={"realtime_factor": 0.5}),
+    }
+    return JobState(spec=spec, status=JobStatus.completed, nodes=nodes, created_at=T0,
+                    failed_branches={"ta": "no route"},
+                    outputs={"srt": ArtifactRef(key="1" * 64, name="subs.srt", size=321)})
+
+
+def test_summary_and_filters():
+    summary = job_summary(state())
+    assert [n["node"] for n in summary["nodes"]] == ["demux", "asr", "translation-ta"]
+    assert summary["input"] == "Film Night.mp4" and summary["failed_branches"] == {"ta": "no route"}
+    assert matches(summary, status="completed", workflow="translate", language="ta", text="film night")
+    assert matches(summary, text="JOB-ABC")
+    assert not matches(summary, status="failed")
+    assert not matches(summary, language="fr")
+    assert matches(summary, since=parse_time("2026-03-01T11:59:59Z"), until=parse_time("2026-03-01"+"T12:00:00+00:00"))
+    assert not matches(summary, since=parse_time("2026-03-01T13:00:00+01:00") + 1)
+    assert parse_time("2026-03-01T12:00:00") == T0.timestamp()  # no zone: UTC
+    assert parse_time("") is None
+    with pytest.raises(ValueError, match="not an ISO 8601 time"):
+        parse_time("yesterday")
+
+
+def test_realtime_factor_own_or_from_media_duration():
+    s = state()
+    assert realtime_factor(s, "translation-ta") == 0.5
+    assert realtime_factor(s, "asr") == pytest.approx(0.4)
+
+
+def test_job_detail_timeline_warnings_retries_and_outputs():
+    def ev(kind, node, attempt, seconds, **extra):
+        return {"kind": kind, "node": node, "stage": node, "attempt": attempt,
+                "time": (T0 + timedelta(seconds=seconds)).isoformat(), **extra}
+
+    events = [
+        ev("stage_requested", "demux", 1, 0), ev("stage_completed", "demux", 1, 2, worker={"env": "common"}),
+        ev("stage_requested", "asr", 1, 2), ev("stage_failed", "asr", 1, 10, reason="busy", retryable=True),
+        ev("stage_requested", "asr", 2, 12), ev("stage_warning", "asr", 2, 20, message="kept ASR word times"),
+        ev("stage_completed", "asr", 2, 52, metrics={"delivery": 2.0}),
+    ]
+    detail = job_detail(state(), events)
+    assert [(a["node"], a["attempt"], a["status"], a["duration_s"]) for a in detail["timeline"]] == [
+        ("demux", 1, "completed", 2.0), ("asr", 1, "failed", 8.0), ("asr", 2, "completed", 40.0)]
+    assert detail["timeline"][2]["delivery"] == 2.0
+    assert detail["retries"] == [{"node": "asr", "attempt": 1, "reason": "busy"}]
+    assert [w["message"] for w in detail["warnings"]] == ["kept ASR word times"]
+    asr = next(n for n in detail["nodes"] if n["node"] == "asr")
+    assert asr["redeliveries"] == 1 and asr["duration_s"] == 50.0
+    assert detail["outputs"] == [{"name": "srt", "file": "subs.srt", "size": 321}]
+    json.dumps(detail)  # what the endpoint sends
+
+
+def test_job_detail_without_events_takes_the_timeline_from_job_state():
+    detail = job_detail(state(), [])
+    assert [(a["node"], a["attempt"], a["status"], a["duration_s"]) for a in detail["timeline"]] == [
+        ("demux", 1, "completed", 2.0), ("asr", 2, "completed", 50.0)]  # translation-ta was never requested
+
+
+def test_fanout_drops_the_oldest_for_a_slow_page_only():
+    async def main():
+        fanout = Fanout(depth=3)
+        slow, fast = fanout.subscribe(), fanout.subscribe()
+        got = []
+        for n in range(5):
+            fanout.publish("event", {"n": n})
+            got.append(json.loads((await fast.get())[1])["n"])  # keeps up: loses nothing
+        assert [json.loads((await slow.get())[1])["n"] for _ in range(3)] == [2, 3, 4]  # the newest 3
+        fanout.unsubscribe(slow)
+        fanout.publish("event", {"n": 5})
+        got.append(json.loads((await fast.get())[1])["n"])
+        assert slow.empty() and got == [0, 1, 2, 3, 4, 5]
+    asyncio.run(main())
+
+
+def test_binds_and_tokens(tmp_path):
+    assert parse_listen("0.0.0.0:80") == ("0.0.0.0", 80) and parse_listen("[::1]:8765") == ("::1", 8765)
+    with pytest.raises(AuthError, match="HOST:PORT"):
+        parse_listen("8765")
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "dash.example.org"):
+        with pytest.raises(AuthError, match="without auth"):
+            check_bind(host, None)
+        check_bind(host, "t")
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    assert token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN_FILE": str(token), "CAPTIONBUS_DASHBOARD_TOKEN": "x"}) == "abc"
+    assert token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN": "x"}) == "x" and token_from_env({}) is None
+    with pytest.raises(AuthError, match="no-such"):
+        token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN_FILE": str(tmp_path / "no-such")})
