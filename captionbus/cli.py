@@ -472,7 +472,8 @@ main.command(name="retry", help="Retry a failed or cancelled job from its failed
 
 from captionbus.envs.cli import envs as _envs_group  # noqa: E402
 from captionbus.envs.cli import models as _models_group
+from captionbus.gateway.cli import gateway as _gateway_group  # noqa: E402
 from captionbus.subs_cli import subs as _subs_group  # noqa: E402
 
-for _group in (_envs_group, _models_group, _subs_group):
+for _group in (_envs_group, _models_group, _subs_group, _gateway_group):
     main.add_command(_group)
