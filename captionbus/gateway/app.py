@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 from urllib.parse import unquote_plus
 
 import httpx
@@ -92,7 +92,7 @@ class Bus:
                 try:
                     nc = await asyncio.wait_for(connect(self.config.nats_url, "captionbus-gateway"), 5)
                     await asyncio.wait_for(require_provisioned(nc.jetstream()), BUS_TIMEOUT_S)
-                except Exception as e:  # BusError, timeouts: all mean "no bus right now"
+                except Exception as e:  # noqa: BLE001  BusError, timeouts, auth: all mean "no bus right now"
                     raise ApiError(503, f"bus unavailable: {e}", "service_unavailable") from None
                 self.nc = nc
         if not self.nc.is_connected:
@@ -204,7 +204,7 @@ async def read_form(request: Request, config: GatewayConfig, upload_dir: Path) -
     except ApiError:
         _remove_parts(files, parser)
         raise
-    except Exception as e:  # a malformed body
+    except Exception as e:  # noqa: BLE001  the parser raises several types for a malformed body
         _remove_parts(files, parser)
         raise ApiError(400, f"malformed multipart body: {e}") from None
     upload = None
@@ -629,7 +629,7 @@ async def job_events(js, job_id: str, after: int, idle_end_s: float | None = Non
             try:
                 msg = await (asyncio.wait_for(sub.next_msg(timeout=None), idle_end_s) if idle_end_s
                              else sub.next_msg(timeout=None))
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 return
             try:
                 event = parse_event(msg.data)

@@ -30,7 +30,7 @@ class KeyRing:
     hashes: dict[str, str]
 
     @classmethod
-    def load(cls, path: Path) -> "KeyRing":
+    def load(cls, path: Path) -> KeyRing:
         hashes: dict[str, str] = {}
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.strip()

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -146,8 +150,6 @@ def test_bus_unavailable_is_503(tmp_path):
 
 
 def wait_status(client: httpx.Client, job_id: str, wanted: set[str], timeout: float = 30) -> dict:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}")
@@ -168,3 +170,34 @@ def parse_sse(lines) -> list[dict]:
             name, _, value = line.partition(":")
             current[name] = value.lstrip(" ")
     return events
+
+
+def test_concurrency_limit_429_and_job_timeout_504(tmp_path, coordinator):
+    """One request in flight per key here: a second is refused while the first waits for a job
+    that no asr worker will run, which then answers 504 (its job goes on)."""
+    key = add_key(tmp_path / "keys", "ci")
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(tmp_path / "keys"), concurrency_per_key=1, job_timeout_s=4,
+    )
+    headers = {"Authorization": f"Bearer {key}"}
+    with running_gateway(config) as url:
+        first: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(httpx.post(
+            f"{url}/v1/audio/transcriptions", headers=headers, files={"file": ("a.wav", b"RIFF")},
+            data={"model": "whisper-1"}, timeout=30)))
+        waiting.start()
+        time.sleep(1.5)
+        second = httpx.post(f"{url}/v1/audio/transcriptions", headers=headers,
+                            files={"file": ("b.wav", b"RIFF")}, timeout=30)
+        assert second.status_code == 429 and "in flight" in error_of(second)
+        waiting.join(30)
+    assert first[0].status_code == 504 and "did not end within 4 s" in error_of(first[0])
+
+
+def test_gateway_refuses_non_loopback_without_keys(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "captionbus", "gateway", "--listen", "0.0.0.0:0"],
+                          env={**os.environ, "CAPTIONBUS_HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode != 0 and "without API keys" in done.stderr and "Traceback" not in done.stderr
+
