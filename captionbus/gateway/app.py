@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,23 @@ async def on_bus():
             yield
     except TimeoutError:
         raise ApiError(503, f"bus unavailable: no answer within {BUS_TIMEOUT_S:.0f} s", "service_unavailable") from None
+
+
+class Timing:
+    """Where a request's time went, as a `Server-Timing` header (form;dur=…, submit;dur=…, job;dur=…,
+    answer;dur=… in ms): the benchmark reads it to split gateway overhead from the job itself."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, (now - self.last) * 1000))
+        self.last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in self.phases)
 
 
 class Limiter:
@@ -501,9 +519,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     async def openai_audio(request: Request, task: str):
         who = principal(request)
+        timing = Timing()
         with limiter.slot(who):
             js = await bus.js()
             form = await read_form(request, config, upload_dir)
+            timing.mark("form")
             try:
                 if form.upload is None:
                     raise ApiError(400, "file is required (multipart part `file`)")
@@ -541,23 +561,32 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                           options=options)
             finally:
                 form.cleanup()
+            timing.mark("submit")
             final = await wait_for_end(js, job_id)
+            timing.mark("job")
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or final.kind
                 raise ApiError(422, f"job {job_id} {final.kind}: {reason}")
             store = bus.store(js)
             if response_format in ("srt", "vtt"):
                 text = Path(await store.get(final.outputs[response_format])).read_text(encoding="utf-8")
-                return PlainTextResponse(text, media_type="text/plain")
-            key = "translation-en" if task == "translate" else "transcript"
-            if key not in final.outputs:
-                raise ApiError(422, f"job {job_id} completed without {key}: {final.failed_branches or 'no reason'}")
-            transcript = Transcript.model_validate_json(Path(await store.get(final.outputs[key])).read_bytes())
-            if response_format == "text":
-                return PlainTextResponse(transcript.text + "\n")
-            if response_format == "verbose_json":
-                return as_verbose_json(transcript, task=task, granularities=granularities, temperature=temperature)
-            return as_json(transcript)
+                response = PlainTextResponse(text, media_type="text/plain")
+            else:
+                key = "translation-en" if task == "translate" else "transcript"
+                if key not in final.outputs:
+                    raise ApiError(422, f"job {job_id} completed without {key}: {final.failed_branches or 'no reason'}")
+                transcript = Transcript.model_validate_json(Path(await store.get(final.outputs[key])).read_bytes())
+                if response_format == "text":
+                    response = PlainTextResponse(transcript.text + "\n")
+                elif response_format == "verbose_json":
+                    response = JSONResponse(as_verbose_json(transcript, task=task, granularities=granularities,
+                                                            temperature=temperature))
+                else:
+                    response = JSONResponse(as_json(transcript))
+            timing.mark("answer")
+            response.headers["Server-Timing"] = timing.header()
+            response.headers["X-Captionbus-Job"] = job_id
+            return response
 
     audio_form = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
         "properties": {

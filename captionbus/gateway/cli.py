@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from captionbus.gateway.keys import KeyRing, add_key
-from core.bus import resolve_url
 from core.settings import load
 
 
@@ -30,8 +29,9 @@ def is_loopback(host: str) -> bool:
 
 def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concurrency: int,
                  inputs: Path | None, webhook_allow: tuple[str, ...], job_timeout: float):
-    # fastapi/uvicorn take ~1 s to import: only `captionbus gateway` itself pays it, not every command.
+    # fastapi/uvicorn/nats take ~1.5 s to import: only `captionbus gateway` itself pays it, not every command.
     from captionbus.gateway.app import GatewayConfig
+    from core.bus import resolve_url
 
     if keys is None and not is_loopback(listen_host):
         raise click.ClickException(f"refusing to listen on {listen_host} without API keys: "
