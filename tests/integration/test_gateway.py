@@ -141,6 +141,23 @@ def test_openapi_docs_and_per_key_limits(gateway):
     assert models == {"object": "list", "data": []}  # no asr worker is up
 
 
+
+def test_openai_endpoints_refuse_bad_requests_with_openai_errors(gateway):
+    wav = {"file": ("a.wav", b"RIFF")}
+    cases = [
+        ("/v1/audio/transcriptions", None, {"model": "whisper-1"}, "file is required"),
+        ("/v1/audio/transcriptions", wav, {"response_format": "tsv"}, "response_format 'tsv' unknown"),
+        ("/v1/audio/transcriptions", wav, {"timestamp_granularities[]": "letter"}, "word and/or segment"),
+        ("/v1/audio/transcriptions", wav, {"language": "xx"}, "unknown language code 'xx'"),
+        ("/v1/audio/transcriptions", wav, {"temperature": "hot"}, "temperature must be a number"),
+        ("/v1/audio/translations", wav, {"model": "whisper-1"}, "need the spoken language"),
+        ("/v1/audio/translations", wav, {"language": "fr", "response_format": "srt"}, "json, text or verbose_json"),
+    ]
+    for path, files, data, message in cases:
+        response = gateway.post(path, files=files, data=data) if files else gateway.post(path, data=data)
+        assert response.status_code == 400 and message in error_of(response), (path, data, response.text)
+        assert error_of(response) and response.json()["error"]["type"] == "invalid_request_error"
+
 def test_bus_unavailable_is_503(tmp_path):
     dead = f"nats://127.0.0.1:{free_port()}"
     config = GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=dead, host_id="gw"), nats_url=dead)
