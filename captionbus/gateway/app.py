@@ -507,13 +507,21 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return {"object": "list", "data": [vars(d) for d in deliveries.by_job.get(job_id, [])]}
 
     async def send_webhooks(job_id: str, url: str) -> None:
-        js = await bus.js()
-        async for seq, event in job_events(js, job_id, 0):
-            body = event.model_dump_json().encode()
-            delivery = Delivery(event_id=event.event_id, kind=event.kind, sequence=seq)
-            deliveries.record(job_id, delivery)
-            await deliver(webhook_client, url, config.webhook_secret, job_id, seq, body, delivery)
-            log.info("webhook", job_id=job_id, kind=event.kind, status=delivery.status, attempts=delivery.attempts)
+        """Every event of the job, in stream order, one at a time; a delivery that fails for good
+        is recorded and the next event goes on (a receiver sees the terminal event either way)."""
+        try:
+            js = await bus.js()
+            async for seq, event in job_events(js, job_id, 0):
+                body = event.model_dump_json().encode()
+                delivery = Delivery(event_id=event.event_id, kind=event.kind, sequence=seq)
+                deliveries.record(job_id, delivery)
+                await deliver(webhook_client, url, config.webhook_secret, job_id, seq, body, delivery)
+                log.info("webhook", job_id=job_id, kind=event.kind, status=delivery.status,
+                         attempts=delivery.attempts)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001  a background task: say why it stopped, in the log
+            log.error("webhooks stopped", job_id=job_id, url=url, error=f"{type(e).__name__}: {e}")
 
     # ---- OpenAI-compatible --------------------------------------------------------------
 
