@@ -201,7 +201,7 @@ async def run(args, root: Path) -> None:
         print(f"2. load: {args.clients} concurrent openai clients, distinct clips, 2 asr replicas")
         print(f"   errors {len(errors)}{' (' + repr(errors[0])[:200] + ')' if errors else ''}, wall {wall:.1f} s, "
               f"latency p50 {statistics.median(latencies):.1f} s p95 {pct(latencies, 0.95):.1f} s, "
-              f"max WER {max(wers):.2f}" if latencies else f"   every request failed: {errors[0]!r}")
+              f"WER median {statistics.median(wers):.2f} max {max(wers):.2f}" if latencies else f"   every request failed: {errors[0]!r}")
     if args.upload_mb:
         print(f"3. upload of {args.upload_mb} MB to /v1/jobs: HTTP {response.status_code} in {upload_s:.1f} s "
               f"({args.upload_mb / upload_s:.0f} MB/s); gateway peak RSS {rss_before:.0f} MB before, "
