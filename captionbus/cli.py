@@ -294,9 +294,11 @@ def _on_bus(name: str, action):
 @_with_job_options
 @click.option("--wait", is_flag=True, help="Follow the job and fetch its outputs.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id": ..., "workflow": ...} (without --wait).')
 @_friendly_errors
-def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool, out_dir: Path | None) -> None:
-    """Submit a job to a running stack; prints the job id."""
+def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool,
+           out_dir: Path | None, as_json: bool) -> None:
+    """Submit a job to a running stack; prints the job id (`captionbus fetch JOB` gets its outputs)."""
     from captionbus.runner import run_job
     from core.bus import resolve_url
 
@@ -326,7 +328,38 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
             target_languages=_split_languages(targets), options=_parse_options(options),
         )
 
-    click.echo(_on_bus("captionbus-submit", go).job_id)
+    spec = _on_bus("captionbus-submit", go)
+    if as_json:
+        click.echo(json.dumps({"job_id": spec.job_id, "workflow": spec.workflow, "input": spec.input.name,
+                               "source_language": spec.source_language, "target_languages": spec.target_languages}))
+    else:
+        click.echo(spec.job_id)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: ./<input name>.subs).")
+@_friendly_errors
+def fetch(job_id: str, out_dir: Path | None) -> None:
+    """Download a finished job's outputs (as `run` names them); prints each file."""
+    from captionbus.client import fetch_outputs, job_state
+    from core.artifacts import ArtifactStore
+
+    settings = load()
+
+    async def go(nc, js):
+        state = await job_state(js, job_id)
+        if state is None:
+            raise UserError(f"no job {job_id!r}")
+        if not state.outputs:
+            raise UserError(f"job {job_id} is {state.status.value} and has no outputs yet"
+                            + (f": {state.error}" if state.error else ""), exit_code=1)
+        stem = Path(state.spec.input.name).stem or job_id
+        return await fetch_outputs(ArtifactStore(settings, js), state.outputs, out_dir or Path(f"{stem}.subs"), stem)
+
+    for path in _on_bus("captionbus-fetch", go).values():
+        click.echo(str(path))
 
 
 @main.command()
@@ -493,7 +526,8 @@ main.command(name="retry", help="Retry a failed or cancelled job from its failed
 
 from captionbus.envs.cli import envs as _envs_group  # noqa: E402
 from captionbus.envs.cli import models as _models_group
+from captionbus.gateway.cli import gateway as _gateway_group  # noqa: E402
 from captionbus.subs_cli import subs as _subs_group  # noqa: E402
 
-for _group in (_envs_group, _models_group, _subs_group):
+for _group in (_envs_group, _models_group, _subs_group, _gateway_group):
     main.add_command(_group)

@@ -55,9 +55,13 @@ async def submit(
     target_languages: list[str] | None = None,
     options: dict | None = None,
     job_id: str | None = None,
+    name: str | None = None,
+    copy: bool = True,
 ) -> JobSpec:
+    """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
+    the store hardlink a file nobody will edit afterwards."""
     media = check_input_file(media)
-    ref = await store.put(media, name=media.name, copy=True)
+    ref = await store.put(media, name=name or media.name, copy=copy)
     spec = JobSpec(
         job_id=job_id or new_job_id(),
         workflow=workflow,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 from pathlib import Path
@@ -76,6 +77,13 @@ class JobOutputs(dict):
         self.failed_branches = dict(failed_branches or {})
 
 
+@functools.lru_cache(maxsize=64)
+def _workflow_at(path: str, mtime_ns: int, size: int):
+    """A parsed workflow, reused while its file is unchanged: PyYAML's pure-Python parse of a
+    workflow takes 3-60 ms here, which the gateway would otherwise pay on every request."""
+    return load_workflow(path)
+
+
 def validate_job(
     workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
     options: dict | None = None,
@@ -91,7 +99,8 @@ def validate_job(
         raise SubmitError(f"unknown workflow {workflow!r} (known: {known})")
     source_language = check_language(source_language) if source_language else None
     target_languages = [check_language(code) for code in target_languages]
-    graph = load_workflow(path)
+    stat = Path(path).stat()
+    graph = _workflow_at(str(path), stat.st_mtime_ns, stat.st_size)
     vad = (options or {}).get("vad")
     if not isinstance(vad, dict) and vad not in (None, "silero", "pyannote"):  # a dict: the vad stage's params  # the graphs test `options.vad == pyannote`: a typo would pick silero
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")

@@ -1,0 +1,91 @@
+"""`captionbus gateway [--listen HOST:PORT] [--keys FILE]` and `captionbus gateway add-key NAME`."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import click
+
+from captionbus.gateway.keys import KeyRing, add_key
+from core.settings import load
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concurrency: int,
+                 inputs: Path | None, webhook_allow: tuple[str, ...], job_timeout: float):
+    # fastapi/uvicorn/nats take ~1.5 s to import: only `captionbus gateway` itself pays it, not every command.
+    from captionbus.gateway.app import GatewayConfig
+    from core.bus import resolve_url
+
+    if keys is None and not is_loopback(listen_host):
+        raise click.ClickException(f"refusing to listen on {listen_host} without API keys: "
+                                   "pass --keys FILE (captionbus gateway add-key NAME --keys FILE)")
+    secret = os.environ.get("CAPTIONBUS_WEBHOOK_SECRET")
+    if webhook_allow and not secret:
+        raise click.ClickException("--webhook-allow needs CAPTIONBUS_WEBHOOK_SECRET (the HMAC key receivers check)")
+    settings = load()
+    try:
+        ring = KeyRing.load(keys) if keys is not None else None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"API keys: {e}") from None
+    return GatewayConfig(
+        settings=settings, nats_url=resolve_url(settings), keys=ring,
+        max_upload_bytes=max_upload_mb * 1024 * 1024, concurrency_per_key=concurrency,
+        inputs_dir=inputs, webhook_allow=list(webhook_allow),
+        webhook_secret=secret.encode() if secret else None, job_timeout_s=job_timeout,
+    )
+
+
+@click.group(invoke_without_command=True)
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve HTTP on.")
+@click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="API key file (hashes); required off loopback.")
+@click.option("--max-upload-mb", default=4096, show_default=True, help="Largest upload accepted (413 above).")
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight per key (429 above).")
+@click.option("--inputs", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="A folder whose files jobs may name by `path` instead of uploading.")
+@click.option("--webhook-allow", multiple=True,
+              help="URL prefix callback URLs may start with (repeatable); needs CAPTIONBUS_WEBHOOK_SECRET.")
+@click.option("--job-timeout", default=3600.0, show_default=True,
+              help="Seconds the OpenAI endpoints wait for a job before answering 504.")
+@click.pass_context
+def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency: int, inputs: Path | None,
+            webhook_allow: tuple[str, ...], job_timeout: float) -> None:
+    """HTTP gateway: job API, OpenAI-compatible audio endpoints, webhooks (docs at /docs)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from captionbus.gateway.app import create_app
+
+    host, port = parse_listen(listen)
+    config = build_config(host, keys, max_upload_mb, concurrency, inputs, webhook_allow, job_timeout)
+    click.echo(f"gateway on http://{listen} (docs: /docs), bus {config.nats_url}", err=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
+@gateway.command("add-key")
+@click.argument("name")
+@click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), required=True, help="API key file.")
+def add_key_command(name: str, keys: Path) -> None:
+    """Make a key NAME, append its hash to FILE and print the key (shown only this once)."""
+    try:
+        click.echo(add_key(keys, name))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None

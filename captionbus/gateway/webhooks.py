@@ -1,0 +1,114 @@
+"""Job events POSTed to a job's callback URL, signed, in order, retried with backoff.
+
+Targets are restricted to an allow-list of URL prefixes (`--webhook-allow`), compared after
+parsing (scheme, host and port exactly, then the path prefix), and redirects are not followed:
+otherwise any API key holder could make the gateway probe internal addresses.
+
+Signature (the scheme Stripe and GitHub use): header `X-Captionbus-Signature: t=<unix>,v1=<hex>`
+where hex = HMAC-SHA256(secret, f"{t}.{body}"); `verify()` is what a receiver calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from core.retry import RetryPolicy
+
+log = structlog.get_logger("captionbus.gateway.webhooks")
+
+SIGNATURE_HEADER = "X-Captionbus-Signature"
+# 1, 2, 4, 8, 16 s: a receiver that restarts within half a minute loses nothing.
+DELIVERY_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=16.0, max_attempts=6)
+
+
+def _parts(url: str) -> tuple[str, str, int, str]:
+    split = urlsplit(url)
+    if split.scheme not in ("http", "https") or not split.hostname:
+        raise ValueError(f"callback URL {url!r} is not http(s)://host/...")
+    if split.username or split.password:
+        raise ValueError("callback URL must not carry credentials")
+    port = split.port or (443 if split.scheme == "https" else 80)
+    return split.scheme, split.hostname.lower(), port, split.path or "/"
+
+
+def check_target(url: str, allowed: list[str]) -> str:
+    """`url` if an allow-list entry covers it; else ValueError with the reason."""
+    scheme, host, port, path = _parts(url)
+    for prefix in allowed:
+        a_scheme, a_host, a_port, a_path = _parts(prefix)
+        if (scheme, host, port) == (a_scheme, a_host, a_port) and path.startswith(a_path):
+            return url
+    raise ValueError(f"callback URL {url!r} is not in the gateway's webhook allow-list (--webhook-allow)")
+
+
+def sign(secret: bytes, body: bytes, timestamp: int | None = None) -> str:
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(secret: bytes, body: bytes, header: str, tolerance_s: float = 300) -> bool:
+    """Whether `header` signs `body` with `secret`, made within `tolerance_s` (replays refused)."""
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        t = int(fields["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(time.time() - t) > tolerance_s:
+        return False
+    expected = sign(secret, body, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+@dataclass
+class Delivery:
+    event_id: str
+    kind: str
+    sequence: int
+    status: str = "pending"  # delivered | failed
+    attempts: int = 0
+    http_status: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Deliveries:
+    """What this gateway delivered per job (kept in its memory; also logged)."""
+
+    by_job: dict[str, list[Delivery]] = field(default_factory=dict)
+
+    def record(self, job_id: str, delivery: Delivery) -> None:
+        self.by_job.setdefault(job_id, []).append(delivery)
+
+
+async def deliver(client: httpx.AsyncClient, url: str, secret: bytes, job_id: str, sequence: int,
+                  body: bytes, delivery: Delivery, policy: RetryPolicy = DELIVERY_RETRY, sleep=None) -> None:
+    """POST one event until a 2xx or the policy is used up; the outcome goes into `delivery`."""
+    sleep = sleep or asyncio.sleep
+    while True:
+        delivery.attempts += 1
+        try:
+            response = await client.post(url, content=body, headers={
+                "Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
+                "X-Captionbus-Job": job_id, "X-Captionbus-Sequence": str(sequence),
+            })
+            delivery.http_status = response.status_code
+            if 200 <= response.status_code < 300:
+                delivery.status, delivery.error = "delivered", None
+                return
+            delivery.error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as e:
+            delivery.error = f"{type(e).__name__}: {e}"
+        if policy.exhausted(delivery.attempts):
+            delivery.status = "failed"
+            log.warning("webhook delivery failed", job_id=job_id, kind=delivery.kind, url=url,
+                        attempts=delivery.attempts, error=delivery.error)
+            return
+        await sleep(policy.delay(delivery.attempts))

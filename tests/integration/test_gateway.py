@@ -1,0 +1,220 @@
+"""The gateway's job API and its errors against a real nats-server and the real coordinator
+(in-process); no stage services, so jobs stay queued until cancelled. The e2e test
+(tests/e2e/test_gateway.py) runs real jobs through it."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from captionbus.gateway.app import GatewayConfig
+from captionbus.gateway.keys import KeyRing, add_key
+from captionbus.runner import coordinator_task
+from core.bus import connect, provision
+from core.settings import Settings
+from tests.gatewaytools import free_port, running_gateway
+
+
+@pytest.fixture
+def coordinator(nats_server):
+    """The real coordinator on the test's bus, in a thread of its own event loop."""
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def run():
+        async def go():
+            nc = await connect(nats_server, "test-coordinator")
+            await provision(nc.jetstream())
+            async with coordinator_task(nc):
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.1)
+            await nc.close()
+
+        asyncio.run(go())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    yield nats_server
+    stop.set()
+    thread.join(20)
+
+
+@pytest.fixture
+def gateway(tmp_path, coordinator):
+    key = add_key(tmp_path / "keys", "ci")
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(tmp_path / "keys"), max_upload_bytes=64 * 1024,
+        concurrency_per_key=2, inputs_dir=tmp_path / "inputs",
+    )
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "clip.wav").write_bytes(b"RIFF not really")
+    (tmp_path / "secret.wav").write_bytes(b"outside")
+    with running_gateway(config) as url:
+        yield httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def error_of(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["code"] == response.status_code
+    assert "\n" not in body["error"]["message"]
+    return body["error"]["message"]
+
+
+def test_job_api_errors_and_lifecycle(gateway, tmp_path):
+    # 401: no key, a wrong key
+    assert httpx.get(f"{gateway.base_url}/v1/jobs").status_code == 401
+    bad = httpx.get(f"{gateway.base_url}/v1/jobs", headers={"Authorization": "Bearer cbk_nope"})
+    assert bad.status_code == 401 and "add-key" in error_of(bad)
+    # 400: not multipart, no input, a URL, a path outside the inputs dir
+    assert gateway.post("/v1/jobs", json={"workflow": "transcribe"}).status_code == 400
+    assert "no input" in error_of(gateway.post("/v1/jobs", data={"workflow": "transcribe"}))
+    assert "reads no URLs" in error_of(gateway.post("/v1/jobs", data={"url": "http://169.254.169.254/x"}))
+    outside = gateway.post("/v1/jobs", data={"path": "../secret.wav"})
+    assert outside.status_code == 400 and "outside" in error_of(outside)
+    # 413: over the upload limit (64 KiB here)
+    big = gateway.post("/v1/jobs", files={"file": ("big.wav", b"x" * (200 * 1024))})
+    assert big.status_code == 413 and "limit" in error_of(big)
+    # 422: validated as `submit` validates
+    unknown = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"workflow": "nope"})
+    assert unknown.status_code == 422 and "unknown workflow 'nope'" in error_of(unknown)
+    bad_option = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")},
+                              data={"options": '{"asr": {"bogus": 1}}'})
+    assert bad_option.status_code == 422 and "bogus" in error_of(bad_option)
+    bad_lang = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"source_language": "xx"})
+    assert bad_lang.status_code == 422 and "unknown language code" in error_of(bad_lang)
+    # 422: a callback URL on a gateway that sends no webhooks
+    hook = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"callback_url": "http://127.0.0.1:1/"})
+    assert hook.status_code == 422 and "webhook" in error_of(hook)
+    # 404
+    assert "no job" in error_of(gateway.get("/v1/jobs/jnope"))
+    assert gateway.get("/v1/jobs/..%2F..%2Fetc").status_code == 404
+
+    # A job from an upload and one from the inputs dir; no stage services: they stay queued.
+    created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
+                           data={"workflow": "transcribe", "source_language": "en"})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    by_path = gateway.post("/v1/jobs", data={"path": "clip.wav", "workflow": "speech"})
+    assert by_path.status_code == 201, by_path.text
+
+    job = wait_status(gateway, job_id, {"running"})
+    assert job["input"] == "talk.wav" and job["workflow"] == "transcribe" and "demux" in job["nodes"]
+    listed = gateway.get("/v1/jobs", params={"workflow": "speech"}).json()["data"]
+    assert [j["id"] for j in listed] == [by_path.json()["id"]]
+    assert job_id in [j["id"] for j in gateway.get("/v1/jobs", params={"status": "running"}).json()["data"]]
+    missing = gateway.get(f"/v1/jobs/{job_id}/outputs/srt")
+    assert missing.status_code == 404 and "no output 'srt'" in error_of(missing)
+    # 409: retry of a running job; cancel, then cancel again
+    assert gateway.post(f"/v1/jobs/{job_id}/retry").status_code == 409
+    assert gateway.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    wait_status(gateway, job_id, {"cancelled"})
+    again = gateway.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and "already cancelled" in error_of(again)
+
+    # SSE: the whole history of a finished job, then a resume after the first event.
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(response.iter_lines())
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "submitted" and kinds[-1] == "cancelled" and "cancel_requested" in kinds
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(ids)
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[0])}) as response:
+        resumed = parse_sse(response.iter_lines())
+    assert [e["id"] for e in resumed] == [e["id"] for e in events[1:]]
+
+
+def test_openapi_docs_and_per_key_limits(gateway):
+    spec = gateway.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models"} <= set(spec["paths"])
+    assert gateway.get("/docs").status_code == 200
+    models = gateway.get("/v1/models").json()
+    assert models == {"object": "list", "data": []}  # no asr worker is up
+
+
+
+def test_openai_endpoints_refuse_bad_requests_with_openai_errors(gateway):
+    wav = {"file": ("a.wav", b"RIFF")}
+    cases = [
+        ("/v1/audio/transcriptions", None, {"model": "whisper-1"}, "file is required"),
+        ("/v1/audio/transcriptions", wav, {"response_format": "tsv"}, "response_format 'tsv' unknown"),
+        ("/v1/audio/transcriptions", wav, {"timestamp_granularities[]": "letter"}, "word and/or segment"),
+        ("/v1/audio/transcriptions", wav, {"language": "xx"}, "unknown language code 'xx'"),
+        ("/v1/audio/transcriptions", wav, {"temperature": "hot"}, "temperature must be a number"),
+        ("/v1/audio/translations", wav, {"model": "whisper-1"}, "need the spoken language"),
+        ("/v1/audio/translations", wav, {"language": "fr", "response_format": "srt"}, "json, text or verbose_json"),
+    ]
+    for path, files, data, message in cases:
+        response = gateway.post(path, files=files, data=data) if files else gateway.post(path, data=data)
+        assert response.status_code == 400 and message in error_of(response), (path, data, response.text)
+        assert error_of(response) and response.json()["error"]["type"] == "invalid_request_error"
+
+def test_bus_unavailable_is_503(tmp_path):
+    dead = f"nats://127.0.0.1:{free_port()}"
+    config = GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=dead, host_id="gw"), nats_url=dead)
+    with running_gateway(config) as url:
+        response = httpx.get(f"{url}/v1/jobs", timeout=30)
+    assert response.status_code == 503 and "bus unavailable" in error_of(response)
+
+
+def wait_status(client: httpx.Client, job_id: str, wanted: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}")
+        if job.status_code == 200 and job.json()["status"] in wanted:
+            return job.json()
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} never reached {wanted}: {client.get(f'/v1/jobs/{job_id}').text}")
+
+
+def parse_sse(lines) -> list[dict]:
+    events, current = [], {}
+    for line in lines:
+        if not line:
+            if "data" in current:
+                events.append(current)
+            current = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            current[name] = value.lstrip(" ")
+    return events
+
+
+def test_concurrency_limit_429_and_job_timeout_504(tmp_path, coordinator):
+    """One request in flight per key here: a second is refused while the first waits for a job
+    that no asr worker will run, which then answers 504 (its job goes on)."""
+    key = add_key(tmp_path / "keys", "ci")
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(tmp_path / "keys"), concurrency_per_key=1, job_timeout_s=4,
+    )
+    headers = {"Authorization": f"Bearer {key}"}
+    with running_gateway(config) as url:
+        first: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(httpx.post(
+            f"{url}/v1/audio/transcriptions", headers=headers, files={"file": ("a.wav", b"RIFF")},
+            data={"model": "whisper-1"}, timeout=30)))
+        waiting.start()
+        time.sleep(1.5)
+        second = httpx.post(f"{url}/v1/audio/transcriptions", headers=headers,
+                            files={"file": ("b.wav", b"RIFF")}, timeout=30)
+        assert second.status_code == 429 and "in flight" in error_of(second)
+        waiting.join(30)
+    assert first[0].status_code == 504 and "did not end within 4 s" in error_of(first[0])
+
+
+def test_gateway_refuses_non_loopback_without_keys(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "captionbus", "gateway", "--listen", "0.0.0.0:0"],
+                          env={**os.environ, "CAPTIONBUS_HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode != 0 and "without API keys" in done.stderr and "Traceback" not in done.stderr
+
