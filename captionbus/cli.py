@@ -195,38 +195,56 @@ def _exit_if_partial(outputs) -> None:
         sys.exit(3)
 
 
+_insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Allow a non-loopback NATS_URL without credentials and TLS (CAPTIONBUS_INSECURE=1).")
+
+
+def _require_secure(url: str, settings, insecure: bool) -> None:
+    from core.bus import require_secure
+
+    require_secure(url, settings, insecure)
+
+
 @main.command()
 @click.option("--stages", default=None, help="Comma-separated stages to serve (default: every stage whose env exists).")
+@_insecure_option
 @_friendly_errors
-def up(stages: str | None) -> None:
+def up(stages: str | None, insecure: bool) -> None:
     """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services."""
     from captionbus.runner import run_stack
     from captionbus.stack import server_for_up
 
     _service_logging()
     settings = load()
+    if settings.nats_url:
+        _require_secure(settings.nats_url, settings, insecure)
     with server_for_up(settings) as url:
         console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
         asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console))
 
 
 @main.command()
+@_insecure_option
 @_friendly_errors
-def coordinator() -> None:
+def coordinator(insecure: bool) -> None:
     """Run the coordinator against NATS_URL or the local `up` server."""
     from captionbus.runner import run_coordinator_forever
     from core.bus import resolve_url
 
     _service_logging()
     settings = load()
-    asyncio.run(run_coordinator_forever(resolve_url(settings)))
+    url = resolve_url(settings)
+    _require_secure(url, settings, insecure)
+    asyncio.run(run_coordinator_forever(url))
 
 
 @main.command()
 @click.argument("stage")
 @click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
+@_insecure_option
 @_friendly_errors
-def serve(stage: str, replicas: int) -> None:
+def serve(stage: str, replicas: int, insecure: bool) -> None:
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
@@ -238,6 +256,7 @@ def serve(stage: str, replicas: int) -> None:
     check_service_options([stage])  # CAPTIONBUS_<STAGE>_* typos: refused here, not in the service log
     settings = load()
     url = resolve_url(settings)
+    _require_secure(url, settings, insecure)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.

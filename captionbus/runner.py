@@ -167,7 +167,7 @@ async def run_job(
 ) -> dict[str, Path]:
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
-    nc = await connect(url, "captionbus-run")
+    nc = await connect(url, "captionbus-run", settings)
     services: list[ServiceProcess] = []
     try:
         js = nc.jetstream()
@@ -264,7 +264,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     """Coordinator + services until SIGINT/SIGTERM. Stages default to all whose env is built."""
     if stages is None:
         stages = [s for s in _stage_names() if _env_ready(s)]
-    nc = await connect(url, "captionbus-up")
+    nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     services = start_stage_services(settings, url, stages)
     stop = asyncio.Event()

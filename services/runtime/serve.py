@@ -448,7 +448,8 @@ async def serve(
     stop = stop or asyncio.Event()
     host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
 
-    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}")
+    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}",
+                       settings)
     service = None
     try:
         js = nc.jetstream()
@@ -465,7 +466,8 @@ async def serve(
             log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
 
         info = await asyncio.to_thread(
-            worker_info, definition.name, env_name, worker_id=host_worker,
+            worker_info, definition.name, env_name, worker_id=host_worker or f"{settings.host_id}-{os.getpid()}",
+            host=settings.host_id,
             packages=definition.report_packages, model=describe(definition, resources),
         )
         log = log.bind(worker_id=info.worker_id)

@@ -344,6 +344,7 @@ def test_worker_info_over_srv_and_info_endpoint(nats_server, tmp_path):
         assert meta["stage"] == "noop" and meta["env"] == "test"
         assert meta["interpreter"] == sys.executable and meta["pid"] == str(os.getpid())
         assert meta["worker_id"] == "testhost-r1" and meta["model"] == "none"
+        assert meta["host"] == "testhost"  # CAPTIONBUS_HOST_ID, not the machine's hostname
         assert meta["pkg.pydantic"] and meta["pkg.nats-py"] == "2.16.0"
         assert any(k.startswith("hw.") for k in meta)
         reply = await bus.nc.request(info_subject("noop"), b"", timeout=2)
