@@ -338,6 +338,12 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             assert await _denied(js["client"].delete_stream(subjects.EVENTS_STREAM))
             assert await _denied(js["coordinator"].delete_stream(subjects.EVENTS_STREAM))
             assert await _denied(js["worker"].purge_stream(subjects.REQUESTS_STREAM))
+            # Nobody but the coordinator/GC may purge artifacts: a purge's filter cannot be limited
+            # by subject permissions, so an unfiltered one would empty every job's outputs.
+            artifacts_stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+            assert await _denied(js["worker"].purge_stream(artifacts_stream))
+            assert await _denied(js["client"].purge_stream(artifacts_stream))
+            assert (await js["dashboard"].stream_info(artifacts_stream)).state.messages > 0  # still there
             await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")  # still there
             stop.set()
             await asyncio.wait_for(worker, 15)
@@ -349,7 +355,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     allowed_so_far = asyncio.run(asyncio.wait_for(main(), 90))
     assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
     denied = _violations(server_log)
-    assert len(set(denied)) == 12 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
+    assert len(set(denied)) == 14 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
 
 
 def _violations(log: Path) -> list[tuple[str, str]]:
