@@ -476,8 +476,17 @@ def _job_command(action: str):
         from captionbus import client
 
         async def go(nc, js):
-            if await client.job_state(js, job_id) is None:
+            state = await client.job_state(js, job_id)
+            if state is None:
                 raise UserError(f"no job {job_id!r}")
+            # The coordinator ignores both in these states; say so instead of "requested".
+            status = state.status.value
+            if action == "retry" and status not in ("failed", "cancelled"):
+                hint = ("submit it again (finished stages come from the cache)" if status == "completed"
+                        else "wait for it to end, or cancel it first")
+                raise UserError(f"job {job_id} is {status}; only failed or cancelled jobs can be retried: {hint}")
+            if action == "cancel" and state.status.finished:
+                raise UserError(f"job {job_id} already {status}; nothing to cancel")
             await getattr(client, action)(js, job_id)
 
         _on_bus(f"captionbus-{action}", go)

@@ -216,13 +216,13 @@ class StageWorker:
             return
 
         log = self.log.bind(job_id=request.job_id, node=request.node, attempt=request.attempt, delivery=delivery)
-        if await self._job_finished(request.job_id, log):
+        if await self._job_finished(request.job_id, log, request.node, request.attempt):
             await msg.ack()
             return
 
         log.info("stage request started")
         cancelled = threading.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(msg, request.job_id, cancelled, log))
+        heartbeat = asyncio.create_task(self._heartbeat(msg, request, cancelled, log))
         work_dir = None
         try:
             work_dir = self._make_work_dir(request)
@@ -343,7 +343,7 @@ class StageWorker:
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
         await publish_event(self.js, event, msg_id)
 
-    async def _heartbeat(self, msg: Any, job_id: str, cancelled: threading.Event, log: Any) -> None:
+    async def _heartbeat(self, msg: Any, request: StageRequest, cancelled: threading.Event, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
         # The same beat reads the job's state, so a cancel stops a film's ASR within seconds.
         interval = max(self.policy.ack_wait / 3, 0.1)
@@ -353,22 +353,34 @@ class StageWorker:
                 await msg.in_progress()
             except Exception as e:
                 log.warning("heartbeat failed", error=error_line(e))
-            if not cancelled.is_set() and await self._job_finished(job_id, log):
+            if not cancelled.is_set() and await self._job_finished(request.job_id, log, request.node, request.attempt):
                 cancelled.set()
 
-    async def _job_finished(self, job_id: str, log: Any) -> bool:
-        """One KV read per request and per heartbeat; a missing or unreadable state means run it."""
+    async def _job_finished(self, job_id: str, log: Any, node: str | None = None, attempt: int = 0) -> bool:
+        """One KV read per request and per heartbeat; a missing or unreadable state means run it.
+
+        A finished state whose `node` is at an attempt below the request's predates the request:
+        the coordinator publishes a retry's requests before it writes the job back to running,
+        so a worker reading in between saw `cancelled` and dropped the retried request, and the
+        retried job hung until its node's deadline. Such a request runs."""
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)
             entry = await self._jobs_kv.get(job_id)
-            status = json.loads(entry.value).get("status")
+            state = json.loads(entry.value)
+            status = state.get("status")
+            known = (state.get("nodes") or {}).get(node) if node else None
+            known_attempt = int(known.get("attempt", 0)) if isinstance(known, dict) else None
         except KeyNotFoundError:
             return False
         except Exception as e:
             log.debug("job state unreadable; running the request", error=error_line(e))
             return False
         if status in _FINISHED:
+            if known_attempt is not None and known_attempt < attempt:
+                log.info("job state predates this attempt (a retry); running it", job_status=status,
+                         state_attempt=known_attempt)
+                return False
             log.info("job already finished; request dropped", job_status=status)
             return True
         return False

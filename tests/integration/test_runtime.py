@@ -287,11 +287,18 @@ def test_requests_of_finished_jobs_are_dropped(nats_server, tmp_path):
     async def body(bus: Bus):
         kv = await bus.js.key_value(subjects.JOBS_BUCKET)
         await kv.put("job8", json.dumps({"status": "cancelled"}).encode())
+        # A retried job: the coordinator publishes attempt 2 before it writes the job back to
+        # running, so the worker may still read `cancelled` at attempt 1. That request runs.
+        await kv.put("job7", json.dumps({"status": "cancelled", "nodes": {"probe": {"attempt": 1}}}).encode())
         await bus.start(probe)
         await bus.request("job8", "probe")
+        await bus.request("job7", "probe", attempt=1)  # the cancelled attempt itself: dropped
         await bus.request("job9", "probe")  # no state at all: runs
         await bus.wait_for("stage_completed", "job9")
-        assert calls == [("job9", 1)]
+        await bus.request("job7", "probe", attempt=2)
+        await bus.wait_for("stage_completed", "job7")
+        assert calls == [("job9", 1), ("job7", 1)]  # (job, delivery): job7 ran once, for attempt 2
+        assert [e.attempt for e in bus.of_kind("stage_completed", "job7")] == [2]
         assert not bus.of_kind("stage_completed", "job8")
         assert await bus.pending_requests() == 0
 
