@@ -304,11 +304,11 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
             if policy.exhausted(restarts.get(svc.stage, 0)):
                 given_up.add(svc.stage)
                 log.error("stage service keeps dying; no longer restarted", stage=svc.stage, env=svc.env,
-                          restarts=policy.max_attempts, log_tail=svc.log_tail(5))
+                          restarts=policy.max_attempts, reason=svc.last_error(), log=str(svc.log_path))
                 continue
             restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
-                        restart=restarts[svc.stage], log_tail=svc.log_tail(5))
+                        restart=restarts[svc.stage], reason=svc.last_error(), log=str(svc.log_path))
             await asyncio.sleep(policy.delay(restarts[svc.stage]))
             services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
         await asyncio.sleep(1.0)

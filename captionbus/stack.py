@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from captionbus.server import EmbeddedServer
 from contracts import subjects
 from core.bus import BusError, running_embedded_url
 from core.settings import Settings
+from core.text import one_line
 
 log = structlog.get_logger("captionbus.stack")
 
@@ -99,8 +101,29 @@ class ServiceProcess:
         if not self.alive():
             raise ServiceStartError(
                 f"stage service {self.stage!r} (env {self.env}) exited with code "
-                f"{self.process.returncode}; its log {self.log_path} ends with:\n{self.log_tail()}"
+                f"{self.process.returncode}: {self.last_error()} (full log: {self.log_path})"
             )
+
+    def last_error(self, max_chars: int = 300) -> str:
+        """The reason in the service's log, on one line: the `error` (else the message) of its
+        last error-level JSON record; else its last line. Never a multi-KB traceback."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no log written"
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("level") in ("error", "critical", "exception"):
+                text = record.get("error") or record.get("event") or ""
+                if not record.get("error") and record.get("exception"):
+                    last = str(record["exception"]).strip().splitlines()
+                    text = f"{text}: {last[-1]}" if last else text
+                return one_line(str(text))[:max_chars]
+        tail = [line for line in lines if line.strip()]
+        return one_line(tail[-1])[:max_chars] if tail else "its log is empty"
 
     def log_tail(self, lines: int = 15) -> str:
         try:

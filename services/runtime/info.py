@@ -55,6 +55,7 @@ def worker_info(
     model: str | None = None,
     backend: str | None = None,
     host: str | None = None,
+    setup_error: str | None = None,
 ) -> WorkerInfo:
     # CAPTIONBUS_HOST_ID (Settings.host_id) when the caller has it: containers and cloned VMs
     # often share a hostname, and the fleet tells hosts apart by this name.
@@ -71,6 +72,7 @@ def worker_info(
         hardware=hardware_summary() if hardware is None else hardware,
         model=model,
         backend=backend,
+        setup_error=setup_error,
     )
 
 

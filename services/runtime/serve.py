@@ -69,6 +69,8 @@ from services.runtime.info import describe, flat_metadata, worker_info, worker_s
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
 MAX_RETRY_DELAY_S = 60.0
+# A replica whose setup failed leaves a request to a healthy replica this long at a time.
+UNSERVABLE_NAK_S = 2.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
 
 
@@ -84,6 +86,38 @@ def error_line(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {error}"
     return one_line(text)
+
+
+def setup_policy(attempts: int, initial_s: float = 2.0) -> RetryPolicy:
+    """Retries of a stage's setup (model loading): `attempts` in all (CAPTIONBUS_SETUP_ATTEMPTS),
+    2, 4, 8 ... s apart, at most 30 s. Bounded in the process itself: a model that is not on this
+    host does not appear by restarting, and the old endless restart loop left jobs `running`."""
+    return RetryPolicy(initial_s=initial_s, multiplier=2.0, max_s=30.0, max_attempts=attempts)
+
+
+async def _set_up(definition: StageDefinition, ctx: SetupContext, policy: RetryPolicy, stop: asyncio.Event,
+                  log: Any) -> tuple[Any, str | None]:
+    """(resources, None) once setup() succeeds; (None, its one-line reason) when it failed
+    `policy.max_attempts` times."""
+    attempt = 0
+    while True:
+        attempt += 1
+        started = time.perf_counter()
+        try:
+            resources = await asyncio.to_thread(definition.setup, ctx)
+        except Exception as e:
+            reason = error_line(e)
+            if policy.exhausted(attempt) or stop.is_set():
+                log.error("stage setup failed; this replica answers its requests with the reason",
+                          error=reason, attempts=attempt, exc_info=e)
+                return None, reason
+            delay = policy.delay(attempt)
+            log.warning("stage setup failed; retrying", error=reason, attempt=attempt, retry_in_s=delay)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
+        log.info("stage setup done", seconds=round(time.perf_counter() - started, 3), attempts=attempt)
+        return resources, None
 
 
 def retry_policy(retry_delay_s: float) -> RetryPolicy:
@@ -109,8 +143,12 @@ class StageWorker:
         retry_delay_s: float = 1.0,
         grace_s: float = 30.0,
         cache_fingerprint: str = "",
+        setup_error: str | None = None,
+        nc: Any = None,
     ):
         self.definition = definition
+        self.setup_error = setup_error
+        self.nc = nc
         self.cache_fingerprint = cache_fingerprint
         self.settings = settings
         self.js = js
@@ -219,6 +257,9 @@ class StageWorker:
         if await self._job_finished(request.job_id, log, request.node, request.attempt):
             await msg.ack()
             return
+        if self.setup_error is not None:
+            await self._unservable(msg, request, delivery, log)
+            return
 
         log.info("stage request started")
         cancelled = threading.Event()
@@ -321,6 +362,47 @@ class StageWorker:
         delay = self.retry.delay(delivery)
         log.warning("stage request will be retried", error=reason, retry_in_s=delay)
         await msg.nak(delay=delay)
+
+    async def _unservable(self, msg: Any, request: StageRequest, delivery: int, log: Any) -> None:
+        """This replica's setup failed. A healthy replica elsewhere gets the request (nak with a
+        short delay) while deliveries last; with none, the node fails now with setup's reason,
+        not retryable: the job ends with the line that says what to fix."""
+        reason = f"{self.definition.name} cannot be served on host {self.info.host}: {self.setup_error}"
+        if delivery < self.policy.max_deliver - 1 and await self._healthy_replicas() > 0:
+            log.warning("stage unservable here; leaving the request to a healthy replica", error=self.setup_error)
+            await msg.nak(delay=UNSERVABLE_NAK_S)
+            # Holding the slot, fetch nothing until the redelivery has gone to someone else.
+            await asyncio.sleep(UNSERVABLE_NAK_S * 1.5)
+            return
+        log.error("stage unservable; request failed", error=reason)
+        await self._fail(request, reason, "setup_failed")
+        await msg.term()
+
+    async def _healthy_replicas(self, timeout: float = 0.5) -> int:
+        """Replicas of this stage whose $SRV INFO has no setup error (this one excluded)."""
+        if self.nc is None:
+            return 0
+        name = subjects.micro_service_name(self.definition.name)
+        inbox = self.nc.new_inbox()
+        healthy = 0
+
+        async def on_reply(msg: Any) -> None:
+            nonlocal healthy
+            with suppress(Exception):
+                meta = json.loads(msg.data).get("metadata") or {}
+                if meta.get("worker_id") != self.info.worker_id and not meta.get("setup_error"):
+                    healthy += 1
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(f"$SRV.INFO.{name}", b"", reply=inbox)
+            await asyncio.sleep(timeout)
+        except Exception as e:
+            self.log.debug("replica discovery failed", error=error_line(e))
+        finally:
+            with suppress(Exception):
+                await sub.unsubscribe()
+        return healthy
 
     async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
         """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
@@ -445,10 +527,14 @@ async def serve(
     retry_delay_s: float = 1.0,
     store: Any = None,
     ready: asyncio.Event | None = None,
+    setup_retry: RetryPolicy | None = None,
 ) -> None:
     """Run one replica of a stage service until `stop` is set (or SIGTERM/SIGINT when stop is None).
 
-    setup() runs once, before the first request; requests then run `definition.slots` at a time.
+    setup() runs once, before the first request (retried per `setup_retry`, default
+    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `definition.slots` at a time. A replica whose
+    setup never succeeded stays up and fails the requests no healthy replica takes, with setup's
+    reason, so every job ends with a line that says what to fix.
     `ready` is set once the service is consuming (tests and launchers wait on it).
     """
     policy = policy or StagePolicy.from_env()
@@ -469,18 +555,17 @@ async def serve(
         # loading its model. Workers never create streams: that is the coordinator's / `up`'s job.
         await require_provisioned(js)
 
-        resources = None
+        resources, setup_error = None, None
         if definition.setup is not None:
-            started = time.perf_counter()
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
                                      log=log, options=definition.options.load(options or {}, os.environ))
-            resources = await asyncio.to_thread(definition.setup, setup_ctx)
-            log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
+            resources, setup_error = await _set_up(definition, setup_ctx, setup_retry or setup_policy(
+                settings.setup_attempts), stop, log)
 
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, worker_id=host_worker or f"{settings.host_id}-{os.getpid()}",
-            host=settings.host_id,
-            packages=definition.report_packages, model=describe(definition, resources),
+            host=settings.host_id, packages=definition.report_packages,
+            model=None if setup_error else describe(definition, resources), setup_error=setup_error,
         )
         log = log.bind(worker_id=info.worker_id)
         consumer = await ensure_stage_consumer_info(js, definition.name, policy)
@@ -495,6 +580,7 @@ async def serve(
             definition, settings, js, store if store is not None else _make_store(settings, js),
             info=info, policy=policy, resources=resources, log=log,
             retry_delay_s=retry_delay_s, grace_s=grace_s, cache_fingerprint=fingerprint,
+            setup_error=setup_error, nc=nc,
         )
         if signals:
             _stop_on_signals(stop, worker.force, log)

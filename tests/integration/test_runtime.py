@@ -501,3 +501,45 @@ def test_worker_without_streams_exits_with_one_clear_line(nats_server, tmp_path)
         return streams
 
     assert asyncio.run(nothing_created()) == []
+
+
+SETUP_REASON = "cannot load model 'x': not in the local cache and no network; set CAPTIONBUS_X_MODEL"
+
+
+def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_server, tmp_path):
+    """A model that cannot load used to leave the job `running` forever: now setup is tried a
+    bounded number of times and the replica answers requests with setup's one-line reason."""
+    from core.retry import RetryPolicy
+
+    async def body(bus: Bus):
+        started = time.monotonic()
+        await bus.start(options={"fail_setup": SETUP_REASON}, replica_id="broken",
+                        setup_retry=RetryPolicy(initial_s=0.2, max_attempts=2))
+        info = await bus.srv("INFO", "noop")
+        assert info["metadata"]["setup_error"] == f"RuntimeError: {SETUP_REASON}"
+        await bus.request("job-unservable")
+        failed = await bus.wait_for("stage_failed", "job-unservable")
+        assert failed.reason == f"noop cannot be served on host testhost: RuntimeError: {SETUP_REASON}"
+        assert failed.retryable is False and failed.error_type == "setup_failed"
+        assert time.monotonic() - started < 15
+        assert await bus.pending_requests() == 0
+        assert not bus.of_kind("stage_completed", "job-unservable")
+
+    run(nats_server, tmp_path, body)
+
+
+def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_server, tmp_path):
+    from core.retry import RetryPolicy
+
+    async def body(bus: Bus):
+        await bus.start(replica_id="healthy", max_deliver=5)
+        await bus.start(options={"fail_setup": SETUP_REASON}, replica_id="broken",
+                        setup_retry=RetryPolicy(initial_s=0.1, max_attempts=1), max_deliver=5)
+        for n in range(4):
+            await bus.request(f"job-h{n}")
+        for n in range(4):
+            done = await bus.wait_for("stage_completed", f"job-h{n}", timeout=30)
+            assert done.worker["worker_id"] == "testhost-healthy"
+        assert not bus.of_kind("stage_failed")
+
+    run(nats_server, tmp_path, body)
