@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -65,7 +68,9 @@ from contracts.jobs import utcnow
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
 from coordinator.graph import Workflow, load_workflows
 from core.bus import provision, publish_event
+from core import settings as settings_mod
 from core.retry import RetryPolicy
+from core.settings import Settings
 
 log = structlog.get_logger("captionbus.coordinator")
 
@@ -535,7 +540,7 @@ class Coordinator:
             event_id=f"{request.key}.max_deliveries",
             job_id=request.job_id, stage=request.stage, node=request.node, attempt=request.attempt,
             reason=f"stage {request.stage} crashed or timed out on {times} deliveries",
-            error_type="max_deliveries", retryable=False,
+            error_type="max_deliveries", retryable=False, token=request.token,
         )
         log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
                     node=request.node, attempt=request.attempt, deliveries=deliveries)
@@ -543,6 +548,21 @@ class Coordinator:
         await self._publish_event(failure)
         # The work queue keeps a message that hit max_deliver; it will never be delivered again.
         await self.js.delete_msg(stream, seq)
+
+
+def result_secret(settings: Settings) -> bytes:
+    """The key of request tokens (coordinator.decide.result_token): CAPTIONBUS_RESULT_SECRET, else
+    HOME/coordinator.secret, created once (0600). Coordinators that share a bus must share it (set
+    the variable on each); one restarted with the same home keeps its in-flight requests valid."""
+    if settings.result_secret:
+        return settings.result_secret.encode()
+    path = settings.home / "coordinator.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
 
 
 async def run_coordinator(
@@ -558,6 +578,8 @@ async def run_coordinator(
     background tasks dies, so whoever awaits this notices instead of waiting on a coordinator
     that no longer advances anything.
     """
+    if policy.result_secret is None:
+        policy = dataclasses.replace(policy, result_secret=result_secret(settings_mod.load()))
     coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
     await coordinator.start()
     waits = [asyncio.ensure_future(coordinator.wait_failed())]

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     nats_key: Path | None = Field(default=None, description="client private key for CAPTIONBUS_NATS_CERT")
     reconnect_attempts: int = Field(default=60, ge=0, description=(
         "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
+    result_secret: str | None = Field(default=None, repr=False, description=(
+        "the coordinators' shared key for request tokens (default: HOME/coordinator.secret)"))
     setup_attempts: int = Field(default=3, ge=1, description=(
         "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
     insecure: bool = Field(default=False, description=(

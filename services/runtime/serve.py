@@ -62,7 +62,7 @@ from services.runtime.cache import (
     worker_cache_enabled,
     worker_fingerprint,
 )
-from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids
+from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids, result_ids
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
@@ -326,7 +326,7 @@ class StageWorker:
         metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
                    "delivery": float(delivery)}
         await self._publish(
-            StageCompleted(**event_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+            StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
             msg_id=f"{request.key}.completed",
         )
         # Ack only after the completion is on the bus: a crash in between means a redelivery
@@ -343,7 +343,7 @@ class StageWorker:
         for message in warnings:  # what the first run said still holds for these outputs
             await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
-            StageCompleted(**event_ids(request), outputs=outputs, metrics=metrics,
+            StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics,
                            worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )
@@ -417,7 +417,7 @@ class StageWorker:
 
     async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
         await self._publish(
-            StageFailed(**event_ids(request), reason=reason, error_type=error_type, retryable=False,
+            StageFailed(**result_ids(request), reason=reason, error_type=error_type, retryable=False,
                         worker=self.summary),
             msg_id=f"{request.key}.failed",
         )
@@ -485,6 +485,8 @@ def _salvage_ids(data: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(data)
         ids = {k: body[k] for k in EVENT_ID_FIELDS}
+        if isinstance(body.get("token"), str):
+            ids["token"] = body["token"]
         StageFailed(**ids, reason="-")  # validates the ids
         return ids
     except Exception:
