@@ -50,7 +50,7 @@ from contracts.stage_specs import STAGES, explain
 from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
-from core.bus import connect, provision
+from core.bus import connect, provision, require_provisioned
 from core.retry import RetryPolicy
 from core.settings import Settings, config_files
 
@@ -171,7 +171,9 @@ async def run_job(
     services: list[ServiceProcess] = []
     try:
         js = nc.jetstream()
-        await provision(js)
+        # Only the one that owns the bus creates it: `submit --wait` runs under the client role,
+        # which may not (deploy/nats/roles.conf), and its stack's coordinator has provisioned.
+        await (provision(js) if start_stack else require_provisioned(js))
         async with contextlib.AsyncExitStack() as stack:
             watched: list = []
             if start_stack:
