@@ -231,8 +231,13 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
     nc = NATS()
     try:
+        # allow_reconnect=False for the first connection: a server that cannot be reached still
+        # passes to the next one (nats-py rotates inside its server selection, INITIAL_ATTEMPTS per
+        # server), while an answer that will not change (authorization violation, a certificate
+        # not trusted) fails at once. With reconnects allowed, nats-py 2.16 retried forever and,
+        # after a TLS verify failure, hung in its own clean-up (measured: no return in 20 s).
         await nc.connect(
-            servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S,
+            servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False,
             max_reconnect_attempts=INITIAL_ATTEMPTS - 1, reconnect_time_wait=0.5,
             error_cb=_error_cb, disconnected_cb=_disconnected_cb, reconnected_cb=_reconnected_cb,
             closed_cb=_closed_cb, **options,
@@ -247,6 +252,7 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     if wants_tls and not nc._server_info.get("tls_required"):
         await nc.close()
         raise BusError(f"NATS at {redact(url)} does not use TLS, but TLS was asked for (tls:// or CAPTIONBUS_NATS_CA)")
+    nc.options["allow_reconnect"] = True  # read by nats-py at each disconnect
     nc.options["max_reconnect_attempts"] = settings.reconnect_attempts
     return nc
 
