@@ -69,6 +69,9 @@ from services.runtime.info import describe, flat_metadata, worker_info, worker_s
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
 MAX_RETRY_DELAY_S = 60.0
+# Storing a finished attempt's outputs and publishing its completion: 5 tries, 1, 2, 4, 8 s apart
+# (heartbeats go on meanwhile), before the attempt is given up and redelivered.
+RESULT_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=15.0, max_attempts=5)
 # A replica whose setup failed leaves a request to a healthy replica this long at a time.
 UNSERVABLE_NAK_S = 2.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
@@ -319,16 +322,33 @@ class StageWorker:
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
         handled = time.perf_counter()
         slot.release()
-        refs = {}
-        for name, path in _check_outputs(outputs, self.definition).items():
-            media_type = mimetypes.guess_type(path.name)[0]
-            refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
-        metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
-                   "delivery": float(delivery)}
-        await self._publish(
-            StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
-            msg_id=f"{request.key}.completed",
-        )
+        checked = _check_outputs(outputs, self.definition)
+        refs: dict[str, Any] = {}
+        failures = 0
+        while True:
+            # The work is done: an upload or publish that fails (a 503 during a network cut) is
+            # retried here, RESULT_RETRY, instead of nak'ing and computing it all again.
+            try:
+                for name, path in checked.items():
+                    if name not in refs:
+                        media_type = mimetypes.guess_type(path.name)[0]
+                        refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
+                metrics = {**ctx.metrics, "handle_s": handled - started,
+                           "store_s": time.perf_counter() - handled, "delivery": float(delivery),
+                           "result_retries": float(failures)}
+                await self._publish(
+                    StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+                    msg_id=f"{request.key}.completed",
+                )
+                break
+            except Exception as e:
+                failures += 1
+                if RESULT_RETRY.exhausted(failures) or self.force.is_set():
+                    raise
+                delay = RESULT_RETRY.delay(failures)
+                log.warning("storing the result failed; retrying (the work is kept)", error=error_line(e),
+                            retry=failures, retry_in_s=delay)
+                await asyncio.sleep(delay)
         # Ack only after the completion is on the bus: a crash in between means a redelivery
         # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
         await msg.ack_sync()

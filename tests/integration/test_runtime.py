@@ -543,3 +543,38 @@ def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_serv
         assert not bus.of_kind("stage_failed")
 
     run(nats_server, tmp_path, body)
+
+
+class _FlakyStore:
+    """The real artifact store, whose first `failures` uploads fail as during a network cut."""
+
+    def __init__(self, real: ArtifactStore, failures: int):
+        self.real, self.failures, self.calls = real, failures, 0
+
+    async def put(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError("object store unavailable (503) during a network cut")
+        return await self.real.put(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_finished_attempt_whose_upload_fails_is_not_recomputed(nats_server, tmp_path, monkeypatch):
+    """The upload after the work failed transiently: it is retried; the handler runs once."""
+    from services.runtime import serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "RESULT_RETRY", dataclasses.replace(serve_mod.RESULT_RETRY, initial_s=0.1))
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        store = _FlakyStore(bus.store, failures=2)
+        await bus.start(probe, store=store)
+        await bus.request("job-upload", "probe")
+        done = await bus.wait_for("stage_completed", "job-upload")
+        assert calls == [("job-upload", 1)] and store.calls == 3
+        assert done.metrics["result_retries"] == 2.0 and done.metrics["delivery"] == 1.0
+        assert (await bus.consumer("probe")).num_redelivered == 0
+
+    run(nats_server, tmp_path, body)
