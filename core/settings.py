@@ -95,6 +95,8 @@ class Settings(BaseSettings):
         "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
     result_secret: str | None = Field(default=None, repr=False, description=(
         "the coordinators' shared key for request tokens (default: HOME/coordinator.secret)"))
+    unserved_timeout: float = Field(default=600.0, ge=0, description=(
+        "seconds a requested stage may go without any worker before the coordinator fails its node (0: never)"))
     setup_attempts: int = Field(default=3, ge=1, description=(
         "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
     insecure: bool = Field(default=False, description=(
