@@ -39,6 +39,7 @@ from captionbus.envs import (
 from captionbus.stack import (
     ServiceProcess,
     ServiceStartError,
+    setup_errors,
     start_service,
     stop_services,
     wait_ready,
@@ -277,11 +278,20 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
         async with coordinator_task(nc) as coordinator:
             # One stage that cannot start (a model not configured on this host) must not take the
             # others down: report it, and let the supervisor retry it with backoff.
-            dead = await wait_ready(nc, services, tolerate_dead=True)
+            slow: list[ServiceProcess] = []
+            dead = await wait_ready(nc, services, tolerate_dead=True, slow=slow)
+            for svc in slow:  # a busy host, a big model: `up` serves on while it loads
+                console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) is still starting. "
+                              f"Its log: {svc.log_path}", highlight=False)
             for svc in dead:
                 console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) did not start; retrying with backoff. "
                               f"Its log: {svc.log_path}", highlight=False)
-            serving = [s for s in stages if s not in {svc.stage for svc in dead}]
+            broken = await setup_errors(nc, [svc.stage for svc in services if svc not in dead and svc not in slow])
+            for stage, reason in sorted(broken.items()):
+                svc = next(svc for svc in services if svc.stage == stage)
+                console.print(f"[yellow]warning:[/] {stage} (env {svc.env}) cannot serve: {reason}; its requests "
+                              f"fail with this reason. Its log: {svc.log_path}", highlight=False, soft_wrap=True)
+            serving = [s for s in stages if s not in {svc.stage for svc in [*dead, *slow]} and s not in broken]
             console.print(f"serving: {', '.join(serving) or 'no stages'}; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
     finally:

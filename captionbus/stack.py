@@ -178,9 +178,10 @@ def start_service(
 
 
 async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0,
-                     tolerate_dead: bool = False) -> list[ServiceProcess]:
+                     tolerate_dead: bool = False, slow: list[ServiceProcess] | None = None) -> list[ServiceProcess]:
     """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
-    With tolerate_dead a service that exits is left out instead, and the dead ones are returned."""
+    With tolerate_dead a service that exits is left out instead, and the dead ones are returned.
+    Given a `slow` list, services still loading at the timeout go there instead of failing."""
     deadline = time.monotonic() + timeout
     pending = list(services)
     dead: list[ServiceProcess] = []
@@ -198,11 +199,26 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
                 ready_pids.add(str((reply.get("metadata") or {}).get("pid")))
         pending = [svc for svc in pending if str(svc.process.pid) not in ready_pids]
         if pending and time.monotonic() > deadline:
+            if slow is not None:
+                slow.extend(pending)
+                return dead
             names = ", ".join(s.stage for s in pending)
             raise ServiceStartError(f"stage services did not become ready in {timeout:.0f}s: {names}")
         if pending:
             await asyncio.sleep(0.2)
     return dead
+
+
+async def setup_errors(nc: NATS, stages: list[str]) -> dict[str, str]:
+    """Stages with a replica whose setup failed (it stays up and fails their requests with this
+    reason), from $SRV INFO metadata."""
+    found: dict[str, str] = {}
+    for stage in stages:
+        for reply in await collect_replies(nc, f"$SRV.INFO.{subjects.micro_service_name(stage)}", 0.3):
+            error = (reply.get("metadata") or {}).get("setup_error")
+            if error:
+                found[stage] = error
+    return found
 
 
 def stop_services(services: list[ServiceProcess], grace: float = 15.0) -> None:
