@@ -394,7 +394,9 @@ def workers(as_json: bool) -> None:
         meta = info.get("metadata", {})
         packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
         table.add_row(meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), meta.get("pid", ""),
-                      meta.get("interpreter", ""), meta.get("model", ""), packages)
+                      meta.get("interpreter", ""),
+                      f"cannot serve: {meta['setup_error']}" if meta.get("setup_error") else meta.get("model", ""),
+                      packages)
     stdout.print(table)
 
 
