@@ -195,19 +195,33 @@ def _exit_if_partial(outputs) -> None:
         sys.exit(3)
 
 
+_insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Allow a non-loopback NATS_URL without credentials and TLS (CAPTIONBUS_INSECURE=1).")
+
+
+def _require_secure(url: str, settings, insecure: bool) -> None:
+    from core.bus import require_secure
+
+    require_secure(url, settings, insecure)
+
+
 @main.command()
 @click.option("--stages", default=None, help="Comma-separated stages to serve (default: every stage whose env exists).")
 @click.option("--dashboard", "dashboard", default="127.0.0.1:8765", show_default=True,
               help="HOST:PORT of the web dashboard (off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN[_FILE]).")
 @click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
+@_insecure_option
 @_friendly_errors
-def up(stages: str | None, dashboard: str, no_dashboard: bool) -> None:
+def up(stages: str | None, dashboard: str, no_dashboard: bool, insecure: bool) -> None:
     """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services, dashboard."""
     from captionbus.runner import run_stack
     from captionbus.stack import server_for_up
 
     _service_logging()
     settings = load()
+    if settings.nats_url:
+        _require_secure(settings.nats_url, settings, insecure)
     with server_for_up(settings) as url:
         console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
         asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console,
@@ -215,15 +229,18 @@ def up(stages: str | None, dashboard: str, no_dashboard: bool) -> None:
 
 
 @main.command()
+@_insecure_option
 @_friendly_errors
-def coordinator() -> None:
+def coordinator(insecure: bool) -> None:
     """Run the coordinator against NATS_URL or the local `up` server."""
     from captionbus.runner import run_coordinator_forever
     from core.bus import resolve_url
 
     _service_logging()
     settings = load()
-    asyncio.run(run_coordinator_forever(resolve_url(settings)))
+    url = resolve_url(settings)
+    _require_secure(url, settings, insecure)
+    asyncio.run(run_coordinator_forever(url))
 
 
 @main.command()
@@ -246,8 +263,9 @@ def dashboard(listen: str) -> None:
 @main.command()
 @click.argument("stage")
 @click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
+@_insecure_option
 @_friendly_errors
-def serve(stage: str, replicas: int) -> None:
+def serve(stage: str, replicas: int, insecure: bool) -> None:
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
@@ -259,6 +277,7 @@ def serve(stage: str, replicas: int) -> None:
     check_service_options([stage])  # CAPTIONBUS_<STAGE>_* typos: refused here, not in the service log
     settings = load()
     url = resolve_url(settings)
+    _require_secure(url, settings, insecure)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.
@@ -429,7 +448,9 @@ def workers(as_json: bool) -> None:
         meta = info.get("metadata", {})
         packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
         table.add_row(meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), meta.get("pid", ""),
-                      meta.get("interpreter", ""), meta.get("model", ""), packages)
+                      meta.get("interpreter", ""),
+                      f"cannot serve: {meta['setup_error']}" if meta.get("setup_error") else meta.get("model", ""),
+                      packages)
     stdout.print(table)
 
 
@@ -511,8 +532,17 @@ def _job_command(action: str):
         from captionbus import client
 
         async def go(nc, js):
-            if await client.job_state(js, job_id) is None:
+            state = await client.job_state(js, job_id)
+            if state is None:
                 raise UserError(f"no job {job_id!r}")
+            # The coordinator ignores both in these states; say so instead of "requested".
+            status = state.status.value
+            if action == "retry" and status not in ("failed", "cancelled"):
+                hint = ("submit it again (finished stages come from the cache)" if status == "completed"
+                        else "wait for it to end, or cancel it first")
+                raise UserError(f"job {job_id} is {status}; only failed or cancelled jobs can be retried: {hint}")
+            if action == "cancel" and state.status.finished:
+                raise UserError(f"job {job_id} already {status}; nothing to cancel")
             await getattr(client, action)(js, job_id)
 
         _on_bus(f"captionbus-{action}", go)

@@ -41,6 +41,7 @@ from captionbus.envs import (
 from captionbus.stack import (
     ServiceProcess,
     ServiceStartError,
+    setup_errors,
     start_service,
     stop_services,
     wait_ready,
@@ -52,7 +53,7 @@ from contracts.stage_specs import STAGES, explain
 from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
-from core.bus import connect, provision
+from core.bus import connect, provision, require_provisioned
 from core.retry import RetryPolicy
 from core.settings import Settings, config_files
 
@@ -177,11 +178,13 @@ async def run_job(
 ) -> dict[str, Path]:
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
-    nc = await connect(url, "captionbus-run")
+    nc = await connect(url, "captionbus-run", settings)
     services: list[ServiceProcess] = []
     try:
         js = nc.jetstream()
-        await provision(js)
+        # Only the one that owns the bus creates it: `submit --wait` runs under the client role,
+        # which may not (deploy/nats/roles.conf), and its stack's coordinator has provisioned.
+        await (provision(js) if start_stack else require_provisioned(js))
         async with contextlib.AsyncExitStack() as stack:
             watched: list = []
             if start_stack:
@@ -276,7 +279,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     Stages default to all whose env is built."""
     if stages is None:
         stages = [s for s in _stage_names() if _env_ready(s)]
-    nc = await connect(url, "captionbus-up")
+    nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     web = start_dashboard_process(settings, url, dashboard) if dashboard else None
     services = start_stage_services(settings, url, stages)
@@ -288,11 +291,20 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
         async with coordinator_task(nc) as coordinator:
             # One stage that cannot start (a model not configured on this host) must not take the
             # others down: report it, and let the supervisor retry it with backoff.
-            dead = await wait_ready(nc, services, tolerate_dead=True)
+            slow: list[ServiceProcess] = []
+            dead = await wait_ready(nc, services, tolerate_dead=True, slow=slow)
+            for svc in slow:  # a busy host, a big model: `up` serves on while it loads
+                console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) is still starting. "
+                              f"Its log: {svc.log_path}", highlight=False)
             for svc in dead:
                 console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) did not start; retrying with backoff. "
                               f"Its log: {svc.log_path}", highlight=False)
-            serving = [s for s in stages if s not in {svc.stage for svc in dead}]
+            broken = await setup_errors(nc, [svc.stage for svc in services if svc not in dead and svc not in slow])
+            for stage, reason in sorted(broken.items()):
+                svc = next(svc for svc in services if svc.stage == stage)
+                console.print(f"[yellow]warning:[/] {stage} (env {svc.env}) cannot serve: {reason}; its requests "
+                              f"fail with this reason. Its log: {svc.log_path}", highlight=False, soft_wrap=True)
+            serving = [s for s in stages if s not in {svc.stage for svc in [*dead, *slow]} and s not in broken]
             console.print(f"serving: {', '.join(serving) or 'no stages'}"
                           + (f"; dashboard on http://{dashboard}/" if dashboard else "") + "; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
@@ -320,11 +332,11 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
             if policy.exhausted(restarts.get(svc.stage, 0)):
                 given_up.add(svc.stage)
                 log.error("stage service keeps dying; no longer restarted", stage=svc.stage, env=svc.env,
-                          restarts=policy.max_attempts, log_tail=svc.log_tail(5))
+                          restarts=policy.max_attempts, reason=svc.last_error(), log=str(svc.log_path))
                 continue
             restarts[svc.stage] = restarts.get(svc.stage, 0) + 1
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
-                        restart=restarts[svc.stage], log_tail=svc.log_tail(5))
+                        restart=restarts[svc.stage], reason=svc.last_error(), log=str(svc.log_path))
             await asyncio.sleep(policy.delay(restarts[svc.stage]))
             services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
         await asyncio.sleep(1.0)

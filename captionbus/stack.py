@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from captionbus.server import EmbeddedServer
 from contracts import subjects
 from core.bus import BusError, running_embedded_url
 from core.settings import Settings
+from core.text import one_line
 
 log = structlog.get_logger("captionbus.stack")
 
@@ -99,8 +101,29 @@ class ServiceProcess:
         if not self.alive():
             raise ServiceStartError(
                 f"stage service {self.stage!r} (env {self.env}) exited with code "
-                f"{self.process.returncode}; its log {self.log_path} ends with:\n{self.log_tail()}"
+                f"{self.process.returncode}: {self.last_error()} (full log: {self.log_path})"
             )
+
+    def last_error(self, max_chars: int = 300) -> str:
+        """The reason in the service's log, on one line: the `error` (else the message) of its
+        last error-level JSON record; else its last line. Never a multi-KB traceback."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no log written"
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("level") in ("error", "critical", "exception"):
+                text = record.get("error") or record.get("event") or ""
+                if not record.get("error") and record.get("exception"):
+                    last = str(record["exception"]).strip().splitlines()
+                    text = f"{text}: {last[-1]}" if last else text
+                return one_line(str(text))[:max_chars]
+        tail = [line for line in lines if line.strip()]
+        return one_line(tail[-1])[:max_chars] if tail else "its log is empty"
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -155,9 +178,10 @@ def start_service(
 
 
 async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0,
-                     tolerate_dead: bool = False) -> list[ServiceProcess]:
+                     tolerate_dead: bool = False, slow: list[ServiceProcess] | None = None) -> list[ServiceProcess]:
     """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
-    With tolerate_dead a service that exits is left out instead, and the dead ones are returned."""
+    With tolerate_dead a service that exits is left out instead, and the dead ones are returned.
+    Given a `slow` list, services still loading at the timeout go there instead of failing."""
     deadline = time.monotonic() + timeout
     pending = list(services)
     dead: list[ServiceProcess] = []
@@ -175,11 +199,26 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
                 ready_pids.add(str((reply.get("metadata") or {}).get("pid")))
         pending = [svc for svc in pending if str(svc.process.pid) not in ready_pids]
         if pending and time.monotonic() > deadline:
+            if slow is not None:
+                slow.extend(pending)
+                return dead
             names = ", ".join(s.stage for s in pending)
             raise ServiceStartError(f"stage services did not become ready in {timeout:.0f}s: {names}")
         if pending:
             await asyncio.sleep(0.2)
     return dead
+
+
+async def setup_errors(nc: NATS, stages: list[str]) -> dict[str, str]:
+    """Stages with a replica whose setup failed (it stays up and fails their requests with this
+    reason), from $SRV INFO metadata."""
+    found: dict[str, str] = {}
+    for stage in stages:
+        for reply in await collect_replies(nc, f"$SRV.INFO.{subjects.micro_service_name(stage)}", 0.3):
+            error = (reply.get("metadata") or {}).get("setup_error")
+            if error:
+                found[stage] = error
+    return found
 
 
 def stop_services(services: list[ServiceProcess], grace: float = 15.0) -> None:

@@ -52,6 +52,7 @@ class StageProgress(_StageEvent):
 
 class StageCompleted(_StageEvent):
     kind: Literal["stage_completed"] = "stage_completed"
+    token: str | None = Field(default=None, description="the request's token (StageRequest.token), echoed")
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     worker: dict[str, str] = Field(default_factory=dict)
@@ -59,6 +60,7 @@ class StageCompleted(_StageEvent):
 
 class StageFailed(_StageEvent):
     kind: Literal["stage_failed"] = "stage_failed"
+    token: str | None = Field(default=None, description="the request's token (StageRequest.token), echoed")
     reason: str = Field(description="one line a person can act on")
     error_type: str = "error"
     retryable: bool = False

@@ -30,6 +30,9 @@ class StageRequest(BaseModel):
                     "(JSON Schema: params_<stage>.json), checked at submit and again by the stage",
     )
     deadline_s: float | None = Field(default=None, description="the coordinator gives up after this")
+    token: str | None = Field(default=None, description=(
+        "proof of delivery: the worker echoes it in its stage_completed / stage_failed; the coordinator "
+        "refuses a result without the token of the request it sent (a forged result)"))
 
     @property
     def key(self) -> str:

@@ -17,3 +17,5 @@ class WorkerInfo(BaseModel):
     hardware: dict[str, str] = Field(default_factory=dict)
     model: str | None = None
     backend: str | None = None
+    setup_error: str | None = Field(default=None, description=(
+        "why this replica's setup (model loading) failed; it then fails the requests no healthy replica takes"))

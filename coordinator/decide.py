@@ -7,7 +7,9 @@ same thing twice publishes the same message ids and JetStream dedup swallows the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import hmac
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Union
 
@@ -56,6 +58,10 @@ class Tick:
 class Policy:
     retry: RetryPolicy = NODE_RETRY  # per node; needs max_attempts
     stage_deadline_s: float = 3600.0  # when the workflow node sets none
+    # With a secret, every request carries result_token(secret, job, node, attempt) and a result
+    # without that token is refused: a worker credential can report only on requests it was
+    # handed (it sees a request's token only by fetching that request). None: no check.
+    result_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.retry.max_attempts is None:
@@ -126,6 +132,13 @@ def decide(
     return _ignored(state, f"{type(event).__name__} is not for the coordinator")
 
 
+def result_token(secret: bytes, job_id: str, node: str, attempt: int) -> str:
+    """The token of one attempt's request: HMAC-SHA256 of its key under the coordinator's secret.
+    Derived, not stored: job state (which workers may read) never holds it, any coordinator with
+    the secret can check it, and `decide` stays pure."""
+    return hmac.new(secret, f"{job_id}.{node}.{attempt}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def give_up(state: JobState | None, job_id: str, event_id: str, reason: str, now: datetime) -> Decision:
     """The adapter could not apply event `event_id` however often it tried: fail the job, so
     its clients stop waiting. `JobFailed` has the id `<job>.failed.internal.<event_id>`; the
@@ -192,6 +205,11 @@ class _Step:
         node = state.nodes.get(event.node)
         if node is None:
             return _ignored(self.original, f"no node {event.node!r} in this job")
+        if self.policy.result_secret is not None and not hmac.compare_digest(
+            event.token or "", result_token(self.policy.result_secret, state.job_id, event.node, event.attempt)
+        ):
+            return _ignored(self.original, f"refused {event.kind} for {event.node} attempt {event.attempt}: "
+                                           "its token is not the request's (not from a worker handed it)")
         if node.status == NodeStatus.waiting and event.attempt == node.attempt + 1:
             # A result for the next attempt of a node this state has not requested: the adapter
             # publishes requests before writing state, so a coordinator that died in between
@@ -337,6 +355,8 @@ class _Step:
         request = StageRequest(
             job_id=self.state.job_id, stage=planned.stage, node=node_id, attempt=node.attempt,
             inputs=inputs, input_lists=input_lists, params=dict(planned.params), deadline_s=deadline_s,
+            token=(result_token(self.policy.result_secret, self.state.job_id, node_id, node.attempt)
+                   if self.policy.result_secret is not None else None),
         )
         self.actions.append(PublishRequest(request))
         self._emit(StageRequested(

@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -59,13 +62,15 @@ from nats.js.errors import (
 )
 from pydantic import ValidationError
 
-from contracts import JobState, StageFailed, StageRequest, parse_event, subjects
+from contracts import JobState, NodeStatus, StageFailed, StageRequest, parse_event, subjects
 from contracts.events import JobEvent
 from contracts.jobs import utcnow
-from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up
+from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
 from coordinator.graph import Workflow, load_workflows
 from core.bus import provision, publish_event
+from core import settings as settings_mod
 from core.retry import RetryPolicy
+from core.settings import Settings
 
 log = structlog.get_logger("captionbus.coordinator")
 
@@ -112,8 +117,15 @@ class Coordinator:
         provision_bus: bool = True,
         rescan_interval_s: float = 30.0,
         event_retry: RetryPolicy = EVENT_RETRY,
+        unserved_s: float | None = None,
     ):
         self.nc = nc
+        # A requested node whose stage no worker has served ($SRV PING) for this long fails with
+        # that reason: a stage nobody runs (never started, or given up by `up` after crashing)
+        # must not leave its job `running`. None or 0: never.
+        self.unserved_s = unserved_s or None
+        self._unserved_since: dict[str, float] = {}
+        self._served_now: dict[str, bool] = {}
         self.js = nc.jetstream()
         self.graphs = dict(graphs) if graphs is not None else load_workflows(graphs_dir)
         self.policy = policy
@@ -471,6 +483,7 @@ class Coordinator:
         if time.monotonic() - self._last_scan >= self.rescan_interval_s:
             await self._scan_keys()
         now = self.clock()
+        self._served_now = {}  # one $SRV ping per stage per tick
         for job_id in sorted(self._running):
             if self._stopping.is_set():
                 return
@@ -488,6 +501,8 @@ class Coordinator:
         jlog = log.bind(job_id=job_id, kind="tick")
         decision = None
         if not state.status.finished:
+            if self.unserved_s:
+                await self._fail_unserved(state, jlog)
             decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
         if decision is None or not decision.changed:
             # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
@@ -498,6 +513,41 @@ class Coordinator:
         except KeyWrongLastSequenceError:
             return  # an event got there first; the next tick sees its state
         self._log_decision(decision, jlog)
+
+    async def _stage_served(self, stage: str) -> bool:
+        """Whether any replica of `stage` answers a $SRV PING now (it registers once set up)."""
+        if stage not in self._served_now:
+            try:
+                await self.nc.request(f"$SRV.PING.{subjects.micro_service_name(stage)}", b"", timeout=1.0)
+                self._served_now[stage] = True
+            except Exception:  # no responders, or a timeout
+                self._served_now[stage] = False
+            if self._served_now[stage]:
+                self._unserved_since.pop(stage, None)
+            else:
+                self._unserved_since.setdefault(stage, time.monotonic())
+        return self._served_now[stage]
+
+    async def _fail_unserved(self, state: JobState, jlog: Any) -> None:
+        """Publish a StageFailed for each requested node whose stage has had no worker for
+        `unserved_s`; applied through our own consumer like any result (the id dedups)."""
+        for node_id, node in state.nodes.items():
+            if node.status != NodeStatus.requested or await self._stage_served(node.stage):
+                continue
+            waited = time.monotonic() - self._unserved_since[node.stage]
+            if waited < self.unserved_s:
+                continue
+            secret = self.policy.result_secret
+            failure = StageFailed(
+                event_id=f"{state.job_id}.{node_id}.{node.attempt}.unserved",
+                job_id=state.job_id, stage=node.stage, node=node_id, attempt=node.attempt,
+                reason=(f"no {node.stage} worker has been running for {waited:.0f} s: start one "
+                        f"(`captionbus serve {node.stage}`) or read why it stopped in its log"),
+                error_type="unserved", retryable=False,
+                token=result_token(secret, state.job_id, node_id, node.attempt) if secret else None,
+            )
+            jlog.warning("stage unserved; failing its node", node=node_id, stage=node.stage, seconds=round(waited))
+            await self._publish_event(failure)
 
     async def _scan_keys(self) -> None:
         self._last_scan = time.monotonic()
@@ -535,7 +585,7 @@ class Coordinator:
             event_id=f"{request.key}.max_deliveries",
             job_id=request.job_id, stage=request.stage, node=request.node, attempt=request.attempt,
             reason=f"stage {request.stage} crashed or timed out on {times} deliveries",
-            error_type="max_deliveries", retryable=False,
+            error_type="max_deliveries", retryable=False, token=request.token,
         )
         log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
                     node=request.node, attempt=request.attempt, deliveries=deliveries)
@@ -543,6 +593,21 @@ class Coordinator:
         await self._publish_event(failure)
         # The work queue keeps a message that hit max_deliver; it will never be delivered again.
         await self.js.delete_msg(stream, seq)
+
+
+def result_secret(settings: Settings) -> bytes:
+    """The key of request tokens (coordinator.decide.result_token): CAPTIONBUS_RESULT_SECRET, else
+    HOME/coordinator.secret, created once (0600). Coordinators that share a bus must share it (set
+    the variable on each); one restarted with the same home keeps its in-flight requests valid."""
+    if settings.result_secret:
+        return settings.result_secret.encode()
+    path = settings.home / "coordinator.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
 
 
 async def run_coordinator(
@@ -558,6 +623,10 @@ async def run_coordinator(
     background tasks dies, so whoever awaits this notices instead of waiting on a coordinator
     that no longer advances anything.
     """
+    settings = settings_mod.load()
+    if policy.result_secret is None:
+        policy = dataclasses.replace(policy, result_secret=result_secret(settings))
+    options.setdefault("unserved_s", settings.unserved_timeout)
     coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
     await coordinator.start()
     waits = [asyncio.ensure_future(coordinator.wait_failed())]

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 import nats
 import structlog
@@ -40,6 +43,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from contracts import subjects
 from core.settings import Settings
+from core.settings import load as load_settings
 
 log = structlog.get_logger("captionbus.bus")
 
@@ -50,7 +54,7 @@ class BusError(RuntimeError):
 
 def _reachable(url: str) -> bool:
     try:
-        host, port = url.rsplit("://", 1)[-1].rsplit(":", 1)
+        host, port = server_urls(url)[0].rsplit("://", 1)[-1].rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=0.3):
             return True
     except (OSError, ValueError):
@@ -88,17 +92,169 @@ async def publish_event(js: JetStreamContext, event, msg_id: str | None = None) 
     )
 
 
-async def connect(url: str, name: str, **kwargs) -> NATS:
-    async def _error_cb(e: Exception) -> None:
-        log.warning("nats error", error=str(e), client=name)
+def server_urls(url: str) -> list[str]:
+    """`NATS_URL` as a list: `nats://h1:4222,nats://h2:4222` names a cluster's seed servers
+    (nats-py refuses the comma-joined string with "invalid connect url option")."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise BusError(f"NATS_URL={url!r} names no server")
+    return urls
 
+
+def redact(url: str) -> str:
+    """`url` with any password replaced by ***, for messages and logs."""
+    out = []
+    for part in server_urls(url):
+        split = urlsplit(part if "://" in part else f"nats://{part}")
+        if split.password:
+            part = split._replace(netloc=f"{split.username}:***@{split.hostname}"
+                                  + (f":{split.port}" if split.port else "")).geturl()
+        out.append(part)
+    return ",".join(out)
+
+
+def _loopback(host: str | None) -> bool:
+    if not host or host == "localhost":
+        return True
     try:
-        return await nats.connect(
-            url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, error_cb=_error_cb, **kwargs,
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_reason(url: str, settings: Settings) -> str | None:
+    """Why joining `url` would send credentials-free or clear-text traffic off this host; None when
+    every server is on loopback, or the connection has both credentials and TLS."""
+    parsed = [urlsplit(u if "://" in u else f"nats://{u}") for u in server_urls(url)]
+    remote = [p.hostname or "?" for p in parsed if not _loopback(p.hostname)]
+    if not remote:
+        return None
+    missing = []
+    if not (settings.nats_creds or settings.nats_nkey or settings.nats_user
+            or all(p.username for p in parsed)):
+        missing.append("credentials (CAPTIONBUS_NATS_CREDS, CAPTIONBUS_NATS_NKEY or CAPTIONBUS_NATS_USER/_PASSWORD)")
+    if not (settings.nats_ca or all(p.scheme == "tls" for p in parsed)):
+        missing.append("TLS (tls:// servers or CAPTIONBUS_NATS_CA)")
+    if not missing:
+        return None
+    return (f"NATS server {remote[0]} is not on loopback and the connection has no {' and no '.join(missing)}; "
+            "set them (see deploy/) or pass --insecure / CAPTIONBUS_INSECURE=1")
+
+
+def require_secure(url: str, settings: Settings, insecure: bool = False) -> None:
+    """For the processes that carry a fleet's work (coordinator, serve, up): refuse to start on an
+    unauthenticated or clear-text bus off loopback unless told `--insecure` (then warn)."""
+    reason = insecure_reason(url, settings)
+    if reason is None:
+        return
+    if insecure or settings.insecure:
+        log.warning("running on an insecure bus off loopback (--insecure)", reason=reason)
+        return
+    raise BusError(reason)
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.nats_ca or settings.nats_cert):
+        return None
+    context = ssl.create_default_context(cafile=str(settings.nats_ca) if settings.nats_ca else None)
+    if settings.nats_cert:
+        if not settings.nats_key:
+            raise BusError("CAPTIONBUS_NATS_CERT is set without CAPTIONBUS_NATS_KEY")
+        context.load_cert_chain(str(settings.nats_cert), str(settings.nats_key))
+    return context
+
+
+def auth_options(settings: Settings) -> dict:
+    """nats-py connect options for the credentials and TLS the settings name (files must exist)."""
+    options: dict = {}
+    for field in ("nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key"):
+        path = getattr(settings, field)
+        if path is not None and not path.is_file():
+            raise BusError(f"CAPTIONBUS_{field.upper()}={path}: no such file")
+    if settings.nats_creds:
+        options["user_credentials"] = str(settings.nats_creds)
+    if settings.nats_nkey:
+        options["nkeys_seed"] = str(settings.nats_nkey)
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password or ""
+    try:
+        context = _tls_context(settings)
+    except (OSError, ssl.SSLError) as e:
+        raise BusError(f"cannot load the TLS files (CAPTIONBUS_NATS_CA / _CERT / _KEY): {e}") from None
+    if context is not None:
+        options["tls"] = context
+    return options
+
+
+# Tries per server before a process that has never connected gives up: an auth, TLS or address
+# error is a setting to fix, not an outage to wait out (it used to retry forever, silently).
+INITIAL_ATTEMPTS = 2
+CONNECT_TIMEOUT_S = 3.0
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, ssl.SSLError) and error.errno:
+        return os.strerror(error.errno)  # "Connection refused", not "[Errno 111] Connect call failed (...)"
+    text = str(error).strip() or type(error).__name__
+    return text.removeprefix("nats: ")
+
+
+async def connect(url: str, name: str, settings: Settings | None = None, **kwargs) -> NATS:
+    """Connect to one server or a cluster (`url` may list several, comma-separated), with the
+    credentials and TLS of `settings` (default: the environment's).
+
+    A first connection is tried INITIAL_ATTEMPTS times per server and fails with a BusError that
+    carries the server's own reason (authorization violation, certificate verify failed,
+    connection refused): seconds, not a hang. Once connected, a lost connection is retried
+    `reconnect_attempts` times per server, each disconnect and reconnect logged; then the client
+    closes and the process's next bus call fails, so a supervisor restarts it."""
+    settings = settings or load_settings()
+    servers = server_urls(url)
+    errors: list[BaseException] = []
+
+    async def _error_cb(e: Exception) -> None:
+        errors.append(e)
+        log.warning("nats error", error=_reason(e), client=name)
+
+    async def _disconnected_cb() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats disconnected; reconnecting", client=name, attempts=settings.reconnect_attempts)
+
+    async def _reconnected_cb() -> None:
+        log.info("nats reconnected", client=name, server=str(nc.connected_url.netloc) if nc.connected_url else None)
+
+    async def _closed_cb() -> None:
+        log.info("nats connection closed", client=name)
+
+    options = {**auth_options(settings), **kwargs}
+    wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
+    nc = NATS()
+    try:
+        # allow_reconnect=False for the first connection: a server that cannot be reached still
+        # passes to the next one (nats-py rotates inside its server selection, INITIAL_ATTEMPTS per
+        # server), while an answer that will not change (authorization violation, a certificate
+        # not trusted) fails at once. With reconnects allowed, nats-py 2.16 retried forever and,
+        # after a TLS verify failure, hung in its own clean-up (measured: no return in 20 s).
+        await nc.connect(
+            servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False,
+            max_reconnect_attempts=INITIAL_ATTEMPTS - 1, reconnect_time_wait=0.5,
+            error_cb=_error_cb, disconnected_cb=_disconnected_cb, reconnected_cb=_reconnected_cb,
+            closed_cb=_closed_cb, **options,
         )
     except Exception as e:  # nats raises several unrelated types for "can't connect"
-        raise BusError(f"cannot connect to NATS at {url}: {e}") from e
+        # The server's word (authorization violation, a TLS failure) beats what the socket saw
+        # next (a reset: the server hangs up after refusing).
+        real = [err for err in errors if not isinstance(err, nats.errors.NoServersError)]
+        told = [err for err in real if isinstance(err, (nats.errors.Error, ssl.SSLError))]
+        reason = _reason((told or real or [e])[-1])
+        raise BusError(f"cannot connect to NATS at {redact(url)}: {reason}") from e
+    if wants_tls and not nc._server_info.get("tls_required"):
+        await nc.close()
+        raise BusError(f"NATS at {redact(url)} does not use TLS, but TLS was asked for (tls:// or CAPTIONBUS_NATS_CA)")
+    nc.options["allow_reconnect"] = True  # read by nats-py at each disconnect
+    nc.options["max_reconnect_attempts"] = settings.reconnect_attempts
+    return nc
 
 
 @dataclass

@@ -83,13 +83,32 @@ class Settings(BaseSettings):
     host_id: str = Field(default_factory=socket.gethostname, description="names this host in worker info and artifacts")
     envs: Path | None = Field(default=None, description="stage environment venvs (default HOME/envs)")
     models: Path | None = Field(default=None, description="model cache (default HOME/models)")
+    # How to reach a secured bus (deploy/): at most one way to authenticate, and a CA for TLS.
+    nats_creds: Path | None = Field(default=None, description="NATS credentials file (JWT + nkey seed, `.creds`)")
+    nats_nkey: Path | None = Field(default=None, description="NATS nkey seed file")
+    nats_user: str | None = Field(default=None, description="NATS user name (with CAPTIONBUS_NATS_PASSWORD)")
+    nats_password: str | None = Field(default=None, description="NATS password for CAPTIONBUS_NATS_USER")
+    nats_ca: Path | None = Field(default=None, description="CA file that signed the NATS servers' certificates (turns TLS on)")
+    nats_cert: Path | None = Field(default=None, description="client certificate for TLS (with CAPTIONBUS_NATS_KEY)")
+    nats_key: Path | None = Field(default=None, description="client private key for CAPTIONBUS_NATS_CERT")
+    reconnect_attempts: int = Field(default=60, ge=0, description=(
+        "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
+    result_secret: str | None = Field(default=None, repr=False, description=(
+        "the coordinators' shared key for request tokens (default: HOME/coordinator.secret)"))
+    unserved_timeout: float = Field(default=600.0, ge=0, description=(
+        "seconds a requested stage may go without any worker before the coordinator fails its node (0: never)"))
+    setup_attempts: int = Field(default=3, ge=1, description=(
+        "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
+    insecure: bool = Field(default=False, description=(
+        "allow a non-loopback NATS_URL without credentials and TLS (coordinator, serve, up)"))
 
-    @field_validator("home", "envs", "models", mode="after")
+    @field_validator("home", "envs", "models", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
+                     mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
-    @field_validator("nats_url", mode="after")
+    @field_validator("nats_url", "nats_user", "nats_password", mode="after")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None

@@ -161,13 +161,20 @@ class ObjectBucket:
         except BaseException:
             for fut in window:
                 fut.cancel()
-            with contextlib.suppress(Exception):
-                await self.js.purge_stream(self.stream, subject=chunk_subj)
+            await self._purge_chunks(chunk_subj)
             raise
         if existing is not None:
             # A torn earlier upload under the same key: its chunks are garbage now.
-            with contextlib.suppress(Exception):
-                await self.js.purge_stream(self.stream, subject=self.chunk_subject(existing.nuid))
+            await self._purge_chunks(self.chunk_subject(existing.nuid))
+
+    async def _purge_chunks(self, chunk_subject: str) -> None:
+        """Best effort: drop a torn upload's chunks. Under the fleet's worker and client roles
+        (deploy/nats/roles.conf) a purge is refused: NATS permissions cannot limit a purge to
+        one subject, and an unfiltered purge would empty every job's artifacts. There the
+        chunks stay, unreferenced, for a role allowed to collect them; on an open local bus
+        they go now. Bounded, as a refused request gets no reply."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.js.purge_stream(self.stream, subject=chunk_subject), 2)
 
     def consumer_config(self, info: api.ObjectInfo, inbox: str, last_sseq: int) -> api.ConsumerConfig:
         """An ephemeral flow-controlled push consumer on the object's chunks, from last_sseq on."""

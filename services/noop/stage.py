@@ -27,6 +27,10 @@ _FAILURES = {
 
 
 def setup(ctx: SetupContext) -> dict:
+    # `fail_setup` (a service option) stands in for a model that cannot load, for runtime tests.
+    reason = getattr(ctx.options, "fail_setup", None)
+    if reason:
+        raise RuntimeError(reason)
     return {"loaded_at": time.time(), "options": ctx.options}
 
 

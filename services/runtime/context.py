@@ -23,6 +23,13 @@ def event_ids(request: StageRequest) -> dict[str, Any]:
     return {field: getattr(request, field) for field in EVENT_ID_FIELDS}
 
 
+def result_ids(request: StageRequest) -> dict[str, Any]:
+    """The ids of a result (completed / failed) about `request`: event_ids plus the request's
+    token, which proves to the coordinator that this worker was handed the request. Only
+    results carry it: progress events go out while the attempt is still open."""
+    return {**event_ids(request), "token": request.token}
+
+
 class RequestContext:
     def __init__(
         self,

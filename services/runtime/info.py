@@ -54,8 +54,12 @@ def worker_info(
     hardware: dict[str, str] | None = None,
     model: str | None = None,
     backend: str | None = None,
+    host: str | None = None,
+    setup_error: str | None = None,
 ) -> WorkerInfo:
-    host = socket.gethostname()
+    # CAPTIONBUS_HOST_ID (Settings.host_id) when the caller has it: containers and cloned VMs
+    # often share a hostname, and the fleet tells hosts apart by this name.
+    host = host or socket.gethostname()
     return WorkerInfo(
         stage=stage,
         env=env,
@@ -68,6 +72,7 @@ def worker_info(
         hardware=hardware_summary() if hardware is None else hardware,
         model=model,
         backend=backend,
+        setup_error=setup_error,
     )
 
 

@@ -62,13 +62,18 @@ from services.runtime.cache import (
     worker_cache_enabled,
     worker_fingerprint,
 )
-from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids
+from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids, result_ids
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
 MAX_RETRY_DELAY_S = 60.0
+# Storing a finished attempt's outputs and publishing its completion: 5 tries, 1, 2, 4, 8 s apart
+# (heartbeats go on meanwhile), before the attempt is given up and redelivered.
+RESULT_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=15.0, max_attempts=5)
+# A replica whose setup failed leaves a request to a healthy replica this long at a time.
+UNSERVABLE_NAK_S = 2.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
 
 
@@ -84,6 +89,38 @@ def error_line(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {error}"
     return one_line(text)
+
+
+def setup_policy(attempts: int, initial_s: float = 2.0) -> RetryPolicy:
+    """Retries of a stage's setup (model loading): `attempts` in all (CAPTIONBUS_SETUP_ATTEMPTS),
+    2, 4, 8 ... s apart, at most 30 s. Bounded in the process itself: a model that is not on this
+    host does not appear by restarting, and the old endless restart loop left jobs `running`."""
+    return RetryPolicy(initial_s=initial_s, multiplier=2.0, max_s=30.0, max_attempts=attempts)
+
+
+async def _set_up(definition: StageDefinition, ctx: SetupContext, policy: RetryPolicy, stop: asyncio.Event,
+                  log: Any) -> tuple[Any, str | None]:
+    """(resources, None) once setup() succeeds; (None, its one-line reason) when it failed
+    `policy.max_attempts` times."""
+    attempt = 0
+    while True:
+        attempt += 1
+        started = time.perf_counter()
+        try:
+            resources = await asyncio.to_thread(definition.setup, ctx)
+        except Exception as e:
+            reason = error_line(e)
+            if policy.exhausted(attempt) or stop.is_set():
+                log.error("stage setup failed; this replica answers its requests with the reason",
+                          error=reason, attempts=attempt, exc_info=e)
+                return None, reason
+            delay = policy.delay(attempt)
+            log.warning("stage setup failed; retrying", error=reason, attempt=attempt, retry_in_s=delay)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
+        log.info("stage setup done", seconds=round(time.perf_counter() - started, 3), attempts=attempt)
+        return resources, None
 
 
 def retry_policy(retry_delay_s: float) -> RetryPolicy:
@@ -109,8 +146,12 @@ class StageWorker:
         retry_delay_s: float = 1.0,
         grace_s: float = 30.0,
         cache_fingerprint: str = "",
+        setup_error: str | None = None,
+        nc: Any = None,
     ):
         self.definition = definition
+        self.setup_error = setup_error
+        self.nc = nc
         self.cache_fingerprint = cache_fingerprint
         self.settings = settings
         self.js = js
@@ -216,13 +257,16 @@ class StageWorker:
             return
 
         log = self.log.bind(job_id=request.job_id, node=request.node, attempt=request.attempt, delivery=delivery)
-        if await self._job_finished(request.job_id, log):
+        if await self._job_finished(request.job_id, log, request.node, request.attempt):
             await msg.ack()
+            return
+        if self.setup_error is not None:
+            await self._unservable(msg, request, delivery, log)
             return
 
         log.info("stage request started")
         cancelled = threading.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(msg, request.job_id, cancelled, log))
+        heartbeat = asyncio.create_task(self._heartbeat(msg, request, cancelled, log))
         work_dir = None
         try:
             work_dir = self._make_work_dir(request)
@@ -278,16 +322,33 @@ class StageWorker:
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
         handled = time.perf_counter()
         slot.release()
-        refs = {}
-        for name, path in _check_outputs(outputs, self.definition).items():
-            media_type = mimetypes.guess_type(path.name)[0]
-            refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
-        metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
-                   "delivery": float(delivery)}
-        await self._publish(
-            StageCompleted(**event_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
-            msg_id=f"{request.key}.completed",
-        )
+        checked = _check_outputs(outputs, self.definition)
+        refs: dict[str, Any] = {}
+        failures = 0
+        while True:
+            # The work is done: an upload or publish that fails (a 503 during a network cut) is
+            # retried here, RESULT_RETRY, instead of nak'ing and computing it all again.
+            try:
+                for name, path in checked.items():
+                    if name not in refs:
+                        media_type = mimetypes.guess_type(path.name)[0]
+                        refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
+                metrics = {**ctx.metrics, "handle_s": handled - started,
+                           "store_s": time.perf_counter() - handled, "delivery": float(delivery),
+                           "result_retries": float(failures)}
+                await self._publish(
+                    StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+                    msg_id=f"{request.key}.completed",
+                )
+                break
+            except Exception as e:
+                failures += 1
+                if RESULT_RETRY.exhausted(failures) or self.force.is_set():
+                    raise
+                delay = RESULT_RETRY.delay(failures)
+                log.warning("storing the result failed; retrying (the work is kept)", error=error_line(e),
+                            retry=failures, retry_in_s=delay)
+                await asyncio.sleep(delay)
         # Ack only after the completion is on the bus: a crash in between means a redelivery
         # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
         await msg.ack_sync()
@@ -302,7 +363,7 @@ class StageWorker:
         for message in warnings:  # what the first run said still holds for these outputs
             await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
-            StageCompleted(**event_ids(request), outputs=outputs, metrics=metrics,
+            StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics,
                            worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )
@@ -322,6 +383,47 @@ class StageWorker:
         log.warning("stage request will be retried", error=reason, retry_in_s=delay)
         await msg.nak(delay=delay)
 
+    async def _unservable(self, msg: Any, request: StageRequest, delivery: int, log: Any) -> None:
+        """This replica's setup failed. A healthy replica elsewhere gets the request (nak with a
+        short delay) while deliveries last; with none, the node fails now with setup's reason,
+        not retryable: the job ends with the line that says what to fix."""
+        reason = f"{self.definition.name} cannot be served on host {self.info.host}: {self.setup_error}"
+        if delivery < self.policy.max_deliver - 1 and await self._healthy_replicas() > 0:
+            log.warning("stage unservable here; leaving the request to a healthy replica", error=self.setup_error)
+            await msg.nak(delay=UNSERVABLE_NAK_S)
+            # Holding the slot, fetch nothing until the redelivery has gone to someone else.
+            await asyncio.sleep(UNSERVABLE_NAK_S * 1.5)
+            return
+        log.error("stage unservable; request failed", error=reason)
+        await self._fail(request, reason, "setup_failed")
+        await msg.term()
+
+    async def _healthy_replicas(self, timeout: float = 0.5) -> int:
+        """Replicas of this stage whose $SRV INFO has no setup error (this one excluded)."""
+        if self.nc is None:
+            return 0
+        name = subjects.micro_service_name(self.definition.name)
+        inbox = self.nc.new_inbox()
+        healthy = 0
+
+        async def on_reply(msg: Any) -> None:
+            nonlocal healthy
+            with suppress(Exception):
+                meta = json.loads(msg.data).get("metadata") or {}
+                if meta.get("worker_id") != self.info.worker_id and not meta.get("setup_error"):
+                    healthy += 1
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(f"$SRV.INFO.{name}", b"", reply=inbox)
+            await asyncio.sleep(timeout)
+        except Exception as e:
+            self.log.debug("replica discovery failed", error=error_line(e))
+        finally:
+            with suppress(Exception):
+                await sub.unsubscribe()
+        return healthy
+
     async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
         """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
         reason = error_line(error)
@@ -335,7 +437,7 @@ class StageWorker:
 
     async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
         await self._publish(
-            StageFailed(**event_ids(request), reason=reason, error_type=error_type, retryable=False,
+            StageFailed(**result_ids(request), reason=reason, error_type=error_type, retryable=False,
                         worker=self.summary),
             msg_id=f"{request.key}.failed",
         )
@@ -343,7 +445,7 @@ class StageWorker:
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
         await publish_event(self.js, event, msg_id)
 
-    async def _heartbeat(self, msg: Any, job_id: str, cancelled: threading.Event, log: Any) -> None:
+    async def _heartbeat(self, msg: Any, request: StageRequest, cancelled: threading.Event, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
         # The same beat reads the job's state, so a cancel stops a film's ASR within seconds.
         interval = max(self.policy.ack_wait / 3, 0.1)
@@ -353,22 +455,34 @@ class StageWorker:
                 await msg.in_progress()
             except Exception as e:
                 log.warning("heartbeat failed", error=error_line(e))
-            if not cancelled.is_set() and await self._job_finished(job_id, log):
+            if not cancelled.is_set() and await self._job_finished(request.job_id, log, request.node, request.attempt):
                 cancelled.set()
 
-    async def _job_finished(self, job_id: str, log: Any) -> bool:
-        """One KV read per request and per heartbeat; a missing or unreadable state means run it."""
+    async def _job_finished(self, job_id: str, log: Any, node: str | None = None, attempt: int = 0) -> bool:
+        """One KV read per request and per heartbeat; a missing or unreadable state means run it.
+
+        A finished state whose `node` is at an attempt below the request's predates the request:
+        the coordinator publishes a retry's requests before it writes the job back to running,
+        so a worker reading in between saw `cancelled` and dropped the retried request, and the
+        retried job hung until its node's deadline. Such a request runs."""
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)
             entry = await self._jobs_kv.get(job_id)
-            status = json.loads(entry.value).get("status")
+            state = json.loads(entry.value)
+            status = state.get("status")
+            known = (state.get("nodes") or {}).get(node) if node else None
+            known_attempt = int(known.get("attempt", 0)) if isinstance(known, dict) else None
         except KeyNotFoundError:
             return False
         except Exception as e:
             log.debug("job state unreadable; running the request", error=error_line(e))
             return False
         if status in _FINISHED:
+            if known_attempt is not None and known_attempt < attempt:
+                log.info("job state predates this attempt (a retry); running it", job_status=status,
+                         state_attempt=known_attempt)
+                return False
             log.info("job already finished; request dropped", job_status=status)
             return True
         return False
@@ -391,6 +505,8 @@ def _salvage_ids(data: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(data)
         ids = {k: body[k] for k in EVENT_ID_FIELDS}
+        if isinstance(body.get("token"), str):
+            ids["token"] = body["token"]
         StageFailed(**ids, reason="-")  # validates the ids
         return ids
     except Exception:
@@ -433,10 +549,14 @@ async def serve(
     retry_delay_s: float = 1.0,
     store: Any = None,
     ready: asyncio.Event | None = None,
+    setup_retry: RetryPolicy | None = None,
 ) -> None:
     """Run one replica of a stage service until `stop` is set (or SIGTERM/SIGINT when stop is None).
 
-    setup() runs once, before the first request; requests then run `definition.slots` at a time.
+    setup() runs once, before the first request (retried per `setup_retry`, default
+    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `definition.slots` at a time. A replica whose
+    setup never succeeded stays up and fails the requests no healthy replica takes, with setup's
+    reason, so every job ends with a line that says what to fix.
     `ready` is set once the service is consuming (tests and launchers wait on it).
     """
     policy = policy or StagePolicy.from_env()
@@ -448,7 +568,8 @@ async def serve(
     stop = stop or asyncio.Event()
     host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
 
-    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}")
+    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}",
+                       settings)
     service = None
     try:
         js = nc.jetstream()
@@ -456,17 +577,17 @@ async def serve(
         # loading its model. Workers never create streams: that is the coordinator's / `up`'s job.
         await require_provisioned(js)
 
-        resources = None
+        resources, setup_error = None, None
         if definition.setup is not None:
-            started = time.perf_counter()
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
                                      log=log, options=definition.options.load(options or {}, os.environ))
-            resources = await asyncio.to_thread(definition.setup, setup_ctx)
-            log.info("stage setup done", seconds=round(time.perf_counter() - started, 3))
+            resources, setup_error = await _set_up(definition, setup_ctx, setup_retry or setup_policy(
+                settings.setup_attempts), stop, log)
 
         info = await asyncio.to_thread(
-            worker_info, definition.name, env_name, worker_id=host_worker,
-            packages=definition.report_packages, model=describe(definition, resources),
+            worker_info, definition.name, env_name, worker_id=host_worker or f"{settings.host_id}-{os.getpid()}",
+            host=settings.host_id, packages=definition.report_packages,
+            model=None if setup_error else describe(definition, resources), setup_error=setup_error,
         )
         log = log.bind(worker_id=info.worker_id)
         consumer = await ensure_stage_consumer_info(js, definition.name, policy)
@@ -481,6 +602,7 @@ async def serve(
             definition, settings, js, store if store is not None else _make_store(settings, js),
             info=info, policy=policy, resources=resources, log=log,
             retry_delay_s=retry_delay_s, grace_s=grace_s, cache_fingerprint=fingerprint,
+            setup_error=setup_error, nc=nc,
         )
         if signals:
             _stop_on_signals(stop, worker.force, log)

@@ -110,3 +110,23 @@ def test_killing_run_leaves_no_services_or_server_behind(tmp_path, stage_envs, w
     while processes_using(home) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_using(home) == []
+
+
+def test_run_with_a_model_that_cannot_load_ends_with_its_reason(tmp_path, stage_envs):
+    """The ASR model is not on this host: the job fails within two minutes with setup's one-line
+    reason and where the log is; no log tail, no endless restarts, no 0% bar forever."""
+    video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    no_model = tmp_path / "no-model-here"
+    no_model.mkdir()
+    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home"), "CAPTIONBUS_ASR_MODEL": str(no_model),
+           "CAPTIONBUS_SETUP_ATTEMPTS": "2"}
+    env.pop("NATS_URL", None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(video), "-s", "en",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert time.monotonic() - started < 120, done.stderr[-2000:]
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "asr cannot be served on host" in errors[0] and str(no_model) in errors[0], errors[0]
+    assert "Traceback" not in done.stderr and len(done.stderr) < 4000

@@ -243,7 +243,9 @@ async def _denied(call, timeout: float = 0.75) -> bool:
 
 def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     from captionbus.client import follow, job_state, list_jobs, submit, workers
-    from contracts import StageCompleted, StageRequest
+    from contracts import StageCompleted, StageFailed, StageRequest
+    from coordinator.decide import Policy
+    from core.bus import publish_event
     from coordinator.service import Coordinator
     from core.artifacts import ArtifactStore
     from core.settings import Settings
@@ -269,7 +271,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
         for role in ROLES:
             await require_provisioned(js[role])
 
-        async with Coordinator(nc["coordinator"], tick_interval_s=0.2):
+        async with Coordinator(nc["coordinator"], tick_interval_s=0.2, policy=Policy(result_secret=b"test-secret")):
             stop, ready = asyncio.Event(), asyncio.Event()
             worker = asyncio.create_task(serve(
                 NOOP, settings("worker"), urls["worker"], env_name="acl", stop=stop, ready=ready,
@@ -338,6 +340,21 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             assert await _denied(js["client"].delete_stream(subjects.EVENTS_STREAM))
             assert await _denied(js["coordinator"].delete_stream(subjects.EVENTS_STREAM))
             assert await _denied(js["worker"].purge_stream(subjects.REQUESTS_STREAM))
+            # A worker credential may publish stage results, but the coordinator applies only one
+            # that carries the token of the request it sent: this worker (noop) was never handed
+            # job-acl's demux request, so its forged failure is refused and the job runs on.
+            forged = StageFailed(job_id="job-acl", stage="demux", node="demux", attempt=1,
+                                 reason="forged by another stage's worker", token="f" * 32)
+            await publish_event(js["worker"], forged)
+            await asyncio.sleep(1.0)
+            state = await job_state(js["client"], "job-acl")
+            assert state.status.value == "running" and state.nodes["demux"].status.value == "requested"
+            # Nobody but the coordinator/GC may purge artifacts: a purge's filter cannot be limited
+            # by subject permissions, so an unfiltered one would empty every job's outputs.
+            artifacts_stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+            assert await _denied(js["worker"].purge_stream(artifacts_stream))
+            assert await _denied(js["client"].purge_stream(artifacts_stream))
+            assert (await js["dashboard"].stream_info(artifacts_stream)).state.messages > 0  # still there
             await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")  # still there
             stop.set()
             await asyncio.wait_for(worker, 15)
@@ -349,7 +366,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     allowed_so_far = asyncio.run(asyncio.wait_for(main(), 90))
     assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
     denied = _violations(server_log)
-    assert len(set(denied)) == 12 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
+    assert len(set(denied)) == 14 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
 
 
 def _violations(log: Path) -> list[tuple[str, str]]:

@@ -63,3 +63,38 @@ def test_fleet_commands_without_a_server_say_how_to_get_one(cli_env):
     done = captionbus("jobs", env=cli_env)
     assert done.returncode == 2
     assert "captionbus up" in done.stderr and "NATS_URL" in done.stderr
+
+
+def test_retry_is_refused_for_running_and_completed_jobs_and_cancel_for_finished_ones(nats_server, cli_env):
+    """`retry` of a running or completed job used to print "retry requested" and do nothing."""
+    import asyncio
+
+    from contracts import ArtifactRef, JobSpec, subjects
+    from contracts.jobs import JobState, JobStatus
+    from core.bus import connect, provision
+
+    async def states():
+        nc = await connect(nats_server, "test-states")
+        js = nc.jetstream()
+        await provision(js)
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        ref = ArtifactRef(key="0" * 64, name="in.mp4", size=1)
+        for status in JobStatus:
+            state = JobState(spec=JobSpec(job_id=f"job-{status.value}", input=ref), status=status)
+            await kv.put(state.job_id, state.model_dump_json().encode())
+        await nc.close()
+
+    asyncio.run(states())
+    cli_env["NATS_URL"] = nats_server
+    for status, hint in (("running", "cancel it first"), ("completed", "submit it again")):
+        done = captionbus("retry", f"job-{status}", env=cli_env)
+        assert done.returncode == 2, done.stderr
+        assert f"job job-{status} is {status}; only failed or cancelled jobs can be retried" in done.stderr
+        assert hint in done.stderr and "requested" not in done.stdout
+    for status in ("failed", "cancelled"):
+        done = captionbus("retry", f"job-{status}", env=cli_env)
+        assert done.returncode == 0 and f"retry requested for job-{status}" in done.stdout, done.stderr
+    done = captionbus("cancel", "job-completed", env=cli_env)
+    assert done.returncode == 2 and "already completed; nothing to cancel" in done.stderr
+    done = captionbus("cancel", "job-running", env=cli_env)
+    assert done.returncode == 0, done.stderr

@@ -479,3 +479,27 @@ def test_a_completion_that_never_applies_fails_the_job_and_its_state(nats_server
         assert failed.reason.endswith("fix the cause, then `captionbus retry job11`")
 
     on_bus(nats_server, scenario)
+
+
+def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
+    """No demux worker at all ($SRV PING unanswered) for unserved_s: the job ends, saying so.
+    A registered worker (a $SRV service named for the stage) keeps the node waiting."""
+    import nats.micro
+
+    async def scenario(bus: Bus):
+        async with Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2, unserved_s=1.0):
+            service = await nats.micro.add_service(bus.nc, name=subjects.micro_service_name("demux"),
+                                                   version="0.0.0")
+            await submit(bus.js, "job-served")
+            await bus.state_when("job-served", lambda s: s.nodes["demux"].status.value == "requested")
+            await asyncio.sleep(2.0)  # twice unserved_s, with a "worker" registered: still waiting
+            state = await bus.state_when("job-served", lambda s: True)
+            assert state.status == JobStatus.running
+            await service.stop()
+            started = time.monotonic()
+            state = await bus.finished("job-served")
+            assert time.monotonic() - started < 10
+        assert state.status == JobStatus.failed
+        assert "no demux worker has been running for" in state.error and "captionbus serve demux" in state.error
+
+    on_bus(nats_server, scenario)

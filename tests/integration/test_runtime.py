@@ -287,11 +287,18 @@ def test_requests_of_finished_jobs_are_dropped(nats_server, tmp_path):
     async def body(bus: Bus):
         kv = await bus.js.key_value(subjects.JOBS_BUCKET)
         await kv.put("job8", json.dumps({"status": "cancelled"}).encode())
+        # A retried job: the coordinator publishes attempt 2 before it writes the job back to
+        # running, so the worker may still read `cancelled` at attempt 1. That request runs.
+        await kv.put("job7", json.dumps({"status": "cancelled", "nodes": {"probe": {"attempt": 1}}}).encode())
         await bus.start(probe)
         await bus.request("job8", "probe")
+        await bus.request("job7", "probe", attempt=1)  # the cancelled attempt itself: dropped
         await bus.request("job9", "probe")  # no state at all: runs
         await bus.wait_for("stage_completed", "job9")
-        assert calls == [("job9", 1)]
+        await bus.request("job7", "probe", attempt=2)
+        await bus.wait_for("stage_completed", "job7")
+        assert calls == [("job9", 1), ("job7", 1)]  # (job, delivery): job7 ran once, for attempt 2
+        assert [e.attempt for e in bus.of_kind("stage_completed", "job7")] == [2]
         assert not bus.of_kind("stage_completed", "job8")
         assert await bus.pending_requests() == 0
 
@@ -344,6 +351,7 @@ def test_worker_info_over_srv_and_info_endpoint(nats_server, tmp_path):
         assert meta["stage"] == "noop" and meta["env"] == "test"
         assert meta["interpreter"] == sys.executable and meta["pid"] == str(os.getpid())
         assert meta["worker_id"] == "testhost-r1" and meta["model"] == "none"
+        assert meta["host"] == "testhost"  # CAPTIONBUS_HOST_ID, not the machine's hostname
         assert meta["pkg.pydantic"] and meta["pkg.nats-py"] == "2.16.0"
         assert any(k.startswith("hw.") for k in meta)
         reply = await bus.nc.request(info_subject("noop"), b"", timeout=2)
@@ -493,3 +501,80 @@ def test_worker_without_streams_exits_with_one_clear_line(nats_server, tmp_path)
         return streams
 
     assert asyncio.run(nothing_created()) == []
+
+
+SETUP_REASON = "cannot load model 'x': not in the local cache and no network; set CAPTIONBUS_X_MODEL"
+
+
+def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_server, tmp_path):
+    """A model that cannot load used to leave the job `running` forever: now setup is tried a
+    bounded number of times and the replica answers requests with setup's one-line reason."""
+    from core.retry import RetryPolicy
+
+    async def body(bus: Bus):
+        started = time.monotonic()
+        await bus.start(options={"fail_setup": SETUP_REASON}, replica_id="broken",
+                        setup_retry=RetryPolicy(initial_s=0.2, max_attempts=2))
+        info = await bus.srv("INFO", "noop")
+        assert info["metadata"]["setup_error"] == f"RuntimeError: {SETUP_REASON}"
+        await bus.request("job-unservable")
+        failed = await bus.wait_for("stage_failed", "job-unservable")
+        assert failed.reason == f"noop cannot be served on host testhost: RuntimeError: {SETUP_REASON}"
+        assert failed.retryable is False and failed.error_type == "setup_failed"
+        assert time.monotonic() - started < 15
+        assert await bus.pending_requests() == 0
+        assert not bus.of_kind("stage_completed", "job-unservable")
+
+    run(nats_server, tmp_path, body)
+
+
+def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_server, tmp_path):
+    from core.retry import RetryPolicy
+
+    async def body(bus: Bus):
+        await bus.start(replica_id="healthy", max_deliver=5)
+        await bus.start(options={"fail_setup": SETUP_REASON}, replica_id="broken",
+                        setup_retry=RetryPolicy(initial_s=0.1, max_attempts=1), max_deliver=5)
+        for n in range(4):
+            await bus.request(f"job-h{n}")
+        for n in range(4):
+            done = await bus.wait_for("stage_completed", f"job-h{n}", timeout=30)
+            assert done.worker["worker_id"] == "testhost-healthy"
+        assert not bus.of_kind("stage_failed")
+
+    run(nats_server, tmp_path, body)
+
+
+class _FlakyStore:
+    """The real artifact store, whose first `failures` uploads fail as during a network cut."""
+
+    def __init__(self, real: ArtifactStore, failures: int):
+        self.real, self.failures, self.calls = real, failures, 0
+
+    async def put(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError("object store unavailable (503) during a network cut")
+        return await self.real.put(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_finished_attempt_whose_upload_fails_is_not_recomputed(nats_server, tmp_path, monkeypatch):
+    """The upload after the work failed transiently: it is retried; the handler runs once."""
+    from services.runtime import serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "RESULT_RETRY", dataclasses.replace(serve_mod.RESULT_RETRY, initial_s=0.1))
+    probe, calls = counting()
+
+    async def body(bus: Bus):
+        store = _FlakyStore(bus.store, failures=2)
+        await bus.start(probe, store=store)
+        await bus.request("job-upload", "probe")
+        done = await bus.wait_for("stage_completed", "job-upload")
+        assert calls == [("job-upload", 1)] and store.calls == 3
+        assert done.metrics["result_retries"] == 2.0 and done.metrics["delivery"] == 1.0
+        assert (await bus.consumer("probe")).num_redelivered == 0
+
+    run(nats_server, tmp_path, body)

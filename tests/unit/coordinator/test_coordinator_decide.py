@@ -391,3 +391,23 @@ def test_a_join_takes_a_failed_branch_whole_or_not_at_all():
     assert mux.node == "mux"
     assert [r.name for r in mux.input_lists["subtitles"]] == ["subtitle_gen-hi.srt"]
     assert [r.name for r in mux.input_lists["transcripts"]] == ["translation-hi.transcript"]
+
+
+def test_with_a_secret_only_results_carrying_the_requests_token_apply():
+    """A worker credential can report only on requests it was handed: the request's token
+    (HMAC of job, node and attempt under the coordinator's secret) must come back."""
+    from coordinator.decide import result_token
+
+    policy = replace(POLICY, result_secret=b"coordinator-secret")
+    spec = JobSpec(job_id="j1", input=INPUT, workflow="transcribe")
+    d = decide(None, JobSubmitted(job_id="j1", spec=spec), TRANSCRIBE, T0, policy)
+    token = d.requests[0].token
+    assert token == result_token(b"coordinator-secret", "j1", "demux", 1) and len(token) == 32
+    assert "coordinator-secret" not in repr(policy) and token not in d.state.model_dump_json()
+    for forged in (failed("demux"), completed("demux", token="0" * 32),
+                   completed("demux", token=result_token(b"coordinator-secret", "j1", "demux", 2))):
+        refused = decide(d.state, forged, TRANSCRIBE, T0, policy)
+        assert refused.changed is False and "token is not the request's" in refused.note
+    ok = decide(d.state, completed("demux", token=token), TRANSCRIBE, T0, policy)
+    assert ok.state.nodes["demux"].status == NodeStatus.completed and requested(ok) == ["asr"]
+    assert ok.requests[0].token == result_token(b"coordinator-secret", "j1", "asr", 1)

@@ -1,0 +1,175 @@
+"""deploy/'s secured fleet, brought up for real: a 3-node JetStream cluster with TLS for clients
+and routes and the per-role users of deploy/nats/roles.conf, certificates made at test time.
+The coordinator runs as its own process (the CLI) with the CA and its role's password."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from captionbus.server import nats_server_binary
+from contracts import subjects
+from core.bus import BusError, connect, require_provisioned
+from core.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+ROLES = ("coordinator", "worker", "client", "dashboard")
+
+
+def _ports(n: int) -> list[int]:
+    held = [socket.socket() for _ in range(n)]
+    for sock in held:
+        sock.bind(("127.0.0.1", 0))
+    numbers = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    return numbers
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(d: Path) -> None:
+    """A CA, and one certificate for 127.0.0.1/localhost the nodes use for clients and routes."""
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=captionbus test CA", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", *ec, "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    # Another CA nobody trusts, for the refusal.
+    _openssl("req", "-x509", *ec, "-keyout", "other-key.pem", "-out", "other-ca.pem", "-days", "2",
+             "-subj", "/CN=someone else", cwd=d)
+
+
+def node_conf(template: str, i: int, port: int, cport: int, routes: list[int], tls: Path, store: Path) -> str:
+    """deploy/nats/cluster-node.conf for node i on loopback ports, this test's certificates and
+    test passwords: the same TLS, JetStream and cluster blocks as the file a fleet copies."""
+    conf = template.replace("server_name: nats-1", f"server_name: nats-{i}")
+    conf = conf.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{port}")
+    conf = conf.replace("http: 127.0.0.1:8222\n", "")
+    conf = conf.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cport}")
+    conf = conf.replace("/etc/nats/tls/route.pem", str(tls / "server.pem"))
+    conf = conf.replace("/etc/nats/tls/route-key.pem", str(tls / "server-key.pem"))
+    conf = conf.replace("/etc/nats/tls/", f"{tls}/")
+    conf = conf.replace("/var/lib/nats/jetstream", str(store))
+    conf = re.sub(r"routes: \[[^\]]*\]", "routes: [\n" + "\n".join(
+        f"    nats-route://localhost:{p}" for p in routes) + "\n  ]", conf)
+    users = "\n".join(f'    {{user: {r}, password: "pw-{r}", permissions: ${r.upper()}}}' for r in ROLES)
+    conf = conf.replace("include ./accounts.conf",
+                        f"include ./roles.conf\nauthorization {{\n  users: [\n{users}\n  ]\n}}")
+    assert "/etc/" not in conf and "/var/" not in conf and "sync_interval: always" in conf
+    return conf
+
+
+@pytest.fixture
+def secured_cluster(tmp_path):
+    tls = tmp_path / "tls"
+    make_certificates(tls)
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "roles.conf").write_text((DEPLOY / "roles.conf").read_text())
+    template = (DEPLOY / "cluster-node.conf").read_text()
+    numbers = _ports(6)
+    ports, cports = numbers[:3], numbers[3:]
+    procs = []
+    for i in range(3):
+        conf = conf_dir / f"node{i + 1}.conf"
+        conf.write_text(node_conf(template, i + 1, ports[i], cports[i], cports, tls, tmp_path / f"js{i + 1}"))
+        log = open(tmp_path / f"node{i + 1}.log", "wb")
+        procs.append(subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    try:
+        deadline = time.monotonic() + 30
+        for i, port in enumerate(ports):
+            while True:
+                assert procs[i].poll() is None, (tmp_path / f"node{i + 1}.log").read_text()[-2000:]
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"node {i + 1} never listened"
+                    time.sleep(0.1)
+        yield ports, tls, procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+def _env(tls: Path, role: str) -> dict[str, str]:
+    return {"CAPTIONBUS_NATS_CA": str(tls / "ca.pem"), "CAPTIONBUS_NATS_USER": role,
+            "CAPTIONBUS_NATS_PASSWORD": f"pw-{role}"}
+
+
+def _settings(tmp_path: Path, tls: Path, role: str, **kw) -> Settings:
+    return Settings(home=tmp_path / role, nats_ca=tls / "ca.pem", nats_user=role, nats_password=f"pw-{role}",
+                    artifacts_mode="object", host_id=role, **kw)
+
+
+def test_a_secured_cluster_from_deploy_runs_with_tls_and_roles(secured_cluster, tmp_path):
+    ports, tls, procs = secured_cluster
+    url = ",".join(f"tls://127.0.0.1:{p}" for p in ports)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAPTIONBUS_NATS_")},
+           "NATS_URL": url, "CAPTIONBUS_HOME": str(tmp_path / "coordinator-home"), "CAPTIONBUS_REPLICAS": "3",
+           **_env(tls, "coordinator")}
+    log = open(tmp_path / "coordinator.log", "wb")
+    coordinator = subprocess.Popen([sys.executable, "-m", "captionbus", "coordinator"], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    async def main():
+        # The coordinator (its own process, over TLS, as its role) creates the R3 streams.
+        nc = await connect(url, "dashboard", _settings(tmp_path, tls, "dashboard"))
+        js = nc.jetstream()
+        deadline = time.monotonic() + 60
+        while True:
+            assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-2000:]
+            try:
+                await require_provisioned(js)
+                break
+            except Exception:  # missing yet, or a stream still electing its leader (a timeout)
+                assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-2000:]
+                await asyncio.sleep(0.5)
+        info = await js.stream_info(subjects.REQUESTS_STREAM)
+        assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2
+        assert nc._server_info.get("tls_required") is True
+        await nc.close()
+
+        # Each role connects with its password over TLS; a wrong password or an untrusted CA
+        # fails in seconds with the reason.
+        for role in ("worker", "client"):
+            c = await connect(url, role, _settings(tmp_path, tls, role))
+            await require_provisioned(c.jetstream())
+            await c.close()
+        started = time.monotonic()
+        with pytest.raises(BusError, match="Authorization Violation"):
+            await connect(url, "bad", Settings(home=tmp_path, nats_ca=tls / "ca.pem", nats_user="worker",
+                                               nats_password="wrong"))
+        with pytest.raises(BusError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await connect(url, "untrusted", Settings(home=tmp_path, nats_ca=tls / "other-ca.pem",
+                                                     nats_user="worker", nats_password="pw-worker"))
+        assert time.monotonic() - started < 15
+
+        # The first node goes down: a client with all three in NATS_URL still gets in.
+        procs[0].terminate()
+        procs[0].wait(10)
+        c = await connect(url, "after-node-1", _settings(tmp_path, tls, "client"))
+        await require_provisioned(c.jetstream())
+        await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        coordinator.terminate()
+        coordinator.wait(15)
