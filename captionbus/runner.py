@@ -96,6 +96,10 @@ def validate_job(
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
+    if not target_languages and any(node.for_each == "target_languages" for node in graph.nodes.values()):
+        # Without -t a translating workflow would quietly make source subtitles only.
+        raise SubmitError(f"workflow {workflow!r} needs target languages: add -t LANGS (e.g. -t en,hi), "
+                          "or use -w transcribe for source subtitles only")
     # The plan of a job like this one (the input is not read yet): what the coordinator will run.
     spec = JobSpec(
         job_id="jvalidate", workflow=workflow, input=ArtifactRef(key="0" * 64, name="input", size=0),

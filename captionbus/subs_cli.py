@@ -33,12 +33,12 @@ def _with_rule_options(f):
     return f
 
 
-@click.group("subs")
+@click.group("subs", short_help="Check and re-flow subtitle files.")
 def subs() -> None:
     """Check and re-flow subtitle files against the readability rules."""
 
 
-@subs.command("check")
+@subs.command("check", short_help="Count rule violations; exit 1 if any.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_with_rule_options
 @click.option("--examples", default=5, show_default=True, help="violations to list")
@@ -52,7 +52,7 @@ def check_cmd(file: Path, profile: str, language: str | None, fps: float | None,
     sys.exit(0 if report.ok else 1)
 
 
-@subs.command("fix")
+@subs.command("fix", short_help="Re-flow a file to meet the rules.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="where to write (default: FILE.fixed.EXT); the format follows the suffix")

