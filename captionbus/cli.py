@@ -437,7 +437,7 @@ def jobs(as_json: bool, wide: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Each worker's $SRV.INFO reply, as one JSON list.")
-@click.option("--wide", is_flag=True, help="Add interpreter and package versions (many lines per worker).")
+@click.option("--wide", is_flag=True, help="Add each worker's interpreter and package versions.")
 @_friendly_errors
 def workers(as_json: bool, wide: bool) -> None:
     """Every stage service on the bus: stage, env, host, pid, model."""
@@ -447,21 +447,25 @@ def workers(as_json: bool, wide: bool) -> None:
     if as_json:
         stdout.print_json(json.dumps(infos))
         return
-    columns = ["stage", "env", "host", "pid", "model"] + (["interpreter", "packages"] if wide else [])
+    infos = sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", ""))
+    if wide:
+        # Package lists do not fit a column: one block per worker, lines never hard-wrapped.
+        for info in infos:
+            meta = info.get("metadata", {})
+            click.echo(" ".join(meta.get(k, "") for k in ("stage", "env", "host", "pid", "model")))
+            click.echo(f"  interpreter: {meta.get('interpreter', '')}")
+            packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
+            click.echo(f"  packages: {packages or '-'}")
+        return
     table = Table(box=None, pad_edge=False)
-    for column in columns:
-        table.add_column(column, no_wrap=not wide, overflow="fold" if wide else "ellipsis")
-    for info in sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", "")):
+    for column in ("stage", "env", "host", "pid", "model"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    for info in infos:
         meta = info.get("metadata", {})
-        row = [meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), meta.get("pid", ""),
-               meta.get("model", "")]
-        if wide:
-            row += [meta.get("interpreter", ""),
-                    ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))]
-        else:
-            row[2], row[4] = _fit(row[2], 16), _fit(Path(row[4]).name if "/" in row[4] else row[4], 24)
-        table.add_row(*row)
-    stdout.print(table, width=None if wide else min(stdout.width, 80))
+        model = meta.get("model", "")
+        table.add_row(meta.get("stage", ""), meta.get("env", ""), _fit(meta.get("host", ""), 16), meta.get("pid", ""),
+                      _fit(Path(model).name if "/" in model else model, 24))
+    stdout.print(table, width=min(stdout.width, 80))
 
 
 @main.command()

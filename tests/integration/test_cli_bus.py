@@ -150,3 +150,55 @@ def test_events_follow_of_all_jobs_stops_on_ctrl_c(nats_server, tmp_path, sig):
     follower.send_signal(sig)
     _, err = finish(follower, 15)
     assert follower.returncode == exitcodes.INTERRUPTED, err
+
+
+def test_jobs_table_fits_80_columns_and_wide_shows_everything(nats_server, tmp_path):
+    long_name = "a-very-long-film-title-from-the-archive-reel-3.mkv"
+    state = JobState(spec=JobSpec(job_id="j-wide", workflow="subtitle", input=INPUT.model_copy(update={"name": long_name}),
+                                  source_language="en", target_languages=["hi"]),
+                     status=JobStatus.failed, error="translation_nllb: the model folder is missing its tokenizer")
+    write(nats_server, [state])
+    env = {"COLUMNS": "200"}  # a wide terminal still gets the compact table
+    narrow = subprocess.run([sys.executable, "-m", "captionbus", "jobs"], env={**cli_env(nats_server, tmp_path), **env},
+                            capture_output=True, text=True, timeout=60)
+    assert narrow.returncode == 0, narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, lines
+    assert len(lines) == 2 and "j-wide" in lines[1] and "subtitle" in lines[1] and "failed" in lines[1]
+    wide = subprocess.run([sys.executable, "-m", "captionbus", "jobs", "--wide"],
+                          env={**cli_env(nats_server, tmp_path), **env}, capture_output=True, text=True, timeout=60)
+    assert long_name in wide.stdout and "missing its tokenizer" in wide.stdout
+
+
+def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp_path):
+    import nats.micro
+
+    metadata = {"stage": "asr", "env": "whisperx", "host": "render-node-07.example.internal", "pid": "4242",
+                "interpreter": "/home/someone/.captionbus/envs/whisperx/bin/python3.11",
+                "model": "/home/someone/.captionbus/models/whisper-base-ct2",
+                **{f"pkg.{name}": "2.8.0+cu128" for name in ("torch", "torchaudio", "whisperx", "ctranslate2",
+                                                             "faster-whisper", "pyannote.audio", "transformers")}}
+
+    async def go():
+        nc = await connect(nats_server, "test-worker")
+        await provision(nc.jetstream())
+        service = await nats.micro.add_service(nc, name="captionbus-asr", version="0.0.0", metadata=metadata)
+        try:
+            outputs = []
+            for extra in ([], ["--wide"]):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "captionbus", "workers", *extra, env={**cli_env(nats_server, tmp_path), "COLUMNS": "200"},
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+                assert proc.returncode == 0, err
+                outputs.append(out.decode())
+            return outputs
+        finally:
+            await service.stop()
+            await nc.close()
+
+    narrow, wide = asyncio.run(go())
+    lines = narrow.splitlines()
+    assert len(lines) == 2 and max(map(len, lines)) <= 80, lines
+    assert lines[1].split()[:2] == ["asr", "whisperx"] and "4242" in lines[1] and "whisper-base-ct2" in lines[1]
+    assert "torch=2.8.0+cu128" in wide and "python3.11" in wide
