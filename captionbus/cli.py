@@ -560,7 +560,7 @@ def stages(stage: str | None, as_json: bool) -> None:
 def parse_since(value: str | None):
     """`--since 10m` / `2h` / `1d` / `30s`, or an ISO time (`2026-12-01T03:00`, UTC unless it says)."""
     import re
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     if value is None:
         return None
