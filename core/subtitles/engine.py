@@ -208,8 +208,10 @@ def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[flo
     lines_per_cue, chars = [], []
     for i, j in ranges:
         texts = [t.text for t in tokens[i:j]]
-        found = linebreak.split_lines([t.length for t in tokens[i:j]], [0.0, *bcost[i + 1:j]], rules, sep_len)
-        lines = linebreak.join_lines(texts, found[1] if found else [], sep)
+        lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
+        if lines is None:  # a word longer than the lines: kept whole, reported below
+            pieces, _, glued = linebreak.hyphen_pieces(texts)
+            lines = linebreak.join_lines(pieces, [], sep, glued)
         lines_per_cue.append(lines)
         chars.append(sum(display_len(x) for x in lines))
     times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps)
