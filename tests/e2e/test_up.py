@@ -28,7 +28,7 @@ def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_env
             workers = json.loads(done.stdout or "[]") if done.returncode == 0 else []
             return {w["metadata"]["stage"]: w["metadata"]["pid"] for w in workers}
 
-        wait_until(lambda: {"demux", "asr", "subtitle_gen", "mux"} <= set(pids()), 180, "all four stages")
+        wait_until(lambda: {"demux", "vad", "asr", "subtitle_gen", "mux"} <= set(pids()), 180, "all five stages")
         # A crashed service is restarted by `up`.
         crashed = pids()["asr"]
         os.kill(int(crashed), signal.SIGKILL)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,10 +46,14 @@ def spec_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def fake_build(name: str, spec_hash: str | None) -> Path:
-    """An env whose interpreter is this one (symlinked), with a manifest unless spec_hash is None."""
+    """An env whose interpreter is this one, with a manifest unless spec_hash is None.
+
+    A wrapper script, not a symlink: a venv's interpreter symlinked into another folder no longer
+    finds its pyvenv.cfg and runs as the base Python, without the test venv's packages."""
     python = envs.env_python(name)
     python.parent.mkdir(parents=True)
-    python.symlink_to(sys.executable)
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
     if spec_hash is not None:
         (python.parent.parent / manager.MANIFEST).write_text(
             json.dumps({"name": name, "spec_hash": spec_hash, "created": "earlier"}))
@@ -163,7 +168,7 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
-    assert envs.workflow_stages("transcribe") == ["demux", "asr", "subtitle_gen", "mux"]
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "subtitle_gen", "mux"]
     assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx"}
 
 
