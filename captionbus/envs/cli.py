@@ -90,7 +90,15 @@ def check_cmd(names: tuple[str, ...], refresh_hardware: bool, as_json: bool) -> 
     except SpecError as e:
         _fail(str(e))
     host = hw.load(refresh=refresh_hardware)
-    results = [manager.check(specs[n]) for n in chosen]
+    results = []
+    for k, name in enumerate(chosen, 1):
+        # Each check starts the env's interpreter and imports its heavy packages (torch: seconds):
+        # say what is being checked, on stderr, so --json output stays one document.
+        click.echo(f"checking {name} ({k}/{len(chosen)}): importing {', '.join(specs[name].check_imports) or 'nothing'}",
+                   err=True)
+        started = time.monotonic()
+        results.append(manager.check(specs[name]))
+        click.echo(f"  {name}: {results[-1].state} in {time.monotonic() - started:.1f} s", err=True)
     failing = [r for r in results if not r.ok and (names or not r.optional or r.state != manager.MISSING)]
     if as_json:
         click.echo(json.dumps({"hardware": host.summary(), "config_problems": problems,

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from captionbus import envs
 from captionbus.envs import manager
-from captionbus.envs.code import code_dir, requirement_names
 from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
+from captionbus.envs.code import code_dir, requirement_names
 from captionbus.envs.spec import SpecError, load_spec_file, parse_spec
 from core import settings
 
@@ -251,7 +251,8 @@ def test_find_links_only_existing_folders(tmp_path: Path, monkeypatch: pytest.Mo
 def test_cli_check_reports_missing_with_fix(home: Path):
     result = CliRunner().invoke(envs_cli, ["check", "--json"])
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress goes to stderr: stdout stays one JSON document
+    assert "checking whisperx (" in result.stderr and "whisperx: missing in " in result.stderr
     by_name = {e["name"]: e for e in report["envs"]}
     assert by_name["whisperx"]["state"] == "missing"
     assert by_name["whisperx"]["fix"] == "captionbus envs create whisperx"
