@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -47,6 +48,7 @@ from contracts import ArtifactRef, JobSpec, subjects
 from contracts.ids import validate_token
 from contracts.languages import check_language
 from contracts.stage_specs import STAGES, explain
+from contracts.transcript import Transcript
 from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
@@ -203,15 +205,41 @@ async def run_job(
                 console.print(f"[red]branch {branch} failed[/]: {reason}", highlight=False)
             # Which worker/env/interpreter ran each stage, attempts, timings: the job's record.
             state = await job_state(js, spec.job_id)
+            language = await spoken_language(store, state, source_language) if state is not None else None
+            if language is not None:
+                how = (f"detected, probability {language['probability']:.2f}" if language["detected"]
+                       and language.get("probability") is not None else "detected" if language["detected"]
+                       else "given with -s")
+                console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
                 record = out_dir / f"{media.stem}.job.json"
-                record.write_text(state.model_dump_json(indent=2))
+                data = json.loads(state.model_dump_json())
+                if language is not None:
+                    data["language"] = language  # the spoken language, as ASR found or was told it
+                record.write_text(json.dumps(data, indent=2))
                 written["job"] = record
             return written
     finally:
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def spoken_language(store: ArtifactStore, state, given: str | None) -> dict | None:
+    """{code, detected, probability} from the asr node's transcript (None without one): the
+    language Whisper decoded in, which is what a person checks first when the words look wrong."""
+    for node in state.nodes.values():
+        ref = node.outputs.get("transcript") if node.stage == "asr" else None
+        if ref is None:
+            continue
+        try:
+            transcript = Transcript.model_validate_json(Path(await store.get(ref)).read_bytes())
+        except (OSError, ValueError) as e:  # the record is still written; this line is a nicety
+            log.warning("could not read the transcript for its language", error=str(e))
+            return None
+        return {"code": transcript.language, "detected": given is None,
+                "probability": transcript.language_probability}
+    return None
 
 
 async def _watch(services: list[ServiceProcess], tasks: list[asyncio.Task]) -> None:
