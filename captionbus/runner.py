@@ -307,7 +307,8 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
         async with coordinator_task(nc) as coordinator:
             # One stage that cannot start (a model not configured on this host) must not take the
             # others down: report it, and let the supervisor retry it with backoff.
-            dead = await wait_ready(nc, services, tolerate_dead=True)
+            dead = await wait_ready(nc, services, tolerate_dead=True, on_ready=lambda svc: console.print(
+                f"serving {svc.stage} (env {svc.env})", highlight=False))
             for svc in dead:
                 console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) did not start; retrying with backoff. "
                               f"Its log: {svc.log_path}", highlight=False)

@@ -13,8 +13,9 @@ from tests.media import ENGLISH_SENTENCE, speech_video
 
 def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_envs, whisper_model):
     home = tmp_path / "home"
-    # A stage whose model is missing on this host must not take the others down.
-    env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_VAD_MODEL": str(tmp_path / "no-such-model.onnx")}
+    # A stage whose config is missing on this host must not take the others down (alignment:
+    # built with asr's env, not in transcribe, so the job below still runs).
+    env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ALIGN_CONFIG": str(tmp_path / "no-such.yaml")}
     env.pop("NATS_URL", None)
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen([sys.executable, "-m", "captionbus", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -38,9 +39,9 @@ def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_env
                                "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "out" / "talk.srt").read_text().strip()
-        wait_until(lambda: "vad (env common) did not start" in (tmp_path / "up.log").read_text(), 60,
+        wait_until(lambda: "alignment (env whisperx) did not start" in (tmp_path / "up.log").read_text(), 60,
                    "up to report the stage it could not start")
-        assert "vad" not in pids()
+        assert "alignment" not in pids()
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)
