@@ -235,21 +235,36 @@ def _exit_if_partial(outputs) -> None:
 
 
 @main.command()
+@click.option("-w", "--workflow", "workflows", multiple=True, metavar="WORKFLOW",
+              help="Serve the stages this workflow needs (repeatable; default: transcribe).")
 @click.option("--stages", default=None,
-              help="Comma-separated stages to serve (default: every stage whose env is built).")
+              help="Comma-separated stages to serve as well (alone: only these).")
 @click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto", show_default=True,
               help="human lines, or one JSON object per line; auto: human on a terminal, JSON otherwise.")
 @_friendly_errors
-def up(stages: str | None, log_format: str) -> None:
-    """Run the local stack until Ctrl-C: NATS, coordinator, services."""
-    from captionbus.runner import run_stack
+def up(workflows: tuple[str, ...], stages: str | None, log_format: str) -> None:
+    """Run the local stack until Ctrl-C: NATS, coordinator, services.
+
+    Only the stages the workflows need are started (each one a process with its model loaded:
+    all ten are about 5 GB), among those whose environment is built."""
+    from captionbus.envs import workflow_stages
+    from captionbus.runner import env_ready, run_stack
     from captionbus.stack import server_for_up
+    from contracts.ids import validate_token
     from contracts.stage_specs import stage_spec
     from core.logging import configure_logging
 
-    wanted = _split_languages(stages) or None
-    for stage in wanted or ():
+    extra = _split_languages(stages)
+    for stage in extra:
         stage_spec(stage)  # an unknown stage is refused before NATS starts
+    wanted = list(extra)
+    for workflow in workflows or (() if extra else ("transcribe",)):
+        try:
+            validate_token(workflow, "workflow name")
+            needed = workflow_stages(workflow)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        wanted += [s for s in needed if s not in wanted and env_ready(s)]
     as_json = not sys.stderr.isatty() if log_format == "auto" else log_format == "json"
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     configure_logging(level="DEBUG" if verbose > 1 else "INFO", json=as_json)

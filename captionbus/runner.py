@@ -295,7 +295,7 @@ async def _follow_with_progress(js, job_id: str, console: Console):
 async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console) -> None:
     """Coordinator + services until SIGINT/SIGTERM. Stages default to all whose env is built."""
     if stages is None:
-        stages = [s for s in _stage_names() if _env_ready(s)]
+        stages = [s for s in _stage_names() if env_ready(s)]
     nc = await connect(url, "captionbus-up")
     await provision(nc.jetstream())
     services = start_stage_services(settings, url, stages)
@@ -351,7 +351,7 @@ def _stage_names() -> list[str]:
     return list(load_stage_map())
 
 
-def _env_ready(stage: str) -> bool:
+def env_ready(stage: str) -> bool:
     """Serve a stage only from an env `run` would accept (built and not stale)."""
     try:
         return quick_state(get_spec(env_for_stage(stage))) == OK

@@ -18,7 +18,7 @@ def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_env
     env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ALIGN_CONFIG": str(tmp_path / "no-such.yaml")}
     env.pop("NATS_URL", None)
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up", "-w", "transcribe", "--stages", "alignment"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url_file = home / "nats" / "url"
         wait_until(url_file.exists, 30, "the embedded server's url file")

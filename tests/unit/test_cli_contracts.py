@@ -86,6 +86,14 @@ def test_up_refuses_an_unknown_stage_before_nats_starts(tmp_path):
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").iterdir())
 
 
+@pytest.mark.parametrize("args, says", [(["-w", "nosuch"], "no workflow 'nosuch'"),
+                                        (["-w", "../x"], "invalid workflow name")])
+def test_up_refuses_an_unknown_workflow_before_nats_starts(tmp_path, args, says):
+    done = cli("up", *args, home=tmp_path / "home")
+    assert done.returncode == exitcodes.USAGE and says in done.stderr, done.stderr
+    assert not (tmp_path / "home" / "nats").exists()
+
+
 def test_serve_refuses_an_unknown_stage(tmp_path):
     done = cli("serve", "nosuch", home=tmp_path / "home")
     assert done.returncode == exitcodes.USAGE and "unknown stage 'nosuch'" in done.stderr
