@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from captionbus import exitcodes
 from captionbus import models as model_store
 from captionbus.envs import manager, stages
 from captionbus.envs.spec import SpecError, load_specs
@@ -23,10 +24,11 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
-    # One line, no traceback: these are the user's to fix.
+def _fail(message: str, code: int = exitcodes.USAGE) -> None:
+    # One line, no traceback: these are the user's to fix. 2: a bad name or option; 1: a build or
+    # a download that ran and failed (captionbus/exitcodes.py).
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dict) -> list[str]:
@@ -70,7 +72,8 @@ def create_cmd(names: tuple[str, ...], workflow: str | None, all_: bool, force: 
             manager.create(specs[name], force=force, console=console)
         except manager.EnvCreateError as e:
             console.print(f"[red]{escape(str(e))}[/]")
-            _fail(f"creating {name} failed; rerun `captionbus envs create {name}` after fixing the above")
+            _fail(f"creating {name} failed; rerun `captionbus envs create {name}` after fixing the above",
+                  exitcodes.JOB_FAILED)
     console.print(f"done: {', '.join(chosen)} in {time.monotonic() - start:.0f}s")
 
 
@@ -178,4 +181,4 @@ def fetch_test(dest: Path | None, find_links: Path | None, model_names: tuple[st
             ensure = getattr(model_store, TEST_MODELS[name])
             click.echo(str(ensure(dest, find_links=find_links)))
     except model_store.ModelFetchError as e:
-        _fail(str(e))
+        _fail(str(e), exitcodes.JOB_FAILED)

@@ -262,9 +262,9 @@ def test_cli_check_reports_missing_with_fix(home: Path):
 
 def test_cli_create_needs_a_target(home: Path):
     result = CliRunner().invoke(envs_cli, ["create"])
-    assert result.exit_code == 1 and "--all" in result.output
+    assert result.exit_code == 2 and "--all" in result.output
     result = CliRunner().invoke(envs_cli, ["create", "nope"])
-    assert result.exit_code == 1 and "no environment named nope" in result.output
+    assert result.exit_code == 2 and "no environment named nope" in result.output
 
 
 def test_cli_list(home: Path):
