@@ -79,6 +79,12 @@ def test_subtitle_without_targets_is_refused(tmp_path, clip):
     assert "workflow 'subtitle' needs target languages: add -t" in done.stderr
 
 
+def test_vad_choice_is_refused_where_the_workflow_has_no_choice(tmp_path, clip):
+    done = cli("run", str(clip), "--vad", "pyannote", home=tmp_path / "home")
+    assert done.returncode == exitcodes.USAGE
+    assert "workflow 'transcribe' always uses Silero VAD; --vad chooses for translate and subtitle" in done.stderr
+
+
 def test_up_refuses_an_unknown_stage_before_nats_starts(tmp_path):
     done = cli("up", "--stages", "asr,nosuch", home=tmp_path / "home")
     assert done.returncode == exitcodes.USAGE
