@@ -42,7 +42,7 @@ SENTENCES = [
     "The concert started with a slow piece for violin",
     "They fixed the bridge before the heavy rains came",
 ]
-STAGES = ["demux", "asr", "subtitle_gen", "mux"]
+STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]  # config/workflows/transcribe.yaml
 ONESHOT = Path(__file__).with_name("seed_stage_oneshot.py")
 
 
@@ -54,7 +54,9 @@ def oneshot(stage: str, out_dir: Path, *pairs: str) -> dict[str, str]:
 
 def cold_job(clip: Path, work: Path) -> None:
     audio = oneshot("demux", work / "demux", f"media={clip}")["audio"]
-    transcript = oneshot("asr", work / "asr", f"audio={audio}", 'param:language="en"')["transcript"]
+    regions = oneshot("vad", work / "vad", f"audio={audio}")["regions"]
+    transcript = oneshot("asr", work / "asr", f"audio={audio}", f"regions={regions}",
+                         'param:language="en"')["transcript"]
     srt = oneshot("subtitle_gen", work / "subtitle_gen", f"transcript={transcript}")["srt"]
     oneshot("mux", work / "mux", f"media={clip}", f"list:subtitles={srt}", 'param:languages=["en"]')
 

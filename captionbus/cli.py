@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from captionbus import exitcodes
 from core.settings import load
 
 console = Console(stderr=True)
@@ -21,11 +23,12 @@ stdout = Console()
 
 
 class UserError(click.ClickException):
-    """An error a person can act on: one line, no traceback, exit code 2 (1: the job failed)."""
+    """An error a person can act on: one line, no traceback; exit code from `captionbus.exitcodes`
+    (default 2: refused before anything started)."""
 
-    exit_code = 2
+    exit_code = exitcodes.USAGE
 
-    def __init__(self, message: str, exit_code: int = 2):
+    def __init__(self, message: str, exit_code: int = exitcodes.USAGE):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -55,17 +58,24 @@ def _friendly_errors(fn):
             raise
         except KeyboardInterrupt:
             console.print("interrupted")
-            sys.exit(130)
+            sys.exit(exitcodes.INTERRUPTED)
         except known as e:
             if hasattr(e, "envs"):  # EnvsMissing: its message is the exact fixing command
                 states = getattr(e, "states", {}) or {}
                 which = ", ".join(f"{env} ({states.get(env, 'missing')})" for env in e.envs)
                 raise UserError(f"stage environments not ready: {which}; run: {e}") from None
-            raise UserError(str(e), exit_code=1 if isinstance(e, JobFailedError) else 2) from None
+            if isinstance(e, BusError):
+                code = exitcodes.BUS
+            elif isinstance(e, (JobFailedError, ServiceStartError)):
+                code = exitcodes.JOB_FAILED
+            else:
+                code = exitcodes.USAGE
+            raise UserError(str(e), exit_code=code) from None
         except Exception as e:
             if os.environ.get("CAPTIONBUS_DEBUG"):
                 raise
-            raise UserError(f"internal error: {type(e).__name__}: {e} (set CAPTIONBUS_DEBUG=1 for the traceback)") from None
+            raise UserError(f"internal error: {type(e).__name__}: {e} (set CAPTIONBUS_DEBUG=1 for the traceback)",
+                            exit_code=exitcodes.JOB_FAILED) from None
 
     return wrapper
 
@@ -81,6 +91,19 @@ def main(verbose: int) -> None:
     # Long-running parts (up, coordinator) log at INFO: they are services.
     level = {0: "ERROR", 1: "INFO"}.get(verbose, "DEBUG")
     configure_logging(level=level)
+
+
+class _LogConsole:
+    """What `up` says to a person, as JSON log lines when its output is not a terminal: one
+    format per stream, so a log shipper never meets a human sentence between JSON objects."""
+
+    def print(self, message="", *args, **kwargs) -> None:
+        import structlog
+        from rich.text import Text
+
+        plain = Text.from_markup(str(message)).plain
+        level = "warning" if plain.startswith(("warning", "error")) else "info"
+        getattr(structlog.get_logger("captionbus.up"), level)(plain)
 
 
 def _service_logging() -> None:
@@ -160,7 +183,7 @@ def _with_job_options(fn):
     return wrapper
 
 
-@main.command()
+@main.command(short_help="Run a job on this machine; prints the output paths.")
 @click.argument("media", type=click.Path(path_type=Path))
 @_with_job_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: ./<name>.subs).")
@@ -168,14 +191,16 @@ def _with_job_options(fn):
 @_friendly_errors
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None, attach: bool) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths."""
+    from captionbus.client import check_input_file
     from captionbus.runner import run_job, validate_job
     from captionbus.stack import server_for_run
 
     _terminate_like_ctrl_c()
     settings = load()
-    out_dir = out_dir or Path(f"{media.stem}.subs")
     # Before the server starts: a bad option (-o asr.nosuchkey=1) costs nothing to refuse.
     validate_job(workflow, source, _split_languages(targets), local_stack=not attach, options=_parse_options(options))
+    check_input_file(media)
+    out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
     with server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,
@@ -187,12 +212,26 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
     _exit_if_partial(outputs)
 
 
+def check_out_dir(path: Path) -> Path:
+    """The output folder, made now and proved writable: a job must not run for minutes and then
+    find it cannot write its results (`--out /proc/x`, `--out some-file`)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot create it ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: not writable")
+    return path
+
+
 def _exit_if_partial(outputs) -> None:
     """Exit 3 when the job completed without some target languages (their reasons are printed)."""
     failed = getattr(outputs, "failed_branches", None)
     if failed:
         console.print(f"job completed without: {', '.join(sorted(failed))}", highlight=False)
-        sys.exit(3)
+        sys.exit(exitcodes.PARTIAL)
 
 
 _insecure_option = click.option(
@@ -207,28 +246,57 @@ def _require_secure(url: str, settings, insecure: bool) -> None:
 
 
 @main.command()
-@click.option("--stages", default=None, help="Comma-separated stages to serve (default: every stage whose env exists).")
+@click.option("-w", "--workflow", "workflows", multiple=True, metavar="WORKFLOW",
+              help="Serve the stages this workflow needs (repeatable; default: transcribe).")
+@click.option("--stages", default=None,
+              help="Comma-separated stages to serve as well (alone: only these).")
+@click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto", show_default=True,
+              help="human lines, or one JSON object per line; auto: human on a terminal, JSON otherwise.")
 @click.option("--dashboard", "dashboard", default="127.0.0.1:8765", show_default=True,
               help="HOST:PORT of the web dashboard (off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN[_FILE]).")
 @click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
 @_insecure_option
 @_friendly_errors
-def up(stages: str | None, dashboard: str, no_dashboard: bool, insecure: bool) -> None:
-    """Run the local stack until Ctrl-C: embedded NATS (unless NATS_URL), coordinator, services, dashboard."""
-    from captionbus.runner import run_stack
-    from captionbus.stack import server_for_up
+def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboard: str, no_dashboard: bool,
+       insecure: bool) -> None:
+    """Run the local stack until Ctrl-C: NATS, coordinator, services, the dashboard.
 
-    _service_logging()
+    Only the stages the workflows need are started (each one a process with its model loaded:
+    all ten are about 5 GB), among those whose environment is built."""
+    from captionbus.envs import workflow_stages
+    from captionbus.runner import env_ready, run_stack
+    from captionbus.stack import server_for_up
+    from contracts.ids import validate_token
+    from contracts.stage_specs import stage_spec
+    from core.logging import configure_logging
+
+    extra = _split_languages(stages)
+    for stage in extra:
+        stage_spec(stage)  # an unknown stage is refused before NATS starts
+    wanted = list(extra)
+    for workflow in workflows or (() if extra else ("transcribe",)):
+        try:
+            validate_token(workflow, "workflow name")
+            needed = workflow_stages(workflow)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        wanted += [s for s in needed if s not in wanted and env_ready(s)]
+    as_json = not sys.stderr.isatty() if log_format == "auto" else log_format == "json"
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    configure_logging(level="DEBUG" if verbose > 1 else "INFO", json=as_json)
+    say = _LogConsole() if as_json else console
     settings = load()
     if settings.nats_url:
         _require_secure(settings.nats_url, settings, insecure)
     with server_for_up(settings) as url:
-        console.print(f"captionbus up: NATS at {url}; data in {settings.home}")
-        asyncio.run(run_stack(settings, url, _split_languages(stages) or None, console=console,
+        say.print(f"captionbus up: NATS at {url}; data in {settings.home}; "
+                      f"service logs in {settings.home / 'logs'} (captionbus logs STAGE)", highlight=False,
+                      soft_wrap=True)
+        asyncio.run(run_stack(settings, url, wanted, console=say,
                               dashboard=None if no_dashboard else dashboard))
 
 
-@main.command()
+@main.command(short_help="Run the coordinator (NATS_URL or the local up).")
 @_insecure_option
 @_friendly_errors
 def coordinator(insecure: bool) -> None:
@@ -303,7 +371,8 @@ def _on_bus(name: str, action):
             await require_provisioned(nc.jetstream())
             return await action(nc, nc.jetstream())
         finally:
-            await nc.close()
+            with contextlib.suppress(Exception):  # a server that went away must not hold us here
+                await asyncio.wait_for(nc.close(), 5)
 
     return asyncio.run(go())
 
@@ -312,21 +381,25 @@ def _on_bus(name: str, action):
 @click.argument("media", type=click.Path(path_type=Path))
 @_with_job_options
 @click.option("--wait", is_flag=True, help="Follow the job and fetch its outputs.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder with --wait (default: ./<name>.subs).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"job_id": ..., "workflow": ...} (without --wait).')
 @_friendly_errors
 def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool,
            out_dir: Path | None, as_json: bool) -> None:
     """Submit a job to a running stack; prints the job id (`captionbus fetch JOB` gets its outputs)."""
+    from captionbus.client import check_input_file
     from captionbus.runner import run_job
     from core.bus import resolve_url
 
     settings = load()
+    check_input_file(media)
     if wait:
+        out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
         outputs = asyncio.run(run_job(
             settings, resolve_url(settings), media, workflow=workflow, source_language=source,
             target_languages=_split_languages(targets), options=_parse_options(options),
-            out_dir=out_dir or Path(f"{media.stem}.subs"), start_stack=False, console=console,
+            out_dir=out_dir, start_stack=False, console=console,
         ))
         for path in outputs.values():
             click.echo(str(path))
@@ -383,10 +456,11 @@ def fetch(job_id: str, out_dir: Path | None) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The job's state as one JSON object (JobState).")
 @_friendly_errors
 def status(job_id: str, as_json: bool) -> None:
-    """One job's state, stage by stage."""
+    """One job's state, stage by stage. Exit 0 running or completed, 1 failed or cancelled,
+    3 completed without some languages."""
     from captionbus.client import job_state
 
     state = _on_bus("captionbus-status", lambda nc, js: job_state(js, job_id))
@@ -394,25 +468,43 @@ def status(job_id: str, as_json: bool) -> None:
         raise UserError(f"no job {job_id!r}")
     if as_json:
         stdout.print_json(state.model_dump_json())
-        return
-    table = Table(title=f"{job_id}  {state.spec.workflow}  [bold]{state.status.value}[/]")
-    for column in ("node", "stage", "status", "attempt", "worker", "error"):
-        table.add_column(column)
-    for node_id, node in state.nodes.items():
-        table.add_row(node_id, node.stage, node.status.value, str(node.attempt),
-                      node.worker.get("env", ""), node.error or "")
-    stdout.print(table)
-    if state.error:
-        stdout.print(f"reason: {state.error}", highlight=False)
-    for branch, reason in sorted(state.failed_branches.items()):
-        stdout.print(f"branch {branch} failed: {reason}", highlight=False)
+    else:
+        title = f"{job_id}  {state.spec.workflow}  [bold]{state.status.value}[/]"
+        table = Table(title=title)
+        for column in ("node", "stage", "status", "attempt", "worker", "error"):
+            table.add_column(column)
+        for node_id, node in state.nodes.items():
+            table.add_row(node_id, node.stage, node.status.value, str(node.attempt),
+                          node.worker.get("env", ""), node.error or "")
+        stdout.print(table)
+        if state.error:
+            stdout.print(f"reason: {state.error}", highlight=False)
+        for branch, reason in sorted(state.failed_branches.items()):
+            stdout.print(f"branch {branch} failed: {reason}", highlight=False)
+    sys.exit(job_exit_code(state))
+
+
+def job_exit_code(state) -> int:
+    """A job's state as an exit code: still running or completed 0, failed/cancelled 1, completed
+    without some languages 3."""
+    value = state.status.value
+    if value in ("failed", "cancelled"):
+        return exitcodes.JOB_FAILED
+    if value == "completed" and state.failed_branches:
+        return exitcodes.PARTIAL
+    return exitcodes.OK
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JobState JSON object per line.")
+@click.option("--wide", is_flag=True, help="Every column in full (input name, reason), wider than 80.")
 @_friendly_errors
-def jobs(as_json: bool) -> None:
-    """All jobs the bus knows."""
+def jobs(as_json: bool, wide: bool) -> None:
+    """All jobs the bus knows, oldest first."""
     from captionbus.client import list_jobs
 
     states = _on_bus("captionbus-jobs", lambda nc, js: list_jobs(js))
@@ -420,41 +512,96 @@ def jobs(as_json: bool) -> None:
         for state in states:
             click.echo(state.model_dump_json())
         return
-    table = Table()
-    table.add_column("job", no_wrap=True)
-    for column in ("workflow", "status", "created", "input", "reason"):
-        table.add_column(column)
+    table = Table(box=None, pad_edge=False)
+    for column in ("job", "workflow", "status", "created", "input", "reason"):
+        table.add_column(column, no_wrap=not wide, overflow="fold" if wide else "ellipsis")
     for state in states:
-        table.add_row(state.job_id, state.spec.workflow, state.status.value,
-                      state.created_at.strftime("%Y-%m-%d %H:%M:%S"), state.spec.input.name, state.error or "")
-    stdout.print(table)
+        created = state.created_at.strftime("%Y-%m-%d %H:%M:%S" if wide else "%m-%d %H:%M")
+        name, reason = state.spec.input.name, state.error or ""
+        if not wide:
+            name, reason = _fit(name, 16), _fit(reason, 18)
+        table.add_row(state.job_id, state.spec.workflow, state.status.value, created, name, reason)
+    stdout.print(table, width=None if wide else min(stdout.width, 80), soft_wrap=wide)
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Each worker's $SRV.INFO reply, as one JSON list.")
+@click.option("--wide", is_flag=True, help="Add each worker's interpreter and package versions.")
 @_friendly_errors
-def workers(as_json: bool) -> None:
-    """Every stage service on the bus: stage, env, interpreter, versions, hardware, model."""
+def workers(as_json: bool, wide: bool) -> None:
+    """Every stage service on the bus: stage, env, host, pid, model."""
     from captionbus.client import workers as list_workers
 
     infos = _on_bus("captionbus-workers", lambda nc, js: list_workers(nc))
     if as_json:
         stdout.print_json(json.dumps(infos))
         return
-    table = Table()
-    for column in ("stage", "env", "host", "pid", "interpreter", "model", "packages"):
-        table.add_column(column)
-    for info in sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", "")):
+    infos = sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", ""))
+    if wide:
+        # Package lists do not fit a column: one block per worker, lines never hard-wrapped.
+        for info in infos:
+            meta = info.get("metadata", {})
+            click.echo(" ".join(meta.get(k, "") for k in ("stage", "env", "host", "pid", "model")))
+            click.echo(f"  interpreter: {meta.get('interpreter', '')}")
+            packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
+            click.echo(f"  packages: {packages or '-'}")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("stage", "env", "host", "pid", "model"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    for info in infos:
         meta = info.get("metadata", {})
-        packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
-        table.add_row(meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), meta.get("pid", ""),
-                      meta.get("interpreter", ""),
-                      f"cannot serve: {meta['setup_error']}" if meta.get("setup_error") else meta.get("model", ""),
-                      packages)
-    stdout.print(table)
+        model = meta.get("model", "")
+        table.add_row(meta.get("stage", ""), meta.get("env", ""), _fit(meta.get("host", ""), 16), meta.get("pid", ""),
+                      _fit(f"cannot serve: {meta['setup_error']}" if meta.get("setup_error")
+                           else Path(model).name if "/" in model else model, 24))
+    stdout.print(table, width=min(stdout.width, 80))
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="{code: {iso639_2, name}} as one JSON object.")
+def languages(as_json: bool) -> None:
+    """Language codes -s and -t accept (ISO 639-1), with names."""
+    from contracts.languages import LANGUAGES
+
+    if as_json:
+        stdout.print_json(json.dumps({code: {"iso639_2": three, "name": name}
+                                      for code, (three, name) in LANGUAGES.items()}))
+        return
+    for code, (three, name) in LANGUAGES.items():
+        click.echo(f"{code:<4} {three:<4} {name}")
+
+
+@main.command()
+@click.argument("stage")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing lines as they are written (Ctrl-C stops).")
+@click.option("-n", "--lines", default=40, show_default=True, help="Lines from the end of each log to print first.")
+@click.option("--replica", default=0, show_default=True, help="Which replica's log (serve --replicas N).")
+@_friendly_errors
+def logs(stage: str, follow: bool, lines: int, replica: int) -> None:
+    """A stage service's log on this host (in CAPTIONBUS_HOME/logs)."""
+    import time
+
+    from contracts.stage_specs import stage_spec
+
+    stage_spec(stage)
+    path = load().home / "logs" / f"{stage}-{replica}.log"
+    if not path.is_file():
+        raise UserError(f"no log for {stage} replica {replica} at {path}: it has not run on this host "
+                        f"with this CAPTIONBUS_HOME")
+    with open(path, "rb") as f:
+        tail = f.read().decode("utf-8", "replace").splitlines()[-lines:] if lines else []
+        for line in tail:
+            click.echo(line)
+        while follow:
+            chunk = f.readline()
+            if chunk:
+                click.echo(chunk.decode("utf-8", "replace").rstrip("\n"))
+            else:
+                time.sleep(0.3)
+
+
+@main.command(short_help="Every stage's params and service options.")
 @click.argument("stage", required=False)
 @click.option("--json", "as_json", is_flag=True, help="The JSON Schema of each stage's params and service options.")
 @_friendly_errors
@@ -500,30 +647,75 @@ def stages(stage: str | None, as_json: bool) -> None:
         stdout.print()
 
 
+def parse_since(value: str | None):
+    """`--since 10m` / `2h` / `1d` / `30s`, or an ISO time (`2026-12-01T03:00`, UTC unless it says)."""
+    import re
+    from datetime import datetime, timedelta
+
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match[2]]
+        return datetime.now(UTC) - timedelta(**{unit: float(match[1])})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UserError(f"--since {value!r}: use a duration (30s, 10m, 2h, 1d) or an ISO time "
+                        "(2026-12-01T03:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 @main.command()
 @click.argument("job_id", required=False)
-@click.option("--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--follow", is_flag=True,
+              help="Keep printing new events; with JOB_ID, end after the job's final event.")
+@click.option("--since", default=None, metavar="WHEN",
+              help="Only events from WHEN on: a duration back (30s, 10m, 2h, 1d) or an ISO time.")
 @_friendly_errors
-def events(job_id: str | None, follow: bool) -> None:
+def events(job_id: str | None, follow: bool, since: str | None) -> None:
     """Job events as JSON lines (all jobs, or one)."""
     from captionbus.client import follow as follow_events
+    from captionbus.client import job_state
+
+    start = parse_since(since)
 
     async def go(nc, js):
-        # A retried job has several terminal events: replay all that is stored.
-        stream = follow_events(js, job_id, stop_at_end=False)
-        if follow:
-            async for event in stream:
+        if job_id is not None and await job_state(js, job_id) is None:
+            raise UserError(f"no job {job_id!r}")
+        # Ctrl-C / SIGTERM end the follow here, in the loop, so the connection closes and the
+        # process exits 130 instead of lingering on a server that went away.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        stream = follow_events(js, job_id, stop_at_end=follow, since=start, stop_when_caught_up=not follow)
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                # Not following: replay what is stored; an empty subject ends after a quiet second.
+                nxt = asyncio.create_task(anext(stream))
+                done, _ = await asyncio.wait({nxt, stopper}, timeout=None if follow else 1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return exitcodes.INTERRUPTED if stopper in done else exitcodes.OK
+                try:
+                    event = nxt.result()
+                except StopAsyncIteration:
+                    return exitcodes.OK
                 print(event.model_dump_json(), flush=True)
-            return
-        # Replay what is stored, then stop once the stream goes quiet.
-        while True:
-            try:
-                event = await asyncio.wait_for(anext(stream), 1.0)
-            except (asyncio.TimeoutError, StopAsyncIteration):
-                return
-            print(event.model_dump_json(), flush=True)
+        finally:
+            stopper.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.aclose(), 2)
 
-    _on_bus("captionbus-events", go)
+    code = _on_bus("captionbus-events", go)
+    if code == exitcodes.INTERRUPTED:
+        console.print("interrupted")
+    sys.exit(code)
 
 
 def _job_command(action: str):

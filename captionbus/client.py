@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -105,24 +106,41 @@ async def list_jobs(js: JetStreamContext) -> list[JobState]:
     return sorted(states, key=lambda s: s.created_at)
 
 
+def _pending(msg) -> int:
+    try:
+        return msg.metadata.num_pending
+    except Exception:  # not a JetStream message (no metadata): nothing known to be queued
+        return 0
+
+
 async def follow(
-    js: JetStreamContext, job_id: str | None = None, *, stop_at_end: bool = True
+    js: JetStreamContext, job_id: str | None = None, *, stop_at_end: bool = True,
+    since: datetime | None = None, stop_when_caught_up: bool = False,
 ) -> AsyncIterator:
-    """Job events from the start of the stream (replay) and then live, in order."""
+    """Job events from the start of the stream (or from `since`), replayed and then live, in order.
+
+    stop_at_end: return after the job's final event, i.e. a terminal event with nothing stored
+    after it (a retried job has several terminal events; replay goes through all of them).
+    stop_when_caught_up: return once every stored event is delivered (a replay, not a follow)."""
     subject = subjects.job_events(job_id) if job_id else subjects.EVENTS_WILDCARD
-    sub = await js.subscribe(
-        subject,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
+    if since is None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    else:
+        start = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config)
     try:
         async for msg in sub.messages:
+            pending = _pending(msg)
             try:
                 event = parse_event(msg.data)
             except ValueError:
-                continue  # a newer schema or foreign publisher: not ours to interpret
-            yield event
-            if stop_at_end and job_id and event.kind in TERMINAL_KINDS:
+                event = None  # a newer schema or foreign publisher: not ours to interpret
+            if event is not None:
+                yield event
+            if stop_at_end and job_id and event is not None and event.kind in TERMINAL_KINDS and pending == 0:
+                return
+            if stop_when_caught_up and pending == 0:
                 return
     finally:
         with contextlib.suppress(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 from pathlib import Path
@@ -50,6 +51,7 @@ from contracts import ArtifactRef, JobSpec, subjects
 from contracts.ids import validate_token
 from contracts.languages import check_language
 from contracts.stage_specs import STAGES, explain
+from contracts.transcript import Transcript
 from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
@@ -105,8 +107,14 @@ def validate_job(
     vad = (options or {}).get("vad")
     if not isinstance(vad, dict) and vad not in (None, "silero", "pyannote"):  # a dict: the vad stage's params  # the graphs test `options.vad == pyannote`: a typo would pick silero
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
+    if isinstance(vad, str) and "vad_pyannote" not in graph.nodes:
+        raise SubmitError(f"workflow {workflow!r} always uses Silero VAD; --vad chooses for translate and subtitle")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
+    if not target_languages and any(node.for_each == "target_languages" for node in graph.nodes.values()):
+        # Without -t a translating workflow would quietly make source subtitles only.
+        raise SubmitError(f"workflow {workflow!r} needs target languages: add -t LANGS (e.g. -t en,hi), "
+                          "or use -w transcribe for source subtitles only")
     # The plan of a job like this one (the input is not read yet): what the coordinator will run.
     spec = JobSpec(
         job_id="jvalidate", workflow=workflow, input=ArtifactRef(key="0" * 64, name="input", size=0),
@@ -212,15 +220,41 @@ async def run_job(
                 console.print(f"[red]branch {branch} failed[/]: {reason}", highlight=False)
             # Which worker/env/interpreter ran each stage, attempts, timings: the job's record.
             state = await job_state(js, spec.job_id)
+            language = await spoken_language(store, state, source_language) if state is not None else None
+            if language is not None:
+                how = (f"detected, probability {language['probability']:.2f}" if language["detected"]
+                       and language.get("probability") is not None else "detected" if language["detected"]
+                       else "given with -s")
+                console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
                 record = out_dir / f"{media.stem}.job.json"
-                record.write_text(state.model_dump_json(indent=2))
+                data = json.loads(state.model_dump_json())
+                if language is not None:
+                    data["language"] = language  # the spoken language, as ASR found or was told it
+                record.write_text(json.dumps(data, indent=2))
                 written["job"] = record
             return written
     finally:
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def spoken_language(store: ArtifactStore, state, given: str | None) -> dict | None:
+    """{code, detected, probability} from the asr node's transcript (None without one): the
+    language Whisper decoded in, which is what a person checks first when the words look wrong."""
+    for node in state.nodes.values():
+        ref = node.outputs.get("transcript") if node.stage == "asr" else None
+        if ref is None:
+            continue
+        try:
+            transcript = Transcript.model_validate_json(Path(await store.get(ref)).read_bytes())
+        except (OSError, ValueError) as e:  # the record is still written; this line is a nicety
+            log.warning("could not read the transcript for its language", error=str(e))
+            return None
+        return {"code": transcript.language, "detected": given is None,
+                "probability": transcript.language_probability}
+    return None
 
 
 async def _watch(services: list[ServiceProcess], tasks: list[asyncio.Task]) -> None:
@@ -278,7 +312,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     """Coordinator + services (+ the dashboard on `dashboard` HOST:PORT) until SIGINT/SIGTERM.
     Stages default to all whose env is built."""
     if stages is None:
-        stages = [s for s in _stage_names() if _env_ready(s)]
+        stages = [s for s in _stage_names() if env_ready(s)]
     nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     web = start_dashboard_process(settings, url, dashboard) if dashboard else None
@@ -292,7 +326,8 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
             # One stage that cannot start (a model not configured on this host) must not take the
             # others down: report it, and let the supervisor retry it with backoff.
             slow: list[ServiceProcess] = []
-            dead = await wait_ready(nc, services, tolerate_dead=True, slow=slow)
+            dead = await wait_ready(nc, services, tolerate_dead=True, slow=slow, on_ready=lambda svc: console.print(
+                f"serving {svc.stage} (env {svc.env})", highlight=False))
             for svc in slow:  # a busy host, a big model: `up` serves on while it loads
                 console.print(f"[yellow]warning:[/] {svc.stage} (env {svc.env}) is still starting. "
                               f"Its log: {svc.log_path}", highlight=False)
@@ -346,7 +381,7 @@ def _stage_names() -> list[str]:
     return list(load_stage_map())
 
 
-def _env_ready(stage: str) -> bool:
+def env_ready(stage: str) -> bool:
     """Serve a stage only from an env `run` would accept (built and not stale)."""
     try:
         return quick_state(get_spec(env_for_stage(stage))) == OK

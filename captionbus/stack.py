@@ -178,10 +178,12 @@ def start_service(
 
 
 async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0,
-                     tolerate_dead: bool = False, slow: list[ServiceProcess] | None = None) -> list[ServiceProcess]:
+                     tolerate_dead: bool = False, slow: list[ServiceProcess] | None = None,
+                     on_ready=None) -> list[ServiceProcess]:
     """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
     With tolerate_dead a service that exits is left out instead, and the dead ones are returned.
-    Given a `slow` list, services still loading at the timeout go there instead of failing."""
+    Given a `slow` list, services still loading at the timeout go there instead of failing.
+    on_ready(service) is called as each one becomes ready (`up` says so at once)."""
     deadline = time.monotonic() + timeout
     pending = list(services)
     dead: list[ServiceProcess] = []
@@ -197,6 +199,10 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
         for stage in stages:
             for reply in await collect_replies(nc, f"$SRV.PING.{subjects.micro_service_name(stage)}", 0.3):
                 ready_pids.add(str((reply.get("metadata") or {}).get("pid")))
+        if on_ready is not None:
+            for svc in pending:
+                if str(svc.process.pid) in ready_pids:
+                    on_ready(svc)
         pending = [svc for svc in pending if str(svc.process.pid) not in ready_pids]
         if pending and time.monotonic() > deadline:
             if slow is not None:

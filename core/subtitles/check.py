@@ -119,5 +119,5 @@ def check(cues: Sequence[Cue], rules: Rules, fps: float | None = None, path: str
     return Report(path, rules, len(cues), check_cues(cues, rules, fps), [cue_cps(c) for c in cues])
 
 
-def check_file(path: str | Path, rules: Rules, fps: float | None = None) -> Report:
-    return check(read_subtitles(path), rules, fps, str(path))
+def check_file(path: str | Path, rules: Rules, fps: float | None = None, encoding: str | None = None) -> Report:
+    return check(read_subtitles(path, encoding=encoding), rules, fps, str(path))

@@ -117,13 +117,14 @@ def _transcript_tokens(transcript: Transcript) -> list[_Token]:
 
 
 def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
-            hard_groups: bool = False) -> CueResult:
+            hard_groups: bool = False, lead_ms: float | None = None) -> CueResult:
     n = len(tokens)
     if not n:
         return CueResult([], [])
     sep_len = display_len(rules.word_separator)
     gap = rules.min_gap_ms(fps)
-    lead, lag = rules.max_lead * 1000, rules.max_lag * 1000
+    lead = rules.max_lead * 1000 if lead_ms is None else lead_ms
+    lag = rules.max_lag * 1000
     width, capacity = rules.max_chars_per_line, rules.max_cue_chars
     hard_pause, soft_pause = rules.hard_pause * 1000, rules.soft_pause * 1000
 
@@ -199,20 +200,22 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
     while edges[-1]:
         edges.append(back[edges[-1]])
     edges.reverse()
-    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps)
+    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps, lead_ms)
 
 
 def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[float],
-            rules: Rules, fps: float | None) -> CueResult:
-    sep, sep_len = rules.word_separator, display_len(rules.word_separator)
+            rules: Rules, fps: float | None, lead_ms: float | None = None) -> CueResult:
+    sep = rules.word_separator
     lines_per_cue, chars = [], []
     for i, j in ranges:
         texts = [t.text for t in tokens[i:j]]
-        found = linebreak.split_lines([t.length for t in tokens[i:j]], [0.0, *bcost[i + 1:j]], rules, sep_len)
-        lines = linebreak.join_lines(texts, found[1] if found else [], sep)
+        lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
+        if lines is None:  # a word longer than the lines: kept whole, reported below
+            pieces, _, glued = linebreak.hyphen_pieces(texts)
+            lines = linebreak.join_lines(pieces, [], sep, glued)
         lines_per_cue.append(lines)
         chars.append(sum(display_len(x) for x in lines))
-    times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps)
+    times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps, lead_ms)
     cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker)
             for (i, j), (s, e), lines in zip(ranges, times, lines_per_cue)]
     problems = [Problem(v.rule, v.cue, v.message) for v in check_cues(cues, rules, fps)]
@@ -270,11 +273,30 @@ def _tokens_over_cues(source_cues: Sequence[Cue], texts: Sequence[str], rules: R
         block_tokens = _segment_tokens(words, first.start, max(end, last.end), first.speaker, block[0])
         for t, g in zip(block_tokens, groups):
             t.group = g
+        _not_before_own_cue(block_tokens, source_cues)
         tokens += block_tokens
     _repair(tokens, rules)
     for t in tokens:  # these words are ours: give them the times they were laid out with
         t.word.start, t.word.end = t.start / 1000, t.end / 1000
     return tokens
+
+
+def _not_before_own_cue(tokens: list[_Token], source_cues: Sequence[Cue]) -> None:
+    """A word is never said before the cue it was written in began: a crowded cue may borrow time
+    from the roomy cue after it, never from the one before. A cue whose words the block's spread
+    put too early gets them spread again over [its own start, where its last word ended]."""
+    k = 0
+    while k < len(tokens):
+        g, first = tokens[k].group, k
+        while k < len(tokens) and tokens[k].group == g:
+            k += 1
+        own = tokens[first:k]
+        lo = source_cues[g].start_ms
+        if own[0].start >= lo:
+            continue
+        hi = max(own[-1].end, lo + 1)
+        for t, (a, b) in zip(own, _spread([t.length for t in own], lo, hi)):
+            t.start, t.end = int(round(a)), int(round(b))
 
 
 def distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequence[str], rules: Rules,
@@ -296,18 +318,23 @@ def distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequenc
 
 
 def reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueResult:
-    """Re-lay existing cues (e.g. a user's SRT) with the rules; old cue ends are good break points."""
+    """Re-lay existing cues (e.g. a user's SRT) with the rules; old cue ends are good break points.
+
+    No cue starts before its first word: a file's words get their times spread over the cue they
+    were in, so the old cue's start is the earliest the speech is known to begin, and showing text
+    before it (the `max_lead` the engine allows on ASR word times) would put it over silence or the
+    previous speaker."""
     texts = [rules.word_separator.join(c.lines) for c in cues]
     tokens = _tokens_over_cues(cues, texts, rules, join_gap_ms=rules.soft_pause * 1000)
-    return _layout(tokens, rules, fps, hard_groups=False)
+    return _layout(tokens, rules, fps, hard_groups=False, lead_ms=0)
 
 
 def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,
-             fmt: str | None = None):
+             fmt: str | None = None, encoding: str | None = None):
     """Re-flow a subtitle file with `rules` and write it to `out` (format from fmt or out's suffix).
 
     Returns the engine's CueResult: the new cues and any problems it could not avoid.
     """
-    result = reflow(read_subtitles(path), rules, fps)
+    result = reflow(read_subtitles(path, encoding=encoding), rules, fps)
     write_subtitles(result.cues, out, fmt)
     return result

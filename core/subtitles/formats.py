@@ -5,8 +5,10 @@ Writes are atomic (temp file + rename): a reader never sees half a subtitle file
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -104,7 +106,86 @@ def parse_subtitles(text: str, fmt: str) -> list[Cue]:
     return cues
 
 
-def read_subtitles(path: str | Path, fmt: str | None = None) -> list[Cue]:
-    """Cues from SRT, WebVTT, ASS/SSA or our JSON, in file order (times as written, in ms)."""
+class SubtitleFileError(ValueError):
+    """A file that cannot be read as subtitles; the message says where (line N) and why."""
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def decode_subtitles(data: bytes, encoding: str | None = None) -> tuple[str, str]:
+    """(text, the encoding it was read with).
+
+    Without `encoding`: a byte-order mark says it; else UTF-8 when the bytes are valid UTF-8 (a
+    legacy 8-bit file almost never is: its accented letters are lone high bytes); else Windows-1252,
+    the superset of Latin-1 that legacy Western subtitle files are written in (Latin-1 itself for
+    the five bytes cp1252 leaves undefined). NUL bytes without a UTF-16/32 mark mean binary, not text.
+    A file in another legacy code page (KOI8-R, ISCII ...) needs --encoding; no guess is made for it.
+    """
+    if encoding:
+        try:
+            return data.decode(encoding), encoding
+        except LookupError:
+            raise SubtitleFileError(f"unknown encoding {encoding!r}") from None
+        except UnicodeDecodeError as e:
+            raise SubtitleFileError(f"not {encoding}: line {_line_of(data, e.start)} has bytes "
+                                    f"{data[e.start:e.start + 4]!r} that {encoding} cannot decode") from None
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(name), name
+            except UnicodeDecodeError:
+                break
+    if b"\x00" in data:
+        at = data.index(b"\x00")
+        raise SubtitleFileError(f"not a text subtitle file (a NUL byte at offset {at}, line {_line_of(data, at)})")
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), "latin-1"
+
+
+_SRT_TIME = r"\d{1,3}:\d{1,2}:\d{1,2}[,.]\d{1,3}"
+_VTT_TIME = r"(?:\d{1,3}:)?\d{2}:\d{2}\.\d{3}"
+_TIMING = {
+    "srt": re.compile(rf"\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}\s*(?:[xXyY]\d.*)?"),
+    "vtt": re.compile(rf"\s*{_VTT_TIME}\s*-->\s*{_VTT_TIME}(?:\s+.*)?"),
+}
+
+
+def check_timing_lines(text: str, fmt: str) -> None:
+    """SRT and WebVTT cue times, strictly: pysubs2 skips a line it cannot read (`00:00:2x,000 -->
+    ...`) and would fold it into the cue text; here it is an error that names the line. In SRT a
+    cue number must be followed by its times."""
+    pattern = _TIMING.get(fmt)
+    if pattern is None:
+        return
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        if "-->" in line and not pattern.fullmatch(line):
+            raise SubtitleFileError(f"line {n}: cue times not readable as {fmt.upper()}: {line.strip()[:80]!r}")
+        if (fmt == "srt" and line.strip().isdigit() and (n == 1 or not lines[n - 2].strip())
+                and n < len(lines) and lines[n].strip() and "-->" not in lines[n]):
+            raise SubtitleFileError(f"line {n + 1}: cue {line.strip()} has no times "
+                                    f"(HH:MM:SS,mmm --> HH:MM:SS,mmm): {lines[n].strip()[:80]!r}")
+
+
+def read_subtitles(path: str | Path, fmt: str | None = None, encoding: str | None = None) -> list[Cue]:
+    """Cues from SRT, WebVTT, ASS/SSA or our JSON, in file order (times as written, in ms).
+
+    The encoding is detected (decode_subtitles) unless given; cue times are read strictly
+    (check_timing_lines). Raises SubtitleFileError naming the line."""
     path = Path(path)
-    return parse_subtitles(path.read_text(encoding="utf-8-sig"), fmt or format_for(path))
+    fmt = fmt or format_for(path)
+    text, _ = decode_subtitles(path.read_bytes(), encoding)
+    check_timing_lines(text, fmt)
+    return parse_subtitles(text, fmt)

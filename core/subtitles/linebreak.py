@@ -5,6 +5,7 @@ so "after a comma" means the same thing to both.
 """
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Sequence
 
 from core.subtitles.graphemes import display_len
@@ -28,8 +29,53 @@ def is_sentence_end(text: str, rules: Rules) -> bool:
     return _last_mark(text) in rules.sentence_end if text else False
 
 
+_HYPHENS = "-\u2010"  # hyphen-minus, hyphen (not the dashes – —, which are clause marks)
+HYPHEN = PLAIN + 0.5  # after the hyphen of a compound: allowed, but a space is better
+
+
+def is_hyphen_continuation(prev: str, nxt: str) -> bool:
+    """`nxt` carries on `prev` across a hyphen: Whisper merges a hyphen into the word after it
+    (its prepend punctuation), so "Inter-Asterisk" arrives as the words "Inter", "-Asterisk"."""
+    return (len(nxt) > 1 and nxt[0] in _HYPHENS and nxt[1].isalnum() and prev[-1:].isalnum())
+
+
+def hyphen_pieces(texts: Sequence[str]) -> tuple[list[str], list[int], list[bool]]:
+    """Words as the pieces a line may break between. A compound breaks after its hyphen, which
+    stays on the upper line ("Inter-" / "Asterisk"), never before it ("Inter" / "-Asterisk").
+
+    Returns (pieces, owner: the word each piece comes from, glued: piece k follows piece k-1
+    with no separator)."""
+    pieces: list[str] = []
+    owner: list[int] = []
+    glued: list[bool] = []
+    for w, text in enumerate(texts):
+        parts: list[str] = []
+        current = ""
+        for pos, ch in enumerate(text):
+            current += ch
+            # inside a word: letter/digit, hyphen, letter/digit
+            if (ch in _HYPHENS and 0 < pos < len(text) - 1 and text[pos - 1].isalnum()
+                    and text[pos + 1].isalnum()):
+                parts.append(current)
+                current = ""
+        parts.append(current)
+        if w and pieces and is_hyphen_continuation(texts[w - 1], text):
+            pieces[-1] += text[0]  # the leading hyphen goes up to the word it joins
+            parts[0] = parts[0][1:]
+            attach = True
+        else:
+            attach = False
+        for k, part in enumerate(parts):
+            pieces.append(part)
+            owner.append(w)
+            glued.append(attach if k == 0 else True)
+    return pieces, owner, glued
+
+
 def text_break_cost(prev: str, nxt: str, rules: Rules) -> float:
     """Cost of a break between the words `prev` and `nxt`, from their text alone."""
+    if is_hyphen_continuation(prev, nxt):
+        return GLUED  # one compound word: a cue never ends inside it
     mark = _last_mark(prev)
     if mark and mark in rules.sentence_end:
         return SENTENCE
@@ -49,25 +95,29 @@ def line_len(lengths: Sequence[int], a: int, b: int, sep: int) -> int:
 
 
 def split_lines(lengths: Sequence[int], costs: Sequence[float], rules: Rules,
-                sep: int) -> tuple[float, list[int]] | None:
+                sep: int, glued: Sequence[bool] | None = None) -> tuple[float, list[int]] | None:
     """Best line breaks for one cue.
 
-    lengths[k]: displayed length of word k; costs[k] (k >= 1): cost of breaking before word k.
+    lengths[k]: displayed length of word k; costs[k] (k >= 1): cost of breaking before word k;
+    glued[k]: word k follows word k-1 with no separator (a compound's pieces).
     Returns (cost, break positions) or None when the words cannot fit in max_lines lines.
     One line whenever it fits; otherwise lines balanced, the lower not much shorter.
     """
     n, width = len(lengths), rules.max_chars_per_line
-    total = sum(lengths) + sep * (n - 1)
-    if total <= width:
-        return 0.0, []
-    if n < 2 or rules.max_lines < 2:
-        return None
     prefix = [0]
     for x in lengths:
         prefix.append(prefix[-1] + x)
+    joints = [0, 0]  # joints[k]: glued joints among words 1..k-1
+    for k in range(1, n):
+        joints.append(joints[-1] + (1 if glued and glued[k] else 0))
 
     def span(a: int, b: int) -> int:
-        return prefix[b] - prefix[a] + sep * (b - a - 1)
+        return prefix[b] - prefix[a] + sep * (b - a - 1 - (joints[b] - joints[a + 1]))
+
+    if span(0, n) <= width:
+        return 0.0, []
+    if n < 2 or rules.max_lines < 2:
+        return None
 
     def imbalance(upper: int, lower: int) -> float:
         d = (upper - lower) / width
@@ -110,17 +160,35 @@ def split_lines(lengths: Sequence[int], costs: Sequence[float], rules: Rules,
     return dp[n][best_lines], sorted(cuts)
 
 
-def join_lines(texts: Sequence[str], breaks: Sequence[int], sep: str) -> list[str]:
+def join_lines(texts: Sequence[str], breaks: Sequence[int], sep: str,
+               glued: Sequence[bool] | None = None) -> list[str]:
     edges = [0, *breaks, len(texts)]
-    return [sep.join(texts[a:b]) for a, b in zip(edges, edges[1:])]
+    lines = []
+    for a, b in pairwise(edges):
+        line = texts[a] if b > a else ""
+        for k in range(a + 1, b):
+            line += ("" if glued and glued[k] else sep) + texts[k]
+        lines.append(line)
+    return lines
+
+
+def lay_lines(texts: Sequence[str], costs: Sequence[float], rules: Rules) -> list[str] | None:
+    """The lines of one cue: `texts` its words, costs[k] (k >= 1) the cost of a break before word k.
+    Compounds may break after a hyphen (hyphen_pieces). None when they cannot fit."""
+    pieces, owner, glued = hyphen_pieces(texts)
+    piece_costs = [0.0] + [HYPHEN if glued[k] else costs[owner[k]] for k in range(1, len(pieces))]
+    sep = rules.word_separator
+    found = split_lines([display_len(p) for p in pieces], piece_costs, rules, display_len(sep), glued)
+    if found is None:
+        return None
+    return join_lines(pieces, found[1], sep, glued)
 
 
 def break_text(texts: Sequence[str], rules: Rules) -> list[str]:
     """Lines for a known set of words (used on re-flow); over-long input stays on its lines, unbroken."""
-    sep = rules.word_separator
-    lengths = [display_len(t) for t in texts]
     costs = [0.0] + [text_break_cost(texts[k - 1], texts[k], rules) for k in range(1, len(texts))]
-    found = split_lines(lengths, costs, rules, display_len(sep))
-    if found is None:
-        return [sep.join(texts)]
-    return join_lines(texts, found[1], sep)
+    lines = lay_lines(texts, costs, rules)
+    if lines is None:
+        pieces, _, glued = hyphen_pieces(texts)
+        return join_lines(pieces, [], rules.word_separator, glued)
+    return lines

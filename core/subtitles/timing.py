@@ -19,10 +19,13 @@ def reading_need_ms(chars: int, rules: Rules) -> int:
 
 
 def place_cues(spans: Sequence[tuple[int, int]], chars: Sequence[int], rules: Rules,
-               fps: float | None = None) -> list[tuple[int, int]]:
-    """spans[k]: (first word start, last word end) of cue k in ms, in order; returns (start, end) per cue."""
+               fps: float | None = None, lead_ms: float | None = None) -> list[tuple[int, int]]:
+    """spans[k]: (first word start, last word end) of cue k in ms, in order; returns (start, end) per cue.
+
+    lead_ms: how early a cue may appear before its first word (default the rules' max_lead)."""
     gap, max_d = rules.min_gap_ms(fps), rules.max_duration_ms
-    lead, lag = rules._down(rules.max_lead * 1000), rules._down(rules.max_lag * 1000)
+    lead = rules._down(rules.max_lead * 1000 if lead_ms is None else lead_ms)
+    lag = rules._down(rules.max_lag * 1000)
     delay = rules._down(rules.max_start_delay * 1000)
     out: list[tuple[int, int]] = []
     prev_end: int | None = None

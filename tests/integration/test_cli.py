@@ -61,7 +61,7 @@ def test_run_refuses_a_missing_file(cli_env, tmp_path):
 
 def test_fleet_commands_without_a_server_say_how_to_get_one(cli_env):
     done = captionbus("jobs", env=cli_env)
-    assert done.returncode == 2
+    assert done.returncode == 4  # captionbus.exitcodes.BUS
     assert "captionbus up" in done.stderr and "NATS_URL" in done.stderr
 
 

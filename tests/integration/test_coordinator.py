@@ -8,9 +8,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import nats
+import yaml
 
 from contracts import (
     ArtifactRef,
@@ -26,15 +28,17 @@ from contracts import (
     subjects,
 )
 from coordinator.decide import NODE_RETRY, Policy
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+from coordinator.graph import Workflow
 from coordinator.service import EVENT_RETRY, Coordinator
 from core.bus import StagePolicy, ensure_stage_consumer, provision
 
-# The fake workers produce exactly what the real graph declares.
-STAGE_OUTPUTS = {
-    node.stage_name(name): node.outputs
-    for name, node in load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml").nodes.items()
-}
+# The bus adapter is tested on a linear graph (demux -> asr -> subtitle_gen -> mux) under the name
+# jobs default to; the real transcribe graph (with vad) is tested in tests/unit/coordinator.
+LINEAR_PATH = Path(__file__).parents[1] / "unit" / "coordinator" / "linear.yaml"
+GRAPHS = {"transcribe": Workflow.from_dict({**yaml.safe_load(LINEAR_PATH.read_text()), "name": "transcribe"},
+                                           str(LINEAR_PATH))}
+# The fake workers produce exactly what the graph declares.
+STAGE_OUTPUTS = {node.stage_name(name): node.outputs for name, node in GRAPHS["transcribe"].nodes.items()}
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
 POLICY = Policy(retry=replace(NODE_RETRY, max_attempts=2, initial_s=0.2))
 
@@ -106,7 +110,7 @@ class Bus:
     kv: Any
 
     def coordinator(self, nc: Any = None) -> Coordinator:
-        return Coordinator(nc or self.nc, policy=POLICY, tick_interval_s=0.2)
+        return Coordinator(nc or self.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.2)
 
     async def state_when(self, job_id: str, predicate, timeout: float = 15.0) -> JobState:
         deadline = time.monotonic() + timeout
@@ -282,10 +286,10 @@ def test_stage_deadline_expires_and_the_tick_loop_requests_again(nats_server):
     clock = [datetime.now(timezone.utc)]  # the coordinator's time, moved by the test: no sleeping
 
     async def scenario(bus: Bus):
-        async with Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.1, clock=lambda: clock[0]):
+        async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.1, clock=lambda: clock[0]):
             await submit(bus.js, "job6")
             [silent] = await FakeWorker(bus.js, "demux").answer(ack=False)  # takes it, never answers
-            clock[0] += timedelta(seconds=1800)  # transcribe.yaml: demux deadline_s 1800
+            clock[0] += timedelta(seconds=1800)  # linear.yaml: demux deadline_s 1800
             await bus.state_when("job6", lambda s: s.nodes["demux"].status.value == "retry_wait")
             clock[0] += timedelta(seconds=POLICY.retry.initial_s)
             [second] = await bus.answer("demux")
@@ -392,7 +396,7 @@ def test_a_deadline_failure_that_loses_the_write_is_never_announced(nats_server)
     policy = Policy(retry=replace(NODE_RETRY, max_attempts=1, initial_s=0.2))
 
     async def scenario(bus: Bus):
-        coordinator = Coordinator(bus.nc, policy=policy, tick_interval_s=3600, clock=lambda: clock[0])
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=policy, tick_interval_s=3600, clock=lambda: clock[0])
         async with coordinator:
             await submit(bus.js, "job8")
             [late] = await FakeWorker(bus.js, "demux").answer(ack=False)
@@ -439,7 +443,7 @@ def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_se
 
 def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
     async def scenario(bus: Bus):
-        coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.2,
                                   event_retry=replace(EVENT_RETRY, initial_s=0.05, max_attempts=3))
 
         async def broken_apply(event):
@@ -459,7 +463,7 @@ def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
 
 def test_a_completion_that_never_applies_fails_the_job_and_its_state(nats_server):
     async def scenario(bus: Bus):
-        coordinator = Coordinator(bus.nc, policy=POLICY, tick_interval_s=0.2,
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.2,
                                   event_retry=replace(EVENT_RETRY, initial_s=0.05, max_attempts=2))
         apply = coordinator.apply
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,9 +11,9 @@ from click.testing import CliRunner
 
 from captionbus import envs
 from captionbus.envs import manager
-from captionbus.envs.code import code_dir, requirement_names
 from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
+from captionbus.envs.code import code_dir, requirement_names
 from captionbus.envs.spec import SpecError, load_spec_file, parse_spec
 from core import settings
 
@@ -45,10 +46,14 @@ def spec_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def fake_build(name: str, spec_hash: str | None) -> Path:
-    """An env whose interpreter is this one (symlinked), with a manifest unless spec_hash is None."""
+    """An env whose interpreter is this one, with a manifest unless spec_hash is None.
+
+    A wrapper script, not a symlink: a venv's interpreter symlinked into another folder no longer
+    finds its pyvenv.cfg and runs as the base Python, without the test venv's packages."""
     python = envs.env_python(name)
     python.parent.mkdir(parents=True)
-    python.symlink_to(sys.executable)
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
     if spec_hash is not None:
         (python.parent.parent / manager.MANIFEST).write_text(
             json.dumps({"name": name, "spec_hash": spec_hash, "created": "earlier"}))
@@ -163,7 +168,7 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
-    assert envs.workflow_stages("transcribe") == ["demux", "asr", "subtitle_gen", "mux"]
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "subtitle_gen", "mux"]
     assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx"}
 
 
@@ -246,7 +251,8 @@ def test_find_links_only_existing_folders(tmp_path: Path, monkeypatch: pytest.Mo
 def test_cli_check_reports_missing_with_fix(home: Path):
     result = CliRunner().invoke(envs_cli, ["check", "--json"])
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress goes to stderr: stdout stays one JSON document
+    assert "checking whisperx (" in result.stderr and "whisperx: missing in " in result.stderr
     by_name = {e["name"]: e for e in report["envs"]}
     assert by_name["whisperx"]["state"] == "missing"
     assert by_name["whisperx"]["fix"] == "captionbus envs create whisperx"
@@ -256,9 +262,9 @@ def test_cli_check_reports_missing_with_fix(home: Path):
 
 def test_cli_create_needs_a_target(home: Path):
     result = CliRunner().invoke(envs_cli, ["create"])
-    assert result.exit_code == 1 and "--all" in result.output
+    assert result.exit_code == 2 and "--all" in result.output
     result = CliRunner().invoke(envs_cli, ["create", "nope"])
-    assert result.exit_code == 1 and "no environment named nope" in result.output
+    assert result.exit_code == 2 and "no environment named nope" in result.output
 
 
 def test_cli_list(home: Path):

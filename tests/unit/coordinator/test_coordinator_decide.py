@@ -21,7 +21,8 @@ from coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-TRANSCRIBE = load_workflow(DEFAULT_WORKFLOWS_DIR / "transcribe.yaml")
+# demux -> asr -> subtitle_gen -> mux: the decide() tests need a linear graph, not today's transcribe
+TRANSCRIBE = load_workflow(Path(__file__).parent / "linear.yaml")
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
 POLICY = Policy(retry=replace(NODE_RETRY, max_attempts=3, initial_s=2, multiplier=2), stage_deadline_s=60)
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
@@ -150,7 +151,7 @@ def test_retry_with_exponential_backoff_and_deadline():
 
 
 def test_workflow_deadline_overrides_policy():
-    d = submit()  # transcribe.yaml: demux deadline_s 1800
+    d = submit()  # linear.yaml: demux deadline_s 1800
     assert d.requests[0].deadline_s == 1800
     assert step(d, Tick(T0), now=T0 + timedelta(seconds=1799)).changed is False
     assert step(d, Tick(T0), now=T0 + timedelta(seconds=1800)).state.nodes["demux"].status == NodeStatus.retry_wait

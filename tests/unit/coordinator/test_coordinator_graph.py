@@ -27,12 +27,15 @@ def wf(nodes: dict, outputs: dict | None = None) -> Workflow:
     return Workflow.from_dict({"name": "t", "nodes": nodes, "outputs": outputs or {}}, "t.yaml")
 
 
-def test_transcribe_is_demux_asr_subtitle_gen_mux():
+def test_transcribe_is_demux_vad_asr_subtitle_gen_mux():
     transcribe = load_workflows(DEFAULT_WORKFLOWS_DIR)["transcribe"]
-    assert transcribe.topological_order() == ["demux", "asr", "subtitle_gen", "mux"]
+    assert transcribe.topological_order() == ["demux", "vad", "asr", "subtitle_gen", "mux"]
     plan = transcribe.expand(spec(source_language="en", options={"asr": {"model": "base"}}))
     assert plan.errors == []
-    assert plan.nodes["asr"].inputs == {"audio": Source("demux", "audio")}
+    # ASR decodes inside Silero's speech regions by default: no phantom words in music or silence.
+    assert plan.stages() == ["demux", "vad", "asr", "subtitle_gen", "mux"]
+    assert plan.nodes["asr"].inputs == {"audio": Source("demux", "audio"), "regions": Source("vad", "regions")}
+    assert plan.nodes["vad"].inputs == {"audio": Source("demux", "audio")}
     assert plan.nodes["asr"].params["model"] == "base"
     assert plan.nodes["asr"].params["source_language"] == "en"
     assert plan.nodes["subtitle_gen"].params["formats"] == ["srt", "vtt"]

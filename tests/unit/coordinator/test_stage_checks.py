@@ -80,7 +80,7 @@ def test_good_options_pass():
     ({"asr": {"language": "klingon"}}, "option asr: language='klingon': unknown language code 'klingon'"),
     ({"subtitle_gen": {"formats": ["doc"]}}, "option subtitle_gen: formats.0='doc': Input should be 'srt'"),
     ({"nosuchstage": {"x": 1}}, "option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
-                                "(valid: demux, asr, subtitle_gen, mux)"),
+                                "(valid: demux, vad, asr, subtitle_gen, mux)"),
     ({"alignment": {"language": "en"}}, "workflow transcribe has no stage or node 'alignment'"),
     ({"asr": 1}, "option asr=1: stage options are asr.KEY=VALUE"),
     ({"separate_sources": True}, "option separate_sources: workflow transcribe has no stage or node"),

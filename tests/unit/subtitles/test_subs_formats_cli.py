@@ -20,6 +20,8 @@ from core.subtitles.samples import synthetic_transcript
 
 RULES = load_rules()
 
+# Every rule broken, yet fixable without showing any text before the cue it was written in (subs
+# fix never does): cue 3 has room after its end for its 88 characters.
 BROKEN_SRT = """1
 00:00:01,000 --> 00:00:01,500
 Hello there, this is a very long subtitle line that goes on well past the limit
@@ -29,7 +31,7 @@ Hello there, this is a very long subtitle line that goes on well past the limit
 Short.
 
 3
-00:00:08,900 --> 00:00:12,000
+00:00:08,900 --> 00:00:13,500
 <i>Then we walked home</i> and nobody said anything at all for the rest of the evening.
 """
 

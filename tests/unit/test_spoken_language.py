@@ -1,0 +1,33 @@
+"""`run` prints and records the spoken language from the asr node's transcript: detected (with
+Whisper's probability) unless -s gave it."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from captionbus.runner import spoken_language
+from contracts import JobSpec, JobState
+from contracts.jobs import NodeState
+from contracts.transcript import Transcript
+from core.artifacts import ArtifactStore
+from core.settings import Settings
+
+
+def test_the_asr_transcript_gives_the_language(tmp_path: Path):
+    store = ArtifactStore(Settings(home=tmp_path / "home"), None, use_object_store=False)
+    transcript = tmp_path / "t.json"
+    transcript.write_text(Transcript(language="hi", language_probability=0.87).model_dump_json())
+
+    async def go():
+        ref = await store.put(transcript, name="transcript.json")
+        media = await store.put(transcript, name="input.mp4")
+        spec = JobSpec(job_id="j1", workflow="transcribe", input=media)
+        state = JobState(spec=spec, nodes={"demux": NodeState(stage="demux"),
+                                           "asr": NodeState(stage="asr", outputs={"transcript": ref})})
+        return (await spoken_language(store, state, None), await spoken_language(store, state, "hi"),
+                await spoken_language(store, JobState(spec=spec), None))
+
+    detected, given, none = asyncio.run(go())
+    assert detected == {"code": "hi", "detected": True, "probability": 0.87}
+    assert given == {"code": "hi", "detected": False, "probability": 0.87}
+    assert none is None
