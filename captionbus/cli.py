@@ -245,7 +245,7 @@ def _require_secure(url: str, settings, insecure: bool) -> None:
     require_secure(url, settings, insecure)
 
 
-@main.command()
+@main.command(short_help="Run the local stack until Ctrl-C.")
 @click.option("-w", "--workflow", "workflows", multiple=True, metavar="WORKFLOW",
               help="Serve the stages this workflow needs (repeatable; default: transcribe).")
 @click.option("--stages", default=None,
@@ -311,7 +311,7 @@ def coordinator(insecure: bool) -> None:
     asyncio.run(run_coordinator_forever(url))
 
 
-@main.command()
+@main.command(short_help="Serve the operators' web dashboard.")
 @click.option("--listen", default="127.0.0.1:8765", show_default=True,
               help="HOST:PORT. Off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE.")
 @_friendly_errors
@@ -377,7 +377,7 @@ def _on_bus(name: str, action):
     return asyncio.run(go())
 
 
-@main.command()
+@main.command(short_help="Submit a job to a running stack.")
 @click.argument("media", type=click.Path(path_type=Path))
 @_with_job_options
 @click.option("--wait", is_flag=True, help="Follow the job and fetch its outputs.")
@@ -428,7 +428,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
         click.echo(spec.job_id)
 
 
-@main.command()
+@main.command(short_help="Download a finished job's outputs.")
 @click.argument("job_id")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: ./<input name>.subs).")

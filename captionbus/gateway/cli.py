@@ -52,7 +52,7 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
     )
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, short_help="The HTTP gateway: job API, OpenAI-compatible endpoints.")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve HTTP on.")
 @click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="API key file (hashes); required off loopback.")
@@ -80,7 +80,7 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
 
-@gateway.command("add-key")
+@gateway.command("add-key", short_help="Make an API key and print it once.")
 @click.argument("name")
 @click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), required=True, help="API key file.")
 def add_key_command(name: str, keys: Path) -> None:
