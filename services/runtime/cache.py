@@ -33,6 +33,7 @@ from typing import Any
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
+ITEMS_PREFIX = "items:"  # a cached entry keeps StageCompleted.items among its metrics under this prefix
 # Settings that say where this host keeps things or how it talks to the bus, not what a stage computes.
 HOST_SETTINGS = frozenset({
     "CAPTIONBUS_HOME", "CAPTIONBUS_ENVS", "CAPTIONBUS_ENV", "CAPTIONBUS_HOST_ID", "CAPTIONBUS_ARTIFACTS",

@@ -58,6 +58,7 @@ class StageContext(Protocol):
     resources: Any  # whatever setup() returned: the warm model
     log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
     metrics: dict[str, float]  # filled by the handler, published with the result
+    items: dict[str, int]  # a list output's item count, for workflows that fan out over it
     delivery: int  # 1 on the first delivery of this request, 2 on its first redelivery ...
 
     def input_path(self, name: str) -> Path:

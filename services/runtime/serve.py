@@ -56,6 +56,7 @@ from core.retry import RetryPolicy
 from core.settings import PROJECT_ROOT, Settings, config_dirs
 from core.text import one_line
 from services.runtime.cache import (
+    ITEMS_PREFIX,
     StageCache,
     cache_enabled_for,
     cache_key,
@@ -285,7 +286,8 @@ class StageWorker:
         metrics = {**ctx.metrics, "handle_s": handled - started, "store_s": time.perf_counter() - handled,
                    "delivery": float(delivery)}
         await self._publish(
-            StageCompleted(**event_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+            StageCompleted(**event_ids(request), outputs=refs, metrics=metrics, worker=self.summary,
+                           items=ctx.items),
             msg_id=f"{request.key}.completed",
         )
         # Ack only after the completion is on the bus: a crash in between means a redelivery
@@ -293,16 +295,20 @@ class StageWorker:
         await msg.ack_sync()
         log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
         if key is not None and not ctx.cache_blockers:
-            await self.cache.record(key, refs, metrics, ctx.warnings)
+            # item counts ride in the cached metrics (ITEMS_PREFIX): a hit must fan out alike
+            await self.cache.record(key, refs, {**metrics, **{ITEMS_PREFIX + k: float(v) for k, v in ctx.items.items()}},
+                                    ctx.warnings)
 
     async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
         outputs, cached_metrics, warnings = hit
-        metrics = {k: v for k, v in cached_metrics.items() if k not in ("delivery", "cache_hit")}
+        items = {k[len(ITEMS_PREFIX):]: int(v) for k, v in cached_metrics.items() if k.startswith(ITEMS_PREFIX)}
+        metrics = {k: v for k, v in cached_metrics.items()
+                   if k not in ("delivery", "cache_hit") and not k.startswith(ITEMS_PREFIX)}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
         for message in warnings:  # what the first run said still holds for these outputs
             await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
-            StageCompleted(**event_ids(request), outputs=outputs, metrics=metrics,
+            StageCompleted(**event_ids(request), outputs=outputs, metrics=metrics, items=items,
                            worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )

@@ -1,0 +1,43 @@
+"""chunk: the vad stage's speech regions -> chunks cut at silences (contracts.speech.SpeechChunks
+JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
+count goes back to the coordinator in `StageCompleted.items`. Cutting rules: services/chunk/plan.py.
+Params (contracts.stage_params.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
+No model, no audio: it reads a few kilobytes of JSON, in the common env."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from contracts import StageRequest
+from contracts.stage_options import NoOptions
+from contracts.speech import SpeechRegions
+from contracts.stage_params import ChunkParams
+from services.chunk.plan import plan_chunks
+from services.runtime import BadInput, StageContext, StageDefinition
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    params: ChunkParams = ctx.params
+    try:
+        regions = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
+        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    chunks = plan_chunks([(r.start, r.end) for r in regions.regions], regions.duration,
+                         params.target_s, params.min_silence_s, params.max_length_s)
+    out = ctx.work_dir / "chunks.json"
+    out.write_text(chunks.model_dump_json(indent=1))
+    ctx.items["chunks"] = len(chunks.chunks)
+    lengths = [c.end - c.start for c in chunks.chunks]
+    ctx.metrics.update(chunks=float(len(lengths)), longest_chunk_s=max(lengths, default=0.0),
+                       split_chunks=float(sum(c.split for c in chunks.chunks)))
+    if any(c.split for c in chunks.chunks):
+        ctx.warn(f"speech ran longer than max_s ({params.max_length_s:g} s) without a pause: "
+                 f"cut inside speech {sum(c.split for c in chunks.chunks)} time(s); raise max_s to avoid it")
+    ctx.progress(1.0, f"{len(lengths)} chunks")
+    return {"chunks": out}
+
+
+STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks",), options=NoOptions)
