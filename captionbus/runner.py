@@ -133,10 +133,15 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
                       "the job waits in the queue until one starts", highlight=False)
 
 
-def start_stage_services(settings: Settings, url: str, stages: list[str]) -> list[ServiceProcess]:
+def start_stage_services(
+    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None
+) -> list[ServiceProcess]:
+    """One service per stage, `replicas[stage]` of those named (they share the stage's queue)."""
+    replicas = replicas or {}
     return [
-        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings)
+        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i)
         for stage in dict.fromkeys(stages)
+        for i in range(max(1, replicas.get(stage, 1)))
     ]
 
 
@@ -164,6 +169,7 @@ async def run_job(
     out_dir: Path,
     start_stack: bool,
     console: Console,
+    replicas: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
@@ -178,7 +184,7 @@ async def run_job(
                 watched.append(await stack.enter_async_context(coordinator_task(nc)))
                 # No waiting for every model to load: requests queue until their stage is up, and
                 # a bad input fails at demux while asr is still loading.
-                services = start_stage_services(settings, url, stages)
+                services = start_stage_services(settings, url, stages, replicas)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
             store = ArtifactStore(settings, js)
