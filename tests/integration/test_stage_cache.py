@@ -215,3 +215,37 @@ def test_params_a_stage_never_reads_do_not_split_the_cache(nats_server: str, cap
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001"]
+
+
+def _lines(request: StageRequest, ctx) -> dict[str, Path]:
+    with _lock:
+        CALLS.append(request.job_id)
+    text = ctx.input_path("text").read_text()
+    out = ctx.work_dir / "lines.txt"
+    out.write_text(text)
+    ctx.items["lines"] = len(text.splitlines())
+    return {"lines": out}
+
+
+LINES = StageDefinition(name="lines", handle=_lines, describe_model=lambda _: "lines-v1")
+
+
+def test_item_counts_reach_the_coordinator_and_survive_a_cache_hit(nats_server: str, captionbus_home: Path,
+                                                                    tmp_path: Path):
+    """A workflow fans out over StageCompleted.items: a hit must report the same count."""
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\nthree\n")
+
+    async def body(bus):
+        await bus.start(LINES)
+        ref = await bus.store.put(source, name="in.txt")
+        first, second = [], []
+        for job_id, into in (("j0001", first), ("j0002", second)):
+            await bus.request(job_id, "lines", inputs={"text": ref}, params={})
+            into.append(await bus.wait_for("stage_completed", job_id))
+        assert CALLS == ["j0001"]
+        assert first[0].items == {"lines": 3} == second[0].items
+        assert second[0].metrics["cache_hit"] == 1.0 and not any(k.startswith("items") for k in second[0].metrics)
+
+    run(nats_server, captionbus_home, body)
