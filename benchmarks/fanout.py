@@ -9,8 +9,8 @@ long film vs a 3-minute clip (memory follows the chunk, not the film).
 Each asr worker gets one thread (CAPTIONBUS_ASR_THREADS=1), so on a 2-core machine two workers
 can be ~2x one. The stage cache is off (every number is work). Films are espeak-ng sentences with
 pauses of 0.4-1.2 s (tests/media.speech_film). The job window (max_in_flight) is set to the
-number of workers through a CAPTIONBUS_CONFIG copy of config/workflows/chunked.yaml, which is what
-README advises a fleet to do. Needs the common and whisperx envs, Whisper base and Silero VAD.
+number of workers (the in-process coordinator gets config/workflows/chunked.yaml with that
+window), which is what README advises a fleet to do. Needs the common and whisperx envs, Whisper base and Silero VAD.
 
 Projection for N workers: the stages around asr (demux, vad, chunk, language, join, subtitles,
 mux: measured with one worker) + the longest-first schedule of (each chunk's decode time +
@@ -34,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 from captionbus.client import follow, submit  # noqa: E402
-from captionbus.runner import coordinator_task, start_stage_services  # noqa: E402
+from captionbus.runner import start_stage_services  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
 from contracts.events import TERMINAL_KINDS  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402
 from core.bus import connect, provision  # noqa: E402
+from coordinator.graph import Workflow, check_stages  # noqa: E402
+from coordinator.service import Coordinator  # noqa: E402
 from core.settings import DEFAULT_CONFIG_DIR, Settings, load  # noqa: E402
 from tests.media import FILM_SENTENCES, speech_film  # noqa: E402
 
@@ -58,14 +60,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def config_dir(root: Path, window: int) -> Path:
-    """A CAPTIONBUS_CONFIG with chunked.yaml's max_in_flight set to the number of workers."""
+def chunked_workflow(window: int) -> Workflow:
+    """config/workflows/chunked.yaml with max_in_flight set to the number of workers."""
     data = yaml.safe_load((DEFAULT_CONFIG_DIR / "workflows" / "chunked.yaml").read_text())
     data["nodes"]["asr"]["max_in_flight"] = window
-    folder = root / f"config-{window}" / "workflows"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "chunked.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return folder.parent
+    workflow = Workflow.from_dict(data, "chunked.yaml")
+    check_stages(workflow)
+    return workflow
 
 
 class Stack:
@@ -75,8 +76,7 @@ class Stack:
         self.root, self.workers = root / f"stack-{workers}", workers
 
     async def __aenter__(self):
-        os.environ.update(CAPTIONBUS_STAGE_CACHE="off", CAPTIONBUS_ASR_THREADS="1",
-                          CAPTIONBUS_CONFIG=str(config_dir(self.root, self.workers)))
+        os.environ.update(CAPTIONBUS_STAGE_CACHE="off", CAPTIONBUS_ASR_THREADS="1")
         self.settings = Settings(home=self.root / "home", nats_url=None, artifacts_mode="local", host_id="bench")
         self.server = EmbeddedServer(self.root / "nats")
         self.server.start()
@@ -84,7 +84,7 @@ class Stack:
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.store = ArtifactStore(self.settings, self.js)
-        self.coordinator = coordinator_task(self.nc)
+        self.coordinator = Coordinator(self.nc, graphs={"chunked": chunked_workflow(self.workers)})
         await self.coordinator.__aenter__()
         self.services = start_stage_services(self.settings, self.server.url, STAGES, {"asr": self.workers})
         await wait_ready(self.nc, self.services, timeout=600)
