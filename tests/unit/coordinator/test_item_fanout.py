@@ -97,3 +97,26 @@ def test_for_each_must_name_a_list_output():
     data["nodes"]["sub"] = {"stage": "subtitle_gen", "inputs": {"transcript": "asr.transcript"}, "outputs": ["srt"]}
     with pytest.raises(WorkflowError, match="collect them with input_lists"):
         Workflow.from_dict(data)
+
+
+def test_cancel_stops_every_open_chunk_and_retry_reruns_only_those():
+    from contracts import JobCancelRequested, JobRetryRequested
+
+    d = through_language(4)
+    d = step(d, done("asr-0"), CHUNKED)
+    d = step(d, JobCancelRequested(job_id="j1"), CHUNKED)
+    assert d.state.status == JobStatus.cancelled
+    assert [d.state.nodes[f"asr-{i}"].status for i in range(4)] == [
+        NodeStatus.completed, NodeStatus.cancelled, NodeStatus.cancelled, NodeStatus.cancelled]
+    d = step(d, JobRetryRequested(job_id="j1"), CHUNKED)
+    assert requested(d) == ["asr-1", "asr-2", "asr-3"]  # the finished chunk is not redone
+    assert [r.attempt for r in d.requests] == [2, 2, 2]
+
+
+def test_a_duplicate_or_stale_chunk_result_changes_nothing():
+    d = through_language(2)
+    d = step(d, done("asr-0"), CHUNKED)
+    again = step(d, done("asr-0"), CHUNKED)  # a redelivered request's second completion
+    assert not again.changed and again.state.nodes["asr-0"].status == NodeStatus.completed
+    assert not step(d, done("asr-9"), CHUNKED).changed  # no such chunk
+
