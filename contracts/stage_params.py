@@ -177,8 +177,8 @@ class ChunkParams(StageParams):
         description=f"cut a chunk at the first silence after this many seconds (0: the whole audio is one chunk; "
                     f"else at least {MIN_CHUNK_TARGET_S:g})")
     min_silence_s: Annotated[float, Field(ge=0, le=10), NOT_BOOL] = Field(
-        0.3, description="a pause must be this long to cut there (the longest pause is taken when none is)")
-    max_s: Annotated[float, Field(gt=0, le=2 * MAX_CHUNK_TARGET_S), NOT_BOOL] | None = Field(
+        0.3, description="a pause must be this long to cut there (when max_s forces a cut: the widest pause)")
+    max_s: Annotated[float, Field(ge=MIN_CHUNK_TARGET_S, le=2 * MAX_CHUNK_TARGET_S), NOT_BOOL] | None = Field(
         None, description="no chunk is longer (a longer speech region is cut at it); unset: 2 x target_s")
 
     @model_validator(mode="after")
