@@ -38,7 +38,7 @@ from contracts.stage_options import AsrOptions
 from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
-from services.audio import read_wav, wav_duration
+from services.audio import read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device
 
@@ -338,6 +338,27 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     return {"transcript": out}
 
 
+def cache_inputs(request: StageRequest, ctx: StageContext) -> dict[str, str] | None:
+    """The stage cache key of one chunk (param `item`): its window's samples, the chunk itself
+    (times, regions) and the language, not the whole film: re-running a film with one changed scene
+    redoes that scene's chunk only. Other requests: None (every input's hash)."""
+    params: AsrParams = ctx.params
+    if params.item is None or params.task != "transcribe" or "chunks" not in request.inputs:
+        return None
+    chunks = read_chunks(ctx)
+    if params.item >= len(chunks.chunks):
+        return None
+    chunk = chunks.chunks[params.item]
+    digests = {
+        "chunk_audio": wav_window_digest(ctx.input_path("audio"), chunk.start, chunk.end),
+        "chunk": chunk.model_dump_json(),
+        "duration": repr(chunks.duration),
+    }
+    if "language" in request.inputs:
+        digests["language"] = request.inputs["language"].key
+    return digests
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: AsrModel = ctx.resources
     params: AsrParams = ctx.params
@@ -394,4 +415,5 @@ STAGE = StageDefinition(
     # whichever backend this env lacks is reported as "missing"
     report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,
+    cache_inputs=cache_inputs,
 )

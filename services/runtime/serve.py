@@ -262,18 +262,19 @@ class StageWorker:
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
                    slot: "_Slot", cancelled: threading.Event) -> None:
         params = self.definition.parse_params(request.params)  # BadInput: the job fails at once
-        key = None
-        if self.cache is not None and cache_enabled_for(request):
-            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
-                            fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores)
-            hit = await self.cache.lookup(key)
-            if hit is not None:
-                await self._complete_from_cache(msg, request, hit, delivery, log)
-                return
         ctx = RequestContext(
             request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
         )
+        key = None
+        if self.cache is not None and cache_enabled_for(request):
+            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
+                            fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores,
+                            inputs=await self._cache_inputs(request, ctx, log))
+            hit = await self.cache.lookup(key)
+            if hit is not None:
+                await self._complete_from_cache(msg, request, hit, delivery, log)
+                return
         started = time.perf_counter()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -298,6 +299,18 @@ class StageWorker:
             # item counts ride in the cached metrics (ITEMS_PREFIX): a hit must fan out alike
             await self.cache.record(key, refs, {**metrics, **{ITEMS_PREFIX + k: float(v) for k, v in ctx.items.items()}},
                                     ctx.warnings)
+
+    async def _cache_inputs(self, request: StageRequest, ctx: Any, log: Any) -> dict[str, str] | None:
+        """The stage's digests of what this request reads (it may read its inputs for them), or
+        None: the default key. A failure here is the default key, never a failed request."""
+        if self.definition.cache_inputs is None:
+            return None
+        call = functools.partial(contextvars.copy_context().run, self.definition.cache_inputs, request, ctx)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except Exception as error:  # the handler will meet (and report) the same problem
+            log.info("stage cache inputs unavailable; using the whole inputs", error=str(error))
+            return None
 
     async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
         outputs, cached_metrics, warnings = hit

@@ -249,3 +249,37 @@ def test_item_counts_reach_the_coordinator_and_survive_a_cache_hit(nats_server: 
         assert second[0].metrics["cache_hit"] == 1.0 and not any(k.startswith("items") for k in second[0].metrics)
 
     run(nats_server, captionbus_home, body)
+
+
+def _first_line(request: StageRequest, ctx) -> dict[str, Path]:
+    with _lock:
+        CALLS.append(request.job_id)
+    out = ctx.work_dir / "first.txt"
+    out.write_text(ctx.input_path("text").read_text().splitlines()[0])
+    return {"first": out}
+
+
+FIRST_LINE = StageDefinition(
+    name="first_line", handle=_first_line, describe_model=lambda _: "first-v1",
+    cache_inputs=lambda request, ctx: {"first": ctx.input_path("text").read_text().splitlines()[0]},
+)
+
+
+def test_a_stage_keys_the_cache_on_what_it_reads(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """StageDefinition.cache_inputs (the asr stage on one chunk): another input whose part the
+    stage reads is unchanged is a hit; a change in that part is a miss."""
+    CALLS.clear()
+    files = {}
+    for name, text in (("a", "same\nold tail"), ("b", "same\nnew tail"), ("c", "other\nold tail")):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text(text)
+
+    async def body(bus):
+        await bus.start(FIRST_LINE)
+        for job_id, name in (("j0001", "a"), ("j0002", "b"), ("j0003", "c")):
+            await bus.request(job_id, "first_line", inputs={"text": await bus.store.put(files[name], name="in.txt")},
+                              params={})
+            await bus.wait_for("stage_completed", job_id)
+        assert CALLS == ["j0001", "j0003"]
+
+    run(nats_server, captionbus_home, body)
