@@ -17,6 +17,11 @@ from services.chunk.plan import plan_chunks
 from services.runtime import BadInput, StageContext, StageDefinition
 
 
+# Every chunk is a node of the job's state (one KV value, about 1 KB a node, under NATS's 1 MB
+# message limit): 300 chunks is a 10-hour film at the default 120 s.
+MAX_CHUNKS = 300
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: ChunkParams = ctx.params
     try:
@@ -27,6 +32,10 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
     chunks = plan_chunks([(r.start, r.end) for r in regions.regions], regions.duration,
                          params.target_s, params.min_silence_s, params.max_length_s)
+    if len(chunks.chunks) > MAX_CHUNKS:
+        raise BadInput(f"target_s {params.target_s:g} cuts this {regions.duration / 60:.0f}-minute audio into "
+                       f"{len(chunks.chunks)} chunks; at most {MAX_CHUNKS} (every chunk is a node in the job's "
+                       f"state): use --chunk-s {regions.duration / MAX_CHUNKS * 1.5:.0f} or more")
     out = ctx.work_dir / "chunks.json"
     out.write_text(chunks.model_dump_json(indent=1))
     ctx.items["chunks"] = len(chunks.chunks)

@@ -75,3 +75,20 @@ def test_join_puts_segments_in_time_order_and_refuses_mixed_languages():
     assert join([], SpokenLanguage(language="de")).language == "de"
     with pytest.raises(BadInput, match="different languages"):
         join([transcript("en"), transcript("fr")], None)
+
+
+def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_state_holds(tmp_path):
+    from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from services.chunk.stage import handle
+    from tests.unit.stages.fake_context import make_fake_context
+
+    regions = SpeechRegions(backend="silero", duration=7200,
+                            regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(1200)])
+    (tmp_path / "regions.json").write_text(regions.model_dump_json())
+    ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
+    chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
+    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 60}  # a 2-hour film at 120 s
+    tiny = make_fake_context(tmp_path / "b", "chunk", inputs={"regions": tmp_path / "regions.json"},
+                             params={"target_s": 5})
+    with pytest.raises(BadInput, match="1200 chunks; at most 300 .* use --chunk-s 36 or more"):
+        handle(tiny.request, tiny)
