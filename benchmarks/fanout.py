@@ -91,7 +91,8 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc):
-        self.rss = {f"{s.stage}-{i}": peak_rss_mb(s.process.pid) for i, s in enumerate(self.services)}
+        self.rss = {f"{s.stage} #{n}": peak_rss_mb(s.process.pid)
+                    for n, s in enumerate(s for stage in STAGES for s in self.services if s.stage == stage)}
         await self.coordinator.__aexit__(*exc)
         await self.nc.drain()
         stop_services(self.services)

@@ -87,7 +87,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("vad_pyannote", "where someone speaks (pyannote segmentation)", VadParams,
               outputs=("regions",), inputs=("audio",), options=VadPyannoteOptions),
     StageSpec("chunk", "speech regions -> chunks cut at silences, one asr request each", ChunkParams,
-              outputs=("chunks",), inputs=("regions",), item_outputs=("chunks",)),
+              outputs=("chunks", "language"), inputs=("regions",), item_outputs=("chunks",)),
     StageSpec("asr", "speech -> transcript with word times (whisperx, or mlx-whisper)", AsrParams,
               outputs=("transcript", "language"), inputs=("audio",),
               optional_inputs=("regions", "chunks", "language"), options=AsrOptions),

@@ -2,7 +2,9 @@
 JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
 count goes back to the coordinator in `StageCompleted.items`. Cutting rules: services/chunk/plan.py.
 Params (contracts.stage_params.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
-No model, no audio: it reads a few kilobytes of JSON, in the common env."""
+No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
+language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
+language-detection request on the asr queue first (one queue wait less for every such job)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +13,7 @@ from pydantic import ValidationError
 
 from contracts import StageRequest
 from contracts.stage_options import NoOptions
-from contracts.speech import SpeechRegions
+from contracts.speech import SpeechRegions, SpokenLanguage
 from contracts.stage_params import ChunkParams
 from services.chunk.plan import plan_chunks
 from services.runtime import BadInput, StageContext, StageDefinition
@@ -46,7 +48,13 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         ctx.warn(f"speech ran longer than max_s ({params.max_length_s:g} s) without a pause: "
                  f"cut inside speech {sum(c.split for c in chunks.chunks)} time(s); raise max_s to avoid it")
     ctx.progress(1.0, f"{len(lengths)} chunks")
-    return {"chunks": out}
+    outputs = {"chunks": out}
+    if params.source_language:
+        language = ctx.work_dir / "language.json"
+        language.write_text(SpokenLanguage(language=params.source_language.strip().lower()).model_dump_json())
+        outputs["language"] = language
+    return outputs
 
 
-STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks",), options=NoOptions)
+STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks", "language"),
+                        options=NoOptions)

@@ -17,7 +17,7 @@ from tests.unit.coordinator.test_coordinator_decide import (
 )
 
 CHUNKED = load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")
-OUTPUTS = {**OUTPUTS, "vad": ["regions"], "chunk": ["chunks"], "language": ["language"],
+OUTPUTS = {**OUTPUTS, "vad": ["regions"], "chunk": ["chunks", "language"], "language": ["language"],
            "transcript_join": ["transcript"]}
 
 
@@ -120,3 +120,14 @@ def test_a_duplicate_or_stale_chunk_result_changes_nothing():
     assert not again.changed and again.state.nodes["asr-0"].status == NodeStatus.completed
     assert not step(d, done("asr-9"), CHUNKED).changed  # no such chunk
 
+
+
+def test_with_the_language_given_no_detection_request_waits_in_the_asr_queue():
+    d = submit(CHUNKED, source_language="en")
+    assert d.state.nodes["language"].status == NodeStatus.skipped
+    for node in ("demux", "vad"):
+        d = step(d, done(node), CHUNKED)
+    d = step(d, done("chunk", items={"chunks": 2}), CHUNKED)
+    assert requested(d) == ["asr-0", "asr-1"]  # straight to the chunks
+    assert d.requests[0].inputs["language"] == artifact("chunk.language")
+    assert d.requests[0].params["source_language"] == "en"

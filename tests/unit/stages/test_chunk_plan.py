@@ -88,6 +88,10 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
     ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
     chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
     assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 60}  # a 2-hour film at 120 s
+    assert "language" not in handle(ctx.request, ctx)  # not given: the language node detects it
+    given = make_fake_context(tmp_path / "c", "chunk", inputs={"regions": tmp_path / "regions.json"},
+                              params={"source_language": "EN"})
+    assert SpokenLanguage.model_validate_json(handle(given.request, given)["language"].read_text()).language == "en"
     tiny = make_fake_context(tmp_path / "b", "chunk", inputs={"regions": tmp_path / "regions.json"},
                              params={"target_s": 5})
     with pytest.raises(BadInput, match="1200 chunks; at most 300 .* use --chunk-s 36 or more"):
