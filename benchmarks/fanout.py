@@ -91,8 +91,10 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc):
-        self.rss = {f"{s.stage} #{n}": peak_rss_mb(s.process.pid)
-                    for n, s in enumerate(s for stage in STAGES for s in self.services if s.stage == stage)}
+        self.rss = {}
+        for svc in self.services:
+            replica = sum(1 for name in self.rss if name.startswith(f"{svc.stage} "))
+            self.rss[f"{svc.stage} worker {replica}"] = peak_rss_mb(svc.process.pid)
         await self.coordinator.__aexit__(*exc)
         await self.nc.drain()
         stop_services(self.services)
