@@ -149,7 +149,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 
 job_options = [
     click.option("-w", "--workflow", default="transcribe", show_default=True,
-                 help="Workflow graph in config/workflows: transcribe, translate, subtitle."),
+                 help="Workflow graph in config/workflows: transcribe, translate, subtitle, chunked."),
     click.option("-s", "--source-language", "source", default=None,
                  help="Spoken language (ISO 639-1); default: detect (translate/subtitle need it)."),
     click.option("-t", "--target-languages", "targets", default=None, help="Comma-separated languages to translate into."),
@@ -160,6 +160,9 @@ job_options = [
                  help="Voice activity detection backend (default silero)."),
     click.option("--glossary", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                  help="TSV of terms to keep or map in translation (source<TAB>target)."),
+    click.option("--chunk-s", "chunk_s", type=click.FloatRange(min=0), default=None,
+                 help="Workflows with a chunk stage (-w chunked): target chunk length in seconds, one asr "
+                      "request per chunk (0: the whole film in one; default 120)."),
 ]
 
 
@@ -167,8 +170,11 @@ def _with_job_options(fn):
     """The shared job flags; the convenience ones become `-o` options the graph and stages read."""
 
     @functools.wraps(fn)
-    def wrapper(*args, separate_sources: bool, vad: str | None, glossary: Path | None, options=(), **kwargs):
+    def wrapper(*args, separate_sources: bool, vad: str | None, glossary: Path | None, chunk_s: float | None,
+                options=(), **kwargs):
         extra = []
+        if chunk_s is not None:
+            extra.append(f"chunk.target_s={json.dumps(chunk_s)}")
         if separate_sources:
             extra.append("separate_sources=true")
         if vad:
@@ -188,8 +194,11 @@ def _with_job_options(fn):
 @_with_job_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Output folder (default: ./<name>.subs).")
 @click.option("--attach", is_flag=True, help="Use the coordinator and services already on the bus instead of starting them.")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="asr workers to start (a chunked film's chunks go to all of them).")
 @_friendly_errors
-def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None, attach: bool) -> None:
+def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None,
+        attach: bool, replicas: int) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths."""
     from captionbus.client import check_input_file
     from captionbus.runner import run_job, validate_job
@@ -206,6 +215,7 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
             settings, url, media,
             workflow=workflow, source_language=source, target_languages=_split_languages(targets),
             options=_parse_options(options), out_dir=out_dir, start_stack=not attach, console=console,
+            replicas={"asr": replicas},
         ))
     for path in outputs.values():
         click.echo(str(path))
@@ -331,9 +341,11 @@ def dashboard(listen: str) -> None:
 @main.command()
 @click.argument("stage")
 @click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
+@click.option("--devices", default=None,
+              help="Comma-separated CUDA device indexes, one per replica in turn (0,1: replica 0 on GPU 0, 1 on GPU 1).")
 @_insecure_option
 @_friendly_errors
-def serve(stage: str, replicas: int, insecure: bool) -> None:
+def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> None:
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
@@ -347,18 +359,31 @@ def serve(stage: str, replicas: int, insecure: bool) -> None:
     url = resolve_url(settings)
     _require_secure(url, settings, insecure)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
+    pinned = _device_envs(devices, replicas)
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.
         os.execve(str(interpreter), [str(interpreter), "-m", "services", "serve", stage],
-                  service_env(settings, env, url))
+                  service_env(settings, env, url, pinned[0]))
     # Blocked first, or the default handlers would kill us before sigwait returns.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    procs = [start_service(stage, env, interpreter, url, settings, replica=i) for i in range(replicas)]
+    procs = [start_service(stage, env, interpreter, url, settings, replica=i, extra_env=pinned[i])
+             for i in range(replicas)]
     console.print(f"{replicas} replicas of {stage} (env {env}); logs in {settings.home / 'logs'}")
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         stop_services(procs)
+
+
+def _device_envs(devices: str | None, replicas: int) -> list[dict[str, str] | None]:
+    """Per replica, the environment that pins it to one CUDA device (CUDA_VISIBLE_DEVICES), the
+    devices taken in turn; None for each when no devices are given."""
+    if devices is None:
+        return [None] * replicas
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not ids or not all(d.isdigit() for d in ids):
+        raise UserError(f"--devices {devices!r}: give CUDA device indexes separated by commas, e.g. 0,1")
+    return [{"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} for i in range(replicas)]
 
 
 def _on_bus(name: str, action):

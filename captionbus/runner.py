@@ -152,10 +152,15 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
                       "the job waits in the queue until one starts", highlight=False)
 
 
-def start_stage_services(settings: Settings, url: str, stages: list[str]) -> list[ServiceProcess]:
+def start_stage_services(
+    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None
+) -> list[ServiceProcess]:
+    """One service per stage, `replicas[stage]` of those named (they share the stage's queue)."""
+    replicas = replicas or {}
     return [
-        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings)
+        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i)
         for stage in dict.fromkeys(stages)
+        for i in range(max(1, replicas.get(stage, 1)))
     ]
 
 
@@ -183,6 +188,7 @@ async def run_job(
     out_dir: Path,
     start_stack: bool,
     console: Console,
+    replicas: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
@@ -199,7 +205,7 @@ async def run_job(
                 watched.append(await stack.enter_async_context(coordinator_task(nc)))
                 # No waiting for every model to load: requests queue until their stage is up, and
                 # a bad input fails at demux while asr is still loading.
-                services = start_stage_services(settings, url, stages)
+                services = start_stage_services(settings, url, stages, replicas)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
             store = ArtifactStore(settings, js)
@@ -281,13 +287,46 @@ async def _until_first(main, watchdog):
             task.cancel()
 
 
+class _ItemBars:
+    """One bar per node that fans out over items (asr-0, asr-1, … of a chunked film): its
+    progress is the sum over the items, out of the count the list's stage reported."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.bars, self.done, self.total = progress, {}, {}, 0
+
+    @staticmethod
+    def group(node: str | None) -> str | None:
+        name, dash, item = (node or "").rpartition("-")
+        return name if dash and item.isdigit() else None
+
+    def update(self, event) -> None:
+        if event.kind == "stage_completed" and event.items:
+            self.total = max([self.total, *event.items.values()])
+        group = self.group(getattr(event, "node", None))
+        if group is None or event.kind not in ("stage_requested", "stage_progress", "stage_completed"):
+            return
+        done = self.done.setdefault(group, {})
+        if group not in self.bars:
+            self.bars[group] = self.progress.add_task(group, total=1.0, note="")
+        fraction = {"stage_requested": 0.0, "stage_completed": 1.0}.get(event.kind, getattr(event, "fraction", 0.0))
+        done[event.node] = fraction
+        total = max(self.total, len(done))
+        finished = sum(1 for f in done.values() if f >= 1.0)
+        self.progress.update(self.bars[group], total=float(total), completed=sum(done.values()),
+                             note=f"{finished}/{total} chunks")
+
+
 async def _follow_with_progress(js, job_id: str, console: Console):
     bars: dict[str, int] = {}
     columns = (SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(),
                TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
     with Progress(*columns, console=console, transient=False) as progress:
+        items = _ItemBars(progress)
         async for event in follow(js, job_id):
             node = getattr(event, "node", None)
+            items.update(event)
+            if _ItemBars.group(node) is not None and event.kind != "stage_warning":
+                continue
             if node and node not in bars and event.kind in ("stage_requested", "stage_progress", "stage_completed"):
                 bars[node] = progress.add_task(node, total=1.0, note="")
             if event.kind == "stage_requested" and event.attempt > 1:

@@ -56,6 +56,9 @@ class StageCompleted(_StageEvent):
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     worker: dict[str, str] = Field(default_factory=dict)
+    items: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(
+        default_factory=dict,
+        description="output -> how many items it lists (a workflow may fan out over them: for_each: node.output)")
 
 
 class StageFailed(_StageEvent):

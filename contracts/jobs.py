@@ -79,6 +79,7 @@ class NodeState(BaseModel):
     worker: dict[str, str] = Field(default_factory=dict, description="who ran the last attempt")
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
+    items: dict[str, int] = Field(default_factory=dict, description="output -> items it lists (StageCompleted.items)")
 
 
 class JobState(BaseModel):

@@ -91,7 +91,7 @@ class StageParams(BaseModel):
     @classmethod
     def own_fields(cls) -> list[str]:
         """The params a person sets: the stage's own, then `cache` (not the coordinator's)."""
-        common = [n for n in StageParams.model_fields if n != "cache"] + ["target_language"]
+        common = [n for n in StageParams.model_fields if n != "cache"] + ["target_language", "item"]
         own = [n for n in cls.model_fields if n not in common and n != "cache"]
         return own + ["cache"]
 
@@ -101,6 +101,14 @@ class BranchParams(StageParams):
 
     target_language: str | None = Field(
         None, description="this branch's language (fan-out nodes)", json_schema_extra=COORDINATOR)
+
+
+class ItemParams(StageParams):
+    """Params of a stage a workflow may run once per item of another stage's list output
+    (`for_each: chunk.chunks`: one asr request per chunk)."""
+
+    item: Annotated[int, Field(ge=0), NOT_BOOL] | None = Field(
+        None, description="this node's item of the list it fans out over (0-based)", json_schema_extra=COORDINATOR)
 
 
 class DemuxParams(StageParams):
@@ -147,11 +155,50 @@ class VadParams(StageParams):
         return max(self.threshold - VAD_HYSTERESIS, 0.01)
 
 
-class AsrParams(StageParams):
+class AsrParams(ItemParams):
     language: LanguageOrAuto = Field(
         None, description="spoken language (ISO 639-1); unset or auto: the job's -s, else detected")
+    task: Literal["transcribe", "detect_language"] = Field(
+        "transcribe", description="detect_language: only find the spoken language (output `language`), "
+                                  "once per job, for every chunk to decode with")
     model: str | None = Field(
         None, description="must name the model the asr service loaded (its path, folder name or id)")
+
+
+# chunk: cut speech into chunks at silences for one asr request each.
+DEFAULT_CHUNK_TARGET_S = 120.0
+MIN_CHUNK_TARGET_S = 5.0
+MAX_CHUNK_TARGET_S = 3600.0
+
+
+class ChunkParams(StageParams):
+    target_s: Annotated[float, Field(ge=0, le=MAX_CHUNK_TARGET_S), NOT_BOOL] = Field(
+        DEFAULT_CHUNK_TARGET_S,
+        description=f"cut a chunk at the first silence after this many seconds (0: the whole audio is one chunk; "
+                    f"else at least {MIN_CHUNK_TARGET_S:g})")
+    min_silence_s: Annotated[float, Field(ge=0, le=10), NOT_BOOL] = Field(
+        0.3, description="a pause must be this long to cut there (when max_s forces a cut: the widest pause)")
+    max_s: Annotated[float, Field(ge=MIN_CHUNK_TARGET_S, le=2 * MAX_CHUNK_TARGET_S), NOT_BOOL] | None = Field(
+        None, description="no chunk is longer (a longer speech region is cut at it); unset: 2 x target_s")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "ChunkParams":
+        if 0 < self.target_s < MIN_CHUNK_TARGET_S:
+            raise ValueError(f"target_s must be 0 (no chunking) or at least {MIN_CHUNK_TARGET_S:g} s, not {self.target_s:g}")
+        if self.max_s is not None and self.target_s and self.max_s < self.target_s:
+            raise ValueError(f"max_s ({self.max_s:g}) must be at least target_s ({self.target_s:g})")
+        return self
+
+    @property
+    def max_length_s(self) -> float | None:
+        """The enforced chunk length limit; None when not chunking."""
+        if not self.target_s:
+            return None
+        return self.max_s if self.max_s is not None else 2 * self.target_s
+
+
+class TranscriptJoinParams(StageParams):
+    """transcript_join: the chunk transcripts, in chunk order, as one transcript."""
 
 
 class AlignmentParams(StageParams):

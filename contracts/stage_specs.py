@@ -28,12 +28,15 @@ from contracts.stage_params import (
     AlignmentParams,
     AsrParams,
     BranchParams,
+    ChunkParams,
+    ItemParams,
     DemuxParams,
     MuxParams,
     NoopParams,
     SourceSeparationParams,
     StageParams,
     SubtitleGenParams,
+    TranscriptJoinParams,
     TranslationParams,
     VadParams,
 )
@@ -50,11 +53,17 @@ class StageSpec:
     input_lists: tuple[str, ...] = ()
     options: type[ServiceOptions] = NoOptions
     passthrough: bool = False  # takes any inputs and returns them under their own names, else `out` (noop)
+    item_outputs: tuple[str, ...] = ()  # outputs that are lists a workflow may fan out over (for_each: node.output)
 
     @property
     def fans_out(self) -> bool:
         """Whether a workflow may run it once per target language (it takes target_language)."""
         return issubclass(self.params, BranchParams)
+
+    @property
+    def fans_out_items(self) -> bool:
+        """Whether a workflow may run it once per item of a list output (it takes `item`)."""
+        return issubclass(self.params, ItemParams)
 
     def param_keys(self) -> str:
         return ", ".join(self.params.own_fields())
@@ -77,8 +86,13 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               outputs=("regions",), inputs=("audio",), options=VadOptions),
     StageSpec("vad_pyannote", "where someone speaks (pyannote segmentation)", VadParams,
               outputs=("regions",), inputs=("audio",), options=VadPyannoteOptions),
+    StageSpec("chunk", "speech regions -> chunks cut at silences, one asr request each", ChunkParams,
+              outputs=("chunks", "language"), inputs=("regions",), item_outputs=("chunks",)),
     StageSpec("asr", "speech -> transcript with word times (whisperx, or mlx-whisper)", AsrParams,
-              outputs=("transcript",), inputs=("audio",), optional_inputs=("regions",), options=AsrOptions),
+              outputs=("transcript", "language"), inputs=("audio",),
+              optional_inputs=("regions", "chunks", "language"), options=AsrOptions),
+    StageSpec("transcript_join", "chunk transcripts -> one transcript, in chunk order", TranscriptJoinParams,
+              outputs=("transcript",), optional_inputs=("language",), input_lists=("transcripts",)),
     StageSpec("alignment", "re-times a transcript's words with a wav2vec2 CTC model", AlignmentParams,
               outputs=("transcript",), inputs=("audio", "transcript"), options=AlignmentOptions),
     StageSpec("translation_indictrans2", "transcript -> translated transcript (IndicTrans2)", TranslationParams,

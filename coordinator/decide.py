@@ -228,6 +228,8 @@ class _Step:
             node.status = NodeStatus.completed
             node.outputs = dict(event.outputs)
             node.metrics = dict(event.metrics)
+            node.items = dict(event.items)
+            self._plan = None  # a list it produced may add nodes (for_each: node.output)
             node.finished_at = self.now
             node.progress = 1.0
             node.deadline_at = None
@@ -296,19 +298,48 @@ class _Step:
     @property
     def plan(self) -> JobPlan:
         if self._plan is None:
-            self._plan = self.graph.expand(self.state.spec)
+            self._plan = self.graph.expand(self.state.spec, _item_counts(self.state))
         return self._plan
+
+    def _sync_item_nodes(self) -> None:
+        """Nodes that fan out over a list join the state once its count is known; their stand-in
+        (the plain name, still waiting) leaves it."""
+        nodes = self.state.nodes
+        plan = self.plan
+        for planned in plan.nodes.values():
+            if planned.id not in nodes and planned.item is not None:
+                nodes[planned.id] = _new_node(planned)
+        for node_id in list(nodes):
+            spec_node = self.graph.nodes.get(node_id)
+            if (node_id not in plan.nodes and spec_node is not None and spec_node.item_source() is not None
+                    and nodes[node_id].status == NodeStatus.waiting):
+                del nodes[node_id]
+
+    def _window_full(self, planned: PlannedNode) -> bool:
+        """Fairness: at most `max_in_flight` of one node's items requested at once, so one film's
+        chunks queue behind each other, not in front of every other job's requests."""
+        if planned.item is None or planned.max_in_flight is None:
+            return False
+        open_items = sum(
+            1 for p in self.plan.nodes.values()
+            if p.name == planned.name and p.item is not None and p.id in self.state.nodes
+            and self.state.nodes[p.id].status in (NodeStatus.requested, NodeStatus.retry_wait)
+        )
+        return open_items >= planned.max_in_flight
 
     def _advance(self) -> Decision:
         """Request every node whose dependencies are done; finish the job when all are."""
         if self.graph is None:
             return self._fail_job(f"unknown workflow {self.state.spec.workflow!r}")
+        self._sync_item_nodes()
         nodes = self.state.nodes
         for planned in self.plan.nodes.values():
             if self.state.status.finished:
                 return self._decision()
             node = nodes.get(planned.id)
-            if node is None or node.status != NodeStatus.waiting:
+            if node is None or node.status != NodeStatus.waiting or planned.pending_items:
+                continue
+            if self._window_full(planned):
                 continue
             if all(self._settled(d) for d in planned.depends_on if d in nodes):
                 self._request(planned.id)
@@ -393,10 +424,14 @@ class _Step:
             return self._decision()
         node.status = NodeStatus.failed
         node.finished_at = self.now
+        where = node_id
+        if planned is not None and planned.item is not None:
+            source = self.graph.nodes[planned.name].for_each
+            where = f"{node_id}: item {planned.item} of {source}"
         if retryable:
-            reason = f"stage {node.stage} ({node_id}) failed {used} times; last error: {reason}"
+            reason = f"stage {node.stage} ({where}) failed {used} times; last error: {reason}"
         else:
-            reason = f"stage {node.stage} ({node_id}) failed: {reason}"
+            reason = f"stage {node.stage} ({where}) failed: {reason}"
         return self._fail_node(node_id, one_line(reason))
 
     def _fail_node(self, node_id: str, reason: str) -> Decision:
@@ -490,5 +525,11 @@ def _new_node(planned: PlannedNode) -> NodeState:
     return NodeState(
         stage=planned.stage,
         status=NodeStatus.waiting if planned.active else NodeStatus.skipped,
-        params=dict(planned.branch),
+        params=dict(planned.branch) | ({"item": planned.item} if planned.item is not None else {}),
     )
+
+
+def _item_counts(state: JobState) -> dict[str, int]:
+    """`node.output` -> items it listed, for every completed node that listed any."""
+    return {f"{node_id}.{output}": count for node_id, node in state.nodes.items()
+            if node.status == NodeStatus.completed for output, count in node.items.items()}

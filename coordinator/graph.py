@@ -7,7 +7,13 @@ A workflow names its nodes; each node runs one stage. References between nodes a
     [a.vocals, demux.audio]   (in `inputs`) fallbacks: the first whose node runs for this job
 
 Optional nodes carry `when:` (a condition on the job spec, see `Condition`); fan-out nodes carry
-`for_each: target_languages` and become one node per language (`translation-ta`). A fan-out node
+`for_each: target_languages` and become one node per language (`translation-ta`). A node with
+`for_each: <node>.<output>` fans out over a list another stage produced (`for_each: chunk.chunks`):
+its count is known only when that node completes (`StageCompleted.items`), so until then the plan
+holds one pending node under the plain name (never requested, never settled), and afterwards one
+node per item, `asr-0`, `asr-1`, … with the param `item`. A node that fans out over the same list
+and references such a node gets the same item (`alignment-3` <- `asr-3`); a plain node collects
+them in item order through `input_lists`. Unlike a language branch, a failed item fails the job. A fan-out node
 with `route:` gets its stage per branch from a router (`ROUTERS`): `route: translation` picks the
 translation backend for (source language, branch language) from config/translation.yaml, and a
 pair no backend serves is a plan error, so the job is refused at submit. A fan-out node
@@ -165,6 +171,8 @@ class NodeSpec(BaseModel):
     route: str | None = Field(default=None, description="pick the stage per branch (ROUTERS)")
     deadline_s: float | None = Field(default=None, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="for_each over items: at most this many of one job's items requested at once")
 
     @field_validator("inputs", "input_lists", mode="before")
     @classmethod
@@ -184,8 +192,20 @@ class NodeSpec(BaseModel):
     @classmethod
     def _for_each(cls, value: str | None) -> str | None:
         if value is not None and value not in FAN_OUT_SOURCES:
-            raise ValueError(f"for_each {value!r} unknown; known: {', '.join(FAN_OUT_SOURCES)}")
+            try:
+                ref = Ref.parse(value)
+            except ValueError:
+                ref = None
+            if ref is None or ref.node == JOB:
+                raise ValueError(f"for_each {value!r} unknown; use {', '.join(FAN_OUT_SOURCES)} "
+                                 "or a list output of another node (node.output)")
         return value
+
+    def item_source(self) -> Ref | None:
+        """The list output this node fans out over (`for_each: chunk.chunks`), if it does."""
+        if self.for_each is None or self.for_each in FAN_OUT_SOURCES:
+            return None
+        return Ref.parse(self.for_each)
 
     @field_validator("route")
     @classmethod
@@ -198,6 +218,8 @@ class NodeSpec(BaseModel):
     def _has_inputs(self) -> "NodeSpec":
         if self.route and not self.for_each:
             raise ValueError("route picks a stage per branch: the node needs for_each")
+        if self.route and self.item_source() is not None:
+            raise ValueError("route picks a stage per target language: not with for_each over items")
         if not self.inputs and not self.input_lists:
             raise ValueError("a node needs inputs (at least job.input)")
         for name, refs in {**self.inputs, **self.input_lists}.items():
@@ -242,6 +264,11 @@ class Workflow(BaseModel):
                         self._check_ref(f"node {name} {kind}.{input_name}", Ref.parse(text))
                         if kind == "inputs":
                             self._check_branch(name, input_name, Ref.parse(text))
+            source = node.item_source()
+            if source is not None:
+                self._check_ref(f"node {name} for_each", source)
+                if self.nodes[source.node].for_each:
+                    raise ValueError(f"node {name} for_each {source}: {source.node} is itself a fan-out node")
         for output_name, text in self.outputs.items():
             try:
                 ref = Ref.parse(text)
@@ -277,7 +304,8 @@ class Workflow(BaseModel):
     def dependencies(self, name: str) -> list[str]:
         node = self.nodes[name]
         refs = [r for refs in (*node.inputs.values(), *node.input_lists.values()) for r in refs]
-        return list(dict.fromkeys(Ref.parse(r).node for r in refs if Ref.parse(r).node != JOB))
+        nodes = [Ref.parse(r).node for r in refs] + ([source.node] if (source := node.item_source()) else [])
+        return list(dict.fromkeys(n for n in nodes if n != JOB))
 
     def topological_order(self) -> list[str]:
         """Node names, dependencies first (file order among equals). Raises on a cycle."""
@@ -307,8 +335,10 @@ class Workflow(BaseModel):
         except ValidationError as e:
             raise WorkflowError(f"{source}: {_readable(e)}") from None
 
-    def expand(self, spec: JobSpec) -> "JobPlan":
-        return _expand(self, spec)
+    def expand(self, spec: JobSpec, items: dict[str, int] | None = None) -> "JobPlan":
+        """The job's concrete nodes; `items` maps `node.output` to the count of items that
+        completed node listed (JobState.item_counts()), for nodes that fan out over them."""
+        return _expand(self, spec, items or {})
 
 
 def _readable(error: ValidationError) -> str:
@@ -344,6 +374,7 @@ def check_stages(workflow: Workflow, source: str = "<workflow>") -> None:
         checked: set[type] = set()  # a routed node's stages may share one params model: say it once
         for stage in node.possible_stages(name):
             problems += [f"node {name}: {p}" for p in _stage_problems(node, stage, checked)]
+    problems += _item_problems(workflow)
     if problems:
         raise WorkflowError(f"{source}: {'; '.join(dict.fromkeys(problems))}")
 
@@ -367,12 +398,31 @@ def _stage_problems(node: NodeSpec, stage: str, checked: set[type]) -> list[str]
             missing = [n for n in needed if n not in given]
             if missing:
                 problems.append(f"stage {stage} needs {kind} {', '.join(missing)}")
-    if node.for_each and not spec.fans_out:
+    source = node.item_source()
+    if source is not None and not spec.fans_out_items:
+        problems.append(f"stage {stage} cannot run per item of {source}: it takes no item param")
+    elif node.for_each and source is None and not spec.fans_out:
         problems.append(f"stage {stage} cannot run per {FAN_OUT_SOURCES[node.for_each]}: it takes no such param")
     error = spec.check_params(node.params) if spec.params not in checked else None
     checked.add(spec.params)
     if error:
         problems.append(f"params: {error}")
+    return problems
+
+
+def _item_problems(workflow: Workflow) -> list[str]:
+    """`for_each: node.output` must name an output the node's stage declares as a list."""
+    problems = []
+    for name, node in workflow.nodes.items():
+        source = node.item_source()
+        if source is None:
+            continue
+        producer = workflow.nodes[source.node]
+        for stage in producer.possible_stages(source.node):
+            spec = STAGES.get(stage)
+            if spec is not None and source.output not in spec.item_outputs:
+                problems.append(f"node {name}: for_each {source}: stage {stage} does not list items in "
+                                f"{source.output!r} (its list outputs: {', '.join(spec.item_outputs) or 'none'})")
     return problems
 
 
@@ -460,11 +510,16 @@ class PlannedNode:
     params: dict[str, Any] = field(default_factory=dict)
     deadline_s: float | None = None
     max_attempts: int | None = None
+    item: int | None = None  # for_each over a list output: this node's item
+    # for_each over a list whose count is not known yet: a stand-in, never requested
+    pending_items: bool = False
+    after: list[str] = field(default_factory=list)  # the node whose list this one fans out over
+    max_in_flight: int | None = None  # of this node's items at once (the NodeSpec's)
 
     @property
     def depends_on(self) -> list[str]:
         sources = [*self.inputs.values(), *(s for lst in self.input_lists.values() for s in lst)]
-        return list(dict.fromkeys(s.node_id for s in sources if s.node_id is not None))
+        return list(dict.fromkeys([*(s.node_id for s in sources if s.node_id is not None), *self.after]))
 
 
 @dataclass
@@ -484,36 +539,64 @@ class JobPlan:
 
 def _branch_ids(workflow: Workflow, spec: JobSpec, name: str) -> list[tuple[str, dict[str, str]]]:
     node = workflow.nodes[name]
-    if not node.for_each:
+    if not node.for_each or node.item_source() is not None:
         return [(name, {})]
     items = getattr(spec, node.for_each)
     param = FAN_OUT_SOURCES[node.for_each]
     return [(f"{name}-{item}", {param: item}) for item in dict.fromkeys(items)]
 
 
-def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
+def _item_ids(
+    workflow: Workflow, name: str, items: dict[str, int], nodes: dict[str, PlannedNode]
+) -> list[tuple[str, int | None]] | str:
+    """(node id, item) per item of the list a node fans out over; one pending stand-in
+    `(name, None)` while the count is unknown; a plan error when the list's node does not run."""
+    source = workflow.nodes[name].item_source()
+    if not nodes[source.node].active:
+        return f"{name} fans out over {source}, and {source.node} does not run for this job"
+    count = items.get(str(source))
+    if count is None:
+        return [(name, None)]
+    return [(f"{name}-{i}", i) for i in range(count)]
+
+
+def _expand(workflow: Workflow, spec: JobSpec, items: dict[str, int]) -> JobPlan:
     nodes: dict[str, PlannedNode] = {}
     ids_of: dict[str, list[str]] = {}
     errors: list[str] = []
 
-    def candidates(ref: Ref, branch_of: str | None) -> list[Source]:
-        """Sources a reference stands for: one for a plain or same-branch node, all branches else."""
+    def candidates(ref: Ref, branch_of: str | None, item_of: tuple[str, int | None] | None) -> list[Source]:
+        """Sources a reference stands for: one for a plain, same-branch or same-item node, all
+        branches (or items) else."""
         if ref.node == JOB:
             return [Source(None, "input")]
-        if branch_of is not None and workflow.nodes[ref.node].for_each:
+        source = workflow.nodes[ref.node]
+        if item_of is not None and source.for_each == item_of[0]:
+            ids = [ref.node if item_of[1] is None else f"{ref.node}-{item_of[1]}"]
+        elif branch_of is not None and source.for_each and source.item_source() is None:
             ids = [f"{ref.node}-{branch_of}"]
         else:
             ids = ids_of[ref.node]
-        return [Source(i, ref.output) for i in ids if nodes[i].active]
+        return [Source(i, ref.output) for i in ids if i in nodes and nodes[i].active]
 
     for name in workflow.topological_order():
         spec_node = workflow.nodes[name]
         condition = spec_node.condition()
         active = condition.holds(spec) if condition else True
         ids_of[name] = []
-        for node_id, branch in _branch_ids(workflow, spec, name):
+        if spec_node.item_source() is not None:
+            found_items = _item_ids(workflow, name, items, nodes) if active else [(name, None)]
+            if isinstance(found_items, str):
+                errors.append(found_items)
+                found_items = [(name, None)]
+            branches = [(node_id, {}, item) for node_id, item in found_items]
+        else:
+            branches = [(node_id, branch, None) for node_id, branch in _branch_ids(workflow, spec, name)]
+        for node_id, branch, item in branches:
             ids_of[name].append(node_id)
             branch_item = next(iter(branch.values()), None)
+            source = spec_node.item_source()
+            item_of = (spec_node.for_each, item) if source is not None else None
             stage = spec_node.stage_name(name)
             if active and spec_node.route:
                 try:
@@ -522,13 +605,15 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
                     errors.append(f"{node_id}: {e}")
             planned = PlannedNode(
                 id=node_id, name=name, stage=stage, active=active, branch=branch,
-                deadline_s=spec_node.deadline_s, max_attempts=spec_node.max_attempts,
+                deadline_s=spec_node.deadline_s, max_attempts=spec_node.max_attempts, item=item,
+                pending_items=source is not None and item is None,
+                after=[source.node] if source is not None else [], max_in_flight=spec_node.max_in_flight,
             )
             nodes[node_id] = planned
             if not active:
                 continue
             for input_name, refs in spec_node.inputs.items():
-                found = [s for r in refs for s in candidates(Ref.parse(r), branch_item)]
+                found = [s for r in refs for s in candidates(Ref.parse(r), branch_item, item_of)]
                 if found:
                     planned.inputs[input_name] = found[0]
                 else:
@@ -538,9 +623,11 @@ def _expand(workflow: Workflow, spec: JobSpec) -> JobPlan:
                     )
             for input_name, refs in spec_node.input_lists.items():
                 planned.input_lists[input_name] = [
-                    s for r in refs for s in candidates(Ref.parse(r), branch_item)
+                    s for r in refs for s in candidates(Ref.parse(r), branch_item, item_of)
                 ]
             planned.params = _params(spec_node, name, node_id, planned.stage, spec, branch)
+            if item is not None:
+                planned.params["item"] = item
             stage_spec = STAGES.get(planned.stage)
             if stage_spec is not None and (error := stage_spec.check_params(planned.params)):
                 errors.append(f"{node_id}: {error}")

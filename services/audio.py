@@ -35,13 +35,40 @@ def open_wav(path: Path, what: str = "audio") -> Iterator[wave.Wave_read]:
         reader.close()
 
 
-def read_wav(path: Path, what: str = "audio"):
-    """The whole file as float32 samples in -1..1 (for stages that need it all at once)."""
+def read_wav(path: Path, what: str = "audio", start_s: float = 0.0, end_s: float | None = None):
+    """The samples from `start_s` to `end_s` (default: the end) as float32 in -1..1. Only that
+    window is read (the reader seeks to it), so a stage working on one chunk of a film holds that
+    chunk, not the film: a 2-hour film is 230 MB of PCM, 460 MB as float32."""
     import numpy as np
 
     with open_wav(path, what) as reader:
+        total = reader.getnframes()
+        first = min(total, max(0, int(round(start_s * SAMPLE_RATE))))
+        last = total if end_s is None else min(total, max(first, int(round(end_s * SAMPLE_RATE))))
         try:
-            frames = reader.readframes(reader.getnframes())
+            reader.setpos(first)
+            frames = reader.readframes(last - first)
         except WAV_HEADER_ERRORS as err:
             raise BadInput(f"{what} is not a readable PCM WAV file ({err or 'its data is cut short'})") from None
     return np.frombuffer(frames[: len(frames) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+
+
+def wav_window_digest(path: Path, start_s: float, end_s: float, what: str = "audio") -> str:
+    """sha256 of the PCM bytes from `start_s` to `end_s` (what a stage reading that window hears)."""
+    import hashlib
+
+    with open_wav(path, what) as reader:
+        total = reader.getnframes()
+        first = min(total, max(0, int(round(start_s * SAMPLE_RATE))))
+        last = min(total, max(first, int(round(end_s * SAMPLE_RATE))))
+        try:
+            reader.setpos(first)
+            return hashlib.sha256(reader.readframes(last - first)).hexdigest()
+        except WAV_HEADER_ERRORS as err:
+            raise BadInput(f"{what} is not a readable PCM WAV file ({err or 'its data is cut short'})") from None
+
+
+def wav_duration(path: Path, what: str = "audio") -> float:
+    """Seconds of audio in the WAV, from its header (nothing else is read)."""
+    with open_wav(path, what) as reader:
+        return reader.getnframes() / SAMPLE_RATE

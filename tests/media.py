@@ -149,3 +149,54 @@ def music_bed_video(path: Path, text: str = ENGLISH_SENTENCE, music_only_s: floa
     ])
     wav.unlink()
     return path, text, (music_only_s, music_only_s + speech_s)
+
+
+FILM_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Seven friendly sailors watch the golden sunset.",
+    "A bright yellow kite rises above the green hill.",
+    "My grandmother bakes bread every Sunday morning.",
+    "The train to the city leaves at nine o'clock.",
+    "Children laugh and play beside the quiet river.",
+    "Please close the window before the storm arrives.",
+    "Our teacher reads a story about a brave knight.",
+)
+
+
+def speech_film(path: Path, sentences=FILM_SENTENCES, pauses=(0.4, 0.7, 1.2), repeat: int = 1,
+                video: bool = True) -> tuple[Path, str]:
+    """Sentences spoken one after another with pauses of the given lengths between them (cycled),
+    `repeat` times over: a film whose chunk cuts land right next to speech. 16 kHz mono PCM
+    glued in Python (exact pause lengths), then a test-pattern video with it as AAC audio (or the
+    WAV itself when video=False)."""
+    import wave
+
+    rate = 16000
+    spoken: list[bytes] = []
+    for n, text in enumerate(sentences):
+        wav, _ = speech_wav(path.with_suffix(f".s{n}.wav"), text)
+        raw = path.with_suffix(f".s{n}.raw")
+        _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(wav), "-ac", "1", "-ar", str(rate),
+              "-f", "s16le", str(raw)])
+        spoken.append(raw.read_bytes())
+        wav.unlink()
+        raw.unlink()
+    pcm = bytearray(b"\0\0" * int(0.5 * rate))
+    texts = []
+    for r in range(repeat):
+        for n, data in enumerate(spoken):
+            pcm += data
+            pcm += b"\0\0" * int(pauses[(r * len(spoken) + n) % len(pauses)] * rate)
+            texts.append(sentences[n])
+    audio = path.with_suffix(".film.wav") if video else path
+    with wave.open(str(audio), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(bytes(pcm))
+    if video:
+        _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10",
+              "-i", str(audio), "-map", "0:v", "-map", "1:a", "-shortest", "-c:v", "libx264", "-preset", "ultrafast",
+              "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "48k", str(path)])
+        audio.unlink()
+    return path, " ".join(texts)

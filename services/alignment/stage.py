@@ -57,7 +57,7 @@ from contracts.stage_options import AlignmentOptions
 from contracts.stage_params import AlignmentParams
 from contracts.transcript import Segment, Transcript, Word
 from core import settings as core_settings
-from services.audio import read_wav
+from services.audio import read_wav, wav_duration
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device
 
@@ -386,11 +386,33 @@ def align_segment(aligner: Aligner, model: LoadedModel, audio, segment: Segment,
     return words, sum(1 for w in words if w.start is not None)
 
 
+def align_in_window(aligner: Aligner, model: LoadedModel, path: Path, duration: float, segment: Segment,
+                    language: str) -> tuple[list[Word] | None, int]:
+    """align_segment on the segment's own samples only (read from the WAV by seeking: memory
+    follows the segment, not the film): whisperx.align cuts exactly [start, end] out of the
+    audio it is given, so handing it that window with the times moved changes nothing else."""
+    import torch
+
+    start, end = max(0.0, segment.start), min(segment.end, duration)
+    if end <= start:
+        return None, 0
+    window = torch.from_numpy(read_wav(path, start_s=start, end_s=end)).unsqueeze(0)
+    local = segment.model_copy(update={"start": segment.start - start, "end": segment.end - start})
+    words, timed = align_segment(aligner, model, window, local, language)
+    if words is None:
+        return None, 0
+
+    def move(t: float | None) -> float | None:
+        return None if t is None else round(t + start, 3)
+
+    return [w.model_copy(update={"start": move(w.start), "end": move(w.end)}) for w in words], timed
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     aligner: Aligner = ctx.resources
     transcript = read_transcript(ctx.input_path("transcript"))
     language = transcript_language(ctx.params, transcript)
-    audio = read_wav(ctx.input_path("audio"))
+    duration = wav_duration(ctx.input_path("audio"))
     started = time.monotonic()
     out = ctx.work_dir / "transcript.json"
     total_words = sum(len(s.words) for s in transcript.segments)
@@ -407,12 +429,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
     if not transcript.segments:
         return keep_input(None)
-    if len(audio) == 0:
+    if duration == 0:
         raise BadInput("audio is empty but the transcript has speech; align the audio the transcript came from")
 
-    import torch
-
-    waveform = torch.from_numpy(audio).unsqueeze(0)
     with aligner.lock:
         model, reason, load_seconds = aligner.model_for(language, ctx.log)
         if model is None:
@@ -420,7 +439,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         ctx.progress(0.02, f"aligning with {Path(model.source).name}")
         segments, words_aligned, unaligned_segments = [], 0, 0
         for n, segment in enumerate(transcript.segments):
-            words, timed = align_segment(aligner, model, waveform, segment, language)
+            words, timed = align_in_window(aligner, model, ctx.input_path("audio"), duration, segment, language)
             if words is None:
                 unaligned_segments += 1
                 words = segment.words  # this segment keeps its ASR word times

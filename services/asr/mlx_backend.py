@@ -219,6 +219,15 @@ def transcribe(
 # ---------------------------------------------------------------- helpers
 
 
+def detect(model: MlxWhisper, audio: np.ndarray, regions: list[tuple[float, float]] | None) -> tuple[str, float | None]:
+    """(language, probability) heard in the first 30 s of speech (of `regions` when given)."""
+    audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+    duration = len(audio) / SAMPLE_RATE
+    speech = _clean_regions(regions, duration) if regions else [(0.0, duration)]
+    with model.lock:
+        return _detect_language(model, _speech_sample(audio, speech))
+
+
 def _clean_regions(regions: list[tuple[float, float]], duration: float) -> list[tuple[float, float]]:
     """Sorted, non-overlapping regions inside the audio."""
     merged: list[list[float]] = []

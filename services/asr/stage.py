@@ -11,6 +11,13 @@ Params (contracts.stage_params.AsrParams) and service options (contracts.stage_o
 `captionbus stages asr`.
 Outputs: `transcript` (transcript.json), cleaned by services/asr/hallucination.py (loops,
 text outside speech, phantom phrases dropped; "lyrics" / "hallucination-suspect" flags).
+
+One chunk of a film (the `chunked` workflow): with the param `item` and the input `chunks`
+(contracts.speech.SpeechChunks from the chunk stage) only that chunk's window of the WAV is read
+(services/audio.py seeks to it: memory follows the chunk, not the film), decoded inside its
+regions, and its times shifted back to film times; the input `language` (SpokenLanguage) is the
+language detected once for the job. `task: detect_language` writes that `language` output: the
+given -s, or what Whisper hears in the first chunk's speech.
 """
 from __future__ import annotations
 
@@ -26,12 +33,12 @@ import numpy as np
 from pydantic import ValidationError
 
 from contracts import StageRequest
-from contracts.speech import SpeechRegions
+from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
 from contracts.stage_options import AsrOptions
 from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
-from services.audio import read_wav
+from services.audio import read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device
 
@@ -235,11 +242,132 @@ def drop_hallucinations(segments: list[Segment], regions: Regions | None, durati
     return cleaned
 
 
+# ---------------------------------------------------------------- chunks (for_each: chunk.chunks)
+
+def read_chunks(ctx: StageContext) -> SpeechChunks:
+    """The `chunks` input, checked to belong to this audio (its length, from the WAV header)."""
+    try:
+        chunks = SpeechChunks.model_validate_json(ctx.input_path("chunks").read_bytes())
+    except ValidationError as err:
+        raise BadInput(f"chunks input is not valid SpeechChunks JSON from the chunk stage ({err.errors()[0]['msg']})") from None
+    duration = wav_duration(ctx.input_path("audio"))
+    if abs(chunks.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
+        raise BadInput(f"chunks were cut from {chunks.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
+                       "they belong to another file")
+    return chunks
+
+
+def chunk_audio(ctx: StageContext, chunk: SpeechChunk) -> tuple[np.ndarray, Regions]:
+    """The chunk's samples only, and its speech regions in chunk times."""
+    audio = read_wav(ctx.input_path("audio"), start_s=chunk.start, end_s=chunk.end)
+    regions = [(r.start - chunk.start, r.end - chunk.start) for r in chunk.regions]
+    return audio, merge_regions(regions, len(audio) / SAMPLE_RATE)
+
+
+def shifted(segments: list[Segment], offset: float) -> list[Segment]:
+    """Chunk times -> film times."""
+    def move(t: float | None) -> float | None:
+        return None if t is None else round(t + offset, 3)
+
+    return [s.model_copy(update={
+        "start": move(s.start), "end": move(s.end),
+        "words": [w.model_copy(update={"start": move(w.start), "end": move(w.end)}) for w in s.words],
+    }) for s in segments]
+
+
+def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel) -> str | None:
+    """The job's language: the `language` input (detected once for the job) when there is one."""
+    if "language" not in request.inputs:
+        return requested_language(params, model)
+    try:
+        spoken = SpokenLanguage.model_validate_json(ctx.input_path("language").read_bytes())
+    except ValidationError as err:
+        raise BadInput(f"language input is not valid SpokenLanguage JSON ({err.errors()[0]['msg']})") from None
+    return requested_language(params.model_copy(update={"language": spoken.language}), model)
+
+
+def handle_detect(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel) -> dict[str, Path]:
+    """task detect_language: the given language, else the one heard in the first chunk's speech."""
+    language, probability = requested_language(params, model), None
+    if language is None:
+        audio, regions = np.zeros(0, np.float32), None
+        if "chunks" in request.inputs:
+            chunks = read_chunks(ctx).chunks
+            if chunks:
+                audio, regions = chunk_audio(ctx, chunks[0])
+        else:
+            audio = read_wav(ctx.input_path("audio"), end_s=whisperx_backend.DETECT_WINDOW_S)
+        if len(audio):
+            with model.lock:
+                language, probability = model.module.detect(model.engine, audio, regions)
+            ctx.log.info("language detected", language=language,
+                         probability=None if probability is None else round(float(probability), 3))
+        else:
+            language = "en"  # no speech: nothing will be decoded in it
+            ctx.warn("no speech to detect the language in: the transcript will be empty")
+    out = ctx.work_dir / "language.json"
+    out.write_text(SpokenLanguage(language=language, probability=probability).model_dump_json())
+    ctx.progress(1.0, f"language {language}")
+    return {"language": out}
+
+
+def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel,
+                 language: str | None) -> dict[str, Path]:
+    """One chunk (param `item`) of the `chunks` input, in film times."""
+    if "chunks" not in request.inputs:
+        raise BadInput("param item needs the chunks input (from the chunk stage)")
+    chunks = read_chunks(ctx)
+    if params.item >= len(chunks.chunks):
+        raise BadInput(f"item {params.item}: the chunks input lists {len(chunks.chunks)} chunks")
+    chunk = chunks.chunks[params.item]
+    audio, regions = chunk_audio(ctx, chunk)
+    duration = len(audio) / SAMPLE_RATE
+    started = time.monotonic()
+    with model.lock:
+        language, language_probability, segments = transcribe(model, audio, language, regions, ctx)
+    segments = shifted(drop_hallucinations(segments, regions, duration, ctx), chunk.start)
+    seconds = time.monotonic() - started
+    transcript = Transcript(language=language, language_probability=language_probability, duration=chunks.duration,
+                            model=describe_model(model), segments=segments)
+    out = ctx.work_dir / "transcript.json"
+    out.write_text(transcript.model_dump_json(indent=1))
+    ctx.metrics.update(model_load_s=model.load_seconds, audio_duration_s=duration, asr_s=seconds,
+                       realtime_factor=seconds / duration if duration else 0.0, segments=float(len(segments)),
+                       chunk_start_s=chunk.start, speech_region_s=float(sum(e - s for s, e in regions)))
+    ctx.progress(1.0, f"chunk {params.item}: {len(segments)} segments")
+    return {"transcript": out}
+
+
+def cache_inputs(request: StageRequest, ctx: StageContext) -> dict[str, str] | None:
+    """The stage cache key of one chunk (param `item`): its window's samples, the chunk itself
+    (times, regions) and the language, not the whole film: re-running a film with one changed scene
+    redoes that scene's chunk only. Other requests: None (every input's hash)."""
+    params: AsrParams = ctx.params
+    if params.item is None or params.task != "transcribe" or "chunks" not in request.inputs:
+        return None
+    chunks = read_chunks(ctx)
+    if params.item >= len(chunks.chunks):
+        return None
+    chunk = chunks.chunks[params.item]
+    digests = {
+        "chunk_audio": wav_window_digest(ctx.input_path("audio"), chunk.start, chunk.end),
+        "chunk": chunk.model_dump_json(),
+        "duration": repr(chunks.duration),
+    }
+    if "language" in request.inputs:
+        digests["language"] = request.inputs["language"].key
+    return digests
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     model: AsrModel = ctx.resources
     params: AsrParams = ctx.params
     check_model(params, model)
-    language = requested_language(params, model)
+    if params.task == "detect_language":
+        return handle_detect(request, ctx, params, model)
+    language = given_language(request, ctx, params, model)
+    if params.item is not None:
+        return handle_chunk(request, ctx, params, model, language)
     audio = read_wav(ctx.input_path("audio"))
     duration = len(audio) / SAMPLE_RATE
     regions = read_regions(request, ctx, duration)
@@ -282,9 +410,10 @@ STAGE = StageDefinition(
     handle=handle,
     setup=setup,
     params=AsrParams,
-    outputs=("transcript",),
+    outputs=("transcript", "language"),
     options=AsrOptions,
     # whichever backend this env lacks is reported as "missing"
     report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,
+    cache_inputs=cache_inputs,
 )

@@ -143,6 +143,15 @@ def transcribe(
     return language, language_probability, segments
 
 
+def detect(model: WhisperX, audio: np.ndarray, regions: Regions | None) -> tuple[str, float]:
+    """(language, probability) heard in the first 30 s of speech: of `regions` when given, else
+    found by faster-whisper's VAD (detect_language)."""
+    if regions:
+        language, probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
+        return language, float(probability)
+    return detect_language(model, audio)
+
+
 # ---------------------------------------------------------------- helpers
 
 

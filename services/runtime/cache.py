@@ -33,6 +33,7 @@ from typing import Any
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
+ITEMS_PREFIX = "items:"  # a cached entry keeps StageCompleted.items among its metrics under this prefix
 # Settings that say where this host keeps things or how it talks to the bus, not what a stage computes.
 HOST_SETTINGS = frozenset({
     "CAPTIONBUS_HOME", "CAPTIONBUS_ENVS", "CAPTIONBUS_ENV", "CAPTIONBUS_HOST_ID", "CAPTIONBUS_ARTIFACTS",
@@ -99,7 +100,9 @@ def worker_fingerprint(options: dict[str, Any], config_dirs: list[Path], project
 
 
 def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fingerprint: str = "",
-              ignores: tuple[str, ...] = ()) -> str:
+              ignores: tuple[str, ...] = (), inputs: dict[str, str] | None = None) -> str:
+    """`inputs`: the stage's own digests of what it reads (StageDefinition.cache_inputs), in place
+    of the inputs' content hashes."""
     material = {
         "stage": request.stage,
         "cache_version": cache_version,
@@ -107,7 +110,8 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fi
         "env": info.env,
         "packages": info.packages,
         "model": info.model,
-        "inputs": {name: [ref.key, ref.name] for name, ref in sorted(request.inputs.items())},
+        "inputs": ({name: [ref.key, ref.name] for name, ref in sorted(request.inputs.items())}
+                   if inputs is None else {"digests": dict(sorted(inputs.items()))}),
         "input_lists": {
             name: [[ref.key, ref.name] for ref in refs] for name, refs in sorted(request.input_lists.items())
         },

@@ -51,6 +51,7 @@ class RequestContext:
         self.resources = resources
         self.log = log
         self.metrics: dict[str, float] = {}
+        self.items: dict[str, int] = {}  # list output -> its item count (StageCompleted.items)
         self.delivery = delivery  # 1 on the first try of this request, 2 on a redelivery ...
         self._loop = loop
         self._fetch = fetch

@@ -58,6 +58,7 @@ class StageContext(Protocol):
     resources: Any  # whatever setup() returned: the warm model
     log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
     metrics: dict[str, float]  # filled by the handler, published with the result
+    items: dict[str, int]  # a list output's item count, for workflows that fan out over it
     delivery: int  # 1 on the first delivery of this request, 2 on its first redelivery ...
 
     def input_path(self, name: str) -> Path:
@@ -127,6 +128,10 @@ class StageDefinition:
     # of the cache key so a job that differs only there reuses the output. List only what is
     # certainly unread: a param wrongly listed here serves stale results.
     cache_ignores: tuple[str, ...] = ()
+    # What a request really reads, as digests that replace its `inputs` in the cache key, or None
+    # for the default (every input's content hash). The asr stage on one chunk of a film gives the
+    # chunk's samples: a film with one changed scene redoes only that scene's chunk.
+    cache_inputs: Callable[[Any, Any], dict[str, str] | None] | None = None
 
     def parse_params(self, raw: Mapping[str, Any]) -> Any:
         """The request params as this stage's model; BadInput when they do not fit it."""

@@ -56,6 +56,7 @@ from core.retry import RetryPolicy
 from core.settings import PROJECT_ROOT, Settings, config_dirs
 from core.text import one_line
 from services.runtime.cache import (
+    ITEMS_PREFIX,
     StageCache,
     cache_enabled_for,
     cache_key,
@@ -305,18 +306,19 @@ class StageWorker:
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
                    slot: "_Slot", cancelled: threading.Event) -> None:
         params = self.definition.parse_params(request.params)  # BadInput: the job fails at once
-        key = None
-        if self.cache is not None and cache_enabled_for(request):
-            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
-                            fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores)
-            hit = await self.cache.lookup(key)
-            if hit is not None:
-                await self._complete_from_cache(msg, request, hit, delivery, log)
-                return
         ctx = RequestContext(
             request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
         )
+        key = None
+        if self.cache is not None and cache_enabled_for(request):
+            key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
+                            fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores,
+                            inputs=await self._cache_inputs(request, ctx, log))
+            hit = await self.cache.lookup(key)
+            if hit is not None:
+                await self._complete_from_cache(msg, request, hit, delivery, log)
+                return
         started = time.perf_counter()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -337,7 +339,8 @@ class StageWorker:
                            "store_s": time.perf_counter() - handled, "delivery": float(delivery),
                            "result_retries": float(failures)}
                 await self._publish(
-                    StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary),
+                    StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary,
+                                   items=ctx.items),
                     msg_id=f"{request.key}.completed",
                 )
                 break
@@ -354,16 +357,32 @@ class StageWorker:
         await msg.ack_sync()
         log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
         if key is not None and not ctx.cache_blockers:
-            await self.cache.record(key, refs, metrics, ctx.warnings)
+            # item counts ride in the cached metrics (ITEMS_PREFIX): a hit must fan out alike
+            await self.cache.record(key, refs, {**metrics, **{ITEMS_PREFIX + k: float(v) for k, v in ctx.items.items()}},
+                                    ctx.warnings)
+
+    async def _cache_inputs(self, request: StageRequest, ctx: Any, log: Any) -> dict[str, str] | None:
+        """The stage's digests of what this request reads (it may read its inputs for them), or
+        None: the default key. A failure here is the default key, never a failed request."""
+        if self.definition.cache_inputs is None:
+            return None
+        call = functools.partial(contextvars.copy_context().run, self.definition.cache_inputs, request, ctx)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except Exception as error:  # the handler will meet (and report) the same problem
+            log.info("stage cache inputs unavailable; using the whole inputs", error=str(error))
+            return None
 
     async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
         outputs, cached_metrics, warnings = hit
-        metrics = {k: v for k, v in cached_metrics.items() if k not in ("delivery", "cache_hit")}
+        items = {k[len(ITEMS_PREFIX):]: int(v) for k, v in cached_metrics.items() if k.startswith(ITEMS_PREFIX)}
+        metrics = {k: v for k, v in cached_metrics.items()
+                   if k not in ("delivery", "cache_hit") and not k.startswith(ITEMS_PREFIX)}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
         for message in warnings:  # what the first run said still holds for these outputs
             await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
-            StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics,
+            StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics, items=items,
                            worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )

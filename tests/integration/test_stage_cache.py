@@ -215,3 +215,71 @@ def test_params_a_stage_never_reads_do_not_split_the_cache(nats_server: str, cap
 
     run(nats_server, captionbus_home, body)
     assert CALLS == ["j0001"]
+
+
+def _lines(request: StageRequest, ctx) -> dict[str, Path]:
+    with _lock:
+        CALLS.append(request.job_id)
+    text = ctx.input_path("text").read_text()
+    out = ctx.work_dir / "lines.txt"
+    out.write_text(text)
+    ctx.items["lines"] = len(text.splitlines())
+    return {"lines": out}
+
+
+LINES = StageDefinition(name="lines", handle=_lines, describe_model=lambda _: "lines-v1")
+
+
+def test_item_counts_reach_the_coordinator_and_survive_a_cache_hit(nats_server: str, captionbus_home: Path,
+                                                                    tmp_path: Path):
+    """A workflow fans out over StageCompleted.items: a hit must report the same count."""
+    CALLS.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\nthree\n")
+
+    async def body(bus):
+        await bus.start(LINES)
+        ref = await bus.store.put(source, name="in.txt")
+        first, second = [], []
+        for job_id, into in (("j0001", first), ("j0002", second)):
+            await bus.request(job_id, "lines", inputs={"text": ref}, params={})
+            into.append(await bus.wait_for("stage_completed", job_id))
+        assert CALLS == ["j0001"]
+        assert first[0].items == {"lines": 3} == second[0].items
+        assert second[0].metrics["cache_hit"] == 1.0 and not any(k.startswith("items") for k in second[0].metrics)
+
+    run(nats_server, captionbus_home, body)
+
+
+def _first_line(request: StageRequest, ctx) -> dict[str, Path]:
+    with _lock:
+        CALLS.append(request.job_id)
+    out = ctx.work_dir / "first.txt"
+    out.write_text(ctx.input_path("text").read_text().splitlines()[0])
+    return {"first": out}
+
+
+FIRST_LINE = StageDefinition(
+    name="first_line", handle=_first_line, describe_model=lambda _: "first-v1",
+    cache_inputs=lambda request, ctx: {"first": ctx.input_path("text").read_text().splitlines()[0]},
+)
+
+
+def test_a_stage_keys_the_cache_on_what_it_reads(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """StageDefinition.cache_inputs (the asr stage on one chunk): another input whose part the
+    stage reads is unchanged is a hit; a change in that part is a miss."""
+    CALLS.clear()
+    files = {}
+    for name, text in (("a", "same\nold tail"), ("b", "same\nnew tail"), ("c", "other\nold tail")):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text(text)
+
+    async def body(bus):
+        await bus.start(FIRST_LINE)
+        for job_id, name in (("j0001", "a"), ("j0002", "b"), ("j0003", "c")):
+            await bus.request(job_id, "first_line", inputs={"text": await bus.store.put(files[name], name="in.txt")},
+                              params={})
+            await bus.wait_for("stage_completed", job_id)
+        assert CALLS == ["j0001", "j0003"]
+
+    run(nats_server, captionbus_home, body)

@@ -6,7 +6,9 @@ import json
 import click
 from click.testing import CliRunner
 
-from captionbus.cli import _parse_options, _with_job_options
+import pytest
+
+from captionbus.cli import UserError, _device_envs, _parse_options, _with_job_options
 
 
 @click.command()
@@ -35,3 +37,17 @@ def test_without_flags_no_options_and_bad_vad_choice_refused():
     assert json.loads(CliRunner().invoke(probe, []).output)["options"] == {}
     result = CliRunner().invoke(probe, ["--vad", "webrtc"])
     assert result.exit_code == 2 and "webrtc" in result.output
+
+
+def test_chunk_s_becomes_the_chunk_stage_target_and_is_never_negative():
+    parsed = json.loads(CliRunner().invoke(probe, ["-w", "chunked", "--chunk-s", "45"]).output)
+    assert parsed["options"] == {"chunk": {"target_s": 45.0}}
+    assert CliRunner().invoke(probe, ["--chunk-s", "-1"]).exit_code == 2
+
+
+def test_devices_pin_one_cuda_device_per_replica_in_turn():
+    assert _device_envs("0,1", 3) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
+                                      {"CUDA_VISIBLE_DEVICES": "0"}]
+    assert _device_envs(None, 2) == [None, None]
+    with pytest.raises(UserError, match="CUDA device indexes"):
+        _device_envs("0;rm -rf /", 1)

@@ -28,8 +28,8 @@ def captionbus(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[sub
 
 
 @pytest.mark.parametrize("option, says", [
-    ("asr.nosuchkey=1", "error: option asr: unknown param 'nosuchkey' (asr params: language, model, cache)"),
-    ("asr.beam_size=banana", "error: option asr: unknown param 'beam_size' (asr params: language, model, cache)"),
+    ("asr.nosuchkey=1", "error: option asr: unknown param 'nosuchkey' (asr params: language, task, model, cache)"),
+    ("asr.beam_size=banana", "error: option asr: unknown param 'beam_size' (asr params: language, task, model, cache)"),
     ("asr.language=klingon", "error: option asr: language='klingon': unknown language code 'klingon'"),
     ("subtitle_gen.formats=doc", "error: option subtitle_gen: formats.0='doc': Input should be 'srt', 'vtt', "
                                  "'ass', 'json' or 'txt' (subtitle_gen params: language, profile, formats, cache)"),

@@ -67,7 +67,7 @@ def test_real_specs_load_and_agree_with_stage_map():
     assert {"common", "whisperx", "mlx", "pyannote", "demucs", "indictrans2", "nllb"} <= set(specs)
     assert envs.validate_config() == []
     common, wx = specs["common"], specs["whisperx"]
-    assert set(common.stages) == {"demux", "vad", "subtitle_gen", "mux"}
+    assert set(common.stages) == {"demux", "vad", "subtitle_gen", "mux", "chunk", "transcript_join"}
     assert set(wx.stages) == {"asr", "alignment"}
     assert not any(r.startswith("torch") for r in common.requirements)  # the light env stays light
     assert "whisperx==3.8.6" in wx.requirements and "torch==2.8.0" in wx.requirements

@@ -28,7 +28,7 @@ def write(tmp_path: Path, change) -> Path:
 
 
 def test_packaged_workflows_fit_their_stages():
-    assert set(load_workflows(DEFAULT_WORKFLOWS_DIR)) == {"transcribe", "translate", "subtitle", "speech"}
+    assert set(load_workflows(DEFAULT_WORKFLOWS_DIR)) == {"transcribe", "translate", "subtitle", "speech", "chunked"}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -36,14 +36,14 @@ def test_packaged_workflows_fit_their_stages():
     (lambda n: n["demux"].update(outputs=["audio", "probe", "video"]),
      "node demux: stage demux does not produce video (its outputs: audio, probe)"),
     (lambda n: n["asr"]["inputs"].update(speech="demux.audio"),
-     "node asr: stage asr reads no input speech (its inputs: audio, regions)"),
+     "node asr: stage asr reads no input speech (its inputs: audio, regions, chunks, language)"),
     (lambda n: n["asr"].update(inputs={"regions": "demux.probe"}), "node asr: stage asr needs input audio"),
     (lambda n: n["mux"].update(input_lists={"tracks": ["subtitle_gen.srt"]}),
      "node mux: stage mux reads no input list tracks (its input lists: subtitles)"),
     (lambda n: n["mux"].update(for_each="target_languages"),
      "node mux: stage mux cannot run per target_language: it takes no such param"),
     (lambda n: n["asr"].update(params={"beam_size": 5}),
-     "node asr: params: unknown param 'beam_size' (asr params: language, model, cache)"),
+     "node asr: params: unknown param 'beam_size' (asr params: language, task, model, cache)"),
     (lambda n: n["subtitle_gen"].update(params={"formats": ["srt", "docx"]}),
      "node subtitle_gen: params: formats.1='docx': Input should be 'srt', 'vtt', 'ass', 'json' or 'txt'"),
 ])
@@ -76,7 +76,7 @@ def test_good_options_pass():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"asr": {"nosuchkey": 1}}, "option asr: unknown param 'nosuchkey' (asr params: language, model, cache)"),
+    ({"asr": {"nosuchkey": 1}}, "option asr: unknown param 'nosuchkey' (asr params: language, task, model, cache)"),
     ({"asr": {"language": "klingon"}}, "option asr: language='klingon': unknown language code 'klingon'"),
     ({"subtitle_gen": {"formats": ["doc"]}}, "option subtitle_gen: formats.0='doc': Input should be 'srt'"),
     ({"nosuchstage": {"x": 1}}, "option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "

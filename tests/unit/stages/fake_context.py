@@ -26,6 +26,7 @@ class FakeStageContext:
     resources: Any = None
     log: Any = field(default_factory=lambda: structlog.get_logger("test-stage"))
     metrics: dict[str, float] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
     progress_events: list[tuple[float, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     cache_blockers: list[str] = field(default_factory=list)

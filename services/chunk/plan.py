@@ -1,0 +1,102 @@
+"""Where to cut a film's speech into chunks, one asr request each: a pure function of the speech
+regions (no audio, no numpy), so it is tested alone and any env can run it.
+
+Rules, in order:
+- a cut lies in a pause between two speech regions, never inside one: every word Whisper hears
+  belongs to exactly one chunk, so none is dropped or doubled at a boundary;
+- a chunk is closed at the first pause of at least `min_silence_s` once it holds `target_s`;
+- no chunk window is longer than `max_s`: when the next region would not fit, the chunk is cut at
+  its longest pause so far; only a region that alone exceeds `max_s` (less EDGE_S on each side)
+  is cut inside, into equal pieces, and those chunks say `split`;
+- a window reaches EDGE_S beyond its first and last region (never past the middle of a pause),
+  so the decoder hears the edges of soft words; silence between chunks is not decoded.
+"""
+from __future__ import annotations
+
+import math
+
+from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegion
+
+EDGE_S = 1.0  # audio kept before a chunk's first region and after its last one
+
+Span = tuple[float, float]
+
+
+def plan_chunks(
+    regions: list[Span], duration: float, target_s: float, min_silence_s: float, max_s: float | None
+) -> SpeechChunks:
+    """The chunks of `duration` seconds of audio with speech in `regions` (sorted or not)."""
+    spans = _clean(regions, duration)
+    if not spans:
+        return SpeechChunks(duration=duration, chunks=[])
+    if not target_s or max_s is None:
+        return SpeechChunks(duration=duration, chunks=[_chunk(0.0, duration, spans, False)])
+    pieces, split_after = _split_long(spans, max_s - 2 * EDGE_S)
+    groups: list[tuple[int, int]] = []  # [first, last] piece index of each chunk
+    first = 0
+    while first < len(pieces):
+        window_start = pieces[first][0] - EDGE_S
+        last = first
+        while True:
+            nxt = last + 1
+            if nxt == len(pieces):
+                break
+            gap = pieces[nxt][0] - pieces[last][1]
+            if pieces[last][1] - window_start >= target_s and gap >= min_silence_s:
+                break  # long enough, and a pause to cut in
+            if pieces[nxt][1] + EDGE_S - window_start > max_s:
+                last = _widest_pause(pieces, first, last)  # the next region does not fit
+                break
+            last = nxt
+        groups.append((first, last))
+        first = last + 1
+    chunks = []
+    for n, (a, b) in enumerate(groups):
+        lo = pieces[a][0] - EDGE_S if n == 0 else max(pieces[a][0] - EDGE_S, _middle(pieces, a - 1))
+        hi = pieces[b][1] + EDGE_S if n == len(groups) - 1 else min(pieces[b][1] + EDGE_S, _middle(pieces, b))
+        chunks.append(_chunk(max(0.0, lo), min(duration, hi), pieces[a:b + 1], b in split_after))
+    return SpeechChunks(duration=duration, chunks=chunks)
+
+
+def _clean(regions: list[Span], duration: float) -> list[Span]:
+    merged: list[Span] = []
+    for start, end in sorted((max(0.0, s), min(duration, e)) for s, e in regions):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _split_long(spans: list[Span], longest: float) -> tuple[list[Span], set[int]]:
+    """Regions longer than `longest` in equal pieces; the indexes of pieces followed by a cut
+    inside speech."""
+    longest = max(longest, 1.0)
+    pieces: list[Span] = []
+    split_after: set[int] = set()
+    for start, end in spans:
+        n = math.ceil((end - start) / longest - 1e-9)
+        step = (end - start) / n
+        for i in range(n):
+            if i < n - 1:
+                split_after.add(len(pieces))
+            pieces.append((start + i * step, end if i == n - 1 else start + (i + 1) * step))
+    return pieces, split_after
+
+
+def _widest_pause(pieces: list[Span], first: int, last: int) -> int:
+    """The piece after which the pause is widest, among first..last (last: cut after it)."""
+    if last == first:
+        return last
+    return max(range(first, last + 1), key=lambda i: (pieces[i + 1][0] - pieces[i][1], i))
+
+
+def _middle(pieces: list[Span], i: int) -> float:
+    return (pieces[i][1] + pieces[i + 1][0]) / 2
+
+
+def _chunk(start: float, end: float, spans: list[Span], split: bool) -> SpeechChunk:
+    regions = [SpeechRegion(start=round(s, 3), end=round(e, 3)) for s, e in spans]
+    return SpeechChunk(start=round(start, 3), end=round(end, 3), regions=regions, split=split)

@@ -1,0 +1,60 @@
+"""chunk: the vad stage's speech regions -> chunks cut at silences (contracts.speech.SpeechChunks
+JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
+count goes back to the coordinator in `StageCompleted.items`. Cutting rules: services/chunk/plan.py.
+Params (contracts.stage_params.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
+No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
+language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
+language-detection request on the asr queue first (one queue wait less for every such job)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from contracts import StageRequest
+from contracts.stage_options import NoOptions
+from contracts.speech import SpeechRegions, SpokenLanguage
+from contracts.stage_params import ChunkParams
+from services.chunk.plan import plan_chunks
+from services.runtime import BadInput, StageContext, StageDefinition
+
+
+# Every chunk is a node of the job's state (one KV value, about 1 KB a node, under NATS's 1 MB
+# message limit): 300 chunks is a 10-hour film at the default 120 s.
+MAX_CHUNKS = 300
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    params: ChunkParams = ctx.params
+    try:
+        regions = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
+        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    chunks = plan_chunks([(r.start, r.end) for r in regions.regions], regions.duration,
+                         params.target_s, params.min_silence_s, params.max_length_s)
+    if len(chunks.chunks) > MAX_CHUNKS:
+        raise BadInput(f"target_s {params.target_s:g} cuts this {regions.duration / 60:.0f}-minute audio into "
+                       f"{len(chunks.chunks)} chunks; at most {MAX_CHUNKS} (every chunk is a node in the job's "
+                       f"state): use --chunk-s {regions.duration / MAX_CHUNKS * 1.5:.0f} or more")
+    out = ctx.work_dir / "chunks.json"
+    out.write_text(chunks.model_dump_json(indent=1))
+    ctx.items["chunks"] = len(chunks.chunks)
+    lengths = [c.end - c.start for c in chunks.chunks]
+    ctx.metrics.update(chunks=float(len(lengths)), longest_chunk_s=max(lengths, default=0.0),
+                       split_chunks=float(sum(c.split for c in chunks.chunks)))
+    if any(c.split for c in chunks.chunks):
+        ctx.warn(f"speech ran longer than max_s ({params.max_length_s:g} s) without a pause: "
+                 f"cut inside speech {sum(c.split for c in chunks.chunks)} time(s); raise max_s to avoid it")
+    ctx.progress(1.0, f"{len(lengths)} chunks")
+    outputs = {"chunks": out}
+    if params.source_language:
+        language = ctx.work_dir / "language.json"
+        language.write_text(SpokenLanguage(language=params.source_language.strip().lower()).model_dump_json())
+        outputs["language"] = language
+    return outputs
+
+
+STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks", "language"),
+                        options=NoOptions)

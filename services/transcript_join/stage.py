@@ -1,0 +1,58 @@
+"""transcript_join: the transcripts of a film's chunks (each already in film times, from the asr
+stage's `item` requests) -> one transcript, segments in time order. Inputs: `transcripts` (a list,
+in chunk order), optional `language` (contracts.speech.SpokenLanguage: the language detected once
+for the job, which an empty list still needs). Nothing to load: the common env runs it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from contracts import StageRequest
+from contracts.stage_options import NoOptions
+from contracts.speech import SpokenLanguage
+from contracts.stage_params import TranscriptJoinParams
+from contracts.transcript import Transcript
+from services.runtime import BadInput, StageContext, StageDefinition
+
+
+def _read(path: Path, model, what: str):
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        raise BadInput(f"{what} is not valid {model.__name__} JSON ({err.errors()[0]['msg']})") from None
+
+
+def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:
+    """One transcript: segments of every part in time order; languages must agree."""
+    languages = {p.language for p in parts} | ({language.language} if language else set())
+    if len(languages) > 1:
+        raise BadInput(f"chunk transcripts are in different languages ({', '.join(sorted(languages))}); "
+                       "every chunk must decode with the job's one language")
+    first = parts[0] if parts else None
+    segments = sorted((s for p in parts for s in p.segments), key=lambda s: (s.start, s.end))
+    durations = [p.duration for p in parts if p.duration is not None]
+    return Transcript(
+        language=language.language if language else (first.language if first else "en"),
+        language_probability=language.probability if language else (first.language_probability if first else None),
+        duration=max(durations) if durations else None,
+        model=first.model if first else None,
+        aligned=bool(parts) and all(p.aligned for p in parts),
+        segments=segments,
+    )
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    paths = ctx.input_paths("transcripts") if "transcripts" in request.input_lists else []
+    parts = [_read(p, Transcript, f"chunk transcript {n}") for n, p in enumerate(paths)]
+    language = _read(ctx.input_path("language"), SpokenLanguage, "language") if "language" in request.inputs else None
+    joined = join(parts, language)
+    out = ctx.work_dir / "transcript.json"
+    out.write_text(joined.model_dump_json(indent=1))
+    ctx.metrics.update(chunks=float(len(parts)), segments=float(len(joined.segments)))
+    ctx.progress(1.0, f"{len(parts)} chunks, {len(joined.segments)} segments")
+    return {"transcript": out}
+
+
+STAGE = StageDefinition(name="transcript_join", handle=handle, params=TranscriptJoinParams, outputs=("transcript",),
+                        options=NoOptions)

@@ -1,0 +1,98 @@
+"""services/chunk/plan.py: cuts only in pauses, at the first long-enough pause after target_s,
+never longer than max_s, every region in exactly one chunk; and transcript_join."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from contracts.speech import SpokenLanguage
+from contracts.transcript import Segment, Transcript, Word
+from services.chunk.plan import EDGE_S, plan_chunks
+from services.runtime import BadInput
+from services.transcript_join.stage import join
+
+
+def spans(chunks):
+    return [(r.start, r.end) for c in chunks.chunks for r in c.regions]
+
+
+def test_cuts_at_the_first_long_pause_after_the_target():
+    # 5 s of speech, 0.2 s pause (too short), 5 s, 1 s pause, ...
+    regions = [(0, 5), (5.2, 10.2), (11.2, 16.2), (17.2, 22.2)]
+    plan = plan_chunks(regions, 30.0, target_s=8, min_silence_s=0.5, max_s=30)
+    assert [[(r.start, r.end) for r in c.regions] for c in plan.chunks] == [
+        [(0, 5), (5.2, 10.2)], [(11.2, 16.2), (17.2, 22.2)]]
+    first, second = plan.chunks
+    assert first.start == 0 and first.end == 10.7 == second.start  # the middle of the pause
+    assert second.end == 22.2 + EDGE_S and not any(c.split for c in plan.chunks)
+
+
+def test_no_chunking_is_one_chunk_and_no_speech_is_none():
+    assert [(c.start, c.end) for c in plan_chunks([(3, 4)], 60, 0, 0.3, None).chunks] == [(0, 60)]
+    assert plan_chunks([], 60, 30, 0.3, 60).chunks == []
+
+
+def test_max_is_enforced_at_the_widest_pause_and_inside_a_region_only_when_it_alone_is_too_long():
+    # pauses of 0.1 s only (below min_silence): the chunk must still end before max_s
+    regions = [(i * 3.0, i * 3.0 + 2.9) for i in range(40)]
+    plan = plan_chunks(regions, 120, target_s=20, min_silence_s=0.5, max_s=30)
+    assert all(c.end - c.start <= 30 + 1e-6 for c in plan.chunks)
+    assert spans(plan) == [(round(a, 3), round(b, 3)) for a, b in regions] and not any(c.split for c in plan.chunks)
+    long = plan_chunks([(10, 100)], 120, target_s=20, min_silence_s=0.5, max_s=30)
+    assert all(c.end - c.start <= 30 + 1e-6 for c in long.chunks)
+    assert [c.split for c in long.chunks] == [True, True, True, False]  # 90 s in pieces of 22.5 s
+    assert long.chunks[0].regions[0].start == 10 and long.chunks[-1].regions[-1].end == 100
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_films_every_region_once_in_order_windows_disjoint(seed):
+    rng = random.Random(seed)
+    t, regions = rng.uniform(0, 5), []
+    while t < 1800:
+        length = rng.uniform(0.3, 40)
+        regions.append((round(t, 3), round(t + length, 3)))
+        t += length + rng.choice([0.05, 0.2, 0.4, 1.0, 3.0])
+    duration = t + rng.uniform(0, 10)
+    plan = plan_chunks(regions, duration, target_s=60, min_silence_s=0.3, max_s=120)
+    assert spans(plan) == [r for r in regions if r[0] < duration]  # none dropped, none doubled, in order
+    for a, b in zip(plan.chunks, plan.chunks[1:]):
+        assert a.end <= b.start  # windows never overlap
+    for c in plan.chunks:
+        assert c.end - c.start <= 120 + 1e-6
+        assert c.start <= c.regions[0].start and c.regions[-1].end <= c.end
+
+
+def transcript(lang: str, *segments: tuple[float, float, str]) -> Transcript:
+    return Transcript(language=lang, duration=100, segments=[
+        Segment(start=s, end=e, text=t, words=[Word(text=t, start=s, end=e)]) for s, e, t in segments])
+
+
+def test_join_puts_segments_in_time_order_and_refuses_mixed_languages():
+    joined = join([transcript("en", (0, 1, "one")), transcript("en", (50, 51, "two"), (52, 53, "three"))],
+                  SpokenLanguage(language="en", probability=0.9))
+    assert joined.text == "one two three" and joined.language_probability == 0.9 and joined.duration == 100
+    assert join([], SpokenLanguage(language="de")).language == "de"
+    with pytest.raises(BadInput, match="different languages"):
+        join([transcript("en"), transcript("fr")], None)
+
+
+def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_state_holds(tmp_path):
+    from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from services.chunk.stage import handle
+    from tests.unit.stages.fake_context import make_fake_context
+
+    regions = SpeechRegions(backend="silero", duration=7200,
+                            regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(1200)])
+    (tmp_path / "regions.json").write_text(regions.model_dump_json())
+    ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
+    chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
+    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 60}  # a 2-hour film at 120 s
+    assert "language" not in handle(ctx.request, ctx)  # not given: the language node detects it
+    given = make_fake_context(tmp_path / "c", "chunk", inputs={"regions": tmp_path / "regions.json"},
+                              params={"source_language": "EN"})
+    assert SpokenLanguage.model_validate_json(handle(given.request, given)["language"].read_text()).language == "en"
+    tiny = make_fake_context(tmp_path / "b", "chunk", inputs={"regions": tmp_path / "regions.json"},
+                             params={"target_s": 5})
+    with pytest.raises(BadInput, match="1200 chunks; at most 300 .* use --chunk-s 36 or more"):
+        handle(tiny.request, tiny)
