@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from coordinator.graph import load_workflows
 from tests.e2e.conftest import Stack
 from tests.media import ENGLISH_SENTENCE, speech_video, text_named_mp4
 
@@ -104,7 +105,9 @@ def test_dashboard_in_a_browser_follows_jobs_live(stack: Stack, tmp_path):
             assert asr.locator("td.env").inner_text() == "whisperx"
             interpreter = asr.locator("td.interpreter").inner_text()
             assert "whisperx" in interpreter and Path(interpreter).name.startswith("python"), interpreter
-            assert page.locator("[data-testid=timeline] .gbar.completed").count() == 4
+            # One completed bar per stage of the transcribe graph (demux, vad, asr, subtitle_gen, mux).
+            stages = len(load_workflows()["transcribe"].nodes)
+            assert page.locator("[data-testid=timeline] .gbar.completed").count() == stages == 5
             page.screenshot(path=str(tmp_path / "dashboard-job.png"), full_page=True)
 
             # A failed job's one-line reason is on the list.
@@ -115,14 +118,14 @@ def test_dashboard_in_a_browser_follows_jobs_live(stack: Stack, tmp_path):
             reason = failed.locator("[data-testid=reason]").inner_text()
             assert "not a media file" in reason.lower() and "\n" not in reason, reason
 
-            # A stage with waiting requests and no live worker is flagged: translate needs vad,
-            # which this stack does not serve.
+            # A stage with waiting requests and no live worker is flagged: translate needs
+            # alignment after asr, which this stack (the transcribe stages) does not serve.
             stuck = _in_thread(stack.submit, video, workflow="translate", source_language="en", target_languages=["fr"])
-            problem = page.locator("[data-testid=problems] .problem[data-stage='vad']")
+            problem = page.locator("[data-testid=problems] .problem[data-stage='alignment']")
             problem.wait_for(timeout=120_000)
-            assert "no live vad worker" in problem.inner_text()
+            assert "no live alignment worker" in problem.inner_text()
             page.goto(base + "/#/queues")
-            page.locator("[data-testid=queues] tr.problem[data-stage='vad']").wait_for(timeout=10_000)
+            page.locator("[data-testid=queues] tr.problem[data-stage='alignment']").wait_for(timeout=10_000)
             page.goto(base + "/#/workers")
             page.locator("[data-testid=workers] tr[data-stage='asr'][data-state='live']").wait_for(timeout=10_000)
             page.goto(base + "/#/jobs")
