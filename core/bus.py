@@ -141,6 +141,11 @@ def insecure_reason(url: str, settings: Settings) -> str | None:
             "set them (see deploy/) or pass --insecure / CAPTIONBUS_INSECURE=1")
 
 
+class InsecureBusError(ValueError):
+    """Refused before connecting: an open bus off loopback without --insecure. A set-up the
+    command line must fix (CLI exit 2), not a bus that cannot be reached (exit 4)."""
+
+
 def require_secure(url: str, settings: Settings, insecure: bool = False) -> None:
     """For the processes that carry a fleet's work (coordinator, serve, up): refuse to start on an
     unauthenticated or clear-text bus off loopback unless told `--insecure` (then warn)."""
@@ -150,7 +155,7 @@ def require_secure(url: str, settings: Settings, insecure: bool = False) -> None
     if insecure or settings.insecure:
         log.warning("running on an insecure bus off loopback (--insecure)", reason=reason)
         return
-    raise BusError(reason)
+    raise InsecureBusError(reason)
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -65,7 +65,7 @@ def test_wrong_password_and_no_credentials_exit_in_seconds_with_the_reason(auth_
                 {"NATS_URL": auth_server},
                 {"NATS_URL": auth_server, "CAPTIONBUS_NATS_USER": "alice", "CAPTIONBUS_NATS_PASSWORD": "wrong"}):
         done, seconds = cli(tmp_path, "jobs", env=env)
-        assert done.returncode == 2, done.stderr
+        assert done.returncode == 4, done.stderr  # exit 4: cannot reach the bus or not authorised
         assert seconds < 15
         assert "Authorization Violation" in done.stderr, done.stderr
         assert "wrong" not in done.stderr  # the password is never printed
@@ -78,15 +78,15 @@ def test_wrong_password_and_no_credentials_exit_in_seconds_with_the_reason(auth_
 def test_unreachable_server_and_tls_mismatch_exit_in_seconds(nats_server, tmp_path):
     dead = f"nats://127.0.0.1:{_free_port()}"
     done, seconds = cli(tmp_path, "jobs", env={"NATS_URL": dead})
-    assert done.returncode == 2 and seconds < 15
+    assert done.returncode == 4 and seconds < 15
     assert "cannot connect to NATS" in done.stderr and "refused" in done.stderr.lower(), done.stderr
     # TLS asked for (tls://) from a server that has none: refused, not silently clear text.
     done, seconds = cli(tmp_path, "jobs", env={"NATS_URL": nats_server.replace("nats://", "tls://")})
-    assert done.returncode == 2 and seconds < 15
+    assert done.returncode == 4 and seconds < 15
     assert "does not use TLS" in done.stderr, done.stderr
     # A CA file that is not there is named.
     done, _ = cli(tmp_path, "jobs", env={"NATS_URL": nats_server, "CAPTIONBUS_NATS_CA": str(tmp_path / "no-ca.pem")})
-    assert done.returncode == 2 and "CAPTIONBUS_NATS_CA" in done.stderr and "no such file" in done.stderr
+    assert done.returncode == 4 and "CAPTIONBUS_NATS_CA" in done.stderr and "no such file" in done.stderr
 
 
 def test_several_servers_in_nats_url_survive_the_first_being_down(nats_server, tmp_path):
@@ -124,10 +124,10 @@ def test_fleet_parts_refuse_an_open_bus_off_loopback_unless_insecure(command, tm
     # 192.0.2.1 (TEST-NET-1) is never a real host: refused before any connection is tried.
     env = {"NATS_URL": "nats://192.0.2.1:4222"}
     done, seconds = cli(tmp_path, *command, env=env)
-    assert done.returncode == 2 and seconds < 15
+    assert done.returncode == 2 and seconds < 15  # refused before connecting: a set-up to fix
     assert "not on loopback" in done.stderr and "--insecure" in done.stderr, done.stderr
     if command == ["coordinator"]:
         # Told --insecure, it goes on to connect (and fails there, in seconds, for want of a server).
         done, seconds = cli(tmp_path, *command, "--insecure", env=env)
-        assert done.returncode == 2 and seconds < 15
+        assert done.returncode == 4 and seconds < 15
         assert "cannot connect to NATS" in done.stderr, done.stderr
