@@ -52,7 +52,7 @@ def test_create_and_check_common(home: Path, tmp_path: Path, monkeypatch: pytest
 
     result = runner.invoke(envs_cli, ["check", "common", "--json"])
     assert result.exit_code == 0, result.output
-    (status,) = json.loads(result.output)["envs"]
+    (status,) = json.loads(result.stdout)["envs"]
     assert status["state"] == "ok" and status["versions"]["pysubs2"] == "1.8.1"
 
     # Second create is a no-op.
