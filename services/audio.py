@@ -72,3 +72,20 @@ def wav_duration(path: Path, what: str = "audio") -> float:
     """Seconds of audio in the WAV, from its header (nothing else is read)."""
     with open_wav(path, what) as reader:
         return reader.getnframes() / SAMPLE_RATE
+
+
+def merge_regions(regions: list[tuple[float, float]], duration: float, margin: float = 0.0) -> list[tuple[float, float]]:
+    """Sorted, widened by `margin`, clipped to [0, duration], overlaps merged, empties dropped
+    (speech regions: the asr stage decodes inside them, the chunk stage cuts between them)."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(regions):
+        if end <= start:
+            continue  # an empty region holds no speech, however wide the margin
+        start, end = max(0.0, start - margin), min(duration, end + margin)
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

@@ -38,7 +38,7 @@ from contracts.stage_options import AsrOptions
 from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
-from services.audio import read_wav, wav_duration, wav_window_digest
+from services.audio import merge_regions, read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device
 
@@ -180,22 +180,6 @@ def read_regions(request: StageRequest, ctx: StageContext, duration: float) -> R
             f"they belong to another file"
         )
     return merge_regions([(r.start, r.end) for r in parsed.regions], duration)
-
-
-def merge_regions(regions: Regions, duration: float, margin: float = 0.0) -> Regions:
-    """Sorted, widened by `margin`, clipped to [0, duration], overlaps merged, empties dropped."""
-    merged: Regions = []
-    for start, end in sorted(regions):
-        if end <= start:
-            continue  # an empty region holds no speech, however wide the margin
-        start, end = max(0.0, start - margin), min(duration, end + margin)
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
 
 
 def speech_only(audio: np.ndarray, regions: Regions) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegion
+from services.audio import merge_regions
 
 EDGE_S = 1.0  # audio kept before a chunk's first region and after its last one
 
@@ -26,7 +27,7 @@ def plan_chunks(
     regions: list[Span], duration: float, target_s: float, min_silence_s: float, max_s: float | None
 ) -> SpeechChunks:
     """The chunks of `duration` seconds of audio with speech in `regions` (sorted or not)."""
-    spans = _clean(regions, duration)
+    spans = merge_regions(regions, duration)
     if not spans:
         return SpeechChunks(duration=duration, chunks=[])
     if not target_s or max_s is None:
@@ -56,18 +57,6 @@ def plan_chunks(
         hi = pieces[b][1] + EDGE_S if n == len(groups) - 1 else min(pieces[b][1] + EDGE_S, _middle(pieces, b))
         chunks.append(_chunk(max(0.0, lo), min(duration, hi), pieces[a:b + 1], b in split_after))
     return SpeechChunks(duration=duration, chunks=chunks)
-
-
-def _clean(regions: list[Span], duration: float) -> list[Span]:
-    merged: list[Span] = []
-    for start, end in sorted((max(0.0, s), min(duration, e)) for s, e in regions):
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
 
 
 def _split_long(spans: list[Span], longest: float) -> tuple[list[Span], set[int]]:
