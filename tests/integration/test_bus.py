@@ -307,7 +307,11 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             assert done.metrics["delivery"] == 1.0
             fetched = await client_store.get(done.outputs["media"], dest_dir=tmp_path / "out")
             assert fetched.read_bytes() == media.read_bytes()
-            consumer = await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")
+            # The worker acks after it publishes stage_completed, so the ack may trail the event.
+            deadline = time.monotonic() + 5
+            while (consumer := await js["worker"].consumer_info(subjects.REQUESTS_STREAM, "stage-noop")
+                   ).num_ack_pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0
 
             # Dashboard: reads state, jobs and workers.
