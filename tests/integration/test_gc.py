@@ -1,0 +1,168 @@
+"""`core.gc` against a real nats-server: what retention deletes, and what it never does."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, subjects
+from core.artifacts import ArtifactStore
+from core.bus import connect, provision, publish_event
+from core.gc import collect
+from core.settings import Settings
+
+DAY = 24 * 3600.0
+
+
+def _file(folder: Path, name: str, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+async def _write_job(js, state: JobState) -> None:
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    await kv.put(state.job_id, state.model_dump_json().encode())
+    await publish_event(js, JobSubmitted(job_id=state.job_id, spec=state.spec))
+
+
+def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats_server, tmp_path):
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY, retention_cache=30 * DAY,
+                        retention_grace=3600)
+
+    async def main():
+        nc = await connect(nats_server, "gc-test")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, js)
+        src = tmp_path / "src"
+        shared = await store.put(_file(src, "film.wav", 200_000))  # input of both jobs
+        old_out = await store.put(_file(src, "old.srt", 600_000))  # the finished job's output
+        running_mid = await store.put(_file(src, "audio.wav", 300_000))  # the running job's intermediate
+        cached = await store.put(_file(src, "cached.json", 100_000))  # a stage cache entry's output
+
+        now = datetime.now(timezone.utc)
+        old = JobState(spec=JobSpec(job_id="job-old", input=shared), status=JobStatus.completed,
+                       nodes={"asr": NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": old_out})},
+                       outputs={"srt": old_out}, updated_at=now)
+        running = JobState(spec=JobSpec(job_id="job-running", input=shared), status=JobStatus.running,
+                           nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                     outputs={"audio": running_mid}),
+                                  "asr": NodeState(stage="asr", status=NodeStatus.requested)})
+        await _write_job(js, old)
+        await _write_job(js, running)
+        cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+        await cache.put("c" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
+
+        stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+        bytes_at_start = (await js.stream_info(stream)).state.bytes
+        every = [shared, old_out, running_mid, cached]
+
+        # Today: the finished job's outputs are inside their retention; nothing goes.
+        today = await collect(settings, js)
+        assert (today.object_store.count, today.local_root.count, today.job_records) == (0, 0, 0)
+        assert all([await store.exists(r) for r in every])
+
+        # Eight days on, dry run: the old job's output is named, with its bytes; nothing is deleted.
+        later = now.timestamp() + 8 * DAY
+        dry = await collect(settings, js, dry_run=True, now=later)
+        assert dry.object_store.count == 1 and dry.object_store.bytes == old_out.size
+        assert dry.job_histories == 1 and dry.job_records == 1
+        assert (await js.stream_info(stream)).state.bytes == bytes_at_start
+        assert all([await store.exists(r) for r in every])
+        assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 2
+
+        # For real: gone from the object store and the local root, bytes reclaimed; the running
+        # job's input (shared with the old job) and intermediate, and the cache entry's output, kept.
+        done = await collect(settings, js, now=later)
+        assert done.object_store.count == 1 and done.object_store.bytes == old_out.size
+        assert done.local_root.count == 1 and done.local_root.bytes == old_out.size
+        assert done.object_store_bytes_before - done.object_store_bytes_after >= old_out.size
+        assert (await js.stream_info(stream)).state.bytes <= bytes_at_start - old_out.size
+        assert not await store.exists(old_out)
+        assert store.local_path(old_out) is None
+        for ref in (shared, running_mid, cached):
+            assert await store.exists(ref), ref.name
+            assert (await store.get(ref, dest_dir=tmp_path / "check")).stat().st_size == ref.size
+        assert done.kept_for_unfinished_jobs == 2
+        # The old job's events and record are gone; the running job's are not.
+        events = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")
+        assert set(events.state.subjects) == {"captionbus.job.job-running.submitted"}
+        jobs = await js.key_value(subjects.JOBS_BUCKET)
+        assert await jobs.keys() == ["job-running"]
+
+        # A month on, the cache entry has expired: removed now, its artifact one run later.
+        month = now.timestamp() + 31 * DAY
+        first = await collect(settings, js, now=month)
+        assert first.cache_entries == 1 and await store.exists(cached)
+        second = await collect(settings, js, now=month)
+        assert second.object_store.count == 1 and not await store.exists(cached)
+        assert await store.exists(shared) and await store.exists(running_mid)  # still running
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_size_limit_evicts_the_oldest_finished_never_a_running_jobs(nats_server, tmp_path):
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        artifacts_max_bytes=500_000, retention_grace=60)
+
+    async def main():
+        nc = await connect(nats_server, "gc-size")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, js)
+        src = tmp_path / "src"
+        refs = {}
+        now = datetime.now(timezone.utc)
+        for i, status in enumerate([JobStatus.completed, JobStatus.completed, JobStatus.running]):
+            job = f"job-{i}"
+            refs[job] = await store.put(_file(src, f"{job}.wav", 300_000))
+            state = JobState(spec=JobSpec(job_id=job, input=refs[job]), status=status,
+                             updated_at=datetime.fromtimestamp(now.timestamp() + i, timezone.utc))
+            await _write_job(js, state)
+        # An hour on: all inside retention, 900 kB over a 500 kB limit. The older finished job's
+        # input goes first, then the other finished one; the running job's stays whatever the limit.
+        report = await collect(settings, js, now=now.timestamp() + 3600)
+        assert report.object_store.count == 2
+        assert not await store.exists(refs["job-0"]) and not await store.exists(refs["job-1"])
+        assert await store.exists(refs["job-2"])
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_cli_prints_counts_and_bytes_as_json(nats_server, tmp_path):
+    env = {**os.environ, "NATS_URL": nats_server, "CAPTIONBUS_HOME": str(tmp_path / "home"),
+           "CAPTIONBUS_RETENTION_GRACE": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    async def seed():
+        nc = await connect(nats_server, "gc-cli")
+        js = nc.jetstream()
+        await provision(js)
+        settings = Settings(home=tmp_path / "seed", nats_url=nats_server, artifacts_mode="object")
+        ref = await ArtifactStore(settings, js).put(_file(tmp_path, "orphan.bin", 250_000))
+        await nc.close()
+        return ref
+
+    orphan = asyncio.run(seed())
+    time.sleep(0.05)
+    cmd = [sys.executable, "-m", "captionbus", "gc", "--json"]
+    dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] is True and report["object_store"] == {"count": 1, "bytes": orphan.size}
+    real = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert real.returncode == 0, real.stderr
+    report = json.loads(real.stdout)
+    assert report["object_store"] == {"count": 1, "bytes": orphan.size}
+    assert report["object_store_bytes_before"] - report["object_store_bytes_after"] >= orphan.size
+    again = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.startswith("gc deleted: 0 objects (0 B)"), again.stdout
