@@ -21,6 +21,7 @@ from core.bus import (
     provision,
     require_provisioned,
 )
+from tests.natsroles import users_block
 
 
 def test_provision_is_idempotent_and_creates_everything(nats_server):
@@ -214,7 +215,7 @@ def acl_server(tmp_path):
     conf_dir = tmp_path / "conf"
     _copy_nats_deploy(conf_dir)
     port = _free_port()
-    users = "\n".join(f'    {{user: {r}, password: "pw-{r}", permissions: ${r.upper()}}}' for r in ROLES)
+    users = users_block({r: r.upper() for r in ROLES})
     log = tmp_path / "server.log"
     (conf_dir / "test.conf").write_text(
         f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
