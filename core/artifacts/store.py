@@ -88,7 +88,9 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
     with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
         while n := fin.readinto(buf):
             h.update(view[:n])
-            fout.write(view[:n])
+            out = view[:n]
+            while out:  # an unbuffered write may be short (a disk filling up): never drop the rest
+                out = out[fout.write(out):]
             size += n
     return h.hexdigest(), size
 
