@@ -47,7 +47,10 @@ def _friendly_errors(fn):
         from captionbus.stack import ServiceStartError
         from core.bus import BusError
 
-        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError)
+        from core.artifacts import ArtifactStoreFull
+
+        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError,
+                                                  ArtifactStoreFull)
         with contextlib.suppress(ImportError):
             from captionbus.envs import EnvsMissing
 
@@ -66,7 +69,7 @@ def _friendly_errors(fn):
                 raise UserError(f"stage environments not ready: {which}; run: {e}") from None
             if isinstance(e, BusError):
                 code = exitcodes.BUS
-            elif isinstance(e, (JobFailedError, ServiceStartError)):
+            elif isinstance(e, (JobFailedError, ServiceStartError, ArtifactStoreFull)):
                 code = exitcodes.JOB_FAILED
             else:
                 code = exitcodes.USAGE

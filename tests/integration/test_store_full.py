@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,3 +122,25 @@ def test_full_disk_under_the_local_root_is_one_clear_line_and_gc_frees_it(tmp_pa
             assert (await store.put(second, copy=True)).size == 1_000_000
 
         asyncio.run(main())
+
+
+def test_submit_into_a_full_store_exits_1_with_one_line(nats_server, tmp_path):
+    async def seed():
+        nc = await connect(nats_server, "store-full-cli")
+        js = nc.jetstream()
+        await js.create_object_store(subjects.ARTIFACTS_BUCKET, config=ObjectStoreConfig(
+            storage=StorageType.FILE, max_bytes=500_000))
+        await provision(js)
+        await nc.close()
+
+    asyncio.run(seed())
+    media = tmp_path / "film.wav"
+    media.write_bytes(b"RIFF" + os.urandom(800_000))
+    env = {**os.environ, "NATS_URL": nats_server, "CAPTIONBUS_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "captionbus", "submit", str(media), "-s", "en"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    # (the other lines: a warning that no worker serves the workflow's stages here)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "artifact store full" in line]
+    assert len(lines) == 1 and "captionbus gc" in lines[0] and "film.wav" in lines[0], done.stdout + done.stderr
