@@ -138,11 +138,15 @@ class Settings(BaseSettings):
     retention_grace: float = Field(default=3600.0, ge=0, description=(
         "keep an artifact that no job or cache entry references (an input whose job is being "
         "submitted, an output being reported) this long after it was written"))
+    gc_interval: float = Field(default=3600.0, ge=0, description=(
+        "`up` on its embedded bus runs the GC this often (0: never); a fleet runs `captionbus gc` "
+        "from a timer (deploy/systemd/captionbus-gc.timer)"))
     artifacts_max_bytes: int = Field(default=0, ge=0, description=(
         "after the age rules, gc deletes the oldest artifacts no unfinished job needs until each store "
         "(object store, local root) holds at most this many bytes (0: no size limit; 10G, 500M accepted)"))
 
-    @field_validator("retention_outputs", "retention_cache", "retention_events", "retention_grace", mode="before")
+    @field_validator("retention_outputs", "retention_cache", "retention_events", "retention_grace", "gc_interval",
+                     mode="before")
     @classmethod
     def _duration(cls, value):
         return parse_duration(value) if isinstance(value, str) else value

@@ -166,3 +166,30 @@ def test_gc_cli_prints_counts_and_bytes_as_json(nats_server, tmp_path):
     assert report["object_store_bytes_before"] - report["object_store_bytes_after"] >= orphan.size
     again = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.startswith("gc deleted: 0 objects (0 B)"), again.stdout
+
+
+def test_up_collects_periodically_on_its_embedded_bus(nats_server, tmp_path):
+    from captionbus.runner import collect_periodically
+
+    settings = Settings(home=tmp_path / "home", artifacts_mode="local", retention_outputs=3600, retention_grace=60)
+
+    async def main():
+        nc = await connect(nats_server, "gc-up")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, None)
+        old = await store.put(_file(tmp_path / "src", "old.srt", 50_000))
+        young = await store.put(_file(tmp_path / "src", "young.srt", 50_000))
+        two_hours_ago = time.time() - 7200
+        os.utime(store.local_path(old), (two_hours_ago, two_hours_ago))
+        task = asyncio.create_task(collect_periodically(settings, js, 0.2, first_after_s=0))
+        deadline = time.monotonic() + 20
+        while store.local_path(old) is not None:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # more runs: still nothing else goes, and the task lives on
+        assert store.local_path(young) is not None and not task.done()
+        task.cancel()
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
