@@ -2,6 +2,7 @@
 passwords), for tests that run captionbus under each role and read the violations it logged."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
@@ -69,3 +70,12 @@ def violations(log: Path) -> list[tuple[str, str]]:
             subject = line.split('Subject "', 1)[1].split('"', 1)[0] if 'Subject "' in line else line
             found.append((user, subject.strip()))
     return found
+
+
+async def denied(call, timeout: float = 0.75) -> bool:
+    """Whether a bus call fails (a refused request gets no reply: it times out)."""
+    try:
+        await asyncio.wait_for(call, timeout)
+    except Exception:
+        return True
+    return False

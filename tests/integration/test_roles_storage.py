@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -26,18 +25,11 @@ from core.gc import collect
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve
+from tests.natsroles import denied as _denied
 from tests.natsroles import roles_server, violations
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 24 * 3600.0
-
-
-async def _denied(call, timeout: float = 0.75) -> bool:
-    try:
-        await asyncio.wait_for(call, timeout)
-    except Exception:
-        return True
-    return False
 
 
 async def _start_worker(definition, settings, url, **kw):
