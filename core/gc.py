@@ -44,6 +44,7 @@ import structlog
 
 from contracts import ArtifactRef, JobState, subjects
 from core.artifacts.transfer import ObjectBucket
+from core.artifacts.transfer import timestamp as _ts
 
 log = structlog.get_logger("captionbus.gc")
 
@@ -102,26 +103,6 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-def _ts(value: Any) -> float | None:
-    """Seconds since the epoch from a datetime or an RFC 3339 string (nats-server writes
-    nanoseconds, which fromisoformat before 3.11 refuses, so they are cut to microseconds)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    text = str(value).strip().replace("Z", "+00:00")
-    if "." in text:
-        head, _, tail = text.partition(".")
-        digits = "".join(c for c in tail if c.isdigit())
-        zone = tail[len(digits):]
-        text = f"{head}.{digits[:6]}{zone}"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def job_refs(state: JobState) -> list[ArtifactRef]:

@@ -186,7 +186,12 @@ class ArtifactStore:
             final = self._key_path(key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists() and final.stat().st_size == size:
-                return key, size, final  # already there: content addressing makes this a hit
+                # Already there: content addressing makes this a hit. Its time now says "just
+                # written" again, so the GC's grace period (core/gc.py) covers it until the job
+                # that stores it again references it.
+                with contextlib.suppress(OSError):
+                    os.utime(final)
+                return key, size, final
             os.replace(tmp, final)
             return key, size, final
         finally:

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
@@ -63,6 +64,33 @@ def connection(js: JetStreamContext) -> NATS:
     """The NATS connection under `js`. JetStreamContext keeps it private (`_nc`) and has no
     accessor; this is the one place the artifact code reaches for it."""
     return js._nc
+
+
+REFRESH_AFTER_S = 600.0  # an existing object stored again older than this gets a fresh mtime
+
+
+def timestamp(value) -> float | None:
+    """Seconds since the epoch from a datetime or an RFC 3339 string such as nats-server writes
+    (nanoseconds, which `fromisoformat` before Python 3.11 refuses, are cut to microseconds)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    text = str(value).strip().replace("Z", "+00:00")
+    if "." in text:
+        head, _, tail = text.partition(".")
+        digits = "".join(c for c in tail if c.isdigit())
+        text = f"{head}.{digits[:6]}{tail[len(digits):]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _age_s(mtime) -> float:
+    written = timestamp(mtime)
+    return float("inf") if written is None else utcnow().timestamp() - written
 
 
 def digest_hex(info: api.ObjectInfo) -> str | None:
@@ -158,7 +186,15 @@ class ObjectBucket:
         """Upload `local` as object `ref.key`, unless an object with these bytes is there."""
         existing = await self.info(ref.key)
         if existing is not None and existing.size == ref.size and digest_hex(existing) == ref.key:
-            return  # content addressing: an object under this key is these bytes
+            # Content addressing: an object under this key is these bytes. An old one gets a
+            # fresh mtime (one small meta message), so the GC's grace period covers it until the
+            # job storing it again references it (core/gc.py).
+            if _age_s(existing.mtime) > REFRESH_AFTER_S:
+                existing.mtime = utcnow().isoformat()
+                with contextlib.suppress(Exception):
+                    await self.js.publish(self._meta_subject(ref.key), json.dumps(existing.as_dict()).encode(),
+                                          headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+            return
         await self.check_room(ref)
         nuid = self._nuid.next().decode()
         chunk_size = self.chunk_size()

@@ -193,3 +193,36 @@ def test_up_collects_periodically_on_its_embedded_bus(nats_server, tmp_path):
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tmp_path):
+    """A re-submitted input already in the stores is referenced by no job until the coordinator
+    records the new one: storing it again makes it "just written", so the GC waits its grace."""
+    from nats.js.api import Header, ObjectInfo
+    from nats.js.kv import MSG_ROLLUP_SUBJECT
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object", retention_grace=3600)
+
+    async def main():
+        nc = await connect(nats_server, "gc-refresh")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, js)
+        media = _file(tmp_path / "src", "film.wav", 100_000)
+        ref = await store.put(media)
+        # Age both copies by two hours: the object's metadata and the local root's file.
+        old = datetime.fromtimestamp(time.time() - 7200, timezone.utc).isoformat()
+        info = await store.objects.info(ref.key)
+        aged = ObjectInfo.from_response({**info.as_dict(), "mtime": old})
+        await js.publish(store.objects._meta_subject(ref.key), json.dumps(aged.as_dict()).encode(),
+                         headers={Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        os.utime(store.local_path(ref), (time.time() - 7200,) * 2)
+        dry = await collect(settings, js, dry_run=True)
+        assert (dry.object_store.count, dry.local_root.count) == (1, 1)  # unreferenced and past grace
+        assert await store.put(media) == ref  # stored again (a new job's input): nothing uploaded ...
+        kept = await collect(settings, js)
+        assert (kept.object_store.count, kept.local_root.count) == (0, 0)  # ... and fresh again
+        assert await store.exists(ref)
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
