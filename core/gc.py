@@ -319,13 +319,12 @@ class Collector:
         before = await self.js.stream_info(bucket.stream)
         self.report.object_store_bytes_before = before.state.bytes
         objects = await bucket.list_objects()
-        by_key = {o.name: o for o in objects}
-        items = [(o.name, o.size or 0, _ts(o.mtime) or self.now) for o in objects]
+        by_key = {o.name: (o, seq) for o, seq in objects}
+        items = [(o.name, o.size or 0, _ts(o.mtime) or self.now) for o, _ in objects]
         for key, size in self._verdicts(items, self.settings.retention_grace):
-            self.report.object_store.add(size)
-            if not self.dry_run:
-                await bucket.delete(by_key[key])
-        live = {o.nuid for o in objects}
+            if self.dry_run or await bucket.delete(*by_key[key]):  # False: stored again meanwhile
+                self.report.object_store.add(size)
+        live = {o.nuid for o, _ in objects}
         for nuid, chunks in (await bucket.chunk_sets()).items():
             if nuid in live:
                 continue
@@ -340,7 +339,7 @@ class Collector:
 
     def _local_root(self) -> None:
         root = Path(self.settings.artifacts_dir)
-        items, paths = [], {}
+        items, paths, mtimes = [], {}, {}
         try:
             shards = [d for d in os.scandir(root) if d.is_dir() and len(d.name) == 2]
         except FileNotFoundError:
@@ -355,15 +354,21 @@ class Collector:
                     continue
                 items.append((entry.name, st.st_size, st.st_mtime))
                 paths[entry.name] = entry.path
+                mtimes[entry.name] = st.st_mtime
         # With local artifacts (one host), the jobs of a `captionbus run` lived on a private bus
         # that is gone: their files are referenced by nothing we can see, so unreferenced files
         # get the finished jobs' retention. With the object store the root only caches it.
         s = self.settings
         unreferenced = s.retention_grace if s.use_object_store() else max(s.retention_grace, s.retention_outputs)
         for key, size in self._verdicts(items, unreferenced):
-            self.report.local_root.add(size)
             if not self.dry_run:
+                try:  # stored again since it was listed (a new job's input): keep it
+                    if os.stat(paths[key]).st_mtime != mtimes[key]:
+                        continue
+                except FileNotFoundError:
+                    continue
                 _unlink(paths[key])
+            self.report.local_root.add(size)
 
 
 def _unlink(path: str) -> None:

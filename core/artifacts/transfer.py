@@ -27,6 +27,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -66,6 +67,7 @@ def connection(js: JetStreamContext) -> NATS:
     return js._nc
 
 
+WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence" (an expected-sequence publish lost the race)
 REFRESH_AFTER_S = 600.0  # an existing object stored again older than this gets a fresh mtime
 
 
@@ -273,15 +275,16 @@ class ObjectBucket:
         info = await self.js.stream_info(self.stream, subjects_filter=pattern)
         return dict(info.state.subjects or {})
 
-    async def list_objects(self) -> list[api.ObjectInfo]:
-        """Every live object's metadata (deleted ones are left out)."""
+    async def list_objects(self) -> list[tuple[api.ObjectInfo, int]]:
+        """Every live object's metadata and the stream sequence of that metadata message
+        (deleted objects are left out)."""
         found = []
         for subject in await self._subjects(f"$O.{self.name}.M.>"):
             with contextlib.suppress(NotFoundError):
                 msg = await self.js.get_last_msg(self.stream, subject)
                 info = api.ObjectInfo.from_response(json.loads(msg.data))
                 if not info.deleted and info.name:
-                    found.append(info)
+                    found.append((info, msg.seq))
         return found
 
     async def chunk_sets(self) -> dict[str, int]:
@@ -297,14 +300,23 @@ class ObjectBucket:
             return None
         return msg.time
 
-    async def delete(self, info: api.ObjectInfo) -> None:
-        """Delete one object: a `deleted` meta (what nats-py's ObjectStore.delete writes, so every
-        client sees it gone), then a purge of its chunks, which frees the bytes."""
+    async def delete(self, info: api.ObjectInfo, meta_seq: int) -> bool:
+        """Delete one object, unless its metadata changed since it was read at `meta_seq` (stored
+        again meanwhile: a new job's input): then False, and nothing is touched. Else a `deleted`
+        meta (what nats-py's ObjectStore.delete writes, so every client sees it gone), published
+        only if that subject's last sequence is still `meta_seq`, then a purge of its chunks."""
         gone = api.ObjectInfo(name=info.name, bucket=self.name, nuid=info.nuid, size=0, chunks=0,
                               mtime="", digest="", deleted=True)
-        await self.js.publish(self._meta_subject(info.name), json.dumps(gone.as_dict()).encode(),
-                              headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        try:
+            await self.js.publish(self._meta_subject(info.name), json.dumps(gone.as_dict()).encode(),
+                                  headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT,
+                                           api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(meta_seq)})
+        except nats.js.errors.APIError as e:
+            if e.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise
         await self.js.purge_stream(self.stream, subject=self.chunk_subject(info.nuid))
+        return True
 
     async def purge_chunk_set(self, nuid: str) -> None:
         await self.js.purge_stream(self.stream, subject=self.chunk_subject(nuid))

@@ -155,6 +155,15 @@ def test_gc_cli_prints_counts_and_bytes_as_json(nats_server, tmp_path):
     orphan = asyncio.run(seed())
     time.sleep(0.05)
     cmd = [sys.executable, "-m", "captionbus", "gc", "--json"]
+    # --local-only: this host's root only (a stale local copy goes), the bus's objects stay.
+    local_settings = Settings(home=tmp_path / "home", artifacts_mode="local")
+    local_copy = asyncio.run(ArtifactStore(local_settings, None).put(_file(tmp_path, "copy.bin", 120_000)))
+    local = subprocess.run([*cmd, "--local-only"], env=env, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+    report = json.loads(local.stdout)
+    assert report["local_root"] == {"count": 1, "bytes": local_copy.size}
+    assert report["object_store"] == {"count": 0, "bytes": 0} and report["object_store_bytes_before"] is None
+    assert ArtifactStore(local_settings, None).local_path(local_copy) is None
     dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     report = json.loads(dry.stdout)
@@ -223,6 +232,31 @@ def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tm
         kept = await collect(settings, js)
         assert (kept.object_store.count, kept.local_root.count) == (0, 0)  # ... and fresh again
         assert await store.exists(ref)
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_an_object_stored_again_after_gc_listed_it_is_not_deleted(nats_server, tmp_path, monkeypatch):
+    from core.artifacts import transfer
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object")
+
+    async def main():
+        nc = await connect(nats_server, "gc-race")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, js)
+        media = _file(tmp_path / "src", "film.wav", 100_000)
+        ref = await store.put(media)
+        [(info, seq)] = await store.objects.list_objects()  # what a GC run read ...
+        monkeypatch.setattr(transfer, "REFRESH_AFTER_S", -1.0)  # refresh now, not after 10 min
+        await store.put(media)  # ... then a new job stores the same input again ...
+        assert await store.objects.delete(info, seq) is False  # ... so the GC's delete does nothing
+        assert (await store.get(ref, dest_dir=tmp_path / "out")).read_bytes() == media.read_bytes()
+        [(info, seq)] = await store.objects.list_objects()
+        assert await store.objects.delete(info, seq) is True
+        assert await store.objects.info(ref.key) is None  # deleted for every reader of the bus
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
