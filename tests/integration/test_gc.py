@@ -32,16 +32,21 @@ async def _write_job(js, state: JobState) -> None:
     await publish_event(js, JobSubmitted(job_id=state.job_id, spec=state.spec))
 
 
+async def _bus(url: str, settings: Settings, name: str):
+    """A provisioned bus and an artifact store on it."""
+    nc = await connect(url, name)
+    js = nc.jetstream()
+    await provision(js)
+    return nc, js, ArtifactStore(settings, js)
+
+
 def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats_server, tmp_path):
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
                         retention_outputs=7 * DAY, retention_events=5 * DAY, retention_cache=30 * DAY,
                         retention_grace=3600)
 
     async def main():
-        nc = await connect(nats_server, "gc-test")
-        js = nc.jetstream()
-        await provision(js)
-        store = ArtifactStore(settings, js)
+        nc, js, store = await _bus(nats_server, settings, "gc-test")
         src = tmp_path / "src"
         shared = await store.put(_file(src, "film.wav", 200_000))  # input of both jobs
         old_out = await store.put(_file(src, "old.srt", 600_000))  # the finished job's output
@@ -115,10 +120,7 @@ def test_gc_size_limit_evicts_the_oldest_finished_never_a_running_jobs(nats_serv
                         artifacts_max_bytes=500_000, retention_grace=60)
 
     async def main():
-        nc = await connect(nats_server, "gc-size")
-        js = nc.jetstream()
-        await provision(js)
-        store = ArtifactStore(settings, js)
+        nc, js, store = await _bus(nats_server, settings, "gc-size")
         src = tmp_path / "src"
         refs = {}
         now = datetime.now(timezone.utc)
@@ -213,10 +215,7 @@ def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tm
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object", retention_grace=3600)
 
     async def main():
-        nc = await connect(nats_server, "gc-refresh")
-        js = nc.jetstream()
-        await provision(js)
-        store = ArtifactStore(settings, js)
+        nc, js, store = await _bus(nats_server, settings, "gc-refresh")
         media = _file(tmp_path / "src", "film.wav", 100_000)
         ref = await store.put(media)
         # Age both copies by two hours: the object's metadata and the local root's file.
@@ -243,10 +242,7 @@ def test_an_object_stored_again_after_gc_listed_it_is_not_deleted(nats_server, t
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object")
 
     async def main():
-        nc = await connect(nats_server, "gc-race")
-        js = nc.jetstream()
-        await provision(js)
-        store = ArtifactStore(settings, js)
+        nc, js, store = await _bus(nats_server, settings, "gc-race")
         media = _file(tmp_path / "src", "film.wav", 100_000)
         ref = await store.put(media)
         [(info, seq)] = await store.objects.list_objects()  # what a GC run read ...
