@@ -19,6 +19,13 @@ What is kept, and for how long (`core.settings`, CAPTIONBUS_RETENTION_* / _ARTIF
   needed), until it fits.
 Torn uploads (chunks no object's metadata names, older than the grace period) are purged too.
 
+Races, and how they are closed: an object is deleted only if its metadata is still the message
+this run listed (a publish with the expected last subject sequence), and a local file only if its
+mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
+the time) survives. Left open: the size limit may evict a live cache entry's artifact in the
+moment a worker reuses that entry; the job that took the hit then fails to fetch it (set the
+limit with headroom; age-based retention has no such window, see above).
+
 Where: the object store and the KV stage cache on the bus (a fleet), and this host's local
 artifact root and its file stage cache (`$CAPTIONBUS_HOME/stage-cache`). A `captionbus run`
 without `up` keeps its jobs on a private bus this GC cannot see: while one runs (its
