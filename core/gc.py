@@ -22,9 +22,8 @@ Torn uploads (chunks no object's metadata names, older than the grace period) ar
 Races, and how they are closed: an object is deleted only if its metadata is still the message
 this run listed (a publish with the expected last subject sequence), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
-the time) survives. Left open: the size limit may evict a live cache entry's artifact in the
-moment a worker reuses that entry; the job that took the hit then fails to fetch it (set the
-limit with headroom; age-based retention has no such window, see above).
+the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
+entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
 
 Where: the object store and the KV stage cache on the bus (a fleet), and this host's local
 artifact root and its file stage cache (`$CAPTIONBUS_HOME/stage-cache`). A `captionbus run`
@@ -168,6 +167,9 @@ class Collector:
         self.report = GcReport(dry_run=dry_run)
         self.needs = Needs()
         self.unfinished: set[str] = set()
+        self.cache_live: dict[str, dict[str, Any]] = {}  # artifact key -> {cache entry id: async remover}
+        self.evicting: dict[str, Any] = {}  # cache entries the size limit removes this run
+        self.evicted: set[str] = set()
 
     async def run(self) -> GcReport:
         s = self.settings
@@ -179,7 +181,7 @@ class Collector:
         if self.bus and s.use_object_store():
             cache_dying |= await self._kv_cache()
         if self.local:
-            cache_dying |= self._file_cache()
+            cache_dying |= await self._file_cache()
         for key in cache_dying:  # kept this run; see the module docstring
             self.needs.need(key, self.now + 1)
         self.report.kept_for_unfinished_jobs = len(self.unfinished)
@@ -192,7 +194,8 @@ class Collector:
                     f"local artifact root {s.artifacts_dir}: `captionbus run` (pid {', '.join(map(str, runs))}) "
                     "is running with a private bus whose jobs this GC cannot see")
             else:
-                self._local_root()
+                await self._local_root()
+        await self._evict_cache_entries()
         return self.report
 
     # ---- what is needed -------------------------------------------------------------------
@@ -239,8 +242,9 @@ class Collector:
         if not self.dry_run:
             await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
 
-    def _cache_entry(self, data: bytes, written: float | None, remove) -> set[str]:
-        """Needs from one cache entry; returns the keys of an entry that is removed now."""
+    async def _cache_entry(self, entry_id: str, data: bytes, written: float | None, remove) -> set[str]:
+        """Needs from one cache entry (`remove`: an async call that deletes it); returns the
+        artifact keys of an entry removed now (expired)."""
         try:
             outputs = [ArtifactRef.model_validate(r) for r in json.loads(data)["outputs"].values()]
         except Exception:
@@ -249,10 +253,11 @@ class Collector:
         if self.now - written <= self.settings.retention_cache:
             for ref in outputs:
                 self.needs.need(ref.key, written + self.settings.retention_cache)
+                self.cache_live.setdefault(ref.key, {})[entry_id] = remove
             return set()
         self.report.cache_entries += 1
         if not self.dry_run:
-            remove()
+            await remove()
         return {ref.key for ref in outputs}
 
     async def _kv_cache(self) -> set[str]:
@@ -268,13 +273,10 @@ class Collector:
                 msg = await self.js.get_last_msg(stream, f"$KV.{subjects.STAGE_CACHE_BUCKET}.{key}")
             except Exception:
                 continue
-            removed: list[str] = []
-            dying |= self._cache_entry(msg.data, _ts(msg.time), lambda k=key: removed.append(k))
-            for k in removed:
-                await kv.purge(k)
+            dying |= await self._cache_entry(f"kv:{key}", msg.data, _ts(msg.time), lambda k=key: kv.purge(k))
         return dying
 
-    def _file_cache(self) -> set[str]:
+    async def _file_cache(self) -> set[str]:
         dying: set[str] = set()
         folder = self.settings.home / "stage-cache"
         try:
@@ -287,8 +289,23 @@ class Collector:
                 written = entry.stat().st_mtime
             except OSError:
                 continue
-            dying |= self._cache_entry(data, written, lambda p=entry.path: _unlink(p))
+
+            async def remove(path: str = entry.path) -> None:
+                _unlink(path)
+
+            dying |= await self._cache_entry(f"file:{entry.path}", data, written, remove)
         return dying
+
+    async def _evict_cache_entries(self) -> None:
+        """The live cache entries whose artifacts the size limit chose: removed now, their
+        artifacts next run (the same two steps as an expired entry's)."""
+        for entry_id, remove in list(self.evicting.items()):
+            if entry_id in self.evicted:
+                continue
+            self.evicted.add(entry_id)
+            self.report.cache_entries += 1
+            if not self.dry_run:
+                await remove()
 
     # ---- what may go ----------------------------------------------------------------------
 
@@ -317,7 +334,11 @@ class Collector:
             for key, size, _, _ in evictable:
                 if total <= limit:
                     break
-                doomed.append((key, size))
+                entries = self.cache_live.get(key)
+                if entries:  # a live cache entry's: the entry goes now, the bytes next run
+                    self.evicting.update(entries)
+                else:
+                    doomed.append((key, size))
                 total -= size
         return doomed
 
@@ -344,7 +365,7 @@ class Collector:
         if not self.dry_run:
             self.report.object_store_bytes_after = (await self.js.stream_info(bucket.stream)).state.bytes
 
-    def _local_root(self) -> None:
+    async def _local_root(self) -> None:
         root = Path(self.settings.artifacts_dir)
         items, paths, mtimes = [], {}, {}
         try:

@@ -10,6 +10,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import nats.js.errors
+import pytest
+
 from contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, subjects
 from core.artifacts import ArtifactStore
 from core.bus import connect, provision, publish_event
@@ -253,6 +256,33 @@ def test_an_object_stored_again_after_gc_listed_it_is_not_deleted(nats_server, t
         [(info, seq)] = await store.objects.list_objects()
         assert await store.objects.delete(info, seq) is True
         assert await store.objects.info(ref.key) is None  # deleted for every reader of the bus
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
+    """Over the limit, a live cache entry's artifact goes in two steps (the entry, then the bytes
+    one run later), so a worker that has just reused the entry still finds its outputs."""
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        artifacts_max_bytes=400_000, retention_grace=60)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-cache-size")
+        running = await store.put(_file(tmp_path / "src", "running.wav", 300_000))
+        cached = await store.put(_file(tmp_path / "src", "cached.json", 300_000))
+        await _write_job(js, JobState(spec=JobSpec(job_id="job-r", input=running), status=JobStatus.running))
+        cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+        await cache.put("d" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
+        later = time.time() + 3600  # past grace, inside every retention
+        first = await collect(settings, js, now=later)
+        assert first.cache_entries == 1 and first.object_store.count == 0
+        assert await store.exists(cached)
+        with pytest.raises(nats.js.errors.NoKeysError):  # the entry is gone
+            await cache.keys()
+        second = await collect(settings, js, now=later)
+        assert second.object_store.count == 1 and second.object_store.bytes == cached.size
+        assert not await store.exists(cached) and await store.exists(running)
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
