@@ -47,7 +47,10 @@ def _friendly_errors(fn):
         from captionbus.stack import ServiceStartError
         from core.bus import BusError
 
-        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError)
+        from core.artifacts import ArtifactStoreFull
+
+        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError,
+                                                  ArtifactStoreFull)
         with contextlib.suppress(ImportError):
             from captionbus.envs import EnvsMissing
 
@@ -66,7 +69,7 @@ def _friendly_errors(fn):
                 raise UserError(f"stage environments not ready: {which}; run: {e}") from None
             if isinstance(e, BusError):
                 code = exitcodes.BUS
-            elif isinstance(e, (JobFailedError, ServiceStartError)):
+            elif isinstance(e, (JobFailedError, ServiceStartError, ArtifactStoreFull)):
                 code = exitcodes.JOB_FAILED
             else:
                 code = exitcodes.USAGE
@@ -451,6 +454,40 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                                "source_language": spec.source_language, "target_languages": spec.target_languages}))
     else:
         click.echo(spec.job_id)
+
+
+@main.command(short_help="Delete what the retention settings no longer keep.")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--local-only", is_flag=True, help="Only this host's local artifact root and file stage cache.")
+@_friendly_errors
+def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
+    """Delete artifacts, stage cache entries and job history past their retention
+    (CAPTIONBUS_RETENTION_*, CAPTIONBUS_ARTIFACTS_MAX_BYTES); never what an unfinished job needs.
+    Needs a NATS user allowed to purge (`gc` in deploy/nats/roles.conf) unless --dry-run or
+    --local-only."""
+    from core.bus import connect, require_provisioned, resolve_url, running_embedded_url
+    from core.gc import collect
+
+    settings = load()
+
+    async def go():
+        url = settings.nats_url or running_embedded_url(settings)
+        if url is None:  # no bus: this host's files, by their age alone
+            return await collect(settings, None, dry_run=dry_run, bus=False)
+        nc = await connect(resolve_url(settings), "captionbus-gc")
+        try:
+            await require_provisioned(nc.jetstream())
+            return await collect(settings, nc.jetstream(), dry_run=dry_run, bus=not local_only)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
+
+    report = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        click.echo(report.summary())
 
 
 @main.command(short_help="Download a finished job's outputs.")
