@@ -17,6 +17,7 @@ Errors a person can fix become BadInput with one line; everything else stays an 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -190,8 +191,12 @@ def probe(path: Path, display_name: str | None = None) -> ProbeResult:
             ffprobe, "-v", "error", *INPUT_GUARD,
             "-print_format", "json", "-show_format", "-show_streams", file_url(path),
         ]
-    else:
+    elif importlib.util.find_spec("av") is not None:
         args = [sys.executable, "-c", _PYAV_PROBE, json.dumps({"url": file_url(path), "guard": _PYAV_GUARD})]
+    else:  # not the file's fault: say what this worker lacks, not "not a media file"
+        raise mediatools.MediaToolMissing(
+            "ffprobe not found and PyAV is not installed in this environment: `captionbus envs create common`, "
+            "install FFmpeg, or set CAPTIONBUS_FFPROBE")
     try:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:

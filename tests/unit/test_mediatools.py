@@ -60,3 +60,18 @@ def test_no_ffmpeg_anywhere_says_how_to_get_one(tmp_path, monkeypatch):
     with pytest.raises(mediatools.MediaToolMissing) as caught:
         mediatools.ffmpeg_path(Settings(home=tmp_path))
     assert "pip install imageio-ffmpeg" in str(caught.value) and "\n" not in str(caught.value)
+
+
+
+def test_probe_without_ffprobe_or_pyav_names_what_is_missing_not_the_file(tmp_path, monkeypatch):
+    import importlib.util
+
+    from services import media
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(mediatools.MediaToolMissing, match="ffprobe not found and PyAV is not installed"):
+        media.probe(clip)
