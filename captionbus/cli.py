@@ -199,10 +199,13 @@ def _with_job_options(fn):
 @click.option("--attach", is_flag=True, help="Use the coordinator and services already on the bus instead of starting them.")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
               help="asr workers to start (a chunked film's chunks go to all of them).")
+@click.option("--no-setup", is_flag=True,
+              help="Build nothing: refuse (exit 2) when a stage environment is not built, and fetch no default model.")
 @_friendly_errors
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None,
-        attach: bool, replicas: int) -> None:
-    """Run a job on this machine: bus, coordinator and services included; prints output paths."""
+        attach: bool, replicas: int, no_setup: bool) -> None:
+    """Run a job on this machine: bus, coordinator and services included; prints output paths.
+    On first use it builds the stage environments the job needs and fetches the default models."""
     from captionbus.client import check_input_file
     from captionbus.runner import run_job, validate_job
     from captionbus.stack import server_for_run
@@ -210,9 +213,12 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
     _terminate_like_ctrl_c()
     settings = load()
     # Before the server starts: a bad option (-o asr.nosuchkey=1) costs nothing to refuse.
-    validate_job(workflow, source, _split_languages(targets), local_stack=not attach, options=_parse_options(options))
+    stages = validate_job(workflow, source, _split_languages(targets), local_stack=not attach,
+                          options=_parse_options(options), require_built=no_setup)
     check_input_file(media)
     out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
+    if not attach and not no_setup:
+        _first_run_setup(stages)
     with server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,
@@ -223,6 +229,16 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
     for path in outputs.values():
         click.echo(str(path))
     _exit_if_partial(outputs)
+
+
+def _first_run_setup(stages: list[str]) -> None:
+    """Build what this host lacks for the job (captionbus/firstrun.py); a failed step is one line."""
+    from captionbus.firstrun import SetupError, prepare
+
+    try:
+        prepare(stages, console)
+    except SetupError as e:
+        raise UserError(str(e), exit_code=exitcodes.JOB_FAILED) from None
 
 
 def check_out_dir(path: Path) -> Path:

@@ -90,11 +90,12 @@ def _workflow_at(path: str, mtime_ns: int, size: int):
 
 def validate_job(
     workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
-    options: dict | None = None,
+    options: dict | None = None, require_built: bool = True,
 ) -> list[str]:
     """Refuse before anything runs: unknown workflow or language, a job the graph cannot plan
     (e.g. a language pair no translation backend serves) and — when this host will run the
-    stages itself — missing environments. Returns the stages this job will run."""
+    stages itself — missing environments (unless `require_built` is off: `run` builds them,
+    captionbus/firstrun.py). Returns the stages this job will run."""
     validate_token(workflow, "workflow name")
     workflows = config_files("workflows")
     path = workflows.get(workflow)
@@ -129,7 +130,8 @@ def validate_job(
     stages = graph.expand(spec).stages()
     if local_stack:
         check_service_options(stages)
-        require_envs(stages)
+        if require_built:
+            require_envs(stages)
     return stages
 
 

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     host_id: str = Field(default_factory=socket.gethostname, description="names this host in worker info and artifacts")
     envs: Path | None = Field(default=None, description="stage environment venvs (default HOME/envs)")
     models: Path | None = Field(default=None, description="model cache (default HOME/models)")
+    ffmpeg: Path | None = Field(default=None, description=(
+        "the ffmpeg binary (default: ffmpeg on PATH, else the imageio-ffmpeg wheel's; core/mediatools.py)"))
+    ffprobe: Path | None = Field(default=None, description=(
+        "the ffprobe binary (default: ffprobe on PATH, else probe through PyAV)"))
     # How to reach a secured bus (deploy/): at most one way to authenticate, and a CA for TLS.
     nats_creds: Path | None = Field(default=None, description="NATS credentials file (JWT + nkey seed, `.creds`)")
     nats_nkey: Path | None = Field(default=None, description="NATS nkey seed file")
@@ -156,11 +160,16 @@ class Settings(BaseSettings):
     def _bytes(cls, value):
         return parse_bytes(value) if isinstance(value, str) else value
 
-    @field_validator("home", "envs", "models", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
+    @field_validator("home", "envs", "models", "ffmpeg", "ffprobe", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
                      mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("ffmpeg", "ffprobe", mode="before")
+    @classmethod
+    def _blank_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("nats_url", "nats_user", "nats_password", mode="after")
     @classmethod
