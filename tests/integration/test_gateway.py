@@ -151,8 +151,8 @@ def test_openai_endpoints_refuse_bad_requests_with_openai_errors(gateway):
         ("/v1/audio/transcriptions", wav, {"timestamp_granularities[]": "letter"}, "word and/or segment"),
         ("/v1/audio/transcriptions", wav, {"language": "xx"}, "unknown language code 'xx'"),
         ("/v1/audio/transcriptions", wav, {"temperature": "hot"}, "temperature must be a number"),
-        ("/v1/audio/translations", wav, {"model": "whisper-1"}, "need the spoken language"),
-        ("/v1/audio/translations", wav, {"language": "fr", "response_format": "srt"}, "json, text or verbose_json"),
+        ("/v1/audio/translations", wav, {"language": "xx"}, "unknown language code 'xx'"),
+        ("/v1/audio/translations", wav, {"response_format": "tsv"}, "response_format 'tsv' unknown"),
     ]
     for path, files, data, message in cases:
         response = gateway.post(path, files=files, data=data) if files else gateway.post(path, data=data)
