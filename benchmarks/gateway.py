@@ -128,6 +128,18 @@ async def run(args, root: Path) -> None:
                 phases.append({name: float(ms) / 1000 for name, ms in timing.items()} | {"total": elapsed})
                 return elapsed, result.text
 
+            async def http_floor(clip: Path) -> float:
+                """The same upload with the same client, refused (400) after the form is read: HTTP,
+                the client library and the multipart body, and no bus work: what any HTTP door costs."""
+                started = time.perf_counter()
+                with clip.open("rb") as f:
+                    try:
+                        await ai.audio.transcriptions.create(model="whisper-1", file=f, language="en",
+                                                             response_format="tsv")
+                    except openai.BadRequestError:
+                        pass
+                return time.perf_counter() - started
+
             async def direct(clip: Path) -> float:
                 started = time.perf_counter()
                 validate_job("speech", "en", [], local_stack=False)  # as `submit --wait` does
@@ -142,11 +154,13 @@ async def run(args, root: Path) -> None:
             clip, _ = speech_wav(root / "overhead.wav", sentence(10_000))
             await via_gateway(clip)
             await direct(clip)
-            gw_times, bus_times = [], []
+            await http_floor(clip)
+            gw_times, bus_times, floor_times = [], [], []
             phases.clear()
             for _ in range(args.overhead_rounds):
                 gw_times.append((await via_gateway(clip))[0])
                 bus_times.append(await direct(clip))
+                floor_times.append(await http_floor(clip))
             gw_phases = list(phases)
             diffs = [g - b for g, b in zip(gw_times, bus_times)]
 
@@ -192,6 +206,10 @@ async def run(args, root: Path) -> None:
     print(f"{'gateway overhead (paired difference)':<46}{statistics.median(diffs) * 1000:>10.1f}"
           f"{pct(diffs, 0.95) * 1000:>10.1f}   ratio gateway/bus p50 "
           f"{statistics.median(gw_times) / statistics.median(bus_times):.2f}")
+    print(f"{'HTTP floor (same upload answered 400, no bus)':<46}{statistics.median(floor_times) * 1000:>10.1f}"
+          f"{pct(floor_times, 0.95) * 1000:>10.1f}")
+    print(f"{'overhead beyond the HTTP floor':<46}"
+          f"{(statistics.median(diffs) - statistics.median(floor_times)) * 1000:>10.1f}")
     split = {name: statistics.median(p[name] for p in gw_phases) * 1000
              for name in ("form", "submit", "job", "answer", "total")}
     split["http+client"] = split["total"] - sum(split[n] for n in ("form", "submit", "job", "answer"))

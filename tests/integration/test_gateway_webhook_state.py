@@ -33,6 +33,7 @@ class Receiver:
 
     def __init__(self, fail_first: bool = False):
         self.got: list[tuple[dict, dict]] = []
+        self.posts: list[str] = []  # every POST's delivery id, before the example's own dedupe
         self.tried: set[str] = set()
         self.fail_first = fail_first
         self.lock = threading.Lock()
@@ -65,6 +66,8 @@ def receiver():
 
     def do_post(self):
         self.headers["X-Captionbus-Path"] = self.path
+        with rec.lock:
+            rec.posts.append(self.headers.get("X-Captionbus-Delivery", ""))
         original(self)
 
     handler.do_POST = do_post
@@ -138,7 +141,8 @@ def test_a_restarted_gateway_resumes_webhooks_without_sending_any_twice(coordina
         assert rec.kinds(job_id, "/cb/") == [e["event"] for e in events]
         assert rec.kinds(job_id, "/audit/") == ["submitted", "started", "cancelled"]
         delivered = rec.deliveries(job_id)
-        assert len(delivered) == len(set(delivered)) and delivered[:len(before)] == before
+        assert delivered[:len(before)] == before
+        assert len(rec.posts) == len(set(rec.posts)) == len(delivered)  # not one POST twice
         assert all(d.startswith(f"{job_id}.callback.") or d.startswith(f"{job_id}.audit.") for d in delivered)
         records = wait_until(lambda: [r for r in httpx.get(f"{base}/v1/jobs/{job_id}/webhooks", timeout=10)
                                       .json()["data"] if r["done"]] or None, "the records to be done")
@@ -177,5 +181,7 @@ def test_two_gateways_deliver_each_subscriber_event_once_and_both_report_it(coor
         deliveries = views[0][0]["deliveries"]
         assert [d["kind"] for d in deliveries] == kinds
         assert all(d["status"] == "delivered" and d["attempts"] == 2 for d in deliveries)
+        # two POSTs per delivery id (the refused one and the retry), not four: one gateway sent each
+        assert sorted(rec.posts) == sorted([d["delivery_id"] for d in deliveries] * 2)
         flat = httpx.get(f"{two}/v1/jobs/{job_id}/deliveries", timeout=10).json()["data"]
         assert [(d["subscriber"], d["sequence"]) for d in flat] == [("audit", d["sequence"]) for d in deliveries]
