@@ -1,11 +1,14 @@
-"""A real gateway (uvicorn on a free loopback port, in a thread) for tests."""
+"""A real gateway for tests: uvicorn on a free loopback port in a thread, or `captionbus gateway` as a process."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from captionbus.gateway.app import GatewayConfig, create_app
@@ -36,14 +39,9 @@ def running_gateway(config: GatewayConfig):
         thread.join(10)
 
 
-def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tuple["subprocess.Popen", str]:
+def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tuple[subprocess.Popen, str]:
     """`captionbus gateway ARGS` as its own process on a free loopback port; (process, base URL)
     once /healthz answers (it connects to the bus at start)."""
-    import subprocess
-    import sys
-
-    import httpx
-
     port = free_port()
     log = open(log_path, "ab")  # noqa: SIM115  (closed with the process)
     proc = subprocess.Popen([sys.executable, "-m", "captionbus", "gateway", "--listen", f"127.0.0.1:{port}", *args],

@@ -9,16 +9,23 @@ a request registers a future for its job id *before* it publishes `submitted` (t
 here, not by `client.submit`), so the terminal event cannot slip by, and no event but the
 terminal one is ever delivered to the gateway.
 
-Measured (benchmarks/gateway.py, 8 rounds of one 7.8 s espeak clip on stage-cache hits, 2-core
-machine shared with five other builds, so noisy), p50 ms, before -> after this change:
-  bus directly (client.submit + follow)    84.0 -> see the benchmark's output
-  gateway, openai client                   133.5
-  overhead (paired difference)             27.7
-  by phase (Server-Timing): form 13.0 (receiving the 344 kB multipart body: the parse itself is
-  0.7 ms, measured alone), submit 4.0 (validate, hardlink into the store, publish), job 84.3
-  (the coordinator's own work, the same as the direct path's), answer 0.4, and 31.8 ms outside
-  the handler (the openai client building the multipart request and parsing the answer, HTTP).
-The numbers after the change are in the module docstring of benchmarks/gateway.py and the commit.
+Measured (benchmarks/gateway.py --clients 0 --upload-mb 0: one 7.8 s espeak clip, every stage a
+stage-cache hit, paired rounds; a 2-core machine at load average 7-10 from five other builds, so
+the spread is wide), p50 ms:
+                                     before (8 rounds)   after (10 rounds)   after (20 rounds)
+  bus directly (submit + follow)           84.0               91.5                71.5
+  gateway, openai client                  133.5              100.3                87.1
+  gateway overhead (paired difference)     27.7                2.5                18.6
+  HTTP floor (same upload answered 400)      -                32.3                22.2
+  by phase (Server-Timing), before -> after (20 rounds): form 13.0 -> 3.8, submit 4.0 -> 10.0,
+  job 84.3 -> 57.6, answer 0.4 -> 0.3, outside the handler 31.8 -> 15.4.
+Where the time goes now: the job phase is shorter than the direct path's whole follow (57.6 vs
+71.5 - the submit's ~10), i.e. the per-request consumer cost 10-15 ms here; what is left of the
+overhead is the HTTP floor, which any HTTP door pays: the openai client building the multipart
+request and parsing the answer, the 344 kB body crossing a socket in 64 kB chunks (the form
+phase; its parse alone is 0.7 ms, measured apart), and uvicorn/FastAPI (pure-Python h11 and
+asyncio: uvloop/httptools are not installed here). Nothing in the gateway polls or sleeps on
+the request's path; the upload is parsed as it arrives and hardlinked into the artifact store.
 
 Core subscriptions are at-most-once: a terminal event published while the gateway is
 reconnecting is not delivered to it. So a waiter also looks at the job's KV record every

@@ -96,7 +96,7 @@ def cancel_on_bus(url: str, job_id: str) -> None:
     asyncio.run(go())
 
 
-def test_a_restarted_gateway_resumes_webhooks_without_sending_any_twice(coordinator, receiver, tmp_path):
+def test_a_restarted_gateway_resumes_webhooks_without_sending_any_twice(coordinator, receiver, tmp_path):  # noqa: F811
     hooks, rec = receiver
     config = tmp_path / "gateway.toml"
     config.write_text(f'webhook_lease_s = 2\n[[subscribers]]\nname = "audit"\nurl = "{hooks}audit/"\n'
@@ -143,7 +143,7 @@ def test_a_restarted_gateway_resumes_webhooks_without_sending_any_twice(coordina
         delivered = rec.deliveries(job_id)
         assert delivered[:len(before)] == before
         assert len(rec.posts) == len(set(rec.posts)) == len(delivered)  # not one POST twice
-        assert all(d.startswith(f"{job_id}.callback.") or d.startswith(f"{job_id}.audit.") for d in delivered)
+        assert all(d.startswith((f"{job_id}.callback.", f"{job_id}.audit.")) for d in delivered)
         records = wait_until(lambda: [r for r in httpx.get(f"{base}/v1/jobs/{job_id}/webhooks", timeout=10)
                                       .json()["data"] if r["done"]] or None, "the records to be done")
         records = httpx.get(f"{base}/v1/jobs/{job_id}/webhooks", timeout=10).json()["data"]
@@ -154,7 +154,7 @@ def test_a_restarted_gateway_resumes_webhooks_without_sending_any_twice(coordina
         second.wait(20)
 
 
-def test_two_gateways_deliver_each_subscriber_event_once_and_both_report_it(coordinator, receiver, tmp_path):
+def test_two_gateways_deliver_each_subscriber_event_once_and_both_report_it(coordinator, receiver, tmp_path):  # noqa: F811
     hooks, rec = receiver
     rec.fail_first = True  # every delivery needs a second attempt: attempts are recorded
 
