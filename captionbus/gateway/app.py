@@ -451,8 +451,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 form.cleanup()
         log.info("job submitted", job_id=job_id, key=who)
         if callback:
-            async with on_bus():
-                await dispatcher.add(js, job_id, CALLBACK, callback)
+            try:
+                async with on_bus():
+                    await dispatcher.add(js, job_id, CALLBACK, callback)
+            except RuntimeError as e:  # no cb_webhooks bucket: the job runs, its callback cannot
+                raise ApiError(503, f"job {job_id} submitted, but its webhooks cannot be recorded: {e}",
+                               "service_unavailable") from None
         return {"id": job_id, "object": "job", "status": "pending", "url": f"/v1/jobs/{job_id}"}
 
     @app.get("/v1/jobs")
@@ -533,8 +537,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         await state_of(js, job_id)
         if dispatcher is None:
             return []
-        async with on_bus():
-            return await dispatcher.records(js, job_id)
+        try:
+            async with on_bus():
+                return await dispatcher.records(js, job_id)
+        except RuntimeError as e:
+            raise ApiError(503, str(e), "service_unavailable") from None
 
     @app.get("/v1/jobs/{job_id}/webhooks")
     async def job_webhooks(request: Request, job_id: str):

@@ -196,19 +196,25 @@ class Dispatcher:
             task.cancel()
         self._background.clear()
         self._js = js
-        await self.kv(js)
+        try:
+            await self.kv(js)
+        except RuntimeError as e:  # the rest of the API works; webhook requests answer 503 with this
+            log.error("webhooks off", reason=str(e))
+            return
         self._background.append(asyncio.create_task(self._sweep_forever(js)))
         if self.config.subscribers:
             self._background.append(asyncio.create_task(self._follow_submitted(js)))
 
     async def stop(self) -> None:
         """Hand leases back so another (or the restarted) gateway resumes at once."""
-        for task in [*self._background, *self.running.values()]:
+        leases = list(self.leases.values())  # the tasks' done callbacks forget them
+        tasks = [*self._background, *self.running.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._background, *self.running.values()]:
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        for lease in list(self.leases.values()):
+        for lease in leases:
             with contextlib.suppress(Exception):
                 lease.record.owner = None
                 await asyncio.wait_for(lease.save(release=True), 2)

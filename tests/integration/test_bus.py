@@ -349,6 +349,8 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
                 assert records[0].deliveries[0]["attempts"] >= 1 and records[0].deliveries[0]["status"] == "pending"
                 assert await hooks.sweep(js["client"]) == 0  # its own, leased
                 await hooks.stop()
+                released = (await hooks.records(js["client"], "job-acl"))[0]
+                assert released.owner is None and released.lease_until == 0  # a restart resumes at once
 
             allowed_so_far = _violations(server_log)[denied_before:]
 
