@@ -9,18 +9,20 @@ a request registers a future for its job id *before* it publishes `submitted` (t
 here, not by `client.submit`), so the terminal event cannot slip by, and no event but the
 terminal one is ever delivered to the gateway.
 
-Measured (benchmarks/gateway.py --clients 0 --upload-mb 0: one 7.8 s espeak clip, every stage a
-stage-cache hit, paired rounds; a 2-core machine at load average 7-10 from five other builds, so
-the spread is wide), p50 ms:
-                                     before (8 rounds)   after (10 rounds)   after (20 rounds)
-  bus directly (submit + follow)           84.0               91.5                71.5
-  gateway, openai client                  133.5              100.3                87.1
-  gateway overhead (paired difference)     27.7                2.5                18.6
-  HTTP floor (same upload answered 400)      -                32.3                22.2
-  by phase (Server-Timing), before -> after (20 rounds): form 13.0 -> 3.8, submit 4.0 -> 10.0,
-  job 84.3 -> 57.6, answer 0.4 -> 0.3, outside the handler 31.8 -> 15.4.
-Where the time goes now: the job phase is shorter than the direct path's whole follow (57.6 vs
-71.5 - the submit's ~10), i.e. the per-request consumer cost 10-15 ms here; what is left of the
+Measured (benchmarks/gateway.py --clients 0 --upload-mb 0 --overhead-rounds 20: one 7.8 s espeak
+clip, every stage a stage-cache hit, paired rounds), the code before this change and after it run
+back to back on the same 2-core machine (load average ~6 from five other builds), p50 (p95) ms:
+                                         before          after
+  bus directly (submit + follow)       36.5 (59.1)     36.5 (46.0)
+  gateway, openai client               54.1 (63.5)     39.2 (54.5)
+  gateway overhead (paired difference) 16.2 (28.4)      3.8 (13.9)    ratio gateway/bus 1.48 -> 1.08
+  HTTP floor (same upload answered 400)     -           9.7 (14.3)
+  by phase (Server-Timing): form 5.2 -> 2.5, submit 5.8 -> 3.2, job 35.0 -> 29.0, answer 0.5 -> 0.3,
+  outside the handler 7.6 -> 4.2.
+Under heavier load (average 8-10) the after-numbers spread wider: overhead p50 2.5, 18.6, 7.0 ms
+in three runs of 10-20 rounds (27.7 and 62 ms before, in earlier single runs).
+Where the time goes now: the job phase is shorter than the direct path's submit + follow (29.0 vs
+36.5, of which the submit is ~3), i.e. the per-request consumer cost 5-6 ms here; what is left of the
 overhead is the HTTP floor, which any HTTP door pays: the openai client building the multipart
 request and parsing the answer, the 344 kB body crossing a socket in 64 kB chunks (the form
 phase; its parse alone is 0.7 ms, measured apart), and uvicorn/FastAPI (pure-Python h11 and
