@@ -11,6 +11,10 @@
    hits), against 2 asr replicas: errors, p50/p95 latency, WER of each answer.
 3. Upload: a `--upload-mb` file streamed to `POST /v1/jobs`; the gateway process's peak RSS (VmHWM).
 
+The HTTP floor is the same upload by the same client answered 400 once the form is read (no bus
+work): what any HTTP door costs. The breakdown and the numbers measured here are in
+captionbus/gateway/ends.py (the gateway hears job ends on one subscription, not a consumer per request).
+
 The gateway runs as its own process (`captionbus gateway`), as in production. Needs the `common`
 and `whisperx` environments and the Whisper base model (see README). On a busy 2-core machine the
 latencies are noisy; the overhead is a paired difference, which holds up better.
@@ -44,7 +48,7 @@ from contracts.events import TERMINAL_KINDS  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402
 from core.bus import connect, provision  # noqa: E402
 from core.settings import Settings, load  # noqa: E402
-from tests.gatewaytools import free_port  # noqa: E402
+from tests.gatewaytools import start_gateway_process  # noqa: E402
 from tests.media import speech_wav  # noqa: E402
 
 WORDS = ["river", "stone", "lantern", "meadow", "copper", "violin", "harbour", "orchard", "winter", "candle", "garden", "bridge", "falcon", "marble", "thunder", "silver", "pocket", "ladder", "cotton", "basket"]
@@ -73,24 +77,13 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def start_gateway(root: Path, url: str, home: Path, keys: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ARTIFACTS": "local",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    log = open(root / "gateway.log", "ab")  # noqa: SIM115  (closed with the process)
-    proc = subprocess.Popen([sys.executable, "-m", "captionbus", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--keys", str(keys), "--concurrency", "256", "--max-upload-mb", "4096",
-                             "--job-timeout", "1800"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"the gateway did not start; see {root / 'gateway.log'}")
+    try:
+        return start_gateway_process(["--keys", str(keys), "--concurrency", "256", "--max-upload-mb", "4096",
+                                      "--job-timeout", "1800"], env, root / "gateway.log")
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 async def run(args, root: Path) -> None:
@@ -128,6 +121,18 @@ async def run(args, root: Path) -> None:
                 phases.append({name: float(ms) / 1000 for name, ms in timing.items()} | {"total": elapsed})
                 return elapsed, result.text
 
+            async def http_floor(clip: Path) -> float:
+                """The same upload with the same client, refused (400) after the form is read: HTTP,
+                the client library and the multipart body, and no bus work: what any HTTP door costs."""
+                started = time.perf_counter()
+                with clip.open("rb") as f:
+                    try:
+                        await ai.audio.transcriptions.create(model="whisper-1", file=f, language="en",
+                                                             response_format="tsv")
+                    except openai.BadRequestError:
+                        pass
+                return time.perf_counter() - started
+
             async def direct(clip: Path) -> float:
                 started = time.perf_counter()
                 validate_job("speech", "en", [], local_stack=False)  # as `submit --wait` does
@@ -142,11 +147,13 @@ async def run(args, root: Path) -> None:
             clip, _ = speech_wav(root / "overhead.wav", sentence(10_000))
             await via_gateway(clip)
             await direct(clip)
-            gw_times, bus_times = [], []
+            await http_floor(clip)
+            gw_times, bus_times, floor_times = [], [], []
             phases.clear()
             for _ in range(args.overhead_rounds):
                 gw_times.append((await via_gateway(clip))[0])
                 bus_times.append(await direct(clip))
+                floor_times.append(await http_floor(clip))
             gw_phases = list(phases)
             diffs = [g - b for g, b in zip(gw_times, bus_times)]
 
@@ -192,6 +199,10 @@ async def run(args, root: Path) -> None:
     print(f"{'gateway overhead (paired difference)':<46}{statistics.median(diffs) * 1000:>10.1f}"
           f"{pct(diffs, 0.95) * 1000:>10.1f}   ratio gateway/bus p50 "
           f"{statistics.median(gw_times) / statistics.median(bus_times):.2f}")
+    print(f"{'HTTP floor (same upload answered 400, no bus)':<46}{statistics.median(floor_times) * 1000:>10.1f}"
+          f"{pct(floor_times, 0.95) * 1000:>10.1f}")
+    print(f"{'overhead beyond the HTTP floor':<46}"
+          f"{(statistics.median(diffs) - statistics.median(floor_times)) * 1000:>10.1f}")
     split = {name: statistics.median(p[name] for p in gw_phases) * 1000
              for name in ("form", "submit", "job", "answer", "total")}
     split["http+client"] = split["total"] - sum(split[n] for n in ("form", "submit", "job", "answer"))

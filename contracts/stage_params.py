@@ -158,8 +158,10 @@ class VadParams(StageParams):
 class AsrParams(ItemParams):
     language: LanguageOrAuto = Field(
         None, description="spoken language (ISO 639-1); unset or auto: the job's -s, else detected")
-    task: Literal["transcribe", "detect_language"] = Field(
-        "transcribe", description="detect_language: only find the spoken language (output `language`), "
+    task: Literal["transcribe", "translate", "detect_language"] = Field(
+        "transcribe", description="translate: Whisper decodes the speech straight into English (the transcript's "
+                                  "language is en; what the gateway's /v1/audio/translations runs); "
+                                  "detect_language: only find the spoken language (output `language`), "
                                   "once per job, for every chunk to decode with")
     model: str | None = Field(
         None, description="must name the model the asr service loaded (its path, folder name or id)")

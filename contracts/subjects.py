@@ -10,6 +10,7 @@ EVENTS_STREAM = "CB_EVENTS"  # limits retention: replayable job history
 JOBS_BUCKET = "cb_jobs"  # KV: job id -> JobState
 ARTIFACTS_BUCKET = "cb_artifacts"  # object store: sha256 -> bytes
 STAGE_CACHE_BUCKET = "cb_stage_cache"  # KV: hash(stage, inputs, params, model, env) -> outputs
+WEBHOOKS_BUCKET = "cb_webhooks"  # KV: <job_id>.<subscriber> -> webhook delivery state (the gateway's)
 
 REQUESTS_WILDCARD = f"{PREFIX}.req.*"
 EVENTS_WILDCARD = f"{PREFIX}.job.>"
@@ -45,6 +46,11 @@ def job_event(job_id: str, kind: str) -> str:
 
 def job_events(job_id: str) -> str:
     return f"{PREFIX}.job.{validate_token(job_id, 'job id')}.*"
+
+
+def job_kind_all_jobs(kind: str) -> str:
+    """One event kind of every job (`captionbus.job.*.completed`)."""
+    return f"{PREFIX}.job.*.{validate_token(kind, 'event kind')}"
 
 
 def coordinator_filters() -> list[str]:

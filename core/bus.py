@@ -351,6 +351,9 @@ def _provisioned_streams() -> list[str]:
     ]
 
 
+WEBHOOK_STATE_TTL_S = 7 * 24 * 3600
+
+
 async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     """Create the streams, KV bucket and object store that are missing; never change existing ones.
 
@@ -373,6 +376,11 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     ), replicas)
     await _ensure_bucket(js, cache, lambda: js.create_key_value(KeyValueConfig(
         bucket=subjects.STAGE_CACHE_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
+    )), replicas)
+    # The gateways' webhook delivery state (captionbus/gateway/dispatch.py), kept a week.
+    await _ensure_bucket(js, f"KV_{subjects.WEBHOOKS_BUCKET}", lambda: js.create_key_value(KeyValueConfig(
+        bucket=subjects.WEBHOOKS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
+        ttl=WEBHOOK_STATE_TTL_S,
     )), replicas)
 
 

@@ -4,8 +4,10 @@
 
 and start the gateway with the same secret and `--webhook-allow http://127.0.0.1:9000/`. Standard
 library only, so it can be copied anywhere. Events of one job arrive in order, one at a time
-(`X-Captionbus-Sequence` grows); a non-2xx answer makes the gateway retry with backoff, so a
-receiver should treat a repeated `event_id` as already handled.
+(`X-Captionbus-Sequence` grows); a non-2xx answer makes the gateway retry with backoff, and a
+gateway that dies between your 2xx and recording it makes another gateway send that event again:
+delivery is at-least-once, so a receiver treats a repeated `X-Captionbus-Delivery`
+(`<job>.<subscriber>.<sequence>`) as already handled (this one skips it).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,7 +35,10 @@ def verify(secret: bytes, body: bytes, header: str, tolerance_s: float = 300) ->
 
 
 def make_server(address: tuple[str, int], secret: bytes, on_event) -> ThreadingHTTPServer:
-    """A server that calls `on_event(event_dict, headers)` for each correctly signed POST."""
+    """A server that calls `on_event(event_dict, headers)` once per delivery id, for correctly signed POSTs.
+    (Kept in memory here; a real receiver keeps the ids it handled where it keeps what it did.)"""
+    seen: set[str] = set()
+    seen_lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -41,7 +47,13 @@ def make_server(address: tuple[str, int], secret: bytes, on_event) -> ThreadingH
                 self.send_response(401)
                 self.end_headers()
                 return
-            on_event(json.loads(body), dict(self.headers))
+            delivery = self.headers.get("X-Captionbus-Delivery", "")
+            with seen_lock:
+                repeated = bool(delivery) and delivery in seen
+            if not repeated:
+                on_event(json.loads(body), dict(self.headers))  # raises: no 2xx, the gateway retries
+                with seen_lock:
+                    seen.add(delivery)
             self.send_response(204)
             self.end_headers()
 

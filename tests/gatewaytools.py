@@ -1,11 +1,14 @@
-"""A real gateway (uvicorn on a free loopback port, in a thread) for tests."""
+"""A real gateway for tests: uvicorn on a free loopback port in a thread, or `captionbus gateway` as a process."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from captionbus.gateway.app import GatewayConfig, create_app
@@ -34,3 +37,23 @@ def running_gateway(config: GatewayConfig):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tuple[subprocess.Popen, str]:
+    """`captionbus gateway ARGS` as its own process on a free loopback port; (process, base URL)
+    once /healthz answers (it connects to the bus at start)."""
+    port = free_port()
+    log = open(log_path, "ab")  # noqa: SIM115  (closed with the process)
+    proc = subprocess.Popen([sys.executable, "-m", "captionbus", "gateway", "--listen", f"127.0.0.1:{port}", *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the gateway did not start; see {log_path}")

@@ -35,13 +35,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from captionbus import client
 from captionbus.client import SubmitError, output_filename
+from captionbus.gateway.dispatch import CALLBACK, DispatchConfig, Dispatcher, Subscriber
+from captionbus.gateway.ends import JobEnds
 from captionbus.gateway.keys import KeyRing
 from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_json, as_verbose_json
-from captionbus.gateway.webhooks import Deliveries, Delivery, check_target, deliver
+from captionbus.gateway.webhooks import check_target
 from captionbus.runner import validate_job
 from contracts import JobState, parse_event, subjects
 from contracts.events import TERMINAL_KINDS
-from contracts.ids import validate_token
+from contracts.ids import new_job_id, validate_token
 from contracts.languages import check_language
 from contracts.transcript import Transcript
 from core.artifacts import ArtifactStore
@@ -77,14 +79,18 @@ class GatewayConfig:
     webhook_allow: list[str] = field(default_factory=list)
     webhook_secret: bytes | None = None
     job_timeout_s: float = 3600.0  # the OpenAI endpoints answer when the job ends, or give up
+    webhook_subscribers: list[Subscriber] = field(default_factory=list)  # every job's events go to these
+    webhook_lease_s: float = 30.0  # a dead gateway's deliveries are resumed by another after this
+    webhook_catchup_s: float = 3600.0  # subscribers get jobs submitted this long before the gateway started
 
 
 class Bus:
     """One NATS connection, opened lazily, so the gateway starts (and answers 503) without a bus."""
 
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, on_connect=()):
         self.config = config
         self.nc: NATS | None = None
+        self.on_connect = list(on_connect)  # awaited with each new connection
         self._lock = asyncio.Lock()
 
     async def js(self):
@@ -93,6 +99,8 @@ class Bus:
                 try:
                     nc = await asyncio.wait_for(connect(self.config.nats_url, "captionbus-gateway"), 5)
                     await asyncio.wait_for(require_provisioned(nc.jetstream()), BUS_TIMEOUT_S)
+                    for hook in self.on_connect:
+                        await hook(nc)
                 except Exception as e:  # noqa: BLE001  BusError, timeouts, auth: all mean "no bus right now"
                     raise ApiError(503, f"bus unavailable: {e}", "service_unavailable") from None
                 self.nc = nc
@@ -278,6 +286,7 @@ def job_view(state: JobState) -> dict:
         "input": state.spec.input.name,
         "source_language": state.spec.source_language,
         "target_languages": state.spec.target_languages,
+        "options": state.spec.options,
         "created_at": state.created_at.isoformat(),
         "updated_at": state.updated_at.isoformat(),
         "error": state.error,
@@ -296,20 +305,39 @@ def job_view(state: JobState) -> dict:
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
-    bus = Bus(config)
-    limiter = Limiter(config.concurrency_per_key)
-    deliveries = Deliveries()
-    background: set[asyncio.Task] = set()
-    upload_dir = Path(config.settings.home) / "gateway" / "uploads"
+    ends = JobEnds()
     webhook_client = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+    dispatcher = None
+    if config.webhook_allow and config.webhook_secret is not None:
+        dispatcher = Dispatcher(DispatchConfig(secret=config.webhook_secret, allow=config.webhook_allow,
+                                               subscribers=config.webhook_subscribers,
+                                               lease_s=config.webhook_lease_s, catchup_s=config.webhook_catchup_s),
+                                webhook_client, job_events)
+    hooks = [ends.attach] + ([lambda nc: dispatcher.start(nc.jetstream())] if dispatcher else [])
+    bus = Bus(config, hooks)
+    limiter = Limiter(config.concurrency_per_key)
+    upload_dir = Path(config.settings.home) / "gateway" / "uploads"
+
+    async def connect_soon() -> None:
+        """Connect at start (not on the first request), so a restarted gateway resumes webhook
+        deliveries and follows new jobs for subscribers even if no request comes."""
+        while True:
+            try:
+                await bus.js()
+                return
+            except ApiError as e:
+                log.warning("gateway not on the bus yet; retrying in 2 s", reason=e.message)
+                await asyncio.sleep(2)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        connecting = asyncio.create_task(connect_soon())
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
+            connecting.cancel()
+            if dispatcher is not None:
+                await dispatcher.stop()
             await webhook_client.aclose()
             await bus.close()
 
@@ -375,7 +403,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return path, path.name, False
 
     async def submit(js, form: Form, *, workflow: str, source: str | None, targets: list[str],
-                     options: dict) -> str:
+                     options: dict, job_id: str | None = None) -> str:
         try:
             validate_job(workflow, source, targets, local_stack=False, options=options)
         except (SubmitError, ValueError) as e:
@@ -383,7 +411,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         path, name, owned = input_file(form)
         async with on_bus():
             spec = await client.submit(js, bus.store(js), path, workflow=workflow, source_language=source,
-                                       target_languages=targets, options=options, name=name, copy=not owned)
+                                       target_languages=targets, options=options, name=name, copy=not owned,
+                                       job_id=job_id)
         return spec.job_id
 
     # ---- job API ------------------------------------------------------------------------
@@ -422,9 +451,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 form.cleanup()
         log.info("job submitted", job_id=job_id, key=who)
         if callback:
-            task = asyncio.create_task(send_webhooks(job_id, callback))
-            background.add(task)
-            task.add_done_callback(background.discard)
+            try:
+                async with on_bus():
+                    await dispatcher.add(js, job_id, CALLBACK, callback)
+            except RuntimeError as e:  # no cb_webhooks bucket: the job runs, its callback cannot
+                raise ApiError(503, f"job {job_id} submitted, but its webhooks cannot be recorded: {e}",
+                               "service_unavailable") from None
         return {"id": job_id, "object": "job", "status": "pending", "url": f"/v1/jobs/{job_id}"}
 
     @app.get("/v1/jobs")
@@ -500,28 +532,30 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         return EventSourceResponse(stream(), ping=15)
 
+    async def webhook_records(job_id: str):
+        js = await bus.js()
+        await state_of(js, job_id)
+        if dispatcher is None:
+            return []
+        try:
+            async with on_bus():
+                return await dispatcher.records(js, job_id)
+        except RuntimeError as e:
+            raise ApiError(503, str(e), "service_unavailable") from None
+
+    @app.get("/v1/jobs/{job_id}/webhooks")
+    async def job_webhooks(request: Request, job_id: str):
+        """The job's webhook subscribers (its callback_url, the gateway-wide ones) and every delivery
+        (delivered or failed, attempts), from the bus: any gateway answers for any job."""
+        principal(request)
+        return {"object": "list", "data": [r.view() for r in await webhook_records(job_id)]}
+
     @app.get("/v1/jobs/{job_id}/deliveries")
     async def job_deliveries(request: Request, job_id: str):
-        """Webhook deliveries this gateway made for the job (delivered or failed, attempts)."""
+        """Every webhook delivery of the job, in one list (each names its subscriber)."""
         principal(request)
-        return {"object": "list", "data": [vars(d) for d in deliveries.by_job.get(job_id, [])]}
-
-    async def send_webhooks(job_id: str, url: str) -> None:
-        """Every event of the job, in stream order, one at a time; a delivery that fails for good
-        is recorded and the next event goes on (a receiver sees the terminal event either way)."""
-        try:
-            js = await bus.js()
-            async for seq, event in job_events(js, job_id, 0):
-                body = event.model_dump_json().encode()
-                delivery = Delivery(event_id=event.event_id, kind=event.kind, sequence=seq)
-                deliveries.record(job_id, delivery)
-                await deliver(webhook_client, url, config.webhook_secret, job_id, seq, body, delivery)
-                log.info("webhook", job_id=job_id, kind=event.kind, status=delivery.status,
-                         attempts=delivery.attempts)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001  a background task: say why it stopped, in the log
-            log.error("webhooks stopped", job_id=job_id, url=url, error=f"{type(e).__name__}: {e}")
+        return {"object": "list", "data": [{"subscriber": r.subscriber, **d}
+                                           for r in await webhook_records(job_id) for d in r.deliveries]}
 
     # ---- OpenAI-compatible --------------------------------------------------------------
 
@@ -556,21 +590,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 model = form.one("model") or "whisper-1"
                 if model != "whisper-1":  # an alias for whatever model the asr workers serve
                     options["asr"] = {"model": model}
-                if task == "translate":
-                    if not language:
-                        raise ApiError(400, "translations need the spoken language: pass `language` "
-                                            "(captionbus translates text after ASR, it has no speech translation)")
-                    if response_format in ("srt", "vtt"):
-                        raise ApiError(400, "translations answer json, text or verbose_json")
-                    job_id = await submit(js, form, workflow="translate", source=language, targets=["en"],
-                                          options=options)
-                else:
-                    job_id = await submit(js, form, workflow="speech", source=language, targets=[],
-                                          options=options)
+                if task == "translate":  # Whisper's own speech -> English decoding (OpenAI's semantics)
+                    options.setdefault("asr", {})["task"] = "translate"
+                job_id = new_job_id()
+                with ends.expect(job_id) as ended:
+                    await submit(js, form, workflow="speech", source=language, targets=[], options=options,
+                                 job_id=job_id)
+                    form.cleanup()
+                    timing.mark("submit")
+                    final = await wait_for_end(js, job_id, ended)
             finally:
                 form.cleanup()
-            timing.mark("submit")
-            final = await wait_for_end(js, job_id)
             timing.mark("job")
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or final.kind
@@ -580,10 +610,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 text = Path(await store.get(final.outputs[response_format])).read_text(encoding="utf-8")
                 response = PlainTextResponse(text, media_type="text/plain")
             else:
-                key = "translation-en" if task == "translate" else "transcript"
-                if key not in final.outputs:
-                    raise ApiError(422, f"job {job_id} completed without {key}: {final.failed_branches or 'no reason'}")
-                transcript = Transcript.model_validate_json(Path(await store.get(final.outputs[key])).read_bytes())
+                if "transcript" not in final.outputs:
+                    raise ApiError(422, f"job {job_id} completed without a transcript")
+                transcript = Transcript.model_validate_json(Path(await store.get(final.outputs["transcript"])).read_bytes())
                 if response_format == "text":
                     response = PlainTextResponse(transcript.text + "\n")
                 elif response_format == "verbose_json":
@@ -612,19 +641,28 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/audio/translations", openapi_extra=audio_form)
     async def translations(request: Request):
-        """OpenAI's translation endpoint (into English): runs `translate` with target en."""
+        """OpenAI's translation endpoint: speech in any language -> English text, by Whisper itself
+        (the `speech` workflow with `asr.task=translate`); `language`, optional, names the spoken one."""
         return await openai_audio(request, "translate")
 
-    async def wait_for_end(js, job_id: str):
+    async def wait_for_end(js, job_id: str, ended: asyncio.Future):
+        async def is_terminal() -> bool:
+            async with on_bus():
+                state = await client.job_state(js, job_id)
+            return state is not None and state.status.value in TERMINAL_KINDS
+
+        async def replay():
+            async for _, event in job_events(js, job_id, 0):
+                if event.kind in TERMINAL_KINDS:
+                    return event
+            raise ApiError(503, f"lost the event stream of job {job_id}", "service_unavailable")
+
         try:
             async with asyncio.timeout(config.job_timeout_s):
-                async for _, event in job_events(js, job_id, 0):
-                    if event.kind in TERMINAL_KINDS:
-                        return event
+                return await ends.wait(ended, is_terminal, replay)
         except TimeoutError:
             raise ApiError(504, f"job {job_id} did not end within {config.job_timeout_s:.0f} s; "
                                 f"it goes on: GET /v1/jobs/{job_id}", "timeout") from None
-        raise ApiError(503, f"lost the event stream of job {job_id}", "service_unavailable")
 
     models_cache: dict = {"at": 0.0, "ids": []}
 

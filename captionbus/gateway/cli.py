@@ -27,8 +27,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def read_gateway_file(path: Path | None):
+    """The --config TOML as dispatch.GatewayFile; a bad file is a ClickException naming what is wrong."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from captionbus.gateway.dispatch import GatewayFile
+
+    if path is None:
+        return GatewayFile()
+    try:
+        return GatewayFile.model_validate(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.ClickException(f"gateway config {path}: {e}") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise click.ClickException(f"gateway config {path}: {where}: {first['msg']}") from None
+
+
 def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concurrency: int,
-                 inputs: Path | None, webhook_allow: tuple[str, ...], job_timeout: float):
+                 inputs: Path | None, webhook_allow: tuple[str, ...], job_timeout: float,
+                 config_file: Path | None = None):
     # fastapi/uvicorn/nats take ~1.5 s to import: only `captionbus gateway` itself pays it, not every command.
     from captionbus.gateway.app import GatewayConfig
     from core.bus import resolve_url
@@ -36,9 +57,18 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
     if keys is None and not is_loopback(listen_host):
         raise click.ClickException(f"refusing to listen on {listen_host} without API keys: "
                                    "pass --keys FILE (captionbus gateway add-key NAME --keys FILE)")
+    from captionbus.gateway.webhooks import check_target
+
+    file = read_gateway_file(config_file)
+    allow = [*webhook_allow, *file.webhook_allow]
     secret = os.environ.get("CAPTIONBUS_WEBHOOK_SECRET")
-    if webhook_allow and not secret:
-        raise click.ClickException("--webhook-allow needs CAPTIONBUS_WEBHOOK_SECRET (the HMAC key receivers check)")
+    if (allow or file.subscribers) and not secret:
+        raise click.ClickException("webhooks need CAPTIONBUS_WEBHOOK_SECRET (the HMAC key receivers check)")
+    for subscriber in file.subscribers:
+        try:
+            check_target(subscriber.url, allow)
+        except ValueError as e:
+            raise click.ClickException(f"subscriber {subscriber.name}: {e}") from None
     settings = load()
     try:
         ring = KeyRing.load(keys) if keys is not None else None
@@ -47,8 +77,10 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
     return GatewayConfig(
         settings=settings, nats_url=resolve_url(settings), keys=ring,
         max_upload_bytes=max_upload_mb * 1024 * 1024, concurrency_per_key=concurrency,
-        inputs_dir=inputs, webhook_allow=list(webhook_allow),
+        inputs_dir=inputs, webhook_allow=allow,
         webhook_secret=secret.encode() if secret else None, job_timeout_s=job_timeout,
+        webhook_subscribers=file.subscribers, webhook_lease_s=file.webhook_lease_s,
+        webhook_catchup_s=file.webhook_catchup_s,
     )
 
 
@@ -64,9 +96,11 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
               help="URL prefix callback URLs may start with (repeatable); needs CAPTIONBUS_WEBHOOK_SECRET.")
 @click.option("--job-timeout", default=3600.0, show_default=True,
               help="Seconds the OpenAI endpoints wait for a job before answering 504.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Gateway config file (TOML): webhook subscribers for every job, allow-list, lease.")
 @click.pass_context
 def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency: int, inputs: Path | None,
-            webhook_allow: tuple[str, ...], job_timeout: float) -> None:
+            webhook_allow: tuple[str, ...], job_timeout: float, config_file: Path | None) -> None:
     """HTTP gateway: job API, OpenAI-compatible audio endpoints, webhooks (docs at /docs)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -75,7 +109,7 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
     from captionbus.gateway.app import create_app
 
     host, port = parse_listen(listen)
-    config = build_config(host, keys, max_upload_mb, concurrency, inputs, webhook_allow, job_timeout)
+    config = build_config(host, keys, max_upload_mb, concurrency, inputs, webhook_allow, job_timeout, config_file)
     click.echo(f"gateway on http://{listen} (docs: /docs), bus {config.nats_url}", err=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 

@@ -1,4 +1,5 @@
-"""Job events POSTed to a job's callback URL, signed, in order, retried with backoff.
+"""Job events POSTed to a webhook URL, signed, in order, retried with backoff (one delivery; the
+records of who gets what, and their state in the bus, are `dispatch.py`'s).
 
 Targets are restricted to an allow-list of URL prefixes (`--webhook-allow`), compared after
 parsing (scheme, host and port exactly, then the path prefix), and redirects are not followed:
@@ -13,7 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,6 +25,7 @@ from core.retry import RetryPolicy
 log = structlog.get_logger("captionbus.gateway.webhooks")
 
 SIGNATURE_HEADER = "X-Captionbus-Signature"
+DELIVERY_HEADER = "X-Captionbus-Delivery"  # <job_id>.<subscriber>.<sequence>: the same on a retry or redelivery
 # 1, 2, 4, 8, 16 s: a receiver that restarts within half a minute loses nothing.
 DELIVERY_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=16.0, max_attempts=6)
 
@@ -78,27 +80,20 @@ class Delivery:
     error: str | None = None
 
 
-@dataclass
-class Deliveries:
-    """What this gateway delivered per job (kept in its memory; also logged)."""
-
-    by_job: dict[str, list[Delivery]] = field(default_factory=dict)
-
-    def record(self, job_id: str, delivery: Delivery) -> None:
-        self.by_job.setdefault(job_id, []).append(delivery)
-
-
 async def deliver(client: httpx.AsyncClient, url: str, secret: bytes, job_id: str, sequence: int,
-                  body: bytes, delivery: Delivery, policy: RetryPolicy = DELIVERY_RETRY, sleep=None) -> None:
-    """POST one event until a 2xx or the policy is used up; the outcome goes into `delivery`."""
+                  body: bytes, delivery: Delivery, policy: RetryPolicy = DELIVERY_RETRY, sleep=None,
+                  delivery_id: str | None = None, on_failed_attempt=None) -> None:
+    """POST one event until a 2xx or the policy is used up; the outcome goes into `delivery`.
+    `delivery_id` (header X-Captionbus-Delivery) is the same on every attempt: receivers dedupe on
+    it. `on_failed_attempt(delivery)` is awaited after each failed attempt that will be retried."""
     sleep = sleep or asyncio.sleep
+    headers = {"Content-Type": "application/json", "X-Captionbus-Job": job_id, "X-Captionbus-Sequence": str(sequence)}
+    if delivery_id:
+        headers[DELIVERY_HEADER] = delivery_id
     while True:
         delivery.attempts += 1
         try:
-            response = await client.post(url, content=body, headers={
-                "Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
-                "X-Captionbus-Job": job_id, "X-Captionbus-Sequence": str(sequence),
-            })
+            response = await client.post(url, content=body, headers={**headers, SIGNATURE_HEADER: sign(secret, body)})
             delivery.http_status = response.status_code
             if 200 <= response.status_code < 300:
                 delivery.status, delivery.error = "delivered", None
@@ -111,4 +106,6 @@ async def deliver(client: httpx.AsyncClient, url: str, secret: bytes, job_id: st
             log.warning("webhook delivery failed", job_id=job_id, kind=delivery.kind, url=url,
                         attempts=delivery.attempts, error=delivery.error)
             return
+        if on_failed_attempt is not None:
+            await on_failed_attempt(delivery)
         await sleep(policy.delay(delivery.attempts))

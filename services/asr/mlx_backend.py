@@ -176,9 +176,11 @@ def transcribe(
     language: str | None,
     regions: list[tuple[float, float]] | None,
     progress: Callable[[float, str], None],
+    task: str = "transcribe",
 ) -> tuple[str, float | None, list[Segment]]:
     """(language, its probability when detected else None, segments with word times in seconds
-    from the start of `audio`), decoding only inside `regions` when they are given."""
+    from the start of `audio`), decoding only inside `regions` when they are given; task
+    translate: into English (mlx-whisper's translate task)."""
     audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
     duration = len(audio) / SAMPLE_RATE
     regions = _clean_regions(regions, duration) if regions is not None else None
@@ -209,7 +211,7 @@ def transcribe(
             def report(fraction: float, _done=done, _span=end - start, _label=label) -> None:
                 progress(min(1.0, 0.02 + 0.98 * (_done + fraction * _span) / total), _label)
 
-            result = _decode(model, clip, language, report)
+            result = _decode(model, clip, language, report, task)
             segments.extend(_segments(result["segments"], offset=start, limit=end))
             done += end - start
             report(1.0)
@@ -314,7 +316,8 @@ def _progress_hook(module, report: Callable[[float], None]):
         module.tqdm = original
 
 
-def _decode(model: MlxWhisper, clip: np.ndarray, language: str, report: Callable[[float], None]) -> dict:
+def _decode(model: MlxWhisper, clip: np.ndarray, language: str, report: Callable[[float], None],
+            task: str = "transcribe") -> dict:
     from mlx_whisper.transcribe import ModelHolder
 
     module = importlib.import_module("mlx_whisper.transcribe")  # the module, not the function
@@ -325,7 +328,7 @@ def _decode(model: MlxWhisper, clip: np.ndarray, language: str, report: Callable
             clip,
             path_or_hf_repo=model.location,
             language=language,
-            task="transcribe",
+            task=task,
             word_timestamps=True,
             fp16=model.fp16,
             verbose=False,  # no console output; progress goes through the hook

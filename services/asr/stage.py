@@ -192,10 +192,13 @@ def speech_only(audio: np.ndarray, regions: Regions) -> np.ndarray:
 
 
 def transcribe(
-    model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext
+    model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext,
+    task: str = "transcribe",
 ) -> tuple[str, float | None, list[Segment]]:
     """The backend's transcribe() on the audio, silenced outside the regions (widened by
-    REGION_MARGIN_S) when there are any; an empty region list is no speech."""
+    REGION_MARGIN_S) when there are any; an empty region list is no speech. task translate:
+    Whisper decodes into English; the returned language is then en (the text's language), the
+    spoken one is logged."""
     if regions == []:
         return language or "en", None, []
     if regions is not None:
@@ -207,10 +210,14 @@ def transcribe(
     else:
         progress = ctx.progress  # the whisperx backend reports the request's own fractions
     given = language
-    language, probability, segments = model.module.transcribe(model.engine, audio, language, regions, progress)
+    language, probability, segments = model.module.transcribe(model.engine, audio, language, regions, progress,
+                                                              task=task)
     if given is None and probability is not None:
         ctx.log.info("language detected", language=language, probability=round(float(probability), 3))
     segments = [s if isinstance(s, Segment) else Segment.model_validate(s) for s in segments]
+    if task == "translate":
+        ctx.log.info("translated into English", spoken=language)
+        return "en", None, segments
     return language, (None if probability is None else float(probability)), segments
 
 
@@ -308,7 +315,7 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     duration = len(audio) / SAMPLE_RATE
     started = time.monotonic()
     with model.lock:
-        language, language_probability, segments = transcribe(model, audio, language, regions, ctx)
+        language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
     segments = shifted(drop_hallucinations(segments, regions, duration, ctx), chunk.start)
     seconds = time.monotonic() - started
     transcript = Transcript(language=language, language_probability=language_probability, duration=chunks.duration,
@@ -358,7 +365,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     started = time.monotonic()
 
     with model.lock:  # the pipeline keeps per-call state (its tokenizer, our swapped VAD)
-        language, language_probability, segments = transcribe(model, audio, language, regions, ctx)
+        language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
     segments = drop_hallucinations(segments, regions, duration, ctx)
 
     seconds = time.monotonic() - started

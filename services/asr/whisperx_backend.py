@@ -56,21 +56,21 @@ class WhisperX:
     compute_type: str
     batch_size: int
     load_seconds: float
-    tokenizers: dict[str, Any] = field(default_factory=dict)
+    tokenizers: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @property
     def whisper(self):
         """The faster-whisper WhisperModel inside the pipeline (whisperx subclasses it)."""
         return self.pipeline.model
 
-    def tokenizer(self, language: str):
-        if language not in self.tokenizers:
+    def tokenizer(self, language: str, task: str = "transcribe"):
+        if (language, task) not in self.tokenizers:
             from faster_whisper.tokenizer import Tokenizer
 
-            self.tokenizers[language] = Tokenizer(
-                self.whisper.hf_tokenizer, self.whisper.model.is_multilingual, task="transcribe", language=language
+            self.tokenizers[(language, task)] = Tokenizer(
+                self.whisper.hf_tokenizer, self.whisper.model.is_multilingual, task=task, language=language
             )
-        return self.tokenizers[language]
+        return self.tokenizers[(language, task)]
 
 
 def load(source: str, log, *, device: str, compute_type: str, threads: int, batch_size: int) -> WhisperX:
@@ -109,11 +109,14 @@ def transcribe(
     language: str | None,
     regions: Regions | None,
     progress: Callable[[float, str], None],
+    task: str = "transcribe",
 ) -> tuple[str, float | None, list[Segment]]:
     """(language, its probability when detected else None, segments with word times in seconds
     from the start of `audio`): detect the language if not given, decode speech chunks in
     batches (ours from `regions`, else whisperx's pyannote VAD), time words per chunk.
-    `audio` is silent outside `regions` when there are any."""
+    `audio` is silent outside `regions` when there are any. task translate: decoded into
+    English (Whisper's translate task); word times then come from the same cross-attention
+    alignment of the English tokens, so they are approximate (OpenAI gives none for translations)."""
     language_probability = None
     if len(audio) < MIN_AUDIO_SAMPLES or regions == []:
         return language or "en", None, []  # pyannote rejects an empty waveform; nothing to hear
@@ -127,18 +130,18 @@ def transcribe(
             language, language_probability = detect_language(model, audio)
     progress(0.02, f"language {language}")
     if regions is not None:
-        chunks = decode_regions(model, audio, regions, language, progress)
+        chunks = decode_regions(model, audio, regions, language, progress, task)
     else:
         chunks = model.pipeline.transcribe(
             audio,
             batch_size=model.batch_size,
             language=language,
-            task="transcribe",
+            task=task,
             progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
         )["segments"]
     segments: list[Segment] = []
     for n, chunk in enumerate(chunks):
-        segments.extend(timed_segments(model, audio, chunk, language))
+        segments.extend(timed_segments(model, audio, chunk, language, task))
         progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
     return language, language_probability, segments
 
@@ -235,7 +238,7 @@ def speech_chunks(regions: Regions) -> list[dict]:
 
 
 def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, language: str,
-                   progress: Callable[[float, str], None]) -> list[dict]:
+                   progress: Callable[[float, str], None], task: str = "transcribe") -> list[dict]:
     """whisperx's batched decoding on chunks built from our regions instead of its pyannote VAD:
     the pipeline's VAD is swapped for one that returns our chunks, for this call only (callers
     serialise calls)."""
@@ -247,7 +250,7 @@ def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, languag
             audio,
             batch_size=model.batch_size,
             language=language,
-            task="transcribe",
+            task=task,
             chunk_size=CHUNK_S,
             progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
         )["segments"]
@@ -255,14 +258,14 @@ def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, languag
         pipeline.vad_model = original
 
 
-def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str) -> list[dict]:
+def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, task: str = "transcribe") -> list[dict]:
     """Word start/end (seconds from the chunk start) for `text` decoded from `chunk`, by
     Whisper cross-attention alignment on the same features the decoder saw."""
     from faster_whisper.transcribe import merge_punctuations
     from whisperx.audio import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 
     chunk = chunk[:N_SAMPLES]
-    tokenizer = model.tokenizer(language)
+    tokenizer = model.tokenizer(language, task)
     tokens = [t for t in tokenizer.encode(text) if t < tokenizer.eot]
     if not tokens or len(chunk) < HOP_LENGTH * 2:
         return []
@@ -324,12 +327,13 @@ def split_into_segments(words: list[Word], fallback: Segment) -> list[Segment]:
     return segments
 
 
-def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: str) -> list[Segment]:
+def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: str,
+                   task: str = "transcribe") -> list[Segment]:
     """One whisperx chunk ({start, end, text}) -> transcript segments with word times."""
     start, end = float(chunk["start"]), float(chunk["end"])
     if not chunk["text"].strip():
         return []
-    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language)
+    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task)
     words = [
         Word(
             text=w["word"].strip(),

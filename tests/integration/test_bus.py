@@ -304,6 +304,30 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
             assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
 
+            # Client as the HTTP gateway: the terminal-event subscriptions and webhook state in KV
+            # (a record created, its attempts written back, listed and read, swept, released).
+            import httpx
+
+            from captionbus.gateway.app import job_events
+            from captionbus.gateway.dispatch import DispatchConfig, Dispatcher
+            from captionbus.gateway.ends import JobEnds
+
+            await JobEnds().attach(nc["client"])
+            async with httpx.AsyncClient() as http:
+                hooks = Dispatcher(DispatchConfig(secret=b"s", allow=["http://127.0.0.1:9/"], subscribers=[],
+                                                  lease_s=3), http, job_events)
+                assert await hooks.add(js["client"], "job-acl", "callback", "http://127.0.0.1:9/")
+                assert not await hooks.add(js["client"], "job-acl", "callback", "http://127.0.0.1:9/")
+                deadline = time.monotonic() + 10
+                while not (records := await hooks.records(js["client"], "job-acl"))[0].deliveries:
+                    assert time.monotonic() < deadline, records
+                    await asyncio.sleep(0.2)
+                assert records[0].deliveries[0]["attempts"] >= 1 and records[0].deliveries[0]["status"] == "pending"
+                assert await hooks.sweep(js["client"]) == 0  # its own, leased
+                await hooks.stop()
+                released = (await hooks.records(js["client"], "job-acl"))[0]
+                assert released.owner is None and released.lease_until == 0  # a restart resumes at once
+
             allowed_so_far = violations(server_log)[denied_before:]
 
             # What each role must not do.
