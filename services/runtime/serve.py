@@ -44,6 +44,7 @@ from contracts import (
     WorkerInfo,
     subjects,
 )
+from contracts.events import LOADING_MODEL
 from core.artifacts import ArtifactStore
 from core.bus import (
     StagePolicy,
@@ -78,7 +79,7 @@ RESULT_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=15.0, max_attemp
 # A replica whose setup failed leaves a request to a healthy replica this long at a time.
 UNSERVABLE_NAK_S = 2.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
-LOADING_MESSAGE = "loading model"  # the StageProgress message of a request waiting for setup()
+LOADING_MESSAGE = LOADING_MODEL  # the StageProgress message of a request waiting for setup()
 
 
 class _Unservable(Exception):
