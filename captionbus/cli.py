@@ -324,8 +324,11 @@ def coordinator(insecure: bool) -> None:
 @main.command(short_help="Serve the operators' web dashboard.")
 @click.option("--listen", default="127.0.0.1:8765", show_default=True,
               help="HOST:PORT. Off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE.")
+@click.option("--downloads", is_flag=True,
+              help="Link job outputs for download, if this host's credentials may read artifacts "
+                   "(the dashboard_downloads NATS role, or a readable local artifact root). Off by default.")
 @_friendly_errors
-def dashboard(listen: str) -> None:
+def dashboard(listen: str, downloads: bool) -> None:
     """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
     from captionbus.dashboard.auth import token_from_env
     from captionbus.dashboard.serve import serve
@@ -333,9 +336,10 @@ def dashboard(listen: str) -> None:
 
     _service_logging()
     token = token_from_env()
-    url = resolve_url(load())
+    settings = load()
+    url = resolve_url(settings)
     click.echo(f"dashboard on http://{listen}/", err=True)
-    asyncio.run(serve(url, listen, token))
+    asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings))
 
 
 @main.command()
