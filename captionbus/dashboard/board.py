@@ -89,8 +89,10 @@ def job_failure_class(state: JobState) -> str | None:
     return state.failure_class or failure_class(None, state.error or "")
 
 
-def job_summary(state: JobState) -> dict[str, Any]:
+def job_summary(state: JobState, notes: dict[str, str] | None = None) -> dict[str, Any]:
+    """`notes`: the last progress message of each node ("loading model" ...), from the events."""
     spec = state.spec
+    notes = notes or {}
     return {
         "job_id": state.job_id,
         "workflow": spec.workflow,
@@ -105,7 +107,8 @@ def job_summary(state: JobState) -> dict[str, Any]:
         "failure_class": job_failure_class(state),
         "failed_branches": state.failed_branches,
         "nodes": [{"node": name, "stage": node.stage, "status": node.status.value,
-                   "progress": round(node.progress, 3)} for name, node in state.nodes.items()],
+                   "progress": round(node.progress, 3), "message": notes.get(name, "")}
+                  for name, node in state.nodes.items()],
     }
 
 
@@ -164,6 +167,9 @@ class Board:
         self.workers: dict[str, dict[str, Any]] = {}  # worker id -> info + last_seen (monotonic)
         self.queues: dict[str, dict[str, Any]] = {}
         self.completions: dict[str, deque] = {}  # stage -> monotonic times of stage_completed
+        # job -> node -> its last progress message, while the job runs: a page opened (or a
+        # row listed) after a worker said "loading model" still shows it.
+        self.notes: dict[str, dict[str, str]] = {}
         self.fanout = Fanout()
         self.metrics = metrics  # captionbus.dashboard.metrics.Metrics, fed as jobs change
         if metrics is not None:
@@ -232,7 +238,9 @@ class Board:
     def apply_state(self, state: JobState) -> None:
         previous = self.jobs.get(state.job_id)
         self.jobs[state.job_id] = state
-        summary = job_summary(state)
+        if state.status.finished:
+            self.notes.pop(state.job_id, None)
+        summary = job_summary(state, self.notes.get(state.job_id))
         self.summaries[state.job_id] = summary
         if self.metrics is not None:
             self.metrics.observe(previous, state)
@@ -253,11 +261,22 @@ class Board:
             if event.kind == "stage_completed":
                 times = self.completions.setdefault(event.stage, deque())
                 times.append(time.monotonic())
+            if event.kind == "stage_progress":
+                self._note(event.job_id, event.node, event.message)
             data = {"job_id": event.job_id, "kind": event.kind, "time": _iso(event.time)}
             for key in ("stage", "node", "attempt", "fraction", "message", "reason"):
                 if hasattr(event, key):
                     data[key] = getattr(event, key)
             self.fanout.publish("event", data)
+
+    def _note(self, job_id: str, node: str, message: str) -> None:
+        notes = self.notes.setdefault(job_id, {})
+        if notes.get(node, "") == message:
+            return
+        notes[node] = message
+        for row in (self.summaries.get(job_id) or {}).get("nodes", []):
+            if row["node"] == node:
+                row["message"] = message
 
     async def job_events(self, job_id: str, timeout: float = 3.0) -> list[dict[str, Any]]:
         """The events a job page needs, from the events stream, oldest first.
