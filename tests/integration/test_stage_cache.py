@@ -361,3 +361,38 @@ def test_a_cache_hit_is_answered_while_the_model_still_loads(nats_server: str, c
         await task
 
     run(nats_server, captionbus_home, body)
+
+
+def test_declared_model_identity_follows_the_model_files(tmp_path: Path):
+    """What asr and vad declare before loading: the configured source plus a stamp of its files."""
+    import os
+
+    import structlog
+
+    from contracts.stage_options import AsrOptions, VadOptions
+    from services.asr.stage import declare_model as asr_model
+    from services.runtime import SetupContext
+    from services.runtime.cache import model_identity
+    from services.vad.stage import declare_model as vad_model
+
+    folder = tmp_path / "whisper-base-ct2"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    log = structlog.get_logger("test")
+
+    def asr(**options):
+        return asr_model(SetupContext(stage="asr", env="t", models_dir=tmp_path, log=log,
+                                      options=AsrOptions(backend="whisperx", **options)))
+
+    first = asr()  # the default model folder under models_dir
+    assert first.startswith(f"whisperx|{folder}|") and asr(model=str(folder)) == first
+    (folder / "model.bin").write_bytes(b"weights, retrained")
+    os.utime(folder / "model.bin", ns=(1, 1))
+    assert asr() != first, "a changed model file must change the identity (a cache miss)"
+    assert asr(model="Systran/faster-whisper-tiny") == "whisperx|Systran/faster-whisper-tiny"
+
+    onnx = tmp_path / "silero_vad.onnx"
+    onnx.write_bytes(b"onnx")
+    vad = vad_model(SetupContext(stage="vad", env="t", models_dir=tmp_path, log=log, options=VadOptions(model=str(onnx))))
+    assert vad == model_identity("silero-vad-onnx", onnx) and vad.startswith(f"silero-vad-onnx|{onnx}|")
