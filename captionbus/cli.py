@@ -591,7 +591,10 @@ def _worker_jobs(state: dict) -> str:
               help="One block per worker: state, current requests, jobs done, last error, interpreter, packages.")
 @_friendly_errors
 def workers(as_json: bool, wide: bool) -> None:
-    """Every stage service on the bus: stage, env, host, state (loading / idle / busy), job, model."""
+    """Stage workers: state (loading / idle / busy) and job.
+
+    Every stage service on the bus: stage, env, host, state (loading / idle / busy, and for how
+    long), the job it works on, model."""
     from captionbus.client import workers as list_workers
 
     infos = _on_bus("captionbus-workers", lambda nc, js: list_workers(nc))
