@@ -199,7 +199,8 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
         ready_pids: set[str] = set()
         for stage in stages:
             for reply in await workers(nc, 0.3, stage):
-                if reply["state"].get("state") not in (None, "loading"):
+                # no state at all: a worker from before WorkerState, which registered once set up
+                if reply["state"].get("state") != "loading":
                     ready_pids.add(str(reply["metadata"].get("pid")))
         if on_ready is not None:
             for svc in pending:

@@ -494,7 +494,8 @@ class StageWorker:
                 body = json.loads(msg.data)
                 meta = body.get("metadata") or {}
                 states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
-                if meta.get("worker_id") != self.info.worker_id and "setup_failed" not in states:
+                if (meta.get("worker_id") != self.info.worker_id and "setup_failed" not in states
+                        and not meta.get("setup_error")):  # (an older worker says it in its metadata)
                     healthy += 1
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
