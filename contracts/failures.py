@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-FailureClass = Literal["setup", "input", "timeout", "unserved", "worker_crash", "stage_error", "cancelled",
-                       "internal"]
+FailureClass = Literal["setup", "input", "timeout", "unserved", "worker_crash", "stage_error", "storage",
+                       "cancelled", "internal"]
 
 FAILURE_CLASSES: tuple[str, ...] = ("setup", "input", "timeout", "unserved", "worker_crash", "stage_error",
-                                    "cancelled", "internal")
+                                    "storage", "cancelled", "internal")
 
 # What each class means, for help text and the dashboard's legend.
 MEANING = {
@@ -23,6 +23,7 @@ MEANING = {
     "unserved": "no worker served the stage",
     "worker_crash": "workers died or vanished on every delivery of a request",
     "stage_error": "the stage raised an error on every attempt",
+    "storage": "the artifact store is full (free space with `captionbus gc`)",
     "cancelled": "the job was cancelled",
     "internal": "captionbus itself failed (coordinator, bus, workflow)",
 }
@@ -34,6 +35,7 @@ _BY_ERROR_TYPE = {
     "unserved": "unserved",
     "max_deliveries": "worker_crash",
     "exhausted": "stage_error",
+    "store_full": "storage",
     "timeout": "timeout",
     "cancelled": "cancelled",
     "internal": "internal",
@@ -47,6 +49,8 @@ def classify(error_type: str | None, reason: str = "") -> str:
     if error_type in FAILURE_CLASSES:
         return error_type
     text = reason.lower()
+    if "artifact store full" in text:
+        return "storage"
     if "cannot be served on host" in text:
         return "setup"
     if "gave no result within" in text:

@@ -453,3 +453,5 @@ def test_failure_class_of_reasons_recorded_before_classes_existed():
     assert classify(None, "stage asr (asr) failed 3 times; last error: RuntimeError: x") == "stage_error"
     assert classify(None, "something else") == "internal"
     assert classify("exhausted") == "stage_error" and classify("unserved") == "unserved"
+    assert classify("store_full") == "storage"
+    assert classify(None, "stage asr (asr) failed: asr: artifact store full: no space on the disk") == "storage"
