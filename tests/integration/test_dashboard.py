@@ -29,7 +29,8 @@ from core.bus import StagePolicy, connect, provision
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve as serve_stage
-from tests.integration.test_bus import _violations, acl_server  # noqa: F401  (a fixture)
+from tests.integration.test_bus import acl_server  # noqa: F401  (a fixture)
+from tests.natsroles import violations as _violations
 
 WORKFLOWS = {
     # one noop node: completes (or fails when the job's options say so)
