@@ -8,7 +8,8 @@ With `--workflow transcribe` every stage of the rerun is a hit that needs no mod
 declare their model before loading it (StageDefinition.declare_model), so the rerun no longer
 waits for whisperx to load. Measured December 2026 on the shared 2-core machine (load high,
 7 s clip, one run each, so rough): rerun 60.4 s before this change (main; first run 89.1 s),
-14.4 s after (first run 109.2 s); the lead reruns it on a quiet machine.
+14.4 s after (first run 109.2 s; a second run after: 9.2 s, first 52.6 s); the lead reruns it on
+a quiet machine.
 
 Uses the locally built test models (tests/model_factory): the translation/alignment numbers are
 for tiny random models, so stage times are plumbing-dominated except asr (real Whisper base).
