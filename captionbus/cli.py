@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from datetime import UTC
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 import click
@@ -343,8 +343,11 @@ def coordinator(insecure: bool) -> None:
 @main.command(short_help="Serve the operators' web dashboard.")
 @click.option("--listen", default="127.0.0.1:8765", show_default=True,
               help="HOST:PORT. Off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE.")
+@click.option("--downloads", is_flag=True,
+              help="Link job outputs for download, if this host's credentials may read artifacts "
+                   "(the dashboard_downloads NATS role, or a readable local artifact root). Off by default.")
 @_friendly_errors
-def dashboard(listen: str) -> None:
+def dashboard(listen: str, downloads: bool) -> None:
     """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
     from captionbus.dashboard.auth import token_from_env
     from captionbus.dashboard.serve import serve
@@ -352,9 +355,10 @@ def dashboard(listen: str) -> None:
 
     _service_logging()
     token = token_from_env()
-    url = resolve_url(load())
+    settings = load()
+    url = resolve_url(settings)
     click.echo(f"dashboard on http://{listen}/", err=True)
-    asyncio.run(serve(url, listen, token))
+    asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings))
 
 
 @main.command()
@@ -602,37 +606,81 @@ def jobs(as_json: bool, wide: bool) -> None:
     stdout.print(table, width=None if wide else min(stdout.width, 80), soft_wrap=wide)
 
 
+def _worker_state(state: dict) -> str:
+    """`busy 12s`, `loading 3s`, `idle`: what a worker does now and for how long."""
+    name = state.get("state") or "?"
+    since = state.get("since")
+    if not since or name == "idle":
+        return name
+    try:
+        seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds()
+    except ValueError:
+        return name
+    return f"{name} {_age(seconds)}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _worker_jobs(state: dict) -> str:
+    current = state.get("current") or []
+    if not current:
+        return ""
+    first = current[0]
+    more = f" +{len(current) - 1}" if len(current) > 1 else ""
+    return f"{first.get('job_id')}/{first.get('node')}{more}"
+
+
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Each worker's $SRV.INFO reply, as one JSON list.")
-@click.option("--wide", is_flag=True, help="Add each worker's interpreter and package versions.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Each worker's $SRV.STATS reply (metadata + `state`: contracts.WorkerState), as one JSON list.")
+@click.option("--wide", is_flag=True,
+              help="One block per worker: state, current requests, jobs done, last error, interpreter, packages.")
 @_friendly_errors
 def workers(as_json: bool, wide: bool) -> None:
-    """Every stage service on the bus: stage, env, host, pid, model."""
+    """Stage workers: state (loading / idle / busy) and job.
+
+    Every stage service on the bus: stage, env, host, state (loading / idle / busy, and for how
+    long), the job it works on, model."""
     from captionbus.client import workers as list_workers
 
     infos = _on_bus("captionbus-workers", lambda nc, js: list_workers(nc))
     if as_json:
         stdout.print_json(json.dumps(infos))
         return
-    infos = sorted(infos, key=lambda i: i.get("metadata", {}).get("stage", ""))
+    infos = sorted(infos, key=lambda i: (i.get("metadata", {}).get("stage", ""), i.get("metadata", {}).get("worker_id", "")))
     if wide:
         # Package lists do not fit a column: one block per worker, lines never hard-wrapped.
         for info in infos:
-            meta = info.get("metadata", {})
+            meta, state = info.get("metadata", {}), info.get("state", {})
             click.echo(" ".join(meta.get(k, "") for k in ("stage", "env", "host", "pid", "model")))
+            current = ", ".join(f"{c.get('job_id')}/{c.get('node')} attempt {c.get('attempt')} since {c.get('since')}"
+                                for c in state.get("current") or [])
+            click.echo(f"  state: {_worker_state(state)}" + (f" on {current}" if current else ""))
+            click.echo(f"  jobs done: {state.get('jobs_done', 0)}, failed: {state.get('jobs_failed', 0)}"
+                       + (f"; last error: {state['last_error']}" if state.get("last_error") else ""))
+            if meta.get("setup_error"):
+                click.echo(f"  cannot serve: {meta['setup_error']}")
             click.echo(f"  interpreter: {meta.get('interpreter', '')}")
             packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
             click.echo(f"  packages: {packages or '-'}")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("stage", "env", "host", "pid", "model"):
+    for column in ("stage", "env", "host", "state", "job", "model"):
         table.add_column(column, no_wrap=True, overflow="ellipsis")
     for info in infos:
-        meta = info.get("metadata", {})
+        meta, state = info.get("metadata", {}), info.get("state", {})
         model = meta.get("model", "")
-        table.add_row(meta.get("stage", ""), meta.get("env", ""), _fit(meta.get("host", ""), 16), meta.get("pid", ""),
+        table.add_row(_fit(meta.get("stage", ""), 14), _fit(meta.get("env", ""), 10), _fit(meta.get("host", ""), 12),
+                      _worker_state(state), _fit(_worker_jobs(state), 18),
                       _fit(f"cannot serve: {meta['setup_error']}" if meta.get("setup_error")
-                           else Path(model).name if "/" in model else model, 24))
+                           else Path(model).name if "/" in model else model, 14))
     stdout.print(table, width=min(stdout.width, 80))
 
 

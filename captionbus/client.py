@@ -188,7 +188,20 @@ async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[
     return replies
 
 
-async def workers(nc: NATS, timeout: float = 1.0) -> list[dict]:
-    """Every captionbus stage service's $SRV.INFO reply."""
-    replies = await collect_replies(nc, "$SRV.INFO", timeout)
-    return [r for r in replies if str(r.get("name", "")).startswith("captionbus-")]
+def merge_state(reply: dict) -> dict:
+    """A $SRV STATS reply with its worker state (contracts.WorkerState, the endpoint's `data`)
+    as `state`, and the facts that become known after registration (the loaded model, setup's
+    error) merged into `metadata`, where readers of $SRV INFO found them before."""
+    data = next((e.get("data") for e in reply.get("endpoints") or [] if isinstance(e.get("data"), dict)), None)
+    meta = dict(reply.get("metadata") or {})
+    if data:
+        meta.update({k: str(data[k]) for k in ("model", "setup_error") if data.get(k) is not None})
+    return {**reply, "metadata": meta, "state": data or {}}
+
+
+async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None) -> list[dict]:
+    """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
+    metadata (WorkerInfo, flat) plus `state` (contracts.WorkerState)."""
+    subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
+    replies = await collect_replies(nc, subject, timeout)
+    return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]

@@ -48,6 +48,7 @@ from captionbus.stack import (
     wait_ready,
 )
 from contracts import ArtifactRef, JobSpec, subjects
+from contracts.events import LOADING_MODEL
 from contracts.ids import validate_token
 from contracts.languages import check_language
 from contracts.stage_specs import STAGES, explain
@@ -315,8 +316,10 @@ class _ItemBars:
         done[event.node] = fraction
         total = max(self.total, len(done))
         finished = sum(1 for f in done.values() if f >= 1.0)
-        self.progress.update(self.bars[group], total=float(total), completed=sum(done.values()),
-                             note=f"{finished}/{total} chunks")
+        note = f"{finished}/{total} chunks"
+        if event.kind == "stage_progress" and event.message == LOADING_MODEL and not finished:
+            note += f", {LOADING_MODEL}"  # the stage's worker is still loading its model
+        self.progress.update(self.bars[group], total=float(total), completed=sum(done.values()), note=note)
 
 
 async def _follow_with_progress(js, job_id: str, console: Console):

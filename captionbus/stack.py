@@ -18,10 +18,9 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 
-from captionbus.client import collect_replies
+from captionbus.client import workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
-from contracts import subjects
 from core.bus import BusError, running_embedded_url
 from core.settings import Settings
 from core.text import one_line
@@ -180,7 +179,9 @@ def start_service(
 async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 180.0,
                      tolerate_dead: bool = False, slow: list[ServiceProcess] | None = None,
                      on_ready=None) -> list[ServiceProcess]:
-    """Until every service process answers $SRV.PING (its model is loaded), or fail with its log.
+    """Until every service process has set up (its $SRV STATS state is no longer `loading`: its
+    model is loaded, or setup failed for good), or fail with its log. A worker answers $SRV while
+    it loads (it takes requests and answers cache hits then), so PING alone is not "ready".
     With tolerate_dead a service that exits is left out instead, and the dead ones are returned.
     Given a `slow` list, services still loading at the timeout go there instead of failing.
     on_ready(service) is called as each one becomes ready (`up` says so at once)."""
@@ -197,8 +198,10 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
         stages = {svc.stage for svc in pending}
         ready_pids: set[str] = set()
         for stage in stages:
-            for reply in await collect_replies(nc, f"$SRV.PING.{subjects.micro_service_name(stage)}", 0.3):
-                ready_pids.add(str((reply.get("metadata") or {}).get("pid")))
+            for reply in await workers(nc, 0.3, stage):
+                # no state at all: a worker from before WorkerState, which registered once set up
+                if reply["state"].get("state") != "loading":
+                    ready_pids.add(str(reply["metadata"].get("pid")))
         if on_ready is not None:
             for svc in pending:
                 if str(svc.process.pid) in ready_pids:
@@ -217,11 +220,11 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
 
 async def setup_errors(nc: NATS, stages: list[str]) -> dict[str, str]:
     """Stages with a replica whose setup failed (it stays up and fails their requests with this
-    reason), from $SRV INFO metadata."""
+    reason), from their $SRV STATS state."""
     found: dict[str, str] = {}
     for stage in stages:
-        for reply in await collect_replies(nc, f"$SRV.INFO.{subjects.micro_service_name(stage)}", 0.3):
-            error = (reply.get("metadata") or {}).get("setup_error")
+        for reply in await workers(nc, 0.3, stage):
+            error = reply["metadata"].get("setup_error")
             if error:
                 found[stage] = error
     return found

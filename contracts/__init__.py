@@ -25,7 +25,8 @@ from contracts.ids import JOB_ID_PATTERN, TOKEN_PATTERN, new_job_id, validate_to
 from contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
 from contracts.stages import StageRequest
 from contracts.version import SCHEMA_VERSION
-from contracts.workers import WorkerInfo
+from contracts.failures import FAILURE_CLASSES, classify as failure_class
+from contracts.workers import CurrentRequest, WorkerInfo, WorkerState
 
 __all__ = [
     "ArtifactRef",
@@ -55,6 +56,10 @@ __all__ = [
     "parse_event",
     "StageRequest",
     "WorkerInfo",
+    "WorkerState",
+    "CurrentRequest",
+    "FAILURE_CLASSES",
+    "failure_class",
     "SCHEMA_VERSION",
     "subjects",
 ]

@@ -44,10 +44,14 @@ class StageRequested(_StageEvent):
     kind: Literal["stage_requested"] = "stage_requested"
 
 
+# StageProgress.message of a request a worker has taken while its model still loads (setup()).
+LOADING_MODEL = "loading model"
+
+
 class StageProgress(_StageEvent):
     kind: Literal["stage_progress"] = "stage_progress"
     fraction: float = Field(ge=0.0, le=1.0)
-    message: str = ""
+    message: str = Field("", description=f"what the stage is doing; {LOADING_MODEL!r} while its model loads")
 
 
 class StageCompleted(_StageEvent):

@@ -76,6 +76,7 @@ class NodeState(BaseModel):
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     progress: float = 0.0
     error: str | None = None
+    failure_class: str | None = Field(default=None, description="class of `error` (contracts.failures)")
     worker: dict[str, str] = Field(default_factory=dict, description="who ran the last attempt")
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
@@ -91,6 +92,7 @@ class JobState(BaseModel):
     nodes: dict[Token, NodeState] = Field(default_factory=dict)
     outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
     error: str | None = None
+    failure_class: str | None = Field(default=None, description="class of `error` (contracts.failures)")
     # Fan-out branches (target languages) that failed while the rest of the job went on.
     failed_branches: dict[str, str] = Field(default_factory=dict, description="branch -> reason")
     created_at: datetime = Field(default_factory=utcnow)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
-from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo
+from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo, WorkerState
 from contracts.events import JobEvent
 from contracts.speech import SpeechRegions
 from contracts.stage_specs import STAGES
@@ -26,6 +26,7 @@ MODELS: dict[str, object] = {
     "job_state": JobState,
     "stage_request": StageRequest,
     "worker_info": WorkerInfo,
+    "worker_state": WorkerState,
     "job_event": JobEvent,
     "transcript": Transcript,
     "speech_regions": SpeechRegions,

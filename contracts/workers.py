@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+from contracts.jobs import utcnow
 
 
 class WorkerInfo(BaseModel):
@@ -19,3 +24,33 @@ class WorkerInfo(BaseModel):
     backend: str | None = None
     setup_error: str | None = Field(default=None, description=(
         "why this replica's setup (model loading) failed; it then fails the requests no healthy replica takes"))
+
+
+WorkerStateName = Literal["loading", "idle", "busy", "setup_failed"]
+
+
+class CurrentRequest(BaseModel):
+    """A request a worker holds now."""
+
+    job_id: str
+    node: str
+    attempt: int
+    since: datetime = Field(default_factory=utcnow)
+
+
+class WorkerState(BaseModel):
+    """What a stage worker is doing now: the `data` of its $SRV STATS reply (one per endpoint).
+
+    $SRV INFO/PING metadata is fixed when a micro service registers, and a worker registers
+    before its model loads (so it is discoverable, and answers cache hits, while `loading`):
+    everything that changes afterwards (state, the loaded model, setup's error) is here.
+    Readers merge it over the metadata (captionbus.client.worker_replies)."""
+
+    state: WorkerStateName
+    since: datetime = Field(default_factory=utcnow, description="when the worker entered this state")
+    current: list[CurrentRequest] = Field(default_factory=list, description="requests it holds now")
+    jobs_done: int = Field(0, description="requests completed (cache hits included) since it started")
+    jobs_failed: int = Field(0, description="requests it reported failed or gave back for a retry")
+    last_error: str | None = None
+    model: str | None = Field(None, description="the loaded model, once setup is done")
+    setup_error: str | None = None

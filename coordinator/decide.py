@@ -32,6 +32,7 @@ from contracts import (
     StageRequested,
 )
 from contracts.artifacts import ArtifactRef
+from contracts.failures import classify as failure_class
 from contracts.events import JobEvent
 from coordinator.graph import JobPlan, PlannedNode, Source, Workflow
 from core.retry import RetryPolicy
@@ -158,6 +159,7 @@ def give_up(state: JobState | None, job_id: str, event_id: str, reason: str, now
     step._mark_applied(event_id)
     step.state.status = JobStatus.failed
     step.state.error = failed.reason
+    step.state.failure_class = "internal"
     step._emit(failed)
     return step._decision()
 
@@ -185,12 +187,13 @@ class _Step:
         self.state = JobState(spec=spec, created_at=self.now, updated_at=self.now)
         self._mark_applied(event.event_id)
         if self.graph is None:
-            return self._fail_job(f"unknown workflow {spec.workflow!r}: no config/workflows/{spec.workflow}.yaml")
+            return self._fail_job(f"unknown workflow {spec.workflow!r}: no config/workflows/{spec.workflow}.yaml",
+                                  failure="input")
         plan = self.plan
         for planned in plan.nodes.values():
             self.state.nodes[planned.id] = _new_node(planned)
         if plan.errors:
-            return self._fail_job(one_line("; ".join(plan.errors)))
+            return self._fail_job(one_line("; ".join(plan.errors)), failure="input")
         self.state.status = JobStatus.running
         self._emit(JobStarted(
             event_id=f"{spec.job_id}.started", job_id=spec.job_id, time=self.now,
@@ -234,7 +237,8 @@ class _Step:
             node.progress = 1.0
             node.deadline_at = None
             return self._advance()
-        return self._attempt_failed(event.node, one_line(event.reason), event.retryable)
+        return self._attempt_failed(event.node, one_line(event.reason), event.retryable,
+                                    failure_class(event.error_type, event.reason))
 
     def tick(self) -> Decision:
         for node_id, node in list(self.state.nodes.items()):
@@ -245,7 +249,7 @@ class _Step:
                 self._attempt_failed(
                     node_id,
                     f"stage {node.stage} gave no result within {seconds:g} s (attempt {node.attempt})",
-                    retryable=True,
+                    retryable=True, failure="timeout",
                 )
             elif node.status == NodeStatus.retry_wait and node.next_attempt_at and self.now >= node.next_attempt_at:
                 self._request(node_id)
@@ -282,9 +286,9 @@ class _Step:
                 node.status = NodeStatus.waiting
                 node.retry_base = node.attempt  # a fresh automatic-retry budget
                 node.deadline_at = node.next_attempt_at = node.finished_at = None
-                node.error = None
+                node.error = node.failure_class = None
         state.status = JobStatus.running
-        state.error = None
+        state.error = state.failure_class = None
         state.outputs = {}
         state.failed_branches = {}
         self._emit(JobStarted(
@@ -330,7 +334,7 @@ class _Step:
     def _advance(self) -> Decision:
         """Request every node whose dependencies are done; finish the job when all are."""
         if self.graph is None:
-            return self._fail_job(f"unknown workflow {self.state.spec.workflow!r}")
+            return self._fail_job(f"unknown workflow {self.state.spec.workflow!r}", failure="input")
         self._sync_item_nodes()
         nodes = self.state.nodes
         for planned in self.plan.nodes.values():
@@ -411,8 +415,9 @@ class _Step:
             )
         return produced[source.output]
 
-    def _attempt_failed(self, node_id: str, reason: str, retryable: bool) -> Decision:
+    def _attempt_failed(self, node_id: str, reason: str, retryable: bool, failure: str = "internal") -> Decision:
         node = self.state.nodes[node_id]
+        node.failure_class = failure
         planned = self.plan.nodes.get(node_id) if self.graph is not None else None
         max_attempts = (planned.max_attempts if planned else None) or self.policy.retry.max_attempts
         used = node.attempt - node.retry_base
@@ -466,9 +471,12 @@ class _Step:
             return self._fail_job(one_line(f"every branch failed ({summary})"), node_id)
         return self._advance()
 
-    def _fail_job(self, reason: str, node_id: str | None = None) -> Decision:
-        """Any failed node outside a fan-out branch fails the job, and the reason names it."""
+    def _fail_job(self, reason: str, node_id: str | None = None, failure: str | None = None) -> Decision:
+        """Any failed node outside a fan-out branch fails the job, and the reason names it; the
+        job's failure class is the failed node's (contracts.failures), else `failure`."""
         state = self.state
+        node = state.nodes.get(node_id) if node_id else None
+        state.failure_class = failure or (node.failure_class if node is not None else None) or "internal"
         self._stop_open_nodes()
         state.status = JobStatus.failed
         state.error = reason

@@ -10,11 +10,13 @@ import asyncio
 import base64
 import binascii
 import secrets
+import shutil
 from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -24,7 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from captionbus.dashboard.auth import OPEN_PATHS
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time
+from captionbus.dashboard.downloads import Downloads
 from contracts import subjects
+from core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50
@@ -61,7 +65,9 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlette:
+def create_app(board: Board, metrics: Any, token: str | None = None, downloads: Downloads | None = None) -> Starlette:
+    downloads = downloads or Downloads()
+
     async def index(request: Request) -> Response:
         return FileResponse(str(STATIC / "index.html"))
 
@@ -92,7 +98,31 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
         state = board.jobs.get(job_id)
         if state is None:
             return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
-        return JSONResponse(job_detail(state, await board.job_events(job_id)))
+        detail = job_detail(state, await board.job_events(job_id), downloads=downloads.enabled)
+        detail["downloads_note"] = downloads.reason
+        return JSONResponse(detail)
+
+    async def output(request: Request) -> Response:
+        job_id, name = request.path_params["job_id"], request.path_params["name"]
+        try:
+            subjects.job_events(job_id)
+        except ValueError:
+            return JSONResponse({"error": "not a job id"}, status_code=400)
+        state = board.jobs.get(job_id)
+        ref = state.outputs.get(name) if state is not None else None
+        if ref is None:  # only outputs the job's state names: never a key taken from the URL
+            return JSONResponse({"error": f"job {job_id} has no output {name!r}"}, status_code=404)
+        if not downloads.enabled:
+            return JSONResponse({"error": downloads.reason}, status_code=403)
+        try:
+            path, tmp = await downloads.open(ref)
+        except ArtifactMissing as e:
+            return JSONResponse({"error": str(e)}, status_code=404)
+        except ArtifactError as e:
+            return JSONResponse({"error": str(e)}, status_code=502)
+        cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True) if tmp is not None else None
+        return FileResponse(path, filename=safe_name(ref.name), media_type="application/octet-stream",
+                            headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
 
     async def workers(request: Request) -> Response:
         return JSONResponse(board.worker_rows())
@@ -135,7 +165,7 @@ def create_app(board: Board, metrics: Any, token: str | None = None) -> Starlett
 
     routes = [
         Route("/", index), Route("/favicon.ico", favicon), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),
-        Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
+        Route("/api/jobs/{job_id}/outputs/{name}", output), Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
         Route("/metrics", prometheus), Route("/healthz", healthz), Route("/readyz", readyz),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]

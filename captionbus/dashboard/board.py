@@ -7,7 +7,8 @@ the bus already carries everything an operator asks about. So one process with t
 
 - the job-state KV bucket (an ordered consumer: every job's current state, replayed at start),
 - the job events (an ordered consumer from "now": progress, warnings, what each worker did),
-- `$SRV.INFO` discovery every few seconds (which workers answer, and how long since each did),
+- `$SRV.STATS` discovery every few seconds (which workers answer, how long since each did, and
+  what each does: loading / idle / busy on which job, jobs done, last error — contracts.WorkerState),
 - the `CB_REQUESTS` stream and its stage consumers (waiting, in flight, redelivered, oldest age),
 
 and derives pages, Server-Sent Events and Prometheus metrics from them. A browser never talks to
@@ -35,12 +36,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from captionbus.client import collect_replies
-from contracts import JobState, parse_event, subjects
+from captionbus.client import workers as worker_replies
+from contracts import JobState, failure_class, parse_event, subjects
 
 log = structlog.get_logger("captionbus.dashboard")
 
-WORKER_POLL_S = 2.0  # $SRV.INFO and queue polls; a worker unseen for LOST_AFTER_S is "lost"
+WORKER_POLL_S = 2.0  # $SRV.STATS and queue polls; a worker unseen for LOST_AFTER_S is "lost"
 LOST_AFTER_S = 10.0
 THROUGHPUT_WINDOW_S = 300.0
 JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
@@ -79,8 +80,19 @@ class Fanout:
             queue.put_nowait(message)
 
 
-def job_summary(state: JobState) -> dict[str, Any]:
+def job_failure_class(state: JobState) -> str | None:
+    """Why a finished job did not complete, as a class (contracts.failures); None otherwise."""
+    if state.status.value == "cancelled":
+        return "cancelled"
+    if state.status.value != "failed":
+        return None
+    return state.failure_class or failure_class(None, state.error or "")
+
+
+def job_summary(state: JobState, notes: dict[str, str] | None = None) -> dict[str, Any]:
+    """`notes`: the last progress message of each node ("loading model" ...), from the events."""
     spec = state.spec
+    notes = notes or {}
     return {
         "job_id": state.job_id,
         "workflow": spec.workflow,
@@ -92,9 +104,11 @@ def job_summary(state: JobState) -> dict[str, Any]:
         "created_ts": state.created_at.timestamp(),
         "updated_at": _iso(state.updated_at),
         "error": state.error,
+        "failure_class": job_failure_class(state),
         "failed_branches": state.failed_branches,
         "nodes": [{"node": name, "stage": node.stage, "status": node.status.value,
-                   "progress": round(node.progress, 3)} for name, node in state.nodes.items()],
+                   "progress": round(node.progress, 3), "message": notes.get(name, "")}
+                  for name, node in state.nodes.items()],
     }
 
 
@@ -153,6 +167,9 @@ class Board:
         self.workers: dict[str, dict[str, Any]] = {}  # worker id -> info + last_seen (monotonic)
         self.queues: dict[str, dict[str, Any]] = {}
         self.completions: dict[str, deque] = {}  # stage -> monotonic times of stage_completed
+        # job -> node -> its last progress message, while the job runs: a page opened (or a
+        # row listed) after a worker said "loading model" still shows it.
+        self.notes: dict[str, dict[str, str]] = {}
         self.fanout = Fanout()
         self.metrics = metrics  # captionbus.dashboard.metrics.Metrics, fed as jobs change
         if metrics is not None:
@@ -221,7 +238,9 @@ class Board:
     def apply_state(self, state: JobState) -> None:
         previous = self.jobs.get(state.job_id)
         self.jobs[state.job_id] = state
-        summary = job_summary(state)
+        if state.status.finished:
+            self.notes.pop(state.job_id, None)
+        summary = job_summary(state, self.notes.get(state.job_id))
         self.summaries[state.job_id] = summary
         if self.metrics is not None:
             self.metrics.observe(previous, state)
@@ -242,11 +261,22 @@ class Board:
             if event.kind == "stage_completed":
                 times = self.completions.setdefault(event.stage, deque())
                 times.append(time.monotonic())
+            if event.kind == "stage_progress":
+                self._note(event.job_id, event.node, event.message)
             data = {"job_id": event.job_id, "kind": event.kind, "time": _iso(event.time)}
             for key in ("stage", "node", "attempt", "fraction", "message", "reason"):
                 if hasattr(event, key):
                     data[key] = getattr(event, key)
             self.fanout.publish("event", data)
+
+    def _note(self, job_id: str, node: str, message: str) -> None:
+        notes = self.notes.setdefault(job_id, {})
+        if notes.get(node, "") == message:
+            return
+        notes[node] = message
+        for row in (self.summaries.get(job_id) or {}).get("nodes", []):
+            if row["node"] == node:
+                row["message"] = message
 
     async def job_events(self, job_id: str, timeout: float = 3.0) -> list[dict[str, Any]]:
         """The events a job page needs, from the events stream, oldest first.
@@ -297,12 +327,11 @@ class Board:
 
     async def poll_workers(self) -> None:
         now = time.monotonic()
-        for reply in await collect_replies(self.nc, "$SRV.INFO", timeout=0.5):
-            if not str(reply.get("name", "")).startswith("captionbus-"):
-                continue
-            meta = reply.get("metadata") or {}
+        for reply in await worker_replies(self.nc, timeout=0.5):
+            meta = reply["metadata"]
             worker_id = meta.get("worker_id") or reply.get("id")
-            self.workers[worker_id] = {"id": reply.get("id"), "metadata": meta, "last_seen": now}
+            self.workers[worker_id] = {"id": reply.get("id"), "metadata": meta, "state": reply["state"],
+                                       "last_seen": now}
         # forget workers gone for long; show recently lost ones as "lost"
         for worker_id in [w for w, info in self.workers.items() if now - info["last_seen"] > 600]:
             del self.workers[worker_id]
@@ -322,16 +351,21 @@ class Board:
                     last_error[wid] = node.error
         rows = []
         for worker_id, info in sorted(self.workers.items()):
-            meta = info["metadata"]
+            meta, live = info["metadata"], info.get("state") or {}
             age = now - info["last_seen"]
+            # The worker's own state while it answers; `lost` once it stops answering.
+            state = (live.get("state") or "live") if age < LOST_AFTER_S else "lost"
             rows.append({
                 "worker_id": worker_id, "stage": meta.get("stage"), "host": meta.get("host"),
                 "env": meta.get("env"), "interpreter": meta.get("interpreter"),
                 "python": meta.get("python_version"), "model": meta.get("model"), "backend": meta.get("backend"),
                 "hardware": {k[3:]: v for k, v in meta.items() if k.startswith("hw.")},
                 "packages": {k[4:]: v for k, v in meta.items() if k.startswith("pkg.")},
-                "state": "live" if age < LOST_AFTER_S else "lost", "heartbeat_age_s": round(age, 1),
-                "jobs_done": done.get(worker_id, 0), "last_error": last_error.get(worker_id),
+                "state": state, "state_since": live.get("since"), "heartbeat_age_s": round(age, 1),
+                "current": live.get("current") or [] if state != "lost" else [],
+                "jobs_done": live.get("jobs_done", done.get(worker_id, 0)),
+                "jobs_failed": live.get("jobs_failed"),
+                "last_error": live.get("last_error") or meta.get("setup_error") or last_error.get(worker_id),
             })
         return rows
 
@@ -401,7 +435,7 @@ def _timestamp(value: Any) -> float:
     return datetime.fromisoformat(text).astimezone(timezone.utc).timestamp()
 
 
-def job_detail(state: JobState, events: list[dict[str, Any]]) -> dict[str, Any]:
+def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = False) -> dict[str, Any]:
     """A job page: nodes with state, the timeline of every attempt, warnings, retries."""
     attempts: dict[tuple[str, int], dict[str, Any]] = {}
     warnings, retries = [], []
@@ -439,6 +473,8 @@ def job_detail(state: JobState, events: list[dict[str, Any]]) -> dict[str, Any]:
     for name, node in state.nodes.items():
         nodes.append({"node": name, "stage": node.stage, "status": node.status.value, "attempt": node.attempt,
                       "progress": node.progress, "error": node.error, "worker": node.worker,
+                      "failure_class": (node.failure_class or failure_class(None, node.error or "")) if node.error
+                      and node.status.value == "failed" else None,
                       "metrics": node.metrics, "duration_s": _seconds(node.requested_at, node.finished_at),
                       "realtime_factor": realtime_factor(state, name),
                       "redeliveries": max(int(node.metrics.get("delivery", 1)) - 1, 0)})
@@ -448,5 +484,8 @@ def job_detail(state: JobState, events: list[dict[str, Any]]) -> dict[str, Any]:
         "timeline": timeline,
         "warnings": warnings,
         "retries": retries,
-        "outputs": [{"name": key, "file": ref.name, "size": ref.size} for key, ref in sorted(state.outputs.items())],
+        "outputs": [{"name": key, "file": ref.name, "size": ref.size,
+                     "download": f"/api/jobs/{state.job_id}/outputs/{key}" if downloads else None}
+                    for key, ref in sorted(state.outputs.items())],
+        "downloads": downloads,
     }

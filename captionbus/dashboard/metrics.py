@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contracts import JobState
+from contracts import JobState, failure_class
 
 if TYPE_CHECKING:
     from captionbus.dashboard.board import Board
@@ -32,8 +32,9 @@ class Metrics:
             "captionbus_stage_realtime_factor", "Stage handling time over media duration",
             ["stage", "env"], buckets=RTF_BUCKETS, registry=self.registry)
         self.failures = Counter(
-            "captionbus_job_failures", "Jobs that failed, by the stage that failed them",
-            ["workflow", "stage"], registry=self.registry)
+            "captionbus_job_failures", "Jobs that failed or were cancelled, by the stage that failed them and "
+            "the reason class (contracts.failures: setup, input, timeout, unserved, worker_crash, stage_error, "
+            "cancelled, internal)", ["workflow", "stage", "reason_class"], registry=self.registry)
         self.redeliveries = Counter(
             "captionbus_stage_redeliveries", "Stage results that came from a redelivered request",
             ["stage"], registry=self.registry)
@@ -56,9 +57,16 @@ class Metrics:
                 self.realtime_factor.labels(node.stage, env).observe(rtf)
             if node.metrics.get("delivery", 1) > 1:
                 self.redeliveries.labels(node.stage).inc()
-        if state.status.value == "failed" and (previous is None or previous.status.value != "failed"):
+        if state.status.value in ("failed", "cancelled") and (
+                previous is None or previous.status.value != state.status.value):
             failed = [n.stage for n in state.nodes.values() if n.status.value == "failed"]
-            self.failures.labels(state.spec.workflow, failed[0] if failed else "none").inc()
+            self.failures.labels(state.spec.workflow, failed[0] if failed else "none", job_failure_class(state)).inc()
+
+
+def job_failure_class(state: JobState) -> str:
+    if state.status.value == "cancelled":
+        return "cancelled"
+    return state.failure_class or failure_class(None, state.error or "")
 
 
 def _rtf(state: JobState, name: str) -> float | None:
@@ -82,7 +90,8 @@ class _BoardCollector(Collector):
         in_flight = GaugeMetricFamily("captionbus_queue_in_flight", "Stage requests delivered, not acked", labels=["stage"])
         redelivered = GaugeMetricFamily("captionbus_queue_redelivered", "Requests redelivered (consumer info)", labels=["stage"])
         oldest = GaugeMetricFamily("captionbus_queue_oldest_waiting_seconds", "Age of the oldest waiting request", labels=["stage"])
-        workers = GaugeMetricFamily("captionbus_workers", "Stage workers seen by $SRV discovery", labels=["stage", "state"])
+        workers = GaugeMetricFamily("captionbus_workers", "Stage workers seen by $SRV discovery, by state "
+                                    "(loading, idle, busy, setup_failed; lost: stopped answering)", labels=["stage", "state"])
         if board is not None:
             counts: dict[tuple[str, str], int] = {}
             for summary in board.summaries.values():

@@ -11,9 +11,12 @@ import uvicorn
 from captionbus.dashboard.app import create_app
 from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind, parse_listen
 from captionbus.dashboard.board import Board
+from captionbus.dashboard.downloads import Downloads
 from captionbus.dashboard.metrics import Metrics
 from captionbus.envs.stages import load_stage_map
 from core.bus import connect, require_provisioned
+from core.settings import Settings
+from core.settings import load as load_settings
 
 
 class _Server(uvicorn.Server):
@@ -34,7 +37,9 @@ class _Server(uvicorn.Server):
 
 
 async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None) -> None:
+    """`downloads`: offer download links where the credentials may read artifacts
+    (captionbus.dashboard.downloads); off by default."""
     host, port = parse_listen(listen)
     check_bind(host, token)
     nc = await connect(url, "captionbus-dashboard")
@@ -42,8 +47,9 @@ async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None
         await require_provisioned(nc.jetstream())
         metrics = Metrics()
         board = Board(nc, sorted(load_stage_map()), metrics)
+        gate = await Downloads.probe(nc.jetstream(), settings or load_settings()) if downloads else Downloads()
         await board.start()
-        config = uvicorn.Config(create_app(board, metrics, token), host=host, port=port,
+        config = uvicorn.Config(create_app(board, metrics, token, gate), host=host, port=port,
                                 log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=3)  # open SSE streams never end by themselves
         server = _Server(config)

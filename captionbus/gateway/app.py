@@ -668,7 +668,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        """The ASR models live workers serve (`$SRV.INFO` of asr services), and the alias whisper-1."""
+        """The ASR models live workers serve (`$SRV.STATS` of asr services: the model once loaded), and the
+        alias whisper-1."""
         principal(request)
         js = await bus.js()
         loop = asyncio.get_running_loop()

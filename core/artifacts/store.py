@@ -293,7 +293,25 @@ class ArtifactStore:
                 f"(no answer to a lookup on bucket {self.objects.name!r}), so the copy under "
                 f"{self.root} is not served either") from None
 
-    async def _fetch(self, ref: ArtifactRef) -> Path:
+    async def fetch_to(self, ref: ArtifactRef, path: Path) -> Path:
+        """The artifact's bytes at `path` (outside this host's root; the caller removes it), or
+        the file in the local root when it is there already. Chunks go to disk as they arrive
+        and are checked against the key: a reader that must not keep a copy (the dashboard's
+        downloads) holds one chunk at a time in memory, never the file."""
+        local = self.local_path(ref)
+        if local is not None:
+            await self._check_readable(ref)
+            return local
+        info = await self._object_info(ref)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = await self._read_chunks(info, path, ref)
+        if digest != ref.key:
+            _unlink(path)
+            raise ArtifactCorrupt(f"{describe(ref)}: fetched bytes hash to {digest[:12]}…, not the key")
+        return path
+
+    async def _object_info(self, ref: ArtifactRef) -> api.ObjectInfo:
         where = f"this host's artifact root ({self.root})"
         if not ref.in_object_store:
             raise ArtifactMissing(
@@ -311,6 +329,10 @@ class ArtifactStore:
                 f"{describe(ref)}: the object store holds other bytes under this key "
                 f"({info.size} bytes, sha256 {(digest_hex(info) or '?')[:12]}…)"
             )
+        return info
+
+    async def _fetch(self, ref: ArtifactRef) -> Path:
+        info = await self._object_info(ref)
         final = self._key_path(ref.key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp_path(ref.key)

@@ -40,6 +40,7 @@ from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
 from services.audio import merge_regions, read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.cache import model_identity
 from services.runtime.options import default_device
 
 SAMPLE_RATE = 16000
@@ -131,6 +132,13 @@ def setup(ctx: SetupContext) -> AsrModel:
         threads=options.threads or os.cpu_count() or 1, batch_size=options.batch_size,
     )
     return AsrModel("whisperx", engine, source, engine.load_seconds)
+
+
+def declare_model(ctx: SetupContext) -> str:
+    """The model setup() will load, before it loads (the stage cache answers hits meanwhile):
+    backend, source and a stamp of the model's files. Raises when there is none (setup says why)."""
+    backend = choose_backend(ctx.options)
+    return model_identity(backend, model_source(ctx.options, ctx.models_dir, backend))
 
 
 def describe_model(resources: AsrModel | None) -> str | None:
@@ -406,5 +414,6 @@ STAGE = StageDefinition(
     # whichever backend this env lacks is reported as "missing"
     report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,
+    declare_model=declare_model,
     cache_inputs=cache_inputs,
 )

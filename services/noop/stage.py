@@ -30,6 +30,8 @@ _FAILURES = {
 
 def setup(ctx: SetupContext) -> dict:
     # `fail_setup` (a service option) stands in for a model that cannot load, for runtime tests.
+    # `setup_s` stands in for a model that takes that long to load.
+    time.sleep(float(getattr(ctx.options, "setup_s", 0) or 0))
     reason = getattr(ctx.options, "fail_setup", None)
     if reason:
         raise RuntimeError(reason)

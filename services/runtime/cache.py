@@ -2,7 +2,9 @@
 
 Artifacts are content-addressed, so a finished stage is fully described by the hashes of what
 went in and the settings it ran with. The key is a sha256 over: stage name and its
-`cache_version`, the worker's env and package versions, the loaded model (describe_model), the
+`cache_version`, the worker's env and package versions, the model (the stage's declaration made
+before loading it, StageDefinition.declare_model, so a hit is answered while the model loads;
+else the loaded model's describe_model, and lookups wait for setup()), the
 worker's fingerprint (`worker_fingerprint`: its service options and CAPTIONBUS_* settings, a
 size/mtime stamp of every file or folder they name — model folders, glossaries —, the config
 files and the source of every project module the process loaded, so a code fix is a miss),
@@ -52,7 +54,7 @@ def worker_cache_enabled() -> bool:
     return os.environ.get("CAPTIONBUS_STAGE_CACHE", "on").strip().lower() not in _FALSE
 
 
-def _stamp(path: Path) -> list:
+def path_stamp(path: Path) -> list:
     """Size and modification time of a file, or of every file under a folder (not their bytes:
     model folders are gigabytes). A rebuilt model at the same path changes its stamp."""
     if path.is_file():
@@ -77,22 +79,25 @@ def _existing_path(value: str) -> Path | None:
         return None
 
 
-def worker_fingerprint(options: dict[str, Any], config_dirs: list[Path], project_root: Path) -> str:
-    """What this worker process computes with beyond its model description: call after setup()."""
+def worker_fingerprint(options: dict[str, Any], config_dirs: list[Path], project_root: Path,
+                       extra_sources: list[Path] = ()) -> str:
+    """What this worker process computes with beyond its model: its settings and the files they
+    name, config, and the project's sources loaded so far plus `extra_sources` (the stage's own
+    package, whose modules setup() may import later). Computed before setup(), so that a cache
+    lookup need not wait for the model."""
     settings = {k: v for k, v in os.environ.items() if k.startswith("CAPTIONBUS_") and k not in HOST_SETTINGS}
     settings.update({f"option:{k}": str(v) for k, v in options.items()})
-    paths = {v: _stamp(p) for v in settings.values() if (p := _existing_path(v)) is not None}
+    paths = {v: path_stamp(p) for v in settings.values() if (p := _existing_path(v)) is not None}
     digest = hashlib.sha256()
     for config_dir in config_dirs:
         for file in sorted(config_dir.glob("*.yaml")):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
     # Resolved: stage environments import the project through links (captionbus/envs/code.py).
     project_root = project_root.resolve()
-    sources = sorted({
-        Path(module.__file__).resolve() for module in list(sys.modules.values())
-        if getattr(module, "__file__", None) and Path(module.__file__).suffix == ".py"
-        and Path(module.__file__).resolve().is_relative_to(project_root)
-    })
+    loaded = [Path(module.__file__) for module in list(sys.modules.values())
+              if getattr(module, "__file__", None) and Path(module.__file__).suffix == ".py"]
+    sources = sorted({file.resolve() for file in [*loaded, *extra_sources]
+                      if file.resolve().is_relative_to(project_root)})
     for file in sources:
         digest.update(str(file.relative_to(project_root)).encode() + b"\0" + file.read_bytes())
     blob = json.dumps({"settings": settings, "paths": paths, "files": digest.hexdigest()}, sort_keys=True)
@@ -100,16 +105,17 @@ def worker_fingerprint(options: dict[str, Any], config_dirs: list[Path], project
 
 
 def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fingerprint: str = "",
-              ignores: tuple[str, ...] = (), inputs: dict[str, str] | None = None) -> str:
+              ignores: tuple[str, ...] = (), inputs: dict[str, str] | None = None, model: str | None = None) -> str:
     """`inputs`: the stage's own digests of what it reads (StageDefinition.cache_inputs), in place
-    of the inputs' content hashes."""
+    of the inputs' content hashes. `model`: the model's identity, known before loading
+    (StageDefinition.declare_model), in place of the loaded model's description (info.model)."""
     material = {
         "stage": request.stage,
         "cache_version": cache_version,
         "worker": fingerprint,
         "env": info.env,
         "packages": info.packages,
-        "model": info.model,
+        "model": model if model is not None else info.model,
         "inputs": ({name: [ref.key, ref.name] for name, ref in sorted(request.inputs.items())}
                    if inputs is None else {"digests": dict(sorted(inputs.items()))}),
         "input_lists": {
@@ -172,3 +178,16 @@ class StageCache:
             await self._write(key, value.encode())
         except Exception as e:
             self.log.warning("stage cache record failed", error=str(e)[:200])
+
+
+def model_identity(kind: str, source: str | Path) -> str:
+    """A model's identity before it is loaded (StageDefinition.declare_model): `kind` (backend,
+    library), the configured source and, when the source is a local file or folder, a digest of
+    its size/mtime stamp, so a model rebuilt or replaced at the same path is a new identity.
+    A hub id (not a local path) is its own identity: the library resolves it from its cache."""
+    text = str(source)
+    path = _existing_path(str(Path(text).expanduser().resolve())) if text else None
+    if path is None:
+        return f"{kind}|{text}"
+    stamp = hashlib.sha256(json.dumps(path_stamp(path)).encode()).hexdigest()[:16]
+    return f"{kind}|{path}|{stamp}"

@@ -119,6 +119,12 @@ class StageDefinition:
     report_packages: tuple[str, ...] = ()
     # Describes the loaded model for worker info, given what setup() returned.
     describe_model: Callable[[Any], str | None] | None = None
+    # The model's identity known before setup() loads it, given the SetupContext: e.g. the
+    # configured model path and a size/mtime stamp of its files (runtime.cache.path_stamp).
+    # With it the stage cache keys on this instead of describe_model's result and answers a hit
+    # while the model still loads; without it (or when it raises) lookups wait for setup().
+    # It must change whenever the loaded model would: changing the model must be a miss.
+    declare_model: Callable[[SetupContext], str | None] | None = None
     slots: int = 1  # requests one process works on at once
     # Reuse outputs of an identical earlier request (services/runtime/cache.py). Bump
     # cache_version when a code change alters what the stage produces for the same inputs.

@@ -38,11 +38,13 @@ from contracts import (
     JobStatus,
     StageCompleted,
     StageFailed,
+    StageProgress,
     StageRequest,
     StageWarning,
     WorkerInfo,
     subjects,
 )
+from contracts.events import LOADING_MODEL
 from core.artifacts import ArtifactStore, ArtifactStoreFull
 from core.bus import (
     StagePolicy,
@@ -67,6 +69,7 @@ from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids,
 from services.runtime.definition import SetupContext, StageDefinition
 from services.runtime.errors import BadInput, Cancelled, Retryable
 from services.runtime.info import describe, flat_metadata, worker_info, worker_summary
+from services.runtime.state import WorkerStatus
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
 MAX_RETRY_DELAY_S = 60.0
@@ -76,6 +79,11 @@ RESULT_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=15.0, max_attemp
 # A replica whose setup failed leaves a request to a healthy replica this long at a time.
 UNSERVABLE_NAK_S = 2.0
 _FINISHED = {s.value for s in JobStatus if s.finished}
+LOADING_MESSAGE = LOADING_MODEL  # the StageProgress message of a request waiting for setup()
+
+
+class _Unservable(Exception):
+    """This replica's setup failed; the request goes to _unservable."""
 
 
 def error_line(error: BaseException) -> str:
@@ -149,9 +157,21 @@ class StageWorker:
         cache_fingerprint: str = "",
         setup_error: str | None = None,
         nc: Any = None,
+        loading: bool = False,
+        declared_model: str | None = None,
     ):
         self.definition = definition
         self.setup_error = setup_error
+        # While `loading` (setup() runs in the background) requests are taken: a cache hit is
+        # answered at once when the stage declares its model before loading it
+        # (StageDefinition.declare_model); anything else says "loading model" and waits.
+        self.status = WorkerStatus(loading=loading, model=info.model)
+        if setup_error is not None:
+            self.status.set_up(info.model, setup_error)
+        self._loaded = asyncio.Event()
+        if not loading:
+            self._loaded.set()
+        self.declared_model = declared_model
         self.nc = nc
         self.cache_fingerprint = cache_fingerprint
         self.settings = settings
@@ -177,6 +197,31 @@ class StageWorker:
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
         self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
+
+    def set_up(self, resources: Any, setup_error: str | None, model: str | None) -> None:
+        """setup() has finished (or failed for good): requests waiting for it go on."""
+        self.resources, self.setup_error = resources, setup_error
+        self.info.model, self.info.setup_error = model, setup_error
+        self.status.set_up(model, setup_error)
+        self._loaded.set()
+
+    @property
+    def cache_model(self) -> str | None:
+        """The model part of the cache key: the stage's declaration when it makes one (known
+        before loading), else the loaded model's description (known after setup())."""
+        return f"declared:{self.declared_model}" if self.declared_model is not None else self.info.model
+
+    async def _wait_for_model(self, request: StageRequest, log: Any, cancelled: threading.Event) -> None:
+        if self._loaded.is_set():
+            return
+        log.info("waiting for the stage's model to load")
+        with suppress(Exception):  # progress is for people; a lost one is no failure
+            await self._publish(StageProgress(**event_ids(request), fraction=0.0, message=LOADING_MESSAGE))
+        while not self._loaded.is_set():
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), 0.5)
+            if cancelled.is_set():
+                raise Cancelled("job ended while the model loaded")
 
     async def run(self, sub: Any, stop: asyncio.Event) -> None:
         stopping = asyncio.ensure_future(stop.wait())
@@ -261,10 +306,16 @@ class StageWorker:
         if await self._job_finished(request.job_id, log, request.node, request.attempt):
             await msg.ack()
             return
-        if self.setup_error is not None:
+        if self._loaded.is_set() and self.setup_error is not None:
             await self._unservable(msg, request, delivery, log)
             return
+        self.status.started(request)
+        try:
+            await self._handle(msg, request, delivery, log, slot)
+        finally:
+            self.status.finished(request)
 
+    async def _handle(self, msg: Any, request: StageRequest, delivery: int, log: Any, slot: "_Slot") -> None:
         log.info("stage request started")
         cancelled = threading.Event()
         heartbeat = asyncio.create_task(self._heartbeat(msg, request, cancelled, log))
@@ -281,6 +332,8 @@ class StageWorker:
         except Cancelled:
             log.info("job ended while its stage ran; request dropped")
             await msg.ack()
+        except _Unservable:
+            await self._unservable(msg, request, delivery, log)
         except BadInput as e:
             log.warning("bad input; request terminated", error=error_line(e))
             await self._fail(request, error_line(e), "bad_input")
@@ -318,13 +371,19 @@ class StageWorker:
         )
         key = None
         if self.cache is not None and cache_enabled_for(request):
+            if self.declared_model is None:  # the key names the loaded model: wait for it
+                await self._wait_for_model(request, log, cancelled)
             key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
                             fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores,
-                            inputs=await self._cache_inputs(request, ctx, log))
+                            inputs=await self._cache_inputs(request, ctx, log), model=self.cache_model)
             hit = await self.cache.lookup(key)
             if hit is not None:
                 await self._complete_from_cache(msg, request, hit, delivery, log)
                 return
+        await self._wait_for_model(request, log, cancelled)
+        if self.setup_error is not None:
+            raise _Unservable()
+        ctx.resources = self.resources
         started = time.perf_counter()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -361,6 +420,7 @@ class StageWorker:
         # Ack only after the completion is on the bus: a crash in between means a redelivery
         # and a duplicate completion, which Nats-Msg-Id and the coordinator absorb.
         await msg.ack_sync()
+        self.status.done()
         log.info("stage request completed", seconds=round(handled - started, 3), outputs=sorted(refs))
         if key is not None and not ctx.cache_blockers:
             # item counts ride in the cached metrics (ITEMS_PREFIX): a hit must fan out alike
@@ -393,10 +453,12 @@ class StageWorker:
             msg_id=f"{request.key}.completed",
         )
         await msg.ack_sync()
+        self.status.done()
         log.info("stage request completed from the stage cache", outputs=sorted(outputs))
 
     async def _retry_or_fail(self, msg: Any, request: StageRequest, error: Exception, delivery: int, log: Any) -> None:
         reason = error_line(error)
+        self.status.failed(reason)
         if not isinstance(error, Retryable):
             log.error("stage handler raised", exc_info=error)
         if delivery >= self.policy.max_deliver:
@@ -424,7 +486,8 @@ class StageWorker:
         await msg.term()
 
     async def _healthy_replicas(self, timeout: float = 0.5) -> int:
-        """Replicas of this stage whose $SRV INFO has no setup error (this one excluded)."""
+        """Replicas of this stage whose $SRV STATS state is not setup_failed (this one excluded;
+        one still loading counts: it will most likely serve)."""
         if self.nc is None:
             return 0
         name = subjects.micro_service_name(self.definition.name)
@@ -434,13 +497,16 @@ class StageWorker:
         async def on_reply(msg: Any) -> None:
             nonlocal healthy
             with suppress(Exception):
-                meta = json.loads(msg.data).get("metadata") or {}
-                if meta.get("worker_id") != self.info.worker_id and not meta.get("setup_error"):
+                body = json.loads(msg.data)
+                meta = body.get("metadata") or {}
+                states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
+                if (meta.get("worker_id") != self.info.worker_id and "setup_failed" not in states
+                        and not meta.get("setup_error")):  # (an older worker says it in its metadata)
                     healthy += 1
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(f"$SRV.INFO.{name}", b"", reply=inbox)
+            await self.nc.publish(f"$SRV.STATS.{name}", b"", reply=inbox)
             await asyncio.sleep(timeout)
         except Exception as e:
             self.log.debug("replica discovery failed", error=error_line(e))
@@ -461,6 +527,8 @@ class StageWorker:
         await msg.term()
 
     async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
+        if error_type != "exhausted":  # _retry_or_fail counted it
+            self.status.failed(reason)
         await self._publish(
             StageFailed(**result_ids(request), reason=reason, error_type=error_type, retryable=False,
                         worker=self.summary),
@@ -556,6 +624,27 @@ def _check_outputs(outputs: Any, definition: StageDefinition) -> dict[str, Path]
     return checked
 
 
+def declared_model(definition: StageDefinition, ctx: SetupContext, log: Any) -> str | None:
+    """The stage's model identity before loading it (StageDefinition.declare_model), or None:
+    cache lookups then wait for setup(). A declaration that fails is no declaration."""
+    if definition.declare_model is None:
+        return None
+    try:
+        return definition.declare_model(ctx)
+    except Exception as e:
+        log.info("stage model not declared before loading; cache lookups wait for setup", error=error_line(e))
+        return None
+
+
+def stage_sources(definition: StageDefinition) -> list[Path]:
+    """The .py files of the package that holds the stage's handler (services/<stage>/)."""
+    module = sys.modules.get(getattr(definition.handle, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    if not file or Path(file).resolve().parent.parent != PROJECT_ROOT.resolve() / "services":
+        return []
+    return sorted(Path(file).resolve().parent.glob("*.py"))
+
+
 def _make_store(settings: Settings, js: Any) -> Any:
     return ArtifactStore(settings, js)
 
@@ -582,7 +671,9 @@ async def serve(
     CAPTIONBUS_SETUP_ATTEMPTS); requests then run `definition.slots` at a time. A replica whose
     setup never succeeded stays up and fails the requests no healthy replica takes, with setup's
     reason, so every job ends with a line that says what to fix.
-    `ready` is set once the service is consuming (tests and launchers wait on it).
+    The service consumes from the start: while setup() runs, requests wait for it (their
+    progress says "loading model") unless the stage cache answers them first.
+    `ready` is set once setup() has finished (tests and launchers wait on it).
     """
     policy = policy or StagePolicy.from_env()
     log = structlog.get_logger("captionbus.stage").bind(stage=definition.name, env=env_name)
@@ -602,17 +693,20 @@ async def serve(
         # loading its model. Workers never create streams: that is the coordinator's / `up`'s job.
         await require_provisioned(js)
 
-        resources, setup_error = None, None
+        setup_ctx = None
+        declared = None
         if definition.setup is not None:
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
                                      log=log, options=definition.options.load(options or {}, os.environ))
-            resources, setup_error = await _set_up(definition, setup_ctx, setup_retry or setup_policy(
-                settings.setup_attempts), stop, log)
+            declared = await asyncio.to_thread(declared_model, definition, setup_ctx, log)
 
+        # The worker registers and consumes before its model loads: it is discoverable as
+        # `loading` ($SRV STATS), a request's progress says "loading model", and a cache hit is
+        # answered at once when the stage declares its model (StageDefinition.declare_model).
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, worker_id=host_worker or f"{settings.host_id}-{os.getpid()}",
             host=settings.host_id, packages=definition.report_packages,
-            model=None if setup_error else describe(definition, resources), setup_error=setup_error,
+            model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)
         consumer = await ensure_stage_consumer_info(js, definition.name, policy)
@@ -621,21 +715,36 @@ async def serve(
         # count exhaustion by its max_deliver, not by this process's own settings.
         policy = effective_policy(consumer)
         sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
-        service = await _register(nc, info)
-        fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), config_dirs(), PROJECT_ROOT)
+        # Before setup() imports anything: what the key covers is what is known before loading
+        # (the stage's own package sources are added, so a module setup() imports later counts).
+        fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), config_dirs(), PROJECT_ROOT,
+                                              stage_sources(definition))
         worker = StageWorker(
             definition, settings, js, store if store is not None else _make_store(settings, js),
-            info=info, policy=policy, resources=resources, log=log,
+            info=info, policy=policy, resources=None, log=log,
             retry_delay_s=retry_delay_s, grace_s=grace_s, cache_fingerprint=fingerprint,
-            setup_error=setup_error, nc=nc,
+            nc=nc, loading=definition.setup is not None, declared_model=declared,
         )
+        service = await _register(nc, worker)
+        running = asyncio.create_task(worker.run(sub, stop))
+        if setup_ctx is not None:
+            setup_task = asyncio.create_task(_set_up(definition, setup_ctx, setup_retry or setup_policy(
+                settings.setup_attempts), stop, log))
+            await asyncio.wait({setup_task, running}, return_when=asyncio.FIRST_COMPLETED)
+            if not setup_task.done():  # the worker stopped (or failed) while the model loaded
+                setup_task.cancel()
+                with suppress(BaseException):
+                    await setup_task
+            else:
+                resources, setup_error = setup_task.result()
+                worker.set_up(resources, setup_error, None if setup_error else describe(definition, resources))
         if signals:
             _stop_on_signals(stop, worker.force, log)
         log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name),
                  ack_wait=policy.ack_wait, max_deliver=policy.max_deliver)
         if ready is not None:
             ready.set()
-        await worker.run(sub, stop)
+        await running
         log.info("stage service stopping")
         # Before drain: drain would wait forever on the pull inbox's unconsumed status messages.
         with suppress(Exception):
@@ -659,15 +768,18 @@ def info_subject(stage: str) -> str:
     return f"$SRV.WORKER.{subjects.micro_service_name(stage)}"
 
 
-async def _register(nc: Any, info: WorkerInfo) -> Any:
+async def _register(nc: Any, worker: StageWorker) -> Any:
+    """The $SRV micro service: fixed facts in its metadata (WorkerInfo, flat), what changes
+    (contracts.WorkerState: state, current requests, the model once loaded) in its STATS data."""
+    info = worker.info
     service = await nats.micro.add_service(
         nc, name=subjects.micro_service_name(info.stage), version=core.__version__,
         description=f"captionbus stage service: {info.stage}", metadata=flat_metadata(info),
+        stats_handler=lambda _endpoint: worker.status.snapshot().model_dump(mode="json"),
     )
-    body = info.model_dump_json().encode()
 
     async def on_info(request: Any) -> None:
-        await request.respond(body)
+        await request.respond(worker.info.model_dump_json().encode())
 
     await service.add_endpoint(name="info", subject=info_subject(info.stage), handler=on_info)
     await nc.flush()  # "ready" must mean the server routes $SRV requests to us

@@ -26,6 +26,7 @@ from contracts.speech import SpeechRegion, SpeechRegions
 from contracts.stage_options import VadOptions
 from contracts.stage_params import VadParams
 from services.runtime import SetupContext, StageContext, StageDefinition
+from services.runtime.cache import model_identity
 from services.vad import audio as wav
 from services.vad.regions import FrameScores, speech_regions
 
@@ -65,6 +66,11 @@ def setup(ctx: SetupContext) -> SileroModel:
     load_seconds = time.monotonic() - started
     ctx.log.info("silero vad loaded", model=str(path), seconds=round(load_seconds, 3))
     return SileroModel(session, path, load_seconds)
+
+
+def declare_model(ctx: SetupContext) -> str:
+    """The Silero file setup() will load, stamped, before loading it (see StageDefinition)."""
+    return model_identity("silero-vad-onnx", model_path(ctx))
 
 
 def describe_model(resources: SileroModel | None) -> str | None:
@@ -159,5 +165,6 @@ STAGE = StageDefinition(
     options=VadOptions,
     report_packages=("onnxruntime", "numpy"),
     describe_model=describe_model,
+    declare_model=declare_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

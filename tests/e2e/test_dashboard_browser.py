@@ -127,7 +127,7 @@ def test_dashboard_in_a_browser_follows_jobs_live(stack: Stack, tmp_path):
             page.goto(base + "/#/queues")
             page.locator("[data-testid=queues] tr.problem[data-stage='alignment']").wait_for(timeout=10_000)
             page.goto(base + "/#/workers")
-            page.locator("[data-testid=workers] tr[data-stage='asr'][data-state='live']").wait_for(timeout=10_000)
+            page.locator("[data-testid=workers] tr[data-stage='asr'][data-state='idle']").wait_for(timeout=10_000)
             page.goto(base + "/#/jobs")
             page.wait_for_selector(f"tr[data-job='{stuck}']")
             page.screenshot(path=str(tmp_path / "dashboard-problem.png"))

@@ -39,9 +39,11 @@ def test_up_serves_the_dashboard_and_stops_it(tmp_path, stage_envs):
 
         def demux_live() -> bool:
             response = _get(base + "/api/workers")
-            return bool(response) and any(w["stage"] == "demux" and w["state"] == "live" for w in response.json())
+            return bool(response) and any(w["stage"] == "demux" and w["state"] in ("idle", "busy") for w in response.json())
         wait_until(demux_live, 180, "the demux worker on the dashboard")
-        assert f"dashboard on http://127.0.0.1:{port}/" in (tmp_path / "up.log").read_text()
+        # `up` prints its summary line after its own readiness checks, which may trail the page's view.
+        wait_until(lambda: f"dashboard on http://127.0.0.1:{port}/" in (tmp_path / "up.log").read_text(), 30,
+                   "up's serving line")
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)

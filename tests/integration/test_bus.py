@@ -188,7 +188,7 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
 # ---- deploy/nats: the role permissions, parsed and exercised by the real code paths ------------
 
 NATS_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
-ROLES = ("coordinator", "worker", "client", "dashboard")
+ROLES = ("coordinator", "worker", "client", "dashboard", "dashboard_downloads")
 
 
 def _copy_nats_deploy(dest: Path) -> None:

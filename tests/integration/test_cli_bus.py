@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from captionbus import exitcodes
-from contracts import ArtifactRef, JobSpec, JobState, JobSubmitted, subjects
+from contracts import ArtifactRef, CurrentRequest, JobSpec, JobState, JobSubmitted, WorkerState, subjects
 from contracts.events import JobCompleted, JobFailed, JobRetryRequested, JobStarted
 from contracts.jobs import JobStatus
 from core.bus import connect, provision, publish_event
@@ -182,7 +183,13 @@ def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp
     async def go():
         nc = await connect(nats_server, "test-worker")
         await provision(nc.jetstream())
-        service = await nats.micro.add_service(nc, name="captionbus-asr", version="0.0.0", metadata=metadata)
+        # What a worker's runtime answers in $SRV STATS (services/runtime/state.py): busy on a job.
+        state = WorkerState(state="busy", since=datetime.now(timezone.utc) - timedelta(seconds=42),
+                            current=[CurrentRequest(job_id="j-20261201-long-id", node="asr-0007", attempt=2)],
+                            jobs_done=17, jobs_failed=1, last_error="RuntimeError: CUDA out of memory")
+        service = await nats.micro.add_service(nc, name="captionbus-asr", version="0.0.0", metadata=metadata,
+                                               stats_handler=lambda _: state.model_dump(mode="json"))
+        await service.add_endpoint(name="info", subject="$SRV.WORKER.captionbus-asr", handler=lambda r: None)
         try:
             outputs = []
             for extra in ([], ["--wide"]):
@@ -200,5 +207,9 @@ def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp
     narrow, wide = asyncio.run(go())
     lines = narrow.splitlines()
     assert len(lines) == 2 and max(map(len, lines)) <= 80, lines
-    assert lines[1].split()[:2] == ["asr", "whisperx"] and "4242" in lines[1] and "whisper-base-ct2" in lines[1]
-    assert "torch=2.8.0+cu128" in wide and "python3.11" in wide
+    assert lines[1].split()[:2] == ["asr", "whisperx"] and "whisper-base-ct2"[:10] in lines[1]
+    assert re.search(r"busy [4-9]\ds", lines[1]), lines[1]  # 42 s and counting (a slow machine)
+    assert "j-20261201" in lines[1]
+    assert "torch=2.8.0+cu128" in wide and "python3.11" in wide and "4242" in wide
+    assert "j-20261201-long-id/asr-0007 attempt 2" in wide
+    assert "jobs done: 17, failed: 1; last error: RuntimeError: CUDA out of memory" in wide

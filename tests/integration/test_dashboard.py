@@ -4,12 +4,14 @@ coordinator and a real (noop) stage service run jobs, the dashboard reads them w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from core.bus import StagePolicy, connect, provision
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve as serve_stage
-from tests.integration.test_bus import _violations, acl_server  # noqa: F401  (a fixture)
+from tests.integration.test_bus import acl_server  # noqa: F401  (a fixture)
+from tests.natsroles import violations as _violations
 
 WORKFLOWS = {
     # one noop node: completes (or fails when the job's options say so)
@@ -117,6 +120,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 rows = await _until(failed, 20, "the failed job")
                 assert [r["job_id"] for r in rows] == ["job-bad"]
                 assert "noop was asked to fail: bad input" in rows[0]["error"]
+                assert rows[0]["failure_class"] == "input"  # recorded by the coordinator (contracts.failures)
 
                 async def vad_problem():
                     rows = (await http.get("/api/queues")).json()
@@ -139,29 +143,55 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 assert job["warnings"] == [{"node": "first", "message": "a warning", "time": job["warnings"][0]["time"]}]
                 assert [(a["node"], a["attempt"], a["status"]) for a in job["timeline"]] == [("first", 1, "completed")]
                 assert job["timeline"][0]["duration_s"] >= 0.3
-                assert job["outputs"] == [{"name": "media", "file": "clip.wav", "size": 1004}]
+                assert job["outputs"] == [{"name": "media", "file": "clip.wav", "size": 1004, "download": None}]
                 assert (await http.get("/api/jobs/..%2Fx")).status_code in (400, 404)
 
                 async def noop_worker():
                     rows = (await http.get("/api/workers")).json()
                     return [w for w in rows if w["stage"] == "noop"]
                 workers = await _until(noop_worker, 10, "the noop worker")
-                assert workers[0]["state"] == "live" and workers[0]["env"] == "dash-test"
+                assert workers[0]["state"] == "idle" and workers[0]["env"] == "dash-test"
+                assert workers[0]["model"] == "none" and workers[0]["current"] == []
                 assert workers[0]["heartbeat_age_s"] < 5 and workers[0]["jobs_done"] >= 2  # job-ok, job-stuck
+                assert workers[0]["last_error"] == "noop was asked to fail: bad input"  # job-bad
+
+                # A worker on a job is `busy` with that job, node and attempt.
+                await submit(js, store, media, workflow="probe", job_id="job-busy", options={"noop": {"sleep_s": 4}})
+
+                async def busy():
+                    rows = await noop_worker()
+                    return rows if rows and rows[0]["state"] == "busy" else None
+                [row] = await _until(busy, 20, "the noop worker busy")
+                assert [(c["job_id"], c["node"], c["attempt"]) for c in row["current"]] == [("job-busy", "first", 1)]
+                async def busy_done():
+                    return (await http.get("/api/jobs/job-busy")).json()["status"] == "completed"
+                await _until(busy_done, 30, "job-busy completed")
+
+                async def idle_again():
+                    rows = await noop_worker()
+                    return rows and rows[0]["state"] == "idle" and rows[0]["jobs_done"] >= 3
+                await _until(idle_again, 20, "the noop worker idle again")
+
+                # Downloads are off by default: no links, and the route refuses with the reason.
+                assert job["downloads"] is False and all(o["download"] is None for o in job["outputs"])
+                assert "--downloads" in job["downloads_note"]
+                refused = await http.get("/api/jobs/job-ok/outputs/media")
+                assert refused.status_code == 403 and "downloads are off" in refused.json()["error"]
 
                 # /metrics, parsed with the Prometheus client's own parser, matches the jobs run.
                 text = (await http.get("/metrics")).text
                 samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                            for family in text_string_to_metric_families(text) for s in family.samples}
-                assert samples[("captionbus_jobs", (("status", "completed"), ("workflow", "probe")))] == 1
+                assert samples[("captionbus_jobs", (("status", "completed"), ("workflow", "probe")))] == 2
                 assert samples[("captionbus_jobs", (("status", "failed"), ("workflow", "probe")))] == 1
                 assert samples[("captionbus_jobs", (("status", "running"), ("workflow", "stuck")))] == 1
                 assert samples[("captionbus_queue_waiting", (("stage", "vad"),))] == 1
-                assert samples[("captionbus_job_failures_total", (("stage", "noop"), ("workflow", "probe")))] == 1
-                assert samples[("captionbus_workers", (("stage", "noop"), ("state", "live")))] == 1
+                assert samples[("captionbus_job_failures_total",
+                                (("reason_class", "input"), ("stage", "noop"), ("workflow", "probe")))] == 1
+                assert samples[("captionbus_workers", (("stage", "noop"), ("state", "idle")))] == 1
                 durations = [v for (name, labels), v in samples.items() if name == "captionbus_stage_duration_seconds_count"
                              and ("stage", "noop") in labels and ("env", "dash-test") in labels]
-                assert durations == [2.0]  # job-ok's and job-stuck's noop nodes
+                assert durations == [3.0]  # job-ok's, job-stuck's and job-busy's noop nodes
                 # Every metric the Grafana board in deploy/ queries is one the dashboard exports.
                 families = {f.name for f in text_string_to_metric_families(text)}
                 board = (Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "captionbus.json").read_text()
@@ -170,6 +200,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 assert (await http.get("/healthz")).text == "ok"
                 assert (await http.get("/static/alpine-3.14.9.min.js")).status_code == 200
 
+            await _check_downloads(urls, tmp_path, media.read_bytes())
             dashboard.cancel()
             stop.set()
             await asyncio.wait_for(worker, 15)
@@ -179,7 +210,45 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
         await client_nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
-    assert [v for v in _violations(server_log) if v[0] == "dashboard"] == []
+    # The one denied call: the --downloads probe of the plain dashboard role (it may not read objects).
+    assert [v for v in _violations(server_log) if v[0] == "dashboard"] == [
+        ("dashboard", "$JS.API.STREAM.MSG.GET.OBJ_cb_artifacts")]
+    assert [v for v in _violations(server_log) if v[0] == "dashboard_downloads"] == []
+
+
+async def _check_downloads(urls: dict[str, str], tmp_path: Path, media: bytes) -> None:
+    """--downloads with the plain dashboard role: its probe finds it may not read artifacts, so
+    no links. With the dashboard_downloads role: a link, streaming the output's exact bytes."""
+    for role, allowed in (("dashboard", False), ("dashboard_downloads", True)):
+        port, ready = _free_port(), asyncio.Event()
+        settings = Settings(home=tmp_path / f"{role}-dl", nats_url=urls[role], artifacts_mode="object", host_id=role)
+        task = asyncio.create_task(serve_dashboard(urls[role], f"127.0.0.1:{port}", None, ready, downloads=True,
+                                                   settings=settings))
+        try:
+            await asyncio.wait_for(ready.wait(), 30)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                await _until(lambda: _ok(http, "/readyz"), 20, "/readyz")
+                job = (await http.get("/api/jobs/job-ok")).json()
+                [output] = job["outputs"]
+                response = await http.get("/api/jobs/job-ok/outputs/media")
+                if not allowed:
+                    assert job["downloads"] is False and output["download"] is None
+                    assert "dashboard_downloads role" in job["downloads_note"]
+                    assert response.status_code == 403
+                    continue
+                assert job["downloads"] is True and output["download"] == "/api/jobs/job-ok/outputs/media"
+                assert response.status_code == 200 and response.content == media
+                assert response.headers["content-disposition"].startswith("attachment")
+                assert response.headers["x-content-type-options"] == "nosniff"
+                # Only outputs the job names: not another job's, not a key, not a path.
+                assert (await http.get("/api/jobs/job-ok/outputs/nope")).status_code == 404
+                assert (await http.get("/api/jobs/no-such-job/outputs/media")).status_code == 404
+                assert (await http.get(f"/api/jobs/job-ok/outputs/{'0' * 64}")).status_code == 404
+            assert not list(Path(tempfile.gettempdir()).glob("captionbus-download-*")), "a download left its file"
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def _ok(http: httpx.AsyncClient, path: str) -> bool:

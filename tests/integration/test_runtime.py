@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from contracts import StageRequest, WorkerInfo, parse_event, subjects
+from contracts import StageRequest, WorkerInfo, WorkerState, parse_event, subjects
 from core.artifacts import ArtifactStore
 from core.bus import BusError, StagePolicy, connect, provision
 from core.settings import PROJECT_ROOT, Settings
@@ -350,12 +350,16 @@ def test_worker_info_over_srv_and_info_endpoint(nats_server, tmp_path):
         assert info["name"] == "captionbus-noop"
         assert meta["stage"] == "noop" and meta["env"] == "test"
         assert meta["interpreter"] == sys.executable and meta["pid"] == str(os.getpid())
-        assert meta["worker_id"] == "testhost-r1" and meta["model"] == "none"
+        assert meta["worker_id"] == "testhost-r1"
         assert meta["host"] == "testhost"  # CAPTIONBUS_HOST_ID, not the machine's hostname
         assert meta["pkg.pydantic"] and meta["pkg.nats-py"] == "2.16.0"
         assert any(k.startswith("hw.") for k in meta)
         reply = await bus.nc.request(info_subject("noop"), b"", timeout=2)
-        assert WorkerInfo.model_validate_json(reply.data).worker_id == "testhost-r1"
+        answered = WorkerInfo.model_validate_json(reply.data)
+        assert answered.worker_id == "testhost-r1" and answered.model == "none"
+        [endpoint] = (await bus.srv("STATS", "noop"))["endpoints"]
+        state = WorkerState.model_validate(endpoint["data"])
+        assert (state.state, state.model, state.jobs_done, state.current) == ("idle", "none", 0, [])
 
     run(nats_server, tmp_path, body)
 
@@ -515,8 +519,9 @@ def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_serve
         started = time.monotonic()
         await bus.start(options={"fail_setup": SETUP_REASON}, replica_id="broken",
                         setup_retry=RetryPolicy(initial_s=0.2, max_attempts=2))
-        info = await bus.srv("INFO", "noop")
-        assert info["metadata"]["setup_error"] == f"RuntimeError: {SETUP_REASON}"
+        [endpoint] = (await bus.srv("STATS", "noop"))["endpoints"]
+        assert endpoint["data"]["state"] == "setup_failed"
+        assert endpoint["data"]["setup_error"] == f"RuntimeError: {SETUP_REASON}"
         await bus.request("job-unservable")
         failed = await bus.wait_for("stage_failed", "job-unservable")
         assert failed.reason == f"noop cannot be served on host testhost: RuntimeError: {SETUP_REASON}"
@@ -576,5 +581,51 @@ def test_a_finished_attempt_whose_upload_fails_is_not_recomputed(nats_server, tm
         assert calls == [("job-upload", 1)] and store.calls == 3
         assert done.metrics["result_retries"] == 2.0 and done.metrics["delivery"] == 1.0
         assert (await bus.consumer("probe")).num_redelivered == 0
+
+    run(nats_server, tmp_path, body)
+
+
+async def _stats(bus: Bus, stage: str = "noop") -> WorkerState:
+    [endpoint] = (await bus.srv("STATS", stage))["endpoints"]
+    return WorkerState.model_validate(endpoint["data"])
+
+
+async def _until_state(bus: Bus, want, timeout: float = 20.0) -> WorkerState:
+    deadline = time.monotonic() + timeout
+    while True:
+        with suppress(Exception):
+            state = await _stats(bus)
+            if want(state):
+                return state
+        assert time.monotonic() < deadline, "worker never reached the state"
+        await asyncio.sleep(0.05)
+
+
+def test_worker_state_loading_busy_idle_and_loading_progress(nats_server, tmp_path):
+    """A worker answers $SRV while its model loads (state `loading`), takes a request then and
+    says "loading model" on the job's progress; once loaded it is `busy` on that job (node,
+    attempt, since), then `idle` with the job counted; a failed request is its last error."""
+    async def body(bus: Bus):
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve(NOOP, bus.settings, bus.url, env_name="test", stop=stop, ready=ready,
+                                         options={"setup_s": 3}, policy=StagePolicy(ack_wait=2, max_deliver=3)))
+        bus._services.append((task, stop))
+        loading = await _until_state(bus, lambda s: s.state == "loading")
+        assert loading.model is None and not ready.is_set()
+        await bus.request("job-slow", params={"sleep_s": 1.5})
+        waiting = await _until_state(bus, lambda s: s.current)
+        assert waiting.state == "loading" and waiting.current[0].job_id == "job-slow"
+        progress = await bus.wait_for("stage_progress", "job-slow")
+        assert (progress.fraction, progress.message) == (0.0, "loading model")
+        busy = await _until_state(bus, lambda s: s.state == "busy", timeout=30)
+        assert [(c.job_id, c.node, c.attempt) for c in busy.current] == [("job-slow", "noop", 1)]
+        assert ready.is_set() and busy.model == "none"
+        await bus.wait_for("stage_completed", "job-slow", timeout=30)
+        idle = await _until_state(bus, lambda s: s.state == "idle")
+        assert idle.jobs_done == 1 and idle.current == [] and idle.since >= busy.since
+        await bus.request("job-bad", params={"fail": "bad_input"})
+        await bus.wait_for("stage_failed", "job-bad")
+        failed = await _until_state(bus, lambda s: s.jobs_failed == 1)
+        assert failed.last_error == "noop was asked to fail: bad input" and failed.jobs_done == 1
 
     run(nats_server, tmp_path, body)

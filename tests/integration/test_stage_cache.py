@@ -283,3 +283,116 @@ def test_a_stage_keys_the_cache_on_what_it_reads(nats_server: str, captionbus_ho
         assert CALLS == ["j0001", "j0003"]
 
     run(nats_server, captionbus_home, body)
+
+
+def test_a_cache_hit_is_answered_while_the_model_still_loads(nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """A stage that declares its model before loading it (the configured model file and its
+    stamp) answers a cached request while setup() is still running; a changed model file is
+    another identity: a miss, which waits for the model ("loading model") and runs."""
+    import asyncio
+    import dataclasses
+    import os
+
+    from core.bus import StagePolicy
+    from services.runtime.cache import model_identity
+    from services.runtime.serve import serve
+
+    CALLS.clear()
+    model = tmp_path / "model.bin"
+    model.write_text("weights v1")
+    gate = threading.Event()  # setup() of the slow workers ends when the test says so
+    setups: list[str] = []
+
+    def slow_setup(ctx):
+        setups.append("started")
+        gate.wait(60)
+        setups.append("done")
+        return {"model": str(model)}
+
+    declared = dict(declare_model=lambda ctx: model_identity("upper", model))
+    fast = dataclasses.replace(UPPER, setup=lambda ctx: {"model": str(model)}, **declared)
+    slow = dataclasses.replace(UPPER, setup=slow_setup, **declared)
+    source = tmp_path / "in.txt"
+    source.write_text("namaste")
+
+    async def body(bus):
+        async def start(definition):
+            stop = asyncio.Event()
+            task = asyncio.create_task(serve(definition, bus.settings, bus.url, env_name="test", stop=stop,
+                                             policy=StagePolicy(ack_wait=2.0, max_deliver=3)))
+            return task, stop
+
+        async def until(predicate, timeout=20.0):
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    await asyncio.sleep(0.05)
+
+        task, stop = await start(fast)
+        first = await complete(bus, "j0001", await bus.store.put(source, name="in.txt"))
+        assert CALLS == ["j0001"]
+        stop.set()
+        await task
+
+        task, stop = await start(slow)
+        await until(lambda: setups == ["started"])
+        hit = await complete(bus, "j0002", await bus.store.put(source, name="in.txt"))
+        assert hit.metrics["cache_hit"] == 1.0 and hit.outputs == first.outputs
+        assert setups == ["started"] and not gate.is_set(), "the hit waited for the model"
+        gate.set()
+        stop.set()
+        await task
+
+        # The model file changes (same path): a new identity, so a miss; it waits for setup.
+        gate.clear()
+        setups.clear()
+        model.write_text("weights v2, retrained")
+        os.utime(model, ns=(1, 1))
+        task, stop = await start(slow)
+        await until(lambda: setups == ["started"])
+        await bus.request("j0003", "upper", inputs={"text": await bus.store.put(source, name="in.txt")})
+        progress = await bus.wait_for("stage_progress", "j0003")
+        assert progress.message == "loading model"
+        await asyncio.sleep(0.5)
+        assert not bus.of_kind("stage_completed", "j0003") and CALLS == ["j0001"]
+        gate.set()
+        miss = await bus.wait_for("stage_completed", "j0003", timeout=20)
+        assert "cache_hit" not in miss.metrics and CALLS == ["j0001", "j0003"]
+        stop.set()
+        await task
+
+    run(nats_server, captionbus_home, body)
+
+
+def test_declared_model_identity_follows_the_model_files(tmp_path: Path):
+    """What asr and vad declare before loading: the configured source plus a stamp of its files."""
+    import os
+
+    import structlog
+
+    from contracts.stage_options import AsrOptions, VadOptions
+    from services.asr.stage import declare_model as asr_model
+    from services.runtime import SetupContext
+    from services.runtime.cache import model_identity
+    from services.vad.stage import declare_model as vad_model
+
+    folder = tmp_path / "whisper-base-ct2"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    log = structlog.get_logger("test")
+
+    def asr(**options):
+        return asr_model(SetupContext(stage="asr", env="t", models_dir=tmp_path, log=log,
+                                      options=AsrOptions(backend="whisperx", **options)))
+
+    first = asr()  # the default model folder under models_dir
+    assert first.startswith(f"whisperx|{folder}|") and asr(model=str(folder)) == first
+    (folder / "model.bin").write_bytes(b"weights, retrained")
+    os.utime(folder / "model.bin", ns=(1, 1))
+    assert asr() != first, "a changed model file must change the identity (a cache miss)"
+    assert asr(model="Systran/faster-whisper-tiny") == "whisperx|Systran/faster-whisper-tiny"
+
+    onnx = tmp_path / "silero_vad.onnx"
+    onnx.write_bytes(b"onnx")
+    vad = vad_model(SetupContext(stage="vad", env="t", models_dir=tmp_path, log=log, options=VadOptions(model=str(onnx))))
+    assert vad == model_identity("silero-vad-onnx", onnx) and vad.startswith(f"silero-vad-onnx|{onnx}|")

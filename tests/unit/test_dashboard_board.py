@@ -73,8 +73,25 @@ def test_job_detail_timeline_warnings_retries_and_outputs():
     assert [w["message"] for w in detail["warnings"]] == ["kept ASR word times"]
     asr = next(n for n in detail["nodes"] if n["node"] == "asr")
     assert asr["redeliveries"] == 1 and asr["duration_s"] == 50.0
-    assert detail["outputs"] == [{"name": "srt", "file": "subs.srt", "size": 321}]
+    assert detail["outputs"] == [{"name": "srt", "file": "subs.srt", "size": 321, "download": None}]
+    assert detail["downloads"] is False
+    assert job_detail(state(), events, downloads=True)["outputs"][0]["download"] == "/api/jobs/job-abc/outputs/srt"
+    # the failed translation node's reason, classed from its text (a state written before classes)
+    ta = next(n for n in detail["nodes"] if n["node"] == "translation-ta")
+    assert ta["failure_class"] == "internal" and asr["failure_class"] is None
     json.dumps(detail)  # what the endpoint sends
+
+
+def test_failure_class_and_progress_notes_in_summaries():
+    failed = state().model_copy(update={"status": JobStatus.failed, "failure_class": "setup",
+                                        "error": "stage asr (asr) failed: asr cannot be served on host h: x"})
+    assert job_summary(failed)["failure_class"] == "setup"
+    older = failed.model_copy(update={"failure_class": None})
+    assert job_summary(older)["failure_class"] == "setup"  # from the recorded reason
+    assert job_summary(state().model_copy(update={"status": JobStatus.cancelled}))["failure_class"] == "cancelled"
+    assert job_summary(state())["failure_class"] is None
+    summary = job_summary(state(), {"asr": "loading model"})
+    assert [n["message"] for n in summary["nodes"]] == ["", "loading model", ""]
 
 
 def test_job_detail_without_events_takes_the_timeline_from_job_state():

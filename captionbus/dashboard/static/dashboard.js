@@ -48,7 +48,7 @@ document.addEventListener('alpine:init', () => {
       if (event.kind === 'stage_progress') {
         const row = this.jobs.find(j => j.job_id === event.job_id);
         const node = row && row.nodes.find(n => n.node === event.node);
-        if (node) node.progress = event.fraction;
+        if (node) { node.progress = event.fraction; node.message = event.message || ''; }
       }
       if (this.view === 'job' && event.job_id === this.jobId) this.later('job', () => this.loadJob(), 300);
     },
@@ -71,6 +71,10 @@ document.addEventListener('alpine:init', () => {
       return (j.source_language || 'auto') + (j.target_languages.length ? ' → ' + j.target_languages.join(', ') : '');
     },
     when(iso) { return iso ? new Date(iso).toLocaleString() : ''; },
+    age(iso) {  // "12 s", "3 min", "2 h" since an ISO time
+      const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+      return s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${Math.round(s / 3600)} h`;
+    },
     size(bytes) {
       if (bytes == null) return '';
       const units = ['B', 'KB', 'MB', 'GB'];

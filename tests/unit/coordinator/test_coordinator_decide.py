@@ -412,3 +412,46 @@ def test_with_a_secret_only_results_carrying_the_requests_token_apply():
     ok = decide(d.state, completed("demux", token=token), TRANSCRIBE, T0, policy)
     assert ok.state.nodes["demux"].status == NodeStatus.completed and requested(ok) == ["asr"]
     assert ok.requests[0].token == result_token(b"coordinator-secret", "j1", "asr", 1)
+
+
+def test_failures_are_recorded_with_their_class():
+    """The class rides on the node and the job (contracts.failures), from the StageFailed's
+    error_type, the coordinator's own deadline, or the kind of refusal; a retry clears it."""
+    setup = StageFailed(job_id="j1", stage="demux", node="demux", attempt=1, error_type="setup_failed",
+                        reason="demux cannot be served on host h: RuntimeError: no model")
+    d = step(submit(), setup)
+    assert (d.state.failure_class, d.state.nodes["demux"].failure_class) == ("setup", "setup")
+    d = step(d, JobRetryRequested(job_id="j1"))
+    assert d.state.failure_class is None and d.state.nodes["demux"].failure_class is None
+
+    bad = StageFailed(job_id="j1", stage="demux", node="demux", attempt=1, error_type="bad_input", reason="no audio")
+    assert step(submit(), bad).state.failure_class == "input"
+    crashed = StageFailed(job_id="j1", stage="demux", node="demux", attempt=1, error_type="max_deliveries",
+                          reason="stage demux crashed or timed out on every one of 3 deliveries")
+    assert step(submit(), crashed).state.failure_class == "worker_crash"
+
+    d = submit(FANOUT)  # demux's deadline passes on every attempt: a timeout
+    now = T0
+    for _ in range(10):  # each tick either fails the overdue attempt or requests the next one
+        now += timedelta(minutes=5)
+        d = step(d, Tick(now), FANOUT, now=now)
+    assert d.state.status == JobStatus.failed and d.state.failure_class == "timeout"
+
+    nope = decide(None, JobSubmitted(job_id="j1", spec=JobSpec(job_id="j1", input=INPUT, workflow="nope")),
+                  None, T0, POLICY)
+    assert nope.state.failure_class == "input"
+    g = give_up(submit().state, "j1", "e1", "coordinator error", T0)
+    assert g.state.failure_class == "internal"
+
+
+def test_failure_class_of_reasons_recorded_before_classes_existed():
+    from contracts.failures import classify
+
+    assert classify(None, "stage asr (asr) failed: asr cannot be served on host h: x") == "setup"
+    assert classify(None, "stage demux (demux) gave no result within 60 s (attempt 3)") == "timeout"
+    assert classify(None, "no vad worker has been running for 300 s: start one") == "unserved"
+    assert classify(None, "stage asr (asr) failed 3 times; last error: RuntimeError: x") == "stage_error"
+    assert classify(None, "something else") == "internal"
+    assert classify("exhausted") == "stage_error" and classify("unserved") == "unserved"
+    assert classify("store_full") == "storage"
+    assert classify(None, "stage asr (asr) failed: asr: artifact store full: no space on the disk") == "storage"
