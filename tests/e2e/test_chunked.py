@@ -115,6 +115,30 @@ def fleet(tmp_path_factory, stage_envs, whisper_model):
         stack.close()
 
 
+def test_two_asr_workers_decode_chunks_of_one_film_at_the_same_time(fleet, tmp_path):
+    """Runs before the kill test (same fleet). From the job's record only: each chunk says which
+    worker ran it (pid) and when its handler ran (started_at / handled_at, Unix seconds); both
+    workers took chunks and chunks of different workers ran at the same time. No timing ratio:
+    overlap is what parallel decoding means, however loaded the machine is."""
+    film, _ = speech_film(tmp_path / "film.mp4", repeat=2)
+    job_id = fleet.submit(film, workflow="chunked", source_language="en", options={"chunk": {"target_s": 5}})
+    events = fleet.wait_end(job_id, timeout=900)
+    assert events[-1].kind == "completed", getattr(events[-1], "reason", "")
+    state = fleet.job_state(job_id)
+    chunks = [state.nodes[n] for n in state.nodes if n.startswith("asr-")]
+    assert len(chunks) >= 6
+    runs = [(n.worker["pid"], n.metrics["started_at"], n.metrics["handled_at"]) for n in chunks]
+    pids = {pid for pid, _, _ in runs}
+    assert pids == {str(s.process.pid) for s in fleet.services if s.stage == "asr"}, runs  # both took chunks
+    overlaps = [(a, b) for a in runs for b in runs
+                if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]  # different workers, intervals intersect
+    assert overlaps, sorted(runs, key=lambda r: r[1])
+    # Together the chunks were busy longer than the asr phase lasted: they ran side by side.
+    busy = sum(end - start for _, start, end in runs)
+    phase = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
+    assert busy > phase, (busy, phase)
+
+
 def test_killing_one_of_two_asr_workers_mid_film_still_completes_every_chunk_once(fleet, tmp_path):
     film, spoken = speech_film(tmp_path / "film.mp4", repeat=2)
     job_id = fleet.submit(film, workflow="chunked", source_language="en", options={"chunk": {"target_s": 5}})
