@@ -34,18 +34,34 @@ def timed_words(transcript: dict) -> list[tuple[str, float]]:
     return [(" ".join(words_of(w["text"])), w["start"]) for s in transcript["segments"] for w in s["words"]]
 
 
+def cues(srt: str) -> list[tuple[float, float, str]]:
+    """(start, end, text) of every SRT cue, in seconds."""
+    def seconds(stamp: str) -> float:
+        h, m, rest = stamp.strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(rest.replace(",", "."))
+
+    out = []
+    for block in srt.strip().split("\n\n"):
+        lines = block.strip().splitlines()
+        start, end = lines[1].split("-->")
+        out.append((seconds(start), seconds(end), " ".join(lines[2:])))
+    return out
+
+
 @pytest.fixture(scope="module")
 def film_runs(tmp_path_factory, stage_envs, whisper_model):
-    """The same film through `captionbus run -w chunked`: cut every ~5 s, and in one chunk."""
+    """The same 96 s film through `captionbus run -w chunked`: chunks of ~20 s (cut where the
+    whole film's decode starts a Whisper window), of ~5 s (max_s 10 forces cuts inside
+    windows), and in one chunk."""
     from captionbus.models import ensure_silero_vad
 
     ensure_silero_vad()
     root = tmp_path_factory.mktemp("chunked")
-    film, spoken = speech_film(root / "film.mp4")
+    film, spoken = speech_film(root / "film.mp4", repeat=3)
     env = {**os.environ, "CAPTIONBUS_HOME": str(root / "home")}
     env.pop("NATS_URL", None)
     runs = {}
-    for chunk_s in ("5", "0"):
+    for chunk_s in ("20", "5", "0"):
         out = root / f"out{chunk_s}"
         done = subprocess.run(
             [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en",
@@ -53,20 +69,39 @@ def film_runs(tmp_path_factory, stage_envs, whisper_model):
             env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[chunk_s] = (json.loads((out / "film.transcript.json").read_text()),
-                         json.loads((out / "film.job.json").read_text()))
+                         json.loads((out / "film.job.json").read_text()),
+                         cues(next(out.rglob("film.srt")).read_text()))
     return spoken, runs
 
 
-def test_chunked_transcript_matches_the_unchunked_one(film_runs):
+def chunk_nodes(record: dict) -> list[str]:
+    return sorted((n for n in record["nodes"] if n.startswith("asr-")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_chunks_cut_where_whisper_windows_start_give_the_unchunked_transcript(film_runs):
     spoken, runs = film_runs
-    (chunked, record), (whole, whole_record) = runs["5"], runs["0"]
-    items = sorted(n for n in record["nodes"] if n.startswith("asr-"))
+    (chunked, record, chunked_cues), (whole, whole_record, whole_cues) = runs["20"], runs["0"]
+    items = chunk_nodes(record)
     assert len(items) >= 3, items  # the film was really cut
     assert all(record["nodes"][n]["status"] == "completed" for n in items)
-    assert [n for n in whole_record["nodes"] if n.startswith("asr-")] == ["asr-0"]
+    assert chunk_nodes(whole_record) == ["asr-0"]
     # -s given: the chunk stage wrote the language, no detection request went to the asr queue
     assert record["nodes"]["language"]["status"] == "skipped" and "language" in record["nodes"]["chunk"]["outputs"]
+    # Word for word the same (the issue allows WER +0.005), the same word times and the same
+    # cues within 20 ms.
+    assert [w for w, _ in timed_words(chunked)] == [w for w, _ in timed_words(whole)]
+    shifts = [abs(a - b) for (_, a), (_, b) in zip(timed_words(chunked), timed_words(whole))]
+    assert max(shifts) <= 0.02, shifts
+    assert [c[2] for c in chunked_cues] == [c[2] for c in whole_cues]
+    assert max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(chunked_cues, whole_cues)) <= 0.02
+    heard = " ".join(w for w, _ in timed_words(chunked))
+    assert jiwer.wer(" ".join(words_of(spoken)), heard) < 0.2, heard  # and it is the film's speech
 
+
+def test_short_chunks_cut_inside_windows_drop_or_double_no_word(film_runs):
+    spoken, runs = film_runs
+    (chunked, record, _), (whole, _, _) = runs["5"], runs["0"]
+    assert len(chunk_nodes(record)) >= 9  # ~10 s at most each (max_s = 2 x 5 s)
     heard = [w for w, _ in timed_words(chunked)]
     reference = [w for w, _ in timed_words(whole)]
     # No word dropped or doubled at a boundary: the same number of words, and no word said twice
@@ -74,12 +109,11 @@ def test_chunked_transcript_matches_the_unchunked_one(film_runs):
     assert abs(len(heard) - len(reference)) <= 1, (heard, reference)
     doubled = [a for a, b in zip(heard, heard[1:]) if a == b]
     assert doubled == [w for w, n in zip(words_of(spoken), words_of(spoken)[1:]) if w == n]
-    # Measured here: the chunked transcript differs from the unchunked one in 1 word of 66
-    # (Whisper hears a chunk without its neighbours' context); the issue asks for +0.005.
+    # Cut inside Whisper's windows a chunk is heard without its neighbours' context, so a word
+    # can differ (measured before the window-aligned plan: 1 word of 66); bounded, not equal.
     wer_chunked, wer_whole = jiwer.wer(" ".join(words_of(spoken)), " ".join(heard)), jiwer.wer(
         " ".join(words_of(spoken)), " ".join(reference))
     assert wer_chunked <= wer_whole + 0.03, (wer_chunked, wer_whole, " ".join(heard))
-    # Word times of the words both heard: median shift 20 ms measured.
     matcher = difflib.SequenceMatcher(a=heard, b=reference, autojunk=False)
     a, b = timed_words(chunked), timed_words(whole)
     shifts = [abs(a[m.a + i][1] - b[m.b + i][1]) for m in matcher.get_matching_blocks() for i in range(m.size)]
