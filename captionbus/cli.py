@@ -47,7 +47,10 @@ def _friendly_errors(fn):
         from captionbus.stack import ServiceStartError
         from core.bus import BusError
 
-        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError)
+        from core.artifacts import ArtifactStoreFull
+
+        known: tuple[type[BaseException], ...] = (BusError, SubmitError, ServiceStartError, JobFailedError, ValueError,
+                                                  ArtifactStoreFull)
         with contextlib.suppress(ImportError):
             from captionbus.envs import EnvsMissing
 
@@ -66,7 +69,7 @@ def _friendly_errors(fn):
                 raise UserError(f"stage environments not ready: {which}; run: {e}") from None
             if isinstance(e, BusError):
                 code = exitcodes.BUS
-            elif isinstance(e, (JobFailedError, ServiceStartError)):
+            elif isinstance(e, (JobFailedError, ServiceStartError, ArtifactStoreFull)):
                 code = exitcodes.JOB_FAILED
             else:
                 code = exitcodes.USAGE
@@ -196,10 +199,13 @@ def _with_job_options(fn):
 @click.option("--attach", is_flag=True, help="Use the coordinator and services already on the bus instead of starting them.")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
               help="asr workers to start (a chunked film's chunks go to all of them).")
+@click.option("--no-setup", is_flag=True,
+              help="Build nothing: refuse (exit 2) when a stage environment is not built, and fetch no default model.")
 @_friendly_errors
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None,
-        attach: bool, replicas: int) -> None:
-    """Run a job on this machine: bus, coordinator and services included; prints output paths."""
+        attach: bool, replicas: int, no_setup: bool) -> None:
+    """Run a job on this machine: bus, coordinator and services included; prints output paths.
+    On first use it builds the stage environments the job needs and fetches the default models."""
     from captionbus.client import check_input_file
     from captionbus.runner import run_job, validate_job
     from captionbus.stack import server_for_run
@@ -207,9 +213,12 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
     _terminate_like_ctrl_c()
     settings = load()
     # Before the server starts: a bad option (-o asr.nosuchkey=1) costs nothing to refuse.
-    validate_job(workflow, source, _split_languages(targets), local_stack=not attach, options=_parse_options(options))
+    stages = validate_job(workflow, source, _split_languages(targets), local_stack=not attach,
+                          options=_parse_options(options), require_built=no_setup)
     check_input_file(media)
     out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
+    if not attach and not no_setup:
+        _first_run_setup(stages)
     with server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,
@@ -220,6 +229,16 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
     for path in outputs.values():
         click.echo(str(path))
     _exit_if_partial(outputs)
+
+
+def _first_run_setup(stages: list[str]) -> None:
+    """Build what this host lacks for the job (captionbus/firstrun.py); a failed step is one line."""
+    from captionbus.firstrun import SetupError, prepare
+
+    try:
+        prepare(stages, console)
+    except SetupError as e:
+        raise UserError(str(e), exit_code=exitcodes.JOB_FAILED) from None
 
 
 def check_out_dir(path: Path) -> Path:
@@ -453,6 +472,40 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                                "source_language": spec.source_language, "target_languages": spec.target_languages}))
     else:
         click.echo(spec.job_id)
+
+
+@main.command(short_help="Delete what the retention settings no longer keep.")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--local-only", is_flag=True, help="Only this host's local artifact root and file stage cache.")
+@_friendly_errors
+def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
+    """Delete artifacts, stage cache entries and job history past their retention
+    (CAPTIONBUS_RETENTION_*, CAPTIONBUS_ARTIFACTS_MAX_BYTES); never what an unfinished job needs.
+    Needs a NATS user allowed to purge (`gc` in deploy/nats/roles.conf) unless --dry-run or
+    --local-only."""
+    from core.bus import connect, require_provisioned, resolve_url, running_embedded_url
+    from core.gc import collect
+
+    settings = load()
+
+    async def go():
+        url = settings.nats_url or running_embedded_url(settings)
+        if url is None:  # no bus: this host's files, by their age alone
+            return await collect(settings, None, dry_run=dry_run, bus=False)
+        nc = await connect(resolve_url(settings), "captionbus-gc")
+        try:
+            await require_provisioned(nc.jetstream())
+            return await collect(settings, nc.jetstream(), dry_run=dry_run, bus=not local_only)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
+
+    report = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        click.echo(report.summary())
 
 
 @main.command(short_help="Download a finished job's outputs.")

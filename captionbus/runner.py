@@ -57,6 +57,7 @@ from coordinator.graph import load_workflow, option_errors
 from coordinator.service import run_coordinator
 from core.artifacts import ArtifactStore
 from core.bus import connect, provision, require_provisioned
+from core.gc import collect
 from core.retry import RetryPolicy
 from core.settings import Settings, config_files
 
@@ -90,11 +91,12 @@ def _workflow_at(path: str, mtime_ns: int, size: int):
 
 def validate_job(
     workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
-    options: dict | None = None,
+    options: dict | None = None, require_built: bool = True,
 ) -> list[str]:
     """Refuse before anything runs: unknown workflow or language, a job the graph cannot plan
     (e.g. a language pair no translation backend serves) and — when this host will run the
-    stages itself — missing environments. Returns the stages this job will run."""
+    stages itself — missing environments (unless `require_built` is off: `run` builds them,
+    captionbus/firstrun.py). Returns the stages this job will run."""
     validate_token(workflow, "workflow name")
     workflows = config_files("workflows")
     path = workflows.get(workflow)
@@ -129,7 +131,8 @@ def validate_job(
     stages = graph.expand(spec).stages()
     if local_stack:
         check_service_options(stages)
-        require_envs(stages)
+        if require_built:
+            require_envs(stages)
     return stages
 
 
@@ -362,6 +365,10 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # On its own embedded bus `up` is the only owner of this host's data: it collects too. A fleet
+    # (NATS_URL) runs `captionbus gc` with the gc user instead (the coordinator's may not purge).
+    collector = (asyncio.create_task(collect_periodically(settings, nc.jetstream(), settings.gc_interval))
+                 if settings.nats_url is None and settings.gc_interval > 0 else None)
     try:
         async with coordinator_task(nc) as coordinator:
             # One stage that cannot start (a model not configured on this host) must not take the
@@ -385,10 +392,27 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
                           + (f"; dashboard on http://{dashboard}/" if dashboard else "") + "; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
     finally:
+        if collector is not None:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await collector
         stop_services(services)
         if web is not None:
             stop_dashboard_process(web)
         await nc.drain()
+
+
+async def collect_periodically(settings: Settings, js, interval_s: float, first_after_s: float = 60.0) -> None:
+    """`captionbus gc` every `interval_s` (the first a minute after start); a failed run is logged
+    and the next one tried, never a reason for `up` to stop."""
+    await asyncio.sleep(min(first_after_s, interval_s))
+    while True:
+        try:
+            report = await collect(settings, js)
+            log.info("gc run", summary=report.summary())
+        except Exception as e:
+            log.warning("gc run failed; trying again later", error=f"{type(e).__name__}: {e}"[:300])
+        await asyncio.sleep(interval_s)
 
 
 async def _supervise(settings: Settings, url: str, services: list[ServiceProcess], coordinator: asyncio.Task,

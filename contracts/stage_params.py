@@ -239,3 +239,5 @@ class NoopParams(StageParams):
     fail: Literal["bad_input", "retryable", "crash"] | None = Field(None, description="raise that kind of error ...")
     fail_times: Annotated[int, Field(ge=0), NOT_BOOL] | None = Field(None, description="... on the first N deliveries only; unset: every one")
     warn: str | None = Field(None, description="publish this StageWarning first")
+    write_bytes: Annotated[int, Field(ge=0, le=1 << 34), NOT_BOOL] = Field(
+        0, description="write this many random bytes as output `out` instead of passing the inputs through")

@@ -56,6 +56,32 @@ def config_dirs() -> list[Path]:
     return [DEFAULT_CONFIG_DIR, *([USER_CONFIG_DIR] if USER_CONFIG_DIR is not None else [])]
 
 
+DAY = 24 * 3600.0
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "3600", "90m", "12h", "7d", "2w"; a bad value is left for the model to refuse."""
+    raw = text.strip().lower()
+    if raw and raw[-1] in _DURATION_UNITS:
+        try:
+            return float(raw[:-1]) * _DURATION_UNITS[raw[-1]]
+        except ValueError:
+            return text  # type: ignore[return-value]
+    return raw  # type: ignore[return-value]
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "1048576", "500M", "10G", "2GiB", "1.5T" (powers of 1024)."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b") if text.strip().lower() not in ("", "b") else text
+    unit = raw[-1] if raw and raw[-1] in _BYTE_UNITS else ""
+    try:
+        return int(float(raw[:-1] if unit else raw) * _BYTE_UNITS[unit])
+    except ValueError:
+        return text  # type: ignore[return-value]
+
+
 class SettingsError(ValueError):
     """A setting has a value captionbus cannot use; the message names the variable and the fix."""
 
@@ -83,6 +109,10 @@ class Settings(BaseSettings):
     host_id: str = Field(default_factory=socket.gethostname, description="names this host in worker info and artifacts")
     envs: Path | None = Field(default=None, description="stage environment venvs (default HOME/envs)")
     models: Path | None = Field(default=None, description="model cache (default HOME/models)")
+    ffmpeg: Path | None = Field(default=None, description=(
+        "the ffmpeg binary (default: ffmpeg on PATH, else the imageio-ffmpeg wheel's; core/mediatools.py)"))
+    ffprobe: Path | None = Field(default=None, description=(
+        "the ffprobe binary (default: ffprobe on PATH, else probe through PyAV)"))
     # How to reach a secured bus (deploy/): at most one way to authenticate, and a CA for TLS.
     nats_creds: Path | None = Field(default=None, description="NATS credentials file (JWT + nkey seed, `.creds`)")
     nats_nkey: Path | None = Field(default=None, description="NATS nkey seed file")
@@ -101,12 +131,45 @@ class Settings(BaseSettings):
         "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
     insecure: bool = Field(default=False, description=(
         "allow a non-loopback NATS_URL without credentials and TLS (coordinator, serve, up)"))
+    # Retention, enforced by `captionbus gc` (core/gc.py). Durations: seconds, or 90m / 12h / 7d.
+    retention_outputs: float = Field(default=7 * DAY, ge=0, description=(
+        "keep a finished job's artifacts (input, intermediates, outputs) this long after it finished"))
+    retention_cache: float = Field(default=30 * DAY, ge=0, description=(
+        "keep a stage cache entry (and the artifacts it references) this long after it was written"))
+    retention_events: float = Field(default=30 * DAY, ge=0, description=(
+        "keep a finished job's event history this long after it finished (its job record: until "
+        "this and CAPTIONBUS_RETENTION_OUTPUTS have both passed)"))
+    retention_grace: float = Field(default=3600.0, ge=0, description=(
+        "keep an artifact that no job or cache entry references (an input whose job is being "
+        "submitted, an output being reported) this long after it was written"))
+    gc_interval: float = Field(default=3600.0, ge=0, description=(
+        "`up` on its embedded bus runs the GC this often (0: never); a fleet runs `captionbus gc` "
+        "from a timer (deploy/systemd/captionbus-gc.timer)"))
+    artifacts_max_bytes: int = Field(default=0, ge=0, description=(
+        "after the age rules, gc deletes the oldest artifacts no unfinished job needs until each store "
+        "(object store, local root) holds at most this many bytes (0: no size limit; 10G, 500M accepted)"))
 
-    @field_validator("home", "envs", "models", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
+    @field_validator("retention_outputs", "retention_cache", "retention_events", "retention_grace", "gc_interval",
+                     mode="before")
+    @classmethod
+    def _duration(cls, value):
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("artifacts_max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, value):
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @field_validator("home", "envs", "models", "ffmpeg", "ffprobe", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
                      mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("ffmpeg", "ffprobe", mode="before")
+    @classmethod
+    def _blank_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("nats_url", "nats_user", "nats_password", mode="after")
     @classmethod

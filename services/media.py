@@ -10,19 +10,25 @@ crafted "video" could read any file on the worker. Every call here therefore
     (libavformat checks both before a demuxer reads its header, so a playlist is refused before
     it can open anything);
   - uses -nostdin and a timeout.
+Which ffmpeg / ffprobe run is decided by `core.mediatools` (a system FFmpeg when on PATH, else
+the imageio-ffmpeg wheel's binary; with no ffprobe, `probe` reads the file through PyAV in a child
+process, with the same whitelists and timeout, and answers in ffprobe's JSON shape).
 Errors a person can fix become BadInput with one line; everything else stays an exception.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from core import mediatools
 from services.runtime.errors import BadInput
 
 # Demuxers that read one self-contained file. Left out on purpose: hls, dash, concat, image2,
@@ -120,22 +126,81 @@ def _sniff_kind(path: Path) -> str | None:
     return None
 
 
+# Probe without ffprobe: PyAV opens the file with the same whitelists (libavformat checks them
+# before a demuxer reads its header, exactly as for ffprobe) and prints the subset of ffprobe's
+# `-show_format -show_streams` JSON that ProbeResult and the stages read. A child process, so a
+# hostile file that hangs or crashes libavformat costs a timeout, not the worker. Codec names are
+# libavcodec's canonical ones (`mp3`, not the decoder name `mp3float`), as ffprobe prints them.
+_PYAV_GUARD = {"protocol_whitelist": "file", "format_whitelist": FORMAT_WHITELIST}
+_PYAV_PROBE = r"""
+import json, sys
+import av
+args = json.loads(sys.argv[1])
+try:
+    container = av.open(args["url"], options=args["guard"])
+except Exception as e:
+    sys.stderr.write(str(getattr(e, "strerror", None) or e) + "\n")
+    sys.exit(1)
+def rate(value):
+    return f"{value.numerator}/{value.denominator}" if value else "0/0"
+def seconds(value, base):
+    return None if value is None or base is None else str(float(value * base))
+streams = []
+for s in container.streams:
+    cc = s.codec_context
+    codec = getattr(cc, "codec", None)
+    d = int(s.disposition)
+    info = {
+        "index": s.index, "codec_type": s.type,
+        "codec_name": codec.canonical_name if codec else None,
+        "avg_frame_rate": rate(s.average_rate) if s.type == "video" else "0/0",
+        "r_frame_rate": rate(s.base_rate) if s.type == "video" else "0/0",
+        "time_base": rate(s.time_base),
+        "start_time": seconds(s.start_time, s.time_base),
+        "duration": seconds(s.duration, s.time_base),
+        "disposition": {"default": d & 1, "attached_pic": (d >> 10) & 1},
+        "tags": dict(s.metadata),
+    }
+    if s.type == "video":
+        info.update(width=cc.width, height=cc.height)
+    elif s.type == "audio":
+        info.update(sample_rate=str(cc.sample_rate), channels=cc.channels)
+    streams.append(info)
+fmt = {
+    "format_name": container.format.name, "nb_streams": len(streams),
+    "duration": None if container.duration is None else str(container.duration / 1e6),
+    "start_time": None if container.start_time is None else str(container.start_time / 1e6),
+    "tags": dict(container.metadata),
+}
+print(json.dumps({"streams": streams, "format": fmt}))
+"""
+
+
 def probe(path: Path, display_name: str | None = None) -> ProbeResult:
-    """ffprobe the file as JSON; BadInput for files that are not readable media."""
+    """ffprobe the file as JSON (through PyAV when there is no ffprobe); BadInput for files that
+    are not readable media."""
     name = display_name or Path(path).name
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{name}: file not found")
     if path.stat().st_size == 0:
         raise BadInput(f"{name} is empty (0 bytes)")
-    args = [
-        "ffprobe", "-v", "error", *INPUT_GUARD,
-        "-print_format", "json", "-show_format", "-show_streams", file_url(path),
-    ]
+    ffprobe = mediatools.ffprobe_path()
+    if ffprobe:
+        args = [
+            ffprobe, "-v", "error", *INPUT_GUARD,
+            "-print_format", "json", "-show_format", "-show_streams", file_url(path),
+        ]
+    elif importlib.util.find_spec("av") is not None:
+        args = [sys.executable, "-c", _PYAV_PROBE, json.dumps({"url": file_url(path), "guard": _PYAV_GUARD})]
+    else:  # not the file's fault: say what this worker lacks, not "not a media file"
+        raise mediatools.MediaToolMissing(
+            "ffprobe not found and PyAV is not installed in this environment: `captionbus envs create common`, "
+            "install FFmpeg, or set CAPTIONBUS_FFPROBE")
     try:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise BadInput(f"{name}: ffprobe gave no answer within {PROBE_TIMEOUT_S} s; the file looks corrupt")
+        raise BadInput(f"{name}: probing gave no answer within {PROBE_TIMEOUT_S} s; the file looks corrupt")
     info = {}
     if done.returncode == 0:
         try:
@@ -204,7 +269,7 @@ def run_ffmpeg(
     """Run `ffmpeg <args>` (args without the program name), reporting progress 0..1 from
     `-progress pipe:1` against `duration`. Returns stderr; raises FfmpegFailed on a non-zero
     exit and TimeoutError past timeout_s (the process is killed)."""
-    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1", "-y", *args]
+    cmd = [mediatools.ffmpeg_path(), "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1", "-y", *args]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stderr_chunks: list[bytes] = []
     # Drain stderr in the background so a chatty ffmpeg never blocks on a full pipe.

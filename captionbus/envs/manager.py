@@ -166,11 +166,12 @@ def _say(console, text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
 
-def _stream(cmd: list[str], label: str, console, heartbeat_s: float = 30) -> None:
+def _stream(cmd: list[str], label: str, console, heartbeat_s: float = 30, echo: bool = True) -> None:
     """Run cmd, echoing its output line by line under a spinner with elapsed time.
 
     uv prints little while it downloads (torch alone is minutes), so a heartbeat line says it is
-    still going when the output is not a terminal.
+    still going when the output is not a terminal. `echo=False` keeps uv's lines to the error
+    message (their last 30) and prints only the heartbeats: `run`'s one line per step.
     """
     from rich.markup import escape
 
@@ -203,7 +204,8 @@ def _stream(cmd: list[str], label: str, console, heartbeat_s: float = 30) -> Non
             elapsed = time.monotonic() - start
             if line:
                 tail.append(line)
-                _say(console, f"  [dim]{escape(line)}[/]")
+                if echo:
+                    _say(console, f"  [dim]{escape(line)}[/]")
             if status:
                 status.update(f"{label} [dim]{elapsed:.0f}s[/]")
             elif console is not None and time.monotonic() - last_beat >= heartbeat_s:
@@ -260,7 +262,7 @@ def _build_lock(name: str, console):
         yield  # the lock goes with the file's close
 
 
-def create(spec: EnvSpec, *, force: bool = False, console=None) -> EnvStatus:
+def create(spec: EnvSpec, *, force: bool = False, console=None, echo: bool = True) -> EnvStatus:
     """Build `spec`'s environment with uv unless it is already ok (or `force`).
 
     Rebuilds in place: services running from this env should be stopped first.
@@ -269,22 +271,23 @@ def create(spec: EnvSpec, *, force: bool = False, console=None) -> EnvStatus:
         if not force and quick_state(spec) == OK:
             _say(console, f"[green]{spec.name}[/]: up to date ({env_dir(spec.name)})")
             return check(spec)
-        return _build(spec, console)
+        return _build(spec, console, echo)
 
 
-def _build(spec: EnvSpec, console) -> EnvStatus:
+def _build(spec: EnvSpec, console, echo: bool = True) -> EnvStatus:
     uv = uv_binary()
     target, python = env_dir(spec.name), env_python(spec.name)
     start = time.monotonic()
-    _say(console, f"[bold]{spec.name}[/]: creating {target} (python {spec.python})")
+    _say(console if echo else None, f"[bold]{spec.name}[/]: creating {target} (python {spec.python})")
     # From scratch every time: a stale env may hold packages the new spec dropped.
     _stream([uv, "venv", "--clear", "--python", spec.python, str(target)],
-            f"{spec.name}: venv", console)
+            f"{spec.name}: venv", console, echo=echo)
     cmd = [uv, "pip", "install", "--python", str(python)]
     for link in pip_find_links():
         cmd += ["--find-links", link]
     cmd += spec.install_requirements()
-    _stream(cmd, f"{spec.name}: installing {len(spec.requirements)} pinned + the core library's dependencies", console)
+    _stream(cmd, f"{spec.name}: installing {len(spec.requirements)} pinned + the core library's dependencies", console,
+            echo=echo)
     try:
         result = probe(python, _check_imports(spec), _report_versions(spec))
     except (RuntimeError, subprocess.SubprocessError, ValueError) as e:
@@ -309,7 +312,7 @@ def _build(spec: EnvSpec, console) -> EnvStatus:
     tmp = manifest_path(spec.name).with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path(spec.name))
-    _say(console, f"[green]{spec.name}[/]: ready in {manifest['build_seconds']:.0f}s → {python}")
+    _say(console if echo else None, f"[green]{spec.name}[/]: ready in {manifest['build_seconds']:.0f}s → {python}")
     return EnvStatus(spec.name, OK, python, spec.optional, spec.stages, result["python"],
                      result["versions"])
 

@@ -4,7 +4,7 @@
 - `transfer`: the JetStream object store: upload, and the chunk reader on nats-py's connection;
 - `direct`: a faster chunk reader on a raw socket of its own, for the nats-py it was written for.
 """
-from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, describe
+from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, ArtifactStoreFull, describe
 from core.artifacts.store import EMPTY_SHA256, IO_BUFFER, ArtifactStore, hash_file, safe_name
 from core.artifacts.transfer import CHUNK_SIZE
 
@@ -15,6 +15,7 @@ __all__ = [
     "ArtifactCorrupt",
     "ArtifactError",
     "ArtifactMissing",
+    "ArtifactStoreFull",
     "ArtifactStore",
     "describe",
     "hash_file",

@@ -30,7 +30,14 @@ from nats.js import JetStreamContext, api
 from contracts.artifacts import ArtifactRef
 from contracts.subjects import ARTIFACTS_BUCKET
 from core.artifacts import direct
-from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, describe
+from core.artifacts.errors import (
+    ArtifactCorrupt,
+    ArtifactError,
+    ArtifactMissing,
+    ArtifactStoreFull,
+    describe,
+    is_disk_full,
+)
 from core.artifacts.transfer import ChunkReader, DiskSink, ObjectBucket, Resume, digest_hex
 from core.settings import Settings
 
@@ -39,6 +46,7 @@ log = structlog.get_logger("captionbus.artifacts")
 IO_BUFFER = 1024 * 1024  # local hashing/copying
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NAME_MAX = 200  # ArtifactRef.name limit
+READ_CHECK_TIMEOUT_S = 2.0  # a refused request gets no reply: this long to tell "not allowed"
 FETCH_ATTEMPTS = 5  # readers per fetch: the first, and resumes after a lost chunk or a stall
 
 
@@ -80,7 +88,9 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
     with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
         while n := fin.readinto(buf):
             h.update(view[:n])
-            fout.write(view[:n])
+            out = view[:n]
+            while out:  # an unbuffered write may be short (a disk filling up): never drop the rest
+                out = out[fout.write(out):]
             size += n
     return h.hexdigest(), size
 
@@ -110,6 +120,7 @@ class ArtifactStore:
         # Fetch with direct.DirectReader where it can; False, or a connection or nats-py
         # version it does not speak, reads through nats-py (transfer.ChunkReader).
         self.direct_fetch = True
+        self._readable = False  # has our bus user been answered a lookup on the object store? (_check_readable)
         self._sweep_tmp()
 
     # ---- local root -------------------------------------------------------------------
@@ -175,7 +186,12 @@ class ArtifactStore:
             final = self._key_path(key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists() and final.stat().st_size == size:
-                return key, size, final  # already there: content addressing makes this a hit
+                # Already there: content addressing makes this a hit. Its time now says "just
+                # written" again, so the GC's grace period (core/gc.py) covers it until the job
+                # that stores it again references it.
+                with contextlib.suppress(OSError):
+                    os.utime(final)
+                return key, size, final
             os.replace(tmp, final)
             return key, size, final
         finally:
@@ -212,7 +228,12 @@ class ArtifactStore:
             raise ArtifactError(f"cannot store {path}: not a regular file")
         name = safe_name(name or path.name)
         # Hashing a film takes seconds: keep the event loop (heartbeats) free meanwhile.
-        key, size, local = await asyncio.to_thread(self._ingest, path, copy)
+        try:
+            key, size, local = await asyncio.to_thread(self._ingest, path, copy)
+        except OSError as e:
+            if is_disk_full(e):
+                raise self._disk_full(f"{path.name!r} ({path.stat().st_size} bytes)", e) from None
+            raise
         ref = ArtifactRef(
             key=key,
             name=name,
@@ -236,11 +257,41 @@ class ArtifactStore:
         tools that care about the file name; an existing file of that name is replaced.
         """
         path = self.local_path(ref)
-        if path is None:
-            path = await self._fetch(ref)
-        if dest_dir is not None:
-            return await asyncio.to_thread(self._materialise, path, Path(dest_dir), ref.name)
+        if path is not None:
+            await self._check_readable(ref)
+        try:
+            if path is None:
+                path = await self._fetch(ref)
+            if dest_dir is not None:
+                return await asyncio.to_thread(self._materialise, path, Path(dest_dir), ref.name)
+        except OSError as e:
+            if is_disk_full(e):
+                raise self._disk_full(describe(ref), e) from None
+            raise
         return path
+
+    def _disk_full(self, what: str, error: OSError) -> ArtifactStoreFull:
+        return ArtifactStoreFull(f"artifact store full: no space on the disk of {self.root} for {what} "
+                                 f"({error.strerror}); free space with `captionbus gc`")
+
+    async def _check_readable(self, ref: ArtifactRef) -> None:
+        """With the object store (a fleet, where the bus has users and roles) a file under the
+        local root is served only to a process whose bus user may read the artifact store: a
+        root filled by another process (a worker on the same host) must not hand the dashboard
+        user what the bus refuses it. Asked once per store: a metadata lookup on the bucket,
+        which a user without the right gets no answer to (the server logs a violation)."""
+        if not self.use_object_store or self._readable:
+            return
+        try:
+            await asyncio.wait_for(self.objects.info(ref.key), READ_CHECK_TIMEOUT_S)
+            self._readable = True  # asked and answered: this user may read the bucket
+            return
+        except Exception as e:  # a permissions violation shows as no reply (a timeout); not cached
+            log.debug("artifact read check failed", error=str(e) or type(e).__name__)
+            raise ArtifactError(
+                f"{describe(ref)}: this process's NATS user may not read the artifact store "
+                f"(no answer to a lookup on bucket {self.objects.name!r}), so the copy under "
+                f"{self.root} is not served either") from None
 
     async def _fetch(self, ref: ArtifactRef) -> Path:
         where = f"this host's artifact root ({self.root})"

@@ -24,8 +24,10 @@ import base64
 import contextlib
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -36,7 +38,7 @@ from nats.nuid import NUID
 from contracts.artifacts import ArtifactRef
 from contracts.jobs import utcnow
 from contracts.subjects import ARTIFACTS_BUCKET
-from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, describe
+from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, ArtifactStoreFull, describe
 
 # Upload chunk size, capped by the server's max_payload. nats-py writes 128 KiB chunks;
 # readers just concatenate, so any client reads ours and we read theirs. 8x fewer messages
@@ -44,12 +46,53 @@ from core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissin
 CHUNK_SIZE = 1024 * 1024
 UPLOAD_BLOCK = 4 * 1024 * 1024  # read per thread hop when uploading
 UPLOAD_WINDOW_BYTES = 8 * 1024 * 1024  # chunk bytes published but not yet acknowledged
+# JetStream's answers that mean "no room": the stream's max_bytes (10077 maximum bytes exceeded),
+# the account's or server's storage (10023 insufficient resources, 10047 insufficient storage).
+STORE_FULL_CODES = frozenset({10077, 10023, 10047})
+STORE_FULL_WORDS = ("maximum bytes", "insufficient resources", "insufficient storage", "no space")
+
+
+def store_full_reason(error: BaseException) -> str | None:
+    """The server's words when `error` says the store is full, else None."""
+    code = getattr(error, "err_code", None)
+    text = (getattr(error, "description", None) or str(error)).strip()
+    if code in STORE_FULL_CODES or any(w in text.lower() for w in STORE_FULL_WORDS):
+        return text
+    return None
 
 
 def connection(js: JetStreamContext) -> NATS:
     """The NATS connection under `js`. JetStreamContext keeps it private (`_nc`) and has no
     accessor; this is the one place the artifact code reaches for it."""
     return js._nc
+
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence" (an expected-sequence publish lost the race)
+REFRESH_AFTER_S = 600.0  # an existing object stored again older than this gets a fresh mtime
+
+
+def timestamp(value) -> float | None:
+    """Seconds since the epoch from a datetime or an RFC 3339 string such as nats-server writes
+    (nanoseconds, which `fromisoformat` before Python 3.11 refuses, are cut to microseconds)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    text = str(value).strip().replace("Z", "+00:00")
+    if "." in text:
+        head, _, tail = text.partition(".")
+        digits = "".join(c for c in tail if c.isdigit())
+        text = f"{head}.{digits[:6]}{tail[len(digits):]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _age_s(mtime) -> float:
+    written = timestamp(mtime)
+    return float("inf") if written is None else utcnow().timestamp() - written
 
 
 def digest_hex(info: api.ObjectInfo) -> str | None:
@@ -98,18 +141,63 @@ class ObjectBucket:
             size //= 2
         return size
 
-    async def _acked(self, fut: asyncio.Future) -> None:
+    async def _acked(self, fut: asyncio.Future, ref: ArtifactRef | None = None, chunk_subj: str = "") -> None:
         # nats-py's publish_async futures never time out on their own (a lost ack would hang).
         try:
             await asyncio.wait_for(fut, self.ack_timeout)
         except TimeoutError:
+            if ref is not None:
+                await self._probe_full(ref, chunk_subj)
             raise ArtifactError(f"object store did not acknowledge a chunk within {self.ack_timeout}s") from None
+        except Exception as e:
+            if ref is not None and (reason := store_full_reason(e)):
+                raise self._full(ref, reason) from None
+            raise
+
+    def _full(self, ref: ArtifactRef, reason: str, used: int | None = None, limit: int | None = None) -> ArtifactStoreFull:
+        where = f" ({used} of {limit} bytes used)" if limit else ""
+        return ArtifactStoreFull(
+            f"artifact store full: object store {self.name!r} refused {describe(ref)}: {reason}{where}; "
+            "free space with `captionbus gc` or raise the bucket's max_bytes")
+
+    async def check_room(self, ref: ArtifactRef) -> None:
+        """Refuse at once an upload that cannot fit under the bucket's max_bytes (the server would
+        refuse its chunks one by one; nats-py 2.16 leaves such an ack future unresolved, a 503
+        whose empty body it fails to parse). Another writer may still fill it meanwhile:
+        `_probe_full` names that case when an ack never comes."""
+        try:
+            info = await self.js.stream_info(self.stream)
+        except Exception:  # no rights to ask, or a blink: the server still says no if it must
+            return
+        limit = info.config.max_bytes or -1
+        if limit > 0 and info.state.bytes + ref.size > limit:
+            raise self._full(ref, "maximum bytes exceeded", info.state.bytes, limit)
+
+    async def _probe_full(self, ref: ArtifactRef, chunk_subj: str) -> None:
+        """An ack that never came: ask once with a synchronous publish, which does raise the
+        server's reason. Raises ArtifactStoreFull when the store is full; returns otherwise (the
+        probe chunk, if stored, is purged with the torn upload)."""
+        try:
+            # As large as a chunk: a smaller probe may fit where the chunk did not.
+            await self.js.publish(chunk_subj, bytes(self.chunk_size()), timeout=self.ack_timeout)
+        except Exception as e:
+            if reason := store_full_reason(e):
+                raise self._full(ref, reason) from None
 
     async def upload(self, local: Path, ref: ArtifactRef) -> None:
         """Upload `local` as object `ref.key`, unless an object with these bytes is there."""
         existing = await self.info(ref.key)
         if existing is not None and existing.size == ref.size and digest_hex(existing) == ref.key:
-            return  # content addressing: an object under this key is these bytes
+            # Content addressing: an object under this key is these bytes. An old one gets a
+            # fresh mtime (one small meta message), so the GC's grace period covers it until the
+            # job storing it again references it (core/gc.py).
+            if _age_s(existing.mtime) > REFRESH_AFTER_S:
+                existing.mtime = utcnow().isoformat()
+                with contextlib.suppress(Exception):
+                    await self.js.publish(self._meta_subject(ref.key), json.dumps(existing.as_dict()).encode(),
+                                          headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+            return
+        await self.check_room(ref)
         nuid = self._nuid.next().decode()
         chunk_size = self.chunk_size()
         window_len = max(1, UPLOAD_WINDOW_BYTES // chunk_size)
@@ -138,9 +226,9 @@ class ObjectBucket:
                         window.append(await self.js.publish_async(chunk_subj, block[i:i + chunk_size]))
                         chunks += 1
                         if len(window) >= window_len:
-                            await self._acked(window.pop(0))
+                            await self._acked(window.pop(0), ref, chunk_subj)
             while window:
-                await self._acked(window.pop(0))
+                await self._acked(window.pop(0), ref, chunk_subj)
             if h.hexdigest() != ref.key:
                 raise ArtifactCorrupt(f"{describe(ref)} changed on disk while uploading")
             info = api.ObjectInfo(
@@ -153,11 +241,16 @@ class ObjectBucket:
                 digest="SHA-256=" + base64.urlsafe_b64encode(h.digest()).decode(),
                 options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
             )
-            await self.js.publish(
-                self._meta_subject(ref.key),
-                json.dumps(info.as_dict()).encode(),
-                headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT},
-            )
+            try:
+                await self.js.publish(
+                    self._meta_subject(ref.key),
+                    json.dumps(info.as_dict()).encode(),
+                    headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT},
+                )
+            except Exception as e:
+                if reason := store_full_reason(e):
+                    raise self._full(ref, reason) from None
+                raise
         except BaseException:
             for fut in window:
                 fut.cancel()
@@ -175,6 +268,58 @@ class ObjectBucket:
         they go now. Bounded, as a refused request gets no reply."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.js.purge_stream(self.stream, subject=chunk_subject), 2)
+
+    # ---- garbage collection (core/gc.py; needs a role allowed to purge the bucket) -------------
+
+    async def _subjects(self, pattern: str) -> dict[str, int]:
+        info = await self.js.stream_info(self.stream, subjects_filter=pattern)
+        return dict(info.state.subjects or {})
+
+    async def list_objects(self) -> list[tuple[api.ObjectInfo, int]]:
+        """Every live object's metadata and the stream sequence of that metadata message
+        (deleted objects are left out)."""
+        found = []
+        for subject in await self._subjects(f"$O.{self.name}.M.>"):
+            with contextlib.suppress(NotFoundError):
+                msg = await self.js.get_last_msg(self.stream, subject)
+                info = api.ObjectInfo.from_response(json.loads(msg.data))
+                if not info.deleted and info.name:
+                    found.append((info, msg.seq))
+        return found
+
+    async def chunk_sets(self) -> dict[str, int]:
+        """nuid -> stored chunk messages, for every chunk subject in the bucket (live or torn)."""
+        prefix = f"$O.{self.name}.C."
+        return {s[len(prefix):]: n for s, n in (await self._subjects(f"{prefix}>")).items()}
+
+    async def first_chunk_time(self, nuid: str):
+        """When the first chunk of `nuid` was stored (a datetime or an ISO string), or None."""
+        try:
+            msg = await self.js.get_msg(self.stream, seq=1, next=True, subject=self.chunk_subject(nuid))
+        except NotFoundError:
+            return None
+        return msg.time
+
+    async def delete(self, info: api.ObjectInfo, meta_seq: int) -> bool:
+        """Delete one object, unless its metadata changed since it was read at `meta_seq` (stored
+        again meanwhile: a new job's input): then False, and nothing is touched. Else a `deleted`
+        meta (what nats-py's ObjectStore.delete writes, so every client sees it gone), published
+        only if that subject's last sequence is still `meta_seq`, then a purge of its chunks."""
+        gone = api.ObjectInfo(name=info.name, bucket=self.name, nuid=info.nuid, size=0, chunks=0,
+                              mtime="", digest="", deleted=True)
+        try:
+            await self.js.publish(self._meta_subject(info.name), json.dumps(gone.as_dict()).encode(),
+                                  headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT,
+                                           api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(meta_seq)})
+        except nats.js.errors.APIError as e:
+            if e.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        await self.js.purge_stream(self.stream, subject=self.chunk_subject(info.nuid))
+        return True
+
+    async def purge_chunk_set(self, nuid: str) -> None:
+        await self.js.purge_stream(self.stream, subject=self.chunk_subject(nuid))
 
     def consumer_config(self, info: api.ObjectInfo, inbox: str, last_sseq: int) -> api.ConsumerConfig:
         """An ephemeral flow-controlled push consumer on the object's chunks, from last_sseq on."""

@@ -2,10 +2,12 @@
 
 Params: contracts.stage_params.NoopParams (sleep_s, fail, fail_times, warn).
 Inputs are passed through under their own names (so it declares no outputs to check); with no
-inputs it writes `out.txt` (output `out`).
+inputs it writes `out.txt` (output `out`); with `write_bytes` N it writes N random bytes as `out`
+(store-full tests).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +48,12 @@ def handle(request, ctx: StageContext) -> dict[str, Path]:
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.05))
         ctx.progress(1 - left / sleep_s)
+    if p.write_bytes:
+        out = ctx.work_dir / "out.bin"
+        with open(out, "wb") as f:
+            for start in range(0, p.write_bytes, 1 << 20):
+                f.write(os.urandom(min(1 << 20, p.write_bytes - start)))
+        return {"out": out}
     if request.inputs:
         return {name: ctx.input_path(name) for name in request.inputs}
     out = ctx.work_dir / "out.txt"

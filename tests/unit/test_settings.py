@@ -73,3 +73,24 @@ def test_a_users_config_dir_overrides_file_by_file(tmp_path: Path, monkeypatch):
     assert config_path("stages.yaml") == settings.DEFAULT_CONFIG_DIR / "stages.yaml"  # not overridden
     workflows = load_workflows()
     assert {"quick", "transcribe", "translate", "subtitle"} <= set(workflows)
+
+
+def test_retention_settings_take_durations_and_sizes(monkeypatch):
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_OUTPUTS", "2d")
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_CACHE", "90m")
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_EVENTS", "3600")
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_GRACE", "1.5h")
+    monkeypatch.setenv("CAPTIONBUS_ARTIFACTS_MAX_BYTES", "500MiB")
+    monkeypatch.setenv("CAPTIONBUS_GC_INTERVAL", "0")
+    s = load()
+    assert (s.retention_outputs, s.retention_cache, s.retention_events, s.retention_grace) == (
+        2 * 86400, 90 * 60, 3600, 5400)
+    assert s.artifacts_max_bytes == 500 * 1024**2 and s.gc_interval == 0
+    monkeypatch.setenv("CAPTIONBUS_ARTIFACTS_MAX_BYTES", "10G")
+    assert load().artifacts_max_bytes == 10 * 1024**3
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_OUTPUTS", "a week")
+    with pytest.raises(SettingsError, match="CAPTIONBUS_RETENTION_OUTPUTS='a week'"):
+        load()
+    monkeypatch.setenv("CAPTIONBUS_RETENTION_OUTPUTS", "-1d")
+    with pytest.raises(SettingsError, match="CAPTIONBUS_RETENTION_OUTPUTS"):
+        load()

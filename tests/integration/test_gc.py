@@ -1,0 +1,288 @@
+"""`core.gc` against a real nats-server: what retention deletes, and what it never does."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+
+from contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, subjects
+from core.artifacts import ArtifactStore
+from core.bus import connect, provision, publish_event
+from core.gc import collect
+from core.settings import Settings
+
+DAY = 24 * 3600.0
+
+
+def _file(folder: Path, name: str, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+async def _write_job(js, state: JobState) -> None:
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    await kv.put(state.job_id, state.model_dump_json().encode())
+    await publish_event(js, JobSubmitted(job_id=state.job_id, spec=state.spec))
+
+
+async def _bus(url: str, settings: Settings, name: str):
+    """A provisioned bus and an artifact store on it."""
+    nc = await connect(url, name)
+    js = nc.jetstream()
+    await provision(js)
+    return nc, js, ArtifactStore(settings, js)
+
+
+def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats_server, tmp_path):
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY, retention_cache=30 * DAY,
+                        retention_grace=3600)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-test")
+        src = tmp_path / "src"
+        shared = await store.put(_file(src, "film.wav", 200_000))  # input of both jobs
+        old_out = await store.put(_file(src, "old.srt", 600_000))  # the finished job's output
+        running_mid = await store.put(_file(src, "audio.wav", 300_000))  # the running job's intermediate
+        cached = await store.put(_file(src, "cached.json", 100_000))  # a stage cache entry's output
+
+        now = datetime.now(timezone.utc)
+        old = JobState(spec=JobSpec(job_id="job-old", input=shared), status=JobStatus.completed,
+                       nodes={"asr": NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": old_out})},
+                       outputs={"srt": old_out}, updated_at=now)
+        running = JobState(spec=JobSpec(job_id="job-running", input=shared), status=JobStatus.running,
+                           nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                     outputs={"audio": running_mid}),
+                                  "asr": NodeState(stage="asr", status=NodeStatus.requested)})
+        await _write_job(js, old)
+        await _write_job(js, running)
+        cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+        await cache.put("c" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
+
+        stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+        bytes_at_start = (await js.stream_info(stream)).state.bytes
+        every = [shared, old_out, running_mid, cached]
+
+        # Today: the finished job's outputs are inside their retention; nothing goes.
+        today = await collect(settings, js)
+        assert (today.object_store.count, today.local_root.count, today.job_records) == (0, 0, 0)
+        assert all([await store.exists(r) for r in every])
+
+        # Eight days on, dry run: the old job's output is named, with its bytes; nothing is deleted.
+        later = now.timestamp() + 8 * DAY
+        dry = await collect(settings, js, dry_run=True, now=later)
+        assert dry.object_store.count == 1 and dry.object_store.bytes == old_out.size
+        assert dry.job_histories == 1 and dry.job_records == 1
+        assert (await js.stream_info(stream)).state.bytes == bytes_at_start
+        assert all([await store.exists(r) for r in every])
+        assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 2
+
+        # For real: gone from the object store and the local root, bytes reclaimed; the running
+        # job's input (shared with the old job) and intermediate, and the cache entry's output, kept.
+        done = await collect(settings, js, now=later)
+        assert done.object_store.count == 1 and done.object_store.bytes == old_out.size
+        assert done.local_root.count == 1 and done.local_root.bytes == old_out.size
+        assert done.object_store_bytes_before - done.object_store_bytes_after >= old_out.size
+        assert (await js.stream_info(stream)).state.bytes <= bytes_at_start - old_out.size
+        assert not await store.exists(old_out)
+        assert store.local_path(old_out) is None
+        for ref in (shared, running_mid, cached):
+            assert await store.exists(ref), ref.name
+            assert (await store.get(ref, dest_dir=tmp_path / "check")).stat().st_size == ref.size
+        assert done.kept_for_unfinished_jobs == 2
+        # The old job's events and record are gone; the running job's are not.
+        events = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")
+        assert set(events.state.subjects) == {"captionbus.job.job-running.submitted"}
+        jobs = await js.key_value(subjects.JOBS_BUCKET)
+        assert await jobs.keys() == ["job-running"]
+
+        # A month on, the cache entry has expired: removed now, its artifact one run later.
+        month = now.timestamp() + 31 * DAY
+        first = await collect(settings, js, now=month)
+        assert first.cache_entries == 1 and await store.exists(cached)
+        second = await collect(settings, js, now=month)
+        assert second.object_store.count == 1 and not await store.exists(cached)
+        assert await store.exists(shared) and await store.exists(running_mid)  # still running
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_size_limit_evicts_the_oldest_finished_never_a_running_jobs(nats_server, tmp_path):
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        artifacts_max_bytes=500_000, retention_grace=60)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-size")
+        src = tmp_path / "src"
+        refs = {}
+        now = datetime.now(timezone.utc)
+        for i, status in enumerate([JobStatus.completed, JobStatus.completed, JobStatus.running]):
+            job = f"job-{i}"
+            refs[job] = await store.put(_file(src, f"{job}.wav", 300_000))
+            state = JobState(spec=JobSpec(job_id=job, input=refs[job]), status=status,
+                             updated_at=datetime.fromtimestamp(now.timestamp() + i, timezone.utc))
+            await _write_job(js, state)
+        # An hour on: all inside retention, 900 kB over a 500 kB limit. The older finished job's
+        # input goes first, then the other finished one; the running job's stays whatever the limit.
+        report = await collect(settings, js, now=now.timestamp() + 3600)
+        assert report.object_store.count == 2
+        assert not await store.exists(refs["job-0"]) and not await store.exists(refs["job-1"])
+        assert await store.exists(refs["job-2"])
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_cli_prints_counts_and_bytes_as_json(nats_server, tmp_path):
+    env = {**os.environ, "NATS_URL": nats_server, "CAPTIONBUS_HOME": str(tmp_path / "home"),
+           "CAPTIONBUS_RETENTION_GRACE": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    async def seed():
+        nc = await connect(nats_server, "gc-cli")
+        js = nc.jetstream()
+        await provision(js)
+        settings = Settings(home=tmp_path / "seed", nats_url=nats_server, artifacts_mode="object")
+        ref = await ArtifactStore(settings, js).put(_file(tmp_path, "orphan.bin", 250_000))
+        await nc.close()
+        return ref
+
+    orphan = asyncio.run(seed())
+    time.sleep(0.05)
+    cmd = [sys.executable, "-m", "captionbus", "gc", "--json"]
+    # --local-only: this host's root only (a stale local copy goes), the bus's objects stay.
+    local_settings = Settings(home=tmp_path / "home", artifacts_mode="local")
+    local_copy = asyncio.run(ArtifactStore(local_settings, None).put(_file(tmp_path, "copy.bin", 120_000)))
+    local = subprocess.run([*cmd, "--local-only"], env=env, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+    report = json.loads(local.stdout)
+    assert report["local_root"] == {"count": 1, "bytes": local_copy.size}
+    assert report["object_store"] == {"count": 0, "bytes": 0} and report["object_store_bytes_before"] is None
+    assert ArtifactStore(local_settings, None).local_path(local_copy) is None
+    dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] is True and report["object_store"] == {"count": 1, "bytes": orphan.size}
+    real = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert real.returncode == 0, real.stderr
+    report = json.loads(real.stdout)
+    assert report["object_store"] == {"count": 1, "bytes": orphan.size}
+    assert report["object_store_bytes_before"] - report["object_store_bytes_after"] >= orphan.size
+    again = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.startswith("gc deleted: 0 objects (0 B)"), again.stdout
+
+
+def test_up_collects_periodically_on_its_embedded_bus(nats_server, tmp_path):
+    from captionbus.runner import collect_periodically
+
+    settings = Settings(home=tmp_path / "home", artifacts_mode="local", retention_outputs=3600, retention_grace=60)
+
+    async def main():
+        nc = await connect(nats_server, "gc-up")
+        js = nc.jetstream()
+        await provision(js)
+        store = ArtifactStore(settings, None)
+        old = await store.put(_file(tmp_path / "src", "old.srt", 50_000))
+        young = await store.put(_file(tmp_path / "src", "young.srt", 50_000))
+        two_hours_ago = time.time() - 7200
+        os.utime(store.local_path(old), (two_hours_ago, two_hours_ago))
+        task = asyncio.create_task(collect_periodically(settings, js, 0.2, first_after_s=0))
+        deadline = time.monotonic() + 20
+        while store.local_path(old) is not None:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # more runs: still nothing else goes, and the task lives on
+        assert store.local_path(young) is not None and not task.done()
+        task.cancel()
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tmp_path):
+    """A re-submitted input already in the stores is referenced by no job until the coordinator
+    records the new one: storing it again makes it "just written", so the GC waits its grace."""
+    from nats.js.api import Header, ObjectInfo
+    from nats.js.kv import MSG_ROLLUP_SUBJECT
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object", retention_grace=3600)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-refresh")
+        media = _file(tmp_path / "src", "film.wav", 100_000)
+        ref = await store.put(media)
+        # Age both copies by two hours: the object's metadata and the local root's file.
+        old = datetime.fromtimestamp(time.time() - 7200, timezone.utc).isoformat()
+        info = await store.objects.info(ref.key)
+        aged = ObjectInfo.from_response({**info.as_dict(), "mtime": old})
+        await js.publish(store.objects._meta_subject(ref.key), json.dumps(aged.as_dict()).encode(),
+                         headers={Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        os.utime(store.local_path(ref), (time.time() - 7200,) * 2)
+        dry = await collect(settings, js, dry_run=True)
+        assert (dry.object_store.count, dry.local_root.count) == (1, 1)  # unreferenced and past grace
+        assert await store.put(media) == ref  # stored again (a new job's input): nothing uploaded ...
+        kept = await collect(settings, js)
+        assert (kept.object_store.count, kept.local_root.count) == (0, 0)  # ... and fresh again
+        assert await store.exists(ref)
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_an_object_stored_again_after_gc_listed_it_is_not_deleted(nats_server, tmp_path, monkeypatch):
+    from core.artifacts import transfer
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object")
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-race")
+        media = _file(tmp_path / "src", "film.wav", 100_000)
+        ref = await store.put(media)
+        [(info, seq)] = await store.objects.list_objects()  # what a GC run read ...
+        monkeypatch.setattr(transfer, "REFRESH_AFTER_S", -1.0)  # refresh now, not after 10 min
+        await store.put(media)  # ... then a new job stores the same input again ...
+        assert await store.objects.delete(info, seq) is False  # ... so the GC's delete does nothing
+        assert (await store.get(ref, dest_dir=tmp_path / "out")).read_bytes() == media.read_bytes()
+        [(info, seq)] = await store.objects.list_objects()
+        assert await store.objects.delete(info, seq) is True
+        assert await store.objects.info(ref.key) is None  # deleted for every reader of the bus
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
+    """Over the limit, a live cache entry's artifact goes in two steps (the entry, then the bytes
+    one run later), so a worker that has just reused the entry still finds its outputs."""
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        artifacts_max_bytes=400_000, retention_grace=60)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-cache-size")
+        running = await store.put(_file(tmp_path / "src", "running.wav", 300_000))
+        cached = await store.put(_file(tmp_path / "src", "cached.json", 300_000))
+        await _write_job(js, JobState(spec=JobSpec(job_id="job-r", input=running), status=JobStatus.running))
+        cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+        await cache.put("d" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
+        later = time.time() + 3600  # past grace, inside every retention
+        first = await collect(settings, js, now=later)
+        assert first.cache_entries == 1 and first.object_store.count == 0
+        assert await store.exists(cached)
+        with pytest.raises(nats.js.errors.NoKeysError):  # the entry is gone
+            await cache.keys()
+        second = await collect(settings, js, now=later)
+        assert second.object_store.count == 1 and second.object_store.bytes == cached.size
+        assert not await store.exists(cached) and await store.exists(running)
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

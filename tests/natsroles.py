@@ -1,0 +1,81 @@
+"""A nats-server whose users have exactly the permissions of deploy/nats/roles.conf (test
+passwords), for tests that run captionbus under each role and read the violations it logged."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+from captionbus.server import _free_port, nats_server_binary
+
+NATS_DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+
+
+def role_variables() -> list[str]:
+    """The permission blocks roles.conf defines (COORDINATOR, WORKER, WORKER_ASR, GC, ...)."""
+    return re.findall(r"^([A-Z][A-Z0-9_]*) = \{", (NATS_DEPLOY / "roles.conf").read_text(), re.M)
+
+
+def users_block(users: dict[str, str]) -> str:
+    """`authorization.users` entries for `users` (name -> variable, password pw-<name>), plus one
+    user nobody can log in as for each block left unused: nats-server refuses a config whose
+    top-level variables are not all referenced ("unknown field")."""
+    entries = [f'    {{user: "{u}", password: "pw-{u}", permissions: ${var}}}' for u, var in users.items()]
+    for var in role_variables():
+        if var not in users.values():
+            entries.append(f'    {{user: "unused-{var.lower()}", password: "{secrets.token_hex(16)}", permissions: ${var}}}')
+    return "\n".join(entries)
+
+
+@contextlib.contextmanager
+def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
+    """users: user name -> permissions variable of roles.conf (e.g. {"worker-asr": "WORKER_ASR"}).
+    Yields ({user: url with its password}, server log)."""
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    for conf in NATS_DEPLOY.glob("*.conf"):
+        shutil.copy(conf, conf_dir / conf.name)
+    port = _free_port()
+    lines = users_block(users)
+    log = tmp_path / "server.log"
+    (conf_dir / "test.conf").write_text(
+        f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f"include ./roles.conf\nauthorization {{\n  users: [\n{lines}\n  ]\n}}\n"
+    )
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf_dir / "test.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (log.exists() and "Server is ready" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}, log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def violations(log: Path) -> list[tuple[str, str]]:
+    """(user, subject) of every permission violation the server logged."""
+    found = []
+    for line in log.read_text().splitlines():
+        if "Violation" in line:
+            user = line.split("user:", 1)[1].split('"', 1)[0] if "user:" in line else "?"
+            subject = line.split('Subject "', 1)[1].split('"', 1)[0] if 'Subject "' in line else line
+            found.append((user, subject.strip()))
+    return found
+
+
+async def denied(call, timeout: float = 0.75) -> bool:
+    """Whether a bus call fails (a refused request gets no reply: it times out)."""
+    try:
+        await asyncio.wait_for(call, timeout)
+    except Exception:
+        return True
+    return False
