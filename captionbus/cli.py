@@ -372,7 +372,7 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
-    from captionbus.stack import service_env, start_service, stop_services
+    from captionbus.stack import replica_threads_env, service_env, start_service, stop_services
     from contracts.stage_specs import stage_spec
     from core.bus import resolve_url
 
@@ -383,6 +383,8 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     _require_secure(url, settings, insecure)
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     pinned = _device_envs(devices, replicas)
+    if devices is None:  # CPU replicas share this host's cores instead of each taking all of them
+        pinned = [replica_threads_env(stage, replicas) or None for _ in range(replicas)]
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.
         os.execve(str(interpreter), [str(interpreter), "-m", "services", "serve", stage],

@@ -42,6 +42,7 @@ from captionbus.envs import (
 from captionbus.stack import (
     ServiceProcess,
     ServiceStartError,
+    replica_threads_env,
     setup_errors,
     start_service,
     stop_services,
@@ -162,7 +163,8 @@ def start_stage_services(
     """One service per stage, `replicas[stage]` of those named (they share the stage's queue)."""
     replicas = replicas or {}
     return [
-        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i)
+        start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i,
+                      extra_env=replica_threads_env(stage, replicas.get(stage, 1)) or None)
         for stage in dict.fromkeys(stages)
         for i in range(max(1, replicas.get(stage, 1)))
     ]

@@ -146,6 +146,30 @@ def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, st
     }
 
 
+def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | None = None,
+                        cores: int | None = None) -> dict[str, str]:
+    """The environment that splits this host's cores between `replicas` CPU replicas of `stage`.
+
+    A stage whose `threads` option defaults to all cores (asr: CTranslate2 `cpu_threads` and
+    torch) started N times on one host would run N x cores threads: two asr replicas on 2 cores
+    each took 2 threads and the pair decoded no faster than one (they time-slice instead of
+    running side by side). Each replica gets cores // N (at least 1), unless the operator set
+    the option (its environment variable) already. Empty for one replica or a stage without
+    such an option."""
+    from contracts.stage_specs import STAGES
+
+    environ = os.environ if environ is None else environ
+    options = STAGES[stage].options if stage in STAGES else None
+    if replicas <= 1 or options is None or "threads" not in options.model_fields:
+        return {}
+    if options.model_fields["threads"].default is not None:
+        return {}  # a fixed default (vad: 1 thread) is already per replica
+    var = options.env_var("threads")
+    if not var or environ.get(var, "") != "" or environ.get("CAPTIONBUS_OPTION_THREADS", "") != "":
+        return {}
+    return {var: str(max(1, (cores or os.cpu_count() or 1) // replicas))}
+
+
 def start_service(
     stage: str,
     env: str,

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Union
+from typing import Mapping, Union
 
 from contracts import (
     BranchFailed,
@@ -110,12 +110,17 @@ def decide(
     graph: Workflow | None,
     now: datetime,
     policy: Policy = Policy(),
+    workers: Mapping[str, int] | None = None,
 ) -> Decision:
-    """The next job state and what to publish, given one event (or a Tick)."""
+    """The next job state and what to publish, given one event (or a Tick).
+
+    `workers`: live replicas per stage, as the adapter last counted them ($SRV discovery); it
+    sizes the window of a fan-out node with `max_in_flight` (see _Step._window). None or a
+    stage missing from it: the window is `max_in_flight` itself."""
     if isinstance(event, JobSubmitted):
         if state is not None:
             return _ignored(state, "job already submitted")
-        return _Step(None, graph, now, policy).submit(event)
+        return _Step(None, graph, now, policy, workers).submit(event)
     if state is None:
         return _ignored(None, f"no job {getattr(event, 'job_id', '')!r}: {type(event).__name__} ignored")
     if not isinstance(event, Tick) and event.event_id in state.applied:
@@ -123,13 +128,13 @@ def decide(
     if isinstance(event, Tick):
         if state.status.finished:
             return _ignored(state, "job finished")
-        return _Step(state, graph, now, policy).tick()
+        return _Step(state, graph, now, policy, workers).tick()
     if isinstance(event, (StageCompleted, StageFailed)):
-        return _Step(state, graph, now, policy).stage_result(event)
+        return _Step(state, graph, now, policy, workers).stage_result(event)
     if isinstance(event, JobCancelRequested):
-        return _Step(state, graph, now, policy).cancel(event)
+        return _Step(state, graph, now, policy, workers).cancel(event)
     if isinstance(event, JobRetryRequested):
-        return _Step(state, graph, now, policy).retry(event)
+        return _Step(state, graph, now, policy, workers).retry(event)
     return _ignored(state, f"{type(event).__name__} is not for the coordinator")
 
 
@@ -171,7 +176,9 @@ def _ignored(state: JobState | None, note: str) -> Decision:
 class _Step:
     """One decision in progress: works on a copy of the state, collects actions."""
 
-    def __init__(self, state: JobState | None, graph: Workflow | None, now: datetime, policy: Policy):
+    def __init__(self, state: JobState | None, graph: Workflow | None, now: datetime, policy: Policy,
+                 workers: Mapping[str, int] | None = None):
+        self.workers = workers or {}
         self.original = state
         self.state = state.model_copy(deep=True) if state is not None else None
         self.graph = graph
@@ -319,17 +326,28 @@ class _Step:
                     and nodes[node_id].status == NodeStatus.waiting):
                 del nodes[node_id]
 
+    def _window(self, planned: PlannedNode) -> int | None:
+        """How many of one job's items of this node may be requested at once: the live workers
+        of its stage (each has one to work on, none waits in the queue in front of another
+        job's request), at least 1 (requests wait for a worker to start), at most the
+        workflow's `max_in_flight`. Unknown worker count: `max_in_flight`."""
+        ceiling = planned.max_in_flight
+        if ceiling is None or planned.stage not in self.workers:
+            return ceiling
+        return max(1, min(ceiling, int(self.workers[planned.stage])))
+
     def _window_full(self, planned: PlannedNode) -> bool:
-        """Fairness: at most `max_in_flight` of one node's items requested at once, so one film's
+        """Fairness: at most `_window` of one node's items requested at once, so one film's
         chunks queue behind each other, not in front of every other job's requests."""
-        if planned.item is None or planned.max_in_flight is None:
+        window = self._window(planned) if planned.item is not None else None
+        if window is None:
             return False
         open_items = sum(
             1 for p in self.plan.nodes.values()
             if p.name == planned.name and p.item is not None and p.id in self.state.nodes
             and self.state.nodes[p.id].status in (NodeStatus.requested, NodeStatus.retry_wait)
         )
-        return open_items >= planned.max_in_flight
+        return open_items >= window
 
     def _advance(self) -> Decision:
         """Request every node whose dependencies are done; finish the job when all are."""

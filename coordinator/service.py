@@ -118,8 +118,13 @@ class Coordinator:
         rescan_interval_s: float = 30.0,
         event_retry: RetryPolicy = EVENT_RETRY,
         unserved_s: float | None = None,
+        workers_interval_s: float = 2.0,
     ):
         self.nc = nc
+        # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
+        # $SRV PING every workers_interval_s: decide() sizes each job's window to them.
+        self.workers_interval_s = workers_interval_s
+        self._workers: dict[str, int] = {}
         # A requested node whose stage no worker has served ($SRV PING) for this long fails with
         # that reason: a stage nobody runs (never started, or given up by `up` after crashing)
         # must not leave its job `running`. None or 0: never.
@@ -158,6 +163,8 @@ class Coordinator:
             durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
         )
         self._advisory_sub = await self._bind_advisories()
+        if self._windowed_stages():
+            await self.count_workers()  # a film submitted right now gets a window of the workers there are
         self._stopping.clear()
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
@@ -168,6 +175,8 @@ class Coordinator:
             ),
             asyncio.create_task(self._tick_loop(), name="coordinator-ticks"),
         ]
+        if self._windowed_stages():
+            self._tasks.append(asyncio.create_task(self._workers_loop(), name="coordinator-workers"))
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
         log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
@@ -365,7 +374,7 @@ class Coordinator:
         for _ in range(MAX_WRITE_CONFLICTS):
             state, revision = await self.read_state(job_id)
             workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
-            decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy)
+            decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy, self._workers)
             if not decision.changed:
                 jlog.debug("event ignored", note=decision.note)
                 if state is not None:
@@ -467,16 +476,20 @@ class Coordinator:
 
     # ------------------------------------------------------------ timers
 
-    async def _tick_loop(self) -> None:
+    async def _every(self, interval_s: float, work: Callable[[], Any], failed: str) -> None:
+        """await work() every interval_s until stopped; a failure is logged, the next goes on."""
         while not self._stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.tick_interval_s)
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
             if self._stopping.is_set():
                 return
             try:
-                await self.tick_once()
+                await work()
             except Exception as e:
-                log.warning("tick failed", error=str(e))
+                log.warning(failed, error=str(e))
+
+    async def _tick_loop(self) -> None:
+        await self._every(self.tick_interval_s, self.tick_once, "tick failed")
 
     async def tick_once(self) -> None:
         """Apply Tick to every running job (deadlines, backoffs). Conflicts wait for the next tick."""
@@ -503,7 +516,8 @@ class Coordinator:
         if not state.status.finished:
             if self.unserved_s:
                 await self._fail_unserved(state, jlog)
-            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy)
+            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy,
+                              self._workers)
         if decision is None or not decision.changed:
             # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
             await self._flush_outbox(job_id, state, revision, jlog)
@@ -513,6 +527,43 @@ class Coordinator:
         except KeyWrongLastSequenceError:
             return  # an event got there first; the next tick sees its state
         self._log_decision(decision, jlog)
+
+    def _windowed_stages(self) -> list[str]:
+        """Stages of the fan-out nodes that have a window (max_in_flight), in any workflow."""
+        return sorted({spec.stage_name(name) for graph in self.graphs.values()
+                       for name, spec in graph.nodes.items() if spec.for_each and spec.max_in_flight})
+
+    async def _workers_loop(self) -> None:
+        await self._every(self.workers_interval_s, self.count_workers, "counting workers failed")
+
+    async def count_workers(self, timeout: float = 0.25) -> dict[str, int]:
+        """Replicas of each windowed stage that answer $SRV PING within `timeout`, those whose
+        setup failed (metadata setup_error) left out: they take no work. The count replaces
+        the last one at once (a worker that stops is out of the next window)."""
+        counts: dict[str, int] = {}
+        for stage in self._windowed_stages():
+            seen: set[str] = set()
+            inbox = self.nc.new_inbox()
+
+            async def on_reply(msg: Any, seen: set[str] = seen) -> None:
+                with contextlib.suppress(Exception):
+                    reply = json.loads(msg.data)
+                    meta = reply.get("metadata") or {}
+                    if not meta.get("setup_error"):
+                        seen.add(str(reply.get("id")))
+
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            try:
+                await self.nc.publish(f"$SRV.PING.{subjects.micro_service_name(stage)}", b"", reply=inbox)
+                await asyncio.sleep(timeout)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            counts[stage] = len(seen)
+        if counts != self._workers:
+            log.info("live workers", **counts)
+        self._workers = counts
+        return counts
 
     async def _stage_served(self, stage: str) -> bool:
         """Whether any replica of `stage` answers a $SRV PING now (it registers once set up)."""

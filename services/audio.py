@@ -12,6 +12,12 @@ from typing import Iterator
 from services.runtime.errors import BadInput
 
 SAMPLE_RATE = 16000
+# The asr stage decodes speech regions widened by this much on each side (VAD edges clip soft
+# word edges), grouped greedily into windows of at most WHISPER_WINDOW_S (whisperx's
+# merge_chunks). The chunk stage replicates that grouping to cut a film only where the whole
+# film's decode would start a new window anyway (services/chunk/plan.py).
+DECODE_MARGIN_S = 0.1
+WHISPER_WINDOW_S = 30.0
 # What Python's wave raises on a damaged or cut-short header (RuntimeError: a chunk size past the end).
 WAV_HEADER_ERRORS = (wave.Error, EOFError, RuntimeError, ValueError, struct.error)
 

@@ -38,14 +38,14 @@ from contracts.stage_options import AsrOptions
 from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
-from services.audio import merge_regions, read_wav, wav_duration, wav_window_digest
+from services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
 from services.runtime.options import default_device
 
 SAMPLE_RATE = 16000
 # Audio kept on each side of a speech region when decoding: VAD edges clip soft word edges.
-REGION_MARGIN_S = 0.1
+REGION_MARGIN_S = DECODE_MARGIN_S
 # Regions made for another audio (a different length) are refused beyond this difference.
 REGION_DURATION_TOLERANCE_S = 0.5
 

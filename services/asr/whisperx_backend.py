@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from contracts.transcript import Segment, Word
+from services.audio import WHISPER_WINDOW_S
 
 SAMPLE_RATE = 16000
 SENTENCE_END = (".", "?", "!", "。", "？", "！", "।")
@@ -40,8 +41,9 @@ DECODE_SHARE = 0.8
 # Language detection looks for speech in this much audio from the start.
 DETECT_WINDOW_S = 600
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
-# Whisper's window: whisperx decodes speech chunks of at most this length.
-CHUNK_S = 30
+# Whisper's window: whisperx decodes speech chunks of at most this length (the chunk stage
+# replicates the grouping: services/audio.WHISPER_WINDOW_S).
+CHUNK_S = int(WHISPER_WINDOW_S)
 
 Regions = list[tuple[float, float]]
 

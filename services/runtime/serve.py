@@ -384,10 +384,10 @@ class StageWorker:
         if self.setup_error is not None:
             raise _Unservable()
         ctx.resources = self.resources
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
         outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        handled = time.perf_counter()
+        handled, handled_wall = time.perf_counter(), time.time()
         slot.release()
         checked = _check_outputs(outputs, self.definition)
         refs: dict[str, Any] = {}
@@ -400,7 +400,10 @@ class StageWorker:
                     if name not in refs:
                         media_type = mimetypes.guess_type(path.name)[0]
                         refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
-                metrics = {**ctx.metrics, "handle_s": handled - started,
+                # started_at / handled_at (Unix seconds): when the handler ran, so a job's record
+                # shows whether its chunks ran at the same time on different workers.
+                metrics = {**ctx.metrics, "handle_s": handled - started, "started_at": started_wall,
+                           "handled_at": handled_wall,
                            "store_s": time.perf_counter() - handled, "delivery": float(delivery),
                            "result_retries": float(failures)}
                 await self._publish(
@@ -443,7 +446,7 @@ class StageWorker:
         outputs, cached_metrics, warnings = hit
         items = {k[len(ITEMS_PREFIX):]: int(v) for k, v in cached_metrics.items() if k.startswith(ITEMS_PREFIX)}
         metrics = {k: v for k, v in cached_metrics.items()
-                   if k not in ("delivery", "cache_hit") and not k.startswith(ITEMS_PREFIX)}
+                   if k not in ("delivery", "cache_hit", "started_at", "handled_at") and not k.startswith(ITEMS_PREFIX)}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
         for message in warnings:  # what the first run said still holds for these outputs
             await self._publish(StageWarning(**event_ids(request), message=message))

@@ -507,3 +507,29 @@ def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
         assert "no demux worker has been running for" in state.error and "captionbus serve demux" in state.error
 
     on_bus(nats_server, scenario)
+
+
+def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_ping(nats_server):
+    """The window of a film's chunks follows the asr replicas answering $SRV PING (real
+    nats.micro services, as services/runtime registers them); one whose setup failed takes no
+    work and is not counted; a stopped one leaves the count."""
+    import nats.micro
+
+    from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+
+    async def scenario(bus: Bus):
+        graphs = {**GRAPHS, "chunked": load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")}
+        name = subjects.micro_service_name("asr")
+        services = [await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata=meta)
+                    for meta in ({"stage": "asr"}, {"stage": "asr"}, {"stage": "asr", "setup_error": "no model"})]
+        async with Coordinator(bus.nc, graphs=graphs, policy=POLICY, workers_interval_s=0.2) as coordinator:
+            assert coordinator._windowed_stages() == ["asr"]
+            assert coordinator._workers == {"asr": 2}  # counted before the first job
+            await services[0].stop()
+            assert await coordinator.count_workers() == {"asr": 1}
+        for service in services[1:]:
+            await service.stop()
+        async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY) as plain:
+            assert plain._windowed_stages() == [] and plain._workers == {}  # nothing to size: no pings
+
+    on_bus(nats_server, scenario)

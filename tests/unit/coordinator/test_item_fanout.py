@@ -6,8 +6,11 @@ import pytest
 
 from contracts import JobStatus, NodeStatus, StageCompleted
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, WorkflowError, check_stages, load_workflow
+from coordinator.decide import Tick, decide
 from tests.unit.coordinator.test_coordinator_decide import (
     OUTPUTS,
+    POLICY,
+    T0,
     artifact,
     failed,
     kinds,
@@ -60,6 +63,37 @@ def test_one_asr_request_per_chunk_within_the_window_then_join_in_order():
         d = step(d, done(node), CHUNKED)
     assert d.state.status == JobStatus.completed
     assert d.state.outputs["transcript"] == artifact("transcript_join.transcript")
+
+
+def through_language_with(workers: dict[str, int], n_chunks: int):
+    d = submit(CHUNKED)
+    for node in ("demux", "vad", "chunk", "language"):
+        extra = {"items": {"chunks": n_chunks}} if node == "chunk" else {}
+        d = decide(d.state, done(node, **extra), CHUNKED, T0, POLICY, workers)
+    return d
+
+
+def test_the_window_is_the_live_workers_of_the_stage_within_max_in_flight():
+    d = through_language_with({"asr": 2}, 10)
+    assert requested(d) == ["asr-0", "asr-1"]  # two workers: one chunk each, none queued
+    d = decide(d.state, done("asr-0"), CHUNKED, T0, POLICY, {"asr": 2})
+    assert requested(d) == ["asr-2"]
+    d = decide(d.state, Tick(T0), CHUNKED, T0, POLICY, {"asr": 3})  # a worker joined: the next tick
+    assert requested(d) == ["asr-3"]
+    d = decide(d.state, Tick(T0), CHUNKED, T0, POLICY, {"asr": 3})
+    assert requested(d) == []  # full
+    d = decide(d.state, done("asr-1"), CHUNKED, T0, POLICY, {"asr": 1})  # two left: nothing new until one is done
+    assert requested(d) == []
+    d = decide(d.state, done("asr-2"), CHUNKED, T0, POLICY, {"asr": 1})
+    assert requested(d) == []
+    d = decide(d.state, done("asr-3"), CHUNKED, T0, POLICY, {"asr": 1})
+    assert requested(d) == ["asr-4"]
+
+
+def test_the_window_has_a_floor_of_one_and_a_ceiling_of_max_in_flight():
+    assert requested(through_language_with({"asr": 0}, 10)) == ["asr-0"]  # waits for a worker to start
+    assert len(requested(through_language_with({"asr": 40}, 10))) == 8  # chunked.yaml: max_in_flight 8
+    assert len(requested(through_language_with({"vad": 3}, 10))) == 8  # asr not counted: the ceiling
 
 
 def test_no_speech_means_no_chunk_and_an_empty_join():

@@ -8,7 +8,7 @@ import pytest
 
 from contracts.speech import SpokenLanguage
 from contracts.transcript import Segment, Transcript, Word
-from services.chunk.plan import EDGE_S, plan_chunks
+from services.chunk.plan import EDGE_S, plan_chunks, whisper_windows
 from services.runtime import BadInput
 from services.transcript_join.stage import join
 
@@ -17,15 +17,53 @@ def spans(chunks):
     return [(r.start, r.end) for c in chunks.chunks for r in c.regions]
 
 
-def test_cuts_at_the_first_long_pause_after_the_target():
-    # 5 s of speech, 0.2 s pause (too short), 5 s, 1 s pause, ...
+def test_cuts_at_the_first_long_pause_after_the_target_where_a_whisper_window_starts():
+    # 10 s of speech, 1 s pauses. Decoded whole, the asr stage's windows (regions widened by
+    # 0.1 s, grouped greedily up to 30 s) start at regions 0, 2 and 4: a cut after region 0
+    # (already past target_s) would make the chunks decode other windows than the film does.
+    regions = [(i * 11.0, i * 11.0 + 10) for i in range(6)]
+    assert whisper_windows(regions, 70.0) == {0, 2, 4}
+    plan = plan_chunks(regions, 70.0, target_s=8, min_silence_s=0.5, max_s=60)
+    assert [[(r.start, r.end) for r in c.regions] for c in plan.chunks] == [
+        [(0, 10), (11, 21)], [(22, 32), (33, 43)], [(44, 54), (55, 65)]]
+    first, second, _ = plan.chunks
+    assert first.start == 0 and first.end == 21.5 == second.start  # the middle of the pause
+    assert plan.chunks[-1].end == 65 + EDGE_S and not any(c.split for c in plan.chunks)
+
+
+def test_a_pause_too_short_to_cut_in_is_passed_over():
+    # 5 s of speech, 0.2 s pause (too short), 5 s, 1 s pause, ...: all one Whisper window, and
+    # max_s leaves room for it: one chunk, as the film decodes it
     regions = [(0, 5), (5.2, 10.2), (11.2, 16.2), (17.2, 22.2)]
     plan = plan_chunks(regions, 30.0, target_s=8, min_silence_s=0.5, max_s=30)
-    assert [[(r.start, r.end) for r in c.regions] for c in plan.chunks] == [
+    assert len(plan.chunks) == 1 and spans(plan) == [(0, 5), (5.2, 10.2), (11.2, 16.2), (17.2, 22.2)]
+    # max_s shorter than a window: cut anyway, at the widest pause, never in the 0.2 s one
+    tight = plan_chunks(regions, 30.0, target_s=8, min_silence_s=0.5, max_s=14)
+    assert [[(r.start, r.end) for r in c.regions] for c in tight.chunks] == [
         [(0, 5), (5.2, 10.2)], [(11.2, 16.2), (17.2, 22.2)]]
-    first, second = plan.chunks
-    assert first.start == 0 and first.end == 10.7 == second.start  # the middle of the pause
-    assert second.end == 22.2 + EDGE_S and not any(c.split for c in plan.chunks)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_each_chunk_decodes_the_whisper_windows_the_whole_film_decodes(seed):
+    """What the asr stage does with one chunk (its regions in chunk times, widened and grouped
+    into windows) gives the windows it forms on the whole film: the same audio, the same words."""
+    rng = random.Random(seed)
+    t, regions = rng.uniform(0.5, 5), []
+    while t < 1200:
+        length = rng.uniform(0.3, 25)
+        regions.append((round(t, 3), round(t + length, 3)))
+        t += length + rng.choice([0.3, 0.4, 0.7, 1.2, 3.0])
+    duration = t + 1
+    whole = whisper_windows(regions, duration)
+    windows_of = lambda rs: [rs[i] for i in sorted(whisper_windows(rs, duration))]  # noqa: E731
+    plan = plan_chunks(regions, duration, target_s=60, min_silence_s=0.3, max_s=120)
+    assert len(plan.chunks) > 5
+    in_chunks = []
+    for c in plan.chunks:
+        local = [(r.start - c.start, r.end - c.start) for r in c.regions]
+        starts = whisper_windows(local, c.end - c.start)
+        in_chunks += [(round(local[i][0] + c.start, 3), round(local[i][1] + c.start, 3)) for i in sorted(starts)]
+    assert in_chunks == windows_of(regions) and len(whole) == len(in_chunks)
 
 
 def test_no_chunking_is_one_chunk_and_no_speech_is_none():
