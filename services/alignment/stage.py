@@ -41,6 +41,7 @@ lists, nltk finds its data, and nothing is downloaded. whisperx itself runs unmo
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -59,6 +60,7 @@ from contracts.transcript import Segment, Transcript, Word
 from core import settings as core_settings
 from services.audio import read_wav, wav_duration
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.cache import model_identity
 from services.runtime.options import default_device
 
 SAMPLE_RATE = 16000
@@ -296,15 +298,33 @@ def parameter_free_punkt(languages: set[str]) -> Path:
     return root
 
 
+def _sources(options: AlignmentOptions) -> dict[str, str | None]:
+    config_file = Path(options.config) if options.config else core_settings.config_path("alignment.yaml")
+    overrides = {f"model_{language}": model for language, model in options.models.items()}
+    return configured_models(overrides, {}, config_file)  # options.models holds CAPTIONBUS_ALIGN_MODEL_* too
+
+
+def declare_model(ctx: SetupContext) -> str:
+    """Every model this worker may align with, before setup() imports torch and whisperx (about
+    10 s here), so the stage cache answers hits meanwhile. Models load lazily per language, so
+    the identity is the whole configured table (language -> source, local folders stamped by
+    size/mtime): changing any language's model makes every alignment entry a miss - coarse, but
+    never a stale hit."""
+    models_dir = Path(ctx.models_dir)
+    table = {
+        language: (model_identity("wav2vec2-ctc", resolve_source(model, models_dir)[0]) if model else None)
+        for language, model in sorted(_sources(ctx.options).items())
+    }
+    return "alignment|" + json.dumps(table, sort_keys=True)
+
+
 def setup(ctx: SetupContext) -> Aligner:
     import nltk
     import torch
     from whisperx.utils import PUNKT_LANGUAGES
 
     options: AlignmentOptions = ctx.options
-    config_file = Path(options.config) if options.config else core_settings.config_path("alignment.yaml")
-    overrides = {f"model_{language}": model for language, model in options.models.items()}
-    sources = configured_models(overrides, {}, config_file)  # options.models holds CAPTIONBUS_ALIGN_MODEL_* too
+    sources = _sources(options)
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
     punkt_dir = parameter_free_punkt(set(PUNKT_LANGUAGES.values()) | {"english"})
     nltk.data.path.insert(0, str(punkt_dir))
@@ -472,4 +492,5 @@ STAGE = StageDefinition(
     options=AlignmentOptions,
     report_packages=("whisperx", "torch", "transformers", "nltk"),
     describe_model=describe_model,
+    declare_model=declare_model,
 )

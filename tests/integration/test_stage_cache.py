@@ -396,3 +396,36 @@ def test_declared_model_identity_follows_the_model_files(tmp_path: Path):
     onnx.write_bytes(b"onnx")
     vad = vad_model(SetupContext(stage="vad", env="t", models_dir=tmp_path, log=log, options=VadOptions(model=str(onnx))))
     assert vad == model_identity("silero-vad-onnx", onnx) and vad.startswith(f"silero-vad-onnx|{onnx}|")
+
+
+def test_alignment_declares_its_whole_model_table_before_loading(tmp_path: Path):
+    """Alignment loads its models lazily per language, so it declares the configured table:
+    a local folder is stamped (retrained weights: a new identity), a hub id is itself, and
+    switching one language off changes the identity too."""
+    import os
+
+    import structlog
+
+    from contracts.stage_options import AlignmentOptions
+    from services.alignment.stage import declare_model
+    from services.runtime import SetupContext
+    from services.runtime.cache import model_identity
+
+    folder = tmp_path / "wav2vec2-en"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    config = tmp_path / "alignment.yaml"
+    config.write_text("models:\n  en: wav2vec2-en\n  hi: some/hub-model\n")
+    log = structlog.get_logger("test")
+
+    def declared(**models):
+        options = AlignmentOptions(config=str(config), models=models)
+        return declare_model(SetupContext(stage="alignment", env="t", models_dir=tmp_path, log=log, options=options))
+
+    first = declared()
+    assert first.startswith("alignment|") and model_identity("wav2vec2-ctc", folder) in first
+    assert "wav2vec2-ctc|some/hub-model" in first and declared() == first
+    (folder / "model.safetensors").write_bytes(b"weights, retrained")
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert declared() != first, "retrained weights must be a cache miss"
+    assert declared(hi=None) != declared(), "alignment switched off for a language changes the identity"
