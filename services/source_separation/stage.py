@@ -31,6 +31,7 @@ from contracts import StageRequest
 from contracts.stage_options import SourceSeparationOptions
 from contracts.stage_params import SourceSeparationParams
 from services.runtime import SetupContext, StageContext, StageDefinition
+from services.runtime.cache import model_identity
 from services.runtime.options import default_device
 from services.source_separation.streaming import (
     SAMPLE_RATE,
@@ -120,6 +121,16 @@ def setup(ctx: SetupContext) -> DemucsModel:
                  sources=list(model.sources), seconds=round(load_seconds, 2))
     return DemucsModel(model, name, repo, device, options.shifts, load_seconds,
                        resample_in, resample_out)
+
+
+def declare_model(ctx: SetupContext) -> str:
+    """The demucs model setup() will load, before torch and demucs are imported (the stage cache
+    answers hits meanwhile): its name, and the repo folder stamped by size/mtime when one is set
+    (a pretrained name resolves through demucs's own download cache: the name is the identity)."""
+    options: SourceSeparationOptions = ctx.options
+    if not options.repo:
+        return f"demucs:{options.model}|pretrained"
+    return model_identity(f"demucs:{options.model}", options.repo)
 
 
 def describe_model(resources: DemucsModel | None) -> str | None:
@@ -217,5 +228,6 @@ STAGE = StageDefinition(
     options=SourceSeparationOptions,
     report_packages=("demucs", "torch", "julius", "numpy"),
     describe_model=describe_model,
+    declare_model=declare_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

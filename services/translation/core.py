@@ -12,6 +12,7 @@ no word times.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from contracts.transcript import Segment, Transcript
 from core.subtitles import load_rules
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
+from services.runtime.cache import model_identity
 from services.translation.glossary import (
     Glossary,
     GlossaryError,
@@ -179,10 +181,12 @@ def translate_transcript(service: TranslationService, transcript: Transcript, so
 
 
 def translation_stage(name: str, load: Callable[[SetupContext], Translator], report_packages: tuple[str, ...],
-                      options: type[TranslationOptions] = TranslationOptions) -> StageDefinition:
+                      options: type[TranslationOptions] = TranslationOptions,
+                      declare: Callable[[SetupContext], dict[str, str]] | None = None) -> StageDefinition:
     """The StageDefinition of a translation backend's service (`name` = its stage name in
     config/translation.yaml); `load` builds the Translator once per process; `options` is the
-    backend's service options model (contracts.stage_options)."""
+    backend's service options model (contracts.stage_options); `declare` names the models `load`
+    will read (slot -> source) without importing torch, so cache hits need not wait for them."""
 
     def setup(ctx: SetupContext) -> TranslationService:
         return setup_service(ctx, load)
@@ -220,9 +224,15 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator], rep
     def describe_model(resources: TranslationService | None) -> str | None:
         return resources.translator.describe() if resources is not None else None
 
+    def declare_model(ctx: SetupContext) -> str:
+        sources = declare(ctx)  # type: ignore[misc]
+        table = {slot: model_identity(name, source) for slot, source in sorted(sources.items())}
+        return f"{name}|" + json.dumps(table, sort_keys=True)
+
     return StageDefinition(name=name, handle=handle, setup=setup, params=TranslationParams,
                            outputs=("transcript",), options=options, report_packages=report_packages,
-                           describe_model=describe_model)
+                           describe_model=describe_model,
+                           declare_model=declare_model if declare is not None else None)
 
 
 def _model_for_pair(translator: Translator, source: str, target: str) -> str:

@@ -197,19 +197,27 @@ def _repair_visarga_rule() -> None:
         cls._captionbus_visarga_repaired = True
 
 
+def indictrans2_sources(ctx: SetupContext) -> dict[str, str]:
+    """direction -> the model load_indictrans2() reads: the option, else the env var
+    config/translation.yaml names for that direction, else the configured default."""
+    options: IndicTrans2Options = ctx.options
+    backend = backend_for_stage(STAGE_NAME)
+    sources = {}
+    for name in DIRECTIONS:
+        slot = backend.models[name]
+        source = (getattr(options, _option_key(name))
+                  or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model)
+        sources[name] = str(Path(source).expanduser()) if source.startswith("~") else source
+    return sources
+
+
 def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
     import torch
     from IndicTransToolkit import IndicProcessor
 
     options: IndicTrans2Options = ctx.options
     backend = backend_for_stage(STAGE_NAME)
-    sources = {}
-    for name in DIRECTIONS:
-        slot = backend.models[name]
-        # config/translation.yaml names the env var that overrides each model
-        source = (getattr(options, _option_key(name))
-                  or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model)
-        sources[name] = str(Path(source).expanduser()) if source.startswith("~") else source
+    sources = indictrans2_sources(ctx)
     device = options.device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
@@ -244,4 +252,5 @@ STAGE = translation_stage(
     load_indictrans2,
     report_packages=("IndicTransToolkit", "transformers", "torch", "sentencepiece", "indic-nlp-library-itt"),
     options=IndicTrans2Options,
+    declare=indictrans2_sources,
 )

@@ -71,6 +71,14 @@ class NllbTranslator:
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 
+def nllb_source(ctx: SetupContext) -> dict[str, str]:
+    """The model load_nllb() reads: the option, else the env var config/translation.yaml names
+    (CAPTIONBUS_NLLB_MODEL), else the configured default."""
+    slot = backend_for_stage(STAGE_NAME).models["any"]
+    options: NllbOptions = ctx.options
+    return {"any": options.model or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model}
+
+
 def load_nllb(ctx: SetupContext) -> NllbTranslator:
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -78,8 +86,7 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
     backend = backend_for_stage(STAGE_NAME)
     slot = backend.models["any"]
     options: NllbOptions = ctx.options
-    # config/translation.yaml names the env var that overrides its model (CAPTIONBUS_NLLB_MODEL)
-    source = options.model or (os.environ.get(slot.model_env) if slot.model_env else None) or slot.model
+    source = nllb_source(ctx)["any"]
     device = options.device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
@@ -104,4 +111,4 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
 
 
 STAGE = translation_stage(STAGE_NAME, load_nllb, report_packages=("transformers", "torch", "tokenizers", "sentencepiece"),
-                          options=NllbOptions)
+                          options=NllbOptions, declare=nllb_source)

@@ -429,3 +429,52 @@ def test_alignment_declares_its_whole_model_table_before_loading(tmp_path: Path)
     os.utime(folder / "model.safetensors", ns=(1, 1))
     assert declared() != first, "retrained weights must be a cache miss"
     assert declared(hi=None) != declared(), "alignment switched off for a language changes the identity"
+
+
+def test_translation_and_separation_declare_their_models_before_loading(tmp_path: Path, monkeypatch):
+    """NLLB, IndicTrans2 and demucs name what setup() will load without importing torch: the
+    option / env override wins, a local folder is stamped, and a changed source is a new identity."""
+    import os
+
+    import structlog
+
+    from contracts.stage_options import IndicTrans2Options, NllbOptions, SourceSeparationOptions
+    from services.runtime import SetupContext
+    from services.runtime.cache import model_identity
+    from services.source_separation.stage import STAGE as DEMUCS
+    from services.translation.indictrans2_stage import STAGE as INDICTRANS2
+    from services.translation.nllb_stage import STAGE as NLLB
+
+    log = structlog.get_logger("test")
+    folder = tmp_path / "nllb-tiny"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+    def declared(stage, options):
+        return stage.declare_model(SetupContext(stage=stage.name, env="t", models_dir=tmp_path, log=log, options=options))
+
+    monkeypatch.delenv("CAPTIONBUS_NLLB_MODEL", raising=False)
+    default = declared(NLLB, NllbOptions())
+    local = declared(NLLB, NllbOptions(model=str(folder)))
+    assert local != default and model_identity("translation_nllb", folder) in local
+    monkeypatch.setenv("CAPTIONBUS_NLLB_MODEL", str(folder))
+    assert declared(NLLB, NllbOptions()) == local, "the env override is what load_nllb reads"
+    (folder / "model.safetensors").write_bytes(b"weights, retrained")
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert declared(NLLB, NllbOptions()) != local
+
+    indic = declared(INDICTRANS2, IndicTrans2Options())
+    assert indic.startswith("translation_indictrans2|") and len(json_table(indic)) >= 2, indic
+
+    repo = tmp_path / "demucs-repo"
+    repo.mkdir()
+    (repo / "tiny.th").write_bytes(b"weights")
+    separated = declared(DEMUCS, SourceSeparationOptions(model="tiny", repo=str(repo)))
+    assert separated == model_identity("demucs:tiny", repo)
+    assert declared(DEMUCS, SourceSeparationOptions(model="htdemucs")) == "demucs:htdemucs|pretrained"
+
+
+def json_table(declared: str) -> dict:
+    import json
+
+    return json.loads(declared.split("|", 1)[1])
