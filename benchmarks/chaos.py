@@ -583,6 +583,7 @@ class Chaos:
 
             self._supervise(fault, restart)
         elif fault.kind == "kill-coord":
+            fault.target = f"coordinator (pid {fleet.coordinator.pid})"
             fault.at = time.time()
             self.held.add("coordinator")
             fleet.coordinator.send_signal(signal.SIGKILL)
