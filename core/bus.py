@@ -259,7 +259,13 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     async def _closed_cb() -> None:
         log.info("nats connection closed", client=name)
 
-    options = {**auth_options(settings), **kwargs}
+    # nats-py pings every 120 s by default: a connection that a network cut left silent (no RST)
+    # stayed "connected" after the cut healed until TCP's retransmit backoff came round. The chaos
+    # run saw a worker's finished result time out for 20 s after a 29 s cut had healed, give up,
+    # and the transcript computed again. Short pings drop a silent connection in ~3 intervals and
+    # the reconnect (a fresh TCP connection) succeeds as soon as the network is back.
+    options = {"ping_interval": settings.ping_interval, "max_outstanding_pings": 2,
+               **auth_options(settings), **kwargs}
     wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
     nc = NATS()
     try:
