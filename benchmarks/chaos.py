@@ -18,8 +18,10 @@ exhaust a request's deliveries by themselves. Clips are espeak-ng sentence pairs
 each job a different clip; Whisper base (CTranslate2) as in the e2e tests.
 
 Two passes in one script: a no-fault pass over every clip first (its SRTs are the reference),
-then the chaos pass over the same clips, submitted a couple of seconds apart while the schedule
-runs. A supervisor restarts what a fault killed (as systemd would), after a seeded 1-3 s.
+then the chaos pass over the same clips, their submits spread over the schedule's expected length
+(`--gap` overrides) so every fault meets jobs in flight. The faults come one at a time (each is
+healed before the next; overlapping faults are not tried). What a fault killed is restarted after
+a seeded 1-3 s, as systemd would; a process that exits by itself is restarted too, and reported.
 
 The schedule (seeded: `--seed` picks the order, the targets, the gaps and the pause/cut lengths):
   kill-worker   kill -9 of an asr worker (and once of another stage's worker); restarted
@@ -30,7 +32,8 @@ The schedule (seeded: `--seed` picks the order, the targets, the gaps and the pa
                 redelivered meanwhile; its late result must not apply twice)
   cut           with root and `ip netns`: the second asr worker runs in its own network namespace
                 (a veth pair to this host; the servers then listen on 0.0.0.0 and that worker
-                joins with CAPTIONBUS_INSECURE=1); the cut takes the host side of the link down for
+                joins with CAPTIONBUS_INSECURE=1: no auth on every interface for the length
+                of the run, so use --no-netns on a shared network); the cut takes the host side of the link down for
                 20-35 s, the heal brings it up. Without root/netns the cut is simulated by a
                 SIGSTOP of that worker for the same time (the bus sees the same silence; only the
                 TCP connection's fate differs), and the table says "cut (simulated)".
