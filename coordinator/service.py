@@ -67,7 +67,7 @@ from contracts.events import JobEvent
 from contracts.jobs import utcnow
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
 from coordinator.graph import Workflow, load_workflows
-from core.bus import provision, publish_event
+from core.bus import provision, publish_event, through_failover
 from core import settings as settings_mod
 from core.retry import RetryPolicy
 from core.settings import Settings
@@ -150,14 +150,17 @@ class Coordinator:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # Each step is idempotent and retried through a cluster that is electing a leader (a
+        # fresh cluster, or a node just lost): the chaos run's coordinator died here with
+        # "nats: timeout" when started with its cluster (benchmarks/chaos.py).
         if self.provision_bus:
-            await provision(self.js)  # idempotent: streams, KV, object store
-        self.kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        await self._ensure_consumer()
-        self._sub = await self.js.pull_subscribe_bind(
+            await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
+        self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
+        await through_failover(self._ensure_consumer, "events consumer")
+        self._sub = await through_failover(lambda: self.js.pull_subscribe_bind(
             durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
-        )
-        self._advisory_sub = await self._bind_advisories()
+        ), "bind events")
+        self._advisory_sub = await through_failover(self._bind_advisories, "bind advisories")
         self._stopping.clear()
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [

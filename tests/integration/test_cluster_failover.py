@@ -92,3 +92,28 @@ def test_a_stage_service_starting_while_the_requests_leader_dies_comes_up(cluste
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 150))
+
+
+def test_a_coordinator_started_with_a_fresh_cluster_provisions_it(tmp_path, monkeypatch):
+    """The chaos run's first try: nodes listening, the cluster still electing its meta leader,
+    and `captionbus coordinator` died in provision() with "internal error: TimeoutError". Its
+    start-up steps now retry through the election."""
+    from coordinator.service import Coordinator
+
+    monkeypatch.setenv("CAPTIONBUS_REPLICAS", "3")
+    cluster = Cluster(tmp_path)
+    cluster.start()  # returns once every node listens: the election is still under way
+
+    async def main():
+        nc = await connect(cluster.url(), "test-coordinator", Settings(home=tmp_path / "coordinator"))
+        coordinator = Coordinator(nc, tick_interval_s=0.5)
+        await coordinator.start()
+        info = await nc.jetstream().stream_info(subjects.REQUESTS_STREAM)
+        assert info.config.num_replicas == 3
+        await coordinator.stop()
+        await nc.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        cluster.stop()
