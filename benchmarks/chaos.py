@@ -65,11 +65,11 @@ Definitions used in the table:
   differing      completed clips whose SRT text differs from the no-fault pass's SRT of the same
                  clip (cue text and times, byte for byte after normalising line ends)
   recovery_s     per fault, from the injection until the faulted part (or its replacement) is back
-                 in service: a worker kill -> the replacement answers $SRV.PING (the supervisor's
-                 1-3 s + interpreter start + model load); pause/cut -> the worker answers
-                 $SRV.PING again after SIGCONT/heal (so at least the hold); the coordinator -> the
-                 first `stage_requested` stored after the kill (only a coordinator publishes
-                 them); a NATS node -> the first job event the cluster stored after the kill
+                 in service: a worker kill -> the replacement's $SRV STATS says it is set up (not
+                 `loading`: the supervisor's 1-3 s + interpreter start + model load); pause/cut ->
+                 the worker answers $SRV STATS again after SIGCONT/heal (so at least the hold);
+                 the coordinator -> the first `stage_requested` stored after the kill (only a
+                 coordinator publishes them); a NATS node -> the first job event the cluster stored after the kill
                  (write availability through the re-election and the clients' reconnects).
                  Server timestamps of the events stream. "idle" when nothing came to measure
                  (e.g. no job needed a new request after a coordinator kill).
@@ -482,7 +482,7 @@ class Fault:
     healed: float = 0.0      # wall clock of the restart / resume / heal
     pid: str = ""            # the worker pid whose work ends the recovery (replacement or resumed)
     note: str = ""
-    recovered: float = 0.0   # wall clock when a worker (resumed or replacement) answered $SRV.PING
+    recovered: float = 0.0   # wall clock when a worker (resumed or replacement) was back in service
     recovery_s: float | None = None
 
 
@@ -536,16 +536,18 @@ class Chaos:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     def watch(self, fault: Fault, stage: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-        """Note when worker `fault.pid` (resumed or replacement) answers $SRV.PING again; give up
+        """Note when worker `fault.pid` (resumed or replacement) is back in service: its $SRV
+        STATS answer says it is no longer `loading` (captionbus.stack.wait_ready's test). Give up
         if that process exits (the supervisor's restart is then an unplanned exit)."""
-        from captionbus.client import collect_replies
+        from captionbus.client import workers
 
         async def go():
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and process.poll() is None:
                 with contextlib.suppress(Exception):
-                    for reply in await collect_replies(self.nc, f"$SRV.PING.{subjects.micro_service_name(stage)}", 0.3):
-                        if str((reply.get("metadata") or {}).get("pid")) == fault.pid:
+                    for reply in await workers(self.nc, 0.3, stage):
+                        if (str(reply["metadata"].get("pid")) == fault.pid
+                                and reply["state"].get("state") != "loading"):
                             fault.recovered = time.time()
                             return
                 await asyncio.sleep(0.2)
