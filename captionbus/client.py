@@ -30,7 +30,7 @@ from contracts import (
 from contracts.events import TERMINAL_KINDS
 from contracts.languages import LANGUAGES
 from core.artifacts import ArtifactStore
-from core.bus import publish_event
+from core.bus import publish_event, through_failover
 
 
 class SubmitError(ValueError):
@@ -62,7 +62,9 @@ async def submit(
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
     the store hardlink a file nobody will edit afterwards."""
     media = check_input_file(media)
-    ref = await store.put(media, name=name or media.name, copy=copy)
+    # Through a stream leader's failover (core.bus.through_failover): both steps are idempotent,
+    # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
+    ref = await through_failover(lambda: store.put(media, name=name or media.name, copy=copy), "upload")
     spec = JobSpec(
         job_id=job_id or new_job_id(),
         workflow=workflow,
@@ -71,7 +73,8 @@ async def submit(
         target_languages=target_languages or [],
         options=options or {},
     )
-    await publish_event(js, JobSubmitted(job_id=spec.job_id, spec=spec))
+    event = JobSubmitted(job_id=spec.job_id, spec=spec)
+    await through_failover(lambda: publish_event(js, event), "submit")
     return spec
 
 

@@ -67,7 +67,7 @@ from contracts.events import JobEvent
 from contracts.jobs import utcnow
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
 from coordinator.graph import Workflow, load_workflows
-from core.bus import provision, publish_event
+from core.bus import provision, publish_event, through_failover
 from core import settings as settings_mod
 from core.retry import RetryPolicy
 from core.settings import Settings
@@ -155,14 +155,17 @@ class Coordinator:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # Each step is idempotent and retried through a cluster that is electing a leader (a
+        # fresh cluster, or a node just lost): the chaos run's coordinator died here with
+        # "nats: timeout" when started with its cluster (benchmarks/chaos.py).
         if self.provision_bus:
-            await provision(self.js)  # idempotent: streams, KV, object store
-        self.kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        await self._ensure_consumer()
-        self._sub = await self.js.pull_subscribe_bind(
+            await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
+        self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
+        await through_failover(self._ensure_consumer, "events consumer")
+        self._sub = await through_failover(lambda: self.js.pull_subscribe_bind(
             durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
-        )
-        self._advisory_sub = await self._bind_advisories()
+        ), "bind events")
+        self._advisory_sub = await through_failover(self._bind_advisories, "bind advisories")
         if self._windowed_stages():
             await self.count_workers()  # a film submitted right now gets a window of the workers there are
         self._stopping.clear()
@@ -537,9 +540,11 @@ class Coordinator:
         await self._every(self.workers_interval_s, self.count_workers, "counting workers failed")
 
     async def count_workers(self, timeout: float = 0.25) -> dict[str, int]:
-        """Replicas of each windowed stage that answer $SRV PING within `timeout`, those whose
-        setup failed (metadata setup_error) left out: they take no work. The count replaces
-        the last one at once (a worker that stops is out of the next window)."""
+        """Replicas of each windowed stage that answer $SRV STATS within `timeout`, those whose
+        setup failed left out (their STATS data says state setup_failed; an older worker said
+        setup_error in its metadata): they take no work. A replica still loading counts, it will
+        serve. The count replaces the last one at once (a worker that stops is out of the next
+        window)."""
         counts: dict[str, int] = {}
         for stage in self._windowed_stages():
             seen: set[str] = set()
@@ -549,12 +554,13 @@ class Coordinator:
                 with contextlib.suppress(Exception):
                     reply = json.loads(msg.data)
                     meta = reply.get("metadata") or {}
-                    if not meta.get("setup_error"):
+                    states = [(e.get("data") or {}).get("state") for e in reply.get("endpoints") or []]
+                    if "setup_failed" not in states and not meta.get("setup_error"):
                         seen.add(str(reply.get("id")))
 
             sub = await self.nc.subscribe(inbox, cb=on_reply)
             try:
-                await self.nc.publish(f"$SRV.PING.{subjects.micro_service_name(stage)}", b"", reply=inbox)
+                await self.nc.publish(f"$SRV.STATS.{subjects.micro_service_name(stage)}", b"", reply=inbox)
                 await asyncio.sleep(timeout)
             finally:
                 with contextlib.suppress(Exception):

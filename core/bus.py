@@ -39,9 +39,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from contracts import subjects
+from core.retry import RetryPolicy
 from core.settings import Settings
 from core.settings import load as load_settings
 
@@ -90,6 +91,32 @@ async def publish_event(js: JetStreamContext, event, msg_id: str | None = None) 
         event.model_dump_json().encode(),
         headers={"Nats-Msg-Id": msg_id or event.event_id},
     )
+
+
+# When the node that leads a stream dies, its replicas elect a new leader; meanwhile a request
+# to that stream gets "no response from stream" (503) or times out. The chaos run
+# (benchmarks/chaos.py, kill -9 of a leader on a 3-node cluster at R3) saw 3-4 s of it: a
+# `submit` exited with the error, and a stage service starting in that window crashed in
+# require_provisioned. Steps retried through it must be idempotent (a content-keyed upload, a
+# publish with Nats-Msg-Id, a lookup). About 20 s in all, then the error.
+FAILOVER_RETRY = RetryPolicy(initial_s=0.5, multiplier=2.0, max_s=4.0, max_attempts=8)
+FAILOVER_ERRORS = (NoStreamResponseError, ServiceUnavailableError, nats.errors.TimeoutError, asyncio.TimeoutError)
+
+
+async def through_failover(step, what: str, policy: RetryPolicy = FAILOVER_RETRY):
+    """`await step()`, retried while the cluster answers like a stream between leaders."""
+    failures = 0
+    while True:
+        try:
+            return await step()
+        except FAILOVER_ERRORS as error:
+            failures += 1
+            if policy.exhausted(failures):
+                raise
+            delay = policy.delay(failures)
+            log.warning("bus busy (a stream electing its leader?); retrying", step=what,
+                        error=f"{type(error).__name__}: {error}", retry=failures, retry_in_s=delay)
+            await asyncio.sleep(delay)
 
 
 def server_urls(url: str) -> list[str]:
@@ -232,7 +259,13 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     async def _closed_cb() -> None:
         log.info("nats connection closed", client=name)
 
-    options = {**auth_options(settings), **kwargs}
+    # nats-py pings every 120 s by default: a connection that a network cut left silent (no RST)
+    # stayed "connected" after the cut healed until TCP's retransmit backoff came round. The chaos
+    # run saw a worker's finished result time out for 20 s after a 29 s cut had healed, give up,
+    # and the transcript computed again. Short pings drop a silent connection in ~3 intervals and
+    # the reconnect (a fresh TCP connection) succeeds as soon as the network is back.
+    options = {"ping_interval": settings.ping_interval, "max_outstanding_pings": 2,
+               **auth_options(settings), **kwargs}
     wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
     nc = NATS()
     try:

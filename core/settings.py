@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     nats_key: Path | None = Field(default=None, description="client private key for CAPTIONBUS_NATS_CERT")
     reconnect_attempts: int = Field(default=60, ge=0, description=(
         "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
+    ping_interval: float = Field(default=5.0, gt=0, description=(
+        "seconds between a client's pings to its server; two unanswered in a row drop the connection "
+        "and reconnect (a network cut without a reset is noticed in about 3 intervals)"))
     result_secret: str | None = Field(default=None, repr=False, description=(
         "the coordinators' shared key for request tokens (default: HOME/coordinator.secret)"))
     unserved_timeout: float = Field(default=600.0, ge=0, description=(

@@ -53,6 +53,7 @@ from core.bus import (
     ensure_stage_consumer_info,
     publish_event,
     require_provisioned,
+    through_failover,
 )
 from core.retry import RetryPolicy
 from core.settings import PROJECT_ROOT, Settings, config_dirs
@@ -694,7 +695,7 @@ async def serve(
         js = nc.jetstream()
         # Before setup, so a worker started ahead of the coordinator fails in a second, not after
         # loading its model. Workers never create streams: that is the coordinator's / `up`'s job.
-        await require_provisioned(js)
+        await through_failover(lambda: require_provisioned(js), "check streams")
 
         setup_ctx = None
         declared = None
@@ -712,12 +713,14 @@ async def serve(
             model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)
-        consumer = await ensure_stage_consumer_info(js, definition.name, policy)
+        consumer = await through_failover(lambda: ensure_stage_consumer_info(js, definition.name, policy),
+                                          "stage consumer")
         durable = consumer.name
         # The consumer decides redelivery, whoever created it: heartbeat at its ack_wait and
         # count exhaustion by its max_deliver, not by this process's own settings.
         policy = effective_policy(consumer)
-        sub = await js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM)
+        sub = await through_failover(lambda: js.pull_subscribe_bind(durable, stream=subjects.REQUESTS_STREAM),
+                                     "bind consumer")
         # Before setup() imports anything: what the key covers is what is known before loading
         # (the stage's own package sources are added, so a module setup() imports later counts).
         fingerprint = await asyncio.to_thread(worker_fingerprint, dict(options or {}), config_dirs(), PROJECT_ROOT,

@@ -131,3 +131,63 @@ def test_fleet_parts_refuse_an_open_bus_off_loopback_unless_insecure(command, tm
         done, seconds = cli(tmp_path, *command, "--insecure", env=env)
         assert done.returncode == 4 and seconds < 15
         assert "cannot connect to NATS" in done.stderr, done.stderr
+
+
+class FreezingProxy:
+    """A TCP proxy to a NATS server whose freeze() makes every connection open at that moment go
+    silent both ways without closing it: what a network cut leaves behind (no RST, the peer's
+    TCP in retransmit backoff long after the cut healed). New connections pass as before."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.connections: list[dict] = []  # {"frozen": bool}, one per connection
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        state = {"frozen": False}
+        self.connections.append(state)
+
+        async def pipe(src, dst):
+            while data := await src.read(65536):
+                if not state["frozen"]:  # frozen: read and dropped, the sockets stay open and silent
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    def freeze(self) -> None:
+        for state in self.connections:
+            state["frozen"] = True
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+def test_a_connection_gone_silent_is_dropped_and_reconnected_in_seconds(nats_server, tmp_path):
+    """Found by the chaos run (benchmarks/chaos.py): after a 29 s network cut healed, a worker's
+    connection stayed silent ~20 s more (nats-py pings every 120 s by default), its finished
+    result's upload gave up and the work was done again. Pings every CAPTIONBUS_PING_INTERVAL
+    (default 5 s) drop a silent connection after two unanswered ones and reconnect."""
+    port = int(nats_server.rsplit(":", 1)[1])
+
+    async def main():
+        proxy = FreezingProxy(port)
+        url = await proxy.start()
+        nc = await connect(url, "test-silent", Settings(home=tmp_path, ping_interval=1.0))
+        await nc.flush(timeout=2)
+        assert nc.stats["reconnects"] == 0
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        while nc.stats["reconnects"] == 0:
+            assert time.monotonic() - frozen_at < 15, "a silent connection was never dropped"
+            await asyncio.sleep(0.1)
+        await nc.flush(timeout=2)  # the new connection works
+        await nc.close()
+        await proxy.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert Settings(home=tmp_path).ping_interval <= 5.0

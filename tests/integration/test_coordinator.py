@@ -509,8 +509,8 @@ def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
     on_bus(nats_server, scenario)
 
 
-def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_ping(nats_server):
-    """The window of a film's chunks follows the asr replicas answering $SRV PING (real
+def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nats_server):
+    """The window of a film's chunks follows the asr replicas answering $SRV STATS (real
     nats.micro services, as services/runtime registers them); one whose setup failed takes no
     work and is not counted; a stopped one leaves the count."""
     import nats.micro
@@ -522,6 +522,11 @@ def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_ping(nats
         name = subjects.micro_service_name("asr")
         services = [await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata=meta)
                     for meta in ({"stage": "asr"}, {"stage": "asr"}, {"stage": "asr", "setup_error": "no model"})]
+        # Today's runtime says a failed setup in its STATS data (services/runtime/state.py).
+        failed = await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata={"stage": "asr"},
+                                              stats_handler=lambda _e: {"state": "setup_failed"})
+        await failed.add_endpoint(name="info", subject="test.asr.info", handler=lambda _r: None)
+        services.append(failed)
         async with Coordinator(bus.nc, graphs=graphs, policy=POLICY, workers_interval_s=0.2) as coordinator:
             assert coordinator._windowed_stages() == ["asr"]
             assert coordinator._workers == {"asr": 2}  # counted before the first job
