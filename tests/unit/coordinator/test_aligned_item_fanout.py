@@ -64,3 +64,15 @@ def test_each_chunk_is_aligned_once_with_its_own_transcript_then_joined_in_chunk
 def test_no_speech_aligns_nothing_and_joins_an_empty_list():
     d = through_language(0)
     assert requested(d) == ["transcript_join"] and d.requests[0].input_lists["transcripts"] == []
+
+
+def test_vad_pyannote_feeds_the_chunk_stage_when_asked():
+    """--vad pyannote (job option vad=pyannote): the chunk stage cuts the regions of the
+    segmentation model whisperx's own VAD uses (vad_pyannote stage) and the Silero node is skipped."""
+    d = submit(ALIGNED, options={"vad": "pyannote"})
+    assert d.state.nodes["vad"].status == NodeStatus.skipped
+    d = step(d, done("demux"), ALIGNED)
+    assert requested(d) == ["vad_pyannote"]
+    d = step(d, StageCompleted(job_id="j1", stage="vad_pyannote", node="vad_pyannote", attempt=1,
+                               outputs={"regions": artifact("vad_pyannote.regions")}), ALIGNED)
+    assert requested(d) == ["chunk"] and d.requests[0].inputs == {"regions": artifact("vad_pyannote.regions")}
