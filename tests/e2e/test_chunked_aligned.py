@@ -61,3 +61,28 @@ def test_chunked_aligned_word_times_equal_unchunked_aligned_each_chunk_aligned_o
     shifts = [abs(x - y) for (_, x), (_, y) in zip(a, b)]
     print(f"{len(a)} words, {len(chunks)} chunks; largest word start difference {max(shifts) * 1000:.1f} ms")
     assert max(shifts) <= 0.02, shifts
+
+
+def test_chunks_cut_from_the_pyannote_vad_whisperx_uses(tmp_path, stage_envs, whisper_model):
+    """`--vad pyannote`: the chunk stage cuts the regions of vad_pyannote (the segmentation
+    model whisperx's own VAD uses) instead of Silero's; the film still reads back in full.
+    Runs under the default CAPTIONBUS_HOME: the segmentation model is looked up in its models dir."""
+    from captionbus.models import ensure_pyannote_segmentation
+
+    ensure_pyannote_segmentation()
+    film, spoken = speech_film(tmp_path / "film.mp4")
+    env = {**os.environ}
+    env.pop("NATS_URL", None)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en", "--vad", "pyannote",
+         "--chunk-s", "10", "-o", "asr.cache=false", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "film.job.json").read_text())
+    assert record["nodes"]["vad_pyannote"]["status"] == "completed" and record["nodes"]["vad"]["status"] == "skipped"
+    assert len(item_nodes(record, "asr")) >= 2
+    import jiwer
+    from tests.e2e.test_chunked import words_of
+    heard = " ".join(w for w, _ in timed_words(json.loads((out / "film.transcript.json").read_text())))
+    assert jiwer.wer(" ".join(words_of(spoken)), heard) < 0.2, heard
