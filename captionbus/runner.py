@@ -112,7 +112,7 @@ def validate_job(
     if not isinstance(vad, dict) and vad not in (None, "silero", "pyannote"):  # a dict: the vad stage's params  # the graphs test `options.vad == pyannote`: a typo would pick silero
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
     if isinstance(vad, str) and "vad_pyannote" not in graph.nodes:
-        raise SubmitError(f"workflow {workflow!r} always uses Silero VAD; --vad chooses for translate and subtitle")
+        raise SubmitError(f"workflow {workflow!r} always uses Silero VAD; --vad chooses for translate, subtitle, chunked and chunked_aligned")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
     if not target_languages and any(node.for_each == "target_languages" for node in graph.nodes.values()):

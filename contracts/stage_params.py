@@ -203,7 +203,11 @@ class TranscriptJoinParams(StageParams):
     """transcript_join: the chunk transcripts, in chunk order, as one transcript."""
 
 
-class AlignmentParams(StageParams):
+class AlignmentParams(ItemParams):
+    """An ItemParams stage: a chunked workflow may align once per chunk (`for_each: chunk.chunks`,
+    `alignment-3` <- `asr-3`); each segment is aligned in its own window of the WAV, so one
+    chunk's request reads only that chunk's audio."""
+
     language: LanguageOrAuto = Field(
         None, description="the transcript's language, checked against it; unset: the job's -s")
 

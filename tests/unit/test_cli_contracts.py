@@ -82,7 +82,7 @@ def test_subtitle_without_targets_is_refused(tmp_path, clip):
 def test_vad_choice_is_refused_where_the_workflow_has_no_choice(tmp_path, clip):
     done = cli("run", str(clip), "--vad", "pyannote", home=tmp_path / "home")
     assert done.returncode == exitcodes.USAGE
-    assert "workflow 'transcribe' always uses Silero VAD; --vad chooses for translate and subtitle" in done.stderr
+    assert "workflow 'transcribe' always uses Silero VAD; --vad chooses for translate, subtitle, chunked and chunked_aligned" in done.stderr
 
 
 def test_up_refuses_an_unknown_stage_before_nats_starts(tmp_path):

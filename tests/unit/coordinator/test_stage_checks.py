@@ -28,7 +28,7 @@ def write(tmp_path: Path, change) -> Path:
 
 
 def test_packaged_workflows_fit_their_stages():
-    assert set(load_workflows(DEFAULT_WORKFLOWS_DIR)) == {"transcribe", "translate", "subtitle", "speech", "chunked"}
+    assert set(load_workflows(DEFAULT_WORKFLOWS_DIR)) == {"transcribe", "translate", "subtitle", "speech", "chunked", "chunked_aligned"}
 
 
 @pytest.mark.parametrize("change, message", [

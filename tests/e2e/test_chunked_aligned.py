@@ -1,0 +1,88 @@
+"""Alignment per chunk end to end (the `chunked_aligned` workflow): `captionbus run` on real parts
+(nats-server, ffmpeg, Silero VAD, Whisper base and the alignment stage in the whisperx env, a tiny
+random wav2vec2 model from tests/model_factory/wav2vec2.py) on an espeak-ng film with pauses,
+once cut into chunks at silences and once as one chunk. Random alignment weights give valid
+CTC paths, not accurate times: what is compared is chunked against unchunked."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.test_chunked import timed_words
+from tests.media import speech_film
+from tests.model_factory.wav2vec2 import ensure_wav2vec2
+from tests.envtools import test_models_root
+
+
+def item_nodes(record: dict, stage: str) -> list[str]:
+    return sorted((n for n in record["nodes"] if n.startswith(f"{stage}-")), key=lambda n: int(n.split("-")[1]))
+
+
+@pytest.fixture(scope="module")
+def aligned_runs(tmp_path_factory, stage_envs, whisper_model):
+    from captionbus.models import ensure_silero_vad
+
+    ensure_silero_vad()
+    root = tmp_path_factory.mktemp("chunked_aligned")
+    film, _ = speech_film(root / "film.mp4", repeat=2)
+    env = {**os.environ, "CAPTIONBUS_HOME": str(root / "home"),
+           "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("NATS_URL", None)
+    runs = {}
+    for chunk_s in ("20", "0"):
+        out = root / f"out{chunk_s}"
+        done = subprocess.run(
+            [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked_aligned", "-s", "en",
+             "--chunk-s", chunk_s, "-o", "asr.cache=false", "-o", "alignment.cache=false", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[chunk_s] = (json.loads((out / "film.transcript.json").read_text()),
+                         json.loads((out / "film.job.json").read_text()))
+    return runs
+
+
+def test_chunked_aligned_word_times_equal_unchunked_aligned_each_chunk_aligned_once(aligned_runs):
+    (chunked, record), (whole, whole_record) = aligned_runs["20"], aligned_runs["0"]
+    assert chunked["aligned"] and whole["aligned"]
+    chunks = item_nodes(record, "asr")
+    assert len(chunks) >= 2, chunks  # the film was really cut
+    # one alignment node per chunk, each requested once and completed
+    assert item_nodes(record, "alignment") == [f"alignment-{i}" for i in range(len(chunks))]
+    for node in item_nodes(record, "alignment"):
+        assert record["nodes"][node]["status"] == "completed" and record["nodes"][node]["attempt"] == 1, record["nodes"][node]
+    assert item_nodes(whole_record, "alignment") == ["alignment-0"]
+    a, b = timed_words(chunked), timed_words(whole)
+    assert [w for w, _ in a] == [w for w, _ in b] and len(a) > 40
+    shifts = [abs(x - y) for (_, x), (_, y) in zip(a, b)]
+    print(f"{len(a)} words, {len(chunks)} chunks; largest word start difference {max(shifts) * 1000:.1f} ms")
+    assert max(shifts) <= 0.02, shifts
+
+
+def test_chunks_cut_from_the_pyannote_vad_whisperx_uses(tmp_path, stage_envs, whisper_model):
+    """`--vad pyannote`: the chunk stage cuts the regions of vad_pyannote (the segmentation
+    model whisperx's own VAD uses) instead of Silero's; the film still reads back in full.
+    Runs under the default CAPTIONBUS_HOME: the segmentation model is looked up in its models dir."""
+    from captionbus.models import ensure_pyannote_segmentation
+
+    ensure_pyannote_segmentation()
+    film, spoken = speech_film(tmp_path / "film.mp4")
+    env = {**os.environ}
+    env.pop("NATS_URL", None)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en", "--vad", "pyannote",
+         "--chunk-s", "10", "-o", "asr.cache=false", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "film.job.json").read_text())
+    assert record["nodes"]["vad_pyannote"]["status"] == "completed" and record["nodes"]["vad"]["status"] == "skipped"
+    assert len(item_nodes(record, "asr")) >= 2
+    import jiwer
+    from tests.e2e.test_chunked import words_of
+    heard = " ".join(w for w, _ in timed_words(json.loads((out / "film.transcript.json").read_text())))
+    assert jiwer.wer(" ".join(words_of(spoken)), heard) < 0.2, heard
