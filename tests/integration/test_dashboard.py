@@ -219,6 +219,10 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
 async def _check_downloads(urls: dict[str, str], tmp_path: Path, media: bytes) -> None:
     """--downloads with the plain dashboard role: its probe finds it may not read artifacts, so
     no links. With the dashboard_downloads role: a link, streaming the output's exact bytes."""
+    def download_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("captionbus-download-*"))
+
+    before = download_dirs()  # other processes on this machine may have their own
     for role, allowed in (("dashboard", False), ("dashboard_downloads", True)):
         port, ready = _free_port(), asyncio.Event()
         settings = Settings(home=tmp_path / f"{role}-dl", nats_url=urls[role], artifacts_mode="object", host_id=role)
@@ -244,7 +248,12 @@ async def _check_downloads(urls: dict[str, str], tmp_path: Path, media: bytes) -
                 assert (await http.get("/api/jobs/job-ok/outputs/nope")).status_code == 404
                 assert (await http.get("/api/jobs/no-such-job/outputs/media")).status_code == 404
                 assert (await http.get(f"/api/jobs/job-ok/outputs/{'0' * 64}")).status_code == 404
-            assert not list(Path(tempfile.gettempdir()).glob("captionbus-download-*")), "a download left its file"
+            # The temporary copy is removed by a background task after the body is sent, so
+            # the client may see the response end a moment before the folder goes.
+            deadline = time.monotonic() + 10
+            while (left := download_dirs() - before) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not left, f"a download left its file: {left}"
         finally:
             task.cancel()
             with contextlib.suppress(BaseException):
