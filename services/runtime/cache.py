@@ -1,7 +1,8 @@
 """Stage output cache: same stage inputs + parameters + model + environment -> reuse the outputs.
 
 Artifacts are content-addressed, so a finished stage is fully described by the hashes of what
-went in and the settings it ran with. The key is a sha256 over: stage name and its
+went in and the settings it ran with. The key is `<stage>.` (so per-stage NATS users may write
+only their own stage's entries) followed by a sha256 over: stage name and its
 `cache_version`, the worker's env and package versions, the model (the stage's declaration made
 before loading it, StageDefinition.declare_model, so a hit is answered while the model loads;
 else the loaded model's describe_model, and lookups wait for setup()), the
@@ -124,7 +125,10 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fi
         "params": {k: v for k, v in sorted(request.params.items()) if k not in IGNORED_PARAMS and k not in ignores},
     }
     blob = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    # The stage name leads the key (KV subject $KV.cb_stage_cache.<stage>.<sha256>), so a
+    # per-stage worker user may write only its own stage's entries (roles.conf WORKER_ASR):
+    # without it, an asr credential could plant an entry that a demux worker would answer from.
+    return f"{request.stage}.{hashlib.sha256(blob.encode()).hexdigest()}"
 
 
 class StageCache:

@@ -165,7 +165,8 @@ def test_local_root_serves_only_what_the_bus_user_may_read(tmp_path):
 
 def test_a_stage_worker_user_takes_and_reports_for_its_own_stage_only(tmp_path):
     """WORKER_ASR (roles.conf) serves asr; it cannot see, pull or create another stage's
-    consumer, so it never holds a demux request's token, and its forged demux result is refused."""
+    consumer, so it never holds a demux request's token, and its forged demux result is refused;
+    it cannot write a demux stage-cache entry either."""
     users = {"coordinator": "COORDINATOR", "client": "CLIENT", "worker": "WORKER", "worker-asr": "WORKER_ASR"}
     graphs = {"two": Workflow.from_dict({
         "name": "two",
@@ -207,6 +208,11 @@ def test_a_stage_worker_user_takes_and_reports_for_its_own_stage_only(tmp_path):
                     subjects.REQUESTS_STREAM, durable_name="stage-demux2", filter_subject="captionbus.req.demux"))
                 sub = await js["worker-asr"].pull_subscribe_bind(durable="stage-demux", stream=subjects.REQUESTS_STREAM)
                 assert await _denied(sub.fetch(1, timeout=0.5))
+                # Nor plant a stage-cache entry a demux worker would answer from (keys lead with
+                # the stage: services/runtime/cache.py); its own stage's entries it may write.
+                cache_kv = await js["worker-asr"].key_value(subjects.STAGE_CACHE_BUCKET)
+                assert await _denied(cache_kv.put("demux." + "0" * 64, b'{"outputs": {}}'))
+                assert await cache_kv.put("asr." + "0" * 64, b'{"outputs": {}}')
                 with_refusals = len(violations(log))
                 # Reporting for it: the result subject is open to every worker, but without the
                 # demux request's token the coordinator does not apply it.
