@@ -112,6 +112,7 @@ from core.bus import connect, require_provisioned
 from core.logging import configure_logging
 from core.settings import Settings
 from core.settings import load as load_settings
+from tests.natsroles import free_ports
 
 ASR_REPLICAS = 2
 OTHER_STAGES = ["demux", "vad", "subtitle_gen", "mux"]
@@ -122,16 +123,6 @@ KV_STREAM = f"KV_{subjects.JOBS_BUCKET}"
 
 def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _ports(n: int) -> list[int]:
-    held = [socket.socket() for _ in range(n)]
-    for sock in held:
-        sock.bind(("127.0.0.1", 0))
-    numbers = [sock.getsockname()[1] for sock in held]
-    for sock in held:
-        sock.close()
-    return numbers
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -162,7 +153,7 @@ class Cluster:
     """Three nats-server nodes with JetStream, routes on loopback."""
 
     def __init__(self, root: Path, listen_host: str = "127.0.0.1"):
-        numbers = _ports(6)
+        numbers = free_ports(6)
         ports, cports = numbers[:3], numbers[3:]
         self.nodes: list[Node] = []
         routes = "\n".join(f"    nats-route://127.0.0.1:{p}" for p in cports)

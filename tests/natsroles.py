@@ -7,6 +7,7 @@ import contextlib
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -79,3 +80,14 @@ async def denied(call, timeout: float = 0.75) -> bool:
     except Exception:
         return True
     return False
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (all held open at once, so none repeats)."""
+    held = [socket.socket() for _ in range(n)]
+    for sock in held:
+        sock.bind(("127.0.0.1", 0))
+    numbers = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    return numbers

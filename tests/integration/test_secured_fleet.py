@@ -18,20 +18,10 @@ from captionbus.server import nats_server_binary
 from contracts import subjects
 from core.bus import BusError, connect, require_provisioned
 from core.settings import Settings
-from tests.natsroles import users_block
+from tests.natsroles import free_ports, users_block
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 ROLES = ("coordinator", "worker", "client", "dashboard")
-
-
-def _ports(n: int) -> list[int]:
-    held = [socket.socket() for _ in range(n)]
-    for sock in held:
-        sock.bind(("127.0.0.1", 0))
-    numbers = [sock.getsockname()[1] for sock in held]
-    for sock in held:
-        sock.close()
-    return numbers
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -81,7 +71,7 @@ def secured_cluster(tmp_path):
     conf_dir.mkdir()
     (conf_dir / "roles.conf").write_text((DEPLOY / "roles.conf").read_text())
     template = (DEPLOY / "cluster-node.conf").read_text()
-    numbers = _ports(6)
+    numbers = free_ports(6)
     ports, cports = numbers[:3], numbers[3:]
     procs = []
     for i in range(3):
