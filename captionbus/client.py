@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -131,7 +131,9 @@ async def follow(
     else:
         start = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
-    sub = await js.subscribe(subject, ordered_consumer=True, config=config)
+    # Creating the consumer asks the meta leader; right after a node dies it may be electing one
+    # (a timeout), like a stream's leader for submit (core.bus.through_failover).
+    sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=config), "follow")
     try:
         async for msg in sub.messages:
             pending = _pending(msg)

@@ -17,7 +17,7 @@ from benchmarks.chaos import Cluster, stream_leader
 from captionbus.client import follow, submit
 from contracts import subjects
 from core.artifacts import ArtifactStore
-from core.bus import StagePolicy, connect, provision
+from core.bus import StagePolicy, connect, provision, through_failover
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve
@@ -68,7 +68,8 @@ def test_submit_rides_through_the_events_stream_leader_being_killed(cluster, tmp
 
         kinds = [e.kind async for e in follow(js, spec.job_id, stop_at_end=False, stop_when_caught_up=True)]
         assert kinds == ["submitted"]  # stored once, whatever the retries
-        assert (await js.stream_info(subjects.EVENTS_STREAM)).cluster.leader != killed
+        info = await through_failover(lambda: js.stream_info(subjects.EVENTS_STREAM), "stream info")
+        assert info.cluster.leader != killed
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
@@ -117,3 +118,4 @@ def test_a_coordinator_started_with_a_fresh_cluster_provisions_it(tmp_path, monk
         asyncio.run(asyncio.wait_for(main(), 120))
     finally:
         cluster.stop()
+
