@@ -26,8 +26,9 @@ What bounds each number:
   (the bus, the disk, memory bandwidth).
 - Fairness: a short job's asr request waits for the first worker to finish the chunk it is on (a
   running chunk is never preempted; with the window = workers no other chunk of the film is queued
-  in front of it), so its extra wait is about a chunk's decode time / (workers + 1): shorter
-  chunks (--chunk-s) make short jobs wait less.
+  in front of it), so its extra wait is about a chunk's decode time / (workers + 1) on average and
+  a whole chunk at worst: shorter chunks (--chunk-s) make short jobs wait less. Clips arrive at
+  random moments (see fairness()).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import asyncio
 import heapq
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -163,7 +165,8 @@ async def fanout(root: Path, film: Path, clip: Path, chunk_s: float) -> None:
             wall, events = await stack.job(film, chunk_s)  # the film alone
             results[workers] = (wall, events, window)
             if workers == 2:
-                results["clip"] = await fairness(stack, film, clip, chunk_s)
+                chunk_decode = statistics.median(asr_phase(results[1][1])[0])
+                results["clip"] = await fairness(stack, film, clip, chunk_s, chunk_decode)
     one, two = results[1][0], results[2][0]
     decode, phase = asr_phase(results[1][1])
     decode2, phase2 = asr_phase(results[2][1])
@@ -184,15 +187,28 @@ async def fanout(root: Path, film: Path, clip: Path, chunk_s: float) -> None:
         print(f"{f'{n} (projected)':<34}{projected:>10.1f}{one / projected:>8.2f}{asr:>14.1f}{phase / asr:>8.2f}")
     idle, busy = results["clip"]
     ratios = [b / idle for b in busy]
-    print(f"\n{clip.name} on an idle stack {idle:.1f} s; submitted while the film's chunks are queued "
-          f"({len(busy)} times): {', '.join(f'{b:.1f}' for b in busy)} s; ratio median "
+    chunk_decode = statistics.median(decode)
+    print(f"\n{clip.name} on an idle stack {idle:.1f} s; submitted at random moments while the film's chunks "
+          f"are decoding ({len(busy)} times): {', '.join(f'{b:.1f}' for b in busy)} s; ratio median "
           f"{statistics.median(ratios):.2f}x, worst {max(ratios):.2f}x (the issue asks <= 2x)")
+    print(f"model: its asr request waits for the first of 2 workers to finish a chunk (median decode "
+          f"{chunk_decode:.1f} s): median wait 0.29 x that = {0.29 * chunk_decode:.1f} s, "
+          f"i.e. {(idle + 0.29 * chunk_decode) / idle:.2f}x; at worst a whole chunk, "
+          f"{(idle + chunk_decode) / idle:.2f}x")
 
 
-async def fairness(stack: Stack, film: Path, clip: Path, chunk_s: float) -> tuple[float, list[float]]:
+async def fairness(stack: Stack, film: Path, clip: Path, chunk_s: float,
+                   chunk_decode_s: float) -> tuple[float, list[float]]:
     """The clip alone (best of two), then the clip again and again while the film's asr phase
     lasts: each submitted while the film's chunks are queued. Only clips that finished while
-    the film still had chunks to decode count."""
+    the film still had chunks to decode count.
+
+    Between clips a random pause (seeded) of 0.5 s to 0.5 s + a chunk's decode time: submitted
+    the moment the previous clip ends, every clip would arrive just after its worker took a
+    fresh chunk of the film (the worker that served the clip goes straight back to the film)
+    and wait a whole chunk. That phase lock is the benchmark's, not a user's; the worst case
+    is printed all the same."""
+    gaps = random.Random(12)
     idle = min([(await stack.job(clip, chunk_s))[0] for _ in range(2)])
     chunks_queued, film_asr_done = asyncio.Event(), asyncio.Event()
     left: dict[str, bool] = {}
@@ -215,7 +231,7 @@ async def fairness(stack: Stack, film: Path, clip: Path, chunk_s: float) -> tupl
         took, _ = await stack.job(clip, chunk_s)
         if not film_asr_done.is_set():
             busy.append(took)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(gaps.uniform(0.5, 0.5 + chunk_decode_s))
     await film_job
     if not busy:
         raise SystemExit("the film's chunks were done before any clip finished: use a longer --film-min")

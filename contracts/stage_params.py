@@ -167,8 +167,15 @@ class AsrParams(ItemParams):
         None, description="must name the model the asr service loaded (its path, folder name or id)")
 
 
-# chunk: cut speech into chunks at silences for one asr request each.
-DEFAULT_CHUNK_TARGET_S = 120.0
+# chunk: cut speech into chunks at silences for one asr request each. The default target is
+# 60 s because a running chunk is never preempted: another job's asr request waits for the
+# first worker to finish its chunk. Measured (benchmarks/fanout.py, base model, 1 thread per
+# worker): a 60 s chunk decodes in 5-11 s, and a 20 s clip that takes 3.2 s on an idle stack
+# waited up to one chunk. 120 s doubled that wait; 30 s halves it. Per-chunk overhead was 0.01 s,
+# so shorter chunks cost nothing measurable in throughput, but every chunk is a node of the
+# job's state (services/chunk/stage.py MAX_CHUNKS): the unset default stretches for films too
+# long to fit.
+DEFAULT_CHUNK_TARGET_S = 60.0
 MIN_CHUNK_TARGET_S = 5.0
 MAX_CHUNK_TARGET_S = 3600.0
 
@@ -177,7 +184,8 @@ class ChunkParams(StageParams):
     target_s: Annotated[float, Field(ge=0, le=MAX_CHUNK_TARGET_S), NOT_BOOL] = Field(
         DEFAULT_CHUNK_TARGET_S,
         description=f"cut a chunk at the first silence after this many seconds (0: the whole audio is one chunk; "
-                    f"else at least {MIN_CHUNK_TARGET_S:g})")
+                    f"else at least {MIN_CHUNK_TARGET_S:g}; unset: {DEFAULT_CHUNK_TARGET_S:g}, longer for a film that "
+                    f"would need more chunks than a job holds)")
     min_silence_s: Annotated[float, Field(ge=0, le=10), NOT_BOOL] = Field(
         0.3, description="a pause must be this long to cut there (when max_s forces a cut: the widest pause)")
     max_s: Annotated[float, Field(ge=MIN_CHUNK_TARGET_S, le=2 * MAX_CHUNK_TARGET_S), NOT_BOOL] | None = Field(

@@ -7,6 +7,7 @@ language (-s), it also writes the `language` output (SpokenLanguage), so the chu
 language-detection request on the asr queue first (one queue wait less for every such job)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -20,8 +21,17 @@ from services.runtime import BadInput, StageContext, StageDefinition
 
 
 # Every chunk is a node of the job's state (one KV value, about 1 KB a node, under NATS's 1 MB
-# message limit): 300 chunks is a 10-hour film at the default 120 s.
+# message limit): 300 chunks is a 5-hour film at the default 60 s. A longer film with target_s
+# unset gets longer chunks (the default stretches); a target_s the job gave is kept, and too many
+# chunks is refused with the --chunk-s that would fit.
 MAX_CHUNKS = 300
+
+
+def fitting_target_s(duration_s: float) -> float:
+    """A target length that cuts `duration_s` into at most MAX_CHUNKS chunks: a chunk ends at the
+    first pause after the target, so chunks run a little longer than it and the count stays under
+    duration / target; the 1.5 margin covers chunks that end early (max_s, the audio's end)."""
+    return float(math.ceil(duration_s / MAX_CHUNKS * 1.5))
 
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
@@ -32,12 +42,18 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "document"
         raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
-    chunks = plan_chunks([(r.start, r.end) for r in regions.regions], regions.duration,
-                         params.target_s, params.min_silence_s, params.max_length_s)
+    spans = [(r.start, r.end) for r in regions.regions]
+    chunks = plan_chunks(spans, regions.duration, params.target_s, params.min_silence_s, params.max_length_s)
+    if len(chunks.chunks) > MAX_CHUNKS and "target_s" not in params.model_fields_set:
+        stretched = params.model_copy(update={"target_s": fitting_target_s(regions.duration)})
+        ctx.progress(0.0, f"{regions.duration / 3600:.1f} h of audio: chunks of {stretched.target_s:g} s, not "
+                          f"{params.target_s:g} s (at most {MAX_CHUNKS} chunks a job)")
+        params = stretched
+        chunks = plan_chunks(spans, regions.duration, params.target_s, params.min_silence_s, params.max_length_s)
     if len(chunks.chunks) > MAX_CHUNKS:
         raise BadInput(f"target_s {params.target_s:g} cuts this {regions.duration / 60:.0f}-minute audio into "
                        f"{len(chunks.chunks)} chunks; at most {MAX_CHUNKS} (every chunk is a node in the job's "
-                       f"state): use --chunk-s {regions.duration / MAX_CHUNKS * 1.5:.0f} or more")
+                       f"state): use --chunk-s {fitting_target_s(regions.duration):.0f} or more")
     out = ctx.work_dir / "chunks.json"
     out.write_text(chunks.model_dump_json(indent=1))
     ctx.items["chunks"] = len(chunks.chunks)

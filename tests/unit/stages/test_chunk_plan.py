@@ -125,7 +125,7 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
     (tmp_path / "regions.json").write_text(regions.model_dump_json())
     ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
     chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
-    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 60}  # a 2-hour film at 120 s
+    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 120}  # a 2-hour film at 60 s
     assert "language" not in handle(ctx.request, ctx)  # not given: the language node detects it
     given = make_fake_context(tmp_path / "c", "chunk", inputs={"regions": tmp_path / "regions.json"},
                               params={"source_language": "EN"})
@@ -134,3 +134,24 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
                              params={"target_s": 5})
     with pytest.raises(BadInput, match="1200 chunks; at most 300 .* use --chunk-s 36 or more"):
         handle(tiny.request, tiny)
+
+
+def test_an_unset_target_stretches_for_a_film_too_long_for_one_job_and_a_given_one_is_kept(tmp_path):
+    """A 10-hour film at the default 60 s would be ~600 chunks, over MAX_CHUNKS: with target_s
+    unset the chunk stage picks longer chunks (and says so); a target_s the job gave is refused."""
+    from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from services.chunk.stage import MAX_CHUNKS, handle
+    from tests.unit.stages.fake_context import make_fake_context
+
+    regions = SpeechRegions(backend="silero", duration=36000,
+                            regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(6000)])
+    (tmp_path / "regions.json").write_text(regions.model_dump_json())
+    ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
+    chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
+    assert 100 < len(chunks.chunks) <= MAX_CHUNKS
+    assert min(c.end - c.start for c in chunks.chunks[:-1]) > 170  # target ceil(36000 / 300 * 1.5) = 180, cut mid-pause
+    assert chunks.chunks[0].start == 0 and chunks.chunks[-1].end == 36000
+    given = make_fake_context(tmp_path / "b", "chunk", inputs={"regions": tmp_path / "regions.json"},
+                              params={"target_s": 60})
+    with pytest.raises(BadInput, match="6000 chunks|[0-9]+ chunks; at most 300 .* use --chunk-s 180 or more"):
+        handle(given.request, given)
