@@ -122,7 +122,7 @@ class Coordinator:
     ):
         self.nc = nc
         # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
-        # $SRV PING every workers_interval_s: decide() sizes each job's window to them.
+        # $SRV STATS every workers_interval_s: decide() sizes each job's window to them.
         self.workers_interval_s = workers_interval_s
         self._workers: dict[str, int] = {}
         # A requested node whose stage no worker has served ($SRV PING) for this long fails with
