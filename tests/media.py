@@ -28,12 +28,12 @@ def tools_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def _run(args: list[str]) -> None:
+def _run(args: list[str], timeout: float = 120) -> None:
     if args[0] == "ffmpeg":
         from core.mediatools import ffmpeg_path
 
         args = [ffmpeg_path(), *args[1:]]
-    subprocess.run(args, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    subprocess.run(args, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
 
 
 def path_without(tools: tuple[str, ...], scratch: Path) -> str:
@@ -257,6 +257,7 @@ def speech_film(path: Path, sentences=FILM_SENTENCES, pauses=(0.4, 0.7, 1.2), re
     if video:
         _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10",
               "-i", str(audio), "-map", "0:v", "-map", "1:a", "-shortest", "-c:v", "libx264", "-preset", "ultrafast",
-              "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "48k", str(path)])
+              "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "48k", str(path)],
+             timeout=max(120.0, len(pcm) / (2 * rate) / 10))  # a 2-hour film (benchmarks/fanout.py --memory): 720 s
         audio.unlink()
     return path, " ".join(texts)

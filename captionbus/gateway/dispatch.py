@@ -21,8 +21,9 @@ dedupe on it. Events of one job reach one subscriber in stream order, one at a t
 Gateway-wide subscribers get every job's events (filtered by kind): every gateway follows the
 `submitted` events (from `catchup_s` before it started, so jobs submitted while no gateway ran
 are not missed) and creates the job's records with `kv.create`, which only one gateway wins.
-The URL is checked against the allow-list again before each delivery: the client role may write
-this bucket, and a record naming another URL is not delivered.
+The URL is checked against the allow-list again before each delivery: every gateway (the
+`gateway` user, deploy/nats/roles.conf HTTP_GATEWAY) may write this bucket, and a record naming
+another URL is not delivered.
 """
 from __future__ import annotations
 

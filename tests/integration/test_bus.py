@@ -188,7 +188,7 @@ def test_provision_with_default_replicas_never_scales_an_r3_bus_down(nats_cluste
 # ---- deploy/nats: the role permissions, parsed and exercised by the real code paths ------------
 
 NATS_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
-ROLES = ("coordinator", "worker", "client", "dashboard", "dashboard_downloads")
+ROLES = ("coordinator", "worker", "client", "gateway", "dashboard", "dashboard_downloads")
 
 
 def _copy_nats_deploy(dest: Path) -> None:
@@ -209,11 +209,28 @@ def test_deploy_accounts_conf_parses(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_the_gateway_role_is_a_client_plus_the_webhook_state():
+    """roles.conf cannot splice one list into another, so HTTP_GATEWAY repeats CLIENT's subjects:
+    held together here (a right added to clients must reach the gateway that serves them)."""
+    import re
+
+    text = (NATS_DEPLOY / "roles.conf").read_text()
+
+    def subjects_of(role: str) -> set[str]:
+        block = re.search(rf"^{role} = {{\n(.*?)^}}$", text, re.S | re.M).group(1)
+        return set(re.findall(r'"([^"]+)"', re.sub(r"#.*", "", block)))
+
+    client, gateway = subjects_of("CLIENT"), subjects_of("HTTP_GATEWAY")
+    assert client < gateway
+    assert {s for s in gateway - client if "webhooks" not in s} == {
+        "captionbus.job.*.completed", "captionbus.job.*.failed", "captionbus.job.*.cancelled"}
+
+
 @pytest.fixture
 def acl_server(tmp_path):
     """A server whose users have exactly the deploy/nats/roles.conf permissions (test passwords).
     Yields {role: url} and the server log, where violations are recorded."""
-    with roles_server(tmp_path, {r: r.upper() for r in ROLES}) as served:
+    with roles_server(tmp_path, {r: "HTTP_GATEWAY" if r == "gateway" else r.upper() for r in ROLES}) as served:
         yield served
 
 
@@ -304,7 +321,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
             assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
 
-            # Client as the HTTP gateway: the terminal-event subscriptions and webhook state in KV
+            # The HTTP gateway's role: the terminal-event subscriptions and webhook state in KV
             # (a record created, its attempts written back, listed and read, swept, released).
             import httpx
 
@@ -312,20 +329,20 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             from captionbus.gateway.dispatch import DispatchConfig, Dispatcher
             from captionbus.gateway.ends import JobEnds
 
-            await JobEnds().attach(nc["client"])
+            await JobEnds().attach(nc["gateway"])
             async with httpx.AsyncClient() as http:
                 hooks = Dispatcher(DispatchConfig(secret=b"s", allow=["http://127.0.0.1:9/"], subscribers=[],
                                                   lease_s=3), http, job_events)
-                assert await hooks.add(js["client"], "job-acl", "callback", "http://127.0.0.1:9/")
-                assert not await hooks.add(js["client"], "job-acl", "callback", "http://127.0.0.1:9/")
+                assert await hooks.add(js["gateway"], "job-acl", "callback", "http://127.0.0.1:9/")
+                assert not await hooks.add(js["gateway"], "job-acl", "callback", "http://127.0.0.1:9/")
                 deadline = time.monotonic() + 10
-                while not (records := await hooks.records(js["client"], "job-acl"))[0].deliveries:
+                while not (records := await hooks.records(js["gateway"], "job-acl"))[0].deliveries:
                     assert time.monotonic() < deadline, records
                     await asyncio.sleep(0.2)
                 assert records[0].deliveries[0]["attempts"] >= 1 and records[0].deliveries[0]["status"] == "pending"
-                assert await hooks.sweep(js["client"]) == 0  # its own, leased
+                assert await hooks.sweep(js["gateway"]) == 0  # its own, leased
                 await hooks.stop()
-                released = (await hooks.records(js["client"], "job-acl"))[0]
+                released = (await hooks.records(js["gateway"], "job-acl"))[0]
                 assert released.owner is None and released.lease_until == 0  # a restart resumes at once
 
             allowed_so_far = violations(server_log)[denied_before:]
@@ -335,6 +352,9 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             assert await _denied(js["worker"].publish("captionbus.job.job-acl.submitted", event))
             assert await _denied(js["worker"].publish("captionbus.job.job-x.cancel_requested", event))
             assert await _denied(js["client"].publish("captionbus.job.job-acl.stage_completed", event))
+            # webhook records are the gateway's: a client can neither edit nor read them
+            assert await _denied(js["client"].publish("$KV.cb_webhooks.job-acl.callback", event))
+            assert await _denied(js["client"].key_value(subjects.WEBHOOKS_BUCKET))
             assert await _denied(js["client"].publish(subjects.stage_request("noop"), event))
             assert await _denied(js["dashboard"].publish("captionbus.job.job-acl.cancel_requested", event))
             assert await _denied(js["dashboard"].delete_consumer(subjects.REQUESTS_STREAM, "stage-noop"))
@@ -370,4 +390,4 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     allowed_so_far = asyncio.run(asyncio.wait_for(main(), 90))
     assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
     denied = violations(server_log)
-    assert len(set(denied)) == 14 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
+    assert len(set(denied)) == 16 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
