@@ -5,7 +5,7 @@ process of `captionbus run` on a long film vs a 3-minute clip (memory follows th
 
     python benchmarks/fanout.py                     # the size: a 20-minute film
     python benchmarks/fanout.py --memory            # a 2-hour film vs a 3-minute one through `run`
-    python benchmarks/fanout.py --film-min 4 --chunk-s 30           # reduced, minutes not an hour
+    python benchmarks/fanout.py --film-min 4                       # reduced, minutes not an hour
     python benchmarks/fanout.py --memory --memory-film-min 12       # reduced
 
 Each asr worker gets one thread (CAPTIONBUS_ASR_THREADS=1, what `run --replicas 2` gives each of
@@ -52,6 +52,7 @@ from captionbus.runner import start_stage_services  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
 from contracts.events import TERMINAL_KINDS  # noqa: E402
+from contracts.stage_params import DEFAULT_CHUNK_TARGET_S  # noqa: E402
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow  # noqa: E402
 from coordinator.service import Coordinator  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402
@@ -301,7 +302,8 @@ def memory(root: Path, long_film: Path, short: Path, chunk_s: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--film-min", type=float, default=20.0)
-    parser.add_argument("--chunk-s", type=float, default=60.0)
+    parser.add_argument("--chunk-s", type=float, default=DEFAULT_CHUNK_TARGET_S,
+                        help=f"chunk target length (default: the product's, {DEFAULT_CHUNK_TARGET_S:g})")
     parser.add_argument("--memory", action="store_true", help="only the memory comparison, through `captionbus run`")
     parser.add_argument("--memory-film-min", type=float, default=120.0)
     parser.add_argument("--short-min", type=float, default=3.0)

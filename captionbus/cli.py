@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from captionbus import exitcodes
+from contracts.stage_params import DEFAULT_CHUNK_TARGET_S
 from core.settings import load
 
 console = Console(stderr=True)
@@ -165,7 +166,8 @@ job_options = [
                  help="TSV of terms to keep or map in translation (source<TAB>target)."),
     click.option("--chunk-s", "chunk_s", type=click.FloatRange(min=0), default=None,
                  help="Workflows with a chunk stage (-w chunked): target chunk length in seconds, one asr "
-                      "request per chunk (0: the whole film in one; default 120)."),
+                      f"request per chunk (0: the whole film in one; default {DEFAULT_CHUNK_TARGET_S:g}, longer "
+                      f"for a film too long for one job's chunks)."),
 ]
 
 

@@ -167,15 +167,21 @@ class AsrParams(ItemParams):
         None, description="must name the model the asr service loaded (its path, folder name or id)")
 
 
-# chunk: cut speech into chunks at silences for one asr request each. The default target is
-# 60 s because a running chunk is never preempted: another job's asr request waits for the
-# first worker to finish its chunk. Measured (benchmarks/fanout.py, base model, 1 thread per
-# worker): a 60 s chunk decodes in 5-11 s, and a 20 s clip that takes 3.2 s on an idle stack
-# waited up to one chunk. 120 s doubled that wait; 30 s halves it. Per-chunk overhead was 0.01 s,
-# so shorter chunks cost nothing measurable in throughput, but every chunk is a node of the
-# job's state (services/chunk/stage.py MAX_CHUNKS): the unset default stretches for films too
-# long to fit.
-DEFAULT_CHUNK_TARGET_S = 60.0
+# chunk: cut speech into chunks at silences for one asr request each. A running chunk is never
+# preempted: another job's asr request waits for the first worker to finish its chunk, so the
+# target length is the fairness knob. Measured (benchmarks/fanout.py, 20-minute film, base model,
+# 2 workers of 1 thread vs 1, a 20 s clip submitted at random moments mid-film vs on an idle
+# stack; a cut waits for Whisper's next window, so chunks run longer than the target):
+#   target 60 s (~80 s chunks): clip median 2.03x, worst 3.75x; film 2.01x one worker's speed
+#   target 30 s (~55 s chunks): clip median 1.58x, worst 2.48x; film 1.86x
+#   target 20 s (~27 s, one window): clip median 1.55x, worst 2.16x; film 1.70x (two workers
+#     decoding one-window chunks at once slowed each other: 3.4-5.2 s a chunk vs 3.1-4.1 alone)
+# (60 s on a quieter machine than 30 and 20, which ran back to back.) 30 s keeps the film's
+# speed-up and the clip's median under 2x. Per-chunk overhead was 0.01-0.02 s. A GPU worker
+# batches a chunk's windows, so there longer chunks (--chunk-s) keep batches full. Every chunk is
+# a node of the job's state (services/chunk/stage.py MAX_CHUNKS): the unset default stretches for
+# films too long to fit.
+DEFAULT_CHUNK_TARGET_S = 30.0
 MIN_CHUNK_TARGET_S = 5.0
 MAX_CHUNK_TARGET_S = 3600.0
 

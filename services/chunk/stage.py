@@ -21,7 +21,8 @@ from services.runtime import BadInput, StageContext, StageDefinition
 
 
 # Every chunk is a node of the job's state (one KV value, about 1 KB a node, under NATS's 1 MB
-# message limit): 300 chunks is a 5-hour film at the default 60 s. A longer film with target_s
+# message limit): 300 chunks is 2.5 to 4.5 hours of film at the default 30 s (a chunk runs to the
+# next pause, or to Whisper's next window: 30-55 s). A longer film with target_s
 # unset gets longer chunks (the default stretches); a target_s the job gave is kept, and too many
 # chunks is refused with the --chunk-s that would fit.
 MAX_CHUNKS = 300

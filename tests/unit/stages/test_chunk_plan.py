@@ -125,7 +125,7 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
     (tmp_path / "regions.json").write_text(regions.model_dump_json())
     ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
     chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
-    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 120}  # a 2-hour film at 60 s
+    assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 240}  # a 2-hour film at the default 30 s
     assert "language" not in handle(ctx.request, ctx)  # not given: the language node detects it
     given = make_fake_context(tmp_path / "c", "chunk", inputs={"regions": tmp_path / "regions.json"},
                               params={"source_language": "EN"})
@@ -137,7 +137,7 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
 
 
 def test_an_unset_target_stretches_for_a_film_too_long_for_one_job_and_a_given_one_is_kept(tmp_path):
-    """A 10-hour film at the default 60 s would be ~600 chunks, over MAX_CHUNKS: with target_s
+    """A 10-hour film at the default 30 s would be ~1200 chunks, over MAX_CHUNKS: with target_s
     unset the chunk stage picks longer chunks (and says so); a target_s the job gave is refused."""
     from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
     from services.chunk.stage import MAX_CHUNKS, handle
