@@ -58,9 +58,10 @@ async def submit(
     job_id: str | None = None,
     name: str | None = None,
     copy: bool = True,
+    owner: str | None = None,
 ) -> JobSpec:
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
-    the store hardlink a file nobody will edit afterwards."""
+    the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it."""
     media = check_input_file(media)
     # Through a stream leader's failover (core.bus.through_failover): both steps are idempotent,
     # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
@@ -72,6 +73,7 @@ async def submit(
         source_language=source_language,
         target_languages=target_languages or [],
         options=options or {},
+        owner=owner,
     )
     event = JobSubmitted(job_id=spec.job_id, spec=spec)
     await through_failover(lambda: publish_event(js, event), "submit")
@@ -102,7 +104,7 @@ async def list_jobs(js: JetStreamContext) -> list[JobState]:
     except Exception:  # NoKeysError when the bucket is empty
         return []
     states = []
-    for key in keys:
+    for key in dict.fromkeys(keys):  # nats-py's keys() lists a key updated during its watch twice
         state = await job_state(js, key)
         if state:
             states.append(state)

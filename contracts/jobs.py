@@ -27,6 +27,8 @@ class JobSpec(BaseModel):
     # Switches for optional stages and stage parameters, e.g. {"asr": {"model": "base"}}.
     options: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+    owner: str | None = Field(default=None, description="the gateway API key (its name) that submitted the job; "
+                                                       "None from the CLI. A key sees only its own jobs")
 
     @field_validator("source_language")
     @classmethod

@@ -165,7 +165,9 @@ def redact(url: str) -> str:
     return ",".join(out)
 
 
-def _loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """The one loopback rule (bus URLs here, listen addresses in captionbus/web): no host (a URL
+    such as `nats://:4222`), `localhost`, or a loopback IP, bracketed or not."""
     if not host or host == "localhost":
         return True
     try:
@@ -178,7 +180,7 @@ def insecure_reason(url: str, settings: Settings) -> str | None:
     """Why joining `url` would send credentials-free or clear-text traffic off this host; None when
     every server is on loopback, or the connection has both credentials and TLS."""
     parsed = [urlsplit(u if "://" in u else f"nats://{u}") for u in server_urls(url)]
-    remote = [p.hostname or "?" for p in parsed if not _loopback(p.hostname)]
+    remote = [p.hostname or "?" for p in parsed if not is_loopback(p.hostname)]
     if not remote:
         return None
     missing = []

@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_gateway(config: GatewayConfig):
-    """Yields the gateway's base URL (http://127.0.0.1:PORT) while it serves."""
+def running_gateway(config: GatewayConfig, ready: bool = True):
+    """Yields the gateway's base URL (http://127.0.0.1:PORT) while it serves; with `ready`, once
+    it is on the bus (/readyz 200: it connects in the background)."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -31,6 +32,10 @@ def running_gateway(config: GatewayConfig):
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("gateway did not start")
+        time.sleep(0.05)
+    while ready and httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("gateway did not get on the bus")
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -41,7 +46,7 @@ def running_gateway(config: GatewayConfig):
 
 def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tuple[subprocess.Popen, str]:
     """`captionbus gateway ARGS` as its own process on a free loopback port; (process, base URL)
-    once /healthz answers (it connects to the bus at start)."""
+    once /readyz answers 200 (it is on the bus)."""
     port = free_port()
     log = open(log_path, "ab")  # noqa: SIM115  (closed with the process)
     proc = subprocess.Popen([sys.executable, "-m", "captionbus", "gateway", "--listen", f"127.0.0.1:{port}", *args],
@@ -50,7 +55,7 @@ def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tup
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             pass

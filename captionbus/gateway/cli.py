@@ -1,30 +1,15 @@
 """`captionbus gateway [--listen HOST:PORT] [--keys FILE]` and `captionbus gateway add-key NAME`."""
 from __future__ import annotations
 
-import ipaddress
 import os
+import sys
 from pathlib import Path
 
 import click
 
 from captionbus.gateway.keys import KeyRing, add_key
+from captionbus.web.listen import ListenError, check_bind, parse_listen
 from core.settings import load
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_gateway_file(path: Path | None):
@@ -54,9 +39,11 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
     from captionbus.gateway.app import GatewayConfig
     from core.bus import resolve_url
 
-    if keys is None and not is_loopback(listen_host):
-        raise click.ClickException(f"refusing to listen on {listen_host} without API keys: "
-                                   "pass --keys FILE (captionbus gateway add-key NAME --keys FILE)")
+    try:
+        check_bind(listen_host, keys is not None, "the gateway",
+                   "pass --keys FILE with API keys (captionbus gateway add-key NAME --keys FILE)")
+    except ListenError as e:
+        raise click.ClickException(str(e)) from None
     from captionbus.gateway.webhooks import check_target
 
     file = read_gateway_file(config_file)
@@ -104,22 +91,33 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
     """HTTP gateway: job API, OpenAI-compatible audio endpoints, webhooks (docs at /docs)."""
     if ctx.invoked_subcommand is not None:
         return
-    import uvicorn
+    import asyncio
 
     from captionbus.gateway.app import create_app
+    from captionbus.web.serve import serve
+    from core.bus import redact
 
-    host, port = parse_listen(listen)
+    try:
+        host, port = parse_listen(listen)
+    except ListenError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
     config = build_config(host, keys, max_upload_mb, concurrency, inputs, webhook_allow, job_timeout, config_file)
-    click.echo(f"gateway on http://{listen} (docs: /docs), bus {config.nats_url}", err=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+    click.echo(f"gateway on http://{listen} (docs: /docs), bus {redact(config.nats_url)} "
+               "(/readyz: 503 until connected)", err=True)
+    try:
+        code = asyncio.run(serve(create_app(config), host, port))
+    except OSError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
 
 
 @gateway.command("add-key", short_help="Make an API key and print it once.")
 @click.argument("name")
 @click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), required=True, help="API key file.")
-def add_key_command(name: str, keys: Path) -> None:
+@click.option("--admin", is_flag=True, help="The key sees and acts on every job (default: only the jobs it submitted).")
+def add_key_command(name: str, keys: Path, admin: bool) -> None:
     """Make a key NAME, append its hash to FILE and print the key (shown only this once)."""
     try:
-        click.echo(add_key(keys, name))
+        click.echo(add_key(keys, name, admin=admin))
     except ValueError as e:
         raise click.ClickException(str(e)) from None

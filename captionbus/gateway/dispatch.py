@@ -171,7 +171,8 @@ class Lease:
 class Dispatcher:
     """Runs the deliveries this gateway owns; sweeps for ones nobody owns."""
 
-    def __init__(self, config: DispatchConfig, http: httpx.AsyncClient, job_events):
+    def __init__(self, config: DispatchConfig, http: httpx.AsyncClient, job_events, observe=None):
+        self.observe = observe  # called with each settled Delivery (the gateway's /metrics)
         self.config = config
         self.http = http
         self.job_events = job_events  # app.job_events(js, job_id, after)
@@ -285,6 +286,8 @@ class Dispatcher:
                           event.model_dump_json().encode(), delivery, delivery_id=delivery_id,
                           on_failed_attempt=on_attempt)
         self._store(record, delivery, delivery_id, final=True)
+        if self.observe is not None:
+            self.observe(delivery)
         log.info("webhook", job_id=record.job_id, subscriber=record.subscriber, kind=event.kind,
                  status=delivery.status, attempts=delivery.attempts)
 

@@ -1,4 +1,9 @@
-"""API keys, stored hashed in a file: one `NAME SHA256HEX` line per key.
+"""API keys, stored hashed in a file: one `NAME SHA256HEX [admin]` line per key.
+
+A key sees and acts on the jobs it submitted (the job's `spec.owner` is the key's name) and no
+others: another key's job id answers 404, as an unknown one does, on every route (status, list,
+events, outputs, webhooks, cancel, retry). A key marked `admin` (`add-key NAME --admin`) sees and
+acts on every job, including those submitted through the CLI (which have no owner).
 
 Why sha256 and not bcrypt/argon2: a key is 32 random bytes (`secrets.token_urlsafe(32)`), not a
 password a person chose, so there is nothing to brute-force from a leaked hash, and a fast hash
@@ -23,25 +28,42 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request comes from: a key's name, and whether that key may see every job."""
+
+    name: str
+    admin: bool = False
+
+    def may_see(self, owner: str | None) -> bool:
+        return self.admin or (owner is not None and owner == self.name)
+
+
 @dataclass(frozen=True)
 class KeyRing:
-    """name -> sha256 of the key."""
+    """name -> sha256 of the key; `admins`: the names marked admin."""
 
     hashes: dict[str, str]
+    admins: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:
         hashes: dict[str, str] = {}
+        admins = set()
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            name, _, digest = line.partition(" ")
-            digest = digest.strip()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ValueError(f"{path}:{number}: not `NAME SHA256HEX`")
+            name, digest, *marks = [*line.split(), ""][:2] + line.split()[2:]
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or marks not in ([], [ADMIN]):
+                raise ValueError(f"{path}:{number}: not `NAME SHA256HEX` or `NAME SHA256HEX admin`")
             hashes[validate_token(name, "key name")] = digest
-        return cls(hashes)
+            if marks:
+                admins.add(name)
+        return cls(hashes, frozenset(admins))
 
     def who(self, key: str | None) -> str | None:
         """The key's name, or None; compares every hash in constant time."""
@@ -54,9 +76,14 @@ class KeyRing:
                 found = name
         return found
 
+    def caller(self, key: str | None) -> Caller | None:
+        name = self.who(key)
+        return None if name is None else Caller(name, admin=name in self.admins)
 
-def add_key(path: Path, name: str) -> str:
-    """Append a new key's hash to `path` (created 0600) and return the key itself."""
+
+def add_key(path: Path, name: str, admin: bool = False) -> str:
+    """Append a new key's hash to `path` (created 0600) and return the key itself; `admin`: the
+    key sees and acts on every job, not only its own."""
     validate_token(name, "key name")
     path = Path(path)
     if path.exists() and name in KeyRing.load(path).hashes:
@@ -65,5 +92,5 @@ def add_key(path: Path, name: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(f"{name} {hash_key(key)}\n")
+        f.write(f"{name} {hash_key(key)}{' ' + ADMIN if admin else ''}\n")
     return key

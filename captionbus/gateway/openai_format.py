@@ -1,8 +1,10 @@
 """A captionbus transcript in the shapes OpenAI's audio API returns (json, text, verbose_json).
 
 srt and vtt come from the job's own subtitle_gen outputs (the subtitle rules), not from here.
-Fields OpenAI reports that Whisper-via-CTranslate2 does not give per segment (tokens, avg_logprob,
-compression_ratio, no_speech_prob) are present with neutral values, so strict clients parse them.
+Per-segment decoder statistics OpenAI reports (tokens, avg_logprob, compression_ratio,
+no_speech_prob) are passed through when the transcript's segments carry them, and are `null`
+otherwise: the asr stage's Segment does not keep faster-whisper's values yet, and a made-up 0.0
+would claim things (no_speech_prob 0.0 is "certainly speech").
 """
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ def language_name(code: str | None) -> str:
     if code and code in LANGUAGES:
         return LANGUAGES[code][1].lower()
     return code or ""
+
+
+DECODER_STATS = ("tokens", "avg_logprob", "compression_ratio", "no_speech_prob")
+
+
+def decoder_stats(segment) -> dict:
+    """The segment's decoder statistics where the asr stage recorded them, else None each."""
+    extra = segment.model_extra or {}
+    return {name: getattr(segment, name, None) if name in type(segment).model_fields else extra.get(name)
+            for name in DECODER_STATS}
 
 
 def as_json(transcript: Transcript) -> dict:
@@ -34,8 +46,7 @@ def as_verbose_json(transcript: Transcript, *, task: str, granularities: set[str
         body["segments"] = [
             {
                 "id": n, "seek": 0, "start": s.start, "end": s.end, "text": " " + s.text.strip(),
-                "tokens": [], "temperature": temperature, "avg_logprob": 0.0,
-                "compression_ratio": 0.0, "no_speech_prob": 0.0,
+                "temperature": temperature, **decoder_stats(s),
             }
             for n, s in enumerate(transcript.segments)
         ]

@@ -134,13 +134,149 @@ def test_job_api_errors_and_lifecycle(gateway, tmp_path):
     assert [e["id"] for e in resumed] == [e["id"] for e in events[1:]]
 
 
-def test_openapi_docs_and_per_key_limits(gateway):
+def test_openapi_declares_the_bearer_scheme_response_models_and_the_real_error_shape(gateway):
     spec = gateway.get("/openapi.json").json()
-    assert {"/v1/jobs", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models"} <= set(spec["paths"])
+    assert {"/v1/jobs", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/metrics"} <= set(spec["paths"])
     assert gateway.get("/docs").status_code == 200
     models = gateway.get("/v1/models").json()
     assert models == {"object": "list", "data": []}  # no asr worker is up
+    # "Try it out" sends the key: a bearer scheme, required by every /v1 operation.
+    assert spec["components"]["securitySchemes"]["apiKey"] == {**spec["components"]["securitySchemes"]["apiKey"],
+                                                               "type": "http", "scheme": "bearer"}
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas  # FastAPI's {"detail"} is not what the API answers
+    assert set(schemas["ErrorBody"]["properties"]) == {"error"}
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"apiKey": []}], (method, path)
+            for status, answer in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+            ok = operation["responses"].get("200") or operation["responses"].get("201") or operation["responses"]["202"]
+            assert ok.get("content"), (method, path)  # a schema or the media type it streams
+    assert spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/Job"}
+    verbose = schemas["VerboseSegment"]["properties"]
+    assert {"type": "null"} in verbose["no_speech_prob"]["anyOf"]  # null, never a made-up 0.0
+    form = spec["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
 
+
+def test_every_refusal_is_one_error_shape_and_nothing_is_started(gateway):
+    """An attacker's and a careless client's requests: each is a 4xx in {"error": ...} with a short
+    message, none starts a job, and the connection is fine for the next request."""
+    before = len(gateway.get("/v1/jobs").json()["data"])
+    empty = gateway.post("/v1/jobs", files={"file": ("empty.wav", b"")})
+    assert empty.status_code == 400 and "empty (0 bytes)" in error_of(empty)
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        empty = gateway.post(path, files={"file": ("empty.wav", b"")}, data={"model": "whisper-1"})
+        assert empty.status_code == 400 and "empty (0 bytes)" in error_of(empty), empty.text
+        for size in (5_000_000, 100_000):  # over the body's limit (64 KiB upload + 2 MiB fields), and not
+            huge = gateway.post(path, files={"file": ("a.wav", b"RIFF")}, data={"language": "e" * size})
+            assert huge.status_code == 413 and "limit" in error_of(huge) and len(huge.content) < 1000  # not echoed
+        assert "form field 'language' is over its limit of 4096 bytes" in error_of(huge)
+        unknown = gateway.post(path, files={"file": ("a.wav", b"RIFF")}, data={"model": "gpt-4o-transcribe"})
+        assert unknown.status_code == 400 and "'gpt-4o-transcribe' is not served here" in error_of(unknown)
+    long_value = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"workflow": "w" * 3000})
+    assert long_value.status_code == 422 and len(error_of(long_value)) <= 400  # clipped, one line
+    assert error_of(gateway.get("/v1/nope")) and gateway.get("/v1/nope").status_code == 404
+    assert gateway.delete("/v1/jobs").status_code == 405 and error_of(gateway.delete("/v1/jobs"))
+    bad_query = gateway.get("/v1/jobs", params={"limit": "many"})
+    assert bad_query.status_code == 422 and "limit" in error_of(bad_query)
+    assert len(gateway.get("/v1/jobs").json()["data"]) == before  # no job was created by any of them
+
+
+def test_models_are_names_a_client_sends_back_and_an_unknown_model_is_400(gateway, coordinator):
+    """An asr worker (a real $SRV service on the bus, registered as the runtime registers one)
+    describes its model by a server path; /v1/models lists the folder's name, which the asr stage
+    accepts as `model`, and an unknown model is refused naming those that are served."""
+    import nats.micro
+
+    async def asr_worker(stop: threading.Event, up: threading.Event):
+        nc = await connect(coordinator, "test-asr")
+        service = await nats.micro.add_service(
+            nc, name="captionbus-asr", version="1.0.0", metadata={"stage": "asr", "worker_id": "t-asr"},
+            stats_handler=lambda _e: {"model": "/srv/secret/models/whisper-base-ct2 (int8, cpu)"})
+        await service.add_endpoint(name="info", subject="captionbus.test.asr.info", handler=lambda r: r.respond(b"{}"))
+        await nc.flush()
+        up.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await service.stop()
+        await nc.close()
+
+    stop, up = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: asyncio.run(asr_worker(stop, up)), daemon=True)
+    worker.start()
+    try:
+        assert up.wait(20)
+        ids = [m["id"] for m in gateway.get("/v1/models").json()["data"]]
+        for _ in range(50):  # the list is cached 5 s; the first look may predate the worker
+            if len(ids) == 2:
+                break
+            time.sleep(0.2)
+            ids = [m["id"] for m in gateway.get("/v1/models").json()["data"]]
+        assert ids == ["whisper-1", "whisper-base-ct2"]
+        unknown = gateway.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
+                               data={"model": "/srv/secret/models/whisper-base-ct2"})
+        assert unknown.status_code == 400 and "whisper-1, whisper-base-ct2" in error_of(unknown)
+        assert "/srv/secret" not in gateway.get("/v1/models").text
+    finally:
+        stop.set()
+        worker.join(10)
+
+
+def test_the_gateway_counts_its_requests_and_their_latency_on_metrics(gateway):
+    gateway.get("/v1/jobs/jnope")
+    gateway.get("/v1/jobs")
+    assert httpx.get(f"{gateway.base_url}/metrics").status_code == 401  # keys are on: a key reads it
+    text = gateway.get("/metrics").text
+    assert 'captionbus_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+    assert 'captionbus_gateway_requests_total{method="GET",route="/v1/jobs",status="200"} 1.0' in text
+    assert 'captionbus_gateway_request_seconds_count{method="GET",route="/v1/jobs"} 1.0' in text
+    assert "captionbus_gateway_webhook_deliveries_total" in text or "captionbus_gateway_webhook_failed_attempts" in text
+    assert "jnope" not in text  # labels are route templates, never ids
+
+
+def test_a_key_sees_and_acts_on_its_own_jobs_only(tmp_path, coordinator):
+    """Bob holds Alice's job id (leaked, guessed, or seen in a log) and tries everything with it;
+    each answers exactly as for a job that does not exist, and the job is untouched. An admin key
+    sees and acts on every job."""
+    keys = tmp_path / "keys"
+    alice, bob, ops = add_key(keys, "alice"), add_key(keys, "bob"), add_key(keys, "ops", admin=True)
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), max_upload_bytes=64 * 1024)
+    with running_gateway(config) as url:
+        as_alice, as_bob, as_ops = (httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=30)
+                                    for k in (alice, bob, ops))
+        created = as_alice.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF alice")}, data={"workflow": "speech"})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        mine = wait_status(as_alice, job_id, {"running"})
+        assert mine["owner"] == "alice"
+        unknown = as_bob.get("/v1/jobs/jdoesnotexist")
+
+        assert job_id not in [j["id"] for j in as_bob.get("/v1/jobs").json()["data"]]
+        for method, path in [("GET", ""), ("GET", "/events"), ("GET", "/outputs/transcript"), ("GET", "/webhooks"),
+                             ("GET", "/deliveries"), ("POST", "/cancel"), ("POST", "/retry")]:
+            answer = as_bob.request(method, f"/v1/jobs/{job_id}{path}")
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert error_of(answer) == f"no job {job_id!r}" and unknown.json()["error"]["type"] == answer.json()["error"]["type"]
+        with as_bob.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "1"}) as sse:
+            assert sse.status_code == 404 and "text/event-stream" not in sse.headers["content-type"]
+        assert as_alice.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # bob's cancel did nothing
+
+        # The admin key lists and acts on it; Alice still reads it; Bob's own job is his alone.
+        assert job_id in [j["id"] for j in as_ops.get("/v1/jobs").json()["data"]]
+        assert as_ops.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        wait_status(as_alice, job_id, {"cancelled"})
+        bobs = as_bob.post("/v1/jobs", files={"file": ("b.wav", b"RIFF bob")}, data={"workflow": "speech"}).json()["id"]
+        assert [j["id"] for j in as_bob.get("/v1/jobs").json()["data"]] == [bobs]
+        assert as_alice.post(f"/v1/jobs/{bobs}/cancel").status_code == 404
+        assert as_bob.post(f"/v1/jobs/{bobs}/cancel").status_code == 202
+        assert as_alice.post(f"/v1/jobs/{job_id}/retry").status_code == 202  # her own, cancelled: retried
 
 
 def test_openai_endpoints_refuse_bad_requests_with_openai_errors(gateway):
@@ -162,7 +298,7 @@ def test_openai_endpoints_refuse_bad_requests_with_openai_errors(gateway):
 def test_bus_unavailable_is_503(tmp_path):
     dead = f"nats://127.0.0.1:{free_port()}"
     config = GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=dead, host_id="gw"), nats_url=dead)
-    with running_gateway(config) as url:
+    with running_gateway(config, ready=False) as url:
         response = httpx.get(f"{url}/v1/jobs", timeout=30)
     assert response.status_code == 503 and "bus unavailable" in error_of(response)
 
@@ -217,7 +353,7 @@ def test_gateway_refuses_non_loopback_without_keys(tmp_path):
     done = subprocess.run([sys.executable, "-m", "captionbus", "gateway", "--listen", "0.0.0.0:0"],
                           env={**os.environ, "CAPTIONBUS_HOME": str(tmp_path)}, capture_output=True, text=True,
                           timeout=60, check=False)
-    assert done.returncode != 0 and "without API keys" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode != 0 and "without auth: pass --keys FILE" in done.stderr and "Traceback" not in done.stderr
 
 
 
@@ -286,3 +422,34 @@ def iter_sse(lines):
         elif not line.startswith(":"):
             name, _, value = line.partition(":")
             current[name] = value.lstrip(" ")
+
+
+def test_the_openai_client_gets_documented_errors_and_its_next_request_succeeds(gateway):
+    """The official client, as integrators use it: each refusal raises the client's exception for
+    its status with our message, and the same client's next request goes through (it once failed
+    with APIConnectionError 3 times in 6 after a refused upload). Six rounds, one connection pool."""
+    import openai
+
+    key = gateway.headers["authorization"].split(" ", 1)[1]
+    ai = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0, timeout=30)
+    cases = [
+        (openai.BadRequestError, 400, "empty (0 bytes)", dict(model="whisper-1", file=("e.wav", b""))),
+        (openai.APIStatusError, 413, "'language' is over its limit", dict(model="whisper-1", file=("a.wav", b"RIFF"),
+                                                                          language="e" * 100_000)),
+        (openai.APIStatusError, 413, "over this gateway's limit", dict(model="whisper-1", file=("a.wav", b"R" * 200_000))),
+        (openai.BadRequestError, 400, "'gpt-4o-transcribe' is not served here", dict(model="gpt-4o-transcribe",
+                                                                                     file=("a.wav", b"RIFF"))),
+        (openai.BadRequestError, 400, "response_format 'tsv' unknown", dict(model="whisper-1", file=("a.wav", b"RIFF"),
+                                                                            response_format="tsv")),
+    ]
+    for _ in range(6):
+        for kind, status, message, request in cases:
+            with pytest.raises(kind) as raised:
+                ai.audio.transcriptions.create(**request)
+            assert raised.value.status_code == status and message in raised.value.message, raised.value
+            assert raised.value.body["code"] == status  # the client hands over our {"error": {...}}
+            assert ai.models.list().data == []  # the next request on the same client succeeds
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="cbk_wrong", max_retries=0).models.list()
+        with pytest.raises(openai.NotFoundError, match="no job"):
+            ai.get(f"/jobs/jnope-{_}", cast_to=dict)

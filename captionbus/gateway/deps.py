@@ -1,0 +1,67 @@
+"""The gateway's FastAPI dependencies: who is calling (the bearer key, declared in OpenAPI so
+/docs' "Try it out" sends it), the bus, the caller's concurrency slot, the streamed form, and a
+job the caller may see. Routes take them as `Annotated[...]` parameters; none calls auth by hand."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from nats.js import JetStreamContext
+
+from captionbus.gateway.forms import Form, read_form
+from captionbus.gateway.keys import Caller
+from captionbus.gateway.state import Gateway
+from contracts import JobState
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="`captionbus gateway add-key NAME --keys FILE` prints a key; send it as Bearer.")
+
+
+def principal(gw: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    return gw.caller(credentials.credentials if credentials else None)
+
+
+CallerDep = Annotated[Caller, Depends(principal)]
+
+
+def jetstream(gw: GatewayDep) -> JetStreamContext:
+    return gw.js()
+
+
+JetStream = Annotated[JetStreamContext, Depends(jetstream)]
+
+
+def slot(gw: GatewayDep, caller: CallerDep):
+    """The caller's request slot (429 past --concurrency), held until the answer is made."""
+    with gw.limiter.slot(caller.name):
+        yield
+
+
+Slot = Annotated[None, Depends(slot)]
+
+
+async def form(request: Request, gw: GatewayDep, _slot: Slot, _js: JetStream):
+    """The streamed form; its upload is removed once the request is answered."""
+    parsed: Form = await read_form(request, gw.config.max_upload_bytes, gw.upload_dir)
+    try:
+        yield parsed
+    finally:
+        parsed.cleanup()
+
+
+FormDep = Annotated[Form, Depends(form)]
+
+
+async def owned_job(job_id: str, gw: GatewayDep, caller: CallerDep, js: JetStream) -> JobState:
+    return await gw.job(js, job_id, caller)
+
+
+OwnedJob = Annotated[JobState, Depends(owned_job)]

@@ -1,0 +1,34 @@
+"""Probes and the gateway's own metrics. `/healthz`: the process answers (liveness); `/readyz`:
+it is on the bus (503 with the reason until then, and while NATS is away)."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from captionbus.gateway.deps import CallerDep, GatewayDep
+from captionbus.gateway.schemas import Health
+from captionbus.web.errors import documented
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz():
+    return Health()
+
+
+@router.get("/readyz", response_model=Health, responses=documented(503))
+async def readyz(gw: GatewayDep):
+    gw.js()  # 503 "bus unavailable: <why>" until connected
+    return Health()
+
+
+@router.get("/metrics", response_class=Response, responses={**documented(401), 200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(gw: GatewayDep, caller: CallerDep):
+    """Prometheus text: captionbus_gateway_requests_total{method,route,status},
+    captionbus_gateway_request_seconds (histogram), captionbus_gateway_webhook_deliveries_total{outcome},
+    captionbus_gateway_webhook_failed_attempts_total. Needs a key where keys are on."""
+    del caller
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+

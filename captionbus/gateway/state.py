@@ -1,0 +1,248 @@
+"""What every route of a gateway shares: its config, its bus link, per-key limits, job lookups
+that respect ownership, submission, and the wait for a job's end. One `Gateway` per app
+(`app.state.gateway`); routes get it, and what they need from it, through `deps.py`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from captionbus import client
+from captionbus.client import SubmitError
+from captionbus.gateway.dispatch import DispatchConfig, Dispatcher, Subscriber
+from captionbus.gateway.ends import JobEnds
+from captionbus.gateway.forms import Form
+from captionbus.gateway.keys import Caller, KeyRing
+from captionbus.gateway.metrics import GatewayMetrics
+from captionbus.runner import validate_job
+from captionbus.web.buslink import BusLink
+from captionbus.web.errors import ApiError
+from contracts import JobState
+from contracts.events import TERMINAL_KINDS
+from contracts.ids import validate_token
+from core.artifacts import ArtifactStore
+from core.settings import Settings
+
+BUS_TIMEOUT_S = 10.0
+MODELS_TTL_S = 5.0
+
+
+@dataclass
+class GatewayConfig:
+    settings: Settings
+    nats_url: str
+    keys: KeyRing | None = None  # None: no auth (loopback only; the CLI refuses otherwise)
+    max_upload_bytes: int = 4 * 1024**3
+    concurrency_per_key: int = 8
+    inputs_dir: Path | None = None  # jobs may name files under it instead of uploading
+    webhook_allow: list[str] = field(default_factory=list)
+    webhook_secret: bytes | None = None
+    job_timeout_s: float = 3600.0  # the OpenAI endpoints answer when the job ends, or give up
+    webhook_subscribers: list[Subscriber] = field(default_factory=list)  # every job's events go to these
+    webhook_lease_s: float = 30.0  # a dead gateway's deliveries are resumed by another after this
+    webhook_catchup_s: float = 3600.0  # subscribers get jobs submitted this long before the gateway started
+
+
+@contextlib.asynccontextmanager
+async def on_bus():
+    """Bus calls that hang (a server gone mid-call) become 503, not a stuck request."""
+    try:
+        async with asyncio.timeout(BUS_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        raise ApiError(503, f"bus unavailable: no answer within {BUS_TIMEOUT_S:.0f} s") from None
+
+
+class Timing:
+    """Where a request's time went, as a `Server-Timing` header (form;dur=…, submit;dur=…, job;dur=…,
+    answer;dur=… in ms): the benchmark reads it to split gateway overhead from the job itself."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, (now - self.last) * 1000))
+        self.last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in self.phases)
+
+
+class Limiter:
+    """Requests in flight per key; one over the limit is refused (429), never queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def slot(self, who: str):
+        if self.in_flight.get(who, 0) >= self.limit:
+            raise ApiError(429, f"key {who!r} has {self.limit} requests in flight (its limit); retry later")
+        self.in_flight[who] = self.in_flight.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_flight[who] -= 1
+
+
+def model_name(described: str) -> str:
+    """The name a client sends back for a model an asr worker describes as `SOURCE (int8, cpu)`:
+    the source's last path part (`whisper-base-ct2`), which the asr stage accepts as `model`
+    (services/asr: AsrModel.names), and never a path of the server's disk."""
+    source = re.sub(r"\s*\([^()]*\)\s*$", "", described.strip())
+    return Path(source).name or source
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, job_events):
+        self.config = config
+        self.job_events = job_events
+        self.ends = JobEnds()
+        self.metrics = GatewayMetrics()
+        self.webhook_client = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+        self.dispatcher = None
+        if config.webhook_allow and config.webhook_secret is not None:
+            self.dispatcher = Dispatcher(
+                DispatchConfig(secret=config.webhook_secret, allow=config.webhook_allow,
+                               subscribers=config.webhook_subscribers, lease_s=config.webhook_lease_s,
+                               catchup_s=config.webhook_catchup_s),
+                self.webhook_client, job_events, observe=self.metrics.delivery)
+        hooks = [self.ends.attach] + ([lambda nc: self.dispatcher.start(nc.jetstream())] if self.dispatcher else [])
+        self.link = BusLink(config.nats_url, "captionbus-gateway", hooks)
+        self.limiter = Limiter(config.concurrency_per_key)
+        self.upload_dir = Path(config.settings.home) / "gateway" / "uploads"
+        self._models: tuple[float, list[str]] = (-MODELS_TTL_S, [])
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect in the background (not on the first request), so a restarted gateway resumes
+        webhook deliveries and follows new jobs for subscribers even if no request comes."""
+        self.link.start()
+
+    async def stop(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        await self.webhook_client.aclose()
+        await self.link.close()
+
+    # -- the bus -----------------------------------------------------------------------------
+    def js(self):
+        if not self.link.ready:
+            raise ApiError(503, f"bus unavailable: {self.link.not_ready_reason()}")
+        return self.link.nc.jetstream()
+
+    def store(self, js) -> ArtifactStore:
+        return ArtifactStore(self.config.settings, js)
+
+    # -- callers and their jobs --------------------------------------------------------------
+    def caller(self, key: str | None) -> Caller:
+        if self.config.keys is None:
+            return Caller("anonymous", admin=True)  # no keys: loopback only, one trusted user
+        caller = self.config.keys.caller(key)
+        if caller is None:
+            raise ApiError(401, "missing or unknown API key: send `Authorization: Bearer <key>` "
+                                "(make one with `captionbus gateway add-key NAME --keys FILE`)",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return caller
+
+    def owner_of(self, caller: Caller) -> str | None:
+        return None if self.config.keys is None else caller.name
+
+    async def job(self, js, job_id: str, caller: Caller) -> JobState:
+        """The job if `caller` may see it; another key's job is 404 like an unknown id (its
+        existence is not told)."""
+        try:
+            validate_token(job_id, "job id")
+        except ValueError:
+            raise ApiError(404, f"no job {job_id!r}") from None
+        async with on_bus():
+            state = await client.job_state(js, job_id)
+        if state is None or not caller.may_see(state.spec.owner):
+            raise ApiError(404, f"no job {job_id!r}")
+        return state
+
+    async def jobs(self, js, caller: Caller) -> list[JobState]:
+        async with on_bus():
+            states = await client.list_jobs(js)
+        return [s for s in states if caller.may_see(s.spec.owner)]
+
+    # -- submission ----------------------------------------------------------------------------
+    def input_file(self, form: Form) -> tuple[Path, str, bool]:
+        """(file, name, owned): the upload, or a file under --inputs named by `path`."""
+        if form.upload is not None:
+            if form.upload.size == 0:
+                raise ApiError(400, f"the uploaded file {form.upload.filename!r} is empty (0 bytes)")
+            return form.upload.path, form.upload.filename, True
+        named = form.one("path") or form.one("url")
+        if not named:
+            raise ApiError(400, "no input: send a `file` part, or `path` of a file under the gateway's inputs dir")
+        if named.startswith("file://"):
+            named = named[len("file://"):]
+        elif "://" in named:
+            raise ApiError(400, f"{named!r}: this gateway reads no URLs, only files under its inputs dir")
+        if self.config.inputs_dir is None:
+            raise ApiError(400, "this gateway takes uploads only (start it with --inputs DIR to allow `path`)")
+        root = self.config.inputs_dir.resolve()
+        path = (root / named).resolve()
+        if not path.is_relative_to(root):
+            raise ApiError(400, f"{named!r} is outside the gateway's inputs dir")
+        if not path.is_file():
+            raise ApiError(404, f"{named!r}: no such file in the gateway's inputs dir")
+        if path.stat().st_size == 0:
+            raise ApiError(400, f"{named!r} is empty (0 bytes)")
+        return path, path.name, False
+
+    async def submit(self, js, form: Form, caller: Caller, *, workflow: str, source: str | None,
+                     targets: list[str], options: dict, job_id: str | None = None) -> str:
+        try:
+            validate_job(workflow, source, targets, local_stack=False, options=options)
+        except (SubmitError, ValueError) as e:
+            raise ApiError(422, str(e)) from None
+        path, name, owned = self.input_file(form)
+        async with on_bus():
+            spec = await client.submit(js, self.store(js), path, workflow=workflow, source_language=source,
+                                       target_languages=targets, options=options, name=name, copy=not owned,
+                                       job_id=job_id, owner=self.owner_of(caller))
+        return spec.job_id
+
+    # -- models --------------------------------------------------------------------------------
+    async def served_models(self) -> list[str]:
+        """Names (model_name) of the ASR models live asr workers serve, from their `$SRV.STATS`,
+        cached for MODELS_TTL_S."""
+        at, names = self._models
+        now = asyncio.get_running_loop().time()
+        if now - at > MODELS_TTL_S:
+            self.js()
+            replies = await client.workers(self.link.nc, timeout=0.5)
+            names = sorted({model_name(str(r["metadata"]["model"])) for r in replies
+                            if r.get("metadata", {}).get("stage") == "asr" and r.get("metadata", {}).get("model")})
+            self._models = (now, names)
+        return names
+
+    # -- waiting for a job ---------------------------------------------------------------------
+    async def wait_for_end(self, js, job_id: str, ended: asyncio.Future):
+        async def is_terminal() -> bool:
+            async with on_bus():
+                state = await client.job_state(js, job_id)
+            return state is not None and state.status.value in TERMINAL_KINDS
+
+        async def replay():
+            async for _, event in self.job_events(js, job_id, 0):
+                if event.kind in TERMINAL_KINDS:
+                    return event
+            raise ApiError(503, f"lost the event stream of job {job_id}")
+
+        try:
+            async with asyncio.timeout(self.config.job_timeout_s):
+                return await self.ends.wait(ended, is_terminal, replay)
+        except TimeoutError:
+            raise ApiError(504, f"job {job_id} did not end within {self.config.job_timeout_s:.0f} s; "
+                                f"it goes on: GET /v1/jobs/{job_id}") from None
