@@ -328,10 +328,12 @@ class Board:
     async def poll_workers(self) -> None:
         now = time.monotonic()
         for reply in await worker_replies(self.nc, timeout=0.5):
-            meta = reply["metadata"]
-            worker_id = meta.get("worker_id") or reply.get("id")
-            self.workers[worker_id] = {"id": reply.get("id"), "metadata": meta, "state": reply["state"],
-                                       "last_seen": now}
+            # Keyed by the $SRV instance id, unique per registered process: one row per reply
+            # that `captionbus workers` lists, whatever a worker calls itself (a worker of an
+            # older version names itself `<host>-<replica>`, the same for every stage of a host).
+            key = reply.get("id") or reply["metadata"].get("worker_id")
+            self.workers[key] = {"id": reply.get("id"), "metadata": reply["metadata"], "state": reply["state"],
+                                 "last_seen": now}
         # forget workers gone for long; show recently lost ones as "lost"
         for worker_id in [w for w, info in self.workers.items() if now - info["last_seen"] > 600]:
             del self.workers[worker_id]
@@ -350,13 +352,15 @@ class Board:
                 elif node.error:
                     last_error[wid] = node.error
         rows = []
-        for worker_id, info in sorted(self.workers.items()):
+        for info in sorted(self.workers.values(), key=lambda i: (i["metadata"].get("worker_id") or "", i["id"] or "")):
             meta, live = info["metadata"], info.get("state") or {}
+            worker_id = meta.get("worker_id") or info["id"]
             age = now - info["last_seen"]
             # The worker's own state while it answers; `lost` once it stops answering.
             state = (live.get("state") or "live") if age < LOST_AFTER_S else "lost"
             rows.append({
                 "worker_id": worker_id, "stage": meta.get("stage"), "host": meta.get("host"),
+                "replica": meta.get("replica"), "pid": meta.get("pid"), "instance": info["id"],
                 "env": meta.get("env"), "interpreter": meta.get("interpreter"),
                 "python": meta.get("python_version"), "model": meta.get("model"), "backend": meta.get("backend"),
                 "hardware": {k[3:]: v for k, v in meta.items() if k.startswith("hw.")},

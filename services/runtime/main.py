@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from contracts.ids import validate_token
 from contracts.stage_options import ServiceOptions
 from contracts.stage_specs import explain
 from core import settings as settings_mod
@@ -69,13 +70,22 @@ def parse_options(pairs: list[str], model: type[ServiceOptions] | None = None) -
     return options
 
 
+def _replica_id(value: str) -> str:
+    try:
+        return validate_token(value, "replica id")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services", description="captionbus stage services")
     parser.add_argument("--log-level", default=os.environ.get("CAPTIONBUS_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run one stage service (a replica) until SIGTERM")
     serve.add_argument("stage")
-    serve.add_argument("--replica-id", default=None, help="names this replica in worker info")
+    serve.add_argument("--replica-id", default=None, type=_replica_id,
+                       help="names this replica on its host (A-Z a-z 0-9 _ -; default 0): worker id "
+                            "<host>/<stage>/<replica>/<pid>")
     serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="setup option for the stage (repeatable); also CAPTIONBUS_OPTION_<KEY>")
     serve.add_argument("--grace", type=float, default=float(os.environ.get("CAPTIONBUS_GRACE_S", 30)),
