@@ -379,7 +379,11 @@ class Coordinator:
             workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
             decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy, self._workers)
             if not decision.changed:
-                jlog.debug("event ignored", note=decision.note)
+                if (decision.note or "").startswith("refused "):  # a result without its request's token
+                    jlog.warning("forged result refused", note=decision.note,
+                                 claimed_worker=getattr(event, "worker", None))
+                else:
+                    jlog.debug("event ignored", note=decision.note)
                 if state is not None:
                     await self._flush_outbox(job_id, state, revision, jlog)
                 return decision

@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import sys
@@ -246,6 +247,35 @@ def auth_options(settings: Settings) -> dict:
     return options
 
 
+# Private replies. nats-py sends every reply (request/reply answers, JetStream API answers, the
+# messages a pull consumer hands a worker, with their request tokens) to `_INBOX.<nuid>...`; a user
+# allowed to subscribe to `_INBOX.>` reads every reply on the account. The chaos run's worker-asr
+# did: it received demux, vad and subtitle_gen deliveries with their tokens and forged a result.
+# So each user gets a prefix of its own, `_INBOX_<user>`, and deploy/nats/roles.conf lets each
+# role subscribe to its own prefix only: the server, not the client, keeps replies private.
+INBOX_PREFIX_ENV = "CAPTIONBUS_NATS_INBOX_PREFIX"
+_INBOX_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def inbox_prefix(url: str, settings: Settings) -> str | None:
+    """The reply-subject prefix of this process's connection: CAPTIONBUS_NATS_INBOX_PREFIX, else
+    `_INBOX_<user>` for the user the settings or the URL name, else None (nats-py's `_INBOX`: a
+    bus without users, where every process may read every reply anyway)."""
+    chosen = os.environ.get(INBOX_PREFIX_ENV, "").strip()
+    if chosen:
+        if not all(_INBOX_TOKEN.fullmatch(part) for part in chosen.split(".")):
+            raise BusError(f"{INBOX_PREFIX_ENV}={chosen!r}: not a NATS subject prefix (letters, digits, _ and -)")
+        return chosen
+    first = server_urls(url)[0]
+    user = settings.nats_user or urlsplit(first if "://" in first else f"nats://{first}").username
+    if not user:
+        return None
+    if not _INBOX_TOKEN.fullmatch(user):
+        raise BusError(f"NATS user {user!r} cannot name a reply prefix: set {INBOX_PREFIX_ENV} "
+                       "to the `_INBOX_<role>` prefix its permissions allow (deploy/nats/roles.conf)")
+    return f"_INBOX_{user}"
+
+
 # Tries per server before a process that has never connected gives up: an auth, TLS or address
 # error is a setting to fix, not an outage to wait out (it used to retry forever, silently).
 INITIAL_ATTEMPTS = 2
@@ -293,6 +323,9 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     # the reconnect (a fresh TCP connection) succeeds as soon as the network is back.
     options = {"ping_interval": settings.ping_interval, "max_outstanding_pings": 2,
                **auth_options(settings), **kwargs}
+    prefix = inbox_prefix(url, settings)
+    if prefix and "inbox_prefix" not in options:
+        options["inbox_prefix"] = prefix
     wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
     nc = NATS()
     try:
