@@ -602,8 +602,9 @@ class Coordinator:
             failure = StageFailed(
                 event_id=f"{state.job_id}.{node_id}.{node.attempt}.unserved",
                 job_id=state.job_id, stage=node.stage, node=node_id, attempt=node.attempt,
-                reason=(f"no {node.stage} worker has been running for {waited:.0f} s: start one "
-                        f"(`captionbus serve {node.stage}`) or read why it stopped in its log"),
+                reason=(f"no worker serves {node.stage}: none has answered for {waited:.0f} s "
+                        f"(CAPTIONBUS_UNSERVED_TIMEOUT); start one (`captionbus serve {node.stage}`) "
+                        "or read why it stopped in its log"),
                 error_type="unserved", retryable=False,
                 token=result_token(secret, state.job_id, node_id, node.attempt) if secret else None,
             )

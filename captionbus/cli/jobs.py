@@ -90,27 +90,36 @@ def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
     Needs a NATS user allowed to purge (`gc` in deploy/nats/roles.conf) unless --dry-run or
     --local-only."""
     from core.bus import connect, require_provisioned, resolve_url, running_embedded_url
-    from core.gc import collect
+    from core.gc import GcError, collect
 
     settings = load()
+
+    def deleted(kind: str, name: str, size: int, dry: bool) -> None:  # stderr, as each is made
+        click.echo(f"{'would delete' if dry else 'deleted'} {kind} {name}" + (f" ({size} B)" if size else ""), err=True)
 
     async def go():
         url = settings.nats_url or running_embedded_url(settings)
         if url is None:  # no bus: this host's files, by their age alone
-            return await collect(settings, None, dry_run=dry_run, bus=False)
+            return await collect(settings, None, dry_run=dry_run, bus=False, on_delete=deleted)
         nc = await connect(resolve_url(settings), "captionbus-gc")
         try:
             await require_provisioned(nc.jetstream())
-            return await collect(settings, nc.jetstream(), dry_run=dry_run, bus=not local_only)
+            return await collect(settings, nc.jetstream(), dry_run=dry_run, bus=not local_only, on_delete=deleted)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 5)
 
-    report = asyncio.run(go())
+    failed = None
+    try:
+        report = asyncio.run(go())
+    except GcError as e:  # the summary of what was done before, then the reason as the last line
+        report, failed = e.report, e
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
         click.echo(report.summary())
+    if failed is not None:
+        raise UserError(str(failed), exit_code=exitcodes.BUS if failed.bus else exitcodes.JOB_FAILED)
 
 
 @main.command(short_help="Download a finished job's outputs.")
