@@ -50,8 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.stage_options import AlignmentOptions
@@ -350,15 +348,6 @@ def describe_model(resources: Aligner | None) -> str | None:
 
 # ---------------------------------------------------------------- request handling
 
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        error = invalid.errors()[0]
-        where = ".".join(str(p) for p in error.get("loc", ())) or "document"
-        raise BadInput(f"transcript is not valid transcript JSON ({where}: {error['msg']})")
-
-
 def transcript_language(params: AlignmentParams, transcript: Transcript) -> str:
     try:
         language = check_language(transcript.language)
@@ -430,7 +419,7 @@ def align_in_window(aligner: Aligner, model: LoadedModel, path: Path, duration: 
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     aligner: Aligner = ctx.resources
-    transcript = read_transcript(ctx.input_path("transcript"))
+    transcript = ctx.input("transcript", Transcript)
     language = transcript_language(ctx.params, transcript)
     duration = wav_duration(ctx.input_path("audio"))
     started = time.monotonic()

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from contracts import StageRequest
 from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
@@ -176,12 +175,7 @@ def read_regions(request: StageRequest, ctx: StageContext, duration: float) -> R
     None when the job has no vad stage (the transcribe workflow)."""
     if "regions" not in request.inputs:
         return None
-    try:
-        parsed = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
-        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    parsed = ctx.input("regions", SpeechRegions)
     if abs(parsed.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
         raise BadInput(
             f"speech regions were found in {parsed.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
@@ -245,10 +239,7 @@ def drop_hallucinations(segments: list[Segment], regions: Regions | None, durati
 
 def read_chunks(ctx: StageContext) -> SpeechChunks:
     """The `chunks` input, checked to belong to this audio (its length, from the WAV header)."""
-    try:
-        chunks = SpeechChunks.model_validate_json(ctx.input_path("chunks").read_bytes())
-    except ValidationError as err:
-        raise BadInput(f"chunks input is not valid SpeechChunks JSON from the chunk stage ({err.errors()[0]['msg']})") from None
+    chunks = ctx.input("chunks", SpeechChunks)
     duration = wav_duration(ctx.input_path("audio"))
     if abs(chunks.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
         raise BadInput(f"chunks were cut from {chunks.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
@@ -278,10 +269,7 @@ def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, 
     """The job's language: the `language` input (detected once for the job) when there is one."""
     if "language" not in request.inputs:
         return requested_language(params, model)
-    try:
-        spoken = SpokenLanguage.model_validate_json(ctx.input_path("language").read_bytes())
-    except ValidationError as err:
-        raise BadInput(f"language input is not valid SpokenLanguage JSON ({err.errors()[0]['msg']})") from None
+    spoken = ctx.input("language", SpokenLanguage)
     return requested_language(params.model_copy(update={"language": spoken.language}), model)
 
 

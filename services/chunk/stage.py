@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from contracts import StageRequest
 from contracts.stage_options import NoOptions
 from contracts.speech import SpeechRegions, SpokenLanguage
@@ -37,12 +35,7 @@ def fitting_target_s(duration_s: float) -> float:
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: ChunkParams = ctx.params
-    try:
-        regions = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
-        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    regions = ctx.input("regions", SpeechRegions)
     spans = [(r.start, r.end) for r in regions.regions]
     chunks = plan_chunks(spans, regions.duration, params.target_s, params.min_silence_s, params.max_length_s)
     if len(chunks.chunks) > MAX_CHUNKS and "target_s" not in params.model_fields_set:

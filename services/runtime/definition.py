@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,6 +20,8 @@ from contracts import StageRequest
 from contracts.stage_options import ServiceOptions
 from contracts.stage_specs import STAGES, explain
 from services.runtime.errors import BadInput
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class OpenParams(BaseModel):
@@ -66,6 +68,13 @@ class StageContext(Protocol):
 
     def input_paths(self, name: str) -> list[Path]:
         """Local files for request.input_lists[name], in order."""
+
+    def input(self, name: str, model: type[M]) -> M:
+        """request.inputs[name], a JSON document, parsed as `model` (e.g. Transcript). Raises
+        BadInput with one line naming the input, the model and what is wrong."""
+
+    def input_list(self, name: str, model: type[M]) -> list[M]:
+        """request.input_lists[name], each parsed as `model`, in order (BadInput as for input)."""
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress 0..1; rate-limited, never blocks the handler for long.

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.stage_options import NoOptions
@@ -23,13 +21,6 @@ from contracts.stage_params import SUBTITLE_FORMATS, SubtitleGenParams
 from contracts.transcript import Transcript
 from core.subtitles import build_cues, load_rules, write_subtitles
 from services.runtime import BadInput, StageContext, StageDefinition
-
-
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
 
 
 def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
@@ -44,7 +35,7 @@ def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: SubtitleGenParams = ctx.params
-    transcript = read_transcript(ctx.input_path("transcript"))
+    transcript = ctx.input("transcript", Transcript)
     try:
         language = check_language(params.language or transcript.language)
     except UnknownLanguage as unknown:

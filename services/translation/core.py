@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
 from contracts.stage_options import TranslationOptions
@@ -67,13 +65,6 @@ class TranslationService:
     batch_size: int
     load_seconds: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
 
 
 def language_pair(params: TranslationParams, transcript: Transcript, backend: Backend) -> tuple[str, str]:
@@ -193,7 +184,7 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator], rep
 
     def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         service: TranslationService = ctx.resources
-        transcript = read_transcript(ctx.input_path("transcript"))
+        transcript = ctx.input("transcript", Transcript)
         params: TranslationParams = ctx.params
         source, target = language_pair(params, transcript, service.backend)
         try:

@@ -67,7 +67,7 @@ from pathlib import Path
 from contracts.speech import SpeechRegion, SpeechRegions
 from services.asr.stage import STAGE
 from services.runtime import SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 work = Path(wav_path).parent / "stage"
 work.mkdir(exist_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import structlog
 import services.alignment.stage as alignment
 from services.runtime import SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 reads = []  # (start_s, end_s) of every WAV window the stage read, per run
 original_read_wav = alignment.read_wav

@@ -35,7 +35,7 @@ from pathlib import Path
 import structlog
 from services.runtime import BadInput, Cancelled, SetupContext
 from services.source_separation.stage import STAGE, load_model
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 work, stand_in, *jobs = sys.argv[1:]
 started = time.monotonic()

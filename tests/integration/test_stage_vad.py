@@ -32,7 +32,7 @@ from pathlib import Path
 import structlog
 from importlib import import_module
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 module, stage, env, model, work, *jobs = sys.argv[1:]
 STAGE = import_module(module).STAGE

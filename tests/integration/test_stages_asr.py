@@ -19,7 +19,7 @@ import pytest
 
 from contracts.speech import SpeechRegion, SpeechRegions
 from tests import media as test_media
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 from services.asr.stage import STAGE
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 model_dir, work, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -296,7 +296,7 @@ def test_empty_regions_mean_no_speech(asr_runs):
 
 
 def test_corrupt_or_foreign_regions_are_bad_input(asr_runs):
-    assert "speech regions input is not valid SpeechRegions JSON" in asr_runs["runs"][9]["bad_input"]
+    assert "input 'regions' is not valid SpeechRegions JSON" in asr_runs["runs"][9]["bad_input"]
     assert "belong to another file" in asr_runs["runs"][10]["bad_input"]
 
 

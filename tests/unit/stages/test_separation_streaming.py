@@ -20,7 +20,7 @@ from services.source_separation.streaming import (
     scan,
     stream_windows,
 )
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1, width: int = 2) -> Path:

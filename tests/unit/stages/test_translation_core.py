@@ -299,8 +299,8 @@ def test_empty_transcript_gives_empty_translation_and_a_warning(tmp_path, make_c
     ({"target_language": "fr", "batch_size": "many"}, None, "batch_size='many': Input should be a valid integer"),
     ({"target_language": "fr", "beam_size": 4}, None, "unknown param 'beam_size'"),
     ({"target_language": "fr", "glossary": ["x" * 201]}, None, "glossary"),
-    ({"target_language": "fr"}, "not json", "not valid transcript JSON"),
-    ({"target_language": "fr"}, json.dumps({"segments": []}), "not valid transcript JSON"),
+    ({"target_language": "fr"}, "not json", "input 'transcript' is not valid Transcript JSON: Invalid JSON"),
+    ({"target_language": "fr"}, json.dumps({"segments": []}), "Transcript JSON: field 'language' is missing"),
 ])
 def test_bad_input_is_refused_with_a_reason(tmp_path, make_context, params, inputs, message):
     translator = ReverseWords()
