@@ -1,5 +1,9 @@
-"""Test media made on the spot: espeak-ng speech, ffmpeg lavfi video, and the bad inputs a
-person might hand us. Every helper returns the path it wrote (speech helpers also the text)."""
+"""Test media made on the spot: eSpeak NG speech, ffmpeg lavfi video, and the bad inputs a
+person might hand us. Every helper returns the path it wrote (speech helpers also the text).
+
+Both tools come as wheels of the dev extra: eSpeak NG from espeakng-loader (tests/espeak.py drives
+its library; its speech is sample for sample Debian's `espeak-ng`), ffmpeg from imageio-ffmpeg
+when there is no system one. No system package is needed to make test media."""
 from __future__ import annotations
 
 import json
@@ -12,20 +16,25 @@ ENGLISH_SENTENCE = (
     "watch the golden sunset from the quiet harbour"
 )
 
-# Whisper base recognises espeak-ng Hindi poorly (FACTS.md): good for plumbing, not for WER.
+# Whisper base recognises eSpeak NG Hindi poorly (FACTS.md): good for plumbing, not for WER.
 HINDI_SENTENCE = "नमस्ते, आज मौसम बहुत अच्छा है और हम बाज़ार जा रहे हैं"
 
 
+# The reason a test skips when tools_available() is false (only without the dev extra).
+MISSING = "test media need the dev extra's espeakng-loader and imageio-ffmpeg: pip install -e '.[dev]'"
+
+
 def tools_available() -> bool:
-    """espeak-ng (a system package) and an ffmpeg: the system's or the imageio-ffmpeg wheel's
-    (core/mediatools.py), so the tests make their media on a machine without system FFmpeg."""
+    """eSpeak NG (the espeakng-loader wheel) and an ffmpeg: the system's or the imageio-ffmpeg
+    wheel's (core/mediatools.py), so the tests make their media on a machine without either."""
     from core.mediatools import MediaToolMissing, ffmpeg_path
+    from tests import espeak
 
     try:
         ffmpeg_path()
     except MediaToolMissing:
         return False
-    return shutil.which("espeak-ng") is not None
+    return espeak.available()
 
 
 def _run(args: list[str], timeout: float = 120) -> None:
@@ -57,8 +66,10 @@ def path_without(tools: tuple[str, ...], scratch: Path) -> str:
 
 
 def speech_wav(path: Path, text: str = ENGLISH_SENTENCE, voice: str = "en", words_per_minute: int = 150) -> tuple[Path, str]:
-    """espeak-ng speech as a WAV (22.05 kHz mono, espeak's native rate)."""
-    _run(["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-w", str(path), "--", text])
+    """eSpeak NG speech as a WAV (22.05 kHz mono, espeak's native rate)."""
+    from tests import espeak
+
+    espeak.speak_wav(path, text, voice, words_per_minute)
     return path, text
 
 

@@ -111,7 +111,7 @@ def english_transcript(duration: float) -> Transcript:
 @pytest.fixture(scope="module")
 def alignment_runs(tmp_path_factory):
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("alignment")
     models = {lang: ensure_wav2vec2(envtools.test_models_root(), lang) for lang in ("en", "hi")}
     broken = tmp / "broken-te-model"

@@ -107,7 +107,7 @@ def sounding_spans(clean: np.ndarray, bridge_s: float = 0.5) -> list[tuple[float
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict:
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("vad")
     speech = {
         "en": test_media.speech_wav(tmp / "en22k.wav")[0],

@@ -109,9 +109,7 @@ def speech_silence_noise_speech(tmp: Path) -> tuple[Path, str, str, tuple[float,
     first, second = "Please open the window before the meeting starts", "The train to the city leaves at nine"
     parts = []
     for n, text in enumerate((first, second)):
-        wav = tmp / f"part{n}.wav"
-        subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(wav), "--", text], check=True, timeout=60)
-        parts.append(wav)
+        parts.append(test_media.speech_wav(tmp / f"part{n}.wav", text)[0])
     out = tmp / "speech_noise.wav"
     subprocess.run([
         "ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(parts[0]), "-i", str(parts[1]),

@@ -33,5 +33,5 @@ def speech_clip(media_dir: Path) -> tuple[Path, str]:
     from tests import media as test_media
 
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     return test_media.speech_video(media_dir / "speech.mp4")
