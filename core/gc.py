@@ -246,6 +246,8 @@ class Collector:
         self.cache_live: dict[str, dict[str, str]] = {}  # artifact key -> {cache entry id: entry name}
         self.cache_remove: dict[str, Callable[[], Awaitable[bool]]] = {}  # cache entry id -> remover
         self.plan: list[_Deletion] = []
+        self.evicting: dict[str, str] = {}  # live cache entries the size limit takes: id -> name
+        self.bucket: ObjectBucket | None = None
         # what step 1 read, for step 2
         self.objects: dict[str, _Object] = {}
         self.malformed_raw: list[bytes] = []
@@ -315,7 +317,7 @@ class Collector:
             found[subject[len(prefix):]] = msg
         return found
 
-    def _malformed(self, what: str, error: Exception, raw: bytes) -> None:
+    def _malformed(self, what: str, error: Exception) -> None:
         line = f"{what}: {_reason(error)[:160]}"
         self.report.malformed.append(line)
         log.warning("gc: malformed record skipped", record=what, error=_reason(error)[:300])
@@ -326,7 +328,7 @@ class Collector:
             try:
                 state = JobState.model_validate_json(msg.data)
             except Exception as e:  # cannot tell finished from not: keep whatever it names, always
-                self._malformed(f"job record {job_id}", e, msg.data)
+                self._malformed(f"job record {job_id}", e)
                 for key in _salvage(msg.data):
                     self.needs.need(key, FOREVER)
                     self.unfinished.add(key)
@@ -375,7 +377,7 @@ class Collector:
         try:
             keys = {ArtifactRef.model_validate(r).key for r in json.loads(data)["outputs"].values()}
         except Exception as e:
-            self._malformed(f"stage cache entry {name}", e, data)
+            self._malformed(f"stage cache entry {name}", e)
             keys = _salvage(data)
         written = written if written is not None else self.now
         self.cache_remove[entry_id] = remove
@@ -440,7 +442,7 @@ class Collector:
                 if not info.name or bucket._meta_subject(info.name) != subject:
                     raise ValueError(f"names object {info.name!r}, not the one its subject is for")
             except Exception as e:
-                self._malformed(f"object metadata {subject} (seq {msg.seq})", e, msg.data)
+                self._malformed(f"object metadata {subject} (seq {msg.seq})", e)
                 self.malformed_raw.append(msg.data or b"")
                 continue
             self.objects[info.name] = _Object(info, msg.seq)
@@ -513,8 +515,7 @@ class Collector:
 
     def _decide(self) -> None:
         s = self.settings
-        self.evicting: dict[str, str] = {}
-        if self.objects or self.chunk_sets:
+        if self.bucket is not None:
             bucket = self.bucket
             items = [(k, o.info.size or 0, _ts(o.info.mtime) or self.now) for k, o in sorted(self.objects.items())]
             for key, size in self._verdicts(items, s.retention_grace):

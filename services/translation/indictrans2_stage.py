@@ -35,6 +35,7 @@ from core.translation_routes import Backend, backend_for_stage
 from services.runtime import SetupContext
 from services.runtime.options import default_device
 from services.translation.core import translation_stage
+from services.translation.hub import local_files_only
 
 STAGE_NAME = "translation_indictrans2"
 DIRECTIONS = ("en-indic", "indic-en", "indic-indic")
@@ -151,13 +152,13 @@ def load_model(source: str, name: str, device: str, dtype: Any) -> LoadedModel:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     started = time.monotonic()
-    local = Path(source).is_dir()
+    slot_env = backend_for_stage(STAGE_NAME).models[name].model_env
+    local = local_files_only(source, slot_env, f"IndicTrans2 {name} model")  # offline: fails now
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, local_files_only=local)
         model = AutoModelForSeq2SeqLM.from_pretrained(source, trust_remote_code=True, local_files_only=local,
                                                       torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        slot_env = backend_for_stage(STAGE_NAME).models[name].model_env
         raise RuntimeError(
             f"cannot load the IndicTrans2 {name} model {source!r} ({err}); set {slot_env} (or --option "
             f"{_option_key(name)}=) to a local folder saved with save_pretrained, or a Hugging Face id in the local cache"

@@ -405,10 +405,16 @@ def test_malformed_metadata_is_skipped_and_reported_never_fatal(nats_server, tmp
         await js.publish(meta + "yy", json.dumps(info.as_dict()).encode())  # claims to be the orphan
         cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
         await cache.put("f" * 64, b"{broken " + kept_by_garbage.key.encode())
+        # A job record that does not parse (another schema, a torn write): what it names is kept
+        # as if its job were unfinished, however old.
+        named_by_record = await store.put(_file(tmp_path / "src", "named-in-record.bin", 60_000))
+        jobs = await js.key_value(subjects.JOBS_BUCKET)
+        await jobs.put("job-garbled", b'{"spec": {"input": {"key": "' + named_by_record.key.encode() + b'"')
         later = now.timestamp() + 8 * DAY
         for dry_run in (True, False):
             report = await collect(settings, js, dry_run=dry_run, now=later)
-            assert len(report.malformed) == 3, report.malformed
+            assert len(report.malformed) == 4, report.malformed
+            assert any("job record job-garbled" in m for m in report.malformed)
             assert any(f"{meta}zz" in m and "JSONDecodeError" in m for m in report.malformed)
             assert any(f"{meta}yy" in m and "names object" in m for m in report.malformed)
             assert any(f"stage cache entry kv:{'f' * 64}" in m for m in report.malformed)
@@ -416,6 +422,8 @@ def test_malformed_metadata_is_skipped_and_reported_never_fatal(nats_server, tmp
                 refs["old_out"].key, refs["orphan"].key}
             assert "malformed, skipped and kept: object metadata" in report.summary()
         assert await store.exists(kept_by_garbage) and await store.exists(refs["cached"])
+        assert await store.exists(named_by_record)
+        assert "job-garbled" in await jobs.keys()
         assert (await js.get_last_msg(f"OBJ_{subjects.ARTIFACTS_BUCKET}", meta + "zz")).data == b"not json at all"
         await nc.close()
 
