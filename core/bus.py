@@ -365,10 +365,9 @@ class StagePolicy:
 
     @classmethod
     def from_env(cls) -> "StagePolicy":
-        return cls(
-            ack_wait=float(os.environ.get("CAPTIONBUS_ACK_WAIT", cls.ack_wait)),
-            max_deliver=int(os.environ.get("CAPTIONBUS_MAX_DELIVER", cls.max_deliver)),
-        )
+        """CAPTIONBUS_ACK_WAIT and CAPTIONBUS_MAX_DELIVER, through core.settings."""
+        settings = load_settings()
+        return cls(ack_wait=settings.ack_wait, max_deliver=settings.max_deliver)
 
 
 PROVISION_HINT = "start the coordinator or `captionbus up` first"
@@ -454,7 +453,7 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     call require_provisioned(). `replicas` (default CAPTIONBUS_REPLICAS, else 1) applies to what
     is created now; in a cluster create them with 3 (see deploy/): job state must survive a node.
     An existing stream with other replicas is kept as it is, with a warning."""
-    replicas = replicas or int(os.environ.get("CAPTIONBUS_REPLICAS", "1"))
+    replicas = replicas or load_settings().replicas
     for config in _stream_configs(replicas):
         await _ensure_stream(js, config)
     kv, obj = _provisioned_streams()[2:]

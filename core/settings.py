@@ -134,6 +134,23 @@ class Settings(BaseSettings):
         "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
     insecure: bool = Field(default=False, description=(
         "allow a non-loopback NATS_URL without credentials and TLS (coordinator, serve, up)"))
+    # How JetStream hands out stage requests (core.bus.StagePolicy) and how streams are created.
+    ack_wait: float = Field(default=30.0, gt=0, description=(
+        "seconds a delivered stage request may go without a heartbeat before JetStream redelivers it"))
+    max_deliver: int = Field(default=5, ge=1, description=(
+        "deliveries of one stage request before the coordinator fails its node"))
+    replicas: int = Field(default=1, ge=1, le=5, description=(
+        "replicas of the streams, KV buckets and object store created now (3 in a cluster: deploy/)"))
+    # Stage processes (services/runtime).
+    stage_cache: bool = Field(default=True, description=(
+        "answer a repeated request (same input, params, model, env) from the stage cache (off: always compute)"))
+    log_level: str = Field(default="INFO", description="log level of stage processes (DEBUG, INFO, WARNING, ERROR)")
+    grace_s: float = Field(default=30.0, ge=0, description=(
+        "seconds a running request may finish after a stage process gets SIGTERM"))
+    env: str | None = Field(default=None, description=(
+        "the stage environment a stage process reports (set by the launcher; else its venv's manifest)"))
+    # The CLI.
+    debug: bool = Field(default=False, description="print the traceback of an internal error")
     # Retention, enforced by `captionbus gc` (core/gc.py). Durations: seconds, or 90m / 12h / 7d.
     retention_outputs: float = Field(default=7 * DAY, ge=0, description=(
         "keep a finished job's artifacts (input, intermediates, outputs) this long after it finished"))
@@ -174,7 +191,15 @@ class Settings(BaseSettings):
     def _blank_path_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("nats_url", "nats_user", "nats_password", mode="after")
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("nats_url", "nats_user", "nats_password", "env", mode="after")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None

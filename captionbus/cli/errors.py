@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from captionbus import exitcodes
+from core.settings import SettingsError, load
 
 console = Console(stderr=True)
 
@@ -60,10 +61,18 @@ def user_error(error: Exception) -> click.ClickException:
     for kind, code in _known_errors().items():
         if isinstance(error, kind):
             return UserError(str(error), exit_code=code)
-    if os.environ.get("CAPTIONBUS_DEBUG"):
+    if _debug():
         raise error
     return UserError(f"internal error: {type(error).__name__}: {error} (set CAPTIONBUS_DEBUG=1 for the traceback)",
                      exit_code=exitcodes.JOB_FAILED)
+
+
+def _debug() -> bool:
+    """CAPTIONBUS_DEBUG (core.settings); when the settings are what failed, the variable alone."""
+    try:
+        return load().debug
+    except SettingsError:
+        return os.environ.get("CAPTIONBUS_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class CaptionbusGroup(click.Group):

@@ -35,9 +35,7 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 def env_name() -> str:
     """The launcher's CAPTIONBUS_ENV, else the managed env this interpreter belongs to."""
-    if os.environ.get("CAPTIONBUS_ENV"):
-        return os.environ["CAPTIONBUS_ENV"]
-    return current_env()
+    return settings_mod.load().env or current_env()
 
 
 def load_stage(stage: str) -> StageDefinition:
@@ -79,7 +77,8 @@ def _replica_id(value: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services", description="captionbus stage services")
-    parser.add_argument("--log-level", default=os.environ.get("CAPTIONBUS_LOG_LEVEL", "INFO"))
+    defaults = settings_mod.load()
+    parser.add_argument("--log-level", default=defaults.log_level)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run one stage service (a replica) until SIGTERM")
     serve.add_argument("stage")
@@ -88,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                             "<host>/<stage>/<replica>/<pid>")
     serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="setup option for the stage (repeatable); also CAPTIONBUS_OPTION_<KEY>")
-    serve.add_argument("--grace", type=float, default=float(os.environ.get("CAPTIONBUS_GRACE_S", 30)),
+    serve.add_argument("--grace", type=float, default=defaults.grace_s,
                        help="seconds a running request may finish after SIGTERM")
     info = commands.add_parser("info", help="print this interpreter's WorkerInfo as JSON")
     info.add_argument("stage", nargs="?", default=None)
