@@ -62,3 +62,72 @@ def start_gateway_process(args: list[str], env: dict[str, str], log_path) -> tup
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"the gateway did not start; see {log_path}")
+
+
+def wait_answer(url: str, status: int, timeout: float = 30, **kwargs) -> httpx.Response:
+    """The first answer from `url` with `status`, polling; fails with the last answer seen."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=3, **kwargs)
+            if last.status_code == status:
+                return last
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never answered {status}; last: {getattr(last, 'text', last)}")
+
+
+def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[str, str]) -> tuple[str, str]:
+    """A web door started before its bus (issue 19, 'services that wait'): it serves at once,
+    /readyz is 503 with the reason and `probe` (an API path) is 503 in the one error shape; it
+    says once that the bus is not there; when the bus comes it is ready; when the bus restarts it
+    is not ready meanwhile and ready again after; Ctrl-C (SIGINT) exits 130. Returns (base URL,
+    log text); the bus data lies under tmp_path/nats."""
+    import asyncio
+    import signal
+
+    from captionbus.server import EmbeddedServer
+    from core.bus import connect, provision
+
+    server = EmbeddedServer(tmp_path / "nats")
+    port = free_port()
+    log_path = tmp_path / "door.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "captionbus", *command, "--listen", f"127.0.0.1:{port}"],
+                                env={**env, "NATS_URL": server.url}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_answer(f"{base}/healthz", 200)
+        not_ready = wait_answer(f"{base}/readyz", 503)
+        assert "connect" in not_ready.text.lower(), not_ready.text
+        refused = httpx.get(f"{base}{probe}", timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == 503, refused.text
+        time.sleep(3)  # several retries' worth
+        assert proc.poll() is None, log_path.read_text()
+
+        server.start()
+
+        async def provision_bus():
+            nc = await connect(server.url, "t-provision")
+            await provision(nc.jetstream())
+            await nc.close()
+
+        asyncio.run(provision_bus())
+        wait_answer(f"{base}/readyz", 200, timeout=40)
+        server.stop()
+        wait_answer(f"{base}/readyz", 503, timeout=30)
+        server.start()
+        wait_answer(f"{base}/readyz", 200, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        server.stop()
+    text = log_path.read_text(errors="replace")
+    assert text.count("the bus is not there yet") == 1, text
+    assert "Traceback" not in text, text
+    return base, text

@@ -169,8 +169,8 @@ def dashboard(listen: str, downloads: bool) -> None:
     token = token_from_env()
     settings = load()
     url = resolve_url(settings)
-    click.echo(f"dashboard on http://{listen}/", err=True)
-    asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings))
+    click.echo(f"dashboard on http://{listen}/ (/readyz: 503 until on the bus)", err=True)
+    sys.exit(asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings)))
 
 
 @main.command()

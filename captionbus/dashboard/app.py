@@ -6,11 +6,8 @@ in static/ (fleets run offline: no CDN, no build step). Every page holds one Eve
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import secrets
 import shutil
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -19,65 +16,60 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from captionbus.dashboard.auth import OPEN_PATHS
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time
 from captionbus.dashboard.downloads import Downloads
+from captionbus.web import errors
+from captionbus.web.auth import TokenAuth, same_secret
+from captionbus.web.errors import error_response
+from captionbus.web.sse import event_stream
 from contracts import subjects
 from core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50
-SSE_KEEPALIVE_S = 15.0
 
 
-class TokenAuth:
-    """HTTP Basic (any user name, the token as password: browsers prompt for it and send it on
-    EventSource too) or `Authorization: Bearer <token>` (Prometheus, curl)."""
+@dataclass
+class Live:
+    """What the app serves from, filled in once the bus is reached (serve.py): the board, and
+    whether downloads are on. Until then pages answer 503 and /readyz says why."""
 
-    def __init__(self, app: ASGIApp, token: str | None):
-        self.app, self.token = app, token
+    board: Board | None = None
+    downloads: Downloads = field(default_factory=Downloads)
+    waiting: Any = None  # an object with not_ready_reason() (the BusLink) while board is None
 
-    def _allowed(self, header: str) -> bool:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer":
-            return secrets.compare_digest(value.strip().encode(), self.token.encode())
-        if scheme.lower() == "basic":
-            try:
-                _, _, password = base64.b64decode(value.strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return False
-            return secrets.compare_digest(password.encode(), self.token.encode())
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope["headers"])
-            if not self._allowed(headers.get(b"authorization", b"").decode("latin-1")):
-                response = PlainTextResponse("authentication required", status_code=401,
-                                             headers={"WWW-Authenticate": 'Basic realm="captionbus"'})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def reason(self) -> str:
+        if self.board is not None:
+            return self.board.not_ready_reason()
+        return self.waiting.not_ready_reason() if self.waiting is not None else "connecting to the bus"
 
 
-def create_app(board: Board, metrics: Any, token: str | None = None, downloads: Downloads | None = None) -> Starlette:
-    downloads = downloads or Downloads()
+def create_app(live: Live | Board, metrics: Any, token: str | None = None, downloads: Downloads | None = None) -> Starlette:
+    """`live`: a Live holder (serve.py), or a started Board (tests)."""
+    if not isinstance(live, Live):
+        live = Live(board=live, downloads=downloads or Downloads())
+
+    def the_board() -> Board:
+        if live.board is None:
+            raise errors.ApiError(503, f"not on the bus yet: {live.reason()}")
+        return live.board
 
     async def index(request: Request) -> Response:
         return FileResponse(str(STATIC / "index.html"))
 
     async def jobs(request: Request) -> Response:
+        board = the_board()
         q = request.query_params
         filters: dict[str, Any] = {k: q.get(k, "").strip() for k in ("status", "workflow", "language", "text")}
         try:
             filters.update(since=parse_time(q.get("since", "")), until=parse_time(q.get("until", "")))
         except ValueError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+            return error_response(400, str(e))
         rows = [s for s in board.summaries.values() if matches(s, **filters)]
         rows.sort(key=lambda s: s["created_ts"], reverse=True)
         try:
@@ -90,64 +82,61 @@ def create_app(board: Board, metrics: Any, token: str | None = None, downloads: 
                              "workflows": sorted({s["workflow"] for s in board.summaries.values()})})
 
     async def job(request: Request) -> Response:
+        board, downloads = the_board(), live.downloads
         job_id = request.path_params["job_id"]
         try:
             subjects.job_events(job_id)  # a job id is one subject token, nothing else
         except ValueError:
-            return JSONResponse({"error": "not a job id"}, status_code=400)
+            return error_response(400, "not a job id")
         state = board.jobs.get(job_id)
         if state is None:
-            return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
+            return error_response(404, f"no job {job_id}")
         detail = job_detail(state, await board.job_events(job_id), downloads=downloads.enabled)
         detail["downloads_note"] = downloads.reason
         return JSONResponse(detail)
 
     async def output(request: Request) -> Response:
+        board, downloads = the_board(), live.downloads
         job_id, name = request.path_params["job_id"], request.path_params["name"]
         try:
             subjects.job_events(job_id)
         except ValueError:
-            return JSONResponse({"error": "not a job id"}, status_code=400)
+            return error_response(400, "not a job id")
         state = board.jobs.get(job_id)
         ref = state.outputs.get(name) if state is not None else None
         if ref is None:  # only outputs the job's state names: never a key taken from the URL
-            return JSONResponse({"error": f"job {job_id} has no output {name!r}"}, status_code=404)
+            return error_response(404, f"job {job_id} has no output {name!r}")
         if not downloads.enabled:
-            return JSONResponse({"error": downloads.reason}, status_code=403)
+            return error_response(403, downloads.reason)
         try:
             path, tmp = await downloads.open(ref)
         except ArtifactMissing as e:
-            return JSONResponse({"error": str(e)}, status_code=404)
+            return error_response(404, str(e))
         except ArtifactError as e:
-            return JSONResponse({"error": str(e)}, status_code=502)
+            return error_response(502, str(e), "bad_gateway")
         cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True) if tmp is not None else None
         return FileResponse(path, filename=safe_name(ref.name), media_type="application/octet-stream",
                             headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
 
     async def workers(request: Request) -> Response:
-        return JSONResponse(board.worker_rows())
+        return JSONResponse(the_board().worker_rows())
 
     async def queues(request: Request) -> Response:
-        return JSONResponse(board.queue_rows())
+        return JSONResponse(the_board().queue_rows())
 
     async def stream(request: Request) -> Response:
+        board = the_board()
         queue = board.fanout.subscribe()
 
         async def messages():
             try:
-                yield "retry: 1000\n\n"
                 while True:
-                    try:
-                        kind, data = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    yield f"event: {kind}\ndata: {data}\n\n"
+                    kind, data = await queue.get()
+                    yield {"event": kind, "data": data}
             finally:
                 board.fanout.unsubscribe(queue)
 
-        return StreamingResponse(messages(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(messages(), retry_ms=1000)  # pings every 15 s while nothing happens
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -156,9 +145,9 @@ def create_app(board: Board, metrics: Any, token: str | None = None, downloads: 
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        if board.ready:
+        if live.board is not None and live.board.ready:
             return PlainTextResponse("ready")
-        return PlainTextResponse(board.not_ready_reason(), status_code=503)
+        return PlainTextResponse(live.reason(), status_code=503)
 
     async def favicon(request: Request) -> Response:
         return Response(status_code=204)
@@ -169,4 +158,9 @@ def create_app(board: Board, metrics: Any, token: str | None = None, downloads: 
         Route("/metrics", prometheus), Route("/healthz", healthz), Route("/readyz", readyz),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])
+    check = (lambda secret: same_secret(secret, token)) if token else None
+    app = Starlette(routes=routes, middleware=[Middleware(
+        TokenAuth, check=check, open_paths=OPEN_PATHS,
+        message="authentication required: the dashboard token as Bearer, or as the Basic password")])
+    errors.install(app)
+    return app

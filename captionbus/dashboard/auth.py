@@ -1,23 +1,23 @@
 """Who may open the dashboard, and where it may listen: loopback needs nothing; any other address
 needs a token (CAPTIONBUS_DASHBOARD_TOKEN, or CAPTIONBUS_DASHBOARD_TOKEN_FILE holding it).
-Light on purpose: `up` checks a bind with it before starting the dashboard process."""
+Light on purpose: `up` checks a bind with it before starting the dashboard process. The listen
+syntax and the loopback rule are the web toolkit's (captionbus/web/listen.py), shared with the gateway."""
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
+
+from captionbus.web import listen
+from captionbus.web.listen import parse_listen
+
+__all__ = ["AuthError", "DEFAULT_LISTEN", "OPEN_PATHS", "check_bind", "parse_listen", "token_from_env"]
 
 OPEN_PATHS = ("/healthz", "/readyz")  # probes learn nothing but "up" and "ready"
 
 DEFAULT_LISTEN = "127.0.0.1:8765"
 TOKEN_ENV, TOKEN_FILE_ENV = "CAPTIONBUS_DASHBOARD_TOKEN", "CAPTIONBUS_DASHBOARD_TOKEN_FILE"
 
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise AuthError(f"--listen {listen!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+AuthError = listen.ListenError  # the dashboard refuses to start: the message says what to set
 
 
 def token_from_env(environ: dict[str, str] | None = None) -> str | None:
@@ -34,20 +34,6 @@ def token_from_env(environ: dict[str, str] | None = None) -> str | None:
     return environ.get(TOKEN_ENV) or None
 
 
-class AuthError(ValueError):
-    """The dashboard refuses to start: the message says what to set."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, token: str | None) -> None:
-    if not token and not is_loopback(host):
-        raise AuthError(f"refusing to serve the dashboard on {host} without auth: set "
-                        "CAPTIONBUS_DASHBOARD_TOKEN or CAPTIONBUS_DASHBOARD_TOKEN_FILE, or listen on 127.0.0.1")
+    listen.check_bind(host, bool(token), "the dashboard",
+                      f"set {TOKEN_ENV} or {TOKEN_FILE_ENV}")

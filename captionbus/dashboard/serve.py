@@ -1,67 +1,51 @@
-"""`captionbus dashboard`: connect with the read-only role, watch the bus, serve the web app."""
+"""`captionbus dashboard`: serve at once, get on the bus with the read-only role when it is there.
+
+The page, /healthz and /readyz answer from the first second; until the bus is reached (BusLink:
+said once, retried with backoff) /readyz is 503 with the reason and the API answers 503. On each
+new connection (the first, and one made from scratch after nats-py gave up reconnecting) the
+board starts over on it; reconnects nats-py makes by itself keep the board."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
-import threading
 
-import uvicorn
-
-from captionbus.dashboard.app import create_app
-from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind, parse_listen
+from captionbus.dashboard.app import Live, create_app
+from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind
 from captionbus.dashboard.board import Board
 from captionbus.dashboard.downloads import Downloads
 from captionbus.dashboard.metrics import Metrics
 from captionbus.envs.stages import load_stage_map
-from core.bus import connect, require_provisioned
+from captionbus.web.buslink import BusLink
+from captionbus.web.listen import parse_listen
+from captionbus.web.serve import serve as serve_app
 from core.settings import Settings
 from core.settings import load as load_settings
 
 
-class _Server(uvicorn.Server):
-    """uvicorn re-raises the signal that stopped it after shutting down, so a SIGTERM (systemd,
-    `up`) would end the process by that signal; here a graceful stop on SIGINT/SIGTERM exits 0."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
-
 async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None,
-                ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None) -> None:
-    """`downloads`: offer download links where the credentials may read artifacts
-    (captionbus.dashboard.downloads); off by default."""
+                ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None) -> int:
+    """Serve until stopped; the process's exit code (SIGINT 130, SIGTERM 0). `downloads`: offer
+    download links where the credentials may read artifacts (captionbus.dashboard.downloads);
+    off by default. `ready` is set once the page is served (the bus may come later)."""
     host, port = parse_listen(listen)
     check_bind(host, token)
-    nc = await connect(url, "captionbus-dashboard")
-    try:
-        await require_provisioned(nc.jetstream())
-        metrics = Metrics()
-        board = Board(nc, sorted(load_stage_map()), metrics)
+    metrics = Metrics()
+    live = Live()
+    stages = sorted(load_stage_map())
+
+    async def on_connect(nc) -> None:
+        board = Board(nc, stages, metrics)
         gate = await Downloads.probe(nc.jetstream(), settings or load_settings()) if downloads else Downloads()
         await board.start()
-        config = uvicorn.Config(create_app(board, metrics, token, gate), host=host, port=port,
-                                log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=3)  # open SSE streams never end by themselves
-        server = _Server(config)
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if ready is not None:
-            ready.set()
-        try:
-            await task
-        finally:
-            await board.stop()
+        previous, live.board, live.downloads = live.board, board, gate
+        if previous is not None:
+            await previous.stop()
+
+    link = BusLink(url, "captionbus-dashboard", [on_connect])
+    live.waiting = link
+    link.start()
+    try:
+        return await serve_app(create_app(live, metrics, token), host, port, ready=ready, lifespan="off")
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+        if live.board is not None:
+            await live.board.stop()
+        await link.close()

@@ -96,6 +96,10 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
     from captionbus.gateway.app import create_app
     from captionbus.web.serve import serve
     from core.bus import redact
+    from core.logging import configure_logging
+
+    if ctx.find_root().params.get("verbose", 0) == 0:
+        configure_logging(level="INFO")  # a service's log: the bus coming and going, webhooks
 
     try:
         host, port = parse_listen(listen)

@@ -96,14 +96,45 @@ def test_openai_client_transcribes_in_every_format(gateway, clip):
     assert len(verbose.words) >= len(spoken.split()) * 0.75
     starts = [w.start for w in verbose.words]
     assert starts == sorted(starts) and verbose.words[-1].end <= verbose.duration + 0.5
+    # The asr stage does not record decoder statistics yet: null, never a made-up 0.0.
+    assert all(s.no_speech_prob is None and s.avg_logprob is None for s in verbose.segments)
 
     models = [m.id for m in ai.models.list()]
-    assert "whisper-1" in models and len(models) >= 2  # the alias and the model the asr worker loaded
+    assert models[0] == "whisper-1" and len(models) >= 2  # the alias and the model the asr worker loaded
+    assert all("/" not in m and "(" not in m for m in models), models  # names, never server paths
+    with wav.open("rb") as f:  # a listed id is a model the client can send back
+        by_name = ai.audio.transcriptions.create(model=models[1], file=f, language="en")
+    assert wer(spoken, by_name.text) <= 0.25, by_name.text
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.BadRequestError, match="response_format"), wav.open("rb") as f:
-        ai.audio.transcriptions.create(model="whisper-1", file=f, response_format="tsv")
+
+
+def test_openai_client_refusals_leave_no_job_and_the_next_request_succeeds(gateway, clip):
+    """On the real stack: each refusal is the documented status and {"error"}, no job is started
+    by any of them, and a real transcription right after each goes through on the same client."""
+    url, key = gateway
+    wav, spoken = clip
+    ai = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    jobs_before = len(api.get("/v1/jobs").json()["data"])
+    audio = wav.read_bytes()
+    refusals = [
+        (openai.BadRequestError, "empty (0 bytes)", dict(model="whisper-1", file=("empty.wav", b""))),
+        (openai.APIStatusError, "'language' is over its limit", dict(model="whisper-1", file=("a.wav", audio),
+                                                                     language="e" * 5_000_000)),
+        (openai.BadRequestError, "'gpt-4o-transcribe' is not served here",
+         dict(model="gpt-4o-transcribe", file=("a.wav", audio))),
+        (openai.BadRequestError, "response_format 'tsv' unknown", dict(model="whisper-1", file=("a.wav", audio),
+                                                                       response_format="tsv")),
+    ]
+    for kind, message, request in refusals:
+        with pytest.raises(kind, match=message) as raised:
+            ai.audio.transcriptions.create(**request)
+        assert 400 <= raised.value.status_code < 500 and raised.value.body["code"] == raised.value.status_code
+    assert len(api.get("/v1/jobs").json()["data"]) == jobs_before  # none of them made a job
+    heard = ai.audio.transcriptions.create(model="whisper-1", file=("clip.wav", audio), language="en")
+    assert wer(spoken, heard.text) <= 0.25, heard.text
 
 
 DEVANAGARI = re.compile("[\u0900-\u097f]")

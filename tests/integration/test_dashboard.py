@@ -29,6 +29,7 @@ from core.bus import StagePolicy, connect, provision
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve as serve_stage
+from tests.gatewaytools import check_waits_for_the_bus
 from tests.integration.test_bus import acl_server  # noqa: F401  (a fixture)
 from tests.natsroles import violations as _violations
 
@@ -176,7 +177,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 assert job["downloads"] is False and all(o["download"] is None for o in job["outputs"])
                 assert "--downloads" in job["downloads_note"]
                 refused = await http.get("/api/jobs/job-ok/outputs/media")
-                assert refused.status_code == 403 and "downloads are off" in refused.json()["error"]
+                assert refused.status_code == 403 and "downloads are off" in refused.json()["error"]["message"]
 
                 # /metrics, parsed with the Prometheus client's own parser, matches the jobs run.
                 text = (await http.get("/metrics")).text
@@ -374,3 +375,44 @@ def test_dashboard_survives_a_nats_server_restart(tmp_path):
         asyncio.run(asyncio.wait_for(main(), 120))
     finally:
         server.stop()
+
+
+def test_the_dashboard_starts_before_the_bus_waits_and_survives_its_restart(tmp_path):
+    _, log = check_waits_for_the_bus(["dashboard"], "/api/jobs", tmp_path,
+                                     {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")})
+    assert "connected to the bus" in log
+
+
+def test_the_read_only_dashboard_never_acts(tmp_path, nats_server):
+    """The dashboard has no route that changes anything: every write method on every API path
+    is refused (405 in the one error shape), and a job is untouched by the attempts."""
+    from contracts import ArtifactRef, JobSpec, JobState, subjects
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    async def main():
+        nc = await connect(nats_server, "t-writer")
+        await provision(nc.jetstream())
+        kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+        spec = JobSpec(job_id="job-kept", input=ArtifactRef(key="0" * 64, name="a.mp4", size=1))
+        await kv.put("job-kept", JobState(spec=spec).model_dump_json().encode())
+        ready = asyncio.Event()
+        dashboard = asyncio.create_task(serve_dashboard(nats_server, f"127.0.0.1:{port}", None, ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            await _until(lambda: _ok(http, "/readyz"), 20, "ready")
+            for path in ("/api/jobs", "/api/jobs/job-kept", "/api/jobs/job-kept/cancel", "/api/jobs/job-kept/retry",
+                         "/api/jobs/job-kept/outputs/srt", "/api/workers", "/api/queues", "/metrics"):
+                for method in ("POST", "PUT", "PATCH", "DELETE"):
+                    answer = await http.request(method, path)
+                    assert answer.status_code in (404, 405), (method, path, answer.status_code)
+                    assert answer.json()["error"]["code"] == answer.status_code
+            entry = await kv.get("job-kept")
+            assert JobState.model_validate_json(entry.value).status.value == "pending" and entry.revision == 1
+        dashboard.cancel()
+        with contextlib.suppress(BaseException):
+            await dashboard
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 90))

@@ -19,7 +19,7 @@ from captionbus.gateway.keys import KeyRing, add_key
 from captionbus.runner import coordinator_task
 from core.bus import connect, provision
 from core.settings import Settings
-from tests.gatewaytools import free_port, running_gateway
+from tests.gatewaytools import check_waits_for_the_bus, free_port, running_gateway
 
 
 @pytest.fixture
@@ -453,3 +453,7 @@ def test_the_openai_client_gets_documented_errors_and_its_next_request_succeeds(
             openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="cbk_wrong", max_retries=0).models.list()
         with pytest.raises(openai.NotFoundError, match="no job"):
             ai.get(f"/jobs/jnope-{_}", cast_to=dict)
+
+
+def test_the_gateway_starts_before_the_bus_waits_and_survives_its_restart(tmp_path):
+    check_waits_for_the_bus(["gateway"], "/v1/jobs", tmp_path, {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")})

@@ -16,7 +16,7 @@ document.addEventListener('alpine:init', () => {
     },
     async get(url) {
       const response = await fetch(url, {credentials: 'same-origin'});
-      if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error || response.statusText);
+      if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error?.message || response.statusText);
       return response.json();
     },
     route() {
