@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -27,8 +26,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
 from python_multipart.multipart import FormParser, parse_options_header
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,12 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from captionbus import client
 from captionbus.client import SubmitError, output_filename
 from captionbus.gateway.dispatch import CALLBACK, DispatchConfig, Dispatcher, Subscriber
-from captionbus.gateway.ends import JobEnds
+from captionbus.gateway.ends import JobEnds, job_events
 from captionbus.gateway.keys import KeyRing
 from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_json, as_verbose_json
 from captionbus.gateway.webhooks import check_target
 from captionbus.runner import validate_job
-from contracts import JobState, parse_event, subjects
+from contracts import JobState
 from contracts.events import TERMINAL_KINDS
 from contracts.ids import new_job_id, validate_token
 from contracts.languages import check_language
@@ -521,13 +518,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
         its stream sequence: reconnect with `Last-Event-ID` to resume after it."""
         principal(request)
         js = await bus.js()
-        state = await state_of(js, job_id)
+        await state_of(js, job_id)  # 404 for a job that does not exist
         raw = request.headers.get("last-event-id", "")
         after = int(raw) if raw.isdigit() else 0
-        finished = state.status.value in ("completed", "failed", "cancelled")
 
         async def stream():
-            async for seq, event in job_events(js, job_id, after, idle_end_s=2.0 if finished else None):
+            async for seq, event in job_events(js, job_id, after):
                 yield {"id": str(seq), "event": event.kind, "data": event.model_dump_json()}
 
         return EventSourceResponse(stream(), ping=15)
@@ -691,29 +687,3 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return {"status": "ok"}
 
     return app
-
-
-async def job_events(js, job_id: str, after: int, idle_end_s: float | None = None) -> AsyncIterator[tuple[int, object]]:
-    """(stream sequence, event) of one job after sequence `after`, in order, until its terminal
-    event; with `idle_end_s`, also stop when nothing comes for that long (a finished job whose
-    terminal event is before `after`)."""
-    config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-              if after else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=config)
-    try:
-        while True:
-            try:
-                msg = await (asyncio.wait_for(sub.next_msg(timeout=None), idle_end_s) if idle_end_s
-                             else sub.next_msg(timeout=None))
-            except TimeoutError:
-                return
-            try:
-                event = parse_event(msg.data)
-            except (ValueError, ValidationError):
-                continue
-            yield msg.metadata.sequence.stream, event
-            if event.kind in TERMINAL_KINDS:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
