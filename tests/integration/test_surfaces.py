@@ -159,6 +159,12 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         # dashboard polls every 2 s: within 2 s of the cancel plus one poll
         assert time.monotonic() - started < 2.0 + 2.5
         await _until(lambda: _status(gw, job_id, "cancelled"), 10, "cancelled")
+
+        async def record_done():  # the job ended: its webhook record is done (a retry reopens it)
+            records = (await gw.get(f"/v1/jobs/{job_id}/webhooks")).json()["data"]
+            return records and all(r["done"] for r in records)
+        await _until(record_done, 15, "the webhook record done at `cancelled`")
+        assert [e["kind"] for e, _ in rec.got if e["job_id"] == job_id][-1] == "cancelled"
         assert (await gw.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
         await _until(lambda: _status(gw, job_id, "completed"), 60, "completed after the retry")
         return job_id
