@@ -464,6 +464,8 @@ class StageWorker:
                 future.add_done_callback(_quiet)
                 raise _Abandoned(f"job {request.job_id} ended while {request.stage} ran", future)
         outputs = future.result()
+        if cancelled.is_set():  # ended as the handler returned: no result after the job's end
+            raise Cancelled(f"job {request.job_id} ended while {request.stage} ran")
         handled, handled_wall = time.perf_counter(), time.time()
         slot.release()
         checked = _check_outputs(outputs, self.definition)

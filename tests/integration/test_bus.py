@@ -326,7 +326,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             # (a record created, its attempts written back, listed and read, swept, released).
             import httpx
 
-            from captionbus.gateway.app import job_events
+            from captionbus.gateway.ends import job_events
             from captionbus.gateway.dispatch import DispatchConfig, Dispatcher
             from captionbus.gateway.ends import JobEnds
 
