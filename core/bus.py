@@ -446,8 +446,34 @@ def _provisioned_streams() -> list[str]:
 WEBHOOK_STATE_TTL_S = 7 * 24 * 3600
 
 
+# Streams that ordinary users write to and that nobody may roll up or delete single messages of.
+# A rollup header is the stream's business, not a permission: on a stream with
+# `allow_rollup_hdrs`, any user allowed to publish one subject of it can send `Nats-Rollup: all`
+# and purge the whole stream (a client emptied OBJ_cb_artifacts, 26.8 MB, with one 85-byte
+# message; a worker-asr the stage cache from its own key prefix). KV and object-store buckets
+# are created with rollups allowed (nats-py's put/purge use them); these are turned off at
+# provisioning, on new and existing buckets alike. Nothing captionbus writes there needs them
+# (core/artifacts/transfer.py: objects are their first meta message; gc deletes by purge, the
+# gc user's right alone). deny_delete: no one deletes single messages there either.
+# KV_cb_jobs keeps its rollups: only the coordinator and gc may write it. KV_cb_stage_cache keeps
+# them for now, though workers write it: gc removes its entries with nats-py's `kv.purge`, a
+# rollup (core/gc.py); once gc uses `kv.delete` (the bucket keeps one revision, so that frees the
+# value) it belongs here, and then a worker can no longer empty the cache (deploy/README.md).
+NO_ROLLUP_STREAMS = (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.WEBHOOKS_BUCKET}")
+
+
+async def _forbid_rollups(js: JetStreamContext, stream: str) -> None:
+    config = (await js.stream_info(stream)).config
+    if config.allow_rollup_hdrs or not config.deny_delete:
+        config.allow_rollup_hdrs = False
+        config.deny_delete = True
+        await js.update_stream(config)
+        log.info("stream refuses rollups and message deletes now", stream=stream)
+
+
 async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
-    """Create the streams, KV bucket and object store that are missing; never change existing ones.
+    """Create the streams, KV bucket and object store that are missing; never change existing ones
+    but to refuse rollups and message deletes on the buckets others write (NO_ROLLUP_STREAMS).
 
     Only the processes that own the bus call this (coordinator, `run`, `up`); workers and clients
     call require_provisioned(). `replicas` (default CAPTIONBUS_REPLICAS, else 1) applies to what
@@ -474,6 +500,8 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
         bucket=subjects.WEBHOOKS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
         ttl=WEBHOOK_STATE_TTL_S,
     )), replicas)
+    for stream in NO_ROLLUP_STREAMS:
+        await _forbid_rollups(js, stream)
 
 
 async def require_provisioned(js: JetStreamContext) -> None:

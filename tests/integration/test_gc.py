@@ -213,8 +213,7 @@ def test_up_collects_periodically_on_its_embedded_bus(nats_server, tmp_path):
 def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tmp_path):
     """A re-submitted input already in the stores is referenced by no job until the coordinator
     records the new one: storing it again makes it "just written", so the GC waits its grace."""
-    from nats.js.api import Header, ObjectInfo
-    from nats.js.kv import MSG_ROLLUP_SUBJECT
+    from nats.js.api import ObjectInfo
 
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object", retention_grace=3600)
 
@@ -226,8 +225,9 @@ def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tm
         old = datetime.fromtimestamp(time.time() - 7200, timezone.utc).isoformat()
         info = await store.objects.info(ref.key)
         aged = ObjectInfo.from_response({**info.as_dict(), "mtime": old})
-        await js.publish(store.objects._meta_subject(ref.key), json.dumps(aged.as_dict()).encode(),
-                         headers={Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        meta = store.objects._meta_subject(ref.key)  # the bucket refuses rollups: purge (an open test bus), then write
+        await js.purge_stream(store.objects.stream, subject=meta)
+        await js.publish(meta, json.dumps(aged.as_dict()).encode())
         os.utime(store.local_path(ref), (time.time() - 7200,) * 2)
         dry = await collect(settings, js, dry_run=True)
         assert (dry.object_store.count, dry.local_root.count) == (1, 1)  # unreferenced and past grace
