@@ -16,7 +16,7 @@ from rich.console import Console
 
 from captionbus import exitcodes
 from captionbus.cli.errors import CaptionbusGroup, UserError, console
-from contracts.stage_params import DEFAULT_CHUNK_TARGET_S
+from contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S
 from core.settings import load
 
 stdout = Console()

@@ -7,7 +7,7 @@ Inputs: `audio` (the demux WAV); optional `regions` (contracts.speech.SpeechRegi
 the vad stage). With regions only they are decoded (audio outside them, beyond a
 REGION_MARGIN_S margin, is silenced; whisperx's own pyannote VAD does not run), language
 detection listens to them, and an empty region list means no speech: an empty transcript.
-Params (contracts.stage_params.AsrParams) and service options (contracts.stage_options.AsrOptions):
+Params (declaration.AsrParams) and service options (declaration.AsrOptions):
 `captionbus stages asr`.
 Outputs: `transcript` (transcript.json), cleaned by services/asr/hallucination.py (loops,
 text outside speech, phantom phrases dropped; "lyrics" / "hallucination-suspect" flags).
@@ -33,10 +33,9 @@ import numpy as np
 
 from contracts import StageRequest
 from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
-from contracts.stage_options import AsrOptions
-from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
+from services.asr.declaration import ASR, AsrOptions, AsrParams
 from services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
@@ -393,12 +392,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="asr",
+    spec=ASR,
     handle=handle,
     setup=setup,
-    params=AsrParams,
-    outputs=("transcript", "language"),
-    options=AsrOptions,
     # whichever backend this env lacks is reported as "missing"
     report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,

@@ -1,7 +1,7 @@
 """chunk: the vad stage's speech regions -> chunks cut at silences (contracts.speech.SpeechChunks
 JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
 count goes back to the coordinator in `StageCompleted.items`. Cutting rules: services/chunk/plan.py.
-Params (contracts.stage_params.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
+Params (declaration.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
 No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
 language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
 language-detection request on the asr queue first (one queue wait less for every such job)."""
@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 
 from contracts import StageRequest
-from contracts.stage_options import NoOptions
 from contracts.speech import SpeechRegions, SpokenLanguage
-from contracts.stage_params import ChunkParams
+from services.chunk.declaration import CHUNK, ChunkParams
 from services.chunk.plan import plan_chunks
 from services.runtime import BadInput, StageContext, StageDefinition
 
@@ -66,5 +65,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks", "language"),
-                        options=NoOptions)
+STAGE = StageDefinition(spec=CHUNK, handle=handle)

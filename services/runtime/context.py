@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
 from contracts.ids import validate_token
-from contracts.stage_specs import explain
+from contracts.stage_declaration import explain
 from services.runtime.errors import BadInput, Cancelled
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,8 +1,8 @@
 """What a stage author writes: one handler function with a typed body, plus optional setup.
 
-A stage's params model, outputs and service options are declared in contracts
-(contracts.stage_specs.STAGES, so the coordinator and the CLI can check them without the stage);
-its StageDefinition names the same ones. The runtime validates every request's params against
+A stage's name, env, params model, outputs and service options are its declaration's StageSpec
+(`services/<folder>/declaration.py`, copied to contracts for the coordinator and the CLI); its
+StageDefinition takes them from `spec=`. The runtime validates every request's params against
 `params` before the handler runs (a bad one is BadInput) and hands the parsed model over as
 `ctx.params`; setup() gets the parsed service options as `SetupContext.options`.
 """
@@ -17,8 +17,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from contracts import StageRequest
+from contracts.stage_declaration import StageSpec, explain
 from contracts.stage_options import ServiceOptions
-from contracts.stage_specs import STAGES, explain
 from services.runtime.errors import BadInput
 
 M = TypeVar("M", bound=BaseModel)
@@ -45,8 +45,16 @@ def parse_params(model: type[BaseModel], raw: Mapping[str, Any], stage: str) -> 
         raise BadInput(f"bad {stage} params: {explain(error)} ({stage} params: {', '.join(keys)})") from None
 
 
+def declared_spec(stage: str) -> StageSpec | None:
+    """The stage's declaration (services/<folder>/declaration.py); None for an ad-hoc test stage."""
+    from services import declarations  # only the pure declaration modules, never a stage's code
+
+    declared = declarations().get(stage)
+    return declared[1] if declared is not None else None
+
+
 def options_model(stage: str) -> type[ServiceOptions]:
-    spec = STAGES.get(stage)
+    spec = declared_spec(stage)
     return spec.options if spec is not None else OpenOptions
 
 
@@ -115,12 +123,15 @@ Handler = Callable[[StageRequest, StageContext], dict[str, Path]]
 
 @dataclass
 class StageDefinition:
-    name: str
     handle: Handler
+    # The stage's declaration (services/<folder>/declaration.py); name, params, outputs and
+    # options come from it. Ad-hoc test stages leave it out and give a name (and may give the
+    # rest).
+    spec: StageSpec | None = None
+    name: str = ""
     setup: Callable[[SetupContext], Any] | None = None
-    # What the stage declares in contracts.stage_specs.STAGES (a unit test holds them equal):
-    # its request params model, the outputs its handler may return (empty: not checked, e.g.
-    # noop returns its inputs) and its service options model.
+    # The request params model, the outputs the handler may return (empty: not checked, e.g.
+    # noop returns its inputs) and the service options model.
     params: type[BaseModel] = OpenParams
     outputs: tuple[str, ...] = ()
     options: type[ServiceOptions] = OpenOptions
@@ -147,6 +158,22 @@ class StageDefinition:
     # for the default (every input's content hash). The asr stage on one chunk of a film gives the
     # chunk's samples: a film with one changed scene redoes only that scene's chunk.
     cache_inputs: Callable[[Any, Any], dict[str, str] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            if not self.name:
+                raise ValueError("a StageDefinition needs spec= (its declaration) or, for a test stage, name=")
+            return
+        # What is left at its default comes from the declaration. A value given beside the spec
+        # wins: tests derive stages from a real one (dataclasses.replace(NOOP, name="probe",
+        # outputs=...)); tests/unit/test_stage_declarations.py holds every real stage to its spec.
+        self.name = self.name or self.spec.name
+        if self.params is OpenParams:
+            self.params = self.spec.params
+        if not self.outputs:
+            self.outputs = self.spec.outputs
+        if self.options is OpenOptions:
+            self.options = self.spec.options
 
     def parse_params(self, raw: Mapping[str, Any]) -> Any:
         """The request params as this stage's model; BadInput when they do not fit it."""

@@ -16,12 +16,12 @@ from pydantic import ValidationError
 
 from contracts.ids import validate_token
 from contracts.stage_options import ServiceOptions
-from contracts.stage_specs import explain
+from contracts.stage_declaration import explain
 from core import settings as settings_mod
 from core.bus import BusError, StagePolicy, resolve_url
 from core.envinfo import current_env
 from core.logging import configure_logging
-from services import STAGE_MODULES
+from services import declarations, stage_module
 from services.runtime.definition import StageDefinition
 from services.runtime.info import worker_info
 from services.runtime.serve import serve
@@ -39,10 +39,10 @@ def env_name() -> str:
 
 
 def load_stage(stage: str) -> StageDefinition:
-    if stage not in STAGE_MODULES:
-        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGE_MODULES))}")
+    if stage not in declarations():
+        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(declarations()))}")
     # Imported only now: each environment has the libraries of its own stages only.
-    return importlib.import_module(STAGE_MODULES[stage]).STAGE
+    return importlib.import_module(stage_module(stage)).STAGE
 
 
 def parse_options(pairs: list[str], model: type[ServiceOptions] | None = None) -> dict[str, Any]:

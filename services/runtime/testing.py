@@ -17,9 +17,8 @@ from typing import Any
 import structlog
 
 from contracts import ArtifactRef, StageRequest
-from contracts.stage_specs import STAGES
 from services.runtime.context import TypedInputs
-from services.runtime.definition import OpenParams, parse_params
+from services.runtime.definition import OpenParams, declared_spec, parse_params
 
 
 @dataclass
@@ -40,7 +39,7 @@ class FakeStageContext(TypedInputs):
     def params(self) -> Any:
         """request.params parsed with the stage's model, as the runtime hands them over
         (BadInput when they do not fit it)."""
-        spec = STAGES.get(self.request.stage)
+        spec = declared_spec(self.request.stage)
         return parse_params(spec.params if spec else OpenParams, self.request.params, self.request.stage)
 
     def input_path(self, name: str) -> Path:

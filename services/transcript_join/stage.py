@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from contracts import StageRequest
-from contracts.stage_options import NoOptions
 from contracts.speech import SpokenLanguage
-from contracts.stage_params import TranscriptJoinParams
 from contracts.transcript import Transcript
 from services.runtime import BadInput, StageContext, StageDefinition
+from services.transcript_join.declaration import TRANSCRIPT_JOIN, TranscriptJoinParams
 
 
 def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:
@@ -44,5 +43,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return {"transcript": out}
 
 
-STAGE = StageDefinition(name="transcript_join", handle=handle, params=TranscriptJoinParams, outputs=("transcript",),
-                        options=NoOptions)
+STAGE = StageDefinition(spec=TRANSCRIPT_JOIN, handle=handle)
