@@ -21,7 +21,6 @@ import socket
 import ssl
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -261,7 +260,7 @@ def inbox_prefix(url: str, settings: Settings) -> str | None:
     """The reply-subject prefix of this process's connection: CAPTIONBUS_NATS_INBOX_PREFIX, else
     `_INBOX_<user>` for the user the settings or the URL name, else None (nats-py's `_INBOX`: a
     bus without users, where every process may read every reply anyway)."""
-    chosen = os.environ.get(INBOX_PREFIX_ENV, "").strip()
+    chosen = (settings.nats_inbox_prefix or "").strip()
     if chosen:
         if not all(_INBOX_TOKEN.fullmatch(part) for part in chosen.split(".")):
             raise BusError(f"{INBOX_PREFIX_ENV}={chosen!r}: not a NATS subject prefix (letters, digits, _ and -)")
@@ -455,11 +454,11 @@ WEBHOOK_STATE_TTL_S = 7 * 24 * 3600
 # provisioning, on new and existing buckets alike. Nothing captionbus writes there needs them
 # (core/artifacts/transfer.py: objects are their first meta message; gc deletes by purge, the
 # gc user's right alone). deny_delete: no one deletes single messages there either.
-# KV_cb_jobs keeps its rollups: only the coordinator and gc may write it. KV_cb_stage_cache keeps
-# them for now, though workers write it: gc removes its entries with nats-py's `kv.purge`, a
-# rollup (core/gc.py); once gc uses `kv.delete` (the bucket keeps one revision, so that frees the
-# value) it belongs here, and then a worker can no longer empty the cache (deploy/README.md).
-NO_ROLLUP_STREAMS = (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.WEBHOOKS_BUCKET}")
+# KV_cb_jobs keeps its rollups: only the coordinator and gc may write it. KV_cb_stage_cache is
+# written by every worker, so it refuses them too: gc removes an expired entry with a purge
+# filtered on its key, up to the revision it read (core/gc.py), never with `kv.purge` (a rollup).
+NO_ROLLUP_STREAMS = (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.WEBHOOKS_BUCKET}",
+                     f"KV_{subjects.STAGE_CACHE_BUCKET}")
 
 
 async def _forbid_rollups(js: JetStreamContext, stream: str) -> None:
