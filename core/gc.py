@@ -44,6 +44,7 @@ files on this host, and reads the bus with any user that may read job state.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -166,6 +167,14 @@ def private_runs(settings) -> list[int]:
                 pass
             alive.append(pid)
     return alive
+
+
+def _object_key(encoded: str) -> str | None:
+    """The object name a meta subject's last token encodes (nats-py: urlsafe base64), or None."""
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class GcError(Exception):
@@ -400,8 +409,12 @@ class Collector:
             return
         for key, msg in entries.items():
 
-            async def remove(k: str = key) -> bool:
-                await (await self.js.key_value(subjects.STAGE_CACHE_BUCKET)).purge(k)
+            async def remove(k: str = key, seq: int = msg.seq) -> bool:
+                # A filtered purge up to what was read, not kv.purge: that is a rollup, which the
+                # bucket refuses (core.bus.NO_ROLLUP_STREAMS), and it would also take a value
+                # written since the listing.
+                await self.js.purge_stream(f"KV_{subjects.STAGE_CACHE_BUCKET}",
+                                           subject=f"$KV.{subjects.STAGE_CACHE_BUCKET}.{k}", seq=seq + 1)
                 return True
 
             self._cache_entry(f"kv:{key}", f"kv:{key}", msg.data, _ts(msg.time), remove)
@@ -426,29 +439,37 @@ class Collector:
             self._cache_entry(f"file:{entry.path}", entry.path, data, written, remove)
 
     async def _list_objects(self) -> None:
+        """Every object as readers see it: its first live, consistent, complete meta message
+        (`ObjectBucket.located`, core/artifacts/transfer.py), never the subject's last one. A
+        writer may append tombstones or bogus metas after a real upload; gc must not read those
+        as "deleted" (and purge the real chunks as a torn upload) any more than a fetch does."""
         bucket = ObjectBucket(self.js, subjects.ARTIFACTS_BUCKET)
         self.bucket = bucket
         self.report.object_store_bytes_before = (await self.js.stream_info(bucket.stream)).state.bytes
         meta_prefix = f"$O.{bucket.name}.M."
+        chunk_prefix = bucket.chunk_subject("")
+        self.chunk_sets = {s[len(chunk_prefix):]: n
+                           for s, n in (await self._subjects(bucket.stream, f"{chunk_prefix}>")).items()}
         for subject in await self._subjects(bucket.stream, f"{meta_prefix}>"):
+            key = _object_key(subject[len(meta_prefix):])
+            found = await bucket.located(key, held=self.chunk_sets) if key is not None else None
+            if found is not None:
+                info, seq = found
+                self.objects[key] = _Object(info, seq)
+                continue
+            # Nothing readable under this subject: say why from its last message.
             try:
                 msg = await self.js.get_last_msg(bucket.stream, subject)
             except nats.js.errors.NotFoundError:  # purged since the listing
                 continue
             try:
                 info = api.ObjectInfo.from_response(json.loads(msg.data))
-                if info.deleted:
-                    continue
                 if not info.name or bucket._meta_subject(info.name) != subject:
                     raise ValueError(f"names object {info.name!r}, not the one its subject is for")
             except Exception as e:
                 self._malformed(f"object metadata {subject} (seq {msg.seq})", e)
                 self.malformed_raw.append(msg.data or b"")
-                continue
-            self.objects[info.name] = _Object(info, msg.seq)
-        chunk_prefix = bucket.chunk_subject("")
-        self.chunk_sets = {s[len(chunk_prefix):]: n
-                           for s, n in (await self._subjects(bucket.stream, f"{chunk_prefix}>")).items()}
+            # else: a tombstone, or a meta whose chunks are gone: no bytes to keep or delete here
         live = {o.info.nuid for o in self.objects.values()}
         for nuid in self.chunk_sets:
             if nuid not in live:

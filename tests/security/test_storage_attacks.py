@@ -64,10 +64,9 @@ def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_pa
     assert after == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KV_cb_stage_cache still allows rollups: gc removes cache entries with kv.purge (a rollup); "
-    "add it to core.bus.NO_ROLLUP_STREAMS once gc uses kv.delete (deploy/README.md)"))
 def test_a_worker_cannot_roll_up_the_stage_cache(tmp_path):
+    """worker-asr may write its own stage's cache keys; `Nats-Rollup: all` from there used to empty
+    every stage's entries. The bucket refuses rollups (gc deletes entries by filtered purge)."""
     async def main():
         async with secured_fleet(tmp_path, worker=False) as fleet:
             cache = await fleet.js["worker"].key_value(subjects.STAGE_CACHE_BUCKET)
