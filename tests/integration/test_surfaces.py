@@ -95,6 +95,9 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
                 await asyncio.wait_for(dash_ready.wait(), 30)
                 async with httpx.AsyncClient(base_url=dash, timeout=15) as http, \
                         httpx.AsyncClient(base_url=gateway, timeout=15) as gw:
+                    async def gateway_ready():
+                        return (await gw.get("/readyz")).status_code == 200 or None
+                    await _until(gateway_ready, 30, "the gateway on the bus")
                     await check_workers(http, services)
                     job_id = await cancel_then_retry(js, http, gw)
                     await check_history(http, gw, job_id)
@@ -225,7 +228,8 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         state = json.loads((await asyncio.to_thread(cli, "status", job_id, "--json")).stdout)
         assert {n["worker"]["worker_id"] for n in state["nodes"].values()} == ran
 
-    with running_gateway(gateway_config) as gateway:
+    # Not ready yet: the bus is provisioned inside main(); the gateway waits for it (/readyz).
+    with running_gateway(gateway_config, ready=False) as gateway:
         asyncio.run(asyncio.wait_for(main(gateway), 300))
 
 
