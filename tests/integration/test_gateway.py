@@ -106,6 +106,7 @@ def test_job_api_errors_and_lifecycle(gateway, tmp_path):
     job_id = created.json()["id"]
     by_path = gateway.post("/v1/jobs", data={"path": "clip.wav", "workflow": "speech"})
     assert by_path.status_code == 201, by_path.text
+    wait_status(gateway, by_path.json()["id"], {"pending", "running"})  # recorded by the coordinator
 
     job = wait_status(gateway, job_id, {"running"})
     assert job["input"] == "talk.wav" and job["workflow"] == "transcribe" and "demux" in job["nodes"]
@@ -273,6 +274,7 @@ def test_a_key_sees_and_acts_on_its_own_jobs_only(tmp_path, coordinator):
         assert as_ops.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         wait_status(as_alice, job_id, {"cancelled"})
         bobs = as_bob.post("/v1/jobs", files={"file": ("b.wav", b"RIFF bob")}, data={"workflow": "speech"}).json()["id"]
+        wait_status(as_bob, bobs, {"pending", "running"})  # the coordinator has recorded it
         assert [j["id"] for j in as_bob.get("/v1/jobs").json()["data"]] == [bobs]
         assert as_alice.post(f"/v1/jobs/{bobs}/cancel").status_code == 404
         assert as_bob.post(f"/v1/jobs/{bobs}/cancel").status_code == 202

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from captionbus.client import cancel
@@ -185,3 +186,14 @@ def test_two_gateways_deliver_each_subscriber_event_once_and_both_report_it(coor
         assert sorted(rec.posts) == sorted([d["delivery_id"] for d in deliveries] * 2)
         flat = httpx.get(f"{two}/v1/jobs/{job_id}/deliveries", timeout=10).json()["data"]
         assert [(d["subscriber"], d["sequence"]) for d in flat] == [("audit", d["sequence"]) for d in deliveries]
+        # Each gateway's /metrics counts what it delivered; together: every delivery once, one failed attempt each.
+        delivered = failed_attempts = 0.0
+        for base in (one, two):
+            for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+                for sample in family.samples:
+                    if sample.name == "captionbus_gateway_webhook_deliveries_total":
+                        assert sample.labels == {"outcome": "delivered"}
+                        delivered += sample.value
+                    elif sample.name == "captionbus_gateway_webhook_failed_attempts_total":
+                        failed_attempts += sample.value
+        assert delivered == failed_attempts == len(deliveries)
