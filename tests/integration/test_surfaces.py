@@ -77,6 +77,7 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
         return done
 
+    followers: list[subprocess.Popen] = []
     gateway_config = GatewayConfig(
         settings=Settings(home=tmp_path / "gw", nats_url=nats_server, artifacts_mode="object", host_id="gw"),
         nats_url=nats_server, webhook_allow=[hooks], webhook_secret=SECRET.encode(), webhook_lease_s=5,
@@ -166,6 +167,10 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         await _until(record_done, 15, "the webhook record done at `cancelled`")
         assert [e["kind"] for e, _ in rec.got if e["job_id"] == job_id][-1] == "cancelled"
         assert (await gw.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
+        # A follower started now replays past `cancelled` (not the end any more) and ends by
+        # itself at `completed`.
+        followers.append(subprocess.Popen([sys.executable, "-m", "captionbus", "events", job_id, "--follow"],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         await _until(lambda: _status(gw, job_id, "completed"), 60, "completed after the retry")
         return job_id
 
@@ -186,8 +191,14 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
                  if e.get("node") == "first" and e.get("attempt") == 1]
         assert after == [], after
 
+        out, err = await asyncio.to_thread(followers[0].communicate, timeout=20)
+        assert followers[0].returncode == 0, err
+        assert [json.loads(line)["event_id"] for line in out.splitlines()] == ids, "events --follow"
+
         # SSE: the whole history, and it ends by itself at the real end (not at `cancelled`).
+        read_at = time.monotonic()
         sse = await _sse(gw, job_id)
+        print(f"SSE of the finished job: {len(sse)} events, closed after {time.monotonic() - read_at:.2f} s")
         assert [json.loads(e["data"])["event_id"] for e in sse] == ids
         assert [e["event"] for e in sse] == kinds
         # ... and resumed after `cancelled` with Last-Event-ID: exactly the rest.
@@ -225,8 +236,14 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         state = json.loads((await asyncio.to_thread(cli, "status", job_id, "--json")).stdout)
         assert {n["worker"]["worker_id"] for n in state["nodes"].values()} == ran
 
-    with running_gateway(gateway_config) as gateway:
-        asyncio.run(asyncio.wait_for(main(gateway), 300))
+    try:
+        with running_gateway(gateway_config) as gateway:
+            asyncio.run(asyncio.wait_for(main(gateway), 300))
+    finally:
+        for follower in followers:
+            if follower.poll() is None:
+                follower.kill()
+                follower.communicate()
 
 
 async def _status(gw: httpx.AsyncClient, job_id: str, status: str) -> bool:
