@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
-from contracts import JobState, parse_event, subjects
+from captionbus import client
+from contracts import parse_event, subjects
 from contracts.events import TERMINAL_KINDS
 
 log = structlog.get_logger("captionbus.gateway")
@@ -104,76 +103,6 @@ class JobEnds:
                     return await replay()
 
 
-# A job whose state is finished and whose events are all read still gets this long for one more
-# event before a reader ends: a worker's last progress report or late result can land just after
-# the `cancelled` it had not seen yet (the runtime stops publishing within ~50 ms of it).
-SETTLE_S = 0.5
-# Kinds after which a finished job runs again.
-REOPENING_KINDS = frozenset({"retry_requested", "started"})
-
-
-def _pending(msg) -> int:
-    try:
-        return msg.metadata.num_pending
-    except Exception:  # no JetStream metadata: nothing known to be queued
-        return 0
-
-
-async def job_finished(js, job_id: str) -> bool:
-    """Whether the job's KV state is finished now; a job whose state is gone (collected) gets
-    no more events either. A failed read is "not finished": the reader goes on, never ends early."""
-    try:
-        entry = await (await js.key_value(subjects.JOBS_BUCKET)).get(job_id)
-    except (KeyNotFoundError, KeyDeletedError):
-        return True
-    except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
-        log.warning("job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
-        return False
-    return not entry.value or JobState.model_validate_json(entry.value).status.finished
-
-
-async def job_events(js, job_id: str, after: int = 0, *, settle_s: float = SETTLE_S,
-                     is_finished: Callable[[], Awaitable[bool]] | None = None
-                     ) -> AsyncIterator[tuple[int, object]]:
-    """(stream sequence, event) of one job after sequence `after`, in stream order, until the
-    job's real end: every stored event is read, the job's state is finished, and nothing more
-    came for `settle_s`. The SSE endpoint and webhook deliveries both read this, so they carry
-    the same events in the same order as `captionbus events ID` (the same stream).
-
-    Why not "until the first terminal event" (what this did before issue 19): a job cancelled
-    and then retried has `cancelled` in the middle of its history; SSE closed there and the
-    webhook record was marked done, so integrators never heard `retry_requested`, `started` or
-    `completed`. A terminal event ends the read only when nothing is stored after it and the
-    job's state agrees (one KV read at that moment; a retry published later starts a new read:
-    SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher)."""
-    is_finished = is_finished or (lambda: job_finished(js, job_id))
-    config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-              if after else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=config)
-    try:
-        # ending: the job was finished when last caught up; end after settle_s of silence.
-        ending = await is_finished()
-        ended_since_start = False  # a terminal event read since the last (re)start
-        while True:
-            try:
-                msg = await (asyncio.wait_for(sub.next_msg(timeout=None), settle_s) if ending
-                             else sub.next_msg(timeout=None))
-            except TimeoutError:
-                if await is_finished():
-                    return
-                ending = False
-                continue
-            try:
-                event = parse_event(msg.data)
-            except (ValueError, ValidationError):
-                continue  # a newer schema or a foreign publisher: not ours to interpret
-            yield msg.metadata.sequence.stream, event
-            if event.kind in TERMINAL_KINDS:
-                ended_since_start = True
-            elif event.kind in REOPENING_KINDS:
-                ended_since_start = ending = False
-            if _pending(msg) == 0 and (ended_since_start or ending):
-                ending = await is_finished()
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+# The job's history until its real end: one implementation for the CLI (`events ID --follow`),
+# the SSE endpoint and webhook deliveries (see captionbus.client.job_events for why).
+job_events = client.job_events

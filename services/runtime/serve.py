@@ -257,6 +257,7 @@ class StageWorker:
         # is published: the next fetch overlaps that tail, which keeps hops short.
         self._slots = asyncio.Semaphore(definition.slots)
         self.ends = JobEndWatch()
+        self.service_id: str | None = None  # its $SRV instance id, once registered
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
         self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
@@ -582,7 +583,7 @@ class StageWorker:
                 body = json.loads(msg.data)
                 meta = body.get("metadata") or {}
                 states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
-                if (meta.get("worker_id") != self.info.worker_id and "setup_failed" not in states
+                if (body.get("id") != self.service_id and "setup_failed" not in states
                         and not meta.get("setup_error")):  # (an older worker says it in its metadata)
                     healthy += 1
 
@@ -884,6 +885,7 @@ async def _register(nc: Any, worker: StageWorker) -> Any:
     async def on_info(request: Any) -> None:
         await request.respond(worker.info.model_dump_json().encode())
 
+    worker.service_id = service.id  # its own $SRV replies, told apart from any other replica's
     await service.add_endpoint(name="info", subject=info_subject(info.stage), handler=on_info)
     await nc.flush()  # "ready" must mean the server routes $SRV requests to us
     return service

@@ -121,8 +121,10 @@ def test_events_follow_of_a_running_job_ends_with_it(nats_server, tmp_path):
     assert json.loads(first)["kind"] == "submitted"
     time.sleep(1)
     assert follower.poll() is None  # waiting for more
-    write(nats_server, events=[JobStarted(job_id="j2", workflow="transcribe", nodes=["asr"]),
-                               JobCompleted(job_id="j2", outputs={})])
+    # As the coordinator does: the state first, then the events. The follower ends at the job's
+    # real end: its terminal event, nothing stored after it, the state finished.
+    write(nats_server, [JobState(spec=spec("j2"), status=JobStatus.completed)],
+          events=[JobStarted(job_id="j2", workflow="transcribe", nodes=["asr"]), JobCompleted(job_id="j2", outputs={})])
     out, err = finish(follower, 30)
     assert follower.returncode == 0, err
     assert [json.loads(line)["kind"] for line in out.splitlines()] == ["started", "completed"]
