@@ -18,7 +18,7 @@ import pytest
 from nats.js.api import Header
 
 from contracts import subjects
-from core.artifacts import ArtifactStore
+from core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
 from core.gc import collect
 from tests.natsroles import denied
 from tests.security.fleet import WRITERS, secured_fleet
@@ -133,7 +133,6 @@ def test_metadata_published_before_an_upload_does_not_hide_it(tmp_path):
         async with secured_fleet(tmp_path) as fleet:
             media = tmp_path / "known.wav"
             media.write_bytes(b"RIFF" + os.urandom(150_000))
-            from core.artifacts import hash_file
             key, size = hash_file(media)
             digest = "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(key)).decode()
             meta = {"name": key, "bucket": BUCKET, "nuid": "NOSUCHCHUNKS", "size": size, "chunks": 2,
@@ -147,3 +146,40 @@ def test_metadata_published_before_an_upload_does_not_hide_it(tmp_path):
             return (await fresh.get(ref)).read_bytes() == media.read_bytes()
 
     assert asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_chunks_slipped_into_an_upload_fail_it_instead_of_being_named(tmp_path, monkeypatch):
+    """The chunk subject of an upload in progress is listed in stream info, and any writer may
+    publish on it: worker-asr adds a chunk while the client's upload waits for its acks. The
+    upload fails rather than publish a meta naming foreign bytes, nothing is stored under the
+    key, and storing it again works."""
+    async def main():
+        async with secured_fleet(tmp_path, worker=False) as fleet:
+            attacker = fleet.js["worker-asr"]
+            media = tmp_path / "film.wav"
+            media.write_bytes(os.urandom(3 * transfer.CHUNK_SIZE + 11))
+            store = ArtifactStore(fleet.settings("client", "uploader"), fleet.js["client"])
+            original = transfer.ObjectBucket._acked
+            slipped = []
+
+            async def acked(self, fut, ref=None, chunk_subj=""):
+                if chunk_subj and not slipped:  # the chunks are out, the meta not yet
+                    slipped.append(await attacker.publish(chunk_subj, b"mine"))
+                return await original(self, fut, ref, chunk_subj)
+
+            monkeypatch.setattr(transfer.ObjectBucket, "_acked", acked)
+            try:
+                await store.put(media)
+                failed = None
+            except ArtifactError as e:
+                failed = str(e)
+            monkeypatch.setattr(transfer.ObjectBucket, "_acked", original)
+            found = await store.objects.info(hash_file(media)[0])
+            ref = await store.put(media)
+            fresh = ArtifactStore(fleet.settings("client", "reader"), fleet.js["client"])
+            return failed, found, (await fresh.get(ref)).read_bytes() == media.read_bytes(), slipped
+
+    failed, found, fetched, slipped = asyncio.run(asyncio.wait_for(main(), 60))
+    assert slipped and failed and "another writer published on it" in failed, failed
+    assert found is None  # no meta was published for the tainted upload
+    assert fetched
