@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 import pytest
 from nats.js.api import Header
+from nats.js.errors import KeyNotFoundError
 
 from contracts import subjects
 from core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
@@ -39,8 +40,8 @@ async def _refused(js, subject: str, data: bytes = b"{}", headers: dict | None =
 
 def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_path):
     """`Nats-Rollup: all` and `sub` on object metadata and chunk subjects (every credential that
-    may publish there), and on the webhook state (the gateway's KV): all refused, the object store
-    keeps every message, the completed job fetches byte-identically."""
+    may publish there), on the webhook state (the gateway's KV) and on job events: all refused,
+    the streams keep every message, the completed job fetches byte-identically."""
 
     async def main():
         async with secured_fleet(tmp_path) as fleet:
@@ -48,23 +49,32 @@ def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_pa
             js = fleet.js
             held = (await js["coordinator"].stream_info(STREAM)).state.messages
             tried = []
-            for role in (*WRITERS, "gc", "dashboard", "dashboard_downloads"):
+            for role in WRITERS:  # the stream refuses them (10111), at once
                 for subject in ("$O.cb_artifacts.M.zz", _meta_subject(state.outputs["out"].key),
                                 f"$O.{BUCKET}.C.zz"):
                     for rollup in ("all", "sub"):
                         tried.append((role, subject, rollup))
                         assert await _refused(js[role], subject, headers={Header.ROLLUP: rollup}), (role, subject, rollup)
+            for role in ("gc", "dashboard", "dashboard_downloads"):  # may not publish there at all (a timeout)
+                tried.append((role, "$O.cb_artifacts.M.zz", "all"))
+                assert await _refused(js[role], "$O.cb_artifacts.M.zz", headers={Header.ROLLUP: "all"}), role
             assert await _refused(js["gateway"], "$KV.cb_webhooks.zz", headers={Header.ROLLUP: "all"})
             assert (await js["coordinator"].stream_info(STREAM)).state.messages == held
+            # Job events (the stream was never created with rollups): each writer on a subject it may use.
+            events = (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages
+            for role, kind in (("worker", "stage_progress"), ("worker-asr", "stage_warning"),
+                               ("client", "cancel_requested"), ("gateway", "retry_requested")):
+                assert await _refused(js[role], f"captionbus.job.job-kept.{kind}", headers={Header.ROLLUP: "all"}), role
+            assert (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages == events
             after = await fleet.fetch(state)
             return before, after, tried
 
     before, after, tried = asyncio.run(asyncio.wait_for(main(), 120))
-    assert len(tried) == 7 * 3 * 2
+    assert len(tried) == 4 * 3 * 2 + 3
     assert after == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=(AssertionError, KeyNotFoundError), reason=(
     "KV_cb_stage_cache still allows rollups: gc removes cache entries with kv.purge (a rollup); "
     "add it to core.bus.NO_ROLLUP_STREAMS once gc uses kv.delete (deploy/README.md)"))
 def test_a_worker_cannot_roll_up_the_stage_cache(tmp_path):
