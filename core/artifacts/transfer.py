@@ -360,26 +360,35 @@ class ObjectBucket:
         subject's last meta message, which `delete` takes. Subjects with no readable object
         (tombstones only, junk) are left out; their chunks are nobody's."""
         held = await self.chunk_sets()
-        prefix = f"$O.{self.name}.M."
         found = []
-        for subject, count in (await self._subjects(f"{prefix}>")).items():
-            try:
-                key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
-            except ValueError:
-                continue
-            with contextlib.suppress(NotFoundError):
-                located = await self.located(key, held)
-                if located is None:
-                    continue
-                info, seq = located
-                if count > 1:
-                    last = await self.js.get_last_msg(self.stream, subject)
-                    later = _meta(last.data, key)
-                    if later is not None and later.nuid == info.nuid and (timestamp(later.mtime) or 0) > (timestamp(info.mtime) or 0):
-                        info.mtime = later.mtime
-                    seq = last.seq
-                found.append((info, seq))
+        for subject, count in (await self._subjects(f"$O.{self.name}.M.>")).items():
+            if (one := await self.object_at(subject, held, count)) is not None:
+                found.append(one)
         return found
+
+    async def object_at(self, subject: str, held: dict[str, int], count: int = 2) -> tuple[api.ObjectInfo, int] | None:
+        """One meta subject as gc must see it (`list_objects`): the object `located` finds there,
+        its mtime that of its latest refresh, and the subject's last sequence (for `delete`);
+        None when no message there describes a readable object. `held`: `chunk_sets()`;
+        `count`: the subject's messages, if known (1 spares a lookup). Bus errors propagate."""
+        prefix = f"$O.{self.name}.M."
+        try:
+            key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
+        except ValueError:
+            return None
+        with contextlib.suppress(NotFoundError):  # purged meanwhile
+            located = await self.located(key, held)
+            if located is None:
+                return None
+            info, seq = located
+            if count > 1:
+                last = await self.js.get_last_msg(self.stream, subject)
+                later = _meta(last.data, key)
+                if later is not None and later.nuid == info.nuid and (timestamp(later.mtime) or 0) > (timestamp(info.mtime) or 0):
+                    info.mtime = later.mtime
+                seq = last.seq
+            return info, seq
+        return None
 
     async def chunk_sets(self) -> dict[str, int]:
         """nuid -> stored chunk messages, for every chunk subject in the bucket (live or torn)."""
