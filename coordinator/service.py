@@ -465,7 +465,7 @@ class Coordinator:
             self._running.add(job_id)
 
     async def _publish_event(self, event: JobEvent) -> None:
-        await publish_event(self.js, event)
+        await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first
 
     @staticmethod
     def _log_decision(decision: Decision, jlog: Any) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -90,12 +92,33 @@ def resolve_url(settings: Settings) -> str:
     )
 
 
-async def publish_event(js: JetStreamContext, event, msg_id: str | None = None) -> None:
-    """A job event on its subject, deduplicated by JetStream on `msg_id` (default: its event id)."""
+def event_msg_id(event, msg_id: str | None = None, secret: bytes | None = None) -> str:
+    """The `Nats-Msg-Id` of a job event: `msg_id` (default: its event id), bound to a secret.
+
+    JetStream drops any message whose id it saw in the last two minutes, whatever its subject,
+    and the ids of results (`<job>.<node>.<attempt>.completed`) and of the coordinator's events
+    (`<job>.completed`) can be predicted. Under bare ids a worker or client published junk under
+    a result's id on an event subject of its own; the real result was then dropped as a repeat and
+    the job waited for its node's deadline (tests/security/test_event_ids.py). So an event that
+    carries its request's token (results) gets a hash of the token appended, and the coordinator's
+    events an HMAC under its key (`secret`): the same ids for the same event, as dedup needs, and
+    none an outsider can take first. Events with neither (a client's submit, cancel, retry) have
+    random ids already."""
+    base = msg_id or event.event_id
+    token = getattr(event, "token", None)
+    if token:
+        return f"{base}.{hashlib.sha256(token.encode()).hexdigest()[:16]}"
+    if secret:
+        return f"{base}.{hmac.new(secret, base.encode(), hashlib.sha256).hexdigest()[:16]}"
+    return base
+
+
+async def publish_event(js: JetStreamContext, event, msg_id: str | None = None, *, secret: bytes | None = None) -> None:
+    """A job event on its subject, deduplicated by JetStream on `event_msg_id(event, msg_id, secret)`."""
     await js.publish(
         subjects.job_event(event.job_id, event.kind),
         event.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": msg_id or event.event_id},
+        headers={"Nats-Msg-Id": event_msg_id(event, msg_id, secret)},
     )
 
 

@@ -321,20 +321,23 @@ class ObjectBucket:
         """Content addressing: an object under this key is these bytes. An old one gets a fresh
         mtime (a copy of its meta message), so gc's grace period covers it until the job storing
         it again references it (core/gc.py). The copy is published only if the subject's last
-        message is still the one just read: if gc purged the object meanwhile, it is not
-        revived by a meta naming purged chunks; False then, and the caller uploads it again."""
+        message is still the one seen before the object was found again: if gc purged it in
+        between, no meta naming purged chunks is written. False: gone, the caller uploads it."""
         if _age_s(existing.mtime) <= REFRESH_AFTER_S:
             return True
         subject = self._meta_subject(existing.name)
+        last = await self._last_seq(subject)
+        if last is None or await self.located(existing.name) is None:
+            return False
+        fresh = api.ObjectInfo.from_response({**existing.as_dict(), "mtime": utcnow().isoformat()})
         try:
-            last = await self._last_seq(subject)
-            fresh = api.ObjectInfo.from_response({**existing.as_dict(), "mtime": utcnow().isoformat()})
             await self.js.publish(subject, json.dumps(fresh.as_dict()).encode(),
-                                  headers={api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last or 0)})
-        except nats.js.errors.APIError as e:
-            if e.err_code != WRONG_LAST_SEQUENCE:
-                return True  # could not refresh (a blink): the object is there all the same
-        return await self.info(existing.name) is not None
+                                  headers={api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
+        except Exception as e:  # noqa: BLE001 - a refresh is best effort, but for the one answer below
+            if getattr(e, "err_code", None) == WRONG_LAST_SEQUENCE:  # written or purged since: look again
+                return await self.info(existing.name) is not None
+            pass  # could not refresh (a blink): the object is there all the same
+        return True
 
     async def _purge_chunks(self, chunk_subject: str) -> None:
         """Best effort: drop a torn upload's chunks. Under the fleet's worker and client roles
@@ -357,26 +360,35 @@ class ObjectBucket:
         subject's last meta message, which `delete` takes. Subjects with no readable object
         (tombstones only, junk) are left out; their chunks are nobody's."""
         held = await self.chunk_sets()
-        prefix = f"$O.{self.name}.M."
         found = []
-        for subject, count in (await self._subjects(f"{prefix}>")).items():
-            try:
-                key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
-            except ValueError:
-                continue
-            with contextlib.suppress(NotFoundError):
-                located = await self.located(key, held)
-                if located is None:
-                    continue
-                info, seq = located
-                if count > 1:
-                    last = await self.js.get_last_msg(self.stream, subject)
-                    later = _meta(last.data, key)
-                    if later is not None and later.nuid == info.nuid and (timestamp(later.mtime) or 0) > (timestamp(info.mtime) or 0):
-                        info.mtime = later.mtime
-                    seq = last.seq
-                found.append((info, seq))
+        for subject, count in (await self._subjects(f"$O.{self.name}.M.>")).items():
+            if (one := await self.object_at(subject, held, count)) is not None:
+                found.append(one)
         return found
+
+    async def object_at(self, subject: str, held: dict[str, int], count: int = 2) -> tuple[api.ObjectInfo, int] | None:
+        """One meta subject as gc must see it (`list_objects`): the object `located` finds there,
+        its mtime that of its latest refresh, and the subject's last sequence (for `delete`);
+        None when no message there describes a readable object. `held`: `chunk_sets()`;
+        `count`: the subject's messages, if known (1 spares a lookup). Bus errors propagate."""
+        prefix = f"$O.{self.name}.M."
+        try:
+            key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
+        except ValueError:
+            return None
+        with contextlib.suppress(NotFoundError):  # purged meanwhile
+            located = await self.located(key, held)
+            if located is None:
+                return None
+            info, seq = located
+            if count > 1:
+                last = await self.js.get_last_msg(self.stream, subject)
+                later = _meta(last.data, key)
+                if later is not None and later.nuid == info.nuid and (timestamp(later.mtime) or 0) > (timestamp(info.mtime) or 0):
+                    info.mtime = later.mtime
+                seq = last.seq
+            return info, seq
+        return None
 
     async def chunk_sets(self) -> dict[str, int]:
         """nuid -> stored chunk messages, for every chunk subject in the bucket (live or torn)."""

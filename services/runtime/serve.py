@@ -2,7 +2,7 @@
 heartbeats, store outputs, publish the outcome, then ack / nak / term.
 
 Delivery rules (JetStream work queue, one durable pull consumer per stage, replicas compete):
-- success: outputs stored, StageCompleted published (Nats-Msg-Id = key.completed), then ack;
+- success: outputs stored, StageCompleted published (Nats-Msg-Id = key.completed bound to the token: core.bus.event_msg_id), then ack;
 - BadInput or an unreadable request: StageFailed(retryable=False), then term (never redelivered);
 - Retryable or any other exception: nak with backoff, until delivery max_deliver, which publishes
   StageFailed "failed on all N attempts" and terms: the runtime never loops forever.

@@ -125,6 +125,34 @@ def test_other_bytes_published_under_the_key_later_are_never_served(nats_server,
     run(nats_server, tmp_path, body)
 
 
+def test_an_object_gc_deletes_while_it_is_stored_again_is_uploaded_not_revived(nats_server, tmp_path, monkeypatch):
+    """Storing an old object again appends a fresh-mtime copy of its meta (gc's grace period).
+    If gc purges the object between that lookup and the copy, the copy must not be written (it
+    would name purged chunks): the store uploads the bytes again instead."""
+    src = _random_file(tmp_path / "input" / "a.bin", 2 * CHUNK + 3)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        [(listed, seq)] = await producer.objects.list_objects()  # what a gc run read
+        monkeypatch.setattr(transfer, "REFRESH_AFTER_S", -1.0)  # "old": refresh on the next put
+        original, purged = producer.objects.located, []
+
+        async def located(key, held=None):
+            found = await original(key, held)
+            if not purged:  # gc's delete lands right after the uploader's first lookup
+                purged.append(await producer.objects.delete(listed, seq))
+            return found
+
+        monkeypatch.setattr(producer.objects, "located", located)
+        assert await producer.put(src) == ref
+        assert purged == [True]
+        info = await consumer.objects.info(ref.key)
+        assert info is not None and info.nuid != listed.nuid  # uploaded again, not revived
+        assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
+
+    run(nats_server, tmp_path, body)
+
+
 async def _forge(js, ref, data: bytes, *, replace: bool = True) -> None:
     """Put `data` as chunks under ref.key, behind a meta message that still claims ref's size and
     digest (and as many chunks as `data` fills): only checks made while streaming can tell.

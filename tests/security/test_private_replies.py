@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from structlog.testing import capture_logs
 
 from contracts import StageCompleted
@@ -114,3 +115,20 @@ def test_a_forged_result_is_refused_and_logged_and_the_real_one_completes_the_jo
     assert again == earlier_bytes
     refused = set(violations(tmp_path / "server.log"))
     assert {("worker-asr", s) for s in SNIFFED} <= refused
+
+
+def test_the_reply_prefix_follows_the_user(monkeypatch):
+    from core.bus import INBOX_PREFIX_ENV, BusError, inbox_prefix
+    from core.settings import Settings
+
+    monkeypatch.delenv(INBOX_PREFIX_ENV, raising=False)
+    assert inbox_prefix("nats://worker-asr:pw@10.0.0.5:4222,nats://10.0.0.6:4222", Settings()) == "_INBOX_worker-asr"
+    assert inbox_prefix("tls://h1:4222", Settings(nats_user="gateway", nats_password="x")) == "_INBOX_gateway"
+    assert inbox_prefix("nats://127.0.0.1:4222", Settings()) is None  # no user: nats-py's own _INBOX
+    with pytest.raises(BusError, match=INBOX_PREFIX_ENV):
+        inbox_prefix("nats://h1:4222", Settings(nats_user="ops.team", nats_password="x"))  # a dot splits tokens
+    monkeypatch.setenv(INBOX_PREFIX_ENV, "_INBOX_worker")
+    assert inbox_prefix("nats://h1:4222", Settings(nats_user="worker-gpu1", nats_password="x")) == "_INBOX_worker"
+    monkeypatch.setenv(INBOX_PREFIX_ENV, "_INBOX.>")
+    with pytest.raises(BusError, match="not a NATS subject prefix"):
+        inbox_prefix("nats://h1:4222", Settings())

@@ -14,11 +14,10 @@ import json
 import os
 from datetime import datetime, timezone
 
-import pytest
 from nats.js.api import Header
 
 from contracts import subjects
-from core.artifacts import ArtifactStore
+from core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
 from core.gc import collect
 from tests.natsroles import denied
 from tests.security.fleet import WRITERS, secured_fleet
@@ -39,8 +38,8 @@ async def _refused(js, subject: str, data: bytes = b"{}", headers: dict | None =
 
 def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_path):
     """`Nats-Rollup: all` and `sub` on object metadata and chunk subjects (every credential that
-    may publish there), and on the webhook state (the gateway's KV): all refused, the object store
-    keeps every message, the completed job fetches byte-identically."""
+    may publish there), on the webhook state (the gateway's KV) and on job events: all refused,
+    the streams keep every message, the completed job fetches byte-identically."""
 
     async def main():
         async with secured_fleet(tmp_path) as fleet:
@@ -48,19 +47,28 @@ def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_pa
             js = fleet.js
             held = (await js["coordinator"].stream_info(STREAM)).state.messages
             tried = []
-            for role in (*WRITERS, "gc", "dashboard", "dashboard_downloads"):
+            for role in WRITERS:  # the stream refuses them (10111), at once
                 for subject in ("$O.cb_artifacts.M.zz", _meta_subject(state.outputs["out"].key),
                                 f"$O.{BUCKET}.C.zz"):
                     for rollup in ("all", "sub"):
                         tried.append((role, subject, rollup))
                         assert await _refused(js[role], subject, headers={Header.ROLLUP: rollup}), (role, subject, rollup)
+            for role in ("gc", "dashboard", "dashboard_downloads"):  # may not publish there at all (a timeout)
+                tried.append((role, "$O.cb_artifacts.M.zz", "all"))
+                assert await _refused(js[role], "$O.cb_artifacts.M.zz", headers={Header.ROLLUP: "all"}), role
             assert await _refused(js["gateway"], "$KV.cb_webhooks.zz", headers={Header.ROLLUP: "all"})
             assert (await js["coordinator"].stream_info(STREAM)).state.messages == held
+            # Job events (the stream was never created with rollups): each writer on a subject it may use.
+            events = (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages
+            for role, kind in (("worker", "stage_progress"), ("worker-asr", "stage_warning"),
+                               ("client", "cancel_requested"), ("gateway", "retry_requested")):
+                assert await _refused(js[role], f"captionbus.job.job-kept.{kind}", headers={Header.ROLLUP: "all"}), role
+            assert (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages == events
             after = await fleet.fetch(state)
             return before, after, tried
 
     before, after, tried = asyncio.run(asyncio.wait_for(main(), 120))
-    assert len(tried) == 7 * 3 * 2
+    assert len(tried) == 4 * 3 * 2 + 3
     assert after == before
 
 
@@ -132,7 +140,6 @@ def test_metadata_published_before_an_upload_does_not_hide_it(tmp_path):
         async with secured_fleet(tmp_path) as fleet:
             media = tmp_path / "known.wav"
             media.write_bytes(b"RIFF" + os.urandom(150_000))
-            from core.artifacts import hash_file
             key, size = hash_file(media)
             digest = "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(key)).decode()
             meta = {"name": key, "bucket": BUCKET, "nuid": "NOSUCHCHUNKS", "size": size, "chunks": 2,
@@ -146,3 +153,40 @@ def test_metadata_published_before_an_upload_does_not_hide_it(tmp_path):
             return (await fresh.get(ref)).read_bytes() == media.read_bytes()
 
     assert asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_chunks_slipped_into_an_upload_fail_it_instead_of_being_named(tmp_path, monkeypatch):
+    """The chunk subject of an upload in progress is listed in stream info, and any writer may
+    publish on it: worker-asr adds a chunk while the client's upload waits for its acks. The
+    upload fails rather than publish a meta naming foreign bytes, nothing is stored under the
+    key, and storing it again works."""
+    async def main():
+        async with secured_fleet(tmp_path, worker=False) as fleet:
+            attacker = fleet.js["worker-asr"]
+            media = tmp_path / "film.wav"
+            media.write_bytes(os.urandom(3 * transfer.CHUNK_SIZE + 11))
+            store = ArtifactStore(fleet.settings("client", "uploader"), fleet.js["client"])
+            original = transfer.ObjectBucket._acked
+            slipped = []
+
+            async def acked(self, fut, ref=None, chunk_subj=""):
+                if chunk_subj and not slipped:  # the chunks are out, the meta not yet
+                    slipped.append(await attacker.publish(chunk_subj, b"mine"))
+                return await original(self, fut, ref, chunk_subj)
+
+            monkeypatch.setattr(transfer.ObjectBucket, "_acked", acked)
+            try:
+                await store.put(media)
+                failed = None
+            except ArtifactError as e:
+                failed = str(e)
+            monkeypatch.setattr(transfer.ObjectBucket, "_acked", original)
+            found = await store.objects.info(hash_file(media)[0])
+            ref = await store.put(media)
+            fresh = ArtifactStore(fleet.settings("client", "reader"), fleet.js["client"])
+            return failed, found, (await fresh.get(ref)).read_bytes() == media.read_bytes(), slipped
+
+    failed, found, fetched, slipped = asyncio.run(asyncio.wait_for(main(), 60))
+    assert slipped and failed and "another writer published on it" in failed, failed
+    assert found is None  # no meta was published for the tainted upload
+    assert fetched
