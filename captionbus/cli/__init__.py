@@ -8,7 +8,7 @@ the root group's class (`errors.CaptionbusGroup`). The console script is `captio
 from __future__ import annotations
 
 from captionbus.cli import info, jobs, local  # noqa: F401  (each registers its commands on main)
-from captionbus.cli.common import check_out_dir, main, parse_options, with_job_options
+from captionbus.cli.common import check_out_dir, exits_130_on_ctrl_c, main, parse_options, with_job_options
 from captionbus.cli.errors import CaptionbusGroup, UserError
 from captionbus.cli.jobs import job_exit_code, parse_since
 from captionbus.cli.local import device_envs
@@ -17,7 +17,7 @@ from captionbus.envs.cli import models as _models_group
 from captionbus.gateway.cli import gateway as _gateway_group
 from captionbus.subs_cli import subs as _subs_group
 
-for _group in (_envs_group, _models_group, _subs_group, _gateway_group):
+for _group in (_envs_group, _models_group, _subs_group, exits_130_on_ctrl_c(_gateway_group)):
     main.add_command(_group)
 
 __all__ = ["CaptionbusGroup", "UserError", "check_out_dir", "device_envs", "job_exit_code", "main",
