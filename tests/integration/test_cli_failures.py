@@ -175,3 +175,55 @@ def test_serve_with_a_bad_password_exits_4_with_the_servers_reason(refusing_serv
     done = cli(owner.replace("pw-owner", "wrong"), tmp_path, "serve", "demux")
     assert done.returncode == exitcodes.BUS, done.stderr
     assert "authorization violation" in done.stderr.lower() and "wrong" not in done.stderr, done.stderr
+
+
+def test_jobs_and_status_ride_through_the_job_buckets_leader_being_killed(tmp_path):
+    """The real case behind issue 18: on a 3-node cluster at R3, kill -9 the node leading
+    KV_cb_jobs and read at once. Every answer is whole (all jobs, the job's state) or an error
+    with exit 4; never 0 jobs with exit 0, never "no job"."""
+    import asyncio
+
+    from benchmarks.chaos import Cluster, stream_leader
+    from core.bus import connect, provision
+
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        states = jobs(20)
+
+        async def prepare() -> None:
+            nc = await connect(cluster.url(), "test-writer")
+            js = nc.jetstream()
+            deadline = time.monotonic() + 60
+            while True:  # a fresh cluster may still be electing its meta leader
+                try:
+                    await provision(js, replicas=3)
+                    break
+                except Exception:  # noqa: BLE001 - bounded by the deadline
+                    assert time.monotonic() < deadline, "the cluster never took the streams"
+                    await asyncio.sleep(0.5)
+            kv = await js.key_value("cb_jobs")
+            for state in states:
+                await kv.put(state.job_id, state.model_dump_json().encode())
+            leader = cluster.by_name(await stream_leader(js, "KV_cb_jobs"))
+            await nc.close()
+            leader.process.send_signal(signal.SIGKILL)
+            leader.process.wait(10)
+
+        asyncio.run(asyncio.wait_for(prepare(), 120))
+        listed = start(cluster.url(), tmp_path, "jobs", "--json")
+        status = start(cluster.url(), tmp_path, "status", states[-1].job_id, "--json")
+        out, err = finish(listed, 90)
+        assert "Traceback" not in err and "internal error" not in err, err
+        if listed.returncode == exitcodes.OK:
+            assert sorted(json.loads(line)["spec"]["job_id"] for line in out.splitlines()) == \
+                sorted(s.job_id for s in states), err
+        else:
+            assert listed.returncode == exitcodes.BUS and out == "", (listed.returncode, out, err)
+        out, err = finish(status, 90)
+        if status.returncode == exitcodes.OK:
+            assert json.loads(out)["spec"]["job_id"] == states[-1].job_id
+        else:
+            assert status.returncode == exitcodes.BUS and "no job" not in err, (status.returncode, err)
+    finally:
+        cluster.stop()
