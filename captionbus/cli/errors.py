@@ -83,6 +83,12 @@ class CaptionbusGroup(click.Group):
             return result
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except SystemExit:  # a command's own exit code (status: 1 for a failed job)
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                quiet_broken_pipe()
+            raise
         except KeyboardInterrupt:
             console.print("interrupted")
             sys.exit(exitcodes.INTERRUPTED)

@@ -45,11 +45,16 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
            out_dir: Path | None, as_json: bool, insecure: bool) -> None:
     """Submit a job to a running stack; prints the job id (`captionbus fetch JOB` gets its outputs)."""
     from captionbus.client import check_input_file
-    from captionbus.runner import run_job
+    from captionbus.client import submit as submit_job
+    from captionbus.runner import run_job, validate_job, warn_about_unserved_stages
+    from core.artifacts import ArtifactStore
     from core.bus import resolve_url
 
     settings = load()
     check_input_file(media)
+    # Refused before anything (exit 2), bus or no bus: a bad workflow, language or option.
+    stages = validate_job(workflow, source, split_languages(targets), local_stack=False,
+                          options=parse_options(options))
     url = resolve_url(settings)
     # The upload carries the film and the credentials: not in clear text, or unauthenticated, to
     # another host unless asked (exit 2, the fix named), as coordinator/serve/up refuse.
@@ -74,13 +79,6 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
             click.echo(str(path))
         exit_if_partial(outputs)
         return
-
-    from captionbus.client import submit as submit_job
-    from captionbus.runner import validate_job, warn_about_unserved_stages
-    from core.artifacts import ArtifactStore
-
-    stages = validate_job(workflow, source, split_languages(targets), local_stack=False,
-                          options=parse_options(options))
 
     async def go(nc, js):
         await warn_about_unserved_stages(nc, stages, console)
