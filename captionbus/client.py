@@ -12,11 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import AsyncIterator
 
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NoKeysError, NotFoundError
 from pydantic import ValidationError
 
 from contracts import (
@@ -33,7 +34,7 @@ from contracts import (
 from contracts.events import TERMINAL_KINDS
 from contracts.languages import LANGUAGES
 from core.artifacts import ArtifactStore
-from core.bus import publish_event, through_failover
+from core.bus import BusError, publish_event, through_failover
 
 
 class SubmitError(ValueError):
@@ -84,32 +85,94 @@ async def submit(
 
 
 async def cancel(js: JetStreamContext, job_id: str) -> None:
-    await publish_event(js, JobCancelRequested(job_id=job_id))
+    event = JobCancelRequested(job_id=job_id)  # one event id: a retried publish is deduplicated
+    await through_failover(lambda: publish_event(js, event), "cancel")
 
 
 async def retry(js: JetStreamContext, job_id: str) -> None:
-    await publish_event(js, JobRetryRequested(job_id=job_id))
+    event = JobRetryRequested(job_id=job_id)
+    await through_failover(lambda: publish_event(js, event), "retry")
+
+
+def bus_reason(error: BaseException) -> str:
+    """The server's own words for a failed request: `jetstream system temporarily unavailable
+    (503)`, `timeout`, `no responders available for request`."""
+    if isinstance(error, APIError) and error.description:
+        return f"{error.description} ({error.code})" if error.code else error.description
+    return str(error).removeprefix("nats: ").strip() or type(error).__name__
+
+
+# How long a read keeps trying before the command says why it cannot answer (CLI exit 4). A leader
+# election took 3-4 s in the chaos run, and reads failed for 8-10 s after a cut host healed.
+READ_WINDOW_S = 20.0
+
+
+async def read(step, what: str, window_s: float = READ_WINDOW_S):
+    """`await step()`, a read of the bus, retried through a stream leader's election
+    (core.bus.through_failover) for at most `window_s`, then a BusError naming what could not be
+    read and the server's last reason (CLI exit 4). Never an empty answer instead: `captionbus
+    jobs --json` printed 0 jobs with exit 0 while 37 existed, for 8-10 s after a cluster host
+    healed (issue 18), when every failed read here became "nothing"."""
+    errors: list[BaseException] = []
+
+    async def attempt():
+        try:
+            return await step()
+        except Exception as e:
+            errors.append(e)
+            raise
+
+    try:
+        async with asyncio.timeout(window_s):
+            return await through_failover(attempt, what)
+    except BusError:
+        raise
+    except TimeoutError as e:  # the window closed, or nats' own last timeout (also a TimeoutError)
+        raise BusError(f"{what}: no answer from NATS within {window_s:g} s "
+                       f"(last: {bus_reason(errors[-1] if errors else e)})") from e
+    except nats.errors.Error as e:
+        raise BusError(f"{what}: {bus_reason(e)}") from e
 
 
 async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
-    kv = await js.key_value(subjects.JOBS_BUCKET)
-    try:
-        entry = await kv.get(job_id)
-    except Exception:  # nats raises KeyNotFoundError/KeyDeletedError; both mean "no such job"
-        return None
-    return JobState.model_validate_json(entry.value) if entry and entry.value else None
+    """The job's record; None only when the bus says there is no such job. A direct get may be
+    answered by any replica (the KV is `allow_direct`), and a replica that has just rejoined can
+    lack recent keys: a "not found" is asked again of the stream's leader before it is believed."""
+
+    async def get():
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        try:
+            entry = await kv.get(job_id)
+        except InvalidKeyError:  # not a job id at all (spaces, dots): no such job
+            return None
+        except (KeyNotFoundError, KeyDeletedError):
+            try:
+                msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{job_id}")
+            except NotFoundError:
+                return None
+            deleted = (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
+            return None if deleted or not msg.data else msg.data
+        return entry.value if entry and entry.value else None
+
+    value = await read(get, f"reading job {job_id}")
+    return JobState.model_validate_json(value) if value else None
 
 
 async def list_jobs(js: JetStreamContext) -> list[JobState]:
-    kv = await js.key_value(subjects.JOBS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except Exception:  # NoKeysError when the bucket is empty
-        return []
+    """Every job record, oldest first; [] only when the bus says there are none."""
+
+    async def keys():
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        try:
+            return await kv.keys()
+        except NoKeysError:
+            return []
+
     states = []
-    for key in dict.fromkeys(keys):  # nats-py's keys() lists a key updated during its watch twice
+    # nats-py's keys() lists a key updated during its watch twice
+    for key in dict.fromkeys(await read(keys, "listing jobs")):
         state = await job_state(js, key)
-        if state:
+        if state:  # a job deleted (gc) between the listing and the read
             states.append(state)
     return sorted(states, key=lambda s: s.created_at)
 
@@ -265,7 +328,8 @@ async def fetch_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for key, ref in sorted(outputs.items()):
-        local = await store.get(ref)  # the store's own (read-only) copy: one copy out, no more
+        # the store's own (read-only) copy: one copy out, no more
+        local = await read(lambda ref=ref: store.get(ref), f"fetching {key}")
         target = out_dir / output_filename(stem, key, ref)
         shutil.copyfile(local, target)
         written[key] = target

@@ -53,6 +53,15 @@ def terminate_like_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
+def end_of_service(signum: int | None, say=console) -> None:
+    """How a service command (`up`, `coordinator`, `dashboard`, `gateway`, `serve --replicas`)
+    ends once a signal stopped it: Ctrl-C (SIGINT) exits 130, as README's exit-code table says
+    (they all exited 0); SIGTERM, the way systemd and `up` stop a service, is a normal stop: 0."""
+    if signum == signal.SIGINT:
+        say.print("interrupted")  # `say`: `up --log-format json` says it as a JSON line
+        sys.exit(exitcodes.INTERRUPTED)
+
+
 def split_languages(value: str | None) -> list[str]:
     return [code.strip() for code in (value or "").split(",") if code.strip()]
 
@@ -121,10 +130,6 @@ def with_job_options(fn):
     return wrapper
 
 
-def fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def check_out_dir(path: Path) -> Path:
     """The output folder, made now and proved writable: a job must not run for minutes and then
     find it cannot write its results (`--out /proc/x`, `--out some-file`)."""
@@ -158,15 +163,33 @@ def require_secure(url: str, settings, insecure: bool) -> None:
     refuse_insecure(url, settings, insecure)
 
 
+def warn_if_insecure(url: str, settings) -> None:
+    """A client command sends its credentials to `url`: say so when that is in clear text or
+    unauthenticated off this host (`submit` refuses instead, unless --insecure)."""
+    from core.bus import insecure_reason
+
+    reason = insecure_reason(url, settings)
+    if reason is not None:
+        console.print(f"[yellow]warning:[/] {reason}", highlight=False, soft_wrap=True)
+
+
 def on_bus(name: str, action):
-    """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect."""
+    """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect.
+    The streams' check goes through a leader election like every read (captionbus.client.read)."""
+    from captionbus.client import read
     from core.bus import connect, require_provisioned, resolve_url
 
+    settings = load()
+    url = resolve_url(settings)
+    if not settings.insecure:
+        warn_if_insecure(url, settings)
+
     async def go():
-        nc = await connect(resolve_url(load()), name)
+        nc = await connect(url, name, settings)
         try:
-            await require_provisioned(nc.jetstream())
-            return await action(nc, nc.jetstream())
+            js = nc.jetstream()
+            await read(lambda: require_provisioned(js), "checking the bus's streams")
+            return await action(nc, js)
         finally:
             with contextlib.suppress(Exception):  # a server that went away must not hold us here
                 await asyncio.wait_for(nc.close(), 5)

@@ -61,6 +61,12 @@ def user_error(error: Exception) -> click.ClickException:
     for kind, code in _known_errors().items():
         if isinstance(error, kind):
             return UserError(str(error), exit_code=code)
+    import nats.errors
+
+    if isinstance(error, nats.errors.Error):  # a request the bus refused or never answered
+        from captionbus.client import bus_reason
+
+        return UserError(f"NATS: {bus_reason(error)}", exit_code=exitcodes.BUS)
     if _debug():
         raise error
     return UserError(f"internal error: {type(error).__name__}: {error} (set CAPTIONBUS_DEBUG=1 for the traceback)",
@@ -82,11 +88,32 @@ class CaptionbusGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone (`| head`) shows here, not in the interpreter's exit
+            return result
         except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except SystemExit:  # a command's own exit code (status: 1 for a failed job)
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                quiet_broken_pipe()
             raise
         except KeyboardInterrupt:
             console.print("interrupted")
             sys.exit(exitcodes.INTERRUPTED)
+        except BrokenPipeError:
+            quiet_broken_pipe()
         except Exception as e:
             raise user_error(e) from None
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`captionbus jobs --json | head`): stop without a word, as
+    a process killed by SIGPIPE would (exit 141). It used to print `internal error:
+    BrokenPipeError`. Python ignores SIGPIPE (a NATS socket write must raise, not kill), so the
+    write raised; stdout now points at /dev/null so the interpreter's last flush cannot fail
+    again (the recipe in Python's `signal` docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(exitcodes.BROKEN_PIPE)

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from captionbus.cli.common import fit, main, on_bus, stdout
+from captionbus.cli.common import main, on_bus, stdout
 from captionbus.cli.errors import UserError
+from captionbus.cli.tables import print_table
 from core.settings import load
 
 
@@ -78,17 +79,15 @@ def workers(as_json: bool, wide: bool) -> None:
             packages = ", ".join(f"{k[4:]}={v}" for k, v in sorted(meta.items()) if k.startswith("pkg."))
             click.echo(f"  packages: {packages or '-'}")
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("stage", "env", "host", "state", "job", "model"):
-        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    rows = []
     for info in infos:
         meta, state = info.get("metadata", {}), info.get("state", {})
         model = meta.get("model", "")
-        table.add_row(fit(meta.get("stage", ""), 14), fit(meta.get("env", ""), 10), fit(meta.get("host", ""), 12),
-                      _worker_state(state), fit(_worker_jobs(state), 18),
-                      fit(f"cannot serve: {meta['setup_error']}" if meta.get("setup_error")
-                           else Path(model).name if "/" in model else model, 14))
-    stdout.print(table, width=min(stdout.width, 80))
+        rows.append([meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), _worker_state(state),
+                     _worker_jobs(state), f"cannot serve: {meta['setup_error']}" if meta.get("setup_error")
+                     else Path(model).name if "/" in model else model])
+    print_table(stdout, ["stage", "env", "host", "state", "job", "model"], rows,
+                keep={"stage", "env", "state", "job"})
 
 
 @main.command()

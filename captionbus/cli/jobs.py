@@ -18,15 +18,18 @@ from captionbus.cli.common import (
     check_out_dir,
     console,
     exit_if_partial,
-    fit,
+    insecure_option,
     main,
     on_bus,
     parse_options,
+    require_secure,
     split_languages,
     stdout,
+    warn_if_insecure,
     with_job_options,
 )
 from captionbus.cli.errors import UserError
+from captionbus.cli.tables import print_table
 from core.settings import load
 
 
@@ -37,33 +40,45 @@ from core.settings import load
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder with --wait (default: ./<name>.subs).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"job_id": ..., "workflow": ...} (without --wait).')
+@insecure_option
 def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool,
-           out_dir: Path | None, as_json: bool) -> None:
+           out_dir: Path | None, as_json: bool, insecure: bool) -> None:
     """Submit a job to a running stack; prints the job id (`captionbus fetch JOB` gets its outputs)."""
     from captionbus.client import check_input_file
-    from captionbus.runner import run_job
+    from captionbus.client import submit as submit_job
+    from captionbus.runner import run_job, validate_job, warn_about_unserved_stages
+    from core.artifacts import ArtifactStore
     from core.bus import resolve_url
 
     settings = load()
     check_input_file(media)
+    # Refused before anything (exit 2), bus or no bus: a bad workflow, language or option.
+    stages = validate_job(workflow, source, split_languages(targets), local_stack=False,
+                          options=parse_options(options))
+    url = resolve_url(settings)
+    # The upload carries the film and the credentials: not in clear text, or unauthenticated, to
+    # another host unless asked (exit 2, the fix named), as coordinator/serve/up refuse.
+    require_secure(url, settings, insecure)
     if wait:
+        if insecure:
+            warn_if_insecure(url, settings)
         out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
-        outputs = asyncio.run(run_job(
-            settings, resolve_url(settings), media, workflow=workflow, source_language=source,
-            target_languages=split_languages(targets), options=parse_options(options),
-            out_dir=out_dir, start_stack=False, console=console,
-        ))
+        submitted: list = []
+        try:
+            outputs = asyncio.run(run_job(
+                settings, url, media, workflow=workflow, source_language=source,
+                target_languages=split_languages(targets), options=parse_options(options),
+                out_dir=out_dir, start_stack=False, console=console, on_submitted=submitted.append,
+            ))
+        except KeyboardInterrupt:
+            if not submitted:
+                raise
+            job_goes_on(submitted[0].job_id, out_dir)
+            sys.exit(exitcodes.INTERRUPTED)
         for path in outputs.values():
             click.echo(str(path))
         exit_if_partial(outputs)
         return
-
-    from captionbus.client import submit as submit_job
-    from captionbus.runner import validate_job, warn_about_unserved_stages
-    from core.artifacts import ArtifactStore
-
-    stages = validate_job(workflow, source, split_languages(targets), local_stack=False,
-                          options=parse_options(options))
 
     async def go(nc, js):
         await warn_about_unserved_stages(nc, stages, console)
@@ -78,6 +93,14 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                                "source_language": spec.source_language, "target_languages": spec.target_languages}))
     else:
         click.echo(spec.job_id)
+
+
+def job_goes_on(job_id: str, out_dir: Path) -> None:
+    """What `submit --wait` says on Ctrl-C: the job is the bus's, not this process's; it goes on."""
+    console.print(f"interrupted; job {job_id} goes on.\n"
+                  f"  follow it: captionbus events {job_id} --follow   (or: captionbus status {job_id})\n"
+                  f"  its outputs when it ends: captionbus fetch {job_id} --out {out_dir}\n"
+                  f"  stop it: captionbus cancel {job_id}", highlight=False, soft_wrap=True)
 
 
 @main.command(short_help="Delete what the retention settings no longer keep.")
@@ -189,7 +212,7 @@ def job_exit_code(state) -> int:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JobState JSON object per line.")
-@click.option("--wide", is_flag=True, help="Every column in full (input name, reason), wider than 80.")
+@click.option("--wide", is_flag=True, help="Input name and reason wrapped in full, and the full creation time.")
 def jobs(as_json: bool, wide: bool) -> None:
     """All jobs the bus knows, oldest first."""
     from captionbus.client import list_jobs
@@ -199,16 +222,11 @@ def jobs(as_json: bool, wide: bool) -> None:
         for state in states:
             click.echo(state.model_dump_json())
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("job", "workflow", "status", "created", "input", "reason"):
-        table.add_column(column, no_wrap=not wide, overflow="fold" if wide else "ellipsis")
-    for state in states:
-        created = state.created_at.strftime("%Y-%m-%d %H:%M:%S" if wide else "%m-%d %H:%M")
-        name, reason = state.spec.input.name, state.error or ""
-        if not wide:
-            name, reason = fit(name, 16), fit(reason, 18)
-        table.add_row(state.job_id, state.spec.workflow, state.status.value, created, name, reason)
-    stdout.print(table, width=None if wide else min(stdout.width, 80), soft_wrap=wide)
+    rows = [[state.job_id, state.spec.workflow, state.status.value,
+             state.created_at.strftime("%Y-%m-%d %H:%M:%S" if wide else "%m-%d %H:%M"),
+             state.spec.input.name, state.error or ""] for state in states]
+    print_table(stdout, ["job", "workflow", "status", "created", "input", "reason"], rows,
+                keep={"job", "workflow", "status", "created"}, wide=wide)
 
 
 def parse_since(value: str | None):

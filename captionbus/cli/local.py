@@ -14,6 +14,7 @@ from captionbus import exitcodes
 from captionbus.cli.common import (
     check_out_dir,
     console,
+    end_of_service,
     exit_if_partial,
     insecure_option,
     main,
@@ -135,8 +136,9 @@ def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboar
         say.print(f"captionbus up: NATS at {url}; data in {settings.home}; "
                       f"service logs in {settings.home / 'logs'} (captionbus logs STAGE)", highlight=False,
                       soft_wrap=True)
-        asyncio.run(run_stack(settings, url, wanted, console=say,
-                              dashboard=None if no_dashboard else dashboard))
+        stopped_by = asyncio.run(run_stack(settings, url, wanted, console=say,
+                                           dashboard=None if no_dashboard else dashboard))
+    end_of_service(stopped_by, say)  # after the server has stopped
 
 
 @main.command(short_help="Run the coordinator (NATS_URL or the local up).")
@@ -150,7 +152,7 @@ def coordinator(insecure: bool) -> None:
     settings = load()
     url = resolve_url(settings)
     require_secure(url, settings, insecure)
-    asyncio.run(run_coordinator_forever(url))
+    end_of_service(asyncio.run(run_coordinator_forever(url)))
 
 
 @main.command(short_help="Serve the operators' web dashboard.")
@@ -192,6 +194,7 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     settings = load()
     url = resolve_url(settings)
     require_secure(url, settings, insecure)
+    asyncio.run(check_bus(url, settings))
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     pinned = device_envs(devices, replicas)
     if devices is None:  # CPU replicas share this host's cores instead of each taking all of them
@@ -206,9 +209,23 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
              for i in range(replicas)]
     console.print(f"{replicas} replicas of {stage} (env {env}); logs in {settings.home / 'logs'}")
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stopped_by = signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         stop_services(procs)
+    end_of_service(stopped_by)
+
+
+async def check_bus(url: str, settings) -> None:
+    """Connect once and check the streams before becoming the service: a bad password or a
+    missing stream is this command's error, exit 4 with the server's reason. The service itself
+    exited 2 for these (services/runtime/main.py), and with --replicas it was only in the logs."""
+    from core.bus import connect, require_provisioned
+
+    nc = await connect(url, "captionbus-serve-check", settings)
+    try:
+        await require_provisioned(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 def device_envs(devices: str | None, replicas: int) -> list[dict[str, str] | None]:
