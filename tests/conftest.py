@@ -45,19 +45,22 @@ TRANSCRIBE_STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]
 @pytest.fixture(scope="session")
 def stage_envs() -> None:
     """The environments the transcribe workflow needs, built with uv when missing or stale
-    (minutes on a fresh machine: whisperx brings torch 2.8)."""
-    from captionbus.envs import create, envs_for_stages, get_spec
+    (minutes on a fresh machine: whisperx brings torch 2.8), and checked once per session:
+    tests/envtools.built_env remembers each env it checked, so the e2e stack, the stage tests
+    and these fixtures share one check (whisperx's imports torch: 14-22 s each time)."""
+    from captionbus.envs import envs_for_stages
+    from tests.envtools import built_env
 
     for name in envs_for_stages(TRANSCRIBE_STAGES):
-        create(get_spec(name))
+        built_env(name)
 
 
 @pytest.fixture(scope="session")
 def common_env() -> None:
     """The light `common` env (demux, vad, subtitle_gen, mux), built when missing or stale."""
-    from captionbus.envs import create, get_spec
+    from tests.envtools import built_env
 
-    create(get_spec("common"))
+    built_env("common")
 
 
 @pytest.fixture(scope="session")
