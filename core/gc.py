@@ -25,8 +25,10 @@ stops it there (`GcError`: "gc stopped before deleting anything: cannot read ...
 all 114 objects of a fleet's store, completed jobs inside retention included. Malformed records are
 skipped and reported (one garbage metadata message used to make every run exit 2). See `Collector`.
 
-Races, and how they are closed: an object is deleted only if its metadata is still the message
-this run listed (a publish with the expected last subject sequence), and a local file only if its
+Races, and how they are closed: an object is deleted by a purge of its meta subject up to the
+message this run listed, then of its chunks (`ObjectBucket.delete`: an object stored again meanwhile
+keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
+read (a value written since stays), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
 the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
 entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
