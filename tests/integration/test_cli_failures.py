@@ -166,6 +166,12 @@ def test_submit_refuses_credentials_in_clear_text_to_another_host(tmp_path):
     assert refused.returncode == exitcodes.USAGE, refused.stderr
     assert "192.0.2.10 is not on loopback" in refused.stderr and "TLS" in refused.stderr
     assert "--insecure" in refused.stderr and "secret" not in refused.stderr
+    # A read-only command warns, then tries (and fails here, no such host: exit 4).
+    warned = subprocess.run([sys.executable, "-m", "captionbus", "jobs"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert warned.returncode == exitcodes.BUS and warned.stderr.startswith("warning: NATS server 192.0.2.10"), \
+        warned.stderr
+    assert "cannot connect to NATS" in warned.stderr and "secret" not in warned.stderr
 
 
 def test_serve_with_a_bad_password_exits_4_with_the_servers_reason(refusing_server, tmp_path):
@@ -179,7 +185,7 @@ def test_serve_with_a_bad_password_exits_4_with_the_servers_reason(refusing_serv
 
 def test_jobs_and_status_ride_through_the_job_buckets_leader_being_killed(tmp_path):
     """The real case behind issue 18: on a 3-node cluster at R3, kill -9 the node leading
-    KV_cb_jobs and read at once. Every answer is whole (all jobs, the job's state) or an error
+    KV_cb_jobs and read (and submit) at once. Every answer is whole (all jobs, the job's state) or an error
     with exit 4; never 0 jobs with exit 0, never "no job"."""
     import asyncio
 
@@ -210,9 +216,13 @@ def test_jobs_and_status_ride_through_the_job_buckets_leader_being_killed(tmp_pa
             leader.process.send_signal(signal.SIGKILL)
             leader.process.wait(10)
 
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(b"\x00" * 64)
         asyncio.run(asyncio.wait_for(prepare(), 120))
         listed = start(cluster.url(), tmp_path, "jobs", "--json")
         status = start(cluster.url(), tmp_path, "status", states[-1].job_id, "--json")
+        # the chaos run: a submit 6 s after a leader's kill exited 1, "internal error: TimeoutError"
+        submitted = start(cluster.url(), tmp_path, "submit", str(clip))
         out, err = finish(listed, 90)
         assert "Traceback" not in err and "internal error" not in err, err
         if listed.returncode == exitcodes.OK:
@@ -225,5 +235,10 @@ def test_jobs_and_status_ride_through_the_job_buckets_leader_being_killed(tmp_pa
             assert json.loads(out)["spec"]["job_id"] == states[-1].job_id
         else:
             assert status.returncode == exitcodes.BUS and "no job" not in err, (status.returncode, err)
+        out, err = finish(submitted, 90)
+        assert submitted.returncode in (exitcodes.OK, exitcodes.BUS) and "internal error" not in err, err
+        if submitted.returncode == exitcodes.OK:
+            replay = [json.loads(line) for line in cli(cluster.url(), tmp_path, "events").stdout.splitlines()]
+            assert [e["kind"] for e in replay if e["job_id"] == out.strip()] == ["submitted"]  # stored once
     finally:
         cluster.stop()
