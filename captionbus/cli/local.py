@@ -107,16 +107,31 @@ def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboar
 
     Only the stages the workflows need are started (each one a process with its model loaded:
     all ten are about 5 GB), among those whose environment is built."""
-    from captionbus.envs import workflow_stages
+    from core.logging import configure_logging
+
+    as_json = not sys.stderr.isatty() if log_format == "auto" else log_format == "json"
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    configure_logging(level="DEBUG" if verbose > 1 else "INFO", json=as_json)
+    say = _LogConsole() if as_json else console
+    try:
+        stopped_by = _up(workflows, split_languages(stages), say, dashboard=None if no_dashboard else dashboard,
+                         insecure=insecure)
+    except KeyboardInterrupt:  # Ctrl-C while starting, before run_stack holds the signals
+        stopped_by = signal.SIGINT
+    end_of_service(stopped_by, say)  # after the server has stopped
+
+
+def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None, insecure: bool) -> int | None:
+    """`up` itself; returns the signal that stopped it."""
+    from captionbus.envs import require_envs, workflow_stages
     from captionbus.runner import env_ready, run_stack
     from captionbus.stack import server_for_up
     from contracts.ids import validate_token
     from contracts.stage_specs import stage_spec
-    from core.logging import configure_logging
 
-    extra = split_languages(stages)
     for stage in extra:
         stage_spec(stage)  # an unknown stage is refused before NATS starts
+    require_envs(extra)  # a stage asked for by name, its env not built: the command that builds it
     wanted = list(extra)
     for workflow in workflows or (() if extra else ("transcribe",)):
         try:
@@ -125,20 +140,14 @@ def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboar
         except ValueError as e:
             raise UserError(str(e)) from None
         wanted += [s for s in needed if s not in wanted and env_ready(s)]
-    as_json = not sys.stderr.isatty() if log_format == "auto" else log_format == "json"
-    verbose = click.get_current_context().find_root().params.get("verbose", 0)
-    configure_logging(level="DEBUG" if verbose > 1 else "INFO", json=as_json)
-    say = _LogConsole() if as_json else console
     settings = load()
     if settings.nats_url:
         require_secure(settings.nats_url, settings, insecure)
     with server_for_up(settings) as url:
         say.print(f"captionbus up: NATS at {url}; data in {settings.home}; "
-                      f"service logs in {settings.home / 'logs'} (captionbus logs STAGE)", highlight=False,
-                      soft_wrap=True)
-        stopped_by = asyncio.run(run_stack(settings, url, wanted, console=say,
-                                           dashboard=None if no_dashboard else dashboard))
-    end_of_service(stopped_by, say)  # after the server has stopped
+                  f"service logs in {settings.home / 'logs'} (captionbus logs STAGE)", highlight=False,
+                  soft_wrap=True)
+        return asyncio.run(run_stack(settings, url, wanted, console=say, dashboard=dashboard))
 
 
 @main.command(short_help="Run the coordinator (NATS_URL or the local up).")
