@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from contracts import StageRequest
 from contracts.stage_declaration import StageSpec, explain
 from contracts.stage_options import ServiceOptions
+from core.service_options import load_options
 from services.runtime.errors import BadInput
 
 M = TypeVar("M", bound=BaseModel)
@@ -112,7 +113,7 @@ class SetupContext:
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, BaseModel):
-            self.options = options_model(self.stage).load(self.options or {}, os.environ)
+            self.options = load_options(options_model(self.stage), self.options or {}, os.environ)
 
 
 # handler(request, ctx) -> {output name: local file}. The runtime stores each file as an
