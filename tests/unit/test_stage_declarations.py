@@ -167,3 +167,20 @@ def test_setup_context_parses_a_dict_with_the_stage_s_model(monkeypatch):
     with pytest.raises(ValidationError):
         SetupContext(stage="vad", env="t", models_dir=None, log=None, options={"device": "cuda"})
     assert SetupContext(stage="adhoc", env="t", models_dir=None, log=None, options={"x": 1}).options.x == 1
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"name": "Shout"}, "name 'Shout' must match"),
+    ({"env": "Common Env"}, "env 'Common Env' must match"),
+    ({"backends": {"gpu": "cuda"}}, "backend 'gpu' is not a hardware kind"),
+    ({"item_outputs": ("chunks",)}, "item output 'chunks' is not an output"),
+    ({"note": "two\nlines"}, "one line each"),
+    ({"params": dict}, "params must be a contracts.stage_params.StageParams subclass"),
+])
+def test_a_stage_spec_refuses_what_the_generated_files_could_not_hold(change, problem):
+    from contracts.stage_declaration import StageSpec
+    from contracts.stage_params import StageParams
+
+    base = dict(name="shout", summary="s", env="common", params=StageParams, outputs=("text",))
+    with pytest.raises(ValueError, match=problem):
+        StageSpec(**{**base, **change})
