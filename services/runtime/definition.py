@@ -106,9 +106,9 @@ class SetupContext:
     env: str
     models_dir: Path
     log: Any
-    # The stage's ServiceOptions (contracts.stage_options). Given a dict (`serve --option k=v`),
-    # it is parsed here with the stage's model, the stage's environment variables filling in
-    # what the dict leaves unset; raises pydantic.ValidationError on a bad one.
+    # The stage's ServiceOptions (its declaration's model). Given a dict (`serve --option k=v`),
+    # it is loaded here (core.service_options.load_options), the stage's environment variables
+    # filling in what the dict leaves unset; raises pydantic.ValidationError on a bad one.
     options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
