@@ -60,6 +60,7 @@ from core.artifacts import ArtifactStore
 from core.bus import connect, provision, require_provisioned
 from core.gc import collect
 from core.retry import RetryPolicy
+from core.service_options import load_options
 from core.settings import Settings, config_files
 
 log = structlog.get_logger("captionbus.runner")
@@ -142,7 +143,7 @@ def check_service_options(stages: list[str]) -> None:
     (CAPTIONBUS_ASR_MODEL, ...): a bad value is refused now, not in a service log later."""
     for stage in dict.fromkeys(stages):
         try:
-            STAGES[stage].options.load({}, os.environ)
+            load_options(STAGES[stage].options, {}, os.environ)
         except ValidationError as e:
             raise SubmitError(f"{stage} service options from the environment: {explain(e, 'option')}") from None
 

@@ -61,6 +61,7 @@ class StageSpec:
                      for kind in self.backends if kind not in HARDWARE_KINDS]
         problems += [f"module {self.module!r} must match {_NAME.pattern}"] if not _NAME.match(self.module) else []
         problems += [f"item output {o!r} is not an output" for o in self.item_outputs if o not in self.outputs]
+        problems += ["summary and note must be one line each"] if "\n" in self.summary + self.note else []
         if not (isinstance(self.params, type) and issubclass(self.params, StageParams)):
             problems.append("params must be a contracts.stage_params.StageParams subclass")
         if not (isinstance(self.options, type) and issubclass(self.options, ServiceOptions)):

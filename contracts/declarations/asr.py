@@ -40,7 +40,7 @@ class AsrOptions(ServiceOptions):
     compute_type: str | None = Field(None, description="CTranslate2 compute type; unset: int8 on cpu, float16 on cuda")
     threads: int | None = Field(None, ge=1, description=THREADS)
     batch_size: int = Field(4, ge=1, le=256, description="speech chunks decoded together (whisperx)")
-    mlx_openblas: bool = Field(True, json_schema_extra={"env": "CAPTIONBUS_MLX_OPENBLAS"},
+    mlx_openblas: bool = Field(True, validation_alias="CAPTIONBUS_MLX_OPENBLAS",
                                description="mlx on Linux: load OpenBLAS before mlx (its bundled BLAS is ~20x slower)")
 
 

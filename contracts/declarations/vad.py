@@ -46,7 +46,7 @@ class VadPyannoteOptions(ServiceOptions):
     env_prefix: ClassVar[str] = "CAPTIONBUS_VAD_PYANNOTE_"
 
     model: str | None = Field(
-        None, json_schema_extra={"env": "CAPTIONBUS_PYANNOTE_SEGMENTATION"},
+        None, validation_alias="CAPTIONBUS_PYANNOTE_SEGMENTATION",
         description="segmentation checkpoint (pytorch_model.bin); unset: <models>/pyannote-segmentation/pytorch_model.bin")
     device: Device | None = Field(None, description=DEVICE)
     threads: int = Field(1, ge=1, description="torch threads (the model is small; 2 threads on a busy "

@@ -23,12 +23,15 @@ class AlignmentParams(ItemParams):
         None, description="the transcript's language, checked against it; unset: the job's -s")
 
 
+MODEL_ENV = "CAPTIONBUS_ALIGN_MODEL_"  # + the language: that language's model
+
+
 class AlignmentOptions(ServiceOptions):
     env_prefix: ClassVar[str] = "CAPTIONBUS_ALIGN_"
 
     config: str | None = Field(None, description="language -> model file; unset: config/alignment.yaml")
     models: dict[str, str | None] = Field(
-        default_factory=dict, json_schema_extra={"env": "CAPTIONBUS_ALIGN_MODEL_<LANG>", "option": "model_<lang>"},
+        default_factory=dict, validation_alias=MODEL_ENV + "<LANG>", json_schema_extra={"option": "model_<lang>"},
         description="model_<lang>=folder|id overrides one language (empty: no alignment for it)")
     device: Device | None = Field(None, description=DEVICE)
     threads: int | None = Field(None, ge=1, description=THREADS)
@@ -36,21 +39,19 @@ class AlignmentOptions(ServiceOptions):
     cache_dir: str | None = Field(None, description="download folder for hub models; unset: the libraries' own")
 
     @classmethod
-    def raw_values(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-        """model_<lang> keys (and CAPTIONBUS_ALIGN_MODEL_<LANG>) gather into `models`; an empty
+    def prepare(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+        """model_<lang> keys and CAPTIONBUS_ALIGN_MODEL_<LANG> variables (one per language, which no
+        single variable name can cover) gather into `models`, the option winning; an empty
         value switches alignment off for that language."""
-        models: dict[str, str | None] = {}
-        for key, value in environ.items():
-            if key.startswith("CAPTIONBUS_ALIGN_MODEL_") and len(key) > len("CAPTIONBUS_ALIGN_MODEL_"):
-                models[key[len("CAPTIONBUS_ALIGN_MODEL_"):].lower()] = value or None
+        models: dict[str, str | None] = {key[len(MODEL_ENV):].lower(): value or None for key, value in environ.items()
+                                         if key.startswith(MODEL_ENV) and len(key) > len(MODEL_ENV)}
         rest = {}
         for key, value in options.items():
             if key.lower().startswith("model_") and len(key) > len("model_"):
                 models[key[len("model_"):].lower()] = str(value) if value else None
             else:
                 rest[key] = value
-        values = super().raw_values(rest, {k: v for k, v in environ.items()
-                                           if not k.startswith("CAPTIONBUS_ALIGN_MODEL_")})
+        values = super().prepare(rest, environ)
         return {**values, "models": {**models, **(values.get("models") or {})}}
 
 

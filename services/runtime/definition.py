@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from contracts import StageRequest
 from contracts.stage_declaration import StageSpec, explain
 from contracts.stage_options import ServiceOptions
+from core.service_options import load_options
 from services.runtime.errors import BadInput
 
 M = TypeVar("M", bound=BaseModel)
@@ -105,14 +106,14 @@ class SetupContext:
     env: str
     models_dir: Path
     log: Any
-    # The stage's ServiceOptions (contracts.stage_options). Given a dict (`serve --option k=v`),
-    # it is parsed here with the stage's model, the stage's environment variables filling in
-    # what the dict leaves unset; raises pydantic.ValidationError on a bad one.
+    # The stage's ServiceOptions (its declaration's model). Given a dict (`serve --option k=v`),
+    # it is loaded here (core.service_options.load_options), the stage's environment variables
+    # filling in what the dict leaves unset; raises pydantic.ValidationError on a bad one.
     options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, BaseModel):
-            self.options = options_model(self.stage).load(self.options or {}, os.environ)
+            self.options = load_options(options_model(self.stage), self.options or {}, os.environ)
 
 
 # handler(request, ctx) -> {output name: local file}. The runtime stores each file as an

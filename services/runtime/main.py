@@ -15,12 +15,13 @@ import structlog
 from pydantic import ValidationError
 
 from contracts.ids import validate_token
-from contracts.stage_options import ServiceOptions
 from contracts.stage_declaration import explain
+from contracts.stage_options import ServiceOptions
 from core import settings as settings_mod
 from core.bus import BusError, StagePolicy, resolve_url
 from core.envinfo import current_env
 from core.logging import configure_logging
+from core.service_options import load_options
 from services import declarations, stage_module
 from services.runtime.definition import StageDefinition
 from services.runtime.info import worker_info
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         definition = load_stage(args.stage)
         options = parse_options(args.option, definition.options)
         try:
-            definition.options.load(options, os.environ)
+            load_options(definition.options, options, os.environ)
         except ValidationError as e:  # before connecting: a typo must not wait for the bus
             log.error("bad service options", error=f"{args.stage} service options: {explain(e, 'option')}")
             return 2

@@ -59,6 +59,7 @@ from core.bus import (
     through_failover,
 )
 from core.retry import RetryPolicy
+from core.service_options import load_options
 from core.settings import PROJECT_ROOT, Settings, config_dirs
 from core.text import one_line
 from services.runtime.cache import (
@@ -799,7 +800,7 @@ async def serve(
         declared = None
         if definition.setup is not None:
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                     log=log, options=definition.options.load(options or {}, os.environ))
+                                     log=log, options=load_options(definition.options, options or {}, os.environ))
             declared = await asyncio.to_thread(declared_model, definition, setup_ctx, log)
 
         # The worker registers and consumes before its model loads: it is discoverable as

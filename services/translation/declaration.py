@@ -6,12 +6,12 @@ coordinator and the CLI, and derives the env map, env stage lists and JSON Schem
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Mapping
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from contracts.stage_declaration import StageSpec
-from contracts.stage_options import DEVICE, THREADS, Device, ServiceOptions
+from contracts.stage_options import DEVICE, THREADS, Device, ServiceOptions, comma_list
 from contracts.stage_params import NOT_BOOL, BranchParams
 
 # translation: units per generate() call (beams x batch x length is what memory holds).
@@ -53,9 +53,9 @@ class TranslationParams(BranchParams):
 class TranslationOptions(ServiceOptions):
     """What every translation backend's service takes."""
 
-    glossary: str | None = Field(None, json_schema_extra={"env": "CAPTIONBUS_TRANSLATION_GLOSSARY"},
+    glossary: str | None = Field(None, validation_alias="CAPTIONBUS_TRANSLATION_GLOSSARY",
                                  description="TSV file applied to every job (a job's own terms win)")
-    batch_size: int = Field(16, ge=1, le=64, json_schema_extra={"env": "CAPTIONBUS_TRANSLATION_BATCH_SIZE"},
+    batch_size: int = Field(16, ge=1, le=64, validation_alias="CAPTIONBUS_TRANSLATION_BATCH_SIZE",
                               description="default of the batch_size param")
 
 
@@ -71,26 +71,19 @@ class NllbOptions(TranslationOptions):
 class IndicTrans2Options(TranslationOptions):
     env_prefix: ClassVar[str] = "CAPTIONBUS_INDICTRANS2_"
 
-    model_en_indic: str | None = Field(None, json_schema_extra={"env": "CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL"},
+    model_en_indic: str | None = Field(None, validation_alias="CAPTIONBUS_INDICTRANS2_EN_INDIC_MODEL",
                                        description="en -> Indic model; unset: config/translation.yaml's")
-    model_indic_en: str | None = Field(None, json_schema_extra={"env": "CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL"},
+    model_indic_en: str | None = Field(None, validation_alias="CAPTIONBUS_INDICTRANS2_INDIC_EN_MODEL",
                                        description="Indic -> en model; unset: config/translation.yaml's")
-    model_indic_indic: str | None = Field(None, json_schema_extra={"env": "CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL"},
+    model_indic_indic: str | None = Field(None, validation_alias="CAPTIONBUS_INDICTRANS2_INDIC_INDIC_MODEL",
                                           description="Indic -> Indic model; unset: config/translation.yaml's")
     device: Device | None = Field(None, description=DEVICE + " (float16 there, float32 on cpu)")
     num_beams: int = Field(5, ge=1, le=32, description="beam search width (IndicTrans2's own default)")
     max_new_tokens: int = Field(256, ge=1, le=4096, description="cap per output")
     warm_models: int = Field(2, ge=1, description="direction models kept loaded (a 1B model is ~4 GB in float32)")
-    preload: list[Literal["en-indic", "indic-en", "indic-indic"]] = Field(
+    preload: Annotated[list[Literal["en-indic", "indic-en", "indic-indic"]], BeforeValidator(comma_list)] = Field(
         default_factory=list, description="directions loaded at start, comma-separated")
     threads: int | None = Field(None, ge=1, description=THREADS + " (cpu only)")
-
-    @classmethod
-    def raw_values(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-        values = super().raw_values(options, environ)
-        if isinstance(values.get("preload"), str):  # "en-indic,indic-en"
-            values["preload"] = [d.strip() for d in values["preload"].split(",") if d.strip()]
-        return values
 
 
 TRANSLATION_INDICTRANS2 = StageSpec(

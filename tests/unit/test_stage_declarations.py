@@ -22,6 +22,7 @@ from contracts.declarations.translation import IndicTrans2Options
 from contracts.declarations.vad import VadPyannoteOptions
 from contracts.stage_options import NoOptions
 from contracts.stage_specs import STAGES, explain
+from core.service_options import load_options
 from services import declarations, stage_module
 from services.runtime.definition import SetupContext
 
@@ -115,31 +116,46 @@ def test_subtitle_formats_are_one_list():
 
 
 def test_service_options_command_line_beats_environment_and_empty_is_unset():
-    env = {"CAPTIONBUS_ASR_MODEL": "/models/env", "CAPTIONBUS_ASR_BATCH_SIZE": "8", "CAPTIONBUS_ASR_DEVICE": ""}
-    options = AsrOptions.load({"model": "/models/cli"}, env)
+    """pydantic-settings' precedence on the stage's model (services/runtime/options.py)."""
+    env = {"CAPTIONBUS_ASR_MODEL": "/models/env", "CAPTIONBUS_ASR_BATCH_SIZE": "8", "CAPTIONBUS_ASR_DEVICE": "",
+           "CAPTIONBUS_MLX_OPENBLAS": "false"}
+    options = load_options(AsrOptions, {"model": "/models/cli"}, env)
     assert (options.model, options.batch_size, options.device, options.backend) == ("/models/cli", 8, None, None)
+    assert isinstance(options, AsrOptions) and options.mlx_openblas is False  # a field's own variable
+    assert load_options(AsrOptions, {"mlx_openblas": True}, env).mlx_openblas is True  # by name, over its variable
     assert AsrOptions.env_var("compute_type") == "CAPTIONBUS_ASR_COMPUTE_TYPE"
     assert VadPyannoteOptions.env_var("model") == "CAPTIONBUS_PYANNOTE_SEGMENTATION"
-    assert VadPyannoteOptions.load({}, {"CAPTIONBUS_PYANNOTE_SEGMENTATION": "/x.bin"}).model == "/x.bin"
+    assert load_options(VadPyannoteOptions, {}, {"CAPTIONBUS_PYANNOTE_SEGMENTATION": "/x.bin"}).model == "/x.bin"
+    assert "mlx_openblas" in AsrOptions.model_json_schema()["properties"]  # what --option takes
+
+
+def test_a_model_without_a_prefix_reads_no_environment(monkeypatch):
+    """An open model (noop's) or one without env_prefix takes only what it is given: with an
+    empty prefix every variable (PATH, THREADS) would otherwise be a candidate."""
+    from services.noop.declaration import NoopOptions
+
+    monkeypatch.setenv("THREADS", "7")
+    assert load_options(NoopOptions, {"x": 1}).model_dump() == {"x": 1}
+    assert load_options(NoOptions, {}, {"THREADS": "7"}).model_dump() == {}
 
 
 def test_a_bad_enum_value_is_refused_with_the_allowed_values():
     with pytest.raises(ValidationError) as refused:
-        AsrOptions.load({}, {"CAPTIONBUS_ASR_BACKEND": "whisper"})
+        load_options(AsrOptions, {}, {"CAPTIONBUS_ASR_BACKEND": "whisper"})
     assert explain(refused.value, "option") == "backend='whisper': Input should be 'whisperx' or 'mlx'"
     with pytest.raises(ValidationError) as refused:
-        AsrOptions.load({"devise": "cpu"}, {})
+        load_options(AsrOptions, {"devise": "cpu"}, {})
     assert explain(refused.value, "option") == "unknown option 'devise'"
     with pytest.raises(ValidationError, match="indic-indic"):
-        IndicTrans2Options.load({}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic,indic-hindi"})
-    assert IndicTrans2Options.load({}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic, indic-en"}).preload == [
+        load_options(IndicTrans2Options, {}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic,indic-hindi"})
+    assert load_options(IndicTrans2Options, {}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic, indic-en"}).preload == [
         "en-indic", "indic-en"]
     with pytest.raises(ValidationError):
-        NoOptions.load({"threads": 2}, {})
+        load_options(NoOptions, {"threads": 2}, {})
 
 
 def test_alignment_model_overrides_gather_per_language():
-    options = AlignmentOptions.load({"model_hi": "/w2v-hi", "model_ta": "", "cache_size": "3"},
+    options = load_options(AlignmentOptions, {"model_hi": "/w2v-hi", "model_ta": "", "cache_size": "3"},
                                     {"CAPTIONBUS_ALIGN_MODEL_EN": "/w2v-en", "CAPTIONBUS_ALIGN_MODEL_HI": "/env-hi"})
     assert options.models == {"en": "/w2v-en", "hi": "/w2v-hi", "ta": None} and options.cache_size == 3
 
@@ -151,3 +167,20 @@ def test_setup_context_parses_a_dict_with_the_stage_s_model(monkeypatch):
     with pytest.raises(ValidationError):
         SetupContext(stage="vad", env="t", models_dir=None, log=None, options={"device": "cuda"})
     assert SetupContext(stage="adhoc", env="t", models_dir=None, log=None, options={"x": 1}).options.x == 1
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"name": "Shout"}, "name 'Shout' must match"),
+    ({"env": "Common Env"}, "env 'Common Env' must match"),
+    ({"backends": {"gpu": "cuda"}}, "backend 'gpu' is not a hardware kind"),
+    ({"item_outputs": ("chunks",)}, "item output 'chunks' is not an output"),
+    ({"note": "two\nlines"}, "one line each"),
+    ({"params": dict}, "params must be a contracts.stage_params.StageParams subclass"),
+])
+def test_a_stage_spec_refuses_what_the_generated_files_could_not_hold(change, problem):
+    from contracts.stage_declaration import StageSpec
+    from contracts.stage_params import StageParams
+
+    base = dict(name="shout", summary="s", env="common", params=StageParams, outputs=("text",))
+    with pytest.raises(ValueError, match=problem):
+        StageSpec(**{**base, **change})
