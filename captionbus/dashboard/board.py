@@ -475,8 +475,9 @@ def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = 
         kind, node = event.get("kind"), event.get("node")
         key = (node, event.get("attempt"))
         if kind in MARK_KINDS:
+            branch = f"branch {event['branch']}" if kind == "branch_failed" else None
             marks.append({"kind": kind, "time": event["time"], "seq": event.get("seq"),
-                          "reason": event.get("reason") or (f"branch {event['branch']}" if kind == "branch_failed" else None)})
+                          "reason": event.get("reason") or branch})
         if kind in ("cancelled", "failed", "completed"):
             for row in attempts.values():
                 _close(row, "cancelled" if kind == "cancelled" else "abandoned", event["time"])

@@ -807,7 +807,8 @@ async def serve(
         # `loading` ($SRV STATS), a request's progress says "loading model", and a cache hit is
         # answered at once when the stage declares its model (StageDefinition.declare_model).
         info = await asyncio.to_thread(
-            worker_info, definition.name, env_name, replica=replica, host=settings.host_id, packages=definition.report_packages,
+            worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
+            packages=definition.report_packages,
             model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)

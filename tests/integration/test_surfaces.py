@@ -12,11 +12,14 @@ are compared."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from captionbus.client import submit
 from core.artifacts import ArtifactStore
@@ -29,6 +32,8 @@ PAIR = {"name": "pair", "nodes": {
                "params": {"sleep_s": 0.3, "warn": "a warning"}}},
     "outputs": {"media": "second.media"}}
 # (host, stage, replica): noop has two replicas on alpha.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER = Path(CHROMIUM).exists() and importlib.util.find_spec("playwright") is not None
 FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0), ("alpha", "demux", 0),
          ("alpha", "vad", 0), ("beta", "subtitle_gen", 0), ("beta", "mux", 0)]
 
@@ -46,6 +51,10 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
             await check_history(stack, job_id)
             await check_job_workers(stack, job_id)
             await stack.jobs_agree()
+            if BROWSER:
+                await check_pages(stack, job_id, workers)
+            else:
+                print("the browser check did not run: no playwright or no chromium")
 
     async def cancel_then_retry(stack: LocalStack) -> str:
         media = tmp_path / "clip.wav"
@@ -136,6 +145,40 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
             if follower.poll() is None:
                 follower.kill()
                 follower.communicate()
+
+
+async def check_pages(stack: LocalStack, job_id: str, workers: set[str]) -> None:
+    """What a person sees in Chromium: the Workers page lists every worker process (5 stages,
+    noop 3 times); the job page shows the cancel and the retry in its history and on the
+    timeline, and no attempt still running on the completed job."""
+    from playwright.async_api import async_playwright
+
+    history = (await stack.dash.get(f"/api/jobs/{job_id}")).json()["history"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{stack.dash.base_url}/#/workers")
+            rows = page.locator("[data-testid=workers] tbody tr")
+            await rows.nth(len(workers) - 1).wait_for(timeout=15_000)
+            listed = await rows.evaluate_all("rows => rows.map(r => r.dataset.worker)")
+            assert sorted(listed) == sorted(workers), listed
+            await page.goto(f"{stack.dash.base_url}/#/job/{job_id}")
+            table = page.locator("[data-testid=history] tbody tr")
+            await table.nth(len(history) - 1).wait_for(timeout=15_000)
+            kinds = await table.evaluate_all("rows => rows.map(r => r.dataset.kind)")
+            assert kinds == [h["kind"] for h in history]
+            assert {"cancel_requested", "cancelled", "retry_requested"} <= set(kinds)
+            marks = await page.locator("[data-testid=marks] .gmark").evaluate_all("ms => ms.map(m => m.dataset.kind)")
+            assert marks == [m for m in kinds if m in ("started", "cancel_requested", "cancelled", "retry_requested",
+                                                       "completed")]
+            bars = await page.locator("[data-testid=timeline] .gmeta[data-status]").all_inner_texts()
+            assert bars and not any("running" in bar for bar in bars), bars
+            assert any(bar.startswith("cancelled") for bar in bars), bars
+            await page.screenshot(path=str(stack.root / "job-page.png"), full_page=True)
+            print(f"job page: {stack.root / 'job-page.png'}")
+        finally:
+            await browser.close()
 
 
 async def _status(stack: LocalStack, job_id: str, status: str) -> bool:

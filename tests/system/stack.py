@@ -40,8 +40,8 @@ UNLISTED_ON_JOB_PAGE = ("stage_progress",)
 
 class LocalStack:
     def __init__(self, url: str, root: Path, *, fleet: list[tuple[str, str, int]], workflows: dict[str, dict],
-                 hooks: str, secret: str):
-        self.url, self.root, self.fleet = url, root, fleet
+                 hooks: str, secret: str, ack_wait: float = 30.0):
+        self.url, self.root, self.fleet, self.ack_wait = url, root, fleet, ack_wait
         self.workflows = {name: Workflow.from_dict(data) for name, data in workflows.items()}
         self.hooks, self.secret = hooks, secret
         self.env = {**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(root / "cli"), "PYTHONPATH": str(PROJECT_ROOT)}
@@ -78,20 +78,32 @@ class LocalStack:
         await self._exit.aclose()
 
     def _start_fleet(self) -> None:
+        self.services.extend(self._start(host, stage, replica) for host, stage, replica in self.fleet)
+
+    def _start(self, host: str, stage: str, replica: int) -> ServiceProcess:
         from captionbus.envs import env_for_stage, interpreter_for_stage
 
-        for host, stage, replica in self.fleet:
-            if stage == "noop":  # a test stage: no env of its own, the test's interpreter runs it
-                env, interpreter = "test", Path(sys.executable)
-            else:
-                env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
-            self.services.append(start_service(stage, env, interpreter, self.url,
-                                               self.settings(f"{host}-{stage}-{replica}", host), replica=replica,
-                                               extra_env={"CAPTIONBUS_ACK_WAIT": "30"}))
+        if stage == "noop":  # a test stage: no env of its own, the test's interpreter runs it
+            env, interpreter = "test", Path(sys.executable)
+        else:
+            env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
+        return start_service(stage, env, interpreter, self.url, self.settings(f"{host}-{stage}-{replica}", host),
+                             replica=replica, extra_env={"CAPTIONBUS_ACK_WAIT": str(self.ack_wait)})
+
+    async def kill_and_restart(self, index: int) -> ServiceProcess:
+        """kill -9 fleet member `index` (its requests come back after ack_wait) and start the same
+        host/stage/replica again, as a supervisor would: a new process, so a new worker id."""
+        old = self.services[index]
+        old.process.kill()
+        await asyncio.to_thread(old.process.wait)
+        self.services[index] = new = self._start(*self.fleet[index])
+        self.services.append(old)  # stopped with the rest (already dead: nothing to do)
+        await wait_ready(self.nc, [new], timeout=60)
+        return new
 
     def expected_workers(self) -> set[str]:
         return {worker_identity(host, stage, str(replica), svc.process.pid)
-                for (host, stage, replica), svc in zip(self.fleet, self.services) if svc.alive()}
+                for (host, stage, replica), svc in zip(self.fleet, self.services)}
 
     # -- the surfaces ----------------------------------------------------------------------------
     def cli_run(self, *args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """A model-based test of the whole stack (issue 19, first steps): a seeded random sequence of
 operations — submit (jobs that complete, jobs that fail), cancel and retry through the gateway
-and the CLI, pauses — on a local stack with two hosts' worth of services (CAPTIONBUS_HOST_ID
+and the CLI, kill -9 of a worker (restarted as a supervisor would), pauses — on a local stack with two hosts' worth of services (CAPTIONBUS_HOST_ID
 alpha and beta, noop with 2 replicas on alpha). At each quiet point (every job terminal, every
 webhook record done) it asserts:
 
@@ -13,7 +13,7 @@ webhook record done) it asserts:
   what the model of the operations allows (a cancel may lose the race to the job's own end).
 
 CI runs the seeds in CAPTIONBUS_MODEL_SEEDS (default 1,2) with CAPTIONBUS_MODEL_OPS operations
-each (default 10). Not yet here: kill -9 of a worker, coordinator/gateway/dashboard restarts,
+each (default 10). Not yet here: coordinator/gateway/dashboard restarts,
 submits through the gateway (its submit checks workflows against config/, and these test
 workflows live in the in-process coordinator only), and the benchmark of >= 300 operations."""
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.system.stack import LocalStack, until, webhook_log
 SEEDS = [int(s) for s in os.environ.get("CAPTIONBUS_MODEL_SEEDS", "1,2").split(",") if s.strip()]
 OPS = int(os.environ.get("CAPTIONBUS_MODEL_OPS", "10"))
 QUIET_S = 60.0  # a job's deadline: terminal this long after the last operation
+ACK_WAIT_S = 5.0  # a killed worker's request comes back this soon
 FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0)]
 WORKFLOWS = {"pair": {"name": "pair", "nodes": {
     "first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"], "params": {"sleep_s": 3}},
@@ -63,7 +64,7 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
 
     async def main():
         async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows=WORKFLOWS, hooks=hooks,
-                              secret=SECRET) as stack:
+                              secret=SECRET, ack_wait=ACK_WAIT_S) as stack:
             store = ArtifactStore(stack.settings("client"), stack.js)
             for n in range(OPS):
                 await operate(stack, store, n)
@@ -75,8 +76,8 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
         states = {job_id: state.status.value for job_id, state in (await stack.kv_states()).items()}
         running = sorted(j for j, s in states.items() if s == "running" and j in jobs)
         ended = sorted(j for j, s in states.items() if s in ("failed", "cancelled") and j in jobs)
-        choice = rng.choices(["submit", "cancel", "retry", "pause"], weights=[4, 2 if running else 0,
-                                                                              2 if ended else 0, 1])[0]
+        choice = rng.choices(["submit", "cancel", "retry", "kill", "pause"],
+                             weights=[4, 2 if running else 0, 2 if ended else 0, 1, 1])[0]
         via_cli = rng.random() < 0.5
         if choice == "submit":
             fails = rng.random() < 0.25
@@ -99,6 +100,11 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
                 job.allowed = {"cancelled", job.natural} if choice == "cancel" else {job.natural}
             log.append(f"{choice} {job.job_id} via {'cli' if via_cli else 'gateway'}: "
                        f"{'accepted' if accepted else 'refused'}")
+        elif choice == "kill":
+            index = rng.randrange(len(FLEET))
+            old = stack.services[index].process.pid
+            new = await stack.kill_and_restart(index)
+            log.append(f"kill -9 {'/'.join(map(str, FLEET[index]))} pid {old}, restarted as pid {new.process.pid}")
         else:
             log.append("pause")
         await asyncio.sleep(rng.uniform(0.1, 1.0))
