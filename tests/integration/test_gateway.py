@@ -104,6 +104,7 @@ def test_job_api_errors_and_lifecycle(gateway, tmp_path):
                            data={"workflow": "transcribe", "source_language": "en"})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
+    assert gateway.get(created.json()["url"]).status_code == 200  # a 201's URL answers at once
     by_path = gateway.post("/v1/jobs", data={"path": "clip.wav", "workflow": "speech"})
     assert by_path.status_code == 201, by_path.text
     wait_status(gateway, by_path.json()["id"], {"pending", "running"})  # recorded by the coordinator
