@@ -103,7 +103,7 @@ def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[
     try:
         wait_answer(f"{base}/healthz", 200)
         not_ready = wait_answer(f"{base}/readyz", 503)
-        assert "connect" in not_ready.text.lower(), not_ready.text
+        assert "connect" in not_ready.json()["error"]["message"].lower(), not_ready.text
         refused = httpx.get(f"{base}{probe}", timeout=5)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == 503, refused.text
         if while_waiting is not None:

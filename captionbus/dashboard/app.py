@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -163,12 +163,12 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
+        return JSONResponse({"status": "ok"})  # as the gateway's
 
     async def readyz(request: Request) -> Response:
         if live.board is not None and live.board.ready:
-            return PlainTextResponse("ready")
-        return PlainTextResponse(live.reason(), status_code=503)
+            return JSONResponse({"status": "ok"})
+        return error_response(503, live.reason())
 
     async def favicon(request: Request) -> Response:
         return Response(status_code=204)

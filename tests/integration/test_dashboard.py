@@ -198,7 +198,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 board = (Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "captionbus.json").read_text()
                 queried = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in re.findall(r"captionbus_\w+", board)}
                 assert queried and queried <= families, queried - families
-                assert (await http.get("/healthz")).text == "ok"
+                assert (await http.get("/healthz")).json() == {"status": "ok"}
                 assert (await http.get("/static/alpine-3.14.9.min.js")).status_code == 200
 
             await _check_downloads(urls, tmp_path, media.read_bytes())
