@@ -160,6 +160,12 @@ async def main(args) -> None:
             nc = await connect(server.url, "bench-artifacts")
             js = nc.jetstream()
             await provision(js)
+            # nats-py's ObjectStore put/delete (the comparison rows, and the deletes that keep puts
+            # from being skipped) send rollups, which provisioning turns off (core.bus.NO_ROLLUP_STREAMS):
+            # allowed again on this private bucket. captionbus's own put and get send none.
+            config = (await js.stream_info(f"OBJ_{subjects.ARTIFACTS_BUCKET}")).config
+            config.allow_rollup_hdrs = True
+            await js.update_stream(config)
             try:
                 for size_mb in args.sizes:
                     report(size_mb, await bench_size(js, work, size_mb, args.repeat, args.nats_py_in_memory))

@@ -52,7 +52,7 @@ from captionbus.runner import start_stage_services  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
 from contracts.events import TERMINAL_KINDS  # noqa: E402
-from contracts.stage_params import DEFAULT_CHUNK_TARGET_S  # noqa: E402
+from contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S  # noqa: E402
 from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow  # noqa: E402
 from coordinator.service import Coordinator  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402

@@ -12,9 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import AsyncIterator
 
+import nats.errors
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NoKeysError, NotFoundError
+from pydantic import ValidationError
 
 from contracts import (
     ArtifactRef,
@@ -30,7 +34,7 @@ from contracts import (
 from contracts.events import TERMINAL_KINDS
 from contracts.languages import LANGUAGES
 from core.artifacts import ArtifactStore
-from core.bus import publish_event, through_failover
+from core.bus import BusError, publish_event, through_failover
 
 
 class SubmitError(ValueError):
@@ -81,32 +85,94 @@ async def submit(
 
 
 async def cancel(js: JetStreamContext, job_id: str) -> None:
-    await publish_event(js, JobCancelRequested(job_id=job_id))
+    event = JobCancelRequested(job_id=job_id)  # one event id: a retried publish is deduplicated
+    await through_failover(lambda: publish_event(js, event), "cancel")
 
 
 async def retry(js: JetStreamContext, job_id: str) -> None:
-    await publish_event(js, JobRetryRequested(job_id=job_id))
+    event = JobRetryRequested(job_id=job_id)
+    await through_failover(lambda: publish_event(js, event), "retry")
+
+
+def bus_reason(error: BaseException) -> str:
+    """The server's own words for a failed request: `jetstream system temporarily unavailable
+    (503)`, `timeout`, `no responders available for request`."""
+    if isinstance(error, APIError) and error.description:
+        return f"{error.description} ({error.code})" if error.code else error.description
+    return str(error).removeprefix("nats: ").strip() or type(error).__name__
+
+
+# How long a read keeps trying before the command says why it cannot answer (CLI exit 4). A leader
+# election took 3-4 s in the chaos run, and reads failed for 8-10 s after a cut host healed.
+READ_WINDOW_S = 20.0
+
+
+async def read(step, what: str, window_s: float = READ_WINDOW_S):
+    """`await step()`, a read of the bus, retried through a stream leader's election
+    (core.bus.through_failover) for at most `window_s`, then a BusError naming what could not be
+    read and the server's last reason (CLI exit 4). Never an empty answer instead: `captionbus
+    jobs --json` printed 0 jobs with exit 0 while 37 existed, for 8-10 s after a cluster host
+    healed (issue 18), when every failed read here became "nothing"."""
+    errors: list[BaseException] = []
+
+    async def attempt():
+        try:
+            return await step()
+        except Exception as e:
+            errors.append(e)
+            raise
+
+    try:
+        async with asyncio.timeout(window_s):
+            return await through_failover(attempt, what)
+    except BusError:
+        raise
+    except TimeoutError as e:  # the window closed, or nats' own last timeout (also a TimeoutError)
+        raise BusError(f"{what}: no answer from NATS within {window_s:g} s "
+                       f"(last: {bus_reason(errors[-1] if errors else e)})") from e
+    except nats.errors.Error as e:
+        raise BusError(f"{what}: {bus_reason(e)}") from e
 
 
 async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
-    kv = await js.key_value(subjects.JOBS_BUCKET)
-    try:
-        entry = await kv.get(job_id)
-    except Exception:  # nats raises KeyNotFoundError/KeyDeletedError; both mean "no such job"
-        return None
-    return JobState.model_validate_json(entry.value) if entry and entry.value else None
+    """The job's record; None only when the bus says there is no such job. A direct get may be
+    answered by any replica (the KV is `allow_direct`), and a replica that has just rejoined can
+    lack recent keys: a "not found" is asked again of the stream's leader before it is believed."""
+
+    async def get():
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        try:
+            entry = await kv.get(job_id)
+        except InvalidKeyError:  # not a job id at all (spaces, dots): no such job
+            return None
+        except (KeyNotFoundError, KeyDeletedError):
+            try:
+                msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{job_id}")
+            except NotFoundError:
+                return None
+            deleted = (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
+            return None if deleted or not msg.data else msg.data
+        return entry.value if entry and entry.value else None
+
+    value = await read(get, f"reading job {job_id}")
+    return JobState.model_validate_json(value) if value else None
 
 
 async def list_jobs(js: JetStreamContext) -> list[JobState]:
-    kv = await js.key_value(subjects.JOBS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except Exception:  # NoKeysError when the bucket is empty
-        return []
+    """Every job record, oldest first; [] only when the bus says there are none."""
+
+    async def keys():
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        try:
+            return await kv.keys()
+        except NoKeysError:
+            return []
+
     states = []
-    for key in dict.fromkeys(keys):  # nats-py's keys() lists a key updated during its watch twice
+    # nats-py's keys() lists a key updated during its watch twice
+    for key in dict.fromkeys(await read(keys, "listing jobs")):
         state = await job_state(js, key)
-        if state:
+        if state:  # a job deleted (gc) between the listing and the read
             states.append(state)
     return sorted(states, key=lambda s: s.created_at)
 
@@ -124,18 +190,18 @@ async def follow(
 ) -> AsyncIterator:
     """Job events from the start of the stream (or from `since`), replayed and then live, in order.
 
-    stop_at_end: return after the job's final event, i.e. a terminal event with nothing stored
-    after it (a retried job has several terminal events; replay goes through all of them).
+    stop_at_end (one job): return at the job's real end (job_events: a retried job has several
+    terminal events; replay goes through all of them, as SSE and webhooks do).
     stop_when_caught_up: return once every stored event is delivered (a replay, not a follow)."""
+    if job_id and stop_at_end and not stop_when_caught_up:
+        async for _, event in job_events(js, job_id, since=since):
+            yield event
+        return
     subject = subjects.job_events(job_id) if job_id else subjects.EVENTS_WILDCARD
-    if since is None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    else:
-        start = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
     # Creating the consumer asks the meta leader; right after a node dies it may be electing one
     # (a timeout), like a stream's leader for submit (core.bus.through_failover).
-    sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=config), "follow")
+    sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=_start(since=since)),
+                                 "follow")
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
@@ -145,13 +211,102 @@ async def follow(
                 event = None  # a newer schema or foreign publisher: not ours to interpret
             if event is not None:
                 yield event
-            if stop_at_end and job_id and event is not None and event.kind in TERMINAL_KINDS and pending == 0:
-                return
             if stop_when_caught_up and pending == 0:
                 return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+# A job whose state is finished and whose events are all read still gets this long for one more
+# event before a reader ends: a worker's last progress report or late result can land just after
+# the `cancelled` it had not seen yet (the runtime stops publishing within ~50 ms of it).
+SETTLE_S = 0.5
+RECHECK_S = 1.0
+# Kinds after which a finished job runs again.
+REOPENING_KINDS = frozenset({"retry_requested", "started"})
+
+
+async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
+    """Whether the job's KV state is finished now; a job whose state is gone (collected) gets
+    no more events either. A failed read is "not finished": the reader goes on, never ends early.
+
+    The coordinator writes a decision's state with its events in an outbox, publishes them, then
+    clears the outbox: a finished state with a full outbox is finished for a reader that has seen
+    the terminal event (published from that outbox), and not yet for one that has not."""
+    try:
+        entry = await (await js.key_value(subjects.JOBS_BUCKET)).get(job_id)
+    except (KeyNotFoundError, KeyDeletedError):
+        return True
+    except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
+        structlog.get_logger("captionbus.client").warning(
+            "job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
+        return False
+    if not entry.value:
+        return True
+    state = JobState.model_validate_json(entry.value)
+    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
+    return state.status.finished and (terminal_seen or not state.outbox)
+
+
+async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None = None,
+                     settle_s: float = SETTLE_S) -> AsyncIterator[tuple[int, object]]:
+    """(stream sequence, event) of one job after sequence `after`, in stream order, until the
+    job's real end: every stored event is read, the job's state is finished, and nothing more
+    came for `settle_s`. The gateway's SSE endpoint, its webhook deliveries and `captionbus events
+    ID --follow` read this, so they carry the same events in the same order as `captionbus events
+    ID` replays (the same stream, the same end).
+
+    Why not "until the first terminal event" (what this did before issue 19): a job cancelled
+    and then retried has `cancelled` in the middle of its history; SSE closed there and the
+    webhook record was marked done, so integrators never heard `retry_requested`, `started` or
+    `completed`. A terminal event ends the read only when nothing is stored after it and the
+    job's state agrees (one KV read at that moment; a retry published later starts a new read:
+    SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher).
+    `since`: start at that time instead (`events ID --follow --since`)."""
+    sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True,
+                                                      config=_start(after, since)), "follow")
+    try:
+        # ending: the job was finished when last caught up; end after settle_s of silence.
+        ended_since_start = False  # a terminal event read since the last (re)start
+        ending = await job_finished(js, job_id)
+        while True:
+            # A terminal event whose state read said "not finished" (a stale replica's answer):
+            # look again every RECHECK_S rather than wait for an event that may never come.
+            timeout = settle_s if ending else RECHECK_S if ended_since_start else None
+            try:
+                msg = await (asyncio.wait_for(sub.next_msg(timeout=None), timeout) if timeout
+                             else sub.next_msg(timeout=None))
+            except TimeoutError:
+                finished = await job_finished(js, job_id, ended_since_start)
+                if finished and ending:
+                    return
+                ending = finished
+                continue
+            try:
+                event = parse_event(msg.data)
+            except (ValueError, ValidationError):
+                continue  # a newer schema or a foreign publisher: not ours to interpret
+            yield msg.metadata.sequence.stream, event
+            if event.kind in TERMINAL_KINDS:
+                ended_since_start = True
+            elif event.kind in REOPENING_KINDS:
+                ended_since_start = ending = False
+            if _pending(msg) == 0 and (ended_since_start or ending):
+                ending = await job_finished(js, job_id, ended_since_start)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def _start(after: int = 0, since: datetime | None = None) -> ConsumerConfig:
+    """Where a replay starts: after stream sequence `after`, at time `since`, or at the beginning."""
+    if after:
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+    if since is not None:
+        start = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
+    return ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
 
 
 def output_filename(stem: str, key: str, ref: ArtifactRef) -> str:
@@ -173,7 +328,8 @@ async def fetch_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for key, ref in sorted(outputs.items()):
-        local = await store.get(ref)  # the store's own (read-only) copy: one copy out, no more
+        # the store's own (read-only) copy: one copy out, no more
+        local = await read(lambda ref=ref: store.get(ref), f"fetching {key}")
         target = out_dir / output_filename(stem, key, ref)
         shutil.copyfile(local, target)
         written[key] = target

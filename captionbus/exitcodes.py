@@ -13,6 +13,7 @@ USAGE = 2
 PARTIAL = 3
 BUS = 4
 INTERRUPTED = 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 TABLE: tuple[tuple[int, str], ...] = (
     (OK, "done: the job completed, the check passed, the command did what it said"),
@@ -21,8 +22,14 @@ TABLE: tuple[tuple[int, str], ...] = (
     (USAGE, "refused before anything started: a bad argument, option, file, workflow, language, "
             "stage or job id, or environments not built"),
     (PARTIAL, "the job completed without some target languages (each is named with its reason)"),
-    (BUS, "cannot reach the NATS server, or not authorised on it"),
-    (INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); what was started is stopped"),
+    (BUS, "cannot reach the NATS server, not authorised on it, or it did not answer a read within the "
+          "failover window (about 20 s); the server's reason is printed, never an empty answer"),
+    (INTERRUPTED, "interrupted by Ctrl-C, or a job command (`run`, `submit --wait`, `events --follow`) by "
+                  "SIGTERM; what was started is stopped, except the job `submit --wait` follows: it goes on, and "
+                  "its id and the commands to follow or fetch it are printed. A service (`up`, `coordinator`, "
+                  "`serve`, `dashboard`, `gateway`) stopped by SIGTERM, as systemd stops it, exits 0"),
+    (BROKEN_PIPE, "the reader of the output went away (`captionbus jobs --json` piped into `head`); nothing "
+                  "more is printed"),
 )
 
 

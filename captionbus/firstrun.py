@@ -31,6 +31,7 @@ from typing import Callable
 from captionbus import models as model_store
 from captionbus.envs import EnvCreateError, create, env_for_stage, env_states, get_spec
 from contracts.stage_specs import STAGES
+from core.service_options import load_options
 
 
 class SetupError(RuntimeError):
@@ -74,7 +75,7 @@ class Plan:
 
 
 def _names_a_model(stage: str, environ) -> bool:
-    options = STAGES[stage].options.load({}, environ)
+    options = load_options(STAGES[stage].options, {}, environ)
     return bool(getattr(options, "model", None))
 
 

@@ -60,6 +60,7 @@ from core.artifacts import ArtifactStore
 from core.bus import connect, provision, require_provisioned
 from core.gc import collect
 from core.retry import RetryPolicy
+from core.service_options import load_options
 from core.settings import Settings, config_files
 
 log = structlog.get_logger("captionbus.runner")
@@ -142,7 +143,7 @@ def check_service_options(stages: list[str]) -> None:
     (CAPTIONBUS_ASR_MODEL, ...): a bad value is refused now, not in a service log later."""
     for stage in dict.fromkeys(stages):
         try:
-            STAGES[stage].options.load({}, os.environ)
+            load_options(STAGES[stage].options, {}, os.environ)
         except ValidationError as e:
             raise SubmitError(f"{stage} service options from the environment: {explain(e, 'option')}") from None
 
@@ -195,7 +196,9 @@ async def run_job(
     start_stack: bool,
     console: Console,
     replicas: dict[str, int] | None = None,
+    on_submitted=None,
 ) -> dict[str, Path]:
+    """`on_submitted(spec)`: called once the job is on the bus (`submit --wait` names it on Ctrl-C)."""
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
     nc = await connect(url, "captionbus-run", settings)
@@ -220,6 +223,8 @@ async def run_job(
                 target_languages=target_languages, options=options,
             )
             console.print(f"job [bold]{spec.job_id}[/] ({workflow}) submitted", highlight=False)
+            if on_submitted is not None:
+                on_submitted(spec)
             final = await _until_first(
                 _follow_with_progress(js, spec.job_id, console), _watch(services, watched)
             )
@@ -355,19 +360,16 @@ async def _follow_with_progress(js, job_id: str, console: Console):
 
 
 async def run_stack(settings: Settings, url: str, stages: list[str] | None, console: Console,
-                    dashboard: str | None = None) -> None:
-    """Coordinator + services (+ the dashboard on `dashboard` HOST:PORT) until SIGINT/SIGTERM.
-    Stages default to all whose env is built."""
+                    dashboard: str | None = None) -> int | None:
+    """Coordinator + services (+ the dashboard on `dashboard` HOST:PORT) until SIGINT/SIGTERM;
+    returns the signal that stopped it. Stages default to all whose env is built."""
     if stages is None:
         stages = [s for s in _stage_names() if env_ready(s)]
     nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     web = start_dashboard_process(settings, url, dashboard) if dashboard else None
     services = start_stage_services(settings, url, stages)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop, stopped_by = stop_on_signals()
     # On its own embedded bus `up` is the only owner of this host's data: it collects too. A fleet
     # (NATS_URL) runs `captionbus gc` with the gc user instead (the coordinator's may not purge).
     collector = (asyncio.create_task(collect_periodically(settings, nc.jetstream(), settings.gc_interval))
@@ -394,6 +396,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
             console.print(f"serving: {', '.join(serving) or 'no stages'}"
                           + (f"; dashboard on http://{dashboard}/" if dashboard else "") + "; Ctrl-C stops")
             await _until_first(stop.wait(), _supervise(settings, url, services, coordinator))
+            return stopped_by[0] if stopped_by else None
     finally:
         if collector is not None:
             collector.cancel()
@@ -457,15 +460,24 @@ def env_ready(stage: str) -> bool:
         return False
 
 
-async def run_coordinator_forever(url: str) -> None:
-    nc = await connect(url, "captionbus-coordinator")
-    await provision(nc.jetstream())
-    stop = asyncio.Event()
+def stop_on_signals() -> tuple[asyncio.Event, list[int]]:
+    """An event set by SIGINT or SIGTERM, and the list that records which came (the CLI exits 130
+    on Ctrl-C, 0 on a supervisor's SIGTERM: captionbus.cli.common.end_of_service)."""
+    stop, seen = asyncio.Event(), []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (seen.append(sig), stop.set()))
+    return stop, seen
+
+
+async def run_coordinator_forever(url: str) -> int | None:
+    """The coordinator until SIGINT/SIGTERM; returns the signal that stopped it."""
+    nc = await connect(url, "captionbus-coordinator")
+    await provision(nc.jetstream())
+    stop, stopped_by = stop_on_signals()
     try:
         # Raises when the coordinator dies, so a supervisor (systemd) restarts the process.
         await run_coordinator(nc, stop_event=stop)
+        return stopped_by[0] if stopped_by else None
     finally:
         await nc.drain()

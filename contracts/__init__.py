@@ -26,7 +26,7 @@ from contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
 from contracts.stages import StageRequest
 from contracts.version import SCHEMA_VERSION
 from contracts.failures import FAILURE_CLASSES, classify as failure_class
-from contracts.workers import CurrentRequest, WorkerInfo, WorkerState
+from contracts.workers import CurrentRequest, WorkerInfo, WorkerState, worker_identity
 
 __all__ = [
     "ArtifactRef",
@@ -57,6 +57,7 @@ __all__ = [
     "StageRequest",
     "WorkerInfo",
     "WorkerState",
+    "worker_identity",
     "CurrentRequest",
     "FAILURE_CLASSES",
     "failure_class",

@@ -5,7 +5,22 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from contracts.ids import validate_token
 from contracts.jobs import utcnow
+
+
+def worker_identity(host: str, stage: str, replica: str, pid: int) -> str:
+    """The one name of a stage worker process on every surface: `<host>/<stage>/<replica>/<pid>`.
+
+    Every part is needed. Several stage services run on one host, each with replicas 0..N-1,
+    so host + replica alone (the old `<host>-<replica>`) named five services on a host `vm-0`,
+    and the dashboard, keyed by it, showed one worker of five. The pid tells apart a replica
+    restarted after a crash (the old process shows as `lost`, the new one as live) and two
+    launchers on one host that number their replicas alike. Host, stage and replica are tokens
+    ([A-Za-z0-9_-], contracts.ids), so `/` splits the id back into its parts unambiguously."""
+    for value, what in ((host, "host id"), (stage, "stage name"), (replica, "replica id")):
+        validate_token(value, what)
+    return f"{host}/{stage}/{replica}/{int(pid)}"
 
 
 class WorkerInfo(BaseModel):
@@ -17,7 +32,8 @@ class WorkerInfo(BaseModel):
     python_version: str
     host: str
     pid: int
-    worker_id: str
+    worker_id: str = Field(description="contracts.workers.worker_identity(host, stage, replica, pid)")
+    replica: str = Field("0", description="the replica's id on its host (serve --replica-id)")
     packages: dict[str, str] = Field(default_factory=dict, description="key package versions")
     hardware: dict[str, str] = Field(default_factory=dict)
     model: str | None = None

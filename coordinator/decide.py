@@ -467,7 +467,11 @@ class _Step:
     def _fail_branch(self, branch: str, node_id: str, reason: str) -> Decision:
         """The other nodes of the branch are abandoned (their inputs will never come), the job
         says which branch failed and why, and goes on with the rest. When every branch of the job
-        has failed there is nothing left worth finishing: the job fails."""
+        has failed, the job still finishes what does not need them (`subtitle`: the source
+        language's SRT/VTT, and a mux with the tracks that exist) and completes with
+        `failed_branches`; it fails only when every output it has needs a branch. Issue 18: `run
+        -w subtitle -s en -t fr` without NLLB weights made the English subtitles, then failed
+        "every branch failed (fr: ...)" and wrote nothing."""
         state = self.state
         state.failed_branches[branch] = reason
         for other_id in self.plan.nodes:
@@ -484,10 +488,21 @@ class _Step:
             branch=branch, node=node_id, reason=reason,
         ))
         branches = {b for p in self.plan.active() if (b := self._branch_of(p.id)) is not None}
-        if branches <= set(state.failed_branches):
+        if branches <= set(state.failed_branches) and not self._delivers_without_branches():
             summary = "; ".join(f"{b}: {r}" for b, r in sorted(state.failed_branches.items()))
             return self._fail_job(one_line(f"every branch failed ({summary})"), node_id)
         return self._advance()
+
+    def _delivers_without_branches(self) -> bool:
+        """Whether some job output comes from a node that needs no fan-out branch, directly or
+        through its inputs (a join of the branches, such as fanout.yaml's mux, needs them):
+        something worth delivering when every branch has failed."""
+        needs_branch: dict[str, bool] = {}
+        for planned in self.plan.nodes.values():  # dependencies first
+            needs_branch[planned.id] = planned.active and (
+                bool(planned.branch) or any(needs_branch.get(d, False) for d in planned.depends_on))
+        return any(src.node_id is not None and src.node_id in needs_branch and not needs_branch[src.node_id]
+                   for src in self.plan.outputs.values())
 
     def _fail_job(self, reason: str, node_id: str | None = None, failure: str | None = None) -> Decision:
         """Any failed node outside a fan-out branch fails the job, and the reason names it; the

@@ -379,7 +379,11 @@ class Coordinator:
             workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
             decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy, self._workers)
             if not decision.changed:
-                jlog.debug("event ignored", note=decision.note)
+                if (decision.note or "").startswith("refused "):  # a result without its request's token
+                    jlog.warning("forged result refused", note=decision.note,
+                                 claimed_worker=getattr(event, "worker", None))
+                else:
+                    jlog.debug("event ignored", note=decision.note)
                 if state is not None:
                     await self._flush_outbox(job_id, state, revision, jlog)
                 return decision
@@ -461,7 +465,7 @@ class Coordinator:
             self._running.add(job_id)
 
     async def _publish_event(self, event: JobEvent) -> None:
-        await publish_event(self.js, event)
+        await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first
 
     @staticmethod
     def _log_decision(decision: Decision, jlog: Any) -> None:
@@ -598,8 +602,9 @@ class Coordinator:
             failure = StageFailed(
                 event_id=f"{state.job_id}.{node_id}.{node.attempt}.unserved",
                 job_id=state.job_id, stage=node.stage, node=node_id, attempt=node.attempt,
-                reason=(f"no {node.stage} worker has been running for {waited:.0f} s: start one "
-                        f"(`captionbus serve {node.stage}`) or read why it stopped in its log"),
+                reason=(f"no worker serves {node.stage}: none has answered for {waited:.0f} s "
+                        f"(CAPTIONBUS_UNSERVED_TIMEOUT); start one (`captionbus serve {node.stage}`) "
+                        "or read why it stopped in its log"),
                 error_type="unserved", retryable=False,
                 token=result_token(secret, state.job_id, node_id, node.attempt) if secret else None,
             )

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -90,12 +92,33 @@ def resolve_url(settings: Settings) -> str:
     )
 
 
-async def publish_event(js: JetStreamContext, event, msg_id: str | None = None) -> None:
-    """A job event on its subject, deduplicated by JetStream on `msg_id` (default: its event id)."""
+def event_msg_id(event, msg_id: str | None = None, secret: bytes | None = None) -> str:
+    """The `Nats-Msg-Id` of a job event: `msg_id` (default: its event id), bound to a secret.
+
+    JetStream drops any message whose id it saw in the last two minutes, whatever its subject,
+    and the ids of results (`<job>.<node>.<attempt>.completed`) and of the coordinator's events
+    (`<job>.completed`) can be predicted. Under bare ids a worker or client published junk under
+    a result's id on an event subject of its own; the real result was then dropped as a repeat and
+    the job waited for its node's deadline (tests/security/test_event_ids.py). So an event that
+    carries its request's token (results) gets a hash of the token appended, and the coordinator's
+    events an HMAC under its key (`secret`): the same ids for the same event, as dedup needs, and
+    none an outsider can take first. Events with neither (a client's submit, cancel, retry) have
+    random ids already."""
+    base = msg_id or event.event_id
+    token = getattr(event, "token", None)
+    if token:
+        return f"{base}.{hashlib.sha256(token.encode()).hexdigest()[:16]}"
+    if secret:
+        return f"{base}.{hmac.new(secret, base.encode(), hashlib.sha256).hexdigest()[:16]}"
+    return base
+
+
+async def publish_event(js: JetStreamContext, event, msg_id: str | None = None, *, secret: bytes | None = None) -> None:
+    """A job event on its subject, deduplicated by JetStream on `event_msg_id(event, msg_id, secret)`."""
     await js.publish(
         subjects.job_event(event.job_id, event.kind),
         event.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": msg_id or event.event_id},
+        headers={"Nats-Msg-Id": event_msg_id(event, msg_id, secret)},
     )
 
 
@@ -246,6 +269,35 @@ def auth_options(settings: Settings) -> dict:
     return options
 
 
+# Private replies. nats-py sends every reply (request/reply answers, JetStream API answers, the
+# messages a pull consumer hands a worker, with their request tokens) to `_INBOX.<nuid>...`; a user
+# allowed to subscribe to `_INBOX.>` reads every reply on the account. The chaos run's worker-asr
+# did: it received demux, vad and subtitle_gen deliveries with their tokens and forged a result.
+# So each user gets a prefix of its own, `_INBOX_<user>`, and deploy/nats/roles.conf lets each
+# role subscribe to its own prefix only: the server, not the client, keeps replies private.
+INBOX_PREFIX_ENV = "CAPTIONBUS_NATS_INBOX_PREFIX"
+_INBOX_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def inbox_prefix(url: str, settings: Settings) -> str | None:
+    """The reply-subject prefix of this process's connection: CAPTIONBUS_NATS_INBOX_PREFIX, else
+    `_INBOX_<user>` for the user the settings or the URL name, else None (nats-py's `_INBOX`: a
+    bus without users, where every process may read every reply anyway)."""
+    chosen = (settings.nats_inbox_prefix or "").strip()
+    if chosen:
+        if not all(_INBOX_TOKEN.fullmatch(part) for part in chosen.split(".")):
+            raise BusError(f"{INBOX_PREFIX_ENV}={chosen!r}: not a NATS subject prefix (letters, digits, _ and -)")
+        return chosen
+    first = server_urls(url)[0]
+    user = settings.nats_user or urlsplit(first if "://" in first else f"nats://{first}").username
+    if not user:
+        return None
+    if not _INBOX_TOKEN.fullmatch(user):
+        raise BusError(f"NATS user {user!r} cannot name a reply prefix: set {INBOX_PREFIX_ENV} "
+                       "to the `_INBOX_<role>` prefix its permissions allow (deploy/nats/roles.conf)")
+    return f"_INBOX_{user}"
+
+
 # Tries per server before a process that has never connected gives up: an auth, TLS or address
 # error is a setting to fix, not an outage to wait out (it used to retry forever, silently).
 INITIAL_ATTEMPTS = 2
@@ -296,6 +348,9 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     # the reconnect (a fresh TCP connection) succeeds as soon as the network is back.
     options = {"ping_interval": settings.ping_interval, "max_outstanding_pings": 2,
                **auth_options(settings), **kwargs}
+    prefix = inbox_prefix(url, settings)
+    if prefix and "inbox_prefix" not in options:
+        options["inbox_prefix"] = prefix
     wants_tls = "tls" in options or all(u.startswith("tls://") for u in servers)
     nc = NATS()
     try:
@@ -336,10 +391,9 @@ class StagePolicy:
 
     @classmethod
     def from_env(cls) -> "StagePolicy":
-        return cls(
-            ack_wait=float(os.environ.get("CAPTIONBUS_ACK_WAIT", cls.ack_wait)),
-            max_deliver=int(os.environ.get("CAPTIONBUS_MAX_DELIVER", cls.max_deliver)),
-        )
+        """CAPTIONBUS_ACK_WAIT and CAPTIONBUS_MAX_DELIVER, through core.settings."""
+        settings = load_settings()
+        return cls(ack_wait=settings.ack_wait, max_deliver=settings.max_deliver)
 
 
 PROVISION_HINT = "start the coordinator or `captionbus up` first"
@@ -418,14 +472,40 @@ def _provisioned_streams() -> list[str]:
 WEBHOOK_STATE_TTL_S = 7 * 24 * 3600
 
 
+# Streams that ordinary users write to and that nobody may roll up or delete single messages of.
+# A rollup header is the stream's business, not a permission: on a stream with
+# `allow_rollup_hdrs`, any user allowed to publish one subject of it can send `Nats-Rollup: all`
+# and purge the whole stream (a client emptied OBJ_cb_artifacts, 26.8 MB, with one 85-byte
+# message; a worker-asr the stage cache from its own key prefix). KV and object-store buckets
+# are created with rollups allowed (nats-py's put/purge use them); these are turned off at
+# provisioning, on new and existing buckets alike. Nothing captionbus writes there needs them
+# (core/artifacts/transfer.py: objects are their first meta message; gc deletes by purge, the
+# gc user's right alone). deny_delete: no one deletes single messages there either.
+# KV_cb_jobs keeps its rollups: only the coordinator and gc may write it. KV_cb_stage_cache is
+# written by every worker, so it refuses them too: gc removes an expired entry with a purge
+# filtered on its key, up to the revision it read (core/gc.py), never with `kv.purge` (a rollup).
+NO_ROLLUP_STREAMS = (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.WEBHOOKS_BUCKET}",
+                     f"KV_{subjects.STAGE_CACHE_BUCKET}")
+
+
+async def _forbid_rollups(js: JetStreamContext, stream: str) -> None:
+    config = (await js.stream_info(stream)).config
+    if config.allow_rollup_hdrs or not config.deny_delete:
+        config.allow_rollup_hdrs = False
+        config.deny_delete = True
+        await js.update_stream(config)
+        log.info("stream refuses rollups and message deletes now", stream=stream)
+
+
 async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
-    """Create the streams, KV bucket and object store that are missing; never change existing ones.
+    """Create the streams, KV bucket and object store that are missing; never change existing ones
+    but to refuse rollups and message deletes on the buckets others write (NO_ROLLUP_STREAMS).
 
     Only the processes that own the bus call this (coordinator, `run`, `up`); workers and clients
     call require_provisioned(). `replicas` (default CAPTIONBUS_REPLICAS, else 1) applies to what
     is created now; in a cluster create them with 3 (see deploy/): job state must survive a node.
     An existing stream with other replicas is kept as it is, with a warning."""
-    replicas = replicas or int(os.environ.get("CAPTIONBUS_REPLICAS", "1"))
+    replicas = replicas or load_settings().replicas
     for config in _stream_configs(replicas):
         await _ensure_stream(js, config)
     kv, obj = _provisioned_streams()[2:]
@@ -446,6 +526,8 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
         bucket=subjects.WEBHOOKS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
         ttl=WEBHOOK_STATE_TTL_S,
     )), replicas)
+    for stream in NO_ROLLUP_STREAMS:
+        await _forbid_rollups(js, stream)
 
 
 async def require_provisioned(js: JetStreamContext) -> None:

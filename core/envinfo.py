@@ -7,9 +7,10 @@ services/runtime/info.py from the names given here.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from core.settings import load
 
 # Written by `captionbus envs create` into each venv it builds, last, so it means "built".
 MANIFEST = "captionbus-env.json"
@@ -27,7 +28,7 @@ def current_manifest() -> dict:
 def current_env() -> str:
     """This interpreter's env name: from its manifest, else $CAPTIONBUS_ENV, else "unmanaged"
     (e.g. a developer's own interpreter, worth seeing in logs since production never runs so)."""
-    return current_manifest().get("name") or os.environ.get("CAPTIONBUS_ENV") or "unmanaged"
+    return current_manifest().get("name") or load().env or "unmanaged"
 
 
 def report_packages() -> list[str]:

@@ -19,8 +19,16 @@ What is kept, and for how long (`core.settings`, CAPTIONBUS_RETENTION_* / _ARTIF
   needed), until it fits.
 Torn uploads (chunks no object's metadata names, older than the grace period) are purged too.
 
-Races, and how they are closed: an object is deleted only if its metadata is still the message
-this run listed (a publish with the expected last subject sequence), and a local file only if its
+Failures (issue 18): a run reads everything before it deletes anything, and a read that fails
+stops it there (`GcError`: "gc stopped before deleting anything: cannot read ..."), never read as
+"nothing referenced" — before, a listing that timed out after a network blip made a dry run name
+all 114 objects of a fleet's store, completed jobs inside retention included. Malformed records are
+skipped and reported (one garbage metadata message used to make every run exit 2). See `Collector`.
+
+Races, and how they are closed: an object is deleted by a purge of its meta subject up to the
+message this run listed, then of its chunks (`ObjectBucket.delete`: an object stored again meanwhile
+keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
+read (a value written since stays), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
 the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
 entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
@@ -38,18 +46,24 @@ files on this host, and reads the bus with any user that may read job state.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import structlog
+from nats.js import api
 
 from contracts import ArtifactRef, JobState, subjects
-from core.artifacts.transfer import ObjectBucket
+from core.artifacts.transfer import ObjectBucket, connection
 from core.artifacts.transfer import timestamp as _ts
 
 log = structlog.get_logger("captionbus.gc")
@@ -83,6 +97,9 @@ class GcReport:
     object_store_bytes_before: int | None = None
     object_store_bytes_after: int | None = None  # measured on the stream (None: dry run / no bus)
     skipped: list[str] = field(default_factory=list)  # parts not collected, and why
+    malformed: list[str] = field(default_factory=list)  # records that did not parse: skipped, kept
+    deletions: list[dict[str, Any]] = field(default_factory=list)  # {kind, name, bytes}, in order made
+    error: str | None = None  # why the run stopped (then the counts are what it did before)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +117,8 @@ class GcReport:
         line = f"gc {verb}: " + ", ".join(parts) + f"; kept {self.kept_for_unfinished_jobs} artifacts unfinished jobs need"
         for reason in self.skipped:
             line += f"\nskipped: {reason}"
+        for record in self.malformed:
+            line += f"\nmalformed, skipped and kept: {record}"
         return line
 
 
@@ -152,41 +171,134 @@ def private_runs(settings) -> list[int]:
     return alive
 
 
+def _object_key(encoded: str) -> str | None:
+    """The object name a meta subject's last token encodes (nats-py: urlsafe base64), or None."""
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class GcError(Exception):
+    """A GC run that stopped. `report` holds what it did before: nothing when a listing or read
+    failed (those all come before the first delete), else every deletion made until the failure.
+    `bus`: the cause was the NATS server (unreachable, timed out, refused) rather than this host."""
+
+    def __init__(self, reason: str, report: GcReport, *, bus: bool):
+        done = len(report.deletions)
+        when = "before deleting anything" if done == 0 or report.dry_run else f"after {done} deletions"
+        super().__init__(f"gc stopped {when}: {reason}")
+        self.report = report
+        self.bus = bus
+        report.error = str(self)
+
+
+_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
+HEX_KEY = re.compile(rb"[0-9a-f]{64}")  # an artifact key (sha256 hex) anywhere in unparsable bytes
+_KV_GONE = ("DEL", "PURGE")
+
+
+def _salvage(data: bytes) -> set[str]:
+    """The artifact keys a record we cannot parse may reference: every 64-hex run in its bytes.
+    Keeping too much is safe; keeping too little deletes what someone needs."""
+    return {m.decode() for m in HEX_KEY.findall(data or b"")}
+
+
+@dataclass
+class _Object:
+    info: Any  # nats ObjectInfo
+    seq: int  # stream sequence of its metadata message (a delete is made only if still the last)
+
+
+@dataclass
+class _Deletion:
+    kind: str  # object | torn upload | local file | cache entry | events | job record
+    name: str
+    size: int
+    act: Callable[[], Awaitable[bool]]  # False: changed since it was listed, so left alone
+    count: Callable[[], None]  # adds it to the report's counters
+
+
 class Collector:
-    """One GC run. `js`: the bus (None: local root only, nothing known about jobs — then only
-    unreferenced-artifact rules apply). `now` is injectable so a test can age things."""
+    """One GC run, in three steps so that a failure can never be read as "nothing referenced":
+
+    1. **read** everything that decides (job records, stage cache entries, object metadata, chunk
+       sets, local files, event counts). Any listing or read error raises GcError here, before a
+       single delete. "Not there" is an answer only where the server says so (a key purged
+       between list and read, a bucket that was never made); a timeout or a refused request is
+       never an empty list. Listings are paged (nats-server sends at most 100 000 subjects per
+       stream-info reply) and checked against the server's total.
+    2. **decide**: which of what was read goes, a pure function of the listing and `now` — the
+       same for a dry run and a real run over the same state.
+    3. **delete** what was decided, each deletion logged (and passed to `on_delete`) as it is made;
+       a failure part-way raises GcError whose report says what was already deleted.
+
+    Malformed records (a job record, cache entry or object metadata that does not parse: one
+    client can publish garbage on `$O.<bucket>.M.*`) are skipped and listed in `report.malformed`,
+    never fatal; the artifact keys their bytes contain are kept (for a job record, as if its job
+    were unfinished), and a chunk set whose id appears in malformed metadata is not purged.
+
+    `js`: the bus (None: local root only, nothing known about jobs — then only the unreferenced-
+    artifact rules apply). `now` is injectable so a test can age things."""
 
     def __init__(self, settings, js=None, *, dry_run: bool = False, now: float | None = None,
-                 bus: bool = True, local: bool = True):
+                 bus: bool = True, local: bool = True,
+                 on_delete: Callable[[str, str, int, bool], None] | None = None):
         self.settings = settings
         self.js = js
         self.dry_run = dry_run
         self.now = now if now is not None else datetime.now(timezone.utc).timestamp()
         self.bus = bus and js is not None
         self.local = local
+        self.on_delete = on_delete
         self.report = GcReport(dry_run=dry_run)
         self.needs = Needs()
         self.unfinished: set[str] = set()
-        self.cache_live: dict[str, dict[str, Any]] = {}  # artifact key -> {cache entry id: async remover}
-        self.evicting: dict[str, Any] = {}  # cache entries the size limit removes this run
-        self.evicted: set[str] = set()
+        self.cache_live: dict[str, dict[str, str]] = {}  # artifact key -> {cache entry id: entry name}
+        self.cache_remove: dict[str, Callable[[], Awaitable[bool]]] = {}  # cache entry id -> remover
+        self.plan: list[_Deletion] = []
+        self.evicting: dict[str, str] = {}  # live cache entries the size limit takes: id -> name
+        self.bucket: ObjectBucket | None = None
+        # what step 1 read, for step 2
+        self.objects: dict[str, _Object] = {}
+        self.malformed_raw: list[bytes] = []
+        self.chunk_sets: dict[str, int] = {}
+        self.chunk_first: dict[str, float | None] = {}
+        self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
 
     async def run(self) -> GcReport:
+        try:
+            await self._read()
+        except GcError:
+            raise
+        except Exception as e:
+            raise GcError(f"cannot read {self._reading}: {_reason(e)}", self.report,
+                          bus=isinstance(e, _BUS_ERRORS)) from e
+        self._decide()
+        await self._delete()
+        return self.report
+
+    # ---- 1. read ----------------------------------------------------------------------------
+
+    _reading = "the bus"
+
+    async def _read(self) -> None:
         s = self.settings
         if self.js is not None:
+            self._reading = f"job records (KV {subjects.JOBS_BUCKET})"
             await self._jobs()
         else:
             self.report.skipped.append("no NATS server: job state unknown; local files judged by their age alone")
-        cache_dying: set[str] = set()
         if self.bus and s.use_object_store():
-            cache_dying |= await self._kv_cache()
+            self._reading = f"the stage cache (KV {subjects.STAGE_CACHE_BUCKET})"
+            await self._kv_cache()
         if self.local:
-            cache_dying |= await self._file_cache()
-        for key in cache_dying:  # kept this run; see the module docstring
-            self.needs.need(key, self.now + 1)
+            self._reading = f"the file stage cache ({s.home / 'stage-cache'})"
+            await self._file_cache()
         self.report.kept_for_unfinished_jobs = len(self.unfinished)
         if self.bus and s.use_object_store():
-            await self._object_store()
+            self._reading = f"the object store (stream OBJ_{subjects.ARTIFACTS_BUCKET})"
+            await self._list_objects()
         if self.local:
             runs = private_runs(s)
             if runs:
@@ -194,25 +306,43 @@ class Collector:
                     f"local artifact root {s.artifacts_dir}: `captionbus run` (pid {', '.join(map(str, runs))}) "
                     "is running with a private bus whose jobs this GC cannot see")
             else:
-                await self._local_root()
-        await self._evict_cache_entries()
-        return self.report
+                self._reading = f"the local artifact root ({s.artifacts_dir})"
+                self._list_local_root()
 
-    # ---- what is needed -------------------------------------------------------------------
+    async def _subjects(self, stream: str, pattern: str) -> dict[str, int]:
+        """subject -> messages, for every subject of `stream` matching `pattern`: all pages,
+        checked against the total the server reports."""
+        return await list_subjects(self.js, stream, pattern)
+
+    async def _kv_entries(self, bucket: str) -> dict[str, Any]:
+        """key -> its last message, for every live key of KV `bucket` (deleted/purged left out)."""
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        found = {}
+        for subject in await self._subjects(stream, f"{prefix}>"):
+            try:
+                msg = await self.js.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+                continue
+            if (msg.headers or {}).get("KV-Operation") in _KV_GONE:
+                continue
+            found[subject[len(prefix):]] = msg
+        return found
+
+    def _malformed(self, what: str, error: Exception) -> None:
+        line = f"{what}: {_reason(error)[:160]}"
+        self.report.malformed.append(line)
+        log.warning("gc: malformed record skipped", record=what, error=_reason(error)[:300])
 
     async def _jobs(self) -> None:
-        kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        try:
-            keys = await kv.keys()
-        except Exception:  # NoKeysError: no jobs
-            keys = []
         s = self.settings
-        for key in keys:
+        for job_id, msg in (await self._kv_entries(subjects.JOBS_BUCKET)).items():
             try:
-                entry = await kv.get(key)
-                state = JobState.model_validate_json(entry.value)
-            except Exception as e:  # deleted meanwhile, or a record we cannot read: keep what it holds
-                log.debug("job record unreadable; skipped", job_id=key, error=str(e)[:200])
+                state = JobState.model_validate_json(msg.data)
+            except Exception as e:  # cannot tell finished from not: keep whatever it names, always
+                self._malformed(f"job record {job_id}", e)
+                for key in _salvage(msg.data):
+                    self.needs.need(key, FOREVER)
+                    self.unfinished.add(key)
                 continue
             if not state.status.finished:
                 for ref in job_refs(state):
@@ -222,92 +352,156 @@ class Collector:
             finished = state.updated_at.timestamp()
             for ref in job_refs(state):
                 self.needs.need(ref.key, finished + s.retention_outputs)
-            if not self.bus:
+            if not self.bus or self.now - finished <= s.retention_events:
                 continue
-            if self.now - finished > s.retention_events:
-                await self._purge_events(state.job_id)
-                if self.now - finished > s.retention_outputs:
-                    self.report.job_records += 1
-                    if not self.dry_run:
-                        await kv.purge(state.job_id)
+            subject = f"{subjects.PREFIX}.job.{state.job_id}.>"
+            held = sum((await self._subjects(subjects.EVENTS_STREAM, subject)).values())
+            if held:
+                self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
+                           lambda n=held: self._count_events(n))
+            if self.now - finished > s.retention_outputs:
+                self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
+                           self._count_job_record)
 
-    async def _purge_events(self, job_id: str) -> None:
-        subject = f"{subjects.PREFIX}.job.{job_id}.>"
-        info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subject)
-        held = sum((info.state.subjects or {}).values())
-        if not held:
-            return
+    async def _purge_events(self, subject: str) -> bool:
+        await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
+        return True
+
+    def _count_events(self, held: int) -> None:
         self.report.job_histories += 1
         self.report.event_messages += held
-        if not self.dry_run:
-            await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
 
-    async def _cache_entry(self, entry_id: str, data: bytes, written: float | None, remove) -> set[str]:
-        """Needs from one cache entry (`remove`: an async call that deletes it); returns the
-        artifact keys of an entry removed now (expired)."""
-        try:
-            outputs = [ArtifactRef.model_validate(r) for r in json.loads(data)["outputs"].values()]
-        except Exception:
-            outputs = []
-        written = written if written is not None else self.now
-        if self.now - written <= self.settings.retention_cache:
-            for ref in outputs:
-                self.needs.need(ref.key, written + self.settings.retention_cache)
-                self.cache_live.setdefault(ref.key, {})[entry_id] = remove
-            return set()
+    async def _purge_job(self, job_id: str) -> bool:
+        await (await self.js.key_value(subjects.JOBS_BUCKET)).purge(job_id)
+        return True
+
+    def _count_job_record(self) -> None:
+        self.report.job_records += 1
+
+    def _count_cache_entry(self) -> None:
         self.report.cache_entries += 1
-        if not self.dry_run:
-            await remove()
-        return {ref.key for ref in outputs}
 
-    async def _kv_cache(self) -> set[str]:
+    def _cache_entry(self, entry_id: str, name: str, data: bytes, written: float | None,
+                     remove: Callable[[], Awaitable[bool]]) -> None:
+        """Needs from one cache entry; an expired one is planned for removal, and its artifacts
+        kept this run (see the module docstring)."""
         try:
-            kv = await self.js.key_value(subjects.STAGE_CACHE_BUCKET)
-            keys = await kv.keys()
-        except Exception:  # no bucket (an older bus) or no entries
-            return set()
-        dying: set[str] = set()
-        stream = f"KV_{subjects.STAGE_CACHE_BUCKET}"
-        for key in keys:
-            try:
-                msg = await self.js.get_last_msg(stream, f"$KV.{subjects.STAGE_CACHE_BUCKET}.{key}")
-            except Exception:
-                continue
-            dying |= await self._cache_entry(f"kv:{key}", msg.data, _ts(msg.time), lambda k=key: kv.purge(k))
-        return dying
+            keys = {ArtifactRef.model_validate(r).key for r in json.loads(data)["outputs"].values()}
+        except Exception as e:
+            self._malformed(f"stage cache entry {name}", e)
+            keys = _salvage(data)
+        written = written if written is not None else self.now
+        self.cache_remove[entry_id] = remove
+        if self.now - written <= self.settings.retention_cache:
+            for key in keys:
+                self.needs.need(key, written + self.settings.retention_cache)
+                self.cache_live.setdefault(key, {})[entry_id] = name
+            return
+        self._plan("cache entry", name, 0, remove, self._count_cache_entry)
+        for key in keys:  # kept this run; see the module docstring
+            self.needs.need(key, self.now + 1)
 
-    async def _file_cache(self) -> set[str]:
-        dying: set[str] = set()
+    async def _kv_cache(self) -> None:
+        try:
+            entries = await self._kv_entries(subjects.STAGE_CACHE_BUCKET)
+        except nats.js.errors.NotFoundError as e:
+            if getattr(e, "err_code", None) != STREAM_NOT_FOUND:
+                raise
+            self.report.skipped.append(f"no stage cache bucket {subjects.STAGE_CACHE_BUCKET!r} on this bus")
+            return
+        for key, msg in entries.items():
+
+            async def remove(k: str = key, seq: int = msg.seq) -> bool:
+                # A filtered purge up to what was read, not kv.purge: that is a rollup, which the
+                # bucket refuses (core.bus.NO_ROLLUP_STREAMS), and it would also take a value
+                # written since the listing.
+                await self.js.purge_stream(f"KV_{subjects.STAGE_CACHE_BUCKET}",
+                                           subject=f"$KV.{subjects.STAGE_CACHE_BUCKET}.{k}", seq=seq + 1)
+                return True
+
+            self._cache_entry(f"kv:{key}", f"kv:{key}", msg.data, _ts(msg.time), remove)
+
+    async def _file_cache(self) -> None:
         folder = self.settings.home / "stage-cache"
         try:
             entries = [e for e in os.scandir(folder) if e.name.endswith(".json")]
         except FileNotFoundError:
-            return dying
+            return
         for entry in entries:
             try:
-                data = Path(entry.path).read_bytes()
                 written = entry.stat().st_mtime
-            except OSError:
+                data = Path(entry.path).read_bytes()
+            except FileNotFoundError:  # removed since the listing (a worker replaced it)
                 continue
 
-            async def remove(path: str = entry.path) -> None:
+            async def remove(path: str = entry.path) -> bool:
                 _unlink(path)
+                return True
 
-            dying |= await self._cache_entry(f"file:{entry.path}", data, written, remove)
-        return dying
+            self._cache_entry(f"file:{entry.path}", entry.path, data, written, remove)
 
-    async def _evict_cache_entries(self) -> None:
-        """The live cache entries whose artifacts the size limit chose: removed now, their
-        artifacts next run (the same two steps as an expired entry's)."""
-        for entry_id, remove in list(self.evicting.items()):
-            if entry_id in self.evicted:
+    async def _list_objects(self) -> None:
+        """Every object as readers see it: its first live, consistent, complete meta message
+        (`ObjectBucket.located`, core/artifacts/transfer.py), never the subject's last one. A
+        writer may append tombstones or bogus metas after a real upload; gc must not read those
+        as "deleted" (and purge the real chunks as a torn upload) any more than a fetch does."""
+        bucket = ObjectBucket(self.js, subjects.ARTIFACTS_BUCKET)
+        self.bucket = bucket
+        self.report.object_store_bytes_before = (await self.js.stream_info(bucket.stream)).state.bytes
+        meta_prefix = f"$O.{bucket.name}.M."
+        chunk_prefix = bucket.chunk_subject("")
+        self.chunk_sets = {s[len(chunk_prefix):]: n
+                           for s, n in (await self._subjects(bucket.stream, f"{chunk_prefix}>")).items()}
+        for subject in await self._subjects(bucket.stream, f"{meta_prefix}>"):
+            key = _object_key(subject[len(meta_prefix):])
+            found = await bucket.located(key, held=self.chunk_sets) if key is not None else None
+            if found is not None:
+                info, seq = found
+                self.objects[key] = _Object(info, seq)
                 continue
-            self.evicted.add(entry_id)
-            self.report.cache_entries += 1
-            if not self.dry_run:
-                await remove()
+            # Nothing readable under this subject: say why from its last message.
+            try:
+                msg = await self.js.get_last_msg(bucket.stream, subject)
+            except nats.js.errors.NotFoundError:  # purged since the listing
+                continue
+            try:
+                info = api.ObjectInfo.from_response(json.loads(msg.data))
+                if not info.name or bucket._meta_subject(info.name) != subject:
+                    raise ValueError(f"names object {info.name!r}, not the one its subject is for")
+            except Exception as e:
+                self._malformed(f"object metadata {subject} (seq {msg.seq})", e)
+                self.malformed_raw.append(msg.data or b"")
+            # else: a tombstone, or a meta whose chunks are gone: no bytes to keep or delete here
+        live = {o.info.nuid for o in self.objects.values()}
+        for nuid in self.chunk_sets:
+            if nuid not in live:
+                self.chunk_first[nuid] = _ts(await bucket.first_chunk_time(nuid))
 
-    # ---- what may go ----------------------------------------------------------------------
+    def _list_local_root(self) -> None:
+        root = Path(self.settings.artifacts_dir)
+        try:
+            shards = [d for d in os.scandir(root) if d.is_dir() and len(d.name) == 2]
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if len(entry.name) != 64 or not entry.name.startswith(shard.name):
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                self.local_files.append((entry.name, st.st_size, st.st_mtime, entry.path))
+
+    # ---- 2. decide --------------------------------------------------------------------------
+
+    def _plan(self, kind: str, name: str, size: int, act: Callable[[], Awaitable[bool]],
+              count: Callable[[], None]) -> None:
+        self.plan.append(_Deletion(kind, name, size, act, count))
 
     def _verdicts(self, items: list[tuple[str, int, float]], unreferenced_s: float) -> list[tuple[str, int]]:
         """(key, size, written) -> the (key, size) to delete: age rules, then the size limit.
@@ -330,7 +524,7 @@ class Collector:
             evictable = sorted(
                 (k for k in kept if k[3] != FOREVER and self.now - k[2] > s.retention_grace
                  and k[0] not in self.unfinished),
-                key=lambda k: k[3])
+                key=lambda k: (k[3], k[0]))
             for key, size, _, _ in evictable:
                 if total <= limit:
                     break
@@ -342,61 +536,114 @@ class Collector:
                 total -= size
         return doomed
 
-    async def _object_store(self) -> None:
-        bucket = ObjectBucket(self.js, subjects.ARTIFACTS_BUCKET)
-        before = await self.js.stream_info(bucket.stream)
-        self.report.object_store_bytes_before = before.state.bytes
-        objects = await bucket.list_objects()
-        by_key = {o.name: (o, seq) for o, seq in objects}
-        items = [(o.name, o.size or 0, _ts(o.mtime) or self.now) for o, _ in objects]
-        for key, size in self._verdicts(items, self.settings.retention_grace):
-            if self.dry_run or await bucket.delete(*by_key[key]):  # False: stored again meanwhile
-                self.report.object_store.add(size)
-        live = {o.nuid for o, _ in objects}
-        for nuid, chunks in (await bucket.chunk_sets()).items():
-            if nuid in live:
-                continue
-            first = _ts(await bucket.first_chunk_time(nuid))
-            if first is None or self.now - first <= self.settings.retention_grace:
-                continue  # an upload in progress publishes its metadata last
-            self.report.torn_uploads.add(chunks * bucket.chunk_size())  # an upper bound
-            if not self.dry_run:
-                await bucket.purge_chunk_set(nuid)
-        if not self.dry_run:
-            self.report.object_store_bytes_after = (await self.js.stream_info(bucket.stream)).state.bytes
-
-    async def _local_root(self) -> None:
-        root = Path(self.settings.artifacts_dir)
-        items, paths, mtimes = [], {}, {}
-        try:
-            shards = [d for d in os.scandir(root) if d.is_dir() and len(d.name) == 2]
-        except FileNotFoundError:
-            return
-        for shard in shards:
-            for entry in os.scandir(shard.path):
-                if len(entry.name) != 64 or not entry.name.startswith(shard.name):
-                    continue
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                items.append((entry.name, st.st_size, st.st_mtime))
-                paths[entry.name] = entry.path
-                mtimes[entry.name] = st.st_mtime
-        # With local artifacts (one host), the jobs of a `captionbus run` lived on a private bus
-        # that is gone: their files are referenced by nothing we can see, so unreferenced files
-        # get the finished jobs' retention. With the object store the root only caches it.
+    def _decide(self) -> None:
         s = self.settings
-        unreferenced = s.retention_grace if s.use_object_store() else max(s.retention_grace, s.retention_outputs)
-        for key, size in self._verdicts(items, unreferenced):
+        if self.bucket is not None:
+            bucket = self.bucket
+            items = [(k, o.info.size or 0, _ts(o.info.mtime) or self.now) for k, o in sorted(self.objects.items())]
+            for key, size in self._verdicts(items, s.retention_grace):
+                obj = self.objects[key]
+                self._plan("object", key, size, lambda o=obj: bucket.delete(o.info, o.seq),
+                           lambda n=size: self.report.object_store.add(n))
+            for nuid, chunks in sorted(self.chunk_sets.items()):
+                first = self.chunk_first.get(nuid, None)
+                if nuid not in self.chunk_first or first is None or self.now - first <= s.retention_grace:
+                    continue  # live, or an upload in progress (it publishes its metadata last)
+                if any(nuid.encode() in raw for raw in self.malformed_raw):
+                    continue  # named by metadata we cannot read: not ours to judge
+                size = chunks * self.bucket.chunk_size()  # an upper bound
+                self._plan("torn upload", nuid, size, lambda n=nuid: self._purge_chunks(n),
+                           lambda n=size: self.report.torn_uploads.add(n))
+        if self.local_files:
+            # With local artifacts (one host), the jobs of a `captionbus run` lived on a private
+            # bus that is gone: their files are referenced by nothing we can see, so unreferenced
+            # files get the finished jobs' retention. With the object store the root only caches it.
+            unreferenced = s.retention_grace if s.use_object_store() else max(s.retention_grace, s.retention_outputs)
+            files = {key: (size, mtime, path) for key, size, mtime, path in self.local_files}
+            for key, size in self._verdicts(sorted((k, v[0], v[1]) for k, v in files.items()), unreferenced):
+                _, mtime, path = files[key]
+                self._plan("local file", key, size, lambda p=path, m=mtime: self._unlink_unchanged(p, m),
+                           lambda n=size: self.report.local_root.add(n))
+        # The live cache entries whose artifacts the size limit chose: removed now, their
+        # artifacts next run (the same two steps as an expired entry's).
+        for entry_id, name in sorted(self.evicting.items()):
+            self._plan("cache entry", name, 0, self.cache_remove[entry_id], self._count_cache_entry)
+
+    async def _purge_chunks(self, nuid: str) -> bool:
+        await self.bucket.purge_chunk_set(nuid)
+        return True
+
+    @staticmethod
+    async def _unlink_unchanged(path: str, mtime: float) -> bool:
+        try:  # stored again since it was listed (a new job's input): keep it
+            if os.stat(path).st_mtime != mtime:
+                return False
+        except FileNotFoundError:
+            return False
+        _unlink(path)
+        return True
+
+    # ---- 3. delete --------------------------------------------------------------------------
+
+    _ORDER = ("object", "torn upload", "local file", "cache entry", "events", "job record")
+
+    async def _delete(self) -> None:
+        """Artifacts first, the records that reference them last: a run that stops part-way
+        leaves references to nothing rather than artifacts referenced by nothing."""
+        for d in sorted(self.plan, key=lambda d: self._ORDER.index(d.kind)):
             if not self.dry_run:
-                try:  # stored again since it was listed (a new job's input): keep it
-                    if os.stat(paths[key]).st_mtime != mtimes[key]:
-                        continue
-                except FileNotFoundError:
+                try:
+                    done = await d.act()
+                except Exception as e:
+                    raise GcError(f"deleting {d.kind} {d.name}: {_reason(e)}", self.report,
+                                  bus=isinstance(e, _BUS_ERRORS)) from e
+                if not done:
+                    log.info("gc: kept, changed since listed", kind=d.kind, name=d.name)
                     continue
-                _unlink(paths[key])
-            self.report.local_root.add(size)
+            d.count()
+            self.report.deletions.append({"kind": d.kind, "name": d.name, "bytes": d.size})
+            log.info("gc would delete" if self.dry_run else "gc deleted", kind=d.kind, name=d.name, bytes=d.size)
+            if self.on_delete is not None:
+                self.on_delete(d.kind, d.name, d.size, self.dry_run)
+        if not self.dry_run and self.report.object_store_bytes_before is not None:
+            self.report.object_store_bytes_after = (await self.js.stream_info(self.bucket.stream)).state.bytes
+
+
+STREAM_NOT_FOUND = 10059  # JetStream: "stream not found"
+SUBJECTS_PAGE = 100_000  # nats-server's JSMaxSubjectDetails
+
+
+async def list_subjects(js, stream: str, pattern: str) -> dict[str, int]:
+    """subject -> messages for every subject of `stream` matching `pattern`. nats-py's
+    stream_info returns one page (at most 100 000 subjects) and drops the paging fields, so this
+    asks page by page and fails if what came is less than the server's total."""
+    found: dict[str, int] = {}
+    total = None
+    while total is None or len(found) < total:
+        req = {"subjects_filter": pattern, "offset": len(found)}
+        msg = await connection(js).request(f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(req).encode(),
+                                           timeout=js._timeout)
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise nats.js.errors.APIError.from_error(resp["error"])
+        page = (resp.get("state") or {}).get("subjects") or {}
+        total = resp.get("total", len(page)) if total is None else total
+        before = len(found)
+        found.update(page)
+        if len(found) == before:
+            break
+    if total and len(found) < total:
+        raise GcListingIncomplete(f"listing {pattern} on {stream} returned {len(found)} of {total} subjects")
+    return found
+
+
+class GcListingIncomplete(Exception):
+    pass
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _unlink(path: str) -> None:
@@ -407,9 +654,13 @@ def _unlink(path: str) -> None:
 
 
 async def collect(settings, js=None, *, dry_run: bool = False, now: float | None = None,
-                  bus: bool = True, local: bool = True) -> GcReport:
-    """One GC run; see the module docstring."""
-    report = await Collector(settings, js, dry_run=dry_run, now=now, bus=bus, local=local).run()
+                  bus: bool = True, local: bool = True,
+                  on_delete: Callable[[str, str, int, bool], None] | None = None) -> GcReport:
+    """One GC run; see the module docstring and `Collector`. Raises GcError (with the report so
+    far) when a read fails (nothing deleted) or a delete fails (what went before is reported).
+    `on_delete(kind, name, bytes, dry_run)` is called after each deletion is made."""
+    report = await Collector(settings, js, dry_run=dry_run, now=now, bus=bus, local=local,
+                             on_delete=on_delete).run()
     log.info("gc finished", dry_run=dry_run, objects=report.object_store.count,
              object_bytes=report.object_store.bytes, local_files=report.local_root.count,
              local_bytes=report.local_root.bytes, cache_entries=report.cache_entries,

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     nats_ca: Path | None = Field(default=None, description="CA file that signed the NATS servers' certificates (turns TLS on)")
     nats_cert: Path | None = Field(default=None, description="client certificate for TLS (with CAPTIONBUS_NATS_KEY)")
     nats_key: Path | None = Field(default=None, description="client private key for CAPTIONBUS_NATS_CERT")
+    nats_inbox_prefix: str | None = Field(default=None, description=(
+        "reply-subject prefix of this process's connections (default `_INBOX_<user>` when a user is set: "
+        "deploy/nats/roles.conf lets each role read its own replies only)"))
     reconnect_attempts: int = Field(default=60, ge=0, description=(
         "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
     ping_interval: float = Field(default=5.0, gt=0, description=(
@@ -134,6 +137,30 @@ class Settings(BaseSettings):
         "tries of a stage's setup (model loading) before its replica fails requests with the reason"))
     insecure: bool = Field(default=False, description=(
         "allow a non-loopback NATS_URL without credentials and TLS (coordinator, serve, up)"))
+    # How JetStream hands out stage requests (core.bus.StagePolicy) and how streams are created.
+    ack_wait: float = Field(default=30.0, gt=0, description=(
+        "seconds a delivered stage request may go without a heartbeat before JetStream redelivers it"))
+    max_deliver: int = Field(default=5, ge=1, description=(
+        "deliveries of one stage request before the coordinator fails its node"))
+    replicas: int = Field(default=1, ge=1, le=5, description=(
+        "replicas of the streams, KV buckets and object store created now (3 in a cluster: deploy/)"))
+    # Stage processes (services/runtime).
+    stage_cache: bool = Field(default=True, description=(
+        "answer a repeated request (same input, params, model, env) from the stage cache (off: always compute)"))
+    log_level: str = Field(default="INFO", description="log level of stage processes (DEBUG, INFO, WARNING, ERROR)")
+    grace_s: float = Field(default=30.0, ge=0, description=(
+        "seconds a running request may finish after a stage process gets SIGTERM"))
+    env: str | None = Field(default=None, description=(
+        "the stage environment a stage process reports (set by the launcher; else its venv's manifest)"))
+    # The web services (captionbus/web): the dashboard's token off loopback, the gateway's webhook key.
+    dashboard_token: str | None = Field(default=None, repr=False, description=(
+        "token the dashboard requires when it listens off loopback"))
+    dashboard_token_file: Path | None = Field(default=None, description=(
+        "file holding the dashboard's token (wins over CAPTIONBUS_DASHBOARD_TOKEN)"))
+    webhook_secret: str | None = Field(default=None, repr=False, description=(
+        "the HMAC key the gateway signs webhook deliveries with (receivers check it)"))
+    # The CLI.
+    debug: bool = Field(default=False, description="print the traceback of an internal error")
     # Retention, enforced by `captionbus gc` (core/gc.py). Durations: seconds, or 90m / 12h / 7d.
     retention_outputs: float = Field(default=7 * DAY, ge=0, description=(
         "keep a finished job's artifacts (input, intermediates, outputs) this long after it finished"))
@@ -164,7 +191,7 @@ class Settings(BaseSettings):
         return parse_bytes(value) if isinstance(value, str) else value
 
     @field_validator("home", "envs", "models", "ffmpeg", "ffprobe", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
-                     mode="after")
+                     "dashboard_token_file", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -174,7 +201,16 @@ class Settings(BaseSettings):
     def _blank_path_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("nats_url", "nats_user", "nats_password", mode="after")
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("nats_url", "nats_user", "nats_password", "env", "nats_inbox_prefix", "dashboard_token",
+                     "webhook_secret", mode="after")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
@@ -246,3 +282,44 @@ def load() -> Settings:
         return Settings()
     except ValidationError as e:
         raise SettingsError(describe_error(Settings, e)) from None
+
+
+# Read before any Settings exists (config files load at import), so not a field; listed with them.
+_MODULE_VARIABLES = {
+    "CAPTIONBUS_CONFIG": ("", "a directory whose config files (workflows/, stages.yaml, subtitles.yaml …) "
+                              "override the packaged ones of the same name"),
+}
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every process-wide variable, from this model (a test keeps the file
+    current: `python -m core.settings > docs/settings.md`). Stage service options (model paths,
+    devices, threads) are per stage: `captionbus stages STAGE` lists them."""
+    rows = []
+    for field, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=False) if info.default_factory is None else None
+        shown = "" if default is None else f"`{default}`"
+        if field == "home":
+            shown = "`~/.captionbus`"
+        elif field == "host_id":
+            shown = "the host name"
+        rows.append((_variable(Settings, field), shown, (info.description or "").replace("|", "\\|")))
+    rows += [(name, default, text) for name, (default, text) in _MODULE_VARIABLES.items()]
+    lines = [
+        "# Settings",
+        "",
+        "Every process-wide setting of captionbus, one environment variable each, from one model:",
+        "`core/settings.py` (`Settings`, pydantic-settings). A bad value is refused with one line naming",
+        "the variable. Stage service options (model paths, devices, threads: `CAPTIONBUS_<STAGE>_<OPTION>`)",
+        "are per stage: `captionbus stages STAGE` lists them. Generated: `python -m core.settings > docs/settings.md`.",
+        "",
+        "| variable | default | what |",
+        "|---|---|---|",
+        *[f"| `{name}` | {default} | {text} |" for name, default, text in rows],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -1,21 +1,31 @@
-"""Stage services. Each stage is one module with a StageDefinition named STAGE; the bus
-plumbing around it (services.runtime) is written once. ML libraries are imported here only,
-and only inside the stage that needs them."""
+"""Stage services. Each stage folder (`services/<folder>/`) holds the stage's declaration
+(`declaration.py`: a StageSpec per stage, its params and service options models; pure, see
+contracts.stage_declaration) and its module (`stage.py`, or the spec's `module`) with the
+StageDefinition named STAGE; the bus plumbing around it (services.runtime) is written once.
+ML libraries are imported here only, and only inside the stage that needs them (in setup())."""
+from __future__ import annotations
 
-# stage name -> module holding its STAGE definition; imported lazily so an env only needs
-# the libraries of the stages it serves.
-STAGE_MODULES = {
-    "demux": "services.demux.stage",
-    "source_separation": "services.source_separation.stage",
-    "vad": "services.vad.stage",
-    "vad_pyannote": "services.vad.pyannote_stage",
-    "chunk": "services.chunk.stage",
-    "asr": "services.asr.stage",
-    "transcript_join": "services.transcript_join.stage",
-    "alignment": "services.alignment.stage",
-    "translation_indictrans2": "services.translation.indictrans2_stage",
-    "translation_nllb": "services.translation.nllb_stage",
-    "subtitle_gen": "services.subtitle_gen.stage",
-    "mux": "services.mux.stage",
-    "noop": "services.noop.stage",
-}
+import importlib
+from functools import cache
+from pathlib import Path
+
+from contracts.stage_declaration import StageSpec
+
+
+@cache
+def declarations() -> dict[str, tuple[str, StageSpec]]:
+    """stage name -> (its folder, its StageSpec), from every services/<folder>/declaration.py.
+    Only the declarations are imported (pydantic and contracts): an env needs only the libraries
+    of the stages it serves."""
+    found: dict[str, tuple[str, StageSpec]] = {}
+    for path in sorted(Path(__file__).parent.glob("*/declaration.py")):
+        folder = path.parent.name
+        for spec in importlib.import_module(f"services.{folder}.declaration").SPECS:
+            found[spec.name] = (folder, spec)
+    return found
+
+
+def stage_module(stage: str) -> str:
+    """The module holding `stage`'s StageDefinition (STAGE); KeyError for an unknown stage."""
+    folder, spec = declarations()[stage]
+    return f"services.{folder}.{spec.module}"

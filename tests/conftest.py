@@ -1,7 +1,9 @@
-"""Shared fixtures: a real nats-server with JetStream in a temp dir, per test."""
+"""Shared fixtures: a real nats-server with JetStream in a temp dir, per test; and the end-of-run
+list of what this machine could not test, with the command that installs what was missing."""
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -43,19 +45,22 @@ TRANSCRIBE_STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]
 @pytest.fixture(scope="session")
 def stage_envs() -> None:
     """The environments the transcribe workflow needs, built with uv when missing or stale
-    (minutes on a fresh machine: whisperx brings torch 2.8)."""
-    from captionbus.envs import create, envs_for_stages, get_spec
+    (minutes on a fresh machine: whisperx brings torch 2.8), and checked once per session:
+    tests/envtools.built_env remembers each env it checked, so the e2e stack, the stage tests
+    and these fixtures share one check (whisperx's imports torch: 14-22 s each time)."""
+    from captionbus.envs import envs_for_stages
+    from tests.envtools import built_env
 
     for name in envs_for_stages(TRANSCRIBE_STAGES):
-        create(get_spec(name))
+        built_env(name)
 
 
 @pytest.fixture(scope="session")
 def common_env() -> None:
     """The light `common` env (demux, vad, subtitle_gen, mux), built when missing or stale."""
-    from captionbus.envs import create, get_spec
+    from tests.envtools import built_env
 
-    create(get_spec("common"))
+    built_env("common")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +71,44 @@ def whisper_model() -> Path:
 
     ensure_silero_vad()
     return ensure_whisper_base()
+
+
+# What the suite needs beyond README's install line: system packages, each with the tests that
+# need it and the command that installs it. Everything else comes with the dev extra (speech from
+# the espeakng-loader wheel, an ffmpeg for the product from imageio-ffmpeg).
+SYSTEM_PACKAGES = (
+    ("ffmpeg", "apt-get install ffmpeg", "tests that cut or inspect media with the `ffmpeg` command fail"),
+    ("chromium", "apt-get install chromium", "the dashboard's browser tests (Playwright drives it) skip"),
+)
+
+# A word in a skip's reason -> the command that installs what the test needed.
+INSTALL_COMMANDS = (
+    ("chromium", "apt-get install chromium"),
+    ("dev extra", "pip install -e '.[dev]'"),
+)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """At the end of every run: the system packages this machine lacks and every skip, grouped
+    by reason, each with the command that installs what was missing. README's plain `pytest`
+    shows them (a skip is never silent), not only `pytest -rs`."""
+    import shutil
+
+    missing = [(tool, cmd, what) for tool, cmd, what in SYSTEM_PACKAGES if shutil.which(tool) is None]
+    skipped = defaultdict(list)
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            path, _, reason = report.longrepr
+        else:
+            path, reason = report.nodeid, str(report.longrepr)
+        skipped[reason.removeprefix("Skipped: ")].append(Path(path).name.split("::")[0])
+    if not missing and not skipped:
+        return
+    terminalreporter.section("not tested on this machine", yellow=True)
+    for tool, cmd, what in missing:
+        terminalreporter.write_line(f"no {tool}: {what}\n    install: {cmd}")
+    for reason, files in sorted(skipped.items(), key=lambda item: -len(item[1])):
+        install = next((cmd for word, cmd in INSTALL_COMMANDS if word in reason.lower()), None)
+        fix = f"\n    install: {install}" if install and install not in reason else ""
+        where = ", ".join(sorted(set(files))[:4])
+        terminalreporter.write_line(f"{len(files):4d} skipped ({where}): {reason}{fix}")

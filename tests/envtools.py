@@ -21,11 +21,21 @@ RESULT_PREFIX = "RESULT "
 
 @lru_cache(maxsize=None)
 def built_env(name: str) -> Path:
-    """The interpreter of env `name`, built (or rebuilt when stale) first."""
-    from captionbus.envs import create, env_python, get_spec
+    """The interpreter of env `name`, built (or rebuilt when stale) first.
 
-    status = create(get_spec(name))
-    assert status.ok, f"env {name} is {status.state}: {status.detail}"
+    An env whose manifest matches its spec is taken as it is, as `captionbus run` takes it
+    (captionbus/runner.py: quick_state): the manifest is written only after a build whose import
+    probe passed. `create()` on a built env would run that probe again, in the env's interpreter
+    (whisperx imports torch and whisperx: 14-22 s on 2 cores, 40 s under load; indictrans2,
+    nllb, demucs and pyannote import torch too), once per env and session for nothing a test
+    asserts. captionbus/envs' own checks are tested in tests/unit/test_envs.py and
+    tests/integration/test_envs_build.py."""
+    from captionbus.envs import OK, create, env_python, get_spec, quick_state
+
+    spec = get_spec(name)
+    if quick_state(spec) != OK:
+        status = create(spec)
+        assert status.ok, f"env {name} is {status.state}: {status.detail}"
     return Path(env_python(name))
 
 

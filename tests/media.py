@@ -1,10 +1,19 @@
-"""Test media made on the spot: espeak-ng speech, ffmpeg lavfi video, and the bad inputs a
-person might hand us. Every helper returns the path it wrote (speech helpers also the text)."""
+"""Test media made on the spot: eSpeak NG speech, ffmpeg lavfi video, and the bad inputs a
+person might hand us. Every helper returns the path it wrote (speech helpers also the text).
+
+Both tools come as wheels of the dev extra: eSpeak NG from espeakng-loader (tests/espeak.py drives
+its library; its speech is sample for sample Debian's `espeak-ng`), ffmpeg from imageio-ffmpeg
+when there is no system one. No system package is needed to make test media."""
 from __future__ import annotations
 
+import atexit
+import functools
+import inspect
 import json
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 ENGLISH_SENTENCE = (
@@ -12,20 +21,25 @@ ENGLISH_SENTENCE = (
     "watch the golden sunset from the quiet harbour"
 )
 
-# Whisper base recognises espeak-ng Hindi poorly (FACTS.md): good for plumbing, not for WER.
+# Whisper base recognises eSpeak NG Hindi poorly (FACTS.md): good for plumbing, not for WER.
 HINDI_SENTENCE = "नमस्ते, आज मौसम बहुत अच्छा है और हम बाज़ार जा रहे हैं"
 
 
+# The reason a test skips when tools_available() is false (only without the dev extra).
+MISSING = "test media need the dev extra's espeakng-loader and imageio-ffmpeg: pip install -e '.[dev]'"
+
+
 def tools_available() -> bool:
-    """espeak-ng (a system package) and an ffmpeg: the system's or the imageio-ffmpeg wheel's
-    (core/mediatools.py), so the tests make their media on a machine without system FFmpeg."""
+    """eSpeak NG (the espeakng-loader wheel) and an ffmpeg: the system's or the imageio-ffmpeg
+    wheel's (core/mediatools.py), so the tests make their media on a machine without either."""
     from core.mediatools import MediaToolMissing, ffmpeg_path
+    from tests import espeak
 
     try:
         ffmpeg_path()
     except MediaToolMissing:
         return False
-    return shutil.which("espeak-ng") is not None
+    return espeak.available()
 
 
 def _run(args: list[str], timeout: float = 120) -> None:
@@ -56,12 +70,57 @@ def path_without(tools: tuple[str, ...], scratch: Path) -> str:
     return os.pathsep.join(folders)
 
 
+_made: dict[str, tuple[Path, tuple]] = {}  # key -> (kept copy, the rest of the return value)
+_made_lock = threading.Lock()
+_made_dir: Path | None = None
+
+
+def made_once(make):
+    """Make each distinct file once per process and copy it for later callers.
+
+    The media are deterministic (the same arguments give the same bytes: eSpeak NG in a fresh
+    process, x264 and the muxers with fixed settings), so a second test asking for the same clip
+    gets a copy of the first one's file instead of a fresh encode; the key is every argument but
+    the destination, plus its suffix (the container). Measured on 2 loaded cores: a speech video
+    3.5 s, a 96 s film 7.5-15 s, a copy milliseconds. Nothing else changes: the caller still
+    gets its own file at its own path, with the same return value."""
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def wrapper(path: Path, *args, **kwargs):
+        global _made_dir
+        bound = signature.bind(path, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("path")
+        key = repr((make.__name__, Path(path).suffix, sorted(arguments.items())))
+        with _made_lock:
+            if _made_dir is None:
+                _made_dir = Path(tempfile.mkdtemp(prefix="captionbus-test-media-"))
+                atexit.register(shutil.rmtree, _made_dir, True)
+            if key in _made and _made[key][0].exists():
+                kept, rest = _made[key]
+                shutil.copyfile(kept, path)
+                return (Path(path), *rest)
+        result = make(path, *args, **kwargs)
+        with _made_lock:
+            kept = _made_dir / f"{len(_made)}{Path(path).suffix}"
+            shutil.copyfile(path, kept)
+            _made[key] = (kept, tuple(result[1:]))
+        return result
+
+    return wrapper
+
+
 def speech_wav(path: Path, text: str = ENGLISH_SENTENCE, voice: str = "en", words_per_minute: int = 150) -> tuple[Path, str]:
-    """espeak-ng speech as a WAV (22.05 kHz mono, espeak's native rate)."""
-    _run(["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-w", str(path), "--", text])
+    """eSpeak NG speech as a WAV (22.05 kHz mono, espeak's native rate)."""
+    from tests import espeak
+
+    espeak.speak_wav(path, text, voice, words_per_minute)
     return path, text
 
 
+@made_once
 def speech_video(
     path: Path,
     text: str = ENGLISH_SENTENCE,
@@ -87,6 +146,7 @@ def speech_video(
     return path, text
 
 
+@made_once
 def speech_audio_only(path: Path, text: str = ENGLISH_SENTENCE, voice: str = "en") -> tuple[Path, str]:
     """Speech in an audio-only container (e.g. .m4a): a podcast rather than a film."""
     wav, _ = speech_wav(path.with_suffix(".speech.wav"), text, voice)
@@ -166,6 +226,7 @@ def wav_seconds(path: Path) -> float:
 MUSIC_BEDS = ("melody", "organ")
 
 
+@made_once
 def music_bed_video(path: Path, text: str = ENGLISH_SENTENCE, music_only_s: float = 6.0,
                     size: str = "320x240", fps: int = 25, bed: str = "organ") -> tuple[Path, str, tuple[float, float]]:
     """Speech over a music bed with `music_only_s` of music alone before and after it, made by
@@ -223,6 +284,7 @@ FILM_SENTENCES = (
 )
 
 
+@made_once
 def speech_film(path: Path, sentences=FILM_SENTENCES, pauses=(0.4, 0.7, 1.2), repeat: int = 1,
                 video: bool = True) -> tuple[Path, str]:
     """Sentences spoken one after another with pauses of the given lengths between them (cycled),

@@ -4,11 +4,9 @@ Light on purpose: `up` checks a bind with it before starting the dashboard proce
 syntax and the loopback rule are the web toolkit's (captionbus/web/listen.py), shared with the gateway."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from captionbus.web import listen
 from captionbus.web.listen import parse_listen
+from core.settings import Settings, load
 
 __all__ = ["AuthError", "DEFAULT_LISTEN", "OPEN_PATHS", "check_bind", "parse_listen", "token_from_env"]
 
@@ -20,10 +18,12 @@ TOKEN_ENV, TOKEN_FILE_ENV = "CAPTIONBUS_DASHBOARD_TOKEN", "CAPTIONBUS_DASHBOARD_
 AuthError = listen.ListenError  # the dashboard refuses to start: the message says what to set
 
 
-def token_from_env(environ: dict[str, str] | None = None) -> str | None:
-    environ = os.environ if environ is None else environ
-    if environ.get(TOKEN_FILE_ENV):
-        path = Path(environ[TOKEN_FILE_ENV]).expanduser()
+def token_from_env(settings: Settings | None = None) -> str | None:
+    """The dashboard's token: CAPTIONBUS_DASHBOARD_TOKEN_FILE's contents, else
+    CAPTIONBUS_DASHBOARD_TOKEN, else None (both are core.settings fields)."""
+    settings = settings or load()
+    if settings.dashboard_token_file is not None:
+        path = settings.dashboard_token_file
         try:
             token = path.read_text().strip()
         except OSError as e:
@@ -31,7 +31,7 @@ def token_from_env(environ: dict[str, str] | None = None) -> str | None:
         if not token:
             raise AuthError(f"{TOKEN_FILE_ENV}={path} is empty")
         return token
-    return environ.get(TOKEN_ENV) or None
+    return settings.dashboard_token
 
 
 def check_bind(host: str, token: str | None) -> None:

@@ -45,7 +45,10 @@ WORKER_POLL_S = 2.0  # $SRV.STATS and queue polls; a worker unseen for LOST_AFTE
 LOST_AFTER_S = 10.0
 THROUGHPUT_WINDOW_S = 300.0
 JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
-PAGE_KINDS = ("stage_requested", "stage_completed", "stage_failed", "stage_warning")
+# A job page's history is every event of the job but these (a 1-hour asr reports ~14,000).
+UNLISTED_KINDS = ("stage_progress",)
+# Job-level events the timeline marks (a cancel, a retry, the end).
+MARK_KINDS = ("cancel_requested", "cancelled", "retry_requested", "started", "branch_failed", "failed", "completed")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -279,20 +282,23 @@ class Board:
                 row["message"] = message
 
     async def job_events(self, job_id: str, timeout: float = 3.0) -> list[dict[str, Any]]:
-        """The events a job page needs, from the events stream, oldest first.
+        """The job's events but progress reports (UNLISTED_KINDS), from the events stream, in
+        stream order, each with its stream sequence as `seq`: the same events, in the same order,
+        as `captionbus events ID`, the gateway's SSE and webhooks carry.
 
-        One ephemeral ordered consumer per kind (requested, completed, failed, warning), each
-        reading exactly as many messages as stream info counts on its subject: a long job's
-        thousands of progress events are never read (a 1-hour asr reports ~14,000)."""
+        One ephemeral ordered consumer per kind the job has, each reading exactly as many
+        messages as stream info counts on its subject: a long job's thousands of progress
+        events are never read."""
         try:
             info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.job_events(job_id))
         except NotFoundError:
             return []
-        counts = info.state.subjects or {}
-        wanted = {subjects.job_event(job_id, kind): min(counts.get(subjects.job_event(job_id, kind), 0), JOB_EVENTS_LIMIT)
-                  for kind in PAGE_KINDS}
+        unlisted = {subjects.job_event(job_id, kind) for kind in UNLISTED_KINDS}
+        wanted = {subject: min(n, JOB_EVENTS_LIMIT) for subject, n in (info.state.subjects or {}).items()
+                  if subject not in unlisted}
         read = await asyncio.gather(*(self._read(subject, n, timeout) for subject, n in wanted.items() if n))
-        return [event for _, event in sorted(item for batch in read for item in batch)]
+        return [{"seq": seq, **event} for seq, event in sorted((item for batch in read for item in batch),
+                                                             key=lambda item: item[0])]
 
     async def _read(self, subject: str, count: int, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         out: list[tuple[int, dict[str, Any]]] = []
@@ -328,10 +334,12 @@ class Board:
     async def poll_workers(self) -> None:
         now = time.monotonic()
         for reply in await worker_replies(self.nc, timeout=0.5):
-            meta = reply["metadata"]
-            worker_id = meta.get("worker_id") or reply.get("id")
-            self.workers[worker_id] = {"id": reply.get("id"), "metadata": meta, "state": reply["state"],
-                                       "last_seen": now}
+            # Keyed by the $SRV instance id, unique per registered process: one row per reply
+            # that `captionbus workers` lists, whatever a worker calls itself (a worker of an
+            # older version names itself `<host>-<replica>`, the same for every stage of a host).
+            key = reply.get("id") or reply["metadata"].get("worker_id")
+            self.workers[key] = {"id": reply.get("id"), "metadata": reply["metadata"], "state": reply["state"],
+                                 "last_seen": now}
         # forget workers gone for long; show recently lost ones as "lost"
         for worker_id in [w for w, info in self.workers.items() if now - info["last_seen"] > 600]:
             del self.workers[worker_id]
@@ -350,13 +358,15 @@ class Board:
                 elif node.error:
                     last_error[wid] = node.error
         rows = []
-        for worker_id, info in sorted(self.workers.items()):
+        for info in sorted(self.workers.values(), key=lambda i: (i["metadata"].get("worker_id") or "", i["id"] or "")):
             meta, live = info["metadata"], info.get("state") or {}
+            worker_id = meta.get("worker_id") or info["id"]
             age = now - info["last_seen"]
             # The worker's own state while it answers; `lost` once it stops answering.
             state = (live.get("state") or "live") if age < LOST_AFTER_S else "lost"
             rows.append({
                 "worker_id": worker_id, "stage": meta.get("stage"), "host": meta.get("host"),
+                "replica": meta.get("replica"), "pid": meta.get("pid"), "instance": info["id"],
                 "env": meta.get("env"), "interpreter": meta.get("interpreter"),
                 "python": meta.get("python_version"), "model": meta.get("model"), "backend": meta.get("backend"),
                 "hardware": {k[3:]: v for k, v in meta.items() if k.startswith("hw.")},
@@ -435,17 +445,49 @@ def _timestamp(value: Any) -> float:
     return datetime.fromisoformat(text).astimezone(timezone.utc).timestamp()
 
 
+def _close(row: dict[str, Any], status: str, time: str) -> None:
+    """An attempt that got no result of its own ends with the job event that ended it."""
+    if row["end"] is None:
+        row.update(end=time, status=status)
+
+
+def _history_row(event: dict[str, Any]) -> dict[str, Any]:
+    detail = event.get("reason") or event.get("message") or ""
+    if event.get("kind") == "branch_failed":
+        detail = f"branch {event.get('branch')}: {detail}"
+    elif event.get("kind") == "stage_completed":
+        detail = (event.get("worker") or {}).get("worker_id", "")
+    return {"seq": event.get("seq"), "event_id": event.get("event_id"), "kind": event.get("kind"),
+            "time": event.get("time"), "node": event.get("node"), "attempt": event.get("attempt"), "detail": detail}
+
+
 def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = False) -> dict[str, Any]:
-    """A job page: nodes with state, the timeline of every attempt, warnings, retries."""
+    """A job page: nodes with state, the timeline of every attempt, warnings, retries, and the
+    job's event history (every event but progress reports, in stream order).
+
+    An attempt that gets no result of its own ends with what ended it: the job's `cancelled`
+    (status cancelled), its `failed`/`completed` or a later attempt of the same node (status
+    abandoned). Before, such an attempt stayed `requested`, and a completed job kept a blue
+    "asr #2 running" bar after a cancel and a retry (issue 19)."""
     attempts: dict[tuple[str, int], dict[str, Any]] = {}
-    warnings, retries = [], []
+    warnings, retries, marks = [], [], []
     for event in events:
         kind, node = event.get("kind"), event.get("node")
         key = (node, event.get("attempt"))
+        if kind in MARK_KINDS:
+            branch = f"branch {event['branch']}" if kind == "branch_failed" else None
+            marks.append({"kind": kind, "time": event["time"], "seq": event.get("seq"),
+                          "reason": event.get("reason") or branch})
+        if kind in ("cancelled", "failed", "completed"):
+            for row in attempts.values():
+                _close(row, "cancelled" if kind == "cancelled" else "abandoned", event["time"])
         if kind == "stage_requested":
+            for (other, _), row in attempts.items():
+                if other == node:
+                    _close(row, "abandoned", event["time"])
             attempts[key] = {"node": node, "stage": event.get("stage"), "attempt": event.get("attempt"),
                              "start": event["time"], "end": None, "status": "requested", "worker": {}}
-        elif kind in ("stage_completed", "stage_failed") and key in attempts:
+        elif kind in ("stage_completed", "stage_failed") and key in attempts and attempts[key]["end"] is None:
             row = attempts[key]
             row.update(end=event["time"], status="completed" if kind == "stage_completed" else "failed",
                        worker=event.get("worker") or {}, reason=event.get("reason"),
@@ -484,6 +526,8 @@ def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = 
         "timeline": timeline,
         "warnings": warnings,
         "retries": retries,
+        "marks": marks,
+        "history": [_history_row(event) for event in events],
         "outputs": [{"name": key, "file": ref.name, "size": ref.size,
                      "download": f"/api/jobs/{state.job_id}/outputs/{key}" if downloads else None}
                     for key, ref in sorted(state.outputs.items())],

@@ -1,4 +1,4 @@
-"""`captionbus envs …` and `captionbus models …` (registered by captionbus/cli.py)."""
+"""`captionbus envs …` and `captionbus models …` (registered by captionbus/cli/__init__.py)."""
 from __future__ import annotations
 
 import json

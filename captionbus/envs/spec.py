@@ -10,25 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from captionbus.envs.code import STAGE_PACKAGES, core_requirements
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
-_PYTHON_RE = re.compile(r"^3\.\d+$")
+from captionbus.envs.code import STAGE_PACKAGES, core_requirements
+from contracts.stage_declaration import explain
+
 # A requirement counts as pinned when it names one exact version (`pkg==1.2.3`, extras allowed).
-_PINNED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+(\s*;.*)?$")
-_KNOWN_KEYS = {
-    "name", "description", "python", "stages", "optional",
-    "requirements", "check_imports", "report_versions",
-}
+_PINNED = r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+(\s*;.*)?$"
 # How the project's code reaches an env; a change here makes every built env stale.
 CODE_SCHEME = "lent-by-launcher-1"
 # The env specs: package data of the launcher (captionbus/_data/envs links to the checkout's envs/).
@@ -39,17 +36,38 @@ class SpecError(ValueError):
     """An env spec file is malformed; the message names the file and the field."""
 
 
-@dataclass(frozen=True)
-class EnvSpec:
-    name: str
-    python: str
-    requirements: tuple[str, ...]
-    stages: tuple[str, ...] = ()
+def _pinned(requirements: tuple[str, ...]) -> tuple[str, ...]:
+    unpinned = [r for r in requirements if not re.match(_PINNED, r)]
+    if unpinned:
+        raise ValueError(f"must be pinned with ==, not {unpinned}")
+    return requirements
+
+
+Texts = tuple[Annotated[str, Field(pattern=r"\S")], ...]  # non-empty strings (stripped: str_strip_whitespace)
+
+
+class EnvSpec(BaseModel):
+    """One envs/<name>.toml. Unknown keys and wrong types are refused with the key named (pydantic:
+    no coercion of `optional = "yes"` or `python = 3.11`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
+    python: Annotated[str, Field(pattern=r"^3\.\d+$", description='a version like "3.11"')]
+    requirements: Annotated[Texts, AfterValidator(_pinned)] = ()
+    # Generated from the stages' declarations (python -m captionbus.stagegen): the stages whose
+    # env (or hardware backend) this is.
+    stages: Texts = ()
     description: str = ""
-    optional: bool = False
-    check_imports: tuple[str, ...] = ()
-    report_versions: tuple[str, ...] = ()
-    path: Path | None = field(default=None, compare=False)
+    optional: StrictBool = False
+    check_imports: Texts = ()
+    report_versions: Texts = ()
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file it was read from (None when built from data)."""
+        return self._path
 
     def install_requirements(self) -> list[str]:
         """What `uv pip install` gets: the spec's pins plus the core library's dependencies.
@@ -79,46 +97,15 @@ def project_modules() -> list[str]:
     return list(STAGE_PACKAGES)
 
 
-def _str_list(data: dict, key: str, where: str) -> tuple[str, ...]:
-    value = data.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise SpecError(f"{where}: `{key}` must be a list of non-empty strings")
-    return tuple(v.strip() for v in value)
-
-
 def parse_spec(data: dict, where: str = "<spec>", expected_name: str | None = None) -> EnvSpec:
     """Validate one spec's data (already parsed from TOML)."""
-    unknown = set(data) - _KNOWN_KEYS
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_KNOWN_KEYS)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SpecError(f"{where}: `name` must match {_NAME_RE.pattern}, got {name!r}")
-    if expected_name is not None and name != expected_name:
-        raise SpecError(f"{where}: `name` is {name!r} but the file is named {expected_name!r}.toml")
-    python = data.get("python")
-    if not isinstance(python, str) or not _PYTHON_RE.match(python):
-        raise SpecError(f"{where}: `python` must be a version like \"3.11\", got {python!r}")
-    requirements = _str_list(data, "requirements", where)
-    unpinned = [r for r in requirements if not _PINNED_RE.match(r)]
-    if unpinned:
-        raise SpecError(f"{where}: requirements must be pinned with ==, not {unpinned}")
-    optional = data.get("optional", False)
-    if not isinstance(optional, bool):
-        raise SpecError(f"{where}: `optional` must be true or false")
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise SpecError(f"{where}: `description` must be a string")
-    return EnvSpec(
-        name=name,
-        python=python,
-        requirements=requirements,
-        stages=_str_list(data, "stages", where),
-        description=description,
-        optional=optional,
-        check_imports=_str_list(data, "check_imports", where),
-        report_versions=_str_list(data, "report_versions", where),
-    )
+    try:
+        spec = EnvSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(f"{where}: {explain(error, 'key')} (keys: {', '.join(EnvSpec.model_fields)})") from None
+    if expected_name is not None and spec.name != expected_name:
+        raise SpecError(f"{where}: `name` is {spec.name!r} but the file is named {expected_name!r}.toml")
+    return spec
 
 
 def load_spec_file(path: Path) -> EnvSpec:
@@ -128,7 +115,8 @@ def load_spec_file(path: Path) -> EnvSpec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from e
     spec = parse_spec(data, where=str(path), expected_name=path.stem)
-    return replace(spec, path=path)
+    spec._path = path
+    return spec
 
 
 def load_specs(spec_dir: Path | None = None) -> dict[str, EnvSpec]:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captionbus.envs.manager import quick_state
 from captionbus.envs.paths import create_command, env_python
 from captionbus.envs.spec import SpecError, load_specs
+from contracts.stage_declaration import HARDWARE_KINDS, explain
 from coordinator.graph import WorkflowError, load_workflow
 from core import hardware as hw
 from core import settings
@@ -30,10 +32,21 @@ class EnvsMissing(RuntimeError):
 
 
 
-@dataclass(frozen=True)
-class StageRoute:
+class StageRoute(BaseModel):
+    """One stage's entry in config/stages.yaml (generated from its declaration's env/backends)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     env: str
-    backends: dict[str, str] = field(default_factory=dict)  # hardware kind -> env
+    backends: dict[Literal[HARDWARE_KINDS], str] = Field(default_factory=dict)  # hardware kind -> env
+
+
+class StageMap(BaseModel):
+    """config/stages.yaml: `stages: {stage: {env: NAME, backends: {kind: NAME}}}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stages: dict[str, StageRoute]
 
 
 def stages_config_path() -> Path:
@@ -43,23 +56,16 @@ def stages_config_path() -> Path:
 def load_stage_map(path: Path | None = None) -> dict[str, StageRoute]:
     path = path or stages_config_path()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise SpecError(f"cannot read the stage map {path}: {e}") from e
-    stages = data.get("stages")
-    if not isinstance(stages, dict):
-        raise SpecError(f"{path}: needs a top-level `stages:` mapping of stage -> {{env: NAME}}")
-    routes = {}
-    for stage, entry in stages.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("env"), str):
-            raise SpecError(f"{path}: stage {stage!r} needs `env: <name>`")
-        backends = entry.get("backends") or {}
-        if not isinstance(backends, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in backends.items()
-        ):
-            raise SpecError(f"{path}: stage {stage!r}: `backends` must map hardware kind -> env name")
-        routes[str(stage)] = StageRoute(env=entry["env"], backends=dict(backends))
-    return routes
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return dict(StageMap.model_validate(data).stages)
+    except ValidationError as error:
+        raise SpecError(f"{path}: {explain(error, 'key')} (a top-level `stages:` mapping of stage -> "
+                        "{env: NAME, backends: {KIND: NAME}}; python -m captionbus.stagegen writes it)") from None
 
 
 def validate_config(stage_map=None, specs=None) -> list[str]:

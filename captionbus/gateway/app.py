@@ -16,20 +16,15 @@ hardlinked into it: a 1 GB upload never sits in memory and is written once. Down
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
 
+from captionbus.gateway.ends import job_events
 from captionbus.gateway.metrics import MetricsMiddleware
 from captionbus.gateway.routes import health, jobs, openai, webhooks
 from captionbus.gateway.state import GatewayConfig, Gateway
 from captionbus.web import errors
-from contracts import parse_event, subjects
-from contracts.events import TERMINAL_KINDS
 
 __all__ = ["GatewayConfig", "create_app", "job_events"]
 
@@ -55,29 +50,3 @@ def create_app(config: GatewayConfig) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)
     return app
-
-
-async def job_events(js, job_id: str, after: int, idle_end_s: float | None = None) -> AsyncIterator[tuple[int, object]]:
-    """(stream sequence, event) of one job after sequence `after`, in order, until its terminal
-    event; with `idle_end_s`, also stop when nothing comes for that long (a finished job whose
-    terminal event is before `after`)."""
-    config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-              if after else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=config)
-    try:
-        while True:
-            try:
-                msg = await (asyncio.wait_for(sub.next_msg(timeout=None), idle_end_s) if idle_end_s
-                             else sub.next_msg(timeout=None))
-            except TimeoutError:
-                return
-            try:
-                event = parse_event(msg.data)
-            except (ValueError, ValidationError):
-                continue
-            yield msg.metadata.sequence.stream, event
-            if event.kind in TERMINAL_KINDS:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()

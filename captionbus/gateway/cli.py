@@ -1,7 +1,6 @@
 """`captionbus gateway [--listen HOST:PORT] [--keys FILE]` and `captionbus gateway add-key NAME`."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
 
     file = read_gateway_file(config_file)
     allow = [*webhook_allow, *file.webhook_allow]
-    secret = os.environ.get("CAPTIONBUS_WEBHOOK_SECRET")
+    secret = load().webhook_secret
     if (allow or file.subscribers) and not secret:
         raise click.ClickException("webhooks need CAPTIONBUS_WEBHOOK_SECRET (the HMAC key receivers check)")
     for subscriber in file.subscribers:

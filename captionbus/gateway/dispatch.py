@@ -175,7 +175,7 @@ class Dispatcher:
         self.observe = observe  # called with each settled Delivery (the gateway's /metrics)
         self.config = config
         self.http = http
-        self.job_events = job_events  # app.job_events(js, job_id, after)
+        self.job_events = job_events  # ends.job_events(js, job_id, after): until the job's real end
         self.me = f"gw-{uuid.uuid4().hex[:12]}"
         self.running: dict[str, asyncio.Task] = {}
         self.leases: dict[str, Lease] = {}
@@ -204,6 +204,7 @@ class Dispatcher:
             log.error("webhooks off", reason=str(e))
             return
         self._background.append(asyncio.create_task(self._sweep_forever(js)))
+        self._background.append(asyncio.create_task(self._follow_retries(js)))
         if self.config.subscribers:
             self._background.append(asyncio.create_task(self._follow_submitted(js)))
 
@@ -240,9 +241,10 @@ class Dispatcher:
         task = asyncio.create_task(self._deliver_all(js, lease))
         self.running[lease.key] = task
 
-        def done(_task, key=lease.key):
-            self.running.pop(key, None)
-            self.leases.pop(key, None)
+        def done(task, key=lease.key):
+            if self.running.get(key) is task:  # not a successor (a record reopened by a retry)
+                self.running.pop(key, None)
+                self.leases.pop(key, None)
 
         task.add_done_callback(done)
 
@@ -250,16 +252,16 @@ class Dispatcher:
         record = lease.record
         renew = asyncio.create_task(self._renew(lease))
         try:
+            # Until the job's real end, not its first terminal event: a cancelled job that is
+            # retried goes on to retry_requested, started ... completed (issue 19).
             async for seq, event in self.job_events(js, record.job_id, record.cursor):
                 if record.events is None or event.kind in record.events:
                     await self._deliver_one(lease, seq, event)
                 record.cursor = seq
-                if event.kind in TERMINAL_KINDS:
-                    record.done, record.owner = True, None
-                    await lease.save(release=True)
-                    return
-                if record.events is None or event.kind in record.events:
+                if record.events is None or event.kind in record.events or event.kind in TERMINAL_KINDS:
                     await lease.save()
+            record.done, record.owner = True, None
+            await lease.save(release=True)
         except LostLease:
             log.info("webhook record taken over by another gateway", key=lease.key)
         except asyncio.CancelledError:
@@ -378,6 +380,65 @@ class Dispatcher:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _follow_retries(self, js) -> None:
+        """Reopen a finished job's records when it is retried (from `catchup_s` before this
+        gateway started, like `_follow_submitted`): a record is done at the job's end, and a
+        retry gives the job a new end. Every gateway follows; `kv.update` lets one reopen it."""
+        since = datetime.fromtimestamp(self.started - self.config.catchup_s, UTC)
+        sub = await js.subscribe(subjects.job_kind_all_jobs("retry_requested"), ordered_consumer=True,
+                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                                       opt_start_time=since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+        reopening: set[asyncio.Task] = set()
+        try:
+            async for msg in sub.messages:
+                try:
+                    job_id = validate_token(json.loads(msg.data)["job_id"], "job id")
+                except (ValueError, KeyError, TypeError):
+                    continue
+                task = asyncio.create_task(self.reopen(js, job_id, msg.metadata.sequence.stream))
+                reopening.add(task)
+                task.add_done_callback(reopening.discard)
+        finally:
+            for task in reopening:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def reopen(self, js, job_id: str, sequence: int, poll_s: float = 1.0) -> int:
+        """Deliver again each of the job's records whose cursor is before `sequence` (its
+        retry_requested); how many this gateway reopened. A record still being delivered either
+        reads on past `sequence` (the job had not ended yet) or is marked done just before it:
+        it is watched until one of the two, so a retry racing the end is not lost."""
+        reopened = 0
+        waiting = {r.subscriber for r in await self.records(js, job_id) if r.cursor < sequence}
+        kv = await self.kv(js)
+        while waiting:
+            for subscriber in sorted(waiting):
+                key = record_key(job_id, subscriber)
+                try:
+                    entry = await kv.get(key)
+                    record = Record.model_validate_json(entry.value)
+                except Exception as e:  # noqa: BLE001  deleted meanwhile, or not a record
+                    log.warning("webhook record unreadable; not reopened", key=key, error=f"{type(e).__name__}: {e}")
+                    waiting.discard(subscriber)
+                    continue
+                if record.cursor >= sequence:
+                    waiting.discard(subscriber)
+                elif record.done:
+                    record.done, record.owner = False, self.me
+                    lease = Lease(kv, key, record, entry.revision, self.config.lease_s)
+                    try:
+                        await lease.save()
+                    except LostLease:
+                        continue  # another gateway reopened it (or its owner wrote): look again
+                    log.info("webhook deliveries reopened by a retry", key=key, after_sequence=record.cursor)
+                    self._run(js, lease)
+                    reopened += 1
+                    waiting.discard(subscriber)
+            if waiting:
+                await asyncio.sleep(poll_s)
+        return reopened
 
     async def records(self, js, job_id: str) -> list[Record]:
         """The job's records, read from the bus (a watch on `<job_id>.*`: nats-py 2.16's

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from pydantic import ValidationError
 
+from captionbus import client
 from contracts import parse_event, subjects
 from contracts.events import TERMINAL_KINDS
 
@@ -100,3 +101,8 @@ class JobEnds:
                 if await is_terminal():
                     log.info("terminal event not seen on the subscription; read from the stream")
                     return await replay()
+
+
+# The job's history until its real end: one implementation for the CLI (`events ID --follow`),
+# the SSE endpoint and webhook deliveries (see captionbus.client.job_events for why).
+job_events = client.job_events

@@ -252,10 +252,15 @@ class Gateway:
             return state is not None and state.status.value in TERMINAL_KINDS
 
         async def replay():
+            # The reader ends at the job's real end; a cancelled-then-retried job has `cancelled`
+            # in the middle of its history, so the end is the *last* terminal event, not the first.
+            last = None
             async for _, event in self.job_events(js, job_id, 0):
                 if event.kind in TERMINAL_KINDS:
-                    return event
-            raise ApiError(503, f"lost the event stream of job {job_id}")
+                    last = event
+            if last is None:
+                raise ApiError(503, f"lost the event stream of job {job_id}")
+            return last
 
         try:
             async with asyncio.timeout(self.config.job_timeout_s):

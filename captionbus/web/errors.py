@@ -7,11 +7,14 @@ echoed (a 5 MB form field once came back whole inside a 400).
 """
 from __future__ import annotations
 
+import nats.errors
 import structlog
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from core.bus import BusError
 
 log = structlog.get_logger("captionbus.web")
 
@@ -93,6 +96,12 @@ async def _validation_error(request: Request, e) -> JSONResponse:
     return error_response(422, f"{where}: {first.get('msg', 'invalid')}", headers=_closing(request, None))
 
 
+async def _bus_error(request: Request, e: Exception) -> JSONResponse:
+    """A read the bus refused or never answered (captionbus.client raises rather than answer
+    "nothing"): the door is unavailable for now, not broken."""
+    return error_response(503, f"bus unavailable: {e}", "service_unavailable", headers=_closing(request, None))
+
+
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     log.exception("request failed", path=request.url.path, error=f"{type(e).__name__}: {e}")
     return error_response(500, f"internal error ({type(e).__name__}); the server's log has the details",
@@ -100,10 +109,12 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
 
 
 def install(app) -> None:
-    """Answer ApiError, Starlette's HTTP errors (404, 405), FastAPI's validation errors and any
-    unexpected exception (500, logged) in the one shape."""
+    """Answer ApiError, Starlette's HTTP errors (404, 405), FastAPI's validation errors, bus
+    failures (503) and any unexpected exception (500, logged) in the one shape."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(BusError, _bus_error)
+    app.add_exception_handler(nats.errors.Error, _bus_error)
     app.add_exception_handler(Exception, _unexpected)
     try:
         from fastapi.exceptions import RequestValidationError

@@ -1,8 +1,21 @@
 """Artifacts across hosts: upload to and fetch from one JetStream object store bucket.
 
-Objects follow nats-py's object store protocol (chunks on `$O.<bucket>.C.<nuid>`, then a
-rollup meta message on `$O.<bucket>.M.<name>`; object name = artifact key), so nats-py reads
-what we write and we read what it writes; chunk size is per object.
+Objects follow nats-py's object store layout (chunks on `$O.<bucket>.C.<nuid>`, then a meta
+message on `$O.<bucket>.M.<name>`; object name = artifact key), so nats-py reads what we write
+and we read what it writes; chunk size is per object.
+
+**Nobody but gc removes an object** (issue 18). The bucket's stream refuses rollups
+(`allow_rollup_hdrs: false`, set by core.bus.provision): with them, any user allowed to publish
+one meta message could send `Nats-Rollup: all` and purge every object, and publish rights
+cannot stop a header. Without rollups a meta message cannot replace an earlier one, so an
+object is what its **first** meta message says (`located`): the first one on its subject that
+is live (not a `deleted` marker), names this key, claims the key's digest, and whose chunk
+subject holds its chunks. Later meta messages — a `deleted` tombstone, another nuid, junk —
+change nothing for readers. A refresh (an object stored again, for gc's grace period) appends
+a copy with a new mtime. Only the gc user may purge (roles.conf), and `delete` is that purge:
+the meta subject up to the sequence gc read, then the chunks. Writers no longer send rollup
+headers, so nats-py's `ObjectStore.put`/`delete` (which do) are refused on this bucket;
+nats-py's `get` still reads our objects.
 
 Upload: 1 MiB chunks instead of nats-py's 128 KiB, the chunk publishes pipelined
 (`publish_async` in a bounded window) instead of waiting for each ack in turn.
@@ -32,7 +45,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
-from nats.js.kv import MSG_ROLLUP_SUBJECT
 from nats.nuid import NUID
 
 from contracts.artifacts import ArtifactRef
@@ -106,6 +118,24 @@ def digest_hex(info: api.ObjectInfo) -> str | None:
         return None
 
 
+META_READ = 64  # meta messages read per object before giving up finding a readable one
+_HEX = frozenset("0123456789abcdef")
+
+
+def _meta(data: bytes, key: str) -> api.ObjectInfo | None:
+    """A meta message's object if it can describe `key`'s bytes: parses, is live, names `key`
+    and a chunk set; for a sha256 key, claims that digest. Else None (junk, a tombstone)."""
+    try:
+        info = api.ObjectInfo.from_response(json.loads(data))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if info.deleted or info.name != key or not info.nuid or (info.chunks or 0) < 0:
+        return None
+    if len(key) == 64 and set(key) <= _HEX and digest_hex(info) != key:
+        return None
+    return info
+
+
 class ObjectBucket:
     """One object store bucket, spoken to directly on its stream (see the module docstring)."""
 
@@ -126,12 +156,43 @@ class ObjectBucket:
         return f"$O.{self.name}.C.{nuid}"
 
     async def info(self, key: str) -> api.ObjectInfo | None:
+        """The object `key` as its first live meta message says (`located`), or None."""
+        found = await self.located(key)
+        return found[0] if found else None
+
+    async def located(self, key: str, held: dict[str, int] | None = None) -> tuple[api.ObjectInfo, int] | None:
+        """The first meta message of `key` that describes a readable object, and its sequence:
+        live, naming `key`, claiming its digest (for a sha256 key), its chunk subject holding at
+        least its chunks (`held`: nuid -> chunk messages, from `chunk_sets`, else asked). Earlier
+        ones that fail (a tombstone or a bogus meta published before the real upload) are
+        passed over; later ones are never read. None: no such message (gone, or never stored)."""
+        async for msg in self._meta_messages(self._meta_subject(key)):
+            info = _meta(msg.data, key)
+            if info is not None and await self._chunks_held(info, held) >= (info.chunks or 0):
+                return info, msg.seq
+        return None
+
+    async def _meta_messages(self, subject: str, after: int = 0):
+        """The subject's meta messages, oldest first, at most META_READ of them."""
+        for _ in range(META_READ):
+            try:
+                msg = await self.js.get_msg(self.stream, seq=after + 1, next=True, subject=subject)
+            except NotFoundError:
+                return
+            yield msg
+            after = msg.seq
+
+    async def _chunks_held(self, info: api.ObjectInfo, held: dict[str, int] | None = None) -> int:
+        if held is not None:
+            return held.get(info.nuid, 0)
+        subject = self.chunk_subject(info.nuid)
+        return (await self._subjects(subject)).get(subject, 0) if info.chunks else 0
+
+    async def _last_seq(self, subject: str) -> int | None:
         try:
-            msg = await self.js.get_last_msg(self.stream, self._meta_subject(key))
+            return (await self.js.get_last_msg(self.stream, subject)).seq
         except NotFoundError:
             return None
-        info = api.ObjectInfo.from_response(json.loads(msg.data))
-        return None if info.deleted else info
 
     def chunk_size(self) -> int:
         max_payload = self.nc.max_payload or CHUNK_SIZE
@@ -187,15 +248,7 @@ class ObjectBucket:
     async def upload(self, local: Path, ref: ArtifactRef) -> None:
         """Upload `local` as object `ref.key`, unless an object with these bytes is there."""
         existing = await self.info(ref.key)
-        if existing is not None and existing.size == ref.size and digest_hex(existing) == ref.key:
-            # Content addressing: an object under this key is these bytes. An old one gets a
-            # fresh mtime (one small meta message), so the GC's grace period covers it until the
-            # job storing it again references it (core/gc.py).
-            if _age_s(existing.mtime) > REFRESH_AFTER_S:
-                existing.mtime = utcnow().isoformat()
-                with contextlib.suppress(Exception):
-                    await self.js.publish(self._meta_subject(ref.key), json.dumps(existing.as_dict()).encode(),
-                                          headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        if existing is not None and existing.size == ref.size and await self._refreshed(existing):
             return
         await self.check_room(ref)
         nuid = self._nuid.next().decode()
@@ -231,6 +284,14 @@ class ObjectBucket:
                 await self._acked(window.pop(0), ref, chunk_subj)
             if h.hexdigest() != ref.key:
                 raise ArtifactCorrupt(f"{describe(ref)} changed on disk while uploading")
+            # Anyone who may write objects may publish on this chunk subject; its name is listed
+            # in stream info while we upload. Chunks added before the meta message would be read
+            # as ours (readers take the subject's first chunks): refuse to name them. Added after
+            # it, they come after our chunks and no reader reaches them.
+            held = (await self._subjects(chunk_subj)).get(chunk_subj, 0)
+            if held != chunks:
+                raise ArtifactError(f"{describe(ref)}: its chunk subject holds {held} messages, not the "
+                                    f"{chunks} uploaded (another writer published on it); store it again")
             info = api.ObjectInfo(
                 name=ref.key,
                 bucket=self.name,
@@ -242,11 +303,7 @@ class ObjectBucket:
                 options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
             )
             try:
-                await self.js.publish(
-                    self._meta_subject(ref.key),
-                    json.dumps(info.as_dict()).encode(),
-                    headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT},
-                )
+                await self.js.publish(self._meta_subject(ref.key), json.dumps(info.as_dict()).encode())
             except Exception as e:
                 if reason := store_full_reason(e):
                     raise self._full(ref, reason) from None
@@ -259,6 +316,28 @@ class ObjectBucket:
         if existing is not None:
             # A torn earlier upload under the same key: its chunks are garbage now.
             await self._purge_chunks(self.chunk_subject(existing.nuid))
+
+    async def _refreshed(self, existing: api.ObjectInfo) -> bool:
+        """Content addressing: an object under this key is these bytes. An old one gets a fresh
+        mtime (a copy of its meta message), so gc's grace period covers it until the job storing
+        it again references it (core/gc.py). The copy is published only if the subject's last
+        message is still the one seen before the object was found again: if gc purged it in
+        between, no meta naming purged chunks is written. False: gone, the caller uploads it."""
+        if _age_s(existing.mtime) <= REFRESH_AFTER_S:
+            return True
+        subject = self._meta_subject(existing.name)
+        last = await self._last_seq(subject)
+        if last is None or await self.located(existing.name) is None:
+            return False
+        fresh = api.ObjectInfo.from_response({**existing.as_dict(), "mtime": utcnow().isoformat()})
+        try:
+            await self.js.publish(subject, json.dumps(fresh.as_dict()).encode(),
+                                  headers={api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
+        except Exception as e:  # noqa: BLE001 - a refresh is best effort, but for the one answer below
+            if getattr(e, "err_code", None) == WRONG_LAST_SEQUENCE:  # written or purged since: look again
+                return await self.info(existing.name) is not None
+            pass  # could not refresh (a blink): the object is there all the same
+        return True
 
     async def _purge_chunks(self, chunk_subject: str) -> None:
         """Best effort: drop a torn upload's chunks. Under the fleet's worker and client roles
@@ -276,16 +355,40 @@ class ObjectBucket:
         return dict(info.state.subjects or {})
 
     async def list_objects(self) -> list[tuple[api.ObjectInfo, int]]:
-        """Every live object's metadata and the stream sequence of that metadata message
-        (deleted objects are left out)."""
+        """Every object as `located` finds it, with the mtime of its latest refresh (a later
+        live copy with the same nuid: the object stored again) and the sequence of its
+        subject's last meta message, which `delete` takes. Subjects with no readable object
+        (tombstones only, junk) are left out; their chunks are nobody's."""
+        held = await self.chunk_sets()
         found = []
-        for subject in await self._subjects(f"$O.{self.name}.M.>"):
-            with contextlib.suppress(NotFoundError):
-                msg = await self.js.get_last_msg(self.stream, subject)
-                info = api.ObjectInfo.from_response(json.loads(msg.data))
-                if not info.deleted and info.name:
-                    found.append((info, msg.seq))
+        for subject, count in (await self._subjects(f"$O.{self.name}.M.>")).items():
+            if (one := await self.object_at(subject, held, count)) is not None:
+                found.append(one)
         return found
+
+    async def object_at(self, subject: str, held: dict[str, int], count: int = 2) -> tuple[api.ObjectInfo, int] | None:
+        """One meta subject as gc must see it (`list_objects`): the object `located` finds there,
+        its mtime that of its latest refresh, and the subject's last sequence (for `delete`);
+        None when no message there describes a readable object. `held`: `chunk_sets()`;
+        `count`: the subject's messages, if known (1 spares a lookup). Bus errors propagate."""
+        prefix = f"$O.{self.name}.M."
+        try:
+            key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
+        except ValueError:
+            return None
+        with contextlib.suppress(NotFoundError):  # purged meanwhile
+            located = await self.located(key, held)
+            if located is None:
+                return None
+            info, seq = located
+            if count > 1:
+                last = await self.js.get_last_msg(self.stream, subject)
+                later = _meta(last.data, key)
+                if later is not None and later.nuid == info.nuid and (timestamp(later.mtime) or 0) > (timestamp(info.mtime) or 0):
+                    info.mtime = later.mtime
+                seq = last.seq
+            return info, seq
+        return None
 
     async def chunk_sets(self) -> dict[str, int]:
         """nuid -> stored chunk messages, for every chunk subject in the bucket (live or torn)."""
@@ -301,20 +404,19 @@ class ObjectBucket:
         return msg.time
 
     async def delete(self, info: api.ObjectInfo, meta_seq: int) -> bool:
-        """Delete one object, unless its metadata changed since it was read at `meta_seq` (stored
-        again meanwhile: a new job's input): then False, and nothing is touched. Else a `deleted`
-        meta (what nats-py's ObjectStore.delete writes, so every client sees it gone), published
-        only if that subject's last sequence is still `meta_seq`, then a purge of its chunks."""
-        gone = api.ObjectInfo(name=info.name, bucket=self.name, nuid=info.nuid, size=0, chunks=0,
-                              mtime="", digest="", deleted=True)
-        try:
-            await self.js.publish(self._meta_subject(info.name), json.dumps(gone.as_dict()).encode(),
-                                  headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT,
-                                           api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(meta_seq)})
-        except nats.js.errors.APIError as e:
-            if e.err_code == WRONG_LAST_SEQUENCE:
+        """Delete one object (gc; a purge, which only the gc user may make), unless it was
+        stored again after its meta subject was read up to `meta_seq`: then False, and the
+        object stays readable. The meta messages up to `meta_seq` go first; if a readable
+        object remains on the subject (a refresh or a new upload published since), that is
+        the "stored again" case and the chunks stay. Else what is left there (tombstones, junk
+        read just now) goes, never a message published after that read, then the chunks."""
+        subject = self._meta_subject(info.name)
+        await self.js.purge_stream(self.stream, subject=subject, seq=meta_seq + 1)
+        last = await self._last_seq(subject)
+        if last is not None:
+            if await self.located(info.name) is not None:
                 return False
-            raise
+            await self.js.purge_stream(self.stream, subject=subject, seq=last + 1)
         await self.js.purge_stream(self.stream, subject=self.chunk_subject(info.nuid))
         return True
 

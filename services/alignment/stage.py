@@ -3,7 +3,7 @@ model for the transcript's language (whisperx.load_align_model + whisperx.align)
 
 Inputs: `audio` (16 kHz mono 16-bit WAV, the demux output), `transcript` (transcript JSON from
 asr, contracts.transcript.Transcript).
-Params: contracts.stage_params.AlignmentParams: `language` or the job's `source_language`
+Params: declaration.AlignmentParams: `language` or the job's `source_language`
 (optional; when given it must be the transcript's language).
 Outputs: `transcript` (transcript.json): the same segments with the same text, speakers and
 flags; words re-timed and `aligned=True`. Segment start/end only move inwards, to their first
@@ -23,7 +23,7 @@ RETRY_FAILED_LOAD_S, so a fixed folder is picked up without a restart.
 Models: `config/alignment.yaml` maps language -> local folder, Hugging Face id or torchaudio
 pipeline name (whisperx's defaults); the service option model_<lang> (or
 CAPTIONBUS_ALIGN_MODEL_<LANG>) overrides one language. Service options:
-contracts.stage_options.AlignmentOptions (`captionbus stages alignment`).
+declaration.AlignmentOptions (`captionbus stages alignment`).
 Models load on first use of their language and stay warm. Local folders load with
 `local_files_only` (the per-call form of HF_HUB_OFFLINE: no hub request at all); with
 HF_HUB_OFFLINE=1 set, hub ids load only from the local Hugging Face cache and torchaudio
@@ -50,14 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
-from contracts.stage_options import AlignmentOptions
-from contracts.stage_params import AlignmentParams
 from contracts.transcript import Segment, Transcript, Word
 from core import settings as core_settings
+from services.alignment.declaration import ALIGNMENT, AlignmentOptions, AlignmentParams
 from services.audio import read_wav, wav_duration
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
@@ -350,15 +347,6 @@ def describe_model(resources: Aligner | None) -> str | None:
 
 # ---------------------------------------------------------------- request handling
 
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        error = invalid.errors()[0]
-        where = ".".join(str(p) for p in error.get("loc", ())) or "document"
-        raise BadInput(f"transcript is not valid transcript JSON ({where}: {error['msg']})")
-
-
 def transcript_language(params: AlignmentParams, transcript: Transcript) -> str:
     try:
         language = check_language(transcript.language)
@@ -430,7 +418,7 @@ def align_in_window(aligner: Aligner, model: LoadedModel, path: Path, duration: 
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     aligner: Aligner = ctx.resources
-    transcript = read_transcript(ctx.input_path("transcript"))
+    transcript = ctx.input("transcript", Transcript)
     language = transcript_language(ctx.params, transcript)
     duration = wav_duration(ctx.input_path("audio"))
     started = time.monotonic()
@@ -484,12 +472,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="alignment",
+    spec=ALIGNMENT,
     handle=handle,
     setup=setup,
-    params=AlignmentParams,
-    outputs=("transcript",),
-    options=AlignmentOptions,
     report_packages=("whisperx", "torch", "transformers", "nltk"),
     describe_model=describe_model,
     declare_model=declare_model,

@@ -7,7 +7,7 @@ Inputs: `audio` (the demux WAV); optional `regions` (contracts.speech.SpeechRegi
 the vad stage). With regions only they are decoded (audio outside them, beyond a
 REGION_MARGIN_S margin, is silenced; whisperx's own pyannote VAD does not run), language
 detection listens to them, and an empty region list means no speech: an empty transcript.
-Params (contracts.stage_params.AsrParams) and service options (contracts.stage_options.AsrOptions):
+Params (declaration.AsrParams) and service options (declaration.AsrOptions):
 `captionbus stages asr`.
 Outputs: `transcript` (transcript.json), cleaned by services/asr/hallucination.py (loops,
 text outside speech, phantom phrases dropped; "lyrics" / "hallucination-suspect" flags).
@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from contracts import StageRequest
 from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
-from contracts.stage_options import AsrOptions
-from contracts.stage_params import AsrParams
 from contracts.transcript import Segment, Transcript
 from services.asr import hallucination, mlx_backend, whisperx_backend
+from services.asr.declaration import ASR, AsrOptions, AsrParams
 from services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
@@ -176,12 +174,7 @@ def read_regions(request: StageRequest, ctx: StageContext, duration: float) -> R
     None when the job has no vad stage (the transcribe workflow)."""
     if "regions" not in request.inputs:
         return None
-    try:
-        parsed = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
-        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    parsed = ctx.input("regions", SpeechRegions)
     if abs(parsed.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
         raise BadInput(
             f"speech regions were found in {parsed.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
@@ -245,10 +238,7 @@ def drop_hallucinations(segments: list[Segment], regions: Regions | None, durati
 
 def read_chunks(ctx: StageContext) -> SpeechChunks:
     """The `chunks` input, checked to belong to this audio (its length, from the WAV header)."""
-    try:
-        chunks = SpeechChunks.model_validate_json(ctx.input_path("chunks").read_bytes())
-    except ValidationError as err:
-        raise BadInput(f"chunks input is not valid SpeechChunks JSON from the chunk stage ({err.errors()[0]['msg']})") from None
+    chunks = ctx.input("chunks", SpeechChunks)
     duration = wav_duration(ctx.input_path("audio"))
     if abs(chunks.duration - duration) > REGION_DURATION_TOLERANCE_S + 0.01 * duration:
         raise BadInput(f"chunks were cut from {chunks.duration:.1f} s of audio but this audio is {duration:.1f} s long; "
@@ -278,10 +268,7 @@ def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, 
     """The job's language: the `language` input (detected once for the job) when there is one."""
     if "language" not in request.inputs:
         return requested_language(params, model)
-    try:
-        spoken = SpokenLanguage.model_validate_json(ctx.input_path("language").read_bytes())
-    except ValidationError as err:
-        raise BadInput(f"language input is not valid SpokenLanguage JSON ({err.errors()[0]['msg']})") from None
+    spoken = ctx.input("language", SpokenLanguage)
     return requested_language(params.model_copy(update={"language": spoken.language}), model)
 
 
@@ -405,12 +392,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="asr",
+    spec=ASR,
     handle=handle,
     setup=setup,
-    params=AsrParams,
-    outputs=("transcript", "language"),
-    options=AsrOptions,
     # whichever backend this env lacks is reported as "missing"
     report_packages=("whisperx", "faster-whisper", "ctranslate2", "torch", "mlx-whisper", "mlx"),
     describe_model=describe_model,

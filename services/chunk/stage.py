@@ -1,7 +1,7 @@
 """chunk: the vad stage's speech regions -> chunks cut at silences (contracts.speech.SpeechChunks
 JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
 count goes back to the coordinator in `StageCompleted.items`. Cutting rules: services/chunk/plan.py.
-Params (contracts.stage_params.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
+Params (declaration.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
 No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
 language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
 language-detection request on the asr queue first (one queue wait less for every such job)."""
@@ -10,12 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from contracts import StageRequest
-from contracts.stage_options import NoOptions
 from contracts.speech import SpeechRegions, SpokenLanguage
-from contracts.stage_params import ChunkParams
+from services.chunk.declaration import CHUNK, ChunkParams
 from services.chunk.plan import plan_chunks
 from services.runtime import BadInput, StageContext, StageDefinition
 
@@ -37,12 +34,7 @@ def fitting_target_s(duration_s: float) -> float:
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: ChunkParams = ctx.params
-    try:
-        regions = SpeechRegions.model_validate_json(ctx.input_path("regions").read_bytes())
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "document"
-        raise BadInput(f"speech regions input is not valid SpeechRegions JSON from the vad stage ({where}: {first['msg']})")
+    regions = ctx.input("regions", SpeechRegions)
     spans = [(r.start, r.end) for r in regions.regions]
     chunks = plan_chunks(spans, regions.duration, params.target_s, params.min_silence_s, params.max_length_s)
     if len(chunks.chunks) > MAX_CHUNKS and "target_s" not in params.model_fields_set:
@@ -73,5 +65,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="chunk", handle=handle, params=ChunkParams, outputs=("chunks", "language"),
-                        options=NoOptions)
+STAGE = StageDefinition(spec=CHUNK, handle=handle)

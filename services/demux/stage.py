@@ -1,6 +1,6 @@
 """demux: any media file -> 16 kHz mono PCM WAV for ASR (plus the probed facts as JSON).
 
-Params: contracts.stage_params.DemuxParams (`captionbus stages demux`).
+Params: declaration.DemuxParams (`captionbus stages demux`).
 Outputs: `audio` (audio.wav), `probe` (probe.json: duration, fps, codecs, has_video).
 """
 from __future__ import annotations
@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 from contracts import StageRequest
-from contracts.stage_options import NoOptions
-from contracts.stage_params import DemuxParams
 from services import media
+from services.demux.declaration import DEMUX, DemuxParams
 from services.runtime import BadInput, StageContext, StageDefinition
 
 SAMPLE_RATE = 16000
@@ -82,11 +81,8 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="demux",
+    spec=DEMUX,
     handle=handle,
-    params=DemuxParams,
-    outputs=("audio", "probe"),
-    options=NoOptions,
     report_packages=("pydantic",),
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here
 )

@@ -1,7 +1,7 @@
 """mux: the original media + SRT tracks -> soft-subtitled mp4 (mov_text) and mkv (srt).
 
 Inputs: `media` (the original), input list `subtitles` (SRT files).
-Params: contracts.stage_params.MuxParams: `languages` (ISO 639-1 codes, same order as
+Params: declaration.MuxParams: `languages` (ISO 639-1 codes, same order as
 `subtitles`); when absent, each file's language comes from its name as subtitle_gen writes it
 (subtitles.<lang>.srt).
 Outputs: `mp4`, `mkv`.
@@ -22,9 +22,8 @@ from pathlib import Path
 
 from contracts import StageRequest
 from contracts.languages import LANGUAGES, UnknownLanguage, check_language
-from contracts.stage_options import NoOptions
-from contracts.stage_params import MuxParams
 from services import media
+from services.mux.declaration import MUX, MuxParams
 from services.runtime import BadInput, StageContext, StageDefinition
 
 SUBTITLE_NAME = re.compile(r"^.*\.(?P<lang>[A-Za-z]{2,3})\.srt$")
@@ -149,5 +148,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="mux", handle=handle, params=MuxParams, outputs=("mp4", "mkv"), options=NoOptions,
-                        report_packages=("pydantic",))
+STAGE = StageDefinition(spec=MUX, handle=handle, report_packages=("pydantic",))

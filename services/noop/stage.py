@@ -1,6 +1,6 @@
 """A stage that does nothing on purpose: for runtime tests and the hop benchmark.
 
-Params: contracts.stage_params.NoopParams (sleep_s, fail, fail_times, warn).
+Params: declaration.NoopParams (sleep_s, fail, fail_times, warn).
 Inputs are passed through under their own names (so it declares no outputs to check); with no
 inputs it writes `out.txt` (output `out`); with `write_bytes` N it writes N random bytes as `out`
 (store-full tests).
@@ -11,8 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from contracts.stage_options import NoopOptions
-from contracts.stage_params import NoopParams
+from services.noop.declaration import NOOP, NoopParams
 from services.runtime import (
     BadInput,
     Retryable,
@@ -64,12 +63,9 @@ def handle(request, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="noop",
+    spec=NOOP,
     handle=handle,
     setup=setup,
-    params=NoopParams,
-    outputs=(),  # its inputs' names, or "out"
-    options=NoopOptions,
     describe_model=lambda resources: "none",
     cacheable=False,  # its params script faults (sleep, crash): every request must really run
 )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
+from core.settings import load as settings_load
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
 ITEMS_PREFIX = "items:"  # a cached entry keeps StageCompleted.items among its metrics under this prefix
@@ -52,7 +53,7 @@ def cache_enabled_for(request: StageRequest) -> bool:
 
 
 def worker_cache_enabled() -> bool:
-    return os.environ.get("CAPTIONBUS_STAGE_CACHE", "on").strip().lower() not in _FALSE
+    return settings_load().stage_cache
 
 
 def path_stamp(path: Path) -> list:

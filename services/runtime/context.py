@@ -6,11 +6,16 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
 from contracts.ids import validate_token
+from contracts.stage_declaration import explain
 from services.runtime.errors import BadInput, Cancelled
+
+M = TypeVar("M", bound=BaseModel)
 
 # At most this many progress events per second per request (dashboards need no more).
 PROGRESS_INTERVAL_S = 0.25
@@ -30,7 +35,35 @@ def result_ids(request: StageRequest) -> dict[str, Any]:
     return {**event_ids(request), "token": request.token}
 
 
-class RequestContext:
+def parse_input(path: Path, model: type[M], name: str) -> M:
+    """The JSON file `path` (the request's input `name`) as `model`, or BadInput with one line:
+    which input, which model, and the first problems (`segments.0.start='x': Input should be a
+    valid number`; an unreadable document says so)."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        raise BadInput(f"input {name!r} is not valid {model.__name__} JSON: {explain(error, 'field')}") from None
+
+
+class TypedInputs:
+    """`ctx.input(name, Model)` / `ctx.input_list(name, Model)` over a context's input_path /
+    input_paths: the one way a stage reads a JSON input (shared by the runtime's context and the
+    test context in services/runtime/testing.py)."""
+
+    def input_path(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def input_paths(self, name: str) -> list[Path]:
+        raise NotImplementedError
+
+    def input(self, name: str, model: type[M]) -> M:
+        return parse_input(self.input_path(name), model, name)
+
+    def input_list(self, name: str, model: type[M]) -> list[M]:
+        return [parse_input(path, model, f"{name}[{i}]") for i, path in enumerate(self.input_paths(name))]
+
+
+class RequestContext(TypedInputs):
     def __init__(
         self,
         request: StageRequest,

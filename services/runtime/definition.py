@@ -1,8 +1,8 @@
 """What a stage author writes: one handler function with a typed body, plus optional setup.
 
-A stage's params model, outputs and service options are declared in contracts
-(contracts.stage_specs.STAGES, so the coordinator and the CLI can check them without the stage);
-its StageDefinition names the same ones. The runtime validates every request's params against
+A stage's name, env, params model, outputs and service options are its declaration's StageSpec
+(`services/<folder>/declaration.py`, copied to contracts for the coordinator and the CLI); its
+StageDefinition takes them from `spec=`. The runtime validates every request's params against
 `params` before the handler runs (a bad one is BadInput) and hands the parsed model over as
 `ctx.params`; setup() gets the parsed service options as `SetupContext.options`.
 """
@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from contracts import StageRequest
+from contracts.stage_declaration import StageSpec, explain
 from contracts.stage_options import ServiceOptions
-from contracts.stage_specs import STAGES, explain
+from core.service_options import load_options
 from services.runtime.errors import BadInput
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class OpenParams(BaseModel):
@@ -43,8 +46,16 @@ def parse_params(model: type[BaseModel], raw: Mapping[str, Any], stage: str) -> 
         raise BadInput(f"bad {stage} params: {explain(error)} ({stage} params: {', '.join(keys)})") from None
 
 
+def declared_spec(stage: str) -> StageSpec | None:
+    """The stage's declaration (services/<folder>/declaration.py); None for an ad-hoc test stage."""
+    from services import declarations  # only the pure declaration modules, never a stage's code
+
+    declared = declarations().get(stage)
+    return declared[1] if declared is not None else None
+
+
 def options_model(stage: str) -> type[ServiceOptions]:
-    spec = STAGES.get(stage)
+    spec = declared_spec(stage)
     return spec.options if spec is not None else OpenOptions
 
 
@@ -67,6 +78,13 @@ class StageContext(Protocol):
     def input_paths(self, name: str) -> list[Path]:
         """Local files for request.input_lists[name], in order."""
 
+    def input(self, name: str, model: type[M]) -> M:
+        """request.inputs[name], a JSON document, parsed as `model` (e.g. Transcript). Raises
+        BadInput with one line naming the input, the model and what is wrong."""
+
+    def input_list(self, name: str, model: type[M]) -> list[M]:
+        """request.input_lists[name], each parsed as `model`, in order (BadInput as for input)."""
+
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress 0..1; rate-limited, never blocks the handler for long.
         Raises Cancelled once the job has ended, so long work stops at its next report."""
@@ -88,14 +106,14 @@ class SetupContext:
     env: str
     models_dir: Path
     log: Any
-    # The stage's ServiceOptions (contracts.stage_options). Given a dict (`serve --option k=v`),
-    # it is parsed here with the stage's model, the stage's environment variables filling in
-    # what the dict leaves unset; raises pydantic.ValidationError on a bad one.
+    # The stage's ServiceOptions (its declaration's model). Given a dict (`serve --option k=v`),
+    # it is loaded here (core.service_options.load_options), the stage's environment variables
+    # filling in what the dict leaves unset; raises pydantic.ValidationError on a bad one.
     options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, BaseModel):
-            self.options = options_model(self.stage).load(self.options or {}, os.environ)
+            self.options = load_options(options_model(self.stage), self.options or {}, os.environ)
 
 
 # handler(request, ctx) -> {output name: local file}. The runtime stores each file as an
@@ -106,12 +124,15 @@ Handler = Callable[[StageRequest, StageContext], dict[str, Path]]
 
 @dataclass
 class StageDefinition:
-    name: str
     handle: Handler
+    # The stage's declaration (services/<folder>/declaration.py); name, params, outputs and
+    # options come from it. Ad-hoc test stages leave it out and give a name (and may give the
+    # rest).
+    spec: StageSpec | None = None
+    name: str = ""
     setup: Callable[[SetupContext], Any] | None = None
-    # What the stage declares in contracts.stage_specs.STAGES (a unit test holds them equal):
-    # its request params model, the outputs its handler may return (empty: not checked, e.g.
-    # noop returns its inputs) and its service options model.
+    # The request params model, the outputs the handler may return (empty: not checked, e.g.
+    # noop returns its inputs) and the service options model.
     params: type[BaseModel] = OpenParams
     outputs: tuple[str, ...] = ()
     options: type[ServiceOptions] = OpenOptions
@@ -138,6 +159,22 @@ class StageDefinition:
     # for the default (every input's content hash). The asr stage on one chunk of a film gives the
     # chunk's samples: a film with one changed scene redoes only that scene's chunk.
     cache_inputs: Callable[[Any, Any], dict[str, str] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            if not self.name:
+                raise ValueError("a StageDefinition needs spec= (its declaration) or, for a test stage, name=")
+            return
+        # What is left at its default comes from the declaration. A value given beside the spec
+        # wins: tests derive stages from a real one (dataclasses.replace(NOOP, name="probe",
+        # outputs=...)); tests/unit/test_stage_declarations.py holds every real stage to its spec.
+        self.name = self.name or self.spec.name
+        if self.params is OpenParams:
+            self.params = self.spec.params
+        if not self.outputs:
+            self.outputs = self.spec.outputs
+        if self.options is OpenOptions:
+            self.options = self.spec.options
 
     def parse_params(self, raw: Mapping[str, Any]) -> Any:
         """The request params as this stage's model; BadInput when they do not fit it."""

@@ -9,8 +9,8 @@ from importlib import metadata
 from typing import Any, Iterable
 
 import core
-from contracts import WorkerInfo
-from core import hardware
+from contracts import WorkerInfo, worker_identity
+from core import hardware, settings
 from core.envinfo import report_packages
 
 # Reported by every worker; stages add their own (torch, whisperx ...) via report_packages.
@@ -49,7 +49,7 @@ def worker_info(
     stage: str,
     env: str,
     *,
-    worker_id: str | None = None,
+    replica: str | None = None,
     packages: Iterable[str] = (),
     hardware: dict[str, str] | None = None,
     model: str | None = None,
@@ -59,7 +59,8 @@ def worker_info(
 ) -> WorkerInfo:
     # CAPTIONBUS_HOST_ID (Settings.host_id) when the caller has it: containers and cloned VMs
     # often share a hostname, and the fleet tells hosts apart by this name.
-    host = host or socket.gethostname()
+    host = host or _host_id()
+    replica = replica or "0"
     return WorkerInfo(
         stage=stage,
         env=env,
@@ -67,13 +68,22 @@ def worker_info(
         python_version=platform.python_version(),
         host=host,
         pid=os.getpid(),
-        worker_id=worker_id or f"{host}-{os.getpid()}",
+        worker_id=worker_identity(host, stage or "none", replica, os.getpid()),
+        replica=replica,
         packages=package_versions([*BASE_PACKAGES, *env_packages(), *packages]),
         hardware=hardware_summary() if hardware is None else hardware,
         model=model,
         backend=backend,
         setup_error=setup_error,
     )
+
+
+def _host_id() -> str:
+    """CAPTIONBUS_HOST_ID (or the hostname) made a token, as every process of this host names it."""
+    try:
+        return settings.load().host_id
+    except Exception:  # a bad setting elsewhere must not hide who this is
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "host"
 
 
 def flat_metadata(info: WorkerInfo) -> dict[str, str]:
@@ -91,7 +101,7 @@ def flat_metadata(info: WorkerInfo) -> dict[str, str]:
 def worker_summary(info: WorkerInfo) -> dict[str, str]:
     """The short form carried on every StageCompleted / StageFailed: who ran it, where, and with
     which key package versions (`pkg.<name>`), so a job's record says what ran where."""
-    summary = {"worker_id": info.worker_id, "env": info.env, "interpreter": info.interpreter,
+    summary = {"worker_id": info.worker_id, "stage": info.stage, "replica": info.replica, "env": info.env, "interpreter": info.interpreter,
                "python": info.python_version, "host": info.host, "pid": str(info.pid)}
     summary.update({f"pkg.{name}": version for name, version in info.packages.items() if version != "missing"})
     return summary

@@ -14,13 +14,15 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from contracts.ids import validate_token
+from contracts.stage_declaration import explain
 from contracts.stage_options import ServiceOptions
-from contracts.stage_specs import explain
 from core import settings as settings_mod
 from core.bus import BusError, StagePolicy, resolve_url
 from core.envinfo import current_env
 from core.logging import configure_logging
-from services import STAGE_MODULES
+from core.service_options import load_options
+from services import declarations, stage_module
 from services.runtime.definition import StageDefinition
 from services.runtime.info import worker_info
 from services.runtime.serve import serve
@@ -34,16 +36,14 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
 def env_name() -> str:
     """The launcher's CAPTIONBUS_ENV, else the managed env this interpreter belongs to."""
-    if os.environ.get("CAPTIONBUS_ENV"):
-        return os.environ["CAPTIONBUS_ENV"]
-    return current_env()
+    return settings_mod.load().env or current_env()
 
 
 def load_stage(stage: str) -> StageDefinition:
-    if stage not in STAGE_MODULES:
-        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGE_MODULES))}")
+    if stage not in declarations():
+        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(sorted(declarations()))}")
     # Imported only now: each environment has the libraries of its own stages only.
-    return importlib.import_module(STAGE_MODULES[stage]).STAGE
+    return importlib.import_module(stage_module(stage)).STAGE
 
 
 def parse_options(pairs: list[str], model: type[ServiceOptions] | None = None) -> dict[str, Any]:
@@ -69,16 +69,26 @@ def parse_options(pairs: list[str], model: type[ServiceOptions] | None = None) -
     return options
 
 
+def _replica_id(value: str) -> str:
+    try:
+        return validate_token(value, "replica id")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services", description="captionbus stage services")
-    parser.add_argument("--log-level", default=os.environ.get("CAPTIONBUS_LOG_LEVEL", "INFO"))
+    defaults = settings_mod.load()
+    parser.add_argument("--log-level", default=defaults.log_level)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run one stage service (a replica) until SIGTERM")
     serve.add_argument("stage")
-    serve.add_argument("--replica-id", default=None, help="names this replica in worker info")
+    serve.add_argument("--replica-id", default=None, type=_replica_id,
+                       help="names this replica on its host (A-Z a-z 0-9 _ -; default 0): worker id "
+                            "<host>/<stage>/<replica>/<pid>")
     serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="setup option for the stage (repeatable); also CAPTIONBUS_OPTION_<KEY>")
-    serve.add_argument("--grace", type=float, default=float(os.environ.get("CAPTIONBUS_GRACE_S", 30)),
+    serve.add_argument("--grace", type=float, default=defaults.grace_s,
                        help="seconds a running request may finish after SIGTERM")
     info = commands.add_parser("info", help="print this interpreter's WorkerInfo as JSON")
     info.add_argument("stage", nargs="?", default=None)
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         definition = load_stage(args.stage)
         options = parse_options(args.option, definition.options)
         try:
-            definition.options.load(options, os.environ)
+            load_options(definition.options, options, os.environ)
         except ValidationError as e:  # before connecting: a typo must not wait for the bus
             log.error("bad service options", error=f"{args.stage} service options: {explain(e, 'option')}")
             return 2

@@ -1,5 +1,6 @@
 """Device choice, the same way for every stage's setup(). (Service options themselves are typed
-models in contracts.stage_options, parsed into SetupContext.options.)"""
+models in each stage's declaration, loaded by core.service_options.load_options into
+SetupContext.options.)"""
 from __future__ import annotations
 
 from core import hardware

@@ -2,11 +2,13 @@
 heartbeats, store outputs, publish the outcome, then ack / nak / term.
 
 Delivery rules (JetStream work queue, one durable pull consumer per stage, replicas compete):
-- success: outputs stored, StageCompleted published (Nats-Msg-Id = key.completed), then ack;
+- success: outputs stored, StageCompleted published (Nats-Msg-Id = key.completed bound to the token: core.bus.event_msg_id), then ack;
 - BadInput or an unreadable request: StageFailed(retryable=False), then term (never redelivered);
 - Retryable or any other exception: nak with backoff, until delivery max_deliver, which publishes
   StageFailed "failed on all N attempts" and terms: the runtime never loops forever.
-A request whose job is already finished (cancelled, failed) is acked and dropped unrun.
+A request whose job is already finished (cancelled, failed) is acked and dropped unrun; one
+whose job is cancelled or fails while it runs is acked within a poll (CANCEL_POLL_S) of the
+job's `cancelled`/`failed` event (JobEndWatch), and its handler stops at its next progress report.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from contracts import (
     StageWarning,
     WorkerInfo,
     subjects,
+    worker_identity,
 )
 from contracts.events import LOADING_MODEL
 from core.artifacts import ArtifactStore, ArtifactStoreFull
@@ -56,6 +59,7 @@ from core.bus import (
     through_failover,
 )
 from core.retry import RetryPolicy
+from core.service_options import load_options
 from core.settings import PROJECT_ROOT, Settings, config_dirs
 from core.text import one_line
 from services.runtime.cache import (
@@ -139,6 +143,64 @@ def retry_policy(retry_delay_s: float) -> RetryPolicy:
     return RetryPolicy(initial_s=retry_delay_s, multiplier=2.0, max_s=MAX_RETRY_DELAY_S)
 
 
+# Job events that end a job's running work. A worker holds one core subscription per kind for
+# every job (JobEndWatch); its heartbeat's job-state read stays the backstop.
+ENDING_KINDS = ("cancelled", "failed")
+# How often a worker waiting on its handler looks at the request's cancel flag.
+CANCEL_POLL_S = 0.05
+
+
+class JobEndWatch:
+    """Tells running requests at once that their job was cancelled or failed.
+
+    Why a subscription: the heartbeat read the job's state every ack_wait/3 (10 s by default),
+    so asr went on for seconds after a cancel (2 more progress reports, its attempt finished
+    2.6 s later, issue 19). One plain subscription per worker process on
+    `captionbus.job.*.cancelled` and `.failed` (no consumer, no KV watch per request: a chunked
+    film has thousands of short requests) sets the flag of each running request of that job
+    within milliseconds; the handler stops at its next progress report and the runtime, which
+    no longer waits for it, acks the request. Core NATS is at-most-once: an event published
+    while the worker reconnects is missed, and the heartbeat's job-state read still catches it.
+    Only events that arrive while a request runs count, so the `cancelled` of an earlier attempt
+    never stops a retry's request."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, set[threading.Event]] = {}
+        self._subs: list[Any] = []
+
+    async def attach(self, nc: Any, log: Any) -> None:
+        for kind in ENDING_KINDS:
+            try:
+                self._subs.append(await nc.subscribe(subjects.job_kind_all_jobs(kind), cb=self._on_event))
+            except Exception as e:  # a role without the subscription: the heartbeat's read still stops work
+                log.warning("cannot watch job ends; a cancel is noticed at the next heartbeat", error=error_line(e))
+
+    async def _on_event(self, msg: Any) -> None:
+        parts = msg.subject.split(".")  # captionbus.job.<job_id>.<kind>
+        for flag in self.running.get(parts[2] if len(parts) == 4 else "", ()):
+            flag.set()
+
+    @contextmanager
+    def watching(self, job_id: str, flag: threading.Event):
+        self.running.setdefault(job_id, set()).add(flag)
+        try:
+            yield flag
+        finally:
+            flags = self.running.get(job_id)
+            if flags is not None:
+                flags.discard(flag)
+                if not flags:
+                    del self.running[job_id]
+
+
+class _Abandoned(Cancelled):
+    """The job ended while the handler ran; the handler's thread still runs (`future`)."""
+
+    def __init__(self, message: str, future: asyncio.Future):
+        super().__init__(message)
+        self.future = future
+
+
 class StageWorker:
     """The consume loop of one stage service process (a replica)."""
 
@@ -195,6 +257,8 @@ class StageWorker:
         # A slot is held while a handler runs, not while its outputs upload and the completion
         # is published: the next fetch overlaps that tail, which keeps hops short.
         self._slots = asyncio.Semaphore(definition.slots)
+        self.ends = JobEndWatch()
+        self.service_id: str | None = None  # its $SRV instance id, once registered
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
         self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
@@ -323,7 +387,14 @@ class StageWorker:
         work_dir = None
         try:
             work_dir = self._make_work_dir(request)
-            await self._run(msg, request, work_dir, delivery, log, slot, cancelled)
+            with self.ends.watching(request.job_id, cancelled):
+                await self._run(msg, request, work_dir, delivery, log, slot, cancelled)
+        except _Abandoned as e:
+            log.info("job ended while its stage ran; request dropped, the handler stops at its next check")
+            await msg.ack()
+            # Its thread still runs: the work dir goes when the handler returns.
+            e.future.add_done_callback(functools.partial(_remove_work_dir, work_dir))
+            work_dir = None
         except asyncio.CancelledError:
             # Shutdown grace ran out: release the request now instead of after ack_wait.
             log.warning("stage request abandoned at shutdown; released for another replica")
@@ -350,9 +421,7 @@ class StageWorker:
         finally:
             heartbeat.cancel()
             if work_dir is not None:
-                shutil.rmtree(work_dir, ignore_errors=True)
-                with suppress(OSError):
-                    work_dir.parent.rmdir()  # only if no other request of this job uses it
+                _remove_work_dir(work_dir)
 
     def _make_work_dir(self, request: StageRequest) -> Path:
         job_dir = self.settings.work_dir / request.job_id
@@ -387,7 +456,18 @@ class StageWorker:
         ctx.resources = self.resources
         started, started_wall = time.perf_counter(), time.time()
         call = functools.partial(contextvars.copy_context().run, self.definition.handle, request, ctx)
-        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        while not future.done():
+            await asyncio.wait({future}, timeout=CANCEL_POLL_S)
+            if cancelled.is_set() and not future.done():
+                # Not waiting for a handler that reports progress rarely: the request is acked
+                # now, and the slot stays taken until the thread returns (no overcommit).
+                slot.release_when_done(future)
+                future.add_done_callback(_quiet)
+                raise _Abandoned(f"job {request.job_id} ended while {request.stage} ran", future)
+        outputs = future.result()
+        if cancelled.is_set():  # ended as the handler returned: no result after the job's end
+            raise Cancelled(f"job {request.job_id} ended while {request.stage} ran")
         handled, handled_wall = time.perf_counter(), time.time()
         slot.release()
         checked = _check_outputs(outputs, self.definition)
@@ -504,7 +584,7 @@ class StageWorker:
                 body = json.loads(msg.data)
                 meta = body.get("metadata") or {}
                 states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
-                if (meta.get("worker_id") != self.info.worker_id and "setup_failed" not in states
+                if (body.get("id") != self.service_id and "setup_failed" not in states
                         and not meta.get("setup_error")):  # (an older worker says it in its metadata)
                     healthy += 1
 
@@ -544,7 +624,8 @@ class StageWorker:
 
     async def _heartbeat(self, msg: Any, request: StageRequest, cancelled: threading.Event, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.
-        # The same beat reads the job's state, so a cancel stops a film's ASR within seconds.
+        # The same beat reads the job's state: the backstop of JobEndWatch (a job-end event
+        # missed while reconnecting still stops the work within ack_wait/3).
         interval = max(self.policy.ack_wait / 3, 0.1)
         while True:
             await asyncio.sleep(interval)
@@ -595,6 +676,23 @@ class _Slot:
         if self._semaphore is not None:
             self._semaphore.release()
             self._semaphore = None
+
+    def release_when_done(self, future: asyncio.Future) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is not None:
+            future.add_done_callback(lambda _f: semaphore.release())
+
+
+def _quiet(future: asyncio.Future) -> None:
+    """Retrieve an abandoned handler's outcome (its Cancelled, or its result), which nobody reads."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _remove_work_dir(work_dir: Path, _future: Any = None) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with suppress(OSError):
+        work_dir.parent.rmdir()  # only if no other request of this job uses it
 
 
 def _salvage_ids(data: bytes) -> dict[str, Any] | None:
@@ -686,10 +784,11 @@ async def serve(
 
     signals = stop is None
     stop = stop or asyncio.Event()
-    host_worker = f"{settings.host_id}-{replica_id}" if replica_id else None
+    # The worker's one identity (contracts.worker_identity): host, stage, replica, process.
+    replica = replica_id or "0"
+    identity = worker_identity(settings.host_id, definition.name, replica, os.getpid())
 
-    nc = await connect(nats_url, f"stage-{definition.name}-{host_worker or f'{settings.host_id}-{os.getpid()}'}",
-                       settings)
+    nc = await connect(nats_url, f"stage {identity}", settings)
     service = None
     try:
         js = nc.jetstream()
@@ -701,15 +800,15 @@ async def serve(
         declared = None
         if definition.setup is not None:
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                     log=log, options=definition.options.load(options or {}, os.environ))
+                                     log=log, options=load_options(definition.options, options or {}, os.environ))
             declared = await asyncio.to_thread(declared_model, definition, setup_ctx, log)
 
         # The worker registers and consumes before its model loads: it is discoverable as
         # `loading` ($SRV STATS), a request's progress says "loading model", and a cache hit is
         # answered at once when the stage declares its model (StageDefinition.declare_model).
         info = await asyncio.to_thread(
-            worker_info, definition.name, env_name, worker_id=host_worker or f"{settings.host_id}-{os.getpid()}",
-            host=settings.host_id, packages=definition.report_packages,
+            worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
+            packages=definition.report_packages,
             model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)
@@ -732,6 +831,7 @@ async def serve(
             nc=nc, loading=definition.setup is not None, declared_model=declared,
         )
         service = await _register(nc, worker)
+        await worker.ends.attach(nc, log)
         running = asyncio.create_task(worker.run(sub, stop))
         if setup_ctx is not None:
             setup_task = asyncio.create_task(_set_up(definition, setup_ctx, setup_retry or setup_policy(
@@ -787,6 +887,7 @@ async def _register(nc: Any, worker: StageWorker) -> Any:
     async def on_info(request: Any) -> None:
         await request.respond(worker.info.model_dump_json().encode())
 
+    worker.service_id = service.id  # its own $SRV replies, told apart from any other replica's
     await service.add_endpoint(name="info", subject=info_subject(info.stage), handler=on_info)
     await nc.flush()  # "ready" must mean the server routes $SRV requests to us
     return service

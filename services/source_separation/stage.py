@@ -9,10 +9,10 @@ model's own segments), the `vocals` source downmixed and resampled back to 16 kH
 cross-faded into the previous window's overlap and appended to the output WAV. Memory is one
 window's worth whatever the film's length.
 
-Params: contracts.stage_params.SourceSeparationParams: `chunk_s` (longest window, seconds;
+Params: declaration.SourceSeparationParams: `chunk_s` (longest window, seconds;
 default 60, at most 600), `overlap_s` (default 3; at most a third of chunk_s). Windows are made
 equally long, so a film is cut into ceil(duration / 57 s) of them. Service options:
-contracts.stage_options.SourceSeparationOptions (`captionbus stages source_separation`).
+declaration.SourceSeparationOptions (`captionbus stages source_separation`).
 Outputs: `vocals` (vocals.wav: 16 kHz mono 16-bit PCM, exactly as long as the input).
 Metrics: separation_s, audio_duration_s, realtime_factor, windows, model_load_s.
 """
@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from contracts import StageRequest
-from contracts.stage_options import SourceSeparationOptions
-from contracts.stage_params import SourceSeparationParams
 from services.runtime import SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
 from services.runtime.options import default_device
+from services.source_separation.declaration import SOURCE_SEPARATION, SourceSeparationOptions, SourceSeparationParams
 from services.source_separation.streaming import (
     SAMPLE_RATE,
     plan_windows,
@@ -220,12 +219,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="source_separation",
+    spec=SOURCE_SEPARATION,
     handle=handle,
     setup=setup,
-    params=SourceSeparationParams,
-    outputs=("vocals",),
-    options=SourceSeparationOptions,
     report_packages=("demucs", "torch", "julius", "numpy"),
     describe_model=describe_model,
     declare_model=declare_model,

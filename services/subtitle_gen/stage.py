@@ -4,7 +4,7 @@ written through pysubs2).
 
 Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the minimum gap of
 two frames).
-Params: contracts.stage_params.SubtitleGenParams: `language` (picks the language's rules and
+Params: declaration.SubtitleGenParams: `language` (picks the language's rules and
 names the files subtitles.<lang>.<format>; default: the transcript's language), `profile` (a
 profile of config/subtitles.yaml), `formats` (default [srt, vtt]; also ass, json, txt).
 Outputs: one per format, named after it: `srt`, `vtt` by default.
@@ -14,22 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
-from contracts.stage_options import NoOptions
-from contracts.stage_params import SUBTITLE_FORMATS, SubtitleGenParams
 from contracts.transcript import Transcript
 from core.subtitles import build_cues, load_rules, write_subtitles
 from services.runtime import BadInput, StageContext, StageDefinition
-
-
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
+from services.subtitle_gen.declaration import SUBTITLE_GEN, SubtitleGenParams
 
 
 def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
@@ -44,7 +34,7 @@ def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: SubtitleGenParams = ctx.params
-    transcript = read_transcript(ctx.input_path("transcript"))
+    transcript = ctx.input("transcript", Transcript)
     try:
         language = check_language(params.language or transcript.language)
     except UnknownLanguage as unknown:
@@ -70,6 +60,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return outputs
 
 
-STAGE = StageDefinition(name="subtitle_gen", handle=handle, params=SubtitleGenParams, outputs=SUBTITLE_FORMATS,
-                        options=NoOptions,
-                        report_packages=("pysubs2", "pydantic", "PyYAML"))
+STAGE = StageDefinition(spec=SUBTITLE_GEN, handle=handle, report_packages=("pysubs2", "pydantic", "PyYAML"))

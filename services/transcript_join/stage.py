@@ -6,21 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from contracts import StageRequest
-from contracts.stage_options import NoOptions
 from contracts.speech import SpokenLanguage
-from contracts.stage_params import TranscriptJoinParams
 from contracts.transcript import Transcript
 from services.runtime import BadInput, StageContext, StageDefinition
-
-
-def _read(path: Path, model, what: str):
-    try:
-        return model.model_validate_json(path.read_bytes())
-    except ValidationError as err:
-        raise BadInput(f"{what} is not valid {model.__name__} JSON ({err.errors()[0]['msg']})") from None
+from services.transcript_join.declaration import TRANSCRIPT_JOIN, TranscriptJoinParams
 
 
 def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:
@@ -43,9 +33,8 @@ def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript
 
 
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
-    paths = ctx.input_paths("transcripts") if "transcripts" in request.input_lists else []
-    parts = [_read(p, Transcript, f"chunk transcript {n}") for n, p in enumerate(paths)]
-    language = _read(ctx.input_path("language"), SpokenLanguage, "language") if "language" in request.inputs else None
+    parts = ctx.input_list("transcripts", Transcript) if "transcripts" in request.input_lists else []
+    language = ctx.input("language", SpokenLanguage) if "language" in request.inputs else None
     joined = join(parts, language)
     out = ctx.work_dir / "transcript.json"
     out.write_text(joined.model_dump_json(indent=1))
@@ -54,5 +43,4 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     return {"transcript": out}
 
 
-STAGE = StageDefinition(name="transcript_join", handle=handle, params=TranscriptJoinParams, outputs=("transcript",),
-                        options=NoOptions)
+STAGE = StageDefinition(spec=TRANSCRIPT_JOIN, handle=handle)

@@ -2,9 +2,9 @@
 only a `Translator` (batch of texts in, batch out) and a loader for it.
 
 Input: `transcript` (Transcript JSON in the source language, from asr/alignment).
-Params: contracts.stage_params.TranslationParams (`target_language` from the coordinator's
+Params: declaration.TranslationParams (`target_language` from the coordinator's
 fan-out branch, `source_language` (default: the transcript's), `glossary`, `batch_size`,
-`context`); service options: contracts.stage_options.TranslationOptions and each backend's
+`context`); service options: declaration.TranslationOptions and each backend's
 subclass (`captionbus stages translation_nllb`).
 Output: `transcript` (transcript.<target>.json): language=target, translated_from=source, one
 segment per source segment with the same start/end, speaker and flags, the translated text,
@@ -19,17 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import pydantic
-
 from contracts import StageRequest
 from contracts.languages import UnknownLanguage, check_language
-from contracts.stage_options import TranslationOptions
-from contracts.stage_params import TranslationParams
+from contracts.stage_declaration import StageSpec
 from contracts.transcript import Segment, Transcript
 from core.subtitles import load_rules
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
+from services.translation.declaration import TranslationOptions, TranslationParams
 from services.translation.glossary import (
     Glossary,
     GlossaryError,
@@ -67,13 +65,6 @@ class TranslationService:
     batch_size: int
     load_seconds: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def read_transcript(path: Path) -> Transcript:
-    try:
-        return Transcript.model_validate_json(path.read_bytes())
-    except pydantic.ValidationError as invalid:
-        raise BadInput(f"transcript is not valid transcript JSON: {invalid.errors()[0]['msg']}")
 
 
 def language_pair(params: TranslationParams, transcript: Transcript, backend: Backend) -> tuple[str, str]:
@@ -180,20 +171,21 @@ def translate_transcript(service: TranslationService, transcript: Transcript, so
     return translated, metrics
 
 
-def translation_stage(name: str, load: Callable[[SetupContext], Translator], report_packages: tuple[str, ...],
-                      options: type[TranslationOptions] = TranslationOptions,
+def translation_stage(spec: StageSpec, load: Callable[[SetupContext], Translator], report_packages: tuple[str, ...],
                       declare: Callable[[SetupContext], dict[str, str]] | None = None) -> StageDefinition:
-    """The StageDefinition of a translation backend's service (`name` = its stage name in
-    config/translation.yaml); `load` builds the Translator once per process; `options` is the
-    backend's service options model (contracts.stage_options); `declare` names the models `load`
-    will read (slot -> source) without importing torch, so cache hits need not wait for them."""
+    """The StageDefinition of a translation backend's service (`spec`: its declaration, whose
+    name is its stage name in config/translation.yaml and whose options model is one of
+    declaration.py's TranslationOptions); `load` builds the Translator once per process;
+    `declare` names the models `load` will read (slot -> source) without importing torch, so
+    cache hits need not wait for them."""
+    name = spec.name
 
     def setup(ctx: SetupContext) -> TranslationService:
         return setup_service(ctx, load)
 
     def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         service: TranslationService = ctx.resources
-        transcript = read_transcript(ctx.input_path("transcript"))
+        transcript = ctx.input("transcript", Transcript)
         params: TranslationParams = ctx.params
         source, target = language_pair(params, transcript, service.backend)
         try:
@@ -229,8 +221,7 @@ def translation_stage(name: str, load: Callable[[SetupContext], Translator], rep
         table = {slot: model_identity(name, source) for slot, source in sorted(sources.items())}
         return f"{name}|" + json.dumps(table, sort_keys=True)
 
-    return StageDefinition(name=name, handle=handle, setup=setup, params=TranslationParams,
-                           outputs=("transcript",), options=options, report_packages=report_packages,
+    return StageDefinition(spec=spec, handle=handle, setup=setup, report_packages=report_packages,
                            describe_model=describe_model,
                            declare_model=declare_model if declare is not None else None)
 

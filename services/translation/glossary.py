@@ -21,7 +21,7 @@ from typing import Any
 
 import regex
 
-from contracts.stage_params import MAX_GLOSSARY_TERMS, MAX_TERM_CHARS
+from services.translation.declaration import MAX_GLOSSARY_TERMS, MAX_TERM_CHARS
 
 PLACEHOLDER = "[{n}]"
 # What a model may have made of a placeholder: spaces inside the brackets, native digits

@@ -3,7 +3,7 @@ English <-> Indic and Indic <-> Indic pairs (config/translation.yaml routes them
 the rest).
 
 Params, input and output: services.translation.core (the stage every backend shares).
-Service options: contracts.stage_options.IndicTrans2Options (`captionbus stages
+Service options: declaration.IndicTrans2Options (`captionbus stages
 translation_indictrans2`): a model per direction, device, beams, warm models, preloads.
 
 How a batch is translated (IndicTrans2's documented inference path): IndicTransToolkit's
@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.stage_options import IndicTrans2Options
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import SetupContext
 from services.runtime.options import default_device
 from services.translation.core import translation_stage
+from services.translation.declaration import TRANSLATION_INDICTRANS2, IndicTrans2Options
+from services.translation.hub import local_files_only
 
-STAGE_NAME = "translation_indictrans2"
+STAGE_NAME = TRANSLATION_INDICTRANS2.name
 DIRECTIONS = ("en-indic", "indic-en", "indic-indic")
 ENGLISH = "en"
 # IndicTrans2 models have 256 source positions; longer inputs are cut (and logged).
@@ -151,13 +152,13 @@ def load_model(source: str, name: str, device: str, dtype: Any) -> LoadedModel:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     started = time.monotonic()
-    local = Path(source).is_dir()
+    slot_env = backend_for_stage(STAGE_NAME).models[name].model_env
+    local = local_files_only(source, slot_env, f"IndicTrans2 {name} model")  # offline: fails now
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, local_files_only=local)
         model = AutoModelForSeq2SeqLM.from_pretrained(source, trust_remote_code=True, local_files_only=local,
                                                       torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        slot_env = backend_for_stage(STAGE_NAME).models[name].model_env
         raise RuntimeError(
             f"cannot load the IndicTrans2 {name} model {source!r} ({err}); set {slot_env} (or --option "
             f"{_option_key(name)}=) to a local folder saved with save_pretrained, or a Hugging Face id in the local cache"
@@ -248,9 +249,8 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
 
 
 STAGE = translation_stage(
-    STAGE_NAME,
+    TRANSLATION_INDICTRANS2,
     load_indictrans2,
     report_packages=("IndicTransToolkit", "transformers", "torch", "sentencepiece", "indic-nlp-library-itt"),
-    options=IndicTrans2Options,
     declare=indictrans2_sources,
 )

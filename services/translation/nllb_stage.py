@@ -3,7 +3,7 @@ Behind, an M2M100 encoder-decoder) through transformers, for every pair config/t
 routes to NLLB (IndicTrans2 takes English <-> Indic and Indic <-> Indic).
 
 Params, input and output: services.translation.core (the stage every backend shares).
-Service options: contracts.stage_options.NllbOptions (`captionbus stages translation_nllb`).
+Service options: declaration.NllbOptions (`captionbus stages translation_nllb`).
 
 The tokenizer is told the source language (`src_lang`, which sets the language-code token it
 puts before the text) and generation is forced to start with the target language's code token
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from contracts.stage_options import NllbOptions
 from core.translation_routes import Backend, backend_for_stage
 from services.runtime import BadInput, SetupContext
 from services.runtime.options import default_device
 from services.translation.core import translation_stage
+from services.translation.declaration import TRANSLATION_NLLB, NllbOptions
+from services.translation.hub import local_files_only
 
-STAGE_NAME = "translation_nllb"
+STAGE_NAME = TRANSLATION_NLLB.name
 # A translation is rarely more than twice as many tokens as its source; the fixed slack covers
 # very short inputs. Bounded, so a degenerate model cannot loop to the position limit.
 NEW_TOKENS_PER_INPUT_TOKEN = 2.0
@@ -80,13 +80,16 @@ def nllb_source(ctx: SetupContext) -> dict[str, str]:
 
 
 def load_nllb(ctx: SetupContext) -> NllbTranslator:
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     backend = backend_for_stage(STAGE_NAME)
     slot = backend.models["any"]
     options: NllbOptions = ctx.options
     source = nllb_source(ctx)["any"]
+    # Offline without the weights: fail now, before torch is even imported (services/translation/hub.py).
+    local = local_files_only(source, slot.model_env, "NLLB model")
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
     device = options.device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
@@ -95,7 +98,6 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
     if device == "cpu":
         torch.set_num_threads(options.threads or os.cpu_count() or 1)
 
-    local = Path(source).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = AutoModelForSeq2SeqLM.from_pretrained(
@@ -110,5 +112,5 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
     return NllbTranslator(model, tokenizer, backend, source, device, num_beams)
 
 
-STAGE = translation_stage(STAGE_NAME, load_nllb, report_packages=("transformers", "torch", "tokenizers", "sentencepiece"),
-                          options=NllbOptions, declare=nllb_source)
+STAGE = translation_stage(TRANSLATION_NLLB, load_nllb, declare=nllb_source,
+                          report_packages=("transformers", "torch", "tokenizers", "sentencepiece"))

@@ -9,8 +9,8 @@ BLOCK_S with one model window of extra audio on each side, so a film is never de
 block edges see the same context as the middle. Frames become regions with the shared
 post-processing in services/vad/regions.py.
 
-Params: as for `vad` (contracts.stage_params.VadParams); service options:
-contracts.stage_options.VadPyannoteOptions (`captionbus stages vad_pyannote`).
+Params: as for `vad` (declaration.VadParams); service options:
+declaration.VadPyannoteOptions (`captionbus stages vad_pyannote`).
 Outputs: `regions` (regions.json). Zero-length audio gives an empty list and a warning; a
 corrupt file or another format is BadInput.
 
@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from contracts import StageRequest
-from contracts.stage_options import VadPyannoteOptions
-from contracts.stage_params import VadParams
 from services.runtime import SetupContext, StageContext, StageDefinition
 from services.runtime.options import default_device
 from services.vad import audio as wav
+from services.vad.declaration import VAD_PYANNOTE, VadParams, VadPyannoteOptions
 from services.vad.stage import finish
 
 BLOCK_S = 300.0  # audio scored per Inference call (plus one window of context each side)
@@ -143,12 +142,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="vad_pyannote",
+    spec=VAD_PYANNOTE,
     handle=handle,
     setup=setup,
-    params=VadParams,
-    outputs=("regions",),
-    options=VadPyannoteOptions,
     report_packages=("pyannote-audio", "torch"),
     describe_model=describe_model,
     cache_ignores=("source_language",),  # the job's spoken language changes nothing here

@@ -1,7 +1,7 @@
 """Per-frame speech probabilities -> speech regions: the post-processing both VAD backends share.
 
 Pure functions over lists of (start, end) seconds, no ML library, so they are unit-tested in the
-plain interpreter. The params (and their bounds) are contracts.stage_params.VadParams. The order
+plain interpreter. The params (and their bounds) are declaration.VadParams. The order
 in `speech_regions` is deliberate:
   1. hysteresis thresholding: speech starts on a frame >= threshold and lasts until a frame drops
      below threshold - 0.15 (Silero's and pyannote's rule), so a wobbling score near the
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts.stage_params import VadParams
+from services.vad.declaration import VadParams
 
 Region = tuple[float, float]
 

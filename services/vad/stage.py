@@ -6,7 +6,7 @@ fed with the previous frame's last 64 samples as context and the recurrent state
 as silero-vad's own OnnxWrapper does); only one float per frame is kept. Frames become regions
 with the shared post-processing in services/vad/regions.py.
 
-Params (contracts.stage_params.VadParams) and service options (contracts.stage_options.VadOptions):
+Params (declaration.VadParams) and service options (declaration.VadOptions):
 `captionbus stages vad`.
 Outputs: `regions` (regions.json). Audio of zero length gives an empty region list and a
 warning (as asr gives an empty transcript), not an error; a corrupt file or another format
@@ -23,11 +23,10 @@ import numpy as np
 
 from contracts import StageRequest
 from contracts.speech import SpeechRegion, SpeechRegions
-from contracts.stage_options import VadOptions
-from contracts.stage_params import VadParams
 from services.runtime import SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
 from services.vad import audio as wav
+from services.vad.declaration import VAD, VadOptions, VadParams
 from services.vad.regions import FrameScores, speech_regions
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz
@@ -157,12 +156,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
 
 
 STAGE = StageDefinition(
-    name="vad",
+    spec=VAD,
     handle=handle,
     setup=setup,
-    params=VadParams,
-    outputs=("regions",),
-    options=VadOptions,
     report_packages=("onnxruntime", "numpy"),
     describe_model=describe_model,
     declare_model=declare_model,

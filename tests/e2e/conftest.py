@@ -5,6 +5,7 @@ The environments and the model are built on first use (minutes; CI does it once 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -150,9 +151,10 @@ class Stack:
         self.server.stop()
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
-    root = tmp_path_factory.mktemp("stack")
+def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None) -> Stack:
+    """A provisioned bus, a coordinator and one service per entry of `stages` (a stage named twice
+    gets a second replica), all ready. A killed worker's request comes back within seconds
+    (CAPTIONBUS_ACK_WAIT 6). The caller closes it."""
     server = EmbeddedServer(root / "nats")
     server.start()
     env = {
@@ -160,6 +162,7 @@ def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
         "NATS_URL": server.url,
         "CAPTIONBUS_ACK_WAIT": "6",  # a killed worker's request comes back within seconds
         "CAPTIONBUS_MAX_DELIVER": "4",
+        **(extra_env or {}),
     }
     s = Stack(root=root, server=server, env=env)
 
@@ -168,13 +171,63 @@ def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
         await provision(nc.jetstream())
         await nc.close()
 
-    run_async(prepare())
     try:
+        run_async(prepare())
         s.start_coordinator()
-        s.wait_ready([s.start_stage(stage) for stage in TRANSCRIBE_STAGES])
+        s.wait_ready([s.start_stage(stage, replica=stages[:n].count(stage)) for n, stage in enumerate(stages)])
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
+    s = start_stack(tmp_path_factory.mktemp("stack"), TRANSCRIBE_STAGES)
+    try:
         yield s
     finally:
         s.close()
+
+
+CHUNKED_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
+
+
+@pytest.fixture(scope="session")
+def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
+    """The fleet every chunked job of tests/e2e/test_chunked.py and test_chunked_aligned.py runs
+    on: the `chunked` workflow's stages with two asr workers of one thread each, and the
+    alignment stage on the tiny random wav2vec2 English model (tests/model_factory/wav2vec2.py)
+    for `chunked_aligned`. The stage cache is off, so every job decodes.
+
+    Those jobs were one `captionbus run` each (three films in test_chunked, two in
+    test_chunked_aligned), and each run started and stopped its own server, coordinator and seven
+    services, asr importing torch every time. `run`'s own path, `-w chunked --chunk-s`, is still
+    a `run` in test_chunked_aligned.py's pyannote test."""
+    from captionbus.models import ensure_silero_vad
+    from tests.model_factory.wav2vec2 import ensure_wav2vec2
+
+    ensure_silero_vad()
+    env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off",
+           "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def chunked_job(fleet: Stack, film: Path, out: Path, workflow: str, target_s: float) -> tuple[dict, dict, dict[str, Path]]:
+    """One English film through `workflow` on `fleet` with chunks of about `target_s` seconds (0:
+    one chunk), as `captionbus run FILM -w WORKFLOW -s en --chunk-s TARGET_S` submits it: its
+    transcript, its job record (the JobState `run` writes as FILM.job.json) and its output files."""
+    job_id = fleet.submit(film, workflow=workflow, source_language="en", options={"chunk": {"target_s": target_s}})
+    final = fleet.wait_end(job_id, timeout=900)[-1]
+    assert final.kind == "completed", getattr(final, "reason", "")
+    files = fleet.fetch(final.outputs, out)
+    record = json.loads(fleet.job_state(job_id).model_dump_json())
+    return json.loads(files["transcript"].read_text()), record, files
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -10,20 +10,13 @@ import os
 import re
 import signal
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jiwer
 import pytest
 
-from captionbus.server import EmbeddedServer
-from core.bus import connect, provision
-from tests.e2e.conftest import Stack, run_async
+from tests.e2e.conftest import chunked_job
 from tests.media import speech_film
-
-CHUNKED_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
 
 
 def words_of(text: str) -> list[str]:
@@ -49,28 +42,16 @@ def cues(srt: str) -> list[tuple[float, float, str]]:
 
 
 @pytest.fixture(scope="module")
-def film_runs(tmp_path_factory, stage_envs, whisper_model):
-    """The same 96 s film through `captionbus run -w chunked`: chunks of ~20 s (cut where the
-    whole film's decode starts a Whisper window), of ~5 s (max_s 10 forces cuts inside
-    windows), and in one chunk."""
-    from captionbus.models import ensure_silero_vad
-
-    ensure_silero_vad()
+def film_runs(tmp_path_factory, chunked_fleet):
+    """The same 96 s film through the `chunked` workflow: chunks of ~20 s (cut where the whole
+    film's decode starts a Whisper window), of ~5 s (max_s 10 forces cuts inside windows), and
+    in one chunk; on the session's chunked fleet (tests/e2e/conftest.py)."""
     root = tmp_path_factory.mktemp("chunked")
     film, spoken = speech_film(root / "film.mp4", repeat=3)
-    env = {**os.environ, "CAPTIONBUS_HOME": str(root / "home")}
-    env.pop("NATS_URL", None)
     runs = {}
-    for chunk_s in ("20", "5", "0"):
-        out = root / f"out{chunk_s}"
-        done = subprocess.run(
-            [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en",
-             "--chunk-s", chunk_s, "-o", "asr.cache=false", "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[chunk_s] = (json.loads((out / "film.transcript.json").read_text()),
-                         json.loads((out / "film.job.json").read_text()),
-                         cues(next(out.rglob("film.srt")).read_text()))
+    for chunk_s in (20, 5, 0):
+        transcript, record, files = chunked_job(chunked_fleet, film, root / f"out{chunk_s}", "chunked", chunk_s)
+        runs[str(chunk_s)] = (transcript, record, cues(files["srt"].read_text()))
     return spoken, runs
 
 
@@ -122,33 +103,11 @@ def test_short_chunks_cut_inside_windows_drop_or_double_no_sentence(film_runs):
     assert statistics.median(shifts) <= 0.05, shifts
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory, stage_envs, whisper_model):
-    """A bus, a coordinator and the chunked workflow's services with two asr workers of one
-    thread each; a killed worker's request comes back after 6 s (CAPTIONBUS_ACK_WAIT)."""
-    from captionbus.models import ensure_silero_vad
-
-    ensure_silero_vad()
-    root = tmp_path_factory.mktemp("fleet")
-    server = EmbeddedServer(root / "nats")
-    server.start()
-    env = {**os.environ, "NATS_URL": server.url, "CAPTIONBUS_ACK_WAIT": "6", "CAPTIONBUS_MAX_DELIVER": "4",
-           "CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off"}
-    stack = Stack(root=root, server=server, env=env)
-
-    async def prepare():
-        nc = await connect(server.url, "test-provision")
-        await provision(nc.jetstream())
-        await nc.close()
-
-    run_async(prepare())
-    try:
-        stack.start_coordinator()
-        services = [stack.start_stage(stage) for stage in CHUNKED_STAGES] + [stack.start_stage("asr", replica=1)]
-        stack.wait_ready(services)
-        yield stack
-    finally:
-        stack.close()
+@pytest.fixture
+def fleet(chunked_fleet):
+    """The session's chunked fleet (tests/e2e/conftest.py): two asr workers of one thread each;
+    a killed worker's request comes back after 6 s (CAPTIONBUS_ACK_WAIT)."""
+    return chunked_fleet
 
 
 def test_two_asr_workers_decode_chunks_of_one_film_at_the_same_time(fleet, tmp_path):

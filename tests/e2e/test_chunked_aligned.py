@@ -1,8 +1,9 @@
-"""Alignment per chunk end to end (the `chunked_aligned` workflow): `captionbus run` on real parts
-(nats-server, ffmpeg, Silero VAD, Whisper base and the alignment stage in the whisperx env, a tiny
-random wav2vec2 model from tests/model_factory/wav2vec2.py) on an espeak-ng film with pauses,
-once cut into chunks at silences and once as one chunk. Random alignment weights give valid
-CTC paths, not accurate times: what is compared is chunked against unchunked."""
+"""Alignment per chunk end to end (the `chunked_aligned` workflow) on real parts (nats-server,
+ffmpeg, Silero VAD, Whisper base and the alignment stage in the whisperx env, a tiny random
+wav2vec2 model from tests/model_factory/wav2vec2.py; the session's chunked fleet,
+tests/e2e/conftest.py) on an espeak-ng film with pauses, once cut into chunks at silences and
+once as one chunk. Random alignment weights give valid CTC paths, not accurate times: what is
+compared is chunked against unchunked."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,8 @@ import sys
 import pytest
 
 from tests.e2e.test_chunked import timed_words
+from tests.e2e.conftest import chunked_job
 from tests.media import speech_film
-from tests.model_factory.wav2vec2 import ensure_wav2vec2
-from tests.envtools import test_models_root
 
 
 def item_nodes(record: dict, stage: str) -> list[str]:
@@ -23,27 +23,11 @@ def item_nodes(record: dict, stage: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def aligned_runs(tmp_path_factory, stage_envs, whisper_model):
-    from captionbus.models import ensure_silero_vad
-
-    ensure_silero_vad()
+def aligned_runs(tmp_path_factory, chunked_fleet):
     root = tmp_path_factory.mktemp("chunked_aligned")
     film, _ = speech_film(root / "film.mp4", repeat=2)
-    env = {**os.environ, "CAPTIONBUS_HOME": str(root / "home"),
-           "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("NATS_URL", None)
-    runs = {}
-    for chunk_s in ("20", "0"):
-        out = root / f"out{chunk_s}"
-        done = subprocess.run(
-            [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked_aligned", "-s", "en",
-             "--chunk-s", chunk_s, "-o", "asr.cache=false", "-o", "alignment.cache=false", "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[chunk_s] = (json.loads((out / "film.transcript.json").read_text()),
-                         json.loads((out / "film.job.json").read_text()))
-    return runs
+    return {str(chunk_s): chunked_job(chunked_fleet, film, root / f"out{chunk_s}", "chunked_aligned", chunk_s)[:2]
+            for chunk_s in (20, 0)}
 
 
 def test_chunked_aligned_word_times_equal_unchunked_aligned_each_chunk_aligned_once(aligned_runs):

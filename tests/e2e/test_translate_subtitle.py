@@ -150,3 +150,30 @@ def test_unsupported_pair_is_refused_at_submit(tmp_path, model_env):
     assert "no translation backend for hi -> la" in done.stderr and "Traceback" not in done.stderr
     done = captionbus(["run", str(video), "-w", "translate", "-t", "hi"], tmp_path / "home", model_env, timeout=60)
     assert done.returncode == 2 and "needs the source language" in done.stderr
+
+
+def test_every_translation_failing_still_delivers_the_source_subtitles_fast(tmp_path, model_env):
+    """Issue 18's run: `run -w subtitle -s en -t fr` where the NLLB weights are not there (an id
+    not in an empty Hugging Face cache, HF_HUB_OFFLINE=1). The translation fails at once with
+    the variable to set; the English SRT/VTT and a mux with the English track are written; the
+    job completes with fr in failed_branches and exits 3 naming it. Before: "every branch
+    failed", nothing written, exit 1 after 205 s."""
+    video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    env = {**model_env, "CAPTIONBUS_NLLB_MODEL": "facebook/nllb-200-distilled-600M", "HF_HOME": str(tmp_path / "hf")}
+    started = time.monotonic()
+    done = captionbus(["run", str(video), "-w", "subtitle", "-s", "en", "-t", "fr", "--out", str(tmp_path / "out")],
+                      tmp_path / "home", env)
+    took = time.monotonic() - started
+    said = done.stdout + done.stderr
+    assert done.returncode == 3, said[-4000:]
+    assert "branch fr failed" in said and "HF_HUB_OFFLINE is set" in said and "CAPTIONBUS_NLLB_MODEL" in said
+    assert "job completed without: fr" in said
+    out = tmp_path / "out"
+    record = json.loads((out / "talk.job.json").read_text())
+    assert record["status"] == "completed" and set(record["failed_branches"]) == {"fr"}
+    assert pysubs2.load(str(out / "talk.srt")) and (out / "talk.vtt").exists()
+    assert not (out / "talk.fr.srt").exists()
+    for container in ("mp4", "mkv"):
+        tracks = [s for s in ffprobe_json(next(out.glob(f"*.{container}")))["streams"] if s["codec_type"] == "subtitle"]
+        assert [s["tags"]["language"] for s in tracks] == ["eng"], tracks
+    print(f"subtitle -t fr without NLLB weights: exit 3 after {took:.1f} s")

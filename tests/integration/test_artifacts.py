@@ -13,8 +13,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import nats.js.errors
 import pytest
-from nats.js import api
 
 from contracts import ArtifactRef, subjects
 from core import artifacts
@@ -91,43 +91,83 @@ def test_put_skips_an_upload_that_is_already_there(nats_server, tmp_path):
 
 
 def test_reads_objects_written_by_nats_py(nats_server, tmp_path):
+    """A bucket nats-py wrote before provisioning turned its rollups off (an older fleet): its
+    objects stay readable; nats-py's put, which sends a rollup, is refused from then on."""
     data = os.urandom(2 * CHUNK + 5)
     key = hashlib.sha256(data).hexdigest()
 
     async def body(js, producer, consumer):
+        stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+        config = (await js.stream_info(stream)).config
+        config.allow_rollup_hdrs = True
+        await js.update_stream(config)
         obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
         await obj.put(key, data)
+        await provision(js)
+        assert not (await js.stream_info(stream)).config.allow_rollup_hdrs
         ref = ArtifactRef(key=key, name="x.bin", size=len(data), in_object_store=True)
         assert (await consumer.get(ref)).read_bytes() == data
+        with pytest.raises(nats.js.errors.ServerError, match="rollup not permitted"):
+            await obj.put("other", b"x")
 
     run(nats_server, tmp_path, body)
 
 
-def test_other_bytes_under_the_key_are_refused(nats_server, tmp_path):
+def test_other_bytes_published_under_the_key_later_are_never_served(nats_server, tmp_path):
     src = _random_file(tmp_path / "input" / "a.bin", 2 * CHUNK)
 
     async def body(js, producer, consumer):
-        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
         ref = await producer.put(src)
-        await obj.put(ref.key, os.urandom(ref.size))  # same size, other bytes: digest differs
-        with pytest.raises(ArtifactCorrupt, match="other bytes"):
-            await consumer.get(ref)
-        assert consumer.local_path(ref) is None
+        # Appended by any writer: the object is its first meta message, so nothing changes.
+        await _forge(js, ref, os.urandom(ref.size), replace=False)
+        assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
 
     run(nats_server, tmp_path, body)
 
 
-async def _forge(js, ref, data: bytes) -> None:
-    """Replace the object under ref.key with `data` as chunks, behind a meta message that
-    still claims ref's size and digest: only checks made while streaming can tell."""
+def test_an_object_gc_deletes_while_it_is_stored_again_is_uploaded_not_revived(nats_server, tmp_path, monkeypatch):
+    """Storing an old object again appends a fresh-mtime copy of its meta (gc's grace period).
+    If gc purges the object between that lookup and the copy, the copy must not be written (it
+    would name purged chunks): the store uploads the bytes again instead."""
+    src = _random_file(tmp_path / "input" / "a.bin", 2 * CHUNK + 3)
+
+    async def body(js, producer, consumer):
+        ref = await producer.put(src)
+        [(listed, seq)] = await producer.objects.list_objects()  # what a gc run read
+        monkeypatch.setattr(transfer, "REFRESH_AFTER_S", -1.0)  # "old": refresh on the next put
+        original, purged = producer.objects.located, []
+
+        async def located(key, held=None):
+            found = await original(key, held)
+            if not purged:  # gc's delete lands right after the uploader's first lookup
+                purged.append(await producer.objects.delete(listed, seq))
+            return found
+
+        monkeypatch.setattr(producer.objects, "located", located)
+        assert await producer.put(src) == ref
+        assert purged == [True]
+        info = await consumer.objects.info(ref.key)
+        assert info is not None and info.nuid != listed.nuid  # uploaded again, not revived
+        assert (await consumer.get(ref)).read_bytes() == src.read_bytes()
+
+    run(nats_server, tmp_path, body)
+
+
+async def _forge(js, ref, data: bytes, *, replace: bool = True) -> None:
+    """Put `data` as chunks under ref.key, behind a meta message that still claims ref's size and
+    digest (and as many chunks as `data` fills): only checks made while streaming can tell.
+    replace: purge the real meta first (the test bus has no users; on a fleet only gc may purge),
+    so the forged one is the object's first; else the forged meta is appended, as any writer can."""
     obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
     good = await obj.get_info(ref.key)
     nuid = "FORGED" + good.nuid[6:]
     for i in range(0, len(data), CHUNK):
         await js.publish(f"$O.{subjects.ARTIFACTS_BUCKET}.C.{nuid}", data[i:i + CHUNK])
-    forged = {**good.as_dict(), "nuid": nuid}
+    forged = {**good.as_dict(), "nuid": nuid, "chunks": -(-len(data) // CHUNK)}
     meta_subj = f"$O.{subjects.ARTIFACTS_BUCKET}.M.{base64.urlsafe_b64encode(ref.key.encode()).decode()}"
-    await js.publish(meta_subj, json.dumps(forged).encode(), headers={api.Header.ROLLUP: "sub"})
+    if replace:
+        await js.purge_stream(f"OBJ_{subjects.ARTIFACTS_BUCKET}", subject=meta_subj)
+    await js.publish(meta_subj, json.dumps(forged).encode())
 
 
 def test_corrupt_chunks_are_caught_while_streaming(nats_server, tmp_path):

@@ -67,7 +67,7 @@ from pathlib import Path
 from contracts.speech import SpeechRegion, SpeechRegions
 from services.asr.stage import STAGE
 from services.runtime import SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 work = Path(wav_path).parent / "stage"
 work.mkdir(exist_ok=True)
@@ -109,7 +109,7 @@ def spoken_16k(tmp: Path, name: str, text: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mlx_runs(tmp_path_factory, whisper_model):
     if not test_media.tools_available():
-        pytest.skip("needs ffmpeg and espeak-ng")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("asr-mlx")
     model_dir = ensure_whisper_mlx(test_models_root(), whisper_model)
 

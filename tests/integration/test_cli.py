@@ -39,6 +39,15 @@ def test_run_no_setup_refuses_missing_environments_with_the_fixing_command(cli_e
     assert not (tmp_path / "no-envs-here" / "common").exists()  # nothing was built
 
 
+def test_up_refuses_a_named_stage_whose_environment_is_not_built(cli_env, tmp_path):
+    """`up --stages demux` without the common env ended in "internal error: FileNotFoundError"."""
+    cli_env["CAPTIONBUS_ENVS"] = str(tmp_path / "no-envs-here")
+    done = captionbus("up", "--no-dashboard", "--stages", "demux", env=cli_env)
+    assert done.returncode == 2, done.stderr
+    assert "stage environments not ready: common (missing); run: captionbus envs create common" in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

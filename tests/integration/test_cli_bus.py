@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from captionbus import exitcodes
-from contracts import ArtifactRef, CurrentRequest, JobSpec, JobState, JobSubmitted, WorkerState, subjects
+from contracts import ArtifactRef, CurrentRequest, JobSpec, JobState, JobSubmitted, WorkerState, new_job_id, subjects
 from contracts.events import JobCompleted, JobFailed, JobRetryRequested, JobStarted
 from contracts.jobs import JobStatus
 from core.bus import connect, provision, publish_event
@@ -121,8 +121,10 @@ def test_events_follow_of_a_running_job_ends_with_it(nats_server, tmp_path):
     assert json.loads(first)["kind"] == "submitted"
     time.sleep(1)
     assert follower.poll() is None  # waiting for more
-    write(nats_server, events=[JobStarted(job_id="j2", workflow="transcribe", nodes=["asr"]),
-                               JobCompleted(job_id="j2", outputs={})])
+    # As the coordinator does: the state first, then the events. The follower ends at the job's
+    # real end: its terminal event, nothing stored after it, the state finished.
+    write(nats_server, [JobState(spec=spec("j2"), status=JobStatus.completed)],
+          events=[JobStarted(job_id="j2", workflow="transcribe", nodes=["asr"]), JobCompleted(job_id="j2", outputs={})])
     out, err = finish(follower, 30)
     assert follower.returncode == 0, err
     assert [json.loads(line)["kind"] for line in out.splitlines()] == ["started", "completed"]
@@ -153,25 +155,40 @@ def test_events_follow_of_all_jobs_stops_on_ctrl_c(nats_server, tmp_path, sig):
     assert follower.returncode == exitcodes.INTERRUPTED, err
 
 
-def test_jobs_table_fits_80_columns_and_wide_shows_everything(nats_server, tmp_path):
+def test_jobs_table_uses_the_terminal_width_and_never_cuts_an_id(nats_server, tmp_path):
+    """Issue 19: at 80 columns even on a 120-column terminal, once a job had a reason its id printed
+    as `j1a24d72458c-096cb…`, which `status` cannot take; `--wide` wrapped ids over two lines."""
     long_name = "a-very-long-film-title-from-the-archive-reel-3.mkv"
-    state = JobState(spec=JobSpec(job_id="j-wide", workflow="subtitle", input=INPUT.model_copy(update={"name": long_name}),
-                                  source_language="en", target_languages=["hi"]),
-                     status=JobStatus.failed, error="translation_nllb: the model folder is missing its tokenizer")
-    write(nats_server, [state])
-    env = {"COLUMNS": "200"}  # a wide terminal still gets the compact table
-    narrow = subprocess.run([sys.executable, "-m", "captionbus", "jobs"], env={**cli_env(nats_server, tmp_path), **env},
-                            capture_output=True, text=True, timeout=60)
-    assert narrow.returncode == 0, narrow.stderr
-    lines = narrow.stdout.splitlines()
-    assert max(map(len, lines)) <= 80, lines
-    assert len(lines) == 2 and "j-wide" in lines[1] and "subtitle" in lines[1] and "failed" in lines[1]
-    wide = subprocess.run([sys.executable, "-m", "captionbus", "jobs", "--wide"],
-                          env={**cli_env(nats_server, tmp_path), **env}, capture_output=True, text=True, timeout=60)
-    assert long_name in wide.stdout and "missing its tokenizer" in wide.stdout
+    reason = "translation_nllb: the model folder /srv/models/nllb-200-distilled-600M is missing its tokenizer.json"
+    states = [JobState(spec=JobSpec(job_id=new_job_id(), workflow="subtitle", source_language="en",
+                                    input=INPUT.model_copy(update={"name": long_name}), target_languages=["hi"]),
+                       status=JobStatus.failed, error=reason) for _ in range(3)]
+    write(nats_server, states)
+
+    def jobs(columns: int, *extra: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "captionbus", "jobs", *extra], capture_output=True, text=True,
+                              env={**cli_env(nats_server, tmp_path), "COLUMNS": str(columns)}, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    for columns in (120, 60):  # 60: too narrow for the ids and states: printed wider, never cut
+        lines = jobs(columns)
+        assert len(lines) == 4, lines
+        for state, line in zip(states, lines[1:]):
+            assert line.split()[0] == state.job_id and "subtitle" in line and "failed" in line, line
+    lines = jobs(120)
+    assert max(map(len, lines)) <= 120 and max(map(len, lines)) > 100, lines  # the terminal's width, used
+    assert "…" in lines[1]  # the reason is elided, not the id
+    wide = jobs(120, "--wide")
+    assert [line.split()[0] for line in wide[1:] if not line.startswith(" ")] == [s.job_id for s in states]
+    assert max(map(len, wide)) <= 120 and len(wide) > 4, wide  # input and reason wrapped, in full
+    reason_at = wide[0].index("reason")
+    starts = [n for n, line in enumerate(wide) if n and not line.startswith(" ")] + [len(wide)]
+    first_job = "".join(line[reason_at:] for line in wide[starts[0]:starts[1]])
+    assert "".join(first_job.split()) == "".join(reason.split()), wide  # every character, wrapped
 
 
-def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp_path):
+def test_workers_table_is_one_line_per_worker_and_keeps_the_job_id_whole(nats_server, tmp_path):
     import nats.micro
 
     metadata = {"stage": "asr", "env": "whisperx", "host": "render-node-07.example.internal", "pid": "4242",
@@ -192,9 +209,10 @@ def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp
         await service.add_endpoint(name="info", subject="$SRV.WORKER.captionbus-asr", handler=lambda r: None)
         try:
             outputs = []
-            for extra in ([], ["--wide"]):
+            for extra, columns in (([], 80), ([], 160), (["--wide"], 80)):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "captionbus", "workers", *extra, env={**cli_env(nats_server, tmp_path), "COLUMNS": "200"},
+                    sys.executable, "-m", "captionbus", "workers", *extra,
+                    env={**cli_env(nats_server, tmp_path), "COLUMNS": str(columns)},
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
                 out, err = await asyncio.wait_for(proc.communicate(), 60)
                 assert proc.returncode == 0, err
@@ -204,12 +222,13 @@ def test_workers_table_is_one_line_per_worker_within_80_columns(nats_server, tmp
             await service.stop()
             await nc.close()
 
-    narrow, wide = asyncio.run(go())
+    narrow, broad, wide = asyncio.run(go())
     lines = narrow.splitlines()
     assert len(lines) == 2 and max(map(len, lines)) <= 80, lines
-    assert lines[1].split()[:2] == ["asr", "whisperx"] and "whisper-base-ct2"[:10] in lines[1]
+    assert lines[1].split()[:2] == ["asr", "whisperx"] and "whisper-base"[:10] in lines[1]
     assert re.search(r"busy [4-9]\ds", lines[1]), lines[1]  # 42 s and counting (a slow machine)
-    assert "j-20261201" in lines[1]
+    assert "j-20261201-long-id/asr-0007" in lines[1]  # the job id whole; host and model elided
+    assert "render-node-07.example.internal" in broad and "whisper-base-ct2" in broad  # room for all
     assert "torch=2.8.0+cu128" in wide and "python3.11" in wide and "4242" in wide
     assert "j-20261201-long-id/asr-0007 attempt 2" in wide
     assert "jobs done: 17, failed: 1; last error: RuntimeError: CUDA out of memory" in wide

@@ -504,7 +504,9 @@ def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
             state = await bus.finished("job-served")
             assert time.monotonic() - started < 10
         assert state.status == JobStatus.failed
-        assert "no demux worker has been running for" in state.error and "captionbus serve demux" in state.error
+        assert "no worker serves demux: none has answered for" in state.error
+        assert "captionbus serve demux" in state.error and "CAPTIONBUS_UNSERVED_TIMEOUT" in state.error
+        assert state.nodes["demux"].failure_class == "unserved"
 
     on_bus(nats_server, scenario)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -212,8 +213,7 @@ def test_up_collects_periodically_on_its_embedded_bus(nats_server, tmp_path):
 def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tmp_path):
     """A re-submitted input already in the stores is referenced by no job until the coordinator
     records the new one: storing it again makes it "just written", so the GC waits its grace."""
-    from nats.js.api import Header, ObjectInfo
-    from nats.js.kv import MSG_ROLLUP_SUBJECT
+    from nats.js.api import ObjectInfo
 
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object", retention_grace=3600)
 
@@ -225,8 +225,9 @@ def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tm
         old = datetime.fromtimestamp(time.time() - 7200, timezone.utc).isoformat()
         info = await store.objects.info(ref.key)
         aged = ObjectInfo.from_response({**info.as_dict(), "mtime": old})
-        await js.publish(store.objects._meta_subject(ref.key), json.dumps(aged.as_dict()).encode(),
-                         headers={Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        meta = store.objects._meta_subject(ref.key)  # the bucket refuses rollups: purge (an open test bus), then write
+        await js.purge_stream(store.objects.stream, subject=meta)
+        await js.publish(meta, json.dumps(aged.as_dict()).encode())
         os.utime(store.local_path(ref), (time.time() - 7200,) * 2)
         dry = await collect(settings, js, dry_run=True)
         assert (dry.object_store.count, dry.local_root.count) == (1, 1)  # unreferenced and past grace
@@ -286,3 +287,223 @@ def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# ---- fail-safe (issue 18): a failed read deletes nothing; garbage is skipped; dry run == real run
+
+@contextlib.contextmanager
+def _users_server(tmp_path: Path, users: dict[str, str]):
+    """A nats-server -js whose users have the given `permissions` blocks (name -> block body);
+    yields {user: url}. For real refusals: a request the server refuses gets no reply."""
+    from captionbus.server import _free_port, nats_server_binary
+
+    port = _free_port()
+    entries = "\n".join(f'  {{user: "{u}", password: "pw-{u}", permissions: {{{p}}}}}' for u, p in users.items())
+    log = tmp_path / "users-server.log"
+    conf = tmp_path / "users-server.conf"
+    conf.write_text(f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+                    f"authorization {{ users: [\n{entries}\n] }}\n")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (log.exists() and "Server is ready" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+ALL = 'publish: ">", subscribe: ">"'
+
+
+def _all_but(*subjects_denied: str) -> str:
+    return 'publish: {allow: ">", deny: [' + ", ".join(f'"{s}"' for s in subjects_denied) + ']}, subscribe: ">"'
+
+
+async def _seed_mixed(js, store: ArtifactStore, tmp_path: Path, now: datetime) -> dict:
+    """Old finished job (output and events past retention), running job, live cache entry,
+    an orphan: what each kind of GC decision needs."""
+    src = tmp_path / "src"
+    refs = {name: await store.put(_file(src, f"{name}.bin", size)) for name, size in
+            (("input", 150_000), ("old_out", 200_000), ("running_mid", 120_000), ("cached", 90_000),
+             ("orphan", 80_000))}
+    old = JobState(spec=JobSpec(job_id="job-old", input=refs["input"]), status=JobStatus.completed,
+                   nodes={"asr": NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": refs["old_out"]})},
+                   outputs={"srt": refs["old_out"]}, updated_at=now)
+    running = JobState(spec=JobSpec(job_id="job-running", input=refs["input"]), status=JobStatus.running,
+                       nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                 outputs={"audio": refs["running_mid"]})})
+    await _write_job(js, old)
+    await _write_job(js, running)
+    cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+    await cache.put("e" * 64, json.dumps({"outputs": {"out": refs["cached"].model_dump(mode="json")}}).encode())
+    return refs
+
+
+def _gc_settings(url: str, tmp_path: Path, name: str) -> Settings:
+    return Settings(home=tmp_path / name, nats_url=url, artifacts_mode="object", retention_outputs=7 * DAY,
+                    retention_events=5 * DAY, retention_cache=30 * DAY, retention_grace=3600)
+
+
+def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
+    """A refused read (the server gives no reply: what a blip or a leader election looks like to
+    the client) aborts the run before its first delete and names what could not be read. Before
+    issue 18 a failed listing read as "no jobs": this run would have deleted the running job's
+    input and intermediate, past their grace period."""
+    from core.gc import GcError
+
+    users = {"admin": ALL,
+             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>"),
+             "no-cache": _all_but("$JS.API.STREAM.INFO.KV_cb_stage_cache")}
+    with _users_server(tmp_path, users) as urls:
+
+        async def main():
+            nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
+            now = datetime.now(timezone.utc)
+            refs = await _seed_mixed(js, store, tmp_path, now)
+            later = now.timestamp() + 8 * DAY
+            bytes_at_start = (await js.stream_info(f"OBJ_{subjects.ARTIFACTS_BUCKET}")).state.bytes
+            for user, what in (("no-jobs", "job records"), ("no-cache", "the stage cache")):
+                unc = await connect(urls[user], f"gc-{user}")
+                ujs = unc.jetstream(timeout=1.0)
+                for dry_run in (True, False):
+                    with pytest.raises(GcError) as failed:
+                        await collect(_gc_settings(urls[user], tmp_path, user), ujs, dry_run=dry_run, now=later)
+                    assert f"gc stopped before deleting anything: cannot read {what}" in str(failed.value)
+                    assert failed.value.bus and failed.value.report.deletions == []
+                    assert failed.value.report.object_store.count == 0
+                await unc.close()
+            assert (await js.stream_info(f"OBJ_{subjects.ARTIFACTS_BUCKET}")).state.bytes == bytes_at_start
+            assert all([await store.exists(r) for r in refs.values()])
+            assert sorted(await (await js.key_value(subjects.JOBS_BUCKET)).keys()) == ["job-old", "job-running"]
+            # The same state read in full: the old job's output and the orphan go, nothing else.
+            report = await collect(_gc_settings(urls["admin"], tmp_path, "admin"), js, now=later)
+            gone = {d["name"] for d in report.deletions if d["kind"] == "object"}
+            assert gone == {refs["old_out"].key, refs["orphan"].key}
+            await nc.close()
+
+        asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_malformed_metadata_is_skipped_and_reported_never_fatal(nats_server, tmp_path):
+    """One client's garbage on `$O.<bucket>.M.*` (not JSON; JSON naming another object) and a
+    cache entry that does not parse: every run, dry or real, goes on, reports each, deletes none
+    of them, and keeps the artifact keys a garbled record still names."""
+    settings = _gc_settings(nats_server, tmp_path, "home")
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-garbage")
+        now = datetime.now(timezone.utc)
+        refs = await _seed_mixed(js, store, tmp_path, now)
+        kept_by_garbage = await store.put(_file(tmp_path / "src", "named-in-garbage.bin", 70_000))
+        meta = f"$O.{subjects.ARTIFACTS_BUCKET}.M."
+        await js.publish(meta + "zz", b"not json at all")
+        info = await store.objects.info(refs["orphan"].key)
+        await js.publish(meta + "yy", json.dumps(info.as_dict()).encode())  # claims to be the orphan
+        cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
+        await cache.put("f" * 64, b"{broken " + kept_by_garbage.key.encode())
+        # A job record that does not parse (another schema, a torn write): what it names is kept
+        # as if its job were unfinished, however old.
+        named_by_record = await store.put(_file(tmp_path / "src", "named-in-record.bin", 60_000))
+        jobs = await js.key_value(subjects.JOBS_BUCKET)
+        await jobs.put("job-garbled", b'{"spec": {"input": {"key": "' + named_by_record.key.encode() + b'"')
+        later = now.timestamp() + 8 * DAY
+        for dry_run in (True, False):
+            report = await collect(settings, js, dry_run=dry_run, now=later)
+            assert len(report.malformed) == 4, report.malformed
+            assert any("job record job-garbled" in m for m in report.malformed)
+            assert any(f"{meta}zz" in m and "JSONDecodeError" in m for m in report.malformed)
+            assert any(f"{meta}yy" in m and "names object" in m for m in report.malformed)
+            assert any(f"stage cache entry kv:{'f' * 64}" in m for m in report.malformed)
+            assert {d["name"] for d in report.deletions if d["kind"] == "object"} == {
+                refs["old_out"].key, refs["orphan"].key}
+            assert "malformed, skipped and kept: object metadata" in report.summary()
+        assert await store.exists(kept_by_garbage) and await store.exists(refs["cached"])
+        assert await store.exists(named_by_record)
+        assert "job-garbled" in await jobs.keys()
+        assert (await js.get_last_msg(f"OBJ_{subjects.ARTIFACTS_BUCKET}", meta + "zz")).data == b"not json at all"
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_dry_run_and_the_real_run_after_it_decide_the_same(nats_server, tmp_path):
+    settings = _gc_settings(nats_server, tmp_path, "home")
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-same")
+        now = datetime.now(timezone.utc)
+        refs = await _seed_mixed(js, store, tmp_path, now)
+        # 31 days on: the cache entry has expired too, so every kind of decision is in play.
+        later = now.timestamp() + 31 * DAY
+        logged = []
+        dry = await collect(settings, js, dry_run=True, now=later, on_delete=lambda *a: logged.append(a))
+        real = await collect(settings, js, now=later, on_delete=lambda *a: logged.append(a))
+        assert dry.deletions == real.deletions
+        assert {d["kind"] for d in real.deletions} == {"object", "local file", "cache entry", "events", "job record"}
+        assert (dry.object_store, dry.local_root, dry.cache_entries, dry.job_histories, dry.job_records) == (
+            real.object_store, real.local_root, real.cache_entries, real.job_histories, real.job_records)
+        # Each deletion was reported as it was made, in order, dry ones marked as such.
+        assert [(k, n, b) for k, n, b, d in logged if d] == [(d["kind"], d["name"], d["bytes"]) for d in dry.deletions]
+        assert [(k, n, b) for k, n, b, d in logged if not d] == [(d["kind"], d["name"], d["bytes"]) for d in real.deletions]
+        again = await collect(settings, js, dry_run=True, now=later)
+        # The expired cache entry's artifact, one run later.
+        assert {(d["kind"], d["name"]) for d in again.deletions} == {("object", refs["cached"].key),
+                                                                     ("local file", refs["cached"].key)}
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_cli_fails_part_way_with_every_deletion_logged_and_the_summary(tmp_path):
+    """A real run whose user may delete objects but not purge event history: the objects go (each
+    line on stderr as it is made), the refused purge stops the run, the summary says what was
+    deleted, and the exit code is the bus's (4). A user that cannot read job records: exit 4,
+    nothing deleted, the summary printed all the same."""
+    users = {"admin": ALL, "no-events": _all_but("$JS.API.STREAM.PURGE.CB_EVENTS"),
+             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>")}
+    with _users_server(tmp_path, users) as urls:
+
+        async def seed():
+            nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
+            past = datetime.fromtimestamp(time.time() - 8 * DAY, timezone.utc)  # the old job finished 8 days ago
+            refs = await _seed_mixed(js, store, tmp_path, past)
+            await nc.close()
+            return refs
+
+        refs = asyncio.run(seed())
+        env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "cli"), "CAPTIONBUS_RETENTION_GRACE": "0",
+               "CAPTIONBUS_RETENTION_EVENTS": "432000", "CAPTIONBUS_RETENTION_OUTPUTS": "604800",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        cmd = [sys.executable, "-m", "captionbus", "gc"]
+        blind = subprocess.run(cmd, env={**env, "NATS_URL": urls["no-jobs"]}, capture_output=True, text=True,
+                               timeout=120)
+        assert blind.returncode == 4, blind.stderr
+        assert blind.stdout.startswith("gc deleted: 0 objects (0 B)")
+        assert "gc stopped before deleting anything: cannot read job records" in blind.stderr
+        assert "deleted object" not in blind.stderr
+
+        part = subprocess.run(cmd, env={**env, "NATS_URL": urls["no-events"]}, capture_output=True, text=True,
+                              timeout=120)
+        assert part.returncode == 4, part.stderr
+        gone = {refs["old_out"].key, refs["orphan"].key}  # past retention, past grace (0 here)
+        for key in gone:
+            assert f"deleted object {key}" in part.stderr
+        assert part.stdout.startswith("gc deleted: 2 objects"), part.stdout
+        assert "events of 0 jobs" in part.stdout and "0 job records" in part.stdout
+        last = part.stderr.strip().splitlines()[-1]
+        assert "gc stopped after" in last and "deleting events job-old" in last, last
+
+        async def check():
+            nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-check")
+            exists = {name: await store.objects.info(r.key) is not None for name, r in refs.items()}  # on the bus
+            keys = sorted(await (await js.key_value(subjects.JOBS_BUCKET)).keys())
+            await nc.close()
+            return exists, keys
+
+        exists, keys = asyncio.run(check())
+        assert exists == {"input": True, "old_out": False, "running_mid": True, "cached": True, "orphan": False}
+        assert keys == ["job-old", "job-running"]  # records go last: not reached

@@ -12,7 +12,7 @@ import pytest
 from tests import media as test_media
 from tests.envtools import run_in_env
 
-pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason="needs ffmpeg and espeak-ng to make media")
+pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason=test_media.MISSING)
 
 SCRIPT = r"""
 import json, sys

@@ -20,7 +20,7 @@ from contracts.transcript import Segment, Transcript, Word
 from tests import envtools
 from tests import media as test_media
 from tests.model_factory.wav2vec2 import ensure_wav2vec2
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 RUNNER = r"""
 import json, socket, sys, time
@@ -47,7 +47,7 @@ nltk.download = record_download
 import structlog
 from services.alignment.stage import STAGE
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 options, work, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -111,7 +111,7 @@ def english_transcript(duration: float) -> Transcript:
 @pytest.fixture(scope="module")
 def alignment_runs(tmp_path_factory):
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("alignment")
     models = {lang: ensure_wav2vec2(envtools.test_models_root(), lang) for lang in ("en", "hi")}
     broken = tmp / "broken-te-model"
@@ -276,8 +276,8 @@ def test_empty_transcript_passes_through_without_loading_anything(alignment_runs
 
 @pytest.mark.parametrize("job, message", [
     ("corrupt_audio", "audio is not a readable PCM WAV file"),
-    ("invalid_json", "transcript is not valid transcript JSON"),
-    ("wrong_shape", "transcript is not valid transcript JSON (segments.0.start"),
+    ("invalid_json", "input 'transcript' is not valid Transcript JSON: Invalid JSON"),
+    ("wrong_shape", "input 'transcript' is not valid Transcript JSON: segments.0.start="),
     ("language_mismatch", "the job says the audio is in 'hi' but the transcript is in 'en'"),
     ("unknown_language", "transcript language: unknown language code 'xx'"),
     ("translated", "the transcript is a translation (hi -> en)"),

@@ -31,7 +31,7 @@ from pathlib import Path
 import structlog
 import services.alignment.stage as alignment
 from services.runtime import SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 reads = []  # (start_s, end_s) of every WAV window the stage read, per run
 original_read_wav = alignment.read_wav
@@ -73,7 +73,7 @@ def sentence_spans(wav: Path) -> list[tuple[float, float]]:
 @pytest.fixture(scope="module")
 def aligned_both_ways(tmp_path_factory):
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("alignment_chunked")
     model = ensure_wav2vec2(envtools.test_models_root(), "en")
     sentences = test_media.FILM_SENTENCES[:6]

@@ -369,7 +369,8 @@ def test_declared_model_identity_follows_the_model_files(tmp_path: Path):
 
     import structlog
 
-    from contracts.stage_options import AsrOptions, VadOptions
+    from contracts.declarations.asr import AsrOptions
+    from contracts.declarations.vad import VadOptions
     from services.asr.stage import declare_model as asr_model
     from services.runtime import SetupContext
     from services.runtime.cache import model_identity
@@ -406,7 +407,7 @@ def test_alignment_declares_its_whole_model_table_before_loading(tmp_path: Path)
 
     import structlog
 
-    from contracts.stage_options import AlignmentOptions
+    from contracts.declarations.alignment import AlignmentOptions
     from services.alignment.stage import declare_model
     from services.runtime import SetupContext
     from services.runtime.cache import model_identity
@@ -438,7 +439,8 @@ def test_translation_and_separation_declare_their_models_before_loading(tmp_path
 
     import structlog
 
-    from contracts.stage_options import IndicTrans2Options, NllbOptions, SourceSeparationOptions
+    from contracts.declarations.source_separation import SourceSeparationOptions
+    from contracts.declarations.translation import IndicTrans2Options, NllbOptions
     from services.runtime import SetupContext
     from services.runtime.cache import model_identity
     from services.source_separation.stage import STAGE as DEMUCS

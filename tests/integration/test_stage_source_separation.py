@@ -35,7 +35,7 @@ from pathlib import Path
 import structlog
 from services.runtime import BadInput, Cancelled, SetupContext
 from services.source_separation.stage import STAGE, load_model
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 work, stand_in, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -125,7 +125,7 @@ def demucs_repo() -> Path:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
     if not test_media.tools_available():
-        pytest.skip("needs ffmpeg and espeak-ng")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("separation-media")
     speech, _ = test_media.speech_wav(tmp / "speech.wav")
     total = LEAD_S + SPEECH_S + TAIL_S

@@ -109,7 +109,7 @@ from pathlib import Path
 import structlog
 from services.translation.indictrans2_stage import STAGE
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 models, work, transcripts, jobs = json.loads(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 options = {"model_" + d.replace("-", "_"): path for d, path in models.items()}

@@ -29,7 +29,7 @@ import structlog
 from services.translation.nllb_stage import STAGE
 from services.translation.glossary import Glossary, Term
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 model_dir, work, jobs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 started = time.monotonic()

@@ -32,7 +32,7 @@ from pathlib import Path
 import structlog
 from importlib import import_module
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 module, stage, env, model, work, *jobs = sys.argv[1:]
 STAGE = import_module(module).STAGE
@@ -107,7 +107,7 @@ def sounding_spans(clean: np.ndarray, bridge_s: float = 0.5) -> list[tuple[float
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict:
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     tmp = tmp_path_factory.mktemp("vad")
     speech = {
         "en": test_media.speech_wav(tmp / "en22k.wav")[0],
@@ -266,7 +266,7 @@ def test_a_truncated_file_gives_the_regions_it_holds_and_a_warning(backend_runs,
     ("corrupt", {}, "not a readable PCM WAV"),
     ("stereo", {}, "must be 16 kHz mono 16-bit PCM WAV (the demux output); got 44100 Hz, 2 channel(s)"),
     ("speech", {"threshold": 1.5}, "threshold"),
-    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (contracts.stage_params)
+    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (services/vad/declaration.py)
     ("speech", {"min_silence_s": "long"}, "min_silence_s='long': Input should be a valid number"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(backend_runs, name, params, message):

@@ -19,7 +19,7 @@ import pytest
 
 from contracts.speech import SpeechRegion, SpeechRegions
 from tests import media as test_media
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 from services.asr.stage import STAGE
 from services.runtime import BadInput, SetupContext
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 model_dir, work, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -109,9 +109,7 @@ def speech_silence_noise_speech(tmp: Path) -> tuple[Path, str, str, tuple[float,
     first, second = "Please open the window before the meeting starts", "The train to the city leaves at nine"
     parts = []
     for n, text in enumerate((first, second)):
-        wav = tmp / f"part{n}.wav"
-        subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(wav), "--", text], check=True, timeout=60)
-        parts.append(wav)
+        parts.append(test_media.speech_wav(tmp / f"part{n}.wav", text)[0])
     out = tmp / "speech_noise.wav"
     subprocess.run([
         "ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(parts[0]), "-i", str(parts[1]),
@@ -222,7 +220,7 @@ def test_metrics_progress_and_model_description(asr_runs):
 
 
 def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
-    # refused by the params model (contracts.stage_params.AsrParams) before the handler runs
+    # refused by the params model (services/asr/declaration.py: AsrParams) before the handler runs
     assert "bad asr params: language='xx': unknown language code" in asr_runs["runs"][2]["bad_input"]
     assert "not 'whisper-large-v3'" in asr_runs["runs"][3]["bad_input"]
 
@@ -296,7 +294,7 @@ def test_empty_regions_mean_no_speech(asr_runs):
 
 
 def test_corrupt_or_foreign_regions_are_bad_input(asr_runs):
-    assert "speech regions input is not valid SpeechRegions JSON" in asr_runs["runs"][9]["bad_input"]
+    assert "input 'regions' is not valid SpeechRegions JSON" in asr_runs["runs"][9]["bad_input"]
     assert "belong to another file" in asr_runs["runs"][10]["bad_input"]
 
 

@@ -8,14 +8,14 @@ from click.testing import CliRunner
 
 import pytest
 
-from captionbus.cli import UserError, _device_envs, _parse_options, _with_job_options
+from captionbus.cli import UserError, device_envs, parse_options, with_job_options
 
 
 @click.command()
-@_with_job_options
+@with_job_options
 def probe(workflow, source, targets, options):
     click.echo(json.dumps({"workflow": workflow, "source": source, "targets": targets,
-                           "options": _parse_options(options)}))
+                           "options": parse_options(options)}))
 
 
 def test_convenience_flags_become_options(tmp_path):
@@ -46,8 +46,8 @@ def test_chunk_s_becomes_the_chunk_stage_target_and_is_never_negative():
 
 
 def test_devices_pin_one_cuda_device_per_replica_in_turn():
-    assert _device_envs("0,1", 3) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
+    assert device_envs("0,1", 3) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
                                       {"CUDA_VISIBLE_DEVICES": "0"}]
-    assert _device_envs(None, 2) == [None, None]
+    assert device_envs(None, 2) == [None, None]
     with pytest.raises(UserError, match="CUDA device indexes"):
-        _device_envs("0;rm -rf /", 1)
+        device_envs("0;rm -rf /", 1)

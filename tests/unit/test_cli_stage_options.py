@@ -78,7 +78,7 @@ def test_stages_prints_params_and_service_options_from_the_models(tmp_path):
         assert f"{stage} params" in everything.stdout
     assert "model_<lang>" in everything.stdout and "CAPTIONBUS_PYANNOTE_SEGMENTATION" in everything.stdout
     unknown, _ = captionbus(tmp_path, "stages", "karaoke")
-    assert unknown.returncode == 2 and "unknown stage 'karaoke'; stages: demux, " in unknown.stderr
+    assert unknown.returncode == 2 and "unknown stage 'karaoke'; stages: alignment, asr, chunk, demux, " in unknown.stderr
 
 
 def test_a_stage_service_refuses_bad_options_before_touching_the_bus(tmp_path):
@@ -105,4 +105,4 @@ def test_serve_checks_the_stage_and_its_environment_first(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: asr service options from the environment: device='gpu': Input should be 'cpu' or 'cuda'"
     done, _ = captionbus(tmp_path, "serve", "asrr")
-    assert done.returncode == 2 and "unknown stage 'asrr'; stages: demux, " in done.stderr
+    assert done.returncode == 2 and "unknown stage 'asrr'; stages: alignment, asr, chunk, demux, " in done.stderr

@@ -11,6 +11,7 @@ from captionbus.dashboard.auth import AuthError, check_bind, parse_listen, token
 from captionbus.dashboard.board import Fanout, job_detail, job_summary, matches, parse_time, realtime_factor
 from contracts import ArtifactRef, JobSpec, JobState
 from contracts.jobs import JobStatus, NodeState, NodeStatus
+from core.settings import Settings
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -128,7 +129,7 @@ def test_binds_and_tokens(tmp_path):
         check_bind(host, "t")
     token = tmp_path / "token"
     token.write_text("abc\n")
-    assert token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN_FILE": str(token), "CAPTIONBUS_DASHBOARD_TOKEN": "x"}) == "abc"
-    assert token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN": "x"}) == "x" and token_from_env({}) is None
+    assert token_from_env(Settings(dashboard_token_file=token, dashboard_token="x")) == "abc"
+    assert token_from_env(Settings(dashboard_token="x")) == "x" and token_from_env(Settings()) is None
     with pytest.raises(AuthError, match="no-such"):
-        token_from_env({"CAPTIONBUS_DASHBOARD_TOKEN_FILE": str(tmp_path / "no-such")})
+        token_from_env(Settings(dashboard_token_file=tmp_path / "no-such"))

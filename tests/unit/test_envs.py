@@ -271,3 +271,20 @@ def test_cli_list(home: Path):
     result = CliRunner().invoke(envs_cli, ["list"])
     assert result.exit_code == 0, result.output
     assert "whisperx" in result.output and "missing" in result.output and "asr→whisperx" in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages: [asr]", "stages=['asr']: Input should be a valid dictionary"),
+    ("routes: {}", "key 'stages' is missing; unknown key 'routes'"),
+    ("stages:\n  asr: {env: 3}", "stages.asr.env=3: Input should be a valid string"),
+    ("stages:\n  asr: {env: whisperx, backends: {gpu: cuda}}", "Input should be 'cuda', 'mlx', 'mps' or 'cpu'"),
+    ("stages:\n  asr: {env: whisperx, colour: blue}", "unknown key 'stages.asr.colour'"),
+    ("stages: {", "not valid YAML"),
+])
+def test_a_bad_stage_map_is_refused_with_the_key_named(tmp_path: Path, text, message):
+    """config/stages.yaml is validated by a pydantic model (captionbus/envs/stages.py StageMap)."""
+    path = tmp_path / "stages.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as refused:
+        envs.load_stage_map(path)
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)

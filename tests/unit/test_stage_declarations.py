@@ -1,10 +1,12 @@
-"""Each stage module's StageDefinition declares what contracts.stage_specs.STAGES says (the
-coordinator and the CLI check against the registry without importing a stage), stage modules
-import no ML library until setup() runs, and the service options load from the command line
-and the environment with their types and allowed values."""
+"""One declaration per stage (services/<folder>/declaration.py): every file derived from the
+declarations is fresh (`python -m captionbus.stagegen --check`), each stage module's
+StageDefinition takes its spec, the generator refuses a declaration that breaks the rules, stage
+modules import no ML library until setup() runs, and the service options load from the command
+line and the environment with their types and allowed values."""
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +14,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contracts.stage_options import AlignmentOptions, AsrOptions, IndicTrans2Options, NoOptions, VadPyannoteOptions
-from contracts.stage_params import SUBTITLE_FORMATS
+from captionbus import stagegen
+from contracts.declarations.alignment import AlignmentOptions
+from contracts.declarations.asr import AsrOptions
+from contracts.declarations.subtitle_gen import SUBTITLE_FORMATS
+from contracts.declarations.translation import IndicTrans2Options
+from contracts.declarations.vad import VadPyannoteOptions
+from contracts.stage_options import NoOptions
 from contracts.stage_specs import STAGES, explain
-from services import STAGE_MODULES
+from core.service_options import load_options
+from services import declarations, stage_module
 from services.runtime.definition import SetupContext
 
 pytest.importorskip("numpy")  # stage modules use numpy at import; everything heavier loads in setup()
@@ -25,19 +33,76 @@ HEAVY = ("torch", "torchaudio", "whisperx", "faster_whisper", "ctranslate2", "tr
          "mlx", "mlx_whisper", "onnxruntime", "IndicTransToolkit", "sentencepiece", "nltk", "julius")
 
 
-def test_every_stage_module_declares_what_the_registry_says():
-    assert set(STAGE_MODULES) == set(STAGES)
-    for stage, module in STAGE_MODULES.items():
-        definition = importlib.import_module(module).STAGE
-        spec = STAGES[stage]
-        assert definition.name == stage
-        assert (definition.params, definition.outputs, definition.options) == (spec.params, spec.outputs, spec.options), stage
+def test_every_generated_file_is_fresh():
+    """The copies in contracts/declarations/, config/stages.yaml, the envs' stage lists and the
+    linter's stage folders are what the declarations give (the JSON Schemas: test_contracts)."""
+    assert stagegen.stale() == [], f"run {stagegen.COMMAND}"
+
+
+def test_every_stage_module_takes_its_declaration_and_the_coordinator_sees_the_same():
+    assert list(declarations()) == list(STAGES)
+    for stage, (folder, spec) in declarations().items():
+        definition = importlib.import_module(stage_module(stage)).STAGE
+        assert definition.spec is spec and definition.name == stage, stage
+        assert (definition.params, definition.outputs, definition.options) == (spec.params, spec.outputs, spec.options)
+        copy = STAGES[stage]  # the coordinator's: the generated copy, a class of its own
+        assert copy.params.model_json_schema() == spec.params.model_json_schema(), stage
+        assert copy.options.model_json_schema() == spec.options.model_json_schema(), stage
+        assert (copy.env, dict(copy.backends), copy.outputs, copy.inputs) == (spec.env, dict(spec.backends),
+                                                                            spec.outputs, spec.inputs)
+
+
+def _tree(tmp_path: Path) -> Path:
+    """A copy of the checkout's stage-related files to break on purpose."""
+    root = tmp_path / "tree"
+    for name in ("services", "contracts", "envs", "config"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", root)
+    return root
+
+
+def _generate(root: Path, *args: str) -> subprocess.CompletedProcess:
+    # The copy first on sys.path: the generator imports the copy's declarations.
+    script = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); from captionbus import stagegen; "
+              "sys.exit(stagegen.main(sys.argv[2:], pathlib.Path(sys.argv[1])))")
+    return subprocess.run([sys.executable, "-c", script, str(root), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("edit, error", [
+    ("import numpy\n", "imports numpy; a declaration may import pydantic, contracts and the standard library only"),
+    ("from services.runtime import BadInput\n", "imports services.runtime"),
+    ("from contracts.declarations.asr import AsrParams\n", "imports contracts.declarations.asr"),
+    ("from .plan import plan_chunks\n", "relative import"),
+])
+def test_a_declaration_that_imports_beyond_contracts_is_refused(tmp_path, edit, error):
+    root = _tree(tmp_path)
+    path = root / "services" / "chunk" / "declaration.py"
+    path.write_text(path.read_text().replace("from __future__ import annotations\n",
+                                             "from __future__ import annotations\n" + edit, 1))
+    with pytest.raises(stagegen.DeclarationError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        stagegen.check_imports(path)
+
+
+def test_a_changed_declaration_makes_its_generated_files_stale_until_regenerated(tmp_path):
+    root = _tree(tmp_path)
+    path = root / "services" / "chunk" / "declaration.py"
+    path.write_text(path.read_text().replace('env="common"', 'env="whisperx"'))
+    done = _generate(root, "--check")
+    assert done.returncode == 1
+    assert done.stdout.strip() == ("stale (generated from the stage declarations): config/stages.yaml, "
+                                   "contracts/declarations/chunk.py, envs/common.toml, envs/whisperx.toml; "
+                                   "run python -m captionbus.stagegen")
+    assert _generate(root).returncode == 0
+    assert _generate(root, "--check").returncode == 0
+    assert 'stages = ["alignment", "asr", "chunk"]' in (root / "envs" / "whisperx.toml").read_text()
+    assert "chunk" not in (root / "envs" / "common.toml").read_text().split("stages = ")[1].split("]")[0]
 
 
 def test_stage_modules_import_no_ml_library_until_setup():
     """In a fresh interpreter (this session's tests may have imported some already)."""
-    code = ("import importlib, sys; from services import STAGE_MODULES; "
-            "[importlib.import_module(m) for m in STAGE_MODULES.values()]; "
+    code = ("import importlib, sys; from services import declarations, stage_module; "
+            "[importlib.import_module(stage_module(s)) for s in declarations()]; "
             f"print(sorted(n for n in {HEAVY!r} if n in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -51,31 +116,46 @@ def test_subtitle_formats_are_one_list():
 
 
 def test_service_options_command_line_beats_environment_and_empty_is_unset():
-    env = {"CAPTIONBUS_ASR_MODEL": "/models/env", "CAPTIONBUS_ASR_BATCH_SIZE": "8", "CAPTIONBUS_ASR_DEVICE": ""}
-    options = AsrOptions.load({"model": "/models/cli"}, env)
+    """pydantic-settings' precedence on the stage's model (services/runtime/options.py)."""
+    env = {"CAPTIONBUS_ASR_MODEL": "/models/env", "CAPTIONBUS_ASR_BATCH_SIZE": "8", "CAPTIONBUS_ASR_DEVICE": "",
+           "CAPTIONBUS_MLX_OPENBLAS": "false"}
+    options = load_options(AsrOptions, {"model": "/models/cli"}, env)
     assert (options.model, options.batch_size, options.device, options.backend) == ("/models/cli", 8, None, None)
+    assert isinstance(options, AsrOptions) and options.mlx_openblas is False  # a field's own variable
+    assert load_options(AsrOptions, {"mlx_openblas": True}, env).mlx_openblas is True  # by name, over its variable
     assert AsrOptions.env_var("compute_type") == "CAPTIONBUS_ASR_COMPUTE_TYPE"
     assert VadPyannoteOptions.env_var("model") == "CAPTIONBUS_PYANNOTE_SEGMENTATION"
-    assert VadPyannoteOptions.load({}, {"CAPTIONBUS_PYANNOTE_SEGMENTATION": "/x.bin"}).model == "/x.bin"
+    assert load_options(VadPyannoteOptions, {}, {"CAPTIONBUS_PYANNOTE_SEGMENTATION": "/x.bin"}).model == "/x.bin"
+    assert "mlx_openblas" in AsrOptions.model_json_schema()["properties"]  # what --option takes
+
+
+def test_a_model_without_a_prefix_reads_no_environment(monkeypatch):
+    """An open model (noop's) or one without env_prefix takes only what it is given: with an
+    empty prefix every variable (PATH, THREADS) would otherwise be a candidate."""
+    from services.noop.declaration import NoopOptions
+
+    monkeypatch.setenv("THREADS", "7")
+    assert load_options(NoopOptions, {"x": 1}).model_dump() == {"x": 1}
+    assert load_options(NoOptions, {}, {"THREADS": "7"}).model_dump() == {}
 
 
 def test_a_bad_enum_value_is_refused_with_the_allowed_values():
     with pytest.raises(ValidationError) as refused:
-        AsrOptions.load({}, {"CAPTIONBUS_ASR_BACKEND": "whisper"})
+        load_options(AsrOptions, {}, {"CAPTIONBUS_ASR_BACKEND": "whisper"})
     assert explain(refused.value, "option") == "backend='whisper': Input should be 'whisperx' or 'mlx'"
     with pytest.raises(ValidationError) as refused:
-        AsrOptions.load({"devise": "cpu"}, {})
+        load_options(AsrOptions, {"devise": "cpu"}, {})
     assert explain(refused.value, "option") == "unknown option 'devise'"
     with pytest.raises(ValidationError, match="indic-indic"):
-        IndicTrans2Options.load({}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic,indic-hindi"})
-    assert IndicTrans2Options.load({}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic, indic-en"}).preload == [
+        load_options(IndicTrans2Options, {}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic,indic-hindi"})
+    assert load_options(IndicTrans2Options, {}, {"CAPTIONBUS_INDICTRANS2_PRELOAD": "en-indic, indic-en"}).preload == [
         "en-indic", "indic-en"]
     with pytest.raises(ValidationError):
-        NoOptions.load({"threads": 2}, {})
+        load_options(NoOptions, {"threads": 2}, {})
 
 
 def test_alignment_model_overrides_gather_per_language():
-    options = AlignmentOptions.load({"model_hi": "/w2v-hi", "model_ta": "", "cache_size": "3"},
+    options = load_options(AlignmentOptions, {"model_hi": "/w2v-hi", "model_ta": "", "cache_size": "3"},
                                     {"CAPTIONBUS_ALIGN_MODEL_EN": "/w2v-en", "CAPTIONBUS_ALIGN_MODEL_HI": "/env-hi"})
     assert options.models == {"en": "/w2v-en", "hi": "/w2v-hi", "ta": None} and options.cache_size == 3
 
@@ -87,3 +167,20 @@ def test_setup_context_parses_a_dict_with_the_stage_s_model(monkeypatch):
     with pytest.raises(ValidationError):
         SetupContext(stage="vad", env="t", models_dir=None, log=None, options={"device": "cuda"})
     assert SetupContext(stage="adhoc", env="t", models_dir=None, log=None, options={"x": 1}).options.x == 1
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"name": "Shout"}, "name 'Shout' must match"),
+    ({"env": "Common Env"}, "env 'Common Env' must match"),
+    ({"backends": {"gpu": "cuda"}}, "backend 'gpu' is not a hardware kind"),
+    ({"item_outputs": ("chunks",)}, "item output 'chunks' is not an output"),
+    ({"note": "two\nlines"}, "one line each"),
+    ({"params": dict}, "params must be a contracts.stage_params.StageParams subclass"),
+])
+def test_a_stage_spec_refuses_what_the_generated_files_could_not_hold(change, problem):
+    from contracts.stage_declaration import StageSpec
+    from contracts.stage_params import StageParams
+
+    base = dict(name="shout", summary="s", env="common", params=StageParams, outputs=("text",))
+    with pytest.raises(ValueError, match=problem):
+        StageSpec(**{**base, **change})

@@ -88,11 +88,19 @@ document.addEventListener('alpine:init', () => {
     packages(worker) {
       return Object.entries(worker).filter(([k]) => k.startsWith('pkg.')).map(([k, v]) => k.slice(4) + ' ' + v).join(', ');
     },
-    bar(a) {  // a Gantt bar, as a share of the job's whole span
-      const times = this.job.timeline.flatMap(t => [t.start, t.end].filter(Boolean)).map(t => Date.parse(t));
+    span() {  // the job's whole span on the timeline: attempts and job events (cancel, retry, end)
+      const times = [...this.job.timeline.flatMap(t => [t.start, t.end]), ...this.job.marks.map(m => m.time)]
+        .filter(Boolean).map(t => Date.parse(t));
       const t0 = Math.min(...times), t1 = Math.max(...times, Date.now() * (this.job.status === 'running'));
-      const span = Math.max(t1 - t0, 1), start = Date.parse(a.start), end = a.end ? Date.parse(a.end) : t1;
+      return [t0, Math.max(t1 - t0, 1)];
+    },
+    bar(a) {  // a Gantt bar, as a share of the job's whole span
+      const [t0, span] = this.span(), start = Date.parse(a.start), end = a.end ? Date.parse(a.end) : t0 + span;
       return `left:${(100 * (start - t0) / span).toFixed(2)}%;width:${Math.max(0.5, 100 * (end - start) / span).toFixed(2)}%`;
+    },
+    mark(m) {  // a job event (cancel, retry, end) as a line on the timeline
+      const [t0, span] = this.span();
+      return `left:${(100 * (Date.parse(m.time) - t0) / span).toFixed(2)}%`;
     },
   }));
 });

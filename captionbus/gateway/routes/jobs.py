@@ -109,10 +109,9 @@ async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStrea
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
     its stream sequence: reconnect with `Last-Event-ID` to resume after it."""
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    finished = state.status.value in FINISHED
 
-    async def stream():
-        async for seq, event in gw.job_events(js, state.job_id, after, idle_end_s=2.0 if finished else None):
+    async def stream():  # until the job's real end (ends.job_events), through cancel and retry
+        async for seq, event in gw.job_events(js, state.job_id, after):
             yield {"id": str(seq), "event": event.kind, "data": event.model_dump_json()}
 
     return event_stream(stream())

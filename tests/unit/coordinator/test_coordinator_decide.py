@@ -293,7 +293,8 @@ def test_a_failed_branch_while_the_join_waits_lets_the_join_run():
     assert requested(d) == ["mux"] and d.state.failed_branches.keys() == {"ta"}
 
 
-def test_every_branch_failing_fails_the_job_and_retry_reruns_them():
+def test_every_branch_failing_fails_the_job_when_every_output_needs_a_branch_and_retry_reruns_them():
+    """fanout.yaml's outputs are the branches' SRTs and a mux that joins them: nothing is left."""
     d = submit(FANOUT, target_languages=["ta", "hi"])
     for node in ("demux", "asr"):
         d = step(d, completed(node), FANOUT)
@@ -307,6 +308,55 @@ def test_every_branch_failing_fails_the_job_and_retry_reruns_them():
     assert d.state.status == JobStatus.running and d.state.failed_branches == {}
     assert sorted(requested(d)) == ["translation-hi", "translation-ta"]
     assert d.state.nodes["subtitle_gen-ta"].status == NodeStatus.waiting
+
+
+SUBTITLE = load_workflow(DEFAULT_WORKFLOWS_DIR / "subtitle.yaml")
+STAGE_OUTPUTS = {**OUTPUTS, "vad": ["regions"], "alignment": ["transcript"], "translation_nllb": ["transcript"]}
+
+
+def _done(d: Decision, node: str, graph) -> Decision:
+    stage = d.state.nodes[node].stage
+    outputs = {o: artifact(f"{node}.{o}") for o in STAGE_OUTPUTS[stage]}
+    return step(d, StageCompleted(job_id="j1", stage=stage, node=node, attempt=d.state.nodes[node].attempt,
+                                  outputs=outputs), graph)
+
+
+def test_every_translation_failing_still_delivers_the_source_subtitles_and_a_mux():
+    """Issue 18: `subtitle -s en -t fr,de` whose translations all fail completes with the
+    source-language SRT/VTT, the transcript and a mux of the tracks that exist, naming each
+    failed language; whichever order the work finishes in."""
+    for translations_fail_first in (True, False):
+        d = submit(SUBTITLE, source_language="en", target_languages=["fr", "de"])
+        for node in ("demux", "vad", "asr", "alignment"):
+            d = _done(d, node, SUBTITLE)
+        assert sorted(requested(d)) == ["subtitle_gen", "translation-de", "translation-fr"]
+        if not translations_fail_first:
+            d = _done(d, "subtitle_gen", SUBTITLE)
+        for lang in ("fr", "de"):
+            d = step(d, failed(f"translation-{lang}", reason=f"no model weights for en->{lang}"), SUBTITLE)
+        assert d.state.status == JobStatus.running, d.state.error
+        assert d.state.nodes["subtitle_gen_translated-fr"].status == NodeStatus.abandoned
+        if translations_fail_first:
+            assert "mux" not in d.state.nodes or d.state.nodes["mux"].status == NodeStatus.waiting
+            d = _done(d, "subtitle_gen", SUBTITLE)
+        mux = next(r for r in d.requests if r.node == "mux")
+        assert mux.input_lists == {"subtitles": [artifact("subtitle_gen.srt")]}  # the track that exists
+        d = _done(d, "mux", SUBTITLE)
+        assert d.state.status == JobStatus.completed and d.state.error is None
+        assert set(d.state.failed_branches) == {"fr", "de"}
+        assert "no model weights for en->fr" in d.state.failed_branches["fr"]
+        assert set(d.state.outputs) == {"transcript", "srt", "vtt", "mp4", "mkv"}
+        assert d.events[-1].kind == "completed" and set(d.events[-1].failed_branches) == {"fr", "de"}
+
+
+def test_every_translation_failing_in_translate_delivers_the_transcript():
+    translate = load_workflow(DEFAULT_WORKFLOWS_DIR / "translate.yaml")
+    d = submit(translate, source_language="en", target_languages=["fr"])
+    for node in ("demux", "vad", "asr", "alignment"):
+        d = _done(d, node, translate)
+    d = step(d, failed("translation-fr", reason="offline"), translate)
+    assert d.state.status == JobStatus.completed and set(d.state.outputs) == {"transcript"}
+    assert set(d.state.failed_branches) == {"fr"}
 
 
 def test_a_failure_outside_the_branches_still_fails_the_job():

@@ -32,7 +32,7 @@ def test_packaged_workflows_fit_their_stages():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda n: n["asr"].update(stage="asr_large"), "node asr: unknown stage 'asr_large' (stages: demux, "),
+    (lambda n: n["asr"].update(stage="asr_large"), "node asr: unknown stage 'asr_large' (stages: alignment, asr, chunk, demux, "),
     (lambda n: n["demux"].update(outputs=["audio", "probe", "video"]),
      "node demux: stage demux does not produce video (its outputs: audio, probe)"),
     (lambda n: n["asr"]["inputs"].update(speech="demux.audio"),

@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture
 def make_context(tmp_path: Path):
     """make_context(stage, inputs={name: path}, input_lists={name: [paths]}, params={...})."""
-    from tests.unit.stages.fake_context import make_fake_context
+    from services.runtime.testing import make_fake_context
 
     counter = iter(range(1_000_000))
 
@@ -33,5 +33,5 @@ def speech_clip(media_dir: Path) -> tuple[Path, str]:
     from tests import media as test_media
 
     if not test_media.tools_available():
-        pytest.skip("ffmpeg, ffprobe and espeak-ng are needed to make test media")
+        pytest.skip(test_media.MISSING)
     return test_media.speech_video(media_dir / "speech.mp4")

@@ -10,7 +10,7 @@ import numpy as np
 from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegion
 from services.asr.stage import cache_inputs
 from services.audio import read_wav
-from tests.unit.stages.fake_context import make_fake_context
+from services.runtime.testing import make_fake_context
 
 RATE = 16000
 

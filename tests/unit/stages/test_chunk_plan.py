@@ -118,7 +118,7 @@ def test_join_puts_segments_in_time_order_and_refuses_mixed_languages():
 def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_state_holds(tmp_path):
     from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
     from services.chunk.stage import handle
-    from tests.unit.stages.fake_context import make_fake_context
+    from services.runtime.testing import make_fake_context
 
     regions = SpeechRegions(backend="silero", duration=7200,
                             regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(1200)])
@@ -141,7 +141,7 @@ def test_an_unset_target_stretches_for_a_film_too_long_for_one_job_and_a_given_o
     unset the chunk stage picks longer chunks (and says so); a target_s the job gave is refused."""
     from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
     from services.chunk.stage import MAX_CHUNKS, handle
-    from tests.unit.stages.fake_context import make_fake_context
+    from services.runtime.testing import make_fake_context
 
     regions = SpeechRegions(backend="silero", duration=36000,
                             regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(6000)])

@@ -13,7 +13,7 @@ from services.demux.stage import STAGE
 from services.runtime import BadInput
 from tests import media as test_media
 
-pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason="needs ffmpeg, ffprobe, espeak-ng")
+pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason=test_media.MISSING)
 
 
 def test_demux_gives_16k_mono_wav_and_probe(speech_clip, make_context):

@@ -12,7 +12,7 @@ from services.mux.stage import STAGE
 from services.runtime import BadInput
 from tests import media as test_media
 
-pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason="needs ffmpeg, ffprobe, espeak-ng")
+pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason=test_media.MISSING)
 
 CUES = [(600, 2400, "The quick brown fox"), (2500, 5200, "jumps over the lazy dog"), (5300, 8000, "from the quiet harbour")]
 

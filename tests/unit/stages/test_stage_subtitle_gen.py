@@ -73,7 +73,8 @@ def test_empty_transcript_gives_empty_files_and_a_warning(tmp_path, make_context
 @pytest.mark.parametrize(
     "params, content, expected",
     [
-        ({}, '{"segments": "nope"}', "not valid transcript JSON"),
+        ({}, '{"segments": "nope"}', "input 'transcript' is not valid Transcript JSON: field 'language' is missing; "
+                                    "segments='nope': Input should be a valid array"),
         ({"language": "xx"}, None, "unknown language code 'xx'"),
         ({"profile": "nosuch"}, None, "unknown subtitle profile 'nosuch'"),
         ({"formats": ["srt", "docx"]}, None, "formats.1='docx': Input should be 'srt', 'vtt', 'ass', 'json' or 'txt'"),

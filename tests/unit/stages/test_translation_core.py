@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from contracts.transcript import Segment, Transcript, Word
+from services import declarations
 from services.runtime import BadInput, SetupContext
 from services.translation.core import translation_stage
 from services.translation.glossary import (
@@ -177,7 +178,7 @@ class SaysNothing(ReverseWords):
 
 
 def make_service(translator, stage="translation_nllb", options=None):
-    definition = translation_stage(stage, lambda ctx: translator, report_packages=("pydantic",))
+    definition = translation_stage(declarations()[stage][1], lambda ctx: translator, report_packages=("pydantic",))
     service = definition.setup(SetupContext(stage=stage, env="test", models_dir=Path("/nonexistent"),
                                             log=structlog.get_logger(), options=options or {}))
     return definition, service
@@ -293,14 +294,14 @@ def test_empty_transcript_gives_empty_translation_and_a_warning(tmp_path, make_c
     ({"target_language": "fr", "source_language": "la"}, None, "does not translate la -> fr (it has no la)"),
     ({}, None, "no target_language"),
     ({"target_language": "fr", "glossary": "\tno source"}, None, "source term is empty"),
-    # the params model (contracts.stage_params.TranslationParams) refuses these before the handler
+    # the params model (services/translation/declaration.py: TranslationParams) refuses these before the handler
     ({"target_language": "fr", "batch_size": 0}, None, "batch_size=0: Input should be greater than or equal to 1"),
     ({"target_language": "fr", "batch_size": 65}, None, "batch_size=65: Input should be less than or equal to 64"),
     ({"target_language": "fr", "batch_size": "many"}, None, "batch_size='many': Input should be a valid integer"),
     ({"target_language": "fr", "beam_size": 4}, None, "unknown param 'beam_size'"),
     ({"target_language": "fr", "glossary": ["x" * 201]}, None, "glossary"),
-    ({"target_language": "fr"}, "not json", "not valid transcript JSON"),
-    ({"target_language": "fr"}, json.dumps({"segments": []}), "not valid transcript JSON"),
+    ({"target_language": "fr"}, "not json", "input 'transcript' is not valid Transcript JSON: Invalid JSON"),
+    ({"target_language": "fr"}, json.dumps({"segments": []}), "Transcript JSON: field 'language' is missing"),
 ])
 def test_bad_input_is_refused_with_a_reason(tmp_path, make_context, params, inputs, message):
     translator = ReverseWords()

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.stage_params import VadParams
+from services.vad.declaration import VadParams
 from services.runtime.definition import parse_params as parse
 from services.runtime.errors import BadInput
 from services.vad.regions import (

@@ -1,8 +1,12 @@
-"""A stand-in for the runtime's StageContext, so stage handlers can be called directly (also
-from another interpreter, e.g. the whisperx env in the asr test).
+"""A stand-in for the runtime's StageContext, for stage authors' unit tests: call a handler
+directly (also from a stage's own interpreter, e.g. the whisperx env in the asr test) with
+`make_fake_context(work_dir, "mystage", inputs={"audio": wav}, params={...})`.
 
 This is not the bus: just the argument a handler receives, with inputs mapped straight to
-local files, progress and warnings recorded for assertions."""
+local files, progress and warnings recorded for assertions. Params are parsed with the stage's
+declared model and JSON inputs with `ctx.input(name, Model)` exactly as the runtime does (the
+same code: services.runtime.context), so a BadInput a handler's unit test sees is the one a job
+would fail with."""
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +17,12 @@ from typing import Any
 import structlog
 
 from contracts import ArtifactRef, StageRequest
-from contracts.stage_specs import STAGES
-from services.runtime.definition import OpenParams, parse_params
+from services.runtime.context import TypedInputs
+from services.runtime.definition import OpenParams, declared_spec, parse_params
 
 
 @dataclass
-class FakeStageContext:
+class FakeStageContext(TypedInputs):
     request: StageRequest
     work_dir: Path
     files: dict[str, Path]
@@ -35,7 +39,7 @@ class FakeStageContext:
     def params(self) -> Any:
         """request.params parsed with the stage's model, as the runtime hands them over
         (BadInput when they do not fit it)."""
-        spec = STAGES.get(self.request.stage)
+        spec = declared_spec(self.request.stage)
         return parse_params(spec.params if spec else OpenParams, self.request.params, self.request.stage)
 
     def input_path(self, name: str) -> Path:

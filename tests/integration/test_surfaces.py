@@ -1,0 +1,185 @@
+"""Every surface against every other, on one real local stack (issue 19): what the CLI, the
+dashboard (/api/workers, /api/queues, /metrics, the job page), the gateway's SSE and webhook
+deliveries say must be the same list of workers and the same history of a job.
+
+The stack (tests/system/stack.py): a real nats-server; two hosts' worth of stage service
+processes (CAPTIONBUS_HOST_ID `alpha` and `beta`): noop twice on alpha (replicas 0 and 1) and
+once on beta, demux and vad on alpha, subtitle_gen and mux on beta, the real stages in their own
+`common` env; the real coordinator; the gateway with a gateway-wide webhook subscriber (the
+example receiver); the dashboard; the CLI as a subprocess. A job is created, cancelled while its
+first noop node runs, retried once its webhook record is done, and completes; then the surfaces
+are compared."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from captionbus.client import submit
+from core.artifacts import ArtifactStore
+from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
+from tests.system.stack import LocalStack, until, webhook_log
+
+PAIR = {"name": "pair", "nodes": {
+    "first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"], "params": {"sleep_s": 8}},
+    "second": {"stage": "noop", "inputs": {"media": "first.media"}, "outputs": ["media"],
+               "params": {"sleep_s": 0.3, "warn": "a warning"}}},
+    "outputs": {"media": "second.media"}}
+# (host, stage, replica): noop has two replicas on alpha.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER = Path(CHROMIUM).exists() and importlib.util.find_spec("playwright") is not None
+FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0), ("alpha", "demux", 0),
+         ("alpha", "vad", 0), ("beta", "subtitle_gen", 0), ("beta", "mux", 0)]
+
+
+def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, receiver):  # noqa: F811
+    hooks, rec = receiver
+    followers: list[subprocess.Popen] = []
+
+    async def main():
+        async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows={"pair": PAIR}, hooks=hooks,
+                              secret=SECRET) as stack:
+            workers = await stack.workers_agree()
+            assert len(workers) == len(FLEET) and {w.split("/")[0] for w in workers} == {"alpha", "beta"}
+            job_id = await cancel_then_retry(stack)
+            await check_history(stack, job_id)
+            await check_job_workers(stack, job_id)
+            await stack.jobs_agree()
+            if BROWSER:
+                await check_pages(stack, job_id, workers)
+            else:
+                print("the browser check did not run: no playwright or no chromium")
+
+    async def cancel_then_retry(stack: LocalStack) -> str:
+        media = tmp_path / "clip.wav"
+        media.write_bytes(b"RIFF" + os.urandom(2000))
+        spec = await submit(stack.js, ArtifactStore(stack.settings("client"), stack.js), media, workflow="pair")
+        job_id = spec.job_id
+
+        async def running_first():
+            rows = (await stack.dash.get("/api/workers")).json()
+            return next((r for r in rows for c in r["current"] if c["job_id"] == job_id and c["node"] == "first"), None)
+        holder = await until(running_first, 30, "a noop worker to run the first node")
+        assert holder["stage"] == "noop"
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        assert (await stack.gw.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202
+
+        async def let_go():
+            rows = (await stack.dash.get("/api/workers")).json()
+            return not any(c["job_id"] == job_id for r in rows for c in r["current"])
+        await until(let_go, 10, "the worker to let the cancelled request go")
+        # dashboard polls every 2 s: within 2 s of the cancel plus one poll
+        assert time.monotonic() - started < 2.0 + 2.5
+        await until(lambda: _status(stack, job_id, "cancelled"), 10, "cancelled")
+
+        async def record_done():  # the job ended: its webhook record is done (a retry reopens it)
+            records = (await stack.gw.get(f"/v1/jobs/{job_id}/webhooks")).json()["data"]
+            return records and all(r["done"] for r in records)
+        await until(record_done, 15, "the webhook record done at `cancelled`")
+        assert [e["kind"] for e, _ in rec.got if e["job_id"] == job_id][-1] == "cancelled"
+        assert (await stack.gw.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
+        # A follower started now replays past `cancelled` (not the end any more) and ends by
+        # itself at `completed`.
+        followers.append(subprocess.Popen([sys.executable, "-m", "captionbus", "events", job_id, "--follow"],
+                                          env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        await until(lambda: _status(stack, job_id, "completed"), 60, "completed after the retry")
+        return job_id
+
+    async def check_history(stack: LocalStack, job_id: str) -> None:
+        read_at = time.monotonic()
+        cli_events = await stack.history_agrees(job_id, webhook_log(rec))
+        print(f"CLI, SSE, webhooks and the job page read in {time.monotonic() - read_at:.2f} s")
+        ids = [e["event_id"] for e in cli_events]
+        kinds = [e["kind"] for e in cli_events]
+        print(f"job {job_id}: {len(ids)} events, {' '.join(k for k in kinds if k != 'stage_progress')}")
+        assert kinds[0] == "submitted" and kinds[-1] == "completed"
+        for kind in ("cancel_requested", "cancelled", "retry_requested"):
+            assert kind in kinds
+        assert kinds.index("cancelled") < kinds.index("retry_requested") < len(kinds) - 1
+        assert kinds.count("started") == 2  # the start and the restart
+        cancelled_at = kinds.index("cancelled")
+        # Nothing from the cancelled attempt's worker after `cancelled`: it stopped.
+        after = [e for e in cli_events[cancelled_at:kinds.index("retry_requested")]
+                 if e.get("node") == "first" and e.get("attempt") == 1]
+        assert after == [], after
+
+        out, err = await asyncio.to_thread(followers[0].communicate, timeout=20)
+        assert followers[0].returncode == 0, err
+        assert [json.loads(line)["event_id"] for line in out.splitlines()] == ids, "events --follow"
+        # SSE resumed after `cancelled` with Last-Event-ID: exactly the rest.
+        sse = await stack.sse(job_id)
+        resumed = await stack.sse(job_id, last_id=sse[cancelled_at]["id"])
+        assert [json.loads(e["data"])["event_id"] for e in resumed] == ids[cancelled_at + 1:]
+        # The webhook record is done at `completed`.
+        records = (await stack.gw.get(f"/v1/jobs/{job_id}/webhooks")).json()["data"]
+        assert [(r["subscriber"], r["done"], r["cursor"]) for r in records] == [("audit", True, int(sse[-1]["id"]))]
+
+        # The job page: the cancelled attempt is closed (no running bar), cancel and retry marked.
+        page = (await stack.dash.get(f"/api/jobs/{job_id}")).json()
+        assert page["status"] == "completed"
+        first_attempts = {row["attempt"]: row["status"] for row in page["timeline"] if row["node"] == "first"}
+        assert first_attempts == {1: "cancelled", 2: "completed"}
+        assert [m["kind"] for m in page["marks"]] == [k for k in kinds if k in (
+            "started", "cancel_requested", "cancelled", "retry_requested", "completed")]
+
+    async def check_job_workers(stack: LocalStack, job_id: str) -> None:
+        """job.json / the job page name the workers the Workers page lists."""
+        page = (await stack.dash.get(f"/api/jobs/{job_id}")).json()
+        workers = {r["worker_id"] for r in (await stack.dash.get("/api/workers")).json()}
+        ran = {n["worker"]["worker_id"] for n in page["nodes"]}
+        assert ran <= workers and all(w.split("/")[1] == "noop" for w in ran), ran
+        state = json.loads(await stack.cli("status", job_id, "--json"))
+        assert {n["worker"]["worker_id"] for n in state["nodes"].values()} == ran
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 300))
+    finally:
+        for follower in followers:
+            if follower.poll() is None:
+                follower.kill()
+                follower.communicate()
+
+
+async def check_pages(stack: LocalStack, job_id: str, workers: set[str]) -> None:
+    """What a person sees in Chromium: the Workers page lists every worker process (5 stages,
+    noop 3 times); the job page shows the cancel and the retry in its history and on the
+    timeline, and no attempt still running on the completed job."""
+    from playwright.async_api import async_playwright
+
+    history = (await stack.dash.get(f"/api/jobs/{job_id}")).json()["history"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{stack.dash.base_url}/#/workers")
+            rows = page.locator("[data-testid=workers] tbody tr")
+            await rows.nth(len(workers) - 1).wait_for(timeout=15_000)
+            listed = await rows.evaluate_all("rows => rows.map(r => r.dataset.worker)")
+            assert sorted(listed) == sorted(workers), listed
+            await page.goto(f"{stack.dash.base_url}/#/job/{job_id}")
+            table = page.locator("[data-testid=history] tbody tr")
+            await table.nth(len(history) - 1).wait_for(timeout=15_000)
+            kinds = await table.evaluate_all("rows => rows.map(r => r.dataset.kind)")
+            assert kinds == [h["kind"] for h in history]
+            assert {"cancel_requested", "cancelled", "retry_requested"} <= set(kinds)
+            marks = await page.locator("[data-testid=marks] .gmark").evaluate_all("ms => ms.map(m => m.dataset.kind)")
+            assert marks == [m for m in kinds if m in ("started", "cancel_requested", "cancelled", "retry_requested",
+                                                       "completed")]
+            bars = await page.locator("[data-testid=timeline] .gmeta[data-status]").all_inner_texts()
+            assert bars and not any("running" in bar for bar in bars), bars
+            assert any(bar.startswith("cancelled") for bar in bars), bars
+            await page.screenshot(path=str(stack.root / "job-page.png"), full_page=True)
+            print(f"job page: {stack.root / 'job-page.png'}")
+        finally:
+            await browser.close()
+
+
+async def _status(stack: LocalStack, job_id: str, status: str) -> bool:
+    return (await stack.gw.get(f"/v1/jobs/{job_id}")).json()["status"] == status

@@ -1,0 +1,126 @@
+"""A secured fleet for attack tests: nats-server with exactly the users and permission blocks of
+deploy/nats/roles.conf (tests/natsroles.py), the coordinator with a result secret, a noop stage
+worker under the `worker` user, and one completed job whose output (random bytes the worker
+wrote, a distinct object) and input are fetched from the bus before and after each attack.
+
+Everything here is real: the server, JetStream, the coordinator, the stage runtime, the
+artifact store. An attacker is just another connection with one ordinary credential.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from captionbus.client import job_state, submit
+from contracts import JobState
+from coordinator.decide import Policy
+from coordinator.graph import Workflow
+from coordinator.service import Coordinator
+from core.artifacts import ArtifactStore
+from core.bus import StagePolicy, connect, provision
+from core.settings import Settings
+from services.noop.stage import STAGE as NOOP
+from services.runtime.serve import serve
+from tests.natsroles import roles_server
+
+# Every ordinary role, with the block roles.conf gives it.
+ROLES = {"coordinator": "COORDINATOR", "worker": "WORKER", "worker-asr": "WORKER_ASR", "client": "CLIENT",
+         "gateway": "HTTP_GATEWAY", "dashboard": "DASHBOARD", "dashboard_downloads": "DASHBOARD_DOWNLOADS",
+         "gc": "GC"}
+# The credentials a job's outsiders hold: they may write to the bus, and must not harm others' data.
+WRITERS = ("worker", "worker-asr", "client", "gateway")
+OUTPUT_BYTES = 300_000
+
+GRAPHS = {"made": Workflow.from_dict({
+    "name": "made",
+    "nodes": {"noop": {"inputs": {"media": "job.input"}, "outputs": ["out"],
+                       "params": {"write_bytes": OUTPUT_BYTES}}},
+    "outputs": {"out": "noop.out"}})}
+
+
+@dataclass
+class Fleet:
+    tmp: Path
+    urls: dict[str, str]
+    log: Path
+    nc: dict = field(default_factory=dict)
+    js: dict = field(default_factory=dict)
+    fetches: int = 0
+
+    def settings(self, user: str, home: str) -> Settings:
+        return Settings(home=self.tmp / home, nats_url=self.urls[user], artifacts_mode="object")
+
+    async def run_job(self, job_id: str, size: int = 200_000) -> tuple[JobState, dict[str, bytes]]:
+        """Submit a job as the client, wait until it completes, and fetch its input and outputs
+        from the bus (a fresh local root, so every byte comes through the object store)."""
+        media = self.tmp / f"{job_id}.wav"
+        media.write_bytes(b"RIFF" + os.urandom(size))
+        store = ArtifactStore(self.settings("client", f"client-{job_id}"), self.js["client"])
+        await submit(self.js["client"], store, media, workflow="made", job_id=job_id)
+        state = await self.wait(job_id, "completed")
+        fetched = await self.fetch(state)
+        assert fetched["job.input"] == media.read_bytes()
+        assert len(fetched["out"]) == OUTPUT_BYTES
+        return state, fetched
+
+    async def wait(self, job_id: str, status: str, timeout: float = 30) -> JobState:
+        deadline = time.monotonic() + timeout
+        while (state := await job_state(self.js["client"], job_id)) is None or state.status.value != status:
+            assert time.monotonic() < deadline, f"job {job_id} not {status}: {state}"
+            await asyncio.sleep(0.1)
+        return state
+
+    async def fetch(self, state: JobState) -> dict[str, bytes]:
+        """The job's input and outputs as the client fetches them, each time into a new root."""
+        self.fetches += 1
+        store = ArtifactStore(self.settings("client", f"fetch-{self.fetches}"), self.js["client"])
+        refs = {"job.input": state.spec.input, **state.outputs}
+        return {name: (await store.get(ref)).read_bytes() for name, ref in refs.items()}
+
+
+@contextlib.asynccontextmanager
+async def _worker(fleet: Fleet) -> AsyncIterator[None]:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(NOOP, fleet.settings("worker", "worker"), fleet.urls["worker"],
+                                     env_name="security", stop=stop, ready=ready,
+                                     policy=StagePolicy(ack_wait=5.0, max_deliver=3)))
+    await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+@contextlib.asynccontextmanager
+async def secured_fleet(tmp: Path, *, worker: bool = True) -> AsyncIterator[Fleet]:
+    with roles_server(tmp, ROLES) as (urls, log):
+        fleet = Fleet(tmp, urls, log)
+        try:
+            for user in ROLES:
+                fleet.nc[user] = await connect(urls[user], f"security-{user}")
+                fleet.js[user] = fleet.nc[user].jetstream()
+            await provision(fleet.js["coordinator"])
+            async with Coordinator(fleet.nc["coordinator"], graphs=GRAPHS, tick_interval_s=0.2,
+                                   policy=Policy(result_secret=b"security-tests")):
+                if worker:
+                    async with _worker(fleet):
+                        yield fleet
+                else:
+                    yield fleet
+        finally:
+            for nc in fleet.nc.values():
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+
+def start_worker(fleet: Fleet):
+    """The noop worker, for a test that started the fleet without one."""
+    return _worker(fleet)
