@@ -324,9 +324,12 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     servers = server_urls(url)
     errors: list[BaseException] = []
 
+    connected = False
+
     async def _error_cb(e: Exception) -> None:
         errors.append(e)
-        log.warning("nats error", error=_reason(e), client=name)
+        if connected:  # a first connection's errors are in its BusError (a waiting service says it once)
+            log.warning("nats error", error=_reason(e), client=name)
 
     async def _disconnected_cb() -> None:
         if not (nc.is_closed or nc.is_draining):
@@ -372,6 +375,7 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     if wants_tls and not nc._server_info.get("tls_required"):
         await nc.close()
         raise BusError(f"NATS at {redact(url)} does not use TLS, but TLS was asked for (tls:// or CAPTIONBUS_NATS_CA)")
+    connected = True
     nc.options["allow_reconnect"] = True  # read by nats-py at each disconnect
     nc.options["max_reconnect_attempts"] = settings.reconnect_attempts
     return nc

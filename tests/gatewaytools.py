@@ -78,12 +78,14 @@ def wait_answer(url: str, status: int, timeout: float = 30, **kwargs) -> httpx.R
     raise AssertionError(f"{url} never answered {status}; last: {getattr(last, 'text', last)}")
 
 
-def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[str, str]) -> tuple[str, str]:
+def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[str, str],
+                            while_waiting=None, once_ready=None) -> tuple[str, str]:
     """A web door started before its bus (issue 19, 'services that wait'): it serves at once,
     /readyz is 503 with the reason and `probe` (an API path) is 503 in the one error shape; it
     says once that the bus is not there; when the bus comes it is ready; when the bus restarts it
     is not ready meanwhile and ready again after; Ctrl-C (SIGINT) exits 130. Returns (base URL,
-    log text); the bus data lies under tmp_path/nats."""
+    log text); the bus data lies under tmp_path/nats. `while_waiting(base)` runs before the bus
+    exists, `once_ready(base, bus_url)` once the door is first ready."""
     import asyncio
     import signal
 
@@ -101,9 +103,11 @@ def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[
     try:
         wait_answer(f"{base}/healthz", 200)
         not_ready = wait_answer(f"{base}/readyz", 503)
-        assert "connect" in not_ready.text.lower(), not_ready.text
+        assert "connect" in not_ready.json()["error"]["message"].lower(), not_ready.text
         refused = httpx.get(f"{base}{probe}", timeout=5)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == 503, refused.text
+        if while_waiting is not None:
+            while_waiting(base)
         time.sleep(3)  # several retries' worth
         assert proc.poll() is None, log_path.read_text()
 
@@ -116,6 +120,8 @@ def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[
 
         asyncio.run(provision_bus())
         wait_answer(f"{base}/readyz", 200, timeout=40)
+        if once_ready is not None:
+            once_ready(base, server.url)
         server.stop()
         wait_answer(f"{base}/readyz", 503, timeout=30)
         server.start()
@@ -128,6 +134,6 @@ def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[
             proc.wait(10)
         server.stop()
     text = log_path.read_text(errors="replace")
-    assert text.count("the bus is not there yet") == 1, text
+    assert text.count("the bus is not there yet") == 1 and "nats error" not in text.split("connected to the bus")[0], text
     assert "Traceback" not in text, text
     return base, text

@@ -174,6 +174,7 @@ def dashboard(listen: str, downloads: bool) -> None:
     """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
     from captionbus.dashboard.auth import token_from_env
     from captionbus.dashboard.serve import serve
+    from captionbus.web.serve import end_service
     from core.bus import resolve_url
 
     service_logging()
@@ -181,7 +182,7 @@ def dashboard(listen: str, downloads: bool) -> None:
     settings = load()
     url = resolve_url(settings)
     click.echo(f"dashboard on http://{listen}/ (/readyz: 503 until on the bus)", err=True)
-    sys.exit(asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings)))
+    end_service(asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings)))
 
 
 @main.command()

@@ -6,6 +6,7 @@ in static/ (fleets run offline: no CDN, no build step). Every page holds one Eve
 """
 from __future__ import annotations
 
+import asyncio
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,6 +33,7 @@ from core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50
+BOARD_CHECK_S = 0.5  # an open stream notices a board that came (or was replaced) this soon
 
 
 @dataclass
@@ -125,16 +127,35 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         return JSONResponse(the_board().queue_rows())
 
     async def stream(request: Request) -> Response:
-        board = the_board()
-        queue = board.fanout.subscribe()
+        """Open even before the bus is reached: a browser's EventSource gives up for good on an
+        HTTP error (it retries only dropped connections), so a page opened while the dashboard
+        waits for the bus would never go live. The stream follows the board there is: the first
+        once connected, a new one after a reconnect from scratch; each time it subscribes it
+        sends `sync` first, and the page reads its lists again (what changed before it was
+        subscribed: a job written in the second after the bus came was missed without it)."""
 
         async def messages():
+            board, queue = None, None
             try:
                 while True:
-                    kind, data = await queue.get()
+                    if live.board is not board:
+                        if queue is not None:
+                            board.fanout.unsubscribe(queue)
+                        board = live.board
+                        queue = board.fanout.subscribe() if board is not None else None
+                        if queue is not None:  # subscribed: the page reads the lists again (dashboard.js)
+                            yield {"event": "sync", "data": "{}"}
+                    if queue is None:
+                        await asyncio.sleep(BOARD_CHECK_S)
+                        continue
+                    try:
+                        kind, data = await asyncio.wait_for(queue.get(), BOARD_CHECK_S)
+                    except TimeoutError:
+                        continue
                     yield {"event": kind, "data": data}
             finally:
-                board.fanout.unsubscribe(queue)
+                if queue is not None:
+                    board.fanout.unsubscribe(queue)
 
         return event_stream(messages(), retry_ms=1000)  # pings every 15 s while nothing happens
 
@@ -142,12 +163,12 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
+        return JSONResponse({"status": "ok"})  # as the gateway's
 
     async def readyz(request: Request) -> Response:
         if live.board is not None and live.board.ready:
-            return PlainTextResponse("ready")
-        return PlainTextResponse(live.reason(), status_code=503)
+            return JSONResponse({"status": "ok"})
+        return error_response(503, live.reason())
 
     async def favicon(request: Request) -> Response:
         return Response(status_code=204)

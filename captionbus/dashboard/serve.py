@@ -25,7 +25,8 @@ async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None
                 ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None) -> int:
     """Serve until stopped; the process's exit code (SIGINT 130, SIGTERM 0). `downloads`: offer
     download links where the credentials may read artifacts (captionbus.dashboard.downloads);
-    off by default. `ready` is set once the page is served (the bus may come later)."""
+    off by default. `ready` is set once the page is served and the board is on the bus (the page
+    itself answers from the first second)."""
     host, port = parse_listen(listen)
     check_bind(host, token)
     metrics = Metrics()
@@ -43,9 +44,19 @@ async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None
     link = BusLink(url, "captionbus-dashboard", [on_connect])
     live.waiting = link
     link.start()
+    serving = asyncio.Event()
+
+    async def tell_ready() -> None:  # serving and on the bus: what an in-process caller can use
+        await serving.wait()
+        await link.connected.wait()
+        ready.set()
+
+    telling = asyncio.create_task(tell_ready()) if ready is not None else None
     try:
-        return await serve_app(create_app(live, metrics, token), host, port, ready=ready, lifespan="off")
+        return await serve_app(create_app(live, metrics, token), host, port, ready=serving, lifespan="off")
     finally:
+        if telling is not None:
+            telling.cancel()
         if live.board is not None:
             await live.board.stop()
         await link.close()

@@ -1,7 +1,6 @@
 """`captionbus gateway [--listen HOST:PORT] [--keys FILE]` and `captionbus gateway add-key NAME`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -93,7 +92,7 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
     import asyncio
 
     from captionbus.gateway.app import create_app
-    from captionbus.web.serve import serve
+    from captionbus.web.serve import end_service, serve
     from core.bus import redact
     from core.logging import configure_logging
 
@@ -111,7 +110,7 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
         code = asyncio.run(serve(create_app(config), host, port))
     except OSError as e:
         raise click.ClickException(str(e)) from None
-    sys.exit(code)
+    end_service(code)
 
 
 @gateway.command("add-key", short_help="Make an API key and print it once.")

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from captionbus.web.errors import ApiError
+from captionbus.web.errors import ApiError, body_read
 
 FIELD_LIMIT = 4 * 1024  # bytes: a language code, a model name, a URL, a path
 FIELD_LIMITS = {"options": 1024 * 1024, "prompt": 64 * 1024}  # JSON options (glossaries) inline; a prompt
@@ -165,6 +165,7 @@ async def read_form(request: Request, max_upload_bytes: int, upload_dir: Path) -
                 raise ApiError(413, f"upload is over this gateway's limit of {max_upload_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
+        body_read(request)
         if parts.upload is not None and parts.upload.size > max_upload_bytes:
             raise ApiError(413, f"upload is over this gateway's limit of {max_upload_bytes} bytes")
     except ApiError:
@@ -182,6 +183,7 @@ async def _read_urlencoded(request: Request) -> Form:
         body += chunk
         if len(body) > FIELDS_TOTAL:
             raise ApiError(413, f"form fields are over {FIELDS_TOTAL} bytes together")
+    body_read(request)
     fields: dict[str, list[str]] = {}
     for name, value in parse_qsl(body.decode(errors="replace"), keep_blank_values=True):
         if len(value.encode()) > limit_of(name):

@@ -30,6 +30,7 @@ from core.settings import Settings
 
 BUS_TIMEOUT_S = 10.0
 MODELS_TTL_S = 5.0
+RECORDED_WITHIN_S = 5.0
 
 
 @dataclass
@@ -212,6 +213,22 @@ class Gateway:
                                        target_languages=targets, options=options, name=name, copy=not owned,
                                        job_id=job_id, owner=self.owner_of(caller))
         return spec.job_id
+
+    async def recorded(self, js, job_id: str, within_s: float = RECORDED_WITHIN_S) -> bool:
+        """Wait (bounded) until the coordinator has recorded a job just submitted, so that the
+        201's URL answers at once: GET /v1/jobs/ID right after a 201 used to say "no job" for
+        the few ms before the coordinator wrote its record. False when no coordinator did within
+        `within_s` (the job is queued; it is read once one runs)."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        delay = 0.005
+        while True:
+            async with on_bus():
+                if await client.job_state(js, job_id) is not None:
+                    return True
+            if asyncio.get_running_loop().time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     # -- models --------------------------------------------------------------------------------
     async def served_models(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import threading
 
 import uvicorn
@@ -59,3 +60,12 @@ async def serve(app, host: str, port: int, *, ready: asyncio.Event | None = None
     if not server.started:
         raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this host)")
     return server.exit_code
+
+
+def end_service(code: int) -> None:
+    """End a service command with `serve`'s code: after Ctrl-C, say "interrupted" (as every
+    command does) and exit 130; after SIGTERM, exit 0."""
+    from captionbus.cli.common import end_of_service
+
+    end_of_service(signal.SIGINT if code == INTERRUPTED else None)
+    sys.exit(code)

@@ -198,7 +198,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 board = (Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "captionbus.json").read_text()
                 queried = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in re.findall(r"captionbus_\w+", board)}
                 assert queried and queried <= families, queried - families
-                assert (await http.get("/healthz")).text == "ok"
+                assert (await http.get("/healthz")).json() == {"status": "ok"}
                 assert (await http.get("/static/alpine-3.14.9.min.js")).status_code == 200
 
             await _check_downloads(urls, tmp_path, media.read_bytes())
@@ -378,8 +378,47 @@ def test_dashboard_survives_a_nats_server_restart(tmp_path):
 
 
 def test_the_dashboard_starts_before_the_bus_waits_and_survives_its_restart(tmp_path):
+    """...and a page opened while it waits goes live: its event stream (opened before the bus
+    existed) carries a job written once the bus is there."""
+    import threading
+
+    from contracts import ArtifactRef, JobSpec, JobState, subjects
+
+    seen: list[str] = []
+    opened = threading.Event()
+
+    def open_stream(base: str) -> None:
+        def read():
+            with httpx.stream("GET", f"{base}/api/stream", timeout=httpx.Timeout(5, read=None)) as response:
+                assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+                opened.set()
+                for line in response.iter_lines():
+                    seen.append(line)
+        threading.Thread(target=read, daemon=True).start()
+        assert opened.wait(10)
+
+    def write_job(base: str, bus: str) -> None:
+        deadline = time.monotonic() + 10
+        while "event: sync" not in seen:  # subscribed to the board: the page reads its lists again
+            assert time.monotonic() < deadline, seen[-5:]
+            time.sleep(0.1)
+
+        async def put():
+            nc = await connect(bus, "t-writer")
+            kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+            spec = JobSpec(job_id="job-live", input=ArtifactRef(key="0" * 64, name="a.mp4", size=1))
+            await kv.put("job-live", JobState(spec=spec).model_dump_json().encode())
+            await nc.close()
+
+        asyncio.run(put())
+        deadline = time.monotonic() + 20
+        while not any("job-live" in line for line in seen):
+            assert time.monotonic() < deadline, seen[-5:]
+            time.sleep(0.1)
+
     _, log = check_waits_for_the_bus(["dashboard"], "/api/jobs", tmp_path,
-                                     {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")})
+                                     {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")},
+                                     while_waiting=open_stream, once_ready=write_job)
     assert "connected to the bus" in log
 
 

@@ -104,6 +104,7 @@ def test_job_api_errors_and_lifecycle(gateway, tmp_path):
                            data={"workflow": "transcribe", "source_language": "en"})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
+    assert gateway.get(created.json()["url"]).status_code == 200  # a 201's URL answers at once
     by_path = gateway.post("/v1/jobs", data={"path": "clip.wav", "workflow": "speech"})
     assert by_path.status_code == 201, by_path.text
     wait_status(gateway, by_path.json()["id"], {"pending", "running"})  # recorded by the coordinator
@@ -176,9 +177,11 @@ def test_every_refusal_is_one_error_shape_and_nothing_is_started(gateway):
         for size in (5_000_000, 100_000):  # over the body's limit (64 KiB upload + 2 MiB fields), and not
             huge = gateway.post(path, files={"file": ("a.wav", b"RIFF")}, data={"language": "e" * size})
             assert huge.status_code == 413 and "limit" in error_of(huge) and len(huge.content) < 1000  # not echoed
+            assert huge.headers["connection"] == "close"  # the rest of the body is unread: not reused
         assert "form field 'language' is over its limit of 4096 bytes" in error_of(huge)
         unknown = gateway.post(path, files={"file": ("a.wav", b"RIFF")}, data={"model": "gpt-4o-transcribe"})
         assert unknown.status_code == 400 and "'gpt-4o-transcribe' is not served here" in error_of(unknown)
+        assert unknown.headers.get("connection") != "close"  # the body was read: the connection serves on
     long_value = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"workflow": "w" * 3000})
     assert long_value.status_code == 422 and len(error_of(long_value)) <= 400  # clipped, one line
     assert error_of(gateway.get("/v1/nope")) and gateway.get("/v1/nope").status_code == 404

@@ -28,6 +28,9 @@ document.addEventListener('alpine:init', () => {
       const source = new EventSource('/api/stream');
       source.onopen = () => { this.connected = true; };
       source.onerror = () => { this.connected = false; };  // EventSource reconnects by itself
+      // sent first on every (re)connected stream: read the lists again (what changed while the
+      // page was not subscribed, e.g. before the dashboard reached the bus)
+      source.addEventListener('sync', () => { this.later('jobs', () => this.loadJobs()); if (this.view === 'job') this.later('job', () => this.loadJob()); });
       source.addEventListener('job', e => this.onJob(JSON.parse(e.data)));
       source.addEventListener('event', e => this.onEvent(JSON.parse(e.data)));
       source.addEventListener('workers', e => { this.workers = JSON.parse(e.data); });

@@ -44,6 +44,7 @@ async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: For
                              targets=split_languages(form.one("target_languages")),
                              options=parse_options(form.one("options")))
     log.info("job submitted", job_id=job_id, key=caller.name)
+    await gw.recorded(js, job_id)
     if callback:
         try:
             async with on_bus():
