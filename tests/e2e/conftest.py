@@ -212,10 +212,28 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
            "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env)
+    _early_close["chunked_fleet"] = s
     try:
         yield s
     finally:
+        _early_close.pop("chunked_fleet", None)
         s.close()
+
+
+# Session stacks closed as soon as no later test of the run asks for them (closing twice is
+# harmless): the chunked fleet's idle workers hold ~4 GB (three whisperx processes) that the
+# tests after test_chunked*.py would otherwise run beside, as they did when it was per module.
+_early_close: dict[str, Stack] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if not _early_close:
+        return
+    later = item.session.items[item.session.items.index(item) + 1:]
+    for name in list(_early_close):
+        if not any(name in other.fixturenames for other in later):
+            _early_close.pop(name).close()
 
 
 def chunked_job(fleet: Stack, film: Path, out: Path, workflow: str, target_s: float) -> tuple[dict, dict, dict[str, Path]]:

