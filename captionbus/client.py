@@ -228,8 +228,11 @@ REOPENING_KINDS = frozenset({"retry_requested", "started"})
 
 
 async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
-    """Whether the job's KV state is finished now; a job whose state is gone (collected) gets
-    no more events either. A failed read is "not finished": the reader goes on, never ends early.
+    """Whether the job's KV state is finished now. A job with no state is finished only once its
+    terminal event was seen (then gc collected it): a job just submitted has no state until the
+    coordinator records it, and `run` follows it from its first moment (it read as finished and
+    the follow ended before the first event: "lost the event stream"). A failed read is "not
+    finished": the reader goes on, never ends early.
 
     The coordinator writes a decision's state with its events in an outbox, publishes them, then
     clears the outbox: a finished state with a full outbox is finished for a reader that has seen
@@ -237,13 +240,13 @@ async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
     try:
         entry = await (await js.key_value(subjects.JOBS_BUCKET)).get(job_id)
     except (KeyNotFoundError, KeyDeletedError):
-        return True
+        return terminal_seen
     except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
         structlog.get_logger("captionbus.client").warning(
             "job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
         return False
     if not entry.value:
-        return True
+        return terminal_seen
     state = JobState.model_validate_json(entry.value)
     # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
     return state.status.finished and (terminal_seen or not state.outbox)

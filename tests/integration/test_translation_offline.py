@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 from services.runtime import SetupContext
 from services.translation.nllb_stage import load_nllb
-from contracts.stage_options import NllbOptions
+from services.translation.declaration import NllbOptions
 
 started = time.monotonic()
 ctx = SetupContext(stage="translation_nllb", env="test", models_dir=Path("/nonexistent"), log=structlog.get_logger(),
