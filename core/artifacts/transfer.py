@@ -40,7 +40,6 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api

@@ -10,7 +10,7 @@ from contracts import StageRequest
 from contracts.speech import SpokenLanguage
 from contracts.transcript import Transcript
 from services.runtime import BadInput, StageContext, StageDefinition
-from services.transcript_join.declaration import TRANSCRIPT_JOIN, TranscriptJoinParams
+from services.transcript_join.declaration import TRANSCRIPT_JOIN
 
 
 def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:

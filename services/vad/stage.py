@@ -26,7 +26,7 @@ from contracts.speech import SpeechRegion, SpeechRegions
 from services.runtime import SetupContext, StageContext, StageDefinition
 from services.runtime.cache import model_identity
 from services.vad import audio as wav
-from services.vad.declaration import VAD, VadOptions, VadParams
+from services.vad.declaration import VAD, VadParams
 from services.vad.regions import FrameScores, speech_regions
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz

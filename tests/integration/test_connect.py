@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captionbus.server import nats_server_binary
-from core.bus import BusError, connect, insecure_reason, server_urls
+from core.bus import connect, insecure_reason, server_urls
 from core.settings import Settings
 
 

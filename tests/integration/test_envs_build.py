@@ -18,7 +18,6 @@ from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.cli import models as models_cli
 from captionbus.models import WHISPER_BASE_SIZE, ensure_whisper_base
-from core import settings
 
 
 @pytest.fixture
