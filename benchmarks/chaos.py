@@ -58,7 +58,8 @@ blocks are tests/security/attacks.py's, where tests/security/ makes each alone o
            `$O.cb_artifacts.M.zz`, on a stored object's meta subject, on `$O.cb_artifacts.C.zz`,
            on `$KV.cb_stage_cache.zz` (worker-asr: its own `asr.zz`) and on `$KV.cb_webhooks.zz`.
            Refused: the stream or the permissions said no; harmful: one was acknowledged, or
-           OBJ_cb_artifacts / KV_cb_stage_cache / KV_cb_webhooks held fewer messages after.
+           OBJ_cb_artifacts / KV_cb_stage_cache / KV_cb_webhooks held fewer messages after, or an
+           entry planted just before (worker in the stage cache, gateway in the webhook KV) is gone.
   tamper   the four writers each publish, on every object (input and outputs) of a completed
            no-fault job and of a chaos job that completed, chunks of their own with a live meta
            naming them, junk metadata, a chunk appended to the real chunk subject and a `deleted`
@@ -153,11 +154,15 @@ real netns cut; each run also repeats the no-fault pass, 212 s; chaos pass 304 s
     vtt, mp4, mkv); 30 mkv equal to the no-fault run's by their streams only (Matroska UIDs).
 
 The quick run (3 clips, `tests/e2e/test_chaos.py`) on the same machine: 4 submitted, 3 completed,
-1 failed with reason, 0 lost, 0 duplicated; rollup 40/40, tamper 40/40, sniff 21/21, forge 2/2,
-msg-id 3/3, gc 2/2 refused or harmless, 0 harmful, 0 bytes lost of 3,294,852 in 30 objects.
+1 failed with reason, 0 lost, 0 duplicated; rollup 40/40 (the entries planted in the stage cache
+and the webhook KV kept), tamper 40/40, sniff 21/21, forge 2/2 (2 refusals logged), msg-id 3/3,
+gc 2/2 (after the CB_REQUESTS leader's kill healed) refused or harmless, 0 harmful, 0 bytes lost
+of 3,294,852 in 30 objects (3 mkv equal by their streams only).
 The first full run with the attacks found that the harness's own reads (a stream's info, an object's
 meta) time out for a few seconds after a NATS node is killed; the attacker now retries them as a
-client would (the rollup slot right after the leader kill had made no attempt).
+client would (the rollup slot right after the leader kill had made no attempt). A quick run whose
+msg-id attack waited for a job other than the forged one held the schedule 45 s, and its later
+faults met no job in flight; both attacks now take the first running job.
 Earlier (24 clips, no roles, no attacks): recovery of NATS node kills 1.8-3.1 s, coordinator
 3.3-3.4 s, mux worker 6.3 s, asr workers 57-63 s (model load on a loaded machine), pause 10.3 s
 (its hold), a 29.2 s cut 30.0 s. Before
@@ -175,6 +180,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -769,7 +775,7 @@ def recovery(fault: Fault, events: list[tuple[float, dict]]) -> float | None:
 
 # ----------------------------------------------------------------------------- attacks
 
-ATTACK_SLOT_S = 20.0  # about how long one slot of attacks takes (for spreading the submits)
+ATTACK_S = 8.0  # about how long one attack takes (quick run: 4-13 s each; for spreading the submits)
 ATTACK_KINDS = ("rollup", "tamper", "sniff", "forge", "msg-id", "gc")
 SNIFFERS = ("coordinator", "worker", "worker-asr", "client", "gc", "gateway")
 
@@ -945,15 +951,13 @@ class Attacker:
 
     # ---- a running job's node, for the forged result and the predictable ids
 
-    async def running_node(self, avoid: set[str], timeout: float = 60.0) -> tuple[object, str] | None:
+    async def running_node(self, timeout: float = 30.0) -> tuple[object, str] | None:
         from captionbus.client import job_state
 
         js = self.nc["client"].jetstream()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for job_id in reversed(self.jobs):
-                if job_id in avoid:
-                    continue
                 with contextlib.suppress(Exception):
                     state = await job_state(js, job_id)
                     if state is None or state.status.finished:
@@ -972,7 +976,7 @@ class Attacker:
         from core.bus import publish_event
         from tests.security.attacks import forged_results
 
-        found = await self.running_node(set())
+        found = await self.running_node()
         if found is None:
             a.notes.append("no running job to forge a result for")
             return
@@ -1012,8 +1016,9 @@ class Attacker:
         and `completed` event would have had, were they predictable."""
         from tests.security.attacks import predictable_ids
 
-        avoid = {self.targets["forge"][0]} if "forge" in self.targets else set()
-        found = await self.running_node(avoid) or await self.running_node(set(), timeout=5)
+        # The forged job will do (its forged events have ids of their own): waiting for another
+        # job to run once held the schedule 45 s, and the later faults met no job in flight.
+        found = await self.running_node()
         if found is None:
             a.notes.append("no running job to take ids from")
             return
@@ -1046,11 +1051,21 @@ class Attacker:
     async def attack_rollup(self, a: Attack) -> None:
         """Nats-Rollup all/sub by every writer on object metadata (made-up and a real key), object
         chunks, the stage cache and the webhook KV; the three streams must keep every message."""
+        from nats.js.errors import KeyNotFoundError
+
         from tests.security.attacks import WRITERS, try_rollups
 
         streams = (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.STAGE_CACHE_BUCKET}",
                    f"KV_{subjects.WEBHOOKS_BUCKET}")
         gc = self.nc["gc"].jetstream()  # may read every stream's info
+        # An entry in each KV a rollup could empty, written by the role that writes there (the
+        # stage cache is off in this run, so it would otherwise hold nothing to lose).
+        planted = {}
+        for role, bucket in (("worker", subjects.STAGE_CACHE_BUCKET), ("gateway", subjects.WEBHOOKS_BUCKET)):
+            kv = await retried(lambda role=role, bucket=bucket: self.nc[role].jetstream().key_value(bucket))
+            key, value = f"chaos.planted{secrets.token_hex(4)}", secrets.token_bytes(32)
+            await retried(lambda kv=kv, key=key, value=value: kv.put(key, value))
+            planted[bucket] = (kv, key, value)
         before = {s: (await retried(lambda s=s: gc.stream_info(s))).state.messages for s in streams}
         key = self.rng.choice(sorted(self.goods))
         for role in WRITERS:
@@ -1065,6 +1080,14 @@ class Attacker:
         for stream in streams:
             if after[stream] < before[stream]:
                 a.notes.append(f"{stream} went from {before[stream]} to {after[stream]} messages")
+                a.harmful = max(a.harmful, 1)
+        for bucket, (kv, key, value) in planted.items():
+            try:
+                entry = await retried(lambda kv=kv, key=key: kv.get(key), 5)
+            except KeyNotFoundError:  # deleted or purged (KeyDeletedError is one)
+                entry = None
+            if entry is None or entry.value != value:
+                a.notes.append(f"the entry planted in {bucket} is gone")
                 a.harmful = max(a.harmful, 1)
         if a.harmful == 0:
             a.notes.append(f"{len(WRITERS)} writers x {a.tried // len(WRITERS) // 2} subjects x all/sub; "
@@ -1432,7 +1455,7 @@ async def main_async(args) -> Report:
         chaos = Chaos(fleet, rng, nc)
         faults = schedule(rng, args.quick, netns is not None)
         # Submissions spread over the schedule, so every fault meets jobs in flight.
-        span = fault_span(faults) + (ATTACK_SLOT_S * len(faults) if attacker else 0.0)
+        span = fault_span(faults) + (ATTACK_S * len(ATTACK_KINDS) if attacker else 0.0)
         gap = args.gap if args.gap is not None else max(1.0, span / (len(clips) + 1))
         labels, states, _, wall = await run_pass(
             fleet, clips, timeout=per_job * len(clips) + 300, chaos=chaos, faults=faults,
