@@ -125,27 +125,28 @@ Definitions used in the table:
                  (e.g. no job needed a new request after a coordinator kill).
 
 Measured here (2 shared cores under a load of ~10, December 2026, seed 9, 30 clips, every attack,
-real netns cut; each run also repeats the no-fault pass, 212 s; chaos pass 304 s):
+real netns cut; each run also repeats the no-fault pass, 130 s; chaos pass 204 s):
 
     jobs submitted 31, completed 30, failed with reason 1 (the poison: "truncated or corrupt"),
-    lost 0, duplicate outputs 0, redundant completions refused 2, requests redelivered 2,
+    lost 0, duplicate outputs 0, redundant completions refused 2, requests redelivered 3,
     unplanned exits 0, SRTs differing from the no-fault run 0 of 30
 
     fault            target                         at_s recovery_s  note
-    cut              asr-1 (netns)                   0.0       30.6  link down 29.2 s
-    kill-kv-leader   chaos-3 (leads KV_cb_jobs)     38.6        2.2  restarted after 2.9 s
-    kill-coord       coordinator                    49.6        5.7  restarted after 2.5 s
-    pause            asr-1                          57.1       10.3  SIGSTOP for 10 s
-    kill-worker      asr-1                          75.8       56.7  restarted after 1.3 s
-    kill-leader      chaos-1 (leads CB_REQUESTS)    90.5        5.2  restarted after 1.2 s
-    kill-worker      asr-0                          98.5       54.8  restarted after 2.5 s
-    kill-worker      mux-0                         109.6        5.7  restarted after 2.8 s
-    kill-coord       coordinator                   117.5        7.3  restarted after 1.4 s
+    cut              asr-1 (netns)                   0.0       30.5  link down 29.2 s
+    kill-kv-leader   chaos-1 (leads KV_cb_jobs)     39.0        5.2  restarted after 2.9 s
+    kill-coord       coordinator                    49.5        4.2  restarted after 2.5 s
+    pause            asr-1                          56.9       10.3  SIGSTOP for 10 s
+    kill-worker      asr-1                          75.7       49.4  restarted after 1.3 s
+    kill-leader      chaos-3 (leads CB_REQUESTS)    90.2        2.9  restarted after 1.2 s
+    kill-worker      asr-0                          98.2       54.6  restarted after 2.5 s
+    kill-worker      mux-0                         109.1        5.2  restarted after 2.8 s
+    kill-coord       coordinator                   117.0        4.3  restarted after 1.4 s
 
     attack    tried  refused/harmless  harmful
-    rollup       40                40        0  (OBJ_cb_artifacts 526 -> 528 messages meanwhile)
+    rollup       40                40        0  (OBJ_cb_artifacts 536 -> 538 messages meanwhile;
+                                                 the planted cache and webhook entries kept)
     tamper       40                40        0  (5 objects of a no-fault and of a chaos job, 4 roles)
-    sniff        21                21        0  (6 roles, whole pass; 50 violations logged)
+    sniff        21                21        0  (6 roles, whole pass; 41 violations logged)
     forge         2                 2        0  (coordinator logged 2 refusals; the job completed)
     msg-id        3                 3        0  (3 ids taken first; the job completed, events whole)
     gc            2                 2        0  (2-4 s after the 29.2 s cut healed: dry and real
