@@ -27,13 +27,12 @@ from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve
 from tests.natsroles import roles_server
+from tests.security.attacks import WRITERS  # noqa: F401  (the tests import it from here)
 
 # Every ordinary role, with the block roles.conf gives it.
 ROLES = {"coordinator": "COORDINATOR", "worker": "WORKER", "worker-asr": "WORKER_ASR", "client": "CLIENT",
          "gateway": "HTTP_GATEWAY", "dashboard": "DASHBOARD", "dashboard_downloads": "DASHBOARD_DOWNLOADS",
          "gc": "GC"}
-# The credentials a job's outsiders hold: they may write to the bus, and must not harm others' data.
-WRITERS = ("worker", "worker-asr", "client", "gateway")
 OUTPUT_BYTES = 300_000
 
 GRAPHS = {"made": Workflow.from_dict({

@@ -11,6 +11,7 @@ import asyncio
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from tests.security.attacks import predictable_ids
 from tests.security.fleet import secured_fleet, start_worker
 
 
@@ -25,10 +26,7 @@ def test_predictable_event_ids_cannot_be_taken_first(tmp_path):
             await submit(fleet.js["client"], store, media, workflow="made", job_id="job-ids")
             await fleet.wait("job-ids", "running")
             taken = []
-            for role, subject, msg_id in (
-                    ("worker-asr", "captionbus.job.job-ids.stage_progress", "job-ids.noop.1.completed"),
-                    ("worker-asr", "captionbus.job.job-ids.stage_warning", "job-ids.noop.1.failed"),
-                    ("client", "captionbus.job.job-ids.submitted", "job-ids.completed")):
+            for role, subject, msg_id in predictable_ids("job-ids", "noop"):
                 ack = await fleet.js[role].publish(subject, b"{}", headers={"Nats-Msg-Id": msg_id})
                 taken.append(not ack.duplicate)
             async with start_worker(fleet):

@@ -12,12 +12,10 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from contracts import StageCompleted
 from core.bus import connect, publish_event
 from tests.natsroles import violations
+from tests.security.attacks import SNIFFED, forged_results
 from tests.security.fleet import ROLES, secured_fleet, start_worker
-
-SNIFFED = ("_INBOX.>", "_INBOX_worker.>", "_INBOX_coordinator.>", "_INBOX_client.>")
 
 
 def test_no_role_can_read_another_roles_replies(tmp_path):
@@ -88,10 +86,7 @@ def test_a_forged_result_is_refused_and_logged_and_the_real_one_completes_the_jo
             await submit(fleet.js["client"], store, media, workflow="made", job_id="job-victim")
             await fleet.wait("job-victim", "running")
             with capture_logs() as logs:
-                for token in (None, "0" * 32):
-                    forged = StageCompleted(job_id="job-victim", stage="noop", node="noop", attempt=1,
-                                            outputs=dict(earlier.outputs), worker={"host": "attacker"},
-                                            token=token, event_id=f"forged-{token}")
+                for forged in forged_results("job-victim", "noop", 1, earlier.outputs):
                     await publish_event(attacker.jetstream(), forged)
                 await asyncio.sleep(1.5)
                 still = await fleet.wait("job-victim", "running")

@@ -19,21 +19,8 @@ from nats.js.api import Header
 from contracts import subjects
 from core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
 from core.gc import collect
-from tests.natsroles import denied
-from tests.security.fleet import WRITERS, secured_fleet
-
-BUCKET = subjects.ARTIFACTS_BUCKET
-STREAM = f"OBJ_{BUCKET}"
-
-
-def _meta_subject(key: str) -> str:
-    return f"$O.{BUCKET}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
-
-
-async def _refused(js, subject: str, data: bytes = b"{}", headers: dict | None = None) -> bool:
-    """Whether the bus refuses this publish: the stream says no (an error), or the user may not
-    publish there (no reply: `denied` times out)."""
-    return await denied(js.publish(subject, data, headers=headers, timeout=0.75))
+from tests.security.attacks import BUCKET, STREAM, WRITERS, meta_subject, refused, tamper
+from tests.security.fleet import secured_fleet
 
 
 def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_path):
@@ -48,21 +35,21 @@ def test_rollups_are_refused_for_every_writer_and_the_job_outputs_survive(tmp_pa
             held = (await js["coordinator"].stream_info(STREAM)).state.messages
             tried = []
             for role in WRITERS:  # the stream refuses them (10111), at once
-                for subject in ("$O.cb_artifacts.M.zz", _meta_subject(state.outputs["out"].key),
+                for subject in ("$O.cb_artifacts.M.zz", meta_subject(state.outputs["out"].key),
                                 f"$O.{BUCKET}.C.zz"):
                     for rollup in ("all", "sub"):
                         tried.append((role, subject, rollup))
-                        assert await _refused(js[role], subject, headers={Header.ROLLUP: rollup}), (role, subject, rollup)
+                        assert await refused(js[role], subject, headers={Header.ROLLUP: rollup}), (role, subject, rollup)
             for role in ("gc", "dashboard", "dashboard_downloads"):  # may not publish there at all (a timeout)
                 tried.append((role, "$O.cb_artifacts.M.zz", "all"))
-                assert await _refused(js[role], "$O.cb_artifacts.M.zz", headers={Header.ROLLUP: "all"}), role
-            assert await _refused(js["gateway"], "$KV.cb_webhooks.zz", headers={Header.ROLLUP: "all"})
+                assert await refused(js[role], "$O.cb_artifacts.M.zz", headers={Header.ROLLUP: "all"}), role
+            assert await refused(js["gateway"], "$KV.cb_webhooks.zz", headers={Header.ROLLUP: "all"})
             assert (await js["coordinator"].stream_info(STREAM)).state.messages == held
             # Job events (the stream was never created with rollups): each writer on a subject it may use.
             events = (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages
             for role, kind in (("worker", "stage_progress"), ("worker-asr", "stage_warning"),
                                ("client", "cancel_requested"), ("gateway", "retry_requested")):
-                assert await _refused(js[role], f"captionbus.job.job-kept.{kind}", headers={Header.ROLLUP: "all"}), role
+                assert await refused(js[role], f"captionbus.job.job-kept.{kind}", headers={Header.ROLLUP: "all"}), role
             assert (await js["coordinator"].stream_info(subjects.EVENTS_STREAM)).state.messages == events
             after = await fleet.fetch(state)
             return before, after, tried
@@ -79,12 +66,12 @@ def test_a_worker_cannot_roll_up_the_stage_cache(tmp_path):
         async with secured_fleet(tmp_path, worker=False) as fleet:
             cache = await fleet.js["worker"].key_value(subjects.STAGE_CACHE_BUCKET)
             await cache.put("noop." + "a" * 64, b'{"outputs": {}}')
-            refused = await _refused(fleet.js["worker-asr"], f"$KV.{subjects.STAGE_CACHE_BUCKET}.asr.zz",
+            said_no = await refused(fleet.js["worker-asr"], f"$KV.{subjects.STAGE_CACHE_BUCKET}.asr.zz",
                                      headers={Header.ROLLUP: "all"})
-            return refused, (await cache.get("noop." + "a" * 64)).value
+            return said_no, (await cache.get("noop." + "a" * 64)).value
 
-    refused, value = asyncio.run(asyncio.wait_for(main(), 60))
-    assert refused and value == b'{"outputs": {}}'
+    said_no, value = asyncio.run(asyncio.wait_for(main(), 60))
+    assert said_no and value == b'{"outputs": {}}'
 
 
 def test_tombstones_bogus_metadata_and_extra_chunks_change_nothing(tmp_path):
@@ -105,15 +92,8 @@ def test_tombstones_bogus_metadata_and_extra_chunks_change_nothing(tmp_path):
             for role in WRITERS:
                 js = fleet.js[role]
                 for ref in refs:
-                    good, subject = goods[ref.key], _meta_subject(ref.key)
-                    nuid = f"{role.upper().replace('-', '')}{ref.key[:10]}"
-                    await js.publish(f"$O.{BUCKET}.C.{nuid}", b"x" * 1000)
-                    junk += 1
-                    await js.publish(subject, json.dumps({**good.as_dict(), "nuid": nuid, "chunks": 1}).encode())
-                    await js.publish(subject, b"not json")
-                    await js.publish(f"$O.{BUCKET}.C.{good.nuid}", b"appended by " + role.encode())
-                    tomb = {**good.as_dict(), "deleted": True, "size": 0, "chunks": 0, "digest": ""}
-                    await js.publish(subject, json.dumps(tomb).encode())
+                    good, subject = goods[ref.key], meta_subject(ref.key)
+                    junk += len(await tamper(js, role, good))
                     last = await fleet.js["client"].get_last_msg(STREAM, subject)
                     assert json.loads(last.data)["deleted"]  # what nats-py's get_info reads: "deleted" ...
             after_attacks = await fleet.fetch(state)  # ... captionbus reads the first meta message
@@ -145,8 +125,8 @@ def test_metadata_published_before_an_upload_does_not_hide_it(tmp_path):
             meta = {"name": key, "bucket": BUCKET, "nuid": "NOSUCHCHUNKS", "size": size, "chunks": 2,
                     "digest": digest, "mtime": datetime.now(timezone.utc).isoformat()}
             js = fleet.js["worker-asr"]
-            await js.publish(_meta_subject(key), json.dumps({**meta, "deleted": True}).encode())
-            await js.publish(_meta_subject(key), json.dumps(meta).encode())
+            await js.publish(meta_subject(key), json.dumps({**meta, "deleted": True}).encode())
+            await js.publish(meta_subject(key), json.dumps(meta).encode())
             store = ArtifactStore(fleet.settings("client", "uploader"), fleet.js["client"])
             ref = await store.put(media)
             fresh = ArtifactStore(fleet.settings("client", "reader"), fleet.js["client"])
