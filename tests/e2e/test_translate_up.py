@@ -52,7 +52,7 @@ def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_pa
         up.send_signal(signal.SIGINT)
         code = up.wait(90)
         log.close()
-    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert code == 130, (tmp_path / "up.log").read_text()[-3000:]  # Ctrl-C: README's exit code 130
 
     record = json.loads((out / "talk.job.json").read_text())
     nodes = record["nodes"]
