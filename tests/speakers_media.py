@@ -12,8 +12,9 @@ clips kept, decoded to 16 kHz mono, under the test-model cache.
 A dialogue is a list of turns placed on a timeline: each turn is one or more clips of one
 speaker, trimmed to where there is sound (10 ms frames within 40 dB of the clip's loudest), so a
 gap of 0 really is "the next speaker starts as the last one stops". Ground truth is one
-reference turn per placed clip; pauses inside a clip stay inside its turn (as human RTTM
-annotations bridge short pauses). An optional music bed (ffmpeg lavfi, a note scale with
+reference turn per placed clip, from its first to its last frame within 30 dB of its peak (the
+lines end in reverberation tails, see REFERENCE_FLOOR_DB); pauses inside a clip stay inside its
+turn (as human RTTM annotations bridge short pauses). An optional music bed (ffmpeg lavfi, a note scale with
 harmonics, as tests/media.py's organ bed) is mixed under the speech at a given level.
 """
 from __future__ import annotations
@@ -32,6 +33,11 @@ PACKAGES = {"nl": ("fillets-ng-data-nl", "1.0.1-1.1"), "cs": ("fillets-ng-data-c
 # speaker label -> (dub, the game's character letter)
 SPEAKERS = {"nl-small": ("nl", "m"), "nl-big": ("nl", "v"), "cs-small": ("cs", "m"), "cs-big": ("cs", "v")}
 MIN_CLIP_S = 1.0  # shorter lines ("Yes.") are skipped: a turn should carry a voice
+# The actors' lines end in reverberation: after the last word the level decays smoothly from about
+# -20 to -40 dB (below the clip's peak) over ~0.6 s. The reference turn is where the clip is within
+# 30 dB of its peak; the clip itself is placed trimmed at 40 dB (so a gap of 0 means the next voice
+# starts as the last one's reverb fades out).
+REFERENCE_FLOOR_DB = 30.0
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,31 @@ def _decode(path: Path) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
-def trim(samples: np.ndarray, floor_db: float = 40.0) -> np.ndarray:
-    """`samples` without the leading and trailing frames more than `floor_db` below the loudest."""
+def _loud_frames(samples: np.ndarray, floor_db: float) -> np.ndarray:
+    """Indices of the 10 ms frames within `floor_db` of the loudest."""
     frame = SR // 100
     n = len(samples) // frame
     if n == 0:
-        return samples
+        return np.zeros(0, dtype=int)
     energy = (samples[: n * frame].reshape(n, frame) ** 2).mean(axis=1) + 1e-12
-    loud = np.flatnonzero(10 * np.log10(energy / energy.max()) > -floor_db)
+    return np.flatnonzero(10 * np.log10(energy / energy.max()) > -floor_db)
+
+
+def trim(samples: np.ndarray, floor_db: float = 40.0) -> np.ndarray:
+    """`samples` without the leading and trailing frames more than `floor_db` below the loudest."""
+    loud = _loud_frames(samples, floor_db)
+    if len(loud) == 0:
+        return samples
+    frame = SR // 100
     return samples[loud[0] * frame: (loud[-1] + 1) * frame]
+
+
+def speech_span(samples: np.ndarray, floor_db: float = REFERENCE_FLOOR_DB) -> tuple[float, float]:
+    """Where the speech of a (trimmed) clip starts and ends, in seconds into it."""
+    loud = _loud_frames(samples, floor_db)
+    if len(loud) == 0:
+        return 0.0, len(samples) / SR
+    return loud[0] / 100, (loud[-1] + 1) / 100
 
 
 def voice_bank() -> dict[str, list[Path]]:
@@ -122,7 +144,8 @@ def dialogue(plan: list[tuple[str, int, float]], seed: int = 0) -> tuple[np.ndar
             samples = samples / (np.abs(samples).max() + 1e-9) * 0.5  # the same peak level for all actors
             pieces += [np.zeros(pause, np.float32), samples.astype(np.float32)]
             t += pause
-            turns.append(Turn(speaker, t / SR, (t + len(samples)) / SR))
+            a, b = speech_span(samples)
+            turns.append(Turn(speaker, round(t / SR + a, 3), round(t / SR + b, 3)))
             t += len(samples)
     return np.concatenate(pieces + [np.zeros(SR // 2, np.float32)]), turns
 
