@@ -240,12 +240,12 @@ def load_pipeline(folder: Path) -> Any:
     models it names, e.g. a copy of pyannote/speaker-diarization-3.1 with its checkpoints), for a
     user who has one; never a hub name. Returns the pyannote Pipeline (call it on
     {"waveform", "sample_rate"})."""
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-    from pyannote.audio import Pipeline
-
     config = Path(folder) / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no pyannote pipeline at {folder}: expected {config}")
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    from pyannote.audio import Pipeline
+
     pipeline = Pipeline.from_pretrained(str(Path(folder)))
     if pipeline is None:
         raise RuntimeError(f"pyannote could not load the pipeline in {folder}")

@@ -76,6 +76,10 @@ out["chunked"] = score(chunked)
 # words: the middle 0.3 s of each reference turn -> (reference speaker, assigned speaker)
 words = [{"start": (a + b) / 2 - 0.15, "end": (a + b) / 2 + 0.15} for a, b, _ in ref]
 out["words"] = [[who, got] for (_, _, who), got in zip(ref, core.assign_words(words, turns))]
+try:  # pyannote's own pipeline loads only from a local folder that holds one
+    models.load_pipeline(wav.parent)
+except FileNotFoundError as err:
+    out["no_pipeline"] = str(err)
 print("RESULT " + json.dumps(out))
 """
 
@@ -114,3 +118,4 @@ def test_diarization_core_on_real_voices(dialogue: Path, models_dir: Path):
     pairs = {tuple(p) for p in out["words"]}
     assert all(got is not None for _, got in pairs), out["words"]
     assert len({who for who, _ in pairs}) == len(pairs) == len({got for _, got in pairs}) == 4, json.dumps(out["words"])
+    assert "config.yaml" in out.get("no_pipeline", ""), out
