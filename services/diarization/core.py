@@ -50,7 +50,7 @@ class AutoSettings:
 
 
 AUTO_SETTINGS = {
-    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.55),
+    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.5),
     "dvector": AutoSettings(window_distance=0.55, merge_similarity=0.72),
     "resemblyzer": AutoSettings(window_distance=0.3, merge_similarity=0.82),
 }

