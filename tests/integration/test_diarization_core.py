@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
-from contracts.stage_params import VadParams
+from services.vad.declaration import VadParams
 from services.audio import read_wav
 from services.diarization import core, models
 from services.vad.regions import FrameScores, speech_regions
