@@ -92,6 +92,16 @@ def speech_span(samples: np.ndarray, floor_db: float = REFERENCE_FLOOR_DB) -> tu
     return loud[0] / 100, (loud[-1] + 1) / 100
 
 
+def _apt_download(spec: str, into: Path) -> None:
+    """`apt-get download spec`; on a machine whose package lists were never fetched (or are stale,
+    so the pinned version is unknown) the lists are updated once and the download tried again."""
+    first = subprocess.run(["apt-get", "download", spec], cwd=into, capture_output=True, timeout=600)
+    if first.returncode == 0:
+        return
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+    subprocess.run(["apt-get", "download", spec], cwd=into, check=True, capture_output=True, timeout=600)
+
+
 def voice_bank() -> dict[str, list[Path]]:
     """speaker -> its clips (16 kHz mono .npy, trimmed, each at least MIN_CLIP_S), sorted by name.
     Built once from the pinned Debian packages (apt-get download + dpkg-deb -x)."""
@@ -101,8 +111,7 @@ def voice_bank() -> dict[str, list[Path]]:
         building = Path(tempfile.mkdtemp(prefix=".fillets-", dir=root.parent))
         try:
             for dub, (package, version) in PACKAGES.items():
-                subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=building, check=True,
-                               capture_output=True, timeout=600)
+                _apt_download(f"{package}={version}", building)
                 deb = next(building.glob(f"{package}_*.deb"))
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(building / dub)], check=True, timeout=600)
                 deb.unlink()
