@@ -35,6 +35,26 @@ def users_block(users: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
+def _serving(config: Path, log: Path) -> Iterator[None]:
+    """Run `nats-server -c config` until the block ends, once its log says it is ready."""
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (log.exists() and "Server is ready" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _head(tmp_path: Path, port: int, log: Path) -> str:
+    return f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+
+
+@contextlib.contextmanager
 def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
     """users: user name -> permissions variable of roles.conf (e.g. {"worker-asr": "WORKER_ASR"}).
     Yields ({user: url with its password}, server log)."""
@@ -46,20 +66,23 @@ def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[s
     lines = users_block(users)
     log = tmp_path / "server.log"
     (conf_dir / "test.conf").write_text(
-        f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-        f"include ./roles.conf\nauthorization {{\n  users: [\n{lines}\n  ]\n}}\n"
-    )
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf_dir / "test.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (log.exists() and "Server is ready" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
+        _head(tmp_path, port, log) + f"include ./roles.conf\nauthorization {{\n  users: [\n{lines}\n  ]\n}}\n")
+    with _serving(conf_dir / "test.conf", log):
         yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}, log
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+
+@contextlib.contextmanager
+def users_server(tmp_path: Path, users: dict[str, str | None], name: str = "users-server") -> Iterator[dict[str, str]]:
+    """A nats-server -js whose users (password pw-<name>) have the given permissions block bodies
+    (None: no restrictions); yields {user: url}. For real refusals: a request the server refuses
+    gets no reply, as a read does while a cluster elects a leader."""
+    port = _free_port()
+    entries = "\n".join(f'  {{user: "{u}", password: "pw-{u}"' + (f", permissions: {{{p}}}" if p is not None else "") + "}"
+                        for u, p in users.items())
+    log, conf = tmp_path / f"{name}.log", tmp_path / f"{name}.conf"
+    conf.write_text(_head(tmp_path, port, log) + f"authorization {{ users: [\n{entries}\n] }}\n")
+    with _serving(conf, log):
+        yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}
 
 
 def violations(log: Path) -> list[tuple[str, str]]:

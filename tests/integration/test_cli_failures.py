@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from captionbus import exitcodes
-from captionbus.server import _free_port, nats_server_binary
+from captionbus.server import _free_port
+from tests.natsroles import users_server
 from contracts import ArtifactRef, JobSpec, JobState, JobSubmitted, new_job_id
 from contracts.jobs import JobStatus
 
@@ -34,28 +35,10 @@ def refusing_server(tmp_path):
     """A nats-server with two users: `owner` may do anything; `reader` may connect and see the
     streams (what `require_provisioned` asks) but the server refuses its KV reads and consumers,
     as reads fail while a cluster elects a leader. Yields (owner URL, reader URL)."""
-    port = _free_port()
-    log = tmp_path / "server.log"
-    conf = tmp_path / "server.conf"
-    conf.write_text(
-        f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-        'authorization { users: [\n'
-        '  {user: owner, password: pw-owner}\n'
-        '  {user: reader, password: pw-reader, permissions: {\n'
-        '     publish: {allow: [">"], deny: ["$JS.API.CONSUMER.>", "$JS.API.DIRECT.GET.>", "$JS.API.STREAM.MSG.GET.>"]},\n'
-        '     subscribe: {allow: [">"]}}}\n'
-        ']}\n')
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (log.exists() and "Server is ready" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield f"nats://owner:pw-owner@127.0.0.1:{port}", f"nats://reader:pw-reader@127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    reader = ('publish: {allow: [">"], deny: ["$JS.API.CONSUMER.>", "$JS.API.DIRECT.GET.>", '
+              '"$JS.API.STREAM.MSG.GET.>"]}, subscribe: {allow: [">"]}')
+    with users_server(tmp_path, {"owner": None, "reader": reader}, name="server") as urls:
+        yield urls["owner"], urls["reader"]
 
 
 def test_reads_the_server_refuses_are_exit_4_with_the_reason_not_an_empty_answer(refusing_server, tmp_path):

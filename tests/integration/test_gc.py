@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from core.artifacts import ArtifactStore
 from core.bus import connect, provision, publish_event
 from core.gc import collect
 from core.settings import Settings
+from tests.natsroles import users_server
 
 DAY = 24 * 3600.0
 
@@ -291,31 +291,6 @@ def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
 
 # ---- fail-safe (issue 18): a failed read deletes nothing; garbage is skipped; dry run == real run
 
-@contextlib.contextmanager
-def _users_server(tmp_path: Path, users: dict[str, str]):
-    """A nats-server -js whose users have the given `permissions` blocks (name -> block body);
-    yields {user: url}. For real refusals: a request the server refuses gets no reply."""
-    from captionbus.server import _free_port, nats_server_binary
-
-    port = _free_port()
-    entries = "\n".join(f'  {{user: "{u}", password: "pw-{u}", permissions: {{{p}}}}}' for u, p in users.items())
-    log = tmp_path / "users-server.log"
-    conf = tmp_path / "users-server.conf"
-    conf.write_text(f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-                    f"authorization {{ users: [\n{entries}\n] }}\n")
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (log.exists() and "Server is ready" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 ALL = 'publish: ">", subscribe: ">"'
 
 
@@ -358,7 +333,7 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
     users = {"admin": ALL,
              "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>"),
              "no-cache": _all_but("$JS.API.STREAM.INFO.KV_cb_stage_cache")}
-    with _users_server(tmp_path, users) as urls:
+    with users_server(tmp_path, users) as urls:
 
         async def main():
             nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
@@ -465,7 +440,7 @@ def test_gc_cli_fails_part_way_with_every_deletion_logged_and_the_summary(tmp_pa
     nothing deleted, the summary printed all the same."""
     users = {"admin": ALL, "no-events": _all_but("$JS.API.STREAM.PURGE.CB_EVENTS"),
              "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>")}
-    with _users_server(tmp_path, users) as urls:
+    with users_server(tmp_path, users) as urls:
 
         async def seed():
             nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
