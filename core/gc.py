@@ -46,7 +46,6 @@ files on this host, and reads the bus with any user that may read job state.
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -169,14 +168,6 @@ def private_runs(settings) -> list[int]:
                 pass
             alive.append(pid)
     return alive
-
-
-def _object_key(encoded: str) -> str | None:
-    """The object name a meta subject's last token encodes (nats-py: urlsafe base64), or None."""
-    try:
-        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 class GcError(Exception):
@@ -441,10 +432,11 @@ class Collector:
             self._cache_entry(f"file:{entry.path}", entry.path, data, written, remove)
 
     async def _list_objects(self) -> None:
-        """Every object as readers see it: its first live, consistent, complete meta message
-        (`ObjectBucket.located`, core/artifacts/transfer.py), never the subject's last one. A
-        writer may append tombstones or bogus metas after a real upload; gc must not read those
-        as "deleted" (and purge the real chunks as a torn upload) any more than a fetch does."""
+        """Every object as readers see it (`ObjectBucket.object_at`: its first live, consistent,
+        complete meta message, never the subject's last one; its mtime that of its latest refresh;
+        the subject's last sequence for `delete`). A writer may append tombstones or bogus metas
+        after a real upload; gc must not read those as "deleted" (and purge the real chunks as a
+        torn upload) any more than a fetch does."""
         bucket = ObjectBucket(self.js, subjects.ARTIFACTS_BUCKET)
         self.bucket = bucket
         self.report.object_store_bytes_before = (await self.js.stream_info(bucket.stream)).state.bytes
@@ -452,12 +444,11 @@ class Collector:
         chunk_prefix = bucket.chunk_subject("")
         self.chunk_sets = {s[len(chunk_prefix):]: n
                            for s, n in (await self._subjects(bucket.stream, f"{chunk_prefix}>")).items()}
-        for subject in await self._subjects(bucket.stream, f"{meta_prefix}>"):
-            key = _object_key(subject[len(meta_prefix):])
-            found = await bucket.located(key, held=self.chunk_sets) if key is not None else None
+        for subject, count in (await self._subjects(bucket.stream, f"{meta_prefix}>")).items():
+            found = await bucket.object_at(subject, self.chunk_sets, count)
             if found is not None:
                 info, seq = found
-                self.objects[key] = _Object(info, seq)
+                self.objects[info.name] = _Object(info, seq)
                 continue
             # Nothing readable under this subject: say why from its last message.
             try:
