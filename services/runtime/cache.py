@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
-from core.settings import load as settings_load
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
 ITEMS_PREFIX = "items:"  # a cached entry keeps StageCompleted.items among its metrics under this prefix
@@ -50,10 +49,6 @@ _FALSE = {"false", "0", "no", "off"}
 def cache_enabled_for(request: StageRequest) -> bool:
     value = request.params.get("cache", True)
     return str(value).strip().lower() not in _FALSE
-
-
-def worker_cache_enabled() -> bool:
-    return settings_load().stage_cache
 
 
 def path_stamp(path: Path) -> list:

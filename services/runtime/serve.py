@@ -67,7 +67,6 @@ from services.runtime.cache import (
     StageCache,
     cache_enabled_for,
     cache_key,
-    worker_cache_enabled,
     worker_fingerprint,
 )
 from services.runtime.context import EVENT_ID_FIELDS, RequestContext, event_ids, result_ids
@@ -249,7 +248,7 @@ class StageWorker:
         self.summary = worker_summary(info)
         self._jobs_kv = None
         self.cache = None
-        if definition.cacheable and worker_cache_enabled():
+        if definition.cacheable and settings.stage_cache:  # CAPTIONBUS_STAGE_CACHE
             local = None if getattr(store, "use_object_store", True) else settings.home / "stage-cache"
             self.cache = StageCache(js, store, log, local_dir=local)
         self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
