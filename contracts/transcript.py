@@ -11,6 +11,7 @@ class Word(BaseModel):
     start: float | None = Field(default=None, description="seconds; None when the recogniser gave none")
     end: float | None = None
     score: float | None = None
+    speaker: str | None = Field(default=None, description="speaker label of the turn covering most of the word")
 
 
 class Segment(BaseModel):
@@ -19,6 +20,12 @@ class Segment(BaseModel):
     text: str
     words: list[Word] = Field(default_factory=list)
     speaker: str | None = None
+    # The decoder's own per-segment statistics (faster-whisper's Segment fields), None when the
+    # recogniser did not report them -- never a made-up 0.0.
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
+    tokens: list[int] | None = None
     flags: list[str] = Field(default_factory=list, description="e.g. 'lyrics', 'hallucination-suspect'")
 
 
