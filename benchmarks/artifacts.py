@@ -8,9 +8,9 @@ Compares, for each size (MB of random bytes):
   put (object)      ArtifactStore.put with the object store: hash + hardlink + upload
   nats-py put       ObjectStore.put from an open file
   get (object)      ArtifactStore.get on another "host": fetch, hash, write to its root
-                    (core.artifacts.direct: its own raw-socket connection, read in a thread;
+                    (captionbus.core.artifacts.direct: its own raw-socket connection, read in a thread;
                     only with the nats-py it was written for)
-  get (via nats-py) the same, with direct_fetch off: core.artifacts.transfer.ChunkReader on
+  get (via nats-py) the same, with direct_fetch off: captionbus.core.artifacts.transfer.ChunkReader on
                     nats-py's connection (the path for TLS / nkeys / JWT, other nats-py versions)
   get: wire only    the direct reader writing nowhere: the bus + reader ceiling
   wire via nats-py  the nats-py-connection reader writing nowhere
@@ -37,11 +37,11 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captionbus.server import EmbeddedServer  # noqa: E402
-from contracts import subjects  # noqa: E402
-from core.artifacts import ArtifactStore, direct  # noqa: E402
-from core.artifacts.transfer import ChunkReader  # noqa: E402
-from core.bus import connect, provision  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from captionbus.contracts import subjects  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore, direct  # noqa: E402
+from captionbus.core.artifacts.transfer import ChunkReader  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.settings import Settings  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -161,7 +161,7 @@ async def main(args) -> None:
             js = nc.jetstream()
             await provision(js)
             # nats-py's ObjectStore put/delete (the comparison rows, and the deletes that keep puts
-            # from being skipped) send rollups, which provisioning turns off (core.bus.NO_ROLLUP_STREAMS):
+            # from being skipped) send rollups, which provisioning turns off (captionbus.core.bus.NO_ROLLUP_STREAMS):
             # allowed again on this private bucket. captionbus's own put and get send none.
             config = (await js.stream_info(f"OBJ_{subjects.ARTIFACTS_BUCKET}")).config
             config.allow_rollup_hdrs = True

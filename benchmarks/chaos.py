@@ -24,7 +24,7 @@ Roles: the nodes include deploy/nats/roles.conf and log every client in with a p
 passwords `pw-<user>`, tests/natsroles.py; the permission blocks are the deployment's). The
 coordinator runs as `coordinator`, the asr workers as `worker-asr` (their consumer only), the other
 stages as `worker`; this script submits, follows and fetches as `client`, and runs gc as `gc`. Each
-connection replies on its user's own prefix `_INBOX_<user>` (core.bus.inbox_prefix).
+connection replies on its user's own prefix `_INBOX_<user>` (captionbus.core.bus.inbox_prefix).
 
 Two passes in one script: a no-fault pass over every clip first (its SRTs are the reference),
 then the chaos pass over the same clips, their submits spread over the schedule's expected length
@@ -196,11 +196,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captionbus.server import nats_server_binary
 from captionbus.stack import ServiceProcess, _die_with_parent, service_env, stop_services, wait_ready
-from contracts import subjects
-from core.bus import connect, require_provisioned
-from core.logging import configure_logging
-from core.settings import Settings
-from core.settings import load as load_settings
+from captionbus.contracts import subjects
+from captionbus.core.bus import connect, require_provisioned
+from captionbus.core.logging import configure_logging
+from captionbus.core.settings import Settings
+from captionbus.core.settings import load as load_settings
 from tests.natsroles import NATS_DEPLOY, free_ports, users_block
 from tests.security.fleet import ROLES
 
@@ -408,7 +408,7 @@ class Fleet:
         logs = settings.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{stage}-{replica}.{n}.log"
-        argv = [str(interpreter_for_stage(stage)), "-m", "services", "serve", stage, "--replica-id", f"{replica}{n}"]
+        argv = [str(interpreter_for_stage(stage)), "-m", "captionbus.services", "serve", stage, "--replica-id", f"{replica}{n}"]
         if in_ns:
             argv = ["ip", "netns", "exec", self.netns.name, *argv]  # ip execs: the pid is the worker's
         with open(log_path, "ab") as out:
@@ -824,7 +824,7 @@ class Outputs:
         fetch does)."""
         import hashlib
 
-        from core.artifacts import ArtifactStore
+        from captionbus.core.artifacts import ArtifactStore
 
         refs = {"job.input": state.spec.input, **state.outputs}
         out: dict[str, tuple[str, int, str, str] | None] = {}
@@ -974,7 +974,7 @@ class Attacker:
     async def attack_forge(self, a: Attack) -> None:
         """worker-asr forges a result for a node of a running job, with another job's outputs of
         that node, claimed as {"host": "attacker"}: no token, then a guessed one."""
-        from core.bus import publish_event
+        from captionbus.core.bus import publish_event
         from tests.security.attacks import forged_results
 
         found = await self.running_node()
@@ -1130,7 +1130,7 @@ class Attacker:
         """gc, 2-4 s after a fault healed: a dry run, then the real one. Every object is inside its
         grace period, so a run that deletes any object (or job record) did harm; a run that
         stops on a read error deleted nothing (it says so) and is harmless."""
-        from core.gc import GcError, collect
+        from captionbus.core.gc import GcError, collect
 
         await asyncio.sleep(self.rng.uniform(2, 4))
         settings = self.fleet.settings("gc", user="gc")
@@ -1314,7 +1314,7 @@ async def run_pass(fleet: Fleet, clips: list[Path], timeout: float, chaos: Chaos
     """Submit every clip (and the poison), run the faults (and after each, the attacker's slot of
     attacks) alongside, fetch each job's bytes as soon as it completed (`outputs`), wait until all
     are terminal. Returns job id -> label, final states, label -> clip, and wall seconds."""
-    from core.artifacts import ArtifactStore
+    from captionbus.core.artifacts import ArtifactStore
 
     nc = await _bus(fleet.url, "chaos-client")
     js = nc.jetstream()
@@ -1427,7 +1427,7 @@ async def main_async(args) -> Report:
         labels, states, _, ref_wall = await run_pass(fleet, clips, timeout=per_job * len(clips) + 120)
         report.reference_wall_s = ref_wall
         nc = await _bus(fleet.url, "chaos-fetch")
-        from core.artifacts import ArtifactStore
+        from captionbus.core.artifacts import ArtifactStore
 
         store = ArtifactStore(fleet.settings("client"), nc.jetstream())
         reference: dict[str, str] = {}

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from captionbus.server import EmbeddedServer  # noqa: E402
-from contracts import ArtifactRef, JobSpec, JobState, StageProgress, subjects  # noqa: E402
-from contracts.jobs import JobStatus, NodeState, NodeStatus  # noqa: E402
-from core.bus import connect, provision, publish_event  # noqa: E402
+from captionbus.contracts import ArtifactRef, JobSpec, JobState, StageProgress, subjects  # noqa: E402
+from captionbus.contracts.jobs import JobStatus, NodeState, NodeStatus  # noqa: E402
+from captionbus.core.bus import connect, provision, publish_event  # noqa: E402
 
 NODES = ["demux", "asr", "subtitle_gen", "mux"]
 

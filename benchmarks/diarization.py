@@ -12,7 +12,7 @@ speakers, turns with no gap, a speaker continuing after a pause):
   long30      ~30 min, seed 3, four speakers
 Each configuration runs in a fresh process of the `diarization` env (so peak RSS is its own):
 VAD regions -> windows -> embeddings -> clustering -> turns. VAD: `silero` is the vad stage's
-(services/vad/stage.py with its default params), what the diarization stage will read in a
+(captionbus/services/vad/stage.py with its default params), what the diarization stage will read in a
 workflow; `segmentation-3.0` / `segmentation` the pyannote models (models.speech_scores);
 `oracle` the reference turns (isolates the speaker part). DER is pyannote.metrics' DiarizationErrorRate with the NIST collar of
 0.25 s on each side of every reference boundary (pyannote's `collar=0.5`, the total width),
@@ -63,8 +63,8 @@ import numpy as np
 wav, rttm, embedder_name, vad, speakers, models_dir, threads = sys.argv[1:]
 import torch
 torch.set_num_threads(int(threads))
-from services.audio import read_wav
-from services.diarization import core, models
+from captionbus.services.audio import read_wav
+from captionbus.services.diarization import core, models
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
 
@@ -81,9 +81,9 @@ t0 = time.monotonic()
 embedder = models.load_embedder(embedder_name, Path(models_dir), threads=int(threads))
 if vad == "silero":
     import onnxruntime
-    from contracts.stage_params import VadParams
-    from services.vad.regions import FrameScores, speech_regions
-    from services.vad.stage import FRAME_SAMPLES, SileroStream
+    from captionbus.contracts.stage_params import VadParams
+    from captionbus.services.vad.regions import FrameScores, speech_regions
+    from captionbus.services.vad.stage import FRAME_SAMPLES, SileroStream
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(str(Path(models_dir) / "silero-vad" / "silero_vad.onnx"), options,
@@ -99,7 +99,7 @@ elif vad == "silero":
     probs = SileroStream(session).probabilities(samples)
     regions = speech_regions(FrameScores(probs, FRAME_SAMPLES / 16000), duration, VadParams())
 else:
-    from services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
+    from captionbus.services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
     probs, step, start = models.speech_scores(seg, samples)
     regions = drop_short(bridge_short_gaps(binarize(FrameScores(probs, step, start), 0.5, 0.35), 0.3), 0.25)
 t2 = time.monotonic()
@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from captionbus.envs import env_python
-    from core import settings
+    from captionbus.core import settings
 
     python = str(env_python("diarization"))
     models_dir = settings.load().models_dir

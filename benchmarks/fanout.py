@@ -51,13 +51,13 @@ from captionbus.client import follow, submit  # noqa: E402
 from captionbus.runner import start_stage_services  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
-from contracts.events import TERMINAL_KINDS  # noqa: E402
-from contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S  # noqa: E402
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow  # noqa: E402
-from coordinator.service import Coordinator  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.bus import connect, provision  # noqa: E402
-from core.settings import Settings, load  # noqa: E402
+from captionbus.contracts.events import TERMINAL_KINDS  # noqa: E402
+from captionbus.contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S  # noqa: E402
+from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow  # noqa: E402
+from captionbus.coordinator.service import Coordinator  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.settings import Settings, load  # noqa: E402
 from tests.media import FILM_SENTENCES, speech_film  # noqa: E402
 
 STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]

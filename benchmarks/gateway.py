@@ -44,10 +44,10 @@ from captionbus.gateway.keys import add_key  # noqa: E402
 from captionbus.runner import coordinator_task, validate_job  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import start_service, stop_services, wait_ready  # noqa: E402
-from contracts.events import TERMINAL_KINDS  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.bus import connect, provision  # noqa: E402
-from core.settings import Settings, load  # noqa: E402
+from captionbus.contracts.events import TERMINAL_KINDS  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.settings import Settings, load  # noqa: E402
 from tests.gatewaytools import start_gateway_process  # noqa: E402
 from tests.media import speech_wav  # noqa: E402
 

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nats.js.api import ObjectStoreConfig, StorageType  # noqa: E402
 
 from captionbus.server import EmbeddedServer  # noqa: E402
-from contracts import JobSpec, JobState, JobStatus, NodeState, NodeStatus, subjects  # noqa: E402
-from core.artifacts import ArtifactStore, ArtifactStoreFull  # noqa: E402
-from core.artifacts.transfer import ObjectBucket  # noqa: E402
-from core.bus import connect, provision  # noqa: E402
-from core.gc import collect  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from captionbus.contracts import JobSpec, JobState, JobStatus, NodeState, NodeStatus, subjects  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore, ArtifactStoreFull  # noqa: E402
+from captionbus.core.artifacts.transfer import ObjectBucket  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.gc import collect  # noqa: E402
+from captionbus.core.settings import Settings  # noqa: E402
 
 
 async def gc_run(url: str, home: Path, objects: int, size: int) -> None:

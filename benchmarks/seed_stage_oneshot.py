@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.settings import load  # noqa: E402
-from services.runtime import SetupContext  # noqa: E402
-from services.runtime.main import load_stage  # noqa: E402
+from captionbus.core.settings import load  # noqa: E402
+from captionbus.services.runtime import SetupContext  # noqa: E402
+from captionbus.services.runtime.main import load_stage  # noqa: E402
 from tests.unit.stages.fake_context import make_fake_context  # noqa: E402
 
 

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--workflow", default="subtitle", choices=("subtitle", "transcribe"),
                         help="transcribe: every stage of the rerun can be answered before its model loads")
     args = parser.parse_args()
-    from core.settings import Settings
+    from captionbus.core.settings import Settings
 
     real = Settings()  # envs and models are shared with the real data dir; the bus data is not
     env = {"CAPTIONBUS_ENVS": str(real.envs_dir), "CAPTIONBUS_MODELS": str(real.models_dir),

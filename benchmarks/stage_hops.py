@@ -15,7 +15,7 @@ coordinator does between stages, minus its KV write).
               coordinator's event consumer and its revision-checked KV write per step.
   raw NATS    core request/reply round trip, and a JetStream publish (ack) round trip, for scale
 
-Services are `python -m services serve noop` subprocesses (default; what production runs) or
+Services are `python -m captionbus.services serve noop` subprocesses (default; what production runs) or
 asyncio tasks in this process (`--in-process`). Starts its own nats-server in a temp dir.
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captionbus.server import EmbeddedServer  # noqa: E402
-from contracts import StageRequest, parse_event, subjects  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.bus import StagePolicy, connect, provision  # noqa: E402
-from core.logging import configure_logging  # noqa: E402
-from core.settings import PROJECT_ROOT, Settings  # noqa: E402
+from captionbus.contracts import StageRequest, parse_event, subjects  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore  # noqa: E402
+from captionbus.core.bus import StagePolicy, connect, provision  # noqa: E402
+from captionbus.core.logging import configure_logging  # noqa: E402
+from captionbus.core.settings import PROJECT_ROOT, Settings  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -81,7 +81,7 @@ class Driver:
 
 
 def hops_workflow(hops: int):
-    from coordinator.graph import Workflow
+    from captionbus.coordinator.graph import Workflow
 
     nodes = {f"hop{n}": {"stage": "noop", "inputs": {"input": "job.input" if n == 0 else f"hop{n - 1}.input"},
                          "outputs": ["input"]} for n in range(hops)}
@@ -90,8 +90,8 @@ def hops_workflow(hops: int):
 
 async def coordinated(nc, js, first_ref, hops: int, chains: int, concurrency: int) -> tuple[list[float], float]:
     """Per-job seconds for `chains` sequential jobs, and hops/s with `concurrency` jobs in flight."""
-    from contracts import JobSpec, JobSubmitted, new_job_id
-    from coordinator.service import Coordinator
+    from captionbus.contracts import JobSpec, JobSubmitted, new_job_id
+    from captionbus.coordinator.service import Coordinator
 
     finished: dict[str, asyncio.Future] = {}
 
@@ -149,7 +149,7 @@ def start_processes(n: int, url: str, home: Path) -> list[subprocess.Popen]:
            "CAPTIONBUS_ARTIFACTS": os.environ["CAPTIONBUS_ARTIFACTS"], "CAPTIONBUS_LOG_LEVEL": os.environ.get("BENCH_SERVICE_LOG_LEVEL", "WARNING"),
            "PYTHONPATH": str(PROJECT_ROOT)}
     log = open(os.environ.get("BENCH_LOG", os.devnull), "ab")
-    return [subprocess.Popen([sys.executable, "-m", "services", "serve", "noop", "--replica-id", str(i)],
+    return [subprocess.Popen([sys.executable, "-m", "captionbus.services", "serve", "noop", "--replica-id", str(i)],
                              stdout=log, stderr=subprocess.STDOUT, env=env) for i in range(n)]
 
 
@@ -174,8 +174,8 @@ async def bench(args, url: str, home: Path) -> None:
     await provision(js)
     processes, tasks, stop = [], [], asyncio.Event()
     if args.in_process:
-        from services.noop.stage import STAGE
-        from services.runtime.serve import serve
+        from captionbus.services.noop.stage import STAGE
+        from captionbus.services.runtime.serve import serve
 
         tasks = [asyncio.create_task(serve(STAGE, settings, url, env_name="bench", stop=stop,
                                            policy=StagePolicy(), replica_id=str(i)))

@@ -2,7 +2,7 @@
 
     python benchmarks/subtitle_rules.py --whisperx-python /path/to/whisperx-venv/bin/python
 
-The word streams are realistic and deterministic (core.subtitles.samples: English and Hindi
+The word streams are realistic and deterministic (captionbus.core.subtitles.samples: English and Hindi
 sentences timed like speech, with pauses and two speakers). For each stream:
   - ours: build_cues with the language's default rules, written as SRT;
   - whisperx: whisperx.utils.WriteSRT with max_line_width=42, max_line_count=2, run in the given
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from core.subtitles import Cue, build_cues, check_file, load_rules, write_subtitles
-from core.subtitles.check import RULE_NAMES
-from core.subtitles.samples import synthetic_transcript
+from captionbus.core.subtitles import Cue, build_cues, check_file, load_rules, write_subtitles
+from captionbus.core.subtitles.check import RULE_NAMES
+from captionbus.core.subtitles.samples import synthetic_transcript
 
 WHISPERX_WRITER = r"""
 import io, json, sys, time

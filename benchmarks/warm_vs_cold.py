@@ -28,10 +28,10 @@ from captionbus.envs import interpreter_for_stage  # noqa: E402
 from captionbus.runner import coordinator_task, start_stage_services  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.stack import stop_services, wait_ready  # noqa: E402
-from contracts.events import TERMINAL_KINDS  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.bus import connect, provision  # noqa: E402
-from core.settings import Settings, load  # noqa: E402
+from captionbus.contracts.events import TERMINAL_KINDS  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.settings import Settings, load  # noqa: E402
 from tests.media import speech_video  # noqa: E402
 
 SENTENCES = [

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NoKeysError, NotFoundError
 from pydantic import ValidationError
 
-from contracts import (
+from captionbus.contracts import (
     ArtifactRef,
     JobCancelRequested,
     JobRetryRequested,
@@ -31,10 +31,10 @@ from contracts import (
     parse_event,
     subjects,
 )
-from contracts.events import TERMINAL_KINDS
-from contracts.languages import LANGUAGES
-from core.artifacts import ArtifactStore
-from core.bus import BusError, publish_event, through_failover
+from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.languages import LANGUAGES
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import BusError, publish_event, through_failover
 
 
 class SubmitError(ValueError):
@@ -67,7 +67,7 @@ async def submit(
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
     the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it."""
     media = check_input_file(media)
-    # Through a stream leader's failover (core.bus.through_failover): both steps are idempotent,
+    # Through a stream leader's failover (captionbus.core.bus.through_failover): both steps are idempotent,
     # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
     ref = await through_failover(lambda: store.put(media, name=name or media.name, copy=copy), "upload")
     spec = JobSpec(
@@ -109,7 +109,7 @@ READ_WINDOW_S = 20.0
 
 async def read(step, what: str, window_s: float = READ_WINDOW_S):
     """`await step()`, a read of the bus, retried through a stream leader's election
-    (core.bus.through_failover) for at most `window_s`, then a BusError naming what could not be
+    (captionbus.core.bus.through_failover) for at most `window_s`, then a BusError naming what could not be
     read and the server's last reason (CLI exit 4). Never an empty answer instead: `captionbus
     jobs --json` printed 0 jobs with exit 0 while 37 existed, for 8-10 s after a cluster host
     healed (issue 18), when every failed read here became "nothing"."""
@@ -199,7 +199,7 @@ async def follow(
         return
     subject = subjects.job_events(job_id) if job_id else subjects.EVENTS_WILDCARD
     # Creating the consumer asks the meta leader; right after a node dies it may be electing one
-    # (a timeout), like a stream's leader for submit (core.bus.through_failover).
+    # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
     sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=_start(since=since)),
                                  "follow")
     try:

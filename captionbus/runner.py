@@ -48,20 +48,20 @@ from captionbus.stack import (
     stop_services,
     wait_ready,
 )
-from contracts import ArtifactRef, JobSpec, subjects
-from contracts.events import LOADING_MODEL
-from contracts.ids import validate_token
-from contracts.languages import check_language
-from contracts.stage_specs import STAGES, explain
-from contracts.transcript import Transcript
-from coordinator.graph import load_workflow, option_errors
-from coordinator.service import run_coordinator
-from core.artifacts import ArtifactStore
-from core.bus import connect, provision, require_provisioned
-from core.gc import collect
-from core.retry import RetryPolicy
-from core.service_options import load_options
-from core.settings import Settings, config_files
+from captionbus.contracts import ArtifactRef, JobSpec, subjects
+from captionbus.contracts.events import LOADING_MODEL
+from captionbus.contracts.ids import validate_token
+from captionbus.contracts.languages import check_language
+from captionbus.contracts.stage_specs import STAGES, explain
+from captionbus.contracts.transcript import Transcript
+from captionbus.coordinator.graph import load_workflow, option_errors
+from captionbus.coordinator.service import run_coordinator
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import connect, provision, require_provisioned
+from captionbus.core.gc import collect
+from captionbus.core.retry import RetryPolicy
+from captionbus.core.service_options import load_options
+from captionbus.core.settings import Settings, config_files
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -125,7 +125,7 @@ def validate_job(
         job_id="jvalidate", workflow=workflow, input=ArtifactRef(key="0" * 64, name="input", size=0),
         source_language=source_language, target_languages=target_languages, options=options or {},
     )
-    # Each -o group against the params model of the stages it reaches (contracts.stage_specs),
+    # Each -o group against the params model of the stages it reaches (captionbus.contracts.stage_specs),
     # then every node's final params in the plan.
     errors = option_errors(graph, spec) or graph.expand(spec).errors
     if errors:

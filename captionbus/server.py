@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from core.bus import BusError
+from captionbus.core.bus import BusError
 
 log = structlog.get_logger("captionbus.bus")
 

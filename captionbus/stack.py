@@ -21,9 +21,9 @@ from nats.aio.client import Client as NATS
 from captionbus.client import workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
-from core.bus import BusError, running_embedded_url
-from core.settings import Settings
-from core.text import one_line
+from captionbus.core.bus import BusError, running_embedded_url
+from captionbus.core.settings import Settings
+from captionbus.core.text import one_line
 
 log = structlog.get_logger("captionbus.stack")
 
@@ -140,7 +140,7 @@ def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, st
         "CAPTIONBUS_ENV": env,
         "CAPTIONBUS_HOST_ID": settings.host_id,
         "CAPTIONBUS_ARTIFACTS": "object" if settings.use_object_store() else "local",
-        # The launcher lends the stage its own contracts/core/services (captionbus/envs/code.py).
+        # The launcher lends the stage its own captionbus/contracts/core/services (captionbus/envs/code.py).
         "PYTHONPATH": str(code_dir()),
         **(extra or {}),
     }
@@ -156,7 +156,7 @@ def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | Non
     running side by side). Each replica gets cores // N (at least 1), unless the operator set
     the option (its environment variable) already. Empty for one replica or a stage without
     such an option."""
-    from contracts.stage_specs import STAGES
+    from captionbus.contracts.stage_specs import STAGES
 
     environ = os.environ if environ is None else environ
     options = STAGES[stage].options if stage in STAGES else None
@@ -187,7 +187,7 @@ def start_service(
     child_env = service_env(settings, env, nats_url, extra_env)
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            [str(interpreter), "-m", "services", "serve", stage, "--replica-id", str(replica)],
+            [str(interpreter), "-m", "captionbus.services", "serve", stage, "--replica-id", str(replica)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -13,11 +13,11 @@ from pathlib import Path
 import click
 
 from captionbus import exitcodes
-from contracts.languages import check_language
-from core.subtitles import read_subtitles, reflow
-from core.subtitles.check import check
-from core.subtitles.formats import FORMATS, format_for, render, write_subtitles
-from core.subtitles.rules import load_rules
+from captionbus.contracts.languages import check_language
+from captionbus.core.subtitles import read_subtitles, reflow
+from captionbus.core.subtitles.check import check
+from captionbus.core.subtitles.formats import FORMATS, format_for, render, write_subtitles
+from captionbus.core.subtitles.rules import load_rules
 
 
 class SubsError(click.ClickException):

@@ -90,7 +90,7 @@ def check_waits_for_the_bus(command: list[str], probe: str, tmp_path, env: dict[
     import signal
 
     from captionbus.server import EmbeddedServer
-    from core.bus import connect, provision
+    from captionbus.core.bus import connect, provision
 
     server = EmbeddedServer(tmp_path / "nats")
     port = free_port()

@@ -31,8 +31,8 @@ MISSING = "test media need the dev extra's espeakng-loader and imageio-ffmpeg: p
 
 def tools_available() -> bool:
     """eSpeak NG (the espeakng-loader wheel) and an ffmpeg: the system's or the imageio-ffmpeg
-    wheel's (core/mediatools.py), so the tests make their media on a machine without either."""
-    from core.mediatools import MediaToolMissing, ffmpeg_path
+    wheel's (captionbus/core/mediatools.py), so the tests make their media on a machine without either."""
+    from captionbus.core.mediatools import MediaToolMissing, ffmpeg_path
     from tests import espeak
 
     try:
@@ -44,7 +44,7 @@ def tools_available() -> bool:
 
 def _run(args: list[str], timeout: float = 120) -> None:
     if args[0] == "ffmpeg":
-        from core.mediatools import ffmpeg_path
+        from captionbus.core.mediatools import ffmpeg_path
 
         args = [ffmpeg_path(), *args[1:]]
     subprocess.run(args, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
@@ -192,9 +192,9 @@ def hls_playlist(path: Path, target: Path) -> Path:
 
 
 def ffprobe_json(path: Path) -> dict:
-    """ffprobe's JSON for a file: from the system ffprobe, else through PyAV (services.media)."""
+    """ffprobe's JSON for a file: from the system ffprobe, else through PyAV (captionbus.services.media)."""
     if not shutil.which("ffprobe"):
-        from services.media import probe
+        from captionbus.services.media import probe
 
         return probe(path).raw
     out = subprocess.run(
@@ -207,7 +207,7 @@ def ffprobe_json(path: Path) -> dict:
 def packet_hash(path: Path, stream: str) -> str:
     """Hash of the compressed packets of one stream (e.g. "v:0", "a:0"): equal hashes mean the
     stream was copied, not re-encoded."""
-    from core.mediatools import ffmpeg_path
+    from captionbus.core.mediatools import ffmpeg_path
 
     out = subprocess.run(
         [ffmpeg_path(), "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-c", "copy", "-f", "hash", "-hash", "sha256", "-"],

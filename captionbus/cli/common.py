@@ -16,8 +16,8 @@ from rich.console import Console
 
 from captionbus import exitcodes
 from captionbus.cli.errors import CaptionbusGroup, UserError, console
-from contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S
-from core.settings import load
+from captionbus.contracts.declarations.chunk import DEFAULT_CHUNK_TARGET_S
+from captionbus.core.settings import load
 
 stdout = Console()
 
@@ -29,7 +29,7 @@ __all__ = ["console", "stdout", "main", "UserError"]
 @click.version_option(package_name="captionbus")
 def main(verbose: int) -> None:
     """Films and videos to subtitles, as stage services on NATS."""
-    from core.logging import configure_logging
+    from captionbus.core.logging import configure_logging
 
     # Interactive commands speak through their own output; job failures arrive as one line.
     # Long-running parts (up, coordinator) log at INFO: they are services.
@@ -38,7 +38,7 @@ def main(verbose: int) -> None:
 
 
 def service_logging() -> None:
-    from core.logging import configure_logging
+    from captionbus.core.logging import configure_logging
 
     if click.get_current_context().find_root().params.get("verbose", 0) == 0:
         configure_logging(level="INFO")
@@ -158,7 +158,7 @@ insecure_option = click.option(
 
 
 def require_secure(url: str, settings, insecure: bool) -> None:
-    from core.bus import require_secure as refuse_insecure
+    from captionbus.core.bus import require_secure as refuse_insecure
 
     refuse_insecure(url, settings, insecure)
 
@@ -166,7 +166,7 @@ def require_secure(url: str, settings, insecure: bool) -> None:
 def warn_if_insecure(url: str, settings) -> None:
     """A client command sends its credentials to `url`: say so when that is in clear text or
     unauthenticated off this host (`submit` refuses instead, unless --insecure)."""
-    from core.bus import insecure_reason
+    from captionbus.core.bus import insecure_reason
 
     reason = insecure_reason(url, settings)
     if reason is not None:
@@ -177,7 +177,7 @@ def on_bus(name: str, action):
     """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect.
     The streams' check goes through a leader election like every read (captionbus.client.read)."""
     from captionbus.client import read
-    from core.bus import connect, require_provisioned, resolve_url
+    from captionbus.core.bus import connect, require_provisioned, resolve_url
 
     settings = load()
     url = resolve_url(settings)

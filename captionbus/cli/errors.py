@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from captionbus import exitcodes
-from core.settings import SettingsError, load
+from captionbus.core.settings import SettingsError, load
 
 console = Console(stderr=True)
 
@@ -40,8 +40,8 @@ def _known_errors() -> dict[type[BaseException], int]:
     from captionbus.client import SubmitError
     from captionbus.runner import JobFailedError
     from captionbus.stack import ServiceStartError
-    from core.artifacts import ArtifactStoreFull
-    from core.bus import BusError
+    from captionbus.core.artifacts import ArtifactStoreFull
+    from captionbus.core.bus import BusError
 
     known: dict[type[BaseException], int] = {
         BusError: exitcodes.BUS, JobFailedError: exitcodes.JOB_FAILED, ServiceStartError: exitcodes.JOB_FAILED,
@@ -74,7 +74,7 @@ def user_error(error: Exception) -> click.ClickException:
 
 
 def _debug() -> bool:
-    """CAPTIONBUS_DEBUG (core.settings); when the settings are what failed, the variable alone."""
+    """CAPTIONBUS_DEBUG (captionbus.core.settings); when the settings are what failed, the variable alone."""
     try:
         return load().debug
     except SettingsError:

@@ -12,7 +12,7 @@ from rich.table import Table
 from captionbus.cli.common import main, on_bus, stdout
 from captionbus.cli.errors import UserError
 from captionbus.cli.tables import print_table
-from core.settings import load
+from captionbus.core.settings import load
 
 
 def _worker_state(state: dict) -> str:
@@ -94,7 +94,7 @@ def workers(as_json: bool, wide: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="{code: {iso639_2, name}} as one JSON object.")
 def languages(as_json: bool) -> None:
     """Language codes -s and -t accept (ISO 639-1), with names."""
-    from contracts.languages import LANGUAGES
+    from captionbus.contracts.languages import LANGUAGES
 
     if as_json:
         stdout.print_json(json.dumps({code: {"iso639_2": three, "name": name}
@@ -113,7 +113,7 @@ def logs(stage: str, follow: bool, lines: int, replica: int) -> None:
     """A stage service's log on this host (in CAPTIONBUS_HOME/logs)."""
     import time
 
-    from contracts.stage_specs import stage_spec
+    from captionbus.contracts.stage_specs import stage_spec
 
     stage_spec(stage)
     path = load().home / "logs" / f"{stage}-{replica}.log"
@@ -137,10 +137,10 @@ def logs(stage: str, follow: bool, lines: int, replica: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The JSON Schema of each stage's params and service options.")
 def stages(stage: str | None, as_json: bool) -> None:
     """Every stage's params (-o STAGE.KEY=VALUE) and service options (serve --option KEY=VALUE or
-    the env var), from their models in contracts/."""
+    the env var), from their models in captionbus/contracts/."""
     from rich.markup import escape
 
-    from contracts.stage_specs import STAGES, describe_model, stage_spec
+    from captionbus.contracts.stage_specs import STAGES, describe_model, stage_spec
 
     specs = [stage_spec(stage)] if stage else list(STAGES.values())
     if as_json:

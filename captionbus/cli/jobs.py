@@ -30,7 +30,7 @@ from captionbus.cli.common import (
 )
 from captionbus.cli.errors import UserError
 from captionbus.cli.tables import print_table
-from core.settings import load
+from captionbus.core.settings import load
 
 
 @main.command(short_help="Submit a job to a running stack.")
@@ -47,8 +47,8 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
     from captionbus.client import check_input_file
     from captionbus.client import submit as submit_job
     from captionbus.runner import run_job, validate_job, warn_about_unserved_stages
-    from core.artifacts import ArtifactStore
-    from core.bus import resolve_url
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.core.bus import resolve_url
 
     settings = load()
     check_input_file(media)
@@ -57,7 +57,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                           options=parse_options(options))
     url = resolve_url(settings)
     # The upload carries the film and the credentials: not in clear text, or unauthenticated, to
-    # another host unless asked (exit 2, the fix named), as coordinator/serve/up refuse.
+    # another host unless asked (exit 2, the fix named), as captionbus/coordinator/serve/up refuse.
     require_secure(url, settings, insecure)
     if wait:
         if insecure:
@@ -112,8 +112,8 @@ def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
     (CAPTIONBUS_RETENTION_*, CAPTIONBUS_ARTIFACTS_MAX_BYTES); never what an unfinished job needs.
     Needs a NATS user allowed to purge (`gc` in deploy/nats/roles.conf) unless --dry-run or
     --local-only."""
-    from core.bus import connect, require_provisioned, resolve_url, running_embedded_url
-    from core.gc import GcError, collect
+    from captionbus.core.bus import connect, require_provisioned, resolve_url, running_embedded_url
+    from captionbus.core.gc import GcError, collect
 
     settings = load()
 
@@ -152,7 +152,7 @@ def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
 def fetch(job_id: str, out_dir: Path | None) -> None:
     """Download a finished job's outputs (as `run` names them); prints each file."""
     from captionbus.client import fetch_outputs, job_state
-    from core.artifacts import ArtifactStore
+    from captionbus.core.artifacts import ArtifactStore
 
     settings = load()
 

@@ -26,7 +26,7 @@ from captionbus.cli.common import (
     with_job_options,
 )
 from captionbus.cli.errors import UserError
-from core.settings import load
+from captionbus.core.settings import load
 
 
 class _LogConsole:
@@ -107,7 +107,7 @@ def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboar
 
     Only the stages the workflows need are started (each one a process with its model loaded:
     all ten are about 5 GB), among those whose environment is built."""
-    from core.logging import configure_logging
+    from captionbus.core.logging import configure_logging
 
     as_json = not sys.stderr.isatty() if log_format == "auto" else log_format == "json"
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
@@ -126,8 +126,8 @@ def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None
     from captionbus.envs import require_envs, workflow_stages
     from captionbus.runner import env_ready, run_stack
     from captionbus.stack import server_for_up
-    from contracts.ids import validate_token
-    from contracts.stage_specs import stage_spec
+    from captionbus.contracts.ids import validate_token
+    from captionbus.contracts.stage_specs import stage_spec
 
     for stage in extra:
         stage_spec(stage)  # an unknown stage is refused before NATS starts
@@ -155,7 +155,7 @@ def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None
 def coordinator(insecure: bool) -> None:
     """Run the coordinator against NATS_URL or the local `up` server."""
     from captionbus.runner import run_coordinator_forever
-    from core.bus import resolve_url
+    from captionbus.core.bus import resolve_url
 
     service_logging()
     settings = load()
@@ -175,7 +175,7 @@ def dashboard(listen: str, downloads: bool) -> None:
     from captionbus.dashboard.auth import token_from_env
     from captionbus.dashboard.serve import serve
     from captionbus.web.serve import end_service
-    from core.bus import resolve_url
+    from captionbus.core.bus import resolve_url
 
     service_logging()
     token = token_from_env()
@@ -196,8 +196,8 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
     from captionbus.stack import replica_threads_env, service_env, start_service, stop_services
-    from contracts.stage_specs import stage_spec
-    from core.bus import resolve_url
+    from captionbus.contracts.stage_specs import stage_spec
+    from captionbus.core.bus import resolve_url
 
     stage_spec(stage)  # an unknown stage: one line listing the known ones
     check_service_options([stage])  # CAPTIONBUS_<STAGE>_* typos: refused here, not in the service log
@@ -211,7 +211,7 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
         pinned = [replica_threads_env(stage, replicas) or None for _ in range(replicas)]
     if replicas == 1:
         # Become the service: its logs on this terminal, signals straight to it.
-        os.execve(str(interpreter), [str(interpreter), "-m", "services", "serve", stage],
+        os.execve(str(interpreter), [str(interpreter), "-m", "captionbus.services", "serve", stage],
                   service_env(settings, env, url, pinned[0]))
     # Blocked first, or the default handlers would kill us before sigwait returns.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -228,8 +228,8 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
 async def check_bus(url: str, settings) -> None:
     """Connect once and check the streams before becoming the service: a bad password or a
     missing stream is this command's error, exit 4 with the server's reason. The service itself
-    exited 2 for these (services/runtime/main.py), and with --replicas it was only in the logs."""
-    from core.bus import connect, require_provisioned
+    exited 2 for these (captionbus/services/runtime/main.py), and with --replicas it was only in the logs."""
+    from captionbus.core.bus import connect, require_provisioned
 
     nc = await connect(url, "captionbus-serve-check", settings)
     try:

@@ -28,8 +28,8 @@ from captionbus.web import errors
 from captionbus.web.auth import TokenAuth, same_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
-from contracts import subjects
-from core.artifacts import ArtifactError, ArtifactMissing, safe_name
+from captionbus.contracts import subjects
+from captionbus.core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from captionbus.web import listen
 from captionbus.web.listen import parse_listen
-from core.settings import Settings, load
+from captionbus.core.settings import Settings, load
 
 __all__ = ["AuthError", "DEFAULT_LISTEN", "OPEN_PATHS", "check_bind", "parse_listen", "token_from_env"]
 
@@ -20,7 +20,7 @@ AuthError = listen.ListenError  # the dashboard refuses to start: the message sa
 
 def token_from_env(settings: Settings | None = None) -> str | None:
     """The dashboard's token: CAPTIONBUS_DASHBOARD_TOKEN_FILE's contents, else
-    CAPTIONBUS_DASHBOARD_TOKEN, else None (both are core.settings fields)."""
+    CAPTIONBUS_DASHBOARD_TOKEN, else None (both are captionbus.core.settings fields)."""
     settings = settings or load()
     if settings.dashboard_token_file is not None:
         path = settings.dashboard_token_file

@@ -37,7 +37,7 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from captionbus.client import workers as worker_replies
-from contracts import JobState, failure_class, parse_event, subjects
+from captionbus.contracts import JobState, failure_class, parse_event, subjects
 
 log = structlog.get_logger("captionbus.dashboard")
 
@@ -84,7 +84,7 @@ class Fanout:
 
 
 def job_failure_class(state: JobState) -> str | None:
-    """Why a finished job did not complete, as a class (contracts.failures); None otherwise."""
+    """Why a finished job did not complete, as a class (captionbus.contracts.failures); None otherwise."""
     if state.status.value == "cancelled":
         return "cancelled"
     if state.status.value != "failed":

@@ -24,8 +24,8 @@ from typing import Any
 
 import structlog
 
-from core.artifacts import ArtifactStore
-from core.settings import Settings
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.settings import Settings
 
 log = structlog.get_logger("captionbus.dashboard")
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contracts import JobState, failure_class
+from captionbus.contracts import JobState, failure_class
 
 if TYPE_CHECKING:
     from captionbus.dashboard.board import Board
@@ -33,7 +33,7 @@ class Metrics:
             ["stage", "env"], buckets=RTF_BUCKETS, registry=self.registry)
         self.failures = Counter(
             "captionbus_job_failures", "Jobs that failed or were cancelled, by the stage that failed them and "
-            "the reason class (contracts.failures: setup, input, timeout, unserved, worker_crash, stage_error, "
+            "the reason class (captionbus.contracts.failures: setup, input, timeout, unserved, worker_crash, stage_error, "
             "cancelled, internal)", ["workflow", "stage", "reason_class"], registry=self.registry)
         self.redeliveries = Counter(
             "captionbus_stage_redeliveries", "Stage results that came from a redelivered request",

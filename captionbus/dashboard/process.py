@@ -10,7 +10,7 @@ import sys
 
 from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind, parse_listen, token_from_env
 from captionbus.stack import _die_with_parent
-from core.settings import Settings
+from captionbus.core.settings import Settings
 
 
 def start_dashboard_process(settings: Settings, url: str, listen: str = DEFAULT_LISTEN) -> subprocess.Popen:

@@ -17,8 +17,8 @@ from captionbus.envs.stages import load_stage_map
 from captionbus.web.buslink import BusLink
 from captionbus.web.listen import parse_listen
 from captionbus.web.serve import serve as serve_app
-from core.settings import Settings
-from core.settings import load as load_settings
+from captionbus.core.settings import Settings
+from captionbus.core.settings import load as load_settings
 
 
 async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None,

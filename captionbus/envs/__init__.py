@@ -30,7 +30,7 @@ from captionbus.envs.stages import (
     validate_config,
     workflow_stages,
 )
-from core.envinfo import current_env, report_packages
+from captionbus.core.envinfo import current_env, report_packages
 
 __all__ = [
     "BROKEN", "MISSING", "OK", "STALE",

@@ -14,7 +14,7 @@ from captionbus import exitcodes
 from captionbus import models as model_store
 from captionbus.envs import manager, stages
 from captionbus.envs.spec import SpecError, load_specs
-from core import hardware as hw
+from captionbus.core import hardware as hw
 
 _STATE_STYLE = {"ok": "green", "stale": "yellow", "broken": "red", "missing": "red"}
 
@@ -158,7 +158,7 @@ TEST_MODELS = {
     "whisper-base": "ensure_whisper_base",  # asr
     "silero-vad": "ensure_silero_vad",  # vad
     "pyannote-segmentation": "ensure_pyannote_segmentation",  # vad_pyannote
-    # speaker diarization (services/diarization; not a registered stage yet)
+    # speaker diarization (captionbus/services/diarization; not a registered stage yet)
     "campplus": "ensure_campplus",
     "pyannote-segmentation-3.0": "ensure_pyannote_segmentation_3",
     "resemblyzer": "ensure_resemblyzer",

@@ -1,17 +1,18 @@
 """How a stage environment gets captionbus's own code: the launcher lends it, at start.
 
 A stage venv holds its pinned libraries plus the core library's few dependencies
-(`core/requirements.txt`: pydantic, nats-py, structlog, PyYAML, pysubs2, regex) and nothing of the
+(`captionbus/core/requirements.txt`: pydantic, nats-py, structlog, PyYAML, pysubs2, regex) and nothing of the
 launcher's (click, rich, uv, the nats-server binary: `captionbus/requirements.txt`). The code of the
-three packages a stage process imports -- `contracts`, `core`, `services` -- is not installed there
-at all: the launcher that starts the process (`run`, `up`, `serve`) points PYTHONPATH at a folder of
-links to its own copies of exactly those packages (`code_dir`). So
+three packages a stage process imports -- `captionbus.contracts`, `captionbus.core`,
+`captionbus.services` -- is not installed there at all: the launcher that starts the process
+(`run`, `up`, `serve`) points PYTHONPATH at a folder holding a `captionbus` package made of links
+to its own `__init__.py` and exactly those three packages (`code_dir`). So
 
 - a venv built from a checkout serves a wheel-installed launcher and the other way round: the code
   always comes from the launcher that starts the process, never from a stale copy in the venv;
 - code edits in a checkout reach every env without a rebuild (what `-e .` gave before);
-- `import captionbus` or `import click` fails in a stage process, which is the layering held at
-  run time (import-linter holds it in the tree).
+- `import captionbus.cli` (or the gateway, the coordinator, ...) or `import click` fails in a stage
+  process, which is the layering held at run time (import-linter holds it in the tree).
 
 Measured: the `common` venv was 214 MB when it installed the whole project with its dependencies
 (uv 37 MB, nats-server 18 MB, rich + pygments 6.5 MB, click ...); see README for after.
@@ -24,19 +25,20 @@ import re
 from importlib import resources
 from pathlib import Path
 
-import contracts
-import core
-import services
-from core import settings
+import captionbus
+from captionbus import contracts
+from captionbus import core
+from captionbus import services
+from captionbus.core import settings
 
 # What a stage process imports from this project, in the order they layer.
 STAGE_PACKAGES = {"contracts": contracts, "core": core, "services": services}
 
 
 def core_requirements() -> list[str]:
-    """The core library's dependencies (core/requirements.txt, also package data): what every
+    """The core library's dependencies (captionbus/core/requirements.txt, also package data): what every
     stage env installs besides its own pins."""
-    text = resources.files("core").joinpath("requirements.txt").read_text()
+    text = resources.files("captionbus.core").joinpath("requirements.txt").read_text()
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
@@ -54,19 +56,24 @@ def code_dir() -> Path:
     dirs = package_dirs()
     digest = hashlib.sha256("\0".join(str(p) for p in dirs.values()).encode()).hexdigest()[:16]
     target = settings.load().envs_dir / ".code" / digest
-    if all((target / name).resolve() == path for name, path in dirs.items()):
+    init = Path(captionbus.__file__).resolve()
+    if all((target / "captionbus" / name).resolve() == path for name, path in dirs.items()) and \
+            (target / "captionbus" / "__init__.py").resolve() == init:
         return target
     building = target.with_name(f"{digest}.{os.getpid()}.tmp")
-    building.mkdir(parents=True, exist_ok=True)
-    for name, path in dirs.items():
-        link = building / name
+    package = building / "captionbus"
+    package.mkdir(parents=True, exist_ok=True)
+    links = {**{name: path for name, path in dirs.items()}, "__init__.py": init}
+    for name, path in links.items():
+        link = package / name
         if not link.is_symlink():
-            link.symlink_to(path, target_is_directory=True)
+            link.symlink_to(path, target_is_directory=path.is_dir())
     try:
         building.rename(target)
     except OSError:  # another launcher made it first; theirs points at the same folders
-        for link in building.iterdir():
+        for link in package.iterdir():
             link.unlink()
+        package.rmdir()
         building.rmdir()
     return target
 

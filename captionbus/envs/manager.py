@@ -32,7 +32,7 @@ from pathlib import Path
 from captionbus.envs.code import code_dir
 from captionbus.envs.paths import create_command, env_dir, env_python
 from captionbus.envs.spec import EnvSpec, project_modules
-from core.envinfo import MANIFEST
+from captionbus.core.envinfo import MANIFEST
 
 OK, STALE, BROKEN, MISSING = "ok", "stale", "broken", "missing"
 

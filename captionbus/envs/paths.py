@@ -5,7 +5,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from core import settings
+from captionbus.core import settings
 
 
 def create_command(envs: Iterable[str]) -> str:

@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError
 
 from captionbus.envs.code import STAGE_PACKAGES, core_requirements
-from contracts.stage_declaration import explain
+from captionbus.contracts.stage_declaration import explain
 
 # A requirement counts as pinned when it names one exact version (`pkg==1.2.3`, extras allowed).
 _PINNED = r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+(\s*;.*)?$"
@@ -79,7 +79,7 @@ class EnvSpec(BaseModel):
 
         Description, stages and check lists are left out: editing them does not make a built
         environment stale. The core library's dependency list is in: a new dependency in
-        core/requirements.txt must reach every environment.
+        captionbus/core/requirements.txt must reach every environment.
         """
         payload = {
             "python": self.python,
@@ -94,7 +94,7 @@ class EnvSpec(BaseModel):
 def project_modules() -> list[str]:
     """The project's top-level packages a stage process must be able to import (lent to it by
     the launcher, see captionbus/envs/code.py)."""
-    return list(STAGE_PACKAGES)
+    return [f"captionbus.{name}" for name in STAGE_PACKAGES]
 
 
 def parse_spec(data: dict, where: str = "<spec>", expected_name: str | None = None) -> EnvSpec:

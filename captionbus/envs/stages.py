@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from captionbus.envs.manager import quick_state
 from captionbus.envs.paths import create_command, env_python
 from captionbus.envs.spec import SpecError, load_specs
-from contracts.stage_declaration import HARDWARE_KINDS, explain
-from coordinator.graph import WorkflowError, load_workflow
-from core import hardware as hw
-from core import settings
+from captionbus.contracts.stage_declaration import HARDWARE_KINDS, explain
+from captionbus.coordinator.graph import WorkflowError, load_workflow
+from captionbus.core import hardware as hw
+from captionbus.core import settings
 
 
 class EnvsMissing(RuntimeError):
@@ -101,7 +101,7 @@ def _hardware_kinds(hardware) -> list[str]:
 def env_for_stage(stage: str, hardware=None, *, stage_map=None, specs=None) -> str:
     """The environment that runs `stage` on `hardware`.
 
-    `hardware` is a `core.hardware.Hardware`, a kind ("cuda", "mlx", "mps", "cpu"), or None
+    `hardware` is a `captionbus.core.hardware.Hardware`, a kind ("cuda", "mlx", "mps", "cpu"), or None
     for this host (cached detection). A backend entry wins only when its env has a spec, so a
     backend can be listed in config before its environment exists.
     """
@@ -122,7 +122,7 @@ def env_for_stage(stage: str, hardware=None, *, stage_map=None, specs=None) -> s
 
 
 def interpreter_for_stage(stage: str, hardware=None) -> Path:
-    """Where `<python> -m services serve <stage>` runs from on this host."""
+    """Where `<python> -m captionbus.services serve <stage>` runs from on this host."""
     return env_python(env_for_stage(stage, hardware))
 
 

@@ -7,7 +7,7 @@ import click
 
 from captionbus.gateway.keys import KeyRing, add_key
 from captionbus.web.listen import ListenError, check_bind, parse_listen
-from core.settings import load
+from captionbus.core.settings import load
 
 
 def read_gateway_file(path: Path | None):
@@ -35,7 +35,7 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
                  config_file: Path | None = None):
     # fastapi/uvicorn/nats take ~1.5 s to import: only `captionbus gateway` itself pays it, not every command.
     from captionbus.gateway.app import GatewayConfig
-    from core.bus import resolve_url
+    from captionbus.core.bus import resolve_url
 
     try:
         check_bind(listen_host, keys is not None, "the gateway",
@@ -93,8 +93,8 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
 
     from captionbus.gateway.app import create_app
     from captionbus.web.serve import end_service, serve
-    from core.bus import redact
-    from core.logging import configure_logging
+    from captionbus.core.bus import redact
+    from captionbus.core.logging import configure_logging
 
     if ctx.find_root().params.get("verbose", 0) == 0:
         configure_logging(level="INFO")  # a service's log: the bus coming and going, webhooks

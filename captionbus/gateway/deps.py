@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 from captionbus.gateway.forms import Form, read_form
 from captionbus.gateway.keys import Caller
 from captionbus.gateway.state import Gateway
-from contracts import JobState
+from captionbus.contracts import JobState
 
 
 def gateway(request: Request) -> Gateway:

@@ -43,9 +43,9 @@ from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from captionbus.gateway.webhooks import Delivery, check_target, deliver
-from contracts import subjects
-from contracts.events import TERMINAL_KINDS
-from contracts.ids import validate_token
+from captionbus.contracts import subjects
+from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.ids import validate_token
 
 log = structlog.get_logger("captionbus.gateway.webhooks")
 
@@ -82,7 +82,7 @@ class Subscriber(BaseModel):
 
 
 def event_kinds() -> list[str]:
-    from contracts.events import JobEvent
+    from captionbus.contracts.events import JobEvent
 
     return [cls.model_fields["kind"].default for cls in get_args(get_args(JobEvent)[0])]
 

@@ -44,8 +44,8 @@ import structlog
 from pydantic import ValidationError
 
 from captionbus import client
-from contracts import parse_event, subjects
-from contracts.events import TERMINAL_KINDS
+from captionbus.contracts import parse_event, subjects
+from captionbus.contracts.events import TERMINAL_KINDS
 
 log = structlog.get_logger("captionbus.gateway")
 

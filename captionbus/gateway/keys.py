@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.ids import validate_token
+from captionbus.contracts.ids import validate_token
 
 KEY_PREFIX = "cbk_"
 

@@ -8,8 +8,8 @@ would claim things (no_speech_prob 0.0 is "certainly speech").
 """
 from __future__ import annotations
 
-from contracts.languages import LANGUAGES
-from contracts.transcript import Transcript
+from captionbus.contracts.languages import LANGUAGES
+from captionbus.contracts.transcript import Transcript
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from captionbus.gateway.openai_format import RESPONSE_FORMATS
-from contracts import JobState
+from captionbus.contracts import JobState
 
 
 class JobNode(BaseModel):

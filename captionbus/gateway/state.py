@@ -22,11 +22,11 @@ from captionbus.gateway.metrics import GatewayMetrics
 from captionbus.runner import validate_job
 from captionbus.web.buslink import BusLink
 from captionbus.web.errors import ApiError
-from contracts import JobState
-from contracts.events import TERMINAL_KINDS
-from contracts.ids import validate_token
-from core.artifacts import ArtifactStore
-from core.settings import Settings
+from captionbus.contracts import JobState
+from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.ids import validate_token
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.settings import Settings
 
 BUS_TIMEOUT_S = 10.0
 MODELS_TTL_S = 5.0
@@ -97,7 +97,7 @@ class Limiter:
 def model_name(described: str) -> str:
     """The name a client sends back for a model an asr worker describes as `SOURCE (int8, cpu)`:
     the source's last path part (`whisper-base-ct2`), which the asr stage accepts as `model`
-    (services/asr: AsrModel.names), and never a path of the server's disk."""
+    (captionbus/services/asr: AsrModel.names), and never a path of the server's disk."""
     source = re.sub(r"\s*\([^()]*\)\s*$", "", described.strip())
     return Path(source).name or source
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from core.retry import RetryPolicy
+from captionbus.core.retry import RetryPolicy
 
 log = structlog.get_logger("captionbus.gateway.webhooks")
 

@@ -2,7 +2,7 @@
 
 Each piece exists once here, not once per app:
 - `listen`: HOST:PORT parsing and the loopback rule (off loopback a door needs credentials);
-  the rule itself is core's (`core.bus.is_loopback`), which bus URLs use too.
+  the rule itself is core's (`captionbus.core.bus.is_loopback`), which bus URLs use too.
 - `errors`: one error shape, `{"error": {"message", "type", "code"}}` (OpenAI's, which its client
   parses), for every refusal of every app, including Starlette's 404/405 and FastAPI's 422.
 - `auth`: reading a presented secret (Bearer, or Basic's password for browsers) and comparing it

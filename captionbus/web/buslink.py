@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from nats.aio.client import Client as NATS
 
-from core.bus import connect, redact, require_provisioned
-from core.retry import RetryPolicy
+from captionbus.core.bus import connect, redact, require_provisioned
+from captionbus.core.retry import RetryPolicy
 
 log = structlog.get_logger("captionbus.web")
 

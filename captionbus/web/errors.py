@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from core.bus import BusError
+from captionbus.core.bus import BusError
 
 log = structlog.get_logger("captionbus.web")
 

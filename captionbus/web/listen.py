@@ -1,7 +1,7 @@
 """Where a web door may listen: HOST:PORT, and the rule that off loopback it needs credentials."""
 from __future__ import annotations
 
-from core.bus import is_loopback
+from captionbus.core.bus import is_loopback
 
 __all__ = ["ListenError", "check_bind", "is_loopback", "parse_listen"]
 

@@ -18,9 +18,9 @@ import pytest
 
 from captionbus.server import EmbeddedServer
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
-from contracts.events import TERMINAL_KINDS
-from core.bus import connect, provision
-from core.settings import Settings
+from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.core.bus import connect, provision
+from captionbus.core.settings import Settings
 from tests.conftest import TRANSCRIBE_STAGES
 from tests.envtools import built_env, test_models_root
 
@@ -82,7 +82,7 @@ class Stack:
 
     def submit(self, media: Path, **kwargs) -> str:
         from captionbus.client import submit
-        from core.artifacts import ArtifactStore
+        from captionbus.core.artifacts import ArtifactStore
 
         async def go():
             nc = await connect(self.url, "test-submit")
@@ -121,7 +121,7 @@ class Stack:
 
     def fetch(self, outputs: dict, out_dir: Path) -> dict[str, Path]:
         from captionbus.client import fetch_outputs
-        from core.artifacts import ArtifactStore
+        from captionbus.core.artifacts import ArtifactStore
 
         async def go():
             nc = await connect(self.url, "test-fetch")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.graph import load_workflows
+from captionbus.coordinator.graph import load_workflows
 from tests.e2e.conftest import Stack
 from tests.media import ENGLISH_SENTENCE, speech_video, text_named_mp4
 
@@ -47,7 +47,7 @@ def _keep(path: Path) -> None:
 
 def _cancel(stack: Stack, job_id: str) -> None:
     from captionbus.client import cancel
-    from core.bus import connect
+    from captionbus.core.bus import connect
 
     async def go():
         nc = await connect(stack.url, "test-cancel")

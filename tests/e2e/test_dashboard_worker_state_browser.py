@@ -16,13 +16,13 @@ import pytest
 
 from captionbus.client import submit
 from captionbus.dashboard.serve import serve as serve_dashboard
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.artifacts import ArtifactStore
-from core.bus import StagePolicy, connect, provision
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve as serve_stage
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import StagePolicy, connect, provision
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve as serve_stage
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")

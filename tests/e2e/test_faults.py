@@ -11,7 +11,7 @@ import pysubs2
 import pytest
 
 from captionbus.client import publish_event
-from core.bus import connect
+from captionbus.core.bus import connect
 from tests.e2e.conftest import run_async
 from tests.media import (
     ENGLISH_SENTENCE,

@@ -105,7 +105,7 @@ def test_serve_replicas_share_one_queue_and_stop_on_sigint(stack, tmp_path):
 
 def test_events_follow_streams_a_job_live_until_ctrl_c(stack, tmp_path):
     """An integration's view: `events --follow` started before the job prints its events as
-    they happen (JSON lines, schema contracts/schema/job_event.json), keeps going, and ends on
+    they happen (JSON lines, schema captionbus/contracts/schema/job_event.json), keeps going, and ends on
     Ctrl-C with exit 130."""
     import queue
     import signal

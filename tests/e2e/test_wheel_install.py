@@ -2,8 +2,8 @@
 venv outside the checkout, and run the transcribe job from there with nothing else: `run` builds
 its own stage environments from the specs the wheel ships (captionbus/firstrun.py), and FFmpeg
 comes from the `common` env's wheels (`ffmpeg`/`ffprobe` are hidden from PATH): the demux and mux
-stages run the imageio-ffmpeg wheel's binary and probe through PyAV (core/mediatools.py,
-services/media.py).
+stages run the imageio-ffmpeg wheel's binary and probe through PyAV (captionbus/core/mediatools.py,
+captionbus/services/media.py).
 
 The machine without a system FFmpeg was its own `captionbus run` in test_no_system_ffmpeg.py; this
 run hides FFmpeg the same way and now asserts what that one did (subtitles muxed by the wheel's
@@ -60,10 +60,16 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path
     work.mkdir()
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NATS_URL", "CAPTIONBUS_CONFIG")}
     env = {**clean_env, "CAPTIONBUS_HOME": str(host / "home"), "CAPTIONBUS_ENVS": str(host / "envs")}
-    where = json.loads(_run([python, "-c", "import json, core, captionbus, coordinator; print(json.dumps("
-                                           "[core.__file__, captionbus.__file__, coordinator.__file__]))"],
+    where = json.loads(_run([python, "-c", "import json, captionbus.core, captionbus.coordinator, sysconfig; "
+                                           "from captionbus import core, coordinator; print(json.dumps("
+                                           "[core.__file__, captionbus.__file__, coordinator.__file__, "
+                                           "sysconfig.get_paths()['purelib']]))"],
                             cwd=work, env=env, timeout=60).stdout)
-    assert all(str(venv) in path and str(REPO) not in path for path in where), where
+    assert all(str(venv) in path and str(REPO) not in path for path in where[:3]), where
+    # One distribution-owned top-level name: no `core`, `services`, ... beside other distributions'.
+    ours = {p.name for p in Path(where[3]).iterdir()
+            if p.name.split(".")[0] in ("captionbus", "core", "services", "contracts", "coordinator")}
+    assert {n for n in ours if not n.endswith(".dist-info")} == {"captionbus"}, ours
 
     # 3. The job, from a folder that is not the checkout, with no FFmpeg on PATH: `run` first
     # builds the stage environments from the specs inside the wheel (the models are the
@@ -89,7 +95,7 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_transcribe_job(tmp_path
     # The stage services ran the wheel's code, lent by the wheel's launcher.
     assert record["nodes"]["asr"]["worker"]["interpreter"].startswith(str(host / "envs" / "whisperx"))
     assert record["nodes"]["asr"]["worker"]["pkg.captionbus"] == "0.1.0"
-    lent = [link.resolve() for link in (host / "envs" / ".code").glob("*/core")]
+    lent = [link.resolve() for link in (host / "envs" / ".code").glob("*/captionbus/core")]
     assert lent and all(link.is_relative_to(venv.resolve()) for link in lent), lent
 
     # Muxed by the wheel's ffmpeg: the source's video and audio copied, one English track added.

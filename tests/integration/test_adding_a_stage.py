@@ -19,8 +19,8 @@ from tests.unit.test_layers import lint_imports
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "adding-a-stage.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n# file: (\S+)\n(.*?)```", re.DOTALL)
-GENERATED = {"contracts/declarations/shout.py", "contracts/declarations/__init__.py",
-             "contracts/schema/params_shout.json", "config/stages.yaml", "envs/common.toml", "pyproject.toml"}
+GENERATED = {"captionbus/contracts/declarations/shout.py", "captionbus/contracts/declarations/__init__.py",
+             "captionbus/contracts/schema/params_shout.json", "config/stages.yaml", "envs/common.toml", "pyproject.toml"}
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -33,8 +33,8 @@ def project(tmp_path_factory) -> Path:
     """A copy of the checkout with the doc's stage added and the generator run."""
     root = tmp_path_factory.mktemp("added") / "project"
     root.mkdir()
-    for name in ("captionbus", "services", "contracts", "coordinator", "core", "config", "envs", "tests"):
-        # symlinks=True: core/_data/config and captionbus/_data/envs keep pointing into the copy
+    for name in ("captionbus", "config", "envs", "tests"):
+        # symlinks=True: captionbus/core/_data/config and captionbus/_data/envs keep pointing into the copy
         shutil.copytree(REPO / name, root / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", root)
     before = _snapshot(root)
@@ -45,16 +45,16 @@ def project(tmp_path_factory) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         written[path] = text
-    (root / "services" / "shout" / "__init__.py").write_text("")  # the page's table: an empty one
+    (root / "captionbus" / "services" / "shout" / "__init__.py").write_text("")  # the page's table: an empty one
     # The folder, a workflow YAML and one more file (here the unit test), as the page says.
-    assert sorted(written) == ["config/workflows/shout.yaml", "services/shout/declaration.py",
-                               "services/shout/stage.py", "tests/unit/stages/test_shout.py"]
+    assert sorted(written) == ["captionbus/services/shout/declaration.py", "captionbus/services/shout/stage.py",
+                               "config/workflows/shout.yaml", "tests/unit/stages/test_shout.py"]
 
     done = subprocess.run([sys.executable, "-m", "captionbus.stagegen"], cwd=root, env=_env(root),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     after = _snapshot(root)
-    changed = {p for p in after if before.get(p) != after[p]} - set(written) - {"services/shout/__init__.py"}
+    changed = {p for p in after if before.get(p) != after[p]} - set(written) - {"captionbus/services/shout/__init__.py"}
     assert changed == GENERATED, sorted(changed)
     return root
 
@@ -72,7 +72,7 @@ def test_the_generated_files_declare_the_stage_everywhere_it_must_be_known(proje
     check = subprocess.run([sys.executable, "-m", "captionbus.stagegen", "--check"], cwd=project,
                            env=_env(project), capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout
-    schemas = subprocess.run([sys.executable, "-m", "contracts.schema_export", "--check"], cwd=project,
+    schemas = subprocess.run([sys.executable, "-m", "captionbus.contracts.schema_export", "--check"], cwd=project,
                              env=_env(project), capture_output=True, text=True, timeout=300)
     assert schemas.returncode == 0, schemas.stdout
 

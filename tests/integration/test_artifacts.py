@@ -16,11 +16,11 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
-from contracts import ArtifactRef, subjects
-from core import artifacts
-from core.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore, direct, transfer
-from core.bus import connect, provision
-from core.settings import Settings
+from captionbus.contracts import ArtifactRef, subjects
+from captionbus.core import artifacts
+from captionbus.core.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore, direct, transfer
+from captionbus.core.bus import connect, provision
+from captionbus.core.settings import Settings
 
 CHUNK = artifacts.CHUNK_SIZE
 

@@ -1,6 +1,6 @@
 """The asr stage's MLX backend for real: the mlx env (mlx[cpu] on Linux) loads Whisper base,
 converted from the CTranslate2 model to the MLX layout (tests/model_factory/whisper_mlx.py),
-through services/asr/mlx_backend.py, and transcribes espeak-ng English.
+through captionbus/services/asr/mlx_backend.py, and transcribes espeak-ng English.
 
 Audio (16 kHz): a short greeting, a pause, then the test sentence in two parts with a pause
 between. Two decodes (the MLX CPU backend is slow even on OpenBLAS: ~8 s per encoder pass,
@@ -40,8 +40,8 @@ RUNNER = r"""
 import json, sys, time, wave
 import numpy as np
 import structlog
-from services.asr import mlx_backend
-from services.runtime import BadInput
+from captionbus.services.asr import mlx_backend
+from captionbus.services.runtime import BadInput
 
 model_dir, wav_path, regions = sys.argv[1], sys.argv[2], [tuple(r) for r in json.loads(sys.argv[3])]
 with wave.open(wav_path, "rb") as w:
@@ -64,10 +64,10 @@ run(None, None)
 mlx_backend.GROUP_MAX_S = 5.0  # one group per sentence part: each decoded from its own clip
 
 from pathlib import Path
-from contracts.speech import SpeechRegion, SpeechRegions
-from services.asr.stage import STAGE
-from services.runtime import SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions
+from captionbus.services.asr.stage import STAGE
+from captionbus.services.runtime import SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 work = Path(wav_path).parent / "stage"
 work.mkdir(exist_ok=True)

@@ -10,8 +10,8 @@ import pytest
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from captionbus.server import _free_port, nats_server_binary
-from contracts import subjects
-from core.bus import (
+from captionbus.contracts import subjects
+from captionbus.core.bus import (
     BusError,
     StagePolicy,
     connect,
@@ -237,14 +237,14 @@ def acl_server(tmp_path):
 
 def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     from captionbus.client import follow, job_state, list_jobs, submit, workers
-    from contracts import StageCompleted, StageFailed, StageRequest
-    from coordinator.decide import Policy
-    from core.bus import publish_event
-    from coordinator.service import Coordinator
-    from core.artifacts import ArtifactStore
-    from core.settings import Settings
-    from services.noop.stage import STAGE as NOOP
-    from services.runtime.serve import serve
+    from captionbus.contracts import StageCompleted, StageFailed, StageRequest
+    from captionbus.coordinator.decide import Policy
+    from captionbus.core.bus import publish_event
+    from captionbus.coordinator.service import Coordinator
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.core.settings import Settings
+    from captionbus.services.noop.stage import STAGE as NOOP
+    from captionbus.services.runtime.serve import serve
 
     urls, server_log = acl_server
 
@@ -316,7 +316,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             # Worker: the stage cache (KV cb_stage_cache) round trip under its own rights.
             import structlog
 
-            from services.runtime.cache import StageCache
+            from captionbus.services.runtime.cache import StageCache
 
             cache = StageCache(js["worker"], ArtifactStore(settings("worker"), js["worker"]), structlog.get_logger())
             await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
@@ -374,7 +374,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
             await asyncio.sleep(1.0)
             state = await job_state(js["client"], "job-acl")
             assert state.status.value == "running" and state.nodes["demux"].status.value == "requested"
-            # Nobody but the coordinator/GC may purge artifacts: a purge's filter cannot be limited
+            # Nobody but the captionbus/coordinator/GC may purge artifacts: a purge's filter cannot be limited
             # by subject permissions, so an unfiltered one would empty every job's outputs.
             artifacts_stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
             assert await _denied(js["worker"].purge_stream(artifacts_stream))

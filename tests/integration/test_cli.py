@@ -79,9 +79,9 @@ def test_retry_is_refused_for_running_and_completed_jobs_and_cancel_for_finished
     """`retry` of a running or completed job used to print "retry requested" and do nothing."""
     import asyncio
 
-    from contracts import ArtifactRef, JobSpec, subjects
-    from contracts.jobs import JobState, JobStatus
-    from core.bus import connect, provision
+    from captionbus.contracts import ArtifactRef, JobSpec, subjects
+    from captionbus.contracts.jobs import JobState, JobStatus
+    from captionbus.core.bus import connect, provision
 
     async def states():
         nc = await connect(nats_server, "test-states")

@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from captionbus import exitcodes
-from contracts import ArtifactRef, CurrentRequest, JobSpec, JobState, JobSubmitted, WorkerState, new_job_id, subjects
-from contracts.events import JobCompleted, JobFailed, JobRetryRequested, JobStarted
-from contracts.jobs import JobStatus
-from core.bus import connect, provision, publish_event
+from captionbus.contracts import ArtifactRef, CurrentRequest, JobSpec, JobState, JobSubmitted, WorkerState, new_job_id, subjects
+from captionbus.contracts.events import JobCompleted, JobFailed, JobRetryRequested, JobStarted
+from captionbus.contracts.jobs import JobStatus
+from captionbus.core.bus import connect, provision, publish_event
 
 INPUT = ArtifactRef(key="0" * 64, name="talk.mp4", size=1)
 
@@ -200,7 +200,7 @@ def test_workers_table_is_one_line_per_worker_and_keeps_the_job_id_whole(nats_se
     async def go():
         nc = await connect(nats_server, "test-worker")
         await provision(nc.jetstream())
-        # What a worker's runtime answers in $SRV STATS (services/runtime/state.py): busy on a job.
+        # What a worker's runtime answers in $SRV STATS (captionbus/services/runtime/state.py): busy on a job.
         state = WorkerState(state="busy", since=datetime.now(timezone.utc) - timedelta(seconds=42),
                             current=[CurrentRequest(job_id="j-20261201-long-id", node="asr-0007", attempt=2)],
                             jobs_done=17, jobs_failed=1, last_error="RuntimeError: CUDA out of memory")

@@ -17,8 +17,8 @@ import pytest
 from captionbus import exitcodes
 from captionbus.server import _free_port
 from tests.natsroles import users_server
-from contracts import ArtifactRef, JobSpec, JobState, JobSubmitted, new_job_id
-from contracts.jobs import JobStatus
+from captionbus.contracts import ArtifactRef, JobSpec, JobState, JobSubmitted, new_job_id
+from captionbus.contracts.jobs import JobStatus
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli_bus import cli, cli_env, finish, start, write  # noqa: E402
@@ -173,7 +173,7 @@ def test_jobs_and_status_ride_through_the_job_buckets_leader_being_killed(tmp_pa
     import asyncio
 
     from benchmarks.chaos import Cluster, stream_leader
-    from core.bus import connect, provision
+    from captionbus.core.bus import connect, provision
 
     cluster = Cluster(tmp_path)
     cluster.start()

@@ -2,7 +2,7 @@
 3-node cluster at R3, kill -9 of the node leading a stream left requests to it failing ("no
 response from stream", or a timeout) for seconds while the replicas elected a new leader.
 `submit` exited with that error, and a stage service starting in that window crashed in its
-stream check. Both now retry through the election (core.bus.through_failover), and the retried
+stream check. Both now retry through the election (captionbus.core.bus.through_failover), and the retried
 submit stores the job once."""
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 
 from benchmarks.chaos import Cluster, stream_leader
 from captionbus.client import follow, submit
-from contracts import subjects
-from core.artifacts import ArtifactStore
-from core.bus import StagePolicy, connect, provision, through_failover
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve
+from captionbus.contracts import subjects
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import StagePolicy, connect, provision, through_failover
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_a_coordinator_started_with_a_fresh_cluster_provisions_it(tmp_path, monk
     """The chaos run's first try: nodes listening, the cluster still electing its meta leader,
     and `captionbus coordinator` died in provision() with "internal error: TimeoutError". Its
     start-up steps now retry through the election."""
-    from coordinator.service import Coordinator
+    from captionbus.coordinator.service import Coordinator
 
     monkeypatch.setenv("CAPTIONBUS_REPLICAS", "3")
     cluster = Cluster(tmp_path)

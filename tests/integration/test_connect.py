@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from captionbus.server import nats_server_binary
-from core.bus import connect, insecure_reason, server_urls
-from core.settings import Settings
+from captionbus.core.bus import connect, insecure_reason, server_urls
+from captionbus.core.settings import Settings
 
 
 def _free_port() -> int:
@@ -90,7 +90,7 @@ def test_unreachable_server_and_tls_mismatch_exit_in_seconds(nats_server, tmp_pa
 
 
 def test_several_servers_in_nats_url_survive_the_first_being_down(nats_server, tmp_path):
-    from core.bus import provision
+    from captionbus.core.bus import provision
 
     async def main():
         nc = await connect(nats_server, "provision")

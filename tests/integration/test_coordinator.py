@@ -14,7 +14,7 @@ from typing import Any
 import nats
 import yaml
 
-from contracts import (
+from captionbus.contracts import (
     ArtifactRef,
     JobCancelRequested,
     JobCompleted,
@@ -27,10 +27,10 @@ from contracts import (
     parse_event,
     subjects,
 )
-from coordinator.decide import NODE_RETRY, Policy
-from coordinator.graph import Workflow
-from coordinator.service import EVENT_RETRY, Coordinator
-from core.bus import StagePolicy, ensure_stage_consumer, provision
+from captionbus.coordinator.decide import NODE_RETRY, Policy
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import EVENT_RETRY, Coordinator
+from captionbus.core.bus import StagePolicy, ensure_stage_consumer, provision
 
 # The bus adapter is tested on a linear graph (demux -> asr -> subtitle_gen -> mux) under the name
 # jobs default to; the real transcribe graph (with vad) is tested in tests/unit/coordinator.
@@ -65,7 +65,7 @@ async def submit(js, job_id: str) -> None:
 
 
 class FakeWorker:
-    """Answers one stage's requests with a StageCompleted, like services/runtime would."""
+    """Answers one stage's requests with a StageCompleted, like captionbus/services/runtime would."""
 
     def __init__(self, js, stage: str, policy: StagePolicy | None = None):
         self.js, self.stage, self.policy = js, stage, policy or StagePolicy(ack_wait=5)
@@ -251,7 +251,7 @@ def test_deliveries_exhausted_while_no_coordinator_runs_still_fail_the_job(nats_
 
 
 def test_a_stage_result_that_overtakes_its_trigger_is_applied_later(nats_server, monkeypatch):
-    monkeypatch.setattr("coordinator.service.EARLY_RESULT_RETRY_S", 0.3)
+    monkeypatch.setattr("captionbus.coordinator.service.EARLY_RESULT_RETRY_S", 0.3)
 
     async def scenario(bus: Bus):
         async with bus.coordinator():
@@ -348,7 +348,7 @@ def test_a_failed_ack_does_not_stop_the_event_loop(nats_server, monkeypatch):
 
 
 def test_a_dead_task_is_reported_and_run_coordinator_raises(nats_server, monkeypatch):
-    from coordinator.service import CoordinatorTaskDied, run_coordinator
+    from captionbus.coordinator.service import CoordinatorTaskDied, run_coordinator
 
     async def broken_event_loop(self):
         raise RuntimeError("bug in the event loop")
@@ -513,18 +513,18 @@ def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
 
 def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nats_server):
     """The window of a film's chunks follows the asr replicas answering $SRV STATS (real
-    nats.micro services, as services/runtime registers them); one whose setup failed takes no
+    nats.micro services, as captionbus/services/runtime registers them); one whose setup failed takes no
     work and is not counted; a stopped one leaves the count."""
     import nats.micro
 
-    from coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+    from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
 
     async def scenario(bus: Bus):
         graphs = {**GRAPHS, "chunked": load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")}
         name = subjects.micro_service_name("asr")
         services = [await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata=meta)
                     for meta in ({"stage": "asr"}, {"stage": "asr"}, {"stage": "asr", "setup_error": "no model"})]
-        # Today's runtime says a failed setup in its STATS data (services/runtime/state.py).
+        # Today's runtime says a failed setup in its STATS data (captionbus/services/runtime/state.py).
         failed = await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata={"stage": "asr"},
                                               stats_handler=lambda _e: {"state": "setup_failed"})
         await failed.add_endpoint(name="info", subject="test.asr.info", handler=lambda _r: None)

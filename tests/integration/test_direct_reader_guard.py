@@ -1,6 +1,6 @@
 """The direct artifact reader reads nats-py internals: a nats-py upgrade must fail here, loudly.
 
-`core/artifacts/direct.py` is kept because benchmarks/artifacts.py measured it 1.5-2x the reader on
+`captionbus/core/artifacts/direct.py` is kept because benchmarks/artifacts.py measured it 1.5-2x the reader on
 nats-py's public API on this 2-core host (its docstring has the runs). It copies the connection's
 CONNECT line and checks TLS/auth through private attributes of nats-py 2.16.0. At run time another
 nats-py only switches it off (`AVAILABLE`), which would hide a silent slowdown; these tests make the
@@ -9,12 +9,12 @@ upgrade a decision instead: bump the pin, and this file says what to re-measure 
 import asyncio
 from pathlib import Path
 
-from core.artifacts import direct
-from core.bus import connect
+from captionbus.core.artifacts import direct
+from captionbus.core.bus import connect
 
 REQUIREMENTS = Path(direct.__file__).resolve().parents[1] / "requirements.txt"
 WHAT_TO_DO = (
-    "core/artifacts/direct.py was written for nats-py {written}; this is {found}. Re-run "
+    "captionbus/core/artifacts/direct.py was written for nats-py {written}; this is {found}. Re-run "
     "benchmarks/artifacts.py (direct vs chunk reader): if the direct reader still wins, check the "
     "private attributes it reads and raise WRITTEN_FOR; if not, delete direct.py"
 )

@@ -17,8 +17,8 @@ import pytest
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.keys import KeyRing, add_key
 from captionbus.runner import coordinator_task
-from core.bus import connect, provision
-from core.settings import Settings
+from captionbus.core.bus import connect, provision
+from captionbus.core.settings import Settings
 from tests.gatewaytools import check_waits_for_the_bus, free_port, running_gateway
 
 
@@ -367,8 +367,8 @@ def test_sse_resume_on_a_running_job(gateway, coordinator):
     away, and it reconnects with Last-Event-ID: it gets exactly the stored events after that id,
     then live ones as they are published, to the job's end. The test plays the demux worker (no
     stage services here) by publishing real stage_progress events on the bus."""
-    from contracts.events import StageProgress
-    from core.bus import publish_event
+    from captionbus.contracts.events import StageProgress
+    from captionbus.core.bus import publish_event
 
     created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
                            data={"workflow": "speech", "source_language": "en"})

@@ -19,8 +19,8 @@ import pytest
 from captionbus.client import cancel
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.dispatch import Subscriber
-from core.bus import connect
-from core.settings import Settings
+from captionbus.core.bus import connect
+from captionbus.core.settings import Settings
 from tests.e2e.test_gateway_openai import load_receiver
 from tests.gatewaytools import free_port, running_gateway, start_gateway_process
 from tests.integration.test_gateway import coordinator, parse_sse  # noqa: F401  (a fixture)

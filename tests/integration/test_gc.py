@@ -1,4 +1,4 @@
-"""`core.gc` against a real nats-server: what retention deletes, and what it never does."""
+"""`captionbus.core.gc` against a real nats-server: what retention deletes, and what it never does."""
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +13,11 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
-from contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, subjects
-from core.artifacts import ArtifactStore
-from core.bus import connect, provision, publish_event
-from core.gc import collect
-from core.settings import Settings
+from captionbus.contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, subjects
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import connect, provision, publish_event
+from captionbus.core.gc import collect
+from captionbus.core.settings import Settings
 from tests.natsroles import users_server
 
 DAY = 24 * 3600.0
@@ -241,7 +241,7 @@ def test_storing_an_old_artifact_again_restarts_its_grace_period(nats_server, tm
 
 
 def test_an_object_stored_again_after_gc_listed_it_is_not_deleted(nats_server, tmp_path, monkeypatch):
-    from core.artifacts import transfer
+    from captionbus.core.artifacts import transfer
 
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object")
 
@@ -328,7 +328,7 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
     the client) aborts the run before its first delete and names what could not be read. Before
     issue 18 a failed listing read as "no jobs": this run would have deleted the running job's
     input and intermediate, past their grace period."""
-    from core.gc import GcError
+    from captionbus.core.gc import GcError
 
     users = {"admin": ALL,
              "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>"),

@@ -1,4 +1,4 @@
-"""The media stages' FFmpeg from wheels (core/mediatools.py): with no `ffmpeg`/`ffprobe` on PATH,
+"""The media stages' FFmpeg from wheels (captionbus/core/mediatools.py): with no `ffmpeg`/`ffprobe` on PATH,
 the `common` env's interpreter resolves imageio-ffmpeg's binary and probes through PyAV, and
 PyAV's answer is the one ffprobe gives (the facts later stages read), and the same hostile-input
 refusals hold (playlists, concat lists, text, truncated files)."""
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason=test_me
 SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from core import mediatools
-from services import media
-from services.runtime.errors import BadInput
+from captionbus.core import mediatools
+from captionbus.services import media
+from captionbus.services.runtime.errors import BadInput
 out = {"ffmpeg": mediatools.ffmpeg_path(), "ffprobe": mediatools.ffprobe_path(), "probes": {}}
 for name, path in json.loads(sys.argv[1]).items():
     try:
@@ -55,7 +55,7 @@ def test_probe_and_decode_through_wheels_match_ffprobe(tmp_path, common_env):
     assert got["ffprobe"] is None and "imageio_ffmpeg" in got["ffmpeg"], got
     probes = got["probes"]
     if shutil.which("ffprobe"):  # the reference answer, from a real ffprobe
-        from services.media import probe
+        from captionbus.services.media import probe
 
         for name in ("video", "audio_only"):
             mine, reference = dict(probes[name]["summary"]), probe(files[name]).summary()

@@ -1,8 +1,8 @@
 """Nothing finished is lost (issue 18), on a real nats-server with real stage services: the
 `subtitle` workflow (config/workflows/subtitle.yaml, the real graph) with every stage served by
-services/runtime, and `captionbus submit --wait` as a user runs it.
+captionbus/services/runtime, and `captionbus submit --wait` as a user runs it.
 
-The translation stage is the real one (services.translation.nllb_stage.STAGE): its setup, with
+The translation stage is the real one (captionbus.services.translation.nllb_stage.STAGE): its setup, with
 HF_HUB_OFFLINE=1 and a model id that is not in the (empty) Hugging Face cache, fails at once
 with the variable to set — before torch is imported, so it runs in the test's own interpreter.
 The other stages are stand-ins under their real names that write small files for the outputs
@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from captionbus import exitcodes
-from coordinator.decide import Policy
-from coordinator.service import Coordinator
-from core.bus import StagePolicy, connect, provision
-from core.settings import Settings
-from services.runtime import StageDefinition
-from services.runtime.serve import serve
-from services.translation.nllb_stage import STAGE as NLLB
+from captionbus.coordinator.decide import Policy
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.bus import StagePolicy, connect, provision
+from captionbus.core.settings import Settings
+from captionbus.services.runtime import StageDefinition
+from captionbus.services.runtime.serve import serve
+from captionbus.services.translation.nllb_stage import STAGE as NLLB
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = {"demux": ["audio", "probe"], "vad": ["regions"], "asr": ["transcript"], "alignment": ["transcript"],

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from contracts import JobSpec, JobSubmitted, StageCompleted, subjects
-from coordinator.decide import Policy
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.artifacts import ArtifactError, ArtifactStore
-from core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event
-from core.gc import collect
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve
+from captionbus.contracts import JobSpec, JobSubmitted, StageCompleted, subjects
+from captionbus.coordinator.decide import Policy
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.artifacts import ArtifactError, ArtifactStore
+from captionbus.core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event
+from captionbus.core.gc import collect
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve
 from tests.natsroles import denied as _denied
 from tests.natsroles import roles_server, violations
 
@@ -209,7 +209,7 @@ def test_a_stage_worker_user_takes_and_reports_for_its_own_stage_only(tmp_path):
                 sub = await js["worker-asr"].pull_subscribe_bind(durable="stage-demux", stream=subjects.REQUESTS_STREAM)
                 assert await _denied(sub.fetch(1, timeout=0.5))
                 # Nor plant a stage-cache entry a demux worker would answer from (keys lead with
-                # the stage: services/runtime/cache.py); its own stage's entries it may write.
+                # the stage: captionbus/services/runtime/cache.py); its own stage's entries it may write.
                 cache_kv = await js["worker-asr"].key_value(subjects.STAGE_CACHE_BUCKET)
                 assert await _denied(cache_kv.put("demux." + "0" * 64, b'{"outputs": {}}'))
                 assert await cache_kv.put("asr." + "0" * 64, b'{"outputs": {}}')

@@ -15,13 +15,13 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from contracts import JobCancelled, StageRequest, WorkerInfo, WorkerState, parse_event, subjects
-from core.artifacts import ArtifactStore
-from core.bus import BusError, StagePolicy, connect, provision, publish_event
-from core.settings import PROJECT_ROOT, Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime import StageDefinition
-from services.runtime.serve import info_subject, serve
+from captionbus.contracts import JobCancelled, StageRequest, WorkerInfo, WorkerState, parse_event, subjects
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import BusError, StagePolicy, connect, provision, publish_event
+from captionbus.core.settings import PROJECT_ROOT, Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime import StageDefinition
+from captionbus.services.runtime.serve import info_subject, serve
 
 
 def counting(definition: StageDefinition = NOOP, name: str = "probe") -> tuple[StageDefinition, list]:
@@ -172,7 +172,7 @@ def test_bad_input_fails_once_and_is_terminated(nats_server, tmp_path):
 
 def test_params_outside_the_stage_model_are_bad_input_before_the_handler(nats_server, tmp_path):
     """The runtime validates request params against StageDefinition.params (a model in
-    services/<folder>/declaration.py): an unknown key or a wrong value fails the request once, with one
+    captionbus/services/<folder>/declaration.py): an unknown key or a wrong value fails the request once, with one
     line naming the stage's keys, and the handler never runs."""
     probe, calls = counting()
 
@@ -468,7 +468,7 @@ def _service_process(url: str, home: Path, replica: str, log: Path) -> subproces
            "CAPTIONBUS_ARTIFACTS": "local", "CAPTIONBUS_ACK_WAIT": "2", "CAPTIONBUS_HOST_ID": "testhost",
            "PYTHONPATH": str(PROJECT_ROOT)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services", "serve", "noop", "--replica-id", replica],
+        return subprocess.Popen([sys.executable, "-m", "captionbus.services", "serve", "noop", "--replica-id", replica],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(home))
 
 
@@ -586,7 +586,7 @@ SETUP_REASON = "cannot load model 'x': not in the local cache and no network; se
 def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_server, tmp_path):
     """A model that cannot load used to leave the job `running` forever: now setup is tried a
     bounded number of times and the replica answers requests with setup's one-line reason."""
-    from core.retry import RetryPolicy
+    from captionbus.core.retry import RetryPolicy
 
     async def body(bus: Bus):
         started = time.monotonic()
@@ -612,7 +612,7 @@ def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_serve
 
 
 def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_server, tmp_path):
-    from core.retry import RetryPolicy
+    from captionbus.core.retry import RetryPolicy
 
     async def body(bus: Bus):
         await bus.start(replica_id="healthy", max_deliver=5)
@@ -646,7 +646,7 @@ class _FlakyStore:
 
 def test_a_finished_attempt_whose_upload_fails_is_not_recomputed(nats_server, tmp_path, monkeypatch):
     """The upload after the work failed transiently: it is retried; the handler runs once."""
-    from services.runtime import serve as serve_mod
+    from captionbus.services.runtime import serve as serve_mod
 
     monkeypatch.setattr(serve_mod, "RESULT_RETRY", dataclasses.replace(serve_mod.RESULT_RETRY, initial_s=0.1))
     probe, calls = counting()

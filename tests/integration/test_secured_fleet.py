@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from captionbus.server import nats_server_binary
-from contracts import subjects
-from core.bus import BusError, connect, require_provisioned
-from core.settings import Settings
+from captionbus.contracts import subjects
+from captionbus.core.bus import BusError, connect, require_provisioned
+from captionbus.core.settings import Settings
 from tests.natsroles import free_ports, users_block
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from contracts.transcript import Segment, Transcript, Word
+from captionbus.contracts.transcript import Segment, Transcript, Word
 from tests import envtools
 from tests import media as test_media
 from tests.model_factory.wav2vec2 import ensure_wav2vec2
-from services.runtime.testing import make_fake_context
+from captionbus.services.runtime.testing import make_fake_context
 
 RUNNER = r"""
 import json, socket, sys, time
@@ -45,9 +45,9 @@ def record_download(*args, **kwargs):
 nltk.download = record_download
 
 import structlog
-from services.alignment.stage import STAGE
-from services.runtime import BadInput, SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.services.alignment.stage import STAGE
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 options, work, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -80,7 +80,7 @@ def wav_seconds(path: Path) -> float:
 
 
 def demuxed_speech(tmp: Path, text: str, voice: str) -> Path:
-    from services.demux.stage import STAGE as DEMUX
+    from captionbus.services.demux.stage import STAGE as DEMUX
 
     video, _ = test_media.speech_video(tmp / f"{voice}.mp4", text, voice=voice)
     ctx = make_fake_context(tmp / f"demux-{voice}", "demux", inputs={"media": video})

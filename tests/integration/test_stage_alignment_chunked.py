@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts.transcript import Segment, Transcript
-from services.transcript_join.stage import join
+from captionbus.contracts.transcript import Segment, Transcript
+from captionbus.services.transcript_join.stage import join
 from tests import envtools
 from tests import media as test_media
 from tests.model_factory.wav2vec2 import ensure_wav2vec2
@@ -29,9 +29,9 @@ RUNNER = r"""
 import json, sys, time
 from pathlib import Path
 import structlog
-import services.alignment.stage as alignment
-from services.runtime import SetupContext
-from services.runtime.testing import make_fake_context
+import captionbus.services.alignment.stage as alignment
+from captionbus.services.runtime import SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 reads = []  # (start_s, end_s) of every WAV window the stage read, per run
 original_read_wav = alignment.read_wav

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from contracts import StageRequest
-from services.runtime import StageDefinition
+from captionbus.contracts import StageRequest
+from captionbus.services.runtime import StageDefinition
 from tests.integration.test_runtime import run
 
 CALLS: list[str] = []
@@ -105,8 +105,8 @@ def test_local_cache_outlives_the_bus(tmp_path: Path, captionbus_home: Path):
 
 def test_fleet_cache_lives_in_the_kv_bucket(nats_server: str, captionbus_home: Path, tmp_path: Path):
     """With the object store (hosts share nothing but the bus) entries go to KV cb_stage_cache."""
-    from contracts import subjects
-    from core.artifacts import ArtifactStore
+    from captionbus.contracts import subjects
+    from captionbus.core.artifacts import ArtifactStore
 
     CALLS.clear()
     source = tmp_path / "in.txt"
@@ -160,7 +160,7 @@ def test_worker_settings_and_the_files_they_name_are_in_the_key(tmp_path: Path, 
     """A model folder rebuilt in place, a changed setting or a code change is a different worker."""
     import os
 
-    from services.runtime.cache import worker_fingerprint
+    from captionbus.services.runtime.cache import worker_fingerprint
 
     config, code = tmp_path / "config", tmp_path / "code"
     config.mkdir(), code.mkdir()
@@ -293,9 +293,9 @@ def test_a_cache_hit_is_answered_while_the_model_still_loads(nats_server: str, c
     import dataclasses
     import os
 
-    from core.bus import StagePolicy
-    from services.runtime.cache import model_identity
-    from services.runtime.serve import serve
+    from captionbus.core.bus import StagePolicy
+    from captionbus.services.runtime.cache import model_identity
+    from captionbus.services.runtime.serve import serve
 
     CALLS.clear()
     model = tmp_path / "model.bin"
@@ -369,12 +369,12 @@ def test_declared_model_identity_follows_the_model_files(tmp_path: Path):
 
     import structlog
 
-    from contracts.declarations.asr import AsrOptions
-    from contracts.declarations.vad import VadOptions
-    from services.asr.stage import declare_model as asr_model
-    from services.runtime import SetupContext
-    from services.runtime.cache import model_identity
-    from services.vad.stage import declare_model as vad_model
+    from captionbus.contracts.declarations.asr import AsrOptions
+    from captionbus.contracts.declarations.vad import VadOptions
+    from captionbus.services.asr.stage import declare_model as asr_model
+    from captionbus.services.runtime import SetupContext
+    from captionbus.services.runtime.cache import model_identity
+    from captionbus.services.vad.stage import declare_model as vad_model
 
     folder = tmp_path / "whisper-base-ct2"
     folder.mkdir()
@@ -407,10 +407,10 @@ def test_alignment_declares_its_whole_model_table_before_loading(tmp_path: Path)
 
     import structlog
 
-    from contracts.declarations.alignment import AlignmentOptions
-    from services.alignment.stage import declare_model
-    from services.runtime import SetupContext
-    from services.runtime.cache import model_identity
+    from captionbus.contracts.declarations.alignment import AlignmentOptions
+    from captionbus.services.alignment.stage import declare_model
+    from captionbus.services.runtime import SetupContext
+    from captionbus.services.runtime.cache import model_identity
 
     folder = tmp_path / "wav2vec2-en"
     folder.mkdir()
@@ -439,13 +439,13 @@ def test_translation_and_separation_declare_their_models_before_loading(tmp_path
 
     import structlog
 
-    from contracts.declarations.source_separation import SourceSeparationOptions
-    from contracts.declarations.translation import IndicTrans2Options, NllbOptions
-    from services.runtime import SetupContext
-    from services.runtime.cache import model_identity
-    from services.source_separation.stage import STAGE as DEMUCS
-    from services.translation.indictrans2_stage import STAGE as INDICTRANS2
-    from services.translation.nllb_stage import STAGE as NLLB
+    from captionbus.contracts.declarations.source_separation import SourceSeparationOptions
+    from captionbus.contracts.declarations.translation import IndicTrans2Options, NllbOptions
+    from captionbus.services.runtime import SetupContext
+    from captionbus.services.runtime.cache import model_identity
+    from captionbus.services.source_separation.stage import STAGE as DEMUCS
+    from captionbus.services.translation.indictrans2_stage import STAGE as INDICTRANS2
+    from captionbus.services.translation.nllb_stage import STAGE as NLLB
 
     log = structlog.get_logger("test")
     folder = tmp_path / "nllb-tiny"

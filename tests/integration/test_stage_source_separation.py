@@ -33,9 +33,9 @@ RUNNER = r"""
 import json, os, resource, sys, time
 from pathlib import Path
 import structlog
-from services.runtime import BadInput, Cancelled, SetupContext
-from services.source_separation.stage import STAGE, load_model
-from services.runtime.testing import make_fake_context
+from captionbus.services.runtime import BadInput, Cancelled, SetupContext
+from captionbus.services.source_separation.stage import STAGE, load_model
+from captionbus.services.runtime.testing import make_fake_context
 
 work, stand_in, *jobs = sys.argv[1:]
 started = time.monotonic()

@@ -35,7 +35,7 @@ def round_trip(processor, text, src, tgt):
 
 processor = IndicProcessor(inference=True)
 result = {"unrepaired_time": round_trip(processor, texts["time"], "hin_Deva", "eng_Latn")}
-from services.translation.indictrans2_stage import _repair_visarga_rule
+from captionbus.services.translation.indictrans2_stage import _repair_visarga_rule
 _repair_visarga_rule()
 for name, (text, src, tgt) in texts["cases"].items():
     result[name] = round_trip(processor, text, src, tgt)
@@ -107,9 +107,9 @@ STAGE_RUNNER = r"""
 import json, sys, time
 from pathlib import Path
 import structlog
-from services.translation.indictrans2_stage import STAGE
-from services.runtime import BadInput, SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.services.translation.indictrans2_stage import STAGE
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 models, work, transcripts, jobs = json.loads(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 options = {"model_" + d.replace("-", "_"): path for d, path in models.items()}

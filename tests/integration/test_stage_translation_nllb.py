@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from contracts.transcript import Segment, Transcript
+from captionbus.contracts.transcript import Segment, Transcript
 from tests import (
     envtools,  # not `import test_models_root`: pytest would collect it as a test
 )
@@ -26,10 +26,10 @@ RUNNER = r"""
 import json, sys, time
 from pathlib import Path
 import structlog
-from services.translation.nllb_stage import STAGE
-from services.translation.glossary import Glossary, Term
-from services.runtime import BadInput, SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.services.translation.nllb_stage import STAGE
+from captionbus.services.translation.glossary import Glossary, Term
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 model_dir, work, jobs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 started = time.monotonic()

@@ -31,8 +31,8 @@ import json, sys, time
 from pathlib import Path
 import structlog
 from importlib import import_module
-from services.runtime import BadInput, SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 module, stage, env, model, work, *jobs = sys.argv[1:]
 STAGE = import_module(module).STAGE
@@ -67,8 +67,8 @@ print("RESULT " + json.dumps(results))
 
 BACKENDS = {
     # name: (stage module, stage, env, captionbus.models function installing the model, tiny blocks)
-    "silero": ("services.vad.stage", "vad", "common", "ensure_silero_vad", {"BLOCK_FRAMES": 7}),
-    "pyannote": ("services.vad.pyannote_stage", "vad_pyannote", "pyannote", "ensure_pyannote_segmentation",
+    "silero": ("captionbus.services.vad.stage", "vad", "common", "ensure_silero_vad", {"BLOCK_FRAMES": 7}),
+    "pyannote": ("captionbus.services.vad.pyannote_stage", "vad_pyannote", "pyannote", "ensure_pyannote_segmentation",
                  {"BLOCK_S": 3.0}),
 }
 
@@ -266,7 +266,7 @@ def test_a_truncated_file_gives_the_regions_it_holds_and_a_warning(backend_runs,
     ("corrupt", {}, "not a readable PCM WAV"),
     ("stereo", {}, "must be 16 kHz mono 16-bit PCM WAV (the demux output); got 44100 Hz, 2 channel(s)"),
     ("speech", {"threshold": 1.5}, "threshold"),
-    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (services/vad/declaration.py)
+    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (captionbus/services/vad/declaration.py)
     ("speech", {"min_silence_s": "long"}, "min_silence_s='long': Input should be a valid number"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(backend_runs, name, params, message):

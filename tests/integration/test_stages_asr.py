@@ -17,9 +17,9 @@ import jiwer
 import numpy as np
 import pytest
 
-from contracts.speech import SpeechRegion, SpeechRegions
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions
 from tests import media as test_media
-from services.runtime.testing import make_fake_context
+from captionbus.services.runtime.testing import make_fake_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,9 +28,9 @@ RUNNER = r"""
 import json, sys, time
 from pathlib import Path
 import structlog
-from services.asr.stage import STAGE
-from services.runtime import BadInput, SetupContext
-from services.runtime.testing import make_fake_context
+from captionbus.services.asr.stage import STAGE
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.runtime.testing import make_fake_context
 
 model_dir, work, *jobs = sys.argv[1:]
 started = time.monotonic()
@@ -134,7 +134,7 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
     tmp = tmp_path_factory.mktemp("asr")
     video, spoken = test_media.speech_video(tmp / "speech.mp4")
 
-    from services.demux.stage import STAGE as DEMUX
+    from captionbus.services.demux.stage import STAGE as DEMUX
 
     ctx = make_fake_context(tmp / "demux", "demux", inputs={"media": video})
     audio = DEMUX.handle(ctx.request, ctx)["audio"]
@@ -220,7 +220,7 @@ def test_metrics_progress_and_model_description(asr_runs):
 
 
 def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
-    # refused by the params model (services/asr/declaration.py: AsrParams) before the handler runs
+    # refused by the params model (captionbus/services/asr/declaration.py: AsrParams) before the handler runs
     assert "bad asr params: language='xx': unknown language code" in asr_runs["runs"][2]["bad_input"]
     assert "not 'whisper-large-v3'" in asr_runs["runs"][3]["bad_input"]
 
@@ -236,9 +236,9 @@ def test_asr_transcript_through_subtitle_gen_and_mux_keeps_words_and_timing(asr_
     read back from the muxed mp4 still says what was spoken, starting when the speech does."""
     import pysubs2
 
-    from contracts.transcript import Transcript
-    from services.mux.stage import STAGE as MUX
-    from services.subtitle_gen.stage import STAGE as SUBTITLE_GEN
+    from captionbus.contracts.transcript import Transcript
+    from captionbus.services.mux.stage import STAGE as MUX
+    from captionbus.services.subtitle_gen.stage import STAGE as SUBTITLE_GEN
 
     transcript_path = tmp_path / "transcript.json"
     transcript_path.write_text(Transcript.model_validate(asr_runs["runs"][0]["transcript"]).model_dump_json())
@@ -318,7 +318,7 @@ def test_no_text_where_the_regions_exclude_silence_and_noise(asr_runs):
 # ---------------------------------------------------------------- pure region helpers (no env)
 
 def test_region_helpers_merge_split_and_silence():
-    from services.asr import stage, whisperx_backend
+    from captionbus.services.asr import stage, whisperx_backend
 
     assert stage.merge_regions([(5.0, 6.0), (0.5, 1.0), (0.9, 2.0), (9.5, 12.0), (3.0, 3.0)], duration=10.0, margin=0.1) == [
         (0.4, 2.1), (4.9, 6.1), (9.4, 10.0)]

@@ -15,16 +15,16 @@ import pytest
 from nats.js.api import ObjectStoreConfig, StorageType
 
 from captionbus.client import job_state, submit
-from contracts import subjects
-from coordinator.decide import Policy
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.artifacts import ArtifactStore, ArtifactStoreFull
-from core.bus import StagePolicy, connect, provision
-from core.gc import collect
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve
+from captionbus.contracts import subjects
+from captionbus.coordinator.decide import Policy
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.artifacts import ArtifactStore, ArtifactStoreFull
+from captionbus.core.bus import StagePolicy, connect, provision
+from captionbus.core.gc import collect
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve
 
 GRAPHS = {"gen": Workflow.from_dict({
     "name": "gen",

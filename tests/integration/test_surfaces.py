@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from captionbus.client import submit
-from core.artifacts import ArtifactStore
+from captionbus.core.artifacts import ArtifactStore
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
 

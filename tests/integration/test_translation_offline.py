@@ -1,7 +1,7 @@
 """A translation model that cannot load fails at once, naming what to set (issue 18: without
 NLLB weights and without network, setup spent about a minute per attempt on hub retries).
 
-Runs the real loader (services/translation/nllb_stage.load_nllb: transformers, torch,
+Runs the real loader (captionbus/services/translation/nllb_stage.load_nllb: transformers, torch,
 huggingface_hub) in a built stage env's interpreter. The whisperx env has all three; the nllb
 env is not needed: the loader must fail before transformers is asked. Each case uses an empty
 Hugging Face cache, so the model id is never found locally."""
@@ -21,9 +21,9 @@ LOADER = r"""
 import json, time
 from pathlib import Path
 import structlog
-from services.runtime import SetupContext
-from services.translation.nllb_stage import load_nllb
-from services.translation.declaration import NllbOptions
+from captionbus.services.runtime import SetupContext
+from captionbus.services.translation.nllb_stage import load_nllb
+from captionbus.services.translation.declaration import NllbOptions
 
 started = time.monotonic()
 ctx = SetupContext(stage="translation_nllb", env="test", models_dir=Path("/nonexistent"), log=structlog.get_logger(),

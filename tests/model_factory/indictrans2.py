@@ -168,7 +168,7 @@ print("RESULT " + json.dumps({"directions": report, "seconds": time.monotonic() 
 
 
 def flores_tags() -> list[str]:
-    from core.translation_routes import backend_for_stage
+    from captionbus.core.translation_routes import backend_for_stage
 
     return sorted(set(backend_for_stage("translation_indictrans2").languages.values()))
 

@@ -13,7 +13,7 @@ import secrets
 
 from nats.js.api import Header
 
-from contracts import StageCompleted, subjects
+from captionbus.contracts import StageCompleted, subjects
 from tests.natsroles import denied
 
 BUCKET = subjects.ARTIFACTS_BUCKET

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from captionbus.client import job_state, submit
-from contracts import JobState
-from coordinator.decide import Policy
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.artifacts import ArtifactStore
-from core.bus import StagePolicy, connect, provision
-from core.settings import Settings
-from services.noop.stage import STAGE as NOOP
-from services.runtime.serve import serve
+from captionbus.contracts import JobState
+from captionbus.coordinator.decide import Policy
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.bus import StagePolicy, connect, provision
+from captionbus.core.settings import Settings
+from captionbus.services.noop.stage import STAGE as NOOP
+from captionbus.services.runtime.serve import serve
 from tests.natsroles import roles_server
 from tests.security.attacks import WRITERS  # noqa: F401  (the tests import it from here)
 

@@ -19,7 +19,7 @@ def test_predictable_event_ids_cannot_be_taken_first(tmp_path):
     async def main():
         async with secured_fleet(tmp_path, worker=False) as fleet:
             from captionbus.client import submit
-            from core.artifacts import ArtifactStore
+            from captionbus.core.artifacts import ArtifactStore
             media = tmp_path / "in.wav"
             media.write_bytes(b"RIFF" + bytes(range(256)) * 400)
             store = ArtifactStore(fleet.settings("client", "submitter"), fleet.js["client"])

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from core.bus import connect, publish_event
+from captionbus.core.bus import connect, publish_event
 from tests.natsroles import violations
 from tests.security.attacks import SNIFFED, forged_results
 from tests.security.fleet import ROLES, secured_fleet, start_worker
@@ -79,7 +79,7 @@ def test_a_forged_result_is_refused_and_logged_and_the_real_one_completes_the_jo
             for subject in SNIFFED:
                 await attacker.subscribe(subject, cb=keep)
             from captionbus.client import submit
-            from core.artifacts import ArtifactStore
+            from captionbus.core.artifacts import ArtifactStore
             media = tmp_path / "victim.wav"
             media.write_bytes(b"RIFF" + bytes(range(256)) * 500)
             store = ArtifactStore(fleet.settings("client", "victim"), fleet.js["client"])
@@ -113,8 +113,8 @@ def test_a_forged_result_is_refused_and_logged_and_the_real_one_completes_the_jo
 
 
 def test_the_reply_prefix_follows_the_user(monkeypatch):
-    from core.bus import INBOX_PREFIX_ENV, BusError, inbox_prefix
-    from core.settings import Settings
+    from captionbus.core.bus import INBOX_PREFIX_ENV, BusError, inbox_prefix
+    from captionbus.core.settings import Settings
 
     monkeypatch.delenv(INBOX_PREFIX_ENV, raising=False)
     assert inbox_prefix("nats://worker-asr:pw@10.0.0.5:4222,nats://10.0.0.6:4222", Settings()) == "_INBOX_worker-asr"

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 
 from nats.js.api import Header
 
-from contracts import subjects
-from core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
-from core.gc import collect
+from captionbus.contracts import subjects
+from captionbus.core.artifacts import ArtifactError, ArtifactStore, hash_file, transfer
+from captionbus.core.gc import collect
 from tests.security.attacks import BUCKET, STREAM, WRITERS, meta_subject, refused, tamper
 from tests.security.fleet import secured_fleet
 

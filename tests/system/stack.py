@@ -26,11 +26,11 @@ from captionbus.dashboard.serve import serve as serve_dashboard
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.dispatch import Subscriber
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
-from contracts import JobState, worker_identity
-from coordinator.graph import Workflow
-from coordinator.service import Coordinator
-from core.bus import connect, provision
-from core.settings import PROJECT_ROOT, Settings
+from captionbus.contracts import JobState, worker_identity
+from captionbus.coordinator.graph import Workflow
+from captionbus.coordinator.service import Coordinator
+from captionbus.core.bus import connect, provision
+from captionbus.core.settings import PROJECT_ROOT, Settings
 from tests.gatewaytools import free_port, running_gateway
 from tests.integration.test_dashboard import _until as until
 from tests.integration.test_gateway import parse_sse

@@ -13,7 +13,7 @@ webhook record done) it asserts:
   what the model of the operations allows (a cancel may lose the race to the job's own end).
 
 CI runs the seeds in CAPTIONBUS_MODEL_SEEDS (default 1,2) with CAPTIONBUS_MODEL_OPS operations
-each (default 10). Not yet here: coordinator/gateway/dashboard restarts,
+each (default 10). Not yet here: captionbus/coordinator/gateway/dashboard restarts,
 submits through the gateway (its submit checks workflows against config/, and these test
 workflows live in the in-process coordinator only), and the benchmark of >= 300 operations."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from captionbus.client import submit
-from core.artifacts import ArtifactStore
+from captionbus.core.artifacts import ArtifactStore
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
 

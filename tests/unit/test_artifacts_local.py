@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from contracts import ArtifactRef
-from core import artifacts
-from core.artifacts import ArtifactError, ArtifactMissing, ArtifactStore, safe_name
-from core.settings import Settings
+from captionbus.contracts import ArtifactRef
+from captionbus.core import artifacts
+from captionbus.core.artifacts import ArtifactError, ArtifactMissing, ArtifactStore, safe_name
+from captionbus.core.settings import Settings
 
 
 def _store(tmp_path: Path, host: str = "h1") -> ArtifactStore:
@@ -175,8 +175,8 @@ def test_old_temp_files_are_swept(tmp_path):
 def test_put_with_copy_keeps_the_store_independent_of_the_source(tmp_path):
     import asyncio
 
-    from core.artifacts import ArtifactStore
-    from core.settings import Settings
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.core.settings import Settings
 
     store = ArtifactStore(Settings(home=tmp_path / "home", nats_url=None, artifacts_mode="local", host_id="h"), None)
     source = tmp_path / "film.mp4"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from captionbus import exitcodes
 from captionbus.cli import CaptionbusGroup, main
-from core.bus import BusError
+from captionbus.core.bus import BusError
 
 
 def _group_raising(error: BaseException) -> click.Group:

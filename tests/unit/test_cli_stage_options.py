@@ -82,14 +82,14 @@ def test_stages_prints_params_and_service_options_from_the_models(tmp_path):
 
 
 def test_a_stage_service_refuses_bad_options_before_touching_the_bus(tmp_path):
-    """`python -m services serve STAGE --option k=v` (what every launcher runs): an unknown option
+    """`python -m captionbus.services serve STAGE --option k=v` (what every launcher runs): an unknown option
     or a bad value exits 2 with one log line; an ambient CAPTIONBUS_OPTION_<KEY> the stage lacks
     (`up` hands them to every stage) is left alone."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONBUS_") and k != "NATS_URL"}
     environ.update(CAPTIONBUS_HOME=str(tmp_path / "home"))  # no `up` there: no bus to find
 
     def serve(*args: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services", "serve", "vad", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "captionbus.services", "serve", "vad", *args], capture_output=True,
                               text=True, timeout=30, cwd=ROOT, env={**environ, **env})
 
     done = serve("--option", "device=cuda")

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from contracts import (
+from captionbus.contracts import (
     ArtifactRef,
     JobSpec,
     StageCompleted,
@@ -10,13 +10,13 @@ from contracts import (
     subjects,
     validate_token,
 )
-from contracts.schema_export import stale_files
+from captionbus.contracts.schema_export import stale_files
 
 REF = ArtifactRef(key="a" * 64, name="clip.mp4", size=3)
 
 
 def test_json_schema_is_not_stale():
-    assert stale_files() == [], "run: python -m contracts.schema_export"
+    assert stale_files() == [], "run: python -m captionbus.contracts.schema_export"
 
 
 @pytest.mark.parametrize("bad", ["a.b", "*", ">", "../x", "a/b", "", "x" * 65, "a b", "j\n"])
@@ -53,7 +53,7 @@ def test_request_key_names_the_try():
 
 
 def test_job_languages_are_normalised_where_the_spec_is_made():
-    from contracts import ArtifactRef, JobSpec
+    from captionbus.contracts import ArtifactRef, JobSpec
 
     spec = JobSpec(job_id="j1", input=ArtifactRef(key="0" * 64, name="a.mp4", size=1),
                    source_language=" HI", target_languages=["EN", "en", " Ta "])

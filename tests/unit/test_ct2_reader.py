@@ -3,7 +3,7 @@
 ctranslate2's `ModelSpec._serialize` writes one (so no ctranslate2 is needed): fused q/k/v,
 a zero key bias, the projection aliased to the embedding, scalar settings, float16 weights.
 Also the real Whisper base model.bin's header when it is installed, and the MLX backend's
-pure region helpers (services/asr/mlx_backend.py)."""
+pure region helpers (captionbus/services/asr/mlx_backend.py)."""
 from __future__ import annotations
 
 import json
@@ -205,7 +205,7 @@ def test_real_whisper_base_reads_and_maps_when_installed():
 
 
 def test_backend_region_helpers():
-    from services.asr import mlx_backend as b
+    from captionbus.services.asr import mlx_backend as b
 
     assert b._clean_regions([(5, 6), (-1, 1), (0.5, 2), (9, 12), (3, 3)], duration=10) == [(0.0, 2.0), (5.0, 6.0), (9.0, 10.0)]
     assert b._group([(0, 5), (10, 29), (29.5, 40), (41, 42), (75, 120)]) == [

@@ -9,9 +9,9 @@ import pytest
 
 from captionbus.dashboard.auth import AuthError, check_bind, parse_listen, token_from_env
 from captionbus.dashboard.board import Fanout, job_detail, job_summary, matches, parse_time, realtime_factor
-from contracts import ArtifactRef, JobSpec, JobState
-from contracts.jobs import JobStatus, NodeState, NodeStatus
-from core.settings import Settings
+from captionbus.contracts import ArtifactRef, JobSpec, JobState
+from captionbus.contracts.jobs import JobStatus, NodeState, NodeStatus
+from captionbus.core.settings import Settings
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 

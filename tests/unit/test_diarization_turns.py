@@ -1,4 +1,4 @@
-"""services/diarization/core.py's model-free parts in the plain interpreter: speaker counts, windows,
+"""captionbus/services/diarization/core.py's model-free parts in the plain interpreter: speaker counts, windows,
 turns from labelled windows, words to turns. (Clustering needs scikit-learn, which lives in the
 diarization env: tests/integration/test_diarization_core.py runs it there.)"""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.diarization.core import (
+from captionbus.services.diarization.core import (
     MAX_SPEAKERS, SpeakerCount, SpeakerCountError, Turn, WindowEmbeddings, assign_words, speaker_name,
     turns_from_windows, windows_in_regions,
 )

@@ -15,7 +15,7 @@ from captionbus.envs import spec as spec_mod
 from captionbus.envs.cli import envs as envs_cli
 from captionbus.envs.code import code_dir, requirement_names
 from captionbus.envs.spec import SpecError, load_spec_file, parse_spec
-from core import settings
+from captionbus.core import settings
 
 GOOD = {
     "name": "demo",
@@ -85,8 +85,9 @@ def test_every_env_installs_the_core_dependencies_and_none_of_the_launchers():
 
 def test_the_launcher_lends_exactly_the_stage_packages(home: Path):
     linked = code_dir()
-    assert sorted(p.name for p in linked.iterdir()) == ["contracts", "core", "services"]
-    assert (linked / "core").resolve() == Path(settings.__file__).resolve().parent
+    assert [p.name for p in linked.iterdir()] == ["captionbus"]
+    assert sorted(p.name for p in (linked / "captionbus").iterdir()) == ["__init__.py", "contracts", "core", "services"]
+    assert (linked / "captionbus" / "core").resolve() == Path(settings.__file__).resolve().parent
     assert code_dir() == linked  # made once per source location
 
 

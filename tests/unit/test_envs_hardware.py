@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core import hardware
+from captionbus.core import hardware
 
 SMI = "0, NVIDIA H200, 143771, 570.133.20\n1, NVIDIA H200, 143771, 570.133.20\n"
 

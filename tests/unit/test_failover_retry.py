@@ -1,4 +1,4 @@
-"""core.bus.through_failover: which bus errors are waited out (a stream or cluster between
+"""captionbus.core.bus.through_failover: which bus errors are waited out (a stream or cluster between
 leaders) and which are re-raised at once, and the one line a lasting placement failure ends with."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, BadRequestError
 
-from core.bus import NO_PEERS_ERR_CODE, BusError, through_failover
-from core.retry import RetryPolicy
+from captionbus.core.bus import NO_PEERS_ERR_CODE, BusError, through_failover
+from captionbus.core.retry import RetryPolicy
 
 FAST = RetryPolicy(initial_s=0.01, multiplier=1.0, max_s=0.01, max_attempts=3)
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from captionbus.gateway import webhooks
-from core.retry import RetryPolicy
+from captionbus.core.retry import RetryPolicy
 
 
 def test_webhook_targets_signatures_and_retries():

@@ -1,4 +1,4 @@
-"""core.gc on one host without a bus: the local root and file stage cache, by age; a running
+"""captionbus.core.gc on one host without a bus: the local root and file stage cache, by age; a running
 `captionbus run` (its private bus: jobs this GC cannot see) keeps the local root untouched."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import os
 import time
 from pathlib import Path
 
-from core.artifacts import ArtifactStore
-from core.gc import collect
-from core.settings import Settings
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.gc import collect
+from captionbus.core.settings import Settings
 
 HOUR = 3600.0
 

@@ -1,6 +1,6 @@
 """The code layers are held by import-linter (contracts in pyproject.toml), run here so a wrong
 import fails CI: contracts <- core <- {coordinator, stage runtime} <- stages <- launcher, no ML
-library outside services/, stages independent of each other."""
+library outside captionbus/services/, stages independent of each other."""
 from __future__ import annotations
 
 import shutil
@@ -44,17 +44,17 @@ def _copy_tree(tmp_path: Path) -> Path:
     "module, bad_import, contract",
     [
         # the library reaching up into the launcher
-        ("core/settings.py", "import captionbus.cli", "contracts <- core"),
+        ("captionbus/core/settings.py", "import captionbus.cli", "contracts <- core"),
         # the coordinator importing a stage
-        ("coordinator/decide.py", "import services.asr.stage", "contracts <- core"),
+        ("captionbus/coordinator/decide.py", "import captionbus.services.asr.stage", "contracts <- core"),
         # a stage importing another stage
-        ("services/mux/stage.py", "import services.asr.stage", "stages sit on the stage runtime"),
+        ("captionbus/services/mux/stage.py", "import captionbus.services.asr.stage", "stages sit on the stage runtime"),
         # the stage runtime importing a stage
-        ("services/runtime/serve.py", "import services.vad.regions", "stages sit on the stage runtime"),
+        ("captionbus/services/runtime/serve.py", "import captionbus.services.vad.regions", "stages sit on the stage runtime"),
         # an ML library in the control plane
-        ("coordinator/graph.py", "import torch", "no ML"),
+        ("captionbus/coordinator/graph.py", "import torch", "no ML"),
         # contracts needing more than pydantic
-        ("contracts/jobs.py", "import nats", "contracts depend on pydantic only"),
+        ("captionbus/contracts/jobs.py", "import nats", "contracts depend on pydantic only"),
     ],
 )
 def test_a_wrong_import_breaks_its_contract(tmp_path, module, bad_import, contract):

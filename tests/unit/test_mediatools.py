@@ -1,4 +1,4 @@
-"""core.mediatools: which ffmpeg / ffprobe a process runs (setting, then PATH, then the wheel)."""
+"""captionbus.core.mediatools: which ffmpeg / ffprobe a process runs (setting, then PATH, then the wheel)."""
 from __future__ import annotations
 
 import sys
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core import mediatools
-from core.settings import Settings
+from captionbus.core import mediatools
+from captionbus.core.settings import Settings
 
 
 def _program(folder: Path, name: str) -> Path:
@@ -66,7 +66,7 @@ def test_no_ffmpeg_anywhere_says_how_to_get_one(tmp_path, monkeypatch):
 def test_probe_without_ffprobe_or_pyav_names_what_is_missing_not_the_file(tmp_path, monkeypatch):
     import importlib.util
 
-    from services import media
+    from captionbus.services import media
 
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)

@@ -1,13 +1,13 @@
-"""One retry policy type for the runtime, the coordinator and the launcher (core.retry)."""
+"""One retry policy type for the runtime, the coordinator and the launcher (captionbus.core.retry)."""
 from __future__ import annotations
 
 import pytest
 
 from captionbus.runner import RESTART_RETRY
-from coordinator.decide import NODE_RETRY, Policy
-from coordinator.service import EVENT_RETRY
-from core.retry import RetryPolicy
-from services.runtime.serve import MAX_RETRY_DELAY_S, retry_policy
+from captionbus.coordinator.decide import NODE_RETRY, Policy
+from captionbus.coordinator.service import EVENT_RETRY
+from captionbus.core.retry import RetryPolicy
+from captionbus.services.runtime.serve import MAX_RETRY_DELAY_S, retry_policy
 
 
 def test_each_user_keeps_its_numbers():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.graph import load_workflows
-from core import settings
-from core.settings import Settings, SettingsError, config_files, config_path, load
+from captionbus.coordinator.graph import load_workflows
+from captionbus.core import settings
+from captionbus.core.settings import Settings, SettingsError, config_files, config_path, load
 
 
 def test_settings_come_from_the_environment(monkeypatch, tmp_path: Path):

@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 
 from captionbus.runner import spoken_language
-from contracts import JobSpec, JobState
-from contracts.jobs import NodeState
-from contracts.transcript import Transcript
-from core.artifacts import ArtifactStore
-from core.settings import Settings
+from captionbus.contracts import JobSpec, JobState
+from captionbus.contracts.jobs import NodeState
+from captionbus.contracts.transcript import Transcript
+from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.settings import Settings
 
 
 def test_the_asr_transcript_gives_the_language(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""One declaration per stage (services/<folder>/declaration.py): every file derived from the
+"""One declaration per stage (captionbus/services/<folder>/declaration.py): every file derived from the
 declarations is fresh (`python -m captionbus.stagegen --check`), each stage module's
 StageDefinition takes its spec, the generator refuses a declaration that breaks the rules, stage
 modules import no ML library until setup() runs, and the service options load from the command
@@ -15,16 +15,16 @@ import pytest
 from pydantic import ValidationError
 
 from captionbus import stagegen
-from contracts.declarations.alignment import AlignmentOptions
-from contracts.declarations.asr import AsrOptions
-from contracts.declarations.subtitle_gen import SUBTITLE_FORMATS
-from contracts.declarations.translation import IndicTrans2Options
-from contracts.declarations.vad import VadPyannoteOptions
-from contracts.stage_options import NoOptions
-from contracts.stage_specs import STAGES, explain
-from core.service_options import load_options
-from services import declarations, stage_module
-from services.runtime.definition import SetupContext
+from captionbus.contracts.declarations.alignment import AlignmentOptions
+from captionbus.contracts.declarations.asr import AsrOptions
+from captionbus.contracts.declarations.subtitle_gen import SUBTITLE_FORMATS
+from captionbus.contracts.declarations.translation import IndicTrans2Options
+from captionbus.contracts.declarations.vad import VadPyannoteOptions
+from captionbus.contracts.stage_options import NoOptions
+from captionbus.contracts.stage_specs import STAGES, explain
+from captionbus.core.service_options import load_options
+from captionbus.services import declarations, stage_module
+from captionbus.services.runtime.definition import SetupContext
 
 pytest.importorskip("numpy")  # stage modules use numpy at import; everything heavier loads in setup()
 
@@ -34,7 +34,7 @@ HEAVY = ("torch", "torchaudio", "whisperx", "faster_whisper", "ctranslate2", "tr
 
 
 def test_every_generated_file_is_fresh():
-    """The copies in contracts/declarations/, config/stages.yaml, the envs' stage lists and the
+    """The copies in captionbus/contracts/declarations/, config/stages.yaml, the envs' stage lists and the
     linter's stage folders are what the declarations give (the JSON Schemas: test_contracts)."""
     assert stagegen.stale() == [], f"run {stagegen.COMMAND}"
 
@@ -55,8 +55,9 @@ def test_every_stage_module_takes_its_declaration_and_the_coordinator_sees_the_s
 def _tree(tmp_path: Path) -> Path:
     """A copy of the checkout's stage-related files to break on purpose."""
     root = tmp_path / "tree"
-    for name in ("services", "contracts", "envs", "config"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("captionbus", "envs", "config"):
+        # symlinks=True: captionbus/core/_data/config and captionbus/_data/envs point into the copy
+        shutil.copytree(ROOT / name, root / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", root)
     return root
 
@@ -71,13 +72,13 @@ def _generate(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("edit, error", [
     ("import numpy\n", "imports numpy; a declaration may import pydantic, contracts and the standard library only"),
-    ("from services.runtime import BadInput\n", "imports services.runtime"),
-    ("from contracts.declarations.asr import AsrParams\n", "imports contracts.declarations.asr"),
+    ("from captionbus.services.runtime import BadInput\n", "imports captionbus.services.runtime"),
+    ("from captionbus.contracts.declarations.asr import AsrParams\n", "imports captionbus.contracts.declarations.asr"),
     ("from .plan import plan_chunks\n", "relative import"),
 ])
 def test_a_declaration_that_imports_beyond_contracts_is_refused(tmp_path, edit, error):
     root = _tree(tmp_path)
-    path = root / "services" / "chunk" / "declaration.py"
+    path = root / "captionbus" / "services" / "chunk" / "declaration.py"
     path.write_text(path.read_text().replace("from __future__ import annotations\n",
                                              "from __future__ import annotations\n" + edit, 1))
     with pytest.raises(stagegen.DeclarationError, match=error.replace("(", r"\(").replace(")", r"\)")):
@@ -86,12 +87,13 @@ def test_a_declaration_that_imports_beyond_contracts_is_refused(tmp_path, edit, 
 
 def test_a_changed_declaration_makes_its_generated_files_stale_until_regenerated(tmp_path):
     root = _tree(tmp_path)
-    path = root / "services" / "chunk" / "declaration.py"
+    path = root / "captionbus" / "services" / "chunk" / "declaration.py"
     path.write_text(path.read_text().replace('env="common"', 'env="whisperx"'))
     done = _generate(root, "--check")
     assert done.returncode == 1
-    assert done.stdout.strip() == ("stale (generated from the stage declarations): config/stages.yaml, "
-                                   "contracts/declarations/chunk.py, envs/common.toml, envs/whisperx.toml; "
+    assert done.stdout.strip() == ("stale (generated from the stage declarations): "
+                                   "captionbus/contracts/declarations/chunk.py, config/stages.yaml, envs/common.toml, "
+                                   "envs/whisperx.toml; "
                                    "run python -m captionbus.stagegen")
     assert _generate(root).returncode == 0
     assert _generate(root, "--check").returncode == 0
@@ -101,7 +103,7 @@ def test_a_changed_declaration_makes_its_generated_files_stale_until_regenerated
 
 def test_stage_modules_import_no_ml_library_until_setup():
     """In a fresh interpreter (this session's tests may have imported some already)."""
-    code = ("import importlib, sys; from services import declarations, stage_module; "
+    code = ("import importlib, sys; from captionbus.services import declarations, stage_module; "
             "[importlib.import_module(stage_module(s)) for s in declarations()]; "
             f"print(sorted(n for n in {HEAVY!r} if n in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -110,13 +112,13 @@ def test_stage_modules_import_no_ml_library_until_setup():
 
 
 def test_subtitle_formats_are_one_list():
-    from core.subtitles import FORMATS
+    from captionbus.core.subtitles import FORMATS
 
     assert tuple(FORMATS) == SUBTITLE_FORMATS
 
 
 def test_service_options_command_line_beats_environment_and_empty_is_unset():
-    """pydantic-settings' precedence on the stage's model (services/runtime/options.py)."""
+    """pydantic-settings' precedence on the stage's model (captionbus/services/runtime/options.py)."""
     env = {"CAPTIONBUS_ASR_MODEL": "/models/env", "CAPTIONBUS_ASR_BATCH_SIZE": "8", "CAPTIONBUS_ASR_DEVICE": "",
            "CAPTIONBUS_MLX_OPENBLAS": "false"}
     options = load_options(AsrOptions, {"model": "/models/cli"}, env)
@@ -132,7 +134,7 @@ def test_service_options_command_line_beats_environment_and_empty_is_unset():
 def test_a_model_without_a_prefix_reads_no_environment(monkeypatch):
     """An open model (noop's) or one without env_prefix takes only what it is given: with an
     empty prefix every variable (PATH, THREADS) would otherwise be a candidate."""
-    from services.noop.declaration import NoopOptions
+    from captionbus.services.noop.declaration import NoopOptions
 
     monkeypatch.setenv("THREADS", "7")
     assert load_options(NoopOptions, {"x": 1}).model_dump() == {"x": 1}
@@ -175,11 +177,11 @@ def test_setup_context_parses_a_dict_with_the_stage_s_model(monkeypatch):
     ({"backends": {"gpu": "cuda"}}, "backend 'gpu' is not a hardware kind"),
     ({"item_outputs": ("chunks",)}, "item output 'chunks' is not an output"),
     ({"note": "two\nlines"}, "one line each"),
-    ({"params": dict}, "params must be a contracts.stage_params.StageParams subclass"),
+    ({"params": dict}, "params must be a captionbus.contracts.stage_params.StageParams subclass"),
 ])
 def test_a_stage_spec_refuses_what_the_generated_files_could_not_hold(change, problem):
-    from contracts.stage_declaration import StageSpec
-    from contracts.stage_params import StageParams
+    from captionbus.contracts.stage_declaration import StageSpec
+    from captionbus.contracts.stage_params import StageParams
 
     base = dict(name="shout", summary="s", env="common", params=StageParams, outputs=("text",))
     with pytest.raises(ValueError, match=problem):

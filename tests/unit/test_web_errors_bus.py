@@ -4,7 +4,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from captionbus.web import errors
-from core.bus import BusError
+from captionbus.core.bus import BusError
 
 
 def test_bus_errors_are_503_in_the_error_shape():

@@ -12,7 +12,7 @@ from captionbus.gateway.state import model_name
 from captionbus.web.auth import presented_secret, same_secret
 from captionbus.web.errors import ApiError, clip
 from captionbus.web.listen import ListenError, check_bind, parse_listen
-from contracts.transcript import Segment, Transcript
+from captionbus.contracts.transcript import Segment, Transcript
 
 
 def test_listen_addresses_and_the_loopback_rule():

@@ -21,9 +21,9 @@ from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_json, as_verbo
 from captionbus.gateway.schemas import AudioForm, Model, ModelList, Transcription, VerboseTranscription, form_body
 from captionbus.gateway.state import Gateway, Timing
 from captionbus.web.errors import ApiError, documented
-from contracts.ids import new_job_id
-from contracts.languages import check_language
-from contracts.transcript import Transcript
+from captionbus.contracts.ids import new_job_id
+from captionbus.contracts.languages import check_language
+from captionbus.contracts.transcript import Transcript
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=documented(401, 429, 503))
 

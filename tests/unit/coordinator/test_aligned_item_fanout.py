@@ -3,8 +3,8 @@ transcript (a same-item reference of the workflow format, nothing alignment-spec
 coordinator), and the join collecting the aligned chunks in chunk order."""
 from __future__ import annotations
 
-from contracts import JobStatus, NodeStatus, StageCompleted
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, check_stages, load_workflow
+from captionbus.contracts import JobStatus, NodeStatus, StageCompleted
+from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, check_stages, load_workflow
 from tests.unit.coordinator.test_coordinator_decide import artifact, requested, step, submit
 from tests.unit.coordinator.test_item_fanout import OUTPUTS as ITEM_OUTPUTS
 

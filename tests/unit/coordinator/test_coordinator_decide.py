@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from contracts import (
+from captionbus.contracts import (
     ArtifactRef,
     JobCancelRequested,
     JobRetryRequested,
@@ -17,8 +17,8 @@ from contracts import (
     StageCompleted,
     StageFailed,
 )
-from coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_up
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
+from captionbus.coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_up
+from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 # demux -> asr -> subtitle_gen -> mux: the decide() tests need a linear graph, not today's transcribe
@@ -447,7 +447,7 @@ def test_a_join_takes_a_failed_branch_whole_or_not_at_all():
 def test_with_a_secret_only_results_carrying_the_requests_token_apply():
     """A worker credential can report only on requests it was handed: the request's token
     (HMAC of job, node and attempt under the coordinator's secret) must come back."""
-    from coordinator.decide import result_token
+    from captionbus.coordinator.decide import result_token
 
     policy = replace(POLICY, result_secret=b"coordinator-secret")
     spec = JobSpec(job_id="j1", input=INPUT, workflow="transcribe")
@@ -465,7 +465,7 @@ def test_with_a_secret_only_results_carrying_the_requests_token_apply():
 
 
 def test_failures_are_recorded_with_their_class():
-    """The class rides on the node and the job (contracts.failures), from the StageFailed's
+    """The class rides on the node and the job (captionbus.contracts.failures), from the StageFailed's
     error_type, the coordinator's own deadline, or the kind of refusal; a retry clears it."""
     setup = StageFailed(job_id="j1", stage="demux", node="demux", attempt=1, error_type="setup_failed",
                         reason="demux cannot be served on host h: RuntimeError: no model")
@@ -495,7 +495,7 @@ def test_failures_are_recorded_with_their_class():
 
 
 def test_failure_class_of_reasons_recorded_before_classes_existed():
-    from contracts.failures import classify
+    from captionbus.contracts.failures import classify
 
     assert classify(None, "stage asr (asr) failed: asr cannot be served on host h: x") == "setup"
     assert classify(None, "stage demux (demux) gave no result within 60 s (attempt 3)") == "timeout"

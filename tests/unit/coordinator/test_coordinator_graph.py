@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts import ArtifactRef, JobSpec
-from coordinator.graph import (
+from captionbus.contracts import ArtifactRef, JobSpec
+from captionbus.coordinator.graph import (
     DEFAULT_WORKFLOWS_DIR,
     Source,
     Workflow,

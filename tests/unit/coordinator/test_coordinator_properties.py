@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import (
+from captionbus.contracts import (
     ArtifactRef,
     JobSpec,
     JobStatus,
@@ -20,8 +20,8 @@ from contracts import (
     StageCompleted,
     StageFailed,
 )
-from coordinator.decide import NODE_RETRY, Policy, Tick, decide
-from coordinator.graph import load_workflow
+from captionbus.coordinator.decide import NODE_RETRY, Policy, Tick, decide
+from captionbus.coordinator.graph import load_workflow
 
 FANOUT = load_workflow(Path(__file__).parent / "fanout.yaml")
 OUTPUTS = {"demux": ["audio", "probe"], "source_separation": ["vocals"], "asr": ["transcript"],

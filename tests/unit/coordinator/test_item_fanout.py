@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import JobStatus, NodeStatus, StageCompleted
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, WorkflowError, check_stages, load_workflow
-from coordinator.decide import Tick, decide
+from captionbus.contracts import JobStatus, NodeStatus, StageCompleted
+from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, WorkflowError, check_stages, load_workflow
+from captionbus.coordinator.decide import Tick, decide
 from tests.unit.coordinator.test_coordinator_decide import (
     OUTPUTS,
     POLICY,
@@ -134,7 +134,7 @@ def test_for_each_must_name_a_list_output():
 
 
 def test_cancel_stops_every_open_chunk_and_retry_reruns_only_those():
-    from contracts import JobCancelRequested, JobRetryRequested
+    from captionbus.contracts import JobCancelRequested, JobRetryRequested
 
     d = through_language(4)
     d = step(d, done("asr-0"), CHUNKED)

@@ -1,4 +1,4 @@
-"""Workflow nodes and job options against each stage's declaration (contracts.stage_specs):
+"""Workflow nodes and job options against each stage's declaration (captionbus.contracts.stage_specs):
 refused at load with the file and node named, and at submit with the stage's keys listed."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contracts import ArtifactRef, JobSpec
-from coordinator.graph import DEFAULT_WORKFLOWS_DIR, WorkflowError, load_workflow, load_workflows, option_errors
+from captionbus.contracts import ArtifactRef, JobSpec
+from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, WorkflowError, load_workflow, load_workflows, option_errors
 
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
 TRANSCRIBE = yaml.safe_load((DEFAULT_WORKFLOWS_DIR / "transcribe.yaml").read_text())

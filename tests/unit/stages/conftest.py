@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture
 def make_context(tmp_path: Path):
     """make_context(stage, inputs={name: path}, input_lists={name: [paths]}, params={...})."""
-    from services.runtime.testing import make_fake_context
+    from captionbus.services.runtime.testing import make_fake_context
 
     counter = iter(range(1_000_000))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.transcript import Segment, Word
-from services.alignment.stage import (
+from captionbus.contracts.transcript import Segment, Word
+from captionbus.services.alignment.stage import (
     configured_models,
     enforce_word_times,
     regroup,
@@ -145,7 +145,7 @@ def test_unquoted_no_key_is_refused_with_a_hint(tmp_path: Path):
 
 
 def test_the_shipped_config_has_whisperx_defaults_for_english_and_hindi():
-    from core.settings import config_path
+    from captionbus.core.settings import config_path
 
     table = configured_models({}, {}, config_path("alignment.yaml"))
     assert table["en"] == "WAV2VEC2_ASR_BASE_960H" and table["hi"] == "theainerd/Wav2Vec2-large-xlsr-hindi"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.speech import SpeechChunk, SpeechChunks, SpeechRegion
-from services.asr.stage import cache_inputs
-from services.audio import read_wav
-from services.runtime.testing import make_fake_context
+from captionbus.contracts.speech import SpeechChunk, SpeechChunks, SpeechRegion
+from captionbus.services.asr.stage import cache_inputs
+from captionbus.services.audio import read_wav
+from captionbus.services.runtime.testing import make_fake_context
 
 RATE = 16000
 

@@ -1,4 +1,4 @@
-"""services/chunk/plan.py: cuts only in pauses, at the first long-enough pause after target_s,
+"""captionbus/services/chunk/plan.py: cuts only in pauses, at the first long-enough pause after target_s,
 never longer than max_s, every region in exactly one chunk; and transcript_join."""
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from contracts.speech import SpokenLanguage
-from contracts.transcript import Segment, Transcript, Word
-from services.chunk.plan import EDGE_S, plan_chunks, whisper_windows
-from services.runtime import BadInput
-from services.transcript_join.stage import join
+from captionbus.contracts.speech import SpokenLanguage
+from captionbus.contracts.transcript import Segment, Transcript, Word
+from captionbus.services.chunk.plan import EDGE_S, plan_chunks, whisper_windows
+from captionbus.services.runtime import BadInput
+from captionbus.services.transcript_join.stage import join
 
 
 def spans(chunks):
@@ -116,9 +116,9 @@ def test_join_puts_segments_in_time_order_and_refuses_mixed_languages():
 
 
 def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_state_holds(tmp_path):
-    from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
-    from services.chunk.stage import handle
-    from services.runtime.testing import make_fake_context
+    from captionbus.contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from captionbus.services.chunk.stage import handle
+    from captionbus.services.runtime.testing import make_fake_context
 
     regions = SpeechRegions(backend="silero", duration=7200,
                             regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(1200)])
@@ -139,9 +139,9 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
 def test_an_unset_target_stretches_for_a_film_too_long_for_one_job_and_a_given_one_is_kept(tmp_path):
     """A 10-hour film at the default 30 s would be ~1200 chunks, over MAX_CHUNKS: with target_s
     unset the chunk stage picks longer chunks (and says so); a target_s the job gave is refused."""
-    from contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
-    from services.chunk.stage import MAX_CHUNKS, handle
-    from services.runtime.testing import make_fake_context
+    from captionbus.contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from captionbus.services.chunk.stage import MAX_CHUNKS, handle
+    from captionbus.services.runtime.testing import make_fake_context
 
     regions = SpeechRegions(backend="silero", duration=36000,
                             regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(6000)])

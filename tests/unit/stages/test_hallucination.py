@@ -1,9 +1,9 @@
-"""services/asr/hallucination.py: every rule with a concrete before/after, and the real speech
+"""captionbus/services/asr/hallucination.py: every rule with a concrete before/after, and the real speech
 each rule must leave alone."""
 from __future__ import annotations
 
-from contracts.transcript import Segment, Word
-from services.asr.hallucination import (
+from captionbus.contracts.transcript import Segment, Word
+from captionbus.services.asr.hallucination import (
     LYRICS,
     SUSPECT,
     clean_segments,

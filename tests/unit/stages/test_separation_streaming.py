@@ -1,4 +1,4 @@
-"""source_separation's windowing, cross-fade and WAV checks (services.source_separation.streaming),
+"""source_separation's windowing, cross-fade and WAV checks (captionbus.services.source_separation.streaming),
 in the plain interpreter: no torch, the per-window function is numpy. The model side runs in
 tests/integration/test_stage_source_separation.py."""
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.runtime import BadInput
-from services.source_separation.streaming import (
+from captionbus.services.runtime import BadInput
+from captionbus.services.source_separation.streaming import (
     SAMPLE_RATE,
     fade_in,
     plan_windows,
     scan,
     stream_windows,
 )
-from services.runtime.testing import make_fake_context
+from captionbus.services.runtime.testing import make_fake_context
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1, width: int = 2) -> Path:
@@ -176,7 +176,7 @@ def test_bad_audio_is_bad_input_with_a_reason(tmp_path, make, message):
      ({"chunk_s": 10, "overlap_s": 4}, "a third of chunk_s"), ({"overlap_s": -1}, "greater than or equal to 0")],
 )
 def test_bad_window_params_are_bad_input(tmp_path, params, message):
-    """The bounds live in services/source_separation/declaration.py (SourceSeparationParams); the runtime (here the
+    """The bounds live in captionbus/services/source_separation/declaration.py (SourceSeparationParams); the runtime (here the
     fake context) refuses a request outside them as BadInput before the handler runs."""
     ctx = make_fake_context(tmp_path, "source_separation", params=params)
     with pytest.raises(BadInput) as raised:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from services.mux.stage import STAGE
-from services.runtime import BadInput
+from captionbus.services.mux.stage import STAGE
+from captionbus.services.runtime import BadInput
 from tests import media as test_media
 
 pytestmark = pytest.mark.skipif(not test_media.tools_available(), reason=test_media.MISSING)

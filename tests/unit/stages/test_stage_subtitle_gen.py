@@ -1,5 +1,5 @@
 """subtitle_gen: transcript JSON -> SRT + VTT that pysubs2 reads back, laid out by the rule
-engine (core.subtitles) and passing its checker."""
+engine (captionbus.core.subtitles) and passing its checker."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from contracts.transcript import Segment, Transcript, Word
-from core.subtitles import check_file, load_rules
-from services.runtime import BadInput
-from services.subtitle_gen.stage import STAGE
+from captionbus.contracts.transcript import Segment, Transcript, Word
+from captionbus.core.subtitles import check_file, load_rules
+from captionbus.services.runtime import BadInput
+from captionbus.services.subtitle_gen.stage import STAGE
 
 LONG = (
     "The quick brown fox jumps over the lazy dog while seven friendly sailors watch the golden "

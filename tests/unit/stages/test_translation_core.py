@@ -1,4 +1,4 @@
-"""The translation stage every backend shares (services.translation.core), with fake
+"""The translation stage every backend shares (captionbus.services.translation.core), with fake
 translators that are pure functions, plus its pure helpers: sentence units, splitting a unit's
 translation back over its segments, the glossary's placeholders. The real model path is
 tests/integration/test_stage_translation_nllb.py."""
@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import structlog
 
-from contracts.transcript import Segment, Transcript, Word
-from services import declarations
-from services.runtime import BadInput, SetupContext
-from services.translation.core import translation_stage
-from services.translation.glossary import (
+from captionbus.contracts.transcript import Segment, Transcript, Word
+from captionbus.services import declarations
+from captionbus.services.runtime import BadInput, SetupContext
+from captionbus.services.translation.core import translation_stage
+from captionbus.services.translation.glossary import (
     Glossary,
     GlossaryError,
     Term,
     parse_glossary,
     restore,
 )
-from services.translation.units import (
+from captionbus.services.translation.units import (
     SegmentText,
     ends_sentence,
     group_units,
@@ -294,7 +294,7 @@ def test_empty_transcript_gives_empty_translation_and_a_warning(tmp_path, make_c
     ({"target_language": "fr", "source_language": "la"}, None, "does not translate la -> fr (it has no la)"),
     ({}, None, "no target_language"),
     ({"target_language": "fr", "glossary": "\tno source"}, None, "source term is empty"),
-    # the params model (services/translation/declaration.py: TranslationParams) refuses these before the handler
+    # the params model (captionbus/services/translation/declaration.py: TranslationParams) refuses these before the handler
     ({"target_language": "fr", "batch_size": 0}, None, "batch_size=0: Input should be greater than or equal to 1"),
     ({"target_language": "fr", "batch_size": 65}, None, "batch_size=65: Input should be less than or equal to 64"),
     ({"target_language": "fr", "batch_size": "many"}, None, "batch_size='many': Input should be a valid integer"),
@@ -330,7 +330,7 @@ def test_describe_model_and_definition_shape():
 
 
 def test_glossary_size_and_placeholder_numbers_are_bounded():
-    from services.translation.glossary import (
+    from captionbus.services.translation.glossary import (
         MAX_TERMS,
         Glossary,
         GlossaryError,

@@ -1,6 +1,6 @@
 """`ctx.input(name, Model)`: the one way a stage reads a JSON input. The runtime's context (fed by a
 real fetch function on a real event loop thread) and the test context stage authors use
-(services/runtime/testing.py) run the same code, so both give the same one-line BadInput."""
+(captionbus/services/runtime/testing.py) run the same code, so both give the same one-line BadInput."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from contracts.speech import SpeechRegion, SpeechRegions, SpokenLanguage
-from contracts.transcript import Transcript
-from services.runtime.context import RequestContext
-from services.runtime.errors import BadInput
-from services.runtime.testing import artifact_ref, make_fake_context
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions, SpokenLanguage
+from captionbus.contracts.transcript import Transcript
+from captionbus.services.runtime.context import RequestContext
+from captionbus.services.runtime.errors import BadInput
+from captionbus.services.runtime.testing import artifact_ref, make_fake_context
 
 BROKEN = {
     "not json": "input 'regions' is not valid SpeechRegions JSON: Invalid JSON: expected ident at line 1 column 2",

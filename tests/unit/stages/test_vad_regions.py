@@ -1,4 +1,4 @@
-"""The VAD post-processing shared by both backends (services/vad/regions.py): pure functions,
+"""The VAD post-processing shared by both backends (captionbus/services/vad/regions.py): pure functions,
 checked on hand-made probability sequences."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.vad.declaration import VadParams
-from services.runtime.definition import parse_params as parse
-from services.runtime.errors import BadInput
-from services.vad.regions import (
+from captionbus.services.vad.declaration import VadParams
+from captionbus.services.runtime.definition import parse_params as parse
+from captionbus.services.runtime.errors import BadInput
+from captionbus.services.vad.regions import (
     FrameScores,
     binarize,
     bridge_short_gaps,
@@ -121,7 +121,7 @@ def test_params_are_parsed_and_checked():
         assert message in str(refused.value)
 
 
-# ---------------------------------------------------------------- reading the WAV (services/vad/audio.py)
+# ---------------------------------------------------------------- reading the WAV (captionbus/services/vad/audio.py)
 
 def _wav_bytes(samples: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
     import io
@@ -135,7 +135,7 @@ def _wav_bytes(samples: np.ndarray, rate: int = 16000, channels: int = 1) -> byt
 
 
 def test_blocks_and_ranges_read_the_same_samples(tmp_path):
-    from services.vad import audio
+    from captionbus.services.vad import audio
 
     samples = np.sin(np.arange(16000 * 3) / 7).astype(np.float32) * 0.5
     path = tmp_path / "a.wav"
@@ -156,7 +156,7 @@ def test_blocks_and_ranges_read_the_same_samples(tmp_path):
 
 
 def test_other_formats_are_bad_input(tmp_path):
-    from services.vad import audio
+    from captionbus.services.vad import audio
 
     path = tmp_path / "stereo.wav"
     path.write_bytes(_wav_bytes(np.zeros(200, np.float32), rate=44100, channels=2))
@@ -170,7 +170,7 @@ def test_other_formats_are_bad_input(tmp_path):
 def test_a_damaged_header_is_bad_input_or_readable_never_a_crash(tmp_path_factory, data):
     """Random bytes changed in a WAV header and random cut points: the reader either reads what
     is there or says BadInput; nothing else escapes (Python's wave raises several types)."""
-    from services.vad import audio
+    from captionbus.services.vad import audio
 
     raw = bytearray(_wav_bytes(np.linspace(-0.5, 0.5, 3000, dtype=np.float32)))
     raw = raw[: data.draw(st.sampled_from([12, 30, 44, 60, 500, len(raw)]))]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from contracts.transcript import Word
-from core.subtitles import CueResult, Rules, check_cues, display_len
+from captionbus.contracts.transcript import Word
+from captionbus.core.subtitles import CueResult, Rules, check_cues, display_len
 
 # Rules the engine never breaks, even on hopeless input (it drifts off the speech instead).
 ALWAYS_HELD = {"line_count", "min_duration", "max_duration", "min_gap", "overlap", "order"}

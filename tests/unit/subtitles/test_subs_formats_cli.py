@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from captionbus.subs_cli import subs
-from core.subtitles import (
+from captionbus.core.subtitles import (
     build_cues,
     check_cues,
     check_file,
@@ -16,7 +16,7 @@ from core.subtitles import (
     read_subtitles,
     write_subtitles,
 )
-from core.subtitles.samples import synthetic_transcript
+from captionbus.core.subtitles.samples import synthetic_transcript
 
 RULES = load_rules()
 

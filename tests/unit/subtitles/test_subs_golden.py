@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from subtitle_invariants import assert_valid
 
-from contracts.transcript import Transcript
-from core.subtitles import build_cues, check_cues, load_rules
-from core.subtitles.formats import render
+from captionbus.contracts.transcript import Transcript
+from captionbus.core.subtitles import build_cues, check_cues, load_rules
+from captionbus.core.subtitles.formats import render
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from contracts.transcript import Segment, Transcript, Word
-from core.subtitles import build_cues
-from core.subtitles.linebreak import break_text, hyphen_pieces, is_hyphen_continuation
-from core.subtitles.rules import load_rules
+from captionbus.contracts.transcript import Segment, Transcript, Word
+from captionbus.core.subtitles import build_cues
+from captionbus.core.subtitles.linebreak import break_text, hyphen_pieces, is_hyphen_continuation
+from captionbus.core.subtitles.rules import load_rules
 
 RULES = load_rules()
 

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from subtitle_invariants import assert_valid
 
-from contracts.transcript import Segment, Transcript, Word
-from core.subtitles import Cue, build_cues, distribute_translation, load_rules
+from captionbus.contracts.transcript import Segment, Transcript, Word
+from captionbus.core.subtitles import Cue, build_cues, distribute_translation, load_rules
 
 RULES = load_rules()
 HI_RULES = load_rules(language="hi")
@@ -128,7 +128,7 @@ def test_speaker_change_always_ends_a_cue():
 def test_fast_profile_allows_20_cps():
     fast = load_rules("fast")
     cue = Cue(0, 1000, ["x" * 19])
-    from core.subtitles import check_cues
+    from captionbus.core.subtitles import check_cues
     assert [v.rule for v in check_cues([cue], RULES)] == ["reading_speed"]
     assert check_cues([cue], fast) == []
 

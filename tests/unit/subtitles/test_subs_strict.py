@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from captionbus.subs_cli import subs
-from core.subtitles import read_subtitles
-from core.subtitles.formats import SubtitleFileError, decode_subtitles
+from captionbus.core.subtitles import read_subtitles
+from captionbus.core.subtitles.formats import SubtitleFileError, decode_subtitles
 
 GOOD = """1
 00:00:01,000 --> 00:00:03,000

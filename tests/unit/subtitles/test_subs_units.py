@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from core.subtitles import display_len, load_rules
-from core.subtitles.linebreak import break_text
-from core.subtitles.timing import place_cues
+from captionbus.core.subtitles import display_len, load_rules
+from captionbus.core.subtitles.linebreak import break_text
+from captionbus.core.subtitles.timing import place_cues
 
 RULES = load_rules()
 
@@ -34,7 +34,7 @@ def test_rules_defaults_profiles_and_languages():
 
 def test_rules_come_from_config_dir(tmp_path: Path, monkeypatch):
     (tmp_path / "subtitles.yaml").write_text("defaults: {max_cps: 11}\nprofiles: {default: {}}\n")
-    from core import settings
+    from captionbus.core import settings
     monkeypatch.setattr(settings, "USER_CONFIG_DIR", tmp_path)
     assert load_rules().max_cps == 11
 

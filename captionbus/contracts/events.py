@@ -1,0 +1,146 @@
+"""Job events: everything that happens to a job, on `captionbus.job.<job_id>.<kind>`.
+
+The events stream keeps them (limits retention), so integrations and dashboards can replay.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from captionbus.contracts.artifacts import ArtifactRef
+from captionbus.contracts.ids import JobId, NodeId, StageName
+from captionbus.contracts.jobs import JobSpec, utcnow
+from captionbus.contracts.version import SCHEMA_VERSION
+
+
+class _Event(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    job_id: JobId
+    time: datetime = Field(default_factory=utcnow)
+
+
+class _StageEvent(_Event):
+    stage: StageName
+    node: NodeId
+    attempt: int = Field(ge=1)
+
+
+class JobSubmitted(_Event):
+    kind: Literal["submitted"] = "submitted"
+    spec: JobSpec
+
+
+class JobStarted(_Event):
+    kind: Literal["started"] = "started"
+    workflow: str
+    nodes: list[str]
+
+
+class StageRequested(_StageEvent):
+    kind: Literal["stage_requested"] = "stage_requested"
+
+
+# StageProgress.message of a request a worker has taken while its model still loads (setup()).
+LOADING_MODEL = "loading model"
+
+
+class StageProgress(_StageEvent):
+    kind: Literal["stage_progress"] = "stage_progress"
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str = Field("", description=f"what the stage is doing; {LOADING_MODEL!r} while its model loads")
+
+
+class StageCompleted(_StageEvent):
+    kind: Literal["stage_completed"] = "stage_completed"
+    token: str | None = Field(default=None, description="the request's token (StageRequest.token), echoed")
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    worker: dict[str, str] = Field(default_factory=dict)
+    items: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(
+        default_factory=dict,
+        description="output -> how many items it lists (a workflow may fan out over them: for_each: node.output)")
+
+
+class StageFailed(_StageEvent):
+    kind: Literal["stage_failed"] = "stage_failed"
+    token: str | None = Field(default=None, description="the request's token (StageRequest.token), echoed")
+    reason: str = Field(description="one line a person can act on")
+    error_type: str = "error"
+    retryable: bool = False
+    worker: dict[str, str] = Field(default_factory=dict)
+
+
+class StageWarning(_StageEvent):
+    kind: Literal["stage_warning"] = "stage_warning"
+    message: str
+
+
+class BranchFailed(_Event):
+    """One fan-out branch (a target language) failed; the rest of the job goes on."""
+
+    kind: Literal["branch_failed"] = "branch_failed"
+    branch: str = Field(description="the branch item, e.g. the target language 'ta'")
+    node: NodeId
+    reason: str
+
+
+class JobCompleted(_Event):
+    kind: Literal["completed"] = "completed"
+    outputs: dict[str, ArtifactRef]
+    failed_branches: dict[str, str] = Field(
+        default_factory=dict, description="branch (target language) -> why it failed; its outputs are missing"
+    )
+
+
+class JobFailed(_Event):
+    kind: Literal["failed"] = "failed"
+    reason: str
+    node: NodeId | None = None
+
+
+class JobCancelRequested(_Event):
+    kind: Literal["cancel_requested"] = "cancel_requested"
+
+
+class JobCancelled(_Event):
+    kind: Literal["cancelled"] = "cancelled"
+
+
+class JobRetryRequested(_Event):
+    kind: Literal["retry_requested"] = "retry_requested"
+
+
+JobEvent = Annotated[
+    Union[
+        JobSubmitted,
+        JobStarted,
+        StageRequested,
+        StageProgress,
+        StageCompleted,
+        StageFailed,
+        StageWarning,
+        BranchFailed,
+        JobCompleted,
+        JobFailed,
+        JobCancelRequested,
+        JobCancelled,
+        JobRetryRequested,
+    ],
+    Field(discriminator="kind"),
+]
+
+_event_adapter: TypeAdapter[Any] = TypeAdapter(JobEvent)
+
+
+def parse_event(data: bytes | str | dict) -> Any:
+    if isinstance(data, dict):
+        return _event_adapter.validate_python(data)
+    return _event_adapter.validate_json(data)
+
+
+# Kinds a finished job will never emit again; followers can stop here.
+TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})

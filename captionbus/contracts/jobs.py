@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from captionbus.contracts.artifacts import ArtifactRef
+from captionbus.contracts.ids import JobId, Token
+from captionbus.contracts.version import SCHEMA_VERSION
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobSpec(BaseModel):
+    """What a user asks for. Published inside JobSubmitted; kept in JobState."""
+
+    schema_version: str = SCHEMA_VERSION
+    job_id: JobId
+    workflow: Token = "transcribe"
+    input: ArtifactRef
+    source_language: str | None = Field(default=None, description="ISO 639-1; None = detect")
+    target_languages: list[str] = Field(default_factory=list)
+    # Switches for optional stages and stage parameters, e.g. {"asr": {"model": "base"}}.
+    options: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: datetime = Field(default_factory=utcnow)
+    owner: str | None = Field(default=None, description="the gateway API key (its name) that submitted the job; "
+                                                       "None from the CLI. A key sees only its own jobs")
+
+    @field_validator("source_language")
+    @classmethod
+    def _normal_source(cls, code: str | None) -> str | None:
+        # "HI " and "hi" are one language everywhere downstream (routes, file names, track tags).
+        return code.strip().lower() or None if isinstance(code, str) else code
+
+    @field_validator("target_languages")
+    @classmethod
+    def _normal_targets(cls, codes: list[str]) -> list[str]:
+        return list(dict.fromkeys(c.strip().lower() for c in codes if c.strip()))
+
+
+class JobStatus(str, Enum):
+    pending = "pending"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+class NodeStatus(str, Enum):
+    waiting = "waiting"  # dependencies not done
+    requested = "requested"  # request published, no result yet
+    retry_wait = "retry_wait"  # failed retryably, will be requested again at next_attempt_at
+    completed = "completed"
+    failed = "failed"
+    skipped = "skipped"  # optional stage switched off
+    cancelled = "cancelled"
+    abandoned = "abandoned"  # its fan-out branch failed elsewhere; a retry runs it again
+
+
+class NodeState(BaseModel):
+    stage: Token
+    status: NodeStatus = NodeStatus.waiting
+    attempt: int = 0
+    # A manual retry gives a node a fresh automatic-retry budget: attempts counted from here.
+    retry_base: int = Field(default=0, ge=0, description="attempts made before the last manual retry")
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    progress: float = 0.0
+    error: str | None = None
+    failure_class: str | None = Field(default=None, description="class of `error` (captionbus.contracts.failures)")
+    worker: dict[str, str] = Field(default_factory=dict, description="who ran the last attempt")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
+    items: dict[str, int] = Field(default_factory=dict, description="output -> items it lists (StageCompleted.items)")
+
+
+class JobState(BaseModel):
+    """The coordinator's record of one job: the value of its KV key."""
+
+    schema_version: str = SCHEMA_VERSION
+    spec: JobSpec
+    status: JobStatus = JobStatus.pending
+    nodes: dict[Token, NodeState] = Field(default_factory=dict)
+    outputs: dict[str, ArtifactRef] = Field(default_factory=dict)
+    error: str | None = None
+    failure_class: str | None = Field(default=None, description="class of `error` (captionbus.contracts.failures)")
+    # Fan-out branches (target languages) that failed while the rest of the job went on.
+    failed_branches: dict[str, str] = Field(default_factory=dict, description="branch -> reason")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    # Event ids already applied: the last line of defence against duplicates.
+    applied: list[str] = Field(default_factory=list)
+    # Job events decided but not yet published: written with the state that decided them and
+    # published only after that write succeeded, then cleared. A coordinator that dies in between
+    # leaves them here for the next one (their ids are deterministic: JetStream drops repeats).
+    outbox: list[dict[str, Any]] = Field(
+        default_factory=list, description="job events (JSON) decided with this state, not yet published"
+    )
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id

@@ -1,0 +1,704 @@
+"""The coordinator process: a thin NATS adapter around the pure `decide`.
+
+For each job event (durable pull consumer `coordinator` on the events stream):
+    read JobState from KV → decide → publish the stage requests → write the state, with the
+    decided job events in its `outbox`, against the revision read → publish the outbox and
+    clear it → ack the event.
+
+Stage requests go out *before* the write; that is safe (at-least-once, no double effects):
+  * If we crash after publishing and before the write, the event is redelivered (not acked)
+    and decided again from the old state. The same decision yields the same ids: stage
+    requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
+    inside its duplicate window (2 min). Past the window a repeated request may run twice;
+    its second completion finds the node already completed (or at another attempt) and is
+    ignored.
+  * If the write loses a revision race (another decision for the same job landed first), we
+    re-read and re-decide. A request the losing decision published refers to a (node, attempt)
+    the winning state either also requested (same id, deduplicated) or never will; a result
+    for such an attempt fails the attempt check in `decide` and is ignored — wasted work at
+    worst, never a wrong state.
+Job events go out only *after* the write: clients stop at the first terminal event, so a
+`failed` from a decision that lost the race (a deadline tick against a completion) would
+report a failure that did not happen. They travel in the state's `outbox`: written with the
+decision, published once the write succeeded, then cleared. A coordinator that dies in
+between leaves them in the state; the tick loop (which scans every job at start) publishes
+them. Their ids are derived from the transition, so a repeat is dropped by JetStream.
+  * Acking only after the write means a crash never loses an event. An event that fails to
+    apply `event_retry.max_attempts` times is dropped and its job failed (`JobFailed` with the id
+    `<job>.failed.internal.<event id>`), so no client waits forever on it.
+
+The background tasks (events, ticks) survive any one message or tick failing; should one end
+anyway, `Coordinator.failed` / `wait_failed()` report it, and `run_coordinator` raises
+`CoordinatorTaskDied` instead of running on with nothing advancing.
+
+A tick loop applies `Tick` to running jobs every second (stage deadlines, retry backoff), and
+a durable consumer on the stored max-deliveries advisories (stream CB_ADVISORIES) turns a request
+that every delivery crashed on into a permanent StageFailed, so a poison request fails its job instead of hanging it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import (
+    BadRequestError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
+from pydantic import ValidationError
+
+from captionbus.contracts import JobState, NodeStatus, StageFailed, StageRequest, parse_event, subjects
+from captionbus.contracts.events import JobEvent
+from captionbus.contracts.jobs import utcnow
+from captionbus.coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
+from captionbus.coordinator.graph import Workflow, load_workflows
+from captionbus.core.bus import provision, publish_event, through_failover
+from captionbus.core import settings as settings_mod
+from captionbus.core.retry import RetryPolicy
+from captionbus.core.settings import Settings
+
+log = structlog.get_logger("captionbus.coordinator")
+
+MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
+EVENT_ACK_WAIT_S = 30.0
+# An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
+EARLY_RESULT_RETRY_S = 2.0
+EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
+# An event that fails to apply is redelivered after 1 s times the deliveries so far; one that
+# failed 5 times is dropped and its job failed.
+EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
+
+
+class StateConflict(RuntimeError):
+    pass
+
+
+class CoordinatorTaskDied(RuntimeError):
+    """A coordinator background task (events or ticks) ended while the coordinator ran:
+    nothing advances any more. Raised by `Coordinator.wait_failed()` and `run_coordinator`."""
+
+
+class Coordinator:
+    """Owns job state. In-process use:
+
+        coordinator = Coordinator(nc)            # graphs from config/workflows
+        await coordinator.start()                # provisions, binds the consumer, starts loops
+        ...
+        await coordinator.stop()
+
+    or `async with Coordinator(nc) as coordinator: ...`.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        graphs: Mapping[str, Workflow] | None = None,
+        graphs_dir: str | Path | None = None,
+        policy: Policy = Policy(),
+        tick_interval_s: float = 1.0,
+        fetch_batch: int = 1,
+        clock: Callable[[], datetime] = utcnow,
+        provision_bus: bool = True,
+        rescan_interval_s: float = 30.0,
+        event_retry: RetryPolicy = EVENT_RETRY,
+        unserved_s: float | None = None,
+        workers_interval_s: float = 2.0,
+    ):
+        self.nc = nc
+        # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
+        # $SRV STATS every workers_interval_s: decide() sizes each job's window to them.
+        self.workers_interval_s = workers_interval_s
+        self._workers: dict[str, int] = {}
+        # A requested node whose stage no worker has served ($SRV PING) for this long fails with
+        # that reason: a stage nobody runs (never started, or given up by `up` after crashing)
+        # must not leave its job `running`. None or 0: never.
+        self.unserved_s = unserved_s or None
+        self._unserved_since: dict[str, float] = {}
+        self._served_now: dict[str, bool] = {}
+        self.js = nc.jetstream()
+        self.graphs = dict(graphs) if graphs is not None else load_workflows(graphs_dir)
+        self.policy = policy
+        self.tick_interval_s = tick_interval_s
+        self.fetch_batch = fetch_batch
+        self.clock = clock
+        self.provision_bus = provision_bus
+        self.rescan_interval_s = rescan_interval_s
+        self.event_retry = event_retry
+        self.kv: Any = None
+        self._sub: Any = None
+        self._advisory_sub: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+        self._failed: asyncio.Future | None = None
+        # The tick loop reads only jobs it believes running: those we wrote as running, plus
+        # whatever a full key scan finds (at start, then now and then for other replicas' jobs).
+        self._running: set[str] = set()
+        self._finished: set[str] = set()
+        self._last_scan = float("-inf")
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        # Each step is idempotent and retried through a cluster that is electing a leader (a
+        # fresh cluster, or a node just lost): the chaos run's coordinator died here with
+        # "nats: timeout" when started with its cluster (benchmarks/chaos.py).
+        if self.provision_bus:
+            await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
+        self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
+        await through_failover(self._ensure_consumer, "events consumer")
+        self._sub = await through_failover(lambda: self.js.pull_subscribe_bind(
+            durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
+        ), "bind events")
+        self._advisory_sub = await through_failover(self._bind_advisories, "bind advisories")
+        if self._windowed_stages():
+            await self.count_workers()  # a film submitted right now gets a window of the workers there are
+        self._stopping.clear()
+        self._failed = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="coordinator-events"),
+            asyncio.create_task(
+                self._pull_loop(self._advisory_sub, self._on_advisory_message, "advisories"),
+                name="coordinator-advisories",
+            ),
+            asyncio.create_task(self._tick_loop(), name="coordinator-ticks"),
+        ]
+        if self._windowed_stages():
+            self._tasks.append(asyncio.create_task(self._workers_loop(), name="coordinator-workers"))
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
+        log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
+
+    async def stop(self) -> None:
+        """Finish the event in hand, then stop; unacked events go to the next coordinator."""
+        self._stopping.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+        self._tasks = []
+        if self._failed is not None:
+            if not self._failed.done():
+                self._failed.set_result(None)
+            elif not self._failed.cancelled() and self._failed.exception() is not None:
+                # Already logged when it happened, and raised to whoever waits on wait_failed().
+                log.error("coordinator stopped after a background task died", error=str(self._failed.exception()))
+        for sub in (self._advisory_sub, self._sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._advisory_sub = None
+        log.info("coordinator stopped")
+
+    @property
+    def failed(self) -> asyncio.Future:
+        """Done when the coordinator stops: with `CoordinatorTaskDied` set as its exception when
+        a background task died while it ran, with None after a plain `stop()`."""
+        if self._failed is None:
+            raise RuntimeError("the coordinator has not been started")
+        return self._failed
+
+    async def wait_failed(self) -> None:
+        """Raise `CoordinatorTaskDied` as soon as a background task dies; return None once
+        `stop()` ran without that. Cancelling the wait leaves `failed` as it is."""
+        await asyncio.shield(self.failed)
+
+    def _on_task_done(self, task: asyncio.Task) -> None:
+        if self._stopping.is_set() or self._failed is None or self._failed.done():
+            return
+        if task.cancelled():
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} was cancelled")
+        elif task.exception() is not None:
+            cause = task.exception()
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} died: {cause!r}")
+            error.__cause__ = cause
+        else:
+            error = CoordinatorTaskDied(f"coordinator task {task.get_name()} returned while running")
+        log.error("coordinator task died; no job advances until the coordinator is restarted",
+                  task=task.get_name(), error=str(error), exc_info=error.__cause__)
+        self._failed.set_exception(error)
+
+    async def __aenter__(self) -> "Coordinator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _ensure_consumer(self) -> None:
+        config = ConsumerConfig(
+            durable_name=subjects.COORDINATOR_CONSUMER,
+            filter_subjects=subjects.coordinator_filters(),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=EVENT_ACK_WAIT_S,
+            max_ack_pending=1024,
+        )
+        try:
+            await self.js.add_consumer(subjects.EVENTS_STREAM, config)
+        except BadRequestError as e:
+            # It exists with another config (an older version of us): use it as it is.
+            log.warning("coordinator consumer exists with another config; binding to it", error=str(e))
+
+    # ------------------------------------------------------------ events
+
+    async def _bind_advisories(self) -> Any:
+        """A durable consumer on the stream that stores max-deliveries advisories."""
+        config = ConsumerConfig(
+            durable_name=subjects.COORDINATOR_ADVISORY_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=EVENT_ACK_WAIT_S,
+            max_deliver=10,  # an advisory we can never handle must not loop forever
+        )
+        try:
+            await self.js.add_consumer(subjects.ADVISORIES_STREAM, config)
+        except BadRequestError as e:
+            log.warning("advisory consumer exists with another config; binding to it", error=str(e))
+        return await self.js.pull_subscribe_bind(
+            durable=subjects.COORDINATOR_ADVISORY_CONSUMER, stream=subjects.ADVISORIES_STREAM
+        )
+
+    async def _on_advisory_message(self, msg: Any) -> None:
+        await self._on_max_deliveries(msg)
+        await msg.ack()
+
+    async def _event_loop(self) -> None:
+        await self._pull_loop(self._sub, self._on_event_message, "events")
+
+    async def _pull_loop(self, sub: Any, handle, what: str) -> None:
+        while not self._stopping.is_set():
+            try:
+                # batch=1 on purpose: nats-py's fetch, once a first message arrives on a waiting
+                # pull, waits out the whole timeout for the rest of the batch — a second of
+                # latency per stage hop. One message per fetch returns at once; in a burst the
+                # no-wait probe hands over what is queued, so throughput stays fine.
+                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)
+            except asyncio.TimeoutError:  # nats raises its own subclass, or asyncio's, when idle
+                continue
+            except Exception as e:  # reconnecting, server restarting: try again shortly
+                log.warning(f"fetching {what} failed", error=repr(e))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                try:
+                    await handle(msg)
+                except Exception as e:  # e.g. an ack or nak lost in a reconnect: the server redelivers
+                    log.exception(f"handling one of the {what} failed; it will be redelivered",
+                                  subject=getattr(msg, "subject", None), error=repr(e))
+
+    async def _later(self, msg: Any, event: Any) -> bool:
+        """Put an early result back for a while (its triggering event is being redelivered);
+        give up on it after EARLY_RESULT_PATIENCE_S so a stray one cannot circle forever."""
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        if deliveries * EARLY_RESULT_RETRY_S > EARLY_RESULT_PATIENCE_S:
+            log.warning("early stage result never became applicable; dropped", job_id=event.job_id,
+                        node=getattr(event, "node", None), attempt=getattr(event, "attempt", None))
+            return False
+        await msg.nak(delay=EARLY_RESULT_RETRY_S)
+        return True
+
+    async def _on_event_message(self, msg: Any) -> None:
+        try:
+            event = parse_event(msg.data)
+        except ValidationError as e:
+            log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
+            await msg.term()
+            return
+        try:
+            decision = await self.apply(event)
+            if decision.retry_later and await self._later(msg, event):
+                return
+        except Exception as e:
+            deliveries = msg.metadata.num_delivered if msg.metadata else 1
+            if self.event_retry.exhausted(deliveries):
+                # A bug or a broken state, not a blip: stop the hot loop, keep the evidence in the
+                # log, and fail the job so that nobody waits for it forever.
+                log.exception("applying event failed on every try; dropped, job failed", job_id=event.job_id,
+                              kind=event.kind, event_id=event.event_id, tries=deliveries, error=str(e))
+                await self._give_up(event, e, deliveries)
+                await msg.term()
+                return
+            log.warning("applying event failed; will be redelivered", job_id=event.job_id,
+                        kind=event.kind, error=str(e), tries=deliveries)
+            await msg.nak(delay=self.event_retry.delay(deliveries))
+            return
+        await msg.ack()
+
+    async def _give_up(self, event: Any, error: Exception, tries: int) -> None:
+        """Fail the job of an event that could not be applied: mark its state failed (best
+        effort: the state may be what is broken) and publish `JobFailed` in any case."""
+        job_id = event.job_id
+        jlog = log.bind(job_id=job_id, kind=event.kind)
+        then = "submit the job again" if event.kind == "submitted" else f"`captionbus retry {job_id}`"
+        reason = (
+            f"coordinator error: could not apply the {event.kind} event {event.event_id} after {tries} tries "
+            f"({type(error).__name__}: {error}); see the coordinator log, fix the cause, then {then}"
+        )
+        state = revision = None
+        try:
+            state, revision = await self.read_state(job_id)
+        except Exception as e:
+            jlog.warning("could not read the job's state to fail it", error=repr(e))
+        decision = give_up(state, job_id, event.event_id, reason, self.clock())
+        if not decision.changed:
+            jlog.warning("event dropped; the job had already finished", note=decision.note)
+            return
+        if decision.state is not None:
+            try:
+                await self._commit(job_id, decision, revision, jlog)
+            except Exception as e:
+                jlog.warning("could not mark the job failed in its state", error=repr(e))
+        for failed in decision.events:  # already out through the outbox, or not: same id, deduplicated
+            try:
+                await self._publish_event(failed)
+            except Exception as e:
+                jlog.error("could not publish the job's failure", error=repr(e))
+        jlog.warning("job failed", reason=reason)
+
+    async def apply(self, event: Any) -> Decision:
+        """Apply one event (or Tick) to its job: read, decide, publish, write; re-decide on conflict."""
+        job_id = event.job_id
+        jlog = log.bind(job_id=job_id, kind=getattr(event, "kind", "tick"))
+        for _ in range(MAX_WRITE_CONFLICTS):
+            state, revision = await self.read_state(job_id)
+            workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
+            decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy, self._workers)
+            if not decision.changed:
+                if (decision.note or "").startswith("refused "):  # a result without its request's token
+                    jlog.warning("forged result refused", note=decision.note,
+                                 claimed_worker=getattr(event, "worker", None))
+                else:
+                    jlog.debug("event ignored", note=decision.note)
+                if state is not None:
+                    await self._flush_outbox(job_id, state, revision, jlog)
+                return decision
+            try:
+                await self._commit(job_id, decision, revision, jlog)
+            except KeyWrongLastSequenceError:
+                jlog.info("job state changed under us; deciding again")
+                continue
+            self._log_decision(decision, jlog)
+            return decision
+        raise StateConflict(f"job {job_id}: state kept changing; gave up after {MAX_WRITE_CONFLICTS} tries")
+
+    async def read_state(self, job_id: str) -> tuple[JobState | None, int | None]:
+        try:
+            entry = await self.kv.get(job_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None, None
+        return JobState.model_validate_json(entry.value), entry.revision
+
+    async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
+        value = state.model_dump_json().encode()
+        if revision is None:
+            written = await self.kv.create(job_id, value)
+        else:
+            written = await self.kv.update(job_id, value, last=revision)
+        self._note_status(job_id, state)
+        return written
+
+    def _note_status(self, job_id: str, state: JobState) -> None:
+        # A finished job whose events are still in its outbox stays on the tick loop's list.
+        if state.status.finished and not state.outbox:
+            self._finished.add(job_id)
+            self._running.discard(job_id)
+        else:
+            self._finished.discard(job_id)
+            self._running.add(job_id)
+
+    async def _commit(self, job_id: str, decision: Decision, revision: int | None, jlog: Any) -> None:
+        """Carry out a decision: stage requests, then the state write (raises
+        KeyWrongLastSequenceError when it loses the race), then the job events.
+
+        The events are written into the state's outbox with the decision and published only
+        once that write succeeded, so a decision that lost the race never announces anything.
+        """
+        for action in decision.actions:
+            if isinstance(action, PublishRequest):
+                request = action.request
+                await self.js.publish(
+                    subjects.stage_request(request.stage),
+                    request.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": request.key},
+                )
+        state = decision.state
+        outbox = [*state.outbox, *(event.model_dump(mode="json") for event in decision.events)]
+        state = state.model_copy(update={"outbox": outbox})
+        written = await self._write_state(job_id, state, revision)
+        await self._flush_outbox(job_id, state, written, jlog)
+
+    async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any) -> None:
+        """Publish the events waiting in `state`'s outbox, then clear it. Never raises: what
+        is not published stays in the state, and the tick loop tries again."""
+        if not state.outbox:
+            return
+        try:
+            for raw in state.outbox:
+                try:
+                    event = parse_event(raw)
+                except ValidationError as e:
+                    jlog.error("unreadable event in the job's outbox dropped", error=str(e).splitlines()[0])
+                    continue
+                await self._publish_event(event)
+            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+        except KeyWrongLastSequenceError:
+            # The state moved on; its writer carried these events along and publishes them too
+            # (same ids: JetStream drops the repeats).
+            jlog.debug("outbox published; the state changed before it was cleared")
+        except Exception as e:
+            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
+            self._running.add(job_id)
+
+    async def _publish_event(self, event: JobEvent) -> None:
+        await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first
+
+    @staticmethod
+    def _log_decision(decision: Decision, jlog: Any) -> None:
+        state = decision.state
+        for request in decision.requests:
+            jlog.info("stage requested", stage=request.stage, node=request.node, attempt=request.attempt)
+        for event in decision.events:
+            if event.kind == "failed":
+                jlog.warning("job failed", reason=event.reason, node=event.node)
+            elif event.kind in ("completed", "cancelled", "started"):
+                jlog.info(f"job {event.kind}", status=state.status.value)
+        waiting = [n for n, s in state.nodes.items() if s.status.value == "retry_wait"]
+        if waiting:
+            jlog.info("waiting to retry", nodes=waiting)
+
+    # ------------------------------------------------------------ timers
+
+    async def _every(self, interval_s: float, work: Callable[[], Any], failed: str) -> None:
+        """await work() every interval_s until stopped; a failure is logged, the next goes on."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                await work()
+            except Exception as e:
+                log.warning(failed, error=str(e))
+
+    async def _tick_loop(self) -> None:
+        await self._every(self.tick_interval_s, self.tick_once, "tick failed")
+
+    async def tick_once(self) -> None:
+        """Apply Tick to every running job (deadlines, backoffs). Conflicts wait for the next tick."""
+        if time.monotonic() - self._last_scan >= self.rescan_interval_s:
+            await self._scan_keys()
+        now = self.clock()
+        self._served_now = {}  # one $SRV ping per stage per tick
+        for job_id in sorted(self._running):
+            if self._stopping.is_set():
+                return
+            try:
+                await self._tick_job(job_id, now)
+            except Exception as e:  # one broken job must not stop the clock for the others
+                log.warning("tick failed", job_id=job_id, error=str(e))
+
+    async def _tick_job(self, job_id: str, now: datetime) -> None:
+        state, revision = await self.read_state(job_id)
+        if state is None:
+            self._running.discard(job_id)
+            return
+        self._note_status(job_id, state)
+        jlog = log.bind(job_id=job_id, kind="tick")
+        decision = None
+        if not state.status.finished:
+            if self.unserved_s:
+                await self._fail_unserved(state, jlog)
+            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy,
+                              self._workers)
+        if decision is None or not decision.changed:
+            # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
+            await self._flush_outbox(job_id, state, revision, jlog)
+            return
+        try:
+            await self._commit(job_id, decision, revision, jlog)
+        except KeyWrongLastSequenceError:
+            return  # an event got there first; the next tick sees its state
+        self._log_decision(decision, jlog)
+
+    def _windowed_stages(self) -> list[str]:
+        """Stages of the fan-out nodes that have a window (max_in_flight), in any workflow."""
+        return sorted({spec.stage_name(name) for graph in self.graphs.values()
+                       for name, spec in graph.nodes.items() if spec.for_each and spec.max_in_flight})
+
+    async def _workers_loop(self) -> None:
+        await self._every(self.workers_interval_s, self.count_workers, "counting workers failed")
+
+    async def count_workers(self, timeout: float = 0.25) -> dict[str, int]:
+        """Replicas of each windowed stage that answer $SRV STATS within `timeout`, those whose
+        setup failed left out (their STATS data says state setup_failed; an older worker said
+        setup_error in its metadata): they take no work. A replica still loading counts, it will
+        serve. The count replaces the last one at once (a worker that stops is out of the next
+        window)."""
+        counts: dict[str, int] = {}
+        for stage in self._windowed_stages():
+            seen: set[str] = set()
+            inbox = self.nc.new_inbox()
+
+            async def on_reply(msg: Any, seen: set[str] = seen) -> None:
+                with contextlib.suppress(Exception):
+                    reply = json.loads(msg.data)
+                    meta = reply.get("metadata") or {}
+                    states = [(e.get("data") or {}).get("state") for e in reply.get("endpoints") or []]
+                    if "setup_failed" not in states and not meta.get("setup_error"):
+                        seen.add(str(reply.get("id")))
+
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            try:
+                await self.nc.publish(f"$SRV.STATS.{subjects.micro_service_name(stage)}", b"", reply=inbox)
+                await asyncio.sleep(timeout)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            counts[stage] = len(seen)
+        if counts != self._workers:
+            log.info("live workers", **counts)
+        self._workers = counts
+        return counts
+
+    async def _stage_served(self, stage: str) -> bool:
+        """Whether any replica of `stage` answers a $SRV PING now (it registers once set up)."""
+        if stage not in self._served_now:
+            try:
+                await self.nc.request(f"$SRV.PING.{subjects.micro_service_name(stage)}", b"", timeout=1.0)
+                self._served_now[stage] = True
+            except Exception:  # no responders, or a timeout
+                self._served_now[stage] = False
+            if self._served_now[stage]:
+                self._unserved_since.pop(stage, None)
+            else:
+                self._unserved_since.setdefault(stage, time.monotonic())
+        return self._served_now[stage]
+
+    async def _fail_unserved(self, state: JobState, jlog: Any) -> None:
+        """Publish a StageFailed for each requested node whose stage has had no worker for
+        `unserved_s`; applied through our own consumer like any result (the id dedups)."""
+        for node_id, node in state.nodes.items():
+            if node.status != NodeStatus.requested or await self._stage_served(node.stage):
+                continue
+            waited = time.monotonic() - self._unserved_since[node.stage]
+            if waited < self.unserved_s:
+                continue
+            secret = self.policy.result_secret
+            failure = StageFailed(
+                event_id=f"{state.job_id}.{node_id}.{node.attempt}.unserved",
+                job_id=state.job_id, stage=node.stage, node=node_id, attempt=node.attempt,
+                reason=(f"no worker serves {node.stage}: none has answered for {waited:.0f} s "
+                        f"(CAPTIONBUS_UNSERVED_TIMEOUT); start one (`captionbus serve {node.stage}`) "
+                        "or read why it stopped in its log"),
+                error_type="unserved", retryable=False,
+                token=result_token(secret, state.job_id, node_id, node.attempt) if secret else None,
+            )
+            jlog.warning("stage unserved; failing its node", node=node_id, stage=node.stage, seconds=round(waited))
+            await self._publish_event(failure)
+
+    async def _scan_keys(self) -> None:
+        self._last_scan = time.monotonic()
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return
+        self._running.update(k for k in keys if k not in self._finished)
+
+    # ------------------------------------------------------------ poison requests
+
+    async def _on_max_deliveries(self, msg: Any) -> None:
+        """A request every delivery of which crashed or timed out: fail it for good.
+
+        Advisories reach us through the CB_ADVISORIES stream (kept while no coordinator runs). We
+        publish the failure as a StageFailed *event*: durable, visible to dashboards, applied by
+        our own consumer like any other.
+        Its id is derived from the request key, so a repeated advisory is applied once.
+        """
+        log.debug("max-deliveries advisory", subject=msg.subject)
+        try:
+            advisory = json.loads(msg.data)
+            stream = advisory.get("stream") or subjects.REQUESTS_STREAM
+            seq = int(advisory["stream_seq"])
+            deliveries = advisory.get("deliveries")
+            raw = await self.js.get_msg(stream, seq)
+            request = StageRequest.model_validate_json(raw.data)
+        except NotFoundError:
+            return  # already removed: handled before
+        except Exception as e:
+            log.warning("max-deliveries advisory not understood", error=str(e), subject=msg.subject)
+            return
+        times = f"every one of {deliveries}" if deliveries else "every one of its"
+        failure = StageFailed(
+            event_id=f"{request.key}.max_deliveries",
+            job_id=request.job_id, stage=request.stage, node=request.node, attempt=request.attempt,
+            reason=f"stage {request.stage} crashed or timed out on {times} deliveries",
+            error_type="max_deliveries", retryable=False, token=request.token,
+        )
+        log.warning("stage request exhausted its deliveries", job_id=request.job_id, stage=request.stage,
+                    node=request.node, attempt=request.attempt, deliveries=deliveries)
+        # Errors propagate: the advisory is not acked and comes back (the event id dedups).
+        await self._publish_event(failure)
+        # The work queue keeps a message that hit max_deliver; it will never be delivered again.
+        await self.js.delete_msg(stream, seq)
+
+
+def result_secret(settings: Settings) -> bytes:
+    """The key of request tokens (captionbus.coordinator.decide.result_token): CAPTIONBUS_RESULT_SECRET, else
+    HOME/coordinator.secret, created once (0600). Coordinators that share a bus must share it (set
+    the variable on each); one restarted with the same home keeps its in-flight requests valid."""
+    if settings.result_secret:
+        return settings.result_secret.encode()
+    path = settings.home / "coordinator.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+async def run_coordinator(
+    nc: NATS,
+    graphs_dir: str | Path | None = None,
+    policy: Policy = Policy(),
+    stop_event: asyncio.Event | None = None,
+    **options: Any,
+) -> None:
+    """Run until `stop_event` is set (forever without one). Options go to `Coordinator`.
+
+    Raises `CoordinatorTaskDied` (after stopping the coordinator) as soon as one of its
+    background tasks dies, so whoever awaits this notices instead of waiting on a coordinator
+    that no longer advances anything.
+    """
+    settings = settings_mod.load()
+    if policy.result_secret is None:
+        policy = dataclasses.replace(policy, result_secret=result_secret(settings))
+    options.setdefault("unserved_s", settings.unserved_timeout)
+    coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
+    await coordinator.start()
+    waits = [asyncio.ensure_future(coordinator.wait_failed())]
+    if stop_event is not None:
+        waits.append(asyncio.ensure_future(stop_event.wait()))
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            finished.result()  # CoordinatorTaskDied from wait_failed
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await coordinator.stop()

@@ -1,0 +1,659 @@
+"""Bounded storage: retention of artifacts, the stage cache and job history, and the GC that
+enforces it (`captionbus gc [--dry-run] [--json]`).
+
+What is kept, and for how long (`captionbus.core.settings`, CAPTIONBUS_RETENTION_* / _ARTIFACTS_MAX_BYTES):
+- every artifact an **unfinished** job references (its input, every node's outputs so far, the
+  job's outputs) — always, whatever its age or the size limit: a running job never loses what
+  it still needs;
+- a **finished** job's artifacts: `retention_outputs` after it finished (its last state write);
+- a **stage cache** entry: `retention_cache` after it was written, and every artifact it
+  references while it lives. An entry removed by this run keeps its artifacts until the next
+  run: a worker that hit it a moment ago is then still reporting outputs nobody else holds;
+- an artifact nobody references (an input whose job is being submitted, an output a worker is
+  reporting, a job whose record is gone): `retention_grace` after it was written (in the local
+  root with local artifacts: `retention_outputs`, as `run`'s private buses leave no job records);
+- a finished job's **events** (its subjects of CB_EVENTS): `retention_events` after it finished;
+  its job record (KV cb_jobs) until both that and `retention_outputs` have passed;
+- then, if `artifacts_max_bytes` > 0 and a store still holds more, its oldest artifacts that no
+  unfinished job needs and that are past the grace period go first (by when they stopped being
+  needed), until it fits.
+Torn uploads (chunks no object's metadata names, older than the grace period) are purged too.
+
+Failures (issue 18): a run reads everything before it deletes anything, and a read that fails
+stops it there (`GcError`: "gc stopped before deleting anything: cannot read ..."), never read as
+"nothing referenced" — before, a listing that timed out after a network blip made a dry run name
+all 114 objects of a fleet's store, completed jobs inside retention included. Malformed records are
+skipped and reported (one garbage metadata message used to make every run exit 2). See `Collector`.
+
+Races, and how they are closed: an object is deleted by a purge of its meta subject up to the
+message this run listed, then of its chunks (`ObjectBucket.delete`: an object stored again meanwhile
+keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
+read (a value written since stays), and a local file only if its
+mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
+the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
+entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
+
+Where: the object store and the KV stage cache on the bus (a fleet), and this host's local
+artifact root and its file stage cache (`$CAPTIONBUS_HOME/stage-cache`). A `captionbus run`
+without `up` keeps its jobs on a private bus this GC cannot see: while one runs (its
+`nats/run-<pid>` dir with a live pid) the local root is left alone, and the report says so.
+
+Who: deleting needs a user allowed to purge (`GC` in deploy/nats/roles.conf); the coordinator's
+own user may not (it runs all the time, next to every job: the fewer rights the better), so the
+coordinator does not collect. Run `captionbus gc` from a timer (deploy/systemd/captionbus-gc.*);
+`--dry-run` deletes nothing (it lists what the `gc` user may list); `--local-only` deletes only
+files on this host, and reads the bus with any user that may read job state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js import api
+
+from captionbus.contracts import ArtifactRef, JobState, subjects
+from captionbus.core.artifacts.transfer import ObjectBucket, connection
+from captionbus.core.artifacts.transfer import timestamp as _ts
+
+log = structlog.get_logger("captionbus.gc")
+
+FOREVER = math.inf
+
+
+@dataclass
+class StoreCount:
+    count: int = 0
+    bytes: int = 0
+
+    def add(self, size: int) -> None:
+        self.count += 1
+        self.bytes += size
+
+
+@dataclass
+class GcReport:
+    """What a GC run deleted (or, dry run, would delete), and what it kept for running jobs."""
+
+    dry_run: bool
+    object_store: StoreCount = field(default_factory=StoreCount)  # artifacts deleted from the bucket
+    torn_uploads: StoreCount = field(default_factory=StoreCount)  # chunk sets no object names
+    local_root: StoreCount = field(default_factory=StoreCount)  # files deleted under the local root
+    cache_entries: int = 0  # stage cache entries removed (KV and files)
+    job_histories: int = 0  # finished jobs whose events were purged
+    event_messages: int = 0  # event messages those held
+    job_records: int = 0  # job records (KV cb_jobs) removed
+    kept_for_unfinished_jobs: int = 0  # artifacts kept because an unfinished job references them
+    object_store_bytes_before: int | None = None
+    object_store_bytes_after: int | None = None  # measured on the stream (None: dry run / no bus)
+    skipped: list[str] = field(default_factory=list)  # parts not collected, and why
+    malformed: list[str] = field(default_factory=list)  # records that did not parse: skipped, kept
+    deletions: list[dict[str, Any]] = field(default_factory=list)  # {kind, name, bytes}, in order made
+    error: str | None = None  # why the run stopped (then the counts are what it did before)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        parts = [
+            f"{self.object_store.count} objects ({_size(self.object_store.bytes)})",
+            f"{self.local_root.count} local files ({_size(self.local_root.bytes)})",
+            f"{self.torn_uploads.count} torn uploads ({_size(self.torn_uploads.bytes)})",
+            f"{self.cache_entries} cache entries",
+            f"events of {self.job_histories} jobs ({self.event_messages} messages)",
+            f"{self.job_records} job records",
+        ]
+        line = f"gc {verb}: " + ", ".join(parts) + f"; kept {self.kept_for_unfinished_jobs} artifacts unfinished jobs need"
+        for reason in self.skipped:
+            line += f"\nskipped: {reason}"
+        for record in self.malformed:
+            line += f"\nmalformed, skipped and kept: {record}"
+        return line
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def job_refs(state: JobState) -> list[ArtifactRef]:
+    refs = [state.spec.input, *state.outputs.values()]
+    for node in state.nodes.values():
+        refs.extend(node.outputs.values())
+    return refs
+
+
+class Needs:
+    """key -> until when it is needed (FOREVER: an unfinished job references it)."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+
+    def need(self, key: str, until: float) -> None:
+        if until > self.until.get(key, -math.inf):
+            self.until[key] = until
+
+    def get(self, key: str) -> float | None:
+        return self.until.get(key)
+
+
+def private_runs(settings) -> list[int]:
+    """pids of `captionbus run`s on this host with a private bus (captionbus/stack.py)."""
+    alive = []
+    try:
+        entries = list(os.scandir(settings.nats_dir))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith("run-") and entry.name[4:].isdigit():
+            pid = int(entry.name[4:])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            alive.append(pid)
+    return alive
+
+
+class GcError(Exception):
+    """A GC run that stopped. `report` holds what it did before: nothing when a listing or read
+    failed (those all come before the first delete), else every deletion made until the failure.
+    `bus`: the cause was the NATS server (unreachable, timed out, refused) rather than this host."""
+
+    def __init__(self, reason: str, report: GcReport, *, bus: bool):
+        done = len(report.deletions)
+        when = "before deleting anything" if done == 0 or report.dry_run else f"after {done} deletions"
+        super().__init__(f"gc stopped {when}: {reason}")
+        self.report = report
+        self.bus = bus
+        report.error = str(self)
+
+
+_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
+HEX_KEY = re.compile(rb"[0-9a-f]{64}")  # an artifact key (sha256 hex) anywhere in unparsable bytes
+_KV_GONE = ("DEL", "PURGE")
+
+
+def _salvage(data: bytes) -> set[str]:
+    """The artifact keys a record we cannot parse may reference: every 64-hex run in its bytes.
+    Keeping too much is safe; keeping too little deletes what someone needs."""
+    return {m.decode() for m in HEX_KEY.findall(data or b"")}
+
+
+@dataclass
+class _Object:
+    info: Any  # nats ObjectInfo
+    seq: int  # stream sequence of its metadata message (a delete is made only if still the last)
+
+
+@dataclass
+class _Deletion:
+    kind: str  # object | torn upload | local file | cache entry | events | job record
+    name: str
+    size: int
+    act: Callable[[], Awaitable[bool]]  # False: changed since it was listed, so left alone
+    count: Callable[[], None]  # adds it to the report's counters
+
+
+class Collector:
+    """One GC run, in three steps so that a failure can never be read as "nothing referenced":
+
+    1. **read** everything that decides (job records, stage cache entries, object metadata, chunk
+       sets, local files, event counts). Any listing or read error raises GcError here, before a
+       single delete. "Not there" is an answer only where the server says so (a key purged
+       between list and read, a bucket that was never made); a timeout or a refused request is
+       never an empty list. Listings are paged (nats-server sends at most 100 000 subjects per
+       stream-info reply) and checked against the server's total.
+    2. **decide**: which of what was read goes, a pure function of the listing and `now` — the
+       same for a dry run and a real run over the same state.
+    3. **delete** what was decided, each deletion logged (and passed to `on_delete`) as it is made;
+       a failure part-way raises GcError whose report says what was already deleted.
+
+    Malformed records (a job record, cache entry or object metadata that does not parse: one
+    client can publish garbage on `$O.<bucket>.M.*`) are skipped and listed in `report.malformed`,
+    never fatal; the artifact keys their bytes contain are kept (for a job record, as if its job
+    were unfinished), and a chunk set whose id appears in malformed metadata is not purged.
+
+    `js`: the bus (None: local root only, nothing known about jobs — then only the unreferenced-
+    artifact rules apply). `now` is injectable so a test can age things."""
+
+    def __init__(self, settings, js=None, *, dry_run: bool = False, now: float | None = None,
+                 bus: bool = True, local: bool = True,
+                 on_delete: Callable[[str, str, int, bool], None] | None = None):
+        self.settings = settings
+        self.js = js
+        self.dry_run = dry_run
+        self.now = now if now is not None else datetime.now(timezone.utc).timestamp()
+        self.bus = bus and js is not None
+        self.local = local
+        self.on_delete = on_delete
+        self.report = GcReport(dry_run=dry_run)
+        self.needs = Needs()
+        self.unfinished: set[str] = set()
+        self.cache_live: dict[str, dict[str, str]] = {}  # artifact key -> {cache entry id: entry name}
+        self.cache_remove: dict[str, Callable[[], Awaitable[bool]]] = {}  # cache entry id -> remover
+        self.plan: list[_Deletion] = []
+        self.evicting: dict[str, str] = {}  # live cache entries the size limit takes: id -> name
+        self.bucket: ObjectBucket | None = None
+        # what step 1 read, for step 2
+        self.objects: dict[str, _Object] = {}
+        self.malformed_raw: list[bytes] = []
+        self.chunk_sets: dict[str, int] = {}
+        self.chunk_first: dict[str, float | None] = {}
+        self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
+
+    async def run(self) -> GcReport:
+        try:
+            await self._read()
+        except GcError:
+            raise
+        except Exception as e:
+            raise GcError(f"cannot read {self._reading}: {_reason(e)}", self.report,
+                          bus=isinstance(e, _BUS_ERRORS)) from e
+        self._decide()
+        await self._delete()
+        return self.report
+
+    # ---- 1. read ----------------------------------------------------------------------------
+
+    _reading = "the bus"
+
+    async def _read(self) -> None:
+        s = self.settings
+        if self.js is not None:
+            self._reading = f"job records (KV {subjects.JOBS_BUCKET})"
+            await self._jobs()
+        else:
+            self.report.skipped.append("no NATS server: job state unknown; local files judged by their age alone")
+        if self.bus and s.use_object_store():
+            self._reading = f"the stage cache (KV {subjects.STAGE_CACHE_BUCKET})"
+            await self._kv_cache()
+        if self.local:
+            self._reading = f"the file stage cache ({s.home / 'stage-cache'})"
+            await self._file_cache()
+        self.report.kept_for_unfinished_jobs = len(self.unfinished)
+        if self.bus and s.use_object_store():
+            self._reading = f"the object store (stream OBJ_{subjects.ARTIFACTS_BUCKET})"
+            await self._list_objects()
+        if self.local:
+            runs = private_runs(s)
+            if runs:
+                self.report.skipped.append(
+                    f"local artifact root {s.artifacts_dir}: `captionbus run` (pid {', '.join(map(str, runs))}) "
+                    "is running with a private bus whose jobs this GC cannot see")
+            else:
+                self._reading = f"the local artifact root ({s.artifacts_dir})"
+                self._list_local_root()
+
+    async def _subjects(self, stream: str, pattern: str) -> dict[str, int]:
+        """subject -> messages, for every subject of `stream` matching `pattern`: all pages,
+        checked against the total the server reports."""
+        return await list_subjects(self.js, stream, pattern)
+
+    async def _kv_entries(self, bucket: str) -> dict[str, Any]:
+        """key -> its last message, for every live key of KV `bucket` (deleted/purged left out)."""
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        found = {}
+        for subject in await self._subjects(stream, f"{prefix}>"):
+            try:
+                msg = await self.js.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+                continue
+            if (msg.headers or {}).get("KV-Operation") in _KV_GONE:
+                continue
+            found[subject[len(prefix):]] = msg
+        return found
+
+    def _malformed(self, what: str, error: Exception) -> None:
+        line = f"{what}: {_reason(error)[:160]}"
+        self.report.malformed.append(line)
+        log.warning("gc: malformed record skipped", record=what, error=_reason(error)[:300])
+
+    async def _jobs(self) -> None:
+        s = self.settings
+        for job_id, msg in (await self._kv_entries(subjects.JOBS_BUCKET)).items():
+            try:
+                state = JobState.model_validate_json(msg.data)
+            except Exception as e:  # cannot tell finished from not: keep whatever it names, always
+                self._malformed(f"job record {job_id}", e)
+                for key in _salvage(msg.data):
+                    self.needs.need(key, FOREVER)
+                    self.unfinished.add(key)
+                continue
+            if not state.status.finished:
+                for ref in job_refs(state):
+                    self.needs.need(ref.key, FOREVER)
+                    self.unfinished.add(ref.key)
+                continue
+            finished = state.updated_at.timestamp()
+            for ref in job_refs(state):
+                self.needs.need(ref.key, finished + s.retention_outputs)
+            if not self.bus or self.now - finished <= s.retention_events:
+                continue
+            subject = f"{subjects.PREFIX}.job.{state.job_id}.>"
+            held = sum((await self._subjects(subjects.EVENTS_STREAM, subject)).values())
+            if held:
+                self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
+                           lambda n=held: self._count_events(n))
+            if self.now - finished > s.retention_outputs:
+                self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
+                           self._count_job_record)
+
+    async def _purge_events(self, subject: str) -> bool:
+        await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
+        return True
+
+    def _count_events(self, held: int) -> None:
+        self.report.job_histories += 1
+        self.report.event_messages += held
+
+    async def _purge_job(self, job_id: str) -> bool:
+        await (await self.js.key_value(subjects.JOBS_BUCKET)).purge(job_id)
+        return True
+
+    def _count_job_record(self) -> None:
+        self.report.job_records += 1
+
+    def _count_cache_entry(self) -> None:
+        self.report.cache_entries += 1
+
+    def _cache_entry(self, entry_id: str, name: str, data: bytes, written: float | None,
+                     remove: Callable[[], Awaitable[bool]]) -> None:
+        """Needs from one cache entry; an expired one is planned for removal, and its artifacts
+        kept this run (see the module docstring)."""
+        try:
+            keys = {ArtifactRef.model_validate(r).key for r in json.loads(data)["outputs"].values()}
+        except Exception as e:
+            self._malformed(f"stage cache entry {name}", e)
+            keys = _salvage(data)
+        written = written if written is not None else self.now
+        self.cache_remove[entry_id] = remove
+        if self.now - written <= self.settings.retention_cache:
+            for key in keys:
+                self.needs.need(key, written + self.settings.retention_cache)
+                self.cache_live.setdefault(key, {})[entry_id] = name
+            return
+        self._plan("cache entry", name, 0, remove, self._count_cache_entry)
+        for key in keys:  # kept this run; see the module docstring
+            self.needs.need(key, self.now + 1)
+
+    async def _kv_cache(self) -> None:
+        try:
+            entries = await self._kv_entries(subjects.STAGE_CACHE_BUCKET)
+        except nats.js.errors.NotFoundError as e:
+            if getattr(e, "err_code", None) != STREAM_NOT_FOUND:
+                raise
+            self.report.skipped.append(f"no stage cache bucket {subjects.STAGE_CACHE_BUCKET!r} on this bus")
+            return
+        for key, msg in entries.items():
+
+            async def remove(k: str = key, seq: int = msg.seq) -> bool:
+                # A filtered purge up to what was read, not kv.purge: that is a rollup, which the
+                # bucket refuses (captionbus.core.bus.NO_ROLLUP_STREAMS), and it would also take a value
+                # written since the listing.
+                await self.js.purge_stream(f"KV_{subjects.STAGE_CACHE_BUCKET}",
+                                           subject=f"$KV.{subjects.STAGE_CACHE_BUCKET}.{k}", seq=seq + 1)
+                return True
+
+            self._cache_entry(f"kv:{key}", f"kv:{key}", msg.data, _ts(msg.time), remove)
+
+    async def _file_cache(self) -> None:
+        folder = self.settings.home / "stage-cache"
+        try:
+            entries = [e for e in os.scandir(folder) if e.name.endswith(".json")]
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            try:
+                written = entry.stat().st_mtime
+                data = Path(entry.path).read_bytes()
+            except FileNotFoundError:  # removed since the listing (a worker replaced it)
+                continue
+
+            async def remove(path: str = entry.path) -> bool:
+                _unlink(path)
+                return True
+
+            self._cache_entry(f"file:{entry.path}", entry.path, data, written, remove)
+
+    async def _list_objects(self) -> None:
+        """Every object as readers see it (`ObjectBucket.object_at`: its first live, consistent,
+        complete meta message, never the subject's last one; its mtime that of its latest refresh;
+        the subject's last sequence for `delete`). A writer may append tombstones or bogus metas
+        after a real upload; gc must not read those as "deleted" (and purge the real chunks as a
+        torn upload) any more than a fetch does."""
+        bucket = ObjectBucket(self.js, subjects.ARTIFACTS_BUCKET)
+        self.bucket = bucket
+        self.report.object_store_bytes_before = (await self.js.stream_info(bucket.stream)).state.bytes
+        meta_prefix = f"$O.{bucket.name}.M."
+        chunk_prefix = bucket.chunk_subject("")
+        self.chunk_sets = {s[len(chunk_prefix):]: n
+                           for s, n in (await self._subjects(bucket.stream, f"{chunk_prefix}>")).items()}
+        for subject, count in (await self._subjects(bucket.stream, f"{meta_prefix}>")).items():
+            found = await bucket.object_at(subject, self.chunk_sets, count)
+            if found is not None:
+                info, seq = found
+                self.objects[info.name] = _Object(info, seq)
+                continue
+            # Nothing readable under this subject: say why from its last message.
+            try:
+                msg = await self.js.get_last_msg(bucket.stream, subject)
+            except nats.js.errors.NotFoundError:  # purged since the listing
+                continue
+            try:
+                info = api.ObjectInfo.from_response(json.loads(msg.data))
+                if not info.name or bucket._meta_subject(info.name) != subject:
+                    raise ValueError(f"names object {info.name!r}, not the one its subject is for")
+            except Exception as e:
+                self._malformed(f"object metadata {subject} (seq {msg.seq})", e)
+                self.malformed_raw.append(msg.data or b"")
+            # else: a tombstone, or a meta whose chunks are gone: no bytes to keep or delete here
+        live = {o.info.nuid for o in self.objects.values()}
+        for nuid in self.chunk_sets:
+            if nuid not in live:
+                self.chunk_first[nuid] = _ts(await bucket.first_chunk_time(nuid))
+
+    def _list_local_root(self) -> None:
+        root = Path(self.settings.artifacts_dir)
+        try:
+            shards = [d for d in os.scandir(root) if d.is_dir() and len(d.name) == 2]
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if len(entry.name) != 64 or not entry.name.startswith(shard.name):
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                self.local_files.append((entry.name, st.st_size, st.st_mtime, entry.path))
+
+    # ---- 2. decide --------------------------------------------------------------------------
+
+    def _plan(self, kind: str, name: str, size: int, act: Callable[[], Awaitable[bool]],
+              count: Callable[[], None]) -> None:
+        self.plan.append(_Deletion(kind, name, size, act, count))
+
+    def _verdicts(self, items: list[tuple[str, int, float]], unreferenced_s: float) -> list[tuple[str, int]]:
+        """(key, size, written) -> the (key, size) to delete: age rules, then the size limit.
+        `unreferenced_s`: how long an artifact no job or cache entry references is kept."""
+        s = self.settings
+        doomed, kept = [], []
+        for key, size, written in items:
+            until = self.needs.get(key)
+            if until is None:
+                until = written + unreferenced_s
+            if until >= self.now:
+                kept.append((key, size, written, until))
+            else:
+                doomed.append((key, size))
+        limit = s.artifacts_max_bytes
+        total = sum(size for _, size, _, _ in kept)
+        if limit and total > limit:
+            # Oldest first: by when they stop being needed; never an unfinished job's, never
+            # one inside its grace period.
+            evictable = sorted(
+                (k for k in kept if k[3] != FOREVER and self.now - k[2] > s.retention_grace
+                 and k[0] not in self.unfinished),
+                key=lambda k: (k[3], k[0]))
+            for key, size, _, _ in evictable:
+                if total <= limit:
+                    break
+                entries = self.cache_live.get(key)
+                if entries:  # a live cache entry's: the entry goes now, the bytes next run
+                    self.evicting.update(entries)
+                else:
+                    doomed.append((key, size))
+                total -= size
+        return doomed
+
+    def _decide(self) -> None:
+        s = self.settings
+        if self.bucket is not None:
+            bucket = self.bucket
+            items = [(k, o.info.size or 0, _ts(o.info.mtime) or self.now) for k, o in sorted(self.objects.items())]
+            for key, size in self._verdicts(items, s.retention_grace):
+                obj = self.objects[key]
+                self._plan("object", key, size, lambda o=obj: bucket.delete(o.info, o.seq),
+                           lambda n=size: self.report.object_store.add(n))
+            for nuid, chunks in sorted(self.chunk_sets.items()):
+                first = self.chunk_first.get(nuid, None)
+                if nuid not in self.chunk_first or first is None or self.now - first <= s.retention_grace:
+                    continue  # live, or an upload in progress (it publishes its metadata last)
+                if any(nuid.encode() in raw for raw in self.malformed_raw):
+                    continue  # named by metadata we cannot read: not ours to judge
+                size = chunks * self.bucket.chunk_size()  # an upper bound
+                self._plan("torn upload", nuid, size, lambda n=nuid: self._purge_chunks(n),
+                           lambda n=size: self.report.torn_uploads.add(n))
+        if self.local_files:
+            # With local artifacts (one host), the jobs of a `captionbus run` lived on a private
+            # bus that is gone: their files are referenced by nothing we can see, so unreferenced
+            # files get the finished jobs' retention. With the object store the root only caches it.
+            unreferenced = s.retention_grace if s.use_object_store() else max(s.retention_grace, s.retention_outputs)
+            files = {key: (size, mtime, path) for key, size, mtime, path in self.local_files}
+            for key, size in self._verdicts(sorted((k, v[0], v[1]) for k, v in files.items()), unreferenced):
+                _, mtime, path = files[key]
+                self._plan("local file", key, size, lambda p=path, m=mtime: self._unlink_unchanged(p, m),
+                           lambda n=size: self.report.local_root.add(n))
+        # The live cache entries whose artifacts the size limit chose: removed now, their
+        # artifacts next run (the same two steps as an expired entry's).
+        for entry_id, name in sorted(self.evicting.items()):
+            self._plan("cache entry", name, 0, self.cache_remove[entry_id], self._count_cache_entry)
+
+    async def _purge_chunks(self, nuid: str) -> bool:
+        await self.bucket.purge_chunk_set(nuid)
+        return True
+
+    @staticmethod
+    async def _unlink_unchanged(path: str, mtime: float) -> bool:
+        try:  # stored again since it was listed (a new job's input): keep it
+            if os.stat(path).st_mtime != mtime:
+                return False
+        except FileNotFoundError:
+            return False
+        _unlink(path)
+        return True
+
+    # ---- 3. delete --------------------------------------------------------------------------
+
+    _ORDER = ("object", "torn upload", "local file", "cache entry", "events", "job record")
+
+    async def _delete(self) -> None:
+        """Artifacts first, the records that reference them last: a run that stops part-way
+        leaves references to nothing rather than artifacts referenced by nothing."""
+        for d in sorted(self.plan, key=lambda d: self._ORDER.index(d.kind)):
+            if not self.dry_run:
+                try:
+                    done = await d.act()
+                except Exception as e:
+                    raise GcError(f"deleting {d.kind} {d.name}: {_reason(e)}", self.report,
+                                  bus=isinstance(e, _BUS_ERRORS)) from e
+                if not done:
+                    log.info("gc: kept, changed since listed", kind=d.kind, name=d.name)
+                    continue
+            d.count()
+            self.report.deletions.append({"kind": d.kind, "name": d.name, "bytes": d.size})
+            log.info("gc would delete" if self.dry_run else "gc deleted", kind=d.kind, name=d.name, bytes=d.size)
+            if self.on_delete is not None:
+                self.on_delete(d.kind, d.name, d.size, self.dry_run)
+        if not self.dry_run and self.report.object_store_bytes_before is not None:
+            self.report.object_store_bytes_after = (await self.js.stream_info(self.bucket.stream)).state.bytes
+
+
+STREAM_NOT_FOUND = 10059  # JetStream: "stream not found"
+SUBJECTS_PAGE = 100_000  # nats-server's JSMaxSubjectDetails
+
+
+async def list_subjects(js, stream: str, pattern: str) -> dict[str, int]:
+    """subject -> messages for every subject of `stream` matching `pattern`. nats-py's
+    stream_info returns one page (at most 100 000 subjects) and drops the paging fields, so this
+    asks page by page and fails if what came is less than the server's total."""
+    found: dict[str, int] = {}
+    total = None
+    while total is None or len(found) < total:
+        req = {"subjects_filter": pattern, "offset": len(found)}
+        msg = await connection(js).request(f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(req).encode(),
+                                           timeout=js._timeout)
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise nats.js.errors.APIError.from_error(resp["error"])
+        page = (resp.get("state") or {}).get("subjects") or {}
+        total = resp.get("total", len(page)) if total is None else total
+        before = len(found)
+        found.update(page)
+        if len(found) == before:
+            break
+    if total and len(found) < total:
+        raise GcListingIncomplete(f"listing {pattern} on {stream} returned {len(found)} of {total} subjects")
+    return found
+
+
+class GcListingIncomplete(Exception):
+    pass
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def collect(settings, js=None, *, dry_run: bool = False, now: float | None = None,
+                  bus: bool = True, local: bool = True,
+                  on_delete: Callable[[str, str, int, bool], None] | None = None) -> GcReport:
+    """One GC run; see the module docstring and `Collector`. Raises GcError (with the report so
+    far) when a read fails (nothing deleted) or a delete fails (what went before is reported).
+    `on_delete(kind, name, bytes, dry_run)` is called after each deletion is made."""
+    report = await Collector(settings, js, dry_run=dry_run, now=now, bus=bus, local=local,
+                             on_delete=on_delete).run()
+    log.info("gc finished", dry_run=dry_run, objects=report.object_store.count,
+             object_bytes=report.object_store.bytes, local_files=report.local_root.count,
+             local_bytes=report.local_root.bytes, cache_entries=report.cache_entries,
+             job_histories=report.job_histories, job_records=report.job_records)
+    return report

@@ -1,0 +1,340 @@
+"""Words with times -> cues: where cues start and end, their lines, and their times.
+
+1. Flatten the transcript into words with repaired times (missing times interpolated, overlaps cut,
+   integer ms on the rules' grid), so every later step can trust start <= end <= next start.
+2. Choose cue boundaries by dynamic programming over the word stream: a cue must fit max_lines x
+   max_chars, span at most max_duration of speech and never cross a speaker change or a long pause;
+   among those, prefer ends at sentence ends, pauses and clause marks, balanced lines and cue sizes,
+   and reading speeds the timing can meet.
+3. Place the cues in time (timing.py), then check the result with the same checker users run;
+   whatever still breaks a rule is returned as a problem, never hidden.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from captionbus.contracts.transcript import Transcript, Word
+from captionbus.core.subtitles import linebreak
+from captionbus.core.subtitles.check import check_cues
+from captionbus.core.subtitles.cues import Cue, CueResult, Problem
+from captionbus.core.subtitles.formats import read_subtitles, write_subtitles
+from captionbus.core.subtitles.graphemes import clusters, display_len
+from captionbus.core.subtitles.rules import Rules
+from captionbus.core.subtitles.timing import place_cues
+
+# Cue-level costs (see linebreak.py for the break scale).
+CUE_COST = 1.0           # each extra cue: favours fewer, fuller cues
+FILL_COST = 0.5          # x (chars / capacity)^2: favours even cue sizes over one full and one tiny
+END_WEIGHT = 2.0         # a cue boundary matters more than a line break
+DANGLING_SENTENCE = 2.0  # a cue that ends one sentence and starts another it doesn't finish
+SPEED_COST = 5.0         # per unit of reading-speed excess the timing can't absorb
+SHORT_COST = 2.0         # a cue whose free time is under min_duration
+
+
+@dataclass
+class _Token:
+    word: Word
+    text: str
+    length: int
+    start: int
+    end: int
+    speaker: str | None
+    group: int  # segment, or source cue for translations
+
+
+def _ms(value: float | None) -> float | None:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return None
+    return max(0.0, float(value) * 1000)
+
+
+def _spread(lengths: Sequence[int], lo: float, hi: float) -> list[tuple[float, float]]:
+    """Share [lo, hi] between words in proportion to their length (plus one for the space)."""
+    hi = max(hi, lo)
+    weights = [n + 1 for n in lengths]
+    total, acc, out = sum(weights), 0, []
+    for w in weights:
+        a = lo + (hi - lo) * acc / total
+        acc += w
+        out.append((a, lo + (hi - lo) * acc / total))
+    return out
+
+
+def _segment_tokens(words: Sequence[Word], seg_start: float | None, seg_end: float | None,
+                    speaker: str | None, group: int) -> list[_Token]:
+    words = [w for w in words if w.text.strip()]
+    texts = [w.text.strip() for w in words]
+    lengths = [display_len(t) for t in texts]
+    times: list[tuple[float, float] | None] = []
+    for w in words:
+        s, e = _ms(w.start), _ms(w.end)
+        times.append((s, max(s, e)) if s is not None and e is not None else None)
+    seg_lo = _ms(seg_start) or 0.0
+    seg_hi = _ms(seg_end)
+    # Untimed runs get a share of the time between their timed neighbours.
+    k = 0
+    while k < len(words):
+        if times[k] is not None:
+            k += 1
+            continue
+        run_end = k
+        while run_end < len(words) and times[run_end] is None:
+            run_end += 1
+        lo = times[k - 1][1] if k else seg_lo
+        if run_end < len(words):
+            hi = times[run_end][0]
+        else:
+            hi = seg_hi if seg_hi is not None else lo + 300.0 * (run_end - k)
+        times[k:run_end] = _spread(lengths[k:run_end], lo, hi)
+        k = run_end
+    return [_Token(w, t, n, int(round(s)), int(round(e)), speaker, group)
+            for w, t, n, (s, e) in zip(words, texts, lengths, times)]
+
+
+def _repair(tokens: list[_Token], rules: Rules) -> None:
+    """Grid the times and make them monotonic and disjoint: a word is cut where the next begins."""
+    q = rules.time_quantum_ms
+    last = 0
+    for t in tokens:
+        t.start = max(last, int(round(t.start / q)) * q)
+        t.end = max(t.start, int(round(t.end / q)) * q)
+        last = t.start
+    for a, b in zip(tokens, tokens[1:]):
+        a.end = min(a.end, b.start)
+
+
+def _transcript_tokens(transcript: Transcript) -> list[_Token]:
+    tokens: list[_Token] = []
+    for g, seg in enumerate(transcript.segments):
+        words = seg.words
+        if not words and seg.text.strip():  # a segment without word times still becomes cues
+            words = [Word(text=t) for t in seg.text.split()]
+        tokens += _segment_tokens(words, seg.start, seg.end, seg.speaker, g)
+    return tokens
+
+
+def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
+            hard_groups: bool = False, lead_ms: float | None = None) -> CueResult:
+    n = len(tokens)
+    if not n:
+        return CueResult([], [])
+    sep_len = display_len(rules.word_separator)
+    gap = rules.min_gap_ms(fps)
+    lead = rules.max_lead * 1000 if lead_ms is None else lead_ms
+    lag = rules.max_lag * 1000
+    width, capacity = rules.max_chars_per_line, rules.max_cue_chars
+    hard_pause, soft_pause = rules.hard_pause * 1000, rules.soft_pause * 1000
+
+    # Boundary k lies between tokens k-1 and k.
+    bcost = [0.0] * (n + 1)
+    hard = [True] * (n + 1)
+    sentence = [True] * (n + 1)
+    for k in range(1, n):
+        a, b = tokens[k - 1], tokens[k]
+        pause = b.start - a.end
+        new_group = a.group != b.group
+        hard[k] = (a.speaker != b.speaker or pause >= hard_pause or (hard_groups and new_group))
+        cost = linebreak.text_break_cost(a.text, b.text, rules)
+        sentence[k] = cost == linebreak.SENTENCE
+        if new_group and not hard_groups:
+            cost = min(cost, linebreak.CLAUSE)
+        if pause >= soft_pause:
+            cost = max(0.0, min(cost, linebreak.BEFORE_CONJ) - linebreak.CLAUSE)
+        bcost[k] = 0.0 if hard[k] else cost
+
+    prefix = [0]
+    for t in tokens:
+        prefix.append(prefix[-1] + t.length)
+
+    inf = math.inf
+    best = [inf] * (n + 1)
+    back = [0] * (n + 1)
+    best[0] = 0.0
+    for i in range(n):
+        if best[i] == inf:
+            continue
+        earliest = tokens[i].start - lead
+        if i:
+            earliest = max(earliest, tokens[i - 1].end + gap)
+        last_sentence = -1
+        for j in range(i + 1, n + 1):
+            if j > i + 1:
+                if hard[j - 1]:
+                    break
+                if sentence[j - 1]:
+                    last_sentence = j - 1
+            chars = prefix[j] - prefix[i] + sep_len * (j - i - 1)
+            span = tokens[j - 1].end - tokens[i].start
+            single = j == i + 1
+            if not single and (chars > capacity or span > rules.max_duration * 1000):
+                break
+            cost = CUE_COST + FILL_COST * (chars / capacity) ** 2
+            if chars > width:
+                found = linebreak.split_lines([t.length for t in tokens[i:j]],
+                                              [0.0, *bcost[i + 1:j]], rules, sep_len)
+                if found is None:
+                    if not single:
+                        break  # more words won't fit either
+                    cost += 100.0  # a lone word longer than the lines: allowed, reported
+                else:
+                    cost += found[0]
+            if j < n:
+                cost += END_WEIGHT * bcost[j]
+                if last_sentence > 0 and not sentence[j] and not hard[j]:
+                    cost += DANGLING_SENTENCE
+            latest = tokens[j - 1].end + lag
+            if j < n:
+                latest = min(latest, tokens[j].start - gap)
+            free = min(latest - earliest, rules.max_duration * 1000)
+            if free < rules.min_duration * 1000:
+                cost += SHORT_COST
+            need = chars * 1000 / rules.max_cps if rules.max_cps > 0 else 0
+            if need > free:
+                cost += SPEED_COST * (need / max(free, 1.0) - 1)
+            if best[i] + cost < best[j]:
+                best[j], back[j] = best[i] + cost, i
+    edges = [n]
+    while edges[-1]:
+        edges.append(back[edges[-1]])
+    edges.reverse()
+    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps, lead_ms)
+
+
+def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[float],
+            rules: Rules, fps: float | None, lead_ms: float | None = None) -> CueResult:
+    sep = rules.word_separator
+    lines_per_cue, chars = [], []
+    for i, j in ranges:
+        texts = [t.text for t in tokens[i:j]]
+        lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
+        if lines is None:  # a word longer than the lines: kept whole, reported below
+            pieces, _, glued = linebreak.hyphen_pieces(texts)
+            lines = linebreak.join_lines(pieces, [], sep, glued)
+        lines_per_cue.append(lines)
+        chars.append(sum(display_len(x) for x in lines))
+    times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps, lead_ms)
+    cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker)
+            for (i, j), (s, e), lines in zip(ranges, times, lines_per_cue)]
+    problems = [Problem(v.rule, v.cue, v.message) for v in check_cues(cues, rules, fps)]
+    for k, (i, j) in enumerate(ranges):
+        for t in tokens[i:j]:
+            if t.length > rules.max_chars_per_line:
+                problems.append(Problem("long_word", k, f"{t.text!r} is {t.length} chars, longer than a line"))
+        s, e = cues[k].start_ms, cues[k].end_ms
+        speech_start, speech_end = tokens[i].start, tokens[j - 1].end
+        if s < speech_start - rules.max_lead * 1000 - 1 or s > speech_start + rules.max_start_delay * 1000 + 1:
+            problems.append(Problem("sync", k, f"starts {(s - speech_start) / 1000:+.2f} s from its speech"))
+        elif e > speech_end + rules.max_lag * 1000 + 1 or e < speech_end - rules.max_lead * 1000 - 1:
+            problems.append(Problem("sync", k, f"ends {(e - speech_end) / 1000:+.2f} s from its speech"))
+    problems.sort(key=lambda p: (p.cue if p.cue is not None else -1, p.rule))
+    return CueResult(cues, problems)
+
+
+def build_cues(transcript: Transcript, rules: Rules, fps: float | None = None) -> CueResult:
+    """Cues for a transcript's words. Every word (with non-blank text) lands in exactly one cue, in order."""
+    tokens = _transcript_tokens(transcript)
+    _repair(tokens, rules)
+    return _layout(tokens, rules, fps)
+
+
+def _split_text(text: str, rules: Rules) -> list[str]:
+    if rules.word_separator:
+        return text.split()
+    return [c for c in clusters("".join(text.split()))]
+
+
+def _tokens_over_cues(source_cues: Sequence[Cue], texts: Sequence[str], rules: Rules,
+                      join_gap_ms: float | None = None) -> list[_Token]:
+    """Untimed text laid over cue times, each word a share of the time by its length.
+
+    With join_gap_ms, cues closer than that form one block of continuous speech and share its time,
+    so a crowded cue borrows from a roomy neighbour; each word keeps its cue as its group.
+    """
+    blocks: list[list[int]] = []
+    for k, cue in enumerate(source_cues):
+        prev = source_cues[k - 1] if k else None
+        if (blocks and join_gap_ms is not None and prev is not None and prev.speaker == cue.speaker
+                and cue.start_ms - prev.end_ms < join_gap_ms):
+            blocks[-1].append(k)
+        else:
+            blocks.append([k])
+    tokens: list[_Token] = []
+    for block in blocks:
+        words, groups = [], []
+        for k in block:
+            split = _split_text(texts[k], rules)
+            words += [Word(text=t) for t in split]
+            groups += [k] * len(split)
+        first, last = source_cues[block[0]], source_cues[block[-1]]
+        end = max(source_cues[k].end for k in block)
+        block_tokens = _segment_tokens(words, first.start, max(end, last.end), first.speaker, block[0])
+        for t, g in zip(block_tokens, groups):
+            t.group = g
+        _not_before_own_cue(block_tokens, source_cues)
+        tokens += block_tokens
+    _repair(tokens, rules)
+    for t in tokens:  # these words are ours: give them the times they were laid out with
+        t.word.start, t.word.end = t.start / 1000, t.end / 1000
+    return tokens
+
+
+def _not_before_own_cue(tokens: list[_Token], source_cues: Sequence[Cue]) -> None:
+    """A word is never said before the cue it was written in began: a crowded cue may borrow time
+    from the roomy cue after it, never from the one before. A cue whose words the block's spread
+    put too early gets them spread again over [its own start, where its last word ended]."""
+    k = 0
+    while k < len(tokens):
+        g, first = tokens[k].group, k
+        while k < len(tokens) and tokens[k].group == g:
+            k += 1
+        own = tokens[first:k]
+        lo = source_cues[g].start_ms
+        if own[0].start >= lo:
+            continue
+        hi = max(own[-1].end, lo + 1)
+        for t, (a, b) in zip(own, _spread([t.length for t in own], lo, hi)):
+            t.start, t.end = int(round(a)), int(round(b))
+
+
+def distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequence[str], rules: Rules,
+                           fps: float | None = None) -> CueResult:
+    """Cues for text without word times, one text per source cue, laid over that cue's time.
+
+    Each source cue's span is shared among its words by length; a text too long for one cue is split
+    with the same rules, and no output cue straddles two source cues. The output cues' words are new
+    Word objects with the interpolated times.
+    """
+    if len(source_cues) != len(translated_texts):
+        raise ValueError(f"{len(translated_texts)} texts for {len(source_cues)} source cues")
+    tokens = _tokens_over_cues(source_cues, translated_texts, rules)
+    result = _layout(tokens, rules, fps, hard_groups=True)
+    for k, text in enumerate(translated_texts):
+        if not text.strip():
+            result.problems.append(Problem("empty_text", None, f"no text for source cue {k + 1}"))
+    return result
+
+
+def reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueResult:
+    """Re-lay existing cues (e.g. a user's SRT) with the rules; old cue ends are good break points.
+
+    No cue starts before its first word: a file's words get their times spread over the cue they
+    were in, so the old cue's start is the earliest the speech is known to begin, and showing text
+    before it (the `max_lead` the engine allows on ASR word times) would put it over silence or the
+    previous speaker."""
+    texts = [rules.word_separator.join(c.lines) for c in cues]
+    tokens = _tokens_over_cues(cues, texts, rules, join_gap_ms=rules.soft_pause * 1000)
+    return _layout(tokens, rules, fps, hard_groups=False, lead_ms=0)
+
+
+def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,
+             fmt: str | None = None, encoding: str | None = None):
+    """Re-flow a subtitle file with `rules` and write it to `out` (format from fmt or out's suffix).
+
+    Returns the engine's CueResult: the new cues and any problems it could not avoid.
+    """
+    result = reflow(read_subtitles(path, encoding=encoding), rules, fps)
+    write_subtitles(result.cues, out, fmt)
+    return result

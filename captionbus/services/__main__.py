@@ -1,0 +1,5 @@
+import sys
+
+from captionbus.services.runtime.main import main
+
+sys.exit(main())

@@ -1,0 +1,348 @@
+"""The asr stage's whisperx backend: faster-whisper / CTranslate2 batched decoding through
+whisperx's FasterWhisperPipeline (the `whisperx` env). captionbus/services/asr/stage.py calls the same four
+functions as of captionbus/services/asr/mlx_backend.py: load, describe, supported_languages, transcribe;
+whisperx, faster-whisper and torch are imported inside them, so nothing heavy loads until the
+asr process's setup().
+
+Where word times come from. whisperx's FasterWhisperPipeline decodes each VAD speech chunk
+(up to 30 s) in batches with `without_timestamps=True` and returns one text per chunk, no word
+times: whisperx gets those from its separate wav2vec2 alignment step, which here is the
+`alignment` stage of the translate/subtitle workflows (captionbus/services/alignment). Running faster-whisper's own
+`transcribe(word_timestamps=True)` on the same chunks was measured worse on the test clip
+(WER 0.21 vs 0.0: it pads the mel spectrogram instead of the audio and decodes with
+timestamp tokens). So we keep whisperx's text and time its words with Whisper's cross-attention
+alignment (faster-whisper's `find_alignment`, i.e. CTranslate2 `Whisper.align`, the mechanism
+behind faster-whisper's word timestamps) on the very chunk and features the text was decoded
+from: one extra encoder pass per chunk, same model, same process. These times are what the
+transcribe workflow uses, and what alignment falls back to for a language without an aligner.
+
+With speech regions (the vad stage) only they are decoded: they are cut to Whisper's window at
+their quietest frame and handed to the pipeline in place of its own pyannote VAD (for that call
+only). Without regions whisperx's pyannote VAD finds the speech.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from captionbus.contracts.transcript import Segment, Word
+from captionbus.services.audio import WHISPER_WINDOW_S
+
+SAMPLE_RATE = 16000
+SENTENCE_END = (".", "?", "!", "。", "？", "！", "।")
+# A pause this long between two words starts a new transcript segment even mid-sentence.
+SEGMENT_BREAK_PAUSE_S = 1.5
+# Share of the progress bar given to decoding; word timing takes the rest.
+DECODE_SHARE = 0.8
+# Language detection looks for speech in this much audio from the start.
+DETECT_WINDOW_S = 600
+MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
+# Whisper's window: whisperx decodes speech chunks of at most this length (the chunk stage
+# replicates the grouping: captionbus/services/audio.WHISPER_WINDOW_S).
+CHUNK_S = int(WHISPER_WINDOW_S)
+
+Regions = list[tuple[float, float]]
+
+
+@dataclass
+class WhisperX:
+    """What load() returns and every transcribe() call reuses (callers serialise the calls)."""
+
+    pipeline: Any  # whisperx's FasterWhisperPipeline
+    source: str
+    device: str
+    compute_type: str
+    batch_size: int
+    load_seconds: float
+    tokenizers: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    @property
+    def whisper(self):
+        """The faster-whisper WhisperModel inside the pipeline (whisperx subclasses it)."""
+        return self.pipeline.model
+
+    def tokenizer(self, language: str, task: str = "transcribe"):
+        if (language, task) not in self.tokenizers:
+            from faster_whisper.tokenizer import Tokenizer
+
+            self.tokenizers[(language, task)] = Tokenizer(
+                self.whisper.hf_tokenizer, self.whisper.model.is_multilingual, task=task, language=language
+            )
+        return self.tokenizers[(language, task)]
+
+
+def load(source: str, log, *, device: str, compute_type: str, threads: int, batch_size: int) -> WhisperX:
+    """Load the CTranslate2 Whisper model (a local folder or Hugging Face id) into a pipeline."""
+    import torch
+    import whisperx  # heavy (torch, pyannote): only in the asr process, only here
+
+    torch.set_num_threads(threads)  # pyannote VAD runs in torch
+    started = time.monotonic()
+    pipeline = whisperx.load_model(
+        source,
+        device=device,
+        compute_type=compute_type,
+        language=None,  # per request: given or detected
+        vad_method="pyannote",  # its weights ship in the wheel; "silero" needs torch.hub (online)
+        threads=threads,
+        local_files_only=Path(source).is_dir(),
+    )
+    load_seconds = time.monotonic() - started
+    log.info("asr model loaded", backend="whisperx", model=source, device=device, compute_type=compute_type,
+             seconds=round(load_seconds, 2))
+    return WhisperX(pipeline, source, device, compute_type, batch_size, load_seconds)
+
+
+def describe(model: WhisperX) -> str:
+    return f"{model.source} ({model.compute_type}, {model.device})"
+
+
+def supported_languages(model: WhisperX) -> list[str]:
+    return list(model.whisper.supported_languages)
+
+
+def transcribe(
+    model: WhisperX,
+    audio: np.ndarray,
+    language: str | None,
+    regions: Regions | None,
+    progress: Callable[[float, str], None],
+    task: str = "transcribe",
+) -> tuple[str, float | None, list[Segment]]:
+    """(language, its probability when detected else None, segments with word times in seconds
+    from the start of `audio`): detect the language if not given, decode speech chunks in
+    batches (ours from `regions`, else whisperx's pyannote VAD), time words per chunk.
+    `audio` is silent outside `regions` when there are any. task translate: decoded into
+    English (Whisper's translate task); word times then come from the same cross-attention
+    alignment of the English tokens, so they are approximate (OpenAI gives none for translations)."""
+    language_probability = None
+    if len(audio) < MIN_AUDIO_SAMPLES or regions == []:
+        return language or "en", None, []  # pyannote rejects an empty waveform; nothing to hear
+    if regions is not None:
+        regions = split_long_regions(regions, audio)
+    if language is None:
+        if regions is not None:
+            language, language_probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
+            language_probability = float(language_probability)
+        else:
+            language, language_probability = detect_language(model, audio)
+    progress(0.02, f"language {language}")
+    if regions is not None:
+        chunks = decode_regions(model, audio, regions, language, progress, task)
+    else:
+        chunks = model.pipeline.transcribe(
+            audio,
+            batch_size=model.batch_size,
+            language=language,
+            task=task,
+            progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+        )["segments"]
+    segments: list[Segment] = []
+    for n, chunk in enumerate(chunks):
+        segments.extend(timed_segments(model, audio, chunk, language, task))
+        progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
+    return language, language_probability, segments
+
+
+def detect(model: WhisperX, audio: np.ndarray, regions: Regions | None) -> tuple[str, float]:
+    """(language, probability) heard in the first 30 s of speech: of `regions` when given, else
+    found by faster-whisper's VAD (detect_language)."""
+    if regions:
+        language, probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
+        return language, float(probability)
+    return detect_language(model, audio)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def detect_language(model: WhisperX, audio: np.ndarray) -> tuple[str, float]:
+    """Detect on the first 30 s of *speech* (faster-whisper's bundled Silero ONNX VAD), not the
+    first 30 s of the file, which in films is often music or silence. The VAD only looks at
+    the first DETECT_WINDOW_S so a feature film does not pay for a VAD pass over all of it."""
+    window = audio[: int(DETECT_WINDOW_S * SAMPLE_RATE)]
+    language, probability, _ = model.whisper.detect_language(audio=window, vad_filter=True)
+    return language, float(probability)
+
+
+def split_long_regions(regions: Regions, audio: np.ndarray, max_s: float = CHUNK_S) -> Regions:
+    """Regions longer than Whisper's window cut into pieces of at most `max_s`, each cut at the
+    quietest 10 ms frame of the second half of the window (what whisperx's Binarize does with
+    max_duration, on VAD scores; we have the audio)."""
+    frame = SAMPLE_RATE // 100
+    out: Regions = []
+    for start, end in regions:
+        while end - start > max_s:
+            first, last = int((start + max_s / 2) * SAMPLE_RATE), int((start + max_s) * SAMPLE_RATE)
+            window = audio[first:last]
+            usable = len(window) // frame * frame
+            if usable:
+                energy = np.mean(window[:usable].reshape(-1, frame) ** 2, axis=1)
+                cut = start + max_s / 2 + (int(np.argmin(energy)) + 0.5) * frame / SAMPLE_RATE
+            else:
+                cut = start + max_s
+            out.append((start, cut))
+            start = cut
+        out.append((start, end))
+    return out
+
+
+def speech_sample(audio: np.ndarray, regions: Regions, seconds: float = CHUNK_S) -> np.ndarray:
+    """The first `seconds` of speech, regions back to back (what language detection hears)."""
+    pieces, total = [], 0
+    for start, end in regions:
+        piece = audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)][: int(seconds * SAMPLE_RATE) - total]
+        pieces.append(piece)
+        total += len(piece)
+        if total >= seconds * SAMPLE_RATE:
+            break
+    return np.concatenate(pieces) if pieces else audio[:0]
+
+
+def _given_chunks_vad(chunks: list[dict]):
+    """A whisperx Vad that 'finds' exactly our chunks, so FasterWhisperPipeline.transcribe runs
+    its own batched decoding (data generator -> __call__ -> generate_segment_batched) on them."""
+    from whisperx.vads import Vad
+
+    class GivenChunks(Vad):
+        def __init__(self):
+            super().__init__(0.5)
+
+        def __call__(self, audio, **kwargs):
+            return chunks
+
+        @staticmethod
+        def preprocess_audio(audio):
+            return audio  # nothing to prepare: no VAD model runs
+
+        @staticmethod
+        def merge_chunks(segments, chunk_size, onset=None, offset=None):
+            return segments  # already merged (speech_chunks)
+
+    return GivenChunks()
+
+
+def speech_chunks(regions: Regions) -> list[dict]:
+    """Neighbouring regions merged into chunks of at most CHUNK_S by whisperx's own
+    Vad.merge_chunks (regions must be split to CHUNK_S first); [{start, end, segments}]."""
+    from collections import namedtuple
+
+    from whisperx.vads import Vad
+
+    if not regions:
+        return []
+    span = namedtuple("span", "start end speaker")
+    return Vad.merge_chunks([span(a, b, None) for a, b in regions], CHUNK_S, onset=0.5, offset=None)
+
+
+def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, language: str,
+                   progress: Callable[[float, str], None], task: str = "transcribe") -> list[dict]:
+    """whisperx's batched decoding on chunks built from our regions instead of its pyannote VAD:
+    the pipeline's VAD is swapped for one that returns our chunks, for this call only (callers
+    serialise calls)."""
+    pipeline = model.pipeline
+    original = pipeline.vad_model
+    pipeline.vad_model = _given_chunks_vad(speech_chunks(regions))
+    try:
+        return pipeline.transcribe(
+            audio,
+            batch_size=model.batch_size,
+            language=language,
+            task=task,
+            chunk_size=CHUNK_S,
+            progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+        )["segments"]
+    finally:
+        pipeline.vad_model = original
+
+
+def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, task: str = "transcribe") -> list[dict]:
+    """Word start/end (seconds from the chunk start) for `text` decoded from `chunk`, by
+    Whisper cross-attention alignment on the same features the decoder saw."""
+    from faster_whisper.transcribe import merge_punctuations
+    from whisperx.audio import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
+
+    chunk = chunk[:N_SAMPLES]
+    tokenizer = model.tokenizer(language, task)
+    tokens = [t for t in tokenizer.encode(text) if t < tokenizer.eot]
+    if not tokens or len(chunk) < HOP_LENGTH * 2:
+        return []
+    n_mels = model.whisper.feat_kwargs.get("feature_size") or 80
+    features = log_mel_spectrogram(chunk, n_mels=n_mels, padding=N_SAMPLES - chunk.shape[0])
+    encoder_output = model.whisper.encode(features.numpy() if hasattr(features, "numpy") else features)
+    alignment = model.whisper.find_alignment(tokenizer, [tokens], encoder_output, len(chunk) // HOP_LENGTH)[0]
+    merge_punctuations(alignment, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
+    words = [w for w in alignment if w["word"].strip()]
+    _trim_to_sound(words, chunk)
+    return words
+
+
+def _trim_to_sound(words: list[dict], chunk: np.ndarray) -> None:
+    """Cross-attention alignment tends to stretch a word over the silence next to it (the
+    first word of a chunk back to the VAD chunk start, the last one past the speech). Words
+    do not start or end in silence: move the first word's start, the last word's end, and
+    the edges of implausibly long words (over twice the median word length, as
+    faster-whisper judges it) to the nearest 10 ms frame with sound in it."""
+    frame = SAMPLE_RATE // 100
+    usable = len(chunk) // frame * frame
+    if not words or usable == 0:
+        return
+    rms = np.sqrt(np.mean(chunk[:usable].reshape(-1, frame) ** 2, axis=1))
+    loudness_db = 20 * np.log10(rms + 1e-9)
+    # "Sound" relative to this chunk's loud frames, so a film's noise floor counts as silence.
+    has_sound = loudness_db >= np.percentile(loudness_db, 95) - 30
+    durations = [w["end"] - w["start"] for w in words if w["end"] > w["start"]]
+    longest_plausible = 2 * min(0.7, float(np.median(durations))) if durations else 1.4
+    shortest = 0.1
+    for i, word in enumerate(words):
+        stretched = word["end"] - word["start"] > longest_plausible
+        first_frame, last_frame = int(word["start"] * 100), min(int(word["end"] * 100), len(has_sound))
+        sounding = np.flatnonzero(has_sound[first_frame:last_frame]) + first_frame
+        if len(sounding) == 0:
+            continue
+        if i == 0 or stretched:
+            word["start"] = min(float(sounding[0]) / 100, word["end"] - shortest)
+        if i == len(words) - 1 or stretched:
+            word["end"] = max(float(sounding[-1] + 1) / 100, word["start"] + shortest)
+
+
+def split_into_segments(words: list[Word], fallback: Segment) -> list[Segment]:
+    """One whisperx chunk (up to 30 s) -> segments at sentence ends and long pauses, so
+    segments are units a reader (and the subtitle rules) can work with."""
+    if not words:
+        return [fallback]
+    segments: list[Segment] = []
+    current: list[Word] = []
+    for i, word in enumerate(words):
+        current.append(word)
+        following = words[i + 1] if i + 1 < len(words) else None
+        pause = following.start - word.end if following else 0.0
+        if following is None or word.text.rstrip().endswith(SENTENCE_END) or pause >= SEGMENT_BREAK_PAUSE_S:
+            segments.append(
+                Segment(start=current[0].start, end=current[-1].end, text=" ".join(w.text for w in current), words=current)
+            )
+            current = []
+    return segments
+
+
+def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: str,
+                   task: str = "transcribe") -> list[Segment]:
+    """One whisperx chunk ({start, end, text}) -> transcript segments with word times."""
+    start, end = float(chunk["start"]), float(chunk["end"])
+    if not chunk["text"].strip():
+        return []
+    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task)
+    words = [
+        Word(
+            text=w["word"].strip(),
+            start=round(min(start + float(w["start"]), end), 3),
+            end=round(min(start + float(w["end"]), end), 3),
+            score=round(float(w["probability"]), 3),
+        )
+        for w in timed
+    ]
+    return split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))

@@ -1,0 +1,165 @@
+"""The StageContext a handler gets: it runs in a worker thread and reaches the event loop
+(artifact fetches, events) through run_coroutine_threadsafe."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from captionbus.contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
+from captionbus.contracts.ids import validate_token
+from captionbus.contracts.stage_declaration import explain
+from captionbus.services.runtime.errors import BadInput, Cancelled
+
+M = TypeVar("M", bound=BaseModel)
+
+# At most this many progress events per second per request (dashboards need no more).
+PROGRESS_INTERVAL_S = 0.25
+# The fields a stage event shares with the request it answers.
+EVENT_ID_FIELDS = ("job_id", "stage", "node", "attempt")
+
+
+def event_ids(request: StageRequest) -> dict[str, Any]:
+    """The ids of a stage event about `request` (progress, warning, completed, failed)."""
+    return {field: getattr(request, field) for field in EVENT_ID_FIELDS}
+
+
+def result_ids(request: StageRequest) -> dict[str, Any]:
+    """The ids of a result (completed / failed) about `request`: event_ids plus the request's
+    token, which proves to the coordinator that this worker was handed the request. Only
+    results carry it: progress events go out while the attempt is still open."""
+    return {**event_ids(request), "token": request.token}
+
+
+def parse_input(path: Path, model: type[M], name: str) -> M:
+    """The JSON file `path` (the request's input `name`) as `model`, or BadInput with one line:
+    which input, which model, and the first problems (`segments.0.start='x': Input should be a
+    valid number`; an unreadable document says so)."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        raise BadInput(f"input {name!r} is not valid {model.__name__} JSON: {explain(error, 'field')}") from None
+
+
+class TypedInputs:
+    """`ctx.input(name, Model)` / `ctx.input_list(name, Model)` over a context's input_path /
+    input_paths: the one way a stage reads a JSON input (shared by the runtime's context and the
+    test context in captionbus/services/runtime/testing.py)."""
+
+    def input_path(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def input_paths(self, name: str) -> list[Path]:
+        raise NotImplementedError
+
+    def input(self, name: str, model: type[M]) -> M:
+        return parse_input(self.input_path(name), model, name)
+
+    def input_list(self, name: str, model: type[M]) -> list[M]:
+        return [parse_input(path, model, f"{name}[{i}]") for i, path in enumerate(self.input_paths(name))]
+
+
+class RequestContext(TypedInputs):
+    def __init__(
+        self,
+        request: StageRequest,
+        *,
+        params: Any = None,
+        work_dir: Path,
+        resources: Any,
+        log: Any,
+        delivery: int,
+        loop: asyncio.AbstractEventLoop,
+        fetch: Callable[[ArtifactRef, Path], Awaitable[Path]],
+        emit: Callable[[Any], Awaitable[None]],
+        cancelled: threading.Event | None = None,
+    ):
+        self.request = request
+        self.params = params  # request.params parsed with the stage's model
+        self.work_dir = work_dir
+        self.resources = resources
+        self.log = log
+        self.metrics: dict[str, float] = {}
+        self.items: dict[str, int] = {}  # list output -> its item count (StageCompleted.items)
+        self.delivery = delivery  # 1 on the first try of this request, 2 on a redelivery ...
+        self._loop = loop
+        self._fetch = fetch
+        self._emit = emit
+        self._fetched: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self._last_progress = 0.0
+        self.cancelled = cancelled or threading.Event()  # set by the worker when the job ends
+        self.warnings: list[str] = []  # kept with a cached result and published again on a hit
+        self.cache_blockers: list[str] = []  # why this result must not be cached (skip_cache)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def input_path(self, name: str) -> Path:
+        ref = self.request.inputs.get(name)
+        if ref is None:
+            raise BadInput(f"stage {self.request.stage} needs input {name!r}; the request has {sorted(self.request.inputs)}")
+        return self._get(name, ref)
+
+    def input_paths(self, name: str) -> list[Path]:
+        refs = self.request.input_lists.get(name)
+        if refs is None:
+            raise BadInput(f"stage {self.request.stage} needs input list {name!r}; the request has {sorted(self.request.input_lists)}")
+        return [self._get(f"{name}-{i}", ref) for i, ref in enumerate(refs)]
+
+    def _get(self, slot: str, ref: ArtifactRef) -> Path:
+        with self._lock:
+            if slot in self._fetched:
+                return self._fetched[slot]
+        validate_token(slot, "input name")  # it becomes a directory name
+        # One directory per input: two inputs may carry the same file name.
+        dest = self.work_dir / "in" / slot
+        dest.mkdir(parents=True, exist_ok=True)
+        if _running_loop() is self._loop:
+            raise RuntimeError("StageContext input methods block; call them from the handler thread")
+        path = asyncio.run_coroutine_threadsafe(self._fetch(ref, dest), self._loop).result()
+        with self._lock:
+            self._fetched[slot] = path
+        return path
+
+    # -- events -------------------------------------------------------------------------------
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"job {self.request.job_id} ended while {self.request.stage} ran")
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.check_cancelled()
+        fraction = min(1.0, max(0.0, float(fraction)))
+        now = time.monotonic()
+        with self._lock:
+            if fraction < 1.0 and now - self._last_progress < PROGRESS_INTERVAL_S:
+                return
+            self._last_progress = now
+        self._post(StageProgress(**event_ids(self.request), fraction=fraction, message=message[:200]))
+
+    def warn(self, message: str) -> None:
+        self.log.warning("stage warning", message=message)
+        self.warnings.append(message)
+        self._post(StageWarning(**event_ids(self.request), message=message))
+
+    def skip_cache(self, reason: str) -> None:
+        self.log.info("result will not be cached", reason=reason)
+        self.cache_blockers.append(reason)
+
+    def _post(self, event: Any) -> None:
+        # Fire and forget: a slow bus must not stall the handler.
+        future = asyncio.run_coroutine_threadsafe(self._emit(event), self._loop)
+        future.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.log.warning("event publish failed", error=str(future.exception()))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,63 @@
+"""subtitle_gen: transcript JSON -> SRT and WebVTT, laid out by the subtitle rule engine
+(captionbus.core.subtitles: line length, line count, reading speed, min/max duration, gaps, sync;
+written through pysubs2).
+
+Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the minimum gap of
+two frames).
+Params: declaration.SubtitleGenParams: `language` (picks the language's rules and
+names the files subtitles.<lang>.<format>; default: the transcript's language), `profile` (a
+profile of config/subtitles.yaml), `formats` (default [srt, vtt]; also ass, json, txt).
+Outputs: one per format, named after it: `srt`, `vtt` by default.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from captionbus.contracts import StageRequest
+from captionbus.contracts.languages import UnknownLanguage, check_language
+from captionbus.contracts.transcript import Transcript
+from captionbus.core.subtitles import build_cues, load_rules, write_subtitles
+from captionbus.services.runtime import BadInput, StageContext, StageDefinition
+from captionbus.services.subtitle_gen.declaration import SUBTITLE_GEN, SubtitleGenParams
+
+
+def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
+    if "probe" not in request.inputs:
+        return None
+    try:
+        fps = json.loads(ctx.input_path("probe").read_text()).get("fps")
+    except (OSError, ValueError, AttributeError):
+        return None  # timing falls back to the rules' default fps; not worth failing a job
+    return float(fps) if fps else None
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    params: SubtitleGenParams = ctx.params
+    transcript = ctx.input("transcript", Transcript)
+    try:
+        language = check_language(params.language or transcript.language)
+    except UnknownLanguage as unknown:
+        raise BadInput(str(unknown))
+    try:
+        rules = load_rules(profile=params.profile, language=language)
+    except ValueError as bad_profile:
+        raise BadInput(str(bad_profile))
+
+    formats = list(dict.fromkeys(params.formats))
+    result = build_cues(transcript, rules, fps=video_fps(request, ctx))
+    if not result.cues:
+        ctx.warn("the transcript has no speech; the subtitle files have no cues")
+    if result.problems:
+        # Breaches the input made unavoidable (e.g. a word longer than a line): worth a look.
+        rules_broken = sorted({p.rule for p in result.problems})
+        ctx.warn(f"{len(result.problems)} cue(s) could not meet every rule ({', '.join(rules_broken)})")
+
+    outputs = {fmt: write_subtitles(result.cues, ctx.work_dir / f"subtitles.{language}.{fmt}", fmt) for fmt in formats}
+    ctx.metrics["cues"] = float(len(result.cues))
+    ctx.metrics["rule_problems"] = float(len(result.problems))
+    ctx.progress(1.0, f"{len(result.cues)} cues")
+    return outputs
+
+
+STAGE = StageDefinition(spec=SUBTITLE_GEN, handle=handle, report_packages=("pysubs2", "pydantic", "PyYAML"))

@@ -1,0 +1,46 @@
+"""transcript_join: the transcripts of a film's chunks (each already in film times, from the asr
+stage's `item` requests) -> one transcript, segments in time order. Inputs: `transcripts` (a list,
+in chunk order), optional `language` (captionbus.contracts.speech.SpokenLanguage: the language detected once
+for the job, which an empty list still needs). Nothing to load: the common env runs it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from captionbus.contracts import StageRequest
+from captionbus.contracts.speech import SpokenLanguage
+from captionbus.contracts.transcript import Transcript
+from captionbus.services.runtime import BadInput, StageContext, StageDefinition
+from captionbus.services.transcript_join.declaration import TRANSCRIPT_JOIN
+
+
+def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:
+    """One transcript: segments of every part in time order; languages must agree."""
+    languages = {p.language for p in parts} | ({language.language} if language else set())
+    if len(languages) > 1:
+        raise BadInput(f"chunk transcripts are in different languages ({', '.join(sorted(languages))}); "
+                       "every chunk must decode with the job's one language")
+    first = parts[0] if parts else None
+    segments = sorted((s for p in parts for s in p.segments), key=lambda s: (s.start, s.end))
+    durations = [p.duration for p in parts if p.duration is not None]
+    return Transcript(
+        language=language.language if language else (first.language if first else "en"),
+        language_probability=language.probability if language else (first.language_probability if first else None),
+        duration=max(durations) if durations else None,
+        model=first.model if first else None,
+        aligned=bool(parts) and all(p.aligned for p in parts),
+        segments=segments,
+    )
+
+
+def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
+    parts = ctx.input_list("transcripts", Transcript) if "transcripts" in request.input_lists else []
+    language = ctx.input("language", SpokenLanguage) if "language" in request.inputs else None
+    joined = join(parts, language)
+    out = ctx.work_dir / "transcript.json"
+    out.write_text(joined.model_dump_json(indent=1))
+    ctx.metrics.update(chunks=float(len(parts)), segments=float(len(joined.segments)))
+    ctx.progress(1.0, f"{len(parts)} chunks, {len(joined.segments)} segments")
+    return {"transcript": out}
+
+
+STAGE = StageDefinition(spec=TRANSCRIPT_JOIN, handle=handle)

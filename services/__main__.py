@@ -1,5 +1,0 @@
-import sys
-
-from services.runtime.main import main
-
-sys.exit(main())

@@ -1,4 +1,0 @@
-"""Machine translation of transcripts. `core` is the stage every backend shares (sentence units,
-glossary, batching, the output transcript); `nllb_stage` and `indictrans2_stage` each supply a
-Translator for their model family. Which backend gets which language pair:
-config/translation.yaml (core.translation_routes)."""
