@@ -39,6 +39,14 @@ def test_without_flags_no_options_and_bad_vad_choice_refused():
     assert result.exit_code == 2 and "webrtc" in result.output
 
 
+def test_speaker_names_go_to_subtitle_gen_as_given():
+    parsed = json.loads(CliRunner().invoke(probe, ["--speaker-names", "A=Anna,B=Ben"]).output)
+    assert parsed["options"] == {"subtitle_gen": {"speaker_names": "A=Anna,B=Ben"}}
+    from contracts.declarations.subtitle_gen import SubtitleGenParams
+    assert SubtitleGenParams(**parsed["options"]["subtitle_gen"]).speaker_names == {"A": "Anna", "B": "Ben"}
+    assert SubtitleGenParams(speaker_names="Anna, Ben").speaker_names == {"1": "Anna", "2": "Ben"}
+
+
 def test_chunk_s_becomes_the_chunk_stage_target_and_is_never_negative():
     parsed = json.loads(CliRunner().invoke(probe, ["-w", "chunked", "--chunk-s", "45"]).output)
     assert parsed["options"] == {"chunk": {"target_s": 45.0}}
