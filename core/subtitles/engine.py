@@ -142,10 +142,11 @@ def _name_speakers(tokens: list[_Token], names: Mapping[str, str], style: str) -
 
 
 def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
-            hard_groups: bool = False, lead_ms: float | None = None, dialogue: bool = False,
+            hard_groups: bool = False, lead_ms: float | None = None,
+            dialogue: bool | frozenset[tuple[str, str]] = False,
             voices: Mapping[str, str] | None = None) -> CueResult:
-    """dialogue: a cue may hold two speakers (a dialogue cue); voices: a speaker's WebVTT voice
-    when it is not the label itself (their name)."""
+    """dialogue: a cue may hold two speakers (a dialogue cue), any two or only these (first, second)
+    pairs; voices: a speaker's WebVTT voice when it is not the label itself (their name)."""
     n = len(tokens)
     if not n:
         return CueResult([], [])
@@ -167,7 +168,8 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
         pause = b.start - a.end
         new_group = a.group != b.group
         change = a.speaker != b.speaker
-        turn[k] = change and dialogue and a.speaker is not None and b.speaker is not None
+        turn[k] = (change and bool(dialogue) and a.speaker is not None and b.speaker is not None
+                   and (dialogue is True or (a.speaker, b.speaker) in dialogue))
         hard[k] = ((change and not turn[k]) or pause >= hard_pause or (hard_groups and new_group))
         cost = linebreak.text_break_cost(a.text, b.text, rules)
         sentence[k] = cost == linebreak.SENTENCE
@@ -403,9 +405,40 @@ def reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueRe
     were in, so the old cue's start is the earliest the speech is known to begin, and showing text
     before it (the `max_lead` the engine allows on ASR word times) would put it over silence or the
     previous speaker."""
+    cues, pairs = _split_dialogue(cues, rules)
     texts = [rules.word_separator.join(c.lines) for c in cues]
     tokens = _tokens_over_cues(cues, texts, rules, join_gap_ms=rules.soft_pause * 1000)
-    return _layout(tokens, rules, fps, hard_groups=False, lead_ms=0)
+    result = _layout(tokens, rules, fps, hard_groups=False, lead_ms=0, dialogue=pairs)
+    for cue in result.cues:  # the parts' labels are ours, not speakers a file named
+        if cue.speaker is not None and cue.speaker.startswith(_PART):
+            cue.speaker, cue.voices = None, []
+    return result
+
+
+_PART = "\x00dialogue-part:"  # a label no file's speaker name can be (pysubs2 reads ASS names as text)
+
+
+def _split_dialogue(cues: Sequence[Cue], rules: Rules) -> tuple[list[Cue], frozenset[tuple[str, str]]]:
+    """A file's dialogue cue (every line starts with the dash, two lines or more) as one cue per
+    line, each its own speaker over its share of the time: re-flowing it then keeps each line's
+    words apart and may rebuild the dialogue cue, but never joins the lines into one
+    ("-Are you coming? -In a minute."). Only a cue's own lines may share a dialogue cue again:
+    whether the last line of one cue and the first of the next are one person, a file doesn't say."""
+    dash = rules.dialogue_dash.strip() or rules.dialogue_dash
+    out: list[Cue] = []
+    pairs: set[tuple[str, str]] = set()
+    for k, cue in enumerate(cues):
+        lines = [line.strip() for line in cue.lines]
+        if len(lines) < 2 or not all(line.startswith(dash) and line[len(dash):].strip() for line in lines):
+            out.append(cue)
+            continue
+        parts = [line[len(dash):].strip() for line in lines]
+        labels = [f"{_PART}{k}.{n}" for n in range(len(parts))]
+        pairs.update(zip(labels, labels[1:]))
+        spans = _spread([display_len(p) for p in parts], cue.start_ms, cue.end_ms)
+        for part, label, (a, b) in zip(parts, labels, spans):
+            out.append(Cue(int(round(a)), int(round(b)), [part], speaker=label))
+    return out, frozenset(pairs)
 
 
 def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,

@@ -205,3 +205,46 @@ def test_report_counts_speaker_rules_from_a_file(tmp_path):
     report = check_file(path, load_rules(max_lines=3))
     assert report.counts["dialogue"] == 1 and report.counts["speaker_line"] == 0
     assert "dialogue" in report.render()
+
+
+DIALOGUE_SRT = """1
+00:00:01,000 --> 00:00:02,500
+-Are you coming?
+-In a minute.
+
+2
+00:00:02,600 --> 00:00:03,800
+-Yes.
+-No.
+
+3
+00:00:03,900 --> 00:00:05,000
+-Fine.
+-Go.
+
+4
+00:00:08,000 --> 00:00:11,000
+A plain line that goes on
+and on.
+"""
+
+
+def test_fix_keeps_a_files_dialogue_lines_apart(tmp_path):
+    """A re-flow splits a dashed cue into its speakers' lines and may rebuild it, never joining two
+    lines into one; lines of different cues never share a dialogue cue (a file doesn't say who
+    speaks across cues)."""
+    from core.subtitles import reflow
+    from core.subtitles.formats import parse_subtitles
+    before = parse_subtitles(DIALOGUE_SRT, "srt")
+    result = reflow(before, RULES)
+    assert check_cues(result.cues, RULES) == [] and result.problems == []
+    got = [c.lines for c in result.cues]
+    assert ["-Are you coming?", "-In a minute."] in got and ["-Yes.", "-No."] in got
+    assert ["A plain line that goes on and on."] in got
+    own_cue = {"Are you coming?": 0, "In a minute.": 0, "Yes.": 1, "No.": 1, "Fine.": 2, "Go.": 2}
+    for lines in got:
+        said = [line.lstrip("-") for line in lines]
+        assert len({own_cue.get(s, s) for s in said}) == 1, lines
+    assert all(not c.voices and c.speaker is None for c in result.cues)
+    words = lambda cues: " ".join(" ".join(c.lines) for c in cues).replace("-", "").split()  # noqa: E731
+    assert words(result.cues) == words(before)
