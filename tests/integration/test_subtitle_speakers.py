@@ -94,3 +94,32 @@ def test_subtitle_gen_speakers_through_the_stage_and_a_browser(tmp_path):
     for cue in cues:  # a dialogue cue's spans are its dashed lines, named where names were given
         if len(cue["voices"]) == 2:
             assert all(text.startswith(f"-[{voice}] ") for voice, text in cue["voices"]), cue
+
+
+def test_muxed_tracks_carry_the_dialogue_lines_and_names(tmp_path):
+    """The SRT subtitle_gen writes is what mux puts in the mp4 (mov_text) and mkv (subrip): the
+    dialogue dashes and names survive into the tracks a player reads."""
+    import subprocess
+
+    from services.mux.stage import STAGE as MUX
+    from tests import media as test_media
+
+    if not test_media.tools_available():
+        pytest.skip(test_media.MISSING)
+    ctx = make_fake_context(tmp_path / "subs", "subtitle_gen",
+                            inputs={"transcript": _transcript(tmp_path / "transcript.json")},
+                            params={"speaker_names": "A=Anna,B=Ben", "formats": ["srt"]})
+    srt = STAGE.handle(ctx.request, ctx)["srt"]
+    written = [(e.start, e.end, e.plaintext) for e in pysubs2.load(str(srt))]
+    video, _ = test_media.speech_video(tmp_path / "speech.mp4")
+    mux = make_fake_context(tmp_path / "mux", "mux", inputs={"media": video}, input_lists={"subtitles": [srt]},
+                            params={"languages": ["en"]})
+    outputs = MUX.handle(mux.request, mux)
+    for container in ("mp4", "mkv"):
+        track = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(outputs[container]), "-map", "0:s:0",
+                                "-f", "srt", "-"], check=True, capture_output=True, text=True, timeout=60).stdout
+        read = [(e.start, e.end, e.plaintext) for e in pysubs2.SSAFile.from_string(track, format_="srt")]
+        assert [text for _, _, text in read] == [text for _, _, text in written], container
+        assert "-[Anna] Hurry up.\n-[Ben] Okay." in [text for _, _, text in read]
+        # Times within the ~23 ms an AAC start offset can shift them (shared/FACTS.md).
+        assert all(abs(a[0] - b[0]) <= 30 and abs(a[1] - b[1]) <= 30 for a, b in zip(read, written)), container
