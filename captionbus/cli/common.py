@@ -104,6 +104,11 @@ job_options = [
                  help="Workflows with a chunk stage (-w chunked): target chunk length in seconds, one asr "
                       f"request per chunk (0: the whole film in one; default {DEFAULT_CHUNK_TARGET_S:g}, longer "
                       f"for a film too long for one job's chunks)."),
+    click.option("--speaker-names", "speaker_names", default=None, metavar="A=Anna,B=Ben",
+                 help="SDH: name speakers in the subtitles where they start talking ([Anna] Hi.). Keys are "
+                      "places in order of first appearance (A or 1 = whoever speaks first) or diarization "
+                      "labels (SPEAKER_00=Anna); a plain list Anna,Ben names them in order. Needs a "
+                      "transcript with speakers."),
 ]
 
 
@@ -112,8 +117,11 @@ def with_job_options(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, separate_sources: bool, vad: str | None, glossary: Path | None, chunk_s: float | None,
-                options=(), **kwargs):
+                speaker_names: str | None = None, options=(), **kwargs):
         extra = []
+        if speaker_names is not None:
+            # As given: subtitle_gen's params read the A=Anna,B=Ben text (and refuse a bad one at submit).
+            extra.append(f"subtitle_gen.speaker_names={json.dumps(speaker_names)}")
         if chunk_s is not None:
             extra.append(f"chunk.target_s={json.dumps(chunk_s)}")
         if separate_sources:

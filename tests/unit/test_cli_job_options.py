@@ -39,6 +39,41 @@ def test_without_flags_no_options_and_bad_vad_choice_refused():
     assert result.exit_code == 2 and "webrtc" in result.output
 
 
+def test_speaker_names_go_to_subtitle_gen_as_given():
+    parsed = json.loads(CliRunner().invoke(probe, ["--speaker-names", "A=Anna,B=Ben"]).output)
+    assert parsed["options"] == {"subtitle_gen": {"speaker_names": "A=Anna,B=Ben"}}
+    from captionbus.contracts.declarations.subtitle_gen import SubtitleGenParams
+    assert SubtitleGenParams(**parsed["options"]["subtitle_gen"]).speaker_names == {"A": "Anna", "B": "Ben"}
+    assert SubtitleGenParams(speaker_names="Anna, Ben").speaker_names == {"1": "Anna", "2": "Ben"}
+
+
+@pytest.mark.parametrize("workflow", ["transcribe", "chunked", "subtitle"])
+def test_speaker_names_reach_every_subtitle_gen_node_of_a_job(workflow):
+    """The flag's option goes where every `-o subtitle_gen.*` goes: each subtitle_gen node's
+    params, every language branch included, checked by the stage's params model."""
+    from captionbus.contracts import ArtifactRef, JobSpec
+    from captionbus.contracts.declarations.subtitle_gen import SubtitleGenParams
+    from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflows
+
+    options = parse_options(tuple(json.loads(CliRunner().invoke(
+        probe_raw, ["--speaker-names", "SPEAKER_01=Ben,A=Anna"]).output)))
+    job = JobSpec(job_id="j1", input=ArtifactRef(key="0" * 64, name="film.mp4", size=10), workflow=workflow,
+                  source_language="hi", target_languages=["en", "ta"] if workflow == "subtitle" else [],
+                  options=options)
+    plan = load_workflows(DEFAULT_WORKFLOWS_DIR)[workflow].expand(job)
+    nodes = [n for n in plan.active() if n.stage == "subtitle_gen"]
+    assert len(nodes) == (3 if workflow == "subtitle" else 1)
+    for node in nodes:
+        params = SubtitleGenParams.model_validate(node.params)
+        assert params.speaker_names == {"SPEAKER_01": "Ben", "A": "Anna"}, node.id
+
+
+@click.command()
+@with_job_options
+def probe_raw(workflow, source, targets, options):
+    click.echo(json.dumps(list(options)))
+
+
 def test_chunk_s_becomes_the_chunk_stage_target_and_is_never_negative():
     parsed = json.loads(CliRunner().invoke(probe, ["-w", "chunked", "--chunk-s", "45"]).output)
     assert parsed["options"] == {"chunk": {"target_s": 45.0}}

@@ -34,7 +34,8 @@ def captionbus(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[sub
     ("asr.beam_size=banana", "error: option asr: unknown param 'beam_size' (asr params: language, task, model, cache)"),
     ("asr.language=klingon", "error: option asr: language='klingon': unknown language code 'klingon'"),
     ("subtitle_gen.formats=doc", "error: option subtitle_gen: formats.0='doc': Input should be 'srt', 'vtt', "
-                                 "'ass', 'json' or 'txt' (subtitle_gen params: language, profile, formats, cache)"),
+                                 "'ass', 'json' or 'txt' (subtitle_gen params: language, profile, formats, "
+                                 "speaker_names, name_style, dialogue_dash, cache)"),
     ("nosuchstage.x=1", "error: option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
                         "(valid: demux, vad, asr, subtitle_gen, mux)"),
 ])

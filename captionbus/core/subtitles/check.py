@@ -12,8 +12,11 @@ from captionbus.core.subtitles.graphemes import display_len
 from captionbus.core.subtitles.rules import Rules
 
 # Every rule a file can break, in report order. `sync` needs word times, so only the engine checks it.
+# speaker_line: no line holds two speakers' words (needs words with speakers: the engine's cues, our
+# JSON); dialogue: a cue holding two speakers, or starting a line with the dialogue dash, has exactly
+# two lines, each starting with the dash, one speaker each -- never three speakers in one cue.
 RULE_NAMES = ("line_length", "line_count", "min_duration", "max_duration", "reading_speed",
-              "min_gap", "overlap", "order")
+              "min_gap", "overlap", "order", "speaker_line", "dialogue")
 CPS_BUCKETS = (10.0, 12.0, 15.0, 17.0, 20.0, 25.0)
 
 
@@ -35,6 +38,62 @@ def cue_cps(cue: Cue) -> float:
     if dur <= 0:
         return float("inf") if chars else 0.0
     return chars * 1000.0 / dur
+
+
+def _line_speakers(cue: Cue) -> list[set[str]] | None:
+    """The speakers of each line's words, found by locating each word's text in the lines in order
+    (so a dash or a name before a word does not matter); None when the words carry no speakers or
+    do not match the lines (a hand-edited file)."""
+    if not any(w.speaker is not None for w in cue.words):
+        return None
+    stream, line_of = "", []
+    for k, line in enumerate(cue.lines):
+        piece = "".join(line.split())
+        stream += piece
+        line_of += [k] * len(piece)
+    found: list[set[str]] = [set() for _ in cue.lines]
+    pos = 0
+    for w in cue.words:
+        text = "".join(w.text.split())
+        if not text:
+            continue
+        at = stream.find(text, pos)
+        if at < 0:
+            return None
+        if w.speaker is not None:
+            found[line_of[at]].add(w.speaker)
+        pos = at + len(text)
+    return found
+
+
+def _runs(labels: Sequence[str | None]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        if label is not None and (not out or out[-1] != label):
+            out.append(label)
+    return out
+
+
+def speaker_violations(i: int, cue: Cue, rules: Rules) -> list[Violation]:
+    out: list[Violation] = []
+    dash = rules.dialogue_dash.strip() or rules.dialogue_dash
+    per_line = _line_speakers(cue)
+    if per_line is not None:
+        for k, who in enumerate(per_line):
+            if len(who) > 1:
+                out.append(Violation("speaker_line", i, f"line {k + 1} holds {len(who)} speakers "
+                                                        f"({', '.join(sorted(who))})"))
+        runs = _runs([w.speaker for w in cue.words])
+    else:
+        runs = _runs(cue.voices)
+    dashed = [bool(dash) and line.startswith(dash) and len(line) > len(dash) for line in cue.lines]
+    if len(runs) > 2:
+        out.append(Violation("dialogue", i, f"{len(set(runs))} speakers in {len(runs)} turns: a cue holds "
+                                            f"at most two speakers, one line each"))
+    elif (len(runs) == 2 or any(dashed)) and (len(cue.lines) != 2 or not all(dashed)):
+        what = "two speakers" if len(runs) == 2 else f"a line starting with {dash!r}"
+        out.append(Violation("dialogue", i, f"{what} but not two lines each starting with {dash!r}"))
+    return out
 
 
 def check_cues(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> list[Violation]:
@@ -62,6 +121,7 @@ def check_cues(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> l
                 out.append(Violation("overlap", i, f"overlaps the previous cue by {prev.end_ms - cue.start_ms} ms"))
             elif cue.start_ms - prev.end_ms < gap:
                 out.append(Violation("min_gap", i, f"{cue.start_ms - prev.end_ms} ms after the previous cue < {gap} ms"))
+        out += speaker_violations(i, cue, rules)
     return out
 
 

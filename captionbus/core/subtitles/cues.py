@@ -13,6 +13,9 @@ class Cue:
     lines: list[str]
     words: list[Word] = field(default_factory=list)
     speaker: str | None = None
+    # Per line, the WebVTT voice of whoever says it (a name, or the diarizer's label); empty when
+    # the transcript has no speakers. Two different voices: a dialogue cue.
+    voices: list[str] = field(default_factory=list)
 
     @property
     def start(self) -> float:

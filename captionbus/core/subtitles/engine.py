@@ -3,9 +3,14 @@
 1. Flatten the transcript into words with repaired times (missing times interpolated, overlaps cut,
    integer ms on the rules' grid), so every later step can trust start <= end <= next start.
 2. Choose cue boundaries by dynamic programming over the word stream: a cue must fit max_lines x
-   max_chars, span at most max_duration of speech and never cross a speaker change or a long pause;
-   among those, prefer ends at sentence ends, pauses and clause marks, balanced lines and cue sizes,
-   and reading speeds the timing can meet.
+   max_chars, span at most max_duration of speech and never cross a long pause or a change of
+   speaker -- except a dialogue cue (build_cues only): one change between two known speakers, each
+   speaker's words whole on one line that starts with the dialogue dash (speakers.py), the first
+   part starting and the second ending where an utterance does (a turn, a sentence end, a pause).
+   Among those, prefer ends at sentence ends, pauses and clause marks, balanced lines and cue sizes,
+   and reading speeds the timing can meet. A dialogue cue costs more than two cues
+   (DIALOGUE_COST), so the engine makes one only where two short turns would otherwise be too short
+   to read or too fast: the quick exchanges the style guides put in one subtitle.
 3. Place the cues in time (timing.py), then check the result with the same checker users run;
    whatever still breaks a rule is returned as a problem, never hidden.
 """
@@ -14,10 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from captionbus.contracts.transcript import Transcript, Word
-from captionbus.core.subtitles import linebreak
+from captionbus.core.subtitles import linebreak, speakers
 from captionbus.core.subtitles.check import check_cues
 from captionbus.core.subtitles.cues import Cue, CueResult, Problem
 from captionbus.core.subtitles.formats import read_subtitles, write_subtitles
@@ -32,6 +37,10 @@ END_WEIGHT = 2.0         # a cue boundary matters more than a line break
 DANGLING_SENTENCE = 2.0  # a cue that ends one sentence and starts another it doesn't finish
 SPEED_COST = 5.0         # per unit of reading-speed excess the timing can't absorb
 SHORT_COST = 2.0         # a cue whose free time is under min_duration
+# Two speakers in one cue: above what merging two comfortable cues saves (CUE_COST, less the fill
+# term), below what one too-short or too-fast cue costs (SHORT_COST, SPEED_COST): a dialogue cue
+# only where separate cues would be hard to read.
+DIALOGUE_COST = 1.5
 
 
 @dataclass
@@ -112,12 +121,32 @@ def _transcript_tokens(transcript: Transcript) -> list[_Token]:
         words = seg.words
         if not words and seg.text.strip():  # a segment without word times still becomes cues
             words = [Word(text=t) for t in seg.text.split()]
-        tokens += _segment_tokens(words, seg.start, seg.end, seg.speaker, g)
+        seg_tokens = _segment_tokens(words, seg.start, seg.end, seg.speaker, g)
+        for t in seg_tokens:  # a word's own speaker (diarization) over its segment's
+            if t.word.speaker is not None:
+                t.speaker = t.word.speaker
+        tokens += seg_tokens
     return tokens
 
 
+def _name_speakers(tokens: list[_Token], names: Mapping[str, str], style: str) -> None:
+    """Write a named speaker's name before the first word they say after someone else (or at the
+    start): part of that word's text, so line length and reading speed count it."""
+    previous: str | None = None
+    for t in tokens:
+        if t.speaker is not None and t.speaker != previous and t.speaker in names:
+            t.text = speakers.name_prefix(names[t.speaker], style) + t.text
+            t.length = display_len(t.text)
+        if t.speaker is not None:
+            previous = t.speaker
+
+
 def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
-            hard_groups: bool = False, lead_ms: float | None = None) -> CueResult:
+            hard_groups: bool = False, lead_ms: float | None = None,
+            dialogue: bool | frozenset[tuple[str, str]] = False,
+            voices: Mapping[str, str] | None = None) -> CueResult:
+    """dialogue: a cue may hold two speakers (a dialogue cue), any two or only these (first, second)
+    pairs; voices: a speaker's WebVTT voice when it is not the label itself (their name)."""
     n = len(tokens)
     if not n:
         return CueResult([], [])
@@ -127,23 +156,29 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
     lag = rules.max_lag * 1000
     width, capacity = rules.max_chars_per_line, rules.max_cue_chars
     hard_pause, soft_pause = rules.hard_pause * 1000, rules.soft_pause * 1000
+    dash_len = display_len(rules.dialogue_dash)
 
     # Boundary k lies between tokens k-1 and k.
     bcost = [0.0] * (n + 1)
     hard = [True] * (n + 1)
     sentence = [True] * (n + 1)
+    turn = [False] * (n + 1)  # a change between two known speakers that a dialogue cue may hold
     for k in range(1, n):
         a, b = tokens[k - 1], tokens[k]
         pause = b.start - a.end
         new_group = a.group != b.group
-        hard[k] = (a.speaker != b.speaker or pause >= hard_pause or (hard_groups and new_group))
+        change = a.speaker != b.speaker
+        turn[k] = (change and bool(dialogue) and a.speaker is not None and b.speaker is not None
+                   and (dialogue is True or (a.speaker, b.speaker) in dialogue))
+        hard[k] = ((change and not turn[k]) or pause >= hard_pause or (hard_groups and new_group))
         cost = linebreak.text_break_cost(a.text, b.text, rules)
         sentence[k] = cost == linebreak.SENTENCE
         if new_group and not hard_groups:
             cost = min(cost, linebreak.CLAUSE)
         if pause >= soft_pause:
             cost = max(0.0, min(cost, linebreak.BEFORE_CONJ) - linebreak.CLAUSE)
-        bcost[k] = 0.0 if hard[k] else cost
+        bcost[k] = 0.0 if hard[k] or turn[k] else cost
+        hard[k] = hard[k] or (turn[k] and rules.max_lines < 2)
 
     prefix = [0]
     for t in tokens:
@@ -160,31 +195,49 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
         if i:
             earliest = max(earliest, tokens[i - 1].end + gap)
         last_sentence = -1
+        turn_at = -1
         for j in range(i + 1, n + 1):
             if j > i + 1:
                 if hard[j - 1]:
                     break
+                if turn[j - 1]:
+                    if turn_at >= 0 or not (i == 0 or hard[i] or turn[i] or sentence[i]):
+                        break  # never a third speaker's turn; the first part starts an utterance
+                    turn_at = j - 1
                 if sentence[j - 1]:
                     last_sentence = j - 1
-            chars = prefix[j] - prefix[i] + sep_len * (j - i - 1)
             span = tokens[j - 1].end - tokens[i].start
             single = j == i + 1
-            if not single and (chars > capacity or span > rules.max_duration * 1000):
-                break
-            cost = CUE_COST + FILL_COST * (chars / capacity) ** 2
-            if chars > width:
-                found = linebreak.split_lines([t.length for t in tokens[i:j]],
-                                              [0.0, *bcost[i + 1:j]], rules, sep_len)
-                if found is None:
-                    if not single:
-                        break  # more words won't fit either
-                    cost += 100.0  # a lone word longer than the lines: allowed, reported
-                else:
-                    cost += found[0]
-            if j < n:
-                cost += END_WEIGHT * bcost[j]
-                if last_sentence > 0 and not sentence[j] and not hard[j]:
-                    cost += DANGLING_SENTENCE
+            if turn_at >= 0:
+                # A dialogue cue: each speaker's words on their own dashed line.
+                upper = prefix[turn_at] - prefix[i] + sep_len * (turn_at - i - 1) + dash_len
+                lower = prefix[j] - prefix[turn_at] + sep_len * (j - turn_at - 1) + dash_len
+                if upper > width or lower > width or span > rules.max_duration * 1000:
+                    break
+                if j < n and not (hard[j] or turn[j] or sentence[j]):
+                    continue  # the second speaker's part ends where their utterance does
+                chars = upper + lower
+                cost = CUE_COST + FILL_COST * (chars / capacity) ** 2 + DIALOGUE_COST
+                if j < n:
+                    cost += END_WEIGHT * bcost[j]
+            else:
+                chars = prefix[j] - prefix[i] + sep_len * (j - i - 1)
+                if not single and (chars > capacity or span > rules.max_duration * 1000):
+                    break
+                cost = CUE_COST + FILL_COST * (chars / capacity) ** 2
+                if chars > width:
+                    found = linebreak.split_lines([t.length for t in tokens[i:j]],
+                                                  [0.0, *bcost[i + 1:j]], rules, sep_len)
+                    if found is None:
+                        if not single:
+                            break  # more words won't fit either
+                        cost += 100.0  # a lone word longer than the lines: allowed, reported
+                    else:
+                        cost += found[0]
+                if j < n:
+                    cost += END_WEIGHT * bcost[j]
+                    if last_sentence > 0 and not sentence[j] and not hard[j] and not turn[j]:
+                        cost += DANGLING_SENTENCE
             latest = tokens[j - 1].end + lag
             if j < n:
                 latest = min(latest, tokens[j].start - gap)
@@ -200,24 +253,39 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
     while edges[-1]:
         edges.append(back[edges[-1]])
     edges.reverse()
-    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps, lead_ms)
+    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps, lead_ms, voices or {})
+
+
+def _one_line(texts: list[str], sep: str) -> str:
+    pieces, _, glued = linebreak.hyphen_pieces(texts)
+    return linebreak.join_lines(pieces, [], sep, glued)[0]
 
 
 def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[float],
-            rules: Rules, fps: float | None, lead_ms: float | None = None) -> CueResult:
+            rules: Rules, fps: float | None, lead_ms: float | None = None,
+            voices: Mapping[str, str] | None = None) -> CueResult:
     sep = rules.word_separator
-    lines_per_cue, chars = [], []
+    voices = voices or {}
+    lines_per_cue, voices_per_cue, chars = [], [], []
     for i, j in ranges:
         texts = [t.text for t in tokens[i:j]]
-        lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
-        if lines is None:  # a word longer than the lines: kept whole, reported below
-            pieces, _, glued = linebreak.hyphen_pieces(texts)
-            lines = linebreak.join_lines(pieces, [], sep, glued)
+        turn_at = next((k for k in range(i + 1, j) if tokens[k].speaker != tokens[k - 1].speaker), None)
+        if turn_at is not None:  # a dialogue cue (only _layout's dialogue ranges hold two speakers)
+            lines = [rules.dialogue_dash + _one_line(texts[:turn_at - i], sep),
+                     rules.dialogue_dash + _one_line(texts[turn_at - i:], sep)]
+            who = [tokens[i].speaker, tokens[turn_at].speaker]
+        else:
+            lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
+            if lines is None:  # a word longer than the lines: kept whole, reported below
+                pieces, _, glued = linebreak.hyphen_pieces(texts)
+                lines = linebreak.join_lines(pieces, [], sep, glued)
+            who = [tokens[i].speaker] * len(lines)
         lines_per_cue.append(lines)
+        voices_per_cue.append([] if None in who else [voices.get(w, w) for w in who])
         chars.append(sum(display_len(x) for x in lines))
     times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps, lead_ms)
-    cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker)
-            for (i, j), (s, e), lines in zip(ranges, times, lines_per_cue)]
+    cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker, who)
+            for (i, j), (s, e), lines, who in zip(ranges, times, lines_per_cue, voices_per_cue)]
     problems = [Problem(v.rule, v.cue, v.message) for v in check_cues(cues, rules, fps)]
     for k, (i, j) in enumerate(ranges):
         for t in tokens[i:j]:
@@ -233,11 +301,24 @@ def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[flo
     return CueResult(cues, problems)
 
 
-def build_cues(transcript: Transcript, rules: Rules, fps: float | None = None) -> CueResult:
-    """Cues for a transcript's words. Every word (with non-blank text) lands in exactly one cue, in order."""
+def build_cues(transcript: Transcript, rules: Rules, fps: float | None = None,
+               speaker_names: Mapping[str, str] | None = None,
+               name_style: speakers.NameStyle = "brackets") -> CueResult:
+    """Cues for a transcript's words. Every word (with non-blank text) lands in exactly one cue, in order.
+
+    Speakers (a word's `speaker`, else its segment's): no line holds two, a cue holds two only as a
+    dialogue cue (one dashed line each), each cue's `voices` name its lines' speakers for WebVTT.
+    speaker_names (keys: labels or places in order of appearance, speakers.resolve_names) writes
+    a name where its speaker starts talking, in `name_style` (speakers.name_prefix). A transcript
+    without speakers gives exactly the cues it always did.
+    """
     tokens = _transcript_tokens(transcript)
     _repair(tokens, rules)
-    return _layout(tokens, rules, fps)
+    names = speakers.resolve_names(speaker_names, speakers.appearance_order(t.speaker for t in tokens))
+    if names:
+        speakers.name_prefix("", name_style)  # an unknown style fails before any work
+        _name_speakers(tokens, names, name_style)
+    return _layout(tokens, rules, fps, dialogue=True, voices=names)
 
 
 def _split_text(text: str, rules: Rules) -> list[str]:
@@ -324,9 +405,40 @@ def reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueRe
     were in, so the old cue's start is the earliest the speech is known to begin, and showing text
     before it (the `max_lead` the engine allows on ASR word times) would put it over silence or the
     previous speaker."""
+    cues, pairs = _split_dialogue(cues, rules)
     texts = [rules.word_separator.join(c.lines) for c in cues]
     tokens = _tokens_over_cues(cues, texts, rules, join_gap_ms=rules.soft_pause * 1000)
-    return _layout(tokens, rules, fps, hard_groups=False, lead_ms=0)
+    result = _layout(tokens, rules, fps, hard_groups=False, lead_ms=0, dialogue=pairs)
+    for cue in result.cues:  # the parts' labels are ours, not speakers a file named
+        if cue.speaker is not None and cue.speaker.startswith(_PART):
+            cue.speaker, cue.voices = None, []
+    return result
+
+
+_PART = "\x00dialogue-part:"  # a label no file's speaker name can be (pysubs2 reads ASS names as text)
+
+
+def _split_dialogue(cues: Sequence[Cue], rules: Rules) -> tuple[list[Cue], frozenset[tuple[str, str]]]:
+    """A file's dialogue cue (every line starts with the dash, two lines or more) as one cue per
+    line, each its own speaker over its share of the time: re-flowing it then keeps each line's
+    words apart and may rebuild the dialogue cue, but never joins the lines into one
+    ("-Are you coming? -In a minute."). Only a cue's own lines may share a dialogue cue again:
+    whether the last line of one cue and the first of the next are one person, a file doesn't say."""
+    dash = rules.dialogue_dash.strip() or rules.dialogue_dash
+    out: list[Cue] = []
+    pairs: set[tuple[str, str]] = set()
+    for k, cue in enumerate(cues):
+        lines = [line.strip() for line in cue.lines]
+        if len(lines) < 2 or not all(line.startswith(dash) and line[len(dash):].strip() for line in lines):
+            out.append(cue)
+            continue
+        parts = [line[len(dash):].strip() for line in lines]
+        labels = [f"{_PART}{k}.{n}" for n in range(len(parts))]
+        pairs.update(zip(labels, labels[1:]))
+        spans = _spread([display_len(p) for p in parts], cue.start_ms, cue.end_ms)
+        for part, label, (a, b) in zip(parts, labels, spans):
+            out.append(Cue(int(round(a)), int(round(b)), [part], speaker=label))
+    return out, frozenset(pairs)
 
 
 def fix_file(path: str | Path, out: str | Path, rules: Rules, fps: float | None = None,

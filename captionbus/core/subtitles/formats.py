@@ -1,6 +1,12 @@
 """Cues to and from files. SRT, WebVTT and ASS go through pysubs2; JSON (cues with their words) and
 plain text are ours, since pysubs2 has no format that carries words.
 
+Speakers: WebVTT wraps each speaker's lines in a voice span, `<v Anna>-Are you coming?</v>`
+(WebVTT, W3C, "cue voice span"), from the cue's `voices`; SRT and plain text carry only what the
+lines say (dialogue dashes, names when asked for); ASS names the first speaker in the event's Name
+field; JSON keeps `speaker`, the words' speakers and `voices`. A cue without voices is written as
+it always was.
+
 Writes are atomic (temp file + rename): a reader never sees half a subtitle file.
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ import pysubs2
 
 from captionbus.contracts.transcript import Word
 from captionbus.core.subtitles.cues import Cue
+from captionbus.core.subtitles.speakers import vtt_voice
 
 FORMATS = ("srt", "vtt", "ass", "json", "txt")
 _SUFFIX = {".srt": "srt", ".vtt": "vtt", ".ass": "ass", ".ssa": "ass", ".json": "json", ".txt": "txt"}
@@ -40,21 +47,41 @@ def default_ass_style() -> pysubs2.SSAStyle:
     )
 
 
-def to_ssafile(cues: Sequence[Cue], style: pysubs2.SSAStyle | None = None) -> pysubs2.SSAFile:
+def voiced_text(cue: Cue) -> str:
+    """The cue's lines with a WebVTT voice span around each speaker's run of lines."""
+    if len(cue.voices) != len(cue.lines):
+        return cue.text
+    runs: list[tuple[str, list[str]]] = []
+    for voice, line in zip(cue.voices, cue.lines):
+        if runs and runs[-1][0] == voice:
+            runs[-1][1].append(line)
+        else:
+            runs.append((voice, [line]))
+    return "\n".join(f"<v {vtt_voice(voice)}>" + "\n".join(lines) + "</v>" for voice, lines in runs)
+
+
+def to_ssafile(cues: Sequence[Cue], style: pysubs2.SSAStyle | None = None,
+               voices: bool = False) -> pysubs2.SSAFile:
     subs = pysubs2.SSAFile()
     subs.info.update({"PlayResX": "1920", "PlayResY": "1080", "WrapStyle": "2"})  # 2: we break lines
     subs.styles["Default"] = style or default_ass_style()
     for cue in cues:
         event = pysubs2.SSAEvent(start=cue.start_ms, end=cue.end_ms, name=cue.speaker or "")
-        event.plaintext = cue.text
+        event.plaintext = voiced_text(cue) if voices else cue.text
         subs.append(event)
     return subs
 
 
+def _cue_json(c: Cue) -> dict:
+    out = {"start": c.start, "end": c.end, "lines": c.lines, "speaker": c.speaker,
+           "words": [w.model_dump() for w in c.words]}
+    if c.voices:
+        out["voices"] = c.voices
+    return out
+
+
 def _cues_json(cues: Sequence[Cue]) -> str:
-    doc = {"schema": JSON_SCHEMA, "cues": [
-        {"start": c.start, "end": c.end, "lines": c.lines, "speaker": c.speaker,
-         "words": [w.model_dump() for w in c.words]} for c in cues]}
+    doc = {"schema": JSON_SCHEMA, "cues": [_cue_json(c) for c in cues]}
     return json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
 
 
@@ -65,7 +92,7 @@ def render(cues: Sequence[Cue], fmt: str, style: pysubs2.SSAStyle | None = None)
         return "".join(" ".join(c.lines) + "\n" for c in cues)
     if fmt not in FORMATS:
         raise ValueError(f"unknown subtitle format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return to_ssafile(cues, style).to_string(fmt)
+    return to_ssafile(cues, style, voices=fmt == "vtt").to_string(fmt)
 
 
 def write_subtitles(cues: Sequence[Cue], path: str | Path, fmt: str | None = None,
@@ -92,7 +119,8 @@ def parse_subtitles(text: str, fmt: str) -> list[Cue]:
     if fmt == "json":
         doc = json.loads(text)
         return [Cue(_ms(c["start"]), _ms(c["end"]), list(c["lines"]),
-                    [Word.model_validate(w) for w in c.get("words", [])], c.get("speaker"))
+                    [Word.model_validate(w) for w in c.get("words", [])], c.get("speaker"),
+                    [str(v) for v in c.get("voices") or []])
                 for c in doc["cues"]]
     if fmt == "txt":
         raise ValueError("plain text has no times: it can be written, not read back as cues")

@@ -33,6 +33,7 @@ class Rules:
     break_before: frozenset[str] = field(default_factory=frozenset)
     no_break_after: frozenset[str] = field(default_factory=frozenset)
     no_break_before: frozenset[str] = field(default_factory=frozenset)
+    dialogue_dash: str = "-"  # starts each line of a two-speaker cue (captionbus.core.subtitles.speakers)
     profile: str = "default"
     language: str | None = None
 

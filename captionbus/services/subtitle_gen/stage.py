@@ -6,7 +6,13 @@ Inputs: `transcript`; optional `probe` (demux's probe JSON: its fps sets the min
 two frames).
 Params: declaration.SubtitleGenParams: `language` (picks the language's rules and
 names the files subtitles.<lang>.<format>; default: the transcript's language), `profile` (a
-profile of config/subtitles.yaml), `formats` (default [srt, vtt]; also ass, json, txt).
+profile of config/subtitles.yaml), `formats` (default [srt, vtt]; also ass, json, txt),
+`speaker_names` / `name_style` (SDH names where a speaker starts talking), `dialogue_dash`.
+
+Speakers: when the transcript's words or segments carry speakers (the diarization stage), no
+line holds two, a two-speaker cue is a dashed dialogue cue, and WebVTT wraps each speaker's
+lines in a voice span `<v SPEAKER_00>` (or the name). Without speakers the files are exactly
+what they were before speakers existed (captionbus.core.subtitles.speakers).
 Outputs: one per format, named after it: `srt`, `vtt` by default.
 """
 from __future__ import annotations
@@ -40,12 +46,14 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     except UnknownLanguage as unknown:
         raise BadInput(str(unknown))
     try:
-        rules = load_rules(profile=params.profile, language=language)
+        dash = {"dialogue_dash": params.dialogue_dash} if params.dialogue_dash is not None else {}
+        rules = load_rules(profile=params.profile, language=language, **dash)
     except ValueError as bad_profile:
         raise BadInput(str(bad_profile))
 
     formats = list(dict.fromkeys(params.formats))
-    result = build_cues(transcript, rules, fps=video_fps(request, ctx))
+    result = build_cues(transcript, rules, fps=video_fps(request, ctx), speaker_names=params.speaker_names,
+                        name_style=params.name_style)
     if not result.cues:
         ctx.warn("the transcript has no speech; the subtitle files have no cues")
     if result.problems:
@@ -56,6 +64,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     outputs = {fmt: write_subtitles(result.cues, ctx.work_dir / f"subtitles.{language}.{fmt}", fmt) for fmt in formats}
     ctx.metrics["cues"] = float(len(result.cues))
     ctx.metrics["rule_problems"] = float(len(result.problems))
+    ctx.metrics["dialogue_cues"] = float(sum(len(set(c.voices)) > 1 for c in result.cues))
     ctx.progress(1.0, f"{len(result.cues)} cues")
     return outputs
 

@@ -78,6 +78,9 @@ def test_empty_transcript_gives_empty_files_and_a_warning(tmp_path, make_context
         ({"language": "xx"}, None, "unknown language code 'xx'"),
         ({"profile": "nosuch"}, None, "unknown subtitle profile 'nosuch'"),
         ({"formats": ["srt", "docx"]}, None, "formats.1='docx': Input should be 'srt', 'vtt', 'ass', 'json' or 'txt'"),
+        ({"speaker_names": "A=Anna,Ben"}, None, "use either LABEL=Name pairs or a plain list of names, not both"),
+        ({"speaker_names": {"A": "<b>Anna</b>"}}, None, "speaker_names.A='<b>Anna</b>': String should match pattern"),
+        ({"dialogue_dash": "*"}, None, "dialogue_dash='*': Input should be"),
     ],
 )
 def test_bad_requests_are_bad_input(params, content, expected, tmp_path, make_context):
@@ -95,3 +98,49 @@ def test_formats_param_picks_the_outputs(tmp_path, make_context):
     outputs = STAGE.handle(ctx.request, ctx)
     assert sorted(outputs) == ["ass", "srt"] and outputs["ass"].name == "subtitles.en.ass"
     assert len(pysubs2.load(str(outputs["ass"]))) == len(pysubs2.load(str(outputs["srt"])))
+
+
+EXCHANGE = [("Are you coming?", 1.0, "SPEAKER_00"), ("In a minute.", 1.95, "SPEAKER_01"),
+            ("Hurry up.", 2.9, "SPEAKER_00"), ("Okay.", 3.55, "SPEAKER_01"),
+            ("Then we walked down to the river together.", 7.0, "SPEAKER_00")]
+
+
+def _exchange() -> list[Segment]:
+    return [Segment(start=start, end=start + 0.3 * len(text.split()), text=text, speaker=speaker,
+                    words=[Word(**w.model_dump(exclude={"speaker"}), speaker=speaker) for w in _words(text, start, 0.3)])
+            for text, start, speaker in EXCHANGE]
+
+
+def test_speakers_give_dialogue_cues_names_and_voices(tmp_path, make_context):
+    ctx = make_context("subtitle_gen", inputs={"transcript": _transcript(tmp_path, _exchange())},
+                       params={"speaker_names": "A=Anna,B=Ben", "formats": ["srt", "vtt"]})
+    outputs = STAGE.handle(ctx.request, ctx)
+    srt = outputs["srt"].read_text(encoding="utf-8")
+    assert "-[Anna] Hurry up.\n-[Ben] Okay.\n" in srt and "<v" not in srt
+    assert "\n[Anna] Then we walked" in srt  # a name where its speaker starts talking again
+    vtt = outputs["vtt"].read_text(encoding="utf-8")
+    assert "<v Anna>-[Anna] Hurry up.</v>\n<v Ben>-[Ben] Okay.</v>" in vtt
+    report = check_file(outputs["srt"], load_rules(language="en"))
+    assert report.ok, report.render()
+    assert ctx.metrics["dialogue_cues"] >= 1
+
+
+def test_dash_style_param_and_no_names_by_default(tmp_path, make_context):
+    ctx = make_context("subtitle_gen", inputs={"transcript": _transcript(tmp_path, _exchange())},
+                       params={"dialogue_dash": "- "})
+    srt = STAGE.handle(ctx.request, ctx)["srt"].read_text(encoding="utf-8")
+    assert "- Hurry up.\n- Okay.\n" in srt and "[" not in srt and "SPEAKER" not in srt
+
+
+def test_without_speakers_the_files_are_what_they_were(tmp_path, make_context):
+    golden = Path(__file__).parents[1] / "subtitles" / "golden"
+    transcript = Transcript.model_validate_json((golden / "en_transcript.json").read_text(encoding="utf-8"))
+    for seg in transcript.segments:
+        seg.speaker = None
+    path = tmp_path / "plain.json"
+    path.write_text(transcript.model_dump_json())
+    ctx = make_context("subtitle_gen", inputs={"transcript": path})
+    outputs = STAGE.handle(ctx.request, ctx)
+    for fmt in ("srt", "vtt"):
+        assert outputs[fmt].read_bytes() == (golden / "nospeakers" / f"en.{fmt}").read_bytes()
+    assert ctx.metrics["dialogue_cues"] == 0

@@ -7,7 +7,8 @@ from captionbus.contracts.transcript import Word
 from captionbus.core.subtitles import CueResult, Rules, check_cues, display_len
 
 # Rules the engine never breaks, even on hopeless input (it drifts off the speech instead).
-ALWAYS_HELD = {"line_count", "min_duration", "max_duration", "min_gap", "overlap", "order"}
+ALWAYS_HELD = {"line_count", "min_duration", "max_duration", "min_gap", "overlap", "order",
+               "speaker_line", "dialogue"}
 
 
 def assert_valid(result: CueResult, words: Sequence[Word] | None, rules: Rules,
@@ -25,9 +26,13 @@ def assert_valid(result: CueResult, words: Sequence[Word] | None, rules: Rules,
         assert 0 <= c.start_ms < c.end_ms
         assert rules.min_duration_ms <= c.end_ms - c.start_ms <= rules.max_duration * 1000
         assert len(c.lines) <= rules.max_lines
-        # The lines carry exactly the cue's words, unbroken.
-        sep = rules.word_separator
-        assert sep.join(c.lines) == sep.join(w.text.strip() for w in c.words)
+        # The lines carry exactly the cue's words, unbroken (a dialogue cue: after each line's dash).
+        sep, lines = rules.word_separator, c.lines
+        if len(set(c.voices)) > 1:
+            assert len(set(c.voices)) == 2 and len(lines) == 2, f"cue {k}: {c.voices} in {lines}"
+            assert all(line.startswith(rules.dialogue_dash) for line in lines), f"cue {k}: undashed {lines}"
+            lines = [line[len(rules.dialogue_dash):] for line in lines]
+        assert sep.join(lines) == sep.join(w.text.strip() for w in c.words)
         if k:
             assert c.start_ms - cues[k - 1].end_ms >= gap, f"cue {k}: gap under two frames"
     reported = {(p.rule, p.cue) for p in result.problems}

@@ -75,7 +75,8 @@ def test_check_counts_each_rule(tmp_path: Path):
     report = check_file(path, RULES)
     assert report.cues == 3
     assert report.counts == {"line_length": 2, "line_count": 0, "min_duration": 1, "max_duration": 1,
-                             "reading_speed": 2, "min_gap": 1, "overlap": 1, "order": 0}
+                             "reading_speed": 2, "min_gap": 1, "overlap": 1, "order": 0,
+                             "speaker_line": 0, "dialogue": 0}
     assert sum(n for _, n in report.cps_histogram()) == 3
     # Formatting tags are not characters a viewer reads.
     assert all("<i>" not in line for v in report.violations for line in [v.message])

@@ -37,7 +37,10 @@ def word_streams(draw, max_words: int = 60):
                 end = start + draw(st.sampled_from([0.0, 0.0, 0.05, 0.3, 0.7, 2.0, 9.0]))
                 if draw(st.integers(0, 9)) == 0:
                     end = start - 0.5  # backwards
-            words.append(Word(text=draw(texts), start=start, end=end))
+            # A word's own speaker (diarization) outranks its segment's; three labels make
+            # dialogue cues and the never-three-speakers rule reachable.
+            words.append(Word(text=draw(texts), start=start, end=end,
+                              speaker=draw(st.sampled_from([None, None, None, "A", "B", "C"]))))
         s = draw(times)
         segments.append(Segment(start=s, end=s + draw(st.floats(0, 30)), text=" ".join(w.text for w in words),
                                 words=words, speaker=draw(st.sampled_from([None, "A", "B"]))))
