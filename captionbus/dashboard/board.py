@@ -37,12 +37,15 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from captionbus.client import workers as worker_replies
+from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
+from captionbus.dashboard.webhooks import WebhookView
 from contracts import JobState, failure_class, parse_event, subjects
 
 log = structlog.get_logger("captionbus.dashboard")
 
 WORKER_POLL_S = 2.0  # $SRV.STATS and queue polls; a worker unseen for LOST_AFTER_S is "lost"
 LOST_AFTER_S = 10.0
+RECENT = 8  # requests listed per worker on the Workers view
 THROUGHPUT_WINDOW_S = 300.0
 JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
 # A job page's history is every event of the job but these (a 1-hour asr reports ~14,000).
@@ -106,6 +109,8 @@ def job_summary(state: JobState, notes: dict[str, str] | None = None) -> dict[st
         "created_at": _iso(state.created_at),
         "created_ts": state.created_at.timestamp(),
         "updated_at": _iso(state.updated_at),
+        # its started event to its end event; None while it runs (captionbus.dashboard.stats)
+        "duration_s": job_duration(state),
         "error": state.error,
         "failure_class": job_failure_class(state),
         "failed_branches": state.failed_branches,
@@ -180,12 +185,14 @@ class Board:
         self.jobs_loaded = asyncio.Event()
         self.events_seen = 0
         self.failing: dict[str, str] = {}  # watcher -> why it is restarting
+        self.webhooks = WebhookView()  # the gateway's delivery records (KV cb_webhooks), outside readiness
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._forever(name, fn)) for name, fn in
                        (("job states", self._watch_jobs), ("job events", self._watch_events), ("polls", self._poll))]
+        self._tasks.append(asyncio.create_task(self.webhooks.follow(self.js)))
 
     async def _forever(self, name: str, fn) -> None:
         """A watcher that fails (the bus went away for longer than the client's reconnects cover)
@@ -348,11 +355,13 @@ class Board:
         now = time.monotonic()
         done: dict[str, int] = {}
         last_error: dict[str, str] = {}
+        recent: dict[str, list[dict[str, Any]]] = {}
         for state in self.jobs.values():
-            for node in state.nodes.values():
+            for name, node in state.nodes.items():
                 wid = node.worker.get("worker_id")
                 if not wid:
                     continue
+                recent.setdefault(wid, []).append(_recent_row(state, name, node))
                 if node.status.value == "completed":
                     done[wid] = done.get(wid, 0) + 1
                 elif node.error:
@@ -376,8 +385,12 @@ class Board:
                 "jobs_done": live.get("jobs_done", done.get(worker_id, 0)),
                 "jobs_failed": live.get("jobs_failed"),
                 "last_error": live.get("last_error") or meta.get("setup_error") or last_error.get(worker_id),
+                "recent": sorted(recent.get(worker_id, []), key=lambda r: r["finished_at"] or "", reverse=True)[:RECENT],
             })
         return rows
+
+    def charts(self) -> dict[str, Any]:
+        return charts(self.jobs.values())
 
     def live_stages(self) -> set[str]:
         now = time.monotonic()
@@ -430,6 +443,13 @@ class Board:
                            f"start one (`captionbus serve {stage}`)")
             rows.append({**row, "workers": workers, "problem": problem})
         return rows
+
+
+def _recent_row(state: JobState, name: str, node: Any) -> dict[str, Any]:
+    """One request a worker handled (the last attempt of a node it ran, from the job's state)."""
+    return {"job_id": state.job_id, "node": name, "stage": node.stage, "attempt": node.attempt,
+            "status": node.status.value, "finished_at": _iso(node.finished_at), "duration_s": stage_duration(node),
+            "queue_wait_s": queue_wait(node), "cache_hit": bool(node.metrics.get("cache_hit")), "error": node.error}
 
 
 def _timestamp(value: Any) -> float:
