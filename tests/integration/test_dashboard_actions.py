@@ -39,6 +39,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROBE = {"name": "probe", "nodes": {"first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"],
                                               "params": {"sleep_s": 0.2}}},
          "outputs": {"media": "first.media"}}
+# a vad node after it, and no vad worker runs: the job stays running
+STUCK = {"name": "stuck", "nodes": {"first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"]},
+                                    "vad": {"inputs": {"audio": "first.media"}, "outputs": ["regions"]}},
+         "outputs": {"regions": "vad.regions"}}
 USERS = {"coordinator": "COORDINATOR", "worker": "WORKER", "client": "CLIENT", "gateway": "HTTP_GATEWAY",
          "dashboard": "DASHBOARD", "dashboard_operator": "DASHBOARD_OPERATOR"}
 VIEW, OPERATOR = "view-token", "operator-token"
@@ -55,6 +59,7 @@ class Stack:
     media: Path
     readonly: str  # base URL of the read-only dashboard
     acting: str  # base URL of the acting dashboard
+    misconfigured: str  # an operator token, but the read-only `dashboard` bus user
 
 
 @contextlib.asynccontextmanager
@@ -65,21 +70,23 @@ async def running(tmp_path: Path):
         await provision(coord_nc.jetstream())
         settings = {r: Settings(home=tmp_path / r, nats_url=urls[r], artifacts_mode="object", host_id=r) for r in USERS}
         stop, ready = asyncio.Event(), asyncio.Event()
-        ports = free_ports(2)
-        readies = [asyncio.Event(), asyncio.Event()]
+        ports = free_ports(3)
+        readies = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
         tasks = []
-        async with Coordinator(coord_nc, graphs={"probe": Workflow.from_dict(PROBE)}, tick_interval_s=0.2):
+        async with Coordinator(coord_nc, graphs={g["name"]: Workflow.from_dict(g) for g in (PROBE, STUCK)}, tick_interval_s=0.2):
             tasks.append(asyncio.create_task(serve_stage(NOOP, settings["worker"], urls["worker"], env_name="act-test",
                                                          stop=stop, ready=ready, policy=StagePolicy(ack_wait=2.0))))
             tasks.append(asyncio.create_task(serve_dashboard(urls["dashboard"], f"127.0.0.1:{ports[0]}", None, readies[0])))
             tasks.append(asyncio.create_task(serve_dashboard(urls["dashboard_operator"], f"127.0.0.1:{ports[1]}", VIEW,
                                                              readies[1], operator=OPERATOR)))
+            tasks.append(asyncio.create_task(serve_dashboard(urls["dashboard"], f"127.0.0.1:{ports[2]}", VIEW,
+                                                             readies[2], operator=OPERATOR)))
             try:
                 await asyncio.wait_for(asyncio.gather(ready.wait(), *(r.wait() for r in readies)), 30)
                 media = tmp_path / "clip.wav"
                 media.write_bytes(b"RIFF" + bytes(2000))
                 yield Stack(urls, log, client_nc.jetstream(), ArtifactStore(settings["client"], client_nc.jetstream()),
-                            media, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+                            media, *(f"http://127.0.0.1:{port}" for port in ports))
             finally:
                 stop.set()
                 for task in tasks[1:]:
@@ -102,9 +109,15 @@ async def node_started(http: httpx.AsyncClient, job_id: str) -> bool:
     return any(c["job_id"] == job_id for w in (await http.get("/api/workers")).json() for c in w["current"])
 
 
-async def recorded(js, job_id: str) -> list:
-    """The job's events as the bus stored them (the client user's read, as `captionbus events`)."""
-    return [event async for _, event in job_events(js, job_id, settle_s=0.3)]
+async def recorded(js, job_id: str, running_s: float | None = None) -> list:
+    """The job's events as the bus stored them (the client user's read, as `captionbus events`).
+    A job that runs on is read for `running_s`."""
+    events = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(running_s):
+            async for _, event in job_events(js, job_id, settle_s=0.3):
+                events.append(event)
+    return events
 
 
 async def write_webhook_record(url: str, job_id: str) -> None:
@@ -144,8 +157,16 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
                 await until(lambda: _ready(op), 20, "acting dashboard ready")
                 for job_id in ("job-a", "job-b"):
                     await submit(stack.js, stack.store, stack.media, workflow="probe", job_id=job_id)
+                await submit(stack.js, stack.store, stack.media, workflow="stuck", job_id="job-stuck")
+                await until(lambda: status_is(op, "job-stuck", "running"), 15, "job-stuck running")
+                # An operator token in front of the read-only bus user: the server refuses the publish.
+                async with httpx.AsyncClient(base_url=stack.misconfigured, timeout=30, auth=("ops", OPERATOR)) as mis:
+                    await until(lambda: _ready(mis), 20, "misconfigured dashboard ready")
+                    response = await mis.post("/api/jobs/job-stuck/cancel", headers=ACT)
+                    assert response.status_code == 503 and "dashboard_operator" in response.json()["error"]["message"]
+                assert (await status_is(op, "job-stuck", "running"))
                 await submit(stack.js, stack.store, stack.media, workflow="probe", job_id="job-long",
-                             options={"noop": {"sleep_s": 6}})
+                             options={"noop": {"sleep_s": 8}})
                 await until(lambda: node_started(op, "job-long"), 30, "job-long running on the worker")
 
                 # What each browser may do.
@@ -211,26 +232,29 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
 
                 # Charts: each stage attempt's duration and queue wait, recomputed from the events.
                 durations, waits = [], []
-                for job_id in ("job-a", "job-b", "job-long"):
-                    evs = await recorded(stack.js, job_id)
-                    requested = [e for e in evs if e.kind == "stage_requested"][-1]
-                    done = [e for e in evs if e.kind == "stage_completed" and e.attempt == requested.attempt][-1]
-                    end = next(e for e in evs if e.kind == "completed")  # decided when the completion was applied
+                for job_id in ("job-a", "job-b", "job-long", "job-stuck"):
+                    evs = await recorded(stack.js, job_id, 3.0 if job_id == "job-stuck" else None)
+                    requested = [e for e in evs if e.kind == "stage_requested" and e.node == "first"][-1]
+                    done = next(e for e in evs if e.kind == "stage_completed" and e.attempt == requested.attempt)
+                    # the coordinator's next decision (job-stuck: requesting vad) carries the time it
+                    # applied the completion at, which it recorded as the node's finished_at
+                    end = next(e for e in evs[evs.index(done):] if e.kind in ("stage_requested", "completed"))
                     durations.append((end.time - requested.time).total_seconds())
                     waits.append(max(0.0, done.metrics["started_at"] - requested.time.timestamp()))
                 charts = (await ro.get("/api/charts")).json()
                 [noop] = charts["stages"]
-                assert noop["stage"] == "noop" and noop["duration"]["count"] == 3 == noop["queue_wait"]["count"]
+                assert noop["stage"] == "noop" and noop["duration"]["count"] == 4 == noop["queue_wait"]["count"]
                 for key, values in (("duration", durations), ("queue_wait", waits)):
                     for p in ("p50", "p95"):
                         assert noop[key][p] == pytest.approx(percentile(values, {"p50": 0.5, "p95": 0.95}[p]), abs=1e-3)
-                assert charts["jobs_per_minute"]["submitted_total"] == 3 == charts["jobs_per_minute"]["finished_total"]
+                assert charts["jobs_per_minute"]["submitted_total"] == 4  # job-stuck runs on
+                assert charts["jobs_per_minute"]["finished_total"] == 3
                 # /metrics holds the same samples.
                 text = (await ro.get("/metrics")).text
                 samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                            for f in text_string_to_metric_families(text) for s in f.samples}
                 wait_sum = samples[("captionbus_stage_queue_wait_seconds_sum", (("stage", "noop"),))]
-                assert samples[("captionbus_stage_queue_wait_seconds_count", (("stage", "noop"),))] == 3
+                assert samples[("captionbus_stage_queue_wait_seconds_count", (("stage", "noop"),))] == 4
                 assert wait_sum == pytest.approx(sum(waits), abs=1e-3)
                 duration_sum = sum(v for (name, labels), v in samples.items()
                                    if name == "captionbus_stage_duration_seconds_sum" and ("stage", "noop") in labels)
@@ -239,7 +263,7 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
                 # Each worker's recent requests: the last attempt of every node it ran.
                 [worker] = [w for w in (await ro.get("/api/workers")).json() if w["stage"] == "noop"]
                 recent = {r["job_id"]: r for r in worker["recent"]}
-                assert set(recent) == {"job-a", "job-b", "job-long"}
+                assert set(recent) == {"job-a", "job-b", "job-long", "job-stuck"}
                 assert recent["job-long"]["attempt"] == 2 and recent["job-long"]["status"] == "completed"
                 assert recent["job-long"]["duration_s"] == pytest.approx(durations[2], abs=1e-3)
                 assert recent["job-long"]["queue_wait_s"] == pytest.approx(waits[2], abs=1e-3)
@@ -260,9 +284,10 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
                     assert row["attempts"] == 6 and row["cursor"] == 7 and row["done"] is True
 
     asyncio.run(asyncio.wait_for(main(), 180))
-    # Neither dashboard user was refused anything (the operator's rollup is refused by the stream,
-    # not by its permissions).
-    assert [v for v in violations(tmp_path / "server.log") if v[0] in ("dashboard", "dashboard_operator")] == []
+    # The read-only user's one refusal is the misconfigured dashboard's cancel; the operator user was
+    # refused nothing (its rollup is refused by the stream, not by its permissions).
+    assert sorted(set(v for v in violations(tmp_path / "server.log") if v[0] in ("dashboard", "dashboard_operator"))) \
+        == [("dashboard", "captionbus.job.job-stuck.cancel_requested")]
 
 
 async def _ready(http: httpx.AsyncClient) -> bool:
@@ -333,6 +358,13 @@ def test_cancel_and_retry_in_a_browser_and_no_buttons_for_the_read_only_role(tmp
             assert (await row.locator("td.p95").inner_text()).endswith(" s")
             assert await page.locator("[data-testid=jobs-per-minute] .bar.finished").count() == 60
             await page.screenshot(path=str(tmp_path / "dashboard-charts.png"), full_page=True)
+            # Webhooks: the record a gateway wrote, its receiver's secrets not on the page.
+            await write_webhook_record(stack.urls["gateway"], "job-bad")
+            await page.goto(stack.acting + "/#/webhooks")
+            hook = page.locator("[data-testid=webhooks] tr[data-job='job-bad'][data-subscriber=callback]")
+            await hook.wait_for(timeout=20_000)  # the page reads the view every 10 s
+            assert await hook.locator("td.failed").inner_text() == "1"
+            assert "hunter2" not in await page.content() and "s3cr3t" not in await page.content()
 
             # A viewer's token on the acting dashboard, and the read-only dashboard: no buttons, 403.
             viewer = await browser.new_context(http_credentials={"username": "ops", "password": VIEW})
