@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import time
 from collections import deque
@@ -46,6 +47,7 @@ log = structlog.get_logger("captionbus.dashboard")
 WORKER_POLL_S = 2.0  # $SRV.STATS and queue polls; a worker unseen for LOST_AFTER_S is "lost"
 LOST_AFTER_S = 10.0
 RECENT = 8  # requests listed per worker on the Workers view
+NEVER = datetime.min.replace(tzinfo=timezone.utc)  # a request not finished sorts oldest
 THROUGHPUT_WINDOW_S = 300.0
 JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
 # A job page's history is every event of the job but these (a 1-hour asr reports ~14,000).
@@ -355,13 +357,13 @@ class Board:
         now = time.monotonic()
         done: dict[str, int] = {}
         last_error: dict[str, str] = {}
-        recent: dict[str, list[dict[str, Any]]] = {}
+        recent: dict[str, list[tuple]] = {}  # rows are built for the RECENT newest only
         for state in self.jobs.values():
             for name, node in state.nodes.items():
                 wid = node.worker.get("worker_id")
                 if not wid:
                     continue
-                recent.setdefault(wid, []).append(_recent_row(state, name, node))
+                recent.setdefault(wid, []).append((node.finished_at or NEVER, state, name, node))
                 if node.status.value == "completed":
                     done[wid] = done.get(wid, 0) + 1
                 elif node.error:
@@ -385,7 +387,8 @@ class Board:
                 "jobs_done": live.get("jobs_done", done.get(worker_id, 0)),
                 "jobs_failed": live.get("jobs_failed"),
                 "last_error": live.get("last_error") or meta.get("setup_error") or last_error.get(worker_id),
-                "recent": sorted(recent.get(worker_id, []), key=lambda r: r["finished_at"] or "", reverse=True)[:RECENT],
+                "recent": [_recent_row(*item[1:]) for item in
+                           heapq.nlargest(RECENT, recent.get(worker_id, []), key=lambda item: item[0])],
             })
         return rows
 
