@@ -23,7 +23,8 @@ from captionbus.client import job_events, submit
 from captionbus.dashboard.auth import READ_ONLY, Access, AuthError
 from captionbus.dashboard.serve import serve as serve_dashboard
 from captionbus.dashboard.stats import percentile
-from captionbus.gateway.dispatch import Record, record_key
+from captionbus.gateway.app import GatewayConfig
+from captionbus.gateway.dispatch import Record, Subscriber, record_key
 from coordinator.graph import Workflow
 from coordinator.service import Coordinator
 from core.artifacts import ArtifactStore
@@ -31,7 +32,9 @@ from core.bus import StagePolicy, connect, provision
 from core.settings import Settings
 from services.noop.stage import STAGE as NOOP
 from services.runtime.serve import serve as serve_stage
+from tests.gatewaytools import running_gateway
 from tests.integration.test_dashboard import _until as until
+from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.natsroles import free_ports, roles_server, violations
 from tests.security.attacks import refused
 
@@ -387,3 +390,44 @@ def test_cancel_and_retry_in_a_browser_and_no_buttons_for_the_read_only_role(tmp
             assert [e.kind for e in await recorded(stack.js, "job-bad")].count("retry_requested") == 0
 
     asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def test_the_webhook_view_is_what_a_real_gateway_recorded(tmp_path, receiver):  # noqa: F811
+    """A real gateway (the gateway user) delivers a job's events to a gateway-wide subscriber whose
+    receiver refuses each first attempt; the dashboard's Webhooks rows equal the gateway's own
+    records (/v1/jobs/ID/webhooks) and the POSTs the receiver saw."""
+    hooks, rec = receiver
+    rec.fail_first = True
+
+    async def main():
+        async with running(tmp_path) as stack:
+            config = GatewayConfig(
+                settings=Settings(home=tmp_path / "gw", nats_url=stack.urls["gateway"], artifacts_mode="object",
+                                  host_id="gw"),
+                nats_url=stack.urls["gateway"], webhook_allow=[hooks], webhook_secret=SECRET.encode(),
+                webhook_lease_s=2, webhook_subscribers=[Subscriber(name="audit", url=f"{hooks}audit/?token=s3cr3t")])
+            gateway = running_gateway(config)
+            base = await asyncio.to_thread(gateway.__enter__)
+            try:
+                await submit(stack.js, stack.store, stack.media, workflow="probe", job_id="job-hooked")
+                async with httpx.AsyncClient(timeout=15) as http:
+                    async def gateway_done():
+                        data = (await http.get(f"{base}/v1/jobs/job-hooked/webhooks")).json()["data"]
+                        return data if data and all(r["done"] for r in data) else None
+                    [record] = await until(gateway_done, 60, "the gateway's record done")
+
+                    async def dashboard_row():
+                        response = await http.get(f"{stack.readonly}/api/webhooks")
+                        rows = response.json()["records"] if response.status_code == 200 else []
+                        return next((r for r in rows if r["job_id"] == "job-hooked" and r["done"]), None)
+                    row = await until(dashboard_row, 20, "the dashboard's row done")
+            finally:
+                await asyncio.to_thread(gateway.__exit__, None, None, None)
+            deliveries = record["deliveries"]
+            assert row["subscriber"] == "audit" and row["cursor"] == record["cursor"]
+            assert row["delivered"] == len(deliveries) == sum(d["status"] == "delivered" for d in deliveries)
+            assert row["failed"] == 0 and row["attempts"] == sum(d["attempts"] for d in deliveries) == len(rec.posts)
+            assert row["last"]["kind"] == deliveries[-1]["kind"] == "completed"
+            assert row["url"] == f"{hooks}audit/?…"
+
+    asyncio.run(asyncio.wait_for(main(), 180))
