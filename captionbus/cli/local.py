@@ -173,13 +173,14 @@ def coordinator(insecure: bool) -> None:
 def dashboard(listen: str, downloads: bool) -> None:
     """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only, unless
     CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN[_FILE] names the token that may cancel and retry)."""
-    from captionbus.dashboard.auth import operator_token_from_env, token_from_env
+    from captionbus.dashboard.auth import Access, operator_token_from_env, token_from_env
     from captionbus.dashboard.serve import serve
     from captionbus.web.serve import end_service
     from core.bus import resolve_url
 
     service_logging()
     token, operator = token_from_env(), operator_token_from_env()
+    Access(token, operator)  # the two tokens differ: refused before anything starts
     settings = load()
     url = resolve_url(settings)
     acts = "cancel and retry for the operator token" if operator else "read-only"

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,3 +433,40 @@ def test_the_webhook_view_is_what_a_real_gateway_recorded(tmp_path, receiver):  
             assert row["url"] == f"{hooks}audit/?…"
 
     asyncio.run(asyncio.wait_for(main(), 180))
+
+
+def test_the_dashboard_command_reads_the_operator_token_and_asks_on_loopback_too(nats_server, tmp_path):
+    """`captionbus dashboard` with CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN_FILE: every page asks for a
+    token on 127.0.0.1 too, the operator's may act; the same secret as the view token is refused
+    at start."""
+    env = {**os.environ, "NATS_URL": nats_server, "CAPTIONBUS_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for name in ("TOKEN", "TOKEN_FILE", "OPERATOR_TOKEN", "OPERATOR_TOKEN_FILE"):
+        env.pop(f"CAPTIONBUS_DASHBOARD_{name}", None)
+    secret = tmp_path / "operator"
+    secret.write_text(OPERATOR + "\n")
+    same = subprocess.run([sys.executable, "-m", "captionbus", "dashboard", "--listen", "127.0.0.1:1"],
+                          env={**env, "CAPTIONBUS_DASHBOARD_TOKEN": OPERATOR,
+                               "CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN_FILE": str(secret)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert same.returncode == 2 and "must differ" in same.stderr, same.stderr
+    [port] = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "dashboard.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "captionbus", "dashboard", "--listen", f"127.0.0.1:{port}"],
+                                env={**env, "CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN_FILE": str(secret)},
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "dashboard.log").read_text()
+                time.sleep(0.2)
+            assert httpx.get(base + "/", timeout=5).status_code == 401
+            assert httpx.get(base + "/api/session", auth=("ops", OPERATOR), timeout=5).json()["actions"] is True
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    assert "cancel and retry for the operator token" in (tmp_path / "dashboard.log").read_text()
