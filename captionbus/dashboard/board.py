@@ -3,13 +3,14 @@
 Why derive everything here instead of having each service expose `/metrics`: stage services run
 on many hosts, behind NAT, in venvs that must not carry launcher dependencies, and come and go;
 the bus already carries everything an operator asks about. So one process with the read-only
-`dashboard` role watches
+`dashboard` role (or `dashboard_operator`, which may also cancel and retry: app.py) watches
 
 - the job-state KV bucket (an ordered consumer: every job's current state, replayed at start),
 - the job events (an ordered consumer from "now": progress, warnings, what each worker did),
 - `$SRV.STATS` discovery every few seconds (which workers answer, how long since each did, and
   what each does: loading / idle / busy on which job, jobs done, last error — contracts.WorkerState),
 - the `CB_REQUESTS` stream and its stage consumers (waiting, in flight, redelivered, oldest age),
+- the gateways' webhook delivery records (KV `cb_webhooks`, webhooks.py; outside readiness),
 
 and derives pages, Server-Sent Events and Prometheus metrics from them. A browser never talks to
 the bus; N open pages cost one subscription (see Fanout).
