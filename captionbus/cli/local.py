@@ -171,18 +171,21 @@ def coordinator(insecure: bool) -> None:
               help="Link job outputs for download, if this host's credentials may read artifacts "
                    "(the dashboard_downloads NATS role, or a readable local artifact root). Off by default.")
 def dashboard(listen: str, downloads: bool) -> None:
-    """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only)."""
-    from captionbus.dashboard.auth import token_from_env
+    """Serve the operators' web dashboard, /metrics, /healthz and /readyz (read-only, unless
+    CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN[_FILE] names the token that may cancel and retry)."""
+    from captionbus.dashboard.auth import Access, operator_token_from_env, token_from_env
     from captionbus.dashboard.serve import serve
     from captionbus.web.serve import end_service
     from captionbus.core.bus import resolve_url
 
     service_logging()
-    token = token_from_env()
+    token, operator = token_from_env(), operator_token_from_env()
+    Access(token, operator)  # the two tokens differ: refused before anything starts
     settings = load()
     url = resolve_url(settings)
-    click.echo(f"dashboard on http://{listen}/ (/readyz: 503 until on the bus)", err=True)
-    end_service(asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings)))
+    acts = "cancel and retry for the operator token" if operator else "read-only"
+    click.echo(f"dashboard on http://{listen}/ ({acts}; /readyz: 503 until on the bus)", err=True)
+    end_service(asyncio.run(serve(url, listen, token, downloads=downloads, settings=settings, operator=operator)))
 
 
 @main.command()

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         "token the dashboard requires when it listens off loopback"))
     dashboard_token_file: Path | None = Field(default=None, description=(
         "file holding the dashboard's token (wins over CAPTIONBUS_DASHBOARD_TOKEN)"))
+    dashboard_operator_token: str | None = Field(default=None, repr=False, description=(
+        "token that may cancel and retry jobs on the dashboard; set, the dashboard asks every browser "
+        "for a token (give it the dashboard_operator NATS user)"))
+    dashboard_operator_token_file: Path | None = Field(default=None, description=(
+        "file holding the dashboard's operator token (wins over CAPTIONBUS_DASHBOARD_OPERATOR_TOKEN)"))
     webhook_secret: str | None = Field(default=None, repr=False, description=(
         "the HMAC key the gateway signs webhook deliveries with (receivers check it)"))
     # The CLI.
@@ -191,7 +196,7 @@ class Settings(BaseSettings):
         return parse_bytes(value) if isinstance(value, str) else value
 
     @field_validator("home", "envs", "models", "ffmpeg", "ffprobe", "nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key",
-                     "dashboard_token_file", mode="after")
+                     "dashboard_token_file", "dashboard_operator_token_file", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -210,6 +215,7 @@ class Settings(BaseSettings):
         return level
 
     @field_validator("nats_url", "nats_user", "nats_password", "env", "nats_inbox_prefix", "dashboard_token",
+                     "dashboard_operator_token",
                      "webhook_secret", mode="after")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:

@@ -3,6 +3,12 @@
 Starlette (ASGI) served by uvicorn; the page is one static HTML file using Alpine.js, vendored
 in static/ (fleets run offline: no CDN, no build step). Every page holds one EventSource on
 /api/stream; the board pushes job, event, worker and queue updates into it.
+
+Two routes change something: POST /api/jobs/ID/cancel and /retry, for the operator token only
+(auth.Access; 403 otherwise, and always in the read-only configuration). They also need the
+header `X-Captionbus-Action` and, when the browser sends an Origin, this dashboard's own: a
+browser that cached the operator's Basic credentials sends them with a form another site posts
+here, but no other site can add a header without a CORS preflight, which this app never grants.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -21,19 +28,30 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from captionbus.dashboard.auth import OPEN_PATHS
+from captionbus import client
+from captionbus.dashboard.auth import OPEN_PATHS, Access
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time
 from captionbus.dashboard.downloads import Downloads
 from captionbus.web import errors
-from captionbus.web.auth import TokenAuth, same_secret
+from captionbus.web.auth import TokenAuth, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
-from captionbus.contracts import subjects
+from captionbus.contracts import JobState, subjects
 from captionbus.core.artifacts import ArtifactError, ArtifactMissing, safe_name
+
+log = structlog.get_logger("captionbus.dashboard")
+
+
+def log_action(what: str, job_id: str, request: Request) -> None:
+    client_host = request.client.host if request.client else None
+    log.info("job action from the dashboard", action=what, job_id=job_id, client=client_host)
+
 
 STATIC = resources.files("captionbus.dashboard") / "static"
 PAGE_SIZE = 50
 BOARD_CHECK_S = 0.5  # an open stream notices a board that came (or was replaced) this soon
+ACTION_HEADER = "x-captionbus-action"  # dashboard.js sends it; a cross-site form cannot
+ACT_TIMEOUT_S = 10.0  # a publish the server refuses gets no ack: say so instead of hanging
 
 
 @dataclass
@@ -51,10 +69,16 @@ class Live:
         return self.waiting.not_ready_reason() if self.waiting is not None else "connecting to the bus"
 
 
-def create_app(live: Live | Board, metrics: Any, token: str | None = None, downloads: Downloads | None = None) -> Starlette:
-    """`live`: a Live holder (serve.py), or a started Board (tests)."""
+def create_app(live: Live | Board, metrics: Any, token: str | None = None, downloads: Downloads | None = None,
+               operator: str | None = None) -> Starlette:
+    """`live`: a Live holder (serve.py), or a started Board (tests). `token` lets a browser view,
+    `operator` view and act (auth.Access); neither: loopback is open and nothing acts."""
     if not isinstance(live, Live):
         live = Live(board=live, downloads=downloads or Downloads())
+    access = Access(token, operator)
+
+    def secret_of(request: Request) -> str | None:
+        return presented_secret(request.headers.get("authorization"), basic=True)
 
     def the_board() -> Board:
         if live.board is None:
@@ -120,6 +144,62 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         return FileResponse(path, filename=safe_name(ref.name), media_type="application/octet-stream",
                             headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
 
+    async def session(request: Request) -> Response:
+        """What this browser may do: the page shows cancel and retry only where `actions`."""
+        reason = access.why_not(secret_of(request))
+        return JSONResponse({"actions": reason is None, "reason": reason})
+
+    def acting_job(request: Request) -> tuple[Board, JobState]:
+        """The job an action names, after every check an attacker's request must fail."""
+        if ACTION_HEADER not in request.headers:
+            raise errors.ApiError(403, f"an action needs the {ACTION_HEADER} header (the dashboard's page sends it)")
+        origin = request.headers.get("origin")
+        if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+            raise errors.ApiError(403, f"an action from another site ({origin}) is refused")
+        reason = access.why_not(secret_of(request))
+        if reason is not None:
+            raise errors.ApiError(403, reason)
+        board, job_id = the_board(), request.path_params["job_id"]
+        try:
+            subjects.job_events(job_id)
+        except ValueError:
+            raise errors.ApiError(400, "not a job id") from None
+        state = board.jobs.get(job_id)
+        if state is None:
+            raise errors.ApiError(404, f"no job {job_id}")
+        return board, state
+
+    async def act(request: Request, board: Board, state: JobState, what: str, send) -> Response:
+        try:
+            await asyncio.wait_for(send(board.js, state.job_id), ACT_TIMEOUT_S)
+        except TimeoutError:
+            return error_response(503, f"the bus took no {what} of {state.job_id} within {ACT_TIMEOUT_S:.0f} s: is the "
+                                  "dashboard's NATS user one allowed to act (dashboard_operator)?")
+        log_action(what, state.job_id, request)
+        return JSONResponse({"id": state.job_id, "requested": what}, status_code=202)
+
+    async def cancel(request: Request) -> Response:
+        board, state = acting_job(request)
+        if state.status.finished:
+            return error_response(409, f"job {state.job_id} is already {state.status.value}")
+        return await act(request, board, state, "cancel", client.cancel)
+
+    async def retry(request: Request) -> Response:
+        board, state = acting_job(request)
+        if state.status.value not in ("failed", "cancelled"):
+            return error_response(409, f"job {state.job_id} is {state.status.value}; "
+                                  "only failed or cancelled jobs are retried")
+        return await act(request, board, state, "retry", client.retry)
+
+    async def chart_data(request: Request) -> Response:
+        return JSONResponse(the_board().charts())
+
+    async def webhooks(request: Request) -> Response:
+        view = the_board().webhooks
+        if not view.loaded:  # never an empty list for records that could not be read
+            return error_response(503, view.error or "loading the webhook records")
+        return JSONResponse({"totals": view.totals(), "records": view.rows()})
+
     async def workers(request: Request) -> Response:
         return JSONResponse(the_board().worker_rows())
 
@@ -176,10 +256,12 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
     routes = [
         Route("/", index), Route("/favicon.ico", favicon), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),
         Route("/api/jobs/{job_id}/outputs/{name}", output), Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
+        Route("/api/session", session), Route("/api/charts", chart_data), Route("/api/webhooks", webhooks),
+        Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]), Route("/api/jobs/{job_id}/retry", retry, methods=["POST"]),
         Route("/metrics", prometheus), Route("/healthz", healthz), Route("/readyz", readyz),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]
-    check = (lambda secret: same_secret(secret, token)) if token else None
+    check = access.admits if access.required else None
     app = Starlette(routes=routes, middleware=[Middleware(
         TokenAuth, check=check, open_paths=OPEN_PATHS,
         message="authentication required: the dashboard token as Bearer, or as the Basic password")])

@@ -3,13 +3,14 @@
 Why derive everything here instead of having each service expose `/metrics`: stage services run
 on many hosts, behind NAT, in venvs that must not carry launcher dependencies, and come and go;
 the bus already carries everything an operator asks about. So one process with the read-only
-`dashboard` role watches
+`dashboard` role (or `dashboard_operator`, which may also cancel and retry: app.py) watches
 
 - the job-state KV bucket (an ordered consumer: every job's current state, replayed at start),
 - the job events (an ordered consumer from "now": progress, warnings, what each worker did),
 - `$SRV.STATS` discovery every few seconds (which workers answer, how long since each did, and
   what each does: loading / idle / busy on which job, jobs done, last error — contracts.WorkerState),
 - the `CB_REQUESTS` stream and its stage consumers (waiting, in flight, redelivered, oldest age),
+- the gateways' webhook delivery records (KV `cb_webhooks`, webhooks.py; outside readiness),
 
 and derives pages, Server-Sent Events and Prometheus metrics from them. A browser never talks to
 the bus; N open pages cost one subscription (see Fanout).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import time
 from collections import deque
@@ -37,12 +39,16 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from captionbus.client import workers as worker_replies
+from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
+from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
 
 log = structlog.get_logger("captionbus.dashboard")
 
 WORKER_POLL_S = 2.0  # $SRV.STATS and queue polls; a worker unseen for LOST_AFTER_S is "lost"
 LOST_AFTER_S = 10.0
+RECENT = 8  # requests listed per worker on the Workers view
+NEVER = datetime.min.replace(tzinfo=timezone.utc)  # a request not finished sorts oldest
 THROUGHPUT_WINDOW_S = 300.0
 JOB_EVENTS_LIMIT = 2000  # a job page reads at most this many events of each kind
 # A job page's history is every event of the job but these (a 1-hour asr reports ~14,000).
@@ -106,6 +112,8 @@ def job_summary(state: JobState, notes: dict[str, str] | None = None) -> dict[st
         "created_at": _iso(state.created_at),
         "created_ts": state.created_at.timestamp(),
         "updated_at": _iso(state.updated_at),
+        # its started event to its end event; None while it runs (captionbus.dashboard.stats)
+        "duration_s": job_duration(state),
         "error": state.error,
         "failure_class": job_failure_class(state),
         "failed_branches": state.failed_branches,
@@ -180,12 +188,14 @@ class Board:
         self.jobs_loaded = asyncio.Event()
         self.events_seen = 0
         self.failing: dict[str, str] = {}  # watcher -> why it is restarting
+        self.webhooks = WebhookView()  # the gateway's delivery records (KV cb_webhooks), outside readiness
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._forever(name, fn)) for name, fn in
                        (("job states", self._watch_jobs), ("job events", self._watch_events), ("polls", self._poll))]
+        self._tasks.append(asyncio.create_task(self.webhooks.follow(self.js)))
 
     async def _forever(self, name: str, fn) -> None:
         """A watcher that fails (the bus went away for longer than the client's reconnects cover)
@@ -348,11 +358,13 @@ class Board:
         now = time.monotonic()
         done: dict[str, int] = {}
         last_error: dict[str, str] = {}
+        recent: dict[str, list[tuple]] = {}  # rows are built for the RECENT newest only
         for state in self.jobs.values():
-            for node in state.nodes.values():
+            for name, node in state.nodes.items():
                 wid = node.worker.get("worker_id")
                 if not wid:
                     continue
+                recent.setdefault(wid, []).append((node.finished_at or NEVER, state, name, node))
                 if node.status.value == "completed":
                     done[wid] = done.get(wid, 0) + 1
                 elif node.error:
@@ -376,8 +388,13 @@ class Board:
                 "jobs_done": live.get("jobs_done", done.get(worker_id, 0)),
                 "jobs_failed": live.get("jobs_failed"),
                 "last_error": live.get("last_error") or meta.get("setup_error") or last_error.get(worker_id),
+                "recent": [_recent_row(*item[1:]) for item in
+                           heapq.nlargest(RECENT, recent.get(worker_id, []), key=lambda item: item[0])],
             })
         return rows
+
+    def charts(self) -> dict[str, Any]:
+        return charts(self.jobs.values())
 
     def live_stages(self) -> set[str]:
         now = time.monotonic()
@@ -430,6 +447,13 @@ class Board:
                            f"start one (`captionbus serve {stage}`)")
             rows.append({**row, "workers": workers, "problem": problem})
         return rows
+
+
+def _recent_row(state: JobState, name: str, node: Any) -> dict[str, Any]:
+    """One request a worker handled (the last attempt of a node it ran, from the job's state)."""
+    return {"job_id": state.job_id, "node": name, "stage": node.stage, "attempt": node.attempt,
+            "status": node.status.value, "finished_at": _iso(node.finished_at), "duration_s": stage_duration(node),
+            "queue_wait_s": queue_wait(node), "cache_hit": bool(node.metrics.get("cache_hit")), "error": node.error}
 
 
 def _timestamp(value: Any) -> float:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from captionbus.dashboard.stats import queue_wait, stage_duration
 from captionbus.contracts import JobState, failure_class
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ class Metrics:
         self.stage_duration = Histogram(
             "captionbus_stage_duration_seconds", "Time from a stage request to its result",
             ["stage", "env", "host"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram(
+            "captionbus_stage_queue_wait_seconds", "Time from a stage request to its handler starting on a worker "
+            "(cache hits not counted)", ["stage"], buckets=DURATION_BUCKETS, registry=self.registry)
         self.realtime_factor = Histogram(
             "captionbus_stage_realtime_factor", "Stage handling time over media duration",
             ["stage", "env"], buckets=RTF_BUCKETS, registry=self.registry)
@@ -49,9 +53,11 @@ class Metrics:
             if not finished_now:
                 continue
             env, host = node.worker.get("env", ""), node.worker.get("host", "")
-            if node.requested_at:
-                self.stage_duration.labels(node.stage, env, host).observe(
-                    (node.finished_at - node.requested_at).total_seconds())
+            duration, wait = stage_duration(node), queue_wait(node)  # the dashboard's charts' samples too
+            if duration is not None:
+                self.stage_duration.labels(node.stage, env, host).observe(duration)
+            if wait is not None:
+                self.queue_wait.labels(node.stage).observe(wait)
             rtf = _rtf(state, name)
             if rtf is not None:
                 self.realtime_factor.labels(node.stage, env).observe(rtf)

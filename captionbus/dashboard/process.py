@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind, parse_listen, token_from_env
+from captionbus.dashboard.auth import DEFAULT_LISTEN, check_bind, operator_token_from_env, parse_listen, token_from_env
 from captionbus.stack import _die_with_parent
 from captionbus.core.settings import Settings
 
@@ -17,7 +17,7 @@ def start_dashboard_process(settings: Settings, url: str, listen: str = DEFAULT_
     """The dashboard beside `up`'s services: its own process (uvicorn takes over signal handling
     in the process it serves from), the launcher's interpreter, its log in HOME/logs. A bind that
     needs auth and has none is refused here, before anything starts."""
-    check_bind(parse_listen(listen)[0], token_from_env())
+    check_bind(parse_listen(listen)[0], token_from_env() or operator_token_from_env())
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "dashboard.log", "ab") as log_file:

@@ -22,13 +22,15 @@ from captionbus.core.settings import load as load_settings
 
 
 async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None,
-                ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None) -> int:
+                ready: asyncio.Event | None = None, downloads: bool = False, settings: Settings | None = None,
+                operator: str | None = None) -> int:
     """Serve until stopped; the process's exit code (SIGINT 130, SIGTERM 0). `downloads`: offer
     download links where the credentials may read artifacts (captionbus.dashboard.downloads);
     off by default. `ready` is set once the page is served and the board is on the bus (the page
-    itself answers from the first second)."""
+    itself answers from the first second). `operator`: the token that may cancel and retry
+    (auth.Access); without it the dashboard is read-only."""
     host, port = parse_listen(listen)
-    check_bind(host, token)
+    check_bind(host, token or operator)
     metrics = Metrics()
     live = Live()
     stages = sorted(load_stage_map())
@@ -53,7 +55,7 @@ async def serve(url: str, listen: str = DEFAULT_LISTEN, token: str | None = None
 
     telling = asyncio.create_task(tell_ready()) if ready is not None else None
     try:
-        return await serve_app(create_app(live, metrics, token), host, port, ready=serving, lifespan="off")
+        return await serve_app(create_app(live, metrics, token, operator=operator), host, port, ready=serving, lifespan="off")
     finally:
         if telling is not None:
             telling.cancel()

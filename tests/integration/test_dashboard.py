@@ -423,8 +423,9 @@ def test_the_dashboard_starts_before_the_bus_waits_and_survives_its_restart(tmp_
 
 
 def test_the_read_only_dashboard_never_acts(tmp_path, nats_server):
-    """The dashboard has no route that changes anything: every write method on every API path
-    is refused (405 in the one error shape), and a job is untouched by the attempts."""
+    """Without an operator token the dashboard changes nothing: every write method on every API
+    path is refused (405 in the one error shape; POST on the action routes 403, read-only, even
+    with the page's action header), and a job is untouched by the attempts."""
     from captionbus.contracts import ArtifactRef, JobSpec, JobState, subjects
 
     port = _free_port()
@@ -441,12 +442,16 @@ def test_the_read_only_dashboard_never_acts(tmp_path, nats_server):
         await asyncio.wait_for(ready.wait(), 30)
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
             await _until(lambda: _ok(http, "/readyz"), 20, "ready")
-            for path in ("/api/jobs", "/api/jobs/job-kept", "/api/jobs/job-kept/cancel", "/api/jobs/job-kept/retry",
-                         "/api/jobs/job-kept/outputs/srt", "/api/workers", "/api/queues", "/metrics"):
+            actions = ("/api/jobs/job-kept/cancel", "/api/jobs/job-kept/retry")
+            for path in ("/api/jobs", "/api/jobs/job-kept", *actions, "/api/jobs/job-kept/outputs/srt", "/api/workers",
+                         "/api/queues", "/api/charts", "/api/webhooks", "/api/session", "/metrics"):
                 for method in ("POST", "PUT", "PATCH", "DELETE"):
-                    answer = await http.request(method, path)
-                    assert answer.status_code in (404, 405), (method, path, answer.status_code)
+                    answer = await http.request(method, path, headers={"X-Captionbus-Action": "1"})
+                    expected = (403,) if method == "POST" and path in actions else (404, 405)
+                    assert answer.status_code in expected, (method, path, answer.status_code)
                     assert answer.json()["error"]["code"] == answer.status_code
+                    if answer.status_code == 403:
+                        assert "read-only" in answer.json()["error"]["message"]
             entry = await kv.get("job-kept")
             assert JobState.model_validate_json(entry.value).status.value == "pending" and entry.revision == 1
         dashboard.cancel()

@@ -133,3 +133,36 @@ def test_binds_and_tokens(tmp_path):
     assert token_from_env(Settings(dashboard_token="x")) == "x" and token_from_env(Settings()) is None
     with pytest.raises(AuthError, match="no-such"):
         token_from_env(Settings(dashboard_token_file=tmp_path / "no-such"))
+
+
+def test_charts_count_the_last_hour_by_nearest_rank():
+    """Durations and queue waits of the attempts that finished in the window (a cache hit has no
+    wait), jobs per minute by creation and by end, and nearest-rank percentiles."""
+    from captionbus.dashboard.stats import charts, percentile
+
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    now = T0 + timedelta(hours=2)
+    old = state().model_copy(update={"updated_at": T0})  # finished two hours before `now`: outside the window
+    recent = state().model_copy(update={"created_at": now - timedelta(seconds=90),
+                                        "updated_at": now - timedelta(seconds=30)})
+    recent.spec = recent.spec.model_copy(update={"job_id": "job-new"})
+    requested = now - timedelta(seconds=80)
+    recent.nodes = {
+        "demux": NodeState(stage="demux", status=NodeStatus.completed, attempt=1, requested_at=requested,
+                           finished_at=requested + timedelta(seconds=4),
+                           metrics={"started_at": requested.timestamp() + 1.5}),
+        "asr": NodeState(stage="asr", status=NodeStatus.completed, attempt=1, requested_at=requested,
+                         finished_at=requested + timedelta(seconds=2), metrics={"cache_hit": 1.0, "started_at": 0.0}),
+    }
+    data = charts([old, recent], now=now.timestamp())
+    assert data["jobs_per_minute"]["submitted_total"] == 1 == data["jobs_per_minute"]["finished_total"]
+    assert data["jobs_per_minute"]["submitted"][-2] == 1 and data["jobs_per_minute"]["finished"][-1] == 1
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert stages["demux"]["duration"] == {"count": 1, "p50": 4.0, "p95": 4.0, "max": 4.0}
+    assert stages["demux"]["queue_wait"]["p50"] == 1.5
+    assert stages["asr"]["duration"]["count"] == 1 and stages["asr"]["queue_wait"]["count"] == 0
+    summary = job_summary(recent)
+    assert summary["duration_s"] == 60.0 and job_summary(state().model_copy(update={"status": JobStatus.running}))[
+        "duration_s"] is None

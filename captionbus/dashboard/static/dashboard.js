@@ -4,6 +4,7 @@ document.addEventListener('alpine:init', () => {
     view: 'jobs', jobId: null, page: 1, pageSize: 50, total: 0,
     filters: {status: '', workflow: '', language: '', text: '', since: '', until: ''},
     jobs: [], workflows: [], job: null, jobError: '', workers: [], queues: [], connected: false,
+    session: {actions: false, reason: ''}, actionError: '', charts: null, chartsError: '', hooks: null, hooksError: '',
     _timers: {},
 
     init() {
@@ -12,8 +13,35 @@ document.addEventListener('alpine:init', () => {
       this.loadJobs();
       this.get('/api/workers').then(w => { this.workers = w; });
       this.get('/api/queues').then(q => { this.queues = q; });
+      this.get('/api/session').then(s => { this.session = s; });
+      setInterval(() => this.refreshView(), 10000);  // charts and webhooks are read, not pushed
       this.connect();
     },
+    refreshView() {
+      if (this.view === 'charts') this.loadCharts();
+      if (this.view === 'webhooks') this.loadHooks();
+    },
+    async loadCharts() {
+      try { this.charts = await this.get('/api/charts'); this.chartsError = ''; }
+      catch (e) { this.chartsError = e.message; }
+    },
+    async loadHooks() {  // a record that cannot be read is an error on the page, never an empty table
+      try { this.hooks = await this.get('/api/webhooks'); this.hooksError = ''; }
+      catch (e) { this.hooks = null; this.hooksError = e.message; }
+    },
+    async act(jobId, what) {  // cancel or retry; the server checks the token again (and the header)
+      this.actionError = '';
+      const response = await fetch(`/api/jobs/${encodeURIComponent(jobId)}/${what}`,
+        {method: 'POST', credentials: 'same-origin', headers: {'X-Captionbus-Action': '1'}});
+      if (!response.ok) {
+        this.actionError = `${what} ${jobId}: ` + ((await response.json().catch(() => ({}))).error?.message || response.statusText);
+        return;
+      }
+      this.later('jobs', () => this.loadJobs());
+      if (this.view === 'job' && jobId === this.jobId) this.later('job', () => this.loadJob());
+    },
+    canCancel(j) { return ['pending', 'running'].includes(j.status); },
+    canRetry(j) { return ['failed', 'cancelled'].includes(j.status); },
     async get(url) {
       const response = await fetch(url, {credentials: 'same-origin'});
       if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error?.message || response.statusText);
@@ -23,6 +51,7 @@ document.addEventListener('alpine:init', () => {
       const [, view, id] = (location.hash || '#/jobs').split('/');
       this.view = view || 'jobs';
       if (this.view === 'job') { this.jobId = id; this.job = null; this.loadJob(); }
+      this.refreshView();
     },
     connect() {
       const source = new EventSource('/api/stream');
@@ -74,6 +103,15 @@ document.addEventListener('alpine:init', () => {
       return (j.source_language || 'auto') + (j.target_languages.length ? ' → ' + j.target_languages.join(', ') : '');
     },
     when(iso) { return iso ? new Date(iso).toLocaleString() : ''; },
+    seconds(s) {  // "0.42 s", "12.3 s", "4.1 min"
+      if (s == null) return '';
+      return s < 10 ? `${s.toFixed(2)} s` : s < 120 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(1)} min`;
+    },
+    duration(j) { return j.duration_s != null ? this.seconds(j.duration_s) : ''; },
+    pct(value, max) { return max ? Math.max(value ? 1 : 0, Math.round(100 * (value || 0) / max)) : 0; },
+    perMinuteMax() { const m = this.charts.jobs_per_minute; return Math.max(1, ...m.submitted, ...m.finished); },
+    stageMax(kind) { return Math.max(0, ...this.charts.stages.map(s => s[kind].p95 || 0)); },
+    minuteLabel(i) { return new Date(1000 * (this.charts.since + i * this.charts.bucket_s)).toLocaleTimeString(); },
     age(iso) {  // "12 s", "3 min", "2 h" since an ISO time
       const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
       return s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${Math.round(s / 3600)} h`;
