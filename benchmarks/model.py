@@ -36,14 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "CAPTIONBUS_MODEL_SEEDS": args.seeds, "CAPTIONBUS_MODEL_OPS": str(args.ops),
                "CAPTIONBUS_MODEL_CHECK_EVERY": str(args.check_every), "CAPTIONBUS_MODEL_REPORT": str(report),
                "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                               str(ROOT / "tests" / "system" / "test_model.py")], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-        progress = [line for line in done.stdout.splitlines() if "quiet point" in line]
-        print("\n".join(progress))
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--timeout=0",
+                                 str(ROOT / "tests" / "system" / "test_model.py")], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in proc.stdout:  # the quiet points as they pass; the rest kept for a failure
+            if "quiet point" in line:
+                print(line.rstrip(), flush=True)
+            tail = (tail + [line])[-200:]
+        proc.wait()
         print()
-        print(report.read_text() if report.exists() else done.stdout[-6000:])
-        return 0 if done.returncode == 0 else 1
+        print(report.read_text() if report.exists() else "".join(tail))
+        return 0 if proc.returncode == 0 else 1
 
 
 if __name__ == "__main__":
