@@ -12,7 +12,22 @@ receiver), with CAPTIONBUS_MODEL_OPS / _SEEDS / _CHECK_EVERY / _REPORT set; CI r
 test with a few short seeds. Intermediate quiet points compare the histories of the jobs the
 operations touched since the previous one (plus 3 others at random); the last compares every
 job's, so the run stays linear in its jobs. Every check runs; a violation is counted, not raised,
-until the end."""
+until the end.
+
+Measured (December 2026, 2-core machine shared at load average 12-17; seed 7, 300 operations,
+a quiet point every 100; 1429 s, ~4.8 s an operation):
+  300 operations: submit cli 60, submit gateway 53, cancel gateway 16, cancel cli 7, retry gateway 20,
+  retry cli 18 (56 cancels/retries accepted), kill -9 26, restart-coordinator 30, restart-gateway 27,
+  restart-dashboard 18, pause 25; 113 jobs (82 completed, 25 failed, 6 cancelled)
+  invariant    checks violations
+  deadline          3          0
+  webhooks          3          0
+  job lists         3          0
+  workers           3          0
+  history         198          0   (every job's at the last quiet point, touched ones before)
+  model           198          0
+An earlier run of the same seed, cut at operation ~210 by pytest-timeout, had 0 violations at its
+four quiet points (50-200 operations, 71 jobs)."""
 from __future__ import annotations
 
 import argparse
