@@ -54,8 +54,8 @@ def _worker_jobs(state: dict) -> str:
 def workers(as_json: bool, wide: bool) -> None:
     """Stage workers: state (loading / idle / busy) and job.
 
-    Every stage service on the bus: stage, env, host, state (loading / idle / busy, and for how
-    long), the job it works on, model."""
+    Every stage service on the bus: its worker id (host/stage/replica/pid, never cut), env,
+    state (loading / idle / busy, and for how long), the job it works on, model."""
     from captionbus.client import workers as list_workers
 
     infos = on_bus("captionbus-workers", lambda nc, js: list_workers(nc))
@@ -67,7 +67,7 @@ def workers(as_json: bool, wide: bool) -> None:
         # Package lists do not fit a column: one block per worker, lines never hard-wrapped.
         for info in infos:
             meta, state = info.get("metadata", {}), info.get("state", {})
-            click.echo(" ".join(meta.get(k, "") for k in ("stage", "env", "host", "pid", "model")))
+            click.echo(" ".join(meta.get(k, "") for k in ("worker_id", "env", "model")))
             current = ", ".join(f"{c.get('job_id')}/{c.get('node')} attempt {c.get('attempt')} since {c.get('since')}"
                                 for c in state.get("current") or [])
             click.echo(f"  state: {_worker_state(state)}" + (f" on {current}" if current else ""))
@@ -83,11 +83,12 @@ def workers(as_json: bool, wide: bool) -> None:
     for info in infos:
         meta, state = info.get("metadata", {}), info.get("state", {})
         model = meta.get("model", "")
-        rows.append([meta.get("stage", ""), meta.get("env", ""), meta.get("host", ""), _worker_state(state),
+        rows.append([meta.get("worker_id", ""), meta.get("env", ""), _worker_state(state),
                      _worker_jobs(state), f"cannot serve: {meta['setup_error']}" if meta.get("setup_error")
                      else Path(model).name if "/" in model else model])
-    print_table(stdout, ["stage", "env", "host", "state", "job", "model"], rows,
-                keep={"stage", "env", "state", "job"})
+    # The worker id (contracts.worker_identity: host/stage/replica/pid, the name the dashboard,
+    # /metrics and job.json use) holds the stage and host, so they have no columns of their own.
+    print_table(stdout, ["worker", "env", "state", "job", "model"], rows, keep={"worker", "env", "state", "job"})
 
 
 @main.command()

@@ -2,14 +2,15 @@
 
 srt and vtt come from the job's own subtitle_gen outputs (the subtitle rules), not from here.
 Per-segment decoder statistics OpenAI reports (tokens, avg_logprob, compression_ratio,
-no_speech_prob) are passed through when the transcript's segments carry them, and are `null`
-otherwise: the asr stage's Segment does not keep faster-whisper's values yet, and a made-up 0.0
-would claim things (no_speech_prob 0.0 is "certainly speech").
+no_speech_prob) are passed through from the transcript's segments: the whisperx backend records
+faster-whisper's own values per decoded chunk (captionbus/services/asr/whisperx_backend.py says how), the mlx
+backend mlx-whisper's. Where a backend reported none they are `null`: a made-up 0.0 would claim
+things (no_speech_prob 0.0 is "certainly speech").
 """
 from __future__ import annotations
 
 from captionbus.contracts.languages import LANGUAGES
-from captionbus.contracts.transcript import Transcript
+from captionbus.contracts.transcript import Segment, Transcript
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 
@@ -24,11 +25,9 @@ def language_name(code: str | None) -> str:
 DECODER_STATS = ("tokens", "avg_logprob", "compression_ratio", "no_speech_prob")
 
 
-def decoder_stats(segment) -> dict:
+def decoder_stats(segment: Segment) -> dict:
     """The segment's decoder statistics where the asr stage recorded them, else None each."""
-    extra = segment.model_extra or {}
-    return {name: getattr(segment, name, None) if name in type(segment).model_fields else extra.get(name)
-            for name in DECODER_STATS}
+    return {name: getattr(segment, name) for name in DECODER_STATS}
 
 
 def as_json(transcript: Transcript) -> dict:

@@ -100,11 +100,15 @@ class VerboseSegment(BaseModel):
     start: float
     end: float
     text: str
-    tokens: list[int] | None = Field(description="null: the asr stage does not report them (yet)")
+    tokens: list[int] | None = Field(description="the decoder's token ids for this segment; null where the asr "
+                                               "backend reported none")
     temperature: float
-    avg_logprob: float | None = Field(description="null: not reported by the asr stage (never a made-up 0.0)")
-    compression_ratio: float | None = Field(description="null: not reported by the asr stage")
-    no_speech_prob: float | None = Field(description="null: not reported by the asr stage (0.0 would claim certain speech)")
+    avg_logprob: float | None = Field(description="faster-whisper's average log probability of the decoded chunk; "
+                                                  "null where not reported (never a made-up 0.0)")
+    compression_ratio: float | None = Field(description="faster-whisper's gzip ratio of the chunk's text; null where "
+                                                        "not reported")
+    no_speech_prob: float | None = Field(description="the decoder's no-speech probability for the chunk; null where "
+                                                     "not reported (0.0 would claim certain speech)")
 
 
 class VerboseWord(BaseModel):

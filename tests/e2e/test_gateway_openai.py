@@ -96,8 +96,12 @@ def test_openai_client_transcribes_in_every_format(gateway, clip):
     assert len(verbose.words) >= len(spoken.split()) * 0.75
     starts = [w.start for w in verbose.words]
     assert starts == sorted(starts) and verbose.words[-1].end <= verbose.duration + 0.5
-    # The asr stage does not record decoder statistics yet: null, never a made-up 0.0.
-    assert all(s.no_speech_prob is None and s.avg_logprob is None for s in verbose.segments)
+    # faster-whisper's own per-chunk statistics, through the asr stage and the gateway (never 0.0 placeholders)
+    for segment in verbose.segments:
+        assert -1.0 < segment.avg_logprob < 0 and 0 <= segment.no_speech_prob < 0.5, segment
+        assert 0.5 < segment.compression_ratio < 2.4, segment
+        assert segment.tokens and all(isinstance(t, int) and t >= 0 for t in segment.tokens), segment
+    assert sum(len(s.tokens) for s in verbose.segments) >= len(verbose.words)  # a token or more per word
 
     models = [m.id for m in ai.models.list()]
     assert models[0] == "whisper-1" and len(models) >= 2  # the alias and the model the asr worker loaded

@@ -462,3 +462,46 @@ def test_the_openai_client_gets_documented_errors_and_its_next_request_succeeds(
 
 def test_the_gateway_starts_before_the_bus_waits_and_survives_its_restart(tmp_path):
     check_waits_for_the_bus(["gateway"], "/v1/jobs", tmp_path, {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")})
+
+
+def test_an_end_recovered_by_replay_is_the_jobs_last_terminal_event(nats_server, tmp_path):
+    """The gateway's plain subscription missed the job's end (it was reconnecting), so the OpenAI
+    request reads the end back from the job's stream (Gateway.wait_for_end's replay). A job that
+    was cancelled, retried and then completed has `cancelled` in the middle of its history: the
+    recovered end is `completed`, the last terminal event, and its outputs are the completed ones."""
+    from captionbus import client
+    from captionbus.gateway.state import Gateway
+    from captionbus.contracts import ArtifactRef, JobSpec, JobState, new_job_id, subjects
+    from captionbus.contracts import events as ev
+    from captionbus.contracts.jobs import JobStatus
+    from captionbus.core.bus import publish_event
+
+    job_id = new_job_id()
+    spec = JobSpec(job_id=job_id, workflow="transcribe", input=ArtifactRef(key="0" * 64, name="talk.wav", size=1))
+    transcript = ArtifactRef(key="1" * 64, name="talk.transcript.json", size=2)
+    started = ev.JobStarted(job_id=job_id, workflow="transcribe", nodes=["asr"])
+    history = [ev.JobSubmitted(job_id=job_id, spec=spec), started, ev.JobCancelRequested(job_id=job_id),
+               ev.JobCancelled(job_id=job_id), ev.JobRetryRequested(job_id=job_id), started.model_copy(),
+               ev.JobCompleted(job_id=job_id, outputs={"transcript": transcript})]
+
+    async def go():
+        nc = await connect(nats_server, "test-history")
+        js = nc.jetstream()
+        await provision(js)
+        for event in history:
+            await publish_event(js, event)
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        await kv.put(job_id, JobState(spec=spec, status=JobStatus.completed).model_dump_json().encode())
+        gateway = Gateway(GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=nats_server, host_id="gw"),
+                                        nats_url=nats_server, job_timeout_s=30), client.job_events)
+        gateway.ends.recheck_s = 0.05
+        lost = asyncio.get_running_loop().create_future()  # the subscription never delivers the end
+        try:
+            with gateway.ends.expect(job_id):
+                return await gateway.wait_for_end(js, job_id, lost)
+        finally:
+            await gateway.webhook_client.aclose()
+            await nc.close()
+
+    end = asyncio.run(go())
+    assert end.kind == "completed" and end.outputs == {"transcript": transcript}, end

@@ -209,6 +209,26 @@ def test_detected_english_transcript_has_low_wer_and_word_times(asr_runs):
         assert segment["start"] <= segment["words"][0]["start"] and segment["end"] >= segment["words"][-1]["end"]
 
 
+@pytest.mark.parametrize("run_index", [0, 7], ids=["whisperx-vad", "vad-regions"])
+def test_segments_carry_the_decoders_own_statistics(asr_runs, run_index):
+    """avg_logprob, no_speech_prob, compression_ratio and tokens are faster-whisper's values for
+    the decoded chunk (captionbus/services/asr/whisperx_backend.recording_decoder), not placeholders; the
+    tokens are the decoder's, split at the segment's words, so every word is aligned on the token
+    the decoder chose (re-encoding the text split ' the' into ' ' + 'the' and gave 'the' a
+    probability of 0.00-0.03 and 'lazy' no duration on this clip)."""
+    segments = asr_runs["runs"][run_index]["transcript"]["segments"]
+    assert segments
+    for segment in segments:
+        assert -1.0 < segment["avg_logprob"] < 0, segment  # clear espeak speech decodes confidently
+        assert 0 <= segment["no_speech_prob"] < 0.5, segment  # speech, and the decoder says so
+        assert 0.5 < segment["compression_ratio"] < 2.4, segment  # faster-whisper's repetition threshold
+        assert segment["tokens"] and all(isinstance(t, int) and 0 <= t < 50257 for t in segment["tokens"])
+        assert len(segment["tokens"]) >= len(segment["words"])  # at least one token per word
+    words = [w for s in segments for w in s["words"]]
+    assert min(w["score"] for w in words) > 0.2, [(w["text"], w["score"]) for w in words]
+    assert all(w["end"] > w["start"] for w in words), words
+
+
 def test_metrics_progress_and_model_description(asr_runs):
     run = asr_runs["runs"][1]
     assert run["transcript"]["language"] == "en" and run["transcript"]["language_probability"] is None

@@ -59,23 +59,65 @@ class LocalStack:
         await provision(self.js)
         self._start_fleet()
         exit_stack.callback(stop_services, self.services)
-        await exit_stack.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2))
+        # The coordinator, the gateway and the dashboard each have an exit stack of their own, so
+        # the model-based test can restart them (restart_coordinator/_gateway/_dashboard).
+        self._parts: dict[str, contextlib.AsyncExitStack] = {}
+        exit_stack.push_async_callback(self._stop_parts)
+        await self._start_coordinator()
         await wait_ready(self.nc, self.services, timeout=120)
-        self.gateway = exit_stack.enter_context(running_gateway(GatewayConfig(
-            settings=self.settings("gw"), nats_url=self.url, webhook_allow=[self.hooks],
-            webhook_secret=self.secret.encode(), webhook_lease_s=5,
-            webhook_subscribers=[Subscriber(name="audit", url=f"{self.hooks}audit/")])))
-        port = free_port()
-        ready = asyncio.Event()
-        dashboard = asyncio.create_task(serve_dashboard(self.url, f"127.0.0.1:{port}", None, ready))
-        exit_stack.push_async_callback(_cancelled, dashboard)
-        await asyncio.wait_for(ready.wait(), 30)
-        self.dash = await exit_stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15))
-        self.gw = await exit_stack.enter_async_context(httpx.AsyncClient(base_url=self.gateway, timeout=15))
+        await self._start_gateway()
+        await self._start_dashboard()
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self._exit.aclose()
+
+    async def _stop_parts(self) -> None:
+        for name in list(self._parts):
+            await self._parts.pop(name).aclose()
+
+    async def _part(self, name: str) -> contextlib.AsyncExitStack:
+        """A fresh exit stack for part `name`, after closing (stopping) the one it had."""
+        if name in self._parts:
+            await self._parts.pop(name).aclose()
+        self._parts[name] = contextlib.AsyncExitStack()
+        return self._parts[name]
+
+    async def _start_coordinator(self) -> None:
+        part = await self._part("coordinator")
+        await part.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2))
+
+    async def _start_gateway(self) -> None:
+        """uvicorn in a thread on a free port (a restart gets a new port and a new client)."""
+        part = await self._part("gateway")
+        config = GatewayConfig(
+            settings=self.settings("gw"), nats_url=self.url, webhook_allow=[self.hooks],
+            webhook_secret=self.secret.encode(), webhook_lease_s=5,
+            webhook_subscribers=[Subscriber(name="audit", url=f"{self.hooks}audit/")])
+        self.gateway = await part.enter_async_context(_off_the_loop(running_gateway(config)))
+        self.gw = await part.enter_async_context(httpx.AsyncClient(base_url=self.gateway, timeout=15))
+
+    async def _start_dashboard(self) -> None:
+        part = await self._part("dashboard")
+        port = free_port()
+        ready = asyncio.Event()
+        dashboard = asyncio.create_task(serve_dashboard(self.url, f"127.0.0.1:{port}", None, ready))
+        part.push_async_callback(_cancelled, dashboard)
+        await asyncio.wait_for(ready.wait(), 30)
+        self.dash = await part.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15))
+
+    async def restart_coordinator(self) -> None:
+        """Stop the coordinator and start a new one on the same bus (its durable consumer and the
+        jobs' KV records carry on), as a supervisor restarts a crashed one."""
+        await self._start_coordinator()
+
+    async def restart_gateway(self) -> None:
+        """Stop the gateway (its webhook leases lapse after webhook_lease_s) and start another."""
+        await self._start_gateway()
+
+    async def restart_dashboard(self) -> None:
+        """Stop the dashboard and start another, which rebuilds its view from the bus."""
+        await self._start_dashboard()
 
     def _start_fleet(self) -> None:
         self.services.extend(self._start(host, stage, replica) for host, stage, replica in self.fleet)
@@ -212,6 +254,18 @@ class LocalStack:
         assert [(h["seq"], h["event_id"]) for h in page["history"]] == listed, f"{job_id}: job page history"
         assert all(row["end"] for row in page["timeline"]), f"{job_id}: an open attempt on a finished job's page"
         return cli_events
+
+
+@contextlib.asynccontextmanager
+async def _off_the_loop(context):
+    """A blocking context manager (running_gateway waits for uvicorn's start and joins its
+    thread) entered and left in a worker thread, so the coordinator and the dashboard on this
+    loop run on meanwhile."""
+    value = await asyncio.to_thread(context.__enter__)
+    try:
+        yield value
+    finally:
+        await asyncio.to_thread(context.__exit__, None, None, None)
 
 
 async def _cancelled(task: asyncio.Task) -> None:

@@ -64,3 +64,10 @@ def test_verbose_json_never_makes_up_decoder_statistics():
     segment = as_verbose_json(transcript, task="transcribe", granularities=set(), temperature=0.0)["segments"][0]
     assert {k: segment[k] for k in ("tokens", "avg_logprob", "compression_ratio", "no_speech_prob")} == \
         {"tokens": None, "avg_logprob": None, "compression_ratio": None, "no_speech_prob": None}
+
+
+def test_verbose_json_passes_the_decoders_statistics_through():
+    stats = {"tokens": [440, 1702, 13], "avg_logprob": -0.24, "compression_ratio": 1.19, "no_speech_prob": 0.045}
+    transcript = Transcript(language="en", duration=2.0, segments=[Segment(start=0.0, end=1.5, text="The quick.", **stats)])
+    segment = as_verbose_json(transcript, task="transcribe", granularities={"segment"}, temperature=0.0)["segments"][0]
+    assert {k: segment[k] for k in stats} == stats

@@ -353,5 +353,14 @@ def _segments(raw: list[dict], offset: float, limit: float) -> list[Segment]:
         ]
         start = words[0].start if words else at(seg["start"])
         end = words[-1].end if words else at(seg["end"])
-        segments.append(Segment(start=start, end=max(start, end), text=text, words=words))
+        segments.append(Segment(start=start, end=max(start, end), text=text, words=words, **decoder_stats(seg)))
     return segments
+
+
+def decoder_stats(seg: dict) -> dict:
+    """mlx-whisper's own per-segment decoder statistics (openai-whisper's segment fields), each
+    None where it reported none."""
+    stats = {name: (float(seg[name]) if seg.get(name) is not None else None)
+             for name in ("avg_logprob", "compression_ratio", "no_speech_prob")}
+    tokens = seg.get("tokens")
+    return {**stats, "tokens": [int(t) for t in tokens] if tokens is not None else None}

@@ -16,6 +16,20 @@ behind faster-whisper's word timestamps) on the very chunk and features the text
 from: one extra encoder pass per chunk, same model, same process. These times are what the
 transcribe workflow uses, and what alignment falls back to for a language without an aligner.
 
+Decoder statistics. Each segment carries the decoder's own numbers for the chunk it was decoded
+from, as faster-whisper's `WhisperModel.transcribe` reports them per 30 s window: `avg_logprob`
+(the beam's cumulative log probability over length+1, faster-whisper's formula), `no_speech_prob`
+(CTranslate2's probability of the no-speech token at the first step), `compression_ratio`
+(faster-whisper's `get_compression_ratio` of the chunk's decoded text) and `tokens` (the decoded
+text token ids, split between a chunk's segments at their words). whisperx's pipeline keeps only
+the text (3.8.6 adds avg_logprob), so for the length of one transcribe call the pipeline's
+CTranslate2 model is wrapped in `_RecordingWhisper`, which asks `generate` for the same decode plus
+`return_no_speech_prob=True` (a report of the first step's logits, as faster-whisper's own
+batched pipeline asks for it; the search is unchanged) and keeps each result in chunk order. The
+words and times are the ones decoded before this (checked on the espeak clip: identical text,
+words and times with and without the wrapper). The mlx backend passes mlx-whisper's own
+per-segment values through; a backend that reports none leaves them None.
+
 With speech regions (the vad stage) only they are decoded: they are cut to Whisper's window at
 their quietest frame and handed to the pipeline in place of its own pyannote VAD (for that call
 only). Without regions whisperx's pyannote VAD finds the speech.
@@ -23,6 +37,7 @@ only). Without regions whisperx's pyannote VAD finds the speech.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +112,43 @@ def load(source: str, log, *, device: str, compute_type: str, threads: int, batc
     return WhisperX(pipeline, source, device, compute_type, batch_size, load_seconds)
 
 
+class _RecordingWhisper:
+    """The pipeline's CTranslate2 Whisper model with `generate` also asking for the no-speech
+    probability and keeping, per decoded chunk in order: tokens (text tokens only),
+    avg_logprob, no_speech_prob. Everything else is the wrapped model's."""
+
+    def __init__(self, inner, length_penalty: float, eot: int):
+        self._inner, self._length_penalty, self._eot = inner, length_penalty, eot
+        self.decoded: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def generate(self, *args, **kwargs):
+        results = self._inner.generate(*args, **{**kwargs, "return_no_speech_prob": True})
+        for result in results:
+            ids = list(result.sequences_ids[0])
+            cumulative = result.scores[0] * (len(ids) ** self._length_penalty)
+            self.decoded.append({"tokens": [int(t) for t in ids if t < self._eot],
+                                 "avg_logprob": float(cumulative / (len(ids) + 1)),
+                                 "no_speech_prob": float(result.no_speech_prob)})
+        return results
+
+
+@contextmanager
+def recording_decoder(model: WhisperX, language: str, task: str):
+    """For one pipeline.transcribe call (callers serialise calls): the decoder's per-chunk
+    statistics, in the order the pipeline returns its chunks."""
+    whisper = model.whisper
+    eot = model.tokenizer(language, task).eot
+    recorder = _RecordingWhisper(whisper.model, model.pipeline.options.length_penalty, eot)
+    whisper.model = recorder
+    try:
+        yield recorder.decoded
+    finally:
+        whisper.model = recorder._inner
+
+
 def describe(model: WhisperX) -> str:
     return f"{model.source} ({model.compute_type}, {model.device})"
 
@@ -131,19 +183,22 @@ def transcribe(
         else:
             language, language_probability = detect_language(model, audio)
     progress(0.02, f"language {language}")
-    if regions is not None:
-        chunks = decode_regions(model, audio, regions, language, progress, task)
-    else:
-        chunks = model.pipeline.transcribe(
-            audio,
-            batch_size=model.batch_size,
-            language=language,
-            task=task,
-            progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
-        )["segments"]
+    with recording_decoder(model, language, task) as decoded:
+        if regions is not None:
+            chunks = decode_regions(model, audio, regions, language, progress, task)
+        else:
+            chunks = model.pipeline.transcribe(
+                audio,
+                batch_size=model.batch_size,
+                language=language,
+                task=task,
+                progress_callback=lambda percent: progress(DECODE_SHARE * percent / 100, "transcribing speech"),
+            )["segments"]
+    if len(decoded) != len(chunks):  # a whisperx that decodes otherwise: no statistics, never wrong ones
+        decoded = [None] * len(chunks)
     segments: list[Segment] = []
-    for n, chunk in enumerate(chunks):
-        segments.extend(timed_segments(model, audio, chunk, language, task))
+    for n, (chunk, stats) in enumerate(zip(chunks, decoded)):
+        segments.extend(timed_segments(model, audio, chunk, language, task, stats))
         progress(DECODE_SHARE + (1 - DECODE_SHARE) * (n + 1) / len(chunks), f"segment {n + 1}/{len(chunks)}")
     return language, language_probability, segments
 
@@ -260,15 +315,17 @@ def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, languag
         pipeline.vad_model = original
 
 
-def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, task: str = "transcribe") -> list[dict]:
-    """Word start/end (seconds from the chunk start) for `text` decoded from `chunk`, by
-    Whisper cross-attention alignment on the same features the decoder saw."""
+def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, task: str = "transcribe",
+               tokens: list[int] | None = None) -> list[dict]:
+    """Word start/end (seconds from the chunk start) and token ids for `text` decoded from
+    `chunk` (as `tokens` when the decoder's are known, else re-encoded), by Whisper
+    cross-attention alignment on the same features the decoder saw."""
     from faster_whisper.transcribe import merge_punctuations
     from whisperx.audio import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 
     chunk = chunk[:N_SAMPLES]
     tokenizer = model.tokenizer(language, task)
-    tokens = [t for t in tokenizer.encode(text) if t < tokenizer.eot]
+    tokens = tokens or [t for t in tokenizer.encode(text) if t < tokenizer.eot]
     if not tokens or len(chunk) < HOP_LENGTH * 2:
         return []
     n_mels = model.whisper.feat_kwargs.get("feature_size") or 80
@@ -276,7 +333,15 @@ def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, tas
     encoder_output = model.whisper.encode(features.numpy() if hasattr(features, "numpy") else features)
     alignment = model.whisper.find_alignment(tokenizer, [tokens], encoder_output, len(chunk) // HOP_LENGTH)[0]
     merge_punctuations(alignment, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
-    words = [w for w in alignment if w["word"].strip()]
+    words, blank = [], []
+    for w in alignment:  # a blank word's tokens go to the next word, so words' tokens add up to all
+        if w["word"].strip():
+            words.append({**w, "tokens": blank + list(w["tokens"])})
+            blank = []
+        else:
+            blank += list(w["tokens"])
+    if words and blank:
+        words[-1]["tokens"] = words[-1]["tokens"] + blank
     _trim_to_sound(words, chunk)
     return words
 
@@ -330,12 +395,17 @@ def split_into_segments(words: list[Word], fallback: Segment) -> list[Segment]:
 
 
 def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: str,
-                   task: str = "transcribe") -> list[Segment]:
-    """One whisperx chunk ({start, end, text}) -> transcript segments with word times."""
+                   task: str = "transcribe", decoded: dict | None = None) -> list[Segment]:
+    """One whisperx chunk ({start, end, text}) -> transcript segments with word times, and with
+    the chunk's decoder statistics (`decoded`, from recording_decoder) when known: every segment
+    of the chunk shares its avg_logprob, no_speech_prob and compression_ratio, as faster-whisper's
+    segments of one window do; tokens are split between them at their words."""
     start, end = float(chunk["start"]), float(chunk["end"])
     if not chunk["text"].strip():
         return []
-    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task)
+    tokens = decoded["tokens"] if decoded else None
+    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task,
+                       tokens)
     words = [
         Word(
             text=w["word"].strip(),
@@ -345,4 +415,26 @@ def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: st
         )
         for w in timed
     ]
-    return split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
+    segments = split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
+    return with_decoder_stats(segments, [w["tokens"] for w in timed], chunk["text"], decoded)
+
+
+def with_decoder_stats(segments: list[Segment], word_tokens: list[list[int]], text: str,
+                       decoded: dict | None) -> list[Segment]:
+    """The chunk's segments with its decoder statistics; each segment's tokens are its words'
+    (consecutive words, in order), or all the chunk's for the one segment without words."""
+    if not decoded:
+        return segments
+    from faster_whisper.transcribe import get_compression_ratio
+
+    shared = {"avg_logprob": decoded["avg_logprob"], "no_speech_prob": decoded["no_speech_prob"],
+              "compression_ratio": float(get_compression_ratio(text.strip()))}
+    out, used = [], 0
+    for segment in segments:
+        if segment.words:
+            tokens = [int(t) for ids in word_tokens[used : used + len(segment.words)] for t in ids]
+            used += len(segment.words)
+        else:
+            tokens = list(decoded["tokens"])
+        out.append(segment.model_copy(update={**shared, "tokens": tokens}))
+    return out
