@@ -464,6 +464,22 @@ def test_with_a_secret_only_results_carrying_the_requests_token_apply():
     assert ok.requests[0].token == result_token(b"coordinator-secret", "j1", "asr", 1)
 
 
+def test_a_result_that_overtakes_its_jobs_state_is_put_back_only_with_its_requests_token():
+    """Several coordinators: the request goes out before the state is created, so another
+    coordinator can be handed the result of a job it finds no state of. One carrying the
+    request's token is applied again later (dropping it left the job waiting forever); one
+    without is refused at once, so junk results for made-up jobs do not circle."""
+    from coordinator.decide import result_token
+
+    policy = replace(POLICY, result_secret=b"coordinator-secret")
+    real = completed("demux", token=result_token(b"coordinator-secret", "j1", "demux", 1))
+    early = decide(None, real, TRANSCRIBE, T0, policy)
+    assert early.retry_later and not early.changed and early.state is None and "no state" in early.note
+    for forged in (completed("demux"), completed("demux", token="0" * 32)):
+        refused = decide(None, forged, TRANSCRIBE, T0, policy)
+        assert not refused.retry_later and not refused.changed and "no job" in refused.note
+
+
 def test_failures_are_recorded_with_their_class():
     """The class rides on the node and the job (contracts.failures), from the StageFailed's
     error_type, the coordinator's own deadline, or the kind of refusal; a retry clears it."""
