@@ -3,6 +3,7 @@
     python benchmarks/fleet_sim.py                         # 2-core defaults: see below
     python benchmarks/fleet_sim.py --coordinators 3 --workers 500 --jobs 10000 --rate 20
     python benchmarks/fleet_sim.py --single-node --coordinators 1 --no-kill
+    python benchmarks/fleet_sim.py --hops --baseline HEAD~1     # hops through 1 and 3 coordinators
 
 What runs, all real but the stages: a 3-node JetStream cluster on loopback (benchmarks/chaos.py's
 Cluster; streams and the job KV at R3), 1-3 coordinators as their own processes (the real
@@ -16,17 +17,22 @@ cluster, the node that leads the job KV stream; the killed coordinator is not re
 events must be handed over to the others, or, with one coordinator, a replacement is started,
 as systemd would).
 
-Durations (`STAGE_SECONDS`) follow the figures measured on this project's 2-core machine (README's
-performance section and issue 22): per film minute demux 0.03 s, vad 0.25 s, mux 0.05 s; chunk
-0.05 s, transcript_join and subtitle_gen 0.05 s + 0.002 s per chunk; asr 30 s of speech per chunk
-at the fleet figure of issue 22 (a GPU worker finishing a 30 s chunk every 1-2 s: 1.5 s). They are
-multiplied by `--scale` (default 0.02: a 2-hour film's 240 chunks take 7 ms each), so the run
-measures the coordinator and the bus rather than sleeping; `--scale 1` is real time.
+Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
+30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
+to asr: per film minute demux 0.03 s, vad 0.25 s, mux 0.05 s; chunk 0.05 s, transcript_join and
+subtitle_gen 0.05 s + 0.002 s per chunk. All are multiplied by `--scale` (default 0.02: a chunk
+takes 30 ms), so a run measures the coordinator and the bus rather than sleeping; `--scale 1` is
+real time. Workers' memory is not simulated (README, "One film across the fleet", has the real
+per-service figures).
+
+`--hops`: the hop benchmark instead: jobs of `--hop-count` noop nodes, p50 per hop one job at a
+time and hops/s with `--concurrency` jobs in flight, with 1 and then 3 coordinators
+(`--hop-coordinators`), and first the same with coordinators of git revision `--baseline REV`.
 
 It prints: jobs per hour, queue wait per stage (request stored -> taken by a worker, p50/p99,
 from the stream timestamp of the request and the worker's clock), coordinator CPU seconds per job
 and per hop (from /proc), the streams' and KV's sizes at the end, and the checks: every job
-terminal, each with exactly one terminal event, no request executed twice, none lost.
+terminal, each with exactly one terminal event, none lost, and how many requests ran twice.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ from nats.js.api import ConsumerConfig  # noqa: E402
 from core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event, through_failover  # noqa: E402
 from core.logging import configure_logging  # noqa: E402
 from core.settings import PROJECT_ROOT, Settings  # noqa: E402
+from captionbus.stack import _die_with_parent  # noqa: E402
 
 SECRET = b"fleet-sim-secret"  # every coordinator of a bus shares the result secret
 CHUNK_S = 30.0
@@ -215,7 +222,8 @@ class CoordinatorProcess:
         self.cpu_at_death: float | None = None
         self.process = subprocess.Popen(
             [sys.executable, str(tree / "benchmarks" / "fleet_sim.py"), "_coordinator", url, graphs],
-            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), env=env, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), env=env, start_new_session=True,
+            preexec_fn=_die_with_parent)  # a driver that crashes leaves no coordinator behind
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -591,8 +599,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coordinators", type=int, default=2)
     parser.add_argument("--workers", type=int, default=60, help="simulated workers in all (most on asr)")
-    parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
+    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=2.0, help="jobs submitted per second")
     parser.add_argument("--scale", type=float, default=0.02, help="multiplies every simulated duration")
     parser.add_argument("--seed", type=int, default=22)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the last job")

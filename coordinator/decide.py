@@ -246,6 +246,13 @@ class _Step:
             return _ignored(self.original, f"job {state.status.value}; late {event.kind} ignored")
         node = state.nodes.get(event.node)
         if node is None:
+            if self._unlisted_item(event.node) and _token_holds(self.policy, event):
+                # A fan-out item (asr-3) requested by a decision whose write has not landed yet:
+                # the item nodes join the state with that write. Another coordinator handed its
+                # result meanwhile dropped it, and the job waited for the node's deadline
+                # (benchmarks/fleet_sim.py, 3 coordinators, a node killed: 2 films of 60).
+                return Decision(self.original, (), False, f"early: {event.node} is not in the state yet",
+                                retry_later=True)
             return _ignored(self.original, f"no node {event.node!r} in this job")
         if not _token_holds(self.policy, event):
             return _ignored(self.original, f"refused {event.kind} for {event.node} attempt {event.attempt}: "
@@ -276,6 +283,13 @@ class _Step:
             return self._advance()
         return self._attempt_failed(event.node, one_line(event.reason), event.retryable,
                                     failure_class(event.error_type, event.reason))
+
+    def _unlisted_item(self, node_id: str) -> bool:
+        """Whether `node_id` names an item (`asr-3`) of a fan-out over a list whose items this
+        state has not listed yet (its stand-in node, the plain name, is still there)."""
+        name, _, index = node_id.rpartition("-")
+        spec = self.graph.nodes.get(name) if self.graph is not None else None
+        return index.isdigit() and spec is not None and spec.item_source() is not None and name in self.state.nodes
 
     def tick(self) -> Decision:
         for node_id, node in list(self.state.nodes.items()):

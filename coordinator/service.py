@@ -62,6 +62,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     KeyDeletedError,
     KeyNotFoundError,
@@ -97,6 +98,8 @@ PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
 # answers within that write's round trip; the 2 s put-back made 3 coordinators' hops slower than
 # one's, benchmarks/fleet_sim.py --hops).
 EARLY_REREAD_S = (0.002, 0.005, 0.02, 0.05)
+DUPLICATE_IN_PROCESS = 10158  # JetStream: a message with this Nats-Msg-Id is being stored now
+IN_PROCESS_RETRY_S = (0.005, 0.02, 0.1, 0.3)
 EVENT_ACK_WAIT_S = 30.0
 # An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
 EARLY_RESULT_RETRY_S = 2.0
@@ -540,10 +543,7 @@ class Coordinator:
         window of chunks) go out at once, their acks awaited together.
         """
         requests = [action.request for action in decision.actions if isinstance(action, PublishRequest)]
-        await asyncio.gather(*(self.js.publish(
-            subjects.stage_request(request.stage), request.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": request.key},
-        ) for request in requests))
+        await asyncio.gather(*(self._publish_request(request) for request in requests))
         state = decision.state
         published = self._published.get(job_id, set())
         outbox = [*(raw for raw in state.outbox if raw.get("event_id") not in published),
@@ -552,6 +552,22 @@ class Coordinator:
         written = await self._write_state(job_id, state, revision)
         self._published[job_id] = set()
         await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
+
+    async def _publish_request(self, request: StageRequest) -> None:
+        """Publish one stage request. Two coordinators deciding on one film's state (each handed
+        one of its chunk results) publish the same next request at once; JetStream answers the
+        second "duplicate message id is in process" (409, 10158) while it stores the first. That
+        is retried shortly, when the answer becomes the plain duplicate it is: failing the event
+        cost a second's redelivery each time (benchmarks/fleet_sim.py, 3 coordinators)."""
+        for pause in (*IN_PROCESS_RETRY_S, None):
+            try:
+                await self.js.publish(subjects.stage_request(request.stage), request.model_dump_json().encode(),
+                                      headers={"Nats-Msg-Id": request.key})
+                return
+            except APIError as e:
+                if e.err_code != DUPLICATE_IN_PROCESS or pause is None:
+                    raise
+                await asyncio.sleep(pause)
 
     async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any,
                             clear: bool = True) -> None:

@@ -1,5 +1,6 @@
 """Two coordinators on one bus (issue 22): `captionbus coordinator` twice, as real processes, on one
-stream of `transcribe` jobs answered by simulated stage workers (benchmarks/fleet_sim.py's, which
+stream of `chunked` jobs (3-minute films: 6 asr chunks each, fanned out) answered by simulated
+stage workers (benchmarks/fleet_sim.py's, which
 take requests from the stage consumers exactly as real replicas do), one coordinator killed -9
 mid-run. Every job must complete, each with one terminal event, every stage request taken once
 at attempt 1 (no job advanced twice), and both coordinators must have done part of the work."""
@@ -60,7 +61,7 @@ async def wait_started(logs: list[Path], timeout: float = 60.0) -> None:
 
 
 def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp_path):
-    graphs = load_graphs("transcribe")
+    graphs = load_graphs("chunked")
     processes: list[subprocess.Popen] = []
 
     async def main() -> None:
@@ -75,14 +76,14 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
             start_coordinator(nats_server, tmp_path / name) for name in ("coordinator-a", "coordinator-b"))
         processes.extend([first, second])
         await wait_started([first_log, second_log])
-        jobs = Jobs(nc, js, "transcribe")
+        jobs = Jobs(nc, js, "chunked")
         await jobs.start()
         workers = SimWorkers(nc, {stage: 2 for stage in stage_outputs(graphs)}, stage_outputs(graphs),
                              0.05, jobs.minutes)
         await workers.start()
 
         for n in range(JOBS):
-            await jobs.submit()
+            await jobs.submit(minutes=3)
             await asyncio.sleep(0.05)
             if n == JOBS // 2:  # jobs in flight at every stage: the first coordinator dies
                 first.send_signal(signal.SIGKILL)
@@ -101,10 +102,13 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
 
         assert Counter(s.status.value for s in states.values()) == {"completed": JOBS}
         assert all(terminal[job] == 1 for job in jobs.submitted), terminal
-        attempts = Counter(node.attempt for s in states.values() for node in s.nodes.values())
+        ran = [node for s in states.values() for node in s.nodes.values() if node.status.value != "skipped"]
+        assert all(node.status.value == "completed" for node in ran)
+        attempts = Counter(node.attempt for node in ran)
         assert set(attempts) == {1}, f"a node was requested again: {attempts}"
         assert workers.executed and max(workers.executed.values()) == 1, "a stage request ran twice"
-        assert len(workers.executed) == sum(len(s.nodes) for s in states.values())
+        assert len(workers.executed) == len(ran) and sum(n.startswith("asr-") for s in states.values()
+                                                         for n in s.nodes) == JOBS * 6
         by_first, by_second = jobs_decided(first_log), jobs_decided(second_log)
         assert by_first and by_second, "one coordinator did all the work: nothing was shared"
         assert by_second - by_first, "the surviving coordinator took over no job"
