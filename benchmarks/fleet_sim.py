@@ -55,14 +55,14 @@ from pathlib import Path
 # A coordinator process of `--baseline REV` imports that revision's code (FLEET_TREE).
 sys.path.insert(0, os.environ.get("FLEET_TREE") or str(Path(__file__).resolve().parent.parent))
 
-from contracts import JobSpec, JobSubmitted, StageCompleted, StageRequest, new_job_id, subjects  # noqa: E402
-from contracts.artifacts import ArtifactRef  # noqa: E402
-from nats.js.api import ConsumerConfig  # noqa: E402
+from nats.js.api import ConsumerConfig
 
-from core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event, through_failover  # noqa: E402
-from core.logging import configure_logging  # noqa: E402
-from core.settings import PROJECT_ROOT, Settings  # noqa: E402
-from captionbus.stack import _die_with_parent  # noqa: E402
+from captionbus.stack import _die_with_parent
+from contracts import JobSpec, JobSubmitted, StageCompleted, StageRequest, new_job_id, subjects
+from contracts.artifacts import ArtifactRef
+from core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event, through_failover
+from core.logging import configure_logging
+from core.settings import PROJECT_ROOT, Settings
 
 SECRET = b"fleet-sim-secret"  # every coordinator of a bus shares the result secret
 CHUNK_S = 30.0
@@ -147,7 +147,7 @@ class SimWorkers:
         while not self.stop.is_set():
             try:
                 msgs = await sub.fetch(1, timeout=1.0)
-            except Exception:  # noqa: BLE001 - idle (timeout) or a node failing over: pull again
+            except Exception:
                 await asyncio.sleep(0.05)
                 continue
             for msg in msgs:
@@ -295,7 +295,7 @@ class Bus:
             try:
                 await provision(js, replicas=1 if self.single else 3)
                 return nc, js
-            except Exception:  # noqa: BLE001 - any error while electing; bounded by the deadline
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
@@ -339,7 +339,7 @@ async def terminal_events(js) -> Counter[str]:
     while True:
         try:
             msgs = await sub.fetch(500, timeout=2.0)
-        except Exception:  # noqa: BLE001 - no more
+        except Exception:
             break
         for msg in msgs:
             counts[msg.subject.split(".")[2]] += 1

@@ -77,8 +77,8 @@ from contracts.events import JobEvent
 from contracts.jobs import utcnow
 from coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
 from coordinator.graph import Workflow, load_workflows
-from core.bus import event_msg_id, provision, publish_event, through_failover
 from core import settings as settings_mod
+from core.bus import event_msg_id, provision, publish_event, through_failover
 from core.retry import RetryPolicy
 from core.settings import Settings
 
