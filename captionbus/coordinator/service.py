@@ -1,9 +1,17 @@
 """The coordinator process: a thin NATS adapter around the pure `decide`.
 
-For each job event (durable pull consumer `coordinator` on the events stream):
-    read JobState from KV → decide → publish the stage requests → write the state, with the
-    decided job events in its `outbox`, against the revision read → publish the outbox and
-    clear it → ack the event.
+For each job event (durable pull consumer `coordinator` on the events stream, shared by every
+coordinator of the bus; `events_in_hand` pulls at once, one job's events one at a time):
+    read JobState (from KV, or the state we last read or wrote when that is recent:
+    `_remembered`) → decide → publish the stage requests → write the state, with the decided job
+    events in its `outbox`, against the revision read → publish the outbox (pipelined) → ack
+    the event. The published events leave the outbox with the job's next write (a finished
+    job's at once, a waiting job's at its next tick).
+
+Round trips of one stage hop, before and after (issue 22): a fetch per event, a KV read, the
+request, the state write, each event, the outbox-clearing write = 6 sequential, one event at a
+time; now the request and the state write (the event arrives on a waiting pull, the state is
+remembered, the events are pipelined and acked after), with 16 events of different jobs at once.
 
 Stage requests go out *before* the write; that is safe (at-least-once, no double effects):
   * If we crash after publishing and before the write, the event is redelivered (not acked)
@@ -44,6 +52,7 @@ import json
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +62,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     KeyDeletedError,
     KeyNotFoundError,
@@ -67,14 +77,29 @@ from captionbus.contracts.events import JobEvent
 from captionbus.contracts.jobs import utcnow
 from captionbus.coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
-from captionbus.core.bus import provision, publish_event, through_failover
 from captionbus.core import settings as settings_mod
+from captionbus.core.bus import event_msg_id, provision, publish_event, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 
 log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
+# Events handled at once (each on its own pull; one job's events one at a time: _owning).
+EVENTS_IN_HAND = 16
+# How long a state we read or wrote may stand in for the stored one (_remembered), and for how
+# many jobs (least recently used out; a 2-hour film's state is ~1 MB of Python objects).
+STATE_MEMORY_S = 20.0
+STATE_MEMORY_JOBS = 256
+PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
+# A result that its job's state cannot explain yet (decide's retry_later) is read again after
+# these pauses before it is put back for EARLY_RESULT_RETRY_S: with several coordinators the one
+# that published the request is usually still writing the state that explains it (a noop worker
+# answers within that write's round trip; the 2 s put-back made 3 coordinators' hops slower than
+# one's, benchmarks/fleet_sim.py --hops).
+EARLY_REREAD_S = (0.002, 0.005, 0.02, 0.05)
+DUPLICATE_IN_PROCESS = 10158  # JetStream: a message with this Nats-Msg-Id is being stored now
+IN_PROCESS_RETRY_S = (0.005, 0.02, 0.1, 0.3)
 EVENT_ACK_WAIT_S = 30.0
 # An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
 EARLY_RESULT_RETRY_S = 2.0
@@ -112,7 +137,7 @@ class Coordinator:
         graphs_dir: str | Path | None = None,
         policy: Policy = Policy(),
         tick_interval_s: float = 1.0,
-        fetch_batch: int = 1,
+        events_in_hand: int = EVENTS_IN_HAND,
         clock: Callable[[], datetime] = utcnow,
         provision_bus: bool = True,
         rescan_interval_s: float = 30.0,
@@ -135,13 +160,13 @@ class Coordinator:
         self.graphs = dict(graphs) if graphs is not None else load_workflows(graphs_dir)
         self.policy = policy
         self.tick_interval_s = tick_interval_s
-        self.fetch_batch = fetch_batch
+        self.events_in_hand = max(1, events_in_hand)
         self.clock = clock
         self.provision_bus = provision_bus
         self.rescan_interval_s = rescan_interval_s
         self.event_retry = event_retry
         self.kv: Any = None
-        self._sub: Any = None
+        self._subs: list[Any] = []
         self._advisory_sub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
@@ -151,6 +176,12 @@ class Coordinator:
         self._running: set[str] = set()
         self._finished: set[str] = set()
         self._last_scan = float("-inf")
+        # job id -> (state, its revision, when we read or wrote it): see _remembered.
+        self._states: OrderedDict[str, tuple[JobState, int, float]] = OrderedDict()
+        # job id -> [lock, users]: one event or tick of a job at a time in this process (_owning).
+        self._locks: dict[str, list] = {}
+        # job id -> ids of the events in its stored outbox that we have published (_commit).
+        self._published: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -162,9 +193,14 @@ class Coordinator:
             await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
         self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
         await through_failover(self._ensure_consumer, "events consumer")
-        self._sub = await through_failover(lambda: self.js.pull_subscribe_bind(
+        # One pull subscription per event in hand: nats-py's fetch of a batch waits out its whole
+        # timeout for the rest of the batch once a first message came (a second per stage hop),
+        # and two fetches on one subscription take each other's messages. So each of
+        # `events_in_hand` loops keeps one waiting pull of one message: an event is pushed to a
+        # free loop as soon as it is stored, and the loops handle different jobs at once.
+        self._subs = [await through_failover(lambda: self.js.pull_subscribe_bind(
             durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
-        ), "bind events")
+        ), "bind events") for _ in range(self.events_in_hand)]
         self._advisory_sub = await through_failover(self._bind_advisories, "bind advisories")
         if self._windowed_stages():
             await self.count_workers()  # a film submitted right now gets a window of the workers there are
@@ -197,11 +233,11 @@ class Coordinator:
             elif not self._failed.cancelled() and self._failed.exception() is not None:
                 # Already logged when it happened, and raised to whoever waits on wait_failed().
                 log.error("coordinator stopped after a background task died", error=str(self._failed.exception()))
-        for sub in (self._advisory_sub, self._sub):
+        for sub in (self._advisory_sub, *self._subs):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        self._sub = self._advisory_sub = None
+        self._subs, self._advisory_sub = [], None
         log.info("coordinator stopped")
 
     @property
@@ -278,16 +314,15 @@ class Coordinator:
         await msg.ack()
 
     async def _event_loop(self) -> None:
-        await self._pull_loop(self._sub, self._on_event_message, "events")
+        await asyncio.gather(*(self._pull_loop(sub, self._on_event_message, "events") for sub in self._subs))
 
     async def _pull_loop(self, sub: Any, handle, what: str) -> None:
         while not self._stopping.is_set():
             try:
                 # batch=1 on purpose: nats-py's fetch, once a first message arrives on a waiting
                 # pull, waits out the whole timeout for the rest of the batch — a second of
-                # latency per stage hop. One message per fetch returns at once; in a burst the
-                # no-wait probe hands over what is queued, so throughput stays fine.
-                msgs = await sub.fetch(batch=self.fetch_batch, timeout=1.0)
+                # latency per stage hop. Events are taken by several of these loops at once.
+                msgs = await sub.fetch(batch=1, timeout=1.0)
             except asyncio.TimeoutError:  # nats raises its own subclass, or asyncio's, when idle
                 continue
             except Exception as e:  # reconnecting, server restarting: try again shortly
@@ -350,19 +385,21 @@ class Coordinator:
             f"({type(error).__name__}: {error}); see the coordinator log, fix the cause, then {then}"
         )
         state = revision = None
-        try:
-            state, revision = await self.read_state(job_id)
-        except Exception as e:
-            jlog.warning("could not read the job's state to fail it", error=repr(e))
-        decision = give_up(state, job_id, event.event_id, reason, self.clock())
-        if not decision.changed:
-            jlog.warning("event dropped; the job had already finished", note=decision.note)
-            return
-        if decision.state is not None:
+        async with self._owning(job_id):
             try:
-                await self._commit(job_id, decision, revision, jlog)
+                state, revision = await self.read_state(job_id)
             except Exception as e:
-                jlog.warning("could not mark the job failed in its state", error=repr(e))
+                jlog.warning("could not read the job's state to fail it", error=repr(e))
+            decision = give_up(state, job_id, event.event_id, reason, self.clock())
+            if not decision.changed:
+                jlog.warning("event dropped; the job had already finished", note=decision.note)
+                return
+            if decision.state is not None:
+                try:
+                    await self._commit(job_id, decision, revision, jlog)
+                except Exception as e:
+                    self._forget(job_id)
+                    jlog.warning("could not mark the job failed in its state", error=repr(e))
         for failed in decision.events:  # already out through the outbox, or not: same id, deduplicated
             try:
                 await self._publish_event(failed)
@@ -371,13 +408,34 @@ class Coordinator:
         jlog.warning("job failed", reason=reason)
 
     async def apply(self, event: Any) -> Decision:
-        """Apply one event (or Tick) to its job: read, decide, publish, write; re-decide on conflict."""
+        """Apply one event (or Tick) to its job: read, decide, publish, write; re-decide on conflict.
+
+        The state comes from what this process last read or wrote of the job (`_remembered`)
+        when that is recent, else from the KV; a decision on a remembered state is only ever
+        kept through a revision-checked write. One that changes nothing (the event ignored, or
+        put back for later) is made again on the stored state before it counts: a remembered
+        state another coordinator has moved on from would otherwise drop a valid result."""
         job_id = event.job_id
         jlog = log.bind(job_id=job_id, kind=getattr(event, "kind", "tick"))
+        async with self._owning(job_id):
+            return await self._apply(event, job_id, jlog)
+
+    async def _apply(self, event: Any, job_id: str, jlog: Any) -> Decision:
+        remembered = self._remembered(job_id)
+        rereads = list(EARLY_REREAD_S)
         for _ in range(MAX_WRITE_CONFLICTS):
-            state, revision = await self.read_state(job_id)
+            if remembered is not None:
+                (state, revision), remembered, stored = remembered, None, False
+            else:
+                (state, revision), stored = await self.read_state(job_id), True
             workflow = state.spec.workflow if state else getattr(getattr(event, "spec", None), "workflow", None)
             decision = decide(state, event, self.graphs.get(workflow), self.clock(), self.policy, self._workers)
+            if not decision.changed and not stored:
+                continue  # confirm it on the stored state
+            if decision.retry_later and rereads:
+                # Most often the coordinator that sent the request is writing its state right now.
+                await asyncio.sleep(rereads.pop(0))
+                continue
             if not decision.changed:
                 if (decision.note or "").startswith("refused "):  # a result without its request's token
                     jlog.warning("forged result refused", note=decision.note,
@@ -390,18 +448,69 @@ class Coordinator:
             try:
                 await self._commit(job_id, decision, revision, jlog)
             except KeyWrongLastSequenceError:
-                jlog.info("job state changed under us; deciding again")
+                self._forget(job_id)
+                if stored:
+                    jlog.info("job state changed under us; deciding again")
                 continue
             self._log_decision(decision, jlog)
             return decision
         raise StateConflict(f"job {job_id}: state kept changing; gave up after {MAX_WRITE_CONFLICTS} tries")
 
     async def read_state(self, job_id: str) -> tuple[JobState | None, int | None]:
+        """The job's stored state and revision (None, None: no such job), remembered."""
         try:
             entry = await self.kv.get(job_id)
         except (KeyNotFoundError, KeyDeletedError):
+            self._forget(job_id)
             return None, None
-        return JobState.model_validate_json(entry.value), entry.revision
+        state = JobState.model_validate_json(entry.value)
+        self._remember(job_id, state, entry.revision)
+        return state, entry.revision
+
+    # ------------------------------------------------------------ what we last saw of a job
+
+    def _remember(self, job_id: str, state: JobState, revision: int) -> None:
+        if state.status.finished and not state.outbox:
+            self._forget(job_id)
+            return
+        self._states[job_id] = (state, revision, time.monotonic())
+        self._states.move_to_end(job_id)
+        while len(self._states) > STATE_MEMORY_JOBS:
+            self._states.popitem(last=False)
+
+    def _forget(self, job_id: str) -> None:
+        self._states.pop(job_id, None)
+
+    def _remembered(self, job_id: str) -> tuple[JobState, int] | None:
+        """The state (and revision) we last read or wrote of `job_id`, if that was less than
+        STATE_MEMORY_S ago; else None. Decisions on it skip the KV read (1 of a hop's 6 round
+        trips, and the parse of the state: 4 ms for a 2-hour film's) and are checked by the
+        revision of the write. Why STATE_MEMORY_S stays well under the requests stream's
+        duplicate window (120 s): stage requests go out before the write, so a decision on a
+        state another coordinator has moved on from may publish one before its write fails. It
+        asks for a (node, attempt) the remembered state had not requested; if the stored state
+        has requested it since, that was less than STATE_MEMORY_S ago, so JetStream drops ours
+        as a repeat of the same Nats-Msg-Id; if not, its result fails the attempt check (wasted
+        work, as in any lost race)."""
+        entry = self._states.get(job_id)
+        if entry is None or time.monotonic() - entry[2] > STATE_MEMORY_S:
+            return None
+        return entry[0], entry[1]
+
+    @contextlib.asynccontextmanager
+    async def _owning(self, job_id: str):
+        """One event or tick of `job_id` at a time in this coordinator (the event loops handle
+        different jobs at once). Across coordinators the revision checks keep a job from being
+        advanced twice, and JetStream hands an event whose coordinator died to another."""
+        entry = self._locks.setdefault(job_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(job_id, None)
 
     async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
         value = state.model_dump_json().encode()
@@ -410,6 +519,7 @@ class Coordinator:
         else:
             written = await self.kv.update(job_id, value, last=revision)
         self._note_status(job_id, state)
+        self._remember(job_id, state, written)
         return written
 
     def _note_status(self, job_id: str, state: JobState) -> None:
@@ -427,38 +537,72 @@ class Coordinator:
 
         The events are written into the state's outbox with the decision and published only
         once that write succeeded, so a decision that lost the race never announces anything.
+        A running job's outbox is not cleared by a write of its own: the events we published
+        leave it with the job's next write (or the tick loop's, when the job waits), which
+        took a second state write off each stage hop. The requests of one decision (a film's
+        window of chunks) go out at once, their acks awaited together.
         """
-        for action in decision.actions:
-            if isinstance(action, PublishRequest):
-                request = action.request
-                await self.js.publish(
-                    subjects.stage_request(request.stage),
-                    request.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": request.key},
-                )
+        requests = [action.request for action in decision.actions if isinstance(action, PublishRequest)]
+        await asyncio.gather(*(self._publish_request(request) for request in requests))
         state = decision.state
-        outbox = [*state.outbox, *(event.model_dump(mode="json") for event in decision.events)]
+        published = self._published.get(job_id, set())
+        outbox = [*(raw for raw in state.outbox if raw.get("event_id") not in published),
+                  *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
         written = await self._write_state(job_id, state, revision)
-        await self._flush_outbox(job_id, state, written, jlog)
+        self._published[job_id] = set()
+        await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
 
-    async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any) -> None:
-        """Publish the events waiting in `state`'s outbox, then clear it. Never raises: what
-        is not published stays in the state, and the tick loop tries again."""
+    async def _publish_request(self, request: StageRequest) -> None:
+        """Publish one stage request. Two coordinators deciding on one film's state (each handed
+        one of its chunk results) publish the same next request at once; JetStream answers the
+        second "duplicate message id is in process" (409, 10158) while it stores the first. That
+        is retried shortly, when the answer becomes the plain duplicate it is: failing the event
+        cost a second's redelivery each time (benchmarks/fleet_sim.py, 3 coordinators)."""
+        for pause in (*IN_PROCESS_RETRY_S, None):
+            try:
+                await self.js.publish(subjects.stage_request(request.stage), request.model_dump_json().encode(),
+                                      headers={"Nats-Msg-Id": request.key})
+                return
+            except APIError as e:
+                if e.err_code != DUPLICATE_IN_PROCESS or pause is None:
+                    raise
+                await asyncio.sleep(pause)
+
+    async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any,
+                            clear: bool = True) -> None:
+        """Publish the events waiting in `state`'s outbox that we have not published yet, in
+        order and pipelined (one round trip for all), then (`clear`) write the state without
+        them. Never raises: what is not published stays in the state, and the tick loop tries
+        again."""
         if not state.outbox:
             return
+        published = self._published.setdefault(job_id, set())
         try:
+            acks = []
             for raw in state.outbox:
+                if raw.get("event_id") in published:
+                    continue
                 try:
                     event = parse_event(raw)
                 except ValidationError as e:
                     jlog.error("unreadable event in the job's outbox dropped", error=str(e).splitlines()[0])
                     continue
-                await self._publish_event(event)
-            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+                acks.append((event.event_id, await self.js.publish_async(
+                    subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})))
+            for event_id, ack in acks:
+                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+                published.add(event_id)
+            if clear:
+                await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+                self._published.pop(job_id, None)
+            else:
+                self._running.add(job_id)  # the tick loop clears it if no event does first
         except KeyWrongLastSequenceError:
             # The state moved on; its writer carried these events along and publishes them too
             # (same ids: JetStream drops the repeats).
+            self._forget(job_id)
             jlog.debug("outbox published; the state changed before it was cleared")
         except Exception as e:
             jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
@@ -513,27 +657,38 @@ class Coordinator:
                 log.warning("tick failed", job_id=job_id, error=str(e))
 
     async def _tick_job(self, job_id: str, now: datetime) -> None:
-        state, revision = await self.read_state(job_id)
-        if state is None:
-            self._running.discard(job_id)
-            return
-        self._note_status(job_id, state)
-        jlog = log.bind(job_id=job_id, kind="tick")
-        decision = None
-        if not state.status.finished:
-            if self.unserved_s:
-                await self._fail_unserved(state, jlog)
-            decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy,
-                              self._workers)
-        if decision is None or not decision.changed:
-            # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
-            await self._flush_outbox(job_id, state, revision, jlog)
-            return
-        try:
-            await self._commit(job_id, decision, revision, jlog)
-        except KeyWrongLastSequenceError:
-            return  # an event got there first; the next tick sees its state
-        self._log_decision(decision, jlog)
+        """Tick one job: on the state we remember when it is recent (most ticks change
+        nothing and then cost no round trip), on the stored one when the tick would change it."""
+        async with self._owning(job_id):
+            remembered = self._remembered(job_id)
+            state, revision = remembered if remembered is not None else await self.read_state(job_id)
+            if state is None:
+                self._running.discard(job_id)
+                return
+            self._note_status(job_id, state)
+            jlog = log.bind(job_id=job_id, kind="tick")
+            decision = None
+            if not state.status.finished:
+                if self.unserved_s:
+                    await self._fail_unserved(state, jlog)
+                decision = decide(state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy,
+                                  self._workers)
+                if decision.changed and remembered is not None:
+                    state, revision = await self.read_state(job_id)  # a change is decided on the stored state
+                    if state is None:
+                        return
+                    decision = None if state.status.finished else decide(
+                        state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy, self._workers)
+            if decision is None or not decision.changed:
+                # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
+                await self._flush_outbox(job_id, state, revision, jlog)
+                return
+            try:
+                await self._commit(job_id, decision, revision, jlog)
+            except KeyWrongLastSequenceError:
+                self._forget(job_id)
+                return  # an event got there first; the next tick sees its state
+            self._log_decision(decision, jlog)
 
     def _windowed_stages(self) -> list[str]:
         """Stages of the fan-out nodes that have a window (max_in_flight), in any workflow."""

@@ -464,6 +464,45 @@ def test_with_a_secret_only_results_carrying_the_requests_token_apply():
     assert ok.requests[0].token == result_token(b"coordinator-secret", "j1", "asr", 1)
 
 
+def test_a_result_that_overtakes_its_jobs_state_is_put_back_only_with_its_requests_token():
+    """Several coordinators: the request goes out before the state is created, so another
+    coordinator can be handed the result of a job it finds no state of. One carrying the
+    request's token is applied again later (dropping it left the job waiting forever); one
+    without is refused at once, so junk results for made-up jobs do not circle."""
+    from captionbus.coordinator.decide import result_token
+
+    policy = replace(POLICY, result_secret=b"coordinator-secret")
+    real = completed("demux", token=result_token(b"coordinator-secret", "j1", "demux", 1))
+    early = decide(None, real, TRANSCRIBE, T0, policy)
+    assert early.retry_later and not early.changed and early.state is None and "no state" in early.note
+    for forged in (completed("demux"), completed("demux", token="0" * 32)):
+        refused = decide(None, forged, TRANSCRIBE, T0, policy)
+        assert not refused.retry_later and not refused.changed and "no job" in refused.note
+
+
+def test_a_fan_out_items_result_that_overtakes_the_write_listing_the_items_is_put_back():
+    """The decision that lists a film's chunks (asr-0, asr-1, ...) publishes their requests before
+    its write; a coordinator handed a chunk's result before that write lands finds no asr-0 in
+    the state. With the request's token the result is put back; a made-up node is ignored."""
+    from captionbus.coordinator.decide import result_token
+
+    chunked = load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")
+    policy = replace(POLICY, result_secret=b"s")
+    spec = JobSpec(job_id="j1", input=INPUT, workflow="chunked", source_language="en")
+    state = decide(None, JobSubmitted(job_id="j1", spec=spec), chunked, T0, policy).state
+    assert "asr" in state.nodes and "asr-0" not in state.nodes  # the stand-in, items not listed yet
+
+    def result(node: str, token: str | None) -> StageCompleted:
+        return StageCompleted(job_id="j1", stage="asr", node=node, attempt=1, token=token,
+                              outputs={"transcript": INPUT})
+
+    early = decide(state, result("asr-0", result_token(b"s", "j1", "asr-0", 1)), chunked, T0, policy)
+    assert early.retry_later and not early.changed and "not in the state yet" in early.note
+    for ignored in (result("asr-0", "0" * 32), result("vad-0", result_token(b"s", "j1", "vad-0", 1))):
+        d = decide(state, ignored, chunked, T0, policy)
+        assert not d.retry_later and not d.changed and "no node" in d.note
+
+
 def test_failures_are_recorded_with_their_class():
     """The class rides on the node and the job (captionbus.contracts.failures), from the StageFailed's
     error_type, the coordinator's own deadline, or the kind of refusal; a retry clears it."""

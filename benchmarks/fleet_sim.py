@@ -1,0 +1,626 @@
+"""A simulated fleet: how far the coordinator layer goes, without a model in sight (issue 22).
+
+    python benchmarks/fleet_sim.py                         # 2-core defaults: see below
+    python benchmarks/fleet_sim.py --coordinators 3 --workers 500 --jobs 10000 --rate 20
+    python benchmarks/fleet_sim.py --single-node --coordinators 1 --no-kill
+    python benchmarks/fleet_sim.py --hops --baseline HEAD~1     # hops through 1 and 3 coordinators
+
+What runs, all real but the stages: a 3-node JetStream cluster on loopback (benchmarks/chaos.py's
+Cluster; streams and the job KV at R3), 1-3 coordinators as their own processes (the real
+`Coordinator` with the real `config/workflows/chunked.yaml`), and simulated stage workers: asyncio
+tasks in one process, each a competing consumer of its stage's durable consumer exactly like a
+real replica, that sleep for the stage's simulated duration and publish a `stage_completed` with
+the request's token (the `asr` workers also answer `$SRV STATS`, so the coordinator sizes each
+film's window to them as it does for real ones). Jobs of mixed lengths (clips to 2-hour films,
+chunked at 30 s) arrive at `--rate` per second. Mid-run one coordinator is killed (-9) and, on the
+cluster, the node that leads the job KV stream; the killed coordinator is not restarted (its
+events must be handed over to the others, or, with one coordinator, a replacement is started,
+as systemd would).
+
+Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
+30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
+to asr: per film minute demux 0.03 s, vad 0.25 s, mux 0.05 s; chunk 0.05 s, transcript_join and
+subtitle_gen 0.05 s + 0.002 s per chunk. All are multiplied by `--scale` (default 0.02: a chunk
+takes 30 ms), so a run measures the coordinator and the bus rather than sleeping; `--scale 1` is
+real time. Workers' memory is not simulated (README, "One film across the fleet", has the real
+per-service figures).
+
+`--hops`: the hop benchmark instead: jobs of `--hop-count` noop nodes, p50 per hop one job at a
+time and hops/s with `--concurrency` jobs in flight, with 1 and then 3 coordinators
+(`--hop-coordinators`), and first the same with coordinators of git revision `--baseline REV`.
+
+It prints: jobs per hour, queue wait per stage (request stored -> taken by a worker, p50/p99,
+from the stream timestamp of the request and the worker's clock), coordinator CPU seconds per job
+and per hop (from /proc), the streams' and KV's sizes at the end, and the checks: every job
+terminal, each with exactly one terminal event, none lost, and how many requests ran twice.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+# A coordinator process of `--baseline REV` imports that revision's code (FLEET_TREE).
+sys.path.insert(0, os.environ.get("FLEET_TREE") or str(Path(__file__).resolve().parent.parent))
+
+from nats.js.api import ConsumerConfig
+
+from captionbus.stack import _die_with_parent
+from captionbus.contracts import JobSpec, JobSubmitted, StageCompleted, StageRequest, new_job_id, subjects
+from captionbus.contracts.artifacts import ArtifactRef
+from captionbus.core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event, through_failover
+from captionbus.core.logging import configure_logging
+from captionbus.core.settings import PROJECT_ROOT, Settings
+
+SECRET = b"fleet-sim-secret"  # every coordinator of a bus shares the result secret
+CHUNK_S = 30.0
+# (minutes, weight): clips, episodes, films; 2-hour films are the long tail.
+MIX = [(0.5, 40), (3, 25), (10, 15), (30, 10), (60, 6), (120, 4)]
+
+
+def chunks_of(minutes: float) -> int:
+    return max(1, math.ceil(minutes * 60 / CHUNK_S))
+
+
+def stage_seconds(stage: str, minutes: float, chunks: int) -> float:
+    """Simulated seconds of one request of `stage` for a film of `minutes` (before --scale)."""
+    per_minute = {"demux": 0.03, "vad": 0.25, "mux": 0.05}
+    if stage in per_minute:
+        return per_minute[stage] * minutes
+    if stage == "asr":
+        return 1.5  # one 30 s chunk on a GPU worker (issue 22: 1-2 s)
+    if stage in ("transcript_join", "subtitle_gen"):
+        return 0.05 + 0.002 * chunks
+    return 0.05  # chunk, noop
+
+
+def fake_ref(name: str, seed: str) -> ArtifactRef:
+    return ArtifactRef(key=hashlib.sha256(seed.encode()).hexdigest(), name=name, size=1)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ----------------------------------------------------------------------------- simulated workers
+
+def stage_outputs(graphs: dict) -> dict[str, list[str]]:
+    """stage -> every output name a node of that stage declares, in any of `graphs`."""
+    outputs: dict[str, set[str]] = defaultdict(set)
+    for graph in graphs.values():
+        for name, spec in graph.nodes.items():
+            outputs[spec.stage_name(name)].update(spec.outputs)
+    return {stage: sorted(names) for stage, names in outputs.items()}
+
+
+class SimWorkers:
+    """`count` simulated replicas of each stage, as asyncio tasks on one connection."""
+
+    def __init__(self, nc, counts: dict[str, int], outputs: dict[str, list[str]], scale: float,
+                 minutes: dict[str, float]):
+        self.nc, self.js = nc, nc.jetstream()
+        self.counts, self.outputs, self.scale = counts, outputs, scale
+        self.minutes = minutes  # job id -> film minutes (the driver's, same process)
+        self.executed: Counter[str] = Counter()
+        self.waits: dict[str, list[float]] = defaultdict(list)
+        self.tasks: list[asyncio.Task] = []
+        self.stop = asyncio.Event()
+
+    async def start(self) -> None:
+        for stage, count in self.counts.items():
+            durable = await through_failover(
+                lambda stage=stage: ensure_stage_consumer(self.js, stage, StagePolicy(ack_wait=10.0, max_deliver=20)),
+                "stage consumer")
+            for i in range(count):
+                sub = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.REQUESTS_STREAM)
+                self.tasks.append(asyncio.create_task(self._work(stage, sub)))
+            if stage == "asr":
+                await self._answer_stats(stage, count)
+
+    async def _answer_stats(self, stage: str, count: int) -> None:
+        replies = [json.dumps({"id": f"sim-{stage}-{i}", "endpoints": [{"data": {"state": "ready"}}]}).encode()
+                   for i in range(count)]
+
+        async def on_stats(msg) -> None:
+            for reply in replies:
+                await self.nc.publish(msg.reply, reply)
+
+        await self.nc.subscribe(f"$SRV.STATS.{subjects.micro_service_name(stage)}", cb=on_stats)
+        await self.nc.subscribe(f"$SRV.PING.{subjects.micro_service_name(stage)}", cb=on_stats)
+
+    async def _work(self, stage: str, sub) -> None:
+        while not self.stop.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except Exception:
+                await asyncio.sleep(0.05)
+                continue
+            for msg in msgs:
+                with contextlib.suppress(Exception):  # an ack lost in a failover: redelivered
+                    await self._handle(stage, msg)
+
+    async def _handle(self, stage: str, msg) -> None:
+        taken = time.time()
+        request = StageRequest.model_validate_json(msg.data)
+        stored = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else taken
+        minutes = self.minutes.get(request.job_id, 1.0)
+        chunks = chunks_of(minutes)
+        await asyncio.sleep(stage_seconds(stage, minutes, chunks) * self.scale)
+        self.executed[request.key] += 1
+        self.waits[stage].append(max(0.0, taken - stored))
+        outputs = {name: fake_ref(f"{name}.json", f"{request.key}.{name}") for name in self.outputs[stage]}
+        items = {"chunks": chunks} if stage == "chunk" else {}
+        event = StageCompleted(job_id=request.job_id, stage=stage, node=request.node, attempt=request.attempt,
+                               token=request.token, outputs=outputs, items=items,
+                               metrics={"queue_s": max(0.0, taken - stored), "delivery": float(msg.metadata.num_delivered)})
+        await through_failover(lambda: publish_event(self.js, event, f"{request.key}.completed"), "result")
+        await msg.ack_sync()
+
+
+# ----------------------------------------------------------------------------- coordinators
+
+def load_graphs(which: str) -> dict:
+    """`chunked` (config/workflows/chunked.yaml) or `hops:K` (K noop nodes in a row)."""
+    if which.startswith("hops:"):
+        from benchmarks.stage_hops import hops_workflow
+
+        return {"hops": hops_workflow(int(which.split(":", 1)[1]))}
+    from captionbus.coordinator.graph import load_workflow
+
+    return {which: load_workflow(PROJECT_ROOT / "config" / "workflows" / f"{which}.yaml")}
+
+
+async def coordinator_main(url: str, graphs: str) -> None:
+    """One coordinator process until SIGTERM (SIGKILL is the fault)."""
+    from captionbus.coordinator.decide import Policy
+    from captionbus.coordinator.service import Coordinator
+
+    nc = await connect(url, f"fleet-coordinator-{os.getpid()}")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    coordinator = Coordinator(nc, graphs=load_graphs(graphs), policy=Policy(result_secret=SECRET), unserved_s=None)
+    await coordinator.start()
+    print("ready", flush=True)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(coordinator.wait_failed())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    await coordinator.stop()
+    await nc.close()
+
+
+def export_tree(rev: str, into: Path) -> Path:
+    """The packages a coordinator imports, as they are at git revision `rev`, under `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, "coordinator", "contracts", "core",
+                              "config", "benchmarks"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+class CoordinatorProcess:
+    def __init__(self, url: str, graphs: str, home: Path, index: int, tree: Path | None = None):
+        home.mkdir(parents=True, exist_ok=True)
+        tree = tree or PROJECT_ROOT
+        env = {**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(home), "PYTHONPATH": str(tree),
+               "FLEET_TREE": str(tree), "CAPTIONBUS_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING")}
+        self.log = home / "coordinator.log"
+        self.index = index
+        self.cpu_at_death: float | None = None
+        self.process = subprocess.Popen(
+            [sys.executable, str(tree / "benchmarks" / "fleet_sim.py"), "_coordinator", url, graphs],
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), env=env, start_new_session=True,
+            preexec_fn=_die_with_parent)  # a driver that crashes leaves no coordinator behind
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        line = self.process.stdout.readline()  # blocks until "ready" or exit
+        if not line.startswith(b"ready") or time.monotonic() > deadline:
+            raise RuntimeError(f"coordinator {self.index} did not start: {self.log.read_text()[-2000:]}")
+
+    def cpu_s(self) -> float:
+        if self.cpu_at_death is not None:
+            return self.cpu_at_death
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def kill(self) -> None:
+        self.cpu_at_death = self.cpu_s()
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.cpu_at_death = self.cpu_s()
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(20)
+            if self.process.poll() is None:  # stuck in its stop: the fault it was not meant to have
+                self.process.kill()
+                self.process.wait()
+
+
+# ----------------------------------------------------------------------------- the bus
+
+class Bus:
+    """A 3-node cluster (R3) or one embedded server (R1), for the length of a `with`."""
+
+    def __init__(self, root: Path, single: bool):
+        self.root, self.single = root, single
+        self.cluster = self.server = None
+
+    def __enter__(self) -> "Bus":
+        if self.single:
+            from captionbus.server import EmbeddedServer
+
+            self.server = EmbeddedServer(self.root / "nats")
+            self.server.start()
+            self.url = self.server.url
+        else:
+            from benchmarks.chaos import Cluster
+
+            self.cluster = Cluster(self.root)
+            self.cluster.start()
+            self.url = self.cluster.url()
+        os.environ["CAPTIONBUS_REPLICAS"] = "1" if self.single else "3"
+        return self
+
+    def describe(self) -> str:
+        return "1 nats-server (R1)" if self.single else "3-node JetStream cluster (R3)"
+
+    def __exit__(self, *exc) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.server is not None:
+            self.server.stop()
+
+    async def provisioned(self, name: str):
+        nc = await connect(self.url, name, Settings(home=self.root / "driver"))
+        js = nc.jetstream()
+        deadline = time.monotonic() + 90
+        while True:  # a fresh cluster may still be electing its meta leader
+            try:
+                await provision(js, replicas=1 if self.single else 3)
+                return nc, js
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def kill_leader_of(self, js, stream: str) -> str | None:
+        """SIGKILL of the node leading `stream`; it comes back 5 s later (as systemd would)."""
+        if self.cluster is None:
+            return None
+        from benchmarks.chaos import stream_leader
+
+        node = self.cluster.by_name(await stream_leader(js, stream))
+        if node is None:
+            return None
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(10)
+
+        async def restart() -> None:
+            await asyncio.sleep(5)
+            node.start()
+
+        asyncio.get_running_loop().create_task(restart())
+        return node.name
+
+
+async def sizes(js) -> dict[str, tuple[int, int]]:
+    out = {}
+    for stream in (subjects.EVENTS_STREAM, subjects.REQUESTS_STREAM, f"KV_{subjects.JOBS_BUCKET}"):
+        info = await through_failover(lambda stream=stream: js.stream_info(stream), "stream info")
+        out[stream] = (info.state.messages, info.state.bytes)
+    return out
+
+
+async def terminal_events(js) -> Counter[str]:
+    """job id -> terminal events stored (completed, failed, cancelled), replayed from the stream."""
+    counts: Counter[str] = Counter()
+    sub = await js.pull_subscribe(
+        "", stream=subjects.EVENTS_STREAM,
+        config=ConsumerConfig(
+            filter_subjects=[subjects.job_kind_all_jobs(k) for k in ("completed", "failed", "cancelled")],
+            ack_policy="none", inactive_threshold=60.0))
+    while True:
+        try:
+            msgs = await sub.fetch(500, timeout=2.0)
+        except Exception:
+            break
+        for msg in msgs:
+            counts[msg.subject.split(".")[2]] += 1
+    await sub.unsubscribe()
+    return counts
+
+
+# ----------------------------------------------------------------------------- jobs
+
+class Jobs:
+    """Submits jobs and notes when each one's terminal event arrives."""
+
+    def __init__(self, nc, js, workflow: str):
+        self.nc, self.js, self.workflow = nc, js, workflow
+        self.submitted: dict[str, float] = {}
+        self.minutes: dict[str, float] = {}
+        self.finished: dict[str, tuple[str, float]] = {}
+        self.waiters: dict[str, asyncio.Future] = {}
+
+    async def start(self) -> None:
+        async def on_terminal(msg) -> None:
+            job_id, kind = msg.subject.split(".")[2:4]
+            if job_id in self.submitted and job_id not in self.finished:
+                self.finished[job_id] = (kind, time.perf_counter())
+                future = self.waiters.pop(job_id, None)
+                if future is not None and not future.done():
+                    future.set_result(kind)
+
+        for kind in ("completed", "failed", "cancelled"):
+            await self.nc.subscribe(subjects.job_kind_all_jobs(kind), cb=on_terminal)
+
+    async def submit(self, minutes: float = 1.0) -> str:
+        spec = JobSpec(job_id=new_job_id(), workflow=self.workflow, input=fake_ref("film.mp4", str(random.random())),
+                       source_language="en")
+        self.minutes[spec.job_id] = minutes
+        self.submitted[spec.job_id] = time.perf_counter()
+        self.waiters[spec.job_id] = asyncio.get_running_loop().create_future()
+        event = JobSubmitted(job_id=spec.job_id, spec=spec)
+        await through_failover(lambda: publish_event(self.js, event), "submit")
+        return spec.job_id
+
+    async def run_one(self, minutes: float = 1.0, timeout: float = 60) -> float:
+        job_id = await self.submit(minutes)
+        kind = await asyncio.wait_for(self.waiters[job_id], timeout)
+        if kind != "completed":
+            raise RuntimeError(f"job {job_id} {kind}")
+        return self.finished[job_id][1] - self.submitted[job_id]
+
+
+# ----------------------------------------------------------------------------- the fleet run
+
+def split_workers(total: int, graphs: dict) -> dict[str, int]:
+    """Most workers on asr (the stage whose work dominates), the rest spread over the others."""
+    stages = sorted(stage_outputs(graphs))
+    others = [s for s in stages if s != "asr"]
+    each = max(1, total // 20)
+    counts = {s: each for s in others}
+    if "asr" in stages:
+        counts["asr"] = max(1, total - each * len(others))
+    return counts
+
+
+async def fleet(args, bus: Bus) -> None:
+    graphs = load_graphs("chunked")
+    nc, js = await bus.provisioned("fleet-driver")
+    coordinators = [CoordinatorProcess(bus.url, "chunked", bus.root / f"coord{i}", i) for i in range(args.coordinators)]
+    for c in coordinators:
+        c.wait_ready()
+    jobs = Jobs(nc, js, "chunked")
+    await jobs.start()
+    counts = split_workers(args.workers, graphs)
+    workers = SimWorkers(nc, counts, stage_outputs(graphs), args.scale, jobs.minutes)
+    await workers.start()
+    rng = random.Random(args.seed)
+    lengths, weights = zip(*MIX)
+    span = args.jobs / args.rate
+    faults: list[str] = []
+    started = time.perf_counter()
+
+    async def faults_mid_run() -> None:
+        if args.no_kill:
+            return
+        await asyncio.sleep(span * 0.4)
+        victim = coordinators[0]
+        victim.kill()
+        faults.append(f"{time.perf_counter() - started:6.1f} s  kill -9 coordinator 0 (pid {victim.process.pid})")
+        if len(coordinators) == 1:  # the one coordinator: a supervisor starts another
+            await asyncio.sleep(2)
+            replacement = CoordinatorProcess(bus.url, "chunked", bus.root / "coord-r", len(coordinators))
+            await asyncio.get_running_loop().run_in_executor(None, replacement.wait_ready)
+            coordinators.append(replacement)
+            faults.append(f"{time.perf_counter() - started:6.1f} s  replacement coordinator started")
+        await asyncio.sleep(span * 0.2)
+        node = await bus.kill_leader_of(js, f"KV_{subjects.JOBS_BUCKET}")
+        if node:
+            faults.append(f"{time.perf_counter() - started:6.1f} s  kill -9 {node} (led the job KV), back 5 s later")
+
+    fault_task = asyncio.create_task(faults_mid_run())
+    for i in range(args.jobs):
+        target = started + i / args.rate
+        if (delay := target - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        await jobs.submit(rng.choices(lengths, weights)[0])
+    submitted_s = time.perf_counter() - started
+    deadline = time.monotonic() + args.timeout
+    while len(jobs.finished) < len(jobs.submitted) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    wall = time.perf_counter() - started
+    await fault_task
+    cpu = sum(c.cpu_s() for c in coordinators)
+    workers.stop.set()
+    await asyncio.gather(*workers.tasks, return_exceptions=True)
+
+    # the checks, from the bus itself
+    states = {}
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    for job_id in jobs.submitted:
+        entry = await through_failover(lambda job_id=job_id: kv.get(job_id), "state")
+        states[job_id] = json.loads(entry.value)["status"]
+    terminal = await terminal_events(js)
+    stored = await sizes(js)
+    for c in coordinators:
+        c.stop()
+    await nc.close()
+
+    done = Counter(states.values())
+    hops = sum(workers.executed.values())
+    twice = sum(1 for n in workers.executed.values() if n > 1)
+    print(f"\nfleet: {bus.describe()}, {args.coordinators} coordinator(s), {sum(counts.values())} simulated workers "
+          f"({', '.join(f'{s} {n}' for s, n in sorted(counts.items()))}), {args.jobs} jobs at {args.rate}/s, "
+          f"durations x{args.scale}, seed {args.seed}")
+    for line in faults:
+        print(f"  fault {line}")
+    print(f"submitted in {submitted_s:.1f} s; all terminal after {wall:.1f} s")
+    print(f"jobs/hour {len(jobs.finished) / wall * 3600:,.0f}   stage requests executed {hops} "
+          f"({hops / wall:.0f}/s)   film minutes {sum(jobs.minutes.values()):,.0f}")
+    latency = [jobs.finished[j][1] - jobs.submitted[j] for j in jobs.finished]
+    print(f"job latency p50 {pct(latency, 0.5):.2f} s  p99 {pct(latency, 0.99):.2f} s")
+    print(f"{'queue wait':16}{'p50 ms':>10}{'p99 ms':>10}{'requests':>10}")
+    for stage in sorted(workers.waits):
+        waits = workers.waits[stage]
+        print(f"{stage:16}{pct(waits, 0.5) * 1e3:10.1f}{pct(waits, 0.99) * 1e3:10.1f}{len(waits):10}")
+    print(f"coordinator CPU {cpu:.1f} s: {cpu / max(1, len(jobs.submitted)) * 1e3:.1f} ms per job, "
+          f"{cpu / max(1, hops) * 1e3:.2f} ms per stage request")
+    for stream, (messages, size) in stored.items():
+        print(f"{stream:16} {messages:>9,} messages {size / 1e6:9.1f} MB")
+    missing = [j for j in jobs.submitted if terminal[j] == 0]
+    repeated = [j for j in jobs.submitted if terminal[j] > 1]
+    print(f"states: {dict(done)}; terminal events: {len(jobs.submitted) - len(missing)} of {len(jobs.submitted)} "
+          f"jobs, {len(repeated)} with more than one; requests executed twice: {twice}")
+    ok = not missing and not repeated and set(done) <= {"completed"}
+    print(json.dumps({"jobs": args.jobs, "coordinators": args.coordinators, "workers": sum(counts.values()),
+                      "jobs_per_hour": round(len(jobs.finished) / wall * 3600), "requests_per_s": round(hops / wall, 1),
+                      "coordinator_cpu_ms_per_job": round(cpu / max(1, len(jobs.submitted)) * 1e3, 2),
+                      "lost": len(missing), "duplicated_terminal": len(repeated), "executed_twice": twice,
+                      "all_completed": ok}))
+    if not ok:
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------- hops through the coordinator
+
+async def hop_bench(args, bus: Bus) -> None:
+    """Per hop p50 (one job of `--hop-count` noop nodes at a time) and hops/s (`--concurrency`
+    jobs in flight), with 1 and then 3 coordinators on the same bus, side by side."""
+    graph = f"hops:{args.hop_count}"
+    graphs = load_graphs(graph)
+    nc, js = await bus.provisioned("hop-driver")
+    jobs = Jobs(nc, js, "hops")
+    await jobs.start()
+    workers = SimWorkers(nc, {"noop": args.workers}, stage_outputs(graphs), 0.0, jobs.minutes)
+    await workers.start()
+    rows = []
+    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    if args.baseline:
+        # the baseline's fleet_sim.py is this one: its coordinator entry point may not exist there
+        base = export_tree(args.baseline, bus.root / "baseline")
+        (base / "benchmarks" / "fleet_sim.py").write_text(Path(__file__).read_text())
+        trees.insert(0, (args.baseline, base))
+    for label, tree in trees:
+        rows += await hop_rows(args, bus, jobs, graph, label, tree)
+    raw = []
+    for _ in range(300):
+        t = time.perf_counter()
+        await js.publish(subjects.job_event("jbench-0", "stage_progress"), b"{}")
+        raw.append(time.perf_counter() - t)
+    workers.stop.set()
+    await asyncio.gather(*workers.tasks, return_exceptions=True)
+    await nc.close()
+    print(f"\nhops through the coordinator: {bus.describe()}, {args.workers} simulated noop workers (0 s), "
+          f"jobs of {args.hop_count} hops; p50 over {args.chains} jobs one at a time, hops/s with "
+          f"{args.concurrency} jobs in flight x {args.rounds} rounds; {os.cpu_count()} cores; a job not "
+          f"finished in {HOP_JOB_TIMEOUT_S:g} s is counted and not waited for")
+    print(f"{'code':>14}{'coordinators':>14}{'hop p50 ms':>12}{'hop p95 ms':>12}{'hops/s':>10}{'CPU ms/hop':>12}"
+          f"{'jobs > 15 s':>12}")
+    for label, n, p50, p95, rate, cpu, lost in rows:
+        print(f"{label:>14}{n:>14}{p50 * 1e3:12.2f}{p95 * 1e3:12.2f}{rate:10.0f}{cpu * 1e3:12.2f}{lost:12}")
+    print(f"JetStream publish+ack on the same bus: p50 {pct(raw, 0.5) * 1e3:.2f} ms")
+    print(json.dumps({"bus": bus.describe(), "rows": [
+        {"code": label, "coordinators": n, "hop_p50_ms": round(p50 * 1e3, 2), "hop_p95_ms": round(p95 * 1e3, 2),
+         "hops_per_s": round(rate), "cpu_ms_per_hop": round(cpu * 1e3, 2), "jobs_over_timeout": lost}
+        for label, n, p50, p95, rate, cpu, lost in rows], "js_pub_p50_ms": round(pct(raw, 0.5) * 1e3, 3)}))
+
+
+async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Path | None) -> list[tuple]:
+    """One row per count in --hop-coordinators, adding coordinators of `tree`'s code as it goes;
+    they are stopped at the end."""
+    coordinators: list[CoordinatorProcess] = []
+    rows = []
+    for n in args.hop_coordinators:
+        while len(coordinators) < n:
+            c = CoordinatorProcess(bus.url, graph, bus.root / f"hop-{label}-{len(coordinators)}",
+                                   len(coordinators), tree)
+            c.wait_ready()
+            coordinators.append(c)
+        lost = 0
+
+        async def one() -> float | None:
+            """Seconds of one job; None (counted) when it has not finished in HOP_JOB_TIMEOUT_S."""
+            nonlocal lost
+            try:
+                return await jobs.run_one(timeout=HOP_JOB_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                lost += 1
+                return None
+
+        for _ in range(3):
+            await one()  # warm-up
+        per_hop = [t / args.hop_count for t in [await one() for _ in range(args.chains)] if t is not None]
+        cpu0 = sum(c.cpu_s() for c in coordinators)
+        started = time.perf_counter()
+        total = 0
+        for _ in range(max(1, args.rounds)):
+            done = await asyncio.gather(*(one() for _ in range(args.concurrency)))
+            total += sum(args.hop_count for t in done if t is not None)
+        wall = time.perf_counter() - started
+        cpu = sum(c.cpu_s() for c in coordinators) - cpu0
+        rows.append((label, n, pct(per_hop, 0.5), pct(per_hop, 0.95), total / wall, cpu / max(1, total), lost))
+    for c in coordinators:
+        c.stop()
+    return rows
+
+
+HOP_JOB_TIMEOUT_S = 15.0  # a hop job not finished by then is counted, and not waited for
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_coordinator":
+        configure_logging(os.environ.get("CAPTIONBUS_LOG_LEVEL", "WARNING"))
+        if os.environ.get("FLEET_PROFILE"):  # where one coordinator spends its CPU (cProfile stats file)
+            import cProfile
+
+            cProfile.run("asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))", os.environ["FLEET_PROFILE"])
+        else:
+            asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--coordinators", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=60, help="simulated workers in all (most on asr)")
+    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=2.0, help="jobs submitted per second")
+    parser.add_argument("--scale", type=float, default=0.02, help="multiplies every simulated duration")
+    parser.add_argument("--seed", type=int, default=22)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the last job")
+    parser.add_argument("--no-kill", action="store_true", help="no coordinator or node killed")
+    parser.add_argument("--single-node", action="store_true", help="one nats-server instead of a 3-node cluster")
+    parser.add_argument("--hops", action="store_true", help="the hop benchmark instead of the fleet")
+    parser.add_argument("--hop-count", type=int, default=5)
+    parser.add_argument("--hop-coordinators", type=lambda s: [int(n) for n in s.split(",")], default=[1, 3])
+    parser.add_argument("--chains", type=int, default=30)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the servers' and coordinators' dirs and logs")
+    parser.add_argument("--baseline", metavar="REV", help="--hops: also run coordinators of git revision REV, first")
+    args = parser.parse_args()
+    configure_logging("WARNING")
+    with tempfile.TemporaryDirectory(prefix="cb-fleet-") as tmp:
+        root = Path(tempfile.mkdtemp(prefix="cb-fleet-")) if args.keep else Path(tmp)
+        with Bus(root, args.single_node) as bus:
+            asyncio.run(hop_bench(args, bus) if args.hops else fleet(args, bus))
+
+
+if __name__ == "__main__":
+    main()
