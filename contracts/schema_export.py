@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo, WorkerState
 from contracts.events import JobEvent
-from contracts.speech import SpeechRegions
+from contracts.speech import SpeakerTurns, SpeechRegions
 from contracts.stage_specs import STAGES
 from contracts.transcript import Transcript
 from contracts.version import SCHEMA_VERSION
@@ -30,6 +30,7 @@ MODELS: dict[str, object] = {
     "job_event": JobEvent,
     "transcript": Transcript,
     "speech_regions": SpeechRegions,
+    "speaker_turns": SpeakerTurns,
     **{f"params_{name}": spec.params for name, spec in STAGES.items()},
 }
 

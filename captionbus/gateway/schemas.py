@@ -156,6 +156,8 @@ class JobForm(BaseModel):
     source_language: str | None = None
     target_languages: str | None = Field(None, description="comma-separated")
     options: str | None = Field(None, description='JSON: the -o options, e.g. {"asr": {"model": "base"}}')
+    speakers: str | None = Field(None, description="label who speaks: auto, N or MIN-MAX (captionbus run --speakers; "
+                                                   "the same as options {\"diarization\": {\"speakers\": ...}})")
     callback_url: str | None = Field(None, description="POST signed job events here (allow-listed)")
 
 

@@ -4,6 +4,7 @@ from contracts.declarations import alignment
 from contracts.declarations import asr
 from contracts.declarations import chunk
 from contracts.declarations import demux
+from contracts.declarations import diarization
 from contracts.declarations import mux
 from contracts.declarations import noop
 from contracts.declarations import source_separation
@@ -17,6 +18,7 @@ SPECS = (
     *asr.SPECS,
     *chunk.SPECS,
     *demux.SPECS,
+    *diarization.SPECS,
     *mux.SPECS,
     *noop.SPECS,
     *source_separation.SPECS,

@@ -462,3 +462,22 @@ def test_the_openai_client_gets_documented_errors_and_its_next_request_succeeds(
 
 def test_the_gateway_starts_before_the_bus_waits_and_survives_its_restart(tmp_path):
     check_waits_for_the_bus(["gateway"], "/v1/jobs", tmp_path, {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")})
+
+
+def test_the_speakers_field_switches_on_diarization(gateway):
+    """POST /v1/jobs `speakers` (captionbus run --speakers) becomes the diarization stage's param,
+    checked like every option; the job's plan then holds the diarization node."""
+    created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
+                           data={"workflow": "chunked", "source_language": "en", "speakers": "2-3",
+                                 "options": '{"diarization": {"embedder": "campplus"}}'})
+    assert created.status_code == 201, created.text
+    job = wait_status(gateway, created.json()["id"], {"pending", "running"})
+    assert job["options"] == {"diarization": {"embedder": "campplus", "speakers": "2-3"}}
+    assert job["nodes"]["diarization"]["stage"] == "diarization"
+    assert job["nodes"]["diarization"]["status"] not in ("skipped", "failed"), job["nodes"]
+    bad = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"speakers": "0"})
+    assert bad.status_code == 422 and "need 1 <= MIN <= MAX <= 20" in error_of(bad)
+    clash = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")},
+                         data={"speakers": "3", "options": '{"diarization": {"speakers": "2"}}'})
+    assert clash.status_code == 400 and "disagree" in error_of(clash)
+    assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
