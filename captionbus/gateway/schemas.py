@@ -122,6 +122,23 @@ class VerboseTranscription(BaseModel):
     words: list[VerboseWord] | None = None
 
 
+class DiarizedSegment(BaseModel):
+    type: Literal["transcript.text.segment"] = "transcript.text.segment"
+    id: str
+    start: float
+    end: float
+    speaker: str = Field(description="A, B, ... in order of first appearance")
+    text: str
+
+
+class DiarizedTranscription(BaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    duration: float
+    text: str
+    segments: list[DiarizedSegment]
+    usage: dict[str, Any] | None = None
+
+
 class WebhookRecord(BaseModel):
     subscriber: str
     url: str

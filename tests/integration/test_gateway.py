@@ -481,3 +481,19 @@ def test_the_speakers_field_switches_on_diarization(gateway):
                          data={"speakers": "3", "options": '{"diarization": {"speakers": "2"}}'})
     assert clash.status_code == 400 and "disagree" in error_of(clash)
     assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
+
+
+def test_the_door_refuses_diarization_it_cannot_give(gateway):
+    """Refused before a job exists: diarized_json from a model that does not diarize, the diarizing
+    model while no diarization worker is up (none here), known speakers (not supported yet)."""
+    def ask(**data):
+        return gateway.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data=data)
+
+    wrong = ask(model="whisper-1", response_format="diarized_json")
+    assert wrong.status_code == 400 and "needs model gpt-4o-transcribe-diarize" in error_of(wrong)
+    nobody = ask(model="gpt-4o-transcribe-diarize", response_format="diarized_json")
+    assert nobody.status_code == 400 and "captionbus serve diarization" in error_of(nobody)
+    named = ask(model="gpt-4o-transcribe-diarize", **{"known_speaker_names[]": "Anna"})
+    assert named.status_code == 400 and "not supported yet" in error_of(named)
+    assert "gpt-4o-transcribe-diarize" not in [m["id"] for m in gateway.get("/v1/models").json()["data"]]
+    assert gateway.get("/v1/jobs").json()["data"] == []  # no job was made

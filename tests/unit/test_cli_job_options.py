@@ -69,5 +69,5 @@ def test_speakers_flag_is_the_diarization_stage_param_and_is_checked_at_submit()
     ]:
         with pytest.raises(SubmitError, match=re.escape(message)):
             validate_job("transcribe", "en", [], local_stack=False, options=options)
-    with pytest.raises(SubmitError, match="workflow speech has no stage or node 'diarization'"):
-        validate_job("speech", "en", [], local_stack=False, options={"diarization": {"speakers": "auto"}})
+    assert validate_job("speech", "en", [], local_stack=False, options={"diarization": {"speakers": "auto"}}) == [
+        "demux", "asr", "vad", "diarization", "transcript_join", "subtitle_gen"]

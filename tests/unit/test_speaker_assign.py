@@ -83,3 +83,21 @@ def test_turns_that_are_not_turns_are_bad_input(tmp_path: Path):
                             input_lists={"transcripts": [part]})
     with pytest.raises(BadInput, match="turns"):
         JOIN.handle(ctx.request, ctx)
+
+
+def test_diarized_json_splits_a_segment_at_a_change_of_speaker():
+    """The door's diarized_json (OpenAI's shape, checked with the official client's model): one
+    segment per run of one speaker's words, speakers as letters, a segment without timed words
+    as it is."""
+    from openai.types.audio import TranscriptionDiarized
+
+    from captionbus.gateway.openai_format import as_diarized_json
+
+    body = as_diarized_json(assign_speakers(transcript().model_copy(update={"duration": 8.0}), TURNS))
+    parsed = TranscriptionDiarized.model_validate(body)
+    assert [(s.id, s.speaker, s.text, s.start, s.end) for s in parsed.segments] == [
+        ("seg_0", "A", "een twee", 0.2, 1.5), ("seg_1", "B", "drie", 2.1, 2.6),
+        ("seg_2", "C", "vier", 6.1, 6.9), ("seg_3", "B", "vijf", 2.5, 3.5)]
+    assert parsed.task == "transcribe" and parsed.duration == 8.0 and parsed.text == "een twee drie vier vijf"
+    assert all(s.type == "transcript.text.segment" for s in parsed.segments)
+    assert parsed.usage.type == "duration" and parsed.usage.seconds == 8.0
