@@ -171,5 +171,5 @@ STAGE = StageDefinition(
     report_packages=("torch", "scikit-learn", "onnxruntime"),
     describe_model=describe_model,
     declare_model=declare_model,
-    cache_ignores=("source_language",),  # the spoken language changes nothing here
+    cache_ignores=("source_language", "target_languages"),  # the job's languages change nothing here
 )

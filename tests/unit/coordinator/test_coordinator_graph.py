@@ -69,6 +69,12 @@ def test_speakers_switch_on_diarization_and_the_assignment():
     chunked_off = flows["chunked"].expand(spec(source_language="en"), items={"chunk.chunks": 3})
     assert chunked_off.errors == [] and "turns" not in chunked_off.nodes["transcript_join"].inputs
     assert not chunked_off.nodes["diarization"].active
+    speech_off = flows["speech"].expand(spec())
+    assert speech_off.stages() == ["demux", "asr", "subtitle_gen"]  # the door's default plan is unchanged
+    assert speech_off.outputs["transcript"] == Source("asr", "transcript")
+    speech_on = flows["speech"].expand(on)
+    assert speech_on.nodes["asr"].inputs == {"audio": Source("demux", "audio")}  # asr decodes as without it
+    assert speech_on.outputs["transcript"] == Source("speaker_assign", "transcript")
     for name in ("translate", "subtitle"):
         plan = flows[name].expand(spec(source_language="en", target_languages=["hi"],
                                        options={"diarization": {"speakers": "auto"}}))
