@@ -160,6 +160,8 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         ctx.warn("the audio is empty (0 samples): no speaker turns")
     elif not regions:
         ctx.warn("no speech regions in the audio: no speaker turns")
+    elif not turns:
+        ctx.warn("every speech region is too short for a speaker embedding (under 0.4 s): no speaker turns")
     ctx.progress(1.0, f"{len(result.speakers)} speakers, {len(turns)} turns")
     return {"turns": out}
 

@@ -65,6 +65,9 @@ results = {"describe": diarization.STAGE.describe_model(resources),
 empty = work / "empty.json"
 empty.write_text(json.dumps({"backend": "silero", "duration": 60.0, "regions": []}))
 results["no_speech"] = run("no_speech", {}, regions=empty)
+tiny = work / "tiny.json"
+tiny.write_text(json.dumps({"backend": "silero", "duration": 60.0, "regions": [{"start": 1.0, "end": 1.2}]}))
+results["tiny"] = run("tiny", {}, regions=tiny)
 print("RESULT " + json.dumps(results))
 """
 
@@ -116,3 +119,5 @@ def test_no_speech_is_no_turns_and_a_warning(runs):
     none = runs["no_speech"]
     assert none["out"]["turns"] == [] and none["out"]["speakers"] == []
     assert none["warnings"] == ["no speech regions in the audio: no speaker turns"], json.dumps(none)
+    tiny = runs["tiny"]  # 0.2 s of speech: too short to embed, said so
+    assert tiny["out"]["turns"] == [] and "too short for a speaker embedding" in tiny["warnings"][0], json.dumps(tiny)
