@@ -14,7 +14,8 @@ What counts as "needed" (`plan`):
                 only for a stage of this job whose option does not name a model already: asr
                 (whisperx; `CAPTIONBUS_ASR_MODEL` unset) → Whisper base, vad (`CAPTIONBUS_VAD_MODEL`
                 unset) → Silero, vad_pyannote (`CAPTIONBUS_PYANNOTE_SEGMENTATION` unset) → pyannote
-                segmentation. A model named by an option (a local folder or a Hugging Face id) is
+                segmentation, diarization (`CAPTIONBUS_DIARIZATION_CAMPPLUS` unset) → CAM++. A model
+                named by an option (a local folder or a Hugging Face id) is
                 loaded by the stage as before; nothing here reaches a model hub.
 Each step prints "setup: …" when it starts and when it is done (with seconds); a long env build
 adds a "still running" line every 30 s. A failure raises SetupError whose message is one line
@@ -62,6 +63,9 @@ DEFAULT_MODELS = {
                                  "CAPTIONBUS_PYANNOTE_SEGMENTATION",
                                  _file_ready(model_store.default_pyannote_segmentation_path),
                                  model_store.ensure_pyannote_segmentation),
+    "diarization": DefaultModel("campplus", "CAM++ speaker embeddings, 28 MB", "CAPTIONBUS_DIARIZATION_CAMPPLUS",
+                                _file_ready(lambda: model_store.default_speaker_model_path("campplus")),
+                                model_store.ensure_campplus),
 }
 
 
@@ -76,7 +80,7 @@ class Plan:
 
 def _names_a_model(stage: str, environ) -> bool:
     options = load_options(STAGES[stage].options, {}, environ)
-    return bool(getattr(options, "model", None))
+    return bool(getattr(options, "model", None) or getattr(options, "campplus", None))
 
 
 def plan(stages: list[str], environ=None) -> Plan:

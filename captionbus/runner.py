@@ -114,6 +114,9 @@ def validate_job(
         raise SubmitError(f"option vad={vad!r} unknown; use silero or pyannote")
     if isinstance(vad, str) and "vad_pyannote" not in graph.nodes:
         raise SubmitError(f"workflow {workflow!r} always uses Silero VAD; --vad chooses for translate, subtitle, chunked and chunked_aligned")
+    if "speakers" in (options or {}):  # the stage's param, not a switch of its own
+        raise SubmitError("option speakers: use --speakers VALUE (the gateway: the `speakers` field), or "
+                          "-o diarization.speakers=VALUE")
     if target_languages and not any(node.for_each == "target_languages" for node in graph.nodes.values()):
         raise SubmitError(f"workflow {workflow!r} does not translate; drop -t or pick a workflow that does")
     if not target_languages and any(node.for_each == "target_languages" for node in graph.nodes.values()):

@@ -98,6 +98,10 @@ job_options = [
                  help="Separate vocals from music/effects (htdemucs) before VAD and ASR."),
     click.option("--vad", "vad", type=click.Choice(["silero", "pyannote"]), default=None,
                  help="Voice activity detection backend (default silero)."),
+    click.option("--speakers", "speakers", default=None, metavar="auto|N|MIN-MAX",
+                 help="Label who speaks (diarization stage, env diarization): auto, a count (3) or a range "
+                      "(2-4); words and segments of transcript.json get speakers. Same as "
+                      "-o diarization.speakers=VALUE."),
     click.option("--glossary", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                  help="TSV of terms to keep or map in translation (source<TAB>target)."),
     click.option("--chunk-s", "chunk_s", type=click.FloatRange(min=0), default=None,
@@ -116,9 +120,11 @@ def with_job_options(fn):
     """The shared job flags; the convenience ones become `-o` options the graph and stages read."""
 
     @functools.wraps(fn)
-    def wrapper(*args, separate_sources: bool, vad: str | None, glossary: Path | None, chunk_s: float | None,
-                speaker_names: str | None = None, options=(), **kwargs):
+    def wrapper(*args, separate_sources: bool, vad: str | None, speakers: str | None, glossary: Path | None,
+                chunk_s: float | None, speaker_names: str | None = None, options=(), **kwargs):
         extra = []
+        if speakers is not None:  # checked with the params (DiarizationParams) at submit
+            extra.append(f"diarization.speakers={json.dumps(speakers)}")
         if speaker_names is not None:
             # As given: subtitle_gen's params read the A=Anna,B=Ben text (and refuse a bad one at submit).
             extra.append(f"subtitle_gen.speaker_names={json.dumps(speaker_names)}")

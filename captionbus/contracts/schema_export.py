@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from captionbus.contracts import ArtifactRef, JobSpec, JobState, StageRequest, WorkerInfo, WorkerState
 from captionbus.contracts.events import JobEvent
-from captionbus.contracts.speech import SpeechRegions
+from captionbus.contracts.speech import SpeakerTurns, SpeechRegions
 from captionbus.contracts.stage_specs import STAGES
 from captionbus.contracts.transcript import Transcript
 from captionbus.contracts.version import SCHEMA_VERSION
@@ -30,6 +30,7 @@ MODELS: dict[str, object] = {
     "job_event": JobEvent,
     "transcript": Transcript,
     "speech_regions": SpeechRegions,
+    "speaker_turns": SpeakerTurns,
     **{f"params_{name}": spec.params for name, spec in STAGES.items()},
 }
 

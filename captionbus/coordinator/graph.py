@@ -254,7 +254,8 @@ class Workflow(BaseModel):
     name: str = Field(pattern=NODE_NAME_RE.pattern)
     description: str = ""
     nodes: dict[str, NodeSpec] = Field(min_length=1)
-    outputs: dict[str, str] = Field(default_factory=dict, description="job output name -> reference")
+    outputs: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="job output name -> reference, or [fallback, ...]: the first whose node runs")
 
     @model_validator(mode="after")
     def _check_graph(self) -> "Workflow":
@@ -273,12 +274,13 @@ class Workflow(BaseModel):
                 self._check_ref(f"node {name} for_each", source)
                 if self.nodes[source.node].for_each:
                     raise ValueError(f"node {name} for_each {source}: {source.node} is itself a fan-out node")
-        for output_name, text in self.outputs.items():
-            try:
-                ref = Ref.parse(text)
-            except ValueError as e:
-                raise ValueError(f"outputs.{output_name}: {e}") from None
-            self._check_ref(f"outputs.{output_name}", ref)
+        for output_name, texts in self.outputs.items():
+            for text in [texts] if isinstance(texts, str) else texts:
+                try:
+                    ref = Ref.parse(text)
+                except ValueError as e:
+                    raise ValueError(f"outputs.{output_name}: {e}") from None
+                self._check_ref(f"outputs.{output_name}", ref)
         self.topological_order()  # raises on a cycle
         return self
 
@@ -635,10 +637,13 @@ def _expand(workflow: Workflow, spec: JobSpec, items: dict[str, int]) -> JobPlan
             nodes[node_id] = planned
             if not active:
                 continue
+            optional = STAGES[stage].optional_inputs if stage in STAGES else ()
             for input_name, refs in spec_node.inputs.items():
                 found = [s for r in refs for s in candidates(Ref.parse(r), branch_item, item_of)]
                 if found:
                     planned.inputs[input_name] = found[0]
+                elif input_name in optional:
+                    continue  # e.g. transcript_join's turns when no diarization node runs for this job
                 else:
                     errors.append(
                         f"{node_id} needs input {input_name!r} from {' or '.join(refs)}, "
@@ -656,16 +661,19 @@ def _expand(workflow: Workflow, spec: JobSpec, items: dict[str, int]) -> JobPlan
                 errors.append(f"{node_id}: {error}")
 
     outputs: dict[str, Source] = {}
-    for output_name, text in workflow.outputs.items():
-        ref = Ref.parse(text)
-        if ref.node == JOB:
-            outputs[output_name] = Source(None, "input")
-            continue
-        fan_out = bool(workflow.nodes[ref.node].for_each)
-        for node_id in ids_of[ref.node]:
-            if nodes[node_id].active:
+    for output_name, texts in workflow.outputs.items():
+        for text in [texts] if isinstance(texts, str) else texts:  # a list: the first whose node runs
+            ref = Ref.parse(text)
+            if ref.node == JOB:
+                outputs[output_name] = Source(None, "input")
+                break
+            fan_out = bool(workflow.nodes[ref.node].for_each)
+            active = [node_id for node_id in ids_of[ref.node] if nodes[node_id].active]
+            for node_id in active:
                 suffix = node_id[len(ref.node):] if fan_out else ""  # "srt-ta" for a branch
                 outputs[f"{output_name}{suffix}"] = Source(node_id, ref.output)
+            if active:
+                break
     return JobPlan(workflow.name, nodes, outputs, errors)
 
 

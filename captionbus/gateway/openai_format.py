@@ -1,4 +1,5 @@
-"""A captionbus transcript in the shapes OpenAI's audio API returns (json, text, verbose_json).
+"""A captionbus transcript in the shapes OpenAI's audio API returns (json, text, verbose_json,
+diarized_json).
 
 srt and vtt come from the job's own subtitle_gen outputs (the subtitle rules), not from here.
 Per-segment decoder statistics OpenAI reports (tokens, avg_logprob, compression_ratio,
@@ -12,7 +13,7 @@ from __future__ import annotations
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.transcript import Segment, Transcript
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 
 
 def language_name(code: str | None) -> str:
@@ -55,3 +56,38 @@ def as_verbose_json(transcript: Transcript, *, task: str, granularities: set[str
             for s in transcript.segments for w in s.words if w.start is not None and w.end is not None
         ]
     return body
+
+
+def speaker_letter(label: str | None) -> str:
+    """SPEAKER_00 -> A, SPEAKER_01 -> B, ... (OpenAI labels unnamed speakers with capital letters);
+    a segment no turn reached -> "unknown" (the field is required)."""
+    if label is None:
+        return "unknown"
+    number = label.rsplit("_", 1)[-1]
+    return chr(ord("A") + int(number)) if number.isdigit() and int(number) < 26 else label
+
+
+def as_diarized_json(transcript: Transcript) -> dict:
+    """OpenAI's `diarized_json` (gpt-4o-transcribe-diarize): one segment per run of one speaker's
+    words (a Whisper segment that holds a change of speaker is split at it, by the words'
+    speakers from transcript_join), each `{type, id, start, end, speaker, text}`; usage in seconds."""
+    segments: list[dict] = []
+    for segment in transcript.segments:
+        timed = [w for w in segment.words if w.start is not None and w.end is not None]
+        runs: list[list] = []
+        for word in timed:
+            if runs and runs[-1][0] == word.speaker:
+                runs[-1][1].append(word)
+            else:
+                runs.append([word.speaker, [word]])
+        if len(runs) <= 1:  # one speaker (or no timed words): the segment as it is
+            spans = [(segment.start, segment.end, segment.speaker, segment.text.strip())]
+        else:
+            spans = [(words[0].start, words[-1].end, speaker, " ".join(w.text.strip() for w in words))
+                     for speaker, words in runs]
+        for start, end, speaker, text in spans:
+            segments.append({"type": "transcript.text.segment", "id": f"seg_{len(segments)}", "start": start,
+                             "end": end, "speaker": speaker_letter(speaker), "text": text})
+    duration = float(transcript.duration or (transcript.segments[-1].end if transcript.segments else 0.0))
+    return {"task": "transcribe", "duration": duration, "text": transcript.text, "segments": segments,
+            "usage": {"type": "duration", "seconds": duration}}

@@ -126,6 +126,23 @@ class VerboseTranscription(BaseModel):
     words: list[VerboseWord] | None = None
 
 
+class DiarizedSegment(BaseModel):
+    type: Literal["transcript.text.segment"] = "transcript.text.segment"
+    id: str
+    start: float
+    end: float
+    speaker: str = Field(description="A, B, ... in order of first appearance")
+    text: str
+
+
+class DiarizedTranscription(BaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    duration: float
+    text: str
+    segments: list[DiarizedSegment]
+    usage: dict[str, Any] | None = None
+
+
 class WebhookRecord(BaseModel):
     subscriber: str
     url: str
@@ -160,6 +177,8 @@ class JobForm(BaseModel):
     source_language: str | None = None
     target_languages: str | None = Field(None, description="comma-separated")
     options: str | None = Field(None, description='JSON: the -o options, e.g. {"asr": {"model": "base"}}')
+    speakers: str | None = Field(None, description="label who speaks: auto, N or MIN-MAX (captionbus run --speakers; "
+                                                   "the same as options {\"diarization\": {\"speakers\": ...}})")
     callback_url: str | None = Field(None, description="POST signed job events here (allow-listed)")
 
 

@@ -120,7 +120,7 @@ class Gateway:
         self.link = BusLink(config.nats_url, "captionbus-gateway", hooks)
         self.limiter = Limiter(config.concurrency_per_key)
         self.upload_dir = Path(config.settings.home) / "gateway" / "uploads"
-        self._models: tuple[float, list[str]] = (-MODELS_TTL_S, [])
+        self._models: tuple[float, list[str], set[str]] = (-MODELS_TTL_S, [], set())
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -234,15 +234,23 @@ class Gateway:
     async def served_models(self) -> list[str]:
         """Names (model_name) of the ASR models live asr workers serve, from their `$SRV.STATS`,
         cached for MODELS_TTL_S."""
-        at, names = self._models
+        return (await self._served())[0]
+
+    async def serves(self, stage: str) -> bool:
+        """Whether a live worker serves `stage` (the same cached `$SRV.STATS` replies)."""
+        return stage in (await self._served())[1]
+
+    async def _served(self) -> tuple[list[str], set[str]]:
+        at, names, stages = self._models
         now = asyncio.get_running_loop().time()
         if now - at > MODELS_TTL_S:
             self.js()
             replies = await client.workers(self.link.nc, timeout=0.5)
             names = sorted({model_name(str(r["metadata"]["model"])) for r in replies
                             if r.get("metadata", {}).get("stage") == "asr" and r.get("metadata", {}).get("model")})
-            self._models = (now, names)
-        return names
+            stages = {str(r.get("metadata", {}).get("stage")) for r in replies}
+            self._models = (now, names, stages)
+        return names, stages
 
     # -- waiting for a job ---------------------------------------------------------------------
     async def wait_for_end(self, js, job_id: str, ended: asyncio.Future):

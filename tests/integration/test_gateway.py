@@ -505,3 +505,36 @@ def test_an_end_recovered_by_replay_is_the_jobs_last_terminal_event(nats_server,
 
     end = asyncio.run(go())
     assert end.kind == "completed" and end.outputs == {"transcript": transcript}, end
+def test_the_speakers_field_switches_on_diarization(gateway):
+    """POST /v1/jobs `speakers` (captionbus run --speakers) becomes the diarization stage's param,
+    checked like every option; the job's plan then holds the diarization node."""
+    created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
+                           data={"workflow": "chunked", "source_language": "en", "speakers": "2-3",
+                                 "options": '{"diarization": {"embedder": "campplus"}}'})
+    assert created.status_code == 201, created.text
+    job = wait_status(gateway, created.json()["id"], {"pending", "running"})
+    assert job["options"] == {"diarization": {"embedder": "campplus", "speakers": "2-3"}}
+    assert job["nodes"]["diarization"]["stage"] == "diarization"
+    assert job["nodes"]["diarization"]["status"] not in ("skipped", "failed"), job["nodes"]
+    bad = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"speakers": "0"})
+    assert bad.status_code == 422 and "need 1 <= MIN <= MAX <= 20" in error_of(bad)
+    clash = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")},
+                         data={"speakers": "3", "options": '{"diarization": {"speakers": "2"}}'})
+    assert clash.status_code == 400 and "disagree" in error_of(clash)
+    assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
+
+
+def test_the_door_refuses_diarization_it_cannot_give(gateway):
+    """Refused before a job exists: diarized_json from a model that does not diarize, the diarizing
+    model while no diarization worker is up (none here), known speakers (not supported yet)."""
+    def ask(**data):
+        return gateway.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data=data)
+
+    wrong = ask(model="whisper-1", response_format="diarized_json")
+    assert wrong.status_code == 400 and "needs model gpt-4o-transcribe-diarize" in error_of(wrong)
+    nobody = ask(model="gpt-4o-transcribe-diarize", response_format="diarized_json")
+    assert nobody.status_code == 400 and "captionbus serve diarization" in error_of(nobody)
+    named = ask(model="gpt-4o-transcribe-diarize", **{"known_speaker_names[]": "Anna"})
+    assert named.status_code == 400 and "not supported yet" in error_of(named)
+    assert "gpt-4o-transcribe-diarize" not in [m["id"] for m in gateway.get("/v1/models").json()["data"]]
+    assert gateway.get("/v1/jobs").json()["data"] == []  # no job was made

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import click
 from click.testing import CliRunner
@@ -86,3 +87,22 @@ def test_devices_pin_one_cuda_device_per_replica_in_turn():
     assert device_envs(None, 2) == [None, None]
     with pytest.raises(UserError, match="CUDA device indexes"):
         device_envs("0;rm -rf /", 1)
+
+
+def test_speakers_flag_is_the_diarization_stage_param_and_is_checked_at_submit():
+    from captionbus.runner import SubmitError, validate_job
+
+    parsed = json.loads(CliRunner().invoke(probe, ["--speakers", "2-4", "-o", "diarization.embedder=dvector"]).output)
+    assert parsed["options"] == {"diarization": {"speakers": "2-4", "embedder": "dvector"}}
+    stages = validate_job("chunked", "en", [], local_stack=False, options=parsed["options"])
+    assert "diarization" in stages
+    for options, message in [
+        ({"diarization": {"speakers": "5-2"}}, "speakers '5-2': need 1 <= MIN <= MAX <= 20"),
+        ({"diarization": {"speakers": "many"}}, "use auto, a number (3) or a range (2-4)"),
+        ({"diarization": {"embedder": "x-vector", "speakers": "auto"}}, "embedder="),
+        ({"speakers": "auto"}, "use --speakers VALUE"),
+    ]:
+        with pytest.raises(SubmitError, match=re.escape(message)):
+            validate_job("transcribe", "en", [], local_stack=False, options=options)
+    assert validate_job("speech", "en", [], local_stack=False, options={"diarization": {"speakers": "auto"}}) == [
+        "demux", "asr", "vad", "diarization", "transcript_join", "subtitle_gen"]

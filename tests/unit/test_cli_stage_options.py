@@ -37,7 +37,7 @@ def captionbus(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[sub
                                  "'ass', 'json' or 'txt' (subtitle_gen params: language, profile, formats, "
                                  "speaker_names, name_style, dialogue_dash, cache)"),
     ("nosuchstage.x=1", "error: option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
-                        "(valid: demux, vad, asr, subtitle_gen, mux)"),
+                        "(valid: demux, vad, asr, diarization, speaker_assign, subtitle_gen, mux, transcript_join)"),
 ])
 def test_run_refuses_a_bad_option_at_once_with_one_line(tmp_path, option, says):
     done, _ = captionbus(tmp_path, "run", "clip.mp4", "-o", option)

@@ -169,8 +169,11 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
-    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "subtitle_gen", "mux"]
-    assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx"}
+    # every node counts, the optional ones too: --speakers adds diarization (its own optional env)
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "diarization", "transcript_join",
+                                                  "subtitle_gen", "mux"]
+    assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx", "diarization"}
+    assert envs.get_spec("diarization").optional
 
 
 # ---------------------------------------------------------------- refusal
@@ -289,3 +292,17 @@ def test_a_bad_stage_map_is_refused_with_the_key_named(tmp_path: Path, text, mes
     with pytest.raises(SpecError) as refused:
         envs.load_stage_map(path)
     assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+def test_speakers_need_the_diarization_env_and_say_how_to_build_it(home: Path):
+    """`run --no-setup --speakers auto` on a host with common and whisperx but no diarization env
+    is refused before anything runs, with the command that builds it; without --speakers the same
+    job needs no diarization env."""
+    from captionbus.runner import validate_job
+
+    for name in ("common", "whisperx"):
+        fake_build(name, envs.get_spec(name).spec_hash())
+    assert "diarization" not in validate_job("transcribe", "en", [], options={})
+    with pytest.raises(envs.EnvsMissing) as err:
+        validate_job("transcribe", "en", [], options={"diarization": {"speakers": "auto"}})
+    assert str(err.value) == "captionbus envs create diarization" and err.value.states == {"diarization": "missing"}

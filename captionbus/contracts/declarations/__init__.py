@@ -4,6 +4,7 @@ from captionbus.contracts.declarations import alignment
 from captionbus.contracts.declarations import asr
 from captionbus.contracts.declarations import chunk
 from captionbus.contracts.declarations import demux
+from captionbus.contracts.declarations import diarization
 from captionbus.contracts.declarations import mux
 from captionbus.contracts.declarations import noop
 from captionbus.contracts.declarations import source_separation
@@ -17,6 +18,7 @@ SPECS = (
     *asr.SPECS,
     *chunk.SPECS,
     *demux.SPECS,
+    *diarization.SPECS,
     *mux.SPECS,
     *noop.SPECS,
     *source_separation.SPECS,

@@ -42,7 +42,7 @@ async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: For
     job_id = await gw.submit(js, form, caller, workflow=form.one("workflow") or "transcribe",
                              source=form.one("source_language") or None,
                              targets=split_languages(form.one("target_languages")),
-                             options=parse_options(form.one("options")))
+                             options=with_speakers(parse_options(form.one("options")), form.one("speakers")))
     log.info("job submitted", job_id=job_id, key=caller.name)
     await gw.recorded(js, job_id)
     if callback:
@@ -52,6 +52,19 @@ async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: For
         except RuntimeError as e:  # no cb_webhooks bucket: the job runs, its callback cannot
             raise ApiError(503, f"job {job_id} submitted, but its webhooks cannot be recorded: {e}") from None
     return JobCreated(id=job_id, url=f"/v1/jobs/{job_id}")
+
+
+def with_speakers(options: dict, speakers: str | None) -> dict:
+    """The `speakers` field (`captionbus run --speakers`) as the diarization stage's param, which
+    the workflows' diarization node is switched on by (checked with the job's other options)."""
+    if not speakers:
+        return options
+    group = options.get("diarization", {})
+    if not isinstance(group, dict):
+        raise ApiError(400, "options.diarization must be an object of the diarization stage's params")
+    if "speakers" in group and str(group["speakers"]) != speakers:
+        raise ApiError(400, f"speakers={speakers!r} and options.diarization.speakers={group['speakers']!r} disagree")
+    return {**options, "diarization": {**group, "speakers": speakers}}
 
 
 @router.get("", response_model=JobList)

@@ -17,8 +17,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream
 from captionbus.gateway.forms import Form
 from captionbus.gateway.keys import Caller
-from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_json, as_verbose_json
-from captionbus.gateway.schemas import AudioForm, Model, ModelList, Transcription, VerboseTranscription, form_body
+from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_diarized_json, as_json, as_verbose_json
+from captionbus.gateway.schemas import (
+    AudioForm,
+    DiarizedTranscription,
+    Model,
+    ModelList,
+    Transcription,
+    VerboseTranscription,
+    form_body,
+)
 from captionbus.gateway.state import Gateway, Timing
 from captionbus.web.errors import ApiError, documented
 from captionbus.contracts.ids import new_job_id
@@ -28,6 +36,9 @@ from captionbus.contracts.transcript import Transcript
 router = APIRouter(prefix="/v1", tags=["openai"], responses=documented(401, 429, 503))
 
 ALIAS = "whisper-1"
+# OpenAI's diarizing model id, so a client written for it works unchanged: whatever the asr workers
+# serve, plus the diarization stage (listed while a diarization worker is up).
+DIARIZE = "gpt-4o-transcribe-diarize"
 Started = Annotated[Timing, Depends(Timing)]  # first parameter: its clock starts before the form is read
 AUDIO_ANSWERS = {
     **documented(400, 413, 422, 504),
@@ -64,7 +75,14 @@ def audio_options(form: Form) -> tuple[str, set[str], float, str | None]:
 async def asr_options(gw: Gateway, model: str, task: str) -> dict:
     """The job's options for `model` (400 for a model no live asr worker serves)."""
     options: dict = {}
-    if model != ALIAS:
+    if model == DIARIZE:
+        if task != "transcribe":
+            raise ApiError(400, f"model {DIARIZE} transcribes; it does not translate", "invalid_request_error")
+        if not await gw.serves("diarization"):
+            raise ApiError(400, f"model {DIARIZE} needs a diarization worker and none is up "
+                                "(captionbus serve diarization)", "invalid_request_error")
+        options["diarization"] = {"speakers": "auto"}
+    elif model != ALIAS:
         served = await gw.served_models()
         if model not in served:
             have = ", ".join([ALIAS, *served]) if served else f"none now (no asr worker is up); {ALIAS} waits for one"
@@ -79,7 +97,14 @@ async def asr_options(gw: Gateway, model: str, task: str) -> dict:
 async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, timing: Timing):
     timing.mark("form")
     response_format, granularities, temperature, language = audio_options(form)
-    options = await asr_options(gw, form.one("model") or ALIAS, task)
+    model = form.one("model") or ALIAS
+    if response_format == "diarized_json" and model != DIARIZE:
+        raise ApiError(400, f"response_format diarized_json needs model {DIARIZE}", "invalid_request_error")
+    if form.many("known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
+                 "known_speaker_references"):
+        raise ApiError(400, "known_speaker_names[] / known_speaker_references[] are not supported yet: "
+                            "speakers come back as A, B, ...", "invalid_request_error")
+    options = await asr_options(gw, model, task)
     job_id = new_job_id()
     with gw.ends.expect(job_id) as ended:
         await gw.submit(js, form, caller, workflow="speech", source=language, targets=[], options=options,
@@ -101,6 +126,8 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
         transcript = Transcript.model_validate_json(Path(await store.get(final.outputs["transcript"])).read_bytes())
         if response_format == "text":
             response = PlainTextResponse(transcript.text + "\n")
+        elif response_format == "diarized_json":
+            response = JSONResponse(as_diarized_json(transcript))
         elif response_format == "verbose_json":
             response = JSONResponse(as_verbose_json(transcript, task=task, granularities=granularities,
                                                     temperature=temperature))
@@ -112,7 +139,7 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
     return response
 
 
-@router.post("/audio/transcriptions", response_model=Transcription | VerboseTranscription,
+@router.post("/audio/transcriptions", response_model=Transcription | VerboseTranscription | DiarizedTranscription,
              openapi_extra=form_body(AudioForm), responses=AUDIO_ANSWERS)
 async def transcriptions(timing: Started, gw: GatewayDep, caller: CallerDep, js: JetStream, form: FormDep):
     """OpenAI's transcription endpoint: runs the `speech` workflow and answers when it ends."""
@@ -129,10 +156,15 @@ async def translations(timing: Started, gw: GatewayDep, caller: CallerDep, js: J
 
 @router.get("/models", response_model=ModelList)
 async def models(gw: GatewayDep, caller: CallerDep, js: JetStream):
-    """The ASR models live asr workers serve (by a name the `model` field takes back), and the
-    alias whisper-1 (whatever they serve); empty while no asr worker is up."""
+    """The ASR models live asr workers serve (by a name the `model` field takes back), the alias
+    whisper-1 (whatever they serve) and, while a diarization worker is up too,
+    gpt-4o-transcribe-diarize (whisper-1 with speakers: `diarized_json`); empty while no asr
+    worker is up."""
     del caller, js
     served = await gw.served_models()
-    return ModelList(data=[Model(id=name) for name in ([ALIAS, *served] if served else [])])
+    ids = [ALIAS, *served] if served else []
+    if served and await gw.serves("diarization"):
+        ids.append(DIARIZE)
+    return ModelList(data=[Model(id=name) for name in ids])
 
 

