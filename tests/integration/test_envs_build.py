@@ -38,7 +38,7 @@ def test_create_and_check_common(home: Path, tmp_path: Path, monkeypatch: pytest
     assert python == home / "envs" / "common" / "bin" / "python"
     # A different interpreter from the test's, with the project and the spec's pins in it.
     out = subprocess.run(
-        [str(python), "-c", "import sys, contracts, pysubs2, av, imageio_ffmpeg; print(sys.executable); print(sys.prefix)"],
+        [str(python), "-c", "import sys, captionbus.contracts, pysubs2, av, imageio_ffmpeg; print(sys.executable); print(sys.prefix)"],
         capture_output=True, text=True, check=True).stdout.split()
     assert out[0] != sys.executable and Path(out[1]) == home / "envs" / "common"
     torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
