@@ -168,7 +168,8 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
-    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "subtitle_gen", "mux"]
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen",
+                                                  "mux"]
     assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx"}
 
 

@@ -18,3 +18,45 @@ def test_one_replica_or_an_operator_choice_is_left_alone():
 def test_stages_whose_threads_are_already_per_replica_are_left_alone():
     assert replica_threads_env("vad", 3, environ={}, cores=2) == {}  # 1 thread by default
     assert replica_threads_env("mux", 3, environ={}, cores=2) == {}  # no threads option
+
+
+def test_usable_cores_follow_the_cgroup_quota_and_affinity(tmp_path):
+    import os
+
+    from core.hardware import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == affinity  # no quota: the cores this process may run on
+    quota.write_text("100000 100000\n")
+    assert usable_cores(quota) == 1  # docker --cpus 1
+    quota.write_text("50000 100000\n")
+    assert usable_cores(quota) == 1  # never 0
+    assert usable_cores(tmp_path / "missing") == affinity
+
+
+def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
+    """services/runtime/setup_turn.py: the second replica waits (and takes no request) while the
+    first loads; the turn is free again once the first has loaded, or when it dies."""
+    import asyncio
+
+    from services.runtime.setup_turn import SetupTurn
+
+    async def go():
+        first, second, other = (SetupTurn(tmp_path, "asr"), SetupTurn(tmp_path, "asr"), SetupTurn(tmp_path, "vad"))
+        assert first.try_take() and not second.try_take()
+        assert other.try_take()  # another stage's turn is its own
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(second.take(stop))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # still the first's turn
+        first.release()
+        assert await asyncio.wait_for(waiting, 2) is True and second.held
+        third = SetupTurn(tmp_path, "asr")
+        stop.set()
+        assert await third.take(stop) is False  # stopped while waiting
+        for turn in (second, third, other):
+            turn.release()
+
+    asyncio.run(go())

@@ -80,7 +80,7 @@ def test_good_options_pass():
     ({"asr": {"language": "klingon"}}, "option asr: language='klingon': unknown language code 'klingon'"),
     ({"subtitle_gen": {"formats": ["doc"]}}, "option subtitle_gen: formats.0='doc': Input should be 'srt'"),
     ({"nosuchstage": {"x": 1}}, "option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
-                                "(valid: demux, vad, asr, subtitle_gen, mux)"),
+                                "(valid: demux, vad, chunk, language, asr, transcript_join, subtitle_gen, mux)"),
     ({"alignment": {"language": "en"}}, "workflow transcribe has no stage or node 'alignment'"),
     ({"asr": 1}, "option asr=1: stage options are asr.KEY=VALUE"),
     ({"separate_sources": True}, "option separate_sources: workflow transcribe has no stage or node"),
@@ -98,7 +98,8 @@ def test_branch_options_need_a_branch_of_this_job_and_fit_every_routed_stage():
     errors = option_errors(subtitle, spec(**job, options={"translation-hi": {"batch_size": 100}}))
     assert errors == ["option translation-hi: batch_size=100: Input should be less than or equal to 64 "
                       "(translation_indictrans2 params: glossary, batch_size, context, cache)"]
-    assert "valid: demux, source_separation, vad, vad_pyannote, asr, alignment, translation, subtitle_gen, " \
+    assert "valid: demux, source_separation, vad, vad_pyannote, chunk, language, asr, alignment, transcript_join, " \
+           "translation, subtitle_gen, " \
            "subtitle_gen_translated, mux, translation_indictrans2, translation_nllb, translation-<target_language>" \
            in option_errors(subtitle, spec(**job, options={"translate": {"x": 1}}))[0]
 
