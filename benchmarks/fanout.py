@@ -332,7 +332,10 @@ def main() -> None:
                         help="only cold `run` with 1 asr worker vs --replicas 2 (a --film-min film, default workflow)")
     parser.add_argument("--short-min", type=float, default=10.0)
     args = parser.parse_args()
+    # Every `run` below gets a fresh home: the built envs and models come from the usual ones
+    # (or each timed run would build its environments first).
     os.environ.setdefault("CAPTIONBUS_MODELS", str(load().models_dir))
+    os.environ.setdefault("CAPTIONBUS_ENVS", str(load().envs_dir))
     print(f"load average before: {load_average()} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -32,10 +32,15 @@ class SetupTurn:
         self.held = False
 
     def try_take(self) -> bool:
-        """Take the turn if it is free now; False while another replica of the stage loads."""
+        """Take the turn if it is free now; False while another replica of the stage loads.
+        True without a lock when the lock file cannot be made (a read-only home): replicas then
+        load at once, as they did before turns, rather than not at all."""
         if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                return True
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -58,5 +58,7 @@ def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
         assert await third.take(stop) is False  # stopped while waiting
         for turn in (second, third, other):
             turn.release()
+        (tmp_path / "file").write_text("")
+        assert SetupTurn(tmp_path / "file", "asr").try_take()  # no lock possible: load, as before turns
 
     asyncio.run(go())
