@@ -832,14 +832,14 @@ async def serve(
         )
         service = await _register(nc, worker)
         await worker.ends.attach(nc, log)
-        # One replica of a stage loads at a time on this host, and one that waits for its turn
-        # takes no request until it has loaded (services/runtime/setup_turn.py: why).
+        # Replicas of a stage on this host load at most one per core at a time, and one that
+        # waits for a load slot takes no request until it has loaded (services/runtime/setup_turn.py).
         turn = SetupTurn(settings.home, definition.name) if setup_ctx is not None else None
         running = asyncio.create_task(worker.run(sub, stop)) if turn is None or turn.try_take() else None
         try:
             if setup_ctx is not None and running is None:
-                log.info("another replica of this stage is loading on this host; loading after it, "
-                         "taking requests once loaded")
+                log.info("every load slot of this host is taken by other replicas of this stage; loading "
+                         "after one, taking requests once loaded")
                 await turn.take(stop)
             if setup_ctx is not None and not stop.is_set():
                 setup_task = asyncio.create_task(_set_up(definition, setup_ctx, setup_retry or setup_policy(

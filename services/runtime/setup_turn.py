@@ -1,16 +1,23 @@
-"""Replicas of one stage on one host load their models one at a time, and only the first takes
-requests while it loads.
+"""Replicas of one stage on one host load their models at most one per usable core at a time,
+and only those loading in the first round take requests while they load.
 
-Why: `run --replicas 2` / `serve asr --replicas 2` started two asr processes that imported torch
-and loaded Whisper at the same moment on the same cores, each as slowly as the pair shared them,
-and each took a request as soon as it was registered and held it until its own model was up; on
-a 2-core machine the first chunks of a 10.6-minute film finished 33-36 s into the job (issue 22).
-Now the first replica to take this host's turn (an exclusive flock on
-HOME/locks/setup-<stage>.lock) consumes at once and loads with the cores to itself; a replica
-that finds the turn taken neither loads nor takes requests until the turn is free, then loads
-and only then consumes, so a request never waits on a loading replica while a loaded one could
-run it. A crashed replica's lock goes with its process (flock is released on close). Replicas
-with separate homes (separate hosts, as in a fleet) never wait for each other.
+Why: `run --replicas N` / `serve asr --replicas N` started N asr processes that imported torch and
+loaded Whisper at the same moment, and each took a request as soon as it was registered and held
+it until its own model was up (issue 22). A load is one busy thread (imports, reading the model),
+so a host loads as many replicas at once as it has cores (core.hardware.usable_cores); a replica
+that finds every load slot taken neither loads nor takes requests until a slot is free, then
+loads and only then consumes, so no request waits on it while a loaded replica could run it.
+
+Measured with one slot (every load after the other; `benchmarks/fanout.py --cold`, 10.6-minute
+film, 2 cores at load average 15-17 from other work): the first replica decoded from 79 s, but
+the second, loading after it, only from 158 s: two single-threaded loads on two cores do not
+slow each other, so serialising them only delayed the second (job 366 s; 2 replicas 1.45x one
+worker of one thread, where both ready at 79 s would have made it about 1.68x). Hence one slot
+per core, not one in all.
+
+A slot is an exclusive flock on HOME/locks/setup-<stage>.<n>.lock; a crashed replica's lock goes
+with its process. Replicas with separate homes (separate hosts, as in a fleet) never wait for
+each other.
 """
 from __future__ import annotations
 
@@ -20,36 +27,43 @@ import os
 from contextlib import suppress
 from pathlib import Path
 
+from core.hardware import usable_cores
+
 POLL_S = 0.2
 
 
 class SetupTurn:
-    """This host's turn to load `stage`'s model (one flock file under `home`)."""
+    """A load slot on this host for `stage`'s model (one of `slots` flock files under `home`)."""
 
-    def __init__(self, home: Path, stage: str):
-        self.path = home / "locks" / f"setup-{stage}.lock"
+    def __init__(self, home: Path, stage: str, slots: int | None = None):
+        self.home, self.stage = home, stage
+        self.slots = max(1, slots if slots is not None else usable_cores())
         self._fd: int | None = None
         self.held = False
 
     def try_take(self) -> bool:
-        """Take the turn if it is free now; False while another replica of the stage loads.
-        True without a lock when the lock file cannot be made (a read-only home): replicas then
-        load at once, as they did before turns, rather than not at all."""
-        if self._fd is None:
+        """Take a free slot now; False while every slot is loading another replica of the
+        stage. True without a lock when no lock file can be made (a read-only home): replicas
+        then load at once, as they did before slots, rather than not at all."""
+        if self.held:
+            return True
+        for n in range(self.slots):
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                (self.home / "locks").mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.home / "locks" / f"setup-{self.stage}.{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             except OSError:
                 return True
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        self.held = True
-        return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._fd, self.held = fd, True
+            return True
+        return False
 
     async def take(self, stop: asyncio.Event) -> bool:
-        """Wait for the turn; False when `stop` was set first."""
+        """Wait for a slot; False when `stop` was set first."""
         while not self.try_take():
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_S)

@@ -1,7 +1,7 @@
-"""Two replicas of one stage on one host (one home) against a real nats-server: they load their
-models one after the other, and the one waiting for its turn takes no request, so a request
-goes to the replica that loads first and runs as soon as its model is up
-(services/runtime/setup_turn.py)."""
+"""Two replicas of one stage on a one-core host (one home, one load slot) against a real
+nats-server: they load their models one after the other, and the one waiting for its slot takes
+no request, so a request goes to the replica that loads first and runs as soon as its model is
+up (services/runtime/setup_turn.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +14,12 @@ from tests.integration.test_stage_cache import UPPER, complete
 
 
 def test_replicas_on_one_host_load_one_at_a_time_and_a_waiting_one_takes_no_request(
-        nats_server: str, captionbus_home: Path, tmp_path: Path):
+        nats_server: str, captionbus_home: Path, tmp_path: Path, monkeypatch):
     from core.bus import StagePolicy
+    from services.runtime import setup_turn
     from services.runtime.serve import serve
+
+    monkeypatch.setattr(setup_turn, "usable_cores", lambda: 1)  # a one-core host: one load slot
 
     gates = {"a": threading.Event(), "b": threading.Event()}
     log: list[str] = []

@@ -37,28 +37,36 @@ def test_usable_cores_follow_the_cgroup_quota_and_affinity(tmp_path):
 
 
 def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
-    """services/runtime/setup_turn.py: the second replica waits (and takes no request) while the
-    first loads; the turn is free again once the first has loaded, or when it dies."""
+    """services/runtime/setup_turn.py: with every load slot taken a replica waits (and takes no
+    request); a slot is free again once its replica has loaded, or when it dies. One slot a core."""
     import asyncio
 
     from services.runtime.setup_turn import SetupTurn
 
     async def go():
-        first, second, other = (SetupTurn(tmp_path, "asr"), SetupTurn(tmp_path, "asr"), SetupTurn(tmp_path, "vad"))
+        first, second, other = (SetupTurn(tmp_path, "asr", 1), SetupTurn(tmp_path, "asr", 1),
+                                SetupTurn(tmp_path, "vad", 1))
         assert first.try_take() and not second.try_take()
-        assert other.try_take()  # another stage's turn is its own
+        assert other.try_take()  # another stage's slots are its own
         stop = asyncio.Event()
         waiting = asyncio.create_task(second.take(stop))
         await asyncio.sleep(0.5)
-        assert not waiting.done()  # still the first's turn
+        assert not waiting.done()  # still the first's slot
         first.release()
         assert await asyncio.wait_for(waiting, 2) is True and second.held
-        third = SetupTurn(tmp_path, "asr")
+        third = SetupTurn(tmp_path, "asr", 1)
         stop.set()
         assert await third.take(stop) is False  # stopped while waiting
         for turn in (second, third, other):
             turn.release()
+        # Two cores: two loads at once, the third waits.
+        pair = [SetupTurn(tmp_path, "asr", 2) for _ in range(3)]
+        assert [t.try_take() for t in pair] == [True, True, False]
+        pair[1].release()
+        assert pair[2].try_take()
+        for turn in pair:
+            turn.release()
         (tmp_path / "file").write_text("")
-        assert SetupTurn(tmp_path / "file", "asr").try_take()  # no lock possible: load, as before turns
+        assert SetupTurn(tmp_path / "file", "asr", 1).try_take()  # no lock possible: load, as before slots
 
     asyncio.run(go())
