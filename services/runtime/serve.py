@@ -832,8 +832,8 @@ async def serve(
         )
         service = await _register(nc, worker)
         await worker.ends.attach(nc, log)
-        # Replicas of a stage on this host load at most one per core at a time, and one that
-        # waits for a load slot takes no request until it has loaded (services/runtime/setup_turn.py).
+        # Replicas of a stage on this host load a few at a time (half the cores, at least one), and
+        # one that waits for a load slot takes no request until it has loaded (services/runtime/setup_turn.py).
         turn = SetupTurn(settings.home, definition.name) if setup_ctx is not None else None
         running = asyncio.create_task(worker.run(sub, stop)) if turn is None or turn.try_take() else None
         try:

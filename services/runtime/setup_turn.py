@@ -1,19 +1,23 @@
-"""Replicas of one stage on one host load their models at most one per usable core at a time,
-and only those loading in the first round take requests while they load.
+"""Replicas of one stage on one host load their models a few at a time (half the usable cores,
+at least one), and one waiting for a load slot takes no request until it has loaded.
 
 Why: `run --replicas N` / `serve asr --replicas N` started N asr processes that imported torch and
-loaded Whisper at the same moment, and each took a request as soon as it was registered and held
-it until its own model was up (issue 22). A load is one busy thread (imports, reading the model),
-so a host loads as many replicas at once as it has cores (core.hardware.usable_cores); a replica
-that finds every load slot taken neither loads nor takes requests until a slot is free, then
-loads and only then consumes, so no request waits on it while a loaded replica could run it.
+loaded Whisper at the same moment, while demux and VAD ran too, and each took a request as soon
+as it was registered and held it until its own model was up; on a 2-core machine the first
+chunks of a 10.6-minute film finished 33-36 s into the job, both replicas ready at once and late
+(issue 22, 1.38x one worker). Before the first chunk the host runs the loads, demux and VAD: with
+one load at a time on 2 cores, the first replica is up sooner and decodes while the second
+loads beside it. A replica that finds every slot taken neither loads nor takes requests until a
+slot is free, so no request waits on it while a loaded replica could run it.
 
-Measured with one slot (every load after the other; `benchmarks/fanout.py --cold`, 10.6-minute
-film, 2 cores at load average 15-17 from other work): the first replica decoded from 79 s, but
-the second, loading after it, only from 158 s: two single-threaded loads on two cores do not
-slow each other, so serialising them only delayed the second (job 366 s; 2 replicas 1.45x one
-worker of one thread, where both ready at 79 s would have made it about 1.68x). Hence one slot
-per core, not one in all.
+Measured (`benchmarks/fanout.py --cold`, 10.6-minute film, 12 chunks, `-s en`, 2 cores shared
+with other sessions, so only as good as the load allowed):
+- one slot (load average 15-17): the first replica decoded from 79 s, the second from 158 s
+  (each load took ~70 s at that load); job 374 s against 542 s for one worker of one thread:
+  1.45x;
+- one slot per core, both loading at once (load average 8): both loads took 74-79 s against 48 s
+  for the one worker's alone, decoding began at 82-86 s; job 225 s against 220 s: 0.98x.
+Half the cores keeps the first (one slot on 2 cores) and lets a big host load several at once.
 
 A slot is an exclusive flock on HOME/locks/setup-<stage>.<n>.lock; a crashed replica's lock goes
 with its process. Replicas with separate homes (separate hosts, as in a fleet) never wait for
@@ -37,7 +41,7 @@ class SetupTurn:
 
     def __init__(self, home: Path, stage: str, slots: int | None = None):
         self.home, self.stage = home, stage
-        self.slots = max(1, slots if slots is not None else usable_cores())
+        self.slots = max(1, slots if slots is not None else usable_cores() // 2)
         self._fd: int | None = None
         self.held = False
 

@@ -38,9 +38,11 @@ def test_usable_cores_follow_the_cgroup_quota_and_affinity(tmp_path):
 
 def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
     """services/runtime/setup_turn.py: with every load slot taken a replica waits (and takes no
-    request); a slot is free again once its replica has loaded, or when it dies. One slot a core."""
+    request); a slot is free again once its replica has loaded, or when it dies. Slots: half the
+    usable cores, at least one."""
     import asyncio
 
+    from core.hardware import usable_cores
     from services.runtime.setup_turn import SetupTurn
 
     async def go():
@@ -59,7 +61,8 @@ def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
         assert await third.take(stop) is False  # stopped while waiting
         for turn in (second, third, other):
             turn.release()
-        # Two cores: two loads at once, the third waits.
+        assert SetupTurn(tmp_path, "x").slots == max(1, usable_cores() // 2)
+        # Two slots (a 4-core host): two loads at once, the third waits.
         pair = [SetupTurn(tmp_path, "asr", 2) for _ in range(3)]
         assert [t.try_take() for t in pair] == [True, True, False]
         pair[1].release()
