@@ -13,10 +13,11 @@ slot is free, so no request waits on it while a loaded replica could run it.
 Measured (`benchmarks/fanout.py --cold`, 10.6-minute film, 12 chunks, `-s en`, 2 cores shared
 with other sessions, so only as good as the load allowed):
 - one slot (load average 15-17): the first replica decoded from 79 s, the second from 158 s
-  (each load took ~70 s at that load); job 374 s against 542 s for one worker of one thread:
+  (each load took ~70 s at that load); run 374 s against 542 s for one worker of one thread:
   1.45x;
 - one slot per core, both loading at once (load average 8): both loads took 74-79 s against 48 s
-  for the one worker's alone, decoding began at 82-86 s; job 225 s against 220 s: 0.98x.
+  for the one worker's alone, decoding began at 82-86 s; run 233 s against 228 s: 0.98x (one
+  worker of two threads: 222 s).
 Half the cores keeps the first (one slot on 2 cores) and lets a big host load several at once.
 
 A slot is an exclusive flock on HOME/locks/setup-<stage>.<n>.lock; a crashed replica's lock goes
