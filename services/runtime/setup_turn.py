@@ -18,7 +18,9 @@ with other sessions, so only as good as the load allowed):
 - one slot per core, both loading at once (load average 8): both loads took 74-79 s against 48 s
   for the one worker's alone, decoding began at 82-86 s; run 233 s against 228 s: 0.98x (one
   worker of two threads: 222 s).
-Half the cores keeps the first (one slot on 2 cores) and lets a big host load several at once.
+- one slot again (as shipped, load average 4-6): run 132 s against 149 s, 1.12x; one worker of
+  two threads 124 s.
+Half the cores keeps one slot on 2 cores and lets a big host load several at once.
 
 A slot is an exclusive flock on HOME/locks/setup-<stage>.<n>.lock; a crashed replica's lock goes
 with its process. Replicas with separate homes (separate hosts, as in a fleet) never wait for
