@@ -52,6 +52,7 @@ from captionbus.contracts import ArtifactRef, JobSpec, subjects
 from captionbus.contracts.events import LOADING_MODEL
 from captionbus.contracts.ids import validate_token
 from captionbus.contracts.languages import check_language
+from captionbus.contracts.speech import SpokenLanguage
 from captionbus.contracts.stage_specs import STAGES, explain
 from captionbus.contracts.transcript import Transcript
 from captionbus.coordinator.graph import load_workflow, option_errors
@@ -262,18 +263,22 @@ async def run_job(
 
 async def spoken_language(store: ArtifactStore, state, given: str | None) -> dict | None:
     """{code, detected, probability} from the asr node's transcript (None without one): the
-    language Whisper decoded in, which is what a person checks first when the words look wrong."""
-    for node in state.nodes.values():
-        ref = node.outputs.get("transcript") if node.stage == "asr" else None
+    language Whisper decoded in, which is what a person checks first when the words look wrong.
+    A chunked job detected it once (the `language` node's output, with its probability)."""
+    nodes = sorted(state.nodes.values(), key=lambda n: "language" not in n.outputs)  # detection first
+    for node in nodes:
+        name = "language" if "language" in node.outputs else "transcript"
+        ref = node.outputs.get(name) if node.stage == "asr" else None
         if ref is None:
             continue
         try:
-            transcript = Transcript.model_validate_json(Path(await store.get(ref)).read_bytes())
+            found = (SpokenLanguage if name == "language" else Transcript).model_validate_json(
+                Path(await store.get(ref)).read_bytes())
         except (OSError, ValueError) as e:  # the record is still written; this line is a nicety
             log.warning("could not read the transcript for its language", error=str(e))
             return None
-        return {"code": transcript.language, "detected": given is None,
-                "probability": transcript.language_probability}
+        probability = found.probability if name == "language" else found.language_probability
+        return {"code": found.language, "detected": given is None, "probability": probability}
     return None
 
 

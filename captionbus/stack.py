@@ -22,6 +22,7 @@ from captionbus.client import workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
 from captionbus.core.bus import BusError, running_embedded_url
+from captionbus.core.hardware import usable_cores
 from captionbus.core.settings import Settings
 from captionbus.core.text import one_line
 
@@ -153,7 +154,8 @@ def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | Non
     A stage whose `threads` option defaults to all cores (asr: CTranslate2 `cpu_threads` and
     torch) started N times on one host would run N x cores threads: two asr replicas on 2 cores
     each took 2 threads and the pair decoded no faster than one (they time-slice instead of
-    running side by side). Each replica gets cores // N (at least 1), unless the operator set
+    running side by side). Each replica gets cores // N (at least 1; the cores this process may
+    use, captionbus.core.hardware.usable_cores: affinity and cgroup quota, not the host's), unless the operator set
     the option (its environment variable) already. Empty for one replica or a stage without
     such an option."""
     from captionbus.contracts.stage_specs import STAGES
@@ -167,7 +169,7 @@ def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | Non
     var = options.env_var("threads")
     if not var or environ.get(var, "") != "" or environ.get("CAPTIONBUS_OPTION_THREADS", "") != "":
         return {}
-    return {var: str(max(1, (cores or os.cpu_count() or 1) // replicas))}
+    return {var: str(max(1, (cores or usable_cores()) // replicas))}
 
 
 def start_service(

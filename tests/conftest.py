@@ -39,7 +39,7 @@ os.environ.setdefault("CAPTIONBUS_ENVS", str(_REAL_HOME / "envs"))
 os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))
 
 
-TRANSCRIBE_STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]
+TRANSCRIBE_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
 
 
 @pytest.fixture(scope="session")

@@ -105,9 +105,9 @@ job_options = [
     click.option("--glossary", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                  help="TSV of terms to keep or map in translation (source<TAB>target)."),
     click.option("--chunk-s", "chunk_s", type=click.FloatRange(min=0), default=None,
-                 help="Workflows with a chunk stage (-w chunked): target chunk length in seconds, one asr "
-                      f"request per chunk (0: the whole film in one; default {DEFAULT_CHUNK_TARGET_S:g}, longer "
-                      f"for a film too long for one job's chunks)."),
+                 help="Workflows with a chunk stage (transcribe, chunked): target chunk length in seconds, one "
+                      f"asr request per chunk (0: the whole film in one; default {DEFAULT_CHUNK_TARGET_S:g} for audio "
+                      f"longer than CAPTIONBUS_CHUNK_ABOVE_S, longer for a film too long for one job's chunks)."),
     click.option("--speaker-names", "speaker_names", default=None, metavar="A=Anna,B=Ben",
                  help="SDH: name speakers in the subtitles where they start talking ([Anna] Hi.). Keys are "
                       "places in order of first appearance (A or 1 = whoever speaks first) or diarization "

@@ -489,7 +489,7 @@ def _option_targets(workflow: Workflow, spec: JobSpec, key: str) -> list[tuple[s
     if key in nodes:
         return [(key, stage) for stage in nodes[key].possible_stages(key) if stage in STAGES]
     name, dash, item = key.partition("-")
-    if dash and name in nodes and nodes[name].for_each:
+    if dash and name in nodes and nodes[name].for_each in FAN_OUT_SOURCES:
         items = list(getattr(spec, nodes[name].for_each))
         if item not in items:
             return (f"option {key}: {item!r} is not one of this job's {nodes[name].for_each} "
@@ -499,7 +499,8 @@ def _option_targets(workflow: Workflow, spec: JobSpec, key: str) -> list[tuple[s
     if reached and key in STAGES:
         return reached
     valid = list(dict.fromkeys([*nodes, *(s for n, node in nodes.items() for s in node.possible_stages(n))]))
-    branches = [f"{n}-<{FAN_OUT_SOURCES[node.for_each]}>" for n, node in nodes.items() if node.for_each]
+    # per target language only: an item's node (asr-3) takes the options of its node (asr)
+    branches = [f"{n}-<{FAN_OUT_SOURCES[node.for_each]}>" for n, node in nodes.items() if node.for_each in FAN_OUT_SOURCES]
     return (f"option {key}: workflow {workflow.name} has no stage or node {key!r} "
             f"(valid: {', '.join(valid + branches)})")
 

@@ -162,6 +162,20 @@ def _cuda_gpus() -> tuple[Gpu, ...]:
     return parse_nvidia_smi(out) if out else ()
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may really run on: os.cpu_count() counts the host's, but a CPU
+    affinity mask (taskset, a container's cpuset) or a cgroup v2 quota (`docker --cpus 2`:
+    cpu.max "200000 100000") gives it fewer, and threads beyond them only time-slice. At least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, cores)
+
+
 def detect() -> Hardware:
     """Probe this host now (no cache)."""
     system, machine = platform.system(), platform.machine()

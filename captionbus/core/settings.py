@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         "seconds a running request may finish after a stage process gets SIGTERM"))
     env: str | None = Field(default=None, description=(
         "the stage environment a stage process reports (set by the launcher; else its venv's manifest)"))
+    # The default workflows' chunk stage (captionbus/services/chunk): a film longer than this goes to every
+    # asr worker in chunks, and no worker holds the whole film's audio; shorter audio is one chunk.
+    chunk_above_s: float = Field(default=120.0, ge=0, description=(
+        "audio longer than this is cut into chunks at silences, one asr request each, by the chunk stage of "
+        "the default workflows (shorter: one chunk; 0: always cut; a job's --chunk-s always applies)"))
     # The web services (captionbus/web): the dashboard's token off loopback, the gateway's webhook key.
     dashboard_token: str | None = Field(default=None, repr=False, description=(
         "token the dashboard requires when it listens off loopback"))

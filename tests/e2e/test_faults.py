@@ -75,8 +75,8 @@ def test_asr_worker_killed_mid_job_the_request_is_redelivered(stack, tmp_path):
     video, _ = speech_video(tmp_path / "long.mp4", LONG_TEXT)
     asr = next(s for s in stack.services if s.stage == "asr")
     job_id = stack.submit(video, source_language="en")
-    stack.wait_for(job_id, lambda e: e.kind == "stage_progress" and e.node == "asr"
-                   or e.kind == "stage_requested" and e.node == "asr", timeout=120)
+    stack.wait_for(job_id, lambda e: e.kind == "stage_progress" and e.node == "asr-0"
+                   or e.kind == "stage_requested" and e.node == "asr-0", timeout=120)
     time.sleep(1.0)  # into the transcription
     os.kill(asr.process.pid, signal.SIGKILL)
     asr.process.wait(10)
@@ -84,7 +84,7 @@ def test_asr_worker_killed_mid_job_the_request_is_redelivered(stack, tmp_path):
     stack.wait_ready([replacement])
     events = stack.wait_end(job_id)
     assert events[-1].kind == "completed", getattr(events[-1], "reason", "")
-    completed = [e for e in events if e.kind == "stage_completed" and e.node == "asr"]
+    completed = [e for e in events if e.kind == "stage_completed" and e.node == "asr-0"]
     # The replacement finished it: the killed worker's request came back, nothing was lost.
     assert completed and completed[-1].worker["pid"] == str(replacement.process.pid)
 
@@ -103,7 +103,7 @@ def test_coordinator_restarted_mid_job_the_job_completes(stack, tmp_path):
 def test_a_duplicate_completion_is_applied_once(stack, tmp_path):
     video, _ = speech_video(tmp_path / "d.mp4", " ".join([ENGLISH_SENTENCE] * 3))
     job_id = stack.submit(video, source_language="en")
-    seen = stack.wait_for(job_id, lambda e: e.kind == "stage_requested" and e.node == "asr", timeout=60)
+    seen = stack.wait_for(job_id, lambda e: e.kind == "stage_requested" and e.node == "asr-0", timeout=60)
     demux_done = next(e for e in seen if e.kind == "stage_completed" and e.node == "demux")
 
     async def replay():
@@ -118,7 +118,7 @@ def test_a_duplicate_completion_is_applied_once(stack, tmp_path):
     assert events[-1].kind == "completed", getattr(events[-1], "reason", "")
     kinds = [(e.kind, getattr(e, "node", None)) for e in events]
     assert "late-copy" in [e.event_id for e in events]
-    assert kinds.count(("stage_requested", "asr")) == 1
+    assert kinds.count(("stage_requested", "asr-0")) == 1
     assert kinds.count(("completed", None)) == 1
     state = stack.job_state(job_id)
-    assert state.nodes["demux"].outputs == demux_done.outputs and state.nodes["asr"].attempt == 1
+    assert state.nodes["demux"].outputs == demux_done.outputs and state.nodes["asr-0"].attempt == 1

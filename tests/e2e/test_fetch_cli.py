@@ -24,7 +24,7 @@ def test_submit_json_then_fetch_outputs(stack, tmp_path):
     fetched = cli(stack, tmp_path, "fetch", job_id, "--out", str(out))
     assert fetched.returncode == 0, fetched.stderr
     names = {p.name for p in out.iterdir()}
-    assert names == {"talk.srt", "talk.vtt", "talk.subtitled.mp4", "talk.subtitled.mkv"}
+    assert names == {"talk.srt", "talk.vtt", "talk.subtitled.mp4", "talk.subtitled.mkv", "talk.transcript.json"}
     assert sorted(fetched.stdout.split()) == sorted(str(out / name) for name in names)
     assert "-->" in (out / "talk.srt").read_text()
     assert any(s["codec_type"] == "subtitle" for s in ffprobe_json(out / "talk.subtitled.mkv")["streams"])

@@ -59,7 +59,8 @@ def test_run_transcribes_a_video_into_subtitles_and_muxed_videos(tmp_path, stage
     assert record["status"] == "completed"
     assert record["language"]["code"] == "en" and record["language"]["detected"] is False
     assert "language: en (given with -s)" in done.stderr
-    asr_worker, demux_worker = record["nodes"]["asr"]["worker"], record["nodes"]["demux"]["worker"]
+    # one asr request (asr-0): a clip is one chunk, under CAPTIONBUS_CHUNK_ABOVE_S
+    asr_worker, demux_worker = record["nodes"]["asr-0"]["worker"], record["nodes"]["demux"]["worker"]
     assert asr_worker["env"] == "whisperx" and demux_worker["env"] == "common"
     assert asr_worker["interpreter"] != demux_worker["interpreter"] != sys.executable
 

@@ -105,7 +105,7 @@ def test_stages_ran_in_isolated_environments_with_different_versions(hindi_runs)
     assert {"common", "whisperx", "indictrans2", "nllb"} <= set(by_env)
     assert nodes["translation-en"]["worker"]["env"] == "indictrans2"
     assert nodes["translation-fr"]["worker"]["env"] == "nllb"
-    assert nodes["alignment"]["worker"]["env"] == "whisperx" and nodes["vad"]["worker"]["env"] == "common"
+    assert nodes["alignment-0"]["worker"]["env"] == "whisperx" and nodes["vad"]["worker"]["env"] == "common"
     interpreters = {w["interpreter"] for w in by_env.values()}
     assert len(interpreters) == len(by_env) >= 4 and sys.executable not in interpreters
 

@@ -37,7 +37,7 @@ def captionbus(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[sub
                                  "'ass', 'json' or 'txt' (subtitle_gen params: language, profile, formats, "
                                  "speaker_names, name_style, dialogue_dash, cache)"),
     ("nosuchstage.x=1", "error: option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
-                        "(valid: demux, vad, asr, diarization, speaker_assign, subtitle_gen, mux, transcript_join)"),
+                        "(valid: demux, vad, chunk, language, asr, diarization, transcript_join, subtitle_gen, mux)"),
 ])
 def test_run_refuses_a_bad_option_at_once_with_one_line(tmp_path, option, says):
     done, _ = captionbus(tmp_path, "run", "clip.mp4", "-o", option)
@@ -57,7 +57,7 @@ def test_a_bad_service_option_in_the_environment_is_refused_with_the_allowed_val
 def test_good_options_pass_validation_including_the_cache_switch_and_branches():
     assert validate_job("transcribe", None, [], local_stack=False,
                         options={"asr": {"cache": "false", "language": "en"}, "demux": {"audio_track": 0}}) == [
-        "demux", "vad", "asr", "subtitle_gen", "mux"]
+        "demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
     stages = validate_job("subtitle", "en", ["hi", "fr"], local_stack=False, options={
         "translation-hi": {"glossary": "a\tb"}, "translation": {"context": False},
         "subtitle_gen_translated-fr": {"profile": "no-such-profile"}})  # profiles are the stage's to check

@@ -170,7 +170,7 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
     # every node counts, the optional ones too: --speakers adds diarization (its own optional env)
-    assert envs.workflow_stages("transcribe") == ["demux", "vad", "asr", "diarization", "transcript_join",
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "chunk", "asr", "diarization", "transcript_join",
                                                   "subtitle_gen", "mux"]
     assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx", "diarization"}
     assert envs.get_spec("diarization").optional

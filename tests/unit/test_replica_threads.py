@@ -18,3 +18,58 @@ def test_one_replica_or_an_operator_choice_is_left_alone():
 def test_stages_whose_threads_are_already_per_replica_are_left_alone():
     assert replica_threads_env("vad", 3, environ={}, cores=2) == {}  # 1 thread by default
     assert replica_threads_env("mux", 3, environ={}, cores=2) == {}  # no threads option
+
+
+def test_usable_cores_follow_the_cgroup_quota_and_affinity(tmp_path):
+    import os
+
+    from captionbus.core.hardware import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == affinity  # no quota: the cores this process may run on
+    quota.write_text("100000 100000\n")
+    assert usable_cores(quota) == 1  # docker --cpus 1
+    quota.write_text("50000 100000\n")
+    assert usable_cores(quota) == 1  # never 0
+    assert usable_cores(tmp_path / "missing") == affinity
+
+
+def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
+    """captionbus/services/runtime/setup_turn.py: with every load slot taken a replica waits (and takes no
+    request); a slot is free again once its replica has loaded, or when it dies. Slots: half the
+    usable cores, at least one."""
+    import asyncio
+
+    from captionbus.core.hardware import usable_cores
+    from captionbus.services.runtime.setup_turn import SetupTurn
+
+    async def go():
+        first, second, other = (SetupTurn(tmp_path, "asr", 1), SetupTurn(tmp_path, "asr", 1),
+                                SetupTurn(tmp_path, "vad", 1))
+        assert first.try_take() and not second.try_take()
+        assert other.try_take()  # another stage's slots are its own
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(second.take(stop))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # still the first's slot
+        first.release()
+        assert await asyncio.wait_for(waiting, 2) is True and second.held
+        third = SetupTurn(tmp_path, "asr", 1)
+        stop.set()
+        assert await third.take(stop) is False  # stopped while waiting
+        for turn in (second, third, other):
+            turn.release()
+        assert SetupTurn(tmp_path, "x").slots == max(1, usable_cores() // 2)
+        # Two slots (a 4-core host): two loads at once, the third waits.
+        pair = [SetupTurn(tmp_path, "asr", 2) for _ in range(3)]
+        assert [t.try_take() for t in pair] == [True, True, False]
+        pair[1].release()
+        assert pair[2].try_take()
+        for turn in pair:
+            turn.release()
+        (tmp_path / "file").write_text("")
+        assert SetupTurn(tmp_path / "file", "asr", 1).try_take()  # no lock possible: load, as before slots
+
+    asyncio.run(go())

@@ -31,3 +31,23 @@ def test_the_asr_transcript_gives_the_language(tmp_path: Path):
     assert detected == {"code": "hi", "detected": True, "probability": 0.87}
     assert given == {"code": "hi", "detected": False, "probability": 0.87}
     assert none is None
+
+
+def test_a_chunked_job_reports_the_language_detected_once_with_its_probability(tmp_path: Path):
+    """The chunks decode with the given language (no probability of their own); the `language`
+    node's output has the detection's."""
+    from captionbus.contracts.speech import SpokenLanguage
+
+    store = ArtifactStore(Settings(home=tmp_path / "home"), None, use_object_store=False)
+    chunk, detected = tmp_path / "t.json", tmp_path / "l.json"
+    chunk.write_text(Transcript(language="hi", language_probability=None).model_dump_json())
+    detected.write_text(SpokenLanguage(language="hi", probability=0.91).model_dump_json())
+
+    async def go():
+        media = await store.put(chunk, name="input.mp4")
+        state = JobState(spec=JobSpec(job_id="j1", workflow="transcribe", input=media), nodes={
+            "asr-0": NodeState(stage="asr", outputs={"transcript": await store.put(chunk, name="transcript.json")}),
+            "language": NodeState(stage="asr", outputs={"language": await store.put(detected, name="language.json")})})
+        return await spoken_language(store, state, None)
+
+    assert asyncio.run(go()) == {"code": "hi", "detected": True, "probability": 0.91}

@@ -22,7 +22,6 @@ given -s, or what Whisper hears in the first chunk's speech.
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 from captionbus.contracts import StageRequest
 from captionbus.contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
 from captionbus.contracts.transcript import Segment, Transcript
+from captionbus.core.hardware import usable_cores
 from captionbus.services.asr import hallucination, mlx_backend, whisperx_backend
 from captionbus.services.asr.declaration import ASR, AsrOptions, AsrParams
 from captionbus.services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
@@ -127,7 +127,7 @@ def setup(ctx: SetupContext) -> AsrModel:
     engine = whisperx_backend.load(
         source, ctx.log, device=device,
         compute_type=options.compute_type or ("int8" if device == "cpu" else "float16"),
-        threads=options.threads or os.cpu_count() or 1, batch_size=options.batch_size,
+        threads=options.threads or usable_cores(), batch_size=options.batch_size,
     )
     return AsrModel("whisperx", engine, source, engine.load_seconds)
 

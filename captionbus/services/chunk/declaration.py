@@ -42,6 +42,9 @@ class ChunkParams(StageParams):
                     f"would need more chunks than a job holds)")
     min_silence_s: Annotated[float, Field(ge=0, le=10), NOT_BOOL] = Field(
         0.3, description="a pause must be this long to cut there (when max_s forces a cut: the widest pause)")
+    chunk_above_s: Annotated[float, Field(ge=0), NOT_BOOL] | None = Field(
+        None, description="audio no longer than this is one chunk unless target_s is given (0: always cut; "
+                          "unset: the chunk worker's CAPTIONBUS_CHUNK_ABOVE_S)")
     max_s: Annotated[float, Field(ge=MIN_CHUNK_TARGET_S, le=2 * MAX_CHUNK_TARGET_S), NOT_BOOL] | None = Field(
         None, description="no chunk is longer (a longer speech region is cut at it); unset: 2 x target_s")
 

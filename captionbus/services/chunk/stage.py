@@ -1,7 +1,9 @@
 """chunk: the vad stage's speech regions -> chunks cut at silences (captionbus.contracts.speech.SpeechChunks
 JSON), one asr request each: the workflow fans out over them (`for_each: chunk.chunks`), and the
 count goes back to the coordinator in `StageCompleted.items`. Cutting rules: captionbus/services/chunk/plan.py.
-Params (declaration.ChunkParams): target_s (0: one chunk), min_silence_s, max_s.
+Params (declaration.ChunkParams): target_s (0: one chunk), min_silence_s, max_s, chunk_above_s
+(audio no longer than it is one chunk while target_s is unset: the default workflows chunk only films
+long enough to gain from it; captionbus.core.settings chunk_above_s says why its default).
 No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
 language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
 language-detection request on the asr queue first (one queue wait less for every such job)."""
@@ -12,10 +14,10 @@ from pathlib import Path
 
 from captionbus.contracts import StageRequest
 from captionbus.contracts.speech import SpeechRegions, SpokenLanguage
+from captionbus.core.settings import load as load_settings
 from captionbus.services.chunk.declaration import CHUNK, ChunkParams
 from captionbus.services.chunk.plan import plan_chunks
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
-
 
 # Every chunk is a node of the job's state (one KV value, about 1 KB a node, under NATS's 1 MB
 # message limit): 300 chunks is 2.5 to 4.5 hours of film at the default 30 s (a chunk runs to the
@@ -32,10 +34,18 @@ def fitting_target_s(duration_s: float) -> float:
     return float(math.ceil(duration_s / MAX_CHUNKS * 1.5))
 
 
+def chunk_above_s(params: ChunkParams) -> float:
+    """The length above which unset target_s cuts: the job's (or workflow's) chunk_above_s, else
+    this worker's CAPTIONBUS_CHUNK_ABOVE_S (captionbus.core.settings: why its default)."""
+    return params.chunk_above_s if params.chunk_above_s is not None else load_settings().chunk_above_s
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: ChunkParams = ctx.params
     regions = ctx.input("regions", SpeechRegions)
     spans = [(r.start, r.end) for r in regions.regions]
+    if "target_s" not in params.model_fields_set and regions.duration <= chunk_above_s(params):
+        params = params.model_copy(update={"target_s": 0.0})  # short audio: one chunk, one asr request
     chunks = plan_chunks(spans, regions.duration, params.target_s, params.min_silence_s, params.max_length_s)
     if len(chunks.chunks) > MAX_CHUNKS and "target_s" not in params.model_fields_set:
         stretched = params.model_copy(update={"target_s": fitting_target_s(regions.duration)})

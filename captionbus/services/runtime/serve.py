@@ -73,6 +73,7 @@ from captionbus.services.runtime.context import EVENT_ID_FIELDS, RequestContext,
 from captionbus.services.runtime.definition import SetupContext, StageDefinition
 from captionbus.services.runtime.errors import BadInput, Cancelled, Retryable
 from captionbus.services.runtime.info import describe, flat_metadata, worker_info, worker_summary
+from captionbus.services.runtime.setup_turn import SetupTurn
 from captionbus.services.runtime.state import WorkerStatus
 
 FETCH_TIMEOUT_S = 1.0  # how long an idle fetch waits; also bounds how fast a stop is noticed
@@ -831,18 +832,32 @@ async def serve(
         )
         service = await _register(nc, worker)
         await worker.ends.attach(nc, log)
-        running = asyncio.create_task(worker.run(sub, stop))
-        if setup_ctx is not None:
-            setup_task = asyncio.create_task(_set_up(definition, setup_ctx, setup_retry or setup_policy(
-                settings.setup_attempts), stop, log))
-            await asyncio.wait({setup_task, running}, return_when=asyncio.FIRST_COMPLETED)
-            if not setup_task.done():  # the worker stopped (or failed) while the model loaded
-                setup_task.cancel()
-                with suppress(BaseException):
-                    await setup_task
-            else:
-                resources, setup_error = setup_task.result()
-                worker.set_up(resources, setup_error, None if setup_error else describe(definition, resources))
+        # Replicas of a stage on this host load a few at a time (half the cores, at least one), and
+        # one that waits for a load slot takes no request until it has loaded (captionbus/services/runtime/setup_turn.py).
+        turn = SetupTurn(settings.home, definition.name) if setup_ctx is not None else None
+        running = asyncio.create_task(worker.run(sub, stop)) if turn is None or turn.try_take() else None
+        try:
+            if setup_ctx is not None and running is None:
+                log.info("every load slot of this host is taken by other replicas of this stage; loading "
+                         "after one, taking requests once loaded")
+                await turn.take(stop)
+            if setup_ctx is not None and not stop.is_set():
+                setup_task = asyncio.create_task(_set_up(definition, setup_ctx, setup_retry or setup_policy(
+                    settings.setup_attempts), stop, log))
+                await asyncio.wait({setup_task} | ({running} if running else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not setup_task.done():  # the worker stopped (or failed) while the model loaded
+                    setup_task.cancel()
+                    with suppress(BaseException):
+                        await setup_task
+                else:
+                    resources, setup_error = setup_task.result()
+                    worker.set_up(resources, setup_error, None if setup_error else describe(definition, resources))
+        finally:
+            if turn is not None:
+                turn.release()
+        if running is None:
+            running = asyncio.create_task(worker.run(sub, stop))
         if signals:
             _stop_on_signals(stop, worker.force, log)
         log.info("stage service ready", consumer=durable, service=subjects.micro_service_name(definition.name),

@@ -4,7 +4,7 @@ in chunk order), optional `language` (captionbus.contracts.speech.SpokenLanguage
 for the job, which an empty list still needs), optional `turns` (captionbus.contracts.speech.SpeakerTurns, the
 diarization stage's whole-film turns): each word then takes the speaker of the turn covering most
 of it and each segment its words' majority speaker (captionbus/core/speakers.py). A workflow without chunks
-runs this stage on its one transcript for that alone (transcribe.yaml's `speaker_assign` node).
+runs this stage on its one transcript for that alone (speech.yaml's `speaker_assign` node).
 Nothing to load: the common env runs it."""
 from __future__ import annotations
 

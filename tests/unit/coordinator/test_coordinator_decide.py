@@ -311,14 +311,18 @@ def test_every_branch_failing_fails_the_job_when_every_output_needs_a_branch_and
 
 
 SUBTITLE = load_workflow(DEFAULT_WORKFLOWS_DIR / "subtitle.yaml")
-STAGE_OUTPUTS = {**OUTPUTS, "vad": ["regions"], "alignment": ["transcript"], "translation_nllb": ["transcript"]}
+STAGE_OUTPUTS = {**OUTPUTS, "vad": ["regions"], "alignment": ["transcript"], "translation_nllb": ["transcript"],
+                 "chunk": ["chunks", "language"], "transcript_join": ["transcript"]}
+# subtitle/translate up to their transcript: the film's speech in one chunk (-s gives the language)
+TO_TRANSCRIPT = ("demux", "vad", "chunk", "asr-0", "alignment-0", "transcript_join")
 
 
 def _done(d: Decision, node: str, graph) -> Decision:
     stage = d.state.nodes[node].stage
     outputs = {o: artifact(f"{node}.{o}") for o in STAGE_OUTPUTS[stage]}
+    items = {"chunks": 1} if stage == "chunk" else {}
     return step(d, StageCompleted(job_id="j1", stage=stage, node=node, attempt=d.state.nodes[node].attempt,
-                                  outputs=outputs), graph)
+                                  outputs=outputs, items=items), graph)
 
 
 def test_every_translation_failing_still_delivers_the_source_subtitles_and_a_mux():
@@ -327,7 +331,7 @@ def test_every_translation_failing_still_delivers_the_source_subtitles_and_a_mux
     failed language; whichever order the work finishes in."""
     for translations_fail_first in (True, False):
         d = submit(SUBTITLE, source_language="en", target_languages=["fr", "de"])
-        for node in ("demux", "vad", "asr", "alignment"):
+        for node in TO_TRANSCRIPT:
             d = _done(d, node, SUBTITLE)
         assert sorted(requested(d)) == ["subtitle_gen", "translation-de", "translation-fr"]
         if not translations_fail_first:
@@ -352,7 +356,7 @@ def test_every_translation_failing_still_delivers_the_source_subtitles_and_a_mux
 def test_every_translation_failing_in_translate_delivers_the_transcript():
     translate = load_workflow(DEFAULT_WORKFLOWS_DIR / "translate.yaml")
     d = submit(translate, source_language="en", target_languages=["fr"])
-    for node in ("demux", "vad", "asr", "alignment"):
+    for node in TO_TRANSCRIPT:
         d = _done(d, node, translate)
     d = step(d, failed("translation-fr", reason="offline"), translate)
     assert d.state.status == JobStatus.completed and set(d.state.outputs) == {"transcript"}

@@ -27,23 +27,34 @@ def wf(nodes: dict, outputs: dict | None = None) -> Workflow:
     return Workflow.from_dict({"name": "t", "nodes": nodes, "outputs": outputs or {}}, "t.yaml")
 
 
-def test_transcribe_is_demux_vad_asr_subtitle_gen_mux():
+def test_transcribe_cuts_speech_into_chunks_one_asr_request_each():
     transcribe = load_workflows(DEFAULT_WORKFLOWS_DIR)["transcribe"]
-    assert transcribe.topological_order() == ["demux", "vad", "asr", "diarization", "speaker_assign",
+    assert transcribe.topological_order() == ["demux", "vad", "chunk", "language", "asr", "diarization", "transcript_join",
                                               "subtitle_gen", "mux"]
     plan = transcribe.expand(spec(source_language="en", options={"asr": {"model": "base"}}))
     assert plan.errors == []
-    # ASR decodes inside Silero's speech regions by default: no phantom words in music or silence.
-    assert plan.stages() == ["demux", "vad", "asr", "subtitle_gen", "mux"]
-    assert plan.nodes["asr"].inputs == {"audio": Source("demux", "audio"), "regions": Source("vad", "regions")}
+    # ASR decodes inside Silero's speech regions (no phantom words in music or silence), chunk by
+    # chunk: the chunk stage decides from the audio's length whether there is more than one;
+    # with -s it writes the language and no detection request runs.
+    assert plan.stages() == ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
+    assert plan.nodes["chunk"].inputs == {"regions": Source("vad", "regions")}
+    assert plan.nodes["asr"].inputs == {"audio": Source("demux", "audio"), "chunks": Source("chunk", "chunks"),
+                                        "language": Source("chunk", "language")}
+    assert "chunk_above_s" not in plan.nodes["chunk"].params  # the chunk worker's CAPTIONBUS_CHUNK_ABOVE_S
     assert plan.nodes["vad"].inputs == {"audio": Source("demux", "audio")}
     assert plan.nodes["asr"].params["model"] == "base"
     assert plan.nodes["asr"].params["source_language"] == "en"
+    assert plan.nodes["subtitle_gen"].inputs["transcript"] == Source("transcript_join", "transcript")
     assert plan.nodes["subtitle_gen"].params["formats"] == ["srt", "vtt"]
     assert plan.nodes["mux"].inputs == {"media": Source(None, "input")}
     assert plan.nodes["mux"].input_lists == {"subtitles": [Source("subtitle_gen", "srt")]}
-    assert set(plan.outputs) == {"srt", "vtt", "mp4", "mkv"}
-    assert plan.nodes["subtitle_gen"].inputs["transcript"] == Source("asr", "transcript")
+    assert set(plan.outputs) == {"transcript", "srt", "vtt", "mp4", "mkv"}
+    detect = transcribe.expand(spec())
+    assert detect.nodes["asr"].inputs["language"] == Source("language", "language")  # detected once
+    assert detect.nodes["language"].params["task"] == "detect_language"
+    # -w chunked cuts audio of any length
+    chunked = load_workflows(DEFAULT_WORKFLOWS_DIR)["chunked"].expand(spec())
+    assert chunked.nodes["chunk"].params["chunk_above_s"] == 0
 
 
 def test_speakers_switch_on_diarization_and_the_assignment():
@@ -53,15 +64,14 @@ def test_speakers_switch_on_diarization_and_the_assignment():
     whole-film diarization request feeds transcript_join's optional `turns` (left out without it)."""
     flows = load_workflows(DEFAULT_WORKFLOWS_DIR)
     on = spec(source_language="en", options={"diarization": {"speakers": "2-3"}})
-    plan = flows["transcribe"].expand(on)
+    plan = flows["transcribe"].expand(on, items={"chunk.chunks": 2})
     assert plan.errors == []
-    assert plan.stages() == ["demux", "vad", "asr", "diarization", "transcript_join", "subtitle_gen", "mux"]
+    assert plan.stages() == ["demux", "vad", "chunk", "asr", "diarization", "transcript_join", "subtitle_gen", "mux"]
     assert plan.nodes["diarization"].inputs == {"audio": Source("demux", "audio"), "regions": Source("vad", "regions")}
     assert plan.nodes["diarization"].params["speakers"] == "2-3"
-    assert plan.nodes["speaker_assign"].inputs == {"turns": Source("diarization", "turns")}
-    assert plan.nodes["speaker_assign"].input_lists == {"transcripts": [Source("asr", "transcript")]}
-    assert plan.nodes["subtitle_gen"].inputs["transcript"] == Source("speaker_assign", "transcript")
-    assert plan.outputs["transcript"] == Source("speaker_assign", "transcript")
+    assert [n for n in plan.nodes if n.startswith("diarization")] == ["diarization"]  # one per film
+    assert plan.nodes["transcript_join"].inputs["turns"] == Source("diarization", "turns")
+    assert plan.outputs["transcript"] == Source("transcript_join", "transcript")
     chunked_on = flows["chunked"].expand(on, items={"chunk.chunks": 3})
     assert chunked_on.errors == []
     assert [n for n in chunked_on.nodes if n.startswith("diarization")] == ["diarization"]  # one per film
@@ -77,10 +87,11 @@ def test_speakers_switch_on_diarization_and_the_assignment():
     assert speech_on.outputs["transcript"] == Source("speaker_assign", "transcript")
     for name in ("translate", "subtitle"):
         plan = flows[name].expand(spec(source_language="en", target_languages=["hi"],
-                                       options={"diarization": {"speakers": "auto"}}))
+                                       options={"diarization": {"speakers": "auto"}}), items={"chunk.chunks": 2})
         assert plan.errors == [], name
-        assert plan.nodes["translation-hi"].inputs["transcript"] == Source("speaker_assign", "transcript")
-        assert plan.outputs["transcript"] == Source("speaker_assign", "transcript")
+        assert plan.nodes["transcript_join"].inputs["turns"] == Source("diarization", "turns")
+        assert plan.nodes["translation-hi"].inputs["transcript"] == Source("transcript_join", "transcript")
+        assert plan.outputs["transcript"] == Source("transcript_join", "transcript")
 
 
 def test_a_required_input_with_no_running_source_is_still_an_error():
@@ -215,13 +226,14 @@ def test_subtitle_graph_options_switch_separation_and_vad_backend():
     subtitle = load_workflows(DEFAULT_WORKFLOWS_DIR)["subtitle"]
     plain = subtitle.expand(spec(workflow="subtitle", source_language="en", target_languages=["hi"]))
     assert plain.nodes["asr"].inputs["audio"] == Source("demux", "audio")
-    assert plain.nodes["asr"].inputs["regions"] == Source("vad", "regions")
+    assert plain.nodes["chunk"].inputs["regions"] == Source("vad", "regions")  # asr reads the chunks
     assert not plain.nodes["source_separation"].active and not plain.nodes["vad_pyannote"].active
     assert [s.node_id for s in plain.nodes["mux"].input_lists["subtitles"]] == ["subtitle_gen", "subtitle_gen_translated-hi"]
     full = subtitle.expand(spec(workflow="subtitle", source_language="en", target_languages=["hi"],
                                 options={"separate_sources": True, "vad": "pyannote"}))
     assert full.nodes["asr"].inputs == {"audio": Source("source_separation", "vocals"),
-                                       "regions": Source("vad_pyannote", "regions")}
+                                       "chunks": Source("chunk", "chunks"), "language": Source("chunk", "language")}
+    assert full.nodes["chunk"].inputs["regions"] == Source("vad_pyannote", "regions")
     assert full.nodes["alignment"].inputs["audio"] == Source("source_separation", "vocals")
     assert not full.nodes["vad"].active
 

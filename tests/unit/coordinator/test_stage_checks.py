@@ -80,7 +80,7 @@ def test_good_options_pass():
     ({"asr": {"language": "klingon"}}, "option asr: language='klingon': unknown language code 'klingon'"),
     ({"subtitle_gen": {"formats": ["doc"]}}, "option subtitle_gen: formats.0='doc': Input should be 'srt'"),
     ({"nosuchstage": {"x": 1}}, "option nosuchstage: workflow transcribe has no stage or node 'nosuchstage' "
-                                "(valid: demux, vad, asr, diarization, speaker_assign, subtitle_gen, mux, transcript_join)"),
+                                "(valid: demux, vad, chunk, language, asr, diarization, transcript_join, subtitle_gen, mux)"),
     ({"alignment": {"language": "en"}}, "workflow transcribe has no stage or node 'alignment'"),
     ({"asr": 1}, "option asr=1: stage options are asr.KEY=VALUE"),
     ({"separate_sources": True}, "option separate_sources: workflow transcribe has no stage or node"),
@@ -98,8 +98,8 @@ def test_branch_options_need_a_branch_of_this_job_and_fit_every_routed_stage():
     errors = option_errors(subtitle, spec(**job, options={"translation-hi": {"batch_size": 100}}))
     assert errors == ["option translation-hi: batch_size=100: Input should be less than or equal to 64 "
                       "(translation_indictrans2 params: glossary, batch_size, context, cache)"]
-    assert "valid: demux, source_separation, vad, vad_pyannote, asr, alignment, diarization, speaker_assign, " \
-           "translation, subtitle_gen, subtitle_gen_translated, mux, transcript_join, translation_indictrans2, " \
+    assert "valid: demux, source_separation, vad, vad_pyannote, chunk, language, asr, alignment, diarization, " \
+           "transcript_join, translation, subtitle_gen, subtitle_gen_translated, mux, translation_indictrans2, " \
            "translation_nllb, translation-<target_language>" \
            in option_errors(subtitle, spec(**job, options={"translate": {"x": 1}}))[0]
 

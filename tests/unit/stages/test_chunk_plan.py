@@ -155,3 +155,32 @@ def test_an_unset_target_stretches_for_a_film_too_long_for_one_job_and_a_given_o
                               params={"target_s": 60})
     with pytest.raises(BadInput, match="6000 chunks|[0-9]+ chunks; at most 300 .* use --chunk-s 180 or more"):
         handle(given.request, given)
+
+
+def test_audio_up_to_chunk_above_s_is_one_chunk_unless_the_job_gives_a_target(tmp_path, monkeypatch):
+    """The default workflows cut only audio longer than CAPTIONBUS_CHUNK_ABOVE_S (the chunk
+    worker's setting, or the job's chunk_above_s); --chunk-s N cuts whatever the length."""
+    from captionbus.contracts.speech import SpeechRegion, SpeechRegions, SpeechChunks
+    from captionbus.services.chunk.stage import handle
+    from captionbus.services.runtime.testing import make_fake_context
+
+    regions = SpeechRegions(backend="silero", duration=100,
+                            regions=[SpeechRegion(start=i * 6, end=i * 6 + 5) for i in range(16)])
+    (tmp_path / "regions.json").write_text(regions.model_dump_json())
+
+    def count(name: str, **params) -> int:
+        ctx = make_fake_context(tmp_path / name, "chunk", inputs={"regions": tmp_path / "regions.json"}, params=params)
+        chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
+        assert ctx.items == {"chunks": len(chunks.chunks)}
+        return len(chunks.chunks)
+
+    monkeypatch.delenv("CAPTIONBUS_CHUNK_ABOVE_S", raising=False)
+    assert count("default") == 1  # 100 s, under the default 120 s
+    cut = count("given", target_s=30)
+    assert cut > 1  # a target the job gave always cuts
+    assert count("job", chunk_above_s=60) == cut  # the job's (or a workflow's: chunked.yaml 0) threshold
+    monkeypatch.setenv("CAPTIONBUS_CHUNK_ABOVE_S", "99")
+    assert count("worker") == cut  # the chunk worker's setting
+    monkeypatch.setenv("CAPTIONBUS_CHUNK_ABOVE_S", "100")
+    assert count("equal") == 1
+    assert count("zero", target_s=0, chunk_above_s=0) == 1  # --chunk-s 0: the escape hatch

@@ -1,0 +1,64 @@
+"""The default path is the scalable one: a plain `captionbus run FILM` (the transcribe workflow,
+no -w, no -s) cuts a film longer than CAPTIONBUS_CHUNK_ABOVE_S into chunks, one asr request
+each, with the language detected once, and gives the words of the whole film decoded in one
+request (`--chunk-s 0`, the escape hatch). The threshold is set low (20 s) so the film stays
+short (~64 s); on real parts: nats-server, ffmpeg, Silero VAD, Whisper base in the whisperx env."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+
+from tests.media import speech_film
+
+
+def words_of(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def run(film: Path, out: Path, home: Path, *args: str) -> tuple[dict, dict]:
+    """`captionbus run FILM ARGS` with the chunk threshold at 20 s: its transcript and job record."""
+    env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_CHUNK_ABOVE_S": "20",
+           "CAPTIONBUS_STAGE_CACHE": "off"}
+    env.pop("NATS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(film), "--out", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    transcript = json.loads((out / f"{film.stem}.transcript.json").read_text())
+    return transcript, json.loads((out / f"{film.stem}.job.json").read_text())
+
+
+def asr_nodes(record: dict) -> list[str]:
+    return sorted((n for n in record["nodes"] if n.startswith("asr-")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_default_run_of_a_film_above_the_threshold_chunks_and_gives_the_unchunked_words(
+        tmp_path, stage_envs, whisper_model):
+    film, spoken = speech_film(tmp_path / "film.mp4", repeat=2)
+    home = tmp_path / "home"  # one home: the second run reuses nothing (stage cache off)
+    chunked, record = run(film, tmp_path / "default", home)
+    whole, whole_record = run(film, tmp_path / "whole", home, "--chunk-s", "0")
+
+    items = asr_nodes(record)
+    assert record["spec"]["workflow"] == "transcribe" and len(items) >= 2, items  # the default path cut the film
+    assert all(record["nodes"][n]["status"] == "completed" and record["nodes"][n]["attempt"] == 1 for n in items)
+    assert record["nodes"]["chunk"]["items"] == {"chunks": len(items)}
+    # The language was detected once, by the `language` node, and every chunk decoded with it.
+    assert record["nodes"]["language"]["status"] == "completed"
+    assert record["language"]["code"] == "en" and record["language"]["detected"] is True
+    assert chunked["language"] == whole["language"] == "en"
+    assert asr_nodes(whole_record) == ["asr-0"]  # --chunk-s 0: one request for the whole film
+
+    # Word for word the same as the whole film in one request, with the same word times.
+    def timed(transcript: dict) -> list[tuple[str, float]]:
+        return [(" ".join(words_of(w["text"])), w["start"]) for s in transcript["segments"] for w in s["words"]]
+
+    assert [w for w, _ in timed(chunked)] == [w for w, _ in timed(whole)]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(timed(chunked), timed(whole))) <= 0.02
+    heard = " ".join(w for w, _ in timed(chunked))
+    assert jiwer.wer(" ".join(words_of(spoken)), heard) < 0.2, heard  # and it is the film's speech
