@@ -205,7 +205,7 @@ from tests.natsroles import NATS_DEPLOY, free_ports, users_block
 from tests.security.fleet import ROLES
 
 ASR_REPLICAS = 2
-OTHER_STAGES = ["demux", "vad", "subtitle_gen", "mux"]
+OTHER_STAGES = ["demux", "vad", "chunk", "transcript_join", "subtitle_gen", "mux"]  # transcribe chunks by default
 ACK_WAIT_S = 6
 MAX_DELIVER = 8
 KV_STREAM = f"KV_{subjects.JOBS_BUCKET}"
