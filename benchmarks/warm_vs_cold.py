@@ -46,7 +46,7 @@ SENTENCES = [
     "The concert started with a slow piece for violin",
     "They fixed the bridge before the heavy rains came",
 ]
-STAGES = ["demux", "vad", "asr", "subtitle_gen", "mux"]  # config/workflows/transcribe.yaml
+STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]  # config/workflows/transcribe.yaml
 ONESHOT = Path(__file__).with_name("seed_stage_oneshot.py")
 
 
