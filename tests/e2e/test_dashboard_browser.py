@@ -106,11 +106,11 @@ def test_dashboard_in_a_browser_follows_jobs_live(stack: Stack, tmp_path):
             interpreter = asr.locator("td.interpreter").inner_text()
             assert "whisperx" in interpreter and Path(interpreter).name.startswith("python"), interpreter
             # One completed bar per node of the transcribe graph that ran, as the job state says
-            # (a clip is one chunk: asr-0; `language` is skipped: -s en).
+            # (a clip is one chunk: asr-0; `language` is skipped: -s en; `diarization`: no --speakers).
             state = _in_thread(stack.job_state, job_id)
             ran = sorted(n for n, node in state.nodes.items() if node.status.value == "completed")
             graph = load_workflows()["transcribe"].nodes
-            assert ran == sorted([*(n for n in graph if n not in ("asr", "language")), "asr-0"]), ran
+            assert ran == sorted([*(n for n in graph if n not in ("asr", "language", "diarization")), "asr-0"]), ran
             bars = page.locator("[data-testid=timeline] .gbar.completed")
             deadline = time.monotonic() + 10
             while bars.count() != len(ran) and time.monotonic() < deadline:

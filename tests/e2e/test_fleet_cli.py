@@ -54,7 +54,7 @@ def test_submit_wait_status_jobs_events(stack, tmp_path):
     assert job_id in [state["spec"]["job_id"] for state in listed]
     kinds = [json.loads(line)["kind"] for line in cli(stack, tmp_path, "events", job_id).stdout.splitlines()]
     assert kinds[0] == "submitted" and kinds[-1] == "completed"
-    assert kinds.count("stage_completed") == 5  # demux vad asr subtitle_gen mux
+    assert kinds.count("stage_completed") == 7  # demux vad chunk asr-0 transcript_join subtitle_gen mux
 
 
 def test_cancel_then_retry(stack, tmp_path):
@@ -132,7 +132,7 @@ def test_events_follow_streams_a_job_live_until_ctrl_c(stack, tmp_path):
             if event["job_id"] == job_id:
                 kinds.append(event["kind"])
         assert kinds[0] == "submitted" and kinds[-1] == "completed", kinds
-        assert kinds.count("stage_completed") == 5 and "stage_progress" in kinds  # demux vad asr subtitle_gen mux
+        assert kinds.count("stage_completed") == 7 and "stage_progress" in kinds  # demux vad chunk asr-0 transcript_join subtitle_gen mux
         assert follower.poll() is None  # still following after the job ended
         follower.send_signal(signal.SIGINT)
         follower.wait(30)

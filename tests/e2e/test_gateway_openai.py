@@ -210,6 +210,7 @@ def test_job_api_runs_a_job_streams_events_and_signs_webhooks(gateway, receiver,
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "completed" and {"srt", "vtt", "mp4", "mkv"} <= set(job["outputs"])
     assert job["nodes"].pop("language")["status"] == "skipped"  # source_language given: no detection request
+    assert job["nodes"].pop("diarization")["status"] == "skipped"  # no speakers asked for
     assert all(node["status"] == "completed" for node in job["nodes"].values())
     mkv = api.get(job["outputs"]["mkv"]["url"])
     assert mkv.status_code == 200 and 'filename="talk.subtitled.mkv"' in mkv.headers["content-disposition"]
