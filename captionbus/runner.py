@@ -346,6 +346,8 @@ async def _follow_with_progress(js, job_id: str, console: Console):
         async for event in follow(js, job_id):
             node = getattr(event, "node", None)
             items.update(event)
+            if event.kind in ("completed", "failed", "cancelled"):
+                return event  # a job's end may name a chunk's node (failed at asr-0): never skip it
             if _ItemBars.group(node) is not None and event.kind != "stage_warning":
                 continue
             if node and node not in bars and event.kind in ("stage_requested", "stage_progress", "stage_completed"):
@@ -362,8 +364,6 @@ async def _follow_with_progress(js, job_id: str, console: Console):
             elif event.kind == "branch_failed":
                 console.print(f"[red]branch {event.branch} failed[/] at {event.node}; the other languages go on",
                               highlight=False)
-            elif event.kind in ("completed", "failed", "cancelled"):
-                return event
     raise JobFailedError(f"lost the event stream of job {job_id}")
 
 
