@@ -5,9 +5,12 @@ captionbus/services/runtime, and `captionbus submit --wait` as a user runs it.
 The translation stage is the real one (captionbus.services.translation.nllb_stage.STAGE): its setup, with
 HF_HUB_OFFLINE=1 and a model id that is not in the (empty) Hugging Face cache, fails at once
 with the variable to set — before torch is imported, so it runs in the test's own interpreter.
-The other stages are stand-ins under their real names that write small files for the outputs
-the graph expects (no ML here: tests/e2e/test_translate_subtitle.py runs the real models); the
-mux stand-in writes the subtitle tracks it was given, so the test sees which tracks exist."""
+The chunk and transcript_join stages are the real ones (pure Python: the graph chunks by default,
+so the job goes demux -> vad -> chunk -> asr-0 -> alignment-0 -> transcript_join). The other stages
+are stand-ins under their real names that write small files for the outputs the graph expects (vad
+valid speech regions, asr and alignment a valid transcript; no ML here:
+tests/e2e/test_translate_subtitle.py runs the real models); the mux stand-in writes the subtitle
+tracks it was given, so the test sees which tracks exist."""
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +26,11 @@ from captionbus.coordinator.service import Coordinator
 from captionbus.core.bus import StagePolicy, connect, provision
 from captionbus.core.settings import Settings
 from captionbus.services.runtime import StageDefinition
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions
+from captionbus.contracts.transcript import Segment, Transcript
+from captionbus.services.chunk.stage import STAGE as CHUNK
 from captionbus.services.runtime.serve import serve
+from captionbus.services.transcript_join.stage import STAGE as TRANSCRIPT_JOIN
 from captionbus.services.translation.nllb_stage import STAGE as NLLB
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,12 +38,22 @@ OUTPUTS = {"demux": ["audio", "probe"], "vad": ["regions"], "asr": ["transcript"
            "subtitle_gen": ["srt", "vtt"]}
 
 
+# What a stand-in writes where the next real stage parses it.
+VALID = {
+    "regions": SpeechRegions(backend="stand-in", duration=3.0, regions=[SpeechRegion(start=0.5, end=2.5)]),
+    "transcript": Transcript(language="en", segments=[Segment(start=0.5, end=2.5, text="hello there")]),
+}
+
+
 def _stand_in(stage: str) -> StageDefinition:
     def handle(request, ctx):
         files = {}
         for name in OUTPUTS[stage]:
             path = ctx.work_dir / f"{request.node}.{name}"
-            path.write_text(f"{request.node} {name} {request.params.get('target_language', '')}\n")
+            if name in VALID:
+                path.write_text(VALID[name].model_dump_json())
+            else:
+                path.write_text(f"{request.node} {name} {request.params.get('target_language', '')}\n")
             files[name] = path
         return files
 
@@ -64,7 +81,8 @@ def test_subtitle_job_whose_translation_cannot_load_delivers_the_source_subtitle
     async def main():
         nc = await connect(nats_server, "partial-coordinator")
         await provision(nc.jetstream())
-        stages = [_stand_in(s) for s in OUTPUTS] + [StageDefinition(name="mux", handle=_mux, cacheable=False), NLLB]
+        stages = [_stand_in(s) for s in OUTPUTS] + [StageDefinition(name="mux", handle=_mux, cacheable=False), NLLB,
+                                                     CHUNK, TRANSCRIPT_JOIN]
         stop = asyncio.Event()
         async with Coordinator(nc, tick_interval_s=0.2, policy=Policy(result_secret=b"partial")):
             workers = []
