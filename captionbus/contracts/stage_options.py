@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 Device = Literal["cpu", "cuda"]
 DEVICE = "cpu | cuda; unset: cuda where the hardware cache found a GPU this env's torch can use"
-THREADS = "CPU threads; unset: all cores"
+THREADS = "CPU threads; unset: the cores this process may use (CPU affinity, cgroup quota)"
 
 
 def comma_list(value: Any) -> Any:

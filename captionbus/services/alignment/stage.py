@@ -54,6 +54,7 @@ from captionbus.contracts import StageRequest
 from captionbus.contracts.languages import UnknownLanguage, check_language
 from captionbus.contracts.transcript import Segment, Transcript, Word
 from captionbus.core import settings as core_settings
+from captionbus.core.hardware import usable_cores
 from captionbus.services.alignment.declaration import ALIGNMENT, AlignmentOptions, AlignmentParams
 from captionbus.services.audio import read_wav, wav_duration
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
@@ -322,7 +323,7 @@ def setup(ctx: SetupContext) -> Aligner:
 
     options: AlignmentOptions = ctx.options
     sources = _sources(options)
-    torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    torch.set_num_threads(options.threads or usable_cores())
     punkt_dir = parameter_free_punkt(set(PUNKT_LANGUAGES.values()) | {"english"})
     nltk.data.path.insert(0, str(punkt_dir))
     aligner = Aligner(

@@ -18,7 +18,6 @@ Metrics: separation_s, audio_duration_s, realtime_factor, windows, model_load_s.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,10 +27,15 @@ from typing import Any
 import numpy as np
 
 from captionbus.contracts import StageRequest
+from captionbus.core.hardware import usable_cores
 from captionbus.services.runtime import SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 from captionbus.services.runtime.options import default_device
-from captionbus.services.source_separation.declaration import SOURCE_SEPARATION, SourceSeparationOptions, SourceSeparationParams
+from captionbus.services.source_separation.declaration import (
+    SOURCE_SEPARATION,
+    SourceSeparationOptions,
+    SourceSeparationParams,
+)
 from captionbus.services.source_separation.streaming import (
     SAMPLE_RATE,
     plan_windows,
@@ -108,7 +112,7 @@ def setup(ctx: SetupContext) -> DemucsModel:
     options: SourceSeparationOptions = ctx.options
     name, repo = options.model, options.repo
     device = options.device or default_device()
-    torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    torch.set_num_threads(options.threads or usable_cores())
 
     started = time.monotonic()
     model = load_model(name, repo).to(device)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captionbus.core.hardware import usable_cores
 from captionbus.core.translation_routes import Backend, backend_for_stage
 from captionbus.services.runtime import SetupContext
 from captionbus.services.runtime.options import default_device
@@ -224,7 +225,7 @@ def load_indictrans2(ctx: SetupContext) -> IndicTrans2Translator:
         ctx.log.warning("cuda asked for but this torch has no usable GPU; translating on cpu", torch=torch.__version__)
         device = "cpu"
     if device == "cpu":
-        torch.set_num_threads(options.threads or os.cpu_count() or 1)
+        torch.set_num_threads(options.threads or usable_cores())
     warm_models = options.warm_models
     preload = list(options.preload)  # directions, checked by the options model
     missing = [f"{d}: {s}" for d, s in sources.items() if s.startswith((".", "/", "~")) and not Path(s).is_dir()]

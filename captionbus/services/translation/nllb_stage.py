@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from captionbus.core.hardware import usable_cores
 from captionbus.core.translation_routes import Backend, backend_for_stage
 from captionbus.services.runtime import BadInput, SetupContext
 from captionbus.services.runtime.options import default_device
@@ -96,7 +97,7 @@ def load_nllb(ctx: SetupContext) -> NllbTranslator:
         device = "cpu"
     num_beams = options.num_beams
     if device == "cpu":
-        torch.set_num_threads(options.threads or os.cpu_count() or 1)
+        torch.set_num_threads(options.threads or usable_cores())
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
