@@ -32,7 +32,7 @@ from tests.security.attacks import WRITERS  # noqa: F401  (the tests import it f
 # Every ordinary role, with the block roles.conf gives it.
 ROLES = {"coordinator": "COORDINATOR", "worker": "WORKER", "worker-asr": "WORKER_ASR", "client": "CLIENT",
          "gateway": "HTTP_GATEWAY", "dashboard": "DASHBOARD", "dashboard_downloads": "DASHBOARD_DOWNLOADS",
-         "gc": "GC"}
+         "dashboard_operator": "DASHBOARD_OPERATOR", "gc": "GC"}
 OUTPUT_BYTES = 300_000
 
 GRAPHS = {"made": Workflow.from_dict({
