@@ -39,7 +39,7 @@ def _transcript(path: Path) -> Path:
 
 
 def browser_cues(vtt: Path) -> list[dict]:
-    """Each cue as Chromium parsed it: start, end, and its voice spans as [voice, text]."""
+    """Each cue as Chromium parsed it: start, end, its text, and its voice spans as [voice, text]."""
     from playwright.sync_api import sync_playwright
 
     url = "data:text/vtt;base64," + base64.b64encode(vtt.read_bytes()).decode()
@@ -52,7 +52,7 @@ def browser_cues(vtt: Path) -> list[dict]:
               const el = document.getElementById('t');
               el.track.mode = 'hidden';
               const done = () => ok(Array.from(el.track.cues).map(c => ({
-                start: c.startTime, end: c.endTime,
+                start: c.startTime, end: c.endTime, text: c.getCueAsHTML().textContent,
                 voices: Array.from(c.getCueAsHTML().querySelectorAll('span[title]'))
                              .map(s => [s.title, s.textContent])})));
               if (el.readyState === 2) done();
@@ -123,3 +123,19 @@ def test_muxed_tracks_carry_the_dialogue_lines_and_names(tmp_path):
         assert "-[Anna] Hurry up.\n-[Ben] Okay." in [text for _, _, text in read]
         # Times within the ~23 ms an AAC start offset can shift them (shared/FACTS.md).
         assert all(abs(a[0] - b[0]) <= 30 and abs(a[1] - b[1]) <= 30 for a, b in zip(read, written)), container
+
+
+def test_cue_text_with_markup_characters_reads_back_literally_in_a_browser(tmp_path):
+    """`<`, `&` and `-->` in what was said reach the viewer as said (WebVTT escapes written by
+    core.subtitles.formats), with and without a voice span."""
+    from captionbus.core.subtitles.cues import Cue
+    from captionbus.core.subtitles.formats import write_subtitles
+
+    if not BROWSER:
+        pytest.skip("no playwright or no chromium: the WebVTT text was not parsed back")
+    lines = [["x < y & AT&T", "{laughs} a --> b"], ["-Hi <3 &amp;", "-Bye"]]
+    vtt = write_subtitles([Cue(0, 1000, lines[0]), Cue(1000, 2000, lines[1], voices=["A&B", "C"])],
+                          tmp_path / "marks.vtt")
+    cues = browser_cues(vtt)
+    assert [c["text"] for c in cues] == ["\n".join(lines[0]), "\n".join(lines[1])]
+    assert cues[1]["voices"] == [["A&B", "-Hi <3 &amp;"], ["C", "-Bye"]]

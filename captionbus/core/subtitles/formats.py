@@ -1,4 +1,4 @@
-"""Cues to and from files. SRT, WebVTT and ASS go through pysubs2; JSON (cues with their words) and
+r"""Cues to and from files. SRT, WebVTT and ASS go through pysubs2; JSON (cues with their words) and
 plain text are ours, since pysubs2 has no format that carries words.
 
 Speakers: WebVTT wraps each speaker's lines in a voice span, `<v Anna>-Are you coming?</v>`
@@ -7,11 +7,22 @@ lines say (dialogue dashes, names when asked for); ASS names the first speaker i
 field; JSON keeps `speaker`, the words' speakers and `voices`. A cue without voices is written as
 it always was.
 
+Text is written as the words are, whatever characters they hold. pysubs2 keeps an event's text in
+ASS markup, so by default it reads `{…}` in a line as an override block and drops it from SRT and
+WebVTT ("{laughs} hi" came out as "hi"); SRT and WebVTT are therefore written with
+`keep_ssa_tags=True` (we never put style tags in a cue). WebVTT reads `<` as the start of a tag and
+`&` as the start of a character reference, and a line holding `-->` as a timing line, so WebVTT
+cue text is escaped (`&amp;`, `&lt;`, `&gt;`) and read back unescaped; pysubs2 does neither. A
+literal `\N`, `\n` or `\h` inside a word still reads as a break or a space in every pysubs2
+format (ASS has no escape for it); no model output seen here holds one. Reading is pysubs2's:
+it still drops a `{…}` from SRT and WebVTT lines, and SRT itself has no escape for `-->`.
+
 Writes are atomic (temp file + rename): a reader never sees half a subtitle file.
 """
 from __future__ import annotations
 
 import codecs
+import html
 import json
 import os
 import re
@@ -47,12 +58,18 @@ def default_ass_style() -> pysubs2.SSAStyle:
     )
 
 
+def vtt_escape(line: str) -> str:
+    """A line of WebVTT cue text: `&`, `<` and `>` as character references (WebVTT, W3C, "cue text")."""
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def voiced_text(cue: Cue) -> str:
-    """The cue's lines with a WebVTT voice span around each speaker's run of lines."""
-    if len(cue.voices) != len(cue.lines):
-        return cue.text
+    """The cue's lines, escaped for WebVTT, with a voice span around each speaker's run of lines."""
+    lines = [vtt_escape(line) for line in cue.lines]
+    if len(cue.voices) != len(lines):
+        return "\n".join(lines)
     runs: list[tuple[str, list[str]]] = []
-    for voice, line in zip(cue.voices, cue.lines):
+    for voice, line in zip(cue.voices, lines):
         if runs and runs[-1][0] == voice:
             runs[-1][1].append(line)
         else:
@@ -92,7 +109,10 @@ def render(cues: Sequence[Cue], fmt: str, style: pysubs2.SSAStyle | None = None)
         return "".join(" ".join(c.lines) + "\n" for c in cues)
     if fmt not in FORMATS:
         raise ValueError(f"unknown subtitle format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return to_ssafile(cues, style, voices=fmt == "vtt").to_string(fmt)
+    subs = to_ssafile(cues, style, voices=fmt == "vtt")
+    if fmt == "ass":
+        return subs.to_string(fmt)
+    return subs.to_string(fmt, keep_ssa_tags=True)
 
 
 def write_subtitles(cues: Sequence[Cue], path: str | Path, fmt: str | None = None,
@@ -129,7 +149,8 @@ def parse_subtitles(text: str, fmt: str) -> list[Cue]:
     for e in subs:
         if e.is_comment:
             continue
-        lines = [line.strip() for line in e.plaintext.split("\n") if line.strip()]
+        text = html.unescape(e.plaintext) if fmt == "vtt" else e.plaintext
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
         cues.append(Cue(e.start, e.end, lines, speaker=e.name or None))
     return cues
 

@@ -2,6 +2,8 @@
 checker's speaker rules -- on synthetic transcripts with known turns."""
 from __future__ import annotations
 
+import html
+
 from pathlib import Path
 
 import pysubs2
@@ -158,11 +160,13 @@ def test_vtt_voice_spans_per_speaker_and_names_escaped(tmp_path):
     tr = Transcript(language="en", segments=[turn(*t) for t in FAST_EXCHANGE])
     result = build_cues(tr, RULES, speaker_names={"A": "Anna & Co"})
     vtt = render(result.cues, "vtt")
-    assert "<v Anna &amp; Co>-[Anna & Co] Hurry up.</v>\n<v SPEAKER_01>-Okay.</v>" in vtt
+    # the name in the span and the same name in the cue text are both escaped (WebVTT cue text)
+    assert "<v Anna &amp; Co>-[Anna &amp; Co] Hurry up.</v>\n<v SPEAKER_01>-Okay.</v>" in vtt
     # pysubs2 reads the file back (tags are not text), so checking a file sees the dashes.
     back = read_subtitles(write_subtitles(result.cues, tmp_path / "out.vtt"))
     assert ["-[Anna & Co] Hurry up.", "-Okay."] in [c.lines for c in back]
-    assert [e.plaintext for e in pysubs2.load(str(tmp_path / "out.vtt"))] == [c.text for c in result.cues]
+    assert [html.unescape(e.plaintext) for e in pysubs2.load(str(tmp_path / "out.vtt"))] == [
+        c.text for c in result.cues]
     # JSON keeps the voices; ASS names the first speaker.
     again = read_subtitles(write_subtitles(result.cues, tmp_path / "out.json"))
     assert [c.voices for c in again] == [c.voices for c in result.cues]
