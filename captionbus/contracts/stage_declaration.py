@@ -1,19 +1,19 @@
-"""What one stage declares, in its own folder (`captionbus/services/<folder>/declaration.py`): a `StageSpec`
-naming the stage, the environment that runs it, its params model, the artifacts it reads and
-writes and its service options model. That module is the stage's only declaration; the rest is
-derived from it:
+"""What one stage declares, in `captionbus/contracts/declarations/<folder>.py` (its code lives in
+`captionbus/services/<folder>/`): a `StageSpec` naming the stage, the environment that runs it, its
+params model, the artifacts it reads and writes and its service options model. That module is the
+stage's only declaration; the rest reads it or is derived from it:
 
-- `python -m captionbus.stagegen` copies it to `captionbus/contracts/declarations/<folder>.py`, where the
-  coordinator and the CLI read it (captionbus.contracts.stage_specs.STAGES) without importing a stage, and
-  writes the stage -> env map (config/stages.yaml), each env's `stages = [...]` line
-  (envs/<env>.toml), the import-linter list of stage folders (pyproject.toml) and the params'
+- the coordinator and the CLI read it (captionbus.contracts.stage_specs.STAGES) without importing a
+  stage: it is part of contracts, which every layer and every stage env has;
+- `python -m captionbus.stagegen` writes the stage -> env map (config/stages.yaml), each env's
+  `stages = [...]` line (envs/<env>.toml), the import-linter list of stage folders (pyproject.toml) and the params'
   JSON Schema (captionbus/contracts/schema/params_<stage>.json); tests/unit/test_stage_declarations.py fails
   while any of them is stale;
 - the stage module (`captionbus/services/<folder>/<module>.py`) hands the spec to its StageDefinition, which
   takes its name, params, outputs and options from it.
 
 docs/adding-a-stage.md walks through it. A declaration imports pydantic, contracts and the
-standard library only (the generator refuses anything else): its copy is part of contracts.
+standard library only (the generator refuses anything else; contracts depend on pydantic only).
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Service options: how an operator sets up one stage service (`serve STAGE --option k=v`,
 `CAPTIONBUS_OPTION_<KEY>`, or the stage's own environment variable, e.g. CAPTIONBUS_ASR_MODEL).
-One pydantic model per stage, in the stage's declaration (`captionbus/services/<folder>/declaration.py`,
-copied to captionbus/contracts/declarations/ so the launcher checks and prints them without a stage's
-environment); `ServiceOptions.load` merges the sources and validates. The stage's setup()
+One pydantic model per stage, in the stage's declaration (`captionbus/contracts/declarations/<folder>.py`,
+so the launcher checks and prints them without a stage's environment); `ServiceOptions.load` merges the sources and validates. The stage's setup()
 receives the parsed model as `SetupContext.options`.
 
 How they load (captionbus/services/runtime/options.py `load_options`): pydantic-settings, on a BaseSettings

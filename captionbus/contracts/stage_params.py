@@ -1,5 +1,5 @@
 """What every stage's `StageRequest.params` model builds on; each stage's own model is in its
-declaration (`captionbus/services/<folder>/declaration.py`, copied to captionbus/contracts/declarations/ for the coordinator).
+declaration (`captionbus/contracts/declarations/<folder>.py`).
 
 The models are the stage boundary: the coordinator checks workflow files (node `params`) and job
 options (`-o STAGE.KEY=VALUE`) against them before a job runs, `submit`/`run` refuse a bad

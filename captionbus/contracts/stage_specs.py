@@ -1,9 +1,9 @@
 """Every stage's declaration, as the coordinator and the CLI see them: `STAGES` is what the
 coordinator checks workflow files and job options against and what `captionbus stages` prints.
 
-Each entry is the StageSpec of a stage's own declaration (`captionbus/services/<folder>/declaration.py`),
-read from its generated copy in captionbus/contracts/declarations/ so that nothing here imports a stage
-(captionbus.contracts.stage_declaration says how the copies are made and checked).
+Each entry is the StageSpec of a stage's one declaration (`captionbus/contracts/declarations/<folder>.py`):
+the declarations live in contracts so that nothing here imports a stage
+(captionbus.contracts.stage_declaration says what is derived from them and how it is checked).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """docs/adding-a-stage.md, done as it says: in a copy of the project, write the page's `# file:`
-blocks (the stage's folder, a workflow, a unit test), run the generator, and run the new stage
+blocks (the stage's folder, a workflow, its declaration, a unit test), run the generator, and run the new stage
 end to end with `captionbus run` (embedded nats-server, the coordinator, the stage's own process in
 the `common` env with the copy's code lent to it). The page's claim that a stage touches its folder,
-a workflow YAML and at most one more file is checked on the files it writes."""
+a workflow YAML and one more file (its declaration in captionbus/contracts/declarations/) is checked on
+the files it writes, and that the generator then changes only derived files (no list of stages, no
+copy of the declaration)."""
 from __future__ import annotations
 
 import os
@@ -19,8 +21,7 @@ from tests.unit.test_layers import lint_imports
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "adding-a-stage.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n# file: (\S+)\n(.*?)```", re.DOTALL)
-GENERATED = {"captionbus/contracts/declarations/shout.py", "captionbus/contracts/declarations/__init__.py",
-             "captionbus/contracts/schema/params_shout.json", "config/stages.yaml", "envs/common.toml", "pyproject.toml"}
+GENERATED = {"captionbus/contracts/schema/params_shout.json", "config/stages.yaml", "envs/common.toml", "pyproject.toml"}
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -46,9 +47,11 @@ def project(tmp_path_factory) -> Path:
         target.write_text(text)
         written[path] = text
     (root / "captionbus" / "services" / "shout" / "__init__.py").write_text("")  # the page's table: an empty one
-    # The folder, a workflow YAML and one more file (here the unit test), as the page says.
-    assert sorted(written) == ["captionbus/services/shout/declaration.py", "captionbus/services/shout/stage.py",
+    # The folder, a workflow YAML and one more file (the declaration), as the page says; and its unit test.
+    assert sorted(written) == ["captionbus/contracts/declarations/shout.py", "captionbus/services/shout/stage.py",
                                "config/workflows/shout.yaml", "tests/unit/stages/test_shout.py"]
+    outside = {p for p in written if not p.startswith(("captionbus/services/shout/", "config/workflows/", "tests/"))}
+    assert outside == {"captionbus/contracts/declarations/shout.py"}
 
     done = subprocess.run([sys.executable, "-m", "captionbus.stagegen"], cwd=root, env=_env(root),
                           capture_output=True, text=True, timeout=300)

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
-from captionbus.services.vad.declaration import VadParams
+from captionbus.contracts.declarations.vad import VadParams
 from captionbus.services.audio import read_wav
 from captionbus.services.diarization import core, models
 from captionbus.services.vad.regions import FrameScores, speech_regions

@@ -172,7 +172,7 @@ def test_bad_input_fails_once_and_is_terminated(nats_server, tmp_path):
 
 def test_params_outside_the_stage_model_are_bad_input_before_the_handler(nats_server, tmp_path):
     """The runtime validates request params against StageDefinition.params (a model in
-    captionbus/services/<folder>/declaration.py): an unknown key or a wrong value fails the request once, with one
+    captionbus/contracts/declarations/<folder>.py): an unknown key or a wrong value fails the request once, with one
     line naming the stage's keys, and the handler never runs."""
     probe, calls = counting()
 

@@ -266,7 +266,7 @@ def test_a_truncated_file_gives_the_regions_it_holds_and_a_warning(backend_runs,
     ("corrupt", {}, "not a readable PCM WAV"),
     ("stereo", {}, "must be 16 kHz mono 16-bit PCM WAV (the demux output); got 44100 Hz, 2 channel(s)"),
     ("speech", {"threshold": 1.5}, "threshold"),
-    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (captionbus/services/vad/declaration.py)
+    ("speech", {"min_silence_s": "long"}, "bad vad"),  # the params model refuses it (captionbus/contracts/declarations/vad.py)
     ("speech", {"min_silence_s": "long"}, "min_silence_s='long': Input should be a valid number"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(backend_runs, name, params, message):

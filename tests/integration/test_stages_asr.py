@@ -240,7 +240,7 @@ def test_metrics_progress_and_model_description(asr_runs):
 
 
 def test_bad_language_and_wrong_model_are_bad_input(asr_runs):
-    # refused by the params model (captionbus/services/asr/declaration.py: AsrParams) before the handler runs
+    # refused by the params model (captionbus/contracts/declarations/asr.py: AsrParams) before the handler runs
     assert "bad asr params: language='xx': unknown language code" in asr_runs["runs"][2]["bad_input"]
     assert "not 'whisper-large-v3'" in asr_runs["runs"][3]["bad_input"]
 

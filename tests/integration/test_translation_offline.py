@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 from captionbus.services.runtime import SetupContext
 from captionbus.services.translation.nllb_stage import load_nllb
-from captionbus.services.translation.declaration import NllbOptions
+from captionbus.contracts.declarations.translation import NllbOptions
 
 started = time.monotonic()
 ctx = SetupContext(stage="translation_nllb", env="test", models_dir=Path("/nonexistent"), log=structlog.get_logger(),

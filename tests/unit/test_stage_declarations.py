@@ -1,4 +1,4 @@
-"""One declaration per stage (captionbus/services/<folder>/declaration.py): every file derived from the
+"""One declaration per stage (captionbus/contracts/declarations/<folder>.py): every file derived from the
 declarations is fresh (`python -m captionbus.stagegen --check`), each stage module's
 StageDefinition takes its spec, the generator refuses a declaration that breaks the rules, stage
 modules import no ML library until setup() runs, and the service options load from the command
@@ -34,8 +34,8 @@ HEAVY = ("torch", "torchaudio", "whisperx", "faster_whisper", "ctranslate2", "tr
 
 
 def test_every_generated_file_is_fresh():
-    """The copies in captionbus/contracts/declarations/, config/stages.yaml, the envs' stage lists and the
-    linter's stage folders are what the declarations give (the JSON Schemas: test_contracts)."""
+    """config/stages.yaml, the envs' stage lists and the linter's stage folders are what the
+    declarations give (the JSON Schemas: test_contracts)."""
     assert stagegen.stale() == [], f"run {stagegen.COMMAND}"
 
 
@@ -45,11 +45,35 @@ def test_every_stage_module_takes_its_declaration_and_the_coordinator_sees_the_s
         definition = importlib.import_module(stage_module(stage)).STAGE
         assert definition.spec is spec and definition.name == stage, stage
         assert (definition.params, definition.outputs, definition.options) == (spec.params, spec.outputs, spec.options)
-        copy = STAGES[stage]  # the coordinator's: the generated copy, a class of its own
-        assert copy.params.model_json_schema() == spec.params.model_json_schema(), stage
-        assert copy.options.model_json_schema() == spec.options.model_json_schema(), stage
-        assert (copy.env, dict(copy.backends), copy.outputs, copy.inputs) == (spec.env, dict(spec.backends),
-                                                                            spec.outputs, spec.inputs)
+        assert STAGES[stage] is spec, stage  # the coordinator's: the same module, not a copy
+        assert (ROOT / "captionbus" / "services" / folder / f"{spec.module}.py").is_file()
+
+
+def test_no_declaration_is_left_in_a_stage_folder():
+    """captionbus/contracts/declarations/ is the only place: a stray declaration.py beside a stage's code
+    would be a second, silently ignored one."""
+    assert sorted((ROOT / "captionbus" / "services").glob("*/declaration.py")) == []
+
+
+def test_a_stage_folder_imports_its_own_declaration_only():
+    """Stages never import each other (import-linter's 'stages' contract); a declaration lives in
+    contracts, where that contract does not reach, so this holds the same line for them."""
+    import ast
+
+    seen = {}
+    for path in sorted((ROOT / "captionbus" / "services").glob("*/**/*.py")):
+        folder = path.relative_to(ROOT / "captionbus" / "services").parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "captionbus.contracts.declarations":
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.startswith("captionbus.contracts.declarations."):
+                    seen.setdefault(folder, set()).add(name.split(".")[3])
+    assert seen and all(found == {folder} for folder, found in seen.items()), seen
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -78,7 +102,7 @@ def _generate(root: Path, *args: str) -> subprocess.CompletedProcess:
 ])
 def test_a_declaration_that_imports_beyond_contracts_is_refused(tmp_path, edit, error):
     root = _tree(tmp_path)
-    path = root / "captionbus" / "services" / "chunk" / "declaration.py"
+    path = root / "captionbus" / "contracts" / "declarations" / "chunk.py"
     path.write_text(path.read_text().replace("from __future__ import annotations\n",
                                              "from __future__ import annotations\n" + edit, 1))
     with pytest.raises(stagegen.DeclarationError, match=error.replace("(", r"\(").replace(")", r"\)")):
@@ -87,18 +111,31 @@ def test_a_declaration_that_imports_beyond_contracts_is_refused(tmp_path, edit, 
 
 def test_a_changed_declaration_makes_its_generated_files_stale_until_regenerated(tmp_path):
     root = _tree(tmp_path)
-    path = root / "captionbus" / "services" / "chunk" / "declaration.py"
+    path = root / "captionbus" / "contracts" / "declarations" / "chunk.py"
     path.write_text(path.read_text().replace('env="common"', 'env="whisperx"'))
     done = _generate(root, "--check")
     assert done.returncode == 1
     assert done.stdout.strip() == ("stale (generated from the stage declarations): "
-                                   "captionbus/contracts/declarations/chunk.py, config/stages.yaml, envs/common.toml, "
-                                   "envs/whisperx.toml; "
+                                   "config/stages.yaml, envs/common.toml, envs/whisperx.toml; "
                                    "run python -m captionbus.stagegen")
     assert _generate(root).returncode == 0
     assert _generate(root, "--check").returncode == 0
     assert 'stages = ["alignment", "asr", "chunk"]' in (root / "envs" / "whisperx.toml").read_text()
     assert "chunk" not in (root / "envs" / "common.toml").read_text().split("stages = ")[1].split("]")[0]
+
+
+@pytest.mark.parametrize("rename, error", [
+    (None, "stage 'chunk' is declared twice: captionbus/contracts/declarations/chunk.py and extra.py"),
+    ("chunk_two", "stage 'chunk_two' names module 'stage', but captionbus/services/extra/stage.py does not exist"),
+])
+def test_a_declaration_without_its_stage_code_or_declaring_a_known_stage_is_refused(tmp_path, rename, error):
+    root = _tree(tmp_path)
+    text = (root / "captionbus" / "contracts" / "declarations" / "chunk.py").read_text()
+    if rename:
+        text = text.replace('name="chunk"', f'name="{rename}"')
+    (root / "captionbus" / "contracts" / "declarations" / "extra.py").write_text(text)
+    done = _generate(root, "--check")
+    assert done.returncode == 2 and error in done.stderr, done.stdout + done.stderr
 
 
 def test_stage_modules_import_no_ml_library_until_setup():
@@ -134,7 +171,7 @@ def test_service_options_command_line_beats_environment_and_empty_is_unset():
 def test_a_model_without_a_prefix_reads_no_environment(monkeypatch):
     """An open model (noop's) or one without env_prefix takes only what it is given: with an
     empty prefix every variable (PATH, THREADS) would otherwise be a candidate."""
-    from captionbus.services.noop.declaration import NoopOptions
+    from captionbus.contracts.declarations.noop import NoopOptions
 
     monkeypatch.setenv("THREADS", "7")
     assert load_options(NoopOptions, {"x": 1}).model_dump() == {"x": 1}

@@ -51,11 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.alignment import ALIGNMENT, AlignmentOptions, AlignmentParams
 from captionbus.contracts.languages import UnknownLanguage, check_language
 from captionbus.contracts.transcript import Segment, Transcript, Word
 from captionbus.core import settings as core_settings
 from captionbus.core.hardware import usable_cores
-from captionbus.services.alignment.declaration import ALIGNMENT, AlignmentOptions, AlignmentParams
 from captionbus.services.audio import read_wav, wav_duration
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.asr import ASR, AsrOptions, AsrParams
 from captionbus.contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions, SpokenLanguage
 from captionbus.contracts.transcript import Segment, Transcript
 from captionbus.core.hardware import usable_cores
 from captionbus.services.asr import hallucination, mlx_backend, whisperx_backend
-from captionbus.services.asr.declaration import ASR, AsrOptions, AsrParams
 from captionbus.services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.chunk import CHUNK, ChunkParams
 from captionbus.contracts.speech import SpeechRegions, SpokenLanguage
 from captionbus.core.settings import load as load_settings
-from captionbus.services.chunk.declaration import CHUNK, ChunkParams
 from captionbus.services.chunk.plan import plan_chunks
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.demux import DEMUX, DemuxParams
 from captionbus.services import media
-from captionbus.services.demux.declaration import DEMUX, DemuxParams
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
 SAMPLE_RATE = 16000

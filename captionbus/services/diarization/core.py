@@ -30,8 +30,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from captionbus.contracts.declarations.diarization import MAX_SPEAKERS, speaker_range
 from captionbus.core.speakers import speaker_of
-from captionbus.services.diarization.declaration import MAX_SPEAKERS, speaker_range
 
 Region = tuple[float, float]
 WINDOW_S = 1.5

@@ -43,7 +43,7 @@ from typing import Any
 from captionbus.contracts import StageRequest
 from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, SpeechRegions
 from captionbus.services.audio import SAMPLE_RATE, open_wav, read_wav
-from captionbus.services.diarization.declaration import DEFAULT_EMBEDDER, DIARIZATION, DiarizationOptions, DiarizationParams
+from captionbus.contracts.declarations.diarization import DEFAULT_EMBEDDER, DIARIZATION, DiarizationOptions, DiarizationParams
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 

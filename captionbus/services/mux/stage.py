@@ -21,9 +21,9 @@ import re
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.mux import MUX, MuxParams
 from captionbus.contracts.languages import LANGUAGES, UnknownLanguage, check_language
 from captionbus.services import media
-from captionbus.services.mux.declaration import MUX, MuxParams
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
 SUBTITLE_NAME = re.compile(r"^.*\.(?P<lang>[A-Za-z]{2,3})\.srt$")

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from captionbus.services.noop.declaration import NOOP, NoopParams
+from captionbus.contracts.declarations.noop import NOOP, NoopParams
 from captionbus.services.runtime import (
     BadInput,
     Retryable,

@@ -1,7 +1,7 @@
 """What a stage author writes: one handler function with a typed body, plus optional setup.
 
 A stage's name, env, params model, outputs and service options are its declaration's StageSpec
-(`captionbus/services/<folder>/declaration.py`, copied to contracts for the coordinator and the CLI); its
+(`captionbus/contracts/declarations/<folder>.py`, which the coordinator and the CLI read too); its
 StageDefinition takes them from `spec=`. The runtime validates every request's params against
 `params` before the handler runs (a bad one is BadInput) and hands the parsed model over as
 `ctx.params`; setup() gets the parsed service options as `SetupContext.options`.
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from captionbus.contracts import StageRequest
 from captionbus.contracts.stage_declaration import StageSpec, explain
 from captionbus.contracts.stage_options import ServiceOptions
+from captionbus.contracts.stage_specs import STAGES
 from captionbus.core.service_options import load_options
 from captionbus.services.runtime.errors import BadInput
 
@@ -47,11 +48,8 @@ def parse_params(model: type[BaseModel], raw: Mapping[str, Any], stage: str) -> 
 
 
 def declared_spec(stage: str) -> StageSpec | None:
-    """The stage's declaration (captionbus/services/<folder>/declaration.py); None for an ad-hoc test stage."""
-    from captionbus.services import declarations  # only the pure declaration modules, never a stage's code
-
-    declared = declarations().get(stage)
-    return declared[1] if declared is not None else None
+    """The stage's declaration (captionbus/contracts/declarations/<folder>.py); None for an ad-hoc test stage."""
+    return STAGES.get(stage)
 
 
 def options_model(stage: str) -> type[ServiceOptions]:
@@ -125,7 +123,7 @@ Handler = Callable[[StageRequest, StageContext], dict[str, Path]]
 @dataclass
 class StageDefinition:
     handle: Handler
-    # The stage's declaration (captionbus/services/<folder>/declaration.py); name, params, outputs and
+    # The stage's declaration (captionbus/contracts/declarations/<folder>.py); name, params, outputs and
     # options come from it. Ad-hoc test stages leave it out and give a name (and may give the
     # rest).
     spec: StageSpec | None = None

@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 
 from captionbus.contracts import StageRequest
-from captionbus.core.hardware import usable_cores
-from captionbus.services.runtime import SetupContext, StageContext, StageDefinition
-from captionbus.services.runtime.cache import model_identity
-from captionbus.services.runtime.options import default_device
-from captionbus.services.source_separation.declaration import (
+from captionbus.contracts.declarations.source_separation import (
     SOURCE_SEPARATION,
     SourceSeparationOptions,
     SourceSeparationParams,
 )
+from captionbus.core.hardware import usable_cores
+from captionbus.services.runtime import SetupContext, StageContext, StageDefinition
+from captionbus.services.runtime.cache import model_identity
+from captionbus.services.runtime.options import default_device
 from captionbus.services.source_separation.streaming import (
     SAMPLE_RATE,
     plan_windows,

@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.subtitle_gen import SUBTITLE_GEN, SubtitleGenParams
 from captionbus.contracts.languages import UnknownLanguage, check_language
 from captionbus.contracts.transcript import Transcript
 from captionbus.core.subtitles import build_cues, load_rules, write_subtitles
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
-from captionbus.services.subtitle_gen.declaration import SUBTITLE_GEN, SubtitleGenParams
 
 
 def video_fps(request: StageRequest, ctx: StageContext) -> float | None:

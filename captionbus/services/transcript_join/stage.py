@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.transcript_join import TRANSCRIPT_JOIN
 from captionbus.contracts.speech import SpeakerTurns, SpokenLanguage
 from captionbus.contracts.transcript import Transcript
 from captionbus.core.speakers import assign_speakers
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
-from captionbus.services.transcript_join.declaration import TRANSCRIPT_JOIN
 
 
 def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.translation import TranslationOptions, TranslationParams
 from captionbus.contracts.languages import UnknownLanguage, check_language
 from captionbus.contracts.stage_declaration import StageSpec
 from captionbus.contracts.transcript import Segment, Transcript
@@ -27,7 +28,6 @@ from captionbus.core.subtitles import load_rules
 from captionbus.core.translation_routes import Backend, backend_for_stage
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
-from captionbus.services.translation.declaration import TranslationOptions, TranslationParams
 from captionbus.services.translation.glossary import (
     Glossary,
     GlossaryError,
@@ -174,9 +174,9 @@ def translate_transcript(service: TranslationService, transcript: Transcript, so
 def translation_stage(spec: StageSpec, load: Callable[[SetupContext], Translator], report_packages: tuple[str, ...],
                       declare: Callable[[SetupContext], dict[str, str]] | None = None) -> StageDefinition:
     """The StageDefinition of a translation backend's service (`spec`: its declaration, whose
-    name is its stage name in config/translation.yaml and whose options model is one of
-    declaration.py's TranslationOptions); `load` builds the Translator once per process;
-    `declare` names the models `load` will read (slot -> source) without importing torch, so
+    name is its stage name in config/translation.yaml and whose options model is one of the
+    TranslationOptions in captionbus/contracts/declarations/translation.py); `load` builds the
+    Translator once per process; `declare` names the models `load` will read (slot -> source) without importing torch, so
     cache hits need not wait for them."""
     name = spec.name
 

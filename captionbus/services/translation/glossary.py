@@ -21,7 +21,7 @@ from typing import Any
 
 import regex
 
-from captionbus.services.translation.declaration import MAX_GLOSSARY_TERMS, MAX_TERM_CHARS
+from captionbus.contracts.declarations.translation import MAX_GLOSSARY_TERMS, MAX_TERM_CHARS
 
 PLACEHOLDER = "[{n}]"
 # What a model may have made of a placeholder: spaces inside the brackets, native digits

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captionbus.contracts.declarations.translation import TRANSLATION_INDICTRANS2, IndicTrans2Options
 from captionbus.core.hardware import usable_cores
 from captionbus.core.translation_routes import Backend, backend_for_stage
 from captionbus.services.runtime import SetupContext
 from captionbus.services.runtime.options import default_device
 from captionbus.services.translation.core import translation_stage
-from captionbus.services.translation.declaration import TRANSLATION_INDICTRANS2, IndicTrans2Options
 from captionbus.services.translation.hub import local_files_only
 
 STAGE_NAME = TRANSLATION_INDICTRANS2.name

@@ -15,12 +15,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from captionbus.contracts.declarations.translation import TRANSLATION_NLLB, NllbOptions
 from captionbus.core.hardware import usable_cores
 from captionbus.core.translation_routes import Backend, backend_for_stage
 from captionbus.services.runtime import BadInput, SetupContext
 from captionbus.services.runtime.options import default_device
 from captionbus.services.translation.core import translation_stage
-from captionbus.services.translation.declaration import TRANSLATION_NLLB, NllbOptions
 from captionbus.services.translation.hub import local_files_only
 
 STAGE_NAME = TRANSLATION_NLLB.name

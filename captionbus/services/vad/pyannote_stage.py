@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.vad import VAD_PYANNOTE, VadParams, VadPyannoteOptions
 from captionbus.services.runtime import SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.options import default_device
 from captionbus.services.vad import audio as wav
-from captionbus.services.vad.declaration import VAD_PYANNOTE, VadParams, VadPyannoteOptions
 from captionbus.services.vad.stage import finish
 
 BLOCK_S = 300.0  # audio scored per Inference call (plus one window of context each side)

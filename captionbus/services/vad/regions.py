@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from captionbus.services.vad.declaration import VadParams
+from captionbus.contracts.declarations.vad import VadParams
 
 Region = tuple[float, float]
 

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.vad import VAD, VadParams
 from captionbus.contracts.speech import SpeechRegion, SpeechRegions
 from captionbus.services.runtime import SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 from captionbus.services.vad import audio as wav
-from captionbus.services.vad.declaration import VAD, VadParams
 from captionbus.services.vad.regions import FrameScores, speech_regions
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz

@@ -176,7 +176,7 @@ def test_bad_audio_is_bad_input_with_a_reason(tmp_path, make, message):
      ({"chunk_s": 10, "overlap_s": 4}, "a third of chunk_s"), ({"overlap_s": -1}, "greater than or equal to 0")],
 )
 def test_bad_window_params_are_bad_input(tmp_path, params, message):
-    """The bounds live in captionbus/services/source_separation/declaration.py (SourceSeparationParams); the runtime (here the
+    """The bounds live in captionbus/contracts/declarations/source_separation.py (SourceSeparationParams); the runtime (here the
     fake context) refuses a request outside them as BadInput before the handler runs."""
     ctx = make_fake_context(tmp_path, "source_separation", params=params)
     with pytest.raises(BadInput) as raised:

@@ -294,7 +294,7 @@ def test_empty_transcript_gives_empty_translation_and_a_warning(tmp_path, make_c
     ({"target_language": "fr", "source_language": "la"}, None, "does not translate la -> fr (it has no la)"),
     ({}, None, "no target_language"),
     ({"target_language": "fr", "glossary": "\tno source"}, None, "source term is empty"),
-    # the params model (captionbus/services/translation/declaration.py: TranslationParams) refuses these before the handler
+    # the params model (captionbus/contracts/declarations/translation.py: TranslationParams) refuses these before the handler
     ({"target_language": "fr", "batch_size": 0}, None, "batch_size=0: Input should be greater than or equal to 1"),
     ({"target_language": "fr", "batch_size": 65}, None, "batch_size=65: Input should be less than or equal to 64"),
     ({"target_language": "fr", "batch_size": "many"}, None, "batch_size='many': Input should be a valid integer"),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captionbus.services.vad.declaration import VadParams
+from captionbus.contracts.declarations.vad import VadParams
 from captionbus.services.runtime.definition import parse_params as parse
 from captionbus.services.runtime.errors import BadInput
 from captionbus.services.vad.regions import (
