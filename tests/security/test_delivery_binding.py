@@ -17,7 +17,7 @@ import nats.errors
 import pytest
 from structlog.testing import capture_logs
 
-from captionbus.authcallout import connection_permissions, read_users
+from captionbus.authcallout import Callout, connection_permissions, read_users
 from captionbus.core.bus import BusError, connect, publish_event
 from captionbus.core.settings import Settings
 from tests.natsroles import NATS_DEPLOY, violations
@@ -226,3 +226,44 @@ def test_each_connection_in_callout_mode_sends_its_login_with_a_key_of_its_own()
         callout_login("tls://h1:4222", Settings())
     with pytest.raises(ConfError, match="every connection's replies"):
         connection_permissions({"subscribe": {"allow": ["_INBOX.>"]}}, "_INBOX_x_1")
+
+
+def test_with_no_callout_up_open_connections_go_on_and_new_ones_wait_for_one(tmp_path):
+    """What deploy/README.md promises when every callout is down: a connection already in keeps
+    its permissions and works; a new login is refused within seconds (the server's auth timeout)
+    with an authorization error, not a hang; once a callout answers again, logins succeed."""
+    from tests.natsroles import CALLOUT_USER, callout_server
+
+    async def main():
+        with callout_server(tmp_path, {"worker": "WORKER"}) as (urls, log, accounts, seed):
+            callout = Callout(read_users(accounts), seed)
+            admin = await connect(urls[CALLOUT_USER], "auth-callout", Settings())
+
+            async def answering():
+                stop, ready = asyncio.Event(), asyncio.Event()
+                task = asyncio.create_task(callout.serve(admin, stop, ready))
+                await ready.wait()
+                return stop, task
+
+            stop, task = await answering()
+            inside = await connect(urls["worker"], "inside", Settings(nats_auth_callout=True))
+            stop.set()
+            await task
+            started = time.monotonic()
+            with pytest.raises(BusError, match="Authorization Violation"):
+                await connect(urls["worker"], "late", Settings(nats_auth_callout=True))
+            refused_after = time.monotonic() - started
+            await inside.subscribe(f"{inside._inbox_prefix.decode()}.>")
+            await inside.flush()
+            stop, task = await answering()
+            again = await connect(urls["worker"], "again", Settings(nats_auth_callout=True))
+            await again.close()
+            stop.set()
+            await task
+            await inside.close()
+            await admin.close()
+            return refused_after, violations(log)
+
+    refused_after, logged = asyncio.run(asyncio.wait_for(main(), 60))
+    assert refused_after < 8, refused_after
+    assert not logged  # the open connection's own prefix was still granted
