@@ -58,7 +58,7 @@ from captionbus.contracts.transcript import Transcript
 from captionbus.coordinator.graph import load_workflow, option_errors
 from captionbus.coordinator.service import run_coordinator
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import connect, provision, require_provisioned
+from captionbus.core.bus import connect, provision, require_provisioned, through_failover
 from captionbus.core.gc import collect
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
@@ -481,7 +481,8 @@ def stop_on_signals() -> tuple[asyncio.Event, list[int]]:
 async def run_coordinator_forever(url: str) -> int | None:
     """The coordinator until SIGINT/SIGTERM; returns the signal that stopped it."""
     nc = await connect(url, "captionbus-coordinator")
-    await provision(nc.jetstream())
+    # retried like Coordinator.start's: a cluster forming or electing a leader answers with timeouts
+    await through_failover(lambda: provision(nc.jetstream()), "provision")
     stop, stopped_by = stop_on_signals()
     try:
         # Raises when the coordinator dies, so a supervisor (systemd) restarts the process.

@@ -54,14 +54,20 @@ def _head(tmp_path: Path, port: int, log: Path) -> str:
     return f'listen: 127.0.0.1:{port}\nlog_file: "{log}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
 
 
-@contextlib.contextmanager
-def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
-    """users: user name -> permissions variable of roles.conf (e.g. {"worker-asr": "WORKER_ASR"}).
-    Yields ({user: url with its password}, server log)."""
+def _deploy_copy(tmp_path: Path) -> Path:
+    """deploy/nats/*.conf copied under tmp_path/conf (a test edits its copies)."""
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
     for conf in NATS_DEPLOY.glob("*.conf"):
         shutil.copy(conf, conf_dir / conf.name)
+    return conf_dir
+
+
+@contextlib.contextmanager
+def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
+    """users: user name -> permissions variable of roles.conf (e.g. {"worker-asr": "WORKER_ASR"}).
+    Yields ({user: url with its password}, server log)."""
+    conf_dir = _deploy_copy(tmp_path)
     port = _free_port()
     lines = users_block(users)
     log = tmp_path / "server.log"
@@ -69,6 +75,39 @@ def roles_server(tmp_path: Path, users: dict[str, str]) -> Iterator[tuple[dict[s
         _head(tmp_path, port, log) + f"include ./roles.conf\nauthorization {{\n  users: [\n{lines}\n  ]\n}}\n")
     with _serving(conf_dir / "test.conf", log):
         yield {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in users}, log
+
+
+CALLOUT_USER = "auth-callout"
+
+
+@contextlib.contextmanager
+def callout_server(tmp_path: Path, users: dict[str, str],
+                   seed: str | None = None) -> Iterator[tuple[dict[str, str], Path, Path, str]]:
+    """A nats-server whose connections are let in by `captionbus auth-callout` (deploy/nats/callout.conf):
+    the server knows one user, the callout's own; `users` (name -> roles.conf variable, password
+    pw-<name>, bcrypt-hashed as `nats server passwd` does) go in the accounts file the callout reads.
+    Yields ({user: url with its password}, server log, accounts file, the callout's seed: `seed`
+    or a new one); the caller runs the callout (captionbus.authcallout.Callout) as the callout user."""
+    import bcrypt
+
+    from captionbus.authcallout import new_account_seed, public_key
+
+    conf_dir = _deploy_copy(tmp_path)
+    salt = bcrypt.gensalt(rounds=4)  # fast for tests; the check is the same at any cost
+    entries = "\n".join(f'    {{user: "{u}", password: "{bcrypt.hashpw(f"pw-{u}".encode(), salt).decode()}", '
+                        f'permissions: ${var}}}' for u, var in users.items())
+    accounts = conf_dir / "callout-accounts.conf"
+    accounts.write_text(f"include ./roles.conf\nauthorization {{\n  users: [\n{entries}\n  ]\n}}\n")
+    seed = seed or new_account_seed()
+    port = _free_port()
+    log = tmp_path / "server.log"
+    callout = (conf_dir / "callout.conf").read_text().replace("$2a$11$REPLACE_ME", f"pw-{CALLOUT_USER}")
+    callout = callout.replace("AREPLACE_ME_WITH_THE_KEYGEN_PUBLIC_KEY", public_key(seed))
+    (conf_dir / "callout.conf").write_text(callout)
+    (conf_dir / "test.conf").write_text(_head(tmp_path, port, log) + "include ./callout.conf\n")
+    with _serving(conf_dir / "test.conf", log):
+        urls = {u: f"nats://{u}:pw-{u}@127.0.0.1:{port}" for u in [*users, CALLOUT_USER]}
+        yield urls, log, accounts, seed
 
 
 @contextlib.contextmanager

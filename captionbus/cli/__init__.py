@@ -7,7 +7,7 @@ the root group's class (`errors.CaptionbusGroup`). The console script is `captio
 """
 from __future__ import annotations
 
-from captionbus.cli import info, jobs, local  # noqa: F401  (each registers its commands on main)
+from captionbus.cli import callout, info, jobs, local  # noqa: F401  (each registers its commands on main)
 from captionbus.cli.common import check_out_dir, main, parse_options, with_job_options
 from captionbus.cli.errors import CaptionbusGroup, UserError
 from captionbus.cli.jobs import job_exit_code, parse_since

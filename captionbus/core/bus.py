@@ -19,12 +19,13 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import ssl
 import sys
 from dataclasses import dataclass
 from typing import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import nats
 import structlog
@@ -298,6 +299,39 @@ def inbox_prefix(url: str, settings: Settings) -> str | None:
     return f"_INBOX_{user}"
 
 
+# Per-connection identity (deploy mode, `captionbus auth-callout`, captionbus/authcallout.py). Static
+# users make every process of one user share its reply prefix, so processes sharing a credential
+# (ten GPU boxes as `worker`) could read each other's deliveries and their result tokens. Behind
+# the auth callout each connection sends its user and password with a random key of its own (the
+# token of its CONNECT; nats-py resends it on every reconnect), and the callout grants the role's
+# permissions with the reply prefix `_INBOX_<user>_<id>`, id a hash of the key: the server lets no
+# other connection subscribe there, and a prefix seen on a reply subject cannot be logged in as.
+CALLOUT_KEY_MIN = 32
+
+
+def callout_inbox_prefix(user: str, key: str) -> str:
+    """The reply prefix the auth callout grants a connection of `user` holding `key` (both sides
+    compute it)."""
+    return f"_INBOX_{user}_{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
+def callout_login(url: str, settings: Settings) -> dict:
+    """nats-py options for a bus behind the auth callout: the token `{"user", "pass", "key"}` (a key
+    made now, one per connection) and the reply prefix it will be granted."""
+    first = server_urls(url)[0]
+    split = urlsplit(first if "://" in first else f"nats://{first}")
+    user = settings.nats_user or (unquote(split.username) if split.username else None)
+    password = settings.nats_password if settings.nats_user else (unquote(split.password) if split.password else None)
+    if not user or password is None:
+        raise BusError("CAPTIONBUS_NATS_AUTH_CALLOUT needs a user and password "
+                       "(CAPTIONBUS_NATS_USER/_PASSWORD or user:password@ in NATS_URL)")
+    if not _INBOX_TOKEN.fullmatch(user):
+        raise BusError(f"NATS user {user!r} cannot name a reply prefix (letters, digits, _ and - only)")
+    key = secrets.token_urlsafe(CALLOUT_KEY_MIN)
+    return {"token": json.dumps({"user": user, "pass": password, "key": key}),
+            "inbox_prefix": callout_inbox_prefix(user, key)}
+
+
 # Tries per server before a process that has never connected gives up: an auth, TLS or address
 # error is a setting to fix, not an outage to wait out (it used to retry forever, silently).
 INITIAL_ATTEMPTS = 2
@@ -348,6 +382,10 @@ async def connect(url: str, name: str, settings: Settings | None = None, **kwarg
     # the reconnect (a fresh TCP connection) succeeds as soon as the network is back.
     options = {"ping_interval": settings.ping_interval, "max_outstanding_pings": 2,
                **auth_options(settings), **kwargs}
+    if settings.nats_auth_callout:
+        options.pop("user", None)
+        options.pop("password", None)
+        options.update(callout_login(url, settings))  # the token wins over a URL's user:password in nats-py
     prefix = inbox_prefix(url, settings)
     if prefix and "inbox_prefix" not in options:
         options["inbox_prefix"] = prefix

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     nats_inbox_prefix: str | None = Field(default=None, description=(
         "reply-subject prefix of this process's connections (default `_INBOX_<user>` when a user is set: "
         "deploy/nats/roles.conf lets each role read its own replies only)"))
+    nats_auth_callout: bool = Field(default=False, description=(
+        "the bus authenticates through `captionbus auth-callout`: log in with the user and password and "
+        "a key made for each connection, which gets a reply prefix of its own (deploy/README.md)"))
     reconnect_attempts: int = Field(default=60, ge=0, description=(
         "reconnects to each server after the connection is lost, 0.5 s apart, before the process gives up"))
     ping_interval: float = Field(default=5.0, gt=0, description=(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
+from captionbus.authcallout import Callout, read_users
 from captionbus.client import job_state, submit
 from captionbus.contracts import JobState
 from captionbus.coordinator.decide import Policy
@@ -26,7 +27,7 @@ from captionbus.core.bus import StagePolicy, connect, provision
 from captionbus.core.settings import Settings
 from captionbus.services.noop.stage import STAGE as NOOP
 from captionbus.services.runtime.serve import serve
-from tests.natsroles import roles_server
+from tests.natsroles import CALLOUT_USER, callout_server, roles_server
 from tests.security.attacks import WRITERS  # noqa: F401  (the tests import it from here)
 
 # Every ordinary role, with the block roles.conf gives it.
@@ -39,7 +40,13 @@ GRAPHS = {"made": Workflow.from_dict({
     "name": "made",
     "nodes": {"noop": {"inputs": {"media": "job.input"}, "outputs": ["out"],
                        "params": {"write_bytes": OUTPUT_BYTES}}},
-    "outputs": {"out": "noop.out"}})}
+    "outputs": {"out": "noop.out"}}),
+    # the same, with its worker busy for 6 s: an attacker acts while the request is delivered
+    "slow": Workflow.from_dict({
+        "name": "slow",
+        "nodes": {"noop": {"inputs": {"media": "job.input"}, "outputs": ["out"],
+                           "params": {"write_bytes": OUTPUT_BYTES, "sleep_s": 6.0}}},
+        "outputs": {"out": "noop.out"}})}
 
 
 @dataclass
@@ -50,22 +57,33 @@ class Fleet:
     nc: dict = field(default_factory=dict)
     js: dict = field(default_factory=dict)
     fetches: int = 0
+    callout: Callout | None = None  # the auth callout that let every connection in (callout mode)
 
     def settings(self, user: str, home: str) -> Settings:
-        return Settings(home=self.tmp / home, nats_url=self.urls[user], artifacts_mode="object")
+        return Settings(home=self.tmp / home, nats_url=self.urls[user], artifacts_mode="object",
+                        nats_auth_callout=self.callout is not None)
+
+    async def connect(self, user: str, name: str):
+        """A new connection with `user`'s credential (in callout mode, with a key of its own)."""
+        return await connect(self.urls[user], name, self.settings(user, f"conn-{name}"))
 
     async def run_job(self, job_id: str, size: int = 200_000) -> tuple[JobState, dict[str, bytes]]:
         """Submit a job as the client, wait until it completes, and fetch its input and outputs
         from the bus (a fresh local root, so every byte comes through the object store)."""
-        media = self.tmp / f"{job_id}.wav"
-        media.write_bytes(b"RIFF" + os.urandom(size))
-        store = ArtifactStore(self.settings("client", f"client-{job_id}"), self.js["client"])
-        await submit(self.js["client"], store, media, workflow="made", job_id=job_id)
+        media = await self.submit(job_id, size)
         state = await self.wait(job_id, "completed")
         fetched = await self.fetch(state)
         assert fetched["job.input"] == media.read_bytes()
         assert len(fetched["out"]) == OUTPUT_BYTES
         return state, fetched
+
+    async def submit(self, job_id: str, size: int = 200_000, workflow: str = "made") -> Path:
+        """Submit a job of random bytes as the client; returns its input file."""
+        media = self.tmp / f"{job_id}.wav"
+        media.write_bytes(b"RIFF" + os.urandom(size))
+        store = ArtifactStore(self.settings("client", f"client-{job_id}"), self.js["client"])
+        await submit(self.js["client"], store, media, workflow=workflow, job_id=job_id)
+        return media
 
     async def wait(self, job_id: str, status: str, timeout: float = 30) -> JobState:
         deadline = time.monotonic() + timeout
@@ -99,12 +117,42 @@ async def _worker(fleet: Fleet) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def secured_fleet(tmp: Path, *, worker: bool = True) -> AsyncIterator[Fleet]:
-    with roles_server(tmp, ROLES) as (urls, log):
-        fleet = Fleet(tmp, urls, log)
+async def _callout_server(tmp: Path) -> AsyncIterator[tuple[dict[str, str], Path, Callout]]:
+    """callout_server() with the callout answering (captionbus.authcallout, as `captionbus
+    auth-callout run` runs it) on a connection of the callout's own user."""
+    with callout_server(tmp, ROLES) as (urls, log, accounts, seed):
+        callout = Callout(read_users(accounts), seed)
+        nc = await connect(urls[CALLOUT_USER], "auth-callout", Settings(nats_auth_callout=False))
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(callout.serve(nc, stop, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        try:
+            yield urls, log, callout
+        finally:
+            stop.set()
+            await task
+            await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def _server(tmp: Path, callout: bool) -> AsyncIterator[tuple[dict[str, str], Path, Callout | None]]:
+    if callout:
+        async with _callout_server(tmp) as served:
+            yield served
+    else:
+        with roles_server(tmp, ROLES) as (urls, log):
+            yield urls, log, None
+
+
+@contextlib.asynccontextmanager
+async def secured_fleet(tmp: Path, *, worker: bool = True, callout: bool = False) -> AsyncIterator[Fleet]:
+    """callout: connections are let in by the auth callout (each its own reply prefix), not by
+    the server's user table."""
+    async with _server(tmp, callout) as (urls, log, authority):
+        fleet = Fleet(tmp, urls, log, callout=authority)
         try:
             for user in ROLES:
-                fleet.nc[user] = await connect(urls[user], f"security-{user}")
+                fleet.nc[user] = await fleet.connect(user, f"security-{user}")
                 fleet.js[user] = fleet.nc[user].jetstream()
             await provision(fleet.js["coordinator"])
             async with Coordinator(fleet.nc["coordinator"], graphs=GRAPHS, tick_interval_s=0.2,
