@@ -21,7 +21,7 @@ from captionbus.stack import ServiceProcess, start_service, stop_services, wait_
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import Settings
-from tests.conftest import TRANSCRIBE_STAGES
+from tests.conftest import SUBTITLE_ENVS, TRANSCRIBE_STAGES
 from tests.envtools import built_env, test_models_root
 
 
@@ -255,10 +255,6 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
-
-
-# The translate/subtitle workflows' envs and the locally built models their services load.
-SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
 
 
 @pytest.fixture(scope="session")
