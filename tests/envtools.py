@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +26,8 @@ _preparing: dict[str, Future] = {}
 
 
 def prepare_envs(names: Iterable[str]) -> list[str]:
-    """Start building, one after another in a background thread, those of `names` that are
-    missing or stale; returns them. Only a fresh machine has any: there the downloads (whisperx
+    """Start building, one after another (a child process each, waited on by a background
+    thread), those of `names` that are missing or stale; returns them. Only a fresh machine has any: there the downloads (whisperx
     alone ~3.9 GB, ~220 s; torch 2.13 once for demucs, indictrans2, nllb and mlx through uv's
     cache) run while the tests that need no env do, instead of inside the first test needing each
     one. `built_env` waits for a build started here; a failed build fails the tests that need the
@@ -38,9 +39,13 @@ def prepare_envs(names: Iterable[str]) -> list[str]:
 
     missing = [n for n in names if quick_state(get_spec(n)) != OK]
     if missing:
+        # Each build is a child process with this moment's environment: tests that point
+        # CAPTIONBUS_ENVS elsewhere meanwhile (monkeypatch, e.g. test_envs_build) must not move a
+        # build that is under way (paths are read from the environment at each step).
+        environ = {**os.environ, "PYTHONPATH": str(REPO)}
         pool = ThreadPoolExecutor(1, thread_name_prefix="env-prepare")
         for name in missing:
-            _preparing[name] = pool.submit(_create, name)
+            _preparing[name] = pool.submit(_create, name, environ)
         pool.shutdown(wait=False)
     return missing
 
@@ -51,11 +56,17 @@ def stop_preparing_envs() -> None:
         future.cancel()
 
 
-def _create(name: str) -> None:
-    from captionbus.envs import create, get_spec
+_CREATE = """
+import sys
+from captionbus.envs import create, get_spec
+status = create(get_spec(sys.argv[1]), echo=False)
+sys.exit(0 if status.ok else f"env {sys.argv[1]} is {status.state}: {status.detail}")
+"""
 
-    status = create(get_spec(name), echo=False)  # uv's lines would land in whichever test runs
-    assert status.ok, f"env {name} is {status.state}: {status.detail}"
+
+def _create(name: str, environ: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-c", _CREATE, name], cwd=REPO, env=environ, capture_output=True, text=True)
+    assert done.returncode == 0, f"building env {name} in the background failed:\n{done.stderr[-6000:]}"
 
 
 # A test module that names an env literally: run_in_env("demucs", ...), built_env("diarization"),
