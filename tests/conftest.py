@@ -40,6 +40,58 @@ os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))
 
 
 TRANSCRIBE_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
+# The translate/subtitle workflows' envs (tests/e2e/conftest.py model_env builds them).
+SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
+
+
+def _transcribe_envs() -> list[str]:
+    from captionbus.envs import envs_for_stages
+
+    return envs_for_stages(TRANSCRIBE_STAGES)
+
+
+# The envs each env-building session fixture builds (the fixtures below and model_env), asked
+# only when a selected test uses it (importing captionbus.envs takes seconds). whisper_model
+# builds no env, but its tests run after the env-free ones all the same: a test that looked for
+# the model before any other fetched it would otherwise skip.
+_FIXTURE_ENVS = {"stage_envs": _transcribe_envs, "common_env": lambda: ["common"], "model_env": lambda: SUBTITLE_ENVS,
+                 "whisper_model": lambda: []}
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count
+def pytest_collection_modifyitems(session, config, items):
+    """Test modules that need no stage env run first, then the others in their usual order, and
+    the envs those need start building in the background (tests/envtools.prepare_envs) when
+    missing or stale: on a fresh machine the downloads overlap the env-free tests instead of
+    stalling the first test that needs each env. A module counts as needing an env when one of
+    its tests uses an env-building fixture or its source names the env (run_in_env("demucs", ...));
+    modules using whisper_model run late too (a test that found no model would skip instead).
+    Whole modules move, so module fixtures are still set up once. Nothing changes on a machine
+    whose envs are built, except the order."""
+    from tests.envtools import envs_named_in, prepare_envs
+
+    needs: dict[Path, list[str]] = {}
+    late: set[Path] = set()
+    fixture_envs: dict[str, list[str]] = {}
+    for item in items:
+        path = item.path
+        if path not in needs:
+            needs[path] = envs_named_in(path.read_text(encoding="utf-8"))
+        for fixture in _FIXTURE_ENVS.keys() & set(item.fixturenames):
+            if fixture not in fixture_envs:
+                fixture_envs[fixture] = _FIXTURE_ENVS[fixture]()
+            needs[path] = list(dict.fromkeys([*needs[path], *fixture_envs[fixture]]))
+            late.add(path)
+    items.sort(key=lambda item: bool(needs[item.path]) or item.path in late)  # stable: keeps each group's order
+    if not config.option.collectonly:
+        prepare_envs(name for item in items for name in needs[item.path])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that ends early (-x, Ctrl-C) does not wait for env builds no test started on."""
+    from tests.envtools import stop_preparing_envs
+
+    stop_preparing_envs()
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +100,9 @@ def stage_envs() -> None:
     (minutes on a fresh machine: whisperx brings torch 2.8), and checked once per session:
     tests/envtools.built_env remembers each env it checked, so the e2e stack, the stage tests
     and these fixtures share one check (whisperx's imports torch: 14-22 s each time)."""
-    from captionbus.envs import envs_for_stages
     from tests.envtools import built_env
 
-    for name in envs_for_stages(TRANSCRIBE_STAGES):
+    for name in _transcribe_envs():
         built_env(name)
 
 

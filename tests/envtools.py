@@ -9,14 +9,74 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
+
+# Envs being built in the background (prepare_envs), by name: built_env waits for its build.
+_preparing: dict[str, Future] = {}
+
+
+def prepare_envs(names: Iterable[str]) -> list[str]:
+    """Start building, one after another (a child process each, waited on by a background
+    thread), those of `names` that are missing or stale; returns them. Only a fresh machine has any: there the downloads (whisperx
+    alone ~3.9 GB, ~220 s; torch 2.13 once for demucs, indictrans2, nllb and mlx through uv's
+    cache) run while the tests that need no env do, instead of inside the first test needing each
+    one. `built_env` waits for a build started here; a failed build fails the tests that need the
+    env, with its reason, as before."""
+    names = [n for n in dict.fromkeys(names) if n not in _preparing]
+    if not names:
+        return []
+    from captionbus.envs import OK, get_spec, quick_state
+
+    missing = [n for n in names if quick_state(get_spec(n)) != OK]
+    if missing:
+        # Each build is a child process with this moment's environment: tests that point
+        # CAPTIONBUS_ENVS elsewhere meanwhile (monkeypatch, e.g. test_envs_build) must not move a
+        # build that is under way (paths are read from the environment at each step).
+        environ = {**os.environ, "PYTHONPATH": str(REPO)}
+        pool = ThreadPoolExecutor(1, thread_name_prefix="env-prepare")
+        for name in missing:
+            _preparing[name] = pool.submit(_create, name, environ)
+        pool.shutdown(wait=False)
+    return missing
+
+
+def stop_preparing_envs() -> None:
+    """Drop the background builds that have not started (the one running finishes)."""
+    for future in _preparing.values():
+        future.cancel()
+
+
+_CREATE = """
+import sys
+from captionbus.envs import create, get_spec
+status = create(get_spec(sys.argv[1]), echo=False)
+sys.exit(0 if status.ok else f"env {sys.argv[1]} is {status.state}: {status.detail}")
+"""
+
+
+def _create(name: str, environ: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-c", _CREATE, name], cwd=REPO, env=environ, capture_output=True, text=True)
+    assert done.returncode == 0, f"building env {name} in the background failed:\n{done.stderr[-6000:]}"
+
+
+# A test module that names an env literally: run_in_env("demucs", ...), built_env("diarization"),
+# env_python("nllb").
+_ENV_CALL = re.compile(r"""\b(?:run_in_env|built_env|env_python)\(\s*["'](\w+)["']""")
+
+
+def envs_named_in(source: str) -> list[str]:
+    """The envs a test module's source asks for by name (see _ENV_CALL)."""
+    return list(dict.fromkeys(_ENV_CALL.findall(source)))
 
 
 @lru_cache(maxsize=None)
@@ -32,6 +92,8 @@ def built_env(name: str) -> Path:
     tests/integration/test_envs_build.py."""
     from captionbus.envs import OK, create, env_python, get_spec, quick_state
 
+    if name in _preparing:
+        _preparing[name].result()  # built in the background (prepare_envs); raises its failure
     spec = get_spec(name)
     if quick_state(spec) != OK:
         status = create(spec)

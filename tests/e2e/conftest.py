@@ -21,7 +21,7 @@ from captionbus.stack import ServiceProcess, start_service, stop_services, wait_
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import Settings
-from tests.conftest import TRANSCRIBE_STAGES
+from tests.conftest import SUBTITLE_ENVS, TRANSCRIBE_STAGES
 from tests.envtools import built_env, test_models_root
 
 
@@ -183,10 +183,14 @@ def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
+    """The transcribe workflow's fleet that every e2e test submitting ordinary jobs shares (faults
+    restart what they kill). Closed after the last test that uses it (_early_close)."""
     s = start_stack(tmp_path_factory.mktemp("stack"), TRANSCRIBE_STAGES)
+    _early_close["stack"] = s
     try:
         yield s
     finally:
+        _early_close.pop("stack", None)
         s.close()
 
 
@@ -222,7 +226,8 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
 
 # Session stacks closed as soon as no later test of the run asks for them (closing twice is
 # harmless): the chunked fleet's idle workers hold ~4 GB (three whisperx processes) that the
-# tests after test_chunked*.py would otherwise run beside, as they did when it was per module.
+# tests after test_chunked*.py would otherwise run beside, as they did when it was per module;
+# the transcribe stack's asr ~1.9 GB, beside the integration tests after the e2e ones.
 _early_close: dict[str, Stack] = {}
 
 
@@ -236,11 +241,14 @@ def pytest_runtest_teardown(item, nextitem):
             _early_close.pop(name).close()
 
 
-def chunked_job(fleet: Stack, film: Path, out: Path, workflow: str, target_s: float) -> tuple[dict, dict, dict[str, Path]]:
+def chunked_job(fleet: Stack, film: Path, out: Path, workflow: str, target_s: float, source_language: str | None = "en",
+                options: dict | None = None) -> tuple[dict, dict, dict[str, Path]]:
     """One English film through `workflow` on `fleet` with chunks of about `target_s` seconds (0:
-    one chunk), as `captionbus run FILM -w WORKFLOW -s en --chunk-s TARGET_S` submits it: its
-    transcript, its job record (the JobState `run` writes as FILM.job.json) and its output files."""
-    job_id = fleet.submit(film, workflow=workflow, source_language="en", options={"chunk": {"target_s": target_s}})
+    one chunk), as `captionbus run FILM -w WORKFLOW -s en --chunk-s TARGET_S` submits it (None:
+    no -s, the language detected; `options`: more `-o`): its transcript, its job record (the
+    JobState `run` writes as FILM.job.json) and its output files."""
+    job_id = fleet.submit(film, workflow=workflow, source_language=source_language,
+                          options={"chunk": {"target_s": target_s}, **(options or {})})
     final = fleet.wait_end(job_id, timeout=900)[-1]
     assert final.kind == "completed", getattr(final, "reason", "")
     files = fleet.fetch(final.outputs, out)
@@ -255,10 +263,6 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
-
-
-# The translate/subtitle workflows' envs and the locally built models their services load.
-SUBTITLE_ENVS = ["common", "whisperx", "indictrans2", "nllb"]
 
 
 @pytest.fixture(scope="session")

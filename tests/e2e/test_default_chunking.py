@@ -2,7 +2,14 @@
 no -w, no -s) cuts a film longer than CAPTIONBUS_CHUNK_ABOVE_S into chunks, one asr request
 each, with the language detected once, and gives the words of the whole film decoded in one
 request (`--chunk-s 0`, the escape hatch). The threshold is set low (20 s) so the film stays
-short (~64 s); on real parts: nats-server, ffmpeg, Silero VAD, Whisper base in the whisperx env."""
+short (~64 s); on real parts: nats-server, ffmpeg, Silero VAD, Whisper base in the whisperx env.
+
+The reference decode (the whole film in one request) is the job `run --chunk-s 0` submits
+(`chunk.target_s` 0, no -s), sent to the session's warm transcribe stack (tests/e2e/conftest.py
+`stack`: the same envs and model, its asr cache off for this job) instead of a second `run`
+that started and stopped its own server, coordinator and seven services (whisperx importing
+torch again): 88 s -> see the commit. `--chunk-s` becoming `chunk.target_s` is
+tests/unit/test_cli_job_options.py's."""
 from __future__ import annotations
 
 import json
@@ -14,6 +21,7 @@ from pathlib import Path
 
 import jiwer
 
+from tests.e2e.conftest import chunked_job
 from tests.media import speech_film
 
 
@@ -38,11 +46,12 @@ def asr_nodes(record: dict) -> list[str]:
 
 
 def test_default_run_of_a_film_above_the_threshold_chunks_and_gives_the_unchunked_words(
-        tmp_path, stage_envs, whisper_model):
+        tmp_path, stack, stage_envs, whisper_model):
     film, spoken = speech_film(tmp_path / "film.mp4", repeat=2)
-    home = tmp_path / "home"  # one home: the second run reuses nothing (stage cache off)
-    chunked, record = run(film, tmp_path / "default", home)
-    whole, whole_record = run(film, tmp_path / "whole", home, "--chunk-s", "0")
+    chunked, record = run(film, tmp_path / "default", tmp_path / "home")
+    # What `run FILM --chunk-s 0` submits, decoded afresh (no stage cache) on the warm stack.
+    whole, whole_record, _ = chunked_job(stack, film, tmp_path / "whole", "transcribe", 0, source_language=None,
+                                         options={"asr": {"cache": False}})
 
     items = asr_nodes(record)
     assert record["spec"]["workflow"] == "transcribe" and len(items) >= 2, items  # the default path cut the film

@@ -6,7 +6,9 @@ decode) wrote "The speed" over a music bed. The `organ` bed (tests/media.py) rep
 the local Whisper base: the same graph without the vad stage, run here as the workflow
 `novad` (a copy of today's `transcribe` minus vad, from CAPTIONBUS_CONFIG), puts a word seconds
 before the speech, over music alone. The default graph on the same file must not. Both jobs run
-on one stack of transcribe's services (they were a `captionbus run` each)."""
+on one stack of transcribe's services (they were a `captionbus run` each): the session's warm
+stack (tests/e2e/conftest.py), whose coordinator is restarted knowing `novad` (it was a stack
+of its own, whose start with whisperx took 40 s in the whole-suite run)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +16,6 @@ import json
 import pysubs2
 import pytest
 
-from tests.conftest import TRANSCRIBE_STAGES
-from tests.e2e.conftest import start_stack
 from tests.media import music_bed_video
 
 # transcribe as it was before the vad stage: asr hears the whole film.
@@ -47,18 +47,27 @@ outputs:
 EARLY_S, LATE_S = 1.0, 2.5
 
 
-@pytest.fixture(scope="module")
-def music_stack(tmp_path_factory, stage_envs, whisper_model):
-    """transcribe's services and a coordinator that also knows `novad` (CAPTIONBUS_CONFIG adds
-    it): both graphs run on one stack, where each was a `captionbus run` starting its own."""
-    root = tmp_path_factory.mktemp("music")
-    (root / "config" / "workflows").mkdir(parents=True)
-    (root / "config" / "workflows" / "novad.yaml").write_text(NO_VAD_WORKFLOW)
-    stack = start_stack(root, TRANSCRIBE_STAGES, {"CAPTIONBUS_CONFIG": str(root / "config")})
+@pytest.fixture
+def music_stack(stack):
+    """The session's transcribe stack with a coordinator that also knows `novad` (CAPTIONBUS_CONFIG
+    adds it; the coordinator reads workflows at start): both graphs run on one stack, where each
+    was a `captionbus run` starting its own. The coordinator is restarted as it was afterwards."""
+    config = stack.root / "config-novad"
+    (config / "workflows").mkdir(parents=True, exist_ok=True)
+    (config / "workflows" / "novad.yaml").write_text(NO_VAD_WORKFLOW)
+    before = stack.env.get("CAPTIONBUS_CONFIG")
+    stack.stop_coordinator()
+    stack.env["CAPTIONBUS_CONFIG"] = str(config)
+    stack.start_coordinator()
     try:
         yield stack
     finally:
-        stack.close()
+        stack.stop_coordinator()
+        if before is None:
+            del stack.env["CAPTIONBUS_CONFIG"]
+        else:
+            stack.env["CAPTIONBUS_CONFIG"] = before
+        stack.start_coordinator()
 
 
 def _run(stack, video, out, workflow: str) -> tuple[list, dict]:
