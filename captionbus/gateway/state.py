@@ -257,15 +257,20 @@ class Gateway:
             # Artifacts are named by the door that stored them, never by a caller (another job's key).
             raise ApiError(400, "options.diarization.references is set by the gateway: send "
                                 "known_speaker_names[] and known_speaker_references[] (data URLs)")
-        with tempfile.TemporaryDirectory(dir=self.upload_dir, prefix="refs-") as folder:
-            refs = await known_speakers(form, Path(folder), max_references)
-            if refs:
-                options = known_speaker_options(options, list(refs), names_subtitles(workflow))
+        def validate(options: dict) -> None:
             try:
                 validate_job(workflow, source, targets, local_stack=False, options=options)
             except (SubmitError, ValueError) as e:
                 raise ApiError(422, str(e)) from None
-            path, name, owned = self.input_file(form)
+
+        validate(options)
+        path, name, owned = self.input_file(form)
+        self.upload_dir.mkdir(parents=True, exist_ok=True)  # (a url-encoded form made no upload)
+        with tempfile.TemporaryDirectory(dir=self.upload_dir, prefix="refs-") as folder:
+            refs = await known_speakers(form, Path(folder), max_references)
+            if refs:  # speakers on, the names in the subtitles: checked again
+                options = known_speaker_options(options, list(refs), names_subtitles(workflow))
+                validate(options)
             async with on_bus():
                 spec = await client.submit(js, self.store(js), path, workflow=workflow, source_language=source,
                                            target_languages=targets, options=options, name=name, copy=not owned,
