@@ -9,9 +9,9 @@ most. The audio is read block by block (BLOCK_S of film at a time, only the regi
 captionbus.services.audio.read_wav seeks) and only one 192-d vector per window is kept; progress is
 reported per block (and a cancelled job stops at the next one). Measured through this handler
 (docs/speakers.md, load average 10-16 on 2 cores): 59 s of four voices DER 1.6 %, 4/4 speakers,
-peak RSS 1065 MB; 32 minutes DER 2.8 %, 5/4, CPU 0.24 s per second of audio, peak RSS 1924 MB --
-not flat: the samples and vectors are small, something in the embedding grows (docs/speakers.md
-says what is suspected).
+peak RSS 1065 MB; 32 minutes DER 2.8 %, 5/4 (4/4 and 2.3 % since core.AutoSettings.min_share),
+CPU 0.24 s per second of audio, peak RSS 1924 MB -- not flat: the samples and vectors are small,
+something in the embedding grows (docs/speakers.md says what is suspected).
 
 Why one request per film, also in the chunked workflows (not one per chunk): speaker labels only
 mean something if every window of the film is clustered together -- "SPEAKER_01" in chunk 1 must
