@@ -63,13 +63,20 @@ async def submit(
     name: str | None = None,
     copy: bool = True,
     owner: str | None = None,
+    speaker_refs: dict[str, Path] | None = None,
 ) -> JobSpec:
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
-    the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it."""
+    the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it;
+    `speaker_refs`: known speakers, name -> a reference clip already checked and converted
+    (captionbus.core.speaker_refs.convert), uploaded as artifacts the diarization params name."""
     media = check_input_file(media)
     # Through a stream leader's failover (captionbus.core.bus.through_failover): both steps are idempotent,
     # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
     ref = await through_failover(lambda: store.put(media, name=name or media.name, copy=copy), "upload")
+    if speaker_refs:
+        options = with_references(options or {}, {
+            speaker: await through_failover(lambda clip=clip: store.put(clip, name=clip.name), "upload")
+            for speaker, clip in speaker_refs.items()})
     spec = JobSpec(
         job_id=job_id or new_job_id(),
         workflow=workflow,
@@ -82,6 +89,15 @@ async def submit(
     event = JobSubmitted(job_id=spec.job_id, spec=spec)
     await through_failover(lambda: publish_event(js, event), "submit")
     return spec
+
+
+def with_references(options: dict, refs: dict[str, ArtifactRef]) -> dict:
+    """`options` with the diarization stage's `references` (name -> uploaded clip) set, and the
+    stage switched on (`speakers`: auto unless given): a known speaker needs diarization."""
+    diarization = dict(options.get("diarization") or {})
+    diarization.setdefault("speakers", "auto")
+    diarization["references"] = {speaker: ref.model_dump(mode="json") for speaker, ref in refs.items()}
+    return {**options, "diarization": diarization}
 
 
 async def cancel(js: JetStreamContext, job_id: str) -> None:

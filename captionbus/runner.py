@@ -92,6 +92,17 @@ def _workflow_at(path: str, mtime_ns: int, size: int):
     return load_workflow(path)
 
 
+def names_subtitles(workflow: str) -> bool:
+    """Whether `workflow` (a name; unknown: False, validate_job says why) writes subtitles, so a
+    known speaker's name can go to its subtitle_gen's `speaker_names`."""
+    path = config_files("workflows").get(workflow)
+    if path is None:
+        return False
+    stat = Path(path).stat()
+    nodes = _workflow_at(str(path), stat.st_mtime_ns, stat.st_size).nodes
+    return any((node.stage or name) == "subtitle_gen" for name, node in nodes.items())
+
+
 def validate_job(
     workflow: str, source_language: str | None, target_languages: list[str], *, local_stack: bool = True,
     options: dict | None = None, require_built: bool = True,
@@ -201,8 +212,10 @@ async def run_job(
     console: Console,
     replicas: dict[str, int] | None = None,
     on_submitted=None,
+    speaker_refs: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
-    """`on_submitted(spec)`: called once the job is on the bus (`submit --wait` names it on Ctrl-C)."""
+    """`on_submitted(spec)`: called once the job is on the bus (`submit --wait` names it on Ctrl-C);
+    `speaker_refs`: known speakers' converted reference clips (client.submit uploads them)."""
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
     nc = await connect(url, "captionbus-run", settings)
@@ -224,7 +237,7 @@ async def run_job(
             store = ArtifactStore(settings, js)
             spec = await submit(
                 js, store, media, workflow=workflow, source_language=source_language,
-                target_languages=target_languages, options=options,
+                target_languages=target_languages, options=options, speaker_refs=speaker_refs,
             )
             console.print(f"job [bold]{spec.job_id}[/] ({workflow}) submitted", highlight=False)
             if on_submitted is not None:

@@ -159,6 +159,22 @@ def dialogue(plan: list[tuple[str, int, float]], seed: int = 0) -> tuple[np.ndar
     return np.concatenate(pieces + [np.zeros(SR // 2, np.float32)]), turns
 
 
+def reference_clip(path: Path, speaker: str, seed: int, lines: int = 2, skip: int = 0) -> Path:
+    """A known speaker's reference clip (16 kHz mono WAV, about 3 s a line, at most 10 s): `lines`
+    of `speaker`'s lines that the dialogue made with `seed` does not use -- `dialogue` pops lines
+    from the end of each speaker's seeded permutation, these come from its front (after `skip`),
+    so the clip is another part of the actor's recording than the film it is matched in."""
+    bank = voice_bank()
+    rng = np.random.default_rng(seed)
+    order = {name: list(rng.permutation(len(clips))) for name, clips in bank.items()}[speaker]
+    gap = np.zeros(int(0.2 * SR), np.float32)
+    parts: list[np.ndarray] = []
+    for i in order[skip: skip + lines]:
+        samples = np.load(bank[speaker][i])
+        parts += [samples / (np.abs(samples).max() + 1e-9) * 0.5, gap]
+    return write_wav(path, np.concatenate(parts[:-1])[: 10 * SR])
+
+
 def short_plan() -> list[tuple[str, int, float]]:
     """~70 s, four speakers: changes with no gap, one speaker continuing after 1.5 s and after a
     3 s pause, short and long turns."""

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -108,6 +109,10 @@ job_options = [
                  help="Workflows with a chunk stage (transcribe, chunked): target chunk length in seconds, one "
                       f"asr request per chunk (0: the whole film in one; default {DEFAULT_CHUNK_TARGET_S:g} for audio "
                       f"longer than CAPTIONBUS_CHUNK_ABOVE_S, longer for a film too long for one job's chunks)."),
+    click.option("--speaker-ref", "speaker_ref", multiple=True, metavar="NAME=CLIP",
+                 help="A known speaker: a 2-10 s clip of their voice (any audio FFmpeg reads); the speaker "
+                      "whose voice matches it is labelled NAME instead of SPEAKER_nn (transcript, voices, "
+                      "SDH names). Repeatable; switches on --speakers auto unless given."),
     click.option("--speaker-names", "speaker_names", default=None, metavar="A=Anna,B=Ben",
                  help="SDH: name speakers in the subtitles where they start talking ([Anna] Hi.). Keys are "
                       "places in order of first appearance (A or 1 = whoever speaks first) or diarization "
@@ -116,16 +121,52 @@ job_options = [
 ]
 
 
+def reference_clips(flags: tuple[str, ...], folder: Path) -> dict[str, Path]:
+    """`--speaker-ref NAME=CLIP` flags -> name -> the clip converted to 16 kHz mono WAV in
+    `folder`, each checked (decodes, 2-10 s); a bad one is refused here (exit 2), before any job."""
+    from captionbus.core import speaker_refs
+
+    try:
+        pairs = [speaker_refs.parse_flag(flag) for flag in flags]
+        speaker_refs.check_count([name for name, _ in pairs])
+        return {name: speaker_refs.convert(clip, folder / f"reference-{n}.wav", f"--speaker-ref {name}={clip}")
+                for n, (name, clip) in enumerate(pairs)}
+    except speaker_refs.ReferenceError as e:
+        raise UserError(str(e)) from None
+
+
+def names_subtitles(workflow: str) -> bool:
+    from captionbus.runner import names_subtitles as writes
+
+    return writes(workflow)
+
+
+def sdh_names(flags: tuple[str, ...], given: str | None) -> dict[str, str]:
+    from captionbus.core import speaker_refs
+
+    try:
+        return speaker_refs.sdh_names([speaker_refs.parse_flag(flag)[0] for flag in flags], given)
+    except speaker_refs.ReferenceError as e:
+        raise UserError(str(e)) from None
+
+
 def with_job_options(fn):
     """The shared job flags; the convenience ones become `-o` options the graph and stages read."""
 
     @functools.wraps(fn)
     def wrapper(*args, separate_sources: bool, vad: str | None, speakers: str | None, glossary: Path | None,
-                chunk_s: float | None, speaker_names: str | None = None, options=(), **kwargs):
+                chunk_s: float | None, speaker_names: str | None = None, speaker_ref: tuple[str, ...] = (),
+                options=(), **kwargs):
         extra = []
+        if speaker_ref and speakers is None:
+            speakers = "auto"  # a known speaker needs the diarization stage
         if speakers is not None:  # checked with the params (DiarizationParams) at submit
             extra.append(f"diarization.speakers={json.dumps(speakers)}")
-        if speaker_names is not None:
+        if speaker_ref and names_subtitles(kwargs.get("workflow", "")):
+            # known speakers are named in the subtitles too (under --speaker-names)
+            names = sdh_names(speaker_ref, speaker_names)
+            extra.append(f"subtitle_gen.speaker_names={json.dumps(names)}")
+        elif speaker_names is not None:
             # As given: subtitle_gen's params read the A=Anna,B=Ben text (and refuse a bad one at submit).
             extra.append(f"subtitle_gen.speaker_names={json.dumps(speaker_names)}")
         if chunk_s is not None:
@@ -137,7 +178,11 @@ def with_job_options(fn):
         if glossary is not None:
             # Inline text, not a path: the translation service may run on another host.
             extra.append(f"translation.glossary={json.dumps(glossary.read_text(encoding='utf-8'))}")
-        return fn(*args, options=tuple(options) + tuple(extra), **kwargs)
+        if not speaker_ref:  # speaker_refs= only with the flag (the command defaults it to None)
+            return fn(*args, options=tuple(options) + tuple(extra), **kwargs)
+        with tempfile.TemporaryDirectory(prefix="captionbus-refs-") as folder:
+            return fn(*args, options=tuple(options) + tuple(extra),
+                      speaker_refs=reference_clips(speaker_ref, Path(folder)), **kwargs)
 
     for option in reversed(job_options):
         wrapper = option(wrapper)

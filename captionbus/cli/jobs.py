@@ -42,7 +42,7 @@ from captionbus.core.settings import load
 @click.option("--json", "as_json", is_flag=True, help='Print {"job_id": ..., "workflow": ...} (without --wait).')
 @insecure_option
 def submit(media: Path, workflow: str, source: str | None, targets: str | None, options, wait: bool,
-           out_dir: Path | None, as_json: bool, insecure: bool) -> None:
+           out_dir: Path | None, as_json: bool, insecure: bool, speaker_refs: dict[str, Path] | None = None) -> None:
     """Submit a job to a running stack; prints the job id (`captionbus fetch JOB` gets its outputs)."""
     from captionbus.client import check_input_file
     from captionbus.client import submit as submit_job
@@ -69,6 +69,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
                 settings, url, media, workflow=workflow, source_language=source,
                 target_languages=split_languages(targets), options=parse_options(options),
                 out_dir=out_dir, start_stack=False, console=console, on_submitted=submitted.append,
+                speaker_refs=speaker_refs,
             ))
         except KeyboardInterrupt:
             if not submitted:
@@ -84,7 +85,7 @@ def submit(media: Path, workflow: str, source: str | None, targets: str | None, 
         await warn_about_unserved_stages(nc, stages, console)
         return await submit_job(
             js, ArtifactStore(settings, js), media, workflow=workflow, source_language=source,
-            target_languages=split_languages(targets), options=parse_options(options),
+            target_languages=split_languages(targets), options=parse_options(options), speaker_refs=speaker_refs,
         )
 
     spec = on_bus("captionbus-submit", go)

@@ -52,7 +52,7 @@ class _LogConsole:
 @click.option("--no-setup", is_flag=True,
               help="Build nothing: refuse (exit 2) when a stage environment is not built, and fetch no default model.")
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None,
-        attach: bool, replicas: int, no_setup: bool) -> None:
+        attach: bool, replicas: int, no_setup: bool, speaker_refs: dict[str, Path] | None = None) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths.
     On first use it builds the stage environments the job needs and fetches the default models."""
     from captionbus.client import check_input_file
@@ -73,7 +73,7 @@ def run(media: Path, workflow: str, source: str | None, targets: str | None, opt
             settings, url, media,
             workflow=workflow, source_language=source, target_languages=split_languages(targets),
             options=parse_options(options), out_dir=out_dir, start_stack=not attach, console=console,
-            replicas={"asr": replicas},
+            replicas={"asr": replicas}, speaker_refs=speaker_refs,
         ))
     for path in outputs.values():
         click.echo(str(path))
@@ -93,6 +93,10 @@ def _first_run_setup(stages: list[str]) -> None:
 @main.command(short_help="Run the local stack until Ctrl-C.")
 @click.option("-w", "--workflow", "workflows", multiple=True, metavar="WORKFLOW",
               help="Serve the stages this workflow needs (repeatable; default: transcribe).")
+@click.option("--with", "with_optional", multiple=True, metavar="STAGE",
+              help="Also serve an optional stage of the workflows, which only jobs that ask for it run "
+                   "(diarization for --speakers, vad_pyannote for --vad pyannote, source_separation; all). "
+                   "Repeatable; as `envs create --for WORKFLOW --with STAGE`.")
 @click.option("--stages", default=None,
               help="Comma-separated stages to serve as well (alone: only these).")
 @click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto", show_default=True,
@@ -101,8 +105,8 @@ def _first_run_setup(stages: list[str]) -> None:
               help="HOST:PORT of the web dashboard (off loopback it needs CAPTIONBUS_DASHBOARD_TOKEN[_FILE]).")
 @click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
 @insecure_option
-def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboard: str, no_dashboard: bool,
-       insecure: bool) -> None:
+def up(workflows: tuple[str, ...], with_optional: tuple[str, ...], stages: str | None, log_format: str,
+       dashboard: str, no_dashboard: bool, insecure: bool) -> None:
     """Run the local stack until Ctrl-C: NATS, coordinator, services, the dashboard.
 
     Only the stages the workflows need are started (each one a process with its model loaded:
@@ -115,15 +119,18 @@ def up(workflows: tuple[str, ...], stages: str | None, log_format: str, dashboar
     say = _LogConsole() if as_json else console
     try:
         stopped_by = _up(workflows, split_languages(stages), say, dashboard=None if no_dashboard else dashboard,
-                         insecure=insecure)
+                         insecure=insecure, with_optional=with_optional)
     except KeyboardInterrupt:  # Ctrl-C while starting, before run_stack holds the signals
         stopped_by = signal.SIGINT
     end_of_service(stopped_by, say)  # after the server has stopped
 
 
-def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None, insecure: bool) -> int | None:
-    """`up` itself; returns the signal that stopped it."""
-    from captionbus.envs import require_envs, workflow_stages
+def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None, insecure: bool,
+        with_optional: tuple[str, ...] = ()) -> int | None:
+    """`up` itself; returns the signal that stopped it. The workflows' stages are those their
+    jobs run by default, and the optional ones `--with` names (envs.workflow_stages): a
+    diarization service (~1 GB) starts only for `--with diarization`."""
+    from captionbus.envs import check_optional, require_envs, workflow_stages
     from captionbus.runner import env_ready, run_stack
     from captionbus.stack import server_for_up
     from captionbus.contracts.ids import validate_token
@@ -133,13 +140,19 @@ def _up(workflows: tuple[str, ...], extra: list[str], say, dashboard: str | None
         stage_spec(stage)  # an unknown stage is refused before NATS starts
     require_envs(extra)  # a stage asked for by name, its env not built: the command that builds it
     wanted = list(extra)
-    for workflow in workflows or (() if extra else ("transcribe",)):
+    serving = workflows or (() if extra else ("transcribe",))
+    for workflow in serving:
         try:
             validate_token(workflow, "workflow name")
-            needed = workflow_stages(workflow)
+            needed = workflow_stages(workflow, with_optional)
         except ValueError as e:
             raise UserError(str(e)) from None
         wanted += [s for s in needed if s not in wanted and env_ready(s)]
+    if with_optional:
+        try:
+            check_optional(serving, with_optional)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     settings = load()
     if settings.nats_url:
         require_secure(settings.nats_url, settings, insecure)

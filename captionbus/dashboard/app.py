@@ -16,6 +16,7 @@ import asyncio
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,13 +31,14 @@ from starlette.staticfiles import StaticFiles
 
 from captionbus import client
 from captionbus.dashboard.auth import OPEN_PATHS, Access
-from captionbus.dashboard.board import Board, job_detail, matches, parse_time
+from captionbus.dashboard.board import Board, job_detail, matches, parse_time, speaker_lane, speaker_node
 from captionbus.dashboard.downloads import Downloads
 from captionbus.web import errors
 from captionbus.web.auth import TokenAuth, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
 from captionbus.contracts import JobState, subjects
+from captionbus.contracts.speech import SpeakerTurns
 from captionbus.core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 log = structlog.get_logger("captionbus.dashboard")
@@ -121,28 +123,68 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         detail["downloads_note"] = downloads.reason
         return JSONResponse(detail)
 
-    async def output(request: Request) -> Response:
-        board, downloads = the_board(), live.downloads
-        job_id, name = request.path_params["job_id"], request.path_params["name"]
+    def job_of(request: Request) -> tuple[str, JobState | None] | Response:
+        job_id = request.path_params["job_id"]
         try:
-            subjects.job_events(job_id)
+            subjects.job_events(job_id)  # a job id is one subject token, nothing else
         except ValueError:
             return error_response(400, "not a job id")
-        state = board.jobs.get(job_id)
+        return job_id, the_board().jobs.get(job_id)
+
+    async def opened(ref) -> tuple[Path, Path | None] | Response:
+        """(file, temporary folder or None) of an artifact the job's state names, or the error."""
+        try:
+            return await live.downloads.open(ref)
+        except ArtifactMissing as e:
+            return error_response(404, str(e))
+        except ArtifactError as e:
+            return error_response(502, str(e), "bad_gateway")
+
+    async def output(request: Request) -> Response:
+        downloads, found = live.downloads, job_of(request)
+        if isinstance(found, Response):
+            return found
+        (job_id, state), name = found, request.path_params["name"]
         ref = state.outputs.get(name) if state is not None else None
         if ref is None:  # only outputs the job's state names: never a key taken from the URL
             return error_response(404, f"job {job_id} has no output {name!r}")
         if not downloads.enabled:
             return error_response(403, downloads.reason)
-        try:
-            path, tmp = await downloads.open(ref)
-        except ArtifactMissing as e:
-            return error_response(404, str(e))
-        except ArtifactError as e:
-            return error_response(502, str(e), "bad_gateway")
+        got = await opened(ref)
+        if isinstance(got, Response):
+            return got
+        path, tmp = got
         cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True) if tmp is not None else None
         return FileResponse(path, filename=safe_name(ref.name), media_type="application/octet-stream",
                             headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
+
+    async def speakers(request: Request) -> Response:
+        """The job's speaker turns for its timeline: the diarization node's own result (turns.json,
+        the artifact the bus recorded as that node's output: what transcript_join put on the
+        words of transcript.json), read as downloads are (only where this dashboard may read
+        artifacts; 403 with the reason otherwise), summarised per speaker."""
+        downloads, found = live.downloads, job_of(request)
+        if isinstance(found, Response):
+            return found
+        job_id, state = found
+        node = speaker_node(state) if state is not None else None
+        if node is None:
+            return error_response(404, f"job {job_id} has no speaker turns (no completed diarization node)")
+        if not downloads.enabled:
+            return error_response(403, downloads.reason.replace("downloads are off", "speaker turns need artifact reads"))
+        got = await opened(state.nodes[node].outputs["turns"])
+        if isinstance(got, Response):
+            return got
+        path, tmp = got
+        try:
+            turns = SpeakerTurns.model_validate_json(path.read_bytes())
+        except ValueError as e:  # a record that cannot be read is an error, never an empty lane
+            return error_response(502, f"{node}'s turns.json is not speaker turns: {str(e).splitlines()[0]}",
+                                  "bad_gateway")
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return JSONResponse(speaker_lane(node, turns))
 
     async def session(request: Request) -> Response:
         """What this browser may do: the page shows cancel and retry only where `actions`."""
@@ -255,7 +297,7 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
 
     routes = [
         Route("/", index), Route("/favicon.ico", favicon), Route("/api/jobs", jobs), Route("/api/jobs/{job_id}", job),
-        Route("/api/jobs/{job_id}/outputs/{name}", output), Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
+        Route("/api/jobs/{job_id}/outputs/{name}", output), Route("/api/jobs/{job_id}/speakers", speakers), Route("/api/workers", workers), Route("/api/queues", queues), Route("/api/stream", stream),
         Route("/api/session", session), Route("/api/charts", chart_data), Route("/api/webhooks", webhooks),
         Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]), Route("/api/jobs/{job_id}/retry", retry, methods=["POST"]),
         Route("/metrics", prometheus), Route("/healthz", healthz), Route("/readyz", readyz),

@@ -485,6 +485,27 @@ def _history_row(event: dict[str, Any]) -> dict[str, Any]:
             "time": event.get("time"), "node": event.get("node"), "attempt": event.get("attempt"), "detail": detail}
 
 
+def speaker_node(state: JobState) -> str | None:
+    """The job's completed diarization node with a `turns` output (one per film), or None."""
+    return next((name for name, node in state.nodes.items()
+                 if node.stage == "diarization" and node.status.value == "completed" and "turns" in node.outputs), None)
+
+
+def speaker_lane(node: str, turns: Any) -> dict[str, Any]:
+    """A SpeakerTurns as the job page's speaker lane: the turns on the film's time axis, and per
+    speaker (in order of first appearance) its seconds of speech and turns."""
+    seconds: dict[str, float] = {label: 0.0 for label in turns.speakers}
+    counts: dict[str, int] = {label: 0 for label in turns.speakers}
+    for turn in turns.turns:
+        seconds[turn.speaker] = seconds.get(turn.speaker, 0.0) + turn.end - turn.start
+        counts[turn.speaker] = counts.get(turn.speaker, 0) + 1
+    total = sum(seconds.values()) or 1.0
+    return {"node": node, "duration": turns.duration, "requested": turns.requested, "models": turns.models,
+            "speakers": [{"label": label, "seconds": round(seconds[label], 2), "turns": counts[label],
+                          "share": round(seconds[label] / total, 4), "color": n} for n, label in enumerate(seconds)],
+            "turns": [{"start": t.start, "end": t.end, "speaker": t.speaker} for t in turns.turns]}
+
+
 def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = False) -> dict[str, Any]:
     """A job page: nodes with state, the timeline of every attempt, warnings, retries, and the
     job's event history (every event but progress reports, in stream order).
@@ -556,4 +577,5 @@ def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = 
                      "download": f"/api/jobs/{state.job_id}/outputs/{key}" if downloads else None}
                     for key, ref in sorted(state.outputs.items())],
         "downloads": downloads,
+        "speakers_node": speaker_node(state),
     }

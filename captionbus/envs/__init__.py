@@ -19,6 +19,7 @@ from captionbus.envs.manager import (
 from captionbus.envs.spec import EnvSpec, SpecError, get_spec, load_specs
 from captionbus.envs.stages import (
     EnvsMissing,
+    check_optional,
     env_for_stage,
     env_python,
     env_states,
@@ -35,7 +36,7 @@ from captionbus.core.envinfo import current_env, report_packages
 __all__ = [
     "BROKEN", "MISSING", "OK", "STALE",
     "EnvCreateError", "EnvSpec", "EnvStatus", "EnvsMissing", "SpecError",
-    "check", "create", "env_for_stage", "env_python", "env_states", "envs_for_stages", "get_spec",
+    "check", "check_optional", "create", "env_for_stage", "env_python", "env_states", "envs_for_stages", "get_spec",
     "interpreter_for_stage", "is_built", "load_specs", "load_stage_map",
     "missing_envs_for_workflow", "quick_state", "read_manifest", "require_envs",
     "report_packages", "current_env", "validate_config", "workflow_stages",

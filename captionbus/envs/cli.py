@@ -31,12 +31,16 @@ def _fail(message: str, code: int = exitcodes.USAGE) -> None:
     sys.exit(code)
 
 
-def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dict) -> list[str]:
+def _select(names: tuple[str, ...], workflow: str | None, all_: bool, specs: dict,
+            with_optional: tuple[str, ...] = ()) -> list[str]:
     chosen: list[str] = []
     if all_:
         chosen += list(specs)
+    if with_optional and not workflow:
+        raise SpecError("--with adds optional stages of --for WORKFLOW; name the workflow")
     if workflow:
-        chosen += stages.envs_for_stages(stages.workflow_stages(workflow))
+        stages.check_optional([workflow], with_optional)
+        chosen += stages.envs_for_stages(stages.workflow_stages(workflow, with_optional))
     chosen += list(names)
     unknown = [n for n in chosen if n not in specs]
     if unknown:
@@ -52,15 +56,20 @@ def envs() -> None:
 
 @envs.command("create")
 @click.argument("names", nargs=-1)
-@click.option("--for", "workflow", metavar="WORKFLOW", help="Every env the workflow's stages need.")
+@click.option("--for", "workflow", metavar="WORKFLOW",
+              help="The envs of the stages the workflow runs by default (optional ones: --with).")
+@click.option("--with", "with_optional", multiple=True, metavar="STAGE",
+              help="With --for: also an optional stage's env (diarization, for --speakers; vad_pyannote; "
+                   "source_separation; all). Repeatable.")
 @click.option("--all", "all_", is_flag=True, help="Every env in envs/.")
 @click.option("--force", is_flag=True, help="Rebuild even when up to date.")
-def create_cmd(names: tuple[str, ...], workflow: str | None, all_: bool, force: bool) -> None:
+def create_cmd(names: tuple[str, ...], workflow: str | None, with_optional: tuple[str, ...], all_: bool,
+               force: bool) -> None:
     """Create (or rebuild when stale/broken) environments with uv."""
     console = _console()
     try:
         specs = load_specs()
-        chosen = _select(names, workflow, all_, specs)
+        chosen = _select(names, workflow, all_, specs, with_optional)
     except SpecError as e:
         _fail(str(e))
     if not chosen:

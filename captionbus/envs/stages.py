@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from captionbus.envs.manager import quick_state
 from captionbus.envs.paths import create_command, env_python
 from captionbus.envs.spec import SpecError, load_specs
+from captionbus.contracts import ArtifactRef, JobSpec
 from captionbus.contracts.stage_declaration import HARDWARE_KINDS, explain
 from captionbus.coordinator.graph import WorkflowError, load_workflow
 from captionbus.core import hardware as hw
@@ -137,21 +138,68 @@ def envs_for_stages(stages: Iterable[str], hardware=None) -> list[str]:
     return out
 
 
-def workflow_stages(workflow: str) -> list[str]:
-    """Stages of `config/workflows/<workflow>.yaml`, in node order, without repeats.
+ALL_OPTIONAL = "all"
 
-    All nodes count, optional ones (`when:`) too: an env is needed before the job's options are
-    known. Callers that know the job can pass its active stages to `require_envs` instead.
-    """
+
+def _graph(workflow: str):
     path = settings.config_path(f"workflows/{workflow}.yaml")
     if not path.is_file():
         known = list(settings.config_files("workflows"))
         raise SpecError(f"no workflow {workflow!r} ({path} missing; known: {', '.join(known) or 'none'})")
     try:
-        graph = load_workflow(path)
+        return load_workflow(path)
     except WorkflowError as e:
         raise SpecError(str(e)) from None
-    return list(dict.fromkeys(s for name, node in graph.nodes.items() for s in node.possible_stages(name)))
+
+
+def _opt_in(node) -> bool:
+    """A node a job runs only when its options ask (`when: options.diarization.speakers`,
+    `options.vad == pyannote`, `options.separate_sources`): its condition reads the job's options
+    and does not hold without them. A condition on the languages (`not source_language`) is no
+    opt-in: a job without -s runs that node."""
+    condition = node.condition()
+    if condition is None or condition.path[0] != "options":
+        return False
+    return not condition.holds(JobSpec(job_id="jdefault", input=ArtifactRef(key="0" * 64, name="input", size=0)))
+
+
+def optional_stages(workflow: str) -> list[str]:
+    """Stages only opt-in nodes of `workflow` run (diarization behind --speakers, ...), in node order."""
+    graph = _graph(workflow)
+    default = set(workflow_stages(workflow))
+    return list(dict.fromkeys(s for name, node in graph.nodes.items() if _opt_in(node)
+                              for s in node.possible_stages(name) if s not in default))
+
+
+def workflow_stages(workflow: str, with_optional: Iterable[str] = ()) -> list[str]:
+    """Stages of `config/workflows/<workflow>.yaml`, in node order, without repeats: those of
+    the nodes a job runs by default, and of the opt-in nodes (`_opt_in`) whose stage is in
+    `with_optional` (ALL_OPTIONAL: every node).
+
+    `up -w transcribe` and `envs create --for transcribe` used to count every node, so `up`
+    started a diarization service (~1 GB RSS) wherever that env was built, for jobs that never ask
+    for speakers; both now take opt-in stages by name (`--with diarization`). A job that asks for
+    one on a stack without its worker ends with "no worker serves diarization" (the coordinator's
+    unserved timeout). Callers that know the job pass its active stages to `require_envs` instead.
+    """
+    graph = _graph(workflow)
+    wanted = set(with_optional)
+    # The nodes one switch turns on come together: `speech` with --speakers runs vad and a
+    # speaker_assign node (transcript_join) beside diarization, under the same `when:`.
+    switches = {node.when for name, node in graph.nodes.items()
+                if _opt_in(node) and (ALL_OPTIONAL in wanted or wanted & set(node.possible_stages(name)))}
+    return list(dict.fromkeys(
+        s for name, node in graph.nodes.items() for s in node.possible_stages(name)
+        if not _opt_in(node) or node.when in switches))
+
+
+def check_optional(workflows: Iterable[str], with_optional: Iterable[str]) -> None:
+    """SpecError (one line) for a `--with` stage no opt-in node of these workflows runs."""
+    offered = list(dict.fromkeys(s for w in workflows for s in optional_stages(w)))
+    unknown = [s for s in with_optional if s != ALL_OPTIONAL and s not in offered]
+    if unknown:
+        raise SpecError(f"--with {', '.join(unknown)}: not an optional stage of {', '.join(workflows)} "
+                        f"(optional: {', '.join(offered) or 'none'}; or --with all)")
 
 
 def env_states(stages: list[str], hardware=None) -> dict[str, str]:

@@ -22,8 +22,12 @@ from starlette.requests import Request
 from captionbus.web.errors import ApiError, body_read
 
 FIELD_LIMIT = 4 * 1024  # bytes: a language code, a model name, a URL, a path
-FIELD_LIMITS = {"options": 1024 * 1024, "prompt": 64 * 1024}  # JSON options (glossaries) inline; a prompt
-FIELDS_TOTAL = 2 * 1024 * 1024  # all fields together
+# A known speaker's reference clip is a data URL of 2-10 s of audio (OpenAI's known_speaker_references[]):
+# 10 s of 48 kHz stereo 16-bit WAV is 1.9 MB, 2.6 MB in base64; four of them fit in the total.
+REFERENCE_LIMIT = 3 * 1024 * 1024
+FIELD_LIMITS = {"options": 1024 * 1024, "prompt": 64 * 1024,  # JSON options (glossaries) inline; a prompt
+                "known_speaker_references[]": REFERENCE_LIMIT, "known_speaker_references": REFERENCE_LIMIT}
+FIELDS_TOTAL = 14 * 1024 * 1024  # all fields together (2 MB + four reference clips)
 
 
 @dataclass

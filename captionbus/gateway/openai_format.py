@@ -10,6 +10,8 @@ things (no_speech_prob 0.0 is "certainly speech").
 """
 from __future__ import annotations
 
+import re
+
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.transcript import Segment, Transcript
 
@@ -60,11 +62,12 @@ def as_verbose_json(transcript: Transcript, *, task: str, granularities: set[str
 
 def speaker_letter(label: str | None) -> str:
     """SPEAKER_00 -> A, SPEAKER_01 -> B, ... (OpenAI labels unnamed speakers with capital letters);
-    a segment no turn reached -> "unknown" (the field is required)."""
+    a known speaker's name (known_speaker_names[]) as it is; a segment no turn reached -> "unknown"
+    (the field is required)."""
     if label is None:
         return "unknown"
-    number = label.rsplit("_", 1)[-1]
-    return chr(ord("A") + int(number)) if number.isdigit() and int(number) < 26 else label
+    unnamed = re.fullmatch(r"SPEAKER_(\d+)", label)
+    return chr(ord("A") + int(unnamed.group(1))) if unnamed and int(unnamed.group(1)) < 26 else label
 
 
 def as_diarized_json(transcript: Transcript) -> dict:

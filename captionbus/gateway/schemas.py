@@ -170,7 +170,20 @@ class Health(BaseModel):
 
 # ---- forms (documented; parsed by forms.read_form as they stream in) --------------------------------
 
-class JobForm(BaseModel):
+class KnownSpeakers(BaseModel):
+    """OpenAI's known speakers (gateway.state.known_speakers): on POST /v1/jobs (up to 20, switching
+    on speakers=auto) and, with gpt-4o-transcribe-diarize, on /v1/audio/transcriptions (up to 4)."""
+
+    known_speaker_names: list[str] | None = Field(
+        None, alias="known_speaker_names[]", description="names, one word each, paired in order with "
+                                                         "known_speaker_references[]")
+    known_speaker_references: list[str] | None = Field(
+        None, alias="known_speaker_references[]", description="data URLs of 2-10 s of each known speaker's voice "
+                                                              "(any audio format `file` takes); a speaker who "
+                                                              "matches one is labelled with its name")
+
+
+class JobForm(KnownSpeakers):
     file: bytes | None = Field(None, json_schema_extra={"format": "binary", "type": "string"})
     path: str | None = Field(None, description="a file under the gateway's --inputs dir (instead of `file`)")
     workflow: str = "transcribe"
@@ -182,7 +195,7 @@ class JobForm(BaseModel):
     callback_url: str | None = Field(None, description="POST signed job events here (allow-listed)")
 
 
-class AudioForm(BaseModel):
+class AudioForm(KnownSpeakers):
     file: bytes = Field(json_schema_extra={"format": "binary", "type": "string"})
     model: str = Field("whisper-1", description="whisper-1 (whatever the asr workers serve) or an id of GET /v1/models")
     language: str | None = Field(None, description="ISO 639-1 code of the speech")

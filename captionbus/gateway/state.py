@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +20,63 @@ from captionbus.gateway.ends import JobEnds
 from captionbus.gateway.forms import Form
 from captionbus.gateway.keys import Caller, KeyRing
 from captionbus.gateway.metrics import GatewayMetrics
-from captionbus.runner import validate_job
+from captionbus.runner import names_subtitles, validate_job
 from captionbus.web.buslink import BusLink
 from captionbus.web.errors import ApiError
 from captionbus.contracts import JobState
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import validate_token
+from captionbus.contracts.declarations.diarization import MAX_REFERENCES
+from captionbus.core import speaker_refs
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.settings import Settings
 
 BUS_TIMEOUT_S = 10.0
 MODELS_TTL_S = 5.0
 RECORDED_WITHIN_S = 5.0
+
+
+async def known_speakers(form: Form, folder: Path, limit: int) -> dict[str, Path]:
+    """OpenAI's known speakers: `known_speaker_names[]` and `known_speaker_references[]` (data
+    URLs of 2-10 s of audio, any format `file` takes; openai-python sends both as repeated form
+    fields), paired in order -> name -> the clip as 16 kHz mono WAV in `folder`. 400 (one line)
+    for anything that cannot be used: unpaired lists, more than `limit`, a name the labels
+    refuse, a URL that is not base64 audio, a clip that does not decode or is not 2-10 s."""
+    names = form.many("known_speaker_names[]", "known_speaker_names")
+    urls = form.many("known_speaker_references[]", "known_speaker_references")
+    if not names and not urls:
+        return {}
+    try:
+        if len(names) != len(urls):
+            raise speaker_refs.ReferenceError(
+                f"{len(names)} known_speaker_names[] and {len(urls)} known_speaker_references[]: give one "
+                "reference per name, in the same order")
+        names = [speaker_refs.check_name(name.strip()) for name in names]
+        speaker_refs.check_count(names, limit)
+        out = {}
+        for n, (name, url) in enumerate(zip(names, urls)):
+            what = f"known_speaker_references[{n}] ({name})"
+            raw = speaker_refs.from_data_url(url, folder / f"reference-{n}.raw", what)
+            out[name] = await asyncio.to_thread(speaker_refs.convert, raw, folder / f"reference-{n}.wav", what)
+        return out
+    except speaker_refs.ReferenceError as e:
+        raise ApiError(400, str(e), "invalid_request_error") from None
+
+
+def known_speaker_options(options: dict, names: list[str], subtitles: bool) -> dict:
+    """The job's options with known speakers: diarization on (speakers auto unless given), and,
+    where the workflow writes `subtitles`, the names as SDH names (under the options' own)."""
+    group = options.get("diarization")
+    options = {**options, "diarization": {"speakers": "auto", **(group if isinstance(group, dict) else {})}}
+    if not subtitles:
+        return options
+    given = options.get("subtitle_gen")
+    given = given if isinstance(given, dict) else {}
+    try:
+        named = speaker_refs.sdh_names(names, given.get("speaker_names"))
+    except speaker_refs.ReferenceError as e:
+        raise ApiError(400, str(e)) from None
+    return {**options, "subtitle_gen": {**given, "speaker_names": named}}
 
 
 @dataclass
@@ -202,16 +248,33 @@ class Gateway:
         return path, path.name, False
 
     async def submit(self, js, form: Form, caller: Caller, *, workflow: str, source: str | None,
-                     targets: list[str], options: dict, job_id: str | None = None) -> str:
-        try:
-            validate_job(workflow, source, targets, local_stack=False, options=options)
-        except (SubmitError, ValueError) as e:
-            raise ApiError(422, str(e)) from None
+                     targets: list[str], options: dict, job_id: str | None = None,
+                     max_references: int = MAX_REFERENCES) -> str:
+        """Validate and submit; the form's known_speaker_names[] / known_speaker_references[]
+        (data URLs) become the diarization stage's reference clips (at most `max_references`)."""
+        group = options.get("diarization")
+        if isinstance(group, dict) and "references" in group:
+            # Artifacts are named by the door that stored them, never by a caller (another job's key).
+            raise ApiError(400, "options.diarization.references is set by the gateway: send "
+                                "known_speaker_names[] and known_speaker_references[] (data URLs)")
+        def validate(options: dict) -> None:
+            try:
+                validate_job(workflow, source, targets, local_stack=False, options=options)
+            except (SubmitError, ValueError) as e:
+                raise ApiError(422, str(e)) from None
+
+        validate(options)
         path, name, owned = self.input_file(form)
-        async with on_bus():
-            spec = await client.submit(js, self.store(js), path, workflow=workflow, source_language=source,
-                                       target_languages=targets, options=options, name=name, copy=not owned,
-                                       job_id=job_id, owner=self.owner_of(caller))
+        self.upload_dir.mkdir(parents=True, exist_ok=True)  # (a url-encoded form made no upload)
+        with tempfile.TemporaryDirectory(dir=self.upload_dir, prefix="refs-") as folder:
+            refs = await known_speakers(form, Path(folder), max_references)
+            if refs:  # speakers on, the names in the subtitles: checked again
+                options = known_speaker_options(options, list(refs), names_subtitles(workflow))
+                validate(options)
+            async with on_bus():
+                spec = await client.submit(js, self.store(js), path, workflow=workflow, source_language=source,
+                                           target_languages=targets, options=options, name=name, copy=not owned,
+                                           job_id=job_id, owner=self.owner_of(caller), speaker_refs=refs)
         return spec.job_id
 
     async def recorded(self, js, job_id: str, within_s: float = RECORDED_WITHIN_S) -> bool:

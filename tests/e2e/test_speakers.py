@@ -13,8 +13,10 @@ official `openai` client: `models.list` names gpt-4o-transcribe-diarize while a 
 is up, and `response_format=diarized_json` answers OpenAI's shape with the same voices as A, B, C."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -57,9 +59,13 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     out = tmp_path / "out"
     env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
     env.pop("NATS_URL", None)
+    # a known speaker: the Czech man, from a clip of other lines of his (not in the film), as an mp3
+    clip = speakers_media.reference_clip(tmp_path / "carl.wav", "cs-big", seed=3)
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(clip), str(clip.with_suffix(".mp3"))],
+                   check=True, timeout=120)
     done = subprocess.run(
         [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "--chunk-s", "10", "-s", "nl",
-         "--speakers", "auto", "--out", str(out)],
+         "--speakers", "auto", "--speaker-ref", f"Carl={clip.with_suffix('.mp3')}", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,8 +82,25 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     for segment in transcript["segments"]:
         assert segment["speaker"] in {w["speaker"] for w in segment["words"]}
 
+    # the named voice is Carl, the others keep their labels
     check_voices(truth, [(w["start"], w["end"], w["speaker"]) for w in words],
-                 ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"])
+                 ["SPEAKER_00", "Carl", "SPEAKER_02"])
+    vtt = (out / "dialogue.vtt").read_text()
+    srt = (out / "dialogue.srt").read_text()
+    assert "<v Carl>" in vtt and "<v SPEAKER_00>" in vtt
+    assert "[Carl] " in srt and "[SPEAKER" not in srt  # SDH: the known speaker is named, the others are not
+
+
+def test_a_bad_reference_clip_is_refused_before_anything(tmp_path, dialogue_film):
+    film, _ = dialogue_film
+    clip = speakers_media.write_wav(tmp_path / "one-second.wav", speakers_media.np.zeros(16000))
+    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(film), "--speaker-ref", f"Carl={clip}",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: --speaker-ref Carl={clip} is 1.0 s long; a reference clip is 2-10 s of one speaker"]
+    assert not (tmp_path / "home" / "nats").exists()  # refused before a server started
 
 
 def check_voices(truth: list[speakers_media.Turn], spans: list[tuple[float, float, str]], labels: list[str]) -> None:
@@ -133,3 +156,44 @@ def test_openai_client_gets_diarized_json(door, dialogue_film):
     assert result.segments and all(s.type == "transcript.text.segment" for s in result.segments)
     assert [s.id for s in result.segments] == [f"seg_{n}" for n in range(len(result.segments))]
     check_voices(truth, [(s.start, s.end, s.speaker) for s in result.segments], ["A", "B", "C"])
+
+
+def data_url(wav: Path, suffix: str) -> str:
+    encoded = wav.with_suffix(suffix)
+    if encoded != wav:
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(wav), str(encoded)], check=True,
+                       timeout=120)
+    kind = {".mp3": "audio/mpeg", ".wav": "audio/wav", ".ogg": "audio/ogg"}[suffix]
+    return f"data:{kind};base64," + base64.b64encode(encoded.read_bytes()).decode()
+
+
+def test_openai_client_names_known_speakers(door, dialogue_film, tmp_path):
+    """OpenAI's known_speaker_names[] / known_speaker_references[] (data URLs of 2-10 s, here an
+    mp3 and a wav of other lines of two of the three actors): their voices come back under those
+    names, the third as a letter."""
+    film, truth = dialogue_film
+    anna = data_url(speakers_media.reference_clip(tmp_path / "anna.wav", "nl-small", seed=3), ".mp3")
+    ben = data_url(speakers_media.reference_clip(tmp_path / "ben.wav", "nl-big", seed=3, lines=3), ".wav")
+    with film.with_suffix(".wav").open("rb") as f:
+        result = door.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize", file=f, language="nl", response_format="diarized_json",
+            known_speaker_names=["Anna", "Ben"], known_speaker_references=[anna, ben])
+    check_voices(truth, [(s.start, s.end, s.speaker) for s in result.segments], ["Anna", "B", "Ben"])
+
+    short = data_url(speakers_media.write_wav(tmp_path / "short.wav", speakers_media.np.zeros(16000)), ".wav")
+    for kwargs, message in [
+        (dict(known_speaker_names=["Anna"], known_speaker_references=[short]),
+         "known_speaker_references[0] (Anna) is 1.0 s long; a reference clip is 2-10 s of one speaker"),
+        (dict(known_speaker_names=["Anna", "Ben"], known_speaker_references=[anna]),
+         "2 known_speaker_names[] and 1 known_speaker_references[]"),
+        (dict(known_speaker_names=["Anna"], known_speaker_references=["https://example.com/anna.wav"]),
+         "known_speaker_references[0] (Anna) is not a data URL"),
+        (dict(known_speaker_names=list("abcde"), known_speaker_references=[anna] * 5), "5 known speakers; at most 4"),
+    ]:
+        with film.with_suffix(".wav").open("rb") as f, pytest.raises(openai.BadRequestError, match=re.escape(message)):
+            door.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f,
+                                             response_format="diarized_json", **kwargs)
+    with film.with_suffix(".wav").open("rb") as f, pytest.raises(
+            openai.BadRequestError, match="known_speaker_names.. / known_speaker_references.. need model gpt-4o-transcribe-diarize"):
+        door.audio.transcriptions.create(model="whisper-1", file=f, known_speaker_names=["Anna"],
+                                         known_speaker_references=[anna])

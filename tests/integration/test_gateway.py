@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import wave
+from pathlib import Path
 
 import httpx
 import pytest
@@ -524,9 +528,68 @@ def test_the_speakers_field_switches_on_diarization(gateway):
     assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
 
 
+def tone_data_url(tmp_path, seconds: float) -> str:
+    clip = tmp_path / f"tone-{seconds}.mp3"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    f"sine=frequency=180:duration={seconds}", str(clip)], check=True, timeout=60)
+    return "data:audio/mpeg;base64," + base64.b64encode(clip.read_bytes()).decode()
+
+
+def test_known_speakers_on_the_job_api_become_uploaded_reference_clips(gateway, tmp_path, coordinator):
+    """POST /v1/jobs with OpenAI's known_speaker_names[] / known_speaker_references[]: each data
+    URL is decoded, converted to 16 kHz mono WAV and stored as an artifact the diarization params
+    name (speakers switched on, the names as SDH names); a caller may not name artifacts itself,
+    and a clip that cannot be used is one 400 line, before a job exists."""
+    from captionbus.contracts import ArtifactRef
+    from captionbus.core.artifacts import ArtifactStore
+
+    clip = tone_data_url(tmp_path, 3)
+    created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
+                           data={"workflow": "chunked", "source_language": "en",
+                                 "known_speaker_names[]": ["Anna", "Ben"], "known_speaker_references[]": [clip, clip]})
+    assert created.status_code == 201, created.text
+    job = wait_status(gateway, created.json()["id"], {"pending", "running"})
+    options = job["options"]
+    assert options["diarization"]["speakers"] == "auto" and list(options["diarization"]["references"]) == ["Anna", "Ben"]
+    assert options["subtitle_gen"] == {"speaker_names": {"Anna": "Anna", "Ben": "Ben"}}
+    ref = ArtifactRef(**options["diarization"]["references"]["Anna"])
+    assert ref.name == "reference-0.wav" and ref.in_object_store
+
+    async def read() -> bytes:
+        nc = await connect(coordinator, "t-read")
+        try:
+            return Path(await ArtifactStore(Settings(home=tmp_path / "reader", nats_url=coordinator,
+                                                     artifacts_mode="object", host_id="reader"),
+                                            nc.jetstream()).get(ref)).read_bytes()
+        finally:
+            await nc.close()
+
+    data = asyncio.run(read())
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getframerate(), w.getnchannels()) == (16000, 1) and 2.9 < w.getnframes() / 16000 < 3.1
+    assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
+
+    jobs_before = len(gateway.get("/v1/jobs").json()["data"])
+    for data, message in [
+        ({"options": json.dumps({"diarization": {"speakers": "auto", "references": {"Anna": ref.model_dump()}}})},
+         "options.diarization.references is set by the gateway"),
+        ({"known_speaker_names[]": "Anna", "known_speaker_references[]": tone_data_url(tmp_path, 12)},
+         "known_speaker_references[0] (Anna) is 12.0 s long; a reference clip is 2-10 s of one speaker"),
+        ({"known_speaker_names[]": "Anna", "known_speaker_references[]": "data:audio/wav;base64,UklGRg=="},
+         "known_speaker_references[0] (Anna) is not audio FFmpeg can read"),
+        ({"known_speaker_names[]": "SPEAKER_00", "known_speaker_references[]": clip}, "SPEAKER_nn"),
+        ({"known_speaker_names[]": ["Anna", "Anna"], "known_speaker_references[]": [clip, clip]},
+         "'Anna' has two reference clips"),
+    ]:
+        bad = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"workflow": "chunked", **data})
+        assert bad.status_code == 400 and message in error_of(bad), bad.text
+    assert len(gateway.get("/v1/jobs").json()["data"]) == jobs_before
+
+
 def test_the_door_refuses_diarization_it_cannot_give(gateway):
     """Refused before a job exists: diarized_json from a model that does not diarize, the diarizing
-    model while no diarization worker is up (none here), known speakers (not supported yet)."""
+    model while no diarization worker is up (none here), known speakers for a model that does not
+    diarize."""
     def ask(**data):
         return gateway.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data=data)
 
@@ -534,7 +597,7 @@ def test_the_door_refuses_diarization_it_cannot_give(gateway):
     assert wrong.status_code == 400 and "needs model gpt-4o-transcribe-diarize" in error_of(wrong)
     nobody = ask(model="gpt-4o-transcribe-diarize", response_format="diarized_json")
     assert nobody.status_code == 400 and "captionbus serve diarization" in error_of(nobody)
-    named = ask(model="gpt-4o-transcribe-diarize", **{"known_speaker_names[]": "Anna"})
-    assert named.status_code == 400 and "not supported yet" in error_of(named)
+    named = ask(model="whisper-1", **{"known_speaker_names[]": "Anna"})
+    assert named.status_code == 400 and "need model gpt-4o-transcribe-diarize" in error_of(named)
     assert "gpt-4o-transcribe-diarize" not in [m["id"] for m in gateway.get("/v1/models").json()["data"]]
     assert gateway.get("/v1/jobs").json()["data"] == []  # no job was made

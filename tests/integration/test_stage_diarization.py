@@ -24,11 +24,12 @@ import structlog
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
 from captionbus.services.runtime import BadInput, SetupContext
-from captionbus.services.runtime.testing import make_fake_context
+from captionbus.services.runtime.testing import artifact_ref, make_fake_context
 from captionbus.services.vad.stage import STAGE as VAD
 from captionbus.services.diarization import stage as diarization
 
 wav, models_dir, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+clips = {name: Path(path) for name, path in json.loads(sys.argv[4]).items()}
 log = structlog.get_logger()
 vad = VAD.setup(SetupContext(stage="vad", env="diarization", models_dir=models_dir, log=log))
 ctx = make_fake_context(work / "vad", "vad", inputs={"audio": wav}, resources=vad)
@@ -40,10 +41,14 @@ for line in wav.with_suffix(".rttm").read_text().splitlines():
     f = line.split()
     reference[Segment(float(f[3]), float(f[3]) + float(f[4]))] = f[7]
 
-def run(name, params, block_s=diarization.BLOCK_S, audio=wav, regions=regions):
+def run(name, params, block_s=diarization.BLOCK_S, audio=wav, regions=regions, refs=None):
     saved, diarization.BLOCK_S = diarization.BLOCK_S, block_s
+    refs = {who: artifact_ref(clips[clip]) for who, clip in (refs or {}).items()}
+    if refs:
+        params = {**params, "references": {who: ref.model_dump(mode="json") for who, ref in refs.items()}}
     ctx = make_fake_context(work / name, "diarization", inputs={"audio": audio, "regions": regions},
                             params=params, resources=resources)
+    ctx.artifacts = {artifact_ref(path).key: path for path in clips.values()}  # what the bus would fetch
     try:
         out = json.loads(diarization.STAGE.handle(ctx.request, ctx)["turns"].read_text())
     except BadInput as bad:
@@ -68,6 +73,11 @@ results["no_speech"] = run("no_speech", {}, regions=empty)
 tiny = work / "tiny.json"
 tiny.write_text(json.dumps({"backend": "silero", "duration": 60.0, "regions": [{"start": 1.0, "end": 1.2}]}))
 results["tiny"] = run("tiny", {}, regions=tiny)
+# known speakers: two of the four voices named from clips of other lines of theirs; a 1 s clip
+results["known"] = run("known", {"speakers": "auto"}, refs={"Anna": "anna", "Carl": "carl"})
+results["known_blocks"] = run("known_blocks", {"speakers": "auto"}, block_s=20.0, refs={"Anna": "anna", "Carl": "carl"})
+results["bad_ref"] = run("bad_ref", {"speakers": "auto"}, refs={"Anna": "short"})
+results["not_wav"] = run("not_wav", {"speakers": "auto"}, refs={"Anna": "junk"})
 print("RESULT " + json.dumps(results))
 """
 
@@ -82,7 +92,13 @@ def runs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("diarization")
     wav = work / "short.wav"
     speakers_media.make(wav, speakers_media.short_plan(), seed=0)
-    return run_in_env("diarization", RUNNER, str(wav), str(settings.load().models_dir), str(work), timeout=1800)
+    clips = {"anna": speakers_media.reference_clip(work / "anna.wav", "nl-small", seed=0),
+             "carl": speakers_media.reference_clip(work / "carl.wav", "cs-big", seed=0, lines=3),
+             "short": speakers_media.write_wav(work / "short-ref.wav", speakers_media.np.zeros(16000))}
+    clips["junk"] = work / "junk.wav"
+    clips["junk"].write_bytes(b"not a wave file")
+    return run_in_env("diarization", RUNNER, str(wav), str(settings.load().models_dir), str(work),
+                      json.dumps({k: str(v) for k, v in clips.items()}), timeout=1800)
 
 
 def test_four_voices_are_four_speakers_with_their_models_named(runs):
@@ -121,3 +137,28 @@ def test_no_speech_is_no_turns_and_a_warning(runs):
     assert none["warnings"] == ["no speech regions in the audio: no speaker turns"], json.dumps(none)
     tiny = runs["tiny"]  # 0.2 s of speech: too short to embed, said so
     assert tiny["out"]["turns"] == [] and "too short for a speaker embedding" in tiny["warnings"][0], json.dumps(tiny)
+
+
+def test_known_speakers_name_the_clusters_their_clips_match(runs):
+    """Clips of other lines of two actors (tests/speakers_media.reference_clip: lines this
+    dialogue does not use) name those two voices; the other two keep their SPEAKER_nn labels;
+    the turns are the unnamed run's, only relabelled."""
+    auto, known = runs["auto"]["out"], runs["known"]["out"]
+    truth = speakers_media.dialogue(speakers_media.short_plan(), seed=0)[1]
+    label_of = {}
+    for t in truth:  # the label the unnamed run gave each actor (the one covering their turn's middle)
+        middle = (t.start + t.end) / 2
+        label_of.setdefault(t.speaker, next(x["speaker"] for x in auto["turns"] if x["start"] <= middle <= x["end"]))
+    names = {"nl-small": "Anna", "cs-big": "Carl"}
+    rename = {label_of[actor]: names.get(actor, label_of[actor]) for actor in label_of}
+    assert [(t["start"], t["end"], rename[t["speaker"]]) for t in auto["turns"]] == [
+        (t["start"], t["end"], t["speaker"]) for t in known["turns"]]
+    assert sorted(known["speakers"]) == sorted(rename.values()) and {"Anna", "Carl"} <= set(known["speakers"])
+    assert sum(s.startswith("SPEAKER_") for s in known["speakers"]) == 2
+    assert known["models"]["references"].startswith("2 known speakers, centroid cosine >= ")
+    assert runs["known_blocks"]["out"]["turns"] == known["turns"]
+
+
+def test_a_bad_reference_clip_is_bad_input(runs):
+    assert runs["bad_ref"]["bad_input"] == "the reference clip of 'Anna' is 1.0 s; a reference clip is 2-10 s"
+    assert runs["not_wav"]["bad_input"].startswith("the reference clip of 'Anna' is not a readable PCM WAV file")

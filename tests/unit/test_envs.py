@@ -169,11 +169,29 @@ def test_workflow_stages_read_from_yaml(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_real_transcribe_workflow_needs_common_and_whisperx():
-    # every node counts, the optional ones too: --speakers adds diarization (its own optional env)
-    assert envs.workflow_stages("transcribe") == ["demux", "vad", "chunk", "asr", "diarization", "transcript_join",
+    # the nodes a job runs by default; --speakers' diarization (its own optional env) only when asked
+    assert envs.workflow_stages("transcribe") == ["demux", "vad", "chunk", "asr", "transcript_join",
                                                   "subtitle_gen", "mux"]
-    assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx", "diarization"}
+    assert set(envs.envs_for_stages(envs.workflow_stages("transcribe"), "cpu")) == {"common", "whisperx"}
+    assert envs.workflow_stages("transcribe", ["diarization"]) == [
+        "demux", "vad", "chunk", "asr", "diarization", "transcript_join", "subtitle_gen", "mux"]
+    assert set(envs.envs_for_stages(envs.workflow_stages("transcribe", ["diarization"]), "cpu")) == {
+        "common", "whisperx", "diarization"}
     assert envs.get_spec("diarization").optional
+
+
+def test_optional_stages_come_with_the_nodes_their_switch_turns_on():
+    # speech (the OpenAI door) decodes without VAD; --speakers adds vad, diarization and a speaker_assign node
+    assert envs.workflow_stages("speech") == ["demux", "asr", "subtitle_gen"]
+    assert envs.workflow_stages("speech", ["diarization"]) == ["demux", "asr", "vad", "diarization", "transcript_join",
+                                                               "subtitle_gen"]
+    # translate: demucs and pyannote's VAD are opt-in too; `all` is every node, as before
+    assert "source_separation" not in envs.workflow_stages("translate")
+    assert {"source_separation", "vad_pyannote", "diarization"} <= set(envs.workflow_stages("translate", ["all"]))
+    envs.check_optional(["transcribe"], ["diarization", "all"])
+    with pytest.raises(SpecError, match=r"--with vad_pyannote: not an optional stage of transcribe "
+                                        r"\(optional: diarization; or --with all\)"):
+        envs.check_optional(["transcribe"], ["vad_pyannote"])
 
 
 # ---------------------------------------------------------------- refusal

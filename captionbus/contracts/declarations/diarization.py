@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field
 
+from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.stage_declaration import StageSpec
 from captionbus.contracts.stage_options import ServiceOptions
 from captionbus.contracts.stage_params import StageParams
@@ -47,6 +48,30 @@ def _speakers_text(value: Any) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
+# Known speakers (--speaker-ref NAME=CLIP, the gateway's known_speaker_names[] / _references[]): at
+# most this many, each clip 2-10 s (OpenAI's rule for known_speaker_references[]; a clip shorter
+# than 2 s holds one or two 1.5 s windows, too few for a stable vector, docs/speakers.md).
+MAX_REFERENCES = MAX_SPEAKERS
+REFERENCE_MIN_S = 2.0
+REFERENCE_MAX_S = 10.0
+# A known speaker's name: shown on screen (SDH) and a WebVTT voice, so no markup (< > &), brackets,
+# `=` / `,` (the flag's syntax), spaces or control characters (it is a label, as SPEAKER_00 is: a key of
+# subtitle_gen's speaker_names); never SPEAKER_nn (the unnamed labels) nor a place (A, 1).
+SPEAKER_LABEL = re.compile(r"SPEAKER_\d+")
+PLACE = re.compile(r"[A-Z]|\d+")  # --speaker-names keys that mean "the Nth speaker heard"
+ReferenceName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x20\x7f<>&\[\]=,]+$")]
+
+
+def check_reference_names(value: Any) -> Any:
+    if isinstance(value, dict):
+        for name in value:
+            if isinstance(name, str) and (SPEAKER_LABEL.fullmatch(name.strip()) or name != name.strip()
+                                          or PLACE.fullmatch(name)):
+                raise ValueError(f"speaker name {name!r}: use a person's name (SPEAKER_nn are the unnamed "
+                                 "speakers' labels, A, B ... and 1, 2 ... their places; no spaces around it)")
+    return value
+
+
 class DiarizationParams(StageParams):
     speakers: Annotated[str, BeforeValidator(_speakers_text)] = Field(
         "auto", description="how many speakers: auto, N, or MIN-MAX (at most 20); the job option "
@@ -54,6 +79,11 @@ class DiarizationParams(StageParams):
     embedder: Embedder = Field(
         DEFAULT_EMBEDDER, description="speaker-embedding model: campplus (CAM++, the measured best), "
                                       "resemblyzer or dvector (docs/speakers.md)")
+    references: Annotated[dict[ReferenceName, ArtifactRef] | None, BeforeValidator(check_reference_names)] = Field(
+        None, max_length=MAX_REFERENCES,
+        description="known speakers: name -> a 2-10 s clip of their voice (16 kHz mono WAV, an artifact; "
+                    "--speaker-ref NAME=CLIP uploads it); a cluster whose centroid matches a clip takes "
+                    "its name instead of SPEAKER_nn")
 
 
 class DiarizationOptions(ServiceOptions):

@@ -4,6 +4,7 @@ document.addEventListener('alpine:init', () => {
     view: 'jobs', jobId: null, page: 1, pageSize: 50, total: 0,
     filters: {status: '', workflow: '', language: '', text: '', since: '', until: ''},
     jobs: [], workflows: [], job: null, jobError: '', workers: [], queues: [], connected: false,
+    speakers: null, speakersError: '', speakersKey: '',
     session: {actions: false, reason: ''}, actionError: '', charts: null, chartsError: '', hooks: null, hooksError: '',
     _timers: {},
 
@@ -97,6 +98,23 @@ document.addEventListener('alpine:init', () => {
       if (!this.jobId) return;
       try { this.job = await this.get('/api/jobs/' + encodeURIComponent(this.jobId)); this.jobError = ''; }
       catch (e) { this.job = null; this.jobError = e.message; }
+      this.loadSpeakers();
+    },
+    async loadSpeakers() {  // once per job page: the diarization node's turns (its result does not change)
+      const node = this.job && this.job.speakers_node, key = node && `${this.jobId}/${node}`;
+      if (!node) { this.speakers = null; this.speakersError = ''; this.speakersKey = ''; return; }
+      if (this.speakersKey === key) return;
+      this.speakersKey = key;
+      try { this.speakers = await this.get(`/api/jobs/${encodeURIComponent(this.jobId)}/speakers`); this.speakersError = ''; }
+      catch (e) { this.speakers = null; this.speakersError = e.message; }
+    },
+    turn(t) {  // a speaker turn on the film's time axis (seconds of the film, not of the job)
+      const d = Math.max(this.speakers.duration, 1e-3);
+      return `left:${(100 * t.start / d).toFixed(3)}%;width:${Math.max(0.15, 100 * (t.end - t.start) / d).toFixed(3)}%`;
+    },
+    speakerColor(label) {
+      const s = this.speakers.speakers.find(x => x.label === label);
+      return `hsl(${((s ? s.color : 0) * 137) % 360} 60% 55%)`;
     },
     problems() { return this.queues.filter(q => q.problem); },
     languages(j) {

@@ -39,6 +39,7 @@ ALIAS = "whisper-1"
 # OpenAI's diarizing model id, so a client written for it works unchanged: whatever the asr workers
 # serve, plus the diarization stage (listed while a diarization worker is up).
 DIARIZE = "gpt-4o-transcribe-diarize"
+OPENAI_MAX_REFERENCES = 4  # known_speaker_names[]: "Up to 4 speakers are supported" (OpenAI's API reference)
 Started = Annotated[Timing, Depends(Timing)]  # first parameter: its clock starts before the form is read
 AUDIO_ANSWERS = {
     **documented(400, 413, 422, 504),
@@ -100,15 +101,17 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
     model = form.one("model") or ALIAS
     if response_format == "diarized_json" and model != DIARIZE:
         raise ApiError(400, f"response_format diarized_json needs model {DIARIZE}", "invalid_request_error")
-    if form.many("known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
-                 "known_speaker_references"):
-        raise ApiError(400, "known_speaker_names[] / known_speaker_references[] are not supported yet: "
-                            "speakers come back as A, B, ...", "invalid_request_error")
+    if model != DIARIZE and form.many("known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
+                                      "known_speaker_references"):
+        raise ApiError(400, f"known_speaker_names[] / known_speaker_references[] need model {DIARIZE}",
+                       "invalid_request_error")
     options = await asr_options(gw, model, task)
     job_id = new_job_id()
     with gw.ends.expect(job_id) as ended:
+        # Known speakers (OpenAI: up to 4, each a data URL of 2-10 s): a speaker whose voice
+        # matches one comes back under that name instead of A, B, ...
         await gw.submit(js, form, caller, workflow="speech", source=language, targets=[], options=options,
-                        job_id=job_id)
+                        job_id=job_id, max_references=OPENAI_MAX_REFERENCES)
         form.cleanup()
         timing.mark("submit")
         final = await gw.wait_for_end(js, job_id, ended)

@@ -48,12 +48,25 @@ class AutoSettings:
     window_distance: float  # average-linkage cosine distance that stops the over-clustering
     merge_similarity: float  # centroids at least this alike (cosine) are one speaker
     min_windows: int = 5  # a cluster of fewer windows (~4 s of speech) is not a speaker of its own
+    # ... nor one of fewer than this share of all the windows (on long films a few windows of one
+    # line sit apart: the 32-minute dialogue's phantom fifth speaker was 9 windows of 1793, 0.5 %)
+    min_share: float = 0.0
+    # known speakers: a cluster's centroid at least this alike (cosine) to a reference clip's
+    # vector is that speaker (measured: docs/speakers.md "Known speakers")
+    reference_match: float = 0.5
 
 
 AUTO_SETTINGS = {
-    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.5),
-    "dvector": AutoSettings(window_distance=0.55, merge_similarity=0.72),
-    "resemblyzer": AutoSettings(window_distance=0.3, merge_similarity=0.82),
+    # reference_match 0.55 (benchmarks/speaker_refs.py, docs/speakers.md "Known speakers"): on the
+    # `short` dialogue's own clusters a reference of the same voice scored 0.64-0.87, another
+    # voice 0.03-0.44; clips drawn apart, another voice never above 0.49.
+    # min_share 0.0075 (docs/speakers.md "The speaker count on long media"): long30 5/4 speakers, DER 2.8 %
+    # -> 4/4, 2.3 %; short, three, music and dev unchanged (a 5-min film keeps min_windows 5).
+    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.5, reference_match=0.55, min_share=0.0075),
+    # reference_match: another voice at most 0.70 (d-vector) / 0.76 (Resemblyzer) in every pair
+    # measured, the same voice's real clusters at least 0.68 / 0.86 (docs/speakers.md)
+    "dvector": AutoSettings(window_distance=0.55, merge_similarity=0.72, reference_match=0.72),
+    "resemblyzer": AutoSettings(window_distance=0.3, merge_similarity=0.82, reference_match=0.8),
 }
 
 
@@ -195,7 +208,8 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
     """One speaker label (0..k-1, in order of first appearance) per window.
 
     Over-cluster (average linkage stopped at `settings.window_distance`), fold clusters of fewer
-    than `settings.min_windows` windows into their nearest big one, then merge clusters whose
+    than `settings.min_windows` windows (or `settings.min_share` of all windows, if more) into
+    their nearest big one, then merge clusters whose
     centroids are at least `settings.merge_similarity` alike, keeping the count within MIN-MAX (a
     fixed N is MIN = MAX = N: the closest centroids merge until N are left). A plain
     agglomerative cut into N was worse: on the music-bed dialogue it spent clusters on a few
@@ -206,7 +220,8 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
     vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))
     n = len(vectors)
     labels = _agglomerate(vectors, None, settings.window_distance)
-    labels = _fold_small(vectors, labels, settings.min_windows, keep_at_least=min(count.min, n))
+    min_windows = max(settings.min_windows, int(round(settings.min_share * n)))
+    labels = _fold_small(vectors, labels, min_windows, keep_at_least=min(count.min, n))
     if labels.max() + 1 < count.min:  # over-clustering found too few: ask for the minimum
         labels = _agglomerate(vectors, min(count.min, n), 0.0)
     labels = _merge_centroids(vectors, labels, settings.merge_similarity, min(count.min, n), count.max)
@@ -220,6 +235,38 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
 
 def speaker_name(label: int) -> str:
     return f"SPEAKER_{label:02d}"
+
+
+def centroids(windows: WindowEmbeddings, labels: np.ndarray) -> np.ndarray:
+    """(k, dim) L2-normalised mean embedding of each label 0..k-1 (what `cluster` compared)."""
+    if len(windows) == 0:
+        return np.zeros((0, 0), np.float32)
+    vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))
+    return _centroids(vectors, labels, range(int(labels.max()) + 1))
+
+
+def name_clusters(cluster_centroids: np.ndarray, references: dict[str, np.ndarray], threshold: float
+                  ) -> dict[int, str]:
+    """Known speakers: cluster index -> the name of the reference its centroid matches.
+
+    A pair matches when the cosine similarity of the cluster's centroid and the reference's
+    vector is at least `threshold` (AutoSettings.reference_match, measured in docs/speakers.md); pairs are taken
+    best first, so each name goes to at most one cluster and each cluster gets at most one name
+    (two clusters of one voice -- the count was set too high -- leave the weaker one unnamed
+    rather than giving two speakers one name). A cluster that matches no reference keeps its
+    SPEAKER_nn label."""
+    if not references or len(cluster_centroids) == 0:
+        return {}
+    names = list(references)
+    refs = _normalise(np.stack([np.asarray(references[n], dtype=np.float64) for n in names]))
+    sim = _normalise(np.asarray(cluster_centroids, dtype=np.float64)) @ refs.T
+    pairs = sorted(((float(sim[c, r]), c, r) for c in range(sim.shape[0]) for r in range(sim.shape[1])
+                    if sim[c, r] >= threshold), reverse=True)
+    out: dict[int, str] = {}
+    for _, c, r in pairs:
+        if c not in out and names[r] not in out.values():
+            out[c] = names[r]
+    return out
 
 
 def turns_from_windows(windows: WindowEmbeddings, labels: np.ndarray, regions: Sequence[Region],
@@ -289,9 +336,19 @@ def _absorb_short(turns: list[Turn], min_turn_s: float) -> list[Turn]:
 
 
 def diarize_windows(windows: WindowEmbeddings, regions: Sequence[Region], count: SpeakerCount = SpeakerCount(),
-                    settings: AutoSettings | None = None) -> list[Turn]:
-    """Global clustering of (possibly many chunks') windows, then turns over `regions`."""
-    return turns_from_windows(windows, cluster(windows, count, settings), regions)
+                    settings: AutoSettings | None = None, references: dict[str, np.ndarray] | None = None,
+                    threshold: float | None = None) -> list[Turn]:
+    """Global clustering of (possibly many chunks') windows, then turns over `regions`; with
+    `references` (name -> reference vector), clusters that match one carry its name."""
+    labels = cluster(windows, count, settings)
+    turns = turns_from_windows(windows, labels, regions)
+    if not references or not turns:
+        return turns
+    settings = settings or AUTO_SETTINGS["campplus"]
+    names = name_clusters(centroids(windows, labels), references,
+                          settings.reference_match if threshold is None else threshold)
+    by_label = {speaker_name(c): name for c, name in names.items()}
+    return [Turn(t.start, t.end, by_label.get(t.speaker, t.speaker)) for t in turns]
 
 
 def assign_words(words: Sequence[dict], turns: Sequence[Turn], max_gap_s: float = 0.5) -> list[str | None]:

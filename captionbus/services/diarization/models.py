@@ -235,6 +235,27 @@ def embed_regions(embedder: Embedder, samples: np.ndarray, regions: Sequence[Reg
     return WindowEmbeddings(starts, ends, vectors)
 
 
+REFERENCE_FLOOR_DB = 30.0  # windows of a reference clip this far under its loudest are silence
+
+
+def reference_vector(embedder: Embedder, samples: np.ndarray) -> np.ndarray:
+    """One L2-normalised vector for a known speaker's reference clip (2-10 s of one voice): the
+    clip cut into the windows the film's speech is cut into (core.windows_in_regions, so the
+    vectors are comparable with a cluster's centroid), the near-silent ones dropped (a clip with
+    a second of silence around the speech would otherwise pull the mean towards "silence"),
+    embedded, averaged. ValueError when no window carries sound."""
+    windows = windows_in_regions([(0.0, len(samples) / SR)])
+    segments = [samples[int(round(a * SR)): int(round(b * SR))] for a, b in windows]
+    if not segments:
+        raise ValueError(f"{len(samples) / SR:.2f} s is too short for a speaker embedding")
+    rms = np.array([float(np.sqrt(np.mean(np.square(s, dtype=np.float64)))) if len(s) else 0.0 for s in segments])
+    loud = [seg for seg, level in zip(segments, rms) if level > 0 and level >= rms.max() * 10 ** (-REFERENCE_FLOOR_DB / 20)]
+    if not loud:
+        raise ValueError("the clip is silent")
+    mean = embedder.embed(loud).astype(np.float64).mean(axis=0)
+    return mean / (np.linalg.norm(mean) + 1e-12)
+
+
 def load_pipeline(folder: Path) -> Any:
     """pyannote's full speaker-diarization pipeline from a local folder (its config.yaml and the
     models it names, e.g. a copy of pyannote/speaker-diarization-3.1 with its checkpoints), for a

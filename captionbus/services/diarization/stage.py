@@ -9,9 +9,9 @@ most. The audio is read block by block (BLOCK_S of film at a time, only the regi
 captionbus.services.audio.read_wav seeks) and only one 192-d vector per window is kept; progress is
 reported per block (and a cancelled job stops at the next one). Measured through this handler
 (docs/speakers.md, load average 10-16 on 2 cores): 59 s of four voices DER 1.6 %, 4/4 speakers,
-peak RSS 1065 MB; 32 minutes DER 2.8 %, 5/4, CPU 0.24 s per second of audio, peak RSS 1924 MB --
-not flat: the samples and vectors are small, something in the embedding grows (docs/speakers.md
-says what is suspected).
+peak RSS 1065 MB; 32 minutes DER 2.8 %, 5/4 (4/4 and 2.3 % since core.AutoSettings.min_share),
+CPU 0.24 s per second of audio, peak RSS 1924 MB -- not flat: the samples and vectors are small,
+something in the embedding grows (docs/speakers.md says what is suspected).
 
 Why one request per film, also in the chunked workflows (not one per chunk): speaker labels only
 mean something if every window of the film is clustered together -- "SPEAKER_01" in chunk 1 must
@@ -41,9 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.declarations.diarization import (
+    DEFAULT_EMBEDDER,
+    DIARIZATION,
+    REFERENCE_MAX_S,
+    REFERENCE_MIN_S,
+    DiarizationOptions,
+    DiarizationParams,
+)
 from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, SpeechRegions
-from captionbus.services.audio import SAMPLE_RATE, open_wav, read_wav
-from captionbus.contracts.declarations.diarization import DEFAULT_EMBEDDER, DIARIZATION, DiarizationOptions, DiarizationParams
+from captionbus.services.audio import SAMPLE_RATE, open_wav, read_wav, wav_duration
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 
@@ -120,6 +127,27 @@ def blocks(regions: list[tuple[float, float]], block_s: float = BLOCK_S) -> list
     return out
 
 
+def reference_vectors(params: DiarizationParams, ctx: StageContext, embedder: Any) -> dict[str, Any]:
+    """Known speakers: name -> the vector of their reference clip (models.reference_vector). The
+    clips are artifacts the params name (uploaded at submit, converted there to 16 kHz mono WAV);
+    a clip that is not one, or is not 2-10 s long, is BadInput: the door checks it first, so only
+    a client that skipped the door gets here."""
+    from captionbus.services.diarization import models
+
+    out = {}
+    for n, (name, ref) in enumerate((params.references or {}).items()):
+        path = ctx.artifact(f"reference-{n}", ref)
+        what = f"the reference clip of {name!r}"
+        seconds = wav_duration(path, what)
+        if not REFERENCE_MIN_S - 0.1 <= seconds <= REFERENCE_MAX_S + 0.1:
+            raise BadInput(f"{what} is {seconds:.1f} s; a reference clip is {REFERENCE_MIN_S:g}-{REFERENCE_MAX_S:g} s")
+        try:
+            out[name] = models.reference_vector(embedder, read_wav(path, what))
+        except ValueError as e:
+            raise BadInput(f"{what}: {e}") from None
+    return out
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     from captionbus.services.diarization import core, models
 
@@ -135,6 +163,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     except FileNotFoundError as e:  # a non-default embedder this worker has no weights for
         raise BadInput(f"embedder {params.embedder}: {e}") from None
     started = time.monotonic()
+    references = reference_vectors(params, ctx, embedder)
     parts = []
     spans = blocks(regions, BLOCK_S)
     for n, (lo, hi, inside) in enumerate(spans):
@@ -143,7 +172,8 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         ctx.progress(0.9 * (n + 1) / len(spans), f"{hi:.0f} s of {duration:.0f} s embedded")
     windows = core.WindowEmbeddings.concat(parts)
     embedded = time.monotonic()
-    turns = core.diarize_windows(windows, regions, count, core.AUTO_SETTINGS[params.embedder])
+    settings = core.AUTO_SETTINGS[params.embedder]
+    turns = core.diarize_windows(windows, regions, count, settings, references, settings.reference_match)
     result = SpeakerTurns(
         duration=round(duration, 3),
         speakers=list(dict.fromkeys(t.speaker for t in turns)),
@@ -151,7 +181,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         requested=params.speakers,
         models={"embedder": f"{embedder.name} ({embedder.path.name}, {embedder.dim}-d)",
                 "regions": speech.backend,
-                "clustering": "agglomerative, cosine, average linkage + centroid merge (scikit-learn)"},
+                "clustering": "agglomerative, cosine, average linkage + centroid merge (scikit-learn)",
+                **({"references": f"{len(references)} known speakers, centroid cosine >= {settings.reference_match}"}
+                   if references else {})},
         versions=versions(),
     )
     out = ctx.work_dir / "turns.json"

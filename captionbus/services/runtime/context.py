@@ -109,6 +109,11 @@ class RequestContext(TypedInputs):
             raise BadInput(f"stage {self.request.stage} needs input list {name!r}; the request has {sorted(self.request.input_lists)}")
         return [self._get(f"{name}-{i}", ref) for i, ref in enumerate(refs)]
 
+    def artifact(self, slot: str, ref: ArtifactRef) -> Path:
+        """A local file with the bytes of an artifact the params name (a known speaker's clip),
+        fetched as inputs are; `slot` names its folder (a token, distinct from the inputs')."""
+        return self._get(f"param-{slot}", ref)
+
     def _get(self, slot: str, ref: ArtifactRef) -> Path:
         with self._lock:
             if slot in self._fetched:

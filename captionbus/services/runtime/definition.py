@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, TypeVar
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from captionbus.contracts import StageRequest
+from captionbus.contracts import ArtifactRef, StageRequest
 from captionbus.contracts.stage_declaration import StageSpec, explain
 from captionbus.contracts.stage_options import ServiceOptions
 from captionbus.contracts.stage_specs import STAGES
@@ -75,6 +75,10 @@ class StageContext(Protocol):
 
     def input_paths(self, name: str) -> list[Path]:
         """Local files for request.input_lists[name], in order."""
+
+    def artifact(self, slot: str, ref: ArtifactRef) -> Path:
+        """A local file with the bytes of an artifact named in the params (e.g. the diarization
+        stage's reference clips), fetched over the bus like an input."""
 
     def input(self, name: str, model: type[M]) -> M:
         """request.inputs[name], a JSON document, parsed as `model` (e.g. Transcript). Raises

@@ -34,6 +34,7 @@ class FakeStageContext(TypedInputs):
     progress_events: list[tuple[float, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     cache_blockers: list[str] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # key -> file, for ctx.artifact
 
     @property
     def params(self) -> Any:
@@ -47,6 +48,12 @@ class FakeStageContext(TypedInputs):
 
     def input_paths(self, name: str) -> list[Path]:
         return self.file_lists[name]
+
+    def artifact(self, slot: str, ref: ArtifactRef) -> Path:
+        """An artifact the params name, from `artifacts` (its key -> a local file)."""
+        if ref.key not in self.artifacts:
+            raise KeyError(f"{slot}: no artifact {ref.key[:12]}... given to make_fake_context(artifacts=...)")
+        return self.artifacts[ref.key]
 
     def progress(self, fraction: float, message: str = "") -> None:
         assert 0.0 <= fraction <= 1.0, fraction
