@@ -205,8 +205,8 @@ async def coordinator_main(url: str, graphs: str) -> None:
 def export_tree(rev: str, into: Path) -> Path:
     """The packages a coordinator imports, as they are at git revision `rev`, under `into`."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, "coordinator", "contracts", "core",
-                              "config", "benchmarks"], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, "captionbus", "config", "benchmarks"],
+                             check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 

@@ -3,23 +3,29 @@
 For each job event (durable pull consumer `coordinator` on the events stream, shared by every
 coordinator of the bus; `events_in_hand` pulls at once, one job's events one at a time):
     read JobState (from KV, or the state we last read or wrote when that is recent:
-    `_remembered`) → decide → publish the stage requests → write the state, with the decided job
-    events in its `outbox`, against the revision read → publish the outbox (pipelined) → ack
-    the event. The published events leave the outbox with the job's next write (a finished
-    job's at once, a waiting job's at its next tick).
+    `_remembered`) → decide → write the state, with the decided stage requests and job events
+    in its `outbox`, against the revision read, and publish the stage requests at the same time
+    → publish the outbox's events (pipelined) → ack the event. What was published leaves the
+    outbox with the job's next write (a finished job's at once, a waiting job's at its next tick).
 
 Round trips of one stage hop, before and after (issue 22): a fetch per event, a KV read, the
 request, the state write, each event, the outbox-clearing write = 6 sequential, one event at a
-time; now the request and the state write (the event arrives on a waiting pull, the state is
-remembered, the events are pipelined and acked after), with 16 events of different jobs at once.
+time; then the request and the state write, one after the other (the event arrives on a waiting
+pull, the state is remembered, the events are pipelined and acked after), with 16 events of
+different jobs at once; now the request and the state write at once: one round trip before the
+next stage can start.
 
-Stage requests go out *before* the write; that is safe (at-least-once, no double effects):
+Stage requests go out *with* the write, not after it; that is safe (at-least-once, no double
+effects):
   * If we crash after publishing and before the write, the event is redelivered (not acked)
     and decided again from the old state. The same decision yields the same ids: stage
     requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
     inside its duplicate window (2 min). Past the window a repeated request may run twice;
     its second completion finds the node already completed (or at another attempt) and is
     ignored.
+  * If the write lands and the request does not (its publish failed, or we crashed before its
+    ack), the request is in the written state's outbox: the redelivered event finds itself
+    already applied and publishes the outbox (so does the tick loop), under the same id.
   * If the write loses a revision race (another decision for the same job landed first), we
     re-read and re-decide. A request the losing decision published refers to a (node, attempt)
     the winning state either also requested (same id, deduplicated) or never will; a result
@@ -75,7 +81,7 @@ from pydantic import ValidationError
 from captionbus.contracts import JobState, NodeStatus, StageFailed, StageRequest, parse_event, subjects
 from captionbus.contracts.events import JobEvent
 from captionbus.contracts.jobs import utcnow
-from captionbus.coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
+from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.core import settings as settings_mod
 from captionbus.core.bus import event_msg_id, provision, publish_event, through_failover
@@ -107,6 +113,26 @@ EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
 # An event that fails to apply is redelivered after 1 s times the deliveries so far; one that
 # failed 5 times is dropped and its job failed.
 EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
+
+
+# A stage request in a job state's outbox (JobState.outbox): {"stage_request": <StageRequest JSON>}.
+REQUEST_ENTRY = "stage_request"
+
+
+def request_entry(request: StageRequest) -> dict[str, Any]:
+    return {REQUEST_ENTRY: request.model_dump(mode="json")}
+
+
+def request_id(request: StageRequest) -> str:
+    return f"request:{request.key}"
+
+
+def outbox_id(raw: Mapping[str, Any]) -> str | None:
+    """What `Coordinator._published` calls an outbox entry: a request's key or an event's id."""
+    request = raw.get(REQUEST_ENTRY)
+    if isinstance(request, Mapping):
+        return f"request:{request.get('job_id')}.{request.get('node')}.{request.get('attempt')}"
+    return raw.get("event_id")
 
 
 class StateConflict(RuntimeError):
@@ -532,25 +558,41 @@ class Coordinator:
             self._running.add(job_id)
 
     async def _commit(self, job_id: str, decision: Decision, revision: int | None, jlog: Any) -> None:
-        """Carry out a decision: stage requests, then the state write (raises
-        KeyWrongLastSequenceError when it loses the race), then the job events.
+        """Carry out a decision: the stage requests and the state write at once (the write
+        raises KeyWrongLastSequenceError when it loses the race), then the job events.
 
-        The events are written into the state's outbox with the decision and published only
-        once that write succeeded, so a decision that lost the race never announces anything.
-        A running job's outbox is not cleared by a write of its own: the events we published
-        leave it with the job's next write (or the tick loop's, when the job waits), which
-        took a second state write off each stage hop. The requests of one decision (a film's
-        window of chunks) go out at once, their acks awaited together.
+        The requests and the events are written into the state's outbox with the decision. The
+        requests go out together with that write, not before it: one round trip on a hop's
+        path instead of two (on the 3-node cluster each is a replicated, fsynced store, ~2 ms;
+        benchmarks/stage_hops.py). A request whose publish failed, or whose coordinator died
+        before its ack, is in the written state's outbox and goes out again from there (the
+        redelivered event finds itself applied and flushes the outbox; the tick loop does the
+        same); one published by a decision whose write lost the race refers to a (node,
+        attempt) the winning state either also requested (same `Nats-Msg-Id`, deduplicated) or
+        never will (its result fails the attempt check). The events are published only once the
+        write succeeded, so a decision that lost the race never announces anything.
+        A running job's outbox is not cleared by a write of its own: what we published leaves
+        it with the job's next write (or the tick loop's, when the job waits), which took a
+        second state write off each stage hop.
         """
-        requests = [action.request for action in decision.actions if isinstance(action, PublishRequest)]
-        await asyncio.gather(*(self._publish_request(request) for request in requests))
+        requests = decision.requests
         state = decision.state
         published = self._published.get(job_id, set())
-        outbox = [*(raw for raw in state.outbox if raw.get("event_id") not in published),
+        outbox = [*(raw for raw in state.outbox if outbox_id(raw) not in published),
+                  *(request_entry(request) for request in requests),
                   *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
-        written = await self._write_state(job_id, state, revision)
-        self._published[job_id] = set()
+        written, *sent = await asyncio.gather(
+            self._write_state(job_id, state, revision),
+            *(self._publish_request(request) for request in requests), return_exceptions=True)
+        if isinstance(written, BaseException):
+            raise written
+        self._published[job_id] = {request_id(request) for request, error in zip(requests, sent) if error is None}
+        failed = next((error for error in sent if error is not None), None)
+        if failed is not None:
+            # Written, not sent: the redelivered event (or the next tick) sends it from the outbox.
+            self._running.add(job_id)
+            raise failed
         await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
 
     async def _publish_request(self, request: StageRequest) -> None:
@@ -571,26 +613,33 @@ class Coordinator:
 
     async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any,
                             clear: bool = True) -> None:
-        """Publish the events waiting in `state`'s outbox that we have not published yet, in
-        order and pipelined (one round trip for all), then (`clear`) write the state without
-        them. Never raises: what is not published stays in the state, and the tick loop tries
+        """Publish the requests and events waiting in `state`'s outbox that we have not published
+        yet (all at once, the events in order: one round trip), then (`clear`) write the state
+        without them. Never raises: what is not published stays in the state, and the tick loop tries
         again."""
         if not state.outbox:
             return
         published = self._published.setdefault(job_id, set())
         try:
-            acks = []
+            acks, requests = [], []
             for raw in state.outbox:
-                if raw.get("event_id") in published:
+                if outbox_id(raw) in published:
                     continue
                 try:
+                    if REQUEST_ENTRY in raw:
+                        requests.append(StageRequest.model_validate(raw[REQUEST_ENTRY]))
+                        continue
                     event = parse_event(raw)
                 except ValidationError as e:
-                    jlog.error("unreadable event in the job's outbox dropped", error=str(e).splitlines()[0])
+                    jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
                     continue
                 acks.append((event.event_id, await self.js.publish_async(
                     subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
                     headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})))
+            # Requests a write went out without (a lost ack, a dead coordinator, or another
+            # coordinator's that we cannot tell from those): again, under the same ids.
+            await asyncio.wait_for(asyncio.gather(*(self._publish_request(r) for r in requests)), PUBLISH_TIMEOUT_S)
+            published.update(request_id(r) for r in requests)
             for event_id, ack in acks:
                 await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
                 published.add(event_id)
