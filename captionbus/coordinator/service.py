@@ -208,6 +208,10 @@ class Coordinator:
         self._locks: dict[str, list] = {}
         # job id -> ids of the events in its stored outbox that we have published (_commit).
         self._published: dict[str, set[str]] = {}
+        # job id -> ids of its events we sent and whose acks a task awaits off the job's lock
+        # (_flush_outbox, _confirm), and those tasks.
+        self._sending: dict[str, set[str]] = {}
+        self._confirming: dict[str, set[asyncio.Task]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -253,6 +257,8 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks = []
+        with contextlib.suppress(asyncio.TimeoutError):  # events on the wire: their acks, briefly
+            await asyncio.wait_for(self._confirmed(), PUBLISH_TIMEOUT_S)
         if self._failed is not None:
             if not self._failed.done():
                 self._failed.set_result(None)
@@ -587,7 +593,11 @@ class Coordinator:
             *(self._publish_request(request) for request in requests), return_exceptions=True)
         if isinstance(written, BaseException):
             raise written
-        self._published[job_id] = {request_id(request) for request, error in zip(requests, sent) if error is None}
+        # What we published of the outbox before this write is out of it now; what was confirmed
+        # since (the acks of earlier events, _confirm) and this write's requests are in it.
+        kept = {outbox_id(raw) for raw in outbox}
+        self._published[job_id] = {entry for entry in self._published.get(job_id, ()) if entry in kept} | {
+            request_id(request) for request, error in zip(requests, sent) if error is None}
         failed = next((error for error in sent if error is not None), None)
         if failed is not None:
             # Written, not sent: the redelivered event (or the next tick) sends it from the outbox.
@@ -616,14 +626,25 @@ class Coordinator:
         """Publish the requests and events waiting in `state`'s outbox that we have not published
         yet (all at once, the events in order: one round trip), then (`clear`) write the state
         without them. Never raises: what is not published stays in the state, and the tick loop tries
-        again."""
+        again.
+
+        Without `clear` (a running job's own write) the events' acks are awaited by a task of
+        their own (`_confirm`), not under the job's lock: the next event of the job (its next
+        stage's result, which a fast stage sends within that round trip) is decided at once
+        instead of one more replicated store later. That is safe because the events are in the
+        written outbox until confirmed: a later write of the job keeps those not confirmed yet,
+        and its flush does not send them twice while their acks are awaited; one that fails
+        is sent again by the tick loop; a clearing write first waits for every ack."""
         if not state.outbox:
             return
+        if clear:
+            await self._confirmed(job_id)
         published = self._published.setdefault(job_id, set())
+        sending = self._sending.get(job_id, set())
         try:
             acks, requests = [], []
             for raw in state.outbox:
-                if outbox_id(raw) in published:
+                if outbox_id(raw) in published or outbox_id(raw) in sending:
                     continue
                 try:
                     if REQUEST_ENTRY in raw:
@@ -640,14 +661,19 @@ class Coordinator:
             # coordinator's that we cannot tell from those): again, under the same ids.
             await asyncio.wait_for(asyncio.gather(*(self._publish_request(r) for r in requests)), PUBLISH_TIMEOUT_S)
             published.update(request_id(r) for r in requests)
+            if not clear:
+                self._running.add(job_id)  # the tick loop clears it if no event does first
+                if acks:
+                    self._sending.setdefault(job_id, set()).update(event_id for event_id, _ in acks)
+                    task = asyncio.create_task(self._confirm(job_id, acks, jlog))
+                    self._confirming.setdefault(job_id, set()).add(task)
+                    task.add_done_callback(lambda done: self._confirm_done(job_id, done))
+                return
             for event_id, ack in acks:
                 await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
                 published.add(event_id)
-            if clear:
-                await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
-                self._published.pop(job_id, None)
-            else:
-                self._running.add(job_id)  # the tick loop clears it if no event does first
+            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+            self._published.pop(job_id, None)
         except KeyWrongLastSequenceError:
             # The state moved on; its writer carried these events along and publishes them too
             # (same ids: JetStream drops the repeats).
@@ -656,6 +682,37 @@ class Coordinator:
         except Exception as e:
             jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
             self._running.add(job_id)
+
+    async def _confirm(self, job_id: str, acks: list[tuple[str, asyncio.Future]], jlog: Any) -> None:
+        """Await the acks of events `_flush_outbox` sent for a running job; an event whose ack
+        failed stays in the job's outbox, and the tick loop sends it again."""
+        failed = None
+        for event_id, ack in acks:
+            try:
+                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+            except Exception as e:
+                failed = failed or e
+                continue
+            finally:
+                self._sending.get(job_id, set()).discard(event_id)
+            self._published.setdefault(job_id, set()).add(event_id)
+        if failed is not None:
+            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(failed))
+            self._running.add(job_id)
+
+    def _confirm_done(self, job_id: str, task: asyncio.Task) -> None:
+        tasks = self._confirming.get(job_id, set())
+        tasks.discard(task)
+        if not tasks:
+            self._confirming.pop(job_id, None)
+            if not self._sending.get(job_id, True):
+                self._sending.pop(job_id, None)
+
+    async def _confirmed(self, job_id: str | None = None) -> None:
+        """Until the events sent for `job_id` (every job: None) are confirmed or failed."""
+        tasks = [task for job, jobs in self._confirming.items() if job_id in (None, job) for task in jobs]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _publish_event(self, event: JobEvent) -> None:
         await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first
