@@ -105,6 +105,7 @@ PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
 # one's, benchmarks/fleet_sim.py --hops).
 EARLY_REREAD_S = (0.002, 0.005, 0.02, 0.05)
 DUPLICATE_IN_PROCESS = 10158  # JetStream: a message with this Nats-Msg-Id is being stored now
+STORAGE_TYPE_FIXED = 10012  # JetStream: "storage type can not be updated" (a consumer that exists)
 IN_PROCESS_RETRY_S = (0.005, 0.02, 0.1, 0.3)
 EVENT_ACK_WAIT_S = 30.0
 # An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
@@ -133,6 +134,19 @@ def outbox_id(raw: Mapping[str, Any]) -> str | None:
     if isinstance(request, Mapping):
         return f"request:{request.get('job_id')}.{request.get('node')}.{request.get('attempt')}"
     return raw.get("event_id")
+
+
+def events_consumer_config() -> ConsumerConfig:
+    """The durable consumer every coordinator of a bus binds (created by the first; one that
+    exists with another config is used as it is)."""
+    return ConsumerConfig(
+        durable_name=subjects.COORDINATOR_CONSUMER,
+        filter_subjects=subjects.coordinator_filters(),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=EVENT_ACK_WAIT_S,
+        max_ack_pending=1024,
+    )
 
 
 class StateConflict(RuntimeError):
@@ -308,18 +322,13 @@ class Coordinator:
         await self.stop()
 
     async def _ensure_consumer(self) -> None:
-        config = ConsumerConfig(
-            durable_name=subjects.COORDINATOR_CONSUMER,
-            filter_subjects=subjects.coordinator_filters(),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=EVENT_ACK_WAIT_S,
-            max_ack_pending=1024,
-        )
         try:
-            await self.js.add_consumer(subjects.EVENTS_STREAM, config)
-        except BadRequestError as e:
-            # It exists with another config (an older version of us): use it as it is.
+            await self.js.add_consumer(subjects.EVENTS_STREAM, events_consumer_config())
+        except APIError as e:
+            # It exists with another config (an older version of us, or an operator's choice such
+            # as memory storage, which the server refuses to change with a 500): use it as it is.
+            if not isinstance(e, BadRequestError) and e.err_code != STORAGE_TYPE_FIXED:
+                raise
             log.warning("coordinator consumer exists with another config; binding to it", error=str(e))
 
     # ------------------------------------------------------------ events

@@ -490,6 +490,34 @@ def test_a_request_whose_publish_failed_after_its_write_goes_out_from_the_outbox
     on_bus(nats_server, scenario)
 
 
+def test_a_job_event_whose_ack_failed_off_the_jobs_lock_is_sent_again(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        publish_async = coordinator.js.publish_async
+        lost: list[str] = []
+
+        async def lose_the_first_requested(subject: str, payload: bytes = b"", **kw):
+            if subject.endswith(".stage_requested") and not lost:  # never sent; its ack fails
+                lost.append(subject)
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(nats.errors.TimeoutError())
+                return failed
+            return await publish_async(subject, payload, **kw)
+
+        coordinator.js.publish_async = lose_the_first_requested
+        async with coordinator:
+            await submit(bus.js, "job9e")
+            await bus.answer("demux", "asr", "subtitle_gen", "mux")
+            await event_when(bus.js, "job9e", "completed")
+            done = await bus.state_when("job9e", lambda s: s.status.finished and not s.outbox)
+        requested = [e.node for e in await bus.events("job9e") if e.kind == "stage_requested"]
+        assert lost == ["captionbus.job.job9e.stage_requested"]
+        assert sorted(requested) == sorted(["demux", "asr", "subtitle_gen", "mux"])  # each once, none lost
+        assert done.status == JobStatus.completed
+
+    on_bus(nats_server, scenario)
+
+
 def test_a_submitted_event_that_never_applies_fails_the_job(nats_server):
     async def scenario(bus: Bus):
         coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.2,
