@@ -149,6 +149,19 @@ def events_consumer_config() -> ConsumerConfig:
     )
 
 
+def awaited(raw: Mapping[str, Any], state: JobState) -> bool:
+    """False for a request in the outbox whose node no longer waits for it (its result came, or
+    the node moved on to another attempt or was cancelled): never sent again. With several
+    coordinators the one handed a stage's result finds that stage's request in the outbox the
+    other one wrote, and cannot tell whether it was sent; resending it cost a replicated round
+    trip per hop. Every other entry (the events) is awaited."""
+    request = raw.get(REQUEST_ENTRY)
+    if not isinstance(request, Mapping):
+        return True
+    node = state.nodes.get(str(request.get("node")))
+    return node is not None and node.status == NodeStatus.requested and node.attempt == request.get("attempt")
+
+
 class StateConflict(RuntimeError):
     pass
 
@@ -593,7 +606,7 @@ class Coordinator:
         requests = decision.requests
         state = decision.state
         published = self._published.get(job_id, set())
-        outbox = [*(raw for raw in state.outbox if outbox_id(raw) not in published),
+        outbox = [*(raw for raw in state.outbox if outbox_id(raw) not in published and awaited(raw, state)),
                   *(request_entry(request) for request in requests),
                   *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
@@ -653,7 +666,7 @@ class Coordinator:
         try:
             acks, requests = [], []
             for raw in state.outbox:
-                if outbox_id(raw) in published or outbox_id(raw) in sending:
+                if outbox_id(raw) in published or outbox_id(raw) in sending or not awaited(raw, state):
                     continue
                 try:
                     if REQUEST_ENTRY in raw:
