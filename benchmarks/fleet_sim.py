@@ -565,7 +565,8 @@ async def hop_bench(args, bus: Bus) -> None:
     """Per hop p50/p99 (one job of `--hop-count` noop nodes at a time) and hops/s (`--concurrency`
     jobs in flight), with 1 and then 3 coordinators on the same bus, side by side; with
     `--baseline REV`, REV's coordinators and this tree's take turns `--repeat` times (the load of a
-    shared machine drifts over minutes), each turn next to the floors measured just before it."""
+    shared machine drifts over minutes; every other turn in the reverse order), each turn next to
+    the floors measured just before it."""
     graph = f"hops:{args.hop_count}"
     graphs = load_graphs(graph)
     nc, js = await bus.provisioned("hop-driver")
@@ -582,8 +583,10 @@ async def hop_bench(args, bus: Bus) -> None:
         trees.insert(0, (args.baseline, base, False))
     if args.memory_consumers:
         trees.append(("mem cons.", None, True))
-    for _ in range(max(1, args.repeat)):
-        for label, tree, memory in trees:
+    for turn in range(max(1, args.repeat)):
+        # A, B, then B, A: the load of a shared machine drifts, and the code measured first in a turn
+        # had the edge in every run here (the same code measured twice came out 5-35 % apart).
+        for label, tree, memory in (trees if turn % 2 == 0 else trees[::-1]):
             if args.memory_consumers:
                 await use_consumers(js, memory)
             rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
