@@ -45,6 +45,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -619,7 +620,7 @@ async def hop_bench(args, bus: Bus) -> None:
 
 
 def median(values) -> float:
-    return pct(list(values), 0.5)
+    return statistics.median(values)
 
 
 async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Path | None,

@@ -592,7 +592,8 @@ class Coordinator:
         The requests and the events are written into the state's outbox with the decision. The
         requests go out together with that write, not before it: one round trip on a hop's
         path instead of two (on the 3-node cluster each is a replicated, fsynced store, ~2 ms;
-        benchmarks/stage_hops.py). A request whose publish failed, or whose coordinator died
+        on the 2-core machine of README's figures a hop waits for CPU instead, and its p50 did
+        not move: benchmarks/stage_hops.py --coordinators). A request whose publish failed, or whose coordinator died
         before its ack, is in the written state's outbox and goes out again from there (the
         redelivered event finds itself applied and flushes the outbox; the tick loop does the
         same); one published by a decision whose write lost the race refers to a (node,
