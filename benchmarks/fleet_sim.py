@@ -45,17 +45,20 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 # A coordinator process of `--baseline REV` imports that revision's code (FLEET_TREE).
 sys.path.insert(0, os.environ.get("FLEET_TREE") or str(Path(__file__).resolve().parent.parent))
 
 from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from captionbus.stack import _die_with_parent
 from captionbus.contracts import JobSpec, JobSubmitted, StageCompleted, StageRequest, new_job_id, subjects
@@ -205,10 +208,16 @@ async def coordinator_main(url: str, graphs: str) -> None:
 def export_tree(rev: str, into: Path) -> Path:
     """The packages a coordinator imports, as they are at git revision `rev`, under `into`."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, "coordinator", "contracts", "core",
-                              "config", "benchmarks"], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, "captionbus", "config", "benchmarks"],
+                             check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CoordinatorProcess:
@@ -234,8 +243,7 @@ class CoordinatorProcess:
     def cpu_s(self) -> float:
         if self.cpu_at_death is not None:
             return self.cpu_at_death
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_of(self.process.pid)
 
     def kill(self) -> None:
         self.cpu_at_death = self.cpu_s()
@@ -279,7 +287,12 @@ class Bus:
         return self
 
     def describe(self) -> str:
-        return "1 nats-server (R1)" if self.single else "3-node JetStream cluster (R3)"
+        return "1 nats-server (R1)" if self.single else "3-node JetStream cluster (R3, sync_interval always)"
+
+    def servers_cpu_s(self) -> float:
+        """CPU seconds the nats-server processes have used (a restarted node counts from its start)."""
+        processes = [self.server.process] if self.single else [n.process for n in self.cluster.nodes]
+        return sum(cpu_of(p.pid) for p in processes if p is not None and p.poll() is None)
 
     def __exit__(self, *exc) -> None:
         if self.cluster is not None:
@@ -502,9 +515,59 @@ async def fleet(args, bus: Bus) -> None:
 
 # ----------------------------------------------------------------------------- hops through the coordinator
 
+async def use_consumers(js, memory: bool) -> None:
+    """(Re)create the coordinators' events consumer and the noop stage's consumer, with their state
+    in memory (`mem_storage`, still replicated: an experiment, not what captionbus creates) or in
+    files (what it creates). Between turns, no coordinator running; the simulated workers' waiting
+    pulls expire within their 1 s and pull again from the new consumer. Why: on the cluster with
+    `sync_interval: always` a file-backed replicated consumer handed a message out 1.5-2.3 ms after
+    its publish was acked, one in memory (or R1) at the ack. What memory costs: a consumer whose
+    every node restarts at once starts again from its deliver policy (for the events consumer,
+    DeliverPolicy.ALL: every stored event replayed to the coordinators)."""
+    # Here, not at the top: a coordinator of `--baseline REV` runs this file with REV's package.
+    from captionbus.coordinator.service import events_consumer_config
+
+    noop = subjects.stage_consumer("noop")
+    for stream, durable in ((subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER), (subjects.REQUESTS_STREAM, noop)):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(stream, durable)
+    await js.add_consumer(subjects.EVENTS_STREAM, replace(events_consumer_config(), mem_storage=memory or None))
+    await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
+        durable_name=noop, filter_subject=subjects.stage_request("noop"), ack_policy="explicit",
+        deliver_policy="all", ack_wait=10.0, max_deliver=20, mem_storage=memory or None))
+    await asyncio.sleep(1.5)
+
+
+async def floors(nc, js, n: int = 300) -> tuple[float, float]:
+    """p50 seconds of a core request/reply (echo on this connection) and of a JetStream publish
+    (ack) into the events stream, on the bus as it is now: what a hop is compared with."""
+    async def echo(msg) -> None:
+        await msg.respond(msg.data)
+
+    sub = await nc.subscribe("bench.echo", cb=echo)
+    rr, pub = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        await nc.request("bench.echo", b"x" * 200, timeout=2)
+        rr.append(time.perf_counter() - t)
+    for _ in range(n):  # stage_progress: no coordinator consumes it
+        t = time.perf_counter()
+        await js.publish(subjects.job_event("jbench-0", "stage_progress"), b"x" * 200)
+        pub.append(time.perf_counter() - t)
+    await sub.unsubscribe()
+    return pct(rr, 0.5), pct(pub, 0.5)
+
+
+HOP_COLUMNS = ("code", "coord", "load", "hop p50", "p99", "hops/s", "x rr", "x js", "CPU ms/hop: coord", "servers",
+               "workers", ">15 s")
+
+
 async def hop_bench(args, bus: Bus) -> None:
-    """Per hop p50 (one job of `--hop-count` noop nodes at a time) and hops/s (`--concurrency`
-    jobs in flight), with 1 and then 3 coordinators on the same bus, side by side."""
+    """Per hop p50/p99 (one job of `--hop-count` noop nodes at a time) and hops/s (`--concurrency`
+    jobs in flight), with 1 and then 3 coordinators on the same bus, side by side; with
+    `--baseline REV`, REV's coordinators and this tree's take turns `--repeat` times (the load of a
+    shared machine drifts over minutes; every other turn in the reverse order), each turn next to
+    the floors measured just before it."""
     graph = f"hops:{args.hop_count}"
     graphs = load_graphs(graph)
     nc, js = await bus.provisioned("hop-driver")
@@ -513,42 +576,60 @@ async def hop_bench(args, bus: Bus) -> None:
     workers = SimWorkers(nc, {"noop": args.workers}, stage_outputs(graphs), 0.0, jobs.minutes)
     await workers.start()
     rows = []
-    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    trees: list[tuple[str, Path | None, bool]] = [("this tree", None, False)]
     if args.baseline:
         # the baseline's fleet_sim.py is this one: its coordinator entry point may not exist there
         base = export_tree(args.baseline, bus.root / "baseline")
         (base / "benchmarks" / "fleet_sim.py").write_text(Path(__file__).read_text())
-        trees.insert(0, (args.baseline, base))
-    for label, tree in trees:
-        rows += await hop_rows(args, bus, jobs, graph, label, tree)
-    raw = []
-    for _ in range(300):
-        t = time.perf_counter()
-        await js.publish(subjects.job_event("jbench-0", "stage_progress"), b"{}")
-        raw.append(time.perf_counter() - t)
+        trees.insert(0, (args.baseline, base, False))
+    if args.memory_consumers:
+        trees.append(("mem cons.", None, True))
+    for turn in range(max(1, args.repeat)):
+        # A, B, then B, A: the load of a shared machine drifts, and the code measured first in a turn
+        # had the edge in every run here (the same code measured twice came out 5-35 % apart).
+        for label, tree, memory in (trees if turn % 2 == 0 else trees[::-1]):
+            if args.memory_consumers:
+                await use_consumers(js, memory)
+            rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
     workers.stop.set()
     await asyncio.gather(*workers.tasks, return_exceptions=True)
     await nc.close()
     print(f"\nhops through the coordinator: {bus.describe()}, {args.workers} simulated noop workers (0 s), "
-          f"jobs of {args.hop_count} hops; p50 over {args.chains} jobs one at a time, hops/s with "
-          f"{args.concurrency} jobs in flight x {args.rounds} rounds; {os.cpu_count()} cores; a job not "
-          f"finished in {HOP_JOB_TIMEOUT_S:g} s is counted and not waited for")
-    print(f"{'code':>14}{'coordinators':>14}{'hop p50 ms':>12}{'hop p95 ms':>12}{'hops/s':>10}{'CPU ms/hop':>12}"
-          f"{'jobs > 15 s':>12}")
-    for label, n, p50, p95, rate, cpu, lost in rows:
-        print(f"{label:>14}{n:>14}{p50 * 1e3:12.2f}{p95 * 1e3:12.2f}{rate:10.0f}{cpu * 1e3:12.2f}{lost:12}")
-    print(f"JetStream publish+ack on the same bus: p50 {pct(raw, 0.5) * 1e3:.2f} ms")
-    print(json.dumps({"bus": bus.describe(), "rows": [
-        {"code": label, "coordinators": n, "hop_p50_ms": round(p50 * 1e3, 2), "hop_p95_ms": round(p95 * 1e3, 2),
-         "hops_per_s": round(rate), "cpu_ms_per_hop": round(cpu * 1e3, 2), "jobs_over_timeout": lost}
-        for label, n, p50, p95, rate, cpu, lost in rows], "js_pub_p50_ms": round(pct(raw, 0.5) * 1e3, 3)}))
+          f"jobs of {args.hop_count} hops; p50/p99 per hop over {args.chains} jobs one at a time, hops/s with "
+          f"{args.concurrency} jobs in flight x {args.rounds} rounds; {os.cpu_count()} cores; load = 1-min "
+          f"load average when the row started; x rr, x js = hop p50 / the p50 of a core request/reply, of a "
+          f"JetStream publish+ack, measured on the bus just before; CPU per hop of the coordinators, the "
+          f"nats-servers and the simulated workers + driver; a job not finished in {HOP_JOB_TIMEOUT_S:g} s is "
+          f"counted and not waited for")
+    print("".join(f"{c:>{w}}" for c, w in zip(HOP_COLUMNS, (11, 6, 6, 9, 8, 8, 6, 6, 19, 8, 8, 6))))
+    for r in rows:
+        print(f"{r['code']:>11}{r['coordinators']:>6}{r['load']:6.1f}{r['hop_p50_ms']:9.2f}{r['hop_p99_ms']:8.2f}"
+              f"{r['hops_per_s']:8.0f}{r['x_rr']:6.1f}{r['x_js']:6.1f}{r['cpu_ms_per_hop']:19.2f}"
+              f"{r['servers_cpu_ms_per_hop']:8.2f}{r['workers_cpu_ms_per_hop']:8.2f}{r['jobs_over_timeout']:6}")
+    print("floors (p50 ms, before each turn): " + ", ".join(
+        f"{r['code']}: rr {r['rr_p50_ms']:.2f} js {r['js_pub_p50_ms']:.2f}" for r in rows if r["coordinators"] == rows[0]["coordinators"]))
+    if args.repeat > 1:
+        print("median over the turns:")
+        for label, *_ in trees:
+            for n in args.hop_coordinators:
+                mine = [r for r in rows if r["code"] == label and r["coordinators"] == n]
+                print(f"{label:>11}{n:>6}  hop p50 {median(r['hop_p50_ms'] for r in mine):7.2f} ms "
+                      f"(x rr {median(r['x_rr'] for r in mine):.1f}, x js {median(r['x_js'] for r in mine):.1f})  "
+                      f"hops/s {median(r['hops_per_s'] for r in mine):5.0f}")
+    print(json.dumps({"bus": bus.describe(), "rows": rows}))
 
 
-async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Path | None) -> list[tuple]:
+def median(values) -> float:
+    return statistics.median(values)
+
+
+async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Path | None,
+                   floor: tuple[float, float]) -> list[dict]:
     """One row per count in --hop-coordinators, adding coordinators of `tree`'s code as it goes;
     they are stopped at the end."""
     coordinators: list[CoordinatorProcess] = []
     rows = []
+    rr, js_pub = floor
     for n in args.hop_coordinators:
         while len(coordinators) < n:
             c = CoordinatorProcess(bus.url, graph, bus.root / f"hop-{label}-{len(coordinators)}",
@@ -568,16 +649,25 @@ async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Pat
 
         for _ in range(3):
             await one()  # warm-up
+        load = os.getloadavg()[0]
         per_hop = [t / args.hop_count for t in [await one() for _ in range(args.chains)] if t is not None]
-        cpu0 = sum(c.cpu_s() for c in coordinators)
+        cpu0, servers0, own0 = sum(c.cpu_s() for c in coordinators), bus.servers_cpu_s(), time.process_time()
         started = time.perf_counter()
         total = 0
         for _ in range(max(1, args.rounds)):
             done = await asyncio.gather(*(one() for _ in range(args.concurrency)))
             total += sum(args.hop_count for t in done if t is not None)
         wall = time.perf_counter() - started
-        cpu = sum(c.cpu_s() for c in coordinators) - cpu0
-        rows.append((label, n, pct(per_hop, 0.5), pct(per_hop, 0.95), total / wall, cpu / max(1, total), lost))
+        hops = max(1, total)
+        p50 = pct(per_hop, 0.5)
+        rows.append({"code": label, "coordinators": n, "load": round(load, 1), "hop_p50_ms": round(p50 * 1e3, 2),
+                     "hop_p99_ms": round(pct(per_hop, 0.99) * 1e3, 2), "hops_per_s": round(total / wall, 1),
+                     "x_rr": round(p50 / rr, 1), "x_js": round(p50 / js_pub, 1),
+                     "rr_p50_ms": round(rr * 1e3, 3), "js_pub_p50_ms": round(js_pub * 1e3, 3),
+                     "cpu_ms_per_hop": round((sum(c.cpu_s() for c in coordinators) - cpu0) / hops * 1e3, 2),
+                     "servers_cpu_ms_per_hop": round((bus.servers_cpu_s() - servers0) / hops * 1e3, 2),
+                     "workers_cpu_ms_per_hop": round((time.process_time() - own0) / hops * 1e3, 2),
+                     "jobs_over_timeout": lost})
     for c in coordinators:
         c.stop()
     return rows
@@ -596,6 +686,10 @@ def main() -> None:
         else:
             asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))
         return
+    run(build_parser().parse_args())
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coordinators", type=int, default=2)
     parser.add_argument("--workers", type=int, default=60, help="simulated workers in all (most on asr)")
@@ -614,7 +708,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the servers' and coordinators' dirs and logs")
     parser.add_argument("--baseline", metavar="REV", help="--hops: also run coordinators of git revision REV, first")
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=int, default=1, help="--hops: turns of each code (REV, this tree, REV, ...)")
+    parser.add_argument("--memory-consumers", action="store_true",
+                        help="--hops: also turns of this tree with the events and noop consumers' state in memory")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """The fleet (or with `args.hops` the hop benchmark) on a bus of its own."""
     configure_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="cb-fleet-") as tmp:
         root = Path(tempfile.mkdtemp(prefix="cb-fleet-")) if args.keep else Path(tmp)

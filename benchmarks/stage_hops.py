@@ -17,6 +17,18 @@ coordinator does between stages, minus its KV write).
 
 Services are `python -m captionbus.services serve noop` subprocesses (default; what production runs) or
 asyncio tasks in this process (`--in-process`). Starts its own nats-server in a temp dir.
+
+    python benchmarks/stage_hops.py --coordinators [--cluster] [--baseline REV] [--repeat N]
+
+instead measures hops through 1 and then 3 coordinator *processes* (issue 22's goal: p50 <= 3 ms,
+>= 1000 hops/s with 3 coordinators on a 3-node cluster), with simulated noop workers that are
+never the bottleneck (60 of them; the real runtime's noop service is measured above), on one
+nats-server or (`--cluster`) a 3-node JetStream cluster at R3 with `sync_interval: always` as in
+deploy/. Each row: hop p50/p99, hops/s with 32 jobs in flight, the ratios of the hop p50 to a core
+request/reply and to a JetStream publish+ack measured on the same bus just before, the 1-minute
+load average, and CPU per hop of the coordinators, the nats-servers and the workers + driver.
+`--baseline REV` runs REV's coordinators and this tree's in turns (`--repeat` turns each), so a
+before/after comparison shares the machine's load. It is `benchmarks/fleet_sim.py --hops`.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import fleet_sim  # noqa: E402
 from captionbus.server import EmbeddedServer  # noqa: E402
 from captionbus.contracts import StageRequest, parse_event, subjects  # noqa: E402
 from captionbus.core.artifacts import ArtifactStore  # noqa: E402
@@ -247,7 +260,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--in-process", action="store_true")
     parser.add_argument("--object-store", action="store_true", help="artifacts via the JetStream object store")
+    parser.add_argument("--coordinators", action="store_true",
+                        help="hops through 1 and 3 coordinator processes instead (benchmarks/fleet_sim.py --hops)")
+    parser.add_argument("--cluster", action="store_true", help="--coordinators: on a 3-node cluster (R3)")
+    parser.add_argument("--baseline", metavar="REV", help="--coordinators: REV's coordinators in turns with these")
+    parser.add_argument("--repeat", type=int, default=1, help="--coordinators: turns of each code")
+    parser.add_argument("--memory-consumers", action="store_true",
+                        help="--coordinators: consumers keep their state in memory (an experiment)")
     args = parser.parse_args()
+    if args.coordinators:
+        fleet_sim.run(fleet_sim.build_parser().parse_args([
+            "--hops", "--hop-count", str(args.hops), "--chains", str(args.chains),
+            "--repeat", str(args.repeat), *([] if args.cluster else ["--single-node"]),
+            *(["--baseline", args.baseline] if args.baseline else []),
+            *(["--memory-consumers"] if args.memory_consumers else [])]))
+        return
     configure_logging("WARNING")
     os.environ["CAPTIONBUS_ARTIFACTS"] = "object" if args.object_store else "local"
     with tempfile.TemporaryDirectory(prefix="cb-hops-") as tmp:

@@ -3,23 +3,29 @@
 For each job event (durable pull consumer `coordinator` on the events stream, shared by every
 coordinator of the bus; `events_in_hand` pulls at once, one job's events one at a time):
     read JobState (from KV, or the state we last read or wrote when that is recent:
-    `_remembered`) → decide → publish the stage requests → write the state, with the decided job
-    events in its `outbox`, against the revision read → publish the outbox (pipelined) → ack
-    the event. The published events leave the outbox with the job's next write (a finished
-    job's at once, a waiting job's at its next tick).
+    `_remembered`) → decide → write the state, with the decided stage requests and job events
+    in its `outbox`, against the revision read, and publish the stage requests at the same time
+    → publish the outbox's events (pipelined) → ack the event. What was published leaves the
+    outbox with the job's next write (a finished job's at once, a waiting job's at its next tick).
 
 Round trips of one stage hop, before and after (issue 22): a fetch per event, a KV read, the
 request, the state write, each event, the outbox-clearing write = 6 sequential, one event at a
-time; now the request and the state write (the event arrives on a waiting pull, the state is
-remembered, the events are pipelined and acked after), with 16 events of different jobs at once.
+time; then the request and the state write, one after the other (the event arrives on a waiting
+pull, the state is remembered, the events are pipelined and acked after), with 16 events of
+different jobs at once; now the request and the state write at once: one round trip before the
+next stage can start.
 
-Stage requests go out *before* the write; that is safe (at-least-once, no double effects):
+Stage requests go out *with* the write, not after it; that is safe (at-least-once, no double
+effects):
   * If we crash after publishing and before the write, the event is redelivered (not acked)
     and decided again from the old state. The same decision yields the same ids: stage
     requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
     inside its duplicate window (2 min). Past the window a repeated request may run twice;
     its second completion finds the node already completed (or at another attempt) and is
     ignored.
+  * If the write lands and the request does not (its publish failed, or we crashed before its
+    ack), the request is in the written state's outbox: the redelivered event finds itself
+    already applied and publishes the outbox (so does the tick loop), under the same id.
   * If the write loses a revision race (another decision for the same job landed first), we
     re-read and re-decide. A request the losing decision published refers to a (node, attempt)
     the winning state either also requested (same id, deduplicated) or never will; a result
@@ -75,7 +81,7 @@ from pydantic import ValidationError
 from captionbus.contracts import JobState, NodeStatus, StageFailed, StageRequest, parse_event, subjects
 from captionbus.contracts.events import JobEvent
 from captionbus.contracts.jobs import utcnow
-from captionbus.coordinator.decide import Decision, Policy, PublishRequest, Tick, decide, give_up, result_token
+from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.core import settings as settings_mod
 from captionbus.core.bus import event_msg_id, provision, publish_event, through_failover
@@ -99,6 +105,7 @@ PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
 # one's, benchmarks/fleet_sim.py --hops).
 EARLY_REREAD_S = (0.002, 0.005, 0.02, 0.05)
 DUPLICATE_IN_PROCESS = 10158  # JetStream: a message with this Nats-Msg-Id is being stored now
+STORAGE_TYPE_FIXED = 10012  # JetStream: "storage type can not be updated" (a consumer that exists)
 IN_PROCESS_RETRY_S = (0.005, 0.02, 0.1, 0.3)
 EVENT_ACK_WAIT_S = 30.0
 # An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
@@ -107,6 +114,52 @@ EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
 # An event that fails to apply is redelivered after 1 s times the deliveries so far; one that
 # failed 5 times is dropped and its job failed.
 EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
+
+
+# A stage request in a job state's outbox (JobState.outbox): {"stage_request": <StageRequest JSON>}.
+REQUEST_ENTRY = "stage_request"
+
+
+def request_entry(request: StageRequest) -> dict[str, Any]:
+    return {REQUEST_ENTRY: request.model_dump(mode="json")}
+
+
+def request_id(request: StageRequest) -> str:
+    return f"request:{request.key}"
+
+
+def outbox_id(raw: Mapping[str, Any]) -> str | None:
+    """What `Coordinator._published` calls an outbox entry: a request's key or an event's id."""
+    request = raw.get(REQUEST_ENTRY)
+    if isinstance(request, Mapping):
+        return f"request:{request.get('job_id')}.{request.get('node')}.{request.get('attempt')}"
+    return raw.get("event_id")
+
+
+def events_consumer_config() -> ConsumerConfig:
+    """The durable consumer every coordinator of a bus binds (created by the first; one that
+    exists with another config is used as it is)."""
+    return ConsumerConfig(
+        durable_name=subjects.COORDINATOR_CONSUMER,
+        filter_subjects=subjects.coordinator_filters(),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=EVENT_ACK_WAIT_S,
+        max_ack_pending=1024,
+    )
+
+
+def awaited(raw: Mapping[str, Any], state: JobState) -> bool:
+    """False for a request in the outbox whose node no longer waits for it (its result came, or
+    the node moved on to another attempt or was cancelled): never sent again. With several
+    coordinators the one handed a stage's result finds that stage's request in the outbox the
+    other one wrote, and cannot tell whether it was sent; resending it cost a replicated round
+    trip per hop. Every other entry (the events) is awaited."""
+    request = raw.get(REQUEST_ENTRY)
+    if not isinstance(request, Mapping):
+        return True
+    node = state.nodes.get(str(request.get("node")))
+    return node is not None and node.status == NodeStatus.requested and node.attempt == request.get("attempt")
 
 
 class StateConflict(RuntimeError):
@@ -182,6 +235,10 @@ class Coordinator:
         self._locks: dict[str, list] = {}
         # job id -> ids of the events in its stored outbox that we have published (_commit).
         self._published: dict[str, set[str]] = {}
+        # job id -> ids of its events we sent and whose acks a task awaits off the job's lock
+        # (_flush_outbox, _confirm), and those tasks.
+        self._sending: dict[str, set[str]] = {}
+        self._confirming: dict[str, set[asyncio.Task]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,6 +284,8 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)
         self._tasks = []
+        with contextlib.suppress(asyncio.TimeoutError):  # events on the wire: their acks, briefly
+            await asyncio.wait_for(self._confirmed(), PUBLISH_TIMEOUT_S)
         if self._failed is not None:
             if not self._failed.done():
                 self._failed.set_result(None)
@@ -276,18 +335,13 @@ class Coordinator:
         await self.stop()
 
     async def _ensure_consumer(self) -> None:
-        config = ConsumerConfig(
-            durable_name=subjects.COORDINATOR_CONSUMER,
-            filter_subjects=subjects.coordinator_filters(),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=EVENT_ACK_WAIT_S,
-            max_ack_pending=1024,
-        )
         try:
-            await self.js.add_consumer(subjects.EVENTS_STREAM, config)
-        except BadRequestError as e:
-            # It exists with another config (an older version of us): use it as it is.
+            await self.js.add_consumer(subjects.EVENTS_STREAM, events_consumer_config())
+        except APIError as e:
+            # It exists with another config (an older version of us, or an operator's choice such
+            # as memory storage, which the server refuses to change with a 500): use it as it is.
+            if not isinstance(e, BadRequestError) and e.err_code != STORAGE_TYPE_FIXED:
+                raise
             log.warning("coordinator consumer exists with another config; binding to it", error=str(e))
 
     # ------------------------------------------------------------ events
@@ -532,25 +586,46 @@ class Coordinator:
             self._running.add(job_id)
 
     async def _commit(self, job_id: str, decision: Decision, revision: int | None, jlog: Any) -> None:
-        """Carry out a decision: stage requests, then the state write (raises
-        KeyWrongLastSequenceError when it loses the race), then the job events.
+        """Carry out a decision: the stage requests and the state write at once (the write
+        raises KeyWrongLastSequenceError when it loses the race), then the job events.
 
-        The events are written into the state's outbox with the decision and published only
-        once that write succeeded, so a decision that lost the race never announces anything.
-        A running job's outbox is not cleared by a write of its own: the events we published
-        leave it with the job's next write (or the tick loop's, when the job waits), which
-        took a second state write off each stage hop. The requests of one decision (a film's
-        window of chunks) go out at once, their acks awaited together.
+        The requests and the events are written into the state's outbox with the decision. The
+        requests go out together with that write, not before it: one round trip on a hop's
+        path instead of two (on the 3-node cluster each is a replicated, fsynced store, ~2 ms;
+        on the 2-core machine of README's figures a hop waits for CPU instead, and its p50 did
+        not move: benchmarks/stage_hops.py --coordinators). A request whose publish failed, or whose coordinator died
+        before its ack, is in the written state's outbox and goes out again from there (the
+        redelivered event finds itself applied and flushes the outbox; the tick loop does the
+        same); one published by a decision whose write lost the race refers to a (node,
+        attempt) the winning state either also requested (same `Nats-Msg-Id`, deduplicated) or
+        never will (its result fails the attempt check). The events are published only once the
+        write succeeded, so a decision that lost the race never announces anything.
+        A running job's outbox is not cleared by a write of its own: what we published leaves
+        it with the job's next write (or the tick loop's, when the job waits), which took a
+        second state write off each stage hop.
         """
-        requests = [action.request for action in decision.actions if isinstance(action, PublishRequest)]
-        await asyncio.gather(*(self._publish_request(request) for request in requests))
+        requests = decision.requests
         state = decision.state
         published = self._published.get(job_id, set())
-        outbox = [*(raw for raw in state.outbox if raw.get("event_id") not in published),
+        outbox = [*(raw for raw in state.outbox if outbox_id(raw) not in published and awaited(raw, state)),
+                  *(request_entry(request) for request in requests),
                   *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
-        written = await self._write_state(job_id, state, revision)
-        self._published[job_id] = set()
+        written, *sent = await asyncio.gather(
+            self._write_state(job_id, state, revision),
+            *(self._publish_request(request) for request in requests), return_exceptions=True)
+        if isinstance(written, BaseException):
+            raise written
+        # What we published of the outbox before this write is out of it now; what was confirmed
+        # since (the acks of earlier events, _confirm) and this write's requests are in it.
+        kept = {outbox_id(raw) for raw in outbox}
+        self._published[job_id] = {entry for entry in self._published.get(job_id, ()) if entry in kept} | {
+            request_id(request) for request, error in zip(requests, sent) if error is None}
+        failed = next((error for error in sent if error is not None), None)
+        if failed is not None:
+            # Written, not sent: the redelivered event (or the next tick) sends it from the outbox.
+            self._running.add(job_id)
+            raise failed
         await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
 
     async def _publish_request(self, request: StageRequest) -> None:
@@ -571,34 +646,57 @@ class Coordinator:
 
     async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any,
                             clear: bool = True) -> None:
-        """Publish the events waiting in `state`'s outbox that we have not published yet, in
-        order and pipelined (one round trip for all), then (`clear`) write the state without
-        them. Never raises: what is not published stays in the state, and the tick loop tries
-        again."""
+        """Publish the requests and events waiting in `state`'s outbox that we have not published
+        yet (all at once, the events in order: one round trip), then (`clear`) write the state
+        without them. Never raises: what is not published stays in the state, and the tick loop tries
+        again.
+
+        Without `clear` (a running job's own write) the events' acks are awaited by a task of
+        their own (`_confirm`), not under the job's lock: the next event of the job (its next
+        stage's result, which a fast stage sends within that round trip) is decided at once
+        instead of one more replicated store later. That is safe because the events are in the
+        written outbox until confirmed: a later write of the job keeps those not confirmed yet,
+        and its flush does not send them twice while their acks are awaited; one that fails
+        is sent again by the tick loop; a clearing write first waits for every ack."""
         if not state.outbox:
             return
+        if clear:
+            await self._confirmed(job_id)
         published = self._published.setdefault(job_id, set())
+        sending = self._sending.get(job_id, set())
         try:
-            acks = []
+            acks, requests = [], []
             for raw in state.outbox:
-                if raw.get("event_id") in published:
+                if outbox_id(raw) in published or outbox_id(raw) in sending or not awaited(raw, state):
                     continue
                 try:
+                    if REQUEST_ENTRY in raw:
+                        requests.append(StageRequest.model_validate(raw[REQUEST_ENTRY]))
+                        continue
                     event = parse_event(raw)
                 except ValidationError as e:
-                    jlog.error("unreadable event in the job's outbox dropped", error=str(e).splitlines()[0])
+                    jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
                     continue
                 acks.append((event.event_id, await self.js.publish_async(
                     subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
                     headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})))
+            # Requests a write went out without (a lost ack, a dead coordinator, or another
+            # coordinator's that we cannot tell from those): again, under the same ids.
+            await asyncio.wait_for(asyncio.gather(*(self._publish_request(r) for r in requests)), PUBLISH_TIMEOUT_S)
+            published.update(request_id(r) for r in requests)
+            if not clear:
+                self._running.add(job_id)  # the tick loop clears it if no event does first
+                if acks:
+                    self._sending.setdefault(job_id, set()).update(event_id for event_id, _ in acks)
+                    task = asyncio.create_task(self._confirm(job_id, acks, jlog))
+                    self._confirming.setdefault(job_id, set()).add(task)
+                    task.add_done_callback(lambda done: self._confirm_done(job_id, done))
+                return
             for event_id, ack in acks:
                 await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
                 published.add(event_id)
-            if clear:
-                await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
-                self._published.pop(job_id, None)
-            else:
-                self._running.add(job_id)  # the tick loop clears it if no event does first
+            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
+            self._published.pop(job_id, None)
         except KeyWrongLastSequenceError:
             # The state moved on; its writer carried these events along and publishes them too
             # (same ids: JetStream drops the repeats).
@@ -607,6 +705,37 @@ class Coordinator:
         except Exception as e:
             jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
             self._running.add(job_id)
+
+    async def _confirm(self, job_id: str, acks: list[tuple[str, asyncio.Future]], jlog: Any) -> None:
+        """Await the acks of events `_flush_outbox` sent for a running job; an event whose ack
+        failed stays in the job's outbox, and the tick loop sends it again."""
+        failed = None
+        for event_id, ack in acks:
+            try:
+                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+            except Exception as e:
+                failed = failed or e
+                continue
+            finally:
+                self._sending.get(job_id, set()).discard(event_id)
+            self._published.setdefault(job_id, set()).add(event_id)
+        if failed is not None:
+            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(failed))
+            self._running.add(job_id)
+
+    def _confirm_done(self, job_id: str, task: asyncio.Task) -> None:
+        tasks = self._confirming.get(job_id, set())
+        tasks.discard(task)
+        if not tasks:
+            self._confirming.pop(job_id, None)
+            if not self._sending.get(job_id, True):
+                self._sending.pop(job_id, None)
+
+    async def _confirmed(self, job_id: str | None = None) -> None:
+        """Until the events sent for `job_id` (every job: None) are confirmed or failed."""
+        tasks = [task for job, jobs in self._confirming.items() if job_id in (None, job) for task in jobs]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _publish_event(self, event: JobEvent) -> None:
         await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first

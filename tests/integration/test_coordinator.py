@@ -27,9 +27,9 @@ from captionbus.contracts import (
     parse_event,
     subjects,
 )
-from captionbus.coordinator.decide import NODE_RETRY, Policy
+from captionbus.coordinator.decide import NODE_RETRY, Policy, decide
 from captionbus.coordinator.graph import Workflow
-from captionbus.coordinator.service import EVENT_RETRY, Coordinator
+from captionbus.coordinator.service import EVENT_RETRY, Coordinator, request_entry
 from captionbus.core.bus import StagePolicy, ensure_stage_consumer, provision
 
 # The bus adapter is tested on a linear graph (demux -> asr -> subtitle_gen -> mux) under the name
@@ -441,6 +441,79 @@ def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_se
             cleared = await bus.state_when("job9", lambda s: not getattr(s, "outbox", ["?"]))
         assert published.event_id == "job9.completed" and published.outputs == done.outputs
         assert cleared.status == JobStatus.completed
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_request_left_in_the_outbox_is_published_by_the_next_coordinator(nats_server):
+    async def scenario(bus: Bus):
+        # A coordinator wrote the state that requests demux (the request in its outbox, sent at
+        # the same time as the write) and died before the request was stored.
+        spec = JobSpec(job_id="job9r", input=INPUT, source_language="en")
+        decision = decide(None, JobSubmitted(job_id="job9r", spec=spec), GRAPHS["transcribe"],
+                          datetime.now(timezone.utc), POLICY)
+        [request] = decision.requests
+        state = decision.state.model_copy(update={"outbox": [request_entry(request)]})
+        await bus.kv.create("job9r", state.model_dump_json().encode())
+        async with bus.coordinator():
+            [taken] = await bus.answer("demux")
+            await bus.answer("asr", "subtitle_gen", "mux")
+            done = await bus.finished("job9r")
+        assert (taken.node, taken.attempt) == ("demux", 1)  # the written attempt, not a retry
+        assert done.status == JobStatus.completed and done.nodes["demux"].attempt == 1
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_request_whose_publish_failed_after_its_write_goes_out_from_the_outbox(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=30,
+                                  event_retry=replace(EVENT_RETRY, initial_s=0.05))
+        publish = coordinator._publish_request
+        lost: list[str] = []
+
+        async def lose_the_first(request: StageRequest) -> None:
+            if not lost:  # the write lands, the request's ack is lost (a blip, a dying connection)
+                lost.append(request.key)
+                raise nats.errors.TimeoutError
+            await publish(request)
+
+        coordinator._publish_request = lose_the_first
+        async with coordinator:
+            await submit(bus.js, "job9p")
+            [taken] = await bus.answer("demux")
+            await bus.answer("asr", "subtitle_gen", "mux")
+            done = await bus.finished("job9p")
+        assert lost == ["job9p.demux.1"] and (taken.node, taken.attempt) == ("demux", 1)
+        assert done.status == JobStatus.completed and done.nodes["demux"].attempt == 1
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_job_event_whose_ack_failed_off_the_jobs_lock_is_sent_again(nats_server):
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        publish_async = coordinator.js.publish_async
+        lost: list[str] = []
+
+        async def lose_the_first_requested(subject: str, payload: bytes = b"", **kw):
+            if subject.endswith(".stage_requested") and not lost:  # never sent; its ack fails
+                lost.append(subject)
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(nats.errors.TimeoutError())
+                return failed
+            return await publish_async(subject, payload, **kw)
+
+        coordinator.js.publish_async = lose_the_first_requested
+        async with coordinator:
+            await submit(bus.js, "job9e")
+            await bus.answer("demux", "asr", "subtitle_gen", "mux")
+            await event_when(bus.js, "job9e", "completed")
+            done = await bus.state_when("job9e", lambda s: s.status.finished and not s.outbox)
+        requested = [e.node for e in await bus.events("job9e") if e.kind == "stage_requested"]
+        assert lost == ["captionbus.job.job9e.stage_requested"]
+        assert sorted(requested) == sorted(["demux", "asr", "subtitle_gen", "mux"])  # each once, none lost
+        assert done.status == JobStatus.completed
 
     on_bus(nats_server, scenario)
 

@@ -19,6 +19,7 @@ from captionbus.contracts import (
 )
 from captionbus.coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_up
 from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
+from captionbus.coordinator.service import awaited, outbox_id, request_entry, request_id
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 # demux -> asr -> subtitle_gen -> mux: the decide() tests need a linear graph, not today's transcribe
@@ -424,6 +425,19 @@ def test_decide_carries_the_outbox_along():
     state = d.state.model_copy(update={"outbox": pending})
     assert step(Decision(state), completed("demux")).state.outbox == pending
     assert state.outbox == pending and submit().state.outbox == []
+
+
+def test_an_outbox_request_is_awaited_only_while_its_node_waits_for_that_attempt():
+    d = submit()
+    [request] = d.requests
+    entry, event = request_entry(request), {"kind": "started", "event_id": "j1.started"}
+    assert outbox_id(entry) == request_id(request) == f"request:{request.key}"
+    assert awaited(entry, d.state) and awaited(event, d.state)
+    later = step(d, completed(request.node))  # its result came: never sent again
+    assert not awaited(entry, later.state) and awaited(event, later.state)
+    retried = d.state.model_copy(update={"nodes": {**d.state.nodes, request.node: d.state.nodes[request.node].model_copy(
+        update={"attempt": request.attempt + 1})}})
+    assert not awaited(entry, retried)  # another attempt is what the node waits for
 
 
 def test_a_join_takes_a_failed_branch_whole_or_not_at_all():
