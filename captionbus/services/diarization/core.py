@@ -39,6 +39,7 @@ STEP_S = 0.75
 FRAME_S = 0.01
 MIN_WINDOW_S = 0.4  # a region shorter than this carries too little voice for an embedding
 MIN_TURN_S = 0.3
+AGGLOMERATE_BLOCK = 1000  # windows agglomerated at once (memory: see _over_cluster)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,30 @@ def _agglomerate(vectors: np.ndarray, n_clusters: int | None, threshold: float) 
     return model.fit_predict(vectors)
 
 
+def _over_cluster(vectors: np.ndarray, threshold: float, block: int | None = None) -> np.ndarray:
+    """`_agglomerate(vectors, None, threshold)` in bounded memory: at most `block` windows are
+    agglomerated at once. Longer inputs (in time order) are over-clustered block by block, and the
+    blocks' clusters are agglomerated again by their centroids (recursively while there are more
+    than `block`), so every window ends up in a cluster of the whole film. Average linkage holds n(n-1)/2 float64 distances (scipy's condensed matrix, plus the
+    copies scikit-learn makes): 1793 windows of the 32-minute dialogue are 13 MB per copy, the ~10 000
+    windows of a 2-hour film would be 400 MB; blocks of 1000 keep it to 4 MB per copy whatever the
+    length (measured in docs/speakers.md: the same clusters on `long30` with and without blocks)."""
+    n = len(vectors)
+    block = block or AGGLOMERATE_BLOCK
+    if n <= block:
+        return _agglomerate(vectors, None, threshold)
+    labels = np.empty(n, dtype=int)
+    centroids: list[np.ndarray] = []
+    for lo in range(0, n, block):
+        part = vectors[lo:lo + block]
+        sub = np.unique(_agglomerate(part, None, threshold), return_inverse=True)[1]
+        labels[lo:lo + block] = len(centroids) + sub
+        centroids += list(_centroids(part, sub, range(int(sub.max()) + 1)))
+    if len(centroids) >= n:  # nothing merged inside any block: no progress to recurse on
+        return labels
+    return _over_cluster(np.stack(centroids), threshold, block)[labels]
+
+
 def _fold_small(vectors: np.ndarray, labels: np.ndarray, min_windows: int, keep_at_least: int) -> np.ndarray:
     """Windows of clusters with fewer than `min_windows` windows go to the nearest big cluster's
     centroid (the `keep_at_least` biggest clusters always stay). Labels come back as 0..k-1."""
@@ -203,19 +228,22 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
     settings = settings or AUTO_SETTINGS["campplus"]
     if len(windows) == 0:
         return np.zeros(0, dtype=int)
-    vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))
+    order = np.argsort(windows.starts, kind="stable")  # blocks of _over_cluster are spans of film time
+    vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))[order]
     n = len(vectors)
-    labels = _agglomerate(vectors, None, settings.window_distance)
+    labels = _over_cluster(vectors, settings.window_distance)
     labels = _fold_small(vectors, labels, settings.min_windows, keep_at_least=min(count.min, n))
     if labels.max() + 1 < count.min:  # over-clustering found too few: ask for the minimum
         labels = _agglomerate(vectors, min(count.min, n), 0.0)
     labels = _merge_centroids(vectors, labels, settings.merge_similarity, min(count.min, n), count.max)
-    # relabel by first appearance in time, so "speaker 0" is whoever speaks first
-    order = np.argsort(windows.starts, kind="stable")
+    # relabel by first appearance in time, so "speaker 0" is whoever speaks first (labels are in
+    # time order here), and put the windows back in their given order
     first_seen: dict[int, int] = {}
-    for i in order:
-        first_seen.setdefault(int(labels[i]), len(first_seen))
-    return np.array([first_seen[int(label)] for label in labels], dtype=int)
+    for label in labels:
+        first_seen.setdefault(int(label), len(first_seen))
+    out = np.empty(n, dtype=int)
+    out[order] = [first_seen[int(label)] for label in labels]
+    return out
 
 
 def speaker_name(label: int) -> str:
