@@ -49,6 +49,14 @@ class AutoSettings:
     window_distance: float  # average-linkage cosine distance that stops the over-clustering
     merge_similarity: float  # centroids at least this alike (cosine) are one speaker
     min_windows: int = 5  # a cluster of fewer windows (~4 s of speech) is not a speaker of its own
+    # ... nor one of fewer than this share of all windows. Why: on the 32-minute dialogue a 9-window
+    # cluster (0.5 % of 1793 windows, 8 s of one speaker's lines) had its centroid at 0.46 to its own
+    # speaker's main cluster, as alike as two real speakers' centroids there (0.46): a centroid of
+    # a few windows is too noisy for the centroid threshold, so size has to decide (docs/speakers.md)
+    min_share: float = 0.01
+
+    def min_size(self, n_windows: int) -> int:
+        return max(self.min_windows, int(np.ceil(self.min_share * n_windows)))
 
 
 AUTO_SETTINGS = {
@@ -152,26 +160,25 @@ def _agglomerate(vectors: np.ndarray, n_clusters: int | None, threshold: float) 
 
 def _over_cluster(vectors: np.ndarray, threshold: float, block: int | None = None) -> np.ndarray:
     """`_agglomerate(vectors, None, threshold)` in bounded memory: at most `block` windows are
-    agglomerated at once. Longer inputs (in time order) are over-clustered block by block, and the
-    blocks' clusters are agglomerated again by their centroids (recursively while there are more
-    than `block`), so every window ends up in a cluster of the whole film. Average linkage holds n(n-1)/2 float64 distances (scipy's condensed matrix, plus the
-    copies scikit-learn makes): 1793 windows of the 32-minute dialogue are 13 MB per copy, the ~10 000
-    windows of a 2-hour film would be 400 MB; blocks of 1000 keep it to 4 MB per copy whatever the
-    length (measured in docs/speakers.md: the same clusters on `long30` with and without blocks)."""
+    agglomerated at once. Longer inputs (in time order) are over-clustered block by block and every
+    block's clusters are kept apart: joining them is the next steps' work (`_fold_small`,
+    `_merge_centroids`), which compare centroids with the threshold calibrated for centroids.
+    (Agglomerating the blocks' centroids again with the window-level `threshold` joined different
+    speakers: centroids are far more alike than single windows; 32-minute dialogue: 3 speakers of
+    4, DER 22.4 %.) Average linkage holds n(n-1)/2 float64 distances (scipy's condensed matrix,
+    plus what scikit-learn copies): 1793 windows of the 32-minute dialogue are 13 MB a copy, the
+    ~10 000 windows of a 2-hour film would be 400 MB; blocks of 1000 keep it to 4 MB a copy."""
     n = len(vectors)
     block = block or AGGLOMERATE_BLOCK
     if n <= block:
         return _agglomerate(vectors, None, threshold)
     labels = np.empty(n, dtype=int)
-    centroids: list[np.ndarray] = []
+    count = 0
     for lo in range(0, n, block):
-        part = vectors[lo:lo + block]
-        sub = np.unique(_agglomerate(part, None, threshold), return_inverse=True)[1]
-        labels[lo:lo + block] = len(centroids) + sub
-        centroids += list(_centroids(part, sub, range(int(sub.max()) + 1)))
-    if len(centroids) >= n:  # nothing merged inside any block: no progress to recurse on
-        return labels
-    return _over_cluster(np.stack(centroids), threshold, block)[labels]
+        sub = np.unique(_agglomerate(vectors[lo:lo + block], None, threshold), return_inverse=True)[1]
+        labels[lo:lo + block] = count + sub
+        count += int(sub.max()) + 1
+    return labels
 
 
 def _fold_small(vectors: np.ndarray, labels: np.ndarray, min_windows: int, keep_at_least: int) -> np.ndarray:
@@ -219,8 +226,9 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
             ) -> np.ndarray:
     """One speaker label (0..k-1, in order of first appearance) per window.
 
-    Over-cluster (average linkage stopped at `settings.window_distance`), fold clusters of fewer
-    than `settings.min_windows` windows into their nearest big one, then merge clusters whose
+    Over-cluster (average linkage stopped at `settings.window_distance`, in blocks of
+    AGGLOMERATE_BLOCK windows), fold clusters of fewer than `settings.min_size(n)` windows
+    (min_windows, or min_share of all windows on long films) into their nearest big one, then merge clusters whose
     centroids are at least `settings.merge_similarity` alike, keeping the count within MIN-MAX (a
     fixed N is MIN = MAX = N: the closest centroids merge until N are left). A plain
     agglomerative cut into N was worse: on the music-bed dialogue it spent clusters on a few
@@ -232,7 +240,7 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
     vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))[order]
     n = len(vectors)
     labels = _over_cluster(vectors, settings.window_distance)
-    labels = _fold_small(vectors, labels, settings.min_windows, keep_at_least=min(count.min, n))
+    labels = _fold_small(vectors, labels, settings.min_size(n), keep_at_least=min(count.min, n))
     if labels.max() + 1 < count.min:  # over-clustering found too few: ask for the minimum
         labels = _agglomerate(vectors, min(count.min, n), 0.0)
     labels = _merge_centroids(vectors, labels, settings.merge_similarity, min(count.min, n), count.max)
