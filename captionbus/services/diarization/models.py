@@ -41,7 +41,13 @@ DEFAULT_FILES = {
     "segmentation-3.0": "pyannote-segmentation-3.0/pytorch_model.bin",
     "segmentation": "pyannote-segmentation/pytorch_model.bin",
 }
-BATCH = 64  # windows per forward pass (1.5 s each: a few MB of features)
+# Windows per forward pass. Why 8, not 64: the batch's activations are most of the memory. CAM++
+# keeps every layer's output inside its dense blocks (concatenations of up to 1024 channels), about
+# 10 MB a 1.5 s window: one thread, a batch of 32 raised peak RSS by 310 MB over a batch of 8 (668 ->
+# 985 MB). The stage's peak on the 59 s dialogue: 1065 MB (64, 2 threads), 792 MB (8, 1 thread). CPU per window
+# does not depend on it (one thread: 0.065 s at 1, 0.050 at 8, 0.051 at 32; windows of distinct
+# lengths 0.055, so the many window shapes cost nothing measurable). docs/speakers.md.
+BATCH = 8
 
 
 @dataclass

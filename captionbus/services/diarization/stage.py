@@ -8,10 +8,9 @@ measured best; `embedder` picks Resemblyzer or the d-vector), all windows are cl
 most. The audio is read block by block (BLOCK_S of film at a time, only the regions inside it:
 captionbus.services.audio.read_wav seeks) and only one 192-d vector per window is kept; progress is
 reported per block (and a cancelled job stops at the next one). Measured through this handler
-(docs/speakers.md, load average 10-16 on 2 cores): 59 s of four voices DER 1.6 %, 4/4 speakers,
-peak RSS 1065 MB; 32 minutes DER 2.8 %, 5/4 (4/4 and 2.3 % since core.AutoSettings.min_share),
-CPU 0.24 s per second of audio, peak RSS 1924 MB -- not flat: the samples and vectors are small,
-something in the embedding grows (docs/speakers.md says what is suspected).
+(benchmarks/diarization.py, docs/speakers.md, 1 thread, load average ~5 on 2 cores): 59 s of four
+voices DER 1.6 %, 4/4 speakers, peak RSS 792-832 MB; 32 minutes DER 2.3 %, 4/4, wall RTF 0.050,
+CPU 0.038 s per second of audio, peak RSS 906-915 MB (733 MB after setup).
 
 Why one request per film, also in the chunked workflows (not one per chunk): speaker labels only
 mean something if every window of the film is clustered together -- "SPEAKER_01" in chunk 1 must
@@ -21,8 +20,8 @@ is cheap next to asr (CAM++ RTF 0.05-0.12 on the 32-minute dialogue on a quiet m
 docs/speakers.md) and runs in parallel with it (it needs only demux's audio and the vad regions);
 transcript_join waits for both. On a film so long that one request is too slow, the windows
 already carry film times (core.WindowEmbeddings.concat), so per-chunk embedding with one global
-clustering step is the way to split it. Clustering is O(windows^2) in memory: ~2400 windows for 30 min
-of speech is 46 MB of distances; a 2-hour film of continuous speech ~10 000 windows, 0.8 GB.
+clustering step is the way to split it. The over-clustering runs in blocks of 1000 windows
+(core.AGGLOMERATE_BLOCK), so its distances stay ~4 MB a copy however long the film.
 
 The labels are SPEAKER_00, SPEAKER_01, ... in order of first appearance. The output names the
 models and package versions that made it (`models`, `versions`). Audio of zero length or with no
