@@ -10,15 +10,17 @@ and batch size (issue 22, item 5: the stack's wall within 1.05x the bare loop's)
 What each side does, per clip (the default: the language is detected on both sides):
 - bare whisperx (the whisperx env's interpreter, one process, the model loaded once before the
   clock starts): `whisperx.load_audio` (ffmpeg to 16 kHz), `pipeline.transcribe(audio,
-  batch_size=4)`: language detection on the first 30 s, pyannote VAD, batched decode of the speech
-  windows. Segments with their times; no word times (whisperx's `align` needs a wav2vec2 model,
+  batch_size=4)`: language detection on the first 30 s, the VAD (whisperx's pyannote, or the
+  Silero model faster-whisper bundles, the one the stack's vad stage runs: --bare-vad, default
+  both loops), batched decode of the speech windows. Segments with their times; no word times (whisperx's `align` needs a wav2vec2 model,
   and none exists offline; captionbus's `transcribe` workflow does not align either).
 - warm stack (`captionbus up -w transcribe --no-dashboard`, its services ready before the clock
   starts; all N uploaded and submitted at once, as N `captionbus submit` would, then every job
   followed to its end): demux (ffmpeg to a 16 kHz WAV + probe), Silero VAD, chunk (one chunk for
   a clip under CAPTIONBUS_CHUNK_ABOVE_S), language detection (an asr request; skipped with
   --language), asr (the same whisperx pipeline and batched decode, on the VAD's regions instead of
-  pyannote's, plus Whisper's cross-attention word times: one more encoder pass per 30 s window),
+  pyannote's, plus word times by Whisper's cross-attention alignment: one more encoder pass per
+  30 s window),
   transcript_join, subtitle_gen (SRT + VTT), mux (mp4 + mkv with the subtitles). So the stack
   does more per clip than the bare loop: word times, subtitles and muxed videos.
 The stage cache is off (every number is work). Clips: eSpeak NG sentences drawn from a
@@ -76,7 +78,7 @@ ENDINGS = ("before the storm arrived.", "on a cold Monday morning.", "while the 
            "without saying a single word.", "under the bright street lamps.", "in the middle of the market.",
            "just before midnight.")
 BARE = r'''
-import json, sys, time
+import json, os, sys, time
 args = json.loads(sys.argv[1])
 import torch, whisperx
 torch.set_num_threads(args["threads"])
@@ -110,7 +112,7 @@ if args["vad"] == "silero":
 
     model.vad_model = Silero()
 print(json.dumps({"load_s": time.perf_counter() - t}), flush=True)
-started = time.perf_counter()
+started, cpu = time.perf_counter(), sum(os.times()[:4])  # this process and its ffmpeg children
 for clip in args["clips"]:
     a = time.perf_counter()
     audio = whisperx.load_audio(clip)
@@ -119,7 +121,7 @@ for clip in args["clips"]:
     c = time.perf_counter()
     print(json.dumps({"clip": clip, "load_audio_s": b - a, "transcribe_s": c - b, "language": result["language"],
                       "text": " ".join(s["text"].strip() for s in result["segments"])}), flush=True)
-print(json.dumps({"wall_s": time.perf_counter() - started}), flush=True)
+print(json.dumps({"wall_s": time.perf_counter() - started, "cpu_s": sum(os.times()[:4]) - cpu}), flush=True)
 '''
 SPEAK = r'''
 import json, sys, wave
@@ -130,6 +132,25 @@ engine = _Engine()
 for out, text, voice, wpm in json.loads(sys.stdin.read()):
     _write_wav(Path(out), engine.speak(text, voice, wpm), engine.rate)
 '''
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system, with reaped children's) of `root` and every process under it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(proc.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
+    tree, total = {root}, 0.0
+    for _ in range(6):  # up -> services -> ffmpeg: a few levels
+        tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+    for pid in tree:
+        total += stats.get(pid, (0, 0.0))[1]
+    return total
 
 
 def load_average() -> str:
@@ -221,7 +242,7 @@ def bare(clips: list[Path], language: str | None, threads: int, model: Path, vad
         raise SystemExit(f"bare whisperx failed (rc {done.returncode}): {done.stderr[-3000:]}")
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     per_clip = [line for line in lines if "clip" in line]
-    return {"load_s": lines[0]["load_s"], "wall_s": lines[-1]["wall_s"], "clips": per_clip}
+    return {"load_s": lines[0]["load_s"], "wall_s": lines[-1]["wall_s"], "cpu_s": lines[-1]["cpu_s"], "clips": per_clip}
 
 
 # ---------------------------------------------------------------- the warm stack
@@ -288,6 +309,7 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
                 all_done.set()
 
     sub = await nc.subscribe(subjects.EVENTS_WILDCARD, cb=on_msg)
+    cpu = tree_cpu_s(up.proc.pid) + sum(os.times()[:2])
     started, started_wall = time.perf_counter(), time.time()
     specs = await asyncio.gather(*(submit(js, store, clip, source_language=language) for clip in clips))
     submitted = time.perf_counter() - started
@@ -296,6 +318,7 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
         all_done.set()
     await all_done.wait()
     wall = time.perf_counter() - started
+    cpu = tree_cpu_s(up.proc.pid) + sum(os.times()[:2]) - cpu
     await sub.unsubscribe()
     await nc.drain()
     failed = {job: kind for job, kind in ended.items() if job in wanted and kind != "completed"}
@@ -306,7 +329,7 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
         for _, event in events[job]:
             if event.kind == "stage_completed" and event.metrics.get("cache_hit"):
                 raise SystemExit(f"{event.node} came from the stage cache: this would measure nothing")
-    return {"wall_s": wall, "submit_s": submitted, "start": started_wall,
+    return {"wall_s": wall, "cpu_s": cpu, "submit_s": submitted, "start": started_wall,
             "events": {job: [e for _, e in events[job]] for job in wanted}}
 
 
@@ -317,14 +340,14 @@ def where_the_time_went(result: dict) -> None:
     before_asr, after_asr, job_walls = [], [], []
     asr_spans = []
     for events in result["events"].values():
-        requested = {}
         submitted = next(e.time.timestamp() for e in events if e.kind == "submitted")
         end = next(e.time.timestamp() for e in events if e.kind in TERMINAL_KINDS)
         job_walls.append(end - submitted)
+        # the coordinator publishes a request's event after the request: a fast stage's
+        # completion can arrive first
+        requested = {e.node: e.time.timestamp() for e in events if e.kind == "stage_requested"}
         for e in events:
-            if e.kind == "stage_requested":
-                requested[e.node] = e.time.timestamp()
-            elif e.kind == "stage_completed":
+            if e.kind == "stage_completed":
                 m = e.metrics
                 row = per_stage["language" if e.node == "language" else e.stage]
                 row["handle"].append(m.get("handle_s", 0.0))
@@ -433,12 +456,17 @@ def main() -> None:
               + ", ".join(f"bare ({vad}) {statistics.mean(wer(spoken[Path(c['clip']).name], c['text']) for c in b['clips']):.3f}"
                           for vad, b in bares.items())
               + f", stack {statistics.mean(wer(spoken[name], text) for name, text in texts.items()):.3f}")
-    print(f"\n{'side':<48}{'wall s':>9}{'per clip s':>12}{'x realtime':>12}{'stack / it':>12}")
+    # CPU seconds beside the wall: on a shared machine a side's wall follows the load while it
+    # ran; its CPU seconds much less so (the bare loop's process and its ffmpeg children; every
+    # process of the stack, nats-server and ffmpeg included, and this client).
+    print(f"\n{'side':<48}{'wall s':>9}{'per clip s':>12}{'x realtime':>12}{'stack / it':>12}{'CPU s':>9}"
+          f"{'stack / it':>12}")
     for vad, b in bares.items():
         print(f"{f'bare whisperx loop, {vad} VAD (model loaded once)':<48}{b['wall_s']:>9.1f}"
-              f"{b['wall_s'] / len(clips):>12.2f}{audio_s / b['wall_s']:>12.1f}{w['wall_s'] / b['wall_s']:>11.2f}x")
+              f"{b['wall_s'] / len(clips):>12.2f}{audio_s / b['wall_s']:>12.1f}{w['wall_s'] / b['wall_s']:>11.2f}x"
+              f"{b['cpu_s']:>9.1f}{w['cpu_s'] / b['cpu_s']:>11.2f}x")
     print(f"{'warm captionbus up, all submitted at once':<48}{w['wall_s']:>9.1f}{w['wall_s'] / len(clips):>12.2f}"
-          f"{audio_s / w['wall_s']:>12.1f}")
+          f"{audio_s / w['wall_s']:>12.1f}{'':>12}{w['cpu_s']:>9.1f}")
     print(f"issue 22 asks the stack <= 1.05x the bare loop; language: {args.language or 'detected per clip on both sides'}; "
           f"load average at the end {load_average()}")
 
