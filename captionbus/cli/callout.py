@@ -22,7 +22,9 @@ def auth_callout() -> None:
 @click.option("--seed-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the new signing key (mode 0600); refused if it exists.")
 def keygen(seed_file: Path) -> None:
-    """Make the callout's signing key; prints the public key, the servers' `auth_callout.issuer`."""
+    """Make the callout's signing key.
+
+    Prints its public key: the servers' `auth_callout.issuer`."""
     from captionbus.authcallout import new_account_seed, public_key
 
     if seed_file.exists():
