@@ -277,26 +277,6 @@ def test_large_file_is_streamed_not_held_in_memory(nats_server, tmp_path):
     assert peaks["get"] < 16 * 1024 * 1024, peaks
 
 
-def test_get_outpaces_nats_py(nats_server, tmp_path):
-    """A loose guard on the reason this module reads chunks itself (benchmarks/artifacts.py
-    has the real numbers): nats-py's get waits up to 0.25 s per flow-control round."""
-    src = _random_file(tmp_path / "input" / "a.bin", 32 * 1024 * 1024)
-
-    async def body(js, producer, consumer):
-        obj = await js.object_store(subjects.ARTIFACTS_BUCKET)
-        ref = await producer.put(src)
-        t0 = time.perf_counter()
-        await consumer.get(ref)
-        ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with open(tmp_path / "np.bin", "wb") as f:
-            await obj.get(ref.key, writeinto=f)
-        theirs = time.perf_counter() - t0
-        assert ours * 1.5 < theirs, (ours, theirs)
-
-    run(nats_server, tmp_path, body)
-
-
 def _read_through_nats_py(nats_server, tmp_path, monkeypatch) -> None:
     """A round trip that must go through transfer.ChunkReader (the direct reader is unavailable)."""
     src = _random_file(tmp_path / "input" / "a.bin", 3 * CHUNK + 11)
