@@ -30,7 +30,9 @@ def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_pa
            "CAPTIONBUS_HOME": str(home)}
     env.pop("NATS_URL", None)
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up", "-w", "translate"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up", "-w", "translate",
+                           # optional stages start only when named (up --with, envs.workflow_stages)
+                           "--with", "source_separation", "--with", "vad_pyannote"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until((home / "nats" / "url").exists, 60, "the embedded server's url file")
 
