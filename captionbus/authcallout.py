@@ -43,6 +43,7 @@ import hmac
 import json
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ QUEUE = "captionbus-auth-callout"
 # nats-server's default for `allow_responses: true` (one reply, within two minutes)
 RESPONSE_TTL_NS = 120 * 10**9
 JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
+GRANTED_KEPT = 1000
 
 
 # --- the subset of the NATS configuration format that accounts.conf / roles.conf use ----------------
@@ -271,7 +273,9 @@ class Callout:
     users: dict[str, Account]
     seed: str
     account: str = "$G"  # the account the fleet's users are in (accounts.conf defines none: the global one)
-    granted: list[dict] = field(default_factory=list)  # what it let in (user, prefix, client), newest last
+    # what it let in (user, prefix, client), newest last: the last GRANTED_KEPT only, since the service
+    # lives as long as the fleet and every connection and reconnect adds one
+    granted: deque[dict] = field(default_factory=lambda: deque(maxlen=GRANTED_KEPT))
     _verified: set = field(default_factory=set)
 
     def __post_init__(self):
