@@ -280,6 +280,17 @@ INBOX_PREFIX_ENV = "CAPTIONBUS_NATS_INBOX_PREFIX"
 _INBOX_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+def login_of(url: str, settings: Settings) -> tuple[str | None, str | None]:
+    """(user, password) this process logs in with: CAPTIONBUS_NATS_USER/_PASSWORD, else the
+    `user:password@` of the first server URL (percent-decoded), else (None, None)."""
+    if settings.nats_user:
+        return settings.nats_user, settings.nats_password
+    first = server_urls(url)[0]
+    split = urlsplit(first if "://" in first else f"nats://{first}")
+    return (unquote(split.username) if split.username else None,
+            unquote(split.password) if split.password else None)
+
+
 def inbox_prefix(url: str, settings: Settings) -> str | None:
     """The reply-subject prefix of this process's connection: CAPTIONBUS_NATS_INBOX_PREFIX, else
     `_INBOX_<user>` for the user the settings or the URL name, else None (nats-py's `_INBOX`: a
@@ -289,8 +300,7 @@ def inbox_prefix(url: str, settings: Settings) -> str | None:
         if not all(_INBOX_TOKEN.fullmatch(part) for part in chosen.split(".")):
             raise BusError(f"{INBOX_PREFIX_ENV}={chosen!r}: not a NATS subject prefix (letters, digits, _ and -)")
         return chosen
-    first = server_urls(url)[0]
-    user = settings.nats_user or urlsplit(first if "://" in first else f"nats://{first}").username
+    user, _ = login_of(url, settings)
     if not user:
         return None
     if not _INBOX_TOKEN.fullmatch(user):
@@ -318,10 +328,7 @@ def callout_inbox_prefix(user: str, key: str) -> str:
 def callout_login(url: str, settings: Settings) -> dict:
     """nats-py options for a bus behind the auth callout: the token `{"user", "pass", "key"}` (a key
     made now, one per connection) and the reply prefix it will be granted."""
-    first = server_urls(url)[0]
-    split = urlsplit(first if "://" in first else f"nats://{first}")
-    user = settings.nats_user or (unquote(split.username) if split.username else None)
-    password = settings.nats_password if settings.nats_user else (unquote(split.password) if split.password else None)
+    user, password = login_of(url, settings)
     if not user or password is None:
         raise BusError("CAPTIONBUS_NATS_AUTH_CALLOUT needs a user and password "
                        "(CAPTIONBUS_NATS_USER/_PASSWORD or user:password@ in NATS_URL)")
