@@ -74,3 +74,19 @@ def ffprobe_path(settings: settings_mod.Settings | None = None) -> str | None:
         return explicit
     return shutil.which("ffprobe")
 
+
+# Demuxers that read one self-contained file. Left out on purpose: hls, dash, concat, image2,
+# tee, sdp/rtp/rtsp, lavfi, ffmetadata ... anything that opens other resources named in the input.
+ALLOWED_DEMUXERS = (
+    "mov", "mp4", "m4a", "3gp", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "asf",
+    "ogg", "wav", "w64", "mp3", "flac", "aac", "ac3", "eac3", "aiff", "caf", "mxf", "nut", "dv",
+    "amr", "au", "wv", "ape", "dts", "truehd", "mlp", "rm", "gxf", "wtv", "ivf", "h264", "hevc",
+    "m4v", "mpegvideo", "yuv4mpegpipe", "opus", "loas", "dhav",
+)
+FORMAT_WHITELIST = ",".join(ALLOWED_DEMUXERS)
+INPUT_GUARD = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
+
+
+def file_url(path: Path) -> str:
+    """`file:` URL for ffmpeg: absolute, so '-name.mp4' or 'a:b.mp4' are plain file names."""
+    return "file:" + str(Path(path).resolve())

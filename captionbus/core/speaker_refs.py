@@ -75,15 +75,30 @@ def convert(source: Path, dest: Path, what: str) -> Path:
     2-10 s long; ReferenceError (one line) otherwise."""
     if not source.is_file():
         raise ReferenceError(f"{what}: no such file")
-    done = subprocess.run(
-        [mediatools.ffmpeg_path(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source),
-         "-t", str(DECODE_LIMIT_S), "-vn", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", str(dest)],
-        capture_output=True, text=True, timeout=120, check=False)
+    # The input guard of every FFmpeg input (core.mediatools.INPUT_GUARD): only the file protocol and
+    # self-contained containers, so a clip that is really an HLS playlist or a concat list cannot make
+    # FFmpeg read other files of this host (tests/unit/test_speaker_refs.py tries one). Ten seconds of
+    # audio decodes in well under a second: 20 s is a bound, not an estimate.
+    try:
+        done = subprocess.run(
+            [mediatools.ffmpeg_path(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+             *mediatools.INPUT_GUARD, "-i", mediatools.file_url(source), "-t", str(DECODE_LIMIT_S), "-vn",
+             "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", mediatools.file_url(dest)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, check=False)
+    except mediatools.MediaToolMissing as e:
+        raise ReferenceError(f"{what}: {e}") from None
+    except subprocess.TimeoutExpired:
+        raise ReferenceError(f"{what}: FFmpeg took over 20 s to decode it") from None
     if done.returncode != 0 or not dest.is_file():
         last = (done.stderr.strip().splitlines() or ["no audio stream"])[-1]
+        # the caller sees why, never this host's paths
+        last = last.replace(mediatools.file_url(source), "the clip").replace(str(source.resolve()), "the clip")
         raise ReferenceError(f"{what} is not audio FFmpeg can read ({last})")
-    with wave.open(str(dest), "rb") as w:
-        seconds = w.getnframes() / w.getframerate()
+    try:
+        with wave.open(str(dest), "rb") as w:
+            seconds = w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError) as e:
+        raise ReferenceError(f"{what}: FFmpeg wrote no readable audio ({e})") from None
     if seconds < REFERENCE_MIN_S - SLACK_S:
         raise ReferenceError(f"{what} is {seconds:.1f} s long; a reference clip is "
                              f"{REFERENCE_MIN_S:g}-{REFERENCE_MAX_S:g} s of one speaker")

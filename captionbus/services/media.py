@@ -31,23 +31,13 @@ from typing import Callable
 from captionbus.core import mediatools
 from captionbus.services.runtime.errors import BadInput
 
-# Demuxers that read one self-contained file. Left out on purpose: hls, dash, concat, image2,
-# tee, sdp/rtp/rtsp, lavfi, ffmetadata ... anything that opens other resources named in the input.
-ALLOWED_DEMUXERS = (
-    "mov", "mp4", "m4a", "3gp", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "asf",
-    "ogg", "wav", "w64", "mp3", "flac", "aac", "ac3", "eac3", "aiff", "caf", "mxf", "nut", "dv",
-    "amr", "au", "wv", "ape", "dts", "truehd", "mlp", "rm", "gxf", "wtv", "ivf", "h264", "hevc",
-    "m4v", "mpegvideo", "yuv4mpegpipe", "opus", "loas", "dhav",
-)
-FORMAT_WHITELIST = ",".join(ALLOWED_DEMUXERS)
-INPUT_GUARD = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
+# The input guard (which demuxers and protocols an input may use) is core.mediatools': the gateway
+# converts known-speaker clips with it too.
+ALLOWED_DEMUXERS, FORMAT_WHITELIST, INPUT_GUARD = (
+    mediatools.ALLOWED_DEMUXERS, mediatools.FORMAT_WHITELIST, mediatools.INPUT_GUARD)
+file_url = mediatools.file_url
 
 PROBE_TIMEOUT_S = 60
-
-
-def file_url(path: Path) -> str:
-    """`file:` URL for ffmpeg: absolute, so '-name.mp4' or 'a:b.mp4' are plain file names."""
-    return "file:" + str(Path(path).resolve())
 
 
 @dataclass

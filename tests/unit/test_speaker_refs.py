@@ -84,6 +84,22 @@ def test_a_clip_becomes_16k_mono_wav_and_its_length_is_checked(tmp_path):
         speaker_refs.convert(tmp_path / "missing.wav", tmp_path / "m16.wav", "clip m")
 
 
+def test_a_playlist_clip_cannot_make_ffmpeg_read_other_files_of_the_host(tmp_path):
+    """The attack a reviewer ran: an HLS playlist sent as a data URL that names a local mp3 (another
+    tenant's upload); without the input guard FFmpeg decoded that file into the caller's reference."""
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "up").mkdir()
+    victim = tone(tmp_path / "victim" / "secret.mp3", 4)
+    playlist = (f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:4.0,\n{victim}\n#EXT-X-ENDLIST\n").encode()
+    url = "data:audio/x-mpegurl;base64," + base64.b64encode(playlist).decode()
+    raw = speaker_refs.from_data_url(url, tmp_path / "up" / "reference-0.raw", "known_speaker_references[0]")
+    with pytest.raises(speaker_refs.ReferenceError, match=r"^known_speaker_references\[0\] is not audio FFmpeg can read") as e:
+        speaker_refs.convert(raw, tmp_path / "up" / "reference-0.wav", "known_speaker_references[0]")
+    assert str(tmp_path) not in str(e.value)  # and the caller is not told this host's paths
+    assert not (tmp_path / "up" / "reference-0.wav").exists() or \
+        (tmp_path / "up" / "reference-0.wav").stat().st_size < 1000
+
+
 @pytest.mark.parametrize("flag,message", [
     ("Anna", "use NAME=CLIP"), ("=a.wav", "use NAME=CLIP"), ("Anna=", "use NAME=CLIP"),
     ("SPEAKER_01=a.wav", "SPEAKER_nn are the unnamed speakers' labels"), ("B=a.wav", "their places"),
