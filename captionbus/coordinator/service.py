@@ -735,7 +735,10 @@ class Coordinator:
         """Until the events sent for `job_id` (every job: None) are confirmed or failed."""
         tasks = [task for job, jobs in self._confirming.items() if job_id in (None, job) for task in jobs]
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # asyncio.wait, not gather: a waiter cancelled here (stop()'s wait_for, a cancelled tick)
+            # must not cancel the confirmations, whose ids would then stay in _sending for good and
+            # be dropped from the outbox by the next clearing write
+            await asyncio.wait(tasks)
 
     async def _publish_event(self, event: JobEvent) -> None:
         await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first

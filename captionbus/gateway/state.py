@@ -252,10 +252,12 @@ class Gateway:
                      max_references: int = MAX_REFERENCES) -> str:
         """Validate and submit; the form's known_speaker_names[] / known_speaker_references[]
         (data URLs) become the diarization stage's reference clips (at most `max_references`)."""
-        group = options.get("diarization")
-        if isinstance(group, dict) and "references" in group:
-            # Artifacts are named by the door that stored them, never by a caller (another job's key).
-            raise ApiError(400, "options.diarization.references is set by the gateway: send "
+        # Artifacts are named by the door that stored them, never by a caller (another job's key).
+        # Every option group counts: the coordinator merges groups named by stage, node name or node
+        # id (coordinator.graph), so a workflow's diarization node may go by another name.
+        named = sorted(key for key, group in options.items() if isinstance(group, dict) and "references" in group)
+        if named:
+            raise ApiError(400, f"options.{named[0]}.references is set by the gateway: send "
                                 "known_speaker_names[] and known_speaker_references[] (data URLs)")
         def validate(options: dict) -> None:
             try:

@@ -573,6 +573,9 @@ def test_known_speakers_on_the_job_api_become_uploaded_reference_clips(gateway, 
     for data, message in [
         ({"options": json.dumps({"diarization": {"speakers": "auto", "references": {"Anna": ref.model_dump()}}})},
          "options.diarization.references is set by the gateway"),
+        # a node of another name (the coordinator merges groups by node name and id too)
+        ({"options": json.dumps({"who-speaks": {"references": {"Anna": ref.model_dump()}}})},
+         "options.who-speaks.references is set by the gateway"),
         ({"known_speaker_names[]": "Anna", "known_speaker_references[]": tone_data_url(tmp_path, 12)},
          "known_speaker_references[0] (Anna) is 12.0 s long; a reference clip is 2-10 s of one speaker"),
         ({"known_speaker_names[]": "Anna", "known_speaker_references[]": "data:audio/wav;base64,UklGRg=="},
