@@ -10,11 +10,13 @@ from captionbus.core.subtitles.cues import Cue
 from captionbus.core.subtitles.formats import read_subtitles
 from captionbus.core.subtitles.graphemes import display_len
 from captionbus.core.subtitles.rules import Rules
+from captionbus.core.subtitles.speakers import dashed, dialogue_words
 
 # Every rule a file can break, in report order. `sync` needs word times, so only the engine checks it.
 # speaker_line: no line holds two speakers' words (needs words with speakers: the engine's cues, our
-# JSON); dialogue: a cue holding two speakers, or starting a line with the dialogue dash, has exactly
-# two lines, each starting with the dash, one speaker each -- never three speakers in one cue.
+# JSON); dialogue: a cue holding two speakers, or a line starting with the dialogue dash and speech
+# (speakers.dialogue_words: "-20 degrees" is not one), has exactly two lines, each starting with the
+# dash, one speaker each -- never three speakers in one cue.
 RULE_NAMES = ("line_length", "line_count", "min_duration", "max_duration", "reading_speed",
               "min_gap", "overlap", "order", "speaker_line", "dialogue")
 CPS_BUCKETS = (10.0, 12.0, 15.0, 17.0, 20.0, 25.0)
@@ -86,11 +88,14 @@ def speaker_violations(i: int, cue: Cue, rules: Rules) -> list[Violation]:
         runs = _runs([w.speaker for w in cue.words])
     else:
         runs = _runs(cue.voices)
-    dashed = [bool(dash) and line.startswith(dash) and len(line) > len(dash) for line in cue.lines]
+    # a line is a speaker's by its dash only when speech follows it ("-20 degrees" is a number:
+    # speakers.dialogue_words); a cue known to hold two speakers needs the dash on both lines
+    spoken = any(dialogue_words(line, rules.dialogue_dash) is not None for line in cue.lines)
     if len(runs) > 2:
         out.append(Violation("dialogue", i, f"{len(set(runs))} speakers in {len(runs)} turns: a cue holds "
                                             f"at most two speakers, one line each"))
-    elif (len(runs) == 2 or any(dashed)) and (len(cue.lines) != 2 or not all(dashed)):
+    elif (len(runs) == 2 or spoken) and (len(cue.lines) != 2 or
+                                         not all(dashed(line, rules.dialogue_dash) for line in cue.lines)):
         what = "two speakers" if len(runs) == 2 else f"a line starting with {dash!r}"
         out.append(Violation("dialogue", i, f"{what} but not two lines each starting with {dash!r}"))
     return out

@@ -424,15 +424,13 @@ def _split_dialogue(cues: Sequence[Cue], rules: Rules) -> tuple[list[Cue], froze
     words apart and may rebuild the dialogue cue, but never joins the lines into one
     ("-Are you coming? -In a minute."). Only a cue's own lines may share a dialogue cue again:
     whether the last line of one cue and the first of the next are one person, a file doesn't say."""
-    dash = rules.dialogue_dash.strip() or rules.dialogue_dash
     out: list[Cue] = []
     pairs: set[tuple[str, str]] = set()
     for k, cue in enumerate(cues):
-        lines = [line.strip() for line in cue.lines]
-        if len(lines) < 2 or not all(line.startswith(dash) and line[len(dash):].strip() for line in lines):
+        parts = speakers.dialogue_cue(cue.lines, rules.dialogue_dash)
+        if parts is None or len(parts) < 2:  # "-20 degrees" / "-30 tomorrow" are no speakers' lines
             out.append(cue)
             continue
-        parts = [line[len(dash):].strip() for line in lines]
         labels = [f"{_PART}{k}.{n}" for n in range(len(parts))]
         pairs.update(zip(labels, labels[1:]))
         spans = _spread([display_len(p) for p in parts], cue.start_ms, cue.end_ms)

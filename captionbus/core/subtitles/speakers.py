@@ -28,7 +28,8 @@ WebVTT voice is the label).
 from __future__ import annotations
 
 import string
-from typing import Iterable, Literal, Mapping
+import unicodedata
+from typing import Iterable, Literal, Mapping, Sequence
 
 NameStyle = Literal["brackets", "colon"]
 NAME_STYLES: tuple[str, ...] = ("brackets", "colon")
@@ -37,6 +38,54 @@ NAME_STYLES: tuple[str, ...] = ("brackets", "colon")
 def appearance_order(labels: Iterable[str | None]) -> list[str]:
     """Distinct labels in order of first appearance (None, no speaker, is skipped)."""
     return list(dict.fromkeys(label for label in labels if label is not None))
+
+
+def _dash_and_rest(line: str, dash: str) -> tuple[str, str] | None:
+    mark = dash.strip() or dash  # "- " also reads "-Hi" and "-" also "- Hi": files differ in spacing
+    line = line.strip()
+    if not mark or not line.startswith(mark) or not line[len(mark):].strip():
+        return None
+    return mark, line[len(mark):]
+
+
+def dialogue_words(line: str, dash: str) -> str | None:
+    """What the speaker says on a dialogue line (`line` without its dash), or None when the line
+    is not one: only text decides here, as in a file someone hands `subs check`.
+
+    The dash is a speaker's only when it is followed by a space, or directly by the start of speech
+    (a letter, an opening quote or bracket, an ellipsis: "-Are you coming?", "-¿Vienes?",
+    "-[Anna] Hi."). Text that merely starts with the dash character is not dialogue: "-20 degrees
+    outside" (a minus sign before a number or an amount), "--" or a line of dashes ("-----",
+    "- - -"). The Netflix style the engine writes has no space after the dash, so "-20 degrees"
+    alone is ambiguous; it is read as the number. In a cue where another line is dialogue it is a
+    speaker's (dialogue_cue)."""
+    found = _dash_and_rest(line, dash)
+    if found is None:
+        return None
+    mark, rest = found
+    said = rest.lstrip()
+    first = unicodedata.category(said[0])
+    if first == "Pd" or said.startswith(mark):  # "--", "-----", "- - -"
+        return None
+    if said is rest and (first.startswith("N") or first == "Sc"):  # "-20", "-$5": a minus sign
+        return None
+    return said
+
+
+def dialogue_cue(lines: Sequence[str], dash: str) -> list[str] | None:
+    """The speakers' words, one per line, when `lines` read as a dialogue cue by their text: at
+    least one line is a dialogue line (dialogue_words) and every line starts with the dash
+    ("-Yes.", "-20 degrees." is two speakers); else None."""
+    found = [_dash_and_rest(line, dash) for line in lines]
+    if not lines or None in found or all(dialogue_words(line, dash) is None for line in lines):
+        return None
+    return [rest.strip() for _, rest in found]
+
+
+def dashed(line: str, dash: str) -> bool:
+    """Whether `line` starts with the dialogue dash and says something after it (the form every
+    line of a cue known to hold two speakers must have)."""
+    return _dash_and_rest(line, dash) is not None
 
 
 def _ordinal(key: str) -> int | None:

@@ -198,10 +198,66 @@ def _w(text, speaker):
     (_cue(["-Yes.", "-No."], voices=["A", "B"]), []),
     (_cue(["-Yes.", "-No.", "-Maybe."], voices=["A", "B", "C"]), ["dialogue"]),
     (_cue(["A well-known -5 degrees"]), []),
+    # text that starts with the dash character is no speaker's line (speakers.dialogue_words)
+    (_cue(["-20 degrees outside"]), []),
+    (_cue(["-20 degrees outside,", "and falling."]), []),
+    (_cue(["-$5 off today"]), []),
+    (_cue(["----------"]), []),
+    (_cue(["- - - - -"]), []),
+    (_cue(["--and then nothing."]), []),
+    # ... but a dash and a space, or a dash and speech, is one
+    (_cue(["- 20 degrees outside"]), ["dialogue"]),
+    (_cue(["-¿Vienes?"]), ["dialogue"]),
+    (_cue(["-Yes.", "-20 degrees."]), []),  # a dialogue cue: its other line is a speaker's too
+    (_cue(["-Yes.", "-20 degrees."], voices=["A", "B"]), []),
+    (_cue(["-Cold?", "-20 degrees.", "-Brr."]), ["dialogue"]),
 ])
 def test_checker_reports_the_speaker_rules(cue, rules_broken):
     got = sorted({v.rule for v in check_cues([cue], RULES)} & {"speaker_line", "dialogue"})
     assert got == sorted(rules_broken), check_cues([cue], RULES)
+
+
+@pytest.mark.parametrize("dash, line, said", [
+    ("-", "-Are you coming?", "Are you coming?"), ("-", "- Are you coming?", "Are you coming?"),
+    ("- ", "-Are you coming?", "Are you coming?"), ("-", "-[Anna] Hi.", "[Anna] Hi."),
+    ("-", "-...and then?", "...and then?"), ("-", '-"Go," he said.', '"Go," he said.'),
+    ("–", "–Tu viens ?", "Tu viens ?"), ("-", "- 20 degrees.", "20 degrees."),
+    ("-", "-20 degrees outside", None), ("-", "-5", None), ("–", "–20 degrés", None),
+    ("-", "-€5", None), ("-", "-----", None), ("-", "-–-", None), ("-", "- -", None),
+    ("-", "-", None), ("-", "Well -20 it is.", None), ("—", "—", None),
+])
+def test_dialogue_words_follow_the_dash_style(dash, line, said):
+    from captionbus.core.subtitles.speakers import dialogue_words
+    assert dialogue_words(line, dash) == said
+
+
+def test_subs_check_counts_no_speaker_line_for_text_starting_with_a_dash(tmp_path):
+    """`captionbus subs check` on a file whose lines start with "-" without being dialogue: a
+    temperature, a line of dashes. Before speakers.dialogue_words each was a lone dialogue line."""
+    from click.testing import CliRunner
+
+    from captionbus.subs_cli import subs
+    path = tmp_path / "weather.srt"
+    path.write_text("1\n00:00:01,000 --> 00:00:03,000\n-20 degrees outside\n\n"
+                    "2\n00:00:04,000 --> 00:00:06,000\n----------\n\n"
+                    "3\n00:00:07,000 --> 00:00:09,000\n-Cold?\n-20 degrees.\n\n", encoding="utf-8")
+    ok = CliRunner().invoke(subs, ["check", str(path)])
+    assert ok.exit_code == 0, ok.output
+    path.write_text("1\n00:00:01,000 --> 00:00:03,000\n-Are you coming?\nIn a minute.\n\n", encoding="utf-8")
+    bad = CliRunner().invoke(subs, ["check", str(path)])
+    assert bad.exit_code == 1 and "dialogue" in bad.output, bad.output
+
+
+def test_fix_does_not_split_text_starting_with_a_dash_into_speakers():
+    """A re-flow keeps "-20 ..." lines as text (they may join); a dialogue cue with a number keeps
+    its speakers' lines apart."""
+    from captionbus.core.subtitles import reflow
+    from captionbus.core.subtitles.formats import parse_subtitles
+    weather = parse_subtitles("1\n00:00:01,000 --> 00:00:04,000\n-20 degrees outside,\n-5 inside.\n\n", "srt")
+    assert [c.lines for c in reflow(weather, RULES).cues] == [["-20 degrees outside, -5 inside."]]
+    talk = parse_subtitles("1\n00:00:01,000 --> 00:00:04,000\n-Cold outside?\n-20 degrees.\n\n", "srt")
+    lines = [line.removeprefix("-") for c in reflow(talk, RULES).cues for line in c.lines]
+    assert lines == ["Cold outside?", "20 degrees."]  # a cue each (time enough) or a dialogue cue
 
 
 def test_report_counts_speaker_rules_from_a_file(tmp_path):
