@@ -21,6 +21,12 @@ Rules, in the order they run:
   sung       a segment of sustained words (median word SUNG_WORD_S or longer) is flagged "lyrics".
   suspect    kept segments that overlap speech only partly, or whose words Whisper itself was
              unsure of, are flagged "hallucination-suspect".
+
+A segment whose words or text a rule changes keeps `tokens` (the decoder's, which the gateway
+returns as OpenAI's verbose_json `tokens`) consistent with what is left: the tokens of the words it
+keeps, where each word carries its own (DecodedWord: the whisperx backend's words are timed from
+them), else None -- unknown, as the contract says, never the tokens of text that was dropped.
+mlx-whisper reports tokens per segment only, so its edited segments have None.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+from pydantic import Field
 
 from captionbus.contracts.transcript import Segment, Word
 
@@ -182,24 +190,54 @@ def _joiner(segment: Segment) -> str:
     return " " if " " in segment.text.strip() or not _unspaced(segment.text) else ""
 
 
-def _tokens(segment: Segment) -> list[Word]:
+class DecodedWord(Word):
+    """A word with the decoder's tokens that spell it, for this process only: `tokens` is left out
+    of the transcript (excluded, and a Segment writes its words as Word), it lets a segment the
+    cleaner edits keep the tokens of the words it keeps (_kept_tokens)."""
+
+    tokens: list[int] | None = Field(default=None, exclude=True)
+
+
+def _retext(word: Word, text: str) -> Word:
+    """`word` saying `text`; a DecodedWord's tokens spell the old text, so they are forgotten."""
+    if text == word.text:
+        return word
+    return word.model_copy(update={"text": text, **({"tokens": None} if isinstance(word, DecodedWord) else {})})
+
+
+def _kept_tokens(segment: Segment, words: list[Word], text: str) -> list[int] | None:
+    """The segment's decoder tokens once `words` (`text` for an untimed segment) are what is left:
+    all of them when nothing changed; the kept words' own, in order, when each has its own; else None."""
+    if segment.tokens is None:
+        return None
+    if [w.text for w in words] == [w.text for w in segment.words] and (segment.words or text == segment.text):
+        return segment.tokens
+    own = [w.tokens if isinstance(w, DecodedWord) else None for w in words]
+    if not own or any(ids is None for ids in own):
+        return None
+    return [t for ids in own for t in ids]
+
+
+def _pieces(segment: Segment) -> list[Word]:
     """The segment's words, or its text split at spaces (untimed) when it has none."""
     if segment.words:
         return [w.model_copy() for w in segment.words]
     return [Word(text=t) for t in segment.text.split()]
 
 
-def _rebuilt(segment: Segment, tokens: list[Word]) -> Segment:
-    texts = [t.text.strip() for t in tokens if t.text.strip()]
+def _rebuilt(segment: Segment, pieces: list[Word]) -> Segment:
+    texts = [t.text.strip() for t in pieces if t.text.strip()]
     text = _joiner(segment).join(texts)
     update: dict = {"text": text}
+    words: list[Word] = []
     if segment.words:
-        words = [t for t in tokens if t.text.strip()]
+        words = [t for t in pieces if t.text.strip()]
         update["words"] = words
         starts = [w.start for w in words if w.start is not None]
         ends = [w.end for w in words if w.end is not None]
         if starts and ends:
             update["start"], update["end"] = min(starts), max(ends)
+    update["tokens"] = _kept_tokens(segment, words, text)
     return segment.model_copy(update=update)
 
 
@@ -234,7 +272,7 @@ def _strip_tags(segment: Segment, report: FilterReport) -> Segment | None:
         return segment
     if not segment.words:
         text, music = strip_sound_tags(segment.text)
-        cleaned = segment.model_copy(update={"text": text})
+        cleaned = segment.model_copy(update={"text": text, "tokens": _kept_tokens(segment, [], text)})
     else:
         # Tags can span several words ("[Music", "playing]"): find them in the joined text and
         # drop the words that lie inside one; every other word stays (minus notes on its own).
@@ -251,7 +289,7 @@ def _strip_tags(segment: Segment, report: FilterReport) -> Segment | None:
                 continue
             text, _ = strip_sound_tags(word.text)
             if text:
-                kept.append(word.model_copy(update={"text": text}))
+                kept.append(_retext(word, text))
         cleaned = _rebuilt(segment, kept)
     if not normalise(cleaned.text):
         report.dropped.append(Dropped("sound_tag", segment.start, segment.end, segment.text))
@@ -296,17 +334,17 @@ def collapse_char_loops(text: str) -> str:
 
 
 def _collapse_loops(segment: Segment, report: FilterReport) -> Segment:
-    tokens = _tokens(segment)
-    keep = collapse_loops([normalise(t.text) for t in tokens])
-    changed = len(keep) < len(tokens)
-    report.loop_words_dropped += len(tokens) - len(keep)
-    tokens = [tokens[i] for i in keep]
-    for token in tokens:
-        collapsed = collapse_char_loops(token.text)
-        if collapsed != token.text:
-            token.text, changed = collapsed, True
+    pieces = _pieces(segment)
+    keep = collapse_loops([normalise(t.text) for t in pieces])
+    changed = len(keep) < len(pieces)
+    report.loop_words_dropped += len(pieces) - len(keep)
+    pieces = [pieces[i] for i in keep]
+    for k, piece in enumerate(pieces):
+        collapsed = collapse_char_loops(piece.text)
+        if collapsed != piece.text:
+            pieces[k], changed = _retext(piece, collapsed), True
             report.loop_words_dropped += 1
-    return _rebuilt(segment, tokens) if changed else segment
+    return _rebuilt(segment, pieces) if changed else segment
 
 
 def _drop_repeated_segments(segments: list[Segment], report: FilterReport) -> list[Segment]:

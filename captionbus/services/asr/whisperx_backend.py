@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from captionbus.contracts.transcript import Segment, Word
+from captionbus.services.asr.hallucination import DecodedWord
 from captionbus.services.audio import WHISPER_WINDOW_S
 
 SAMPLE_RATE = 16000
@@ -407,33 +408,32 @@ def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: st
     timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task,
                        tokens)
     words = [
-        Word(
+        DecodedWord(  # with its tokens, so the hallucination cleaner can keep a segment's consistent
             text=w["word"].strip(),
             start=round(min(start + float(w["start"]), end), 3),
             end=round(min(start + float(w["end"]), end), 3),
             score=round(float(w["probability"]), 3),
+            tokens=[int(t) for t in w["tokens"]],
         )
         for w in timed
     ]
     segments = split_into_segments(words, fallback=Segment(start=start, end=end, text=chunk["text"].strip()))
-    return with_decoder_stats(segments, [w["tokens"] for w in timed], chunk["text"], decoded)
+    return with_decoder_stats(segments, chunk["text"], decoded)
 
 
-def with_decoder_stats(segments: list[Segment], word_tokens: list[list[int]], text: str,
-                       decoded: dict | None) -> list[Segment]:
+def with_decoder_stats(segments: list[Segment], text: str, decoded: dict | None) -> list[Segment]:
     """The chunk's segments with its decoder statistics; each segment's tokens are its words'
-    (consecutive words, in order), or all the chunk's for the one segment without words."""
+    (DecodedWord.tokens, in order), or all the chunk's for the one segment without words."""
     if not decoded:
         return segments
     from faster_whisper.transcribe import get_compression_ratio
 
     shared = {"avg_logprob": decoded["avg_logprob"], "no_speech_prob": decoded["no_speech_prob"],
               "compression_ratio": float(get_compression_ratio(text.strip()))}
-    out, used = [], 0
+    out = []
     for segment in segments:
         if segment.words:
-            tokens = [int(t) for ids in word_tokens[used : used + len(segment.words)] for t in ids]
-            used += len(segment.words)
+            tokens = [t for word in segment.words for t in word.tokens]
         else:
             tokens = list(decoded["tokens"])
         out.append(segment.model_copy(update={**shared, "tokens": tokens}))

@@ -6,6 +6,7 @@ from captionbus.contracts.transcript import Segment, Word
 from captionbus.services.asr.hallucination import (
     LYRICS,
     SUSPECT,
+    DecodedWord,
     clean_segments,
     collapse_char_loops,
     collapse_loops,
@@ -218,3 +219,56 @@ def test_a_tag_keeps_every_word_around_it():
     [cleaned], report = clean_segments([segment])
     assert [w.text for w in cleaned.words] == ["we", "have", "apples", "and", "2)", "pears", "too."]
     assert not report.dropped
+
+
+# ---------------------------------------------------------------- the decoder's tokens
+
+def decoded(text: str, start: float, first_token: int = 100) -> Segment:
+    """A segment as the whisperx backend gives it: each word with its own decoder tokens (two per
+    word here), the segment's tokens all of its words'."""
+    plain = timed(text, start)
+    words = [DecodedWord(**w.model_dump(), tokens=[first_token + 2 * i, first_token + 2 * i + 1])
+             for i, w in enumerate(plain.words)]
+    return plain.model_copy(update={"words": words, "tokens": [t for w in words for t in w.tokens]})
+
+
+def test_a_segment_keeps_the_tokens_of_the_words_it_keeps():
+    """Review finding: after a drop the segment kept every decoder token (the gateway returned them
+    as verbose_json `tokens` for words that were gone)."""
+    looped = decoded("Hello. " + "Thank you. " * 10 + "Goodbye.", start=1.0)
+    [cleaned], _ = clean_segments([looped])
+    assert cleaned.text == "Hello. Thank you. Goodbye."
+    assert cleaned.tokens == [100, 101, 102, 103, 104, 105, 142, 143]
+    assert cleaned.tokens == [t for w in cleaned.words for t in w.tokens]
+
+    trailing = decoded("one two three four five", start=0.8)  # "five" lies outside the speech
+    [cleaned], _ = clean_segments([trailing], regions=[(0.0, 2.0)])
+    assert cleaned.text == "one two three four" and cleaned.tokens == trailing.tokens[:8]
+
+    tagged = decoded("[Music] We should leave now.", start=0.0)
+    [cleaned], _ = clean_segments([tagged])
+    assert cleaned.text == "We should leave now." and cleaned.tokens == tagged.tokens[2:]
+
+
+def test_tokens_no_word_carries_are_unknown_after_an_edit_not_kept():
+    """mlx-whisper reports tokens per segment only, and a word whose text a rule changed is no
+    longer spelled by its tokens: the segment's tokens are then None (unknown), never stale."""
+    plain = timed("Hello. " + "Thank you. " * 10 + "Goodbye.", start=1.0).model_copy(update={"tokens": list(range(42))})
+    [cleaned], _ = clean_segments([plain])
+    assert cleaned.text == "Hello. Thank you. Goodbye." and cleaned.tokens is None
+    untimed = Segment(start=0, end=30, text="we will we will we will we will rock you", tokens=list(range(20)))
+    [cleaned], _ = clean_segments([untimed])
+    assert cleaned.text == "we will rock you" and cleaned.tokens is None
+    noted = decoded("♪Hello there", start=0.0)  # the note goes, the word stays: its tokens spelled "♪Hello"
+    [cleaned], _ = clean_segments([noted])
+    assert cleaned.text == "Hello there" and cleaned.tokens is None
+
+
+def test_an_untouched_segment_keeps_its_tokens_and_they_stay_out_of_the_words_json():
+    for segment in (decoded("We should leave now. Now!", start=1.0),
+                    timed("We should leave now. Now!", start=1.0).model_copy(update={"tokens": [1, 2, 3]})):
+        [cleaned], _ = clean_segments([segment], regions=[(0.0, 10.0)])
+        assert cleaned.text == segment.text and cleaned.tokens == segment.tokens
+    dumped = clean_segments([decoded("(laughs) We should leave.", start=1.0)])[0][0].model_dump()
+    assert dumped["tokens"] == [102, 103, 104, 105, 106, 107]
+    assert all(set(w) == set(Word.model_fields) for w in dumped["words"]), dumped["words"]  # no word tokens
