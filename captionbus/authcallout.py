@@ -32,7 +32,8 @@ tests/security/test_delivery_binding.py runs two connections with one worker cre
 them delivered the request, the other sniffing all it may and forging a result.
 
 The server never calls out for the users in `auth_users` (this service's own login). Where it
-runs, and what happens when it does not: deploy/README.md ("Per-connection identity").
+runs, and what happens when it does not: deploy/README.md ("Per-connection identity"). How it
+reads accounts.conf (a strict subset of the NATS format, and why): read_conf.
 """
 from __future__ import annotations
 
@@ -61,104 +62,195 @@ JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 GRANTED_KEPT = 1000
 
 
-# --- the subset of the NATS configuration format that accounts.conf / roles.conf use ----------------
-
-_TOKEN = re.compile(r'''\s+|\#[^\n]*|//[^\n]*|"((?:[^"\\]|\\.)*)"|'([^']*)'|([{}\[\],:=])|([^\s{}\[\],:="'#]+)''')
-
+# --- accounts.conf / roles.conf: a documented subset of the NATS configuration format ----------------
 
 class ConfError(ValueError):
     pass
 
 
-def _tokens(text: str, source: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
+# One token: a space run, a comment, a quoted string (no backslash, no line break), a punctuation mark,
+# or a bare word. Whatever matches none of them (`;`, a backslash, `(`) is refused where it stands.
+_TOKEN = re.compile(r'''(?P<space>\s+)|(?P<comment>(?:\#|//)[^\n]*)|"(?P<dq>[^"\\\n]*)"|'(?P<sq>[^'\\\n]*)'|'''
+                    r'''(?P<punct>[{}\[\],:=])|(?P<word>[^\s{}\[\],:="'#;()\\]+)''')
+_REFUSED = {";": "`;` (a terminator: write entries on lines or between commas)",
+            "\\": "a backslash (escapes are not read here: quote the text without one)",
+            "(": "a block string `( ... )`", ")": "a block string `( ... )`",
+            '"': "a quoted string with a backslash or a line break in it",
+            "'": "a quoted string with a backslash or a line break in it"}
+_SUBSET = "captionbus/authcallout.py reads a subset of the NATS format: see read_conf"
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "str" (quoted), "word" (bare), "punct"
+    text: str
+    line: int
+
+
+def _tokens(text: str, source: str) -> list[_Token]:
+    out: list[_Token] = []
+    pos, spaced = 0, True
     while pos < len(text):
+        line = text.count("\n", 0, pos) + 1
         m = _TOKEN.match(text, pos)
         if not m:
-            raise ConfError(f"{source}: cannot read {text[pos:pos + 20]!r}")
+            what = _REFUSED.get(text[pos], repr(text[pos:pos + 20]))
+            raise ConfError(f"{source}:{line}: cannot read {what} ({_SUBSET})")
+        kind = m.lastgroup
+        if kind == "comment" and not spaced and out and out[-1].kind == "word":
+            raise ConfError(f"{source}:{line}: a comment right after {out[-1].text!r}: put a space before it "
+                            f"or quote the value ({_SUBSET})")
+        if kind in ("dq", "sq"):
+            out.append(_Token("str", m.group(kind), line))
+        elif kind in ("punct", "word"):
+            out.append(_Token(kind, m.group(kind), line))
+        spaced = kind in ("space", "comment") or kind == "punct"
         pos = m.end()
-        if m.group(1) is not None or m.group(2) is not None:
-            out.append(("str", m.group(1) if m.group(1) is not None else m.group(2)))
-        elif m.group(3):
-            out.append(("punct", m.group(3)))
-        elif m.group(4):
-            out.append(("word", m.group(4)))
     return out
 
 
 class _Parser:
-    """NATS server configuration as accounts.conf and roles.conf write it: `key: value`,
-    `key = value`, `key { ... }`, lists, quoted and bare strings, `$VARIABLE` references to
-    top-level keys, `include <file>`. Not a general parser: what it cannot read is an error."""
-
-    def __init__(self, path: Path, variables: dict | None = None):
+    def __init__(self, path: Path, variables: dict, seen: set[Path]):
         self.path = path
-        self.tokens = _tokens(path.read_text(), str(path))
+        try:
+            self.tokens = _tokens(path.read_text(), str(path))
+        except UnicodeDecodeError as error:
+            raise ConfError(f"{path}: not UTF-8 text ({error})") from None
         self.pos = 0
-        self.variables = variables if variables is not None else {}
+        self.variables = variables
+        self.seen = seen
 
-    def _peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+    def fail(self, message: str):
+        at = self.tokens[min(self.pos, len(self.tokens) - 1)].line if self.tokens else 1
+        raise ConfError(f"{self.path}:{at}: {message} ({_SUBSET})")
 
-    def _take(self):
+    def _peek(self) -> _Token | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _at(self, *punct: str) -> bool:
         token = self._peek()
-        if token[0] is None:
-            raise ConfError(f"{self.path}: unexpected end")
+        return token is not None and token.kind == "punct" and token.text in punct
+
+    def _take(self) -> _Token:
+        token = self._peek()
+        if token is None:
+            self.fail("the file ends inside a value")
         self.pos += 1
         return token
 
     def body(self, top: bool, end: str | None) -> dict:
         out: dict = {}
         while True:
-            kind, text = self._peek()
-            if kind is None and end is None:
-                return out
-            if (kind, text) == ("punct", end):
+            if self._peek() is None:
+                if end is None:
+                    return out
+                self.fail(f"a block is not closed with {end!r}")
+            if end is not None and self._at(end):
                 self.pos += 1
                 return out
-            if (kind, text) == ("punct", ","):
+            if self._at(","):
                 self.pos += 1
                 continue
-            kind, key = self._take()
-            if kind not in ("word", "str"):
-                raise ConfError(f"{self.path}: expected a key, got {key!r}")
-            if kind == "word" and key == "include":
-                _, name = self._take()
-                included = _Parser(self.path.parent / name, self.variables if top else {})
-                out.update(included.body(top, None))
+            key = self._take()
+            if key.kind not in ("word", "str"):
+                self.fail(f"expected a key, got {key.text!r}")
+            if key.kind == "word" and key.text == "include":
+                self._include(top, out)
                 continue
-            if self._peek() in (("punct", ":"), ("punct", "=")):
+            if self._at(":", "="):
                 self.pos += 1
-            out[key] = self.value()
+            elif not self._at("{"):
+                self.fail(f"expected ':' or '=' after {key.text!r}")
+            value = self.value()
+            if key.text in out:
+                self.fail(f"{key.text!r} is set twice in one block")
+            out[key.text] = value
             if top:
-                self.variables[key] = out[key]
+                self.variables[key.text] = value
+
+    def _include(self, top: bool, out: dict) -> None:
+        if not top:
+            self.fail("`include` only at the top level of a file")
+        name = self._take()
+        if name.kind not in ("word", "str"):
+            self.fail("`include` takes a file name")
+        target = (self.path.parent / name.text).resolve()
+        if target in self.seen:
+            self.fail(f"{name.text} is included twice (or includes itself)")
+        self.seen.add(target)
+        for key, value in _Parser(target, self.variables, self.seen).body(True, None).items():
+            if key in out:
+                self.fail(f"{key!r} (from {name.text}) is set twice")
+            out[key] = value
 
     def value(self):
-        kind, text = self._take()
-        if (kind, text) == ("punct", "{"):
-            return self.body(False, "}")
-        if (kind, text) == ("punct", "["):
-            items = []
-            while self._peek() != ("punct", "]"):
-                if self._peek() == ("punct", ","):
-                    self.pos += 1
-                    continue
-                items.append(self.value())
-            self.pos += 1
-            return items
-        if kind == "word" and text.startswith("$"):
-            if text[1:] not in self.variables:
-                raise ConfError(f"{self.path}: {text} is not defined (include the file that defines it first)")
-            return self.variables[text[1:]]
-        if kind == "word" and text in ("true", "false"):
-            return text == "true"
-        if kind == "punct":
-            raise ConfError(f"{self.path}: unexpected {text!r}")
-        return text
+        token = self._take()
+        if token.kind == "str":
+            return token.text
+        if token.kind == "punct":
+            if token.text == "{":
+                return self.body(False, "}")
+            if token.text == "[":
+                items = []
+                while not self._at("]"):
+                    if self._peek() is None:
+                        self.fail("a list is not closed with ']'")
+                    if self._at(","):
+                        self.pos += 1
+                        continue
+                    items.append(self.value())
+                self.pos += 1
+                return items
+            self.fail(f"unexpected {token.text!r}")
+        word = token.text
+        if word.startswith("$"):
+            if word[1:] not in self.variables:
+                self.fail(f"{word} is not a top-level key defined above it (the server would also look in "
+                          "enclosing blocks and the environment; here only top-level keys are read)")
+            return self.variables[word[1:]]
+        if word in ("true", "false"):
+            return word == "true"
+        if word.lower() in _BOOLEAN_WORDS:
+            self.fail(f"{word!r}: write true or false (the server reads {word!r} as a boolean)")
+        if word[0].isdigit() or (len(word) > 1 and word[0] in "+-." and word[1].isdigit()):
+            if word.isdigit():
+                return int(word)
+            self.fail(f"{word!r}: only whole numbers are read here (the server reads units and fractions)")
+        if "//" in word:
+            self.fail(f"{word!r}: quote a value with // in it (the server may read a comment there)")
+        return word
 
 
 def read_conf(path: Path) -> dict:
-    return _Parser(Path(path)).body(True, None)
+    """A NATS configuration file as accounts.conf and roles.conf write it, read as nats-server
+    reads it, or ConfError naming the file and line of whatever this parser does not read.
+
+    Why a parser of our own. The callout must grant what the servers would grant in static mode
+    from the same accounts.conf (one source of truth for both modes: deploy/README.md), so it reads
+    that file, and nothing on PyPI reads the NATS format (checked December 2026: the NATS packages
+    are clients and wrappers). The nearest format, HOCON, is not it: pyhocon 0.3.63 refuses
+    accounts.conf at `include ./roles.conf` and `$COORDINATOR` (HOCON writes `include "..."` and
+    `${...}`), reads `off` as the string "off" and `a: b; c: d` as a = "b; c: d". nats-server
+    itself checks a file (`nats-server -t -c FILE`; check_with_server) but does not print what it
+    read.
+
+    Why a strict subset. A reading that differs from the server's would grant other permissions
+    than static mode. So this reads only:
+
+        key: value    key = value    key { ... }     (keys bare or quoted; each once per block)
+        value: { ... }  [ ... ]  "text"  'text'  bare-word  true  false  123  $TOP_LEVEL_KEY
+        commas between entries optional; # and // comments; `include FILE` at the top level
+
+    and refuses, with the line, each form nats-server 2.15.1 accepts (`-t`) where a reading could
+    differ: `;` terminators (a bare `b;` would have been the value), backslash escapes ("b\\"c" is
+    b"c to the server), booleans other than true/false (the server reads `off`/`no` as false: read
+    as a string, `allow_responses: off` would have granted responses), numbers with units or
+    fractions (`1K`), `$VAR` from an enclosing block or the environment (the server resolves both),
+    `key value` with neither ':' nor '=' for anything but a block, block strings `( ... )`,
+    `include` inside a block, a key set twice. read_users then checks the users' fields."""
+    path = Path(path)
+    return _Parser(path, {}, {path.resolve()}).body(True, None)
 
 
 @dataclass(frozen=True)
@@ -168,27 +260,105 @@ class Account:
     permissions: dict
 
 
+_USER_KEYS = ("user", "password", "permissions")
+_PERMISSION_KEYS = ("publish", "subscribe", "allow_responses")
+
+
+def _check_permissions(block, where: str) -> None:
+    """A permissions block the callout applies whole: publish / subscribe (a subject, a list, or
+    {allow, deny}) and allow_responses (true, false or {max: N}); any other key is refused, since
+    the server would apply it and the callout would not."""
+    if not isinstance(block, dict):
+        raise ConfError(f"{where}: a block {{publish, subscribe, allow_responses}}, got {block!r}")
+    if unknown := sorted(set(block) - set(_PERMISSION_KEYS)):
+        raise ConfError(f"{where}: {', '.join(unknown)} is not applied by the callout (it applies "
+                        f"{', '.join(_PERMISSION_KEYS)})")
+    for name in ("publish", "subscribe"):
+        rule = block.get(name)
+        if rule is None:
+            continue
+        if isinstance(rule, dict) and (unknown := sorted(set(rule) - {"allow", "deny"})):
+            raise ConfError(f"{where}.{name}: {', '.join(unknown)} is not applied by the callout (allow, deny)")
+        for kind, subjects in (rule.items() if isinstance(rule, dict) else [("allow", rule)]):
+            subjects = [subjects] if isinstance(subjects, str) else subjects
+            if not isinstance(subjects, list) or not all(isinstance(s, str) and s for s in subjects):
+                raise ConfError(f"{where}.{name}.{kind}: a subject or a list of subjects, got {subjects!r}")
+    responses = block.get("allow_responses", False)
+    if isinstance(responses, dict):
+        limit = responses.get("max", 1)
+        if set(responses) - {"max"} or isinstance(limit, bool) or not isinstance(limit, int):
+            raise ConfError(f"{where}.allow_responses: true, false or {{max: N}} (the callout's responses last "
+                            f"{RESPONSE_TTL_NS // 10**9} s, the server's default; it does not apply expires)")
+    elif not isinstance(responses, bool):
+        raise ConfError(f"{where}.allow_responses: true, false or {{max: N}}, got {responses!r}")
+
+
 def read_users(path: Path) -> dict[str, Account]:
     """The users of an accounts.conf-style file: `authorization { users: [{user, password,
-    permissions: $ROLE}] }`, with the permission blocks it includes (roles.conf)."""
+    permissions: $ROLE}] }`, with the permission blocks it includes (roles.conf); read_conf says
+    which forms are read. Every user needs a permissions block (a user without one may do
+    anything), and a field the callout would not apply (nkey, account, allowed_connection_types,
+    expires ...) is refused rather than ignored."""
     conf = read_conf(path)
-    users = (conf.get("authorization") or {}).get("users")
+    if "accounts" in conf:
+        raise ConfError(f"{path}: the callout grants users of `authorization {{ users: [...] }}`, "
+                        "not of `accounts` blocks")
+    auth = conf.get("authorization")
+    users = auth.get("users") if isinstance(auth, dict) else None
     if not isinstance(users, list) or not users:
         raise ConfError(f"{path}: no `authorization {{ users: [...] }}`")
-    out = {}
-    for entry in users:
-        if not isinstance(entry, dict) or not {"user", "password"} <= entry.keys():
-            raise ConfError(f"{path}: a user entry without user and password: {entry!r}")
-        out[entry["user"]] = Account(entry["user"], entry["password"], entry.get("permissions") or {})
+    if unknown := sorted(set(auth) - {"users", "timeout"}):
+        raise ConfError(f"{path}: authorization.{unknown[0]} is not applied by the callout (it reads users)")
+    out: dict[str, Account] = {}
+    for n, entry in enumerate(users, 1):
+        where = f"{path}: authorization.users[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfError(f"{where}: a block {{user, password, permissions}}, got {entry!r}")
+        if unknown := sorted(set(entry) - set(_USER_KEYS)):
+            raise ConfError(f"{where}: {', '.join(unknown)} is not applied by the callout (it reads "
+                            f"{', '.join(_USER_KEYS)})")
+        user, password = entry.get("user"), entry.get("password")
+        if not (isinstance(user, str) and user and isinstance(password, str) and password):
+            raise ConfError(f"{where}: a user and a password, each a non-empty string")
+        if user in out:
+            raise ConfError(f"{where}: user {user!r} a second time")
+        if "permissions" not in entry:
+            raise ConfError(f"{where} ({user}): no permissions block: the user could do anything")
+        _check_permissions(entry["permissions"], f"{where} ({user}).permissions")
+        out[user] = Account(user, password, entry["permissions"])
     return out
+
+
+def check_with_server(path: Path, binary: str | None = None) -> None:
+    """Have nats-server read `path` as the servers would (`nats-server -t -c`), ConfError with its
+    words when it refuses the file: the callout then never grants from a file the servers could
+    not load (in static mode the same file is theirs). nats-server is on every host that runs the
+    callout: it runs on the NATS nodes (deploy/README.md). nats-server refuses a top-level key
+    nothing references ("unknown field"), so an accounts file must use every roles.conf block it
+    includes, as deploy/nats/accounts.conf does."""
+    import subprocess
+
+    from captionbus.core.bus import BusError
+    from captionbus.server import nats_server_binary
+
+    try:
+        done = subprocess.run([binary or nats_server_binary(), "-t", "-c", str(path)], capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired, BusError) as error:
+        raise ConfError(f"cannot have nats-server check {path}: {error}") from None
+    said = " ".join((done.stdout + done.stderr).split())
+    if done.returncode != 0:
+        raise ConfError(f"nats-server refuses {path}: {said or f'exit {done.returncode}'}")
 
 
 # --- permissions: a role block as a user JWT's, with this connection's reply prefix ------------------
 
 def _allow_deny(value) -> dict:
-    if isinstance(value, list):  # `publish: [..]` is the allow list
-        return {"allow": list(value)}
-    return {k: list(v) for k, v in (value or {}).items() if k in ("allow", "deny")}
+    if value is None:
+        return {}
+    if not isinstance(value, dict):  # `publish: "x"` / `publish: [..]` is the allow list
+        value = {"allow": value}
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in value.items() if k in ("allow", "deny")}
 
 
 def connection_permissions(block: dict, prefix: str) -> dict:

@@ -23,15 +23,20 @@ def role_variables() -> list[str]:
     return re.findall(r"^([A-Z][A-Z0-9_]*) = \{", (NATS_DEPLOY / "roles.conf").read_text(), re.M)
 
 
+def unused_roles(used) -> list[str]:
+    """`authorization.users` entries, one user nobody can log in as for each roles.conf block not
+    in `used`: nats-server refuses a config whose top-level variables are not all referenced
+    ("unknown field"), and so does `captionbus auth-callout run` (it has nats-server check its file)."""
+    used = set(used)
+    return [f'    {{user: "unused-{var.lower()}", password: "{secrets.token_hex(16)}", permissions: ${var}}}'
+            for var in role_variables() if var not in used]
+
+
 def users_block(users: dict[str, str]) -> str:
-    """`authorization.users` entries for `users` (name -> variable, password pw-<name>), plus one
-    user nobody can log in as for each block left unused: nats-server refuses a config whose
-    top-level variables are not all referenced ("unknown field")."""
+    """`authorization.users` entries for `users` (name -> variable, password pw-<name>), plus
+    unused_roles for the blocks left unused."""
     entries = [f'    {{user: "{u}", password: "pw-{u}", permissions: ${var}}}' for u, var in users.items()]
-    for var in role_variables():
-        if var not in users.values():
-            entries.append(f'    {{user: "unused-{var.lower()}", password: "{secrets.token_hex(16)}", permissions: ${var}}}')
-    return "\n".join(entries)
+    return "\n".join(entries + unused_roles(users.values()))
 
 
 @contextlib.contextmanager
@@ -94,8 +99,8 @@ def callout_server(tmp_path: Path, users: dict[str, str],
 
     conf_dir = _deploy_copy(tmp_path)
     salt = bcrypt.gensalt(rounds=4)  # fast for tests; the check is the same at any cost
-    entries = "\n".join(f'    {{user: "{u}", password: "{bcrypt.hashpw(f"pw-{u}".encode(), salt).decode()}", '
-                        f'permissions: ${var}}}' for u, var in users.items())
+    entries = "\n".join([f'    {{user: "{u}", password: "{bcrypt.hashpw(f"pw-{u}".encode(), salt).decode()}", '
+                         f'permissions: ${var}}}' for u, var in users.items()] + unused_roles(users.values()))
     accounts = conf_dir / "callout-accounts.conf"
     accounts.write_text(f"include ./roles.conf\nauthorization {{\n  users: [\n{entries}\n  ]\n}}\n")
     seed = seed or new_account_seed()

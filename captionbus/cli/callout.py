@@ -38,14 +38,15 @@ def keygen(seed_file: Path) -> None:
 
 @auth_callout.command("run")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="The users, bcrypt passwords and roles to grant (deploy/nats/accounts.conf, which includes roles.conf).")
+              help="The users, bcrypt passwords and roles to grant (deploy/nats/accounts.conf, which includes "
+                   "roles.conf); checked with `nats-server -t`.")
 @click.option("--seed-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="The signing key from `captionbus auth-callout keygen`.")
 @insecure_option
 def run(accounts: Path, seed_file: Path, insecure: bool) -> None:
     """Answer the servers' authorization requests until stopped. Log in as one of the servers'
     `auth_users` (CAPTIONBUS_NATS_USER/_PASSWORD, not in callout mode)."""
-    from captionbus.authcallout import Callout, ConfError, read_users
+    from captionbus.authcallout import Callout, ConfError, check_with_server, read_users
     from captionbus.core.bus import connect, resolve_url
     from captionbus.runner import stop_on_signals
 
@@ -55,6 +56,7 @@ def run(accounts: Path, seed_file: Path, insecure: bool) -> None:
     require_secure(url, settings, insecure)
     try:
         callout = Callout(read_users(accounts), seed_file.read_text().strip())
+        check_with_server(accounts)  # the servers could load it too (static mode reads the same file)
     except (ConfError, OSError, ValueError) as error:
         raise UserError(f"cannot load the callout's users or key: {error}") from None
 

@@ -20,7 +20,7 @@ from captionbus.server import nats_server_binary
 from captionbus.contracts import subjects
 from captionbus.core.bus import BusError, connect, require_provisioned
 from captionbus.core.settings import Settings
-from tests.natsroles import free_ports, users_block, violations
+from tests.natsroles import free_ports, unused_roles, users_block, violations
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 ROLES = ("coordinator", "worker", "client", "dashboard")
@@ -202,8 +202,8 @@ def test_the_secured_cluster_behind_auth_callouts_gives_each_connection_its_own_
     callout_conf = (DEPLOY / "callout.conf").read_text().replace("$2a$11$REPLACE_ME", "pw-auth-callout")
     (conf_dir / "callout.conf").write_text(callout_conf.replace("AREPLACE_ME_WITH_THE_KEYGEN_PUBLIC_KEY", public_key(seed)))
     salt = bcrypt.gensalt(rounds=4)
-    users = "\n".join(f'    {{user: {r}, password: "{bcrypt.hashpw(f"pw-{r}".encode(), salt).decode()}", permissions: ${r.upper()}}}'
-                      for r in CALLOUT_ROLES)
+    users = "\n".join([f'    {{user: {r}, password: "{bcrypt.hashpw(f"pw-{r}".encode(), salt).decode()}", permissions: ${r.upper()}}}'
+                       for r in CALLOUT_ROLES] + unused_roles(r.upper() for r in CALLOUT_ROLES))
     accounts = conf_dir / "accounts.conf"
     accounts.write_text(f"include ./roles.conf\nauthorization {{\n  users: [\n{users}\n  ]\n}}\n")
     with _cluster(tmp_path, "include ./callout.conf") as (ports, tls, _procs):

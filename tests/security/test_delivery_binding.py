@@ -175,7 +175,7 @@ def test_the_auth_callout_command_makes_its_key_and_lets_connections_in(tmp_path
     import subprocess
     import sys
 
-    from tests.natsroles import CALLOUT_USER, callout_server
+    from tests.natsroles import CALLOUT_USER, callout_server, role_variables
 
     root = str(NATS_DEPLOY.parents[1])
     env = {**os.environ, "PYTHONPATH": root, "CAPTIONBUS_HOME": str(tmp_path / "home")}
@@ -190,7 +190,8 @@ def test_the_auth_callout_command_makes_its_key_and_lets_connections_in(tmp_path
         service = subprocess.Popen([*cli, "run", "--accounts", str(accounts), "--seed-file", str(seed_file)],
                                    env={**env, "NATS_URL": urls[CALLOUT_USER]}, stderr=subprocess.PIPE, text=True)
         try:
-            assert "auth callout answering for 1 users" in service.stderr.readline()
+            # the worker, and one unused user per other roles.conf block (natsroles.unused_roles)
+            assert f"auth callout answering for {len(role_variables())} users" in service.stderr.readline()
 
             async def login():
                 nc = await connect(urls["worker"], "worker", Settings(nats_auth_callout=True))
