@@ -74,6 +74,10 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     assert len(asr_chunks) >= 2, record["nodes"].keys()  # the film was really cut
     assert [n for n in record["nodes"] if n.startswith("diarization")] == ["diarization"]  # one per film
     assert record["nodes"]["diarization"]["status"] == "completed"
+    summary = record["nodes"]["diarization"]["speaker_turns"]  # on the record every role reads
+    labels = [s["label"] for s in summary["speakers"]]
+    lane = [{"start": start, "end": end, "speaker": labels[n]} for start, end, n in summary["turns"]]
+    assert summary["turns_total"] == len(lane) >= 3 and not summary["turns_truncated"]
 
     transcript = json.loads((out / "dialogue.transcript.json").read_text())
     words = [w for s in transcript["segments"] for w in s["words"] if w["start"] is not None]
@@ -82,6 +86,8 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     for segment in transcript["segments"]:
         assert segment["speaker"] in {w["speaker"] for w in segment["words"]}
 
+    assert {w["speaker"] for w in words} == set(labels) and labels == ["SPEAKER_00", "Carl", "SPEAKER_02"]
+    check_words_follow_turns(words, lane)
     # the named voice is Carl, the others keep their labels
     check_voices(truth, [(w["start"], w["end"], w["speaker"]) for w in words],
                  ["SPEAKER_00", "Carl", "SPEAKER_02"])
@@ -192,9 +198,14 @@ def check_dashboard_lane(stack, job_id: str, tmp_path: Path) -> None:
     assert lane["node"] == node and lane["turns"] == turns["turns"] and not lane["turns_truncated"]
     assert [s["label"] for s in lane["speakers"]] == turns["speakers"] and len(turns["speakers"]) == 3
     assert {w["speaker"] for w in words} == set(turns["speakers"])
+    check_words_follow_turns(words, lane["turns"])
+
+
+def check_words_follow_turns(words: list[dict], turns: list[dict]) -> None:
+    """Every timed word that a turn reaches carries the label of the turn that covers most of it."""
     for w in words:
-        cover = {t["speaker"]: 0.0 for t in lane["turns"]}
-        for t in lane["turns"]:
+        cover = {t["speaker"]: 0.0 for t in turns}
+        for t in turns:
             cover[t["speaker"]] += max(0.0, min(w["end"], t["end"]) - max(w["start"], t["start"]))
         if max(cover.values()) > 0:
             assert w["speaker"] == max(cover, key=cover.get), (w, cover)
