@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.ids import JobId, NodeId, StageName
 from captionbus.contracts.jobs import JobSpec, utcnow
+from captionbus.contracts.speech import TurnSummary
 from captionbus.contracts.version import SCHEMA_VERSION
 
 
@@ -63,6 +64,9 @@ class StageCompleted(_StageEvent):
     items: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(
         default_factory=dict,
         description="output -> how many items it lists (a workflow may fan out over them: for_each: node.output)")
+    speaker_turns: TurnSummary | None = Field(
+        None, description="the diarization stage's turns, bounded (TurnSummary): kept on the node's record in "
+                          "the job state, where every role that reads jobs sees them without the artifact")
 
 
 class StageFailed(_StageEvent):

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.ids import JobId, Token
+from captionbus.contracts.speech import TurnSummary
 from captionbus.contracts.version import SCHEMA_VERSION
 
 
@@ -83,6 +84,7 @@ class NodeState(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
     items: dict[str, int] = Field(default_factory=dict, description="output -> items it lists (StageCompleted.items)")
+    speaker_turns: TurnSummary | None = Field(None, description="who speaks when, bounded (StageCompleted.speaker_turns)")
 
 
 class JobState(BaseModel):

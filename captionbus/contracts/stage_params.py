@@ -15,6 +15,7 @@ language must take `BranchParams`.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -44,6 +45,24 @@ def one_as_list(value: Any) -> Any:
 
 def _auto_is_none(value: Any) -> Any:
     return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
+
+
+# Unicode categories a name shown on screen may not hold: Cc (C0, DEL and the C1 controls
+# U+0080-U+009F), Cf (format controls: the bidi marks, embeddings, overrides and isolates
+# U+200E/F, U+061C, U+202A-202E, U+2066-2069 reorder the text around them -- a name can make the
+# rest of a subtitle line read backwards; U+200B-200D and U+FEFF are invisible, so two names that
+# look alike differ), Cs (lone surrogates) and Zl / Zp (U+2028 / U+2029 break the line).
+INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def visible_text(value: str) -> str:
+    """An AfterValidator for names shown on screen (speaker names, known speakers' names):
+    refuses the characters of the INVISIBLE categories, naming the first."""
+    for char in value:
+        if unicodedata.category(char) in INVISIBLE:
+            raise ValueError(f"U+{ord(char):04X} ({unicodedata.category(char)}) is a control or invisible "
+                             "formatting character; a name holds visible characters only")
+    return value
 
 
 # Bounds go inside the Annotated, before NOT_BOOL, so they reach the JSON Schema.

@@ -276,6 +276,7 @@ class _Step:
             node.outputs = dict(event.outputs)
             node.metrics = dict(event.metrics)
             node.items = dict(event.items)
+            node.speaker_turns = event.speaker_turns
             self._plan = None  # a list it produced may add nodes (for_each: node.output)
             node.finished_at = self.now
             node.progress = 1.0

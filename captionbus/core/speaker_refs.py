@@ -47,7 +47,10 @@ def check_name(name: str) -> str:
     try:
         check_reference_names({name: None})
         return _NAME.validate_python(name)
-    except ValidationError:
+    except ValidationError as e:
+        invisible = next((err["ctx"]["error"] for err in e.errors() if err["type"] == "value_error"), None)
+        if invisible is not None:  # stage_params.visible_text: say which character, as ascii
+            raise ReferenceError(f"speaker name {ascii(name)}: {invisible}") from None
         raise ReferenceError(f"speaker name {name!r}: 1-40 characters, no spaces, none of < > & [ ] = , "
                              "(Anna, Dr.Ng, agent)") from None
     except ValueError as e:

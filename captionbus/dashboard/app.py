@@ -38,7 +38,6 @@ from captionbus.web.auth import TokenAuth, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
 from captionbus.contracts import JobState, subjects
-from captionbus.contracts.speech import SpeakerTurns
 from captionbus.core.artifacts import ArtifactError, ArtifactMissing, safe_name
 
 log = structlog.get_logger("captionbus.dashboard")
@@ -159,32 +158,22 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
                             headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
 
     async def speakers(request: Request) -> Response:
-        """The job's speaker turns for its timeline: the diarization node's own result (turns.json,
-        the artifact the bus recorded as that node's output: what transcript_join put on the
-        words of transcript.json), read as downloads are (only where this dashboard may read
-        artifacts; 403 with the reason otherwise), summarised per speaker."""
-        downloads, found = live.downloads, job_of(request)
+        """The job's speaker turns for its timeline, as the bus recorded them on the diarization
+        node (NodeState.speaker_turns: the turns of its turns.json, the artifact transcript_join
+        put on the words of transcript.json, the first 2000 and every speaker's seconds), read
+        from the job state every role reads: no artifact read, so a read-only dashboard has them."""
+        found = job_of(request)
         if isinstance(found, Response):
             return found
         job_id, state = found
         node = speaker_node(state) if state is not None else None
         if node is None:
             return error_response(404, f"job {job_id} has no speaker turns (no completed diarization node)")
-        if not downloads.enabled:
-            return error_response(403, downloads.reason.replace("downloads are off", "speaker turns need artifact reads"))
-        got = await opened(state.nodes[node].outputs["turns"])
-        if isinstance(got, Response):
-            return got
-        path, tmp = got
-        try:
-            turns = SpeakerTurns.model_validate_json(path.read_bytes())
-        except ValueError as e:  # a record that cannot be read is an error, never an empty lane
-            return error_response(502, f"{node}'s turns.json is not speaker turns: {str(e).splitlines()[0]}",
-                                  "bad_gateway")
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return JSONResponse(speaker_lane(node, turns))
+        summary = state.nodes[node].speaker_turns
+        if summary is None:  # a failed read is an error, never an empty lane
+            return error_response(404, f"job {job_id}'s {node} completed without speaker turns on its record "
+                                       "(a diarization worker older than this dashboard; retry the node to record them)")
+        return JSONResponse(speaker_lane(node, summary))
 
     async def session(request: Request) -> Response:
         """What this browser may do: the page shows cancel and retry only where `actions`."""

@@ -42,6 +42,7 @@ from captionbus.client import workers as worker_replies
 from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
 from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
+from captionbus.contracts.speech import TurnSummary
 
 log = structlog.get_logger("captionbus.dashboard")
 
@@ -486,24 +487,22 @@ def _history_row(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def speaker_node(state: JobState) -> str | None:
-    """The job's completed diarization node with a `turns` output (one per film), or None."""
+    """The job's completed diarization node (one per film), or None."""
     return next((name for name, node in state.nodes.items()
-                 if node.stage == "diarization" and node.status.value == "completed" and "turns" in node.outputs), None)
+                 if node.stage == "diarization" and node.status.value == "completed"), None)
 
 
-def speaker_lane(node: str, turns: Any) -> dict[str, Any]:
-    """A SpeakerTurns as the job page's speaker lane: the turns on the film's time axis, and per
-    speaker (in order of first appearance) its seconds of speech and turns."""
-    seconds: dict[str, float] = {label: 0.0 for label in turns.speakers}
-    counts: dict[str, int] = {label: 0 for label in turns.speakers}
-    for turn in turns.turns:
-        seconds[turn.speaker] = seconds.get(turn.speaker, 0.0) + turn.end - turn.start
-        counts[turn.speaker] = counts.get(turn.speaker, 0) + 1
-    total = sum(seconds.values()) or 1.0
-    return {"node": node, "duration": turns.duration, "requested": turns.requested, "models": turns.models,
-            "speakers": [{"label": label, "seconds": round(seconds[label], 2), "turns": counts[label],
-                          "share": round(seconds[label] / total, 4), "color": n} for n, label in enumerate(seconds)],
-            "turns": [{"start": t.start, "end": t.end, "speaker": t.speaker} for t in turns.turns]}
+def speaker_lane(node: str, summary: TurnSummary) -> dict[str, Any]:
+    """The turns the bus recorded on the diarization node (NodeState.speaker_turns, a bounded copy of
+    its turns.json) as the job page's speaker lane: the turns on the film's time axis, and per speaker
+    (in order of first appearance) its seconds of speech and turns, counted over every turn."""
+    total = sum(s.seconds for s in summary.speakers) or 1.0
+    labels = [s.label for s in summary.speakers]
+    return {"node": node, "duration": summary.duration, "requested": summary.requested,
+            "speakers": [{"label": s.label, "seconds": round(s.seconds, 2), "turns": s.turns,
+                          "share": round(s.seconds / total, 4), "color": n} for n, s in enumerate(summary.speakers)],
+            "turns": [{"start": start, "end": end, "speaker": labels[speaker]} for start, end, speaker in summary.turns],
+            "turns_total": summary.turns_total, "turns_truncated": summary.turns_truncated}
 
 
 def job_detail(state: JobState, events: list[dict[str, Any]], downloads: bool = False) -> dict[str, Any]:

@@ -48,16 +48,22 @@ def slot(gw: GatewayDep, caller: CallerDep):
 Slot = Annotated[None, Depends(slot)]
 
 
-async def form(request: Request, gw: GatewayDep, _slot: Slot, _js: JetStream):
-    """The streamed form; its upload is removed once the request is answered."""
-    parsed: Form = await read_form(request, gw.config.max_upload_bytes, gw.upload_dir)
-    try:
-        yield parsed
-    finally:
-        parsed.cleanup()
+def form(references: bool):
+    """A dependency: the streamed form (with known speakers' reference clips where `references`,
+    forms.REFERENCES_TOTAL); its upload is removed once the request is answered."""
+
+    async def streamed(request: Request, gw: GatewayDep, _slot: Slot, _js: JetStream):
+        parsed: Form = await read_form(request, gw.config.max_upload_bytes, gw.upload_dir, references=references)
+        try:
+            yield parsed
+        finally:
+            parsed.cleanup()
+
+    return streamed
 
 
-FormDep = Annotated[Form, Depends(form)]
+FormDep = Annotated[Form, Depends(form(references=False))]
+SpeakersFormDep = Annotated[Form, Depends(form(references=True))]  # routes that take known speakers
 
 
 async def owned_job(job_id: str, gw: GatewayDep, caller: CallerDep, js: JetStream) -> JobState:

@@ -22,12 +22,17 @@ from starlette.requests import Request
 from captionbus.web.errors import ApiError, body_read
 
 FIELD_LIMIT = 4 * 1024  # bytes: a language code, a model name, a URL, a path
+FIELD_LIMITS = {"options": 1024 * 1024, "prompt": 64 * 1024}  # JSON options (glossaries) inline; a prompt
+FIELDS_TOTAL = 2 * 1024 * 1024  # every field but reference clips, together, on every route
 # A known speaker's reference clip is a data URL of 2-10 s of audio (OpenAI's known_speaker_references[]):
-# 10 s of 48 kHz stereo 16-bit WAV is 1.9 MB, 2.6 MB in base64; four of them fit in the total.
+# 10 s of 48 kHz stereo 16-bit WAV is 1.9 MB, 2.6 MB in base64. Only the routes that take known
+# speakers (read_form(references=True): POST /v1/jobs, /v1/audio/transcriptions) accept them, each
+# up to REFERENCE_LIMIT and all of them up to REFERENCES_TOTAL (four full-size clips; more, shorter or
+# compressed clips fit too), counted apart from FIELDS_TOTAL: a gateway holds at most
+# FIELDS_TOTAL of fields in memory per request elsewhere (it was 14 MB on every route, clips included).
+REFERENCE_FIELDS = frozenset({"known_speaker_references[]", "known_speaker_references"})
 REFERENCE_LIMIT = 3 * 1024 * 1024
-FIELD_LIMITS = {"options": 1024 * 1024, "prompt": 64 * 1024,  # JSON options (glossaries) inline; a prompt
-                "known_speaker_references[]": REFERENCE_LIMIT, "known_speaker_references": REFERENCE_LIMIT}
-FIELDS_TOTAL = 14 * 1024 * 1024  # all fields together (2 MB + four reference clips)
+REFERENCES_TOTAL = 4 * REFERENCE_LIMIT
 
 
 @dataclass
@@ -55,23 +60,49 @@ class Form:
                 os.unlink(self.upload.path)
 
 
-def limit_of(name: str) -> int:
+def limit_of(name: str, references: bool = False) -> int:
+    if references and name in REFERENCE_FIELDS:
+        return REFERENCE_LIMIT
     return FIELD_LIMITS.get(name, FIELD_LIMIT)
 
 
-def too_big(name: str) -> ApiError:
-    return ApiError(413, f"form field {name[:64]!r} is over its limit of {limit_of(name)} bytes "
+def too_big(name: str, references: bool = False) -> ApiError:
+    return ApiError(413, f"form field {name[:64]!r} is over its limit of {limit_of(name, references)} bytes "
                          "(files go in the `file` part)")
+
+
+class _Totals:
+    """Bytes of form fields so far: reference clips (where the route takes them) apart from the rest."""
+
+    def __init__(self, references: bool):
+        self.references = references
+        self.fields = 0
+        self.clips = 0
+
+    def add(self, name: str, size: int) -> None:
+        if self.references and name in REFERENCE_FIELDS:
+            self.clips += size
+            if self.clips > REFERENCES_TOTAL:
+                raise ApiError(413, f"known speakers' reference clips are over {REFERENCES_TOTAL} bytes together")
+        else:
+            self.fields += size
+            if self.fields > FIELDS_TOTAL:
+                raise ApiError(413, f"form fields are over {FIELDS_TOTAL} bytes together")
+
+    @property
+    def limit(self) -> int:
+        """The most bytes of fields a body may hold."""
+        return FIELDS_TOTAL + (REFERENCES_TOTAL if self.references else 0)
 
 
 class _Parts:
     """MultipartParser callbacks: headers -> a part's name/filename; data -> field buffer or file."""
 
-    def __init__(self, upload_dir: Path):
+    def __init__(self, upload_dir: Path, references: bool):
         self.upload_dir = upload_dir
         self.fields: dict[str, list[str]] = {}
         self.upload: Upload | None = None
-        self.total = 0
+        self.totals = _Totals(references)
         self._header_name = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
@@ -115,11 +146,9 @@ class _Parts:
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._buffer is not None:
             self._buffer += data[start:end]
-            self.total += end - start
-            if len(self._buffer) > limit_of(self._name):
-                raise too_big(self._name)
-            if self.total > FIELDS_TOTAL:
-                raise ApiError(413, f"form fields are over {FIELDS_TOTAL} bytes together")
+            if len(self._buffer) > limit_of(self._name, self.totals.references):
+                raise too_big(self._name, self.totals.references)
+            self.totals.add(self._name, end - start)
         elif self._file is not None:
             self._file.write(data[start:end])
             self._size += end - start
@@ -143,23 +172,24 @@ class _Parts:
                 os.unlink(self.upload.path)
 
 
-async def read_form(request: Request, max_upload_bytes: int, upload_dir: Path) -> Form:
-    """The request's form; ApiError (400 malformed, 413 over a limit) otherwise, leaving no file behind."""
+async def read_form(request: Request, max_upload_bytes: int, upload_dir: Path, references: bool = False) -> Form:
+    """The request's form; ApiError (400 malformed, 413 over a limit) otherwise, leaving no file behind.
+    `references`: the route takes known speakers' reference clips (REFERENCE_FIELDS, REFERENCES_TOTAL)."""
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";", 1)[0].strip().lower()
-    limit = max_upload_bytes + FIELDS_TOTAL
+    limit = max_upload_bytes + _Totals(references).limit
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload of {int(declared)} bytes is over this gateway's limit of {max_upload_bytes} bytes")
     if kind == "application/x-www-form-urlencoded":
-        return await _read_urlencoded(request)
+        return await _read_urlencoded(request, references)
     if kind != "multipart/form-data":
         raise ApiError(400, "send multipart/form-data (a `file` part and form fields)")
     _, params = parse_options_header(content_type)
     if not params.get(b"boundary"):
         raise ApiError(400, "multipart/form-data without a boundary")
     upload_dir.mkdir(parents=True, exist_ok=True)
-    parts = _Parts(upload_dir)
+    parts = _Parts(upload_dir, references)
     received = 0
     try:
         parser = MultipartParser(params[b"boundary"], parts.callbacks())
@@ -181,17 +211,20 @@ async def read_form(request: Request, max_upload_bytes: int, upload_dir: Path) -
     return Form(parts.fields, parts.upload)
 
 
-async def _read_urlencoded(request: Request) -> Form:
+async def _read_urlencoded(request: Request, references: bool) -> Form:
+    totals = _Totals(references)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > FIELDS_TOTAL:
-            raise ApiError(413, f"form fields are over {FIELDS_TOTAL} bytes together")
+        if len(body) > totals.limit:
+            raise ApiError(413, f"form fields are over {totals.limit} bytes together")
     body_read(request)
     fields: dict[str, list[str]] = {}
     for name, value in parse_qsl(body.decode(errors="replace"), keep_blank_values=True):
-        if len(value.encode()) > limit_of(name):
-            raise too_big(name)
+        size = len(value.encode())
+        if size > limit_of(name, references):
+            raise too_big(name, references)
+        totals.add(name, size)
         fields.setdefault(name, []).append(value)
     return Form(fields, None)
 

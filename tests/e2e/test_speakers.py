@@ -74,6 +74,10 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     assert len(asr_chunks) >= 2, record["nodes"].keys()  # the film was really cut
     assert [n for n in record["nodes"] if n.startswith("diarization")] == ["diarization"]  # one per film
     assert record["nodes"]["diarization"]["status"] == "completed"
+    summary = record["nodes"]["diarization"]["speaker_turns"]  # on the record every role reads
+    labels = [s["label"] for s in summary["speakers"]]
+    lane = [{"start": start, "end": end, "speaker": labels[n]} for start, end, n in summary["turns"]]
+    assert summary["turns_total"] == len(lane) >= 3 and not summary["turns_truncated"]
 
     transcript = json.loads((out / "dialogue.transcript.json").read_text())
     words = [w for s in transcript["segments"] for w in s["words"] if w["start"] is not None]
@@ -82,6 +86,8 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     for segment in transcript["segments"]:
         assert segment["speaker"] in {w["speaker"] for w in segment["words"]}
 
+    assert {w["speaker"] for w in words} == set(labels) and labels == ["SPEAKER_00", "Carl", "SPEAKER_02"]
+    check_words_follow_turns(words, lane)
     # the named voice is Carl, the others keep their labels
     check_voices(truth, [(w["start"], w["end"], w["speaker"]) for w in words],
                  ["SPEAKER_00", "Carl", "SPEAKER_02"])
@@ -124,25 +130,32 @@ def check_voices(truth: list[speakers_media.Turn], spans: list[tuple[float, floa
 
 
 @pytest.fixture(scope="module")
-def door(tmp_path_factory, stage_envs, whisper_model):
-    """A stack serving the `speech` workflow with --speakers, and the gateway in front of it."""
+def door_stack(tmp_path_factory, stage_envs, whisper_model):
+    """A stack serving the `speech` workflow with --speakers."""
     from captionbus import models
 
     built_env("diarization")
     models.ensure_campplus()
-    root = tmp_path_factory.mktemp("door")
-    stack = start_stack(root, ["demux", "vad", "asr", "diarization", "transcript_join", "subtitle_gen"])
+    stack = start_stack(tmp_path_factory.mktemp("door"), ["demux", "vad", "asr", "diarization", "transcript_join",
+                                                          "subtitle_gen"])
     try:
-        key = add_key(root / "keys", "tool")
-        config = GatewayConfig(settings=stack.settings("gateway"), nats_url=stack.url,
-                               keys=KeyRing.load(root / "keys"), job_timeout_s=600)
-        with running_gateway(config) as url:
-            yield openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+        yield stack
     finally:
         stack.close()
 
 
-def test_openai_client_gets_diarized_json(door, dialogue_film):
+@pytest.fixture(scope="module")
+def door(door_stack):
+    """The gateway in front of door_stack, as the official client sees it."""
+    key = add_key(door_stack.root / "keys", "tool")
+    config = GatewayConfig(settings=door_stack.settings("gateway"), nats_url=door_stack.url,
+                           keys=KeyRing.load(door_stack.root / "keys"), job_timeout_s=600)
+    with running_gateway(config) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+
+
+def test_openai_client_gets_diarized_json_and_the_dashboard_draws_its_speakers(door, door_stack, dialogue_film,
+                                                                               tmp_path):
     film, truth = dialogue_film
     assert "gpt-4o-transcribe-diarize" in [m.id for m in door.models.list().data]
     wav = film.with_suffix(".wav")
@@ -150,12 +163,52 @@ def test_openai_client_gets_diarized_json(door, dialogue_film):
         with pytest.raises(openai.BadRequestError, match="diarized_json needs model gpt-4o-transcribe-diarize"):
             door.audio.transcriptions.create(model="whisper-1", file=f, response_format="diarized_json")
     with wav.open("rb") as f:
-        result = door.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, language="nl",
-                                                  response_format="diarized_json")
+        raw = door.audio.transcriptions.with_raw_response.create(model="gpt-4o-transcribe-diarize", file=f,
+                                                                 language="nl", response_format="diarized_json")
+    result = raw.parse()
     assert result.task == "transcribe" and abs(result.duration - truth[-1].end) < 2.0 and result.text
     assert result.segments and all(s.type == "transcript.text.segment" for s in result.segments)
     assert [s.id for s in result.segments] == [f"seg_{n}" for n in range(len(result.segments))]
     check_voices(truth, [(s.start, s.end, s.speaker) for s in result.segments], ["A", "B", "C"])
+    check_dashboard_lane(door_stack, raw.headers["x-captionbus-job"], tmp_path)
+
+
+def check_dashboard_lane(stack, job_id: str, tmp_path: Path) -> None:
+    """The read-only dashboard (no --downloads: it reads no artifact) draws the speaker lane of a
+    job the real diarization stage ran from the job state alone, and it is one truth with the
+    outputs: its turns are turns.json's, and every timed word of transcript.json carries the label
+    of the lane's turn that covers most of it."""
+    from tests.integration.test_dashboard_speakers_browser import lane_of, start_dashboard
+
+    state = stack.job_state(job_id)
+    node = next(name for name, n in state.nodes.items() if n.stage == "diarization")
+    files = stack.fetch({"turns": state.nodes[node].outputs["turns"], "transcript": state.outputs["transcript"]},
+                        tmp_path / "outputs")
+    turns = json.loads(Path(files["turns"]).read_text())
+    words = [w for seg in json.loads(Path(files["transcript"]).read_text())["segments"] for w in seg["words"]
+             if w.get("start") is not None]
+    dashboard, base = start_dashboard(stack.url, tmp_path / "dash", tmp_path / "dash.log")
+    try:
+        answer = lane_of(base, job_id)
+        assert answer.status_code == 200, answer.text
+        lane = answer.json()
+    finally:
+        dashboard.terminate()
+        dashboard.wait(20)
+    assert lane["node"] == node and lane["turns"] == turns["turns"] and not lane["turns_truncated"]
+    assert [s["label"] for s in lane["speakers"]] == turns["speakers"] and len(turns["speakers"]) == 3
+    assert {w["speaker"] for w in words} == set(turns["speakers"])
+    check_words_follow_turns(words, lane["turns"])
+
+
+def check_words_follow_turns(words: list[dict], turns: list[dict]) -> None:
+    """Every timed word that a turn reaches carries the label of the turn that covers most of it."""
+    for w in words:
+        cover = {t["speaker"]: 0.0 for t in turns}
+        for t in turns:
+            cover[t["speaker"]] += max(0.0, min(w["end"], t["end"]) - max(w["start"], t["start"]))
+        if max(cover.values()) > 0:
+            assert w["speaker"] == max(cover, key=cover.get), (w, cover)
 
 
 def data_url(wav: Path, suffix: str) -> str:

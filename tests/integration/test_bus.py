@@ -320,7 +320,7 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
 
             cache = StageCache(js["worker"], ArtifactStore(settings("worker"), js["worker"]), structlog.get_logger())
             await cache.record("c" * 64, done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
-            assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"])
+            assert await cache.lookup("c" * 64) == (done.outputs, {"handle_s": 1.0}, ["kept ASR word times"], None)
 
             # The HTTP gateway's role: the terminal-event subscriptions and webhook state in KV
             # (a record created, its attempts written back, listed and read, swept, released).

@@ -589,6 +589,50 @@ def test_known_speakers_on_the_job_api_become_uploaded_reference_clips(gateway, 
     assert len(gateway.get("/v1/jobs").json()["data"]) == jobs_before
 
 
+def test_fields_total_is_2_mb_on_every_route_and_reference_clips_count_apart_where_taken(gateway, tmp_path):
+    """Form fields are held in memory: every route caps them at forms.FIELDS_TOTAL (2 MiB) together;
+    known speakers' reference clips (2.6 MB of base64 for 10 s of 48 kHz stereo WAV) count apart,
+    only on the routes that take them (POST /v1/jobs, /v1/audio/transcriptions). Before, 14 MB of
+    any fields passed on every route."""
+    import openai
+
+    jobs_before = len(gateway.get("/v1/jobs").json()["data"])
+    # 3 MB of text in `options` fields, each under its own 1 MiB limit: over the total
+    options = [json.dumps({"asr": {"pad": "x" * 1_000_000}})] * 3
+    over = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"options": options})
+    assert over.status_code == 413 and "form fields are over 2097152 bytes together" in error_of(over), over.text
+    one = gateway.post("/v1/jobs", files={"file": ("a.wav", b"RIFF")}, data={"options": "x" * 3_000_000})
+    assert one.status_code == 413 and "form field 'options' is over its limit of 1048576 bytes" in error_of(one)
+
+    wav = tmp_path / "ref.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=180:duration=9",
+                    "-ar", "48000", "-ac", "2", str(wav)], check=True, timeout=60)
+    clip = "data:audio/wav;base64," + base64.b64encode(wav.read_bytes()).decode()
+    assert 2_200_000 < len(clip) < 3 * 1024 * 1024  # more than every other field may hold together
+    created = gateway.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF upload")},
+                           data={"workflow": "chunked", "known_speaker_names[]": "Anna", "known_speaker_references[]": clip})
+    assert created.status_code == 201, created.text
+    assert gateway.post(f"/v1/jobs/{created.json()['id']}/cancel").status_code == 202
+    assert len(gateway.get("/v1/jobs").json()["data"]) == jobs_before + 1
+
+    key = gateway.headers["authorization"].split(" ", 1)[1]
+    ai = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0, timeout=30)
+    # transcriptions takes the clip (the form passes; no diarization worker is up here, so the job is refused)
+    with pytest.raises(openai.BadRequestError, match="captionbus serve diarization"):
+        ai.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=("a.wav", b"RIFF"),
+                                       response_format="diarized_json", known_speaker_names=["Anna"],
+                                       known_speaker_references=[clip])
+    with pytest.raises(openai.APIStatusError) as raised:  # and its other fields have the same 2 MiB total
+        ai.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"), prompt="p",
+                                       extra_body={f"x{n}": "y" * 4000 for n in range(600)})
+    assert raised.value.status_code == 413 and "form fields are over 2097152 bytes together" in raised.value.message
+    with pytest.raises(openai.APIStatusError) as raised:  # translations takes no known speakers
+        ai.audio.translations.create(model="whisper-1", file=("a.wav", b"RIFF"),
+                                     extra_body={"known_speaker_references": [clip[:100_000]]})
+    assert raised.value.status_code == 413
+    assert "form field 'known_speaker_references[]' is over its limit of 4096 bytes" in raised.value.message
+
+
 def test_the_door_refuses_diarization_it_cannot_give(gateway):
     """Refused before a job exists: diarized_json from a model that does not diarize, the diarizing
     model while no diarization worker is up (none here), known speakers for a model that does not

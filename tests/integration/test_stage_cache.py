@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from captionbus.contracts import StageRequest
+from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
 from captionbus.services.runtime import StageDefinition
 from tests.integration.test_runtime import run
 
@@ -224,15 +225,19 @@ def _lines(request: StageRequest, ctx) -> dict[str, Path]:
     out = ctx.work_dir / "lines.txt"
     out.write_text(text)
     ctx.items["lines"] = len(text.splitlines())
+    ctx.speaker_turns = TurnSummary.of(SpeakerTurns(  # as diarization sets it: one turn per line here
+        duration=len(text), speakers=["SPEAKER_00"],
+        turns=[SpeakerTurn(start=n, end=n + 0.5, speaker="SPEAKER_00") for n in range(len(text.splitlines()))]))
     return {"lines": out}
 
 
 LINES = StageDefinition(name="lines", handle=_lines, describe_model=lambda _: "lines-v1")
 
 
-def test_item_counts_reach_the_coordinator_and_survive_a_cache_hit(nats_server: str, captionbus_home: Path,
-                                                                    tmp_path: Path):
-    """A workflow fans out over StageCompleted.items: a hit must report the same count."""
+def test_item_counts_and_speaker_turns_reach_the_coordinator_and_survive_a_cache_hit(
+        nats_server: str, captionbus_home: Path, tmp_path: Path):
+    """A workflow fans out over StageCompleted.items: a hit must report the same count; and the
+    node's record shows the same speaker turns (StageCompleted.speaker_turns) after a hit."""
     CALLS.clear()
     source = tmp_path / "in.txt"
     source.write_text("one\ntwo\nthree\n")
@@ -246,6 +251,8 @@ def test_item_counts_reach_the_coordinator_and_survive_a_cache_hit(nats_server: 
             into.append(await bus.wait_for("stage_completed", job_id))
         assert CALLS == ["j0001"]
         assert first[0].items == {"lines": 3} == second[0].items
+        assert first[0].speaker_turns.turns == [(0, 0.5, 0), (1, 1.5, 0), (2, 2.5, 0)]
+        assert first[0].speaker_turns == second[0].speaker_turns
         assert second[0].metrics["cache_hit"] == 1.0 and not any(k.startswith("items") for k in second[0].metrics)
 
     run(nats_server, captionbus_home, body)

@@ -8,9 +8,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from captionbus.dashboard.auth import AuthError, check_bind, parse_listen, token_from_env
-from captionbus.dashboard.board import Fanout, job_detail, job_summary, matches, parse_time, realtime_factor
+from captionbus.dashboard.board import (
+    Fanout, job_detail, job_summary, matches, parse_time, realtime_factor, speaker_lane, speaker_node,
+)
 from captionbus.contracts import ArtifactRef, JobSpec, JobState
 from captionbus.contracts.jobs import JobStatus, NodeState, NodeStatus
+from captionbus.contracts.speech import MAX_SUMMARY_TURNS, SpeakerTurn, SpeakerTurns, TurnSummary
 from captionbus.core.settings import Settings
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -99,6 +102,42 @@ def test_job_detail_without_events_takes_the_timeline_from_job_state():
     detail = job_detail(state(), [])
     assert [(a["node"], a["attempt"], a["status"], a["duration_s"]) for a in detail["timeline"]] == [
         ("demux", 1, "completed", 2.0), ("asr", 2, "completed", 50.0)]  # translation-ta was never requested
+
+
+def test_the_speaker_lane_is_the_turns_on_the_diarization_nodes_record():
+    """The diarization node's record carries its turns (TurnSummary.of the stage's SpeakerTurns), so
+    the lane needs no artifact read: the turns as they are, up to MAX_SUMMARY_TURNS (then the first
+    ones and turns_truncated), and every speaker's seconds and turns counted over all of them."""
+    count = MAX_SUMMARY_TURNS + 500
+    turns = SpeakerTurns(duration=count * 2.0, speakers=["Anna", "SPEAKER_01"], requested="2",
+                         turns=[SpeakerTurn(start=2.0 * n, end=2.0 * n + (1.5 if n % 2 else 1.0),
+                                            speaker="SPEAKER_01" if n % 2 else "Anna") for n in range(count)])
+    summary = TurnSummary.of(turns)
+    assert summary.turns_total == count and summary.turns_truncated and len(summary.turns) == MAX_SUMMARY_TURNS
+    assert len(summary.model_dump_json()) < 50_000  # what the job state carries on every write
+    record = state()
+    record.nodes["who"] = NodeState(stage="diarization", status=NodeStatus.completed, attempt=1,
+                                    speaker_turns=summary)
+    record = JobState.model_validate_json(record.model_dump_json())  # as the KV holds it
+    assert speaker_node(record) == "who" and job_detail(record, [])["speakers_node"] == "who"
+    lane = speaker_lane("who", record.nodes["who"].speaker_turns)
+    assert lane["turns"] == [t.model_dump() for t in turns.turns[:MAX_SUMMARY_TURNS]]
+    assert (lane["turns_total"], lane["turns_truncated"]) == (count, True)
+    assert [(s["label"], s["seconds"], s["turns"], s["share"]) for s in lane["speakers"]] == [
+        ("Anna", 1250.0, 1250, 0.4), ("SPEAKER_01", 1875.0, 1250, 0.6)]
+    short = speaker_lane("who", TurnSummary.of(SpeakerTurns(duration=3, speakers=["SPEAKER_00"], turns=turns.turns[:2])))
+    assert short["turns_truncated"] is False and [s["label"] for s in short["speakers"]] == ["SPEAKER_00", "Anna",
+                                                                                              "SPEAKER_01"]
+    with pytest.raises(ValueError, match="names speaker 2 of 1"):
+        TurnSummary(duration=1, speakers=[{"label": "A", "seconds": 1, "turns": 1}], turns=[(0, 1, 2)], turns_total=1)
+    with pytest.raises(ValueError, match="truncated"):
+        TurnSummary(duration=1, speakers=[{"label": "A", "seconds": 1, "turns": 2}], turns=[(0, 1, 0)], turns_total=2)
+    with pytest.raises(ValueError):
+        TurnSummary(duration=1, turns=[(0, 1, 0)] * (MAX_SUMMARY_TURNS + 1), turns_total=MAX_SUMMARY_TURNS + 1,
+                    turns_truncated=True)
+    no_record = state()
+    no_record.nodes["who"] = NodeState(stage="diarization", status=NodeStatus.completed, attempt=1)
+    assert speaker_node(no_record) == "who" and no_record.nodes["who"].speaker_turns is None
 
 
 def test_fanout_drops_the_oldest_for_a_slow_page_only():

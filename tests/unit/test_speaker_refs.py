@@ -18,6 +18,7 @@ from captionbus.cli import parse_options, with_job_options
 from captionbus.client import with_references
 from captionbus.contracts import ArtifactRef
 from captionbus.contracts.declarations.diarization import DiarizationParams
+from captionbus.contracts.declarations.subtitle_gen import SubtitleGenParams
 from captionbus.core import speaker_refs
 from captionbus.services.diarization.core import WindowEmbeddings, centroids, name_clusters
 
@@ -104,12 +105,42 @@ def test_a_playlist_clip_cannot_make_ffmpeg_read_other_files_of_the_host(tmp_pat
     ("Anna", "use NAME=CLIP"), ("=a.wav", "use NAME=CLIP"), ("Anna=", "use NAME=CLIP"),
     ("SPEAKER_01=a.wav", "SPEAKER_nn are the unnamed speakers' labels"), ("B=a.wav", "their places"),
     ("2=a.wav", "their places"), ("<b>=a.wav", "no spaces, none of"), ("Anna Smith=a.wav", "no spaces"),
-    ("x" * 41 + "=a.wav", "1-40 characters"),
+    ("x" * 41 + "=a.wav", "1-40 characters"), ("Anna\u202e=a.wav", r"U\+202E \(Cf\) is a control or invisible"),
+    ("Anna\u3000B=a.wav", "no spaces"),
 ])
 def test_bad_flags_and_names_are_one_line(flag, message):
     with pytest.raises(speaker_refs.ReferenceError, match=message) as e:
         speaker_refs.parse_flag(flag)
     assert "\n" not in str(e.value)
+
+
+# C1 controls, bidi marks / embeddings / overrides / isolates, the Arabic letter mark, zero-width
+# characters and the BOM, line and paragraph separators: each can reorder or hide what a subtitle shows.
+INVISIBLE = ["\x85", "\x9b", "\u200e", "\u200f", "\u061c", "\u202a", "\u202b", "\u202c", "\u202d",
+             "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u200b", "\u200c", "\u200d", "\ufeff",
+             "\u2028", "\u2029", "\x00", "\x1b"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_names_with_control_or_invisible_formatting_characters_are_refused_everywhere(char):
+    """A known speaker's name (the diarization params, --speaker-ref, known_speaker_names[]) and an
+    SDH name or key (--speaker-names, subtitle_gen's speaker_names) alike."""
+    name = f"An{char}na"
+    ref = ArtifactRef(key="a" * 64, name="anna.wav", size=1)
+    with pytest.raises(ValueError):
+        DiarizationParams(references={name: ref})
+    with pytest.raises(speaker_refs.ReferenceError) as e:
+        speaker_refs.check_name(name)
+    assert "\n" not in str(e.value) and char not in str(e.value)  # one line, the character escaped
+    with pytest.raises(ValueError):
+        SubtitleGenParams(speaker_names={"A": name})
+    with pytest.raises(ValueError):
+        SubtitleGenParams(speaker_names=f"A={name}")
+    with pytest.raises(ValueError):
+        SubtitleGenParams(speaker_names={name: "Anna"})
+    # what stays allowed: letters of any script, marks, a dot; spaces in an SDH name
+    DiarizationParams(references={"Zoë": ref, "Dr.Ng": ref, "أحمد": ref, "राम": ref})
+    assert SubtitleGenParams(speaker_names="A=Dr. Anna Ng,B=أحمد").speaker_names == {"A": "Dr. Anna Ng", "B": "أحمد"}
 
 
 def test_counts_and_doubles():

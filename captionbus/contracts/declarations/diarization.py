@@ -8,12 +8,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.stage_declaration import StageSpec
 from captionbus.contracts.stage_options import ServiceOptions
-from captionbus.contracts.stage_params import StageParams
+from captionbus.contracts.stage_params import StageParams, visible_text
 
 MAX_SPEAKERS = 20
 # The measured best (docs/speakers.md): CAM++ found the right count on the 60 s and 5.5 min
@@ -55,11 +55,13 @@ MAX_REFERENCES = MAX_SPEAKERS
 REFERENCE_MIN_S = 2.0
 REFERENCE_MAX_S = 10.0
 # A known speaker's name: shown on screen (SDH) and a WebVTT voice, so no markup (< > &), brackets,
-# `=` / `,` (the flag's syntax), spaces or control characters (it is a label, as SPEAKER_00 is: a key of
-# subtitle_gen's speaker_names); never SPEAKER_nn (the unnamed labels) nor a place (A, 1).
+# `=` / `,` (the flag's syntax), spaces, control or invisible formatting characters (C1 controls, bidi
+# overrides, zero-width characters: stage_params.visible_text) -- it is a label, as SPEAKER_00 is: a
+# key of subtitle_gen's speaker_names; never SPEAKER_nn (the unnamed labels) nor a place (A, 1).
 SPEAKER_LABEL = re.compile(r"SPEAKER_\d+")
 PLACE = re.compile(r"[A-Z]|\d+")  # --speaker-names keys that mean "the Nth speaker heard"
-ReferenceName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x20\x7f<>&\[\]=,]+$")]
+ReferenceName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x20\x7f<>&\[\]=,\s]+$"),
+                          AfterValidator(visible_text)]
 
 
 def check_reference_names(value: Any) -> Any:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from captionbus.contracts.stage_declaration import StageSpec
-from captionbus.contracts.stage_params import BranchParams, LanguageCode, one_as_list
+from captionbus.contracts.stage_params import BranchParams, LanguageCode, one_as_list, visible_text
 
 # subtitle_gen: the file formats it writes (captionbus.core.subtitles.formats reads this too).
 SUBTITLE_FORMATS = ("srt", "vtt", "ass", "json", "txt")
@@ -18,12 +18,15 @@ SUBTITLE_FORMATS = ("srt", "vtt", "ass", "json", "txt")
 SubtitleFormat = Literal["srt", "vtt", "ass", "json", "txt"]
 
 # Speaker names (SDH): at most this many, each this long. A name is shown on screen and is a
-# WebVTT voice, so it holds no markup (< > &), brackets or control characters.
+# WebVTT voice, so it holds no markup (< > &), brackets, control or invisible formatting characters
+# (stage_params.visible_text: C1 controls, bidi overrides, zero-width characters).
 MAX_SPEAKER_NAMES = 100
 
-SpeakerKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x20=,\x7f]+$")]
+SpeakerKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x20=,\x7f]+$"),
+                       AfterValidator(visible_text)]
 
-SpeakerName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f<>&\[\]=,]+$")]
+SpeakerName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f<>&\[\]=,]+$"),
+                        AfterValidator(visible_text)]
 
 
 def speaker_names_text(value: Any) -> Any:

@@ -100,8 +100,9 @@ document.addEventListener('alpine:init', () => {
       catch (e) { this.job = null; this.jobError = e.message; }
       this.loadSpeakers();
     },
-    async loadSpeakers() {  // once per job page: the diarization node's turns (its result does not change)
-      const node = this.job && this.job.speakers_node, key = node && `${this.jobId}/${node}`;
+    async loadSpeakers() {  // once per job page and diarization attempt: the turns on the node's record
+      const node = this.job && this.job.speakers_node, row = node && this.job.nodes.find(n => n.node === node);
+      const key = node && `${this.jobId}/${node}/${row ? row.attempt : ''}`;
       if (!node) { this.speakers = null; this.speakersError = ''; this.speakersKey = ''; return; }
       if (this.speakersKey === key) return;
       this.speakersKey = key;

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from captionbus import client
 from captionbus.client import output_filename
-from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream, OwnedJob
+from captionbus.gateway.deps import CallerDep, GatewayDep, JetStream, OwnedJob, SpeakersFormDep
 from captionbus.gateway.dispatch import CALLBACK
 from captionbus.gateway.forms import parse_options, split_languages
 from captionbus.gateway.schemas import Job, JobCreated, JobForm, JobList, Requested, form_body
@@ -28,7 +28,7 @@ FINISHED = ("completed", "failed", "cancelled")
 
 @router.post("", status_code=201, response_model=JobCreated, openapi_extra=form_body(JobForm),
              responses=documented(400, 413))
-async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: FormDep):
+async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: SpeakersFormDep):
     """Create a job from an upload (or a file under --inputs); validated as `captionbus submit` does."""
     callback = form.one("callback_url")
     if callback:

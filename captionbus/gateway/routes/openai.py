@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream
+from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream, SpeakersFormDep
 from captionbus.gateway.forms import Form
 from captionbus.gateway.keys import Caller
 from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_diarized_json, as_json, as_verbose_json
@@ -144,7 +144,7 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
 
 @router.post("/audio/transcriptions", response_model=Transcription | VerboseTranscription | DiarizedTranscription,
              openapi_extra=form_body(AudioForm), responses=AUDIO_ANSWERS)
-async def transcriptions(timing: Started, gw: GatewayDep, caller: CallerDep, js: JetStream, form: FormDep):
+async def transcriptions(timing: Started, gw: GatewayDep, caller: CallerDep, js: JetStream, form: SpeakersFormDep):
     """OpenAI's transcription endpoint: runs the `speech` workflow and answers when it ends."""
     return await openai_audio(gw, caller, js, form, "transcribe", timing)
 

@@ -24,7 +24,9 @@ clustering step is the way to split it. The over-clustering runs in blocks of 10
 (core.AGGLOMERATE_BLOCK), so its distances stay ~4 MB a copy however long the film.
 
 The labels are SPEAKER_00, SPEAKER_01, ... in order of first appearance. The output names the
-models and package versions that made it (`models`, `versions`). Audio of zero length or with no
+models and package versions that made it (`models`, `versions`). The completion also carries the
+turns themselves, bounded (contracts.speech.TurnSummary: the first 2000, and every speaker's
+seconds), onto the node's record in the job state, which every role reads (the dashboard's lane). Audio of zero length or with no
 speech regions gives no turns and a warning, as vad does; a corrupt WAV is BadInput.
 
 Params: declaration.DiarizationParams; service options: declaration.DiarizationOptions
@@ -48,7 +50,7 @@ from captionbus.contracts.declarations.diarization import (
     DiarizationOptions,
     DiarizationParams,
 )
-from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, SpeechRegions
+from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, SpeechRegions, TurnSummary
 from captionbus.services.audio import SAMPLE_RATE, open_wav, read_wav, wav_duration
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
@@ -187,6 +189,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     )
     out = ctx.work_dir / "turns.json"
     out.write_text(result.model_dump_json(indent=1))
+    ctx.speaker_turns = TurnSummary.of(result)  # on the node's record: the dashboard's lane for every role
     seconds = time.monotonic() - started
     ctx.metrics.update(audio_duration_s=duration, windows=float(len(windows)), embed_s=embedded - started,
                        cluster_s=time.monotonic() - embedded, diarization_s=seconds,

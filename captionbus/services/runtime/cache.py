@@ -11,7 +11,8 @@ size/mtime stamp of every file or folder they name — model folders, glossaries
 files and the source of every project module the process loaded, so a code fix is a miss),
 the input artifacts (content hash and name: mux reads languages from names) and the request
 params except `target_languages` (the job-wide list every node receives; branch nodes get
-their own `target_language`). An entry is {outputs, metrics, warnings}; a hit is used only
+their own `target_language`). An entry is {outputs, metrics, warnings, speaker_turns} (the last:
+StageCompleted.speaker_turns, so a hit puts the same turns on the node's record); a hit is used only
 while every output artifact can still be read, and its warnings are published again. Only
 completions are cached, never failures, nor results a stage marked with `ctx.skip_cache()`
 (fallbacks a rerun may improve).
@@ -31,9 +32,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from captionbus.contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
+from captionbus.contracts.speech import TurnSummary
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
 ITEMS_PREFIX = "items:"  # a cached entry keeps StageCompleted.items among its metrics under this prefix
@@ -44,6 +46,13 @@ HOST_SETTINGS = frozenset({
 })
 MAX_STAMPED_FILES = 5000
 _FALSE = {"false", "0", "no", "off"}
+
+
+class CacheHit(NamedTuple):
+    outputs: dict[str, ArtifactRef]
+    metrics: dict[str, float]
+    warnings: list[str]
+    speaker_turns: TurnSummary | None = None
 
 
 def cache_enabled_for(request: StageRequest) -> bool:
@@ -156,10 +165,12 @@ class StageCache:
         tmp.write_bytes(value)
         os.replace(tmp, self.local_dir / f"{key}.json")  # readers never see half an entry
 
-    async def lookup(self, key: str) -> tuple[dict[str, ArtifactRef], dict[str, float], list[str]] | None:
+    async def lookup(self, key: str) -> CacheHit | None:
         try:
             data = json.loads(await self._read(key))
             outputs = {name: ArtifactRef.model_validate(ref) for name, ref in data["outputs"].items()}
+            turns = data.get("speaker_turns")
+            speaker_turns = TurnSummary.model_validate(turns) if turns is not None else None
         except Exception as e:  # missing key, missing bucket (older bus), unreadable entry
             if type(e).__name__ not in ("KeyNotFoundError", "KeyDeletedError", "FileNotFoundError"):
                 self.log.debug("stage cache lookup failed; running the stage", error=str(e)[:200])
@@ -168,12 +179,14 @@ class StageCache:
             if not await self.store.exists(ref):
                 self.log.info("stage cache entry's artifact is gone; running the stage", artifact=ref.key[:16])
                 return None
-        return outputs, {k: float(v) for k, v in data.get("metrics", {}).items()}, list(data.get("warnings", []))
+        return CacheHit(outputs, {k: float(v) for k, v in data.get("metrics", {}).items()},
+                        list(data.get("warnings", [])), speaker_turns)
 
     async def record(self, key: str, outputs: dict[str, ArtifactRef], metrics: dict[str, float],
-                     warnings: list[str]) -> None:
+                     warnings: list[str], speaker_turns: TurnSummary | None = None) -> None:
         value = json.dumps({"outputs": {n: r.model_dump(mode="json") for n, r in outputs.items()},
-                            "metrics": metrics, "warnings": warnings})
+                            "metrics": metrics, "warnings": warnings,
+                            **({"speaker_turns": speaker_turns.model_dump(mode="json")} if speaker_turns else {})})
         try:
             await self._write(key, value.encode())
         except Exception as e:

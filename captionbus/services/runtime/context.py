@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from captionbus.contracts import ArtifactRef, StageProgress, StageRequest, StageWarning
 from captionbus.contracts.ids import validate_token
+from captionbus.contracts.speech import TurnSummary
 from captionbus.contracts.stage_declaration import explain
 from captionbus.services.runtime.errors import BadInput, Cancelled
 
@@ -85,6 +86,9 @@ class RequestContext(TypedInputs):
         self.log = log
         self.metrics: dict[str, float] = {}
         self.items: dict[str, int] = {}  # list output -> its item count (StageCompleted.items)
+        # who speaks when, bounded, for the node's record in the job state (StageCompleted.speaker_turns:
+        # the diarization stage sets it, so the read-only dashboard draws its lane without the artifact)
+        self.speaker_turns: TurnSummary | None = None
         self.delivery = delivery  # 1 on the first try of this request, 2 on a redelivery ...
         self._loop = loop
         self._fetch = fetch

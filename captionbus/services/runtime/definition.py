@@ -17,6 +17,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from captionbus.contracts import ArtifactRef, StageRequest
+from captionbus.contracts.speech import TurnSummary
 from captionbus.contracts.stage_declaration import StageSpec, explain
 from captionbus.contracts.stage_options import ServiceOptions
 from captionbus.contracts.stage_specs import STAGES
@@ -68,6 +69,7 @@ class StageContext(Protocol):
     log: structlog.typing.FilteringBoundLogger  # bound to job / stage / node / attempt / env
     metrics: dict[str, float]  # filled by the handler, published with the result
     items: dict[str, int]  # a list output's item count, for workflows that fan out over it
+    speaker_turns: TurnSummary | None  # who speaks when, bounded: put on the node's record (diarization sets it)
     delivery: int  # 1 on the first delivery of this request, 2 on its first redelivery ...
 
     def input_path(self, name: str) -> Path:

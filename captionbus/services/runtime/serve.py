@@ -489,7 +489,7 @@ class StageWorker:
                            "result_retries": float(failures)}
                 await self._publish(
                     StageCompleted(**result_ids(request), outputs=refs, metrics=metrics, worker=self.summary,
-                                   items=ctx.items),
+                                   items=ctx.items, speaker_turns=ctx.speaker_turns),
                     msg_id=f"{request.key}.completed",
                 )
                 break
@@ -509,7 +509,7 @@ class StageWorker:
         if key is not None and not ctx.cache_blockers:
             # item counts ride in the cached metrics (ITEMS_PREFIX): a hit must fan out alike
             await self.cache.record(key, refs, {**metrics, **{ITEMS_PREFIX + k: float(v) for k, v in ctx.items.items()}},
-                                    ctx.warnings)
+                                    ctx.warnings, ctx.speaker_turns)
 
     async def _cache_inputs(self, request: StageRequest, ctx: Any, log: Any) -> dict[str, str] | None:
         """The stage's digests of what this request reads (it may read its inputs for them), or
@@ -524,7 +524,7 @@ class StageWorker:
             return None
 
     async def _complete_from_cache(self, msg: Any, request: StageRequest, hit: tuple, delivery: int, log: Any) -> None:
-        outputs, cached_metrics, warnings = hit
+        outputs, cached_metrics, warnings, speaker_turns = hit
         items = {k[len(ITEMS_PREFIX):]: int(v) for k, v in cached_metrics.items() if k.startswith(ITEMS_PREFIX)}
         metrics = {k: v for k, v in cached_metrics.items()
                    if k not in ("delivery", "cache_hit", "started_at", "handled_at") and not k.startswith(ITEMS_PREFIX)}
@@ -533,7 +533,7 @@ class StageWorker:
             await self._publish(StageWarning(**event_ids(request), message=message))
         await self._publish(
             StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics, items=items,
-                           worker={**self.summary, "cache": "hit"}),
+                           speaker_turns=speaker_turns, worker={**self.summary, "cache": "hit"}),
             msg_id=f"{request.key}.completed",
         )
         await msg.ack_sync()

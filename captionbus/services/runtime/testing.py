@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from captionbus.contracts import ArtifactRef, StageRequest
+from captionbus.contracts.speech import TurnSummary
 from captionbus.services.runtime.context import TypedInputs
 from captionbus.services.runtime.definition import OpenParams, declared_spec, parse_params
 
@@ -31,6 +32,7 @@ class FakeStageContext(TypedInputs):
     log: Any = field(default_factory=lambda: structlog.get_logger("test-stage"))
     metrics: dict[str, float] = field(default_factory=dict)
     items: dict[str, int] = field(default_factory=dict)
+    speaker_turns: TurnSummary | None = None
     progress_events: list[tuple[float, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     cache_blockers: list[str] = field(default_factory=list)

@@ -91,6 +91,17 @@ def test_happy_path_transcribe():
     assert d.state.outputs == d.events[0].outputs
 
 
+def test_a_completions_speaker_turns_go_on_the_nodes_record():
+    from captionbus.contracts import JobState
+    from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
+
+    summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["SPEAKER_00"],
+                                          turns=[SpeakerTurn(start=1, end=4, speaker="SPEAKER_00")]))
+    d = step(step(submit(), completed("demux")), completed("asr", speaker_turns=summary))
+    assert d.state.nodes["asr"].speaker_turns == summary and d.state.nodes["demux"].speaker_turns is None
+    assert JobState.model_validate_json(d.state.model_dump_json()).nodes["asr"].speaker_turns == summary
+
+
 def test_duplicate_completion_is_applied_once():
     d = step(submit(), completed("demux"))
     event = completed("asr")
