@@ -195,7 +195,10 @@ class JobForm(KnownSpeakers):
     callback_url: str | None = Field(None, description="POST signed job events here (allow-listed)")
 
 
-class AudioForm(KnownSpeakers):
+class AudioForm(BaseModel):
+    """/v1/audio/translations: OpenAI's audio fields (no known speakers: Whisper's translate task
+    labels no one)."""
+
     file: bytes = Field(json_schema_extra={"format": "binary", "type": "string"})
     model: str = Field("whisper-1", description="whisper-1 (whatever the asr workers serve) or an id of GET /v1/models")
     language: str | None = Field(None, description="ISO 639-1 code of the speech")
@@ -204,6 +207,10 @@ class AudioForm(KnownSpeakers):
     timestamp_granularities: list[Literal["word", "segment"]] | None = Field(
         None, alias="timestamp_granularities[]", description="verbose_json only")
     temperature: float = Field(0.0, description="accepted, echoed in verbose_json")
+
+
+class TranscriptionForm(AudioForm, KnownSpeakers):
+    """/v1/audio/transcriptions: the audio fields and, with gpt-4o-transcribe-diarize, known speakers."""
 
 
 def form_body(model: type[BaseModel]) -> dict:

@@ -167,6 +167,9 @@ def test_openapi_declares_the_bearer_scheme_response_models_and_the_real_error_s
     assert {"type": "null"} in verbose["no_speech_prob"]["anyOf"]  # null, never a made-up 0.0
     form = spec["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
+    assert "known_speaker_references[]" in form["properties"]  # gpt-4o-transcribe-diarize takes them
+    translation = spec["paths"]["/v1/audio/translations"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert not {"known_speaker_names[]", "known_speaker_references[]"} & set(translation["schema"]["properties"])
 
 
 def test_every_refusal_is_one_error_shape_and_nothing_is_started(gateway):

@@ -20,6 +20,7 @@ from captionbus.gateway.keys import Caller
 from captionbus.gateway.openai_format import RESPONSE_FORMATS, as_diarized_json, as_json, as_verbose_json
 from captionbus.gateway.schemas import (
     AudioForm,
+    TranscriptionForm,
     DiarizedTranscription,
     Model,
     ModelList,
@@ -143,7 +144,7 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
 
 
 @router.post("/audio/transcriptions", response_model=Transcription | VerboseTranscription | DiarizedTranscription,
-             openapi_extra=form_body(AudioForm), responses=AUDIO_ANSWERS)
+             openapi_extra=form_body(TranscriptionForm), responses=AUDIO_ANSWERS)
 async def transcriptions(timing: Started, gw: GatewayDep, caller: CallerDep, js: JetStream, form: SpeakersFormDep):
     """OpenAI's transcription endpoint: runs the `speech` workflow and answers when it ends."""
     return await openai_audio(gw, caller, js, form, "transcribe", timing)
