@@ -18,8 +18,8 @@ next stage can start.
 
 Stage requests go out *with* the write, not after it; that is safe (at-least-once, no double
 effects):
-  * If we crash after publishing and before the write, the event is redelivered (not acked)
-    and decided again from the old state. The same decision yields the same ids: stage
+  * If we crash after the request is stored and before the write lands, the event is
+    redelivered (not acked) and decided again from the old state. The same decision yields the same ids: stage
     requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
     inside its duplicate window (2 min). Past the window a repeated request may run twice;
     its second completion finds the node already completed (or at another attempt) and is
@@ -837,6 +837,7 @@ class Coordinator:
                 jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
                 self._published.setdefault(job_id, set()).add(outbox_id(raw))  # leaves with the next write
                 continue
+
             async def publish(event: JobEvent = event) -> None:
                 ack = await self.js.publish_async(
                     subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
