@@ -694,14 +694,13 @@ def test_another_coordinators_request_is_sent_again_only_once_its_writer_had_tim
     (it requests subtitle_gen-ta) without sending translation-hi's again, and its tick leaves
     that request in the outbox. Once it is OUTBOX_GRACE_S old (its writer would have taken it
     out by then: it died), the tick loop sends it and takes it out of the outbox."""
-    wrote = datetime.now(timezone.utc)
-    offset = [timedelta(seconds=1)]
-
     async def scenario(bus: Bus):
+        wrote = datetime.now(timezone.utc)
+        clock = [wrote + timedelta(seconds=1)]  # stands still: a slow machine does not age the request
         state, requests = fanout_job("job12", wrote)
         await bus.kv.create("job12", state.model_dump_json().encode())
         coordinator = Coordinator(bus.nc, graphs={"fanout": FANOUT}, policy=POLICY, tick_interval_s=0.2,
-                                  clock=lambda: datetime.now(timezone.utc) + offset[0])
+                                  clock=lambda: clock[0])
         published: list[str] = []
         publish = coordinator._publish_request
 
@@ -715,11 +714,12 @@ def test_another_coordinators_request_is_sent_again_only_once_its_writer_had_tim
             await publish_event(bus.js, StageCompleted(job_id="job12", stage=ta.stage, node=ta.node, attempt=1,
                                                       outputs={"transcript": artifact("ta")}))
             await bus.state_when("job12", lambda s: s.nodes["subtitle_gen-ta"].status.value == "requested")
-            await asyncio.sleep(1.0)  # five ticks, inside the grace
+            # the tick takes ours out of the outbox and keeps the other coordinator's
+            await bus.state_when("job12", lambda s: [entry.get("stage_request", {}).get("node")
+                                                     for entry in s.outbox] == ["translation-hi"])
+            await asyncio.sleep(1.0)  # five more ticks, inside the grace
             assert published == ["subtitle_gen-ta"]
-            kept = JobState.model_validate_json((await bus.kv.get("job12")).value).outbox
-            assert [entry["stage_request"]["node"] for entry in kept] == ["translation-hi"]  # ours cleared
-            offset[0] = wrote + timedelta(seconds=OUTBOX_GRACE_S) - datetime.now(timezone.utc)
+            clock[0] = wrote + timedelta(seconds=OUTBOX_GRACE_S)
             cleared = await bus.state_when("job12", lambda s: not s.outbox)
         assert published == ["subtitle_gen-ta", "translation-hi"]
         assert cleared.nodes["translation-hi"].status.value == "requested"
@@ -734,10 +734,10 @@ def test_a_request_older_than_the_duplicate_window_allows_is_left_to_its_deadlin
     requests stream's duplicate window would be stored as a new message, and run twice if the
     first had been stored after all. Past REQUEST_RESEND_LIMIT_S it is not sent again and
     leaves the outbox; the node's deadline fails the attempt and its retry is attempt 2."""
-    wrote = datetime.now(timezone.utc)
     offset = [timedelta(seconds=REQUEST_RESEND_LIMIT_S + 1)]
 
     async def scenario(bus: Bus):
+        wrote = datetime.now(timezone.utc)
         window = (await bus.js.stream_info(subjects.REQUESTS_STREAM)).config.duplicate_window
         assert window >= REQUEST_RESEND_LIMIT_S + 20
         spec = JobSpec(job_id="job13", input=INPUT, source_language="en")
