@@ -23,7 +23,7 @@ from captionbus.contracts.events import (
 )
 from captionbus.contracts.ids import JOB_ID_PATTERN, TOKEN_PATTERN, new_job_id, validate_token
 from captionbus.contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
-from captionbus.contracts.stages import StageRequest
+from captionbus.contracts.stages import StageRequest, request_key
 from captionbus.contracts.version import SCHEMA_VERSION
 from captionbus.contracts.failures import FAILURE_CLASSES, classify as failure_class
 from captionbus.contracts.workers import CurrentRequest, WorkerInfo, WorkerState, worker_identity
@@ -55,6 +55,7 @@ __all__ = [
     "JobRetryRequested",
     "parse_event",
     "StageRequest",
+    "request_key",
     "WorkerInfo",
     "WorkerState",
     "worker_identity",

@@ -103,11 +103,14 @@ class JobState(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     # Event ids already applied: the last line of defence against duplicates.
     applied: list[str] = Field(default_factory=list)
-    # Job events decided but not yet published: written with the state that decided them and
-    # published only after that write succeeded, then cleared. A coordinator that dies in between
-    # leaves them here for the next one (their ids are deterministic: JetStream drops repeats).
+    # Job events and stage requests decided but maybe not yet published: written with the state
+    # that decided them (the events published only after that write succeeded, the requests at the
+    # same time), then cleared. A coordinator that dies in between leaves them here for the next
+    # one (their ids are deterministic: JetStream drops repeats).
     outbox: list[dict[str, Any]] = Field(
-        default_factory=list, description="job events (JSON) decided with this state, not yet published"
+        default_factory=list,
+        description="job events (JSON) and stage requests ({'stage_request': ...}) decided with this state, "
+                    "maybe not yet published",
     )
 
     @property

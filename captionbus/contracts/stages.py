@@ -9,6 +9,13 @@ from captionbus.contracts.ids import JobId, NodeId, StageName
 from captionbus.contracts.version import SCHEMA_VERSION
 
 
+def request_key(job_id: str, node: str, attempt: int) -> str:
+    """The idempotency key of one try of one node: `<job>.<node>.<attempt>`. It is a request's
+    Nats-Msg-Id, the stem of the ids of the events about it, and what the coordinator's result
+    token signs; everything that names a request builds it here."""
+    return f"{job_id}.{node}.{attempt}"
+
+
 class StageRequest(BaseModel):
     """Published by the coordinator on `subjects.stage_request(stage)`.
 
@@ -36,4 +43,4 @@ class StageRequest(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.job_id}.{self.node}.{self.attempt}"
+        return request_key(self.job_id, self.node, self.attempt)

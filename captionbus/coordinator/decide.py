@@ -31,6 +31,7 @@ from captionbus.contracts import (
     StageFailed,
     StageRequest,
     StageRequested,
+    request_key,
 )
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.failures import classify as failure_class
@@ -124,10 +125,10 @@ def decide(
         return _Step(None, graph, now, policy, workers).submit(event)
     if state is None:
         if isinstance(event, (StageCompleted, StageFailed)) and _token_holds(policy, event):
-            # The adapter publishes a job's first requests before it creates the job's state, so
-            # another coordinator can be handed the result before that write lands (2-3
-            # coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py saw
-            # such a result dropped, and its job wait forever). Its token shows a coordinator
+            # The adapter publishes a job's first requests at the same time as it creates the
+            # job's state, so another coordinator can be handed the result before that write
+            # lands (2-3 coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py
+            # saw such a result dropped, and its job wait forever). Its token shows a coordinator
             # sent the request; the adapter applies it again shortly.
             return Decision(None, (), False, f"early: no state of job {event.job_id!r} yet", retry_later=True)
         return _ignored(None, f"no job {getattr(event, 'job_id', '')!r}: {type(event).__name__} ignored")
@@ -156,7 +157,7 @@ def result_token(secret: bytes, job_id: str, node: str, attempt: int) -> str:
     """The token of one attempt's request: HMAC-SHA256 of its key under the coordinator's secret.
     Derived, not stored: job state (which workers may read) never holds it, any coordinator with
     the secret can check it, and `decide` stays pure."""
-    return hmac.new(secret, f"{job_id}.{node}.{attempt}".encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(secret, request_key(job_id, node, attempt).encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def give_up(state: JobState | None, job_id: str, event_id: str, reason: str, now: datetime) -> Decision:
@@ -259,8 +260,9 @@ class _Step:
                                            "its token is not the request's (not from a worker handed it)")
         if node.status == NodeStatus.waiting and event.attempt == node.attempt + 1:
             # A result for the next attempt of a node this state has not requested: the adapter
-            # publishes requests before writing state, so a coordinator that died in between
-            # left a request out whose triggering event comes back later. Dropping the result
+            # publishes requests at the same time as it writes the state that decides them, so a
+            # coordinator that died after the publish and before the write landed left a request
+            # out whose triggering event comes back later. Dropping the result
             # would strand the job (the re-sent request dedups on its Nats-Msg-Id); keep it.
             return Decision(self.original, (), False, f"early: {event.node} not requested yet", retry_later=True)
         if node.status != NodeStatus.requested or node.attempt != event.attempt:

@@ -5,8 +5,9 @@ coordinator of the bus; `events_in_hand` pulls at once, one job's events one at 
     read JobState (from KV, or the state we last read or wrote when that is recent:
     `_remembered`) → decide → write the state, with the decided stage requests and job events
     in its `outbox`, against the revision read, and publish the stage requests at the same time
-    → publish the outbox's events (pipelined) → ack the event. What was published leaves the
-    outbox with the job's next write (a finished job's at once, a waiting job's at its next tick).
+    → ack the event, while a task of the job's publishes the outbox's events, in order, off the
+    job's lock. What was published leaves the outbox with the job's next write (a finished job's
+    at once, a waiting job's at its next tick).
 
 Round trips of one stage hop, before and after (issue 22): a fetch per event, a KV read, the
 request, the state write, each event, the outbox-clearing write = 6 sequential, one event at a
@@ -17,15 +18,19 @@ next stage can start.
 
 Stage requests go out *with* the write, not after it; that is safe (at-least-once, no double
 effects):
-  * If we crash after publishing and before the write, the event is redelivered (not acked)
-    and decided again from the old state. The same decision yields the same ids: stage
+  * If we crash after the request is stored and before the write lands, the event is
+    redelivered (not acked) and decided again from the old state. The same decision yields the same ids: stage
     requests carry `Nats-Msg-Id: <job>.<node>.<attempt>`, so JetStream drops the repeats
     inside its duplicate window (2 min). Past the window a repeated request may run twice;
     its second completion finds the node already completed (or at another attempt) and is
     ignored.
   * If the write lands and the request does not (its publish failed, or we crashed before its
-    ack), the request is in the written state's outbox: the redelivered event finds itself
-    already applied and publishes the outbox (so does the tick loop), under the same id.
+    ack), the request is in the written state's outbox and goes out again from there under the
+    same id: ours at once (the decision is done and logged, its event acked: a request that did
+    not go out is no failure of the event), another coordinator's once it is `OUTBOX_GRACE_S`
+    old (the redelivered event finds itself already applied and flushes the outbox; so does the
+    tick loop), none once it is `REQUEST_RESEND_LIMIT_S` old (inside the duplicate window; the
+    node's deadline decides then: see REQUEST_RESEND_LIMIT_S).
   * If the write loses a revision race (another decision for the same job landed first), we
     re-read and re-decide. A request the losing decision published refers to a (node, attempt)
     the winning state either also requested (same id, deduplicated) or never will; a result
@@ -34,9 +39,11 @@ effects):
 Job events go out only *after* the write: clients stop at the first terminal event, so a
 `failed` from a decision that lost the race (a deadline tick against a completion) would
 report a failure that did not happen. They travel in the state's `outbox`: written with the
-decision, published once the write succeeded, then cleared. A coordinator that dies in
-between leaves them in the state; the tick loop (which scans every job at start) publishes
-them. Their ids are derived from the transition, so a repeat is dropped by JetStream.
+decision, published once the write succeeded, then cleared. A job's events are stored in the
+order they were decided: each is published once the one before it is stored, and one whose
+publish failed holds back the later ones until it is sent again (`_send`). A coordinator that
+dies in between leaves them in the state; the tick loop (which scans every job at start)
+publishes them. Their ids are derived from the transition, so a repeat is dropped by JetStream.
   * Acking only after the write means a crash never loses an event. An event that fails to
     apply `event_retry.max_attempts` times is dropped and its job failed (`JobFailed` with the id
     `<job>.failed.internal.<event id>`), so no client waits forever on it.
@@ -59,7 +66,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,7 +85,16 @@ from nats.js.errors import (
 )
 from pydantic import ValidationError
 
-from captionbus.contracts import JobState, NodeStatus, StageFailed, StageRequest, parse_event, subjects
+from captionbus.contracts import (
+    JobState,
+    NodeState,
+    NodeStatus,
+    StageFailed,
+    StageRequest,
+    parse_event,
+    request_key,
+    subjects,
+)
 from captionbus.contracts.events import JobEvent
 from captionbus.contracts.jobs import utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
@@ -118,6 +134,25 @@ EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
 
 # A stage request in a job state's outbox (JobState.outbox): {"stage_request": <StageRequest JSON>}.
 REQUEST_ENTRY = "stage_request"
+# When a request in the outbox goes out again (resend_due). Its writer publishes it together with
+# the write and takes it out of the outbox with its next write of the job or its next tick
+# (tick_interval_s, 1 s). Another coordinator that finds it there cannot tell whether it was sent;
+# sending it again on each of its writes of the job cost a replicated round trip per hop, under
+# the job's lock, with several coordinators (a review of issue 22). So another coordinator's
+# request goes out again only once it is OUTBOX_GRACE_S old (its writer has died or lost the bus,
+# or it would have been taken out by now); this coordinator's own unsent request at once.
+OUTBOX_GRACE_S = 5.0
+# ... and no request once it is REQUEST_RESEND_LIMIT_S old. The requests stream drops a repeated
+# Nats-Msg-Id only within its duplicate window (120 s: core.bus.provision); past that, a request
+# that was stored after all (and perhaps done) would be stored and run a second time. 100 s leaves
+# 20 s for the publish itself and for coordinators' clocks that disagree (the age is read from
+# the node's `requested_at`, written by the coordinator that decided it). Such a request leaves
+# the outbox unsent and its node stays `requested`: the node's deadline decides, as for any request
+# a worker lost (the attempt fails retryably; the retry policy requests the next attempt, a new
+# id). Only an outage or a coordinator gap longer than that leaves a request there so long; its
+# jobs then wait for a deadline, where a resend could run a stage twice (a 4-hour film's asr, a
+# stage with effects outside the bus), and a worker that did get the request answers as usual.
+REQUEST_RESEND_LIMIT_S = 100.0
 
 
 def request_entry(request: StageRequest) -> dict[str, Any]:
@@ -132,8 +167,26 @@ def outbox_id(raw: Mapping[str, Any]) -> str | None:
     """What `Coordinator._published` calls an outbox entry: a request's key or an event's id."""
     request = raw.get(REQUEST_ENTRY)
     if isinstance(request, Mapping):
-        return f"request:{request.get('job_id')}.{request.get('node')}.{request.get('attempt')}"
+        return f"request:{request_key(request.get('job_id'), request.get('node'), request.get('attempt'))}"
     return raw.get("event_id")
+
+
+async def _stored(publish: Callable[[], Awaitable[Any]]) -> None:
+    """Await a JetStream publish of a message with a Nats-Msg-Id until it is stored or a repeat.
+    Two coordinators deciding on one film's state (each handed one of its chunk results) publish
+    the same next request at once, and both send the events of an outbox one of them wrote;
+    JetStream answers the second "duplicate message id is in process" (409, 10158) while it stores
+    the first. That is retried shortly, when the answer becomes the plain duplicate it is: failing
+    the event cost a second's redelivery each time (benchmarks/fleet_sim.py, 3 coordinators), and a
+    job event that failed would hold back the job's later events (`Coordinator._send`)."""
+    for pause in (*IN_PROCESS_RETRY_S, None):
+        try:
+            await publish()
+            return
+        except APIError as e:
+            if e.err_code != DUPLICATE_IN_PROCESS or pause is None:
+                raise
+            await asyncio.sleep(pause)
 
 
 def events_consumer_config() -> ConsumerConfig:
@@ -149,17 +202,44 @@ def events_consumer_config() -> ConsumerConfig:
     )
 
 
-def awaited(raw: Mapping[str, Any], state: JobState) -> bool:
-    """False for a request in the outbox whose node no longer waits for it (its result came, or
-    the node moved on to another attempt or was cancelled): never sent again. With several
-    coordinators the one handed a stage's result finds that stage's request in the outbox the
-    other one wrote, and cannot tell whether it was sent; resending it cost a replicated round
-    trip per hop. Every other entry (the events) is awaited."""
+def waiting_node(raw: Mapping[str, Any], state: JobState) -> NodeState | None:
+    """The node of a request in the outbox, while it waits for that request (`requested` at the
+    request's attempt); None for an event, or a node whose result came, that moved on to another
+    attempt or was cancelled."""
     request = raw.get(REQUEST_ENTRY)
     if not isinstance(request, Mapping):
-        return True
+        return None
     node = state.nodes.get(str(request.get("node")))
-    return node is not None and node.status == NodeStatus.requested and node.attempt == request.get("attempt")
+    if node is None or node.status != NodeStatus.requested or node.attempt != request.get("attempt"):
+        return None
+    return node
+
+
+def request_age_s(node: NodeState, now: datetime) -> float:
+    """Seconds since the decision that requested `node`'s current attempt."""
+    return (now - node.requested_at).total_seconds() if node.requested_at is not None else 0.0
+
+
+def awaited(raw: Mapping[str, Any], state: JobState, now: datetime) -> bool:
+    """Whether an outbox entry stays in the outbox until it is published: every event; a request
+    while its node waits for it (`waiting_node`) and it is under REQUEST_RESEND_LIMIT_S old. A
+    request no node waits for any more is never sent again; one that old is left to its node's
+    deadline (see REQUEST_RESEND_LIMIT_S)."""
+    if REQUEST_ENTRY not in raw:
+        return True
+    node = waiting_node(raw, state)
+    return node is not None and request_age_s(node, now) < REQUEST_RESEND_LIMIT_S
+
+
+def resend_due(raw: Mapping[str, Any], state: JobState, now: datetime, own: bool) -> bool:
+    """Whether a request in the outbox that this coordinator has not published goes out again
+    now: `own` (its publish after our write failed) at once, another coordinator's once it is
+    OUTBOX_GRACE_S old, none once it is REQUEST_RESEND_LIMIT_S old or no node waits for it."""
+    node = waiting_node(raw, state)
+    if node is None:
+        return False
+    age = request_age_s(node, now)
+    return age < REQUEST_RESEND_LIMIT_S and (own or age >= OUTBOX_GRACE_S)
 
 
 class StateConflict(RuntimeError):
@@ -233,12 +313,13 @@ class Coordinator:
         self._states: OrderedDict[str, tuple[JobState, int, float]] = OrderedDict()
         # job id -> [lock, users]: one event or tick of a job at a time in this process (_owning).
         self._locks: dict[str, list] = {}
-        # job id -> ids of the events in its stored outbox that we have published (_commit).
-        self._published: dict[str, set[str]] = {}
-        # job id -> ids of its events we sent and whose acks a task awaits off the job's lock
-        # (_flush_outbox, _confirm), and those tasks.
-        self._sending: dict[str, set[str]] = {}
-        self._confirming: dict[str, set[asyncio.Task]] = {}
+        # job id -> ids (outbox_id) of the entries in its stored outbox that we have published.
+        self._published: dict[str, set[str | None]] = {}
+        # job id -> ids of the requests we wrote into its outbox whose publish failed (_commit).
+        self._unsent: dict[str, set[str]] = {}
+        # job id -> the task publishing its outbox off the job's lock (_flush_outbox); each waits
+        # for the one before it, so a job's events go out in order.
+        self._senders: dict[str, asyncio.Task] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -540,8 +621,9 @@ class Coordinator:
         STATE_MEMORY_S ago; else None. Decisions on it skip the KV read (1 of a hop's 6 round
         trips, and the parse of the state: 4 ms for a 2-hour film's) and are checked by the
         revision of the write. Why STATE_MEMORY_S stays well under the requests stream's
-        duplicate window (120 s): stage requests go out before the write, so a decision on a
-        state another coordinator has moved on from may publish one before its write fails. It
+        duplicate window (120 s): stage requests go out with the write (at the same time, not
+        after it), so a decision on a state another coordinator has moved on from may publish
+        one although its write fails. It
         asks for a (node, attempt) the remembered state had not requested; if the stored state
         has requested it since, that was less than STATE_MEMORY_S ago, so JetStream drops ours
         as a repeat of the same Nats-Msg-Id; if not, its result fails the attempt check (wasted
@@ -590,24 +672,25 @@ class Coordinator:
         raises KeyWrongLastSequenceError when it loses the race), then the job events.
 
         The requests and the events are written into the state's outbox with the decision. The
-        requests go out together with that write, not before it: one round trip on a hop's
-        path instead of two (on the 3-node cluster each is a replicated, fsynced store, ~2 ms;
-        on the 2-core machine of README's figures a hop waits for CPU instead, and its p50 did
-        not move: benchmarks/stage_hops.py --coordinators). A request whose publish failed, or whose coordinator died
-        before its ack, is in the written state's outbox and goes out again from there (the
-        redelivered event finds itself applied and flushes the outbox; the tick loop does the
-        same); one published by a decision whose write lost the race refers to a (node,
-        attempt) the winning state either also requested (same `Nats-Msg-Id`, deduplicated) or
-        never will (its result fails the attempt check). The events are published only once the
-        write succeeded, so a decision that lost the race never announces anything.
+        requests go out together with that write, not before or after it: one round trip on a
+        hop's path instead of two (on the 3-node cluster each is a replicated, fsynced store,
+        ~2 ms; on the 2-core machine of README's figures a hop waits for CPU instead, and its p50
+        did not move: benchmarks/stage_hops.py --coordinators). Once the write has landed the
+        decision is done, whatever became of its requests: one whose publish failed is logged,
+        stays in the written outbox and goes out again from there (`_send`, at once and at the
+        next tick), and the event that triggered it is acked as applied (failing it would count
+        toward giving the job up, and its redelivery would find itself applied anyway). One
+        published by a decision whose write lost the race refers to a (node, attempt) the winning
+        state either also requested (same `Nats-Msg-Id`, deduplicated) or never will (its result
+        fails the attempt check). The events are published only once the write succeeded, so a
+        decision that lost the race never announces anything.
         A running job's outbox is not cleared by a write of its own: what we published leaves
         it with the job's next write (or the tick loop's, when the job waits), which took a
         second state write off each stage hop.
         """
         requests = decision.requests
         state = decision.state
-        published = self._published.get(job_id, set())
-        outbox = [*(raw for raw in state.outbox if outbox_id(raw) not in published and awaited(raw, state)),
+        outbox = [*self._kept(job_id, state, self.clock(), jlog),
                   *(request_entry(request) for request in requests),
                   *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
@@ -616,128 +699,190 @@ class Coordinator:
             *(self._publish_request(request) for request in requests), return_exceptions=True)
         if isinstance(written, BaseException):
             raise written
-        # What we published of the outbox before this write is out of it now; what was confirmed
-        # since (the acks of earlier events, _confirm) and this write's requests are in it.
+        # What we published of the outbox before this write is out of it now; what was published
+        # since (by the job's sender, _send) and this write's requests are in it.
         kept = {outbox_id(raw) for raw in outbox}
-        self._published[job_id] = {entry for entry in self._published.get(job_id, ()) if entry in kept} | {
-            request_id(request) for request, error in zip(requests, sent) if error is None}
-        failed = next((error for error in sent if error is not None), None)
-        if failed is not None:
-            # Written, not sent: the redelivered event (or the next tick) sends it from the outbox.
-            self._running.add(job_id)
-            raise failed
+        published = self._published.setdefault(job_id, set())
+        published.intersection_update(kept)
+        unsent = self._unsent.setdefault(job_id, set())
+        unsent.intersection_update(kept)
+        for request, error in zip(requests, sent):
+            if error is None:
+                published.add(request_id(request))
+                continue
+            unsent.add(request_id(request))
+            jlog.warning("stage request not sent; it goes out again from the job's outbox",
+                         node=request.node, attempt=request.attempt, error=repr(error))
+        if not unsent:
+            self._unsent.pop(job_id, None)
         await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
 
+    def _kept(self, job_id: str, state: JobState, now: datetime, jlog: Any) -> list[dict[str, Any]]:
+        """The entries of `state`'s outbox that stay in it: those we have not published and that
+        are still `awaited`. A request left there past REQUEST_RESEND_LIMIT_S is said in the log:
+        its node's deadline decides what becomes of it."""
+        published = self._published.get(job_id, set())
+        kept = []
+        for raw in state.outbox:
+            if outbox_id(raw) in published:
+                continue
+            if awaited(raw, state, now):
+                kept.append(raw)
+            elif (node := waiting_node(raw, state)) is not None:
+                jlog.warning("stage request not sent again: too old for the requests stream's duplicate window; "
+                             "its node's deadline decides", node=raw[REQUEST_ENTRY].get("node"),
+                             attempt=node.attempt, age_s=round(request_age_s(node, now)),
+                             deadline_at=str(node.deadline_at))
+        return kept
+
+    def _others_due(self, job_id: str, state: JobState) -> bool:
+        """Whether `state`'s outbox holds a request of another coordinator due to go out again."""
+        published, unsent, now = self._published.get(job_id, set()), self._unsent.get(job_id, set()), self.clock()
+        return any(REQUEST_ENTRY in raw and (entry := outbox_id(raw)) not in published and entry not in unsent
+                   and resend_due(raw, state, now, own=False) for raw in state.outbox)
+
     async def _publish_request(self, request: StageRequest) -> None:
-        """Publish one stage request. Two coordinators deciding on one film's state (each handed
-        one of its chunk results) publish the same next request at once; JetStream answers the
-        second "duplicate message id is in process" (409, 10158) while it stores the first. That
-        is retried shortly, when the answer becomes the plain duplicate it is: failing the event
-        cost a second's redelivery each time (benchmarks/fleet_sim.py, 3 coordinators)."""
-        for pause in (*IN_PROCESS_RETRY_S, None):
-            try:
-                await self.js.publish(subjects.stage_request(request.stage), request.model_dump_json().encode(),
-                                      headers={"Nats-Msg-Id": request.key})
-                return
-            except APIError as e:
-                if e.err_code != DUPLICATE_IN_PROCESS or pause is None:
-                    raise
-                await asyncio.sleep(pause)
+        """Publish one stage request (`_stored`)."""
+        await _stored(lambda: self.js.publish(subjects.stage_request(request.stage),
+                                              request.model_dump_json().encode(),
+                                              headers={"Nats-Msg-Id": request.key}))
 
     async def _flush_outbox(self, job_id: str, state: JobState, revision: int | None, jlog: Any,
                             clear: bool = True) -> None:
-        """Publish the requests and events waiting in `state`'s outbox that we have not published
-        yet (all at once, the events in order: one round trip), then (`clear`) write the state
-        without them. Never raises: what is not published stays in the state, and the tick loop tries
-        again.
+        """Publish what of `state`'s outbox is ours to send (`_send`: the events we have not
+        published, in order; the requests due to go out again), then (`clear`) write the state
+        without what is out. Never raises: what is not published stays in the state, and the
+        tick loop tries again.
 
-        Without `clear` (a running job's own write) the events' acks are awaited by a task of
-        their own (`_confirm`), not under the job's lock: the next event of the job (its next
-        stage's result, which a fast stage sends within that round trip) is decided at once
-        instead of one more replicated store later. That is safe because the events are in the
-        written outbox until confirmed: a later write of the job keeps those not confirmed yet,
-        and its flush does not send them twice while their acks are awaited; one that fails
-        is sent again by the tick loop; a clearing write first waits for every ack."""
+        Without `clear` (a running job's own write) a task of its own publishes them (`_send`),
+        not under the job's lock: the next event of the job (its next stage's result, which a
+        fast stage sends within that round trip) is decided at once instead of one more
+        replicated store later. That is safe because the entries stay in the written outbox
+        until published: a later write of the job carries those not published yet, and its own
+        task waits for this one before it publishes them (not twice, and no event ahead of an
+        earlier one); what fails is sent again by the next write's task or the tick loop; a
+        clearing write first waits for the tasks of the job.
+
+        A clearing write keeps what still has to go out (another coordinator's request younger
+        than OUTBOX_GRACE_S, which its writer sends) and is left out when it would change nothing."""
         if not state.outbox:
             return
-        if clear:
-            await self._confirmed(job_id)
-        published = self._published.setdefault(job_id, set())
-        sending = self._sending.get(job_id, set())
+        if not clear:
+            self._running.add(job_id)  # the tick loop clears the outbox if no event does first
+            task = asyncio.create_task(self._send(job_id, state, jlog, after=self._senders.get(job_id)))
+            self._senders[job_id] = task
+            task.add_done_callback(lambda done: self._sender_done(job_id, done))
+            return
+        await self._confirmed(job_id)
+        if not await self._send(job_id, state, jlog):
+            return
+        keep = self._kept(job_id, state, self.clock(), jlog)
+        if keep:
+            self._running.add(job_id)  # sent again by the tick loop once due
+        if len(keep) == len(state.outbox):
+            return
         try:
-            acks, requests = [], []
-            for raw in state.outbox:
-                if outbox_id(raw) in published or outbox_id(raw) in sending or not awaited(raw, state):
-                    continue
-                try:
-                    if REQUEST_ENTRY in raw:
-                        requests.append(StageRequest.model_validate(raw[REQUEST_ENTRY]))
-                        continue
-                    event = parse_event(raw)
-                except ValidationError as e:
-                    jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
-                    continue
-                acks.append((event.event_id, await self.js.publish_async(
-                    subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})))
-            # Requests a write went out without (a lost ack, a dead coordinator, or another
-            # coordinator's that we cannot tell from those): again, under the same ids.
-            await asyncio.wait_for(asyncio.gather(*(self._publish_request(r) for r in requests)), PUBLISH_TIMEOUT_S)
-            published.update(request_id(r) for r in requests)
-            if not clear:
-                self._running.add(job_id)  # the tick loop clears it if no event does first
-                if acks:
-                    self._sending.setdefault(job_id, set()).update(event_id for event_id, _ in acks)
-                    task = asyncio.create_task(self._confirm(job_id, acks, jlog))
-                    self._confirming.setdefault(job_id, set()).add(task)
-                    task.add_done_callback(lambda done: self._confirm_done(job_id, done))
-                return
-            for event_id, ack in acks:
-                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
-                published.add(event_id)
-            await self._write_state(job_id, state.model_copy(update={"outbox": []}), revision)
-            self._published.pop(job_id, None)
+            await self._write_state(job_id, state.model_copy(update={"outbox": keep}), revision)
         except KeyWrongLastSequenceError:
-            # The state moved on; its writer carried these events along and publishes them too
+            # The state moved on; its writer carried these entries along and publishes them too
             # (same ids: JetStream drops the repeats).
             self._forget(job_id)
             jlog.debug("outbox published; the state changed before it was cleared")
+            return
         except Exception as e:
-            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(e))
+            jlog.warning("clearing the job's outbox failed; the tick loop tries again", error=repr(e))
             self._running.add(job_id)
+            return
+        if not keep:
+            self._published.pop(job_id, None)
+            self._unsent.pop(job_id, None)
 
-    async def _confirm(self, job_id: str, acks: list[tuple[str, asyncio.Future]], jlog: Any) -> None:
-        """Await the acks of events `_flush_outbox` sent for a running job; an event whose ack
-        failed stays in the job's outbox, and the tick loop sends it again."""
-        failed = None
-        for event_id, ack in acks:
-            try:
-                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
-            except Exception as e:
-                failed = failed or e
+    async def _send(self, job_id: str, state: JobState, jlog: Any, after: asyncio.Task | None = None) -> bool:
+        """Publish, once `after` (the job's sender before this one) is done, the entries of
+        `state`'s outbox we have not published: the requests due to go out again (`resend_due`)
+        at once, and the events one after the other in outbox order (the order they were
+        decided), each once the one before it is stored. The first event that fails holds back
+        the rest: a later one stored ahead of it would reach the job's watchers and webhooks out
+        of order (pipelined, an event whose publish failed was sent again by the tick loop after
+        the next stage's events had been stored). It and those after it go out again, in order,
+        with the job's next write or tick. True when nothing failed; never raises."""
+        if after is not None:
+            await asyncio.wait([after])
+        now = self.clock()
+        published = self._published.get(job_id, set())
+        unsent = self._unsent.get(job_id, set())
+        events, requests = [], []
+        for raw in state.outbox:
+            entry = outbox_id(raw)
+            if entry in published:
                 continue
-            finally:
-                self._sending.get(job_id, set()).discard(event_id)
-            self._published.setdefault(job_id, set()).add(event_id)
-        if failed is not None:
-            jlog.warning("publishing the job's events failed; the tick loop tries again", error=repr(failed))
-            self._running.add(job_id)
+            if REQUEST_ENTRY not in raw:
+                events.append(raw)
+            elif resend_due(raw, state, now, own=entry in unsent):
+                requests.append(raw)
+        if not events and not requests:
+            return True
+        done = await asyncio.gather(self._send_events(job_id, events, jlog),
+                                    *(self._resend(job_id, raw, jlog) for raw in requests), return_exceptions=True)
+        if all(result is True for result in done):
+            return True
+        self._running.add(job_id)
+        return False
 
-    def _confirm_done(self, job_id: str, task: asyncio.Task) -> None:
-        tasks = self._confirming.get(job_id, set())
-        tasks.discard(task)
-        if not tasks:
-            self._confirming.pop(job_id, None)
-            if not self._sending.get(job_id, True):
-                self._sending.pop(job_id, None)
+    async def _send_events(self, job_id: str, events: list[dict[str, Any]], jlog: Any) -> bool:
+        for raw in events:
+            try:
+                event = parse_event(raw)
+            except ValidationError as e:
+                jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
+                self._published.setdefault(job_id, set()).add(outbox_id(raw))  # leaves with the next write
+                continue
+
+            async def publish(event: JobEvent = event) -> None:
+                ack = await self.js.publish_async(
+                    subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})
+                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+
+            try:
+                await _stored(publish)
+            except Exception as e:
+                jlog.warning("publishing a job event failed; it and the job's later events go out again, in order, "
+                             "with its next write or tick", event_id=event.event_id, error=repr(e))
+                return False
+            self._published.setdefault(job_id, set()).add(event.event_id)
+        return True
+
+    async def _resend(self, job_id: str, raw: Mapping[str, Any], jlog: Any) -> bool:
+        """Publish a request of the outbox again (its write went out without it, or its writer
+        may have: the same Nats-Msg-Id, so a repeat inside the duplicate window is dropped)."""
+        try:
+            request = StageRequest.model_validate(raw[REQUEST_ENTRY])
+        except ValidationError as e:
+            jlog.error("unreadable entry in the job's outbox dropped", error=str(e).splitlines()[0])
+            self._published.setdefault(job_id, set()).add(outbox_id(raw))
+            return True
+        try:
+            await asyncio.wait_for(self._publish_request(request), PUBLISH_TIMEOUT_S)
+        except Exception as e:
+            jlog.warning("sending a stage request again failed; the next write or tick tries again",
+                         node=request.node, attempt=request.attempt, error=repr(e))
+            return False
+        self._published.setdefault(job_id, set()).add(request_id(request))
+        self._unsent.get(job_id, set()).discard(request_id(request))
+        jlog.info("stage request sent again from the outbox", node=request.node, attempt=request.attempt)
+        return True
+
+    def _sender_done(self, job_id: str, task: asyncio.Task) -> None:
+        if self._senders.get(job_id) is task:
+            del self._senders[job_id]
 
     async def _confirmed(self, job_id: str | None = None) -> None:
-        """Until the events sent for `job_id` (every job: None) are confirmed or failed."""
-        tasks = [task for job, jobs in self._confirming.items() if job_id in (None, job) for task in jobs]
+        """Until the outbox entries being published for `job_id` (every job: None) are out or failed."""
+        tasks = [task for job, task in self._senders.items() if job_id in (None, job)]
         if tasks:
             # asyncio.wait, not gather: a waiter cancelled here (stop()'s wait_for, a cancelled tick)
-            # must not cancel the confirmations, whose ids would then stay in _sending for good and
-            # be dropped from the outbox by the next clearing write
+            # must not cancel the senders (their work would wait for the next write or tick)
             await asyncio.wait(tasks)
 
     async def _publish_event(self, event: JobEvent) -> None:
@@ -807,12 +952,18 @@ class Coordinator:
                                   self._workers)
                 if decision.changed and remembered is not None:
                     state, revision = await self.read_state(job_id)  # a change is decided on the stored state
+                    remembered = None
                     if state is None:
                         return
                     decision = None if state.status.finished else decide(
                         state, Tick(now), self.graphs.get(state.spec.workflow), now, self.policy, self._workers)
             if decision is None or not decision.changed:
-                # Events a coordinator wrote and did not get to publish (it died, the bus blinked).
+                # What a coordinator wrote and did not get to publish (it died, the bus blinked).
+                if remembered is not None and self._others_due(job_id, state):
+                    # resend another coordinator's request only if the stored state still has it
+                    state, revision = await self.read_state(job_id)
+                    if state is None:
+                        return
                 await self._flush_outbox(job_id, state, revision, jlog)
                 return
             try:

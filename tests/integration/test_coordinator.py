@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import yaml
+from structlog.testing import capture_logs
 
 from captionbus.contracts import (
     ArtifactRef,
@@ -29,7 +30,13 @@ from captionbus.contracts import (
 )
 from captionbus.coordinator.decide import NODE_RETRY, Policy, decide
 from captionbus.coordinator.graph import Workflow
-from captionbus.coordinator.service import EVENT_RETRY, Coordinator, request_entry
+from captionbus.coordinator.service import (
+    EVENT_RETRY,
+    OUTBOX_GRACE_S,
+    REQUEST_RESEND_LIMIT_S,
+    Coordinator,
+    request_entry,
+)
 from captionbus.core.bus import StagePolicy, ensure_stage_consumer, provision
 
 # The bus adapter is tested on a linear graph (demux -> asr -> subtitle_gen -> mux) under the name
@@ -37,6 +44,8 @@ from captionbus.core.bus import StagePolicy, ensure_stage_consumer, provision
 LINEAR_PATH = Path(__file__).parents[1] / "unit" / "coordinator" / "linear.yaml"
 GRAPHS = {"transcribe": Workflow.from_dict({**yaml.safe_load(LINEAR_PATH.read_text()), "name": "transcribe"},
                                            str(LINEAR_PATH))}
+FANOUT = Workflow.from_dict(yaml.safe_load((LINEAR_PATH.parent / "fanout.yaml").read_text()),
+                            str(LINEAR_PATH.parent / "fanout.yaml"))
 # The fake workers produce exactly what the graph declares.
 STAGE_OUTPUTS = {node.stage_name(name): node.outputs for name, node in GRAPHS["transcribe"].nodes.items()}
 INPUT = ArtifactRef(key="0" * 64, name="film.mp4", size=10)
@@ -448,10 +457,11 @@ def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_se
 def test_a_request_left_in_the_outbox_is_published_by_the_next_coordinator(nats_server):
     async def scenario(bus: Bus):
         # A coordinator wrote the state that requests demux (the request in its outbox, sent at
-        # the same time as the write) and died before the request was stored.
+        # the same time as the write) and died before the request was stored, OUTBOX_GRACE_S ago
+        # (a younger one is left to its writer, which takes it out of the outbox at its next tick).
         spec = JobSpec(job_id="job9r", input=INPUT, source_language="en")
         decision = decide(None, JobSubmitted(job_id="job9r", spec=spec), GRAPHS["transcribe"],
-                          datetime.now(timezone.utc), POLICY)
+                          datetime.now(timezone.utc) - timedelta(seconds=OUTBOX_GRACE_S), POLICY)
         [request] = decision.requests
         state = decision.state.model_copy(update={"outbox": [request_entry(request)]})
         await bus.kv.create("job9r", state.model_dump_json().encode())
@@ -466,9 +476,12 @@ def test_a_request_left_in_the_outbox_is_published_by_the_next_coordinator(nats_
 
 
 def test_a_request_whose_publish_failed_after_its_write_goes_out_from_the_outbox(nats_server):
+    """The write landed, so the decision is done: it is logged, its event acked (one failure
+    of the event would give the job up here: max_attempts=1), and the request goes out again
+    from the outbox under the same id, without waiting for a tick (30 s here)."""
     async def scenario(bus: Bus):
         coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=30,
-                                  event_retry=replace(EVENT_RETRY, initial_s=0.05))
+                                  event_retry=replace(EVENT_RETRY, initial_s=0.05, max_attempts=1))
         publish = coordinator._publish_request
         lost: list[str] = []
 
@@ -479,13 +492,19 @@ def test_a_request_whose_publish_failed_after_its_write_goes_out_from_the_outbox
             await publish(request)
 
         coordinator._publish_request = lose_the_first
-        async with coordinator:
-            await submit(bus.js, "job9p")
-            [taken] = await bus.answer("demux")
-            await bus.answer("asr", "subtitle_gen", "mux")
-            done = await bus.finished("job9p")
+        with capture_logs() as logs:
+            async with coordinator:
+                await submit(bus.js, "job9p")
+                [taken] = await bus.answer("demux")
+                await bus.answer("asr", "subtitle_gen", "mux")
+                done = await bus.finished("job9p")
         assert lost == ["job9p.demux.1"] and (taken.node, taken.attempt) == ("demux", 1)
         assert done.status == JobStatus.completed and done.nodes["demux"].attempt == 1
+        said = [(line["event"], line.get("node")) for line in logs if line.get("job_id") == "job9p"]
+        assert ("stage requested", "demux") in said  # the decision is logged like any other
+        assert ("stage request not sent; it goes out again from the job's outbox", "demux") in said
+        assert ("stage request sent again from the outbox", "demux") in said
+        assert not any("fail" in event or "redelivered" in event for event, _ in said), said
 
     on_bus(nats_server, scenario)
 
@@ -615,5 +634,137 @@ def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nat
             await service.stop()
         async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY) as plain:
             assert plain._windowed_stages() == [] and plain._workers == {}  # nothing to size: no pings
+
+    on_bus(nats_server, scenario)
+
+
+def test_job_events_stay_in_order_when_one_fails_to_publish(nats_server):
+    """Review of issue 22: a running job's events are confirmed off the job's lock; when one's
+    publish failed (here: never sent, its ack times out after a second), the events of the job's
+    next decisions went out meanwhile, and the failed one was stored after them. Watchers and
+    webhooks read the events stream in order: it must be the order the events were decided in."""
+    async def scenario(bus: Bus):
+        coordinator = bus.coordinator()
+        publish_async = coordinator.js.publish_async
+        lost: list[str] = []
+
+        async def lose_the_first_requested(subject: str, payload: bytes = b"", **kw):
+            if subject.endswith(".stage_requested") and not lost:
+                lost.append(parse_event(payload).node)
+                failed = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_later(
+                    1.0, lambda: failed.done() or failed.set_exception(nats.errors.TimeoutError()))
+                return failed
+            return await publish_async(subject, payload, **kw)
+
+        coordinator.js.publish_async = lose_the_first_requested
+        async with coordinator:
+            await submit(bus.js, "job9o")
+            [demux] = await bus.answer("demux")  # answered while demux's `stage_requested` is lost
+            await bus.state_when("job9o", lambda s: s.nodes["asr"].status.value == "requested")
+            await bus.answer("asr", "subtitle_gen", "mux")
+            await event_when(bus.js, "job9o", "completed")
+            await bus.state_when("job9o", lambda s: s.status.finished and not s.outbox)
+        events = await bus.events("job9o")
+        assert lost == ["demux"] and demux.attempt == 1
+        announced = [e.kind if e.kind != "stage_requested" else e.node for e in events
+                     if e.kind in ("started", "stage_requested", "completed")]
+        assert announced == ["started", "demux", "asr", "subtitle_gen", "mux", "completed"]
+
+    on_bus(nats_server, scenario)
+
+
+def fanout_job(job_id: str, now: datetime) -> tuple[JobState, list[StageRequest]]:
+    """A `fanout` job (tests/unit/coordinator/fanout.yaml) whose two translations another
+    coordinator requested at `now`: the state it wrote, their requests in its outbox."""
+    d = decide(None, JobSubmitted(job_id=job_id, spec=JobSpec(job_id=job_id, input=INPUT, workflow="fanout",
+                                                             target_languages=["ta", "hi"])), FANOUT, now, POLICY)
+    for node, outputs in (("demux", ["audio"]), ("asr", ["transcript"])):
+        d = decide(d.state, StageCompleted(job_id=job_id, stage=node, node=node, attempt=1,
+                                           outputs={o: artifact(f"{node}.{o}") for o in outputs}), FANOUT, now, POLICY)
+    assert sorted(r.node for r in d.requests) == ["translation-hi", "translation-ta"]
+    return d.state.model_copy(update={"outbox": [request_entry(r) for r in d.requests]}), d.requests
+
+
+def test_another_coordinators_request_is_sent_again_only_once_its_writer_had_time(nats_server):
+    """Review of issue 22: on each write of a job a coordinator sent again every request of the
+    outbox it had not published itself, under the job's lock: with several coordinators each hop
+    paid for a repeat of the other's request. Here another coordinator wrote the two
+    translations' requests a second ago; translation-ta's result makes this one write the job
+    (it requests subtitle_gen-ta) without sending translation-hi's again, and its tick leaves
+    that request in the outbox. Once it is OUTBOX_GRACE_S old (its writer would have taken it
+    out by then: it died), the tick loop sends it and takes it out of the outbox."""
+    async def scenario(bus: Bus):
+        wrote = datetime.now(timezone.utc)
+        clock = [wrote + timedelta(seconds=1)]  # stands still: a slow machine does not age the request
+        state, requests = fanout_job("job12", wrote)
+        await bus.kv.create("job12", state.model_dump_json().encode())
+        coordinator = Coordinator(bus.nc, graphs={"fanout": FANOUT}, policy=POLICY, tick_interval_s=0.2,
+                                  clock=lambda: clock[0])
+        published: list[str] = []
+        publish = coordinator._publish_request
+
+        async def spy(request: StageRequest) -> None:
+            published.append(request.node)
+            await publish(request)
+
+        coordinator._publish_request = spy
+        async with coordinator:
+            [ta] = [r for r in requests if r.node == "translation-ta"]
+            await publish_event(bus.js, StageCompleted(job_id="job12", stage=ta.stage, node=ta.node, attempt=1,
+                                                      outputs={"transcript": artifact("ta")}))
+            await bus.state_when("job12", lambda s: s.nodes["subtitle_gen-ta"].status.value == "requested")
+            # the tick takes ours out of the outbox and keeps the other coordinator's
+            await bus.state_when("job12", lambda s: [entry.get("stage_request", {}).get("node")
+                                                     for entry in s.outbox] == ["translation-hi"])
+            await asyncio.sleep(1.0)  # five more ticks, inside the grace
+            assert published == ["subtitle_gen-ta"]
+            clock[0] = wrote + timedelta(seconds=OUTBOX_GRACE_S)
+            cleared = await bus.state_when("job12", lambda s: not s.outbox)
+        assert published == ["subtitle_gen-ta", "translation-hi"]
+        assert cleared.nodes["translation-hi"].status.value == "requested"
+        taken = await FakeWorker(bus.js, "translation_nllb").answer(ack=False, timeout=5)
+        assert [(r.node, r.attempt) for r in taken] == [("translation-hi", 1)]
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_request_older_than_the_duplicate_window_allows_is_left_to_its_deadline(nats_server):
+    """Review of issue 22: a request found unsent in the outbox after an outage longer than the
+    requests stream's duplicate window would be stored as a new message, and run twice if the
+    first had been stored after all. Past REQUEST_RESEND_LIMIT_S it is not sent again and
+    leaves the outbox; the node's deadline fails the attempt and its retry is attempt 2."""
+    offset = [timedelta(seconds=REQUEST_RESEND_LIMIT_S + 1)]
+
+    async def scenario(bus: Bus):
+        wrote = datetime.now(timezone.utc)
+        window = (await bus.js.stream_info(subjects.REQUESTS_STREAM)).config.duplicate_window
+        assert window >= REQUEST_RESEND_LIMIT_S + 20
+        spec = JobSpec(job_id="job13", input=INPUT, source_language="en")
+        decision = decide(None, JobSubmitted(job_id="job13", spec=spec), GRAPHS["transcribe"], wrote, POLICY)
+        [request] = decision.requests
+        state = decision.state.model_copy(update={"outbox": [request_entry(request)]})
+        await bus.kv.create("job13", state.model_dump_json().encode())
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=0.2,
+                                  clock=lambda: datetime.now(timezone.utc) + offset[0])
+        published: list[tuple[str, int]] = []
+        publish = coordinator._publish_request
+
+        async def spy(request: StageRequest) -> None:
+            published.append((request.node, request.attempt))
+            await publish(request)
+
+        coordinator._publish_request = spy
+        async with coordinator:
+            dropped = await bus.state_when("job13", lambda s: not s.outbox)
+            assert dropped.nodes["demux"].status.value == "requested" and dropped.nodes["demux"].attempt == 1
+            await asyncio.sleep(0.5)
+            assert published == []  # not sent again
+            offset[0] = dropped.nodes["demux"].deadline_at + timedelta(seconds=1) - datetime.now(timezone.utc)
+            [retry] = await bus.answer("demux")
+            await bus.answer("asr", "subtitle_gen", "mux")
+            done = await bus.finished("job13")
+        assert (retry.node, retry.attempt) == ("demux", 2) and published[0] == ("demux", 2)
+        assert done.status == JobStatus.completed and done.nodes["demux"].attempt == 2
 
     on_bus(nats_server, scenario)

@@ -640,9 +640,9 @@ class StageWorker:
         """One KV read per request and per heartbeat; a missing or unreadable state means run it.
 
         A finished state whose `node` is at an attempt below the request's predates the request:
-        the coordinator publishes a retry's requests before it writes the job back to running,
-        so a worker reading in between saw `cancelled` and dropped the retried request, and the
-        retried job hung until its node's deadline. Such a request runs."""
+        the coordinator publishes a retry's requests at the same time as it writes the job back
+        to running, so a worker reading before that write landed saw `cancelled` and dropped the
+        retried request, and the retried job hung until its node's deadline. Such a request runs."""
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)

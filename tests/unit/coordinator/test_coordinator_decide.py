@@ -443,12 +443,12 @@ def test_an_outbox_request_is_awaited_only_while_its_node_waits_for_that_attempt
     [request] = d.requests
     entry, event = request_entry(request), {"kind": "started", "event_id": "j1.started"}
     assert outbox_id(entry) == request_id(request) == f"request:{request.key}"
-    assert awaited(entry, d.state) and awaited(event, d.state)
+    assert awaited(entry, d.state, T0) and awaited(event, d.state, T0)
     later = step(d, completed(request.node))  # its result came: never sent again
-    assert not awaited(entry, later.state) and awaited(event, later.state)
+    assert not awaited(entry, later.state, T0) and awaited(event, later.state, T0)
     retried = d.state.model_copy(update={"nodes": {**d.state.nodes, request.node: d.state.nodes[request.node].model_copy(
         update={"attempt": request.attempt + 1})}})
-    assert not awaited(entry, retried)  # another attempt is what the node waits for
+    assert not awaited(entry, retried, T0)  # another attempt is what the node waits for
 
 
 def test_a_join_takes_a_failed_branch_whole_or_not_at_all():
@@ -494,7 +494,7 @@ def test_with_a_secret_only_results_carrying_the_requests_token_apply():
 
 
 def test_a_result_that_overtakes_its_jobs_state_is_put_back_only_with_its_requests_token():
-    """Several coordinators: the request goes out before the state is created, so another
+    """Several coordinators: the request goes out with the write that creates the state, so another
     coordinator can be handed the result of a job it finds no state of. One carrying the
     request's token is applied again later (dropping it left the job waiting forever); one
     without is refused at once, so junk results for made-up jobs do not circle."""
@@ -510,7 +510,7 @@ def test_a_result_that_overtakes_its_jobs_state_is_put_back_only_with_its_reques
 
 
 def test_a_fan_out_items_result_that_overtakes_the_write_listing_the_items_is_put_back():
-    """The decision that lists a film's chunks (asr-0, asr-1, ...) publishes their requests before
+    """The decision that lists a film's chunks (asr-0, asr-1, ...) publishes their requests with
     its write; a coordinator handed a chunk's result before that write lands finds no asr-0 in
     the state. With the request's token the result is put back; a made-up node is ignored."""
     from captionbus.coordinator.decide import result_token
