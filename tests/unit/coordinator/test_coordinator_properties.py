@@ -102,5 +102,10 @@ def test_any_interleaving_finishes_the_job_once(separate, languages, moves):
         # Only exhausted retries may fail this job (fanout.yaml gives asr max_attempts 2).
         assert re.search(r"failed (4|2) times", d.state.error), d.state.error
     else:
-        expected = {"mp4", *(f"srt-{lang}" for lang in languages)}
+        # A branch whose retries ran out is handed over as failed; the job keeps what finished (issue 18).
+        failed = d.state.failed_branches or {}
+        for reason in failed.values():
+            assert re.search(r"failed (4|2) times", reason), reason
+        assert set(failed) <= set(languages)
+        expected = {"mp4", *(f"srt-{lang}" for lang in languages if lang not in failed)}
         assert set(d.state.outputs) == expected
