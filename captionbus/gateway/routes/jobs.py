@@ -2,6 +2,7 @@
 A key sees and acts on its own jobs only (an admin key on all): `OwnedJob` answers 404 otherwise."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -115,13 +116,25 @@ async def download(state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
                         filename=output_filename(stem, name, ref))
 
 
-@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}},
+def resume_after(last_event_id: str | None) -> int:
+    """The stream sequence a `Last-Event-ID` names (0: none). Only ASCII digits, at most 19 (a
+    sequence is a uint64): `str.isdigit()` let '²' through to int(), a 500, and 5000 digits were
+    another (int's digit limit); anything but an id this endpoint sent is a 400."""
+    if not last_event_id:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,19}", last_event_id):
+        raise ApiError(400, f"Last-Event-ID {last_event_id[:40]!r} is not an event id this stream sent "
+                            "(a stream sequence: digits); reconnect without it to read from the start")
+    return int(last_event_id)
+
+
+@router.get("/{job_id}/events", responses={**documented(400), 200: {"content": {"text/event-stream": {}},
                                                  "description": "id: stream sequence, event: kind, data: the event"}})
 async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream,
                  last_event_id: str | None = Header(None)):
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
     its stream sequence: reconnect with `Last-Event-ID` to resume after it."""
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    after = resume_after(last_event_id)
 
     async def stream():  # until the job's real end (ends.job_events), through cancel and retry
         async for seq, event in gw.job_events(js, state.job_id, after):

@@ -1,0 +1,174 @@
+"""The gateway attacked through HTTP as a key holder would (issue 18, "tenancy at the door"): a real
+nats-server, the real coordinator (in-process; no stage services, so jobs stay running), the real
+app under uvicorn, httpx as the attacker's client. Bob holds an ordinary key and Alice's job id;
+each attack must answer exactly as for a job that does not exist (or be refused) and leave Alice's
+job and its webhook records untouched. tests/integration/test_gateway.py has the plain cross-key
+checks (every route with Alice's id as written); these are the tricks around them."""
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from captionbus.gateway.app import GatewayConfig
+from captionbus.gateway.dispatch import Subscriber
+from captionbus.gateway.keys import KeyRing, add_key
+from captionbus.core.settings import Settings
+from tests.gatewaytools import free_port, running_gateway
+from tests.integration.test_gateway import coordinator, error_of, wait_status  # noqa: F401  (a fixture)
+
+SECRET = b"door-test-secret"
+# The operator's gateway-wide subscriber: an incoming-webhook URL whose path is its credential.
+AUDIT_PATH = "/audit/T0001/B0002/xoxb-operator-secret"
+
+
+class Hooks:
+    """A receiver on loopback that records the path of every POST (whatever it is)."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                hooks.paths.append(self.path)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def door(tmp_path, coordinator):  # noqa: F811
+    """(clients by key name: alice, bob, ops (admin); the receiver)."""
+    hooks = Hooks()
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name, admin=name == "ops") for name in ("alice", "bob", "ops")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), max_upload_bytes=64 * 1024,
+        webhook_allow=[f"{hooks.base}/team-a", f"{hooks.base}/audit/"], webhook_secret=SECRET,
+        webhook_subscribers=[Subscriber(name="audit", url=hooks.base + AUDIT_PATH)])
+    with running_gateway(config) as url:
+        clients = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                   for name, key in made.items()}
+        yield clients, hooks
+        for client in clients.values():
+            client.close()
+    hooks.server.shutdown()
+
+
+def submit(client: httpx.Client, **data) -> str:
+    created = client.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF talk")}, data={"workflow": "speech", **data})
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def test_callback_urls_that_leave_the_allowed_prefix_are_refused(door):
+    """The allow-list said `http://HOOKS/team-a`; each URL below was accepted before (urlsplit kept
+    the path as written, startswith had no segment boundary) and httpx POSTed to a path outside
+    it (`/team-a/../admin` went to `/admin`), or a decoding receiver routes it there."""
+    clients, hooks = door
+    alice = clients["alice"]
+    for path in ("/team-a/../admin", "/team-a/./../admin", "/team-abc", "/team-a%2f..%2fadmin", "/team-a/%2e%2e/admin",
+                 "/team-a/%2E%2E/admin", "/team-a\\..\\admin"):
+        answer = alice.post("/v1/jobs", files={"file": ("a.wav", b"RIFF a")},
+                            data={"workflow": "speech", "callback_url": hooks.base + path})
+        assert answer.status_code == 422, (path, answer.status_code, answer.text)
+        assert "callback URL" in error_of(answer), path
+    for url in ("http://169.254.169.254/team-a", "http://127.0.0.1:1/team-a", f"http://user:pw@{hooks.base[7:]}/team-a"):
+        answer = alice.post("/v1/jobs", files={"file": ("a.wav", b"RIFF a")},
+                            data={"workflow": "speech", "callback_url": url})
+        assert answer.status_code == 422, (url, answer.text)
+    # Under the prefix, it is taken and delivered; nothing went anywhere else.
+    job_id = submit(alice, callback_url=f"{hooks.base}/team-a/jobs")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "/team-a/jobs" not in hooks.paths:
+        time.sleep(0.1)
+    assert "/team-a/jobs" in hooks.paths, hooks.paths
+    assert set(hooks.paths) <= {"/team-a/jobs", AUDIT_PATH}, hooks.paths
+    assert alice.get(f"/v1/jobs/{job_id}").status_code == 200
+
+
+def test_a_key_reads_its_own_callback_record_not_the_operators_subscribers(door):
+    """Every job has a record for the gateway-wide `audit` subscriber; Bob's own job listed it with
+    its URL (the operator's credential) and its delivery errors. Now only an admin key sees it."""
+    clients, hooks = door
+    bob, ops = clients["bob"], clients["ops"]
+    job_id = submit(bob, callback_url=f"{hooks.base}/team-a/bob")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # both records are made: the admin sees two
+        if len(ops.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]) == 2:
+            break
+        time.sleep(0.2)
+    admin_view = ops.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]
+    assert sorted(r["subscriber"] for r in admin_view) == ["audit", "callback"], admin_view
+    for path in ("webhooks", "deliveries"):
+        answer = bob.get(f"/v1/jobs/{job_id}/{path}")
+        assert answer.status_code == 200 and "xoxb-operator-secret" not in answer.text, (path, answer.text)
+        assert {r["subscriber"] for r in answer.json()["data"]} <= {"callback"}, answer.text
+    assert [r["url"] for r in bob.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]] == [f"{hooks.base}/team-a/bob"]
+
+
+def test_job_ids_in_every_form_reach_no_other_job(door):
+    """Alice's job, and Bob trying ids that a subject or KV key could widen or a decoder could
+    rewrite: wildcards, dotted ids, URL-encoded separators, unicode look-alikes, very long ids.
+    Each answers 404 like an unknown id on every route; Alice's job stays running."""
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    job_id = submit(alice)
+    wait_status(alice, job_id, {"running"})
+    tricks = ["*", ">", "%2A", "%3E", f"{job_id}.>", f"{job_id[:-2]}*", f"{job_id}%2E*", f"{job_id}%00",
+              f"{job_id}%20", f"{job_id}%0A", f"{job_id.upper()}", f"ｊ{job_id[1:]}", "j" * 5000, "..%2F..%2Fetc",
+              f"%2E%2E%2F{job_id}", f"{job_id};x", f" {job_id}", "KV.cb_jobs.>"]
+    routes = [("GET", ""), ("GET", "/events"), ("GET", "/outputs/transcript"), ("GET", "/webhooks"),
+              ("GET", "/deliveries"), ("POST", "/cancel"), ("POST", "/retry")]
+    for trick in tricks:
+        for method, route in routes:
+            answer = bob.request(method, f"/v1/jobs/{trick}{route}")
+            assert answer.status_code in (404, 405, 414, 431), (trick, method, route, answer.status_code, answer.text)
+            assert job_id not in answer.text or answer.status_code == 404 and "no job" in answer.text, answer.text
+            assert "Traceback" not in answer.text and "/tmp" not in answer.text and "/home" not in answer.text
+    # the list filters are not a way round either
+    for query in ("?status=running", "?workflow=speech", "?workflow=*", "?limit=10000"):
+        assert job_id not in bob.get(f"/v1/jobs{query}").text, query
+    assert alice.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_last_event_id_tricks_are_refused_and_never_reach_another_job(door):
+    """Last-Event-ID is read as a stream sequence. '²' (byte 0xB2: headers are latin-1) passed
+    str.isdigit() and made int() raise (a 500), as did 5000 digits; a sequence of another job's event read nothing of it (the consumer is
+    filtered on the job's subject); on Alice's job Bob gets the 404, whatever the header."""
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    secret_job, own_job = submit(alice), submit(bob)
+    wait_status(alice, secret_job, {"running"})
+    wait_status(bob, own_job, {"running"})
+    assert bob.post(f"/v1/jobs/{own_job}/cancel").status_code == 202
+    wait_status(bob, own_job, {"cancelled"})
+    for text in ("²", "1¹", "9" * 5000, "-1", "1e3", "1 1", "0x10", "1.5", "18446744073709551616"):
+        header = text.encode("latin-1")
+        with bob.stream("GET", f"/v1/jobs/{secret_job}/events", headers={"Last-Event-ID": header}) as sse:
+            assert sse.status_code == 404, (header, sse.status_code)
+        answer = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": header})
+        assert answer.status_code == 400, (header, answer.status_code, answer.text[:200])
+        assert "Last-Event-ID" in error_of(answer)
+    # A valid sequence resumes Bob's own stream after it; none shows Alice's job.
+    whole = bob.get(f"/v1/jobs/{own_job}/events").text
+    ids = [int(line[4:]) for line in whole.splitlines() if line.startswith("id: ")]
+    assert ids and secret_job not in whole
+    resumed = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": "0"}).text
+    assert [int(line[4:]) for line in resumed.splitlines() if line.startswith("id: ")] == ids
+    for after in (0, ids[0], 10**18):
+        text = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": str(after)}).text
+        assert secret_job not in text and all(int(line[4:]) > after for line in text.splitlines()
+                                              if line.startswith("id: ")), (after, text[:300])
