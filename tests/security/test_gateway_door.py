@@ -172,3 +172,37 @@ def test_last_event_id_tricks_are_refused_and_never_reach_another_job(door):
         text = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": str(after)}).text
         assert secret_job not in text and all(int(line[4:]) > after for line in text.splitlines()
                                               if line.startswith("id: ")), (after, text[:300])
+
+
+def test_a_keyless_gateway_answers_no_other_site_and_no_rebound_name(tmp_path, coordinator):  # noqa: F811
+    """Without --keys the gateway is loopback's, and its one user is an admin. A page of any site
+    the user opens could POST a cross-site form to it (multipart needs no CORS preflight): a job
+    was created (201) and a job cancelled (202) with `Origin: http://evil.example`; a page whose
+    name was rebound to 127.0.0.1 sent `Host: evil.example:PORT` and listed every job (200).
+    Now both are 403; the same requests from loopback itself, or the /docs page (same origin),
+    work."""
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, max_upload_bytes=64 * 1024)
+    with running_gateway(config) as url:
+        port = url.rsplit(":", 1)[1]
+        local = httpx.Client(base_url=url, timeout=30)
+        job_id = submit(local)
+        wait_status(local, job_id, {"running"})
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, rebound, {"Host": f"evil.example:{port}"},
+                        {"Origin": f"http://localhost:{int(port) + 1}"}):
+            attempts = [local.post("/v1/jobs", files={"file": ("x.wav", b"RIFF x")}, data={"workflow": "speech"},
+                                   headers=headers),
+                        local.post(f"/v1/jobs/{job_id}/cancel", headers=headers),
+                        local.get("/v1/jobs", headers=headers), local.get(f"/v1/jobs/{job_id}/events", headers=headers)]
+            for answer in attempts:
+                assert answer.status_code == 403, (headers, answer.request.url, answer.status_code, answer.text[:200])
+                assert job_id not in answer.text and "credentials" in error_of(answer)
+        assert [j["id"] for j in local.get("/v1/jobs").json()["data"]] == [job_id]  # nothing was created
+        assert local.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nor cancelled
+        for host in ("localhost", "127.0.0.1", "[::1]"):  # every loopback name, and the page's own origin
+            same = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+            assert local.get("/v1/jobs", headers=same).status_code == 200, host
+        assert local.post(f"/v1/jobs/{job_id}/cancel", headers={"Origin": url}).status_code == 202
+        local.close()

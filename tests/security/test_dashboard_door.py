@@ -1,0 +1,115 @@
+"""The dashboard attacked through HTTP (issue 18, "tenancy at the door": its read-only role never
+acts, and nothing off loopback answers without auth): a real nats-server, the real dashboard
+served by uvicorn (`captionbus.dashboard.serve`), httpx as the attacker's client, a job record
+seeded on the bus. tests/integration/test_dashboard_actions.py has the action rules (tokens, the
+action header, Origin); these are the tricks around them."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+
+import httpx
+
+from captionbus.contracts import ArtifactRef, JobSpec, JobState, subjects
+from captionbus.core.bus import connect, provision
+from captionbus.dashboard.serve import serve as serve_dashboard
+from tests.integration.test_dashboard import _free_port, _ok, _until
+
+VIEW, OPERATOR = "view-token", "operator-token"
+
+
+@contextlib.asynccontextmanager
+async def dashboard(nats_url: str, token: str | None = None, operator: str | None = None):
+    """(base URL, the job record's KV) with one job, `job-kept` (pending), on the bus."""
+    nc = await connect(nats_url, "t-writer")
+    await provision(nc.jetstream())
+    kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+    spec = JobSpec(job_id="job-kept", input=ArtifactRef(key="0" * 64, name="private-board-meeting.mp4", size=1))
+    await kv.put("job-kept", JobState(spec=spec).model_dump_json().encode())
+    port = _free_port()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve_dashboard(nats_url, f"127.0.0.1:{port}", token, ready, operator=operator))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield f"http://127.0.0.1:{port}", kv
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await nc.close()
+
+
+def test_a_tokenless_dashboard_answers_no_other_site_and_no_rebound_name(nats_server):
+    """Without a token the dashboard is loopback's. A page whose name was rebound to 127.0.0.1
+    (DNS rebinding: `Host: evil.example:PORT`, same origin as the page) read the job list, a job's
+    page and the live stream (200 before); a cross-site request (`Origin: http://evil.example`)
+    was answered too. Both are 403 now, on every path but the probes; loopback names still read."""
+    async def main():
+        async with dashboard(nats_server) as (base, _kv), httpx.AsyncClient(base_url=base, timeout=5) as http:
+            await _until(lambda: _ok(http, "/readyz"), 20, "ready")
+            port = base.rsplit(":", 1)[1]
+            attackers = [{"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+                         {"Host": f"evil.example:{port}"}, {"Origin": "http://evil.example"}, {"Origin": "null"}]
+            for headers in attackers:
+                for path in ("/", "/api/jobs", "/api/jobs/job-kept", "/api/stream", "/api/workers", "/metrics",
+                             "/api/session", "/static/index.html"):
+                    answer = await http.get(path, headers=headers)
+                    assert answer.status_code == 403, (headers, path, answer.status_code, answer.text[:200])
+                    assert "private-board-meeting" not in answer.text and "credentials" in answer.json()["error"]["message"]
+            for host in ("localhost", "127.0.0.1", "[::1]"):
+                same = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+                answer = await http.get("/api/jobs", headers=same)
+                assert answer.status_code == 200 and "private-board-meeting" in answer.text, host
+            async with http.stream("GET", "/api/stream") as stream:  # the page's own stream still opens
+                assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_viewer_cannot_act_by_any_header_trick_and_reads_nothing_outside_the_app(nats_server):
+    """A viewer token on an acting dashboard (operator token set), trying what a proxy or a parser
+    might read differently: two Authorization headers (the middleware reads the last, the action
+    check the first), the operator token as the Basic user name, the token in the query string,
+    X-Forwarded-* headers, an uppercase action header, HEAD/OPTIONS/PUT on the action routes, the
+    SSE stream; and reads of files beside the static folder. None acts; the job is untouched.
+    (Held before this change too: recorded as tried.)"""
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    async def main():
+        async with dashboard(nats_server, VIEW, OPERATOR) as (base, kv), \
+                httpx.AsyncClient(base_url=base, timeout=5, auth=("ops", VIEW)) as viewer:
+            await _until(lambda: _ok(viewer, "/readyz"), 20, "ready")
+            act = {"X-Captionbus-Action": "1", "Origin": base}
+            tricks = [
+                [("authorization", f"Bearer {VIEW}"), ("authorization", "Bearer guess")],
+                [("authorization", "Bearer guess"), ("authorization", f"Bearer {VIEW}")],
+                [("authorization", basic(OPERATOR, VIEW))],
+                [("authorization", basic(VIEW, ""))],
+                [("authorization", f"Bearer {VIEW}"), ("x-forwarded-for", "127.0.0.1"), ("x-forwarded-host", "localhost"),
+                 ("x-forwarded-proto", "https"), ("x-real-ip", "127.0.0.1")],
+                [("authorization", f"bearer {VIEW}"), ("X-CAPTIONBUS-ACTION", "1")],
+            ]
+            async with httpx.AsyncClient(base_url=base, timeout=5) as raw:
+                for headers in tricks:
+                    for what in ("cancel", "retry"):
+                        request = raw.build_request("POST", f"/api/jobs/job-kept/{what}?token={OPERATOR}",
+                                                    headers=httpx.Headers([*act.items(), *headers]))
+                        answer = await raw.send(request)
+                        assert answer.status_code in (401, 403), (headers, what, answer.status_code, answer.text)
+                for method in ("HEAD", "OPTIONS", "PUT", "PATCH", "DELETE", "GET"):
+                    answer = await viewer.request(method, "/api/jobs/job-kept/cancel", headers=act)
+                    assert answer.status_code == 405, (method, answer.status_code)
+                for path in ("/static/../app.py", "/static/..%2Fapp.py", "/static/%2e%2e/auth.py", "/static//etc/passwd",
+                             "/static/..%5Capp.py"):
+                    answer = await viewer.get(path)
+                    assert answer.status_code == 404 and "import" not in answer.text and "root:" not in answer.text, path
+                async with viewer.stream("GET", "/api/stream") as stream:  # the viewer reads the stream
+                    assert stream.status_code == 200
+                answer = await raw.get("/api/stream")  # nobody else does
+                assert answer.status_code == 401
+            entry = await kv.get("job-kept")
+            assert JobState.model_validate_json(entry.value).status.value == "pending" and entry.revision == 1
+
+    asyncio.run(asyncio.wait_for(main(), 90))
