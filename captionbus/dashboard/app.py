@@ -34,7 +34,7 @@ from captionbus.dashboard.auth import OPEN_PATHS, Access
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time, speaker_lane, speaker_node
 from captionbus.dashboard.downloads import Downloads
 from captionbus.web import errors
-from captionbus.web.auth import LoopbackOnly, TokenAuth, presented_secret
+from captionbus.web.auth import LoopbackOnly, TokenAuth, not_ready_for_outsiders, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
 from captionbus.contracts import JobState, subjects
@@ -287,9 +287,11 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})  # as the gateway's
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: Request) -> Response:  # open (a probe); the reason only to a signed-in caller
         if live.board is not None and live.board.ready:
             return JSONResponse({"status": "ok"})
+        if access.required and not access.admits(secret_of(request)):
+            return error_response(503, not_ready_for_outsiders("the dashboard"))
         return error_response(503, live.reason())
 
     async def favicon(request: Request) -> Response:

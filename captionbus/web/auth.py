@@ -55,6 +55,13 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
+def not_ready_for_outsiders(what: str) -> str:
+    """What an open probe (/readyz) says to a caller without credentials, in place of the reason:
+    the reason names host paths (`CAPTIONBUS_NATS_CA=/etc/...: no such file`), the bus's address
+    and the NATS user, none of which an unauthenticated caller off loopback may learn."""
+    return f"{what} is not on the bus yet; its log, or /readyz with credentials, says why"
+
+
 class LoopbackOnly:
     """ASGI middleware for a door that runs without credentials (allowed on loopback only): every
     request must name this host by a loopback name, and a browser request made by another site is

@@ -113,3 +113,37 @@ def test_a_viewer_cannot_act_by_any_header_trick_and_reads_nothing_outside_the_a
             assert JobState.model_validate_json(entry.value).status.value == "pending" and entry.revision == 1
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypatch):
+    """The dashboard's /readyz is open too; with a token set it told anyone the bus's address and
+    the TLS file's host path while it could not connect. Now only a signed-in caller hears why."""
+    from tests.gatewaytools import free_port
+
+    secret_dir = tmp_path / "etc-captionbus-private"
+    monkeypatch.setenv("CAPTIONBUS_NATS_CA", str(secret_dir / "ca.pem"))
+
+    async def main():
+        port = _free_port()
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve_dashboard(f"nats://127.0.0.1:{free_port()}", f"127.0.0.1:{port}", VIEW, ready))
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                async def told():
+                    try:
+                        answer = await http.get("/readyz", auth=("ops", VIEW))
+                    except httpx.TransportError:
+                        return None
+                    return answer if "ca.pem" in answer.text else None
+                answer = await _until(told, 20, "the reason, to the viewer")
+                assert answer.status_code == 503 and str(secret_dir) in answer.json()["error"]["message"]
+                for headers in ({}, {"Authorization": "Bearer wrong"}):
+                    answer = await http.get("/readyz", headers=headers)
+                    assert answer.status_code == 503 and "not on the bus yet" in answer.json()["error"]["message"]
+                    assert "etc-captionbus" not in answer.text and "127.0.0.1" not in answer.text
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    asyncio.run(asyncio.wait_for(main(), 60))

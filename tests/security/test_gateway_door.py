@@ -206,3 +206,28 @@ def test_a_keyless_gateway_answers_no_other_site_and_no_rebound_name(tmp_path, c
             assert local.get("/v1/jobs", headers=same).status_code == 200, host
         assert local.post(f"/v1/jobs/{job_id}/cancel", headers={"Origin": url}).status_code == 202
         local.close()
+
+
+def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypatch):
+    """/readyz is open (probes send no key). While the bus was unreachable it answered anyone, off
+    loopback too, with the reason: the TLS file's host path, the bus's address. Now a caller
+    without a key gets "not on the bus yet" and nothing more; a key holder gets the reason."""
+    secret_dir = tmp_path / "etc-captionbus-private"
+    monkeypatch.setenv("CAPTIONBUS_NATS_CA", str(secret_dir / "ca.pem"))
+    dead = f"nats://127.0.0.1:{free_port()}"
+    key = add_key(tmp_path / "keys", "alice")
+    config = GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=dead, host_id="gw"), nats_url=dead,
+                           keys=KeyRing.load(tmp_path / "keys"))
+    with running_gateway(config, ready=False) as url:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the first connect attempt has failed and says why
+            told = httpx.get(f"{url}/readyz", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            if "ca.pem" in told.text:
+                break
+            time.sleep(0.1)
+        assert told.status_code == 503 and str(secret_dir) in error_of(told), told.text
+        for headers in ({}, {"Authorization": "Bearer cbk_wrong"}, {"Host": "gateway.example"}):
+            answer = httpx.get(f"{url}/readyz", headers=headers, timeout=5)
+            assert answer.status_code == 503 and "not on the bus yet" in error_of(answer), answer.text
+            assert "etc-captionbus" not in answer.text and "127.0.0.1" not in answer.text and "nats" not in answer.text
+        assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
