@@ -109,6 +109,18 @@ def test_a_viewer_cannot_act_by_any_header_trick_and_reads_nothing_outside_the_a
                     assert stream.status_code == 200
                 answer = await raw.get("/api/stream")  # nobody else does
                 assert answer.status_code == 401
+                # Every route the app has, by every method it takes, without the token: 401 but the probes.
+                from captionbus.dashboard.app import Live, create_app
+                from captionbus.dashboard.auth import OPEN_PATHS
+
+                for route in create_app(Live(), None, VIEW, operator=OPERATOR).routes:
+                    path = route.path.replace("{job_id}", "job-kept").replace("{name}", "srt")
+                    for method in sorted(getattr(route, "methods", None) or {"GET"}):
+                        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": basic(VIEW, "x")}):
+                            answer = await raw.request(method, path + ("/index.html" if path == "/static" else ""),
+                                                       headers={**act, **headers})
+                            expected = (503, 200) if path in OPEN_PATHS else (401,)
+                            assert answer.status_code in expected, (method, path, headers, answer.status_code)
             entry = await kv.get("job-kept")
             assert JobState.model_validate_json(entry.value).status.value == "pending" and entry.revision == 1
 

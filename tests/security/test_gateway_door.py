@@ -231,3 +231,38 @@ def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypat
             assert answer.status_code == 503 and "not on the bus yet" in error_of(answer), answer.text
             assert "etc-captionbus" not in answer.text and "127.0.0.1" not in answer.text and "nats" not in answer.text
         assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
+    """Every route the app has (read from the app itself, so a route added later is tried too),
+    with each method it takes, no key, a wrong key, a key in the query string, and a Basic
+    password: 401 before anything is read or run. Open: the probes (/readyz says no more than
+    "not ready" without a key) and the static API documents."""
+    from fastapi.routing import APIRoute
+
+    from captionbus.gateway.app import create_app
+
+    clients, _ = door
+    base = str(clients["alice"].base_url)
+    app = create_app(GatewayConfig(settings=Settings(), nats_url="nats://127.0.0.1:1", keys=KeyRing({})))
+    open_paths = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    # the app's own routes, and those of the routers it includes (FastAPI 0.165 wraps each)
+    routes = [inner for route in app.routes
+              for inner in getattr(getattr(route, "original_router", None), "routes", [route])]
+    assert {route.path for route in routes} >= {"/v1/jobs", "/v1/audio/transcriptions", "/metrics", "/readyz"}
+    tried = 0
+    with httpx.Client(base_url=base, timeout=30) as anonymous:
+        for route in routes:
+            if route.path in open_paths:
+                continue
+            assert isinstance(route, APIRoute), route.path
+            path = route.path.replace("{job_id}", "jnosuchjob").replace("{name}", "srt")
+            for method in route.methods:
+                for headers, query in (({}, ""), ({"Authorization": "Bearer cbk_wrong"}, ""), ({}, "?api_key=x&key=x"),
+                                       ({"Authorization": "Basic " + "b3BzOmNia193cm9uZw=="}, "")):
+                    answer = anonymous.request(method, path + query, headers=headers,
+                                               files={"file": ("a.wav", b"RIFF a")} if method == "POST" else None)
+                    assert answer.status_code == 401, (method, path, headers, answer.status_code, answer.text[:200])
+                    assert answer.headers["www-authenticate"] == "Bearer"
+                    tried += 1
+    assert tried >= 4 * 12  # the job API, webhooks, openai and /metrics routes were all tried
