@@ -159,3 +159,34 @@ def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypat
                 await task
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_webhook_view_shows_no_receivers_credential(nats_server):
+    """A gateway-wide subscriber that is an incoming-webhook URL (Slack's, Discord's: the path is
+    the credential) was shown whole to every viewer on /api/webhooks (query and user info were
+    hidden, the path was not), so a view token could post to the operator's channel. Now the page
+    shows the path's first segment only."""
+    from captionbus.gateway.dispatch import Record, record_key
+
+    slack = "https://hooks.slack.example/services/T0001/B0002/xoxb-channel-secret"
+    discord = "https://u:pw@discord.example/api/webhooks/1234/discord-token-secret?wait=true"
+
+    async def main():
+        async with dashboard(nats_server, VIEW) as (base, _kv):
+            nc = await connect(nats_server, "t-gateway")
+            kv = await nc.jetstream().key_value("cb_webhooks")
+            for name, url in (("slack", slack), ("discord", discord)):
+                record = Record(job_id="job-kept", subscriber=name, url=url, cursor=1, deliveries=[
+                    {"kind": "submitted", "sequence": 1, "status": "delivered", "attempts": 1, "http_status": 200}])
+                await kv.create(record_key("job-kept", name), record.model_dump_json().encode())
+            await nc.close()
+            async with httpx.AsyncClient(base_url=base, timeout=5, auth=("ops", VIEW)) as viewer:
+                async def listed():
+                    answer = await viewer.get("/api/webhooks")
+                    return answer.json() if answer.status_code == 200 and len(answer.json()["records"]) == 2 else None
+                view = await _until(listed, 20, "both webhook records")
+                assert sorted(r["url"] for r in view["records"]) == [
+                    "https://discord.example/api/…?…", "https://hooks.slack.example/services/…"]
+                assert "secret" not in str(view) and "pw" not in str(view)
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -36,7 +36,11 @@ class Hooks:
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 hooks.paths.append(self.path)
-                self.send_response(204)
+                if self.path.endswith("/redirect"):  # a receiver (or a hijacked one) sends the gateway elsewhere
+                    self.send_response(307)
+                    self.send_header("Location", f"{hooks.base}/admin")
+                else:
+                    self.send_response(204)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -97,6 +101,16 @@ def test_callback_urls_that_leave_the_allowed_prefix_are_refused(door):
     assert "/team-a/jobs" in hooks.paths, hooks.paths
     assert set(hooks.paths) <= {"/team-a/jobs", AUDIT_PATH}, hooks.paths
     assert alice.get(f"/v1/jobs/{job_id}").status_code == 200
+    # A receiver under the prefix that redirects: the gateway does not follow (held before too).
+    redirected = submit(alice, callback_url=f"{hooks.base}/team-a/redirect")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tried = [d for d in alice.get(f"/v1/jobs/{redirected}/deliveries").json()["data"] if d["http_status"] == 307]
+        if tried:
+            break
+        time.sleep(0.2)
+    assert tried and tried[0]["status"] != "delivered", tried
+    assert "/admin" not in hooks.paths, hooks.paths
 
 
 def test_a_key_reads_its_own_callback_record_not_the_operators_subscribers(door):
