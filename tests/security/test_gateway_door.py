@@ -280,3 +280,43 @@ def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
                     assert answer.headers["www-authenticate"] == "Bearer"
                     tried += 1
     assert tried >= 4 * 12  # the job API, webhooks, openai and /metrics routes were all tried
+
+
+def test_outputs_of_a_finished_job_fetch_for_their_owner_only_and_a_lost_one_says_so(door, coordinator, tmp_path):  # noqa: F811
+    """A completed job of Alice's with two outputs: one whose bytes are stored, one whose bytes are
+    gone (retention, gc, a purge). Bob gets 404 "no job" for both, under every name. Alice gets
+    the first byte for byte; the second was a 500 "internal error (ArtifactMissing)", now a 404
+    saying it is no longer stored, naming no host path, host or bucket."""
+    import asyncio
+
+    from captionbus.contracts import ArtifactRef, JobState, JobStatus, subjects
+    from captionbus.core.bus import connect
+
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    uploaded = submit(alice)
+    done_id = "jdone-alice"
+
+    async def write(nats_url: str) -> None:
+        nc = await connect(nats_url, "t-seed")
+        kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+        first = JobState.model_validate_json((await kv.get(uploaded)).value)
+        gone = ArtifactRef(key="ab" * 32, name="talk.vtt", size=12, media_type="text/vtt", in_object_store=True)
+        spec = first.spec.model_copy(update={"job_id": done_id})
+        state = JobState(spec=spec, status=JobStatus.completed, outputs={"srt": first.spec.input, "vtt": gone})
+        await kv.put(done_id, state.model_dump_json().encode())
+        await nc.close()
+
+    asyncio.run(write(coordinator))
+    wait_status(alice, done_id, {"completed"})
+    got = alice.get(f"/v1/jobs/{done_id}/outputs/srt")
+    assert got.status_code == 200 and got.content == b"RIFF talk", got.text
+    for name in ("srt", "vtt", "input", "%2A", "srt%00"):
+        answer = bob.get(f"/v1/jobs/{done_id}/outputs/{name}")
+        assert answer.status_code == 404 and error_of(answer) == f"no job {done_id!r}", (name, answer.text)
+    lost = alice.get(f"/v1/jobs/{done_id}/outputs/vtt")
+    assert lost.status_code == 404, lost.text
+    message = error_of(lost)
+    assert "no longer stored" in message and "vtt" in message, message
+    for leak in (str(tmp_path), "/tmp", "cb_artifacts", "host", "gw"):
+        assert leak not in message, (leak, message)

@@ -110,7 +110,7 @@ async def download(state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
     if ref is None:
         have = ", ".join(state.outputs) or f"none yet (job is {state.status.value})"
         raise ApiError(404, f"job {state.job_id} has no output {name!r} (outputs: {have})")
-    path = await gw.store(js).get(ref)
+    path = await gw.output(js, state.job_id, name, ref)
     stem = Path(state.spec.input.name).stem or "job"
     return FileResponse(path, media_type=ref.media_type or "application/octet-stream",
                         filename=output_filename(stem, name, ref))
