@@ -6,6 +6,7 @@ job and its webhook records untouched. tests/integration/test_gateway.py has the
 checks (every route with Alice's id as written); these are the tricks around them."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -320,3 +321,76 @@ def test_outputs_of_a_finished_job_fetch_for_their_owner_only_and_a_lost_one_say
     assert "no longer stored" in message and "vtt" in message, message
     for leak in (str(tmp_path), "/tmp", "cb_artifacts", "host", "gw"):
         assert leak not in message, (leak, message)
+
+
+def test_a_key_holds_no_more_event_streams_than_its_concurrency(tmp_path, coordinator):  # noqa: F811
+    """Each SSE stream holds a JetStream consumer on the bus for as long as it is open; the
+    per-key limit did not count them: one key at --concurrency 8 held 60 streams on its own job,
+    61 consumers on CB_EVENTS (measured). Now a stream is a request in flight like any other:
+    past the limit 429; another key is not affected; a closed stream, or one its job's end
+    closed, frees its slot."""
+    import asyncio
+
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name) for name in ("alice", "bob")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), concurrency_per_key=3)
+    with running_gateway(config) as url:
+        sync = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                for name, key in made.items()}
+        jobs = {name: submit(client) for name, client in sync.items()}
+        for name, client in sync.items():
+            wait_status(client, jobs[name], {"running"})
+
+        async def consumers() -> int:
+            from captionbus.core.bus import connect
+
+            nc = await connect(coordinator, "t-count")
+            try:
+                return (await nc.jetstream().stream_info("CB_EVENTS")).state.consumer_count
+            finally:
+                await nc.close()
+
+        async def go():
+            def client(name):
+                return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {made[name]}"}, timeout=30)
+
+            async with client("bob") as bob, client("alice") as alice, contextlib.AsyncExitStack() as held:
+                before = await consumers()
+                opened = [await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events"))
+                          for _ in range(3)]
+                assert [r.status_code for r in opened] == [200, 200, 200]
+                for _ in range(5):
+                    async with bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events") as refused:
+                        assert refused.status_code == 429, refused.status_code  # (200 and a 4th consumer before)
+                        await refused.aread()
+                        assert "limit" in error_of(refused), refused.text
+                assert await consumers() <= before + 3
+                async with alice.stream("GET", f"/v1/jobs/{jobs['alice']}/events") as hers:
+                    assert hers.status_code == 200
+                await opened[0].aclose()  # the client goes: its slot comes back
+                deadline = time.monotonic() + 15
+                while True:
+                    async with bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events") as again:
+                        if again.status_code == 200:
+                            break
+                    assert time.monotonic() < deadline, "a closed stream never gave its slot back"
+                    await asyncio.sleep(0.2)
+            # the job ends: every stream of it ends, and the slots are free again
+            async with client("bob") as bob, contextlib.AsyncExitStack() as held:
+                streams = [await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events"))
+                           for _ in range(3)]
+                assert [r.status_code for r in streams] == [200, 200, 200]
+                assert (await bob.post(f"/v1/jobs/{jobs['bob']}/cancel")).status_code == 202
+                for stream in streams:
+                    text = "".join([chunk async for chunk in stream.aiter_text()])
+                    assert "event: cancelled" in text
+                deadline = time.monotonic() + 15
+                while (await bob.get(f"/v1/jobs/{jobs['bob']}/events")).status_code != 200:
+                    assert time.monotonic() < deadline, "an ended stream never gave its slot back"
+                    await asyncio.sleep(0.2)
+
+        asyncio.run(asyncio.wait_for(go(), 120))
+        for client in sync.values():
+            client.close()

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 
 from captionbus import client
 from captionbus.client import output_filename
-from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream, OwnedJob
+from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream, OwnedJob, Slot
 from captionbus.gateway.dispatch import CALLBACK
 from captionbus.gateway.forms import parse_options, split_languages
 from captionbus.gateway.schemas import Job, JobCreated, JobForm, JobList, Requested, form_body
@@ -128,12 +128,14 @@ def resume_after(last_event_id: str | None) -> int:
     return int(last_event_id)
 
 
-@router.get("/{job_id}/events", responses={**documented(400), 200: {"content": {"text/event-stream": {}},
+@router.get("/{job_id}/events", responses={**documented(400, 429), 200: {"content": {"text/event-stream": {}},
                                                  "description": "id: stream sequence, event: kind, data: the event"}})
-async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream,
+async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream, _slot: Slot,
                  last_event_id: str | None = Header(None)):
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
-    its stream sequence: reconnect with `Last-Event-ID` to resume after it."""
+    its stream sequence: reconnect with `Last-Event-ID` to resume after it. A stream is one of
+    the key's requests in flight (`--concurrency`, 429 past it) for as long as it is open: each
+    holds a JetStream consumer, and one key held 60 streams (60 consumers) at concurrency 8."""
     after = resume_after(last_event_id)
 
     async def stream():  # until the job's real end (ends.job_events), through cancel and retry
