@@ -34,7 +34,7 @@ from captionbus.dashboard.auth import OPEN_PATHS, Access
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time, speaker_lane, speaker_node
 from captionbus.dashboard.downloads import Downloads
 from captionbus.web import errors
-from captionbus.web.auth import LoopbackOnly, TokenAuth, not_ready_for_outsiders, presented_secret
+from captionbus.web.auth import LoopbackOnly, NoFraming, TokenAuth, not_ready_for_outsiders, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
 from captionbus.contracts import JobState, subjects
@@ -308,7 +308,7 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
     check = access.admits if access.required else None
     # no token (loopback only): a page of another site, or one rebound to 127.0.0.1, reads nothing
     guard = [] if access.required else [Middleware(LoopbackOnly, what="this dashboard")]
-    app = Starlette(routes=routes, middleware=[*guard, Middleware(
+    app = Starlette(routes=routes, middleware=[Middleware(NoFraming), *guard, Middleware(
         TokenAuth, check=check, open_paths=OPEN_PATHS,
         message="authentication required: the dashboard token as Bearer, or as the Basic password")])
     errors.install(app)

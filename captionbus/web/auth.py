@@ -101,3 +101,33 @@ class LoopbackOnly:
                 await error_response(403, reason)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+FRAME_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'")]
+
+
+class NoFraming:
+    """ASGI middleware: no other page may show this app in a frame (X-Frame-Options for old
+    browsers, CSP frame-ancestors for the rest), on every answer.
+
+    Why: a browser that signed in to an acting dashboard keeps the operator's Basic credentials
+    and sends them to a frame of it inside any site's page; the framed page is the dashboard's own
+    origin, so its cancel and retry buttons pass every check an action has (the action header, the
+    Origin), and a page laid over it can make the operator click them (clickjacking). Measured in
+    Chromium with the operator's credentials: a page on another port showed the dashboard's job
+    page, signed in, in its frame (tests/security/test_dashboard_door.py); now the frame is empty."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def framed(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *FRAME_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, framed)

@@ -190,3 +190,68 @@ def test_the_webhook_view_shows_no_receivers_credential(nats_server):
                 assert "secret" not in str(view) and "pw" not in str(view)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_no_other_site_can_frame_the_acting_dashboard(nats_server):
+    """Clickjacking: a browser signed in as the operator opens another site's page that frames the
+    dashboard (a different port is a different origin). Before, Chromium showed the job page in
+    the frame, loaded with the operator's credentials (its own origin: a Cancel button's request
+    passes the action header and Origin checks), ready to be clicked under a decoy. Now every answer forbids framing
+    (X-Frame-Options DENY, CSP frame-ancestors 'none') and the frame shows nothing of it."""
+    import shutil
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    import pytest
+
+    playwright = pytest.importorskip("playwright.async_api", reason="pip install playwright (dev extra)")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("apt-get install chromium")
+
+    async def main():
+        async with dashboard(nats_server, VIEW, OPERATOR) as (base, _kv):
+            page_html = (f'<html><body><p>win a prize: click here</p><iframe name="victim" width="1200" height="800" '
+                         f'src="{base}/#/job/job-kept"></iframe></body></html>').encode()
+
+            class Evil(BaseHTTPRequestHandler):
+                def do_GET(self):  # noqa: N802
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.end_headers()
+                    self.wfile.write(page_html)
+
+                def log_message(self, *args):
+                    pass
+
+            evil = ThreadingHTTPServer(("127.0.0.1", _free_port()), Evil)
+            threading.Thread(target=evil.serve_forever, daemon=True).start()
+            try:
+                async with httpx.AsyncClient(base_url=base, timeout=5, auth=("ops", OPERATOR)) as op:
+                    await _until(lambda: _ok(op, "/readyz"), 20, "ready")
+                    for path in ("/", "/api/jobs", "/static/dashboard.js", "/api/session", "/nope"):
+                        answer = await op.get(path)
+                        assert answer.headers.get("x-frame-options") == "DENY", path
+                        assert answer.headers.get("content-security-policy") == "frame-ancestors 'none'", path
+                async with playwright.async_playwright() as p:
+                    browser = await p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+                    context = await browser.new_context(http_credentials={"username": "ops", "password": OPERATOR})
+                    page = await context.new_page()
+                    await page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                    await page.wait_for_timeout(3000)  # time for the frame to load, or be refused
+                    frame = page.frame(name="victim")
+                    shown = 0
+                    if frame is not None:
+                        with contextlib.suppress(Exception):
+                            shown = await frame.locator("[data-testid=session]").count()
+                    assert shown == 0, f"the dashboard rendered inside another site's frame ({frame and frame.url})"
+                    # the operator's own tab still shows it
+                    own = await context.new_page()
+                    await own.goto(f"{base}/#/job/job-kept")
+                    await own.wait_for_selector("[data-testid=session]", state="attached", timeout=10_000)
+                    await browser.close()
+            finally:
+                evil.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
