@@ -250,8 +250,8 @@ def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypat
 
 def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
     """Every route the app has (read from the app itself, so a route added later is tried too),
-    with each method it takes, no key, a wrong key, a key in the query string, and a Basic
-    password: 401 before anything is read or run. Open: the probes (/readyz says no more than
+    with each method it takes, no key, a wrong key, a key in the query string, a Basic password,
+    and loopback claimed by forwarding headers and Host: 401 before anything is read or run. Open: the probes (/readyz says no more than
     "not ready" without a key) and the static API documents."""
     from fastapi.routing import APIRoute
 
@@ -274,13 +274,15 @@ def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
             path = route.path.replace("{job_id}", "jnosuchjob").replace("{name}", "srt")
             for method in route.methods:
                 for headers, query in (({}, ""), ({"Authorization": "Bearer cbk_wrong"}, ""), ({}, "?api_key=x&key=x"),
-                                       ({"Authorization": "Basic " + "b3BzOmNia193cm9uZw=="}, "")):
+                                       ({"Authorization": "Basic " + "b3BzOmNia193cm9uZw=="}, ""),
+                                       ({"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1", "Host": "localhost",
+                                         "Forwarded": "for=127.0.0.1;proto=https"}, "")):
                     answer = anonymous.request(method, path + query, headers=headers,
                                                files={"file": ("a.wav", b"RIFF a")} if method == "POST" else None)
                     assert answer.status_code == 401, (method, path, headers, answer.status_code, answer.text[:200])
                     assert answer.headers["www-authenticate"] == "Bearer"
                     tried += 1
-    assert tried >= 4 * 12  # the job API, webhooks, openai and /metrics routes were all tried
+    assert tried >= 5 * 12  # the job API, webhooks, openai and /metrics routes were all tried
 
 
 def test_outputs_of_a_finished_job_fetch_for_their_owner_only_and_a_lost_one_says_so(door, coordinator, tmp_path):  # noqa: F811
