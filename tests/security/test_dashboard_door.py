@@ -216,7 +216,7 @@ def test_no_other_site_can_frame_the_acting_dashboard(nats_server):
                          f'src="{base}/#/job/job-kept"></iframe></body></html>').encode()
 
             class Evil(BaseHTTPRequestHandler):
-                def do_GET(self):  # noqa: N802
+                def do_GET(self):
                     self.send_response(200)
                     self.send_header("Content-Type", "text/html")
                     self.end_headers()

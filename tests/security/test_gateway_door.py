@@ -14,10 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from captionbus.core.settings import Settings
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.dispatch import Subscriber
 from captionbus.gateway.keys import KeyRing, add_key
-from captionbus.core.settings import Settings
 from tests.gatewaytools import free_port, running_gateway
 from tests.integration.test_gateway import coordinator, error_of, wait_status  # noqa: F401  (a fixture)
 
@@ -34,7 +34,7 @@ class Hooks:
         hooks = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 hooks.paths.append(self.path)
                 if self.path.endswith("/redirect"):  # a receiver (or a hijacked one) sends the gateway elsewhere
