@@ -34,7 +34,7 @@ from captionbus.dashboard.auth import OPEN_PATHS, Access
 from captionbus.dashboard.board import Board, job_detail, matches, parse_time, speaker_lane, speaker_node
 from captionbus.dashboard.downloads import Downloads
 from captionbus.web import errors
-from captionbus.web.auth import TokenAuth, presented_secret
+from captionbus.web.auth import LoopbackOnly, NoFraming, TokenAuth, not_ready_for_outsiders, presented_secret
 from captionbus.web.errors import error_response
 from captionbus.web.sse import event_stream
 from captionbus.contracts import JobState, subjects
@@ -276,9 +276,11 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})  # as the gateway's
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: Request) -> Response:  # open (a probe); the reason only to a signed-in caller
         if live.board is not None and live.board.ready:
             return JSONResponse({"status": "ok"})
+        if access.required and not access.admits(secret_of(request)):
+            return error_response(503, not_ready_for_outsiders("the dashboard"))
         return error_response(503, live.reason())
 
     async def favicon(request: Request) -> Response:
@@ -293,7 +295,9 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]
     check = access.admits if access.required else None
-    app = Starlette(routes=routes, middleware=[Middleware(
+    # no token (loopback only): a page of another site, or one rebound to 127.0.0.1, reads nothing
+    guard = [] if access.required else [Middleware(LoopbackOnly, what="this dashboard")]
+    app = Starlette(routes=routes, middleware=[Middleware(NoFraming), *guard, Middleware(
         TokenAuth, check=check, open_paths=OPEN_PATHS,
         message="authentication required: the dashboard token as Bearer, or as the Basic password")])
     errors.install(app)

@@ -7,7 +7,9 @@ dashboard's readiness: a fleet whose dashboard user predates those rights still 
 Workers and Queues; this view then answers 503 with the bus's reason, never an empty list.
 
 A record's URL may carry a receiver's secret (a token in the query, user:password in the
-authority): the page shows scheme, host and path only.
+authority, or the path itself: a Slack, Discord or Teams incoming-webhook URL is
+`/services/T…/B…/<secret>`, `/api/webhooks/<id>/<token>`, and anyone holding it may post there):
+the page shows scheme, host and the path's first segment only, enough to tell receivers apart.
 """
 from __future__ import annotations
 
@@ -27,13 +29,16 @@ RETRY_S = 5.0
 
 
 def shown_url(url: str) -> str:
-    """scheme://host[:port]/path: no user info, no query, no fragment."""
+    """scheme://host[:port]/first-segment: no user info, no deeper path, no query, no fragment
+    (each hidden part shown as …)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
+    first, slash, rest = parts.path.lstrip("/").partition("/")
+    path = ("/" + first if parts.path.startswith("/") else first) + ("/…" if rest else slash)
     hidden = "?…" if parts.query else ""
-    return f"{parts.scheme}://{host}{parts.path}{hidden}"
+    return f"{parts.scheme}://{host}{path}{hidden}"
 
 
 def record_row(record: Record) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from captionbus.gateway.metrics import MetricsMiddleware
 from captionbus.gateway.routes import health, jobs, openai, webhooks
 from captionbus.gateway.state import GatewayConfig, Gateway
 from captionbus.web import errors
+from captionbus.web.auth import LoopbackOnly
 
 __all__ = ["GatewayConfig", "create_app", "job_events"]
 
@@ -49,4 +50,6 @@ def create_app(config: GatewayConfig) -> FastAPI:
     for module in (jobs, webhooks, openai, health):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)
+    if config.keys is None:  # no keys: loopback's one trusted user, never a web page's (web.auth.LoopbackOnly)
+        app.add_middleware(LoopbackOnly, what="this gateway")
     return app

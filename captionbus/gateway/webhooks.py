@@ -5,6 +5,13 @@ Targets are restricted to an allow-list of URL prefixes (`--webhook-allow`), com
 parsing (scheme, host and port exactly, then the path prefix), and redirects are not followed:
 otherwise any API key holder could make the gateway probe internal addresses.
 
+The URL is parsed by the client that POSTs it (httpx), not by a second parser: urlsplit kept
+`/team-a/../admin` as written and passed it under the prefix `/team-a`, while httpx removes the dot
+segments and POSTed to `/admin` (and `/team-a%2f..%2fadmin`, `/team-a/%2e%2e/admin` pass both and
+become `/admin` at a receiver that decodes before routing). So: the path is the one httpx sends,
+an encoded dot, slash or backslash in it is refused, and the prefix is matched at a segment
+boundary (`/team-a` covers `/team-a` and `/team-a/...`, not `/team-abc`).
+
 Signature (the scheme Stripe and GitHub use): header `X-Captionbus-Signature: t=<unix>,v1=<hex>`
 where hex = HMAC-SHA256(secret, f"{t}.{body}"); `verify()` is what a receiver calls.
 """
@@ -15,7 +22,6 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -30,14 +36,29 @@ DELIVERY_HEADER = "X-Captionbus-Delivery"  # <job_id>.<subscriber>.<sequence>: t
 DELIVERY_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=16.0, max_attempts=6)
 
 
+ENCODED_SEPARATORS = ("%2e", "%2f", "%5c")  # '.', '/', '\\' written so that only a decoding receiver sees them
+
+
 def _parts(url: str) -> tuple[str, str, int, str]:
-    split = urlsplit(url)
-    if split.scheme not in ("http", "https") or not split.hostname:
-        raise ValueError(f"callback URL {url!r} is not http(s)://host/...")
-    if split.username or split.password:
+    """(scheme, host, port, path) as httpx, which sends the POST, reads `url`."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise ValueError(f"callback URL {url[:200]!r} is not a URL httpx can send to: {e}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"callback URL {url[:200]!r} is not http(s)://host/...")
+    if parsed.userinfo:
         raise ValueError("callback URL must not carry credentials")
-    port = split.port or (443 if split.scheme == "https" else 80)
-    return split.scheme, split.hostname.lower(), port, split.path or "/"
+    path = parsed.raw_path.decode("ascii").partition("?")[0]
+    if "\\" in path or any(code in path.lower() for code in ENCODED_SEPARATORS):
+        raise ValueError(f"callback URL {url[:200]!r}: an encoded '.', '/' or '\\' in its path is refused")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, parsed.host.lower(), port, parsed.path or "/"
+
+
+def under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or below it, at a segment boundary."""
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
 def check_target(url: str, allowed: list[str]) -> str:
@@ -45,9 +66,9 @@ def check_target(url: str, allowed: list[str]) -> str:
     scheme, host, port, path = _parts(url)
     for prefix in allowed:
         a_scheme, a_host, a_port, a_path = _parts(prefix)
-        if (scheme, host, port) == (a_scheme, a_host, a_port) and path.startswith(a_path):
+        if (scheme, host, port) == (a_scheme, a_host, a_port) and under(path, a_path):
             return url
-    raise ValueError(f"callback URL {url!r} is not in the gateway's webhook allow-list (--webhook-allow)")
+    raise ValueError(f"callback URL {url[:200]!r} is not in the gateway's webhook allow-list (--webhook-allow)")
 
 
 def sign(secret: bytes, body: bytes, timestamp: int | None = None) -> str:

@@ -2,6 +2,7 @@
 A key sees and acts on its own jobs only (an admin key on all): `OwnedJob` answers 404 otherwise."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +12,7 @@ from fastapi.responses import FileResponse
 
 from captionbus import client
 from captionbus.client import output_filename
-from captionbus.gateway.deps import CallerDep, GatewayDep, JetStream, OwnedJob, SpeakersFormDep
+from captionbus.gateway.deps import CallerDep, GatewayDep, JetStream, OwnedJob, Slot, SpeakersFormDep
 from captionbus.gateway.dispatch import CALLBACK
 from captionbus.gateway.forms import parse_options, split_languages
 from captionbus.gateway.schemas import Job, JobCreated, JobForm, JobList, Requested, form_body
@@ -109,19 +110,33 @@ async def download(state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
     if ref is None:
         have = ", ".join(state.outputs) or f"none yet (job is {state.status.value})"
         raise ApiError(404, f"job {state.job_id} has no output {name!r} (outputs: {have})")
-    path = await gw.store(js).get(ref)
+    path = await gw.output(js, state.job_id, name, ref)
     stem = Path(state.spec.input.name).stem or "job"
     return FileResponse(path, media_type=ref.media_type or "application/octet-stream",
                         filename=output_filename(stem, name, ref))
 
 
-@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}},
+def resume_after(last_event_id: str | None) -> int:
+    """The stream sequence a `Last-Event-ID` names (0: none). Only ASCII digits, at most 19 (a
+    sequence is a uint64): `str.isdigit()` let '²' through to int(), a 500, and 5000 digits were
+    another (int's digit limit); anything but an id this endpoint sent is a 400."""
+    if not last_event_id:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,19}", last_event_id):
+        raise ApiError(400, f"Last-Event-ID {last_event_id[:40]!r} is not an event id this stream sent "
+                            "(a stream sequence: digits); reconnect without it to read from the start")
+    return int(last_event_id)
+
+
+@router.get("/{job_id}/events", responses={**documented(400, 429), 200: {"content": {"text/event-stream": {}},
                                                  "description": "id: stream sequence, event: kind, data: the event"}})
-async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream,
+async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream, _slot: Slot,
                  last_event_id: str | None = Header(None)):
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
-    its stream sequence: reconnect with `Last-Event-ID` to resume after it."""
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    its stream sequence: reconnect with `Last-Event-ID` to resume after it. A stream is one of
+    the key's requests in flight (`--concurrency`, 429 past it) for as long as it is open: each
+    holds a JetStream consumer, and one key held 60 streams (60 consumers) at concurrency 8."""
+    after = resume_after(last_event_id)
 
     async def stream():  # until the job's real end (ends.job_events), through cancel and retry
         async for seq, event in gw.job_events(js, state.job_id, after):

@@ -120,14 +120,15 @@ async def openai_audio(gw: Gateway, caller: Caller, js, form: Form, task: str, t
     if final.kind != "completed":
         reason = getattr(final, "reason", None) or final.kind
         raise ApiError(422, f"job {job_id} {final.kind}: {reason}", headers={"X-Captionbus-Job": job_id})
-    store = gw.store(js)
     if response_format in ("srt", "vtt"):
-        text = Path(await store.get(final.outputs[response_format])).read_text(encoding="utf-8")
+        path = await gw.output(js, job_id, response_format, final.outputs[response_format])
+        text = Path(path).read_text(encoding="utf-8")
         response = PlainTextResponse(text, media_type="text/plain")
     else:
         if "transcript" not in final.outputs:
             raise ApiError(422, f"job {job_id} completed without a transcript")
-        transcript = Transcript.model_validate_json(Path(await store.get(final.outputs["transcript"])).read_bytes())
+        path = await gw.output(js, job_id, "transcript", final.outputs["transcript"])
+        transcript = Transcript.model_validate_json(Path(path).read_bytes())
         if response_format == "text":
             response = PlainTextResponse(transcript.text + "\n")
         elif response_format == "diarized_json":

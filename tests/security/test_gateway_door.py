@@ -1,0 +1,398 @@
+"""The gateway attacked through HTTP as a key holder would (issue 18, "tenancy at the door"): a real
+nats-server, the real coordinator (in-process; no stage services, so jobs stay running), the real
+app under uvicorn, httpx as the attacker's client. Bob holds an ordinary key and Alice's job id;
+each attack must answer exactly as for a job that does not exist (or be refused) and leave Alice's
+job and its webhook records untouched. tests/integration/test_gateway.py has the plain cross-key
+checks (every route with Alice's id as written); these are the tricks around them."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from captionbus.core.settings import Settings
+from captionbus.gateway.app import GatewayConfig
+from captionbus.gateway.dispatch import Subscriber
+from captionbus.gateway.keys import KeyRing, add_key
+from tests.gatewaytools import free_port, running_gateway
+from tests.integration.test_gateway import coordinator, error_of, wait_status  # noqa: F401  (a fixture)
+
+SECRET = b"door-test-secret"
+# The operator's gateway-wide subscriber: an incoming-webhook URL whose path is its credential.
+AUDIT_PATH = "/audit/T0001/B0002/xoxb-operator-secret"
+
+
+class Hooks:
+    """A receiver on loopback that records the path of every POST (whatever it is)."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                hooks.paths.append(self.path)
+                if self.path.endswith("/redirect"):  # a receiver (or a hijacked one) sends the gateway elsewhere
+                    self.send_response(307)
+                    self.send_header("Location", f"{hooks.base}/admin")
+                else:
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def door(tmp_path, coordinator):  # noqa: F811
+    """(clients by key name: alice, bob, ops (admin); the receiver)."""
+    hooks = Hooks()
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name, admin=name == "ops") for name in ("alice", "bob", "ops")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), max_upload_bytes=64 * 1024,
+        webhook_allow=[f"{hooks.base}/team-a", f"{hooks.base}/audit/"], webhook_secret=SECRET,
+        webhook_subscribers=[Subscriber(name="audit", url=hooks.base + AUDIT_PATH)])
+    with running_gateway(config) as url:
+        clients = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                   for name, key in made.items()}
+        yield clients, hooks
+        for client in clients.values():
+            client.close()
+    hooks.server.shutdown()
+
+
+def submit(client: httpx.Client, **data) -> str:
+    created = client.post("/v1/jobs", files={"file": ("talk.wav", b"RIFF talk")}, data={"workflow": "speech", **data})
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def test_callback_urls_that_leave_the_allowed_prefix_are_refused(door):
+    """The allow-list said `http://HOOKS/team-a`; each URL below was accepted before (urlsplit kept
+    the path as written, startswith had no segment boundary) and httpx POSTed to a path outside
+    it (`/team-a/../admin` went to `/admin`), or a decoding receiver routes it there."""
+    clients, hooks = door
+    alice = clients["alice"]
+    for path in ("/team-a/../admin", "/team-a/./../admin", "/team-abc", "/team-a%2f..%2fadmin", "/team-a/%2e%2e/admin",
+                 "/team-a/%2E%2E/admin", "/team-a\\..\\admin"):
+        answer = alice.post("/v1/jobs", files={"file": ("a.wav", b"RIFF a")},
+                            data={"workflow": "speech", "callback_url": hooks.base + path})
+        assert answer.status_code == 422, (path, answer.status_code, answer.text)
+        assert "callback URL" in error_of(answer), path
+    for url in ("http://169.254.169.254/team-a", "http://127.0.0.1:1/team-a", f"http://user:pw@{hooks.base[7:]}/team-a"):
+        answer = alice.post("/v1/jobs", files={"file": ("a.wav", b"RIFF a")},
+                            data={"workflow": "speech", "callback_url": url})
+        assert answer.status_code == 422, (url, answer.text)
+    # Under the prefix, it is taken and delivered; nothing went anywhere else.
+    job_id = submit(alice, callback_url=f"{hooks.base}/team-a/jobs")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "/team-a/jobs" not in hooks.paths:
+        time.sleep(0.1)
+    assert "/team-a/jobs" in hooks.paths, hooks.paths
+    assert set(hooks.paths) <= {"/team-a/jobs", AUDIT_PATH}, hooks.paths
+    assert alice.get(f"/v1/jobs/{job_id}").status_code == 200
+    # A receiver under the prefix that redirects: the gateway does not follow (held before too).
+    redirected = submit(alice, callback_url=f"{hooks.base}/team-a/redirect")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tried = [d for d in alice.get(f"/v1/jobs/{redirected}/deliveries").json()["data"] if d["http_status"] == 307]
+        if tried:
+            break
+        time.sleep(0.2)
+    assert tried and tried[0]["status"] != "delivered", tried
+    assert "/admin" not in hooks.paths, hooks.paths
+
+
+def test_a_key_reads_its_own_callback_record_not_the_operators_subscribers(door):
+    """Every job has a record for the gateway-wide `audit` subscriber; Bob's own job listed it with
+    its URL (the operator's credential) and its delivery errors. Now only an admin key sees it."""
+    clients, hooks = door
+    bob, ops = clients["bob"], clients["ops"]
+    job_id = submit(bob, callback_url=f"{hooks.base}/team-a/bob")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # both records are made: the admin sees two
+        if len(ops.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]) == 2:
+            break
+        time.sleep(0.2)
+    admin_view = ops.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]
+    assert sorted(r["subscriber"] for r in admin_view) == ["audit", "callback"], admin_view
+    for path in ("webhooks", "deliveries"):
+        answer = bob.get(f"/v1/jobs/{job_id}/{path}")
+        assert answer.status_code == 200 and "xoxb-operator-secret" not in answer.text, (path, answer.text)
+        assert {r["subscriber"] for r in answer.json()["data"]} <= {"callback"}, answer.text
+    assert [r["url"] for r in bob.get(f"/v1/jobs/{job_id}/webhooks").json()["data"]] == [f"{hooks.base}/team-a/bob"]
+
+
+def test_job_ids_in_every_form_reach_no_other_job(door):
+    """Alice's job, and Bob trying ids that a subject or KV key could widen or a decoder could
+    rewrite: wildcards, dotted ids, URL-encoded separators, unicode look-alikes, very long ids.
+    Each answers 404 like an unknown id on every route; Alice's job stays running."""
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    job_id = submit(alice)
+    wait_status(alice, job_id, {"running"})
+    tricks = ["*", ">", "%2A", "%3E", f"{job_id}.>", f"{job_id[:-2]}*", f"{job_id}%2E*", f"{job_id}%00",
+              f"{job_id}%20", f"{job_id}%0A", f"{job_id.upper()}", f"ｊ{job_id[1:]}", "j" * 5000, "..%2F..%2Fetc",
+              f"%2E%2E%2F{job_id}", f"{job_id};x", f" {job_id}", "KV.cb_jobs.>"]
+    routes = [("GET", ""), ("GET", "/events"), ("GET", "/outputs/transcript"), ("GET", "/webhooks"),
+              ("GET", "/deliveries"), ("POST", "/cancel"), ("POST", "/retry")]
+    for trick in tricks:
+        for method, route in routes:
+            answer = bob.request(method, f"/v1/jobs/{trick}{route}")
+            assert answer.status_code in (404, 405, 414, 431), (trick, method, route, answer.status_code, answer.text)
+            assert job_id not in answer.text or answer.status_code == 404 and "no job" in answer.text, answer.text
+            assert "Traceback" not in answer.text and "/tmp" not in answer.text and "/home" not in answer.text
+    # the list filters are not a way round either
+    for query in ("?status=running", "?workflow=speech", "?workflow=*", "?limit=10000"):
+        assert job_id not in bob.get(f"/v1/jobs{query}").text, query
+    assert alice.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_last_event_id_tricks_are_refused_and_never_reach_another_job(door):
+    """Last-Event-ID is read as a stream sequence. '²' (byte 0xB2: headers are latin-1) passed
+    str.isdigit() and made int() raise (a 500), as did 5000 digits; a sequence of another job's event read nothing of it (the consumer is
+    filtered on the job's subject); on Alice's job Bob gets the 404, whatever the header."""
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    secret_job, own_job = submit(alice), submit(bob)
+    wait_status(alice, secret_job, {"running"})
+    wait_status(bob, own_job, {"running"})
+    assert bob.post(f"/v1/jobs/{own_job}/cancel").status_code == 202
+    wait_status(bob, own_job, {"cancelled"})
+    for text in ("²", "1¹", "9" * 5000, "-1", "1e3", "1 1", "0x10", "1.5", "18446744073709551616"):
+        header = text.encode("latin-1")
+        with bob.stream("GET", f"/v1/jobs/{secret_job}/events", headers={"Last-Event-ID": header}) as sse:
+            assert sse.status_code == 404, (header, sse.status_code)
+        answer = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": header})
+        assert answer.status_code == 400, (header, answer.status_code, answer.text[:200])
+        assert "Last-Event-ID" in error_of(answer)
+    # A valid sequence resumes Bob's own stream after it; none shows Alice's job.
+    whole = bob.get(f"/v1/jobs/{own_job}/events").text
+    ids = [int(line[4:]) for line in whole.splitlines() if line.startswith("id: ")]
+    assert ids and secret_job not in whole
+    resumed = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": "0"}).text
+    assert [int(line[4:]) for line in resumed.splitlines() if line.startswith("id: ")] == ids
+    for after in (0, ids[0], 10**18):
+        text = bob.get(f"/v1/jobs/{own_job}/events", headers={"Last-Event-ID": str(after)}).text
+        assert secret_job not in text and all(int(line[4:]) > after for line in text.splitlines()
+                                              if line.startswith("id: ")), (after, text[:300])
+
+
+def test_a_keyless_gateway_answers_no_other_site_and_no_rebound_name(tmp_path, coordinator):  # noqa: F811
+    """Without --keys the gateway is loopback's, and its one user is an admin. A page of any site
+    the user opens could POST a cross-site form to it (multipart needs no CORS preflight): a job
+    was created (201) and a job cancelled (202) with `Origin: http://evil.example`; a page whose
+    name was rebound to 127.0.0.1 sent `Host: evil.example:PORT` and listed every job (200).
+    Now both are 403; the same requests from loopback itself, or the /docs page (same origin),
+    work."""
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, max_upload_bytes=64 * 1024)
+    with running_gateway(config) as url:
+        port = url.rsplit(":", 1)[1]
+        local = httpx.Client(base_url=url, timeout=30)
+        job_id = submit(local)
+        wait_status(local, job_id, {"running"})
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, rebound, {"Host": f"evil.example:{port}"},
+                        {"Origin": f"http://localhost:{int(port) + 1}"}):
+            attempts = [local.post("/v1/jobs", files={"file": ("x.wav", b"RIFF x")}, data={"workflow": "speech"},
+                                   headers=headers),
+                        local.post(f"/v1/jobs/{job_id}/cancel", headers=headers),
+                        local.get("/v1/jobs", headers=headers), local.get(f"/v1/jobs/{job_id}/events", headers=headers)]
+            for answer in attempts:
+                assert answer.status_code == 403, (headers, answer.request.url, answer.status_code, answer.text[:200])
+                assert job_id not in answer.text and "credentials" in error_of(answer)
+        assert [j["id"] for j in local.get("/v1/jobs").json()["data"]] == [job_id]  # nothing was created
+        assert local.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nor cancelled
+        for host in ("localhost", "127.0.0.1", "[::1]"):  # every loopback name, and the page's own origin
+            same = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+            assert local.get("/v1/jobs", headers=same).status_code == 200, host
+        assert local.post(f"/v1/jobs/{job_id}/cancel", headers={"Origin": url}).status_code == 202
+        local.close()
+
+
+def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypatch):
+    """/readyz is open (probes send no key). While the bus was unreachable it answered anyone, off
+    loopback too, with the reason: the TLS file's host path, the bus's address. Now a caller
+    without a key gets "not on the bus yet" and nothing more; a key holder gets the reason."""
+    secret_dir = tmp_path / "etc-captionbus-private"
+    monkeypatch.setenv("CAPTIONBUS_NATS_CA", str(secret_dir / "ca.pem"))
+    dead = f"nats://127.0.0.1:{free_port()}"
+    key = add_key(tmp_path / "keys", "alice")
+    config = GatewayConfig(settings=Settings(home=tmp_path / "gw", nats_url=dead, host_id="gw"), nats_url=dead,
+                           keys=KeyRing.load(tmp_path / "keys"))
+    with running_gateway(config, ready=False) as url:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the first connect attempt has failed and says why
+            told = httpx.get(f"{url}/readyz", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            if "ca.pem" in told.text:
+                break
+            time.sleep(0.1)
+        assert told.status_code == 503 and str(secret_dir) in error_of(told), told.text
+        for headers in ({}, {"Authorization": "Bearer cbk_wrong"}, {"Host": "gateway.example"}):
+            answer = httpx.get(f"{url}/readyz", headers=headers, timeout=5)
+            assert answer.status_code == 503 and "not on the bus yet" in error_of(answer), answer.text
+            assert "etc-captionbus" not in answer.text and "127.0.0.1" not in answer.text and "nats" not in answer.text
+        assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
+    """Every route the app has (read from the app itself, so a route added later is tried too),
+    with each method it takes, no key, a wrong key, a key in the query string, a Basic password,
+    and loopback claimed by forwarding headers and Host: 401 before anything is read or run. Open: the probes (/readyz says no more than
+    "not ready" without a key) and the static API documents."""
+    from fastapi.routing import APIRoute
+
+    from captionbus.gateway.app import create_app
+
+    clients, _ = door
+    base = str(clients["alice"].base_url)
+    app = create_app(GatewayConfig(settings=Settings(), nats_url="nats://127.0.0.1:1", keys=KeyRing({})))
+    open_paths = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    # the app's own routes, and those of the routers it includes (FastAPI 0.165 wraps each)
+    routes = [inner for route in app.routes
+              for inner in getattr(getattr(route, "original_router", None), "routes", [route])]
+    assert {route.path for route in routes} >= {"/v1/jobs", "/v1/audio/transcriptions", "/metrics", "/readyz"}
+    tried = 0
+    with httpx.Client(base_url=base, timeout=30) as anonymous:
+        for route in routes:
+            if route.path in open_paths:
+                continue
+            assert isinstance(route, APIRoute), route.path
+            path = route.path.replace("{job_id}", "jnosuchjob").replace("{name}", "srt")
+            for method in route.methods:
+                for headers, query in (({}, ""), ({"Authorization": "Bearer cbk_wrong"}, ""), ({}, "?api_key=x&key=x"),
+                                       ({"Authorization": "Basic " + "b3BzOmNia193cm9uZw=="}, ""),
+                                       ({"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1", "Host": "localhost",
+                                         "Forwarded": "for=127.0.0.1;proto=https"}, "")):
+                    answer = anonymous.request(method, path + query, headers=headers,
+                                               files={"file": ("a.wav", b"RIFF a")} if method == "POST" else None)
+                    assert answer.status_code == 401, (method, path, headers, answer.status_code, answer.text[:200])
+                    assert answer.headers["www-authenticate"] == "Bearer"
+                    tried += 1
+    assert tried >= 5 * 12  # the job API, webhooks, openai and /metrics routes were all tried
+
+
+def test_outputs_of_a_finished_job_fetch_for_their_owner_only_and_a_lost_one_says_so(door, coordinator, tmp_path):  # noqa: F811
+    """A completed job of Alice's with two outputs: one whose bytes are stored, one whose bytes are
+    gone (retention, gc, a purge). Bob gets 404 "no job" for both, under every name. Alice gets
+    the first byte for byte; the second was a 500 "internal error (ArtifactMissing)", now a 404
+    saying it is no longer stored, naming no host path, host or bucket."""
+    import asyncio
+
+    from captionbus.contracts import ArtifactRef, JobState, JobStatus, subjects
+    from captionbus.core.bus import connect
+
+    clients, _ = door
+    alice, bob = clients["alice"], clients["bob"]
+    uploaded = submit(alice)
+    done_id = "jdone-alice"
+
+    async def write(nats_url: str) -> None:
+        nc = await connect(nats_url, "t-seed")
+        kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
+        first = JobState.model_validate_json((await kv.get(uploaded)).value)
+        gone = ArtifactRef(key="ab" * 32, name="talk.vtt", size=12, media_type="text/vtt", in_object_store=True)
+        spec = first.spec.model_copy(update={"job_id": done_id})
+        state = JobState(spec=spec, status=JobStatus.completed, outputs={"srt": first.spec.input, "vtt": gone})
+        await kv.put(done_id, state.model_dump_json().encode())
+        await nc.close()
+
+    asyncio.run(write(coordinator))
+    wait_status(alice, done_id, {"completed"})
+    got = alice.get(f"/v1/jobs/{done_id}/outputs/srt")
+    assert got.status_code == 200 and got.content == b"RIFF talk", got.text
+    for name in ("srt", "vtt", "input", "%2A", "srt%00"):
+        answer = bob.get(f"/v1/jobs/{done_id}/outputs/{name}")
+        assert answer.status_code == 404 and error_of(answer) == f"no job {done_id!r}", (name, answer.text)
+    lost = alice.get(f"/v1/jobs/{done_id}/outputs/vtt")
+    assert lost.status_code == 404, lost.text
+    message = error_of(lost)
+    assert "no longer stored" in message and "vtt" in message, message
+    for leak in (str(tmp_path), "/tmp", "cb_artifacts", "host", "gw"):
+        assert leak not in message, (leak, message)
+
+
+def test_a_key_holds_no_more_event_streams_than_its_concurrency(tmp_path, coordinator):  # noqa: F811
+    """Each SSE stream holds a JetStream consumer on the bus for as long as it is open; the
+    per-key limit did not count them: one key at --concurrency 8 held 60 streams on its own job,
+    61 consumers on CB_EVENTS (measured). Now a stream is a request in flight like any other:
+    past the limit 429; another key is not affected; a closed stream, or one its job's end
+    closed, frees its slot."""
+    import asyncio
+
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name) for name in ("alice", "bob")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), concurrency_per_key=3)
+    with running_gateway(config) as url:
+        sync = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                for name, key in made.items()}
+        jobs = {name: submit(client) for name, client in sync.items()}
+        for name, client in sync.items():
+            wait_status(client, jobs[name], {"running"})
+
+        async def consumers() -> int:
+            from captionbus.core.bus import connect
+
+            nc = await connect(coordinator, "t-count")
+            try:
+                return (await nc.jetstream().stream_info("CB_EVENTS")).state.consumer_count
+            finally:
+                await nc.close()
+
+        async def go():
+            def client(name):
+                return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {made[name]}"}, timeout=30)
+
+            async with client("bob") as bob, client("alice") as alice, contextlib.AsyncExitStack() as held:
+                before = await consumers()
+                opened = [await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events"))
+                          for _ in range(3)]
+                assert [r.status_code for r in opened] == [200, 200, 200]
+                for _ in range(5):
+                    async with bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events") as refused:
+                        assert refused.status_code == 429, refused.status_code  # (200 and a 4th consumer before)
+                        await refused.aread()
+                        assert "limit" in error_of(refused), refused.text
+                assert await consumers() <= before + 3
+                async with alice.stream("GET", f"/v1/jobs/{jobs['alice']}/events") as hers:
+                    assert hers.status_code == 200
+                await opened[0].aclose()  # the client goes: its slot comes back
+                deadline = time.monotonic() + 15
+                while True:
+                    async with bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events") as again:
+                        if again.status_code == 200:
+                            break
+                    assert time.monotonic() < deadline, "a closed stream never gave its slot back"
+                    await asyncio.sleep(0.2)
+            # the job ends: every stream of it ends, and the slots are free again
+            async with client("bob") as bob, contextlib.AsyncExitStack() as held:
+                streams = [await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{jobs['bob']}/events"))
+                           for _ in range(3)]
+                assert [r.status_code for r in streams] == [200, 200, 200]
+                assert (await bob.post(f"/v1/jobs/{jobs['bob']}/cancel")).status_code == 202
+                for stream in streams:
+                    text = "".join([chunk async for chunk in stream.aiter_text()])
+                    assert "event: cancelled" in text
+                deadline = time.monotonic() + 15
+                while (await bob.get(f"/v1/jobs/{jobs['bob']}/events")).status_code != 200:
+                    assert time.monotonic() < deadline, "an ended stream never gave its slot back"
+                    await asyncio.sleep(0.2)
+
+        asyncio.run(asyncio.wait_for(go(), 120))
+        for client in sync.values():
+            client.close()
