@@ -35,7 +35,14 @@ class ServiceStartError(RuntimeError):
 
 def _die_with_parent() -> None:
     """preexec_fn: children get SIGTERM when the process that started them dies, even by
-    kill -9, so a killed `run` never leaves a model-holding service or a server behind."""
+    kill -9, so a killed `run` never leaves a model-holding service or a server behind.
+
+    SIGINT and SIGTERM are unblocked first: a blocked signal mask is inherited across fork and
+    exec, and `serve --replicas` blocks both before it starts its replicas (to sigwait for
+    them). Its replicas then ignored the SIGTERM that stop_services sent on Ctrl-C, each was
+    killed after the 15 s grace instead of finishing its requests, and the death signal above
+    never reached them."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

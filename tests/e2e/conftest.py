@@ -247,13 +247,33 @@ def chunked_job(fleet: Stack, film: Path, out: Path, workflow: str, target_s: fl
     one chunk), as `captionbus run FILM -w WORKFLOW -s en --chunk-s TARGET_S` submits it (None:
     no -s, the language detected; `options`: more `-o`): its transcript, its job record (the
     JobState `run` writes as FILM.job.json) and its output files."""
-    job_id = fleet.submit(film, workflow=workflow, source_language=source_language,
-                          options={"chunk": {"target_s": target_s}, **(options or {})})
+    return chunked_result(fleet, submit_chunked(fleet, film, workflow, target_s, source_language, options), out)
+
+
+def submit_chunked(fleet: Stack, film: Path, workflow: str, target_s: float, source_language: str | None = "en",
+                   options: dict | None = None) -> str:
+    """chunked_job's submission alone: the job's id, for chunked_result."""
+    return fleet.submit(film, workflow=workflow, source_language=source_language,
+                        options={"chunk": {"target_s": target_s}, **(options or {})})
+
+
+def chunked_result(fleet: Stack, job_id: str, out: Path) -> tuple[dict, dict, dict[str, Path]]:
+    """What chunked_job returns, for a job submit_chunked submitted: waits for it to complete."""
     final = fleet.wait_end(job_id, timeout=900)[-1]
     assert final.kind == "completed", getattr(final, "reason", "")
     files = fleet.fetch(final.outputs, out)
     record = json.loads(fleet.job_state(job_id).model_dump_json())
     return json.loads(files["transcript"].read_text()), record, files
+
+
+def chunked_jobs(fleet: Stack, film: Path, jobs: list[tuple[Path, str, float]]) -> list[tuple[dict, dict, dict[str, Path]]]:
+    """chunked_job for each (out, workflow, target_s) of `jobs` on `film`, all submitted before
+    the first is waited for: the fleet's two asr workers decode one job's chunks beside
+    another's instead of one of them idling while a job's single request (target_s 0) or its
+    last chunk is decoded. Each job's outputs are its own (tests/e2e/test_faults.py: concurrent
+    jobs never mix outputs), so what a test compares is what the same jobs one by one gave."""
+    submitted = [(submit_chunked(fleet, film, workflow, target_s), out) for out, workflow, target_s in jobs]
+    return [chunked_result(fleet, job_id, out) for job_id, out in submitted]
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.e2e.test_chunked import timed_words
-from tests.e2e.conftest import chunked_job
+from tests.e2e.conftest import chunked_jobs
 from tests.media import speech_film
 
 
@@ -26,8 +26,9 @@ def item_nodes(record: dict, stage: str) -> list[str]:
 def aligned_runs(tmp_path_factory, chunked_fleet):
     root = tmp_path_factory.mktemp("chunked_aligned")
     film, _ = speech_film(root / "film.mp4", repeat=2)
-    return {str(chunk_s): chunked_job(chunked_fleet, film, root / f"out{chunk_s}", "chunked_aligned", chunk_s)[:2]
-            for chunk_s in (20, 0)}
+    sizes = (0, 20)  # submitted together, the single request first (conftest.chunked_jobs)
+    done = chunked_jobs(chunked_fleet, film, [(root / f"out{chunk_s}", "chunked_aligned", chunk_s) for chunk_s in sizes])
+    return {str(chunk_s): run[:2] for chunk_s, run in zip(sizes, done)}
 
 
 def test_chunked_aligned_word_times_equal_unchunked_aligned_each_chunk_aligned_once(aligned_runs):

@@ -100,6 +100,11 @@ def test_serve_replicas_share_one_queue_and_stop_on_sigint(stack, tmp_path):
         out, err = serving.communicate(timeout=60)
     assert serving.returncode == 130, err[-2000:]  # Ctrl-C
     assert "2 replicas of subtitle_gen (env common)" in out + err
+    # Each replica stopped on its SIGTERM, not by the SIGKILL after the grace (they inherited
+    # serve's blocked SIGINT/SIGTERM and sat out the 15 s: captionbus/stack.py _die_with_parent).
+    for replica in (0, 1):
+        log = (tmp_path / "serve-home" / "logs" / f"subtitle_gen-{replica}.log").read_text()
+        assert "signal received; finishing running requests" in log and "stage service stopped" in log, log[-2000:]
     wait_until(lambda: subtitle_gen_pids() == before, 30, "the replicas to leave")
 
 

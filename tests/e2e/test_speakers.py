@@ -27,8 +27,8 @@ import pytest
 
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.keys import KeyRing, add_key
+from captionbus.stack import stop_services
 from tests import speakers_media
-from tests.e2e.conftest import start_stack
 from tests.envtools import built_env
 from tests.gatewaytools import running_gateway
 
@@ -130,26 +130,31 @@ def check_voices(truth: list[speakers_media.Turn], spans: list[tuple[float, floa
 
 
 @pytest.fixture(scope="module")
-def door_stack(tmp_path_factory, stage_envs, whisper_model):
-    """A stack serving the `speech` workflow with --speakers."""
+def door_stack(stack):
+    """The session's transcribe stack (tests/e2e/conftest.py) serving the `speech` workflow with
+    --speakers: a diarization worker is added for this module and stopped after it. It was a
+    stack of its own (server, coordinator, six services, asr importing torch and loading Whisper
+    again) for the same stages."""
     from captionbus import models
 
     built_env("diarization")
     models.ensure_campplus()
-    stack = start_stack(tmp_path_factory.mktemp("door"), ["demux", "vad", "asr", "diarization", "transcript_join",
-                                                          "subtitle_gen"])
+    diarization = stack.start_stage("diarization")
     try:
+        stack.wait_ready([diarization])
         yield stack
     finally:
-        stack.close()
+        stop_services([diarization])
+        stack.services.remove(diarization)
 
 
 @pytest.fixture(scope="module")
-def door(door_stack):
+def door(door_stack, tmp_path_factory):
     """The gateway in front of door_stack, as the official client sees it."""
-    key = add_key(door_stack.root / "keys", "tool")
+    keys = tmp_path_factory.mktemp("door") / "keys"
+    key = add_key(keys, "tool")
     config = GatewayConfig(settings=door_stack.settings("gateway"), nats_url=door_stack.url,
-                           keys=KeyRing.load(door_stack.root / "keys"), job_timeout_s=600)
+                           keys=KeyRing.load(keys), job_timeout_s=600)
     with running_gateway(config) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
 

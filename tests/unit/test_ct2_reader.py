@@ -220,3 +220,44 @@ def test_backend_region_helpers():
     assert len(segments) == 1 and segments[0].text == "Hello there."
     assert [(w.text, w.start, w.end) for w in segments[0].words] == [("Hello", 10.1, 10.5), ("there.", 10.5, 11.6)]
     assert (segments[0].start, segments[0].end) == (10.1, 11.6)
+
+
+def test_backend_decodes_each_region_group_from_its_own_clip_with_absolute_times(monkeypatch):
+    """transcribe() with regions further apart than GROUP_MAX_S: each group is cut out and decoded
+    on its own (the gaps inside it silenced, nothing outside it), its times shifted back to the
+    audio's, progress rising to 1 over the groups. mlx-whisper's decode is replaced by one that
+    'hears' where the clip is loud: this is the arithmetic around it. The real decode (one group,
+    Whisper base) is tests/integration/test_asr_mlx.py's."""
+    import threading
+    from types import SimpleNamespace
+
+    from captionbus.services.asr import mlx_backend as b
+
+    rate = b.SAMPLE_RATE
+    audio = np.zeros(rate * 40, dtype=np.float32)
+    for start, end in ((1.0, 2.0), (3.0, 4.0), (5.0, 6.0), (20.0, 23.0)):  # "speech"; 3-4 s is outside every region
+        audio[int(start * rate):int(end * rate)] = 0.5
+    clips = []
+
+    def decode(model, clip, language, report, task="transcribe"):
+        clips.append((len(clip) / rate, np.count_nonzero(clip > 0.1) / rate))
+        loud = np.flatnonzero(clip > 0.1)
+        report(0.5)
+        first, last = loud[0] / rate, (loud[-1] + 1) / rate
+        return {"segments": [{"text": " heard", "start": first, "end": last,
+                              "words": [{"word": " heard", "start": first, "end": last, "probability": 0.9}]}]}
+
+    monkeypatch.setattr(b, "_decode", decode)
+    monkeypatch.setattr(b, "GROUP_MAX_S", 6.0)
+    monkeypatch.setattr(b, "supported_languages", lambda model: ["en"])
+    model = SimpleNamespace(name="stub", lock=threading.Lock())
+    progress = []
+    language, probability, segments = b.transcribe(model, audio, "en", [(0.5, 2.5), (4.5, 6.5), (19.5, 23.5)],
+                                                   lambda f, m: progress.append((f, m)))
+    assert (language, probability) == ("en", None)
+    # 0.5-6.5 (two regions; the 3-4 s sound between them silenced), then 19.5-23.5: seconds, loud seconds
+    assert clips == [(6.0, 2.0), (4.0, 3.0)]
+    assert [(w.start, w.end) for s in segments for w in s.words] == [(1.0, 6.0), (20.0, 23.0)]
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {m for _, m in progress} == {"transcribing speech 1/2", "transcribing speech 2/2"}
