@@ -21,7 +21,9 @@ from rich.progress import (
 )
 
 from captionbus.client import (
+    TENANT,
     SubmitError,
+    acting_for,
     check_input_file,
     collect_replies,
     fetch_outputs,
@@ -58,7 +60,7 @@ from captionbus.contracts.transcript import Transcript
 from captionbus.coordinator.graph import load_workflow, option_errors
 from captionbus.coordinator.service import run_coordinator
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import connect, provision, require_provisioned, through_failover
+from captionbus.core.bus import client_tenant, connect, provision, require_provisioned, through_failover
 from captionbus.core.gc import collect
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
@@ -198,7 +200,14 @@ async def coordinator_task(nc):
             await asyncio.wait_for(task, 10)
 
 
-async def run_job(
+async def run_job(settings: Settings, url: str, media: Path, *, start_stack: bool, **kwargs) -> dict[str, Path]:
+    """_run_job, as the tenant a client login acts for when it submits to a running stack behind
+    the auth callout (captionbus.client.TENANT); a stack it starts itself is its own (no tenant)."""
+    with acting_for(None if start_stack else client_tenant(url, settings)):
+        return await _run_job(settings, url, media, start_stack=start_stack, **kwargs)
+
+
+async def _run_job(
     settings: Settings,
     url: str,
     media: Path,
@@ -224,7 +233,7 @@ async def run_job(
         js = nc.jetstream()
         # Only the one that owns the bus creates it: `submit --wait` runs under the client role,
         # which may not (deploy/nats/roles.conf), and its stack's coordinator has provisioned.
-        await (provision(js) if start_stack else require_provisioned(js))
+        await (provision(js) if start_stack else require_provisioned(js, names_only=TENANT.get() is not None))
         async with contextlib.AsyncExitStack() as stack:
             watched: list = []
             if start_stack:

@@ -169,15 +169,15 @@ class JobEndWatch:
         self._subs: list[Any] = []
 
     async def attach(self, nc: Any, log: Any) -> None:
-        for kind in ENDING_KINDS:
+        for subject in [s for kind in ENDING_KINDS for s in subjects.job_kind_all_jobs(kind)]:
             try:
-                self._subs.append(await nc.subscribe(subjects.job_kind_all_jobs(kind), cb=self._on_event))
+                self._subs.append(await nc.subscribe(subject, cb=self._on_event))
             except Exception as e:  # a role without the subscription: the heartbeat's read still stops work
                 log.warning("cannot watch job ends; a cancel is noticed at the next heartbeat", error=error_line(e))
 
     async def _on_event(self, msg: Any) -> None:
-        parts = msg.subject.split(".")  # captionbus.job.<job_id>.<kind>
-        for flag in self.running.get(parts[2] if len(parts) == 4 else "", ()):
+        # captionbus.job.[<tenant>.]<job_id>.<kind>
+        for flag in self.running.get(subjects.event_job_id(msg.subject), ()):
             flag.set()
 
     @contextmanager
@@ -646,7 +646,7 @@ class StageWorker:
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)
-            entry = await self._jobs_kv.get(job_id)
+            entry = await self._jobs_kv.get(subjects.job_key(job_id))
             state = json.loads(entry.value)
             status = state.get("status")
             known = (state.get("nodes") or {}).get(node) if node else None
