@@ -203,6 +203,7 @@ def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
                 "own events": await _cli(fleet, "client", "events", vid),
                 "own fetch": await _cli(fleet, "client", "fetch", vid, "--out", str(tmp_path / "fetched")),
                 "rival jobs": await _cli(fleet, "rival", "jobs", "--json"),
+                "rival events": await _cli(fleet, "rival", "events"),
                 "rival status": await _cli(fleet, "rival", "status", vid),
                 "rival cancel": await _cli(fleet, "rival", "cancel", vid),
                 "rival retry": await _cli(fleet, "rival", "retry", vid),
@@ -222,6 +223,8 @@ def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
     assert code == 0 and len(out.splitlines()) == 1
     assert (tmp_path / "fetched").joinpath(out.splitlines()[0].rsplit("/", 1)[-1]).read_bytes() == victim_bytes["out"]
     code, out, err = runs["rival jobs"]
+    assert code == 0 and out.strip() == "", (out, err)
+    code, out, err = runs["rival events"]  # every event it may follow: its tenant's, none
     assert code == 0 and out.strip() == "", (out, err)
     for name in ("rival status", "rival cancel", "rival retry"):
         code, out, err = runs[name]
