@@ -240,10 +240,14 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
       <tenant>.>`) and consumers filtered to `$KV.cb_jobs.<tenant>.>`; no STREAM.MSG.GET (a key or
       sequence in the body), no STREAM.INFO of KV_cb_jobs or CB_EVENTS (`subjects_filter` lists
       every key and job subject);
+    - artifacts: its namespace of the object store (`$O.cb_artifacts.M|C.<tenant>.…`), read through
+      consumers filtered inside it; no STREAM.INFO (lists every object) or STREAM.MSG.GET (reads
+      any message by sequence) of OBJ_cb_artifacts;
     - stream existence by STREAM.NAMES (captionbus.core.bus.require_provisioned(names_only=True)).
     """
     job, kv, ev = f"{subjects.PREFIX}.job.{tenant}", f"$KV.{subjects.JOBS_BUCKET}.{tenant}", subjects.EVENTS_STREAM
     kv_stream = f"KV_{subjects.JOBS_BUCKET}"
+    obj, obj_stream = f"$O.{subjects.ARTIFACTS_BUCKET}", f"OBJ_{subjects.ARTIFACTS_BUCKET}"
     allow = [
         f"{job}.*.submitted", f"{job}.*.cancel_requested", f"{job}.*.retry_requested",
         f"$JS.API.STREAM.INFO.{subjects.REQUESTS_STREAM}", "$JS.API.STREAM.NAMES",
@@ -251,11 +255,12 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
         f"$JS.API.DIRECT.GET.{kv_stream}.{kv}.>",
         f"$JS.API.CONSUMER.CREATE.{kv_stream}.*.{kv}.>", f"$JS.API.CONSUMER.INFO.{kv_stream}.*",
         f"$JS.FC.{kv_stream}.>",
-        # artifacts: as roles.conf's CLIENT (not yet per tenant: deploy/README.md)
-        f"$O.{subjects.ARTIFACTS_BUCKET}.>", f"$JS.API.STREAM.INFO.OBJ_{subjects.ARTIFACTS_BUCKET}",
-        f"$JS.API.STREAM.MSG.GET.OBJ_{subjects.ARTIFACTS_BUCKET}",
-        f"$JS.API.CONSUMER.CREATE.OBJ_{subjects.ARTIFACTS_BUCKET}",
-        f"$JS.API.CONSUMER.DELETE.OBJ_{subjects.ARTIFACTS_BUCKET}.*", f"$JS.FC.OBJ_{subjects.ARTIFACTS_BUCKET}.>",
+        # artifacts: its namespace of the object store (captionbus/core/artifacts/transfer.py), written
+        # (its inputs) and read through consumers on the filtered-create subject only
+        f"{obj}.C.{tenant}.>", f"{obj}.M.{tenant}.>",
+        f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.C.{tenant}.>",
+        f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.M.{tenant}.>",
+        f"$JS.API.CONSUMER.INFO.{obj_stream}.*", f"$JS.API.CONSUMER.DELETE.{obj_stream}.*", f"$JS.FC.{obj_stream}.>",
         "$SRV.>",
     ]
     deny = [f"$JS.API.CONSUMER.CREATE.{ev}.{subjects.COORDINATOR_CONSUMER}.>"]

@@ -99,6 +99,7 @@ async def submit(
     tenant = TENANT.get()
     if job_id and tenant and tenant_of(job_id) != tenant:
         raise SubmitError(f"job id {job_id!r} is not of your tenant {tenant!r}: start it with {tenant}_")
+    store = artifacts_of(store, job_id)
     # Through a stream leader's failover (captionbus.core.bus.through_failover): both steps are idempotent,
     # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
     ref = await through_failover(lambda: store.put(media, name=name or media.name, copy=copy), "upload")
@@ -388,9 +389,21 @@ def output_filename(stem: str, key: str, ref: ArtifactRef) -> str:
     return ".".join(part for part in (stem, label, language, ext) if part)
 
 
+def artifacts_of(store: ArtifactStore, job_id: str | None) -> ArtifactStore:
+    """`store` in the namespace of job `job_id`'s tenant (a tenant's jobs keep their artifacts
+    there, captionbus/core/artifacts/transfer.py): as that tenant's own client when this process
+    acts for one (TENANT), else as a trusted reader of every namespace."""
+    tenant = TENANT.get()
+    if tenant:
+        return store.scoped(tenant, restricted=True)
+    return store.scoped(tenant_of(job_id)) if job_id else store
+
+
 async def fetch_outputs(
-    store: ArtifactStore, outputs: dict[str, ArtifactRef], out_dir: Path, stem: str
+    store: ArtifactStore, outputs: dict[str, ArtifactRef], out_dir: Path, stem: str, job_id: str | None = None,
 ) -> dict[str, Path]:
+    """`job_id`: the job whose outputs these are (its tenant's namespace holds them)."""
+    store = artifacts_of(store, job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for key, ref in sorted(outputs.items()):

@@ -24,6 +24,7 @@ from captionbus.client import (
     TENANT,
     SubmitError,
     acting_for,
+    artifacts_of,
     check_input_file,
     collect_replies,
     fetch_outputs,
@@ -243,7 +244,7 @@ async def _run_job(
                 services = start_stage_services(settings, url, stages, replicas)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
-            store = ArtifactStore(settings, js)
+            store = artifacts_of(ArtifactStore(settings, js), None)  # a tenant's: its namespace
             spec = await submit(
                 js, store, media, workflow=workflow, source_language=source_language,
                 target_languages=target_languages, options=options, speaker_refs=speaker_refs,
@@ -257,7 +258,7 @@ async def _run_job(
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or "cancelled"
                 raise JobFailedError(f"job {spec.job_id} {final.kind}: {reason}")
-            written = JobOutputs(await fetch_outputs(store, final.outputs, out_dir, media.stem),
+            written = JobOutputs(await fetch_outputs(store, final.outputs, out_dir, media.stem, final.job_id),
                                  final.failed_branches)
             for branch, reason in sorted(final.failed_branches.items()):
                 console.print(f"[red]branch {branch} failed[/]: {reason}", highlight=False)

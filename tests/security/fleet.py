@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from captionbus.authcallout import Callout, read_users
-from captionbus.client import acting_for, job_state, submit
+from captionbus.client import acting_for, artifacts_of, job_state, submit
 from captionbus.contracts import JobState, tenant_of
 from captionbus.coordinator.decide import Policy
 from captionbus.coordinator.graph import Workflow
@@ -111,6 +111,8 @@ class Fleet:
         """The job's input and outputs as the client fetches them, each time into a new root."""
         self.fetches += 1
         store = ArtifactStore(self.settings("client", f"fetch-{self.fetches}"), self.js["client"])
+        with acting_for(self.tenant()):  # behind the callout: as the tenant's client, in its namespace
+            store = artifacts_of(store, state.job_id)
         refs = {"job.input": state.spec.input, **state.outputs}
         return {name: (await store.get(ref)).read_bytes() for name, ref in refs.items()}
 

@@ -16,13 +16,16 @@ import json
 from captionbus import client
 from captionbus.client import acting_for
 from captionbus.contracts import JobCancelRequested, JobRetryRequested, JobSubmitted, subjects
-from captionbus.core.artifacts import ArtifactStore
+from captionbus.core.artifacts import ArtifactMissing, ArtifactStore
+from captionbus.core.artifacts.transfer import ObjectBucket
+from tests.security.attacks import meta_subject
 from tests.natsroles import violations
 from tests.security.fleet import secured_fleet
 
 KV = f"KV_{subjects.JOBS_BUCKET}"
 PRE = f"$KV.{subjects.JOBS_BUCKET}"
 EV = subjects.EVENTS_STREAM
+OBJ, O = f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"$O.{subjects.ARTIFACTS_BUCKET}"
 
 
 async def answered(nc, subject: str, body: bytes = b"", timeout: float = 0.75) -> bytes | None:
@@ -57,6 +60,7 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
             victim, victim_bytes = await fleet.run_job("job-a")
             vid = victim.job_id
             key = subjects.job_key(vid)
+            meta = meta_subject(victim.outputs["out"].key).replace(f"{O}.M.", f"{O}.M.client.")
             rival = fleet.nc["rival"]
             attempts = {
                 # job state: by key in the body, by sequence, by another tenant's key in the subject,
@@ -89,6 +93,20 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
                 "kv consumer, unfiltered": (f"$JS.API.CONSUMER.CREATE.{KV}", create(KV, f"{PRE}.>")),
                 "kv consumer on the victim": (f"$JS.API.CONSUMER.CREATE.{KV}.k.{PRE}.{key}", create(KV, f"{PRE}.{key}", name="k")),
                 "kv consumer on every key": (f"$JS.API.CONSUMER.CREATE.{KV}.w.{PRE}.>", create(KV, f"{PRE}.>", name="w")),
+                # artifacts: the listing stream info gives, any message by sequence, the victim's
+                # metadata by subject, consumers unfiltered, on its namespace, on every chunk by a
+                # wildcard, and in its own namespace with every chunk in the body
+                "object listing": (f"$JS.API.STREAM.INFO.{OBJ}", json.dumps({"subjects_filter": f"{O}.M.>"})),
+                "object msg get by seq": (f"$JS.API.STREAM.MSG.GET.{OBJ}", json.dumps({"seq": 1})),
+                "object meta by subject": (f"$JS.API.STREAM.MSG.GET.{OBJ}", json.dumps({"last_by_subj": meta})),
+                "object direct get": (f"$JS.API.DIRECT.GET.{OBJ}.{meta}", ""),
+                "object consumer, unfiltered": (f"$JS.API.CONSUMER.CREATE.{OBJ}", create(OBJ, f"{O}.>")),
+                "object consumer on its namespace": (f"$JS.API.CONSUMER.CREATE.{OBJ}.o.{O}.C.client.>",
+                                                     create(OBJ, f"{O}.C.client.>", name="o")),
+                "object consumer, every chunk": (f"$JS.API.CONSUMER.CREATE.{OBJ}.p.{O}.C.*", create(OBJ, f"{O}.C.*", name="p")),
+                "object consumer, every meta": (f"$JS.API.CONSUMER.CREATE.{OBJ}.q.{O}.M.>", create(OBJ, f"{O}.M.>", name="q")),
+                "object consumer, body filter differs": (f"$JS.API.CONSUMER.CREATE.{OBJ}.r.{O}.C.rival.>",
+                                                         create(OBJ, f"{O}.C.>", name="r")),
             }
             got = {name: await answered(rival, subject, body.encode() if isinstance(body, str) else body)
                    for name, (subject, body) in attempts.items()}
@@ -119,17 +137,31 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
             # through captionbus.client as the rival tenant
             with acting_for("rival"):
                 rivals_view = await client.list_jobs(rjs)
+                # the victim's output by its key, through the artifact store as the rival's client
+                store = client.artifacts_of(ArtifactStore(fleet.settings("rival", "rival-steal"), rjs), None)
+                try:
+                    stolen = (await store.get(victim.outputs["out"])).read_bytes()
+                except ArtifactMissing as missing:
+                    stolen = str(missing)
                 own = await _own_job(fleet, rival)
+            # a meta in its own namespace naming the victim's chunks (`client.<nuid>`): no reader follows it
+            bucket = ObjectBucket(fleet.js["worker"])
+            good = await bucket.scoped("client").info(victim.outputs["out"].key)
+            await rjs.publish(meta.replace(".M.client.", ".M.rival."), json.dumps(good.as_dict()).encode(), timeout=2)
+            pointed = await bucket.scoped("rival").info(victim.outputs["out"].key)
             await asyncio.sleep(1.0)  # a cancel that got through would have been applied by now
             with acting_for("client"):
                 after = await client.job_state(fleet.js["client"], vid)
                 listed = await client.list_jobs(fleet.js["client"])
                 events = [e.kind async for e in client.follow(fleet.js["client"], vid)]
             again = await fleet.fetch(after)
-            return (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes)
+            return (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen,
+                    (good.nuid, pointed))
 
-    (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes) = \
+    (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen, (nuid, pointed)) = \
         asyncio.run(asyncio.wait_for(main(), 150))
+    assert nuid.startswith("client.") and pointed is None
+    assert isinstance(stolen, str) and "not in" in stolen, stolen
     assert {name: data for name, data in got.items() if data is not None} == {}
     assert spied == []
     assert all(result != "acked" for result in acted.values()), acted
@@ -147,7 +179,8 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
     refused = {s for user, s in logged if user == "rival"}
     for subject in ("$JS.API.STREAM.MSG.GET.KV_cb_jobs", f"$JS.API.DIRECT.GET.KV_cb_jobs.{PRE}.{subjects.job_key(vid)}",
                     f"$JS.API.STREAM.INFO.{KV}", f"$JS.API.CONSUMER.CREATE.{EV}", subjects.job_event(vid, "cancel_requested"),
-                    "captionbus.job.>", f"{PRE}.>"):
+                    "captionbus.job.>", f"{PRE}.>", f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
+                    f"$JS.API.CONSUMER.CREATE.{OBJ}", f"$JS.API.CONSUMER.CREATE.{OBJ}.p.{O}.C.*", "$O.cb_artifacts.>"):
         assert subject in refused, (subject, sorted(refused))
     # everyone else, the rival's own job included, ran without one refusal
     assert {user for user, _ in logged} <= {"rival"}, logged
@@ -166,7 +199,7 @@ async def _own_job(fleet, nc):
     state = await client.job_state(js, spec.job_id)
     listed = [s.job_id for s in await client.list_jobs(js)]
     assert listed == [spec.job_id], listed
-    fetch = ArtifactStore(fleet.settings("rival", "rival-fetch"), js)
+    fetch = client.artifacts_of(ArtifactStore(fleet.settings("rival", "rival-fetch"), js), spec.job_id)
     fetched = {name: (await fetch.get(ref)).read_bytes() for name, ref in {"job.input": state.spec.input, **state.outputs}.items()}
     return spec.job_id, state, events, fetched, media.read_bytes()
 
@@ -231,3 +264,29 @@ def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
         assert code == 2 and f"no job {vid!r}" in err + out, (name, code, out, err)
     assert after.status.value == "completed"
     assert violations(tmp_path / "server.log") == []
+
+
+def test_gc_sees_a_tenants_objects_as_objects_and_keeps_them_within_retention(tmp_path):
+    """A tenant's artifacts live in its namespace of the object store (`$O.cb_artifacts.M.<tenant>.…`,
+    chunks `…C.<tenant>.<nuid>`). gc, as the gc user, must read them as objects: inside retention it
+    deletes nothing (their chunks are not "torn uploads" no object names) and the job fetches
+    byte-identically after; past retention it deletes them like any job's, and nothing is torn."""
+    from datetime import datetime, timezone
+
+    from captionbus.core.gc import collect
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            state, before = await fleet.run_job("job-kept")
+            gc = fleet.settings("gc", "gc")
+            later = datetime.now(timezone.utc).timestamp() + 2 * 3600  # past the grace, inside retention
+            kept = await collect(gc, fleet.js["gc"], now=later)
+            after = await fleet.fetch(state)
+            gone = await collect(gc, fleet.js["gc"], now=later + 60 * 86400)
+            return state, before, kept, after, gone
+
+    state, before, kept, after, gone = asyncio.run(asyncio.wait_for(main(), 120))
+    assert state.job_id.startswith("client_")
+    assert kept.object_store.count == 0 and kept.torn_uploads.count == 0, kept.summary()
+    assert after == before
+    assert gone.object_store.count == 2 and gone.torn_uploads.count == 0 and gone.job_records == 1, gone.summary()

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 
 from captionbus import client
 from captionbus.client import output_filename
+from captionbus.contracts.ids import tenant_of
 from captionbus.gateway.deps import CallerDep, FormDep, GatewayDep, JetStream, OwnedJob
 from captionbus.gateway.dispatch import CALLBACK
 from captionbus.gateway.forms import parse_options, split_languages
@@ -109,7 +110,7 @@ async def download(state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
     if ref is None:
         have = ", ".join(state.outputs) or f"none yet (job is {state.status.value})"
         raise ApiError(404, f"job {state.job_id} has no output {name!r} (outputs: {have})")
-    path = await gw.store(js).get(ref)
+    path = await gw.store(js).scoped(tenant_of(state.job_id)).get(ref)
     stem = Path(state.spec.input.name).stem or "job"
     return FileResponse(path, media_type=ref.media_type or "application/octet-stream",
                         filename=output_filename(stem, name, ref))
