@@ -47,14 +47,17 @@ def test_a_tenant_name_is_one_plain_token(bad):
 
 
 def test_every_tenant_grant_names_the_tenant_before_any_wildcard():
-    """Publish grants that reach job data (events, job state) hold the tenant token ahead of the
-    first `*` or `>`; the only grants with a wildcard and no tenant are flow control, consumer info
-    (by a random consumer name), `$SRV.>` and, not yet per tenant, artifacts."""
+    """Publish grants that reach job data (events, job state, artifacts) hold the tenant token ahead
+    of the first `*` or `>`; the only grants with a wildcard and no tenant are flow control,
+    consumer info and delete (by a random consumer name) and `$SRV.>`."""
     grants = tenant_permissions("acme", "_INBOX_acme_x")
     assert grants["sub"] == {"allow": ["_INBOX_acme_x.>"]}
-    reach = [s for s in grants["pub"]["allow"] if re.search(r"captionbus\.job|cb_jobs|CB_EVENTS", s)
-             and not s.startswith(("$JS.FC.", "$JS.API.CONSUMER.INFO."))]
-    assert reach
+    reach = [s for s in grants["pub"]["allow"] if re.search(r"captionbus\.job|cb_jobs|CB_EVENTS|cb_artifacts", s)
+             and not s.startswith(("$JS.FC.", "$JS.API.CONSUMER.INFO.", "$JS.API.CONSUMER.DELETE."))]
+    assert len(reach) == 10, reach  # 3 event kinds, 2 job-state reads, 1 event follow, 4 artifact grants
+    untenanted = set(grants["pub"]["allow"]) - set(reach)
+    assert all(s.startswith(("$JS.FC.", "$JS.API.CONSUMER.INFO.", "$JS.API.CONSUMER.DELETE.", "$SRV."))
+               or "*" not in s and ">" not in s for s in untenanted), untenanted
     for subject in reach:
         tokens = subject.split(".")
         start = 0
@@ -63,9 +66,9 @@ def test_every_tenant_grant_names_the_tenant_before_any_wildcard():
             start = 6
         first_wildcard = min((i for i, t in enumerate(tokens) if t in ("*", ">") and i >= start), default=len(tokens))
         assert "acme" in tokens[start:first_wildcard], subject
-    assert not [s for s in grants["pub"]["allow"] if "MSG.GET" in s and "cb_jobs" in s]
+    assert not [s for s in grants["pub"]["allow"] if "MSG.GET" in s]
     assert not [s for s in grants["pub"]["allow"] if s.startswith("$JS.API.STREAM.INFO.") and
-                s.rsplit(".", 1)[1] in ("KV_cb_jobs", "CB_EVENTS")]
+                s.rsplit(".", 1)[1] in ("KV_cb_jobs", "CB_EVENTS", "OBJ_cb_artifacts")]
     assert grants["pub"]["deny"] == ["$JS.API.CONSUMER.CREATE.CB_EVENTS.coordinator.>"]
 
 
