@@ -10,7 +10,7 @@ holds JOBS job records of tenant `client` and as many of tenant `other`. Measure
 - an artifact fetched (ARTIFACT_MB, a fresh local root each time) from the tenant's namespace: as
   the tenant's client (consumers only: metadata, chunk count, chunks) against a trusted reader.
 
-    python -m benchmarks.tenant_reads [--jobs 200] [--reads 200]
+    python benchmarks/tenant_reads.py [--jobs 200] [--reads 200]
 """
 from __future__ import annotations
 
@@ -18,18 +18,21 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from captionbus import client
-from captionbus.authcallout import Callout, read_users
-from captionbus.contracts import ArtifactRef, JobSpec, JobState, new_job_id, subjects
-from captionbus.contracts.jobs import JobStatus
-from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import connect, provision
-from captionbus.core.settings import Settings
-from tests.natsroles import CALLOUT_USER, callout_server
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from captionbus import client  # noqa: E402
+from captionbus.authcallout import Callout, read_users  # noqa: E402
+from captionbus.contracts import ArtifactRef, JobSpec, JobState, new_job_id, subjects  # noqa: E402
+from captionbus.contracts.jobs import JobStatus  # noqa: E402
+from captionbus.core.artifacts import ArtifactStore  # noqa: E402
+from captionbus.core.bus import connect, provision  # noqa: E402
+from captionbus.core.settings import Settings  # noqa: E402
+from tests.natsroles import CALLOUT_USER, callout_server  # noqa: E402
 
 USERS = {"coordinator": "COORDINATOR", "client": "CLIENT", "other": "CLIENT", "gateway": "HTTP_GATEWAY"}
 INPUT = ArtifactRef(key="a" * 64, name="film.mp4", size=1)
