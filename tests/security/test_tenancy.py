@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from captionbus import client
 from captionbus.client import acting_for
@@ -20,7 +21,7 @@ from captionbus.core.artifacts import ArtifactMissing, ArtifactStore
 from captionbus.core.artifacts.transfer import ObjectBucket
 from tests.security.attacks import meta_subject
 from tests.natsroles import violations
-from tests.security.fleet import secured_fleet
+from tests.security.fleet import OUTPUT_BYTES, secured_fleet
 
 KV = f"KV_{subjects.JOBS_BUCKET}"
 PRE = f"$KV.{subjects.JOBS_BUCKET}"
@@ -212,7 +213,8 @@ async def _cli(fleet, user: str, *args: str) -> tuple[int, str, str]:
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAPTIONBUS_NATS_")},
            "NATS_URL": fleet.urls[user], "CAPTIONBUS_NATS_AUTH_CALLOUT": "1",
-           "CAPTIONBUS_HOME": str(fleet.tmp / f"cli-{user}"), "CAPTIONBUS_ARTIFACTS": "object"}
+           "CAPTIONBUS_HOME": str(fleet.tmp / f"cli-{user}"), "CAPTIONBUS_ARTIFACTS": "object",
+           "CAPTIONBUS_CONFIG": str(_made_workflow(fleet.tmp))}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "captionbus", *args, env=env, cwd=fleet.tmp,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 90)
@@ -220,11 +222,22 @@ async def _cli(fleet, user: str, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+def _made_workflow(tmp) -> Path:
+    """A config folder with the fleet's `made` workflow (tests/security/fleet.py), for `submit -w made`."""
+    config = tmp / "config"
+    (config / "workflows").mkdir(parents=True, exist_ok=True)
+    (config / "workflows" / "made.yaml").write_text(
+        "name: made\nnodes:\n  noop:\n    inputs:\n      media: job.input\n    outputs: [out]\n"
+        f"    params:\n      write_bytes: {OUTPUT_BYTES}\noutputs:\n  out: noop.out\n")
+    return config
+
+
 def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
     """The CLI as each tenant, against one completed job of tenant `client`: `jobs`, `status`,
     `events` and `fetch` work for its tenant (every read through the grants above, with no
-    violation); for `rival` the job does not exist (`jobs` lists nothing, `status`, `cancel` and
-    `retry` say "no job", exit 2) and stays completed."""
+    violation); for `rival` the job does not exist (`jobs` and `events` list nothing, `status`,
+    `cancel` and `retry` say "no job", exit 2) and stays completed, while its own `submit --wait`
+    uploads, follows and fetches in its namespace."""
 
     async def main():
         async with secured_fleet(tmp_path, callout=True) as fleet:
@@ -240,6 +253,8 @@ def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
                 "rival status": await _cli(fleet, "rival", "status", vid),
                 "rival cancel": await _cli(fleet, "rival", "cancel", vid),
                 "rival retry": await _cli(fleet, "rival", "retry", vid),
+                "rival submit --wait": await _cli(fleet, "rival", "submit", str(fleet.tmp / "job-cli.wav"), "-w", "made",
+                                                  "--wait", "--out", str(tmp_path / "rival-out")),
             }
             after = await fleet.wait(vid, "completed")
             return vid, runs, after, victim_bytes
@@ -263,6 +278,11 @@ def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
         code, out, err = runs[name]
         assert code == 2 and f"no job {vid!r}" in err + out, (name, code, out, err)
     assert after.status.value == "completed"
+    # the rival's own job, submitted, followed and fetched by `submit --wait` as its tenant
+    code, out, err = runs["rival submit --wait"]
+    assert code == 0, err[-2000:]
+    fetched = [Path(line) for line in out.splitlines() if line.strip()]
+    assert any(path.stat().st_size == OUTPUT_BYTES for path in fetched), out
     assert violations(tmp_path / "server.log") == []
 
 
