@@ -29,9 +29,9 @@ from captionbus.contracts import (
     JobState,
     JobSubmitted,
     new_job_id,
-    tenant_of,
     parse_event,
     subjects,
+    tenant_of,
 )
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.languages import LANGUAGES
@@ -263,8 +263,8 @@ async def follow(
                subjects.tenant_events(tenant) if tenant else subjects.EVENTS_WILDCARD)
     # Creating the consumer asks the meta leader; right after a node dies it may be electing one
     # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
-    sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))),
-                                 "follow")
+    sub = await through_failover(
+        lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))), "follow")
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
