@@ -347,7 +347,7 @@ async def terminal_events(js) -> Counter[str]:
     sub = await js.pull_subscribe(
         "", stream=subjects.EVENTS_STREAM,
         config=ConsumerConfig(
-            filter_subjects=[subjects.job_kind_all_jobs(k) for k in ("completed", "failed", "cancelled")],
+            filter_subjects=[s for k in ("completed", "failed", "cancelled") for s in subjects.job_kind_all_jobs(k)],
             ack_policy="none", inactive_threshold=60.0))
     while True:
         try:
@@ -355,7 +355,7 @@ async def terminal_events(js) -> Counter[str]:
         except Exception:
             break
         for msg in msgs:
-            counts[msg.subject.split(".")[2]] += 1
+            counts[subjects.event_job_id(msg.subject)] += 1
     await sub.unsubscribe()
     return counts
 
@@ -374,7 +374,7 @@ class Jobs:
 
     async def start(self) -> None:
         async def on_terminal(msg) -> None:
-            job_id, kind = msg.subject.split(".")[2:4]
+            job_id, kind = subjects.event_job_id(msg.subject), subjects.event_kind(msg.subject)
             if job_id in self.submitted and job_id not in self.finished:
                 self.finished[job_id] = (kind, time.perf_counter())
                 future = self.waiters.pop(job_id, None)
@@ -382,7 +382,8 @@ class Jobs:
                     future.set_result(kind)
 
         for kind in ("completed", "failed", "cancelled"):
-            await self.nc.subscribe(subjects.job_kind_all_jobs(kind), cb=on_terminal)
+            for subject in subjects.job_kind_all_jobs(kind):
+                await self.nc.subscribe(subject, cb=on_terminal)
 
     async def submit(self, minutes: float = 1.0) -> str:
         spec = JobSpec(job_id=new_job_id(), workflow=self.workflow, input=fake_ref("film.mp4", str(random.random())),

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import structlog
 
+from captionbus.contracts import subjects
+from captionbus.contracts.ids import is_tenant
 from captionbus.core.bus import CALLOUT_KEY_MIN, callout_inbox_prefix
 
 log = structlog.get_logger("captionbus.authcallout")
@@ -253,11 +255,16 @@ def read_conf(path: Path) -> dict:
     return _Parser(path, {}, {path.resolve()}).body(True, None)
 
 
+# The role block whose users act for a tenant of their own (their user name): roles.conf's CLIENT.
+TENANT_ROLE = "CLIENT"
+
+
 @dataclass(frozen=True)
 class Account:
     user: str
     password: str  # a bcrypt hash (`nats server passwd`) or, in tests, the password itself
     permissions: dict
+    tenant: str | None = None  # a user of the CLIENT block: the tenant it acts for (its name)
 
 
 _USER_KEYS = ("user", "password", "permissions")
@@ -279,10 +286,10 @@ def _check_permissions(block, where: str) -> None:
             continue
         if isinstance(rule, dict) and (unknown := sorted(set(rule) - {"allow", "deny"})):
             raise ConfError(f"{where}.{name}: {', '.join(unknown)} is not applied by the callout (allow, deny)")
-        for kind, subjects in (rule.items() if isinstance(rule, dict) else [("allow", rule)]):
-            subjects = [subjects] if isinstance(subjects, str) else subjects
-            if not isinstance(subjects, list) or not all(isinstance(s, str) and s for s in subjects):
-                raise ConfError(f"{where}.{name}.{kind}: a subject or a list of subjects, got {subjects!r}")
+        for kind, listed in (rule.items() if isinstance(rule, dict) else [("allow", rule)]):
+            listed = [listed] if isinstance(listed, str) else listed
+            if not isinstance(listed, list) or not all(isinstance(s, str) and s for s in listed):
+                raise ConfError(f"{where}.{name}.{kind}: a subject or a list of subjects, got {listed!r}")
     responses = block.get("allow_responses", False)
     if isinstance(responses, dict):
         limit = responses.get("max", 1)
@@ -296,10 +303,12 @@ def _check_permissions(block, where: str) -> None:
 def read_users(path: Path) -> dict[str, Account]:
     """The users of an accounts.conf-style file: `authorization { users: [{user, password,
     permissions: $ROLE}] }`, with the permission blocks it includes (roles.conf); read_conf says
-    which forms are read. Every user needs a permissions block (a user without one may do
+    which forms are read. A user of the CLIENT block is a tenant of its own name
+    (tenant_permissions). Every user needs a permissions block (a user without one may do
     anything), and a field the callout would not apply (nkey, account, allowed_connection_types,
     expires ...) is refused rather than ignored."""
     conf = read_conf(path)
+    tenant_block = conf.get(TENANT_ROLE)
     if "accounts" in conf:
         raise ConfError(f"{path}: the callout grants users of `authorization {{ users: [...] }}`, "
                         "not of `accounts` blocks")
@@ -325,7 +334,13 @@ def read_users(path: Path) -> dict[str, Account]:
         if "permissions" not in entry:
             raise ConfError(f"{where} ({user}): no permissions block: the user could do anything")
         _check_permissions(entry["permissions"], f"{where} ({user}).permissions")
-        out[user] = Account(user, password, entry["permissions"])
+        tenant = None
+        if tenant_block is not None and entry["permissions"] is tenant_block:  # `permissions: $CLIENT`
+            if not is_tenant(user):
+                raise ConfError(f"{where}: user {user!r} of ${TENANT_ROLE} names its tenant: "
+                                "use 1-32 characters from a-z 0-9 - (not starting with -)")
+            tenant = user
+        out[user] = Account(user, password, entry["permissions"], tenant)
     return out
 
 
@@ -378,6 +393,48 @@ def connection_permissions(block: dict, prefix: str) -> dict:
         limits = responses if isinstance(responses, dict) else {}
         out["resp"] = {"max": int(limits.get("max", 1)), "ttl": RESPONSE_TTL_NS}
     return out
+
+
+def tenant_permissions(tenant: str, prefix: str) -> dict:
+    """What a client login of `tenant` may do on the bus: its own jobs, nothing of another tenant's
+    (deploy/README.md, "Tenancy on the bus"). Every grant that reaches job data names the tenant
+    as a whole token before any wildcard, because a wildcard in a published subject is matched
+    like any token (a publish on `…DIRECT.GET.S.x.>` passes an allow of `…DIRECT.GET.S.x.*` and
+    is served: measured on nats-server 2.15.1). So:
+
+    - events: publish only its jobs' submitted/cancel_requested/retry_requested; follow through
+      consumers created on `$JS.API.CONSUMER.CREATE.CB_EVENTS.<name>.captionbus.job.<tenant>.>`
+      (the unfiltered create, filter in the body, is not granted; the coordinator's durable name
+      is denied, so its filter cannot be rewritten by a create-or-update);
+    - job state: direct gets whose subject names the key (`…DIRECT.GET.KV_cb_jobs.$KV.cb_jobs.
+      <tenant>.>`) and consumers filtered to `$KV.cb_jobs.<tenant>.>`; no STREAM.MSG.GET (a key or
+      sequence in the body), no STREAM.INFO of KV_cb_jobs or CB_EVENTS (`subjects_filter` lists
+      every key and job subject);
+    - artifacts: its namespace of the object store (`$O.cb_artifacts.M|C.<tenant>.…`), read through
+      consumers filtered inside it; no STREAM.INFO (lists every object) or STREAM.MSG.GET (reads
+      any message by sequence) of OBJ_cb_artifacts;
+    - stream existence by STREAM.NAMES (captionbus.core.bus.require_provisioned(names_only=True)).
+    """
+    job, kv, ev = f"{subjects.PREFIX}.job.{tenant}", f"$KV.{subjects.JOBS_BUCKET}.{tenant}", subjects.EVENTS_STREAM
+    kv_stream = f"KV_{subjects.JOBS_BUCKET}"
+    obj, obj_stream = f"$O.{subjects.ARTIFACTS_BUCKET}", f"OBJ_{subjects.ARTIFACTS_BUCKET}"
+    allow = [
+        f"{job}.*.submitted", f"{job}.*.cancel_requested", f"{job}.*.retry_requested",
+        f"$JS.API.STREAM.INFO.{subjects.REQUESTS_STREAM}", "$JS.API.STREAM.NAMES",
+        f"$JS.API.CONSUMER.CREATE.{ev}.*.{job}.>", f"$JS.API.CONSUMER.INFO.{ev}.*", f"$JS.FC.{ev}.>",
+        f"$JS.API.DIRECT.GET.{kv_stream}.{kv}.>",
+        f"$JS.API.CONSUMER.CREATE.{kv_stream}.*.{kv}.>", f"$JS.API.CONSUMER.INFO.{kv_stream}.*",
+        f"$JS.FC.{kv_stream}.>",
+        # artifacts: its namespace of the object store (captionbus/core/artifacts/transfer.py), written
+        # (its inputs) and read through consumers on the filtered-create subject only
+        f"{obj}.C.{tenant}.>", f"{obj}.M.{tenant}.>",
+        f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.C.{tenant}.>",
+        f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.M.{tenant}.>",
+        f"$JS.API.CONSUMER.INFO.{obj_stream}.*", f"$JS.API.CONSUMER.DELETE.{obj_stream}.*", f"$JS.FC.{obj_stream}.>",
+        "$SRV.>",
+    ]
+    deny = [f"$JS.API.CONSUMER.CREATE.{ev}.{subjects.COORDINATOR_CONSUMER}.>"]
+    return {"pub": {"allow": allow, "deny": deny}, "sub": {"allow": [f"{prefix}.>"]}}
 
 
 # --- JWTs (the header, payload and ed25519 signature nats-server's jwt package reads) ----------------
@@ -485,10 +542,13 @@ class Callout:
         if not isinstance(key, str) or len(key) < CALLOUT_KEY_MIN:
             raise Refused(f"user {user!r}: the connection key is missing or shorter than {CALLOUT_KEY_MIN} characters")
         prefix = callout_inbox_prefix(user, key)
-        claims = {**connection_permissions(account.permissions, prefix),
+        granted = (tenant_permissions(account.tenant, prefix) if account.tenant
+                   else connection_permissions(account.permissions, prefix))
+        claims = {**granted,
                   "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}
         client = nats.get("client_info") or {}
-        self.granted.append({"user": user, "prefix": prefix, "host": client.get("host"), "name": client.get("name")})
+        self.granted.append({"user": user, "prefix": prefix, "tenant": account.tenant, "host": client.get("host"),
+                             "name": client.get("name")})
         return user, claims
 
     def respond(self, token: str) -> str:

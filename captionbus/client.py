@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import shutil
 from datetime import UTC, datetime
@@ -30,15 +31,40 @@ from captionbus.contracts import (
     new_job_id,
     parse_event,
     subjects,
+    tenant_of,
 )
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, through_failover
+from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
 
 class SubmitError(ValueError):
     """The job was refused before anything ran; the message says how to fix it."""
+
+
+# The tenant this process acts for (deploy/README.md, "Tenancy on the bus"): set by the CLI when it
+# logs in through the auth callout as a client (captionbus.core.bus.client_tenant). Then job ids
+# are made in the tenant (`<tenant>_<id>`), and every read names the tenant in its subject:
+# direct gets by key, consumers on the filtered-create subject, listings of the tenant's keys
+# only (captionbus.core.tenancy), which is all the callout lets such a login do. None: a trusted
+# role (the gateway, dashboards, `run` on one host) that reads every job.
+TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("captionbus_tenant", default=None)
+
+
+@contextlib.contextmanager
+def acting_for(tenant: str | None):
+    token = TENANT.set(tenant)
+    try:
+        yield
+    finally:
+        TENANT.reset(token)
+
+
+def _consumer(config: ConsumerConfig) -> ConsumerConfig:
+    """A tenant's consumers are created on the filtered-create subject (captionbus.core.tenancy)."""
+    return named(config) if TENANT.get() else config
 
 
 def check_input_file(path: Path) -> Path:
@@ -70,6 +96,10 @@ async def submit(
     `speaker_refs`: known speakers, name -> a reference clip already checked and converted
     (captionbus.core.speaker_refs.convert), uploaded as artifacts the diarization params name."""
     media = check_input_file(media)
+    tenant = TENANT.get()
+    if job_id and tenant and tenant_of(job_id) != tenant:
+        raise SubmitError(f"job id {job_id!r} is not of your tenant {tenant!r}: start it with {tenant}_")
+    store = artifacts_of(store, job_id)
     # Through a stream leader's failover (captionbus.core.bus.through_failover): both steps are idempotent,
     # the artifact key is the content hash and the event's Nats-Msg-Id its event id.
     ref = await through_failover(lambda: store.put(media, name=name or media.name, copy=copy), "upload")
@@ -78,7 +108,7 @@ async def submit(
             speaker: await through_failover(lambda clip=clip: store.put(clip, name=clip.name), "upload")
             for speaker, clip in speaker_refs.items()})
     spec = JobSpec(
-        job_id=job_id or new_job_id(),
+        job_id=job_id or new_job_id(tenant),
         workflow=workflow,
         input=ref,
         source_language=source_language,
@@ -155,15 +185,26 @@ async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
     answered by any replica (the KV is `allow_direct`), and a replica that has just rejoined can
     lack recent keys: a "not found" is asked again of the stream's leader before it is believed."""
 
+    try:
+        key = subjects.job_key(job_id)
+    except ValueError:  # not a job id at all (spaces, dots): no such job
+        return None
+    tenant = TENANT.get()
+    if tenant and tenant_of(job_id) != tenant:  # not one of ours: the bus would refuse the read
+        return None
+
     async def get():
-        kv = await js.key_value(subjects.JOBS_BUCKET)
+        kv = jobs_kv(js) if tenant else await js.key_value(subjects.JOBS_BUCKET)
         try:
-            entry = await kv.get(job_id)
-        except InvalidKeyError:  # not a job id at all (spaces, dots): no such job
+            entry = await kv.get(key)
+        except InvalidKeyError:
             return None
         except (KeyNotFoundError, KeyDeletedError):
+            if tenant:  # the leader's answer, through a consumer on this one key
+                msg = (await last_per_key(js, key, headers_only=False)).get(key)
+                return msg.data if msg is not None and msg.data else None
             try:
-                msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{job_id}")
+                msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{key}")
             except NotFoundError:
                 return None
             deleted = (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
@@ -177,7 +218,11 @@ async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
 async def list_jobs(js: JetStreamContext) -> list[JobState]:
     """Every job record, oldest first; [] only when the bus says there are none."""
 
+    tenant = TENANT.get()
+
     async def keys():
+        if tenant:  # the tenant's keys only: the callout grants no other listing
+            return list(await last_per_key(js, subjects.tenant_keys(tenant), headers_only=True))
         kv = await js.key_value(subjects.JOBS_BUCKET)
         try:
             return await kv.keys()
@@ -187,7 +232,7 @@ async def list_jobs(js: JetStreamContext) -> list[JobState]:
     states = []
     # nats-py's keys() lists a key updated during its watch twice
     for key in dict.fromkeys(await read(keys, "listing jobs")):
-        state = await job_state(js, key)
+        state = await job_state(js, subjects.job_id_of_key(key))
         if state:  # a job deleted (gc) between the listing and the read
             states.append(state)
     return sorted(states, key=lambda s: s.created_at)
@@ -213,11 +258,13 @@ async def follow(
         async for _, event in job_events(js, job_id, since=since):
             yield event
         return
-    subject = subjects.job_events(job_id) if job_id else subjects.EVENTS_WILDCARD
+    tenant = TENANT.get()
+    subject = (subjects.job_events(job_id) if job_id else
+               subjects.tenant_events(tenant) if tenant else subjects.EVENTS_WILDCARD)
     # Creating the consumer asks the meta leader; right after a node dies it may be electing one
     # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
-    sub = await through_failover(lambda: js.subscribe(subject, ordered_consumer=True, config=_start(since=since)),
-                                 "follow")
+    sub = await through_failover(
+        lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))), "follow")
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
@@ -254,7 +301,8 @@ async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
     clears the outbox: a finished state with a full outbox is finished for a reader that has seen
     the terminal event (published from that outbox), and not yet for one that has not."""
     try:
-        entry = await (await js.key_value(subjects.JOBS_BUCKET)).get(job_id)
+        kv = jobs_kv(js) if TENANT.get() else await js.key_value(subjects.JOBS_BUCKET)
+        entry = await kv.get(subjects.job_key(job_id))
     except (KeyNotFoundError, KeyDeletedError):
         return terminal_seen
     except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
@@ -284,7 +332,7 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher).
     `since`: start at that time instead (`events ID --follow --since`)."""
     sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True,
-                                                      config=_start(after, since)), "follow")
+                                                      config=_consumer(_start(after, since))), "follow")
     try:
         # ending: the job was finished when last caught up; end after settle_s of silence.
         ended_since_start = False  # a terminal event read since the last (re)start
@@ -341,9 +389,21 @@ def output_filename(stem: str, key: str, ref: ArtifactRef) -> str:
     return ".".join(part for part in (stem, label, language, ext) if part)
 
 
+def artifacts_of(store: ArtifactStore, job_id: str | None) -> ArtifactStore:
+    """`store` in the namespace of job `job_id`'s tenant (a tenant's jobs keep their artifacts
+    there, captionbus/core/artifacts/transfer.py): as that tenant's own client when this process
+    acts for one (TENANT), else as a trusted reader of every namespace."""
+    tenant = TENANT.get()
+    if tenant:
+        return store.scoped(tenant, restricted=True)
+    return store.scoped(tenant_of(job_id)) if job_id else store
+
+
 async def fetch_outputs(
-    store: ArtifactStore, outputs: dict[str, ArtifactRef], out_dir: Path, stem: str
+    store: ArtifactStore, outputs: dict[str, ArtifactRef], out_dir: Path, stem: str, job_id: str | None = None,
 ) -> dict[str, Path]:
+    """`job_id`: the job whose outputs these are (its tenant's namespace holds them)."""
+    store = artifacts_of(store, job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for key, ref in sorted(outputs.items()):

@@ -21,7 +21,10 @@ from rich.progress import (
 )
 
 from captionbus.client import (
+    TENANT,
     SubmitError,
+    acting_for,
+    artifacts_of,
     check_input_file,
     collect_replies,
     fetch_outputs,
@@ -58,7 +61,7 @@ from captionbus.contracts.transcript import Transcript
 from captionbus.coordinator.graph import load_workflow, option_errors
 from captionbus.coordinator.service import run_coordinator
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import connect, provision, require_provisioned, through_failover
+from captionbus.core.bus import client_tenant, connect, provision, require_provisioned, through_failover
 from captionbus.core.gc import collect
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
@@ -198,7 +201,14 @@ async def coordinator_task(nc):
             await asyncio.wait_for(task, 10)
 
 
-async def run_job(
+async def run_job(settings: Settings, url: str, media: Path, *, start_stack: bool, **kwargs) -> dict[str, Path]:
+    """_run_job, as the tenant a client login acts for when it submits to a running stack behind
+    the auth callout (captionbus.client.TENANT); a stack it starts itself is its own (no tenant)."""
+    with acting_for(None if start_stack else client_tenant(url, settings)):
+        return await _run_job(settings, url, media, start_stack=start_stack, **kwargs)
+
+
+async def _run_job(
     settings: Settings,
     url: str,
     media: Path,
@@ -224,7 +234,7 @@ async def run_job(
         js = nc.jetstream()
         # Only the one that owns the bus creates it: `submit --wait` runs under the client role,
         # which may not (deploy/nats/roles.conf), and its stack's coordinator has provisioned.
-        await (provision(js) if start_stack else require_provisioned(js))
+        await (provision(js) if start_stack else require_provisioned(js, names_only=TENANT.get() is not None))
         async with contextlib.AsyncExitStack() as stack:
             watched: list = []
             if start_stack:
@@ -234,7 +244,7 @@ async def run_job(
                 services = start_stage_services(settings, url, stages, replicas)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
-            store = ArtifactStore(settings, js)
+            store = artifacts_of(ArtifactStore(settings, js), None)  # a tenant's: its namespace
             spec = await submit(
                 js, store, media, workflow=workflow, source_language=source_language,
                 target_languages=target_languages, options=options, speaker_refs=speaker_refs,
@@ -248,7 +258,7 @@ async def run_job(
             if final.kind != "completed":
                 reason = getattr(final, "reason", None) or "cancelled"
                 raise JobFailedError(f"job {spec.job_id} {final.kind}: {reason}")
-            written = JobOutputs(await fetch_outputs(store, final.outputs, out_dir, media.stem),
+            written = JobOutputs(await fetch_outputs(store, final.outputs, out_dir, media.stem, final.job_id),
                                  final.failed_branches)
             for branch, reason in sorted(final.failed_branches.items()):
                 console.print(f"[red]branch {branch} failed[/]: {reason}", highlight=False)

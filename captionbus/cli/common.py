@@ -235,20 +235,23 @@ def warn_if_insecure(url: str, settings) -> None:
 def on_bus(name: str, action):
     """`await action(nc, js)` against the running bus (NATS_URL or the local `up`), then disconnect.
     The streams' check goes through a leader election like every read (captionbus.client.read)."""
-    from captionbus.client import read
-    from captionbus.core.bus import connect, require_provisioned, resolve_url
+    from captionbus.client import acting_for, read
+    from captionbus.core.bus import client_tenant, connect, require_provisioned, resolve_url
 
     settings = load()
     url = resolve_url(settings)
     if not settings.insecure:
         warn_if_insecure(url, settings)
+    # Behind the auth callout a client login acts for its tenant: its jobs only (captionbus.client.TENANT).
+    tenant = client_tenant(url, settings)
 
     async def go():
         nc = await connect(url, name, settings)
         try:
             js = nc.jetstream()
-            await read(lambda: require_provisioned(js), "checking the bus's streams")
-            return await action(nc, js)
+            await read(lambda: require_provisioned(js, names_only=tenant is not None), "checking the bus's streams")
+            with acting_for(tenant):
+                return await action(nc, js)
         finally:
             with contextlib.suppress(Exception):  # a server that went away must not hold us here
                 await asyncio.wait_for(nc.close(), 5)

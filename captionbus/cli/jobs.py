@@ -165,7 +165,8 @@ def fetch(job_id: str, out_dir: Path | None) -> None:
             raise UserError(f"job {job_id} is {state.status.value} and has no outputs yet"
                             + (f": {state.error}" if state.error else ""), exit_code=1)
         stem = Path(state.spec.input.name).stem or job_id
-        return await fetch_outputs(ArtifactStore(settings, js), state.outputs, out_dir or Path(f"{stem}.subs"), stem)
+        return await fetch_outputs(ArtifactStore(settings, js), state.outputs, out_dir or Path(f"{stem}.subs"), stem,
+                                   job_id)
 
     for path in on_bus("captionbus-fetch", go).values():
         click.echo(str(path))

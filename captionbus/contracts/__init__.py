@@ -21,7 +21,7 @@ from captionbus.contracts.events import (
     StageWarning,
     parse_event,
 )
-from captionbus.contracts.ids import JOB_ID_PATTERN, TOKEN_PATTERN, new_job_id, validate_token
+from captionbus.contracts.ids import JOB_ID_PATTERN, NO_TENANT, TOKEN_PATTERN, new_job_id, tenant_of, validate_token
 from captionbus.contracts.jobs import JobSpec, JobState, JobStatus, NodeState, NodeStatus
 from captionbus.contracts.stages import StageRequest, request_key
 from captionbus.contracts.version import SCHEMA_VERSION
@@ -33,6 +33,8 @@ __all__ = [
     "JOB_ID_PATTERN",
     "TOKEN_PATTERN",
     "new_job_id",
+    "NO_TENANT",
+    "tenant_of",
     "validate_token",
     "JobSpec",
     "JobState",

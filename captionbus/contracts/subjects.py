@@ -1,7 +1,7 @@
 """Subject, stream, bucket and consumer names. Change them here only."""
 from __future__ import annotations
 
-from captionbus.contracts.ids import validate_token
+from captionbus.contracts.ids import NO_TENANT, tenant_of, validate_tenant, validate_token
 
 PREFIX = "captionbus"
 
@@ -40,21 +40,66 @@ def stage_consumer(stage: str) -> str:
     return f"stage-{validate_token(stage, 'stage name')}"
 
 
+# Job subjects and keys carry the job's tenant (captionbus.contracts.ids.tenant_of) as a whole
+# token: `captionbus.job.<tenant>.<job>.<kind>` and KV key `<tenant>.<job>`, so that a NATS
+# permission can name one tenant's (`captionbus.job.acme.>`, `$KV.cb_jobs.acme.>`). A job of no
+# tenant keeps the layout every job had before tenants: `captionbus.job.<job>.<kind>`, key
+# `<job>` (nothing stored earlier moves). The two never meet: they differ in token count.
+
+
+def _job_path(job_id: str) -> str:
+    """`<job>` or `<tenant>.<job>`: the job's part of its subjects and its KV key."""
+    tenant = tenant_of(validate_token(job_id, "job id"))
+    return job_id if tenant == NO_TENANT else f"{tenant}.{job_id}"
+
+
 def job_event(job_id: str, kind: str) -> str:
-    return f"{PREFIX}.job.{validate_token(job_id, 'job id')}.{validate_token(kind, 'event kind')}"
+    return f"{PREFIX}.job.{_job_path(job_id)}.{validate_token(kind, 'event kind')}"
 
 
 def job_events(job_id: str) -> str:
-    return f"{PREFIX}.job.{validate_token(job_id, 'job id')}.*"
+    return f"{PREFIX}.job.{_job_path(job_id)}.*"
 
 
-def job_kind_all_jobs(kind: str) -> str:
-    """One event kind of every job (`captionbus.job.*.completed`)."""
-    return f"{PREFIX}.job.*.{validate_token(kind, 'event kind')}"
+def job_key(job_id: str) -> str:
+    """The job's key in KV cb_jobs."""
+    return _job_path(job_id)
+
+
+def job_id_of_key(key: str) -> str:
+    """The job id of a KV cb_jobs key (its last token)."""
+    return key.rpartition(".")[2]
+
+
+def tenant_events(tenant: str) -> str:
+    """Every event of one tenant's jobs."""
+    return f"{PREFIX}.job.{validate_tenant(tenant)}.>"
+
+
+def tenant_keys(tenant: str) -> str:
+    """The KV cb_jobs keys of one tenant's jobs, as a key filter."""
+    return f"{validate_tenant(tenant)}.>"
+
+
+def job_kind_all_jobs(kind: str) -> list[str]:
+    """One event kind of every job, of no tenant and of any tenant (`captionbus.job.*.completed`,
+    `captionbus.job.*.*.completed`)."""
+    kind = validate_token(kind, "event kind")
+    return [f"{PREFIX}.job.*.{kind}", f"{PREFIX}.job.*.*.{kind}"]
+
+
+def event_kind(subject: str) -> str:
+    """The kind of a job event subject (its last token)."""
+    return subject.rpartition(".")[2]
+
+
+def event_job_id(subject: str) -> str:
+    """The job id of a job event subject (the token before its kind)."""
+    return subject.split(".")[-2]
 
 
 def coordinator_filters() -> list[str]:
-    return [f"{PREFIX}.job.*.{kind}" for kind in COORDINATOR_KINDS]
+    return [subject for kind in COORDINATOR_KINDS for subject in job_kind_all_jobs(kind)]
 
 
 def micro_service_name(stage: str) -> str:

@@ -594,7 +594,7 @@ class Coordinator:
     async def read_state(self, job_id: str) -> tuple[JobState | None, int | None]:
         """The job's stored state and revision (None, None: no such job), remembered."""
         try:
-            entry = await self.kv.get(job_id)
+            entry = await self.kv.get(subjects.job_key(job_id))
         except (KeyNotFoundError, KeyDeletedError):
             self._forget(job_id)
             return None, None
@@ -651,9 +651,9 @@ class Coordinator:
     async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
         value = state.model_dump_json().encode()
         if revision is None:
-            written = await self.kv.create(job_id, value)
+            written = await self.kv.create(subjects.job_key(job_id), value)
         else:
-            written = await self.kv.update(job_id, value, last=revision)
+            written = await self.kv.update(subjects.job_key(job_id), value, last=revision)
         self._note_status(job_id, state)
         self._remember(job_id, state, written)
         return written
@@ -1055,7 +1055,7 @@ class Coordinator:
             keys = await self.kv.keys()
         except NoKeysError:
             return
-        self._running.update(k for k in keys if k not in self._finished)
+        self._running.update(j for j in map(subjects.job_id_of_key, keys) if j not in self._finished)
 
     # ------------------------------------------------------------ poison requests
 

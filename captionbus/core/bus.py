@@ -51,6 +51,7 @@ from nats.js.errors import (
 )
 
 from captionbus.contracts import subjects
+from captionbus.contracts.ids import is_tenant
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.settings import load as load_settings
@@ -319,6 +320,15 @@ def inbox_prefix(url: str, settings: Settings) -> str | None:
 CALLOUT_KEY_MIN = 32
 
 
+def client_tenant(url: str, settings: Settings) -> str | None:
+    """The tenant a client process acts for: behind the auth callout, a client login is the tenant
+    of its user name (captionbus.authcallout.read_users); else None (no tenancy on the bus)."""
+    if not settings.nats_auth_callout:
+        return None
+    user, _ = login_of(url, settings)
+    return user if is_tenant(user) else None
+
+
 def callout_inbox_prefix(user: str, key: str) -> str:
     """The reply prefix the auth callout grants a connection of `user` holding `key` (both sides
     compute it)."""
@@ -542,6 +552,17 @@ async def _forbid_rollups(js: JetStreamContext, stream: str) -> None:
         log.info("stream refuses rollups and message deletes now", stream=stream)
 
 
+async def _allow_direct(js: JetStreamContext, stream: str) -> None:
+    """Direct gets on `stream`: the only read of a job record whose API subject names its key
+    (`$JS.API.DIRECT.GET.KV_cb_jobs.$KV.cb_jobs.<tenant>.<job>`), so the only one the auth callout
+    can grant a tenant (deploy/README.md, "Tenancy on the bus")."""
+    config = (await js.stream_info(stream)).config
+    if not config.allow_direct:
+        config.allow_direct = True
+        await js.update_stream(config)
+        log.info("stream answers direct gets now", stream=stream)
+
+
 async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     """Create the streams, KV bucket and object store that are missing; never change existing ones
     but to refuse rollups and message deletes on the buckets others write (NO_ROLLUP_STREAMS).
@@ -558,8 +579,9 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     # does not check it and clients need no permission on it.
     cache = f"KV_{subjects.STAGE_CACHE_BUCKET}"
     await _ensure_bucket(js, kv, lambda: js.create_key_value(KeyValueConfig(
-        bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas,
+        bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas, direct=True,
     )), replicas)
+    await _allow_direct(js, kv)
     await _ensure_bucket(js, obj, lambda: js.create_object_store(
         subjects.ARTIFACTS_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
     ), replicas)
@@ -575,10 +597,21 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
         await _forbid_rollups(js, stream)
 
 
-async def require_provisioned(js: JetStreamContext) -> None:
+async def require_provisioned(js: JetStreamContext, names_only: bool = False) -> None:
     """For workers and clients: check that what provision() creates exists; create nothing.
+    names_only: by the list of stream names (a tenant's client may not ask for stream info).
 
     Raises BusError with one line naming the first missing stream and what to start."""
+    if names_only:
+        # STREAM.NAMES pages by 1024; the fleet has a handful of streams
+        answer = json.loads((await js._nc.request(f"{js._prefix}.STREAM.NAMES", b"{}", timeout=js._timeout)).data)
+        if "error" in answer:
+            raise BusError(f"cannot list streams: {answer['error'].get('description')}")
+        names = set(answer.get("streams") or [])
+        for name in _provisioned_streams():
+            if name not in names:
+                raise BusError(f"stream {name} missing: {PROVISION_HINT}")
+        return
     for name in _provisioned_streams():
         try:
             await js.stream_info(name)

@@ -345,7 +345,7 @@ class Collector:
                 self.needs.need(ref.key, finished + s.retention_outputs)
             if not self.bus or self.now - finished <= s.retention_events:
                 continue
-            subject = f"{subjects.PREFIX}.job.{state.job_id}.>"
+            subject = subjects.job_events(state.job_id)
             held = sum((await self._subjects(subjects.EVENTS_STREAM, subject)).values())
             if held:
                 self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
@@ -363,7 +363,7 @@ class Collector:
         self.report.event_messages += held
 
     async def _purge_job(self, job_id: str) -> bool:
-        await (await self.js.key_value(subjects.JOBS_BUCKET)).purge(job_id)
+        await (await self.js.key_value(subjects.JOBS_BUCKET)).purge(subjects.job_key(job_id))
         return True
 
     def _count_job_record(self) -> None:

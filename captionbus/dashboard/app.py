@@ -130,10 +130,10 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
             return error_response(400, "not a job id")
         return job_id, the_board().jobs.get(job_id)
 
-    async def opened(ref) -> tuple[Path, Path | None] | Response:
+    async def opened(ref, job_id: str) -> tuple[Path, Path | None] | Response:
         """(file, temporary folder or None) of an artifact the job's state names, or the error."""
         try:
-            return await live.downloads.open(ref)
+            return await live.downloads.open(ref, job_id)
         except ArtifactMissing as e:
             return error_response(404, str(e))
         except ArtifactError as e:
@@ -149,7 +149,7 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
             return error_response(404, f"job {job_id} has no output {name!r}")
         if not downloads.enabled:
             return error_response(403, downloads.reason)
-        got = await opened(ref)
+        got = await opened(ref, job_id)
         if isinstance(got, Response):
             return got
         path, tmp = got

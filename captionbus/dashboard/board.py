@@ -240,8 +240,8 @@ class Board:
                 log.info("job states loaded", jobs=len(self.jobs))
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.jobs.pop(entry.key, None)
-                self.summaries.pop(entry.key, None)
+                self.jobs.pop(subjects.job_id_of_key(entry.key), None)
+                self.summaries.pop(subjects.job_id_of_key(entry.key), None)
                 continue
             try:
                 state = JobState.model_validate_json(entry.value)

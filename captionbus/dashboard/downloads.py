@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from captionbus.contracts.ids import tenant_of
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.settings import Settings
 
@@ -59,15 +60,17 @@ class Downloads:
                               "(give it the dashboard_downloads role, deploy/nats/roles.conf)")
         return cls(store)
 
-    async def open(self, ref: Any) -> tuple[Path, Path | None]:
-        """(a file with the artifact's bytes, a temporary folder to remove after sending or None)."""
+    async def open(self, ref: Any, job_id: str) -> tuple[Path, Path | None]:
+        """(a file with the artifact's bytes, a temporary folder to remove after sending or None);
+        job `job_id`'s artifact, in its tenant's namespace of the object store."""
         assert self.store is not None
-        local = self.store.local_path(ref)
+        store = self.store.scoped(tenant_of(job_id))
+        local = store.local_path(ref)
         if local is not None:
             return local, None
         tmp = Path(tempfile.mkdtemp(prefix="captionbus-download-"))
         try:
-            return await self.store.fetch_to(ref, tmp / "artifact"), tmp
+            return await store.fetch_to(ref, tmp / "artifact"), tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

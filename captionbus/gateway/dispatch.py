@@ -361,9 +361,10 @@ class Dispatcher:
         """Every job submitted since `catchup_s` before this gateway started: records for the subscribers."""
         since = datetime.fromtimestamp(self.started - self.config.catchup_s, UTC)
         start = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        sub = await js.subscribe(subjects.job_kind_all_jobs("submitted"), ordered_consumer=True,
+        kinds = subjects.job_kind_all_jobs("submitted")
+        sub = await js.subscribe(kinds[0], ordered_consumer=True,
                                  config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                                       opt_start_time=start))
+                                                       opt_start_time=start, filter_subjects=kinds))
         try:
             async for msg in sub.messages:
                 try:
@@ -386,9 +387,11 @@ class Dispatcher:
         gateway started, like `_follow_submitted`): a record is done at the job's end, and a
         retry gives the job a new end. Every gateway follows; `kv.update` lets one reopen it."""
         since = datetime.fromtimestamp(self.started - self.config.catchup_s, UTC)
-        sub = await js.subscribe(subjects.job_kind_all_jobs("retry_requested"), ordered_consumer=True,
+        kinds = subjects.job_kind_all_jobs("retry_requested")
+        sub = await js.subscribe(kinds[0], ordered_consumer=True,
                                  config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                                       opt_start_time=since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+                                                       opt_start_time=since.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                                                       filter_subjects=kinds))
         reopening: set[asyncio.Task] = set()
         try:
             async for msg in sub.messages:

@@ -63,8 +63,8 @@ class JobEnds:
         """Subscribe on `nc` (once per connection; nats-py re-subscribes after reconnects)."""
         if self._nc is nc:
             return
-        self._subs = [await nc.subscribe(subjects.job_kind_all_jobs(kind), cb=self._on_event)
-                      for kind in sorted(TERMINAL_KINDS)]
+        self._subs = [await nc.subscribe(subject, cb=self._on_event)
+                      for kind in sorted(TERMINAL_KINDS) for subject in subjects.job_kind_all_jobs(kind)]
         self._nc = nc
 
     async def _on_event(self, msg) -> None:

@@ -26,7 +26,7 @@ from captionbus.web.buslink import BusLink
 from captionbus.web.errors import ApiError
 from captionbus.contracts import JobState
 from captionbus.contracts.events import TERMINAL_KINDS
-from captionbus.contracts.ids import validate_token
+from captionbus.contracts.ids import tenant_of, validate_token
 from captionbus.contracts.declarations.diarization import MAX_REFERENCES
 from captionbus.core import speaker_refs
 from captionbus.core.artifacts import ArtifactError, ArtifactMissing, ArtifactStore
@@ -198,7 +198,7 @@ class Gateway:
         were "500 internal error (ArtifactMissing)". The store's own words name the artifact
         root's path, the host that made it and the bucket: they go to the log, not to a key."""
         try:  # not under on_bus(): a 1 GB output takes ~10 s to fetch from the object store
-            return await self.store(js).get(ref)
+            return await self.store(js).scoped(tenant_of(job_id)).get(ref)  # its tenant's namespace
         except ArtifactMissing as e:
             log.warning("job output missing", job_id=job_id, output=name, error=str(e))
             raise ApiError(404, f"job {job_id}'s output {name!r} is no longer stored (removed by retention or gc); "

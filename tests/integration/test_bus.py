@@ -224,7 +224,7 @@ def test_the_gateway_role_is_a_client_plus_the_webhook_state():
     client, gateway = subjects_of("CLIENT"), subjects_of("HTTP_GATEWAY")
     assert client < gateway
     assert {s for s in gateway - client if "webhooks" not in s} == {
-        "captionbus.job.*.completed", "captionbus.job.*.failed", "captionbus.job.*.cancelled"}
+        f"captionbus.job.{jobs}.{kind}" for jobs in ("*", "*.*") for kind in ("completed", "failed", "cancelled")}
 
 
 @pytest.fixture

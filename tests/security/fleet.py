@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from captionbus.authcallout import Callout, read_users
-from captionbus.client import job_state, submit
-from captionbus.contracts import JobState
+from captionbus.client import acting_for, artifacts_of, job_state, submit
+from captionbus.contracts import JobState, tenant_of
 from captionbus.coordinator.decide import Policy
 from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import Coordinator
@@ -34,6 +34,9 @@ from tests.security.attacks import WRITERS  # noqa: F401  (the tests import it f
 ROLES = {"coordinator": "COORDINATOR", "worker": "WORKER", "worker-asr": "WORKER_ASR", "client": "CLIENT",
          "gateway": "HTTP_GATEWAY", "dashboard": "DASHBOARD", "dashboard_downloads": "DASHBOARD_DOWNLOADS",
          "dashboard_operator": "DASHBOARD_OPERATOR", "gc": "GC"}
+# Behind the auth callout, a second client login: another tenant (captionbus.authcallout.read_users).
+# Not with static users: there it would share the CLIENT block's reply prefix `_INBOX_client`.
+CALLOUT_ROLES = {**ROLES, "rival": "CLIENT"}
 OUTPUT_BYTES = 300_000
 
 GRAPHS = {"made": Workflow.from_dict({
@@ -59,6 +62,15 @@ class Fleet:
     fetches: int = 0
     callout: Callout | None = None  # the auth callout that let every connection in (callout mode)
 
+    def tenant(self, user: str = "client") -> str | None:
+        """The tenant a client login acts for: behind the callout its user name, else none."""
+        return user if self.callout is not None else None
+
+    def job(self, name: str, user: str = "client") -> str:
+        """The id of job `name` as `user` submits it: in its tenant behind the callout."""
+        tenant = self.tenant(user)
+        return name if tenant is None or tenant_of(name) == tenant else f"{tenant}_{name}"
+
     def settings(self, user: str, home: str) -> Settings:
         return Settings(home=self.tmp / home, nats_url=self.urls[user], artifacts_mode="object",
                         nats_auth_callout=self.callout is not None)
@@ -71,7 +83,7 @@ class Fleet:
         """Submit a job as the client, wait until it completes, and fetch its input and outputs
         from the bus (a fresh local root, so every byte comes through the object store)."""
         media = await self.submit(job_id, size)
-        state = await self.wait(job_id, "completed")
+        state = await self.wait(self.job(job_id), "completed")
         fetched = await self.fetch(state)
         assert fetched["job.input"] == media.read_bytes()
         assert len(fetched["out"]) == OUTPUT_BYTES
@@ -82,20 +94,25 @@ class Fleet:
         media = self.tmp / f"{job_id}.wav"
         media.write_bytes(b"RIFF" + os.urandom(size))
         store = ArtifactStore(self.settings("client", f"client-{job_id}"), self.js["client"])
-        await submit(self.js["client"], store, media, workflow=workflow, job_id=job_id)
+        with acting_for(self.tenant()):
+            await submit(self.js["client"], store, media, workflow=workflow, job_id=self.job(job_id))
         return media
 
     async def wait(self, job_id: str, status: str, timeout: float = 30) -> JobState:
         deadline = time.monotonic() + timeout
-        while (state := await job_state(self.js["client"], job_id)) is None or state.status.value != status:
-            assert time.monotonic() < deadline, f"job {job_id} not {status}: {state}"
-            await asyncio.sleep(0.1)
+        job_id = self.job(job_id)
+        with acting_for(self.tenant()):
+            while (state := await job_state(self.js["client"], job_id)) is None or state.status.value != status:
+                assert time.monotonic() < deadline, f"job {job_id} not {status}: {state}"
+                await asyncio.sleep(0.1)
         return state
 
     async def fetch(self, state: JobState) -> dict[str, bytes]:
         """The job's input and outputs as the client fetches them, each time into a new root."""
         self.fetches += 1
         store = ArtifactStore(self.settings("client", f"fetch-{self.fetches}"), self.js["client"])
+        with acting_for(self.tenant()):  # behind the callout: as the tenant's client, in its namespace
+            store = artifacts_of(store, state.job_id)
         refs = {"job.input": state.spec.input, **state.outputs}
         return {name: (await store.get(ref)).read_bytes() for name, ref in refs.items()}
 
@@ -120,7 +137,7 @@ async def _worker(fleet: Fleet) -> AsyncIterator[None]:
 async def _callout_server(tmp: Path) -> AsyncIterator[tuple[dict[str, str], Path, Callout]]:
     """callout_server() with the callout answering (captionbus.authcallout, as `captionbus
     auth-callout run` runs it) on a connection of the callout's own user."""
-    with callout_server(tmp, ROLES) as (urls, log, accounts, seed):
+    with callout_server(tmp, CALLOUT_ROLES) as (urls, log, accounts, seed):
         callout = Callout(read_users(accounts), seed)
         nc = await connect(urls[CALLOUT_USER], "auth-callout", Settings(nats_auth_callout=False))
         stop, ready = asyncio.Event(), asyncio.Event()
@@ -151,7 +168,7 @@ async def secured_fleet(tmp: Path, *, worker: bool = True, callout: bool = False
     async with _server(tmp, callout) as (urls, log, authority):
         fleet = Fleet(tmp, urls, log, callout=authority)
         try:
-            for user in ROLES:
+            for user in CALLOUT_ROLES if callout else ROLES:
                 fleet.nc[user] = await fleet.connect(user, f"security-{user}")
                 fleet.js[user] = fleet.nc[user].jetstream()
             await provision(fleet.js["coordinator"])

@@ -31,13 +31,14 @@ WORKER_SUBSCRIPTIONS = ("$SRV.>", "captionbus.job.*.cancelled", "captionbus.job.
 async def _delivered(fleet, js, job_id: str, timeout: float = 20):
     """The job once the noop stage's consumer has handed its request out (one ack pending): its
     worker holds the delivery."""
-    from captionbus.client import job_state
+    from captionbus.client import acting_for, job_state
 
     deadline = time.monotonic() + timeout
     while (await js.consumer_info("CB_REQUESTS", "stage-noop")).num_ack_pending < 1:
         assert time.monotonic() < deadline, f"{job_id}: its request was never delivered"
         await asyncio.sleep(0.05)
-    return await job_state(fleet.js["client"], job_id)
+    with acting_for(fleet.tenant()):
+        return await job_state(fleet.js["client"], fleet.job(job_id))
 
 
 def test_a_peer_with_the_same_worker_credential_cannot_read_or_answer_anothers_delivery(tmp_path):
@@ -77,8 +78,8 @@ def test_a_peer_with_the_same_worker_credential_cannot_read_or_answer_anothers_d
                 sightings = [json.loads(data) for _, data in seen if data.startswith(b"{")]
                 tokens = {s.get("token") for s in sightings if isinstance(s, dict) and s.get("token")}
                 with capture_logs() as logs:
-                    forged = forged_results("job-victim", "noop", running.nodes["noop"].attempt, earlier.outputs)
-                    forged += [forged_results("job-victim", "noop", 1, earlier.outputs)[0].model_copy(
+                    forged = forged_results(fleet.job("job-victim"), "noop", running.nodes["noop"].attempt, earlier.outputs)
+                    forged += [forged_results(fleet.job("job-victim"), "noop", 1, earlier.outputs)[0].model_copy(
                         update={"token": token, "event_id": f"forged-seen-{i}"}) for i, token in enumerate(tokens)]
                     for event in forged:
                         await publish_event(attacker.jetstream(), event)
@@ -104,7 +105,7 @@ def test_a_peer_with_the_same_worker_credential_cannot_read_or_answer_anothers_d
     assert not [s for s, _ in seen if s.startswith(peer)]
     refusals = [e for e in logs if e["event"] == "forged result refused"]
     assert len(refusals) == len(forged) >= 2, logs
-    assert all(e["job_id"] == "job-victim" and e["claimed_worker"] == {"host": "attacker"} for e in refusals)
+    assert all(e["job_id"] == "client_job-victim" and e["claimed_worker"] == {"host": "attacker"} for e in refusals)
     assert done.nodes["noop"].worker.get("host") != "attacker"
     assert done.outputs["out"] != earlier.outputs["out"]
     assert fetched["job.input"] == media and len(fetched["out"]) == 300_000

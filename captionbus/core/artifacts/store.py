@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import time
+from copy import copy as shallow_copy
 from pathlib import Path
 
 import structlog
@@ -117,11 +118,23 @@ class ArtifactStore:
             raise ArtifactError("the object store needs a JetStream context (js=None given)")
         self.root = Path(settings.artifacts_dir)
         self.objects = ObjectBucket(js, ARTIFACTS_BUCKET) if js is not None else None
+        self.tenant: str | None = None
         # Fetch with direct.DirectReader where it can; False, or a connection or nats-py
         # version it does not speak, reads through nats-py (transfer.ChunkReader).
         self.direct_fetch = True
         self._readable = False  # has our bus user been answered a lookup on the object store? (_check_readable)
         self._sweep_tmp()
+
+    def scoped(self, tenant: str | None, restricted: bool = False) -> ArtifactStore:
+        """This store in `tenant`'s namespace of the object store (transfer.py, "Tenants"): what
+        a tenant's jobs read and write there. restricted: as that tenant's own client, which may
+        read its namespace only through consumers. The same store for no tenant."""
+        if self.objects is None or (not restricted and (tenant or None) == self.tenant):
+            return self
+        view = shallow_copy(self)
+        view.objects = self.objects.scoped(tenant, restricted)
+        view.tenant, view._readable = tenant, False
+        return view
 
     # ---- local root -------------------------------------------------------------------
 

@@ -29,6 +29,15 @@ writing. It is the reader for every connection; `captionbus.core.artifacts.direc
 plain-TCP connections with the nats-py version it was written against (numbers there).
 
 Nothing here holds a whole file in memory.
+
+**Tenants** (deploy/README.md, "Tenancy on the bus"): the artifacts of a tenant's jobs live in a
+namespace of the same bucket, `$O.<bucket>.M.<tenant>.<name>` and `$O.<bucket>.C.<tenant>.<nuid>`
+(their meta's `nuid` is `<tenant>.<nuid>`, so `chunk_subject(info.nuid)` and gc's chunk sets need
+no other change), so the auth callout can grant a tenant's client its namespace and nothing else.
+That client reads `restricted`: only through consumers created on the filtered-create subject
+(metadata oldest first, chunk counts, chunks), never `STREAM.MSG.GET` (a sequence in the body
+reads any message) nor `STREAM.INFO` (`subjects_filter` lists every object). Trusted readers
+(workers, gc, the dashboards) read every namespace as before, with `scoped(tenant)`.
 """
 from __future__ import annotations
 
@@ -47,9 +56,11 @@ from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
 from captionbus.contracts.artifacts import ArtifactRef
+from captionbus.contracts.ids import NO_TENANT
 from captionbus.contracts.jobs import utcnow
 from captionbus.contracts.subjects import ARTIFACTS_BUCKET
 from captionbus.core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, ArtifactStoreFull, describe
+from captionbus.core.tenancy import named
 
 # Upload chunk size, capped by the server's max_payload. nats-py writes 128 KiB chunks;
 # readers just concatenate, so any client reads ours and we read theirs. 8x fewer messages
@@ -135,21 +146,62 @@ def _meta(data: bytes, key: str) -> api.ObjectInfo | None:
     return info
 
 
+class _Stored:
+    """A meta message read through a consumer, as `_meta_messages` yields them (data, seq)."""
+
+    def __init__(self, data: bytes, seq: int):
+        self.data, self.seq = data, seq
+
+
 class ObjectBucket:
     """One object store bucket, spoken to directly on its stream (see the module docstring)."""
 
-    def __init__(self, js: JetStreamContext, name: str = ARTIFACTS_BUCKET):
+    def __init__(self, js: JetStreamContext, name: str = ARTIFACTS_BUCKET, *, tenant: str | None = None,
+                 restricted: bool = False):
         self.js = js
         self.nc = connection(js)
         self.name = name
         self.stream = f"OBJ_{name}"
+        # the namespace objects are written to and looked up in (None: the bucket's own, as before)
+        self.tenant = tenant if tenant and tenant != NO_TENANT else None
+        self.restricted = restricted  # a tenant's client: consumers on its namespace only
         # How long a fetch may go without receiving a chunk before it is resumed/fails.
         self.stall_timeout = 10.0
         self.ack_timeout = 10.0
         self._nuid = NUID()
 
+    def scoped(self, tenant: str | None, restricted: bool = False) -> ObjectBucket:
+        """This bucket as seen in `tenant`'s namespace (None or NO_TENANT: the bucket's own)."""
+        bucket = ObjectBucket(self.js, self.name, tenant=tenant, restricted=restricted)
+        bucket.stall_timeout, bucket.ack_timeout = self.stall_timeout, self.ack_timeout
+        return bucket
+
     def _meta_subject(self, key: str) -> str:
-        return f"$O.{self.name}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
+        name = base64.urlsafe_b64encode(key.encode()).decode()
+        return f"$O.{self.name}.M.{self.tenant}.{name}" if self.tenant else f"$O.{self.name}.M.{name}"
+
+    async def _consumed(self, subject: str, *, last: bool = False, limit: int = META_READ,
+                        count_only: bool = False):
+        """(messages, count) of `subject` through an ordered consumer on the filtered-create
+        subject, the restricted reader's only way: the first `limit` (or the last one) and how
+        many the subject holds. count_only reads none."""
+        policy = api.DeliverPolicy.LAST if last else api.DeliverPolicy.ALL
+        sub = await self.js.subscribe(subject, stream=self.stream, ordered_consumer=True,
+                                      config=named(api.ConsumerConfig(deliver_policy=policy, inactive_threshold=30.0,
+                                                                   headers_only=count_only or None)))
+        try:
+            info = await sub.consumer_info()
+            held = info.delivered.consumer_seq + info.num_pending
+            if count_only:
+                return [], held
+            msgs = []
+            async with asyncio.timeout(self.stall_timeout):
+                for _ in range(min(held, 1 if last else limit)):
+                    msgs.append(await sub.next_msg(timeout=None))
+            return msgs, held
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def chunk_subject(self, nuid: str) -> str:
         return f"$O.{self.name}.C.{nuid}"
@@ -167,12 +219,21 @@ class ObjectBucket:
         passed over; later ones are never read. None: no such message (gone, or never stored)."""
         async for msg in self._meta_messages(self._meta_subject(key)):
             info = _meta(msg.data, key)
+            # its chunks in its own namespace only: a meta pointing into another tenant's (`<other>.<nuid>`)
+            # would have readers follow, and gc purge (`delete`), what is not this namespace's
+            if info is not None and info.nuid.rpartition(".")[0] != (self.tenant or ""):
+                continue
             if info is not None and await self._chunks_held(info, held) >= (info.chunks or 0):
                 return info, msg.seq
         return None
 
     async def _meta_messages(self, subject: str, after: int = 0):
         """The subject's meta messages, oldest first, at most META_READ of them."""
+        if self.restricted:
+            for msg in (await self._consumed(subject))[0]:
+                if msg.metadata.sequence.stream > after:
+                    yield _Stored(msg.data, msg.metadata.sequence.stream)
+            return
         for _ in range(META_READ):
             try:
                 msg = await self.js.get_msg(self.stream, seq=after + 1, next=True, subject=subject)
@@ -188,6 +249,9 @@ class ObjectBucket:
         return (await self._subjects(subject)).get(subject, 0) if info.chunks else 0
 
     async def _last_seq(self, subject: str) -> int | None:
+        if self.restricted:
+            msgs, _ = await self._consumed(subject, last=True)
+            return msgs[0].metadata.sequence.stream if msgs else None
         try:
             return (await self.js.get_last_msg(self.stream, subject)).seq
         except NotFoundError:
@@ -225,6 +289,8 @@ class ObjectBucket:
         refuse its chunks one by one; nats-py 2.16 leaves such an ack future unresolved, a 503
         whose empty body it fails to parse). Another writer may still fill it meanwhile:
         `_probe_full` names that case when an ack never comes."""
+        if self.restricted:  # may not ask (stream info lists every object): the server says no if it must
+            return
         try:
             info = await self.js.stream_info(self.stream)
         except Exception:  # no rights to ask, or a blink: the server still says no if it must
@@ -251,6 +317,8 @@ class ObjectBucket:
             return
         await self.check_room(ref)
         nuid = self._nuid.next().decode()
+        if self.tenant:  # its chunks in the namespace too; the meta names them by `<tenant>.<nuid>`
+            nuid = f"{self.tenant}.{nuid}"
         chunk_size = self.chunk_size()
         window_len = max(1, UPLOAD_WINDOW_BYTES // chunk_size)
         chunk_subj = self.chunk_subject(nuid)
@@ -344,12 +412,16 @@ class ObjectBucket:
         one subject, and an unfiltered purge would empty every job's artifacts. There the
         chunks stay, unreferenced, for a role allowed to collect them; on an open local bus
         they go now. Bounded, as a refused request gets no reply."""
+        if self.restricted:  # a tenant's client may not purge (and would wait 2 s to hear it)
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.js.purge_stream(self.stream, subject=chunk_subject), 2)
 
     # ---- garbage collection (captionbus/core/gc.py; needs a role allowed to purge the bucket) -------------
 
     async def _subjects(self, pattern: str) -> dict[str, int]:
+        if self.restricted:  # one literal subject (a chunk set): counted by a consumer
+            return {pattern: (await self._consumed(pattern, count_only=True))[1]}
         info = await self.js.stream_info(self.stream, subjects_filter=pattern)
         return dict(info.state.subjects or {})
 
@@ -371,12 +443,13 @@ class ObjectBucket:
         None when no message there describes a readable object. `held`: `chunk_sets()`;
         `count`: the subject's messages, if known (1 spares a lookup). Bus errors propagate."""
         prefix = f"$O.{self.name}.M."
+        tenant, _, name = subject[len(prefix):].rpartition(".")  # `<tenant>.<name>` in a tenant's namespace
         try:
-            key = base64.urlsafe_b64decode(subject[len(prefix):]).decode()
+            key = base64.urlsafe_b64decode(name).decode()
         except ValueError:
             return None
         with contextlib.suppress(NotFoundError):  # purged meanwhile
-            located = await self.located(key, held)
+            located = await self.scoped(tenant or None).located(key, held)
             if located is None:
                 return None
             info, seq = located
@@ -409,11 +482,12 @@ class ObjectBucket:
         object remains on the subject (a refresh or a new upload published since), that is
         the "stored again" case and the chunks stay. Else what is left there (tombstones, junk
         read just now) goes, never a message published after that read, then the chunks."""
-        subject = self._meta_subject(info.name)
+        where = self.scoped(info.nuid.rpartition(".")[0] or None)  # a tenant's object: its namespace
+        subject = where._meta_subject(info.name)
         await self.js.purge_stream(self.stream, subject=subject, seq=meta_seq + 1)
         last = await self._last_seq(subject)
         if last is not None:
-            if await self.located(info.name) is not None:
+            if await where.located(info.name) is not None:
                 return False
             await self.js.purge_stream(self.stream, subject=subject, seq=last + 1)
         await self.js.purge_stream(self.stream, subject=self.chunk_subject(info.nuid))
@@ -435,6 +509,8 @@ class ObjectBucket:
             num_replicas=1,
             inactive_threshold=30.0,  # the server cleans up if we vanish
         )
+        if self.restricted:  # created on the filtered-create subject, the only one a tenant may use
+            config.name = self._nuid.next().decode()
         if last_sseq:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = last_sseq + 1

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from captionbus.contracts import ArtifactRef, StageRequest, WorkerInfo, subjects
+from captionbus.contracts import NO_TENANT, ArtifactRef, StageRequest, WorkerInfo, subjects, tenant_of
 from captionbus.contracts.speech import TurnSummary
 
 IGNORED_PARAMS = frozenset({"target_languages", "cache"})
@@ -129,6 +129,10 @@ def cache_key(request: StageRequest, *, cache_version: str, info: WorkerInfo, fi
         },
         "params": {k: v for k, v in sorted(request.params.items()) if k not in IGNORED_PARAMS and k not in ignores},
     }
+    if (tenant := tenant_of(request.job_id)) != NO_TENANT:
+        # A tenant's entries are its own: its artifacts are in its namespace, out of other tenants'
+        # reach, and a hit across tenants would tell one that another processed the same input.
+        material["tenant"] = tenant
     blob = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
     # The stage name leads the key (KV subject $KV.cb_stage_cache.<stage>.<sha256>), so a
     # per-stage worker user may write only its own stage's entries (roles.conf WORKER_ASR):
@@ -165,7 +169,9 @@ class StageCache:
         tmp.write_bytes(value)
         os.replace(tmp, self.local_dir / f"{key}.json")  # readers never see half an entry
 
-    async def lookup(self, key: str) -> CacheHit | None:
+    async def lookup(self, key: str, store: Any = None) -> CacheHit | None:
+        """`store`: where the request's job keeps its artifacts (its tenant's namespace); default this cache's."""
+        store = store or self.store
         try:
             data = json.loads(await self._read(key))
             outputs = {name: ArtifactRef.model_validate(ref) for name, ref in data["outputs"].items()}
@@ -176,7 +182,7 @@ class StageCache:
                 self.log.debug("stage cache lookup failed; running the stage", error=str(e)[:200])
             return None
         for ref in outputs.values():
-            if not await self.store.exists(ref):
+            if not await store.exists(ref):
                 self.log.info("stage cache entry's artifact is gone; running the stage", artifact=ref.key[:16])
                 return None
         return CacheHit(outputs, {k: float(v) for k, v in data.get("metrics", {}).items()},

@@ -48,6 +48,7 @@ from captionbus.contracts import (
     worker_identity,
 )
 from captionbus.contracts.events import LOADING_MODEL
+from captionbus.contracts.ids import NO_TENANT, tenant_of
 from captionbus.core.artifacts import ArtifactStore, ArtifactStoreFull
 from captionbus.core.bus import (
     StagePolicy,
@@ -169,15 +170,15 @@ class JobEndWatch:
         self._subs: list[Any] = []
 
     async def attach(self, nc: Any, log: Any) -> None:
-        for kind in ENDING_KINDS:
+        for subject in [s for kind in ENDING_KINDS for s in subjects.job_kind_all_jobs(kind)]:
             try:
-                self._subs.append(await nc.subscribe(subjects.job_kind_all_jobs(kind), cb=self._on_event))
+                self._subs.append(await nc.subscribe(subject, cb=self._on_event))
             except Exception as e:  # a role without the subscription: the heartbeat's read still stops work
                 log.warning("cannot watch job ends; a cancel is noticed at the next heartbeat", error=error_line(e))
 
     async def _on_event(self, msg: Any) -> None:
-        parts = msg.subject.split(".")  # captionbus.job.<job_id>.<kind>
-        for flag in self.running.get(parts[2] if len(parts) == 4 else "", ()):
+        # captionbus.job.[<tenant>.]<job_id>.<kind>
+        for flag in self.running.get(subjects.event_job_id(msg.subject), ()):
             flag.set()
 
     @contextmanager
@@ -435,9 +436,12 @@ class StageWorker:
     async def _run(self, msg: Any, request: StageRequest, work_dir: Path, delivery: int, log: Any,
                    slot: "_Slot", cancelled: threading.Event) -> None:
         params = self.definition.parse_params(request.params)  # BadInput: the job fails at once
+        # a tenant's job reads and writes its tenant's namespace of the object store (its client reads only there)
+        tenant = tenant_of(request.job_id)
+        store = self.store if tenant == NO_TENANT else self.store.scoped(tenant)
         ctx = RequestContext(
             request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
-            loop=asyncio.get_running_loop(), fetch=self.store.get, emit=self._publish, cancelled=cancelled,
+            loop=asyncio.get_running_loop(), fetch=store.get, emit=self._publish, cancelled=cancelled,
         )
         key = None
         if self.cache is not None and cache_enabled_for(request):
@@ -446,7 +450,7 @@ class StageWorker:
             key = cache_key(request, cache_version=self.definition.cache_version, info=self.info,
                             fingerprint=self.cache_fingerprint, ignores=self.definition.cache_ignores,
                             inputs=await self._cache_inputs(request, ctx, log), model=self.cache_model)
-            hit = await self.cache.lookup(key)
+            hit = await self.cache.lookup(key, store)
             if hit is not None:
                 await self._complete_from_cache(msg, request, hit, delivery, log)
                 return
@@ -480,7 +484,7 @@ class StageWorker:
                 for name, path in checked.items():
                     if name not in refs:
                         media_type = mimetypes.guess_type(path.name)[0]
-                        refs[name] = await self.store.put(path, name=path.name, media_type=media_type)
+                        refs[name] = await store.put(path, name=path.name, media_type=media_type)
                 # started_at / handled_at (Unix seconds): when the handler ran, so a job's record
                 # shows whether its chunks ran at the same time on different workers.
                 metrics = {**ctx.metrics, "handle_s": handled - started, "started_at": started_wall,
@@ -646,7 +650,7 @@ class StageWorker:
         try:
             if self._jobs_kv is None:
                 self._jobs_kv = await self.js.key_value(subjects.JOBS_BUCKET)
-            entry = await self._jobs_kv.get(job_id)
+            entry = await self._jobs_kv.get(subjects.job_key(job_id))
             state = json.loads(entry.value)
             status = state.get("status")
             known = (state.get("nodes") or {}).get(node) if node else None

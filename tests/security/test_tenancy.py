@@ -1,0 +1,312 @@
+"""Issue 18, "no ordinary credential can read another job's data", between tenants on the bus.
+
+Behind the auth callout a `client` login acts for one tenant, its user name
+(captionbus.authcallout.tenant_permissions), and its jobs' subjects and keys carry the tenant as
+a token (`captionbus.job.<tenant>.<job>.<kind>`, KV key `<tenant>.<job>`). Here, on a real
+nats-server with the callout answering, the coordinator and a noop worker running, tenant
+`client` completes a job, and a login of tenant `rival` tries every raw subject an attacker would
+to list, read, follow, cancel, retry or re-submit it: each is refused by the server (logged as a
+violation of user `rival`) or answered with nothing of `client`'s. Both tenants' own jobs still
+go end to end through captionbus.client (submit, list, status, events, fetch)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from captionbus import client
+from captionbus.client import acting_for
+from captionbus.contracts import JobCancelRequested, JobRetryRequested, JobSubmitted, subjects
+from captionbus.core.artifacts import ArtifactMissing, ArtifactStore
+from captionbus.core.artifacts.transfer import ObjectBucket
+from tests.security.attacks import meta_subject
+from tests.natsroles import violations
+from tests.security.fleet import OUTPUT_BYTES, secured_fleet
+
+KV = f"KV_{subjects.JOBS_BUCKET}"
+PRE = f"$KV.{subjects.JOBS_BUCKET}"
+EV = subjects.EVENTS_STREAM
+OBJ, O = f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"$O.{subjects.ARTIFACTS_BUCKET}"
+
+
+async def answered(nc, subject: str, body: bytes = b"", timeout: float = 0.75) -> bytes | None:
+    """What a request got back that carries data: a stored message (direct get), or an API
+    answer that is not an error. None: refused (no reply: the server dropped the publish), or an
+    error, or a 404."""
+    try:
+        msg = await nc.request(subject, body, timeout=timeout)
+    except Exception:  # noqa: BLE001 - a timeout or no responders: nothing came back
+        return None
+    if msg.headers and msg.headers.get("Status"):  # direct get: 404 no message, 408 bad request
+        return None
+    if msg.headers and msg.headers.get("Nats-Subject"):
+        return msg.data or b"(a message)"
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        return msg.data
+    return None if "error" in answer else msg.data
+
+
+def create(stream: str, filter_subject: str | None = None, **config) -> bytes:
+    body = {"deliver_policy": "all", "ack_policy": "none", **config}
+    if filter_subject:
+        body["filter_subject"] = filter_subject
+    return json.dumps({"stream_name": stream, "config": body}).encode()
+
+
+def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tmp_path):
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            victim, victim_bytes = await fleet.run_job("job-a")
+            vid = victim.job_id
+            key = subjects.job_key(vid)
+            meta = meta_subject(victim.outputs["out"].key).replace(f"{O}.M.", f"{O}.M.client.")
+            rival = fleet.nc["rival"]
+            attempts = {
+                # job state: by key in the body, by sequence, by another tenant's key in the subject,
+                # by a wildcard key, and the listing stream info gives
+                "msg get by key": (f"$JS.API.STREAM.MSG.GET.{KV}", json.dumps({"last_by_subj": f"{PRE}.{key}"})),
+                "msg get by seq": (f"$JS.API.STREAM.MSG.GET.{KV}", json.dumps({"seq": 1})),
+                "direct get of its key": (f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}", ""),
+                "direct get, key in body": (f"$JS.API.DIRECT.GET.{KV}", json.dumps({"last_by_subj": f"{PRE}.{key}"})),
+                "direct get by seq": (f"$JS.API.DIRECT.GET.{KV}", json.dumps({"seq": 1})),
+                "direct get of any key": (f"$JS.API.DIRECT.GET.{KV}.{PRE}.>", ""),
+                "direct get of its tenant": (f"$JS.API.DIRECT.GET.{KV}.{PRE}.client.>", ""),
+                "kv stream info": (f"$JS.API.STREAM.INFO.{KV}", json.dumps({"subjects_filter": ">"})),
+                "events stream info": (f"$JS.API.STREAM.INFO.{EV}", json.dumps({"subjects_filter": ">"})),
+                "stream list": ("$JS.API.STREAM.LIST", "{}"),
+                # listing and following through consumers: unfiltered, filtered to the victim, filtered
+                # to its own tenant with another filter in the body (or several), the coordinator's
+                "events consumer, unfiltered": (f"$JS.API.CONSUMER.CREATE.{EV}", create(EV, "captionbus.job.>")),
+                "events consumer on the victim": (f"$JS.API.CONSUMER.CREATE.{EV}.x.{subjects.job_events(vid)}",
+                                                  create(EV, subjects.job_events(vid), name="x")),
+                "events consumer, body filter differs": (f"$JS.API.CONSUMER.CREATE.{EV}.y.captionbus.job.rival.>",
+                                                         create(EV, "captionbus.job.>", name="y")),
+                "events consumer, several filters": (f"$JS.API.CONSUMER.CREATE.{EV}.z.captionbus.job.rival.>",
+                                                     create(EV, None, name="z", filter_subjects=["captionbus.job.>"])),
+                "the coordinator's consumer": (
+                    f"$JS.API.CONSUMER.CREATE.{EV}.{subjects.COORDINATOR_CONSUMER}.captionbus.job.rival.>",
+                    create(EV, "captionbus.job.rival.>", name=subjects.COORDINATOR_CONSUMER,
+                           durable_name=subjects.COORDINATOR_CONSUMER, ack_policy="explicit")),
+                "legacy durable create": (f"$JS.API.CONSUMER.DURABLE.CREATE.{EV}.mine",
+                                          create(EV, "captionbus.job.>", durable_name="mine")),
+                "kv consumer, unfiltered": (f"$JS.API.CONSUMER.CREATE.{KV}", create(KV, f"{PRE}.>")),
+                "kv consumer on the victim": (f"$JS.API.CONSUMER.CREATE.{KV}.k.{PRE}.{key}", create(KV, f"{PRE}.{key}", name="k")),
+                "kv consumer on every key": (f"$JS.API.CONSUMER.CREATE.{KV}.w.{PRE}.>", create(KV, f"{PRE}.>", name="w")),
+                # artifacts: the listing stream info gives, any message by sequence, the victim's
+                # metadata by subject, consumers unfiltered, on its namespace, on every chunk by a
+                # wildcard, and in its own namespace with every chunk in the body
+                "object listing": (f"$JS.API.STREAM.INFO.{OBJ}", json.dumps({"subjects_filter": f"{O}.M.>"})),
+                "object msg get by seq": (f"$JS.API.STREAM.MSG.GET.{OBJ}", json.dumps({"seq": 1})),
+                "object meta by subject": (f"$JS.API.STREAM.MSG.GET.{OBJ}", json.dumps({"last_by_subj": meta})),
+                "object direct get": (f"$JS.API.DIRECT.GET.{OBJ}.{meta}", ""),
+                "object consumer, unfiltered": (f"$JS.API.CONSUMER.CREATE.{OBJ}", create(OBJ, f"{O}.>")),
+                "object consumer on its namespace": (f"$JS.API.CONSUMER.CREATE.{OBJ}.o.{O}.C.client.>",
+                                                     create(OBJ, f"{O}.C.client.>", name="o")),
+                "object consumer, every chunk": (f"$JS.API.CONSUMER.CREATE.{OBJ}.p.{O}.C.*", create(OBJ, f"{O}.C.*", name="p")),
+                "object consumer, every meta": (f"$JS.API.CONSUMER.CREATE.{OBJ}.q.{O}.M.>", create(OBJ, f"{O}.M.>", name="q")),
+                "object consumer, body filter differs": (f"$JS.API.CONSUMER.CREATE.{OBJ}.r.{O}.C.rival.>",
+                                                         create(OBJ, f"{O}.C.>", name="r")),
+            }
+            got = {name: await answered(rival, subject, body.encode() if isinstance(body, str) else body)
+                   for name, (subject, body) in attempts.items()}
+            # plain subscriptions on the victim's events and record
+            spied: list = []
+
+            async def spy(msg):
+                spied.append(msg.subject)
+
+            for subject in ("captionbus.job.>", f"{PRE}.>", subjects.job_events(vid), "$O.cb_artifacts.>"):
+                await rival.subscribe(subject, cb=spy)
+            await rival.flush()
+            # acting on it: cancel, retry, a second submit with its id, and the pre-tenant subjects
+            rjs = rival.jetstream()
+            acts = {
+                "cancel": (subjects.job_event(vid, "cancel_requested"), JobCancelRequested(job_id=vid)),
+                "retry": (subjects.job_event(vid, "retry_requested"), JobRetryRequested(job_id=vid)),
+                "re-submit": (subjects.job_event(vid, "submitted"), JobSubmitted(job_id=vid, spec=victim.spec)),
+                "cancel, no tenant": (f"captionbus.job.{vid}.cancel_requested", JobCancelRequested(job_id=vid)),
+            }
+            acted = {}
+            for name, (subject, event) in acts.items():
+                try:
+                    await rjs.publish(subject, event.model_dump_json().encode(), timeout=0.75)
+                    acted[name] = "acked"
+                except Exception as error:  # noqa: BLE001
+                    acted[name] = type(error).__name__
+            # through captionbus.client as the rival tenant
+            with acting_for("rival"):
+                rivals_view = await client.list_jobs(rjs)
+                # the victim's output by its key, through the artifact store as the rival's client
+                store = client.artifacts_of(ArtifactStore(fleet.settings("rival", "rival-steal"), rjs), None)
+                try:
+                    stolen = (await store.get(victim.outputs["out"])).read_bytes()
+                except ArtifactMissing as missing:
+                    stolen = str(missing)
+                own = await _own_job(fleet, rival)
+            # a meta in its own namespace naming the victim's chunks (`client.<nuid>`): no reader follows it
+            bucket = ObjectBucket(fleet.js["worker"])
+            good = await bucket.scoped("client").info(victim.outputs["out"].key)
+            await rjs.publish(meta.replace(".M.client.", ".M.rival."), json.dumps(good.as_dict()).encode(), timeout=2)
+            pointed = await bucket.scoped("rival").info(victim.outputs["out"].key)
+            await asyncio.sleep(1.0)  # a cancel that got through would have been applied by now
+            with acting_for("client"):
+                after = await client.job_state(fleet.js["client"], vid)
+                listed = await client.list_jobs(fleet.js["client"])
+                events = [e.kind async for e in client.follow(fleet.js["client"], vid)]
+            again = await fleet.fetch(after)
+            return (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen,
+                    (good.nuid, pointed))
+
+    (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen, (nuid, pointed)) = \
+        asyncio.run(asyncio.wait_for(main(), 150))
+    assert nuid.startswith("client.") and pointed is None
+    assert isinstance(stolen, str) and "not in" in stolen, stolen
+    assert {name: data for name, data in got.items() if data is not None} == {}
+    assert spied == []
+    assert all(result != "acked" for result in acted.values()), acted
+    # the rival sees its own job only, and it went end to end
+    (own_id, own_state, own_events, own_bytes, own_input) = own
+    assert [s.job_id for s in rivals_view] == [] and own_id.startswith("rival_")
+    assert own_state.status.value == "completed" and own_events[0] == "submitted" and own_events[-1] == "completed"
+    assert own_bytes["job.input"] == own_input
+    # the victim's job is as it was, listed, followed and fetched by its tenant
+    assert after.status.value == "completed" and after.error is None
+    assert [s.job_id for s in listed] == [vid]
+    assert events[0] == "submitted" and events[-1] == "completed" and "cancel_requested" not in events
+    assert again == victim_bytes
+    logged = violations(tmp_path / "server.log")
+    refused = {s for user, s in logged if user == "rival"}
+    for subject in ("$JS.API.STREAM.MSG.GET.KV_cb_jobs", f"$JS.API.DIRECT.GET.KV_cb_jobs.{PRE}.{subjects.job_key(vid)}",
+                    f"$JS.API.STREAM.INFO.{KV}", f"$JS.API.CONSUMER.CREATE.{EV}", subjects.job_event(vid, "cancel_requested"),
+                    "captionbus.job.>", f"{PRE}.>", f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
+                    f"$JS.API.CONSUMER.CREATE.{OBJ}", f"$JS.API.CONSUMER.CREATE.{OBJ}.p.{O}.C.*", "$O.cb_artifacts.>"):
+        assert subject in refused, (subject, sorted(refused))
+    # everyone else, the rival's own job included, ran without one refusal
+    assert {user for user, _ in logged} <= {"rival"}, logged
+
+
+async def _own_job(fleet, nc):
+    """The rival tenant's own job through captionbus.client: submit, wait, follow, list, fetch."""
+    import os
+
+    js = nc.jetstream()
+    media = fleet.tmp / "rival.wav"
+    media.write_bytes(b"RIFF" + os.urandom(50_000))
+    store = ArtifactStore(fleet.settings("rival", "rival-submit"), js)
+    spec = await client.submit(js, store, media, workflow="made")
+    events = [e.kind async for e in client.follow(js, spec.job_id)]
+    state = await client.job_state(js, spec.job_id)
+    listed = [s.job_id for s in await client.list_jobs(js)]
+    assert listed == [spec.job_id], listed
+    fetch = client.artifacts_of(ArtifactStore(fleet.settings("rival", "rival-fetch"), js), spec.job_id)
+    fetched = {name: (await fetch.get(ref)).read_bytes() for name, ref in {"job.input": state.spec.input, **state.outputs}.items()}
+    return spec.job_id, state, events, fetched, media.read_bytes()
+
+
+async def _cli(fleet, user: str, *args: str) -> tuple[int, str, str]:
+    """`captionbus ARGS` as `user` behind the callout, the way a person runs it (a process of its
+    own, NATS_URL with the user and password, CAPTIONBUS_NATS_AUTH_CALLOUT=1)."""
+    import os
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAPTIONBUS_NATS_")},
+           "NATS_URL": fleet.urls[user], "CAPTIONBUS_NATS_AUTH_CALLOUT": "1",
+           "CAPTIONBUS_HOME": str(fleet.tmp / f"cli-{user}"), "CAPTIONBUS_ARTIFACTS": "object",
+           "CAPTIONBUS_CONFIG": str(_made_workflow(fleet.tmp))}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "captionbus", *args, env=env, cwd=fleet.tmp,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert b"Traceback" not in err, err.decode()
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _made_workflow(tmp) -> Path:
+    """A config folder with the fleet's `made` workflow (tests/security/fleet.py), for `submit -w made`."""
+    config = tmp / "config"
+    (config / "workflows").mkdir(parents=True, exist_ok=True)
+    (config / "workflows" / "made.yaml").write_text(
+        "name: made\nnodes:\n  noop:\n    inputs:\n      media: job.input\n    outputs: [out]\n"
+        f"    params:\n      write_bytes: {OUTPUT_BYTES}\noutputs:\n  out: noop.out\n")
+    return config
+
+
+def test_the_cli_of_a_tenant_sees_and_acts_on_its_own_jobs_only(tmp_path):
+    """The CLI as each tenant, against one completed job of tenant `client`: `jobs`, `status`,
+    `events` and `fetch` work for its tenant (every read through the grants above, with no
+    violation); for `rival` the job does not exist (`jobs` and `events` list nothing, `status`,
+    `cancel` and `retry` say "no job", exit 2) and stays completed, while its own `submit --wait`
+    uploads, follows and fetches in its namespace."""
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            victim, victim_bytes = await fleet.run_job("job-cli")
+            vid = victim.job_id
+            runs = {
+                "own jobs": await _cli(fleet, "client", "jobs", "--json"),
+                "own status": await _cli(fleet, "client", "status", vid, "--json"),
+                "own events": await _cli(fleet, "client", "events", vid),
+                "own fetch": await _cli(fleet, "client", "fetch", vid, "--out", str(tmp_path / "fetched")),
+                "rival jobs": await _cli(fleet, "rival", "jobs", "--json"),
+                "rival events": await _cli(fleet, "rival", "events"),
+                "rival status": await _cli(fleet, "rival", "status", vid),
+                "rival cancel": await _cli(fleet, "rival", "cancel", vid),
+                "rival retry": await _cli(fleet, "rival", "retry", vid),
+                "rival submit --wait": await _cli(fleet, "rival", "submit", str(fleet.tmp / "job-cli.wav"), "-w", "made",
+                                                  "--wait", "--out", str(tmp_path / "rival-out")),
+            }
+            after = await fleet.wait(vid, "completed")
+            return vid, runs, after, victim_bytes
+
+    vid, runs, after, victim_bytes = asyncio.run(asyncio.wait_for(main(), 240))
+    code, out, err = runs["own jobs"]
+    assert code == 0 and [json.loads(line)["spec"]["job_id"] for line in out.splitlines()] == [vid], (out, err)
+    code, out, _ = runs["own status"]
+    assert code == 0 and json.loads(out)["status"] == "completed"
+    code, out, _ = runs["own events"]
+    kinds = [json.loads(line)["kind"] for line in out.splitlines()]
+    assert code == 0 and kinds[0] == "submitted" and kinds[-1] == "completed", out
+    code, out, _ = runs["own fetch"]
+    assert code == 0 and len(out.splitlines()) == 1
+    assert (tmp_path / "fetched").joinpath(out.splitlines()[0].rsplit("/", 1)[-1]).read_bytes() == victim_bytes["out"]
+    code, out, err = runs["rival jobs"]
+    assert code == 0 and out.strip() == "", (out, err)
+    code, out, err = runs["rival events"]  # every event it may follow: its tenant's, none
+    assert code == 0 and out.strip() == "", (out, err)
+    for name in ("rival status", "rival cancel", "rival retry"):
+        code, out, err = runs[name]
+        assert code == 2 and f"no job {vid!r}" in err + out, (name, code, out, err)
+    assert after.status.value == "completed"
+    # the rival's own job, submitted, followed and fetched by `submit --wait` as its tenant
+    code, out, err = runs["rival submit --wait"]
+    assert code == 0, err[-2000:]
+    fetched = [Path(line) for line in out.splitlines() if line.strip()]
+    assert any(path.stat().st_size == OUTPUT_BYTES for path in fetched), out
+    assert violations(tmp_path / "server.log") == []
+
+
+def test_gc_sees_a_tenants_objects_as_objects_and_keeps_them_within_retention(tmp_path):
+    """A tenant's artifacts live in its namespace of the object store (`$O.cb_artifacts.M.<tenant>.…`,
+    chunks `…C.<tenant>.<nuid>`). gc, as the gc user, must read them as objects: inside retention it
+    deletes nothing (their chunks are not "torn uploads" no object names) and the job fetches
+    byte-identically after; past retention it deletes them like any job's, and nothing is torn."""
+    from datetime import datetime, timezone
+
+    from captionbus.core.gc import collect
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            state, before = await fleet.run_job("job-kept")
+            gc = fleet.settings("gc", "gc")
+            later = datetime.now(timezone.utc).timestamp() + 2 * 3600  # past the grace, inside retention
+            kept = await collect(gc, fleet.js["gc"], now=later)
+            after = await fleet.fetch(state)
+            gone = await collect(gc, fleet.js["gc"], now=later + 60 * 86400)
+            return state, before, kept, after, gone
+
+    state, before, kept, after, gone = asyncio.run(asyncio.wait_for(main(), 120))
+    assert state.job_id.startswith("client_")
+    assert kept.object_store.count == 0 and kept.torn_uploads.count == 0, kept.summary()
+    assert after == before
+    assert gone.object_store.count == 2 and gone.torn_uploads.count == 0 and gone.job_records == 1, gone.summary()

@@ -1,0 +1,84 @@
+"""The tenant layout (deploy/README.md, "Tenancy on the bus") and the callout's tenant grants,
+checked without a server: ids, subjects and keys carry the tenant as a whole token; a job of no
+tenant keeps the old layout; every grant names the tenant before any wildcard (a wildcard in a
+published subject is served like a token: test_tenancy.py attacks the running server)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from captionbus.authcallout import ConfError, read_users, tenant_permissions
+from captionbus.contracts import NO_TENANT, new_job_id, subjects, tenant_of
+
+ROLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "deploy" / "nats" / "roles.conf"
+
+
+def test_a_tenants_job_id_subjects_and_key_carry_the_tenant_as_a_token():
+    job = new_job_id("acme")
+    assert job.startswith("acme_j") and tenant_of(job) == "acme"
+    assert subjects.job_event(job, "submitted") == f"captionbus.job.acme.{job}.submitted"
+    assert subjects.job_events(job) == f"captionbus.job.acme.{job}.*"
+    assert subjects.job_key(job) == f"acme.{job}" and subjects.job_id_of_key(f"acme.{job}") == job
+    assert subjects.event_job_id(subjects.job_event(job, "completed")) == job
+    assert subjects.tenant_events("acme") == "captionbus.job.acme.>" and subjects.tenant_keys("acme") == "acme.>"
+
+
+@pytest.mark.parametrize("job", ["j19a-3f2c", "job-victim", "_x", "Acme_j1", "-a_j1", new_job_id()])
+def test_a_job_of_no_tenant_keeps_the_layout_it_had(job):
+    assert tenant_of(job) == NO_TENANT
+    assert subjects.job_event(job, "submitted") == f"captionbus.job.{job}.submitted"
+    assert subjects.job_key(job) == job and subjects.job_id_of_key(job) == job
+    assert subjects.event_job_id(subjects.job_event(job, "failed")) == job
+
+
+def test_trusted_readers_filter_both_layouts():
+    assert subjects.job_kind_all_jobs("completed") == ["captionbus.job.*.completed", "captionbus.job.*.*.completed"]
+    assert "captionbus.job.*.*.submitted" in subjects.coordinator_filters()
+    assert len(subjects.coordinator_filters()) == 2 * len(subjects.COORDINATOR_KINDS)
+
+
+@pytest.mark.parametrize("bad", ["-a", "A", "a.b", "a*", "a_b", "x" * 33])
+def test_a_tenant_name_is_one_plain_token(bad):
+    with pytest.raises(ValueError):
+        new_job_id(bad)
+    with pytest.raises(ValueError):
+        subjects.tenant_events(bad)
+
+
+def test_every_tenant_grant_names_the_tenant_before_any_wildcard():
+    """Publish grants that reach job data (events, job state, artifacts) hold the tenant token ahead
+    of the first `*` or `>`; the only grants with a wildcard and no tenant are flow control,
+    consumer info and delete (by a random consumer name) and `$SRV.>`."""
+    grants = tenant_permissions("acme", "_INBOX_acme_x")
+    assert grants["sub"] == {"allow": ["_INBOX_acme_x.>"]}
+    reach = [s for s in grants["pub"]["allow"] if re.search(r"captionbus\.job|cb_jobs|CB_EVENTS|cb_artifacts", s)
+             and not s.startswith(("$JS.FC.", "$JS.API.CONSUMER.INFO.", "$JS.API.CONSUMER.DELETE."))]
+    assert len(reach) == 10, reach  # 3 event kinds, 2 job-state reads, 1 event follow, 4 artifact grants
+    untenanted = set(grants["pub"]["allow"]) - set(reach)
+    assert all(s.startswith(("$JS.FC.", "$JS.API.CONSUMER.INFO.", "$JS.API.CONSUMER.DELETE.", "$SRV."))
+               or "*" not in s and ">" not in s for s in untenanted), untenanted
+    for subject in reach:
+        tokens = subject.split(".")
+        start = 0
+        if subject.startswith("$JS.API.CONSUMER.CREATE."):  # <stream>.<name>.<filter>: the name names, never filters
+            assert tokens[5] == "*", subject
+            start = 6
+        first_wildcard = min((i for i, t in enumerate(tokens) if t in ("*", ">") and i >= start), default=len(tokens))
+        assert "acme" in tokens[start:first_wildcard], subject
+    assert not [s for s in grants["pub"]["allow"] if "MSG.GET" in s]
+    assert not [s for s in grants["pub"]["allow"] if s.startswith("$JS.API.STREAM.INFO.") and
+                s.rsplit(".", 1)[1] in ("KV_cb_jobs", "CB_EVENTS", "OBJ_cb_artifacts")]
+    assert grants["pub"]["deny"] == ["$JS.API.CONSUMER.CREATE.CB_EVENTS.coordinator.>"]
+
+
+def test_a_client_user_is_a_tenant_of_its_name_and_must_be_able_to_name_one(tmp_path):
+    conf = tmp_path / "accounts.conf"
+    (tmp_path / "roles.conf").write_text(ROLES.read_text())
+    users = '{user: acme, password: a, permissions: $CLIENT}\n    {user: worker, password: w, permissions: $WORKER}'
+    conf.write_text(f"include ./roles.conf\nauthorization {{\n  users: [\n    {users}\n  ]\n}}\n")
+    read = read_users(conf)
+    assert read["acme"].tenant == "acme" and read["worker"].tenant is None
+    conf.write_text(conf.read_text().replace("user: acme", "user: Acme.Corp"))
+    with pytest.raises(ConfError, match="names its tenant"):
+        read_users(conf)
