@@ -7,8 +7,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import structlog
 
 from captionbus.server import EmbeddedServer
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_per_test():
+    """Each test starts from the process's logging config and leaves it as it found it. A CLI
+    command run in-process (click's runner) calls configure_logging, whose filtering wrapper then
+    drops every log line under its level for the rest of the run: structlog's capture_logs swaps
+    the processors, not the wrapper, so a later test that captured a coordinator's `warning`
+    (test_delivery_binding's "forged result refused") saw nothing after tests/unit's CLI tests
+    had set the level to ERROR (seen: it passed alone and failed after tests/unit)."""
+    config = structlog.get_config()
+    yield
+    structlog.configure(**config)
 
 
 @pytest.fixture
