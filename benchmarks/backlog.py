@@ -77,6 +77,32 @@ ENDINGS = ("before the storm arrived.", "on a cold Monday morning.", "while the 
            "near the harbour wall.", "after the long meeting.", "for the summer festival.",
            "without saying a single word.", "under the bright street lamps.", "in the middle of the market.",
            "just before midnight.")
+SILERO_VAD = r'''
+# The Silero VAD model faster-whisper bundles (ONNX), its defaults but speech cut at 30 s,
+# handed to whisperx's pipeline in place of pyannote's (whisperx's "silero" needs torch.hub).
+from collections import namedtuple
+from faster_whisper.vad import VadOptions, get_speech_timestamps
+from whisperx.vads import Vad
+span = namedtuple("span", "start end speaker")
+
+class Silero(Vad):
+    def __init__(self):
+        super().__init__(0.5)
+
+    def __call__(self, audio, **kwargs):
+        found = get_speech_timestamps(audio["waveform"].numpy()[0] if hasattr(audio["waveform"], "numpy")
+                                      else audio["waveform"], VadOptions(max_speech_duration_s=30))
+        return [span(s["start"] / 16000, s["end"] / 16000, None) for s in found]
+
+    @staticmethod
+    def preprocess_audio(audio):
+        return audio
+
+    @staticmethod
+    def merge_chunks(segments, chunk_size, onset=None, offset=None):
+        return Vad.merge_chunks(segments, chunk_size, onset=0.5, offset=None)
+
+'''
 BARE = r'''
 import json, os, sys, time
 args = json.loads(sys.argv[1])
@@ -85,31 +111,8 @@ torch.set_num_threads(args["threads"])
 t = time.perf_counter()
 model = whisperx.load_model(args["model"], device="cpu", compute_type="int8", language=args["language"],
                             vad_method="pyannote", threads=args["threads"], local_files_only=True)
+''' + SILERO_VAD + r'''
 if args["vad"] == "silero":
-    # The Silero VAD model faster-whisper bundles (ONNX), its defaults but speech cut at 30 s,
-    # handed to whisperx's pipeline in place of pyannote's (whisperx's "silero" needs torch.hub).
-    from collections import namedtuple
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
-    from whisperx.vads import Vad
-    span = namedtuple("span", "start end speaker")
-
-    class Silero(Vad):
-        def __init__(self):
-            super().__init__(0.5)
-
-        def __call__(self, audio, **kwargs):
-            found = get_speech_timestamps(audio["waveform"].numpy()[0] if hasattr(audio["waveform"], "numpy")
-                                          else audio["waveform"], VadOptions(max_speech_duration_s=30))
-            return [span(s["start"] / 16000, s["end"] / 16000, None) for s in found]
-
-        @staticmethod
-        def preprocess_audio(audio):
-            return audio
-
-        @staticmethod
-        def merge_chunks(segments, chunk_size, onset=None, offset=None):
-            return Vad.merge_chunks(segments, chunk_size, onset=0.5, offset=None)
-
     model.vad_model = Silero()
 print(json.dumps({"load_s": time.perf_counter() - t}), flush=True)
 started, cpu = time.perf_counter(), sum(os.times()[:4])  # this process and its ffmpeg children

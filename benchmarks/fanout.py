@@ -310,7 +310,13 @@ def cold_replicas(root: Path, film: Path) -> None:
 
 
 def memory(root: Path, long_film: Path, short: Path, chunk_s: float | None) -> None:
-    (t_short, short_peaks), (t_long, long_peaks) = (run_peaks(m, root, chunk_s) for m in (short, long_film))
+    runs = []
+    for media in (short, long_film):  # each run's peaks as it ends: a long film's run can outlast a session
+        runs.append(run_peaks(media, root, chunk_s))
+        wall, peaks = runs[-1]
+        print(f"{media.name}: {wall:.0f} s, load average {load_average()}, peak RSS (MB) "
+              + ", ".join(f"{name} {mb:.0f}" for name, mb in sorted(peaks.items())), flush=True)
+    (t_short, short_peaks), (t_long, long_peaks) = runs
     how = "" if chunk_s is None else f" --chunk-s {chunk_s:g}"
     print(f"\npeak RSS (MB) of each process of `captionbus run FILM -s en{how}` (the default workflow), "
           f"{short.name} ({t_short:.0f} s) vs {long_film.name} ({t_long:.0f} s):")
@@ -336,7 +342,7 @@ def main() -> None:
     # (or each timed run would build its environments first).
     os.environ.setdefault("CAPTIONBUS_MODELS", str(load().models_dir))
     os.environ.setdefault("CAPTIONBUS_ENVS", str(load().envs_dir))
-    print(f"load average before: {load_average()} ({os.cpu_count()} cores)")
+    print(f"load average before: {load_average()} ({os.cpu_count()} cores)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.memory:
