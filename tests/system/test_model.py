@@ -24,11 +24,13 @@ against it as they check a real one."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import random
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ HISTORY_SAMPLE = 3
 REPORT = os.environ.get("CAPTIONBUS_MODEL_REPORT")  # a file for the invariant table (benchmarks/model.py)
 QUIET_S = 60.0  # a job's deadline: terminal this long after the last operation
 ACK_WAIT_S = 5.0  # a killed worker's request comes back this soon
+STUCK_S = 120.0  # one step (an operation, a quiet point) longer than this: the watchdog says where
 FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0)]
 WORKFLOWS = {"pair": {"name": "pair", "nodes": {
     "first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"], "params": {"sleep_s": 3}},
@@ -120,15 +123,46 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
     tally = Tally()
     started = time.monotonic()
 
+    step = ["starting the stack", time.monotonic()]  # what main() awaits now, since when
+
+    async def watchdog():
+        """Says where main() waits when one step takes over STUCK_S: one full run (7 December 2026,
+        1170 tests) spent 751 s here, silent, after a worker's kill -9 and restart, then passed;
+        alone it takes 30-40 s and the hang did not come back in four runs. The stacks of every task
+        go to stuck-<seed>.txt beside the test's logs and a warning names the step (pytest's
+        warnings summary shows it even when the test passes)."""
+        reported = None
+        while True:
+            await asyncio.sleep(5)
+            what, since = step
+            if time.monotonic() - since > STUCK_S and reported != (what, since):
+                reported = (what, since)
+                out = io.StringIO()
+                for task in asyncio.all_tasks():
+                    print(f"--- {task.get_name()}: {task.get_coro()}", file=out)
+                    task.print_stack(file=out)
+                path = tmp_path / f"stuck-{seed}.txt"
+                path.write_text(f"{what}: {time.monotonic() - since:.0f} s\nlog: {log}\n{out.getvalue()}")
+                warnings.warn(f"test_model seed {seed}: {what!r} has taken over {STUCK_S:.0f} s; "
+                              f"task stacks in {path}", stacklevel=1)
+
     async def main():
-        async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows=WORKFLOWS, hooks=hooks,
-                              secret=SECRET, ack_wait=ACK_WAIT_S) as stack:
-            stack.env.update(CAPTIONBUS_CONFIG=str(config), CAPTIONBUS_ARTIFACTS_MODE="object")
-            for n in range(OPS):
-                await operate(stack, n)
-                if (n + 1) % CHECK_EVERY == 0 and n + 1 < OPS:
-                    await check(stack, final=False)
-            await check(stack, final=True)
+        guard = asyncio.create_task(watchdog())
+        try:
+            async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows=WORKFLOWS, hooks=hooks,
+                                  secret=SECRET, ack_wait=ACK_WAIT_S) as stack:
+                stack.env.update(CAPTIONBUS_CONFIG=str(config), CAPTIONBUS_ARTIFACTS_MODE="object")
+                for n in range(OPS):
+                    step[:] = [f"operation {n} (after {log[-1:]})", time.monotonic()]
+                    await operate(stack, n)
+                    if (n + 1) % CHECK_EVERY == 0 and n + 1 < OPS:
+                        step[:] = [f"quiet point after operation {n}", time.monotonic()]
+                        await check(stack, final=False)
+                step[:] = ["the final quiet point", time.monotonic()]
+                await check(stack, final=True)
+                step[:] = ["stopping the stack", time.monotonic()]
+        finally:
+            guard.cancel()
 
     async def submit(stack: LocalStack, n: int, via_cli: bool) -> None:
         fails = rng.random() < 0.25
