@@ -10,7 +10,6 @@ the test allows 10 % (the issue's goal)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
