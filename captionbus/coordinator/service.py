@@ -95,12 +95,12 @@ from captionbus.contracts import (
     request_key,
     subjects,
 )
-from captionbus.contracts.events import JobEvent
+from captionbus.contracts.events import JobEvent, JobSubmitted
 from captionbus.contracts.jobs import utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.core import settings as settings_mod
-from captionbus.core.bus import event_msg_id, provision, publish_event, through_failover
+from captionbus.core.bus import provision, publish_event, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 
@@ -187,6 +187,22 @@ async def _stored(publish: Callable[[], Awaitable[Any]]) -> None:
             if e.err_code != DUPLICATE_IN_PROCESS or pause is None:
                 raise
             await asyncio.sleep(pause)
+
+
+def misfiled_event(subject: str, event: JobEvent) -> str | None:
+    """Why an event may not be applied as it arrived on `subject`, or None. The bus authorises a
+    publisher by the subject alone (a tenant: `captionbus.job.<tenant>.*.cancel_requested`), so
+    a body naming another job (another tenant's, or one of no tenant) on a subject the publisher
+    may use is refused here, and a submit's spec must be of the job it submits."""
+    try:
+        expected = subjects.job_event(event.job_id, event.kind)
+    except ValueError as e:
+        return str(e)
+    if subject != expected:
+        return f"its body is about job {event.job_id!r} ({event.kind}) but it came on {subject!r}"
+    if isinstance(event, JobSubmitted) and event.spec.job_id != event.job_id:
+        return f"it submits job {event.job_id!r} with the spec of {event.spec.job_id!r}"
+    return None
 
 
 def events_consumer_config() -> ConsumerConfig:
@@ -487,6 +503,12 @@ class Coordinator:
             event = parse_event(msg.data)
         except ValidationError as e:
             log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
+            await msg.term()
+            return
+        if misfiled := misfiled_event(msg.subject, event):
+            # Permissions see the subject, not the body: a tenant may publish only on its own jobs'
+            # subjects, so an event is about the job its subject names or it is not applied.
+            log.warning("job event refused", subject=msg.subject, job_id=event.job_id, reason=misfiled)
             await msg.term()
             return
         try:
@@ -839,10 +861,9 @@ class Coordinator:
                 continue
 
             async def publish(event: JobEvent = event) -> None:
-                ack = await self.js.publish_async(
-                    subjects.job_event(event.job_id, event.kind), event.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": event_msg_id(event, secret=self.policy.result_secret)})
-                await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+                # js.publish, bounded as a whole: publish_async's permit wait has no bound (a
+                # publish that raised after registering its ack never gives its permit back)
+                await asyncio.wait_for(self._publish_event(event), PUBLISH_TIMEOUT_S)
 
             try:
                 await _stored(publish)

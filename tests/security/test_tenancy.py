@@ -17,6 +17,7 @@ from pathlib import Path
 from captionbus import client
 from captionbus.client import acting_for
 from captionbus.contracts import JobCancelRequested, JobRetryRequested, JobSubmitted, subjects
+from captionbus.contracts.ids import new_job_id
 from captionbus.core.artifacts import ArtifactMissing, ArtifactStore
 from captionbus.core.artifacts.transfer import ObjectBucket
 from tests.security.attacks import meta_subject
@@ -135,6 +136,18 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
                     acted[name] = "acked"
                 except Exception as error:  # noqa: BLE001
                     acted[name] = type(error).__name__
+            # the same acts smuggled on subjects the rival may publish (its own jobs'): the server
+            # stores them, the coordinator must not apply a body about another tenant's job
+            planted = new_job_id("client")
+            smuggled = {
+                "retry on its own subject": (subjects.job_event(new_job_id("rival"), "retry_requested"),
+                                             JobRetryRequested(job_id=vid)),
+                "submit into the victim's tenant": (
+                    subjects.job_event(new_job_id("rival"), "submitted"),
+                    JobSubmitted(job_id=planted, spec=victim.spec.model_copy(update={"job_id": planted}))),
+            }
+            for subject, event in smuggled.values():
+                await rjs.publish(subject, event.model_dump_json().encode(), timeout=2)
             # through captionbus.client as the rival tenant
             with acting_for("rival"):
                 rivals_view = await client.list_jobs(rjs)
@@ -157,9 +170,10 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
                 events = [e.kind async for e in client.follow(fleet.js["client"], vid)]
             again = await fleet.fetch(after)
             return (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen,
-                    (good.nuid, pointed))
+                    (good.nuid, pointed), planted)
 
-    (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen, (nuid, pointed)) = \
+    (vid, got, spied, acted, rivals_view, own, after, listed, events, again, victim_bytes, stolen, (nuid, pointed),
+     planted) = \
         asyncio.run(asyncio.wait_for(main(), 150))
     assert nuid.startswith("client.") and pointed is None
     assert isinstance(stolen, str) and "not in" in stolen, stolen
@@ -173,6 +187,8 @@ def test_a_tenant_cannot_list_read_follow_cancel_or_retry_another_tenants_job(tm
     assert own_bytes["job.input"] == own_input
     # the victim's job is as it was, listed, followed and fetched by its tenant
     assert after.status.value == "completed" and after.error is None
+    assert planted not in [s.job_id for s in listed]  # the smuggled submit made no job in its tenant
+    assert events.count("started") == 1  # the smuggled retry did not restart it
     assert [s.job_id for s in listed] == [vid]
     assert events[0] == "submitted" and events[-1] == "completed" and "cancel_requested" not in events
     assert again == victim_bytes
