@@ -86,6 +86,11 @@ ALLOWED_DEMUXERS = (
 FORMAT_WHITELIST = ",".join(ALLOWED_DEMUXERS)
 INPUT_GUARD = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
 
+# The pipeline's audio: every stage after demux reads 16 kHz mono 16-bit PCM WAV (whisper's and
+# pyannote's rate), and a known speaker's reference clip is converted to the same.
+SAMPLE_RATE = 16000
+WAV_16K_MONO = ["-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le"]
+
 
 def file_url(path: Path) -> str:
     """`file:` URL for ffmpeg: absolute, so '-name.mp4' or 'a:b.mp4' are plain file names."""

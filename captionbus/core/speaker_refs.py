@@ -86,7 +86,7 @@ def convert(source: Path, dest: Path, what: str) -> Path:
         done = subprocess.run(
             [mediatools.ffmpeg_path(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
              *mediatools.INPUT_GUARD, "-i", mediatools.file_url(source), "-t", str(DECODE_LIMIT_S), "-vn",
-             "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", mediatools.file_url(dest)],
+             *mediatools.WAV_16K_MONO, "-f", "wav", mediatools.file_url(dest)],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, check=False)
     except mediatools.MediaToolMissing as e:
         raise ReferenceError(f"{what}: {e}") from None

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from captionbus.core.mediatools import SAMPLE_RATE
 from captionbus.services.runtime.errors import BadInput
 
-SAMPLE_RATE = 16000
 # The asr stage decodes speech regions widened by this much on each side (VAD edges clip soft
 # word edges), grouped greedily into windows of at most WHISPER_WINDOW_S (whisperx's
 # merge_chunks). The chunk stage replicates that grouping to cut a film only where the whole

@@ -6,7 +6,7 @@ crafted "video" could read any file on the worker. Every call here therefore
   - runs ffmpeg with an argument list, never a shell string;
   - passes each input as a `file:` URL of its resolved absolute path, so names starting with '-'
     or containing ':' are not read as options or protocols;
-  - allows only the `file` protocol and only the container demuxers in ALLOWED_DEMUXERS
+  - allows only the `file` protocol and only the container demuxers in mediatools.ALLOWED_DEMUXERS
     (libavformat checks both before a demuxer reads its header, so a playlist is refused before
     it can open anything);
   - uses -nostdin and a timeout.
@@ -33,9 +33,6 @@ from captionbus.services.runtime.errors import BadInput
 
 # The input guard (which demuxers and protocols an input may use) is core.mediatools': the gateway
 # converts known-speaker clips with it too.
-ALLOWED_DEMUXERS, FORMAT_WHITELIST, INPUT_GUARD = (
-    mediatools.ALLOWED_DEMUXERS, mediatools.FORMAT_WHITELIST, mediatools.INPUT_GUARD)
-file_url = mediatools.file_url
 
 PROBE_TIMEOUT_S = 60
 
@@ -121,7 +118,7 @@ def _sniff_kind(path: Path) -> str | None:
 # `-show_format -show_streams` JSON that ProbeResult and the stages read. A child process, so a
 # hostile file that hangs or crashes libavformat costs a timeout, not the worker. Codec names are
 # libavcodec's canonical ones (`mp3`, not the decoder name `mp3float`), as ffprobe prints them.
-_PYAV_GUARD = {"protocol_whitelist": "file", "format_whitelist": FORMAT_WHITELIST}
+_PYAV_GUARD = {"protocol_whitelist": "file", "format_whitelist": mediatools.FORMAT_WHITELIST}
 _PYAV_PROBE = r"""
 import json, sys
 import av
@@ -178,11 +175,11 @@ def probe(path: Path, display_name: str | None = None) -> ProbeResult:
     ffprobe = mediatools.ffprobe_path()
     if ffprobe:
         args = [
-            ffprobe, "-v", "error", *INPUT_GUARD,
-            "-print_format", "json", "-show_format", "-show_streams", file_url(path),
+            ffprobe, "-v", "error", *mediatools.INPUT_GUARD,
+            "-print_format", "json", "-show_format", "-show_streams", mediatools.file_url(path),
         ]
     elif importlib.util.find_spec("av") is not None:
-        args = [sys.executable, "-c", _PYAV_PROBE, json.dumps({"url": file_url(path), "guard": _PYAV_GUARD})]
+        args = [sys.executable, "-c", _PYAV_PROBE, json.dumps({"url": mediatools.file_url(path), "guard": _PYAV_GUARD})]
     else:  # not the file's fault: say what this worker lacks, not "not a media file"
         raise mediatools.MediaToolMissing(
             "ffprobe not found and PyAV is not installed in this environment: `captionbus envs create common`, "
@@ -231,12 +228,12 @@ def _last_line(stderr: bytes | str | None) -> str:
 def guarded_input(probe_result: ProbeResult) -> list[str]:
     """Input arguments for a file that was probed: same demuxer forced with -f, so the file
     cannot turn into something else between probe and use."""
-    return [*INPUT_GUARD, "-f", probe_result.demuxer, "-i", file_url(probe_result.path)]
+    return [*mediatools.INPUT_GUARD, "-f", probe_result.demuxer, "-i", mediatools.file_url(probe_result.path)]
 
 
 def plain_input(path: Path, demuxer: str) -> list[str]:
     """Input arguments for a file we wrote ourselves (e.g. an SRT), still guarded."""
-    return ["-protocol_whitelist", "file", "-f", demuxer, "-i", file_url(path)]
+    return ["-protocol_whitelist", "file", "-f", demuxer, "-i", mediatools.file_url(path)]
 
 
 class FfmpegFailed(Exception):

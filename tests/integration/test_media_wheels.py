@@ -28,7 +28,7 @@ for name, path in json.loads(sys.argv[1]).items():
         out["probes"][name] = {"error": str(e)}
 wav = Path(sys.argv[2])
 media.run_ffmpeg([*media.guarded_input(media.probe(Path(json.loads(sys.argv[1])["video"]))),
-                  "-vn", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", media.file_url(wav)],
+                  "-vn", *mediatools.WAV_16K_MONO, "-f", "wav", mediatools.file_url(wav)],
                  duration=None, timeout_s=120)
 out["decoded_s"] = media.wav_duration(wav)
 print("RESULT " + json.dumps(out))

@@ -56,12 +56,11 @@ from captionbus.contracts.languages import UnknownLanguage, check_language
 from captionbus.contracts.transcript import Segment, Transcript, Word
 from captionbus.core import settings as core_settings
 from captionbus.core.hardware import usable_cores
-from captionbus.services.audio import read_wav, wav_duration
+from captionbus.services.audio import SAMPLE_RATE, read_wav, wav_duration
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 from captionbus.services.runtime.options import default_device
 
-SAMPLE_RATE = 16000
 RETRY_FAILED_LOAD_S = 600.0
 # whisperx aligns these languages character by character (no spaces between words).
 LANGUAGES_WITHOUT_SPACES = ("ja", "zh")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from captionbus.contracts import StageRequest
 from captionbus.contracts.declarations.demux import DEMUX, DemuxParams
+from captionbus.core import mediatools
 from captionbus.services import media
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
-SAMPLE_RATE = 16000
 # A decode that yields much less audio than the container promises means the file is cut
 # short (interrupted download) or damaged; tolerate small container/stream length mismatches.
 MIN_DECODED_FRACTION = 0.9
@@ -51,9 +51,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     args = [
         *media.guarded_input(probed),
         "-map", f"0:{stream['index']}", "-vn", "-sn", "-dn",
-        "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le",
+        *mediatools.WAV_16K_MONO,
         # RF64 only when the WAV would pass 4 GiB (about 37 hours at 16 kHz mono).
-        "-rf64", "auto", "-f", "wav", media.file_url(audio_path),
+        "-rf64", "auto", "-f", "wav", mediatools.file_url(audio_path),
     ]
     try:
         media.run_ffmpeg(

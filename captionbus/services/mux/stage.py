@@ -23,6 +23,7 @@ from pathlib import Path
 from captionbus.contracts import StageRequest
 from captionbus.contracts.declarations.mux import MUX, MuxParams
 from captionbus.contracts.languages import LANGUAGES, UnknownLanguage, check_language
+from captionbus.core import mediatools
 from captionbus.services import media
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
@@ -72,7 +73,7 @@ def mux_args(probed: media.ProbeResult, subtitles: list[Path], languages: list[s
         args += [f"-disposition:s:{i}", "default" if i == 0 else "0"]
     if container == "mp4":
         args += ["-movflags", "+faststart"]
-    args += ["-f", muxer, media.file_url(out)]
+    args += ["-f", muxer, mediatools.file_url(out)]
     return args
 
 

@@ -15,10 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from captionbus.services.audio import WAV_HEADER_ERRORS
+from captionbus.services.audio import SAMPLE_RATE, WAV_HEADER_ERRORS
 from captionbus.services.runtime import BadInput
 
-SAMPLE_RATE = 16000
 SAMPLE_WIDTH = 2
 SCAN_BLOCK_FRAMES = 1 << 20  # 65 s of audio per read in the checking pass
 
