@@ -16,10 +16,7 @@ diarization stage ran."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from captionbus.coordinator.service import Coordinator
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import Settings
-from tests.gatewaytools import free_port
+from tests.dashboardtools import lane_of, start_dashboard
 from tests.integration.test_coordinator import INPUT, POLICY, FakeWorker, publish_event
 from tests.natsroles import roles_server, violations
 
@@ -108,32 +105,6 @@ def run_jobs(urls: dict[str, str], home: Path) -> list[str]:
 
     store = None
     return asyncio.run(go())
-
-
-def start_dashboard(url: str, home: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "captionbus", "dashboard", "--listen", f"127.0.0.1:{port}", *args],
-                               env={**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(home)},
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-
-
-def lane_of(base: str, job_id: str) -> dict:
-    """The job's lane once the dashboard's copy of the job state has it (it follows the KV)."""
-    deadline = time.monotonic() + 20
-    while (answer := httpx.get(f"{base}/api/jobs/{job_id}/speakers", timeout=10)).status_code == 404 \
-            and "no completed diarization node" in answer.text and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return answer
 
 
 def test_the_read_only_dashboard_shows_who_speaks_when_from_the_job_state(tmp_path):
