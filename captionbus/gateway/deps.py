@@ -25,11 +25,26 @@ bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="`captionbus gateway add-key NAME --keys FILE` prints a key; send it as Bearer.")
 
 
-def principal(gw: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    return gw.caller(credentials.credentials if credentials else None)
+def bearer_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
+    return credentials.credentials if credentials else None
+
+
+BearerKey = Annotated[str | None, Depends(bearer_key)]
+
+
+def principal(gw: GatewayDep, key: BearerKey) -> Caller:
+    return gw.caller(key)
 
 
 CallerDep = Annotated[Caller, Depends(principal)]
+
+
+def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:
+    """The caller, or None without a (known) key: for the routes open to anyone (/readyz)."""
+    return gw.known(key)
+
+
+MaybeCallerDep = Annotated[Caller | None, Depends(maybe_principal)]
 
 
 def jetstream(gw: GatewayDep) -> JetStreamContext:
@@ -39,10 +54,17 @@ def jetstream(gw: GatewayDep) -> JetStreamContext:
 JetStream = Annotated[JetStreamContext, Depends(jetstream)]
 
 
-def slot(gw: GatewayDep, caller: CallerDep):
-    """The caller's request slot (429 past --concurrency), held until the answer is made."""
-    with gw.limiter.slot(caller.name):
+async def slot(gw: GatewayDep, caller: CallerDep):
+    """The caller's request slot (429 past --concurrency), held until the answer is sent (an SSE
+    stream's: until it ends or its client goes). `async def`, so FastAPI runs it on the event
+    loop, never in its thread pool: state.Limiter has no lock and needs none. A route that takes
+    a slot and a job (`OwnedJob`) names the slot first: FastAPI resolves dependencies in the
+    order of the parameters, and a caller over its limit is refused before any bus read."""
+    gw.limiter.acquire(caller.name)
+    try:
         yield
+    finally:
+        gw.limiter.release(caller.name)
 
 
 Slot = Annotated[None, Depends(slot)]

@@ -2,14 +2,11 @@
 it is on the bus (503 until then, and while NATS is away; the reason only to a caller with a key)."""
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from captionbus.gateway.deps import CallerDep, GatewayDep, bearer
+from captionbus.gateway.deps import CallerDep, GatewayDep, MaybeCallerDep
 from captionbus.gateway.schemas import Health
 from captionbus.web.auth import not_ready_for_outsiders
 from captionbus.web.errors import ApiError, documented
@@ -23,11 +20,10 @@ async def healthz():
 
 
 @router.get("/readyz", response_model=Health, responses=documented(503))
-async def readyz(gw: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+async def readyz(gw: GatewayDep, caller: MaybeCallerDep):
     """Open to probes: 200 once on the bus, else 503; the reason (`bus unavailable: <why>`) only
     to a caller with a key, or on a keyless (loopback) gateway."""
-    if not gw.link.ready and gw.config.keys is not None and gw.config.keys.caller(
-            credentials.credentials if credentials else None) is None:
+    if not gw.link.ready and caller is None:
         raise ApiError(503, not_ready_for_outsiders("the gateway"))
     gw.js()  # 503 "bus unavailable: <why>" until connected
     return Health()

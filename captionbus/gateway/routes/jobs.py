@@ -130,7 +130,7 @@ def resume_after(last_event_id: str | None) -> int:
 
 @router.get("/{job_id}/events", responses={**documented(400, 429), 200: {"content": {"text/event-stream": {}},
                                                  "description": "id: stream sequence, event: kind, data: the event"}})
-async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream, _slot: Slot,
+async def events(request: Request, _slot: Slot, state: OwnedJob, gw: GatewayDep, js: JetStream,
                  last_event_id: str | None = Header(None)):
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
     its stream sequence: reconnect with `Last-Event-ID` to resume after it. A stream is one of
