@@ -47,7 +47,7 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
     file = read_gateway_file(config_file)
     allow = [*webhook_allow, *file.webhook_allow]
     secret = load().webhook_secret
-    if (allow or file.subscribers) and not secret:
+    if (allow or file.subscribers or file.key_webhook_allow) and not secret:
         raise click.ClickException("webhooks need CAPTIONBUS_WEBHOOK_SECRET (the HMAC key receivers check)")
     for subscriber in file.subscribers:
         try:
@@ -59,10 +59,14 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
         ring = KeyRing.load(keys) if keys is not None else None
     except (OSError, ValueError) as e:
         raise click.ClickException(f"API keys: {e}") from None
+    unknown = sorted(set(file.key_webhook_allow) - set(ring.hashes if ring is not None else ()))
+    if unknown:
+        raise click.ClickException(f"gateway config {config_file}: key_webhook_allow names {unknown[0]!r}, "
+                                   "which is not a key of --keys")
     return GatewayConfig(
         settings=settings, nats_url=resolve_url(settings), keys=ring,
         max_upload_bytes=max_upload_mb * 1024 * 1024, concurrency_per_key=concurrency,
-        inputs_dir=inputs, webhook_allow=allow,
+        inputs_dir=inputs, webhook_allow=allow, key_webhook_allow=file.key_webhook_allow,
         webhook_secret=secret.encode() if secret else None, job_timeout_s=job_timeout,
         webhook_subscribers=file.subscribers, webhook_lease_s=file.webhook_lease_s,
         webhook_catchup_s=file.webhook_catchup_s,
@@ -122,9 +126,10 @@ def gateway(ctx, listen: str, keys: Path | None, max_upload_mb: int, concurrency
 @click.argument("name")
 @click.option("--keys", type=click.Path(path_type=Path, dir_okay=False), required=True, help="API key file.")
 @click.option("--admin", is_flag=True, help="The key sees and acts on every job (default: only the jobs it submitted).")
-def add_key_command(name: str, keys: Path, admin: bool) -> None:
+@click.option("--metrics", is_flag=True, help="The key reads /metrics and nothing else (a Prometheus scraper's).")
+def add_key_command(name: str, keys: Path, admin: bool, metrics: bool) -> None:
     """Make a key NAME, append its hash to FILE and print the key (shown only this once)."""
     try:
-        click.echo(add_key(keys, name, admin=admin))
+        click.echo(add_key(keys, name, admin=admin, metrics=metrics))
     except ValueError as e:
         raise click.ClickException(str(e)) from None

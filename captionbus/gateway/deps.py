@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from captionbus.gateway.forms import Form, read_form
 from captionbus.gateway.keys import Caller
 from captionbus.gateway.state import Gateway
+from captionbus.web.errors import ApiError
 from captionbus.contracts import JobState
 
 
@@ -33,10 +34,28 @@ BearerKey = Annotated[str | None, Depends(bearer_key)]
 
 
 def principal(gw: GatewayDep, key: BearerKey) -> Caller:
-    return gw.caller(key)
+    """The caller of every route but /metrics and the probes: 401 without a known key, 403 for a
+    scraper's key (keys.METRICS), which reads /metrics only."""
+    caller = gw.caller(key)
+    if caller.metrics_only:
+        raise ApiError(403, f"key {caller.name!r} is a metrics key: it reads /metrics only")
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(principal)]
+
+
+def metrics_reader(gw: GatewayDep, key: BearerKey) -> Caller:
+    """An admin or metrics key (any caller of a keyless gateway): /metrics counts every key's
+    requests and the gateway's deliveries, the operator's business, not a tenant's."""
+    caller = gw.caller(key)
+    if not (caller.admin or caller.metrics_only):
+        raise ApiError(403, f"key {caller.name!r} may not read /metrics: it needs an admin key or a metrics key "
+                            "(`captionbus gateway add-key NAME --metrics`)")
+    return caller
+
+
+MetricsReader = Annotated[Caller, Depends(metrics_reader)]
 
 
 def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:

@@ -91,6 +91,7 @@ class GatewayConfig:
     concurrency_per_key: int = 8
     inputs_dir: Path | None = None  # jobs may name files under it instead of uploading
     webhook_allow: list[str] = field(default_factory=list)
+    key_webhook_allow: dict[str, list[str]] = field(default_factory=dict)  # a key's own callback_url prefixes
     webhook_secret: bytes | None = None
     job_timeout_s: float = 3600.0  # the OpenAI endpoints answer when the job ends, or give up
     webhook_subscribers: list[Subscriber] = field(default_factory=list)  # every job's events go to these
@@ -174,9 +175,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.webhook_client = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
         self.dispatcher = None
-        if config.webhook_allow and config.webhook_secret is not None:
+        if (config.webhook_allow or config.key_webhook_allow) and config.webhook_secret is not None:
             self.dispatcher = Dispatcher(
                 DispatchConfig(secret=config.webhook_secret, allow=config.webhook_allow,
+                               key_allow=config.key_webhook_allow,
                                subscribers=config.webhook_subscribers, lease_s=config.webhook_lease_s,
                                catchup_s=config.webhook_catchup_s),
                 self.webhook_client, job_events, observe=self.metrics.delivery)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from captionbus.gateway.deps import CallerDep, GatewayDep, MaybeCallerDep
+from captionbus.gateway.deps import GatewayDep, MaybeCallerDep, MetricsReader
 from captionbus.gateway.schemas import Health
 from captionbus.web.auth import not_ready_for_outsiders
 from captionbus.web.errors import ApiError, documented
@@ -29,11 +29,14 @@ async def readyz(gw: GatewayDep, caller: MaybeCallerDep):
     return Health()
 
 
-@router.get("/metrics", response_class=Response, responses={**documented(401), 200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(gw: GatewayDep, caller: CallerDep):
+@router.get("/metrics", response_class=Response,
+            responses={**documented(401, 403), 200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(gw: GatewayDep, reader: MetricsReader):
     """Prometheus text: captionbus_gateway_requests_total{method,route,status},
-    captionbus_gateway_request_seconds (histogram), captionbus_gateway_webhook_deliveries_total{outcome},
-    captionbus_gateway_webhook_failed_attempts_total. Needs a key where keys are on."""
-    del caller
+    captionbus_gateway_request_seconds (histogram), captionbus_gateway_requests_in_flight,
+    captionbus_gateway_webhook_deliveries_total{outcome}, captionbus_gateway_webhook_failed_attempts_total.
+    Where keys are on, an admin key or a metrics key (`add-key NAME --metrics`) reads it; an
+    ordinary key gets 403. No label names a key or a job: route templates, statuses, outcomes."""
+    del reader
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
