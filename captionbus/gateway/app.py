@@ -5,7 +5,7 @@ from the coordinator's KV record and the events stream, so any gateway answers f
 the gateway can restart without losing one. Only webhook deliveries in flight live in a gateway's
 memory (see `webhooks.py`).
 
-FastAPI in its own idiom: one `APIRouter` per domain (`routes/`: jobs, openai, webhooks, health),
+FastAPI in its own idiom: one `APIRouter` per domain (`routes/`: jobs, openai, webhooks, health, docs),
 dependencies for the caller, the bus, the per-key limit and the streamed form (`deps.py`),
 pydantic response models (`schemas.py`), and the bearer scheme in the OpenAPI document. What the
 routes share is one `Gateway` (`state.py`); every refusal is `{"error": ...}` (captionbus/web/errors.py).
