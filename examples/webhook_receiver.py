@@ -7,7 +7,10 @@ library only, so it can be copied anywhere. Events of one job arrive in order, o
 (`X-Captionbus-Sequence` grows); a non-2xx answer makes the gateway retry with backoff, and a
 gateway that dies between your 2xx and recording it makes another gateway send that event again:
 delivery is at-least-once, so a receiver treats a repeated `X-Captionbus-Delivery`
-(`<job>.<subscriber>.<sequence>`) as already handled (this one skips it).
+(`<job>.<subscriber>.<sequence>`) as already handled (this one skips it). One secret signs the events
+of every API key's jobs, and another key may aim its job's `callback_url` at your URL where the
+gateway's allow-list lets it: the event's `owner` (the key's name, in the signed body; also the
+header `X-Captionbus-Owner`) says whose job it is, so act only on your key's.
 """
 from __future__ import annotations
 

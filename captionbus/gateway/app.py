@@ -5,7 +5,7 @@ from the coordinator's KV record and the events stream, so any gateway answers f
 the gateway can restart without losing one. Only webhook deliveries in flight live in a gateway's
 memory (see `webhooks.py`).
 
-FastAPI in its own idiom: one `APIRouter` per domain (`routes/`: jobs, openai, webhooks, health),
+FastAPI in its own idiom: one `APIRouter` per domain (`routes/`: jobs, openai, webhooks, health, docs),
 dependencies for the caller, the bus, the per-key limit and the streamed form (`deps.py`),
 pydantic response models (`schemas.py`), and the bearer scheme in the OpenAPI document. What the
 routes share is one `Gateway` (`state.py`); every refusal is `{"error": ...}` (captionbus/web/errors.py).
@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from captionbus.gateway.ends import job_events
 from captionbus.gateway.metrics import MetricsMiddleware
-from captionbus.gateway.routes import health, jobs, openai, webhooks
+from captionbus.gateway.routes import docs, health, jobs, openai, webhooks
 from captionbus.gateway.state import GatewayConfig, Gateway
 from captionbus.web import errors
 from captionbus.web.auth import LoopbackOnly
@@ -42,6 +42,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             await gateway.stop()
 
     app = FastAPI(title="captionbus gateway", version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None,  # routes/docs.py serves them, as config.docs says
                   description="Job API, OpenAI-compatible audio endpoints and webhooks over the captionbus bus. "
                               "Authorize with an API key (`captionbus gateway add-key NAME --keys FILE`); "
                               "a key sees its own jobs only, an admin key every job.")
@@ -49,6 +50,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     errors.install(app)
     for module in (jobs, webhooks, openai, health):
         app.include_router(module.router)
+    docs.install(app, config.docs or ("open" if config.keys is None else "key"))
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)
     if config.keys is None:  # no keys: loopback's one trusted user, never a web page's (web.auth.LoopbackOnly)
         app.add_middleware(LoopbackOnly, what="this gateway")

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from captionbus.gateway.forms import Form, read_form
 from captionbus.gateway.keys import Caller
 from captionbus.gateway.state import Gateway
+from captionbus.web.errors import ApiError
 from captionbus.contracts import JobState
 
 
@@ -25,11 +26,44 @@ bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="`captionbus gateway add-key NAME --keys FILE` prints a key; send it as Bearer.")
 
 
-def principal(gw: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    return gw.caller(credentials.credentials if credentials else None)
+def bearer_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
+    return credentials.credentials if credentials else None
+
+
+BearerKey = Annotated[str | None, Depends(bearer_key)]
+
+
+def principal(gw: GatewayDep, key: BearerKey) -> Caller:
+    """The caller of every route but /metrics and the probes: 401 without a known key, 403 for a
+    scraper's key (keys.METRICS), which reads /metrics only."""
+    caller = gw.caller(key)
+    if caller.metrics_only:
+        raise ApiError(403, f"key {caller.name!r} is a metrics key: it reads /metrics only")
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(principal)]
+
+
+def metrics_reader(gw: GatewayDep, key: BearerKey) -> Caller:
+    """An admin or metrics key (any caller of a keyless gateway): /metrics counts every key's
+    requests and the gateway's deliveries, the operator's business, not a tenant's."""
+    caller = gw.caller(key)
+    if not (caller.admin or caller.metrics_only):
+        raise ApiError(403, f"key {caller.name!r} may not read /metrics: it needs an admin key or a metrics key "
+                            "(`captionbus gateway add-key NAME --metrics`)")
+    return caller
+
+
+MetricsReader = Annotated[Caller, Depends(metrics_reader)]
+
+
+def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:
+    """The caller, or None without a (known) key: for the routes open to anyone (/readyz)."""
+    return gw.known(key)
+
+
+MaybeCallerDep = Annotated[Caller | None, Depends(maybe_principal)]
 
 
 def jetstream(gw: GatewayDep) -> JetStreamContext:
@@ -39,10 +73,17 @@ def jetstream(gw: GatewayDep) -> JetStreamContext:
 JetStream = Annotated[JetStreamContext, Depends(jetstream)]
 
 
-def slot(gw: GatewayDep, caller: CallerDep):
-    """The caller's request slot (429 past --concurrency), held until the answer is made."""
-    with gw.limiter.slot(caller.name):
+async def slot(gw: GatewayDep, caller: CallerDep):
+    """The caller's request slot (429 past --concurrency), held until the answer is sent (an SSE
+    stream's: until it ends or its client goes). `async def`, so FastAPI runs it on the event
+    loop, never in its thread pool: state.Limiter has no lock and needs none. A route that takes
+    a slot and a job (`OwnedJob`) names the slot first: FastAPI resolves dependencies in the
+    order of the parameters, and a caller over its limit is refused before any bus read."""
+    gw.limiter.acquire(caller.name)
+    try:
         yield
+    finally:
+        gw.limiter.release(caller.name)
 
 
 Slot = Annotated[None, Depends(slot)]

@@ -32,7 +32,7 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, get_args
 
@@ -96,7 +96,8 @@ class Record(BaseModel):
     events: list[str] | None = None
     cursor: int = 0
     done: bool = False
-    owner: str | None = None
+    owner: str | None = None  # the gateway delivering it (its lease)
+    job_owner: str | None = None  # the API key's name the job belongs to (JobSpec.owner); None: no key
     lease_until: float = 0.0
     deliveries: list[dict[str, Any]] = Field(default_factory=list)
     dropped: int = 0
@@ -104,6 +105,19 @@ class Record(BaseModel):
     def view(self) -> dict:
         return {"subscriber": self.subscriber, "url": self.url, "events": self.events, "cursor": self.cursor,
                 "done": self.done, "deliveries": self.deliveries, "older_deliveries_not_kept": self.dropped}
+
+
+def event_body(event, job_owner: str | None) -> bytes:
+    """What a subscriber is POSTed: the event's JSON, plus `owner`, the name of the API key whose
+    job it is (never the key itself), where the job has one. In the body, so the signature covers
+    it: every key may point its callback_url at any allowed URL, another key's receiver too, and
+    that receiver tells its own key's jobs from the rest by `owner` (a job submitted without a key,
+    from the CLI or a keyless gateway, has none). Events have no field of that name; a receiver
+    that parses the event with the contracts' models ignores it."""
+    payload = event.model_dump(mode="json")
+    if job_owner is not None:
+        payload["owner"] = job_owner
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def record_key(job_id: str, subscriber: str) -> str:
@@ -117,6 +131,9 @@ class GatewayFile(BaseModel):
         webhook_lease_s = 30                            # a dead gateway's deliveries resume after this
         webhook_catchup_s = 3600                        # subscribers get jobs submitted this long before start
 
+        [key_webhook_allow]                             # a key's own prefixes, for its callback_url only
+        alice = ["https://alice.example/hooks"]        # (with webhook_allow; no other key may use them)
+
         [[subscribers]]
         name = "audit"
         url = "https://hooks.example/captionbus"
@@ -127,7 +144,15 @@ class GatewayFile(BaseModel):
     webhook_allow: list[str] = Field(default_factory=list)
     webhook_lease_s: float = Field(30.0, ge=1.0, le=3600.0)
     webhook_catchup_s: float = Field(3600.0, ge=0.0)
+    key_webhook_allow: dict[str, list[str]] = Field(default_factory=dict)
     subscribers: list[Subscriber] = Field(default_factory=list)
+
+    @field_validator("key_webhook_allow")
+    @classmethod
+    def _key_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name in value:
+            validate_token(name, "key name")
+        return value
 
     @field_validator("subscribers")
     @classmethod
@@ -145,6 +170,13 @@ class DispatchConfig:
     subscribers: list[Subscriber]
     lease_s: float = 30.0
     catchup_s: float = 3600.0
+    key_allow: dict[str, list[str]] = field(default_factory=dict)
+
+    def allow_for(self, job_owner: str | None) -> list[str]:
+        """The prefixes a job's callback_url may start with: everyone's (`allow`) and its key's own
+        (`key_allow`, the config file's key_webhook_allow). One secret signs every key's events, so
+        a prefix on one key's list alone is a receiver no other key can aim its job's events at."""
+        return [*self.allow, *self.key_allow.get(job_owner or "", [])]
 
 
 class LostLease(Exception):
@@ -222,13 +254,15 @@ class Dispatcher:
                 lease.record.owner = None
                 await asyncio.wait_for(lease.save(release=True), 2)
 
-    async def add(self, js, job_id: str, subscriber: str, url: str, events: list[str] | None = None) -> bool:
+    async def add(self, js, job_id: str, subscriber: str, url: str, events: list[str] | None = None,
+                  job_owner: str | None = None) -> bool:
         """Create the (job, subscriber) record owned by this gateway and start delivering; False
-        when it exists (another gateway made it)."""
+        when it exists (another gateway made it). `job_owner`: the API key's name the job belongs
+        to, which every delivery names (webhooks.OWNER_HEADER and the body's `owner`)."""
         kv = await self.kv(js)
         key = record_key(job_id, subscriber)
         record = Record(job_id=job_id, subscriber=subscriber, url=url, events=events, owner=self.me,
-                        lease_until=time.time() + self.config.lease_s)
+                        job_owner=job_owner, lease_until=time.time() + self.config.lease_s)
         try:
             revision = await kv.create(key, record.model_dump_json().encode())
         except KeyWrongLastSequenceError:
@@ -276,7 +310,7 @@ class Dispatcher:
         delivery_id = f"{record.job_id}.{record.subscriber}.{seq}"
         delivery = Delivery(event_id=event.event_id, kind=event.kind, sequence=seq)
         try:
-            check_target(record.url, self.config.allow)
+            check_target(record.url, self.config.allow_for(record.job_owner if record.subscriber == CALLBACK else None))
         except ValueError as e:
             delivery.status, delivery.error = "failed", str(e)
         else:
@@ -285,8 +319,8 @@ class Dispatcher:
                 await lease.save()
 
             await deliver(self.http, record.url, self.config.secret, record.job_id, seq,
-                          event.model_dump_json().encode(), delivery, delivery_id=delivery_id,
-                          on_failed_attempt=on_attempt)
+                          event_body(event, record.job_owner), delivery, delivery_id=delivery_id,
+                          on_failed_attempt=on_attempt, job_owner=record.job_owner)
         self._store(record, delivery, delivery_id, final=True)
         if self.observe is not None:
             self.observe(delivery)
@@ -368,13 +402,16 @@ class Dispatcher:
         try:
             async for msg in sub.messages:
                 try:
-                    job_id = json.loads(msg.data)["job_id"]
-                    validate_token(job_id, "job id")
-                except (ValueError, KeyError, TypeError):
+                    submitted = json.loads(msg.data)
+                    job_id = validate_token(submitted["job_id"], "job id")
+                    job_owner = submitted["spec"].get("owner")
+                    if job_owner is not None:
+                        validate_token(job_owner, "key name")
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue
                 for subscriber in self.config.subscribers:
                     try:
-                        await self.add(js, job_id, subscriber.name, subscriber.url, subscriber.events)
+                        await self.add(js, job_id, subscriber.name, subscriber.url, subscriber.events, job_owner)
                     except Exception as e:  # noqa: BLE001  one job's record; the others go on
                         log.warning("webhook record not created", job_id=job_id, subscriber=subscriber.name,
                                     error=f"{type(e).__name__}: {e}")

@@ -1,9 +1,12 @@
-"""API keys, stored hashed in a file: one `NAME SHA256HEX [admin]` line per key.
+"""API keys, stored hashed in a file: one `NAME SHA256HEX [admin|metrics]` line per key.
 
 A key sees and acts on the jobs it submitted (the job's `spec.owner` is the key's name) and no
 others: another key's job id answers 404, as an unknown one does, on every route (status, list,
 events, outputs, webhooks, cancel, retry). A key marked `admin` (`add-key NAME --admin`) sees and
-acts on every job, including those submitted through the CLI (which have no owner).
+acts on every job, including those submitted through the CLI (which have no owner). A key marked
+`metrics` (`add-key NAME --metrics`, for a Prometheus scraper) reads `/metrics` and nothing else;
+`/metrics` counts every key's requests and deliveries, so an ordinary key may not read it (an
+admin key may): a scraper's credential is then worth nothing but the counters if it leaks.
 
 Why sha256 and not bcrypt/argon2: a key is 32 random bytes (`secrets.token_urlsafe(32)`), not a
 password a person chose, so there is nothing to brute-force from a leaked hash, and a fast hash
@@ -29,14 +32,17 @@ def hash_key(key: str) -> str:
 
 
 ADMIN = "admin"
+METRICS = "metrics"
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a request comes from: a key's name, and whether that key may see every job."""
+    """Who a request comes from: a key's name, whether that key may see every job (`admin`), and
+    whether it is a scraper's key, which reads /metrics and nothing else (`metrics_only`)."""
 
     name: str
     admin: bool = False
+    metrics_only: bool = False
 
     def may_see(self, owner: str | None) -> bool:
         return self.admin or (owner is not None and owner == self.name)
@@ -44,26 +50,27 @@ class Caller:
 
 @dataclass(frozen=True)
 class KeyRing:
-    """name -> sha256 of the key; `admins`: the names marked admin."""
+    """name -> sha256 of the key; `admins`: the names marked admin; `scrapers`: those marked metrics."""
 
     hashes: dict[str, str]
     admins: frozenset[str] = frozenset()
+    scrapers: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:
         hashes: dict[str, str] = {}
-        admins = set()
+        marked: dict[str, set[str]] = {ADMIN: set(), METRICS: set()}
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             name, digest, *marks = [*line.split(), ""][:2] + line.split()[2:]
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or marks not in ([], [ADMIN]):
-                raise ValueError(f"{path}:{number}: not `NAME SHA256HEX` or `NAME SHA256HEX admin`")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or marks not in ([], [ADMIN], [METRICS]):
+                raise ValueError(f"{path}:{number}: not `NAME SHA256HEX`, `NAME SHA256HEX admin` or `NAME SHA256HEX metrics`")
             hashes[validate_token(name, "key name")] = digest
             if marks:
-                admins.add(name)
-        return cls(hashes, frozenset(admins))
+                marked[marks[0]].add(name)
+        return cls(hashes, frozenset(marked[ADMIN]), frozenset(marked[METRICS]))
 
     def who(self, key: str | None) -> str | None:
         """The key's name, or None; compares every hash in constant time."""
@@ -78,13 +85,15 @@ class KeyRing:
 
     def caller(self, key: str | None) -> Caller | None:
         name = self.who(key)
-        return None if name is None else Caller(name, admin=name in self.admins)
+        return None if name is None else Caller(name, admin=name in self.admins, metrics_only=name in self.scrapers)
 
 
-def add_key(path: Path, name: str, admin: bool = False) -> str:
+def add_key(path: Path, name: str, admin: bool = False, metrics: bool = False) -> str:
     """Append a new key's hash to `path` (created 0600) and return the key itself; `admin`: the
-    key sees and acts on every job, not only its own."""
+    key sees and acts on every job, not only its own; `metrics`: it reads /metrics only."""
     validate_token(name, "key name")
+    if admin and metrics:
+        raise ValueError("a key is admin or metrics, not both (a scraper needs no jobs)")
     path = Path(path)
     if path.exists() and name in KeyRing.load(path).hashes:
         raise ValueError(f"a key named {name!r} is already in {path}; pick another name")
@@ -92,5 +101,6 @@ def add_key(path: Path, name: str, admin: bool = False) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(f"{name} {hash_key(key)}{' ' + ADMIN if admin else ''}\n")
+        mark = f" {ADMIN}" if admin else f" {METRICS}" if metrics else ""
+        f.write(f"{name} {hash_key(key)}{mark}\n")
     return key

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # An OpenAI request lasts as long as its job (seconds to an hour); the job API answers in ms.
@@ -24,6 +24,9 @@ class GatewayMetrics:
         self.webhook_deliveries = Counter("captionbus_gateway_webhook_deliveries",
                                           "Webhook events settled by this gateway, by outcome (delivered, failed)",
                                           ["outcome"], registry=self.registry)
+        self.in_flight = Gauge("captionbus_gateway_requests_in_flight",
+                               "Requests holding a key's slot (--concurrency) now, all keys together",
+                               registry=self.registry)
         self.webhook_attempts_failed = Counter("captionbus_gateway_webhook_failed_attempts",
                                                "Webhook POSTs that got no 2xx (each retry counts)", registry=self.registry)
 

@@ -91,11 +91,15 @@ class GatewayConfig:
     concurrency_per_key: int = 8
     inputs_dir: Path | None = None  # jobs may name files under it instead of uploading
     webhook_allow: list[str] = field(default_factory=list)
+    key_webhook_allow: dict[str, list[str]] = field(default_factory=dict)  # a key's own callback_url prefixes
     webhook_secret: bytes | None = None
     job_timeout_s: float = 3600.0  # the OpenAI endpoints answer when the job ends, or give up
     webhook_subscribers: list[Subscriber] = field(default_factory=list)  # every job's events go to these
     webhook_lease_s: float = 30.0  # a dead gateway's deliveries are resumed by another after this
     webhook_catchup_s: float = 3600.0  # subscribers get jobs submitted this long before the gateway started
+    # who reads /openapi.json, /docs, /redoc (routes/docs.py): "open", "key" (the document with a key,
+    # no pages) or "off"; None: "open" without keys (loopback only), else "key". The CLI: open on loopback.
+    docs: str | None = None
 
 
 @contextlib.asynccontextmanager
@@ -126,21 +130,33 @@ class Timing:
 
 
 class Limiter:
-    """Requests in flight per key; one over the limit is refused (429), never queued."""
+    """Requests in flight per key; one over the limit is refused (429), never queued.
+
+    Touched only on the event loop (deps.slot is an `async def` dependency): the check and the
+    count are one step between two awaits, so no lock is needed. It was a sync generator
+    dependency, which FastAPI runs in its thread pool, entry and exit alike, so two threads could
+    pass the check together and a lost `+= 1` or `-= 1` left a key's count drifting for the
+    gateway's life (too high: the key refused for ever; too low: past its limit)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.in_flight: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def slot(self, who: str):
-        if self.in_flight.get(who, 0) >= self.limit:
+    def acquire(self, who: str) -> None:
+        held = self.in_flight.get(who, 0)
+        if held >= self.limit:
             raise ApiError(429, f"key {who!r} has {self.limit} requests in flight (its limit); retry later")
-        self.in_flight[who] = self.in_flight.get(who, 0) + 1
-        try:
-            yield
-        finally:
-            self.in_flight[who] -= 1
+        self.in_flight[who] = held + 1
+
+    def release(self, who: str) -> None:
+        held = self.in_flight[who] - 1
+        if held:
+            self.in_flight[who] = held
+        else:
+            del self.in_flight[who]  # a key with nothing in flight has no entry: the map stays small
+
+    def total(self) -> int:
+        return sum(self.in_flight.values())
 
 
 def model_name(described: str) -> str:
@@ -159,15 +175,17 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.webhook_client = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
         self.dispatcher = None
-        if config.webhook_allow and config.webhook_secret is not None:
+        if (config.webhook_allow or config.key_webhook_allow) and config.webhook_secret is not None:
             self.dispatcher = Dispatcher(
                 DispatchConfig(secret=config.webhook_secret, allow=config.webhook_allow,
+                               key_allow=config.key_webhook_allow,
                                subscribers=config.webhook_subscribers, lease_s=config.webhook_lease_s,
                                catchup_s=config.webhook_catchup_s),
                 self.webhook_client, job_events, observe=self.metrics.delivery)
         hooks = [self.ends.attach] + ([lambda nc: self.dispatcher.start(nc.jetstream())] if self.dispatcher else [])
         self.link = BusLink(config.nats_url, "captionbus-gateway", hooks)
         self.limiter = Limiter(config.concurrency_per_key)
+        self.metrics.in_flight.set_function(self.limiter.total)
         self.upload_dir = Path(config.settings.home) / "gateway" / "uploads"
         self._models: tuple[float, list[str], set[str]] = (-MODELS_TTL_S, [], set())
 
@@ -209,10 +227,15 @@ class Gateway:
                                 "the gateway's log has the details", "bad_gateway") from None
 
     # -- callers and their jobs --------------------------------------------------------------
-    def caller(self, key: str | None) -> Caller:
+    def known(self, key: str | None) -> Caller | None:
+        """Who `key` is, or None for a missing or unknown key: the one lookup of every route
+        (`caller`) and of /readyz, which answers without a key but tells the reason only to one."""
         if self.config.keys is None:
             return Caller("anonymous", admin=True)  # no keys: loopback only, one trusted user
-        caller = self.config.keys.caller(key)
+        return self.config.keys.caller(key)
+
+    def caller(self, key: str | None) -> Caller:
+        caller = self.known(key)
         if caller is None:
             raise ApiError(401, "missing or unknown API key: send `Authorization: Bearer <key>` "
                                 "(make one with `captionbus gateway add-key NAME --keys FILE`)",

@@ -32,6 +32,7 @@ log = structlog.get_logger("captionbus.gateway.webhooks")
 
 SIGNATURE_HEADER = "X-Captionbus-Signature"
 DELIVERY_HEADER = "X-Captionbus-Delivery"  # <job_id>.<subscriber>.<sequence>: the same on a retry or redelivery
+OWNER_HEADER = "X-Captionbus-Owner"  # the job's API key name (also the signed body's `owner`); absent: no key
 # 1, 2, 4, 8, 16 s: a receiver that restarts within half a minute loses nothing.
 DELIVERY_RETRY = RetryPolicy(initial_s=1.0, multiplier=2.0, max_s=16.0, max_attempts=6)
 
@@ -103,7 +104,7 @@ class Delivery:
 
 async def deliver(client: httpx.AsyncClient, url: str, secret: bytes, job_id: str, sequence: int,
                   body: bytes, delivery: Delivery, policy: RetryPolicy = DELIVERY_RETRY, sleep=None,
-                  delivery_id: str | None = None, on_failed_attempt=None) -> None:
+                  delivery_id: str | None = None, on_failed_attempt=None, job_owner: str | None = None) -> None:
     """POST one event until a 2xx or the policy is used up; the outcome goes into `delivery`.
     `delivery_id` (header X-Captionbus-Delivery) is the same on every attempt: receivers dedupe on
     it. `on_failed_attempt(delivery)` is awaited after each failed attempt that will be retried."""
@@ -111,6 +112,8 @@ async def deliver(client: httpx.AsyncClient, url: str, secret: bytes, job_id: st
     headers = {"Content-Type": "application/json", "X-Captionbus-Job": job_id, "X-Captionbus-Sequence": str(sequence)}
     if delivery_id:
         headers[DELIVERY_HEADER] = delivery_id
+    if job_owner is not None:
+        headers[OWNER_HEADER] = job_owner
     while True:
         delivery.attempts += 1
         try:

@@ -227,6 +227,7 @@ def test_job_api_runs_a_job_streams_events_and_signs_webhooks(gateway, receiver,
         time.sleep(0.2)
     mine = [(e, h) for e, h in received if e["job_id"] == job_id]
     assert [e["kind"] for e, _ in mine] == kinds
+    assert all(e["owner"] == "tool" and h["X-Captionbus-Owner"] == "tool" for e, h in mine)  # whose job: the key's name
     sequences = [int(h["X-Captionbus-Sequence"]) for _, h in mine]
     assert sequences == [int(e["id"]) for e in events]
     deliveries = api.get(f"/v1/jobs/{job_id}/deliveries").json()["data"]

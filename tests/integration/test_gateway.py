@@ -55,6 +55,7 @@ def coordinator(nats_server):
 @pytest.fixture
 def gateway(tmp_path, coordinator):
     key = add_key(tmp_path / "keys", "ci")
+    (tmp_path / "scrape.key").write_text(add_key(tmp_path / "keys", "scrape", metrics=True))  # reads /metrics only
     config = GatewayConfig(
         settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
         nats_url=coordinator, keys=KeyRing.load(tmp_path / "keys"), max_upload_bytes=64 * 1024,
@@ -143,7 +144,8 @@ def test_job_api_errors_and_lifecycle(gateway, tmp_path):
 def test_openapi_declares_the_bearer_scheme_response_models_and_the_real_error_shape(gateway):
     spec = gateway.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/metrics"} <= set(spec["paths"])
-    assert gateway.get("/docs").status_code == 200
+    # a keyed gateway's default (routes/docs.py): the document with a key, no pages
+    assert httpx.get(f"{gateway.base_url}/openapi.json").status_code == 401 and gateway.get("/docs").status_code == 404
     models = gateway.get("/v1/models").json()
     assert models == {"object": "list", "data": []}  # no asr worker is up
     # "Try it out" sends the key: a bearer scheme, required by every /v1 operation.
@@ -238,13 +240,16 @@ def test_models_are_names_a_client_sends_back_and_an_unknown_model_is_400(gatewa
         worker.join(10)
 
 
-def test_the_gateway_counts_its_requests_and_their_latency_on_metrics(gateway):
+def test_the_gateway_counts_its_requests_and_their_latency_on_metrics(gateway, tmp_path):
     gateway.get("/v1/jobs/jnope")
     gateway.get("/v1/jobs")
-    assert httpx.get(f"{gateway.base_url}/metrics").status_code == 401  # keys are on: a key reads it
-    text = gateway.get("/metrics").text
+    assert httpx.get(f"{gateway.base_url}/metrics").status_code == 401  # keys are on: a metrics or admin key reads it
+    assert gateway.get("/metrics").status_code == 403  # an ordinary key: it counts every key's requests
+    scrape = {"Authorization": f"Bearer {(tmp_path / 'scrape.key').read_text()}"}
+    text = httpx.get(f"{gateway.base_url}/metrics", headers=scrape).text
     assert 'captionbus_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
     assert 'captionbus_gateway_requests_total{method="GET",route="/v1/jobs",status="200"} 1.0' in text
+    assert 'captionbus_gateway_requests_total{method="GET",route="/metrics",status="403"} 1.0' in text
     assert 'captionbus_gateway_request_seconds_count{method="GET",route="/v1/jobs"} 1.0' in text
     assert "captionbus_gateway_webhook_deliveries_total" in text or "captionbus_gateway_webhook_failed_attempts" in text
     assert "jnope" not in text  # labels are route templates, never ids

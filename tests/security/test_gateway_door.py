@@ -7,6 +7,7 @@ checks (every route with Alice's id as written); these are the tricks around the
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,11 +32,13 @@ class Hooks:
 
     def __init__(self):
         self.paths: list[str] = []
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []  # (path, headers, body)
         hooks = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                hooks.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                 hooks.paths.append(self.path)
                 if self.path.endswith("/redirect"):  # a receiver (or a hijacked one) sends the gateway elsewhere
                     self.send_response(307)
@@ -248,11 +251,17 @@ def test_an_unauthenticated_probe_learns_nothing_of_the_host(tmp_path, monkeypat
         assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
 
 
-def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
+def app_routes(app) -> list:
+    """The app's own routes, and those of the routers it includes (FastAPI 0.165 wraps each)."""
+    return [inner for route in app.routes for inner in getattr(getattr(route, "original_router", None), "routes", [route])]
+
+
+def test_every_route_but_the_probes_needs_a_key(door):
     """Every route the app has (read from the app itself, so a route added later is tried too),
     with each method it takes, no key, a wrong key, a key in the query string, a Basic password,
-    and loopback claimed by forwarding headers and Host: 401 before anything is read or run. Open: the probes (/readyz says no more than
-    "not ready" without a key) and the static API documents."""
+    and loopback claimed by forwarding headers and Host: 401 before anything is read or run. Open:
+    the probes (/readyz says no more than "not ready" without a key). The API document was open
+    too; by default a keyed gateway now serves it to a key only (test_api_documents_...)."""
     from fastapi.routing import APIRoute
 
     from captionbus.gateway.app import create_app
@@ -260,10 +269,8 @@ def test_every_route_but_the_probes_and_the_docs_needs_a_key(door):
     clients, _ = door
     base = str(clients["alice"].base_url)
     app = create_app(GatewayConfig(settings=Settings(), nats_url="nats://127.0.0.1:1", keys=KeyRing({})))
-    open_paths = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-    # the app's own routes, and those of the routers it includes (FastAPI 0.165 wraps each)
-    routes = [inner for route in app.routes
-              for inner in getattr(getattr(route, "original_router", None), "routes", [route])]
+    open_paths = {"/healthz", "/readyz"}  # a keyed gateway's /openapi.json needs a key too (docs "key")
+    routes = app_routes(app)
     assert {route.path for route in routes} >= {"/v1/jobs", "/v1/audio/transcriptions", "/metrics", "/readyz"}
     tried = 0
     with httpx.Client(base_url=base, timeout=30) as anonymous:
@@ -396,3 +403,285 @@ def test_a_key_holds_no_more_event_streams_than_its_concurrency(tmp_path, coordi
         asyncio.run(asyncio.wait_for(go(), 120))
         for client in sync.values():
             client.close()
+
+
+def in_flight(admin: httpx.Client) -> float:
+    """The gateway's requests in flight, all keys together, from its /metrics (admin key)."""
+    for line in admin.get("/metrics").text.splitlines():
+        if line.startswith("captionbus_gateway_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("/metrics has no captionbus_gateway_requests_in_flight")
+
+
+def test_a_keys_slots_hold_under_a_burst_and_come_back_after_aborts_and_errors(tmp_path, coordinator):  # noqa: F811
+    """Bob at --concurrency 3 fires bursts of 12 requests at once, aborts uploads half sent and
+    sends requests that fail inside their handler. The slot dependency was a sync generator that
+    FastAPI ran in its thread pool, with an unlocked counter: a burst could pass the check
+    together and a lost update left the key's count off for good. Each burst now gets exactly 3
+    answers and 9 refusals; after every abort and error the count is 0 again (the gateway's
+    in-flight gauge, and the next burst gets its 3 again). Over the limit, a request for a job
+    is refused before the job is read: an unknown id answers 429, not 404 (OwnedJob read the
+    bus first)."""
+    import asyncio
+
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name, admin=name == "ops") for name in ("bob", "ops")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), concurrency_per_key=3, max_upload_bytes=64 * 1024)
+    uploads = tmp_path / "gw" / "gateway" / "uploads"
+    with running_gateway(config) as url:
+        ops = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {made['ops']}"}, timeout=30)
+        bob_sync = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {made['bob']}"}, timeout=30)
+        job_id = submit(bob_sync)
+        wait_status(bob_sync, job_id, {"running"})
+
+        def settled(expected: float) -> None:
+            deadline = time.monotonic() + 15
+            while (now := in_flight(ops)) != expected:
+                assert time.monotonic() < deadline, f"{now} requests in flight, expected {expected}"
+                time.sleep(0.05)
+
+        async def go():
+            limits = httpx.Limits(max_connections=64)
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {made['bob']}"},
+                                         timeout=30, limits=limits) as bob:
+                async def burst(path: str) -> list[int]:
+                    async with contextlib.AsyncExitStack() as held:
+                        opened = await asyncio.gather(*(held.enter_async_context(bob.stream("GET", path))
+                                                        for _ in range(12)))
+                        codes = sorted(r.status_code for r in opened)
+                        if codes.count(200) == 3:  # (ops' own /metrics holds no slot of bob's)
+                            assert await asyncio.to_thread(in_flight, ops) == 3.0
+                        return codes
+
+                for _ in range(2):
+                    assert await burst(f"/v1/jobs/{job_id}/events") == [200] * 3 + [429] * 9
+                    await asyncio.to_thread(settled, 0.0)
+                # over the limit, an id nobody has: refused before it is looked up
+                async with contextlib.AsyncExitStack() as held:
+                    for _ in range(3):
+                        stream = await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{job_id}/events"))
+                        assert stream.status_code == 200
+                    for path in ("/v1/jobs/jnosuchjob/events", f"/v1/jobs/{job_id}/events"):
+                        refused = await bob.get(path)
+                        assert refused.status_code == 429 and "in flight" in error_of(refused), refused.text
+                await asyncio.to_thread(settled, 0.0)
+
+                # an upload whose client goes half way: its slot comes back, its part file is gone
+                boundary = "cbburst"
+                head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"workflow\"\r\n\r\nspeech\r\n"
+                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                        "Content-Type: audio/wav\r\n\r\n").encode() + b"RIFF" * 4096
+                never = asyncio.Event()
+
+                async def half_sent():
+                    yield head
+                    await never.wait()
+
+                for _ in range(3):
+                    aborted = asyncio.create_task(bob.post(
+                        "/v1/jobs", content=half_sent(),
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}))
+                    await asyncio.to_thread(settled, 1.0)
+                    aborted.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await aborted
+                    await asyncio.to_thread(settled, 0.0)
+                # refusals made inside the handler or the form: each gives its slot back
+                for data, files, status in (({"workflow": "nosuchflow"}, {"file": ("a.wav", b"RIFF a")}, 422),
+                                            ({"workflow": "speech"}, {"file": ("a.wav", b"")}, 400),
+                                            ({"workflow": "speech"}, {"file": ("a.wav", b"x" * 200_000)}, 413),
+                                            ({"workflow": "speech", "options": "{"}, {"file": ("a.wav", b"RIFF")}, 400)):
+                    answers = await asyncio.gather(*(bob.post("/v1/jobs", data=data, files=files) for _ in range(6)))
+                    assert {a.status_code for a in answers} <= {status, 429}, [a.text for a in answers]
+                    assert [a.status_code for a in answers].count(status) >= 3, [a.status_code for a in answers]
+                    await asyncio.to_thread(settled, 0.0)
+                # and the key still has exactly its 3
+                assert await burst(f"/v1/jobs/{job_id}/events") == [200] * 3 + [429] * 9
+            await asyncio.to_thread(settled, 0.0)
+
+        asyncio.run(asyncio.wait_for(go(), 120))
+        assert not [p for p in uploads.rglob("*") if p.is_file()], list(uploads.rglob("*"))
+        ops.close()
+        bob_sync.close()
+
+
+def test_api_documents_are_served_from_the_gateway_and_only_as_its_docs_mode_says(tmp_path, coordinator, monkeypatch):  # noqa: F811
+    """/docs loaded Swagger UI from a CDN (a third party's script on the gateway's origin, where the
+    key is typed into "Authorize") and answered anyone off loopback. Now the pages' scripts come
+    from the gateway; a keyed gateway serves the document to a key only and no pages unless told
+    `open`; `off` serves nothing. The CLI's default is `open` on loopback only."""
+    from captionbus.gateway.cli import build_config
+
+    keys = tmp_path / "keys"
+    key = add_key(keys, "alice")
+    auth = {"Authorization": f"Bearer {key}"}
+    pages = ("/docs", "/redoc", "/docs/oauth2-redirect", "/docs-assets/swagger-ui-bundle.js")
+    for mode in (None, "key", "open", "off"):
+        config = GatewayConfig(
+            settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+            nats_url=coordinator, keys=KeyRing.load(keys), docs=mode)
+        with running_gateway(config) as url, httpx.Client(base_url=url, timeout=30) as web:
+            if mode == "open":
+                for path in ("/openapi.json", *pages):
+                    assert web.get(path).status_code == 200, path
+                for path in ("/docs", "/redoc"):
+                    page = web.get(path).text
+                    sources = re.findall(r'(?:src|href)="([^"]*)"', page) + re.findall(r"url: '([^']*)'", page)
+                    assert sources and all(s.startswith("/") for s in sources), (path, sources)
+                    assert "cdn" not in page and "googleapis" not in page, path
+                for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"):
+                    served = web.get(f"/docs-assets/{asset}")
+                    assert served.status_code == 200 and len(served.content) > 1000, asset
+                assert web.get("/docs-assets/../../keys").status_code == 404
+                continue
+            for path in pages:  # no pages, no scripts, with a key or without
+                assert web.get(path, headers=auth).status_code == 404, (mode, path)
+            if mode == "off":
+                assert web.get("/openapi.json", headers=auth).status_code == 404
+                continue
+            for headers in ({}, {"Authorization": "Bearer cbk_wrong"}, {"X-Forwarded-For": "127.0.0.1"}):
+                refused = web.get("/openapi.json", headers=headers)
+                assert refused.status_code == 401 and "paths" not in refused.text, (mode, refused.text)
+            assert "/v1/jobs" in web.get("/openapi.json", headers=auth).json()["paths"]
+    monkeypatch.setenv("NATS_URL", coordinator)
+    assert build_config("127.0.0.1", keys, 10, 2, None, (), 60.0).docs == "open"
+    assert build_config("0.0.0.0", keys, 10, 2, None, (), 60.0).docs == "key"
+    assert build_config("0.0.0.0", keys, 10, 2, None, (), 60.0, docs="open").docs == "open"
+
+
+def test_metrics_are_the_operators_and_a_metrics_key_reads_nothing_else(tmp_path, coordinator):  # noqa: F811
+    """/metrics counts every key's requests (route, status) and the webhook deliveries of every
+    job, and any key read it. Now an ordinary key gets 403; a scraper's key (`add-key --metrics`)
+    reads it and is refused every other route (403), so a leaked scraper key lists, submits and
+    follows nothing; an admin key reads it too."""
+    from fastapi.routing import APIRoute
+
+    keys = tmp_path / "keys"
+    made = {"bob": add_key(keys, "bob"), "ops": add_key(keys, "ops", admin=True),
+            "scrape": add_key(keys, "scrape", metrics=True)}
+    with pytest.raises(ValueError, match="admin or metrics"):
+        add_key(keys, "both", admin=True, metrics=True)
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), max_upload_bytes=64 * 1024)
+    with running_gateway(config) as url:
+        client = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+                  for name, key in made.items()}
+        job_id = submit(client["bob"])
+        refused = client["bob"].get("/metrics")
+        assert refused.status_code == 403 and "--metrics" in error_of(refused), refused.text
+        assert "captionbus_gateway" not in refused.text
+        for reader in ("scrape", "ops"):
+            text = client[reader].get("/metrics").text
+            assert 'route="/v1/jobs",status="201"' in text, reader
+            assert "bob" not in text and job_id not in text  # labels name no key and no job
+        from captionbus.gateway.app import create_app
+
+        routes = app_routes(create_app(config))
+        tried = 0
+        for route in routes:
+            if route.path in ("/metrics", "/healthz", "/readyz"):
+                continue
+            assert isinstance(route, APIRoute), route.path
+            path = route.path.replace("{job_id}", job_id).replace("{name}", "srt")
+            for method in route.methods:
+                answer = client["scrape"].request(method, path, files={"file": ("a.wav", b"RIFF a")}
+                                                  if method == "POST" else None)
+                assert answer.status_code == 403 and "metrics only" in error_of(answer), (method, path, answer.text)
+                assert job_id not in answer.text
+                tried += 1
+        assert tried >= 10
+        assert [j["id"] for j in client["ops"].get("/v1/jobs").json()["data"]] == [job_id]  # the scraper made none
+        assert client["ops"].get(f"/v1/jobs/{job_id}").json()["status"] in ("pending", "running")  # nor cancelled
+        for c in client.values():
+            c.close()
+
+
+def test_a_webhook_names_the_key_whose_job_it_is(door):
+    """One secret and one allow-list serve every key: Bob may point his job's callback_url at
+    Alice's receiver (both under the allowed `/team-a`), and the events, signed with the one
+    secret, did not say whose job they were about. Every delivery now names the job's key (its
+    name, never the key) in the signed body's `owner` and in `X-Captionbus-Owner`, on the job's
+    own callback and the gateway-wide subscriber's alike; Alice's receiver tells Bob's events from
+    her own."""
+    import json as jsonlib
+
+    from captionbus.gateway.webhooks import OWNER_HEADER, SIGNATURE_HEADER, verify
+
+    clients, hooks = door
+    theirs = submit(clients["bob"], callback_url=f"{hooks.base}/team-a/alice")  # Alice's receiver
+    mine = submit(clients["alice"], callback_url=f"{hooks.base}/team-a/alice")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = {(p, jsonlib.loads(b)["job_id"]) for p, _, b in hooks.posts}
+        if {(path, job) for path in ("/team-a/alice", AUDIT_PATH) for job in (theirs, mine)} <= got:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"not every delivery came: {sorted(got)}")
+    keys = {name: str(c.headers["authorization"]).split()[1] for name, c in clients.items()}
+    for path, headers, body in list(hooks.posts):
+        assert verify(SECRET, body, headers[SIGNATURE_HEADER.lower()]), path
+        event = jsonlib.loads(body)
+        owner = {theirs: "bob", mine: "alice"}[event["job_id"]]
+        assert event["owner"] == owner and headers[OWNER_HEADER.lower()] == owner, (path, event, headers)
+        assert not any(key in body.decode() or key in str(headers) for key in keys.values())
+    # a job with no key (the CLI's) names none
+    from captionbus.contracts.events import JobStarted
+    from captionbus.gateway.dispatch import event_body
+
+    assert "owner" not in jsonlib.loads(event_body(JobStarted(job_id="jcli", workflow="speech", nodes=[]), None))
+
+
+def test_a_keys_own_webhook_prefixes_are_its_alone(tmp_path, coordinator, monkeypatch):  # noqa: F811
+    """With one allow-list for every key, Bob aimed his job's signed events at Alice's receiver.
+    The config file's `key_webhook_allow` gives a key prefixes of its own: Bob's callback under
+    Alice's prefix is a 422 (as is one under no prefix), under his own or the shared one it is
+    taken, and nothing of Bob's reaches Alice's receiver. A file naming a key the keys file
+    lacks is refused at start."""
+    import json as jsonlib
+
+    import click
+
+    from captionbus.gateway.cli import build_config
+
+    hooks = Hooks()
+    keys = tmp_path / "keys"
+    made = {name: add_key(keys, name) for name in ("alice", "bob")}
+    config = GatewayConfig(
+        settings=Settings(home=tmp_path / "gw", nats_url=coordinator, artifacts_mode="object", host_id="gw"),
+        nats_url=coordinator, keys=KeyRing.load(keys), max_upload_bytes=64 * 1024, webhook_secret=SECRET,
+        webhook_allow=[f"{hooks.base}/shared"],
+        key_webhook_allow={"alice": [f"{hooks.base}/alice"], "bob": [f"{hooks.base}/bob"]})
+    with running_gateway(config) as url:
+        alice, bob = (httpx.Client(base_url=url, headers={"Authorization": f"Bearer {made[n]}"}, timeout=30)
+                      for n in ("alice", "bob"))
+        for path in ("/alice", "/alice/x", "/alicex", "/bob/../alice", "/other"):
+            answer = bob.post("/v1/jobs", files={"file": ("a.wav", b"RIFF a")},
+                              data={"workflow": "speech", "callback_url": hooks.base + path})
+            assert answer.status_code == 422 and "callback URL" in error_of(answer), (path, answer.text)
+        jobs = {"bob": submit(bob, callback_url=f"{hooks.base}/bob/in"),
+                "bob-shared": submit(bob, callback_url=f"{hooks.base}/shared/bob"),
+                "alice": submit(alice, callback_url=f"{hooks.base}/alice/in")}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if {jsonlib.loads(b)["job_id"] for _, _, b in hooks.posts} >= set(jobs.values()):
+                break
+            time.sleep(0.1)
+        seen = {(p, jsonlib.loads(b)["job_id"], jsonlib.loads(b)["owner"]) for p, _, b in hooks.posts}
+        assert {(p, owner) for p, _, owner in seen} == {("/bob/in", "bob"), ("/shared/bob", "bob"),
+                                                         ("/alice/in", "alice")}, seen
+        alice.close()
+        bob.close()
+    hooks.server.shutdown()
+    gateway_file = tmp_path / "gateway.toml"
+    gateway_file.write_text('[key_webhook_allow]\ncarol = ["http://127.0.0.1:9/carol"]\n')
+    monkeypatch.setenv("NATS_URL", coordinator)
+    monkeypatch.setenv("CAPTIONBUS_WEBHOOK_SECRET", "s")
+    with pytest.raises(click.ClickException, match="carol"):
+        build_config("127.0.0.1", keys, 10, 2, None, (), 60.0, gateway_file)
+    gateway_file.write_text('[key_webhook_allow]\nalice = ["http://127.0.0.1:9/alice"]\n')
+    assert build_config("127.0.0.1", keys, 10, 2, None, (), 60.0, gateway_file).key_webhook_allow == \
+        {"alice": ["http://127.0.0.1:9/alice"]}

@@ -37,7 +37,7 @@ async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: Spe
             raise ApiError(422, "this gateway sends no webhooks (start it with --webhook-allow and "
                                 "CAPTIONBUS_WEBHOOK_SECRET)")
         try:
-            check_target(callback, gw.config.webhook_allow)
+            check_target(callback, gw.dispatcher.config.allow_for(gw.owner_of(caller)))
         except ValueError as e:
             raise ApiError(422, str(e)) from None
     job_id = await gw.submit(js, form, caller, workflow=form.one("workflow") or "transcribe",
@@ -49,7 +49,7 @@ async def create_job(gw: GatewayDep, caller: CallerDep, js: JetStream, form: Spe
     if callback:
         try:
             async with on_bus():
-                await gw.dispatcher.add(js, job_id, CALLBACK, callback)
+                await gw.dispatcher.add(js, job_id, CALLBACK, callback, job_owner=gw.owner_of(caller))
         except RuntimeError as e:  # no cb_webhooks bucket: the job runs, its callback cannot
             raise ApiError(503, f"job {job_id} submitted, but its webhooks cannot be recorded: {e}") from None
     return JobCreated(id=job_id, url=f"/v1/jobs/{job_id}")
@@ -130,7 +130,7 @@ def resume_after(last_event_id: str | None) -> int:
 
 @router.get("/{job_id}/events", responses={**documented(400, 429), 200: {"content": {"text/event-stream": {}},
                                                  "description": "id: stream sequence, event: kind, data: the event"}})
-async def events(request: Request, state: OwnedJob, gw: GatewayDep, js: JetStream, _slot: Slot,
+async def events(request: Request, _slot: Slot, state: OwnedJob, gw: GatewayDep, js: JetStream,
                  last_event_id: str | None = Header(None)):
     """Server-Sent Events: the job's history, then live until it ends. Each event's `id` is
     its stream sequence: reconnect with `Last-Event-ID` to resume after it. A stream is one of
