@@ -125,3 +125,21 @@ def test_a_user_given_a_copy_of_the_client_block_is_a_tenant_too(tmp_path):
     read = read_users(conf)
     assert read["copy"].tenant == "copy" and read["acme"].tenant == "acme" and read["more"].tenant is None
 
+
+
+def test_an_artifact_store_scoped_to_no_tenant_is_the_shared_namespace(tmp_path):
+    """ArtifactStore.scoped maps NO_TENANT (what tenant_of says of a job id without one) itself:
+    the stage runtime scopes every request's store by its job id, tenant or not."""
+    import nats
+
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.core.settings import Settings
+
+    store = ArtifactStore(Settings(home=tmp_path, artifacts_mode="object"), nats.NATS().jetstream())
+    assert store.scoped(NO_TENANT) is store and store.scoped(None) is store
+    acme = store.scoped(tenant_of(new_job_id("acme")))
+    assert acme is not store and acme.tenant == acme.objects.tenant == "acme"
+    assert acme.objects._meta_subject("k").startswith("$O.cb_artifacts.M.acme.")
+    back = acme.scoped(NO_TENANT)
+    assert back.tenant is None and back.objects.tenant is None
+    assert back.objects._meta_subject("k") == store.objects._meta_subject("k")
