@@ -47,6 +47,7 @@ from nats.nuid import NUID
 
 from captionbus.contracts import subjects
 from captionbus.contracts.ids import is_tenant
+from captionbus.core.bus import BusError
 
 _nuid = NUID()
 
@@ -108,8 +109,17 @@ async def held(js: JetStreamContext, stream: str, subject: str, *, deliver_polic
         return [], count
     sub = await js.subscribe_bind(stream, config, info.name, ordered_consumer=True)
     try:
+        msgs = []
         async with asyncio.timeout(timeout):
-            return [await sub.next_msg(timeout=None) for _ in range(wanted)], count
+            for n in range(1, wanted + 1):
+                msgs.append(msg := await sub.next_msg(timeout=None))
+                # nats-py re-creates an ordered consumer after a gap from the next stream sequence with
+                # DeliverPolicy BY_START_SEQUENCE: no longer the last per subject, and not the count
+                # above. Its deliveries number from 1 again: a read that saw one is an error, not an answer.
+                if msg.metadata.sequence.consumer != n:
+                    raise BusError(f"reading {subject}: its consumer was re-created mid-read (a gap or a "
+                                   "stalled heartbeat); read again")
+        return msgs, count
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
