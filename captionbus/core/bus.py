@@ -344,11 +344,15 @@ async def client_tenant(nc: NATS, settings: Settings) -> str | None:
         if answer.get("error"):
             raise BusError(str(answer["error"].get("description") or answer["error"]))
         permissions = answer["data"].get("permissions") or {}
-        return granted_tenant((permissions.get("publish") or {}).get("allow") or [])
+        allowed = (permissions.get("publish") or {}).get("allow") or []
     except Exception as e:  # noqa: BLE001 - no answer (a refused request times out), or not one we read
         raise BusError(f"cannot ask the server what this login may do ({USER_INFO}: {_reason(e)}); the auth "
                        "callout grants that to every login: an older `captionbus auth-callout` does not, "
                        "restart it from this version") from None
+    try:
+        return granted_tenant(allowed)
+    except ValueError as e:
+        raise BusError(str(e)) from None
 
 
 def callout_inbox_prefix(user: str, key: str) -> str:

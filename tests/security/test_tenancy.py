@@ -450,7 +450,9 @@ def test_the_tenant_a_login_acts_for_is_the_one_the_server_granted(tmp_path):
     tenant) acted as tenant `gateway`, its `jobs` listing nothing. Now it asks the server what the
     login was granted: the trusted logins act for no tenant (their CLI lists `client`'s job), each
     tenant for itself."""
-    from captionbus.core.bus import client_tenant
+    from captionbus.core.bus import BusError, client_tenant, connect
+    from captionbus.core.settings import Settings
+    from tests.natsroles import CALLOUT_USER
 
     async def main():
         async with secured_fleet(tmp_path, callout=True) as fleet:
@@ -461,18 +463,29 @@ def test_the_tenant_a_login_acts_for_is_the_one_the_server_granted(tmp_path):
             forged = json.loads((await fleet.nc["rival"].request(
                 "$SYS.REQ.USER.INFO", b"", timeout=2,
                 headers={"Nats-Request-Info": json.dumps({"acc": "$G", "user": "gateway"})})).data)["data"]
+            # a login not granted the question (here the callout's own, a static user): an error, not "no tenant"
+            unasked = await connect(fleet.urls[CALLOUT_USER], "unasked", Settings(nats_auth_callout=False))
+            try:
+                await client_tenant(unasked, Settings(nats_auth_callout=True))
+                failed = None
+            except BusError as error:
+                failed = str(error)
+            finally:
+                await unasked.close()
             runs = {user: await _cli(fleet, user, "jobs", "--json") for user in ("gateway", "rival")}
-            return victim.job_id, acts, forged, runs
+            return victim.job_id, acts, forged, failed, runs
 
-    vid, acts, forged, runs = asyncio.run(asyncio.wait_for(main(), 120))
+    vid, acts, forged, failed, runs = asyncio.run(asyncio.wait_for(main(), 120))
     assert forged["user"] == "rival" and "captionbus.job.rival.*.submitted" in forged["permissions"]["publish"]["allow"]
+    assert failed and "cannot ask the server what this login may do" in failed, failed
     assert acts == {"client": "client", "rival": "rival", "gateway": None, "dashboard": None, "worker": None,
                     "gc": None}, acts
     code, out, err = runs["gateway"]
     assert code == 0 and [json.loads(line)["spec"]["job_id"] for line in out.splitlines()] == [vid], (out, err)
     code, out, err = runs["rival"]
     assert code == 0 and out.strip() == "", (out, err)
-    assert violations(tmp_path / "server.log") == []
+    logged = violations(tmp_path / "server.log")  # the unasked login's only (its question, its reply inbox)
+    assert (CALLOUT_USER, "$SYS.REQ.USER.INFO") in logged and {user for user, _ in logged} == {CALLOUT_USER}, logged
 
 
 def test_a_tenants_ordered_consumer_is_re_created_under_a_new_name(tmp_path):
