@@ -548,5 +548,37 @@ def test_a_tenants_ordered_consumer_is_re_created_under_a_new_name(tmp_path):
     assert violations(tmp_path / "server.log") == []
 
 
+def test_a_tenants_reader_goes_on_after_its_consumer_is_deleted(tmp_path):
+    """The real trigger of a re-creation: the server stops heartbeats (here the reader's consumer is
+    deleted, by the worker, a role that may delete object-store consumers). nats-py's activity
+    check re-creates it after two missed heartbeats, from the next stream sequence, under a new
+    Named name on the filtered-create subject a tenant is granted: the tenant's reader gets the
+    message published after the delete, with no refusal logged."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from captionbus.core.tenancy import named
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True, worker=False) as fleet:
+            js, subject = fleet.js["rival"], f"{O}.C.rival.recreated"
+            sub = await js.subscribe(subject, stream=OBJ, ordered_consumer=True, idle_heartbeat=0.5,
+                                     config=named(ConsumerConfig(deliver_policy=DeliverPolicy.NEW)))
+            try:
+                await js.publish(subject, b"one", timeout=2)
+                first = (await sub.next_msg(timeout=5)).data
+                before = sub._consumer
+                await fleet.js["worker"].delete_consumer(OBJ, before)
+                await asyncio.sleep(2.5)  # two missed heartbeats (1 s), then the re-creation
+                await js.publish(subject, b"two", timeout=2)
+                second = (await sub.next_msg(timeout=5)).data
+                return first, second, before, sub._consumer
+            finally:
+                await sub.unsubscribe()
+
+    first, second, before, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert (first, second) == (b"one", b"two") and before != after, (before, after)
+    assert violations(tmp_path / "server.log") == []
+
+
 async def _noted(errors: list, error: Exception) -> None:
     errors.append(error)
