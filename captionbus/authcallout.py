@@ -52,7 +52,7 @@ import structlog
 
 from captionbus.contracts import subjects
 from captionbus.contracts.ids import is_tenant
-from captionbus.core.bus import CALLOUT_KEY_MIN, callout_inbox_prefix
+from captionbus.core.bus import CALLOUT_KEY_MIN, USER_INFO, callout_inbox_prefix
 
 log = structlog.get_logger("captionbus.authcallout")
 
@@ -259,6 +259,27 @@ def read_conf(path: Path) -> dict:
 TENANT_ROLE = "CLIENT"
 
 
+def _granted(block: dict) -> tuple:
+    """What a permissions block grants, in a form two blocks compare equal in when they grant the
+    same: subjects as sets, a lone subject as a list of one, the reply prefixes left out (the
+    callout replaces them with each connection's own), allow_responses as `{max}`.
+
+    Why by content. read_users decides which users are tenants by their block. It did by identity
+    (`permissions: $CLIENT`, the parser's one object): a user given an inline copy of the CLIENT
+    block was not a tenant, so the callout granted it the block as written, the static client's
+    rights, which read every tenant's jobs. A block that grants what CLIENT grants is CLIENT's,
+    however it is written (tests/unit/test_tenant_layout.py, tests/security/test_tenancy.py)."""
+    def subjects_of(rule) -> tuple:
+        rule = _allow_deny(rule)
+        return tuple(frozenset(s for s in rule.get(kind, []) if not s.startswith("_INBOX"))
+                     for kind in ("allow", "deny"))
+
+    responses = block.get("allow_responses", False)
+    if responses:
+        responses = int(responses.get("max", 1)) if isinstance(responses, dict) else 1
+    return subjects_of(block.get("publish")), subjects_of(block.get("subscribe")), responses or 0
+
+
 @dataclass(frozen=True)
 class Account:
     user: str
@@ -303,10 +324,11 @@ def _check_permissions(block, where: str) -> None:
 def read_users(path: Path) -> dict[str, Account]:
     """The users of an accounts.conf-style file: `authorization { users: [{user, password,
     permissions: $ROLE}] }`, with the permission blocks it includes (roles.conf); read_conf says
-    which forms are read. A user of the CLIENT block is a tenant of its own name
-    (tenant_permissions). Every user needs a permissions block (a user without one may do
-    anything), and a field the callout would not apply (nkey, account, allowed_connection_types,
-    expires ...) is refused rather than ignored."""
+    which forms are read. A user whose block grants what the CLIENT block grants (`$CLIENT`, or a
+    copy of it written inline: _granted) is a tenant of its own name (tenant_permissions). Every
+    user needs a permissions block (a user without one may do anything), and a field the callout
+    would not apply (nkey, account, allowed_connection_types, expires ...) is refused rather than
+    ignored."""
     conf = read_conf(path)
     tenant_block = conf.get(TENANT_ROLE)
     if "accounts" in conf:
@@ -335,7 +357,7 @@ def read_users(path: Path) -> dict[str, Account]:
             raise ConfError(f"{where} ({user}): no permissions block: the user could do anything")
         _check_permissions(entry["permissions"], f"{where} ({user}).permissions")
         tenant = None
-        if tenant_block is not None and entry["permissions"] is tenant_block:  # `permissions: $CLIENT`
+        if tenant_block is not None and _granted(entry["permissions"]) == _granted(tenant_block):
             if not is_tenant(user):
                 raise ConfError(f"{where}: user {user!r} of ${TENANT_ROLE} names its tenant: "
                                 "use 1-32 characters from a-z 0-9 - (not starting with -)")
@@ -387,6 +409,11 @@ def connection_permissions(block: dict, prefix: str) -> dict:
     sub["allow"] = [f"{prefix}.>" if s.startswith("_INBOX") else s for s in sub.get("allow", [])]
     if f"{prefix}.>" not in sub["allow"]:
         sub["allow"].append(f"{prefix}.>")
+    # what the server granted this connection, which the client reads to know whether it acts for a
+    # tenant (captionbus.core.bus.client_tenant): the server answers with the asker's own permissions
+    # only. (A block without an allow list allows every subject it does not deny: left as it is.)
+    if "allow" in pub and USER_INFO not in pub["allow"]:
+        pub["allow"].append(USER_INFO)
     out = {"pub": pub, "sub": sub}
     responses = block.get("allow_responses")
     if responses:
@@ -413,7 +440,19 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
     - artifacts: its namespace of the object store (`$O.cb_artifacts.M|C.<tenant>.…`), read through
       consumers filtered inside it; no STREAM.INFO (lists every object) or STREAM.MSG.GET (reads
       any message by sequence) of OBJ_cb_artifacts;
-    - stream existence by STREAM.NAMES (captionbus.core.bus.require_provisioned(names_only=True)).
+    - stream existence by STREAM.NAMES (captionbus.core.bus.require_provisioned(names_only=True));
+    - its own permissions (`$SYS.REQ.USER.INFO`), from which its client knows it acts for this
+      tenant (captionbus.core.bus.client_tenant).
+
+    And nothing else, in particular:
+
+    - no `$SRV` (worker discovery): a worker's STATS carry the ids of the jobs it runs and its last
+      error, whatever tenant they are of; `captionbus workers` as a tenant says it cannot list them;
+    - no CONSUMER.INFO or CONSUMER.DELETE: a consumer's name is one token, so no grant can hold
+      them to the tenant's own consumers, and `….INFO.CB_EVENTS.*` answered for the coordinator's
+      durable too (its filter, pending counts). A tenant's reads count what a consumer holds from
+      the create's own answer (captionbus.core.tenancy.held), and its chunk readers are left to
+      their inactivity threshold instead of deleted.
     """
     job, kv, ev = f"{subjects.PREFIX}.job.{tenant}", f"$KV.{subjects.JOBS_BUCKET}.{tenant}", subjects.EVENTS_STREAM
     kv_stream = f"KV_{subjects.JOBS_BUCKET}"
@@ -421,17 +460,16 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
     allow = [
         f"{job}.*.submitted", f"{job}.*.cancel_requested", f"{job}.*.retry_requested",
         f"$JS.API.STREAM.INFO.{subjects.REQUESTS_STREAM}", "$JS.API.STREAM.NAMES",
-        f"$JS.API.CONSUMER.CREATE.{ev}.*.{job}.>", f"$JS.API.CONSUMER.INFO.{ev}.*", f"$JS.FC.{ev}.>",
+        f"$JS.API.CONSUMER.CREATE.{ev}.*.{job}.>", f"$JS.FC.{ev}.>",
         f"$JS.API.DIRECT.GET.{kv_stream}.{kv}.>",
-        f"$JS.API.CONSUMER.CREATE.{kv_stream}.*.{kv}.>", f"$JS.API.CONSUMER.INFO.{kv_stream}.*",
-        f"$JS.FC.{kv_stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{kv_stream}.*.{kv}.>", f"$JS.FC.{kv_stream}.>",
         # artifacts: its namespace of the object store (captionbus/core/artifacts/transfer.py), written
         # (its inputs) and read through consumers on the filtered-create subject only
         f"{obj}.C.{tenant}.>", f"{obj}.M.{tenant}.>",
         f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.C.{tenant}.>",
         f"$JS.API.CONSUMER.CREATE.{obj_stream}.*.{obj}.M.{tenant}.>",
-        f"$JS.API.CONSUMER.INFO.{obj_stream}.*", f"$JS.API.CONSUMER.DELETE.{obj_stream}.*", f"$JS.FC.{obj_stream}.>",
-        "$SRV.>",
+        f"$JS.FC.{obj_stream}.>",
+        USER_INFO,
     ]
     deny = [f"$JS.API.CONSUMER.CREATE.{ev}.{subjects.COORDINATOR_CONSUMER}.>"]
     return {"pub": {"allow": allow, "deny": deny}, "sub": {"allow": [f"{prefix}.>"]}}

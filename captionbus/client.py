@@ -44,6 +44,11 @@ class SubmitError(ValueError):
     """The job was refused before anything ran; the message says how to fix it."""
 
 
+class NotForTenants(ValueError):
+    """A read a tenant's login is not granted (deploy/README.md, "Tenancy on the bus"); the
+    message says what it cannot show and why (an empty answer would say there is nothing)."""
+
+
 # The tenant this process acts for (deploy/README.md, "Tenancy on the bus"): set by the CLI when it
 # logs in through the auth callout as a client (captionbus.core.bus.client_tenant). Then job ids
 # are made in the tenant (`<tenant>_<id>`), and every read names the tenant in its subject:
@@ -443,7 +448,13 @@ def merge_state(reply: dict) -> dict:
 
 async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None) -> list[dict]:
     """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
-    metadata (WorkerInfo, flat) plus `state` (contracts.WorkerState)."""
+    metadata (WorkerInfo, flat) plus `state` (contracts.WorkerState). NotForTenants as a tenant:
+    the callout grants no `$SRV` (a worker's state names the jobs it runs, of every tenant, and
+    its last error), and an unanswered ask would read as "no workers"."""
+    if TENANT.get():
+        raise NotForTenants(f"tenant {TENANT.get()!r} cannot list the workers: their state names the jobs of every "
+                            "tenant, so a tenant's login is not granted $SRV; ask the fleet's operator, or list "
+                            "them with a trusted login (the dashboard user)")
     subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
     replies = await collect_replies(nc, subject, timeout)
     return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]

@@ -23,7 +23,6 @@ from rich.progress import (
 from captionbus.client import (
     TENANT,
     SubmitError,
-    acting_for,
     artifacts_of,
     check_input_file,
     collect_replies,
@@ -167,7 +166,11 @@ def check_service_options(stages: list[str]) -> None:
 
 
 async def warn_about_unserved_stages(nc, stages: list[str], console: Console) -> None:
-    """A fleet submit needs no local envs, but a stage nobody serves means a job that waits."""
+    """A fleet submit needs no local envs, but a stage nobody serves means a job that waits. Not
+    asked as a tenant: it is granted no `$SRV` (captionbus.client.workers), and the refused ask
+    would warn that no stage is served."""
+    if TENANT.get():
+        return
     replies = await collect_replies(nc, "$SRV.PING", 0.5)
     served = {str(r.get("name", "")) for r in replies}
     missing = [s for s in dict.fromkeys(stages) if subjects.micro_service_name(s) not in served]
@@ -201,14 +204,7 @@ async def coordinator_task(nc):
             await asyncio.wait_for(task, 10)
 
 
-async def run_job(settings: Settings, url: str, media: Path, *, start_stack: bool, **kwargs) -> dict[str, Path]:
-    """_run_job, as the tenant a client login acts for when it submits to a running stack behind
-    the auth callout (captionbus.client.TENANT); a stack it starts itself is its own (no tenant)."""
-    with acting_for(None if start_stack else client_tenant(url, settings)):
-        return await _run_job(settings, url, media, start_stack=start_stack, **kwargs)
-
-
-async def _run_job(
+async def run_job(
     settings: Settings,
     url: str,
     media: Path,
@@ -225,12 +221,17 @@ async def _run_job(
     speaker_refs: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
     """`on_submitted(spec)`: called once the job is on the bus (`submit --wait` names it on Ctrl-C);
-    `speaker_refs`: known speakers' converted reference clips (client.submit uploads them)."""
+    `speaker_refs`: known speakers' converted reference clips (client.submit uploads them).
+    Submitting to a running stack behind the auth callout, it acts for the tenant the server
+    granted its login (captionbus.client.TENANT); a stack it starts itself is its own (no tenant)."""
     media = check_input_file(media)
     stages = validate_job(workflow, source_language, target_languages, local_stack=start_stack, options=options)
     nc = await connect(url, "captionbus-run", settings)
     services: list[ServiceProcess] = []
+    acting = TENANT.set(None)
     try:
+        if not start_stack:
+            TENANT.set(await client_tenant(nc, settings))
         js = nc.jetstream()
         # Only the one that owns the bus creates it: `submit --wait` runs under the client role,
         # which may not (deploy/nats/roles.conf), and its stack's coordinator has provisioned.
@@ -279,6 +280,7 @@ async def _run_job(
                 written["job"] = record
             return written
     finally:
+        TENANT.reset(acting)
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)

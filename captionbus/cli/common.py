@@ -242,13 +242,14 @@ def on_bus(name: str, action):
     url = resolve_url(settings)
     if not settings.insecure:
         warn_if_insecure(url, settings)
-    # Behind the auth callout a client login acts for its tenant: its jobs only (captionbus.client.TENANT).
-    tenant = client_tenant(url, settings)
 
     async def go():
         nc = await connect(url, name, settings)
         try:
             js = nc.jetstream()
+            # Behind the auth callout a client login acts for the tenant the server granted it: its
+            # jobs only (captionbus.client.TENANT).
+            tenant = await client_tenant(nc, settings)
             await read(lambda: require_provisioned(js, names_only=tenant is not None), "checking the bus's streams")
             with acting_for(tenant):
                 return await action(nc, js)

@@ -20,20 +20,34 @@ the filter in the body) unless its config has a name. A name is fixed per consum
 ordered consumer is re-created (from the next sequence, to a new inbox) after a gap or a stalled
 heartbeat: with the same name that would be an update the server refuses (a new start
 sequence). `Named` gives the config a fresh name each time nats-py gives it a new inbox, so a
-re-creation is a new consumer, as nats-py's own unnamed ones are.
+re-creation is a new consumer, as nats-py's own unnamed ones are
+(tests/security/test_tenancy.py forces one while the old consumer still exists).
+
+A tenant is granted no CONSUMER.INFO (nor DELETE): a consumer's name is a single token, so no
+grant could hold either to the tenant's own consumers (captionbus.authcallout.tenant_permissions).
+So a bounded read (`held`: a listing, an object's metadata, a chunk count) counts what its
+consumer holds from the answer to the consumer's creation, not from asking the consumer later.
+
+Which tenant a connection acts for is what the server granted it (`granted_tenant`), never its
+user name: captionbus.core.bus.client_tenant asks the server.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from dataclasses import dataclass
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from captionbus.contracts import subjects
+from captionbus.contracts.ids import is_tenant
+from captionbus.core.bus import BusError
 
 _nuid = NUID()
 
@@ -64,29 +78,80 @@ def jobs_kv(js: JetStreamContext) -> KeyValue:
     return KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=True)
 
 
-async def last_per_key(js: JetStreamContext, key_filter: str, *, headers_only: bool) -> dict[str, object]:
-    """key -> the last message of each key of KV cb_jobs matching `key_filter` (a key or
-    `<tenant>.>`), read through a consumer on the filtered-create subject: served by the stream's
-    leader, so a record a just-rejoined replica lacks is still found. Deleted and purged keys
-    are left out."""
-    prefix = f"$KV.{subjects.JOBS_BUCKET}."
-    config = named(ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, headers_only=headers_only))
-    sub = await js.subscribe(prefix + key_filter, stream=f"KV_{subjects.JOBS_BUCKET}", ordered_consumer=True,
-                             config=config)
-    found: dict[str, object] = {}
+def connection(js: JetStreamContext) -> NATS:
+    """The NATS connection under `js`. JetStreamContext keeps it private (`_nc`) and has no
+    accessor; this is the one place captionbus reaches for it."""
+    return js._nc
+
+
+async def held(js: JetStreamContext, stream: str, subject: str, *, deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+               headers_only: bool = False, limit: int | None = None,
+               timeout: float = LIST_TIMEOUT_S) -> tuple[list[Msg], int]:
+    """(the first `limit` messages, None: all; how many there are) of `subject` in `stream`, as
+    one ordered consumer created on the filtered-create subject delivers them (`deliver_policy`
+    LAST_PER_SUBJECT: the last of each subject; LAST: the last one). Served by the stream's
+    leader, so a message a just-rejoined replica lacks is still found. How many: what the
+    consumer was created holding, from the create's own answer (no CONSUMER.INFO: see the
+    module docstring). limit=0 reads none (and subscribes to nothing)."""
+    config = named(ConsumerConfig(
+        filter_subject=subject, deliver_policy=deliver_policy, headers_only=headers_only or None,
+        inactive_threshold=30.0,  # the server removes it this long after we stop listening
+        # what js.subscribe(ordered_consumer=True) sets, so nats-py re-creates it as its own
+        flow_control=True, ack_policy=AckPolicy.NONE, max_deliver=1, ack_wait=22 * 3600, idle_heartbeat=5.0,
+        num_replicas=1, mem_storage=True))
+    config.deliver_subject = connection(js).new_inbox()  # (Named: a fresh name with it)
+    # A push consumer delivers once its deliver subject has interest: nothing is lost between
+    # the create and the subscription (js.subscribe does the same, in the same order).
+    info = await js.add_consumer(stream, config)
+    count = info.delivered.consumer_seq + info.num_pending
+    wanted = count if limit is None else min(count, limit)
+    if not wanted:
+        return [], count
+    sub = await js.subscribe_bind(stream, config, info.name, ordered_consumer=True)
     try:
-        # what it has delivered (maybe still queued here) and what it has yet to: the messages it holds
-        info = await sub.consumer_info()
-        expected = info.delivered.consumer_seq + info.num_pending
-        async with asyncio.timeout(LIST_TIMEOUT_S):
-            for _ in range(expected):
-                msg = await sub.next_msg(timeout=None)
-                key = msg.subject[len(prefix):]
-                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                    found.pop(key, None)
-                else:
-                    found[key] = msg
+        msgs = []
+        async with asyncio.timeout(timeout):
+            for n in range(1, wanted + 1):
+                msgs.append(msg := await sub.next_msg(timeout=None))
+                # nats-py re-creates an ordered consumer after a gap from the next stream sequence with
+                # DeliverPolicy BY_START_SEQUENCE: no longer the last per subject, and not the count
+                # above. Its deliveries number from 1 again: a read that saw one is an error, not an answer.
+                if msg.metadata.sequence.consumer != n:
+                    raise BusError(f"reading {subject}: its consumer was re-created mid-read (a gap or a "
+                                   "stalled heartbeat); read again")
+        return msgs, count
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def last_per_key(js: JetStreamContext, key_filter: str, *, headers_only: bool) -> dict[str, Msg]:
+    """key -> the last message of each key of KV cb_jobs matching `key_filter` (a key or
+    `<tenant>.>`), through `held`. Deleted and purged keys are left out."""
+    prefix = f"$KV.{subjects.JOBS_BUCKET}."
+    msgs, _ = await held(js, f"KV_{subjects.JOBS_BUCKET}", prefix + key_filter,
+                         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, headers_only=headers_only)
+    found: dict[str, Msg] = {}
+    for msg in msgs:
+        key = msg.subject[len(prefix):]
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            found.pop(key, None)
+        else:
+            found[key] = msg
     return found
+
+
+# what the auth callout grants a tenant to submit: its own jobs only (captionbus.authcallout.tenant_permissions)
+_TENANT_SUBMIT = re.compile(rf"{re.escape(subjects.PREFIX)}\.job\.([^.*>]+)\.\*\.submitted")
+
+
+def granted_tenant(publish_allow: list[str]) -> str | None:
+    """The tenant a connection acts for, from the publish grants the server gave it: the one
+    tenant whose jobs it may submit (`captionbus.job.<tenant>.*.submitted`), or None for a role
+    granted no such subject (a trusted one, which submits as no tenant: the gateway, a static
+    client). ValueError for grants naming several tenants (nothing captionbus grants)."""
+    tenants = sorted({m[1] for s in publish_allow if (m := _TENANT_SUBMIT.fullmatch(s)) and is_tenant(m[1])})
+    if len(tenants) > 1:
+        raise ValueError(f"this login may submit jobs of several tenants ({', '.join(tenants)}): "
+                         "cannot tell which one it acts for")
+    return tenants[0] if tenants else None

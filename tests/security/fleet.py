@@ -134,10 +134,13 @@ async def _worker(fleet: Fleet) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _callout_server(tmp: Path) -> AsyncIterator[tuple[dict[str, str], Path, Callout]]:
+async def _callout_server(tmp: Path, accounts_edit=None) -> AsyncIterator[tuple[dict[str, str], Path, Callout]]:
     """callout_server() with the callout answering (captionbus.authcallout, as `captionbus
-    auth-callout run` runs it) on a connection of the callout's own user."""
+    auth-callout run` runs it) on a connection of the callout's own user. accounts_edit: the
+    accounts file's text -> the text the callout reads instead."""
     with callout_server(tmp, CALLOUT_ROLES) as (urls, log, accounts, seed):
+        if accounts_edit is not None:
+            accounts.write_text(accounts_edit(accounts.read_text()))
         callout = Callout(read_users(accounts), seed)
         nc = await connect(urls[CALLOUT_USER], "auth-callout", Settings(nats_auth_callout=False))
         stop, ready = asyncio.Event(), asyncio.Event()
@@ -152,9 +155,9 @@ async def _callout_server(tmp: Path) -> AsyncIterator[tuple[dict[str, str], Path
 
 
 @contextlib.asynccontextmanager
-async def _server(tmp: Path, callout: bool) -> AsyncIterator[tuple[dict[str, str], Path, Callout | None]]:
+async def _server(tmp: Path, callout: bool, accounts_edit=None) -> AsyncIterator[tuple[dict[str, str], Path, Callout | None]]:
     if callout:
-        async with _callout_server(tmp) as served:
+        async with _callout_server(tmp, accounts_edit) as served:
             yield served
     else:
         with roles_server(tmp, ROLES) as (urls, log):
@@ -162,10 +165,11 @@ async def _server(tmp: Path, callout: bool) -> AsyncIterator[tuple[dict[str, str
 
 
 @contextlib.asynccontextmanager
-async def secured_fleet(tmp: Path, *, worker: bool = True, callout: bool = False) -> AsyncIterator[Fleet]:
+async def secured_fleet(tmp: Path, *, worker: bool = True, callout: bool = False,
+                        accounts_edit=None) -> AsyncIterator[Fleet]:
     """callout: connections are let in by the auth callout (each its own reply prefix), not by
-    the server's user table."""
-    async with _server(tmp, callout) as (urls, log, authority):
+    the server's user table; accounts_edit: see _callout_server."""
+    async with _server(tmp, callout, accounts_edit) as (urls, log, authority):
         fleet = Fleet(tmp, urls, log, callout=authority)
         try:
             for user in CALLOUT_ROLES if callout else ROLES:

@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from captionbus.authcallout import Callout, connection_permissions, read_users
-from captionbus.core.bus import BusError, connect, publish_event
+from captionbus.core.bus import USER_INFO, BusError, connect, publish_event
 from captionbus.core.settings import Settings
 from tests.natsroles import NATS_DEPLOY, violations
 from tests.security.attacks import forged_results
@@ -160,7 +160,8 @@ def test_the_callout_grants_each_role_its_roles_conf_block_with_a_reply_prefix_o
     for user, account in users.items():
         granted = connection_permissions(account.permissions, f"_INBOX_{user}_0123")
         block = account.permissions
-        assert granted["pub"]["allow"] == block["publish"]["allow"]
+        # and what it was granted (captionbus.core.bus.client_tenant asks): its own permissions only
+        assert granted["pub"]["allow"] == [*block["publish"]["allow"], USER_INFO]
         wanted = [f"_INBOX_{user}_0123.>" if s == f"_INBOX_{user}.>" else s for s in block["subscribe"]["allow"]]
         assert granted["sub"]["allow"] == wanted, user
         assert ("resp" in granted) == bool(block.get("allow_responses"))

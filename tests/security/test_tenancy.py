@@ -11,6 +11,7 @@ go end to end through captionbus.client (submit, list, status, events, fetch).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -326,3 +327,258 @@ def test_gc_sees_a_tenants_objects_as_objects_and_keeps_them_within_retention(tm
     assert kept.object_store.count == 0 and kept.torn_uploads.count == 0, kept.summary()
     assert after == before
     assert gone.object_store.count == 2 and gone.torn_uploads.count == 0 and gone.job_records == 1, gone.summary()
+
+
+def test_a_tenant_is_granted_no_worker_state_and_no_other_consumer(tmp_path):
+    """Review of issue 18: tenants were granted `$SRV.>` (worker discovery) and CONSUMER.INFO /
+    CONSUMER.DELETE by any name. While the worker runs tenant `client`'s job, its `$SRV.STATS`
+    names that job (the trusted dashboard reads it here: what a tenant would have read), and a
+    tenant knowing a consumer's name could delete another tenant's reader or read the
+    coordinator's consumer. Now `rival` asks every `$SRV` subject raw and gets nothing (refused,
+    logged), its delete of `client`'s object reader is refused and the reader still delivers,
+    and the CLI's `workers` says a tenant cannot list them (exit 2) instead of listing none."""
+    from captionbus.client import workers
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            await fleet.submit("job-busy", workflow="slow")  # the worker holds it for 6 s
+            busy = fleet.job("job-busy")
+            deadline = asyncio.get_running_loop().time() + 20
+            while not any(c.get("job_id") == busy for w in await workers(fleet.nc["dashboard"], 0.5)
+                          for c in w["state"].get("current") or []):
+                assert asyncio.get_running_loop().time() < deadline, "the worker never showed the job"
+            rival, name = fleet.nc["rival"], subjects.micro_service_name("noop")
+            asked = {subject: await answered(rival, subject) for subject in (
+                "$SRV.STATS", "$SRV.INFO", "$SRV.PING", f"$SRV.STATS.{name}", f"$SRV.INFO.{name}",
+                f"$SRV.WORKER.{name}")}
+            with acting_for("rival"):
+                try:
+                    listed = await workers(rival, 0.5)
+                except client.NotForTenants as refusal:
+                    listed = str(refusal)
+            # a reader of tenant `client` (a consumer in its namespace, its name known to the attacker)
+            probe = f"{O}.C.client.probe"
+            cjs, got = fleet.js["client"], asyncio.Queue()
+            inbox = fleet.nc["client"].new_inbox()
+            await fleet.nc["client"].subscribe(inbox, cb=got.put)
+            from nats.js.api import ConsumerConfig, DeliverPolicy
+            await cjs.add_consumer(OBJ, ConsumerConfig(name="victim-reader", filter_subject=probe, deliver_subject=inbox,
+                                                       deliver_policy=DeliverPolicy.NEW, inactive_threshold=60.0))
+            consumers = {f"delete {what}": (f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", "")
+                         for what, stream, consumer in (("the reader", OBJ, "victim-reader"),
+                                                        ("the coordinator's", EV, subjects.COORDINATOR_CONSUMER))}
+            consumers |= {f"info {what}": (f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", "")
+                          for what, stream, consumer in (("the reader", OBJ, "victim-reader"),
+                                                         ("the coordinator's", EV, subjects.COORDINATOR_CONSUMER),
+                                                         ("a kv reader", KV, "victim-reader"))}
+            acted = {what: await answered(rival, subject, body.encode()) for what, (subject, body) in consumers.items()}
+            await cjs.publish(probe, b"still here", timeout=2)
+            delivered = None
+            with contextlib.suppress(TimeoutError):
+                delivered = (await asyncio.wait_for(got.get(), 5)).data
+            runs = {"rival workers": await _cli(fleet, "rival", "workers", "--json"),
+                    "dashboard workers": await _cli(fleet, "dashboard", "workers", "--json")}
+            await fleet.wait("job-busy", "completed")
+            return busy, asked, listed, acted, delivered, runs
+
+    busy, asked, listed, acted, delivered, runs = asyncio.run(asyncio.wait_for(main(), 150))
+    assert asked == dict.fromkeys(asked), asked  # not one answer
+    assert isinstance(listed, str) and "cannot list the workers" in listed, listed
+    assert acted == dict.fromkeys(acted), acted
+    assert delivered == b"still here"  # the reader was not deleted
+    code, out, err = runs["rival workers"]
+    assert code == 2 and "cannot list the workers" in err and out.strip() == "", (code, out, err)
+    code, out, err = runs["dashboard workers"]
+    assert code == 0 and [w["metadata"]["stage"] for w in json.loads(out)] == ["noop"], (out, err)
+    refused = {s for user, s in violations(tmp_path / "server.log") if user == "rival"}
+    assert {"$SRV.STATS", "$SRV.PING", "$JS.API.CONSUMER.DELETE.OBJ_cb_artifacts.victim-reader",
+            f"$JS.API.CONSUMER.INFO.{EV}.{subjects.COORDINATOR_CONSUMER}"} <= refused, sorted(refused)
+    assert {user for user, _ in violations(tmp_path / "server.log")} == {"rival"}
+
+
+def _inline_client_block(accounts: str, user: str) -> str:
+    """accounts.conf text with `user`'s `permissions: $CLIENT` replaced by an inline copy of the
+    CLIENT block of roles.conf (its publish grants in another order, its own reply prefix)."""
+    from captionbus.authcallout import read_conf
+    from tests.natsroles import NATS_DEPLOY
+
+    block = read_conf(NATS_DEPLOY / "roles.conf")["CLIENT"]
+    allow = ", ".join(f'"{s}"' for s in reversed(block["publish"]["allow"]))
+    inline = f'{{publish: {{allow: [{allow}]}}, subscribe: {{allow: ["_INBOX_{user}.>"]}}}}'
+    entry = f'{{user: "{user}", '
+    head, _, tail = accounts.partition(entry)
+    assert tail and "permissions: $CLIENT}" in tail.split("\n", 1)[0], accounts
+    return head + entry + tail.replace("permissions: $CLIENT}", f"permissions: {inline}}}", 1)
+
+
+def test_a_login_given_a_copy_of_the_client_block_is_held_to_its_tenant(tmp_path):
+    """The callout decided a tenant by the block's identity (`permissions: $CLIENT`): a user given
+    an inline copy of the block got it as written, the static client's rights, reading every job.
+    Here `rival` has such a copy: the callout lets it in as tenant `rival`, the server says so
+    (client_tenant), and its raw reads of `client`'s job (a listing, a read by key, an events
+    consumer on every job) are refused."""
+    from captionbus.core.bus import client_tenant
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True,
+                                 accounts_edit=lambda text: _inline_client_block(text, "rival")) as fleet:
+            victim, _ = await fleet.run_job("job-inline")
+            key = subjects.job_key(victim.job_id)
+            rival = fleet.nc["rival"]
+            tenant = await client_tenant(rival, fleet.settings("rival", "rival-who"))
+            attempts = {
+                "kv listing": (f"$JS.API.CONSUMER.CREATE.{KV}", create(KV, f"{PRE}.>")),
+                "msg get by key": (f"$JS.API.STREAM.MSG.GET.{KV}", json.dumps({"last_by_subj": f"{PRE}.{key}"})),
+                "direct get by key": (f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}", ""),
+                "kv stream info": (f"$JS.API.STREAM.INFO.{KV}", json.dumps({"subjects_filter": ">"})),
+                "events consumer": (f"$JS.API.CONSUMER.CREATE.{EV}", create(EV, "captionbus.job.>")),
+            }
+            got = {name: await answered(rival, subject, body.encode() if isinstance(body, str) else body)
+                   for name, (subject, body) in attempts.items()}
+            granted = [g for g in fleet.callout.granted if g["user"] == "rival"]
+            return tenant, got, granted
+
+    tenant, got, granted = asyncio.run(asyncio.wait_for(main(), 120))
+    assert tenant == "rival" and granted and all(g["tenant"] == "rival" for g in granted), granted
+    assert got == dict.fromkeys(got), got
+    refused = {s for user, s in violations(tmp_path / "server.log") if user == "rival"}
+    assert {f"$JS.API.CONSUMER.CREATE.{KV}", f"$JS.API.STREAM.MSG.GET.{KV}", f"$JS.API.STREAM.INFO.{KV}"} <= refused
+
+
+def test_the_tenant_a_login_acts_for_is_the_one_the_server_granted(tmp_path):
+    """client_tenant took the tenant from the user name: `gateway` (a trusted role, named like a
+    tenant) acted as tenant `gateway`, its `jobs` listing nothing. Now it asks the server what the
+    login was granted: the trusted logins act for no tenant (their CLI lists `client`'s job), each
+    tenant for itself."""
+    from captionbus.core.bus import BusError, client_tenant, connect
+    from captionbus.core.settings import Settings
+    from tests.natsroles import CALLOUT_USER
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True) as fleet:
+            victim, _ = await fleet.run_job("job-named")
+            acts = {user: await client_tenant(fleet.nc[user], fleet.settings(user, f"who-{user}"))
+                    for user in ("client", "rival", "gateway", "dashboard", "worker", "gc")}
+            # the server answers with the asker's own permissions, whoever the request says it is from
+            forged = json.loads((await fleet.nc["rival"].request(
+                "$SYS.REQ.USER.INFO", b"", timeout=2,
+                headers={"Nats-Request-Info": json.dumps({"acc": "$G", "user": "gateway"})})).data)["data"]
+            # a login not granted the question (here the callout's own, a static user): an error, not "no tenant"
+            unasked = await connect(fleet.urls[CALLOUT_USER], "unasked", Settings(nats_auth_callout=False))
+            try:
+                await client_tenant(unasked, Settings(nats_auth_callout=True))
+                failed = None
+            except BusError as error:
+                failed = str(error)
+            finally:
+                await unasked.close()
+            runs = {user: await _cli(fleet, user, "jobs", "--json") for user in ("gateway", "rival")}
+            return victim.job_id, acts, forged, failed, runs
+
+    vid, acts, forged, failed, runs = asyncio.run(asyncio.wait_for(main(), 120))
+    assert forged["user"] == "rival" and "captionbus.job.rival.*.submitted" in forged["permissions"]["publish"]["allow"]
+    assert failed and "cannot ask the server what this login may do" in failed, failed
+    assert acts == {"client": "client", "rival": "rival", "gateway": None, "dashboard": None, "worker": None,
+                    "gc": None}, acts
+    code, out, err = runs["gateway"]
+    assert code == 0 and [json.loads(line)["spec"]["job_id"] for line in out.splitlines()] == [vid], (out, err)
+    code, out, err = runs["rival"]
+    assert code == 0 and out.strip() == "", (out, err)
+    logged = violations(tmp_path / "server.log")  # the unasked login's only (its question, its reply inbox)
+    assert (CALLOUT_USER, "$SYS.REQ.USER.INFO") in logged and {user for user, _ in logged} == {CALLOUT_USER}, logged
+
+
+def test_a_tenants_ordered_consumer_is_re_created_under_a_new_name(tmp_path):
+    """nats-py re-creates an ordered consumer (a new inbox, from the next stream sequence) after a
+    gap or a stalled heartbeat, while the old one may still exist; a tenant may create consumers
+    only by name on the filtered-create subject (captionbus.core.tenancy.Named). Forced here through
+    nats-py's own re-creation (`reset_ordered_consumer`, what its gap and heartbeat checks call):
+    a Named follow of the tenant's events takes a new name and goes on with every event after the
+    reset, with no refusal; the same follow under one fixed name is refused its re-creation (the
+    server keeps the old consumer) and misses them, which is why Named exists."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from captionbus.core.tenancy import named
+
+    async def follow_across_a_reset(js, config) -> tuple[list[str], str, str]:
+        sub = await js.subscribe(subjects.tenant_events("rival"), ordered_consumer=True, config=config)
+        seen: list[str] = []
+
+        async def publish(n: int) -> None:
+            for _ in range(n):
+                job = new_job_id("rival")
+                await js.publish(subjects.job_event(job, "cancel_requested"),
+                                 JobCancelRequested(job_id=job).model_dump_json().encode(), timeout=2)
+
+        async def read(n: int, timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while len(seen) < n:
+                        seen.append((await sub.next_msg(timeout=None)).subject)
+
+        try:
+            await publish(2)
+            await read(2, 5)
+            before = sub._consumer
+            jsi = sub._sub._jsi
+            await jsi.reset_ordered_consumer(jsi._sseq + 1)
+            await publish(2)
+            await read(len(seen) + 2, 3)
+            return seen, before, sub._consumer
+        finally:
+            await sub.unsubscribe()
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True, worker=False) as fleet:
+            errors: list = []
+            rival = fleet.nc["rival"]
+            rival._error_cb = lambda e: _noted(errors, e)
+            js = rival.jetstream()
+            named_run = await follow_across_a_reset(js, named(ConsumerConfig(deliver_policy=DeliverPolicy.NEW)))
+            fixed_run = await follow_across_a_reset(js, ConsumerConfig(name="one-name", deliver_policy=DeliverPolicy.NEW))
+            return named_run, fixed_run, errors
+
+    (seen, before, after), (fixed_seen, fixed_before, fixed_after), errors = asyncio.run(asyncio.wait_for(main(), 90))
+    assert len(seen) == 4 and before != after, (seen, before, after)
+    assert len(fixed_seen) == 2 and fixed_before == fixed_after == "one-name", fixed_seen
+    # nats-py reports the refused re-creation: an update of the live consumer (measured, nats-server
+    # 2.15.1: 10012 "deliver policy can not be updated")
+    refusals = [(getattr(e, "err_code", None), getattr(e, "description", None)) for e in errors]
+    assert [code for code, _ in refusals] == [10012], refusals
+    assert violations(tmp_path / "server.log") == []
+
+
+def test_a_tenants_reader_goes_on_after_its_consumer_is_deleted(tmp_path):
+    """The real trigger of a re-creation: the server stops heartbeats (here the reader's consumer is
+    deleted, by the worker, a role that may delete object-store consumers). nats-py's activity
+    check re-creates it after two missed heartbeats, from the next stream sequence, under a new
+    Named name on the filtered-create subject a tenant is granted: the tenant's reader gets the
+    message published after the delete, with no refusal logged."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from captionbus.core.tenancy import named
+
+    async def main():
+        async with secured_fleet(tmp_path, callout=True, worker=False) as fleet:
+            js, subject = fleet.js["rival"], f"{O}.C.rival.recreated"
+            sub = await js.subscribe(subject, stream=OBJ, ordered_consumer=True, idle_heartbeat=0.5,
+                                     config=named(ConsumerConfig(deliver_policy=DeliverPolicy.NEW)))
+            try:
+                await js.publish(subject, b"one", timeout=2)
+                first = (await sub.next_msg(timeout=5)).data
+                before = sub._consumer
+                await fleet.js["worker"].delete_consumer(OBJ, before)
+                await asyncio.sleep(2.5)  # two missed heartbeats (1 s), then the re-creation
+                await js.publish(subject, b"two", timeout=2)
+                second = (await sub.next_msg(timeout=5)).data
+                return first, second, before, sub._consumer
+            finally:
+                await sub.unsubscribe()
+
+    first, second, before, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert (first, second) == (b"one", b"two") and before != after, (before, after)
+    assert violations(tmp_path / "server.log") == []
+
+
+async def _noted(errors: list, error: Exception) -> None:
+    errors.append(error)

@@ -12,6 +12,7 @@ import pytest
 
 from captionbus.authcallout import ConfError, check_with_server, connection_permissions, read_conf, read_users
 from captionbus.server import nats_server_binary
+from captionbus.core.bus import USER_INFO
 from tests.natsroles import NATS_DEPLOY, role_variables
 
 USER = "{user: a, password: b, permissions: {publish: [\"x\"]}}"
@@ -98,7 +99,7 @@ def test_the_subset_reads_what_the_server_reads(tmp_path):
     users = read_users(path)
     assert users["a"].password == "$2a$11$x.y/z" and users["b"].password == "bee"
     granted = connection_permissions(users["a"].permissions, "_INBOX_a_1")
-    assert granted == {"pub": {"allow": ["x.y"]}, "sub": {"allow": ["a.b", "_INBOX_a_1.>"], "deny": ["c", "d"]},
+    assert granted == {"pub": {"allow": ["x.y", USER_INFO]}, "sub": {"allow": ["a.b", "_INBOX_a_1.>"], "deny": ["c", "d"]},
                        "resp": {"max": 3, "ttl": 120 * 10**9}}
     granted = connection_permissions(users["b"].permissions, "_INBOX_b_1")
     assert granted == {"pub": {"deny": [">"]}, "sub": {"allow": ["_INBOX_b_1.>"]}}

@@ -129,7 +129,7 @@ class DirectReader:
             # The thread writes into the sink: it must be done before anyone closes it.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
-            if consumer:
+            if consumer and not self.bucket.restricted:  # a tenant may not delete (inactive_threshold does)
                 with contextlib.suppress(Exception):
                     await self.js.delete_consumer(self.bucket.stream, consumer)
 

@@ -29,6 +29,7 @@ import structlog
 from nats.js import JetStreamContext, api
 
 from captionbus.contracts.artifacts import ArtifactRef
+from captionbus.contracts.ids import NO_TENANT
 from captionbus.contracts.subjects import ARTIFACTS_BUCKET
 from captionbus.core.artifacts import direct
 from captionbus.core.artifacts.errors import (
@@ -128,8 +129,10 @@ class ArtifactStore:
     def scoped(self, tenant: str | None, restricted: bool = False) -> ArtifactStore:
         """This store in `tenant`'s namespace of the object store (transfer.py, "Tenants"): what
         a tenant's jobs read and write there. restricted: as that tenant's own client, which may
-        read its namespace only through consumers. The same store for no tenant."""
-        if self.objects is None or (not restricted and (tenant or None) == self.tenant):
+        read its namespace only through consumers. The same store for no tenant (None or
+        NO_TENANT, what `tenant_of` says of a job id without one)."""
+        tenant = None if tenant in (None, "", NO_TENANT) else tenant
+        if self.objects is None or (not restricted and tenant == self.tenant):
             return self
         view = shallow_copy(self)
         view.objects = self.objects.scoped(tenant, restricted)

@@ -49,7 +49,6 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
@@ -60,7 +59,7 @@ from captionbus.contracts.ids import NO_TENANT
 from captionbus.contracts.jobs import utcnow
 from captionbus.contracts.subjects import ARTIFACTS_BUCKET
 from captionbus.core.artifacts.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing, ArtifactStoreFull, describe
-from captionbus.core.tenancy import named
+from captionbus.core.tenancy import connection, held
 
 # Upload chunk size, capped by the server's max_payload. nats-py writes 128 KiB chunks;
 # readers just concatenate, so any client reads ours and we read theirs. 8x fewer messages
@@ -81,12 +80,6 @@ def store_full_reason(error: BaseException) -> str | None:
     if code in STORE_FULL_CODES or any(w in text.lower() for w in STORE_FULL_WORDS):
         return text
     return None
-
-
-def connection(js: JetStreamContext) -> NATS:
-    """The NATS connection under `js`. JetStreamContext keeps it private (`_nc`) and has no
-    accessor; this is the one place the artifact code reaches for it."""
-    return js._nc
 
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence" (an expected-sequence publish lost the race)
@@ -181,27 +174,14 @@ class ObjectBucket:
         return f"$O.{self.name}.M.{self.tenant}.{name}" if self.tenant else f"$O.{self.name}.M.{name}"
 
     async def _consumed(self, subject: str, *, last: bool = False, limit: int = META_READ,
-                        count_only: bool = False):
-        """(messages, count) of `subject` through an ordered consumer on the filtered-create
-        subject, the restricted reader's only way: the first `limit` (or the last one) and how
-        many the subject holds. count_only reads none."""
-        policy = api.DeliverPolicy.LAST if last else api.DeliverPolicy.ALL
-        sub = await self.js.subscribe(subject, stream=self.stream, ordered_consumer=True,
-                                      config=named(api.ConsumerConfig(deliver_policy=policy, inactive_threshold=30.0,
-                                                                   headers_only=count_only or None)))
-        try:
-            info = await sub.consumer_info()
-            held = info.delivered.consumer_seq + info.num_pending
-            if count_only:
-                return [], held
-            msgs = []
-            async with asyncio.timeout(self.stall_timeout):
-                for _ in range(min(held, 1 if last else limit)):
-                    msgs.append(await sub.next_msg(timeout=None))
-            return msgs, held
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                        count_only: bool = False) -> tuple[list[Msg], int]:
+        """(messages, count) of `subject` through a consumer on the filtered-create subject
+        (captionbus.core.tenancy.held), the restricted reader's only way: the first `limit` (or
+        the last one) and how many the subject holds. count_only reads none."""
+        return await held(self.js, self.stream, subject,
+                          deliver_policy=api.DeliverPolicy.LAST if last else api.DeliverPolicy.ALL,
+                          headers_only=count_only, limit=0 if count_only else 1 if last else limit,
+                          timeout=self.stall_timeout)
 
     def chunk_subject(self, nuid: str) -> str:
         return f"$O.{self.name}.C.{nuid}"
@@ -640,6 +620,6 @@ class ChunkReader:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            if consumer:
+            if consumer and not self.bucket.restricted:  # a tenant may not delete (inactive_threshold does)
                 with contextlib.suppress(Exception):
                     await self.js.delete_consumer(self.bucket.stream, consumer)

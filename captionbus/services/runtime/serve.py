@@ -48,7 +48,7 @@ from captionbus.contracts import (
     worker_identity,
 )
 from captionbus.contracts.events import LOADING_MODEL
-from captionbus.contracts.ids import NO_TENANT, tenant_of
+from captionbus.contracts.ids import tenant_of
 from captionbus.core.artifacts import ArtifactStore, ArtifactStoreFull
 from captionbus.core.bus import (
     StagePolicy,
@@ -437,8 +437,7 @@ class StageWorker:
                    slot: "_Slot", cancelled: threading.Event) -> None:
         params = self.definition.parse_params(request.params)  # BadInput: the job fails at once
         # a tenant's job reads and writes its tenant's namespace of the object store (its client reads only there)
-        tenant = tenant_of(request.job_id)
-        store = self.store if tenant == NO_TENANT else self.store.scoped(tenant)
+        store = self.store.scoped(tenant_of(request.job_id))
         ctx = RequestContext(
             request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
             loop=asyncio.get_running_loop(), fetch=store.get, emit=self._publish, cancelled=cancelled,
