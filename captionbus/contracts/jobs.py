@@ -4,12 +4,14 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SerializationInfo, field_validator, model_serializer, model_validator
 
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.ids import JobId, Token
 from captionbus.contracts.speech import TurnSummary
 from captionbus.contracts.version import SCHEMA_VERSION
+
+_STORED = "captionbus.stored"  # serialization context of JobState.stored()
 
 
 def utcnow() -> datetime:
@@ -80,15 +82,35 @@ class NodeState(BaseModel):
     progress: float = 0.0
     error: str | None = None
     failure_class: str | None = Field(default=None, description="class of `error` (captionbus.contracts.failures)")
-    worker: dict[str, str] = Field(default_factory=dict, description="who ran the last attempt")
+    worker: dict[str, str] = Field(default_factory=dict, description=(
+        "who ran the last attempt (StageCompleted/StageFailed.worker). Stored as `worker_ref` into "
+        "JobState.workers; records of coordinators before that hold it here"))
+    worker_ref: str | None = Field(None, max_length=16, description=(
+        "the key of `worker` in JobState.workers (stored records only: a loaded state has `worker` filled in)"))
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="fan-out parameters")
     items: dict[str, int] = Field(default_factory=dict, description="output -> items it lists (StageCompleted.items)")
-    speaker_turns: TurnSummary | None = Field(None, description="who speaks when, bounded (StageCompleted.speaker_turns)")
+    speaker_turns: TurnSummary | None = Field(None, description=(
+        "who speaks when, bounded (StageCompleted.speaker_turns): on records of coordinators before "
+        "`speaker_turns_key`, and filled in from that key by readers that show the node's summary "
+        "(captionbus.client.with_record_parts)"))
+    speaker_turns_key: str | None = Field(None, max_length=256, description=(
+        "the KV cb_jobs key (subjects.job_part_key) of this node's TurnSummary, written once before the "
+        "record naming it: ~42 KB that each later rewrite of the record no longer carries"))
 
 
 class JobState(BaseModel):
-    """The coordinator's record of one job: the value of its KV key."""
+    """The coordinator's record of one job: the value of its KV key.
+
+    Each worker's summary is stored once (`workers`, keyed w0, w1, ... in order of first use), and
+    a node names it (`NodeState.worker_ref`): the record is rewritten whole at every event, and a
+    2-hour film's 240 chunk nodes repeating their worker's summary (~430 bytes: id, env,
+    interpreter, package versions) were 96 KB of its 285 KB, written again with each of its 250
+    writes (benchmarks/job_state.py). A node's null and empty fields are left out of it too. In memory, nodes hold their `worker` as before: `stored()`
+    builds the table for the KV write and a load reads it back into the nodes, so deciders and
+    readers see one shape. Other dumps (`status --json`, `run`'s job.json) keep each node's
+    `worker` inline, as before the table; both forms load, and so do records written before it.
+    """
 
     schema_version: str = SCHEMA_VERSION
     spec: JobSpec
@@ -113,6 +135,48 @@ class JobState(BaseModel):
                     "maybe not yet published",
     )
 
+    workers: dict[str, dict[str, str]] = Field(default_factory=dict, description=(
+        "stored records: each worker summary of the nodes once, by the key their `worker_ref` names; "
+        "empty in a loaded state (its nodes hold their `worker`)"))
+
     @property
     def job_id(self) -> str:
         return self.spec.job_id
+
+    @model_validator(mode="after")
+    def _workers_into_nodes(self) -> JobState:
+        for node_id, node in self.nodes.items():
+            if node.worker_ref is None:
+                continue
+            if node.worker_ref not in self.workers:
+                raise ValueError(f"node {node_id} names worker {node.worker_ref!r}, which the record's "
+                                 f"workers ({', '.join(self.workers) or 'none'}) lack")
+            node.worker, node.worker_ref = dict(self.workers[node.worker_ref]), None
+        self.workers = {}
+        return self
+
+    def stored(self) -> bytes:
+        """The record as the coordinator writes it to the job's KV key: JSON, each worker once."""
+        return self.model_dump_json(context={_STORED: True}).encode()
+
+    @model_serializer(mode="wrap")
+    def _stored_form(self, handler, info: SerializationInfo) -> dict[str, Any]:
+        """In `stored()`: each worker once (`workers`), and a node's fields that are null or empty
+        left out (their defaults when read: ~150 bytes of each of a 2-hour film's 250 nodes)."""
+        data = handler(self)
+        nodes, refs, table = data.get("nodes"), {}, {}
+        if not (info.context or {}).get(_STORED) or not isinstance(nodes, dict):
+            return data
+        for node_id, node in self.nodes.items():
+            if node_id not in nodes:
+                continue
+            if node.worker and "worker" in nodes[node_id]:
+                key = tuple(sorted(node.worker.items()))
+                if key not in refs:
+                    refs[key] = f"w{len(refs)}"
+                    table[refs[key]] = node.worker
+                nodes[node_id]["worker_ref"] = refs[key]
+            nodes[node_id] = {name: value for name, value in nodes[node_id].items()
+                              if name != "worker" and value is not None and value != {}}
+        data["workers"] = table
+        return data
