@@ -91,8 +91,9 @@ class SpeakerTurns(BaseModel):
 
 
 # The most turns a TurnSummary lists: 2000 is a two-hour film at one turn every 3.6 s. As
-# [start, end, speaker] triples of film times (3 decimals) that is ~42 KB of JSON on the
-# diarization node's record, which the coordinator rewrites with the job state on every event.
+# [start, end, speaker] triples of film times (3 decimals) that is ~42 KB of JSON on each
+# StageCompleted of diarization, and under a key of the job's that the coordinator writes once
+# (NodeState.speaker_turns_key; on the node's record, rewritten at every event, before that).
 MAX_SUMMARY_TURNS = 2000
 MAX_SUMMARY_SPEAKERS = 100  # more than any clustering gives (diarization.MAX_SPEAKERS is 20)
 

@@ -68,3 +68,18 @@ def test_a_record_naming_a_worker_its_table_lacks_is_refused_naming_both():
     del record["workers"]["w2"]
     with pytest.raises(ValueError, match=r"node asr-1 names worker 'w2', which the record's workers \(w0, w1\) lack"):
         JobState.model_validate(record)
+
+
+def test_a_summary_on_the_record_of_an_older_coordinator_is_read_from_there_without_the_bus():
+    import asyncio
+
+    from captionbus.client import speaker_turns, with_record_parts
+    from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
+
+    summary = TurnSummary.of(SpeakerTurns(duration=5, speakers=["A"], turns=[SpeakerTurn(start=0, end=2, speaker="A")]))
+    older = chunked_state()
+    older.nodes["diarization"] = NodeState(stage="diarization", status=NodeStatus.completed, speaker_turns=summary)
+    older = JobState.model_validate_json(older.model_dump_json())  # as an older coordinator stored it
+    assert asyncio.run(speaker_turns(None, older, "diarization")) == summary  # no bus: never read
+    assert asyncio.run(speaker_turns(None, older, "demux")) is None
+    assert asyncio.run(with_record_parts(None, older)) == older
