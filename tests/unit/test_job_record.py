@@ -33,12 +33,13 @@ def test_the_stored_record_holds_each_worker_once_and_loads_back_to_the_same_sta
     record = json.loads(state.stored())
     assert record["workers"] == {"w0": {"worker_id": "cpu-1/demux/0/7", "env": "common"},
                                  "w1": summary(0), "w2": summary(1)}
-    assert [record["nodes"][f"asr-{i}"]["worker_ref"] for i in range(6)] == ["w1", "w2"] * 3
+    assert record["worker_refs"] == {"demux": "w0", **{f"asr-{i}": ["w1", "w2"][i % 2] for i in range(6)}}
     assert all("worker" not in node for node in record["nodes"].values())
     assert record["nodes"]["mux"] == {"stage": "mux", "status": "waiting", "attempt": 0, "retry_base": 0,
-                                      "progress": 0.0}  # nulls and empties left out, read as defaults
+                                      "outputs": {}, "progress": 0.0, "metrics": {}, "params": {},
+                                      "items": {}}  # nulls left out, read as their defaults
     loaded = JobState.model_validate_json(state.stored())
-    assert loaded == state and loaded.workers == {} and loaded.nodes["asr-3"].worker == summary(1)
+    assert loaded == state and loaded.workers == loaded.worker_refs == {} and loaded.nodes["asr-3"].worker == summary(1)
     assert loaded.stored() == state.stored()
 
 
@@ -54,19 +55,20 @@ def test_other_dumps_keep_each_nodes_worker_inline_and_both_forms_load():
     coordinator wrote has the same shape and loads the same."""
     state = chunked_state()
     shown = json.loads(state.model_dump_json())
-    assert shown["workers"] == {} and shown["nodes"]["asr-1"]["worker"] == summary(1)
-    assert shown["nodes"]["asr-1"]["worker_ref"] is None
+    assert shown["workers"] == shown["worker_refs"] == {} and shown["nodes"]["asr-1"]["worker"] == summary(1)
     older = json.loads(state.model_dump_json())
-    for node in older["nodes"].values():
-        del node["worker_ref"]
-    del older["workers"]
+    del older["workers"], older["worker_refs"]
     assert JobState.model_validate(older) == JobState.model_validate(shown) == state
 
 
 def test_a_record_naming_a_worker_its_table_lacks_is_refused_naming_both():
     record = json.loads(chunked_state().stored())
     del record["workers"]["w2"]
-    with pytest.raises(ValueError, match=r"node asr-1 names worker 'w2', which the record's workers \(w0, w1\) lack"):
+    with pytest.raises(ValueError, match=r"worker_refs names 'w2' for node asr-1: the record's nodes or workers \(w0, w1\) lack it"):
+        JobState.model_validate(record)
+    record = json.loads(chunked_state().stored())
+    record["worker_refs"]["gone"] = "w0"
+    with pytest.raises(ValueError, match="worker_refs names 'w0' for node gone"):
         JobState.model_validate(record)
 
 
