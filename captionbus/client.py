@@ -35,6 +35,7 @@ from captionbus.contracts import (
 )
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.languages import LANGUAGES
+from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, through_failover
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
@@ -197,27 +198,58 @@ async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
     tenant = TENANT.get()
     if tenant and tenant_of(job_id) != tenant:  # not one of ours: the bus would refuse the read
         return None
-
-    async def get():
-        kv = jobs_kv(js) if tenant else await js.key_value(subjects.JOBS_BUCKET)
-        try:
-            entry = await kv.get(key)
-        except InvalidKeyError:
-            return None
-        except (KeyNotFoundError, KeyDeletedError):
-            if tenant:  # the leader's answer, through a consumer on this one key
-                msg = (await last_per_key(js, key, headers_only=False)).get(key)
-                return msg.data if msg is not None and msg.data else None
-            try:
-                msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{key}")
-            except NotFoundError:
-                return None
-            deleted = (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
-            return None if deleted or not msg.data else msg.data
-        return entry.value if entry and entry.value else None
-
-    value = await read(get, f"reading job {job_id}")
+    value = await read(lambda: _jobs_value(js, key), f"reading job {job_id}")
     return JobState.model_validate_json(value) if value else None
+
+
+async def _jobs_value(js: JetStreamContext, key: str) -> bytes | None:
+    """The value of KV cb_jobs key `key`; None when the bus (its stream leader) has none."""
+    tenant = TENANT.get()
+    kv = jobs_kv(js) if tenant else await js.key_value(subjects.JOBS_BUCKET)
+    try:
+        entry = await kv.get(key)
+    except InvalidKeyError:
+        return None
+    except (KeyNotFoundError, KeyDeletedError):
+        if tenant:  # the leader's answer, through a consumer on this one key
+            msg = (await last_per_key(js, key, headers_only=False)).get(key)
+            return msg.data if msg is not None and msg.data else None
+        try:
+            msg = await js.get_msg(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{key}")
+        except NotFoundError:
+            return None
+        deleted = (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
+        return None if deleted or not msg.data else msg.data
+    return entry.value if entry and entry.value else None
+
+
+class RecordPartMissing(BusError):
+    """A job's record names a key of its own parts (NodeState.speaker_turns_key) that the bus
+    does not hold: written before the record that names it, so gone since (gc) or never stored."""
+
+
+async def speaker_turns(js: JetStreamContext, state: JobState, node_id: str) -> TurnSummary | None:
+    """Node `node_id`'s speaker summary: on the record (older coordinators), or read from the key
+    the record names (NodeState.speaker_turns_key), which every role that may read the job's record
+    may read (`subjects.job_part_key`). None: the node has none. A failed read is a BusError and
+    a named key the bus lacks a RecordPartMissing, never None."""
+    node = state.nodes[node_id]
+    if node.speaker_turns is not None or node.speaker_turns_key is None:
+        return node.speaker_turns
+    key = node.speaker_turns_key
+    value = await read(lambda: _jobs_value(js, key), f"reading {node_id}'s speaker turns of job {state.job_id}")
+    if value is None:
+        raise RecordPartMissing(f"job {state.job_id}'s record names {key} for {node_id}'s speaker turns, "
+                                "which the bus does not hold")
+    return TurnSummary.model_validate_json(value)
+
+
+async def with_record_parts(js: JetStreamContext, state: JobState) -> JobState:
+    """`state` with the parts of its record kept under their own keys filled in on its nodes
+    (`speaker_turns`): the whole record, as `status --json` and `run`'s job.json show it."""
+    nodes = {node_id: node.model_copy(update={"speaker_turns": await speaker_turns(js, state, node_id)})
+             if node.speaker_turns_key else node for node_id, node in state.nodes.items()}
+    return state.model_copy(update={"nodes": nodes})
 
 
 async def list_jobs(js: JetStreamContext) -> list[JobState]:
@@ -236,7 +268,7 @@ async def list_jobs(js: JetStreamContext) -> list[JobState]:
 
     states = []
     # nats-py's keys() lists a key updated during its watch twice
-    for key in dict.fromkeys(await read(keys, "listing jobs")):
+    for key in filter(subjects.is_job_key, dict.fromkeys(await read(keys, "listing jobs"))):
         state = await job_state(js, subjects.job_id_of_key(key))
         if state:  # a job deleted (gc) between the listing and the read
             states.append(state)

@@ -30,6 +30,7 @@ from captionbus.client import (
     follow,
     job_state,
     submit,
+    with_record_parts,
 )
 from captionbus.dashboard.process import start_dashboard_process, stop_dashboard_process
 from captionbus.envs import (
@@ -273,7 +274,7 @@ async def run_job(
                 console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
                 record = out_dir / f"{media.stem}.job.json"
-                data = json.loads(state.model_dump_json())
+                data = json.loads((await with_record_parts(js, state)).model_dump_json())
                 if language is not None:
                     data["language"] = language  # the spoken language, as ASR found or was told it
                 record.write_text(json.dumps(data, indent=2))

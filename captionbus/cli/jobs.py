@@ -178,9 +178,13 @@ def fetch(job_id: str, out_dir: Path | None) -> None:
 def status(job_id: str, as_json: bool) -> None:
     """One job's state, stage by stage. Exit 0 running or completed, 1 failed or cancelled,
     3 completed without some languages."""
-    from captionbus.client import job_state
+    from captionbus.client import job_state, with_record_parts
 
-    state = on_bus("captionbus-status", lambda nc, js: job_state(js, job_id))
+    async def read(js):
+        state = await job_state(js, job_id)
+        return await with_record_parts(js, state) if state is not None and as_json else state
+
+    state = on_bus("captionbus-status", lambda nc, js: read(js))
     if state is None:
         raise UserError(f"no job {job_id!r}")
     if as_json:

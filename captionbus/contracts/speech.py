@@ -91,8 +91,9 @@ class SpeakerTurns(BaseModel):
 
 
 # The most turns a TurnSummary lists: 2000 is a two-hour film at one turn every 3.6 s. As
-# [start, end, speaker] triples of film times (3 decimals) that is ~42 KB of JSON on the
-# diarization node's record, which the coordinator rewrites with the job state on every event.
+# [start, end, speaker] triples of film times (3 decimals) that is ~42 KB of JSON on each
+# StageCompleted of diarization, and under a key of the job's that the coordinator writes once
+# (NodeState.speaker_turns_key; on the node's record, rewritten at every event, before that).
 MAX_SUMMARY_TURNS = 2000
 MAX_SUMMARY_SPEAKERS = 100  # more than any clustering gives (diarization.MAX_SPEAKERS is 20)
 
@@ -109,7 +110,9 @@ class TurnSummary(BaseModel):
     that reads job state (the read-only dashboard's speaker lane, `status --json`) sees who speaks
     when without reading the artifact. `turns` are the artifact's own turns, as they are, up to
     MAX_SUMMARY_TURNS (the first ones, in time order; `turns_truncated` then says so);
-    `speakers` count every turn."""
+    `speakers` count every turn. Each listed turn names a speaker of `speakers` by index, and
+    the speakers' turns add up to `turns_total`. On the job's record it lies under a key of its
+    own (NodeState.speaker_turns_key)."""
 
     duration: float = Field(ge=0, description="length of the audio, seconds (SpeakerTurns.duration)")
     requested: str = Field("auto", max_length=16, description="the speaker count asked for: auto, N or MIN-MAX")
@@ -120,17 +123,30 @@ class TurnSummary(BaseModel):
         description="[start, end, speaker] in time order: seconds from the start of the audio, and the "
                     "speaker's index in `speakers`")
     turns_total: int = Field(0, ge=0, description="how many turns the artifact holds")
-    turns_truncated: bool = Field(False, description="turns_total > len(turns): only the first turns are listed")
+
+    @property
+    def turns_truncated(self) -> bool:
+        """Only the first turns are listed (derived, not stored: it cannot disagree with the
+        counts; records that stored it still load, the stored value ignored)."""
+        return self.turns_total > len(self.turns)
 
     @model_validator(mode="after")
     def _consistent(self) -> TurnSummary:
+        listed = [0] * len(self.speakers)
         for start, end, speaker in self.turns:
             if not 0 <= start <= end:
                 raise ValueError(f"turn [{start}, {end}] is not a span of the audio")
             if not 0 <= speaker < len(self.speakers):
                 raise ValueError(f"turn [{start}, {end}] names speaker {speaker} of {len(self.speakers)}")
-        if self.turns_total < len(self.turns) or self.turns_truncated != (self.turns_total > len(self.turns)):
-            raise ValueError(f"{len(self.turns)} turns listed of {self.turns_total}, truncated={self.turns_truncated}")
+            listed[speaker] += 1
+        if self.turns_total < len(self.turns):
+            raise ValueError(f"{len(self.turns)} turns listed of {self.turns_total}")
+        if self.speakers and sum(s.turns for s in self.speakers) != self.turns_total:
+            raise ValueError(f"the speakers' turns add up to {sum(s.turns for s in self.speakers)}, "
+                             f"not the {self.turns_total} turns of the artifact")
+        for speaker, count in zip(self.speakers, listed):
+            if count > speaker.turns:
+                raise ValueError(f"{count} turns listed for {speaker.label!r}, who has {speaker.turns}")
         return self
 
     @classmethod
@@ -145,4 +161,4 @@ class TurnSummary(BaseModel):
                    speakers=[TurnSpeaker(label=label, seconds=round(seconds[n], 3), turns=counts[n])
                              for n, label in enumerate(order)],
                    turns=[(t.start, t.end, index[t.speaker]) for t in turns.turns[:limit]],
-                   turns_total=len(turns.turns), turns_truncated=len(turns.turns) > limit)
+                   turns_total=len(turns.turns))

@@ -71,6 +71,28 @@ def job_id_of_key(key: str) -> str:
     return key.rpartition(".")[2]
 
 
+def job_part_key(job_id: str, *part: str) -> str:
+    """The KV cb_jobs key of a part of a job's record kept apart from it (a node's speaker
+    summary, NodeState.speaker_turns_key): written once, not with each rewrite of the record.
+    `<tenant>.<job>.<part...>`, and `_.<job>.<part...>` for a job of no tenant: three tokens or more, so never
+    a job's key (one or two, `is_job_key`), under the tenant's keys (`$KV.cb_jobs.<tenant>.>`,
+    which the tenant and every role that reads all job state may read), and a job of no tenant's
+    under `_`, which no tenant is (`<job>.<part>` would lie under a tenant named like the job)."""
+    if not part:
+        raise ValueError("a part of a job's record needs a name")
+    return ".".join([tenant_of(validate_token(job_id, "job id")), job_id, *(validate_token(p, "record part") for p in part)])
+
+
+def is_job_key(key: str) -> bool:
+    """Whether a KV cb_jobs key is a job's record (`job_key`), not a part of one (`job_part_key`)."""
+    return key.count(".") < 2
+
+
+def job_part_keys(job_id: str) -> str:
+    """The KV cb_jobs keys of every part of one job's record, as a key filter."""
+    return f"{tenant_of(validate_token(job_id, 'job id'))}.{job_id}.>"
+
+
 def tenant_events(tenant: str) -> str:
     """Every event of one tenant's jobs."""
     return f"{PREFIX}.job.{validate_tenant(tenant)}.>"

@@ -33,6 +33,7 @@ from captionbus.contracts import (
     StageRequested,
     request_key,
 )
+from captionbus.contracts import subjects
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.failures import classify as failure_class
 from captionbus.contracts.events import JobEvent
@@ -81,7 +82,15 @@ class PublishEvent:
     event: JobEvent
 
 
-Action = Union[PublishRequest, PublishEvent]
+@dataclass(frozen=True)
+class PutRecordPart:
+    """Write `value` under KV cb_jobs key `key` (subjects.job_part_key) before the state that
+    names it: a part of the record written once instead of with each rewrite of the record."""
+    key: str
+    value: bytes
+
+
+Action = Union[PublishRequest, PublishEvent, PutRecordPart]
 Trigger = Union[
     JobSubmitted, StageCompleted, StageFailed, JobCancelRequested, JobRetryRequested, Tick
 ]
@@ -104,6 +113,10 @@ class Decision:
     @property
     def events(self) -> list[JobEvent]:
         return [a.event for a in self.actions if isinstance(a, PublishEvent)]
+
+    @property
+    def parts(self) -> list[PutRecordPart]:
+        return [a for a in self.actions if isinstance(a, PutRecordPart)]
 
 
 def decide(
@@ -278,7 +291,12 @@ class _Step:
             node.outputs = dict(event.outputs)
             node.metrics = dict(event.metrics)
             node.items = dict(event.items)
-            node.speaker_turns = event.speaker_turns
+            node.speaker_turns, node.speaker_turns_key = None, None
+            if event.speaker_turns is not None:
+                # ~42 KB at its cap: under a key of its own, written once, not with every later
+                # event of the film (benchmarks/job_state.py).
+                node.speaker_turns_key = subjects.job_part_key(state.job_id, event.node, "turns", str(event.attempt))
+                self.actions.append(PutRecordPart(node.speaker_turns_key, event.speaker_turns.model_dump_json().encode()))
             self._plan = None  # a list it produced may add nodes (for_each: node.output)
             node.finished_at = self.now
             node.progress = 1.0

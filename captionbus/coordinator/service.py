@@ -671,7 +671,7 @@ class Coordinator:
                 self._locks.pop(job_id, None)
 
     async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
-        value = state.model_dump_json().encode()
+        value = state.stored()
         if revision is None:
             written = await self.kv.create(subjects.job_key(job_id), value)
         else:
@@ -710,6 +710,8 @@ class Coordinator:
         it with the job's next write (or the tick loop's, when the job waits), which took a
         second state write off each stage hop.
         """
+        for part in decision.parts:  # before the state that names it (decide.PutRecordPart)
+            await self.kv.put(part.key, part.value)
         requests = decision.requests
         state = decision.state
         outbox = [*self._kept(job_id, state, self.clock(), jlog),
@@ -1076,7 +1078,8 @@ class Coordinator:
             keys = await self.kv.keys()
         except NoKeysError:
             return
-        self._running.update(j for j in map(subjects.job_id_of_key, keys) if j not in self._finished)
+        self._running.update(j for j in map(subjects.job_id_of_key, filter(subjects.is_job_key, keys))
+                             if j not in self._finished)
 
     # ------------------------------------------------------------ poison requests
 

@@ -326,7 +326,14 @@ class Collector:
 
     async def _jobs(self) -> None:
         s = self.settings
-        for job_id, msg in (await self._kv_entries(subjects.JOBS_BUCKET)).items():
+        entries = await self._kv_entries(subjects.JOBS_BUCKET)
+        parts: dict[str, list[str]] = {}  # job id -> keys of its record's parts (subjects.job_part_key)
+        for key in entries:
+            if not subjects.is_job_key(key):
+                parts.setdefault(key.split(".")[1], []).append(key)
+        for job_id, msg in entries.items():
+            if not subjects.is_job_key(job_id):
+                continue
             try:
                 state = JobState.model_validate_json(msg.data)
             except Exception as e:  # cannot tell finished from not: keep whatever it names, always
@@ -351,7 +358,8 @@ class Collector:
                 self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
                            lambda n=held: self._count_events(n))
             if self.now - finished > s.retention_outputs:
-                self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
+                own = tuple(parts.get(state.job_id, ()))
+                self._plan("job record", state.job_id, 0, lambda j=state.job_id, p=own: self._purge_job(j, p),
                            self._count_job_record)
 
     async def _purge_events(self, subject: str) -> bool:
@@ -362,8 +370,13 @@ class Collector:
         self.report.job_histories += 1
         self.report.event_messages += held
 
-    async def _purge_job(self, job_id: str) -> bool:
-        await (await self.js.key_value(subjects.JOBS_BUCKET)).purge(subjects.job_key(job_id))
+    async def _purge_job(self, job_id: str, parts: tuple[str, ...] = ()) -> bool:
+        """The record's parts under their own keys first, then the record: a run that stops
+        between leaves a record that the next run collects, never parts that no record names."""
+        kv = await self.js.key_value(subjects.JOBS_BUCKET)
+        for key in parts:
+            await kv.purge(key)
+        await kv.purge(subjects.job_key(job_id))
         return True
 
     def _count_job_record(self) -> None:

@@ -158,10 +158,12 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
                             headers={"X-Content-Type-Options": "nosniff"}, background=cleanup)
 
     async def speakers(request: Request) -> Response:
-        """The job's speaker turns for its timeline, as the bus recorded them on the diarization
-        node (NodeState.speaker_turns: the turns of its turns.json, the artifact transcript_join
-        put on the words of transcript.json, the first 2000 and every speaker's seconds), read
-        from the job state every role reads: no artifact read, so a read-only dashboard has them."""
+        """The job's speaker turns for its timeline, as the bus recorded them for the diarization
+        node (its TurnSummary: the turns of its turns.json, the artifact transcript_join put on the
+        words of transcript.json, the first 2000 and every speaker's seconds), read from the job
+        state every role reads (under the key the node's record names, NodeState.speaker_turns_key,
+        or on the record itself, from older coordinators): no artifact read, so a read-only
+        dashboard has them."""
         found = job_of(request)
         if isinstance(found, Response):
             return found
@@ -169,8 +171,11 @@ def create_app(live: Live | Board, metrics: Any, token: str | None = None, downl
         node = speaker_node(state) if state is not None else None
         if node is None:
             return error_response(404, f"job {job_id} has no speaker turns (no completed diarization node)")
-        summary = state.nodes[node].speaker_turns
-        if summary is None:  # a failed read is an error, never an empty lane
+        try:  # on the record, or under the key it names (a failed read: 503, never an empty lane)
+            summary = await client.speaker_turns(the_board().js, state, node)
+        except client.RecordPartMissing as e:
+            return error_response(404, str(e))
+        if summary is None:
             return error_response(404, f"job {job_id}'s {node} completed without speaker turns on its record "
                                        "(a diarization worker older than this dashboard; retry the node to record them)")
         return JSONResponse(speaker_lane(node, summary))

@@ -239,6 +239,8 @@ class Board:
                 self.jobs_loaded.set()
                 log.info("job states loaded", jobs=len(self.jobs))
                 continue
+            if not subjects.is_job_key(entry.key):  # a part of a record (a speaker summary)
+                continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 self.jobs.pop(subjects.job_id_of_key(entry.key), None)
                 self.summaries.pop(subjects.job_id_of_key(entry.key), None)

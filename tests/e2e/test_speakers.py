@@ -75,10 +75,10 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     assert len(asr_chunks) >= 2, record["nodes"].keys()  # the film was really cut
     assert [n for n in record["nodes"] if n.startswith("diarization")] == ["diarization"]  # one per film
     assert record["nodes"]["diarization"]["status"] == "completed"
-    summary = record["nodes"]["diarization"]["speaker_turns"]  # on the record every role reads
+    summary = record["nodes"]["diarization"]["speaker_turns"]  # of the record every role reads
     labels = [s["label"] for s in summary["speakers"]]
     lane = [{"start": start, "end": end, "speaker": labels[n]} for start, end, n in summary["turns"]]
-    assert summary["turns_total"] == len(lane) >= 3 and not summary["turns_truncated"]
+    assert summary["turns_total"] == len(lane) >= 3  # every turn listed
 
     transcript = json.loads((out / "dialogue.transcript.json").read_text())
     words = [w for s in transcript["segments"] for w in s["words"] if w["start"] is not None]

@@ -16,6 +16,7 @@ diarization stage ran."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from captionbus.client import with_record_parts
 from captionbus.contracts import JobSpec, JobState, JobStatus, JobSubmitted, StageCompleted, StageRequest, subjects
 from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
 from captionbus.coordinator.graph import Workflow
@@ -94,9 +96,17 @@ def run_jobs(urls: dict[str, str], home: Path) -> list[str]:
                     await publish_event(client.jetstream(), JobSubmitted(job_id=job_id, spec=spec), f"{job_id}.submitted")
                     await Worker(worker.jetstream(), "diarization").answer(summary)
                     deadline = time.monotonic() + 20
-                    while JobState.model_validate_json((await kv.get(job_id)).value).status != JobStatus.completed:
+                    while (state := JobState.model_validate_json((await kv.get(job_id)).value)).status \
+                            != JobStatus.completed:
                         assert time.monotonic() < deadline, "the job did not complete"
                         await asyncio.sleep(0.1)
+                    # the summary lies under a key of its own, written once; the record names it,
+                    # and the client (`status --json`, job.json) shows it on the node
+                    record = json.loads((await kv.get(job_id)).value)["nodes"]["diarization"]
+                    key = subjects.job_part_key(job_id, "diarization", "turns", "1") if summary else None
+                    assert "speaker_turns" not in record and record.get("speaker_turns_key") == key
+                    shown = await with_record_parts(client.jetstream(), state)
+                    assert shown.nodes["diarization"].speaker_turns == (TurnSummary.of(TURNS) if summary else None)
                     done.append(job_id)
             return done
         finally:

@@ -67,6 +67,12 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
                                   "asr": NodeState(stage="asr", status=NodeStatus.requested)})
         await _write_job(js, old)
         await _write_job(js, running)
+        # Each job's speaker summary under a key of its own (NodeState.speaker_turns_key): gone
+        # with its record, and never read as a record (malformed) or as a job of its own.
+        jobs = await js.key_value(subjects.JOBS_BUCKET)
+        parts = [subjects.job_part_key(job_id, "diarization", "turns", "1") for job_id in ("job-old", "job-running")]
+        for key in parts:
+            await jobs.put(key, b'{"duration": 1.0}')
         cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
         await cache.put("c" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
 
@@ -77,13 +83,14 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         # Today: the finished job's outputs are inside their retention; nothing goes.
         today = await collect(settings, js)
         assert (today.object_store.count, today.local_root.count, today.job_records) == (0, 0, 0)
+        assert today.malformed == []
         assert all([await store.exists(r) for r in every])
 
         # Eight days on, dry run: the old job's output is named, with its bytes; nothing is deleted.
         later = now.timestamp() + 8 * DAY
         dry = await collect(settings, js, dry_run=True, now=later)
         assert dry.object_store.count == 1 and dry.object_store.bytes == old_out.size
-        assert dry.job_histories == 1 and dry.job_records == 1
+        assert dry.job_histories == 1 and dry.job_records == 1 and len(await jobs.keys()) == 4
         assert (await js.stream_info(stream)).state.bytes == bytes_at_start
         assert all([await store.exists(r) for r in every])
         assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 2
@@ -104,8 +111,7 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         # The old job's events and record are gone; the running job's are not.
         events = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")
         assert set(events.state.subjects) == {"captionbus.job.job-running.submitted"}
-        jobs = await js.key_value(subjects.JOBS_BUCKET)
-        assert await jobs.keys() == ["job-running"]
+        assert sorted(await jobs.keys()) == [parts[1], "job-running"]
 
         # A month on, the cache entry has expired: removed now, its artifact one run later.
         month = now.timestamp() + 31 * DAY

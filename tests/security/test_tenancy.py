@@ -582,3 +582,41 @@ def test_a_tenants_reader_goes_on_after_its_consumer_is_deleted(tmp_path):
 
 async def _noted(errors: list, error: Exception) -> None:
     errors.append(error)
+
+
+def test_a_tenant_reads_its_own_jobs_speaker_summary_under_its_own_key_and_no_one_elses(tmp_path):
+    """A node's speaker summary lies under a key of its own (subjects.job_part_key, written by
+    the coordinator): the job's tenant reads it through captionbus.client as it reads the record;
+    another tenant cannot, nor the summary of a job of no tenant (under `_`, which no tenant is;
+    `<job>.<part>` would have lain under a tenant named like that job's id)."""
+    from captionbus.contracts import JobSpec, JobState, NodeState, NodeStatus
+    from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
+
+    summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["Anna"], turns=[SpeakerTurn(start=1, end=4, speaker="Anna")]))
+
+    def state_of(job_id: str) -> JobState:
+        key = subjects.job_part_key(job_id, "diarization", "turns", "1")
+        return JobState(spec=JobSpec(job_id=job_id, input={"key": "a" * 64, "name": "film.wav", "size": 1}), nodes={
+            "diarization": NodeState(stage="diarization", status=NodeStatus.completed, speaker_turns_key=key)})
+
+    async def main():
+        async with secured_fleet(tmp_path, worker=False, callout=True) as fleet:
+            ours, plain = state_of(new_job_id("client")), state_of("j19a3c5e7f01-4b2d9e6a")
+            kv = await fleet.js["coordinator"].key_value(subjects.JOBS_BUCKET)
+            for state in (ours, plain):
+                await kv.put(state.nodes["diarization"].speaker_turns_key, summary.model_dump_json().encode())
+            with acting_for("client"):
+                read = await client.speaker_turns(fleet.js["client"], ours, "diarization")
+                shown = await client.with_record_parts(fleet.js["client"], ours)
+            tried = {name: await answered(fleet.nc[user], f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}")
+                     for name, user, key in [
+                         ("rival, the tenant's", "rival", ours.nodes["diarization"].speaker_turns_key),
+                         ("rival, no tenant's", "rival", plain.nodes["diarization"].speaker_turns_key),
+                         ("client, no tenant's", "client", plain.nodes["diarization"].speaker_turns_key)]}
+            return read, shown, tried
+
+    read, shown, tried = asyncio.run(asyncio.wait_for(main(), 120))
+    assert read == summary and shown.nodes["diarization"].speaker_turns == summary
+    assert tried == {name: None for name in tried}
+    refused = {s for user, s in violations(tmp_path / "server.log")}
+    assert f"$JS.API.DIRECT.GET.{KV}.{PRE}._.j19a3c5e7f01-4b2d9e6a.diarization.turns.1" in refused, refused

@@ -91,15 +91,28 @@ def test_happy_path_transcribe():
     assert d.state.outputs == d.events[0].outputs
 
 
-def test_a_completions_speaker_turns_go_on_the_nodes_record():
-    from captionbus.contracts import JobState
+def test_a_completions_speaker_turns_go_under_their_own_key_that_the_nodes_record_names():
+    """The summary (~42 KB at its cap) is written once, under a key of the job's (before the state
+    naming it: decide.PutRecordPart comes with that state), not on the record every later event
+    rewrites. A job of no tenant's part lies under `_`, a tenant's under the tenant's keys."""
+    from captionbus.contracts import JobState, subjects
     from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
+    from captionbus.coordinator.decide import PutRecordPart
 
     summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["SPEAKER_00"],
                                           turns=[SpeakerTurn(start=1, end=4, speaker="SPEAKER_00")]))
     d = step(step(submit(), completed("demux")), completed("asr", speaker_turns=summary))
-    assert d.state.nodes["asr"].speaker_turns == summary and d.state.nodes["demux"].speaker_turns is None
-    assert JobState.model_validate_json(d.state.model_dump_json()).nodes["asr"].speaker_turns == summary
+    node = d.state.nodes["asr"]
+    assert node.speaker_turns is None and node.speaker_turns_key == "_.j1.asr.turns.1"
+    assert d.parts == [PutRecordPart("_.j1.asr.turns.1", summary.model_dump_json().encode())]
+    assert TurnSummary.model_validate_json(d.parts[0].value) == summary
+    assert d.state.nodes["demux"].speaker_turns_key is None and not step(
+        step(submit(), completed("demux")), completed("asr")).parts
+    stored = JobState.model_validate_json(d.state.stored())
+    assert stored.nodes["asr"].speaker_turns_key == "_.j1.asr.turns.1" and b"SPEAKER_00" not in d.state.stored()
+    assert subjects.job_part_key("acme_j1", "asr", "turns", "2") == "acme.acme_j1.asr.turns.2"
+    assert not any(map(subjects.is_job_key, ["_.j1.asr.turns.1", "acme.acme_j1.asr.turns.2"]))
+    assert all(map(subjects.is_job_key, [subjects.job_key("j1"), subjects.job_key("acme_j1")]))
 
 
 def test_duplicate_completion_is_applied_once():
