@@ -8,6 +8,7 @@ and a forged result is sent for a node waiting on its worker."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from structlog.testing import capture_logs
@@ -88,7 +89,11 @@ def test_a_forged_result_is_refused_and_logged_and_the_real_one_completes_the_jo
             with capture_logs() as logs:
                 for forged in forged_results("job-victim", "noop", 1, earlier.outputs):
                     await publish_event(attacker.jetstream(), forged)
-                await asyncio.sleep(1.5)
+                # Until the coordinator has refused both (a forged result it applied instead
+                # logs no refusal: then the assertions below fail), not a fixed 1.5 s.
+                deadline = time.monotonic() + 15
+                while sum(e["event"] == "forged result refused" for e in logs) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
                 still = await fleet.wait("job-victim", "running")
             assert still.nodes["noop"].status.value == "requested"
             async with start_worker(fleet):
