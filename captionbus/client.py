@@ -11,7 +11,7 @@ import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import nats.errors
 import structlog
@@ -95,10 +95,12 @@ async def submit(
     name: str | None = None,
     copy: bool = True,
     owner: str | None = None,
+    owner_proof: Callable[[str], str] | None = None,
     speaker_refs: dict[str, Path] | None = None,
 ) -> JobSpec:
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
-    the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it;
+    the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it,
+    and `owner_proof(job_id)` its proof (the gateway's KeyRing.proof);
     `speaker_refs`: known speakers, name -> a reference clip already checked and converted
     (captionbus.core.speaker_refs.convert), uploaded as artifacts the diarization params name."""
     media = check_input_file(media)
@@ -113,14 +115,16 @@ async def submit(
         options = with_references(options or {}, {
             speaker: await through_failover(lambda clip=clip: store.put(clip, name=clip.name), "upload")
             for speaker, clip in speaker_refs.items()})
+    job_id = job_id or new_job_id(tenant)
     spec = JobSpec(
-        job_id=job_id or new_job_id(tenant),
+        job_id=job_id,
         workflow=workflow,
         input=ref,
         source_language=source_language,
         target_languages=target_languages or [],
         options=options or {},
         owner=owner,
+        owner_proof=owner_proof(job_id) if owner_proof else None,
     )
     event = JobSubmitted(job_id=spec.job_id, spec=spec)
     await through_failover(lambda: publish_event(js, event), "submit")

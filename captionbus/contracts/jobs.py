@@ -30,6 +30,10 @@ class JobSpec(BaseModel):
     submitted_at: datetime = Field(default_factory=utcnow)
     owner: str | None = Field(default=None, description="the gateway API key (its name) that submitted the job; "
                                                        "None from the CLI. A key sees only its own jobs")
+    owner_proof: str | None = Field(default=None, max_length=64,
+                                    description="the gateway's HMAC of the job id under the owner key's stored hash: "
+                                                "any bus client may write `owner`, only a gateway holding the keys "
+                                                "file can prove it (captionbus.gateway.keys.KeyRing.proof)")
 
     @field_validator("source_language")
     @classmethod

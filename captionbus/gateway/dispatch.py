@@ -203,8 +203,11 @@ class Lease:
 class Dispatcher:
     """Runs the deliveries this gateway owns; sweeps for ones nobody owns."""
 
-    def __init__(self, config: DispatchConfig, http: httpx.AsyncClient, job_events, observe=None):
+    def __init__(self, config: DispatchConfig, http: httpx.AsyncClient, job_events, observe=None, prove=None):
         self.observe = observe  # called with each settled Delivery (the gateway's /metrics)
+        # (job_id, owner, proof) -> the owner if proven, else None (Gateway.proven_owner): a
+        # subscriber's deliveries name only a proven owner; without `prove`, none.
+        self.prove = prove or (lambda job_id, owner, proof: None)
         self.config = config
         self.http = http
         self.job_events = job_events  # ends.job_events(js, job_id, after): until the job's real end
@@ -406,7 +409,8 @@ class Dispatcher:
                     job_id = validate_token(submitted["job_id"], "job id")
                     job_owner = submitted["spec"].get("owner")
                     if job_owner is not None:
-                        validate_token(job_owner, "key name")
+                        job_owner = self.prove(job_id, validate_token(job_owner, "key name"),
+                                               submitted["spec"].get("owner_proof"))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
                 for subscriber in self.config.subscribers:

@@ -8,6 +8,14 @@ acts on every job, including those submitted through the CLI (which have no owne
 `/metrics` counts every key's requests and deliveries, so an ordinary key may not read it (an
 admin key may): a scraper's credential is then worth nothing but the counters if it leaks.
 
+Which key a job belongs to is `JobSpec.owner`, a name any bus client that may submit could write
+(the CLI's `client` login, a tenant). So the gateway trusts a job's owner only with its proof,
+`JobSpec.owner_proof`: an HMAC-SHA256 of the job id keyed by that key's stored hash, made at submit
+time. Only a holder of the keys file (a gateway) or of the key itself (its owner, who gains nothing)
+can make one; a job with an owner and no valid proof belongs to no key (admin keys see it, its
+webhook deliveries name no owner), and the gateway logs it. A key made again under the same name
+(a new secret) no longer proves the old key's jobs: they become admin-only, as a revoked key's should.
+
 Why sha256 and not bcrypt/argon2: a key is 32 random bytes (`secrets.token_urlsafe(32)`), not a
 password a person chose, so there is nothing to brute-force from a leaked hash, and a fast hash
 keeps the per-request check in microseconds (bcrypt costs ~250 ms a request by design). The
@@ -82,6 +90,17 @@ class KeyRing:
             if hmac.compare_digest(stored, digest):
                 found = name
         return found
+
+    def proof(self, name: str, job_id: str) -> str:
+        """The owner proof of `job_id` for key `name` (JobSpec.owner_proof; module docstring)."""
+        return hmac.new(bytes.fromhex(self.hashes[name]), f"captionbus-owner\0{job_id}".encode(),
+                        hashlib.sha256).hexdigest()
+
+    def owner(self, job_id: str, owner: str | None, proof: str | None) -> str | None:
+        """`owner` when `proof` proves it (a key of this ring made it for this job), else None."""
+        if owner is None or not isinstance(proof, str) or owner not in self.hashes:
+            return None
+        return owner if hmac.compare_digest(self.proof(owner, job_id), proof) else None
 
     def caller(self, key: str | None) -> Caller | None:
         name = self.who(key)

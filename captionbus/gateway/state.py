@@ -181,13 +181,14 @@ class Gateway:
                                key_allow=config.key_webhook_allow,
                                subscribers=config.webhook_subscribers, lease_s=config.webhook_lease_s,
                                catchup_s=config.webhook_catchup_s),
-                self.webhook_client, job_events, observe=self.metrics.delivery)
+                self.webhook_client, job_events, observe=self.metrics.delivery, prove=self.proven_owner)
         hooks = [self.ends.attach] + ([lambda nc: self.dispatcher.start(nc.jetstream())] if self.dispatcher else [])
         self.link = BusLink(config.nats_url, "captionbus-gateway", hooks)
         self.limiter = Limiter(config.concurrency_per_key)
         self.metrics.in_flight.set_function(self.limiter.total)
         self.upload_dir = Path(config.settings.home) / "gateway" / "uploads"
         self._models: tuple[float, list[str], set[str]] = (-MODELS_TTL_S, [], set())
+        self._unproven: set[str] = set()  # job ids whose unproven owner was logged
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -245,6 +246,11 @@ class Gateway:
     def owner_of(self, caller: Caller) -> str | None:
         return None if self.config.keys is None else caller.name
 
+    def proof_for(self, caller: Caller):
+        """What makes the owner proof of a job `caller` submits (None without keys: no owner)."""
+        keys = self.config.keys
+        return None if keys is None else (lambda job_id: keys.proof(caller.name, job_id))
+
     async def job(self, js, job_id: str, caller: Caller) -> JobState:
         """The job if `caller` may see it; another key's job is 404 like an unknown id (its
         existence is not told)."""
@@ -254,14 +260,35 @@ class Gateway:
             raise ApiError(404, f"no job {job_id!r}") from None
         async with on_bus():
             state = await client.job_state(js, job_id)
-        if state is None or not caller.may_see(state.spec.owner):
+        if state is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        state = self.proven(state)
+        if not caller.may_see(state.spec.owner):
             raise ApiError(404, f"no job {job_id!r}")
         return state
 
     async def jobs(self, js, caller: Caller) -> list[JobState]:
         async with on_bus():
             states = await client.list_jobs(js)
-        return [s for s in states if caller.may_see(s.spec.owner)]
+        return [s for s in map(self.proven, states) if caller.may_see(s.spec.owner)]
+
+    def proven_owner(self, job_id: str, owner: str | None, proof: str | None) -> str | None:
+        """The key a job belongs to: its `owner` only with a valid proof (gateway.keys' docstring:
+        any bus client may write the name); an unproven one is logged and belongs to no key."""
+        proven = None if self.config.keys is None else self.config.keys.owner(job_id, owner, proof)
+        if owner is not None and proven is None and job_id not in self._unproven:
+            if len(self._unproven) > 10_000:  # once per job (a listing reads each job on every call)
+                self._unproven.clear()
+            self._unproven.add(job_id)
+            log.warning("job owner unproven: the job belongs to no key", job_id=job_id, claimed_owner=owner)
+        return proven
+
+    def proven(self, state: JobState) -> JobState:
+        """`state` with `spec.owner` as proven_owner says (unchanged when proven)."""
+        owner = self.proven_owner(state.job_id, state.spec.owner, state.spec.owner_proof)
+        if owner == state.spec.owner:
+            return state
+        return state.model_copy(update={"spec": state.spec.model_copy(update={"owner": owner})})
 
     # -- submission ----------------------------------------------------------------------------
     def input_file(self, form: Form) -> tuple[Path, str, bool]:
@@ -318,7 +345,8 @@ class Gateway:
             async with on_bus():
                 spec = await client.submit(js, self.store(js), path, workflow=workflow, source_language=source,
                                            target_languages=targets, options=options, name=name, copy=not owned,
-                                           job_id=job_id, owner=self.owner_of(caller), speaker_refs=refs)
+                                           job_id=job_id, owner=self.owner_of(caller), speaker_refs=refs,
+                                           owner_proof=self.proof_for(caller))
         return spec.job_id
 
     async def recorded(self, js, job_id: str, within_s: float = RECORDED_WITHIN_S) -> bool:

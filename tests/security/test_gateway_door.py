@@ -312,7 +312,9 @@ def test_outputs_of_a_finished_job_fetch_for_their_owner_only_and_a_lost_one_say
         kv = await nc.jetstream().key_value(subjects.JOBS_BUCKET)
         first = JobState.model_validate_json((await kv.get(uploaded)).value)
         gone = ArtifactRef(key="ab" * 32, name="talk.vtt", size=12, media_type="text/vtt", in_object_store=True)
-        spec = first.spec.model_copy(update={"job_id": done_id})
+        # as the gateway submits it: Alice's name and its proof for this id (keys.KeyRing.proof)
+        proof = KeyRing.load(tmp_path / "keys").proof("alice", done_id)
+        spec = first.spec.model_copy(update={"job_id": done_id, "owner_proof": proof})
         state = JobState(spec=spec, status=JobStatus.completed, outputs={"srt": first.spec.input, "vtt": gone})
         await kv.put(done_id, state.model_dump_json().encode())
         await nc.close()
@@ -685,3 +687,74 @@ def test_a_keys_own_webhook_prefixes_are_its_alone(tmp_path, coordinator, monkey
     gateway_file.write_text('[key_webhook_allow]\nalice = ["http://127.0.0.1:9/alice"]\n')
     assert build_config("127.0.0.1", keys, 10, 2, None, (), 60.0, gateway_file).key_webhook_allow == \
         {"alice": ["http://127.0.0.1:9/alice"]}
+
+
+def test_a_bus_client_cannot_give_its_job_to_a_key(door, coordinator, tmp_path):  # noqa: F811
+    """`JobSpec.owner` is a name any login that may submit can write: a CLI `client` login (or
+    a tenant) submitting with `owner="alice"` planted a job in Alice's list, readable and
+    cancellable with her key, and the gateway-wide subscriber's signed events named Alice as
+    its owner. The gateway now trusts an owner only with its proof (an HMAC of the job id under
+    the key's stored hash, made when the gateway submits): jobs submitted on the bus with Alice's
+    name and no proof, a made-up proof, or the proof of Alice's real job copied onto another id
+    are no key's. Alice sees only her own job; the admin key sees the planted ones with no
+    owner; their deliveries to the subscriber name no owner while Alice's real job's does."""
+    import asyncio
+    import json as jsonlib
+
+    import nats
+
+    from captionbus import client as bus_client
+    from captionbus.contracts import JobStatus
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.gateway.webhooks import OWNER_HEADER
+
+    clients, hooks = door
+    real = submit(clients["alice"])
+    real_proof = clients["ops"].get(f"/v1/jobs/{real}").json()["owner"]
+    assert real_proof == "alice"
+    media = tmp_path / "planted.wav"
+    media.write_bytes(b"RIFF planted")
+
+    async def plant() -> dict[str, str]:
+        nc = await nats.connect(coordinator)
+        try:
+            js = nc.jetstream()
+            store = ArtifactStore(Settings(home=tmp_path / "bus", nats_url=coordinator, artifacts_mode="object",
+                                           host_id="bus"), js)
+            state = await bus_client.job_state(js, real)
+            copied = state.spec.owner_proof
+            assert copied and len(copied) == 64
+            planted = {}
+            for label, proof in (("no proof", None), ("made up", lambda job_id: "0" * 64),
+                                 ("copied", lambda job_id: copied)):
+                spec = await bus_client.submit(js, store, media, workflow="speech", owner="alice", owner_proof=proof)
+                planted[label] = spec.job_id
+            return planted
+        finally:
+            await nc.close()
+
+    planted = asyncio.run(plant())
+    for job_id in planted.values():
+        wait_status(clients["ops"], job_id, {s.value for s in JobStatus})
+    listed = [j["id"] for j in clients["alice"].get("/v1/jobs").json()["data"]]
+    assert real in listed and not set(planted.values()) & set(listed), (listed, planted)
+    for label, job_id in planted.items():
+        assert clients["alice"].get(f"/v1/jobs/{job_id}").status_code == 404, label
+        assert clients["alice"].post(f"/v1/jobs/{job_id}/cancel").status_code == 404, label
+        seen = clients["ops"].get(f"/v1/jobs/{job_id}")
+        assert seen.status_code == 200 and seen.json()["owner"] is None, (label, seen.text)
+    assert clients["alice"].get(f"/v1/jobs/{real}").json()["owner"] == "alice"
+
+    wanted = {real, *planted.values()}
+    deadline = time.monotonic() + 30
+    while not wanted <= {jsonlib.loads(b)["job_id"] for p, _, b in list(hooks.posts) if p == AUDIT_PATH}:
+        assert time.monotonic() < deadline, sorted(wanted)
+        time.sleep(0.1)
+    for path, headers, body in list(hooks.posts):
+        event = jsonlib.loads(body)
+        if path != AUDIT_PATH or event["job_id"] not in wanted:
+            continue
+        if event["job_id"] == real:
+            assert event["owner"] == "alice" and headers[OWNER_HEADER.lower()] == "alice"
+        else:
+            assert "owner" not in event and OWNER_HEADER.lower() not in headers, (event, headers)
