@@ -85,7 +85,8 @@ class LocalStack:
 
     async def _start_coordinator(self) -> None:
         part = await self._part("coordinator")
-        await part.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2))
+        await part.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2,
+                                                   event_ack_wait_s=self.ack_wait))
 
     async def _start_gateway(self) -> None:
         """uvicorn in a thread on a free port (a restart gets a new port and a new client)."""
@@ -269,9 +270,10 @@ async def _off_the_loop(context):
 
 
 async def _cancelled(task: asyncio.Task) -> None:
+    """Cancel `task` and wait for it to end: its cancellation is not raised here, ours is
+    (contextlib.suppress(CancelledError) around `await task` swallowed both)."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait([task])
 
 
 def webhook_log(rec) -> Any:
