@@ -61,7 +61,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import secrets
@@ -195,6 +194,22 @@ async def _stored(publish: Callable[[], Awaitable[Any]]) -> None:
             await asyncio.sleep(pause)
 
 
+def await_stack(task: asyncio.Task) -> str:
+    """Where `task` waits: every coroutine of its await chain (file, line, function), then what the
+    innermost awaits. Task.print_stack shows only the task's own coroutine's frame while it is
+    suspended (the frames it awaits through are on cr_await, which it does not follow)."""
+    lines, awaited = [f"task {task.get_name()}:"], task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            lines.append(f"  awaiting {awaited!r}")
+            break
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        awaited = (getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+                   or getattr(awaited, "ag_await", None))
+    return "\n".join(lines)
+
+
 async def _finish(tasks: Collection[asyncio.Task], within_s: float) -> None:
     """Wait up to `within_s` for `tasks` to end, then cancel those left and wait up to
     STOP_CANCEL_S for them to end (one that does not is logged with its stack: it ignores its
@@ -214,10 +229,8 @@ async def _finish(tasks: Collection[asyncio.Task], within_s: float) -> None:
             task.cancel()
         raise
     for task in left:
-        stack = io.StringIO()
-        task.print_stack(file=stack)
         log.error("coordinator task did not end when cancelled; left running", task=task.get_name(),
-                  stack=stack.getvalue())
+                  stack=await_stack(task))
     for task in tasks - left:
         if not task.cancelled() and task.exception() is not None:
             log.warning("coordinator task failed while stopping", task=task.get_name(), error=repr(task.exception()))

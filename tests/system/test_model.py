@@ -24,7 +24,6 @@ against it as they check a real one."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import random
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from captionbus.coordinator.service import await_stack
 from captionbus.core import settings as core_settings
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
@@ -143,12 +143,9 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
             waited = time.monotonic() - since
             if waited > STUCK_S and (reported != (what, since) or (waited > STUCK_FAIL_S and not stuck)):
                 reported = (what, since)
-                out = io.StringIO()
-                for task in asyncio.all_tasks():
-                    print(f"--- {task.get_name()}: {task.get_coro()}", file=out)
-                    task.print_stack(file=out)
+                stacks = "\n".join(await_stack(task) for task in asyncio.all_tasks())
                 path = tmp_path / f"stuck-{seed}.txt"
-                path.write_text(f"{what}: {waited:.0f} s\nlog: {log}\n{out.getvalue()}")
+                path.write_text(f"{what}: {waited:.0f} s\nlog: {log}\n{stacks}\n")
                 warnings.warn(f"test_model seed {seed}: {what!r} has taken over {STUCK_S:.0f} s; "
                               f"task stacks in {path}", stacklevel=1)
                 if waited > STUCK_FAIL_S:
