@@ -253,8 +253,9 @@ def misfiled_event(subject: str, event: JobEvent) -> str | None:
 
 
 def events_consumer_config(ack_wait_s: float = EVENT_ACK_WAIT_S) -> ConsumerConfig:
-    """The durable consumer every coordinator of a bus binds (created by the first; one that
-    exists with another config is used as it is)."""
+    """The durable consumer every coordinator of a bus binds, created or updated by each as it
+    starts (JetStream updates what may change, such as the ack wait; one that exists with a config
+    that cannot change, such as its storage, is used as it is)."""
     return ConsumerConfig(
         durable_name=subjects.COORDINATOR_CONSUMER,
         filter_subjects=subjects.coordinator_filters(),
@@ -852,8 +853,10 @@ class Coordinator:
         replicated store later. That is safe because the entries stay in the written outbox
         until published: a later write of the job carries those not published yet, and its own
         task waits for this one before it publishes them (not twice, and no event ahead of an
-        earlier one); what fails is sent again by the next write's task or the tick loop; a
-        clearing write first waits for the tasks of the job.
+        earlier one); what fails is sent again by the next write's task or the tick loop. With
+        `clear`, nothing is sent or cleared while a task of the job still publishes (the tick
+        loop tries again; it no longer waits for the task, which held up every job's tick behind
+        one stuck publish).
 
         A clearing write keeps what still has to go out (another coordinator's request younger
         than OUTBOX_GRACE_S, which its writer sends) and is left out when it would change nothing."""
