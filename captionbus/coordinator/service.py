@@ -103,6 +103,7 @@ from captionbus.core import settings as settings_mod
 from captionbus.core.bus import provision, publish_event, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
+from captionbus.core.tasks import await_stack, cancel_and_wait
 
 log = structlog.get_logger("captionbus.coordinator")
 
@@ -194,36 +195,17 @@ async def _stored(publish: Callable[[], Awaitable[Any]]) -> None:
             await asyncio.sleep(pause)
 
 
-def await_stack(task: asyncio.Task) -> str:
-    """Where `task` waits: every coroutine of its await chain (file, line, function), then what the
-    innermost awaits. Task.print_stack shows only the task's own coroutine's frame while it is
-    suspended (the frames it awaits through are on cr_await, which it does not follow)."""
-    lines, awaited = [f"task {task.get_name()}:"], task.get_coro()
-    while awaited is not None:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None) or getattr(awaited, "ag_frame", None)
-        if frame is None:
-            lines.append(f"  awaiting {awaited!r}")
-            break
-        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
-        awaited = (getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-                   or getattr(awaited, "ag_await", None))
-    return "\n".join(lines)
-
-
 async def _finish(tasks: Collection[asyncio.Task], within_s: float) -> None:
     """Wait up to `within_s` for `tasks` to end, then cancel those left and wait up to
-    STOP_CANCEL_S for them to end (one that does not is logged with its stack: it ignores its
-    cancellation). What a task raised, or its cancellation, is logged, not raised (asyncio.wait,
+    STOP_CANCEL_S for them to end, cancelling again while one goes on (core.tasks; one that still
+    runs is logged with its await chain). What a task raised, or its cancellation, is logged, not raised (asyncio.wait,
     not wait_for or gather); the caller's own cancellation cancels the tasks and propagates."""
     tasks = set(tasks)
     if not tasks:
         return
     try:
         _, left = await asyncio.wait(tasks, timeout=within_s)
-        if left:
-            for task in left:
-                task.cancel()
-            _, left = await asyncio.wait(left, timeout=STOP_CANCEL_S)
+        left = await cancel_and_wait(left, STOP_CANCEL_S)  # again while one goes on: a lost cancellation
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()

@@ -31,6 +31,7 @@ from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import Coordinator
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import PROJECT_ROOT, Settings
+from captionbus.core.tasks import cancel_and_wait
 from tests.gatewaytools import free_port, running_gateway
 from tests.integration.test_dashboard import _until as until
 from tests.integration.test_gateway import parse_sse
@@ -270,10 +271,10 @@ async def _off_the_loop(context):
 
 
 async def _cancelled(task: asyncio.Task) -> None:
-    """Cancel `task` and wait for it to end: its cancellation is not raised here, ours is
+    """Cancel `task` and wait for it to end (cancelling again if it lost a cancellation:
+    captionbus.core.tasks): its cancellation is not raised here, ours is
     (contextlib.suppress(CancelledError) around `await task` swallowed both)."""
-    task.cancel()
-    await asyncio.wait([task])
+    await cancel_and_wait([task])
 
 
 def webhook_log(rec) -> Any:

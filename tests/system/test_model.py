@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from captionbus.coordinator.service import await_stack
 from captionbus.core import settings as core_settings
+from captionbus.core.tasks import await_stack
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
 
