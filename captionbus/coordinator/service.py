@@ -422,8 +422,8 @@ class Coordinator:
         outbox, which the next coordinator's tick sends). A stop that is itself cancelled cancels
         them at once and raises CancelledError. It used to swallow its own cancellation
         (contextlib.suppress(CancelledError) around its waits) and to leave the senders running:
-        a caller's timeout went unnoticed while stop waited, and tests/system/test_model.py once
-        spent 751 s silent (then passed) where its 750 s wait_for cancelled a step."""
+        a caller's timeout went unnoticed while stop waited (the same pattern in the dashboard's
+        stop hid tests/system/test_model.py's 751 s hang: captionbus.core.tasks)."""
         self._stopping.set()
         try:
             await _finish(self._tasks, STOP_FINISH_S)

@@ -829,9 +829,9 @@ def test_a_stuck_job_event_publish_holds_up_neither_other_jobs_ticks_nor_stop(na
 
 def test_a_cancelled_stop_raises_cancelled_error_and_leaves_no_task(nats_server):
     """stop() swallowed its own cancellation (contextlib.suppress(CancelledError) around its
-    waits): a caller's timeout around it went unnoticed (tests/system/test_model.py once spent
-    751 s silent there). A stop cancelled while it waits for the loops raises CancelledError,
-    and cancels what it started on its way out."""
+    waits): a caller's timeout around it went unnoticed (the same pattern around the dashboard's
+    stop hid tests/system/test_model.py's 751 s hang). A stop cancelled while it waits for the
+    loops raises CancelledError, and cancels what it started on its way out."""
     async def scenario(bus: Bus):
         before = set(asyncio.all_tasks())
         coordinator = bus.coordinator()

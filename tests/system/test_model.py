@@ -130,9 +130,10 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
     async def watchdog(main_task: asyncio.Task):
         """Says where main() waits when one step takes over STUCK_S, and ends the run when it takes
         over STUCK_FAIL_S: one full run (7 December 2026, 1170 tests) spent 751 s here, silent,
-        after a worker's kill -9 and restart, then passed (the 750 s wait_for's cancellation was
-        swallowed by Coordinator.stop); alone it takes 30-40 s and the hang did not come back in
-        fourteen runs. The stacks of every task go to stuck-<seed>.txt beside the test's logs and a
+        then passed (the 750 s wait_for's cancellation was swallowed by stack.py's _cancelled).
+        It came back in 1 of 20 runs since, and the watchdog's stacks showed it: restart-dashboard
+        waited for the dashboard's Board.stop, whose worker poll had lost its cancellation
+        (fixed: captionbus.core.tasks). The stacks of every task go to stuck-<seed>.txt beside the test's logs and a
         warning names the step (pytest's warnings summary shows it even when the test passes);
         past STUCK_FAIL_S main() is cancelled and the test fails with those stacks, whether or not
         something swallows the cancellation."""
