@@ -16,7 +16,8 @@ process per stage of `transcribe` (demux, vad, subtitle_gen, mux) plus two `asr`
 stage whose work dominates), each in its own environment's interpreter, each with its own data
 dir, artifacts through the object store (every byte crosses the bus, as between hosts). The stage
 cache is off, so every job is work. `CAPTIONBUS_ACK_WAIT` is 6 s, so a dead or paused worker's
-request comes back within seconds; `CAPTIONBUS_MAX_DELIVER` is 8 so the schedule's faults cannot
+request comes back within seconds, and `CAPTIONBUS_EVENT_ACK_WAIT` 10 s, so does a job event the
+killed coordinator held; `CAPTIONBUS_MAX_DELIVER` is 8 so the schedule's faults cannot
 exhaust a request's deliveries by themselves. Clips are espeak-ng sentence pairs (tests/media),
 each job a different clip; Whisper base (CTranslate2) as in the e2e tests.
 
@@ -207,6 +208,7 @@ from tests.security.fleet import ROLES
 ASR_REPLICAS = 2
 OTHER_STAGES = ["demux", "vad", "chunk", "transcript_join", "subtitle_gen", "mux"]  # transcribe chunks by default
 ACK_WAIT_S = 6
+EVENT_ACK_WAIT_S = 10  # a job event's apply can take a few seconds while a leader is re-elected
 MAX_DELIVER = 8
 KV_STREAM = f"KV_{subjects.JOBS_BUCKET}"
 
@@ -1406,6 +1408,8 @@ async def main_async(args) -> Report:
             "CAPTIONBUS_MODELS": str(here.models_dir),
             "CAPTIONBUS_REPLICAS": "3",
             "CAPTIONBUS_ACK_WAIT": str(ACK_WAIT_S),
+            # an event the killed coordinator held goes to its successor after this, not 30 s
+            "CAPTIONBUS_EVENT_ACK_WAIT": str(EVENT_ACK_WAIT_S),
             "CAPTIONBUS_MAX_DELIVER": str(MAX_DELIVER),
             "CAPTIONBUS_STAGE_CACHE": "off",
             "CAPTIONBUS_ASR_THREADS": "1",

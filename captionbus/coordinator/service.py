@@ -66,7 +66,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,7 @@ from captionbus.core import settings as settings_mod
 from captionbus.core.bus import provision, publish_event, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
+from captionbus.core.tasks import await_stack, cancel_and_wait
 
 log = structlog.get_logger("captionbus.coordinator")
 
@@ -114,6 +115,11 @@ EVENTS_IN_HAND = 16
 STATE_MEMORY_S = 20.0
 STATE_MEMORY_JOBS = 256
 PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
+# stop(): how long the loops may take to finish the events in hand, and the job senders their
+# publishes, before they are cancelled; and how long a cancelled task may take to end (a task that
+# ignores its cancellation is logged with its stack, and left).
+STOP_FINISH_S = 10.0
+STOP_CANCEL_S = 5.0
 # A result that its job's state cannot explain yet (decide's retry_later) is read again after
 # these pauses before it is put back for EARLY_RESULT_RETRY_S: with several coordinators the one
 # that published the request is usually still writing the state that explains it (a noop worker
@@ -123,10 +129,13 @@ EARLY_REREAD_S = (0.002, 0.005, 0.02, 0.05)
 DUPLICATE_IN_PROCESS = 10158  # JetStream: a message with this Nats-Msg-Id is being stored now
 STORAGE_TYPE_FIXED = 10012  # JetStream: "storage type can not be updated" (a consumer that exists)
 IN_PROCESS_RETRY_S = (0.005, 0.02, 0.1, 0.3)
-EVENT_ACK_WAIT_S = 30.0
-# An early stage result waits for the event that explains it, redelivered after EVENT_ACK_WAIT_S.
+# How long a job event handed to a coordinator may go unacked before another gets it: the
+# CAPTIONBUS_EVENT_ACK_WAIT setting (Coordinator(event_ack_wait_s=...)); this is its default.
+EVENT_ACK_WAIT_S: float = Settings.model_fields["event_ack_wait"].default
+# An early stage result waits for the event that explains it, redelivered after the ack wait: it
+# is put back every EARLY_RESULT_RETRY_S for EARLY_RESULT_PATIENCE ack waits.
 EARLY_RESULT_RETRY_S = 2.0
-EARLY_RESULT_PATIENCE_S = 4 * EVENT_ACK_WAIT_S
+EARLY_RESULT_PATIENCE = 4
 # An event that fails to apply is redelivered after 1 s times the deliveries so far; one that
 # failed 5 times is dropped and its job failed.
 EVENT_RETRY = RetryPolicy(initial_s=1.0, growth="linear", max_attempts=5)
@@ -159,12 +168,9 @@ def request_entry(request: StageRequest) -> dict[str, Any]:
     return {REQUEST_ENTRY: request.model_dump(mode="json")}
 
 
-def request_id(request: StageRequest) -> str:
-    return f"request:{request.key}"
-
-
 def outbox_id(raw: Mapping[str, Any]) -> str | None:
-    """What `Coordinator._published` calls an outbox entry: a request's key or an event's id."""
+    """What `Coordinator._published` and `_unsent` call an outbox entry (the one name of a stage
+    request there, made from its entry's JSON: `request_entry`): a request's key or an event's id."""
     request = raw.get(REQUEST_ENTRY)
     if isinstance(request, Mapping):
         return f"request:{request_key(request.get('job_id'), request.get('node'), request.get('attempt'))}"
@@ -189,6 +195,29 @@ async def _stored(publish: Callable[[], Awaitable[Any]]) -> None:
             await asyncio.sleep(pause)
 
 
+async def _finish(tasks: Collection[asyncio.Task], within_s: float) -> None:
+    """Wait up to `within_s` for `tasks` to end, then cancel those left and wait up to
+    STOP_CANCEL_S for them to end, cancelling again while one goes on (core.tasks; one that still
+    runs is logged with its await chain). What a task raised, or its cancellation, is logged, not raised (asyncio.wait,
+    not wait_for or gather); the caller's own cancellation cancels the tasks and propagates."""
+    tasks = set(tasks)
+    if not tasks:
+        return
+    try:
+        _, left = await asyncio.wait(tasks, timeout=within_s)
+        left = await cancel_and_wait(left, STOP_CANCEL_S)  # again while one goes on: a lost cancellation
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        raise
+    for task in left:
+        log.error("coordinator task did not end when cancelled; left running", task=task.get_name(),
+                  stack=await_stack(task))
+    for task in tasks - left:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("coordinator task failed while stopping", task=task.get_name(), error=repr(task.exception()))
+
+
 def misfiled_event(subject: str, event: JobEvent) -> str | None:
     """Why an event may not be applied as it arrived on `subject`, or None. The bus authorises a
     publisher by the subject alone (a tenant: `captionbus.job.<tenant>.*.cancel_requested`), so
@@ -205,15 +234,16 @@ def misfiled_event(subject: str, event: JobEvent) -> str | None:
     return None
 
 
-def events_consumer_config() -> ConsumerConfig:
-    """The durable consumer every coordinator of a bus binds (created by the first; one that
-    exists with another config is used as it is)."""
+def events_consumer_config(ack_wait_s: float = EVENT_ACK_WAIT_S) -> ConsumerConfig:
+    """The durable consumer every coordinator of a bus binds, created or updated by each as it
+    starts (JetStream updates what may change, such as the ack wait; one that exists with a config
+    that cannot change, such as its storage, is used as it is)."""
     return ConsumerConfig(
         durable_name=subjects.COORDINATOR_CONSUMER,
         filter_subjects=subjects.coordinator_filters(),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        ack_wait=EVENT_ACK_WAIT_S,
+        ack_wait=ack_wait_s,
         max_ack_pending=1024,
     )
 
@@ -236,26 +266,30 @@ def request_age_s(node: NodeState, now: datetime) -> float:
     return (now - node.requested_at).total_seconds() if node.requested_at is not None else 0.0
 
 
-def awaited(raw: Mapping[str, Any], state: JobState, now: datetime) -> bool:
-    """Whether an outbox entry stays in the outbox until it is published: every event; a request
-    while its node waits for it (`waiting_node`) and it is under REQUEST_RESEND_LIMIT_S old. A
+def sendable_age_s(raw: Mapping[str, Any], state: JobState, now: datetime) -> float | None:
+    """The age of a request in the outbox that may still go out (again): its node waits for it
+    (`waiting_node`) and it is under REQUEST_RESEND_LIMIT_S old; else (an event too) None. A
     request no node waits for any more is never sent again; one that old is left to its node's
     deadline (see REQUEST_RESEND_LIMIT_S)."""
-    if REQUEST_ENTRY not in raw:
-        return True
     node = waiting_node(raw, state)
-    return node is not None and request_age_s(node, now) < REQUEST_RESEND_LIMIT_S
+    if node is None:
+        return None
+    age = request_age_s(node, now)
+    return age if age < REQUEST_RESEND_LIMIT_S else None
+
+
+def awaited(raw: Mapping[str, Any], state: JobState, now: datetime) -> bool:
+    """Whether an outbox entry stays in the outbox until it is published: every event, and a
+    request that may still go out (`sendable_age_s`)."""
+    return REQUEST_ENTRY not in raw or sendable_age_s(raw, state, now) is not None
 
 
 def resend_due(raw: Mapping[str, Any], state: JobState, now: datetime, own: bool) -> bool:
     """Whether a request in the outbox that this coordinator has not published goes out again
-    now: `own` (its publish after our write failed) at once, another coordinator's once it is
-    OUTBOX_GRACE_S old, none once it is REQUEST_RESEND_LIMIT_S old or no node waits for it."""
-    node = waiting_node(raw, state)
-    if node is None:
-        return False
-    age = request_age_s(node, now)
-    return age < REQUEST_RESEND_LIMIT_S and (own or age >= OUTBOX_GRACE_S)
+    now, if it may still go out (`sendable_age_s`): `own` (its publish after our write failed) at
+    once, another coordinator's once it is OUTBOX_GRACE_S old."""
+    age = sendable_age_s(raw, state, now)
+    return age is not None and (own or age >= OUTBOX_GRACE_S)
 
 
 class StateConflict(RuntimeError):
@@ -293,8 +327,11 @@ class Coordinator:
         event_retry: RetryPolicy = EVENT_RETRY,
         unserved_s: float | None = None,
         workers_interval_s: float = 2.0,
+        event_ack_wait_s: float = EVENT_ACK_WAIT_S,
     ):
         self.nc = nc
+        # The events consumer's ack wait, set as this coordinator starts (CAPTIONBUS_EVENT_ACK_WAIT).
+        self.event_ack_wait_s = event_ack_wait_s
         # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
         # $SRV STATS every workers_interval_s: decide() sizes each job's window to them.
         self.workers_interval_s = workers_interval_s
@@ -334,8 +371,10 @@ class Coordinator:
         # job id -> ids of the requests we wrote into its outbox whose publish failed (_commit).
         self._unsent: dict[str, set[str]] = {}
         # job id -> the task publishing its outbox off the job's lock (_flush_outbox); each waits
-        # for the one before it, so a job's events go out in order.
+        # for the one before it, so a job's events go out in order. _sending: every such task
+        # still running (stop() cancels those its wait leaves).
         self._senders: dict[str, asyncio.Task] = {}
+        self._sending: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -375,25 +414,36 @@ class Coordinator:
         log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
 
     async def stop(self) -> None:
-        """Finish the event in hand, then stop; unacked events go to the next coordinator."""
+        """Finish the events in hand, then stop; unacked events go to the next coordinator.
+
+        Bounded, and nothing it started runs on: the loops get STOP_FINISH_S to finish the events
+        in hand, then the jobs' senders PUBLISH_TIMEOUT_S to confirm the events on the wire, and
+        what is left is cancelled (`_finish`; what a sender did not publish stays in its job's
+        outbox, which the next coordinator's tick sends). A stop that is itself cancelled cancels
+        them at once and raises CancelledError. It used to swallow its own cancellation
+        (contextlib.suppress(CancelledError) around its waits) and to leave the senders running:
+        a caller's timeout went unnoticed while stop waited (the same pattern in the dashboard's
+        stop hid tests/system/test_model.py's 751 s hang: captionbus.core.tasks)."""
         self._stopping.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 10)
-        self._tasks = []
-        with contextlib.suppress(asyncio.TimeoutError):  # events on the wire: their acks, briefly
-            await asyncio.wait_for(self._confirmed(), PUBLISH_TIMEOUT_S)
-        if self._failed is not None:
-            if not self._failed.done():
-                self._failed.set_result(None)
-            elif not self._failed.cancelled() and self._failed.exception() is not None:
-                # Already logged when it happened, and raised to whoever waits on wait_failed().
-                log.error("coordinator stopped after a background task died", error=str(self._failed.exception()))
-        for sub in (self._advisory_sub, *self._subs):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        self._subs, self._advisory_sub = [], None
+        try:
+            await _finish(self._tasks, STOP_FINISH_S)
+            await _finish(self._sending, PUBLISH_TIMEOUT_S)  # events on the wire: their acks, briefly
+        finally:
+            for task in (*self._tasks, *self._sending):  # our own cancellation: nothing runs on
+                task.cancel()
+            self._tasks = []
+            if self._failed is not None:
+                if not self._failed.done():
+                    self._failed.set_result(None)
+                elif not self._failed.cancelled() and self._failed.exception() is not None:
+                    # Already logged when it happened, and raised to whoever waits on wait_failed().
+                    log.error("coordinator stopped after a background task died",
+                              error=str(self._failed.exception()))
+            for sub in (self._advisory_sub, *self._subs):
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+            self._subs, self._advisory_sub = [], None
         log.info("coordinator stopped")
 
     @property
@@ -433,7 +483,7 @@ class Coordinator:
 
     async def _ensure_consumer(self) -> None:
         try:
-            await self.js.add_consumer(subjects.EVENTS_STREAM, events_consumer_config())
+            await self.js.add_consumer(subjects.EVENTS_STREAM, events_consumer_config(self.event_ack_wait_s))
         except APIError as e:
             # It exists with another config (an older version of us, or an operator's choice such
             # as memory storage, which the server refuses to change with a 500): use it as it is.
@@ -449,7 +499,7 @@ class Coordinator:
             durable_name=subjects.COORDINATOR_ADVISORY_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=EVENT_ACK_WAIT_S,
+            ack_wait=self.event_ack_wait_s,
             max_deliver=10,  # an advisory we can never handle must not loop forever
         )
         try:
@@ -489,9 +539,9 @@ class Coordinator:
 
     async def _later(self, msg: Any, event: Any) -> bool:
         """Put an early result back for a while (its triggering event is being redelivered);
-        give up on it after EARLY_RESULT_PATIENCE_S so a stray one cannot circle forever."""
+        give up on it after EARLY_RESULT_PATIENCE ack waits so a stray one cannot circle forever."""
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        if deliveries * EARLY_RESULT_RETRY_S > EARLY_RESULT_PATIENCE_S:
+        if deliveries * EARLY_RESULT_RETRY_S > EARLY_RESULT_PATIENCE * self.event_ack_wait_s:
             log.warning("early stage result never became applicable; dropped", job_id=event.job_id,
                         node=getattr(event, "node", None), attempt=getattr(event, "attempt", None))
             return False
@@ -714,8 +764,8 @@ class Coordinator:
             await self.kv.put(part.key, part.value)
         requests = decision.requests
         state = decision.state
-        outbox = [*self._kept(job_id, state, self.clock(), jlog),
-                  *(request_entry(request) for request in requests),
+        entries = [request_entry(request) for request in requests]
+        outbox = [*self._kept(job_id, state, self.clock(), jlog), *entries,
                   *(event.model_dump(mode="json") for event in decision.events)]
         state = state.model_copy(update={"outbox": outbox})
         written, *sent = await asyncio.gather(
@@ -730,16 +780,19 @@ class Coordinator:
         published.intersection_update(kept)
         unsent = self._unsent.setdefault(job_id, set())
         unsent.intersection_update(kept)
-        for request, error in zip(requests, sent):
+        for request, entry, error in zip(requests, entries, sent, strict=True):
             if error is None:
-                published.add(request_id(request))
+                published.add(outbox_id(entry))
                 continue
-            unsent.add(request_id(request))
+            unsent.add(outbox_id(entry))
             jlog.warning("stage request not sent; it goes out again from the job's outbox",
                          node=request.node, attempt=request.attempt, error=repr(error))
         if not unsent:
             self._unsent.pop(job_id, None)
-        await self._flush_outbox(job_id, state, written, jlog, clear=state.status.finished)
+        # A finished job's events go out now and its outbox is cleared, unless the job's sender is
+        # still busy: then they go out after it, as a running job's, and a tick clears the outbox.
+        await self._flush_outbox(job_id, state, written, jlog,
+                                 clear=state.status.finished and not self._sender_busy(job_id))
 
     def _kept(self, job_id: str, state: JobState, now: datetime, jlog: Any) -> list[dict[str, Any]]:
         """The entries of `state`'s outbox that stay in it: those we have not published and that
@@ -784,8 +837,10 @@ class Coordinator:
         replicated store later. That is safe because the entries stay in the written outbox
         until published: a later write of the job carries those not published yet, and its own
         task waits for this one before it publishes them (not twice, and no event ahead of an
-        earlier one); what fails is sent again by the next write's task or the tick loop; a
-        clearing write first waits for the tasks of the job.
+        earlier one); what fails is sent again by the next write's task or the tick loop. With
+        `clear`, nothing is sent or cleared while a task of the job still publishes (the tick
+        loop tries again; it no longer waits for the task, which held up every job's tick behind
+        one stuck publish).
 
         A clearing write keeps what still has to go out (another coordinator's request younger
         than OUTBOX_GRACE_S, which its writer sends) and is left out when it would change nothing."""
@@ -793,11 +848,18 @@ class Coordinator:
             return
         if not clear:
             self._running.add(job_id)  # the tick loop clears the outbox if no event does first
-            task = asyncio.create_task(self._send(job_id, state, jlog, after=self._senders.get(job_id)))
+            task = asyncio.create_task(self._send(job_id, state, jlog, after=self._senders.get(job_id)),
+                                       name=f"coordinator-send-{job_id}")
             self._senders[job_id] = task
+            self._sending.add(task)
             task.add_done_callback(lambda done: self._sender_done(job_id, done))
             return
-        await self._confirmed(job_id)
+        if self._sender_busy(job_id):
+            # Its sender still publishes (a slow or stuck bus: each publish may take PUBLISH_TIMEOUT_S):
+            # it sends what it has, a later tick the rest and clears the outbox. Waiting for it here
+            # held up the tick of every job after this one (and a finished job's write, its lock).
+            self._running.add(job_id)
+            return
         if not await self._send(job_id, state, jlog):
             return
         keep = self._kept(job_id, state, self.clock(), jlog)
@@ -891,22 +953,20 @@ class Coordinator:
             jlog.warning("sending a stage request again failed; the next write or tick tries again",
                          node=request.node, attempt=request.attempt, error=repr(e))
             return False
-        self._published.setdefault(job_id, set()).add(request_id(request))
-        self._unsent.get(job_id, set()).discard(request_id(request))
+        self._published.setdefault(job_id, set()).add(outbox_id(raw))
+        self._unsent.get(job_id, set()).discard(outbox_id(raw))
         jlog.info("stage request sent again from the outbox", node=request.node, attempt=request.attempt)
         return True
 
     def _sender_done(self, job_id: str, task: asyncio.Task) -> None:
+        self._sending.discard(task)
         if self._senders.get(job_id) is task:
             del self._senders[job_id]
 
-    async def _confirmed(self, job_id: str | None = None) -> None:
-        """Until the outbox entries being published for `job_id` (every job: None) are out or failed."""
-        tasks = [task for job, task in self._senders.items() if job_id in (None, job)]
-        if tasks:
-            # asyncio.wait, not gather: a waiter cancelled here (stop()'s wait_for, a cancelled tick)
-            # must not cancel the senders (their work would wait for the next write or tick)
-            await asyncio.wait(tasks)
+    def _sender_busy(self, job_id: str) -> bool:
+        """Whether a task still publishes `job_id`'s outbox (`_send`)."""
+        task = self._senders.get(job_id)
+        return task is not None and not task.done()
 
     async def _publish_event(self, event: JobEvent) -> None:
         await publish_event(self.js, event, secret=self.policy.result_secret)  # ids no outsider can take first
@@ -1151,6 +1211,7 @@ async def run_coordinator(
     if policy.result_secret is None:
         policy = dataclasses.replace(policy, result_secret=result_secret(settings))
     options.setdefault("unserved_s", settings.unserved_timeout)
+    options.setdefault("event_ack_wait_s", settings.event_ack_wait)
     coordinator = Coordinator(nc, graphs_dir=graphs_dir, policy=policy, **options)
     await coordinator.start()
     waits = [asyncio.ensure_future(coordinator.wait_failed())]

@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         "seconds a delivered stage request may go without a heartbeat before JetStream redelivers it"))
     max_deliver: int = Field(default=5, ge=1, description=(
         "deliveries of one stage request before the coordinator fails its node"))
+    # The coordinator's events consumer (captionbus.coordinator.service.events_consumer_config).
+    event_ack_wait: float = Field(default=30.0, gt=0, description=(
+        "seconds a job event handed to a coordinator may go unacknowledged (it stopped or died holding it) "
+        "before JetStream hands it to another; an early stage result is given up after 4 times this. Each "
+        "coordinator sets it on the bus's events consumer as it starts: give the coordinators of a bus the same"))
     replicas: int = Field(default=1, ge=1, le=5, description=(
         "replicas of the streams, KV buckets and object store created now (3 in a cluster: deploy/)"))
     # Stage processes (captionbus/services/runtime).

@@ -43,6 +43,7 @@ from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_d
 from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
 from captionbus.contracts.speech import TurnSummary
+from captionbus.core.tasks import cancel_and_wait
 
 log = structlog.get_logger("captionbus.dashboard")
 
@@ -212,11 +213,9 @@ class Board:
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # cancelled again while one goes on: a poll's cancellation can be lost (core.tasks), and
+        # `cancel(); await task` then waited forever (test_model's restart-dashboard hang)
+        await cancel_and_wait(self._tasks)
 
     @property
     def ready(self) -> bool:

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 
 from captionbus.core.bus import connect, redact, require_provisioned
 from captionbus.core.retry import RetryPolicy
+from captionbus.core.tasks import cancel_and_wait
 
 log = structlog.get_logger("captionbus.web")
 
@@ -90,9 +91,7 @@ class BusLink:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await cancel_and_wait([self._task])  # again if it lost the cancellation (core.tasks)
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)

@@ -153,14 +153,16 @@ class Stack:
 
 def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None) -> Stack:
     """A provisioned bus, a coordinator and one service per entry of `stages` (a stage named twice
-    gets a second replica), all ready. A killed worker's request comes back within seconds
-    (CAPTIONBUS_ACK_WAIT 6). The caller closes it."""
+    gets a second replica), all ready. A killed worker's request, and an event a killed coordinator
+    held, come back within seconds (CAPTIONBUS_ACK_WAIT, CAPTIONBUS_EVENT_ACK_WAIT 6). The caller
+    closes it."""
     server = EmbeddedServer(root / "nats")
     server.start()
     env = {
         **os.environ,
         "NATS_URL": server.url,
         "CAPTIONBUS_ACK_WAIT": "6",  # a killed worker's request comes back within seconds
+        "CAPTIONBUS_EVENT_ACK_WAIT": "6",  # so does an event a killed coordinator held (default 30 s)
         "CAPTIONBUS_MAX_DELIVER": "4",
         **(extra_env or {}),
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 import yaml
 from structlog.testing import capture_logs
 
@@ -33,6 +34,7 @@ from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import (
     EVENT_RETRY,
     OUTBOX_GRACE_S,
+    PUBLISH_TIMEOUT_S,
     REQUEST_RESEND_LIMIT_S,
     Coordinator,
     request_entry,
@@ -762,5 +764,116 @@ def test_a_request_older_than_the_duplicate_window_allows_is_left_to_its_deadlin
             done = await bus.finished("job13")
         assert (retry.node, retry.attempt) == ("demux", 2) and published[0] == ("demux", 2)
         assert done.status == JobStatus.completed and done.nodes["demux"].attempt == 2
+
+    on_bus(nats_server, scenario)
+
+
+def coordinator_tasks(before: set[asyncio.Task]) -> list[str]:
+    """The tasks running now that were not before (the test's own left out), by name."""
+    return sorted(task.get_name() for task in asyncio.all_tasks() - before - {asyncio.current_task()}
+                  if not task.done())
+
+
+def test_a_stuck_job_event_publish_holds_up_neither_other_jobs_ticks_nor_stop(nats_server):
+    """Review of issue 22: the tick loop waited, under each job's lock and one job after the
+    other, for the job's sender to finish publishing its events, without a bound of its own; and
+    stop() confirmed the senders for 5 s and left those still publishing running. Here every
+    publish of job14a's events hangs (each is given up after PUBLISH_TIMEOUT_S): a tick must
+    still reach job14b at once (it sends the request another coordinator left in its outbox), and
+    stop() must return within its bounds with no task of the coordinator left."""
+    async def scenario(bus: Bus):
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, tick_interval_s=3600)
+        publish = coordinator.js.publish
+        hung: Counter = Counter()
+
+        async def hang_job14a(subject: str, payload: bytes = b"", **kw):
+            if subject.startswith("captionbus.job.job14a."):
+                hung["publishes"] += 1
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    hung["cancelled"] += 1
+                    raise
+            return await publish(subject, payload, **kw)
+
+        coordinator.js.publish = hang_job14a
+        before = set(asyncio.all_tasks())
+        await coordinator.start()
+        await submit(bus.js, "job14a")
+        await bus.state_when("job14a", lambda s: s.nodes["demux"].status.value == "requested")
+        assert coordinator._sender_busy("job14a") and hung["publishes"] == 1
+        # job14b: another coordinator wrote it with demux's request in the outbox and died
+        spec = JobSpec(job_id="job14b", input=INPUT, source_language="en")
+        decision = decide(None, JobSubmitted(job_id="job14b", spec=spec), GRAPHS["transcribe"],
+                          datetime.now(timezone.utc) - timedelta(seconds=OUTBOX_GRACE_S), POLICY)
+        [request] = decision.requests
+        await bus.kv.create("job14b", decision.state.model_copy(update={"outbox": [request_entry(request)]})
+                            .model_dump_json().encode())
+        started = time.monotonic()
+        await asyncio.wait_for(coordinator.tick_once(), 2.0)  # job14a first (sorted), then job14b
+        ticked_s = time.monotonic() - started
+        assert coordinator._sender_busy("job14a")  # still publishing: the tick did not wait for it
+        # job14b's request is out; job14a's second decision: its sender waits for the first, then hangs too
+        taken = await FakeWorker(bus.js, "demux").answer(count=2, timeout=5)
+        assert sorted(r.job_id for r in taken) == ["job14a", "job14b"]
+        await bus.state_when("job14a", lambda s: s.nodes["asr"].status.value == "requested")
+        started = time.monotonic()
+        await coordinator.stop()
+        stopped_s = time.monotonic() - started
+        assert coordinator_tasks(before) == []
+        assert ticked_s < 2.0 and stopped_s < 1.0 + PUBLISH_TIMEOUT_S + 2.0, (ticked_s, stopped_s)
+        assert hung["cancelled"] == hung["publishes"] == 2  # the first by its bound, the second by stop()
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_cancelled_stop_raises_cancelled_error_and_leaves_no_task(nats_server):
+    """stop() swallowed its own cancellation (contextlib.suppress(CancelledError) around its
+    waits): a caller's timeout around it went unnoticed (the same pattern around the dashboard's
+    stop hid tests/system/test_model.py's 751 s hang). A stop cancelled while it waits for the
+    loops raises CancelledError, and cancels what it started on its way out."""
+    async def scenario(bus: Bus):
+        before = set(asyncio.all_tasks())
+        coordinator = bus.coordinator()
+        await coordinator.start()
+        stopping = asyncio.create_task(coordinator.stop())
+        await asyncio.sleep(0.1)  # the pull loops end within their 1 s fetch: stop waits for them
+        assert not stopping.done()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await asyncio.sleep(0.1)
+        assert coordinator_tasks(before) == []
+        assert coordinator.failed.done() and coordinator.failed.result() is None
+
+    on_bus(nats_server, scenario)
+
+
+def test_the_events_ack_wait_is_the_coordinators_setting(nats_server, monkeypatch, tmp_path):
+    """CAPTIONBUS_EVENT_ACK_WAIT (issue 20: tests wait for a killed coordinator's events; 30 s was
+    hard-coded) is the ack wait of the events and advisories consumers: each coordinator sets it
+    as it starts (JetStream updates a consumer's ack wait in place; coordinators of one bus share it)."""
+    from captionbus.coordinator.service import run_coordinator
+
+    monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CAPTIONBUS_EVENT_ACK_WAIT", "3")
+
+    async def scenario(bus: Bus):
+        stop = asyncio.Event()
+        running = asyncio.create_task(run_coordinator(bus.nc, stop_event=stop, graphs=GRAPHS, policy=POLICY))
+        waits = {}
+        for _ in range(100):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                waits = {name: (await bus.js.consumer_info(stream, name)).config.ack_wait for stream, name in (
+                    (subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER),
+                    (subjects.ADVISORIES_STREAM, subjects.COORDINATOR_ADVISORY_CONSUMER))}
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        assert waits == {subjects.COORDINATOR_CONSUMER: 3.0, subjects.COORDINATOR_ADVISORY_CONSUMER: 3.0}
+        async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, event_ack_wait_s=60.0):
+            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+        assert info.config.ack_wait == 60.0
 
     on_bus(nats_server, scenario)

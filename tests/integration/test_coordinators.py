@@ -16,16 +16,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from benchmarks.fleet_sim import Jobs, SimWorkers, load_graphs, stage_outputs, terminal_events
 from captionbus.contracts import JobState, subjects
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import PROJECT_ROOT, Settings
 
 JOBS = 24
-# The events consumer is created here first with a short ack_wait (a coordinator binds to an
-# existing one as it is): a dead coordinator's events go to the other after this, not 30 s.
+# The coordinators' CAPTIONBUS_EVENT_ACK_WAIT: a dead coordinator's events go to the other after
+# this, not 30 s. (It was set here by creating the events consumer first, but each coordinator sets
+# its own ack wait on the consumer as it starts: the dead one's events waited 30 s.)
 ACK_WAIT_S = 2.0
 
 
@@ -33,7 +32,8 @@ def start_coordinator(url: str, home: Path) -> tuple[subprocess.Popen, Path]:
     home.mkdir(parents=True)
     log = home / "coordinator.log"
     env = {**os.environ, "NATS_URL": url, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_LOG_LEVEL": "INFO",
-           "CAPTIONBUS_RESULT_SECRET": "shared-by-both", "PYTHONPATH": str(PROJECT_ROOT)}
+           "CAPTIONBUS_RESULT_SECRET": "shared-by-both", "CAPTIONBUS_EVENT_ACK_WAIT": str(ACK_WAIT_S),
+           "PYTHONPATH": str(PROJECT_ROOT)}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "captionbus", "coordinator"], env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -68,10 +68,6 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
         nc = await connect(nats_server, "test-coordinators", Settings(home=tmp_path / "driver"))
         js = nc.jetstream()
         await provision(js)
-        await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
-            durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.coordinator_filters(),
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S,
-            max_ack_pending=1024))
         (first, first_log), (second, second_log) = (
             start_coordinator(nats_server, tmp_path / name) for name in ("coordinator-a", "coordinator-b"))
         processes.extend([first, second])

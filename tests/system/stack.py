@@ -31,6 +31,7 @@ from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import Coordinator
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import PROJECT_ROOT, Settings
+from captionbus.core.tasks import cancel_and_wait
 from tests.gatewaytools import free_port, running_gateway
 from tests.integration.test_dashboard import _until as until
 from tests.integration.test_gateway import parse_sse
@@ -85,7 +86,8 @@ class LocalStack:
 
     async def _start_coordinator(self) -> None:
         part = await self._part("coordinator")
-        await part.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2))
+        await part.enter_async_context(Coordinator(self.nc, graphs=self.workflows, tick_interval_s=0.2,
+                                                   event_ack_wait_s=self.ack_wait))
 
     async def _start_gateway(self) -> None:
         """uvicorn in a thread on a free port (a restart gets a new port and a new client)."""
@@ -269,9 +271,10 @@ async def _off_the_loop(context):
 
 
 async def _cancelled(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    """Cancel `task` and wait for it to end (cancelling again if it lost a cancellation:
+    captionbus.core.tasks): its cancellation is not raised here, ours is
+    (contextlib.suppress(CancelledError) around `await task` swallowed both)."""
+    await cancel_and_wait([task])
 
 
 def webhook_log(rec) -> Any:

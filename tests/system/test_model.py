@@ -24,7 +24,6 @@ against it as they check a real one."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import random
@@ -38,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from captionbus.core import settings as core_settings
+from captionbus.core.tasks import await_stack
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
 
@@ -50,8 +50,9 @@ CHECK_EVERY = int(os.environ.get("CAPTIONBUS_MODEL_CHECK_EVERY", "0")) or max(OP
 HISTORY_SAMPLE = 3
 REPORT = os.environ.get("CAPTIONBUS_MODEL_REPORT")  # a file for the invariant table (benchmarks/model.py)
 QUIET_S = 60.0  # a job's deadline: terminal this long after the last operation
-ACK_WAIT_S = 5.0  # a killed worker's request comes back this soon
+ACK_WAIT_S = 5.0  # a killed worker's request (and an event a coordinator held) comes back this soon
 STUCK_S = 120.0  # one step (an operation, a quiet point) longer than this: the watchdog says where
+STUCK_FAIL_S = 300.0  # ... and longer than this: the watchdog ends the run, and the test fails with the stacks
 FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0)]
 WORKFLOWS = {"pair": {"name": "pair", "nodes": {
     "first": {"stage": "noop", "inputs": {"media": "job.input"}, "outputs": ["media"], "params": {"sleep_s": 3}},
@@ -124,30 +125,36 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
     started = time.monotonic()
 
     step = ["starting the stack", time.monotonic()]  # what main() awaits now, since when
+    stuck: list[str] = []  # what the watchdog found stuck past STUCK_FAIL_S, with the task stacks
 
-    async def watchdog():
-        """Says where main() waits when one step takes over STUCK_S: one full run (7 December 2026,
-        1170 tests) spent 751 s here, silent, after a worker's kill -9 and restart, then passed;
-        alone it takes 30-40 s and the hang did not come back in four runs. The stacks of every task
-        go to stuck-<seed>.txt beside the test's logs and a warning names the step (pytest's
-        warnings summary shows it even when the test passes)."""
+    async def watchdog(main_task: asyncio.Task):
+        """Says where main() waits when one step takes over STUCK_S, and ends the run when it takes
+        over STUCK_FAIL_S: one full run (7 December 2026, 1170 tests) spent 751 s here, silent,
+        then passed (the 750 s wait_for's cancellation was swallowed by stack.py's _cancelled).
+        It came back in 1 of 20 runs since, and the watchdog's stacks showed it: restart-dashboard
+        waited for the dashboard's Board.stop, whose worker poll had lost its cancellation
+        (fixed: captionbus.core.tasks). The stacks of every task go to stuck-<seed>.txt beside the test's logs and a
+        warning names the step (pytest's warnings summary shows it even when the test passes);
+        past STUCK_FAIL_S main() is cancelled and the test fails with those stacks, whether or not
+        something swallows the cancellation."""
         reported = None
         while True:
             await asyncio.sleep(5)
             what, since = step
-            if time.monotonic() - since > STUCK_S and reported != (what, since):
+            waited = time.monotonic() - since
+            if waited > STUCK_S and (reported != (what, since) or (waited > STUCK_FAIL_S and not stuck)):
                 reported = (what, since)
-                out = io.StringIO()
-                for task in asyncio.all_tasks():
-                    print(f"--- {task.get_name()}: {task.get_coro()}", file=out)
-                    task.print_stack(file=out)
+                stacks = "\n".join(await_stack(task) for task in asyncio.all_tasks())
                 path = tmp_path / f"stuck-{seed}.txt"
-                path.write_text(f"{what}: {time.monotonic() - since:.0f} s\nlog: {log}\n{out.getvalue()}")
+                path.write_text(f"{what}: {waited:.0f} s\nlog: {log}\n{stacks}\n")
                 warnings.warn(f"test_model seed {seed}: {what!r} has taken over {STUCK_S:.0f} s; "
                               f"task stacks in {path}", stacklevel=1)
+                if waited > STUCK_FAIL_S:
+                    stuck.append(f"{what} took over {STUCK_FAIL_S:.0f} s ({path}):\n{path.read_text()[:20000]}")
+                    main_task.cancel()
 
     async def main():
-        guard = asyncio.create_task(watchdog())
+        guard = asyncio.create_task(watchdog(asyncio.current_task()))
         try:
             async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows=WORKFLOWS, hooks=hooks,
                                   secret=SECRET, ack_wait=ACK_WAIT_S) as stack:
@@ -284,7 +291,13 @@ def test_seeded_operations_keep_every_surface_true(nats_server, tmp_path, receiv
               f"{sum(len(v) for v in tally.violations.values())} violations so far "
               f"({time.monotonic() - started:.0f} s)", flush=True)
 
-    asyncio.run(asyncio.wait_for(main(), 600 + 15 * OPS))  # ~7 s an operation measured at load 12-14
+    try:
+        asyncio.run(asyncio.wait_for(main(), 600 + 15 * OPS))  # ~7 s an operation measured at load 12-14
+    except asyncio.CancelledError:
+        if not stuck:
+            raise
+    if stuck:
+        pytest.fail(f"test_model seed {seed} hung: {stuck[0]}")
     ops = Counter(" ".join([o.split()[0], *re.findall(r"via (cli|gateway)", o)]) for o in log)
     header = (f"seed {seed}: {len(log)} operations ({dict(ops)}; {sum('accepted' in o for o in log)} cancels/retries "
               f"accepted), {len(jobs)} jobs, {time.monotonic() - started:.0f} s")

@@ -19,7 +19,7 @@ from captionbus.contracts import (
 )
 from captionbus.coordinator.decide import NODE_RETRY, Decision, Policy, Tick, decide, give_up
 from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, Workflow, load_workflow
-from captionbus.coordinator.service import awaited, outbox_id, request_entry, request_id
+from captionbus.coordinator.service import awaited, outbox_id, request_entry
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 # demux -> asr -> subtitle_gen -> mux: the decide() tests need a linear graph, not today's transcribe
@@ -455,7 +455,7 @@ def test_an_outbox_request_is_awaited_only_while_its_node_waits_for_that_attempt
     d = submit()
     [request] = d.requests
     entry, event = request_entry(request), {"kind": "started", "event_id": "j1.started"}
-    assert outbox_id(entry) == request_id(request) == f"request:{request.key}"
+    assert outbox_id(entry) == f"request:{request.key}"
     assert awaited(entry, d.state, T0) and awaited(event, d.state, T0)
     later = step(d, completed(request.node))  # its result came: never sent again
     assert not awaited(entry, later.state, T0) and awaited(event, later.state, T0)
