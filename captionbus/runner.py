@@ -66,6 +66,7 @@ from captionbus.core.gc import collect
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import Settings, config_files
+from captionbus.core.tasks import cancel_and_wait
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -433,9 +434,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
             return stopped_by[0] if stopped_by else None
     finally:
         if collector is not None:
-            collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await collector
+            await cancel_and_wait([collector], within_s=5)
         stop_services(services)
         if web is not None:
             stop_dashboard_process(web)

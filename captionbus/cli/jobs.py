@@ -31,6 +31,7 @@ from captionbus.cli.common import (
 from captionbus.cli.errors import UserError
 from captionbus.cli.tables import print_table
 from captionbus.core.settings import load
+from captionbus.core.tasks import cancel_and_wait
 
 
 @main.command(short_help="Submit a job to a running stack.")
@@ -285,9 +286,7 @@ def events(job_id: str | None, follow: bool, since: str | None) -> None:
                 done, _ = await asyncio.wait({nxt, stopper}, timeout=None if follow else 1.0,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
+                    await cancel_and_wait([nxt], within_s=5)
                     return exitcodes.INTERRUPTED if stopper in done else exitcodes.OK
                 try:
                     event = nxt.result()

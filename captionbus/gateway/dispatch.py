@@ -46,10 +46,12 @@ from captionbus.gateway.webhooks import Delivery, check_target, deliver
 from captionbus.contracts import subjects
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import validate_token
+from captionbus.core.tasks import cancel_and_wait
 
 log = structlog.get_logger("captionbus.gateway.webhooks")
 
 CALLBACK = "callback"  # the subscriber name of a job's own callback_url
+STOP_WAIT_S = 10.0  # stop(): how long the delivery tasks may take to end before leases go back
 KEPT_DELIVERIES = 500  # per record; older ones are summed in `dropped` (a long film has many progress events)
 
 
@@ -246,12 +248,8 @@ class Dispatcher:
     async def stop(self) -> None:
         """Hand leases back so another (or the restarted) gateway resumes at once."""
         leases = list(self.leases.values())  # the tasks' done callbacks forget them
-        tasks = [*self._background, *self.running.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # cancel_and_wait: a cancellation nats-py's wait_for loses is sent again (core.tasks)
+        await cancel_and_wait([*self._background, *self.running.values()], within_s=STOP_WAIT_S)
         for lease in leases:
             with contextlib.suppress(Exception):
                 lease.record.owner = None

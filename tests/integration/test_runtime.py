@@ -640,6 +640,12 @@ class _FlakyStore:
             raise OSError("object store unavailable (503) during a network cut")
         return await self.real.put(*args, **kwargs)
 
+    def scoped(self, tenant, restricted: bool = False):
+        """The runtime asks for the job's tenant's store; a job of no tenant gets the same store."""
+        real = self.real.scoped(tenant, restricted)
+        assert real is self.real, "these jobs have no tenant"
+        return self
+
     def __getattr__(self, name):
         return getattr(self.real, name)
 

@@ -63,6 +63,7 @@ from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import PROJECT_ROOT, Settings, config_dirs
 from captionbus.core.text import one_line
+from captionbus.core.tasks import cancel_and_wait
 from captionbus.services.runtime.cache import (
     ITEMS_PREFIX,
     StageCache,
@@ -850,9 +851,7 @@ async def serve(
                 await asyncio.wait({setup_task} | ({running} if running else set()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if not setup_task.done():  # the worker stopped (or failed) while the model loaded
-                    setup_task.cancel()
-                    with suppress(BaseException):
-                        await setup_task
+                    await cancel_and_wait([setup_task])
                 else:
                     resources, setup_error = setup_task.result()
                     worker.set_up(resources, setup_error, None if setup_error else describe(definition, resources))
