@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from captionbus.client import workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
-from captionbus.core.bus import BusError, running_embedded_url
+from captionbus.core.bus import BusError, connect, running_embedded_url
 from captionbus.core.hardware import usable_cores
 from captionbus.core.settings import Settings
 from captionbus.core.text import one_line
@@ -67,6 +67,36 @@ def server_for_run(settings: Settings):
     finally:
         server.stop()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def up_serving(settings: Settings, stages: list[str]) -> str | None:
+    """The URL of the `captionbus up` running on this host (its embedded server, found as
+    `submit` finds it; never a NATS_URL fleet) when its workers serve every one of `stages`
+    (a worker whose setup failed does not count; one still loading its model does), else None.
+
+    `run` then submits its job to that stack instead of starting a coordinator and services of
+    its own on the same bus. Those would only load every model a second time (the whisperx asr
+    worker: ~20 s of CPU and ~1.9 GB): the job's requests go to the stage queues that `up`'s
+    warm workers consume anyway. A worker that answers later than the 0.5 s asked here only
+    makes `run` start its own stack, as it did before."""
+    if settings.nats_url:
+        return None
+    url = running_embedded_url(settings)
+    if url is None:
+        return None
+
+    async def served() -> set[str]:
+        nc = await connect(url, "captionbus-run", settings)
+        try:
+            return {str(w["metadata"].get("stage")) for w in await workers(nc, 0.5)
+                    if not w["metadata"].get("setup_error")}
+        finally:
+            await nc.close()
+
+    try:
+        return url if set(stages) <= asyncio.run(served()) else None
+    except BusError:  # `up` stopped meanwhile: run starts its own server, as without one
+        return None
 
 
 @contextlib.contextmanager
