@@ -224,11 +224,88 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
         s.close()
 
 
+@dataclass
+class UpStack:
+    """A `captionbus up` process on its embedded bus, in its own data dir `home`: commands run
+    with `env` find it there (no NATS_URL), as a user's do on the host where `up` runs."""
+
+    home: Path
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen
+    exit_code: int | None = None
+
+    def workers(self) -> list[dict]:
+        """What `captionbus workers --json` lists (nothing while the bus is not up yet)."""
+        done = subprocess.run([sys.executable, "-m", "captionbus", "workers", "--json"], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        return json.loads(done.stdout or "[]") if done.returncode == 0 else []
+
+    def served(self) -> set[str]:
+        return {w["metadata"]["stage"] for w in self.workers()}
+
+    def worker_pids(self) -> set[str]:
+        return {str(w["metadata"]["pid"]) for w in self.workers()}
+
+    def close(self) -> None:
+        """Ctrl-C, as a user stops it: README's exit code 130, checked (closing twice is harmless)."""
+        if self.exit_code is None:
+            self.process.send_signal(signal.SIGINT)
+            self.exit_code = self.process.wait(90)
+        assert self.exit_code == 130, self.log.read_text()[-3000:]
+
+
+# What TRANSLATE_UP serves: the subtitle and translate workflows' stages (chunking included) and
+# both optional stages of translate.
+TRANSLATE_UP = ["up", "-w", "subtitle", "-w", "translate", "--with", "source_separation", "--with", "vad_pyannote",
+                "--no-dashboard"]
+TRANSLATE_UP_STAGES = {"demux", "source_separation", "vad", "vad_pyannote", "chunk", "asr", "alignment",
+                       "transcript_join", "translation_indictrans2", "translation_nllb", "subtitle_gen", "mux"}
+
+
+@pytest.fixture(scope="session")
+def translate_up(tmp_path_factory, model_env) -> UpStack:
+    """One `captionbus up` serving every stage of the subtitle and translate workflows with the
+    locally built models, for test_translate_subtitle.py's `run`s (which join it: `run` submits to
+    an `up` on its host that serves the job's stages) and test_translate_up.py's `submit`.
+
+    They were three stacks: two `run`s of one subtitle job, each starting and stopping a server,
+    a coordinator and ten services (two whisperx, indictrans2 and nllb importing torch), and an
+    `up` of translate's. Returned once every stage is served (up reads the models' paths from
+    `env` at start). Closed after the last test that uses it (_early_close), by Ctrl-C."""
+    from captionbus.models import ensure_pyannote_segmentation
+    from tests.model_factory.demucs import demucs_service_env, ensure_demucs
+
+    for env_name in ("demucs", "pyannote"):
+        built_env(env_name)
+    ensure_pyannote_segmentation()
+    root = tmp_path_factory.mktemp("translate-up")
+    home = root / "home"
+    env = {**os.environ, **model_env, **demucs_service_env(ensure_demucs(test_models_root())),
+           "CAPTIONBUS_HOME": str(home)}
+    env.pop("NATS_URL", None)
+    log = root / "up.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "captionbus", *TRANSLATE_UP], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    up = UpStack(home=home, env=env, log=log, process=process)
+    _early_close["translate_up"] = up
+    try:
+        wait_until((home / "nats" / "url").exists, 60, "the embedded server's url file")
+        wait_until(lambda: process.poll() is not None or TRANSLATE_UP_STAGES <= up.served(), 300,
+                   f"stages {sorted(TRANSLATE_UP_STAGES)}")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield up
+    finally:
+        _early_close.pop("translate_up", None)
+        up.close()
+
+
 # Session stacks closed as soon as no later test of the run asks for them (closing twice is
 # harmless): the chunked fleet's idle workers hold ~4 GB (three whisperx processes) that the
 # tests after test_chunked*.py would otherwise run beside, as they did when it was per module;
 # the transcribe stack's asr ~1.9 GB, beside the integration tests after the e2e ones.
-_early_close: dict[str, Stack] = {}
+_early_close: dict[str, Stack | UpStack] = {}
 
 
 @pytest.hookimpl(trylast=True)
