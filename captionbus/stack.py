@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 
-from captionbus.client import workers
+from captionbus.client import merge_state, workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
 from captionbus.core.bus import BusError, connect, running_embedded_url
@@ -69,7 +69,7 @@ def server_for_run(settings: Settings):
         shutil.rmtree(private, ignore_errors=True)
 
 
-def up_serving(settings: Settings, stages: list[str]) -> str | None:
+def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -> str | None:
     """The URL of the `captionbus up` running on this host (its embedded server, found as
     `submit` finds it; never a NATS_URL fleet) when its workers serve every one of `stages`
     (a worker whose setup failed does not count; one still loading its model does), else None.
@@ -77,24 +77,39 @@ def up_serving(settings: Settings, stages: list[str]) -> str | None:
     `run` then submits its job to that stack instead of starting a coordinator and services of
     its own on the same bus. Those would only load every model a second time (the whisperx asr
     worker: ~20 s of CPU and ~1.9 GB): the job's requests go to the stage queues that `up`'s
-    warm workers consume anyway. A worker that answers later than the 0.5 s asked here only
-    makes `run` start its own stack, as it did before."""
+    warm workers consume anyway. The $SRV.STATS replies are read until every stage has
+    answered (milliseconds) or `patience_s` has passed: on a busy host a reply can take well
+    over the half second `captionbus workers` waits, and a stage counted missing only makes
+    `run` start its own stack, as it did before."""
     if settings.nats_url:
         return None
     url = running_embedded_url(settings)
     if url is None:
         return None
+    wanted = set(stages)
 
-    async def served() -> set[str]:
+    async def serves() -> bool:
         nc = await connect(url, "captionbus-run", settings)
         try:
-            return {str(w["metadata"].get("stage")) for w in await workers(nc, 0.5)
-                    if not w["metadata"].get("setup_error")}
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.STATS", b"", reply=inbox)
+            served: set[str] = set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(patience_s):
+                    async for msg in sub.messages:
+                        with contextlib.suppress(ValueError):
+                            meta = merge_state(json.loads(msg.data))["metadata"]
+                            if not meta.get("setup_error"):
+                                served.add(str(meta.get("stage")))
+                        if wanted <= served:
+                            break
+            return wanted <= served
         finally:
             await nc.close()
 
     try:
-        return url if set(stages) <= asyncio.run(served()) else None
+        return url if asyncio.run(serves()) else None
     except BusError:  # `up` stopped meanwhile: run starts its own server, as without one
         return None
 

@@ -47,6 +47,21 @@ class Stack:
     def settings(self, who: str) -> Settings:
         return Settings(home=self.root / who, nats_url=self.url, artifacts_mode="object", host_id=who)
 
+    def run_env(self) -> dict[str, str]:
+        """The environment of a `captionbus run` that joins this stack when it serves every stage
+        of the job (captionbus.stack.up_serving), as a user's `run` joins the `up` on their host,
+        instead of starting a server, a coordinator and services of its own: a data dir whose
+        nats/url names this stack's server, as `up` leaves its own, and artifacts through the
+        object store (this stack's workers are hosts apart, unlike an `up`'s, which share its
+        data dir)."""
+        home = self.root / "run-home"
+        url_file = Settings(home=home).embedded_url_file
+        url_file.parent.mkdir(parents=True, exist_ok=True)
+        url_file.write_text(self.url)
+        env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ARTIFACTS": "object"}
+        env.pop("NATS_URL", None)
+        return env
+
     def start_coordinator(self) -> None:
         log = open(self.root / "coordinator.log", "ab")
         self.coordinator = subprocess.Popen(
@@ -202,7 +217,9 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     """The fleet every chunked job of tests/e2e/test_chunked.py and test_chunked_aligned.py runs
     on: the `chunked` workflow's stages with two asr workers of one thread each, and the
     alignment stage on the tiny random wav2vec2 English model (tests/model_factory/wav2vec2.py)
-    for `chunked_aligned`. The stage cache is off, so every job decodes.
+    for `chunked_aligned`. The stage cache is off, so every job decodes. Its chunk worker cuts a
+    job that sets no chunk size above 20 s (CAPTIONBUS_CHUNK_ABOVE_S; every chunked job here sets
+    one): test_default_chunking.py's plain `run FILM` joins this fleet.
 
     Those jobs were one `captionbus run` each (three films in test_chunked, two in
     test_chunked_aligned), and each run started and stopped its own server, coordinator and seven
@@ -212,7 +229,7 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     from tests.model_factory.wav2vec2 import ensure_wav2vec2
 
     ensure_silero_vad()
-    env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off",
+    env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off", "CAPTIONBUS_CHUNK_ABOVE_S": "20",
            "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env)
@@ -293,7 +310,7 @@ def translate_up(tmp_path_factory, model_env) -> UpStack:
     try:
         wait_until((home / "nats" / "url").exists, 60, "the embedded server's url file")
         wait_until(lambda: process.poll() is not None or TRANSLATE_UP_STAGES <= up.served(), 300,
-                   f"stages {sorted(TRANSLATE_UP_STAGES)}")
+                   f"stages {sorted(TRANSLATE_UP_STAGES)}", CLI_POLL_S)
         assert process.poll() is None, log.read_text()[-3000:]
         yield up
     finally:
@@ -353,12 +370,18 @@ def chunked_jobs(fleet: Stack, film: Path, jobs: list[tuple[Path, str, float]]) 
     return [chunked_result(fleet, job_id, out) for job_id, out in submitted]
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+# Between two calls of a predicate that runs a `captionbus` command: each is a Python process
+# importing the CLI (~0.9 s of CPU), which every 0.2 s while a stack loads its models took about
+# half a core of the two from the services the test waits for.
+CLI_POLL_S = 2.0
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(interval)
     pytest.fail(f"timed out waiting for {what}")
 
 
