@@ -151,10 +151,16 @@ def validate_job(
         raise SubmitError("; ".join(errors))
     stages = graph.expand(spec).stages()
     if local_stack:
-        check_service_options(stages)
-        if require_built:
-            require_envs(stages)
+        check_local_stages(stages, require_built)
     return stages
+
+
+def check_local_stages(stages: list[str], require_built: bool = True) -> None:
+    """validate_job's checks for stages this host will run itself: their service options from
+    this environment, and (`require_built`) their environments built."""
+    check_service_options(stages)
+    if require_built:
+        require_envs(stages)
 
 
 def check_service_options(stages: list[str]) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 
-from captionbus.client import workers
+from captionbus.client import merge_state, workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
-from captionbus.core.bus import BusError, running_embedded_url
+from captionbus.core.bus import BusError, connect, running_embedded_url
 from captionbus.core.hardware import usable_cores
 from captionbus.core.settings import Settings
 from captionbus.core.text import one_line
@@ -67,6 +67,51 @@ def server_for_run(settings: Settings):
     finally:
         server.stop()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -> str | None:
+    """The URL of the `captionbus up` running on this host (its embedded server, found as
+    `submit` finds it; never a NATS_URL fleet) when its workers serve every one of `stages`
+    (a worker whose setup failed does not count; one still loading its model does), else None.
+
+    `run` then submits its job to that stack instead of starting a coordinator and services of
+    its own on the same bus. Those would only load every model a second time (the whisperx asr
+    worker: ~20 s of CPU and ~1.9 GB): the job's requests go to the stage queues that `up`'s
+    warm workers consume anyway. The $SRV.STATS replies are read until every stage has
+    answered (milliseconds) or `patience_s` has passed: on a busy host a reply can take well
+    over the half second `captionbus workers` waits, and a stage counted missing only makes
+    `run` start its own stack, as it did before."""
+    if settings.nats_url:
+        return None
+    url = running_embedded_url(settings)
+    if url is None:
+        return None
+    wanted = set(stages)
+
+    async def serves() -> bool:
+        nc = await connect(url, "captionbus-run", settings)
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.STATS", b"", reply=inbox)
+            served: set[str] = set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(patience_s):
+                    async for msg in sub.messages:
+                        with contextlib.suppress(ValueError):
+                            meta = merge_state(json.loads(msg.data))["metadata"]
+                            if not meta.get("setup_error"):
+                                served.add(str(meta.get("stage")))
+                        if wanted <= served:
+                            break
+            return wanted <= served
+        finally:
+            await nc.close()
+
+    try:
+        return url if asyncio.run(serves()) else None
+    except BusError:  # `up` stopped meanwhile: run starts its own server, as without one
+        return None
 
 
 @contextlib.contextmanager

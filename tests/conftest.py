@@ -69,7 +69,7 @@ def _transcribe_envs() -> list[str]:
 # builds no env, but its tests run after the env-free ones all the same: a test that looked for
 # the model before any other fetched it would otherwise skip.
 _FIXTURE_ENVS = {"stage_envs": _transcribe_envs, "common_env": lambda: ["common"], "model_env": lambda: SUBTITLE_ENVS,
-                 "whisper_model": lambda: []}
+                 "whisper_model": lambda: [], "translate_up": lambda: [*SUBTITLE_ENVS, "demucs", "pyannote"]}
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -54,25 +55,34 @@ class _LogConsole:
 def run(media: Path, workflow: str, source: str | None, targets: str | None, options, out_dir: Path | None,
         attach: bool, replicas: int, no_setup: bool, speaker_refs: dict[str, Path] | None = None) -> None:
     """Run a job on this machine: bus, coordinator and services included; prints output paths.
-    On first use it builds the stage environments the job needs and fetches the default models."""
+    On first use it builds the stage environments the job needs and fetches the default models.
+    Where `captionbus up` runs on this host and serves every stage the job needs, the job goes
+    to it (as with --attach) instead of a second set of services loading the same models."""
     from captionbus.client import check_input_file
-    from captionbus.runner import run_job, validate_job
-    from captionbus.stack import server_for_run
+    from captionbus.runner import check_local_stages, run_job, validate_job
+    from captionbus.stack import server_for_run, up_serving
 
     terminate_like_ctrl_c()
     settings = load()
     # Before the server starts: a bad option (-o asr.nosuchkey=1) costs nothing to refuse.
-    stages = validate_job(workflow, source, split_languages(targets), local_stack=not attach,
-                          options=parse_options(options), require_built=no_setup)
+    stages = validate_job(workflow, source, split_languages(targets), local_stack=False,
+                          options=parse_options(options))
+    joined = None if attach or replicas > 1 else up_serving(settings, stages)
+    if not (attach or joined):
+        check_local_stages(stages, require_built=no_setup)
     check_input_file(media)
     out_dir = check_out_dir(out_dir or Path(f"{media.stem}.subs"))
-    if not attach and not no_setup:
+    if joined:
+        console.print(f"joining captionbus up (NATS at {joined}): its coordinator and services run this job",
+                      highlight=False, soft_wrap=True)
+    elif not attach and not no_setup:
         _first_run_setup(stages)
-    with server_for_run(settings) as url:
+    # Joined: that server only (were `up` to stop now, a private one would have no services).
+    with contextlib.nullcontext(joined) if joined else server_for_run(settings) as url:
         outputs = asyncio.run(run_job(
             settings, url, media,
             workflow=workflow, source_language=source, target_languages=split_languages(targets),
-            options=parse_options(options), out_dir=out_dir, start_stack=not attach, console=console,
+            options=parse_options(options), out_dir=out_dir, start_stack=not (attach or joined), console=console,
             replicas={"asr": replicas}, speaker_refs=speaker_refs,
         ))
     for path in outputs.values():

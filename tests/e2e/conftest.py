@@ -47,6 +47,21 @@ class Stack:
     def settings(self, who: str) -> Settings:
         return Settings(home=self.root / who, nats_url=self.url, artifacts_mode="object", host_id=who)
 
+    def run_env(self) -> dict[str, str]:
+        """The environment of a `captionbus run` that joins this stack when it serves every stage
+        of the job (captionbus.stack.up_serving), as a user's `run` joins the `up` on their host,
+        instead of starting a server, a coordinator and services of its own: a data dir whose
+        nats/url names this stack's server, as `up` leaves its own, and artifacts through the
+        object store (this stack's workers are hosts apart, unlike an `up`'s, which share its
+        data dir)."""
+        home = self.root / "run-home"
+        url_file = Settings(home=home).embedded_url_file
+        url_file.parent.mkdir(parents=True, exist_ok=True)
+        url_file.write_text(self.url)
+        env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_ARTIFACTS": "object"}
+        env.pop("NATS_URL", None)
+        return env
+
     def start_coordinator(self) -> None:
         log = open(self.root / "coordinator.log", "ab")
         self.coordinator = subprocess.Popen(
@@ -204,7 +219,9 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     """The fleet every chunked job of tests/e2e/test_chunked.py and test_chunked_aligned.py runs
     on: the `chunked` workflow's stages with two asr workers of one thread each, and the
     alignment stage on the tiny random wav2vec2 English model (tests/model_factory/wav2vec2.py)
-    for `chunked_aligned`. The stage cache is off, so every job decodes.
+    for `chunked_aligned`. The stage cache is off, so every job decodes. Its chunk worker cuts a
+    job that sets no chunk size above 20 s (CAPTIONBUS_CHUNK_ABOVE_S; every chunked job here sets
+    one): test_default_chunking.py's plain `run FILM` joins this fleet.
 
     Those jobs were one `captionbus run` each (three films in test_chunked, two in
     test_chunked_aligned), and each run started and stopped its own server, coordinator and seven
@@ -214,7 +231,7 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     from tests.model_factory.wav2vec2 import ensure_wav2vec2
 
     ensure_silero_vad()
-    env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off",
+    env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off", "CAPTIONBUS_CHUNK_ABOVE_S": "20",
            "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env)
@@ -226,11 +243,88 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
         s.close()
 
 
+@dataclass
+class UpStack:
+    """A `captionbus up` process on its embedded bus, in its own data dir `home`: commands run
+    with `env` find it there (no NATS_URL), as a user's do on the host where `up` runs."""
+
+    home: Path
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen
+    exit_code: int | None = None
+
+    def workers(self) -> list[dict]:
+        """What `captionbus workers --json` lists (nothing while the bus is not up yet)."""
+        done = subprocess.run([sys.executable, "-m", "captionbus", "workers", "--json"], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        return json.loads(done.stdout or "[]") if done.returncode == 0 else []
+
+    def served(self) -> set[str]:
+        return {w["metadata"]["stage"] for w in self.workers()}
+
+    def worker_pids(self) -> set[str]:
+        return {str(w["metadata"]["pid"]) for w in self.workers()}
+
+    def close(self) -> None:
+        """Ctrl-C, as a user stops it: README's exit code 130, checked (closing twice is harmless)."""
+        if self.exit_code is None:
+            self.process.send_signal(signal.SIGINT)
+            self.exit_code = self.process.wait(90)
+        assert self.exit_code == 130, self.log.read_text()[-3000:]
+
+
+# What TRANSLATE_UP serves: the subtitle and translate workflows' stages (chunking included) and
+# both optional stages of translate.
+TRANSLATE_UP = ["up", "-w", "subtitle", "-w", "translate", "--with", "source_separation", "--with", "vad_pyannote",
+                "--no-dashboard"]
+TRANSLATE_UP_STAGES = {"demux", "source_separation", "vad", "vad_pyannote", "chunk", "asr", "alignment",
+                       "transcript_join", "translation_indictrans2", "translation_nllb", "subtitle_gen", "mux"}
+
+
+@pytest.fixture(scope="session")
+def translate_up(tmp_path_factory, model_env) -> UpStack:
+    """One `captionbus up` serving every stage of the subtitle and translate workflows with the
+    locally built models, for test_translate_subtitle.py's `run`s (which join it: `run` submits to
+    an `up` on its host that serves the job's stages) and test_translate_up.py's `submit`.
+
+    They were three stacks: two `run`s of one subtitle job, each starting and stopping a server,
+    a coordinator and ten services (two whisperx, indictrans2 and nllb importing torch), and an
+    `up` of translate's. Returned once every stage is served (up reads the models' paths from
+    `env` at start). Closed after the last test that uses it (_early_close), by Ctrl-C."""
+    from captionbus.models import ensure_pyannote_segmentation
+    from tests.model_factory.demucs import demucs_service_env, ensure_demucs
+
+    for env_name in ("demucs", "pyannote"):
+        built_env(env_name)
+    ensure_pyannote_segmentation()
+    root = tmp_path_factory.mktemp("translate-up")
+    home = root / "home"
+    env = {**os.environ, **model_env, **demucs_service_env(ensure_demucs(test_models_root())),
+           "CAPTIONBUS_HOME": str(home)}
+    env.pop("NATS_URL", None)
+    log = root / "up.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "captionbus", *TRANSLATE_UP], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    up = UpStack(home=home, env=env, log=log, process=process)
+    _early_close["translate_up"] = up
+    try:
+        wait_until((home / "nats" / "url").exists, 60, "the embedded server's url file")
+        wait_until(lambda: process.poll() is not None or TRANSLATE_UP_STAGES <= up.served(), 300,
+                   f"stages {sorted(TRANSLATE_UP_STAGES)}", CLI_POLL_S)
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield up
+    finally:
+        _early_close.pop("translate_up", None)
+        up.close()
+
+
 # Session stacks closed as soon as no later test of the run asks for them (closing twice is
 # harmless): the chunked fleet's idle workers hold ~4 GB (three whisperx processes) that the
 # tests after test_chunked*.py would otherwise run beside, as they did when it was per module;
 # the transcribe stack's asr ~1.9 GB, beside the integration tests after the e2e ones.
-_early_close: dict[str, Stack] = {}
+_early_close: dict[str, Stack | UpStack] = {}
 
 
 @pytest.hookimpl(trylast=True)
@@ -278,12 +372,18 @@ def chunked_jobs(fleet: Stack, film: Path, jobs: list[tuple[Path, str, float]]) 
     return [chunked_result(fleet, job_id, out) for job_id, out in submitted]
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+# Between two calls of a predicate that runs a `captionbus` command: each is a Python process
+# importing the CLI (~0.9 s of CPU), which every 0.2 s while a stack loads its models took about
+# half a core of the two from the services the test waits for.
+CLI_POLL_S = 2.0
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(interval)
     pytest.fail(f"timed out waiting for {what}")
 
 

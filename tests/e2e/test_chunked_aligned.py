@@ -7,14 +7,15 @@ compared is chunked against unchunked."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from captionbus.stack import stop_services
 from tests.e2e.test_chunked import timed_words
 from tests.e2e.conftest import chunked_jobs
+from tests.envtools import built_env
 from tests.media import speech_film
 
 
@@ -48,22 +49,30 @@ def test_chunked_aligned_word_times_equal_unchunked_aligned_each_chunk_aligned_o
     assert max(shifts) <= 0.02, shifts
 
 
-def test_chunks_cut_from_the_pyannote_vad_whisperx_uses(tmp_path, stage_envs, whisper_model):
+def test_chunks_cut_from_the_pyannote_vad_whisperx_uses(tmp_path, chunked_fleet):
     """`--vad pyannote`: the chunk stage cuts the regions of vad_pyannote (the segmentation
-    model whisperx's own VAD uses) instead of Silero's; the film still reads back in full.
-    Runs under the default CAPTIONBUS_HOME: the segmentation model is looked up in its models dir."""
+    model whisperx's own VAD uses, looked up in CAPTIONBUS_MODELS) instead of Silero's; the film
+    still reads back in full. A `run`, joining the session's chunked fleet with a vad_pyannote
+    worker added (as `run` joins a local `captionbus up` serving the job's stages) instead of
+    starting a server, a coordinator and seven services, whisperx importing torch again."""
     from captionbus.models import ensure_pyannote_segmentation
 
     ensure_pyannote_segmentation()
-    film, spoken = speech_film(tmp_path / "film.mp4")
-    env = {**os.environ}
-    env.pop("NATS_URL", None)
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en", "--vad", "pyannote",
-         "--chunk-s", "10", "-o", "asr.cache=false", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=900)
+    built_env("pyannote")
+    vad = chunked_fleet.start_stage("vad_pyannote")
+    try:
+        film, spoken = speech_film(tmp_path / "film.mp4")
+        chunked_fleet.wait_ready([vad])
+        out = tmp_path / "out"
+        done = subprocess.run(
+            [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "-s", "en", "--vad", "pyannote",
+             "--chunk-s", "10", "-o", "asr.cache=false", "--out", str(out)],
+            env=chunked_fleet.run_env(), capture_output=True, text=True, timeout=900)
+    finally:
+        stop_services([vad])
+        chunked_fleet.services.remove(vad)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining captionbus up" in done.stderr, done.stderr[-3000:]
     record = json.loads((out / "film.job.json").read_text())
     assert record["nodes"]["vad_pyannote"]["status"] == "completed" and record["nodes"]["vad"]["status"] == "skipped"
     assert len(item_nodes(record, "asr")) >= 2

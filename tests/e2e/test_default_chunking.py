@@ -4,16 +4,17 @@ each, with the language detected once, and gives the words of the whole film dec
 request (`--chunk-s 0`, the escape hatch). The threshold is set low (20 s) so the film stays
 short (~64 s); on real parts: nats-server, ffmpeg, Silero VAD, Whisper base in the whisperx env.
 
-The reference decode (the whole film in one request) is the job `run --chunk-s 0` submits
-(`chunk.target_s` 0, no -s), sent to the session's warm transcribe stack (tests/e2e/conftest.py
-`stack`: the same envs and model, its asr cache off for this job) instead of a second `run`
-that started and stopped its own server, coordinator and seven services (whisperx importing
-torch again): 88 s -> see the commit. `--chunk-s` becoming `chunk.target_s` is
-tests/unit/test_cli_job_options.py's."""
+Both jobs run on the session's chunked fleet (tests/e2e/conftest.py `chunked_fleet`: the
+transcribe workflow's stages, Whisper base on two asr workers, the stage cache off, its chunk
+worker's CAPTIONBUS_CHUNK_ABOVE_S at 20): the plain `run FILM` joins it, as `run` joins a local
+`captionbus up` serving the job's stages, instead of starting its own server, coordinator and
+seven services (whisperx importing torch again); the reference decode (the whole film in one
+request) is the job `run --chunk-s 0` submits (`chunk.target_s` 0, no -s), submitted to the
+same fleet, so both decodes ran on the same workers. `--chunk-s` becoming `chunk.target_s` is
+tests/unit/test_cli_job_options.py's; `run` starting its own stack is test_transcribe.py's."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import jiwer
 
-from tests.e2e.conftest import chunked_job
+from tests.e2e.conftest import Stack, chunked_job
 from tests.media import speech_film
 
 
@@ -29,14 +30,12 @@ def words_of(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
 
-def run(film: Path, out: Path, home: Path, *args: str) -> tuple[dict, dict]:
-    """`captionbus run FILM ARGS` with the chunk threshold at 20 s: its transcript and job record."""
-    env = {**os.environ, "CAPTIONBUS_HOME": str(home), "CAPTIONBUS_CHUNK_ABOVE_S": "20",
-           "CAPTIONBUS_STAGE_CACHE": "off"}
-    env.pop("NATS_URL", None)
+def run(film: Path, out: Path, fleet: Stack, *args: str) -> tuple[dict, dict]:
+    """`captionbus run FILM ARGS`, joining `fleet`: its transcript and job record."""
     done = subprocess.run([sys.executable, "-m", "captionbus", "run", str(film), "--out", str(out), *args],
-                          env=env, capture_output=True, text=True, timeout=900, check=False)
+                          env=fleet.run_env(), capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining captionbus up" in done.stderr, done.stderr[-3000:]
     transcript = json.loads((out / f"{film.stem}.transcript.json").read_text())
     return transcript, json.loads((out / f"{film.stem}.job.json").read_text())
 
@@ -45,13 +44,12 @@ def asr_nodes(record: dict) -> list[str]:
     return sorted((n for n in record["nodes"] if n.startswith("asr-")), key=lambda n: int(n.split("-")[1]))
 
 
-def test_default_run_of_a_film_above_the_threshold_chunks_and_gives_the_unchunked_words(
-        tmp_path, stack, stage_envs, whisper_model):
+def test_default_run_of_a_film_above_the_threshold_chunks_and_gives_the_unchunked_words(tmp_path, chunked_fleet):
     film, spoken = speech_film(tmp_path / "film.mp4", repeat=2)
-    chunked, record = run(film, tmp_path / "default", tmp_path / "home")
-    # What `run FILM --chunk-s 0` submits, decoded afresh (no stage cache) on the warm stack.
-    whole, whole_record, _ = chunked_job(stack, film, tmp_path / "whole", "transcribe", 0, source_language=None,
-                                         options={"asr": {"cache": False}})
+    chunked, record = run(film, tmp_path / "default", chunked_fleet)
+    # What `run FILM --chunk-s 0` submits, decoded afresh (the fleet's stage cache is off).
+    whole, whole_record, _ = chunked_job(chunked_fleet, film, tmp_path / "whole", "transcribe", 0,
+                                         source_language=None)
 
     items = asr_nodes(record)
     assert record["spec"]["workflow"] == "transcribe" and len(items) >= 2, items  # the default path cut the film

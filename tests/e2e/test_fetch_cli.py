@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import CLI_POLL_S, wait_until
 from tests.e2e.test_fleet_cli import cli, status_of
 from tests.media import ENGLISH_SENTENCE, ffprobe_json, speech_video
 
@@ -19,7 +19,7 @@ def test_submit_json_then_fetch_outputs(stack, tmp_path):
     early = cli(stack, tmp_path, "fetch", "no-such-job")
     assert early.returncode == 2 and "no job 'no-such-job'" in early.stderr
 
-    wait_until(lambda: status_of(stack, tmp_path, job_id)["status"] == "completed", 240, "completed")
+    wait_until(lambda: status_of(stack, tmp_path, job_id)["status"] == "completed", 240, "completed", CLI_POLL_S)
     out = tmp_path / "fetched"
     fetched = cli(stack, tmp_path, "fetch", job_id, "--out", str(out))
     assert fetched.returncode == 0, fetched.stderr

@@ -49,17 +49,15 @@ def dialogue_film(tmp_path_factory) -> tuple[Path, list[speakers_media.Turn]]:
     return film, truth
 
 
-def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path, dialogue_film, stage_envs,
-                                                                         whisper_model):
-    from captionbus import models
-
-    built_env("diarization")
-    models.ensure_campplus()
+def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path, dialogue_film, door_stack):
+    """`run` on a host where the stack serving every stage of the job runs (door_stack: the
+    session's transcribe stack plus a diarization worker), which it joins as it joins a local
+    `captionbus up` (README: run), instead of starting a server, a coordinator and eight services
+    of its own (whisperx and the diarization env importing torch) for this one job. `run`
+    starting its own stack is tests/e2e/test_transcribe.py's."""
     film, truth = dialogue_film
     assert 25 <= truth[-1].end <= 60 and len({t.speaker for t in truth}) == 3
     out = tmp_path / "out"
-    env = {**os.environ, "CAPTIONBUS_HOME": str(tmp_path / "home")}
-    env.pop("NATS_URL", None)
     # a known speaker: the Czech man, from a clip of other lines of his (not in the film), as an mp3
     clip = speakers_media.reference_clip(tmp_path / "carl.wav", "cs-big", seed=3)
     subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(clip), str(clip.with_suffix(".mp3"))],
@@ -67,9 +65,10 @@ def test_run_with_speakers_labels_every_word_consistently_across_chunks(tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "captionbus", "run", str(film), "-w", "chunked", "--chunk-s", "10", "-s", "nl",
          "--speakers", "auto", "--speaker-ref", f"Carl={clip.with_suffix('.mp3')}", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=1500,
+        env=door_stack.run_env(), capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining captionbus up" in done.stderr, done.stderr[-3000:]
     record = json.loads((out / "dialogue.job.json").read_text())
     asr_chunks = [n for n in record["nodes"] if n.startswith("asr-")]
     assert len(asr_chunks) >= 2, record["nodes"].keys()  # the film was really cut

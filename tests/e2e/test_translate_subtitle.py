@@ -32,22 +32,26 @@ def captionbus(args: list[str], home: Path, extra_env: dict[str, str], timeout: 
 
 
 @pytest.fixture(scope="module")
-def hindi_runs(tmp_path_factory, model_env):
-    """One subtitle job with three target languages, run twice in the same data dir. The
-    French subtitles are given a profile that does not exist (`-o subtitle_gen_translated-fr...`),
-    so that branch fails at subtitle_gen while en and ta complete."""
+def hindi_runs(tmp_path_factory, model_env, translate_up):
+    """One subtitle job with three target languages, run twice in the same data dir: the data
+    dir of the session's `captionbus up` serving the subtitle workflow (tests/e2e/conftest.py
+    translate_up), which both `run`s join (it serves every stage they need) instead of each
+    starting a server, a coordinator and ten services. The French subtitles are given a profile
+    that does not exist (`-o subtitle_gen_translated-fr...`), so that branch fails at
+    subtitle_gen while en and ta complete. `run` starting its own stack is
+    test_every_translation_failing_still_delivers_the_source_subtitles_fast's, on a subtitle job too."""
     tmp = tmp_path_factory.mktemp("subtitle")
     video, _ = speech_video(tmp / "khabar.mp4", HINDI_SENTENCE, voice="hi")
-    home = tmp / "home"
     args = ["run", str(video), "-w", "subtitle", "-s", "hi", "-t", "en,fr,ta",
             "-o", "subtitle_gen_translated-fr.profile=no-such-profile"]
     started = time.monotonic()
-    first = captionbus([*args, "--out", str(tmp / "out1")], home, model_env)
+    first = captionbus([*args, "--out", str(tmp / "out1")], translate_up.home, model_env)
     between = time.monotonic()
-    second = captionbus([*args, "--out", str(tmp / "out2")], home, model_env)
+    second = captionbus([*args, "--out", str(tmp / "out2")], translate_up.home, model_env)
     print(f"subtitle job: first run {between - started:.1f} s, rerun from the stage cache "
-          f"{time.monotonic() - between:.1f} s (services start either way)")
-    return {"video": video, "first": first, "second": second, "out1": tmp / "out1", "out2": tmp / "out2"}
+          f"{time.monotonic() - between:.1f} s (both joined the warm `up`)")
+    return {"video": video, "first": first, "second": second, "out1": tmp / "out1", "out2": tmp / "out2",
+            "up_workers": translate_up.worker_pids()}
 
 
 def record_of(out: Path) -> dict:
@@ -57,6 +61,12 @@ def record_of(out: Path) -> dict:
 def test_subtitle_job_completes_without_the_failed_language_and_says_why(hindi_runs):
     done = hindi_runs["first"]
     assert done.returncode == 3, done.stderr[-4000:]
+    # Both runs joined the `up` on their host: its workers ran every stage, none of run's own.
+    for run, out in (("first", "out1"), ("second", "out2")):
+        said = hindi_runs[run].stderr + hindi_runs[run].stdout
+        assert "joining captionbus up (NATS at nats://" in said, said[-3000:]
+        pids = {str(n["worker"]["pid"]) for n in record_of(hindi_runs[out])["nodes"].values() if n["worker"].get("pid")}
+        assert pids and pids <= hindi_runs["up_workers"], (pids, hindi_runs["up_workers"])
     assert "branch fr failed" in done.stderr + done.stdout and "no-such-profile" in done.stderr + done.stdout
     record = record_of(hindi_runs["out1"])
     assert record["status"] == "completed"

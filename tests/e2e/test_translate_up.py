@@ -2,59 +2,34 @@
 environment is built, and `captionbus submit -w translate --separate-sources --vad pyannote
 --wait` runs a job through the optional stages: htdemucs source separation (env demucs, a tiny
 random model built locally) feeding pyannote VAD (env pyannote), ASR and alignment (env
-whisperx) and an English -> Hindi translation (env indictrans2)."""
+whisperx) and an English -> Hindi translation (env indictrans2).
+
+The `up` is the session's translate_up (tests/e2e/conftest.py: `up -w subtitle -w translate
+--with source_separation --with vad_pyannote`), which test_translate_subtitle.py's `run`s join
+too; it is stopped by Ctrl-C after the last test that uses it, where its exit code 130 is
+checked (UpStack.close)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
-from tests.e2e.conftest import wait_until
-from tests.envtools import built_env, test_models_root
+from tests.e2e.conftest import UpStack
 from tests.media import ENGLISH_SENTENCE, speech_video
 
 STAGES = {"demux", "source_separation", "vad_pyannote", "asr", "alignment", "translation_indictrans2"}
 
 
-def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_path, model_env):
-    from captionbus.models import ensure_pyannote_segmentation
-    from tests.model_factory.demucs import demucs_service_env, ensure_demucs
-
-    for env_name in ("demucs", "pyannote"):
-        built_env(env_name)
-    ensure_pyannote_segmentation()
-    home = tmp_path / "home"
-    env = {**os.environ, **model_env, **demucs_service_env(ensure_demucs(test_models_root())),
-           "CAPTIONBUS_HOME": str(home)}
-    env.pop("NATS_URL", None)
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "captionbus", "up", "-w", "translate",
-                           # optional stages start only when named (up --with, envs.workflow_stages)
-                           "--with", "source_separation", "--with", "vad_pyannote"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until((home / "nats" / "url").exists, 60, "the embedded server's url file")
-
-        def served() -> set[str]:
-            done = subprocess.run([sys.executable, "-m", "captionbus", "workers", "--json"], env=env,
-                                  capture_output=True, text=True, timeout=60)
-            return {w["metadata"]["stage"] for w in json.loads(done.stdout or "[]")} if done.returncode == 0 else set()
-
-        wait_until(lambda: STAGES <= served(), 300, f"stages {sorted(STAGES)}")
-        video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
-        out = tmp_path / "out"
-        done = subprocess.run(
-            [sys.executable, "-m", "captionbus", "submit", str(video), "-w", "translate", "-s", "en", "-t", "hi",
-             "--separate-sources", "--vad", "pyannote", "--wait", "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-4000:]
-    finally:
-        up.send_signal(signal.SIGINT)
-        code = up.wait(90)
-        log.close()
-    assert code == 130, (tmp_path / "up.log").read_text()[-3000:]  # Ctrl-C: README's exit code 130
+def test_translate_with_separation_and_pyannote_vad_through_up_and_submit(tmp_path, translate_up: UpStack):
+    assert STAGES <= translate_up.served()
+    out = tmp_path / "out"
+    video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
+    done = subprocess.run(
+        [sys.executable, "-m", "captionbus", "submit", str(video), "-w", "translate", "-s", "en", "-t", "hi",
+         "--separate-sources", "--vad", "pyannote", "--wait", "--out", str(out)],
+        env=translate_up.env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
 
     record = json.loads((out / "talk.job.json").read_text())
     nodes = record["nodes"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import CLI_POLL_S, wait_until
 from tests.media import ENGLISH_SENTENCE, speech_video
 
 
@@ -33,11 +33,12 @@ def test_up_serves_jobs_for_other_commands_and_stops_cleanly(tmp_path, stage_env
             workers = json.loads(done.stdout or "[]") if done.returncode == 0 else []
             return {w["metadata"]["stage"]: w["metadata"]["pid"] for w in workers}
 
-        wait_until(lambda: {"demux", "vad", "asr", "subtitle_gen", "mux"} <= set(pids()), 180, "all five stages")
+        wait_until(lambda: {"demux", "vad", "asr", "subtitle_gen", "mux"} <= set(pids()), 180, "all five stages",
+                   CLI_POLL_S)
         # A crashed service is restarted by `up`.
         crashed = pids()["asr"]
         os.kill(int(crashed), signal.SIGKILL)
-        wait_until(lambda: pids().get("asr", crashed) != crashed, 180, "asr restarted")
+        wait_until(lambda: pids().get("asr", crashed) != crashed, 180, "asr restarted", CLI_POLL_S)
         video, _ = speech_video(tmp_path / "talk.mp4", ENGLISH_SENTENCE)
         done = subprocess.run([sys.executable, "-m", "captionbus", "submit", str(video), "-s", "en", "--wait",
                                "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
