@@ -208,8 +208,10 @@ async def coordinator_task(nc):
         yield task
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, 10)
+        # Its own end, else cancelled (again while a lost cancellation lets it run on: core.tasks);
+        # what it raised is its log's, and a cancellation of this caller is not swallowed.
+        if not (await asyncio.wait({task}, timeout=10))[0]:
+            await cancel_and_wait([task], within_s=5)
 
 
 async def run_job(
