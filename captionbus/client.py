@@ -38,6 +38,7 @@ from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, through_failover
+from captionbus.core.text import one_line
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
 
@@ -457,16 +458,34 @@ async def fetch_outputs(
 
 
 async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[dict]:
-    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*)."""
+    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*).
+    BusError when the server refused the ask or its inbox to this login: no reply would come,
+    and an empty list would read as "no workers". The server's -ERR lands in nats-py's
+    `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
+    it is looked for again after the wait for replies."""
     replies: list[dict] = []
     inbox = nc.new_inbox()
+    seen = nc.last_error
+
+    async def check_refused() -> None:
+        refused = nc.last_error
+        if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
+                and any(name.lower() in str(refused).lower() for name in (subject, inbox)):  # nats-py lowercases it
+            await sub.unsubscribe()
+            raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
+                           "ask with a login whose role may (the dashboard's, an operator's)")
+
     sub = await nc.subscribe(inbox)
     await nc.publish(subject, b"", reply=inbox)
+    await nc.flush(timeout=max(timeout, 2.0))
+    await check_refused()
     with contextlib.suppress(asyncio.TimeoutError):
         async with asyncio.timeout(timeout):
             async for msg in sub.messages:
                 with contextlib.suppress(ValueError):
                     replies.append(json.loads(msg.data))
+    if not replies:
+        await check_refused()
     await sub.unsubscribe()
     return replies
 

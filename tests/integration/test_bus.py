@@ -392,3 +392,29 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
     assert allowed_so_far == [], f"the real flows hit permission violations: {allowed_so_far}"
     denied = violations(server_log)
     assert len(set(denied)) == 16 and {user for user, _ in denied} == {"worker", "client", "dashboard", "coordinator"}
+
+
+def test_a_worker_listing_the_login_may_not_ask_is_an_error_not_an_empty_list(tmp_path):
+    """`gc`'s role is granted no `$SRV` (it needs no workers). Its `$SRV.STATS` ask is refused
+    by the server and no reply can come: client.workers returned [] ("no workers") before; now
+    the refusal is a BusError naming the subject. A login that may ask (the dashboard's) gets
+    the list, empty here because no worker runs: an empty answer is only ever a true one."""
+    from captionbus.client import collect_replies, workers
+
+    with roles_server(tmp_path, {"gc": "GC", "dashboard": "DASHBOARD"}) as (urls, server_log):
+        async def main():
+            gc, dashboard = await connect(urls["gc"], "acl-gc"), await connect(urls["dashboard"], "acl-dash")
+            try:
+                with pytest.raises(BusError, match=r"may not ask \$SRV\.STATS \(the server refused it"):
+                    await workers(gc, 0.3)
+                with pytest.raises(BusError, match=r"may not ask \$SRV\.PING"):
+                    await collect_replies(gc, "$SRV.PING", 0.3)
+                assert await workers(dashboard, 0.3) == []
+                assert gc.is_connected  # a refused publish closes nothing
+                await gc.flush()
+            finally:
+                await gc.close()
+                await dashboard.close()
+
+        asyncio.run(main())
+        assert any(s == "$SRV.STATS" for _, s in violations(server_log)), violations(server_log)
