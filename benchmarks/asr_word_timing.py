@@ -1,7 +1,9 @@
 """Where the asr stage's time goes against a bare whisperx loop, per clip, in one process: the
 backlog benchmark (benchmarks/backlog.py) measures whole sides, whose walls follow the load of a
-shared machine; this one alternates the two paths clip by clip on one loaded model, so both see
-the same load, and times the stage's word timing apart.
+shared machine; this one rotates the paths clip by clip on one loaded model, so all see the
+same load, and times the stage's word timing apart: word times from the decode's own encoder
+output (the stage's default on the CPU, "reuse") against a second encoder pass per window
+("re-encode", what the stage did before; `WhisperX.reuse_encoder = False`).
 
     nice -n 19 python benchmarks/asr_word_timing.py              # 8 clips of 20-60 s
     nice -n 19 python benchmarks/asr_word_timing.py --clips 16
@@ -9,13 +11,15 @@ the same load, and times the stage's word timing apart.
 Per clip (the backlog benchmark's clips, another seed), in the whisperx env:
 - bare: whisperx's `pipeline.transcribe(audio, batch_size=4)` with the Silero VAD faster-whisper
   bundles (backlog.SILERO_VAD), the language detected: what the bare loop does per clip.
-- stage: the language request's work (`detect_language` on the first 30 s of the regions'
-  speech), then `whisperx_backend.transcribe` on the regions (batched decode of the same
-  windows, the decoder statistics, word times), with `time_words` (a second encoder pass per
-  window and Whisper's cross-attention `find_alignment`) timed apart. The regions come from the
-  same Silero VAD here; the vad stage's own parameters differ a little.
-Wall and CPU seconds (the process's, all threads) of each; the clip order of the two paths
-alternates, so a load drift favours neither. 2 threads (the usable cores), int8, Whisper base.
+- stage, twice (re-encode, reuse): the language request's work (`detect_language` on the first
+  30 s of the regions' speech), then `whisperx_backend.transcribe` on the regions (batched
+  decode of the same windows, the decoder statistics, word times), with `time_words` (re-encode:
+  a second encoder pass per window and Whisper's cross-attention `find_alignment`; reuse: the
+  rest of the word timing, the alignment having run inside the decode) timed apart. The regions
+  come from the same Silero VAD here; the vad stage's own parameters differ a little. Both give
+  the same words and word times (checked per clip: `same` in the table).
+Wall and CPU seconds (the process's, all threads) of each; the order of the three paths rotates
+from clip to clip, so a load drift favours none. 2 threads (the usable cores), int8, Whisper base.
 """
 from __future__ import annotations
 
@@ -70,19 +74,30 @@ def bare(audio):
     finally:
         model.pipeline.vad_model = pyannote
 
-def stage(audio):
+words = {}
+
+def stage(audio, reuse):
+    name = "reuse" if reuse else "reencode"
+    model.reuse_encoder = reuse
     found = get_speech_timestamps(audio, VadOptions(max_speech_duration_s=30))
     regions = [(s["start"] / 16000, s["end"] / 16000) for s in found]
     spent[0] = 0.0
     t, c = time.perf_counter(), time.process_time()
     language, _, _ = model.whisper.detect_language(audio=wb.speech_sample(audio, regions))
-    wb.transcribe(model, audio, language, regions, lambda *a: None)
-    return {"stage_s": time.perf_counter() - t, "stage_cpu_s": time.process_time() - c, "time_words_s": spent[0]}
+    _, _, segments = wb.transcribe(model, audio, language, regions, lambda *a: None)
+    out = {f"{name}_s": time.perf_counter() - t, f"{name}_cpu_s": time.process_time() - c,
+           f"{name}_time_words_s": spent[0]}
+    words[name] = [(w.text, w.start, w.end) for s in segments for w in s.words]
+    return out
 
+paths = [bare, lambda audio: stage(audio, False), lambda audio: stage(audio, True)]
 for i, clip in enumerate(args["clips"]):
     audio = whisperx.load_audio(clip)
-    first, second = (bare, stage) if i % 2 == 0 else (stage, bare)
-    print(json.dumps({"clip": clip, "audio_s": len(audio) / 16000, **first(audio), **second(audio)}), flush=True)
+    row = {"clip": clip, "audio_s": len(audio) / 16000}
+    for k in range(3):
+        row.update(paths[(i + k) % 3](audio))
+    row["same"] = words["reuse"] == words["reencode"]
+    print(json.dumps(row), flush=True)
 '''
 
 
@@ -102,16 +117,24 @@ def main() -> None:
     if done.returncode != 0:
         raise SystemExit(f"the whisperx process failed (rc {done.returncode}): {done.stderr[-3000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    print(f"{'clip s':>7}{'bare s':>9}{'CPU':>7}{'stage s':>10}{'CPU':>7}{'time_words s':>14}")
+    print(f"{'clip s':>7}{'bare s':>9}{'CPU':>7}{'re-encode s':>13}{'CPU':>7}{'time_words':>12}"
+          f"{'reuse s':>10}{'CPU':>7}{'time_words':>12}{'same':>6}")
     for r in rows:
-        print(f"{r['audio_s']:>7.1f}{r['bare_s']:>9.2f}{r['bare_cpu_s']:>7.2f}{r['stage_s']:>10.2f}"
-              f"{r['stage_cpu_s']:>7.2f}{r['time_words_s']:>14.2f}")
-    total = {k: sum(r[k] for r in rows) for k in ("bare_s", "bare_cpu_s", "stage_s", "stage_cpu_s", "time_words_s")}
-    print(f"all {len(rows)}: bare {total['bare_s']:.1f} s ({total['bare_cpu_s']:.1f} CPU s), stage "
-          f"{total['stage_s']:.1f} s ({total['stage_cpu_s']:.1f} CPU s): {total['stage_s'] / total['bare_s']:.2f}x wall, "
-          f"{total['stage_cpu_s'] / total['bare_cpu_s']:.2f}x CPU; time_words {total['time_words_s']:.1f} s, the stage "
-          f"without it {(total['stage_s'] - total['time_words_s']) / total['bare_s']:.2f}x the bare wall; "
-          f"load average {load_average()}")
+        print(f"{r['audio_s']:>7.1f}{r['bare_s']:>9.2f}{r['bare_cpu_s']:>7.2f}{r['reencode_s']:>13.2f}"
+              f"{r['reencode_cpu_s']:>7.2f}{r['reencode_time_words_s']:>12.2f}{r['reuse_s']:>10.2f}"
+              f"{r['reuse_cpu_s']:>7.2f}{r['reuse_time_words_s']:>12.2f}{'yes' if r['same'] else 'NO':>6}")
+    keys = ("bare_s", "bare_cpu_s", "reencode_s", "reencode_cpu_s", "reencode_time_words_s", "reuse_s", "reuse_cpu_s",
+            "reuse_time_words_s")
+    total = {k: sum(r[k] for r in rows) for k in keys}
+    for name, label in (("reencode", "stage, re-encode"), ("reuse", "stage, reuse")):
+        print(f"{label}: {total[f'{name}_s']:.1f} s ({total[f'{name}_cpu_s']:.1f} CPU s): "
+              f"{total[f'{name}_s'] / total['bare_s']:.2f}x the bare wall, "
+              f"{total[f'{name}_cpu_s'] / total['bare_cpu_s']:.2f}x its CPU; "
+              f"time_words {total[f'{name}_time_words_s']:.1f} s")
+    print(f"all {len(rows)} clips: bare {total['bare_s']:.1f} s ({total['bare_cpu_s']:.1f} CPU s); reuse / re-encode "
+          f"{total['reuse_s'] / total['reencode_s']:.2f}x wall, "
+          f"{total['reuse_cpu_s'] / total['reencode_cpu_s']:.2f}x CPU; "
+          f"same words and times on {sum(r['same'] for r in rows)}/{len(rows)}; load average {load_average()}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ What each side does, per clip (the default: the language is detected on both sid
   followed to its end): demux (ffmpeg to a 16 kHz WAV + probe), Silero VAD, chunk (one chunk for
   a clip under CAPTIONBUS_CHUNK_ABOVE_S), language detection (an asr request; skipped with
   --language), asr (the same whisperx pipeline and batched decode, on the VAD's regions instead of
-  pyannote's, plus word times by Whisper's cross-attention alignment: one more encoder pass per
-  30 s window),
+  pyannote's, plus word times by Whisper's cross-attention alignment on the decode's own encoder
+  output: no second encoder pass on the CPU),
   transcript_join, subtitle_gen (SRT + VTT), mux (mp4 + mkv with the subtitles). So the stack
   does more per clip than the bare loop: word times, subtitles and muxed videos.
 The stage cache is off (every number is work). Clips: eSpeak NG sentences drawn from a

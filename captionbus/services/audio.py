@@ -41,6 +41,16 @@ def open_wav(path: Path, what: str = "audio") -> Iterator[wave.Wave_read]:
         reader.close()
 
 
+def sample_index(seconds: float) -> int:
+    """The sample at `seconds`, rounded to the nearest: `int(seconds * SAMPLE_RATE)` truncates, and
+    a time that is a whole sample (or millisecond) in exact arithmetic can land one sample short
+    after float subtraction (a chunk's regions are film times minus the chunk's start), so the
+    same audio would be cut one sample apart in a chunk and in the whole film. One sample moves
+    every mel frame: Whisper base's encoder output changed by up to 13.7 (of 24 at most) for a
+    one-sample shift of a window, enough to move a word's cross-attention time by 20 ms."""
+    return round(seconds * SAMPLE_RATE)
+
+
 def read_wav(path: Path, what: str = "audio", start_s: float = 0.0, end_s: float | None = None):
     """The samples from `start_s` to `end_s` (default: the end) as float32 in -1..1. Only that
     window is read (the reader seeks to it), so a stage working on one chunk of a film holds that

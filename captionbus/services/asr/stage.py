@@ -36,7 +36,14 @@ from captionbus.contracts.speech import SpeechChunk, SpeechChunks, SpeechRegions
 from captionbus.contracts.transcript import Segment, Transcript
 from captionbus.core.hardware import usable_cores
 from captionbus.services.asr import hallucination, mlx_backend, whisperx_backend
-from captionbus.services.audio import DECODE_MARGIN_S, merge_regions, read_wav, wav_duration, wav_window_digest
+from captionbus.services.audio import (
+    DECODE_MARGIN_S,
+    merge_regions,
+    read_wav,
+    sample_index,
+    wav_duration,
+    wav_window_digest,
+)
 from captionbus.services.runtime import BadInput, SetupContext, StageContext, StageDefinition
 from captionbus.services.runtime.cache import model_identity
 from captionbus.services.runtime.options import default_device
@@ -186,8 +193,8 @@ def read_regions(request: StageRequest, ctx: StageContext, duration: float) -> R
 def speech_only(audio: np.ndarray, regions: Regions) -> np.ndarray:
     """A copy of the audio silent outside the regions, same length so times do not move."""
     kept = np.zeros_like(audio)
-    for start, end in regions:
-        a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+    for start, end in regions:  # at the samples the backend cuts its windows at (audio.sample_index)
+        a, b = sample_index(start), sample_index(end)
         kept[a:b] = audio[a:b]
     return kept
 

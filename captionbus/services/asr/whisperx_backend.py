@@ -13,8 +13,11 @@ times: whisperx gets those from its separate wav2vec2 alignment step, which here
 timestamp tokens). So we keep whisperx's text and time its words with Whisper's cross-attention
 alignment (faster-whisper's `find_alignment`, i.e. CTranslate2 `Whisper.align`, the mechanism
 behind faster-whisper's word timestamps) on the very chunk and features the text was decoded
-from: one extra encoder pass per chunk, same model, same process. These times are what the
-transcribe workflow uses, and what alignment falls back to for a language without an aligner.
+from. On the CPU the alignment reads the encoder output the decode itself made
+(reused_encoder_alignment); elsewhere, or when that output is not at hand, time_words encodes
+the chunk again: one extra encoder pass per chunk, same model, same process. These times are
+what the transcribe workflow uses, and what alignment falls back to for a language without an
+aligner.
 
 Decoder statistics. Each segment carries the decoder's own numbers for the chunk it was decoded
 from, as faster-whisper's `WhisperModel.transcribe` reports them per 30 s window: `avg_logprob`
@@ -46,7 +49,7 @@ import numpy as np
 
 from captionbus.contracts.transcript import Segment, Word
 from captionbus.services.asr.hallucination import DecodedWord
-from captionbus.services.audio import WHISPER_WINDOW_S
+from captionbus.services.audio import WHISPER_WINDOW_S, sample_index
 
 SAMPLE_RATE = 16000
 SENTENCE_END = (".", "?", "!", "。", "？", "！", "।")
@@ -75,6 +78,9 @@ class WhisperX:
     batch_size: int
     load_seconds: float
     tokenizers: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # Word times from the decode's own encoder output (CPU only; see reused_encoder_alignment).
+    # False: a second encoder pass per chunk (benchmarks/asr_word_timing.py measures both).
+    reuse_encoder: bool = True
 
     @property
     def whisper(self):
@@ -113,41 +119,100 @@ def load(source: str, log, *, device: str, compute_type: str, threads: int, batc
     return WhisperX(pipeline, source, device, compute_type, batch_size, load_seconds)
 
 
+Align = Callable[[int, Any, int, list[int]], "list[dict] | None"]
+
+
 class _RecordingWhisper:
     """The pipeline's CTranslate2 Whisper model with `generate` also asking for the no-speech
     probability and keeping, per decoded chunk in order: tokens (text tokens only),
-    avg_logprob, no_speech_prob. Everything else is the wrapped model's."""
+    avg_logprob, no_speech_prob, and with `align` the chunk's word alignment (`alignment`; None
+    where `align` has none) from the encoder output `generate` was given. Everything else is the
+    wrapped model's."""
 
-    def __init__(self, inner, length_penalty: float, eot: int):
-        self._inner, self._length_penalty, self._eot = inner, length_penalty, eot
+    def __init__(self, inner, length_penalty: float, eot: int, align: Align | None = None):
+        self._inner, self._length_penalty, self._eot, self._align = inner, length_penalty, eot, align
         self.decoded: list[dict] = []
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def generate(self, *args, **kwargs):
-        results = self._inner.generate(*args, **{**kwargs, "return_no_speech_prob": True})
-        for result in results:
+    def generate(self, encoder_output, *args, **kwargs):
+        results = self._inner.generate(encoder_output, *args, **{**kwargs, "return_no_speech_prob": True})
+        for row, result in enumerate(results):
             ids = list(result.sequences_ids[0])
             cumulative = result.scores[0] * (len(ids) ** self._length_penalty)
-            self.decoded.append({"tokens": [int(t) for t in ids if t < self._eot],
-                                 "avg_logprob": float(cumulative / (len(ids) + 1)),
-                                 "no_speech_prob": float(result.no_speech_prob)})
+            tokens = [int(t) for t in ids if t < self._eot]
+            entry = {"tokens": tokens, "avg_logprob": float(cumulative / (len(ids) + 1)),
+                     "no_speech_prob": float(result.no_speech_prob)}
+            if self._align is not None:
+                entry["alignment"] = self._align(len(self.decoded), encoder_output, row, tokens)
+            self.decoded.append(entry)
         return results
 
 
 @contextmanager
 def recording_decoder(model: WhisperX, language: str, task: str):
     """For one pipeline.transcribe call (callers serialise calls): the decoder's per-chunk
-    statistics, in the order the pipeline returns its chunks."""
-    whisper = model.whisper
+    statistics, in the order the pipeline returns its chunks, and on the CPU (unless
+    model.reuse_encoder is off) each chunk's word alignment from the decode's encoder output.
+    For that the pipeline's `preprocess` (one chunk's samples -> mel features, called in chunk
+    order before the batch is decoded) also notes each chunk's length in samples."""
+    whisper, pipeline = model.whisper, model.pipeline
     eot = model.tokenizer(language, task).eot
-    recorder = _RecordingWhisper(whisper.model, model.pipeline.options.length_penalty, eot)
+    samples: list[int] = []
+    align = reused_encoder_alignment(model, language, task, samples) \
+        if model.reuse_encoder and model.device == "cpu" else None
+    recorder = _RecordingWhisper(whisper.model, pipeline.options.length_penalty, eot, align)
     whisper.model = recorder
+    own = vars(pipeline).get("preprocess")  # an instance attribute of its own (none in whisperx 3.8.6)
+    if align is not None:
+        prepare = pipeline.preprocess
+
+        def preprocess(inputs, **kwargs):
+            samples.append(len(inputs["inputs"]))
+            return prepare(inputs, **kwargs)
+
+        pipeline.preprocess = preprocess
     try:
         yield recorder.decoded
     finally:
         whisper.model = recorder._inner
+        if own is None:
+            vars(pipeline).pop("preprocess", None)
+        else:
+            pipeline.preprocess = own
+
+
+def reused_encoder_alignment(model: WhisperX, language: str, task: str, samples: list[int]) -> Align:
+    """align(n, encoder_output, row, tokens): the word alignment of decoded chunk n (row `row`
+    of the batch's encoder output, `samples[n]` samples long) from the encoder output its decode
+    used, instead of time_words encoding the chunk again; None where time_words answers without
+    one (no tokens, under two frames) or the chunk's length was not noted.
+
+    Why: on the CPU the encoder is most of asr's time. benchmarks/asr_word_timing.py measured the
+    stage at 1.26x a bare whisperx loop's wall with the second encoder pass per window and 0.91x
+    without it; on eSpeak clips of 41-59 s (2 windows each, Whisper base int8) the encoder took
+    20.0-25.2 s of a 27.7-37.2 s transcribe, in 5 passes per clip (language detection, 2 windows
+    decoded, the same 2 windows encoded again for word times). The features are the same either
+    way (the chunk's samples padded to 30 s), and a chunk's encoder output does not depend on the
+    batch it is in (Whisper base int8, 4 windows of a film: identical, max difference 0.0, alone
+    and in a batch of 4). What must hold is that a chunk decoded from a film and from one of its
+    chunks (the chunked workflow) starts at the same sample: speech_chunks cuts at whole samples
+    (audio.sample_index), as the stage silences outside the regions. CPU only: the batch is read
+    back as a numpy array; on CUDA the output stays on the GPU and encoding again costs little."""
+    from ctranslate2 import StorageView
+    from whisperx.audio import HOP_LENGTH, N_SAMPLES
+
+    tokenizer = model.tokenizer(language, task)
+
+    def align(n: int, encoder_output, row: int, tokens: list[int]) -> list[dict] | None:
+        if n >= len(samples) or not tokens or samples[n] < HOP_LENGTH * 2:
+            return None
+        batch = np.asarray(encoder_output)  # (chunks, 1500, d_model), a view of the CPU storage
+        one = StorageView.from_array(np.ascontiguousarray(batch[row : row + 1]))
+        return model.whisper.find_alignment(tokenizer, [tokens], one, min(samples[n], N_SAMPLES) // HOP_LENGTH)[0]
+
+    return align
 
 
 def describe(model: WhisperX) -> str:
@@ -261,15 +326,20 @@ def speech_sample(audio: np.ndarray, regions: Regions, seconds: float = CHUNK_S)
 
 def _given_chunks_vad(chunks: list[dict]):
     """A whisperx Vad that 'finds' exactly our chunks, so FasterWhisperPipeline.transcribe runs
-    its own batched decoding (data generator -> __call__ -> generate_segment_batched) on them."""
+    its own batched decoding (data generator -> __call__ -> generate_segment_batched) on them.
+    Its bounds are handed over half a sample late: the pipeline cuts at int(t * 16000), which
+    for a whole sample's time t (n / 16000) truncates to n - 1 about once in ten."""
     from whisperx.vads import Vad
+
+    given = [{**c, "start": (sample_index(c["start"]) + 0.5) / SAMPLE_RATE,
+              "end": (sample_index(c["end"]) + 0.5) / SAMPLE_RATE} for c in chunks]
 
     class GivenChunks(Vad):
         def __init__(self):
             super().__init__(0.5)
 
         def __call__(self, audio, **kwargs):
-            return chunks
+            return given
 
         @staticmethod
         def preprocess_audio(audio):
@@ -284,7 +354,9 @@ def _given_chunks_vad(chunks: list[dict]):
 
 def speech_chunks(regions: Regions) -> list[dict]:
     """Neighbouring regions merged into chunks of at most CHUNK_S by whisperx's own
-    Vad.merge_chunks (regions must be split to CHUNK_S first); [{start, end, segments}]."""
+    Vad.merge_chunks (regions must be split to CHUNK_S first); [{start, end, segments}], start
+    and end at whole samples (audio.sample_index), so a film and a chunk of it cut the same
+    window at the same samples."""
     from collections import namedtuple
 
     from whisperx.vads import Vad
@@ -292,19 +364,23 @@ def speech_chunks(regions: Regions) -> list[dict]:
     if not regions:
         return []
     span = namedtuple("span", "start end speaker")
-    return Vad.merge_chunks([span(a, b, None) for a, b in regions], CHUNK_S, onset=0.5, offset=None)
+    merged = Vad.merge_chunks([span(a, b, None) for a, b in regions], CHUNK_S, onset=0.5, offset=None)
+    return [{**c, "start": sample_index(c["start"]) / SAMPLE_RATE, "end": sample_index(c["end"]) / SAMPLE_RATE}
+            for c in merged]
 
 
 def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, language: str,
                    progress: Callable[[float, str], None], task: str = "transcribe") -> list[dict]:
     """whisperx's batched decoding on chunks built from our regions instead of its pyannote VAD:
     the pipeline's VAD is swapped for one that returns our chunks, for this call only (callers
-    serialise calls)."""
+    serialise calls). Each chunk comes back with its exact bounds (the pipeline rounds them to
+    the millisecond)."""
     pipeline = model.pipeline
     original = pipeline.vad_model
-    pipeline.vad_model = _given_chunks_vad(speech_chunks(regions))
+    windows = speech_chunks(regions)
+    pipeline.vad_model = _given_chunks_vad(windows)
     try:
-        return pipeline.transcribe(
+        decoded = pipeline.transcribe(
             audio,
             batch_size=model.batch_size,
             language=language,
@@ -314,13 +390,17 @@ def decode_regions(model: WhisperX, audio: np.ndarray, regions: Regions, languag
         )["segments"]
     finally:
         pipeline.vad_model = original
+    if len(decoded) != len(windows):
+        return decoded
+    return [{**chunk, "start": window["start"], "end": window["end"]} for chunk, window in zip(decoded, windows)]
 
 
 def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, task: str = "transcribe",
-               tokens: list[int] | None = None) -> list[dict]:
+               tokens: list[int] | None = None, alignment: list[dict] | None = None) -> list[dict]:
     """Word start/end (seconds from the chunk start) and token ids for `text` decoded from
     `chunk` (as `tokens` when the decoder's are known, else re-encoded), by Whisper
-    cross-attention alignment on the same features the decoder saw."""
+    cross-attention alignment on the same features the decoder saw: `alignment` when the decode
+    made it from its own encoder output (reused_encoder_alignment), else the chunk encoded again."""
     from faster_whisper.transcribe import merge_punctuations
     from whisperx.audio import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 
@@ -329,10 +409,11 @@ def time_words(model: WhisperX, chunk: np.ndarray, text: str, language: str, tas
     tokens = tokens or [t for t in tokenizer.encode(text) if t < tokenizer.eot]
     if not tokens or len(chunk) < HOP_LENGTH * 2:
         return []
-    n_mels = model.whisper.feat_kwargs.get("feature_size") or 80
-    features = log_mel_spectrogram(chunk, n_mels=n_mels, padding=N_SAMPLES - chunk.shape[0])
-    encoder_output = model.whisper.encode(features.numpy() if hasattr(features, "numpy") else features)
-    alignment = model.whisper.find_alignment(tokenizer, [tokens], encoder_output, len(chunk) // HOP_LENGTH)[0]
+    if alignment is None:
+        n_mels = model.whisper.feat_kwargs.get("feature_size") or 80
+        features = log_mel_spectrogram(chunk, n_mels=n_mels, padding=N_SAMPLES - chunk.shape[0])
+        encoder_output = model.whisper.encode(features.numpy() if hasattr(features, "numpy") else features)
+        alignment = model.whisper.find_alignment(tokenizer, [tokens], encoder_output, len(chunk) // HOP_LENGTH)[0]
     merge_punctuations(alignment, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
     words, blank = [], []
     for w in alignment:  # a blank word's tokens go to the next word, so words' tokens add up to all
@@ -405,8 +486,9 @@ def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: st
     if not chunk["text"].strip():
         return []
     tokens = decoded["tokens"] if decoded else None
-    timed = time_words(model, audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], chunk["text"], language, task,
-                       tokens)
+    alignment = decoded.get("alignment") if decoded else None
+    timed = time_words(model, audio[sample_index(start) : sample_index(end)], chunk["text"], language, task,
+                       tokens, alignment)
     words = [
         DecodedWord(  # with its tokens, so the hallucination cleaner can keep a segment's consistent
             text=w["word"].strip(),
@@ -422,19 +504,32 @@ def timed_segments(model: WhisperX, audio: np.ndarray, chunk: dict, language: st
 
 
 def with_decoder_stats(segments: list[Segment], text: str, decoded: dict | None) -> list[Segment]:
-    """The chunk's segments with its decoder statistics; each segment's tokens are its words'
-    (DecodedWord.tokens, in order), or all the chunk's for the one segment without words."""
+    """The chunk's segments with its decoder statistics. Each segment's tokens are its words'
+    (DecodedWord.tokens, in order) when every word carries its own; else all the chunk's when the
+    segment is the chunk's only one (with or without words: it holds all the chunk's text); else
+    None (unknown, never another segment's tokens)."""
     if not decoded:
         return segments
-    from faster_whisper.transcribe import get_compression_ratio
-
     shared = {"avg_logprob": decoded["avg_logprob"], "no_speech_prob": decoded["no_speech_prob"],
-              "compression_ratio": float(get_compression_ratio(text.strip()))}
+              "compression_ratio": compression_ratio(text.strip())}
     out = []
     for segment in segments:
-        if segment.words:
-            tokens = [t for word in segment.words for t in word.tokens]
-        else:
+        own = [getattr(word, "tokens", None) for word in segment.words]
+        if own and all(ids is not None for ids in own):
+            tokens = [t for ids in own for t in ids]
+        elif len(segments) == 1:
             tokens = list(decoded["tokens"])
+        else:
+            tokens = None
         out.append(segment.model_copy(update={**shared, "tokens": tokens}))
     return out
+
+
+def compression_ratio(text: str) -> float:
+    """faster-whisper's get_compression_ratio (its transcribe.py): UTF-8 length over zlib-compressed
+    length, the repetition measure its temperature fallback and our hallucination filter read.
+    Written out so the CPU unit tests, which have no faster-whisper, reach with_decoder_stats."""
+    import zlib
+
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw))
