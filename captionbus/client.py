@@ -96,12 +96,12 @@ async def submit(
     name: str | None = None,
     copy: bool = True,
     owner: str | None = None,
-    owner_proof: Callable[[str], str] | None = None,
+    owner_proof: Callable[[JobSpec], str] | None = None,
     speaker_refs: dict[str, Path] | None = None,
 ) -> JobSpec:
     """`name`: the input's name when `media` is a temp file (an HTTP upload); `copy=False` lets
     the store hardlink a file nobody will edit afterwards; `owner`: the gateway key submitting it,
-    and `owner_proof(job_id)` its proof (the gateway's KeyRing.proof);
+    and `owner_proof(spec)` its proof (the gateway's KeyRing.proof);
     `speaker_refs`: known speakers, name -> a reference clip already checked and converted
     (captionbus.core.speaker_refs.convert), uploaded as artifacts the diarization params name."""
     media = check_input_file(media)
@@ -125,8 +125,9 @@ async def submit(
         target_languages=target_languages or [],
         options=options or {},
         owner=owner,
-        owner_proof=owner_proof(job_id) if owner_proof else None,
     )
+    if owner_proof is not None:
+        spec = spec.model_copy(update={"owner_proof": owner_proof(spec)})
     event = JobSubmitted(job_id=spec.job_id, spec=spec)
     await through_failover(lambda: publish_event(js, event), "submit")
     return spec
@@ -470,7 +471,7 @@ async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[
     async def check_refused() -> None:
         refused = nc.last_error
         if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
-                and any(name.lower() in str(refused).lower() for name in (subject, inbox)):  # nats-py lowercases it
+                and any(f'"{name.lower()}"' in str(refused).lower() for name in (subject, inbox)):  # quoted, lowercased by nats-py
             await sub.unsubscribe()
             raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
                            "ask with a login whose role may (the dashboard's, an operator's)")

@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import nats.errors
 import structlog
 from pydantic import ValidationError
 from rich.console import Console
@@ -61,12 +62,13 @@ from captionbus.contracts.transcript import Transcript
 from captionbus.coordinator.graph import load_workflow, option_errors
 from captionbus.coordinator.service import run_coordinator
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import client_tenant, connect, provision, require_provisioned, through_failover
+from captionbus.core.bus import BusError, client_tenant, connect, provision, require_provisioned, through_failover
 from captionbus.core.gc import collect
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import Settings, config_files
 from captionbus.core.tasks import cancel_and_wait
+from captionbus.core.text import one_line
 
 log = structlog.get_logger("captionbus.runner")
 
@@ -179,7 +181,11 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
     would warn that no stage is served."""
     if TENANT.get():
         return
-    replies = await collect_replies(nc, "$SRV.PING", 0.5)
+    try:
+        replies = await collect_replies(nc, "$SRV.PING", 0.5)
+    except (BusError, nats.errors.Error) as e:  # a warning's question: the submit goes on
+        console.print(f"[yellow]warning:[/] cannot check which stages are served ({one_line(str(e))})", highlight=False)
+        return
     served = {str(r.get("name", "")) for r in replies}
     missing = [s for s in dict.fromkeys(stages) if subjects.micro_service_name(s) not in served]
     if missing:
@@ -208,9 +214,16 @@ async def coordinator_task(nc):
         yield task
     finally:
         stop.set()
-        # Its own end, else cancelled (again while a lost cancellation lets it run on: core.tasks);
-        # what it raised is its log's, and a cancellation of this caller is not swallowed.
-        if not (await asyncio.wait({task}, timeout=10))[0]:
+        # Its own end (Coordinator.stop's bounds: its loops 10 s, then its senders' confirms 5 s),
+        # else cancelled, again while a lost cancellation lets it run on (core.tasks); what it
+        # raised is its log's. Cancelled meanwhile (a second Ctrl-C): it is cancelled too, and
+        # the caller's cancellation goes on.
+        try:
+            done, _ = await asyncio.wait({task}, timeout=16)
+        except asyncio.CancelledError:
+            await cancel_and_wait([task], within_s=5)
+            raise
+        if not done:
             await cancel_and_wait([task], within_s=5)
 
 
@@ -283,7 +296,12 @@ async def run_job(
                 console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
                 record = out_dir / f"{media.stem}.job.json"
-                data = json.loads((await with_record_parts(js, state)).model_dump_json())
+                try:
+                    state = await with_record_parts(js, state)
+                except Exception as e:  # noqa: BLE001  the job is done: its record is written, the part named
+                    console.print(f"[yellow]warning:[/] {record.name} names its speaker summary by key; it could "
+                                  f"not be read ({one_line(f'{type(e).__name__}: {e}')})", highlight=False)
+                data = json.loads(state.model_dump_json())
                 if language is not None:
                     data["language"] = language  # the spoken language, as ASR found or was told it
                 record.write_text(json.dumps(data, indent=2))

@@ -4,7 +4,7 @@ the language the asr stage detected once per job (JSON of `SpokenLanguage`); the
 stage's: who speaks when (JSON of `SpeakerTurns`, and a bounded copy on the bus, `TurnSummary`)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 from captionbus.contracts.version import SCHEMA_VERSION
 
@@ -124,10 +124,12 @@ class TurnSummary(BaseModel):
                     "speaker's index in `speakers`")
     turns_total: int = Field(0, ge=0, description="how many turns the artifact holds")
 
+    @computed_field
     @property
     def turns_truncated(self) -> bool:
-        """Only the first turns are listed (derived, not stored: it cannot disagree with the
-        counts; records that stored it still load, the stored value ignored)."""
+        """Only the first turns are listed: derived, so it cannot disagree with the counts, and
+        written out (a computed field) for readers of the JSON and for an older coordinator or
+        dashboard, whose TurnSummary required it; a value read in is ignored."""
         return self.turns_total > len(self.turns)
 
     @model_validator(mode="after")

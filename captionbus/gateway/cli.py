@@ -70,7 +70,8 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
         webhook_secret=secret.encode() if secret else None, job_timeout_s=job_timeout,
         webhook_subscribers=file.subscribers, webhook_lease_s=file.webhook_lease_s,
         webhook_catchup_s=file.webhook_catchup_s,
-        docs=docs or ("open" if is_loopback(listen_host) else "key"),
+        # open only on loopback without keys: a keyed gateway on loopback may be behind a proxy
+        docs=docs or ("open" if is_loopback(listen_host) and ring is None else "key"),
     )
 
 
@@ -88,7 +89,7 @@ def build_config(listen_host: str, keys: Path | None, max_upload_mb: int, concur
               help="Seconds the OpenAI endpoints wait for a job before answering 504.")
 @click.option("--docs", type=click.Choice(["open", "key", "off"]), default=None,
               help="Who reads /openapi.json, /docs and /redoc: open (everyone), key (the document with an API key, "
-                   "no pages) or off. Default: open on a loopback --listen, else key.")
+                   "no pages) or off. Default: open on a loopback --listen without --keys, else key.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="Gateway config file (TOML): webhook subscribers for every job, allow-list, lease.")
 @click.pass_context

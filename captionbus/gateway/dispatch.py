@@ -43,7 +43,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from captionbus.gateway.webhooks import Delivery, check_target, deliver
-from captionbus.contracts import subjects
+from captionbus.contracts import JobSpec, subjects
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import validate_token
 from captionbus.core.tasks import cancel_and_wait
@@ -207,9 +207,9 @@ class Dispatcher:
 
     def __init__(self, config: DispatchConfig, http: httpx.AsyncClient, job_events, observe=None, prove=None):
         self.observe = observe  # called with each settled Delivery (the gateway's /metrics)
-        # (job_id, owner, proof) -> the owner if proven, else None (Gateway.proven_owner): a
-        # subscriber's deliveries name only a proven owner; without `prove`, none.
-        self.prove = prove or (lambda job_id, owner, proof: None)
+        # JobSpec -> its owner if proven, else None (Gateway.proven_owner): a subscriber's
+        # deliveries name only a proven owner; without `prove`, none.
+        self.prove = prove or (lambda spec: None)
         self.config = config
         self.http = http
         self.job_events = job_events  # ends.job_events(js, job_id, after): until the job's real end
@@ -405,12 +405,14 @@ class Dispatcher:
                 try:
                     submitted = json.loads(msg.data)
                     job_id = validate_token(submitted["job_id"], "job id")
-                    job_owner = submitted["spec"].get("owner")
-                    if job_owner is not None:
-                        job_owner = self.prove(job_id, validate_token(job_owner, "key name"),
-                                               submitted["spec"].get("owner_proof"))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
+                # Every job's events go to the subscribers; only a proven owner is named (a
+                # spec that does not parse, or names an owner it cannot prove, names none).
+                try:
+                    job_owner = self.prove(JobSpec.model_validate(submitted["spec"]))
+                except (ValueError, KeyError, TypeError):
+                    job_owner = None
                 for subscriber in self.config.subscribers:
                     try:
                         await self.add(js, job_id, subscriber.name, subscriber.url, subscriber.events, job_owner)

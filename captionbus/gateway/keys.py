@@ -10,11 +10,14 @@ admin key may): a scraper's credential is then worth nothing but the counters if
 
 Which key a job belongs to is `JobSpec.owner`, a name any bus client that may submit could write
 (the CLI's `client` login, a tenant). So the gateway trusts a job's owner only with its proof,
-`JobSpec.owner_proof`: an HMAC-SHA256 of the job id keyed by that key's stored hash, made at submit
-time. Only a holder of the keys file (a gateway) or of the key itself (its owner, who gains nothing)
+`JobSpec.owner_proof`: an HMAC-SHA256 of the job id and what it asks for (`proof_message`) keyed by
+that key's stored hash, made at submit time. Only a holder of the keys file (a gateway) or of the key itself (its owner, who gains nothing)
 can make one; a job with an owner and no valid proof belongs to no key (admin keys see it, its
 webhook deliveries name no owner), and the gateway logs it. A key made again under the same name
 (a new secret) no longer proves the old key's jobs: they become admin-only, as a revoked key's should.
+
+So the keys file is a secret of the gateway's: its hashes let no one in, but whoever reads it
+can make any key's owner proofs (and so give a job it submits on the bus to any key).
 
 Why sha256 and not bcrypt/argon2: a key is 32 random bytes (`secrets.token_urlsafe(32)`), not a
 password a person chose, so there is nothing to brute-force from a leaked hash, and a fast hash
@@ -25,14 +28,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from captionbus.contracts import JobSpec
 from captionbus.contracts.ids import validate_token
 
 KEY_PREFIX = "cbk_"
+
+
+def proof_message(spec: JobSpec) -> bytes:
+    """What an owner proof signs: the job's id and what it asks for (its submit time, input,
+    workflow, languages, options), so a proof copied onto another job, or onto a job submitted
+    again under a gc'd job's id with other work, proves nothing. Named fields rather than the
+    whole spec's JSON: a field a later version adds to JobSpec must not unprove every job."""
+    return json.dumps(["captionbus-owner", spec.job_id, f"{spec.submitted_at.timestamp():.6f}", spec.input.key,
+                       spec.workflow, spec.source_language, spec.target_languages, spec.options],
+                      sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def hash_key(key: str) -> str:
@@ -91,16 +106,17 @@ class KeyRing:
                 found = name
         return found
 
-    def proof(self, name: str, job_id: str) -> str:
-        """The owner proof of `job_id` for key `name` (JobSpec.owner_proof; module docstring)."""
-        return hmac.new(bytes.fromhex(self.hashes[name]), f"captionbus-owner\0{job_id}".encode(),
-                        hashlib.sha256).hexdigest()
+    def proof(self, name: str, spec: JobSpec) -> str:
+        """The owner proof of `spec` for key `name` (JobSpec.owner_proof; module docstring)."""
+        return hmac.new(bytes.fromhex(self.hashes[name]), proof_message(spec), hashlib.sha256).hexdigest()
 
-    def owner(self, job_id: str, owner: str | None, proof: str | None) -> str | None:
-        """`owner` when `proof` proves it (a key of this ring made it for this job), else None."""
+    def owner(self, spec: JobSpec) -> str | None:
+        """`spec.owner` when `spec.owner_proof` proves it (a key of this ring made it for this
+        very job), else None."""
+        owner, proof = spec.owner, spec.owner_proof
         if owner is None or not isinstance(proof, str) or owner not in self.hashes:
             return None
-        return owner if hmac.compare_digest(self.proof(owner, job_id), proof) else None
+        return owner if hmac.compare_digest(self.proof(owner, spec), proof) else None
 
     def caller(self, key: str | None) -> Caller | None:
         name = self.who(key)

@@ -24,7 +24,7 @@ from captionbus.gateway.metrics import GatewayMetrics
 from captionbus.runner import names_subtitles, validate_job
 from captionbus.web.buslink import BusLink
 from captionbus.web.errors import ApiError
-from captionbus.contracts import JobState
+from captionbus.contracts import JobSpec, JobState
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import tenant_of, validate_token
 from captionbus.contracts.declarations.diarization import MAX_REFERENCES
@@ -249,7 +249,7 @@ class Gateway:
     def proof_for(self, caller: Caller):
         """What makes the owner proof of a job `caller` submits (None without keys: no owner)."""
         keys = self.config.keys
-        return None if keys is None else (lambda job_id: keys.proof(caller.name, job_id))
+        return None if keys is None else (lambda spec: keys.proof(caller.name, spec))
 
     async def job(self, js, job_id: str, caller: Caller) -> JobState:
         """The job if `caller` may see it; another key's job is 404 like an unknown id (its
@@ -272,10 +272,11 @@ class Gateway:
             states = await client.list_jobs(js)
         return [s for s in map(self.proven, states) if caller.may_see(s.spec.owner)]
 
-    def proven_owner(self, job_id: str, owner: str | None, proof: str | None) -> str | None:
+    def proven_owner(self, spec: JobSpec) -> str | None:
         """The key a job belongs to: its `owner` only with a valid proof (gateway.keys' docstring:
         any bus client may write the name); an unproven one is logged and belongs to no key."""
-        proven = None if self.config.keys is None else self.config.keys.owner(job_id, owner, proof)
+        job_id, owner = spec.job_id, spec.owner
+        proven = None if self.config.keys is None else self.config.keys.owner(spec)
         if owner is not None and proven is None and job_id not in self._unproven:
             if len(self._unproven) > 10_000:  # once per job (a listing reads each job on every call)
                 self._unproven.clear()
@@ -285,7 +286,7 @@ class Gateway:
 
     def proven(self, state: JobState) -> JobState:
         """`state` with `spec.owner` as proven_owner says (unchanged when proven)."""
-        owner = self.proven_owner(state.job_id, state.spec.owner, state.spec.owner_proof)
+        owner = self.proven_owner(state.spec)
         if owner == state.spec.owner:
             return state
         return state.model_copy(update={"spec": state.spec.model_copy(update={"owner": owner})})

@@ -69,7 +69,7 @@ def with_speakers(options: dict, speakers: str | None) -> dict:
 
 
 @router.get("", response_model=JobList)
-async def list_jobs(gw: GatewayDep, caller: CallerDep, js: JetStream,
+async def list_jobs(_slot: Slot, gw: GatewayDep, caller: CallerDep, js: JetStream,
                     status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None,
                     workflow: str | None = None, limit: int = Query(100, ge=0, le=10000)):
     """The caller's jobs (an admin key: every job), newest first; filter by status and workflow."""
@@ -104,7 +104,7 @@ async def retry_job(state: OwnedJob, js: JetStream):
 
 @router.get("/{job_id}/outputs/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "the output's bytes"}})
-async def download(state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
+async def download(_slot: Slot, state: OwnedJob, name: str, gw: GatewayDep, js: JetStream):
     """One output's bytes, streamed."""
     ref = state.outputs.get(name)
     if ref is None:

@@ -39,6 +39,7 @@ only). Without regions whisperx's pyannote VAD finds the speech.
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,12 +206,20 @@ def reused_encoder_alignment(model: WhisperX, language: str, task: str, samples:
 
     tokenizer = model.tokenizer(language, task)
 
+    failed: list[str] = []
+
     def align(n: int, encoder_output, row: int, tokens: list[int]) -> list[dict] | None:
-        if n >= len(samples) or not tokens or samples[n] < HOP_LENGTH * 2:
+        if failed or n >= len(samples) or not tokens or samples[n] < HOP_LENGTH * 2:
             return None
-        batch = np.asarray(encoder_output)  # (chunks, 1500, d_model), a view of the CPU storage
-        one = StorageView.from_array(np.ascontiguousarray(batch[row : row + 1]))
-        return model.whisper.find_alignment(tokenizer, [tokens], one, min(samples[n], N_SAMPLES) // HOP_LENGTH)[0]
+        try:
+            batch = np.asarray(encoder_output)  # (chunks, 1500, d_model), a view of the CPU storage
+            one = StorageView.from_array(np.ascontiguousarray(batch[row : row + 1]))
+            return model.whisper.find_alignment(tokenizer, [tokens], one, min(samples[n], N_SAMPLES) // HOP_LENGTH)[0]
+        except Exception as e:  # noqa: BLE001  e.g. a compute type numpy cannot view: encode again instead
+            failed.append(f"{type(e).__name__}: {e}")
+            logging.getLogger("captionbus.asr").warning(
+                "word times from the decode's encoder output failed (%s); encoding each window again", failed[0])
+            return None
 
     return align
 
