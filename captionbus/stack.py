@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from captionbus.client import merge_state, workers
@@ -110,7 +111,7 @@ def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -
 
     try:
         return url if asyncio.run(serves()) else None
-    except BusError:  # `up` stopped meanwhile: run starts its own server, as without one
+    except (BusError, nats.errors.Error, OSError):  # `up` stopped meanwhile: run starts its own, as without one
         return None
 
 
