@@ -68,8 +68,10 @@ class BusLink:
                     for hook in self.on_connect:
                         await hook(nc)
                 except BaseException:
+                    # shielded: close() ends even when this task is cancelled again meanwhile
+                    # (core.tasks.cancel_and_wait re-cancels every 0.5 s), so no connection is left open
                     with contextlib.suppress(Exception):
-                        await nc.close()
+                        await asyncio.shield(nc.close())
                     raise
             except asyncio.CancelledError:
                 raise
