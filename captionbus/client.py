@@ -458,8 +458,10 @@ async def fetch_outputs(
     return written
 
 
-async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[dict]:
-    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*).
+async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0,
+                          until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
+    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*), or
+    until `until(replies so far)` holds.
     BusError when the server refused the ask or its inbox to this login: no reply would come,
     and an empty list would read as "no workers". The server's -ERR lands in nats-py's
     `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
@@ -485,6 +487,8 @@ async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0) -> list[
             async for msg in sub.messages:
                 with contextlib.suppress(ValueError):
                     replies.append(json.loads(msg.data))
+                if until is not None and until(replies):
+                    break
     if not replies:
         await check_refused()
     await sub.unsubscribe()
@@ -502,9 +506,11 @@ def merge_state(reply: dict) -> dict:
     return {**reply, "metadata": meta, "state": data or {}}
 
 
-async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None) -> list[dict]:
+async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
+                  until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
-    metadata (WorkerInfo, flat) plus `state` (contracts.WorkerState). NotForTenants as a tenant:
+    metadata (WorkerInfo, flat) plus `state` (contracts.WorkerState); `until(workers so far)`
+    ends the wait early (collect_replies). NotForTenants as a tenant:
     the callout grants no `$SRV` (a worker's state names the jobs it runs, of every tenant, and
     its last error), and an unanswered ask would read as "no workers"."""
     if TENANT.get():
@@ -512,5 +518,10 @@ async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None) -> l
                             "tenant, so a tenant's login is not granted $SRV; ask the fleet's operator, or list "
                             "them with a trusted login (the dashboard user)")
     subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
-    replies = await collect_replies(nc, subject, timeout)
+    replies = await collect_replies(nc, subject, timeout,
+                                    until=None if until is None else lambda raw: until(_stage_services(raw)))
+    return _stage_services(replies)
+
+
+def _stage_services(replies: list[dict]) -> list[dict]:
     return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]

@@ -19,7 +19,7 @@ import structlog
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from captionbus.client import merge_state, workers
+from captionbus.client import workers
 from captionbus.envs.code import code_dir
 from captionbus.server import EmbeddedServer
 from captionbus.core.bus import BusError, connect, running_embedded_url
@@ -89,23 +89,13 @@ def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -
         return None
     wanted = set(stages)
 
+    def serve_all(replies: list[dict]) -> bool:
+        return wanted <= {str(r["metadata"].get("stage")) for r in replies if not r["metadata"].get("setup_error")}
+
     async def serves() -> bool:
         nc = await connect(url, "captionbus-run", settings)
         try:
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox)
-            await nc.publish("$SRV.STATS", b"", reply=inbox)
-            served: set[str] = set()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(patience_s):
-                    async for msg in sub.messages:
-                        with contextlib.suppress(ValueError):
-                            meta = merge_state(json.loads(msg.data))["metadata"]
-                            if not meta.get("setup_error"):
-                                served.add(str(meta.get("stage")))
-                        if wanted <= served:
-                            break
-            return wanted <= served
+            return serve_all(await workers(nc, patience_s, until=serve_all))
         finally:
             await nc.close()
 
@@ -274,13 +264,12 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
                 dead.append(svc)
                 continue
             svc.raise_if_dead()
-        # Every pending stage asked at once: each ask listens 0.3 s for replies, and one after
-        # the other they made each round 2.1 s for the seven stages of a transcribe stack.
-        stages = sorted({svc.stage for svc in pending})
-        replies = await asyncio.gather(*(workers(nc, 0.3, stage) for stage in stages))
+        # One ask for every stage (0.3 s of listening a round; asked stage by stage, the seven
+        # stages of a transcribe stack made each round 2.1 s).
+        stages = {svc.stage for svc in pending}
         # no state at all: a worker from before WorkerState, which registered once set up
-        ready_pids = {str(reply["metadata"].get("pid")) for stage_replies in replies for reply in stage_replies
-                      if reply["state"].get("state") != "loading"}
+        ready_pids = {str(reply["metadata"].get("pid")) for reply in await workers(nc, 0.3)
+                      if reply["metadata"].get("stage") in stages and reply["state"].get("state") != "loading"}
         if on_ready is not None:
             for svc in pending:
                 if str(svc.process.pid) in ready_pids:
