@@ -465,7 +465,9 @@ def test_a_keys_slots_hold_under_a_burst_and_come_back_after_aborts_and_errors(t
                     for _ in range(3):
                         stream = await held.enter_async_context(bob.stream("GET", f"/v1/jobs/{job_id}/events"))
                         assert stream.status_code == 200
-                    for path in ("/v1/jobs/jnosuchjob/events", f"/v1/jobs/{job_id}/events"):
+                    # (the listing and a download hold a slot too: each reads the bus)
+                    for path in ("/v1/jobs/jnosuchjob/events", f"/v1/jobs/{job_id}/events", "/v1/jobs",
+                                 f"/v1/jobs/{job_id}/outputs/srt"):
                         refused = await bob.get(path)
                         assert refused.status_code == 429 and "in flight" in error_of(refused), refused.text
                 await asyncio.to_thread(settled, 0.0)
@@ -495,7 +497,16 @@ def test_a_keys_slots_hold_under_a_burst_and_come_back_after_aborts_and_errors(t
                                             ({"workflow": "speech"}, {"file": ("a.wav", b"")}, 400),
                                             ({"workflow": "speech"}, {"file": ("a.wav", b"x" * 200_000)}, 413),
                                             ({"workflow": "speech", "options": "{"}, {"file": ("a.wav", b"RIFF")}, 400)):
-                    answers = await asyncio.gather(*(bob.post("/v1/jobs", data=data, files=files) for _ in range(6)))
+                    async def post():
+                        # A refused upload's unread body makes the server's close reset the socket, and
+                        # the client may see that (httpx.ReadError) before the answer (1 run in 6): such
+                        # a request is sent again once, as a client would, and counted by that answer.
+                        try:
+                            return await bob.post("/v1/jobs", data=data, files=files)
+                        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                            return await bob.post("/v1/jobs", data=data, files=files)
+
+                    answers = await asyncio.gather(*(post() for _ in range(6)))
                     assert {a.status_code for a in answers} <= {status, 429}, [a.text for a in answers]
                     assert [a.status_code for a in answers].count(status) >= 3, [a.status_code for a in answers]
                     await asyncio.to_thread(settled, 0.0)
