@@ -410,6 +410,14 @@ def test_a_worker_listing_the_login_may_not_ask_is_an_error_not_an_empty_list(tm
                 with pytest.raises(BusError, match=r"may not ask \$SRV\.PING"):
                     await collect_replies(gc, "$SRV.PING", 0.3)
                 assert await workers(dashboard, 0.3) == []
+                # submit's "no worker serves …" warning is a question, not a gate: it says it could not ask
+                from rich.console import Console
+
+                from captionbus.runner import warn_about_unserved_stages
+                console = Console(record=True, width=200)
+                await warn_about_unserved_stages(gc, ["asr"], console)
+                said = console.export_text()
+                assert "cannot check which stages are served" in said and "$SRV.PING" in said, said
                 assert gc.is_connected  # a refused publish closes nothing
                 await gc.flush()
             finally:
