@@ -139,11 +139,12 @@ def simulate(chunks: int, asr_workers: int, speakers: bool) -> dict:
     writes, total = writes + 1, total + len(final)  # the write that clears the outbox
     values.append((job_id, final))
     record = json.loads(final)
-    node_workers = sum(len(json.dumps(n.get("worker", {}), separators=(",", ":"))) for n in record["nodes"].values())
+    inline = [n for n in record["nodes"].values() if isinstance(n, dict)]  # the rest: a part's name
+    node_workers = sum(len(json.dumps(n.get("worker", {}), separators=(",", ":"))) for n in inline)
     table = len(json.dumps(record.get("workers", {}), separators=(",", ":")))
-    turns_bytes = sum(len(json.dumps(n.get("speaker_turns"), separators=(",", ":"))) for n in record["nodes"].values()
+    turns_bytes = sum(len(json.dumps(n.get("speaker_turns"), separators=(",", ":"))) for n in inline
                       if n.get("speaker_turns") is not None)
-    return {"values": values, "chunks": chunks, "writes": writes, "record_bytes": len(final), "max_write_bytes": max(sizes),
+    return {"values": values, "state": state, "chunks": chunks, "writes": writes, "record_bytes": len(final), "max_write_bytes": max(sizes),
             "mean_write_bytes": round(total / writes), "bytes_written": total,
             "parts": {"worker summaries": node_workers + table, "speaker summary": turns_bytes,
                       "under keys of their own": part_bytes,
@@ -229,6 +230,7 @@ def main() -> None:
     args = parser.parse_args()
     result = simulate(args.chunks, args.asr_workers, not args.no_speakers)
     values = result.pop("values")
+    result.pop("state")
     if args.dump:
         Path(args.dump).write_bytes(pickle.dumps((result, values)))
         return

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from captionbus.client import whole_record
 from captionbus.contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -128,7 +129,7 @@ class Bus:
         state = None
         while time.monotonic() < deadline:
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                state = JobState.model_validate_json((await self.kv.get(job_id)).value)
+                state = await whole_record(self.js, JobState.model_validate_json((await self.kv.get(job_id)).value))
                 if predicate(state):
                     return state
             await asyncio.sleep(0.05)
