@@ -18,7 +18,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from pydantic import ValidationError
 
 from captionbus.contracts import (
@@ -37,7 +37,7 @@ from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import BusError, publish_event, through_failover
+from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
 from captionbus.core.text import one_line
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
@@ -315,14 +315,9 @@ async def list_jobs(js: JetStreamContext, *, whole: bool = True) -> list[JobStat
     async def keys():
         if tenant:  # the tenant's keys only: the callout grants no other listing
             return list(await last_per_key(js, subjects.tenant_keys(tenant), headers_only=True))
-        kv = await js.key_value(subjects.JOBS_BUCKET)
-        try:
-            return await kv.keys()
-        except NoKeysError:
-            return []
+        return await record_keys(await js.key_value(subjects.JOBS_BUCKET))
 
     states = []
-    # nats-py's keys() lists a key updated during its watch twice
     for key in filter(subjects.is_job_key, dict.fromkeys(await read(keys, "listing jobs"))):
         state = await (job_state if whole else job_head)(js, subjects.job_id_of_key(key))
         if state:  # a job deleted (gc) between the listing and the read

@@ -224,7 +224,8 @@ def jobs(as_json: bool, wide: bool) -> None:
     """All jobs the bus knows, oldest first."""
     from captionbus.client import list_jobs
 
-    states = on_bus("captionbus-jobs", lambda nc, js: list_jobs(js))
+    # The table shows no nodes: the records' heads (their completed nodes are not read in).
+    states = on_bus("captionbus-jobs", lambda nc, js: list_jobs(js, whole=as_json))
     if as_json:
         for state in states:
             click.echo(state.model_dump_json())

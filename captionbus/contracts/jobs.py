@@ -238,12 +238,14 @@ class JobState(BaseModel):
 
     def stored(self) -> bytes:
         """The record as the coordinator writes it to the job's KV key: JSON, each completed node
-        that has its part (`NodeState.part`) as that part's name, each worker of the other nodes
-        once (`workers`, `worker_refs`) and null fields left out (their defaults when read). No
-        custom serializer for the nodes left: one cost every write more than the bytes saved (a
-        wrap serializer, a second pass through Python, and a copy of each node, 2.0 ms min /
-        8.1 ms median per write of a 2-hour film's record against 1.1 / 1.8 ms for the whole
-        dump). A head whose parts were not read in cannot be stored (it would drop them)."""
+        that has its part (`NodeState.part`) as that part's name, the other nodes without their
+        defaults (a waiting chunk node is ~45 bytes, not ~150) and each of their workers once
+        (`workers`, `worker_refs`), null fields left out (their defaults when read). Two dumps
+        in pydantic's serializer, the nodes' through a TypeAdapter of `NodeState | str`, joined:
+        a custom serializer (a wrap serializer, a second pass through Python, a copy of each
+        node) cost every write of a 2-hour film's record more than the bytes it saved (2.0 ms min
+        / 8.1 ms median against 1.1 / 1.8 ms). A head whose parts were not read in cannot be
+        stored (it would drop them)."""
         if self.parts:
             raise ValueError(f"job {self.job_id}: a record read without its parts cannot be stored; "
                              "read them in first (JobState.with_parts)")

@@ -80,7 +80,6 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from pydantic import ValidationError
@@ -100,7 +99,7 @@ from captionbus.contracts.jobs import MissingParts, node_of_part, utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.core import settings as settings_mod
-from captionbus.core.bus import provision, publish_event, through_failover
+from captionbus.core.bus import provision, publish_event, record_keys, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.tasks import await_stack, cancel_and_wait
@@ -1181,10 +1180,7 @@ class Coordinator:
 
     async def _scan_keys(self) -> None:
         self._last_scan = time.monotonic()
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return
+        keys = await record_keys(self.kv)
         self._running.update(j for j in map(subjects.job_id_of_key, filter(subjects.is_job_key, keys))
                              if j not in self._finished)
 
