@@ -701,10 +701,19 @@ class Coordinator:
         async def get(name: str, key: str) -> None:
             async with self._part_reads:
                 try:
-                    entry = await self.kv.get(key)
+                    value = (await self.kv.get(key)).value
                 except (KeyNotFoundError, KeyDeletedError):
-                    raise MissingParts(head.job_id, [key]) from None
-            found[name] = node_of_part(name, entry.value)
+                    # A direct get may be answered by a replica that lacks a part just written
+                    # (another coordinator's): the stream's leader says whether it is there.
+                    try:
+                        msg = await self.js.get_msg(f"KV_{subjects.JOBS_BUCKET}",
+                                                    subject=f"$KV.{subjects.JOBS_BUCKET}.{key}")
+                    except NotFoundError:
+                        raise MissingParts(head.job_id, [key]) from None
+                    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                        raise MissingParts(head.job_id, [key]) from None
+                    value = msg.data
+            found[name] = node_of_part(name, value)
             self._keep_part(key, found[name])
 
         await asyncio.gather(*(get(name, key) for name, key in wanted.items()))
