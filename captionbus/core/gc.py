@@ -46,6 +46,7 @@ files on this host, and reads the bus with any user that may read job state.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -64,6 +65,7 @@ from nats.js import api
 from captionbus.contracts import ArtifactRef, JobState, subjects
 from captionbus.core.artifacts.transfer import ObjectBucket, connection
 from captionbus.core.artifacts.transfer import timestamp as _ts
+from captionbus.core.tenancy import LIST_TIMEOUT_S
 
 log = structlog.get_logger("captionbus.gc")
 
@@ -326,27 +328,60 @@ class Collector:
         self.report.malformed.append(line)
         log.warning("gc: malformed record skipped", record=what, error=_reason(error)[:300])
 
+    async def _job_entries(self) -> dict[str, bytes]:
+        """key -> value of every live key of KV cb_jobs. The listing (paged, checked against the
+        server's count) says which keys there are; one ordered consumer (nats-py's `watchall`: the
+        last message of each key) delivers their values at once, where a get per key cost ~1.4 ms
+        (a 2-hour film's record has ~250 parts: a dry run over 10 such films, 2500 keys, took
+        3.6 s with a get per key, 0.8 s so). A listed key it did not deliver is read alone."""
+        stream, prefix = f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}."
+        listed = [subject[len(prefix):] for subject in await self._subjects(stream, f"{prefix}>")]
+        delivered: dict[str, Any] = {}
+        if listed:
+            watcher = await (await self.js.key_value(subjects.JOBS_BUCKET)).watchall()
+            try:
+                async with asyncio.timeout(LIST_TIMEOUT_S + len(listed) / 1000):
+                    async for entry in watcher:
+                        if entry is None:  # the end of the values held
+                            break
+                        delivered[entry.key] = entry
+            finally:
+                await watcher.stop()
+        found = {}
+        for key in listed:
+            entry = delivered.get(key)
+            if entry is None:
+                try:
+                    msg = await self.js.get_last_msg(stream, prefix + key)
+                except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+                    continue
+                if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
+                    found[key] = msg.data
+            elif entry.operation not in _KV_GONE and entry.value is not None:
+                found[key] = entry.value
+        return found
+
     async def _jobs(self) -> None:
         s = self.settings
-        entries = await self._kv_entries(subjects.JOBS_BUCKET)
+        entries = await self._job_entries()
         parts: dict[str, dict[str, bytes]] = {}  # job id -> part name -> bytes (subjects.job_part_key)
-        for key, msg in entries.items():
+        for key, value in entries.items():
             if not subjects.is_job_key(key):
-                parts.setdefault(subjects.job_id_of_part_key(key), {})[key.rpartition(".")[2]] = msg.data
+                parts.setdefault(subjects.job_id_of_part_key(key), {})[key.rpartition(".")[2]] = value
         for job_id in parts.keys() - {subjects.job_id_of_key(k) for k in entries if subjects.is_job_key(k)}:
             # Parts whose record is gone: a run that stopped between the two, or a part written
             # after a run purged its job's parts (a coordinator that read the record before).
             self._plan("record parts", f"{job_id} ({len(parts[job_id])} keys, no record)", 0,
                        lambda j=job_id: self._purge_orphan_parts(j), self._count_orphan_parts)
-        for job_id, msg in entries.items():
+        for job_id, value in entries.items():
             if not subjects.is_job_key(job_id):
                 continue
             own = parts.get(subjects.job_id_of_key(job_id), {})
             try:
-                state = await self._whole(JobState.model_validate_json(msg.data), own)
+                state = await self._whole(JobState.model_validate_json(value), own)
             except Exception as e:  # cannot tell finished from not: keep whatever it names, always
                 self._malformed(f"job record {job_id}", e)
-                for key in _salvage(msg.data + b"".join(own.values())):
+                for key in _salvage(value + b"".join(own.values())):
                     self.needs.need(key, FOREVER)
                     self.unfinished.add(key)
                 continue

@@ -367,6 +367,11 @@ def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
 ALL = 'publish: ">", subscribe: ">"'
 
 
+# Every way gc reads job records: gets of a key, and the consumer that delivers every key's value.
+NO_JOB_READS = ("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>",
+                "$JS.API.CONSUMER.CREATE.KV_cb_jobs", "$JS.API.CONSUMER.CREATE.KV_cb_jobs.>")
+
+
 def _all_but(*subjects_denied: str) -> str:
     return 'publish: {allow: ">", deny: [' + ", ".join(f'"{s}"' for s in subjects_denied) + ']}, subscribe: ">"'
 
@@ -404,7 +409,7 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
     from captionbus.core.gc import GcError
 
     users = {"admin": ALL,
-             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>"),
+             "no-jobs": _all_but(*NO_JOB_READS),
              "no-cache": _all_but("$JS.API.STREAM.INFO.KV_cb_stage_cache")}
     with users_server(tmp_path, users) as urls:
 
@@ -512,7 +517,7 @@ def test_gc_cli_fails_part_way_with_every_deletion_logged_and_the_summary(tmp_pa
     deleted, and the exit code is the bus's (4). A user that cannot read job records: exit 4,
     nothing deleted, the summary printed all the same."""
     users = {"admin": ALL, "no-events": _all_but("$JS.API.STREAM.PURGE.CB_EVENTS"),
-             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>")}
+             "no-jobs": _all_but(*NO_JOB_READS)}
     with users_server(tmp_path, users) as urls:
 
         async def seed():
