@@ -131,7 +131,11 @@ class JobState(BaseModel):
     the stored record (`stored()`) holds in its place only that name (`"asr-12": "<20 chars>"`),
     in the node's place among the others, so nodes keep their order. What still changes (the
     waiting, requested and failed nodes, attempts, timings, the outbox, applied ids) stays in
-    the head. Figures: README, "Job state".
+    the head. Figures: README, "A small head plus parts written once" (21.63 -> 4.46 MB written
+    for that film). Writing the head is cheaper than the whole dump was, and reading it with the
+    parts a coordinator keeps cheaper than parsing the whole (min of 5 x 200 on the loaded 2-core
+    machine, that film at its end and half way: stored() 0.3 / 1.1 ms against 7.7 / 1.6 ms for
+    the whole dump; head + parts read in 2.9 / 4.7 ms against 20.4 / 15.8 ms for the whole).
 
     A stored record read alone is a head: its parts' names are in `parts` (node id -> name) and
     its `nodes` lack them; `with_parts` reads them in and gives the whole state, the one every
