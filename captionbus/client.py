@@ -18,7 +18,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import APIError, InvalidKeyError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from pydantic import ValidationError
 
 from captionbus.contracts import (
@@ -37,7 +37,7 @@ from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
-from captionbus.core.bus import BusError, publish_event, through_failover
+from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
 from captionbus.core.text import one_line
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
@@ -192,10 +192,12 @@ async def read(step, what: str, window_s: float = READ_WINDOW_S):
         raise BusError(f"{what}: {bus_reason(e)}") from e
 
 
-async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
-    """The job's record; None only when the bus says there is no such job. A direct get may be
-    answered by any replica (the KV is `allow_direct`), and a replica that has just rejoined can
-    lack recent keys: a "not found" is asked again of the stream's leader before it is believed."""
+async def job_head(js: JetStreamContext, job_id: str) -> JobState | None:
+    """The job's record as stored, its completed nodes named and not read in (JobState.parts):
+    its status, spec, outputs and open nodes, for a reader that shows no more (`job_state` reads
+    the whole). None only when the bus says there is no such job. A direct get may be answered
+    by any replica (the KV is `allow_direct`), and a replica that has just rejoined can lack
+    recent keys: a "not found" is asked again of the stream's leader before it is believed."""
 
     try:
         key = subjects.job_key(job_id)
@@ -208,10 +210,51 @@ async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
     return JobState.model_validate_json(value) if value else None
 
 
-async def _jobs_value(js: JetStreamContext, key: str) -> bytes | None:
+async def job_state(js: JetStreamContext, job_id: str) -> JobState | None:
+    """The job's whole record: its head (`job_head`) with the completed nodes it names read in
+    (`whole_record`), every node as the coordinator knows it. None only when the bus says there
+    is no such job (also when gc removed it between the two reads); a part the bus lacks while
+    the record is there is a RecordPartMissing, never a record short of nodes."""
+    head = await job_head(js, job_id)
+    if head is None or head.whole:
+        return head
+    try:
+        return await whole_record(js, head)
+    except RecordPartMissing:
+        if await job_head(js, job_id) is None:  # collected (gc) between the reads: no such job now
+            return None
+        raise
+
+
+PART_READS = 32  # reads of one record's parts at once
+
+
+async def whole_record(js: JetStreamContext, state: JobState) -> JobState:
+    """`state` with the completed nodes its record names by part (JobState.parts) read in, from
+    the keys under the job's own (subjects.job_part_key), which every role that may read the
+    record may read: one direct get each, PART_READS at once. A whole state is returned as it
+    is. A failed read is a BusError, a named part the bus lacks a RecordPartMissing."""
+    if state.whole:
+        return state
+    kv = jobs_kv(js) if TENANT.get() else await js.key_value(subjects.JOBS_BUCKET)
+    reads = asyncio.Semaphore(PART_READS)
+
+    async def get(name: str, key: str) -> tuple[str, bytes]:
+        async with reads:
+            value = await read(lambda: _jobs_value(js, key, kv), f"reading a part of job {state.job_id}'s record")
+        if value is None:
+            raise RecordPartMissing(f"job {state.job_id}'s record names {key} for one of its completed nodes, "
+                                    "which the bus does not hold")
+        return name, value
+
+    return state.with_parts(dict(await asyncio.gather(*(get(n, k) for n, k in state.part_keys().items()))))
+
+
+async def _jobs_value(js: JetStreamContext, key: str, kv=None) -> bytes | None:
     """The value of KV cb_jobs key `key`; None when the bus (its stream leader) has none."""
     tenant = TENANT.get()
-    kv = jobs_kv(js) if tenant else await js.key_value(subjects.JOBS_BUCKET)
+    if kv is None:
+        kv = jobs_kv(js) if tenant else await js.key_value(subjects.JOBS_BUCKET)
     try:
         entry = await kv.get(key)
     except InvalidKeyError:
@@ -230,8 +273,9 @@ async def _jobs_value(js: JetStreamContext, key: str) -> bytes | None:
 
 
 class RecordPartMissing(BusError):
-    """A job's record names a key of its own parts (NodeState.speaker_turns_key) that the bus
-    does not hold: written before the record that names it, so gone since (gc) or never stored."""
+    """A job's record names a key of its own parts (JobState.parts, NodeState.speaker_turns_key)
+    that the bus does not hold: written before the record that names it, so gone since (gc) or
+    never stored."""
 
 
 async def speaker_turns(js: JetStreamContext, state: JobState, node_id: str) -> TurnSummary | None:
@@ -251,31 +295,31 @@ async def speaker_turns(js: JetStreamContext, state: JobState, node_id: str) -> 
 
 
 async def with_record_parts(js: JetStreamContext, state: JobState) -> JobState:
-    """`state` with the parts of its record kept under their own keys filled in on its nodes
-    (`speaker_turns`): the whole record, as `status --json` and `run`'s job.json show it."""
+    """`state` whole, with every part of its record kept under its own keys read in: its
+    completed nodes (`whole_record`) and their speaker summaries (`speaker_turns`): the whole
+    record, as `status --json` and `run`'s job.json show it, the same as the record of a
+    coordinator before parts held inline."""
+    state = await whole_record(js, state)
     nodes = {node_id: node.model_copy(update={"speaker_turns": await speaker_turns(js, state, node_id)})
              if node.speaker_turns_key else node for node_id, node in state.nodes.items()}
     return state.model_copy(update={"nodes": nodes})
 
 
-async def list_jobs(js: JetStreamContext) -> list[JobState]:
-    """Every job record, oldest first; [] only when the bus says there are none."""
+async def list_jobs(js: JetStreamContext, *, whole: bool = True) -> list[JobState]:
+    """Every job record, oldest first; [] only when the bus says there are none. whole=False:
+    their heads (`job_head`), for a reader that reads the nodes of the few it shows
+    (`whole_record`) or none."""
 
     tenant = TENANT.get()
 
     async def keys():
         if tenant:  # the tenant's keys only: the callout grants no other listing
             return list(await last_per_key(js, subjects.tenant_keys(tenant), headers_only=True))
-        kv = await js.key_value(subjects.JOBS_BUCKET)
-        try:
-            return await kv.keys()
-        except NoKeysError:
-            return []
+        return await record_keys(await js.key_value(subjects.JOBS_BUCKET))
 
     states = []
-    # nats-py's keys() lists a key updated during its watch twice
     for key in filter(subjects.is_job_key, dict.fromkeys(await read(keys, "listing jobs"))):
-        state = await job_state(js, subjects.job_id_of_key(key))
+        state = await (job_state if whole else job_head)(js, subjects.job_id_of_key(key))
         if state:  # a job deleted (gc) between the listing and the read
             states.append(state)
     return sorted(states, key=lambda s: s.created_at)

@@ -153,13 +153,13 @@ def gc(dry_run: bool, as_json: bool, local_only: bool) -> None:
               help="Output folder (default: ./<input name>.subs).")
 def fetch(job_id: str, out_dir: Path | None) -> None:
     """Download a finished job's outputs (as `run` names them); prints each file."""
-    from captionbus.client import fetch_outputs, job_state
+    from captionbus.client import fetch_outputs, job_head
     from captionbus.core.artifacts import ArtifactStore
 
     settings = load()
 
     async def go(nc, js):
-        state = await job_state(js, job_id)
+        state = await job_head(js, job_id)  # its outputs: the nodes are not needed
         if state is None:
             raise UserError(f"no job {job_id!r}")
         if not state.outputs:
@@ -224,7 +224,8 @@ def jobs(as_json: bool, wide: bool) -> None:
     """All jobs the bus knows, oldest first."""
     from captionbus.client import list_jobs
 
-    states = on_bus("captionbus-jobs", lambda nc, js: list_jobs(js))
+    # The table shows no nodes: the records' heads (their completed nodes are not read in).
+    states = on_bus("captionbus-jobs", lambda nc, js: list_jobs(js, whole=as_json))
     if as_json:
         for state in states:
             click.echo(state.model_dump_json())
@@ -264,12 +265,12 @@ def parse_since(value: str | None):
 def events(job_id: str | None, follow: bool, since: str | None) -> None:
     """Job events as JSON lines (all jobs, or one)."""
     from captionbus.client import follow as follow_events
-    from captionbus.client import job_state
+    from captionbus.client import job_head
 
     start = parse_since(since)
 
     async def go(nc, js):
-        if job_id is not None and await job_state(js, job_id) is None:
+        if job_id is not None and await job_head(js, job_id) is None:
             raise UserError(f"no job {job_id!r}")
         # Ctrl-C / SIGTERM end the follow here, in the loop, so the connection closes and the
         # process exits 130 instead of lingering on a server that went away.
@@ -309,7 +310,7 @@ def _job_command(action: str):
         from captionbus import client
 
         async def go(nc, js):
-            state = await client.job_state(js, job_id)
+            state = await client.job_head(js, job_id)
             if state is None:
                 raise UserError(f"no job {job_id!r}")
             # The coordinator ignores both in these states; say so instead of "requested".

@@ -1,6 +1,9 @@
 """Subject, stream, bucket and consumer names. Change them here only."""
 from __future__ import annotations
 
+import base64
+import hashlib
+
 from captionbus.contracts.ids import NO_TENANT, tenant_of, validate_tenant, validate_token
 
 PREFIX = "captionbus"
@@ -71,16 +74,43 @@ def job_id_of_key(key: str) -> str:
     return key.rpartition(".")[2]
 
 
-def job_part_key(job_id: str, *part: str) -> str:
-    """The KV cb_jobs key of a part of a job's record kept apart from it (a node's speaker
-    summary, NodeState.speaker_turns_key): written once, not with each rewrite of the record.
-    `<tenant>.<job>.<part...>`, and `_.<job>.<part...>` for a job of no tenant: three tokens or more, so never
+PART_NAME_LENGTH = 20  # base32 characters of a part's SHA-256: 100 bits
+_PART_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+def part_name(value: bytes) -> str:
+    """The name of a part of a job's record: the first PART_NAME_LENGTH characters of the base32
+    SHA-256 of its bytes. Named by what it holds, not by the node it belongs to: any node id
+    the workflow makes (an item of any name, a branch of any language) gives a valid key, and a
+    name holds one value only, so two coordinators that decided two completions of one attempt
+    (a redelivered request both of whose runs finished) write two keys, never one key that
+    holds the loser's bytes while the winner's state names it, and a reader or a coordinator
+    may keep a part it read as long as it likes (it cannot change)."""
+    return base64.b32encode(hashlib.sha256(value).digest()).decode()[:PART_NAME_LENGTH]
+
+
+def is_part_name(name: object) -> bool:
+    return isinstance(name, str) and len(name) == PART_NAME_LENGTH and _PART_NAME_CHARS.issuperset(name)
+
+
+def job_part_key(job_id: str, name: str) -> str:
+    """The KV cb_jobs key of a part of a job's record kept apart from it (a completed node,
+    NodeState.part; a node's speaker summary, NodeState.speaker_turns_key): written once, before
+    the record naming it, never with a rewrite of the record. `name` is `part_name` of its bytes.
+    `<tenant>.<job>.<name>`, and `_.<job>.<name>` for a job of no tenant: three tokens, so never
     a job's key (one or two, `is_job_key`), under the tenant's keys (`$KV.cb_jobs.<tenant>.>`,
     which the tenant and every role that reads all job state may read), and a job of no tenant's
-    under `_`, which no tenant is (`<job>.<part>` would lie under a tenant named like the job)."""
-    if not part:
-        raise ValueError("a part of a job's record needs a name")
-    return ".".join([tenant_of(validate_token(job_id, "job id")), job_id, *(validate_token(p, "record part") for p in part)])
+    under `_`, which no tenant is (`<job>.<part>` would lie under a tenant named like the job).
+    Keys of coordinators before part names (`<tenant>.<job>.<node>.turns.<attempt>`) are read
+    where a record names them, and collected with their job's record."""
+    if not is_part_name(name):
+        raise ValueError(f"invalid record part name {name!r}: part_name() of the part's bytes")
+    return f"{tenant_of(validate_token(job_id, 'job id'))}.{job_id}.{name}"
+
+
+def job_id_of_part_key(key: str) -> str:
+    """The job id of a part's key (`job_part_key`: its second token)."""
+    return key.split(".")[1]
 
 
 def is_job_key(key: str) -> bool:

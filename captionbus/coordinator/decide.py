@@ -85,7 +85,9 @@ class PublishEvent:
 @dataclass(frozen=True)
 class PutRecordPart:
     """Write `value` under KV cb_jobs key `key` (subjects.job_part_key) before the state that
-    names it: a part of the record written once instead of with each rewrite of the record."""
+    names it: a part of the record (a completed node, NodeState.part; a speaker summary,
+    NodeState.speaker_turns_key) written once instead of with each rewrite of the record. Its
+    key is named by its bytes (subjects.part_name): writing it again writes the same bytes."""
     key: str
     value: bytes
 
@@ -293,14 +295,17 @@ class _Step:
             node.items = dict(event.items)
             node.speaker_turns, node.speaker_turns_key = None, None
             if event.speaker_turns is not None:
-                # ~42 KB at its cap: under a key of its own, written once, not with every later
-                # event of the film (benchmarks/job_state.py).
-                node.speaker_turns_key = subjects.job_part_key(state.job_id, event.node, "turns", str(event.attempt))
-                self.actions.append(PutRecordPart(node.speaker_turns_key, event.speaker_turns.model_dump_json().encode()))
+                # ~42 KB at its cap: a part of its own, which the coordinator never reads back
+                # (only readers that show it do), not inside the node's part.
+                self._put_part(turns := event.speaker_turns.model_dump_json().encode())
+                node.speaker_turns_key = subjects.job_part_key(state.job_id, subjects.part_name(turns))
             self._plan = None  # a list it produced may add nodes (for_each: node.output)
             node.finished_at = self.now
             node.progress = 1.0
             node.deadline_at = None
+            # The node is done changing (nothing edits a completed node but a retry, which makes
+            # a new attempt and a new part): written once, named in the record from now on.
+            node.part = self._put_part(node.stored())
             return self._advance()
         return self._attempt_failed(event.node, one_line(event.reason), event.retryable,
                                     failure_class(event.error_type, event.reason))
@@ -617,6 +622,12 @@ class _Step:
             if node.status in (NodeStatus.requested, NodeStatus.retry_wait):
                 node.status = NodeStatus.cancelled
                 node.deadline_at = node.next_attempt_at = None
+
+    def _put_part(self, value: bytes) -> str:
+        """Write `value` as a part of the job's record (PutRecordPart, before the state); its name."""
+        name = subjects.part_name(value)
+        self.actions.append(PutRecordPart(subjects.job_part_key(self.state.job_id, name), value))
+        return name
 
     def _mark_applied(self, event_id: str) -> None:
         applied = self.state.applied

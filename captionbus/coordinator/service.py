@@ -80,7 +80,6 @@ from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from pydantic import ValidationError
@@ -96,11 +95,11 @@ from captionbus.contracts import (
     subjects,
 )
 from captionbus.contracts.events import JobEvent, JobSubmitted
-from captionbus.contracts.jobs import utcnow
+from captionbus.contracts.jobs import MissingParts, node_of_part, utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.core import settings as settings_mod
-from captionbus.core.bus import provision, publish_event, through_failover
+from captionbus.core.bus import provision, publish_event, record_keys, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.tasks import await_stack, cancel_and_wait
@@ -114,6 +113,10 @@ EVENTS_IN_HAND = 16
 # many jobs (least recently used out; a 2-hour film's state is ~1 MB of Python objects).
 STATE_MEMORY_S = 20.0
 STATE_MEMORY_JOBS = 256
+# Completed nodes (parts of records, JobState.parts) kept in memory, least recently used out: 16
+# 2-hour films' (240 chunks each) at ~4 KB of Python objects a node; and reads of missing ones at once.
+PARTS_KEPT = 4096
+PART_READS = 32
 PUBLISH_TIMEOUT_S = 5.0  # for a job event's ack
 # stop(): how long the loops may take to finish the events in hand, and the job senders their
 # publishes, before they are cancelled; and how long a cancelled task may take to end (a task that
@@ -364,6 +367,10 @@ class Coordinator:
         self._last_scan = float("-inf")
         # job id -> (state, its revision, when we read or wrote it): see _remembered.
         self._states: OrderedDict[str, tuple[JobState, int, float]] = OrderedDict()
+        # KV key -> the node a part of a job's record holds (NodeState.part), least recently used
+        # out: a state read from the KV takes its completed nodes from here (_read_parts).
+        self._parts: OrderedDict[str, NodeState] = OrderedDict()
+        self._part_reads = asyncio.Semaphore(PART_READS)
         # job id -> [lock, users]: one event or tick of a job at a time in this process (_owning).
         self._locks: dict[str, list] = {}
         # job id -> ids (outbox_id) of the entries in its stored outbox that we have published.
@@ -671,8 +678,51 @@ class Coordinator:
             self._forget(job_id)
             return None, None
         state = JobState.model_validate_json(entry.value)
+        if state.parts:
+            state = state.with_parts(await self._read_parts(state))
         self._remember(job_id, state, entry.revision)
         return state, entry.revision
+
+    async def _read_parts(self, head: JobState) -> dict[str, NodeState]:
+        """The nodes `head` names by part (JobState.parts): from the parts this process wrote or
+        read (a part never changes: it is named by its bytes), the rest read from the KV at once.
+        A part the KV lacks is an error (MissingParts): the record names it, so it was
+        written before the record, and gc collects both together."""
+        found: dict[str, NodeState] = {}
+        wanted: dict[str, str] = {}
+        for name, key in head.part_keys().items():
+            node = self._parts.get(key)
+            if node is not None:
+                self._parts.move_to_end(key)
+                found[name] = node
+            else:
+                wanted[name] = key
+
+        async def get(name: str, key: str) -> None:
+            async with self._part_reads:
+                try:
+                    value = (await self.kv.get(key)).value
+                except (KeyNotFoundError, KeyDeletedError):
+                    # A direct get may be answered by a replica that lacks a part just written
+                    # (another coordinator's): the stream's leader says whether it is there.
+                    try:
+                        msg = await self.js.get_msg(f"KV_{subjects.JOBS_BUCKET}",
+                                                    subject=f"$KV.{subjects.JOBS_BUCKET}.{key}")
+                    except NotFoundError:
+                        raise MissingParts(head.job_id, [key]) from None
+                    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                        raise MissingParts(head.job_id, [key]) from None
+                    value = msg.data
+            found[name] = node_of_part(name, value)
+            self._keep_part(key, found[name])
+
+        await asyncio.gather(*(get(name, key) for name, key in wanted.items()))
+        return found
+
+    def _keep_part(self, key: str, node: NodeState) -> None:
+        self._parts[key] = node
+        while len(self._parts) > PARTS_KEPT:
+            self._parts.popitem(last=False)
 
     # ------------------------------------------------------------ what we last saw of a job
 
@@ -760,10 +810,15 @@ class Coordinator:
         it with the job's next write (or the tick loop's, when the job waits), which took a
         second state write off each stage hop.
         """
-        for part in decision.parts:  # before the state that names it (decide.PutRecordPart)
-            await self.kv.put(part.key, part.value)
-        requests = decision.requests
         state = decision.state
+        # Before the state that names them (decide.PutRecordPart), all at once.
+        await asyncio.gather(*(self.kv.put(part.key, part.value) for part in decision.parts))
+        for node in state.nodes.values() if decision.parts else ():
+            if node.part is not None:
+                key = subjects.job_part_key(job_id, node.part)
+                if key not in self._parts:
+                    self._keep_part(key, node)
+        requests = decision.requests
         entries = [request_entry(request) for request in requests]
         outbox = [*self._kept(job_id, state, self.clock(), jlog), *entries,
                   *(event.model_dump(mode="json") for event in decision.events)]
@@ -1134,10 +1189,7 @@ class Coordinator:
 
     async def _scan_keys(self) -> None:
         self._last_scan = time.monotonic()
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return
+        keys = await record_keys(self.kv)
         self._running.update(j for j in map(subjects.job_id_of_key, filter(subjects.is_job_key, keys))
                              if j not in self._finished)
 

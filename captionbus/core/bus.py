@@ -623,6 +623,24 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
         await _forbid_rollups(js, stream)
 
 
+async def record_keys(kv) -> list[str]:
+    """The keys of KV cb_jobs that are jobs' records (`<job>`, `<tenant>.<job>`: subjects.is_job_key),
+    not their parts (three tokens, subjects.job_part_key): two watches filtered on one and two
+    tokens, where nats-py's `kv.keys()` lists every key (a 2-hour film's record has ~250 parts).
+    [] when there are none."""
+    keys: list[str] = []
+    for pattern in ("*", "*.*"):
+        watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of the values held
+                    break
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
+    return list(dict.fromkeys(keys))  # a key updated during the watch comes twice
+
+
 async def require_provisioned(js: JetStreamContext, names_only: bool = False) -> None:
     """For workers and clients: check that what provision() creates exists; create nothing.
     names_only: by the list of stream names (a tenant's client may not ask for stream info).

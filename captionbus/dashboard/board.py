@@ -42,6 +42,7 @@ from captionbus.client import workers as worker_replies
 from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
 from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
+from captionbus.contracts.jobs import MissingParts
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.tasks import cancel_and_wait
 
@@ -175,7 +176,10 @@ class Board:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.stages = stages
-        self.jobs: dict[str, JobState] = {}
+        self.jobs: dict[str, JobState] = {}  # whole (JobState.with_parts)
+        # job -> part name -> bytes: parts of records (subjects.job_part_key) the watch delivered
+        # (before the record naming them: written first) and no state of ours holds yet.
+        self.parts: dict[str, dict[str, bytes]] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
         self.workers: dict[str, dict[str, Any]] = {}  # worker id -> info + last_seen (monotonic)
         self.queues: dict[str, dict[str, Any]] = {}
@@ -238,17 +242,42 @@ class Board:
                 self.jobs_loaded.set()
                 log.info("job states loaded", jobs=len(self.jobs))
                 continue
-            if not subjects.is_job_key(entry.key):  # a part of a record (a speaker summary)
+            if not subjects.is_job_key(entry.key):  # a part of a record (a node, a speaker summary)
+                if entry.value and entry.operation not in ("DEL", "PURGE"):
+                    job_id, name = subjects.job_id_of_part_key(entry.key), entry.key.rpartition(".")[2]
+                    self.parts.setdefault(job_id, {})[name] = entry.value
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 self.jobs.pop(subjects.job_id_of_key(entry.key), None)
                 self.summaries.pop(subjects.job_id_of_key(entry.key), None)
+                self.parts.pop(subjects.job_id_of_key(entry.key), None)
                 continue
             try:
-                state = JobState.model_validate_json(entry.value)
+                state = self.whole(JobState.model_validate_json(entry.value))
             except ValidationError:
                 continue  # a newer schema: not ours to interpret
+            except (MissingParts, ValueError) as e:
+                log.warning("job state names parts the watch has not delivered; its last state stays shown",
+                            key=entry.key, error=str(e))
+                continue
             self.apply_state(state)
+
+    def whole(self, head: JobState) -> JobState:
+        """`head` whole (JobState.with_parts, as every reader reads a record): its completed nodes
+        from the state shown before (a part never changes) or from the parts the watch delivered,
+        which leave `parts` once in a state. A finished job's leftovers (a speaker summary: the
+        page reads it when asked, client.speaker_turns) are dropped."""
+        if head.whole:
+            return head
+        previous = self.jobs.get(head.job_id)
+        pending = self.parts.get(head.job_id, {})
+        known: dict[str, Any] = {node.part: node for node in previous.nodes.values() if node.part} if previous else {}
+        state = head.with_parts({**known, **pending})
+        for name in head.parts.values():
+            pending.pop(name, None)
+        if state.status.finished or not pending:
+            self.parts.pop(head.job_id, None)
+        return state
 
     def apply_state(self, state: JobState) -> None:
         previous = self.jobs.get(state.job_id)

@@ -268,9 +268,18 @@ class Gateway:
         return state
 
     async def jobs(self, js, caller: Caller) -> list[JobState]:
+        """The jobs `caller` may see, oldest first, as heads (client.job_head): whole them
+        (`whole`) for what is shown of their nodes."""
         async with on_bus():
-            states = await client.list_jobs(js)
+            states = await client.list_jobs(js, whole=False)
         return [s for s in map(self.proven, states) if caller.may_see(s.spec.owner)]
+
+    @staticmethod
+    async def whole(js, states: list[JobState]) -> list[JobState]:
+        """`states` with their completed nodes read in (client.whole_record: a job's parts at once,
+        one job after another)."""
+        async with on_bus():
+            return [await client.whole_record(js, s) for s in states]
 
     def proven_owner(self, spec: JobSpec) -> str | None:
         """The key a job belongs to: its `owner` only with a valid proof (gateway.keys' docstring:
@@ -359,7 +368,7 @@ class Gateway:
         delay = 0.005
         while True:
             async with on_bus():
-                if await client.job_state(js, job_id) is not None:
+                if await client.job_head(js, job_id) is not None:
                     return True
             if asyncio.get_running_loop().time() + delay > deadline:
                 return False
@@ -392,7 +401,7 @@ class Gateway:
     async def wait_for_end(self, js, job_id: str, ended: asyncio.Future):
         async def is_terminal() -> bool:
             async with on_bus():
-                state = await client.job_state(js, job_id)
+                state = await client.job_head(js, job_id)
             return state is not None and state.status.value in TERMINAL_KINDS
 
         async def replay():

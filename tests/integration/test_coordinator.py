@@ -16,6 +16,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from captionbus.client import whole_record
 from captionbus.contracts import (
     ArtifactRef,
     JobCancelRequested,
@@ -128,7 +129,7 @@ class Bus:
         state = None
         while time.monotonic() < deadline:
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                state = JobState.model_validate_json((await self.kv.get(job_id)).value)
+                state = await whole_record(self.js, JobState.model_validate_json((await self.kv.get(job_id)).value))
                 if predicate(state):
                     return state
             await asyncio.sleep(0.05)
@@ -200,6 +201,38 @@ def test_job_survives_coordinator_restart(nats_server):
             await second_nc.close()
         assert state.status == JobStatus.completed
         assert {n: s.attempt for n, s in state.nodes.items()} == {"demux": 1, "asr": 1, "subtitle_gen": 1, "mux": 1}
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_coordinator_that_wrote_none_of_a_records_parts_reads_it_whole(nats_server):
+    """The record is a head naming a part per completed node: a coordinator with none of them in
+    memory (a new process taking a job over) reads them from the KV, and gets the state the one
+    that wrote them held; a part the KV does not hold is an error that names it, not a state
+    short of a node."""
+    from captionbus.contracts.jobs import MissingParts
+
+    async def scenario(bus: Bus):
+        async with bus.coordinator() as first:
+            await submit(bus.js, "job-p")
+            await bus.answer("demux", "asr")
+            await bus.state_when("job-p", lambda s: s.nodes["subtitle_gen"].status.value == "requested")
+            held, _ = first._remembered("job-p") or await first.read_state("job-p")
+        head = JobState.model_validate_json((await bus.kv.get("job-p")).value)
+        assert head.parts == {"demux": held.nodes["demux"].part, "asr": held.nodes["asr"].part}
+        fresh = bus.coordinator()
+        fresh.kv = bus.kv
+        read, _ = await fresh.read_state("job-p")
+        assert read.model_dump_json() == held.model_dump_json() and read.nodes["asr"].worker == held.nodes["asr"].worker
+        await bus.kv.purge(subjects.job_part_key("job-p", head.parts["asr"]))
+        other = bus.coordinator()
+        other.kv = bus.kv
+        try:
+            await other.read_state("job-p")
+        except MissingParts as e:
+            assert e.names == [subjects.job_part_key("job-p", head.parts["asr"])]
+        else:
+            raise AssertionError("a record whose part is gone read as a state")
 
     on_bus(nats_server, scenario)
 

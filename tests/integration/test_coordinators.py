@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.fleet_sim import Jobs, SimWorkers, load_graphs, stage_outputs, terminal_events
+from captionbus.client import whole_record
 from captionbus.contracts import JobState, subjects
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import PROJECT_ROOT, Settings
@@ -90,7 +91,8 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
         assert second.poll() is None, second_log.read_text()[-2000:]
 
         kv = await js.key_value(subjects.JOBS_BUCKET)
-        states = {job: JobState.model_validate_json((await kv.get(job)).value) for job in jobs.submitted}
+        states = {job: await whole_record(js, JobState.model_validate_json((await kv.get(job)).value))
+                  for job in jobs.submitted}
         terminal = await terminal_events(js)
         workers.stop.set()
         await asyncio.gather(*workers.tasks, return_exceptions=True)

@@ -100,11 +100,14 @@ def run_jobs(urls: dict[str, str], home: Path) -> list[str]:
                             != JobStatus.completed:
                         assert time.monotonic() < deadline, "the job did not complete"
                         await asyncio.sleep(0.1)
-                    # the summary lies under a key of its own, written once; the record names it,
-                    # and the client (`status --json`, job.json) shows it on the node
-                    record = json.loads((await kv.get(job_id)).value)["nodes"]["diarization"]
-                    key = subjects.job_part_key(job_id, "diarization", "turns", "1") if summary else None
-                    assert "speaker_turns" not in record and record.get("speaker_turns_key") == key
+                    # the node is a part of its own and its summary another, each written once;
+                    # the record names the node's, the node the summary's, and the client
+                    # (`status --json`, job.json) shows the summary on the node
+                    name = json.loads((await kv.get(job_id)).value)["nodes"]["diarization"]
+                    node = json.loads((await kv.get(subjects.job_part_key(job_id, name))).value)
+                    key = (subjects.job_part_key(job_id, subjects.part_name(TurnSummary.of(TURNS).model_dump_json().encode()))
+                           if summary else None)
+                    assert "speaker_turns" not in node and node.get("speaker_turns_key") == key
                     shown = await with_record_parts(client.jetstream(), state)
                     assert shown.nodes["diarization"].speaker_turns == (TurnSummary.of(TURNS) if summary else None)
                     done.append(job_id)

@@ -36,6 +36,24 @@ async def _write_job(js, state: JobState) -> None:
     await publish_event(js, JobSubmitted(job_id=state.job_id, spec=state.spec))
 
 
+async def _write_parted(js, state: JobState) -> list[str]:
+    """`state` as the coordinator writes it (each completed node in a part of its own, before
+    the record naming it, and a speaker summary's key), and its event; the parts' keys."""
+    kv = await js.key_value(subjects.JOBS_BUCKET)
+    turns = b'{"duration": 1.0, "job": "%s"}' % state.job_id.encode()
+    keys = [subjects.job_part_key(state.job_id, subjects.part_name(turns))]
+    await kv.put(keys[0], turns)
+    for node in state.nodes.values():
+        if node.status == NodeStatus.completed:
+            node.speaker_turns_key = keys[0]
+            node.part = subjects.part_name(node.stored())
+            keys.append(subjects.job_part_key(state.job_id, node.part))
+            await kv.put(keys[-1], node.stored())
+    await kv.put(subjects.job_key(state.job_id), state.stored())
+    await publish_event(js, JobSubmitted(job_id=state.job_id, spec=state.spec))
+    return keys
+
+
 async def _bus(url: str, settings: Settings, name: str):
     """A provisioned bus and an artifact store on it."""
     nc = await connect(url, name)
@@ -65,14 +83,13 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
                            nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
                                                      outputs={"audio": running_mid}),
                                   "asr": NodeState(stage="asr", status=NodeStatus.requested)})
-        await _write_job(js, old)
-        await _write_job(js, running)
-        # Each job's speaker summary under a key of its own (NodeState.speaker_turns_key): gone
-        # with its record, and never read as a record (malformed) or as a job of its own.
+        # As the coordinator stores them: each completed node in a part of its own, which the
+        # record names (the running job's intermediate is named by its part only), and each job's
+        # speaker summary under a key of its own (NodeState.speaker_turns_key): gone with the
+        # record, and never read as a record (malformed) or as a job of its own.
+        parts = [await _write_parted(js, old), await _write_parted(js, running)]
+        assert b"audio.wav" not in (await (await js.key_value(subjects.JOBS_BUCKET)).get("job-running")).value
         jobs = await js.key_value(subjects.JOBS_BUCKET)
-        parts = [subjects.job_part_key(job_id, "diarization", "turns", "1") for job_id in ("job-old", "job-running")]
-        for key in parts:
-            await jobs.put(key, b'{"duration": 1.0}')
         cache = await js.key_value(subjects.STAGE_CACHE_BUCKET)
         await cache.put("c" * 64, json.dumps({"outputs": {"out": cached.model_dump(mode="json")}}).encode())
 
@@ -90,7 +107,7 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         later = now.timestamp() + 8 * DAY
         dry = await collect(settings, js, dry_run=True, now=later)
         assert dry.object_store.count == 1 and dry.object_store.bytes == old_out.size
-        assert dry.job_histories == 1 and dry.job_records == 1 and len(await jobs.keys()) == 4
+        assert dry.job_histories == 1 and dry.job_records == 1 and len(await jobs.keys()) == 6
         assert (await js.stream_info(stream)).state.bytes == bytes_at_start
         assert all([await store.exists(r) for r in every])
         assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 2
@@ -111,7 +128,7 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         # The old job's events and record are gone; the running job's are not.
         events = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")
         assert set(events.state.subjects) == {"captionbus.job.job-running.submitted"}
-        assert sorted(await jobs.keys()) == [parts[1], "job-running"]
+        assert sorted(await jobs.keys()) == sorted([*parts[1], "job-running"])
 
         # A month on, the cache entry has expired: removed now, its artifact one run later.
         month = now.timestamp() + 31 * DAY
@@ -120,6 +137,56 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         second = await collect(settings, js, now=month)
         assert second.object_store.count == 1 and not await store.exists(cached)
         assert await store.exists(shared) and await store.exists(running_mid)  # still running
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_gc_removes_every_part_with_its_record_and_parts_whose_record_is_gone(nats_server, tmp_path, monkeypatch):
+    """A collected job's record goes with every part of it, one written after this run listed
+    the job's keys too (a coordinator that read the record before: review, "a key written after
+    gc listed its job stays"); parts whose record is gone (such a part written after the purge,
+    or a run that stopped between) go in the next run, unless a record is there again by then."""
+    from captionbus.core import gc
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-parts")
+        film = await store.put(_file(tmp_path / "src", "film.wav", 1000))
+        srt = await store.put(_file(tmp_path / "src", "film.srt", 1000))
+        now = datetime.now(timezone.utc)
+        await _write_parted(js, JobState(
+            spec=JobSpec(job_id="acme_old", input=film), status=JobStatus.completed, updated_at=now,
+            nodes={"asr": NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": srt})}))
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        gone = [subjects.job_part_key(job_id, subjects.part_name(job_id.encode())) for job_id in ("j-gone", "j-back")]
+        for key in gone:
+            await kv.put(key, b"{}")
+        late = subjects.job_part_key("acme_old", subjects.part_name(b"late"))
+        delete = gc.Collector._delete
+
+        async def listed_then_written(self):
+            await kv.put(late, b"late")  # after the listing, before the deletions
+            await kv.put(subjects.job_key("j-back"), JobState(spec=JobSpec(job_id="j-back", input=film)).stored())
+            await delete(self)
+        later = now.timestamp() + 8 * DAY
+        dry = await collect(settings, js, dry_run=True, now=later)
+        assert (dry.job_records, dry.orphan_parts) == (1, 2) and len(await kv.keys()) == 5
+        monkeypatch.setattr(gc.Collector, "_delete", listed_then_written)
+        done = await collect(settings, js, now=later)
+        monkeypatch.setattr(gc.Collector, "_delete", delete)
+        assert (done.job_records, done.orphan_parts) == (1, 1)
+        assert sorted(await kv.keys()) == sorted(["j-back", gone[1]])  # a record came back for j-back's
+        await kv.purge("j-back")
+        await kv.put(subjects.job_part_key("acme_old", subjects.part_name(b"after")), b"after")  # after the purge
+        again = await collect(settings, js, now=later)
+        assert (again.job_records, again.orphan_parts) == (0, 2)
+        with pytest.raises(nats.js.errors.NoKeysError):
+            await kv.keys()
+        held = await js.stream_info(f"KV_{subjects.JOBS_BUCKET}", subjects_filter=">")
+        assert set(held.state.subjects or {}) <= {"$KV.cb_jobs.acme.acme_old", "$KV.cb_jobs.j-back"}  # markers
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
@@ -300,6 +367,11 @@ def test_size_limit_takes_a_live_cache_entry_in_two_runs(nats_server, tmp_path):
 ALL = 'publish: ">", subscribe: ">"'
 
 
+# Every way gc reads job records: gets of a key, and the consumer that delivers every key's value.
+NO_JOB_READS = ("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>",
+                "$JS.API.CONSUMER.CREATE.KV_cb_jobs", "$JS.API.CONSUMER.CREATE.KV_cb_jobs.>")
+
+
 def _all_but(*subjects_denied: str) -> str:
     return 'publish: {allow: ">", deny: [' + ", ".join(f'"{s}"' for s in subjects_denied) + ']}, subscribe: ">"'
 
@@ -337,7 +409,7 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
     from captionbus.core.gc import GcError
 
     users = {"admin": ALL,
-             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>"),
+             "no-jobs": _all_but(*NO_JOB_READS),
              "no-cache": _all_but("$JS.API.STREAM.INFO.KV_cb_stage_cache")}
     with users_server(tmp_path, users) as urls:
 
@@ -445,7 +517,7 @@ def test_gc_cli_fails_part_way_with_every_deletion_logged_and_the_summary(tmp_pa
     deleted, and the exit code is the bus's (4). A user that cannot read job records: exit 4,
     nothing deleted, the summary printed all the same."""
     users = {"admin": ALL, "no-events": _all_but("$JS.API.STREAM.PURGE.CB_EVENTS"),
-             "no-jobs": _all_but("$JS.API.STREAM.MSG.GET.KV_cb_jobs", "$JS.API.DIRECT.GET.KV_cb_jobs.>")}
+             "no-jobs": _all_but(*NO_JOB_READS)}
     with users_server(tmp_path, users) as urls:
 
         async def seed():

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from captionbus.contracts import JobSpec, JobSubmitted, StageCompleted, subjects
+from captionbus.contracts import JobSpec, JobState, JobStatus, JobSubmitted, NodeState, NodeStatus, StageCompleted, subjects
 from captionbus.coordinator.decide import Policy
 from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import Coordinator
 from captionbus.core.artifacts import ArtifactError, ArtifactStore
-from captionbus.core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event
+from captionbus.core.bus import StagePolicy, connect, ensure_stage_consumer, provision, publish_event, record_keys
 from captionbus.core.gc import collect
 from captionbus.core.settings import Settings
 from captionbus.services.noop.stage import STAGE as NOOP
@@ -57,6 +57,15 @@ def test_gc_collects_as_the_gc_user_and_no_other_user_may_purge(tmp_path):
             await publish_event(js["client"], JobSubmitted(job_id="job-x", spec=JobSpec(job_id="job-x", input=ref)))
             cache = await js["worker"].key_value(subjects.STAGE_CACHE_BUCKET)
             await cache.put("c" * 64, json.dumps({"outputs": {}}).encode())
+            # A finished job's record and the part of its completed node, as the coordinator writes
+            # them, and a part whose record is gone.
+            jobs = await js["coordinator"].key_value(subjects.JOBS_BUCKET)
+            node = NodeState(stage="noop", status=NodeStatus.completed, attempt=1)
+            node.part = subjects.part_name(node.stored())
+            await jobs.put(subjects.job_part_key("job-old", node.part), node.stored())
+            await jobs.put("job-old", JobState(spec=JobSpec(job_id="job-old", input=ref), status=JobStatus.completed,
+                                               nodes={"noop": node}).stored())
+            await jobs.put(subjects.job_part_key("job-gone", subjects.part_name(b"{}")), b"{}")
             stream = f"OBJ_{subjects.ARTIFACTS_BUCKET}"
             before = len(violations(log))
 
@@ -65,6 +74,7 @@ def test_gc_collects_as_the_gc_user_and_no_other_user_may_purge(tmp_path):
             for user in ("coordinator", "worker", "client", "dashboard"):
                 assert await _denied(js[user].purge_stream(stream, subject=chunk_filter)), user
                 assert await _denied(js[user].purge_stream(subjects.EVENTS_STREAM, subject="captionbus.job.job-x.>")), user
+                assert await _denied(js[user].purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject="$KV.cb_jobs._.job-old.>")), user
             for user in ("worker", "client", "dashboard"):
                 assert await _denied((await js[user].key_value(subjects.JOBS_BUCKET)).purge("job-x")), user
             assert (await js["gc"].stream_info(stream)).state.bytes >= ref.size
@@ -80,6 +90,11 @@ def test_gc_collects_as_the_gc_user_and_no_other_user_may_purge(tmp_path):
             assert report.cache_entries == 1
             assert report.object_store_bytes_after <= report.object_store_bytes_before - ref.size
             assert (await js["gc"].stream_info(subjects.EVENTS_STREAM)).state.messages == 1  # job-x has no record
+            # job-old's record with its part (a purge filtered on its part keys), job-gone's part
+            assert (report.job_records, report.orphan_parts) == (1, 1)
+            assert subjects.is_job_key("job-old") and not await record_keys(jobs)
+            held = await js["gc"].stream_info(f"KV_{subjects.JOBS_BUCKET}", subjects_filter=">")
+            assert set(held.state.subjects or {}) == {"$KV.cb_jobs.job-old"}  # its purge marker only
             for c in nc.values():
                 await c.close()
             return before, refused

@@ -50,6 +50,7 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
             job_id = await cancel_then_retry(stack)
             await check_history(stack, job_id)
             await check_job_workers(stack, job_id)
+            await check_record(stack, job_id)
             await stack.jobs_agree()
             if BROWSER:
                 await check_pages(stack, job_id, workers)
@@ -137,6 +138,41 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         assert ran <= workers and all(w.split("/")[1] == "noop" for w in ran), ran
         state = json.loads(await stack.cli("status", job_id, "--json"))
         assert {n["worker"]["worker_id"] for n in state["nodes"].values()} == ran
+
+    async def check_record(stack: LocalStack, job_id: str) -> None:
+        """The record is a head plus a part per completed node (the KV); the CLI (`status --json`,
+        `jobs --json`), the gateway (the job, the listing) and the dashboard's job page show the
+        one whole record the library reads (client.job_state), and each completed node in it is
+        what its applied StageCompleted said: what the record held inline before parts."""
+        from captionbus.client import job_state
+        from captionbus.contracts import ArtifactRef, NodeState, subjects
+        from captionbus.dashboard.board import job_detail
+        from captionbus.gateway.schemas import Job
+
+        kv = await stack.js.key_value(subjects.JOBS_BUCKET)
+        head = json.loads((await kv.get(job_id)).value)
+        named = {node_id: v for node_id, v in head["nodes"].items() if isinstance(v, str)}
+        whole = await job_state(stack.js, job_id)
+        assert set(named) == {"first", "second"} and named == {n: node.part for n, node in whole.nodes.items()}
+        for node_id, name in named.items():
+            part = (await kv.get(subjects.job_part_key(job_id, name))).value
+            assert NodeState.model_validate_json(part) == whole.nodes[node_id].model_copy(update={"part": None})
+        shown = json.loads(whole.model_dump_json())
+        assert json.loads(await stack.cli("status", job_id, "--json")) == shown, "status --json"
+        listed = [json.loads(line) for line in (await stack.cli("jobs", "--json")).splitlines()]
+        assert next(j for j in listed if j["spec"]["job_id"] == job_id) == shown, "jobs --json"
+        job = (await stack.gw.get(f"/v1/jobs/{job_id}")).json()
+        assert job == Job.of(whole).model_dump(mode="json") and job["nodes"]["first"]["env"], "gateway job"
+        jobs = (await stack.gw.get("/v1/jobs", params={"limit": 10_000})).json()["data"]
+        assert next(j for j in jobs if j["id"] == job_id) == job, "gateway job list"
+        page = (await stack.dash.get(f"/api/jobs/{job_id}")).json()
+        assert page["nodes"] == json.loads(json.dumps(job_detail(whole, [])["nodes"])), "dashboard job page"
+        events = [json.loads(line) for line in (await stack.cli("events", job_id)).splitlines()]
+        for node_id, node in whole.nodes.items():
+            [event] = [e for e in events if e["kind"] == "stage_completed" and e["event_id"] in whole.applied
+                       and e["node"] == node_id and e["attempt"] == node.attempt]
+            assert node.outputs == {k: ArtifactRef.model_validate(v) for k, v in event["outputs"].items()}
+            assert (node.worker, node.metrics, node.items) == (event["worker"], event["metrics"], event["items"])
 
     try:
         asyncio.run(asyncio.wait_for(main(), 300))

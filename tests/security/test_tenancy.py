@@ -591,39 +591,52 @@ async def _noted(errors: list, error: Exception) -> None:
     errors.append(error)
 
 
-def test_a_tenant_reads_its_own_jobs_speaker_summary_under_its_own_key_and_no_one_elses(tmp_path):
-    """A node's speaker summary lies under a key of its own (subjects.job_part_key, written by
-    the coordinator): the job's tenant reads it through captionbus.client as it reads the record;
-    another tenant cannot, nor the summary of a job of no tenant (under `_`, which no tenant is;
-    `<job>.<part>` would have lain under a tenant named like that job's id)."""
+def test_a_tenant_reads_its_own_jobs_parts_under_its_own_keys_and_no_one_elses(tmp_path):
+    """A job's record is a head plus parts under keys of their own (subjects.job_part_key, written
+    by the coordinator): each completed node, and a node's speaker summary. The job's tenant
+    reads them through captionbus.client as it reads the record (client.job_state: the whole
+    record; with_record_parts: with the summary); another tenant cannot read any of them, nor
+    the parts of a job of no tenant (under `_`, which no tenant is; `<job>.<part>` would have lain
+    under a tenant named like that job's id)."""
     from captionbus.contracts import JobSpec, JobState, NodeState, NodeStatus
     from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
 
     summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["Anna"], turns=[SpeakerTurn(start=1, end=4, speaker="Anna")]))
+    turns = summary.model_dump_json().encode()
 
-    def state_of(job_id: str) -> JobState:
-        key = subjects.job_part_key(job_id, "diarization", "turns", "1")
-        return JobState(spec=JobSpec(job_id=job_id, input={"key": "a" * 64, "name": "film.wav", "size": 1}), nodes={
-            "diarization": NodeState(stage="diarization", status=NodeStatus.completed, speaker_turns_key=key)})
+    def state_of(job_id: str) -> tuple[JobState, dict[str, bytes]]:
+        """The record as the coordinator writes it, and its parts (key -> bytes)."""
+        node = NodeState(stage="diarization", status=NodeStatus.completed, attempt=1,
+                         worker={"worker_id": "gpu-1/diarization/0/9", "env": "diarization"},
+                         speaker_turns_key=subjects.job_part_key(job_id, subjects.part_name(turns)))
+        node.part = subjects.part_name(node.stored())
+        state = JobState(spec=JobSpec(job_id=job_id, input={"key": "a" * 64, "name": "film.wav", "size": 1}),
+                         nodes={"diarization": node})
+        return state, {node.speaker_turns_key: turns, subjects.job_part_key(job_id, node.part): node.stored()}
 
     async def main():
         async with secured_fleet(tmp_path, worker=False, callout=True) as fleet:
-            ours, plain = state_of(new_job_id("client")), state_of("j19a3c5e7f01-4b2d9e6a")
+            (ours, our_parts), (plain, plain_parts) = state_of(new_job_id("client")), state_of("j19a3c5e7f01-4b2d9e6a")
             kv = await fleet.js["coordinator"].key_value(subjects.JOBS_BUCKET)
-            for state in (ours, plain):
-                await kv.put(state.nodes["diarization"].speaker_turns_key, summary.model_dump_json().encode())
+            for state, parts in ((ours, our_parts), (plain, plain_parts)):
+                for key, value in parts.items():
+                    await kv.put(key, value)
+                await kv.put(subjects.job_key(state.job_id), state.stored())
             with acting_for("client"):
-                read = await client.speaker_turns(fleet.js["client"], ours, "diarization")
-                shown = await client.with_record_parts(fleet.js["client"], ours)
-            tried = {name: await answered(fleet.nc[user], f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}")
-                     for name, user, key in [
-                         ("rival, the tenant's", "rival", ours.nodes["diarization"].speaker_turns_key),
-                         ("rival, no tenant's", "rival", plain.nodes["diarization"].speaker_turns_key),
-                         ("client, no tenant's", "client", plain.nodes["diarization"].speaker_turns_key)]}
-            return read, shown, tried
+                whole = await client.job_state(fleet.js["client"], ours.job_id)
+                read = await client.speaker_turns(fleet.js["client"], whole, "diarization")
+                shown = await client.with_record_parts(fleet.js["client"], whole)
+                head = await client.job_head(fleet.js["client"], ours.job_id)
+            tried = {f"{name} {key.rpartition('.')[2][:4]}": await answered(fleet.nc[user], f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}")
+                     for name, user, keys in [("rival, the tenant's", "rival", our_parts),
+                                              ("rival, no tenant's", "rival", plain_parts),
+                                              ("client, no tenant's", "client", plain_parts)] for key in keys}
+            return whole, read, shown, head, tried
 
-    read, shown, tried = asyncio.run(asyncio.wait_for(main(), 120))
+    whole, read, shown, head, tried = asyncio.run(asyncio.wait_for(main(), 120))
+    assert not head.whole and head.parts == {"diarization": whole.nodes["diarization"].part}
+    assert whole.nodes["diarization"].worker["worker_id"] == "gpu-1/diarization/0/9"
     assert read == summary and shown.nodes["diarization"].speaker_turns == summary
-    assert tried == {name: None for name in tried}
+    assert len(tried) == 6 and tried == {name: None for name in tried}
     refused = {s for user, s in violations(tmp_path / "server.log")}
-    assert f"$JS.API.DIRECT.GET.{KV}.{PRE}._.j19a3c5e7f01-4b2d9e6a.diarization.turns.1" in refused, refused
+    assert any(s.startswith(f"$JS.API.DIRECT.GET.{KV}.{PRE}._.j19a3c5e7f01-4b2d9e6a.") for s in refused), refused

@@ -26,7 +26,8 @@ from captionbus.dashboard.serve import serve as serve_dashboard
 from captionbus.gateway.app import GatewayConfig
 from captionbus.gateway.dispatch import Subscriber
 from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
-from captionbus.contracts import JobState, worker_identity
+from captionbus.client import whole_record
+from captionbus.contracts import JobState, subjects, worker_identity
 from captionbus.coordinator.graph import Workflow
 from captionbus.coordinator.service import Coordinator
 from captionbus.core.bus import connect, provision
@@ -180,12 +181,17 @@ class LocalStack:
         return parse_sse(lines + [""])
 
     async def kv_states(self) -> dict[str, JobState]:
+        """Every job's whole record (the KV's records with their parts read in), by job id."""
         kv = await self.js.key_value("cb_jobs")
         try:
             keys = await kv.keys()
         except Exception:  # NoKeysError: an empty bucket
             return {}
-        return {key: JobState.model_validate_json((await kv.get(key)).value) for key in keys}
+        states = {}
+        for key in filter(subjects.is_job_key, keys):
+            head = JobState.model_validate_json((await kv.get(key)).value)
+            states[key] = await whole_record(self.js, head)
+        return states
 
     # -- invariants ------------------------------------------------------------------------------
     async def workers_agree(self) -> set[str]:

@@ -212,3 +212,33 @@ def test_charts_count_the_last_hour_by_nearest_rank():
     summary = job_summary(recent)
     assert summary["duration_s"] == 60.0 and job_summary(state().model_copy(update={"status": JobStatus.running}))[
         "duration_s"] is None
+
+
+def test_the_board_shows_a_record_whole_from_its_head_and_the_parts_its_watch_delivered():
+    """The KV watch delivers a record's parts (written first) before the head naming them; the
+    board shows the head with its completed nodes read in (JobState.with_parts), the same state
+    as the record held whole, takes them from the state it showed when the head is rewritten,
+    and keeps that state when a head names a part it never saw."""
+    from types import SimpleNamespace
+
+    from captionbus.contracts import subjects
+    from captionbus.contracts.jobs import MissingParts
+    from captionbus.dashboard.board import Board
+
+    whole = state()
+    parts = {}
+    for node in whole.nodes.values():
+        if node.status == NodeStatus.completed:
+            node.part = subjects.part_name(node.stored())
+            parts[node.part] = node.stored()
+    board = Board(SimpleNamespace(jetstream=lambda: None), [])
+    board.parts["job-abc"] = dict(parts)
+    shown = board.whole(JobState.model_validate_json(whole.stored()))
+    assert shown.model_dump_json() == whole.model_dump_json() and "job-abc" not in board.parts  # finished: dropped
+    board.apply_state(shown)
+    again = board.whole(JobState.model_validate_json(whole.stored()))  # from the state shown
+    assert again.model_dump_json() == whole.model_dump_json()
+    whole.nodes["mux"] = NodeState(stage="mux", status=NodeStatus.completed, attempt=1)
+    whole.nodes["mux"].part = subjects.part_name(whole.nodes["mux"].stored())
+    with pytest.raises(MissingParts):
+        board.whole(JobState.model_validate_json(whole.stored()))

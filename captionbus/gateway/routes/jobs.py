@@ -75,7 +75,7 @@ async def list_jobs(_slot: Slot, gw: GatewayDep, caller: CallerDep, js: JetStrea
     """The caller's jobs (an admin key: every job), newest first; filter by status and workflow."""
     picked = [s for s in reversed(await gw.jobs(js, caller))
               if (status is None or s.status.value == status) and (workflow is None or s.spec.workflow == workflow)]
-    return JobList(data=[Job.of(s) for s in picked[:limit]])
+    return JobList(data=[Job.of(s) for s in await gw.whole(js, picked[:limit])])
 
 
 @router.get("/{job_id}", response_model=Job)

@@ -92,27 +92,59 @@ def test_happy_path_transcribe():
 
 
 def test_a_completions_speaker_turns_go_under_their_own_key_that_the_nodes_record_names():
-    """The summary (~42 KB at its cap) is written once, under a key of the job's (before the state
-    naming it: decide.PutRecordPart comes with that state), not on the record every later event
-    rewrites. A job of no tenant's part lies under `_`, a tenant's under the tenant's keys."""
+    """The summary (~42 KB at its cap) is written once, under a key of the job's named by its
+    bytes (before the state naming it: decide.PutRecordPart comes with that state), not on the
+    record every later event rewrites, nor inside the node's own part (which the coordinator
+    reads back; the summary only readers that show it). A job of no tenant's part lies under
+    `_`, a tenant's under the tenant's keys."""
     from captionbus.contracts import JobState, subjects
     from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
     from captionbus.coordinator.decide import PutRecordPart
 
     summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["SPEAKER_00"],
                                           turns=[SpeakerTurn(start=1, end=4, speaker="SPEAKER_00")]))
+    value = summary.model_dump_json().encode()
+    key = "_.j1." + subjects.part_name(value)
     d = step(step(submit(), completed("demux")), completed("asr", speaker_turns=summary))
     node = d.state.nodes["asr"]
-    assert node.speaker_turns is None and node.speaker_turns_key == "_.j1.asr.turns.1"
-    assert d.parts == [PutRecordPart("_.j1.asr.turns.1", summary.model_dump_json().encode())]
+    assert node.speaker_turns is None and node.speaker_turns_key == key
+    assert d.parts == [PutRecordPart(key, value), PutRecordPart(f"_.j1.{node.part}", node.stored())]
     assert TurnSummary.model_validate_json(d.parts[0].value) == summary
-    assert d.state.nodes["demux"].speaker_turns_key is None and not step(
-        step(submit(), completed("demux")), completed("asr")).parts
-    stored = JobState.model_validate_json(d.state.stored())
-    assert stored.nodes["asr"].speaker_turns_key == "_.j1.asr.turns.1" and b"SPEAKER_00" not in d.state.stored()
-    assert subjects.job_part_key("acme_j1", "asr", "turns", "2") == "acme.acme_j1.asr.turns.2"
-    assert not any(map(subjects.is_job_key, ["_.j1.asr.turns.1", "acme.acme_j1.asr.turns.2"]))
+    assert b"SPEAKER_00" not in d.parts[1].value and key.encode() in d.parts[1].value
+    assert d.state.nodes["demux"].speaker_turns_key is None
+    assert [p.key for p in step(step(submit(), completed("demux")), completed("asr")).parts] == [
+        f"_.j1.{subjects.part_name(d.state.nodes['asr'].model_copy(update={'speaker_turns_key': None}).stored())}"]
+    stored = d.state.stored()
+    assert b"SPEAKER_00" not in stored and JobState.model_validate_json(stored).parts["asr"] == node.part
+    assert subjects.job_part_key("acme_j1", node.part) == f"acme.acme_j1.{node.part}"
+    assert not any(map(subjects.is_job_key, [key, f"acme.acme_j1.{node.part}"]))
     assert all(map(subjects.is_job_key, [subjects.job_key("j1"), subjects.job_key("acme_j1")]))
+
+
+def test_a_completed_node_is_one_part_written_once_and_the_record_names_it_in_its_place():
+    """A node that completes is written whole, once, under a key named by its bytes (decide
+    returns the write, PutRecordPart, with the state that names it); later decisions write no
+    part for it again, and the stored record holds only the name, in the node's place. Deciding
+    the same completion again writes the same bytes under the same key."""
+    from captionbus.contracts import JobState, NodeState, subjects
+
+    worker = {"worker_id": "gpu-1/asr/0/41", "env": "whisperx", "host": "gpu-1"}
+    d1 = step(submit(), completed("demux", worker=worker | {"worker_id": "cpu-1/demux/0/7"}))
+    d2 = step(d1, completed("asr", worker=worker, metrics={"seconds": 1.5}))
+    assert [p.key for p in d1.parts] == [f"_.j1.{d1.state.nodes['demux'].part}"]
+    assert [p.key for p in d2.parts] == [f"_.j1.{d2.state.nodes['asr'].part}"]  # demux's not again
+    part = d2.parts[0]
+    assert subjects.part_name(part.value) == d2.state.nodes["asr"].part
+    assert NodeState.model_validate_json(part.value) == d2.state.nodes["asr"].model_copy(update={"part": None})
+    assert NodeState.model_validate_json(part.value).worker == worker  # inline: the part is written once
+    assert step(d1, completed("asr", worker=worker, metrics={"seconds": 1.5})).parts == d2.parts
+    record = d2.state.stored()
+    head = JobState.model_validate_json(record)
+    assert head.parts == {"demux": d1.state.nodes["demux"].part, "asr": d2.state.nodes["asr"].part}
+    assert list(__import__("json").loads(record)["nodes"]) == list(d2.state.nodes)  # in their places
+    assert b"gpu-1" not in record
+    parts = {p.key.rpartition(".")[2]: p.value for p in d1.parts + d2.parts}
+    assert head.with_parts(parts).model_dump_json() == d2.state.model_dump_json()
 
 
 def test_duplicate_completion_is_applied_once():
