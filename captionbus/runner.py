@@ -295,23 +295,31 @@ async def run_job(
                        else "given with -s")
                 console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
-                record = out_dir / f"{media.stem}.job.json"
-                try:
-                    state = await with_record_parts(js, state)
-                except Exception as e:  # noqa: BLE001  the job is done: its record is written, the part named
-                    console.print(f"[yellow]warning:[/] {record.name} names its speaker summary by key; it could "
-                                  f"not be read ({one_line(f'{type(e).__name__}: {e}')})", highlight=False)
-                data = json.loads(state.model_dump_json())
-                if language is not None:
-                    data["language"] = language  # the spoken language, as ASR found or was told it
-                record.write_text(json.dumps(data, indent=2))
-                written["job"] = record
+                written["job"] = await write_job_record(js, state, language, out_dir / f"{media.stem}.job.json",
+                                                        console)
             return written
     finally:
         TENANT.reset(acting)
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def write_job_record(js, state, language: dict | None, record: Path, console: Console) -> Path:
+    """Write the job's whole record to `record` (job.json) with the parts kept under their own keys
+    filled in (client.with_record_parts) and the spoken `language`. The job has completed and its
+    outputs are written: a part that cannot be read (gone, unreadable, a refused read) leaves it
+    named by key in job.json, with a warning that says so, instead of failing the run."""
+    try:
+        state = await with_record_parts(js, state)
+    except Exception as e:  # noqa: BLE001  the job is done: its record is written, the part named
+        console.print(f"[yellow]warning:[/] {record.name} names its speaker summary by key; it could "
+                      f"not be read ({one_line(f'{type(e).__name__}: {e}')})", highlight=False)
+    data = json.loads(state.model_dump_json())
+    if language is not None:
+        data["language"] = language  # the spoken language, as ASR found or was told it
+    record.write_text(json.dumps(data, indent=2))
+    return record
 
 
 async def spoken_language(store: ArtifactStore, state, given: str | None) -> dict | None:
