@@ -44,6 +44,8 @@ from captionbus.envs import (
     require_envs,
 )
 from captionbus.stack import (
+    RUN_LAUNCHER,
+    UP_LAUNCHER,
     ServiceProcess,
     ServiceStartError,
     replica_threads_env,
@@ -194,13 +196,16 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
 
 
 def start_stage_services(
-    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None
+    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None, *,
+    launcher: str = RUN_LAUNCHER,
 ) -> list[ServiceProcess]:
-    """One service per stage, `replicas[stage]` of those named (they share the stage's queue)."""
+    """One service per stage, `replicas[stage]` of those named (they share the stage's queue);
+    each reports `launcher` (CAPTIONBUS_LAUNCHER: stack.UP_LAUNCHER or RUN_LAUNCHER), by which a
+    later `run` tells up's workers from those of another `run` on the same bus (stack.up_serving)."""
     replicas = replicas or {}
     return [
         start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i,
-                      extra_env=replica_threads_env(stage, replicas.get(stage, 1)) or None)
+                      extra_env={**replica_threads_env(stage, replicas.get(stage, 1)), "CAPTIONBUS_LAUNCHER": launcher})
         for stage in dict.fromkeys(stages)
         for i in range(max(1, replicas.get(stage, 1)))
     ]
@@ -265,7 +270,7 @@ async def run_job(
                 watched.append(await stack.enter_async_context(coordinator_task(nc)))
                 # No waiting for every model to load: requests queue until their stage is up, and
                 # a bad input fails at demux while asr is still loading.
-                services = start_stage_services(settings, url, stages, replicas)
+                services = start_stage_services(settings, url, stages, replicas, launcher=RUN_LAUNCHER)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
             store = artifacts_of(ArtifactStore(settings, js), None)  # a tenant's: its namespace
@@ -437,7 +442,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     web = start_dashboard_process(settings, url, dashboard) if dashboard else None
-    services = start_stage_services(settings, url, stages)
+    services = start_stage_services(settings, url, stages, launcher=UP_LAUNCHER)
     stop, stopped_by = stop_on_signals()
     # On its own embedded bus `up` is the only owner of this host's data: it collects too. A fleet
     # (NATS_URL) runs `captionbus gc` with the gc user instead (the coordinator's may not purge).
@@ -511,7 +516,8 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
                         restart=restarts[svc.stage], reason=svc.last_error(), log=str(svc.log_path))
             await asyncio.sleep(policy.delay(restarts[svc.stage]))
-            services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
+            services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings,
+                                        extra_env=svc.extra_env or None)  # still up's (CAPTIONBUS_LAUNCHER)
         await asyncio.sleep(1.0)
 
 

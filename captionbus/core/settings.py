@@ -170,6 +170,9 @@ class Settings(BaseSettings):
         "seconds a running request may finish after a stage process gets SIGTERM"))
     env: str | None = Field(default=None, description=(
         "the stage environment a stage process reports (set by the launcher; else its venv's manifest)"))
+    launcher: str | None = Field(default=None, max_length=16, description=(
+        "who started a stage process, which it reports ($SRV metadata): `up` or `run` (set by them; none for "
+        "`captionbus serve`). `run` joins a local `up` only through the workers it says are up's"))
     # The default workflows' chunk stage (captionbus/services/chunk): a film longer than this goes to every
     # asr worker in chunks, and no worker holds the whole film's audio; shorter audio is one chunk.
     chunk_above_s: float = Field(default=120.0, ge=0, description=(

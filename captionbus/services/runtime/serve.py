@@ -827,7 +827,7 @@ async def serve(
         # answered at once when the stage declares its model (StageDefinition.declare_model).
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
-            packages=definition.report_packages,
+            packages=definition.report_packages, launcher=settings.launcher,
             model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)
