@@ -150,11 +150,11 @@ class Settings(BaseSettings):
     max_deliver: int = Field(default=5, ge=1, description=(
         "deliveries of one stage request before the coordinator fails its node"))
     # The coordinator's events consumer (captionbus.coordinator.service.events_consumer_config).
-    # At least 1 s: below, JetStream hands an event a live coordinator is still applying (a KV write
-    # and a publish, up to about a second on a loaded host) to another, and an early stage result,
-    # put back every 2 s for 4 ack waits (coordinator/service.EARLY_RESULT_RETRY_S), is dropped at
-    # its first delivery under 0.5 s instead of waiting for the event that explains it. Tests that
-    # wait for a killed coordinator's events set 2-6 s.
+    # At least 1 s: an early stage result, put back every 2 s for 4 ack waits
+    # (coordinator/service.EARLY_RESULT_RETRY_S), is dropped at its first delivery under 0.5 s instead
+    # of waiting for the event that explains it, and the shorter the wait, the likelier JetStream
+    # hands an event a live coordinator is still applying (a KV write and a publish, each a round
+    # trip to the server) to another. Tests that wait for a killed coordinator's events set 2-6 s.
     event_ack_wait: float = Field(default=30.0, ge=EVENT_ACK_WAIT_MIN_S, description=(
         "seconds a job event handed to a coordinator may go unacknowledged (it stopped or died holding it) "
         "before JetStream hands it to another (at least 1); an early stage result is given up after 4 times "
