@@ -44,6 +44,8 @@ from captionbus.envs import (
     require_envs,
 )
 from captionbus.stack import (
+    RUN_LAUNCHER,
+    UP_LAUNCHER,
     ServiceProcess,
     ServiceStartError,
     replica_threads_env,
@@ -194,13 +196,16 @@ async def warn_about_unserved_stages(nc, stages: list[str], console: Console) ->
 
 
 def start_stage_services(
-    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None
+    settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None, *,
+    launcher: str = RUN_LAUNCHER,
 ) -> list[ServiceProcess]:
-    """One service per stage, `replicas[stage]` of those named (they share the stage's queue)."""
+    """One service per stage, `replicas[stage]` of those named (they share the stage's queue);
+    each reports `launcher` (CAPTIONBUS_LAUNCHER: stack.UP_LAUNCHER or RUN_LAUNCHER), by which a
+    later `run` tells up's workers from those of another `run` on the same bus (stack.up_serving)."""
     replicas = replicas or {}
     return [
         start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i,
-                      extra_env=replica_threads_env(stage, replicas.get(stage, 1)) or None)
+                      extra_env={**replica_threads_env(stage, replicas.get(stage, 1)), "CAPTIONBUS_LAUNCHER": launcher})
         for stage in dict.fromkeys(stages)
         for i in range(max(1, replicas.get(stage, 1)))
     ]
@@ -265,7 +270,7 @@ async def run_job(
                 watched.append(await stack.enter_async_context(coordinator_task(nc)))
                 # No waiting for every model to load: requests queue until their stage is up, and
                 # a bad input fails at demux while asr is still loading.
-                services = start_stage_services(settings, url, stages, replicas)
+                services = start_stage_services(settings, url, stages, replicas, launcher=RUN_LAUNCHER)
             else:
                 await warn_about_unserved_stages(nc, stages, console)
             store = artifacts_of(ArtifactStore(settings, js), None)  # a tenant's: its namespace
@@ -295,23 +300,31 @@ async def run_job(
                        else "given with -s")
                 console.print(f"language: {language['code']} ({how})", highlight=False)
             if state is not None:
-                record = out_dir / f"{media.stem}.job.json"
-                try:
-                    state = await with_record_parts(js, state)
-                except Exception as e:  # noqa: BLE001  the job is done: its record is written, the part named
-                    console.print(f"[yellow]warning:[/] {record.name} names its speaker summary by key; it could "
-                                  f"not be read ({one_line(f'{type(e).__name__}: {e}')})", highlight=False)
-                data = json.loads(state.model_dump_json())
-                if language is not None:
-                    data["language"] = language  # the spoken language, as ASR found or was told it
-                record.write_text(json.dumps(data, indent=2))
-                written["job"] = record
+                written["job"] = await write_job_record(js, state, language, out_dir / f"{media.stem}.job.json",
+                                                        console)
             return written
     finally:
         TENANT.reset(acting)
         stop_services(services)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+async def write_job_record(js, state, language: dict | None, record: Path, console: Console) -> Path:
+    """Write the job's whole record to `record` (job.json) with the parts kept under their own keys
+    filled in (client.with_record_parts) and the spoken `language`. The job has completed and its
+    outputs are written: a part that cannot be read (gone, unreadable, a refused read) leaves it
+    named by key in job.json, with a warning that says so, instead of failing the run."""
+    try:
+        state = await with_record_parts(js, state)
+    except Exception as e:  # noqa: BLE001  the job is done: its record is written, the part named
+        console.print(f"[yellow]warning:[/] {record.name} names its speaker summary by key; it could "
+                      f"not be read ({one_line(f'{type(e).__name__}: {e}')})", highlight=False)
+    data = json.loads(state.model_dump_json())
+    if language is not None:
+        data["language"] = language  # the spoken language, as ASR found or was told it
+    record.write_text(json.dumps(data, indent=2))
+    return record
 
 
 async def spoken_language(store: ArtifactStore, state, given: str | None) -> dict | None:
@@ -429,7 +442,7 @@ async def run_stack(settings: Settings, url: str, stages: list[str] | None, cons
     nc = await connect(url, "captionbus-up", settings)
     await provision(nc.jetstream())
     web = start_dashboard_process(settings, url, dashboard) if dashboard else None
-    services = start_stage_services(settings, url, stages)
+    services = start_stage_services(settings, url, stages, launcher=UP_LAUNCHER)
     stop, stopped_by = stop_on_signals()
     # On its own embedded bus `up` is the only owner of this host's data: it collects too. A fleet
     # (NATS_URL) runs `captionbus gc` with the gc user instead (the coordinator's may not purge).
@@ -503,7 +516,8 @@ async def _supervise(settings: Settings, url: str, services: list[ServiceProcess
             log.warning("stage service died; restarting", stage=svc.stage, code=svc.process.returncode,
                         restart=restarts[svc.stage], reason=svc.last_error(), log=str(svc.log_path))
             await asyncio.sleep(policy.delay(restarts[svc.stage]))
-            services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings)
+            services[n] = start_service(svc.stage, svc.env, svc.interpreter, url, settings,
+                                        extra_env=svc.extra_env or None)  # still up's (CAPTIONBUS_LAUNCHER)
         await asyncio.sleep(1.0)
 
 

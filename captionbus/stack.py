@@ -70,10 +70,19 @@ def server_for_run(settings: Settings):
         shutil.rmtree(private, ignore_errors=True)
 
 
+# Who started a stage service (CAPTIONBUS_LAUNCHER, WorkerInfo.launcher; runner.start_stage_services).
+UP_LAUNCHER = "up"
+RUN_LAUNCHER = "run"
+
+
 def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -> str | None:
     """The URL of the `captionbus up` running on this host (its embedded server, found as
     `submit` finds it; never a NATS_URL fleet) when its workers serve every one of `stages`
     (a worker whose setup failed does not count; one still loading its model does), else None.
+    Only up's own workers count (their metadata's `launcher` is UP_LAUNCHER): the services
+    another `run` started on up's bus stop when that run ends, and a job that joined for them
+    would wait in their queues for a worker that no longer comes; a `captionbus serve` is no
+    part of `up` either.
 
     `run` then submits its job to that stack instead of starting a coordinator and services of
     its own on the same bus. Those would only load every model a second time (the whisperx asr
@@ -90,7 +99,8 @@ def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -
     wanted = set(stages)
 
     def serve_all(replies: list[dict]) -> bool:
-        return wanted <= {str(r["metadata"].get("stage")) for r in replies if not r["metadata"].get("setup_error")}
+        return wanted <= {str(r["metadata"].get("stage")) for r in replies
+                          if r["metadata"].get("launcher") == UP_LAUNCHER and not r["metadata"].get("setup_error")}
 
     async def serves() -> bool:
         nc = await connect(url, "captionbus-run", settings)

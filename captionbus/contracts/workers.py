@@ -40,6 +40,8 @@ class WorkerInfo(BaseModel):
     backend: str | None = None
     setup_error: str | None = Field(default=None, description=(
         "why this replica's setup (model loading) failed; it then fails the requests no healthy replica takes"))
+    launcher: str | None = Field(default=None, max_length=16, description=(
+        "who started the process: `up` or `run` (CAPTIONBUS_LAUNCHER); none for `captionbus serve`"))
 
 
 WorkerStateName = Literal["loading", "idle", "busy", "setup_failed"]

@@ -82,6 +82,10 @@ def parse_bytes(text: str) -> int:
         return text  # type: ignore[return-value]
 
 
+# CAPTIONBUS_EVENT_ACK_WAIT's lower bound (Settings.event_ack_wait says why).
+EVENT_ACK_WAIT_MIN_S = 1.0
+
+
 class SettingsError(ValueError):
     """A setting has a value captionbus cannot use; the message names the variable and the fix."""
 
@@ -146,10 +150,16 @@ class Settings(BaseSettings):
     max_deliver: int = Field(default=5, ge=1, description=(
         "deliveries of one stage request before the coordinator fails its node"))
     # The coordinator's events consumer (captionbus.coordinator.service.events_consumer_config).
-    event_ack_wait: float = Field(default=30.0, gt=0, description=(
+    # At least 1 s: an early stage result, put back every 2 s for 4 ack waits
+    # (coordinator/service.EARLY_RESULT_RETRY_S), is dropped at its first delivery under 0.5 s instead
+    # of waiting for the event that explains it, and the shorter the wait, the likelier JetStream
+    # hands an event a live coordinator is still applying (a KV write and a publish, each a round
+    # trip to the server) to another. Tests that wait for a killed coordinator's events set 2-6 s.
+    event_ack_wait: float = Field(default=30.0, ge=EVENT_ACK_WAIT_MIN_S, description=(
         "seconds a job event handed to a coordinator may go unacknowledged (it stopped or died holding it) "
-        "before JetStream hands it to another; an early stage result is given up after 4 times this. Each "
-        "coordinator sets it on the bus's events consumer as it starts: give the coordinators of a bus the same"))
+        "before JetStream hands it to another (at least 1); an early stage result is given up after 4 times "
+        "this. Each coordinator sets it on the bus's events consumer as it starts: give the coordinators of "
+        "a bus the same"))
     replicas: int = Field(default=1, ge=1, le=5, description=(
         "replicas of the streams, KV buckets and object store created now (3 in a cluster: deploy/)"))
     # Stage processes (captionbus/services/runtime).
@@ -160,6 +170,9 @@ class Settings(BaseSettings):
         "seconds a running request may finish after a stage process gets SIGTERM"))
     env: str | None = Field(default=None, description=(
         "the stage environment a stage process reports (set by the launcher; else its venv's manifest)"))
+    launcher: str | None = Field(default=None, max_length=16, description=(
+        "who started a stage process, which it reports ($SRV metadata): `up` or `run` (set by them; none for "
+        "`captionbus serve`). `run` joins a local `up` only through the workers it says are up's"))
     # The default workflows' chunk stage (captionbus/services/chunk): a film longer than this goes to every
     # asr worker in chunks, and no worker holds the whole film's audio; shorter audio is one chunk.
     chunk_above_s: float = Field(default=120.0, ge=0, description=(

@@ -1,6 +1,12 @@
 """The gateway's FastAPI dependencies: who is calling (the bearer key, declared in OpenAPI so
 /docs' "Try it out" sends it), the bus, the caller's concurrency slot, the streamed form, and a
-job the caller may see. Routes take them as `Annotated[...]` parameters; none calls auth by hand."""
+job the caller may see. Routes take them as `Annotated[...]` parameters; none calls auth by hand.
+
+Every one is `async def`: none blocks (the keys are in memory, a key's sha256 and its comparison
+with each stored hash are microseconds), and FastAPI runs a plain `def` dependency in its thread
+pool: one hop per plain dependency per request (4 on a job's route: gateway, bearer_key, principal,
+jetstream), each queued behind whatever holds the pool's 40 threads (file downloads and uploads,
+a burst). tests/integration/test_gateway_thread_pool.py answers requests with the pool taken."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -16,7 +22,7 @@ from captionbus.web.errors import ApiError
 from captionbus.contracts import JobState
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
@@ -26,14 +32,14 @@ bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="`captionbus gateway add-key NAME --keys FILE` prints a key; send it as Bearer.")
 
 
-def bearer_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
+async def bearer_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
     return credentials.credentials if credentials else None
 
 
 BearerKey = Annotated[str | None, Depends(bearer_key)]
 
 
-def principal(gw: GatewayDep, key: BearerKey) -> Caller:
+async def principal(gw: GatewayDep, key: BearerKey) -> Caller:
     """The caller of every route but /metrics and the probes: 401 without a known key, 403 for a
     scraper's key (keys.METRICS), which reads /metrics only."""
     caller = gw.caller(key)
@@ -45,7 +51,7 @@ def principal(gw: GatewayDep, key: BearerKey) -> Caller:
 CallerDep = Annotated[Caller, Depends(principal)]
 
 
-def metrics_reader(gw: GatewayDep, key: BearerKey) -> Caller:
+async def metrics_reader(gw: GatewayDep, key: BearerKey) -> Caller:
     """An admin or metrics key (any caller of a keyless gateway): /metrics counts every key's
     requests and the gateway's deliveries, the operator's business, not a tenant's."""
     caller = gw.caller(key)
@@ -58,7 +64,7 @@ def metrics_reader(gw: GatewayDep, key: BearerKey) -> Caller:
 MetricsReader = Annotated[Caller, Depends(metrics_reader)]
 
 
-def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:
+async def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:
     """The caller, or None without a (known) key: for the routes open to anyone (/readyz)."""
     return gw.known(key)
 
@@ -66,7 +72,7 @@ def maybe_principal(gw: GatewayDep, key: BearerKey) -> Caller | None:
 MaybeCallerDep = Annotated[Caller | None, Depends(maybe_principal)]
 
 
-def jetstream(gw: GatewayDep) -> JetStreamContext:
+async def jetstream(gw: GatewayDep) -> JetStreamContext:
     return gw.js()
 
 

@@ -44,6 +44,7 @@ import structlog
 from pydantic import ValidationError
 
 from captionbus import client
+from captionbus.gateway import shown
 from captionbus.contracts import parse_event, subjects
 from captionbus.contracts.events import TERMINAL_KINDS
 
@@ -103,6 +104,10 @@ class JobEnds:
                     return await replay()
 
 
-# The job's history until its real end: one implementation for the CLI (`events ID --follow`),
-# the SSE endpoint and webhook deliveries (see captionbus.client.job_events for why).
-job_events = client.job_events
+# The job's history until its real end: the CLI's (`events ID --follow`, captionbus.client.job_events,
+# which says why) for the SSE endpoint and webhook deliveries too.
+async def job_events(js, job_id: str, after: int = 0, **options):
+    """client.job_events with each event's error lines as an API key is shown them (gateway.shown):
+    the SSE stream, webhook deliveries and the OpenAI endpoints' replay read events through it."""
+    async for seq, event in client.job_events(js, job_id, after, **options):
+        yield seq, shown.event(event)

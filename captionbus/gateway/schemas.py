@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from captionbus.gateway import shown
 from captionbus.gateway.openai_format import RESPONSE_FORMATS
 from captionbus.contracts import JobState
 
@@ -50,9 +51,10 @@ class Job(BaseModel):
             id=job_id, workflow=state.spec.workflow, status=state.status.value, input=state.spec.input.name,
             source_language=state.spec.source_language, target_languages=state.spec.target_languages,
             options=state.spec.options, owner=state.spec.owner, created_at=state.created_at.isoformat(),
-            updated_at=state.updated_at.isoformat(), error=state.error, failed_branches=state.failed_branches,
+            updated_at=state.updated_at.isoformat(), error=shown.line(state.error),  # paths cut: gateway.shown
+            failed_branches=shown.branches(state.failed_branches),
             nodes={node_id: JobNode(stage=n.stage, status=n.status.value, attempt=n.attempt, progress=n.progress,
-                                    error=n.error, env=n.worker.get("env"))
+                                    error=shown.line(n.error), env=n.worker.get("env"))
                    for node_id, n in state.nodes.items()},
             outputs={name: JobOutput(name=ref.name, size=ref.size, media_type=ref.media_type,
                                      url=f"/v1/jobs/{job_id}/outputs/{name}")

@@ -18,6 +18,7 @@ from captionbus import client
 from captionbus.client import SubmitError
 from captionbus.gateway.dispatch import DispatchConfig, Dispatcher, Subscriber
 from captionbus.gateway.ends import JobEnds
+from captionbus.gateway import shown
 from captionbus.gateway.forms import Form
 from captionbus.gateway.keys import Caller, KeyRing
 from captionbus.gateway.metrics import GatewayMetrics
@@ -417,7 +418,7 @@ class Gateway:
 
         try:
             async with asyncio.timeout(self.config.job_timeout_s):
-                return await self.ends.wait(ended, is_terminal, replay)
+                return shown.event(await self.ends.wait(ended, is_terminal, replay))  # paths cut: gateway.shown
         except TimeoutError:
             raise ApiError(504, f"job {job_id} did not end within {self.config.job_timeout_s:.0f} s; "
                                 f"it goes on: GET /v1/jobs/{job_id}") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from captionbus.server import EmbeddedServer
-from captionbus.stack import ServiceProcess, start_service, stop_services, wait_ready
+from captionbus.stack import UP_LAUNCHER, ServiceProcess, start_service, stop_services, wait_ready
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.core.bus import connect, provision
 from captionbus.core.settings import Settings
@@ -78,9 +78,12 @@ class Stack:
     def start_stage(self, stage: str, replica: int = 0) -> ServiceProcess:
         from captionbus.envs import env_for_stage, interpreter_for_stage
 
+        # Its workers say they are an `up`'s (CAPTIONBUS_LAUNCHER), as a user's `up` starts them:
+        # a `run` joins only those (captionbus.stack.up_serving; run_env).
         svc = start_service(
             stage, env_for_stage(stage), interpreter_for_stage(stage), self.url,
-            self.settings(f"worker-{stage}-{replica}"), replica=replica, extra_env=self.env,
+            self.settings(f"worker-{stage}-{replica}"), replica=replica,
+            extra_env={**self.env, "CAPTIONBUS_LAUNCHER": UP_LAUNCHER},
         )
         self.services.append(svc)
         return svc

@@ -2,8 +2,9 @@
 whisperx env with Whisper base on an espeak-ng film with pauses: one encoder pass per window instead
 of two, the same words and times as the second pass gave, and the same times whether the film is
 decoded whole or chunk by chunk as the chunked workflow cuts it (the windows start at the same
-samples). The e2e suite (tests/e2e/test_chunked.py) checks the last over the bus; this runs the
-stage's own calls in one process, in a minute or two."""
+samples), and the fallback to the second pass when the reuse raises (an encoder output of a compute
+type numpy cannot view). The e2e suite (tests/e2e/test_chunked.py) checks the chunked times over
+the bus; this runs the stage's own calls in one process, in a minute or two."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from tests import media as test_media
 from tests.integration.test_stages_asr import REPO, loudness_regions, whisperx_python
 
 RUNNER = r"""
-import json, sys
+import json, logging, sys
 import numpy as np
+from ctranslate2 import DataType
 from captionbus.services.asr import whisperx_backend as wb
 from captionbus.services.asr.stage import REGION_MARGIN_S, speech_only
 from captionbus.services.audio import merge_regions, read_wav
@@ -50,6 +52,30 @@ for reuse in (True, False):
     model.reuse_encoder = reuse
     encoded.clear()
     out["reuse" if reuse else "reencode"] = {"words": decode(audio, regions), "encoded": sum(encoded)}
+# The encoder output of a compute type numpy cannot view (bfloat16, as a CPU with AVX512-BF16
+# runs `compute_type=bfloat16`; this CPU has none, so the decode's own output is converted):
+# np.asarray raises, and every window is encoded again for its word times instead.
+warnings = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+logging.getLogger("captionbus.asr").addHandler(Keep())
+reused = wb.reused_encoder_alignment
+
+def bfloat16_alignment(*args):
+    align = reused(*args)
+    return lambda n, encoder_output, row, tokens: align(n, encoder_output.to(DataType.bfloat16), row, tokens)
+
+wb.reused_encoder_alignment = bfloat16_alignment
+model.reuse_encoder = True
+encoded.clear()
+try:
+    out["unviewable"] = {"words": decode(audio, regions), "encoded": sum(encoded), "warnings": warnings}
+except Exception as e:  # the other tests still get their decodes
+    out["unviewable"] = {"error": f"{type(e).__name__}: {e}"}
+wb.reused_encoder_alignment = reused
 out["windows"] = len(wb.speech_chunks(merge_regions(regions, len(audio) / 16000, REGION_MARGIN_S)))
 model.reuse_encoder = True
 plan = plan_chunks(regions, len(audio) / 16000, 20.0, 0.3, 40.0)  # --chunk-s 20, as test_chunked cuts
@@ -84,6 +110,18 @@ def test_one_encoder_pass_per_window_and_the_same_words_and_times_as_a_second_pa
     assert reuse["encoded"] == windows  # the decode's pass only
     assert reencode["encoded"] == 2 * windows  # the fallback: every window encoded again for its word times
     assert reuse["words"] == reencode["words"]  # text, start and end of every word
+
+
+def test_an_encoder_output_numpy_cannot_view_falls_back_to_a_second_pass_with_the_same_words(decodes):
+    """The reuse raising (reused_encoder_alignment's `except`): the decode goes on, every window is
+    encoded again for its word times (time_words), and the words and times are the second pass's;
+    the failure is logged once per transcribe call, not once per window."""
+    unviewable, reencode, windows = decodes["unviewable"], decodes["reencode"], decodes["windows"]
+    assert "error" not in unviewable, unviewable["error"]  # the transcribe call itself raised
+    assert unviewable["encoded"] == 2 * windows
+    assert unviewable["words"] == reencode["words"]
+    assert len(unviewable["warnings"]) == 1, unviewable["warnings"]
+    assert "bfloat16" in unviewable["warnings"][0] and "encoding each window again" in unviewable["warnings"][0]
 
 
 def test_a_chunk_decoded_alone_gives_the_words_and_times_of_the_whole_film(decodes):

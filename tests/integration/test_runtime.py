@@ -611,6 +611,32 @@ def test_a_stage_whose_setup_fails_fails_its_requests_with_the_reason(nats_serve
     run(nats_server, tmp_path, body)
 
 
+def test_a_tenants_job_is_told_the_failure_without_this_hosts_paths_and_the_log_keeps_them(nats_server, tmp_path,
+                                                                                          capfd):
+    """A bus tenant reads its jobs' records and events: a failure reason that names this host's
+    folders (a model folder, the artifact root) reaches it with each path cut to its last part
+    and where the whole line is (core.text.without_paths); a job of no tenant, the operator's
+    own (`run` names the folder to fix), keeps it. The worker's log has the whole line."""
+    from captionbus.contracts.ids import new_job_id
+    from captionbus.core.retry import RetryPolicy
+
+    reason = "no CTranslate2 model at /srv/cb-models/whisper-large-v3 (model.bin missing)"
+    tenants, operators = new_job_id("acme"), new_job_id()
+
+    async def body(bus: Bus):
+        await bus.start(options={"fail_setup": reason}, setup_retry=RetryPolicy(initial_s=0.1, max_attempts=1))
+        await bus.request(tenants)
+        await bus.request(operators)
+        told = (await bus.wait_for("stage_failed", tenants)).reason
+        assert told == ("noop cannot be served on host testhost: RuntimeError: no CTranslate2 model at "
+                        "…/whisper-large-v3 (model.bin missing) (paths in the noop worker's log on host testhost)")
+        assert (await bus.wait_for("stage_failed", operators)).reason == \
+            f"noop cannot be served on host testhost: RuntimeError: {reason}"
+
+    run(nats_server, tmp_path, body)
+    assert "/srv/cb-models/whisper-large-v3" in capfd.readouterr().out
+
+
 def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_server, tmp_path):
     from captionbus.core.retry import RetryPolicy
 

@@ -45,6 +45,21 @@ def test_the_cli_refuses_a_bad_setting_in_one_line(tmp_path: Path):
     assert len(lines) == 1 and "CAPTIONBUS_ARTIFACTS" in lines[0] and "object" in lines[0], lines
 
 
+@pytest.mark.parametrize("value", ["0.5", "0", "-3"])
+def test_an_events_ack_wait_under_a_second_is_refused_in_one_line_naming_the_bound(monkeypatch, value: str):
+    """Under 1 s a live coordinator's events go to another while it applies them, and early stage
+    results are dropped at once (Settings.event_ack_wait); `gt=0` let 0.001 through."""
+    monkeypatch.setenv("CAPTIONBUS_EVENT_ACK_WAIT", value)
+    with pytest.raises(SettingsError) as err:
+        load()
+    message = str(err.value)
+    assert f"CAPTIONBUS_EVENT_ACK_WAIT={value!r}" in message and "greater than or equal to 1" in message, message
+    assert "\n" not in message
+    for fine in ("1", "2", "30"):  # the bound itself, test_coordinators' 2 s, the default
+        monkeypatch.setenv("CAPTIONBUS_EVENT_ACK_WAIT", fine)
+        assert load().event_ack_wait == float(fine)
+
+
 def test_settings_built_by_name_keep_working(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("NATS_URL", "nats://elsewhere:4222")
     monkeypatch.setenv("CAPTIONBUS_ARTIFACTS", "local")

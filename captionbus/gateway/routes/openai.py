@@ -41,7 +41,15 @@ ALIAS = "whisper-1"
 # serve, plus the diarization stage (listed while a diarization worker is up).
 DIARIZE = "gpt-4o-transcribe-diarize"
 OPENAI_MAX_REFERENCES = 4  # known_speaker_names[]: "Up to 4 speakers are supported" (OpenAI's API reference)
-Started = Annotated[Timing, Depends(Timing)]  # first parameter: its clock starts before the form is read
+
+
+async def started() -> Timing:
+    """The request's Timing, started on the event loop (an `async def` dependency: the class
+    itself as the dependency ran its __init__ in FastAPI's thread pool, as gateway/deps.py says)."""
+    return Timing()
+
+
+Started = Annotated[Timing, Depends(started)]  # first parameter: its clock starts before the form is read
 AUDIO_ANSWERS = {
     **documented(400, 413, 422, 504),
     200: {"description": "json / verbose_json as below; text, srt and vtt as text/plain",

@@ -56,6 +56,7 @@ def worker_info(
     backend: str | None = None,
     host: str | None = None,
     setup_error: str | None = None,
+    launcher: str | None = None,
 ) -> WorkerInfo:
     # CAPTIONBUS_HOST_ID (Settings.host_id) when the caller has it: containers and cloned VMs
     # often share a hostname, and the fleet tells hosts apart by this name.
@@ -75,6 +76,7 @@ def worker_info(
         model=model,
         backend=backend,
         setup_error=setup_error,
+        launcher=launcher,
     )
 
 

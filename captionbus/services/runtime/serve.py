@@ -48,7 +48,7 @@ from captionbus.contracts import (
     worker_identity,
 )
 from captionbus.contracts.events import LOADING_MODEL
-from captionbus.contracts.ids import tenant_of
+from captionbus.contracts.ids import NO_TENANT, tenant_of
 from captionbus.core.artifacts import ArtifactStore, ArtifactStoreFull
 from captionbus.core.bus import (
     StagePolicy,
@@ -62,7 +62,7 @@ from captionbus.core.bus import (
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import PROJECT_ROOT, Settings, config_dirs
-from captionbus.core.text import one_line
+from captionbus.core.text import one_line, without_paths
 from captionbus.core.tasks import cancel_and_wait
 from captionbus.services.runtime.cache import (
     ITEMS_PREFIX,
@@ -611,17 +611,32 @@ class StageWorker:
         ids = _salvage_ids(msg.data)
         if ids is not None:
             with suppress(Exception):
-                await self._publish(StageFailed(**ids, reason=reason, error_type="bad_request", worker=self.summary))
+                await self._publish(StageFailed(**ids, reason=self._for_the_job(ids["job_id"], reason),
+                                                error_type="bad_request", worker=self.summary))
         await msg.term()
 
     async def _fail(self, request: StageRequest, reason: str, error_type: str) -> None:
         if error_type != "exhausted":  # _retry_or_fail counted it
-            self.status.failed(reason)
+            self.status.failed(reason)  # $SRV STATS: the operators' (tenants are granted no $SRV)
         await self._publish(
-            StageFailed(**result_ids(request), reason=reason, error_type=error_type, retryable=False,
-                        worker=self.summary),
+            StageFailed(**result_ids(request), reason=self._for_the_job(request.job_id, reason), error_type=error_type,
+                        retryable=False, worker=self.summary),
             msg_id=f"{request.key}.failed",
         )
+
+    def _for_the_job(self, job_id: str, reason: str) -> str:
+        """A failure reason as the job's record and events carry it. A bus tenant's job (its id
+        names the tenant) is read by that tenant: this host's filesystem paths are cut to their
+        last part (core.text.without_paths), with where to find them; every caller has logged
+        the whole line. A job of no tenant keeps it: it is the operator's own (a local `run`,
+        whose one error line names the model folder to fix, the trusted CLI), or a gateway's,
+        which cuts the paths from what it shows its API keys (gateway.shown)."""
+        if tenant_of(job_id) == NO_TENANT:
+            return reason
+        shown, cut = without_paths(reason)
+        if not cut:
+            return reason
+        return one_line(f"{shown} (paths in the {self.definition.name} worker's log on host {self.info.host})")
 
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
         await publish_event(self.js, event, msg_id)
@@ -812,7 +827,7 @@ async def serve(
         # answered at once when the stage declares its model (StageDefinition.declare_model).
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
-            packages=definition.report_packages,
+            packages=definition.report_packages, launcher=settings.launcher,
             model=describe(definition, None) if definition.setup is None else None,
         )
         log = log.bind(worker_id=info.worker_id)
