@@ -745,7 +745,7 @@ def main() -> None:
         if os.environ.get("FLEET_PROFILE"):  # where one coordinator spends its CPU (cProfile stats file)
             import cProfile
 
-            cProfile.run("asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))", os.environ["FLEET_PROFILE"])
+            cProfile.run("asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))", f"{os.environ['FLEET_PROFILE']}.{os.getpid()}")
         else:
             asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))
         return
