@@ -7,15 +7,17 @@
 
 What runs, all real but the stages: a 3-node JetStream cluster on loopback (benchmarks/chaos.py's
 Cluster; streams and the job KV at R3), 1-3 coordinators as their own processes (the real
-`Coordinator` with the real `config/workflows/chunked.yaml`), and simulated stage workers: asyncio
-tasks in one process, each a competing consumer of its stage's durable consumer exactly like a
-real replica, that sleep for the stage's simulated duration and publish a `stage_completed` with
-the request's token (the `asr` workers also answer `$SRV STATS`, so the coordinator sizes each
-film's window to them as it does for real ones). Jobs of mixed lengths (clips to 2-hour films,
-chunked at 30 s) arrive at `--rate` per second. Mid-run one coordinator is killed (-9) and, on the
-cluster, the node that leads the job KV stream; the killed coordinator is not restarted (its
-events must be handed over to the others, or, with one coordinator, a replacement is started,
-as systemd would).
+`Coordinator` with the real `config/workflows/chunked.yaml`), and simulated stage workers in one
+process (`SimWorkers`: a stage's replicas are slots of a pool, a request taken from the stage's
+durable consumer whenever one is free, as competing real replicas take them) that sleep for the
+stage's simulated duration and publish a `stage_completed` with the request's token (the `asr`
+workers also answer `$SRV STATS`, so the coordinator sizes each film's window to them as it does
+for real ones). Jobs of mixed lengths (`--mix`: `clips`, mostly clips with a tail of films up to
+2 hours, or `films`; chunked at 30 s) arrive at `--rate` per second. Mid-run one coordinator is
+killed (-9) and then the node that leads the job KV stream (on `--single-node`, the one server),
+which comes back 5 s later on its store; the killed coordinator is not restarted (its events must
+be handed over to the others, or, with one coordinator, a replacement is started, as systemd
+would). A progress line every `--progress-s` gives requests/s and the coordinators' CPU share.
 
 Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
 30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
