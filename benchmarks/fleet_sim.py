@@ -7,15 +7,17 @@
 
 What runs, all real but the stages: a 3-node JetStream cluster on loopback (benchmarks/chaos.py's
 Cluster; streams and the job KV at R3), 1-3 coordinators as their own processes (the real
-`Coordinator` with the real `config/workflows/chunked.yaml`), and simulated stage workers: asyncio
-tasks in one process, each a competing consumer of its stage's durable consumer exactly like a
-real replica, that sleep for the stage's simulated duration and publish a `stage_completed` with
-the request's token (the `asr` workers also answer `$SRV STATS`, so the coordinator sizes each
-film's window to them as it does for real ones). Jobs of mixed lengths (clips to 2-hour films,
-chunked at 30 s) arrive at `--rate` per second. Mid-run one coordinator is killed (-9) and, on the
-cluster, the node that leads the job KV stream; the killed coordinator is not restarted (its
-events must be handed over to the others, or, with one coordinator, a replacement is started,
-as systemd would).
+`Coordinator` with the real `config/workflows/chunked.yaml`), and simulated stage workers in one
+process (`SimWorkers`: a stage's replicas are slots of a pool, a request taken from the stage's
+durable consumer whenever one is free, as competing real replicas take them) that sleep for the
+stage's simulated duration and publish a `stage_completed` with the request's token (the `asr`
+workers also answer `$SRV STATS`, so the coordinator sizes each film's window to them as it does
+for real ones). Jobs of mixed lengths (`--mix`: `clips`, mostly clips with a tail of films up to
+2 hours, or `films`; chunked at 30 s) arrive at `--rate` per second. Mid-run one coordinator is
+killed (-9) and then the node that leads the job KV stream (on `--single-node`, the one server),
+which comes back 5 s later on its store; the killed coordinator is not restarted (its events must
+be handed over to the others, or, with one coordinator, a replacement is started, as systemd
+would). A progress line every `--progress-s` gives requests/s and the coordinators' CPU share.
 
 Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
 30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
@@ -69,8 +71,11 @@ from captionbus.core.settings import PROJECT_ROOT, Settings
 
 SECRET = b"fleet-sim-secret"  # every coordinator of a bus shares the result secret
 CHUNK_S = 30.0
-# (minutes, weight): clips, episodes, films; 2-hour films are the long tail.
-MIX = [(0.5, 40), (3, 25), (10, 15), (30, 10), (60, 6), (120, 4)]
+# (minutes, weight). `clips` (the default): mostly clips, a tail of long chunked films, issue 22's
+# publisher fleet: 14.2 chunks, ~20 stage requests a job on average, 2-hour films 2 % of the jobs
+# and a third of the chunks. `films`: the mix of the first runs (27.7 chunks a job).
+MIXES = {"clips": [(0.5, 70), (2, 12), (10, 8), (30, 5), (60, 3), (120, 2)],
+         "films": [(0.5, 40), (3, 25), (10, 15), (30, 10), (60, 6), (120, 4)]}
 
 
 def chunks_of(minutes: float) -> int:
@@ -112,7 +117,14 @@ def stage_outputs(graphs: dict) -> dict[str, list[str]]:
 
 
 class SimWorkers:
-    """`count` simulated replicas of each stage, as asyncio tasks on one connection."""
+    """`count` simulated replicas of each stage on one connection: a stage's replicas are `count`
+    slots of a pool, and up to PULLERS_PER_STAGE waiting pulls (one message each) take a request
+    whenever a slot is free, so the stage's durable consumer sees what `count` competing replicas
+    would show it (a request is taken only when a replica is free; its queue wait runs until then)
+    without `count` subscriptions. Why: with one pull subscription per replica, 500 replicas
+    re-sent 500 pull requests a second while idle (1 s fetch timeouts) and each its own inbox; py-spy
+    on that driver at 500 workers / 300 jobs, 114 requests/s: 52 % of a core, a quarter of it in
+    socket writes of pull requests, 13 % in fetch timeouts (`fleet_sim.py`'s README figures)."""
 
     def __init__(self, nc, counts: dict[str, int], outputs: dict[str, list[str]], scale: float,
                  minutes: dict[str, float]):
@@ -121,7 +133,10 @@ class SimWorkers:
         self.minutes = minutes  # job id -> film minutes (the driver's, same process)
         self.executed: Counter[str] = Counter()
         self.waits: dict[str, list[float]] = defaultdict(list)
+        self.busy: dict[str, int] = Counter()  # replicas of a stage working now
+        self.peak: dict[str, int] = Counter()
         self.tasks: list[asyncio.Task] = []
+        self.running: set[asyncio.Task] = set()
         self.stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -129,11 +144,16 @@ class SimWorkers:
             durable = await through_failover(
                 lambda stage=stage: ensure_stage_consumer(self.js, stage, StagePolicy(ack_wait=10.0, max_deliver=20)),
                 "stage consumer")
-            for i in range(count):
+            slots = asyncio.Semaphore(count)
+            for _ in range(min(count, PULLERS_PER_STAGE)):
                 sub = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.REQUESTS_STREAM)
-                self.tasks.append(asyncio.create_task(self._work(stage, sub)))
+                self.tasks.append(asyncio.create_task(self._pull(stage, sub, slots)))
             if stage == "asr":
                 await self._answer_stats(stage, count)
+
+    async def stopped(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, *self.running, return_exceptions=True)
 
     async def _answer_stats(self, stage: str, count: int) -> None:
         replies = [json.dumps({"id": f"sim-{stage}-{i}", "endpoints": [{"data": {"state": "ready"}}]}).encode()
@@ -146,16 +166,34 @@ class SimWorkers:
         await self.nc.subscribe(f"$SRV.STATS.{subjects.micro_service_name(stage)}", cb=on_stats)
         await self.nc.subscribe(f"$SRV.PING.{subjects.micro_service_name(stage)}", cb=on_stats)
 
-    async def _work(self, stage: str, sub) -> None:
+    async def _pull(self, stage: str, sub, slots: asyncio.Semaphore) -> None:
+        """Take one request whenever one of the stage's replicas is free."""
         while not self.stop.is_set():
+            await slots.acquire()
             try:
                 msgs = await sub.fetch(1, timeout=1.0)
-            except Exception:
-                await asyncio.sleep(0.05)
+            except Exception as e:
+                slots.release()
+                if not isinstance(e, asyncio.TimeoutError):
+                    await asyncio.sleep(0.05)
                 continue
+            # fetch also returns what an earlier timed-out pull left in the inbox: each its replica
+            for extra in msgs[1:]:
+                await slots.acquire()
             for msg in msgs:
-                with contextlib.suppress(Exception):  # an ack lost in a failover: redelivered
-                    await self._handle(stage, msg)
+                task = asyncio.create_task(self._replica(stage, msg, slots))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+
+    async def _replica(self, stage: str, msg, slots: asyncio.Semaphore) -> None:
+        self.busy[stage] += 1
+        self.peak[stage] = max(self.peak[stage], self.busy[stage])
+        try:
+            with contextlib.suppress(Exception):  # an ack lost in a failover: redelivered
+                await self._handle(stage, msg)
+        finally:
+            self.busy[stage] -= 1
+            slots.release()
 
     async def _handle(self, stage: str, msg) -> None:
         taken = time.time()
@@ -173,6 +211,9 @@ class SimWorkers:
                                metrics={"queue_s": max(0.0, taken - stored), "delivery": float(msg.metadata.num_delivered)})
         await through_failover(lambda: publish_event(self.js, event, f"{request.key}.completed"), "result")
         await msg.ack_sync()
+
+
+PULLERS_PER_STAGE = 8  # waiting pulls per stage: requests taken in parallel when many replicas are free
 
 
 # ----------------------------------------------------------------------------- coordinators
@@ -314,23 +355,26 @@ class Bus:
                 await asyncio.sleep(0.5)
 
     async def kill_leader_of(self, js, stream: str) -> str | None:
-        """SIGKILL of the node leading `stream`; it comes back 5 s later (as systemd would)."""
-        if self.cluster is None:
-            return None
-        from benchmarks.chaos import stream_leader
+        """SIGKILL of the node leading `stream` (on one server, of that server); it comes back 5 s
+        later (as systemd would) on its own store."""
+        if self.cluster is None:  # the one server: killed, and started again on its store and port
+            node, name = self.server, "the nats-server"
+        else:
+            from benchmarks.chaos import stream_leader
 
-        node = self.cluster.by_name(await stream_leader(js, stream))
-        if node is None:
-            return None
+            node = self.cluster.by_name(await stream_leader(js, stream))
+            if node is None:
+                return None
+            name = node.name
         node.process.send_signal(signal.SIGKILL)
         node.process.wait(10)
 
         async def restart() -> None:
             await asyncio.sleep(5)
-            node.start()
+            await asyncio.get_running_loop().run_in_executor(None, node.start)
 
         asyncio.get_running_loop().create_task(restart())
-        return node.name
+        return name
 
 
 async def sizes(js) -> dict[str, tuple[int, int]]:
@@ -405,6 +449,20 @@ class Jobs:
 
 # ----------------------------------------------------------------------------- the fleet run
 
+async def progress(jobs: Jobs, workers: SimWorkers, coordinators: list, started: float, every_s: float) -> None:
+    """A line every `every_s`: the curve of a long run (requests/s and coordinator CPU against the
+    jobs in flight), and a sign of life."""
+    last = (time.perf_counter(), 0, sum(c.cpu_s() for c in coordinators))
+    while True:
+        await asyncio.sleep(every_s)
+        now, done, cpu = time.perf_counter(), sum(workers.executed.values()), sum(c.cpu_s() for c in coordinators)
+        span = now - last[0]
+        print(f"  {now - started:7.0f} s  submitted {len(jobs.submitted):6}  terminal {len(jobs.finished):6}  "
+              f"in flight {len(jobs.submitted) - len(jobs.finished):5}  requests/s {(done - last[1]) / span:6.1f}  "
+              f"coordinator CPU {(cpu - last[2]) / span * 100:4.0f} %  load {os.getloadavg()[0]:5.1f}", flush=True)
+        last = (now, done, cpu)
+
+
 def split_workers(total: int, graphs: dict) -> dict[str, int]:
     """Most workers on asr (the stage whose work dominates), the rest spread over the others."""
     stages = sorted(stage_outputs(graphs))
@@ -428,7 +486,7 @@ async def fleet(args, bus: Bus) -> None:
     workers = SimWorkers(nc, counts, stage_outputs(graphs), args.scale, jobs.minutes)
     await workers.start()
     rng = random.Random(args.seed)
-    lengths, weights = zip(*MIX)
+    lengths, weights = zip(*MIXES[args.mix])
     span = args.jobs / args.rate
     faults: list[str] = []
     started = time.perf_counter()
@@ -449,9 +507,12 @@ async def fleet(args, bus: Bus) -> None:
         await asyncio.sleep(span * 0.2)
         node = await bus.kill_leader_of(js, f"KV_{subjects.JOBS_BUCKET}")
         if node:
-            faults.append(f"{time.perf_counter() - started:6.1f} s  kill -9 {node} (led the job KV), back 5 s later")
+            what = "" if bus.single else " (led the job KV)"
+            faults.append(f"{time.perf_counter() - started:6.1f} s  kill -9 {node}{what}, back 5 s later")
 
     fault_task = asyncio.create_task(faults_mid_run())
+    progress_task = asyncio.create_task(progress(jobs, workers, coordinators, started, args.progress_s))
+    own0 = time.process_time()
     for i in range(args.jobs):
         target = started + i / args.rate
         if (delay := target - time.perf_counter()) > 0:
@@ -463,9 +524,10 @@ async def fleet(args, bus: Bus) -> None:
         await asyncio.sleep(0.5)
     wall = time.perf_counter() - started
     await fault_task
+    progress_task.cancel()
     cpu = sum(c.cpu_s() for c in coordinators)
-    workers.stop.set()
-    await asyncio.gather(*workers.tasks, return_exceptions=True)
+    own = time.process_time() - own0
+    await workers.stopped()
 
     # the checks, from the bus itself
     states = {}
@@ -484,7 +546,7 @@ async def fleet(args, bus: Bus) -> None:
     twice = sum(1 for n in workers.executed.values() if n > 1)
     print(f"\nfleet: {bus.describe()}, {args.coordinators} coordinator(s), {sum(counts.values())} simulated workers "
           f"({', '.join(f'{s} {n}' for s, n in sorted(counts.items()))}), {args.jobs} jobs at {args.rate}/s, "
-          f"durations x{args.scale}, seed {args.seed}")
+          f"durations x{args.scale}, mix {args.mix}, seed {args.seed}")
     for line in faults:
         print(f"  fault {line}")
     print(f"submitted in {submitted_s:.1f} s; all terminal after {wall:.1f} s")
@@ -497,7 +559,10 @@ async def fleet(args, bus: Bus) -> None:
         waits = workers.waits[stage]
         print(f"{stage:16}{pct(waits, 0.5) * 1e3:10.1f}{pct(waits, 0.99) * 1e3:10.1f}{len(waits):10}")
     print(f"coordinator CPU {cpu:.1f} s: {cpu / max(1, len(jobs.submitted)) * 1e3:.1f} ms per job, "
-          f"{cpu / max(1, hops) * 1e3:.2f} ms per stage request")
+          f"{cpu / max(1, hops) * 1e3:.2f} ms per stage request ({cpu / wall * 100:.0f} % of a core over the run); "
+          f"the simulated workers and driver {own:.1f} s ({own / wall * 100:.0f} %)")
+    print("replicas busy at once, at most: " + ", ".join(
+        f"{stage} {workers.peak[stage]} of {n}" for stage, n in sorted(counts.items()) if workers.peak[stage]))
     for stream, (messages, size) in stored.items():
         print(f"{stream:16} {messages:>9,} messages {size / 1e6:9.1f} MB")
     missing = [j for j in jobs.submitted if terminal[j] == 0]
@@ -592,8 +657,7 @@ async def hop_bench(args, bus: Bus) -> None:
             if args.memory_consumers:
                 await use_consumers(js, memory)
             rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
-    workers.stop.set()
-    await asyncio.gather(*workers.tasks, return_exceptions=True)
+    await workers.stopped()
     await nc.close()
     print(f"\nhops through the coordinator: {bus.describe()}, {args.workers} simulated noop workers (0 s), "
           f"jobs of {args.hop_count} hops; p50/p99 per hop over {args.chains} jobs one at a time, hops/s with "
@@ -683,7 +747,7 @@ def main() -> None:
         if os.environ.get("FLEET_PROFILE"):  # where one coordinator spends its CPU (cProfile stats file)
             import cProfile
 
-            cProfile.run("asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))", os.environ["FLEET_PROFILE"])
+            cProfile.run("asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))", f"{os.environ['FLEET_PROFILE']}.{os.getpid()}")
         else:
             asyncio.run(coordinator_main(sys.argv[2], sys.argv[3]))
         return
@@ -698,8 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=2.0, help="jobs submitted per second")
     parser.add_argument("--scale", type=float, default=0.02, help="multiplies every simulated duration")
     parser.add_argument("--seed", type=int, default=22)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="clips", help="film lengths of the jobs (MIXES)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the last job")
     parser.add_argument("--no-kill", action="store_true", help="no coordinator or node killed")
+    parser.add_argument("--progress-s", type=float, default=60.0, help="seconds between progress lines")
     parser.add_argument("--single-node", action="store_true", help="one nats-server instead of a 3-node cluster")
     parser.add_argument("--hops", action="store_true", help="the hop benchmark instead of the fleet")
     parser.add_argument("--hop-count", type=int, default=5)

@@ -472,6 +472,58 @@ def test_a_deadline_failure_that_loses_the_write_is_never_announced(nats_server)
     on_bus(nats_server, scenario)
 
 
+def test_a_submission_is_created_unread_and_its_requests_go_out_after_the_create(nats_server):
+    """A coordinator handed a job's submission creates the job's state without reading it first
+    (one round trip less per job, benchmarks/fleet_sim.py --hops): the create is the check. Its
+    requests go out only once the create has landed, so a submission of a job that exists (its
+    event handed again to a coordinator that does not remember the job) fails the create, is
+    decided on the stored state (already submitted: ignored) and publishes nothing."""
+    spec = JobSpec(job_id="jobsub", input=INPUT, source_language="en")
+
+    async def traced(bus: Bus, calls: list[str]) -> Coordinator:
+        coordinator = Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY)
+        kv = coordinator.kv = await bus.js.key_value(subjects.JOBS_BUCKET)  # one of its own to trace
+        def traced_call(name: str):
+            real = getattr(kv, name)
+
+            async def call(*args, **kw):
+                try:
+                    return await real(*args, **kw)
+                finally:
+                    calls.append(name)
+            return call
+
+        for name in ("get", "create", "update"):
+            setattr(kv, name, traced_call(name))
+        publish = coordinator._publish_request
+
+        async def publish_request(request):
+            calls.append(f"publish {request.node}")
+            await publish(request)
+
+        coordinator._publish_request = publish_request
+        return coordinator
+
+    async def scenario(bus: Bus):
+        first_calls: list[str] = []
+        first = await traced(bus, first_calls)
+        decision = await first.apply(JobSubmitted(job_id="jobsub", spec=spec))
+        assert decision.changed and [r.node for r in decision.requests] == ["demux"]
+        assert first_calls == ["create", "publish demux"]  # no read; the request after the create
+
+        again_calls: list[str] = []
+        again = await traced(bus, again_calls)
+        decision = await again.apply(JobSubmitted(job_id="jobsub", spec=spec))
+        assert not decision.changed and decision.note == "job already submitted"
+        assert again_calls[:2] == ["create", "get"] and not any(c.startswith("publish") for c in again_calls)
+        state = JobState.model_validate_json((await bus.kv.get("jobsub")).value)
+        assert (state.nodes["demux"].status.value, state.nodes["demux"].attempt) == ("requested", 1)
+        [taken] = await bus.answer("demux")  # the one request, from the first coordinator
+        assert (taken.node, taken.attempt) == ("demux", 1)
+
+    on_bus(nats_server, scenario)
+
+
 def test_events_left_in_the_outbox_are_published_by_the_next_coordinator(nats_server):
     async def scenario(bus: Bus):
         # A coordinator wrote the completed state and died before publishing `completed`.

@@ -94,8 +94,7 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
         states = {job: await whole_record(js, JobState.model_validate_json((await kv.get(job)).value))
                   for job in jobs.submitted}
         terminal = await terminal_events(js)
-        workers.stop.set()
-        await asyncio.gather(*workers.tasks, return_exceptions=True)
+        await workers.stopped()
         await nc.close()
 
         assert Counter(s.status.value for s in states.values()) == {"completed": JOBS}
