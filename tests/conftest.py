@@ -11,7 +11,7 @@ import structlog
 
 from captionbus.server import EmbeddedServer
 
-pytest_plugins = ["tests.xdist_groups"]  # one xdist worker per test module and per shared stack
+pytest_plugins = ["tests.xdist_groups"]  # one xdist work unit per test module and per shared stack
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,9 @@ def pytest_collection_modifyitems(session, config, items):
             needs[path] = list(dict.fromkeys([*needs[path], *fixture_envs[fixture]]))
             late.add(path)
     items.sort(key=lambda item: bool(needs[item.path]) or item.path in late)  # stable: keeps each group's order
-    if not config.option.collectonly:
+    # Under xdist one worker builds in the background; a test on another that needs an env
+    # meanwhile waits for that build's lock (captionbus.envs.create), then finds the env built.
+    if not config.option.collectonly and _WORKER in (None, "gw0"):
         prepare_envs(name for item in items for name in needs[item.path])
 
 
