@@ -11,6 +11,8 @@ import structlog
 
 from captionbus.server import EmbeddedServer
 
+pytest_plugins = ["tests.xdist_groups"]  # one xdist work unit per test module and per shared stack
+
 
 @pytest.fixture(autouse=True)
 def _structlog_config_per_test():
@@ -51,6 +53,20 @@ def captionbus_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 _REAL_HOME = Path(os.environ.get("CAPTIONBUS_HOME", Path.home() / ".captionbus")).expanduser()
 os.environ.setdefault("CAPTIONBUS_ENVS", str(_REAL_HOME / "envs"))
 os.environ.setdefault("CAPTIONBUS_MODELS", str(_REAL_HOME / "models"))
+
+# README's `pytest` runs the suite on several pytest-xdist workers (pyproject's addopts). Tests
+# that use no captionbus_home fixture (a `captionbus run` in test_music_bed, test_artifacts,
+# test_asr_mlx, test_cli_failures) keep their data in CAPTIONBUS_HOME: two workers sharing one
+# would start two embedded nats-servers on one store dir. Each worker gets its own data dir;
+# the envs and models above stay shared (their builds are locked per env and published whole).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CAPTIONBUS_HOME"] = tempfile.mkdtemp(prefix=f"captionbus-home-{_WORKER}-")
+    atexit.register(shutil.rmtree, os.environ["CAPTIONBUS_HOME"], ignore_errors=True)
 
 
 TRANSCRIBE_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
@@ -97,7 +113,9 @@ def pytest_collection_modifyitems(session, config, items):
             needs[path] = list(dict.fromkeys([*needs[path], *fixture_envs[fixture]]))
             late.add(path)
     items.sort(key=lambda item: bool(needs[item.path]) or item.path in late)  # stable: keeps each group's order
-    if not config.option.collectonly:
+    # Under xdist one worker builds in the background; a test on another that needs an env
+    # meanwhile waits for that build's lock (captionbus.envs.create), then finds the env built.
+    if not config.option.collectonly and _WORKER in (None, "gw0"):
         prepare_envs(name for item in items for name in needs[item.path])
 
 

@@ -27,7 +27,7 @@ def test_a_tenants_job_id_subjects_and_key_carry_the_tenant_as_a_token():
     assert subjects.tenant_events("acme") == "captionbus.job.acme.>" and subjects.tenant_keys("acme") == "acme.>"
 
 
-@pytest.mark.parametrize("job", ["j19a-3f2c", "job-victim", "_x", "Acme_j1", "-a_j1", new_job_id()])
+@pytest.mark.parametrize("job", ["j19a-3f2c", "job-victim", "_x", "Acme_j1", "-a_j1", pytest.param(new_job_id(), id="a-new-id")])
 def test_a_job_of_no_tenant_keeps_the_layout_it_had(job):
     assert tenant_of(job) == NO_TENANT
     assert subjects.job_event(job, "submitted") == f"captionbus.job.{job}.submitted"

@@ -1,0 +1,70 @@
+"""The suite's own xdist scheduling (tests/xdist_groups.py): modules sharing a session stack run on
+one worker, so the stack starts once; run as a real pytest -n 3 on a small throwaway suite."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.xdist_groups import stack_groups
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_modules_sharing_stacks_transitively_are_one_group_and_the_others_their_own():
+    groups = stack_groups({"a.py": {"stack"}, "b.py": {"translate_up", "chunked_fleet"}, "c.py": {"translate_up"},
+                           "d.py": set(), "e.py": {"chunked_fleet"}})
+    assert groups == {"a.py": "stack", "b.py": "chunked_fleet", "c.py": "chunked_fleet", "d.py": "d.py",
+                      "e.py": "chunked_fleet"}
+
+
+CONFTEST = '''
+import os
+import pytest
+
+pytest_plugins = ["tests.xdist_groups"]
+
+
+@pytest.fixture(scope="session")
+def translate_up():
+    with open(os.environ["STARTS"], "a") as f:
+        f.write(os.environ.get("PYTEST_XDIST_WORKER", "-") + "\\n")
+    return "up"
+'''
+
+USER = '''
+import os, time
+
+def test_{n}_first(translate_up):
+    time.sleep(0.2)
+    with open(os.environ["RAN"], "a") as f:
+        f.write("{n} " + os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+
+def test_{n}_second(translate_up):
+    with open(os.environ["RAN"], "a") as f:
+        f.write("{n} " + os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+'''
+
+
+def test_a_session_stack_shared_by_several_modules_starts_once_on_one_worker(tmp_path: Path):
+    """Under xdist 3.8's own `--dist loadgroup` on pytest 9 the stack started on every worker
+    (its group never reached the node ids); here four modules share it and it starts once."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(CONFTEST)
+    for n in range(4):
+        (suite / f"test_user{n}.py").write_text(USER.format(n=n))
+    (suite / "test_alone.py").write_text("import time\n\ndef test_alone():\n    time.sleep(0.5)\n")
+    starts, ran = tmp_path / "starts", tmp_path / "ran"
+    env = {**os.environ, "STARTS": str(starts), "RAN": str(ran), "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("CAPTIONBUS_TEST_GROUPS", None)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull,
+                           "--rootdir", str(suite), "-n", "3", "--dist", "loadscope", "--no-loadscope-reorder",
+                           str(suite)], cwd=suite, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "9 passed" in done.stdout
+    assert len(starts.read_text().splitlines()) == 1, starts.read_text()
+    workers = {line.split()[1] for line in ran.read_text().splitlines()}
+    assert len(ran.read_text().splitlines()) == 8 and len(workers) == 1, ran.read_text()
