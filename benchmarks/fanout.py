@@ -296,12 +296,44 @@ def run_peaks(media: Path, root: Path, chunk_s: float | None, *extra: str, env_e
     return time.perf_counter() - started, peaks
 
 
+def cold_timeline(root: Path, film: Path, tag: str, started: float, wall: float) -> str:
+    """Where one cold run's wall went, from its job record (`run --out`): the stack's start
+    before the job (server, services, coordinator), the job's stages before the first chunk's
+    decode, each asr replica's model load, first chunk and busy seconds, and what came after the
+    last chunk."""
+    import json
+    from datetime import datetime
+
+    record = json.loads((root / f"out-{film.stem}{tag}" / f"{film.stem}.job.json").read_text())
+    created = datetime.fromisoformat(record["created_at"]).timestamp() - started
+    chunks = [n for name, n in record["nodes"].items() if name.startswith("asr-") and n["status"] == "completed"]
+    first = min(n["metrics"]["started_at"] for n in chunks) - started
+    last = max(n["metrics"]["handled_at"] for n in chunks) - started
+    replicas: dict[str, list[dict]] = {}
+    for n in chunks:
+        replicas.setdefault(n["worker"].get("replica", "?"), []).append(n)
+    parts = [f"stack start {created:.1f} s", f"first chunk decoding at {first:.1f} s", f"last chunk done {last:.1f} s",
+             f"end {wall:.1f} s"]
+    for replica, done in sorted(replicas.items()):
+        parts.append(f"replica {replica}: load {done[0]['metrics'].get('model_load_s', float('nan')):.1f} s, "
+                     f"first chunk at {min(n['metrics']['started_at'] for n in done) - started:.1f} s, "
+                     f"{len(done)} chunks, busy {sum(n['metrics']['handle_s'] for n in done):.1f} s")
+    return "; ".join(parts)
+
+
 def cold_replicas(root: Path, film: Path) -> None:
     """Issue 22's cold comparison: `run FILM -s en` with one asr worker of one thread vs
-    `--replicas 2` (cores // 2 threads each: 1 on 2 cores), then one worker with every core."""
-    one, _ = run_peaks(film, root, None, env_extra={"CAPTIONBUS_ASR_THREADS": "1"}, tag="-1x1")
-    two, _ = run_peaks(film, root, None, "--replicas", "2", tag="-2")
-    whole, _ = run_peaks(film, root, None, tag="-1")
+    `--replicas 2` (cores // 2 threads each: 1 on 2 cores), then one worker with every core.
+    Each run's timeline (cold_timeline) says where the replicas lose time."""
+    walls = {}
+    for tag, extra, env in (("-1x1", (), {"CAPTIONBUS_ASR_THREADS": "1"}), ("-2", ("--replicas", "2"), None),
+                            ("-1", (), None)):
+        print(f"run{tag}: load average before {load_average()}", flush=True)
+        started = time.time()
+        walls[tag], _ = run_peaks(film, root, None, *extra, env_extra=env, tag=tag)
+        print(f"run{tag}: {walls[tag]:.1f} s, load average after {load_average()}\n  "
+              + cold_timeline(root, film, tag, started, walls[tag]), flush=True)
+    one, two, whole = walls["-1x1"], walls["-2"], walls["-1"]
     print(f"\ncold `captionbus run {film.name} -s en` (default workflow), wall seconds:")
     print(f"  1 asr worker, 1 thread            {one:8.1f}")
     print(f"  --replicas 2 ({max(1, os.cpu_count() // 2)} thread(s) each)    {two:8.1f}   {one / two:.2f}x")

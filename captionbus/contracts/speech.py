@@ -59,7 +59,8 @@ class SpokenLanguage(BaseModel):
     """The language a job's audio is decoded in: given (-s) or detected once for every chunk."""
 
     schema_version: str = SCHEMA_VERSION
-    language: str
+    language: str | None = Field(description="None (the chunk stage's output without -s): not known before the "
+                                             "decode; a job of one chunk detects it in that chunk's asr request")
     probability: float | None = Field(None, description="None: given, not detected")
 
 

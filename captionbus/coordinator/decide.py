@@ -384,12 +384,15 @@ class _Step:
 
     def _sync_item_nodes(self) -> None:
         """Nodes that fan out over a list join the state once its count is known; their stand-in
-        (the plain name, still waiting) leaves it."""
+        (the plain name, still waiting) leaves it. A waiting node whose `when_items` turned out
+        not to hold for the count is skipped."""
         nodes = self.state.nodes
         plan = self.plan
         for planned in plan.nodes.values():
             if planned.id not in nodes and planned.item is not None:
                 nodes[planned.id] = _new_node(planned)
+            elif planned.id in nodes and not planned.active and nodes[planned.id].status == NodeStatus.waiting:
+                nodes[planned.id].status = NodeStatus.skipped
         for node_id in list(nodes):
             spec_node = self.graph.nodes.get(node_id)
             if (node_id not in plan.nodes and spec_node is not None and spec_node.item_source() is not None

@@ -11,7 +11,8 @@ Optional nodes carry `when:` (a condition on the job spec, see `Condition`); fan
 `for_each: <node>.<output>` fans out over a list another stage produced (`for_each: chunk.chunks`):
 its count is known only when that node completes (`StageCompleted.items`), so until then the plan
 holds one pending node under the plain name (never requested, never settled), and afterwards one
-node per item, `asr-0`, `asr-1`, … with the param `item`. A node that fans out over the same list
+node per item, `asr-0`, `asr-1`, … with the param `item`. `when_items: chunk.chunks > 1` makes a
+node wait for such a count the same way and run only when the comparison holds (`ItemCondition`). A node that fans out over the same list
 and references such a node gets the same item (`alignment-3` <- `asr-3`); a plain node collects
 them in item order through `input_lists`. Unlike a language branch, a failed item fails the job. A fan-out node
 with `route:` gets its stage per branch from a router (`ROUTERS`): `route: translation` picks the
@@ -148,6 +149,35 @@ class Condition:
         return result != self.negate
 
 
+_ITEM_CONDITION_RE = re.compile(r"^(?P<ref>[A-Za-z0-9_]+\.[A-Za-z0-9_]+)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\d+)$")
+_COMPARE = {">": int.__gt__, ">=": int.__ge__, "<": int.__lt__, "<=": int.__le__, "==": int.__eq__, "!=": int.__ne__}
+
+
+@dataclass(frozen=True)
+class ItemCondition:
+    """`when_items:` — `chunk.chunks > 1`: a condition on how many items another node listed
+    (`StageCompleted.items`), known only once that node completed. The node waits for the
+    count (never requested before it) and is skipped when the condition does not hold: the
+    `language` node detects once for a job of several chunks, and a job of one chunk detects in
+    its one decode (captionbus/services/asr/stage.py handle_chunk), one asr request fewer."""
+
+    text: str
+    source: Ref
+    op: str
+    value: int
+
+    @classmethod
+    def parse(cls, text: str) -> "ItemCondition":
+        match = _ITEM_CONDITION_RE.match(str(text).strip())
+        if not match or match["ref"].split(".")[0] == JOB:
+            raise ValueError(f"when_items {text!r} not understood; use <node>.<list output> <op> <count>, "
+                             "op one of > >= < <= == != (e.g. chunk.chunks > 1)")
+        return cls(str(text), Ref.parse(match["ref"]), match["op"], int(match["value"]))
+
+    def holds(self, count: int) -> bool:
+        return _COMPARE[self.op](count, self.value)
+
+
 # ---------------------------------------------------------------- the file format
 
 
@@ -171,6 +201,8 @@ class NodeSpec(BaseModel):
     outputs: list[str] = Field(min_length=1, description="artifact names the stage produces")
     params: dict[str, Any] = Field(default_factory=dict)
     when: str | None = None
+    when_items: str | None = Field(
+        default=None, description="a condition on the count of another node's list output (chunk.chunks > 1)")
     for_each: str | None = None
     route: str | None = Field(default=None, description="pick the stage per branch (ROUTERS)")
     deadline_s: float | None = Field(default=None, gt=0)
@@ -190,6 +222,13 @@ class NodeSpec(BaseModel):
     def _when(cls, value: str | None) -> str | None:
         if value is not None:
             Condition.parse(value)
+        return value
+
+    @field_validator("when_items")
+    @classmethod
+    def _when_items(cls, value: str | None) -> str | None:
+        if value is not None:
+            ItemCondition.parse(value)
         return value
 
     @field_validator("for_each")
@@ -245,6 +284,17 @@ class NodeSpec(BaseModel):
     def condition(self) -> Condition | None:
         return Condition.parse(self.when) if self.when else None
 
+    def item_condition(self) -> ItemCondition | None:
+        return ItemCondition.parse(self.when_items) if self.when_items else None
+
+    def waits_for(self) -> Ref | None:
+        """The list this node needs the count of before it is planned: the one it fans out over,
+        else the one its `when_items` reads."""
+        source = self.item_source()
+        if source is None and self.when_items:
+            source = self.item_condition().source
+        return source
+
 
 class Workflow(BaseModel):
     """A validated workflow graph. Build with `load_workflow` / `Workflow.from_dict`."""
@@ -269,11 +319,12 @@ class Workflow(BaseModel):
                         self._check_ref(f"node {name} {kind}.{input_name}", Ref.parse(text))
                         if kind == "inputs":
                             self._check_branch(name, input_name, Ref.parse(text))
-            source = node.item_source()
-            if source is not None:
-                self._check_ref(f"node {name} for_each", source)
-                if self.nodes[source.node].for_each:
-                    raise ValueError(f"node {name} for_each {source}: {source.node} is itself a fan-out node")
+            for key, source in (("for_each", node.item_source()),
+                                ("when_items", node.item_condition() and node.item_condition().source)):
+                if source is not None:
+                    self._check_ref(f"node {name} {key}", source)
+                    if self.nodes[source.node].for_each:
+                        raise ValueError(f"node {name} {key} {source}: {source.node} is itself a fan-out node")
         for output_name, texts in self.outputs.items():
             for text in [texts] if isinstance(texts, str) else texts:
                 try:
@@ -310,7 +361,7 @@ class Workflow(BaseModel):
     def dependencies(self, name: str) -> list[str]:
         node = self.nodes[name]
         refs = [r for refs in (*node.inputs.values(), *node.input_lists.values()) for r in refs]
-        nodes = [Ref.parse(r).node for r in refs] + ([source.node] if (source := node.item_source()) else [])
+        nodes = [Ref.parse(r).node for r in refs] + ([source.node] if (source := node.waits_for()) else [])
         return list(dict.fromkeys(n for n in nodes if n != JOB))
 
     def topological_order(self) -> list[str]:
@@ -436,18 +487,20 @@ def _stage_problems(node: NodeSpec, stage: str, checked: set[type]) -> list[str]
 
 
 def _item_problems(workflow: Workflow) -> list[str]:
-    """`for_each: node.output` must name an output the node's stage declares as a list."""
+    """`for_each: node.output` and `when_items: node.output ...` must name an output the node's
+    stage declares as a list."""
     problems = []
     for name, node in workflow.nodes.items():
-        source = node.item_source()
-        if source is None:
-            continue
-        producer = workflow.nodes[source.node]
-        for stage in producer.possible_stages(source.node):
-            spec = STAGES.get(stage)
-            if spec is not None and source.output not in spec.item_outputs:
-                problems.append(f"node {name}: for_each {source}: stage {stage} does not list items in "
-                                f"{source.output!r} (its list outputs: {', '.join(spec.item_outputs) or 'none'})")
+        for key, source in (("for_each", node.item_source()),
+                            ("when_items", node.item_condition() and node.item_condition().source)):
+            if source is None:
+                continue
+            producer = workflow.nodes[source.node]
+            for stage in producer.possible_stages(source.node):
+                spec = STAGES.get(stage)
+                if spec is not None and source.output not in spec.item_outputs:
+                    problems.append(f"node {name}: {key} {source}: stage {stage} does not list items in "
+                                    f"{source.output!r} (its list outputs: {', '.join(spec.item_outputs) or 'none'})")
     return problems
 
 
@@ -537,9 +590,10 @@ class PlannedNode:
     deadline_s: float | None = None
     max_attempts: int | None = None
     item: int | None = None  # for_each over a list output: this node's item
-    # for_each over a list whose count is not known yet: a stand-in, never requested
+    # for_each over a list whose count is not known yet: a stand-in, never requested; also a
+    # node whose when_items reads a count not known yet
     pending_items: bool = False
-    after: list[str] = field(default_factory=list)  # the node whose list this one fans out over
+    after: list[str] = field(default_factory=list)  # the node whose list this one fans out over or counts
     max_in_flight: int | None = None  # of this node's items at once (the NodeSpec's)
 
     @property
@@ -609,6 +663,16 @@ def _expand(workflow: Workflow, spec: JobSpec, items: dict[str, int]) -> JobPlan
         spec_node = workflow.nodes[name]
         condition = spec_node.condition()
         active = condition.holds(spec) if condition else True
+        counting = spec_node.item_condition()
+        awaits_count = False  # when_items over a count not known yet: wait for it, never requested
+        if active and counting is not None:
+            if not nodes[counting.source.node].active:
+                errors.append(f"{name} reads the count of {counting.source} (when_items), and "
+                              f"{counting.source.node} does not run for this job")
+            elif (count := items.get(str(counting.source))) is None:
+                awaits_count = True
+            else:
+                active = counting.holds(count)
         ids_of[name] = []
         if spec_node.item_source() is not None:
             found_items = _item_ids(workflow, name, items, nodes) if active else [(name, None)]
@@ -632,8 +696,9 @@ def _expand(workflow: Workflow, spec: JobSpec, items: dict[str, int]) -> JobPlan
             planned = PlannedNode(
                 id=node_id, name=name, stage=stage, active=active, branch=branch,
                 deadline_s=spec_node.deadline_s, max_attempts=spec_node.max_attempts, item=item,
-                pending_items=source is not None and item is None,
-                after=[source.node] if source is not None else [], max_in_flight=spec_node.max_in_flight,
+                pending_items=(source is not None and item is None) or awaits_count,
+                after=[waits.node] if (waits := spec_node.waits_for()) is not None else [],
+                max_in_flight=spec_node.max_in_flight,
             )
             nodes[node_id] = planned
             if not active:

@@ -1,7 +1,8 @@
 """The default path is the scalable one: a plain `captionbus run FILM` (the transcribe workflow,
 no -w, no -s) cuts a film longer than CAPTIONBUS_CHUNK_ABOVE_S into chunks, one asr request
 each, with the language detected once, and gives the words of the whole film decoded in one
-request (`--chunk-s 0`, the escape hatch). The threshold is set low (20 s) so the film stays
+request (`--chunk-s 0`, the escape hatch), which detects the language inside that request (one
+chunk: no `language` request). The threshold is set low (20 s) so the film stays
 short (~64 s); on real parts: nats-server, ffmpeg, Silero VAD, Whisper base in the whisperx env.
 
 Both jobs run on the session's chunked fleet (tests/e2e/conftest.py `chunked_fleet`: the
@@ -60,6 +61,10 @@ def test_default_run_of_a_film_above_the_threshold_chunks_and_gives_the_unchunke
     assert record["language"]["code"] == "en" and record["language"]["detected"] is True
     assert chunked["language"] == whole["language"] == "en"
     assert asr_nodes(whole_record) == ["asr-0"]  # --chunk-s 0: one request for the whole film
+    # One chunk: no detection request; asr-0 detected in its own request, then decoded.
+    assert whole_record["nodes"]["language"]["status"] == "skipped" and whole_record["nodes"]["language"]["attempt"] == 0
+    assert sorted(n for n, node in whole_record["nodes"].items() if node["stage"] == "asr") == ["asr-0", "language"]
+    assert whole["language"] == "en" and whole["language_probability"] > 0.5  # detected in asr-0
 
     # Word for word the same as the whole film in one request, with the same word times.
     def timed(transcript: dict) -> list[tuple[str, float]]:

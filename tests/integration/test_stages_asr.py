@@ -17,7 +17,8 @@ import jiwer
 import numpy as np
 import pytest
 
-from captionbus.contracts.speech import SpeechRegion, SpeechRegions
+from captionbus.contracts.speech import SpeechRegion, SpeechRegions, SpokenLanguage
+from captionbus.services.chunk.plan import plan_chunks
 from tests import media as test_media
 from captionbus.services.runtime.testing import make_fake_context
 
@@ -37,15 +38,21 @@ started = time.monotonic()
 resources = STAGE.setup(SetupContext(stage="asr", env="whisperx", models_dir=Path(model_dir).parent,
                                      log=structlog.get_logger(), options={"model": model_dir}))
 results = {"setup_s": time.monotonic() - started, "describe": STAGE.describe_model(resources), "runs": []}
+produced = []  # each run's outputs: a later job names run N's language output as @N
 for n, job in enumerate(jobs):
-    audio, params, regions = (job.split("|") + [""])[:3]
-    inputs = {"audio": Path(audio), **({"regions": Path(regions)} if regions else {})}
+    audio, params, regions, chunks, language = (job.split("|") + [""] * 4)[:5]
+    if language.startswith("@"):
+        language = produced[int(language[1:])]["language"]
+    inputs = {"audio": Path(audio), **{name: Path(path) for name, path in
+                                       (("regions", regions), ("chunks", chunks), ("language", language)) if path}}
     ctx = make_fake_context(Path(work) / f"run{n}", "asr", inputs=inputs, params=json.loads(params), resources=resources)
     started = time.monotonic()
+    produced.append({})
     try:
-        out = STAGE.handle(ctx.request, ctx)
-        results["runs"].append({"transcript": json.loads(out["transcript"].read_text()), "metrics": ctx.metrics,
-                                "progress": ctx.progress_events, "warnings": ctx.warnings,
+        produced[n] = out = STAGE.handle(ctx.request, ctx)
+        read = {name: json.loads(path.read_text()) for name, path in out.items()}
+        results["runs"].append({"transcript": read.get("transcript"), "language": read.get("language"),
+                                "metrics": ctx.metrics, "progress": ctx.progress_events, "warnings": ctx.warnings,
                                 "seconds": time.monotonic() - started})
     except BadInput as bad:
         results["runs"].append({"bad_input": str(bad)})
@@ -158,6 +165,10 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
     noisy, first, second, gap, noisy_regions = speech_silence_noise_speech(tmp)
     noisy_samples, _ = read_samples(noisy)
     noisy_regions_path = write_regions(tmp / "noisy_regions.json", noisy_regions, len(noisy_samples) / 16000)
+    one_chunk = tmp / "one_chunk.json"  # what the chunk stage cuts a clip into: one chunk
+    one_chunk.write_text(plan_chunks(speech_regions, duration, 0.0, 0.3, None).model_dump_json())
+    unknown_language = tmp / "language.json"  # the chunk stage's language output without -s
+    unknown_language.write_text(SpokenLanguage(language=None).model_dump_json())
     jobs = [
         f"{audio}|{json.dumps({})}",  # language detected
         f"{audio}|{json.dumps({'source_language': 'en', 'target_languages': []})}",  # as the coordinator sends it
@@ -172,6 +183,11 @@ def asr_runs(tmp_path_factory, stage_envs, whisper_model):
         f"{audio}|{json.dumps({})}|{elsewhere}",  # 10
         f"{noisy}|{json.dumps({'language': 'en'})}|{noisy_regions_path}",  # 11
         f"{noisy}|{json.dumps({'language': 'en'})}",  # 12: the same without regions, for comparison
+        # a clip of one chunk: the language detected by its own request (13, as a job of several
+        # chunks does) and decoded with (14), or detected inside the decode (15, a job of one chunk)
+        f"{audio}|{json.dumps({'task': 'detect_language'})}||{one_chunk}",  # 13
+        f"{audio}|{json.dumps({'item': 0})}||{one_chunk}|@13",  # 14
+        f"{audio}|{json.dumps({'item': 0})}||{one_chunk}|{unknown_language}",  # 15
     ]
     done = subprocess.run(
         [str(python), "-c", RUNNER, str(model), str(tmp / "work"), *jobs],
@@ -304,6 +320,19 @@ def test_regions_from_vad_give_the_same_quality_and_no_words_outside_them(asr_ru
     tolerance = 0.25  # REGION_TOLERANCE_S plus rounding: word edges from cross-attention
     for word in words:
         assert any(a - tolerance <= word["start"] and word["end"] <= b + tolerance for a, b in asr_runs["speech_regions"]), word
+
+
+def test_a_clip_of_one_chunk_detects_in_its_decode_the_language_and_words_of_a_separate_detection(asr_runs):
+    """A job of one chunk makes no detect_language request (the workflows' `language` node runs
+    for two chunks or more): its chunk request, given no language, detects on the same samples
+    that request would have heard, then decodes. Same language, same probability, same words and
+    times as detecting first in a request of its own and decoding with what it found."""
+    detected, given, inside = (asr_runs["runs"][i] for i in (13, 14, 15))
+    assert detected["language"]["language"] == "en" and detected["language"]["probability"] > 0.5
+    assert given["transcript"]["language"] == inside["transcript"]["language"] == "en"
+    assert inside["transcript"]["language_probability"] == pytest.approx(detected["language"]["probability"])
+    assert _words(inside["transcript"]) and _words(inside["transcript"]) == _words(given["transcript"])
+    assert [s["text"] for s in inside["transcript"]["segments"]] == [s["text"] for s in given["transcript"]["segments"]]
 
 
 def test_empty_regions_mean_no_speech(asr_runs):

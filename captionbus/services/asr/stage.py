@@ -17,7 +17,8 @@ One chunk of a film (the `chunked` workflow): with the param `item` and the inpu
 (captionbus/services/audio.py seeks to it: memory follows the chunk, not the film), decoded inside its
 regions, and its times shifted back to film times; the input `language` (SpokenLanguage) is the
 language detected once for the job. `task: detect_language` writes that `language` output: the
-given -s, or what Whisper hears in the first chunk's speech.
+given -s, or what Whisper hears in the first chunk's speech. A job of one chunk makes no such
+request: its one chunk request detects first (handle_chunk), on the same samples.
 """
 from __future__ import annotations
 
@@ -279,6 +280,15 @@ def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, 
     return requested_language(params.model_copy(update={"language": spoken.language}), model)
 
 
+def detect(model: AsrModel, audio: np.ndarray, regions: Regions | None, ctx: StageContext) -> tuple[str, float | None]:
+    """(language, probability) heard in the first 30 s of speech of `audio` (of its `regions`
+    when given). The caller holds model.lock."""
+    language, probability = model.module.detect(model.engine, audio, regions)
+    ctx.log.info("language detected", language=language,
+                 probability=None if probability is None else round(float(probability), 3))
+    return language, probability
+
+
 def handle_detect(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel) -> dict[str, Path]:
     """task detect_language: the given language, else the one heard in the first chunk's speech."""
     language, probability = requested_language(params, model), None
@@ -292,9 +302,7 @@ def handle_detect(request: StageRequest, ctx: StageContext, params: AsrParams, m
             audio = read_wav(ctx.input_path("audio"), end_s=whisperx_backend.DETECT_WINDOW_S)
         if len(audio):
             with model.lock:
-                language, probability = model.module.detect(model.engine, audio, regions)
-            ctx.log.info("language detected", language=language,
-                         probability=None if probability is None else round(float(probability), 3))
+                language, probability = detect(model, audio, regions, ctx)
         else:
             language = "en"  # no speech: nothing will be decoded in it
             ctx.warn("no speech to detect the language in: the transcript will be empty")
@@ -306,7 +314,12 @@ def handle_detect(request: StageRequest, ctx: StageContext, params: AsrParams, m
 
 def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel,
                  language: str | None) -> dict[str, Path]:
-    """One chunk (param `item`) of the `chunks` input, in film times."""
+    """One chunk (param `item`) of the `chunks` input, in film times. Without a language (a job
+    of one chunk: the workflows' `language` node runs only for several, captionbus.coordinator.graph
+    ItemCondition) it is detected here first, by the same call on the same samples the
+    `detect_language` request makes for chunk 0 (handle_detect), so the words are the ones that
+    request's language gave, for one model pass and one asr request less per clip. The
+    transcript then carries the detected probability."""
     if "chunks" not in request.inputs:
         raise BadInput("param item needs the chunks input (from the chunk stage)")
     chunks = read_chunks(ctx)
@@ -316,8 +329,13 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     audio, regions = chunk_audio(ctx, chunk)
     duration = len(audio) / SAMPLE_RATE
     started = time.monotonic()
+    detected = None
     with model.lock:
+        if language is None and len(audio) and regions:
+            language, detected = detect(model, audio, regions, ctx)
         language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
+    if detected is not None and params.task != "translate":
+        language_probability = float(detected)
     segments = shifted(drop_hallucinations(segments, regions, duration, ctx), chunk.start)
     seconds = time.monotonic() - started
     transcript = Transcript(language=language, language_probability=language_probability, duration=chunks.duration,

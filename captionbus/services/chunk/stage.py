@@ -4,9 +4,12 @@ count goes back to the coordinator in `StageCompleted.items`. Cutting rules: cap
 Params (declaration.ChunkParams): target_s (0: one chunk), min_silence_s, max_s, chunk_above_s
 (audio no longer than it is one chunk while target_s is unset: the default workflows chunk only films
 long enough to gain from it; captionbus.core.settings chunk_above_s says why its default).
-No model, no audio: it reads a few kilobytes of JSON, in the common env. When the job gives its
-language (-s), it also writes the `language` output (SpokenLanguage), so the chunks need no
-language-detection request on the asr queue first (one queue wait less for every such job)."""
+No model, no audio: it reads a few kilobytes of JSON, in the common env. It also writes the
+`language` output (SpokenLanguage): the job's language (-s), so the chunks need no
+language-detection request on the asr queue first (one queue wait less for every such job), or
+none (null) without -s. The workflows' `language` node detects once for a job of several chunks
+(`when_items: chunk.chunks > 1`); a job of one chunk (every clip under chunk_above_s) reads the
+null and detects in its one asr request, on the same speech the separate request heard."""
 from __future__ import annotations
 
 import math
@@ -67,12 +70,10 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         ctx.warn(f"speech ran longer than max_s ({params.max_length_s:g} s) without a pause: "
                  f"cut inside speech {sum(c.split for c in chunks.chunks)} time(s); raise max_s to avoid it")
     ctx.progress(1.0, f"{len(lengths)} chunks")
-    outputs = {"chunks": out}
-    if params.source_language:
-        language = ctx.work_dir / "language.json"
-        language.write_text(SpokenLanguage(language=params.source_language.strip().lower()).model_dump_json())
-        outputs["language"] = language
-    return outputs
+    language = ctx.work_dir / "language.json"
+    given = (params.source_language or "").strip().lower() or None
+    language.write_text(SpokenLanguage(language=given).model_dump_json())
+    return {"chunks": out, "language": language}
 
 
 STAGE = StageDefinition(spec=CHUNK, handle=handle)

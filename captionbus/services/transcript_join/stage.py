@@ -19,7 +19,10 @@ from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
 
 def join(parts: list[Transcript], language: SpokenLanguage | None) -> Transcript:
-    """One transcript: segments of every part in time order; languages must agree."""
+    """One transcript: segments of every part in time order; languages must agree. A `language`
+    that says none (the chunk stage's without -s: one chunk detected it in its decode) is left out."""
+    if language is not None and language.language is None:
+        language = None
     languages = {p.language for p in parts} | ({language.language} if language else set())
     if len(languages) > 1:
         raise BadInput(f"chunk transcripts are in different languages ({', '.join(sorted(languages))}); "

@@ -38,9 +38,12 @@ def through_language(n_chunks: int):
         d = step(d, done(node), CHUNKED)
     assert requested(d) == ["chunk"]
     d = step(d, done("chunk", items={"chunks": n_chunks}), CHUNKED)
-    assert requested(d) == ["language"]
     assert "asr" not in d.state.nodes  # the stand-in left; the chunks' nodes came
     assert [n for n in d.state.nodes if n.startswith("asr-")] == [f"asr-{i}" for i in range(n_chunks)]
+    if n_chunks < 2:  # when_items: chunk.chunks > 1; one chunk detects in its own asr request
+        assert d.state.nodes["language"].status == NodeStatus.skipped
+        return d
+    assert requested(d) == ["language"]
     return step(d, done("language"), CHUNKED)
 
 
@@ -165,3 +168,53 @@ def test_with_the_language_given_no_detection_request_waits_in_the_asr_queue():
     assert requested(d) == ["asr-0", "asr-1"]  # straight to the chunks
     assert d.requests[0].inputs["language"] == artifact("chunk.language")
     assert d.requests[0].params["source_language"] == "en"
+
+
+@pytest.mark.parametrize("workflow", ["chunked", "transcribe"])
+def test_one_chunk_makes_no_detection_request_and_decodes_with_the_chunk_stages_language(workflow):
+    """A clip (one chunk) detects its language in its one asr request: no `language` request,
+    asr-0 and the join read the chunk stage's language (null without -s, so the asr request
+    detects); several chunks still detect once, first."""
+    graph = load_workflow(DEFAULT_WORKFLOWS_DIR / f"{workflow}.yaml")
+    d = submit(graph)
+    assert d.state.nodes["language"].status == NodeStatus.waiting  # until the count is known
+    for node in ("demux", "vad"):
+        d = step(d, done(node), graph)
+    d = step(d, done("chunk", items={"chunks": 1}), graph)
+    assert requested(d) == ["asr-0"]
+    assert d.state.nodes["language"].status == NodeStatus.skipped
+    assert d.requests[0].inputs["language"] == artifact("chunk.language")
+    d = step(d, done("asr-0"), graph)
+    assert requested(d) == ["transcript_join"]
+    assert d.requests[0].inputs["language"] == artifact("chunk.language")
+    stages = [r.stage for r in d.state.nodes.values() if r.attempt]
+    assert stages.count("asr") == 1  # one asr request in the whole job
+    assert not step(d, done("language"), graph).changed  # a stray detection result changes nothing
+
+
+def test_the_language_node_waits_for_the_chunk_count_and_two_chunks_detect_once():
+    d = submit(CHUNKED)
+    for node in ("demux", "vad"):
+        d = step(d, done(node), CHUNKED)
+    assert requested(d) == ["chunk"]  # not the language node: the count is not known yet
+    d = step(d, done("chunk", items={"chunks": 2}), CHUNKED)
+    assert requested(d) == ["language"]
+    d = step(d, done("language"), CHUNKED)
+    assert requested(d) == ["asr-0", "asr-1"]
+    assert {r.inputs["language"] for r in d.requests} == {artifact("language.language")}
+
+
+def test_when_items_must_count_a_list_output():
+    data = {"name": "bad", "nodes": {
+        "demux": {"inputs": {"media": "job.input"}, "outputs": ["audio"]},
+        "asr": {"when_items": "demux.audio > 1", "inputs": {"audio": "demux.audio"}, "outputs": ["transcript"]},
+    }}
+    with pytest.raises(WorkflowError, match="when_items demux.audio: stage demux does not list items in 'audio'"):
+        check_stages(Workflow.from_dict(data))
+    for bad in ("demux.audio", "demux.audio > x", "job.input > 1", "options.x > 1 and y"):
+        data["nodes"]["asr"]["when_items"] = bad
+        with pytest.raises(WorkflowError, match="when_items"):
+            Workflow.from_dict(data)
+    data["nodes"]["asr"]["when_items"] = "demux.nothing > 1"
+    with pytest.raises(WorkflowError, match="refers to demux.nothing"):
+        Workflow.from_dict(data)

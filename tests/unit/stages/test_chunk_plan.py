@@ -113,6 +113,11 @@ def test_join_puts_segments_in_time_order_and_refuses_mixed_languages():
     assert join([], SpokenLanguage(language="de")).language == "de"
     with pytest.raises(BadInput, match="different languages"):
         join([transcript("en"), transcript("fr")], None)
+    # the chunk stage's language without -s says none: the one chunk's detected language stands
+    detected = transcript("fr", (0, 1, "un")).model_copy(update={"language_probability": 0.8})
+    joined = join([detected], SpokenLanguage(language=None))
+    assert (joined.language, joined.language_probability, joined.text) == ("fr", 0.8, "un")
+    assert join([], SpokenLanguage(language=None)).language == "en"  # no speech: nothing was decoded
 
 
 def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_state_holds(tmp_path):
@@ -126,7 +131,8 @@ def test_the_chunk_stage_reports_its_count_and_refuses_more_chunks_than_a_job_st
     ctx = make_fake_context(tmp_path / "a", "chunk", inputs={"regions": tmp_path / "regions.json"})
     chunks = SpeechChunks.model_validate_json(handle(ctx.request, ctx)["chunks"].read_text())
     assert ctx.items == {"chunks": len(chunks.chunks)} == {"chunks": 240}  # a 2-hour film at the default 30 s
-    assert "language" not in handle(ctx.request, ctx)  # not given: the language node detects it
+    # not given: none (the language node detects it for several chunks; one chunk, in its decode)
+    assert SpokenLanguage.model_validate_json(handle(ctx.request, ctx)["language"].read_text()).language is None
     given = make_fake_context(tmp_path / "c", "chunk", inputs={"regions": tmp_path / "regions.json"},
                               params={"source_language": "EN"})
     assert SpokenLanguage.model_validate_json(handle(given.request, given)["language"].read_text()).language == "en"
