@@ -377,13 +377,21 @@ class Collector:
             if not subjects.is_job_key(job_id):
                 continue
             own = parts.get(subjects.job_id_of_key(job_id), {})
+            # Only what was read counts as malformed (a record or a part that does not parse, a
+            # part it names that the bus does not hold); a read of a part that fails (a timeout,
+            # a refusal, a reconnect) is a failed read: it stops the run (GcError), before any
+            # delete, as every other read here does.
             try:
-                state = await self._whole(JobState.model_validate_json(value), own)
-            except Exception as e:  # cannot tell finished from not: keep whatever it names, always
-                self._malformed(f"job record {job_id}", e)
-                for key in _salvage(value + b"".join(own.values())):
-                    self.needs.need(key, FOREVER)
-                    self.unfinished.add(key)
+                head = JobState.model_validate_json(value)
+                named = head.part_keys()
+            except Exception as e:
+                self._keep_malformed(job_id, value, own, e)
+                continue
+            own = {**own, **await self._late_parts(named, own)}  # outside: a failed read raises
+            try:
+                state = head.with_parts(own)
+            except Exception as e:  # MissingParts, a part that does not parse or match its name
+                self._keep_malformed(job_id, value, own, e)
                 continue
             if not state.status.finished:
                 for ref in job_refs(state):
@@ -404,15 +412,27 @@ class Collector:
                 self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
                            self._count_job_record)
 
-    async def _whole(self, head: JobState, own: dict[str, bytes]) -> JobState:
-        """The whole state of a record (JobState.with_parts): its parts from the listing, and a
-        part written after the listing (the record was read after it) read now."""
-        late = {name: key for name, key in head.part_keys().items() if name not in own}
-        for name, key in late.items():
-            msg = await self.js.get_last_msg(f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
-            if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
-                own = {**own, name: msg.data}
-        return head.with_parts(own)
+    def _keep_malformed(self, job_id: str, value: bytes, own: dict[str, bytes], error: Exception) -> None:
+        """A job record that does not parse, or whose parts do not: cannot tell finished from
+        not, so whatever it names is kept, always."""
+        self._malformed(f"job record {job_id}", error)
+        for key in _salvage(value + b"".join(own.values())):
+            self.needs.need(key, FOREVER)
+            self.unfinished.add(key)
+
+    async def _late_parts(self, named: dict[str, str], own: dict[str, bytes]) -> dict[str, bytes]:
+        """The parts a record names (`named`: name -> key, JobState.part_keys) that the listing
+        lacks, read now: written after the listing, the record read after it. A part the server
+        says it holds no message for is left out (then JobState.with_parts raises MissingParts:
+        malformed); any other failed read raises, as every read of step 1 does."""
+        late = {}
+        for name, key in named.items():
+            if name in own:
+                continue
+            msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
+            if msg is not None and (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
+                late[name] = msg.data
+        return late
 
     async def _purge_events(self, subject: str) -> bool:
         await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
@@ -690,7 +710,20 @@ class Collector:
 
 
 STREAM_NOT_FOUND = 10059  # JetStream: "stream not found"
+NO_MESSAGE = 10037  # JetStream: "no message found"
 SUBJECTS_PAGE = 100_000  # nats-server's JSMaxSubjectDetails
+
+
+async def _last_or_none(js, stream: str, subject: str):
+    """The last message of `subject` in `stream`; None only when the server says it holds none
+    (err_code NO_MESSAGE). Every other "not found" (the stream itself: STREAM_NOT_FOUND) and
+    every other failure raises: a read that failed is never "no record"."""
+    try:
+        return await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError as e:
+        if getattr(e, "err_code", None) != NO_MESSAGE:
+            raise
+        return None
 
 
 async def list_subjects(js, stream: str, pattern: str) -> dict[str, int]:

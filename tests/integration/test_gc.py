@@ -441,6 +441,78 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
         asyncio.run(asyncio.wait_for(main(), 90))
 
 
+def test_gc_that_cannot_read_a_part_written_after_its_listing_deletes_nothing(tmp_path, monkeypatch):
+    """A running job's node completes between gc's listing of KV cb_jobs and its read of the
+    values: the record read names a part the listing lacks, which gc reads alone. When that read
+    fails (here a user whose gets of KV cb_jobs go unanswered: a timeout, as after a blip), the
+    run stops before its first delete (GcError, bus). Before (review of 5ae3b0d) the failed read
+    was taken for a malformed record and the run went on, deleting the node's output, which
+    only the unread part names. The same part purged from the bus (the server says "no
+    message") is malformed: reported, and what the record still names is kept."""
+    from captionbus.core import gc
+    from captionbus.core.gc import GcError
+
+    users = {"admin": ALL, "no-gets": _all_but(*NO_JOB_READS[:2])}
+    with users_server(tmp_path, users) as urls:
+
+        async def main():
+            nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
+            src = tmp_path / "src"
+            film, audio, srt = [await store.put(_file(src, f"{n}.bin", 50_000)) for n in ("film", "audio", "srt")]
+            now = datetime.now(timezone.utc)
+            running = JobState(spec=JobSpec(job_id="job-running", input=film), status=JobStatus.running,
+                               nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                         outputs={"audio": audio}),
+                                      "asr": NodeState(stage="asr", status=NodeStatus.requested)})
+            await _write_parted(js, running)
+            kv = await js.key_value(subjects.JOBS_BUCKET)
+            listing = gc.Collector._subjects
+            completed, tries = {}, []
+
+            async def listed_then_completed(self, stream, pattern):
+                found = await listing(self, stream, pattern)
+                if stream == f"KV_{subjects.JOBS_BUCKET}" and not completed:  # asr completes now
+                    asr = NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": srt},
+                                    attempt=len(tries))  # a new part each run
+                    asr.part = subjects.part_name(asr.stored())
+                    completed["key"] = subjects.job_part_key("job-running", asr.part)
+                    await kv.put(completed["key"], asr.stored())
+                    whole = running.model_copy(update={"nodes": {**running.nodes, "asr": asr}})
+                    await kv.put(subjects.job_key("job-running"), whole.stored())
+                return found
+
+            monkeypatch.setattr(gc.Collector, "_subjects", listed_then_completed)
+            later = now.timestamp() + 8 * DAY  # every artifact past its grace period
+            unc = await connect(urls["no-gets"], "gc-no-gets")
+            for dry_run in (True, False):
+                completed.clear()
+                tries.append(dry_run)
+                with pytest.raises(GcError) as failed:
+                    await collect(_gc_settings(urls["no-gets"], tmp_path, "no-gets"), unc.jetstream(timeout=1.0),
+                                  dry_run=dry_run, now=later)
+                assert "gc stopped before deleting anything: cannot read job records" in str(failed.value)
+                assert failed.value.bus and failed.value.report.deletions == []
+                assert failed.value.report.malformed == []
+            await unc.close()
+            assert all([await store.exists(r) for r in (film, audio, srt)])
+            # The part gone from the bus ("no message"): malformed, and what the record and the
+            # job's parts listed name is kept.
+            completed.clear()
+            tries.append(None)
+            monkeypatch.setattr(gc.Collector, "_subjects", listing)
+            await listed_then_completed(gc.Collector(_gc_settings(urls["admin"], tmp_path, "admin"), js),
+                                        f"KV_{subjects.JOBS_BUCKET}", ">")
+            await js.purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{completed['key']}")
+            report = await collect(_gc_settings(urls["admin"], tmp_path, "admin"), js, now=later)
+            assert len(report.malformed) == 1 and "job record job-running" in report.malformed[0]
+            assert "MissingParts" in report.malformed[0], report.malformed
+            assert [d for d in report.deletions if d["kind"] == "object"] == []
+            assert all([await store.exists(r) for r in (film, audio, srt)])  # srt: named by earlier parts
+            await nc.close()
+
+        asyncio.run(asyncio.wait_for(main(), 90))
+
+
 def test_malformed_metadata_is_skipped_and_reported_never_fatal(nats_server, tmp_path):
     """One client's garbage on `$O.<bucket>.M.*` (not JSON; JSON naming another object) and a
     cache entry that does not parse: every run, dry or real, goes on, reports each, deletes none
