@@ -314,9 +314,8 @@ class Collector:
         stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         found = {}
         for subject in await self._subjects(stream, f"{prefix}>"):
-            try:
-                msg = await self.js.get_last_msg(stream, subject)
-            except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+            msg = await _last_or_none(self.js, stream, subject)
+            if msg is None:  # purged since the listing: gone, an answer
                 continue
             if (msg.headers or {}).get("KV-Operation") in _KV_GONE:
                 continue
@@ -351,9 +350,8 @@ class Collector:
         for key in listed:
             entry = delivered.get(key)
             if entry is None:
-                try:
-                    msg = await self.js.get_last_msg(stream, prefix + key)
-                except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+                msg = await _last_or_none(self.js, stream, prefix + key)
+                if msg is None:  # purged since the listing: gone, an answer
                     continue
                 if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
                     found[key] = msg.data
@@ -460,12 +458,11 @@ class Collector:
     async def _purge_orphan_parts(self, job_id: str) -> bool:
         """The parts of a job whose record is gone, if it still is (read again now: a record is
         written before any part of it, so a part listed without its record had one that was
-        removed, but the listing is not one instant)."""
-        try:
-            msg = await self.js.get_last_msg(f"KV_{subjects.JOBS_BUCKET}",
-                                             f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}")
-        except nats.js.errors.NotFoundError:
-            msg = None
+        removed, but the listing is not one instant). Gone only where the server says it holds
+        no message for the key (`_last_or_none`); any other answer, a 404 for the stream
+        included, raises and purges nothing."""
+        msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}",
+                                  f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}")
         if msg is not None and (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
             log.info("gc: a record came back for parts listed without one; kept", job_id=job_id)
             return False
@@ -560,9 +557,8 @@ class Collector:
                 self.objects[info.name] = _Object(info, seq)
                 continue
             # Nothing readable under this subject: say why from its last message.
-            try:
-                msg = await self.js.get_last_msg(bucket.stream, subject)
-            except nats.js.errors.NotFoundError:  # purged since the listing
+            msg = await _last_or_none(self.js, bucket.stream, subject)
+            if msg is None:  # purged since the listing
                 continue
             try:
                 info = api.ObjectInfo.from_response(json.loads(msg.data))

@@ -192,6 +192,39 @@ def test_gc_removes_every_part_with_its_record_and_parts_whose_record_is_gone(na
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_only_no_message_is_a_record_gone_another_not_found_purges_nothing(nats_server, tmp_path, monkeypatch):
+    """gc's re-check of a job record before it purges the parts listed without one (and every get
+    of a listed key) takes the server's "no message" (err_code 10037) for "gone"; any other 404,
+    "stream not found" (10059: the bucket itself missing) among them, raises and purges nothing.
+    Before (review of 5ae3b0d) every NotFoundError read as "no record"."""
+    from captionbus.core import gc
+
+    settings = _gc_settings(nats_server, tmp_path, "home")
+
+    async def main():
+        nc, js, _ = await _bus(nats_server, settings, "gc-404")
+        orphan = subjects.job_part_key("j-orphan", subjects.part_name(b"orphan"))
+        await (await js.key_value(subjects.JOBS_BUCKET)).put(orphan, b"{}")
+        purge, purged = gc.Collector._purge_parts, []
+
+        async def seen(self, job_id):
+            purged.append(job_id)
+            await purge(self, job_id)
+
+        monkeypatch.setattr(gc.Collector, "_purge_parts", seen)
+        collector = gc.Collector(settings, js)
+        assert await collector._purge_orphan_parts("j-orphan") is True and purged == ["j-orphan"]
+        held = await js.stream_info(f"KV_{subjects.JOBS_BUCKET}", subjects_filter=">")
+        assert not held.state.subjects
+        await js.delete_stream(f"KV_{subjects.JOBS_BUCKET}")
+        with pytest.raises(nats.js.errors.NotFoundError) as missing:
+            await collector._purge_orphan_parts("j-orphan")
+        assert missing.value.err_code == gc.STREAM_NOT_FOUND and purged == ["j-orphan"]
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_gc_size_limit_evicts_the_oldest_finished_never_a_running_jobs(nats_server, tmp_path):
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
                         artifacts_max_bytes=500_000, retention_grace=60)
