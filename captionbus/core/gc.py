@@ -28,7 +28,9 @@ skipped and reported (one garbage metadata message used to make every run exit 2
 Races, and how they are closed: an object is deleted by a purge of its meta subject up to the
 message this run listed, then of its chunks (`ObjectBucket.delete`: an object stored again meanwhile
 keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
-read (a value written since stays), and a local file only if its
+read (a value written since stays), a job record by a purge marker the server takes only while the
+value read is the key's last (a record rewritten since, a retried job, stays with its parts; see
+`Collector._purge_job`), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
 the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
 entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
@@ -260,6 +262,7 @@ class Collector:
         self.chunk_sets: dict[str, int] = {}
         self.chunk_first: dict[str, float | None] = {}
         self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
+        self.record_seqs: dict[str, int] = {}  # KV cb_jobs key -> the sequence of the value read
 
     async def run(self) -> GcReport:
         try:
@@ -354,9 +357,9 @@ class Collector:
                 if msg is None:  # purged since the listing: gone, an answer
                     continue
                 if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
-                    found[key] = msg.data
+                    found[key], self.record_seqs[key] = msg.data, msg.seq
             elif entry.operation not in _KV_GONE and entry.value is not None:
-                found[key] = entry.value
+                found[key], self.record_seqs[key] = entry.value, entry.revision
         return found
 
     async def _jobs(self) -> None:
@@ -407,7 +410,8 @@ class Collector:
                 self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
                            lambda n=held: self._count_events(n))
             if self.now - finished > s.retention_outputs:
-                self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
+                self._plan("job record", state.job_id, 0,
+                           lambda j=state.job_id, seq=self.record_seqs[job_id]: self._purge_job(j, seq),
                            self._count_job_record)
 
     def _keep_malformed(self, job_id: str, value: bytes, own: dict[str, bytes], error: Exception) -> None:
@@ -440,20 +444,31 @@ class Collector:
         self.report.job_histories += 1
         self.report.event_messages += held
 
-    async def _purge_job(self, job_id: str) -> bool:
-        """The record, then every part of it (subjects.job_part_keys: one purge filtered on the
-        job's part keys, so a part written after this run listed them goes too, and no deletion
-        marker is left per part). A run that stops between, or a coordinator that read the
-        record before and writes a part after, leaves parts no record names: the next run
-        removes them (`_purge_orphan_parts`)."""
-        kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        await kv.purge(subjects.job_key(job_id))
+    async def _purge_job(self, job_id: str, seq: int) -> bool:
+        """The record if it is still the value this run read (`seq`), then every part of it
+        (subjects.job_part_keys: one purge filtered on the job's part keys, so a part written
+        after this run listed them goes too, and no deletion marker is left per part). The
+        record's purge is kv.purge's marker (a rollup of the key) published with
+        Nats-Expected-Last-Subject-Sequence: a record written since the listing (`captionbus
+        retry` of an old failed job: running again) makes the server refuse it (err_code
+        WRONG_LAST_SEQUENCE), and the record and its parts are kept ("changed since listed"), as
+        a stage cache entry written since is. A run that stops between, or a coordinator that
+        read the record before and writes a part after, leaves parts no record names: the next
+        run removes them (`_purge_orphan_parts`)."""
+        try:
+            await self.js.publish(f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}", b"", headers={
+                "KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(seq)})
+        except nats.js.errors.APIError as e:
+            if getattr(e, "err_code", None) != WRONG_LAST_SEQUENCE:
+                raise
+            return False
         await self._purge_parts(job_id)
         return True
 
     async def _purge_parts(self, job_id: str) -> None:
-        await self.js.purge_stream(f"KV_{subjects.JOBS_BUCKET}",
-                                   subject=f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_part_keys(job_id)}")
+        parts = subjects.job_part_keys(job_id)
+        assert parts.endswith(f".{job_id}.>"), parts  # this job's parts, never a tenant's keys
+        await self.js.purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{parts}")
 
     async def _purge_orphan_parts(self, job_id: str) -> bool:
         """The parts of a job whose record is gone, if it still is (read again now: a record is
@@ -707,6 +722,7 @@ class Collector:
 
 STREAM_NOT_FOUND = 10059  # JetStream: "stream not found"
 NO_MESSAGE = 10037  # JetStream: "no message found"
+WRONG_LAST_SEQUENCE = 10071  # JetStream: a publish's Nats-Expected-Last-Subject-Sequence is not the subject's last
 SUBJECTS_PAGE = 100_000  # nats-server's JSMaxSubjectDetails
 
 

@@ -192,6 +192,47 @@ def test_gc_removes_every_part_with_its_record_and_parts_whose_record_is_gone(na
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_record_rewritten_after_the_listing_is_kept_with_its_parts(nats_server, tmp_path, monkeypatch):
+    """`captionbus retry` of an old failed job between gc's listing and its deletions rewrites the
+    record (running again): the purge of the record, bounded by the sequence gc read
+    (Nats-Expected-Last-Subject-Sequence), is refused by the server, so the record and every part
+    of it stay; another old job, not rewritten, goes with its parts. Before (review of 5ae3b0d)
+    the retried job's record and parts were purged under the coordinator running it."""
+    from captionbus.core import gc
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-retry")
+        film = await store.put(_file(tmp_path / "src", "film.wav", 1000))
+        now = datetime.now(timezone.utc)
+        old = {job_id: JobState(spec=JobSpec(job_id=job_id, input=film), status=JobStatus.failed, updated_at=now,
+                                nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                          outputs={"audio": film}),
+                                       "asr": NodeState(stage="asr", status=NodeStatus.failed, error="x")})
+               for job_id in ("job-retried", "job-gone")}
+        parts = {job_id: await _write_parted(js, state) for job_id, state in old.items()}
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        delete = gc.Collector._delete
+
+        async def retried_then_deleted(self):  # as the coordinator applies a retry: running again
+            retried = old["job-retried"].model_copy(update={"status": JobStatus.running})
+            retried.nodes["asr"] = NodeState(stage="asr", status=NodeStatus.requested, retry_base=1)
+            await kv.put(subjects.job_key("job-retried"), retried.stored())
+            await delete(self)
+
+        monkeypatch.setattr(gc.Collector, "_delete", retried_then_deleted)
+        done = await collect(settings, js, now=now.timestamp() + 8 * DAY)
+        assert done.job_records == 1
+        assert [d["name"] for d in done.deletions if d["kind"] == "job record"] == ["job-gone"]
+        assert sorted(await kv.keys()) == sorted(["job-retried", *parts["job-retried"]])
+        assert JobState.model_validate_json((await kv.get("job-retried")).value).status == JobStatus.running
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_only_no_message_is_a_record_gone_another_not_found_purges_nothing(nats_server, tmp_path, monkeypatch):
     """gc's re-check of a job record before it purges the parts listed without one (and every get
     of a listed key) takes the server's "no message" (err_code 10037) for "gone"; any other 404,
