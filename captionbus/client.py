@@ -313,8 +313,8 @@ async def list_jobs(js: JetStreamContext, *, whole: bool = True) -> list[JobStat
     tenant = TENANT.get()
 
     async def keys():
-        if tenant:  # the tenant's keys only: the callout grants no other listing
-            return list(await last_per_key(js, subjects.tenant_keys(tenant), headers_only=True))
+        if tenant:  # the tenant's records only (not their parts): the callout grants no other listing
+            return list(await last_per_key(js, subjects.tenant_records(tenant), headers_only=True))
         return await record_keys(await js.key_value(subjects.JOBS_BUCKET))
 
     states = []

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, field_serializer, field_validator, model_validator
 
 from captionbus.contracts import subjects
 from captionbus.contracts.artifacts import ArtifactRef
@@ -212,6 +212,17 @@ class JobState(BaseModel):
                          "nodes": {node_id: v for node_id, v in nodes.items() if not isinstance(v, str)}})
         state._order = list(nodes)
         return state
+
+    @field_serializer("nodes", mode="wrap")
+    def _no_head_dumped(self, nodes: dict[str, NodeState], handler: Any) -> Any:
+        """A head (parts named, not read in) dumped would lose its completed nodes: `parts` is
+        never dumped, so `nodes` would hold the open ones only, and would load back as a whole
+        state without them (review of 5ae3b0d: a head's model_dump_json gave `nodes: ['mux']`).
+        Refused, as `stored()` refuses a head; dumps that leave `nodes` out are not asked."""
+        if self.parts:
+            raise ValueError(f"job {self.job_id}: a record read without its parts ({len(self.parts)} completed "
+                             "nodes) cannot be dumped; read them in first (JobState.with_parts)")
+        return handler(nodes)
 
     @property
     def whole(self) -> bool:

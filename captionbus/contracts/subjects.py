@@ -129,8 +129,15 @@ def tenant_events(tenant: str) -> str:
 
 
 def tenant_keys(tenant: str) -> str:
-    """The KV cb_jobs keys of one tenant's jobs, as a key filter."""
+    """The KV cb_jobs keys of one tenant's jobs, their records' parts included, as a key filter."""
     return f"{validate_tenant(tenant)}.>"
+
+
+def tenant_records(tenant: str) -> str:
+    """The KV cb_jobs keys of one tenant's job records (`<tenant>.<job>`), not their parts
+    (`job_part_key`: a third token), as a key filter: within what the auth callout grants a
+    tenant (consumers filtered to `$KV.cb_jobs.<tenant>.>`)."""
+    return f"{validate_tenant(tenant)}.*"
 
 
 def job_kind_all_jobs(kind: str) -> list[str]:

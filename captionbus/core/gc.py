@@ -28,7 +28,9 @@ skipped and reported (one garbage metadata message used to make every run exit 2
 Races, and how they are closed: an object is deleted by a purge of its meta subject up to the
 message this run listed, then of its chunks (`ObjectBucket.delete`: an object stored again meanwhile
 keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
-read (a value written since stays), and a local file only if its
+read (a value written since stays), a job record by a purge marker the server takes only while the
+value read is the key's last (a record rewritten since, a retried job, stays with its parts; see
+`Collector._purge_job`), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
 the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
 entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
@@ -260,6 +262,7 @@ class Collector:
         self.chunk_sets: dict[str, int] = {}
         self.chunk_first: dict[str, float | None] = {}
         self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
+        self.record_seqs: dict[str, int] = {}  # KV cb_jobs key -> the sequence of the value read
 
     async def run(self) -> GcReport:
         try:
@@ -314,9 +317,8 @@ class Collector:
         stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         found = {}
         for subject in await self._subjects(stream, f"{prefix}>"):
-            try:
-                msg = await self.js.get_last_msg(stream, subject)
-            except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+            msg = await _last_or_none(self.js, stream, subject)
+            if msg is None:  # purged since the listing: gone, an answer
                 continue
             if (msg.headers or {}).get("KV-Operation") in _KV_GONE:
                 continue
@@ -351,14 +353,13 @@ class Collector:
         for key in listed:
             entry = delivered.get(key)
             if entry is None:
-                try:
-                    msg = await self.js.get_last_msg(stream, prefix + key)
-                except nats.js.errors.NotFoundError:  # purged since the listing: gone, an answer
+                msg = await _last_or_none(self.js, stream, prefix + key)
+                if msg is None:  # purged since the listing: gone, an answer
                     continue
                 if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
-                    found[key] = msg.data
+                    found[key], self.record_seqs[key] = msg.data, msg.seq
             elif entry.operation not in _KV_GONE and entry.value is not None:
-                found[key] = entry.value
+                found[key], self.record_seqs[key] = entry.value, entry.revision
         return found
 
     async def _jobs(self) -> None:
@@ -377,13 +378,21 @@ class Collector:
             if not subjects.is_job_key(job_id):
                 continue
             own = parts.get(subjects.job_id_of_key(job_id), {})
+            # Only what was read counts as malformed (a record or a part that does not parse, a
+            # part it names that the bus does not hold); a read of a part that fails (a timeout,
+            # a refusal, a reconnect) is a failed read: it stops the run (GcError), before any
+            # delete, as every other read here does.
             try:
-                state = await self._whole(JobState.model_validate_json(value), own)
-            except Exception as e:  # cannot tell finished from not: keep whatever it names, always
-                self._malformed(f"job record {job_id}", e)
-                for key in _salvage(value + b"".join(own.values())):
-                    self.needs.need(key, FOREVER)
-                    self.unfinished.add(key)
+                head = JobState.model_validate_json(value)
+                named = head.part_keys()
+            except Exception as e:
+                self._keep_malformed(job_id, value, own, e)
+                continue
+            own = {**own, **await self._late_parts(named, own)}  # outside: a failed read raises
+            try:
+                state = head.with_parts(own)
+            except Exception as e:  # MissingParts, a part that does not parse or match its name
+                self._keep_malformed(job_id, value, own, e)
                 continue
             if not state.status.finished:
                 for ref in job_refs(state):
@@ -401,18 +410,31 @@ class Collector:
                 self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
                            lambda n=held: self._count_events(n))
             if self.now - finished > s.retention_outputs:
-                self._plan("job record", state.job_id, 0, lambda j=state.job_id: self._purge_job(j),
+                self._plan("job record", state.job_id, 0,
+                           lambda j=state.job_id, seq=self.record_seqs[job_id]: self._purge_job(j, seq),
                            self._count_job_record)
 
-    async def _whole(self, head: JobState, own: dict[str, bytes]) -> JobState:
-        """The whole state of a record (JobState.with_parts): its parts from the listing, and a
-        part written after the listing (the record was read after it) read now."""
-        late = {name: key for name, key in head.part_keys().items() if name not in own}
-        for name, key in late.items():
-            msg = await self.js.get_last_msg(f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
-            if (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
-                own = {**own, name: msg.data}
-        return head.with_parts(own)
+    def _keep_malformed(self, job_id: str, value: bytes, own: dict[str, bytes], error: Exception) -> None:
+        """A job record that does not parse, or whose parts do not: cannot tell finished from
+        not, so whatever it names is kept, always."""
+        self._malformed(f"job record {job_id}", error)
+        for key in _salvage(value + b"".join(own.values())):
+            self.needs.need(key, FOREVER)
+            self.unfinished.add(key)
+
+    async def _late_parts(self, named: dict[str, str], own: dict[str, bytes]) -> dict[str, bytes]:
+        """The parts a record names (`named`: name -> key, JobState.part_keys) that the listing
+        lacks, read now: written after the listing, the record read after it. A part the server
+        says it holds no message for is left out (then JobState.with_parts raises MissingParts:
+        malformed); any other failed read raises, as every read of step 1 does."""
+        late = {}
+        for name, key in named.items():
+            if name in own:
+                continue
+            msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
+            if msg is not None and (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
+                late[name] = msg.data
+        return late
 
     async def _purge_events(self, subject: str) -> bool:
         await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
@@ -422,30 +444,40 @@ class Collector:
         self.report.job_histories += 1
         self.report.event_messages += held
 
-    async def _purge_job(self, job_id: str) -> bool:
-        """The record, then every part of it (subjects.job_part_keys: one purge filtered on the
-        job's part keys, so a part written after this run listed them goes too, and no deletion
-        marker is left per part). A run that stops between, or a coordinator that read the
-        record before and writes a part after, leaves parts no record names: the next run
-        removes them (`_purge_orphan_parts`)."""
-        kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        await kv.purge(subjects.job_key(job_id))
+    async def _purge_job(self, job_id: str, seq: int) -> bool:
+        """The record if it is still the value this run read (`seq`), then every part of it
+        (subjects.job_part_keys: one purge filtered on the job's part keys, so a part written
+        after this run listed them goes too, and no deletion marker is left per part). The
+        record's purge is kv.purge's marker (a rollup of the key) published with
+        Nats-Expected-Last-Subject-Sequence: a record written since the listing (`captionbus
+        retry` of an old failed job: running again) makes the server refuse it (err_code
+        WRONG_LAST_SEQUENCE), and the record and its parts are kept ("changed since listed"), as
+        a stage cache entry written since is. A run that stops between, or a coordinator that
+        read the record before and writes a part after, leaves parts no record names: the next
+        run removes them (`_purge_orphan_parts`)."""
+        try:
+            await self.js.publish(f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}", b"", headers={
+                "KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(seq)})
+        except nats.js.errors.APIError as e:
+            if getattr(e, "err_code", None) != WRONG_LAST_SEQUENCE:
+                raise
+            return False
         await self._purge_parts(job_id)
         return True
 
     async def _purge_parts(self, job_id: str) -> None:
-        await self.js.purge_stream(f"KV_{subjects.JOBS_BUCKET}",
-                                   subject=f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_part_keys(job_id)}")
+        parts = subjects.job_part_keys(job_id)
+        assert parts.endswith(f".{job_id}.>"), parts  # this job's parts, never a tenant's keys
+        await self.js.purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{parts}")
 
     async def _purge_orphan_parts(self, job_id: str) -> bool:
         """The parts of a job whose record is gone, if it still is (read again now: a record is
         written before any part of it, so a part listed without its record had one that was
-        removed, but the listing is not one instant)."""
-        try:
-            msg = await self.js.get_last_msg(f"KV_{subjects.JOBS_BUCKET}",
-                                             f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}")
-        except nats.js.errors.NotFoundError:
-            msg = None
+        removed, but the listing is not one instant). Gone only where the server says it holds
+        no message for the key (`_last_or_none`); any other answer, a 404 for the stream
+        included, raises and purges nothing."""
+        msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}",
+                                  f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_key(job_id)}")
         if msg is not None and (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
             log.info("gc: a record came back for parts listed without one; kept", job_id=job_id)
             return False
@@ -540,9 +572,8 @@ class Collector:
                 self.objects[info.name] = _Object(info, seq)
                 continue
             # Nothing readable under this subject: say why from its last message.
-            try:
-                msg = await self.js.get_last_msg(bucket.stream, subject)
-            except nats.js.errors.NotFoundError:  # purged since the listing
+            msg = await _last_or_none(self.js, bucket.stream, subject)
+            if msg is None:  # purged since the listing
                 continue
             try:
                 info = api.ObjectInfo.from_response(json.loads(msg.data))
@@ -690,7 +721,21 @@ class Collector:
 
 
 STREAM_NOT_FOUND = 10059  # JetStream: "stream not found"
+NO_MESSAGE = 10037  # JetStream: "no message found"
+WRONG_LAST_SEQUENCE = 10071  # JetStream: a publish's Nats-Expected-Last-Subject-Sequence is not the subject's last
 SUBJECTS_PAGE = 100_000  # nats-server's JSMaxSubjectDetails
+
+
+async def _last_or_none(js, stream: str, subject: str):
+    """The last message of `subject` in `stream`; None only when the server says it holds none
+    (err_code NO_MESSAGE). Every other "not found" (the stream itself: STREAM_NOT_FOUND) and
+    every other failure raises: a read that failed is never "no record"."""
+    try:
+        return await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError as e:
+        if getattr(e, "err_code", None) != NO_MESSAGE:
+            raise
+        return None
 
 
 async def list_subjects(js, stream: str, pattern: str) -> dict[str, int]:

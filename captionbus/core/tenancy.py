@@ -126,8 +126,8 @@ async def held(js: JetStreamContext, stream: str, subject: str, *, deliver_polic
 
 
 async def last_per_key(js: JetStreamContext, key_filter: str, *, headers_only: bool) -> dict[str, Msg]:
-    """key -> the last message of each key of KV cb_jobs matching `key_filter` (a key or
-    `<tenant>.>`), through `held`. Deleted and purged keys are left out."""
+    """key -> the last message of each key of KV cb_jobs matching `key_filter` (a key, or
+    `<tenant>.*`: subjects.tenant_records), through `held`. Deleted and purged keys are left out."""
     prefix = f"$KV.{subjects.JOBS_BUCKET}."
     msgs, _ = await held(js, f"KV_{subjects.JOBS_BUCKET}", prefix + key_filter,
                          deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, headers_only=headers_only)

@@ -278,9 +278,19 @@ class Gateway:
     @staticmethod
     async def whole(js, states: list[JobState]) -> list[JobState]:
         """`states` with their completed nodes read in (client.whole_record: a job's parts at once,
-        one job after another)."""
+        one job after another). A job collected (gc) since it was listed is left out, as
+        client.list_jobs leaves out one collected before its head was read: a part that is gone
+        while the job's head is gone too is no error (client.job_state's rule); while the head
+        is still there, it is (RecordPartMissing)."""
+        wholes = []
         async with on_bus():
-            return [await client.whole_record(js, s) for s in states]
+            for state in states:
+                try:
+                    wholes.append(await client.whole_record(js, state))
+                except client.RecordPartMissing:
+                    if await client.job_head(js, state.job_id) is not None:
+                        raise
+        return wholes
 
     def proven_owner(self, spec: JobSpec) -> str | None:
         """The key a job belongs to: its `owner` only with a valid proof (gateway.keys' docstring:

@@ -656,3 +656,63 @@ def test_the_door_refuses_diarization_it_cannot_give(gateway):
     assert named.status_code == 400 and "need model gpt-4o-transcribe-diarize" in error_of(named)
     assert "gpt-4o-transcribe-diarize" not in [m["id"] for m in gateway.get("/v1/models").json()["data"]]
     assert gateway.get("/v1/jobs").json()["data"] == []  # no job was made
+
+
+def test_a_job_collected_between_the_listing_and_its_parts_leaves_the_listing(nats_server, tmp_path, monkeypatch):
+    """GET /v1/jobs lists the jobs' heads, then reads the parts of those it shows (Gateway.whole).
+    A job gc removes in between (its record, then its parts) is left out of the answer, as one
+    removed before the listing is; before (review of 5ae3b0d) its missing part failed the whole
+    listing. A part missing while the job's record is still there stays an error, never a job
+    short of nodes."""
+    from captionbus.contracts import JobSpec, JobState, JobStatus, NodeState, NodeStatus, subjects
+    from captionbus.core.artifacts import ArtifactStore
+    from captionbus.gateway.state import Gateway
+    from tests.integration.test_gc import _write_parted
+
+    settings = Settings(home=tmp_path / "gw", nats_url=nats_server, artifacts_mode="object", host_id="gw")
+
+    async def seed():
+        nc = await connect(nats_server, "seed")
+        js = nc.jetstream()
+        await provision(js)
+        src = tmp_path / "film.wav"
+        src.write_bytes(b"RIFF film")
+        ref = await ArtifactStore(settings, js).put(src)
+        for job_id in ("job-kept", "job-collected", "job-torn"):
+            await _write_parted(js, JobState(spec=JobSpec(job_id=job_id, input=ref), status=JobStatus.completed,
+                                             nodes={"asr": NodeState(stage="asr", status=NodeStatus.completed,
+                                                                     outputs={"srt": ref})}))
+        await nc.close()
+
+    asyncio.run(seed())
+    listed = Gateway.jobs
+    tear = {"job-collected"}
+
+    async def listed_then_collected(self, js, caller):
+        heads = await listed(self, js, caller)
+        for job_id in tear:  # as gc does (gc._purge_job): the record, then its parts
+            await (await js.key_value(subjects.JOBS_BUCKET)).purge(subjects.job_key(job_id))
+            await js.purge_stream(f"KV_{subjects.JOBS_BUCKET}",
+                                  subject=f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_part_keys(job_id)}")
+        return heads
+
+    monkeypatch.setattr(Gateway, "jobs", listed_then_collected)
+    config = GatewayConfig(settings=settings, nats_url=nats_server)
+    with running_gateway(config) as url:
+        response = httpx.get(f"{url}/v1/jobs", timeout=30)
+        assert response.status_code == 200, response.text
+        shown = {job["id"]: job for job in response.json()["data"]}
+        assert set(shown) == {"job-kept", "job-torn"}
+        assert all(job["status"] == "completed" for job in shown.values())
+
+        async def torn():  # its parts gone, its record not: an error, not a listing without it
+            nc = await connect(nats_server, "tear")
+            js = nc.jetstream()
+            await js.purge_stream(f"KV_{subjects.JOBS_BUCKET}",
+                                  subject=f"$KV.{subjects.JOBS_BUCKET}.{subjects.job_part_keys('job-torn')}")
+            await nc.close()
+
+        asyncio.run(torn())
+        tear.clear()
+        response = httpx.get(f"{url}/v1/jobs", timeout=30)
+        assert response.status_code >= 500 and "job-torn" in response.text, response.text

@@ -192,6 +192,80 @@ def test_gc_removes_every_part_with_its_record_and_parts_whose_record_is_gone(na
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_record_rewritten_after_the_listing_is_kept_with_its_parts(nats_server, tmp_path, monkeypatch):
+    """`captionbus retry` of an old failed job between gc's listing and its deletions rewrites the
+    record (running again): the purge of the record, bounded by the sequence gc read
+    (Nats-Expected-Last-Subject-Sequence), is refused by the server, so the record and every part
+    of it stay; another old job, not rewritten, goes with its parts. Before (review of 5ae3b0d)
+    the retried job's record and parts were purged under the coordinator running it."""
+    from captionbus.core import gc
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-retry")
+        film = await store.put(_file(tmp_path / "src", "film.wav", 1000))
+        now = datetime.now(timezone.utc)
+        old = {job_id: JobState(spec=JobSpec(job_id=job_id, input=film), status=JobStatus.failed, updated_at=now,
+                                nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                          outputs={"audio": film}),
+                                       "asr": NodeState(stage="asr", status=NodeStatus.failed, error="x")})
+               for job_id in ("job-retried", "job-gone")}
+        parts = {job_id: await _write_parted(js, state) for job_id, state in old.items()}
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        delete = gc.Collector._delete
+
+        async def retried_then_deleted(self):  # as the coordinator applies a retry: running again
+            retried = old["job-retried"].model_copy(update={"status": JobStatus.running})
+            retried.nodes["asr"] = NodeState(stage="asr", status=NodeStatus.requested, retry_base=1)
+            await kv.put(subjects.job_key("job-retried"), retried.stored())
+            await delete(self)
+
+        monkeypatch.setattr(gc.Collector, "_delete", retried_then_deleted)
+        done = await collect(settings, js, now=now.timestamp() + 8 * DAY)
+        assert done.job_records == 1
+        assert [d["name"] for d in done.deletions if d["kind"] == "job record"] == ["job-gone"]
+        assert sorted(await kv.keys()) == sorted(["job-retried", *parts["job-retried"]])
+        assert JobState.model_validate_json((await kv.get("job-retried")).value).status == JobStatus.running
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_only_no_message_is_a_record_gone_another_not_found_purges_nothing(nats_server, tmp_path, monkeypatch):
+    """gc's re-check of a job record before it purges the parts listed without one (and every get
+    of a listed key) takes the server's "no message" (err_code 10037) for "gone"; any other 404,
+    "stream not found" (10059: the bucket itself missing) among them, raises and purges nothing.
+    Before (review of 5ae3b0d) every NotFoundError read as "no record"."""
+    from captionbus.core import gc
+
+    settings = _gc_settings(nats_server, tmp_path, "home")
+
+    async def main():
+        nc, js, _ = await _bus(nats_server, settings, "gc-404")
+        orphan = subjects.job_part_key("j-orphan", subjects.part_name(b"orphan"))
+        await (await js.key_value(subjects.JOBS_BUCKET)).put(orphan, b"{}")
+        purge, purged = gc.Collector._purge_parts, []
+
+        async def seen(self, job_id):
+            purged.append(job_id)
+            await purge(self, job_id)
+
+        monkeypatch.setattr(gc.Collector, "_purge_parts", seen)
+        collector = gc.Collector(settings, js)
+        assert await collector._purge_orphan_parts("j-orphan") is True and purged == ["j-orphan"]
+        held = await js.stream_info(f"KV_{subjects.JOBS_BUCKET}", subjects_filter=">")
+        assert not held.state.subjects
+        await js.delete_stream(f"KV_{subjects.JOBS_BUCKET}")
+        with pytest.raises(nats.js.errors.NotFoundError) as missing:
+            await collector._purge_orphan_parts("j-orphan")
+        assert missing.value.err_code == gc.STREAM_NOT_FOUND and purged == ["j-orphan"]
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_gc_size_limit_evicts_the_oldest_finished_never_a_running_jobs(nats_server, tmp_path):
     settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
                         artifacts_max_bytes=500_000, retention_grace=60)
@@ -436,6 +510,78 @@ def test_gc_that_cannot_read_job_records_or_the_cache_deletes_nothing(tmp_path):
             report = await collect(_gc_settings(urls["admin"], tmp_path, "admin"), js, now=later)
             gone = {d["name"] for d in report.deletions if d["kind"] == "object"}
             assert gone == {refs["old_out"].key, refs["orphan"].key}
+            await nc.close()
+
+        asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_gc_that_cannot_read_a_part_written_after_its_listing_deletes_nothing(tmp_path, monkeypatch):
+    """A running job's node completes between gc's listing of KV cb_jobs and its read of the
+    values: the record read names a part the listing lacks, which gc reads alone. When that read
+    fails (here a user whose gets of KV cb_jobs go unanswered: a timeout, as after a blip), the
+    run stops before its first delete (GcError, bus). Before (review of 5ae3b0d) the failed read
+    was taken for a malformed record and the run went on, deleting the node's output, which
+    only the unread part names. The same part purged from the bus (the server says "no
+    message") is malformed: reported, and what the record still names is kept."""
+    from captionbus.core import gc
+    from captionbus.core.gc import GcError
+
+    users = {"admin": ALL, "no-gets": _all_but(*NO_JOB_READS[:2])}
+    with users_server(tmp_path, users) as urls:
+
+        async def main():
+            nc, js, store = await _bus(urls["admin"], _gc_settings(urls["admin"], tmp_path, "admin"), "gc-admin")
+            src = tmp_path / "src"
+            film, audio, srt = [await store.put(_file(src, f"{n}.bin", 50_000)) for n in ("film", "audio", "srt")]
+            now = datetime.now(timezone.utc)
+            running = JobState(spec=JobSpec(job_id="job-running", input=film), status=JobStatus.running,
+                               nodes={"demux": NodeState(stage="demux", status=NodeStatus.completed,
+                                                         outputs={"audio": audio}),
+                                      "asr": NodeState(stage="asr", status=NodeStatus.requested)})
+            await _write_parted(js, running)
+            kv = await js.key_value(subjects.JOBS_BUCKET)
+            listing = gc.Collector._subjects
+            completed, tries = {}, []
+
+            async def listed_then_completed(self, stream, pattern):
+                found = await listing(self, stream, pattern)
+                if stream == f"KV_{subjects.JOBS_BUCKET}" and not completed:  # asr completes now
+                    asr = NodeState(stage="asr", status=NodeStatus.completed, outputs={"srt": srt},
+                                    attempt=len(tries))  # a new part each run
+                    asr.part = subjects.part_name(asr.stored())
+                    completed["key"] = subjects.job_part_key("job-running", asr.part)
+                    await kv.put(completed["key"], asr.stored())
+                    whole = running.model_copy(update={"nodes": {**running.nodes, "asr": asr}})
+                    await kv.put(subjects.job_key("job-running"), whole.stored())
+                return found
+
+            monkeypatch.setattr(gc.Collector, "_subjects", listed_then_completed)
+            later = now.timestamp() + 8 * DAY  # every artifact past its grace period
+            unc = await connect(urls["no-gets"], "gc-no-gets")
+            for dry_run in (True, False):
+                completed.clear()
+                tries.append(dry_run)
+                with pytest.raises(GcError) as failed:
+                    await collect(_gc_settings(urls["no-gets"], tmp_path, "no-gets"), unc.jetstream(timeout=1.0),
+                                  dry_run=dry_run, now=later)
+                assert "gc stopped before deleting anything: cannot read job records" in str(failed.value)
+                assert failed.value.bus and failed.value.report.deletions == []
+                assert failed.value.report.malformed == []
+            await unc.close()
+            assert all([await store.exists(r) for r in (film, audio, srt)])
+            # The part gone from the bus ("no message"): malformed, and what the record and the
+            # job's parts listed name is kept.
+            completed.clear()
+            tries.append(None)
+            monkeypatch.setattr(gc.Collector, "_subjects", listing)
+            await listed_then_completed(gc.Collector(_gc_settings(urls["admin"], tmp_path, "admin"), js),
+                                        f"KV_{subjects.JOBS_BUCKET}", ">")
+            await js.purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject=f"$KV.{subjects.JOBS_BUCKET}.{completed['key']}")
+            report = await collect(_gc_settings(urls["admin"], tmp_path, "admin"), js, now=later)
+            assert len(report.malformed) == 1 and "job record job-running" in report.malformed[0]
+            assert "MissingParts" in report.malformed[0], report.malformed
+            assert [d for d in report.deletions if d["kind"] == "object"] == []
+            assert all([await store.exists(r) for r in (film, audio, srt)])  # srt: named by earlier parts
             await nc.close()
 
         asyncio.run(asyncio.wait_for(main(), 90))

@@ -591,14 +591,27 @@ async def _noted(errors: list, error: Exception) -> None:
     errors.append(error)
 
 
-def test_a_tenant_reads_its_own_jobs_parts_under_its_own_keys_and_no_one_elses(tmp_path):
+def test_a_tenant_reads_its_own_jobs_parts_under_its_own_keys_and_no_one_elses(tmp_path, monkeypatch):
     """A job's record is a head plus parts under keys of their own (subjects.job_part_key, written
     by the coordinator): each completed node, and a node's speaker summary. The job's tenant
     reads them through captionbus.client as it reads the record (client.job_state: the whole
     record; with_record_parts: with the summary); another tenant cannot read any of them, nor
     the parts of a job of no tenant (under `_`, which no tenant is; `<job>.<part>` would have lain
-    under a tenant named like that job's id)."""
+    under a tenant named like that job's id). The tenant's listing of its jobs reads its records'
+    keys only (a consumer filtered to `$KV.cb_jobs.<tenant>.*`, which the callout's grant of
+    `<tenant>.>` lets it create), not a message per part (before, review of 5ae3b0d: every part
+    of every job of the tenant's, ~250 for a 2-hour film)."""
     from captionbus.contracts import JobSpec, JobState, NodeState, NodeStatus
+    from captionbus.core import tenancy
+
+    held, listings = tenancy.held, []
+
+    async def counted(js, stream, subject, **kw):
+        msgs, count = await held(js, stream, subject, **kw)
+        listings.append((subject, [m.subject for m in msgs]))
+        return msgs, count
+
+    monkeypatch.setattr(tenancy, "held", counted)
     from captionbus.contracts.speech import SpeakerTurn, SpeakerTurns, TurnSummary
 
     summary = TurnSummary.of(SpeakerTurns(duration=9, speakers=["Anna"], turns=[SpeakerTurn(start=1, end=4, speaker="Anna")]))
@@ -627,13 +640,17 @@ def test_a_tenant_reads_its_own_jobs_parts_under_its_own_keys_and_no_one_elses(t
                 read = await client.speaker_turns(fleet.js["client"], whole, "diarization")
                 shown = await client.with_record_parts(fleet.js["client"], whole)
                 head = await client.job_head(fleet.js["client"], ours.job_id)
+                listings.clear()
+                listed = await client.list_jobs(fleet.js["client"], whole=False)
             tried = {f"{name} {key.rpartition('.')[2][:4]}": await answered(fleet.nc[user], f"$JS.API.DIRECT.GET.{KV}.{PRE}.{key}")
                      for name, user, keys in [("rival, the tenant's", "rival", our_parts),
                                               ("rival, no tenant's", "rival", plain_parts),
                                               ("client, no tenant's", "client", plain_parts)] for key in keys}
-            return whole, read, shown, head, tried
+            return whole, read, shown, head, tried, listed
 
-    whole, read, shown, head, tried = asyncio.run(asyncio.wait_for(main(), 120))
+    whole, read, shown, head, tried, listed = asyncio.run(asyncio.wait_for(main(), 120))
+    assert [s.job_id for s in listed] == [whole.job_id] and not listed[0].whole
+    assert listings == [(f"{PRE}.client.*", [f"{PRE}.{subjects.job_key(whole.job_id)}"])], listings
     assert not head.whole and head.parts == {"diarization": whole.nodes["diarization"].part}
     assert whole.nodes["diarization"].worker["worker_id"] == "gpu-1/diarization/0/9"
     assert read == summary and shown.nodes["diarization"].speaker_turns == summary

@@ -134,6 +134,21 @@ def test_a_head_missing_a_part_a_part_not_its_names_bytes_and_storing_a_head_are
         head.stored()
 
 
+def test_a_head_is_not_dumped_without_its_completed_nodes():
+    """`parts` is never dumped: a head's dump held its open nodes only (`nodes: ['mux']`) and
+    loaded back as a whole state without the completed ones (review of 5ae3b0d). Every dump of
+    a head's nodes is refused; its dumps without them, and the whole state's, are as before."""
+    state, parts = parted(chunked_state())
+    head = JobState.model_validate_json(state.stored())
+    for dump in (head.model_dump_json, head.model_dump, lambda: head.model_dump(mode="json"),
+                 lambda: JobState.model_validate(head.model_dump()), lambda: head.model_dump(include={"nodes"})):
+        with pytest.raises(ValueError, match="a record read without its parts .7 completed nodes. cannot be dumped"):
+            dump()
+    assert json.loads(head.model_dump_json(exclude={"nodes"}))["status"] == "pending"
+    whole = JobState.model_validate_json(head.with_parts(parts).model_dump_json())
+    assert whole.whole and list(whole.nodes) == list(state.nodes)
+
+
 def test_records_of_older_coordinators_read_whole_and_their_part_keys_still_read():
     """Every node inline (before parts), with or without the worker table, and a speaker summary
     key of the form before part names (`_.<job>.<node>.turns.<attempt>`): whole as read."""

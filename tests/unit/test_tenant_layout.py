@@ -25,6 +25,7 @@ def test_a_tenants_job_id_subjects_and_key_carry_the_tenant_as_a_token():
     assert subjects.job_key(job) == f"acme.{job}" and subjects.job_id_of_key(f"acme.{job}") == job
     assert subjects.event_job_id(subjects.job_event(job, "completed")) == job
     assert subjects.tenant_events("acme") == "captionbus.job.acme.>" and subjects.tenant_keys("acme") == "acme.>"
+    assert subjects.tenant_records("acme") == "acme.*"
 
 
 @pytest.mark.parametrize("job", ["j19a-3f2c", "job-victim", "_x", "Acme_j1", "-a_j1", pytest.param(new_job_id(), id="a-new-id")])
