@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -61,7 +61,14 @@ class TypedInputs:
         return parse_input(self.input_path(name), model, name)
 
     def input_list(self, name: str, model: type[M]) -> list[M]:
-        return [parse_input(path, model, f"{name}[{i}]") for i, path in enumerate(self.input_paths(name))]
+        return list(self.input_items(name, model))
+
+    def input_items(self, name: str, model: type[M]) -> Iterator[M]:
+        """input_list one item at a time, each parsed when the loop asks for it: a stage that
+        handles the items in turn holds one parsed item, not the whole list (transcript_join on a
+        film's chunk transcripts). Errors name the item as input_list's do."""
+        for i, path in enumerate(self.input_paths(name)):
+            yield parse_input(path, model, f"{name}[{i}]")
 
 
 class RequestContext(TypedInputs):
