@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from captionbus.contracts.stage_declaration import explain
 from captionbus.services.runtime.errors import BadInput, Cancelled
 
 M = TypeVar("M", bound=BaseModel)
+N = TypeVar("N", bound=BaseModel)
 
 # At most this many progress events per second per request (dashboards need no more).
 PROGRESS_INTERVAL_S = 0.25
@@ -46,6 +48,64 @@ def parse_input(path: Path, model: type[M], name: str) -> M:
         raise BadInput(f"input {name!r} is not valid {model.__name__} JSON: {explain(error, 'field')}") from None
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json reads NaN / Infinity; pydantic's parser does not
+
+
+def list_spans(text: str, field: str) -> tuple[int, int, list[tuple[int, int]]] | None:
+    """Where, in the JSON document `text`, the top-level object's array `field` starts and ends,
+    and each of its items: (start, end, [(start, end), ...]). None when the document is not one
+    object holding `field` once, as an array (then it is parsed whole, as before)."""
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+    space = json.decoder.WHITESPACE.match
+    found = None
+
+    def after(at: int, char: str) -> int:
+        """Past `char` at `at` and the whitespace after it."""
+        if text[at:at + 1] != char:
+            raise ValueError(f"no {char!r} at {at}")
+        return space(text, at + 1).end()
+
+    def members(at: int, close: str, member) -> int:
+        """`member(at) -> end` for each member of the object or array whose first member (or
+        closing `close`) is at `at`; the index past `close`."""
+        if text[at:at + 1] == close:
+            return at + 1
+        while True:
+            at = space(text, member(at)).end()
+            if text[at:at + 1] == close:
+                return at + 1
+            at = after(at, ",")
+
+    def item(at: int) -> int:
+        end = decoder.raw_decode(text, at)[1]
+        items.append((at, end))
+        return end
+
+    def pair(at: int) -> int:
+        nonlocal found
+        if text[at:at + 1] != '"':
+            raise ValueError(f"no key at {at}")
+        key, at = json.decoder.scanstring(text, at + 1)
+        at = after(space(text, at).end(), ":")
+        if key != field:
+            return decoder.raw_decode(text, at)[1]
+        if found is not None or text[at:at + 1] != "[":
+            raise ValueError(f"{field} twice, or not an array")  # pydantic's answer, from the whole
+        found = at
+        return members(space(text, at + 1).end(), "]", item)
+
+    items: list[tuple[int, int]] = []
+    try:
+        at = members(after(space(text, 0).end(), "{"), "}", pair)
+        if found is None or space(text, at).end() != len(text):
+            return None
+    except (ValueError, RecursionError):
+        return None
+    end = items[-1][1] if items else found + 1
+    return found, text.index("]", end) + 1, items
+
+
 class TypedInputs:
     """`ctx.input(name, Model)` / `ctx.input_list(name, Model)` over a context's input_path /
     input_paths: the one way a stage reads a JSON input (shared by the runtime's context and the
@@ -62,6 +122,35 @@ class TypedInputs:
 
     def input_list(self, name: str, model: type[M]) -> list[M]:
         return list(self.input_items(name, model))
+
+    def input_parts(self, name: str, model: type[M], field: str, item: type[N]) -> tuple[M, Callable[[], Iterator[N]]]:
+        """The JSON input `name` as `model` with its list `field` empty, and a function that
+        iterates that list's items, each parsed (as `item`) when the loop asks for it: a stage
+        that handles them in turn holds the document's text and one item, not every item parsed
+        (subtitle_gen on a film's transcript: pydantic models of its words are ~8x its JSON).
+
+        Parsed by pydantic's own JSON parser, the document without the list and each item on
+        its own, after one pass that checks every item: a document that fails anywhere is
+        parsed whole and fails as `ctx.input(name, model)` does, with its message; one that is
+        not a plain object holding `field` once is parsed whole and handed out from memory."""
+        path = self.input_path(name)
+        try:
+            text = path.read_bytes().decode("utf-8")
+            spans = list_spans(text, field)
+        except UnicodeDecodeError:
+            spans = None
+        if spans is None:
+            whole = self.input(name, model)
+            return whole.model_copy(update={field: []}), lambda: iter(getattr(whole, field))
+        start, end, items = spans
+        try:
+            head = model.model_validate_json(text[:start] + "[]" + text[end:])
+            for a, b in items:
+                item.model_validate_json(text[a:b])
+        except ValidationError:
+            self.input(name, model)  # raises BadInput naming what is wrong, as it always has
+            raise  # pydantic accepted the whole: not expected, but never an empty answer
+        return head, lambda: (item.model_validate_json(text[a:b]) for a, b in items)
 
     def input_items(self, name: str, model: type[M]) -> Iterator[M]:
         """input_list one item at a time, each parsed when the loop asks for it: a stage that

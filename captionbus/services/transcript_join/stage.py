@@ -90,10 +90,10 @@ def join_streaming(parts: Iterable[Transcript], language: SpokenLanguage | None,
     Why (issue 22): the in-memory join held every chunk's parsed transcript, the joined copy and its
     JSON text at once: pydantic models of every word, ~10x the JSON's size. On generated chunk
     transcripts like the asr stage's (30 s chunks of word-timed segments, 1.0 MB of JSON per hour
-    of film) the stage's peak RSS grew +1.4 MB over its 49 MB at rest for 10 minutes of film,
-    +10.0 MB for 1 hour and +20.0 MB for 2 hours; streamed: +0.2, +0.3 and +0.2 MB (the handler
-    alone in a fresh process, its VmHWM after the imports vs after the join). Through `captionbus
-    run` see README's performance section.
+    of film) the stage's peak RSS grew +1.3 MB over the 55 MB of the process at rest for 10
+    minutes of film, +9.8 MB for 1 hour and +19.9 MB for 2 hours; streamed: +0.2, +0.2 and +0.3 MB
+    (`benchmarks/fanout.py --stages`: the handler alone in a fresh process, both ways in one run,
+    the same file byte for byte). Through `captionbus run`: README, performance.
 
     How: the chunks come in film order, so the time-sorted segments of the whole film are each
     chunk's own sorted segments one chunk after another, provided no chunk starts before the last

@@ -146,6 +146,7 @@ def test_a_broken_chunk_is_named_by_its_index(make_context, tmp_path: Path):
 
 
 def peak_bytes(run) -> int:
+    """The Python heap's peak while `run()` runs (tracemalloc; also used by test_subs_stream)."""
     tracemalloc.start()
     try:
         run()
