@@ -43,15 +43,15 @@ def lay_out(segments, rules, fps: float | None, params: SubtitleGenParams, keep_
 
     Why (issue 22): the stage held the whole film's transcript as pydantic models (every word
     ~1.1 KB, ~8x its JSON), the engine's tokens and the cues with their words, all at once. Now
-    it holds the transcript's text (its JSON, ~1 MB per hour of film), a few cues' worth of
-    words, and the cues without their words (the words go into the file only for `json`, so
-    then they stay). Measured by `benchmarks/fanout.py --stages` (the handler alone in a fresh
-    process on generated asr-like transcripts: 1.06 MB of chunk JSON per hour of film), peak RSS
-    over the process at rest (55 MB), whole transcript vs streamed, one run, same files byte for
-    byte: 10 minutes +1.5 vs +0.1 MB, 1 hour +12.4 vs +2.2 MB, 2 hours +26.4 vs +5.2 MB. What
-    still grows, ~2.5 MB per hour of film: the transcript's text (1 MB an hour, read whole and
-    briefly held twice, as bytes and as str), the cues without words (~0.4 MB an hour) and the
-    files pysubs2 renders from them at the end.
+    it reads the transcript once to find its segments, then one segment at a time from the file,
+    a few cues' worth of words, and the cues without their words (the words go into the file
+    only for `json`, so then they stay). Measured by `benchmarks/fanout.py --stages` (the handler
+    alone in a fresh process on generated asr-like transcripts: 1.06 MB of chunk JSON per hour of
+    film), peak RSS over the process at rest (55 MB), whole transcript vs streamed, one run, same
+    files byte for byte: 10 minutes +1.5 vs +0.1 MB, 1 hour +12.4 vs +1.4 MB, 2 hours +26.5 vs
+    +3.3 MB. What still grows, ~1.5 MB per hour of film, is the subtitles' own text: the
+    transcript's JSON while it is scanned (1 MB an hour), then the cues without words (~0.4 MB an
+    hour) and the files pysubs2 renders from them at the end (a whole file at a time).
     """
     cues, problems = [], []
     for batch in stream_cues(segments, rules, fps=fps, speaker_names=params.speaker_names,
