@@ -163,12 +163,17 @@ class _Layout:
     dialogue: a cue may hold two speakers (a dialogue cue), any two or only these (first, second)
     pairs; voices: a speaker's WebVTT voice when it is not the label itself (their name).
 
-    Streaming (issue 22: subtitle_gen's memory followed the film): an edge reaches at most a cue's
-    worth of tokens, so once every path still open runs through one boundary c (the paths' back
-    pointers converge, as in a Viterbi decoder's traceback), the cues before c are final:
-    `flush()` hands them out (timed and checked against the cue before them) and forgets their
-    tokens. The arithmetic is the all-at-once programme's, in the same order (every best[j] is
-    the same sum of the same floats), so the cues are the same; only when they come out differs.
+    Streaming (issue 22: subtitle_gen's memory followed the film). Boundaries are weighed in
+    order, each once every edge from it can be (the tokens up to where its cues stop fitting are
+    in). Once boundaries 0..d-1 are weighed, the best path to the end, whatever comes, crosses d
+    on an edge from a weighed boundary p whose edges reach d or beyond ("open"), and the best
+    path to p is final. An edge reaches at most a cue's worth of tokens, so the open boundaries
+    are few and their back pointers soon run through one boundary c (as a Viterbi decoder's
+    traceback converges): the cues before c are final. `flush()` hands them out (timed and
+    checked against the cue before them) and forgets their tokens. The arithmetic is the
+    all-at-once programme's, in the same order (every best[j] is the same sum of the same
+    floats), so the cues are the same; only when they come out differs (tests/unit/subtitles/
+    test_subs_stream.py; against the engine before this, on generated films: the same files).
     What stays per token handed out: a None in each of the programme's lists (~0.1 KB).
     """
 
@@ -317,6 +322,8 @@ class _Layout:
             while p > self.done:
                 chain.add(p)
                 p = self.back[p]
+            if p != self.done:  # every path still open runs through the last cut (see the class)
+                raise AssertionError(f"a path skips boundary {self.done} (to {p})")
             common = chain if common is None else common & chain
         return self._hand_out(max(common) if common else self.done)
 
