@@ -358,6 +358,107 @@ def memory(root: Path, long_film: Path, short: Path, chunk_s: float | None) -> N
     print("  (issue 22 asks: every service's peak on the long film within 10% of the short one's)")
 
 
+# ---------------------------------------------------------------- --stages: the text stages alone
+
+
+def asr_like_chunks(folder: Path, minutes: float, chunk_s: float = 30.0, seed: int = 1) -> list[Path]:
+    """Chunk transcripts as the asr stage writes them for a film of `minutes` (film times, word
+    times and scores, decoder stats and tokens per segment), FILM_SENTENCES with pauses of
+    0.4-1.2 s: what transcript_join reads on such a film, without decoding it."""
+    from captionbus.contracts.transcript import Segment, Transcript, Word
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, t = [], 0.0
+    while t < minutes * 60:
+        end, segments = t + chunk_s, []
+        while t < end - 4:
+            words = []
+            for text in rng.choice(FILM_SENTENCES).split():
+                d = 0.15 + 0.05 * len(text) + rng.random() * 0.1
+                words.append(Word(text=text, start=round(t, 3), end=round(t + d, 3), score=round(rng.random(), 3)))
+                t += d + rng.random() * 0.08
+            segments.append(Segment(start=words[0].start, end=words[-1].end, text=" " + " ".join(w.text for w in words),
+                                    words=words, avg_logprob=-rng.random(), compression_ratio=1 + rng.random(),
+                                    no_speech_prob=rng.random() / 10,
+                                    tokens=[rng.randrange(50000) for _ in range(len(words) + 3)]))
+            t = words[-1].end + rng.choice((0.4, 0.7, 1.2))
+        paths.append(folder / f"chunk{len(paths):04d}.json")
+        paths[-1].write_text(Transcript(language="en", language_probability=0.98, duration=round(end, 3), model="base",
+                                        segments=segments).model_dump_json(indent=1))
+        t = max(t, end)
+    return paths
+
+
+def stage_child(stage: str, way: str, folder: Path) -> None:
+    """In a fresh process: the handler (`streamed`: the stage as shipped; `whole`: what it did
+    before issue 22, every input parsed at once) on the chunks in `folder`; prints the peak RSS
+    after the imports and after the handler, and the output's digest."""
+    import hashlib
+    import json
+
+    from captionbus.contracts.transcript import Transcript
+    from captionbus.core.subtitles import build_cues, load_rules, write_subtitles
+    from captionbus.services.runtime.testing import make_fake_context
+    from captionbus.services.subtitle_gen.stage import STAGE as SUBTITLES
+    from captionbus.services.transcript_join.stage import STAGE as JOIN
+    from captionbus.services.transcript_join.stage import join_in_memory
+
+    work = Path(tempfile.mkdtemp(dir=folder))
+    parts = sorted(folder.glob("chunk*.json"))
+    rest = peak_rss_mb(os.getpid())
+    if stage == "transcript_join":
+        ctx = make_fake_context(work, stage, input_lists={"transcripts": parts})
+        if way == "streamed":
+            out = [JOIN.handle(ctx.request, ctx)["transcript"]]
+        else:
+            out = [work / "transcript.json"]
+            join_in_memory(ctx.input_list("transcripts", Transcript), None, None, out[0])
+    else:
+        ctx = make_fake_context(work, stage, inputs={"transcript": folder / "transcript.json"})
+        if way == "streamed":
+            out = list(SUBTITLES.handle(ctx.request, ctx).values())
+        else:
+            cues = build_cues(ctx.input("transcript", Transcript), load_rules(language="en")).cues
+            out = [write_subtitles(cues, work / f"subtitles.en.{fmt}", fmt) for fmt in ("srt", "vtt")]
+    peak = peak_rss_mb(os.getpid())  # before the digest reads the output
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in out)).hexdigest()[:16]
+    print(json.dumps({"rest": rest, "peak": peak, "digest": digest}))
+
+
+def stages(root: Path, lengths: list[float]) -> None:
+    """transcript_join and subtitle_gen alone (no bus: the handler with the test context, each
+    run in a fresh process) on asr-like chunk transcripts of films of `lengths` minutes, the way
+    each stage works now vs the whole-input way before issue 22, side by side in one run."""
+    import json
+
+    rows = []
+    for minutes in lengths:
+        folder = root / f"chunks-{minutes:g}min"
+        parts = asr_like_chunks(folder, minutes)
+        row = {"minutes": minutes, "chunks": len(parts), "json_mb": sum(p.stat().st_size for p in parts) / 1e6}
+        for stage in ("transcript_join", "subtitle_gen"):
+            for way in ("whole", "streamed"):
+                done = subprocess.run([sys.executable, __file__, "--stage-child", stage, way, str(folder)],
+                                      check=True, capture_output=True, text=True)
+                row[stage, way] = json.loads(done.stdout.strip().splitlines()[-1])
+            if row[stage, "whole"]["digest"] != row[stage, "streamed"]["digest"]:
+                raise SystemExit(f"{stage} on {minutes:g} min: the streamed output differs from the whole one")
+            if stage == "transcript_join":  # subtitle_gen reads the joined transcript
+                (folder / "transcript.json").write_bytes(next((folder).glob("tmp*/transcript.json")).read_bytes())
+        rows.append(row)
+        print(f"{minutes:g} min: {len(parts)} chunks, {row['json_mb']:.2f} MB of chunk JSON, load average "
+              f"{load_average()}", flush=True)
+    print("\npeak RSS (MB) of the handler alone, over the process at rest after its imports (same outputs, "
+          "byte for byte, checked):")
+    print(f"  {'film':<10}{'stage':<18}{'at rest':>9}{'whole':>9}{'streamed':>10}")
+    for row in rows:
+        for stage in ("transcript_join", "subtitle_gen"):
+            whole, streamed = row[stage, "whole"], row[stage, "streamed"]
+            print(f"  {row['minutes']:<10g}{stage:<18}{streamed['rest']:>9.1f}{whole['peak'] - whole['rest']:>+9.1f}"
+                  f"{streamed['peak'] - streamed['rest']:>+10.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--film-min", type=float, default=20.0)
@@ -369,7 +470,14 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="only cold `run` with 1 asr worker vs --replicas 2 (a --film-min film, default workflow)")
     parser.add_argument("--short-min", type=float, default=10.0)
+    parser.add_argument("--stages", action="store_true",
+                        help="only transcript_join and subtitle_gen alone on asr-like chunk transcripts of "
+                             "--short-min, --memory-film-min and twice that many minutes: streamed vs whole")
+    parser.add_argument("--stage-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage_child:
+        stage_child(args.stage_child[0], args.stage_child[1], Path(args.stage_child[2]))
+        return
     # Every `run` below gets a fresh home: the built envs and models come from the usual ones
     # (or each timed run would build its environments first).
     os.environ.setdefault("CAPTIONBUS_MODELS", str(load().models_dir))
@@ -377,7 +485,9 @@ def main() -> None:
     print(f"load average before: {load_average()} ({os.cpu_count()} cores)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.memory:
+        if args.stages:
+            stages(root, [args.short_min, args.memory_film_min, 2 * args.memory_film_min])
+        elif args.memory:
             short, _ = speech_film(root / f"short-{args.short_min:g}min.mp4",
                                    repeat=math.ceil(args.short_min * 60 / SECONDS_PER_REPEAT))
             long_film, _ = speech_film(root / f"long-{args.memory_film_min:g}min.mp4",

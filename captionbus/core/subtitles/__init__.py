@@ -13,6 +13,8 @@ Public API (stable; everything else in this package is internal)::
     distribute_translation(source_cues: Sequence[Cue], translated_texts: Sequence[str], rules: Rules,
                            fps: float | None = None) -> CueResult
     reflow(cues: Sequence[Cue], rules: Rules, fps: float | None = None) -> CueResult
+    stream_cues(segments: Callable[[], Iterable[Segment]], rules, fps=None, speaker_names=None,
+                name_style="brackets") -> Iterator[CueResult]   # build_cues in batches, as final
         # a file's dashed dialogue cue keeps its lines apart
     write_subtitles(cues, path, fmt: str | None = None, style=None) -> Path   # fmt: srt vtt ass json txt
     read_subtitles(path, fmt: str | None = None, encoding=None) -> list[Cue]  # srt vtt ass/ssa json
@@ -41,7 +43,7 @@ Lengths are grapheme clusters (what the eye sees), so Devanagari conjuncts count
 """
 from captionbus.core.subtitles.check import Report, Violation, check_cues, check_file
 from captionbus.core.subtitles.cues import Cue, CueResult, Problem
-from captionbus.core.subtitles.engine import build_cues, distribute_translation, fix_file, reflow
+from captionbus.core.subtitles.engine import build_cues, distribute_translation, fix_file, reflow, stream_cues
 from captionbus.core.subtitles.formats import FORMATS, SubtitleFileError, read_subtitles, write_subtitles
 from captionbus.core.subtitles.graphemes import display_len
 from captionbus.core.subtitles.rules import Rules, load_rules
@@ -49,5 +51,5 @@ from captionbus.core.subtitles.rules import Rules, load_rules
 __all__ = [
     "FORMATS", "Cue", "CueResult", "Problem", "Report", "Rules", "SubtitleFileError", "Violation", "build_cues",
     "check_cues", "check_file", "display_len", "distribute_translation", "fix_file", "load_rules",
-    "read_subtitles", "reflow", "write_subtitles",
+    "read_subtitles", "reflow", "stream_cues", "write_subtitles",
 ]

@@ -16,12 +16,14 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from captionbus.contracts.transcript import Transcript, Word
+from captionbus.contracts.transcript import Segment, Transcript, Word
 from captionbus.core.subtitles import linebreak, speakers
 from captionbus.core.subtitles.check import check_cues
 from captionbus.core.subtitles.cues import Cue, CueResult, Problem
@@ -41,6 +43,8 @@ SHORT_COST = 2.0         # a cue whose free time is under min_duration
 # term), below what one too-short or too-fast cue costs (SHORT_COST, SPEED_COST): a dialogue cue
 # only where separate cues would be hard to read.
 DIALOGUE_COST = 1.5
+# stream_cues hands out the cues that are final every this many tokens
+FLUSH_EVERY = 64
 
 
 @dataclass
@@ -103,21 +107,32 @@ def _segment_tokens(words: Sequence[Word], seg_start: float | None, seg_end: flo
             for w, t, n, (s, e) in zip(words, texts, lengths, times)]
 
 
-def _repair(tokens: list[_Token], rules: Rules) -> None:
-    """Grid the times and make them monotonic and disjoint: a word is cut where the next begins."""
+def _repaired(tokens: Iterable[_Token], rules: Rules) -> Iterator[_Token]:
+    """Grid the times and make them monotonic and disjoint: a word is cut where the next begins.
+    Each token comes out once the next one's start is known (one token of look-ahead)."""
     q = rules.time_quantum_ms
     last = 0
+    held: _Token | None = None
     for t in tokens:
         t.start = max(last, int(round(t.start / q)) * q)
         t.end = max(t.start, int(round(t.end / q)) * q)
         last = t.start
-    for a, b in zip(tokens, tokens[1:]):
-        a.end = min(a.end, b.start)
+        if held is not None:
+            held.end = min(held.end, t.start)
+            yield held
+        held = t
+    if held is not None:
+        yield held
 
 
-def _transcript_tokens(transcript: Transcript) -> list[_Token]:
-    tokens: list[_Token] = []
-    for g, seg in enumerate(transcript.segments):
+def _repair(tokens: list[_Token], rules: Rules) -> None:
+    """_repaired on a list, in place."""
+    for _ in _repaired(tokens, rules):
+        pass
+
+
+def _segments_tokens(segments: Iterable[Segment]) -> Iterator[_Token]:
+    for g, seg in enumerate(segments):
         words = seg.words
         if not words and seg.text.strip():  # a segment without word times still becomes cues
             words = [Word(text=t) for t in seg.text.split()]
@@ -125,11 +140,10 @@ def _transcript_tokens(transcript: Transcript) -> list[_Token]:
         for t in seg_tokens:  # a word's own speaker (diarization) over its segment's
             if t.word.speaker is not None:
                 t.speaker = t.word.speaker
-        tokens += seg_tokens
-    return tokens
+        yield from seg_tokens
 
 
-def _name_speakers(tokens: list[_Token], names: Mapping[str, str], style: str) -> None:
+def _named(tokens: Iterable[_Token], names: Mapping[str, str], style: str) -> Iterator[_Token]:
     """Write a named speaker's name before the first word they say after someone else (or at the
     start): part of that word's text, so line length and reading speed count it."""
     previous: str | None = None
@@ -139,64 +153,110 @@ def _name_speakers(tokens: list[_Token], names: Mapping[str, str], style: str) -
             t.length = display_len(t.text)
         if t.speaker is not None:
             previous = t.speaker
+        yield t
 
 
-def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
-            hard_groups: bool = False, lead_ms: float | None = None,
-            dialogue: bool | frozenset[tuple[str, str]] = False,
-            voices: Mapping[str, str] | None = None) -> CueResult:
-    """dialogue: a cue may hold two speakers (a dialogue cue), any two or only these (first, second)
-    pairs; voices: a speaker's WebVTT voice when it is not the label itself (their name)."""
-    n = len(tokens)
-    if not n:
-        return CueResult([], [])
-    sep_len = display_len(rules.word_separator)
-    gap = rules.min_gap_ms(fps)
-    lead = rules.max_lead * 1000 if lead_ms is None else lead_ms
-    lag = rules.max_lag * 1000
-    width, capacity = rules.max_chars_per_line, rules.max_cue_chars
-    hard_pause, soft_pause = rules.hard_pause * 1000, rules.soft_pause * 1000
-    dash_len = display_len(rules.dialogue_dash)
+class _Layout:
+    """Where cues start and end: a shortest path over the boundaries between tokens (boundary k
+    lies between tokens k-1 and k; a cue is an edge i -> j), fed one token at a time.
 
-    # Boundary k lies between tokens k-1 and k.
-    bcost = [0.0] * (n + 1)
-    hard = [True] * (n + 1)
-    sentence = [True] * (n + 1)
-    turn = [False] * (n + 1)  # a change between two known speakers that a dialogue cue may hold
-    for k in range(1, n):
-        a, b = tokens[k - 1], tokens[k]
+    dialogue: a cue may hold two speakers (a dialogue cue), any two or only these (first, second)
+    pairs; voices: a speaker's WebVTT voice when it is not the label itself (their name).
+
+    Streaming (issue 22: subtitle_gen's memory followed the film). Boundaries are weighed in
+    order, each once every edge from it can be (the tokens up to where its cues stop fitting are
+    in). Once boundaries 0..d-1 are weighed, the best path to the end, whatever comes, crosses d
+    on an edge from a weighed boundary p whose edges reach d or beyond ("open"), and the best
+    path to p is final. An edge reaches at most a cue's worth of tokens, so the open boundaries
+    are few and their back pointers soon run through one boundary c (as a Viterbi decoder's
+    traceback converges): the cues before c are final. `flush()` hands them out (timed and
+    checked against the cue before them) and forgets their tokens. The arithmetic is the
+    all-at-once programme's, in the same order (every best[j] is the same sum of the same
+    floats), so the cues are the same; only when they come out differs (tests/unit/subtitles/
+    test_subs_stream.py; against the engine before this, on generated films: the same files).
+    What stays per token handed out: a None in each of the programme's lists (~0.1 KB).
+    """
+
+    def __init__(self, rules: Rules, fps: float | None, hard_groups: bool = False, lead_ms: float | None = None,
+                 dialogue: bool | frozenset[tuple[str, str]] = False, voices: Mapping[str, str] | None = None):
+        self.rules, self.fps, self.hard_groups, self.lead_ms = rules, fps, hard_groups, lead_ms
+        self.dialogue, self.voices = dialogue, voices or {}
+        self.sep_len = display_len(rules.word_separator)
+        self.gap = rules.min_gap_ms(fps)
+        self.lead = rules.max_lead * 1000 if lead_ms is None else lead_ms
+        self.lag = rules.max_lag * 1000
+        self.dash_len = display_len(rules.dialogue_dash)
+        self.tokens: list[_Token | None] = []
+        # per boundary: break cost, a cue must end here, a sentence ends here, a change between two
+        # known speakers that a dialogue cue may hold
+        self.bcost: list = [0.0]
+        self.hard: list = [True]
+        self.sentence: list = [True]
+        self.turn: list = [False]
+        self.prefix: list = [0]
+        self.best: list = [0.0]
+        self.back: list = [0]
+        self.reach: list = [0]  # per boundary: the furthest cue end its edges were weighed to
+        self.relaxed = 0  # boundaries whose edges are all weighed
+        self.final = False  # every token is in
+        self.done = 0  # cues are handed out up to this boundary
+        self.forgotten = 0
+        self.cues_out = 0
+        self.last_cue: Cue | None = None
+
+    def push(self, t: _Token) -> None:
+        self.tokens.append(t)
+        self.prefix.append(self.prefix[-1] + t.length)
+        self.best.append(math.inf)
+        self.back.append(0)
+        self.reach.append(0)
+        k = len(self.tokens) - 1
+        if k:
+            self._boundary(k)
+        self._advance()
+
+    def _boundary(self, k: int) -> None:
+        rules, dialogue = self.rules, self.dialogue
+        a, b = self.tokens[k - 1], self.tokens[k]
         pause = b.start - a.end
         new_group = a.group != b.group
         change = a.speaker != b.speaker
-        turn[k] = (change and bool(dialogue) and a.speaker is not None and b.speaker is not None
-                   and (dialogue is True or (a.speaker, b.speaker) in dialogue))
-        hard[k] = ((change and not turn[k]) or pause >= hard_pause or (hard_groups and new_group))
+        turn = (change and bool(dialogue) and a.speaker is not None and b.speaker is not None
+                and (dialogue is True or (a.speaker, b.speaker) in dialogue))
+        hard = ((change and not turn) or pause >= rules.hard_pause * 1000 or (self.hard_groups and new_group))
         cost = linebreak.text_break_cost(a.text, b.text, rules)
-        sentence[k] = cost == linebreak.SENTENCE
-        if new_group and not hard_groups:
+        self.sentence.append(cost == linebreak.SENTENCE)
+        if new_group and not self.hard_groups:
             cost = min(cost, linebreak.CLAUSE)
-        if pause >= soft_pause:
+        if pause >= rules.soft_pause * 1000:
             cost = max(0.0, min(cost, linebreak.BEFORE_CONJ) - linebreak.CLAUSE)
-        bcost[k] = 0.0 if hard[k] or turn[k] else cost
-        hard[k] = hard[k] or (turn[k] and rules.max_lines < 2)
+        self.bcost.append(0.0 if hard or turn else cost)
+        self.hard.append(hard or (turn and rules.max_lines < 2))
+        self.turn.append(turn)
 
-    prefix = [0]
-    for t in tokens:
-        prefix.append(prefix[-1] + t.length)
+    def _advance(self) -> None:
+        while self.relaxed < len(self.tokens) and self._relax(self.relaxed):
+            self.relaxed += 1
 
-    inf = math.inf
-    best = [inf] * (n + 1)
-    back = [0] * (n + 1)
-    best[0] = 0.0
-    for i in range(n):
-        if best[i] == inf:
-            continue
-        earliest = tokens[i].start - lead
+    def _relax(self, i: int) -> bool:
+        """Weigh every cue that starts at boundary i; False when that needs a token not yet in
+        (then it is weighed again, whole, once more are: re-weighing an edge changes nothing)."""
+        tokens, hard, turn, sentence, bcost, prefix = (self.tokens, self.hard, self.turn, self.sentence,
+                                                       self.bcost, self.prefix)
+        best, back, rules = self.best, self.back, self.rules
+        n, final = len(tokens), self.final
+        if best[i] == math.inf:
+            return True
+        sep_len, gap, lag, dash_len = self.sep_len, self.gap, self.lag, self.dash_len
+        width, capacity = rules.max_chars_per_line, rules.max_cue_chars
+        earliest = tokens[i].start - self.lead
         if i:
             earliest = max(earliest, tokens[i - 1].end + gap)
         last_sentence = -1
         turn_at = -1
         for j in range(i + 1, n + 1):
+            if j == n and not final:
+                return False
             if j > i + 1:
                 if hard[j - 1]:
                     break
@@ -247,13 +307,108 @@ def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
             need = chars * 1000 / rules.max_cps if rules.max_cps > 0 else 0
             if need > free:
                 cost += SPEED_COST * (need / max(free, 1.0) - 1)
+            self.reach[i] = j
             if best[i] + cost < best[j]:
                 best[j], back[j] = best[i] + cost, i
-    edges = [n]
-    while edges[-1]:
-        edges.append(back[edges[-1]])
-    edges.reverse()
-    return _finish(tokens, list(zip(edges, edges[1:])), bcost, rules, fps, lead_ms, voices or {})
+        return True
+
+    def flush(self) -> CueResult:
+        """The cues that are final by now (see the class), with their problems."""
+        d = self.relaxed
+        open_ = [p for p in range(self.done, d) if self.best[p] < math.inf and self.reach[p] >= d]
+        common: set[int] | None = None
+        for p in open_:
+            chain = {self.done}
+            while p > self.done:
+                chain.add(p)
+                p = self.back[p]
+            if p != self.done:  # every path still open runs through the last cut (see the class)
+                raise AssertionError(f"a path skips boundary {self.done} (to {p})")
+            common = chain if common is None else common & chain
+        return self._hand_out(max(common) if common else self.done)
+
+    def finish(self) -> CueResult:
+        """Every cue left, once every token is in."""
+        self.final = True
+        self._advance()
+        return self._hand_out(len(self.tokens))
+
+    def _hand_out(self, upto: int) -> CueResult:
+        if upto <= self.done:
+            return CueResult([], [])
+        edges = [upto]
+        while edges[-1] > self.done:
+            edges.append(self.back[edges[-1]])
+        edges.reverse()
+        then = self.tokens[upto].start if upto < len(self.tokens) else math.inf
+        result = self._finish(list(itertools.pairwise(edges)), then)
+        self.done = upto
+        for name in ("bcost", "hard", "sentence", "turn", "prefix", "best", "back", "reach"):
+            values = getattr(self, name)
+            for k in range(self.forgotten, upto):
+                values[k] = None
+        for k in range(max(0, self.forgotten - 1), upto - 1):  # tokens[upto - 1]: the next cue's earliest
+            self.tokens[k] = None
+        self.forgotten = upto
+        return result
+
+    def _finish(self, ranges: list[tuple[int, int]], then: float) -> CueResult:
+        """Lines, times and problems of the cues `ranges` (token ranges, in order); `then`: where
+        the speech after the last of them starts."""
+        tokens, bcost, rules = self.tokens, self.bcost, self.rules
+        sep = rules.word_separator
+        lines_per_cue, voices_per_cue, chars = [], [], []
+        for i, j in ranges:
+            texts = [t.text for t in tokens[i:j]]
+            turn_at = next((k for k in range(i + 1, j) if tokens[k].speaker != tokens[k - 1].speaker), None)
+            if turn_at is not None:  # a dialogue cue (only _relax's dialogue ranges hold two speakers)
+                lines = [rules.dialogue_dash + _one_line(texts[:turn_at - i], sep),
+                         rules.dialogue_dash + _one_line(texts[turn_at - i:], sep)]
+                who = [tokens[i].speaker, tokens[turn_at].speaker]
+            else:
+                lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
+                if lines is None:  # a word longer than the lines: kept whole, reported below
+                    pieces, _, glued = linebreak.hyphen_pieces(texts)
+                    lines = linebreak.join_lines(pieces, [], sep, glued)
+                who = [tokens[i].speaker] * len(lines)
+            lines_per_cue.append(lines)
+            voices_per_cue.append([] if None in who else [self.voices.get(w, w) for w in who])
+            chars.append(sum(display_len(x) for x in lines))
+        after = self.last_cue.end_ms if self.last_cue is not None else None
+        times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, self.fps,
+                           self.lead_ms, after=after, then=then)
+        cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker, who)
+                for (i, j), (s, e), lines, who in zip(ranges, times, lines_per_cue, voices_per_cue)]
+        # the cue before these (handed out earlier) is checked again for their order and gap only
+        before = [self.last_cue] if self.last_cue is not None else []
+        first = self.cues_out
+        problems = [Problem(v.rule, first + v.cue - len(before), v.message)
+                    for v in check_cues(before + cues, rules, self.fps) if v.cue >= len(before)]
+        for k, (i, j) in enumerate(ranges):
+            for t in tokens[i:j]:
+                if t.length > rules.max_chars_per_line:
+                    problems.append(Problem("long_word", first + k, f"{t.text!r} is {t.length} chars, longer than a line"))
+            s, e = cues[k].start_ms, cues[k].end_ms
+            speech_start, speech_end = tokens[i].start, tokens[j - 1].end
+            if s < speech_start - rules.max_lead * 1000 - 1 or s > speech_start + rules.max_start_delay * 1000 + 1:
+                problems.append(Problem("sync", first + k, f"starts {(s - speech_start) / 1000:+.2f} s from its speech"))
+            elif e > speech_end + rules.max_lag * 1000 + 1 or e < speech_end - rules.max_lead * 1000 - 1:
+                problems.append(Problem("sync", first + k, f"ends {(e - speech_end) / 1000:+.2f} s from its speech"))
+        problems.sort(key=lambda p: (p.cue if p.cue is not None else -1, p.rule))
+        self.cues_out += len(cues)
+        self.last_cue = cues[-1] if cues else self.last_cue
+        return CueResult(cues, problems)
+
+
+def _layout(tokens: list[_Token], rules: Rules, fps: float | None,
+            hard_groups: bool = False, lead_ms: float | None = None,
+            dialogue: bool | frozenset[tuple[str, str]] = False,
+            voices: Mapping[str, str] | None = None) -> CueResult:
+    """The cues of `tokens`, all at once (_Layout)."""
+    layout = _Layout(rules, fps, hard_groups, lead_ms, dialogue, voices)
+    for t in tokens:
+        layout.push(t)
+    return layout.finish()
 
 
 def _one_line(texts: list[str], sep: str) -> str:
@@ -261,44 +416,18 @@ def _one_line(texts: list[str], sep: str) -> str:
     return linebreak.join_lines(pieces, [], sep, glued)[0]
 
 
-def _finish(tokens: list[_Token], ranges: list[tuple[int, int]], bcost: list[float],
-            rules: Rules, fps: float | None, lead_ms: float | None = None,
-            voices: Mapping[str, str] | None = None) -> CueResult:
-    sep = rules.word_separator
-    voices = voices or {}
-    lines_per_cue, voices_per_cue, chars = [], [], []
-    for i, j in ranges:
-        texts = [t.text for t in tokens[i:j]]
-        turn_at = next((k for k in range(i + 1, j) if tokens[k].speaker != tokens[k - 1].speaker), None)
-        if turn_at is not None:  # a dialogue cue (only _layout's dialogue ranges hold two speakers)
-            lines = [rules.dialogue_dash + _one_line(texts[:turn_at - i], sep),
-                     rules.dialogue_dash + _one_line(texts[turn_at - i:], sep)]
-            who = [tokens[i].speaker, tokens[turn_at].speaker]
-        else:
-            lines = linebreak.lay_lines(texts, [0.0, *bcost[i + 1:j]], rules)
-            if lines is None:  # a word longer than the lines: kept whole, reported below
-                pieces, _, glued = linebreak.hyphen_pieces(texts)
-                lines = linebreak.join_lines(pieces, [], sep, glued)
-            who = [tokens[i].speaker] * len(lines)
-        lines_per_cue.append(lines)
-        voices_per_cue.append([] if None in who else [voices.get(w, w) for w in who])
-        chars.append(sum(display_len(x) for x in lines))
-    times = place_cues([(tokens[i].start, tokens[j - 1].end) for i, j in ranges], chars, rules, fps, lead_ms)
-    cues = [Cue(s, e, lines, [t.word for t in tokens[i:j]], tokens[i].speaker, who)
-            for (i, j), (s, e), lines, who in zip(ranges, times, lines_per_cue, voices_per_cue)]
-    problems = [Problem(v.rule, v.cue, v.message) for v in check_cues(cues, rules, fps)]
-    for k, (i, j) in enumerate(ranges):
-        for t in tokens[i:j]:
-            if t.length > rules.max_chars_per_line:
-                problems.append(Problem("long_word", k, f"{t.text!r} is {t.length} chars, longer than a line"))
-        s, e = cues[k].start_ms, cues[k].end_ms
-        speech_start, speech_end = tokens[i].start, tokens[j - 1].end
-        if s < speech_start - rules.max_lead * 1000 - 1 or s > speech_start + rules.max_start_delay * 1000 + 1:
-            problems.append(Problem("sync", k, f"starts {(s - speech_start) / 1000:+.2f} s from its speech"))
-        elif e > speech_end + rules.max_lag * 1000 + 1 or e < speech_end - rules.max_lead * 1000 - 1:
-            problems.append(Problem("sync", k, f"ends {(e - speech_end) / 1000:+.2f} s from its speech"))
-    problems.sort(key=lambda p: (p.cue if p.cue is not None else -1, p.rule))
-    return CueResult(cues, problems)
+def _transcript_layout(segments: Callable[[], Iterable[Segment]], rules: Rules, fps: float | None,
+                       speaker_names: Mapping[str, str] | None, name_style: speakers.NameStyle):
+    """(a _Layout set up for a transcript's cues, its tokens as they come: repaired, named)."""
+    tokens = _repaired(_segments_tokens(segments()), rules)
+    names = {}
+    if speaker_names:  # who speaks first, second ...: a pass over the words before the one that lays them out
+        names = speakers.resolve_names(speaker_names,
+                                       speakers.appearance_order(t.speaker for t in _segments_tokens(segments())))
+    if names:
+        speakers.name_prefix("", name_style)  # an unknown style fails before any work
+        tokens = _named(tokens, names, name_style)
+    return _Layout(rules, fps, dialogue=True, voices=names), tokens
 
 
 def build_cues(transcript: Transcript, rules: Rules, fps: float | None = None,
@@ -312,13 +441,24 @@ def build_cues(transcript: Transcript, rules: Rules, fps: float | None = None,
     a name where its speaker starts talking, in `name_style` (speakers.name_prefix). A transcript
     without speakers gives exactly the cues it always did.
     """
-    tokens = _transcript_tokens(transcript)
-    _repair(tokens, rules)
-    names = speakers.resolve_names(speaker_names, speakers.appearance_order(t.speaker for t in tokens))
-    if names:
-        speakers.name_prefix("", name_style)  # an unknown style fails before any work
-        _name_speakers(tokens, names, name_style)
-    return _layout(tokens, rules, fps, dialogue=True, voices=names)
+    layout, tokens = _transcript_layout(lambda: transcript.segments, rules, fps, speaker_names, name_style)
+    for t in tokens:
+        layout.push(t)
+    return layout.finish()
+
+
+def stream_cues(segments: Callable[[], Iterable[Segment]], rules: Rules, fps: float | None = None,
+                speaker_names: Mapping[str, str] | None = None,
+                name_style: speakers.NameStyle = "brackets") -> Iterator[CueResult]:
+    """build_cues over a transcript's segments as they come (`segments()` iterates them; twice when
+    speaker_names are given): the same cues and problems, in batches, each as soon as it is final,
+    holding a few cues' worth of words instead of the film's (_Layout)."""
+    layout, tokens = _transcript_layout(segments, rules, fps, speaker_names, name_style)
+    for n, t in enumerate(tokens, 1):
+        layout.push(t)
+        if n % FLUSH_EVERY == 0:
+            yield layout.flush()
+    yield layout.finish()
 
 
 def _split_text(text: str, rules: Rules) -> list[str]:

@@ -19,19 +19,22 @@ def reading_need_ms(chars: int, rules: Rules) -> int:
 
 
 def place_cues(spans: Sequence[tuple[int, int]], chars: Sequence[int], rules: Rules,
-               fps: float | None = None, lead_ms: float | None = None) -> list[tuple[int, int]]:
+               fps: float | None = None, lead_ms: float | None = None,
+               after: int | None = None, then: float = math.inf) -> list[tuple[int, int]]:
     """spans[k]: (first word start, last word end) of cue k in ms, in order; returns (start, end) per cue.
 
-    lead_ms: how early a cue may appear before its first word (default the rules' max_lead)."""
+    lead_ms: how early a cue may appear before its first word (default the rules' max_lead).
+    after / then: where the cue before spans[0] ends and the speech after the last span starts,
+    when the cues are placed a stretch at a time (engine._Layout); none / never by default."""
     gap, max_d = rules.min_gap_ms(fps), rules.max_duration_ms
     lead = rules._down(rules.max_lead * 1000 if lead_ms is None else lead_ms)
     lag = rules._down(rules.max_lag * 1000)
     delay = rules._down(rules.max_start_delay * 1000)
     out: list[tuple[int, int]] = []
-    prev_end: int | None = None
+    prev_end = after
     for k, (speech_start, speech_end) in enumerate(spans):
         need = reading_need_ms(chars[k], rules)
-        next_speech = spans[k + 1][0] if k + 1 < len(spans) else math.inf
+        next_speech = spans[k + 1][0] if k + 1 < len(spans) else then
         earliest = max(0, speech_start - lead)
         if prev_end is not None:
             earliest = max(earliest, prev_end + gap)

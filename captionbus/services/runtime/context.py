@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -17,6 +19,7 @@ from captionbus.contracts.stage_declaration import explain
 from captionbus.services.runtime.errors import BadInput, Cancelled
 
 M = TypeVar("M", bound=BaseModel)
+N = TypeVar("N", bound=BaseModel)
 
 # At most this many progress events per second per request (dashboards need no more).
 PROGRESS_INTERVAL_S = 0.25
@@ -46,6 +49,89 @@ def parse_input(path: Path, model: type[M], name: str) -> M:
         raise BadInput(f"input {name!r} is not valid {model.__name__} JSON: {explain(error, 'field')}") from None
 
 
+_SPACE = re.compile(rb"[ \t\n\r]*")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NESTED = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_SCALAR = re.compile(rb"[^ \t\n\r,:\[\]{}\"]+")
+
+
+def _value_end(data: bytes, at: int) -> int:
+    """Where the JSON value starting at `at` ends: strings skipped, brackets counted. Not a
+    parser: every value is parsed by pydantic afterwards (a malformed one fails there)."""
+    first = data[at:at + 1]
+    if first == b'"':
+        found = _STRING.match(data, at)
+        if found:
+            return found.end()
+    elif first in (b"[", b"{"):
+        depth = 0
+        for token in _NESTED.finditer(data, at):
+            if token.group() in (b"[", b"{"):
+                depth += 1
+            elif token.group() in (b"]", b"}"):
+                depth -= 1
+                if not depth:
+                    return token.end()
+    else:
+        found = _SCALAR.match(data, at)
+        if found:
+            return found.end()
+    raise ValueError(f"no JSON value at {at}")
+
+
+def list_spans(data: bytes, field: str) -> tuple[int, int, list[tuple[int, int]]] | None:
+    """Where, in the JSON document `data`, the top-level object's array `field` starts and ends,
+    and each of its items: (start, end, [(start, end), ...]). None when the document is not one
+    object holding `field` once, as an array (then it is parsed whole, as before). The commas,
+    colons and brackets around the items are checked here; everything else by pydantic."""
+    found: int | None = None
+    items: list[tuple[int, int]] = []
+
+    def after(at: int, char: bytes) -> int:
+        """Past `char` at `at` and the whitespace after it."""
+        if data[at:at + 1] != char:
+            raise ValueError(f"no {char!r} at {at}")
+        return _SPACE.match(data, at + 1).end()
+
+    def members(at: int, close: bytes, member) -> int:
+        """`member(at) -> end` for each member of the object or array whose first member (or
+        closing `close`) is at `at`; the index past `close`."""
+        if data[at:at + 1] == close:
+            return at + 1
+        while True:
+            at = _SPACE.match(data, member(at)).end()
+            if data[at:at + 1] == close:
+                return at + 1
+            at = after(at, b",")
+
+    def item(at: int) -> int:
+        items.append((at, _value_end(data, at)))
+        return items[-1][1]
+
+    def pair(at: int) -> int:
+        nonlocal found
+        if data[at:at + 1] != b'"':
+            raise ValueError(f"no key at {at}")
+        end = _value_end(data, at)
+        key = json.loads(data[at:end])
+        at = after(_SPACE.match(data, end).end(), b":")
+        if key != field:
+            return _value_end(data, at)
+        if found is not None or data[at:at + 1] != b"[":
+            raise ValueError(f"{field} twice, or not an array")  # pydantic's answer, from the whole
+        found = at
+        return members(_SPACE.match(data, at + 1).end(), b"]", item)
+
+    try:
+        at = members(after(_SPACE.match(data, 0).end(), b"{"), b"}", pair)
+        if found is None or _SPACE.match(data, at).end() != len(data):
+            return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    end = items[-1][1] if items else found + 1
+    return found, data.index(b"]", end) + 1, items
+
+
 class TypedInputs:
     """`ctx.input(name, Model)` / `ctx.input_list(name, Model)` over a context's input_path /
     input_paths: the one way a stage reads a JSON input (shared by the runtime's context and the
@@ -61,7 +147,50 @@ class TypedInputs:
         return parse_input(self.input_path(name), model, name)
 
     def input_list(self, name: str, model: type[M]) -> list[M]:
-        return [parse_input(path, model, f"{name}[{i}]") for i, path in enumerate(self.input_paths(name))]
+        return list(self.input_items(name, model))
+
+    def input_parts(self, name: str, model: type[M], field: str, item: type[N]) -> tuple[M, Callable[[], Iterator[N]]]:
+        """The JSON input `name` as `model` with its list `field` empty, and a function that
+        iterates that list's items, each read from the file and parsed (as `item`) when the loop
+        asks for it: a stage that handles them in turn holds one item, not every item parsed
+        (subtitle_gen on a film's transcript: pydantic models of its words are ~8x its JSON).
+        The document is read whole once, to find the items (list_spans), and let go.
+
+        Parsed by pydantic's own JSON parser, the document without the list and each item on
+        its own, after one pass that checks every item: a document that fails anywhere is
+        parsed whole and fails as `ctx.input(name, model)` does, with its message; one that is
+        not a plain object holding `field` once is parsed whole and handed out from memory."""
+        path = self.input_path(name)
+        data = path.read_bytes()
+        spans = list_spans(data, field)
+        if spans is None:
+            whole = self.input(name, model)
+            return whole.model_copy(update={field: []}), lambda: iter(getattr(whole, field))
+        start, end, items = spans
+        head = data[:start] + b"[]" + data[end:]
+        del data  # from here on each item is read from the file when it is wanted
+
+        def parsed() -> Iterator[N]:
+            with open(path, "rb") as f:
+                for a, b in items:
+                    f.seek(a)
+                    yield item.model_validate_json(f.read(b - a))
+
+        try:
+            whole_head = model.model_validate_json(head)
+            for _ in parsed():
+                pass
+        except ValidationError:
+            self.input(name, model)  # raises BadInput naming what is wrong, as it always has
+            raise  # pydantic accepted the whole: not expected, but never an empty answer
+        return whole_head, parsed
+
+    def input_items(self, name: str, model: type[M]) -> Iterator[M]:
+        """input_list one item at a time, each parsed when the loop asks for it: a stage that
+        handles the items in turn holds one parsed item, not the whole list (transcript_join on a
+        film's chunk transcripts). Errors name the item as input_list's do."""
+        for i, path in enumerate(self.input_paths(name)):
+            yield parse_input(path, model, f"{name}[{i}]")
 
 
 class RequestContext(TypedInputs):

@@ -23,8 +23,8 @@ from pathlib import Path
 from captionbus.contracts import StageRequest
 from captionbus.contracts.declarations.subtitle_gen import SUBTITLE_GEN, SubtitleGenParams
 from captionbus.contracts.languages import UnknownLanguage, check_language
-from captionbus.contracts.transcript import Transcript
-from captionbus.core.subtitles import build_cues, load_rules, write_subtitles
+from captionbus.contracts.transcript import Segment, Transcript
+from captionbus.core.subtitles import CueResult, load_rules, stream_cues, write_subtitles
 from captionbus.services.runtime import BadInput, StageContext, StageDefinition
 
 
@@ -38,9 +38,37 @@ def video_fps(request: StageRequest, ctx: StageContext) -> float | None:
     return float(fps) if fps else None
 
 
+def lay_out(segments, rules, fps: float | None, params: SubtitleGenParams, keep_words: bool) -> CueResult:
+    """build_cues' cues and problems, laid out as the transcript's segments are read (stream_cues).
+
+    Why (issue 22): the stage held the whole film's transcript as pydantic models (every word
+    ~1.1 KB, ~8x its JSON), the engine's tokens and the cues with their words, all at once. Now
+    it reads the transcript once to find its segments, then one segment at a time from the file,
+    a few cues' worth of words, and the cues without their words (the words go into the file
+    only for `json`, so then they stay). Measured by `benchmarks/fanout.py --stages` (the handler
+    alone in a fresh process on generated asr-like transcripts: 1.06 MB of chunk JSON per hour of
+    film), peak RSS over the process at rest (55 MB), whole transcript vs streamed, one run, same
+    files byte for byte: 10 minutes +1.5 vs +0.1 MB, 1 hour +12.4 vs +1.4 MB, 2 hours +26.5 vs
+    +3.3 MB. What still grows, ~1.5 MB per hour of film, is the subtitles' own text: the
+    transcript's JSON while it is scanned (1 MB an hour), then the cues without words (~0.4 MB an
+    hour) and the files pysubs2 renders from them at the end (a whole file at a time). Through a
+    plain `captionbus run` (`fanout.py --memory`): 56 vs 55 MB peak RSS for a 10-minute vs a
+    1-hour film, where it was 55 vs 67 MB.
+    """
+    cues, problems = [], []
+    for batch in stream_cues(segments, rules, fps=fps, speaker_names=params.speaker_names,
+                             name_style=params.name_style):
+        if not keep_words:
+            for cue in batch.cues:
+                cue.words = []  # checked: only the json format writes them
+        cues += batch.cues
+        problems += batch.problems
+    return CueResult(cues, problems)
+
+
 def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     params: SubtitleGenParams = ctx.params
-    transcript = ctx.input("transcript", Transcript)
+    transcript, segments = ctx.input_parts("transcript", Transcript, "segments", Segment)
     try:
         language = check_language(params.language or transcript.language)
     except UnknownLanguage as unknown:
@@ -52,8 +80,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         raise BadInput(str(bad_profile))
 
     formats = list(dict.fromkeys(params.formats))
-    result = build_cues(transcript, rules, fps=video_fps(request, ctx), speaker_names=params.speaker_names,
-                        name_style=params.name_style)
+    result = lay_out(segments, rules, video_fps(request, ctx), params, keep_words="json" in formats)
     if not result.cues:
         ctx.warn("the transcript has no speech; the subtitle files have no cues")
     if result.problems:
