@@ -126,7 +126,9 @@ def test_success_publishes_completion_then_acks(nats_server, tmp_path):
         request = await bus.request("job1", params={"sleep_s": 0.8, "warn": "took a shortcut"})
         done = await bus.wait_for("stage_completed", "job1")
         assert (done.stage, done.node, done.attempt) == ("noop", "noop", 1)
-        assert {"worker_id", "env", "interpreter", "python", "host", "pid", "pkg.pydantic"} <= set(done.worker)
+        assert {"worker_id", "env", "python", "host", "pid", "pkg.pydantic"} <= set(done.worker)
+        # The event reaches the job's tenant whole (SSE, webhooks): no host path in it.
+        assert "interpreter" not in done.worker and sys.executable not in done.model_dump_json()
         assert done.worker["env"] == "test" and done.metrics["delivery"] == 1.0
         out = await bus.store.get(done.outputs["out"])
         assert out.read_text() == f"{request.key}\n"
