@@ -140,11 +140,14 @@ def decide(
         return _Step(None, graph, now, policy, workers).submit(event)
     if state is None:
         if isinstance(event, (StageCompleted, StageFailed)) and _token_holds(policy, event):
-            # The adapter publishes a job's first requests at the same time as it creates the
-            # job's state, so another coordinator can be handed the result before that write
-            # lands (2-3 coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py
-            # saw such a result dropped, and its job wait forever). Its token shows a coordinator
-            # sent the request; the adapter applies it again shortly.
+            # A result for a job whose state this coordinator cannot read. The adapter once
+            # published a job's first requests at the same time as it created the state, and
+            # another coordinator was handed a result before that write landed (2-3
+            # coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py saw
+            # such a result dropped, and its job wait forever). A submission's requests now go
+            # out once its create has landed (service.py `_apply`); this stays as the guard:
+            # its token shows a coordinator sent the request, so the adapter re-reads and
+            # applies it again shortly (EARLY_REREAD_S) instead of dropping it.
             return Decision(None, (), False, f"early: no state of job {event.job_id!r} yet", retry_later=True)
         return _ignored(None, f"no job {getattr(event, 'job_id', '')!r}: {type(event).__name__} ignored")
     if not isinstance(event, Tick) and event.event_id in state.applied:

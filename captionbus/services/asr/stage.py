@@ -323,7 +323,8 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     of one chunk: the workflows' `language` node runs only for several, captionbus.coordinator.graph
     ItemCondition) it is detected here first, by the same call on the same samples the
     `detect_language` request makes for chunk 0 (handle_detect), so the words are the ones that
-    request's language gave, for one model pass and one asr request less per clip. The
+    request's language gave, for one asr request less per clip (a queue trip and a WAV read; the
+    detection pass is the same one, made here). The
     transcript then carries the detected probability."""
     if "chunks" not in request.inputs:
         raise BadInput("param item needs the chunks input (from the chunk stage)")
