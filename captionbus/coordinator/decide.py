@@ -36,6 +36,7 @@ from captionbus.contracts import (
 from captionbus.contracts import subjects
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.failures import classify as failure_class
+from captionbus.contracts.stage_specs import STAGES
 from captionbus.contracts.events import JobEvent
 from captionbus.coordinator.graph import JobPlan, PlannedNode, Source, Workflow
 from captionbus.core.retry import RetryPolicy
@@ -473,7 +474,8 @@ class _Step:
         planned = self.plan.nodes[node_id]
         node = self.state.nodes[node_id]
         try:
-            inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()}
+            inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()
+                      if not self._absent_optional(planned, name, src)}
             input_lists = {
                 name: [self._artifact(src, node_id) for src in sources if not self._lost_branch(src)]
                 for name, sources in planned.input_lists.items()
@@ -507,6 +509,16 @@ class _Step:
         """A source from a failed branch, even one of its nodes that completed: a join gets a
         branch whole or not at all (no translation whose subtitles failed, or the reverse)."""
         return source.node_id is not None and self._branch_of(source.node_id) in self.state.failed_branches
+
+    def _absent_optional(self, planned: PlannedNode, name: str, source: Source) -> bool:
+        """An input its stage declares optional (StageSpec.optional_inputs) whose node completed
+        without that output: the request goes without it, as when its node does not run. A chunk
+        worker of before a clip's language moved into its asr request writes `language` only with
+        -s; asr and transcript_join take none as "not known" (deploy/README.md, upgrading)."""
+        if source.node_id is None or source.output in self.state.nodes[source.node_id].outputs:
+            return False
+        spec = STAGES.get(planned.stage)
+        return spec is not None and name in spec.optional_inputs
 
     def _artifact(self, source: Source, needed_by: str) -> ArtifactRef:
         if source.node_id is None:
