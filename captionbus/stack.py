@@ -73,6 +73,7 @@ def server_for_run(settings: Settings):
 # Who started a stage service (CAPTIONBUS_LAUNCHER, WorkerInfo.launcher; runner.start_stage_services).
 UP_LAUNCHER = "up"
 RUN_LAUNCHER = "run"
+LAUNCHER_VARIABLE = "CAPTIONBUS_LAUNCHER"
 
 
 def up_serving(settings: Settings, stages: list[str], patience_s: float = 2.0) -> str | None:
@@ -186,9 +187,12 @@ class ServiceProcess:
 
 
 def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a stage service process starts with, however it is launched."""
+    """The environment a stage service process starts with, however it is launched.
+    CAPTIONBUS_LAUNCHER comes only from `extra` (up's and run's start_stage_services): a
+    `captionbus serve` started from a shell that exported it (an up's service environment,
+    copied) must not claim to be up's: `run` joins an up only for up's own workers (up_serving)."""
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != LAUNCHER_VARIABLE},
         "NATS_URL": nats_url,
         "CAPTIONBUS_HOME": str(settings.home),
         "CAPTIONBUS_ENV": env,

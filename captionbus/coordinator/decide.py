@@ -36,6 +36,7 @@ from captionbus.contracts import (
 from captionbus.contracts import subjects
 from captionbus.contracts.artifacts import ArtifactRef
 from captionbus.contracts.failures import classify as failure_class
+from captionbus.contracts.stage_specs import STAGES
 from captionbus.contracts.events import JobEvent
 from captionbus.coordinator.graph import JobPlan, PlannedNode, Source, Workflow
 from captionbus.core.retry import RetryPolicy
@@ -140,11 +141,14 @@ def decide(
         return _Step(None, graph, now, policy, workers).submit(event)
     if state is None:
         if isinstance(event, (StageCompleted, StageFailed)) and _token_holds(policy, event):
-            # The adapter publishes a job's first requests at the same time as it creates the
-            # job's state, so another coordinator can be handed the result before that write
-            # lands (2-3 coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py
-            # saw such a result dropped, and its job wait forever). Its token shows a coordinator
-            # sent the request; the adapter applies it again shortly.
+            # A result for a job whose state this coordinator cannot read. The adapter once
+            # published a job's first requests at the same time as it created the state, and
+            # another coordinator was handed a result before that write landed (2-3
+            # coordinators, a worker that answers in milliseconds: benchmarks/fleet_sim.py saw
+            # such a result dropped, and its job wait forever). A submission's requests now go
+            # out once its create has landed (service.py `_apply`); this stays as the guard:
+            # its token shows a coordinator sent the request, so the adapter re-reads and
+            # applies it again shortly (EARLY_REREAD_S) instead of dropping it.
             return Decision(None, (), False, f"early: no state of job {event.job_id!r} yet", retry_later=True)
         return _ignored(None, f"no job {getattr(event, 'job_id', '')!r}: {type(event).__name__} ignored")
     if not isinstance(event, Tick) and event.event_id in state.applied:
@@ -470,7 +474,8 @@ class _Step:
         planned = self.plan.nodes[node_id]
         node = self.state.nodes[node_id]
         try:
-            inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()}
+            inputs = {name: self._artifact(src, node_id) for name, src in planned.inputs.items()
+                      if not self._absent_optional(planned, name, src)}
             input_lists = {
                 name: [self._artifact(src, node_id) for src in sources if not self._lost_branch(src)]
                 for name, sources in planned.input_lists.items()
@@ -504,6 +509,16 @@ class _Step:
         """A source from a failed branch, even one of its nodes that completed: a join gets a
         branch whole or not at all (no translation whose subtitles failed, or the reverse)."""
         return source.node_id is not None and self._branch_of(source.node_id) in self.state.failed_branches
+
+    def _absent_optional(self, planned: PlannedNode, name: str, source: Source) -> bool:
+        """An input its stage declares optional (StageSpec.optional_inputs) whose node completed
+        without that output: the request goes without it, as when its node does not run. A chunk
+        worker of before a clip's language moved into its asr request writes `language` only with
+        -s; asr and transcript_join take none as "not known" (deploy/README.md, upgrading)."""
+        if source.node_id is None or source.output in self.state.nodes[source.node_id].outputs:
+            return False
+        spec = STAGES.get(planned.stage)
+        return spec is not None and name in spec.optional_inputs
 
     def _artifact(self, source: Source, needed_by: str) -> ArtifactRef:
         if source.node_id is None:

@@ -332,8 +332,13 @@ class Coordinator:
         workers_interval_s: float = 2.0,
         event_ack_wait_s: float = EVENT_ACK_WAIT_S,
     ):
-        self.nc = nc
         # The events consumer's ack wait, set as this coordinator starts (CAPTIONBUS_EVENT_ACK_WAIT).
+        # Settings holds its floor for the CLI; a Coordinator built in code is held to it here.
+        if not event_ack_wait_s >= settings_mod.EVENT_ACK_WAIT_MIN_S:  # NaN too
+            raise ValueError(
+                f"event_ack_wait_s={event_ack_wait_s!r}: at least {settings_mod.EVENT_ACK_WAIT_MIN_S:g} s "
+                "(CAPTIONBUS_EVENT_ACK_WAIT's floor; core/settings.py Settings.event_ack_wait says why)")
+        self.nc = nc
         self.event_ack_wait_s = event_ack_wait_s
         # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
         # $SRV STATS every workers_interval_s: decide() sizes each job's window to them.

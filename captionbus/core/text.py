@@ -13,10 +13,11 @@ def one_line(text: object, limit: int = REASON_MAX) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-# A filesystem path in an error line: `/` or `~/` (or ffmpeg's `file:/`) at the start of a word,
-# then anything up to a space, a quote, a bracket or a separator. Not a URL's `//host`, not the
-# `/` inside a word (`and/or`, `MP2/3`, `text/plain`, `1/2`).
-_PATH = re.compile(r"(?:(?<=file:)|(?<![\w./~:-]))~?/(?=[^/\s'\"`()\[\]{}<>,;|])[^\s'\"`()\[\]{}<>,;|]*")
+# A filesystem path in an error line: `/` or `~/` at the start of a word or right after a colon
+# (`dir:/srv/cb`, ffmpeg's `file:/x`), or after `file://` (`file:///x`), then anything up to a
+# space, a quote, a bracket or a separator. Not a URL's `//host` (a `/` followed by another, or
+# after one), not the `/` inside a word (`and/or`, `MP2/3`, `text/plain`, `1/2`).
+_PATH = re.compile(r"(?:(?<=file://)|(?<![\w./~-]))~?/(?=[^/\s'\"`()\[\]{}<>,;|])[^\s'\"`()\[\]{}<>,;|]*")
 
 
 def without_paths(text: str) -> tuple[str, bool]:

@@ -62,7 +62,7 @@ def test_run_transcribes_a_video_into_subtitles_and_muxed_videos(tmp_path, stage
     # one asr request (asr-0): a clip is one chunk, under CAPTIONBUS_CHUNK_ABOVE_S
     asr_worker, demux_worker = record["nodes"]["asr-0"]["worker"], record["nodes"]["demux"]["worker"]
     assert asr_worker["env"] == "whisperx" and demux_worker["env"] == "common"
-    assert asr_worker["interpreter"] != demux_worker["interpreter"] != sys.executable
+    assert asr_worker["pid"] != demux_worker["pid"] != str(os.getpid())
 
 
 def test_run_on_bad_input_fails_fast_with_one_line(tmp_path, stage_envs, whisper_model):

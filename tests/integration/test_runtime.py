@@ -126,7 +126,9 @@ def test_success_publishes_completion_then_acks(nats_server, tmp_path):
         request = await bus.request("job1", params={"sleep_s": 0.8, "warn": "took a shortcut"})
         done = await bus.wait_for("stage_completed", "job1")
         assert (done.stage, done.node, done.attempt) == ("noop", "noop", 1)
-        assert {"worker_id", "env", "interpreter", "python", "host", "pid", "pkg.pydantic"} <= set(done.worker)
+        assert {"worker_id", "env", "python", "host", "pid", "pkg.pydantic"} <= set(done.worker)
+        # The event reaches the job's tenant whole (SSE, webhooks): no host path in it.
+        assert "interpreter" not in done.worker and sys.executable not in done.model_dump_json()
         assert done.worker["env"] == "test" and done.metrics["delivery"] == 1.0
         out = await bus.store.get(done.outputs["out"])
         assert out.read_text() == f"{request.key}\n"
@@ -635,6 +637,28 @@ def test_a_tenants_job_is_told_the_failure_without_this_hosts_paths_and_the_log_
 
     run(nats_server, tmp_path, body)
     assert "/srv/cb-models/whisper-large-v3" in capfd.readouterr().out
+
+
+def test_a_tenants_job_is_warned_without_this_hosts_paths_and_the_log_keeps_them(nats_server, tmp_path, capfd):
+    """A handler's warning (ctx.warn) reaches a tenant's job cut as its failures are
+    (_for_the_job); the operator's own job keeps the whole line, and so does the worker's log."""
+    from captionbus.contracts.ids import new_job_id
+
+    warning = "used the fallback model at /srv/cb-models/whisper-small: the asked one is missing"
+    tenants, operators = new_job_id("acme"), new_job_id()
+
+    async def body(bus: Bus):
+        await bus.start()
+        await bus.request(tenants, params={"warn": warning})
+        await bus.request(operators, params={"warn": warning})
+        assert (await bus.wait_for("stage_warning", tenants)).message == (
+            "used the fallback model at …/whisper-small: the asked one is missing "
+            "(paths in the noop worker's log on host testhost)")
+        assert (await bus.wait_for("stage_warning", operators)).message == warning
+        await bus.wait_for("stage_completed", tenants)
+
+    run(nats_server, tmp_path, body)
+    assert "/srv/cb-models/whisper-small" in capfd.readouterr().out
 
 
 def test_a_replica_whose_setup_failed_leaves_requests_to_a_healthy_one(nats_server, tmp_path):

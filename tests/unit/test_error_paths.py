@@ -12,12 +12,17 @@ CUT = [
     ("FileNotFoundError: [Errno 2] No such file or directory: '/srv/cb/work/ab12/audio.wav'",
      "FileNotFoundError: [Errno 2] No such file or directory: '…/audio.wav'"),
     ("ffmpeg: file:/home/w/work/in.mp4: Invalid data", "ffmpeg: file:…/in.mp4: Invalid data"),
+    ("ffmpeg: file:///home/w/work/in.mp4: Invalid data", "ffmpeg: file://…/in.mp4: Invalid data"),
+    ("artifact root unwritable (dir:/srv/cb/artifacts)", "artifact root unwritable (dir:…/artifacts)"),
+    ("scp target host:/srv/cb/models/whisper refused", "scp target host:…/whisper refused"),
     ("no model at /models/whisper-large.", "no model at …/whisper-large."),
     ("set CAPTIONBUS_ASR_MODEL (~/models/base/ is empty)", "set CAPTIONBUS_ASR_MODEL (…/base/ is empty)"),
 ]
 KEPT = [
     "RuntimeError: noop was asked to crash",
     "nats://127.0.0.1:4222 and https://example.org/a/b refused",  # URLs are not this host's files
+    "s3://captionbus-artifacts/ab12/talk.wav and tls://nats.example:4222/ refused",
+    "at 10:30/45 s",
     "and/or MP2/3 text/plain 1/2 a / b /",  # a slash inside a word, or alone
 ]
 

@@ -73,3 +73,18 @@ def test_replicas_of_a_stage_on_one_host_take_turns_to_load(tmp_path):
         assert SetupTurn(tmp_path / "file", "asr", 1).try_take()  # no lock possible: load, as before slots
 
     asyncio.run(go())
+
+
+def test_a_served_stage_does_not_inherit_the_launcher(monkeypatch, tmp_path):
+    """`captionbus serve` from a shell that exported CAPTIONBUS_LAUNCHER=up (an up's service
+    environment, copied) must not claim to be up's; up and run set it on their own services."""
+    from captionbus.core.settings import Settings
+    from captionbus.stack import UP_LAUNCHER, service_env
+
+    LAUNCHER_VARIABLE = "CAPTIONBUS_LAUNCHER"  # what the worker reads (core/settings.py `launcher`)
+
+    monkeypatch.setenv(LAUNCHER_VARIABLE, UP_LAUNCHER)
+    settings = Settings(home=tmp_path, nats_url=None, artifacts_mode="local", host_id="h")
+    assert LAUNCHER_VARIABLE not in service_env(settings, "common", "nats://127.0.0.1:4222")
+    launched = service_env(settings, "common", "nats://127.0.0.1:4222", {LAUNCHER_VARIABLE: "run"})
+    assert launched[LAUNCHER_VARIABLE] == "run"

@@ -273,10 +273,15 @@ def shifted(segments: list[Segment], offset: float) -> list[Segment]:
 
 
 def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, model: AsrModel) -> str | None:
-    """The job's language: the `language` input (detected once for the job) when there is one."""
+    """The job's language: the `language` input (detected once for the job) when it names one,
+    else the asked one (asr.language, then -s). A job of one chunk gets a `language` input of
+    null from the chunk stage (its `language` node is skipped): that null must not replace an
+    asr.language option, or the request would detect what the caller named."""
     if "language" not in request.inputs:
         return requested_language(params, model)
     spoken = ctx.input("language", SpokenLanguage)
+    if spoken.language is None:
+        return requested_language(params, model)
     return requested_language(params.model_copy(update={"language": spoken.language}), model)
 
 
@@ -318,7 +323,8 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     of one chunk: the workflows' `language` node runs only for several, captionbus.coordinator.graph
     ItemCondition) it is detected here first, by the same call on the same samples the
     `detect_language` request makes for chunk 0 (handle_detect), so the words are the ones that
-    request's language gave, for one model pass and one asr request less per clip. The
+    request's language gave, for one asr request less per clip (a queue trip and a WAV read; the
+    detection pass is the same one, made here). The
     transcript then carries the detected probability."""
     if "chunks" not in request.inputs:
         raise BadInput("param item needs the chunks input (from the chunk stage)")

@@ -102,8 +102,12 @@ def flat_metadata(info: WorkerInfo) -> dict[str, str]:
 
 def worker_summary(info: WorkerInfo) -> dict[str, str]:
     """The short form carried on every StageCompleted / StageFailed: who ran it, where, and with
-    which key package versions (`pkg.<name>`), so a job's record says what ran where."""
-    summary = {"worker_id": info.worker_id, "stage": info.stage, "replica": info.replica, "env": info.env, "interpreter": info.interpreter,
+    which key package versions (`pkg.<name>`), so a job's record says what ran where.
+
+    No host path: these events reach the job's tenant whole (the gateway's SSE stream and
+    webhooks), and the interpreter's path names the operator's home and layout. Operators read
+    it in $SRV INFO (flat_metadata: `captionbus workers`, the dashboard's workers view)."""
+    summary = {"worker_id": info.worker_id, "stage": info.stage, "replica": info.replica, "env": info.env,
                "python": info.python_version, "host": info.host, "pid": str(info.pid)}
     summary.update({f"pkg.{name}": version for name, version in info.packages.items() if version != "missing"})
     return summary

@@ -441,7 +441,7 @@ class StageWorker:
         store = self.store.scoped(tenant_of(request.job_id))
         ctx = RequestContext(
             request, params=params, work_dir=work_dir, resources=self.resources, log=log, delivery=delivery,
-            loop=asyncio.get_running_loop(), fetch=store.get, emit=self._publish, cancelled=cancelled,
+            loop=asyncio.get_running_loop(), fetch=store.get, emit=self._publish_told, cancelled=cancelled,
         )
         key = None
         if self.cache is not None and cache_enabled_for(request):
@@ -534,7 +534,8 @@ class StageWorker:
                    if k not in ("delivery", "cache_hit", "started_at", "handled_at") and not k.startswith(ITEMS_PREFIX)}
         metrics.update(cache_hit=1.0, delivery=float(delivery))
         for message in warnings:  # what the first run said still holds for these outputs
-            await self._publish(StageWarning(**event_ids(request), message=message))
+            log.warning("stage warning (from the stage cache)", message=message)  # the whole line, on this host
+            await self._publish_told(StageWarning(**event_ids(request), message=message))
         await self._publish(
             StageCompleted(**result_ids(request), outputs=outputs, metrics=metrics, items=items,
                            speaker_turns=speaker_turns, worker={**self.summary, "cache": "hit"}),
@@ -640,6 +641,16 @@ class StageWorker:
 
     async def _publish(self, event: Any, msg_id: str | None = None) -> None:
         await publish_event(self.js, event, msg_id)
+
+    async def _publish_told(self, event: Any) -> None:
+        """A handler's warnings and progress, cut as failures are (_for_the_job): a tenant reads
+        its job's events. A warning's whole line is in this worker's log (ctx.warn, the cache
+        replay); a progress message is not logged, so its paths are only cut."""
+        if isinstance(event, StageWarning):
+            event = event.model_copy(update={"message": self._for_the_job(event.job_id, event.message)})
+        elif isinstance(event, StageProgress) and tenant_of(event.job_id) != NO_TENANT:
+            event = event.model_copy(update={"message": without_paths(event.message)[0]})
+        await self._publish(event)
 
     async def _heartbeat(self, msg: Any, request: StageRequest, cancelled: threading.Event, log: Any) -> None:
         # Each in_progress() restarts the ack_wait clock: a slow handler is not a dead one.

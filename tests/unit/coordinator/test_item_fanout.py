@@ -192,6 +192,33 @@ def test_one_chunk_makes_no_detection_request_and_decodes_with_the_chunk_stages_
     assert not step(d, done("language"), graph).changed  # a stray detection result changes nothing
 
 
+def test_a_chunk_worker_of_before_without_a_language_output_leaves_it_out_of_a_clips_requests():
+    """Rolling upgrade: an old chunk worker writes `language` only with -s. asr and
+    transcript_join declare `language` optional: their requests go without it (asr then uses
+    asr.language or detects), instead of the job failing with "chunk finished without its
+    'language' output"."""
+    d = submit(CHUNKED)
+    for node in ("demux", "vad"):
+        d = step(d, done(node), CHUNKED)
+    old_chunk = StageCompleted(job_id="j1", stage="chunk", node="chunk", attempt=1,
+                               outputs={"chunks": artifact("chunk.chunks")}, items={"chunks": 1})
+    d = step(d, old_chunk, CHUNKED)
+    assert requested(d) == ["asr-0"]
+    assert "language" not in d.requests[0].inputs and "chunks" in d.requests[0].inputs
+    d = step(d, done("asr-0"), CHUNKED)
+    assert requested(d) == ["transcript_join"]
+    assert "language" not in d.requests[0].inputs
+    assert d.state.status == JobStatus.running
+
+
+def test_a_missing_required_output_still_fails_the_job():
+    d = submit(CHUNKED)
+    d = step(d, done("demux"), CHUNKED)
+    d = step(d, StageCompleted(job_id="j1", stage="vad", node="vad", attempt=1, outputs={}), CHUNKED)
+    assert d.state.status == JobStatus.failed
+    assert "vad finished without its 'regions' output, which chunk needs" in d.state.nodes["chunk"].error
+
+
 def test_the_language_node_waits_for_the_chunk_count_and_two_chunks_detect_once():
     d = submit(CHUNKED)
     for node in ("demux", "vad"):
