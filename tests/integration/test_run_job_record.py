@@ -23,8 +23,12 @@ SUMMARY = TurnSummary.of(SpeakerTurns(duration=9, speakers=["Anna"], turns=[Spea
 LANGUAGE = {"code": "en", "detected": True, "probability": 0.97}
 
 
-def record_of(job_id: str) -> JobState:
-    key = subjects.job_part_key(job_id, "diarization", "turns", "1")
+SUMMARY_BYTES = SUMMARY.model_dump_json().encode()
+BROKEN = b'{"duration": -1}'
+
+
+def record_of(job_id: str, part: bytes) -> JobState:
+    key = subjects.job_part_key(job_id, subjects.part_name(part))
     node = NodeState(stage="diarization", status=NodeStatus.completed, speaker_turns_key=key)
     return JobState(spec=JobSpec(job_id=job_id, input=ArtifactRef(key="a" * 64, name="in.wav", size=1)),
                     status=JobStatus.completed, nodes={"diarization": node})
@@ -38,11 +42,11 @@ def test_job_json_is_written_with_a_warning_when_the_speaker_summary_cannot_be_r
             await provision(js)
             jobs = await js.key_value(subjects.JOBS_BUCKET)
             out = {}
-            for job_id, part in (("jobwhole", SUMMARY.model_dump_json().encode()), ("jobgone", None),
-                                 ("jobbroken", b'{"duration": -1}')):
-                state = record_of(job_id)
+            for job_id, part, stored in (("jobwhole", SUMMARY_BYTES, True), ("jobgone", SUMMARY_BYTES, False),
+                                         ("jobbroken", BROKEN, True)):
+                state = record_of(job_id, part)
                 await jobs.put(state.job_id, state.model_dump_json().encode())
-                if part is not None:
+                if stored:
                     await jobs.put(state.nodes["diarization"].speaker_turns_key, part)
                 said = io.StringIO()
                 path = await write_job_record(js, state, LANGUAGE, tmp_path / f"{job_id}.job.json",
@@ -57,12 +61,12 @@ def test_job_json_is_written_with_a_warning_when_the_speaker_summary_cannot_be_r
     assert said == ""
     assert TurnSummary.model_validate(whole["nodes"]["diarization"]["speaker_turns"]) == SUMMARY
     assert whole["language"] == LANGUAGE
-    for job_id, why in (("jobgone", "RecordPartMissing"), ("jobbroken", "ValidationError")):
+    for job_id, part, why in (("jobgone", SUMMARY_BYTES, "RecordPartMissing"), ("jobbroken", BROKEN, "ValidationError")):
         data, said = written[job_id]
         node = data["nodes"]["diarization"]
         assert data["spec"]["job_id"] == job_id and data["status"] == "completed" and data["language"] == LANGUAGE
         assert node["speaker_turns"] is None
-        assert node["speaker_turns_key"] == subjects.job_part_key(job_id, "diarization", "turns", "1")
+        assert node["speaker_turns_key"] == subjects.job_part_key(job_id, subjects.part_name(part))
         lines = said.strip().splitlines()
         assert len(lines) == 1, said
         assert lines[0].startswith(f"warning: {job_id}.job.json names its speaker summary by key; it could not be read (")
