@@ -315,7 +315,7 @@ async def list_jobs(js: JetStreamContext, *, whole: bool = True) -> list[JobStat
     async def keys():
         if tenant:  # the tenant's records only (not their parts): the callout grants no other listing
             return list(await last_per_key(js, subjects.tenant_records(tenant), headers_only=True))
-        return await record_keys(await js.key_value(subjects.JOBS_BUCKET))
+        return await record_keys(js)
 
     states = []
     for key in filter(subjects.is_job_key, dict.fromkeys(await read(keys, "listing jobs"))):

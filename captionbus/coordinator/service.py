@@ -1211,7 +1211,7 @@ class Coordinator:
 
     async def _scan_keys(self) -> None:
         self._last_scan = time.monotonic()
-        keys = await record_keys(self.kv)
+        keys = await record_keys(self.js)
         self._running.update(j for j in map(subjects.job_id_of_key, filter(subjects.is_job_key, keys))
                              if j not in self._finished)
 

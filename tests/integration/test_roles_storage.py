@@ -92,7 +92,7 @@ def test_gc_collects_as_the_gc_user_and_no_other_user_may_purge(tmp_path):
             assert (await js["gc"].stream_info(subjects.EVENTS_STREAM)).state.messages == 1  # job-x has no record
             # job-old's record with its part (a purge filtered on its part keys), job-gone's part
             assert (report.job_records, report.orphan_parts) == (1, 1)
-            assert subjects.is_job_key("job-old") and not await record_keys(jobs)
+            assert subjects.is_job_key("job-old") and not await record_keys(js["gc"])
             held = await js["gc"].stream_info(f"KV_{subjects.JOBS_BUCKET}", subjects_filter=">")
             assert set(held.state.subjects or {}) == {"$KV.cb_jobs.job-old"}  # its purge marker only
             for c in nc.values():
