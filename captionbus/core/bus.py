@@ -628,21 +628,28 @@ RECORD_KEYS_WAIT_S = 10.0  # for each next key of a listing, before the read is 
 
 async def record_keys(js: JetStreamContext) -> list[str]:
     """The keys of KV cb_jobs that are jobs' records (`<job>`, `<tenant>.<job>`: subjects.is_job_key),
-    not their parts (three tokens, subjects.job_part_key): one ordered consumer per pattern (one
-    and two tokens), where nats-py's `kv.keys()` lists every key (a 2-hour film's record has ~250
-    parts). [] only when the bus holds none; a read that stalls is a BusError.
+    not their parts (three tokens, subjects.job_part_key): the keys of one and two tokens, where
+    nats-py's `kv.keys()` lists every key (a 2-hour film's record has ~250 parts)."""
+    return await live_keys(js, subjects.JOBS_BUCKET, ("*", "*.*"))
 
-    Not nats-py's `kv.watch`: its end-of-values marker is decided from the consumer's info and the
-    messages its callback has taken, and under load the server delivers every key before that
-    answer is read while the callback still waits on it, so the watch ends at once, empty, with
-    keys held (seen: `test_gc` in the full suite, `kv.keys()` raising NoKeysError on a bucket of
-    six keys). Here the consumer's info says how many it delivered and has pending, which is at
-    least every key held when it was created, and the read ends at the message with none pending
-    after it. Same consumer as kv.watch's (an unnamed ordered push consumer), so the same grants."""
-    prefix = f"$KV.{subjects.JOBS_BUCKET}."
+
+async def live_keys(js: JetStreamContext, bucket: str, patterns: tuple[str, ...] = (">",)) -> list[str]:
+    """The keys of KV `bucket` matching `patterns` that hold a value (deleted and purged ones left
+    out): one ordered consumer per pattern. [] only when the bus holds none; a read that stalls is
+    a BusError.
+
+    Not nats-py's `kv.watch`/`kv.keys()`: its end-of-values marker is decided from the consumer's
+    info and the messages its callback has taken, and under load the server delivers every key
+    before that answer is read while the callback still waits on it, so the watch ends at once,
+    empty, with keys held (seen: `test_gc` in the full suite, `kv.keys()` raising NoKeysError on a
+    bucket of six keys). Here the consumer's info says how many it delivered and has pending, which
+    is at least every key held when it was created, and the read ends at the message with none
+    pending after it. Same consumer as kv.watch's (an unnamed ordered push consumer), so the same
+    grants."""
+    prefix = f"$KV.{bucket}."
     keys: list[str] = []
-    for pattern in ("*", "*.*"):
-        sub = await js.subscribe(prefix + pattern, stream=f"KV_{subjects.JOBS_BUCKET}", ordered_consumer=True,
+    for pattern in patterns:
+        sub = await js.subscribe(prefix + pattern, stream=f"KV_{bucket}", ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, headers_only=True,
                                  inactive_threshold=30.0)
         try:
@@ -653,8 +660,8 @@ async def record_keys(js: JetStreamContext) -> list[str]:
                 try:
                     msg = await sub.next_msg(timeout=RECORD_KEYS_WAIT_S)
                 except asyncio.TimeoutError as e:
-                    raise BusError(f"listing job records ({pattern}): no next key in {RECORD_KEYS_WAIT_S:.0f} s; "
-                                   "read again") from e
+                    raise BusError(f"listing the keys of KV {bucket} ({pattern}): no next key in "
+                                   f"{RECORD_KEYS_WAIT_S:.0f} s; read again") from e
                 if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
                     keys.append(msg.subject[len(prefix):])
                 if msg.metadata.num_pending == 0:

@@ -39,13 +39,14 @@ from typing import Any, get_args
 import httpx
 import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from captionbus.gateway.webhooks import Delivery, check_target, deliver
 from captionbus.contracts import JobSpec, subjects
 from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import validate_token
+from captionbus.core.bus import live_keys
 from captionbus.core.tasks import cancel_and_wait
 
 log = structlog.get_logger("captionbus.gateway.webhooks")
@@ -355,10 +356,7 @@ class Dispatcher:
     async def sweep(self, js) -> int:
         """Take over unfinished records whose lease expired; how many were taken."""
         kv = await self.kv(js)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return 0
+        keys = await live_keys(js, subjects.WEBHOOKS_BUCKET)  # kv.keys() can answer none under load
         taken = 0
         for key in keys:
             if key in self.running:
