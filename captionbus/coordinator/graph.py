@@ -41,6 +41,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -217,18 +218,11 @@ class NodeSpec(BaseModel):
             return {name: _as_list(refs) for name, refs in value.items()}
         return value
 
-    @field_validator("when")
+    @field_validator("when", "when_items")
     @classmethod
-    def _when(cls, value: str | None) -> str | None:
+    def _conditions(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            Condition.parse(value)
-        return value
-
-    @field_validator("when_items")
-    @classmethod
-    def _when_items(cls, value: str | None) -> str | None:
-        if value is not None:
-            ItemCondition.parse(value)
+            (ItemCondition if info.field_name == "when_items" else Condition).parse(value)
         return value
 
     @field_validator("for_each")
