@@ -85,7 +85,7 @@ def _transcribe_envs() -> list[str]:
 # builds no env, but its tests run after the env-free ones all the same: a test that looked for
 # the model before any other fetched it would otherwise skip.
 _FIXTURE_ENVS = {"stage_envs": _transcribe_envs, "common_env": lambda: ["common"], "model_env": lambda: SUBTITLE_ENVS,
-                 "whisper_model": lambda: [], "translate_up": lambda: [*SUBTITLE_ENVS, "demucs", "pyannote"]}
+                 "whisper_model": list, "translate_up": lambda: [*SUBTITLE_ENVS, "demucs", "pyannote"]}
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests count
@@ -99,6 +99,7 @@ def pytest_collection_modifyitems(session, config, items):
     Whole modules move, so module fixtures are still set up once. Nothing changes on a machine
     whose envs are built, except the order."""
     from tests.envtools import envs_named_in, prepare_envs
+    from tests.xdist_groups import LATE_MODULES
 
     needs: dict[Path, list[str]] = {}
     late: set[Path] = set()
@@ -113,6 +114,10 @@ def pytest_collection_modifyitems(session, config, items):
             needs[path] = list(dict.fromkeys([*needs[path], *fixture_envs[fixture]]))
             late.add(path)
     items.sort(key=lambda item: bool(needs[item.path]) or item.path in late)  # stable: keeps each group's order
+    # The xdist scheduler keeps this split: it hands out the heaviest work units first, but no
+    # env-needing one while an env-free one waits (tests/xdist_groups.py).
+    config.stash[LATE_MODULES] = {item.nodeid.split("::", 1)[0] for item in items
+                                  if needs[item.path] or item.path in late}
     # Under xdist one worker builds in the background; a test on another that needs an env
     # meanwhile waits for that build's lock (captionbus.envs.create), then finds the env built.
     if not config.option.collectonly and _WORKER in (None, "gw0"):

@@ -12,6 +12,16 @@ from tests.xdist_groups import stack_groups
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_suite(suite: Path, env: dict[str, str], workers: int) -> subprocess.CompletedProcess:
+    """pytest -n WORKERS on a throwaway suite, with this repo's scheduler and no outer run's state."""
+    env = {key: value for key, value in env.items() if key not in ("PYTEST_XDIST_WORKER", "CAPTIONBUS_TEST_GROUPS")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull,
+                           "--rootdir", str(suite), "-n", str(workers), "--dist", "loadscope", "--no-loadscope-reorder",
+                           str(suite)], check=False, cwd=suite, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_modules_sharing_stacks_transitively_are_one_group_and_the_others_their_own():
     groups = stack_groups({"a.py": {"stack"}, "b.py": {"translate_up", "chunked_fleet"}, "c.py": {"translate_up"},
                            "d.py": set(), "e.py": {"chunked_fleet"}})
@@ -58,13 +68,47 @@ def test_a_session_stack_shared_by_several_modules_starts_once_on_one_worker(tmp
     (suite / "test_alone.py").write_text("import time\n\ndef test_alone():\n    time.sleep(0.5)\n")
     starts, ran = tmp_path / "starts", tmp_path / "ran"
     env = {**os.environ, "STARTS": str(starts), "RAN": str(ran), "PYTHONPATH": str(REPO)}
-    env.pop("PYTEST_XDIST_WORKER", None)
-    env.pop("CAPTIONBUS_TEST_GROUPS", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull,
-                           "--rootdir", str(suite), "-n", "3", "--dist", "loadscope", "--no-loadscope-reorder",
-                           str(suite)], cwd=suite, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_suite(suite, env, workers=3)
     assert "9 passed" in done.stdout
     assert len(starts.read_text().splitlines()) == 1, starts.read_text()
     workers = {line.split()[1] for line in ran.read_text().splitlines()}
     assert len(ran.read_text().splitlines()) == 8 and len(workers) == 1, ran.read_text()
+
+
+ORDER_CONFTEST = '''
+import pytest
+from tests.xdist_groups import LATE_MODULES
+
+pytest_plugins = ["tests.xdist_groups"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    config.stash[LATE_MODULES] = {"test_late_heavy.py"}
+'''
+
+STARTED = '''
+import os
+
+def test_{n}():
+    with open(os.environ["RAN"], "a") as f:
+        f.write("{n}\\n")
+'''
+
+
+def test_the_heaviest_unit_goes_first_but_never_a_late_one_before_the_early_ones(tmp_path: Path):
+    """Weights {late_heavy 100 s, heavy 50 s, light 1 s}, late_heavy needing an env: on one worker
+    the order is heavy (the heaviest early unit), then light (handed out while heavy's long test
+    is still in hand: the lightest), then late_heavy; collection order would run light first and
+    xdist's own order would never look at the weights."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(ORDER_CONFTEST)
+    for name in ("light", "late_heavy", "heavy"):
+        (suite / f"test_{name}.py").write_text(STARTED.format(n=name))
+    weights = tmp_path / "weights.json"
+    weights.write_text('{"test_late_heavy.py": 100, "test_heavy.py": 50, "test_light.py": 1}')
+    ran = tmp_path / "ran"
+    env = {**os.environ, "RAN": str(ran), "PYTHONPATH": str(REPO), "CAPTIONBUS_TEST_WEIGHTS": str(weights)}
+    run_suite(suite, env, workers=1)
+    assert ran.read_text().split() == ["heavy", "light", "late_heavy"]
