@@ -30,10 +30,14 @@ message this run listed, then of its chunks (`ObjectBucket.delete`: an object st
 keeps its new meta and is re-uploaded), a stage cache entry by a purge of its key up to the revision
 read (a value written since stays), a job record by a purge marker the server takes only while the
 value read is the key's last (a record rewritten since, a retried job, stays with its parts; see
-`Collector._purge_job`), and a local file only if its
+`Collector._purge_job`), a job's events up to the last one listed (a retried job's new events
+stay), and a local file only if its
 mtime is unchanged, so an artifact stored again meanwhile (a new job's input: storing refreshes
 the time) survives. The size limit evicts a live cache entry's artifact in two steps too: the
 entry now, the bytes next run, so a worker that reused the entry a moment ago still finds them.
+Just before the first deletion every finished job a deletion relies on is read again: one
+rewritten since the listing (a retry runs it again, on the same input) keeps its artifacts and
+events this run (`Collector._rewritten_since_listed`).
 
 Where: the object store and the KV stage cache on the bus (a fleet), and this host's local
 artifact root and its file stage cache (`$CAPTIONBUS_HOME/stage-cache`). A `captionbus run`
@@ -214,6 +218,7 @@ class _Deletion:
     size: int
     act: Callable[[], Awaitable[bool]]  # False: changed since it was listed, so left alone
     count: Callable[[], None]  # adds it to the report's counters
+    jobs: frozenset[str] = frozenset()  # KV cb_jobs keys of the finished jobs whose listing let it go
 
 
 class Collector:
@@ -263,6 +268,7 @@ class Collector:
         self.chunk_first: dict[str, float | None] = {}
         self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
         self.record_seqs: dict[str, int] = {}  # KV cb_jobs key -> the sequence of the value read
+        self.released: dict[str, set[str]] = {}  # artifact key -> the finished jobs (record keys) naming it
 
     async def run(self) -> GcReport:
         try:
@@ -364,6 +370,9 @@ class Collector:
 
     async def _jobs(self) -> None:
         s = self.settings
+        # The events stream's last sequence before any record is read: a finished job's events are
+        # purged up to it, so what is published after (a retry's new history) stays.
+        events_last = await self._events_last_seq() if self.bus else 0
         entries = await self._job_entries()
         parts: dict[str, dict[str, bytes]] = {}  # job id -> part name -> bytes (subjects.job_part_key)
         for key, value in entries.items():
@@ -402,13 +411,15 @@ class Collector:
             finished = state.updated_at.timestamp()
             for ref in job_refs(state):
                 self.needs.need(ref.key, finished + s.retention_outputs)
+                self.released.setdefault(ref.key, set()).add(job_id)
             if not self.bus or self.now - finished <= s.retention_events:
                 continue
             subject = subjects.job_events(state.job_id)
             held = sum((await self._subjects(subjects.EVENTS_STREAM, subject)).values())
             if held:
-                self._plan("events", f"{state.job_id} ({held} messages)", 0, lambda subj=subject: self._purge_events(subj),
-                           lambda n=held: self._count_events(n))
+                self._plan("events", f"{state.job_id} ({held} messages)", 0,
+                           lambda subj=subject, seq=events_last: self._purge_events(subj, seq),
+                           lambda n=held: self._count_events(n), jobs=frozenset({job_id}))
             if self.now - finished > s.retention_outputs:
                 self._plan("job record", state.job_id, 0,
                            lambda j=state.job_id, seq=self.record_seqs[job_id]: self._purge_job(j, seq),
@@ -436,8 +447,20 @@ class Collector:
                 late[name] = msg.data
         return late
 
-    async def _purge_events(self, subject: str) -> bool:
-        await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
+    async def _events_last_seq(self) -> int:
+        """CB_EVENTS' last sequence now (0: the server says there is no such stream yet)."""
+        try:
+            return (await self.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+        except nats.js.errors.NotFoundError as e:
+            if getattr(e, "err_code", None) != STREAM_NOT_FOUND:
+                raise
+            return 0
+
+    async def _purge_events(self, subject: str, last_seq: int) -> bool:
+        """The job's events up to CB_EVENTS' last sequence when this run began reading (`seq`
+        purges those below it): an event published since (`captionbus retry` of the job, its new
+        history) stays."""
+        await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subject, seq=last_seq + 1)
         return True
 
     def _count_events(self, held: int) -> None:
@@ -611,8 +634,8 @@ class Collector:
     # ---- 2. decide --------------------------------------------------------------------------
 
     def _plan(self, kind: str, name: str, size: int, act: Callable[[], Awaitable[bool]],
-              count: Callable[[], None]) -> None:
-        self.plan.append(_Deletion(kind, name, size, act, count))
+              count: Callable[[], None], jobs: frozenset[str] = frozenset()) -> None:
+        self.plan.append(_Deletion(kind, name, size, act, count, jobs))
 
     def _verdicts(self, items: list[tuple[str, int, float]], unreferenced_s: float) -> list[tuple[str, int]]:
         """(key, size, written) -> the (key, size) to delete: age rules, then the size limit.
@@ -655,7 +678,7 @@ class Collector:
             for key, size in self._verdicts(items, s.retention_grace):
                 obj = self.objects[key]
                 self._plan("object", key, size, lambda o=obj: bucket.delete(o.info, o.seq),
-                           lambda n=size: self.report.object_store.add(n))
+                           lambda n=size: self.report.object_store.add(n), self._released_by(key))
             for nuid, chunks in sorted(self.chunk_sets.items()):
                 first = self.chunk_first.get(nuid, None)
                 if nuid not in self.chunk_first or first is None or self.now - first <= s.retention_grace:
@@ -674,11 +697,15 @@ class Collector:
             for key, size in self._verdicts(sorted((k, v[0], v[1]) for k, v in files.items()), unreferenced):
                 _, mtime, path = files[key]
                 self._plan("local file", key, size, lambda p=path, m=mtime: self._unlink_unchanged(p, m),
-                           lambda n=size: self.report.local_root.add(n))
+                           lambda n=size: self.report.local_root.add(n), self._released_by(key))
         # The live cache entries whose artifacts the size limit chose: removed now, their
         # artifacts next run (the same two steps as an expired entry's).
         for entry_id, name in sorted(self.evicting.items()):
             self._plan("cache entry", name, 0, self.cache_remove[entry_id], self._count_cache_entry)
+
+    def _released_by(self, key: str) -> frozenset[str]:
+        """The finished jobs whose listing let artifact `key` go (none: nobody referenced it)."""
+        return frozenset(self.released.get(key, ()))
 
     async def _purge_chunks(self, nuid: str) -> bool:
         await self.bucket.purge_chunk_set(nuid)
@@ -698,10 +725,35 @@ class Collector:
 
     _ORDER = ("object", "torn upload", "local file", "cache entry", "events", "job record", "record parts")
 
+    async def _rewritten_since_listed(self) -> set[str]:
+        """The finished jobs (record keys) a planned deletion relies on whose record is no longer
+        the value listed: `captionbus retry` of an old job between the listing and now runs it
+        again on the same input, and its earlier events are its history. Their artifacts and
+        events are kept this run (its record's purge is refused by the server anyway,
+        `_purge_job`). Read once, just before the first deletion, so the window left is the
+        deletions' own milliseconds, not the listing's; a failed read stops the run with nothing
+        deleted, as in step 1."""
+        wanted = sorted({job for d in self.plan for job in d.jobs})
+        changed = set()
+        for key in wanted:
+            try:
+                msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
+            except Exception as e:
+                raise GcError(f"cannot re-read job record {key} before deleting: {_reason(e)}", self.report,
+                              bus=isinstance(e, _BUS_ERRORS)) from e
+            if msg is not None and msg.seq != self.record_seqs.get(key):
+                changed.add(key)
+        return changed
+
     async def _delete(self) -> None:
         """Artifacts first, the records that reference them last: a run that stops part-way
         leaves references to nothing rather than artifacts referenced by nothing."""
+        rewritten = set() if self.dry_run or not self.bus else await self._rewritten_since_listed()
         for d in sorted(self.plan, key=lambda d: self._ORDER.index(d.kind)):
+            if d.jobs & rewritten:
+                log.info("gc: kept, its job was rewritten since listed", kind=d.kind, name=d.name,
+                         jobs=sorted(d.jobs & rewritten))
+                continue
             if not self.dry_run:
                 try:
                     done = await d.act()

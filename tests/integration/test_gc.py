@@ -239,6 +239,55 @@ def test_a_record_rewritten_after_the_listing_is_kept_with_its_parts(nats_server
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_job_retried_after_the_listing_keeps_its_input_and_every_event(nats_server, tmp_path, monkeypatch):
+    """`captionbus retry` of an old failed job between gc's listing and its deletions runs it again
+    on its input and adds to its history: gc reads each finished job a deletion relies on again
+    just before the first deletion, and one rewritten since keeps its artifacts and events this
+    run; the events purge of every job stops at the events stream's last sequence when the run
+    began reading. Another old job, not retried, goes with its own input and events. Before (the
+    leftover of the jobparts review) the retried job's input was deleted under it (its record's
+    purge was refused, its objects' were not) and its events purged, the retry's new ones too."""
+    from captionbus.contracts.events import JobRetryRequested
+    from captionbus.core import gc
+
+    settings = Settings(home=tmp_path / "home", nats_url=nats_server, artifacts_mode="object",
+                        retention_outputs=7 * DAY, retention_events=5 * DAY)
+
+    async def main():
+        nc, js, store = await _bus(nats_server, settings, "gc-retry-input")
+        inputs = {job_id: await store.put(_file(tmp_path / "src", f"{job_id}.wav", 1000))
+                  for job_id in ("job-retried", "job-gone")}
+        now = datetime.now(timezone.utc)
+        old = {job_id: JobState(spec=JobSpec(job_id=job_id, input=film), status=JobStatus.failed, updated_at=now,
+                                nodes={"asr": NodeState(stage="asr", status=NodeStatus.failed, error="x")})
+               for job_id, film in inputs.items()}
+        for state in old.values():
+            await _write_parted(js, state)
+        kv = await js.key_value(subjects.JOBS_BUCKET)
+        delete = gc.Collector._delete
+
+        async def retried_then_deleted(self):  # as `captionbus retry` and the coordinator do
+            await publish_event(js, JobRetryRequested(job_id="job-retried"))
+            retried = old["job-retried"].model_copy(update={"status": JobStatus.running})
+            retried.nodes["asr"] = NodeState(stage="asr", status=NodeStatus.requested, retry_base=1)
+            await kv.put(subjects.job_key("job-retried"), retried.stored())
+            await publish_event(js, JobSubmitted(job_id="job-gone", spec=old["job-gone"].spec))  # a late one
+            await delete(self)
+
+        monkeypatch.setattr(gc.Collector, "_delete", retried_then_deleted)
+        done = await collect(settings, js, now=now.timestamp() + 8 * DAY)
+        assert [(d["kind"], d["name"]) for d in done.deletions] == [
+            ("object", inputs["job-gone"].key), ("local file", inputs["job-gone"].key),  # the root caches it
+            ("events", "job-gone (1 messages)"), ("job record", "job-gone")]
+        assert await store.exists(inputs["job-retried"]) and not await store.exists(inputs["job-gone"])
+        held = (await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")).state.subjects
+        assert held == {"captionbus.job.job-retried.submitted": 1, "captionbus.job.job-retried.retry_requested": 1,
+                        "captionbus.job.job-gone.submitted": 1}, held  # job-gone's: the one published late
+        await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_only_no_message_is_a_record_gone_another_not_found_purges_nothing(nats_server, tmp_path, monkeypatch):
     """gc's re-check of a job record before it purges the parts listed without one (and every get
     of a listed key) takes the server's "no message" (err_code 10037) for "gone"; any other 404,
