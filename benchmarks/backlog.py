@@ -22,8 +22,8 @@ What each side does, per clip (the default: the language is detected on both sid
 - warm stack (`captionbus up -w transcribe --no-dashboard`, its services ready before the clock
   starts; all N uploaded and submitted at once, as N `captionbus submit` would, then every job
   followed to its end): demux (ffprobe, ffmpeg to a 16 kHz WAV), Silero VAD, chunk (one chunk
-  for a clip under CAPTIONBUS_CHUNK_ABOVE_S), asr (one request: the language detected on the
-  first 30 s of the regions' speech, one encoder pass, or given with --language; the
+  for a clip under CAPTIONBUS_CHUNK_ABOVE_S), asr (one request: the language heard in the
+  decode's first window, whose encoder pass the decode reuses, or given with --language; the
   same whisperx pipeline and batched decode, on the VAD's regions instead of pyannote's; word
   times by Whisper's cross-attention alignment on the decode's own encoder output: no second
   encoder pass on the CPU), transcript_join, subtitle_gen (SRT + VTT), mux (ffprobe, then
