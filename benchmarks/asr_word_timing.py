@@ -18,7 +18,12 @@ Per clip (the backlog benchmark's clips, another seed), in the whisperx env:
   rest of the word timing, the alignment having run inside the decode) timed apart. The regions
   come from the same Silero VAD here; the vad stage's own parameters differ a little. Both give
   the same words and word times (checked per clip: `same` in the table).
-Wall and CPU seconds (the process's, all threads) of each; the order of the three paths rotates
+- stage, first window (the stage's path since the language is heard in the decode's first
+  window): `whisperx_backend.transcribe` given no language, so it detects on the first window
+  and the decode reuses that encoder pass (detect_on_regions, first_window_reused), word times
+  as in reuse. `same` (the second one): the same language, words and word times as reuse, which
+  detects on its own pass over the first 30 s of speech; `p`: the first window's probability.
+Wall and CPU seconds (the process's, all threads) of each; the order of the four paths rotates
 from clip to clip, so a load drift favours none. 2 threads (the usable cores), int8, Whisper base.
 """
 from __future__ import annotations
@@ -76,27 +81,33 @@ def bare(audio):
 
 words = {}
 
-def stage(audio, reuse):
-    name = "reuse" if reuse else "reencode"
+def stage(audio, reuse, inside=False):
+    name = "first" if inside else "reuse" if reuse else "reencode"
     model.reuse_encoder = reuse
     found = get_speech_timestamps(audio, VadOptions(max_speech_duration_s=30))
     regions = [(s["start"] / 16000, s["end"] / 16000) for s in found]
     spent[0] = 0.0
     t, c = time.perf_counter(), time.process_time()
-    language, _, _ = model.whisper.detect_language(audio=wb.speech_sample(audio, regions))
-    _, _, segments = wb.transcribe(model, audio, language, regions, lambda *a: None)
+    language = None  # inside: transcribe hears it in the first window (wb.detect_on_regions)
+    if not inside:
+        language, _, _ = model.whisper.detect_language(audio=wb.speech_sample(audio, regions))
+    language, probability, segments = wb.transcribe(model, audio, language, regions, lambda *a: None)
     out = {f"{name}_s": time.perf_counter() - t, f"{name}_cpu_s": time.process_time() - c,
            f"{name}_time_words_s": spent[0]}
-    words[name] = [(w.text, w.start, w.end) for s in segments for w in s.words]
+    if inside:
+        out["first_probability"] = probability
+    words[name] = (language, [(w.text, w.start, w.end) for s in segments for w in s.words])
     return out
 
-paths = [bare, lambda audio: stage(audio, False), lambda audio: stage(audio, True)]
+paths = [bare, lambda audio: stage(audio, False), lambda audio: stage(audio, True),
+         lambda audio: stage(audio, True, inside=True)]
 for i, clip in enumerate(args["clips"]):
     audio = whisperx.load_audio(clip)
     row = {"clip": clip, "audio_s": len(audio) / 16000}
-    for k in range(3):
-        row.update(paths[(i + k) % 3](audio))
+    for k in range(len(paths)):
+        row.update(paths[(i + k) % len(paths)](audio))
     row["same"] = words["reuse"] == words["reencode"]
+    row["same_first"] = words["first"] == words["reuse"]
     print(json.dumps(row), flush=True)
 '''
 
@@ -118,15 +129,18 @@ def main() -> None:
         raise SystemExit(f"the whisperx process failed (rc {done.returncode}): {done.stderr[-3000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     print(f"{'clip s':>7}{'bare s':>9}{'CPU':>7}{'re-encode s':>13}{'CPU':>7}{'time_words':>12}"
-          f"{'reuse s':>10}{'CPU':>7}{'time_words':>12}{'same':>6}")
+          f"{'reuse s':>10}{'CPU':>7}{'time_words':>12}{'same':>6}{'first window s':>16}{'CPU':>7}{'p':>6}{'same':>6}")
     for r in rows:
         print(f"{r['audio_s']:>7.1f}{r['bare_s']:>9.2f}{r['bare_cpu_s']:>7.2f}{r['reencode_s']:>13.2f}"
               f"{r['reencode_cpu_s']:>7.2f}{r['reencode_time_words_s']:>12.2f}{r['reuse_s']:>10.2f}"
-              f"{r['reuse_cpu_s']:>7.2f}{r['reuse_time_words_s']:>12.2f}{'yes' if r['same'] else 'NO':>6}")
+              f"{r['reuse_cpu_s']:>7.2f}{r['reuse_time_words_s']:>12.2f}{'yes' if r['same'] else 'NO':>6}"
+              f"{r['first_s']:>16.2f}{r['first_cpu_s']:>7.2f}{r['first_probability']:>6.2f}"
+              f"{'yes' if r['same_first'] else 'NO':>6}")
     keys = ("bare_s", "bare_cpu_s", "reencode_s", "reencode_cpu_s", "reencode_time_words_s", "reuse_s", "reuse_cpu_s",
-            "reuse_time_words_s")
+            "reuse_time_words_s", "first_s", "first_cpu_s", "first_time_words_s")
     total = {k: sum(r[k] for r in rows) for k in keys}
-    for name, label in (("reencode", "stage, re-encode"), ("reuse", "stage, reuse")):
+    for name, label in (("reencode", "stage, re-encode"), ("reuse", "stage, reuse"),
+                        ("first", "stage, reuse, language from the first window")):
         print(f"{label}: {total[f'{name}_s']:.1f} s ({total[f'{name}_cpu_s']:.1f} CPU s): "
               f"{total[f'{name}_s'] / total['bare_s']:.2f}x the bare wall, "
               f"{total[f'{name}_cpu_s'] / total['bare_cpu_s']:.2f}x its CPU; "
@@ -134,7 +148,10 @@ def main() -> None:
     print(f"all {len(rows)} clips: bare {total['bare_s']:.1f} s ({total['bare_cpu_s']:.1f} CPU s); reuse / re-encode "
           f"{total['reuse_s'] / total['reencode_s']:.2f}x wall, "
           f"{total['reuse_cpu_s'] / total['reencode_cpu_s']:.2f}x CPU; "
-          f"same words and times on {sum(r['same'] for r in rows)}/{len(rows)}; load average {load_average()}")
+          f"same words and times on {sum(r['same'] for r in rows)}/{len(rows)}; first window / reuse "
+          f"{total['first_s'] / total['reuse_s']:.2f}x wall, {total['first_cpu_s'] / total['reuse_cpu_s']:.2f}x CPU, "
+          f"same language, words and times on {sum(r['same_first'] for r in rows)}/{len(rows)}; "
+          f"load average {load_average()}")
 
 
 if __name__ == "__main__":

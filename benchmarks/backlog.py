@@ -10,27 +10,34 @@ and batch size (issue 22, item 5: the stack's wall within 1.05x the bare loop's)
 What each side does, per clip (the default: the language is detected on both sides):
 - bare whisperx (the whisperx env's interpreter, one process, the model loaded once before the
   clock starts): `whisperx.load_audio` (ffmpeg to 16 kHz), `pipeline.transcribe(audio,
-  batch_size=4)`: language detection on the first 30 s, the VAD (whisperx's pyannote, or the
-  Silero model faster-whisper bundles, the one the stack's vad stage runs: --bare-vad, default
-  both loops), batched decode of the speech windows. Segments with their times; no word times (whisperx's `align` needs a wav2vec2 model,
-  and none exists offline; captionbus's `transcribe` workflow does not align either).
+  batch_size=4)`: language detection (one encoder pass over the file's first 30 s), the VAD
+  (whisperx's pyannote, or the Silero model faster-whisper bundles, the one the stack's vad stage
+  runs: --bare-vad, default both loops), batched decode of the speech windows. Segments with
+  their times; no word times (whisperx's `align` needs a wav2vec2 model, and none exists
+  offline; captionbus's `transcribe` workflow does not align either). Then what a publisher
+  needs of it, the stack's deliverables (--no-bare-outputs leaves them out): SRT and VTT by
+  whisperx's own writers, and the clip muxed with the SRT into an mp4 (mov_text) and an mkv
+  (srt) by ffmpeg, streams copied, as the mux stage does. Timed apart, so each loop gives two
+  rows: with the deliverables and transcribe only (the figure of the runs before they existed).
 - warm stack (`captionbus up -w transcribe --no-dashboard`, its services ready before the clock
   starts; all N uploaded and submitted at once, as N `captionbus submit` would, then every job
-  followed to its end): demux (ffmpeg to a 16 kHz WAV + probe), Silero VAD, chunk (one chunk for
-  a clip under CAPTIONBUS_CHUNK_ABOVE_S), language detection (an asr request; skipped with
-  --language), asr (the same whisperx pipeline and batched decode, on the VAD's regions instead of
-  pyannote's, plus word times by Whisper's cross-attention alignment on the decode's own encoder
-  output: no second encoder pass on the CPU),
-  transcript_join, subtitle_gen (SRT + VTT), mux (mp4 + mkv with the subtitles). So the stack
-  does more per clip than the bare loop: word times, subtitles and muxed videos.
+  followed to its end): demux (ffprobe, ffmpeg to a 16 kHz WAV), Silero VAD, chunk (one chunk
+  for a clip under CAPTIONBUS_CHUNK_ABOVE_S), asr (one request: the language heard in the
+  decode's first window, whose encoder pass the decode reuses, or given with --language; the
+  same whisperx pipeline and batched decode, on the VAD's regions instead of pyannote's; word
+  times by Whisper's cross-attention alignment on the decode's own encoder output: no second
+  encoder pass on the CPU), transcript_join, subtitle_gen (SRT + VTT), mux (ffprobe, then
+  mp4 + mkv with the subtitles). So beyond the bare loop with its deliverables, the stack adds
+  word times (and subtitle cues cut at them), a probe per clip and the bus.
 The stage cache is off (every number is work). Clips: eSpeak NG sentences drawn from a
 combinatorial pool (seeded; no two clips share their text), six English voices, 135-175 words a
 minute, pauses of 0.3-1.2 s, a 160x120 test-pattern video, AAC audio.
 
-It prints each side's wall, the ratio, per-clip speech totals, and for the stack where the time
-went: per stage, the summed handler time, the summed queue wait (requested -> handler started)
-and the requests; the asr worker's busy share of the wall; and per job the fixed costs around
-asr. The load average is printed with each side: the machine is shared, and a ratio is only as
+It prints each side's wall and CPU seconds, the ratios, per-clip speech totals, and for the
+stack where the time went: per stage, the summed handler time, the summed queue wait (requested
+-> handler started) and the requests; the CPU seconds of each of its processes (a stage's
+ffmpeg counted to the stage); the asr worker's busy share of the wall; and per job the fixed
+costs around asr. The load average is printed with each side: the machine is shared, and a ratio is only as
 good as the cores were free during both halves.
 """
 from __future__ import annotations
@@ -115,14 +122,38 @@ model = whisperx.load_model(args["model"], device="cpu", compute_type="int8", la
 if args["vad"] == "silero":
     model.vad_model = Silero()
 print(json.dumps({"load_s": time.perf_counter() - t}), flush=True)
+from whisperx.utils import get_writer
+import subprocess, tempfile
+out_dir = tempfile.mkdtemp()
+writers = [get_writer(f, out_dir) for f in ("srt", "vtt")]
+options = {"max_line_width": None, "max_line_count": None, "highlight_words": False}
+
+
+def deliver(clip, result):
+    """What the stack's subtitle_gen and mux stages make of a transcript: SRT + VTT (whisperx's
+    writers), the clip with its subtitles in an mp4 (mov_text) and an mkv (srt), streams copied."""
+    for write in writers:
+        write(result, clip, options)
+    srt = os.path.join(out_dir, os.path.splitext(os.path.basename(clip))[0] + ".srt")
+    for container, codec, ext in (("mp4", "mov_text", ".mp4"), ("matroska", "srt", ".mkv")):
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", clip, "-f", "srt", "-i", srt,
+                        "-map", "0:V?", "-map", "0:a?", "-map", "1:s:0", "-c:v", "copy", "-c:a", "copy",
+                        "-c:s", codec, "-metadata:s:s:0", f"language={result['language']}", "-f", container,
+                        os.path.join(out_dir, "out" + ext)], check=True)
+
+
 started, cpu = time.perf_counter(), sum(os.times()[:4])  # this process and its ffmpeg children
 for clip in args["clips"]:
-    a = time.perf_counter()
+    a, cpu_a = time.perf_counter(), sum(os.times()[:4])
     audio = whisperx.load_audio(clip)
     b = time.perf_counter()
     result = model.transcribe(audio, batch_size=args["batch_size"], language=args["language"])
-    c = time.perf_counter()
-    print(json.dumps({"clip": clip, "load_audio_s": b - a, "transcribe_s": c - b, "language": result["language"],
+    c, cpu_c = time.perf_counter(), sum(os.times()[:4])
+    if args["outputs"]:
+        deliver(clip, result)
+    d, cpu_d = time.perf_counter(), sum(os.times()[:4])
+    print(json.dumps({"clip": clip, "load_audio_s": b - a, "transcribe_s": c - b, "outputs_s": d - c,
+                      "cpu_s": cpu_c - cpu_a, "outputs_cpu_s": cpu_d - cpu_c, "language": result["language"],
                       "text": " ".join(s["text"].strip() for s in result["segments"])}), flush=True)
 print(json.dumps({"wall_s": time.perf_counter() - started, "cpu_s": sum(os.times()[:4]) - cpu}), flush=True)
 '''
@@ -137,8 +168,23 @@ for out, text, voice, wpm in json.loads(sys.stdin.read()):
 '''
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system, with reaped children's) of `root` and every process under it."""
+def process_label(pid: int) -> str:
+    """What a process of the stack is: its stage (`... serve <stage>`), nats-server, `up` (the
+    coordinator runs in it), or its program's name (an ffmpeg still running)."""
+    try:
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if "serve" in args and args.index("serve") + 1 < len(args):
+        return args[args.index("serve") + 1]
+    if "up" in args and "captionbus" in args:
+        return "up (coordinator)"
+    return Path(args[0]).name or "?"
+
+
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds: user + system, with its reaped children's, so a stage's ffmpeg
+    counts to the stage) for `root` and every process under it."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for proc in Path("/proc").iterdir():
@@ -148,12 +194,22 @@ def tree_cpu_s(root: int) -> float:
             except OSError:
                 continue
             stats[int(proc.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
-    tree, total = {root}, 0.0
+    tree = {root}
     for _ in range(6):  # up -> services -> ffmpeg: a few levels
         tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
-    for pid in tree:
-        total += stats.get(pid, (0, 0.0))[1]
-    return total
+    return {pid: (process_label(pid), stats[pid][1]) for pid in tree if pid in stats}
+
+
+def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process used between two tree_cpu snapshots (a process that
+    ended in between is in its parent's reaped-children time by then)."""
+    spent: dict[str, float] = defaultdict(float)
+    for pid, (label, cpu) in after.items():
+        if pid in before and before[pid][0] == label:
+            spent[label] += cpu - before[pid][1]
+        elif pid not in before:
+            spent[label] += cpu
+    return dict(spent)
 
 
 def load_average() -> str:
@@ -235,10 +291,10 @@ def make_clips(root: Path, n: int, seed: int, min_s: float, max_s: float) -> lis
 # ---------------------------------------------------------------- bare whisperx
 
 
-def bare(clips: list[Path], language: str | None, threads: int, model: Path, vad: str) -> dict:
+def bare(clips: list[Path], language: str | None, threads: int, model: Path, vad: str, outputs: bool) -> dict:
     """The bare loop in the whisperx env: model load, then one line per clip, then the wall."""
     args = {"clips": [str(c) for c in clips], "language": language, "threads": threads, "model": str(model),
-            "batch_size": 4, "vad": vad}
+            "batch_size": 4, "vad": vad, "outputs": outputs}
     done = subprocess.run([str(interpreter_for_stage("asr")), "-c", BARE, json.dumps(args)], capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
@@ -312,7 +368,7 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
                 all_done.set()
 
     sub = await nc.subscribe(subjects.EVENTS_WILDCARD, cb=on_msg)
-    cpu = tree_cpu_s(up.proc.pid) + sum(os.times()[:2])
+    snapshot, own = tree_cpu(up.proc.pid), sum(os.times()[:2])
     started, started_wall = time.perf_counter(), time.time()
     specs = await asyncio.gather(*(submit(js, store, clip, source_language=language) for clip in clips))
     submitted = time.perf_counter() - started
@@ -321,7 +377,9 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
         all_done.set()
     await all_done.wait()
     wall = time.perf_counter() - started
-    cpu = tree_cpu_s(up.proc.pid) + sum(os.times()[:2]) - cpu
+    by_label = cpu_by_label(snapshot, tree_cpu(up.proc.pid))
+    by_label["this client"] = sum(os.times()[:2]) - own
+    cpu = sum(by_label.values())
     await sub.unsubscribe()
     await nc.drain()
     failed = {job: kind for job, kind in ended.items() if job in wanted and kind != "completed"}
@@ -332,7 +390,7 @@ async def backlog(up: Up, clips: list[Path], language: str | None) -> dict:
         for _, event in events[job]:
             if event.kind == "stage_completed" and event.metrics.get("cache_hit"):
                 raise SystemExit(f"{event.node} came from the stage cache: this would measure nothing")
-    return {"wall_s": wall, "cpu_s": cpu, "submit_s": submitted, "start": started_wall,
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_by": by_label, "submit_s": submitted, "start": started_wall,
             "events": {job: [e for _, e in events[job]] for job in wanted}}
 
 
@@ -371,6 +429,11 @@ def where_the_time_went(result: dict) -> None:
               f"{statistics.mean(row['handle']):>11.2f}"
               f"{statistics.median(row['wait']):>14.1f} / {max(row['wait']):>6.1f}"
               f"{statistics.median(row['after']):>17.3f}")
+    jobs = len(result["events"])
+    print(f"  CPU s by process ({result['cpu_s']:.1f} in all, {result['cpu_s'] / jobs:.2f} a clip; a stage's "
+          "ffmpeg/ffprobe in its stage's): " + ", ".join(
+              f"{label} {cpu:.1f} ({cpu / jobs:.2f})" for label, cpu in sorted(result["cpu_by"].items(),
+                                                                               key=lambda kv: -kv[1])))
     busy = sum(b - a for a, b in asr_spans)
     first = min(a for a, _ in asr_spans) - result["start"]
     last = result["start"] + wall - max(b for _, b in asr_spans)
@@ -424,6 +487,9 @@ def main() -> None:
     parser.add_argument("--bare-vad", choices=["silero", "pyannote", "both"], default="both",
                         help="the bare loop's VAD: silero (the model the stack's vad stage runs, faster-whisper's "
                              "copy), pyannote (whisperx's default), or both loops (default)")
+    parser.add_argument("--bare-outputs", action=argparse.BooleanOptionalAction, default=True,
+                        help="the bare loop also writes what the stack delivers: SRT + VTT and the clip muxed "
+                             "with them into mp4 and mkv (default; its rows then show it with and without)")
     args = parser.parse_args()
     settings = load()
     model = settings.models_dir / "whisper-base-ct2"
@@ -441,11 +507,12 @@ def main() -> None:
         bares = {}
         for vad in (["silero", "pyannote"] if args.bare_vad == "both" else [args.bare_vad]):
             print(f"bare whisperx ({vad} VAD): load average before {load_average()}", flush=True)
-            b = bares[vad] = bare(clips, args.language, threads, model, vad)
+            b = bares[vad] = bare(clips, args.language, threads, model, vad, args.bare_outputs)
             print(f"bare whisperx ({vad} VAD): {b['wall_s']:.1f} s for {len(clips)} clips (model load "
                   f"{b['load_s']:.1f} s, not counted; ffmpeg load_audio {sum(c['load_audio_s'] for c in b['clips']):.1f} "
-                  f"s, transcribe {sum(c['transcribe_s'] for c in b['clips']):.1f} s); load average after "
-                  f"{load_average()}", flush=True)
+                  f"s, transcribe {sum(c['transcribe_s'] for c in b['clips']):.1f} s, SRT + VTT + mux "
+                  f"{sum(c['outputs_s'] for c in b['clips']):.1f} s / {sum(c['outputs_cpu_s'] for c in b['clips']):.1f} "
+                  f"CPU s); load average after {load_average()}", flush=True)
 
         with Up(root) as up:
             print(f"stack up in {up.startup_s:.0f} s (not counted); load average before {load_average()}", flush=True)
@@ -464,10 +531,15 @@ def main() -> None:
     # process of the stack, nats-server and ffmpeg included, and this client).
     print(f"\n{'side':<48}{'wall s':>9}{'per clip s':>12}{'x realtime':>12}{'stack / it':>12}{'CPU s':>9}"
           f"{'stack / it':>12}")
+    rows = []
     for vad, b in bares.items():
-        print(f"{f'bare whisperx loop, {vad} VAD (model loaded once)':<48}{b['wall_s']:>9.1f}"
-              f"{b['wall_s'] / len(clips):>12.2f}{audio_s / b['wall_s']:>12.1f}{w['wall_s'] / b['wall_s']:>11.2f}x"
-              f"{b['cpu_s']:>9.1f}{w['cpu_s'] / b['cpu_s']:>11.2f}x")
+        if args.bare_outputs:
+            rows.append((f"bare loop, {vad} VAD, + SRT/VTT/mp4/mkv", b["wall_s"], b["cpu_s"]))
+        rows.append((f"bare loop, {vad} VAD, transcribe only", b["wall_s"] - sum(c["outputs_s"] for c in b["clips"]),
+                     b["cpu_s"] - sum(c["outputs_cpu_s"] for c in b["clips"])))
+    for name, wall, cpu in rows:
+        print(f"{name:<48}{wall:>9.1f}{wall / len(clips):>12.2f}{audio_s / wall:>12.1f}{w['wall_s'] / wall:>11.2f}x"
+              f"{cpu:>9.1f}{w['cpu_s'] / cpu:>11.2f}x")
     print(f"{'warm captionbus up, all submitted at once':<48}{w['wall_s']:>9.1f}{w['wall_s'] / len(clips):>12.2f}"
           f"{audio_s / w['wall_s']:>12.1f}{'':>12}{w['cpu_s']:>9.1f}")
     print(f"issue 22 asks the stack <= 1.05x the bare loop; language: {args.language or 'detected per clip on both sides'}; "

@@ -3,7 +3,8 @@ whisperx env with Whisper base on an espeak-ng film with pauses: one encoder pas
 of two, the same words and times as the second pass gave, and the same times whether the film is
 decoded whole or chunk by chunk as the chunked workflow cuts it (the windows start at the same
 samples), and the fallback to the second pass when the reuse raises (an encoder output of a compute
-type numpy cannot view). The e2e suite (tests/e2e/test_chunked.py) checks the chunked times over
+type numpy cannot view); and, given no language, the language heard in the first window, whose
+encoder pass the decode reuses (whisperx_backend.detect_on_regions). The e2e suite (tests/e2e/test_chunked.py) checks the chunked times over
 the bus; this runs the stage's own calls in one process, in a minute or two."""
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def counting_encode(features):
 
 model.whisper.encode = counting_encode
 
-def decode(audio, spans):
+def decode(audio, spans, language="en"):
     spans = merge_regions(spans, len(audio) / 16000, REGION_MARGIN_S)  # as stage.transcribe does
-    _, _, segments = wb.transcribe(model, speech_only(audio, spans), "en", spans, lambda *a: None)
-    return [(w.text, w.start, w.end) for s in segments for w in s.words]
+    found, probability, segments = wb.transcribe(model, speech_only(audio, spans), language, spans, lambda *a: None)
+    words = [(w.text, w.start, w.end) for s in segments for w in s.words]
+    return words if language else (words, found, probability)
 
 audio = read_wav(film)
 out = {}
@@ -85,6 +87,19 @@ for chunk in plan.chunks:  # as stage.handle_chunk reads and shifts a chunk
     words = decode(window, [(r.start - chunk.start, r.end - chunk.start) for r in chunk.regions])
     chunked += [(t, round(a + chunk.start, 3), round(b + chunk.start, 3)) for t, a, b in words]
 out["chunked"] = {"words": chunked, "chunks": len(plan.chunks)}
+# The language heard in the decode's first window (detect_on_regions), its encoder pass reused by
+# the decode; what a `language` request (detect, as stage.detect prepares it) hears in the film
+# and in its first chunk.
+encoded.clear()
+words, language, probability = decode(audio, regions, None)
+out["detected"] = {"words": words, "language": language, "probability": probability, "encoded": sum(encoded)}
+def alone(audio, spans):
+    spans = merge_regions(spans, len(audio) / 16000, REGION_MARGIN_S)
+    return list(wb.detect(model, speech_only(audio, spans), spans))
+first = plan.chunks[0]
+out["detected"]["film"] = alone(audio, regions)
+out["detected"]["chunk0"] = alone(read_wav(film, start_s=first.start, end_s=first.end),
+                                  [(r.start - first.start, r.end - first.start) for r in first.regions])
 print("RESULT " + json.dumps(out))
 """
 
@@ -131,3 +146,17 @@ def test_a_chunk_decoded_alone_gives_the_words_and_times_of_the_whole_film(decod
     # Measured 0.0 ms on this film; 1 ms is the rounding of chunk times shifted back to film times.
     shifts = [max(abs(a[1] - b[1]), abs(a[2] - b[2])) for a, b in zip(chunked, whole)]
     assert max(shifts) <= 0.001, shifts
+
+
+def test_the_language_is_heard_in_the_first_window_whose_encoder_pass_the_decode_reuses(decodes):
+    """Given no language, the decode detects on its own first window (whisperx_backend
+    detect_on_regions) and encodes no window twice: one encoder pass per window, as with the
+    language given, and the same words and times as decoding with `en` given. A `language`
+    request (the job of several chunks) hears the same in the whole film and in its first chunk,
+    so the chunked and the unchunked decode start from the same language and probability."""
+    detected, windows = decodes["detected"], decodes["windows"]
+    assert detected["language"] == "en" and detected["probability"] >= 0.9
+    assert detected["encoded"] == windows  # no pass of its own for the detection
+    assert detected["words"] == decodes["reuse"]["words"]
+    assert detected["film"] == [detected["language"], detected["probability"]]
+    assert detected["chunk0"] == detected["film"]

@@ -17,8 +17,10 @@ One chunk of a film (the `chunked` workflow): with the param `item` and the inpu
 (captionbus/services/audio.py seeks to it: memory follows the chunk, not the film), decoded inside its
 regions, and its times shifted back to film times; the input `language` (SpokenLanguage) is the
 language detected once for the job. `task: detect_language` writes that `language` output: the
-given -s, or what Whisper hears in the first chunk's speech. A job of one chunk makes no such
-request: its one chunk request detects first (handle_chunk), on the same samples.
+given -s, or what Whisper hears in the first chunk's speech (whisperx: in the first window the
+decode cuts from it, whisperx_backend.detect_on_regions). A job of one chunk makes no such
+request: its one chunk request detects (handle_chunk), on the same samples; with whisperx inside
+the decode, whose first window's encoder pass serves both.
 """
 from __future__ import annotations
 
@@ -200,6 +202,18 @@ def speech_only(audio: np.ndarray, regions: Regions) -> np.ndarray:
     return kept
 
 
+def decode_input(audio: np.ndarray, regions: Regions) -> tuple[np.ndarray, Regions]:
+    """What a backend decodes: the regions widened by REGION_MARGIN_S, the audio silent outside them."""
+    regions = merge_regions(regions, len(audio) / SAMPLE_RATE, REGION_MARGIN_S)
+    return speech_only(audio, regions), regions
+
+
+def detects_on_first_window(model: AsrModel) -> bool:
+    """Whether the backend hears the language in the decode's first window (whisperx_backend
+    detect_on_regions), so a decode given no language detects inside transcribe() for free."""
+    return bool(getattr(model.module, "DETECTS_ON_FIRST_WINDOW", False))
+
+
 def transcribe(
     model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext,
     task: str = "transcribe",
@@ -211,8 +225,7 @@ def transcribe(
     if regions == []:
         return language or "en", None, []
     if regions is not None:
-        regions = merge_regions(regions, len(audio) / SAMPLE_RATE, REGION_MARGIN_S)
-        audio = speech_only(audio, regions)
+        audio, regions = decode_input(audio, regions)
     if model.backend == "mlx":
         def progress(fraction: float, message: str = "transcribing speech") -> None:
             ctx.progress(min(1.0, max(0.0, 0.02 + 0.96 * float(fraction))), message)
@@ -286,8 +299,10 @@ def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, 
 
 
 def detect(model: AsrModel, audio: np.ndarray, regions: Regions | None, ctx: StageContext) -> tuple[str, float | None]:
-    """(language, probability) heard in the first 30 s of speech of `audio` (of its `regions`
-    when given). The caller holds model.lock."""
+    """(language, probability) heard in `audio` (in its `regions` when given): what transcribe()
+    would detect on the same samples. The caller holds model.lock."""
+    if regions and detects_on_first_window(model):  # on the window transcribe() decodes first
+        audio, regions = decode_input(audio, regions)
     language, probability = model.module.detect(model.engine, audio, regions)
     ctx.log.info("language detected", language=language,
                  probability=None if probability is None else round(float(probability), 3))
@@ -321,11 +336,11 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
                  language: str | None) -> dict[str, Path]:
     """One chunk (param `item`) of the `chunks` input, in film times. Without a language (a job
     of one chunk: the workflows' `language` node runs only for several, captionbus.coordinator.graph
-    ItemCondition) it is detected here first, by the same call on the same samples the
-    `detect_language` request makes for chunk 0 (handle_detect), so the words are the ones that
-    request's language gave, for one asr request less per clip (a queue trip and a WAV read; the
-    detection pass is the same one, made here). The
-    transcript then carries the detected probability."""
+    ItemCondition) it is detected here, on the same samples the `detect_language` request hears
+    for chunk 0 (handle_detect), so the words are the ones that request's language gave, for one
+    asr request less per clip (a queue trip and a WAV read). whisperx detects inside transcribe()
+    on the decode's first window and the decode reuses that encoder pass (no pass of its own for
+    the detection); mlx detects first. The transcript then carries the detected probability."""
     if "chunks" not in request.inputs:
         raise BadInput("param item needs the chunks input (from the chunk stage)")
     chunks = read_chunks(ctx)
@@ -337,7 +352,7 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     started = time.monotonic()
     detected = None
     with model.lock:
-        if language is None and len(audio) and regions:
+        if language is None and len(audio) and regions and not detects_on_first_window(model):
             language, detected = detect(model, audio, regions, ctx)
         language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
     if detected is not None and params.task != "translate":

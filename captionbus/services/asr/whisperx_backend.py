@@ -60,6 +60,13 @@ SEGMENT_BREAK_PAUSE_S = 1.5
 DECODE_SHARE = 0.8
 # Language detection looks for speech in this much audio from the start.
 DETECT_WINDOW_S = 600
+# With speech regions the language is heard in the first decode window, whose encoder output the
+# decode then reuses (detect_on_regions); a window less sure than this of its language is checked
+# against the first 30 s of speech back to back (speech_sample), as before, and that answer holds.
+FIRST_WINDOW_CONFIDENCE = 0.9
+# stage.py: this backend detects inside transcribe() on the decode's own first window, so a request
+# that must detect lets transcribe() do it instead of detecting first (no second encoder pass).
+DETECTS_ON_FIRST_WINDOW = True
 MIN_AUDIO_SAMPLES = SAMPLE_RATE // 10
 # Whisper's window: whisperx decodes speech chunks of at most this length (the chunk stage
 # replicates the grouping: captionbus/services/audio.WHISPER_WINDOW_S).
@@ -251,14 +258,14 @@ def transcribe(
         return language or "en", None, []  # pyannote rejects an empty waveform; nothing to hear
     if regions is not None:
         regions = split_long_regions(regions, audio)
+    first = None
     if language is None:
         if regions is not None:
-            language, language_probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
-            language_probability = float(language_probability)
+            language, language_probability, first = detect_on_regions(model, audio, regions)
         else:
             language, language_probability = detect_language(model, audio)
     progress(0.02, f"language {language}")
-    with recording_decoder(model, language, task) as decoded:
+    with recording_decoder(model, language, task) as decoded, first_window_reused(model, first):
         if regions is not None:
             chunks = decode_regions(model, audio, regions, language, progress, task)
         else:
@@ -279,12 +286,99 @@ def transcribe(
 
 
 def detect(model: WhisperX, audio: np.ndarray, regions: Regions | None) -> tuple[str, float]:
-    """(language, probability) heard in the first 30 s of speech: of `regions` when given, else
-    found by faster-whisper's VAD (detect_language)."""
+    """(language, probability) heard, with `regions`, as transcribe() hears it (detect_on_regions:
+    the first decode window; `audio` and `regions` as transcribe() gets them), else in the first
+    30 s of speech faster-whisper's VAD finds (detect_language)."""
     if regions:
-        language, probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
-        return language, float(probability)
+        language, probability, _ = detect_on_regions(model, audio, split_long_regions(regions, audio))
+        return language, probability
     return detect_language(model, audio)
+
+
+@dataclass
+class FirstWindow:
+    """The first decode window's features (what the pipeline's preprocess makes of its samples)
+    and their encoder output, kept so that the decode does not encode the window again."""
+
+    features: Any  # torch tensor (n_mels, 3000)
+    encoder_output: Any  # ctranslate2 StorageView (1, 1500, d_model)
+
+
+def detect_on_regions(model: WhisperX, audio: np.ndarray, regions: Regions) -> tuple[str, float, FirstWindow | None]:
+    """(language, probability, the first window encoded) heard in the first decode window, the
+    window transcribe() decodes first (speech_chunks of `regions`, split to Whisper's window);
+    when it is less sure than FIRST_WINDOW_CONFIDENCE, in the first 30 s of speech back to back
+    (speech_sample) instead. The first window is returned either way, for first_window_reused.
+
+    Why: on the CPU the encoder is most of asr's time, and detecting on a sample of its own cost
+    a clip one encoder pass of three (a 20-60 s clip decodes in 1-2 windows): bare whisperx pays
+    that pass too (FasterWhisperPipeline.detect_language encodes the first 30 s of the file).
+    Whisper itself detects on the window it decodes (faster-whisper's sequential transcribe).
+    The decoded words only depend on the language, and a window sure of it at 0.9 is not
+    overruled by 30 s of speech that holds its own speech; below that the old answer stands. A
+    film and its chunks (the chunked workflow) decode the same first window at the same samples,
+    so the `language` request of a job of several chunks hears what the unchunked decode hears."""
+    first = encode_first_window(model, audio, regions)
+    if first is not None:
+        found = model.whisper.model.detect_language(first.encoder_output)[0]  # [(token, probability)], best first
+        language, probability = found[0][0][2:-2], float(found[0][1])
+        if probability >= FIRST_WINDOW_CONFIDENCE:
+            return language, probability, first
+    language, probability, _ = model.whisper.detect_language(audio=speech_sample(audio, regions))
+    return language, float(probability), first
+
+
+def encode_first_window(model: WhisperX, audio: np.ndarray, regions: Regions) -> FirstWindow | None:
+    """The first decode window cut where the pipeline cuts it (_handed_over), made into features
+    as its preprocess makes them, and encoded; None without one."""
+    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+
+    windows = _handed_over(speech_chunks(regions))
+    if not windows:
+        return None
+    piece = audio[int(windows[0]["start"] * SAMPLE_RATE) : int(windows[0]["end"] * SAMPLE_RATE)]
+    if len(piece) < MIN_AUDIO_SAMPLES:
+        return None
+    n_mels = model.whisper.feat_kwargs.get("feature_size") or 80
+    features = log_mel_spectrogram(piece, n_mels=n_mels, padding=N_SAMPLES - piece.shape[0])
+    return FirstWindow(features, model.whisper.encode(features))
+
+
+@contextmanager
+def first_window_reused(model: WhisperX, first: FirstWindow | None):
+    """For one pipeline.transcribe call (callers serialise calls), on the CPU: the batch whose first
+    row is exactly `first`'s features gets `first`'s encoder output for that row and encodes only
+    the others. A window's encoder output does not depend on its batch (reused_encoder_alignment:
+    Whisper base int8, identical alone and in a batch of 4), so the decode is the one it was.
+    Anything else (no match, another device) is encoded as before."""
+    whisper = model.whisper
+    if first is None or model.device != "cpu":
+        yield
+        return
+    import torch
+    from ctranslate2 import StorageView
+
+    encode, own = whisper.encode, vars(whisper).get("encode")
+    pending = [first]
+
+    def reusing(features):
+        batch = torch.as_tensor(features)
+        if not pending or batch.dim() != 3 or not torch.equal(batch[0], first.features):
+            return encode(features)
+        pending.clear()
+        if batch.shape[0] == 1:
+            return first.encoder_output
+        rest = np.asarray(encode(batch[1:]))
+        return StorageView.from_array(np.ascontiguousarray(np.concatenate([np.asarray(first.encoder_output), rest])))
+
+    whisper.encode = reusing
+    try:
+        yield
+    finally:
+        if own is None:
+            vars(whisper).pop("encode", None)
+        else:
+            whisper.encode = own
 
 
 # ---------------------------------------------------------------- helpers
@@ -340,8 +434,7 @@ def _given_chunks_vad(chunks: list[dict]):
     for a whole sample's time t (n / 16000) truncates to n - 1 about once in ten."""
     from whisperx.vads import Vad
 
-    given = [{**c, "start": (sample_index(c["start"]) + 0.5) / SAMPLE_RATE,
-              "end": (sample_index(c["end"]) + 0.5) / SAMPLE_RATE} for c in chunks]
+    given = _handed_over(chunks)
 
     class GivenChunks(Vad):
         def __init__(self):
@@ -359,6 +452,12 @@ def _given_chunks_vad(chunks: list[dict]):
             return segments  # already merged (speech_chunks)
 
     return GivenChunks()
+
+
+def _handed_over(chunks: list[dict]) -> list[dict]:
+    """The chunks' bounds as _given_chunks_vad hands them to the pipeline: half a sample late."""
+    return [{**c, "start": (sample_index(c["start"]) + 0.5) / SAMPLE_RATE,
+             "end": (sample_index(c["end"]) + 0.5) / SAMPLE_RATE} for c in chunks]
 
 
 def speech_chunks(regions: Regions) -> list[dict]:
