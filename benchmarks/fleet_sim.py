@@ -518,12 +518,12 @@ async def fleet(args, bus: Bus) -> None:
     held: list[float] = []  # seconds each job waited at the door (--max-in-flight)
     for i in range(args.jobs):
         target = started + i / args.rate
-        if args.submit_for and target - started > args.submit_for:
-            break
         if (delay := target - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         while args.max_in_flight and len(jobs.submitted) - len(jobs.finished) >= args.max_in_flight:
             await asyncio.sleep(0.05)
+        if args.submit_for and time.perf_counter() - started > args.submit_for:
+            break  # the door closes: jobs still held (or not yet arrived) are not submitted
         held.append(max(0.0, time.perf_counter() - target))
         await jobs.submit(rng.choices(lengths, weights)[0], arrived=min(target, time.perf_counter()))
     submitted_s = time.perf_counter() - started
@@ -559,7 +559,7 @@ async def fleet(args, bus: Bus) -> None:
         print(f"  fault {line}")
     print(f"submitted in {submitted_s:.1f} s; all terminal after {wall:.1f} s")
     if len(jobs.submitted) < args.jobs:
-        print(f"--submit-for {args.submit_for:g}: {len(jobs.submitted)} of the {args.jobs} jobs arrived and were submitted")
+        print(f"--submit-for {args.submit_for:g}: {len(jobs.submitted)} of the {args.jobs} jobs submitted before the door closed")
     if args.max_in_flight:
         print(f"--max-in-flight {args.max_in_flight}: held at the door p50 {pct(held, 0.5):.2f} s  p99 {pct(held, 0.99):.2f} s  "
               f"max {max(held, default=0):.2f} s (in the job latency); {sum(1 for h in held if h > 1)} jobs held over 1 s")
@@ -781,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="jobs arriving while this many are in flight wait at the door (0: none held)")
     parser.add_argument("--submit-for", type=float, default=0.0,
-                        help="seconds of arrivals: jobs due later are not submitted (0: all --jobs)")
+                        help="seconds the door is open: jobs not submitted by then (held or not yet arrived) never are (0: all --jobs)")
     parser.add_argument("--progress-s", type=float, default=60.0, help="seconds between progress lines")
     parser.add_argument("--single-node", action="store_true", help="one nats-server instead of a 3-node cluster")
     parser.add_argument("--hops", action="store_true", help="the hop benchmark instead of the fleet")
