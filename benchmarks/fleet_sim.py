@@ -18,6 +18,10 @@ killed (-9) and then the node that leads the job KV stream (on `--single-node`, 
 which comes back 5 s later on its store; the killed coordinator is not restarted (its events must
 be handed over to the others, or, with one coordinator, a replacement is started, as systemd
 would). A progress line every `--progress-s` gives requests/s and the coordinators' CPU share.
+`--max-in-flight N` holds an arriving job at the door while N are in flight (its wait counts in
+its latency): uncapped, one coordinator whose backlog passed the 256 states it remembers paid more
+a request as the backlog grew and never caught up (README, "The issue's 10,000 jobs");
+`--submit-for S` closes the door after S s.
 
 Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
 30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
