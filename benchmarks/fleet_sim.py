@@ -18,6 +18,10 @@ killed (-9) and then the node that leads the job KV stream (on `--single-node`, 
 which comes back 5 s later on its store; the killed coordinator is not restarted (its events must
 be handed over to the others, or, with one coordinator, a replacement is started, as systemd
 would). A progress line every `--progress-s` gives requests/s and the coordinators' CPU share.
+`--max-in-flight N` holds an arriving job at the door while N are in flight (its wait counts in
+its latency): uncapped, one coordinator whose backlog passed the 256 states it remembers paid more
+a request as the backlog grew and never caught up (README, "The issue's 10,000 jobs");
+`--submit-for S` closes the door after S s.
 
 Durations (`stage_seconds`): asr 1.5 s per 30 s chunk, issue 22's figure for a GPU worker (a
 30 s chunk every 1-2 s); the stages around it are estimates of their order of size, small next
@@ -429,11 +433,13 @@ class Jobs:
             for subject in subjects.job_kind_all_jobs(kind):
                 await self.nc.subscribe(subject, cb=on_terminal)
 
-    async def submit(self, minutes: float = 1.0) -> str:
+    async def submit(self, minutes: float = 1.0, arrived: float | None = None) -> str:
+        """`arrived`: when the job arrived (perf_counter), if it was held before its submission:
+        its latency counts from then."""
         spec = JobSpec(job_id=new_job_id(), workflow=self.workflow, input=fake_ref("film.mp4", str(random.random())),
                        source_language="en")
         self.minutes[spec.job_id] = minutes
-        self.submitted[spec.job_id] = time.perf_counter()
+        self.submitted[spec.job_id] = arrived if arrived is not None else time.perf_counter()
         self.waiters[spec.job_id] = asyncio.get_running_loop().create_future()
         event = JobSubmitted(job_id=spec.job_id, spec=spec)
         await through_failover(lambda: publish_event(self.js, event), "submit")
@@ -487,7 +493,7 @@ async def fleet(args, bus: Bus) -> None:
     await workers.start()
     rng = random.Random(args.seed)
     lengths, weights = zip(*MIXES[args.mix])
-    span = args.jobs / args.rate
+    span = min(args.jobs / args.rate, args.submit_for or math.inf)  # the faults fall at 40 % and 60 % of it
     faults: list[str] = []
     started = time.perf_counter()
 
@@ -513,11 +519,17 @@ async def fleet(args, bus: Bus) -> None:
     fault_task = asyncio.create_task(faults_mid_run())
     progress_task = asyncio.create_task(progress(jobs, workers, coordinators, started, args.progress_s))
     own0 = time.process_time()
+    held: list[float] = []  # seconds each job waited at the door (--max-in-flight)
     for i in range(args.jobs):
         target = started + i / args.rate
         if (delay := target - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
-        await jobs.submit(rng.choices(lengths, weights)[0])
+        while args.max_in_flight and len(jobs.submitted) - len(jobs.finished) >= args.max_in_flight:
+            await asyncio.sleep(0.05)
+        if args.submit_for and time.perf_counter() - started > args.submit_for:
+            break  # the door closes: jobs still held (or not yet arrived) are not submitted
+        held.append(max(0.0, time.perf_counter() - target))
+        await jobs.submit(rng.choices(lengths, weights)[0], arrived=min(target, time.perf_counter()))
     submitted_s = time.perf_counter() - started
     deadline = time.monotonic() + args.timeout
     while len(jobs.finished) < len(jobs.submitted) and time.monotonic() < deadline:
@@ -550,6 +562,11 @@ async def fleet(args, bus: Bus) -> None:
     for line in faults:
         print(f"  fault {line}")
     print(f"submitted in {submitted_s:.1f} s; all terminal after {wall:.1f} s")
+    if len(jobs.submitted) < args.jobs:
+        print(f"--submit-for {args.submit_for:g}: {len(jobs.submitted)} of the {args.jobs} jobs submitted before the door closed")
+    if args.max_in_flight:
+        print(f"--max-in-flight {args.max_in_flight}: held at the door p50 {pct(held, 0.5):.2f} s  p99 {pct(held, 0.99):.2f} s  "
+              f"max {max(held, default=0):.2f} s (in the job latency); {sum(1 for h in held if h > 1)} jobs held over 1 s")
     print(f"jobs/hour {len(jobs.finished) / wall * 3600:,.0f}   stage requests executed {hops} "
           f"({hops / wall:.0f}/s)   film minutes {sum(jobs.minutes.values()):,.0f}")
     latency = [jobs.finished[j][1] - jobs.submitted[j] for j in jobs.finished]
@@ -570,7 +587,7 @@ async def fleet(args, bus: Bus) -> None:
     print(f"states: {dict(done)}; terminal events: {len(jobs.submitted) - len(missing)} of {len(jobs.submitted)} "
           f"jobs, {len(repeated)} with more than one; requests executed twice: {twice}")
     ok = not missing and not repeated and set(done) <= {"completed"}
-    print(json.dumps({"jobs": args.jobs, "coordinators": args.coordinators, "workers": sum(counts.values()),
+    print(json.dumps({"jobs": len(jobs.submitted), "coordinators": args.coordinators, "workers": sum(counts.values()),
                       "jobs_per_hour": round(len(jobs.finished) / wall * 3600), "requests_per_s": round(hops / wall, 1),
                       "coordinator_cpu_ms_per_job": round(cpu / max(1, len(jobs.submitted)) * 1e3, 2),
                       "lost": len(missing), "duplicated_terminal": len(repeated), "executed_twice": twice,
@@ -765,6 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mix", choices=sorted(MIXES), default="clips", help="film lengths of the jobs (MIXES)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the last job")
     parser.add_argument("--no-kill", action="store_true", help="no coordinator or node killed")
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="jobs arriving while this many are in flight wait at the door (0: none held)")
+    parser.add_argument("--submit-for", type=float, default=0.0,
+                        help="seconds the door is open: jobs not submitted by then (held or not yet arrived) never are (0: all --jobs)")
     parser.add_argument("--progress-s", type=float, default=60.0, help="seconds between progress lines")
     parser.add_argument("--single-node", action="store_true", help="one nats-server instead of a 3-node cluster")
     parser.add_argument("--hops", action="store_true", help="the hop benchmark instead of the fleet")
