@@ -92,7 +92,7 @@ def load_weights(path: Path) -> dict[str, float]:
     file is missing or unreadable (every unit then counts DEFAULT_TEST_S per test)."""
     try:
         return {str(unit): float(seconds) for unit, seconds in json.loads(path.read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
 
@@ -158,10 +158,23 @@ class ModuleAndStackScheduling(LoadScopeScheduling):
             held += self._weight(scope, len(tests)) * pending / len(tests)
         return held
 
+    def _left(self, scope: str) -> float:
+        """Seconds of a waiting unit still to run: its weight times its share of tests not done."""
+        tests = self.workqueue[scope]
+        return self._weight(scope, len(tests)) * list(tests.values()).count(False) / len(tests)
+
     def _assign_work_unit(self, node) -> None:
-        """Put the chosen unit at the queue's head; xdist's own method then hands it out."""
+        """Put the chosen unit at the queue's head; xdist's own method then hands it out. Units
+        with nothing left to run are dropped first: a crashed worker's units come back whole,
+        finished tests included (xdist's remove_node), and handing one out would send a worker an
+        empty list, on which a worker holding its last test waits forever."""
+        for scope in [scope for scope, tests in self.workqueue.items() if all(tests.values())]:
+            del self.workqueue[scope]
+        if not self.workqueue:
+            node.shutdown()
+            return
         waiting = [scope for scope in self.workqueue if not self._is_late(scope)] or list(self.workqueue)
-        by_weight = sorted(waiting, key=lambda scope: self._weight(scope, len(self.workqueue[scope])))
+        by_weight = sorted(waiting, key=self._left)
         chosen = by_weight[0] if self._in_hand(node) > self.PREFETCH_S else by_weight[-1]
         self.workqueue.move_to_end(chosen, last=False)
         super()._assign_work_unit(node)

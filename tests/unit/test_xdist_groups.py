@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 from tests.xdist_groups import stack_groups
@@ -31,6 +32,7 @@ def test_modules_sharing_stacks_transitively_are_one_group_and_the_others_their_
 
 CONFTEST = '''
 import os
+from collections import OrderedDict
 import pytest
 
 pytest_plugins = ["tests.xdist_groups"]
@@ -89,6 +91,7 @@ def pytest_collection_modifyitems(config, items):
 
 STARTED = '''
 import os
+from collections import OrderedDict
 
 def test_{n}():
     with open(os.environ["RAN"], "a") as f:
@@ -112,3 +115,52 @@ def test_the_heaviest_unit_goes_first_but_never_a_late_one_before_the_early_ones
     env = {**os.environ, "RAN": str(ran), "PYTHONPATH": str(REPO), "CAPTIONBUS_TEST_WEIGHTS": str(weights)}
     run_suite(suite, env, workers=1)
     assert ran.read_text().split() == ["heavy", "light", "late_heavy"]
+
+
+class _Worker:
+    """What the scheduler sees of an xdist worker: the indexes it was sent, and its shutdown."""
+
+    def __init__(self, name: str):
+        self.sent: list[list[int]] = []
+        self.shutting_down = False
+        self.gateway = type("Gateway", (), {"id": name})()
+
+    def send_runtest_some(self, indexes):
+        self.sent.append(list(indexes))
+
+    def shutdown(self):
+        self.shutting_down = True
+
+
+def test_a_crashed_workers_finished_unit_is_never_handed_out_again(tmp_path, monkeypatch):
+    """xdist's remove_node puts a crashed worker's units back whole, finished ones included;
+    handing one out sends an empty list, on which a worker holding its last test waits forever
+    (the review of e76c4b7: the weights made the finished heavy unit the first choice). The
+    replacement worker gets only the unit with tests left."""
+    from tests import xdist_groups
+
+    collection = [f"{module}::t{n}" for module in ("a.py", "b.py", "c.py") for n in (1, 2)]
+    groups = tmp_path / "groups.json"
+    groups.write_text('{"groups": {"a.py": "a.py", "b.py": "b.py", "c.py": "c.py"}, "late": []}')
+    weights = tmp_path / "weights.json"
+    weights.write_text('{"a.py": 50, "b.py": 40, "c.py": 1}')
+    monkeypatch.setenv(xdist_groups.GROUPS_FILE, str(groups))
+    monkeypatch.setenv(xdist_groups.WEIGHTS_FILE, str(weights))
+    scheduler = xdist_groups.ModuleAndStackScheduling.__new__(xdist_groups.ModuleAndStackScheduling)
+    scheduler.numnodes, scheduler.collection, scheduler.log = 2, None, lambda *args: None
+    scheduler.config = type("Config", (), {"option": type("Options", (), {"loadscopereorder": False})()})()
+    scheduler.workqueue, scheduler.assigned_work, scheduler.registered_collections = OrderedDict(), {}, {}
+    first, second = _Worker("gw0"), _Worker("gw1")
+    for worker in (first, second):
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+    assert first.sent == [[0, 1], [4, 5]] and second.sent == [[2, 3]]  # a (heaviest), then c (lightest); b
+    scheduler.mark_test_complete(first, 0)
+    scheduler.mark_test_complete(first, 1)  # a done, c not started: the worker dies
+    scheduler.remove_node(first)
+    replacement = _Worker("gw2")
+    scheduler.add_node(replacement)
+    scheduler.add_node_collection(replacement, collection)
+    scheduler.schedule()
+    assert replacement.sent == [[4, 5]]
