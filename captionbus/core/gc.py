@@ -269,6 +269,7 @@ class Collector:
         self.local_files: list[tuple[str, int, float, str]] = []  # key, size, mtime, path
         self.record_seqs: dict[str, int] = {}  # KV cb_jobs key -> the sequence of the value read
         self.released: dict[str, set[str]] = {}  # artifact key -> the finished jobs (record keys) naming it
+        self.finished_at: dict[str, tuple[str, float]] = {}  # record key -> (job id, when it finished)
 
     async def run(self) -> GcReport:
         try:
@@ -409,6 +410,13 @@ class Collector:
                     self.unfinished.add(ref.key)
                 continue
             finished = state.updated_at.timestamp()
+            if self.now - finished > min(s.retention_outputs, s.retention_events) \
+                    and await self._retry_pending(state.job_id, finished):
+                for ref in job_refs(state):  # running again once the coordinator takes the retry
+                    self.needs.need(ref.key, FOREVER)
+                    self.unfinished.add(ref.key)
+                continue
+            self.finished_at[job_id] = (state.job_id, finished)
             for ref in job_refs(state):
                 self.needs.need(ref.key, finished + s.retention_outputs)
                 self.released.setdefault(ref.key, set()).add(job_id)
@@ -416,7 +424,7 @@ class Collector:
                 continue
             subject = subjects.job_events(state.job_id)
             held = sum((await self._subjects(subjects.EVENTS_STREAM, subject)).values())
-            if held:
+            if held and events_last:
                 self._plan("events", f"{state.job_id} ({held} messages)", 0,
                            lambda subj=subject, seq=events_last: self._purge_events(subj, seq),
                            lambda n=held: self._count_events(n), jobs=frozenset({job_id}))
@@ -446,6 +454,24 @@ class Collector:
             if msg is not None and (msg.headers or {}).get("KV-Operation") not in _KV_GONE:
                 late[name] = msg.data
         return late
+
+    async def _retry_pending(self, job_id: str, finished: float) -> bool:
+        """Whether the job's last `retry_requested` event (`captionbus retry` publishes it; the
+        coordinator then rewrites the record, running again) is newer than its finished record:
+        a retry the coordinator has not applied yet (down, restarting, behind) still needs the
+        job's input and history. Only with the bus's own rights (the gc user may read CB_EVENTS'
+        messages); `--local-only` relies on the record's re-read alone. The two times come from
+        the client's clock and the coordinator's; an event that does not parse counts as pending."""
+        if not self.bus:
+            return False
+        msg = await _last_or_none(self.js, subjects.EVENTS_STREAM, subjects.job_event(job_id, "retry_requested"))
+        if msg is None:
+            return False
+        try:
+            asked = datetime.fromisoformat(json.loads(msg.data)["time"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            return True
+        return asked >= finished
 
     async def _events_last_seq(self) -> int:
         """CB_EVENTS' last sequence now (0: the server says there is no such stream yet)."""
@@ -727,28 +753,30 @@ class Collector:
 
     async def _rewritten_since_listed(self) -> set[str]:
         """The finished jobs (record keys) a planned deletion relies on whose record is no longer
-        the value listed: `captionbus retry` of an old job between the listing and now runs it
-        again on the same input, and its earlier events are its history. Their artifacts and
+        the value listed, or whose retry was asked since (`_retry_pending`): `captionbus retry` of an
+        old job between the listing and now runs it again on the same input, and its earlier
+        events are its history. Their artifacts and
         events are kept this run (its record's purge is refused by the server anyway,
         `_purge_job`). Read once, just before the first deletion, so the window left is the
-        deletions' own milliseconds, not the listing's; a failed read stops the run with nothing
-        deleted, as in step 1."""
+        deletions' own time (milliseconds to seconds), not the listing's; a failed read stops the
+        run with nothing deleted, as in step 1."""
         wanted = sorted({job for d in self.plan for job in d.jobs})
         changed = set()
         for key in wanted:
             try:
                 msg = await _last_or_none(self.js, f"KV_{subjects.JOBS_BUCKET}", f"$KV.{subjects.JOBS_BUCKET}.{key}")
+                job_id, finished = self.finished_at[key]
+                if (msg is not None and msg.seq != self.record_seqs.get(key)) or await self._retry_pending(job_id, finished):
+                    changed.add(key)
             except Exception as e:
                 raise GcError(f"cannot re-read job record {key} before deleting: {_reason(e)}", self.report,
                               bus=isinstance(e, _BUS_ERRORS)) from e
-            if msg is not None and msg.seq != self.record_seqs.get(key):
-                changed.add(key)
         return changed
 
     async def _delete(self) -> None:
         """Artifacts first, the records that reference them last: a run that stops part-way
         leaves references to nothing rather than artifacts referenced by nothing."""
-        rewritten = set() if self.dry_run or not self.bus else await self._rewritten_since_listed()
+        rewritten = set() if self.dry_run or self.js is None else await self._rewritten_since_listed()
         for d in sorted(self.plan, key=lambda d: self._ORDER.index(d.kind)):
             if d.jobs & rewritten:
                 log.info("gc: kept, its job was rewritten since listed", kind=d.kind, name=d.name,

@@ -244,7 +244,8 @@ def test_a_job_retried_after_the_listing_keeps_its_input_and_every_event(nats_se
     on its input and adds to its history: gc reads each finished job a deletion relies on again
     just before the first deletion, and one rewritten since keeps its artifacts and events this
     run; the events purge of every job stops at the events stream's last sequence when the run
-    began reading. Another old job, not retried, goes with its own input and events. Before (the
+    began reading. A job whose retry was asked before the run but not yet applied (the record
+    still failed) is kept whole. Another old job, not retried, goes with its own input and events. Before (the
     leftover of the jobparts review) the retried job's input was deleted under it (its record's
     purge was refused, its objects' were not) and its events purged, the retry's new ones too."""
     from captionbus.contracts.events import JobRetryRequested
@@ -256,13 +257,16 @@ def test_a_job_retried_after_the_listing_keeps_its_input_and_every_event(nats_se
     async def main():
         nc, js, store = await _bus(nats_server, settings, "gc-retry-input")
         inputs = {job_id: await store.put(_file(tmp_path / "src", f"{job_id}.wav", 1000))
-                  for job_id in ("job-retried", "job-gone")}
+                  for job_id in ("job-retried", "job-gone", "job-asked")}
         now = datetime.now(timezone.utc)
         old = {job_id: JobState(spec=JobSpec(job_id=job_id, input=film), status=JobStatus.failed, updated_at=now,
                                 nodes={"asr": NodeState(stage="asr", status=NodeStatus.failed, error="x")})
                for job_id, film in inputs.items()}
         for state in old.values():
             await _write_parted(js, state)
+        # Retried before the run, but the coordinator has not applied it yet (down, behind): the
+        # record still says failed.
+        await publish_event(js, JobRetryRequested(job_id="job-asked"))
         kv = await js.key_value(subjects.JOBS_BUCKET)
         delete = gc.Collector._delete
 
@@ -279,10 +283,13 @@ def test_a_job_retried_after_the_listing_keeps_its_input_and_every_event(nats_se
         assert [(d["kind"], d["name"]) for d in done.deletions] == [
             ("object", inputs["job-gone"].key), ("local file", inputs["job-gone"].key),  # the root caches it
             ("events", "job-gone (1 messages)"), ("job record", "job-gone")]
-        assert await store.exists(inputs["job-retried"]) and not await store.exists(inputs["job-gone"])
+        assert await store.exists(inputs["job-retried"]) and await store.exists(inputs["job-asked"])
+        assert not await store.exists(inputs["job-gone"])
         held = (await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")).state.subjects
         assert held == {"captionbus.job.job-retried.submitted": 1, "captionbus.job.job-retried.retry_requested": 1,
+                        "captionbus.job.job-asked.submitted": 1, "captionbus.job.job-asked.retry_requested": 1,
                         "captionbus.job.job-gone.submitted": 1}, held  # job-gone's: the one published late
+        assert sorted(k for k in await _every_key(js) if subjects.is_job_key(k)) == ["job-asked", "job-retried"]
         await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
