@@ -59,10 +59,20 @@ def stack_groups(fixtures_of: dict[str, set[str]]) -> dict[str, str]:
             for module, used in fixtures_of.items()}
 
 
+_timeline: str | None = None  # CAPTIONBUS_TEST_TIMELINE, taken out of the environment
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """On the controller of an xdist run: name the file the workers will write the groups to (the
-    workers are started after this and inherit the environment)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+    workers are started after this and inherit the environment). The timeline's file name leaves
+    the environment here: a stage worker's cache key takes in every CAPTIONBUS_* setting and the
+    stamp of each file one names (runtime/cache.worker_fingerprint), and the timeline grows with
+    every test, so with it inherited test_stage_cache's keys changed between two runs."""
+    global _timeline
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    _timeline = os.environ.pop(TIMELINE_FILE, None) or _timeline
+    if not getattr(config.option, "numprocesses", None):
         return
     folder = tempfile.mkdtemp(prefix="captionbus-test-groups-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -196,7 +206,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """With CAPTIONBUS_TEST_TIMELINE=FILE, the controller appends each test phase's report (worker,
     work unit, node id, phase, duration, when it arrived) to FILE: which worker ran what when, and
     the input of `python -m tests.xdist_groups FILE`, which writes the weights."""
-    target = os.environ.get(TIMELINE_FILE)
+    target = _timeline
     if not target or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     node = getattr(report, "node", None)
