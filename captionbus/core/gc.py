@@ -410,12 +410,6 @@ class Collector:
                     self.unfinished.add(ref.key)
                 continue
             finished = state.updated_at.timestamp()
-            if self.now - finished > min(s.retention_outputs, s.retention_events) \
-                    and await self._retry_pending(state.job_id, finished):
-                for ref in job_refs(state):  # running again once the coordinator takes the retry
-                    self.needs.need(ref.key, FOREVER)
-                    self.unfinished.add(ref.key)
-                continue
             self.finished_at[job_id] = (state.job_id, finished)
             for ref in job_refs(state):
                 self.needs.need(ref.key, finished + s.retention_outputs)
@@ -431,7 +425,7 @@ class Collector:
             if self.now - finished > s.retention_outputs:
                 self._plan("job record", state.job_id, 0,
                            lambda j=state.job_id, seq=self.record_seqs[job_id]: self._purge_job(j, seq),
-                           self._count_job_record)
+                           self._count_job_record, jobs=frozenset({job_id}))
 
     def _keep_malformed(self, job_id: str, value: bytes, own: dict[str, bytes], error: Exception) -> None:
         """A job record that does not parse, or whose parts do not: cannot tell finished from
@@ -459,7 +453,8 @@ class Collector:
         """Whether the job's last `retry_requested` event (`captionbus retry` publishes it; the
         coordinator then rewrites the record, running again) is newer than its finished record:
         a retry the coordinator has not applied yet (down, restarting, behind) still needs the
-        job's input and history. Only with the bus's own rights (the gc user may read CB_EVENTS'
+        job's input and history. Asked once per job a deletion relies on, just before the first
+        deletion (`_rewritten_since_listed`), not for every finished job listed. Only with the bus's own rights (the gc user may read CB_EVENTS'
         messages); `--local-only` relies on the record's re-read alone. The two times come from
         the client's clock and the coordinator's; an event that does not parse counts as pending."""
         if not self.bus:
