@@ -142,7 +142,8 @@ class ModuleAndStackScheduling(LoadScopeScheduling):
                 plan = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise RuntimeError(f"no worker wrote the test groups to {path} ({e}): run with -n 0") from e
-            self._groups, self._late = plan["groups"], frozenset(plan["late"])
+            self._groups = plan["groups"]
+            self._late = frozenset(self._groups.get(module, module) for module in plan["late"])
         return self._groups
 
     def _split_scope(self, nodeid: str) -> str:
@@ -156,22 +157,17 @@ class ModuleAndStackScheduling(LoadScopeScheduling):
         return known if known is not None else self.DEFAULT_TEST_S * tests
 
     def _is_late(self, scope: str) -> bool:
-        return any(module in self._late for module, group in self._plan().items() if group == scope) \
-            or scope in self._late
+        """Whether the unit holds a module that needs a stage env (a group: any of its modules)."""
+        self._plan()
+        return scope in self._late
+
+    def _left(self, scope: str, tests: dict[str, bool]) -> float:
+        """Seconds of a unit still to run: its weight times its share of tests not done."""
+        return self._weight(scope, len(tests)) * list(tests.values()).count(False) / len(tests)
 
     def _in_hand(self, node) -> float:
-        """Seconds of work the node still holds: each assigned unit's weight times its share of
-        tests not yet reported."""
-        held = 0.0
-        for scope, tests in self.assigned_work.get(node, {}).items():
-            pending = list(tests.values()).count(False)
-            held += self._weight(scope, len(tests)) * pending / len(tests)
-        return held
-
-    def _left(self, scope: str) -> float:
-        """Seconds of a waiting unit still to run: its weight times its share of tests not done."""
-        tests = self.workqueue[scope]
-        return self._weight(scope, len(tests)) * list(tests.values()).count(False) / len(tests)
+        """Seconds of work the node still holds."""
+        return sum(self._left(scope, tests) for scope, tests in self.assigned_work.get(node, {}).items())
 
     def _assign_work_unit(self, node) -> None:
         """Put the chosen unit at the queue's head; xdist's own method then hands it out. Units
@@ -184,7 +180,7 @@ class ModuleAndStackScheduling(LoadScopeScheduling):
             node.shutdown()
             return
         waiting = [scope for scope in self.workqueue if not self._is_late(scope)] or list(self.workqueue)
-        by_weight = sorted(waiting, key=self._left)
+        by_weight = sorted(waiting, key=lambda scope: self._left(scope, self.workqueue[scope]))
         chosen = by_weight[0] if self._in_hand(node) > self.PREFETCH_S else by_weight[-1]
         self.workqueue.move_to_end(chosen, last=False)
         super()._assign_work_unit(node)

@@ -2,13 +2,16 @@
 one worker, so the stack starts once; run as a real pytest -n 3 on a small throwaway suite."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from tests.xdist_groups import stack_groups
+import pytest
+
+from tests.xdist_groups import stack_groups, weights_from_timeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,6 +97,7 @@ import os
 from collections import OrderedDict
 
 def test_{n}():
+    assert "CAPTIONBUS_TEST_TIMELINE" not in os.environ  # a stage worker's cache key would take it in
     with open(os.environ["RAN"], "a") as f:
         f.write("{n}\\n")
 '''
@@ -112,9 +116,19 @@ def test_the_heaviest_unit_goes_first_but_never_a_late_one_before_the_early_ones
     weights = tmp_path / "weights.json"
     weights.write_text('{"test_late_heavy.py": 100, "test_heavy.py": 50, "test_light.py": 1}')
     ran = tmp_path / "ran"
-    env = {**os.environ, "RAN": str(ran), "PYTHONPATH": str(REPO), "CAPTIONBUS_TEST_WEIGHTS": str(weights)}
+    timeline = tmp_path / "timeline.jsonl"
+    env = {**os.environ, "RAN": str(ran), "PYTHONPATH": str(REPO), "CAPTIONBUS_TEST_WEIGHTS": str(weights),
+           "CAPTIONBUS_TEST_TIMELINE": str(timeline)}
     run_suite(suite, env, workers=1)
     assert ran.read_text().split() == ["heavy", "light", "late_heavy"]
+    # The timeline names each phase's worker and unit; the weights are its seconds per unit.
+    lines = [json.loads(line) for line in timeline.read_text().splitlines()]
+    assert {(line["worker"], line["unit"], line["when"]) for line in lines} == {
+        ("gw0", f"test_{name}.py", when) for name in ("light", "late_heavy", "heavy")
+        for when in ("setup", "call", "teardown")}
+    weights_now = weights_from_timeline(lines)
+    assert sorted(weights_now) == ["test_heavy.py", "test_late_heavy.py", "test_light.py"]
+    assert sum(weights_now.values()) == pytest.approx(sum(line["duration"] for line in lines), abs=0.2)
 
 
 class _Worker:
