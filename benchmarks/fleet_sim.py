@@ -591,13 +591,16 @@ async def use_consumers(js, memory: bool) -> None:
     every node restarts at once starts again from its deliver policy (for the events consumer,
     DeliverPolicy.ALL: every stored event replayed to the coordinators)."""
     # Here, not at the top: a coordinator of `--baseline REV` runs this file with REV's package.
-    from captionbus.coordinator.service import events_consumer_config
+    from captionbus.coordinator.service import partition_consumer_config
 
     noop = subjects.stage_consumer("noop")
-    for stream, durable in ((subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER), (subjects.REQUESTS_STREAM, noop)):
+    partitions = range(subjects.DEFAULT_PARTITIONS)
+    for stream, durable in ((subjects.REQUESTS_STREAM, noop),
+                            *((subjects.COORDINATOR_STREAM, subjects.partition_consumer(p)) for p in partitions)):
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, durable)
-    await js.add_consumer(subjects.EVENTS_STREAM, replace(events_consumer_config(), mem_storage=memory or None))
+    for p in partitions:
+        await js.add_consumer(subjects.COORDINATOR_STREAM, replace(partition_consumer_config(p), mem_storage=memory or None))
     await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
         durable_name=noop, filter_subject=subjects.stage_request("noop"), ack_policy="explicit",
         deliver_policy="all", ack_wait=10.0, max_deliver=20, mem_storage=memory or None))
@@ -622,6 +625,45 @@ async def floors(nc, js, n: int = 300) -> tuple[float, float]:
         pub.append(time.perf_counter() - t)
     await sub.unsubscribe()
     return pct(rr, 0.5), pct(pub, 0.5)
+
+
+async def fresh_queues(js) -> None:
+    """Before a turn: what the other code's turn left for the coordinators is dropped, so a turn
+    starts on an empty queue. Coordinators since job ownership take their events from CB_COORD (which
+    also collects a turn of coordinators before it), older ones from the durable `coordinator` on
+    CB_EVENTS (which also falls behind by every event of a turn of newer ones): CB_COORD is purged,
+    and that consumer is made again delivering only new events (an older coordinator binds to it as
+    it is: its config differs only in what cannot be updated)."""
+    with contextlib.suppress(NotFoundError):
+        await js.purge_stream(subjects.COORDINATOR_STREAM)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
+        durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.coordinator_filters(),
+        ack_policy="explicit", deliver_policy="new", ack_wait=30.0, max_ack_pending=1024))
+
+
+async def leases_balanced(js, coordinators: int, timeout: float = 60.0) -> bool:
+    """Wait until every partition's lease is held and `coordinators` coordinators hold their share
+    each (captionbus/coordinator/leases.py: a coordinator that joins takes partitions over a few
+    lease rounds); False at once for code before job ownership (no lease was ever taken)."""
+    from captionbus.coordinator.leases import share
+
+    kv = await js.key_value(subjects.COORDINATORS_BUCKET)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = {}
+        for p in range(subjects.DEFAULT_PARTITIONS):
+            with contextlib.suppress(Exception):
+                held[p] = (await kv.get(subjects.partition_lease_key(p))).value
+        counts = Counter(held.values())
+        if not held:
+            return False
+        if len(held) == subjects.DEFAULT_PARTITIONS and len(counts) == coordinators and \
+                max(counts.values()) <= share(subjects.DEFAULT_PARTITIONS, coordinators):
+            return True
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"leases did not balance over {coordinators} coordinators in {timeout:g} s")
 
 
 HOP_COLUMNS = ("code", "coord", "load", "hop p50", "p99", "hops/s", "x rr", "x js", "CPU ms/hop: coord", "servers",
@@ -654,6 +696,7 @@ async def hop_bench(args, bus: Bus) -> None:
         # A, B, then B, A: the load of a shared machine drifts, and the code measured first in a turn
         # had the edge in every run here (the same code measured twice came out 5-35 % apart).
         for label, tree, memory in (trees if turn % 2 == 0 else trees[::-1]):
+            await fresh_queues(js)
             if args.memory_consumers:
                 await use_consumers(js, memory)
             rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
@@ -701,6 +744,8 @@ async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Pat
                                    len(coordinators), tree)
             c.wait_ready()
             coordinators.append(c)
+        if tree is None:  # this tree's coordinators: measured once they hold their shares
+            await leases_balanced(jobs.js, n)
         lost = 0
 
         async def one() -> float | None:
