@@ -243,6 +243,8 @@ async def coordinator_main(url: str, graphs: str) -> None:
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(coordinator.wait_failed())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     await coordinator.stop()
+    if os.environ.get("FLEET_STATS"):  # messages this coordinator sent and received, to its log
+        print(f"connection stats {json.dumps(dict(nc.stats))}", file=sys.stderr, flush=True)
     await nc.close()
 
 

@@ -111,8 +111,8 @@ class Leases:
         return partition in self.held
 
     async def round(self) -> None:
+        await self._renew()  # first: a failure below must not keep the leases from being renewed
         await self.kv.put(subjects.coordinator_member_key(self.id), self.id.encode())
-        await self._renew()
         keys = await live_keys(self.js, subjects.COORDINATORS_BUCKET)
         self.members = max(1, sum(key.startswith(MEMBER_PREFIX) for key in keys))
         taken = {int(key[len(PARTITION_PREFIX):]) for key in keys if key.startswith(PARTITION_PREFIX)}
@@ -122,8 +122,15 @@ class Leases:
         for partition in take:
             try:
                 revision = await self.kv.create(subjects.partition_lease_key(partition), self.id.encode())
-            except KeyWrongLastSequenceError:
-                continue  # another coordinator took it first
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                # Another coordinator took it first; or the key was there for the create and gone
+                # for nats-py's read after it (a lease that lapsed or was released between: seen
+                # on the 3-node cluster). Either way the next round sees.
+                continue
+            except Exception as e:  # a timeout, a leader election: the next round tries again
+                log.warning("could not take a partition; trying again next round", partition=partition,
+                            error=repr(e))
+                continue
             self.held[partition] = (revision, time.monotonic())
             log.info("partition taken", partition=partition, coordinator=self.id, members=self.members)
             try:

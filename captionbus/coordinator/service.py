@@ -424,7 +424,10 @@ class Coordinator:
         self._stopping.clear()
         # The first round before we say we started: a lone coordinator holds every partition by then
         # (those a dead one held lapse within the leases' TTL, and are taken at a later round).
-        await through_failover(self.leases.round, "partition leases")
+        try:
+            await through_failover(self.leases.round, "partition leases")
+        except Exception as e:  # the event loop's rounds go on trying
+            log.warning("first round of partition leases failed; trying again", error=repr(e))
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="coordinator-events"),

@@ -146,7 +146,8 @@ NO_PEERS_ERR_CODE = 10005
 def _failover(error: BaseException) -> bool:
     if isinstance(error, FAILOVER_ERRORS):
         return True
-    return isinstance(error, APIError) and error.err_code == NO_PEERS_ERR_CODE
+    # getattr: nats-py's KV errors are APIErrors made without a code
+    return isinstance(error, APIError) and getattr(error, "err_code", None) == NO_PEERS_ERR_CODE
 
 
 async def through_failover(step, what: str, policy: RetryPolicy = FAILOVER_RETRY):
