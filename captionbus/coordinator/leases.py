@@ -100,7 +100,7 @@ class Leases:
                  on_gain: Callable[[int, int], Awaitable[None]], on_loss: Callable[[int], Awaitable[None]]):
         self.js, self.kv, self.id, self.partitions = js, kv, coordinator_id, partitions
         self.ttl_s = ttl_s
-        self.renew_s = ttl_s / 4
+        self.renew_s = ttl_s / 4  # 3 renewals may fail or come late before the fence
         self.fence_s = ttl_s * 0.8
         self.on_gain, self.on_loss = on_gain, on_loss
         # partition -> (revision of our lease, monotonic time of its last write)
