@@ -590,8 +590,11 @@ async def use_consumers(js, memory: bool) -> None:
     pulls expire within their 1 s and pull again from the new consumer. Why: on the cluster with
     `sync_interval: always` a file-backed replicated consumer handed a message out 1.5-2.3 ms after
     its publish was acked, one in memory (or R1) at the ack. What memory costs: a consumer whose
-    every node restarts at once starts again from its deliver policy (for the events consumer,
-    DeliverPolicy.ALL: every stored event replayed to the coordinators)."""
+    every node restarts at once starts again from its deliver policy (for the events consumer of
+    CB_EVENTS, DeliverPolicy.ALL: every stored event replayed to the coordinators). Since job
+    ownership the coordinators' consumers are CB_COORD's partition consumers, which captionbus now
+    keeps in memory (a work queue: replaying is safe); here the plain turns recreate them
+    file-backed, to compare (a coordinator binds an existing consumer of either storage as it is)."""
     # Here, not at the top: a coordinator of `--baseline REV` runs this file with REV's package.
     from captionbus.coordinator.service import partition_consumer_config
 
@@ -824,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", metavar="REV", help="--hops: also run coordinators of git revision REV, first")
     parser.add_argument("--repeat", type=int, default=1, help="--hops: turns of each code (REV, this tree, REV, ...)")
     parser.add_argument("--memory-consumers", action="store_true",
-                        help="--hops: also turns of this tree with the events and noop consumers' state in memory")
+                        help="--hops: also turns of this tree with the partition and noop consumers' state in memory "
+                             "(the plain turns: both file-backed)")
     return parser
 
 
