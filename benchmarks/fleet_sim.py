@@ -247,6 +247,8 @@ async def coordinator_main(url: str, graphs: str) -> None:
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(coordinator.wait_failed())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     await coordinator.stop()
+    if os.environ.get("FLEET_STATS"):  # messages this coordinator sent and received, to its log
+        print(f"connection stats {json.dumps(dict(nc.stats))}", file=sys.stderr, flush=True)
     await nc.close()
 
 
@@ -605,16 +607,22 @@ async def use_consumers(js, memory: bool) -> None:
     pulls expire within their 1 s and pull again from the new consumer. Why: on the cluster with
     `sync_interval: always` a file-backed replicated consumer handed a message out 1.5-2.3 ms after
     its publish was acked, one in memory (or R1) at the ack. What memory costs: a consumer whose
-    every node restarts at once starts again from its deliver policy (for the events consumer,
-    DeliverPolicy.ALL: every stored event replayed to the coordinators)."""
+    every node restarts at once starts again from its deliver policy (for the events consumer of
+    CB_EVENTS, DeliverPolicy.ALL: every stored event replayed to the coordinators). Since job
+    ownership the coordinators' consumers are CB_COORD's partition consumers, which captionbus now
+    keeps in memory (a work queue: replaying is safe); here the plain turns recreate them
+    file-backed, to compare (a coordinator binds an existing consumer of either storage as it is)."""
     # Here, not at the top: a coordinator of `--baseline REV` runs this file with REV's package.
-    from captionbus.coordinator.service import events_consumer_config
+    from captionbus.coordinator.service import partition_consumer_config
 
     noop = subjects.stage_consumer("noop")
-    for stream, durable in ((subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER), (subjects.REQUESTS_STREAM, noop)):
+    partitions = range(subjects.DEFAULT_PARTITIONS)
+    for stream, durable in ((subjects.REQUESTS_STREAM, noop),
+                            *((subjects.COORDINATOR_STREAM, subjects.partition_consumer(p)) for p in partitions)):
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, durable)
-    await js.add_consumer(subjects.EVENTS_STREAM, replace(events_consumer_config(), mem_storage=memory or None))
+    for p in partitions:
+        await js.add_consumer(subjects.COORDINATOR_STREAM, replace(partition_consumer_config(p), mem_storage=memory or None))
     await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
         durable_name=noop, filter_subject=subjects.stage_request("noop"), ack_policy="explicit",
         deliver_policy="all", ack_wait=10.0, max_deliver=20, mem_storage=memory or None))
@@ -639,6 +647,45 @@ async def floors(nc, js, n: int = 300) -> tuple[float, float]:
         pub.append(time.perf_counter() - t)
     await sub.unsubscribe()
     return pct(rr, 0.5), pct(pub, 0.5)
+
+
+async def fresh_queues(js) -> None:
+    """Before a turn: what the other code's turn left for the coordinators is dropped, so a turn
+    starts on an empty queue. Coordinators since job ownership take their events from CB_COORD (which
+    also collects a turn of coordinators before it), older ones from the durable `coordinator` on
+    CB_EVENTS (which also falls behind by every event of a turn of newer ones): CB_COORD is purged,
+    and that consumer is made again delivering only new events (an older coordinator binds to it as
+    it is: its config differs only in what cannot be updated)."""
+    with contextlib.suppress(NotFoundError):
+        await js.purge_stream(subjects.COORDINATOR_STREAM)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
+        durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.coordinator_filters(),
+        ack_policy="explicit", deliver_policy="new", ack_wait=30.0, max_ack_pending=1024))
+
+
+async def leases_balanced(js, coordinators: int, timeout: float = 60.0) -> bool:
+    """Wait until every partition's lease is held and `coordinators` coordinators hold their share
+    each (captionbus/coordinator/leases.py: a coordinator that joins takes partitions over a few
+    lease rounds); False at once for code before job ownership (no lease was ever taken)."""
+    from captionbus.coordinator.leases import share
+
+    kv = await js.key_value(subjects.COORDINATORS_BUCKET)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = {}
+        for p in range(subjects.DEFAULT_PARTITIONS):
+            with contextlib.suppress(Exception):
+                held[p] = (await kv.get(subjects.partition_lease_key(p))).value
+        counts = Counter(held.values())
+        if not held:
+            return False
+        if len(held) == subjects.DEFAULT_PARTITIONS and len(counts) == coordinators and \
+                max(counts.values()) <= share(subjects.DEFAULT_PARTITIONS, coordinators):
+            return True
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"leases did not balance over {coordinators} coordinators in {timeout:g} s")
 
 
 HOP_COLUMNS = ("code", "coord", "load", "hop p50", "p99", "hops/s", "x rr", "x js", "CPU ms/hop: coord", "servers",
@@ -671,6 +718,7 @@ async def hop_bench(args, bus: Bus) -> None:
         # A, B, then B, A: the load of a shared machine drifts, and the code measured first in a turn
         # had the edge in every run here (the same code measured twice came out 5-35 % apart).
         for label, tree, memory in (trees if turn % 2 == 0 else trees[::-1]):
+            await fresh_queues(js)
             if args.memory_consumers:
                 await use_consumers(js, memory)
             rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
@@ -718,6 +766,8 @@ async def hop_rows(args, bus: Bus, jobs: Jobs, graph: str, label: str, tree: Pat
                                    len(coordinators), tree)
             c.wait_ready()
             coordinators.append(c)
+        if tree is None:  # this tree's coordinators: measured once they hold their shares
+            await leases_balanced(jobs.js, n)
         lost = 0
 
         async def one() -> float | None:
@@ -798,7 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", metavar="REV", help="--hops: also run coordinators of git revision REV, first")
     parser.add_argument("--repeat", type=int, default=1, help="--hops: turns of each code (REV, this tree, REV, ...)")
     parser.add_argument("--memory-consumers", action="store_true",
-                        help="--hops: also turns of this tree with the events and noop consumers' state in memory")
+                        help="--hops: also turns of this tree with the partition and noop consumers' state in memory "
+                             "(the plain turns: both file-backed)")
     return parser
 
 

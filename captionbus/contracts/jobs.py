@@ -175,6 +175,9 @@ class JobState(BaseModel):
                     "maybe not yet published",
     )
 
+    written_by: str | None = Field(default=None, description=(
+        "the coordinator that wrote this revision (its id: the holder of the job's partition, "
+        "captionbus/coordinator/leases.py); None in records of coordinators before job ownership"))
     workers: dict[str, dict[str, str]] = Field(default_factory=dict, description=(
         "stored records: each worker summary of the nodes once (w0, w1, ...); empty in a loaded state "
         "(its nodes hold their `worker`)"))

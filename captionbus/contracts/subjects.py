@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 from captionbus.contracts.ids import NO_TENANT, tenant_of, validate_tenant, validate_token
@@ -27,6 +28,20 @@ COORDINATOR_KINDS = (
     "cancel_requested",
     "retry_requested",
 )
+
+# Job ownership among coordinators (captionbus/coordinator/leases.py). The events the coordinator
+# acts on are copied by the server from CB_EVENTS into the work-queue stream CB_COORD under
+# `captionbus.coord.<partition>.<job path>.<kind>` (a stream source with subject transforms:
+# `coordinator_transforms`), the partition being `job_partition(job)`; each partition has its
+# durable consumer (`partition_consumer`), pulled by the one coordinator that holds its lease
+# in KV cb_coordinators (`partition.<p>`, beside each live coordinator's `member.<id>`).
+COORDINATOR_STREAM = "CB_COORD"
+COORDINATORS_BUCKET = "cb_coordinators"
+COORD_PREFIX = f"{PREFIX}.coord"
+# How many partitions a bus has: fixed when CB_COORD is created (its transforms name it, and its
+# metadata says it under PARTITIONS_METADATA); every coordinator reads it from there.
+DEFAULT_PARTITIONS = 16
+PARTITIONS_METADATA = "captionbus_partitions"
 
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{REQUESTS_STREAM}.*"
 # Advisories are core NATS messages; this stream keeps them so that one published while no
@@ -163,3 +178,72 @@ def coordinator_filters() -> list[str]:
 
 def micro_service_name(stage: str) -> str:
     return f"captionbus-{validate_token(stage, 'stage name')}"
+
+
+_FNV32_OFFSET, _FNV32_PRIME = 0x811C9DC5, 0x01000193
+
+
+def job_partition(job_id: str, partitions: int) -> int:
+    """The partition of a job: FNV-1a (32 bits) of its id's bytes, modulo `partitions`. The same
+    function as nats-server's `partition(n, …)` subject mapping over the one job-id token
+    (server/subject_transform.go: fnv.New32a of the tokens, % n), which is what files the job's
+    events under `captionbus.coord.<partition>` in CB_COORD (`coordinator_transforms`), so
+    coordinators, workers and clients agree on it without asking the server
+    (tests/integration/test_coordinators.py checks it against the server's own)."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions!r}")
+    return _fnv1a_32(validate_token(job_id, "job id")) % partitions
+
+
+@functools.lru_cache(maxsize=65536)
+def _fnv1a_32(text: str) -> int:
+    # Cached: a coordinator asks it of a job several times an event (a Python loop over the id's
+    # bytes, ~15 us); 65536 ids of ~30 characters are a few MB.
+    value = _FNV32_OFFSET
+    for byte in text.encode():
+        value = ((value ^ byte) * _FNV32_PRIME) & 0xFFFFFFFF
+    return value
+
+
+def coordinator_transforms(partitions: int) -> list[tuple[str, str]]:
+    """(source filter, destination) pairs of the subject transforms that copy the events a
+    coordinator acts on (COORDINATOR_KINDS) from CB_EVENTS into CB_COORD, each under its job's
+    partition: `captionbus.job.<job>.<kind>` -> `captionbus.coord.<p>.<job>.<kind>` and
+    `captionbus.job.<tenant>.<job>.<kind>` -> `captionbus.coord.<p>.<tenant>.<job>.<kind>`, the
+    partition hashed from the job token alone (`job_partition`)."""
+    pairs = []
+    for kind in COORDINATOR_KINDS:
+        pairs.append((f"{PREFIX}.job.*.{kind}",
+                      f"{COORD_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{kind}"))
+        pairs.append((f"{PREFIX}.job.*.*.{kind}",
+                      f"{COORD_PREFIX}.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{kind}"))
+    return pairs
+
+
+def partition_events(partition: int) -> str:
+    """The CB_COORD subjects of one partition's events (its consumer's filter)."""
+    return f"{COORD_PREFIX}.{int(partition)}.>"
+
+
+def partition_consumer(partition: int) -> str:
+    """The durable consumer of one partition's events on CB_COORD."""
+    return f"coordinator-p{int(partition)}"
+
+
+def job_event_of_coord(subject: str) -> tuple[int, str]:
+    """(partition, the event's CB_EVENTS subject) of a CB_COORD subject."""
+    head = f"{COORD_PREFIX}."
+    if not subject.startswith(head):
+        raise ValueError(f"{subject!r} is not a coordinator subject ({head}<partition>.…)")
+    partition, _, rest = subject[len(head):].partition(".")
+    return int(partition), f"{PREFIX}.job.{rest}"
+
+
+def partition_lease_key(partition: int) -> str:
+    """The KV cb_coordinators key whose holder consumes `partition` (value: the coordinator's id)."""
+    return f"partition.{int(partition)}"
+
+
+def coordinator_member_key(coordinator_id: str) -> str:
+    """The KV cb_coordinators key a live coordinator keeps written (it expires with the bucket's TTL)."""
+    return f"member.{validate_token(coordinator_id, 'coordinator id')}"

@@ -1,7 +1,8 @@
 """The coordinator process: a thin NATS adapter around the pure `decide`.
 
-For each job event (durable pull consumer `coordinator` on the events stream, shared by every
-coordinator of the bus; `events_in_hand` pulls at once, one job's events one at a time):
+For each job event (from the durable consumer of its job's partition on CB_COORD, which only the
+holder of the partition's lease pulls: leases.py; `events_in_hand` pulls at once, one job's events
+one at a time):
     read JobState (from KV, or the state we last read or wrote when that is recent:
     `_remembered`) → decide → write the state, with the decided stage requests and job events
     in its `outbox`, against the revision read, and publish the stage requests at the same time
@@ -98,8 +99,9 @@ from captionbus.contracts.events import JobEvent, JobSubmitted
 from captionbus.contracts.jobs import MissingParts, node_of_part, utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
 from captionbus.coordinator.graph import Workflow, load_workflows
+from captionbus.coordinator.leases import Leases, new_coordinator_id
 from captionbus.core import settings as settings_mod
-from captionbus.core.bus import provision, publish_event, record_keys, through_failover
+from captionbus.core.bus import bus_partitions, provision, publish_event, record_keys, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.tasks import await_stack, cancel_and_wait
@@ -107,12 +109,15 @@ from captionbus.core.tasks import await_stack, cancel_and_wait
 log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
-# Events handled at once (each on its own pull; one job's events one at a time: _owning).
+# Events handled at once (each on its own pull; one job's events one at a time: _owning), spread
+# over the partitions this coordinator holds: each gets EVENTS_IN_HAND / its share of them pulls,
+# at least one (one coordinator of 16 partitions: one pull each; three: six partitions, 3 each).
 EVENTS_IN_HAND = 16
-# How long a state we read or wrote may stand in for the stored one (_remembered), and for how
-# many jobs (least recently used out; a 2-hour film's state is ~1 MB of Python objects).
+# How long a state we read or wrote may stand in for the stored one (_remembered) when its job is
+# not in a partition we have held since (an owned job's stands in as long as we hold it), and for
+# how many jobs (least recently used out; a 2-hour film's state is ~1 MB of Python objects).
 STATE_MEMORY_S = 20.0
-STATE_MEMORY_JOBS = 256
+STATE_MEMORY_JOBS = 1024
 # Completed nodes (parts of records, JobState.parts) kept in memory, least recently used out: 16
 # 2-hour films' (240 chunks each) at ~4 KB of Python objects a node; and reads of missing ones at once.
 PARTS_KEPT = 4096
@@ -237,17 +242,27 @@ def misfiled_event(subject: str, event: JobEvent) -> str | None:
     return None
 
 
-def events_consumer_config(ack_wait_s: float = EVENT_ACK_WAIT_S) -> ConsumerConfig:
-    """The durable consumer every coordinator of a bus binds, created or updated by each as it
-    starts (JetStream updates what may change, such as the ack wait; one that exists with a config
-    that cannot change, such as its storage, is used as it is)."""
+def partition_consumer_config(partition: int, ack_wait_s: float = EVENT_ACK_WAIT_S) -> ConsumerConfig:
+    """The durable consumer of one partition's events on CB_COORD (captionbus/coordinator/leases.py),
+    created or updated by the coordinator that takes the partition's lease (JetStream updates what
+    may change, such as the ack wait; one that exists with a config that cannot change, such as
+    its storage, is used as it is).
+
+    Its state is kept in memory (still replicated): CB_COORD is a work queue, so what the consumer
+    has not acked is exactly what the stream still holds, and a consumer whose every node restarts
+    at once starts again from DeliverPolicy.ALL, which is that (an event in hand then is handed out
+    again, as after any ack wait). On the 3-node cluster at `sync_interval: always` a file-backed
+    consumer fsyncs each delivery and ack on every node (README, *Where a hop's time goes*: a
+    memory consumer cut the servers' CPU per hop from 4-6 to 3-3.8 ms); the events consumer of
+    CB_EVENTS could not be kept in memory, since a limits stream holds every event ever stored."""
     return ConsumerConfig(
-        durable_name=subjects.COORDINATOR_CONSUMER,
-        filter_subjects=subjects.coordinator_filters(),
+        durable_name=subjects.partition_consumer(partition),
+        filter_subject=subjects.partition_events(partition),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
         max_ack_pending=1024,
+        mem_storage=True,
     )
 
 
@@ -331,6 +346,7 @@ class Coordinator:
         unserved_s: float | None = None,
         workers_interval_s: float = 2.0,
         event_ack_wait_s: float = EVENT_ACK_WAIT_S,
+        coordinator_id: str | None = None,
     ):
         # The events consumer's ack wait, set as this coordinator starts (CAPTIONBUS_EVENT_ACK_WAIT).
         # Settings holds its floor for the CLI; a Coordinator built in code is held to it here.
@@ -360,7 +376,6 @@ class Coordinator:
         self.rescan_interval_s = rescan_interval_s
         self.event_retry = event_retry
         self.kv: Any = None
-        self._subs: list[Any] = []
         self._advisory_sub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
@@ -387,6 +402,15 @@ class Coordinator:
         # still running (stop() cancels those its wait leaves).
         self._senders: dict[str, asyncio.Task] = {}
         self._sending: set[asyncio.Task] = set()
+        # Job ownership (captionbus/coordinator/leases.py): this coordinator's id (written into each
+        # state it writes, JobState.written_by), the bus's partition count, the leases, and per
+        # partition held: the task pulling its events (with its stop flag and subscriptions) and
+        # an epoch, bumped at each gain and loss, that a remembered state must match (_remembered).
+        self.id = subjects.coordinator_member_key(coordinator_id or new_coordinator_id())[len("member."):]
+        self.partitions = 0
+        self.leases: Leases | None = None
+        self._pumps: dict[int, tuple[asyncio.Event, asyncio.Task, list[Any]]] = {}
+        self._epochs: dict[int, int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -397,19 +421,22 @@ class Coordinator:
         if self.provision_bus:
             await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
         self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
-        await through_failover(self._ensure_consumer, "events consumer")
-        # One pull subscription per event in hand: nats-py's fetch of a batch waits out its whole
-        # timeout for the rest of the batch once a first message came (a second per stage hop),
-        # and two fetches on one subscription take each other's messages. So each of
-        # `events_in_hand` loops keeps one waiting pull of one message: an event is pushed to a
-        # free loop as soon as it is stored, and the loops handle different jobs at once.
-        self._subs = [await through_failover(lambda: self.js.pull_subscribe_bind(
-            durable=subjects.COORDINATOR_CONSUMER, stream=subjects.EVENTS_STREAM
-        ), "bind events") for _ in range(self.events_in_hand)]
+        self.partitions = await through_failover(lambda: bus_partitions(self.js), "partitions")
+        leases_kv = await through_failover(lambda: self.js.key_value(subjects.COORDINATORS_BUCKET), "leases")
+        ttl = (await through_failover(lambda: self.js.stream_info(f"KV_{subjects.COORDINATORS_BUCKET}"),
+                                      "leases")).config.max_age
+        self.leases = Leases(self.js, leases_kv, self.id, self.partitions, ttl or 10.0,
+                             on_gain=self._gain, on_loss=self._lose)
         self._advisory_sub = await through_failover(self._bind_advisories, "bind advisories")
         if self._windowed_stages():
             await self.count_workers()  # a film submitted right now gets a window of the workers there are
         self._stopping.clear()
+        # The first round before we say we started: a lone coordinator holds every partition by then
+        # (those a dead one held lapse within the leases' TTL, and are taken at a later round).
+        try:
+            await through_failover(self.leases.round, "partition leases")
+        except Exception as e:  # the event loop's rounds go on trying
+            log.warning("first round of partition leases failed; trying again", error=repr(e))
         self._failed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._event_loop(), name="coordinator-events"),
@@ -423,7 +450,8 @@ class Coordinator:
             self._tasks.append(asyncio.create_task(self._workers_loop(), name="coordinator-workers"))
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
-        log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy))
+        log.info("coordinator started", workflows=sorted(self.graphs), policy=str(self.policy),
+                 coordinator=self.id, partitions=sorted(self.leases.held), of=self.partitions)
 
     async def stop(self) -> None:
         """Finish the events in hand, then stop; unacked events go to the next coordinator.
@@ -437,11 +465,14 @@ class Coordinator:
         a caller's timeout went unnoticed while stop waited (the same pattern in the dashboard's
         stop hid tests/system/test_model.py's 751 s hang: captionbus.core.tasks)."""
         self._stopping.set()
+        pumps = [task for _, task, _ in self._pumps.values()]
         try:
-            await _finish(self._tasks, STOP_FINISH_S)
+            await _finish([*self._tasks, *pumps], STOP_FINISH_S)
             await _finish(self._sending, PUBLISH_TIMEOUT_S)  # events on the wire: their acks, briefly
+            if self.leases is not None:  # handed over now, not after the leases' TTL
+                await asyncio.wait_for(self.leases.release_all(), STOP_CANCEL_S)
         finally:
-            for task in (*self._tasks, *self._sending):  # our own cancellation: nothing runs on
+            for task in (*self._tasks, *pumps, *self._sending):  # our own cancellation: nothing runs on
                 task.cancel()
             self._tasks = []
             if self._failed is not None:
@@ -451,11 +482,11 @@ class Coordinator:
                     # Already logged when it happened, and raised to whoever waits on wait_failed().
                     log.error("coordinator stopped after a background task died",
                               error=str(self._failed.exception()))
-            for sub in (self._advisory_sub, *self._subs):
+            for sub in (self._advisory_sub, *(sub for _, _, subs in self._pumps.values() for sub in subs)):
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-            self._subs, self._advisory_sub = [], None
+            self._pumps, self._advisory_sub = {}, None
         log.info("coordinator stopped")
 
     @property
@@ -493,15 +524,65 @@ class Coordinator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _ensure_consumer(self) -> None:
+    async def _ensure_consumer(self, partition: int) -> None:
         try:
-            await self.js.add_consumer(subjects.EVENTS_STREAM, events_consumer_config(self.event_ack_wait_s))
+            await self.js.add_consumer(subjects.COORDINATOR_STREAM,
+                                       partition_consumer_config(partition, self.event_ack_wait_s))
         except APIError as e:
             # It exists with another config (an older version of us, or an operator's choice such
             # as memory storage, which the server refuses to change with a 500): use it as it is.
             if not isinstance(e, BadRequestError) and e.err_code != STORAGE_TYPE_FIXED:
                 raise
-            log.warning("coordinator consumer exists with another config; binding to it", error=str(e))
+            log.warning("partition consumer exists with another config; binding to it", partition=partition,
+                        error=str(e))
+
+    # ------------------------------------------------------------ partitions (leases.py)
+
+    def _partition(self, job_id: str) -> int:
+        return subjects.job_partition(job_id, self.partitions)
+
+    def _owns(self, job_id: str) -> bool:
+        """Whether `job_id` is in a partition we hold (every job before the leases' first round)."""
+        return self.leases is None or self.leases.holds(self._partition(job_id))
+
+    def _new_epoch(self, partition: int) -> None:  # (only once started: self.partitions is known)
+        """Forget what we remember of the partition's jobs (read fresh from now on)."""
+        self._epochs[partition] = self._epochs.get(partition, 0) + 1
+        for job_id in [j for j in self._states if self._partition(j) == partition]:
+            self._forget(job_id)
+
+    async def _gain(self, partition: int, share: int) -> None:
+        """A lease taken: read the partition's jobs fresh, pull its events, tick its running jobs
+        (the next tick scans the job keys). EVENTS_IN_HAND / share pulls, at least one: one pull
+        subscription per event in hand, because nats-py's fetch of a batch waits out its whole
+        timeout for the rest of the batch once a first message came (a second per stage hop), and
+        two fetches on one subscription take each other's messages; each loop keeps one waiting
+        pull of one message, so an event is pushed to a free loop as soon as it is stored."""
+        self._new_epoch(partition)
+        await self._ensure_consumer(partition)
+        subs = [await self.js.pull_subscribe_bind(durable=subjects.partition_consumer(partition),
+                                                  stream=subjects.COORDINATOR_STREAM)
+                for _ in range(max(1, round(self.events_in_hand / max(1, share))))]
+        stop = asyncio.Event()
+        async def pump() -> None:
+            await asyncio.gather(*(self._pull_loop(sub, self._on_event_message, "events", stop) for sub in subs))
+
+        task = asyncio.create_task(pump(), name=f"coordinator-partition-{partition}")
+        self._pumps[partition] = (stop, task, subs)
+        self._last_scan = float("-inf")
+
+    async def _lose(self, partition: int) -> None:
+        """A lease released or lost: stop pulling the partition's events (those in hand are
+        finished and acked, or left to the next holder after the ack wait), forget its jobs."""
+        stop, task, subs = self._pumps.pop(partition, (None, None, []))
+        if stop is not None:
+            stop.set()
+            await _finish([task], STOP_FINISH_S)
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._new_epoch(partition)
+        self._running.difference_update([j for j in self._running if self._partition(j) == partition])
 
     # ------------------------------------------------------------ events
 
@@ -527,10 +608,13 @@ class Coordinator:
         await msg.ack()
 
     async def _event_loop(self) -> None:
-        await asyncio.gather(*(self._pull_loop(sub, self._on_event_message, "events") for sub in self._subs))
+        """The partitions' leases (renewed, taken and released every quarter of their TTL), which
+        start and stop the partitions' event loops (_gain, _lose)."""
+        assert self.leases is not None
+        await self._every(self.leases.renew_s, self.leases.round, "partition lease round failed")
 
-    async def _pull_loop(self, sub: Any, handle, what: str) -> None:
-        while not self._stopping.is_set():
+    async def _pull_loop(self, sub: Any, handle, what: str, stop: asyncio.Event | None = None) -> None:
+        while not self._stopping.is_set() and not (stop is not None and stop.is_set()):
             try:
                 # batch=1 on purpose: nats-py's fetch, once a first message arrives on a waiting
                 # pull, waits out the whole timeout for the rest of the batch — a second of
@@ -567,7 +651,10 @@ class Coordinator:
             log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
             await msg.term()
             return
-        if misfiled := misfiled_event(msg.subject, event):
+        subject = msg.subject
+        if subject.startswith(f"{subjects.COORD_PREFIX}."):  # CB_COORD: the event's own subject after the partition
+            subject = subjects.job_event_of_coord(subject)[1]
+        if misfiled := misfiled_event(subject, event):
             # Permissions see the subject, not the body: a tenant may publish only on its own jobs'
             # subjects, so an event is about the job its subject names or it is not applied.
             log.warning("job event refused", subject=msg.subject, job_id=event.job_id, reason=misfiled)
@@ -745,7 +832,8 @@ class Coordinator:
         if state.status.finished and not state.outbox:
             self._forget(job_id)
             return
-        self._states[job_id] = (state, revision, time.monotonic())
+        epoch = self._epochs.get(self._partition(job_id)) if self.leases is not None and self._owns(job_id) else None
+        self._states[job_id] = (state, revision, time.monotonic(), epoch)
         self._states.move_to_end(job_id)
         while len(self._states) > STATE_MEMORY_JOBS:
             self._states.popitem(last=False)
@@ -754,8 +842,9 @@ class Coordinator:
         self._states.pop(job_id, None)
 
     def _remembered(self, job_id: str) -> tuple[JobState, int] | None:
-        """The state (and revision) we last read or wrote of `job_id`, if that was less than
-        STATE_MEMORY_S ago; else None. Decisions on it skip the KV read (1 of a hop's 6 round
+        """The state (and revision) we last read or wrote of `job_id`, if we have held its
+        partition since (no other coordinator consumes its events: leases.py), or else if that
+        was less than STATE_MEMORY_S ago; else None. Decisions on it skip the KV read (1 of a hop's 6 round
         trips, and the parse of the state: 4 ms for a 2-hour film's) and are checked by the
         revision of the write. Why STATE_MEMORY_S stays well under the requests stream's
         duplicate window (120 s): stage requests go out with the write (at the same time, not
@@ -766,7 +855,10 @@ class Coordinator:
         as a repeat of the same Nats-Msg-Id; if not, its result fails the attempt check (wasted
         work, as in any lost race)."""
         entry = self._states.get(job_id)
-        if entry is None or time.monotonic() - entry[2] > STATE_MEMORY_S:
+        if entry is None:
+            return None
+        owned = entry[3] is not None and self._owns(job_id) and entry[3] == self._epochs.get(self._partition(job_id))
+        if not owned and time.monotonic() - entry[2] > STATE_MEMORY_S:
             return None
         return entry[0], entry[1]
 
@@ -786,6 +878,8 @@ class Coordinator:
                 self._locks.pop(job_id, None)
 
     async def _write_state(self, job_id: str, state: JobState, revision: int | None) -> int:
+        if state.written_by != self.id:
+            state = state.model_copy(update={"written_by": self.id})
         value = state.stored()
         if revision is None:
             written = await self.kv.create(subjects.job_key(job_id), value)
@@ -1089,6 +1183,9 @@ class Coordinator:
         for job_id in sorted(self._running):
             if self._stopping.is_set():
                 return
+            if not self._owns(job_id):  # its partition's holder ticks it
+                self._running.discard(job_id)
+                continue
             try:
                 await self._tick_job(job_id, now)
             except Exception as e:  # one broken job must not stop the clock for the others
@@ -1213,7 +1310,7 @@ class Coordinator:
         self._last_scan = time.monotonic()
         keys = await record_keys(self.js)
         self._running.update(j for j in map(subjects.job_id_of_key, filter(subjects.is_job_key, keys))
-                             if j not in self._finished)
+                             if j not in self._finished and self._owns(j))
 
     # ------------------------------------------------------------ poison requests
 

@@ -158,8 +158,8 @@ class Settings(BaseSettings):
     event_ack_wait: float = Field(default=30.0, ge=EVENT_ACK_WAIT_MIN_S, description=(
         "seconds a job event handed to a coordinator may go unacknowledged (it stopped or died holding it) "
         "before JetStream hands it to another (at least 1); an early stage result is given up after 4 times "
-        "this. Each coordinator sets it on the bus's events consumer as it starts: give the coordinators of "
-        "a bus the same"))
+        "this. A coordinator sets it on each partition's events consumer as it takes the partition: give the "
+        "coordinators of a bus the same"))
     replicas: int = Field(default=1, ge=1, le=5, description=(
         "replicas of the streams, KV buckets and object store created now (3 in a cluster: deploy/)"))
     # Stage processes (captionbus/services/runtime).

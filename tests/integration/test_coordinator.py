@@ -371,8 +371,9 @@ def test_a_failed_ack_does_not_stop_the_event_loop(nats_server, monkeypatch):
     failed_acks: list[str] = []
 
     async def ack(msg):
-        if msg.subject.startswith(f"{subjects.PREFIX}.job.") and not failed_acks:
-            failed_acks.append(msg.subject)  # the coordinator's first ack is lost in a reconnect
+        if msg.subject.startswith(f"{subjects.COORD_PREFIX}.") and not failed_acks:
+            # the coordinator's first ack is lost in a reconnect (its events come through CB_COORD)
+            failed_acks.append(subjects.job_event_of_coord(msg.subject)[1])
             raise nats.errors.ConnectionReconnectingError()
         return await real_ack(msg)
 
@@ -936,8 +937,9 @@ def test_a_cancelled_stop_raises_cancelled_error_and_leaves_no_task(nats_server)
 
 def test_the_events_ack_wait_is_the_coordinators_setting(nats_server, monkeypatch, tmp_path):
     """CAPTIONBUS_EVENT_ACK_WAIT (issue 20: tests wait for a killed coordinator's events; 30 s was
-    hard-coded) is the ack wait of the events and advisories consumers: each coordinator sets it
-    as it starts (JetStream updates a consumer's ack wait in place; coordinators of one bus share it)."""
+    hard-coded) is the ack wait of the events consumers (one per partition, set by the coordinator
+    that takes the partition) and of the advisories consumer (set by each as it starts;
+    JetStream updates a consumer's ack wait in place; coordinators of one bus share it)."""
     from captionbus.coordinator.service import run_coordinator
 
     monkeypatch.setenv("CAPTIONBUS_HOME", str(tmp_path / "home"))
@@ -950,15 +952,18 @@ def test_the_events_ack_wait_is_the_coordinators_setting(nats_server, monkeypatc
         for _ in range(100):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 waits = {name: (await bus.js.consumer_info(stream, name)).config.ack_wait for stream, name in (
-                    (subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER),
+                    (subjects.COORDINATOR_STREAM, subjects.partition_consumer(0)),
+                    (subjects.COORDINATOR_STREAM, subjects.partition_consumer(subjects.DEFAULT_PARTITIONS - 1)),
                     (subjects.ADVISORIES_STREAM, subjects.COORDINATOR_ADVISORY_CONSUMER))}
                 break
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.wait_for(running, 10)
-        assert waits == {subjects.COORDINATOR_CONSUMER: 3.0, subjects.COORDINATOR_ADVISORY_CONSUMER: 3.0}
+        assert waits == {subjects.partition_consumer(0): 3.0,
+                         subjects.partition_consumer(subjects.DEFAULT_PARTITIONS - 1): 3.0,
+                         subjects.COORDINATOR_ADVISORY_CONSUMER: 3.0}
         async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, event_ack_wait_s=60.0):
-            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+            info = await bus.js.consumer_info(subjects.COORDINATOR_STREAM, subjects.partition_consumer(5))
         assert info.config.ack_wait == 60.0
 
     on_bus(nats_server, scenario)

@@ -3,7 +3,12 @@ stream of `chunked` jobs (3-minute films: 6 asr chunks each, fanned out) answere
 stage workers (benchmarks/fleet_sim.py's, which
 take requests from the stage consumers exactly as real replicas do), one coordinator killed -9
 mid-run. Every job must complete, each with one terminal event, every stage request taken once
-at attempt 1 (no job advanced twice), and both coordinators must have done part of the work."""
+at attempt 1 (no job advanced twice), and both coordinators must have done part of the work.
+Job ownership (captionbus/coordinator/leases.py): every write of every job's state, as the bus
+stored it (JobState.written_by, watched on the KV's subjects), is by the one coordinator that
+holds the job's partition: a job changes hands at most once, from the killed coordinator to the
+survivor, never back; and the server files each job's events under the partition
+`subjects.job_partition` computes."""
 from __future__ import annotations
 
 import asyncio
@@ -61,6 +66,59 @@ async def wait_started(logs: list[Path], timeout: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
+def coordinator_id(log: Path) -> str:
+    """The id a coordinator logged as it started (the one it writes into JobState.written_by)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "coordinator started" in line:
+            return json.loads(line)["coordinator"]
+    raise AssertionError(f"no start in {log}")
+
+
+async def wait_balanced(js, members: int, timeout: float = 60.0) -> dict[int, str]:
+    """partition -> holder, once every partition is held and each of `members` holds its share."""
+    kv = await js.key_value(subjects.COORDINATORS_BUCKET)
+    deadline = time.monotonic() + timeout
+    while True:
+        held = {}
+        for p in range(subjects.DEFAULT_PARTITIONS):
+            try:
+                held[p] = (await kv.get(subjects.partition_lease_key(p))).value.decode()
+            except Exception:
+                continue
+        counts = Counter(held.values())
+        share = -(-subjects.DEFAULT_PARTITIONS // members)
+        if len(held) == subjects.DEFAULT_PARTITIONS and len(counts) == members and max(counts.values()) <= share:
+            return held
+        assert time.monotonic() < deadline, f"leases never balanced: {held}"
+        await asyncio.sleep(0.3)
+
+
+def test_the_server_files_each_jobs_events_under_the_partition_contracts_computes(nats_server, tmp_path):
+    """CB_COORD's transforms (nats-server's partition()) and subjects.job_partition agree, for jobs
+    of no tenant and of a tenant, on every kind a coordinator acts on; other kinds stay out."""
+    async def main() -> None:
+        nc = await connect(nats_server, "test-partitions", Settings(home=tmp_path / "driver"))
+        js = nc.jetstream()
+        await provision(js)
+        jobs = [f"job-{n}" for n in range(150)] + [f"acme_clip{n}" for n in range(50)]
+        for n, job in enumerate(jobs):
+            kind = subjects.COORDINATOR_KINDS[n % len(subjects.COORDINATOR_KINDS)]
+            await js.publish(subjects.job_event(job, kind), b"{}")
+            await js.publish(subjects.job_event(job, "progress"), b"{}")
+        for _ in range(50):
+            info = await js.stream_info(subjects.COORDINATOR_STREAM, subjects_filter=">")
+            if info.state.messages >= len(jobs):
+                break
+            await asyncio.sleep(0.1)
+        filed = {subjects.job_event_of_coord(subject) for subject in info.state.subjects}
+        await nc.close()
+        assert info.state.messages == len(jobs)
+        assert {subjects.event_job_id(original): p for p, original in filed} == {
+            job: subjects.job_partition(job, subjects.DEFAULT_PARTITIONS) for job in jobs}
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp_path):
     graphs = load_graphs("chunked")
     processes: list[subprocess.Popen] = []
@@ -73,6 +131,16 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
             start_coordinator(nats_server, tmp_path / name) for name in ("coordinator-a", "coordinator-b"))
         processes.extend([first, second])
         await wait_started([first_log, second_log])
+        # Every write of a job's record as the bus stores it (its subjects: `$KV.cb_jobs.<job>`).
+        writes: list[tuple[str, str | None]] = []
+
+        async def on_write(msg) -> None:
+            if msg.data:
+                writes.append((msg.subject.rpartition(".")[2], json.loads(msg.data).get("written_by")))
+
+        watch = await nc.subscribe(f"$KV.{subjects.JOBS_BUCKET}.*", cb=on_write)
+        held = await wait_balanced(js, 2)
+        killed_at = 0
         jobs = Jobs(nc, js, "chunked")
         await jobs.start()
         workers = SimWorkers(nc, {stage: 2 for stage in stage_outputs(graphs)}, stage_outputs(graphs),
@@ -85,6 +153,7 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
             if n == JOBS // 2:  # jobs in flight at every stage: the first coordinator dies
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
+                killed_at = len(writes)
         deadline = time.monotonic() + 90
         while len(jobs.finished) < JOBS and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
@@ -95,6 +164,7 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
                   for job in jobs.submitted}
         terminal = await terminal_events(js)
         await workers.stopped()
+        await watch.unsubscribe()
         await nc.close()
 
         assert Counter(s.status.value for s in states.values()) == {"completed": JOBS}
@@ -109,6 +179,21 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
         by_first, by_second = jobs_decided(first_log), jobs_decided(second_log)
         assert by_first and by_second, "one coordinator did all the work: nothing was shared"
         assert by_second - by_first, "the surviving coordinator took over no job"
+        # One owner at a time: each job's writers, in the order the bus stored them.
+        dead, survivor = coordinator_id(first_log), coordinator_id(second_log)
+        owners: dict[str, list[str | None]] = {}
+        for job, writer in writes:
+            if job in jobs.submitted and owners.setdefault(job, [writer])[-1] != writer:
+                owners[job].append(writer)
+        assert set(owners) == set(jobs.submitted)
+        assert all(seq in ([dead], [survivor], [dead, survivor]) for seq in owners.values()), owners
+        handed = [job for job, seq in owners.items() if seq == [dead, survivor]]
+        assert handed, "no job changed hands when its coordinator died"
+        # ... and until the kill each write is by the holder of its job's partition's lease (the
+        # leases did not move before: balanced before the first job).
+        before = [(job, writer) for job, writer in writes[:killed_at] if job in owners]
+        assert before and all(writer == held[subjects.job_partition(job, subjects.DEFAULT_PARTITIONS)]
+                              for job, writer in before), before
 
     try:
         asyncio.run(asyncio.wait_for(main(), 180))

@@ -258,3 +258,33 @@ def test_a_stage_worker_user_takes_and_reports_for_its_own_stage_only(tmp_path):
         refused = seen[allowed:with_refusals]
         assert refused and {user for user, _ in refused} == {"worker-asr"}
         assert all("stage-demux" in subject or "demux" in subject for _, subject in refused), refused
+
+
+def test_only_the_coordinator_may_consume_partitions_or_hold_their_leases(tmp_path):
+    """Job ownership's objects (CB_COORD's partition consumers, KV cb_coordinators) are the
+    coordinator role's alone: a worker, client or dashboard that could consume a partition could
+    ack its events away from the coordinators, and one that could write a lease could keep a
+    partition from every coordinator. Each is refused, as a second coordinator is not."""
+    from captionbus.coordinator.service import partition_consumer_config
+
+    users = {"coordinator": "COORDINATOR", "worker": "WORKER", "client": "CLIENT", "dashboard": "DASHBOARD"}
+    with roles_server(tmp_path, users) as (urls, log):
+
+        async def main():
+            nc = {u: await connect(urls[u], f"roles-{u}") for u in users}
+            js = {u: c.jetstream() for u, c in nc.items()}
+            await provision(js["coordinator"])
+            lease = f"$KV.{subjects.COORDINATORS_BUCKET}.{subjects.partition_lease_key(0)}"
+            for user in ("worker", "client", "dashboard"):
+                assert await _denied(js[user].add_consumer(subjects.COORDINATOR_STREAM, partition_consumer_config(0))), user
+                assert await _denied(js[user].add_consumer(subjects.COORDINATOR_STREAM, replace(
+                    partition_consumer_config(1), durable_name=None, name=f"thief-{user}"))), user
+                assert await _denied(js[user].publish(lease, user.encode())), user
+            # the coordinator role may do both
+            await js["coordinator"].add_consumer(subjects.COORDINATOR_STREAM, partition_consumer_config(0))
+            await js["coordinator"].publish(lease, b"coordinator-x")
+            for c in nc.values():
+                await c.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert {v[0] for v in violations(log)} == {"worker", "client", "dashboard"}
