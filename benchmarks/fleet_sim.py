@@ -609,20 +609,20 @@ async def use_consumers(js, memory: bool) -> None:
     its publish was acked, one in memory (or R1) at the ack. What memory costs: a consumer whose
     every node restarts at once starts again from its deliver policy (for the events consumer of
     CB_EVENTS, DeliverPolicy.ALL: every stored event replayed to the coordinators). Since job
-    ownership the coordinators' consumers are CB_COORD's partition consumers, which captionbus now
-    keeps in memory (a work queue: replaying is safe); here the plain turns recreate them
-    file-backed, to compare (a coordinator binds an existing consumer of either storage as it is)."""
+    ownership the coordinators' consumers are the partition consumers on CB_EVENTS (file-backed,
+    as captionbus makes them); the plain turns recreate them so (a coordinator binds an existing
+    consumer of either storage as it is)."""
     # Here, not at the top: a coordinator of `--baseline REV` runs this file with REV's package.
     from captionbus.coordinator.service import partition_consumer_config
 
     noop = subjects.stage_consumer("noop")
     partitions = range(subjects.DEFAULT_PARTITIONS)
     for stream, durable in ((subjects.REQUESTS_STREAM, noop),
-                            *((subjects.COORDINATOR_STREAM, subjects.partition_consumer(p)) for p in partitions)):
+                            *((subjects.EVENTS_STREAM, subjects.partition_consumer(p)) for p in partitions)):
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, durable)
     for p in partitions:
-        await js.add_consumer(subjects.COORDINATOR_STREAM, replace(partition_consumer_config(p), mem_storage=memory or None))
+        await js.add_consumer(subjects.EVENTS_STREAM, replace(partition_consumer_config(p), mem_storage=memory or None))
     await js.add_consumer(subjects.REQUESTS_STREAM, ConsumerConfig(
         durable_name=noop, filter_subject=subjects.stage_request("noop"), ack_policy="explicit",
         deliver_policy="all", ack_wait=10.0, max_deliver=20, mem_storage=memory or None))
@@ -651,18 +651,33 @@ async def floors(nc, js, n: int = 300) -> tuple[float, float]:
 
 async def fresh_queues(js) -> None:
     """Before a turn: what the other code's turn left for the coordinators is dropped, so a turn
-    starts on an empty queue. Coordinators since job ownership take their events from CB_COORD (which
-    also collects a turn of coordinators before it), older ones from the durable `coordinator` on
-    CB_EVENTS (which also falls behind by every event of a turn of newer ones): CB_COORD is purged,
-    and that consumer is made again delivering only new events (an older coordinator binds to it as
-    it is: its config differs only in what cannot be updated)."""
-    with contextlib.suppress(NotFoundError):
-        await js.purge_stream(subjects.COORDINATOR_STREAM)
+    starts on an empty queue. Coordinators before job ownership take their events from the durable
+    `coordinator` on CB_EVENTS (old subject layout: it falls behind by nothing of a turn of newer
+    ones, whose events it does not match, but is made again delivering only new events, in case);
+    the partition consumers of newer ones match only the newer layout, so a turn of older code
+    leaves them nothing either (an older coordinator binds `coordinator` as it is)."""
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
     await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
-        durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.coordinator_filters(),
+        durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.legacy_coordinator_filters(),
         ack_policy="explicit", deliver_policy="new", ack_wait=30.0, max_ack_pending=1024))
+
+
+@contextlib.contextmanager
+def events_layout(tree: Path | None):
+    """While coordinators of `tree` run: this process (the driver and the simulated workers)
+    publishes job events in the subject layout that code reads. A tree before job ownership
+    (no `subjects.partition_filters`) reads `captionbus.job.<job>.<kind>`; this tree, the
+    partitioned `captionbus.job.<tenant>.<partition>.<job>.<kind>`."""
+    legacy = tree is not None and "def partition_filters" not in \
+        (tree / "captionbus" / "contracts" / "subjects.py").read_text()
+    own = subjects.job_event
+    if legacy:
+        subjects.job_event = subjects.legacy_job_event
+    try:
+        yield
+    finally:
+        subjects.job_event = own
 
 
 async def leases_balanced(js, coordinators: int, timeout: float = 60.0) -> bool:
@@ -721,7 +736,8 @@ async def hop_bench(args, bus: Bus) -> None:
             await fresh_queues(js)
             if args.memory_consumers:
                 await use_consumers(js, memory)
-            rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
+            with events_layout(tree):
+                rows += await hop_rows(args, bus, jobs, graph, label, tree, await floors(nc, js))
     await workers.stopped()
     await nc.close()
     print(f"\nhops through the coordinator: {bus.describe()}, {args.workers} simulated noop workers (0 s), "

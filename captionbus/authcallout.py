@@ -431,8 +431,9 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
 
     - events: publish only its jobs' submitted/cancel_requested/retry_requested; follow through
       consumers created on `$JS.API.CONSUMER.CREATE.CB_EVENTS.<name>.captionbus.job.<tenant>.>`
-      (the unfiltered create, filter in the body, is not granted; the coordinator's durable name
-      is denied, so its filter cannot be rewritten by a create-or-update);
+      (the unfiltered create, filter in the body, is not granted; the coordinators' durable names,
+      `coordinator-p<N>` of each partition and `coordinator` of those before job ownership, are
+      denied, so their filters cannot be rewritten by a create-or-update);
     - job state: direct gets whose subject names the key (`…DIRECT.GET.KV_cb_jobs.$KV.cb_jobs.
       <tenant>.>`) and consumers filtered to `$KV.cb_jobs.<tenant>.>`; no STREAM.MSG.GET (a key or
       sequence in the body), no STREAM.INFO of KV_cb_jobs or CB_EVENTS (`subjects_filter` lists
@@ -458,6 +459,9 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
     kv_stream = f"KV_{subjects.JOBS_BUCKET}"
     obj, obj_stream = f"$O.{subjects.ARTIFACTS_BUCKET}", f"OBJ_{subjects.ARTIFACTS_BUCKET}"
     allow = [
+        # its jobs' events (`captionbus.job.<tenant>.<partition>.<job>.<kind>`), and in the layout before
+        # job ownership (an older client's)
+        f"{job}.*.*.submitted", f"{job}.*.*.cancel_requested", f"{job}.*.*.retry_requested",
         f"{job}.*.submitted", f"{job}.*.cancel_requested", f"{job}.*.retry_requested",
         f"$JS.API.STREAM.INFO.{subjects.REQUESTS_STREAM}", "$JS.API.STREAM.NAMES",
         f"$JS.API.CONSUMER.CREATE.{ev}.*.{job}.>", f"$JS.FC.{ev}.>",
@@ -471,7 +475,8 @@ def tenant_permissions(tenant: str, prefix: str) -> dict:
         f"$JS.FC.{obj_stream}.>",
         USER_INFO,
     ]
-    deny = [f"$JS.API.CONSUMER.CREATE.{ev}.{subjects.COORDINATOR_CONSUMER}.>"]
+    deny = [f"$JS.API.CONSUMER.CREATE.{ev}.{name}.>"
+            for name in (subjects.COORDINATOR_CONSUMER, *subjects.partition_consumers())]
     return {"pub": {"allow": allow, "deny": deny}, "sub": {"allow": [f"{prefix}.>"]}}
 
 

@@ -70,8 +70,10 @@ def acting_for(tenant: str | None):
 
 
 def _consumer(config: ConsumerConfig) -> ConsumerConfig:
-    """A tenant's consumers are created on the filtered-create subject (captionbus.core.tenancy)."""
-    return named(config) if TENANT.get() else config
+    """A consumer of the events stream: created on the named-create subject, as every reader's
+    is (the unnamed one is granted to no role: deploy/nats/roles.conf, COORDINATOR_CONSUMERS), and
+    a tenant's on the filtered one (captionbus.core.tenancy)."""
+    return named(config)
 
 
 def check_input_file(path: Path) -> Path:

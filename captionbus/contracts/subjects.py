@@ -29,19 +29,16 @@ COORDINATOR_KINDS = (
     "retry_requested",
 )
 
-# Job ownership among coordinators (captionbus/coordinator/leases.py). The events the coordinator
-# acts on are copied by the server from CB_EVENTS into the work-queue stream CB_COORD under
-# `captionbus.coord.<partition>.<job path>.<kind>` (a stream source with subject transforms:
-# `coordinator_transforms`), the partition being `job_partition(job)`; each partition has its
-# durable consumer (`partition_consumer`), pulled by the one coordinator that holds its lease
-# in KV cb_coordinators (`partition.<p>`, beside each live coordinator's `member.<id>`).
-COORDINATOR_STREAM = "CB_COORD"
+# Job ownership among coordinators (captionbus/coordinator/leases.py). Every job belongs to one of
+# PARTITIONS partitions (`job_partition`), and every event of it carries its partition in its
+# subject (`job_event`), so each partition has a durable consumer on CB_EVENTS itself
+# (`partition_consumer`, filtered by `partition_filters`), pulled by the one coordinator that holds
+# its lease in KV cb_coordinators (`partition.<p>`, beside each live coordinator's `member.<id>`).
+# Each event is stored once. PARTITIONS is part of every event's subject: every publisher computes
+# it alike, so it is fixed (changing it is a new subject layout, like this one was).
 COORDINATORS_BUCKET = "cb_coordinators"
-COORD_PREFIX = f"{PREFIX}.coord"
-# How many partitions a bus has: fixed when CB_COORD is created (its transforms name it, and its
-# metadata says it under PARTITIONS_METADATA); every coordinator reads it from there.
-DEFAULT_PARTITIONS = 16
-PARTITIONS_METADATA = "captionbus_partitions"
+PARTITIONS = 16
+DEFAULT_PARTITIONS = PARTITIONS
 
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{REQUESTS_STREAM}.*"
 # Advisories are core NATS messages; this stream keeps them so that one published while no
@@ -59,10 +56,15 @@ def stage_consumer(stage: str) -> str:
 
 
 # Job subjects and keys carry the job's tenant (captionbus.contracts.ids.tenant_of) as a whole
-# token: `captionbus.job.<tenant>.<job>.<kind>` and KV key `<tenant>.<job>`, so that a NATS
-# permission can name one tenant's (`captionbus.job.acme.>`, `$KV.cb_jobs.acme.>`). A job of no
-# tenant keeps the layout every job had before tenants: `captionbus.job.<job>.<kind>`, key
-# `<job>` (nothing stored earlier moves). The two never meet: they differ in token count.
+# token, so that a NATS permission can name one tenant's (`captionbus.job.acme.>`,
+# `$KV.cb_jobs.acme.>`). A job's events: `captionbus.job.<tenant>.<partition>.<job>.<kind>`, a job of
+# no tenant's under NO_TENANT (`_`, which no tenant is): six tokens, the partition (`job_partition`)
+# at the fourth, so a coordinator's consumer of one partition filters by it (`partition_filters`).
+# KV keys: `<tenant>.<job>`, and `<job>` for a job of no tenant (unchanged).
+# Events of coordinators before job ownership (LEGACY_*: `captionbus.job.<job>.<kind>`, of a tenant
+# `captionbus.job.<tenant>.<job>.<kind>`) differ in token count (4 and 5), so no filter of one
+# layout matches the other's; they stay in CB_EVENTS as they were (deploy/README.md, "Upgrading
+# coordinators").
 
 
 def _job_path(job_id: str) -> str:
@@ -71,12 +73,22 @@ def _job_path(job_id: str) -> str:
     return job_id if tenant == NO_TENANT else f"{tenant}.{job_id}"
 
 
+def _event_path(job_id: str) -> str:
+    """`<tenant>.<partition>.<job>` (NO_TENANT for a job of no tenant): a job's part of its events' subjects."""
+    return f"{tenant_of(validate_token(job_id, 'job id'))}.{job_partition(job_id)}.{job_id}"
+
+
 def job_event(job_id: str, kind: str) -> str:
-    return f"{PREFIX}.job.{_job_path(job_id)}.{validate_token(kind, 'event kind')}"
+    return f"{PREFIX}.job.{_event_path(job_id)}.{validate_token(kind, 'event kind')}"
 
 
 def job_events(job_id: str) -> str:
-    return f"{PREFIX}.job.{_job_path(job_id)}.*"
+    return f"{PREFIX}.job.{_event_path(job_id)}.*"
+
+
+def legacy_job_event(job_id: str, kind: str) -> str:
+    """A job event's subject before job ownership (`captionbus.job.[<tenant>.]<job>.<kind>`)."""
+    return f"{PREFIX}.job.{_job_path(job_id)}.{validate_token(kind, 'event kind')}"
 
 
 def job_key(job_id: str) -> str:
@@ -156,10 +168,11 @@ def tenant_records(tenant: str) -> str:
 
 
 def job_kind_all_jobs(kind: str) -> list[str]:
-    """One event kind of every job, of no tenant and of any tenant (`captionbus.job.*.completed`,
-    `captionbus.job.*.*.completed`)."""
+    """One event kind of every job (`captionbus.job.*.*.*.completed`), and of every job's events
+    in the layout before job ownership (`captionbus.job.*.completed`, `captionbus.job.*.*.completed`:
+    an older publisher's, during an upgrade)."""
     kind = validate_token(kind, "event kind")
-    return [f"{PREFIX}.job.*.{kind}", f"{PREFIX}.job.*.*.{kind}"]
+    return [f"{PREFIX}.job.*.*.*.{kind}", f"{PREFIX}.job.*.{kind}", f"{PREFIX}.job.*.*.{kind}"]
 
 
 def event_kind(subject: str) -> str:
@@ -172,8 +185,9 @@ def event_job_id(subject: str) -> str:
     return subject.split(".")[-2]
 
 
-def coordinator_filters() -> list[str]:
-    return [subject for kind in COORDINATOR_KINDS for subject in job_kind_all_jobs(kind)]
+def legacy_coordinator_filters() -> list[str]:
+    """The filters of the one events consumer (`coordinator`) coordinators before job ownership shared."""
+    return [subject for kind in COORDINATOR_KINDS for subject in job_kind_all_jobs(kind)[1:]]
 
 
 def micro_service_name(stage: str) -> str:
@@ -183,13 +197,11 @@ def micro_service_name(stage: str) -> str:
 _FNV32_OFFSET, _FNV32_PRIME = 0x811C9DC5, 0x01000193
 
 
-def job_partition(job_id: str, partitions: int) -> int:
-    """The partition of a job: FNV-1a (32 bits) of its id's bytes, modulo `partitions`. The same
-    function as nats-server's `partition(n, …)` subject mapping over the one job-id token
-    (server/subject_transform.go: fnv.New32a of the tokens, % n), which is what files the job's
-    events under `captionbus.coord.<partition>` in CB_COORD (`coordinator_transforms`), so
-    coordinators, workers and clients agree on it without asking the server
-    (tests/integration/test_coordinators.py checks it against the server's own)."""
+def job_partition(job_id: str, partitions: int = PARTITIONS) -> int:
+    """The partition of a job: FNV-1a (32 bits) of its id's bytes, modulo `partitions` (the hash
+    of nats-server's `partition()` subject mapping, server/subject_transform.go). Computed by
+    every publisher of a job's events (`job_event`): workers, clients, the gateway and the
+    coordinators agree on it without asking anyone."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions!r}")
     return _fnv1a_32(validate_token(job_id, "job id")) % partitions
@@ -205,38 +217,25 @@ def _fnv1a_32(text: str) -> int:
     return value
 
 
-def coordinator_transforms(partitions: int) -> list[tuple[str, str]]:
-    """(source filter, destination) pairs of the subject transforms that copy the events a
-    coordinator acts on (COORDINATOR_KINDS) from CB_EVENTS into CB_COORD, each under its job's
-    partition: `captionbus.job.<job>.<kind>` -> `captionbus.coord.<p>.<job>.<kind>` and
-    `captionbus.job.<tenant>.<job>.<kind>` -> `captionbus.coord.<p>.<tenant>.<job>.<kind>`, the
-    partition hashed from the job token alone (`job_partition`)."""
-    pairs = []
-    for kind in COORDINATOR_KINDS:
-        pairs.append((f"{PREFIX}.job.*.{kind}",
-                      f"{COORD_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{kind}"))
-        pairs.append((f"{PREFIX}.job.*.*.{kind}",
-                      f"{COORD_PREFIX}.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{kind}"))
-    return pairs
-
-
-def partition_events(partition: int) -> str:
-    """The CB_COORD subjects of one partition's events (its consumer's filter)."""
-    return f"{COORD_PREFIX}.{int(partition)}.>"
+def partition_filters(partition: int) -> list[str]:
+    """The CB_EVENTS subjects of the events a coordinator acts on (COORDINATOR_KINDS) of one
+    partition's jobs: its consumer's filters (`captionbus.job.*.<p>.*.<kind>`)."""
+    return [f"{PREFIX}.job.*.{int(partition)}.*.{kind}" for kind in COORDINATOR_KINDS]
 
 
 def partition_consumer(partition: int) -> str:
-    """The durable consumer of one partition's events on CB_COORD."""
+    """The durable consumer of one partition's events on CB_EVENTS."""
     return f"coordinator-p{int(partition)}"
 
 
-def job_event_of_coord(subject: str) -> tuple[int, str]:
-    """(partition, the event's CB_EVENTS subject) of a CB_COORD subject."""
-    head = f"{COORD_PREFIX}."
-    if not subject.startswith(head):
-        raise ValueError(f"{subject!r} is not a coordinator subject ({head}<partition>.…)")
-    partition, _, rest = subject[len(head):].partition(".")
-    return int(partition), f"{PREFIX}.job.{rest}"
+def partition_consumers() -> list[str]:
+    return [partition_consumer(p) for p in range(PARTITIONS)]
+
+
+def event_partition(subject: str) -> int | None:
+    """The partition a job event's subject names (its fourth token), None in the layout before job ownership."""
+    tokens = subject.split(".")
+    return int(tokens[3]) if len(tokens) == 6 and tokens[3].isdigit() else None
 
 
 def partition_lease_key(partition: int) -> str:

@@ -6,14 +6,23 @@ state another had written. Under `benchmarks/fleet_sim.py --hops` with 3 of them
 ~0.7 KV reads and ~1.3 repeated job-event publishes per event, and 2 coordinators cost 8.07 ms of
 CPU a request against one's 4.6: more coordinators bought availability, not throughput.
 
-Now each job belongs to one of P partitions (`subjects.job_partition`: FNV-1a of the job id, the
-hash nats-server's `partition()` mapping computes), and its events reach the coordinators through
-CB_COORD, a work queue the server fills from CB_EVENTS under `captionbus.coord.<partition>.…`
-(a stream source with subject transforms: core.bus.provision_coordination). Publishers (workers,
-clients, the gateway) are unchanged: they publish on the job's subject as before, and the server
-files the event. Each partition has one durable consumer, and each coordinator pulls only the
-partitions it holds a lease on, so one coordinator sees all of a job's events while it lives, keeps
-the job's state in memory (no read per event) and alone sends its outbox.
+Now each job belongs to one of P partitions (`subjects.job_partition`: FNV-1a of the job id), and
+every event of the job carries its partition in its subject (`subjects.job_event`:
+`captionbus.job.<tenant>.<partition>.<job>.<kind>`, computed by whoever publishes it), so each
+partition has one durable consumer on CB_EVENTS itself, filtered by that token
+(`subjects.partition_filters`), and each coordinator pulls only the partitions it holds a lease
+on: one coordinator sees all of a job's events while it lives, keeps the job's state in memory (no
+read per event) and alone sends its outbox. Each event is stored once, in CB_EVENTS.
+
+Why not the server filing the events (a first version, not merged): a work-queue stream CB_COORD
+that the server filled from CB_EVENTS through a stream source with subject transforms (publishers
+unchanged) stored every event a coordinator acts on twice; with one coordinator it cost more than
+no ownership at all (fleet_sim --hops, single node: coordinator CPU 2.55-2.71 ms a hop against
+1.63-1.84; the 3-node cluster 36 against 72 hops/s, the servers' CPU a hop 10.2-12.2 against
+4.6-4.9 ms). A stream's own `subject_transform` (applied as it stores, so stored once) is a single
+source -> destination pair, and a job's id is the third token of a job of no tenant's subject and
+the fourth of a tenant's: one transform cannot hash both, and hashing the first token would put
+all of a tenant's jobs in one partition. So the publishers put the partition in.
 
 The leases, the simplest robust form found:
   * A lease is the key `partition.<p>` holding the coordinator's id, made with `kv.create` (only

@@ -1,6 +1,6 @@
 """The coordinator process: a thin NATS adapter around the pure `decide`.
 
-For each job event (from the durable consumer of its job's partition on CB_COORD, which only the
+For each job event (from the durable consumer of its job's partition on CB_EVENTS, which only the
 holder of the partition's lease pulls: leases.py; `events_in_hand` pulls at once, one job's events
 one at a time):
     read JobState (from KV, or the state we last read or wrote when that is recent:
@@ -101,7 +101,7 @@ from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_u
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.coordinator.leases import Leases, new_coordinator_id
 from captionbus.core import settings as settings_mod
-from captionbus.core.bus import bus_partitions, provision, publish_event, record_keys, through_failover
+from captionbus.core.bus import provision, publish_event, record_keys, through_failover
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.tasks import await_stack, cancel_and_wait
@@ -243,26 +243,21 @@ def misfiled_event(subject: str, event: JobEvent) -> str | None:
 
 
 def partition_consumer_config(partition: int, ack_wait_s: float = EVENT_ACK_WAIT_S) -> ConsumerConfig:
-    """The durable consumer of one partition's events on CB_COORD (captionbus/coordinator/leases.py),
-    created or updated by the coordinator that takes the partition's lease (JetStream updates what
-    may change, such as the ack wait; one that exists with a config that cannot change, such as
-    its storage, is used as it is).
-
-    Its state is kept in memory (still replicated): CB_COORD is a work queue, so what the consumer
-    has not acked is exactly what the stream still holds, and a consumer whose every node restarts
-    at once starts again from DeliverPolicy.ALL, which is that (an event in hand then is handed out
-    again, as after any ack wait). On the 3-node cluster at `sync_interval: always` a file-backed
-    consumer fsyncs each delivery and ack on every node (README, *Where a hop's time goes*: a
-    memory consumer cut the servers' CPU per hop from 4-6 to 3-3.8 ms); the events consumer of
-    CB_EVENTS could not be kept in memory, since a limits stream holds every event ever stored."""
+    """The durable consumer of one partition's events on CB_EVENTS (captionbus/coordinator/leases.py):
+    the kinds a coordinator acts on, of the jobs whose subjects carry the partition
+    (subjects.partition_filters), so each event is stored once and handed to the one coordinator
+    that holds its partition. Created or updated by the coordinator that takes the partition's
+    lease (JetStream updates what may change, such as the ack wait; one that exists with a config
+    that cannot change, such as its storage, is used as it is). File-backed, as the one events
+    consumer before job ownership was: CB_EVENTS keeps every event, so a consumer whose state were
+    lost would start again from DeliverPolicy.ALL, every event of its partition ever stored."""
     return ConsumerConfig(
         durable_name=subjects.partition_consumer(partition),
-        filter_subject=subjects.partition_events(partition),
+        filter_subjects=subjects.partition_filters(partition),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
         max_ack_pending=1024,
-        mem_storage=True,
     )
 
 
@@ -421,7 +416,7 @@ class Coordinator:
         if self.provision_bus:
             await through_failover(lambda: provision(self.js), "provision")  # streams, KV, object store
         self.kv = await through_failover(lambda: self.js.key_value(subjects.JOBS_BUCKET), "job state")
-        self.partitions = await through_failover(lambda: bus_partitions(self.js), "partitions")
+        self.partitions = subjects.PARTITIONS
         leases_kv = await through_failover(lambda: self.js.key_value(subjects.COORDINATORS_BUCKET), "leases")
         ttl = (await through_failover(lambda: self.js.stream_info(f"KV_{subjects.COORDINATORS_BUCKET}"),
                                       "leases")).config.max_age
@@ -526,7 +521,7 @@ class Coordinator:
 
     async def _ensure_consumer(self, partition: int) -> None:
         try:
-            await self.js.add_consumer(subjects.COORDINATOR_STREAM,
+            await self.js.add_consumer(subjects.EVENTS_STREAM,
                                        partition_consumer_config(partition, self.event_ack_wait_s))
         except APIError as e:
             # It exists with another config (an older version of us, or an operator's choice such
@@ -561,7 +556,7 @@ class Coordinator:
         self._new_epoch(partition)
         await self._ensure_consumer(partition)
         subs = [await self.js.pull_subscribe_bind(durable=subjects.partition_consumer(partition),
-                                                  stream=subjects.COORDINATOR_STREAM)
+                                                  stream=subjects.EVENTS_STREAM)
                 for _ in range(max(1, round(self.events_in_hand / max(1, share))))]
         stop = asyncio.Event()
         async def pump() -> None:
@@ -651,10 +646,7 @@ class Coordinator:
             log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
             await msg.term()
             return
-        subject = msg.subject
-        if subject.startswith(f"{subjects.COORD_PREFIX}."):  # CB_COORD: the event's own subject after the partition
-            subject = subjects.job_event_of_coord(subject)[1]
-        if misfiled := misfiled_event(subject, event):
+        if misfiled := misfiled_event(msg.subject, event):
             # Permissions see the subject, not the body: a tenant may publish only on its own jobs'
             # subjects, so an event is about the job its subject names or it is not applied.
             log.warning("job event refused", subject=msg.subject, job_id=event.job_id, reason=misfiled)

@@ -41,8 +41,6 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
-    StreamSource,
-    SubjectTransform,
 )
 from nats.js.errors import (
     APIError,
@@ -631,50 +629,19 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
 # (the bucket's max_age): a coordinator killed -9 hands its jobs over within about this (plus a
 # renewal round of the others). Renewed every quarter of it (captionbus/coordinator/leases.py).
 COORDINATOR_LEASE_TTL_S = 10.0
-COORDINATION_MAX_AGE_S = 7 * 24 * 3600.0  # an event no coordinator took in a week is dropped
 
 
 async def provision_coordination(js: JetStreamContext, replicas: int,
-                                 partitions: int = subjects.DEFAULT_PARTITIONS,
                                  lease_ttl_s: float = COORDINATOR_LEASE_TTL_S) -> None:
-    """Job ownership among coordinators: CB_COORD, the work queue the server fills from
-    CB_EVENTS with the events coordinators act on, each under its job's partition
-    (subjects.coordinator_transforms), and KV cb_coordinators, the partitions' leases. Both are
-    made once; an existing one is kept as it is (the partition count and the lease TTL are the
-    bus's from then on: coordinators read them from there).
-
-    Where CB_COORD starts in CB_EVENTS: on a bus whose coordinators shared the durable consumer
-    `coordinator` of CB_EVENTS (before job ownership), just after that consumer's ack floor, so
-    no event those coordinators had not finished is lost (one they finished after is applied
-    again, and found applied); else from the stream's start, as that consumer did."""
-    start_seq = None
-    try:
-        legacy = await js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
-        start_seq = legacy.ack_floor.stream_seq + 1 if legacy.ack_floor else None
-    except NotFoundError:
-        pass
-    transforms = [SubjectTransform(src=src, dest=dest) for src, dest in subjects.coordinator_transforms(partitions)]
-    await _ensure_stream(js, StreamConfig(
-        name=subjects.COORDINATOR_STREAM, subjects=[], retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE, num_replicas=replicas, max_age=COORDINATION_MAX_AGE_S,
-        metadata={subjects.PARTITIONS_METADATA: str(partitions)},
-        sources=[StreamSource(name=subjects.EVENTS_STREAM, opt_start_seq=start_seq, subject_transforms=transforms)],
-    ))
+    """Job ownership among coordinators: KV cb_coordinators, the partitions' leases (made once;
+    an existing one is kept as it is: the lease TTL is the bus's from then on, and coordinators
+    read it from there). The partitions' consumers are on CB_EVENTS itself, each filtered by the
+    partition token of the events' subjects (subjects.partition_filters), made by the coordinator
+    that takes the partition (captionbus/coordinator/leases.py): each event is stored once."""
     await _ensure_bucket(js, f"KV_{subjects.COORDINATORS_BUCKET}", lambda: js.create_key_value(KeyValueConfig(
         bucket=subjects.COORDINATORS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
         ttl=lease_ttl_s,
     )), replicas)
-
-
-async def bus_partitions(js: JetStreamContext) -> int:
-    """The partition count of this bus's CB_COORD (its metadata; provision_coordination)."""
-    info = await js.stream_info(subjects.COORDINATOR_STREAM)
-    value = (info.config.metadata or {}).get(subjects.PARTITIONS_METADATA)
-    if not value:
-        raise BusError(f"stream {subjects.COORDINATOR_STREAM} does not say its partition count "
-                       f"(metadata {subjects.PARTITIONS_METADATA}); it was not made by captionbus: delete it "
-                       "and start a coordinator")
-    return int(value)
 
 
 RECORD_KEYS_WAIT_S = 10.0  # for each next key of a listing, before the read is an error

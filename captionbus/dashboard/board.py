@@ -45,6 +45,7 @@ from captionbus.contracts import JobState, failure_class, parse_event, subjects
 from captionbus.contracts.jobs import MissingParts
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.tasks import cancel_and_wait
+from captionbus.core.tenancy import named
 
 log = structlog.get_logger("captionbus.dashboard")
 
@@ -293,8 +294,8 @@ class Board:
 
     # -- live events ---------------------------------------------------------------------------
     async def _watch_events(self) -> None:
-        sub = await self.js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,
-                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+        sub = await self.js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,  # named: roles.conf
+                                      config=named(ConsumerConfig(deliver_policy=DeliverPolicy.NEW)))
         self.failing.pop("job events", None)
         async for msg in sub.messages:
             try:
@@ -343,8 +344,8 @@ class Board:
 
     async def _read(self, subject: str, count: int, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         out: list[tuple[int, dict[str, Any]]] = []
-        sub = await self.js.subscribe(subject, ordered_consumer=True,
-                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        sub = await self.js.subscribe(subject, ordered_consumer=True,  # named: roles.conf
+                                      config=named(ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
         try:
             async with asyncio.timeout(timeout):
                 async for msg in sub.messages:

@@ -48,6 +48,7 @@ from captionbus.contracts.events import TERMINAL_KINDS
 from captionbus.contracts.ids import validate_token
 from captionbus.core.bus import live_keys
 from captionbus.core.tasks import cancel_and_wait
+from captionbus.core.tenancy import named
 
 log = structlog.get_logger("captionbus.gateway.webhooks")
 
@@ -395,9 +396,9 @@ class Dispatcher:
         since = datetime.fromtimestamp(self.started - self.config.catchup_s, UTC)
         start = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         kinds = subjects.job_kind_all_jobs("submitted")
-        sub = await js.subscribe(kinds[0], ordered_consumer=True,
-                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                                       opt_start_time=start, filter_subjects=kinds))
+        sub = await js.subscribe(kinds[0], ordered_consumer=True,  # named: deploy/nats/roles.conf
+                                 config=named(ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                                             opt_start_time=start, filter_subjects=kinds)))
         try:
             async for msg in sub.messages:
                 try:
@@ -427,10 +428,10 @@ class Dispatcher:
         retry gives the job a new end. Every gateway follows; `kv.update` lets one reopen it."""
         since = datetime.fromtimestamp(self.started - self.config.catchup_s, UTC)
         kinds = subjects.job_kind_all_jobs("retry_requested")
-        sub = await js.subscribe(kinds[0], ordered_consumer=True,
-                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                                       opt_start_time=since.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                                                       filter_subjects=kinds))
+        sub = await js.subscribe(kinds[0], ordered_consumer=True,  # named: deploy/nats/roles.conf
+                                 config=named(ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                                             opt_start_time=since.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                                                             filter_subjects=kinds)))
         reopening: set[asyncio.Task] = set()
         try:
             async for msg in sub.messages:

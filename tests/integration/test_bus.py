@@ -224,7 +224,7 @@ def test_the_gateway_role_is_a_client_plus_the_webhook_state():
     client, gateway = subjects_of("CLIENT"), subjects_of("HTTP_GATEWAY")
     assert client < gateway
     assert {s for s in gateway - client if "webhooks" not in s} == {
-        f"captionbus.job.{jobs}.{kind}" for jobs in ("*", "*.*") for kind in ("completed", "failed", "cancelled")}
+        f"captionbus.job.{jobs}.{kind}" for jobs in ("*", "*.*", "*.*.*") for kind in ("completed", "failed", "cancelled")}
 
 
 @pytest.fixture
@@ -350,14 +350,14 @@ def test_roles_allow_the_real_flows_and_nothing_more(acl_server, tmp_path):
 
             # What each role must not do.
             event = b"{}"
-            assert await _denied(js["worker"].publish("captionbus.job.job-acl.submitted", event))
-            assert await _denied(js["worker"].publish("captionbus.job.job-x.cancel_requested", event))
-            assert await _denied(js["client"].publish("captionbus.job.job-acl.stage_completed", event))
+            assert await _denied(js["worker"].publish(subjects.job_event("job-acl", "submitted"), event))
+            assert await _denied(js["worker"].publish(subjects.job_event("job-x", "cancel_requested"), event))
+            assert await _denied(js["client"].publish(subjects.job_event("job-acl", "stage_completed"), event))
             # webhook records are the gateway's: a client can neither edit nor read them
             assert await _denied(js["client"].publish("$KV.cb_webhooks.job-acl.callback", event))
             assert await _denied(js["client"].key_value(subjects.WEBHOOKS_BUCKET))
             assert await _denied(js["client"].publish(subjects.stage_request("noop"), event))
-            assert await _denied(js["dashboard"].publish("captionbus.job.job-acl.cancel_requested", event))
+            assert await _denied(js["dashboard"].publish(subjects.job_event("job-acl", "cancel_requested"), event))
             assert await _denied(js["dashboard"].delete_consumer(subjects.REQUESTS_STREAM, "stage-noop"))
             assert await _denied(js["dashboard"].delete_consumer(subjects.EVENTS_STREAM, "coordinator"))
             assert await _denied(js["dashboard"].add_consumer(

@@ -7,8 +7,7 @@ at attempt 1 (no job advanced twice), and both coordinators must have done part 
 Job ownership (captionbus/coordinator/leases.py): every write of every job's state, as the bus
 stored it (JobState.written_by, watched on the KV's subjects), is by the one coordinator that
 holds the job's partition: a job changes hands at most once, from the killed coordinator to the
-survivor, never back; and the server files each job's events under the partition
-`subjects.job_partition` computes."""
+survivor, never back; and each partition's consumer on CB_EVENTS holds exactly its jobs' events."""
 from __future__ import annotations
 
 import asyncio
@@ -93,28 +92,36 @@ async def wait_balanced(js, members: int, timeout: float = 60.0) -> dict[int, st
         await asyncio.sleep(0.3)
 
 
-def test_the_server_files_each_jobs_events_under_the_partition_contracts_computes(nats_server, tmp_path):
-    """CB_COORD's transforms (nats-server's partition()) and subjects.job_partition agree, for jobs
-    of no tenant and of a tenant, on every kind a coordinator acts on; other kinds stay out."""
+def test_each_partitions_consumer_holds_exactly_its_jobs_coordinator_events(nats_server, tmp_path):
+    """The server's filtering of CB_EVENTS by the partition token (the coordinators' consumers,
+    service.partition_consumer_config) hands each partition's consumer the events a coordinator
+    acts on of the jobs subjects.job_partition puts there, of no tenant and of a tenant, and
+    nothing else: not another kind, not an event in the layout before job ownership. Stored once."""
+    from nats.js.api import DeliverPolicy
+
+    from captionbus.coordinator.service import partition_consumer_config
+
     async def main() -> None:
         nc = await connect(nats_server, "test-partitions", Settings(home=tmp_path / "driver"))
         js = nc.jetstream()
         await provision(js)
+        before = (await js.stream_info(subjects.EVENTS_STREAM)).state.messages
         jobs = [f"job-{n}" for n in range(150)] + [f"acme_clip{n}" for n in range(50)]
         for n, job in enumerate(jobs):
             kind = subjects.COORDINATOR_KINDS[n % len(subjects.COORDINATOR_KINDS)]
             await js.publish(subjects.job_event(job, kind), b"{}")
-            await js.publish(subjects.job_event(job, "progress"), b"{}")
-        for _ in range(50):
-            info = await js.stream_info(subjects.COORDINATOR_STREAM, subjects_filter=">")
-            if info.state.messages >= len(jobs):
-                break
-            await asyncio.sleep(0.1)
-        filed = {subjects.job_event_of_coord(subject) for subject in info.state.subjects}
+            await js.publish(subjects.job_event(job, "stage_progress"), b"{}")
+            await js.publish(subjects.legacy_job_event(job, kind), b"{}")
+        pending = {}
+        for p in range(subjects.PARTITIONS):
+            config = partition_consumer_config(p)
+            config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, before + 1
+            pending[p] = (await js.add_consumer(subjects.EVENTS_STREAM, config)).num_pending
+        stored = (await js.stream_info(subjects.EVENTS_STREAM)).state.messages - before
         await nc.close()
-        assert info.state.messages == len(jobs)
-        assert {subjects.event_job_id(original): p for p, original in filed} == {
-            job: subjects.job_partition(job, subjects.DEFAULT_PARTITIONS) for job in jobs}
+        assert pending == dict(Counter(subjects.job_partition(job) for job in jobs) | {
+            p: 0 for p in range(subjects.PARTITIONS) if p not in {subjects.job_partition(j) for j in jobs}})
+        assert stored == 3 * len(jobs)
 
     asyncio.run(asyncio.wait_for(main(), 60))
 

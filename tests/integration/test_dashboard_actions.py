@@ -22,6 +22,7 @@ from nats.js.api import Header
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionbus.client import job_events, submit
+from captionbus.contracts import subjects
 from captionbus.dashboard.auth import READ_ONLY, Access, AuthError
 from captionbus.dashboard.serve import serve as serve_dashboard
 from captionbus.dashboard.stats import percentile
@@ -201,7 +202,7 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
                 # The operator's bus user cannot purge the events stream through its two subjects.
                 nc = await connect(stack.urls["dashboard_operator"], "t-operator")
                 held = (await stack.js.stream_info("CB_EVENTS")).state.messages
-                assert await refused(nc.jetstream(), "captionbus.job.job-long.cancel_requested",
+                assert await refused(nc.jetstream(), subjects.job_event("job-long", "cancel_requested"),
                                      headers={Header.ROLLUP: "all"})
                 after = (await stack.js.stream_info("CB_EVENTS")).state  # progress events go on arriving
                 assert after.first_seq == 1 and after.messages >= held and not after.num_deleted  # nothing purged
@@ -293,7 +294,7 @@ def test_actions_are_refused_unless_allowed_and_every_number_matches_the_bus(tmp
     # The read-only user's one refusal is the misconfigured dashboard's cancel; the operator user was
     # refused nothing (its rollup is refused by the stream, not by its permissions).
     assert sorted({v for v in violations(tmp_path / "server.log") if v[0] in ("dashboard", "dashboard_operator")}) \
-        == [("dashboard", "captionbus.job.job-stuck.cancel_requested")]
+        == [("dashboard", subjects.job_event("job-stuck", "cancel_requested"))]
 
 
 async def _ready(http: httpx.AsyncClient) -> bool:

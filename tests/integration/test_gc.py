@@ -133,7 +133,7 @@ def test_gc_deletes_an_old_finished_jobs_artifacts_and_keeps_a_running_jobs(nats
         assert done.kept_for_unfinished_jobs == 2
         # The old job's events and record are gone; the running job's are not.
         events = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")
-        assert set(events.state.subjects) == {"captionbus.job.job-running.submitted"}
+        assert set(events.state.subjects) == {subjects.job_event("job-running", "submitted")}
         assert sorted(await _every_key(js)) == sorted([*parts[1], "job-running"])
 
         # A month on, the cache entry has expired: removed now, its artifact one run later.
@@ -286,9 +286,9 @@ def test_a_job_retried_after_the_listing_keeps_its_input_and_every_event(nats_se
         assert await store.exists(inputs["job-retried"]) and await store.exists(inputs["job-asked"])
         assert not await store.exists(inputs["job-gone"])
         held = (await js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.>")).state.subjects
-        assert held == {"captionbus.job.job-retried.submitted": 1, "captionbus.job.job-retried.retry_requested": 1,
-                        "captionbus.job.job-asked.submitted": 1, "captionbus.job.job-asked.retry_requested": 1,
-                        "captionbus.job.job-gone.submitted": 1}, held  # job-gone's: the one published late
+        assert held == {subjects.job_event(job, kind): 1 for job, kind in (
+            ("job-retried", "submitted"), ("job-retried", "retry_requested"), ("job-asked", "submitted"),
+            ("job-asked", "retry_requested"), ("job-gone", "submitted"))}, held  # job-gone's: the one published late
         assert sorted(k for k in await _every_key(js) if subjects.is_job_key(k)) == ["job-asked", "job-retried"]
         await nc.close()
 

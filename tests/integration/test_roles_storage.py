@@ -5,6 +5,7 @@ reports for its own stage only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -73,7 +74,7 @@ def test_gc_collects_as_the_gc_user_and_no_other_user_may_purge(tmp_path):
             chunk_filter = f"$O.{subjects.ARTIFACTS_BUCKET}.C.>"
             for user in ("coordinator", "worker", "client", "dashboard"):
                 assert await _denied(js[user].purge_stream(stream, subject=chunk_filter)), user
-                assert await _denied(js[user].purge_stream(subjects.EVENTS_STREAM, subject="captionbus.job.job-x.>")), user
+                assert await _denied(js[user].purge_stream(subjects.EVENTS_STREAM, subject=subjects.job_events("job-x"))), user
                 assert await _denied(js[user].purge_stream(f"KV_{subjects.JOBS_BUCKET}", subject="$KV.cb_jobs._.job-old.>")), user
             for user in ("worker", "client", "dashboard"):
                 assert await _denied((await js[user].key_value(subjects.JOBS_BUCKET)).purge("job-x")), user
@@ -261,10 +262,14 @@ def test_a_stage_worker_user_takes_and_reports_for_its_own_stage_only(tmp_path):
 
 
 def test_only_the_coordinator_may_consume_partitions_or_hold_their_leases(tmp_path):
-    """Job ownership's objects (CB_COORD's partition consumers, KV cb_coordinators) are the
-    coordinator role's alone: a worker, client or dashboard that could consume a partition could
-    ack its events away from the coordinators, and one that could write a lease could keep a
-    partition from every coordinator. Each is refused, as a second coordinator is not."""
+    """Job ownership's objects (the partition consumers `coordinator-p<N>` on CB_EVENTS, KV
+    cb_coordinators) are the coordinator role's alone: a worker, client or dashboard that could
+    consume a partition could ack its events away from the coordinators, one that could create or
+    update its consumer could rewrite its filter (the partition's events then reach no
+    coordinator), one that could write a lease could keep a partition from every coordinator.
+    Each way in is tried: the durable create, the named create, the unnamed create the client
+    and dashboard roles are granted (the name in the body), a pull of the coordinator's consumer,
+    its info, a lease write. Each is refused; the coordinator role may do each."""
     from captionbus.coordinator.service import partition_consumer_config
 
     users = {"coordinator": "COORDINATOR", "worker": "WORKER", "client": "CLIENT", "dashboard": "DASHBOARD"}
@@ -274,17 +279,49 @@ def test_only_the_coordinator_may_consume_partitions_or_hold_their_leases(tmp_pa
             nc = {u: await connect(urls[u], f"roles-{u}") for u in users}
             js = {u: c.jetstream() for u, c in nc.items()}
             await provision(js["coordinator"])
+            await js["coordinator"].add_consumer(subjects.EVENTS_STREAM, partition_consumer_config(0))
+            await publish_event(js["coordinator"], JobSubmitted(job_id="victim", spec=JobSpec(
+                job_id="victim", workflow="noop", input={"key": "0" * 64, "name": "in.mp4", "size": 1})))
+            victim = subjects.job_partition("victim")
+            await js["coordinator"].add_consumer(subjects.EVENTS_STREAM, partition_consumer_config(victim))
             lease = f"$KV.{subjects.COORDINATORS_BUCKET}.{subjects.partition_lease_key(0)}"
+            hijack = replace(partition_consumer_config(victim), filter_subjects=None,
+                             filter_subject=f"{subjects.PREFIX}.job.nobody.>")
             for user in ("worker", "client", "dashboard"):
-                assert await _denied(js[user].add_consumer(subjects.COORDINATOR_STREAM, partition_consumer_config(0))), user
-                assert await _denied(js[user].add_consumer(subjects.COORDINATOR_STREAM, replace(
-                    partition_consumer_config(1), durable_name=None, name=f"thief-{user}"))), user
-                assert await _denied(js[user].publish(lease, user.encode())), user
-            # the coordinator role may do both
-            await js["coordinator"].add_consumer(subjects.COORDINATOR_STREAM, partition_consumer_config(0))
+                j, c = js[user], nc[user]
+                assert await _denied(j.add_consumer(subjects.EVENTS_STREAM, partition_consumer_config(1))), user
+                assert await _denied(j.add_consumer(subjects.EVENTS_STREAM, replace(
+                    hijack, durable_name=None, name=subjects.partition_consumer(victim)))), user
+                # the unnamed create (granted to clients and dashboards for their ordered consumers),
+                # the coordinator's name in the body: the server makes no durable of it and changes
+                # nothing of the coordinator's
+                for body in ({"durable_name": subjects.partition_consumer(victim)},
+                             {"name": subjects.partition_consumer(victim)}):
+                    raw = json.dumps({"stream_name": subjects.EVENTS_STREAM, "config": {
+                        **body, "filter_subject": f"{subjects.PREFIX}.job.nobody.>", "ack_policy": "explicit"}})
+                    with contextlib.suppress(Exception):
+                        await c.request(f"$JS.API.CONSUMER.CREATE.{subjects.EVENTS_STREAM}", raw.encode(), timeout=0.75)
+                assert await _denied(j.pull_subscribe_bind(
+                    durable=subjects.partition_consumer(victim), stream=subjects.EVENTS_STREAM)) or \
+                    await _denied(_pull_one(j, victim)), user
+                assert await _denied(j.consumer_info(subjects.EVENTS_STREAM, subjects.partition_consumer(victim))), user
+                assert await _denied(j.publish(lease, user.encode())), user
+            # the coordinator's consumer is as it made it, and still holds the victim's event
+            info = await js["coordinator"].consumer_info(subjects.EVENTS_STREAM, subjects.partition_consumer(victim))
+            assert info.config.filter_subjects == subjects.partition_filters(victim), info.config
+            assert info.num_pending == 1
+            sub = await js["coordinator"].pull_subscribe_bind(
+                durable=subjects.partition_consumer(victim), stream=subjects.EVENTS_STREAM)
+            [msg] = await sub.fetch(1, timeout=5)
+            assert msg.subject == subjects.job_event("victim", "submitted")
             await js["coordinator"].publish(lease, b"coordinator-x")
             for c in nc.values():
                 await c.close()
 
-        asyncio.run(asyncio.wait_for(main(), 60))
+        asyncio.run(asyncio.wait_for(main(), 90))
         assert {v[0] for v in violations(log)} == {"worker", "client", "dashboard"}
+
+
+async def _pull_one(js, partition: int):
+    sub = await js.pull_subscribe_bind(durable=subjects.partition_consumer(partition), stream=subjects.EVENTS_STREAM)
+    return await sub.fetch(1, timeout=0.5)

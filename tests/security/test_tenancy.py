@@ -411,7 +411,8 @@ def _inline_client_block(accounts: str, user: str) -> str:
 
     block = read_conf(NATS_DEPLOY / "roles.conf")["CLIENT"]
     allow = ", ".join(f'"{s}"' for s in reversed(block["publish"]["allow"]))
-    inline = f'{{publish: {{allow: [{allow}]}}, subscribe: {{allow: ["_INBOX_{user}.>"]}}}}'
+    deny = ", ".join(f'"{s}"' for s in block["publish"]["deny"])
+    inline = f'{{publish: {{allow: [{allow}], deny: [{deny}]}}, subscribe: {{allow: ["_INBOX_{user}.>"]}}}}'
     entry = f'{{user: "{user}", '
     head, _, tail = accounts.partition(entry)
     assert tail and "permissions: $CLIENT}" in tail.split("\n", 1)[0], accounts

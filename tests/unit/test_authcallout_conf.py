@@ -12,6 +12,7 @@ import pytest
 
 from captionbus.authcallout import ConfError, check_with_server, connection_permissions, read_conf, read_users
 from captionbus.server import nats_server_binary
+from captionbus.contracts import subjects
 from captionbus.core.bus import USER_INFO
 from tests.natsroles import NATS_DEPLOY, role_variables
 
@@ -35,10 +36,16 @@ def test_the_deploy_files_read_as_the_server_reads_them():
     assert set(users) == {"coordinator", "worker", "worker-asr", "client", "gateway", "dashboard", "gc",
                           "dashboard_downloads", "dashboard_operator"}
     roles = read_conf(NATS_DEPLOY / "roles.conf")
-    assert set(roles) == set(role_variables())
+    assert set(roles) == {*role_variables(), "COORDINATOR_CONSUMERS"}  # a list the role blocks deny
     assert users["worker"].permissions == roles["WORKER"] and roles["WORKER"]["allow_responses"] is True
     assert users["gc"].permissions["subscribe"] == {"allow": ["_INBOX_gc.>"]}
     assert "$JS.API.STREAM.PURGE.CB_EVENTS" in users["gc"].permissions["publish"]["allow"]
+    # the coordinators' consumers of CB_EVENTS: denied by name to every role that reads the events
+    for user in ("client", "gateway", "dashboard", "dashboard_operator", "dashboard_downloads"):
+        publish = users[user].permissions["publish"]
+        assert "$JS.API.CONSUMER.CREATE.CB_EVENTS" not in publish["allow"], user
+        assert {f"$JS.API.CONSUMER.CREATE.CB_EVENTS.{name}.>" for name in subjects.partition_consumers()} <= \
+            set(publish["deny"]), user
     check_with_server(NATS_DEPLOY / "accounts.conf")  # and nats-server loads the same file
 
 

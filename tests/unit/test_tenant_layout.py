@@ -20,8 +20,10 @@ ROLES = NATS_DEPLOY / "roles.conf"
 def test_a_tenants_job_id_subjects_and_key_carry_the_tenant_as_a_token():
     job = new_job_id("acme")
     assert job.startswith("acme_j") and tenant_of(job) == "acme"
-    assert subjects.job_event(job, "submitted") == f"captionbus.job.acme.{job}.submitted"
-    assert subjects.job_events(job) == f"captionbus.job.acme.{job}.*"
+    p = subjects.job_partition(job)
+    assert subjects.job_event(job, "submitted") == f"captionbus.job.acme.{p}.{job}.submitted"
+    assert subjects.job_events(job) == f"captionbus.job.acme.{p}.{job}.*"
+    assert subjects.legacy_job_event(job, "submitted") == f"captionbus.job.acme.{job}.submitted"
     assert subjects.job_key(job) == f"acme.{job}" and subjects.job_id_of_key(f"acme.{job}") == job
     assert subjects.event_job_id(subjects.job_event(job, "completed")) == job
     assert subjects.tenant_events("acme") == "captionbus.job.acme.>" and subjects.tenant_keys("acme") == "acme.>"
@@ -29,17 +31,19 @@ def test_a_tenants_job_id_subjects_and_key_carry_the_tenant_as_a_token():
 
 
 @pytest.mark.parametrize("job", ["j19a-3f2c", "job-victim", "_x", "Acme_j1", "-a_j1", pytest.param(new_job_id(), id="a-new-id")])
-def test_a_job_of_no_tenant_keeps_the_layout_it_had(job):
+def test_a_job_of_no_tenant_keeps_its_key_and_has_its_events_under_no_tenant(job):
     assert tenant_of(job) == NO_TENANT
-    assert subjects.job_event(job, "submitted") == f"captionbus.job.{job}.submitted"
+    assert subjects.job_event(job, "submitted") == f"captionbus.job._.{subjects.job_partition(job)}.{job}.submitted"
+    assert subjects.legacy_job_event(job, "submitted") == f"captionbus.job.{job}.submitted"
     assert subjects.job_key(job) == job and subjects.job_id_of_key(job) == job
     assert subjects.event_job_id(subjects.job_event(job, "failed")) == job
 
 
-def test_trusted_readers_filter_both_layouts():
-    assert subjects.job_kind_all_jobs("completed") == ["captionbus.job.*.completed", "captionbus.job.*.*.completed"]
-    assert "captionbus.job.*.*.submitted" in subjects.coordinator_filters()
-    assert len(subjects.coordinator_filters()) == 2 * len(subjects.COORDINATOR_KINDS)
+def test_trusted_readers_filter_every_layout():
+    assert subjects.job_kind_all_jobs("completed") == [
+        "captionbus.job.*.*.*.completed", "captionbus.job.*.completed", "captionbus.job.*.*.completed"]
+    assert "captionbus.job.*.*.submitted" in subjects.legacy_coordinator_filters()
+    assert len(subjects.legacy_coordinator_filters()) == 2 * len(subjects.COORDINATOR_KINDS)
 
 
 @pytest.mark.parametrize("bad", ["-a", "A", "a.b", "a*", "a_b", "x" * 33])
@@ -59,7 +63,7 @@ def test_every_tenant_grant_names_the_tenant_before_any_wildcard():
     assert grants["sub"] == {"allow": ["_INBOX_acme_x.>"]}
     reach = [s for s in grants["pub"]["allow"] if re.search(r"captionbus\.job|cb_jobs|CB_EVENTS|cb_artifacts", s)
              and not s.startswith("$JS.FC.")]
-    assert len(reach) == 10, reach  # 3 event kinds, 2 job-state reads, 1 event follow, 4 artifact grants
+    assert len(reach) == 13, reach  # 3 event kinds in 2 layouts, 2 job-state reads, 1 event follow, 4 artifact grants
     untenanted = set(grants["pub"]["allow"]) - set(reach)
     assert all(s.startswith("$JS.FC.") or "*" not in s and ">" not in s for s in untenanted), untenanted
     assert not [s for s in grants["pub"]["allow"] if s.startswith(("$SRV", "$JS.API.CONSUMER.INFO",
@@ -76,7 +80,9 @@ def test_every_tenant_grant_names_the_tenant_before_any_wildcard():
     assert not [s for s in grants["pub"]["allow"] if "MSG.GET" in s]
     assert not [s for s in grants["pub"]["allow"] if s.startswith("$JS.API.STREAM.INFO.") and
                 s.rsplit(".", 1)[1] in ("KV_cb_jobs", "CB_EVENTS", "OBJ_cb_artifacts")]
-    assert grants["pub"]["deny"] == ["$JS.API.CONSUMER.CREATE.CB_EVENTS.coordinator.>"]
+    # the coordinators' consumers (before job ownership, and each partition's) cannot be rewritten
+    assert grants["pub"]["deny"] == [f"$JS.API.CONSUMER.CREATE.CB_EVENTS.{name}.>" for name in (
+        "coordinator", *subjects.partition_consumers())]
 
 
 def test_the_tenant_a_login_acts_for_is_the_one_its_grants_submit_for():
@@ -113,10 +119,11 @@ def test_a_user_given_a_copy_of_the_client_block_is_a_tenant_too(tmp_path):
     (tmp_path / "roles.conf").write_text(ROLES.read_text())
     client = read_conf(tmp_path / "roles.conf")["CLIENT"]
     publish = list(reversed(client["publish"]["allow"]))
+    denied = ", ".join(f'"{s}"' for s in client["publish"]["deny"])
 
     def block(allow, sub='"_INBOX_copy.>"'):
         listed = ", ".join(f'"{s}"' for s in allow)
-        return f"{{publish: {{allow: [{listed}]}}, subscribe: {{allow: {sub}}}}}"
+        return f"{{publish: {{allow: [{listed}], deny: [{denied}]}}, subscribe: {{allow: {sub}}}}}"
 
     users = (f"{{user: copy, password: a, permissions: {block(publish)}}}\n"
              f"    {{user: more, password: b, permissions: {block(publish + ['captionbus.req.*'])}}}\n"

@@ -1,5 +1,5 @@
-"""Job ownership's pure parts: the partition of a job (the hash nats-server's partition() mapping
-computes; tests/integration/test_coordinators.py checks it against a real server) and the lease
+"""Job ownership's pure parts: the partition of a job (FNV-1a of its id, in every event's subject;
+tests/integration/test_coordinators.py checks the server's filtering by it) and the lease
 plan (`leases.plan`), run as rounds of several coordinators on one table of leases."""
 from __future__ import annotations
 
@@ -36,15 +36,18 @@ def test_partition_refuses_what_is_not_a_job_id_or_a_count():
         subjects.job_partition("job", 0)
 
 
-def test_coordinator_subjects_round_trip():
-    for job in ("job-1", "acme_job-2"):
-        for kind in subjects.COORDINATOR_KINDS:
-            original = subjects.job_event(job, kind)
-            p = subjects.job_partition(job, 16)
-            coord = f"{subjects.COORD_PREFIX}.{p}.{original[len(subjects.PREFIX + '.job.'):]}"
-            assert subjects.job_event_of_coord(coord) == (p, original)
-    with pytest.raises(ValueError):
-        subjects.job_event_of_coord("captionbus.job.j.submitted")
+def test_each_event_carries_its_jobs_partition():
+    """The partition token of a job's events (subjects.job_event) is job_partition's, in every
+    kind; events in the layout before job ownership have none (the server's filtering by it:
+    tests/integration/test_coordinators.py)."""
+    for job in ("job-1", "acme_job-2", "j19a-3f2c", "_x"):
+        p = subjects.job_partition(job)
+        for kind in (*subjects.COORDINATOR_KINDS, "stage_progress", "completed"):
+            subject = subjects.job_event(job, kind)
+            assert subjects.event_partition(subject) == p and subjects.event_job_id(subject) == job
+            assert subjects.event_kind(subject) == kind
+            assert subjects.event_partition(subjects.legacy_job_event(job, kind)) is None
+        assert [f"captionbus.job.*.{p}.*.{kind}" for kind in subjects.COORDINATOR_KINDS] == subjects.partition_filters(p)
 
 
 def rounds(table: dict[int, str], members: list[str], partitions: int, rng: random.Random, n: int = 20) -> None:

@@ -20,7 +20,10 @@ def test_a_body_about_another_job_or_kind_than_its_subject_is_refused():
     victim = JobRetryRequested(job_id="acme_j1")
     for subject in (subjects.job_event("rival_j9", "retry_requested"),  # the rival's own job's subject
                     subjects.job_event("acme_j1", "cancel_requested"),  # another kind
-                    "captionbus.job.acme_j1.retry_requested"):  # the layout of no tenant
+                    "captionbus.job.acme_j1.retry_requested",  # the layout of no tenant
+                    subjects.legacy_job_event("acme_j1", "retry_requested"),  # the layout before job ownership
+                    # another partition's (it would reach a coordinator that does not own the job)
+                    f"captionbus.job.acme.{(subjects.job_partition('acme_j1') + 1) % subjects.PARTITIONS}.acme_j1.retry_requested"):
         reason = misfiled_event(subject, victim)
         assert reason and "acme_j1" in reason and subject in reason
 
