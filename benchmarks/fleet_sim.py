@@ -616,7 +616,7 @@ async def use_consumers(js, memory: bool) -> None:
     from captionbus.coordinator.service import partition_consumer_config
 
     noop = subjects.stage_consumer("noop")
-    partitions = range(subjects.DEFAULT_PARTITIONS)
+    partitions = range(subjects.PARTITIONS)
     for stream, durable in ((subjects.REQUESTS_STREAM, noop),
                             *((subjects.EVENTS_STREAM, subjects.partition_consumer(p)) for p in partitions)):
         with contextlib.suppress(NotFoundError):
@@ -690,14 +690,14 @@ async def leases_balanced(js, coordinators: int, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         held = {}
-        for p in range(subjects.DEFAULT_PARTITIONS):
+        for p in range(subjects.PARTITIONS):
             with contextlib.suppress(Exception):
                 held[p] = (await kv.get(subjects.partition_lease_key(p))).value
         counts = Counter(held.values())
         if not held:
             return False
-        if len(held) == subjects.DEFAULT_PARTITIONS and len(counts) == coordinators and \
-                max(counts.values()) <= share(subjects.DEFAULT_PARTITIONS, coordinators):
+        if len(held) == subjects.PARTITIONS and len(counts) == coordinators and \
+                max(counts.values()) <= share(subjects.PARTITIONS, coordinators):
             return True
         await asyncio.sleep(0.2)
     raise RuntimeError(f"leases did not balance over {coordinators} coordinators in {timeout:g} s")

@@ -35,10 +35,14 @@ COORDINATOR_KINDS = (
 # (`partition_consumer`, filtered by `partition_filters`), pulled by the one coordinator that holds
 # its lease in KV cb_coordinators (`partition.<p>`, beside each live coordinator's `member.<id>`).
 # Each event is stored once. PARTITIONS is part of every event's subject: every publisher computes
-# it alike, so it is fixed (changing it is a new subject layout, like this one was).
+# it alike, so it is fixed (changing it is a new subject layout, like this one was). Why 8: each
+# partition's consumer is one more consumer (a raft group of its own on a cluster) that the server
+# serves, and one coordinator holding 16 cost its 3-node cluster's servers 4.60-5.90 ms a hop
+# against 3.23-4.31 with the one consumer before job ownership, where 8 cost the same as that one
+# (benchmarks/fleet_sim.py --hops; README, *Coordinators that own their jobs*). 8 balance 1, 2, 4
+# and 8 coordinators evenly, 3 as 3, 3, 2; a 9th holds none (a standby).
 COORDINATORS_BUCKET = "cb_coordinators"
-PARTITIONS = 16
-DEFAULT_PARTITIONS = PARTITIONS
+PARTITIONS = 8
 
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{REQUESTS_STREAM}.*"
 # Advisories are core NATS messages; this stream keeps them so that one published while no

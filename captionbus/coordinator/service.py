@@ -98,6 +98,7 @@ from captionbus.contracts import (
 from captionbus.contracts.events import JobEvent, JobSubmitted
 from captionbus.contracts.jobs import MissingParts, node_of_part, utcnow
 from captionbus.coordinator.decide import Decision, Policy, Tick, decide, give_up, result_token
+from captionbus.coordinator.consume import PullConsumer
 from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.coordinator.leases import Leases, new_coordinator_id
 from captionbus.core import settings as settings_mod
@@ -109,10 +110,12 @@ from captionbus.core.tasks import await_stack, cancel_and_wait
 log = structlog.get_logger("captionbus.coordinator")
 
 MAX_WRITE_CONFLICTS = 20  # re-decides per event before we nak it and try again later
-# Events handled at once (each on its own pull; one job's events one at a time: _owning), spread
-# over the partitions this coordinator holds: each gets EVENTS_IN_HAND / its share of them pulls,
-# at least one (one coordinator of 16 partitions: one pull each; three: six partitions, 3 each).
+# Events of one partition handled at once (consume.PullConsumer; one job's events one at a time:
+# _owning): a coordinator holding all 8 partitions may hold 128.
 EVENTS_IN_HAND = 16
+# The events of publishers before job ownership (_consume_legacy): a few at once, under a key of
+# self._pumps that is no partition.
+LEGACY_IN_HAND, LEGACY_PUMP = 4, -1
 # How long a state we read or wrote may stand in for the stored one (_remembered) when its job is
 # not in a partition we have held since (an owned job's stands in as long as we hold it), and for
 # how many jobs (least recently used out; a 2-hour film's state is ~1 MB of Python objects).
@@ -226,13 +229,14 @@ async def _finish(tasks: Collection[asyncio.Task], within_s: float) -> None:
             log.warning("coordinator task failed while stopping", task=task.get_name(), error=repr(task.exception()))
 
 
-def misfiled_event(subject: str, event: JobEvent) -> str | None:
+def misfiled_event(subject: str, event: JobEvent, legacy: bool = False) -> str | None:
     """Why an event may not be applied as it arrived on `subject`, or None. The bus authorises a
     publisher by the subject alone (a tenant: `captionbus.job.<tenant>.*.cancel_requested`), so
     a body naming another job (another tenant's, or one of no tenant) on a subject the publisher
     may use is refused here, and a submit's spec must be of the job it submits."""
     try:
-        expected = subjects.job_event(event.job_id, event.kind)
+        # `legacy`: an event from the consumer of the layout before job ownership (no partition)
+        expected = (subjects.legacy_job_event if legacy else subjects.job_event)(event.job_id, event.kind)
     except ValueError as e:
         return str(e)
     if subject != expected:
@@ -426,6 +430,7 @@ class Coordinator:
         if self._windowed_stages():
             await self.count_workers()  # a film submitted right now gets a window of the workers there are
         self._stopping.clear()
+        await self._consume_legacy()
         # The first round before we say we started: a lone coordinator holds every partition by then
         # (those a dead one held lapse within the leases' TTL, and are taken at a later round).
         try:
@@ -460,6 +465,8 @@ class Coordinator:
         a caller's timeout went unnoticed while stop waited (the same pattern in the dashboard's
         stop hid tests/system/test_model.py's 751 s hang: captionbus.core.tasks)."""
         self._stopping.set()
+        for stop, _, _ in self._pumps.values():  # the partitions' consumers: take no more events
+            stop.set()
         pumps = [task for _, task, _ in self._pumps.values()]
         try:
             await _finish([*self._tasks, *pumps], STOP_FINISH_S)
@@ -547,24 +554,32 @@ class Coordinator:
             self._forget(job_id)
 
     async def _gain(self, partition: int, share: int) -> None:
-        """A lease taken: read the partition's jobs fresh, pull its events, tick its running jobs
-        (the next tick scans the job keys). EVENTS_IN_HAND / share pulls, at least one: one pull
-        subscription per event in hand, because nats-py's fetch of a batch waits out its whole
-        timeout for the rest of the batch once a first message came (a second per stage hop), and
-        two fetches on one subscription take each other's messages; each loop keeps one waiting
-        pull of one message, so an event is pushed to a free loop as soon as it is stored."""
+        """A lease taken: read the partition's jobs fresh, consume its events (up to
+        `events_in_hand` of them in hand at once: consume.PullConsumer, one pull request topped
+        up as events come), tick its running jobs (the next tick scans the job keys)."""
         self._new_epoch(partition)
         await self._ensure_consumer(partition)
-        subs = [await self.js.pull_subscribe_bind(durable=subjects.partition_consumer(partition),
-                                                  stream=subjects.EVENTS_STREAM)
-                for _ in range(max(1, round(self.events_in_hand / max(1, share))))]
         stop = asyncio.Event()
-        async def pump() -> None:
-            await asyncio.gather(*(self._pull_loop(sub, self._on_event_message, "events", stop) for sub in subs))
-
-        task = asyncio.create_task(pump(), name=f"coordinator-partition-{partition}")
-        self._pumps[partition] = (stop, task, subs)
+        consumer = PullConsumer(self.nc, subjects.EVENTS_STREAM, subjects.partition_consumer(partition),
+                                self.events_in_hand, self._on_event_message, stop)
+        task = asyncio.create_task(consumer.run(), name=f"coordinator-partition-{partition}")
+        self._pumps[partition] = (stop, task, [])
         self._last_scan = float("-inf")
+
+    async def _consume_legacy(self) -> None:
+        """While the consumer `coordinator` of the coordinators before job ownership exists on
+        CB_EVENTS (a bus being upgraded: deploy/README.md, *Job ownership among coordinators*),
+        consume it too: events of publishers not yet upgraded (their subjects have no partition),
+        a few at a time. A bus made since has none: nothing is pulled."""
+        try:
+            await self.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+        except NotFoundError:
+            return
+        log.info("consuming the events of older publishers too", consumer=subjects.COORDINATOR_CONSUMER)
+        stop = asyncio.Event()
+        consumer = PullConsumer(self.nc, subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER, LEGACY_IN_HAND,
+                                self._on_legacy_event_message, stop, "events of older publishers")
+        self._pumps[LEGACY_PUMP] = (stop, asyncio.create_task(consumer.run(), name="coordinator-legacy-events"), [])
 
     async def _lose(self, partition: int) -> None:
         """A lease released or lost: stop pulling the partition's events (those in hand are
@@ -639,14 +654,20 @@ class Coordinator:
         await msg.nak(delay=EARLY_RESULT_RETRY_S)
         return True
 
-    async def _on_event_message(self, msg: Any) -> None:
+    async def _on_legacy_event_message(self, msg: Any) -> None:
+        """An event in the subject layout before job ownership (an older publisher's, during an
+        upgrade), from the consumer `coordinator` older coordinators shared: any coordinator
+        applies it, whoever owns its job (the revision check of the write keeps one outcome)."""
+        await self._on_event_message(msg, legacy=True)
+
+    async def _on_event_message(self, msg: Any, legacy: bool = False) -> None:
         try:
             event = parse_event(msg.data)
         except ValidationError as e:
             log.error("unreadable job event dropped", subject=msg.subject, error=str(e).splitlines()[0])
             await msg.term()
             return
-        if misfiled := misfiled_event(msg.subject, event):
+        if misfiled := misfiled_event(msg.subject, event, legacy):
             # Permissions see the subject, not the body: a tenant may publish only on its own jobs'
             # subjects, so an event is about the job its subject names or it is not applied.
             log.warning("job event refused", subject=msg.subject, job_id=event.job_id, reason=misfiled)

@@ -205,6 +205,32 @@ def test_job_survives_coordinator_restart(nats_server):
     on_bus(nats_server, scenario)
 
 
+def test_a_job_of_publishers_before_job_ownership_completes_through_their_consumer(nats_server, monkeypatch):
+    """A bus being upgraded (deploy/README.md, *Job ownership among coordinators*): workers and
+    clients not yet upgraded publish events without the partition token, which no partition's
+    consumer matches; while the consumer `coordinator` the older coordinators shared exists, a
+    new coordinator consumes it too, and such a job completes."""
+    from nats.js.api import ConsumerConfig
+
+    async def scenario(bus: Bus):
+        await bus.js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
+            durable_name=subjects.COORDINATOR_CONSUMER, filter_subjects=subjects.legacy_coordinator_filters(),
+            ack_policy="explicit", deliver_policy="new", ack_wait=30.0))
+        monkeypatch.setattr(subjects, "job_event", subjects.legacy_job_event)  # every publisher here is old
+        try:
+            async with bus.coordinator():
+                await submit(bus.js, "job-old")
+                await bus.answer("demux", "asr", "subtitle_gen", "mux")
+                state = await bus.finished("job-old")
+            held = (await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter="captionbus.job.job-old.*")).state
+        finally:
+            await bus.js.delete_consumer(subjects.EVENTS_STREAM, subjects.COORDINATOR_CONSUMER)
+        assert state.status == JobStatus.completed
+        assert held.messages >= 5  # its events, in the old layout
+
+    on_bus(nats_server, scenario)
+
+
 def test_a_coordinator_that_wrote_none_of_a_records_parts_reads_it_whole(nats_server):
     """The record is a head naming a part per completed node: a coordinator with none of them in
     memory (a new process taking a job over) reads them from the KV, and gets the state the one
@@ -953,14 +979,14 @@ def test_the_events_ack_wait_is_the_coordinators_setting(nats_server, monkeypatc
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 waits = {name: (await bus.js.consumer_info(stream, name)).config.ack_wait for stream, name in (
                     (subjects.EVENTS_STREAM, subjects.partition_consumer(0)),
-                    (subjects.EVENTS_STREAM, subjects.partition_consumer(subjects.DEFAULT_PARTITIONS - 1)),
+                    (subjects.EVENTS_STREAM, subjects.partition_consumer(subjects.PARTITIONS - 1)),
                     (subjects.ADVISORIES_STREAM, subjects.COORDINATOR_ADVISORY_CONSUMER))}
                 break
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.wait_for(running, 10)
         assert waits == {subjects.partition_consumer(0): 3.0,
-                         subjects.partition_consumer(subjects.DEFAULT_PARTITIONS - 1): 3.0,
+                         subjects.partition_consumer(subjects.PARTITIONS - 1): 3.0,
                          subjects.COORDINATOR_ADVISORY_CONSUMER: 3.0}
         async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY, event_ack_wait_s=60.0):
             info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.partition_consumer(5))

@@ -79,14 +79,14 @@ async def wait_balanced(js, members: int, timeout: float = 60.0) -> dict[int, st
     deadline = time.monotonic() + timeout
     while True:
         held = {}
-        for p in range(subjects.DEFAULT_PARTITIONS):
+        for p in range(subjects.PARTITIONS):
             try:
                 held[p] = (await kv.get(subjects.partition_lease_key(p))).value.decode()
             except Exception:
                 continue
         counts = Counter(held.values())
-        share = -(-subjects.DEFAULT_PARTITIONS // members)
-        if len(held) == subjects.DEFAULT_PARTITIONS and len(counts) == members and max(counts.values()) <= share:
+        share = -(-subjects.PARTITIONS // members)
+        if len(held) == subjects.PARTITIONS and len(counts) == members and max(counts.values()) <= share:
             return held
         assert time.monotonic() < deadline, f"leases never balanced: {held}"
         await asyncio.sleep(0.3)
@@ -199,7 +199,7 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
         # ... and until the kill each write is by the holder of its job's partition's lease (the
         # leases did not move before: balanced before the first job).
         before = [(job, writer) for job, writer in writes[:killed_at] if job in owners]
-        assert before and all(writer == held[subjects.job_partition(job, subjects.DEFAULT_PARTITIONS)]
+        assert before and all(writer == held[subjects.job_partition(job, subjects.PARTITIONS)]
                               for job, writer in before), before
 
     try:

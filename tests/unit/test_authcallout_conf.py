@@ -44,8 +44,8 @@ def test_the_deploy_files_read_as_the_server_reads_them():
     for user in ("client", "gateway", "dashboard", "dashboard_operator", "dashboard_downloads"):
         publish = users[user].permissions["publish"]
         assert "$JS.API.CONSUMER.CREATE.CB_EVENTS" not in publish["allow"], user
-        assert {f"$JS.API.CONSUMER.CREATE.CB_EVENTS.{name}.>" for name in subjects.partition_consumers()} <= \
-            set(publish["deny"]), user
+        assert set(publish["deny"]) == {f"$JS.API.CONSUMER.CREATE.CB_EVENTS.{name}{tail}" for name in (
+            subjects.COORDINATOR_CONSUMER, *subjects.partition_consumers()) for tail in ("", ".>")}, user
     check_with_server(NATS_DEPLOY / "accounts.conf")  # and nats-server loads the same file
 
 

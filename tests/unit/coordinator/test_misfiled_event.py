@@ -32,3 +32,10 @@ def test_a_submit_must_carry_the_spec_of_the_job_it_submits():
     planted = JobSubmitted(job_id="rival_j1", spec=spec("acme_j1"))
     reason = misfiled_event(subjects.job_event("rival_j1", "submitted"), planted)
     assert reason and "acme_j1" in reason
+
+
+def test_an_event_of_the_layout_before_job_ownership_is_applied_from_that_layouts_consumer_only():
+    event = JobRetryRequested(job_id="acme_j1")
+    old = subjects.legacy_job_event("acme_j1", "retry_requested")
+    assert misfiled_event(old, event, legacy=True) is None
+    assert misfiled_event(old, event) and misfiled_event(subjects.job_event("acme_j1", "retry_requested"), event, legacy=True)
