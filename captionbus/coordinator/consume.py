@@ -41,8 +41,10 @@ import structlog
 
 log = structlog.get_logger("captionbus.coordinator.consume")
 
-EXPIRES_S = 10.0
-GRACE_S = 2.0
+# A pull request's life: an idle partition asks again this often; a request the server lost (it
+# restarted) is given up EXPIRES_S + GRACE_S after it was made, and the partition waits that long.
+EXPIRES_S = 5.0
+GRACE_S = 1.0
 
 
 class PullConsumer:
@@ -57,6 +59,7 @@ class PullConsumer:
         self.requests: deque[list[float | int]] = deque()  # [made at (monotonic), credit left], oldest first
         self.running: set[asyncio.Task] = set()
         self.inbox: asyncio.Queue = asyncio.Queue()
+        self.unhandled: list[Any] = []
         self._wake = asyncio.Event()
 
     def credit(self) -> int:
@@ -94,8 +97,9 @@ class PullConsumer:
                 await sub.unsubscribe()
             if self.running:
                 await asyncio.wait(self.running)
-            while not self.inbox.empty():  # delivered, never handled: to the next holder now
-                msg = self.inbox.get_nowait()
+            while not self.inbox.empty():
+                self.unhandled.append(self.inbox.get_nowait())
+            for msg in self.unhandled:  # delivered, never handled: to the next holder now
                 if not _status(msg):
                     with contextlib.suppress(Exception):
                         await msg.nak()
@@ -119,7 +123,7 @@ class PullConsumer:
             if self.requests[0][1] <= 0:
                 self.requests.popleft()
         if self.stop.is_set():
-            self.inbox.put_nowait(msg)  # nak'ed on the way out
+            self.unhandled.append(msg)  # nak'ed on the way out
             return
         task = asyncio.create_task(self._handle(msg))
         self.running.add(task)

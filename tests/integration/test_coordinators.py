@@ -126,6 +126,65 @@ def test_each_partitions_consumer_holds_exactly_its_jobs_coordinator_events(nats
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_the_consume_loop_asks_again_after_idle_expiries_and_holds_at_most_in_hand(nats_server, tmp_path,
+                                                                                   monkeypatch):
+    """coordinator/consume.py: pull requests that expire idle (the server's 408s) are asked again,
+    so events stored after them are handled at once, at most `in_hand` at a time, and after a stop
+    every event is either handled (acked) or still the consumer's (none lost)."""
+    from captionbus.coordinator import consume
+    from captionbus.coordinator.service import partition_consumer_config
+
+    monkeypatch.setattr(consume, "EXPIRES_S", 0.3)
+
+    async def main() -> None:
+        nc = await connect(nats_server, "test-consume", Settings(home=tmp_path / "driver"))
+        js = nc.jetstream()
+        await provision(js)
+        p = subjects.PARTITIONS - 1
+        config = partition_consumer_config(p)
+        config.durable_name = "consume-test"
+        await js.add_consumer(subjects.EVENTS_STREAM, config)
+        job = next(f"consume-{n}" for n in range(1000) if subjects.job_partition(f"consume-{n}") == p)
+        handled, at_once, gate = [], [], asyncio.Event()
+
+        async def handle(msg) -> None:
+            at_once.append(len(consumer.running))
+            await gate.wait()
+            handled.append(msg.subject)
+            await msg.ack()
+
+        stop = asyncio.Event()
+        consumer = consume.PullConsumer(nc, subjects.EVENTS_STREAM, "consume-test", 4, handle, stop)
+        task = asyncio.create_task(consumer.run())
+        await asyncio.sleep(1.2)  # several requests expired meanwhile
+        for _ in range(10):
+            await js.publish(subjects.job_event(job, "stage_completed"), b"{}")
+        await asyncio.sleep(0.5)
+        assert len(consumer.running) == 4 and not handled  # 4 in hand, the rest waits on the server
+        gate.set()
+        for _ in range(50):
+            if len(handled) == 10:
+                break
+            await asyncio.sleep(0.1)
+        gate.clear()
+        await js.publish(subjects.job_event(job, "stage_completed"), b"{}")
+        await asyncio.sleep(0.3)
+        stop.set()
+        gate.set()
+        await asyncio.wait_for(task, 5)
+        for _ in range(20):  # an ack is a plain publish: the server counts it a moment later
+            info = await js.consumer_info(subjects.EVENTS_STREAM, "consume-test")
+            if info.num_pending + info.num_ack_pending == 11 - len(handled):
+                break
+            await asyncio.sleep(0.1)
+        await js.delete_consumer(subjects.EVENTS_STREAM, "consume-test")
+        await nc.close()
+        assert len(handled) >= 10 and max(at_once) <= 4
+        assert info.num_pending + info.num_ack_pending == 11 - len(handled), info
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp_path):
     graphs = load_graphs("chunked")
     processes: list[subprocess.Popen] = []
