@@ -38,7 +38,8 @@ class AsrOptions(ServiceOptions):
     threads: int | None = Field(None, ge=1, description=THREADS)
     batch_size: int = Field(4, ge=1, le=256, description="speech chunks decoded together (whisperx)")
     mlx_openblas: bool = Field(True, validation_alias="CAPTIONBUS_MLX_OPENBLAS",
-                               description="mlx on Linux: load OpenBLAS before mlx (its bundled BLAS is ~20x slower)")
+                               description="mlx on Linux: load a tuned BLAS (Intel MKL, else OpenBLAS) before mlx "
+                                           "(its bundled BLAS is ~20x slower)")
 
 
 ASR = StageSpec(

@@ -129,7 +129,8 @@ def setup(ctx: SetupContext) -> AsrModel:
     source = model_source(options, ctx.models_dir, backend)
     if backend == "mlx":
         started = time.monotonic()
-        engine = mlx_backend.load(source, ctx.log, openblas=options.mlx_openblas)
+        engine = mlx_backend.load(source, ctx.log, fast_blas=options.mlx_openblas,
+                                  threads=options.threads or usable_cores())
         load_seconds = time.monotonic() - started
         ctx.log.info("asr model loaded", backend="mlx", model=source, seconds=round(load_seconds, 2))
         return AsrModel("mlx", engine, source, load_seconds)
