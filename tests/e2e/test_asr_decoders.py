@@ -25,7 +25,8 @@ def shared(tmp_path_factory, stage_envs, whisper_model):
     from captionbus.models import ensure_silero_vad
 
     ensure_silero_vad()
-    s = start_stack(tmp_path_factory.mktemp("decoders"), CHUNKED_STAGES, ENV)
+    # Ready when asr has loaded: importing torch and whisperx took over 180 s at load average 30.
+    s = start_stack(tmp_path_factory.mktemp("decoders"), CHUNKED_STAGES, ENV, ready_timeout=900)
     try:
         yield s
     finally:
