@@ -87,11 +87,18 @@ class Stack:
     (start_stage_services: on a CPU host one asr process of that many decoders) of `threads`
     threads each."""
 
-    def __init__(self, root: Path, workers: int, threads: int = 1):
-        self.root, self.workers, self.threads = root / f"stack-{workers}x{threads}", workers, threads
+    def __init__(self, root: Path, workers: int, threads: int = 1, processes: bool = False):
+        self.root = root / f"stack-{workers}x{threads}{'p' if processes else ''}"
+        self.workers, self.threads, self.processes = workers, threads, processes
 
     async def __aenter__(self):
         os.environ.update(CAPTIONBUS_STAGE_CACHE="off", CAPTIONBUS_ASR_THREADS=str(self.threads))
+        # processes: `workers` asr processes of one decoder each (what --replicas started before
+        # the decoders shared one load; CAPTIONBUS_ASR_WORKERS=1 still asks for it)
+        if self.processes:
+            os.environ["CAPTIONBUS_ASR_WORKERS"] = "1"
+        else:
+            os.environ.pop("CAPTIONBUS_ASR_WORKERS", None)
         self.settings = Settings(home=self.root / "home", nats_url=None, artifacts_mode="local", host_id="bench")
         self.server = EmbeddedServer(self.root / "nats")
         self.server.start()
@@ -205,28 +212,34 @@ async def fanout(root: Path, film: Path, clip: Path, chunk_s: float) -> None:
           f"{(idle + chunk_decode) / idle:.2f}x")
 
 
-async def warm_replicas(root: Path, film: Path, chunk_s: float) -> None:
+WARM_CONFIGS = "1x1,2x1,1xC"
+
+
+async def warm_replicas(root: Path, film: Path, chunk_s: float, configs: str = WARM_CONFIGS) -> None:
     """The film through a running stack (`submit --wait`'s path, the model loaded before the job)
-    with one asr worker of one thread, two (`--replicas 2` on a CPU host: one process, two
-    decoders of one thread), and one worker of every core, side by side; no projection, no
-    fairness clips (the default mode has those)."""
+    with each of `configs`, side by side: WORKERSxTHREADS (C: every core), `p` after it for
+    WORKERS processes of one decoder instead of one process of WORKERS decoders. The default: one
+    asr worker of one thread, two (`--replicas 2` on a CPU host: one process, two decoders of one
+    thread), one worker of every core. No projection, no fairness clips (the default mode)."""
     cores = os.cpu_count() or 1
     walls, phases, took = {}, {}, {}
-    for workers, threads in ((1, 1), (2, 1), (1, cores)):
-        async with Stack(root, workers, threads) as stack:
-            print(f"warm {workers}x{threads}: load average before {load_average()}", flush=True)
-            walls[workers, threads], events = await stack.job(film, chunk_s)
-            phases[workers, threads] = asr_phase(events)[1]
-            took[workers, threads] = overlap(events)
-            print(f"warm {workers}x{threads}: {walls[workers, threads]:.1f} s, asr phase "
-                  f"{phases[workers, threads]:.1f} s, load average after {load_average()}", flush=True)
-    one, phase = walls[1, 1], phases[1, 1]
-    print("\nwarm: the film through a running stack, wall seconds (asr phase):")
-    for (workers, threads), wall in walls.items():
-        decoders, both = took[workers, threads]
-        print(f"  {workers} asr worker(s) of {threads} thread(s)   {wall:8.1f} {one / wall:6.2f}x   "
-              f"({phases[workers, threads]:.1f} s, {phase / phases[workers, threads]:.2f}x; {decoders} decoder(s) took "
-              f"chunks, two at once for {both:.1f} s)")
+    for config in configs.split(","):
+        processes = config.endswith("p")
+        workers, threads = (int(x.replace("C", str(cores))) for x in config.rstrip("p").split("x"))
+        name = f"{workers} {'processes' if processes else 'decoder(s)'} of {threads} thread(s)"
+        async with Stack(root, workers, threads, processes) as stack:
+            print(f"warm {name}: load average before {load_average()}", flush=True)
+            walls[name], events = await stack.job(film, chunk_s)
+            phases[name] = asr_phase(events)[1]
+            took[name] = overlap(events)
+            print(f"warm {name}: {walls[name]:.1f} s, asr phase {phases[name]:.1f} s, load average after "
+                  f"{load_average()}", flush=True)
+    first = next(iter(walls))
+    print(f"\nwarm: the film through a running stack, wall seconds (asr phase), against {first}:")
+    for name, wall in walls.items():
+        decoders, both = took[name]
+        print(f"  {name:<34}{wall:8.1f} {walls[first] / wall:6.2f}x   ({phases[name]:.1f} s, "
+              f"{phases[first] / phases[name]:.2f}x; {decoders} decoder(s) took chunks, two at once for {both:.1f} s)")
     print("  (issue 22 asks: 2 replicas >= 1.8x one warm)")
 
 
@@ -519,6 +532,8 @@ def main() -> None:
                         help="only cold `run` with 1 asr worker vs --replicas 2 (a --film-min film, default workflow)")
     parser.add_argument("--warm", action="store_true",
                         help="only the film through a running stack: 1 asr worker of 1 thread vs 2 vs 1 of every core")
+    parser.add_argument("--warm-configs", default=WARM_CONFIGS,
+                        help="--warm's stacks, WORKERSxTHREADS[p] (C: every core; p: processes, not decoders)")
     parser.add_argument("--short-min", type=float, default=10.0)
     parser.add_argument("--stages", action="store_true",
                         help="only transcript_join and subtitle_gen alone on asr-like chunk transcripts of "
@@ -550,7 +565,8 @@ def main() -> None:
         elif args.warm:
             film, _ = speech_film(root / f"film-{args.film_min:g}min.mp4",
                                   repeat=math.ceil(args.film_min * 60 / SECONDS_PER_REPEAT))
-            asyncio.run(warm_replicas(root, film, DEFAULT_CHUNK_TARGET_S if args.chunk_s is None else args.chunk_s))
+            asyncio.run(warm_replicas(root, film, DEFAULT_CHUNK_TARGET_S if args.chunk_s is None else args.chunk_s,
+                                      args.warm_configs))
         else:
             film, _ = speech_film(root / f"film-{args.film_min:g}min.mp4",
                                   repeat=math.ceil(args.film_min * 60 / SECONDS_PER_REPEAT))
