@@ -88,11 +88,11 @@ class Stack:
         self.services.append(svc)
         return svc
 
-    def wait_ready(self, services: list[ServiceProcess]) -> None:
+    def wait_ready(self, services: list[ServiceProcess], timeout: float = 180.0) -> None:
         async def go():
             nc = await connect(self.url, "test-ready")
             try:
-                await wait_ready(nc, services)
+                await wait_ready(nc, services, timeout)
             finally:
                 await nc.close()
 
@@ -169,7 +169,8 @@ class Stack:
         self.server.stop()
 
 
-def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None) -> Stack:
+def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None,
+                ready_timeout: float = 180.0) -> Stack:
     """A provisioned bus, a coordinator and one service per entry of `stages` (a stage named twice
     gets a second replica), all ready. A killed worker's request, and an event a killed coordinator
     held, come back within seconds (CAPTIONBUS_ACK_WAIT, CAPTIONBUS_EVENT_ACK_WAIT 6). The caller
@@ -194,7 +195,8 @@ def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None 
     try:
         run_async(prepare())
         s.start_coordinator()
-        s.wait_ready([s.start_stage(stage, replica=stages[:n].count(stage)) for n, stage in enumerate(stages)])
+        s.wait_ready([s.start_stage(stage, replica=stages[:n].count(stage)) for n, stage in enumerate(stages)],
+                     ready_timeout)
     except BaseException:
         s.close()
         raise
