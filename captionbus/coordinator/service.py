@@ -1142,23 +1142,26 @@ class Coordinator:
         await self._every(self.workers_interval_s, self.count_workers, "counting workers failed")
 
     async def count_workers(self, timeout: float = 0.25) -> dict[str, int]:
-        """Replicas of each windowed stage that answer $SRV STATS within `timeout`, those whose
-        setup failed left out (their STATS data says state setup_failed; an older worker said
-        setup_error in its metadata): they take no work. A replica still loading counts, it will
-        serve. The count replaces the last one at once (a worker that stops is out of the next
-        window)."""
+        """Slots of the replicas of each windowed stage that answer $SRV STATS within `timeout`:
+        a replica counts for the requests it runs at once (its metadata's `slots`, WorkerInfo;
+        1 when absent, as an older worker's), so one asr process with two decoders sharing its
+        model (`run --replicas 2` on a CPU host) gets a film two chunks at once, as two processes
+        did. Those whose setup failed are left out (their STATS data says state setup_failed; an
+        older worker said setup_error in its metadata): they take no work. A replica still
+        loading counts, it will serve. The count replaces the last one at once (a worker that
+        stops is out of the next window)."""
         counts: dict[str, int] = {}
         for stage in self._windowed_stages():
-            seen: set[str] = set()
+            seen: dict[str, int] = {}
             inbox = self.nc.new_inbox()
 
-            async def on_reply(msg: Any, seen: set[str] = seen) -> None:
+            async def on_reply(msg: Any, seen: dict[str, int] = seen) -> None:
                 with contextlib.suppress(Exception):
                     reply = json.loads(msg.data)
                     meta = reply.get("metadata") or {}
                     states = [(e.get("data") or {}).get("state") for e in reply.get("endpoints") or []]
                     if "setup_failed" not in states and not meta.get("setup_error"):
-                        seen.add(str(reply.get("id")))
+                        seen[str(reply.get("id"))] = _slots(meta)
 
             sub = await self.nc.subscribe(inbox, cb=on_reply)
             try:
@@ -1167,7 +1170,7 @@ class Coordinator:
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            counts[stage] = len(seen)
+            counts[stage] = sum(seen.values())
         if counts != self._workers:
             log.info("live workers", **counts)
         self._workers = counts
@@ -1251,6 +1254,20 @@ class Coordinator:
         await self._publish_event(failure)
         # The work queue keeps a message that hit max_deliver; it will never be delivered again.
         await self.js.delete_msg(stream, seq)
+
+
+# The most slots one worker's $SRV metadata may claim (asr's `workers` option allows 64): a
+# worker's word sizes windows, and decide() caps each window at max_in_flight as well.
+MAX_WORKER_SLOTS = 64
+
+
+def _slots(metadata: Mapping[str, Any]) -> int:
+    """A replica's `slots` (WorkerInfo.slots, a string in $SRV metadata), 1 when absent or
+    unreadable, at most MAX_WORKER_SLOTS."""
+    try:
+        return min(MAX_WORKER_SLOTS, max(1, int(str(metadata.get("slots", "1")))))
+    except ValueError:
+        return 1
 
 
 def result_secret(settings: Settings) -> bytes:

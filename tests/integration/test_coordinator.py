@@ -723,6 +723,34 @@ def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nat
     on_bus(nats_server, scenario)
 
 
+def test_the_coordinator_counts_a_workers_slots(nats_server):
+    """One asr process with two decoders sharing its model (`run --replicas 2` on a CPU host)
+    says slots 2 in its $SRV metadata (WorkerInfo.slots) and counts as two workers, so a film
+    still gets two chunks at once; a worker without the field (an older one) counts one, and a
+    claim beyond MAX_WORKER_SLOTS or unreadable is held to it / to one."""
+    import nats.micro
+
+    from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+    from captionbus.coordinator.service import MAX_WORKER_SLOTS
+
+    async def scenario(bus: Bus):
+        graphs = {**GRAPHS, "chunked": load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")}
+        name = subjects.micro_service_name("asr")
+        services = [await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata=meta)
+                    for meta in ({"stage": "asr", "slots": "2"}, {"stage": "asr"})]
+        async with Coordinator(bus.nc, graphs=graphs, policy=POLICY) as coordinator:
+            assert await coordinator.count_workers(timeout=2.0) == {"asr": 3}  # a loaded machine answers late
+            services.append(await nats.micro.add_service(bus.nc, name=name, version="1.0.0",
+                                                         metadata={"stage": "asr", "slots": "100000"}))
+            services.append(await nats.micro.add_service(bus.nc, name=name, version="1.0.0",
+                                                         metadata={"stage": "asr", "slots": "two"}))
+            assert await coordinator.count_workers(timeout=2.0) == {"asr": 3 + MAX_WORKER_SLOTS + 1}
+        for service in services:
+            await service.stop()
+
+    on_bus(nats_server, scenario)
+
+
 def test_job_events_stay_in_order_when_one_fails_to_publish(nats_server):
     """Review of issue 22: a running job's events are confirmed off the job's lock; when one's
     publish failed (here: never sent, its ack times out after a second), the events of the job's

@@ -257,13 +257,14 @@ class StageWorker:
         self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
         self._running: set[asyncio.Task] = set()
         # A slot is held while a handler runs, not while its outputs upload and the completion
-        # is published: the next fetch overlaps that tail, which keeps hops short.
-        self._slots = asyncio.Semaphore(definition.slots)
+        # is published: the next fetch overlaps that tail, which keeps hops short. How many:
+        # info.slots (process_slots: the stage's slots, or its slots option's value).
+        self._slots = asyncio.Semaphore(info.slots)
         self.ends = JobEndWatch()
         self.service_id: str | None = None  # its $SRV instance id, once registered
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
-        self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
+        self._executor = ThreadPoolExecutor(info.slots, thread_name_prefix=f"stage-{definition.name}")
 
     def set_up(self, resources: Any, setup_error: str | None, model: str | None) -> None:
         """setup() has finished (or failed for good): requests waiting for it go on."""
@@ -777,6 +778,15 @@ def stage_sources(definition: StageDefinition) -> list[Path]:
     return sorted(Path(file).resolve().parent.glob("*.py"))
 
 
+def process_slots(definition: StageDefinition, options: Any) -> int:
+    """Requests this process works on at once: the stage's `slots`, or the value of its
+    `slots_option` (asr: `workers`, decoders sharing one model load, which `run`/`serve asr
+    --replicas N` set on a CPU host: captionbus.stack.replica_processes)."""
+    if definition.slots_option is None:
+        return max(1, definition.slots)
+    return max(1, int(getattr(options, definition.slots_option)))
+
+
 def _make_store(settings: Settings, js: Any) -> Any:
     return ArtifactStore(settings, js)
 
@@ -800,7 +810,7 @@ async def serve(
     """Run one replica of a stage service until `stop` is set (or SIGTERM/SIGINT when stop is None).
 
     setup() runs once, before the first request (retried per `setup_retry`, default
-    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `definition.slots` at a time. A replica whose
+    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `process_slots` at a time. A replica whose
     setup never succeeded stays up and fails the requests no healthy replica takes, with setup's
     reason, so every job ends with a line that says what to fix.
     The service consumes from the start: while setup() runs, requests wait for it (their
@@ -810,7 +820,7 @@ async def serve(
     policy = policy or StagePolicy.from_env()
     log = structlog.get_logger("captionbus.stage").bind(stage=definition.name, env=env_name)
     log.info("stage service starting", interpreter=sys.executable, replica_id=replica_id,
-             ack_wait=policy.ack_wait, max_deliver=policy.max_deliver, slots=definition.slots)
+             ack_wait=policy.ack_wait, max_deliver=policy.max_deliver)
 
     signals = stop is None
     stop = stop or asyncio.Event()
@@ -828,9 +838,14 @@ async def serve(
 
         setup_ctx = None
         declared = None
+        loaded_options = None
+        if definition.setup is not None or definition.slots_option is not None:
+            loaded_options = load_options(definition.options, options or {}, os.environ)
+        slots = process_slots(definition, loaded_options)
+        log.info("stage service slots", slots=slots)
         if definition.setup is not None:
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                     log=log, options=load_options(definition.options, options or {}, os.environ))
+                                     log=log, options=loaded_options)
             declared = await asyncio.to_thread(declared_model, definition, setup_ctx, log)
 
         # The worker registers and consumes before its model loads: it is discoverable as
@@ -839,7 +854,7 @@ async def serve(
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
             packages=definition.report_packages, launcher=settings.launcher,
-            model=describe(definition, None) if definition.setup is None else None,
+            model=describe(definition, None) if definition.setup is None else None, slots=slots,
         )
         log = log.bind(worker_id=info.worker_id)
         consumer = await through_failover(lambda: ensure_stage_consumer_info(js, definition.name, policy),
