@@ -33,7 +33,7 @@ from captionbus.contracts import (
     subjects,
     tenant_of,
 )
-from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.events import TERMINAL_KINDS, History
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
@@ -352,14 +352,20 @@ async def follow(
     # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
     sub = await through_failover(
         lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))), "follow")
+    # Late stage events (after a job's terminal event: contracts.History) are not shown. One
+    # job read from `since` first learns whether it was ended there; of every job's events
+    # (`events --follow` with no job id) a job ended before `since` is not known to be.
+    history = None if job_id and since is not None else History()
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
+            if history is None:
+                history = await _history_before(js, job_id, msg)
             try:
                 event = parse_event(msg.data)
             except ValueError:
                 event = None  # a newer schema or foreign publisher: not ours to interpret
-            if event is not None:
+            if event is not None and history.shown(event.job_id, event.kind):
                 yield event
             if stop_when_caught_up and pending == 0:
                 return
@@ -417,9 +423,12 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     `completed`. A terminal event ends the read only when nothing is stored after it and the
     job's state agrees (one KV read at that moment; a retry published later starts a new read:
     SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher).
-    `since`: start at that time instead (`events ID --follow --since`)."""
+    `since`: start at that time instead (`events ID --follow --since`).
+    Late stage events (stored after a terminal event the worker had not seen yet) are read but
+    not yielded (contracts.History): the history ends at the terminal event on every surface."""
     sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True,
                                                       config=_consumer(_start(after, since))), "follow")
+    history = None  # what is shown (contracts.History), known at the first event read
     try:
         # ending: the job was finished when last caught up; end after settle_s of silence.
         ended_since_start = False  # a terminal event read since the last (re)start
@@ -437,11 +446,14 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
                     return
                 ending = finished
                 continue
+            if history is None:
+                history = await _history_before(js, job_id, msg) if after or since is not None else History()
             try:
                 event = parse_event(msg.data)
             except (ValueError, ValidationError):
                 continue  # a newer schema or a foreign publisher: not ours to interpret
-            yield msg.metadata.sequence.stream, event
+            if history.shown(job_id, event.kind):
+                yield msg.metadata.sequence.stream, event
             if event.kind in TERMINAL_KINDS:
                 ended_since_start = True
             elif event.kind in REOPENING_KINDS:
@@ -451,6 +463,39 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+# How long reading a job's earlier events' kinds may take (_history_before).
+HISTORY_READ_S = 10.0
+
+
+async def _history_before(js, job_id: str, first) -> History:
+    """The History of job `job_id` just before message `first` (a reader that starts in the
+    middle: SSE's Last-Event-ID, a webhook record's cursor, `--since`): whether the job was ended
+    there, so a late stage event right after a `cancelled` is dropped by a reader that resumes
+    after it as by one that read the `cancelled`. Only the kinds are needed, and a subject names
+    its kind: the earlier events are read headers only (a long film's thousands of progress
+    reports cost ~100 bytes each). A read that fails or stalls raises: guessing "not ended" would
+    show a cancelled job's late progress."""
+    history = History()
+    first_seq = first.metadata.sequence.stream
+    sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=_consumer(
+        ConsumerConfig(deliver_policy=DeliverPolicy.ALL, headers_only=True))), "follow")
+    try:
+        async with asyncio.timeout(HISTORY_READ_S):
+            async for msg in sub.messages:
+                if msg.metadata.sequence.stream >= first_seq:
+                    break
+                history.shown(job_id, subjects.event_kind(msg.subject))
+                if _pending(msg) == 0:
+                    break
+    except TimeoutError:
+        raise BusError(f"job {job_id}: its events before sequence {first_seq} were not read within "
+                       f"{HISTORY_READ_S:.0f} s") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return history
 
 
 def _start(after: int = 0, since: datetime | None = None) -> ConsumerConfig:

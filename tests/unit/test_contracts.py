@@ -58,3 +58,18 @@ def test_job_languages_are_normalised_where_the_spec_is_made():
     spec = JobSpec(job_id="j1", input=ArtifactRef(key="0" * 64, name="a.mp4", size=1),
                    source_language=" HI", target_languages=["EN", "en", " Ta "])
     assert spec.source_language == "hi" and spec.target_languages == ["en", "ta"]
+
+
+def test_a_jobs_history_ends_at_its_terminal_event_until_a_retry():
+    """contracts.History: a stage event stored after a terminal event (a worker that had not
+    seen the cancel) is not shown; job-level events are; a retry reopens the history; another
+    job's events are not affected."""
+    from captionbus.contracts.events import STAGE_KINDS, History
+
+    assert STAGE_KINDS == {"stage_requested", "stage_progress", "stage_completed", "stage_failed", "stage_warning"}
+    history = History()
+    stored = [("j1", "stage_progress"), ("j1", "cancelled"), ("j1", "stage_progress"), ("j2", "stage_progress"),
+              ("j1", "stage_completed"), ("j1", "cancel_requested"), ("j1", "retry_requested"),
+              ("j1", "stage_requested"), ("j1", "failed"), ("j1", "stage_warning")]
+    shown = [history.shown(job, kind) for job, kind in stored]
+    assert shown == [True, True, False, True, False, True, True, True, True, False]
