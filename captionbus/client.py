@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,7 @@ from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
-from captionbus.core.text import one_line
+from captionbus.core.discovery import collect_replies, merge_state, stage_workers  # noqa: F401  (re-exported)
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
 
@@ -547,54 +546,6 @@ async def fetch_outputs(
     return written
 
 
-async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0,
-                          until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
-    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*), or
-    until `until(replies so far)` holds.
-    BusError when the server refused the ask or its inbox to this login: no reply would come,
-    and an empty list would read as "no workers". The server's -ERR lands in nats-py's
-    `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
-    it is looked for again after the wait for replies."""
-    replies: list[dict] = []
-    inbox = nc.new_inbox()
-    seen = nc.last_error
-
-    async def check_refused() -> None:
-        refused = nc.last_error
-        if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
-                and any(f'"{name.lower()}"' in str(refused).lower() for name in (subject, inbox)):  # quoted, lowercased by nats-py
-            await sub.unsubscribe()
-            raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
-                           "ask with a login whose role may (the dashboard's, an operator's)")
-
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subject, b"", reply=inbox)
-    await nc.flush(timeout=max(timeout, 2.0))
-    await check_refused()
-    with contextlib.suppress(asyncio.TimeoutError):
-        async with asyncio.timeout(timeout):
-            async for msg in sub.messages:
-                with contextlib.suppress(ValueError):
-                    replies.append(json.loads(msg.data))
-                if until is not None and until(replies):
-                    break
-    if not replies:
-        await check_refused()
-    await sub.unsubscribe()
-    return replies
-
-
-def merge_state(reply: dict) -> dict:
-    """A $SRV STATS reply with its worker state (contracts.WorkerState, the endpoint's `data`)
-    as `state`, and the facts that become known after registration (the loaded model, setup's
-    error) merged into `metadata`, where readers of $SRV INFO found them before."""
-    data = next((e.get("data") for e in reply.get("endpoints") or [] if isinstance(e.get("data"), dict)), None)
-    meta = dict(reply.get("metadata") or {})
-    if data:
-        meta.update({k: str(data[k]) for k in ("model", "setup_error") if data.get(k) is not None})
-    return {**reply, "metadata": meta, "state": data or {}}
-
-
 async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
                   until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
@@ -606,11 +557,4 @@ async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
         raise NotForTenants(f"tenant {TENANT.get()!r} cannot list the workers: their state names the jobs of every "
                             "tenant, so a tenant's login is not granted $SRV; ask the fleet's operator, or list "
                             "them with a trusted login (the dashboard user)")
-    subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
-    replies = await collect_replies(nc, subject, timeout,
-                                    until=None if until is None else lambda raw: until(_stage_services(raw)))
-    return _stage_services(replies)
-
-
-def _stage_services(replies: list[dict]) -> list[dict]:
-    return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]
+    return await stage_workers(nc, stage, timeout, until)
