@@ -253,6 +253,7 @@ class Board:
                 self.jobs.pop(subjects.job_id_of_key(entry.key), None)
                 self.summaries.pop(subjects.job_id_of_key(entry.key), None)
                 self.parts.pop(subjects.job_id_of_key(entry.key), None)
+                self.history.ended.discard(subjects.job_id_of_key(entry.key))  # gc took the job: forget it
                 continue
             try:
                 state = self.whole(JobState.model_validate_json(entry.value))
