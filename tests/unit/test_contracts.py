@@ -73,3 +73,35 @@ def test_a_jobs_history_ends_at_its_terminal_event_until_a_retry():
               ("j1", "stage_requested"), ("j1", "failed"), ("j1", "stage_warning")]
     shown = [history.shown(job, kind) for job, kind in stored]
     assert shown == [True, True, False, True, False, True, True, True, True, False]
+
+
+def test_a_reader_resumed_mid_history_asks_what_came_before_only_when_a_stage_event_needs_it(monkeypatch):
+    """client._Resumed: read from the middle (Last-Event-ID, a webhook cursor), a terminal event
+    or a retry_requested says by itself whether the job is ended, so nothing earlier is read; a
+    stage event read first makes it read the kinds before it (here: the job was cancelled there,
+    so the late progress is not shown)."""
+    import asyncio
+
+    from captionbus import client
+    from captionbus.contracts.events import History
+
+    asked: list[int] = []
+
+    async def before(js, job_id, msg):
+        asked.append(msg)
+        history = History()
+        history.shown(job_id, "cancelled")
+        return history
+
+    monkeypatch.setattr(client, "_history_before", before)
+
+    async def read(kinds: list[str]) -> list[bool]:
+        resumed = client._Resumed(None, "j1", from_start=False)
+        return [await resumed.shown(seq, kind) for seq, kind in enumerate(kinds, start=10)]
+
+    assert asyncio.run(read(["retry_requested", "started", "stage_requested", "stage_progress"])) == [True] * 4
+    assert asyncio.run(read(["cancelled", "stage_progress"])) == [True, False]
+    assert asked == []
+    assert asyncio.run(read(["cancel_requested", "stage_progress", "retry_requested", "stage_progress"])) == [
+        True, False, True, True]
+    assert asked == [11]
