@@ -82,6 +82,8 @@ async def ask(nc: Any, subject: str, timeout: float = 1.0, *,
             if quiet:
                 break
             continue
+        except StopAsyncIteration:  # the subscription ended (the connection closed)
+            break
         if no_responders(msg):
             nobody = True
             break
