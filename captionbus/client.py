@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +32,12 @@ from captionbus.contracts import (
     subjects,
     tenant_of,
 )
-from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.events import REOPENING_KIND, STAGE_KINDS, TERMINAL_KINDS, History
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
-from captionbus.core.text import one_line
+from captionbus.core.discovery import collect_replies, merge_state, stage_workers  # noqa: F401  (re-exported)
 from captionbus.core.tenancy import jobs_kv, last_per_key, named
 
 
@@ -352,6 +351,11 @@ async def follow(
     # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
     sub = await through_failover(
         lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))), "follow")
+    # Late stage events (after a job's terminal event: contracts.History) are not shown. One
+    # job read from `since` learns whether it was ended there (_Resumed); of every job's events
+    # (`events --follow` with no job id) a job ended before `since` is not known to be.
+    resumed = _Resumed(js, job_id, from_start=since is None) if job_id else None
+    history = History()
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
@@ -359,7 +363,8 @@ async def follow(
                 event = parse_event(msg.data)
             except ValueError:
                 event = None  # a newer schema or foreign publisher: not ours to interpret
-            if event is not None:
+            if event is not None and (await resumed.shown(msg, event.kind) if resumed
+                                      else history.shown(event.job_id, event.kind)):
                 yield event
             if stop_when_caught_up and pending == 0:
                 return
@@ -417,9 +422,12 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     `completed`. A terminal event ends the read only when nothing is stored after it and the
     job's state agrees (one KV read at that moment; a retry published later starts a new read:
     SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher).
-    `since`: start at that time instead (`events ID --follow --since`)."""
+    `since`: start at that time instead (`events ID --follow --since`).
+    Late stage events (stored after a terminal event the worker had not seen yet) are read but
+    not yielded (contracts.History): the history ends at the terminal event on every surface."""
     sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True,
                                                       config=_consumer(_start(after, since))), "follow")
+    history = _Resumed(js, job_id, from_start=not after and since is None)  # what is shown (contracts.History)
     try:
         # ending: the job was finished when last caught up; end after settle_s of silence.
         ended_since_start = False  # a terminal event read since the last (re)start
@@ -441,7 +449,8 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
                 event = parse_event(msg.data)
             except (ValueError, ValidationError):
                 continue  # a newer schema or a foreign publisher: not ours to interpret
-            yield msg.metadata.sequence.stream, event
+            if await history.shown(msg, event.kind):
+                yield msg.metadata.sequence.stream, event
             if event.kind in TERMINAL_KINDS:
                 ended_since_start = True
             elif event.kind in REOPENING_KINDS:
@@ -451,6 +460,63 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+# How long reading a job's earlier events' kinds may take (_history_before).
+HISTORY_READ_S = 10.0
+
+
+class _Resumed:
+    """contracts.History of one job read in stream order, from its start or from the middle
+    (SSE's Last-Event-ID, a webhook record's cursor, `--since`). From the middle, whether the job
+    was ended there is asked only when it matters: at the first stage event read before any
+    terminal or retry_requested (those say it themselves; job-level events are always shown).
+    A webhook record reopened by a retry reads `retry_requested` first and asks nothing."""
+
+    def __init__(self, js, job_id: str, from_start: bool):
+        self.js, self.job_id = js, job_id
+        self.history = History() if from_start else None
+
+    async def shown(self, msg, kind: str) -> bool:
+        if self.history is None:
+            if kind in STAGE_KINDS:
+                self.history = await _history_before(self.js, self.job_id, msg)
+            elif kind in TERMINAL_KINDS or kind == REOPENING_KIND:
+                self.history = History()
+            else:
+                return True
+        return self.history.shown(self.job_id, kind)
+
+
+async def _history_before(js, job_id: str, first) -> History:
+    """The History of job `job_id` just before message `first` (a reader that starts in the
+    middle: SSE's Last-Event-ID, a webhook record's cursor, `--since`): whether the job was ended
+    there, so a late stage event right after a `cancelled` is dropped by a reader that resumes
+    after it as by one that read the `cancelled`. Only the kinds are needed, and a subject names
+    its kind: the earlier events are read headers only (a long film's thousands of progress
+    reports cost ~100 bytes each). Measured on this 2-core machine (load average ~3): the kinds of
+    10,001 earlier events read in 0.66-2.05 s (three runs; nats-py's per-message cost, not bytes),
+    paid once per resume, not per event. A read that fails or stalls raises: guessing "not
+    ended" would show a cancelled job's late progress."""
+    history = History()
+    first_seq = first.metadata.sequence.stream
+    sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=_consumer(
+        ConsumerConfig(deliver_policy=DeliverPolicy.ALL, headers_only=True))), "follow")
+    try:
+        async with asyncio.timeout(HISTORY_READ_S):
+            async for msg in sub.messages:
+                if msg.metadata.sequence.stream >= first_seq:
+                    break
+                history.shown(job_id, subjects.event_kind(msg.subject))
+                if _pending(msg) == 0:
+                    break
+    except TimeoutError:
+        raise BusError(f"job {job_id}: its events before sequence {first_seq} were not read within "
+                       f"{HISTORY_READ_S:.0f} s") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return history
 
 
 def _start(after: int = 0, since: datetime | None = None) -> ConsumerConfig:
@@ -502,54 +568,6 @@ async def fetch_outputs(
     return written
 
 
-async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0,
-                          until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
-    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*), or
-    until `until(replies so far)` holds.
-    BusError when the server refused the ask or its inbox to this login: no reply would come,
-    and an empty list would read as "no workers". The server's -ERR lands in nats-py's
-    `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
-    it is looked for again after the wait for replies."""
-    replies: list[dict] = []
-    inbox = nc.new_inbox()
-    seen = nc.last_error
-
-    async def check_refused() -> None:
-        refused = nc.last_error
-        if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
-                and any(f'"{name.lower()}"' in str(refused).lower() for name in (subject, inbox)):  # quoted, lowercased by nats-py
-            await sub.unsubscribe()
-            raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
-                           "ask with a login whose role may (the dashboard's, an operator's)")
-
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subject, b"", reply=inbox)
-    await nc.flush(timeout=max(timeout, 2.0))
-    await check_refused()
-    with contextlib.suppress(asyncio.TimeoutError):
-        async with asyncio.timeout(timeout):
-            async for msg in sub.messages:
-                with contextlib.suppress(ValueError):
-                    replies.append(json.loads(msg.data))
-                if until is not None and until(replies):
-                    break
-    if not replies:
-        await check_refused()
-    await sub.unsubscribe()
-    return replies
-
-
-def merge_state(reply: dict) -> dict:
-    """A $SRV STATS reply with its worker state (contracts.WorkerState, the endpoint's `data`)
-    as `state`, and the facts that become known after registration (the loaded model, setup's
-    error) merged into `metadata`, where readers of $SRV INFO found them before."""
-    data = next((e.get("data") for e in reply.get("endpoints") or [] if isinstance(e.get("data"), dict)), None)
-    meta = dict(reply.get("metadata") or {})
-    if data:
-        meta.update({k: str(data[k]) for k in ("model", "setup_error") if data.get(k) is not None})
-    return {**reply, "metadata": meta, "state": data or {}}
-
-
 async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
                   until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
@@ -561,11 +579,4 @@ async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
         raise NotForTenants(f"tenant {TENANT.get()!r} cannot list the workers: their state names the jobs of every "
                             "tenant, so a tenant's login is not granted $SRV; ask the fleet's operator, or list "
                             "them with a trusted login (the dashboard user)")
-    subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
-    replies = await collect_replies(nc, subject, timeout,
-                                    until=None if until is None else lambda raw: until(_stage_services(raw)))
-    return _stage_services(replies)
-
-
-def _stage_services(replies: list[dict]) -> list[dict]:
-    return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]
+    return await stage_workers(nc, stage, timeout, until)

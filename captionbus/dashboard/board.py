@@ -42,6 +42,7 @@ from captionbus.client import workers as worker_replies
 from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
 from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
+from captionbus.contracts.events import History
 from captionbus.contracts.jobs import MissingParts
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.tasks import cancel_and_wait
@@ -193,6 +194,7 @@ class Board:
             metrics.board = self
         self.jobs_loaded = asyncio.Event()
         self.events_seen = 0
+        self.history = History()  # which live events are late (contracts.History): not fanned out
         self.failing: dict[str, str] = {}  # watcher -> why it is restarting
         self.webhooks = WebhookView()  # the gateway's delivery records (KV cb_webhooks), outside readiness
         self._tasks: list[asyncio.Task] = []
@@ -251,6 +253,7 @@ class Board:
                 self.jobs.pop(subjects.job_id_of_key(entry.key), None)
                 self.summaries.pop(subjects.job_id_of_key(entry.key), None)
                 self.parts.pop(subjects.job_id_of_key(entry.key), None)
+                self.history.ended.discard(subjects.job_id_of_key(entry.key))  # gc took the job: forget it
                 continue
             try:
                 state = self.whole(JobState.model_validate_json(entry.value))
@@ -302,6 +305,8 @@ class Board:
             except ValueError:
                 continue
             self.events_seen += 1
+            if not self.history.shown(event.job_id, event.kind):
+                continue  # a late stage event: not in the job's history (contracts.History)
             if event.kind == "stage_completed":
                 times = self.completions.setdefault(event.stage, deque())
                 times.append(time.monotonic())
@@ -338,8 +343,10 @@ class Board:
         wanted = {subject: min(n, JOB_EVENTS_LIMIT) for subject, n in (info.state.subjects or {}).items()
                   if subject not in unlisted}
         read = await asyncio.gather(*(self._read(subject, n, timeout) for subject, n in wanted.items() if n))
+        history = History()  # late stage events are not shown, as no other surface shows them
         return [{"seq": seq, **event} for seq, event in sorted((item for batch in read for item in batch),
-                                                             key=lambda item: item[0])]
+                                                             key=lambda item: item[0])
+                if history.shown(job_id, event["kind"])]
 
     async def _read(self, subject: str, count: int, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         out: list[tuple[int, dict[str, Any]]] = []

@@ -187,7 +187,7 @@ def test_the_coordinator_counts_the_decoders_of_one_process_as_workers(fleet):
         nc = await connect(fleet.url, "test-count")
         try:
             replies = await workers(nc, timeout=3.0, stage="asr", until=lambda seen: len(seen) >= 2)
-            counted = await Coordinator(nc).count_workers(timeout=2.0)
+            counted = await Coordinator(nc).count_workers()
         finally:
             await nc.close()
         return replies, counted

@@ -7,8 +7,9 @@ processes (CAPTIONBUS_HOST_ID `alpha` and `beta`): noop twice on alpha (replicas
 once on beta, demux and vad on alpha, subtitle_gen and mux on beta, the real stages in their own
 `common` env; the real coordinator; the gateway with a gateway-wide webhook subscriber (the
 example receiver); the dashboard; the CLI as a subprocess. A job is created, cancelled while its
-first noop node runs, retried once its webhook record is done, and completes; then the surfaces
-are compared."""
+first noop node runs (a progress report of that attempt is stored right after its `cancelled`,
+as a worker that has not yet seen the cancel sends it: no surface shows it), retried once its
+webhook record is done, and completes; then the surfaces are compared."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 from captionbus.client import submit
+from captionbus.contracts import StageProgress, subjects
+from captionbus.core.bus import event_msg_id
 from captionbus.core.artifacts import ArtifactStore
 from tests.integration.test_gateway_webhook_state import SECRET, receiver  # noqa: F401  (a fixture)
 from tests.system.stack import LocalStack, until, webhook_log
@@ -41,6 +44,7 @@ FLEET = [("alpha", "noop", 0), ("alpha", "noop", 1), ("beta", "noop", 0), ("alph
 def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, receiver):  # noqa: F811
     hooks, rec = receiver
     followers: list[subprocess.Popen] = []
+    late_ids: set[str] = set()  # event ids of the late progress reports the test stored
 
     async def main():
         async with LocalStack(nats_server, tmp_path, fleet=FLEET, workflows={"pair": PAIR}, hooks=hooks,
@@ -68,6 +72,7 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
             return next((r for r in rows for c in r["current"] if c["job_id"] == job_id and c["node"] == "first"), None)
         holder = await until(running_first, 30, "a noop worker to run the first node")
         assert holder["stage"] == "noop"
+        late = await late_progress_after_cancelled(stack, job_id)
         await asyncio.sleep(0.5)
         started = time.monotonic()
         assert (await stack.gw.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202
@@ -84,7 +89,7 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
             records = (await stack.gw.get(f"/v1/jobs/{job_id}/webhooks")).json()["data"]
             return records and all(r["done"] for r in records)
         await until(record_done, 15, "the webhook record done at `cancelled`")
-        assert [e["kind"] for e, _ in rec.got if e["job_id"] == job_id][-1] == "cancelled"
+        await late_progress_dropped(stack, job_id, late)
         assert (await stack.gw.post(f"/v1/jobs/{job_id}/retry")).status_code == 202
         # A follower started now replays past `cancelled` (not the end any more) and ends by
         # itself at `completed`.
@@ -100,6 +105,10 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         ids = [e["event_id"] for e in cli_events]
         kinds = [e["kind"] for e in cli_events]
         print(f"job {job_id}: {len(ids)} events, {' '.join(k for k in kinds if k != 'stage_progress')}")
+        # The late progress (stored between `cancelled` and `retry_requested`) is in no surface:
+        # not in the replay, nor where SSE resumes after `cancelled`, nor in the reopened webhook
+        # record's deliveries (history_agrees compared them; both resume after `cancelled`).
+        assert late_ids and not late_ids & set(ids), "a late progress report shown after the retry"
         assert kinds[0] == "submitted" and kinds[-1] == "completed"
         for kind in ("cancel_requested", "cancelled", "retry_requested"):
             assert kind in kinds
@@ -129,6 +138,45 @@ def test_cli_dashboard_metrics_sse_and_webhooks_agree(nats_server, tmp_path, rec
         assert first_attempts == {1: "cancelled", 2: "completed"}
         assert [m["kind"] for m in page["marks"]] == [k for k in kinds if k in (
             "started", "cancel_requested", "cancelled", "retry_requested", "completed")]
+
+    async def late_progress_after_cancelled(stack: LocalStack, job_id: str) -> dict:
+        """A progress report of the cancelled attempt stored right after `cancelled`, as a worker
+        that had not yet seen the cancel publishes it (its subject, its event, the real bus): sent
+        the moment the `cancelled` event goes by, while the webhook record's reader still reads."""
+        late: dict = {}
+
+        async def on_cancelled(msg) -> None:
+            if "event" not in late:
+                late["event"] = StageProgress(job_id=job_id, stage="noop", node="first", attempt=1, fraction=0.9,
+                                              message="late: the worker had not seen the cancel")
+                late["ack"] = await stack.js.publish(subjects.job_event(job_id, "stage_progress"),
+                                                     late["event"].model_dump_json().encode(),
+                                                     headers={"Nats-Msg-Id": event_msg_id(late["event"])})
+        late["watch"] = await stack.nc.subscribe(subjects.job_event(job_id, "cancelled"), cb=on_cancelled)
+        return late
+
+    async def late_progress_dropped(stack: LocalStack, job_id: str, late: dict) -> None:
+        """The job's history ends at `cancelled` on every surface, though the bus stored a
+        progress report after it: the webhooks' last delivery, SSE's last event, the CLI's
+        replay, the job page's history; the job's record (gateway, CLI) stays cancelled."""
+        checked_at = time.monotonic()
+        await until(lambda: _true("ack" in late), 10, "the late progress report stored")
+        await late["watch"].unsubscribe()
+        late_ids.add(late["event"].event_id)
+        sse, replay = await asyncio.gather(stack.sse(job_id), stack.cli("events", job_id))
+        kinds = [json.loads(e["data"])["kind"] for e in sse]
+        assert late["ack"].seq > int(sse[kinds.index("cancelled")]["id"]), \
+            "the bus stored the progress report after `cancelled` (the case this checks)"
+        assert kinds[-1] == "cancelled", f"SSE goes on after `cancelled`: {kinds[kinds.index('cancelled'):]}"
+        assert [json.loads(line)["kind"] for line in replay.splitlines()][-1] == "cancelled", "events ID"
+        hooks = [e for e, _ in rec.got if e["job_id"] == job_id]
+        assert hooks[-1]["kind"] == "cancelled" and late_ids.isdisjoint(e["event_id"] for e in hooks), "webhooks"
+        page = (await stack.dash.get(f"/api/jobs/{job_id}")).json()
+        assert page["status"] == "cancelled" and page["history"][-1]["kind"] == "cancelled", "job page"
+        assert await _status(stack, job_id, "cancelled"), "gateway job"
+        status = await asyncio.to_thread(stack.cli_run, "status", job_id, "--json")  # not 0: the job did not complete
+        assert json.loads(status.stdout)["status"] == "cancelled", "status --json"
+        print(f"the late progress report checked on every surface in {time.monotonic() - checked_at:.2f} s")
 
     async def check_job_workers(stack: LocalStack, job_id: str) -> None:
         """job.json / the job page name the workers the Workers page lists."""
@@ -219,3 +267,7 @@ async def check_pages(stack: LocalStack, job_id: str, workers: set[str]) -> None
 
 async def _status(stack: LocalStack, job_id: str, status: str) -> bool:
     return (await stack.gw.get(f"/v1/jobs/{job_id}")).json()["status"] == status
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -59,6 +59,7 @@ from captionbus.core.bus import (
     require_provisioned,
     through_failover,
 )
+from captionbus.core.discovery import serving, stage_workers
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import PROJECT_ROOT, Settings, config_dirs
@@ -577,33 +578,16 @@ class StageWorker:
 
     async def _healthy_replicas(self, timeout: float = 0.5) -> int:
         """Replicas of this stage whose $SRV STATS state is not setup_failed (this one excluded;
-        one still loading counts: it will most likely serve)."""
+        one still loading counts: it will most likely serve), read as every reader of workers
+        reads them (core.discovery)."""
         if self.nc is None:
             return 0
-        name = subjects.micro_service_name(self.definition.name)
-        inbox = self.nc.new_inbox()
-        healthy = 0
-
-        async def on_reply(msg: Any) -> None:
-            nonlocal healthy
-            with suppress(Exception):
-                body = json.loads(msg.data)
-                meta = body.get("metadata") or {}
-                states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
-                if (body.get("id") != self.service_id and "setup_failed" not in states
-                        and not meta.get("setup_error")):  # (an older worker says it in its metadata)
-                    healthy += 1
-
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(f"$SRV.STATS.{name}", b"", reply=inbox)
-            await asyncio.sleep(timeout)
+            replicas = await stage_workers(self.nc, self.definition.name, timeout)
         except Exception as e:
             self.log.debug("replica discovery failed", error=error_line(e))
-        finally:
-            with suppress(Exception):
-                await sub.unsubscribe()
-        return healthy
+            return 0
+        return sum(1 for w in replicas if w.get("id") != self.service_id and serving(w))
 
     async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
         """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
