@@ -248,7 +248,9 @@ def replica_processes(stage: str, replicas: int, environ: dict[str, str] | None 
     CPU host shares the same cores and pays the same N loads; what one process gives up is the
     isolation of N (a crash takes all N decoders, and `up`/`serve` restart it as one); whoever
     wants N processes sets CAPTIONBUS_ASR_WORKERS themselves (an operator's setting is kept, as
-    for `threads`: N processes of that many workers each), or runs `serve asr` N times.
+    for `threads`: N processes of that many workers each; CAPTIONBUS_OPTION_WORKERS counts too),
+    or runs `serve asr` N times. The mlx backend (CAPTIONBUS_ASR_BACKEND=mlx) runs one worker a
+    process, so it gets N processes.
 
     Everything else is N processes as before: stages without `workers`; a GPU host (`kinds` has
     cuda: one process per device, `serve --devices`, whose pinning the caller adds) or Apple
@@ -260,10 +262,20 @@ def replica_processes(stage: str, replicas: int, environ: dict[str, str] | None 
     count = max(1, replicas)
     options = STAGES[stage].options if stage in STAGES else None
     shares = count > 1 and options is not None and "workers" in options.model_fields
-    if shares and environ.get(options.env_var("workers") or "", "") != "":
+
+    def option(name: str) -> str:
+        """The operator's value of option `name` for this stage: its own variable, else the
+        generic CAPTIONBUS_OPTION_<NAME> that reaches every stage ('' when neither is set)."""
+        if options is None or name not in options.model_fields:
+            return ""
+        return environ.get(options.env_var(name) or "", "") or environ.get(f"CAPTIONBUS_OPTION_{name.upper()}", "")
+
+    if shares and option("workers") != "":
         shares = False  # the operator chose the workers per process
+    if shares and option("backend") == "mlx":
+        shares = False  # one MLX worker per process (the mlx backend refuses workers > 1)
     if shares:
-        device = environ.get(options.env_var("device") or "", "") if "device" in options.model_fields else ""
+        device = option("device")
         on_cpu = device == "cpu" or (not device and not {"cuda", "mlx"} & set(kinds or hardware.load().kinds()))
         shares = on_cpu
     if not shares:

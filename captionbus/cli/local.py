@@ -213,7 +213,7 @@ def dashboard(listen: str, downloads: bool) -> None:
 
 @main.command()
 @click.argument("stage")
-@click.option("--replicas", default=1, show_default=True,
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Workers to start (they share one queue): processes, or for asr on a CPU host one process "
                    "with that many decoders sharing one model load.")
 @click.option("--devices", default=None,

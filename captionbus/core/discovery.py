@@ -9,16 +9,20 @@ asr worker answered after the window and was counted as 0 for a moment, which sh
 chunk window to 1 (and a listing said it was gone). Now:
 - every ask ends at once when the server answers "no responders" (a 503 status: nothing
   subscribes to the subject, nobody will answer), so discovery stays quick with no workers;
-- a Census count waits up to `COUNT_WAIT_S` (2 s) for every worker it counted last time, then
-  `QUIET_S` more for a new one; a first count (nobody known) ends `QUIET_S` after the last reply;
+- a Census count waits up to `COUNT_WAIT_S` (2 s) for every worker it counted last time, and at
+  least `NEW_WORKER_S` (1 s) from the ask for one it has not counted yet, then ends `QUIET_S`
+  after the last reply. Without that floor a slow worker answering beside a quick one was never
+  counted: once the known ones had answered, the count ended 0.25 s after the quick one (a
+  review's run: one worker answering at once, one after 0.6 s, four counts of 1);
 - a worker the Census counted stays counted through one ask it misses (`TOLERATED_MISSES`): one
   slow answer does not take it out of the window; a second miss in a row, or "no responders",
-  does. A worker that stops is out of the window two counts later (4 s at the coordinator's 2 s
-  interval), or at once when it was its stage's last; counted a little long, it costs one more
-  request queued per film for those seconds, where counted out it cost the film its fan-out.
+  does. A worker that stops is out of the window two counts later (6-8 s at the coordinator's
+  2 s interval: each count waits up to 2 s for it), or at once when it was its stage's last;
+  counted a little long, it costs one more request queued per film for those seconds, where
+  counted out it cost the film its fan-out.
 Measured (tests/integration/test_coordinator.py): a replica whose STATS answer takes 0.6 s is
-counted by a first count and by the next one (0.85 s: its 0.6 s + QUIET_S); a count with nothing
-answering took 0.002 s. `captionbus workers` and the dashboard keep their own waits (1 s; 0.5 s
+counted by a first count and by the next one, beside one that answers at once; a count with
+nothing answering took 0.002 s. `captionbus workers` and the dashboard keep their own waits (1 s; 0.5 s
 a poll, with a worker unseen for 10 s shown `lost`) over the same ask.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from captionbus.core.text import one_line
 
 QUIET_S = 0.25  # an ask ends this long after the last reply, once every expected worker answered
 COUNT_WAIT_S = 2.0  # how long the Census waits for a worker it counted last time
+NEW_WORKER_S = 1.0  # and at least this long for one it has not counted yet
 TOLERATED_MISSES = 1  # asks a counted worker may miss in a row and stay counted
 # The most slots one worker's $SRV metadata may claim (asr's `workers` option allows 64): a
 # worker's word sizes windows, and decide() caps each window at max_in_flight as well.
@@ -49,11 +54,13 @@ def no_responders(msg: Any) -> bool:
 
 async def ask(nc: Any, subject: str, timeout: float = 1.0, *,
               until: Callable[[list[dict]], bool] | None = None, quiet_s: float | None = None,
-              expect: Callable[[list[dict]], bool] | None = None) -> tuple[list[dict], bool]:
+              expect: Callable[[list[dict]], bool] | None = None,
+              min_s: float = 0.0) -> tuple[list[dict], bool]:
     """Publish once on `subject` and gather every JSON reply (many services answer $SRV.*);
     (replies, nobody), `nobody` when the server said nothing subscribes to `subject`. The
     gathering ends at that answer, when `until(replies so far)` holds, `quiet_s` after the last
-    reply (when given; once `expect(replies so far)` holds, if given), or at `timeout`.
+    reply (when given; once `expect(replies so far)` holds, if given, and never before `min_s`
+    from the ask), or at `timeout`.
     BusError when the server refused the ask or its inbox to this login: no reply would come,
     and an empty list would read as "no workers". The server's -ERR lands in nats-py's
     `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
@@ -67,36 +74,40 @@ async def ask(nc: Any, subject: str, timeout: float = 1.0, *,
         refused = nc.last_error
         if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
                 and any(f'"{name.lower()}"' in str(refused).lower() for name in (subject, inbox)):  # quoted, lowercased by nats-py
-            await sub.unsubscribe()
             raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
                            "ask with a login whose role may (the dashboard's, an operator's)")
 
     sub = await nc.subscribe(inbox)
-    await nc.publish(subject, b"", reply=inbox)
-    await nc.flush(timeout=max(timeout, 2.0))
-    await check_refused()
-    deadline = time.monotonic() + timeout
-    messages = sub.messages.__aiter__()
-    while (left := deadline - time.monotonic()) > 0:
-        quiet = bool(replies) and quiet_s is not None and (expect is None or expect(replies))
-        try:
-            msg = await asyncio.wait_for(messages.__anext__(), min(left, quiet_s) if quiet else left)
-        except TimeoutError:
-            if quiet:
-                break
-            continue
-        except StopAsyncIteration:  # the subscription ended (the connection closed)
-            break
-        if no_responders(msg):
-            nobody = True
-            break
-        with contextlib.suppress(ValueError):
-            replies.append(json.loads(msg.data))
-        if until is not None and until(replies):
-            break
-    if not replies:
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        await nc.flush(timeout=max(timeout, 2.0))
         await check_refused()
-    await sub.unsubscribe()
+        asked = time.monotonic()
+        deadline = asked + timeout
+        messages = sub.messages.__aiter__()
+        while (left := deadline - time.monotonic()) > 0:
+            quiet = bool(replies) and quiet_s is not None and (expect is None or expect(replies))
+            wait = max(quiet_s or 0.0, asked + min_s - time.monotonic()) if quiet else left
+            try:
+                msg = await asyncio.wait_for(messages.__anext__(), min(left, wait))
+            except TimeoutError:
+                if quiet and time.monotonic() >= asked + min_s - 0.001:
+                    break
+                continue
+            except StopAsyncIteration:  # the subscription ended (the connection closed)
+                break
+            if no_responders(msg):
+                nobody = True
+                break
+            with contextlib.suppress(ValueError):
+                replies.append(json.loads(msg.data))
+            if until is not None and until(replies):
+                break
+        if not replies:
+            await check_refused()
+    finally:
+        with contextlib.suppress(Exception):  # a closed connection: nothing left to unsubscribe
+            await sub.unsubscribe()
     return replies, nobody
 
 
@@ -179,7 +190,7 @@ class Census:
         known = self.misses.setdefault(stage, {})
         expected = set(known)
         replies, nobody = await ask(
-            nc, stats_subject(stage), self.wait_s, quiet_s=QUIET_S,
+            nc, stats_subject(stage), self.wait_s, quiet_s=QUIET_S, min_s=NEW_WORKER_S,
             expect=(lambda raw: expected <= {str(r.get("id")) for r in raw}) if expected else None)
         workers = stage_services(replies)
         answered = {str(w.get("id")): serving(w) for w in workers}

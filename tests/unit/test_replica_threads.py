@@ -118,6 +118,14 @@ def test_gpu_and_mlx_hosts_other_stages_and_an_operators_workers_stay_n_processe
         {"CAPTIONBUS_ASR_THREADS": "4"}] * 2  # one MLX worker per process
     assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_WORKERS": "1"}, cores=2, kinds=["cpu"]) == [
         {"CAPTIONBUS_ASR_THREADS": "1"}] * 2  # the operator asked for processes of one decoder
+    # the generic variable that reaches every stage counts as the operator's choice too
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_OPTION_WORKERS": "1"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_OPTION_DEVICE": "cuda"}, cores=8, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "4"}] * 2
+    # the mlx backend asked for on a Linux CPU host: one MLX worker per process (it refuses workers > 1)
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_BACKEND": "mlx"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
     assert replica_processes("subtitle_gen", 2, environ={}, cores=2, kinds=["cpu"]) == [{}, {}]
 
 
