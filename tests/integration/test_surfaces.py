@@ -271,3 +271,81 @@ async def _status(stack: LocalStack, job_id: str, status: str) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_a_reader_resumed_mid_history_reads_only_what_ends_a_job_and_a_refused_retry_reopens_nothing(
+        nats_server, monkeypatch):
+    """contracts.History on the real bus, with no fleet: the events are published as their
+    publishers would (a worker's progress, the coordinator's ends, a tenant's retry_requested).
+
+    A job with 20,001 progress events, cancelled, then a late progress report: a reader resumed
+    after the `cancelled` (here `--since`: a webhook cursor and Last-Event-ID go the same way)
+    learns the job had ended by reading only its terminal and `started` events, well within a
+    HISTORY_READ_S of 0.5 s (reading every earlier event took longer than that); with no time
+    for the read at all it raises rather than guessing. Then a `retry_requested` the coordinator
+    refused (no `started` follows) and the old attempt's late report after it: no reader shows
+    that report; after the coordinator's `started`, the new attempt's events are shown."""
+    from datetime import UTC, datetime
+
+    from captionbus import client
+    from captionbus.contracts import JobCancelled, JobRetryRequested, JobStarted, StageRequested
+    from captionbus.core.bus import BusError, connect, provision, publish_event
+
+    job_id = "resumed1"
+
+    def progress(i: int, attempt: int = 1) -> StageProgress:
+        return StageProgress(job_id=job_id, stage="noop", node="first", attempt=attempt, fraction=0.5,
+                             message=f"report {i}")
+
+    async def since(js, at: datetime) -> list[str]:
+        return [e.event_id async for e in client.follow(js, job_id, since=at, stop_when_caught_up=True)]
+
+    async def main():
+        nc = await connect(nats_server, "test")
+        try:
+            js = nc.jetstream()
+            await provision(js)
+            await publish_event(js, JobStarted(job_id=job_id, workflow="pair", nodes=["first"]))
+            subject = subjects.job_event(job_id, "stage_progress")
+            for i in range(20_001):  # a long film's reports, pipelined (core publishes the stream stores)
+                await nc.publish(subject, progress(i).model_dump_json().encode())
+            cancelled = JobCancelled(job_id=job_id)
+            await publish_event(js, cancelled)  # acked: stored after every report
+            await asyncio.sleep(0.01)
+            after_cancel = datetime.now(UTC)
+            late = progress(-1)
+            await publish_event(js, late)
+            monkeypatch.setattr(client, "HISTORY_READ_S", 0.5)
+            started = time.monotonic()
+            assert await since(js, after_cancel) == [], "the late report after `cancelled`, read from after it"
+            took = time.monotonic() - started
+            print(f"resumed after 20,002 earlier events: whether the job had ended read in {took:.3f} s")
+            monkeypatch.setattr(client, "HISTORY_READ_S", 1e-6)
+            try:
+                await since(js, after_cancel)
+            except BusError as e:
+                assert "were not read within" in str(e)
+            else:
+                raise AssertionError("a read of the earlier kinds that did not finish answered")
+            monkeypatch.setattr(client, "HISTORY_READ_S", 10.0)
+
+            # A retry_requested the coordinator refused: the job stays ended for every reader.
+            retry = JobRetryRequested(job_id=job_id)
+            await publish_event(js, retry)
+            stale = progress(-2)
+            await publish_event(js, stale)
+            replay = [e.event_id async for e in client.follow(js, job_id, stop_when_caught_up=True)]
+            assert late.event_id not in replay and stale.event_id not in replay, "a late report shown"
+            assert replay[-2:] == [cancelled.event_id, retry.event_id] and len(replay) == 20_004
+            assert await since(js, after_cancel) == [retry.event_id], "resumed: only the retry request"
+            # The coordinator accepted a retry: its `started` reopens the history.
+            restarted = JobStarted(job_id=job_id, workflow="pair", nodes=["first"])
+            await publish_event(js, restarted)
+            again = StageRequested(job_id=job_id, stage="noop", node="first", attempt=2)
+            await publish_event(js, again)
+            assert await since(js, after_cancel) == [retry.event_id, restarted.event_id, again.event_id]
+        finally:
+            await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
