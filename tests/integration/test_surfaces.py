@@ -13,6 +13,7 @@ webhook record is done, and completes; then the surfaces are compared."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -349,3 +350,61 @@ def test_a_reader_resumed_mid_history_reads_only_what_ends_a_job_and_a_refused_r
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
+
+def test_the_dashboards_live_feed_hides_late_events_of_a_job_that_ended_before_it_started(nats_server):
+    """The dashboard's live feed reads new events only, so it never read the `cancelled` of a job
+    that ended before it started: once the job records are loaded, every finished job is ended
+    in its History, and a late progress report of that job (a worker that had not seen the
+    cancel) is not fanned out; a running job's reports are, before and after it."""
+    from captionbus.contracts import ArtifactRef, JobSpec, JobState, JobStatus
+    from captionbus.core.bus import connect, provision, publish_event
+    from captionbus.dashboard.board import Board
+
+    async def main():
+        nc = await connect(nats_server, "test")
+        board = None
+        try:
+            js = nc.jetstream()
+            await provision(js)
+            kv = await js.key_value(subjects.JOBS_BUCKET)
+            for job_id, status in (("ended1", JobStatus.cancelled), ("running1", JobStatus.running)):
+                spec = JobSpec(job_id=job_id, input=ArtifactRef(key="0" * 64, name="a.mp4", size=1))
+                await kv.put(job_id, JobState(spec=spec, status=status).model_dump_json().encode())
+            board = Board(await connect(nats_server, "dashboard"), stages=[])
+            feed = board.fanout.subscribe()
+            await board.start()
+            await asyncio.wait_for(board.jobs_loaded.wait(), 20)
+
+            def report(job_id: str, message: str) -> StageProgress:
+                return StageProgress(job_id=job_id, stage="noop", node="first", attempt=1, fraction=0.5, message=message)
+
+            async def fanned_out(message: str, within: float) -> list[dict]:
+                """The feed's events up to the one whose message is `message`."""
+                got: list[dict] = []
+                async with asyncio.timeout(within):
+                    while True:
+                        kind, data = await feed.get()
+                        if kind == "event":
+                            got.append(json.loads(data))
+                            if got[-1].get("message") == message:
+                                return got
+
+            for i in range(100):  # the feed subscribes to new events: until it reads them
+                await publish_event(js, report("running1", f"live {i}"))
+                with contextlib.suppress(TimeoutError):
+                    await fanned_out(f"live {i}", 0.2)
+                    break
+            else:
+                raise AssertionError("the live feed never showed a running job's report")
+            await publish_event(js, report("ended1", "late: the worker had not seen the cancel"))
+            await publish_event(js, report("running1", "after"))
+            got = await fanned_out("after", 10)
+            assert [e["job_id"] for e in got if e["kind"] == "stage_progress"][-1:] == ["running1"]
+            assert "ended1" not in {e["job_id"] for e in got}, got
+        finally:
+            if board is not None:
+                await board.stop()
+                await board.nc.close()
+            await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
