@@ -378,8 +378,6 @@ async def follow(
 # the `cancelled` it had not seen yet (the runtime stops publishing within ~50 ms of it).
 SETTLE_S = 0.5
 RECHECK_S = 1.0
-# Kinds after which a finished job runs again.
-REOPENING_KINDS = frozenset({"retry_requested", "started"})
 
 
 async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
@@ -392,20 +390,39 @@ async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
     The coordinator writes a decision's state with its events in an outbox, publishes them, then
     clears the outbox: a finished state with a full outbox is finished for a reader that has seen
     the terminal event (published from that outbox), and not yet for one that has not."""
+    state = await _state_now(js, job_id)
+    if state is None:
+        return terminal_seen
+    if state is False:
+        return False
+    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
+    return state.status.finished and (terminal_seen or not state.outbox)
+
+
+async def _state_now(js, job_id: str) -> JobState | None | bool:
+    """The job's KV state head (no parts read); None: it has none; False: unreadable (logged)."""
     try:
         kv = jobs_kv(js) if TENANT.get() else await js.key_value(subjects.JOBS_BUCKET)
         entry = await kv.get(subjects.job_key(job_id))
     except (KeyNotFoundError, KeyDeletedError):
-        return terminal_seen
+        return None
     except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
         structlog.get_logger("captionbus.client").warning(
             "job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
         return False
-    if not entry.value:
-        return terminal_seen
-    state = JobState.model_validate_json(entry.value)
-    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
-    return state.status.finished and (terminal_seen or not state.outbox)
+    return JobState.model_validate_json(entry.value) if entry.value else None
+
+
+async def _retry_refused(js, job_id: str) -> bool:
+    """Whether the coordinator refuses (has refused) a `retry_requested` of job `job_id` just
+    read: the job completed (decide._Step.retry retries failed or cancelled jobs only, and a
+    completed record never becomes either). A tenant may publish `retry_requested` for its own
+    job without the gateway's 409; a follower that took it for a restart waited for a `started`
+    that never came, forever: `events ID --follow`, SSE, and the webhook record the gateway
+    reopened for it (measured: still following 15 s after a completed job's refused retry).
+    Unreadable or no state: not known to be refused (the follower goes on as for a retry)."""
+    state = await _state_now(js, job_id)
+    return isinstance(state, JobState) and state.status.value == "completed"
 
 
 async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None = None,
@@ -453,7 +470,8 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
                 yield msg.metadata.sequence.stream, event
             if event.kind in TERMINAL_KINDS:
                 ended_since_start = True
-            elif event.kind in REOPENING_KINDS:
+            elif event.kind == REOPENING_KIND or (event.kind == "retry_requested"
+                                                  and not await _retry_refused(js, job_id)):
                 ended_since_start = ending = False
             if _pending(msg) == 0 and (ended_since_start or ending):
                 ending = await job_finished(js, job_id, ended_since_start)

@@ -408,3 +408,37 @@ def test_the_dashboards_live_feed_hides_late_events_of_a_job_that_ended_before_i
             await nc.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_follower_of_a_completed_job_ends_after_a_retry_request_the_coordinator_refuses(nats_server):
+    """A tenant may publish `retry_requested` for its own completed job (not through the
+    gateway's 409); the coordinator refuses it (only failed or cancelled jobs retry), so no
+    `started` follows. A follower (`events ID --follow`, SSE, a webhook record the gateway reopens
+    for the request) reads the request and ends at the job's end, from the start or resumed
+    after `completed`, instead of waiting for a restart forever."""
+    from captionbus import client
+    from captionbus.contracts import ArtifactRef, JobCompleted, JobRetryRequested, JobSpec, JobStarted, JobState, JobStatus
+    from captionbus.core.bus import connect, provision, publish_event
+
+    async def main():
+        nc = await connect(nats_server, "test")
+        try:
+            js = nc.jetstream()
+            await provision(js)
+            job_id = "refused1"
+            spec = JobSpec(job_id=job_id, input=ArtifactRef(key="0" * 64, name="a.mp4", size=1))
+            await (await js.key_value(subjects.JOBS_BUCKET)).put(
+                job_id, JobState(spec=spec, status=JobStatus.completed).model_dump_json().encode())
+            for event in (JobStarted(job_id=job_id, workflow="pair", nodes=["first"]),
+                          JobCompleted(job_id=job_id, outputs={}), JobRetryRequested(job_id=job_id)):
+                await publish_event(js, event)
+            started = time.monotonic()
+            read = [(seq, e.kind) async for seq, e in client.job_events(js, job_id)]
+            assert [kind for _, kind in read] == ["started", "completed", "retry_requested"]
+            resumed = [kind async for _, e in client.job_events(js, job_id, read[1][0]) for kind in [e.kind]]
+            assert resumed == ["retry_requested"]
+            print(f"both reads ended {time.monotonic() - started:.2f} s after they began")
+        finally:
+            await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
