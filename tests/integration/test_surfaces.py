@@ -417,7 +417,15 @@ def test_a_follower_of_a_completed_job_ends_after_a_retry_request_the_coordinato
     for the request) reads the request and ends at the job's end, from the start or resumed
     after `completed`, instead of waiting for a restart forever."""
     from captionbus import client
-    from captionbus.contracts import ArtifactRef, JobCompleted, JobRetryRequested, JobSpec, JobStarted, JobState, JobStatus
+    from captionbus.contracts import (
+        ArtifactRef,
+        JobCompleted,
+        JobRetryRequested,
+        JobSpec,
+        JobStarted,
+        JobState,
+        JobStatus,
+    )
     from captionbus.core.bus import connect, provision, publish_event
 
     async def main():
