@@ -32,13 +32,13 @@ from captionbus.contracts import (
     subjects,
     tenant_of,
 )
-from captionbus.contracts.events import REOPENING_KIND, STAGE_KINDS, TERMINAL_KINDS, History
+from captionbus.contracts.events import HISTORY_KINDS, REOPENING_KIND, STAGE_KINDS, TERMINAL_KINDS, History
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
 from captionbus.core.discovery import collect_replies, merge_state, stage_workers  # noqa: F401  (re-exported)
-from captionbus.core.tenancy import jobs_kv, last_per_key, named
+from captionbus.core.tenancy import held, jobs_kv, last_per_key, named
 
 
 class SubmitError(ValueError):
@@ -378,8 +378,6 @@ async def follow(
 # the `cancelled` it had not seen yet (the runtime stops publishing within ~50 ms of it).
 SETTLE_S = 0.5
 RECHECK_S = 1.0
-# Kinds after which a finished job runs again.
-REOPENING_KINDS = frozenset({"retry_requested", "started"})
 
 
 async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
@@ -392,20 +390,39 @@ async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
     The coordinator writes a decision's state with its events in an outbox, publishes them, then
     clears the outbox: a finished state with a full outbox is finished for a reader that has seen
     the terminal event (published from that outbox), and not yet for one that has not."""
+    state = await _state_now(js, job_id)
+    if state is None:
+        return terminal_seen
+    if state is False:
+        return False
+    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
+    return state.status.finished and (terminal_seen or not state.outbox)
+
+
+async def _state_now(js, job_id: str) -> JobState | None | bool:
+    """The job's KV state head (no parts read); None: it has none; False: unreadable (logged)."""
     try:
         kv = jobs_kv(js) if TENANT.get() else await js.key_value(subjects.JOBS_BUCKET)
         entry = await kv.get(subjects.job_key(job_id))
     except (KeyNotFoundError, KeyDeletedError):
-        return terminal_seen
+        return None
     except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
         structlog.get_logger("captionbus.client").warning(
             "job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
         return False
-    if not entry.value:
-        return terminal_seen
-    state = JobState.model_validate_json(entry.value)
-    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
-    return state.status.finished and (terminal_seen or not state.outbox)
+    return JobState.model_validate_json(entry.value) if entry.value else None
+
+
+async def _retry_refused(js, job_id: str) -> bool:
+    """Whether the coordinator refuses (has refused) a `retry_requested` of job `job_id` just
+    read: the job completed (decide._Step.retry retries failed or cancelled jobs only, and a
+    completed record never becomes either). A tenant may publish `retry_requested` for its own
+    job without the gateway's 409; a follower that took it for a restart waited for a `started`
+    that never came, forever: `events ID --follow`, SSE, and the webhook record the gateway
+    reopened for it (measured: still following 15 s after a completed job's refused retry).
+    Unreadable or no state: not known to be refused (the follower goes on as for a retry)."""
+    state = await _state_now(js, job_id)
+    return isinstance(state, JobState) and state.status.value == "completed"
 
 
 async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None = None,
@@ -453,7 +470,8 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
                 yield msg.metadata.sequence.stream, event
             if event.kind in TERMINAL_KINDS:
                 ended_since_start = True
-            elif event.kind in REOPENING_KINDS:
+            elif event.kind == REOPENING_KIND or (event.kind == "retry_requested"
+                                                  and not await _retry_refused(js, job_id)):
                 ended_since_start = ending = False
             if _pending(msg) == 0 and (ended_since_start or ending):
                 ending = await job_finished(js, job_id, ended_since_start)
@@ -462,7 +480,7 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
             await sub.unsubscribe()
 
 
-# How long reading a job's earlier events' kinds may take (_history_before).
+# How long reading whether a job had ended before a resume point may take (_history_before).
 HISTORY_READ_S = 10.0
 
 
@@ -470,8 +488,10 @@ class _Resumed:
     """contracts.History of one job read in stream order, from its start or from the middle
     (SSE's Last-Event-ID, a webhook record's cursor, `--since`). From the middle, whether the job
     was ended there is asked only when it matters: at the first stage event read before any
-    terminal or retry_requested (those say it themselves; job-level events are always shown).
-    A webhook record reopened by a retry reads `retry_requested` first and asks nothing."""
+    terminal event or `started` (those say it themselves; job-level events are always shown). A
+    webhook record reopened by a retry resumes after the job's terminal event: its first event is
+    a late stage event stored after that end (then it asks) or the `retry_requested` (shown; the
+    next stage event of the old attempt, before the coordinator's `started`, asks)."""
 
     def __init__(self, js, job_id: str, from_start: bool):
         self.js, self.job_id = js, job_id
@@ -492,30 +512,37 @@ async def _history_before(js, job_id: str, first) -> History:
     """The History of job `job_id` just before message `first` (a reader that starts in the
     middle: SSE's Last-Event-ID, a webhook record's cursor, `--since`): whether the job was ended
     there, so a late stage event right after a `cancelled` is dropped by a reader that resumes
-    after it as by one that read the `cancelled`. Only the kinds are needed, and a subject names
-    its kind: the earlier events are read headers only (a long film's thousands of progress
-    reports cost ~100 bytes each). Measured on this 2-core machine (load average ~3): the kinds of
-    10,001 earlier events read in 0.66-2.05 s (three runs; nats-py's per-message cost, not bytes),
-    paid once per resume, not per event. A read that fails or stalls raises: guessing "not
-    ended" would show a cancelled job's late progress."""
-    history = History()
+    after it as by one that read the `cancelled`.
+
+    Only the kinds that decide it are read (contracts.HISTORY_KINDS: the terminal ones and the
+    restart's `started`), one consumer per kind's subject, headers only (core.tenancy.held: the
+    filtered create a tenant's login is granted, and a count from the create's answer), a handful
+    of messages per job. Before, every earlier event was read, progress reports included: a long
+    chunked film's tens of thousands made each resume cost ~0.8 s idle (20,001 events) and, under
+    load, run into HISTORY_READ_S, failing every SSE reconnect and webhook resume of that job; and
+    any tenant could make the gateway repeat it with `Last-Event-ID: 1`. Measured on this 2-core
+    machine (load average ~3.2), a job of 20,000 progress reports then `cancelled`, resumed at a
+    late report after it: every earlier event read in 0.87, 1.80 and 0.87 s; these four kinds in
+    0.003, 0.006 and 0.003 s. A read that fails or stalls raises (a refused consumer create, a
+    re-created consumer, HISTORY_READ_S): guessing "not ended" would show a cancelled job's late
+    progress."""
     first_seq = first.metadata.sequence.stream
-    sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True, config=_consumer(
-        ConsumerConfig(deliver_policy=DeliverPolicy.ALL, headers_only=True))), "follow")
+
+    async def read(kind: str) -> list[tuple[int, str]]:
+        # (the consumer create asks the meta leader, which may be electing one: through_failover)
+        msgs, _ = await through_failover(lambda: held(js, subjects.EVENTS_STREAM, subjects.job_event(job_id, kind),
+                                                      headers_only=True, timeout=HISTORY_READ_S), "follow")
+        return [(msg.metadata.sequence.stream, kind) for msg in msgs if msg.metadata.sequence.stream < first_seq]
+
     try:
         async with asyncio.timeout(HISTORY_READ_S):
-            async for msg in sub.messages:
-                if msg.metadata.sequence.stream >= first_seq:
-                    break
-                history.shown(job_id, subjects.event_kind(msg.subject))
-                if _pending(msg) == 0:
-                    break
+            read_kinds = await asyncio.gather(*(read(kind) for kind in sorted(HISTORY_KINDS)))
     except TimeoutError:
         raise BusError(f"job {job_id}: its events before sequence {first_seq} were not read within "
                        f"{HISTORY_READ_S:.0f} s") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    history = History()
+    for _, kind in sorted(item for batch in read_kinds for item in batch):
+        history.shown(job_id, kind)
     return history
 
 
