@@ -8,6 +8,7 @@ CAPTIONBUS_CHUNK_ABOVE_S) on a long film vs a short one (memory follows the chun
     python benchmarks/fanout.py --memory            # a 1-hour film vs a 10-minute one through `run`
     python benchmarks/fanout.py --film-min 4                       # reduced, minutes not an hour
     python benchmarks/fanout.py --cold --film-min 10.6   # cold `run`: 1 asr worker vs --replicas 2
+    python benchmarks/fanout.py --warm --film-min 10.6   # the same through a running stack
     python benchmarks/fanout.py --memory --memory-film-min 12 --short-min 3   # reduced
 
 Each asr worker gets one thread (CAPTIONBUS_ASR_THREADS=1, what `run --replicas 2` gives each of
@@ -82,13 +83,22 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class Stack:
-    """A bus, an in-process coordinator and the chunked workflow's services, `workers` asr."""
+    """A bus, an in-process coordinator and the chunked workflow's services, `workers` asr
+    (start_stage_services: on a CPU host one asr process of that many decoders) of `threads`
+    threads each."""
 
-    def __init__(self, root: Path, workers: int):
-        self.root, self.workers = root / f"stack-{workers}", workers
+    def __init__(self, root: Path, workers: int, threads: int = 1, processes: bool = False):
+        self.root = root / f"stack-{workers}x{threads}{'p' if processes else ''}"
+        self.workers, self.threads, self.processes = workers, threads, processes
 
     async def __aenter__(self):
-        os.environ.update(CAPTIONBUS_STAGE_CACHE="off", CAPTIONBUS_ASR_THREADS="1")
+        os.environ.update(CAPTIONBUS_STAGE_CACHE="off", CAPTIONBUS_ASR_THREADS=str(self.threads))
+        # processes: `workers` asr processes of one decoder each (what --replicas started before
+        # the decoders shared one load; CAPTIONBUS_ASR_WORKERS=1 still asks for it)
+        if self.processes:
+            os.environ["CAPTIONBUS_ASR_WORKERS"] = "1"
+        else:
+            os.environ.pop("CAPTIONBUS_ASR_WORKERS", None)
         self.settings = Settings(home=self.root / "home", nats_url=None, artifacts_mode="local", host_id="bench")
         self.server = EmbeddedServer(self.root / "nats")
         self.server.start()
@@ -140,8 +150,10 @@ def asr_phase(events: list) -> tuple[list[float], float]:
 
 
 def overlap(events: list) -> tuple[int, float]:
-    """(workers that took chunks, seconds during which two or more chunks were being decoded)."""
-    runs = [(e.worker.get("pid"), e.metrics["started_at"], e.metrics["handled_at"]) for _, e in events
+    """(workers that took chunks, seconds during which two or more chunks were being decoded); a
+    worker is a process's decoder (one asr process of two decoders is two workers)."""
+    runs = [((e.worker.get("pid"), e.metrics.get("decoder", 0.0)), e.metrics["started_at"], e.metrics["handled_at"])
+            for _, e in events
             if e.kind == "stage_completed" and e.node.startswith("asr-") and "started_at" in e.metrics]
     edges = sorted([(a, 1) for _, a, _ in runs] + [(b, -1) for _, _, b in runs])
     both, depth, since = 0.0, 0, 0.0
@@ -198,6 +210,37 @@ async def fanout(root: Path, film: Path, clip: Path, chunk_s: float) -> None:
           f"{chunk_decode:.1f} s): median wait 0.29 x that = {0.29 * chunk_decode:.1f} s, "
           f"i.e. {(idle + 0.29 * chunk_decode) / idle:.2f}x; at worst a whole chunk, "
           f"{(idle + chunk_decode) / idle:.2f}x")
+
+
+WARM_CONFIGS = "1x1,2x1,1xC"
+
+
+async def warm_replicas(root: Path, film: Path, chunk_s: float, configs: str = WARM_CONFIGS) -> None:
+    """The film through a running stack (`submit --wait`'s path, the model loaded before the job)
+    with each of `configs`, side by side: WORKERSxTHREADS (C: every core), `p` after it for
+    WORKERS processes of one decoder instead of one process of WORKERS decoders. The default: one
+    asr worker of one thread, two (`--replicas 2` on a CPU host: one process, two decoders of one
+    thread), one worker of every core. No projection, no fairness clips (the default mode)."""
+    cores = os.cpu_count() or 1
+    walls, phases, took = {}, {}, {}
+    for config in configs.split(","):
+        processes = config.endswith("p")
+        workers, threads = (int(x.replace("C", str(cores))) for x in config.rstrip("p").split("x"))
+        name = f"{workers} {'processes' if processes else 'decoder(s)'} of {threads} thread(s)"
+        async with Stack(root, workers, threads, processes) as stack:
+            print(f"warm {name}: load average before {load_average()}", flush=True)
+            walls[name], events = await stack.job(film, chunk_s)
+            phases[name] = asr_phase(events)[1]
+            took[name] = overlap(events)
+            print(f"warm {name}: {walls[name]:.1f} s, asr phase {phases[name]:.1f} s, load average after "
+                  f"{load_average()}", flush=True)
+    first = next(iter(walls))
+    print(f"\nwarm: the film through a running stack, wall seconds (asr phase), against {first}:")
+    for name, wall in walls.items():
+        decoders, both = took[name]
+        print(f"  {name:<34}{wall:8.1f} {walls[first] / wall:6.2f}x   ({phases[name]:.1f} s, "
+              f"{phases[first] / phases[name]:.2f}x; {decoders} decoder(s) took chunks, two at once for {both:.1f} s)")
+    print("  (issue 22 asks: 2 replicas >= 1.8x one warm)")
 
 
 async def fairness(stack: Stack, film: Path, clip: Path, chunk_s: float,
@@ -299,8 +342,9 @@ def run_peaks(media: Path, root: Path, chunk_s: float | None, *extra: str, env_e
 def cold_timeline(root: Path, film: Path, tag: str, started: float, wall: float) -> str:
     """Where one cold run's wall went, from its job record (`run --out`): the stack's start
     before the job (server, services, coordinator), the job's stages before the first chunk's
-    decode, each asr replica's model load, first chunk and busy seconds, and what came after the
-    last chunk."""
+    decode, each asr replica's model load, each of its decoders' first chunk and busy seconds
+    (`--replicas 2` on a CPU host: one process, decoders 0 and 1), and what came after the last
+    chunk."""
     import json
     from datetime import datetime
 
@@ -309,23 +353,35 @@ def cold_timeline(root: Path, film: Path, tag: str, started: float, wall: float)
     chunks = [n for name, n in record["nodes"].items() if name.startswith("asr-") and n["status"] == "completed"]
     first = min(n["metrics"]["started_at"] for n in chunks) - started
     last = max(n["metrics"]["handled_at"] for n in chunks) - started
-    replicas: dict[str, list[dict]] = {}
+    replicas: dict[tuple[str, int], list[dict]] = {}
     for n in chunks:
-        replicas.setdefault(n["worker"].get("replica", "?"), []).append(n)
+        replicas.setdefault((n["worker"].get("replica", "?"), int(n["metrics"].get("decoder", 0))), []).append(n)
     parts = [f"stack start {created:.1f} s", f"first chunk decoding at {first:.1f} s", f"last chunk done {last:.1f} s",
              f"end {wall:.1f} s"]
-    for replica, done in sorted(replicas.items()):
-        parts.append(f"replica {replica}: load {done[0]['metrics'].get('model_load_s', float('nan')):.1f} s, "
+    for (replica, decoder), done in sorted(replicas.items()):
+        parts.append(f"replica {replica} decoder {decoder}: "
+                     f"load {done[0]['metrics'].get('model_load_s', float('nan')):.1f} s, "
                      f"first chunk at {min(n['metrics']['started_at'] for n in done) - started:.1f} s, "
                      f"{len(done)} chunks, busy {sum(n['metrics']['handle_s'] for n in done):.1f} s")
     return "; ".join(parts)
 
 
+def transcript_words(out: Path, stem: str) -> list[tuple[str, float, float]]:
+    """(text, start, end) of every word of the transcript `run FILM --out OUT` wrote (its output
+    `transcript`: OUT/<stem>.transcript.json)."""
+    import json
+
+    segments = json.loads((out / f"{stem}.transcript.json").read_text())["segments"]
+    return [(w["text"], w["start"], w["end"]) for segment in segments for w in segment["words"]]
+
+
 def cold_replicas(root: Path, film: Path) -> None:
     """Issue 22's cold comparison: `run FILM -s en` with one asr worker of one thread vs
-    `--replicas 2` (cores // 2 threads each: 1 on 2 cores), then one worker with every core.
-    Each run's timeline (cold_timeline) says where the replicas lose time."""
-    walls = {}
+    `--replicas 2` (on a CPU host one asr process of two decoders sharing one model load,
+    cores // 2 threads each: 1 on 2 cores), then one worker with every core. Each run's
+    timeline (cold_timeline) says where the replicas lose time; each run's words and word times
+    are compared with the first run's."""
+    walls, words = {}, {}
     for tag, extra, env in (("-1x1", (), {"CAPTIONBUS_ASR_THREADS": "1"}), ("-2", ("--replicas", "2"), None),
                             ("-1", (), None)):
         print(f"run{tag}: load average before {load_average()}", flush=True)
@@ -333,6 +389,11 @@ def cold_replicas(root: Path, film: Path) -> None:
         walls[tag], _ = run_peaks(film, root, None, *extra, env_extra=env, tag=tag)
         print(f"run{tag}: {walls[tag]:.1f} s, load average after {load_average()}\n  "
               + cold_timeline(root, film, tag, started, walls[tag]), flush=True)
+        words[tag] = transcript_words(root / f"out-{film.stem}{tag}", film.stem)
+    for tag in ("-2", "-1"):
+        same = words[tag] == words["-1x1"]
+        print(f"run{tag} transcript vs run-1x1: {'the same' if same else 'DIFFERENT'} words and word times "
+              f"({len(words[tag])} vs {len(words['-1x1'])} words)")
     one, two, whole = walls["-1x1"], walls["-2"], walls["-1"]
     print(f"\ncold `captionbus run {film.name} -s en` (default workflow), wall seconds:")
     print(f"  1 asr worker, 1 thread            {one:8.1f}")
@@ -469,6 +530,10 @@ def main() -> None:
     parser.add_argument("--memory-film-min", type=float, default=60.0)
     parser.add_argument("--cold", action="store_true",
                         help="only cold `run` with 1 asr worker vs --replicas 2 (a --film-min film, default workflow)")
+    parser.add_argument("--warm", action="store_true",
+                        help="only the film through a running stack: 1 asr worker of 1 thread vs 2 vs 1 of every core")
+    parser.add_argument("--warm-configs", default=WARM_CONFIGS,
+                        help="--warm's stacks, WORKERSxTHREADS[p] (C: every core; p: processes, not decoders)")
     parser.add_argument("--short-min", type=float, default=10.0)
     parser.add_argument("--stages", action="store_true",
                         help="only transcript_join and subtitle_gen alone on asr-like chunk transcripts of "
@@ -497,6 +562,11 @@ def main() -> None:
             film, _ = speech_film(root / f"film-{args.film_min:g}min.mp4",
                                   repeat=math.ceil(args.film_min * 60 / SECONDS_PER_REPEAT))
             cold_replicas(root, film)
+        elif args.warm:
+            film, _ = speech_film(root / f"film-{args.film_min:g}min.mp4",
+                                  repeat=math.ceil(args.film_min * 60 / SECONDS_PER_REPEAT))
+            asyncio.run(warm_replicas(root, film, DEFAULT_CHUNK_TARGET_S if args.chunk_s is None else args.chunk_s,
+                                      args.warm_configs))
         else:
             film, _ = speech_film(root / f"film-{args.film_min:g}min.mp4",
                                   repeat=math.ceil(args.film_min * 60 / SECONDS_PER_REPEAT))

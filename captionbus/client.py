@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,13 +32,13 @@ from captionbus.contracts import (
     subjects,
     tenant_of,
 )
-from captionbus.contracts.events import TERMINAL_KINDS
+from captionbus.contracts.events import HISTORY_KINDS, REOPENING_KIND, STAGE_KINDS, TERMINAL_KINDS, History
 from captionbus.contracts.languages import LANGUAGES
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.artifacts import ArtifactStore
 from captionbus.core.bus import BusError, publish_event, record_keys, through_failover
-from captionbus.core.text import one_line
-from captionbus.core.tenancy import jobs_kv, last_per_key, named
+from captionbus.core.discovery import collect_replies, merge_state, stage_workers  # noqa: F401  (re-exported)
+from captionbus.core.tenancy import held, jobs_kv, last_per_key, named
 
 
 class SubmitError(ValueError):
@@ -354,6 +353,11 @@ async def follow(
     # (a timeout), like a stream's leader for submit (captionbus.core.bus.through_failover).
     sub = await through_failover(
         lambda: js.subscribe(subject, ordered_consumer=True, config=_consumer(_start(since=since))), "follow")
+    # Late stage events (after a job's terminal event: contracts.History) are not shown. One
+    # job read from `since` learns whether it was ended there (_Resumed); of every job's events
+    # (`events --follow` with no job id) a job ended before `since` is not known to be.
+    resumed = _Resumed(js, job_id, from_start=since is None) if job_id else None
+    history = History()
     try:
         async for msg in sub.messages:
             pending = _pending(msg)
@@ -361,7 +365,8 @@ async def follow(
                 event = parse_event(msg.data)
             except ValueError:
                 event = None  # a newer schema or foreign publisher: not ours to interpret
-            if event is not None:
+            if event is not None and (await resumed.shown(msg, event.kind) if resumed
+                                      else history.shown(event.job_id, event.kind)):
                 yield event
             if stop_when_caught_up and pending == 0:
                 return
@@ -375,8 +380,6 @@ async def follow(
 # the `cancelled` it had not seen yet (the runtime stops publishing within ~50 ms of it).
 SETTLE_S = 0.5
 RECHECK_S = 1.0
-# Kinds after which a finished job runs again.
-REOPENING_KINDS = frozenset({"retry_requested", "started"})
 
 
 async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
@@ -389,20 +392,39 @@ async def job_finished(js, job_id: str, terminal_seen: bool = False) -> bool:
     The coordinator writes a decision's state with its events in an outbox, publishes them, then
     clears the outbox: a finished state with a full outbox is finished for a reader that has seen
     the terminal event (published from that outbox), and not yet for one that has not."""
+    state = await _state_now(js, job_id)
+    if state is None:
+        return terminal_seen
+    if state is False:
+        return False
+    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
+    return state.status.finished and (terminal_seen or not state.outbox)
+
+
+async def _state_now(js, job_id: str) -> JobState | None | bool:
+    """The job's KV state head (no parts read); None: it has none; False: unreadable (logged)."""
     try:
         kv = jobs_kv(js) if TENANT.get() else await js.key_value(subjects.JOBS_BUCKET)
         entry = await kv.get(subjects.job_key(job_id))
     except (KeyNotFoundError, KeyDeletedError):
-        return terminal_seen
+        return None
     except Exception as e:  # noqa: BLE001  the bus is away: read on, check again at the next end
         structlog.get_logger("captionbus.client").warning(
             "job state unreadable; following on", job_id=job_id, error=f"{type(e).__name__}: {e}")
         return False
-    if not entry.value:
-        return terminal_seen
-    state = JobState.model_validate_json(entry.value)
-    # Events still in the outbox (the coordinator writes the state, then publishes them) are to come.
-    return state.status.finished and (terminal_seen or not state.outbox)
+    return JobState.model_validate_json(entry.value) if entry.value else None
+
+
+async def _retry_refused(js, job_id: str) -> bool:
+    """Whether the coordinator refuses (has refused) a `retry_requested` of job `job_id` just
+    read: the job completed (decide._Step.retry retries failed or cancelled jobs only, and a
+    completed record never becomes either). A tenant may publish `retry_requested` for its own
+    job without the gateway's 409; a follower that took it for a restart waited for a `started`
+    that never came, forever: `events ID --follow`, SSE, and the webhook record the gateway
+    reopened for it (measured: still following 15 s after a completed job's refused retry).
+    Unreadable or no state: not known to be refused (the follower goes on as for a retry)."""
+    state = await _state_now(js, job_id)
+    return isinstance(state, JobState) and state.status.value == "completed"
 
 
 async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None = None,
@@ -419,9 +441,12 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
     `completed`. A terminal event ends the read only when nothing is stored after it and the
     job's state agrees (one KV read at that moment; a retry published later starts a new read:
     SSE clients reconnect with Last-Event-ID, webhook records are reopened by the dispatcher).
-    `since`: start at that time instead (`events ID --follow --since`)."""
+    `since`: start at that time instead (`events ID --follow --since`).
+    Late stage events (stored after a terminal event the worker had not seen yet) are read but
+    not yielded (contracts.History): the history ends at the terminal event on every surface."""
     sub = await through_failover(lambda: js.subscribe(subjects.job_events(job_id), ordered_consumer=True,
                                                       config=_consumer(_start(after, since))), "follow")
+    history = _Resumed(js, job_id, from_start=not after and since is None)  # what is shown (contracts.History)
     try:
         # ending: the job was finished when last caught up; end after settle_s of silence.
         ended_since_start = False  # a terminal event read since the last (re)start
@@ -443,16 +468,84 @@ async def job_events(js, job_id: str, after: int = 0, *, since: datetime | None 
                 event = parse_event(msg.data)
             except (ValueError, ValidationError):
                 continue  # a newer schema or a foreign publisher: not ours to interpret
-            yield msg.metadata.sequence.stream, event
+            if await history.shown(msg, event.kind):
+                yield msg.metadata.sequence.stream, event
             if event.kind in TERMINAL_KINDS:
                 ended_since_start = True
-            elif event.kind in REOPENING_KINDS:
+            elif event.kind == REOPENING_KIND or (event.kind == "retry_requested"
+                                                  and not await _retry_refused(js, job_id)):
                 ended_since_start = ending = False
             if _pending(msg) == 0 and (ended_since_start or ending):
                 ending = await job_finished(js, job_id, ended_since_start)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+# How long reading whether a job had ended before a resume point may take (_history_before).
+HISTORY_READ_S = 10.0
+
+
+class _Resumed:
+    """contracts.History of one job read in stream order, from its start or from the middle
+    (SSE's Last-Event-ID, a webhook record's cursor, `--since`). From the middle, whether the job
+    was ended there is asked only when it matters: at the first stage event read before any
+    terminal event or `started` (those say it themselves; job-level events are always shown). A
+    webhook record reopened by a retry resumes after the job's terminal event: its first event is
+    a late stage event stored after that end (then it asks) or the `retry_requested` (shown; the
+    next stage event of the old attempt, before the coordinator's `started`, asks)."""
+
+    def __init__(self, js, job_id: str, from_start: bool):
+        self.js, self.job_id = js, job_id
+        self.history = History() if from_start else None
+
+    async def shown(self, msg, kind: str) -> bool:
+        if self.history is None:
+            if kind in STAGE_KINDS:
+                self.history = await _history_before(self.js, self.job_id, msg)
+            elif kind in TERMINAL_KINDS or kind == REOPENING_KIND:
+                self.history = History()
+            else:
+                return True
+        return self.history.shown(self.job_id, kind)
+
+
+async def _history_before(js, job_id: str, first) -> History:
+    """The History of job `job_id` just before message `first` (a reader that starts in the
+    middle: SSE's Last-Event-ID, a webhook record's cursor, `--since`): whether the job was ended
+    there, so a late stage event right after a `cancelled` is dropped by a reader that resumes
+    after it as by one that read the `cancelled`.
+
+    Only the kinds that decide it are read (contracts.HISTORY_KINDS: the terminal ones and the
+    restart's `started`), one consumer per kind's subject, headers only (core.tenancy.held: the
+    filtered create a tenant's login is granted, and a count from the create's answer), a handful
+    of messages per job. Before, every earlier event was read, progress reports included: a long
+    chunked film's tens of thousands made each resume cost ~0.8 s idle (20,001 events) and, under
+    load, run into HISTORY_READ_S, failing every SSE reconnect and webhook resume of that job; and
+    any tenant could make the gateway repeat it with `Last-Event-ID: 1`. Measured on this 2-core
+    machine (load average ~3.2), a job of 20,000 progress reports then `cancelled`, resumed at a
+    late report after it: every earlier event read in 0.87, 1.80 and 0.87 s; these four kinds in
+    0.003, 0.006 and 0.003 s. A read that fails or stalls raises (a refused consumer create, a
+    re-created consumer, HISTORY_READ_S): guessing "not ended" would show a cancelled job's late
+    progress."""
+    first_seq = first.metadata.sequence.stream
+
+    async def read(kind: str) -> list[tuple[int, str]]:
+        # (the consumer create asks the meta leader, which may be electing one: through_failover)
+        msgs, _ = await through_failover(lambda: held(js, subjects.EVENTS_STREAM, subjects.job_event(job_id, kind),
+                                                      headers_only=True, timeout=HISTORY_READ_S), "follow")
+        return [(msg.metadata.sequence.stream, kind) for msg in msgs if msg.metadata.sequence.stream < first_seq]
+
+    try:
+        async with asyncio.timeout(HISTORY_READ_S):
+            read_kinds = await asyncio.gather(*(read(kind) for kind in sorted(HISTORY_KINDS)))
+    except TimeoutError:
+        raise BusError(f"job {job_id}: its events before sequence {first_seq} were not read within "
+                       f"{HISTORY_READ_S:.0f} s") from None
+    history = History()
+    for _, kind in sorted(item for batch in read_kinds for item in batch):
+        history.shown(job_id, kind)
+    return history
 
 
 def _start(after: int = 0, since: datetime | None = None) -> ConsumerConfig:
@@ -504,54 +597,6 @@ async def fetch_outputs(
     return written
 
 
-async def collect_replies(nc: NATS, subject: str, timeout: float = 1.0,
-                          until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
-    """Publish once and gather every JSON reply for `timeout` (many services answer $SRV.*), or
-    until `until(replies so far)` holds.
-    BusError when the server refused the ask or its inbox to this login: no reply would come,
-    and an empty list would read as "no workers". The server's -ERR lands in nats-py's
-    `last_error`; it usually comes before the flush's PONG, but not always (1 run in 3 here), so
-    it is looked for again after the wait for replies."""
-    replies: list[dict] = []
-    inbox = nc.new_inbox()
-    seen = nc.last_error
-
-    async def check_refused() -> None:
-        refused = nc.last_error
-        if refused is not seen and refused is not None and "permissions violation" in str(refused).lower() \
-                and any(f'"{name.lower()}"' in str(refused).lower() for name in (subject, inbox)):  # quoted, lowercased by nats-py
-            await sub.unsubscribe()
-            raise BusError(f"this login may not ask {subject} (the server refused it: {one_line(str(refused))}); "
-                           "ask with a login whose role may (the dashboard's, an operator's)")
-
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subject, b"", reply=inbox)
-    await nc.flush(timeout=max(timeout, 2.0))
-    await check_refused()
-    with contextlib.suppress(asyncio.TimeoutError):
-        async with asyncio.timeout(timeout):
-            async for msg in sub.messages:
-                with contextlib.suppress(ValueError):
-                    replies.append(json.loads(msg.data))
-                if until is not None and until(replies):
-                    break
-    if not replies:
-        await check_refused()
-    await sub.unsubscribe()
-    return replies
-
-
-def merge_state(reply: dict) -> dict:
-    """A $SRV STATS reply with its worker state (contracts.WorkerState, the endpoint's `data`)
-    as `state`, and the facts that become known after registration (the loaded model, setup's
-    error) merged into `metadata`, where readers of $SRV INFO found them before."""
-    data = next((e.get("data") for e in reply.get("endpoints") or [] if isinstance(e.get("data"), dict)), None)
-    meta = dict(reply.get("metadata") or {})
-    if data:
-        meta.update({k: str(data[k]) for k in ("model", "setup_error") if data.get(k) is not None})
-    return {**reply, "metadata": meta, "state": data or {}}
-
-
 async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
                   until: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Every captionbus stage service's $SRV.STATS reply (or one stage's), through merge_state:
@@ -563,11 +608,4 @@ async def workers(nc: NATS, timeout: float = 1.0, stage: str | None = None,
         raise NotForTenants(f"tenant {TENANT.get()!r} cannot list the workers: their state names the jobs of every "
                             "tenant, so a tenant's login is not granted $SRV; ask the fleet's operator, or list "
                             "them with a trusted login (the dashboard user)")
-    subject = f"$SRV.STATS.{subjects.micro_service_name(stage)}" if stage else "$SRV.STATS"
-    replies = await collect_replies(nc, subject, timeout,
-                                    until=None if until is None else lambda raw: until(_stage_services(raw)))
-    return _stage_services(replies)
-
-
-def _stage_services(replies: list[dict]) -> list[dict]:
-    return [merge_state(r) for r in replies if str(r.get("name", "")).startswith("captionbus-")]
+    return await stage_workers(nc, stage, timeout, until)

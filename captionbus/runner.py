@@ -48,7 +48,7 @@ from captionbus.stack import (
     UP_LAUNCHER,
     ServiceProcess,
     ServiceStartError,
-    replica_threads_env,
+    replica_processes,
     setup_errors,
     start_service,
     stop_services,
@@ -199,15 +199,17 @@ def start_stage_services(
     settings: Settings, url: str, stages: list[str], replicas: dict[str, int] | None = None, *,
     launcher: str = RUN_LAUNCHER,
 ) -> list[ServiceProcess]:
-    """One service per stage, `replicas[stage]` of those named (they share the stage's queue);
-    each reports `launcher` (CAPTIONBUS_LAUNCHER: stack.UP_LAUNCHER or RUN_LAUNCHER), by which a
-    later `run` tells up's workers from those of another `run` on the same bus (stack.up_serving)."""
+    """One service per stage, `replicas[stage]` workers of those named (they share the stage's
+    queue): N processes, or for asr on a CPU host one process of N decoders sharing one model
+    load (stack.replica_processes says which, and why); each reports `launcher`
+    (CAPTIONBUS_LAUNCHER: stack.UP_LAUNCHER or RUN_LAUNCHER), by which a later `run` tells up's
+    workers from those of another `run` on the same bus (stack.up_serving)."""
     replicas = replicas or {}
     return [
         start_service(stage, env_for_stage(stage), interpreter_for_stage(stage), url, settings, replica=i,
-                      extra_env={**replica_threads_env(stage, replicas.get(stage, 1)), "CAPTIONBUS_LAUNCHER": launcher})
+                      extra_env={**extra, "CAPTIONBUS_LAUNCHER": launcher})
         for stage in dict.fromkeys(stages)
-        for i in range(max(1, replicas.get(stage, 1)))
+        for i, extra in enumerate(replica_processes(stage, replicas.get(stage, 1)))
     ]
 
 

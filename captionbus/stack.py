@@ -229,6 +229,60 @@ def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | Non
     return {var: str(max(1, (cores or usable_cores()) // replicas))}
 
 
+def replica_processes(stage: str, replicas: int, environ: dict[str, str] | None = None,
+                      cores: int | None = None, kinds: list[str] | None = None) -> list[dict[str, str]]:
+    """What `replicas` workers of `stage` on this host are, as processes: the extra environment of
+    each process to start (one dict per process). `run --replicas N` and `serve STAGE --replicas N`
+    (without --devices) both start what this says.
+
+    A stage whose service options have `workers` (asr: decoders sharing one model load) on a host
+    that decodes on the CPU is one process with `workers` N and the cores split between them
+    (`threads` = usable cores // N each, as replica_threads_env gave N processes). Why one
+    process: N asr processes each imported torch and loaded Whisper, and on 2 cores the loads
+    could only go one after another (at once they fought for the cores and both finished later,
+    captionbus/services/runtime/setup_turn.py), so `--replicas 2` had its second replica
+    decoding only the last chunks of a 10.6-minute film (1.30x one worker cold, issue 22's goal
+    1.6x). One process loads once, its N decoders share the weights (CTranslate2 workers on one
+    device share them) and all start decoding when that one load is done; it also holds one
+    copy of torch and the model instead of N. Why both commands: `serve asr --replicas N` on a
+    CPU host shares the same cores and pays the same N loads; what one process gives up is the
+    isolation of N (a crash takes all N decoders, and `up`/`serve` restart it as one); whoever
+    wants N processes sets CAPTIONBUS_ASR_WORKERS themselves (an operator's setting is kept, as
+    for `threads`: N processes of that many workers each; CAPTIONBUS_OPTION_WORKERS counts too),
+    or runs `serve asr` N times. The mlx backend (CAPTIONBUS_ASR_BACKEND=mlx) runs one worker a
+    process, so it gets N processes.
+
+    Everything else is N processes as before: stages without `workers`; a GPU host (`kinds` has
+    cuda: one process per device, `serve --devices`, whose pinning the caller adds) or Apple
+    silicon (mlx: one MLX worker per Mac), unless the stage's `device` option says cpu."""
+    from captionbus.contracts.stage_specs import STAGES
+    from captionbus.core import hardware
+
+    environ = os.environ if environ is None else environ
+    count = max(1, replicas)
+    options = STAGES[stage].options if stage in STAGES else None
+    shares = count > 1 and options is not None and "workers" in options.model_fields
+
+    def option(name: str) -> str:
+        """The operator's value of option `name` for this stage: its own variable, else the
+        generic CAPTIONBUS_OPTION_<NAME> that reaches every stage ('' when neither is set)."""
+        if options is None or name not in options.model_fields:
+            return ""
+        return environ.get(options.env_var(name) or "", "") or environ.get(f"CAPTIONBUS_OPTION_{name.upper()}", "")
+
+    if shares and option("workers") != "":
+        shares = False  # the operator chose the workers per process
+    if shares and option("backend") == "mlx":
+        shares = False  # one MLX worker per process (the mlx backend refuses workers > 1)
+    if shares:
+        device = option("device")
+        on_cpu = device == "cpu" or (not device and not {"cuda", "mlx"} & set(kinds or hardware.load().kinds()))
+        shares = on_cpu
+    if not shares:
+        return [replica_threads_env(stage, count, environ, cores) for _ in range(count)]
+    return [{options.env_var("workers"): str(count), **replica_threads_env(stage, count, environ, cores)}]
+
+
 def start_service(
     stage: str,
     env: str,

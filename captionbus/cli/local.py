@@ -213,7 +213,9 @@ def dashboard(listen: str, downloads: bool) -> None:
 
 @main.command()
 @click.argument("stage")
-@click.option("--replicas", default=1, show_default=True, help="Processes to start (they share one queue).")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Workers to start (they share one queue): processes, or for asr on a CPU host one process "
+                   "with that many decoders sharing one model load.")
 @click.option("--devices", default=None,
               help="Comma-separated CUDA device indexes, one per replica in turn (0,1: replica 0 on GPU 0, 1 on GPU 1).")
 @insecure_option
@@ -221,7 +223,7 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     """Serve one stage with its environment's interpreter."""
     from captionbus.envs import env_for_stage, interpreter_for_stage
     from captionbus.runner import check_service_options
-    from captionbus.stack import replica_threads_env, service_env, start_service, stop_services
+    from captionbus.stack import replica_processes, service_env, start_service, stop_services
     from captionbus.contracts.stage_specs import stage_spec
     from captionbus.core.bus import resolve_url
 
@@ -233,16 +235,18 @@ def serve(stage: str, replicas: int, devices: str | None, insecure: bool) -> Non
     asyncio.run(check_bus(url, settings))
     env, interpreter = env_for_stage(stage), interpreter_for_stage(stage)
     pinned = device_envs(devices, replicas)
-    if devices is None:  # CPU replicas share this host's cores instead of each taking all of them
-        pinned = [replica_threads_env(stage, replicas) or None for _ in range(replicas)]
-    if replicas == 1:
+    if devices is None:  # CPU replicas share this host's cores (asr: one process, N decoders)
+        pinned = [extra or None for extra in replica_processes(stage, replicas)]
+    if len(pinned) == 1:
+        if replicas > 1:
+            console.print(f"{replicas} {stage} workers in one process, sharing one model load (env {env})")
         # Become the service: its logs on this terminal, signals straight to it.
         os.execve(str(interpreter), [str(interpreter), "-m", "captionbus.services", "serve", stage],
                   service_env(settings, env, url, pinned[0]))
     # Blocked first, or the default handlers would kill us before sigwait returns.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     procs = [start_service(stage, env, interpreter, url, settings, replica=i, extra_env=pinned[i])
-             for i in range(replicas)]
+             for i in range(len(pinned))]
     console.print(f"{replicas} replicas of {stage} (env {env}); logs in {settings.home / 'logs'}")
     try:
         stopped_by = signal.sigwait({signal.SIGINT, signal.SIGTERM})

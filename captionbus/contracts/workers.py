@@ -42,6 +42,9 @@ class WorkerInfo(BaseModel):
         "why this replica's setup (model loading) failed; it then fails the requests no healthy replica takes"))
     launcher: str | None = Field(default=None, max_length=16, description=(
         "who started the process: `up` or `run` (CAPTIONBUS_LAUNCHER); none for `captionbus serve`"))
+    slots: int = Field(default=1, ge=1, description=(
+        "requests it works on at once (asr: its decoders sharing one model load); the coordinator "
+        "counts a stage's live workers by their slots"))
 
 
 WorkerStateName = Literal["loading", "idle", "busy", "setup_failed"]

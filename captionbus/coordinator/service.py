@@ -103,6 +103,7 @@ from captionbus.coordinator.graph import Workflow, load_workflows
 from captionbus.coordinator.leases import Leases, new_coordinator_id
 from captionbus.core import settings as settings_mod
 from captionbus.core.bus import provision, publish_event, record_keys, through_failover
+from captionbus.core.discovery import COUNT_WAIT_S, Census
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.settings import Settings
 from captionbus.core.tasks import await_stack, cancel_and_wait
@@ -345,6 +346,7 @@ class Coordinator:
         unserved_s: float | None = None,
         workers_interval_s: float = 2.0,
         event_ack_wait_s: float = EVENT_ACK_WAIT_S,
+        workers_wait_s: float = COUNT_WAIT_S,
         coordinator_id: str | None = None,
     ):
         # The events consumer's ack wait, set as this coordinator starts (CAPTIONBUS_EVENT_ACK_WAIT).
@@ -356,9 +358,11 @@ class Coordinator:
         self.nc = nc
         self.event_ack_wait_s = event_ack_wait_s
         # Live replicas per stage whose fan-out nodes have a window (max_in_flight), counted by
-        # $SRV STATS every workers_interval_s: decide() sizes each job's window to them.
+        # $SRV STATS every workers_interval_s: decide() sizes each job's window to them. A count
+        # waits up to workers_wait_s for the replicas it counted last time (core.discovery.Census).
         self.workers_interval_s = workers_interval_s
         self._workers: dict[str, int] = {}
+        self._census = Census(wait_s=workers_wait_s)
         # A requested node whose stage no worker has served ($SRV PING) for this long fails with
         # that reason: a stage nobody runs (never started, or given up by `up` after crashing)
         # must not leave its job `running`. None or 0: never.
@@ -1251,33 +1255,19 @@ class Coordinator:
     async def _workers_loop(self) -> None:
         await self._every(self.workers_interval_s, self.count_workers, "counting workers failed")
 
-    async def count_workers(self, timeout: float = 0.25) -> dict[str, int]:
-        """Replicas of each windowed stage that answer $SRV STATS within `timeout`, those whose
-        setup failed left out (their STATS data says state setup_failed; an older worker said
-        setup_error in its metadata): they take no work. A replica still loading counts, it will
-        serve. The count replaces the last one at once (a worker that stops is out of the next
-        window)."""
-        counts: dict[str, int] = {}
-        for stage in self._windowed_stages():
-            seen: set[str] = set()
-            inbox = self.nc.new_inbox()
-
-            async def on_reply(msg: Any, seen: set[str] = seen) -> None:
-                with contextlib.suppress(Exception):
-                    reply = json.loads(msg.data)
-                    meta = reply.get("metadata") or {}
-                    states = [(e.get("data") or {}).get("state") for e in reply.get("endpoints") or []]
-                    if "setup_failed" not in states and not meta.get("setup_error"):
-                        seen.add(str(reply.get("id")))
-
-            sub = await self.nc.subscribe(inbox, cb=on_reply)
-            try:
-                await self.nc.publish(f"$SRV.STATS.{subjects.micro_service_name(stage)}", b"", reply=inbox)
-                await asyncio.sleep(timeout)
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-            counts[stage] = len(seen)
+    async def count_workers(self) -> dict[str, int]:
+        """Slots of the replicas of each windowed stage that answer $SRV STATS, those whose setup
+        failed left out (they take no work); a replica still loading counts, it will serve. A
+        replica counts for the requests it runs at once (its metadata's `slots`, WorkerInfo; 1
+        when absent, as an older worker's), so one asr process with two decoders sharing its
+        model (`run --replicas 2` on a CPU host) gets a film two chunks at once, as two
+        processes did. Counted by one
+        Census (core.discovery, the source `captionbus workers` and the dashboard read too): it
+        waits for the replicas it counted last time, and keeps one that misses a single ask, so
+        a worker answering late under load is not counted out of a film's window (it was, with
+        a fixed 0.25 s wait); one that misses two asks in a row, or stops when it was the
+        stage's last (the server says nothing subscribes), is out."""
+        counts = {stage: await self._census.count(self.nc, stage) for stage in self._windowed_stages()}
         if counts != self._workers:
             log.info("live workers", **counts)
         self._workers = counts

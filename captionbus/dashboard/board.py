@@ -42,6 +42,7 @@ from captionbus.client import workers as worker_replies
 from captionbus.dashboard.stats import charts, job_duration, queue_wait, stage_duration
 from captionbus.dashboard.webhooks import WebhookView
 from captionbus.contracts import JobState, failure_class, parse_event, subjects
+from captionbus.contracts.events import REOPENING_KIND, History
 from captionbus.contracts.jobs import MissingParts
 from captionbus.contracts.speech import TurnSummary
 from captionbus.core.tasks import cancel_and_wait
@@ -194,6 +195,8 @@ class Board:
             metrics.board = self
         self.jobs_loaded = asyncio.Event()
         self.events_seen = 0
+        self.history = History()  # which live events are late (contracts.History): not fanned out
+        self.restarted: set[str] = set()  # jobs the feed saw reopened (`started`) before the records loaded
         self.failing: dict[str, str] = {}  # watcher -> why it is restarting
         self.webhooks = WebhookView()  # the gateway's delivery records (KV cb_webhooks), outside readiness
         self._tasks: list[asyncio.Task] = []
@@ -239,6 +242,13 @@ class Board:
         watcher = await kv.watchall()
         async for entry in watcher:
             if entry is None:  # the end of the initial values
+                # The live feed reads new events only (_watch_events): a job that ended before this
+                # dashboard started is ended in its History too, or a late stage event of it (a worker
+                # that had not seen the cancel) was shown live (contracts.History).
+                # (Not one whose restart the feed read meanwhile: the watch's values may predate it.)
+                self.history.ended.update(job_id for job_id, state in self.jobs.items()
+                                          if state.status.finished and job_id not in self.restarted)
+                self.restarted.clear()
                 self.failing.pop("job states", None)
                 self.jobs_loaded.set()
                 log.info("job states loaded", jobs=len(self.jobs))
@@ -252,6 +262,7 @@ class Board:
                 self.jobs.pop(subjects.job_id_of_key(entry.key), None)
                 self.summaries.pop(subjects.job_id_of_key(entry.key), None)
                 self.parts.pop(subjects.job_id_of_key(entry.key), None)
+                self.history.ended.discard(subjects.job_id_of_key(entry.key))  # gc took the job: forget it
                 continue
             try:
                 state = self.whole(JobState.model_validate_json(entry.value))
@@ -303,6 +314,10 @@ class Board:
             except ValueError:
                 continue
             self.events_seen += 1
+            if event.kind == REOPENING_KIND and not self.jobs_loaded.is_set():
+                self.restarted.add(event.job_id)
+            if not self.history.shown(event.job_id, event.kind):
+                continue  # a late stage event: not in the job's history (contracts.History)
             if event.kind == "stage_completed":
                 times = self.completions.setdefault(event.stage, deque())
                 times.append(time.monotonic())
@@ -339,8 +354,10 @@ class Board:
         wanted = {subject: min(n, JOB_EVENTS_LIMIT) for subject, n in (info.state.subjects or {}).items()
                   if subject not in unlisted}
         read = await asyncio.gather(*(self._read(subject, n, timeout) for subject, n in wanted.items() if n))
+        history = History()  # late stage events are not shown, as no other surface shows them
         return [{"seq": seq, **event} for seq, event in sorted((item for batch in read for item in batch),
-                                                             key=lambda item: item[0])]
+                                                             key=lambda item: item[0])
+                if history.shown(job_id, event["kind"])]
 
     async def _read(self, subject: str, count: int, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         out: list[tuple[int, dict[str, Any]]] = []

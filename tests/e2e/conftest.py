@@ -75,7 +75,8 @@ class Stack:
             self.coordinator.send_signal(sig)
             self.coordinator.wait(20)
 
-    def start_stage(self, stage: str, replica: int = 0) -> ServiceProcess:
+    def start_stage(self, stage: str, replica: int = 0, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        """One service of `stage` with the stack's environment, and `extra_env` over it."""
         from captionbus.envs import env_for_stage, interpreter_for_stage
 
         # Its workers say they are an `up`'s (CAPTIONBUS_LAUNCHER), as a user's `up` starts them:
@@ -83,7 +84,7 @@ class Stack:
         svc = start_service(
             stage, env_for_stage(stage), interpreter_for_stage(stage), self.url,
             self.settings(f"worker-{stage}-{replica}"), replica=replica,
-            extra_env={**self.env, "CAPTIONBUS_LAUNCHER": UP_LAUNCHER},
+            extra_env={**self.env, "CAPTIONBUS_LAUNCHER": UP_LAUNCHER, **(extra_env or {})},
         )
         self.services.append(svc)
         return svc
@@ -169,11 +170,12 @@ class Stack:
         self.server.stop()
 
 
-def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None) -> Stack:
+def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None = None,
+                replica_env: dict[tuple[str, int], dict[str, str]] | None = None) -> Stack:
     """A provisioned bus, a coordinator and one service per entry of `stages` (a stage named twice
-    gets a second replica), all ready. A killed worker's request, and an event a killed coordinator
-    held, come back within seconds (CAPTIONBUS_ACK_WAIT, CAPTIONBUS_EVENT_ACK_WAIT 6). The caller
-    closes it."""
+    gets a second replica; `replica_env`: (stage, replica) -> more environment for that one), all
+    ready. A killed worker's request, and an event a killed coordinator held, come back within
+    seconds (CAPTIONBUS_ACK_WAIT, CAPTIONBUS_EVENT_ACK_WAIT 6). The caller closes it."""
     server = EmbeddedServer(root / "nats")
     server.start()
     env = {
@@ -194,7 +196,9 @@ def start_stack(root: Path, stages: list[str], extra_env: dict[str, str] | None 
     try:
         run_async(prepare())
         s.start_coordinator()
-        s.wait_ready([s.start_stage(stage, replica=stages[:n].count(stage)) for n, stage in enumerate(stages)])
+        replicas = [(stage, stages[:n].count(stage)) for n, stage in enumerate(stages)]
+        s.wait_ready([s.start_stage(stage, replica, (replica_env or {}).get((stage, replica)))
+                      for stage, replica in replicas])
     except BaseException:
         s.close()
         raise
@@ -215,21 +219,32 @@ def stack(tmp_path_factory, stage_envs, whisper_model) -> Stack:
 
 
 CHUNKED_STAGES = ["demux", "vad", "chunk", "asr", "transcript_join", "subtitle_gen", "mux"]
+# The chunked fleet's second asr process: decoders sharing its one model load (`workers`).
+FLEET_DECODERS = 2
 
 
 @pytest.fixture(scope="session")
 def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     """The fleet every chunked job of tests/e2e/test_chunked.py and test_chunked_aligned.py runs
-    on: the `chunked` workflow's stages with two asr workers of one thread each, and the
-    alignment stage on the tiny random wav2vec2 English model (tests/model_factory/wav2vec2.py)
-    for `chunked_aligned`. The stage cache is off, so every job decodes. Its chunk worker cuts a
+    on: the `chunked` workflow's stages with two asr processes, the second of them two decoders
+    sharing one model load (CAPTIONBUS_ASR_WORKERS 2, what `run --replicas 2` / `serve asr
+    --replicas 2` start on a CPU host: captionbus.stack.replica_processes), every decoder of one
+    thread, and the alignment stage on the tiny random wav2vec2 English model
+    (tests/model_factory/wav2vec2.py) for `chunked_aligned`. The stage cache is off, so every job decodes. Its chunk worker cuts a
     job that sets no chunk size above 20 s (CAPTIONBUS_CHUNK_ABOVE_S; every chunked job here sets
     one): test_default_chunking.py's plain `run FILM` joins this fleet.
 
     Those jobs were one `captionbus run` each (three films in test_chunked, two in
     test_chunked_aligned), and each run started and stopped its own server, coordinator and seven
     services, asr importing torch every time. `run`'s own path, `-w chunked --chunk-s`, is still
-    a `run` in test_chunked_aligned.py's pyannote test."""
+    a `run` in test_chunked_aligned.py's pyannote test.
+
+    Why the decoders live here: their end-to-end check (two chunks of a film decoding at once in
+    one process after one model load, the same words, the coordinator counting the process's
+    slots: test_chunked.py) was a stack of its own, the chunked stages again with one asr process
+    of two decoders: 2-3 minutes of the suite for a torch import, a model load and jobs this
+    fleet runs anyway. The second asr process being the decoders' keeps both checks: separate
+    processes decoding side by side (and one killed mid-film) and decoders of one process."""
     from captionbus.models import ensure_silero_vad
     from tests.model_factory.wav2vec2 import ensure_wav2vec2
 
@@ -237,7 +252,8 @@ def chunked_fleet(tmp_path_factory, stage_envs, whisper_model) -> Stack:
     env = {"CAPTIONBUS_ASR_THREADS": "1", "CAPTIONBUS_STAGE_CACHE": "off", "CAPTIONBUS_CHUNK_ABOVE_S": "20",
            "CAPTIONBUS_ALIGN_MODEL_EN": str(ensure_wav2vec2(test_models_root(), "en")),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env)
+    s = start_stack(tmp_path_factory.mktemp("fleet"), [*CHUNKED_STAGES, "asr", "alignment"], env,
+                    replica_env={("asr", 1): {"CAPTIONBUS_ASR_WORKERS": str(FLEET_DECODERS)}})
     _early_close["chunked_fleet"] = s
     try:
         yield s

@@ -1,9 +1,12 @@
 """One film across several asr workers (the `chunked` workflow): speech cut into chunks at
 silences, one asr request per chunk, joined in order. On real parts: nats-server, ffmpeg,
 Silero VAD, Whisper base in the whisperx env, espeak-ng speech with pauses of 0.4-1.2 s, so
-chunk cuts land right next to speech."""
+chunk cuts land right next to speech. The workers are two asr processes, the second of them two
+decoders sharing one model load (what `run --replicas 2` starts on a CPU host; tests/e2e/conftest.py
+`chunked_fleet`)."""
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import os
@@ -15,7 +18,8 @@ import time
 import jiwer
 import pytest
 
-from tests.e2e.conftest import chunked_jobs
+from captionbus.stack import ServiceProcess
+from tests.e2e.conftest import FLEET_DECODERS, Stack, chunked_jobs
 from tests.media import speech_film
 
 
@@ -41,6 +45,18 @@ def cues(srt: str) -> list[tuple[float, float, str]]:
     return out
 
 
+def asr_processes(fleet: Stack) -> tuple[ServiceProcess, ServiceProcess]:
+    """The fleet's asr processes: (one of one decoder, one of FLEET_DECODERS sharing its model)."""
+    single, decoders = [s for s in fleet.services if s.stage == "asr"]
+    assert decoders.extra_env.get("CAPTIONBUS_ASR_WORKERS") == str(FLEET_DECODERS), decoders.extra_env
+    return single, decoders
+
+
+def side_by_side(runs: list[tuple]) -> list[tuple]:
+    """Pairs of runs (who, started_at, handled_at, ...) of different `who` whose times intersect."""
+    return [(a, b) for a in runs for b in runs if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+
+
 @pytest.fixture(scope="module")
 def film_runs(tmp_path_factory, chunked_fleet):
     """The same 96 s film through the `chunked` workflow: chunks of ~20 s (cut where the whole
@@ -60,11 +76,17 @@ def chunk_nodes(record: dict) -> list[str]:
     return sorted((n for n in record["nodes"] if n.startswith("asr-")), key=lambda n: int(n.split("-")[1]))
 
 
-def test_chunks_cut_where_whisper_windows_start_give_the_unchunked_transcript(film_runs):
+def test_chunks_cut_where_whisper_windows_start_give_the_unchunked_transcript(film_runs, chunked_fleet):
     spoken, runs = film_runs
     (chunked, record, chunked_cues), (whole, whole_record, whole_cues) = runs["20"], runs["0"]
     items = chunk_nodes(record)
     assert len(items) >= 3, items  # the film was really cut
+    # The process of two decoders decoded some of these requests, beside the other jobs' chunks
+    # (the three jobs were submitted together): what is compared below is then also that a
+    # decoder sharing its model load with another gives the words one decoder alone gives.
+    ran = [(r["nodes"][n]["worker"]["pid"], int(r["nodes"][n]["metrics"]["decoder"]))
+           for r in (record, whole_record) for n in chunk_nodes(r)]
+    assert str(asr_processes(chunked_fleet)[1].process.pid) in {pid for pid, _ in ran}, ran
     assert all(record["nodes"][n]["status"] == "completed" for n in items)
     assert chunk_nodes(whole_record) == ["asr-0"]
     # -s given: the chunk stage wrote the language, no detection request went to the asr queue
@@ -106,16 +128,20 @@ def test_short_chunks_cut_inside_windows_drop_or_double_no_sentence(film_runs):
 
 @pytest.fixture
 def fleet(chunked_fleet):
-    """The session's chunked fleet (tests/e2e/conftest.py): two asr workers of one thread each;
-    a killed worker's request comes back after 6 s (CAPTIONBUS_ACK_WAIT)."""
+    """The session's chunked fleet (tests/e2e/conftest.py): two asr processes, one of one decoder
+    and one of two sharing one model load, every decoder of one thread; a killed worker's request
+    comes back after 6 s (CAPTIONBUS_ACK_WAIT)."""
     return chunked_fleet
 
 
-def test_two_asr_workers_decode_chunks_of_one_film_at_the_same_time(fleet, tmp_path):
+def test_asr_processes_and_the_decoders_of_one_decode_chunks_of_one_film_at_the_same_time(fleet, tmp_path):
     """Runs before the kill test (same fleet). From the job's record only: each chunk says which
-    worker ran it (pid) and when its handler ran (started_at / handled_at, Unix seconds); both
-    workers took chunks and chunks of different workers ran at the same time. No timing ratio:
+    worker ran it (pid), with which of its decoders, and when its handler ran (started_at /
+    handled_at, Unix seconds): both processes took chunks and chunks of different processes ran
+    at the same time; in the process of two decoders both decoders took chunks and two of its
+    chunks ran at the same time, after the one model load its log records. No timing ratio:
     overlap is what parallel decoding means, however loaded the machine is."""
+    single, decoders = asr_processes(fleet)
     film, _ = speech_film(tmp_path / "film.mp4", repeat=2)
     job_id = fleet.submit(film, workflow="chunked", source_language="en", options={"chunk": {"target_s": 5}})
     events = fleet.wait_end(job_id, timeout=900)
@@ -123,16 +149,52 @@ def test_two_asr_workers_decode_chunks_of_one_film_at_the_same_time(fleet, tmp_p
     state = fleet.job_state(job_id)
     chunks = [state.nodes[n] for n in state.nodes if n.startswith("asr-")]
     assert len(chunks) >= 6
-    runs = [(n.worker["pid"], n.metrics["started_at"], n.metrics["handled_at"]) for n in chunks]
-    pids = {pid for pid, _, _ in runs}
-    assert pids == {str(s.process.pid) for s in fleet.services if s.stage == "asr"}, runs  # both took chunks
-    overlaps = [(a, b) for a in runs for b in runs
-                if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]  # different workers, intervals intersect
-    assert overlaps, sorted(runs, key=lambda r: r[1])
+    runs = [(n.worker["pid"], n.metrics["started_at"], n.metrics["handled_at"], int(n.metrics["decoder"]))
+            for n in chunks]
+    pids = {pid for pid, *_ in runs}
+    assert pids == {str(single.process.pid), str(decoders.process.pid)}, runs  # both took chunks
+    assert side_by_side(runs), sorted(runs, key=lambda r: r[1])  # different processes, times intersect
     # Together the chunks were busy longer than the asr phase lasted: they ran side by side.
-    busy = sum(end - start for _, start, end in runs)
-    phase = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
+    busy = sum(end - start for _, start, end, _ in runs)
+    phase = max(end for _, _, end, _ in runs) - min(start for _, start, _, _ in runs)
     assert busy > phase, (busy, phase)
+
+    # One process, two chunks at once: its decoders 0 and 1 both took chunks and intersect.
+    shared = [(decoder, start, end) for pid, start, end, decoder in runs if pid == str(decoders.process.pid)]
+    assert {decoder for decoder, _, _ in shared} == set(range(FLEET_DECODERS)), runs
+    assert side_by_side(shared), sorted(shared, key=lambda r: r[1])
+    assert {decoder for pid, _, _, decoder in runs if pid == str(single.process.pid)} == {0}, runs
+    # After one model load: the process loaded Whisper once, with two CTranslate2 workers of one
+    # thread, and every chunk's decoder came from that load; the other process's load had one.
+    def loads(service: ServiceProcess) -> list[dict]:
+        return [json.loads(line) for line in service.log_path.read_text().splitlines()
+                if line.startswith("{") and '"asr model loaded"' in line]
+
+    assert [(d["workers"], d["threads"]) for d in loads(decoders)] == [(FLEET_DECODERS, 1)], loads(decoders)
+    assert [(d["workers"], d["threads"]) for d in loads(single)] == [(1, 1)], loads(single)
+    assert len({n.metrics["model_load_s"] for n in chunks if n.worker["pid"] == str(decoders.process.pid)}) == 1
+
+
+def test_the_coordinator_counts_the_decoders_of_one_process_as_workers(fleet):
+    """$SRV metadata says slots 2 for the process of two decoders, 1 for the other; the
+    coordinator's count (the window of a film's chunks in flight) is 3, as for three processes
+    of one decoder. Before the kill test, which stops the process of one."""
+    from captionbus.client import workers
+    from captionbus.coordinator.service import Coordinator
+    from captionbus.core.bus import connect
+
+    async def go():
+        nc = await connect(fleet.url, "test-count")
+        try:
+            replies = await workers(nc, timeout=3.0, stage="asr", until=lambda seen: len(seen) >= 2)
+            counted = await Coordinator(nc).count_workers()
+        finally:
+            await nc.close()
+        return replies, counted
+
+    replies, counted = asyncio.run(go())
+    assert sorted(r["metadata"]["slots"] for r in replies) == sorted(["1", str(FLEET_DECODERS)]), replies
+    assert counted["asr"] == 1 + FLEET_DECODERS, counted
 
 
 def test_killing_one_of_two_asr_workers_mid_film_still_completes_every_chunk_once(fleet, tmp_path):
@@ -140,7 +202,7 @@ def test_killing_one_of_two_asr_workers_mid_film_still_completes_every_chunk_onc
     job_id = fleet.submit(film, workflow="chunked", source_language="en", options={"chunk": {"target_s": 5}})
     fleet.wait_for(job_id, lambda e: e.kind == "stage_completed" and e.node.startswith("asr-"), timeout=600)
     time.sleep(1.0)  # the other worker is into its next chunk, this one too
-    victim = [s for s in fleet.services if s.stage == "asr"][0]
+    victim, survivor = asr_processes(fleet)  # the process of one decoder; the two decoders' finish the job
     os.kill(victim.process.pid, signal.SIGKILL)
     victim.process.wait(10)
     events = fleet.wait_end(job_id, timeout=900)
@@ -149,7 +211,6 @@ def test_killing_one_of_two_asr_workers_mid_film_still_completes_every_chunk_onc
     items = sorted((n for n in state.nodes if n.startswith("asr-")), key=lambda n: int(n.split("-")[1]))
     assert len(items) >= 6 and state.nodes["chunk"].items == {"chunks": len(items)}
     assert all(state.nodes[n].status.value == "completed" for n in items)
-    survivor = [s for s in fleet.services if s.stage == "asr"][1]
     late = [e for e in events if e.kind == "stage_completed" and e.node.startswith("asr-")
             and e.worker.get("pid") == str(survivor.process.pid)]
     assert late, "the surviving worker finished nothing"

@@ -3,9 +3,10 @@ converted from the CTranslate2 model to the MLX layout (tests/model_factory/whis
 through captionbus/services/asr/mlx_backend.py, and transcribes espeak-ng English.
 
 Audio (16 kHz): a short greeting, a pause, then the test sentence in two parts with a pause
-between. Two decodes (the MLX CPU backend is slow here: it multiplies on its bundled reference
-BLAS in one thread, ~8 s per encoder pass on an idle machine, and each 30 s window costs an
-encoder pass to decode and another for word times, plus one for language detection):
+between. Two decodes (the MLX CPU backend on Intel MKL, see mlx_backend's docstring: on its bundled
+reference BLAS an encoder pass took ~8 s and this module 395 s of a whole-suite run; with MKL,
+one thread per process, the module takes ~50 s alone, each decode 27-34 s; each 30 s window costs
+an encoder pass to decode and another for word times, plus one for language detection):
 1. no language, no regions: language detection says English, the whole text comes back
    (WER), word times are ordered and inside the audio, progress reaches 1;
 2. through the asr stage itself (setup picks the mlx backend: the env has no whisperx), language
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import json
 import re
+import platform
 import subprocess
+import sys
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,12 +49,10 @@ GREETING = "Good morning everyone"
 PART_ONE = "The quick brown fox jumps over the lazy dog"
 PART_TWO = "while seven friendly sailors watch the golden sunset from the quiet harbour"
 
-# Two processes, run at once: the MLX CPU backend multiplies on its bundled reference BLAS in one
-# thread (OpenBLAS dies with SIGILL on these CPUs, see mlx_backend), so one decode leaves the
-# second core idle. DIRECT decodes through the backend's functions (decode 1 and the cheap
-# checks: three encoder passes with language detection), STAGE_RUN through the asr stage
-# (decode 2: one clip, two passes). One process doing both (decode 2 then in two clips) took
-# 736 s here (231 s + 494 s of decoding, load average 7-10).
+# Two processes, run at once, one BLAS thread each (a core each). DIRECT decodes through the
+# backend's functions (decode 1 and the cheap checks: three encoder passes with language
+# detection), STAGE_RUN through the asr stage (decode 2: one clip, two passes). With two MKL
+# threads each (4 threads on 2 cores) the decodes took 43 and 33 s instead of 34 and 28 s.
 PRELUDE = r"""
 import json, sys, time, wave
 import numpy as np
@@ -68,7 +69,7 @@ out = {"runs": []}
 DIRECT = PRELUDE + r"""
 started = time.monotonic()
 model = mlx_backend.load(model_dir, structlog.get_logger())
-out.update({"load_s": time.monotonic() - started, "describe": mlx_backend.describe(model),
+out.update({"load_s": time.monotonic() - started, "describe": mlx_backend.describe(model), "blas": model.blas,
             "languages": mlx_backend.supported_languages(model)})
 
 def run(language, regions):
@@ -102,7 +103,7 @@ regions_file = work / "regions.json"
 regions_file.write_text(SpeechRegions(backend="test", duration=len(audio) / 16000,
                                       regions=[SpeechRegion(start=a, end=b) for a, b in regions]).model_dump_json())
 resources = STAGE.setup(SetupContext(stage="asr", env="mlx", models_dir=work, log=structlog.get_logger(),
-                                     options={"model": model_dir}))
+                                     options={"model": model_dir, "threads": 1}))
 ctx = make_fake_context(work / "run", "asr", inputs={"audio": Path(wav_path), "regions": regions_file},
                         params={"source_language": "en"}, resources=resources)
 started = time.monotonic()
@@ -154,7 +155,7 @@ def mlx_runs(tmp_path_factory, whisper_model):
 
     def decode(script: str) -> dict:
         return run_in_env("mlx", script, str(model_dir), str(path), json.dumps(regions), timeout=1200,
-                          extra_env={"HF_HUB_OFFLINE": "1"})
+                          extra_env={"HF_HUB_OFFLINE": "1", "MKL_NUM_THREADS": "1"})
 
     with ThreadPoolExecutor(2) as pool:
         direct, staged = pool.map(decode, (DIRECT, STAGE_RUN))
@@ -176,6 +177,9 @@ def text_of(run: dict) -> str:
 def test_model_loads_and_describes_itself(mlx_runs):
     assert mlx_runs["describe"].startswith("whisper-base-mlx") and "(mlx, " in mlx_runs["describe"]
     assert len(mlx_runs["languages"]) == 99 and {"en", "hi", "ta"} <= set(mlx_runs["languages"])
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+        # A tuned BLAS under MLX: on the reference one this module took 395 s of the suite, not ~50.
+        assert (mlx_runs["blas"] or "").startswith("mkl: "), mlx_runs["blas"]
 
 
 def test_detected_english_whole_audio_has_low_wer_and_ordered_word_times(mlx_runs):

@@ -722,7 +722,8 @@ def test_a_stage_no_worker_serves_fails_its_node_with_the_reason(nats_server):
 def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nats_server):
     """The window of a film's chunks follows the asr replicas answering $SRV STATS (real
     nats.micro services, as captionbus/services/runtime registers them); one whose setup failed takes no
-    work and is not counted; a stopped one leaves the count."""
+    work and is not counted; a stopped one stays counted through the one ask it misses (a slow
+    answer is not a worker gone: core.discovery.Census) and leaves the count at the second."""
     import nats.micro
 
     from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
@@ -737,15 +738,114 @@ def test_the_coordinator_counts_live_workers_of_windowed_stages_by_srv_stats(nat
                                               stats_handler=lambda _e: {"state": "setup_failed"})
         await failed.add_endpoint(name="info", subject="test.asr.info", handler=lambda _r: None)
         services.append(failed)
-        async with Coordinator(bus.nc, graphs=graphs, policy=POLICY, workers_interval_s=0.2) as coordinator:
+        # No counts of its own meanwhile (workers_interval_s): the test's counts are the asks.
+        async with Coordinator(bus.nc, graphs=graphs, policy=POLICY, workers_interval_s=600,
+                               workers_wait_s=0.5) as coordinator:
             assert coordinator._windowed_stages() == ["asr"]
             assert coordinator._workers == {"asr": 2}  # counted before the first job
             await services[0].stop()
+            assert await coordinator.count_workers() == {"asr": 2}  # one missed ask
             assert await coordinator.count_workers() == {"asr": 1}
         for service in services[1:]:
             await service.stop()
         async with Coordinator(bus.nc, graphs=GRAPHS, policy=POLICY) as plain:
             assert plain._windowed_stages() == [] and plain._workers == {}  # nothing to size: no pings
+
+    on_bus(nats_server, scenario)
+
+
+def test_the_coordinator_counts_a_workers_slots(nats_server):
+    """One asr process with two decoders sharing its model (`run --replicas 2` on a CPU host)
+    says slots 2 in its $SRV metadata (WorkerInfo.slots) and counts as two workers, so a film
+    still gets two chunks at once; a worker without the field (an older one) counts one, and a
+    claim beyond MAX_WORKER_SLOTS or unreadable is held to it / to one."""
+    import nats.micro
+
+    from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+    from captionbus.core.discovery import MAX_WORKER_SLOTS
+
+    async def scenario(bus: Bus):
+        graphs = {**GRAPHS, "chunked": load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")}
+        name = subjects.micro_service_name("asr")
+        services = [await nats.micro.add_service(bus.nc, name=name, version="1.0.0", metadata=meta)
+                    for meta in ({"stage": "asr", "slots": "2"}, {"stage": "asr"})]
+        async with Coordinator(bus.nc, graphs=graphs, policy=POLICY) as coordinator:
+            assert await coordinator.count_workers() == {"asr": 3}  # a loaded machine answers late
+            services.append(await nats.micro.add_service(bus.nc, name=name, version="1.0.0",
+                                                         metadata={"stage": "asr", "slots": "100000"}))
+            services.append(await nats.micro.add_service(bus.nc, name=name, version="1.0.0",
+                                                         metadata={"stage": "asr", "slots": "two"}))
+            assert await coordinator.count_workers() == {"asr": 3 + MAX_WORKER_SLOTS + 1}
+        for service in services:
+            await service.stop()
+
+    on_bus(nats_server, scenario)
+
+
+def test_a_worker_slow_to_answer_srv_stats_is_counted_and_nothing_answering_is_quick(nats_server):
+    """A live asr replica whose $SRV STATS answer takes 0.6 s (its event loop starved, as under
+    load average 20-30; here its stats handler blocks its own loop in its own thread) is counted
+    by the coordinator's first count and by the next ones, beside a replica that answers at
+    once: with a fixed 0.25 s wait it was counted as 0, and a film's chunk window shrank to 1;
+    with a count that ended 0.25 s after the known workers had answered, a slow one never
+    counted yet was left out beside a quick one every time. The CLI's and the dashboard's reader
+    (client.workers, the same core.discovery) lists both. Once they stop, nothing subscribes to
+    the stage's subject, the server says so, and the count is 0 at once."""
+    import threading
+
+    import nats.micro
+
+    from captionbus.client import workers
+    from captionbus.coordinator.graph import DEFAULT_WORKFLOWS_DIR, load_workflow
+
+    slow_s = 0.6
+    stop = threading.Event()
+
+    def worker(answer_s: float, registered: threading.Event) -> None:
+        async def main() -> None:
+            nc = await nats.connect(nats_server)
+            service = await nats.micro.add_service(
+                nc, name=subjects.micro_service_name("asr"), version="1.0.0", metadata={"stage": "asr"},
+                stats_handler=lambda _endpoint: time.sleep(answer_s) or {"state": "idle"})
+            await service.add_endpoint(name="work", subject=f"test.asr.w{int(answer_s * 10)}", handler=lambda _r: None)
+            registered.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await service.stop()
+            await nc.close()
+        asyncio.run(main())
+
+    async def scenario(bus: Bus):
+        graphs = {**GRAPHS, "chunked": load_workflow(DEFAULT_WORKFLOWS_DIR / "chunked.yaml")}
+        threads = []
+        for answer_s in (0.0, slow_s):
+            registered = threading.Event()
+            threads.append(threading.Thread(target=worker, args=(answer_s, registered), daemon=True))
+            threads[-1].start()
+            assert await asyncio.to_thread(registered.wait, 10)
+        try:
+            async with Coordinator(bus.nc, graphs=graphs, policy=POLICY, workers_interval_s=600) as coordinator:
+                assert coordinator._workers == {"asr": 2}  # the first count, before any job
+                for _ in range(2):
+                    started = time.monotonic()
+                    assert await coordinator.count_workers() == {"asr": 2}
+                    waited = time.monotonic() - started
+                    print(f"a count of two replicas, one answering in {slow_s} s, took {waited:.2f} s")
+                    assert waited >= slow_s
+                assert [w["metadata"]["stage"] for w in await workers(bus.nc, stage="asr")] == ["asr", "asr"]
+                stop.set()
+                for thread in threads:
+                    await asyncio.to_thread(thread.join, 10)
+                started = time.monotonic()
+                assert await coordinator.count_workers() == {"asr": 0}
+                assert await workers(bus.nc, stage="asr") == []
+                waited = time.monotonic() - started
+                print(f"a count and a listing with nothing answering took {waited:.3f} s")
+                assert waited < 1.0  # not the 2 s a count waits for a known worker
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
 
     on_bus(nats_server, scenario)
 

@@ -218,6 +218,12 @@ async def _own_job(fleet, nc):
     store = ArtifactStore(fleet.settings("rival", "rival-submit"), js)
     spec = await client.submit(js, store, media, workflow="made")
     events = [e.kind async for e in client.follow(js, spec.job_id)]
+    # A reader resuming mid-history (SSE's Last-Event-ID, a webhook cursor) at a stage event first
+    # reads the job's earlier terminal and `started` events, one consumer per kind's subject
+    # (contracts.History, client._history_before): the tenant's login may, and gets the rest.
+    read = [(seq, e.kind, e.event_id) async for seq, e in client.job_events(js, spec.job_id)]
+    assert [kind for _, kind, _ in read[:3]] == ["submitted", "started", "stage_requested"], read
+    assert [(seq, e.kind, e.event_id) async for seq, e in client.job_events(js, spec.job_id, read[1][0])] == read[2:]
     state = await client.job_state(js, spec.job_id)
     listed = [s.job_id for s in await client.list_jobs(js)]
     assert listed == [spec.job_id], listed

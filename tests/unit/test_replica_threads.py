@@ -88,3 +88,53 @@ def test_a_served_stage_does_not_inherit_the_launcher(monkeypatch, tmp_path):
     assert LAUNCHER_VARIABLE not in service_env(settings, "common", "nats://127.0.0.1:4222")
     launched = service_env(settings, "common", "nats://127.0.0.1:4222", {LAUNCHER_VARIABLE: "run"})
     assert launched[LAUNCHER_VARIABLE] == "run"
+
+
+def test_asr_replicas_on_a_cpu_host_are_one_process_of_decoders_sharing_one_load():
+    """captionbus.stack.replica_processes: `run --replicas N` / `serve asr --replicas N` on a CPU
+    host start one asr process with `workers` N, the cores split between its decoders."""
+    from captionbus.stack import replica_processes
+
+    assert replica_processes("asr", 2, environ={}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_WORKERS": "2", "CAPTIONBUS_ASR_THREADS": "1"}]
+    assert replica_processes("asr", 4, environ={}, cores=16, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_WORKERS": "4", "CAPTIONBUS_ASR_THREADS": "4"}]
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_THREADS": "1"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_WORKERS": "2"}]  # the operator's threads stand, per decoder
+    assert replica_processes("asr", 1, environ={}, cores=2, kinds=["cpu"]) == [{}]
+    # CUDA_VISIBLE_DEVICES-free CPU decoding asked for on a GPU host: shared too
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_DEVICE": "cpu"}, cores=2, kinds=["cpu", "cuda"]) == [
+        {"CAPTIONBUS_ASR_WORKERS": "2", "CAPTIONBUS_ASR_THREADS": "1"}]
+
+
+def test_gpu_and_mlx_hosts_other_stages_and_an_operators_workers_stay_n_processes():
+    from captionbus.stack import replica_processes
+
+    assert replica_processes("asr", 2, environ={}, cores=8, kinds=["cpu", "cuda"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "4"}] * 2  # one per device (serve --devices pins them)
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_DEVICE": "cuda"}, cores=8, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "4"}] * 2
+    assert replica_processes("asr", 2, environ={}, cores=8, kinds=["cpu", "mps", "mlx"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "4"}] * 2  # one MLX worker per process
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_WORKERS": "1"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "1"}] * 2  # the operator asked for processes of one decoder
+    # the generic variable that reaches every stage counts as the operator's choice too
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_OPTION_WORKERS": "1"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_OPTION_DEVICE": "cuda"}, cores=8, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "4"}] * 2
+    # the mlx backend asked for on a Linux CPU host: one MLX worker per process (it refuses workers > 1)
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_BACKEND": "mlx"}, cores=2, kinds=["cpu"]) == [
+        {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
+    assert replica_processes("subtitle_gen", 2, environ={}, cores=2, kinds=["cpu"]) == [{}, {}]
+
+
+def test_a_stage_process_runs_its_slots_options_value_of_requests_at_once():
+    from captionbus.contracts.declarations.asr import AsrOptions
+    from captionbus.services.asr.stage import STAGE as ASR
+    from captionbus.services.runtime.serve import process_slots
+    from captionbus.services.subtitle_gen.stage import STAGE as SUBTITLES
+
+    assert process_slots(ASR, AsrOptions(workers=3)) == 3
+    assert process_slots(ASR, AsrOptions()) == 1
+    assert process_slots(SUBTITLES, None) == SUBTITLES.slots

@@ -37,8 +37,13 @@ class AsrOptions(ServiceOptions):
     compute_type: str | None = Field(None, description="CTranslate2 compute type; unset: int8 on cpu, float16 on cuda")
     threads: int | None = Field(None, ge=1, description=THREADS)
     batch_size: int = Field(4, ge=1, le=256, description="speech chunks decoded together (whisperx)")
+    workers: int = Field(
+        1, ge=1, le=64, description="requests this process decodes at once, each on its own CTranslate2 worker "
+                                    "of `threads` threads, all sharing one load of the model (whisperx; "
+                                    "`run`/`serve asr --replicas N` on a CPU host set it to N)")
     mlx_openblas: bool = Field(True, validation_alias="CAPTIONBUS_MLX_OPENBLAS",
-                               description="mlx on Linux: load OpenBLAS before mlx (its bundled BLAS is ~20x slower)")
+                               description="mlx on Linux: load a tuned BLAS (Intel MKL, else OpenBLAS) before mlx "
+                                           "(its bundled BLAS is ~20x slower)")
 
 
 ASR = StageSpec(

@@ -9,16 +9,25 @@ huggingface_hub unless HF_HUB_OFFLINE finds it in the cache). Loaded once per pr
 on the GPU (mlx-whisper's default), float32 on the CPU, where MLX multiplies float16 matrices
 with its own slow loops but float32 ones with BLAS.
 
-Linux CPU speed: the mlx-cpu wheel vendors the reference (netlib) BLAS, ~20x slower than OpenBLAS
-on the encoder's matrix products (measured: 1500x512x2048 sgemm 0.66 s vs 0.03 s). Before mlx is
-first imported we load OpenBLAS from the cmeel-openblas wheel (the mlx env pins it on Linux)
-with RTLD_GLOBAL, so MLX's cblas_sgemm / LAPACK calls resolve to it. It needs the system's
-libgfortran.so.5 (Debian libgfortran5, which ffmpeg's dependencies bring); if it cannot be loaded
-we log a warning and run on the reference BLAS. The asr service option mlx_openblas=false
-(CAPTIONBUS_MLX_OPENBLAS=0) turns this off. The pairing is first tried in a child interpreter
-(`_openblas_works`, ~1 s): on an AMD EPYC without AVX-512 (December 2026) MLX's first matrix
-product after this preload died with SIGILL, which in-process would kill the worker on every
-model load; there we keep the reference BLAS and say so.
+Linux CPU speed: the mlx-cpu wheel vendors the reference (netlib) BLAS, ~20x slower than a tuned
+BLAS on the encoder's matrix products (measured, 1500x512x2048 sgemm: reference 0.60 s, Intel MKL
+0.03 s with 2 threads, 0.045 s with one). Before mlx is first imported we load a tuned BLAS with
+RTLD_GLOBAL, so MLX's cblas_sgemm / LAPACK calls resolve to it. Candidates, first that works:
+1. Intel MKL's single dynamic library `libmkl_rt.so` from the `mkl` wheel (the mlx env pins it
+   on Linux x86-64). It picks its kernels for the CPU it runs on, so it runs on every x86-64.
+2. OpenBLAS from the cmeel-openblas wheel (pinned on every Linux; needs the system's
+   libgfortran.so.5). The wheel's x86-64 build has AVX-512 kernels only: on an AMD EPYC without
+   AVX-512 (December 2026) MLX's first matrix product after this preload died with SIGILL in
+   `sgemm_small_kernel_b0_nn` (`vbroadcastss ... %zmm1`), whatever OPENBLAS_CORETYPE said. It is
+   kept for the Linux machines MKL has no wheel for (aarch64).
+Each pairing is first tried in a child interpreter (`_blas_works`, ~1 s), since a bad one dies
+with SIGILL and in-process would kill the worker on every model load. When none works we log a
+warning and run on the reference BLAS. The asr service option mlx_openblas=false
+(CAPTIONBUS_MLX_OPENBLAS=0; the name predates MKL) turns the preload off. MKL's threads follow
+the asr `threads` option (default: the usable cores).
+
+What it buys, tests/integration/test_asr_mlx.py (Whisper base, float32, 2 cores): ~8 s per
+encoder pass on the reference BLAS; the whole test took 395 s of the suite's time.
 
 Decoding is `mlx_whisper.transcribe(word_timestamps=True)`, i.e. Whisper's own timestamp-token
 decoding with word times from the alignment heads' cross-attention. With speech regions (the
@@ -66,6 +75,7 @@ class MlxWhisper:
     device: str  # "cpu" | "gpu"
     fp16: bool  # compute in float16 (GPU) or float32 (CPU)
     load_seconds: float
+    blas: str | None = None  # the tuned BLAS preloaded ("mkl: /path"); None: MLX's reference BLAS
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -74,31 +84,62 @@ class MlxWhisper:
         return path.name if path.exists() else self.source
 
 
-def _preload_openblas(log) -> str | None:
-    """Load OpenBLAS globally before mlx (Linux only; see the module docstring). Returns the
-    library's path when it took effect."""
+@dataclass(frozen=True)
+class Blas:
+    """A tuned BLAS to load before mlx: its name, its shared library, and how to set its threads
+    (a C function taking one int, or None)."""
+
+    name: str
+    library: Path
+    set_threads: str | None
+
+
+def _blas_candidates() -> list[Blas]:
+    """The tuned BLAS libraries installed in this env, in the order they are tried."""
+    from importlib import metadata
+
+    found: list[Blas] = []
+    try:
+        mkl = metadata.distribution("mkl")
+        runtime = next((f for f in mkl.files or () if f.name.startswith("libmkl_rt.so")), None)
+        if runtime is not None:
+            found.append(Blas("mkl", Path(mkl.locate_file(runtime)).resolve(), "MKL_Set_Num_Threads"))
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        openblas = metadata.distribution("cmeel-openblas")
+        found.append(Blas("openblas", Path(openblas.locate_file("cmeel.prefix/lib/libopenblas.so.0")),
+                          "openblas_set_num_threads"))
+    except metadata.PackageNotFoundError:
+        pass
+    return found
+
+
+def _preload_blas(log, threads: int | None) -> str | None:
+    """Load the first tuned BLAS that works globally before mlx (Linux only; see the module
+    docstring) and set its threads. Returns what took effect ("mkl: /path"), None when nothing
+    did (the reference BLAS)."""
     if not sys.platform.startswith("linux"):
         return None
     if "mlx.core" in sys.modules:  # too late: mlx already bound its BLAS symbols
         log.warning("mlx was imported before the asr backend; it keeps the reference BLAS (slow)")
         return None
-    from importlib import metadata
-
-    try:
-        library = Path(metadata.distribution("cmeel-openblas").locate_file("cmeel.prefix/lib/libopenblas.so.0"))
-    except metadata.PackageNotFoundError as err:
-        log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=str(err))
-        return None
-    problem = _openblas_works(library)
-    if problem:
-        log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=problem)
-        return None
-    try:
-        ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
-    except OSError as err:
-        log.warning("OpenBLAS not loaded; MLX runs on its bundled reference BLAS (slow)", error=str(err))
-        return None
-    return str(library)
+    problems: dict[str, str] = {}
+    for blas in _blas_candidates():
+        problem = _blas_works(blas.library)
+        if problem is None:
+            try:
+                library = ctypes.CDLL(str(blas.library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+            except OSError as err:
+                problem = str(err)
+            else:
+                if threads and blas.set_threads:
+                    getattr(library, blas.set_threads)(ctypes.c_int(threads))
+                return f"{blas.name}: {blas.library}"
+        problems[blas.name] = problem
+    log.warning("no tuned BLAS loaded; MLX runs on its bundled reference BLAS (slow)",
+                tried=problems or "none installed (the mlx env pins mkl and cmeel-openblas on Linux)")
+    return None
 
 
 _PROBE = """
@@ -110,7 +151,7 @@ mx.eval(a @ a)
 """
 
 
-def _openblas_works(library: Path) -> str | None:
+def _blas_works(library: Path) -> str | None:
     """None when MLX multiplies matrices with `library` preloaded, in a child interpreter (a bad
     pairing dies with SIGILL, which must not take the worker down); else why not."""
     try:
@@ -121,14 +162,15 @@ def _openblas_works(library: Path) -> str | None:
     if done.returncode == 0:
         return None
     if done.returncode < 0:
-        return f"MLX with this OpenBLAS dies with signal {-done.returncode} on this CPU"
+        return f"MLX with {library.name} dies with signal {-done.returncode} on this CPU"
     return f"probe exited {done.returncode}: {done.stderr.strip()[-300:]}"
 
 
-def load(source: str, log, *, openblas: bool = True) -> MlxWhisper:
-    """Load the MLX Whisper model from a local folder or Hugging Face repo id (`openblas`: load
-    OpenBLAS before mlx on Linux, see the module docstring)."""
-    blas = _preload_openblas(log) if openblas else None
+def load(source: str, log, *, fast_blas: bool = True, threads: int | None = None) -> MlxWhisper:
+    """Load the MLX Whisper model from a local folder or Hugging Face repo id (`fast_blas`: load a
+    tuned BLAS before mlx on Linux, with `threads` threads (None: its default, every core); see
+    the module docstring)."""
+    blas = _preload_blas(log, threads) if fast_blas else None
     import mlx.core as mx
     from mlx.utils import tree_map
     from mlx_whisper.load_models import load_model
@@ -155,7 +197,7 @@ def load(source: str, log, *, openblas: bool = True) -> MlxWhisper:
     load_seconds = time.monotonic() - started
     log.info("mlx whisper loaded", model=source, device=device, dtype=str(dtype), blas=blas,
              seconds=round(load_seconds, 2), dims=vars(model.dims))
-    return MlxWhisper(model, source, location, device, fp16, load_seconds)
+    return MlxWhisper(model, source, location, device, fp16, load_seconds, blas)
 
 
 def describe(model: MlxWhisper) -> str:

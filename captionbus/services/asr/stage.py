@@ -25,8 +25,9 @@ the decode, whose first window's encoder pass serves both.
 from __future__ import annotations
 
 import importlib.util
-import threading
+import queue
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,34 @@ BACKENDS = {"whisperx": whisperx_backend, "mlx": mlx_backend}
 
 @dataclass
 class AsrModel:
-    """What setup() loads once per process and every request reuses."""
+    """What setup() loads once per process and every request reuses.
+
+    `engines`: the decoders over that one load (whisperx_backend.decoders: the `workers`
+    option, what `run --replicas N` sets on a CPU host), each used by one request at a time
+    (decoder()); the stage's `workers` requests run at once (StageDefinition.slots_option), so
+    a request never waits for a decoder."""
 
     backend: str  # "whisperx" | "mlx"
     engine: Any  # what BACKENDS[backend].load() returned
     source: str
     load_seconds: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    engines: list[Any] = field(default_factory=list)
+    _free: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+
+    def __post_init__(self) -> None:
+        self.engines = self.engines or [self.engine]
+        for n, engine in enumerate(self.engines):
+            self._free.put((n, engine))
+
+    @contextmanager
+    def decoder(self):
+        """(its number, a decoder) for one request's calls, back in the pool after them: the
+        backends keep per-call state on it (the pipeline's tokenizer, our swapped VAD)."""
+        n, engine = self._free.get()
+        try:
+            yield n, engine
+        finally:
+            self._free.put((n, engine))
 
     @property
     def module(self):
@@ -128,8 +150,13 @@ def setup(ctx: SetupContext) -> AsrModel:
     backend = choose_backend(options)
     source = model_source(options, ctx.models_dir, backend)
     if backend == "mlx":
+        if options.workers > 1:
+            raise RuntimeError(f"workers={options.workers}: mlx-whisper decodes one request at a time per process "
+                               "(its model lives in module globals); unset CAPTIONBUS_ASR_WORKERS and run one "
+                               "mlx asr worker per Mac")
         started = time.monotonic()
-        engine = mlx_backend.load(source, ctx.log, openblas=options.mlx_openblas)
+        engine = mlx_backend.load(source, ctx.log, fast_blas=options.mlx_openblas,
+                                  threads=options.threads or usable_cores())
         load_seconds = time.monotonic() - started
         ctx.log.info("asr model loaded", backend="mlx", model=source, seconds=round(load_seconds, 2))
         return AsrModel("mlx", engine, source, load_seconds)
@@ -137,9 +164,10 @@ def setup(ctx: SetupContext) -> AsrModel:
     engine = whisperx_backend.load(
         source, ctx.log, device=device,
         compute_type=options.compute_type or ("int8" if device == "cpu" else "float16"),
-        threads=options.threads or usable_cores(), batch_size=options.batch_size,
+        threads=options.threads or usable_cores(), batch_size=options.batch_size, workers=options.workers,
     )
-    return AsrModel("whisperx", engine, source, engine.load_seconds)
+    return AsrModel("whisperx", engine, source, engine.load_seconds,
+                    engines=whisperx_backend.decoders(engine, options.workers))
 
 
 def declare_model(ctx: SetupContext) -> str:
@@ -215,8 +243,8 @@ def detects_on_first_window(model: AsrModel) -> bool:
 
 
 def transcribe(
-    model: AsrModel, audio: np.ndarray, language: str | None, regions: Regions | None, ctx: StageContext,
-    task: str = "transcribe",
+    model: AsrModel, engine: Any, audio: np.ndarray, language: str | None, regions: Regions | None,
+    ctx: StageContext, task: str = "transcribe",
 ) -> tuple[str, float | None, list[Segment]]:
     """The backend's transcribe() on the audio, silenced outside the regions (widened by
     REGION_MARGIN_S) when there are any; an empty region list is no speech. task translate:
@@ -232,8 +260,7 @@ def transcribe(
     else:
         progress = ctx.progress  # the whisperx backend reports the request's own fractions
     given = language
-    language, probability, segments = model.module.transcribe(model.engine, audio, language, regions, progress,
-                                                              task=task)
+    language, probability, segments = model.module.transcribe(engine, audio, language, regions, progress, task=task)
     if given is None and probability is not None:
         ctx.log.info("language detected", language=language, probability=round(float(probability), 3))
     segments = [s if isinstance(s, Segment) else Segment.model_validate(s) for s in segments]
@@ -298,12 +325,13 @@ def given_language(request: StageRequest, ctx: StageContext, params: AsrParams, 
     return requested_language(params.model_copy(update={"language": spoken.language}), model)
 
 
-def detect(model: AsrModel, audio: np.ndarray, regions: Regions | None, ctx: StageContext) -> tuple[str, float | None]:
+def detect(model: AsrModel, engine: Any, audio: np.ndarray, regions: Regions | None,
+           ctx: StageContext) -> tuple[str, float | None]:
     """(language, probability) heard in `audio` (in its `regions` when given): what transcribe()
-    would detect on the same samples. The caller holds model.lock."""
+    would detect on the same samples, by `engine`, a decoder the caller holds (AsrModel.decoder)."""
     if regions and detects_on_first_window(model):  # on the window transcribe() decodes first
         audio, regions = decode_input(audio, regions)
-    language, probability = model.module.detect(model.engine, audio, regions)
+    language, probability = model.module.detect(engine, audio, regions)
     ctx.log.info("language detected", language=language,
                  probability=None if probability is None else round(float(probability), 3))
     return language, probability
@@ -321,8 +349,8 @@ def handle_detect(request: StageRequest, ctx: StageContext, params: AsrParams, m
         else:
             audio = read_wav(ctx.input_path("audio"), end_s=whisperx_backend.DETECT_WINDOW_S)
         if len(audio):
-            with model.lock:
-                language, probability = detect(model, audio, regions, ctx)
+            with model.decoder() as (_n, engine):
+                language, probability = detect(model, engine, audio, regions, ctx)
         else:
             language = "en"  # no speech: nothing will be decoded in it
             ctx.warn("no speech to detect the language in: the transcript will be empty")
@@ -351,10 +379,11 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     duration = len(audio) / SAMPLE_RATE
     started = time.monotonic()
     detected = None
-    with model.lock:
+    with model.decoder() as (decoder, engine):
         if language is None and len(audio) and regions and not detects_on_first_window(model):
-            language, detected = detect(model, audio, regions, ctx)
-        language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
+            language, detected = detect(model, engine, audio, regions, ctx)
+        language, language_probability, segments = transcribe(model, engine, audio, language, regions, ctx,
+                                                              params.task)
     if detected is not None and params.task != "translate":
         language_probability = float(detected)
     segments = shifted(drop_hallucinations(segments, regions, duration, ctx), chunk.start)
@@ -365,7 +394,8 @@ def handle_chunk(request: StageRequest, ctx: StageContext, params: AsrParams, mo
     out.write_text(transcript.model_dump_json(indent=1))
     ctx.metrics.update(model_load_s=model.load_seconds, audio_duration_s=duration, asr_s=seconds,
                        realtime_factor=seconds / duration if duration else 0.0, segments=float(len(segments)),
-                       chunk_start_s=chunk.start, speech_region_s=float(sum(e - s for s, e in regions)))
+                       chunk_start_s=chunk.start, speech_region_s=float(sum(e - s for s, e in regions)),
+                       decoder=float(decoder))
     ctx.progress(1.0, f"chunk {params.item}: {len(segments)} segments")
     return {"transcript": out}
 
@@ -405,8 +435,9 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
     regions = read_regions(request, ctx, duration)
     started = time.monotonic()
 
-    with model.lock:  # the pipeline keeps per-call state (its tokenizer, our swapped VAD)
-        language, language_probability, segments = transcribe(model, audio, language, regions, ctx, params.task)
+    with model.decoder() as (decoder, engine):
+        language, language_probability, segments = transcribe(model, engine, audio, language, regions, ctx,
+                                                              params.task)
     segments = drop_hallucinations(segments, regions, duration, ctx)
 
     seconds = time.monotonic() - started
@@ -426,6 +457,7 @@ def handle(request: StageRequest, ctx: StageContext) -> dict[str, Path]:
         asr_s=seconds,
         realtime_factor=seconds / duration if duration else 0.0,
         segments=float(len(segments)),
+        decoder=float(decoder),
     )
     if regions is not None:
         ctx.metrics["speech_region_s"] = float(sum(end - start for start, end in regions))
@@ -446,4 +478,5 @@ STAGE = StageDefinition(
     describe_model=describe_model,
     declare_model=declare_model,
     cache_inputs=cache_inputs,
+    slots_option="workers",  # requests at once: one per decoder (AsrModel.engines)
 )

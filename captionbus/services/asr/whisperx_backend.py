@@ -39,7 +39,10 @@ only). Without regions whisperx's pyannote VAD finds the speech.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,7 +80,8 @@ Regions = list[tuple[float, float]]
 
 @dataclass
 class WhisperX:
-    """What load() returns and every transcribe() call reuses (callers serialise the calls)."""
+    """What load() returns and every transcribe() call reuses (callers serialise the calls on
+    one WhisperX; decoders() makes more of them over the same loaded model)."""
 
     pipeline: Any  # whisperx's FasterWhisperPipeline
     source: str
@@ -105,13 +109,24 @@ class WhisperX:
         return self.tokenizers[(language, task)]
 
 
-def load(source: str, log, *, device: str, compute_type: str, threads: int, batch_size: int) -> WhisperX:
-    """Load the CTranslate2 Whisper model (a local folder or Hugging Face id) into a pipeline."""
+def load(source: str, log, *, device: str, compute_type: str, threads: int, batch_size: int,
+         workers: int = 1) -> WhisperX:
+    """Load the CTranslate2 Whisper model (a local folder or Hugging Face id) into a pipeline,
+    with `workers` CTranslate2 workers of `threads` threads each (decoders() hands them out).
+
+    whisperx.load_model builds faster-whisper's WhisperModel with one worker and no way to ask
+    for more, so the WhisperModel is built here (the same arguments load_model gives it, plus
+    num_workers, CTranslate2's inter_threads) and handed to load_model, which builds the rest of
+    the pipeline around it as before."""
     import torch
     import whisperx  # heavy (torch, pyannote): only in the asr process, only here
+    from whisperx.asr import WhisperModel
 
-    torch.set_num_threads(threads)  # pyannote VAD runs in torch
+    torch.set_num_threads(threads * workers)  # pyannote VAD runs in torch, one call at a time (decoders)
     started = time.monotonic()
+    local = Path(source).is_dir()
+    whisper = WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads,
+                           num_workers=workers, local_files_only=local)
     pipeline = whisperx.load_model(
         source,
         device=device,
@@ -119,12 +134,66 @@ def load(source: str, log, *, device: str, compute_type: str, threads: int, batc
         language=None,  # per request: given or detected
         vad_method="pyannote",  # its weights ship in the wheel; "silero" needs torch.hub (online)
         threads=threads,
-        local_files_only=Path(source).is_dir(),
+        model=whisper,
+        local_files_only=local,
     )
     load_seconds = time.monotonic() - started
     log.info("asr model loaded", backend="whisperx", model=source, device=device, compute_type=compute_type,
-             seconds=round(load_seconds, 2))
+             threads=threads, workers=workers, seconds=round(load_seconds, 2))
     return WhisperX(pipeline, source, device, compute_type, batch_size, load_seconds)
+
+
+def decoders(model: WhisperX, count: int) -> list[WhisperX]:
+    """`count` WhisperX over the one model load() made (with `workers` = count), each for one
+    transcribe() call at a time, so `count` requests decode at once in one process.
+
+    Why one process and not `count`: `run --replicas 2` started two asr processes, each importing
+    torch and loading Whisper, and on 2 cores the second load ran after the first (two at once
+    fought for the cores, captionbus/services/runtime/setup_turn.py), so the second replica took
+    its first chunk of a 10.6-minute film late (README, "One film across the fleet"). Here the
+    model loads once and every decoder can start the moment it has.
+
+    What is shared: the CTranslate2 model (its workers share the weights on one device: the
+    CTranslate2 docs, "parallel.md"; each call from a Python thread runs on a free worker, the
+    GIL released), the tokenizers and the feature extractor (read only), and the pyannote VAD
+    (used only without speech regions; one call at a time, behind a lock). What is each
+    decoder's own: a shallow copy of the pipeline and of its WhisperModel, because a
+    transcribe() call swaps attributes on them for its length (recording_decoder: the
+    WhisperModel's `model`, the pipeline's `preprocess`; decode_regions: its `vad_model`;
+    whisperx itself: its `tokenizer` and `options`), and its own tokenizer cache."""
+    if count <= 1:
+        return [model]
+    vad = _one_call_at_a_time(model.pipeline.vad_model, threading.Lock())
+    out = []
+    for _ in range(count):
+        pipeline = copy.copy(model.pipeline)
+        pipeline.model = copy.copy(model.pipeline.model)
+        pipeline.vad_model = vad
+        out.append(dataclasses.replace(model, pipeline=pipeline, tokenizers={}))
+    return out
+
+
+def _one_call_at_a_time(vad, lock: threading.Lock):
+    """The pipeline's VAD model, called by one decoder at a time; still a whisperx Vad with the
+    wrapped one's preprocess_audio and merge_chunks (FasterWhisperPipeline.transcribe reads them
+    from a Vad)."""
+    from whisperx.vads import Vad
+
+    class OneAtATime(Vad):
+        preprocess_audio = staticmethod(type(vad).preprocess_audio)
+        merge_chunks = staticmethod(type(vad).merge_chunks)
+
+        def __init__(self) -> None:  # noqa: D107  no Vad state of its own: the wrapped model's
+            pass
+
+        def __call__(self, *args, **kwargs):
+            with lock:
+                return vad(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(vad, name)
+
+    return OneAtATime()
 
 
 Align = Callable[[int, Any, int, list[int]], "list[dict] | None"]

@@ -151,6 +151,9 @@ class StageDefinition:
     # It must change whenever the loaded model would: changing the model must be a miss.
     declare_model: Callable[[SetupContext], str | None] | None = None
     slots: int = 1  # requests one process works on at once
+    # A service option that sets `slots` per process instead (asr: `workers`, its decoders that
+    # share one model load); the worker advertises them (WorkerInfo.slots) for the coordinator.
+    slots_option: str | None = None
     # Reuse outputs of an identical earlier request (captionbus/services/runtime/cache.py). Bump
     # cache_version when a code change alters what the stage produces for the same inputs.
     cacheable: bool = True

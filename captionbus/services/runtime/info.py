@@ -57,6 +57,7 @@ def worker_info(
     host: str | None = None,
     setup_error: str | None = None,
     launcher: str | None = None,
+    slots: int = 1,
 ) -> WorkerInfo:
     # CAPTIONBUS_HOST_ID (Settings.host_id) when the caller has it: containers and cloned VMs
     # often share a hostname, and the fleet tells hosts apart by this name.
@@ -77,6 +78,7 @@ def worker_info(
         backend=backend,
         setup_error=setup_error,
         launcher=launcher,
+        slots=slots,
     )
 
 

@@ -59,6 +59,7 @@ from captionbus.core.bus import (
     require_provisioned,
     through_failover,
 )
+from captionbus.core.discovery import serving, stage_workers
 from captionbus.core.retry import RetryPolicy
 from captionbus.core.service_options import load_options
 from captionbus.core.settings import PROJECT_ROOT, Settings, config_dirs
@@ -257,13 +258,14 @@ class StageWorker:
         self.force = asyncio.Event()  # set: stop waiting for running requests (second Ctrl-C)
         self._running: set[asyncio.Task] = set()
         # A slot is held while a handler runs, not while its outputs upload and the completion
-        # is published: the next fetch overlaps that tail, which keeps hops short.
-        self._slots = asyncio.Semaphore(definition.slots)
+        # is published: the next fetch overlaps that tail, which keeps hops short. How many:
+        # info.slots (process_slots: the stage's slots, or its slots option's value).
+        self._slots = asyncio.Semaphore(info.slots)
         self.ends = JobEndWatch()
         self.service_id: str | None = None  # its $SRV instance id, once registered
         # Our own pool, not asyncio's default one: asyncio.run() joins the default pool at
         # exit, which would wait for a handler we gave up on at the end of the grace period.
-        self._executor = ThreadPoolExecutor(definition.slots, thread_name_prefix=f"stage-{definition.name}")
+        self._executor = ThreadPoolExecutor(info.slots, thread_name_prefix=f"stage-{definition.name}")
 
     def set_up(self, resources: Any, setup_error: str | None, model: str | None) -> None:
         """setup() has finished (or failed for good): requests waiting for it go on."""
@@ -576,33 +578,16 @@ class StageWorker:
 
     async def _healthy_replicas(self, timeout: float = 0.5) -> int:
         """Replicas of this stage whose $SRV STATS state is not setup_failed (this one excluded;
-        one still loading counts: it will most likely serve)."""
+        one still loading counts: it will most likely serve), read as every reader of workers
+        reads them (core.discovery)."""
         if self.nc is None:
             return 0
-        name = subjects.micro_service_name(self.definition.name)
-        inbox = self.nc.new_inbox()
-        healthy = 0
-
-        async def on_reply(msg: Any) -> None:
-            nonlocal healthy
-            with suppress(Exception):
-                body = json.loads(msg.data)
-                meta = body.get("metadata") or {}
-                states = [(e.get("data") or {}).get("state") for e in body.get("endpoints") or []]
-                if (body.get("id") != self.service_id and "setup_failed" not in states
-                        and not meta.get("setup_error")):  # (an older worker says it in its metadata)
-                    healthy += 1
-
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(f"$SRV.STATS.{name}", b"", reply=inbox)
-            await asyncio.sleep(timeout)
+            replicas = await stage_workers(self.nc, self.definition.name, timeout)
         except Exception as e:
             self.log.debug("replica discovery failed", error=error_line(e))
-        finally:
-            with suppress(Exception):
-                await sub.unsubscribe()
-        return healthy
+            return 0
+        return sum(1 for w in replicas if w.get("id") != self.service_id and serving(w))
 
     async def _reject(self, msg: Any, error: Exception, delivery: int) -> None:
         """A request we cannot read never gets better: fail it if we can tell whose it is, term it."""
@@ -777,6 +762,15 @@ def stage_sources(definition: StageDefinition) -> list[Path]:
     return sorted(Path(file).resolve().parent.glob("*.py"))
 
 
+def process_slots(definition: StageDefinition, options: Any) -> int:
+    """Requests this process works on at once: the stage's `slots`, or the value of its
+    `slots_option` (asr: `workers`, decoders sharing one model load, which `run`/`serve asr
+    --replicas N` set on a CPU host: captionbus.stack.replica_processes)."""
+    if definition.slots_option is None:
+        return max(1, definition.slots)
+    return max(1, int(getattr(options, definition.slots_option)))
+
+
 def _make_store(settings: Settings, js: Any) -> Any:
     return ArtifactStore(settings, js)
 
@@ -800,7 +794,7 @@ async def serve(
     """Run one replica of a stage service until `stop` is set (or SIGTERM/SIGINT when stop is None).
 
     setup() runs once, before the first request (retried per `setup_retry`, default
-    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `definition.slots` at a time. A replica whose
+    CAPTIONBUS_SETUP_ATTEMPTS); requests then run `process_slots` at a time. A replica whose
     setup never succeeded stays up and fails the requests no healthy replica takes, with setup's
     reason, so every job ends with a line that says what to fix.
     The service consumes from the start: while setup() runs, requests wait for it (their
@@ -810,7 +804,7 @@ async def serve(
     policy = policy or StagePolicy.from_env()
     log = structlog.get_logger("captionbus.stage").bind(stage=definition.name, env=env_name)
     log.info("stage service starting", interpreter=sys.executable, replica_id=replica_id,
-             ack_wait=policy.ack_wait, max_deliver=policy.max_deliver, slots=definition.slots)
+             ack_wait=policy.ack_wait, max_deliver=policy.max_deliver)
 
     signals = stop is None
     stop = stop or asyncio.Event()
@@ -828,9 +822,14 @@ async def serve(
 
         setup_ctx = None
         declared = None
+        loaded_options = None
+        if definition.setup is not None or definition.slots_option is not None:
+            loaded_options = load_options(definition.options, options or {}, os.environ)
+        slots = process_slots(definition, loaded_options)
+        log.info("stage service slots", slots=slots)
         if definition.setup is not None:
             setup_ctx = SetupContext(stage=definition.name, env=env_name, models_dir=settings.models_dir,
-                                     log=log, options=load_options(definition.options, options or {}, os.environ))
+                                     log=log, options=loaded_options)
             declared = await asyncio.to_thread(declared_model, definition, setup_ctx, log)
 
         # The worker registers and consumes before its model loads: it is discoverable as
@@ -839,7 +838,7 @@ async def serve(
         info = await asyncio.to_thread(
             worker_info, definition.name, env_name, replica=replica, host=settings.host_id,
             packages=definition.report_packages, launcher=settings.launcher,
-            model=describe(definition, None) if definition.setup is None else None,
+            model=describe(definition, None) if definition.setup is None else None, slots=slots,
         )
         log = log.bind(worker_id=info.worker_id)
         consumer = await through_failover(lambda: ensure_stage_consumer_info(js, definition.name, policy),

@@ -22,6 +22,11 @@ with other sessions, so only as good as the load allowed):
   two threads 124 s.
 Half the cores keeps one slot on 2 cores and lets a big host load several at once.
 
+Since then `--replicas N` of asr on a CPU host is one process of N decoders sharing one load
+(captionbus.stack.replica_processes), which removes the second load altogether; these turns still
+order the stages and hosts that start N processes (a GPU host without --devices, an operator's
+CAPTIONBUS_ASR_WORKERS, `serve asr` started N times).
+
 A slot is an exclusive flock on HOME/locks/setup-<stage>.<n>.lock; a crashed replica's lock goes
 with its process. Replicas with separate homes (separate hosts, as in a fleet) never wait for
 each other.
