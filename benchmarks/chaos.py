@@ -570,8 +570,10 @@ async def replay_events(js) -> list[tuple[float, dict]]:
     """Every stored job event with the server's store time (seconds since the epoch)."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    sub = await js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    from captionbus.core.tenancy import named
+
+    sub = await js.subscribe(subjects.EVENTS_WILDCARD, ordered_consumer=True,  # named: deploy/nats/roles.conf
+                             config=named(ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
     out = []
     try:
         while True:

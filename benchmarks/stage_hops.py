@@ -66,7 +66,8 @@ class Driver:
         self.waiting: dict[str, asyncio.Future] = {}
 
     async def start(self) -> None:
-        await self.nc.subscribe(f"{subjects.PREFIX}.job.*.stage_completed", cb=self._on_completed)
+        for subject in subjects.job_kind_all_jobs("stage_completed"):
+            await self.nc.subscribe(subject, cb=self._on_completed)
 
     async def _on_completed(self, msg) -> None:
         event = parse_event(msg.data)
@@ -127,7 +128,8 @@ async def coordinated(nc, js, first_ref, hops: int, chains: int, concurrency: in
         return time.perf_counter() - started
 
     for kind in ("completed", "failed"):
-        await nc.subscribe(f"{subjects.PREFIX}.job.*.{kind}", cb=on_terminal)
+        for subject in subjects.job_kind_all_jobs(kind):
+            await nc.subscribe(subject, cb=on_terminal)
     async with Coordinator(nc, graphs={"hops": hops_workflow(hops)}):
         await job()  # warm-up
         per_job = [await job() for _ in range(chains)]

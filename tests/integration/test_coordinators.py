@@ -217,6 +217,12 @@ def test_two_coordinators_share_one_stream_of_jobs_and_one_dies(nats_server, tmp
             await jobs.submit(minutes=3)
             await asyncio.sleep(0.05)
             if n == JOBS // 2:  # jobs in flight at every stage: the first coordinator dies
+                # ... once it has requested a stage (under the whole suite's load it had not yet,
+                # and nothing was shared to hand over)
+                for _ in range(300):
+                    if jobs_decided(first_log):
+                        break
+                    await asyncio.sleep(0.1)
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
                 killed_at = len(writes)

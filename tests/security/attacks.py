@@ -77,6 +77,6 @@ def forged_results(job_id: str, node: str, attempt: int, outputs: dict, stage: s
 def predictable_ids(job_id: str, node: str, attempt: int = 1) -> list[tuple[str, str, str]]:
     """(role, subject it may publish on, Nats-Msg-Id) for ids anyone could predict: the node's
     result and failure, and the job's `completed` event."""
-    return [("worker-asr", f"captionbus.job.{job_id}.stage_progress", f"{job_id}.{node}.{attempt}.completed"),
-            ("worker-asr", f"captionbus.job.{job_id}.stage_warning", f"{job_id}.{node}.{attempt}.failed"),
-            ("client", f"captionbus.job.{job_id}.submitted", f"{job_id}.completed")]
+    return [("worker-asr", subjects.job_event(job_id, "stage_progress"), f"{job_id}.{node}.{attempt}.completed"),
+            ("worker-asr", subjects.job_event(job_id, "stage_warning"), f"{job_id}.{node}.{attempt}.failed"),
+            ("client", subjects.job_event(job_id, "submitted"), f"{job_id}.completed")]

@@ -11,6 +11,8 @@ import asyncio
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from captionbus.contracts import subjects
+from captionbus.core.tenancy import named
 from tests.security.attacks import predictable_ids
 from tests.security.fleet import secured_fleet, start_worker
 
@@ -31,9 +33,9 @@ def test_predictable_event_ids_cannot_be_taken_first(tmp_path):
                 taken.append(not ack.duplicate)
             async with start_worker(fleet):
                 done = await fleet.wait("job-ids", "completed", timeout=30)
-            sub = await fleet.js["client"].subscribe(
-                "captionbus.job.job-ids.*", ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            sub = await fleet.js["client"].subscribe(  # named: deploy/nats/roles.conf
+                subjects.job_events("job-ids"), ordered_consumer=True,
+                config=named(ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
             kinds = []
             while True:
                 try:
