@@ -354,15 +354,21 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
     return dead
 
 
-async def setup_errors(nc: NATS, stages: list[str]) -> dict[str, str]:
+async def setup_errors(nc: NATS, stages: list[str], timeout: float = 5.0) -> dict[str, str]:
     """Stages with a replica whose setup failed (it stays up and fails their requests with this
-    reason), from their $SRV STATS state."""
+    reason), from their $SRV STATS state: one ask, until every stage in `stages` has answered or
+    `timeout`. A fixed 0.3 s a stage missed a replica busy retrying its setup under load (the
+    whole suite at load average 6: `up` reported a broken alignment stage as serving, and never
+    said it cannot serve); every stage asked here has just answered wait_ready, so waiting for
+    each costs nothing on a healthy host."""
+    wanted = set(stages)
     found: dict[str, str] = {}
-    for stage in stages:
-        for reply in await workers(nc, 0.3, stage):
-            error = reply["metadata"].get("setup_error")
-            if error:
-                found[stage] = error
+    if not wanted:
+        return found
+    for reply in await workers(nc, timeout, until=lambda seen: wanted <= {w["metadata"].get("stage") for w in seen}):
+        stage, error = reply["metadata"].get("stage"), reply["metadata"].get("setup_error")
+        if stage in wanted and error:
+            found[stage] = error
     return found
 
 
