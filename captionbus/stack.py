@@ -12,8 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 import nats.errors
@@ -204,6 +207,15 @@ def service_env(settings: Settings, env: str, nats_url: str, extra: dict[str, st
     }
 
 
+def operator_option(options: Any, name: str, environ: Mapping[str, str]) -> str:
+    """The operator's value of service option `name` of a stage whose options model is `options`
+    ('' when unset), in the options loader's order (captionbus/contracts/stage_options.py): the
+    generic CAPTIONBUS_OPTION_<NAME>, which reaches every stage, over the stage's own variable."""
+    if options is None or name not in options.model_fields:
+        return ""
+    return environ.get(f"CAPTIONBUS_OPTION_{name.upper()}", "") or environ.get(options.env_var(name) or "", "")
+
+
 def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | None = None,
                         cores: int | None = None) -> dict[str, str]:
     """The environment that splits this host's cores between `replicas` CPU replicas of `stage`.
@@ -224,7 +236,7 @@ def replica_threads_env(stage: str, replicas: int, environ: dict[str, str] | Non
     if options.model_fields["threads"].default is not None:
         return {}  # a fixed default (vad: 1 thread) is already per replica
     var = options.env_var("threads")
-    if not var or environ.get(var, "") != "" or environ.get("CAPTIONBUS_OPTION_THREADS", "") != "":
+    if not var or operator_option(options, "threads", environ) != "":
         return {}
     return {var: str(max(1, (cores or usable_cores()) // replicas))}
 
@@ -262,20 +274,12 @@ def replica_processes(stage: str, replicas: int, environ: dict[str, str] | None 
     count = max(1, replicas)
     options = STAGES[stage].options if stage in STAGES else None
     shares = count > 1 and options is not None and "workers" in options.model_fields
-
-    def option(name: str) -> str:
-        """The operator's value of option `name` for this stage: its own variable, else the
-        generic CAPTIONBUS_OPTION_<NAME> that reaches every stage ('' when neither is set)."""
-        if options is None or name not in options.model_fields:
-            return ""
-        return environ.get(options.env_var(name) or "", "") or environ.get(f"CAPTIONBUS_OPTION_{name.upper()}", "")
-
-    if shares and option("workers") != "":
+    if shares and operator_option(options, "workers", environ) != "":
         shares = False  # the operator chose the workers per process
-    if shares and option("backend") == "mlx":
+    if shares and operator_option(options, "backend", environ) == "mlx":
         shares = False  # one MLX worker per process (the mlx backend refuses workers > 1)
     if shares:
-        device = option("device")
+        device = operator_option(options, "device", environ)
         on_cpu = device == "cpu" or (not device and not {"cuda", "mlx"} & set(kinds or hardware.load().kinds()))
         shares = on_cpu
     if not shares:
@@ -356,16 +360,22 @@ async def wait_ready(nc: NATS, services: list[ServiceProcess], timeout: float = 
 
 async def setup_errors(nc: NATS, stages: list[str], timeout: float = 5.0) -> dict[str, str]:
     """Stages with a replica whose setup failed (it stays up and fails their requests with this
-    reason), from their $SRV STATS state: one ask, until every stage in `stages` has answered or
-    `timeout`. A fixed 0.3 s a stage missed a replica busy retrying its setup under load (the
-    whole suite at load average 6: `up` reported a broken alignment stage as serving, and never
-    said it cannot serve); every stage asked here has just answered wait_ready, so waiting for
-    each costs nothing on a healthy host."""
-    wanted = set(stages)
+    reason), from their $SRV STATS state: one ask, until as many replicas of each stage have
+    answered as `stages` names it (one entry a process started), or `timeout`. A fixed 0.3 s a
+    stage missed a replica busy retrying its setup under load (the whole suite at load average
+    6: `up` reported a broken alignment stage as serving, and never said it cannot serve); every
+    process asked about has just answered wait_ready, so waiting for each costs nothing on a
+    healthy host."""
+    wanted = Counter(stages)
     found: dict[str, str] = {}
     if not wanted:
         return found
-    for reply in await workers(nc, timeout, until=lambda seen: wanted <= {w["metadata"].get("stage") for w in seen}):
+
+    def all_answered(seen: list[dict]) -> bool:
+        answered = Counter(w["metadata"].get("stage") for w in seen)
+        return all(answered[stage] >= n for stage, n in wanted.items())
+
+    for reply in await workers(nc, timeout, until=all_answered):
         stage, error = reply["metadata"].get("stage"), reply["metadata"].get("setup_error")
         if stage in wanted and error:
             found[stage] = error

@@ -169,8 +169,9 @@ class Census:
     """Live, serving replicas' slots per stage (worker_slots: what a replica runs at once),
     counted by asking `$SRV STATS` (the coordinator's window).
 
-    Each count waits for the workers counted last time (up to `wait_s`) and `QUIET_S` more for a
-    new one; a first count ends `QUIET_S` after the last reply. A counted worker that misses an
+    Each count waits for the workers counted last time (up to `wait_s`), at least `NEW_WORKER_S`
+    for one not counted yet, and ends `QUIET_S` after the last reply (so each count takes 1-2 s
+    while workers answer; at once when none subscribes). A counted worker that misses an
     ask stays counted (`tolerated_misses` in a row): one slow answer under load is not a worker
     gone. One whose setup failed is out at once, and all are out when the server says nothing
     subscribes to the stage's subject."""

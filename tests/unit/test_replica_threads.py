@@ -123,6 +123,9 @@ def test_gpu_and_mlx_hosts_other_stages_and_an_operators_workers_stay_n_processe
         {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
     assert replica_processes("asr", 2, environ={"CAPTIONBUS_OPTION_DEVICE": "cuda"}, cores=8, kinds=["cpu"]) == [
         {"CAPTIONBUS_ASR_THREADS": "4"}] * 2
+    # CAPTIONBUS_OPTION_<KEY> wins over the stage's own variable, as the options loader has it
+    assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_BACKEND": "whisperx", "CAPTIONBUS_OPTION_BACKEND": "mlx"},
+                             cores=2, kinds=["cpu"]) == [{"CAPTIONBUS_ASR_THREADS": "1"}] * 2
     # the mlx backend asked for on a Linux CPU host: one MLX worker per process (it refuses workers > 1)
     assert replica_processes("asr", 2, environ={"CAPTIONBUS_ASR_BACKEND": "mlx"}, cores=2, kinds=["cpu"]) == [
         {"CAPTIONBUS_ASR_THREADS": "1"}] * 2
